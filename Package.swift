@@ -1,0 +1,44 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "swift-channels",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "ASGI", targets: ["ASGI"]),
+        .library(name: "RedisChannelLayer", targets: ["RedisChannelLayer"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CHiredis",
+            pkgConfig: "hiredis",
+            providers: [.apt(["libhiredis-dev"])]
+        ),
+        .target(
+            name: "ASGI",
+            dependencies: [
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "RedisChannelLayer",
+            dependencies: [
+                "ASGI",
+                "CHiredis",
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "ASGITests", dependencies: ["ASGI"]),
+        .testTarget(name: "RedisChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,100 @@
+/// A message taken off a channel, with the full name of the channel it was sent to.
+public struct ReceivedMessage: Sendable, Hashable {
+    public var channel: String
+    public var message: Message
+
+    public init(channel: String, message: Message) {
+        self.channel = channel
+        self.message = message
+    }
+}
+
+/// Counters for one channel.
+public struct ChannelStatistics: Sendable, Hashable, Codable {
+    /// Messages sent to the channel (within the counter's lifetime).
+    public var messagesCount: Int
+    /// Sends refused because the channel was full.
+    public var channelFullCount: Int
+    /// Messages waiting now.
+    public var messagesPending: Int
+    /// Age in seconds of the oldest waiting message.
+    public var messagesMaxAge: Double
+
+    public init(messagesCount: Int = 0, channelFullCount: Int = 0, messagesPending: Int = 0, messagesMaxAge: Double = 0) {
+        self.messagesCount = messagesCount
+        self.channelFullCount = channelFullCount
+        self.messagesPending = messagesPending
+        self.messagesMaxAge = messagesMaxAge
+    }
+}
+
+/// Counters for the whole layer.
+public struct GlobalStatistics: Sendable, Hashable, Codable {
+    public var messagesCount: Int
+    public var channelFullCount: Int
+    /// Bodies that could not be decoded and were skipped by this process's receives.
+    public var malformedMessagesDropped: Int
+
+    public init(messagesCount: Int = 0, channelFullCount: Int = 0, malformedMessagesDropped: Int = 0) {
+        self.messagesCount = messagesCount
+        self.channelFullCount = channelFullCount
+        self.malformedMessagesDropped = malformedMessagesDropped
+    }
+}
+
+/// An ASGI 1.0 channel layer: named, expiring FIFO queues with groups.
+///
+/// Delivery is at most once and FIFO per channel for one reader. Every operation validates
+/// the names it is given and throws ``ChannelLayerError`` with code `invalidName` for a bad one.
+public protocol ChannelLayer: Sendable {
+    /// The extensions this layer supports: `groups`, `flush`, `statistics`.
+    var extensions: Set<String> { get }
+
+    /// Sends a message; never waits. Throws `channelFull` when the channel is at capacity and
+    /// `messageTooLarge` past the size limit.
+    func send(_ message: Message, to channel: String) async throws
+
+    /// Takes the next message from any of `channels`. With a zero timeout it does not wait;
+    /// otherwise it waits (without polling) up to `timeout` and returns nil if nothing came.
+    /// A `prefix!` name receives every `prefix!*` message under its full name.
+    func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage?
+
+    /// A fresh single-reader channel name: `pattern` (ending in `?`) plus random letters.
+    func newChannel(_ pattern: String) async throws -> String
+
+    func groupAdd(_ group: String, channel: String) async throws
+    func groupDiscard(_ group: String, channel: String) async throws
+    /// The current members of a group (expired members excluded).
+    func groupChannels(_ group: String) async throws -> [String]
+    /// Sends to every member; a full member is skipped, never an error.
+    func sendGroup(_ group: String, message: Message) async throws
+
+    /// Removes every message, group and counter of the layer.
+    func flush() async throws
+
+    func globalStatistics() async throws -> GlobalStatistics
+    func channelStatistics(_ channel: String) async throws -> ChannelStatistics
+
+    /// Releases connections and threads. Calls after `close` throw `closed`.
+    func close() async
+}
+
+extension ChannelLayer {
+    public var extensions: Set<String> { ["groups", "flush", "statistics"] }
+
+    /// A non-blocking receive.
+    public func receive(channels: [String]) async throws -> ReceivedMessage? {
+        try await receive(channels: channels, timeout: .zero)
+    }
+}
+
+/// The reserved key that carries the full name of a `!` channel inside a stored message.
+public let asgiChannelKey = "__asgi_channel__"
+
+extension Duration {
+    /// The duration in seconds as a Double.
+    public var seconds: Double {
+        let (s, atto) = components
+        return Double(s) + Double(atto) / 1e18
+    }
+}

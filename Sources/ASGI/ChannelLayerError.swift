@@ -1,0 +1,51 @@
+/// An error from a channel layer operation.
+///
+/// A struct with an extensible ``Code`` rather than an enum, so new failure kinds can be
+/// added without breaking callers that switch over the ones they handle.
+public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
+    public struct Code: Sendable, Hashable, CustomStringConvertible {
+        let name: String
+        public var description: String { name }
+
+        /// The channel holds `capacity` messages; the send was refused.
+        public static let channelFull = Code(name: "channelFull")
+        /// The encoded message is over the layer's size limit.
+        public static let messageTooLarge = Code(name: "messageTooLarge")
+        /// A channel, group or pattern name breaks the naming rules.
+        public static let invalidName = Code(name: "invalidName")
+        /// The message cannot be sent as it is (for example, it holds a reserved key).
+        public static let invalidMessage = Code(name: "invalidMessage")
+        /// The backing store could not be reached, or the connection died during the call.
+        public static let connectionLost = Code(name: "connectionLost")
+        /// The backing store answered with an error.
+        public static let backendError = Code(name: "backendError")
+        /// The layer's configuration is unusable (a bad URL, no hosts, ...).
+        public static let invalidConfiguration = Code(name: "invalidConfiguration")
+        /// The layer has been closed.
+        public static let closed = Code(name: "closed")
+    }
+
+    public var code: Code
+    public var message: String
+    public var underlying: (any Error)?
+
+    public init(_ code: Code, _ message: String, underlying: (any Error)? = nil) {
+        self.code = code
+        self.message = message
+        self.underlying = underlying
+    }
+
+    public var description: String {
+        var text = "\(code): \(message)"
+        if let underlying { text += " (\(underlying))" }
+        return text
+    }
+
+    public static func channelFull(_ channel: String) -> ChannelLayerError {
+        ChannelLayerError(.channelFull, "channel '\(channel)' is full")
+    }
+
+    public static func messageTooLarge(_ channel: String, size: Int, limit: Int) -> ChannelLayerError {
+        ChannelLayerError(.messageTooLarge, "message for '\(channel)' is \(size) bytes, over the limit of \(limit)")
+    }
+}

@@ -1,0 +1,325 @@
+import DequeModule
+import Synchronization
+
+/// The embedded channel layer: everything lives in this process's memory.
+///
+/// It has the semantics of the Redis layer (capacity, expiry, groups, `!` and `?`
+/// channels, statistics) so that an application can run with no services at all, and so
+/// the upper layers can be tested without a server. A blocking ``receive(channels:timeout:)``
+/// parks a continuation that a ``send(_:to:)`` resumes directly; nothing polls.
+public final class InMemoryChannelLayer: ChannelLayer {
+    public struct Configuration: Sendable {
+        /// How long a message waits before it is dropped.
+        public var expiry: Duration
+        /// How long a group member stays without being re-added.
+        public var groupExpiry: Duration
+        /// Messages one channel may hold.
+        public var capacity: Int
+        /// Per-channel capacities by glob pattern; the first match wins.
+        public var channelCapacities: [(String, Int)]
+        /// The largest encoded message accepted by a send.
+        public var maxMessageSize: Int
+
+        public init(
+            expiry: Duration = .seconds(60),
+            groupExpiry: Duration = .seconds(86400),
+            capacity: Int = 100,
+            channelCapacities: [(String, Int)] = [],
+            maxMessageSize: Int = 16 * 1024 * 1024
+        ) {
+            self.expiry = expiry
+            self.groupExpiry = groupExpiry
+            self.capacity = capacity
+            self.channelCapacities = channelCapacities
+            self.maxMessageSize = maxMessageSize
+        }
+    }
+
+    private struct Entry {
+        var channel: String
+        var message: Message
+        var sentAt: ContinuousClock.Instant
+        var expiresAt: ContinuousClock.Instant
+    }
+
+    private struct Waiter {
+        var keys: [String]
+        var continuation: CheckedContinuation<ReceivedMessage?, Never>
+        var timer: Task<Void, Never>?
+    }
+
+    private struct Counters {
+        var messages = 0
+        var full = 0
+    }
+
+    private struct State {
+        var queues: [String: Deque<Entry>] = [:]
+        var groups: [String: [String: ContinuousClock.Instant]] = [:]
+        var waiters: [UInt64: Waiter] = [:]
+        /// Waiter ids per queue key, oldest first, so the longest waiter is served first.
+        var waitersByKey: [String: Deque<UInt64>] = [:]
+        var counters: [String: Counters] = [:]
+        var global = Counters()
+        var nextWaiterID: UInt64 = 0
+        var operationsSinceSweep = 0
+        var closed = false
+
+        mutating func removeWaiter(_ id: UInt64) -> Waiter? {
+            guard let waiter = waiters.removeValue(forKey: id) else { return nil }
+            for key in waiter.keys {
+                waitersByKey[key]?.removeAll { $0 == id }
+                if waitersByKey[key]?.isEmpty == true { waitersByKey[key] = nil }
+            }
+            return waiter
+        }
+
+        mutating func popLive(_ key: String, now: ContinuousClock.Instant) -> Entry? {
+            while var queue = queues[key], let first = queue.popFirst() {
+                queues[key] = queue.isEmpty ? nil : queue
+                if first.expiresAt > now { return first }
+            }
+            return nil
+        }
+
+        mutating func purge(_ key: String, now: ContinuousClock.Instant) {
+            guard var queue = queues[key] else { return }
+            while let first = queue.first, first.expiresAt <= now { queue.removeFirst() }
+            queues[key] = queue.isEmpty ? nil : queue
+        }
+
+        mutating func sweep(now: ContinuousClock.Instant) {
+            for key in Array(queues.keys) { purge(key, now: now) }
+        }
+    }
+
+    public let configuration: Configuration
+    private let capacities: CapacityTable
+    private let state = Mutex(State())
+
+    public init(configuration: Configuration = .init()) {
+        self.configuration = configuration
+        self.capacities = CapacityTable(defaultCapacity: configuration.capacity,
+                                        patterns: configuration.channelCapacities)
+    }
+
+    private static let closedError = ChannelLayerError(.closed, "the in-memory layer is closed")
+
+    public func send(_ message: Message, to channel: String) async throws {
+        try ChannelNames.validateChannel(channel)
+        try sendValidated(message, to: channel)
+    }
+
+    private func sendValidated(_ message: Message, to channel: String) throws {
+        if message[asgiChannelKey] != nil {
+            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+        }
+        let size = MsgPackEncoder.encodedSize(message)
+        if size > configuration.maxMessageSize {
+            throw ChannelLayerError.messageTooLarge(channel, size: size, limit: configuration.maxMessageSize)
+        }
+        let key = ChannelNames.nonLocalName(channel)
+        let capacity = capacities.capacity(for: channel)
+        let now = ContinuousClock.now
+        let entry = Entry(channel: channel, message: message, sentAt: now, expiresAt: now + configuration.expiry)
+        enum Outcome { case queued, full, closed, handoff(Waiter, ReceivedMessage) }
+        let outcome: Outcome = state.withLock { state in
+            if state.closed { return .closed }
+            state.purge(key, now: now)
+            state.operationsSinceSweep += 1
+            if state.operationsSinceSweep >= 10_000 {
+                state.operationsSinceSweep = 0
+                state.sweep(now: now)
+            }
+            if (state.queues[key]?.count ?? 0) >= capacity {
+                state.counters[key, default: Counters()].full += 1
+                state.global.full += 1
+                return .full
+            }
+            state.counters[key, default: Counters()].messages += 1
+            state.global.messages += 1
+            if let id = state.waitersByKey[key]?.first, let waiter = state.removeWaiter(id) {
+                return .handoff(waiter, ReceivedMessage(channel: channel, message: message))
+            }
+            state.queues[key, default: Deque()].append(entry)
+            return .queued
+        }
+        switch outcome {
+        case .queued: return
+        case .full: throw ChannelLayerError.channelFull(channel)
+        case .closed: throw Self.closedError
+        case .handoff(let waiter, let received):
+            waiter.timer?.cancel()
+            waiter.continuation.resume(returning: received)
+        }
+    }
+
+    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
+        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        guard !channels.isEmpty else { return nil }
+        let keys = channels.shuffled()
+
+        let (closed, immediate): (Bool, ReceivedMessage?) = state.withLock { state in
+            if state.closed { return (true, nil) }
+            let now = ContinuousClock.now
+            for key in keys {
+                if let entry = state.popLive(key, now: now) {
+                    return (false, ReceivedMessage(channel: entry.channel, message: entry.message))
+                }
+            }
+            return (false, nil)
+        }
+        if closed { throw Self.closedError }
+        if let immediate { return immediate }
+        guard timeout > .zero else { return nil }
+
+        let id = state.withLock { state -> UInt64 in
+            state.nextWaiterID &+= 1
+            return state.nextWaiterID
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<ReceivedMessage?, Never>) in
+                let result: ReceivedMessage?? = state.withLock { state in
+                    if state.closed || Task.isCancelled { return .some(nil) }
+                    let now = ContinuousClock.now
+                    for key in keys {
+                        if let entry = state.popLive(key, now: now) {
+                            return .some(ReceivedMessage(channel: entry.channel, message: entry.message))
+                        }
+                    }
+                    state.waiters[id] = Waiter(keys: keys, continuation: continuation, timer: nil)
+                    for key in keys { state.waitersByKey[key, default: Deque()].append(id) }
+                    return .none
+                }
+                if let result {
+                    continuation.resume(returning: result)
+                    return
+                }
+                let timer = Task { [weak self] in
+                    try? await Task.sleep(for: timeout)
+                    guard !Task.isCancelled else { return }
+                    self?.wake(id)
+                }
+                state.withLock { state in
+                    if state.waiters[id] != nil { state.waiters[id]!.timer = timer } else { timer.cancel() }
+                }
+            }
+        } onCancel: {
+            wake(id)
+        }
+    }
+
+    /// Ends a wait with no message (timeout, cancellation or close).
+    private func wake(_ id: UInt64) {
+        let waiter = state.withLock { $0.removeWaiter(id) }
+        if let waiter {
+            waiter.timer?.cancel()
+            waiter.continuation.resume(returning: nil)
+        }
+    }
+
+    public func newChannel(_ pattern: String) async throws -> String {
+        try ChannelNames.validatePattern(pattern)
+        return state.withLock { state in
+            while true {
+                let name = pattern + ChannelNames.randomLetters(12)
+                if state.queues[name] == nil { return name }
+            }
+        }
+    }
+
+    public func groupAdd(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        let now = ContinuousClock.now
+        let closed = state.withLock { state in
+            if state.closed { return true }
+            state.groups[group, default: [:]][channel] = now
+            return false
+        }
+        if closed { throw Self.closedError }
+    }
+
+    public func groupDiscard(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        state.withLock { state in
+            state.groups[group]?[channel] = nil
+            if state.groups[group]?.isEmpty == true { state.groups[group] = nil }
+        }
+    }
+
+    public func groupChannels(_ group: String) async throws -> [String] {
+        try ChannelNames.validateGroup(group)
+        return liveMembers(group)
+    }
+
+    private func liveMembers(_ group: String) -> [String] {
+        let cutoff = ContinuousClock.now - configuration.groupExpiry
+        return state.withLock { state in
+            guard var members = state.groups[group] else { return [] }
+            members = members.filter { $0.value > cutoff }
+            state.groups[group] = members.isEmpty ? nil : members
+            return members.sorted { $0.value < $1.value }.map(\.key)
+        }
+    }
+
+    public func sendGroup(_ group: String, message: Message) async throws {
+        try ChannelNames.validateGroup(group)
+        for member in liveMembers(group) {
+            do {
+                try sendValidated(message, to: member)
+            } catch let error as ChannelLayerError where error.code == .channelFull {
+                continue
+            }
+        }
+    }
+
+    public func flush() async throws {
+        state.withLock { state in
+            state.queues.removeAll()
+            state.groups.removeAll()
+            state.counters.removeAll()
+            state.global = Counters()
+        }
+    }
+
+    public func globalStatistics() async throws -> GlobalStatistics {
+        state.withLock { state in
+            GlobalStatistics(messagesCount: state.global.messages, channelFullCount: state.global.full)
+        }
+    }
+
+    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
+        try ChannelNames.validateChannel(channel, for: .receive)
+        let key = ChannelNames.nonLocalName(channel)
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            state.purge(key, now: now)
+            let counters = state.counters[key] ?? Counters()
+            let queue = state.queues[key]
+            let age = queue?.first.map { (now - $0.sentAt).seconds } ?? 0
+            return ChannelStatistics(messagesCount: counters.messages, channelFullCount: counters.full,
+                                     messagesPending: queue?.count ?? 0, messagesMaxAge: age)
+        }
+    }
+
+    /// Names of the channels that hold messages now (for `stats`).
+    public func pendingChannels() -> [String] {
+        state.withLock { Array($0.queues.keys).sorted() }
+    }
+
+    public func close() async {
+        let waiters = state.withLock { state -> [Waiter] in
+            state.closed = true
+            let all = Array(state.waiters.values)
+            state.waiters.removeAll()
+            state.waitersByKey.removeAll()
+            return all
+        }
+        for waiter in waiters {
+            waiter.timer?.cancel()
+            waiter.continuation.resume(returning: nil)
+        }
+    }
+}

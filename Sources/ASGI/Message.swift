@@ -1,0 +1,148 @@
+import OrderedCollections
+
+/// An ASGI message: a map with string keys, kept in insertion order so that encoding it
+/// gives the same bytes as Python's `msgpack.packb` of the same dict.
+public struct Message: Sendable, Hashable {
+    public var fields: OrderedDictionary<String, ASGIValue>
+
+    public init(_ fields: OrderedDictionary<String, ASGIValue> = [:]) {
+        self.fields = fields
+    }
+
+    public subscript(key: String) -> ASGIValue? {
+        get { fields[key] }
+        set { fields[key] = newValue }
+    }
+
+    public var keys: OrderedSet<String> { fields.keys }
+    public var isEmpty: Bool { fields.isEmpty }
+    public var count: Int { fields.count }
+
+    /// Removes a key and returns its value.
+    @discardableResult
+    public mutating func removeValue(forKey key: String) -> ASGIValue? {
+        fields.removeValue(forKey: key)
+    }
+
+    // MARK: Typed accessors
+
+    private func required(_ key: String) throws(MessageError) -> ASGIValue {
+        guard let value = fields[key] else { throw MessageError(.missingKey, key: key) }
+        return value
+    }
+
+    private func mismatch(_ key: String, _ expected: String, _ value: ASGIValue) -> MessageError {
+        MessageError(.wrongType, key: key, detail: "expected \(expected), found \(value.typeName)")
+    }
+
+    /// The string at `key`; throws when it is missing or not a string.
+    public func string(_ key: String) throws(MessageError) -> String {
+        let value = try required(key)
+        guard let s = value.stringValue else { throw mismatch(key, "string", value) }
+        return s
+    }
+
+    /// The bytes at `key`; throws when it is missing or not bytes.
+    public func bytes(_ key: String) throws(MessageError) -> [UInt8] {
+        let value = try required(key)
+        guard let b = value.bytesValue else { throw mismatch(key, "bytes", value) }
+        return b
+    }
+
+    /// The integer at `key`; throws when it is missing or not an integer.
+    public func int(_ key: String) throws(MessageError) -> Int64 {
+        let value = try required(key)
+        guard let i = value.intValue else { throw mismatch(key, "int", value) }
+        return i
+    }
+
+    /// The boolean at `key`; throws when it is missing or not a boolean.
+    public func bool(_ key: String) throws(MessageError) -> Bool {
+        let value = try required(key)
+        guard let b = value.boolValue else { throw mismatch(key, "bool", value) }
+        return b
+    }
+
+    /// The number at `key` (an int is widened); throws when it is missing or not a number.
+    public func double(_ key: String) throws(MessageError) -> Double {
+        let value = try required(key)
+        guard let d = value.doubleValue else { throw mismatch(key, "double", value) }
+        return d
+    }
+
+    /// The array at `key`; throws when it is missing or not an array.
+    public func array(_ key: String) throws(MessageError) -> [ASGIValue] {
+        let value = try required(key)
+        guard let a = value.arrayValue else { throw mismatch(key, "array", value) }
+        return a
+    }
+
+    /// The map at `key`; throws when it is missing or not a map.
+    public func map(_ key: String) throws(MessageError) -> OrderedDictionary<String, ASGIValue> {
+        let value = try required(key)
+        guard let m = value.mapValue else { throw mismatch(key, "map", value) }
+        return m
+    }
+
+    /// The value at `key` unless it is missing or nil.
+    public func optional(_ key: String) -> ASGIValue? {
+        guard let value = fields[key], !value.isNull else { return nil }
+        return value
+    }
+
+    /// The string at `key`, nil when absent or nil; throws when present with another type.
+    public func optionalString(_ key: String) throws(MessageError) -> String? {
+        guard let value = optional(key) else { return nil }
+        guard let s = value.stringValue else { throw mismatch(key, "string", value) }
+        return s
+    }
+
+    /// The bytes at `key`, nil when absent or nil; throws when present with another type.
+    public func optionalBytes(_ key: String) throws(MessageError) -> [UInt8]? {
+        guard let value = optional(key) else { return nil }
+        guard let b = value.bytesValue else { throw mismatch(key, "bytes", value) }
+        return b
+    }
+
+    /// The boolean at `key`, `defaultValue` when absent or nil; throws when present with another type.
+    public func bool(_ key: String, default defaultValue: Bool) throws(MessageError) -> Bool {
+        guard let value = optional(key) else { return defaultValue }
+        guard let b = value.boolValue else { throw mismatch(key, "bool", value) }
+        return b
+    }
+}
+
+extension Message: ExpressibleByDictionaryLiteral {
+    public init(dictionaryLiteral elements: (String, ASGIValue)...) {
+        self.init(OrderedDictionary(elements, uniquingKeysWith: { _, last in last }))
+    }
+}
+
+extension Message: CustomStringConvertible {
+    public var description: String { ASGIValue.map(fields).description }
+}
+
+/// A message lacked a key or held a value of the wrong type.
+public struct MessageError: Error, Sendable, Hashable, CustomStringConvertible {
+    public enum Code: Sendable, Hashable {
+        case missingKey
+        case wrongType
+    }
+
+    public var code: Code
+    public var key: String
+    public var detail: String
+
+    public init(_ code: Code, key: String, detail: String = "") {
+        self.code = code
+        self.key = key
+        self.detail = detail
+    }
+
+    public var description: String {
+        switch code {
+        case .missingKey: "message has no key '\(key)'"
+        case .wrongType: "message key '\(key)': \(detail)"
+        }
+    }
+}

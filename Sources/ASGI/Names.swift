@@ -1,0 +1,90 @@
+/// The naming rules of ASGI 1.0 channels and groups.
+///
+/// Channel names: `^[a-zA-Z\d\-_.]+((\?|\!)[\d\w\-_.]*)?$`, ASCII only, shorter than 100
+/// characters. Group names: `^[a-zA-Z\d\-_.]+$`, shorter than 100.
+public enum ChannelNames {
+    public static let maxLength = 100
+
+    /// Where a name is going to be used; receives and sends have slightly different rules.
+    public enum Use: Sendable {
+        case send
+        case receive
+    }
+
+    @inline(__always)
+    static func isBaseCharacter(_ c: UInt8) -> Bool {
+        (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39)
+            || c == 0x2d || c == 0x5f || c == 0x2e
+    }
+
+    /// Checks a channel name; throws ``ChannelLayerError`` with code `invalidName` naming it.
+    public static func validateChannel(_ name: String, for use: Use = .send) throws(ChannelLayerError) {
+        let utf8 = name.utf8
+        guard utf8.count < maxLength, !utf8.isEmpty else {
+            throw invalid(name, "channel names must be 1 to \(maxLength - 1) characters")
+        }
+        var markerIndex: Int? = nil
+        for (i, c) in utf8.enumerated() {
+            if isBaseCharacter(c) { continue }
+            if (c == 0x3f || c == 0x21) && markerIndex == nil && i > 0 {
+                markerIndex = i
+                continue
+            }
+            throw invalid(name, "channel names hold ASCII letters, digits, '-', '_', '.' and at most one '?' or '!' after the first character")
+        }
+        if let markerIndex {
+            let marker = utf8[utf8.index(utf8.startIndex, offsetBy: markerIndex)]
+            let endsAtMarker = markerIndex == utf8.count - 1
+            if marker == 0x3f && endsAtMarker {
+                throw invalid(name, "single-reader channel names must not end with '?'")
+            }
+            if marker == 0x21 && !endsAtMarker && use == .receive {
+                throw invalid(name, "process-specific channel names in a receive must end at the '!'")
+            }
+        }
+    }
+
+    /// Checks a group name.
+    public static func validateGroup(_ name: String) throws(ChannelLayerError) {
+        let utf8 = name.utf8
+        guard utf8.count < maxLength, !utf8.isEmpty else {
+            throw ChannelLayerError(.invalidName, "invalid group name '\(name)': group names must be 1 to \(maxLength - 1) characters")
+        }
+        for c in utf8 where !isBaseCharacter(c) {
+            throw ChannelLayerError(.invalidName, "invalid group name '\(name)': group names hold only ASCII letters, digits, '-', '_' and '.'")
+        }
+    }
+
+    /// Checks a `newChannel` pattern: a valid channel name prefix that ends with `?`.
+    public static func validatePattern(_ pattern: String) throws(ChannelLayerError) {
+        guard pattern.utf8.last == 0x3f else {
+            throw invalid(pattern, "new channel patterns must end with '?'")
+        }
+        // The pattern plus one letter must be a valid name.
+        try validateChannel(pattern + "a")
+        guard pattern.utf8.count + 12 < maxLength else {
+            throw invalid(pattern, "pattern too long for a 12-letter suffix")
+        }
+    }
+
+    /// `prefix!` for `prefix!suffix`; the name itself otherwise.
+    public static func nonLocalName(_ name: String) -> String {
+        guard let bang = name.utf8.firstIndex(of: 0x21) else { return name }
+        return String(name[...bang])
+    }
+
+    public static func isProcessSpecific(_ name: String) -> Bool { name.utf8.contains(0x21) }
+    public static func isSingleReader(_ name: String) -> Bool { name.utf8.contains(0x3f) }
+
+    private static func invalid(_ name: String, _ reason: String) -> ChannelLayerError {
+        ChannelLayerError(.invalidName, "invalid channel name '\(name)': \(reason)")
+    }
+
+    static let letters: [Character] = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+    /// `count` random ASCII letters, as asgi_redis uses for new channel names.
+    public static func randomLetters(_ count: Int) -> String {
+        var generator = SystemRandomNumberGenerator()
+        return String((0..<count).map { _ in letters.randomElement(using: &generator)! })
+    }
+}

@@ -1,0 +1,31 @@
+import Synchronization
+
+/// A Lua script run with `EVALSHA`, falling back to `EVAL` when the server does not know it
+/// (a restarted or flushed server), so every call stays one round trip.
+final class LuaScript: Sendable {
+    let name: String
+    let source: String
+    private let sha = Mutex<String?>(nil)
+
+    init(name: String, source: String) {
+        self.name = name
+        self.source = source
+    }
+
+    func run(on connection: HiredisConnection, keys: [[UInt8]], args: [[UInt8]]) throws -> RedisReply {
+        let tail = [Array(String(keys.count).utf8)] + keys + args
+        if let known = sha.withLock({ $0 }) {
+            let reply = try connection.command([Array("EVALSHA".utf8), Array(known.utf8)] + tail)
+            if case .error(let e) = reply, e.hasPrefix("NOSCRIPT") {
+                return try connection.command([Array("EVAL".utf8), Array(source.utf8)] + tail)
+            }
+            return reply
+        }
+        let replies = try connection.pipeline([
+            [Array("SCRIPT".utf8), Array("LOAD".utf8), Array(source.utf8)],
+            [Array("EVAL".utf8), Array(source.utf8)] + tail,
+        ])
+        if let loaded = replies[0].text { sha.withLock { $0 = loaded } }
+        return replies[1]
+    }
+}

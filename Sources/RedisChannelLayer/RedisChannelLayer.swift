@@ -1,0 +1,548 @@
+import ASGI
+import Logging
+import NIOPosix
+import Synchronization
+
+/// The Redis channel layer, byte-compatible with Python's asgi_redis 1.4.
+///
+/// Channels are Redis lists of body keys, bodies are msgpack strings with an expiry, groups
+/// are sorted sets scored by the time of the last add. hiredis is blocking, so every call
+/// runs on this layer's own threads, never on Swift's cooperative pool: a small pool for
+/// ordinary commands and a larger one for receives that sit in `BLPOP`.
+public final class RedisChannelLayer: ChannelLayer {
+    public let configuration: RedisChannelLayerConfiguration
+    private let logger: Logger
+    private let shards: [ConnectionPool]
+    private let commandPool: NIOThreadPool
+    private let blockingPool: NIOThreadPool
+    private let capacities: CapacityTable
+    private let luaCapacityArgs: [[UInt8]]
+    private let sendCursor = Atomic<Int>(0)
+    private let receiveCursor = Atomic<Int>(0)
+    private let malformedDropped = Atomic<Int>(0)
+    private let isClosed = Atomic<Bool>(false)
+    private let decoder = MsgPackDecoder()
+
+    public init(configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis")) throws(ChannelLayerError) {
+        guard !configuration.hosts.isEmpty else {
+            throw ChannelLayerError(.invalidConfiguration, "the Redis layer needs at least one host")
+        }
+        self.configuration = configuration
+        self.logger = logger
+        self.shards = configuration.hosts.map {
+            ConnectionPool(endpoint: $0, connectTimeout: configuration.connectTimeout,
+                           commandTimeout: configuration.commandTimeout)
+        }
+        self.capacities = CapacityTable(defaultCapacity: configuration.capacity,
+                                        patterns: configuration.channelCapacities)
+        var capacityArgs: [[UInt8]] = [Array(String(configuration.channelCapacities.count).utf8)]
+        for (glob, capacity) in configuration.channelCapacities {
+            capacityArgs.append(Array(GlobPatternLua.luaPattern(glob).utf8))
+            capacityArgs.append(Array(String(capacity).utf8))
+        }
+        self.luaCapacityArgs = capacityArgs
+        self.commandPool = NIOThreadPool(numberOfThreads: max(1, configuration.commandThreads))
+        self.blockingPool = NIOThreadPool(numberOfThreads: max(1, configuration.blockingThreads))
+        commandPool.start()
+        blockingPool.start()
+    }
+
+    /// A layer on the servers of these `redis://` URLs.
+    public convenience init(urls: [String], logger: Logger = Logger(label: "channels.redis")) throws(ChannelLayerError) {
+        try self.init(configuration: RedisChannelLayerConfiguration(urls: urls), logger: logger)
+    }
+
+    deinit {
+        if !isClosed.load(ordering: .relaxed) {
+            try? commandPool.syncShutdownGracefully()
+            try? blockingPool.syncShutdownGracefully()
+        }
+    }
+
+    // MARK: Threads
+
+    private func onCommandThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        guard !isClosed.load(ordering: .relaxed) else { throw ChannelLayerError(.closed, "the Redis layer is closed") }
+        do {
+            return try await commandPool.runIfActive(body)
+        } catch is NIOThreadPoolError.ThreadPoolInactive {
+            throw ChannelLayerError(.closed, "the Redis layer is closed")
+        }
+    }
+
+    private func onBlockingThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        guard !isClosed.load(ordering: .relaxed) else { throw ChannelLayerError(.closed, "the Redis layer is closed") }
+        do {
+            return try await blockingPool.runIfActive(body)
+        } catch is NIOThreadPoolError.ThreadPoolInactive {
+            throw ChannelLayerError(.closed, "the Redis layer is closed")
+        }
+    }
+
+    // MARK: Keys
+
+    private func key(_ name: String) -> [UInt8] { Array((configuration.prefix + name).utf8) }
+    private func groupKey(_ group: String) -> [UInt8] { Array((configuration.prefix + ":group:" + group).utf8) }
+    private func statKey(_ name: String, _ stat: String) -> [UInt8] {
+        Array((configuration.statsPrefix + name + ":" + stat).utf8)
+    }
+
+    /// `prefix` + 32 lowercase hex characters of a random version-4 UUID, as Python writes it.
+    private func newBodyKey() -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        var high = generator.next() as UInt64
+        var low = generator.next() as UInt64
+        high = (high & ~0xF000) | 0x4000
+        low = (low & ~(0xC000_0000_0000_0000 as UInt64)) | 0x8000_0000_0000_0000
+        var out = Array(configuration.prefix.utf8)
+        appendHex(high, into: &out)
+        appendHex(low, into: &out)
+        return out
+    }
+
+    private func appendHex(_ value: UInt64, into out: inout [UInt8], digits: Int = 16) {
+        let hex = Array("0123456789abcdef".utf8)
+        for i in stride(from: digits - 1, through: 0, by: -1) {
+            out.append(hex[Int((value >> (UInt64(i) * 4)) & 0xf)])
+        }
+    }
+
+    private func shardIndex(for name: String) -> Int {
+        Sharding.shard(name, hostCount: shards.count)
+    }
+
+    /// `!` and `?` names live on the shard of their (non-local) name; plain ones anywhere.
+    private func sendShard(for channel: String) -> Int {
+        if shards.count == 1 { return 0 }
+        if ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel) {
+            return shardIndex(for: ChannelNames.nonLocalName(channel))
+        }
+        return sendCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
+    }
+
+    // MARK: Send
+
+    public func send(_ message: Message, to channel: String) async throws {
+        try ChannelNames.validateChannel(channel)
+        guard message[asgiChannelKey] == nil else {
+            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+        }
+        let listName = ChannelNames.nonLocalName(channel)
+        var stored = message
+        if listName != channel { stored[asgiChannelKey] = .string(channel) }
+        let body = MsgPackEncoder.encode(stored)
+        guard body.count <= configuration.maxMessageSize else {
+            throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
+        }
+        let shard = shards[sendShard(for: channel)]
+        let keys = [
+            newBodyKey(), key(listName),
+            statKey(listName, "messages_count"), statKey("#global#", "messages_count"),
+            statKey(listName, "channel_full_count"), statKey("#global#", "channel_full_count"),
+        ]
+        let args: [[UInt8]] = [
+            body, Array(String(configuration.expiry).utf8), Array(String(capacities.capacity(for: channel)).utf8),
+            Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
+            Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
+        ]
+        let reply = try await onCommandThread {
+            try shard.withConnection { try Scripts.send.run(on: $0, keys: keys, args: args) }
+        }
+        switch reply {
+        case .integer(1): return
+        case .integer(0): throw ChannelLayerError.channelFull(channel)
+        default: throw unexpected(reply, doing: "send to '\(channel)'")
+        }
+    }
+
+    private func unexpected(_ reply: RedisReply, doing what: String) -> ChannelLayerError {
+        if case .error(let e) = reply {
+            return ChannelLayerError(.backendError, "Redis refused \(what): \(e)")
+        }
+        return ChannelLayerError(.backendError, "unexpected Redis reply to \(what): \(reply)")
+    }
+
+    // MARK: Receive
+
+    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
+        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        guard !channels.isEmpty else { return nil }
+        let plan = receivePlan(channels)
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        // With one shard to wait on, BLPOP answers at once when a message is there, so a
+        // receive is BLPOP + take-body: two round trips. Non-blocking receives are one script.
+        if timeout <= .zero || plan.count > 1 {
+            while true {
+                var sawMalformed = false
+                for (shard, lists) in plan.shuffled() {
+                    let reply = try await onCommandThread {
+                        try self.shards[shard].withConnection {
+                            try Scripts.receive.run(on: $0, keys: lists.shuffled(), args: [])
+                        }
+                    }
+                    guard case .array(let pair) = reply, pair.count == 2,
+                          let list = pair[0].bytes, let body = pair[1].bytes else {
+                        if case .error = reply { throw unexpected(reply, doing: "receive") }
+                        continue
+                    }
+                    if let received = decodeReceived(list: list, body: body) { return received }
+                    sawMalformed = true
+                }
+                if sawMalformed { continue }
+                if timeout <= .zero { return nil }
+                break
+            }
+        }
+        while true {
+            let remaining = deadline - clock.now
+            if remaining <= .milliseconds(1) || Task.isCancelled { return nil }
+            let slice = min(remaining, configuration.blockingSlice)
+            let outcome: ReceivedMessage?? = if plan.count == 1 {
+                try await blockingPop(shard: plan[0].shard, lists: plan[0].lists, wait: slice)
+            } else {
+                try await blockingPopMany(plan: plan, wait: slice)
+            }
+            switch outcome {
+            case .some(.some(let received)): return received
+            case .some(.none): continue // an expired or malformed body: try again
+            case .none: continue // the slice passed with nothing
+            }
+        }
+    }
+
+    /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
+    /// shard in rotation (they are sent round-robin, so any shard may hold them).
+    private func receivePlan(_ channels: [String]) -> [(shard: Int, lists: [[UInt8]])] {
+        if shards.count == 1 { return [(0, channels.map(key))] }
+        var byShard: [Int: [[UInt8]]] = [:]
+        let rotating = receiveCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
+        for channel in channels {
+            let index = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+                ? shardIndex(for: channel) : rotating
+            byShard[index, default: []].append(key(channel))
+        }
+        return byShard.map { ($0.key, $0.value) }
+    }
+
+    /// nil: nothing arrived in `wait`. .some(nil): something was popped but unusable.
+    private func blockingPop(shard: Int, lists: [[UInt8]], wait: Duration) async throws -> ReceivedMessage?? {
+        let timeoutArg = Array(String(format3(wait.seconds)).utf8)
+        let pool = shards[shard]
+        let result: ([UInt8], [UInt8]?)? = try await onBlockingThread {
+            try pool.withConnection { connection -> ([UInt8], [UInt8]?)? in
+                let reply = try connection.blockingCommand([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: wait)
+                switch reply {
+                case .null: return nil
+                case .array(let pair) where pair.count == 2:
+                    guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
+                    let body = try Scripts.takeBody.run(on: connection, keys: [bodyKey], args: [])
+                    return (list, body.bytes)
+                case .error(let e):
+                    throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+                default:
+                    return nil
+                }
+            }
+        }
+        guard let (list, body) = result else { return nil }
+        guard let body else { return .some(nil) }
+        return .some(decodeReceived(list: list, body: body))
+    }
+
+    /// Several shards: wait on all at once; a message won by more than one is put back.
+    private func blockingPopMany(plan: [(shard: Int, lists: [[UInt8]])], wait: Duration) async throws -> ReceivedMessage?? {
+        try await withThrowingTaskGroup(of: ReceivedMessage??.self) { group in
+            for entry in plan {
+                group.addTask { try await self.blockingPop(shard: entry.shard, lists: entry.lists, wait: wait) }
+            }
+            var winner: ReceivedMessage?? = nil
+            for try await outcome in group {
+                guard case .some(.some(let received)) = outcome else {
+                    if winner == nil, case .some(.none) = outcome { winner = .some(nil) }
+                    continue
+                }
+                if case .some(.some) = winner {
+                    // Rare: two shards delivered in the same slice. Keep the message by
+                    // sending it again; it goes to the back of its channel.
+                    try? await send(received.message, to: received.channel)
+                } else {
+                    winner = .some(received)
+                }
+            }
+            return winner
+        }
+    }
+
+    private func format3(_ seconds: Double) -> String {
+        let millis = max(1, Int((seconds * 1000).rounded()))
+        let whole = millis / 1000, frac = millis % 1000
+        return "\(whole)." + (frac < 10 ? "00" : frac < 100 ? "0" : "") + "\(frac)"
+    }
+
+    /// Decodes a popped body; a body that is not a valid message is logged, counted and dropped.
+    private func decodeReceived(list: [UInt8], body: [UInt8]) -> ReceivedMessage? {
+        let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
+        do {
+            var message = try decoder.decodeMessage(body)
+            var channel = listName
+            if let full = message.removeValue(forKey: asgiChannelKey) {
+                guard case .string(let name) = full else {
+                    throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(full.typeName), not a string")
+                }
+                channel = name
+            }
+            return ReceivedMessage(channel: channel, message: message)
+        } catch {
+            malformedDropped.add(1, ordering: .relaxed)
+            logger.warning("dropped a message that is not valid msgpack", metadata: [
+                "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
+            ])
+            return nil
+        }
+    }
+
+    // MARK: Channels and groups
+
+    public func newChannel(_ pattern: String) async throws -> String {
+        try ChannelNames.validatePattern(pattern)
+        while true {
+            let name = pattern + ChannelNames.randomLetters(12)
+            let pool = shards[shardIndex(for: name)]
+            let nameKey = key(name)
+            let reply = try await onCommandThread {
+                try pool.withConnection { try $0.command([Array("EXISTS".utf8), nameKey]) }
+            }
+            if reply.integer == 0 { return name }
+            if case .error = reply { throw unexpected(reply, doing: "EXISTS") }
+        }
+    }
+
+    public func groupAdd(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        let pool = shards[shardIndex(for: group)]
+        let gkey = groupKey(group)
+        let now = Array(String(Self.unixTime()).utf8)
+        let expiry = Array(String(configuration.groupExpiry).utf8)
+        let replies = try await onCommandThread {
+            try pool.withConnection {
+                try $0.pipeline([
+                    [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
+                    [Array("EXPIRE".utf8), gkey, expiry],
+                ])
+            }
+        }
+        if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
+    }
+
+    public func groupDiscard(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        let pool = shards[shardIndex(for: group)]
+        let gkey = groupKey(group)
+        let reply = try await onCommandThread {
+            try pool.withConnection { try $0.command([Array("ZREM".utf8), gkey, Array(channel.utf8)]) }
+        }
+        if reply.errorMessage != nil { throw unexpected(reply, doing: "group discard") }
+    }
+
+    public func groupChannels(_ group: String) async throws -> [String] {
+        try ChannelNames.validateGroup(group)
+        let pool = shards[shardIndex(for: group)]
+        let gkey = groupKey(group)
+        let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
+        let reply = try await onCommandThread {
+            try pool.withConnection { try Scripts.groupMembers.run(on: $0, keys: [gkey], args: [cutoff]) }
+        }
+        guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
+        return members.compactMap(\.text)
+    }
+
+    public func sendGroup(_ group: String, message: Message) async throws {
+        try ChannelNames.validateGroup(group)
+        guard message[asgiChannelKey] == nil else {
+            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+        }
+        let plainBody = MsgPackEncoder.encode(message)
+        guard plainBody.count + 140 <= configuration.maxMessageSize else {
+            throw ChannelLayerError.messageTooLarge("group:" + group, size: plainBody.count, limit: configuration.maxMessageSize)
+        }
+        // The body for `!` members: the same map with one more entry, whose value (the
+        // member's full name) the script appends.
+        var localHead: [UInt8] = []
+        MsgPackEncoder.writeMapHeader(count: message.count + 1, into: &localHead)
+        for (k, v) in message.fields {
+            MsgPackEncoder.writeString(k, into: &localHead)
+            MsgPackEncoder.write(v, into: &localHead)
+        }
+        MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
+
+        let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
+        func args(mode: String, members: [String]) -> [[UInt8]] {
+            var keyBase = newBodyKey()
+            keyBase.removeFirst(configuration.prefix.utf8.count)
+            keyBase.removeLast(8)
+            return [
+                Array(mode.utf8), cutoff, Array(configuration.prefix.utf8), Array(configuration.statsPrefix.utf8),
+                Array(String(configuration.expiry).utf8),
+                Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
+                Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
+                plainBody, localHead, keyBase, Array(String(configuration.capacity).utf8),
+            ] + luaCapacityArgs + members.map { Array($0.utf8) }
+        }
+        let globalKeys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
+
+        if shards.count == 1 {
+            let scriptArgs = args(mode: "group", members: [])
+            let gkey = groupKey(group)
+            let reply = try await onCommandThread {
+                try self.shards[0].withConnection {
+                    try Scripts.sendMany.run(on: $0, keys: [gkey] + globalKeys, args: scriptArgs)
+                }
+            }
+            if reply.errorMessage != nil { throw unexpected(reply, doing: "group send") }
+            return
+        }
+        // Sharded: members from the group's shard, then one script per destination shard.
+        let members = try await groupChannels(group)
+        var byShard: [Int: [String]] = [:]
+        for member in members { byShard[sendShard(for: member), default: []].append(member) }
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for (index, names) in byShard {
+                let scriptArgs = args(mode: "list", members: names)
+                tasks.addTask {
+                    let reply = try await self.onCommandThread {
+                        try self.shards[index].withConnection {
+                            try Scripts.sendMany.run(on: $0, keys: [[]] + globalKeys, args: scriptArgs)
+                        }
+                    }
+                    if reply.errorMessage != nil { throw self.unexpected(reply, doing: "group send") }
+                }
+            }
+            try await tasks.waitForAll()
+        }
+    }
+
+    static func unixTime() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    // MARK: Flush and statistics
+
+    public func flush() async throws {
+        let patterns = [Self.globEscape(configuration.prefix) + "*", Self.globEscape(configuration.statsPrefix) + "*"]
+        for pool in shards {
+            try await onCommandThread {
+                try pool.withConnection { connection in
+                    for pattern in patterns {
+                        var cursor = "0"
+                        repeat {
+                            let reply = try connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
+                            guard case .array(let parts) = reply, parts.count == 2,
+                                  let next = parts[0].text, case .array(let found) = parts[1] else {
+                                throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
+                            }
+                            let keys = found.compactMap(\.bytes)
+                            if !keys.isEmpty { _ = try connection.command([Array("UNLINK".utf8)] + keys) }
+                            cursor = next
+                        } while cursor != "0"
+                    }
+                }
+            }
+        }
+    }
+
+    static func globEscape(_ text: String) -> String {
+        var out = ""
+        for c in text {
+            if "*?[]\\".contains(c) { out.append("\\") }
+            out.append(c)
+        }
+        return out
+    }
+
+    public func globalStatistics() async throws -> GlobalStatistics {
+        var total = GlobalStatistics(malformedMessagesDropped: malformedDropped.load(ordering: .relaxed))
+        let keys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
+        for pool in shards {
+            let reply = try await onCommandThread {
+                try pool.withConnection { try $0.command([Array("MGET".utf8)] + keys) }
+            }
+            guard case .array(let values) = reply, values.count == 2 else { throw unexpected(reply, doing: "MGET") }
+            total.messagesCount += values[0].countValue
+            total.channelFullCount += values[1].countValue
+        }
+        return total
+    }
+
+    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
+        try ChannelNames.validateChannel(channel, for: .receive)
+        let name = ChannelNames.nonLocalName(channel)
+        let pools = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+            ? [shards[shardIndex(for: name)]] : shards
+        let listKey = key(name)
+        let counterKeys = [statKey(name, "messages_count"), statKey(name, "channel_full_count")]
+        let expiry = configuration.expiry
+        var stats = ChannelStatistics()
+        for pool in pools {
+            let replies = try await onCommandThread {
+                try pool.withConnection { connection -> [RedisReply] in
+                    let first = try connection.pipeline([
+                        [Array("MGET".utf8)] + counterKeys,
+                        [Array("LLEN".utf8), listKey],
+                        [Array("LINDEX".utf8), listKey, Array("0".utf8)],
+                    ])
+                    guard let oldest = first[2].bytes else { return first + [.integer(-2)] }
+                    return first + [try connection.command([Array("PTTL".utf8), oldest])]
+                }
+            }
+            if case .array(let counters) = replies[0], counters.count == 2 {
+                stats.messagesCount += counters[0].countValue
+                stats.channelFullCount += counters[1].countValue
+            }
+            stats.messagesPending += replies[1].countValue
+            if let pttl = replies[3].integer, pttl >= 0 {
+                stats.messagesMaxAge = max(stats.messagesMaxAge, Double(expiry) - Double(pttl) / 1000)
+            }
+        }
+        return stats
+    }
+
+    /// Channels (list names) with waiting messages, found with SCAN, for operators.
+    public func pendingChannels() async throws -> [String] {
+        let pattern = Self.globEscape(configuration.prefix) + "*"
+        let prefixCount = configuration.prefix.utf8.count
+        var names = Set<String>()
+        for pool in shards {
+            let found: [String] = try await onCommandThread {
+                try pool.withConnection { connection in
+                    var cursor = "0"
+                    var lists: [String] = []
+                    repeat {
+                        let reply = try connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", "list"])
+                        guard case .array(let parts) = reply, parts.count == 2,
+                              let next = parts[0].text, case .array(let keys) = parts[1] else { break }
+                        lists += keys.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } }
+                        cursor = next
+                    } while cursor != "0"
+                    return lists
+                }
+            }
+            names.formUnion(found)
+        }
+        return names.sorted()
+    }
+
+    /// Connections opened so far across shards (tests use it to check nothing leaks).
+    public var connectionsOpened: Int { shards.reduce(0) { $0 + $1.connectionsOpened } }
+
+    public func close() async {
+        guard !isClosed.exchange(true, ordering: .relaxed) else { return }
+        try? await commandPool.shutdownGracefully()
+        try? await blockingPool.shutdownGracefully()
+        for pool in shards { pool.drain() }
+    }
+}

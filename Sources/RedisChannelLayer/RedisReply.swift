@@ -1,0 +1,31 @@
+/// A Redis reply copied out of hiredis into a Swift value.
+public enum RedisReply: Sendable, Hashable {
+    case string([UInt8])
+    case status(String)
+    case integer(Int64)
+    case array([RedisReply])
+    case null
+    case error(String)
+
+    var bytes: [UInt8]? { if case .string(let b) = self { b } else { nil } }
+    var integer: Int64? { if case .integer(let i) = self { i } else { nil } }
+    var array: [RedisReply]? { if case .array(let a) = self { a } else { nil } }
+    var errorMessage: String? { if case .error(let e) = self { e } else { nil } }
+
+    var text: String? {
+        switch self {
+        case .string(let b): String(decoding: b, as: UTF8.self)
+        case .status(let s): s
+        default: nil
+        }
+    }
+
+    /// An integer reply, or a bulk string holding digits (as `GET` of a counter returns).
+    var countValue: Int {
+        switch self {
+        case .integer(let i): Int(i)
+        case .string(let b): Int(String(decoding: b, as: UTF8.self)) ?? 0
+        default: 0
+        }
+    }
+}

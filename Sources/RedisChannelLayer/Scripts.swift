@@ -1,0 +1,157 @@
+/// The Lua scripts of the Redis layer. Each keeps one operation to one round trip.
+enum Scripts {
+    /// Send with the capacity check and the statistics counters, atomically.
+    /// KEYS: body, list, channel messages_count, global messages_count,
+    ///       channel channel_full_count, global channel_full_count
+    /// ARGV: body bytes, expiry, capacity, channel stats expiry, global stats expiry
+    /// Returns 1 when sent, 0 when the channel is full.
+    static let send = LuaScript(name: "send", source: """
+        if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) then
+            redis.call('INCR', KEYS[5])
+            redis.call('EXPIRE', KEYS[5], ARGV[4])
+            redis.call('INCR', KEYS[6])
+            redis.call('EXPIRE', KEYS[6], ARGV[5])
+            return 0
+        end
+        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+        redis.call('RPUSH', KEYS[2], KEYS[1])
+        redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]) + 1)
+        redis.call('INCR', KEYS[3])
+        redis.call('EXPIRE', KEYS[3], ARGV[4])
+        redis.call('INCR', KEYS[4])
+        redis.call('EXPIRE', KEYS[4], ARGV[5])
+        return 1
+        """)
+
+    /// Non-blocking receive: pop from the lists in the given order, read and delete the body,
+    /// skipping bodies that have already expired. Returns {list, body} or nil.
+    static let receive = LuaScript(name: "receive", source: """
+        for i = 1, #KEYS do
+            while true do
+                local bodyKey = redis.call('LPOP', KEYS[i])
+                if not bodyKey then break end
+                local body = redis.call('GET', bodyKey)
+                if body then
+                    redis.call('DEL', bodyKey)
+                    return {KEYS[i], body}
+                end
+            end
+        end
+        return false
+        """)
+
+    /// Reads and deletes a body popped by BLPOP. Returns the body or nil if it expired.
+    static let takeBody = LuaScript(name: "takeBody", source: """
+        local body = redis.call('GET', KEYS[1])
+        if body then redis.call('DEL', KEYS[1]) end
+        return body
+        """)
+
+    /// Current group members after dropping expired ones.
+    /// KEYS: group. ARGV: cutoff (now - group_expiry).
+    static let groupMembers = LuaScript(name: "groupMembers", source: """
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+        return redis.call('ZRANGE', KEYS[1], 0, -1)
+        """)
+
+    /// Sends one message to many channels on this shard, skipping full ones: a whole group
+    /// send in one round trip. Members come from the group's sorted set (mode "group", KEYS[1])
+    /// or from the argument list (mode "list").
+    /// KEYS: group (or the empty string), global messages_count, global channel_full_count
+    /// ARGV: mode, cutoff, prefix, stats prefix, expiry, channel stats expiry,
+    ///       global stats expiry, plain body, process-channel body head, key base (24 hex),
+    ///       default capacity, pattern count N, then N (lua pattern, capacity) pairs,
+    ///       then (mode "list") the member names.
+    /// Returns {sent, full}.
+    static let sendMany = LuaScript(name: "sendMany", source: """
+        local mode = ARGV[1]
+        local prefix, statsPrefix = ARGV[3], ARGV[4]
+        local expiry = tonumber(ARGV[5])
+        local channelStatsExpiry, globalStatsExpiry = ARGV[6], ARGV[7]
+        local plainBody, localHead, keyBase = ARGV[8], ARGV[9], ARGV[10]
+        local defaultCapacity = tonumber(ARGV[11])
+        local patternCount = tonumber(ARGV[12])
+        local patterns = {}
+        for i = 1, patternCount do
+            patterns[i] = {ARGV[12 + 2 * i - 1], tonumber(ARGV[12 + 2 * i])}
+        end
+        local members
+        if mode == 'group' then
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
+            members = redis.call('ZRANGE', KEYS[1], 0, -1)
+        else
+            members = {}
+            for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
+        end
+        local sent, full = 0, 0
+        for i, member in ipairs(members) do
+            local bang = string.find(member, '!', 1, true)
+            local listName = member
+            if bang then listName = string.sub(member, 1, bang) end
+            local capacity = defaultCapacity
+            for _, p in ipairs(patterns) do
+                if string.find(listName, p[1]) then capacity = p[2]; break end
+            end
+            local listKey = prefix .. listName
+            if redis.call('LLEN', listKey) >= capacity then
+                full = full + 1
+                local fullKey = statsPrefix .. listName .. ':channel_full_count'
+                redis.call('INCR', fullKey)
+                redis.call('EXPIRE', fullKey, channelStatsExpiry)
+            else
+                local body = plainBody
+                if bang then
+                    local n = string.len(member)
+                    local header
+                    if n <= 31 then header = string.char(160 + n) else header = string.char(217, n) end
+                    body = localHead .. header .. member
+                end
+                local bodyKey = prefix .. keyBase .. string.format('%08x', i)
+                redis.call('SET', bodyKey, body, 'EX', expiry)
+                redis.call('RPUSH', listKey, bodyKey)
+                redis.call('EXPIRE', listKey, expiry + 1)
+                local countKey = statsPrefix .. listName .. ':messages_count'
+                redis.call('INCR', countKey)
+                redis.call('EXPIRE', countKey, channelStatsExpiry)
+                sent = sent + 1
+            end
+        end
+        if sent > 0 then
+            redis.call('INCRBY', KEYS[2], sent)
+            redis.call('EXPIRE', KEYS[2], globalStatsExpiry)
+        end
+        if full > 0 then
+            redis.call('INCRBY', KEYS[3], full)
+            redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
+        end
+        return {sent, full}
+        """)
+}
+
+
+/// Converts a shell glob to an anchored Lua pattern for the group-send script.
+enum GlobPatternLua {
+    static func luaPattern(_ glob: String) -> String {
+        var out = "^"
+        var inSet = false
+        var setStart = false
+        for c in glob {
+            if inSet {
+                if c == "]" && !setStart { out.append("]"); inSet = false; continue }
+                if setStart && c == "!" { out.append("^"); setStart = false; continue }
+                setStart = false
+                if c == "-" { out.append("-") } else if c.isLetter || c.isNumber { out.append(c) } else { out.append("%"); out.append(c) }
+                continue
+            }
+            switch c {
+            case "*": out.append(".*")
+            case "?": out.append(".")
+            case "[": out.append("["); inSet = true; setStart = true
+            default:
+                if c.isLetter || c.isNumber { out.append(c) } else { out.append("%"); out.append(c) }
+            }
+        }
+        if inSet { return "^" + glob.map { $0.isLetter || $0.isNumber ? String($0) : "%" + String($0) }.joined() + "$" }
+        return out + "$"
+    }
+}
