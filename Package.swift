@@ -37,8 +37,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "ASGITests", dependencies: ["ASGI"]),
-        .testTarget(name: "RedisChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
+        .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
     ],
     swiftLanguageModes: [.v6]
 )

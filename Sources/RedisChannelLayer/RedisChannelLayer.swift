@@ -194,9 +194,14 @@ public final class RedisChannelLayer: ChannelLayer {
                 break
             }
         }
+        var poppedUnusable = false
         while true {
             let remaining = deadline - clock.now
-            if remaining <= .milliseconds(1) || Task.isCancelled { return nil }
+            if remaining <= .milliseconds(1) || Task.isCancelled {
+                // Skipping bad bodies may have used up the time while good ones wait behind
+                // them: one last look without blocking.
+                return poppedUnusable ? try await receive(channels: channels, timeout: .zero) : nil
+            }
             let slice = min(remaining, configuration.blockingSlice)
             let outcome: ReceivedMessage?? = if plan.count == 1 {
                 try await blockingPop(shard: plan[0].shard, lists: plan[0].lists, wait: slice)
@@ -205,8 +210,8 @@ public final class RedisChannelLayer: ChannelLayer {
             }
             switch outcome {
             case .some(.some(let received)): return received
-            case .some(.none): continue // an expired or malformed body: try again
-            case .none: continue // the slice passed with nothing
+            case .some(.none): poppedUnusable = true // an expired or malformed body: try again
+            case .none: poppedUnusable = false // the slice passed with nothing
             }
         }
     }

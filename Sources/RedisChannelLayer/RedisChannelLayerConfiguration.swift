@@ -43,8 +43,8 @@ public struct RedisChannelLayerConfiguration: Sendable {
         blockingSlice: Duration = .seconds(1),
         connectTimeout: Duration = .seconds(2),
         commandTimeout: Duration = .seconds(5),
-        commandThreads: Int = 4,
-        blockingThreads: Int = 32
+        commandThreads: Int = 2,
+        blockingThreads: Int = 8
     ) {
         self.hosts = hosts
         self.prefix = prefix

@@ -1,0 +1,216 @@
+import ASGI
+import Foundation
+@testable import RedisChannelLayer
+import Testing
+
+@Suite("Redis layer")
+struct RedisLayerTests {
+    func layer(url: String? = nil, prefix: String = TestRedis.uniquePrefix()) throws -> RedisChannelLayer {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try url ?? TestRedis.requireURL()])
+        configuration.prefix = prefix
+        configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
+        return try RedisChannelLayer(configuration: configuration)
+    }
+
+    func raw(_ url: String) throws -> HiredisConnection {
+        try HiredisConnection(endpoint: RedisEndpoint(url: url), connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+    }
+
+    @Test("the stored layout is asgi_redis's: body string with TTL, list of body keys, group zset")
+    func layout() async throws {
+        let url = try TestRedis.requireURL()
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(prefix: prefix)
+        defer { Task { try? await layer.flush(); await layer.close() } }
+        try await layer.send(Cases.response, to: "daphne.response.AbCdEfGhIj!KlMnOpQrSt")
+        let redis = try raw(url)
+        let list = try redis.command(["LRANGE", prefix + "daphne.response.AbCdEfGhIj!", "0", "-1"])
+        let bodyKey = try #require(list.array?.first?.text)
+        #expect(bodyKey.hasPrefix(prefix))
+        let hexPart = bodyKey.dropFirst(prefix.count)
+        #expect(hexPart.count == 32 && hexPart.allSatisfy { "0123456789abcdef".contains($0) })
+        let body = try #require(try redis.command(["GET", bodyKey]).bytes)
+        // The SPEC's example: the message, then __asgi_channel__ with the full name.
+        let expected = "84a6737461747573ccc8a76865616465727390a7636f6e74656e74c4026869ac6d6f72655f636f6e74656e74c2"
+        #expect(hex(body).hasPrefix("85" + expected.dropFirst(2)))
+        #expect(hex(body).hasSuffix("b0" + hex(Array("__asgi_channel__".utf8)) + "d925" + hex(Array("daphne.response.AbCdEfGhIj!KlMnOpQrSt".utf8))))
+        let ttl = try redis.command(["TTL", bodyKey]).integer ?? -1
+        #expect(ttl > 30 && ttl <= 60)
+        let listTTL = try redis.command(["TTL", prefix + "daphne.response.AbCdEfGhIj!"]).integer ?? -1
+        #expect(listTTL > 31 && listTTL <= 61)
+
+        try await layer.groupAdd("chat-lobby", channel: "daphne.response.X!y")
+        let members = try redis.command(["ZRANGE", prefix + ":group:chat-lobby", "0", "-1", "WITHSCORES"])
+        let pair = try #require(members.array)
+        #expect(pair.first?.text == "daphne.response.X!y")
+        let score = Double(pair.last?.text ?? "") ?? 0
+        #expect(abs(score - Date().timeIntervalSince1970) < 5)
+        let count = try redis.command(["GET", String(prefix.dropLast()) + "-meta:daphne.response.AbCdEfGhIj!:messages_count"])
+        #expect(count.text == "1")
+    }
+
+    @Test("received bodies are deleted: DBSIZE does not grow")
+    func bodiesDeleted() async throws {
+        // A database of its own, so parallel tests do not move DBSIZE.
+        let base = try TestRedis.requireURL()
+        let url = base.replacingOccurrences(of: #"/\d+$"#, with: "", options: .regularExpression) + "/7"
+        let layer = try layer(url: url)
+        let redis = try raw(url)
+        _ = try redis.command(["FLUSHDB"])
+        try await layer.send(["a": 1], to: "dbsize")
+        _ = try await layer.receive(channels: ["dbsize"])
+        let before = try redis.command(["DBSIZE"]).integer ?? -1
+        for i in 0..<50 {
+            try await layer.send(["i": .int(Int64(i))], to: "dbsize")
+            _ = try #require(try await layer.receive(channels: ["dbsize"], timeout: i % 2 == 0 ? .zero : .seconds(1)))
+        }
+        let after = try redis.command(["DBSIZE"]).integer ?? -2
+        #expect(after == before)
+        _ = try redis.command(["FLUSHDB"])
+        await layer.close()
+    }
+
+    @Test("a body that is not msgpack is counted and skipped; the receive goes on", arguments: [false, true])
+    func malformedBodies(blocking: Bool) async throws {
+        let url = try TestRedis.requireURL()
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(prefix: prefix)
+        let redis = try raw(url)
+        for (i, garbage) in [[0xc1], [0x92, 0x01], Array("not msgpack".utf8), [0x81, 0xa1]].enumerated() {
+            _ = try redis.command([Array("SET".utf8), Array("\(prefix)garbage\(i)".utf8), garbage.map { UInt8($0) }])
+            _ = try redis.command(["RPUSH", prefix + "mixed", "\(prefix)garbage\(i)"])
+        }
+        try await layer.send(["good": true], to: "mixed")
+        let got = try #require(try await layer.receive(channels: ["mixed"], timeout: blocking ? .seconds(5) : .zero))
+        #expect(got.message == ["good": true])
+        #expect(try await layer.globalStatistics().malformedMessagesDropped == 4)
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("an expired body is skipped and the next message returned")
+    func expiredBody() async throws {
+        let url = try TestRedis.requireURL()
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(prefix: prefix)
+        _ = try raw(url).command(["RPUSH", prefix + "exp", prefix + "gone-body"])
+        try await layer.send(["after": 1], to: "exp")
+        #expect(try await layer.receive(channels: ["exp"])?.message == ["after": 1])
+        _ = try raw(url).command(["RPUSH", prefix + "exp", prefix + "gone-body"])
+        try await layer.send(["after": 2], to: "exp")
+        #expect(try await layer.receive(channels: ["exp"], timeout: .seconds(1))?.message == ["after": 2])
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("flush removes only this layer's keys, with SCAN")
+    func flushIsScoped() async throws {
+        let url = try TestRedis.requireURL()
+        let mine = try layer()
+        let other = try layer()
+        try await mine.send(["a": 1], to: "scoped")
+        try await other.send(["a": 1], to: "scoped")
+        try await mine.flush()
+        #expect(try await mine.receive(channels: ["scoped"]) == nil)
+        #expect(try await other.receive(channels: ["scoped"]) != nil)
+        _ = url
+        try await other.flush()
+        await mine.close()
+        await other.close()
+    }
+
+    @Test("shard placement follows the SPEC vectors")
+    func shardingVectors() {
+        #expect(Sharding.crc32("http.request".utf8) & 0xfff == 2906)
+        #expect([2, 3, 5, 7].map { Sharding.shard("http.request", hostCount: $0) } == [1, 2, 3, 4])
+        #expect(Sharding.crc32("tgroup".utf8) & 0xfff == 3500)
+        #expect([2, 3, 5, 7].map { Sharding.shard("tgroup", hostCount: $0) } == [1, 2, 4, 5])
+        #expect(Sharding.crc32("daphne.response.AbCdEfGhIj!".utf8) & 0xfff == 682)
+        #expect([2, 3, 5, 7].map { Sharding.shard("daphne.response.AbCdEfGhIj!", hostCount: $0) } == [0, 0, 0, 1])
+    }
+
+    @Test("URLs: password, database, options")
+    func urls() throws {
+        let endpoint = try RedisEndpoint(url: "redis://:s%40cret@example:6380/3")
+        #expect(endpoint.host == "example" && endpoint.port == 6380 && endpoint.database == 3 && endpoint.password == "s@cret")
+        let configuration = try RedisChannelLayerConfiguration(urls: ["redis://h:1/0?expiry=5&capacity=7&capacity.http.*=9&prefix=x:"])
+        #expect(configuration.expiry == 5 && configuration.capacity == 7 && configuration.prefix == "x:")
+        #expect(configuration.channelCapacities.first?.0 == "http.*" && configuration.channelCapacities.first?.1 == 9)
+        #expect(throws: ChannelLayerError.self) { try RedisEndpoint(url: "http://x") }
+        #expect(throws: ChannelLayerError.self) { try RedisEndpoint(url: "redis://h:notaport") }
+        #expect(throws: ChannelLayerError.self) { try RedisChannelLayerConfiguration(urls: ["redis://h?bogus=1"]) }
+    }
+
+    @Test("a dead Redis gives connectionLost")
+    func deadRedis() async throws {
+        let (fd, port) = try RedisServer.boundPort()
+        defer { close(fd) }
+        let layer = try RedisChannelLayer(urls: ["redis://127.0.0.1:\(port)/0"])
+        await #expect { try await layer.send(["a": 1], to: "x") } throws: { ($0 as? ChannelLayerError)?.code == .connectionLost }
+        await #expect { try await layer.receive(channels: ["x"], timeout: .seconds(1)) } throws: {
+            ($0 as? ChannelLayerError)?.code == .connectionLost
+        }
+        await layer.close()
+    }
+
+    @Test("a Redis restart is survived: the call in flight fails, later calls reconnect, nothing leaks")
+    func restart() async throws {
+        let server = try await RedisServer.launch()
+        let layer = try RedisChannelLayer(urls: [server.url])
+        try await layer.send(["before": true], to: "restart")
+        #expect(try await layer.receive(channels: ["restart"])?.message == ["before": true])
+        // A receive blocked in BLPOP when the server goes away.
+        let blocked = Task { try await layer.receive(channels: ["restart-wait"], timeout: .seconds(20)) }
+        try await Task.sleep(for: .milliseconds(300))
+        await server.shutdown()
+        let failure = await blocked.result
+        switch failure {
+        case .failure(let error): #expect((error as? ChannelLayerError)?.code == .connectionLost)
+        case .success(let value): Issue.record("the blocked receive should fail, got \(String(describing: value))")
+        }
+        await #expect { try await layer.send(["down": true], to: "restart") } throws: {
+            ($0 as? ChannelLayerError)?.code == .connectionLost
+        }
+        try await server.restart()
+        let openedBefore = layer.connectionsOpened
+        try await layer.send(["after": true], to: "restart")
+        #expect(try await layer.receive(channels: ["restart"], timeout: .seconds(2))?.message == ["after": true])
+        try await layer.groupAdd("g", channel: "restart")
+        try await layer.sendGroup("g", message: ["group": true])
+        #expect(try await layer.receive(channels: ["restart"])?.message == ["group": true])
+        // Reconnecting took a handful of connections, not one per call.
+        for _ in 0..<50 {
+            try await layer.send(["n": 1], to: "restart")
+            _ = try await layer.receive(channels: ["restart"])
+        }
+        #expect(layer.connectionsOpened - openedBefore <= 4)
+        await layer.close()
+        await server.shutdown()
+    }
+
+    @Test("two Redis servers: ! and ? channels and groups go to their shard, plain channels anywhere")
+    func sharded() async throws {
+        let a = try await RedisServer.launch(), b = try await RedisServer.launch()
+        let layer = try RedisChannelLayer(urls: [a.url, b.url])
+        // "daphne.response.AbCdEfGhIj!" hashes to shard 0 of 2, "tgroup" to shard 1.
+        try await layer.send(["x": 1], to: "daphne.response.AbCdEfGhIj!abc")
+        #expect(try raw(a.url).command(["LLEN", "asgi:daphne.response.AbCdEfGhIj!"]).integer == 1)
+        #expect(try raw(b.url).command(["LLEN", "asgi:daphne.response.AbCdEfGhIj!"]).integer == 0)
+        #expect(try await layer.receive(channels: ["daphne.response.AbCdEfGhIj!"], timeout: .seconds(1))?.channel == "daphne.response.AbCdEfGhIj!abc")
+        try await layer.groupAdd("tgroup", channel: "daphne.response.AbCdEfGhIj!m1")
+        try await layer.groupAdd("tgroup", channel: "plain.member")
+        #expect(try raw(b.url).command(["ZCARD", "asgi::group:tgroup"]).integer == 2)
+        try await layer.sendGroup("tgroup", message: ["hello": "group"])
+        #expect(try await layer.receive(channels: ["daphne.response.AbCdEfGhIj!"], timeout: .seconds(1))?.channel == "daphne.response.AbCdEfGhIj!m1")
+        // Plain channels go round-robin; receives from every host find them all.
+        for i in 0..<6 { try await layer.send(["i": .int(Int64(i))], to: "plain.rr") }
+        #expect(try raw(a.url).command(["LLEN", "asgi:plain.rr"]).integer == 3)
+        #expect(try raw(b.url).command(["LLEN", "asgi:plain.rr"]).integer == 3)
+        var got = 0
+        while try await layer.receive(channels: ["plain.rr", "plain.member"], timeout: .milliseconds(1500)) != nil { got += 1 }
+        #expect(got == 7)
+        await layer.close()
+        await a.shutdown()
+        await b.shutdown()
+    }
+}

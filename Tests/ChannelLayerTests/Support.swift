@@ -1,0 +1,187 @@
+import ASGI
+import Foundation
+@testable import RedisChannelLayer
+import Testing
+
+/// The Redis of `scripts/test.sh`. Tests that need it fail (not skip) without it, saying why.
+enum TestRedis {
+    static var url: String? { ProcessInfo.processInfo.environment["REDIS_URL"] }
+
+    static func requireURL() throws -> String {
+        guard let url else {
+            Issue.record("REDIS_URL is not set: run scripts/test.sh, which starts a throwaway redis-server")
+            throw SkipReason.noRedis
+        }
+        return url
+    }
+
+    enum SkipReason: Error { case noRedis }
+
+    static func uniquePrefix() -> String { "t" + ChannelNames.randomLetters(8) + ":" }
+}
+
+enum LayerKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case memory, redis
+    var testDescription: String { rawValue }
+}
+
+/// A layer with the conformance capacity (5), on keys of its own
+/// so tests can run in parallel on one Redis. The expiry tests ask for expiry 1 s and group
+/// expiry 2 s; the others keep the defaults so that a slow moment of a loaded machine cannot expire their messages.
+func makeLayer(_ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpiry: Int = 86400, channelCapacities: [(String, Int)] = [],
+               maxMessageSize: Int? = nil) throws -> any ChannelLayer {
+    switch kind {
+    case .memory:
+        var configuration = InMemoryChannelLayer.Configuration(
+            expiry: .seconds(expiry), groupExpiry: .seconds(groupExpiry), capacity: capacity, channelCapacities: channelCapacities)
+        if let maxMessageSize { configuration.maxMessageSize = maxMessageSize }
+        return InMemoryChannelLayer(configuration: configuration)
+    case .redis:
+        var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
+        let prefix = TestRedis.uniquePrefix()
+        configuration.prefix = prefix
+        configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
+        configuration.expiry = expiry
+        configuration.groupExpiry = groupExpiry
+        configuration.capacity = capacity
+        configuration.channelCapacities = channelCapacities
+        if let maxMessageSize { configuration.maxMessageSize = maxMessageSize }
+        return try RedisChannelLayer(configuration: configuration)
+    }
+}
+
+func withLayer(_ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpiry: Int = 86400, channelCapacities: [(String, Int)] = [],
+               maxMessageSize: Int? = nil,
+               _ body: (any ChannelLayer) async throws -> Void) async throws {
+    let layer = try makeLayer(kind, capacity: capacity, expiry: expiry, groupExpiry: groupExpiry, channelCapacities: channelCapacities,
+                              maxMessageSize: maxMessageSize)
+    do {
+        try await body(layer)
+    } catch {
+        try? await layer.flush()
+        await layer.close()
+        throw error
+    }
+    try? await layer.flush()
+    await layer.close()
+}
+
+func isChannelFull(_ error: any Error) -> Bool {
+    (error as? ChannelLayerError)?.code == .channelFull
+}
+
+/// A redis-server of the test's own, on a free port, for restart and sharding tests.
+final class RedisServer: @unchecked Sendable {
+    let port: Int
+    private var pid: pid_t?
+
+    private init(port: Int) {
+        self.port = port
+    }
+
+    /// Starts a server; the waiting happens on a thread of its own, not the cooperative pool.
+    static func launch() async throws -> RedisServer {
+        let server = RedisServer(port: try freePort())
+        try await server.restart()
+        return server
+    }
+
+    func restart() async throws {
+        try await offPool { try self.start() }
+    }
+
+    func shutdown() async {
+        try? await offPool { self.stop() }
+    }
+
+    private func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
+        }
+    }
+
+    var url: String { "redis://127.0.0.1:\(port)/0" }
+
+    private func start() throws {
+        let arguments = [try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null"]
+        // posix_spawn and waitpid rather than Foundation's Process, whose waitUntilExit hangs
+        // off the main thread on Linux.
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        // The child must not inherit the signals this thread blocks, or SIGTERM never lands.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var emptyMask = sigset_t()
+        sigemptyset(&emptyMask)
+        posix_spawnattr_setsigmask(&attributes, &emptyMask)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
+        var child: pid_t = 0
+        let status = posix_spawn(&child, arguments[0], nil, &attributes, &argv, environ)
+        guard status == 0 else {
+            throw ChannelLayerError(.invalidConfiguration, "cannot start redis-server: error \(status)")
+        }
+        pid = child
+        try waitUntilReady()
+    }
+
+    private func stop() {
+        guard let pid else { return }
+        kill(pid, SIGTERM)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        self.pid = nil
+    }
+
+    deinit { stop() }
+
+    private func waitUntilReady() throws {
+        // Waiting for a child process to listen: each try is a connect, not a poll of state.
+        for _ in 0..<200 {
+            if let connection = try? HiredisConnection(endpoint: RedisEndpoint(port: port),
+                                                       connectTimeout: .seconds(1), commandTimeout: .seconds(1)),
+               (try? connection.command(["PING"])) == .status("PONG") {
+                return
+            }
+            usleep(20_000)
+        }
+        throw ChannelLayerError(.connectionLost, "redis-server on port \(port) did not start")
+    }
+
+    static func redisServerPath() throws -> String {
+        for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+        where FileManager.default.isExecutableFile(atPath: candidate) {
+            return candidate
+        }
+        throw ChannelLayerError(.invalidConfiguration, "redis-server is not installed: run scripts/test.sh")
+    }
+
+    static func freePort() throws -> Int {
+        let (fd, port) = try boundPort()
+        close(fd)
+        return port
+    }
+
+    /// A port bound but not listening: connections to it are refused, and no other test can
+    /// take it while the socket stays open. Close the descriptor when done.
+    static func boundPort() throws -> (Int32, Int) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer -> Int32 in
+                guard bind(fd, pointer, length) == 0 else { return -1 }
+                return getsockname(fd, pointer, &length)
+            }
+        }
+        guard bound == 0 else {
+            close(fd)
+            throw ChannelLayerError(.invalidConfiguration, "no free port")
+        }
+        return (fd, Int(UInt16(bigEndian: address.sin_port)))
+    }
+}

@@ -1,0 +1,120 @@
+"""The Python side of the interop tests: drives the real asgi_redis 1.4.3 from PyPI.
+
+Usage: asgi_redis_peer.py --hosts URL[,URL] [--prefix P] [--capacity N] COMMAND ARGS...
+Values are printed as tagged JSON so that str and bytes stay distinct on the way to Swift.
+"""
+import argparse
+import binascii
+import json
+import sys
+
+import msgpack
+from asgi_redis import RedisChannelLayer
+
+# Messages both sides know by name; the Swift tests build the same ones.
+CASES = {
+    "nested": {
+        "text": u"caf\u00e9 \u00a3",
+        "raw": b"\xc2\xa3\x01\x00\x03!",
+        "pound": u"\u00a3",
+        "count": 300,
+        "negative": -40,
+        "big": 2 ** 40,
+        "ratio": 1.5,
+        "yes": True,
+        "nothing": None,
+        "list": [b"bytes", u"str", [1, u"two", b"three"]],
+        "headers": [[b"host", b"example.com"], [b"x-dup", b"1"], [b"x-dup", b"2"]],
+        "map": {"inner": b"\x00\xff", "deeper": {"s": u"x"}},
+    },
+    "small": {"text": u"hello"},
+    "response": {"status": 200, "headers": [], "content": b"hi", "more_content": False},
+}
+
+
+def tag(value):
+    if value is None:
+        return {"n": None}
+    if isinstance(value, bool):
+        return {"t": value}
+    if isinstance(value, int):
+        return {"i": value}
+    if isinstance(value, float):
+        return {"d": value}
+    if isinstance(value, str):
+        return {"s": value}
+    if isinstance(value, bytes):
+        return {"b": binascii.hexlify(value).decode()}
+    if isinstance(value, (list, tuple)):
+        return {"a": [tag(v) for v in value]}
+    if isinstance(value, dict):
+        return {"m": {k: tag(v) for k, v in value.items()}}
+    raise TypeError(type(value))
+
+
+def emit(obj):
+    print(json.dumps(obj, sort_keys=True, separators=(",", ":")))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hosts", required=True)
+    parser.add_argument("--prefix", default="asgi:")
+    parser.add_argument("--capacity", type=int, default=100)
+    parser.add_argument("--expiry", type=int, default=60)
+    parser.add_argument("command")
+    parser.add_argument("args", nargs="*")
+    opts = parser.parse_args()
+    layer = RedisChannelLayer(
+        hosts=opts.hosts.split(","),
+        prefix=opts.prefix,
+        stats_prefix=opts.prefix.rstrip(":") + "-meta:",
+        capacity=opts.capacity,
+        expiry=opts.expiry,
+    )
+    cmd, args = opts.command, opts.args
+    if cmd == "pack":
+        print(binascii.hexlify(msgpack.packb(CASES[args[0]], use_bin_type=True)).decode())
+    elif cmd == "send":
+        try:
+            layer.send(args[1], dict(CASES[args[0]]))
+            emit("ok")
+        except layer.ChannelFull:
+            emit("full")
+    elif cmd == "fill":
+        sent = 0
+        try:
+            for _ in range(int(args[1])):
+                layer.send(args[0], dict(CASES["small"]))
+                sent += 1
+            emit({"sent": sent, "full": False})
+        except layer.ChannelFull:
+            emit({"sent": sent, "full": True})
+    elif cmd == "receive":
+        channels = args[0].split(",")
+        for _ in range(10):
+            channel, message = layer.receive(channels, block=True)
+            if channel is not None:
+                emit({"channel": channel, "message": tag(message)})
+                return
+        emit(None)
+    elif cmd == "new_channel":
+        emit(layer.new_channel(args[0]))
+    elif cmd == "group_add":
+        layer.group_add(args[0], args[1])
+        emit("ok")
+    elif cmd == "group_channels":
+        emit(sorted(layer.group_channels(args[0])))
+    elif cmd == "send_group":
+        layer.send_group(args[0], dict(CASES[args[1]]))
+        emit("ok")
+    elif cmd == "shard":
+        emit([layer.consistent_hash(name) for name in args])
+    elif cmd == "stats":
+        emit({"global": layer.global_statistics(), "channel": layer.channel_statistics(args[0])})
+    else:
+        sys.exit("unknown command %s" % cmd)
+
+
+if __name__ == "__main__":
+    main()
