@@ -1,0 +1,226 @@
+import ASGI
+import Foundation
+@testable import RedisChannelLayer
+import Testing
+
+/// The real asgi_redis 1.4.3 from PyPI (run by `Tests/interop/asgi_redis_peer.py` in the venv
+/// that scripts/test.sh builds) and our layer on one Redis.
+struct PythonPeer {
+    let hosts: [String]
+    let prefix: String
+    var capacity = 100
+
+    static func python() throws -> String {
+        guard let python = ProcessInfo.processInfo.environment["INTEROP_PYTHON"] else {
+            Issue.record("INTEROP_PYTHON is not set: run scripts/test.sh, which builds the asgi_redis 1.4.3 venv")
+            throw TestRedis.SkipReason.noRedis
+        }
+        return python
+    }
+
+    static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("interop/asgi_redis_peer.py").path
+
+    /// Runs one peer command and returns its JSON output.
+    func run(_ command: String, _ args: String...) async throws -> Any {
+        let arguments = [try Self.python(), Self.script, "--hosts", hosts.joined(separator: ","), "--prefix", prefix,
+                         "--capacity", String(capacity), command] + args
+        let (status, output) = try await runProgram(arguments)
+        try #require(status == 0, "peer \(command) failed with \(status): \(output)")
+        return try JSONSerialization.jsonObject(with: Data(output.utf8), options: [.fragmentsAllowed])
+    }
+
+    func layer() throws -> RedisChannelLayer {
+        var configuration = try RedisChannelLayerConfiguration(urls: hosts)
+        configuration.prefix = prefix
+        configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
+        configuration.capacity = capacity
+        return try RedisChannelLayer(configuration: configuration)
+    }
+}
+
+/// Reads the peer's tagged JSON back into a value.
+func untag(_ json: Any) throws -> ASGIValue {
+    let object = try #require(json as? [String: Any])
+    let (tag, payload) = try #require(object.first)
+    switch tag {
+    case "n": return .null
+    case "t": return .bool(try #require(payload as? NSNumber).boolValue)
+    case "i": return .int(try #require(payload as? NSNumber).int64Value)
+    case "d": return .double(try #require(payload as? NSNumber).doubleValue)
+    case "s": return .string(try #require(payload as? String))
+    case "b": return .bytes(unhex(try #require(payload as? String)))
+    case "a": return .array(try #require(payload as? [Any]).map(untag))
+    case "m":
+        var map = Message()
+        for (key, value) in try #require(payload as? [String: Any]).sorted(by: { $0.key < $1.key }) {
+            map[key] = try untag(value)
+        }
+        return .map(map.fields)
+    default: throw ChannelLayerError(.invalidMessage, "unknown tag \(tag)")
+    }
+}
+
+/// The same value with every map's keys sorted, so maps compare regardless of order.
+func normalized(_ value: ASGIValue) -> ASGIValue {
+    switch value {
+    case .array(let a): return .array(a.map(normalized))
+    case .map(let m):
+        var sorted = Message()
+        for key in m.keys.sorted() { sorted[key] = normalized(m[key]!) }
+        return .map(sorted.fields)
+    default: return value
+    }
+}
+
+func normalized(_ message: Message) -> ASGIValue { normalized(.map(message.fields)) }
+
+@Suite("interop with Python asgi_redis 1.4.3")
+struct InteropTests {
+    func peer(capacity: Int = 100) throws -> PythonPeer {
+        PythonPeer(hosts: [try TestRedis.requireURL()], prefix: TestRedis.uniquePrefix(), capacity: capacity)
+    }
+
+    /// Receives on the Python side and returns (channel, message).
+    func pythonReceive(_ peer: PythonPeer, _ channels: String) async throws -> (String, ASGIValue) {
+        let result = try #require(try await peer.run("receive", channels) as? [String: Any])
+        return (try #require(result["channel"] as? String), try untag(try #require(result["message"])))
+    }
+
+    @Test("msgpack bytes equal Python's for the shared cases")
+    func bytesEqual() async throws {
+        let peer = try peer()
+        for (name, message) in [("nested", Cases.nested), ("small", Cases.small), ("response", Cases.response)] {
+            let python = try #require(try await runProgram([try PythonPeer.python(), PythonPeer.script, "--hosts", peer.hosts[0], "pack", name]).output)
+            #expect(python.trimmingCharacters(in: .whitespacesAndNewlines) == hex(MsgPackEncoder.encode(message)), "\(name)")
+        }
+    }
+
+    @Test("Python sends, Swift receives; Swift sends, Python receives (plain channel, nested str/bytes)")
+    func plainChannels() async throws {
+        let peer = try peer()
+        let layer = try peer.layer()
+        #expect(try await peer.run("send", "nested", "interop.plain") as? String == "ok")
+        let got = try #require(try await layer.receive(channels: ["interop.plain"], timeout: .seconds(2)))
+        #expect(got.channel == "interop.plain")
+        #expect(got.message == Cases.nested, "same keys, same order, same types")
+
+        try await layer.send(Cases.nested, to: "interop.back")
+        let (channel, message) = try await pythonReceive(peer, "interop.back")
+        #expect(channel == "interop.back")
+        #expect(message == normalized(Cases.nested))
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("! channels: full names both ways")
+    func processChannels() async throws {
+        let peer = try peer()
+        let layer = try peer.layer()
+        #expect(try await peer.run("send", "response", "interop.reply!abc") as? String == "ok")
+        let got = try #require(try await layer.receive(channels: ["interop.reply!"], timeout: .seconds(2)))
+        #expect(got.channel == "interop.reply!abc")
+        #expect(got.message == Cases.response)
+        #expect(got.message[asgiChannelKey] == nil)
+
+        try await layer.send(Cases.small, to: "interop.daphne!XyZ")
+        let (channel, message) = try await pythonReceive(peer, "interop.daphne!")
+        #expect(channel == "interop.daphne!XyZ")
+        #expect(message == normalized(Cases.small))
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("! channels share one capacity across both implementations; ChannelFull on both sides")
+    func sharedCapacity() async throws {
+        let peer = try peer(capacity: 3)
+        let layer = try peer.layer()
+        try await layer.send(Cases.small, to: "interop.cap!a")
+        try await layer.send(Cases.small, to: "interop.cap!b")
+        #expect(try await peer.run("send", "small", "interop.cap!c") as? String == "ok")
+        #expect(try await peer.run("send", "small", "interop.cap!d") as? String == "full")
+        await #expect { try await layer.send(Cases.small, to: "interop.cap!e") } throws: { isChannelFull($0) }
+
+        // A plain channel filled by Python is full for Swift, and the reverse.
+        let filled = try #require(try await peer.run("fill", "interop.full", "10") as? [String: Any])
+        #expect(filled["sent"] as? Int == 3 && filled["full"] as? Bool == true)
+        await #expect { try await layer.send(Cases.small, to: "interop.full") } throws: { isChannelFull($0) }
+        for _ in 0..<3 { try await layer.send(Cases.small, to: "interop.full2") }
+        #expect(try await peer.run("send", "small", "interop.full2") as? String == "full")
+
+        // Both sides count into the same statistics keys.
+        let stats = try #require(try await peer.run("stats", "interop.full") as? [String: Any])
+        let channel = try #require(stats["channel"] as? [String: Any])
+        #expect(channel["messages_count"] as? Int == 3)
+        #expect(channel["channel_full_count"] as? Int == 2)
+        #expect(channel["messages_pending"] as? Int == 3)
+        let ours = try await layer.channelStatistics("interop.full")
+        #expect(ours.messagesCount == 3 && ours.channelFullCount == 2 && ours.messagesPending == 3)
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("? channels made on one side work from the other")
+    func singleReaderChannels() async throws {
+        let peer = try peer()
+        let layer = try peer.layer()
+        let ours = try await layer.newChannel("interop.q?")
+        #expect(try await peer.run("send", "small", ours) as? String == "ok")
+        let got = try #require(try await layer.receive(channels: [ours], timeout: .seconds(2)))
+        #expect(got.channel == ours && got.message == Cases.small)
+
+        let theirs = try #require(try await peer.run("new_channel", "interop.p?") as? String)
+        #expect(theirs.hasPrefix("interop.p?") && theirs.count == "interop.p?".count + 12)
+        try await layer.send(Cases.response, to: theirs)
+        let (channel, message) = try await pythonReceive(peer, theirs)
+        #expect(channel == theirs && message == normalized(Cases.response))
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("groups: added on one side, sent from the other")
+    func groups() async throws {
+        let peer = try peer()
+        let layer = try peer.layer()
+        #expect(try await peer.run("group_add", "interop-room", "interop.m1") as? String == "ok")
+        try await layer.groupAdd("interop-room", channel: "interop.m2!x")
+        #expect(Set(try await layer.groupChannels("interop-room")) == ["interop.m1", "interop.m2!x"])
+        #expect(try await peer.run("group_channels", "interop-room") as? [String] == ["interop.m1", "interop.m2!x"])
+
+        try await layer.sendGroup("interop-room", message: Cases.nested)
+        let (c1, m1) = try await pythonReceive(peer, "interop.m1")
+        let (c2, m2) = try await pythonReceive(peer, "interop.m2!")
+        #expect(c1 == "interop.m1" && m1 == normalized(Cases.nested))
+        #expect(c2 == "interop.m2!x" && m2 == normalized(Cases.nested))
+
+        #expect(try await peer.run("send_group", "interop-room", "small") as? String == "ok")
+        let g1 = try #require(try await layer.receive(channels: ["interop.m1"], timeout: .seconds(2)))
+        let g2 = try #require(try await layer.receive(channels: ["interop.m2!"], timeout: .seconds(2)))
+        #expect(g1.message == Cases.small && g2.channel == "interop.m2!x" && g2.message == Cases.small)
+        try await layer.flush()
+        await layer.close()
+    }
+
+    @Test("two Redis servers: both sides put channels and groups on the same shard")
+    func sharding() async throws {
+        let a = try await RedisServer.launch(), b = try await RedisServer.launch()
+        let peer = PythonPeer(hosts: [a.url, b.url], prefix: "asgi:")
+        let names = ["http.request", "tgroup", "daphne.response.AbCdEfGhIj!", "interop.s!", "chat-lobby", "x", "interop.q?abc"]
+        var pythonShards: [Int] = []
+        for name in names { pythonShards += try #require(try await peer.run("shard", name) as? [Int]) }
+        #expect(pythonShards == names.map { Sharding.shard($0, hostCount: 2) })
+
+        let layer = try peer.layer()
+        #expect(try await peer.run("send", "small", "interop.s!abc") as? String == "ok")
+        let got = try #require(try await layer.receive(channels: ["interop.s!"], timeout: .seconds(2)))
+        #expect(got.channel == "interop.s!abc")
+        #expect(try await peer.run("group_add", "tgroup", "interop.s!member") as? String == "ok")
+        #expect(try await layer.groupChannels("tgroup") == ["interop.s!member"])
+        try await layer.sendGroup("tgroup", message: Cases.small)
+        let (channel, _) = try await pythonReceive(peer, "interop.s!")
+        #expect(channel == "interop.s!member")
+        await layer.close()
+        await a.shutdown()
+        await b.shutdown()
+    }
+}

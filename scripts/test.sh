@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, starts a throwaway Redis on a free loopback
+# port, runs every test (Swift, interop with Python asgi_redis, end to end) and stops what it
+# started. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+log() { printf '==> %s\n' "$*"; }
+
+# --- 1. System packages -------------------------------------------------------------------
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+if ! pkg-config --exists hiredis 2>/dev/null; then missing+=(libhiredis-dev); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# --- 2. Python venv with the real asgi_redis 1.4.3 for the interop tests ------------------------
+VENV="$ROOT/.venv-interop"
+if ! "$VENV/bin/python" -c 'import asgi_redis, msgpack, redis' >/dev/null 2>&1; then
+  log "building $VENV (asgi_redis 1.4.3, msgpack-python 0.5.6, redis 2.10.6, asgiref 1.1.2)"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    'asgi_redis==1.4.3' 'msgpack-python==0.5.6' 'redis==2.10.6' 'asgiref==1.1.2' \
+    'websockets==12.0'
+fi
+export INTEROP_PYTHON="$VENV/bin/python"
+
+# --- 3. A throwaway Redis ---------------------------------------------------------------------
+RUN_DIR=$(mktemp -d)
+REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cleanup() {
+  if [ -f "$RUN_DIR/redis.pid" ]; then kill "$(cat "$RUN_DIR/redis.pid")" 2>/dev/null || true; fi
+  rm -rf "$RUN_DIR"
+}
+trap cleanup EXIT
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  --daemonize yes --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR"
+for _ in $(seq 1 100); do
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+log "redis-server on $REDIS_URL (pid $(cat "$RUN_DIR/redis.pid"))"
+
+# --- 4. Tests ---------------------------------------------------------------------------------
+log "building"
+swift build --build-tests
+log "swift test"
+swift test --skip-build 2>&1 | tee "$RUN_DIR/swift-test.log"
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ]; then
+  log "swift test failed ($status)"
+  exit "$status"
+fi
+if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
+  log "swift test ran no test"
+  exit 1
+fi
+log "all tests passed"
