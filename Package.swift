@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "ASGI", targets: ["ASGI"]),
         .library(name: "RedisChannelLayer", targets: ["RedisChannelLayer"]),
+        .library(name: "InterfaceServer", targets: ["InterfaceServer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
@@ -34,6 +35,17 @@ let package = Package(
                 "CHiredis",
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "InterfaceServer",
+            dependencies: [
+                "ASGI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

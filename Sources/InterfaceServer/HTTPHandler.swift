@@ -1,0 +1,242 @@
+import ASGI
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// One HTTP connection: each request becomes an `http.request` message; the replies on its
+/// reply channel become the response. NIO's pipelining handler feeds requests one at a time,
+/// so pipelined requests are answered in order.
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let server: ServerContext
+    private let upgrade: UpgradeState
+    private var head: HTTPRequestHead?
+    private var body: ByteBuffer?
+    private var bodyTooLarge = false
+    private var replyChannel: String?
+    private var responseStarted = false
+    private var responseBytes = 0
+    private var status = 0
+    private var started = NIODeadline.now()
+    private var timeout: Scheduled<Void>?
+    private var keepAlive = true
+
+    init(server: ServerContext, upgrade: UpgradeState) {
+        self.server = server
+        self.upgrade = upgrade
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+            body = nil
+            bodyTooLarge = false
+            started = .now()
+            keepAlive = head.isKeepAlive
+            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
+                bodyTooLarge = true
+            }
+        case .body(var chunk):
+            guard !bodyTooLarge else { return }
+            if (body?.readableBytes ?? 0) + chunk.readableBytes > server.configuration.maxBodySize {
+                bodyTooLarge = true
+                body = nil
+                return
+            }
+            if body == nil { body = chunk } else { body!.writeBuffer(&chunk) }
+        case .end:
+            guard let head else { return }
+            if upgrade.rejected {
+                upgrade.rejected = false
+                respondPlain(context: context, status: .forbidden, text: "WebSocket connection refused\n", close: true)
+            } else if bodyTooLarge {
+                respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
+            } else {
+                dispatch(context: context, head: head)
+            }
+        }
+    }
+
+    private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        let (path, query) = ASGIMessages.splitTarget(head.uri)
+        let reply = server.router.newReplyChannel()
+        replyChannel = reply
+        let (client, secure) = ASGIMessages.client(head: head, remote: context.channel.remoteAddress,
+                                                    proxyHeaders: server.configuration.proxyHeaders)
+        var bodyBytes: [UInt8] = body.map { Array($0.readableBytesView) } ?? []
+        var message: Message = [
+            "reply_channel": .string(reply),
+            "http_version": .string(ASGIMessages.version(head.version)),
+            "method": .string(head.method.rawValue.uppercased()),
+            "scheme": secure ? "https" : "http",
+            "path": .string(path),
+            "query_string": .bytes(query),
+            "root_path": .string(server.configuration.rootPath),
+            "headers": ASGIMessages.headers(head.headers),
+            "body": .bytes([]),
+            "client": client,
+            "server": ASGIMessages.address(context.channel.localAddress),
+        ]
+        var chunks: [[UInt8]] = []
+        let chunkSize = server.configuration.bodyChunkSize
+        if bodyBytes.count > chunkSize {
+            // The first chunk rides in the request; the rest go on a body channel.
+            message["body"] = .bytes(Array(bodyBytes[0..<chunkSize]))
+            var offset = chunkSize
+            while offset < bodyBytes.count {
+                chunks.append(Array(bodyBytes[offset..<min(offset + chunkSize, bodyBytes.count)]))
+                offset += chunkSize
+            }
+            message["body_channel"] = .string("http.request.body?" + ChannelNames.randomLetters(12))
+        } else {
+            message["body"] = .bytes(bodyBytes)
+        }
+        bodyBytes = []
+
+        let loop = context.eventLoop
+        let handler = NIOLoopBound(self, eventLoop: loop)
+        let boundContext = NIOLoopBound(context, eventLoop: loop)
+        server.router.register(reply) { response in
+            loop.execute { handler.value.handleReply(response, context: boundContext.value) }
+        }
+        timeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.httpTimeout.seconds * 1e9))) {
+            handler.value.timedOut(context: boundContext.value)
+        }
+        let layer = server.layer
+        let bodyChannel = message["body_channel"]?.stringValue
+        Task {
+            let result: Result<Void, any Error>
+            do {
+                try await layer.send(message, to: "http.request")
+                if let bodyChannel {
+                    for (i, chunk) in chunks.enumerated() {
+                        try await layer.send(["content": .bytes(chunk), "closed": false, "more_content": .bool(i < chunks.count - 1)],
+                                             to: bodyChannel)
+                    }
+                }
+                result = .success(())
+            } catch {
+                result = .failure(error)
+            }
+            if case .failure(let error) = result {
+                loop.execute { handler.value.sendFailed(error, context: boundContext.value) }
+            }
+        }
+    }
+
+    private func sendFailed(_ error: any Error, context: ChannelHandlerContext) {
+        guard !responseStarted, replyChannel != nil else { return }
+        let full = (error as? ChannelLayerError)?.code == .channelFull
+        server.logger.warning(full ? "http.request channel full" : "cannot send http.request", metadata: ["error": "\(error)"])
+        finishRequest()
+        respondPlain(context: context, status: .serviceUnavailable,
+                     text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
+    }
+
+    private func timedOut(context: ChannelHandlerContext) {
+        guard replyChannel != nil else { return }
+        if responseStarted {
+            finishRequest()
+            context.close(promise: nil)
+        } else {
+            finishRequest()
+            respondPlain(context: context, status: .serviceUnavailable, text: "Application timed out\n", close: false)
+        }
+    }
+
+    private func handleReply(_ reply: Message, context: ChannelHandlerContext) {
+        guard replyChannel != nil else { return }
+        let more = (try? reply.bool("more_content", default: false)) ?? false
+        let content = (try? reply.optionalBytes("content")) ?? nil
+        if !responseStarted {
+            guard let code = reply["status"]?.intValue, (100...999).contains(code) else {
+                server.logger.error("reply without a valid status; answering 500", metadata: ["reply": "\(reply)"])
+                finishRequest()
+                respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
+                return
+            }
+            var headers = ASGIMessages.responseHeaders(reply["headers"])
+            if !more, !headers.contains(name: "content-length") {
+                headers.replaceOrAdd(name: "content-length", value: String(content?.count ?? 0))
+            }
+            if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+            status = Int(code)
+            responseStarted = true
+            let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: Int(code)), headers: headers)
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+        }
+        if let content, !content.isEmpty {
+            responseBytes += content.count
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: nil)
+        }
+        if more {
+            context.flush()
+        } else {
+            finishRequest()
+            let close = !keepAlive
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+                if close { channel.close(promise: nil) }
+            }
+        }
+    }
+
+    /// Forgets the request in flight and writes its access-log line.
+    private func finishRequest() {
+        if let replyChannel { server.router.unregister(replyChannel) }
+        replyChannel = nil
+        timeout?.cancel()
+        timeout = nil
+        if let head {
+            let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+            server.accessLog?.http(client: "client", method: head.method.rawValue, path: head.uri,
+                                   status: status, size: responseBytes, seconds: elapsed)
+        }
+        responseStarted = false
+        responseBytes = 0
+        status = 0
+    }
+
+    private func respondPlain(context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool) {
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        headers.add(name: "content-length", value: String(text.utf8.count))
+        let shouldClose = close || !keepAlive
+        if shouldClose { headers.add(name: "connection", value: "close") }
+        self.status = Int(status.code)
+        let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: status, headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            if shouldClose { channel.close(promise: nil) }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let replyChannel, let head {
+            // The client left before its response finished.
+            let path = ASGIMessages.splitTarget(head.uri).path
+            server.send(["reply_channel": .string(replyChannel), "path": .string(path)], to: "http.disconnect",
+                        on: context.eventLoop) { _ in }
+            server.router.unregister(replyChannel)
+            self.replyChannel = nil
+            timeout?.cancel()
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        server.logger.debug("HTTP connection error", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+}
+
+/// Per-connection flag set when the application refused a WebSocket upgrade, so the HTTP
+/// handler that then sees the request answers 403 instead of routing it.
+final class UpgradeState {
+    var rejected = false
+}

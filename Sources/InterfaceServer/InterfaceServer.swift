@@ -1,0 +1,134 @@
+import ASGI
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+import Synchronization
+
+/// The interface server (the Daphne role): speaks HTTP/1.1 and WebSocket to clients and
+/// ASGI 1.0 messages to the channel layer. It runs no application code.
+public final class InterfaceServer: Sendable {
+    public let configuration: ServerConfiguration
+    private let context: ServerContext
+    private let group: MultiThreadedEventLoopGroup
+    private let serverChannel = Mutex<(any Channel)?>(nil)
+    private let readerTask = Mutex<Task<Void, Never>?>(nil)
+    private let openConnections = ConnectionTable()
+
+    public init(layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
+                logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil) {
+        self.configuration = configuration
+        let router = ReplyRouter(layer: layer, prefix: configuration.replyChannelPrefix, logger: logger)
+        self.context = ServerContext(layer: layer, router: router, configuration: configuration, logger: logger,
+                                     accessLog: accessLogPath.map(AccessLog.init(path:)))
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+    }
+
+    /// The process channel every reply of this server goes through.
+    public var processChannel: String { context.router.processChannel }
+
+    /// The address the server listens on, once started.
+    public var localAddress: SocketAddress? { serverChannel.withLock { $0?.localAddress } }
+
+    /// Binds and starts serving; returns once listening.
+    public func start() async throws {
+        let context = self.context
+        let configuration = self.configuration
+        let connections = self.openConnections
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelInitializer { channel in
+                let id = ObjectIdentifier(channel)
+                connections.add(id, channel)
+                channel.closeFuture.whenComplete { _ in connections.remove(id) }
+                return Self.configure(channel: channel, context: context, configuration: configuration)
+            }
+        let channel: any Channel
+        if let path = configuration.unixSocketPath {
+            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        } else {
+            channel = try await bootstrap.bind(host: configuration.host, port: configuration.port).get()
+        }
+        serverChannel.withLock { $0 = channel }
+        let router = context.router
+        readerTask.withLock { $0 = Task { await router.run() } }
+        context.logger.info("interface server listening", metadata: [
+            "address": "\(channel.localAddress.map { "\($0)" } ?? "?")", "reply_channel": "\(router.processChannel)",
+        ])
+    }
+
+    private static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
+        let upgrade = UpgradeState()
+        let loop = channel.eventLoop
+        let boundUpgrade = NIOLoopBound(upgrade, eventLoop: loop)
+        let sessionBox = NIOLoopBoundBox<WebSocketSession?>(nil, eventLoop: loop)
+        let upgrader = NIOWebSocketServerUpgrader(
+            maxFrameSize: configuration.maxWebSocketMessageSize,
+            automaticErrorHandling: true,
+            shouldUpgrade: { channel, head in
+                let promise = channel.eventLoop.makePromise(of: HTTPHeaders?.self)
+                if context.shuttingDown.load(ordering: .relaxed) {
+                    promise.succeed(nil)
+                    boundUpgrade.value.rejected = true
+                    return promise.futureResult
+                }
+                let session = WebSocketSession(server: context, channel: channel, head: head,
+                                               upgrade: boundUpgrade.value, promise: promise)
+                sessionBox.value = session
+                session.start(head: head)
+                return promise.futureResult
+            },
+            upgradePipelineHandler: { channel, _ in
+                guard let session = sessionBox.value else { return channel.close() }
+                return channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(NIOWebSocketFrameAggregator(
+                        minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1024,
+                        maxAccumulatedFrameSize: configuration.maxWebSocketMessageSize))
+                    try sync.addHandler(WebSocketFrameHandler(session: session))
+                }
+            })
+        return channel.eventLoop.makeCompletedFuture {
+            let sync = channel.pipeline.syncOperations
+            try sync.configureHTTPServerPipeline(
+                withPipeliningAssistance: true,
+                withServerUpgrade: (upgraders: [upgrader], completionHandler: { _ in }),
+                withErrorHandling: true)
+            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade))
+        }
+    }
+
+    /// Stops accepting, closes WebSockets with 1001 (telling the application), lets HTTP
+    /// responses in flight finish for up to `shutdownGrace`, then stops.
+    public func shutdown() async {
+        context.shuttingDown.store(true, ordering: .relaxed)
+        if let channel = serverChannel.withLock({ $0 }) {
+            try? await channel.close()
+        }
+        context.closeAllSockets(code: 1001)
+        let deadline = ContinuousClock.now + configuration.shutdownGrace
+        // Waiting for responses in flight: each pass sleeps on a timer; bounded by the grace.
+        while context.router.activeCount > 0 && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        // Give the disconnect messages a moment to reach the layer.
+        try? await Task.sleep(for: .milliseconds(100))
+        let channels = openConnections.all()
+        for channel in channels { try? await channel.close() }
+        readerTask.withLock { $0?.cancel() }
+        try? await group.shutdownGracefully()
+        context.logger.info("interface server stopped")
+    }
+}
+
+/// The open client connections, so a shutdown can close what is left.
+final class ConnectionTable: Sendable {
+    private let channels = Mutex<[ObjectIdentifier: any Channel]>([:])
+    func add(_ id: ObjectIdentifier, _ channel: any Channel) { channels.withLock { $0[id] = channel } }
+    func remove(_ id: ObjectIdentifier) { _ = channels.withLock { $0.removeValue(forKey: id) } }
+    func all() -> [any Channel] { channels.withLock { Array($0.values) } }
+}

@@ -1,0 +1,63 @@
+import ASGI
+import Logging
+import Synchronization
+
+/// The one reader of this process's reply channel: takes every `<process>!<conn>` message and
+/// hands it to the connection that registered that name. Nothing per connection waits on the
+/// layer; a message for a name nobody holds (the client left) is dropped and counted.
+final class ReplyRouter: Sendable {
+    let processChannel: String
+    private let layer: any ChannelLayer
+    private let logger: Logger
+    private let handlers = Mutex<[String: @Sendable (Message) -> Void]>([:])
+    private let unroutable = Atomic<Int>(0)
+
+    init(layer: any ChannelLayer, prefix: String, logger: Logger) {
+        self.layer = layer
+        self.logger = logger
+        self.processChannel = prefix + "." + ChannelNames.randomLetters(10) + "!"
+    }
+
+    /// A fresh reply channel name under this process's channel.
+    func newReplyChannel() -> String { processChannel + ChannelNames.randomLetters(12) }
+
+    func register(_ channel: String, _ handler: @escaping @Sendable (Message) -> Void) {
+        handlers.withLock { $0[channel] = handler }
+    }
+
+    func unregister(_ channel: String) {
+        _ = handlers.withLock { $0.removeValue(forKey: channel) }
+    }
+
+    var activeCount: Int { handlers.withLock { $0.count } }
+    var unroutableCount: Int { unroutable.load(ordering: .relaxed) }
+
+    /// Reads until cancelled. A failing layer (Redis down) is retried after a pause, so the
+    /// server keeps answering (with 503s) and resumes when the layer is back.
+    func run() async {
+        var failures = 0
+        while !Task.isCancelled {
+            do {
+                guard let received = try await layer.receive(channels: [processChannel], timeout: .seconds(5)) else {
+                    continue
+                }
+                failures = 0
+                let handler = handlers.withLock { $0[received.channel] }
+                if let handler {
+                    handler(received.message)
+                } else {
+                    unroutable.add(1, ordering: .relaxed)
+                    logger.debug("reply for a connection that is gone", metadata: ["channel": "\(received.channel)"])
+                }
+            } catch {
+                if Task.isCancelled { break }
+                failures += 1
+                if failures == 1 || failures % 30 == 0 {
+                    logger.error("reply channel receive failed", metadata: ["error": "\(error)"])
+                }
+                // Back off while the layer is down; this waits on a timer, it does not poll a queue.
+                try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
+            }
+        }
+    }
+}

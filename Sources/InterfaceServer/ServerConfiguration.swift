@@ -1,0 +1,77 @@
+/// Settings of the interface server; every field has the default `runserver` uses.
+public struct ServerConfiguration: Sendable {
+    public var host: String
+    public var port: Int
+    /// Listen on a Unix domain socket instead of host and port.
+    public var unixSocketPath: String?
+    /// Prefix of this process's reply channel: `<prefix>.<10 letters>!`.
+    public var replyChannelPrefix: String
+    /// No reply to an HTTP request within this time: 503.
+    public var httpTimeout: Duration
+    /// No answer to a WebSocket connect within this time: rejected.
+    public var websocketConnectTimeout: Duration
+    /// Maximum life of a WebSocket; nil for no limit.
+    public var websocketTimeout: Duration?
+    /// Server-initiated ping interval on WebSockets; nil for none.
+    public var pingInterval: Duration?
+    /// A ping unanswered for this long closes the socket.
+    public var pingTimeout: Duration
+    /// Largest request body; past it the answer is 413.
+    public var maxBodySize: Int
+    /// Bodies larger than this are sent in chunks on a `body_channel`.
+    public var bodyChunkSize: Int
+    /// Largest WebSocket frame and reassembled message (1009 past it).
+    public var maxWebSocketMessageSize: Int
+    /// Largest request head (request line plus headers).
+    public var maxHeaderSize: Int
+    /// `Origin` values a WebSocket may come from; empty means any.
+    public var allowedOrigins: [String]
+    /// Value of `root_path` in messages.
+    public var rootPath: String
+    /// Trust `X-Forwarded-For` / `X-Forwarded-Proto` for client address and scheme.
+    public var proxyHeaders: Bool
+    /// Subprotocols offered back to WebSocket clients that ask for them.
+    public var websocketProtocols: [String]
+    /// How long a graceful shutdown waits for responses in flight.
+    public var shutdownGrace: Duration
+
+    public init(
+        host: String = "127.0.0.1",
+        port: Int = 8000,
+        unixSocketPath: String? = nil,
+        replyChannelPrefix: String = "swift.response",
+        httpTimeout: Duration = .seconds(60),
+        websocketConnectTimeout: Duration = .seconds(5),
+        websocketTimeout: Duration? = nil,
+        pingInterval: Duration? = .seconds(20),
+        pingTimeout: Duration = .seconds(30),
+        maxBodySize: Int = 16 * 1024 * 1024,
+        bodyChunkSize: Int = 1024 * 1024,
+        maxWebSocketMessageSize: Int = 1024 * 1024,
+        maxHeaderSize: Int = 64 * 1024,
+        allowedOrigins: [String] = [],
+        rootPath: String = "",
+        proxyHeaders: Bool = false,
+        websocketProtocols: [String] = [],
+        shutdownGrace: Duration = .seconds(10)
+    ) {
+        self.host = host
+        self.port = port
+        self.unixSocketPath = unixSocketPath
+        self.replyChannelPrefix = replyChannelPrefix
+        self.httpTimeout = httpTimeout
+        self.websocketConnectTimeout = websocketConnectTimeout
+        self.websocketTimeout = websocketTimeout
+        self.pingInterval = pingInterval
+        self.pingTimeout = pingTimeout
+        self.maxBodySize = maxBodySize
+        self.bodyChunkSize = bodyChunkSize
+        self.maxWebSocketMessageSize = maxWebSocketMessageSize
+        self.maxHeaderSize = maxHeaderSize
+        self.allowedOrigins = allowedOrigins
+        self.rootPath = rootPath
+        self.proxyHeaders = proxyHeaders
+        self.websocketProtocols = websocketProtocols
+        self.shutdownGrace = shutdownGrace
+    }
+}

@@ -1,0 +1,313 @@
+import ASGI
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOWebSocket
+
+/// One WebSocket, from the held-open upgrade to the disconnect. Lives on its channel's
+/// event loop. Replies that arrive before the upgrade completes are kept and written after.
+final class WebSocketSession {
+    enum State {
+        case connecting(EventLoopPromise<HTTPHeaders?>)
+        case open
+        case closed
+    }
+
+    let server: ServerContext
+    let replyChannel: String
+    let path: String
+    let client: String
+    let channel: any Channel
+    private var state: State
+    private var order: Int64 = 0
+    private var pending: [Message] = []
+    private var context: ChannelHandlerContext?
+    private var disconnectSent = false
+    private var connectTimeout: Scheduled<Void>?
+    private var lifetime: Scheduled<Void>?
+    private var pingTask: RepeatedTask?
+    private var awaitingPong = false
+    private var lastPong = NIODeadline.now()
+    let upgrade: UpgradeState
+
+    init(server: ServerContext, channel: any Channel, head: HTTPRequestHead, upgrade: UpgradeState,
+         promise: EventLoopPromise<HTTPHeaders?>) {
+        self.server = server
+        self.channel = channel
+        self.upgrade = upgrade
+        self.replyChannel = server.router.newReplyChannel()
+        self.path = ASGIMessages.splitTarget(head.uri).path
+        self.client = channel.remoteAddress?.description ?? "-"
+        self.state = .connecting(promise)
+    }
+
+    /// Sends `websocket.connect` and waits for the application's answer.
+    func start(head: HTTPRequestHead) {
+        let loop = channel.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        if !server.configuration.allowedOrigins.isEmpty {
+            let origin = head.headers.first(name: "origin") ?? ""
+            if !server.configuration.allowedOrigins.contains(origin) {
+                server.logger.info("WebSocket origin refused", metadata: ["origin": "\(origin)"])
+                reject(reason: "origin")
+                return
+            }
+        }
+        server.router.register(replyChannel) { reply in
+            loop.execute { bound.value.handleReply(reply) }
+        }
+        connectTimeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.websocketConnectTimeout.seconds * 1e9))) {
+            bound.value.reject(reason: "timeout")
+        }
+        let (path, query) = ASGIMessages.splitTarget(head.uri)
+        let (clientAddress, secure) = ASGIMessages.client(head: head, remote: channel.remoteAddress,
+                                                           proxyHeaders: server.configuration.proxyHeaders)
+        let message: Message = [
+            "reply_channel": .string(replyChannel),
+            "scheme": secure ? "wss" : "ws",
+            "path": .string(path),
+            "query_string": .bytes(query),
+            "root_path": .string(server.configuration.rootPath),
+            "headers": ASGIMessages.headers(head.headers),
+            "client": clientAddress,
+            "server": ASGIMessages.address(channel.localAddress),
+            "order": 0,
+        ]
+        server.send(message, to: "websocket.connect", on: loop) { result in
+            if case .failure(let error) = result {
+                bound.value.server.logger.warning("cannot send websocket.connect", metadata: ["error": "\(error)"])
+                bound.value.reject(reason: "unavailable", status: 503)
+            }
+        }
+    }
+
+    private func reject(reason: String, status: Int = 403) {
+        guard case .connecting(let promise) = state else { return }
+        state = .closed
+        connectTimeout?.cancel()
+        server.router.unregister(replyChannel)
+        upgrade.rejected = true
+        server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: reason)
+        promise.succeed(nil)
+    }
+
+    private func accept() {
+        guard case .connecting(let promise) = state else { return }
+        state = .open
+        connectTimeout?.cancel()
+        server.accessLog?.websocket(client: client, event: "CONNECT", path: path)
+        var headers = HTTPHeaders()
+        if !server.configuration.websocketProtocols.isEmpty { headers.add(name: "sec-websocket-protocol", value: server.configuration.websocketProtocols[0]) }
+        promise.succeed(headers)
+    }
+
+    /// Called by the frame handler once the upgrade is done.
+    func attached(context: ChannelHandlerContext) {
+        self.context = context
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        server.trackSocket(ObjectIdentifier(self)) { code in
+            bound.eventLoop.execute { bound.value.close(code: code) }
+        }
+        if let life = server.configuration.websocketTimeout {
+            lifetime = context.eventLoop.scheduleTask(in: .nanoseconds(Int64(life.seconds * 1e9))) {
+                bound.value.close(code: 1000)
+            }
+        }
+        if let interval = server.configuration.pingInterval {
+            let nanos = Int64(interval.seconds * 1e9)
+            pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(nanos), delay: .nanoseconds(nanos)) { _ in
+                bound.value.ping()
+            }
+        }
+        let queued = pending
+        pending = []
+        for reply in queued { handleReply(reply) }
+    }
+
+    private func ping() {
+        guard let context, case .open = state else { return }
+        if awaitingPong, NIODeadline.now() - lastPong > .nanoseconds(Int64(server.configuration.pingTimeout.seconds * 1e9)) {
+            close(code: 1011)
+            return
+        }
+        awaitingPong = true
+        let frame = WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(capacity: 0))
+        context.writeAndFlush(NIOAny(frame), promise: nil)
+    }
+
+    func pongReceived() {
+        awaitingPong = false
+        lastPong = .now()
+    }
+
+    func handleReply(_ reply: Message) {
+        for key in reply.keys where !["accept", "text", "bytes", "close"].contains(key) {
+            server.logger.warning("ignored unknown key in a WebSocket reply", metadata: ["key": "\(key)"])
+        }
+        let hasData = reply["text"]?.stringValue != nil || reply["bytes"]?.bytesValue != nil
+        let closeCode = closeCode(reply["close"])
+        switch state {
+        case .connecting:
+            if reply["accept"]?.boolValue == false {
+                reject(reason: "denied")
+            } else if reply["accept"]?.boolValue == true || hasData {
+                pending.append(reply)
+                accept()
+            } else if closeCode != nil {
+                reject(reason: "closed")
+            } else {
+                server.logger.warning("ignored a WebSocket reply before accept", metadata: ["reply": "\(reply)"])
+            }
+        case .open:
+            guard let context else {
+                pending.append(reply)
+                return
+            }
+            if let text = reply["text"]?.stringValue {
+                let frame = WebSocketFrame(fin: true, opcode: .text, data: context.channel.allocator.buffer(string: text))
+                context.write(NIOAny(frame), promise: nil)
+            } else if let bytes = reply["bytes"]?.bytesValue {
+                let frame = WebSocketFrame(fin: true, opcode: .binary, data: context.channel.allocator.buffer(bytes: bytes))
+                context.write(NIOAny(frame), promise: nil)
+            }
+            context.flush()
+            if let closeCode { close(code: closeCode) }
+        case .closed:
+            break
+        }
+    }
+
+    private func closeCode(_ value: ASGIValue?) -> UInt16? {
+        switch value {
+        case .bool(true)?: 1000
+        case .int(let code)? where (1000...4999).contains(code): UInt16(code)
+        default: nil
+        }
+    }
+
+    /// A message frame from the client.
+    func received(text: String?, bytes: [UInt8]?) {
+        guard case .open = state else { return }
+        order += 1
+        var message: Message = ["reply_channel": .string(replyChannel), "path": .string(path), "order": .int(order)]
+        if let text { message["text"] = .string(text) } else { message["bytes"] = .bytes(bytes ?? []) }
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        server.send(message, to: "websocket.receive", on: channel.eventLoop) { result in
+            if case .failure(let error) = result {
+                let full = (error as? ChannelLayerError)?.code == .channelFull
+                bound.value.server.logger.warning("cannot send websocket.receive", metadata: ["error": "\(error)"])
+                bound.value.close(code: full ? 1013 : 1011)
+            }
+        }
+    }
+
+    /// Closes from our side with `code`, and tells the application.
+    func close(code: UInt16) {
+        switch state {
+        case .connecting:
+            reject(reason: "shutdown")
+            return
+        case .closed:
+            return
+        case .open:
+            state = .closed
+        }
+        if let context {
+            var data = context.channel.allocator.buffer(capacity: 2)
+            data.writeInteger(code)
+            let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
+            let channel = context.channel
+            context.writeAndFlush(NIOAny(frame)).whenComplete { _ in channel.close(promise: nil) }
+        }
+        sendDisconnect(code: Int64(code))
+    }
+
+    /// The client closed (with a close frame) or the connection dropped (1006).
+    func clientClosed(code: UInt16) {
+        if case .open = state {
+            state = .closed
+        }
+        sendDisconnect(code: Int64(code))
+    }
+
+    private func sendDisconnect(code: Int64) {
+        guard !disconnectSent else { return }
+        disconnectSent = true
+        pingTask?.cancel()
+        lifetime?.cancel()
+        server.untrackSocket(ObjectIdentifier(self))
+        server.router.unregister(replyChannel)
+        order += 1
+        server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
+        server.send(["reply_channel": .string(replyChannel), "code": .int(code), "path": .string(path), "order": .int(order)],
+                    to: "websocket.disconnect", on: channel.eventLoop) { _ in }
+    }
+}
+
+/// Frames of an upgraded connection, after the aggregator has joined fragments.
+final class WebSocketFrameHandler: ChannelInboundHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+
+    private let session: WebSocketSession
+
+    init(session: WebSocketSession) {
+        self.session = session
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        session.attached(context: context)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.opcode {
+        case .text:
+            var payload = frame.unmaskedData
+            let text = payload.readString(length: payload.readableBytes) ?? ""
+            guard String(validating: Array(frame.unmaskedData.readableBytesView), as: UTF8.self) != nil else {
+                session.close(code: 1007)
+                return
+            }
+            session.received(text: text, bytes: nil)
+        case .binary:
+            session.received(text: nil, bytes: Array(frame.unmaskedData.readableBytesView))
+        case .ping:
+            let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
+            context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
+        case .pong:
+            session.pongReceived()
+        case .connectionClose:
+            var data = frame.unmaskedData
+            let code = data.readInteger(as: UInt16.self) ?? 1005
+            session.clientClosed(code: code)
+            var echo = context.channel.allocator.buffer(capacity: 2)
+            echo.writeInteger(code == 1005 ? 1000 : code)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: echo)))
+                .whenComplete { _ in channel.close(promise: nil) }
+        default:
+            break
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        session.clientClosed(code: 1006)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Oversize frames and protocol errors: NIO has already sent the close code (1009, 1002).
+        if let wsError = error as? NIOWebSocketError {
+            let code: UInt16 = switch wsError {
+            case .invalidFrameLength: 1009
+            default: 1002
+            }
+            session.clientClosed(code: code)
+            context.close(promise: nil)
+        } else {
+            // The aggregator refused a message over the size limit.
+            session.close(code: 1009)
+        }
+    }
+}
