@@ -8,11 +8,15 @@ let package = Package(
         .library(name: "ASGI", targets: ["ASGI"]),
         .library(name: "RedisChannelLayer", targets: ["RedisChannelLayer"]),
         .library(name: "InterfaceServer", targets: ["InterfaceServer"]),
+        .library(name: "Channels", targets: ["Channels"]),
+        .library(name: "ChannelsCommand", targets: ["ChannelsCommand"]),
+        .executable(name: "chat", targets: ["ChatExample"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
     ],
     targets: [
         .systemLibrary(
@@ -49,6 +53,23 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .target(
+            name: "Channels",
+            dependencies: ["ASGI", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
+            name: "ChannelsCommand",
+            dependencies: [
+                "ASGI", "Channels", "InterfaceServer", "RedisChannelLayer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "ChatExample",
+            dependencies: ["ASGI", "Channels", "ChannelsCommand"]
+        ),
+        .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels"]),
         .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
     ],
     swiftLanguageModes: [.v6]

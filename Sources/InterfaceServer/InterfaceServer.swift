@@ -96,9 +96,12 @@ public final class InterfaceServer: Sendable {
             let sync = channel.pipeline.syncOperations
             try sync.configureHTTPServerPipeline(
                 withPipeliningAssistance: true,
-                withServerUpgrade: (upgraders: [upgrader], completionHandler: { _ in }),
+                withServerUpgrade: (upgraders: [upgrader], completionHandler: { upgraded in
+                    // The WebSocket handlers take over; the HTTP side must not see frames.
+                    upgraded.pipeline.removeHandler(name: "asgi-http", promise: nil)
+                }),
                 withErrorHandling: true)
-            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade))
+            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade), name: "asgi-http")
         }
     }
 

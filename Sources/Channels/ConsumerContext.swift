@@ -1,0 +1,137 @@
+import ASGI
+import Logging
+import Synchronization
+
+/// Everything a consumer gets for one message: the message, where it came from, the route's
+/// arguments, and a way to send. Sends are buffered and go out, in order, when the consumer
+/// returns (or throws), unless sent `immediately`.
+public final class ConsumerContext: Sendable {
+    public let message: Message
+    /// The channel the message arrived on (its full name for `!` channels).
+    public let channel: String
+    /// Arguments captured by the route's named groups.
+    public let kwargs: [String: String]
+    public let layer: any ChannelLayer
+    public let logger: Logger
+    private let outbox = Mutex<[(channel: String?, group: String?, message: Message)]>([])
+
+    public init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger) {
+        self.message = message
+        self.channel = channel
+        self.kwargs = kwargs
+        self.layer = layer
+        self.logger = logger
+    }
+
+    /// The message's `reply_channel`, if it has one.
+    public var replyChannel: Channel? {
+        message["reply_channel"]?.stringValue.map { Channel($0) }
+    }
+
+    /// The path of an HTTP or WebSocket message.
+    public var path: String { message["path"]?.stringValue ?? "" }
+
+    /// Sends on the reply channel; throws if the message has none.
+    public func reply(_ message: Message, immediately: Bool = false) async throws {
+        guard let reply = replyChannel else {
+            throw ChannelLayerError(.invalidMessage, "a message on '\(channel)' has no reply_channel to answer")
+        }
+        try await send(message, to: reply.name, immediately: immediately)
+    }
+
+    public func send(_ message: Message, to channel: String, immediately: Bool = false) async throws {
+        if immediately {
+            try await layer.send(message, to: channel)
+        } else {
+            try ChannelNames.validateChannel(channel)
+            outbox.withLock { $0.append((channel, nil, message)) }
+        }
+    }
+
+    public func sendGroup(_ group: String, _ message: Message, immediately: Bool = false) async throws {
+        if immediately {
+            try await layer.sendGroup(group, message: message)
+        } else {
+            try ChannelNames.validateGroup(group)
+            outbox.withLock { $0.append((nil, group, message)) }
+        }
+    }
+
+    /// Sends what the consumer buffered, in order. A full channel is logged, not fatal: the
+    /// other sends still go out.
+    func flush() async {
+        let pending = outbox.withLock { outbox -> [(channel: String?, group: String?, message: Message)] in
+            defer { outbox.removeAll() }
+            return outbox
+        }
+        for item in pending {
+            do {
+                if let channel = item.channel {
+                    try await layer.send(item.message, to: channel)
+                } else if let group = item.group {
+                    try await layer.sendGroup(group, message: item.message)
+                }
+            } catch {
+                logger.warning("a buffered send failed", metadata: [
+                    "to": "\(item.channel ?? "group:" + (item.group ?? ""))", "error": "\(error)",
+                ])
+            }
+        }
+    }
+
+    @TaskLocal static var current: ConsumerContext?
+}
+
+/// A channel by name, as in Channels: `Channel("chat-messages").send([...])`. Inside a consumer
+/// the send is buffered with the consumer's other sends.
+public struct Channel: Sendable, Hashable {
+    public let name: String
+
+    public init(_ name: String) { self.name = name }
+
+    public func send(_ message: Message, immediately: Bool = false) async throws {
+        guard let context = ConsumerContext.current else {
+            throw ChannelLayerError(.invalidConfiguration, "Channel.send outside a consumer needs a layer: use send(_:on:)")
+        }
+        try await context.send(message, to: name, immediately: immediately)
+    }
+
+    /// Sends directly on a layer, outside any consumer.
+    public func send(_ message: Message, on layer: any ChannelLayer) async throws {
+        try await layer.send(message, to: name)
+    }
+}
+
+/// A group by name: `Group("chat-lobby").add(context.replyChannel!)`.
+public struct Group: Sendable, Hashable {
+    public let name: String
+
+    public init(_ name: String) { self.name = name }
+
+    private func context() throws -> ConsumerContext {
+        guard let context = ConsumerContext.current else {
+            throw ChannelLayerError(.invalidConfiguration, "Group operations need a consumer context")
+        }
+        return context
+    }
+
+    public func add(_ channel: Channel) async throws {
+        try await context().layer.groupAdd(name, channel: channel.name)
+    }
+
+    public func discard(_ channel: Channel) async throws {
+        try await context().layer.groupDiscard(name, channel: channel.name)
+    }
+
+    public func send(_ message: Message, immediately: Bool = false) async throws {
+        try await context().sendGroup(name, message, immediately: immediately)
+    }
+}
+
+/// Errors a consumer can throw with meaning.
+public enum ConsumerError: Error, Sendable {
+    /// Refuse a WebSocket connection (on connect) or close it (later).
+    case denyConnection
+    /// Close the WebSocket with this code.
+    case close(code: Int)
+}

@@ -1,0 +1,160 @@
+import ASGI
+import Foundation
+
+/// A consumer: the code that handles one message.
+public typealias Consumer = @Sendable (ConsumerContext) async throws -> Void
+
+/// One line of a routing table, as `route(...)` and `include(...)` write it.
+public struct RoutingEntry: Sendable {
+    enum Kind: Sendable {
+        case route(channels: [String], consumer: Consumer, name: String)
+        case include([RoutingEntry])
+    }
+
+    let kind: Kind
+    let filters: [(key: String, pattern: String)]
+}
+
+/// `route("http.request", path: "^/hello/", consumer)`: the consumer for a channel when every
+/// filter (a regex on a top-level message key, anchored at the start) matches. Named groups,
+/// `(?P<name>...)` or `(?<name>...)`, become the consumer's arguments.
+public func route(_ channel: String, path: String? = nil, method: String? = nil, filters: [String: String] = [:],
+                  name: String? = nil, _ consumer: @escaping Consumer) -> RoutingEntry {
+    route([channel], path: path, method: method, filters: filters, name: name, consumer)
+}
+
+/// A route for several channels (a consumer type that declares the channels it handles).
+public func route(_ channels: [String], path: String? = nil, method: String? = nil, filters: [String: String] = [:],
+                  name: String? = nil, _ consumer: @escaping Consumer) -> RoutingEntry {
+    RoutingEntry(kind: .route(channels: channels, consumer: consumer, name: name ?? channels.joined(separator: ",")),
+                 filters: collectFilters(path: path, method: method, filters: filters))
+}
+
+/// `include(routes, path: "^/chat/")`: the prefix is matched and stripped from the value the
+/// inner routes see; the consumer still gets the original message. Arguments merge.
+public func include(_ routes: [RoutingEntry], path: String? = nil, method: String? = nil,
+                    filters: [String: String] = [:]) -> RoutingEntry {
+    RoutingEntry(kind: .include(routes), filters: collectFilters(path: path, method: method, filters: filters))
+}
+
+private func collectFilters(path: String?, method: String?, filters: [String: String]) -> [(key: String, pattern: String)] {
+    var all: [(key: String, pattern: String)] = []
+    if let path { all.append(("path", path)) }
+    if let method { all.append(("method", method)) }
+    for key in filters.keys.sorted() { all.append((key, filters[key]!)) }
+    return all
+}
+
+/// Bad routing, found at start-up with the route named.
+public struct RoutingError: Error, CustomStringConvertible, Sendable {
+    public var route: String
+    public var reason: String
+    public var description: String { "route '\(route)': \(reason)" }
+}
+
+/// A compiled routing table.
+public struct Router: Sendable {
+    struct Filter: @unchecked Sendable {
+        // Safety: NSRegularExpression is immutable after creation and documented thread-safe.
+        let key: String
+        let regex: NSRegularExpression
+        let names: [String]
+    }
+
+    struct CompiledRoute: Sendable {
+        let channels: Set<String>
+        let filters: [Filter]
+        let consumer: Consumer
+        let name: String
+        /// Each include level's filters, outermost first, then the route's own.
+        let levels: [[Filter]]
+    }
+
+    let routes: [CompiledRoute]
+
+    /// Every channel some route listens on.
+    public let channels: Set<String>
+
+    public init(_ entries: [RoutingEntry]) throws {
+        var routes: [CompiledRoute] = []
+        func walk(_ entries: [RoutingEntry], levels: [[Filter]]) throws {
+            for entry in entries {
+                switch entry.kind {
+                case .route(let channels, let consumer, let name):
+                    for channel in channels {
+                        do { try ChannelNames.validateChannel(channel, for: .receive) } catch {
+                            throw RoutingError(route: name, reason: "\(error)")
+                        }
+                    }
+                    let own = try entry.filters.map { try Self.compile($0, route: name) }
+                    routes.append(CompiledRoute(channels: Set(channels), filters: own, consumer: consumer, name: name,
+                                                levels: levels + [own]))
+                case .include(let inner):
+                    let own = try entry.filters.map { try Self.compile($0, route: "include(\($0.pattern))") }
+                    try walk(inner, levels: levels + [own])
+                }
+            }
+        }
+        try walk(entries, levels: [])
+        self.routes = routes
+        self.channels = routes.reduce(into: Set()) { $0.formUnion($1.channels) }
+    }
+
+    static func compile(_ filter: (key: String, pattern: String), route: String) throws -> Filter {
+        let pattern = filter.pattern.replacingOccurrences(of: "(?P<", with: "(?<")
+        let regex: NSRegularExpression
+        do {
+            regex = try NSRegularExpression(pattern: pattern)
+        } catch {
+            throw RoutingError(route: route, reason: "the \(filter.key) pattern '\(filter.pattern)' is not a valid regex")
+        }
+        var names: [String] = []
+        let nameFinder = try NSRegularExpression(pattern: #"\(\?<([A-Za-z_][A-Za-z0-9_]*)>"#)
+        for match in nameFinder.matches(in: pattern, range: NSRange(pattern.startIndex..., in: pattern)) {
+            if let range = Range(match.range(at: 1), in: pattern) { names.append(String(pattern[range])) }
+        }
+        if regex.numberOfCaptureGroups != names.count {
+            throw RoutingError(route: route, reason: "the \(filter.key) pattern '\(filter.pattern)' has a positional capture group; name it (?P<name>...) or make it (?:...)")
+        }
+        return Filter(key: filter.key, regex: regex, names: names)
+    }
+
+    /// The first route whose channel and filters match, with the captured arguments.
+    public func match(channel: String, message: Message) -> (consumer: Consumer, kwargs: [String: String], name: String)? {
+        let listenName = ChannelNames.nonLocalName(channel)
+        routeLoop: for route in routes where route.channels.contains(channel) || route.channels.contains(listenName) {
+            var remaining: [String: String] = [:]
+            var kwargs: [String: String] = [:]
+            for level in route.levels {
+                for filter in level {
+                    let value: String
+                    if let stripped = remaining[filter.key] {
+                        value = stripped
+                    } else {
+                        switch message[filter.key] {
+                        case .string(let s)?: value = s
+                        case .bytes(let b)?: value = String(decoding: b, as: UTF8.self)
+                        default: continue routeLoop
+                        }
+                    }
+                    let range = NSRange(value.startIndex..., in: value)
+                    guard let match = filter.regex.firstMatch(in: value, options: [.anchored], range: range) else {
+                        continue routeLoop
+                    }
+                    for name in filter.names {
+                        let r = match.range(withName: name)
+                        if r.location != NSNotFound, let swiftRange = Range(r, in: value) {
+                            kwargs[name] = String(value[swiftRange])
+                        }
+                    }
+                    // Strip what this level matched so inner levels see the rest.
+                    if let matched = Range(match.range, in: value) {
+                        remaining[filter.key] = String(value[matched.upperBound...])
+                    }
+                }
+            }
+            return (route.consumer, kwargs, route.name)
+        }
+        return nil
+    }
+}

@@ -1,0 +1,111 @@
+import ArgumentParser
+import ASGI
+import Channels
+import Dispatch
+import Foundation
+import InterfaceServer
+import Logging
+import RedisChannelLayer
+import Synchronization
+
+/// An application: its routing, declared once, and the commands it gets from it
+/// (`runserver`, `runworker`, `stats`), like `manage.py` in Django.
+public struct ChannelsApplication: Sendable {
+    public var name: String
+    public var routing: @Sendable () throws -> [RoutingEntry]
+
+    public init(name: String, routing: @escaping @Sendable () throws -> [RoutingEntry]) {
+        self.name = name
+        self.routing = routing
+    }
+
+    static let current = Mutex<ChannelsApplication?>(nil)
+
+    /// Parses the command line and runs the chosen subcommand.
+    public func main() async {
+        Self.current.withLock { $0 = self }
+        await ApplicationCommand.main()
+    }
+
+    static func get() -> ChannelsApplication {
+        guard let app = current.withLock({ $0 }) else { fatalError("ChannelsApplication.main() was not called") }
+        return app
+    }
+}
+
+struct ApplicationCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "app",
+        abstract: "A Channels application: interface server, workers and operations.",
+        subcommands: [RunServer.self, RunWorker.self, Stats.self]
+    )
+}
+
+/// Options every command shares.
+struct LayerOptions: ParsableArguments {
+    @Option(name: .long, help: "Channel layer: redis://host:port/db (comma-separated for shards). None = in-memory.")
+    var layer: String?
+
+    @Flag(name: .shortAndLong, help: "Log debug messages.")
+    var verbose = false
+
+    func makeLogger(_ label: String) -> Logger {
+        var logger = Logger(label: label)
+        logger.logLevel = verbose ? .debug : .info
+        return logger
+    }
+
+    func makeLayer(logger: Logger, allowMemory: Bool) throws -> any ChannelLayer {
+        let url = layer ?? ProcessInfo.processInfo.environment["CHANNEL_LAYER"]
+        guard let url, !url.isEmpty else {
+            guard allowMemory else {
+                throw ValidationError("this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
+            }
+            return InMemoryChannelLayer()
+        }
+        if url == "memory" || url == "memory://" {
+            guard allowMemory else { throw ValidationError("the in-memory layer cannot be shared between processes") }
+            return InMemoryChannelLayer()
+        }
+        return try RedisChannelLayer(urls: url.split(separator: ",").map(String.init), logger: logger)
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+enum Signals {
+    static func wait() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let fired = Mutex(false)
+            let queue = DispatchQueue(label: "signals")
+            var sources: [DispatchSourceSignal] = []
+            for sig in [SIGTERM, SIGINT] {
+                signal(sig, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+                source.setEventHandler {
+                    let first = fired.withLock { done -> Bool in
+                        defer { done = true }
+                        return !done
+                    }
+                    if first { continuation.resume() }
+                }
+                source.resume()
+                sources.append(source)
+            }
+            // The sources must outlive this call; they live as long as the process.
+            retained.withLock { $0 = sources.map { SignalSourceBox(source: $0) } }
+        }
+    }
+
+    private static let retained = Mutex<[SignalSourceBox]>([])
+}
+
+/// Safety: a DispatchSource is thread-safe; the box only keeps it alive.
+private struct SignalSourceBox: @unchecked Sendable {
+    let source: any DispatchSourceSignal
+}
+
+extension Duration {
+    init(secondsValue: Double) {
+        self = .nanoseconds(Int64(secondsValue * 1e9))
+    }
+}

@@ -1,0 +1,138 @@
+import ArgumentParser
+import ASGI
+import Channels
+import Foundation
+import InterfaceServer
+import Logging
+import RedisChannelLayer
+
+struct RunServer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "runserver",
+        abstract: "Serve HTTP and WebSocket, with workers in this process unless --noworker."
+    )
+
+    @OptionGroup var options: LayerOptions
+    @Option(name: .long, help: "Address to bind.") var bind = "127.0.0.1"
+    @Option(name: .long, help: "Port to listen on.") var port = 8000
+    @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
+    @Flag(name: .long, help: "Serve the protocol only; workers run elsewhere (runworker).") var noworker = false
+    @Option(name: .long, help: "In-process worker loops.") var threads = 4
+    @Option(name: .long, help: "Seconds to wait for an HTTP response before 503.") var httpTimeout = 60.0
+    @Option(name: .long, help: "Seconds to wait for a WebSocket accept.") var websocketConnectTimeout = 5.0
+    @Option(name: .long, help: "Maximum WebSocket life in seconds.") var websocketTimeout: Double?
+    @Option(name: .long, help: "Seconds between server pings.") var pingInterval = 20.0
+    @Option(name: .long, help: "Seconds without a pong before closing.") var pingTimeout = 30.0
+    @Option(name: .long, help: "root_path sent to the application.") var rootPath = ""
+    @Flag(name: .long, help: "Trust X-Forwarded-For / X-Forwarded-Proto.") var proxyHeaders = false
+    @Option(name: .long, help: "WebSocket subprotocol to offer.") var wsProtocol: [String] = []
+    @Option(name: .long, help: "Access log file, or - for standard output.") var accessLog: String?
+    @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins: [String] = []
+    @Option(name: .long, help: "Largest request body in bytes (413 past it).") var maxBodySize = 16 * 1024 * 1024
+
+    func run() async throws {
+        let logger = options.makeLogger("channels.runserver")
+        let layer = try options.makeLayer(logger: logger, allowMemory: true)
+        let app = ChannelsApplication.get()
+        let router = try Router(app.routing())
+        var configuration = ServerConfiguration(host: bind, port: port)
+        configuration.unixSocketPath = unixSocket
+        configuration.httpTimeout = Duration(secondsValue: httpTimeout)
+        configuration.websocketConnectTimeout = Duration(secondsValue: websocketConnectTimeout)
+        configuration.websocketTimeout = websocketTimeout.map { Duration(secondsValue: $0) }
+        configuration.pingInterval = pingInterval > 0 ? Duration(secondsValue: pingInterval) : nil
+        configuration.pingTimeout = Duration(secondsValue: pingTimeout)
+        configuration.rootPath = rootPath
+        configuration.proxyHeaders = proxyHeaders
+        configuration.websocketProtocols = wsProtocol
+        configuration.allowedOrigins = allowedOrigins
+        configuration.maxBodySize = maxBodySize
+        let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
+        try await server.start()
+        let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,
+                                             logger: options.makeLogger("channels.worker"))
+        let workerTask = worker.map { worker in Task { await worker.run() } }
+        let address = server.localAddress.map { "\($0)" } ?? bind
+        say("\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]")
+        await Signals.wait()
+        logger.info("shutting down")
+        await server.shutdown()
+        worker?.stop()
+        await workerTask?.value
+        await layer.close()
+    }
+}
+
+struct RunWorker: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "runworker",
+        abstract: "Run consumers for messages from a shared channel layer."
+    )
+
+    @OptionGroup var options: LayerOptions
+    @Option(name: .long, help: "Concurrent consumers, each with its own blocking receive.") var threads = 4
+    @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
+    @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
+
+    func run() async throws {
+        let logger = options.makeLogger("channels.runworker")
+        let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        let router = try Router(ChannelsApplication.get().routing())
+        let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
+                            exclude: excludeChannels, logger: logger)
+        say("runworker: listening on \(worker.channels.joined(separator: ", "))")
+        let task = Task { await worker.run() }
+        await Signals.wait()
+        logger.info("stopping: finishing consumers in flight")
+        worker.stop()
+        await task.value
+        await layer.close()
+    }
+}
+
+struct Stats: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show channel and layer statistics.")
+
+    @OptionGroup var options: LayerOptions
+    @Flag(name: .long, help: "Print JSON.") var json = false
+    @Argument(help: "Channels to show (default: the routed ones and every channel with messages).") var channels: [String] = []
+
+    func run() async throws {
+        let logger = options.makeLogger("channels.stats")
+        let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        var names = Set(channels)
+        if names.isEmpty {
+            names = try Router(ChannelsApplication.get().routing()).channels
+            if let redis = layer as? RedisChannelLayer {
+                names.formUnion(try await redis.pendingChannels().filter { !$0.hasPrefix(":group:") })
+            }
+        }
+        let global = try await layer.globalStatistics()
+        var rows: [(String, ChannelStatistics)] = []
+        for name in names.sorted() {
+            rows.append((name, try await layer.channelStatistics(name)))
+        }
+        if json {
+            var object: [String: Any] = ["messages_count": global.messagesCount, "channel_full_count": global.channelFullCount]
+            object["channels"] = Dictionary(uniqueKeysWithValues: rows.map { ($0.0, [
+                "messages_count": $0.1.messagesCount, "channel_full_count": $0.1.channelFullCount,
+                "messages_pending": $0.1.messagesPending, "messages_max_age": $0.1.messagesMaxAge,
+            ] as [String: Any]) })
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print("channel".padding(toLength: 40, withPad: " ", startingAt: 0) + "  pending   oldest(s)   sent   full")
+            for (name, s) in rows {
+                print(name.padding(toLength: 40, withPad: " ", startingAt: 0)
+                      + String(format: "  %7d   %9.1f   %4d   %4d", s.messagesPending, s.messagesMaxAge, s.messagesCount, s.channelFullCount))
+            }
+            print("total sent \(global.messagesCount), channel full \(global.channelFullCount)")
+        }
+        await layer.close()
+    }
+}
+
+/// A line on standard output, written at once (not held in a buffer when stdout is a pipe).
+func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}

@@ -1,0 +1,130 @@
+import ASGI
+@testable import Channels
+import Testing
+
+/// Records which consumer ran with which arguments.
+actor Calls {
+    var log: [(String, [String: String])] = []
+    func add(_ name: String, _ kwargs: [String: String]) { log.append((name, kwargs)) }
+}
+
+@Suite("routing")
+struct RoutingTests {
+    func consumer(_ name: String, _ calls: Calls) -> Consumer {
+        { context in await calls.add(name, context.kwargs) }
+    }
+
+    @Test func filtersKwargsIncludeAndOrder() async throws {
+        let calls = Calls()
+        let router = try Router([
+            route("http.request", path: "^/hello/(?P<who>[a-z]+)/$", consumer("hello", calls)),
+            route("http.request", path: "^/poll/$", method: "^POST$", consumer("poll", calls)),
+            include([
+                route("websocket.connect", path: "^(?P<room>[a-z]+)/$", consumer("room", calls)),
+                route("websocket.connect", consumer("anyroom", calls)),
+            ], path: "^/chat/(?P<section>[a-z]+)/"),
+            route("http.request", consumer("fallback", calls)),
+        ])
+        #expect(router.channels == ["http.request", "websocket.connect"])
+        func run(_ channel: String, _ message: Message) async throws {
+            let (consumer, kwargs, _) = try #require(router.match(channel: channel, message: message))
+            try await consumer(ConsumerContext(message: message, channel: channel, kwargs: kwargs,
+                                               layer: InMemoryChannelLayer(), logger: .init(label: "t")))
+        }
+        try await run("http.request", ["path": "/hello/bob/", "method": "GET"])
+        try await run("http.request", ["path": "/poll/", "method": "POST"])
+        try await run("http.request", ["path": "/poll/", "method": "GET"])
+        try await run("websocket.connect", ["path": "/chat/games/lobby/"])
+        try await run("websocket.connect", ["path": "/chat/games/Lobby!/"])
+        #expect(router.match(channel: "websocket.connect", message: ["path": "/other/"]) == nil)
+        #expect(router.match(channel: "http.request", message: [:]) != nil, "a route without filters matches")
+        #expect(router.match(channel: "websocket.receive", message: ["path": "/chat/games/lobby/"]) == nil)
+        let log = await calls.log
+        #expect(log.map(\.0) == ["hello", "poll", "fallback", "room", "anyroom"])
+        #expect(log[0].1 == ["who": "bob"])
+        #expect(log[3].1 == ["section": "games", "room": "lobby"], "include arguments merge with the inner route's")
+        #expect(log[4].1 == ["section": "games"])
+    }
+
+    @Test func missingKeyMeansNoMatch() throws {
+        let router = try Router([route("http.request", path: "^/x", { _ in })])
+        #expect(router.match(channel: "http.request", message: ["method": "GET"]) == nil)
+    }
+
+    @Test func badRoutingFailsAtStartWithTheRouteNamed() {
+        #expect {
+            try Router([route("http.request", path: "^/(unclosed", name: "broken-route", { _ in })])
+        } throws: { error in
+            "\(error)".contains("broken-route") && "\(error)".contains("not a valid regex")
+        }
+        #expect {
+            try Router([route("http.request", path: "^/([0-9]+)/$", name: "positional", { _ in })])
+        } throws: { error in
+            "\(error)".contains("positional") && "\(error)".contains("positional capture group")
+        }
+        #expect(throws: RoutingError.self) { try Router([route("bad channel!x", { _ in })]) }
+    }
+}
+
+@Suite("worker")
+struct WorkerTests {
+    func worker(_ entries: [RoutingEntry], layer: InMemoryChannelLayer, only: [String] = [], exclude: [String] = []) throws -> Worker {
+        Worker(router: try Router(entries), layer: layer, only: only, exclude: exclude)
+    }
+
+    @Test func bufferedSendsGoOutInOrderAfterTheConsumerAlsoWhenItThrows() async throws {
+        let layer = InMemoryChannelLayer()
+        struct Boom: Error {}
+        let worker = try worker([
+            route("work", { context in
+                try await Channel("out").send(["n": 1])
+                try await Channel("out").send(["n": 2])
+                // Buffered: not visible yet while the consumer runs.
+                #expect(try await context.layer.receive(channels: ["out"]) == nil)
+                try await Channel("now").send(["n": 0], immediately: true)
+                #expect(try await context.layer.receive(channels: ["now"]) != nil)
+                throw Boom()
+            }),
+        ], layer: layer)
+        await worker.dispatch(ReceivedMessage(channel: "work", message: [:]))
+        #expect(try await layer.receive(channels: ["out"])?.message == ["n": 1])
+        #expect(try await layer.receive(channels: ["out"])?.message == ["n": 2])
+    }
+
+    @Test func denyAndCloseAndDefaults() async throws {
+        let layer = InMemoryChannelLayer()
+        let worker = try worker([
+            route("websocket.connect", path: "^/deny/", { _ in throw ConsumerError.denyConnection }),
+            route("websocket.receive", { _ in throw ConsumerError.close(code: 4001) }),
+        ], layer: layer)
+        await worker.dispatch(ReceivedMessage(channel: "websocket.connect", message: ["path": "/deny/", "reply_channel": "r!1"]))
+        #expect(try await layer.receive(channels: ["r!"])?.message == ["accept": false])
+        await worker.dispatch(ReceivedMessage(channel: "websocket.receive", message: ["path": "/x", "reply_channel": "r!2"]))
+        #expect(try await layer.receive(channels: ["r!"])?.message == ["close": 4001])
+        // Unrouted: connect accepted, HTTP 404.
+        await worker.dispatch(ReceivedMessage(channel: "websocket.connect", message: ["path": "/other/", "reply_channel": "r!3"]))
+        #expect(try await layer.receive(channels: ["r!"])?.message == ["accept": true])
+        await worker.dispatch(ReceivedMessage(channel: "http.request", message: ["path": "/", "reply_channel": "r!4"]))
+        #expect(try await layer.receive(channels: ["r!"])?.message["status"] == 404)
+    }
+
+    @Test func onlyAndExcludeChannels() throws {
+        let layer = InMemoryChannelLayer()
+        let entries = [route("chat-messages", { _ in }), route("websocket.receive", { _ in })]
+        #expect(try worker(entries, layer: layer).channels == ["chat-messages", "http.request", "websocket.connect", "websocket.receive"])
+        #expect(try worker(entries, layer: layer, only: ["websocket.*"]).channels == ["websocket.connect", "websocket.receive"])
+        #expect(try worker(entries, layer: layer, exclude: ["http.*", "chat-*"]).channels == ["websocket.connect", "websocket.receive"])
+    }
+
+    @Test func aWorkerLoopServesAndStops() async throws {
+        let layer = InMemoryChannelLayer()
+        let worker = try worker([route("ping", { try await $0.reply(["pong": true]) })], layer: layer)
+        let task = Task { await worker.run() }
+        try await layer.send(["reply_channel": "back!x"], to: "ping")
+        let got = try await layer.receive(channels: ["back!"], timeout: .seconds(10))
+        #expect(got?.message == ["pong": true])
+        worker.stop()
+        await task.value
+        #expect(worker.messagesProcessed == 1)
+    }
+}
