@@ -64,4 +64,6 @@ if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
   log "swift test ran no test"
   exit 1
 fi
+log "end to end: real runserver / runworker processes, real HTTP and WebSocket clients"
+"$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
 log "all tests passed"

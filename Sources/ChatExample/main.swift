@@ -13,6 +13,8 @@ let app = ChannelsApplication(name: "chat") {
         // Step 2: a WebSocket echo.
         route("websocket.connect", path: "^/echo/$", ChatConsumers.accept),
         route("websocket.receive", path: "^/echo/$", ChatConsumers.echo),
+        // Sockets under /private/ are refused (403) until the auth step lands.
+        route("websocket.connect", path: "^/private/", { _ in throw ConsumerError.denyConnection }),
         // Steps 3, 5, 7, 8: rooms from the path, a group per room, messages through a channel.
         include([
             route("websocket.connect", ChatConsumers.joinRoom),

@@ -51,7 +51,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             guard let head else { return }
             if upgrade.rejected {
                 upgrade.rejected = false
-                respondPlain(context: context, status: .forbidden, text: "WebSocket connection refused\n", close: true)
+                respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
             } else if bodyTooLarge {
                 respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
             } else {
@@ -230,6 +230,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if upgrade.rejected {
+            // NIO's upgrader reports a refused upgrade as an error; the answer is a 403.
+            upgrade.rejected = false
+            respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
+            return
+        }
         server.logger.debug("HTTP connection error", metadata: ["error": "\(error)"])
         context.close(promise: nil)
     }
@@ -239,4 +245,5 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// handler that then sees the request answers 403 instead of routing it.
 final class UpgradeState {
     var rejected = false
+    var rejectionStatus: HTTPResponseStatus = .forbidden
 }

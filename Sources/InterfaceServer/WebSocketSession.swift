@@ -87,6 +87,7 @@ final class WebSocketSession {
         connectTimeout?.cancel()
         server.router.unregister(replyChannel)
         upgrade.rejected = true
+        upgrade.rejectionStatus = status == 503 ? .serviceUnavailable : .forbidden
         server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: reason)
         promise.succeed(nil)
     }

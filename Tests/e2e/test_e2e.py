@@ -1,0 +1,261 @@
+"""End-to-end tests with real processes: `chat runserver` (in-memory, and --noworker on Redis
+with two `chat runworker`s), driven by real HTTP and WebSocket clients over sockets.
+
+Run by scripts/test.sh with the venv's python: test_e2e.py CHAT_BINARY REDIS_URL
+Prints 'N passed, N failed' and exits non-zero on any failure.
+"""
+import asyncio
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import websockets
+
+CHAT, REDIS_URL = sys.argv[1], sys.argv[2]
+results = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Proc:
+    def __init__(self, *args):
+        self.log = open("/tmp/e2e-%s-%d.log" % (args[0], time.time_ns()), "w+")
+        self.p = subprocess.Popen([CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_line(self, text, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.log.seek(0)
+            if text in self.log.read():
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.log.seek(0)
+        raise AssertionError("no %r in output: %s" % (text, self.log.read()[-2000:]))
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        return self.p.wait(timeout)
+
+
+def server(*extra):
+    port = free_port()
+    proc = Proc("runserver", "--port", str(port), *extra)
+    proc.wait_line("interface server listening")
+    return proc, port
+
+
+def get(port, path, method="GET", body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def test(fn):
+    name = fn.__name__
+    try:
+        result = fn()
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+        results.append((name, None))
+        print("PASS", name, flush=True)
+    except Exception:
+        results.append((name, traceback.format_exc()))
+        print("FAIL", name, "\n" + traceback.format_exc(), flush=True)
+    return fn
+
+
+async def chat_checks(port):
+    a = await websockets.connect("ws://127.0.0.1:%d/chat/lobby/" % port)
+    b = await websockets.connect("ws://127.0.0.1:%d/chat/lobby/" % port)
+    c = await websockets.connect("ws://127.0.0.1:%d/chat/other/" % port)
+    await a.send("hello lobby")
+    for ws in (a, b):
+        got = await asyncio.wait_for(ws.recv(), 10)
+        assert '"text":"hello lobby"' in got and '"user":"anonymous"' in got, got
+    try:
+        got = await asyncio.wait_for(c.recv(), 0.7)
+        raise AssertionError("another room received %r" % got)
+    except asyncio.TimeoutError:
+        pass
+    for ws in (a, b, c):
+        await ws.close()
+
+
+async def echo_checks(port):
+    async with websockets.connect("ws://127.0.0.1:%d/echo/" % port) as ws:
+        for i in range(5):
+            await ws.send("text %d" % i)
+            assert await asyncio.wait_for(ws.recv(), 10) == "text %d" % i
+        await ws.send(b"\x00\xff binary")
+        assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\xff binary"
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory layer, workers in process: the README's first command.
+
+@test
+def in_memory_runserver():
+    proc, port = server()
+    try:
+        status, body = get(port, "/hello/world")
+        assert (status, body) == (200, b"Hello world! You asked for /hello/world"), (status, body)
+        status, body = get(port, "/hello/caf%C3%A9?x=1")
+        assert body == "Hello world! You asked for /hello/café".encode(), body
+        status, body = get(port, "/")
+        assert status == 200 and b"<html" in body, status
+        assert get(port, "/nowhere")[0] == 404
+        status, body = get(port, "/poll/", method="POST", body=b"x" * 3000)
+        assert (status, body) == (200, b'{"received": 3000}'), (status, body)
+        asyncio.run(echo_checks(port))
+        asyncio.run(chat_checks(port))
+    finally:
+        assert proc.stop() == 0
+
+
+@test
+def keep_alive_and_pipelining():
+    proc, port = server()
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /hello/a HTTP/1.1\r\nHost: x\r\n\r\nGET /hello/b HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        deadline = time.time() + 10
+        while data.count(b"Hello world") < 2 and time.time() < deadline:
+            data += s.recv(65536)
+        s.close()
+        assert data.index(b"for /hello/a") < data.index(b"for /hello/b"), data
+    finally:
+        proc.stop()
+
+
+@test
+def garbage_gets_400_and_the_server_lives():
+    proc, port = server()
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
+        s.settimeout(5)
+        reply = s.recv(1024)
+        s.close()
+        assert reply.startswith(b"HTTP/1.1 400"), reply
+        assert get(port, "/hello/still")[0] == 200
+    finally:
+        proc.stop()
+
+
+async def reconnect_and_wait_close(port, proc):
+    ws = await websockets.connect("ws://127.0.0.1:%d/echo/" % port)
+    await ws.send("ping")
+    assert await ws.recv() == "ping"
+    proc.p.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(ws.recv(), 15)
+    except websockets.exceptions.ConnectionClosed as e:
+        return e.code
+
+
+@test
+def websocket_reject_oversize_and_shutdown_close():
+    async def run(port):
+        try:
+            await websockets.connect("ws://127.0.0.1:%d/private/" % port)
+            raise AssertionError("private socket was accepted")
+        except websockets.exceptions.InvalidStatusCode as e:
+            assert e.status_code == 403, e.status_code
+        ws = await websockets.connect("ws://127.0.0.1:%d/echo/" % port, max_size=None)
+        await ws.send("x" * (2 * 1024 * 1024))
+        try:
+            await asyncio.wait_for(ws.recv(), 10)
+            raise AssertionError("oversize message was echoed")
+        except websockets.exceptions.ConnectionClosed as e:
+            assert e.code == 1009, e.code
+
+    proc, port = server()
+    try:
+        asyncio.run(run(port))
+        code = asyncio.run(reconnect_and_wait_close(port, proc))
+        assert code == 1001, code
+        assert proc.p.wait(20) == 0
+    finally:
+        if proc.p.poll() is None:
+            proc.stop(signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis: one runserver --noworker and two runworkers.
+
+def redis_url(prefix, query=""):
+    return REDIS_URL + "?prefix=" + prefix + (("&" + query) if query else "")
+
+
+@test
+def redis_server_and_two_workers():
+    layer = redis_url("e2e%d:" % os.getpid())
+    proc, port = server("--noworker", "--layer", layer)
+    w1 = Proc("runworker", "--layer", layer, "--threads", "2")
+    w2 = Proc("runworker", "--layer", layer, "--threads", "2")
+    try:
+        w1.wait_line("worker ready")
+        w2.wait_line("worker ready")
+        for i in range(20):
+            assert get(port, "/hello/%d" % i) == (200, ("Hello world! You asked for /hello/%d" % i).encode())
+        asyncio.run(echo_checks(port))
+        asyncio.run(chat_checks(port))
+        # SIGKILL one worker mid-load: the other serves every later request.
+        w1.stop(signal.SIGKILL)
+        for i in range(30):
+            status, body = get(port, "/hello/after%d" % i)
+            assert status == 200, (i, status, body)
+        asyncio.run(chat_checks(port))
+        # SIGTERM drains and exits 0.
+        assert w2.stop() == 0
+    finally:
+        for p in (w1, w2):
+            if p.p.poll() is None:
+                p.stop(signal.SIGKILL)
+        assert proc.stop() == 0
+
+
+@test
+def redis_timeouts_and_full_channel_give_503():
+    layer = redis_url("e2efull%d:" % os.getpid(), "capacity.http.request=1")
+    proc, port = server("--noworker", "--layer", layer, "--http-timeout", "1", "--websocket-connect-timeout", "1")
+    try:
+        start = time.time()
+        assert get(port, "/hello/nobody")[0] == 503  # no worker: the 1 s timeout answers
+        assert time.time() - start >= 0.9
+        # The first request's message still sits in http.request (capacity 1): the next is refused.
+        status, body = get(port, "/hello/full")
+        assert status == 503 and b"busy" in body, (status, body)
+
+        async def ws_timeout():
+            try:
+                await websockets.connect("ws://127.0.0.1:%d/echo/" % port)
+                raise AssertionError("accepted without a worker")
+            except websockets.exceptions.InvalidStatusCode as e:
+                assert e.status_code in (403, 503), e.status_code
+        asyncio.run(ws_timeout())
+    finally:
+        assert proc.stop() == 0
+
+
+failed = [name for name, error in results if error]
+print("%d passed, %d failed" % (len(results) - len(failed), len(failed)))
+sys.exit(1 if failed else 0)
