@@ -69,6 +69,10 @@ let package = Package(
             name: "ChatExample",
             dependencies: ["ASGI", "Channels", "ChannelsCommand"]
         ),
+        .executableTarget(
+            name: "ChannelsBench",
+            dependencies: ["ASGI", "RedisChannelLayer"]
+        ),
         .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels"]),
         .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
     ],
