@@ -15,6 +15,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 if ! pkg-config --exists hiredis 2>/dev/null; then missing+=(libhiredis-dev); fi
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   $SUDO apt-get update -qq
@@ -66,4 +67,6 @@ if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
 fi
 log "end to end: real runserver / runworker processes, real HTTP and WebSocket clients"
 "$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
+log "docker-compose config"
+docker-compose -f docker-compose.yml config -q
 log "all tests passed"

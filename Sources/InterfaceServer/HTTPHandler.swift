@@ -22,6 +22,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var started = NIODeadline.now()
     private var timeout: Scheduled<Void>?
     private var keepAlive = true
+    private var clientAddress = "-"
 
     init(server: ServerContext, upgrade: UpgradeState) {
         self.server = server
@@ -36,6 +37,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             bodyTooLarge = false
             started = .now()
             keepAlive = head.isKeepAlive
+            clientAddress = context.channel.remoteAddress.flatMap { address in
+                address.ipAddress.map { "\($0):\(address.port ?? 0)" }
+            } ?? "-"
             if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
                 bodyTooLarge = true
             }
@@ -192,7 +196,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         timeout = nil
         if let head {
             let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-            server.accessLog?.http(client: "client", method: head.method.rawValue, path: head.uri,
+            server.accessLog?.http(client: clientAddress, method: head.method.rawValue, path: head.uri,
                                    status: status, size: responseBytes, seconds: elapsed)
         }
         responseStarted = false
