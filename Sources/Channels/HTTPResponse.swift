@@ -21,3 +21,34 @@ extension ConsumerContext {
     /// Sends a text frame on this WebSocket.
     public func sendText(_ text: String) async throws { try await reply(["text": .string(text)]) }
 }
+
+extension ConsumerContext {
+    /// The whole request body: `body`, then the chunks on `body_channel` when the server split a
+    /// large upload. Waits at most `timeout` for each chunk.
+    public func requestBody(timeout: Duration = .seconds(30)) async throws -> [UInt8] {
+        var body = (try? message.bytes("body")) ?? []
+        guard let bodyChannel = message["body_channel"]?.stringValue else { return body }
+        while true {
+            guard let chunk = try await layer.receive(channels: [bodyChannel], timeout: timeout) else {
+                throw ChannelLayerError(.connectionLost, "request body chunk on '\(bodyChannel)' did not arrive")
+            }
+            body += (try? chunk.message.bytes("content")) ?? []
+            if (try? chunk.message.bool("closed", default: false)) == true {
+                throw ChannelLayerError(.connectionLost, "the client went away during the upload")
+            }
+            if (try? chunk.message.bool("more_content", default: false)) != true { return body }
+        }
+    }
+
+    /// Starts a streamed response; send the rest with `respondChunk`.
+    public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
+        try await reply(["status": .int(Int64(status)),
+                         "headers": [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]],
+                         "content": .bytes(firstChunk), "more_content": true])
+    }
+
+    /// One more chunk of a streamed response; `last: true` ends it.
+    public func respondChunk(_ chunk: [UInt8], last: Bool = false) async throws {
+        try await reply(["content": .bytes(chunk), "more_content": .bool(!last)])
+    }
+}

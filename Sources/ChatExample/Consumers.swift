@@ -8,8 +8,15 @@ enum ChatConsumers {
     }
 
     @Sendable static func poll(_ context: ConsumerContext) async throws {
-        let body = (try? context.message.bytes("body")) ?? []
+        let body = try await context.requestBody()
         try await context.respond(contentType: "application/json", "{\"received\": \(body.count)}")
+    }
+
+    /// A streamed response: chunks go out as they are sent (chunked transfer encoding).
+    @Sendable static func stream(_ context: ConsumerContext) async throws {
+        try await context.respondStart(firstChunk: Array("chunk 0\n".utf8))
+        for i in 1...3 { try await context.respondChunk(Array("chunk \(i)\n".utf8)) }
+        try await context.respondChunk([], last: true)
     }
 
     @Sendable static func page(_ context: ConsumerContext) async throws {

@@ -10,6 +10,7 @@ let app = ChannelsApplication(name: "chat") {
         route("http.request", path: "^/hello/", ChatConsumers.hello),
         route("http.request", path: "^/poll/$", method: "^POST$", ChatConsumers.poll),
         route("http.request", path: "^/$", ChatConsumers.page),
+        route("http.request", path: "^/stream/$", ChatConsumers.stream),
         // Step 2: a WebSocket echo.
         route("websocket.connect", path: "^/echo/$", ChatConsumers.accept),
         route("websocket.receive", path: "^/echo/$", ChatConsumers.echo),

@@ -130,6 +130,36 @@ def in_memory_runserver():
 
 
 @test
+def streamed_response_and_large_upload():
+    proc, port = server()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("GET", "/stream/")
+        resp = conn.getresponse()
+        assert resp.getheader("transfer-encoding") == "chunked", resp.getheaders()
+        assert resp.read() == b"chunk 0\nchunk 1\nchunk 2\nchunk 3\n"
+        conn.close()
+        # 3.5 MiB: the server sends 1 MiB in http.request and the rest on a body_channel.
+        big = os.urandom(3 * 1024 * 1024 + 512 * 1024)
+        status, body = get(port, "/poll/", method="POST", body=big)
+        assert (status, body) == (200, b'{"received": %d}' % len(big)), (status, body)
+        # Chunked upload (no content-length) of the same size.
+        def chunks():
+            for i in range(0, len(big), 100000):
+                yield big[i:i + 100000]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("POST", "/poll/", body=chunks(), encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.read() == b'{"received": %d}' % len(big)
+        conn.close()
+        # Past --max-body-size: 413.
+        status, _ = get(port, "/poll/", method="POST", body=b"x" * (17 * 1024 * 1024))
+        assert status == 413, status
+    finally:
+        assert proc.stop() == 0
+
+
+@test
 def keep_alive_and_pipelining():
     proc, port = server()
     try:
