@@ -213,6 +213,9 @@ final class WebSocketSession {
         case .open:
             state = .closed
         }
+        // Before the write: a write that completes at once closes the channel, and its
+        // channelInactive must not report 1006 first.
+        sendDisconnect(code: Int64(code))
         if let context {
             var data = context.channel.allocator.buffer(capacity: 2)
             data.writeInteger(code)
@@ -220,7 +223,6 @@ final class WebSocketSession {
             let channel = context.channel
             context.writeAndFlush(NIOAny(frame)).whenComplete { _ in channel.close(promise: nil) }
         }
-        sendDisconnect(code: Int64(code))
     }
 
     /// The client closed (with a close frame) or the connection dropped (1006).

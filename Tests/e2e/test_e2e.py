@@ -286,6 +286,69 @@ def redis_timeouts_and_full_channel_give_503():
         assert proc.stop() == 0
 
 
+@test
+def server_speaks_asgi_to_a_python_application():
+    """runserver --noworker on Redis, with the real asgi_redis as the application side."""
+    from asgi_redis import RedisChannelLayer
+    prefix = "e2epy%d:" % os.getpid()
+    base = REDIS_URL.split("?")[0]
+    app = RedisChannelLayer(hosts=[base], prefix=prefix)
+    proc, port = server("--noworker", "--layer", redis_url(prefix), "--http-timeout", "5")
+
+    def receive(channels):
+        for _ in range(4):
+            channel, message = app.receive(channels, block=True)
+            if channel:
+                return channel, message
+        raise AssertionError("nothing on %s" % channels)
+
+    async def run():
+        client = asyncio.ensure_future(websockets.connect("ws://127.0.0.1:%d/room/?q=1" % port))
+        channel, connect = await asyncio.to_thread(receive, ["websocket.connect"])
+        assert connect["order"] == 0 and connect["path"] == "/room/" and connect["query_string"] == b"q=1", connect
+        assert [b"host", b"127.0.0.1:%d" % port] in connect["headers"], connect["headers"]
+        assert connect["scheme"] == "ws" and connect["client"][0] == "127.0.0.1"
+        reply = connect["reply_channel"]
+        assert "!" in reply
+        app.send(reply, {"accept": True})
+        ws = await client
+        await ws.send("first")
+        await ws.send(b"second")
+        _, m1 = await asyncio.to_thread(receive, ["websocket.receive"])
+        _, m2 = await asyncio.to_thread(receive, ["websocket.receive"])
+        assert (m1["order"], m1["text"]) == (1, "first"), m1
+        assert (m2["order"], m2["bytes"]) == (2, b"second"), m2
+        assert "bytes" not in m1 and "text" not in m2
+        app.send(reply, {"text": "from python"})
+        assert await ws.recv() == "from python"
+        app.send(reply, {"close": 4000})
+        try:
+            await asyncio.wait_for(ws.recv(), 10)
+            raise AssertionError("not closed")
+        except websockets.exceptions.ConnectionClosed as e:
+            assert e.code == 4000, e.code
+        _, gone = await asyncio.to_thread(receive, ["websocket.disconnect"])
+        assert gone["code"] == 4000 and gone["order"] == 3 and gone["reply_channel"] == reply, gone
+
+        # HTTP: the request as the application sees it, then a client that leaves early.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /caf%C3%A9/x?a=%20b HTTP/1.1\r\nHost: h\r\nX-Dup: 1\r\nX-Dup: 2\r\nX_Bad: no\r\n\r\n")
+        _, req = await asyncio.to_thread(receive, ["http.request"])
+        assert req["method"] == "GET" and req["path"] == "/café/x" and req["query_string"] == b"a=%20b", req
+        assert req["http_version"] == "1.1" and req["body"] == b""
+        names = [h[0] for h in req["headers"]]
+        assert names.count(b"x-dup") == 2 and b"x_bad" not in names, req["headers"]
+        s.close()
+        _, left = await asyncio.to_thread(receive, ["http.disconnect"])
+        assert left["reply_channel"] == req["reply_channel"] and left["path"] == "/café/x", left
+
+    try:
+        asyncio.run(run())
+    finally:
+        app.flush()
+        assert proc.stop() == 0
+
+
 failed = [name for name, error in results if error]
 print("%d passed, %d failed" % (len(results) - len(failed), len(failed)))
 sys.exit(1 if failed else 0)
