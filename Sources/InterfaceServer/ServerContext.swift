@@ -22,10 +22,14 @@ final class ServerContext: Sendable {
     }
 
     /// Sends to the layer from an event loop without blocking it; `completion` runs on `loop`.
-    func send(_ message: Message, to channel: String, on loop: any EventLoop,
-              completion: @escaping @Sendable (Result<Void, any Error>) -> Void) {
+    /// Sends passed the same `after` task go out in the order they were made: pass the task
+    /// this returns to the next send of the same connection.
+    @discardableResult
+    func send(_ message: Message, to channel: String, on loop: any EventLoop, after previous: Task<Void, Never>? = nil,
+              completion: @escaping @Sendable (Result<Void, any Error>) -> Void) -> Task<Void, Never> {
         let layer = self.layer
-        Task {
+        return Task {
+            await previous?.value
             let result: Result<Void, any Error>
             do {
                 try await layer.send(message, to: channel)

@@ -27,6 +27,8 @@ final class WebSocketSession {
     private var lifetime: Scheduled<Void>?
     private var pingTask: RepeatedTask?
     private var awaitingPong = false
+    /// The last send to the layer: each send waits for it, so messages leave in order.
+    private var lastSend: Task<Void, Never>?
     private var lastPong = NIODeadline.now()
     let upgrade: UpgradeState
 
@@ -73,7 +75,7 @@ final class WebSocketSession {
             "server": ASGIMessages.address(channel.localAddress),
             "order": 0,
         ]
-        server.send(message, to: "websocket.connect", on: loop) { result in
+        lastSend = server.send(message, to: "websocket.connect", on: loop, after: lastSend) { result in
             if case .failure(let error) = result {
                 bound.value.server.logger.warning("cannot send websocket.connect", metadata: ["error": "\(error)"])
                 bound.value.reject(reason: "unavailable", status: 503)
@@ -193,7 +195,7 @@ final class WebSocketSession {
         var message: Message = ["reply_channel": .string(replyChannel), "path": .string(path), "order": .int(order)]
         if let text { message["text"] = .string(text) } else { message["bytes"] = .bytes(bytes ?? []) }
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
-        server.send(message, to: "websocket.receive", on: channel.eventLoop) { result in
+        lastSend = server.send(message, to: "websocket.receive", on: channel.eventLoop, after: lastSend) { result in
             if case .failure(let error) = result {
                 let full = (error as? ChannelLayerError)?.code == .channelFull
                 bound.value.server.logger.warning("cannot send websocket.receive", metadata: ["error": "\(error)"])
@@ -242,8 +244,8 @@ final class WebSocketSession {
         server.router.unregister(replyChannel)
         order += 1
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
-        server.send(["reply_channel": .string(replyChannel), "code": .int(code), "path": .string(path), "order": .int(order)],
-                    to: "websocket.disconnect", on: channel.eventLoop) { _ in }
+        lastSend = server.send(["reply_channel": .string(replyChannel), "code": .int(code), "path": .string(path), "order": .int(order)],
+                               to: "websocket.disconnect", on: channel.eventLoop, after: lastSend) { _ in }
     }
 }
 
