@@ -95,11 +95,26 @@ struct Stats: AsyncParsableCommand {
 
     @OptionGroup var options: LayerOptions
     @Flag(name: .long, help: "Print JSON.") var json = false
+    @Option(name: .long, help: "Refresh every N seconds until interrupted.") var watch: Double?
     @Argument(help: "Channels to show (default: the routed ones and every channel with messages).") var channels: [String] = []
 
     func run() async throws {
         let logger = options.makeLogger("channels.stats")
         let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        defer { Task { await layer.close() } }
+        guard let watch, watch > 0 else {
+            try await show(layer)
+            return
+        }
+        while !Task.isCancelled {
+            say("\u{1b}[2J\u{1b}[H" + Date().description)
+            try await show(layer)
+            // A refresh of a display, on a timer.
+            try await Task.sleep(for: Duration(secondsValue: watch))
+        }
+    }
+
+    private func show(_ layer: any ChannelLayer) async throws {
         var names = Set(channels)
         if names.isEmpty {
             names = try Router(ChannelsApplication.get().routing()).channels
@@ -128,7 +143,6 @@ struct Stats: AsyncParsableCommand {
             }
             print("total sent \(global.messagesCount), channel full \(global.channelFullCount)")
         }
-        await layer.close()
     }
 }
 

@@ -62,7 +62,7 @@ public struct RedisChannelLayerConfiguration: Sendable {
     }
 
     /// Hosts from a list of `redis://` URLs. Query parameters of the first URL set the
-    /// other fields: `prefix`, `expiry`, `group_expiry`, `capacity`, `max_message_size`,
+    /// other fields: `prefix`, `stats_prefix`, `expiry`, `group_expiry`, `capacity`, `max_message_size`,
     /// and `capacity.<glob>=<n>` for per-channel capacities.
     public init(urls: [String]) throws(ChannelLayerError) {
         self.init()
@@ -86,6 +86,7 @@ public struct RedisChannelLayerConfiguration: Sendable {
                 }
                 switch key {
                 case "prefix": prefix = value
+                case "stats_prefix": statsPrefix = value
                 case "expiry": expiry = try int()
                 case "group_expiry": groupExpiry = try int()
                 case "capacity": capacity = try int()

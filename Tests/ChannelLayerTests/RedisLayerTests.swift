@@ -133,8 +133,9 @@ struct RedisLayerTests {
     func urls() throws {
         let endpoint = try RedisEndpoint(url: "redis://:s%40cret@example:6380/3")
         #expect(endpoint.host == "example" && endpoint.port == 6380 && endpoint.database == 3 && endpoint.password == "s@cret")
-        let configuration = try RedisChannelLayerConfiguration(urls: ["redis://h:1/0?expiry=5&capacity=7&capacity.http.*=9&prefix=x:"])
+        let configuration = try RedisChannelLayerConfiguration(urls: ["redis://h:1/0?expiry=5&capacity=7&capacity.http.*=9&prefix=x:&stats_prefix=y:"])
         #expect(configuration.expiry == 5 && configuration.capacity == 7 && configuration.prefix == "x:")
+        #expect(configuration.statsPrefix == "y:")
         #expect(configuration.channelCapacities.first?.0 == "http.*" && configuration.channelCapacities.first?.1 == 9)
         #expect(throws: ChannelLayerError.self) { try RedisEndpoint(url: "http://x") }
         #expect(throws: ChannelLayerError.self) { try RedisEndpoint(url: "redis://h:notaport") }

@@ -265,7 +265,7 @@ def redis_server_and_two_workers():
 
 @test
 def redis_timeouts_and_full_channel_give_503():
-    layer = redis_url("e2efull%d:" % os.getpid(), "capacity.http.request=1")
+    layer = redis_url("e2efull%d:" % os.getpid(), "capacity.http.request=1&stats_prefix=e2efull%d-meta:" % os.getpid())
     proc, port = server("--noworker", "--layer", layer, "--http-timeout", "1", "--websocket-connect-timeout", "1")
     try:
         start = time.time()
@@ -274,6 +274,13 @@ def redis_timeouts_and_full_channel_give_503():
         # The first request's message still sits in http.request (capacity 1): the next is refused.
         status, body = get(port, "/hello/full")
         assert status == 503 and b"busy" in body, (status, body)
+        # The operator's view of the same: one pending request, one refused send.
+        import json
+        out = subprocess.run([CHAT, "stats", "--layer", layer, "--json", "http.request"],
+                             capture_output=True, text=True, timeout=30)
+        stats = json.loads(out.stdout)["channels"]["http.request"]
+        assert stats["messages_pending"] == 1 and stats["channel_full_count"] == 1, stats
+        assert stats["messages_count"] == 1, stats
 
         async def ws_timeout():
             try:
