@@ -105,20 +105,8 @@ final class RedisServer: @unchecked Sendable {
     private func start() throws {
         let arguments = [try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
                          "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null"]
-        // posix_spawn and waitpid rather than Foundation's Process, whose waitUntilExit hangs
-        // off the main thread on Linux.
-        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        // The child must not inherit the signals this thread blocks, or SIGTERM never lands.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var emptyMask = sigset_t()
-        sigemptyset(&emptyMask)
-        posix_spawnattr_setsigmask(&attributes, &emptyMask)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
         var child: pid_t = 0
-        let status = posix_spawn(&child, arguments[0], nil, &attributes, &argv, environ)
+        let status = spawn(arguments, pid: &child, actions: nil)
         guard status == 0 else {
             throw ChannelLayerError(.invalidConfiguration, "cannot start redis-server: error \(status)")
         }
@@ -196,17 +184,8 @@ func runProgram(_ arguments: [String]) async throws -> (status: Int32, output: S
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_adddup2(&actions, pipe[1], 1)
         posix_spawn_file_actions_addclose(&actions, pipe[0])
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var emptyMask = sigset_t()
-        sigemptyset(&emptyMask)
-        posix_spawnattr_setsigmask(&attributes, &emptyMask)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
-        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
         var child: pid_t = 0
-        let spawned = posix_spawn(&child, arguments[0], &actions, &attributes, &argv, environ)
+        let spawned = spawn(arguments, pid: &child, actions: &actions)
         close(pipe[1])
         defer { close(pipe[0]) }
         guard spawned == 0 else {
@@ -223,4 +202,20 @@ func runProgram(_ arguments: [String]) async throws -> (status: Int32, output: S
         waitpid(child, &status, 0)
         return ((status >> 8) & 0xff, String(decoding: output, as: UTF8.self))
     }
+}
+
+/// Starts a program with posix_spawn (Foundation's Process.waitUntilExit hangs off the main
+/// thread on Linux). The child gets an empty signal mask: it must not inherit the signals this
+/// thread blocks, or SIGTERM never reaches it. Returns posix_spawn's status.
+func spawn(_ arguments: [String], pid: inout pid_t, actions: UnsafePointer<posix_spawn_file_actions_t>?) -> Int32 {
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    var emptyMask = sigset_t()
+    sigemptyset(&emptyMask)
+    posix_spawnattr_setsigmask(&attributes, &emptyMask)
+    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
+    var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+    defer { for pointer in argv { free(pointer) } }
+    return posix_spawn(&pid, arguments[0], actions, &attributes, &argv, environ)
 }
