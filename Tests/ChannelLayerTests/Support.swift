@@ -81,9 +81,20 @@ final class RedisServer: @unchecked Sendable {
 
     /// Starts a server; the waiting happens on a thread of its own, not the cooperative pool.
     static func launch() async throws -> RedisServer {
-        let server = RedisServer(port: try freePort())
-        try await server.restart()
-        return server
+        // A free port can be taken by someone else between our check and redis-server's
+        // bind; then the server exits at once and another port is tried.
+        var lastError: (any Error)?
+        for _ in 0..<3 {
+            let server = RedisServer(port: try freePort())
+            do {
+                try await server.restart()
+                return server
+            } catch {
+                lastError = error
+                await server.shutdown()
+            }
+        }
+        throw lastError!
     }
 
     func restart() async throws {
@@ -126,7 +137,14 @@ final class RedisServer: @unchecked Sendable {
 
     private func waitUntilReady() throws {
         // Waiting for a child process to listen: each try is a connect, not a poll of state.
-        for _ in 0..<200 {
+        for _ in 0..<500 {
+            if let pid {
+                var status: Int32 = 0
+                if waitpid(pid, &status, WNOHANG) == pid {
+                    self.pid = nil
+                    throw ChannelLayerError(.connectionLost, "redis-server on port \(port) exited at start (status \(status))")
+                }
+            }
             if let connection = try? HiredisConnection(endpoint: RedisEndpoint(port: port),
                                                        connectTimeout: .seconds(1), commandTimeout: .seconds(1)),
                (try? connection.command(["PING"])) == .status("PONG") {
