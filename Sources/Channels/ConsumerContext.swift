@@ -13,7 +13,13 @@ public final class ConsumerContext: Sendable {
     public let kwargs: [String: String]
     public let layer: any ChannelLayer
     public let logger: Logger
-    private let outbox = Mutex<[(channel: String?, group: String?, message: Message)]>([])
+    /// Where a buffered send goes.
+    enum Destination: Sendable {
+        case channel(String)
+        case group(String)
+    }
+
+    private let outbox = Mutex<[(to: Destination, message: Message)]>([])
 
     public init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger) {
         self.message = message
@@ -40,41 +46,42 @@ public final class ConsumerContext: Sendable {
     }
 
     public func send(_ message: Message, to channel: String, immediately: Bool = false) async throws {
-        if immediately {
-            try await layer.send(message, to: channel)
-        } else {
-            try ChannelNames.validateChannel(channel)
-            outbox.withLock { $0.append((channel, nil, message)) }
-        }
+        try ChannelNames.validateChannel(channel)
+        try await deliver(message, to: .channel(channel), immediately: immediately)
     }
 
     public func sendGroup(_ group: String, _ message: Message, immediately: Bool = false) async throws {
+        try ChannelNames.validateGroup(group)
+        try await deliver(message, to: .group(group), immediately: immediately)
+    }
+
+    private func deliver(_ message: Message, to destination: Destination, immediately: Bool) async throws {
         if immediately {
-            try await layer.sendGroup(group, message: message)
+            try await send(message, to: destination)
         } else {
-            try ChannelNames.validateGroup(group)
-            outbox.withLock { $0.append((nil, group, message)) }
+            outbox.withLock { $0.append((destination, message)) }
+        }
+    }
+
+    private func send(_ message: Message, to destination: Destination) async throws {
+        switch destination {
+        case .channel(let name): try await layer.send(message, to: name)
+        case .group(let name): try await layer.sendGroup(name, message: message)
         }
     }
 
     /// Sends what the consumer buffered, in order. A full channel is logged, not fatal: the
     /// other sends still go out.
     func flush() async {
-        let pending = outbox.withLock { outbox -> [(channel: String?, group: String?, message: Message)] in
+        let pending = outbox.withLock { outbox -> [(to: Destination, message: Message)] in
             defer { outbox.removeAll() }
             return outbox
         }
         for item in pending {
             do {
-                if let channel = item.channel {
-                    try await layer.send(item.message, to: channel)
-                } else if let group = item.group {
-                    try await layer.sendGroup(group, message: item.message)
-                }
+                try await send(item.message, to: item.to)
             } catch {
-                logger.warning("a buffered send failed", metadata: [
-                    "to": "\(item.channel ?? "group:" + (item.group ?? ""))", "error": "\(error)",
-                ])
+                logger.warning("a buffered send failed", metadata: ["to": "\(item.to)", "error": "\(error)"])
             }
         }
     }
