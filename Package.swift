@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"4.0.0"),
     ],
     targets: [
         .systemLibrary(
@@ -55,7 +56,12 @@ let package = Package(
         ),
         .target(
             name: "Channels",
-            dependencies: ["ASGI", .product(name: "Logging", package: "swift-log")]
+            dependencies: [
+                "ASGI", "RedisChannelLayer",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .target(
             name: "ChannelsCommand",
@@ -73,7 +79,7 @@ let package = Package(
             name: "ChannelsBench",
             dependencies: ["ASGI", "RedisChannelLayer"]
         ),
-        .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels"]),
+        .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels", "RedisChannelLayer"]),
         .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
     ],
     swiftLanguageModes: [.v6]

@@ -13,6 +13,18 @@ public final class ConsumerContext: Sendable {
     public let kwargs: [String: String]
     public let layer: any ChannelLayer
     public let logger: Logger
+    /// Sessions, users and their settings.
+    public let environment: ConsumerEnvironment
+
+    /// State the session and auth wrappers attach to the context.
+    struct Extras {
+        var channelSession: Session?
+        var httpSession: Session?
+        var user: User?
+        var cookies: [(name: String, header: String)] = []
+    }
+
+    let extras = Mutex(Extras())
     /// Where a buffered send goes.
     enum Destination: Sendable {
         case channel(String)
@@ -21,12 +33,14 @@ public final class ConsumerContext: Sendable {
 
     private let outbox = Mutex<[(to: Destination, message: Message)]>([])
 
-    public init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger) {
+    public init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+                environment: ConsumerEnvironment = ConsumerEnvironment()) {
         self.message = message
         self.channel = channel
         self.kwargs = kwargs
         self.layer = layer
         self.logger = logger
+        self.environment = environment
     }
 
     /// The message's `reply_channel`, if it has one.
@@ -141,4 +155,6 @@ public enum ConsumerError: Error, Sendable {
     case denyConnection
     /// Close the WebSocket with this code.
     case close(code: Int)
+    /// Not now: the message goes back on its channel (at most `Worker.maxRetries` times).
+    case consumeLater
 }

@@ -7,12 +7,18 @@ extension ConsumerContext {
                         headers: [(String, String)] = [], body: [UInt8]) async throws {
         var list: [ASGIValue] = [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]]
         for (name, value) in headers { list.append([.utf8Bytes(name.lowercased()), .utf8Bytes(value)]) }
+        for cookie in responseCookies { list.append([.utf8Bytes("set-cookie"), .utf8Bytes(cookie)]) }
         try await reply(["status": .int(Int64(status)), "headers": .array(list), "content": .bytes(body), "more_content": false])
     }
 
     public func respond(status: Int = 200, contentType: String = "text/plain; charset=utf-8",
                         headers: [(String, String)] = [], _ text: String) async throws {
         try await respond(status: status, contentType: contentType, headers: headers, body: Array(text.utf8))
+    }
+
+    /// Redirects (303 See Other by default), e.g. after a login form.
+    public func redirect(to location: String, status: Int = 303) async throws {
+        try await respond(status: status, headers: [("location", location)], body: [])
     }
 
     /// Accepts a WebSocket connection.
@@ -42,8 +48,10 @@ extension ConsumerContext {
 
     /// Starts a streamed response; send the rest with `respondChunk`.
     public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
+        var list: [ASGIValue] = [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]]
+        for cookie in responseCookies { list.append([.utf8Bytes("set-cookie"), .utf8Bytes(cookie)]) }
         try await reply(["status": .int(Int64(status)),
-                         "headers": [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]],
+                         "headers": .array(list),
                          "content": .bytes(firstChunk), "more_content": true])
     }
 

@@ -8,8 +8,16 @@ public final class Worker: Sendable {
     public let router: Router
     public let layer: any ChannelLayer
     public let channels: [String]
+    public let environment: ConsumerEnvironment
     private let concurrency: Int
     private let logger: Logger
+    private let retriesDropped = Atomic<Int>(0)
+
+    /// How many times a message may be put back with `ConsumerError.consumeLater`.
+    public static let maxRetries = 10
+    /// The key that carries a re-queued message's retry count.
+    public static let retryKey = "__retries__"
+
     private let stopping = Atomic<Bool>(false)
     private let processed = Atomic<Int>(0)
 
@@ -17,8 +25,10 @@ public final class Worker: Sendable {
     ///   - only: glob patterns; when given, only matching channels are listened on.
     ///   - exclude: glob patterns of channels not to listen on.
     public init(router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
-                exclude: [String] = [], logger: Logger = Logger(label: "channels.worker")) {
+                exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
+                logger: Logger = Logger(label: "channels.worker")) {
         self.router = router
+        self.environment = environment
         self.layer = layer
         self.concurrency = max(1, concurrency)
         self.logger = logger
@@ -78,7 +88,8 @@ public final class Worker: Sendable {
             await unrouted(received)
             return
         }
-        context = ConsumerContext(message: received.message, channel: received.channel, kwargs: kwargs, layer: layer, logger: logger)
+        context = ConsumerContext(message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
+                                  logger: logger, environment: environment)
         do {
             try await ConsumerContext.$current.withValue(context) {
                 try await consumer(context)
@@ -88,10 +99,34 @@ public final class Worker: Sendable {
             try? await context.reply(answer)
         } catch ConsumerError.close(let code) {
             try? await context.reply(["close": .int(Int64(code))])
+        } catch ConsumerError.consumeLater {
+            await requeue(received, consumer: name)
         } catch {
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
         }
         await context.flush()
+    }
+
+    /// Messages dropped after `maxRetries` re-queues.
+    public var messagesDroppedAfterRetries: Int { retriesDropped.load(ordering: .relaxed) }
+
+    /// Puts a message back on its channel for later, counting the retries.
+    private func requeue(_ received: ReceivedMessage, consumer: String) async {
+        let retries = (received.message[Self.retryKey]?.intValue ?? 0) + 1
+        guard retries <= Self.maxRetries else {
+            retriesDropped.add(1, ordering: .relaxed)
+            logger.warning("dropped a message after \(Self.maxRetries) consume-later retries",
+                           metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)"])
+            return
+        }
+        var message = received.message
+        message.fields[Self.retryKey] = .int(retries)
+        do {
+            try await layer.send(message, to: received.channel)
+        } catch {
+            logger.error("could not re-queue a consume-later message",
+                         metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)", "error": "\(error)"])
+        }
     }
 
     private func unrouted(_ received: ReceivedMessage) async {

@@ -13,10 +13,16 @@ import Synchronization
 public struct ChannelsApplication: Sendable {
     public var name: String
     public var routing: @Sendable () throws -> [RoutingEntry]
+    /// How users are loaded by id (for the `...User` session wrappers); nil: everyone is anonymous.
+    public var users: (any UserProvider)?
+    public var sessionSettings: SessionSettings
 
-    public init(name: String, routing: @escaping @Sendable () throws -> [RoutingEntry]) {
+    public init(name: String, users: (any UserProvider)? = nil, sessionSettings: SessionSettings = .init(),
+                routing: @escaping @Sendable () throws -> [RoutingEntry]) {
         self.name = name
         self.routing = routing
+        self.users = users
+        self.sessionSettings = sessionSettings
     }
 
     static let current = Mutex<ChannelsApplication?>(nil)
@@ -37,7 +43,7 @@ struct ApplicationCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "app",
         abstract: "A Channels application: interface server, workers and operations.",
-        subcommands: [RunServer.self, RunWorker.self, Stats.self]
+        subcommands: [RunServer.self, RunWorker.self, RunDelay.self, Stats.self]
     )
 }
 
@@ -46,8 +52,26 @@ struct LayerOptions: ParsableArguments {
     @Option(name: .long, help: "Channel layer: redis://host:port/db (comma-separated for shards). None = in-memory.")
     var layer: String?
 
+    @Option(name: .long, help: "Session store: redis://host:port/db or memory. Default: the layer's first Redis server, or memory.")
+    var sessionStore: String?
+
     @Flag(name: .shortAndLong, help: "Log debug messages.")
     var verbose = false
+
+    /// Sessions and users for the consumers.
+    func makeEnvironment(layer: any ChannelLayer) throws -> ConsumerEnvironment {
+        let app = ChannelsApplication.get()
+        let url = sessionStore ?? ProcessInfo.processInfo.environment["SESSION_STORE"]
+        let store: any SessionStore
+        if let url, !url.isEmpty, url != "memory", url != "memory://" {
+            store = RedisSessionStore(client: RedisClient(endpoint: try RedisEndpoint(url: url)))
+        } else if url == nil || url == "", let redis = layer as? RedisChannelLayer, let first = redis.configuration.hosts.first {
+            store = RedisSessionStore(client: RedisClient(endpoint: first))
+        } else {
+            store = InMemorySessionStore()
+        }
+        return ConsumerEnvironment(sessionStore: store, sessionSettings: app.sessionSettings, users: app.users)
+    }
 
     func makeLogger(_ label: String) -> Logger {
         var logger = Logger(label: label)

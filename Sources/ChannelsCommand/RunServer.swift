@@ -50,15 +50,50 @@ struct RunServer: AsyncParsableCommand {
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
         let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,
+                                             environment: try options.makeEnvironment(layer: layer),
                                              logger: options.makeLogger("channels.worker"))
         let workerTask = worker.map { worker in Task { await worker.run() } }
+        // On the in-memory layer nothing else could run a delay server: run one here.
+        let delay = !noworker && layer is InMemoryChannelLayer
+            ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
+        let delayTask = delay.map { delay in Task { await delay.run() } }
         let address = server.localAddress.map { "\($0)" } ?? bind
         say("\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]")
         await Signals.wait()
         logger.info("shutting down")
         await server.shutdown()
         worker?.stop()
+        delay?.stop()
         await workerTask?.value
+        await delayTask?.value
+        await layer.close()
+    }
+}
+
+struct RunDelay: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rundelay",
+        abstract: "Run the delay server: messages sent to asgi.delay go to their channel when due."
+    )
+
+    @OptionGroup var options: LayerOptions
+    @Option(name: .long, help: "The Redis sorted set that holds scheduled messages.") var delayKey = "asgi-delay:scheduled"
+
+    func run() async throws {
+        let logger = options.makeLogger("channels.rundelay")
+        let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        guard let redis = layer as? RedisChannelLayer, let first = redis.configuration.hosts.first else {
+            throw ValidationError("rundelay needs a Redis layer")
+        }
+        let client = RedisClient(endpoint: first)
+        let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
+        say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
+        let task = Task { await server.run() }
+        await Signals.wait()
+        logger.info("stopping")
+        server.stop()
+        await task.value
+        await client.close()
         await layer.close()
     }
 }
@@ -79,7 +114,7 @@ struct RunWorker: AsyncParsableCommand {
         let layer = try options.makeLayer(logger: logger, allowMemory: false)
         let router = try Router(ChannelsApplication.get().routing())
         let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
-                            exclude: excludeChannels, logger: logger)
+                            exclude: excludeChannels, environment: try options.makeEnvironment(layer: layer), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         let task = Task { await worker.run() }
         await Signals.wait()

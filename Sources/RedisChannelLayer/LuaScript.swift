@@ -2,12 +2,12 @@ import Synchronization
 
 /// A Lua script run with `EVALSHA`, falling back to `EVAL` when the server does not know it
 /// (a restarted or flushed server), so every call stays one round trip.
-final class LuaScript: Sendable {
+public final class LuaScript: Sendable {
     let name: String
     let source: String
     private let sha = Mutex<String?>(nil)
 
-    init(name: String, source: String) {
+    public init(name: String, source: String) {
         self.name = name
         self.source = source
     }

@@ -7,12 +7,12 @@ public enum RedisReply: Sendable, Hashable {
     case null
     case error(String)
 
-    var bytes: [UInt8]? { if case .string(let b) = self { b } else { nil } }
-    var integer: Int64? { if case .integer(let i) = self { i } else { nil } }
-    var array: [RedisReply]? { if case .array(let a) = self { a } else { nil } }
-    var errorMessage: String? { if case .error(let e) = self { e } else { nil } }
+    public var bytes: [UInt8]? { if case .string(let b) = self { b } else { nil } }
+    public var integer: Int64? { if case .integer(let i) = self { i } else { nil } }
+    public var array: [RedisReply]? { if case .array(let a) = self { a } else { nil } }
+    public var errorMessage: String? { if case .error(let e) = self { e } else { nil } }
 
-    var text: String? {
+    public var text: String? {
         switch self {
         case .string(let b): String(decoding: b, as: UTF8.self)
         case .status(let s): s

@@ -1,0 +1,135 @@
+import ASGI
+import Crypto
+import Foundation
+import _CryptoExtras
+
+/// Who sent a message: a user loaded by id, or anonymous.
+public struct User: Sendable, Hashable, CustomStringConvertible {
+    public var id: String
+    public var username: String
+
+    public init(id: String, username: String) {
+        self.id = id
+        self.username = username
+    }
+
+    public static let anonymous = User(id: "", username: "")
+
+    public var isAuthenticated: Bool { !id.isEmpty }
+    public var isAnonymous: Bool { id.isEmpty }
+    public var description: String { isAuthenticated ? username : "anonymous" }
+}
+
+/// How the application loads a user by the id kept in the session.
+public protocol UserProvider: Sendable {
+    func user(id: String) async throws -> User?
+}
+
+/// A provider from a closure.
+public struct UserLookup: UserProvider {
+    let lookup: @Sendable (String) async throws -> User?
+    public init(_ lookup: @escaping @Sendable (String) async throws -> User?) { self.lookup = lookup }
+    public func user(id: String) async throws -> User? { try await lookup(id) }
+}
+
+/// The session keys auth uses (Django's names).
+enum AuthSessionKey {
+    static let userID = "_auth_user_id"
+}
+
+extension ConsumerContext {
+    /// The user of this message: set by the `...User` wrappers; anonymous otherwise.
+    public var user: User { extras.withLock { $0.user } ?? .anonymous }
+
+    func resolveUser(id: ASGIValue?) async throws -> User {
+        guard let id = id?.stringValue, !id.isEmpty, let users = environment.users else { return .anonymous }
+        return try await users.user(id: id) ?? .anonymous
+    }
+
+    func setUser(_ user: User) { extras.withLock { $0.user = user } }
+
+    /// Logs `user` in on the HTTP session: the session gets a new key (no session fixation),
+    /// remembers the user, and the response carries the new cookie. Needs `httpSession`.
+    public func login(_ user: User) async throws {
+        let session = try httpSession
+        if let current = session[AuthSessionKey.userID]?.stringValue, current != user.id {
+            session.removeAll()
+        }
+        session.cycleKey()
+        session[AuthSessionKey.userID] = .string(user.id)
+        setUser(user)
+    }
+
+    /// Forgets the user and the whole HTTP session, and expires the cookie.
+    public func logout() async throws {
+        let session = try httpSession
+        try await session.delete()
+        setUser(.anonymous)
+        let settings = environment.sessionSettings
+        setCookie("\(settings.cookieName)=; Max-Age=0; Path=\(settings.cookiePath)", name: settings.cookieName)
+    }
+}
+
+/// `http_session_user`: `httpSession`, plus `context.user` loaded from it.
+public func httpSessionUser(_ consumer: @escaping Consumer) -> Consumer {
+    httpSession { context in
+        context.setUser(try await context.resolveUser(id: try context.httpSession[AuthSessionKey.userID]))
+        try await consumer(context)
+    }
+}
+
+/// `channel_session_user`: `channelSession`, plus `context.user` loaded from it.
+public func channelSessionUser(_ consumer: @escaping Consumer) -> Consumer {
+    channelSession { context in
+        context.setUser(try await context.resolveUser(id: try context.channelSession[AuthSessionKey.userID]))
+        try await consumer(context)
+    }
+}
+
+/// `channel_session_user_from_http`: for a socket's connect. Reads the user from the HTTP
+/// session (cookie or `?session_key=`) and copies it into the channel session, so every later
+/// message of the socket (wrapped in `channelSessionUser`) knows the user.
+public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consumer {
+    httpSessionUser(channelSession { context in
+        let session = try context.channelSession
+        let id: ASGIValue = context.user.isAuthenticated ? .string(context.user.id) : .null
+        if session[AuthSessionKey.userID] != id {
+            session[AuthSessionKey.userID] = context.user.isAuthenticated ? id : nil
+        }
+        try await consumer(context)
+    })
+}
+
+/// Password hashing with PBKDF2-HMAC-SHA256, stored in Django's format
+/// `pbkdf2_sha256$<iterations>$<salt>$<base64 hash>`.
+public enum PasswordHasher {
+    public static let defaultIterations = 260_000
+
+    public static func hash(_ password: String, iterations: Int = defaultIterations) throws -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789".utf8)
+        var generator = SystemRandomNumberGenerator()
+        let salt = String(decoding: (0..<22).map { _ in alphabet[Int(generator.next(upperBound: UInt64(alphabet.count)))] },
+                          as: UTF8.self)
+        let derived = try derive(password, salt: salt, iterations: iterations)
+        return "pbkdf2_sha256$\(iterations)$\(salt)$\(Data(derived).base64EncodedString())"
+    }
+
+    /// True when `password` matches `encoded`; false for a wrong password or a malformed hash.
+    public static func verify(_ password: String, against encoded: String) -> Bool {
+        let parts = encoded.split(separator: "$", omittingEmptySubsequences: false)
+        guard parts.count == 4, parts[0] == "pbkdf2_sha256", let iterations = Int(parts[1]), iterations > 0,
+              iterations <= 10_000_000, let expected = Data(base64Encoded: String(parts[3])),
+              let derived = try? derive(password, salt: String(parts[2]), iterations: iterations) else { return false }
+        // Constant-time comparison.
+        guard derived.count == expected.count else { return false }
+        var difference: UInt8 = 0
+        for (a, b) in zip(derived, expected) { difference |= a ^ b }
+        return difference == 0
+    }
+
+    private static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {
+        let key = try KDF.Insecure.PBKDF2.deriveKey(from: Array(password.utf8), salt: Array(salt.utf8), using: .sha256,
+                                                    outputByteCount: 32, unsafeUncheckedRounds: iterations)
+        return key.withUnsafeBytes { Array($0) }
+    }
+}

@@ -1,0 +1,202 @@
+import ASGI
+import Crypto
+import Foundation
+import OrderedCollections
+import Synchronization
+
+/// Settings shared by every session.
+public struct SessionSettings: Sendable {
+    /// Seconds a session lives after its last save (Django's SESSION_COOKIE_AGE: two weeks).
+    public var age: Int = 14 * 24 * 3600
+    /// The cookie that names an HTTP session.
+    public var cookieName: String = "sessionid"
+    /// Cookie attributes.
+    public var cookiePath: String = "/"
+    public var cookieSecure: Bool = false
+    public var cookieHTTPOnly: Bool = true
+    public var cookieSameSite: String = "Lax"
+    /// How many times a save re-reads and re-applies its changes after losing a race.
+    public var saveAttempts: Int = 10
+
+    public init() {}
+}
+
+/// A session could not be used.
+public struct SessionError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// A session: a map of message values, loaded from a ``SessionStore`` and saved back only
+/// when modified.
+///
+/// A save writes conditionally: if another consumer saved the same session since this one was
+/// loaded (or created it first), the save re-reads the stored data, re-applies this session's
+/// own changes (keys set and removed) on top, and tries again. Two consumers that each set a
+/// different key therefore both keep their write, even on the session's very first use.
+public final class Session: Sendable {
+    private struct State {
+        var key: String?
+        var base: [String: ASGIValue] = [:]
+        var snapshot: [UInt8]?
+        var changes: OrderedDictionary<String, ASGIValue?> = [:]
+        var cleared = false
+        var retiredKeys: [String] = []
+        var accessed = false
+    }
+
+    public let store: any SessionStore
+    public let settings: SessionSettings
+    private let state: Mutex<State>
+    /// Called when a session without a key gets one (the HTTP session sets its cookie then).
+    let onNewKey: (@Sendable (String) -> Void)?
+
+    init(key: String?, store: any SessionStore, settings: SessionSettings, onNewKey: (@Sendable (String) -> Void)? = nil) {
+        self.store = store
+        self.settings = settings
+        self.state = Mutex(State(key: key))
+        self.onNewKey = onNewKey
+    }
+
+    /// Loads the session stored under `key` (an empty session if there is none).
+    static func load(key: String?, store: any SessionStore, settings: SessionSettings,
+                     onNewKey: (@Sendable (String) -> Void)? = nil) async throws -> Session {
+        let session = Session(key: key, store: store, settings: settings, onNewKey: onNewKey)
+        if let key { try await session.reload(from: key) }
+        return session
+    }
+
+    private func reload(from key: String) async throws {
+        let raw = try await store.load(key)
+        let decoded = raw.flatMap { try? Self.decode($0) }
+        state.withLock {
+            $0.snapshot = raw
+            $0.base = decoded ?? [:]
+        }
+    }
+
+    /// The session key, or nil for an HTTP session that has not been created yet.
+    public var key: String? { state.withLock { $0.key } }
+
+    /// True when something was set or removed since the last save.
+    public var isModified: Bool { state.withLock { !$0.changes.isEmpty || $0.cleared || !$0.retiredKeys.isEmpty } }
+
+    public var isEmpty: Bool { data.isEmpty }
+
+    /// True when the store held this session when it was loaded or last saved.
+    public var isStored: Bool { state.withLock { $0.snapshot != nil } }
+
+    /// The session's data as it stands, stored data plus unsaved changes.
+    public var data: [String: ASGIValue] { state.withLock { Self.view($0) } }
+
+    private static func view(_ state: State) -> [String: ASGIValue] {
+        var result = state.cleared ? [:] : state.base
+        for (key, value) in state.changes { result[key] = value }
+        return result
+    }
+
+    public subscript(key: String) -> ASGIValue? {
+        get { state.withLock { Self.view($0)[key] } }
+        set {
+            let created = state.withLock { state -> String? in
+                state.changes[key] = .some(newValue)
+                return Self.ensureKey(&state)
+            }
+            if let created { onNewKey?(created) }
+        }
+    }
+
+    /// Removes every value (logout does this).
+    public func removeAll() {
+        state.withLock {
+            $0.cleared = true
+            $0.changes = [:]
+        }
+    }
+
+    /// Gives the session a new key, keeping its data; the old key is deleted on the next save.
+    /// Done at login, so a key an attacker planted before login is worthless after it.
+    public func cycleKey() {
+        let created = state.withLock { state -> String in
+            if let old = state.key { state.retiredKeys.append(old) }
+            let fresh = Self.newKey()
+            state.key = fresh
+            // The new key starts empty in the store: write everything, not only the changes.
+            for (key, value) in Self.view(state) where state.changes[key] == nil { state.changes[key] = .some(value) }
+            state.snapshot = nil
+            return fresh
+        }
+        onNewKey?(created)
+    }
+
+    private static func ensureKey(_ state: inout State) -> String? {
+        guard state.key == nil else { return nil }
+        let fresh = newKey()
+        state.key = fresh
+        return fresh
+    }
+
+    /// A random 32-character key of lowercase letters and digits (Django's form), from the
+    /// system's secure generator.
+    public static func newKey() -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789".utf8)
+        var generator = SystemRandomNumberGenerator()
+        return String(decoding: (0..<32).map { _ in alphabet[Int(generator.next(upperBound: UInt64(alphabet.count)))] },
+                      as: UTF8.self)
+    }
+
+    /// Saves if modified. On a lost race it re-reads and re-applies its own changes.
+    public func save() async throws {
+        guard isModified else { return }
+        let (key, retired) = state.withLock { ($0.key, $0.retiredKeys) }
+        guard let key else { return }
+        for attempt in 1...max(1, settings.saveAttempts) {
+            let (data, expected) = state.withLock { state -> ([UInt8], [UInt8]?) in
+                (Self.encode(Self.view(state)), state.snapshot)
+            }
+            if try await store.store(key, data: data, expected: expected, ttl: settings.age) {
+                state.withLock { state in
+                    state.base = Self.view(state)
+                    state.snapshot = data
+                    state.changes = [:]
+                    state.cleared = false
+                    state.retiredKeys = []
+                }
+                for old in retired where old != key { try await store.delete(old) }
+                return
+            }
+            if attempt < settings.saveAttempts { try await reload(from: key) }
+        }
+        throw SessionError("session \(key) could not be saved: \(settings.saveAttempts) concurrent writers won every race")
+    }
+
+    /// Deletes the stored session and forgets its data.
+    public func delete() async throws {
+        let key = state.withLock { state -> String? in
+            defer { state = State(key: nil) }
+            return state.key
+        }
+        if let key { try await store.delete(key) }
+    }
+
+    static func encode(_ data: [String: ASGIValue]) -> [UInt8] {
+        var map = OrderedDictionary<String, ASGIValue>()
+        for key in data.keys.sorted() { map[key] = data[key] }
+        return MsgPackEncoder.encode(.map(map))
+    }
+
+    static func decode(_ bytes: [UInt8]) throws -> [String: ASGIValue] {
+        guard case .map(let map) = try MsgPackDecoder().decode(bytes) else {
+            throw SessionError("stored session data is not a map")
+        }
+        return Dictionary(uniqueKeysWithValues: map.map { ($0.key, $0.value) })
+    }
+
+    /// The channel session key of a reply channel: "chn" + the first 29 hex digits of its
+    /// SHA-1, as Channels 1.1.2 and later name it.
+    public static func channelSessionKey(replyChannel: String) -> String {
+        let digest = Insecure.SHA1.hash(data: Array(replyChannel.utf8))
+        let hex = digest.map { String(format: "%02x", $0) }.joined()
+        return "chn" + hex.prefix(29)
+    }
+}

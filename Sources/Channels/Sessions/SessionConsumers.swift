@@ -1,0 +1,179 @@
+import ASGI
+import Foundation
+
+/// What the session and auth wrappers need from the application: where sessions live, their
+/// settings, and how to load a user.
+public struct ConsumerEnvironment: Sendable {
+    public var sessionStore: any SessionStore
+    public var sessionSettings: SessionSettings
+    /// Loads users by id for the `...User` wrappers; without one every user is anonymous.
+    public var users: (any UserProvider)?
+
+    public init(sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
+                users: (any UserProvider)? = nil) {
+        self.sessionStore = sessionStore
+        self.sessionSettings = sessionSettings
+        self.users = users
+    }
+}
+
+// MARK: channel_session
+
+/// `channel_session`: gives the consumer `context.channelSession`, a session keyed by the
+/// message's reply channel (one per WebSocket), saved after the consumer returns (or throws)
+/// when it was modified. A message without a reply channel is an error.
+public func channelSession(_ consumer: @escaping Consumer) -> Consumer {
+    { context in
+        if context.loadedChannelSession != nil { return try await consumer(context) }
+        let session = try await context.openChannelSession()
+        do {
+            try await consumer(context)
+        } catch {
+            try? await session.save()
+            throw error
+        }
+        try await session.save()
+    }
+}
+
+extension ConsumerContext {
+    func openChannelSession() async throws -> Session {
+        guard let reply = message["reply_channel"]?.stringValue else {
+            throw SessionError("channel_session needs a message with a reply_channel; '\(channel)' has none")
+        }
+        let session = try await Session.load(key: Session.channelSessionKey(replyChannel: reply),
+                                             store: environment.sessionStore, settings: environment.sessionSettings)
+        extras.withLock { $0.channelSession = session }
+        return session
+    }
+
+    /// The socket's channel session; only inside `channelSession` (or a wrapper that includes it).
+    public var channelSession: Session {
+        get throws {
+            guard let session = loadedChannelSession else {
+                throw SessionError("no channel session here: wrap the consumer in channelSession(...)")
+            }
+            return session
+        }
+    }
+
+    var loadedChannelSession: Session? { extras.withLock { $0.channelSession } }
+}
+
+// MARK: http_session
+
+/// `http_session`: gives the consumer `context.httpSession`, the session named by the
+/// `?session_key=` query parameter or else the session cookie. No key means an empty session
+/// without a key, not an error; writing to it creates one (and the response gets its cookie).
+public func httpSession(_ consumer: @escaping Consumer) -> Consumer {
+    { context in
+        if context.loadedHTTPSession != nil { return try await consumer(context) }
+        let session = try await context.openHTTPSession()
+        do {
+            try await consumer(context)
+        } catch {
+            try? await session.save()
+            throw error
+        }
+        try await session.save()
+    }
+}
+
+extension ConsumerContext {
+    func openHTTPSession() async throws -> Session {
+        let settings = environment.sessionSettings
+        let key = HTTPRequestInfo.queryParameter("session_key", in: message)
+            ?? HTTPRequestInfo.cookies(in: message)[settings.cookieName]
+        // A key that names nothing stored is not adopted: a fresh one is made on first write,
+        // so a client cannot choose its own session key.
+        var session = try await Session.load(key: key, store: environment.sessionStore, settings: settings,
+                                             onNewKey: { [weak self] in self?.setSessionCookie($0) })
+        if key != nil, !session.isStored {
+            session = Session(key: nil, store: environment.sessionStore, settings: settings,
+                              onNewKey: { [weak self] in self?.setSessionCookie($0) })
+        }
+        extras.withLock { $0.httpSession = session }
+        return session
+    }
+
+    /// The request's HTTP session; only inside `httpSession` (or a wrapper that includes it).
+    public var httpSession: Session {
+        get throws {
+            guard let session = loadedHTTPSession else {
+                throw SessionError("no HTTP session here: wrap the consumer in httpSession(...)")
+            }
+            return session
+        }
+    }
+
+    var loadedHTTPSession: Session? { extras.withLock { $0.httpSession } }
+
+    func setSessionCookie(_ key: String) {
+        let settings = environment.sessionSettings
+        var cookie = "\(settings.cookieName)=\(key); Max-Age=\(settings.age); Path=\(settings.cookiePath); SameSite=\(settings.cookieSameSite)"
+        if settings.cookieHTTPOnly { cookie += "; HttpOnly" }
+        if settings.cookieSecure { cookie += "; Secure" }
+        setCookie(cookie, name: settings.cookieName)
+    }
+
+    /// Adds (or replaces, by cookie name) a `Set-Cookie` header for the responses this consumer sends.
+    public func setCookie(_ header: String, name: String) {
+        extras.withLock { extras in
+            extras.cookies.removeAll { $0.name == name }
+            extras.cookies.append((name, header))
+        }
+    }
+
+    /// The `Set-Cookie` values the response helpers add.
+    public var responseCookies: [String] { extras.withLock { $0.cookies.map(\.header) } }
+}
+
+/// Reading cookies and query parameters out of `http.request` / `websocket.connect` messages.
+public enum HTTPRequestInfo {
+    /// The request's cookies (the first value of each name wins, as browsers send the most specific first).
+    public static func cookies(in message: Message) -> [String: String] {
+        var result: [String: String] = [:]
+        for header in message["headers"]?.arrayValue ?? [] {
+            guard let pair = header.arrayValue, pair.count == 2,
+                  let name = pair[0].bytesValue ?? pair[0].stringValue.map({ Array($0.utf8) }),
+                  String(decoding: name, as: UTF8.self).lowercased() == "cookie",
+                  let value = pair[1].bytesValue ?? pair[1].stringValue.map({ Array($0.utf8) }) else { continue }
+            for part in String(decoding: value, as: UTF8.self).split(separator: ";") {
+                let item = part.trimmingCharacters(in: .whitespaces)
+                guard let eq = item.firstIndex(of: "=") else { continue }
+                let name = String(item[..<eq])
+                var value = String(item[item.index(after: eq)...])
+                if value.hasPrefix("\""), value.hasSuffix("\""), value.count >= 2 { value = String(value.dropFirst().dropLast()) }
+                if result[name] == nil { result[name] = value }
+            }
+        }
+        return result
+    }
+
+    /// One parameter of the raw query string, percent-decoded.
+    public static func queryParameter(_ name: String, in message: Message) -> String? {
+        let raw = message["query_string"]?.bytesValue.map { String(decoding: $0, as: UTF8.self) }
+            ?? message["query_string"]?.stringValue ?? ""
+        for part in raw.split(separator: "&") {
+            let pieces = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(pieces[0]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding
+            if key == name {
+                let value = pieces.count > 1 ? String(pieces[1]) : ""
+                return value.replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? value
+            }
+        }
+        return nil
+    }
+
+    /// The value of a form field of an `application/x-www-form-urlencoded` body.
+    public static func formFields(_ body: [UInt8]) -> [String: String] {
+        var result: [String: String] = [:]
+        for part in String(decoding: body, as: UTF8.self).split(separator: "&") {
+            let pieces = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(pieces[0]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(pieces[0])
+            let value = pieces.count > 1 ? String(pieces[1]) : ""
+            result[key] = value.replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? value
+        }
+        return result
+    }
+}

@@ -1,0 +1,103 @@
+import ASGI
+import Foundation
+import RedisChannelLayer
+import Synchronization
+
+/// Where sessions live. A store keeps opaque, already-encoded session data under a key with a
+/// time to live, and writes conditionally so that two consumers saving the same session at
+/// once never silently overwrite each other (see ``Session/save()``).
+public protocol SessionStore: Sendable {
+    /// The stored bytes of a session, or nil when it does not exist or expired.
+    func load(_ key: String) async throws -> [UInt8]?
+    /// Writes `data` only if the stored value is still `expected` (nil: only if the key does
+    /// not exist, i.e. create-only). Returns false when someone else wrote first.
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool
+    func delete(_ key: String) async throws
+}
+
+/// The embedded default: sessions in this process's memory.
+public final class InMemorySessionStore: SessionStore {
+    private struct Entry {
+        var data: [UInt8]
+        var expires: ContinuousClock.Instant
+    }
+
+    private let entries = Mutex<[String: Entry]>([:])
+
+    public init() {}
+
+    public func load(_ key: String) async throws -> [UInt8]? {
+        let now = ContinuousClock.now
+        return entries.withLock { entries -> [UInt8]? in
+            guard let entry = entries[key] else { return nil }
+            if entry.expires <= now {
+                entries[key] = nil
+                return nil
+            }
+            return entry.data
+        }
+    }
+
+    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+        let now = ContinuousClock.now
+        return entries.withLock { entries -> Bool in
+            var current = entries[key]
+            if let entry = current, entry.expires <= now { current = nil }
+            guard current?.data == expected else { return false }
+            entries[key] = Entry(data: data, expires: now + .seconds(ttl))
+            return true
+        }
+    }
+
+    public func delete(_ key: String) async throws {
+        _ = entries.withLock { $0.removeValue(forKey: key) }
+    }
+
+    /// Sessions held (expired ones included until next touched).
+    public var count: Int { entries.withLock { $0.count } }
+}
+
+/// Sessions in Redis, each one string key `<prefix><session key>` with the session age as its
+/// TTL. Conditional writes are one Lua script, so they are atomic on the server.
+public final class RedisSessionStore: SessionStore {
+    public let client: RedisClient
+    public let prefix: String
+
+    private static let conditionalSet = LuaScript(name: "session-store", source: """
+        local current = redis.call('GET', KEYS[1])
+        if ARGV[2] == '0' then
+            if current then return 0 end
+        elseif current ~= ARGV[3] then
+            return 0
+        end
+        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+        return 1
+        """)
+
+    public init(client: RedisClient, prefix: String = "channels-session:") {
+        self.client = client
+        self.prefix = prefix
+    }
+
+    /// A store on the Redis server of this URL.
+    public convenience init(url: String, prefix: String = "channels-session:") throws {
+        self.init(client: try RedisClient(url: url), prefix: prefix)
+    }
+
+    private func redisKey(_ key: String) -> [UInt8] { Array((prefix + key).utf8) }
+
+    public func load(_ key: String) async throws -> [UInt8]? {
+        try await client.command([Array("GET".utf8), redisKey(key)]).bytes
+    }
+
+    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+        let reply = try await client.run(Self.conditionalSet, keys: [redisKey(key)], args: [
+            data, expected == nil ? [0x30] : [0x31], expected ?? [], Array(String(max(1, ttl)).utf8),
+        ])
+        return reply.integer == 1
+    }
+
+    public func delete(_ key: String) async throws {
+        try await client.command([Array("DEL".utf8), redisKey(key)])
+    }
+}
