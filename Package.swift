@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "InterfaceServer", targets: ["InterfaceServer"]),
         .library(name: "Channels", targets: ["Channels"]),
         .library(name: "ChannelsCommand", targets: ["ChannelsCommand"]),
+        .library(name: "ChannelsTesting", targets: ["ChannelsTesting"]),
         .executable(name: "chat", targets: ["ChatExample"]),
     ],
     dependencies: [
@@ -64,6 +65,10 @@ let package = Package(
             ]
         ),
         .target(
+            name: "ChannelsTesting",
+            dependencies: ["ASGI", "Channels", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
             name: "ChannelsCommand",
             dependencies: [
                 "ASGI", "Channels", "InterfaceServer", "RedisChannelLayer",
@@ -79,7 +84,7 @@ let package = Package(
             name: "ChannelsBench",
             dependencies: ["ASGI", "RedisChannelLayer"]
         ),
-        .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels", "RedisChannelLayer"]),
+        .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels", "ChannelsTesting", "RedisChannelLayer"]),
         .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
     ],
     swiftLanguageModes: [.v6]

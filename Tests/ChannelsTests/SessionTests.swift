@@ -1,0 +1,272 @@
+import ASGI
+@testable import Channels
+import ChannelsTesting
+import Foundation
+import RedisChannelLayer
+import Testing
+
+@Suite("sessions")
+struct SessionTests {
+    func store(_ kind: StoreKind) throws -> any SessionStore {
+        switch kind {
+        case .memory: InMemorySessionStore()
+        case .redis: try TestRedis.sessionStore(prefix: "t" + ChannelNames.randomLetters(8) + ":session:")
+        }
+    }
+
+    @Test func channelSessionKeyIsChannelsOwn() {
+        let key = Session.channelSessionKey(replyChannel: "daphne.response.abc!def")
+        #expect(key.count == 32)
+        #expect(key.hasPrefix("chn"))
+        let other = Session.channelSessionKey(replyChannel: "daphne.response.abc!deg")
+        #expect(key != other)
+        // Computed with Python: "chn" + hashlib.sha1(b"test.reply?x").hexdigest()[:29]
+        #expect(Session.channelSessionKey(replyChannel: "test.reply?x") == "chnc0e16001af45901d84efd1fb0df4e")
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func channelSessionPersistsPerSocket(_ kind: StoreKind) async throws {
+        let log = Log()
+        let routing = [
+            route("websocket.connect", channelSession { context in
+                try context.channelSession["room"] = .string(String(context.path.dropFirst()))
+                try await context.accept()
+            }),
+            route("websocket.receive", channelSession { context in
+                let room = try context.channelSession["room"]?.stringValue ?? "?"
+                let count = (try context.channelSession["count"]?.intValue ?? 0) + 1
+                try context.channelSession["count"] = .int(count)
+                try await context.reply(["text": .string("\(room):\(count)")])
+            }),
+            route("websocket.disconnect", channelSession { context in
+                await log.add("left \(try context.channelSession["room"]?.stringValue ?? "?") after \(try context.channelSession["count"]?.intValue ?? 0)")
+            }),
+        ]
+        let harness = try TestHarness(routing, environment: ConsumerEnvironment(sessionStore: try store(kind)))
+        let a = WebSocketTestClient(harness, path: "/lobby")
+        let b = WebSocketTestClient(harness, path: "/games")
+        #expect(try await a.connect())
+        #expect(try await b.connect())
+        try await a.send(text: "x")
+        #expect(try await a.receiveText() == "lobby:1")
+        try await a.send(text: "x")
+        #expect(try await a.receiveText() == "lobby:2")
+        try await b.send(text: "x")
+        #expect(try await b.receiveText() == "games:1")
+        try await a.close()
+        try await b.close()
+        #expect(await log.entries == ["left lobby after 2", "left games after 1"])
+    }
+
+    @Test func channelSessionWithoutReplyChannelIsAClearError() async throws {
+        let context = ConsumerContext(message: ["text": "x"], channel: "chat-messages", kwargs: [:],
+                                      layer: InMemoryChannelLayer(), logger: .init(label: "t"))
+        await #expect(throws: SessionError.self) {
+            try await channelSession { _ in }(context)
+        }
+        do {
+            try await channelSession { _ in }(context)
+        } catch {
+            #expect("\(error)".contains("reply_channel"))
+            #expect("\(error)".contains("chat-messages"))
+        }
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func httpSessionFromCookieAndQueryParameter(_ kind: StoreKind) async throws {
+        let routing = [
+            route("http.request", path: "^/set/", httpSession { context in
+                try context.httpSession["color"] = "blue"
+                try await context.respond("set")
+            }),
+            route("http.request", path: "^/get/", httpSession { context in
+                try await context.respond(try context.httpSession["color"]?.stringValue ?? "none")
+            }),
+            route("websocket.connect", httpSession { context in
+                try await context.reply(["text": .string(try context.httpSession["color"]?.stringValue ?? "none")])
+            }),
+        ]
+        let harness = try TestHarness(routing, environment: ConsumerEnvironment(sessionStore: try store(kind)))
+        let browser = HTTPTestClient(harness)
+        #expect(try await browser.get("/get/").text == "none", "no key means no session, not an error")
+        #expect(browser.cookies.isEmpty, "reading an empty session creates nothing")
+        let set = try await browser.get("/set/")
+        let cookie = try #require(set.setCookies.first)
+        #expect(cookie.hasPrefix("sessionid="))
+        #expect(cookie.contains("HttpOnly"))
+        let key = try #require(browser.cookies["sessionid"])
+        #expect(key.count == 32)
+        #expect(try await browser.get("/get/").text == "blue", "from the cookie")
+
+        let stranger = HTTPTestClient(harness)
+        #expect(try await stranger.get("/get/").text == "none")
+        #expect(try await stranger.get("/get/", query: "session_key=\(key)").text == "blue", "from ?session_key=")
+        #expect(try await stranger.get("/get/", query: "session_key=unknownunknownunknownunknownunkno").text == "none")
+
+        let socket = WebSocketTestClient(harness, path: "/", query: "session_key=\(key)")
+        #expect(try await socket.connect())
+        #expect(try await socket.receive()?["text"]?.stringValue == "blue")
+        let cookieSocket = WebSocketTestClient(harness, path: "/", cookies: browser.cookies)
+        #expect(try await cookieSocket.connect())
+        #expect(try await cookieSocket.receive()?["text"]?.stringValue == "blue")
+    }
+
+    @Test func aPlantedUnknownKeyIsNotAdopted() async throws {
+        let store = InMemorySessionStore()
+        let harness = try TestHarness([
+            route("http.request", httpSession { context in
+                try context.httpSession["x"] = 1
+                try await context.respond("ok")
+            }),
+        ], environment: ConsumerEnvironment(sessionStore: store))
+        let browser = HTTPTestClient(harness)
+        browser.setCookie("sessionid", "attackerchosenkeyattackerchosenk")
+        _ = try await browser.get("/")
+        #expect(browser.cookies["sessionid"] != "attackerchosenkeyattackerchosenk")
+        #expect(try await store.load("attackerchosenkeyattackerchosenk") == nil)
+    }
+
+    static func authRouting(log: Log) -> [RoutingEntry] {
+        [
+            route("http.request", path: "^/login/", httpSession { context in
+                let form = HTTPRequestInfo.formFields(try context.message.bytes("body"))
+                let users = ["alice": "1", "bob": "2"]
+                guard let id = users[form["username"] ?? ""] else { return try await context.respond(status: 403, "no") }
+                try await context.login(User(id: id, username: form["username"]!))
+                try await context.respond("welcome \(context.user)")
+            }),
+            route("http.request", path: "^/logout/", httpSession { context in
+                try await context.logout()
+                try await context.respond("bye")
+            }),
+            route("http.request", path: "^/whoami/", httpSessionUser { context in
+                try await context.respond("\(context.user)")
+            }),
+            route("websocket.connect", channelSessionUserFromHTTP { context in
+                await log.add("connect \(context.user)")
+                try await context.accept()
+            }),
+            route("websocket.receive", channelSessionUser { context in
+                await log.add("receive \(context.user)")
+                try await context.reply(["text": .string("\(context.user): \(try context.message.string("text"))")])
+            }),
+        ]
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func userCarriedFromHTTPIntoTheSocket(_ kind: StoreKind) async throws {
+        let log = Log()
+        let harness = try TestHarness(Self.authRouting(log: log),
+                                      environment: ConsumerEnvironment(sessionStore: try store(kind), users: TestUsers()))
+        let browser = HTTPTestClient(harness)
+        #expect(try await browser.get("/whoami/").text == "anonymous")
+        let login = try await browser.post("/login/", form: [("username", "alice")])
+        #expect(login.text == "welcome alice")
+        #expect(try await browser.get("/whoami/").text == "alice")
+
+        let socket = WebSocketTestClient(harness, path: "/chat/", cookies: browser.cookies)
+        #expect(try await socket.connect())
+        try await socket.send(text: "hi")
+        #expect(try await socket.receiveText() == "alice: hi")
+
+        let anonymous = WebSocketTestClient(harness, path: "/chat/")
+        #expect(try await anonymous.connect())
+        try await anonymous.send(text: "hey")
+        #expect(try await anonymous.receiveText() == "anonymous: hey")
+        #expect(await log.entries == ["connect alice", "receive alice", "connect anonymous", "receive anonymous"])
+
+        _ = try await browser.get("/logout/")
+        #expect(browser.cookies["sessionid"] == nil)
+        #expect(try await browser.get("/whoami/").text == "anonymous")
+    }
+
+    @Test func loginRotatesTheKey() async throws {
+        let store = InMemorySessionStore()
+        let harness = try TestHarness(
+            Self.authRouting(log: Log()) + [route("http.request", path: "^/visit/", httpSession { context in
+                try context.httpSession["visited"] = true
+                try await context.respond("ok")
+            })],
+            environment: ConsumerEnvironment(sessionStore: store, users: TestUsers()))
+        let browser = HTTPTestClient(harness)
+        _ = try await browser.get("/visit/")
+        let before = try #require(browser.cookies["sessionid"])
+        _ = try await browser.post("/login/", form: [("username", "bob")])
+        let after = try #require(browser.cookies["sessionid"])
+        #expect(before != after, "login gives a new key")
+        #expect(try await store.load(before) == nil, "the pre-login key is gone")
+        let data = try Session.decode(try #require(try await store.load(after)))
+        #expect(data["visited"] == true, "data survives the rotation")
+        #expect(data["_auth_user_id"] == "2")
+        // The old key no longer logs anyone in.
+        let attacker = HTTPTestClient(harness)
+        attacker.setCookie("sessionid", before)
+        #expect(try await attacker.get("/whoami/").text == "anonymous")
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func concurrentFirstSavesKeepBothWrites(_ kind: StoreKind) async throws {
+        let store = try store(kind)
+        for round in 0..<20 {
+            let key = "race\(round)" + ChannelNames.randomLetters(8)
+            let sessions = try await withThrowingTaskGroup(of: Session.self) { group in
+                for _ in 0..<4 {
+                    group.addTask { try await Session.load(key: key, store: store, settings: .init()) }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (index, session) in sessions.enumerated() {
+                    session["writer\(index)"] = .int(Int64(index))
+                    group.addTask { try await session.save() }
+                }
+                try await group.waitForAll()
+            }
+            let stored = try Session.decode(try #require(try await store.load(key)))
+            #expect(stored == ["writer0": 0, "writer1": 1, "writer2": 2, "writer3": 3], "round \(round)")
+        }
+    }
+
+    @Test func sessionIsSavedOnlyWhenModified() async throws {
+        let store = CountingStore()
+        let harness = try TestHarness([
+            route("websocket.connect", channelSession { context in try await context.accept() }),
+            route("websocket.receive", channelSession { context in
+                if try context.message.string("text") == "write" { try context.channelSession["n"] = 1 }
+            }),
+        ], environment: ConsumerEnvironment(sessionStore: store))
+        let socket = WebSocketTestClient(harness, path: "/")
+        try await socket.connect()
+        try await socket.send(text: "read")
+        #expect(store.writes == 0)
+        try await socket.send(text: "write")
+        #expect(store.writes == 1)
+    }
+
+    @Test func passwordsAreHashedWithPBKDF2() throws {
+        let hash = try PasswordHasher.hash("correct horse", iterations: 1000)
+        #expect(hash.hasPrefix("pbkdf2_sha256$1000$"))
+        #expect(!hash.contains("correct horse"))
+        #expect(PasswordHasher.verify("correct horse", against: hash))
+        #expect(!PasswordHasher.verify("correct horsf", against: hash))
+        #expect(!PasswordHasher.verify("x", against: "garbage"))
+        #expect(try PasswordHasher.hash("same", iterations: 1000) != PasswordHasher.hash("same", iterations: 1000), "salted")
+        // Django's format, computed with Python: base64(hashlib.pbkdf2_hmac("sha256", b"password", b"seasalt", 1000)).
+        #expect(PasswordHasher.verify("password", against: "pbkdf2_sha256$1000$seasalt$YIWkt6M1JFXrHg5s0jZjBSc7C2Cz6QvchSJ0h8Y+i7c="))
+        #expect(!PasswordHasher.verify("password", against: "pbkdf2_sha256$1001$seasalt$YIWkt6M1JFXrHg5s0jZjBSc7C2Cz6QvchSJ0h8Y+i7c="))
+    }
+}
+
+/// A store that counts writes.
+final class CountingStore: SessionStore, @unchecked Sendable {
+    private let base = InMemorySessionStore()
+    private let lock = NSLock()
+    private var count = 0
+    var writes: Int { lock.withLock { count } }
+    func load(_ key: String) async throws -> [UInt8]? { try await base.load(key) }
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+        lock.withLock { count += 1 }
+        return try await base.store(key, data: data, expected: expected, ttl: ttl)
+    }
+    func delete(_ key: String) async throws { try await base.delete(key) }
+}

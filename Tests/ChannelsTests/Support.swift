@@ -1,0 +1,53 @@
+import ASGI
+import Channels
+import Foundation
+import RedisChannelLayer
+import Testing
+
+/// The Redis of `scripts/test.sh`. Tests that need it fail (not skip) without it, saying why.
+enum TestRedis {
+    static func requireURL() throws -> String {
+        guard let url = ProcessInfo.processInfo.environment["REDIS_URL"] else {
+            Issue.record("REDIS_URL is not set: run scripts/test.sh, which starts a throwaway redis-server")
+            throw Missing.redis
+        }
+        return url
+    }
+
+    enum Missing: Error { case redis }
+
+    /// A Redis layer on keys of its own, so tests run in parallel on one server.
+    static func layer(capacity: Int = 100, channelCapacities: [(String, Int)] = []) throws -> RedisChannelLayer {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try requireURL()])
+        let prefix = "t" + ChannelNames.randomLetters(8) + ":"
+        configuration.prefix = prefix
+        configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
+        configuration.capacity = capacity
+        configuration.channelCapacities = channelCapacities
+        return try RedisChannelLayer(configuration: configuration)
+    }
+
+    static func client() throws -> RedisClient { try RedisClient(url: try requireURL()) }
+
+    static func sessionStore(prefix: String) throws -> RedisSessionStore {
+        RedisSessionStore(client: try client(), prefix: prefix)
+    }
+}
+
+enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case memory, redis
+    var testDescription: String { rawValue }
+}
+
+/// Users for the auth tests.
+struct TestUsers: UserProvider {
+    func user(id: String) async throws -> User? {
+        ["1": User(id: "1", username: "alice"), "2": User(id: "2", username: "bob")][id]
+    }
+}
+
+/// A log of what consumers did, safe to share between them.
+actor Log {
+    var entries: [String] = []
+    func add(_ entry: String) { entries.append(entry) }
+}
