@@ -17,9 +17,9 @@ enum TestRedis {
     enum Missing: Error { case redis }
 
     /// A Redis layer on keys of its own, so tests run in parallel on one server.
-    static func layer(capacity: Int = 100, channelCapacities: [(String, Int)] = []) throws -> RedisChannelLayer {
+    static func layer(prefix: String = "t" + ChannelNames.randomLetters(8) + ":", capacity: Int = 100,
+                      channelCapacities: [(String, Int)] = []) throws -> RedisChannelLayer {
         var configuration = try RedisChannelLayerConfiguration(urls: [try requireURL()])
-        let prefix = "t" + ChannelNames.randomLetters(8) + ":"
         configuration.prefix = prefix
         configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
         configuration.capacity = capacity

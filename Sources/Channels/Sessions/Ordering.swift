@@ -46,9 +46,13 @@ struct OrderingGate {
         do {
             try await consumer(context)
         } catch {
+            await context.flush()
             try await advance(session, past: order)
             throw error
         }
+        // The replies of this message go out before the next message may run, so the client
+        // sees them in order too.
+        await context.flush()
         try await advance(session, past: order)
     }
 

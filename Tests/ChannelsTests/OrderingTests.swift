@@ -1,0 +1,125 @@
+import ASGI
+@testable import Channels
+import ChannelsTesting
+import Foundation
+import RedisChannelLayer
+import Testing
+
+@Suite("ordering")
+struct OrderingTests {
+    static func routing(log: Log, slight: Bool = false) -> [RoutingEntry] {
+        [
+            route("websocket.connect", enforceOrdering(slight: slight) { context in
+                await log.add("0")
+                try await context.accept()
+            }),
+            route("websocket.receive", enforceOrdering(slight: slight) { context in
+                let order = try context.message.int("order")
+                await log.add("\(order)")
+                try await context.reply(["text": .string("\(order)")])
+            }),
+            route("websocket.disconnect", enforceOrdering(slight: slight) { context in
+                await log.add("disconnect \(try context.message.int("order"))")
+            }),
+        ]
+    }
+
+    func message(_ reply: String, order: Int64) -> Message {
+        ["reply_channel": .string(reply), "path": "/", "order": .int(order), "text": .string("\(order)")]
+    }
+
+    @Test func earlyMessagesWaitForTheirTurnInMemory() async throws {
+        let log = Log()
+        let harness = try TestHarness(Self.routing(log: log))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        #expect(await log.entries.isEmpty, "2 and 3 wait for the connect and 1")
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        #expect(await log.entries == ["0"])
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 4, "code": 1000], to: "websocket.disconnect")
+        #expect(await log.entries == ["0", "1", "2", "3", "disconnect 4"])
+        var replies: [Message] = []
+        while let next = try await harness.receive(from: reply) { replies.append(next) }
+        #expect(replies == [["accept": true], ["text": "1"], ["text": "2"], ["text": "3"]])
+    }
+
+    @Test func slightOnlyWaitsForTheConnect() async throws {
+        let log = Log()
+        let harness = try TestHarness(Self.routing(log: log, slight: true))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        #expect(await log.entries.isEmpty, "nothing before the connect")
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        #expect(await log.entries == ["0", "2"])
+        try await harness.send(message(reply, order: 4), to: "websocket.receive")
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        #expect(await log.entries == ["0", "2", "4", "3"], "after the connect, messages run as they come")
+    }
+
+    @Test func aFullWaitChannelClosesTheSocketWith1013() async throws {
+        let log = Log()
+        let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("__wait__.*", 2)]))
+        let harness = try TestHarness(Self.routing(log: log), layer: layer)
+        let socket = WebSocketTestClient(harness, path: "/")
+        #expect(try await socket.connect())
+        for order: Int64 in [5, 6, 7] { try await socket.enqueue(text: "x", order: order) }
+        try await harness.runPending()
+        #expect(try await socket.receive() == ["close": 1013])
+        #expect(await log.entries == ["0"])
+    }
+
+    @Test func twoWorkersOnRedisProcessMessagesInOrder() async throws {
+        let prefix = "t" + ChannelNames.randomLetters(8) + ":"
+        let sessionPrefix = String(prefix.dropLast()) + "-session:"
+        let log = Log()
+        // Two workers, each with its own layer and session store connections, as two processes would have.
+        var workers: [Worker] = []
+        var layers: [RedisChannelLayer] = []
+        for _ in 0..<2 {
+            let layer = try TestRedis.layer(prefix: prefix)
+            layers.append(layer)
+            workers.append(Worker(router: try Router(Self.routing(log: log)), layer: layer, concurrency: 2,
+                                  environment: ConsumerEnvironment(sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix))))
+        }
+        let tasks = workers.map { worker in Task { await worker.run() } }
+        let sender = layers[0]
+        for round in 0..<5 {
+            let reply = try await sender.newChannel("test.reply?")
+            try await sender.send(message(reply, order: 2), to: "websocket.receive")
+            try await sender.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+            try await sender.send(message(reply, order: 1), to: "websocket.receive")
+            var replies: [Message] = []
+            while replies.count < 3, let next = try await sender.receive(channels: [reply], timeout: .seconds(10)) {
+                replies.append(next.message)
+            }
+            #expect(replies == [["accept": true], ["text": "1"], ["text": "2"]], "round \(round)")
+        }
+        #expect(await log.entries == Array(repeating: ["0", "1", "2"], count: 5).flatMap { $0 })
+        for worker in workers { worker.stop() }
+        for task in tasks { await task.value }
+        for layer in layers { await layer.close() }
+    }
+}
+
+@Suite("consume later")
+struct ConsumeLaterTests {
+    @Test func retriedThenDroppedAfterTen() async throws {
+        let log = Log()
+        let harness = try TestHarness([
+            route("jobs", { context in
+                let retries = context.message[Worker.retryKey]?.intValue ?? 0
+                await log.add("\(retries)")
+                if try context.message.string("job") == "flaky" && retries < 3 { throw ConsumerError.consumeLater }
+                if try context.message.string("job") == "never" { throw ConsumerError.consumeLater }
+            }),
+        ])
+        try await harness.send(["job": "flaky"], to: "jobs")
+        #expect(await log.entries == ["0", "1", "2", "3"], "put back until it succeeds")
+        #expect(harness.worker.messagesDroppedAfterRetries == 0)
+        try await harness.send(["job": "never"], to: "jobs")
+        #expect(await log.entries.count == 4 + 11, "the first try and ten retries")
+        #expect(harness.worker.messagesDroppedAfterRetries == 1)
+    }
+}
