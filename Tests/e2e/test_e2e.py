@@ -69,6 +69,8 @@ def get(port, path, method="GET", body=None, headers=None):
 
 def test(fn):
     name = fn.__name__
+    if os.environ.get("E2E_ONLY") and os.environ["E2E_ONLY"] not in name:
+        return fn
     try:
         result = fn()
         if asyncio.iscoroutine(result):
@@ -354,6 +356,51 @@ def server_speaks_asgi_to_a_python_application():
     finally:
         app.flush()
         assert proc.stop() == 0
+
+
+@test
+def two_rundelay_processes_deliver_each_message_once_on_time():
+    """Two `chat rundelay` processes on one Redis; the real asgi_redis sends the delay requests."""
+    from asgi_redis import RedisChannelLayer
+    prefix = "e2edelay%d:" % os.getpid()
+    app = RedisChannelLayer(hosts=[REDIS_URL.split("?")[0]], prefix=prefix, capacity=1000)
+    key = "e2edelay%d-scheduled" % os.getpid()
+    delays = [Proc("rundelay", "--layer", redis_url(prefix), "--delay-key", key) for _ in range(2)]
+    try:
+        for d in delays:
+            d.wait_line("delay server ready")
+        # Malformed requests first: both loops must survive them.
+        for bad in ({}, {"channel": "x"}, {"channel": "no spaces", "content": {}, "delay": 5},
+                    {"channel": "x", "content": "str", "delay": 5}, {"channel": "x", "content": {}, "delay": -1}):
+            app.send("asgi.delay", bad)
+        due = {}
+        count = 30
+        for n in range(count):
+            delay = 100 + (n % 6) * 50
+            due[n] = time.time() + delay / 1000.0
+            app.send("asgi.delay", {"channel": "delayed-e2e", "content": {"n": n}, "delay": delay})
+        late = {}
+        deadline = time.time() + 20
+        while len(late) < count and time.time() < deadline:
+            channel, message = app.receive(["delayed-e2e"], block=True)
+            if channel:
+                n = message["n"]
+                assert n not in late, "delivered twice: %d" % n
+                late[n] = time.time() - due[n]
+        assert sorted(late) == list(range(count)), sorted(late)
+        time.sleep(0.3)
+        assert app.receive(["delayed-e2e"], block=False) == (None, None), "a duplicate arrived"
+        worst = max(late.values())
+        print("   delay lateness: median %.1f ms, worst %.1f ms, earliest %.1f ms" % (
+            sorted(late.values())[count // 2] * 1000, worst * 1000, min(late.values()) * 1000))
+        assert min(late.values()) > -0.005, "delivered before due"
+        assert worst <= 0.100, "later than 100 ms after due: %.1f ms" % (worst * 1000)
+        for d in delays:
+            assert d.p.poll() is None, "a delay server died on malformed input"
+    finally:
+        for d in delays:
+            assert d.stop() == 0
+        app.flush()
 
 
 failed = [name for name, error in results if error]
