@@ -19,6 +19,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"4.0.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
     ],
     targets: [
         .systemLibrary(
@@ -78,7 +79,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "ChatExample",
-            dependencies: ["ASGI", "Channels", "ChannelsCommand"]
+            dependencies: ["ASGI", "Channels", "ChannelsCommand", .product(name: "GRDB", package: "GRDB.swift")]
         ),
         .executableTarget(
             name: "ChannelsBench",

@@ -23,6 +23,62 @@ enum ChatConsumers {
         try await context.respond(contentType: "text/html; charset=utf-8", ChatPage.html)
     }
 
+    static func json(_ object: [String: Any]) -> String {
+        String(decoding: (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8),
+               as: UTF8.self)
+    }
+
+    static func respondJSON(_ context: ConsumerContext, status: Int = 200, _ object: [String: Any]) async throws {
+        try await context.respond(status: status, contentType: "application/json", json(object))
+    }
+
+    // MARK: Accounts
+
+    static let usernamePattern = try! NSRegularExpression(pattern: "^[A-Za-z0-9_.-]{1,30}$")
+
+    /// `POST /api/login/` with `username` and `password` (a form): logs in, creating the
+    /// account on first use. The password is checked against its PBKDF2 hash.
+    @Sendable static func login(_ context: ConsumerContext) async throws {
+        let form = HTTPRequestInfo.formFields(try await context.requestBody())
+        let username = (form["username"] ?? "").trimmingCharacters(in: .whitespaces)
+        let password = form["password"] ?? ""
+        guard usernamePattern.firstMatch(in: username, range: NSRange(username.startIndex..., in: username)) != nil else {
+            return try await respondJSON(context, status: 400, ["error": "a user name is 1 to 30 letters, digits, '.', '_' or '-'"])
+        }
+        guard password.count >= 4 else {
+            return try await respondJSON(context, status: 400, ["error": "a password has at least 4 characters"])
+        }
+        let database = ChatDatabase.shared
+        var account = try await database.account(named: username)
+        if account == nil {
+            account = try await database.createAccount(username: username, password: password)
+            if account == nil { account = try await database.account(named: username) }
+        }
+        guard let account, let id = account.id, PasswordHasher.verify(password, against: account.passwordHash) else {
+            context.logger.info("login refused", metadata: ["user": "\(username)"])
+            return try await respondJSON(context, status: 403, ["error": "wrong password for \(username)"])
+        }
+        try await context.login(User(id: String(id), username: account.username))
+        context.logger.info("login", metadata: ["user": "\(account.username)"])
+        try await respondJSON(context, ["user": account.username])
+    }
+
+    @Sendable static func logout(_ context: ConsumerContext) async throws {
+        try await context.logout()
+        try await respondJSON(context, ["user": NSNull()])
+    }
+
+    @Sendable static func me(_ context: ConsumerContext) async throws {
+        try await respondJSON(context, ["user": context.user.isAuthenticated ? context.user.username : NSNull()])
+    }
+
+    @Sendable static func historyJSON(_ context: ConsumerContext) async throws {
+        let messages = try await ChatDatabase.shared.history(room: context.kwargs["room"] ?? "lobby")
+        try await respondJSON(context, ["messages": messages.map(\.json)])
+    }
+
+    // MARK: Sockets
+
     @Sendable static func accept(_ context: ConsumerContext) async throws {
         try await context.accept()
     }
@@ -35,40 +91,75 @@ enum ChatConsumers {
         }
     }
 
-    static func group(_ context: ConsumerContext) -> Group {
-        Group("chat-" + (context.kwargs["room"] ?? "lobby"))
+    @Sendable static func privateConnect(_ context: ConsumerContext) async throws {
+        guard context.user.isAuthenticated else { throw ConsumerError.denyConnection }
+        try await context.accept()
+        try await context.sendText(json(["type": "welcome", "user": context.user.username]))
     }
 
+    static func roomGroup(_ room: String) -> Group { Group("chat-" + room) }
+    static func userGroup(_ user: User) -> Group { Group("user-" + user.username) }
+
+    /// Joins the room of the path: remembers it in the channel session, joins its group (and
+    /// the user's own group), accepts, and sends the room's recent history.
     @Sendable static func joinRoom(_ context: ConsumerContext) async throws {
         guard let reply = context.replyChannel else { return }
-        try await group(context).add(reply)
+        let room = context.kwargs["room"] ?? "lobby"
+        try context.channelSession["room"] = .string(room)
+        try await roomGroup(room).add(reply)
+        if context.user.isAuthenticated { try await userGroup(context.user).add(reply) }
         try await context.accept()
+        let history = try await ChatDatabase.shared.history(room: room)
+        try await context.sendText(json(["type": "history", "room": room, "user": context.user.isAuthenticated
+                                         ? context.user.username : NSNull(), "messages": history.map(\.json)]))
+        context.logger.info("joined", metadata: ["room": "\(room)", "user": "\(context.user)"])
     }
 
-    /// A frame from a member goes through the `chat-messages` channel, whose consumer
-    /// broadcasts it (and is where it would be stored), as in the seed's "Models" step.
+    /// A frame from a member goes through the `chat-messages` channel, whose consumer stores
+    /// and broadcasts it (the seed's "Models" step). The room comes from the channel session.
     @Sendable static func postToRoom(_ context: ConsumerContext) async throws {
-        guard let text = context.message["text"]?.stringValue else { return }
+        guard var text = context.message["text"]?.stringValue else { return }
+        if let data = text.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+           let inner = object["text"] as? String {
+            text = inner
+        }
+        text = String(text.trimmingCharacters(in: .whitespacesAndNewlines).prefix(2000))
+        guard !text.isEmpty else { return }
+        let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
         try await Channel("chat-messages").send([
-            "room": .string(context.kwargs["room"] ?? "lobby"),
-            "user": "anonymous",
+            "room": .string(room),
+            "user": .string(context.user.isAuthenticated ? context.user.username : "anonymous"),
             "text": .string(text),
         ])
     }
 
     @Sendable static func leaveRoom(_ context: ConsumerContext) async throws {
         guard let reply = context.replyChannel else { return }
-        try await group(context).discard(reply)
+        let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
+        try await roomGroup(room).discard(reply)
+        if context.user.isAuthenticated { try await userGroup(context.user).discard(reply) }
     }
 
-    @Sendable static func broadcast(_ context: ConsumerContext) async throws {
-        let room = try context.message.string("room")
-        let payload: [String: String] = [
-            "room": room,
-            "user": try context.message.string("user"),
-            "text": try context.message.string("text"),
-        ]
-        let json = String(decoding: try JSONSerialization.data(withJSONObject: payload, options: [.sortedKeys]), as: UTF8.self)
-        try await Group("chat-" + room).send(["text": .string(json)])
+    static let mentionPattern = try! NSRegularExpression(pattern: "@([A-Za-z0-9_.-]{1,30})")
+
+    /// Stores the message, broadcasts it to the room, and notifies every user it mentions
+    /// (`@name`) on all of that user's sockets, through the user's group.
+    @Sendable static func saveAndBroadcast(_ context: ConsumerContext) async throws {
+        let saved = try await ChatDatabase.shared.save(ChatMessage(
+            id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
+            text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
+        var event = saved.json
+        event["type"] = "message"
+        try await roomGroup(saved.room).send(["text": .string(json(event))])
+        let text = saved.text
+        var mentioned = Set<String>()
+        for match in mentionPattern.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
+            if let range = Range(match.range(at: 1), in: text) { mentioned.insert(String(text[range])) }
+        }
+        for name in mentioned.sorted() where name != saved.username {
+            var mention = event
+            mention["type"] = "mention"
+            try await Group("user-" + name).send(["text": .string(json(mention))])
+        }
     }
 }

@@ -3,26 +3,35 @@ import Channels
 import ChannelsCommand
 import Foundation
 
-/// The seed tutorial as one app: `chat runserver`, `chat runworker`, `chat stats`.
-let app = ChannelsApplication(name: "chat") {
+/// The seed tutorial as one app: `chat runserver`, `chat runworker`, `chat rundelay`, `chat stats`.
+let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
     [
         // Step 1: an HTTP consumer.
         route("http.request", path: "^/hello/", ChatConsumers.hello),
         route("http.request", path: "^/poll/$", method: "^POST$", ChatConsumers.poll),
         route("http.request", path: "^/$", ChatConsumers.page),
         route("http.request", path: "^/stream/$", ChatConsumers.stream),
+        // Step 6: log in over HTTP (the session cookie), ask who you are.
+        include([
+            route("http.request", path: "^login/$", method: "^POST$", httpSession(ChatConsumers.login)),
+            route("http.request", path: "^logout/$", method: "^POST$", httpSession(ChatConsumers.logout)),
+            route("http.request", path: "^me/$", httpSessionUser(ChatConsumers.me)),
+            route("http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/$", ChatConsumers.historyJSON),
+        ], path: "^/api/"),
         // Step 2: a WebSocket echo.
         route("websocket.connect", path: "^/echo/$", ChatConsumers.accept),
         route("websocket.receive", path: "^/echo/$", ChatConsumers.echo),
-        // Sockets under /private/ are refused (403) until the auth step lands.
-        route("websocket.connect", path: "^/private/", { _ in throw ConsumerError.denyConnection }),
-        // Steps 3, 5, 7, 8: rooms from the path, a group per room, messages through a channel.
+        // Sockets under /private/ are for logged-in users only (403 otherwise).
+        route("websocket.connect", path: "^/private/", channelSessionUserFromHTTP(ChatConsumers.privateConnect)),
+        // Steps 3, 5, 6, 7, 9: rooms from the path kept in the channel session, the user carried
+        // from the HTTP session, a group per room and per user, messages handled in order.
         include([
-            route("websocket.connect", ChatConsumers.joinRoom),
-            route("websocket.receive", ChatConsumers.postToRoom),
-            route("websocket.disconnect", ChatConsumers.leaveRoom),
+            route("websocket.connect", channelSessionUserFromHTTP(enforceOrdering(ChatConsumers.joinRoom))),
+            route("websocket.receive", channelSessionUser(enforceOrdering(ChatConsumers.postToRoom))),
+            route("websocket.disconnect", channelSessionUser(enforceOrdering(ChatConsumers.leaveRoom))),
         ], path: "^/chat/(?P<room>[A-Za-z0-9_-]{1,50})/$"),
-        route("chat-messages", ChatConsumers.broadcast),
+        // Step 8: a channel of our own; its consumer stores each message and broadcasts it.
+        route("chat-messages", ChatConsumers.saveAndBroadcast),
     ]
 }
 

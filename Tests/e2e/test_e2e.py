@@ -6,6 +6,7 @@ Prints 'N passed, N failed' and exits non-zero on any failure.
 """
 import asyncio
 import http.client
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,10 @@ import websockets
 
 CHAT, REDIS_URL = sys.argv[1], sys.argv[2]
 results = []
+# Every process of a test run shares one SQLite file, as the processes of one machine would.
+import tempfile
+DB_DIR = tempfile.mkdtemp(prefix="chat-e2e-")
+os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
 
 
 def free_port():
@@ -83,20 +88,33 @@ def test(fn):
     return fn
 
 
+async def join(port, room, cookie=None):
+    """Opens a room socket and returns it with the history frame it gets first."""
+    headers = {"Cookie": "sessionid=" + cookie} if cookie else {}
+    ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (port, room), extra_headers=headers)
+    history = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert history["type"] == "history" and history["room"] == room, history
+    return ws, history
+
+
 async def chat_checks(port):
-    a = await websockets.connect("ws://127.0.0.1:%d/chat/lobby/" % port)
-    b = await websockets.connect("ws://127.0.0.1:%d/chat/lobby/" % port)
-    c = await websockets.connect("ws://127.0.0.1:%d/chat/other/" % port)
-    await a.send("hello lobby")
+    text = "hello lobby %d" % time.time_ns()
+    a, _ = await join(port, "lobby")
+    b, _ = await join(port, "lobby")
+    c, _ = await join(port, "other")
+    await a.send(text)
     for ws in (a, b):
-        got = await asyncio.wait_for(ws.recv(), 10)
-        assert '"text":"hello lobby"' in got and '"user":"anonymous"' in got, got
+        got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert got["type"] == "message" and got["text"] == text and got["user"] == "anonymous", got
     try:
         got = await asyncio.wait_for(c.recv(), 0.7)
         raise AssertionError("another room received %r" % got)
     except asyncio.TimeoutError:
         pass
-    for ws in (a, b, c):
+    # History on join: a newcomer sees the message.
+    d, history = await join(port, "lobby")
+    assert text in [m["text"] for m in history["messages"]], history
+    for ws in (a, b, c, d):
         await ws.close()
 
 
@@ -277,7 +295,6 @@ def redis_timeouts_and_full_channel_give_503():
         status, body = get(port, "/hello/full")
         assert status == 503 and b"busy" in body, (status, body)
         # The operator's view of the same: one pending request, one refused send.
-        import json
         out = subprocess.run([CHAT, "stats", "--layer", layer, "--json", "http.request"],
                              capture_output=True, text=True, timeout=30)
         stats = json.loads(out.stdout)["channels"]["http.request"]
@@ -401,6 +418,81 @@ def two_rundelay_processes_deliver_each_message_once_on_time():
         for d in delays:
             assert d.stop() == 0
         app.flush()
+
+
+def login(port, username, password):
+    """POST /api/login/; returns (status, json body, session cookie value or None)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("POST", "/api/login/", body="username=%s&password=%s" % (username, password),
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    cookie = None
+    for name, value in resp.getheaders():
+        if name.lower() == "set-cookie" and value.startswith("sessionid="):
+            cookie = value.split(";")[0].split("=", 1)[1]
+    conn.close()
+    return resp.status, body, cookie
+
+
+@test
+def tutorial_app_on_redis_with_two_workers():
+    """The example app through runserver --noworker + two runworkers on Redis: login, rooms,
+    history, users on sockets, messages stored in SQLite."""
+    import sqlite3
+    layer = redis_url("e2eapp%d:" % os.getpid())
+    proc, port = server("--noworker", "--layer", layer)
+    workers = [Proc("runworker", "--layer", layer, "--threads", "2") for _ in range(2)]
+    try:
+        for w in workers:
+            w.wait_line("worker ready")
+        assert get(port, "/hello/tutorial") == (200, b"Hello world! You asked for /hello/tutorial")
+        page = get(port, "/")[1]
+        assert b"<title>swift-channels chat</title>" in page and b"/api/login/" in page
+        status, body, cookie = login(port, "carol", "pw-carol-1")
+        assert status == 200 and body == {"user": "carol"} and cookie, (status, body, cookie)
+        assert login(port, "carol", "wrong-password")[0] == 403
+        status, _, again = login(port, "carol", "pw-carol-1")
+        assert status == 200 and again and again != cookie, "each login gets a fresh session key"
+        db = sqlite3.connect(os.environ["CHAT_DATABASE"])
+        stored_hash = db.execute("select passwordHash from account where username = 'carol'").fetchone()[0]
+        assert stored_hash.startswith("pbkdf2_sha256$") and "pw-carol-1" not in stored_hash, stored_hash
+
+        async def run():
+            await echo_checks(port)
+            await chat_checks(port)
+            room = "tut%d" % os.getpid()
+            alice, history = await join(port, room, cookie=again)
+            assert history["user"] == "carol", history
+            guest, _ = await join(port, room)
+            stranger, _ = await join(port, room + "x")
+            # Right after the handshake, a burst: ordering keeps connect (which stores the room
+            # in the channel session) before every receive, on whichever worker they land.
+            texts = ["burst %d" % i for i in range(15)]
+            for t in texts:
+                await alice.send(t)
+            for ws in (alice, guest):
+                got = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in texts]
+                assert sorted(m["text"] for m in got) == sorted(texts), got
+                assert all(m["user"] == "carol" and m["room"] == room for m in got), got
+            try:
+                leaked = await asyncio.wait_for(stranger.recv(), 0.5)
+                raise AssertionError("another room got %r" % leaked)
+            except asyncio.TimeoutError:
+                pass
+            late, history = await join(port, room)
+            assert sorted(m["text"] for m in history["messages"]) == sorted(texts), history
+            for ws in (alice, guest, stranger, late):
+                await ws.close()
+            return room, texts
+        room, texts = asyncio.run(run())
+        rows = db.execute("select username, text from chat_message where room = ? order by id", (room,)).fetchall()
+        assert sorted(rows) == sorted(("carol", t) for t in texts), rows
+    finally:
+        for w in workers:
+            if w.p.poll() is None:
+                assert w.stop() == 0
+        assert proc.stop() == 0
 
 
 failed = [name for name, error in results if error]

@@ -1,0 +1,113 @@
+import Channels
+import Foundation
+import GRDB
+
+/// A chat message as stored (the seed's "Models" step).
+struct ChatMessage: Codable, Sendable, FetchableRecord, MutablePersistableRecord {
+    static let databaseTableName = "chat_message"
+    var id: Int64?
+    var room: String
+    var username: String
+    var text: String
+    var createdAt: Double
+
+    mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
+
+    var json: [String: Any] {
+        ["id": id ?? 0, "room": room, "user": username, "text": text, "at": createdAt]
+    }
+}
+
+/// An account: a user name and a PBKDF2 hash of its password (never the password).
+struct Account: Codable, Sendable, FetchableRecord, MutablePersistableRecord {
+    static let databaseTableName = "account"
+    var id: Int64?
+    var username: String
+    var passwordHash: String
+    var createdAt: Double
+
+    mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
+}
+
+/// The app's SQLite database, shared by every process on the machine (WAL mode, with a busy
+/// timeout so a server and several workers can write at once). Path: `CHAT_DATABASE`, by
+/// default `chat.sqlite3` in the working directory.
+final class ChatDatabase: Sendable {
+    let pool: DatabasePool
+    let path: String
+
+    static let shared: ChatDatabase = {
+        let path = ProcessInfo.processInfo.environment["CHAT_DATABASE"] ?? "chat.sqlite3"
+        do {
+            return try ChatDatabase(path: path)
+        } catch {
+            fatalError("cannot open the chat database at \(path): \(error)")
+        }
+    }()
+
+    init(path: String) throws {
+        self.path = path
+        var configuration = Configuration()
+        configuration.busyMode = .timeout(10)
+        pool = try DatabasePool(path: path, configuration: configuration)
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1") { db in
+            try db.create(table: Account.databaseTableName, ifNotExists: true) { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("username", .text).notNull().unique()
+                t.column("passwordHash", .text).notNull()
+                t.column("createdAt", .double).notNull()
+            }
+            try db.create(table: ChatMessage.databaseTableName, ifNotExists: true) { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("room", .text).notNull().indexed()
+                t.column("username", .text).notNull()
+                t.column("text", .text).notNull()
+                t.column("createdAt", .double).notNull()
+            }
+        }
+        try migrator.migrate(pool)
+    }
+
+    func save(_ message: ChatMessage) async throws -> ChatMessage {
+        try await pool.write { db in
+            var message = message
+            try message.insert(db)
+            return message
+        }
+    }
+
+    /// The room's latest `limit` messages, oldest first.
+    func history(room: String, limit: Int = 50) async throws -> [ChatMessage] {
+        try await pool.read { db in
+            try ChatMessage.filter(Column("room") == room).order(Column("id").desc).limit(limit).fetchAll(db).reversed()
+        }
+    }
+
+    func account(named username: String) async throws -> Account? {
+        try await pool.read { db in try Account.filter(Column("username") == username).fetchOne(db) }
+    }
+
+    func account(id: Int64) async throws -> Account? {
+        try await pool.read { db in try Account.fetchOne(db, key: id) }
+    }
+
+    /// Creates an account; nil if the name is taken (by a concurrent sign-up too).
+    func createAccount(username: String, password: String) async throws -> Account? {
+        let hash = try PasswordHasher.hash(password)
+        return try await pool.write { db in
+            if try Account.filter(Column("username") == username).fetchCount(db) > 0 { return nil }
+            var account = Account(id: nil, username: username, passwordHash: hash, createdAt: Date().timeIntervalSince1970)
+            try account.insert(db)
+            return account
+        }
+    }
+}
+
+/// Users for the session wrappers, loaded from the accounts table.
+struct ChatUsers: UserProvider {
+    func user(id: String) async throws -> User? {
+        guard let number = Int64(id), let account = try await ChatDatabase.shared.account(id: number) else { return nil }
+        return User(id: id, username: account.username)
+    }
+}
