@@ -154,8 +154,12 @@ struct Stats: AsyncParsableCommand {
         if names.isEmpty {
             names = try Router(ChannelsApplication.get().routing()).channels
             if let redis = layer as? RedisChannelLayer {
-                names.formUnion(try await redis.pendingChannels().filter { !$0.hasPrefix(":group:") })
+                names.formUnion(try await redis.pendingChannels())
             }
+        }
+        var groups: [(String, Int)] = []
+        if let redis = layer as? RedisChannelLayer {
+            for group in try await redis.groups() { groups.append((group, try await layer.groupChannels(group).count)) }
         }
         let global = try await layer.globalStatistics()
         var rows: [(String, ChannelStatistics)] = []
@@ -168,6 +172,7 @@ struct Stats: AsyncParsableCommand {
                 "messages_count": $0.1.messagesCount, "channel_full_count": $0.1.channelFullCount,
                 "messages_pending": $0.1.messagesPending, "messages_max_age": $0.1.messagesMaxAge,
             ] as [String: Any]) })
+            object["groups"] = Dictionary(uniqueKeysWithValues: groups.map { ($0.0, $0.1) })
             let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted])
             print(String(decoding: data, as: UTF8.self))
         } else {
@@ -177,6 +182,13 @@ struct Stats: AsyncParsableCommand {
                       + String(format: "  %7d   %9.1f   %4d   %4d", s.messagesPending, s.messagesMaxAge, s.messagesCount, s.channelFullCount))
             }
             print("total sent \(global.messagesCount), channel full \(global.channelFullCount)")
+            if !groups.isEmpty {
+                print("")
+                print("group".padding(toLength: 40, withPad: " ", startingAt: 0) + "  members")
+                for (name, size) in groups {
+                    print(name.padding(toLength: 40, withPad: " ", startingAt: 0) + String(format: "  %7d", size))
+                }
+            }
         }
     }
 }

@@ -518,22 +518,32 @@ public final class RedisChannelLayer: ChannelLayer {
 
     /// Channels (list names) with waiting messages, found with SCAN, for operators.
     public func pendingChannels() async throws -> [String] {
-        let pattern = Self.globEscape(configuration.prefix) + "*"
-        let prefixCount = configuration.prefix.utf8.count
+        try await scanNames(under: configuration.prefix, type: "list").filter { !$0.hasPrefix(":group:") }
+    }
+
+    /// Groups that have members, found with SCAN, for operators.
+    public func groups() async throws -> [String] {
+        try await scanNames(under: configuration.prefix + ":group:", type: "zset")
+    }
+
+    /// Names of keys of one Redis type under a prefix, on every shard, prefix removed.
+    private func scanNames(under prefix: String, type: String) async throws -> [String] {
+        let pattern = Self.globEscape(prefix) + "*"
+        let prefixCount = prefix.utf8.count
         var names = Set<String>()
         for pool in shards {
             let found: [String] = try await onCommandThread {
                 try pool.withConnection { connection in
                     var cursor = "0"
-                    var lists: [String] = []
+                    var keys: [String] = []
                     repeat {
-                        let reply = try connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", "list"])
+                        let reply = try connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", type])
                         guard case .array(let parts) = reply, parts.count == 2,
-                              let next = parts[0].text, case .array(let keys) = parts[1] else { break }
-                        lists += keys.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } }
+                              let next = parts[0].text, case .array(let batch) = parts[1] else { break }
+                        keys += batch.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } }
                         cursor = next
                     } while cursor != "0"
-                    return lists
+                    return keys
                 }
             }
             names.formUnion(found)

@@ -482,6 +482,12 @@ def tutorial_app_on_redis_with_two_workers():
                 pass
             late, history = await join(port, room)
             assert sorted(m["text"] for m in history["messages"]) == sorted(texts), history
+            # The operator's view: group sizes from `chat stats`.
+            out = await asyncio.to_thread(subprocess.run, [CHAT, "stats", "--layer", layer, "--json"],
+                                          capture_output=True, text=True, timeout=30)
+            groups = json.loads(out.stdout)["groups"]
+            assert groups.get("chat-" + room) == 3 and groups.get("chat-" + room + "x") == 1, groups
+            assert groups.get("user-carol") == 1, groups
             for ws in (alice, guest, stranger, late):
                 await ws.close()
             return room, texts
