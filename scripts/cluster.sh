@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A local deployment: a Redis on a free port, one `chat runserver --noworker`, N `chat runworker`s.
+# A local deployment: a Redis on a free port, one `chat runserver --noworker`, N `chat runworker`s
+# and one `chat rundelay`. Chat messages and accounts go to $CHAT_DATABASE (default ./chat.sqlite3).
 #   scripts/cluster.sh [--workers N] [--port PORT]      (Ctrl-C stops everything it started)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,6 @@ for _ in $(seq 1 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && bre
 LAYER="redis://127.0.0.1:$REDIS_PORT/0"
 "$CHAT" runserver --noworker --layer "$LAYER" --port "$PORT" & pids+=($!)
 for i in $(seq 1 "$WORKERS"); do "$CHAT" runworker --layer "$LAYER" & pids+=($!); done
+"$CHAT" rundelay --layer "$LAYER" & pids+=($!)
 echo "cluster: http://127.0.0.1:$PORT/  (redis $LAYER, $WORKERS workers) — Ctrl-C to stop"
 wait

@@ -17,6 +17,9 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 if ! pkg-config --exists hiredis 2>/dev/null; then missing+=(libhiredis-dev); fi
 if ! pkg-config --exists sqlite3 2>/dev/null; then missing+=(libsqlite3-dev); fi
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+# For the browser test of the example's page: headless Chromium driven by Selenium.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   $SUDO apt-get update -qq
@@ -25,13 +28,13 @@ fi
 
 # --- 2. Python venv with the real asgi_redis 1.4.3 for the interop tests ------------------------
 VENV="$ROOT/.venv-interop"
-if ! "$VENV/bin/python" -c 'import asgi_redis, msgpack, redis' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import asgi_redis, msgpack, redis, websockets, selenium' >/dev/null 2>&1; then
   log "building $VENV (asgi_redis 1.4.3, msgpack-python 0.5.6, redis 2.10.6, asgiref 1.1.2)"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
     'asgi_redis==1.4.3' 'msgpack-python==0.5.6' 'redis==2.10.6' 'asgiref==1.1.2' \
-    'websockets==12.0'
+    'websockets==12.0' 'selenium==4.27.1'
 fi
 export INTEROP_PYTHON="$VENV/bin/python"
 
@@ -68,6 +71,8 @@ if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
 fi
 log "end to end: real runserver / runworker processes, real HTTP and WebSocket clients"
 "$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
+log "browser: two headless Chromium sessions chat through the example's page"
+"$INTEROP_PYTHON" Tests/browser/test_browser.py "$(swift build --show-bin-path)/chat" "$ROOT/test-artifacts"
 log "docker-compose config"
 docker-compose -f docker-compose.yml config -q
 log "all tests passed"
