@@ -58,6 +58,9 @@ struct LayerOptions: ParsableArguments {
     @Flag(name: .shortAndLong, help: "Log debug messages.")
     var verbose = false
 
+    @Option(name: .long, help: "Log lines as text or json (one object per line). Default: $LOG_FORMAT or text.")
+    var logFormat: String?
+
     /// Sessions and users for the consumers.
     func makeEnvironment(layer: any ChannelLayer) throws -> ConsumerEnvironment {
         let app = ChannelsApplication.get()
@@ -74,6 +77,7 @@ struct LayerOptions: ParsableArguments {
     }
 
     func makeLogger(_ label: String) -> Logger {
+        LogSetup.bootstrap(format: logFormat ?? ProcessInfo.processInfo.environment["LOG_FORMAT"] ?? "text")
         var logger = Logger(label: label)
         logger.logLevel = verbose ? .debug : .info
         return logger

@@ -26,7 +26,7 @@ struct RunServer: AsyncParsableCommand {
     @Option(name: .long, help: "root_path sent to the application.") var rootPath = ""
     @Flag(name: .long, help: "Trust X-Forwarded-For / X-Forwarded-Proto.") var proxyHeaders = false
     @Option(name: .long, help: "WebSocket subprotocol to offer.") var wsProtocol: [String] = []
-    @Option(name: .long, help: "Access log file, or - for standard output.") var accessLog: String?
+    @Option(name: .long, help: "Access log file (Daphne-style text), or - for standard output. Default: structured lines in the log.") var accessLog: String?
     @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins: [String] = []
     @Option(name: .long, help: "Largest request body in bytes (413 past it).") var maxBodySize = 16 * 1024 * 1024
 

@@ -21,7 +21,7 @@ public final class InterfaceServer: Sendable {
         self.configuration = configuration
         let router = ReplyRouter(layer: layer, prefix: configuration.replyChannelPrefix, logger: logger)
         self.context = ServerContext(layer: layer, router: router, configuration: configuration, logger: logger,
-                                     accessLog: accessLogPath.map(AccessLog.init(path:)))
+                                     accessLog: AccessLog(path: accessLogPath, logger: logger))
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
     }
 

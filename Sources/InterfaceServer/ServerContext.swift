@@ -58,14 +58,37 @@ final class ServerContext: Sendable {
     var openSocketCount: Int { openSockets.withLock { $0.count } }
 }
 
-/// One line per HTTP request and WebSocket event, to a file or standard output.
+/// One line per HTTP request and WebSocket event: Daphne-style text to a file or standard
+/// output, or (the default) a structured line through the server's logger, whose keys a log
+/// shipper can index (`--log-format json` makes it one JSON object).
 final class AccessLog: Sendable {
-    private let write: @Sendable (String) -> Void
+    private let write: (@Sendable (String) -> Void)?
+    private let logger: Logger
 
-    init(path: String) {
-        if path == "-" {
-            write = { line in print(line) }
-        } else {
+    /// - Parameter path: a file, `-` for standard output, or nil for the logger.
+    init(path: String?, logger: Logger) {
+        var accessLogger = logger
+        accessLogger[metadataKey: "component"] = "access"
+        self.logger = accessLogger
+        switch path {
+        case nil:
+            write = nil
+        case "-":
+            let lock = Mutex(())
+            write = { line in
+                let bytes = Array((line + "\n").utf8)
+                lock.withLock { _ in
+                    bytes.withUnsafeBytes { raw in
+                        var offset = 0
+                        while offset < raw.count {
+                            let written = Glibc.write(1, raw.baseAddress! + offset, raw.count - offset)
+                            if written <= 0 { break }
+                            offset += written
+                        }
+                    }
+                }
+            }
+        case let path?:
             let handle = Mutex<UnsafeMutablePointer<FILE>?>(fopen(path, "a"))
             write = { line in
                 handle.withLock { file in
@@ -78,11 +101,24 @@ final class AccessLog: Sendable {
     }
 
     func http(client: String, method: String, path: String, status: Int, size: Int, seconds: Double) {
-        write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(String(format: "%.3f", seconds))s")
+        if let write {
+            write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(String(format: "%.3f", seconds))s")
+        } else {
+            logger.log(level: status >= 500 ? .warning : .info, "http", metadata: [
+                "client": "\(client)", "method": "\(method)", "path": "\(path)", "status": "\(status)",
+                "bytes": "\(size)", "ms": "\(String(format: "%.1f", seconds * 1000))",
+            ])
+        }
     }
 
     func websocket(client: String, event: String, path: String, detail: String = "") {
-        write("\(client) - - \"WS\(event) \(path)\"" + (detail.isEmpty ? "" : " \(detail)"))
+        if let write {
+            write("\(client) - - \"WS\(event) \(path)\"" + (detail.isEmpty ? "" : " \(detail)"))
+        } else {
+            var metadata: Logger.Metadata = ["client": "\(client)", "event": "\(event.lowercased())", "path": "\(path)"]
+            if !detail.isEmpty { metadata["detail"] = "\(detail)" }
+            logger.info("websocket", metadata: metadata)
+        }
     }
 }
 
