@@ -82,6 +82,10 @@ let package = Package(
             dependencies: ["ASGI", "Channels", "ChannelsCommand", .product(name: "GRDB", package: "GRDB.swift")]
         ),
         .executableTarget(
+            name: "PeerChat",
+            dependencies: ["ASGI", "Channels", "ChannelsCommand"]
+        ),
+        .executableTarget(
             name: "ChannelsBench",
             dependencies: ["ASGI", "RedisChannelLayer"]
         ),

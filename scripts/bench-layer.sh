@@ -13,7 +13,8 @@ BENCH="$(swift build -c release --show-bin-path)/ChannelsBench"
 # The Python reference: the peers' venv (msgpack C extension) if built, else ours.
 PY="${PEERS_PYTHON:-}"
 if [ -z "$PY" ]; then
-  if [ -x "$PEERS/.state/venv1/bin/python" ]; then PY="$PEERS/.state/venv1/bin/python"; else
+  if [ -x "$ROOT/.bench-state/venv1/bin/python" ]; then PY="$ROOT/.bench-state/venv1/bin/python";
+  elif [ -x "$PEERS/.state/venv1/bin/python" ]; then PY="$PEERS/.state/venv1/bin/python"; else
     PY="$ROOT/.venv-interop/bin/python"
     if ! "$PY" -c 'import asgi_redis' >/dev/null 2>&1; then
       python3 -m venv "$ROOT/.venv-interop"

@@ -5,6 +5,25 @@ import RedisChannelLayer
 /// Channel layer benchmark: the phases of ../shared/peers/layer_bench.py, for our Redis layer.
 /// Usage: channels-bench REDIS_URL [N]. Prints one JSON object.
 let arguments = CommandLine.arguments
+// `channels-bench fill REDIS_URL PREFIX CHANNEL N`: queue N small messages (the worker benchmark's backlog).
+if arguments.count == 6, arguments[1] == "fill", let count = Int(arguments[5]) {
+    var configuration = try RedisChannelLayerConfiguration(urls: [arguments[2]])
+    configuration.prefix = arguments[3]
+    configuration.capacity = count + 1
+    configuration.commandThreads = 4
+    let layer = try RedisChannelLayer(configuration: configuration)
+    let message: Message = ["n": 1, "payload": .bytes(Array(repeating: 0x61, count: 100))]
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for lane in 0..<16 {
+            group.addTask {
+                for _ in stride(from: lane, to: count, by: 16) { try await layer.send(message, to: arguments[4]) }
+            }
+        }
+        try await group.waitForAll()
+    }
+    await layer.close()
+    exit(0)
+}
 guard arguments.count >= 2 else {
     FileHandle.standardError.write(Data("usage: channels-bench REDIS_URL [N]\n".utf8))
     exit(2)

@@ -1,0 +1,45 @@
+import ASGI
+import Channels
+import ChannelsCommand
+
+/// The Python peers' benchmark application, in Swift, for `scripts/bench-server.sh`: the same
+/// behaviour as `../shared/peers/channels1/chat/consumers.py` (the Channels 1.x "Persisting Data"
+/// consumers), so both stacks serve identical traffic.
+///
+/// - any path is a room (the path without slashes, kept in the channel session); every text
+///   frame is relayed verbatim to the room's group `chat-<room>`, sender included;
+/// - any HTTP path answers `Hello world! You asked for <path>`;
+/// - `bench.noop` is a consumer that does nothing (the worker dispatch benchmark).
+let app = ChannelsApplication(name: "peer-chat") {
+    [
+        route("http.request") { context in
+            try await context.respond(contentType: "text/html; charset=utf-8", "Hello world! You asked for \(context.path)")
+        },
+        route("websocket.connect", channelSession { context in
+            try await context.accept()
+            let room = context.path.trimmingCharacters(in: "/")
+            try context.channelSession["room"] = .string(room)
+            try await Group("chat-\(room)").add(context.replyChannel!)
+        }),
+        route("websocket.receive", channelSession { context in
+            let room = try context.channelSession["room"]?.stringValue ?? ""
+            try await Group("chat-\(room)").send(["text": .string(try context.message.string("text"))])
+        }),
+        route("websocket.disconnect", channelSession { context in
+            let room = try context.channelSession["room"]?.stringValue ?? ""
+            try await Group("chat-\(room)").discard(context.replyChannel!)
+        }),
+        route("bench.noop") { _ in },
+    ]
+}
+
+extension String {
+    func trimmingCharacters(in character: Character) -> String {
+        var s = Substring(self)
+        while s.first == character { s = s.dropFirst() }
+        while s.last == character { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+await app.main()

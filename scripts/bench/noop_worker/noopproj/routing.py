@@ -1,0 +1,8 @@
+from channels.routing import route
+
+
+def noop(message):
+    pass
+
+
+channel_routing = [route("bench.noop", noop)]
