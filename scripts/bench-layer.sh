@@ -45,6 +45,29 @@ swift_cpu=$(measure swift "$BENCH" "redis://127.0.0.1:$PORT/0" "$N")
 py_cpu=$(measure python "$PY" "$PEERS/layer_bench.py" --port "$PORT" -n "$N" --phases tp,pingpong,fanout --json "$RUN_DIR/python.json")
 redis-benchmark -p "$PORT" -q -n 200000 -c 50 -t lpush,lpop > "$RUN_DIR/raw.out" 2>&1
 
+# asgi_redis with one sender process and one receiver process running together.
+cat > "$RUN_DIR/together.py" <<'PY'
+import subprocess, sys, time
+from asgi_redis import RedisChannelLayer
+port, n, role = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+layer = RedisChannelLayer(hosts=[("127.0.0.1", port)], prefix="pytog:", capacity=2 * n)
+body = {"payload": b"a" * 100}
+if role == "send":
+    for _ in range(n):
+        layer.send("bench.both", body)
+    sys.exit(0)
+start = time.perf_counter()
+sender = subprocess.Popen([sys.executable, __file__, str(port), str(n), "send"])
+got = 0
+while got < n:
+    channel, _ = layer.receive(["bench.both"], block=True)
+    if channel:
+        got += 1
+sender.wait()
+print('{"together_msgs_per_s": %.0f}' % (n / (time.perf_counter() - start)))
+PY
+"$PY" "$RUN_DIR/together.py" "$PORT" "$N" receive > "$RUN_DIR/python-together.out" 2>&1 || true
+
 python3 - "$RUN_DIR" "$swift_cpu" "$py_cpu" <<'PY'
 import json, re, sys
 run, swift_cpu, py_cpu = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -53,23 +76,36 @@ try:
     py = json.load(open(run + "/python.json"))
 except Exception:
     py = {}
+try:
+    py.update(json.loads(open(run + "/python-together.out").read().strip().splitlines()[-1]))
+except Exception:
+    pass
 raw = open(run + "/raw.out").read()
-def find(obj, *keys):
+def get(obj, *keys):
     for k in keys:
         if isinstance(obj, dict) and k in obj:
             obj = obj[k]
         else:
             return None
     return obj
-print("== channel layer benchmark (one local Redis, same run) ==")
-print("swift  sequential send      %8.0f msg/s" % swift["seq_send_per_s"])
-print("swift  sequential receive   %8.0f msg/s" % swift["seq_receive_per_s"])
-print("swift  send+receive together%8.0f msg/s" % swift["together_msgs_per_s"])
-print("swift  send->reply RTT      p50 %.3f ms  p99 %.3f ms" % (swift["rtt_p50_ms"], swift["rtt_p99_ms"]))
-print("swift  sendGroup(100)       p50 %.3f ms  p99 %.3f ms" % (swift["group100_p50_ms"], swift["group100_p99_ms"]))
-print("swift  Redis CPU during run  %s %%" % swift_cpu)
-print("python asgi_redis raw results: %s" % json.dumps(py)[:1500])
-print("python Redis CPU during run  %s %%" % py_cpu)
+rows = [
+    ("sequential send (msg/s)", swift.get("seq_send_per_s"), get(py, "throughput_block=True", "send_msgs_per_s"), True),
+    ("sequential receive, blocking (msg/s)", swift.get("seq_receive_per_s"), get(py, "throughput_block=True", "receive_msgs_per_s"), True),
+    ("1 sender + 1 receiver together (msg/s)", swift.get("together_msgs_per_s"), py.get("together_msgs_per_s"), True),
+    ("together, 64 sends in flight + 8 receive loops", swift.get("concurrent_msgs_per_s"), py.get("together_msgs_per_s"), True),
+    ("send->reply RTT p50 (ms)", swift.get("rtt_p50_ms"), (get(py, "pingpong", "median_us") or 0) / 1000 or None, False),
+    ("send->reply RTT p99 (ms)", swift.get("rtt_p99_ms"), (get(py, "pingpong", "p99_us") or 0) / 1000 or None, False),
+    ("sendGroup to 100 members p50 (ms)", swift.get("group100_p50_ms"), get(py, "fanout_normal", "group_send_call", "median_us") and get(py, "fanout_normal", "group_send_call", "median_us") / 1000, False),
+]
+print("== channel layer benchmark: one local Redis, same run ==")
+print("%-48s %12s %12s %8s" % ("", "swift", "asgi_redis", "ratio"))
+for name, s, p, higher in rows:
+    ratio = ""
+    if s and p:
+        ratio = "%.1fx" % ((s / p) if higher else (p / s))
+    fmt = lambda v: "-" if v is None else ("%.3f" % v if v < 100 else "{:,.0f}".format(v))
+    print("%-48s %12s %12s %8s" % (name, fmt(s), fmt(p), ratio))
+print("Redis CPU during the swift run: %s %%, during the python run: %s %%" % (swift_cpu, py_cpu))
 for line in raw.splitlines():
     if "requests per second" in line:
         print("raw redis-benchmark (50 clients): " + line.strip())

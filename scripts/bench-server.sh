@@ -142,13 +142,13 @@ done
 for pid in "${worker_pids[@]}"; do kill "$pid"; done
 
 log "swift: 10,000 idle WebSockets"
-python3 -c 'import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))' 2>/dev/null || true
-ulimit -n 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 "$APP" runworker --layer "$LAYER" --threads 8 > "$RUN_DIR/sw-idle-w.log" 2>&1 & idle_worker=$!; pids+=($idle_worker)
 "$CLIENT_PY" - "$PORT" "$server_pid" >> "$OUT" <<'PY' || true
 import asyncio, json, os, resource, sys, time
 import websockets
-resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 port, pid = int(sys.argv[1]), int(sys.argv[2])
 def rss_mb():
     for line in open("/proc/%d/status" % pid):

@@ -1,6 +1,7 @@
 import ASGI
 import Foundation
 import RedisChannelLayer
+import Synchronization
 
 /// Channel layer benchmark: the phases of ../shared/peers/layer_bench.py, for our Redis layer.
 /// Usage: channels-bench REDIS_URL [N]. Prints one JSON object.
@@ -64,6 +65,28 @@ var got = 0
 while got < n, try await layer.receive(channels: ["bench.both"], timeout: .seconds(5)) != nil { got += 1 }
 try await sender
 results["together_msgs_per_s"] = Double(got) / (clock.now - start).seconds
+
+// (b2) the same with concurrency, as a server and a worker have it: the sender keeps 64 sends in
+// flight (they share round trips through the automatic pipeline) and the receiver runs 8 receive
+// loops, like `runworker --threads 8`.
+start = clock.now
+let received = Atomic<Int>(0)
+try await withThrowingTaskGroup(of: Void.self) { group in
+    for lane in 0..<64 {
+        group.addTask { for _ in stride(from: lane, to: n, by: 64) { try await layer.send(body, to: "bench.conc") } }
+    }
+    for _ in 0..<8 {
+        group.addTask {
+            while received.load(ordering: .relaxed) < n {
+                if try await layer.receive(channels: ["bench.conc"], timeout: .milliseconds(200)) != nil {
+                    received.add(1, ordering: .relaxed)
+                }
+            }
+        }
+    }
+    try await group.waitForAll()
+}
+results["concurrent_msgs_per_s"] = Double(n) / (clock.now - start).seconds
 
 // (c) send -> reply round trip: an echo task replies on a process channel, as a worker does.
 let echo = Task {

@@ -12,9 +12,25 @@ public final class LuaScript: Sendable {
         self.source = source
     }
 
-    func run(on connection: HiredisConnection, keys: [[UInt8]], args: [[UInt8]]) throws -> RedisReply {
+    var knownSHA: String? { sha.withLock { $0 } }
+
+    /// Loads the script (`SCRIPT LOAD`) and remembers its SHA.
+    func load(on connection: HiredisConnection) throws {
+        let reply = try connection.command([Array("SCRIPT".utf8), Array("LOAD".utf8), Array(source.utf8)])
+        guard let loaded = reply.text else {
+            throw ASGIScriptError.loadFailed(name, "\(reply)")
+        }
+        sha.withLock { $0 = loaded }
+    }
+
+    /// The `EVALSHA` command for a script whose SHA is known.
+    func evalshaCommand(keys: [[UInt8]], args: [[UInt8]]) -> [[UInt8]] {
+        [Array("EVALSHA".utf8), Array((knownSHA ?? "").utf8), Array(String(keys.count).utf8)] + keys + args
+    }
+
+    func run(on connection: HiredisConnection, keys: [[UInt8]], args: [[UInt8]], forceSource: Bool = false) throws -> RedisReply {
         let tail = [Array(String(keys.count).utf8)] + keys + args
-        if let known = sha.withLock({ $0 }) {
+        if !forceSource, let known = knownSHA {
             let reply = try connection.command([Array("EVALSHA".utf8), Array(known.utf8)] + tail)
             if case .error(let e) = reply, e.hasPrefix("NOSCRIPT") {
                 return try connection.command([Array("EVAL".utf8), Array(source.utf8)] + tail)
@@ -27,5 +43,14 @@ public final class LuaScript: Sendable {
         ])
         if let loaded = replies[0].text { sha.withLock { $0 = loaded } }
         return replies[1]
+    }
+}
+
+enum ASGIScriptError: Error, CustomStringConvertible {
+    case loadFailed(String, String)
+    var description: String {
+        switch self {
+        case .loadFailed(let name, let reply): "Redis did not load the script \(name): \(reply)"
+        }
     }
 }

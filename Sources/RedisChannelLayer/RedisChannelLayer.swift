@@ -13,6 +13,7 @@ public final class RedisChannelLayer: ChannelLayer {
     public let configuration: RedisChannelLayerConfiguration
     private let logger: Logger
     private let shards: [ConnectionPool]
+    private let pipelines: [AutoPipeline]
     private let commandPool: NIOThreadPool
     private let blockingPool: NIOThreadPool
     private let capacities: CapacityTable
@@ -43,6 +44,7 @@ public final class RedisChannelLayer: ChannelLayer {
         self.luaCapacityArgs = capacityArgs
         self.commandPool = NIOThreadPool(numberOfThreads: max(1, configuration.commandThreads))
         self.blockingPool = NIOThreadPool(numberOfThreads: max(1, configuration.blockingThreads))
+        self.pipelines = shards.map { [commandPool] in AutoPipeline(pool: $0, threads: commandPool) }
         commandPool.start()
         blockingPool.start()
     }
@@ -77,6 +79,12 @@ public final class RedisChannelLayer: ChannelLayer {
         } catch is NIOThreadPoolError.ThreadPoolInactive {
             throw ChannelLayerError(.closed, "the Redis layer is closed")
         }
+    }
+
+    /// A script call through the shard's automatic pipeline.
+    private func pipelined(_ shard: Int, _ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
+        guard !isClosed.load(ordering: .relaxed) else { throw ChannelLayerError(.closed, "the Redis layer is closed") }
+        return try await pipelines[shard].run(script, keys: keys, args: args)
     }
 
     // MARK: Keys
@@ -134,7 +142,7 @@ public final class RedisChannelLayer: ChannelLayer {
         guard body.count <= configuration.maxMessageSize else {
             throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
         }
-        let shard = shards[sendShard(for: channel)]
+        let shard = sendShard(for: channel)
         let keys = [
             newBodyKey(), key(listName),
             statKey(listName, "messages_count"), statKey("#global#", "messages_count"),
@@ -145,9 +153,7 @@ public final class RedisChannelLayer: ChannelLayer {
             Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
             Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
         ]
-        let reply = try await onCommandThread {
-            try shard.withConnection { try Scripts.send.run(on: $0, keys: keys, args: args) }
-        }
+        let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args)
         switch reply {
         case .integer(1): return
         case .integer(0): throw ChannelLayerError.channelFull(channel)
@@ -176,11 +182,7 @@ public final class RedisChannelLayer: ChannelLayer {
             while true {
                 var sawMalformed = false
                 for (shard, lists) in plan.shuffled() {
-                    let reply = try await onCommandThread {
-                        try self.shards[shard].withConnection {
-                            try Scripts.receive.run(on: $0, keys: lists.shuffled(), args: [])
-                        }
-                    }
+                    let reply = try await pipelined(shard, Scripts.receive, keys: lists.shuffled(), args: [])
                     guard case .array(let pair) = reply, pair.count == 2,
                           let list = pair[0].bytes, let body = pair[1].bytes else {
                         if case .error = reply { throw unexpected(reply, doing: "receive") }
