@@ -71,11 +71,12 @@ results["together_msgs_per_s"] = Double(got) / (clock.now - start).seconds
 // loops, like `runworker --threads 8`.
 start = clock.now
 let received = Atomic<Int>(0)
+let receivers = Int(ProcessInfo.processInfo.environment["BENCH_RECEIVERS"] ?? "8") ?? 8
 try await withThrowingTaskGroup(of: Void.self) { group in
     for lane in 0..<64 {
         group.addTask { for _ in stride(from: lane, to: n, by: 64) { try await layer.send(body, to: "bench.conc") } }
     }
-    for _ in 0..<8 {
+    for _ in 0..<receivers {
         group.addTask {
             while received.load(ordering: .relaxed) < n {
                 if try await layer.receive(channels: ["bench.conc"], timeout: .milliseconds(200)) != nil {

@@ -19,26 +19,30 @@ final class AutoPipeline: Sendable {
 
     private struct State {
         var queue = Deque<Call>()
-        var draining = false
+        var drainers = 0
     }
 
     private let pool: ConnectionPool
     private let threads: NIOThreadPool
     private let state = Mutex(State())
     private let maxBatch: Int
+    private let maxDrainers: Int
 
-    init(pool: ConnectionPool, threads: NIOThreadPool, maxBatch: Int = 256) {
+    /// - Parameter maxDrainers: drain loops (each with its own connection) that may run at
+    ///   once: while one waits for its replies, the next batch is already on the wire.
+    init(pool: ConnectionPool, threads: NIOThreadPool, maxBatch: Int = 256, maxDrainers: Int = 2) {
         self.pool = pool
         self.threads = threads
         self.maxBatch = maxBatch
+        self.maxDrainers = max(1, maxDrainers)
     }
 
     func run(_ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
         try await withCheckedThrowingContinuation { continuation in
             let startDrain = state.withLock { state -> Bool in
                 state.queue.append(Call(script: script, keys: keys, args: args, continuation: continuation))
-                guard !state.draining else { return false }
-                state.draining = true
+                guard state.drainers < maxDrainers else { return false }
+                state.drainers += 1
                 return true
             }
             if startDrain {
@@ -56,7 +60,7 @@ final class AutoPipeline: Sendable {
     private func takeBatch() -> [Call]? {
         state.withLock { state -> [Call]? in
             guard !state.queue.isEmpty else {
-                state.draining = false
+                state.drainers -= 1
                 return nil
             }
             let count = min(maxBatch, state.queue.count)
@@ -67,7 +71,7 @@ final class AutoPipeline: Sendable {
 
     private func failAll(_ error: any Error) {
         let calls = state.withLock { state -> [Call] in
-            defer { state.queue.removeAll(); state.draining = false }
+            defer { state.queue.removeAll(); state.drainers = 0 }
             return Array(state.queue)
         }
         for call in calls { call.continuation.resume(throwing: error) }

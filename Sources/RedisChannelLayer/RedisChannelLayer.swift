@@ -20,6 +20,8 @@ public final class RedisChannelLayer: ChannelLayer {
     private let luaCapacityArgs: [[UInt8]]
     private let sendCursor = Atomic<Int>(0)
     private let receiveCursor = Atomic<Int>(0)
+    /// Whether the last receive found a message waiting (see `receive`).
+    private let flowing = Atomic<Bool>(false)
     private let malformedDropped = Atomic<Int>(0)
     private let isClosed = Atomic<Bool>(false)
     private let decoder = MsgPackDecoder()
@@ -176,9 +178,11 @@ public final class RedisChannelLayer: ChannelLayer {
         let plan = receivePlan(channels)
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
-        // With one shard to wait on, BLPOP answers at once when a message is there, so a
-        // receive is BLPOP + take-body: two round trips. Non-blocking receives are one script.
-        if timeout <= .zero || plan.count > 1 {
+        // While messages are flowing (the last receive found one), first a non-blocking look:
+        // one script, shared with concurrent calls through the automatic pipeline, so a busy
+        // channel costs one shared round trip per message. An idle layer goes straight to
+        // BLPOP + take-body: two round trips. Non-blocking receives are always one script.
+        if timeout <= .zero || plan.count > 1 || flowing.load(ordering: .relaxed) {
             while true {
                 var sawMalformed = false
                 for (shard, lists) in plan.shuffled() {
@@ -188,10 +192,14 @@ public final class RedisChannelLayer: ChannelLayer {
                         if case .error = reply { throw unexpected(reply, doing: "receive") }
                         continue
                     }
-                    if let received = decodeReceived(list: list, body: body) { return received }
+                    if let received = decodeReceived(list: list, body: body) {
+                        flowing.store(true, ordering: .relaxed)
+                        return received
+                    }
                     sawMalformed = true
                 }
                 if sawMalformed { continue }
+                flowing.store(false, ordering: .relaxed)
                 if timeout <= .zero { return nil }
                 break
             }
@@ -211,7 +219,9 @@ public final class RedisChannelLayer: ChannelLayer {
                 try await blockingPopMany(plan: plan, wait: slice)
             }
             switch outcome {
-            case .some(.some(let received)): return received
+            case .some(.some(let received)):
+                flowing.store(true, ordering: .relaxed)
+                return received
             case .some(.none): poppedUnusable = true // an expired or malformed body: try again
             case .none: poppedUnusable = false // the slice passed with nothing
             }
