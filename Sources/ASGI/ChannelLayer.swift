@@ -77,6 +77,11 @@ public protocol ChannelLayer: Sendable {
 
     /// Releases connections and threads. Calls after `close` throw `closed`.
     func close() async
+
+    /// Waits like `receive`, then takes up to `max` messages in all (FIFO per channel), for
+    /// readers that dispatch in order and want fewer round trips under load. Empty when the
+    /// timeout passed with nothing.
+    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage]
 }
 
 extension ChannelLayer {
@@ -85,6 +90,13 @@ extension ChannelLayer {
     /// A non-blocking receive.
     public func receive(channels: [String]) async throws -> ReceivedMessage? {
         try await receive(channels: channels, timeout: .zero)
+    }
+
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
+        guard let first = try await receive(channels: channels, timeout: timeout) else { return [] }
+        var batch = [first]
+        while batch.count < max, let next = try await receive(channels: channels, timeout: .zero) { batch.append(next) }
+        return batch
     }
 }
 

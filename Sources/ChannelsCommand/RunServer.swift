@@ -29,6 +29,7 @@ struct RunServer: AsyncParsableCommand {
     @Option(name: .long, help: "Access log file (Daphne-style text), or - for standard output. Default: structured lines in the log.") var accessLog: String?
     @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins: [String] = []
     @Option(name: .long, help: "Largest request body in bytes (413 past it).") var maxBodySize = 16 * 1024 * 1024
+    @Option(name: .long, help: "Largest request head (request line and headers) in bytes (431 past it).") var maxHeaderSize = 64 * 1024
 
     func run() async throws {
         let logger = options.makeLogger("channels.runserver")
@@ -47,6 +48,7 @@ struct RunServer: AsyncParsableCommand {
         configuration.websocketProtocols = wsProtocol
         configuration.allowedOrigins = allowedOrigins
         configuration.maxBodySize = maxBodySize
+        configuration.maxHeaderSize = maxHeaderSize
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
         let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,

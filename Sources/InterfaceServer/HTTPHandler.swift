@@ -23,6 +23,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var timeout: Scheduled<Void>?
     private var keepAlive = true
     private var clientAddress = "-"
+    private var headersTooLarge = false
 
     init(server: ServerContext, upgrade: UpgradeState) {
         self.server = server
@@ -43,6 +44,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
                 bodyTooLarge = true
             }
+            // The parser bounds what it buffers (about 80 KiB); our own, lower limit answers 431.
+            var headerBytes = head.uri.utf8.count
+            for (name, value) in head.headers { headerBytes += name.utf8.count + value.utf8.count + 4 }
+            headersTooLarge = headerBytes > server.configuration.maxHeaderSize
         case .body(var chunk):
             guard !bodyTooLarge else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > server.configuration.maxBodySize {
@@ -56,6 +61,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if upgrade.rejected {
                 upgrade.rejected = false
                 respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
+            } else if headersTooLarge {
+                respondPlain(context: context, status: .requestHeaderFieldsTooLarge, text: "Request headers too large\n", close: true)
             } else if bodyTooLarge {
                 respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
             } else {

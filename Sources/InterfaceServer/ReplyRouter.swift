@@ -38,16 +38,17 @@ final class ReplyRouter: Sendable {
         var failures = 0
         while !Task.isCancelled {
             do {
-                guard let received = try await layer.receive(channels: [processChannel], timeout: .seconds(5)) else {
-                    continue
-                }
+                // Up to 64 replies per round trip under load, dispatched in the order they were sent.
+                let batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
                 failures = 0
-                let handler = handlers.withLock { $0[received.channel] }
-                if let handler {
-                    handler(received.message)
-                } else {
-                    unroutable.add(1, ordering: .relaxed)
-                    logger.debug("reply for a connection that is gone", metadata: ["channel": "\(received.channel)"])
+                for received in batch {
+                    let handler = handlers.withLock { $0[received.channel] }
+                    if let handler {
+                        handler(received.message)
+                    } else {
+                        unroutable.add(1, ordering: .relaxed)
+                        logger.debug("reply for a connection that is gone", metadata: ["channel": "\(received.channel)"])
+                    }
                 }
             } catch {
                 if Task.isCancelled { break }

@@ -228,6 +228,77 @@ public final class RedisChannelLayer: ChannelLayer {
         }
     }
 
+    /// Like `receive`, but takes up to `max` messages in one round trip when they are waiting:
+    /// while messages flow, one pipelined script pops a batch; an idle reader waits in BLPOP and
+    /// the script that takes the popped body also takes what queued behind it.
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
+        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        let plan = receivePlan(channels)
+        guard max > 1, plan.count == 1 else {
+            guard let one = try await receive(channels: channels, timeout: timeout) else { return [] }
+            return [one]
+        }
+        let (shard, lists) = plan[0]
+        let limit = Array(String(max).utf8)
+        if timeout <= .zero || flowing.load(ordering: .relaxed) {
+            let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [limit])
+            if case .error = reply { throw unexpected(reply, doing: "receive") }
+            let batch = decodePairs(reply.array ?? [], from: 0)
+            if !batch.isEmpty {
+                flowing.store(true, ordering: .relaxed)
+                return batch
+            }
+            flowing.store(false, ordering: .relaxed)
+            if timeout <= .zero { return [] }
+        }
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while true {
+            let remaining = deadline - clock.now
+            if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
+            let slice = min(remaining, configuration.blockingSlice)
+            let timeoutArg = Array(String(format3(slice.seconds)).utf8)
+            let pool = shards[shard]
+            let more = Array(String(max - 1).utf8)
+            let result: ([UInt8], RedisReply)? = try await onBlockingThread {
+                try pool.withConnection { connection -> ([UInt8], RedisReply)? in
+                    let reply = try connection.blockingCommand([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: slice)
+                    switch reply {
+                    case .array(let pair) where pair.count == 2:
+                        guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
+                        return (list, try Scripts.takeBodyAndMore.run(on: connection, keys: [bodyKey, list], args: [more]))
+                    case .error(let e):
+                        throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+                    default:
+                        return nil
+                    }
+                }
+            }
+            guard let (list, reply) = result, let items = reply.array, !items.isEmpty else { continue }
+            var batch: [ReceivedMessage] = []
+            if let body = items[0].bytes, let first = decodeReceived(list: list, body: body) { batch.append(first) }
+            batch += decodePairs(items, from: 1)
+            if !batch.isEmpty {
+                flowing.store(true, ordering: .relaxed)
+                return batch
+            }
+        }
+    }
+
+    /// Decodes `{list, body, list, body, ...}` from `start`, dropping (and counting) bad bodies.
+    private func decodePairs(_ items: [RedisReply], from start: Int) -> [ReceivedMessage] {
+        var out: [ReceivedMessage] = []
+        var index = start
+        while index + 1 < items.count {
+            if let list = items[index].bytes, let body = items[index + 1].bytes,
+               let received = decodeReceived(list: list, body: body) {
+                out.append(received)
+            }
+            index += 2
+        }
+        return out
+    }
+
     /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
     /// shard in rotation (they are sent round-robin, so any shard may hold them).
     private func receivePlan(_ channels: [String]) -> [(shard: Int, lists: [[UInt8]])] {

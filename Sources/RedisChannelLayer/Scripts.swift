@@ -40,6 +40,48 @@ enum Scripts {
         return false
         """)
 
+    /// Pops up to ARGV[1] messages from the lists in KEYS, in order: {list, body, list, body, ...}.
+    static let receiveMany = LuaScript(name: "receiveMany", source: """
+        local out = {}
+        local limit = 2 * tonumber(ARGV[1])
+        for i = 1, #KEYS do
+            while #out < limit do
+                local bodyKey = redis.call('LPOP', KEYS[i])
+                if not bodyKey then break end
+                local body = redis.call('GET', bodyKey)
+                if body then
+                    redis.call('DEL', bodyKey)
+                    out[#out + 1] = KEYS[i]
+                    out[#out + 1] = body
+                end
+            end
+        end
+        return out
+        """)
+
+    /// After BLPOP: takes the popped body (KEYS[1]) and up to ARGV[1] more messages of its list
+    /// (KEYS[2]): {body or false, list, body, list, body, ...}.
+    static let takeBodyAndMore = LuaScript(name: "takeBodyAndMore", source: """
+        local out = {false}
+        local body = redis.call('GET', KEYS[1])
+        if body then
+            redis.call('DEL', KEYS[1])
+            out[1] = body
+        end
+        local limit = 1 + 2 * tonumber(ARGV[1])
+        while #out < limit do
+            local bodyKey = redis.call('LPOP', KEYS[2])
+            if not bodyKey then break end
+            local more = redis.call('GET', bodyKey)
+            if more then
+                redis.call('DEL', bodyKey)
+                out[#out + 1] = KEYS[2]
+                out[#out + 1] = more
+            end
+        end
+        return out
+        """)
+
     /// Reads and deletes a body popped by BLPOP. Returns the body or nil if it expired.
     static let takeBody = LuaScript(name: "takeBody", source: """
         local body = redis.call('GET', KEYS[1])

@@ -248,6 +248,67 @@ def websocket_reject_oversize_and_shutdown_close():
             proc.stop(signal.SIGKILL)
 
 
+@test
+def header_limits_and_ping_timeout():
+    proc, port = server("--max-header-size", "8192", "--ping-interval", "0.5", "--ping-timeout", "1")
+    try:
+        def raw(request):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(request)
+            data = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break  # closed with our request unread: a reset, which is a close too
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            return data
+        big = b"GET /hello/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+        assert raw(big).startswith(b"HTTP/1.1 431"), "our header limit answers 431"
+        huge = b"GET /hello/x HTTP/1.1\r\nHost: h\r\nX-Huge: " + b"a" * 200000 + b"\r\n\r\n"
+        answer = raw(huge)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
+        assert get(port, "/hello/after") == (200, b"Hello world! You asked for /hello/after"), "still serving"
+
+        # A client that never answers pings is closed after the ping timeout.
+        import base64
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16))
+        s.sendall(b"GET /echo/ HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 101"), data
+        rest = data.split(b"\r\n\r\n", 1)[1]
+        opcodes = []
+        start = time.time()
+        s.settimeout(10)
+        while True:
+            while len(rest) < 2:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                rest += chunk
+            if len(rest) < 2:
+                break
+            opcode, length = rest[0] & 0x0F, rest[1] & 0x7F
+            opcodes.append(opcode)
+            rest = rest[2 + length:]
+            if opcode == 0x8:
+                break
+        took = time.time() - start
+        assert 0x9 in opcodes, opcodes          # the server pinged
+        assert opcodes[-1] == 0x8, opcodes      # then closed the silent client
+        assert took < 8, took
+        s.close()
+    finally:
+        assert proc.stop() == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Redis: one runserver --noworker and two runworkers.
 
@@ -499,6 +560,25 @@ def tutorial_app_on_redis_with_two_workers():
             if w.p.poll() is None:
                 assert w.stop() == 0
         assert proc.stop() == 0
+
+
+@test
+def two_servers_on_one_redis_get_only_their_own_replies():
+    layer = redis_url("e2etwo%d:" % os.getpid())
+    (a, port_a), (b, port_b) = server("--noworker", "--layer", layer), server("--noworker", "--layer", layer)
+    workers = [Proc("runworker", "--layer", layer, "--threads", "4")]
+    try:
+        workers[0].wait_line("worker ready")
+        import concurrent.futures
+        jobs = [(port_a if i % 2 else port_b, "/hello/%s-%d" % ("a" if i % 2 else "b", i)) for i in range(60)]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda job: (job, get(*job)), jobs))
+        for (port, path), (status, body) in answers:
+            assert status == 200 and body == ("Hello world! You asked for " + path).encode(), (port, path, status, body)
+    finally:
+        for w in workers:
+            assert w.stop() == 0
+        assert a.stop() == 0 and b.stop() == 0
 
 
 failed = [name for name, error in results if error]

@@ -1,0 +1,48 @@
+import ASGI
+import Foundation
+@testable import RedisChannelLayer
+import Testing
+
+@Suite("batch receive")
+struct BatchReceiveTests {
+    @Test(arguments: LayerKind.allCases)
+    func batchesKeepOrderAndFullNames(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 100) { layer in
+            for i in 0..<10 { try await layer.send(["n": .int(Int64(i))], to: "reply.abc!conn\(i % 3)") }
+            var seen: [ReceivedMessage] = []
+            var batches = 0
+            while seen.count < 10 {
+                let batch = try await layer.receiveBatch(channels: ["reply.abc!"], max: 4, timeout: .seconds(2))
+                #expect(!batch.isEmpty && batch.count <= 4)
+                seen += batch
+                batches += 1
+            }
+            #expect(seen.map { $0.message["n"]?.intValue ?? -1 } == Array(0..<10), "FIFO across batches")
+            #expect(seen.map(\.channel) == (0..<10).map { "reply.abc!conn\($0 % 3)" }, "full names restored")
+            #expect(batches >= 3)
+            #expect(try await layer.receiveBatch(channels: ["reply.abc!"], max: 4, timeout: .zero).isEmpty)
+        }
+    }
+
+    @Test(arguments: LayerKind.allCases)
+    func anIdleBatchReceiveWaitsThenTakesWhatQueued(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 100) { layer in
+            let sender = Task {
+                try await Task.sleep(for: .milliseconds(150))
+                for i in 0..<3 { try await layer.send(["n": .int(Int64(i))], to: "batch.idle") }
+            }
+            var got: [Int64] = []
+            while got.count < 3 {
+                let batch = try await layer.receiveBatch(channels: ["batch.idle"], max: 10, timeout: .seconds(5))
+                #expect(!batch.isEmpty, "a message arrived within the timeout")
+                if batch.isEmpty { break }
+                got += batch.compactMap { $0.message["n"]?.intValue }
+            }
+            try await sender.value
+            #expect(got == [0, 1, 2])
+            let start = ContinuousClock.now
+            #expect(try await layer.receiveBatch(channels: ["batch.idle"], max: 10, timeout: .milliseconds(300)).isEmpty)
+            #expect(ContinuousClock.now - start >= .milliseconds(250), "it waited for the timeout")
+        }
+    }
+}
