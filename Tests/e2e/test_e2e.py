@@ -417,6 +417,15 @@ def server_speaks_asgi_to_a_python_application():
         _, gone = await asyncio.to_thread(receive, ["websocket.disconnect"])
         assert gone["code"] == 4000 and gone["order"] == 3 and gone["reply_channel"] == reply, gone
 
+        # Implicit accept: a first text frame instead of accept: true completes the handshake.
+        client = asyncio.ensure_future(websockets.connect("ws://127.0.0.1:%d/implicit/" % port))
+        _, connect = await asyncio.to_thread(receive, ["websocket.connect"])
+        app.send(connect["reply_channel"], {"text": "welcome"})
+        ws = await client
+        assert await asyncio.wait_for(ws.recv(), 10) == "welcome"
+        await ws.close()
+        await asyncio.to_thread(receive, ["websocket.disconnect"])
+
         # HTTP: the request as the application sees it, then a client that leaves early.
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"GET /caf%C3%A9/x?a=%20b HTTP/1.1\r\nHost: h\r\nX-Dup: 1\r\nX-Dup: 2\r\nX_Bad: no\r\n\r\n")
@@ -579,6 +588,62 @@ def two_servers_on_one_redis_get_only_their_own_replies():
         for w in workers:
             assert w.stop() == 0
         assert a.stop() == 0 and b.stop() == 0
+
+
+@test
+def a_lost_redis_gives_503_and_service_resumes():
+    """The server and a worker on a Redis of their own, which dies and comes back on the same port."""
+    import tempfile
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="e2e-redis-")
+
+    def start_redis():
+        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                        "--daemonize", "yes", "--pidfile", workdir + "/redis.pid", "--dir", workdir], check=True)
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis did not start")
+
+    def stop_redis():
+        pid = int(open(workdir + "/redis.pid").read())
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            except ProcessLookupError:
+                return
+
+    start_redis()
+    layer = "redis://127.0.0.1:%d/0" % port
+    proc, http_port = server("--noworker", "--layer", layer, "--http-timeout", "5")
+    worker = Proc("runworker", "--layer", layer, "--threads", "2")
+    try:
+        worker.wait_line("worker ready")
+        assert get(http_port, "/hello/up")[0] == 200
+        stop_redis()
+        status, body = get(http_port, "/hello/down")
+        assert status == 503, (status, body)
+        assert proc.p.poll() is None and worker.p.poll() is None, "nothing crashed"
+        start_redis()
+        deadline = time.time() + 20
+        status = None
+        while time.time() < deadline:
+            status, _ = get(http_port, "/hello/back")
+            if status == 200:
+                break
+            time.sleep(0.2)
+        assert status == 200, "service resumed after Redis came back"
+    finally:
+        if worker.p.poll() is None:
+            assert worker.stop() == 0
+        assert proc.stop() == 0
+        try:
+            stop_redis()
+        except Exception:
+            pass
 
 
 failed = [name for name, error in results if error]
