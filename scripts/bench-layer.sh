@@ -27,7 +27,7 @@ RUN_DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
   --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR"
-trap 'kill "$(cat "$RUN_DIR/redis.pid")" 2>/dev/null || true; rm -rf "$RUN_DIR"' EXIT
+trap 'kill "$(cat "$RUN_DIR/redis.pid")" 2>/dev/null || true; sleep 0.3; rm -rf "$RUN_DIR" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 REDIS_PID=$(cat "$RUN_DIR/redis.pid")
 
@@ -93,6 +93,7 @@ rows = [
     ("sequential receive, blocking (msg/s)", swift.get("seq_receive_per_s"), get(py, "throughput_block=True", "receive_msgs_per_s"), True),
     ("1 sender + 1 receiver together (msg/s)", swift.get("together_msgs_per_s"), py.get("together_msgs_per_s"), True),
     ("together, 64 sends in flight + 8 receive loops", swift.get("concurrent_msgs_per_s"), py.get("together_msgs_per_s"), True),
+    ("together, 64 sends in flight + 1 batch receiver", swift.get("batched_msgs_per_s"), py.get("together_msgs_per_s"), True),
     ("send->reply RTT p50 (ms)", swift.get("rtt_p50_ms"), (get(py, "pingpong", "median_us") or 0) / 1000 or None, False),
     ("send->reply RTT p99 (ms)", swift.get("rtt_p99_ms"), (get(py, "pingpong", "p99_us") or 0) / 1000 or None, False),
     ("sendGroup to 100 members p50 (ms)", swift.get("group100_p50_ms"), get(py, "fanout_normal", "group_send_call", "median_us") and get(py, "fanout_normal", "group_send_call", "median_us") / 1000, False),

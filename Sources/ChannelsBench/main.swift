@@ -89,6 +89,23 @@ try await withThrowingTaskGroup(of: Void.self) { group in
 }
 results["concurrent_msgs_per_s"] = Double(n) / (clock.now - start).seconds
 
+// (b3) one sender (64 sends in flight) and ONE receiver that takes batches (receiveBatch, up to
+// 64 per round trip, FIFO), as the interface server's reply reader does.
+start = clock.now
+try await withThrowingTaskGroup(of: Void.self) { group in
+    for lane in 0..<64 {
+        group.addTask { for _ in stride(from: lane, to: n, by: 64) { try await layer.send(body, to: "bench.batch") } }
+    }
+    group.addTask {
+        var got = 0
+        while got < n {
+            got += try await layer.receiveBatch(channels: ["bench.batch"], max: 64, timeout: .seconds(5)).count
+        }
+    }
+    try await group.waitForAll()
+}
+results["batched_msgs_per_s"] = Double(n) / (clock.now - start).seconds
+
 // (c) send -> reply round trip: an echo task replies on a process channel, as a worker does.
 let echo = Task {
     while !Task.isCancelled {
