@@ -72,6 +72,15 @@ struct RunServer: AsyncParsableCommand {
     }
 }
 
+/// Runs a loop until SIGTERM/SIGINT, then asks it to stop and waits for what it holds to finish.
+func runUntilSignal(logger: Logger, run: @escaping @Sendable () async -> Void, stop: @Sendable () -> Void) async {
+    let task = Task { await run() }
+    await Signals.wait()
+    logger.info("stopping: finishing what is in hand")
+    stop()
+    await task.value
+}
+
 struct RunDelay: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rundelay",
@@ -90,11 +99,7 @@ struct RunDelay: AsyncParsableCommand {
         let client = RedisClient(endpoint: first)
         let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
-        let task = Task { await server.run() }
-        await Signals.wait()
-        logger.info("stopping")
-        server.stop()
-        await task.value
+        await runUntilSignal(logger: logger, run: server.run, stop: server.stop)
         await client.close()
         await layer.close()
     }
@@ -118,11 +123,7 @@ struct RunWorker: AsyncParsableCommand {
         let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
                             exclude: excludeChannels, environment: try options.makeEnvironment(layer: layer), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
-        let task = Task { await worker.run() }
-        await Signals.wait()
-        logger.info("stopping: finishing consumers in flight")
-        worker.stop()
-        await task.value
+        await runUntilSignal(logger: logger, run: worker.run, stop: worker.stop)
         await layer.close()
     }
 }

@@ -23,9 +23,16 @@ public struct ConsumerEnvironment: Sendable {
 /// message's reply channel (one per WebSocket), saved after the consumer returns (or throws)
 /// when it was modified. A message without a reply channel is an error.
 public func channelSession(_ consumer: @escaping Consumer) -> Consumer {
+    withSession(consumer, loaded: \.loadedChannelSession) { try await $0.openChannelSession() }
+}
+
+/// Runs `consumer` with a session opened by `open` (unless an outer wrapper already opened it)
+/// and saves it afterwards when modified, also when the consumer threw.
+private func withSession(_ consumer: @escaping Consumer, loaded: KeyPath<ConsumerContext, Session?> & Sendable,
+                         open: @escaping @Sendable (ConsumerContext) async throws -> Session) -> Consumer {
     { context in
-        if context.loadedChannelSession != nil { return try await consumer(context) }
-        let session = try await context.openChannelSession()
+        if context[keyPath: loaded] != nil { return try await consumer(context) }
+        let session = try await open(context)
         do {
             try await consumer(context)
         } catch {
@@ -49,12 +56,12 @@ extension ConsumerContext {
 
     /// The socket's channel session; only inside `channelSession` (or a wrapper that includes it).
     public var channelSession: Session {
-        get throws {
-            guard let session = loadedChannelSession else {
-                throw SessionError("no channel session here: wrap the consumer in channelSession(...)")
-            }
-            return session
-        }
+        get throws { try Self.required(loadedChannelSession, "no channel session here: wrap the consumer in channelSession(...)") }
+    }
+
+    static func required(_ session: Session?, _ otherwise: String) throws -> Session {
+        guard let session else { throw SessionError(otherwise) }
+        return session
     }
 
     var loadedChannelSession: Session? { extras.withLock { $0.channelSession } }
@@ -66,17 +73,7 @@ extension ConsumerContext {
 /// `?session_key=` query parameter or else the session cookie. No key means an empty session
 /// without a key, not an error; writing to it creates one (and the response gets its cookie).
 public func httpSession(_ consumer: @escaping Consumer) -> Consumer {
-    { context in
-        if context.loadedHTTPSession != nil { return try await consumer(context) }
-        let session = try await context.openHTTPSession()
-        do {
-            try await consumer(context)
-        } catch {
-            try? await session.save()
-            throw error
-        }
-        try await session.save()
-    }
+    withSession(consumer, loaded: \.loadedHTTPSession) { try await $0.openHTTPSession() }
 }
 
 extension ConsumerContext {
@@ -98,12 +95,7 @@ extension ConsumerContext {
 
     /// The request's HTTP session; only inside `httpSession` (or a wrapper that includes it).
     public var httpSession: Session {
-        get throws {
-            guard let session = loadedHTTPSession else {
-                throw SessionError("no HTTP session here: wrap the consumer in httpSession(...)")
-            }
-            return session
-        }
+        get throws { try Self.required(loadedHTTPSession, "no HTTP session here: wrap the consumer in httpSession(...)") }
     }
 
     var loadedHTTPSession: Session? { extras.withLock { $0.httpSession } }
