@@ -5,6 +5,7 @@ import Foundation
 import InterfaceServer
 import Logging
 import RedisChannelLayer
+import Synchronization
 
 struct RunServer: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -72,13 +73,29 @@ struct RunServer: AsyncParsableCommand {
     }
 }
 
-/// Runs a loop until SIGTERM/SIGINT, then asks it to stop and waits for what it holds to finish.
-func runUntilSignal(logger: Logger, run: @escaping @Sendable () async -> Void, stop: @Sendable () -> Void) async {
+/// Runs a loop until SIGTERM/SIGINT, then asks it to stop and waits for what it holds to
+/// finish, at most `grace`: a consumer that hangs does not keep the process alive forever.
+func runUntilSignal(logger: Logger, grace: Duration = .seconds(30), run: @escaping @Sendable () async -> Void,
+                    stop: @Sendable () -> Void) async {
     let task = Task { await run() }
     await Signals.wait()
-    logger.info("stopping: finishing what is in hand")
+    logger.info("stopping: finishing what is in hand", metadata: ["grace_s": "\(grace.seconds)"])
     stop()
-    await task.value
+    // A race between the work and a timer; whichever ends first resumes us (the other is left
+    // behind: the process is about to exit).
+    let finished = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+        let resumed = Mutex(false)
+        let resume: @Sendable (Bool) -> Void = { value in
+            let first = resumed.withLock { done -> Bool in
+                defer { done = true }
+                return !done
+            }
+            if first { continuation.resume(returning: value) }
+        }
+        Task { await task.value; resume(true) }
+        Task { try? await Task.sleep(for: grace); resume(false) }
+    }
+    if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
 }
 
 struct RunDelay: AsyncParsableCommand {
@@ -115,6 +132,7 @@ struct RunWorker: AsyncParsableCommand {
     @Option(name: .long, help: "Concurrent consumers, each with its own blocking receive.") var threads = 4
     @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
+    @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
 
     func run() async throws {
         let logger = options.makeLogger("channels.runworker")
@@ -123,7 +141,7 @@ struct RunWorker: AsyncParsableCommand {
         let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
                             exclude: excludeChannels, environment: try options.makeEnvironment(layer: layer), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
-        await runUntilSignal(logger: logger, run: worker.run, stop: worker.stop)
+        await runUntilSignal(logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run, stop: worker.stop)
         await layer.close()
     }
 }

@@ -646,6 +646,33 @@ def a_lost_redis_gives_503_and_service_resumes():
             pass
 
 
+@test
+def sigterm_gives_a_stuck_consumer_a_bounded_grace():
+    """A consumer that waits (here: for upload chunks that never come) delays runworker's exit by
+    at most --shutdown-timeout."""
+    from asgi_redis import RedisChannelLayer
+    prefix = "e2estuck%d:" % os.getpid()
+    app = RedisChannelLayer(hosts=[REDIS_URL.split("?")[0]], prefix=prefix)
+    worker = Proc("runworker", "--layer", redis_url(prefix), "--threads", "1", "--shutdown-timeout", "1")
+    try:
+        worker.wait_line("worker ready")
+        app.send("http.request", {"reply_channel": "stuck.reply!x", "http_version": "1.1", "method": "POST",
+                                  "path": "/poll/", "query_string": b"", "root_path": "", "scheme": "http",
+                                  "headers": [], "body": b"x", "body_channel": "http.request.body?never",
+                                  "client": ["127.0.0.1", 1], "server": ["127.0.0.1", 2]})
+        time.sleep(1.0)  # the consumer is now waiting for a chunk
+        start = time.time()
+        assert worker.stop() == 0
+        took = time.time() - start
+        assert took < 8, "runworker waited %.1f s for a stuck consumer" % took
+        worker.log.seek(0)
+        assert "gave up waiting" in worker.log.read()
+    finally:
+        if worker.p.poll() is None:
+            worker.stop(signal.SIGKILL)
+        app.flush()
+
+
 failed = [name for name, error in results if error]
 print("%d passed, %d failed" % (len(results) - len(failed), len(failed)))
 sys.exit(1 if failed else 0)
