@@ -70,6 +70,13 @@ enum ASGIMessages {
         return (client, secure)
     }
 
+    /// "host:port" of the client for access logs (the forwarded one behind a trusted proxy).
+    static func clientDescription(head: HTTPRequestHead, remote: SocketAddress?, proxyHeaders: Bool) -> String {
+        let (client, _) = self.client(head: head, remote: remote, proxyHeaders: proxyHeaders)
+        guard let pair = client.arrayValue, pair.count == 2, let host = pair[0].stringValue else { return "-" }
+        return "\(host):\(pair[1].intValue ?? 0)"
+    }
+
     static func version(_ version: HTTPVersion) -> String {
         switch (version.major, version.minor) {
         case (1, 0): "1.0"

@@ -38,9 +38,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             bodyTooLarge = false
             started = .now()
             keepAlive = head.isKeepAlive
-            clientAddress = context.channel.remoteAddress.flatMap { address in
-                address.ipAddress.map { "\($0):\(address.port ?? 0)" }
-            } ?? "-"
+            clientAddress = ASGIMessages.clientDescription(head: head, remote: context.channel.remoteAddress,
+                                                           proxyHeaders: server.configuration.proxyHeaders)
             if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
                 bodyTooLarge = true
             }

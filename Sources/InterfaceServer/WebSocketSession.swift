@@ -39,13 +39,19 @@ final class WebSocketSession {
         self.upgrade = upgrade
         self.replyChannel = server.router.newReplyChannel()
         self.path = ASGIMessages.splitTarget(head.uri).path
-        self.client = channel.remoteAddress?.description ?? "-"
+        self.client = ASGIMessages.clientDescription(head: head, remote: channel.remoteAddress,
+                                                     proxyHeaders: server.configuration.proxyHeaders)
         self.state = .connecting(promise)
     }
+
+    private var subprotocol: String?
 
     /// Sends `websocket.connect` and waits for the application's answer.
     func start(head: HTTPRequestHead) {
         let loop = channel.eventLoop
+        // Subprotocol: the first the client offers that --ws-protocol allows; none otherwise.
+        let offered = head.headers[canonicalForm: "sec-websocket-protocol"].map { String($0) }
+        subprotocol = offered.first { server.configuration.websocketProtocols.contains($0) }
         let bound = NIOLoopBound(self, eventLoop: loop)
         if !server.configuration.allowedOrigins.isEmpty {
             let origin = head.headers.first(name: "origin") ?? ""
@@ -100,7 +106,7 @@ final class WebSocketSession {
         connectTimeout?.cancel()
         server.accessLog?.websocket(client: client, event: "CONNECT", path: path)
         var headers = HTTPHeaders()
-        if !server.configuration.websocketProtocols.isEmpty { headers.add(name: "sec-websocket-protocol", value: server.configuration.websocketProtocols[0]) }
+        if let subprotocol { headers.add(name: "sec-websocket-protocol", value: subprotocol) }
         promise.succeed(headers)
     }
 

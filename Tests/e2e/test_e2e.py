@@ -309,6 +309,59 @@ def header_limits_and_ping_timeout():
         assert proc.stop() == 0
 
 
+@test
+def server_options_origins_subprotocols_lifetime_unix_socket_proxy_headers():
+    import tempfile
+    access = tempfile.mktemp(prefix="access-", suffix=".log")
+    proc, port = server("--allowed-origins", "http://good.example", "--ws-protocol", "chat.v2", "--ws-protocol", "chat.v1",
+                        "--websocket-timeout", "1.5", "--proxy-headers", "--access-log", access)
+    unix_path = tempfile.mktemp(prefix="chat-", suffix=".sock")
+    unix = Proc("runserver", "--unix-socket", unix_path)
+    try:
+        async def sockets():
+            try:
+                await websockets.connect("ws://127.0.0.1:%d/echo/" % port, origin="http://evil.example")
+                raise AssertionError("a foreign origin was accepted")
+            except websockets.exceptions.InvalidStatusCode as e:
+                assert e.status_code == 403, e.status_code
+            ws = await websockets.connect("ws://127.0.0.1:%d/echo/" % port, origin="http://good.example",
+                                          subprotocols=["chat.v1", "chat.v3"])
+            assert ws.subprotocol == "chat.v1", ws.subprotocol
+            await ws.send("still here")
+            assert await asyncio.wait_for(ws.recv(), 10) == "still here"
+            start = time.time()
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+                raise AssertionError("not closed at the end of its life")
+            except websockets.exceptions.ConnectionClosed:
+                pass
+            assert time.time() - start < 5
+            plain = await websockets.connect("ws://127.0.0.1:%d/echo/" % port, origin="http://good.example")
+            assert plain.subprotocol is None, "no subprotocol unless the client offers one"
+            await plain.close()
+        asyncio.run(sockets())
+
+        status, _ = get(port, "/hello/proxied", headers={"X-Forwarded-For": "203.0.113.9"})
+        assert status == 200
+        time.sleep(0.3)
+        assert "203.0.113.9" in open(access).read(), "proxy headers give the client address"
+
+        unix.wait_line("interface server listening")
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(unix_path)
+        s.sendall(b"GET /hello/unix HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"Hello world! You asked for /hello/unix"), data
+    finally:
+        assert proc.stop() == 0
+        assert unix.stop() == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Redis: one runserver --noworker and two runworkers.
 
