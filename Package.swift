@@ -90,6 +90,11 @@ let package = Package(
             dependencies: ["ASGI", "RedisChannelLayer"]
         ),
         .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels", "ChannelsTesting", "RedisChannelLayer"]),
+        .testTarget(name: "InterfaceServerTests", dependencies: [
+            "ASGI", "Channels", "InterfaceServer",
+            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
+        ]),
         .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
     ],
     swiftLanguageModes: [.v6]

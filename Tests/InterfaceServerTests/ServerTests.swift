@@ -1,0 +1,144 @@
+import ASGI
+import Channels
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import InterfaceServer
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOWebSocket
+import Testing
+
+/// A WebSocket client on SwiftNIO (URLSession on Linux has no WebSocket support).
+enum NIOWebSocketClient {
+    enum Upgrade: Sendable {
+        case websocket(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>)
+        case refused
+    }
+
+    static func connect(port: Int, path: String) async throws -> Upgrade {
+        let result: EventLoopFuture<Upgrade> = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let upgrader = NIOTypedWebSocketClientUpgrader<Upgrade>(upgradePipelineHandler: { channel, _ in
+                        channel.eventLoop.makeCompletedFuture {
+                            .websocket(try NIOAsyncChannel<WebSocketFrame, WebSocketFrame>(wrappingChannelSynchronously: channel))
+                        }
+                    })
+                    var headers = HTTPHeaders()
+                    headers.add(name: "Host", value: "127.0.0.1:\(port)")
+                    let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: path, headers: headers)
+                    let configuration = NIOTypedHTTPClientUpgradeConfiguration(
+                        upgradeRequestHead: head, upgraders: [upgrader],
+                        notUpgradingCompletionHandler: { channel in channel.eventLoop.makeCompletedFuture { .refused } })
+                    return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(
+                        configuration: .init(upgradeConfiguration: configuration))
+                }
+            }
+        return try await result.get()
+    }
+
+    static func frame(_ opcode: WebSocketOpcode, _ bytes: [UInt8]) -> WebSocketFrame {
+        WebSocketFrame(fin: true, opcode: opcode, maskKey: .random(), data: ByteBuffer(bytes: bytes))
+    }
+}
+
+/// The interface server in this process on a free port, with in-process workers on the
+/// in-memory layer, driven by Foundation's URLSession (HTTP and WebSocket) over real sockets.
+@Suite("interface server (URLSession and a SwiftNIO WebSocket client)")
+struct ServerTests {
+    static func routing() -> [RoutingEntry] {
+        [
+            route("http.request", path: "^/hello/") { context in
+                try await context.respond("Hello world! You asked for \(context.path)")
+            },
+            route("http.request", path: "^/upload/$", method: "^POST$") { context in
+                let body = try await context.requestBody()
+                try await context.respond("got \(body.count) bytes, sum \(body.reduce(0) { $0 &+ Int($1) })")
+            },
+            route("websocket.receive", path: "^/echo/$") { context in
+                if let text = context.message["text"]?.stringValue {
+                    try await context.reply(["text": .string("\(try context.message.int("order")):\(text)")])
+                } else if let bytes = context.message["bytes"]?.bytesValue {
+                    try await context.reply(["bytes": .bytes(bytes.reversed())])
+                }
+            },
+            route("websocket.connect", path: "^/closed/$") { _ in throw ConsumerError.denyConnection },
+        ]
+    }
+
+    func withServer(_ body: (Int) async throws -> Void) async throws {
+        let layer = InMemoryChannelLayer()
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        let server = InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let worker = Worker(router: try Router(Self.routing()), layer: layer, concurrency: 2)
+        let task = Task { await worker.run() }
+        let port = try #require(server.localAddress?.port)
+        do {
+            try await body(port)
+        } catch {
+            worker.stop()
+            await server.shutdown()
+            await task.value
+            throw error
+        }
+        worker.stop()
+        await server.shutdown()
+        await task.value
+    }
+
+    @Test func httpRoundTripAndUpload() async throws {
+        try await withServer { port in
+            let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/hello/swift?x=1")!)
+            #expect((response as? HTTPURLResponse)?.statusCode == 200)
+            #expect(String(decoding: data, as: UTF8.self) == "Hello world! You asked for /hello/swift")
+
+            let (_, missing) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/nowhere/")!)
+            #expect((missing as? HTTPURLResponse)?.statusCode == 404, "unrouted HTTP gets 404")
+
+            // 3 MiB: more than the 1 MiB chunk threshold, so it travels on a body channel.
+            let upload = (0..<(3 * 1024 * 1024)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+            var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/upload/")!)
+            request.httpMethod = "POST"
+            let (answer, uploadResponse) = try await URLSession.shared.upload(for: request, from: Data(upload))
+            #expect((uploadResponse as? HTTPURLResponse)?.statusCode == 200)
+            #expect(String(decoding: answer, as: UTF8.self) == "got \(upload.count) bytes, sum \(upload.reduce(0) { $0 &+ Int($1) })")
+        }
+    }
+
+    @Test func webSocketEchoOrderNumbersAndRefusal() async throws {
+        try await withServer { port in
+            guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/echo/") else {
+                Issue.record("the echo socket was not accepted")
+                return
+            }
+            var got: [String] = []
+            try await channel.executeThenClose { inbound, outbound in
+                try await outbound.write(NIOWebSocketClient.frame(.text, Array("one".utf8)))
+                try await outbound.write(NIOWebSocketClient.frame(.text, Array("two".utf8)))
+                try await outbound.write(NIOWebSocketClient.frame(.binary, [1, 2, 3]))
+                for try await frame in inbound {
+                    switch frame.opcode {
+                    case .text: got.append(String(buffer: frame.unmaskedData))
+                    case .binary: got.append("bytes " + Array(buffer: frame.unmaskedData).map(String.init).joined(separator: ","))
+                    default: continue
+                    }
+                    if got.count == 3 { break }
+                }
+                try await outbound.write(NIOWebSocketClient.frame(.connectionClose, [0x03, 0xE8]))
+            }
+            // Two worker loops may answer in either order (no enforceOrdering on this route); the
+            // order numbers the server gave each frame are what must hold.
+            #expect(got.sorted() == ["1:one", "2:two", "bytes 3,2,1"], "order numbers count from 1 after the connect")
+
+            guard case .refused = try await NIOWebSocketClient.connect(port: port, path: "/closed/") else {
+                Issue.record("a denied socket was upgraded")
+                return
+            }
+        }
+    }
+}
