@@ -16,11 +16,6 @@ extension ConsumerContext {
         try await respond(status: status, contentType: contentType, headers: headers, body: Array(text.utf8))
     }
 
-    /// Redirects (303 See Other by default), e.g. after a login form.
-    public func redirect(to location: String, status: Int = 303) async throws {
-        try await respond(status: status, headers: [("location", location)], body: [])
-    }
-
     /// Accepts a WebSocket connection.
     public func accept() async throws { try await reply(["accept": true]) }
 

@@ -1,0 +1,67 @@
+import ASGI
+import Foundation
+
+/// A stream of a demultiplexer: a JSON consumer whose frames arrive as the `payload` of
+/// `{"stream": name, "payload": ...}` and whose sends are wrapped the same way.
+public protocol StreamConsumer: Sendable {
+    init()
+    func connect(_ socket: WebSocket) async throws
+    func receive(_ socket: WebSocket, payload: Data) async throws
+    func disconnect(_ socket: WebSocket, code: Int) async throws
+}
+
+extension StreamConsumer {
+    public func connect(_ socket: WebSocket) async throws {}
+    public func disconnect(_ socket: WebSocket, code: Int) async throws {}
+}
+
+extension StreamConsumer where Self: WebSocketConsumer {
+    /// A consumer type used both on its own socket and as a stream: accept on its own socket;
+    /// inside a demultiplexer the demultiplexer accepts.
+    public func connect(_ socket: WebSocket) async throws {
+        if socket.stream == nil { try await socket.accept() }
+    }
+
+    public func disconnect(_ socket: WebSocket, code: Int) async throws {}
+}
+
+extension StreamConsumer where Self: JSONWebSocketConsumer {
+    public func receive(_ socket: WebSocket, payload: Data) async throws { try await receiveJSONData(socket, payload) }
+}
+
+/// Like Channels' `WebsocketDemultiplexer`: one socket carries several streams; each frame is
+/// `{"stream": name, "payload": ...}` and goes to that stream's consumer. Connect and
+/// disconnect go to every stream's consumer; the socket is accepted once.
+public protocol WebSocketDemultiplexer: WebSocketConsumer {
+    static var streams: [String: any StreamConsumer.Type] { get }
+}
+
+extension WebSocketDemultiplexer {
+    public func connect(_ socket: WebSocket) async throws {
+        try await socket.accept()
+        for (name, type) in Self.streams.sorted(by: { $0.key < $1.key }) {
+            try await type.init().connect(WebSocket(context: socket.context, stream: name))
+        }
+    }
+
+    public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
+        guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }),
+              let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+              let stream = object["stream"] as? String, let payload = object["payload"] else {
+            socket.context.logger.warning("dropped a frame without stream and payload", metadata: ["path": "\(socket.path)"])
+            return
+        }
+        guard let type = Self.streams[stream] else {
+            socket.context.logger.warning("dropped a frame for an unknown stream", metadata: ["stream": "\(stream)"])
+            return
+        }
+        let payloadData = try JSONSerialization.data(withJSONObject: payload, options: [.fragmentsAllowed])
+        try await type.init().receive(WebSocket(context: socket.context, stream: stream), payload: payloadData)
+    }
+
+    public func disconnect(_ socket: WebSocket, code: Int) async throws {
+        for (name, type) in Self.streams.sorted(by: { $0.key < $1.key }) {
+            try await type.init().disconnect(WebSocket(context: socket.context, stream: name), code: code)
+        }
+    }
+}

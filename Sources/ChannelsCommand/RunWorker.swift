@@ -1,0 +1,31 @@
+import ArgumentParser
+import ASGI
+import Channels
+import Foundation
+import Logging
+import RedisChannelLayer
+import Synchronization
+
+struct RunWorker: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "runworker",
+        abstract: "Run consumers for messages from a shared channel layer."
+    )
+
+    @OptionGroup var options: LayerOptions
+    @Option(name: .long, help: "Concurrent consumers, each with its own blocking receive.") var threads = 4
+    @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
+    @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
+    @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
+
+    func run() async throws {
+        let logger = options.makeLogger("channels.runworker")
+        let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        let router = try Router(ChannelsApplication.get().routing())
+        let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
+                            exclude: excludeChannels, environment: try options.makeEnvironment(layer: layer), logger: logger)
+        say("runworker: listening on \(worker.channels.joined(separator: ", "))")
+        await runUntilSignal(logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run, stop: worker.stop)
+        await layer.close()
+    }
+}
