@@ -126,11 +126,23 @@ enum ChatConsumers {
         text = String(text.trimmingCharacters(in: .whitespacesAndNewlines).prefix(2000))
         guard !text.isEmpty else { return }
         let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
-        try await Channel("chat-messages").send([
+        // "/later N text" posts the text N seconds from now, through the delay server.
+        var delay: Int?
+        let words = text.split(separator: " ", maxSplits: 2)
+        if words.count == 3, words[0] == "/later", let seconds = Int(words[1]), (1...3600).contains(seconds) {
+            delay = seconds
+            text = String(words[2])
+        }
+        let message: Message = [
             "room": .string(room),
             "user": .string(context.user.isAuthenticated ? context.user.username : "anonymous"),
             "text": .string(text),
-        ])
+        ]
+        if let delay {
+            try await Channel("chat-messages").send(message, delay: .seconds(delay))
+        } else {
+            try await Channel("chat-messages").send(message)
+        }
     }
 
     @Sendable static func leaveRoom(_ context: ConsumerContext) async throws {

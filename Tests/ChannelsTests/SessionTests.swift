@@ -227,6 +227,44 @@ struct SessionTests {
         }
     }
 
+    @Test func redisSessionsLiveAsLongAsTheSessionAge() async throws {
+        let client = try TestRedis.client()
+        let prefix = "t" + ChannelNames.randomLetters(8) + ":session:"
+        let store = RedisSessionStore(client: client, prefix: prefix)
+        var settings = SessionSettings()
+        settings.age = 5000
+        let session = Session(key: "agecheck", store: store, settings: settings)
+        session["x"] = 1
+        try await session.save()
+        let ttl = try await client.command("TTL", prefix + "agecheck").integer ?? -1
+        #expect(ttl > 4990 && ttl <= 5000, "TTL \(ttl)")
+    }
+
+    @Test func anExpiredInMemorySessionIsGone() async throws {
+        let store = InMemorySessionStore()
+        #expect(try await store.store("k", data: [0x80], expected: nil, ttl: 0))
+        #expect(try await store.load("k") == nil, "expired at once")
+        #expect(try await store.store("k", data: [0x80], expected: nil, ttl: 60), "an expired key can be created again")
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func unreadableStoredDataIsReplacedNotFatal(_ kind: StoreKind) async throws {
+        let store = try store(kind)
+        let key = Session.channelSessionKey(replyChannel: "test.reply?garbage")
+        #expect(try await store.store(key, data: [0xc1, 0xff, 0x00], expected: nil, ttl: 60))
+        let harness = try TestHarness([
+            route("websocket.receive", channelSession { context in
+                let before = try context.channelSession["n"]?.intValue ?? 0
+                try context.channelSession["n"] = .int(before + 1)
+                try await context.reply(["text": .string("\(before + 1)")])
+            }),
+        ], environment: ConsumerEnvironment(sessionStore: store))
+        try await harness.send(["reply_channel": "test.reply?garbage", "order": 1, "text": "x"], to: "websocket.receive")
+        #expect(try await harness.receive(from: "test.reply?garbage")?["text"] == "1", "read as empty, consumer ran")
+        let stored = try Session.decode(try #require(try await store.load(key)))
+        #expect(stored == ["n": 1], "the garbage was replaced")
+    }
+
     @Test func sessionIsSavedOnlyWhenModified() async throws {
         let store = CountingStore()
         let harness = try TestHarness([

@@ -72,6 +72,36 @@ def get(port, path, method="GET", body=None, headers=None):
     return resp.status, data
 
 
+def login(port, username, password):
+    """POST /api/login/; returns (status, json body, session cookie value or None)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("POST", "/api/login/", body="username=%s&password=%s" % (username, password),
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    cookie = None
+    for name, value in resp.getheaders():
+        if name.lower() == "set-cookie" and value.startswith("sessionid="):
+            cookie = value.split(";")[0].split("=", 1)[1]
+    conn.close()
+    return resp.status, body, cookie
+
+
+def read_all(sock):
+    """Everything the peer sends until it closes (a reset counts as a close)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    return data
+
+
 def test(fn):
     name = fn.__name__
     if os.environ.get("E2E_ONLY") and os.environ["E2E_ONLY"] not in name:
@@ -145,6 +175,17 @@ def in_memory_runserver():
         assert (status, body) == (200, b'{"received": 3000}'), (status, body)
         asyncio.run(echo_checks(port))
         asyncio.run(chat_checks(port))
+
+        async def later():
+            # "/later 1 text": the in-process delay server posts it a second later.
+            ws, _ = await join(port, "laterroom")
+            sent = time.time()
+            await ws.send("/later 1 see you soon")
+            got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert got["text"] == "see you soon", got
+            assert time.time() - sent >= 0.95, "delivered before its delay"
+            await ws.close()
+        asyncio.run(later())
     finally:
         assert proc.stop() == 0
 
@@ -255,17 +296,7 @@ def header_limits_and_ping_timeout():
         def raw(request):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(request)
-            data = b""
-            while True:
-                try:
-                    chunk = s.recv(65536)
-                except ConnectionResetError:
-                    break  # closed with our request unread: a reset, which is a close too
-                if not chunk:
-                    break
-                data += chunk
-            s.close()
-            return data
+            return read_all(s)
         big = b"GET /hello/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
         assert raw(big).startswith(b"HTTP/1.1 431"), "our header limit answers 431"
         huge = b"GET /hello/x HTTP/1.1\r\nHost: h\r\nX-Huge: " + b"a" * 200000 + b"\r\n\r\n"
@@ -350,16 +381,45 @@ def server_options_origins_subprotocols_lifetime_unix_socket_proxy_headers():
         s = socket.socket(socket.AF_UNIX)
         s.connect(unix_path)
         s.sendall(b"GET /hello/unix HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = read_all(s)
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"Hello world! You asked for /hello/unix"), data
     finally:
         assert proc.stop() == 0
         assert unix.stop() == 0
+
+
+@test
+def json_logs_one_object_per_line_with_access_lines():
+    proc, port = server("--log-format", "json")
+    try:
+        assert get(port, "/hello/logged")[0] == 200
+        time.sleep(0.3)
+        proc.log.seek(0)
+        objects = []
+        for line in proc.log.read().splitlines():
+            if line.startswith("{"):
+                objects.append(json.loads(line))
+        assert objects and all({"ts", "level", "logger", "msg"} <= set(o) for o in objects), objects[:3]
+        access = [o for o in objects if o["msg"] == "http" and o.get("path") == "/hello/logged"]
+        assert access and access[0]["status"] == "200" and access[0]["method"] == "GET", objects
+        assert access[0]["client"].startswith("127.0.0.1:") and float(access[0]["ms"]) >= 0
+    finally:
+        assert proc.stop() == 0
+
+
+@test
+def session_store_option_puts_sessions_in_redis():
+    """The in-memory layer with --session-store on Redis: a login's session is a Redis key."""
+    proc, port = server("--session-store", REDIS_URL.split("?")[0])
+    try:
+        status, _, cookie = login(port, "erin", "pw-erin-1")
+        assert status == 200 and cookie
+        redis_port = REDIS_URL.split(":")[2].split("/")[0]
+        ttl = int(subprocess.run(["redis-cli", "-p", redis_port, "TTL", "channels-session:" + cookie],
+                                 capture_output=True, text=True).stdout.strip())
+        assert 14 * 86400 - 60 < ttl <= 14 * 86400, ttl
+    finally:
+        assert proc.stop() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,21 +603,6 @@ def two_rundelay_processes_deliver_each_message_once_on_time():
         app.flush()
 
 
-def login(port, username, password):
-    """POST /api/login/; returns (status, json body, session cookie value or None)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    conn.request("POST", "/api/login/", body="username=%s&password=%s" % (username, password),
-                 headers={"Content-Type": "application/x-www-form-urlencoded"})
-    resp = conn.getresponse()
-    body = json.loads(resp.read())
-    cookie = None
-    for name, value in resp.getheaders():
-        if name.lower() == "set-cookie" and value.startswith("sessionid="):
-            cookie = value.split(";")[0].split("=", 1)[1]
-    conn.close()
-    return resp.status, body, cookie
-
-
 @test
 def tutorial_app_on_redis_with_two_workers():
     """The example app through runserver --noworker + two runworkers on Redis: login, rooms,
@@ -575,6 +620,8 @@ def tutorial_app_on_redis_with_two_workers():
         status, body, cookie = login(port, "carol", "pw-carol-1")
         assert status == 200 and body == {"user": "carol"} and cookie, (status, body, cookie)
         assert login(port, "carol", "wrong-password")[0] == 403
+        assert login(port, "bad%20name!", "pw-long-enough")[0] == 400, "a bad user name is a 400"
+        assert login(port, "dave", "pw")[0] == 400, "a too short password is a 400"
         status, _, again = login(port, "carol", "pw-carol-1")
         assert status == 200 and again and again != cookie, "each login gets a fresh session key"
         db = sqlite3.connect(os.environ["CHAT_DATABASE"])
@@ -617,6 +664,26 @@ def tutorial_app_on_redis_with_two_workers():
         room, texts = asyncio.run(run())
         rows = db.execute("select username, text from chat_message where room = ? order by id", (room,)).fetchall()
         assert sorted(rows) == sorted(("carol", t) for t in texts), rows
+        # Sessions live in the layer's Redis.
+        redis_port = REDIS_URL.split(":")[2].split("/")[0]
+        keys = subprocess.run(["redis-cli", "-p", redis_port, "--scan", "--pattern", "channels-session:*"],
+                              capture_output=True, text=True).stdout.split()
+        assert len(keys) >= 3, keys
+        # A malformed chat-messages message (another program wrote it): logged with the consumer
+        # and channel named, and the workers go on serving.
+        from asgi_redis import RedisChannelLayer
+        RedisChannelLayer(hosts=[REDIS_URL.split("?")[0]], prefix="e2eapp%d:" % os.getpid()).send(
+            "chat-messages", {"room": room, "user": 5})
+        deadline = time.time() + 10
+        logged = False
+        while time.time() < deadline and not logged:
+            for w in workers:
+                w.log.seek(0)
+                text = w.log.read()
+                logged = logged or ("consumer failed" in text and "chat-messages" in text)
+            time.sleep(0.1)
+        assert logged, "the bad message was not logged"
+        assert get(port, "/hello/still")[0] == 200
     finally:
         for w in workers:
             if w.p.poll() is None:

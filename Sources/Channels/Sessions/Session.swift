@@ -1,6 +1,7 @@
 import ASGI
 import Crypto
 import Foundation
+import Logging
 import OrderedCollections
 import Synchronization
 
@@ -42,7 +43,6 @@ public final class Session: Sendable {
         var changes: OrderedDictionary<String, ASGIValue?> = [:]
         var cleared = false
         var retiredKeys: [String] = []
-        var accessed = false
     }
 
     public let store: any SessionStore
@@ -50,25 +50,38 @@ public final class Session: Sendable {
     private let state: Mutex<State>
     /// Called when a session without a key gets one (the HTTP session sets its cookie then).
     let onNewKey: (@Sendable (String) -> Void)?
+    private let logger: Logger?
 
-    init(key: String?, store: any SessionStore, settings: SessionSettings, onNewKey: (@Sendable (String) -> Void)? = nil) {
+    init(key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
+         onNewKey: (@Sendable (String) -> Void)? = nil) {
         self.store = store
         self.settings = settings
         self.state = Mutex(State(key: key))
+        self.logger = logger
         self.onNewKey = onNewKey
     }
 
     /// Loads the session stored under `key` (an empty session if there is none).
-    static func load(key: String?, store: any SessionStore, settings: SessionSettings,
+    static func load(key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
                      onNewKey: (@Sendable (String) -> Void)? = nil) async throws -> Session {
-        let session = Session(key: key, store: store, settings: settings, onNewKey: onNewKey)
+        let session = Session(key: key, store: store, settings: settings, logger: logger, onNewKey: onNewKey)
         if let key { try await session.reload(from: key) }
         return session
     }
 
+    /// Stored data that cannot be decoded (another program wrote it) is logged and read as an
+    /// empty session; the next save replaces it.
     private func reload(from key: String) async throws {
         let raw = try await store.load(key)
-        let decoded = raw.flatMap { try? Self.decode($0) }
+        var decoded: [String: ASGIValue]?
+        if let raw {
+            do {
+                decoded = try Self.decode(raw)
+            } catch {
+                logger?.warning("unreadable session data replaced by an empty session",
+                                metadata: ["session": "\(key)", "bytes": "\(raw.count)", "error": "\(error)"])
+            }
+        }
         state.withLock {
             $0.snapshot = raw
             $0.base = decoded ?? [:]

@@ -49,7 +49,7 @@ extension ConsumerContext {
             throw SessionError("channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
         let session = try await Session.load(key: Session.channelSessionKey(replyChannel: reply),
-                                             store: environment.sessionStore, settings: environment.sessionSettings)
+                                             store: environment.sessionStore, settings: environment.sessionSettings, logger: logger)
         extras.withLock { $0.channelSession = session }
         return session
     }
@@ -83,7 +83,7 @@ extension ConsumerContext {
             ?? HTTPRequestInfo.cookies(in: message)[settings.cookieName]
         // A key that names nothing stored is not adopted: a fresh one is made on first write,
         // so a client cannot choose its own session key.
-        var session = try await Session.load(key: key, store: environment.sessionStore, settings: settings,
+        var session = try await Session.load(key: key, store: environment.sessionStore, settings: settings, logger: logger,
                                              onNewKey: { [weak self] in self?.setSessionCookie($0) })
         if key != nil, !session.isStored {
             session = Session(key: nil, store: environment.sessionStore, settings: settings,
