@@ -75,6 +75,8 @@ let package = Package(
                 "ASGI", "Channels", "InterfaceServer", "RedisChannelLayer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
         .executableTarget(
@@ -87,7 +89,11 @@ let package = Package(
         ),
         .executableTarget(
             name: "ChannelsBench",
-            dependencies: ["ASGI", "RedisChannelLayer"]
+            dependencies: [
+                "ASGI", "RedisChannelLayer",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
+            ]
         ),
         .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels", "ChannelsTesting", "RedisChannelLayer"]),
         .testTarget(name: "InterfaceServerTests", dependencies: [

@@ -2,8 +2,8 @@ import ASGI
 import Logging
 import Synchronization
 
-/// Pulls messages from the channels the routing names and runs the matching consumers.
-/// `concurrency` loops run side by side, each with its own blocking receive.
+/// Pulls messages from the channels the routing names and runs the matching consumers, up to
+/// `concurrency` at once.
 public final class Worker: Sendable {
     public let router: Router
     public let layer: any ChannelLayer
@@ -45,40 +45,48 @@ public final class Worker: Sendable {
 
     public var messagesProcessed: Int { processed.load(ordering: .relaxed) }
 
-    /// Runs until `stop()`: then each loop finishes the consumer in hand and returns.
+    /// Runs until `stop()`, then lets the consumers in hand finish and returns.
+    ///
+    /// One receive loop takes as many messages as there are free consumer slots in one call
+    /// (one Redis round trip while messages flow; a blocking wait when none do) and starts a
+    /// consumer task for each; when every slot is busy it waits for one to finish.
     public func run() async {
         logger.info("worker ready", metadata: ["channels": "\(channels.joined(separator: ", "))", "concurrency": "\(concurrency)"])
         guard !channels.isEmpty else {
             logger.warning("no channels to listen on")
             return
         }
-        await withTaskGroup(of: Void.self) { group in
-            for _ in 0..<concurrency {
-                group.addTask { await self.loop() }
+        let slots = Slots(concurrency)
+        await withDiscardingTaskGroup { group in
+            var failures = 0
+            while !stopping.load(ordering: .relaxed) {
+                let free = await slots.waitForFree()
+                let batch: [ReceivedMessage]
+                do {
+                    // A bounded wait, so a stop is noticed within a second; this blocks, it does not poll.
+                    batch = try await layer.receiveBatch(channels: channels, max: free, timeout: .seconds(1))
+                    failures = 0
+                } catch {
+                    failures += 1
+                    if failures == 1 || failures % 30 == 0 {
+                        logger.error("receive failed", metadata: ["error": "\(error)"])
+                    }
+                    try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
+                    continue
+                }
+                slots.take(batch.count)
+                for received in batch {
+                    group.addTask {
+                        await self.dispatch(received)
+                        slots.release()
+                    }
+                }
             }
         }
         logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
 
     public func stop() { stopping.store(true, ordering: .relaxed) }
-
-    private func loop() async {
-        var failures = 0
-        while !stopping.load(ordering: .relaxed) {
-            do {
-                // A bounded wait, so a stop is noticed within a second; this blocks, it does not poll.
-                guard let received = try await layer.receive(channels: channels, timeout: .seconds(1)) else { continue }
-                failures = 0
-                await dispatch(received)
-            } catch {
-                failures += 1
-                if failures == 1 || failures % 30 == 0 {
-                    logger.error("receive failed", metadata: ["error": "\(error)"])
-                }
-                try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
-            }
-        }
-    }
 
     /// Runs the consumer for one message (public for test harnesses).
     public func dispatch(_ received: ReceivedMessage) async {
@@ -146,5 +154,43 @@ public final class Worker: Sendable {
         default:
             logger.info("dropped an unrouted message", metadata: ["channel": "\(received.channel)"])
         }
+    }
+}
+
+/// Free consumer slots; the receive loop waits (suspended, not polling) while there are none.
+final class Slots: Sendable {
+    private struct State {
+        var free: Int
+        var waiter: CheckedContinuation<Void, Never>?
+    }
+    private let state: Mutex<State>
+
+    init(_ count: Int) { state = Mutex(State(free: count)) }
+
+    /// Waits until at least one slot is free and returns how many are. One caller at a time.
+    func waitForFree() async -> Int {
+        while true {
+            let free = state.withLock { $0.free }
+            if free > 0 { return free }
+            await withCheckedContinuation { continuation in
+                let resumeNow = state.withLock { state -> Bool in
+                    if state.free > 0 { return true }
+                    state.waiter = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        }
+    }
+
+    func take(_ count: Int) { state.withLock { $0.free -= count } }
+
+    func release() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.free += 1
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume()
     }
 }

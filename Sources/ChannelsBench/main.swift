@@ -11,7 +11,6 @@ if arguments.count == 6, arguments[1] == "fill", let count = Int(arguments[5]) {
     var configuration = try RedisChannelLayerConfiguration(urls: [arguments[2]])
     configuration.prefix = arguments[3]
     configuration.capacity = count + 1
-    configuration.commandThreads = 4
     let layer = try RedisChannelLayer(configuration: configuration)
     let message: Message = ["n": 1, "payload": .bytes(Array(repeating: 0x61, count: 100))]
     try await withThrowingTaskGroup(of: Void.self) { group in
@@ -24,6 +23,16 @@ if arguments.count == 6, arguments[1] == "fill", let count = Int(arguments[5]) {
     }
     await layer.close()
     exit(0)
+}
+// `channels-bench ws URL latency N | throughput CLIENTS SECONDS`: the WebSocket echo benchmark.
+if arguments.count >= 2, arguments[1] == "ws" {
+    do {
+        try await WebSocketBench.main(Array(arguments.dropFirst(2)))
+        exit(0)
+    } catch {
+        FileHandle.standardError.write(Data("ws bench: \(error)\n".utf8))
+        exit(1)
+    }
 }
 guard arguments.count >= 2 else {
     FileHandle.standardError.write(Data("usage: channels-bench REDIS_URL [N]\n".utf8))

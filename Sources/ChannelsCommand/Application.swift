@@ -5,6 +5,8 @@ import Dispatch
 import Foundation
 import InterfaceServer
 import Logging
+import NIOCore
+import NIOPosix
 import RedisChannelLayer
 import Synchronization
 
@@ -28,7 +30,15 @@ public struct ChannelsApplication: Sendable {
     static let current = Mutex<ChannelsApplication?>(nil)
 
     /// Parses the command line and runs the chosen subcommand.
+    ///
+    /// Swift concurrency's jobs run on NIO's event loops (where the sockets and the Redis
+    /// connections are), so an awaited reply resumes its task on the thread that read it
+    /// instead of waking another: set `CHANNELS_EXECUTOR=default` to keep Swift's own pool.
+    @MainActor
     public func main() async {
+        if ProcessInfo.processInfo.environment["CHANNELS_EXECUTOR"] != "default" {
+            NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+        }
         Self.current.withLock { $0 = self }
         await ApplicationCommand.main()
     }

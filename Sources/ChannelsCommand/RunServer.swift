@@ -18,7 +18,7 @@ struct RunServer: AsyncParsableCommand {
     @Option(name: .long, help: "Port to listen on.") var port = 8000
     @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
     @Flag(name: .long, help: "Serve the protocol only; workers run elsewhere (runworker).") var noworker = false
-    @Option(name: .long, help: "In-process worker loops.") var threads = 4
+    @Option(name: .long, help: "In-process consumers that may run at once.") var threads = 32
     @Option(name: .long, help: "Seconds to wait for an HTTP response before 503.") var httpTimeout = 60.0
     @Option(name: .long, help: "Seconds to wait for a WebSocket accept.") var websocketConnectTimeout = 5.0
     @Option(name: .long, help: "Maximum WebSocket life in seconds.") var websocketTimeout: Double?

@@ -13,7 +13,7 @@ struct RunWorker: AsyncParsableCommand {
     )
 
     @OptionGroup var options: LayerOptions
-    @Option(name: .long, help: "Concurrent consumers, each with its own blocking receive.") var threads = 4
+    @Option(name: .long, help: "Consumers that may run at once (async tasks, not OS threads).") var threads = 32
     @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
     @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0

@@ -11,18 +11,21 @@ import Synchronization
 public final class InterfaceServer: Sendable {
     public let configuration: ServerConfiguration
     private let context: ServerContext
-    private let group: MultiThreadedEventLoopGroup
+    private let group: any EventLoopGroup
     private let serverChannel = Mutex<(any Channel)?>(nil)
     private let readerTask = Mutex<Task<Void, Never>?>(nil)
     private let openConnections = ConnectionTable()
 
     public init(layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
-                logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil) {
+                logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
+                eventLoopGroup: (any EventLoopGroup)? = nil) {
         self.configuration = configuration
         let router = ReplyRouter(layer: layer, prefix: configuration.replyChannelPrefix, logger: logger)
         self.context = ServerContext(layer: layer, router: router, configuration: configuration, logger: logger,
                                      accessLog: AccessLog(path: accessLogPath, logger: logger))
-        self.group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        // The group belongs to the caller (it is not shut down here); NIO's shared group by default: the Redis layer's connections live there too, so a
+        // frame, its send to Redis and the reply can all be handled on one thread.
+        self.group = eventLoopGroup ?? MultiThreadedEventLoopGroup.singleton
     }
 
     /// The process channel every reply of this server goes through.
@@ -123,7 +126,6 @@ public final class InterfaceServer: Sendable {
         let channels = openConnections.all()
         for channel in channels { try? await channel.close() }
         readerTask.withLock { $0?.cancel() }
-        try? await group.shutdownGracefully()
         context.logger.info("interface server stopped")
     }
 }

@@ -132,7 +132,7 @@ final class HiredisConnection: @unchecked Sendable {
         }
     }
 
-    private static func convert(_ reply: UnsafeMutablePointer<redisReply>) -> RedisReply {
+    static func convert(_ reply: UnsafeMutablePointer<redisReply>) -> RedisReply {
         let r = reply.pointee
         switch r.type {
         case REDIS_REPLY_STRING:

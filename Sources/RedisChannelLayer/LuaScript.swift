@@ -1,3 +1,4 @@
+import ASGI
 import Synchronization
 
 /// A Lua script run with `EVALSHA`, falling back to `EVAL` when the server does not know it
@@ -5,7 +6,7 @@ import Synchronization
 public final class LuaScript: Sendable {
     let name: String
     let source: String
-    private let sha = Mutex<String?>(nil)
+    fileprivate let sha = Mutex<String?>(nil)
 
     public init(name: String, source: String) {
         self.name = name
@@ -13,37 +14,33 @@ public final class LuaScript: Sendable {
     }
 
     var knownSHA: String? { sha.withLock { $0 } }
+}
 
-    /// Loads the script (`SCRIPT LOAD`) and remembers its SHA.
-    func load(on connection: HiredisConnection) throws {
-        let reply = try connection.command([Array("SCRIPT".utf8), Array("LOAD".utf8), Array(source.utf8)])
-        guard let loaded = reply.text else {
-            throw ASGIScriptError.loadFailed(name, "\(reply)")
-        }
-        sha.withLock { $0 = loaded }
-    }
-
-    /// The `EVALSHA` command for a script whose SHA is known.
-    func evalshaCommand(keys: [[UInt8]], args: [[UInt8]]) -> [[UInt8]] {
-        [Array("EVALSHA".utf8), Array((knownSHA ?? "").utf8), Array(String(keys.count).utf8)] + keys + args
-    }
-
-    func run(on connection: HiredisConnection, keys: [[UInt8]], args: [[UInt8]], forceSource: Bool = false) throws -> RedisReply {
-        let tail = [Array(String(keys.count).utf8)] + keys + args
-        if !forceSource, let known = knownSHA {
-            let reply = try connection.command([Array("EVALSHA".utf8), Array(known.utf8)] + tail)
+extension LuaScript {
+    /// One call on a (shared) connection: `EVALSHA` once the SHA is known, `EVAL` when the
+    /// server answers NOSCRIPT, and `SCRIPT LOAD` + `EVAL` pipelined the first time.
+    func run(on connection: RedisConnection, keys: [[UInt8]], args: [[UInt8]]) async throws(ChannelLayerError) -> RedisReply {
+        var tail: [[UInt8]] = [Array(String(keys.count).utf8)]
+        tail.reserveCapacity(1 + keys.count + args.count)
+        tail += keys
+        tail += args
+        if let known = knownSHA {
+            let reply = try await connection.command([Self.evalsha, Array(known.utf8)] + tail)
             if case .error(let e) = reply, e.hasPrefix("NOSCRIPT") {
-                return try connection.command([Array("EVAL".utf8), Array(source.utf8)] + tail)
+                return try await connection.command([Self.eval, Array(source.utf8)] + tail)
             }
             return reply
         }
-        let replies = try connection.pipeline([
+        let replies = try await connection.pipeline([
             [Array("SCRIPT".utf8), Array("LOAD".utf8), Array(source.utf8)],
-            [Array("EVAL".utf8), Array(source.utf8)] + tail,
+            [Self.eval, Array(source.utf8)] + tail,
         ])
         if let loaded = replies[0].text { sha.withLock { $0 = loaded } }
         return replies[1]
     }
+
+    private static let evalsha = Array("EVALSHA".utf8)
+    private static let eval = Array("EVAL".utf8)
 }
 
 enum ASGIScriptError: Error, CustomStringConvertible {

@@ -1,21 +1,20 @@
 import ASGI
 import Logging
+import NIOCore
 import NIOPosix
 import Synchronization
 
 /// The Redis channel layer, byte-compatible with Python's asgi_redis 1.4.
 ///
 /// Channels are Redis lists of body keys, bodies are msgpack strings with an expiry, groups
-/// are sorted sets scored by the time of the last add. hiredis is blocking, so every call
-/// runs on this layer's own threads, never on Swift's cooperative pool: a small pool for
-/// ordinary commands and a larger one for receives that sit in `BLPOP`.
+/// are sorted sets scored by the time of the last add. I/O is non-blocking on SwiftNIO event
+/// loops, with hiredis parsing the replies: every ordinary command and script of every task
+/// shares one pipelined connection per server, and only receives that wait in `BLPOP` hold
+/// a connection of their own.
 public final class RedisChannelLayer: ChannelLayer {
     public let configuration: RedisChannelLayerConfiguration
     private let logger: Logger
-    private let shards: [ConnectionPool]
-    private let pipelines: [AutoPipeline]
-    private let commandPool: NIOThreadPool
-    private let blockingPool: NIOThreadPool
+    private let shards: [RedisConnections]
     private let capacities: CapacityTable
     private let luaCapacityArgs: [[UInt8]]
     private let sendCursor = Atomic<Int>(0)
@@ -26,15 +25,17 @@ public final class RedisChannelLayer: ChannelLayer {
     private let isClosed = Atomic<Bool>(false)
     private let decoder = MsgPackDecoder()
 
-    public init(configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis")) throws(ChannelLayerError) {
+    /// - Parameter eventLoopGroup: where the connections live; NIO's shared group by default.
+    public init(configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis"),
+                eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws(ChannelLayerError) {
         guard !configuration.hosts.isEmpty else {
             throw ChannelLayerError(.invalidConfiguration, "the Redis layer needs at least one host")
         }
         self.configuration = configuration
         self.logger = logger
         self.shards = configuration.hosts.map {
-            ConnectionPool(endpoint: $0, connectTimeout: configuration.connectTimeout,
-                           commandTimeout: configuration.commandTimeout)
+            RedisConnections(endpoint: $0, group: eventLoopGroup, connectTimeout: configuration.connectTimeout,
+                             commandTimeout: configuration.commandTimeout)
         }
         self.capacities = CapacityTable(defaultCapacity: configuration.capacity,
                                         patterns: configuration.channelCapacities)
@@ -44,11 +45,6 @@ public final class RedisChannelLayer: ChannelLayer {
             capacityArgs.append(Array(String(capacity).utf8))
         }
         self.luaCapacityArgs = capacityArgs
-        self.commandPool = NIOThreadPool(numberOfThreads: max(1, configuration.commandThreads))
-        self.blockingPool = NIOThreadPool(numberOfThreads: max(1, configuration.blockingThreads))
-        self.pipelines = shards.map { [commandPool] in AutoPipeline(pool: $0, threads: commandPool) }
-        commandPool.start()
-        blockingPool.start()
     }
 
     /// A layer on the servers of these `redis://` URLs.
@@ -57,36 +53,30 @@ public final class RedisChannelLayer: ChannelLayer {
     }
 
     deinit {
-        if !isClosed.load(ordering: .relaxed) {
-            try? commandPool.syncShutdownGracefully()
-            try? blockingPool.syncShutdownGracefully()
-        }
+        for shard in shards { shard.close() }
     }
 
-    // MARK: Threads
+    // MARK: Connections
 
-    private func onCommandThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        guard !isClosed.load(ordering: .relaxed) else { throw ChannelLayerError(.closed, "the Redis layer is closed") }
-        do {
-            return try await commandPool.runIfActive(body)
-        } catch is NIOThreadPoolError.ThreadPoolInactive {
-            throw ChannelLayerError(.closed, "the Redis layer is closed")
-        }
+    private func checkOpen() throws(ChannelLayerError) {
+        if isClosed.load(ordering: .relaxed) { throw ChannelLayerError(.closed, "the Redis layer is closed") }
     }
 
-    private func onBlockingThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        guard !isClosed.load(ordering: .relaxed) else { throw ChannelLayerError(.closed, "the Redis layer is closed") }
-        do {
-            return try await blockingPool.runIfActive(body)
-        } catch is NIOThreadPoolError.ThreadPoolInactive {
-            throw ChannelLayerError(.closed, "the Redis layer is closed")
-        }
+    /// The shard's shared, pipelined connection.
+    private func shared(_ shard: Int) async throws(ChannelLayerError) -> RedisConnection {
+        try checkOpen()
+        return try await shards[shard].shared()
     }
 
-    /// A script call through the shard's automatic pipeline.
+    /// A script call on the shard's shared connection.
     private func pipelined(_ shard: Int, _ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
-        guard !isClosed.load(ordering: .relaxed) else { throw ChannelLayerError(.closed, "the Redis layer is closed") }
-        return try await pipelines[shard].run(script, keys: keys, args: args)
+        try await script.run(on: shared(shard), keys: keys, args: args)
+    }
+
+    /// A blocking command (and what follows it) on a connection of its own.
+    private func onDedicated<T>(_ shard: Int, _ body: (RedisConnection) async throws -> T) async throws -> T {
+        try checkOpen()
+        return try await shards[shard].withDedicated(body)
     }
 
     // MARK: Keys
@@ -258,20 +248,17 @@ public final class RedisChannelLayer: ChannelLayer {
             if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
             let slice = min(remaining, configuration.blockingSlice)
             let timeoutArg = Array(String(format3(slice.seconds)).utf8)
-            let pool = shards[shard]
             let more = Array(String(max - 1).utf8)
-            let result: ([UInt8], RedisReply)? = try await onBlockingThread {
-                try pool.withConnection { connection -> ([UInt8], RedisReply)? in
-                    let reply = try connection.blockingCommand([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: slice)
-                    switch reply {
-                    case .array(let pair) where pair.count == 2:
-                        guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                        return (list, try Scripts.takeBodyAndMore.run(on: connection, keys: [bodyKey, list], args: [more]))
-                    case .error(let e):
-                        throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
-                    default:
-                        return nil
-                    }
+            let result: ([UInt8], RedisReply)? = try await onDedicated(shard) { connection -> ([UInt8], RedisReply)? in
+                let reply = try await connection.command([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: slice)
+                switch reply {
+                case .array(let pair) where pair.count == 2:
+                    guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
+                    return (list, try await Scripts.takeBodyAndMore.run(on: connection, keys: [bodyKey, list], args: [more]))
+                case .error(let e):
+                    throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+                default:
+                    return nil
                 }
             }
             guard let (list, reply) = result, let items = reply.array, !items.isEmpty else { continue }
@@ -316,21 +303,18 @@ public final class RedisChannelLayer: ChannelLayer {
     /// nil: nothing arrived in `wait`. .some(nil): something was popped but unusable.
     private func blockingPop(shard: Int, lists: [[UInt8]], wait: Duration) async throws -> ReceivedMessage?? {
         let timeoutArg = Array(String(format3(wait.seconds)).utf8)
-        let pool = shards[shard]
-        let result: ([UInt8], [UInt8]?)? = try await onBlockingThread {
-            try pool.withConnection { connection -> ([UInt8], [UInt8]?)? in
-                let reply = try connection.blockingCommand([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: wait)
-                switch reply {
-                case .null: return nil
-                case .array(let pair) where pair.count == 2:
-                    guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                    let body = try Scripts.takeBody.run(on: connection, keys: [bodyKey], args: [])
-                    return (list, body.bytes)
-                case .error(let e):
-                    throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
-                default:
-                    return nil
-                }
+        let result: ([UInt8], [UInt8]?)? = try await onDedicated(shard) { connection -> ([UInt8], [UInt8]?)? in
+            let reply = try await connection.command([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: wait)
+            switch reply {
+            case .null: return nil
+            case .array(let pair) where pair.count == 2:
+                guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
+                let body = try await Scripts.takeBody.run(on: connection, keys: [bodyKey], args: [])
+                return (list, body.bytes)
+            case .error(let e):
+                throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+            default:
+                return nil
             }
         }
         guard let (list, body) = result else { return nil }
@@ -396,11 +380,7 @@ public final class RedisChannelLayer: ChannelLayer {
         try ChannelNames.validatePattern(pattern)
         while true {
             let name = pattern + ChannelNames.randomLetters(12)
-            let pool = shards[shardIndex(for: name)]
-            let nameKey = key(name)
-            let reply = try await onCommandThread {
-                try pool.withConnection { try $0.command([Array("EXISTS".utf8), nameKey]) }
-            }
+            let reply = try await shared(shardIndex(for: name)).command([Array("EXISTS".utf8), key(name)])
             if reply.integer == 0 { return name }
             if case .error = reply { throw unexpected(reply, doing: "EXISTS") }
         }
@@ -409,40 +389,27 @@ public final class RedisChannelLayer: ChannelLayer {
     public func groupAdd(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
-        let pool = shards[shardIndex(for: group)]
         let gkey = groupKey(group)
         let now = Array(String(Self.unixTime()).utf8)
         let expiry = Array(String(configuration.groupExpiry).utf8)
-        let replies = try await onCommandThread {
-            try pool.withConnection {
-                try $0.pipeline([
-                    [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
-                    [Array("EXPIRE".utf8), gkey, expiry],
-                ])
-            }
-        }
+        let replies = try await shared(shardIndex(for: group)).pipeline([
+            [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
+            [Array("EXPIRE".utf8), gkey, expiry],
+        ])
         if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
     }
 
     public func groupDiscard(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
-        let pool = shards[shardIndex(for: group)]
-        let gkey = groupKey(group)
-        let reply = try await onCommandThread {
-            try pool.withConnection { try $0.command([Array("ZREM".utf8), gkey, Array(channel.utf8)]) }
-        }
+        let reply = try await shared(shardIndex(for: group)).command([Array("ZREM".utf8), groupKey(group), Array(channel.utf8)])
         if reply.errorMessage != nil { throw unexpected(reply, doing: "group discard") }
     }
 
     public func groupChannels(_ group: String) async throws -> [String] {
         try ChannelNames.validateGroup(group)
-        let pool = shards[shardIndex(for: group)]
-        let gkey = groupKey(group)
         let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
-        let reply = try await onCommandThread {
-            try pool.withConnection { try Scripts.groupMembers.run(on: $0, keys: [gkey], args: [cutoff]) }
-        }
+        let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [groupKey(group)], args: [cutoff])
         guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
         return members.compactMap(\.text)
     }
@@ -483,12 +450,7 @@ public final class RedisChannelLayer: ChannelLayer {
 
         if shards.count == 1 {
             let scriptArgs = args(mode: "group", members: [])
-            let gkey = groupKey(group)
-            let reply = try await onCommandThread {
-                try self.shards[0].withConnection {
-                    try Scripts.sendMany.run(on: $0, keys: [gkey] + globalKeys, args: scriptArgs)
-                }
-            }
+            let reply = try await pipelined(0, Scripts.sendMany, keys: [groupKey(group)] + globalKeys, args: scriptArgs)
             if reply.errorMessage != nil { throw unexpected(reply, doing: "group send") }
             return
         }
@@ -500,11 +462,7 @@ public final class RedisChannelLayer: ChannelLayer {
             for (index, names) in byShard {
                 let scriptArgs = args(mode: "list", members: names)
                 tasks.addTask {
-                    let reply = try await self.onCommandThread {
-                        try self.shards[index].withConnection {
-                            try Scripts.sendMany.run(on: $0, keys: [[]] + globalKeys, args: scriptArgs)
-                        }
-                    }
+                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
                     if reply.errorMessage != nil { throw self.unexpected(reply, doing: "group send") }
                 }
             }
@@ -522,23 +480,20 @@ public final class RedisChannelLayer: ChannelLayer {
 
     public func flush() async throws {
         let patterns = [Self.globEscape(configuration.prefix) + "*", Self.globEscape(configuration.statsPrefix) + "*"]
-        for pool in shards {
-            try await onCommandThread {
-                try pool.withConnection { connection in
-                    for pattern in patterns {
-                        var cursor = "0"
-                        repeat {
-                            let reply = try connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
-                            guard case .array(let parts) = reply, parts.count == 2,
-                                  let next = parts[0].text, case .array(let found) = parts[1] else {
-                                throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
-                            }
-                            let keys = found.compactMap(\.bytes)
-                            if !keys.isEmpty { _ = try connection.command([Array("UNLINK".utf8)] + keys) }
-                            cursor = next
-                        } while cursor != "0"
+        for index in shards.indices {
+            let connection = try await shared(index)
+            for pattern in patterns {
+                var cursor = "0"
+                repeat {
+                    let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
+                    guard case .array(let parts) = reply, parts.count == 2,
+                          let next = parts[0].text, case .array(let found) = parts[1] else {
+                        throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
                     }
-                }
+                    let keys = found.compactMap(\.bytes)
+                    if !keys.isEmpty { _ = try await connection.command([Array("UNLINK".utf8)] + keys) }
+                    cursor = next
+                } while cursor != "0"
             }
         }
     }
@@ -555,10 +510,8 @@ public final class RedisChannelLayer: ChannelLayer {
     public func globalStatistics() async throws -> GlobalStatistics {
         var total = GlobalStatistics(malformedMessagesDropped: malformedDropped.load(ordering: .relaxed))
         let keys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
-        for pool in shards {
-            let reply = try await onCommandThread {
-                try pool.withConnection { try $0.command([Array("MGET".utf8)] + keys) }
-            }
+        for index in shards.indices {
+            let reply = try await shared(index).command([Array("MGET".utf8)] + keys)
             guard case .array(let values) = reply, values.count == 2 else { throw unexpected(reply, doing: "MGET") }
             total.messagesCount += values[0].countValue
             total.channelFullCount += values[1].countValue
@@ -569,23 +522,23 @@ public final class RedisChannelLayer: ChannelLayer {
     public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
         try ChannelNames.validateChannel(channel, for: .receive)
         let name = ChannelNames.nonLocalName(channel)
-        let pools = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
-            ? [shards[shardIndex(for: name)]] : shards
+        let indices = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+            ? [shardIndex(for: name)] : Array(shards.indices)
         let listKey = key(name)
         let counterKeys = [statKey(name, "messages_count"), statKey(name, "channel_full_count")]
         let expiry = configuration.expiry
         var stats = ChannelStatistics()
-        for pool in pools {
-            let replies = try await onCommandThread {
-                try pool.withConnection { connection -> [RedisReply] in
-                    let first = try connection.pipeline([
-                        [Array("MGET".utf8)] + counterKeys,
-                        [Array("LLEN".utf8), listKey],
-                        [Array("LINDEX".utf8), listKey, Array("0".utf8)],
-                    ])
-                    guard let oldest = first[2].bytes else { return first + [.integer(-2)] }
-                    return first + [try connection.command([Array("PTTL".utf8), oldest])]
-                }
+        for index in indices {
+            let connection = try await shared(index)
+            var replies = try await connection.pipeline([
+                [Array("MGET".utf8)] + counterKeys,
+                [Array("LLEN".utf8), listKey],
+                [Array("LINDEX".utf8), listKey, Array("0".utf8)],
+            ])
+            if let oldest = replies[2].bytes {
+                replies.append(try await connection.command([Array("PTTL".utf8), oldest]))
+            } else {
+                replies.append(.integer(-2))
             }
             if case .array(let counters) = replies[0], counters.count == 2 {
                 stats.messagesCount += counters[0].countValue
@@ -614,22 +567,16 @@ public final class RedisChannelLayer: ChannelLayer {
         let pattern = Self.globEscape(prefix) + "*"
         let prefixCount = prefix.utf8.count
         var names = Set<String>()
-        for pool in shards {
-            let found: [String] = try await onCommandThread {
-                try pool.withConnection { connection in
-                    var cursor = "0"
-                    var keys: [String] = []
-                    repeat {
-                        let reply = try connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", type])
-                        guard case .array(let parts) = reply, parts.count == 2,
-                              let next = parts[0].text, case .array(let batch) = parts[1] else { break }
-                        keys += batch.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } }
-                        cursor = next
-                    } while cursor != "0"
-                    return keys
-                }
-            }
-            names.formUnion(found)
+        for index in shards.indices {
+            let connection = try await shared(index)
+            var cursor = "0"
+            repeat {
+                let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", type])
+                guard case .array(let parts) = reply, parts.count == 2,
+                      let next = parts[0].text, case .array(let batch) = parts[1] else { break }
+                names.formUnion(batch.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } })
+                cursor = next
+            } while cursor != "0"
         }
         return names.sorted()
     }
@@ -639,8 +586,6 @@ public final class RedisChannelLayer: ChannelLayer {
 
     public func close() async {
         guard !isClosed.exchange(true, ordering: .relaxed) else { return }
-        try? await commandPool.shutdownGracefully()
-        try? await blockingPool.shutdownGracefully()
-        for pool in shards { pool.drain() }
+        for shard in shards { shard.close() }
     }
 }

@@ -23,10 +23,6 @@ public struct RedisChannelLayerConfiguration: Sendable {
     public var connectTimeout: Duration
     /// How long a reply may take before the connection is considered dead.
     public var commandTimeout: Duration
-    /// Threads that run ordinary commands.
-    public var commandThreads: Int
-    /// Threads that may sit in `BLPOP`; bounds concurrent blocking receives.
-    public var blockingThreads: Int
 
     public static let channelStatisticsExpiry = 3600
     public static let globalStatisticsExpiry = 86400
@@ -42,9 +38,7 @@ public struct RedisChannelLayerConfiguration: Sendable {
         maxMessageSize: Int = 4 * 1024 * 1024,
         blockingSlice: Duration = .seconds(1),
         connectTimeout: Duration = .seconds(2),
-        commandTimeout: Duration = .seconds(5),
-        commandThreads: Int = 2,
-        blockingThreads: Int = 8
+        commandTimeout: Duration = .seconds(5)
     ) {
         self.hosts = hosts
         self.prefix = prefix
@@ -57,8 +51,6 @@ public struct RedisChannelLayerConfiguration: Sendable {
         self.blockingSlice = blockingSlice
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
-        self.commandThreads = commandThreads
-        self.blockingThreads = blockingThreads
     }
 
     /// Hosts from a list of `redis://` URLs. Query parameters of the first URL set the

@@ -1,0 +1,246 @@
+import ASGI
+import CHiredis
+import DequeModule
+import NIOCore
+import NIOPosix
+
+/// One non-blocking connection to Redis on a SwiftNIO event loop; replies are parsed by
+/// hiredis's protocol reader.
+///
+/// Any number of callers may use it at once: each call writes its commands and waits for
+/// its replies, which Redis answers in order. Writes made in the same event-loop tick go out
+/// in one `write(2)` and the replies of many callers come back in one read, so concurrent
+/// callers pipeline automatically without waiting on each other. A connection that fails or
+/// times out is closed and fails every call still waiting; the owner opens a new one.
+final class RedisConnection: Sendable {
+    let endpoint: RedisEndpoint
+    private let channel: any Channel
+    private let commandTimeout: Duration
+
+    private init(endpoint: RedisEndpoint, channel: any Channel, commandTimeout: Duration) {
+        self.endpoint = endpoint
+        self.channel = channel
+        self.commandTimeout = commandTimeout
+    }
+
+    var isActive: Bool { channel.isActive }
+    var eventLoop: any EventLoop { channel.eventLoop }
+
+    /// Connects, authenticates and selects the database.
+    static func connect(to endpoint: RedisEndpoint, on eventLoop: any EventLoop, connectTimeout: Duration,
+                        commandTimeout: Duration) async throws(ChannelLayerError) -> RedisConnection {
+        let channel: any Channel
+        do {
+            channel = try await ClientBootstrap(group: eventLoop)
+                .connectTimeout(TimeAmount(connectTimeout))
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(.socketOption(.so_keepalive), value: 1)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(RedisProtocolHandler(endpoint: endpoint))
+                    }
+                }
+                .connect(host: endpoint.host, port: endpoint.port)
+                .get()
+        } catch {
+            throw ChannelLayerError(.connectionLost, "cannot connect to \(endpoint): \(error)")
+        }
+        let connection = RedisConnection(endpoint: endpoint, channel: channel, commandTimeout: commandTimeout)
+        var setup: [[[UInt8]]] = []
+        if let password = endpoint.password {
+            var args: [[UInt8]] = [Array("AUTH".utf8)]
+            if let user = endpoint.username { args.append(Array(user.utf8)) }
+            args.append(Array(password.utf8))
+            setup.append(args)
+        }
+        if endpoint.database != 0 { setup.append([Array("SELECT".utf8), Array(String(endpoint.database).utf8)]) }
+        if !setup.isEmpty {
+            let replies = try await connection.pipeline(setup)
+            if let bad = replies.first(where: { $0.errorMessage != nil }) {
+                connection.close()
+                throw ChannelLayerError(.connectionLost, "Redis at \(endpoint) refused the connection set-up: \(bad)")
+            }
+        }
+        return connection
+    }
+
+    /// Sends the commands and returns their replies in order. `wait` extends the reply
+    /// timeout for blocking commands (BLPOP) by their own duration.
+    func pipeline(_ commands: [[[UInt8]]], wait: Duration = .zero) async throws(ChannelLayerError) -> [RedisReply] {
+        guard !commands.isEmpty else { return [] }
+        let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
+        let request = RedisRequest(commands: commands, promise: promise, timeout: commandTimeout + wait)
+        channel.writeAndFlush(request, promise: nil)
+        do {
+            return try await promise.futureResult.get()
+        } catch let error as ChannelLayerError {
+            throw error
+        } catch {
+            throw ChannelLayerError(.connectionLost, "Redis at \(endpoint): \(error)")
+        }
+    }
+
+    func command(_ args: [[UInt8]], wait: Duration = .zero) async throws(ChannelLayerError) -> RedisReply {
+        try await pipeline([args], wait: wait)[0]
+    }
+
+    func command(_ args: [String]) async throws(ChannelLayerError) -> RedisReply {
+        try await command(args.map { Array($0.utf8) })
+    }
+
+    func close() {
+        channel.close(promise: nil)
+    }
+}
+
+struct RedisRequest {
+    let commands: [[[UInt8]]]
+    let promise: EventLoopPromise<[RedisReply]>
+    let timeout: Duration
+}
+
+/// Encodes requests as RESP, feeds what comes back to a hiredis reader and completes the
+/// waiting requests in order.
+final class RedisProtocolHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = RedisRequest
+    typealias OutboundOut = ByteBuffer
+
+    private struct Pending {
+        let expected: Int
+        var replies: [RedisReply]
+        let promise: EventLoopPromise<[RedisReply]>
+        let deadline: NIODeadline
+    }
+
+    private let endpoint: RedisEndpoint
+    private var reader: UnsafeMutablePointer<redisReader>?
+    private var pending = Deque<Pending>()
+    private var timer: Scheduled<Void>?
+    private var flushScheduled = false
+    private var failed: ChannelLayerError?
+
+    init(endpoint: RedisEndpoint) {
+        self.endpoint = endpoint
+        self.reader = redisReaderCreate()
+    }
+
+    deinit {
+        if let reader { redisReaderFree(reader) }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let request = unwrapOutboundIn(data)
+        if let failed {
+            request.promise.fail(failed)
+            promise?.fail(failed)
+            return
+        }
+        var buffer = context.channel.allocator.buffer(capacity: Self.encodedSize(request.commands))
+        for args in request.commands { Self.encode(args, into: &buffer) }
+        let deadline = NIODeadline.now() + TimeAmount(request.timeout)
+        pending.append(Pending(expected: request.commands.count, replies: [], promise: request.promise, deadline: deadline))
+        if timer == nil { armTimer(context: context, at: deadline) }
+        context.write(wrapOutboundOut(buffer), promise: promise)
+    }
+
+    /// Flushes once per event-loop tick: the writes of every caller that ran in this tick
+    /// leave in one system call.
+    func flush(context: ChannelHandlerContext) {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        context.eventLoop.assumeIsolatedUnsafeUnchecked().execute {
+            self.flushScheduled = false
+            context.flush()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let reader else { return }
+        let buffer = unwrapInboundIn(data)
+        let fed = buffer.withUnsafeReadableBytes { bytes in
+            redisReaderFeed(reader, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+        }
+        guard fed == REDIS_OK else { return fail(context: context, "unreadable reply") }
+        while true {
+            var raw: UnsafeMutableRawPointer? = nil
+            guard redisReaderGetReply(reader, &raw) == REDIS_OK else {
+                return fail(context: context, "protocol error")
+            }
+            guard let raw else { break }
+            let reply = HiredisConnection.convert(raw.assumingMemoryBound(to: redisReply.self))
+            freeReplyObject(raw)
+            guard !pending.isEmpty else { return fail(context: context, "a reply nobody asked for") }
+            pending[pending.startIndex].replies.append(reply)
+            if pending[pending.startIndex].replies.count == pending[pending.startIndex].expected {
+                let done = pending.removeFirst()
+                done.promise.succeed(done.replies)
+            }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        failAll(ChannelLayerError(.connectionLost, "connection to Redis at \(endpoint) closed"))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(context: context, "\(error)")
+    }
+
+    private func fail(context: ChannelHandlerContext, _ what: String) {
+        failAll(ChannelLayerError(.connectionLost, "Redis at \(endpoint): \(what)"))
+        context.close(promise: nil)
+    }
+
+    private func failAll(_ error: ChannelLayerError) {
+        if failed == nil { failed = error }
+        timer?.cancel()
+        timer = nil
+        while let call = pending.popFirst() { call.promise.fail(error) }
+    }
+
+    /// One timer at a time, for the oldest waiting request: replies come in order, so when
+    /// that one is late the connection is dead or stuck, and everything on it fails. When it
+    /// fires early (that request was answered) it moves on to the next oldest.
+    private func armTimer(context: ChannelHandlerContext, at deadline: NIODeadline) {
+        timer = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
+            self.timer = nil
+            guard let oldest = self.pending.first else { return }
+            if oldest.deadline <= .now() {
+                self.fail(context: context, "no reply in time")
+            } else {
+                self.armTimer(context: context, at: oldest.deadline)
+            }
+        }
+    }
+
+    private static func encodedSize(_ commands: [[[UInt8]]]) -> Int {
+        var size = 0
+        for args in commands {
+            size += 16
+            for arg in args { size += arg.count + 16 }
+        }
+        return size
+    }
+
+    private static func encode(_ args: [[UInt8]], into buffer: inout ByteBuffer) {
+        buffer.writeInteger(UInt8(ascii: "*"))
+        writeDecimal(args.count, into: &buffer)
+        for arg in args {
+            buffer.writeInteger(UInt8(ascii: "$"))
+            writeDecimal(arg.count, into: &buffer)
+            buffer.writeBytes(arg)
+            buffer.writeStaticString("\r\n")
+        }
+    }
+
+    private static func writeDecimal(_ value: Int, into buffer: inout ByteBuffer) {
+        if value < 10 {
+            buffer.writeInteger(UInt8(ascii: "0") + UInt8(value))
+        } else {
+            buffer.writeString(String(value))
+        }
+        buffer.writeStaticString("\r\n")
+    }
+}

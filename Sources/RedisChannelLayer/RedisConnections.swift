@@ -1,0 +1,127 @@
+import ASGI
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// The connections to one Redis server: one shared connection that every ordinary command
+/// and script goes through (pipelined by ``RedisConnection``), and idle connections for
+/// blocking commands (`BLPOP`), which hold a connection for their whole wait.
+///
+/// A dead connection (a Redis restart, a timeout) is replaced on the next call, so service
+/// resumes by itself when the server is back.
+final class RedisConnections: Sendable {
+    let endpoint: RedisEndpoint
+    private let group: any EventLoopGroup
+    private let connectTimeout: Duration
+    private let commandTimeout: Duration
+    private let maxIdle: Int
+    private let state = Mutex(State())
+    private let opened = Atomic<Int>(0)
+
+    private struct State {
+        var shared: RedisConnection?
+        var connecting: EventLoopFuture<RedisConnection>?
+        var idle: [RedisConnection] = []
+        var closed = false
+    }
+
+    init(endpoint: RedisEndpoint, group: any EventLoopGroup, connectTimeout: Duration, commandTimeout: Duration,
+         maxIdle: Int = 64) {
+        self.endpoint = endpoint
+        self.group = group
+        self.connectTimeout = connectTimeout
+        self.commandTimeout = commandTimeout
+        self.maxIdle = maxIdle
+    }
+
+    /// Connections opened so far (for tests that check nothing leaks).
+    var connectionsOpened: Int { opened.load(ordering: .relaxed) }
+
+    private func closedError() -> ChannelLayerError { ChannelLayerError(.closed, "the Redis connection set is closed") }
+
+    private func open() async throws(ChannelLayerError) -> RedisConnection {
+        let connection = try await RedisConnection.connect(to: endpoint, on: group.next(), connectTimeout: connectTimeout,
+                                                           commandTimeout: commandTimeout)
+        opened.add(1, ordering: .relaxed)
+        return connection
+    }
+
+    /// The shared connection, opened (once, however many callers ask at the same time) if
+    /// there is none or the last one died.
+    func shared() async throws(ChannelLayerError) -> RedisConnection {
+        enum Step { case ready(RedisConnection), wait(EventLoopFuture<RedisConnection>), closed }
+        let step = state.withLock { state -> Step in
+            if state.closed { return .closed }
+            if let connection = state.shared, connection.isActive { return .ready(connection) }
+            if let connecting = state.connecting { return .wait(connecting) }
+            let promise = group.any().makePromise(of: RedisConnection.self)
+            promise.completeWithTask { try await self.open() }
+            state.connecting = promise.futureResult
+            promise.futureResult.whenComplete { result in
+                let stale = self.state.withLock { state -> RedisConnection? in
+                    state.connecting = nil
+                    guard case .success(let connection) = result else { return nil }
+                    if state.closed { return connection }
+                    state.shared = connection
+                    return nil
+                }
+                stale?.close()
+            }
+            return .wait(promise.futureResult)
+        }
+        switch step {
+        case .ready(let connection): return connection
+        case .closed: throw closedError()
+        case .wait(let future):
+            do {
+                return try await future.get()
+            } catch let error as ChannelLayerError {
+                throw error
+            } catch {
+                throw ChannelLayerError(.connectionLost, "cannot connect to \(endpoint): \(error)")
+            }
+        }
+    }
+
+    /// Runs `body` with a connection of its own (for blocking commands).
+    func withDedicated<T>(_ body: (RedisConnection) async throws -> T) async throws -> T {
+        let candidate = try state.withLock { state throws(ChannelLayerError) -> RedisConnection? in
+            if state.closed { throw closedError() }
+            while let idle = state.idle.popLast() {
+                if idle.isActive { return idle }
+                idle.close()
+            }
+            return nil
+        }
+        let connection: RedisConnection
+        if let candidate { connection = candidate } else { connection = try await open() }
+        do {
+            let result = try await body(connection)
+            give(connection)
+            return result
+        } catch {
+            give(connection)
+            throw error
+        }
+    }
+
+    private func give(_ connection: RedisConnection) {
+        guard connection.isActive else { return }
+        let kept = state.withLock { state -> Bool in
+            guard !state.closed, state.idle.count < maxIdle else { return false }
+            state.idle.append(connection)
+            return true
+        }
+        if !kept { connection.close() }
+    }
+
+    /// Closes every connection; later calls fail with `closed`.
+    func close() {
+        let all = state.withLock { state -> [RedisConnection] in
+            state.closed = true
+            defer { state.idle.removeAll(); state.shared = nil }
+            return state.idle + (state.shared.map { [$0] } ?? [])
+        }
+        for connection in all { connection.close() }
+    }
+}
