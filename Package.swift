@@ -60,6 +60,8 @@ let package = Package(
             name: "Channels",
             dependencies: [
                 "ASGI", "RedisChannelLayer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),

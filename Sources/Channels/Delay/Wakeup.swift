@@ -1,7 +1,10 @@
+import NIOCore
+import NIOPosix
 import Synchronization
 
 /// A one-slot signal: `wait(timeout:)` returns when signalled (or when a signal came since the
-/// last wait) or when the timeout passes. No polling: it suspends on a continuation.
+/// last wait) or when the timeout passes. No polling: it suspends on a continuation, and the
+/// timeout is an event-loop timer (precise to the millisecond, unlike a coalesced sleep).
 final class Wakeup: Sendable {
     private struct State {
         var pending = false
@@ -33,8 +36,7 @@ final class Wakeup: Sendable {
             return state.generation
         }
         guard let generation else { return }
-        let timer = Task { [weak self] in
-            try? await Task.sleep(for: timeout)
+        let timer = MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: TimeAmount(timeout)) { [weak self] in
             self?.fire(generation: generation)
         }
         await withCheckedContinuation { continuation in

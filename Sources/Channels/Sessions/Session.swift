@@ -208,8 +208,13 @@ public final class Session: Sendable {
     /// The channel session key of a reply channel: "chn" + the first 29 hex digits of its
     /// SHA-1, as Channels 1.1.2 and later name it.
     public static func channelSessionKey(replyChannel: String) -> String {
-        let digest = Insecure.SHA1.hash(data: Array(replyChannel.utf8))
-        let hex = digest.map { String(format: "%02x", $0) }.joined()
-        return "chn" + hex.prefix(29)
+        let digits = Array("0123456789abcdef".utf8)
+        var key = Array("chn".utf8)
+        key.reserveCapacity(3 + 40)
+        for byte in Insecure.SHA1.hash(data: Array(replyChannel.utf8)) {
+            key.append(digits[Int(byte >> 4)])
+            key.append(digits[Int(byte & 0xf)])
+        }
+        return String(decoding: key.prefix(3 + 29), as: UTF8.self)
     }
 }
