@@ -7,8 +7,11 @@
 #
 # Measures: HTTP requests/s and p50/p99 with wrk (50 connections) through 1 worker, then through
 # 2 and 4 Swift workers; WebSocket echo RTT with 1 client, echo throughput with 50 and 100
-# clients (../shared/peers/ws_bench.py); worker dispatch rate of a do-nothing consumer from a
-# pre-filled channel; and the RSS/CPU of 10,000 idle WebSockets on our server.
+# clients, each with two clients: ../shared/peers/ws_bench.py (Python, the peers' figures) and
+# `ChannelsBench ws` (the same protocol in Swift on one event-loop thread: the Python client
+# alone needs about 140 us of CPU per echo, so on 2 cores it caps what it can measure); worker
+# dispatch rate of a do-nothing consumer from a pre-filled channel; and the RSS/CPU of 10,000
+# idle WebSockets on our server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -73,9 +76,13 @@ PY
 }
 
 ws_run() { # ws_run STACK PORT LATENCY_N
+  rm -f "$RUN_DIR"/lat*.json "$RUN_DIR"/tp*.json
   "$CLIENT_PY" "$PEERS/ws_bench.py" --url "ws://127.0.0.1:$2" latency --n "$3" --json "$RUN_DIR/lat.json" >/dev/null 2>&1 || true
   "$CLIENT_PY" "$PEERS/ws_bench.py" --url "ws://127.0.0.1:$2" throughput --clients 50 --duration "$DURATION" --json "$RUN_DIR/tp50.json" >/dev/null 2>&1 || true
   "$CLIENT_PY" "$PEERS/ws_bench.py" --url "ws://127.0.0.1:$2" throughput --clients 100 --duration "$DURATION" --json "$RUN_DIR/tp100.json" >/dev/null 2>&1 || true
+  "$BIN/ChannelsBench" ws "ws://127.0.0.1:$2" latency "$3" > "$RUN_DIR/lat-sw.json" 2>/dev/null || true
+  "$BIN/ChannelsBench" ws "ws://127.0.0.1:$2" throughput 50 "$DURATION" > "$RUN_DIR/tp50-sw.json" 2>/dev/null || true
+  "$BIN/ChannelsBench" ws "ws://127.0.0.1:$2" throughput 100 "$DURATION" > "$RUN_DIR/tp100-sw.json" 2>/dev/null || true
   python3 - "$RUN_DIR" "$1" >> "$OUT" <<'PY'
 import json, sys
 run, stack = sys.argv[1], sys.argv[2]
@@ -87,7 +94,6 @@ def find(obj, *keys):
         if isinstance(obj, dict) and k in obj: obj = obj[k]
         else: return None
     return obj
-lat, tp50, tp100 = load("lat.json"), load("tp50.json"), load("tp100.json")
 def dig(d, key):
     # ws_bench.py nests results per mode; find the first dict holding `key`.
     stack_ = [d]
@@ -97,10 +103,16 @@ def dig(d, key):
             if key in x: return x[key]
             stack_.extend(x.values())
     return None
-rows = [("ws echo 1 client p50 ms", dig(lat, "median_ms")), ("ws echo 1 client p99 ms", dig(lat, "p99_ms")),
-        ("ws echo 50 clients msgs/s", dig(tp50, "msgs_per_s")), ("ws echo 50 clients p50 ms", dig(tp50, "median_ms")),
-        ("ws echo 50 clients p99 ms", dig(tp50, "p99_ms")),
-        ("ws echo 100 clients msgs/s", dig(tp100, "msgs_per_s")), ("ws echo 100 clients p99 ms", dig(tp100, "p99_ms"))]
+rows = []
+for client, suffix in (("py client", ""), ("swift client", "-sw")):
+    lat, tp50, tp100 = load("lat%s.json" % suffix), load("tp50%s.json" % suffix), load("tp100%s.json" % suffix)
+    rows += [("ws echo 1 client p50 ms (%s)" % client, dig(lat, "median_ms")),
+             ("ws echo 1 client p99 ms (%s)" % client, dig(lat, "p99_ms")),
+             ("ws echo 50 clients msgs/s (%s)" % client, dig(tp50, "msgs_per_s")),
+             ("ws echo 50 clients p50 ms (%s)" % client, dig(tp50, "median_ms")),
+             ("ws echo 50 clients p99 ms (%s)" % client, dig(tp50, "p99_ms")),
+             ("ws echo 100 clients msgs/s (%s)" % client, dig(tp100, "msgs_per_s")),
+             ("ws echo 100 clients p99 ms (%s)" % client, dig(tp100, "p99_ms"))]
 for what, value in rows:
     print(json.dumps({"stack": stack, "what": what, "value": value}))
 PY
@@ -127,13 +139,13 @@ PORT=$(free_port)
 LAYER="$REDIS?prefix=sw:&capacity=1000"
 log "swift: runserver --noworker + 1 runworker on :$PORT"
 "$APP" runserver --noworker --layer "$LAYER" --port "$PORT" --access-log /dev/null > "$RUN_DIR/sw-server.log" 2>&1 & server_pid=$!; pids+=($server_pid)
-"$APP" runworker --layer "$LAYER" --threads 8 > "$RUN_DIR/sw-w1.log" 2>&1 & pids+=($!); worker_pids=($!)
+"$APP" runworker --layer "$LAYER" > "$RUN_DIR/sw-w1.log" 2>&1 & pids+=($!); worker_pids=($!)
 wait_http "$PORT"
 wrk_run swift "HTTP 1 worker" "$PORT"
 ws_run swift "$PORT" 2000
 for n in 2 4; do
   while [ ${#worker_pids[@]} -lt "$n" ]; do
-    "$APP" runworker --layer "$LAYER" --threads 8 > "$RUN_DIR/sw-w${#worker_pids[@]}.log" 2>&1 & pids+=($!); worker_pids+=($!)
+    "$APP" runworker --layer "$LAYER" > "$RUN_DIR/sw-w${#worker_pids[@]}.log" 2>&1 & pids+=($!); worker_pids+=($!)
   done
   sleep 1
   log "swift: HTTP through $n workers"
@@ -143,7 +155,7 @@ for pid in "${worker_pids[@]}"; do kill "$pid"; done
 
 log "swift: 10,000 idle WebSockets"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-"$APP" runworker --layer "$LAYER" --threads 8 > "$RUN_DIR/sw-idle-w.log" 2>&1 & idle_worker=$!; pids+=($idle_worker)
+"$APP" runworker --layer "$LAYER" > "$RUN_DIR/sw-idle-w.log" 2>&1 & idle_worker=$!; pids+=($idle_worker)
 "$CLIENT_PY" - "$PORT" "$server_pid" >> "$OUT" <<'PY' || true
 import asyncio, json, os, resource, sys, time
 import websockets
@@ -180,7 +192,7 @@ kill "$idle_worker" 2>/dev/null || true
 
 log "swift: worker dispatch rate (do-nothing consumer, $WORKER_N queued messages)"
 "$BIN/ChannelsBench" fill "$REDIS" "swnoop:" bench.noop "$WORKER_N"
-"$APP" runworker --layer "$REDIS?prefix=swnoop:" --only-channels bench.noop --threads 4 > "$RUN_DIR/sw-noop.log" 2>&1 & noop_pid=$!; pids+=($noop_pid)
+"$APP" runworker --layer "$REDIS?prefix=swnoop:" --only-channels bench.noop > "$RUN_DIR/sw-noop.log" 2>&1 & noop_pid=$!; pids+=($noop_pid)
 record swift "worker dispatch msgs/s" "$(drain_rate swnoop:)"
 kill "$noop_pid" "$server_pid" 2>/dev/null || true
 sleep 1
