@@ -102,13 +102,22 @@ final class AccessLog: Sendable {
 
     func http(client: String, method: String, path: String, status: Int, size: Int, seconds: Double) {
         if let write {
-            write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(String(format: "%.3f", seconds))s")
+            write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(Self.fixed(seconds, digits: 3))s")
         } else {
             logger.log(level: status >= 500 ? .warning : .info, "http", metadata: [
                 "client": "\(client)", "method": "\(method)", "path": "\(path)", "status": "\(status)",
-                "bytes": "\(size)", "ms": "\(String(format: "%.1f", seconds * 1000))",
+                "bytes": "\(size)", "ms": "\(Self.fixed(seconds * 1000, digits: 1))",
             ])
         }
+    }
+
+    /// `value` with `digits` decimals (what `%.Nf` prints, without Foundation's formatter).
+    static func fixed(_ value: Double, digits: Int) -> String {
+        var scale = 1.0
+        for _ in 0..<digits { scale *= 10 }
+        let scaled = Int((max(0, value) * scale).rounded())
+        let whole = scaled / Int(scale), frac = String(scaled % Int(scale))
+        return "\(whole)." + String(repeating: "0", count: max(0, digits - frac.count)) + frac
     }
 
     func websocket(client: String, event: String, path: String, detail: String = "") {

@@ -3,6 +3,22 @@ import Testing
 
 @Suite("names and patterns")
 struct NamesTests {
+    @Test func randomLettersAreLettersFromTheWholeAlphabet() {
+        var seen = Set<Character>()
+        var names = Set<String>()
+        for count in [1, 10, 11, 12, 23] {
+            for _ in 0..<400 {
+                let name = ChannelNames.randomLetters(count)
+                #expect(name.count == count)
+                #expect(name.allSatisfy { $0.isASCII && $0.isLetter }, "\(name)")
+                seen.formUnion(name)
+                if count == 12 { names.insert(name) }
+            }
+        }
+        #expect(seen.count == 52, "every letter, both cases, turns up: \(seen.count) seen")
+        #expect(names.count == 400, "12-letter names do not repeat")
+    }
+
     @Test(arguments: ["http.request", "websocket.connect", "daphne.response.AbCdEfGhIj!KlMnOpQrSt",
                       "test.foo?abc", "x!", "a-b_c.d", String(repeating: "a", count: 99)])
     func validChannels(name: String) throws {

@@ -154,6 +154,37 @@ struct RedisLayerTests {
         await layer.close()
     }
 
+    @Test("a server that accepts but never answers: the call fails with connectionLost after the command timeout",
+          .timeLimit(.minutes(1)))
+    func silentServer() async throws {
+        let (fd, port) = try RedisServer.boundPort()
+        defer { close(fd) }
+        #expect(listen(fd, 16) == 0)
+        var configuration = try RedisChannelLayerConfiguration(urls: ["redis://127.0.0.1:\(port)/0"])
+        configuration.commandTimeout = .milliseconds(300)
+        let layer = try RedisChannelLayer(configuration: configuration)
+        let started = ContinuousClock.now
+        // Concurrent calls share the one connection; the stuck reply fails them all.
+        async let first: Void = layer.send(["a": 1], to: "x")
+        async let second: Void = layer.send(["b": 2], to: "y")
+        do {
+            try await first
+            Issue.record("a send to a silent server succeeded")
+        } catch {
+            #expect((error as? ChannelLayerError)?.code == .connectionLost, "\(error)")
+        }
+        do {
+            try await second
+            Issue.record("a send to a silent server succeeded")
+        } catch {
+            #expect((error as? ChannelLayerError)?.code == .connectionLost, "\(error)")
+        }
+        let elapsed = ContinuousClock.now - started
+        #expect(elapsed >= .milliseconds(250), "failed before the timeout: \(elapsed)")
+        #expect(elapsed < .seconds(5), "the timeout did not fire: \(elapsed)")
+        await layer.close()
+    }
+
     @Test("a Redis restart is survived: the call in flight fails, later calls reconnect, nothing leaks")
     func restart() async throws {
         let server = try await RedisServer.launch()
