@@ -1,11 +1,17 @@
 import ASGI
 import Foundation
+import NIOCore
+import NIOPosix
 import RedisChannelLayer
 import Synchronization
 
 /// Channel layer benchmark: the phases of ../shared/peers/layer_bench.py, for our Redis layer.
 /// Usage: channels-bench REDIS_URL [N]. Prints one JSON object.
 let arguments = CommandLine.arguments
+// Jobs on NIO's event loops, as `runserver` / `runworker` run them (CHANNELS_EXECUTOR=default: Swift's pool).
+if ProcessInfo.processInfo.environment["CHANNELS_EXECUTOR"] != "default" {
+    NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
+}
 // `channels-bench fill REDIS_URL PREFIX CHANNEL N`: queue N small messages (the worker benchmark's backlog).
 if arguments.count == 6, arguments[1] == "fill", let count = Int(arguments[5]) {
     var configuration = try RedisChannelLayerConfiguration(urls: [arguments[2]])
