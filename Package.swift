@@ -103,7 +103,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
         ]),
-        .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "RedisChannelLayer"]),
+        .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "CHiredis", "RedisChannelLayer"]),
     ],
     swiftLanguageModes: [.v6]
 )

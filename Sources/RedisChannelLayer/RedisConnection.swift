@@ -168,7 +168,7 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
                 return fail(context: context, "protocol error")
             }
             guard let raw else { break }
-            let reply = HiredisConnection.convert(raw.assumingMemoryBound(to: redisReply.self))
+            let reply = RedisReply(raw.assumingMemoryBound(to: redisReply.self))
             freeReplyObject(raw)
             guard !pending.isEmpty else { return fail(context: context, "a reply nobody asked for") }
             pending[pending.startIndex].replies.append(reply)

@@ -1,3 +1,5 @@
+import CHiredis
+
 /// A Redis reply copied out of hiredis into a Swift value.
 public enum RedisReply: Sendable, Hashable {
     case string([UInt8])
@@ -26,6 +28,32 @@ public enum RedisReply: Sendable, Hashable {
         case .integer(let i): Int(i)
         case .string(let b): Int(String(decoding: b, as: UTF8.self)) ?? 0
         default: 0
+        }
+    }
+}
+
+extension RedisReply {
+    /// A copy of a reply hiredis's reader built.
+    init(_ reply: UnsafeMutablePointer<redisReply>) {
+        let r = reply.pointee
+        switch r.type {
+        case REDIS_REPLY_STRING:
+            self = .string(r.str.map { Array(UnsafeRawBufferPointer(start: $0, count: r.len)) } ?? [])
+        case REDIS_REPLY_STATUS:
+            self = .status(r.str.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: r.len), as: UTF8.self) } ?? "")
+        case REDIS_REPLY_ERROR:
+            self = .error(r.str.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: r.len), as: UTF8.self) } ?? "")
+        case REDIS_REPLY_INTEGER:
+            self = .integer(Int64(r.integer))
+        case REDIS_REPLY_ARRAY:
+            var elements: [RedisReply] = []
+            elements.reserveCapacity(r.elements)
+            for i in 0..<r.elements {
+                if let element = r.element[i] { elements.append(RedisReply(element)) } else { elements.append(.null) }
+            }
+            self = .array(elements)
+        default:
+            self = .null
         }
     }
 }

@@ -185,6 +185,34 @@ struct RedisLayerTests {
         await layer.close()
     }
 
+    @Test("a server that answers with bytes that are not RESP: connectionLost from hiredis's reader, no crash",
+          .timeLimit(.minutes(1)))
+    func garbageServer() async throws {
+        let (fd, port) = try RedisServer.boundPort()
+        defer { close(fd) }
+        #expect(listen(fd, 16) == 0)
+        // Answers the first request with garbage, then keeps the socket open, so the failure
+        // comes from parsing, not from a closed connection.
+        let answerer = Thread {
+            let client = accept(fd, nil, nil)
+            guard client >= 0 else { return }
+            var request = [UInt8](repeating: 0, count: 4096)
+            _ = read(client, &request, request.count)
+            let garbage = Array("?this is not redis\r\n".utf8)
+            _ = write(client, garbage, garbage.count)
+            sleep(3)
+            close(client)
+        }
+        answerer.start()
+        let layer = try RedisChannelLayer(urls: ["redis://127.0.0.1:\(port)/0"])
+        let started = ContinuousClock.now
+        await #expect { try await layer.send(["a": 1], to: "x") } throws: { error in
+            (error as? ChannelLayerError)?.code == .connectionLost && "\(error)".contains("protocol error")
+        }
+        #expect(ContinuousClock.now - started < .seconds(2), "failed on the garbage, not on the close")
+        await layer.close()
+    }
+
     @Test("a Redis restart is survived: the call in flight fails, later calls reconnect, nothing leaks")
     func restart() async throws {
         let server = try await RedisServer.launch()

@@ -1,5 +1,6 @@
 import ASGI
 @testable import Channels
+import Synchronization
 import Testing
 
 /// Records which consumer ran with which arguments.
@@ -126,5 +127,37 @@ struct WorkerTests {
         worker.stop()
         await task.value
         #expect(worker.messagesProcessed == 1)
+    }
+}
+
+@Suite("worker concurrency on Redis")
+struct WorkerConcurrencyTests {
+    @Test("at most `concurrency` consumers run at once, and every queued message is consumed", .timeLimit(.minutes(1)))
+    func slotsBoundConsumers() async throws {
+        let layer = try TestRedis.layer()
+        let counts = Mutex((running: 0, most: 0))
+        let (done, finished) = AsyncStream<Int>.makeStream()
+        for n in 0..<12 { try await layer.send(["n": .int(Int64(n))], to: "slow") }
+        let worker = Worker(router: try Router([
+            route("slow", { context in
+                counts.withLock { $0.running += 1; $0.most = max($0.most, $0.running) }
+                try await Task.sleep(for: .milliseconds(50))
+                counts.withLock { $0.running -= 1 }
+                finished.yield(Int(try context.message.int("n")))
+            }),
+        ]), layer: layer, concurrency: 3)
+        let running = Task { await worker.run() }
+        var seen: [Int] = []
+        for await n in done {
+            seen.append(n)
+            if seen.count == 12 { break }
+        }
+        worker.stop()
+        await running.value
+        #expect(seen.sorted() == Array(0..<12))
+        #expect(counts.withLock { $0.most } == 3, "three slots: three consumers side by side, never more")
+        #expect(worker.messagesProcessed == 12)
+        try await layer.flush()
+        await layer.close()
     }
 }

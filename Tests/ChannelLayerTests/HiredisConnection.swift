@@ -1,12 +1,14 @@
 import ASGI
 import CHiredis
+@testable import RedisChannelLayer
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
 
-/// One blocking connection to Redis through hiredis.
+/// One blocking connection to Redis through hiredis: the tests' raw client, for looking at
+/// what the layer stored and for planting data the layer must cope with.
 ///
 /// Safety: the type owns a `redisContext *`, which hiredis does not allow to be used from
 /// two threads at once. A connection is only ever used by the one thread that took it out of
@@ -100,7 +102,7 @@ final class HiredisConnection: @unchecked Sendable {
                 throw fail("no reply")
             }
             defer { freeReplyObject(raw) }
-            replies.append(Self.convert(raw!.assumingMemoryBound(to: redisReply.self)))
+            replies.append(RedisReply(raw!.assumingMemoryBound(to: redisReply.self)))
         }
         return replies
     }
@@ -129,30 +131,6 @@ final class HiredisConnection: @unchecked Sendable {
         withUnsafeBytes(of: context.pointee.errstr) { raw in
             let bytes = raw.prefix { $0 != 0 }
             return String(decoding: bytes, as: UTF8.self)
-        }
-    }
-
-    static func convert(_ reply: UnsafeMutablePointer<redisReply>) -> RedisReply {
-        let r = reply.pointee
-        switch r.type {
-        case REDIS_REPLY_STRING:
-            guard let str = r.str else { return .string([]) }
-            return .string(Array(UnsafeRawBufferPointer(start: str, count: r.len)))
-        case REDIS_REPLY_STATUS:
-            return .status(r.str.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: r.len), as: UTF8.self) } ?? "")
-        case REDIS_REPLY_ERROR:
-            return .error(r.str.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: r.len), as: UTF8.self) } ?? "")
-        case REDIS_REPLY_INTEGER:
-            return .integer(Int64(r.integer))
-        case REDIS_REPLY_ARRAY:
-            var elements: [RedisReply] = []
-            elements.reserveCapacity(r.elements)
-            for i in 0..<r.elements {
-                if let element = r.element[i] { elements.append(convert(element)) } else { elements.append(.null) }
-            }
-            return .array(elements)
-        default:
-            return .null
         }
     }
 
