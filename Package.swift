@@ -40,6 +40,7 @@ let package = Package(
             dependencies: [
                 "ASGI",
                 "CHiredis",
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -49,6 +50,7 @@ let package = Package(
             name: "InterfaceServer",
             dependencies: [
                 "ASGI",
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

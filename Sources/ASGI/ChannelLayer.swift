@@ -78,6 +78,19 @@ public protocol ChannelLayer: Sendable {
     /// Releases connections and threads. Calls after `close` throw `closed`.
     func close() async
 
+    /// Registers (or renews) this process as the reader of `processChannel` (a `prefix!` name),
+    /// one that understands bundled group messages: a group send then stores one message per
+    /// process channel, carrying the list of its members, instead of one per member. Readers
+    /// that never register (Daphne 1.4 on asgi_redis) keep getting one message per member.
+    ///
+    /// Call it when the reader starts and then periodically. Returns false when a registration
+    /// made earlier by this layer is gone: the store lost its data (a Redis restarted empty),
+    /// and with it every group membership of this process's channels.
+    func registerBundleReader(_ processChannel: String) async throws -> Bool
+
+    /// The largest encoded message a send accepts.
+    var maxMessageSize: Int { get }
+
     /// Waits like `receive`, then takes up to `max` messages in all (FIFO per channel), for
     /// readers that dispatch in order and want fewer round trips under load. Empty when the
     /// timeout passed with nothing.
@@ -86,6 +99,12 @@ public protocol ChannelLayer: Sendable {
 
 extension ChannelLayer {
     public var extensions: Set<String> { ["groups", "flush", "statistics"] }
+
+    /// A layer that cannot lose its data and delivers group sends to process channels as it
+    /// sees fit needs no registration.
+    public func registerBundleReader(_ processChannel: String) async throws -> Bool { true }
+
+    public var maxMessageSize: Int { 1024 * 1024 }
 
     /// A non-blocking receive.
     public func receive(channels: [String]) async throws -> ReceivedMessage? {

@@ -37,6 +37,9 @@ public final class InMemoryChannelLayer: ChannelLayer {
 
     private struct Entry {
         var channel: String
+        /// More members of a bundled group send on the same process channel, handed out
+        /// one by one after `channel`; the entry counts once against the capacity.
+        var more: ArraySlice<String> = []
         var message: Message
         var sentAt: ContinuousClock.Instant
         var expiresAt: ContinuousClock.Instant
@@ -75,7 +78,14 @@ public final class InMemoryChannelLayer: ChannelLayer {
         }
 
         mutating func popLive(_ key: String, now: ContinuousClock.Instant) -> Entry? {
-            while var queue = queues[key], let first = queue.popFirst() {
+            while var queue = queues[key], var first = queue.popFirst() {
+                if first.expiresAt > now, let next = first.more.popFirst() {
+                    // A bundle: give out its first member, keep the rest at the front.
+                    var rest = first
+                    rest.channel = next
+                    queue.prepend(rest)
+                    first.more = []
+                }
                 queues[key] = queue.isEmpty ? nil : queue
                 if first.expiresAt > now { return first }
             }
@@ -96,6 +106,7 @@ public final class InMemoryChannelLayer: ChannelLayer {
     public let configuration: Configuration
     private let capacities: CapacityTable
     private let state = Mutex(State())
+    private let membersMissed = Atomic<Int>(0)
 
     public init(configuration: Configuration = .init()) {
         self.configuration = configuration
@@ -110,7 +121,7 @@ public final class InMemoryChannelLayer: ChannelLayer {
         try sendValidated(message, to: channel)
     }
 
-    private func sendValidated(_ message: Message, to channel: String) throws {
+    private func sendValidated(_ message: Message, to channel: String, more: ArraySlice<String> = []) throws {
         if message[asgiChannelKey] != nil {
             throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
         }
@@ -121,7 +132,7 @@ public final class InMemoryChannelLayer: ChannelLayer {
         let key = ChannelNames.nonLocalName(channel)
         let capacity = capacities.capacity(for: channel)
         let now = ContinuousClock.now
-        let entry = Entry(channel: channel, message: message, sentAt: now, expiresAt: now + configuration.expiry)
+        let entry = Entry(channel: channel, more: more, message: message, sentAt: now, expiresAt: now + configuration.expiry)
         enum Outcome { case queued, full, closed, handoff(Waiter, ReceivedMessage) }
         let outcome: Outcome = state.withLock { state in
             if state.closed { return .closed }
@@ -139,6 +150,10 @@ public final class InMemoryChannelLayer: ChannelLayer {
             state.counters[key, default: Counters()].messages += 1
             state.global.messages += 1
             if let id = state.waitersByKey[key]?.first, let waiter = state.removeWaiter(id) {
+                if var rest = more.isEmpty ? nil : entry, let next = rest.more.popFirst() {
+                    rest.channel = next
+                    state.queues[key, default: Deque()].append(rest)
+                }
                 return .handoff(waiter, ReceivedMessage(channel: channel, message: message))
             }
             state.queues[key, default: Deque()].append(entry)
@@ -264,16 +279,32 @@ public final class InMemoryChannelLayer: ChannelLayer {
         }
     }
 
+    /// One entry per process channel, carrying all of its members (see `Entry.more`), and one
+    /// per other member: a room of any size costs one slot of each server's capacity.
     public func sendGroup(_ group: String, message: Message) async throws {
         try ChannelNames.validateGroup(group)
+        var byProcess: [String: [String]] = [:]
+        var order: [String] = []
         for member in liveMembers(group) {
+            let key = ChannelNames.isProcessSpecific(member) ? ChannelNames.nonLocalName(member) : member
+            if byProcess[key] == nil { order.append(key) }
+            byProcess[key, default: []].append(member)
+        }
+        for key in order {
+            let members = byProcess[key]!
             do {
-                try sendValidated(message, to: member)
+                try sendValidated(message, to: members[0], more: members[1...])
             } catch let error as ChannelLayerError where error.code == .channelFull {
+                membersMissed.add(members.count, ordering: .relaxed)
                 continue
             }
         }
     }
+
+    /// Group members skipped because their channel was full.
+    public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
+
+    public var maxMessageSize: Int { configuration.maxMessageSize }
 
     public func flush() async throws {
         state.withLock { state in

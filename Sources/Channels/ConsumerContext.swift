@@ -4,7 +4,9 @@ import Synchronization
 
 /// Everything a consumer gets for one message: the message, where it came from, the route's
 /// arguments, and a way to send. Sends are buffered and go out, in order, when the consumer
-/// returns (or throws), unless sent `immediately`.
+/// returns (or throws), unless sent `immediately` (which first sends what was buffered, so
+/// order holds either way). A message over the layer's size limit fails at the call, with
+/// `messageTooLarge`; a full channel is retried for `environment.fullChannelRetry`.
 public final class ConsumerContext: Sendable {
     public let message: Message
     /// The channel the message arrived on (its full name for `!` channels).
@@ -33,14 +35,25 @@ public final class ConsumerContext: Sendable {
 
     private let outbox = Mutex<[(to: Destination, message: Message)]>([])
 
-    public init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+    /// Runs a message through the worker's routing, in this task (ordering uses it to run
+    /// parked messages whose turn has come); nil outside a worker.
+    let dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
+
+    public convenience init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
                 environment: ConsumerEnvironment = ConsumerEnvironment()) {
+        self.init(message: message, channel: channel, kwargs: kwargs, layer: layer, logger: logger,
+                  environment: environment, dispatcher: nil)
+    }
+
+    init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+         environment: ConsumerEnvironment, dispatcher: (@Sendable (ReceivedMessage) async -> Void)?) {
         self.message = message
         self.channel = channel
         self.kwargs = kwargs
         self.layer = layer
         self.logger = logger
         self.environment = environment
+        self.dispatcher = dispatcher
     }
 
     /// The message's `reply_channel`, if it has one.
@@ -70,22 +83,40 @@ public final class ConsumerContext: Sendable {
     }
 
     private func deliver(_ message: Message, to destination: Destination, immediately: Bool) async throws {
+        // Room for the name the layer adds to a process channel's message.
+        let size = MsgPackEncoder.encodedSize(message) + 128
+        if size > layer.maxMessageSize {
+            let name = switch destination { case .channel(let name): name; case .group(let name): "group:" + name }
+            throw ChannelLayerError.messageTooLarge(name, size: size, limit: layer.maxMessageSize)
+        }
         if immediately {
+            await flush()
             try await send(message, to: destination)
         } else {
             outbox.withLock { $0.append((destination, message)) }
         }
     }
 
+    /// One send; a full channel is retried with growing pauses for `fullChannelRetry`.
     private func send(_ message: Message, to destination: Destination) async throws {
-        switch destination {
-        case .channel(let name): try await layer.send(message, to: name)
-        case .group(let name): try await layer.sendGroup(name, message: message)
+        let deadline = ContinuousClock.now + environment.fullChannelRetry
+        var pause = Duration.milliseconds(10)
+        while true {
+            do {
+                switch destination {
+                case .channel(let name): try await layer.send(message, to: name)
+                case .group(let name): try await layer.sendGroup(name, message: message)
+                }
+                return
+            } catch let error as ChannelLayerError where error.code == .channelFull && ContinuousClock.now + pause < deadline {
+                try? await Task.sleep(for: pause)
+                pause = min(pause * 2, .milliseconds(500))
+            }
         }
     }
 
-    /// Sends what the consumer buffered, in order. A full channel is logged, not fatal: the
-    /// other sends still go out.
+    /// Sends what the consumer buffered, in order. A send that still fails is logged and
+    /// counted (`droppedSends`), not fatal: the other sends still go out.
     func flush() async {
         let pending = outbox.withLock { outbox -> [(to: Destination, message: Message)] in
             defer { outbox.removeAll() }
@@ -95,10 +126,14 @@ public final class ConsumerContext: Sendable {
             do {
                 try await send(item.message, to: item.to)
             } catch {
-                logger.warning("a buffered send failed", metadata: ["to": "\(item.to)", "error": "\(error)"])
+                droppedSends.add(1, ordering: .relaxed)
+                logger.warning("a buffered send failed; the message is dropped", metadata: ["to": "\(item.to)", "error": "\(error)"])
             }
         }
     }
+
+    /// Buffered sends that failed after their retries (the worker adds them to its count).
+    let droppedSends = Atomic<Int>(0)
 
     @TaskLocal static var current: ConsumerContext?
 }

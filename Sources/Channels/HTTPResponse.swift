@@ -2,14 +2,34 @@ import ASGI
 
 /// Helpers for HTTP consumers.
 extension ConsumerContext {
-    /// Answers an `http.request` with one response.
+    /// Answers an `http.request` with one response. A body larger than fits in one message of
+    /// the layer goes out as a first message and `more_content` chunks, with `content-length`
+    /// set so the client still gets a plain (not chunked) response.
     public func respond(status: Int = 200, contentType: String = "text/plain; charset=utf-8",
                         headers: [(String, String)] = [], body: [UInt8]) async throws {
         var list: [ASGIValue] = [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]]
         for (name, value) in headers { list.append([.utf8Bytes(name.lowercased()), .utf8Bytes(value)]) }
         for cookie in responseCookies { list.append([.utf8Bytes("set-cookie"), .utf8Bytes(cookie)]) }
-        try await reply(["status": .int(Int64(status)), "headers": .array(list), "content": .bytes(body), "more_content": false])
+        let chunkSize = responseChunkSize
+        guard body.count > chunkSize else {
+            try await reply(["status": .int(Int64(status)), "headers": .array(list), "content": .bytes(body), "more_content": false])
+            return
+        }
+        if !headers.contains(where: { $0.0.lowercased() == "content-length" }) {
+            list.append([.utf8Bytes("content-length"), .utf8Bytes(String(body.count))])
+        }
+        try await reply(["status": .int(Int64(status)), "headers": .array(list),
+                         "content": .bytes(Array(body[..<chunkSize])), "more_content": true])
+        var offset = chunkSize
+        while offset < body.count {
+            let end = min(offset + chunkSize, body.count)
+            try await reply(["content": .bytes(Array(body[offset..<end])), "more_content": .bool(end < body.count)])
+            offset = end
+        }
     }
+
+    /// The most body bytes one response message carries: well inside the layer's size limit.
+    var responseChunkSize: Int { max(16 * 1024, min(512 * 1024, layer.maxMessageSize / 2)) }
 
     public func respond(status: Int = 200, contentType: String = "text/plain; charset=utf-8",
                         headers: [(String, String)] = [], _ text: String) async throws {
@@ -47,11 +67,12 @@ extension ConsumerContext {
         for cookie in responseCookies { list.append([.utf8Bytes("set-cookie"), .utf8Bytes(cookie)]) }
         try await reply(["status": .int(Int64(status)),
                          "headers": .array(list),
-                         "content": .bytes(firstChunk), "more_content": true])
+                         "content": .bytes(firstChunk), "more_content": true], immediately: true)
     }
 
-    /// One more chunk of a streamed response; `last: true` ends it.
+    /// One more chunk of a streamed response, sent now (server-sent events arrive as they
+    /// are made); `last: true` ends it.
     public func respondChunk(_ chunk: [UInt8], last: Bool = false) async throws {
-        try await reply(["content": .bytes(chunk), "more_content": .bool(!last)])
+        try await reply(["content": .bytes(chunk), "more_content": .bool(!last)], immediately: true)
     }
 }

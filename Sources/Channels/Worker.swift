@@ -12,6 +12,8 @@ public final class Worker: Sendable {
     private let concurrency: Int
     private let logger: Logger
     private let retriesDropped = Atomic<Int>(0)
+    private let sendsDropped = Atomic<Int>(0)
+    private let unroutedCount = Atomic<Int>(0)
 
     /// How many times a message may be put back with `ConsumerError.consumeLater`.
     public static let maxRetries = 10
@@ -32,8 +34,9 @@ public final class Worker: Sendable {
         self.layer = layer
         self.concurrency = max(1, concurrency)
         self.logger = logger
-        // Channels 1.x defaults: connects are accepted and HTTP gets 404 even when unrouted.
-        var listen = router.channels.union(["http.request", "websocket.connect"])
+        // Channels 1.x defaults: connects are accepted and HTTP gets 404 even when unrouted, and
+        // the other WebSocket channels are drained (and counted) so they never fill up.
+        var listen = router.channels.union(["http.request", "websocket.connect", "websocket.receive", "websocket.disconnect"])
         if !only.isEmpty {
             let patterns = only.map(GlobPattern.init)
             listen = listen.filter { name in patterns.contains { $0.matches(name) } }
@@ -75,10 +78,12 @@ public final class Worker: Sendable {
                     continue
                 }
                 slots.take(batch.count)
-                for received in batch {
+                for run in Self.runs(of: batch) {
                     group.addTask {
-                        await self.dispatch(received)
-                        slots.release()
+                        for received in run {
+                            await self.dispatch(received)
+                            slots.release()
+                        }
                     }
                 }
             }
@@ -87,6 +92,25 @@ public final class Worker: Sendable {
     }
 
     public func stop() { stopping.store(true, ordering: .relaxed) }
+
+    /// Splits a batch into runs handled one after another: the WebSocket messages of one socket
+    /// (same `reply_channel`) form one run, in the order received, so a burst from one socket
+    /// is not raced against itself; every other message is a run of its own.
+    static func runs(of batch: [ReceivedMessage]) -> [[ReceivedMessage]] {
+        var runs: [[ReceivedMessage]] = []
+        var bySocket: [String: Int] = [:]
+        for received in batch {
+            if received.channel.hasPrefix("websocket."), let reply = received.message["reply_channel"]?.stringValue {
+                if let index = bySocket[reply] {
+                    runs[index].append(received)
+                    continue
+                }
+                bySocket[reply] = runs.count
+            }
+            runs.append([received])
+        }
+        return runs
+    }
 
     /// Runs the consumer for one message (public for test harnesses).
     public func dispatch(_ received: ReceivedMessage) async {
@@ -97,7 +121,9 @@ public final class Worker: Sendable {
             return
         }
         context = ConsumerContext(message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
-                                  logger: logger, environment: environment)
+                                  logger: logger, environment: environment) { [weak self] parked in
+            await self?.dispatch(parked)
+        }
         do {
             try await ConsumerContext.$current.withValue(context) {
                 try await consumer(context)
@@ -113,7 +139,13 @@ public final class Worker: Sendable {
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
         }
         await context.flush()
+        sendsDropped.add(context.droppedSends.load(ordering: .relaxed), ordering: .relaxed)
     }
+
+    /// Buffered sends of consumers that were dropped after their retries.
+    public var messagesDroppedOnSend: Int { sendsDropped.load(ordering: .relaxed) }
+    /// Messages on channels no route matched (drained so they never fill).
+    public var messagesUnrouted: Int { unroutedCount.load(ordering: .relaxed) }
 
     /// Messages dropped after `maxRetries` re-queues.
     public var messagesDroppedAfterRetries: Int { retriesDropped.load(ordering: .relaxed) }
@@ -138,6 +170,7 @@ public final class Worker: Sendable {
     }
 
     private func unrouted(_ received: ReceivedMessage) async {
+        unroutedCount.add(1, ordering: .relaxed)
         let reply = received.message["reply_channel"]?.stringValue
         switch received.channel {
         case "websocket.connect":
@@ -149,8 +182,8 @@ public final class Worker: Sendable {
                     "content": .utf8Bytes("Not found\n"), "more_content": false,
                 ], to: reply)
             }
-        case "websocket.disconnect", "http.disconnect":
-            logger.debug("unrouted disconnect", metadata: ["channel": "\(received.channel)"])
+        case "websocket.receive", "websocket.disconnect", "http.disconnect":
+            logger.debug("unrouted message drained", metadata: ["channel": "\(received.channel)"])
         default:
             logger.info("dropped an unrouted message", metadata: ["channel": "\(received.channel)"])
         }

@@ -24,6 +24,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var keepAlive = true
     private var clientAddress = "-"
     private var headersTooLarge = false
+    /// This connection's messages to the layer; a full `http.request` is retried for a bounded
+    /// time with reading paused, an unreachable layer answers 503 at once.
+    private var sender: LayerSender?
 
     init(server: ServerContext, upgrade: UpgradeState) {
         self.server = server
@@ -115,32 +118,32 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         timeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.httpTimeout.seconds * 1e9))) {
             handler.value.timedOut(context: boundContext.value)
         }
-        let layer = server.layer
-        let bodyChannel = message["body_channel"]?.stringValue
-        Task {
-            let result: Result<Void, any Error>
-            do {
-                try await layer.send(message, to: "http.request")
-                if let bodyChannel {
-                    for (i, chunk) in chunks.enumerated() {
-                        try await layer.send(["content": .bytes(chunk), "closed": false, "more_content": .bool(i < chunks.count - 1)],
-                                             to: bodyChannel)
-                    }
-                }
-                result = .success(())
-            } catch {
-                result = .failure(error)
-            }
-            if case .failure(let error) = result {
-                loop.execute { handler.value.sendFailed(error, context: boundContext.value) }
+        let sender = connectionSender(context: context)
+        sender.resume()
+        sender.send(message, to: "http.request")
+        if let bodyChannel = message["body_channel"]?.stringValue {
+            for (i, chunk) in chunks.enumerated() {
+                sender.send(["content": .bytes(chunk), "closed": false, "more_content": .bool(i < chunks.count - 1)], to: bodyChannel)
             }
         }
     }
 
-    private func sendFailed(_ error: any Error, context: ChannelHandlerContext) {
+    private func connectionSender(context: ChannelHandlerContext) -> LayerSender {
+        if let sender { return sender }
+        let sender = server.makeSender(on: context.eventLoop, outageTimeout: .zero)
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let channel = context.channel
+        sender.onGiveUp = { reason in handler.value.sendFailed(full: reason == .full, context: boundContext.value) }
+        sender.setReading = { reading in _ = channel.setOption(ChannelOptions.autoRead, value: reading) }
+        self.sender = sender
+        return sender
+    }
+
+    private func sendFailed(full: Bool, context: ChannelHandlerContext) {
         guard !responseStarted, replyChannel != nil else { return }
-        let full = (error as? ChannelLayerError)?.code == .channelFull
-        server.logger.warning(full ? "http.request channel full" : "cannot send http.request", metadata: ["error": "\(error)"])
+        server.counters.count(.httpUnavailable)
+        server.logger.warning(full ? "http.request stayed full; answering 503" : "cannot send http.request; answering 503")
         finishRequest()
         respondPlain(context: context, status: .serviceUnavailable,
                      text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
@@ -230,8 +233,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if let replyChannel, let head {
             // The client left before its response finished.
             let path = ASGIMessages.splitTarget(head.uri).path
-            server.send(["reply_channel": .string(replyChannel), "path": .string(path)], to: "http.disconnect",
-                        on: context.eventLoop) { _ in }
+            connectionSender(context: context).send(["reply_channel": .string(replyChannel), "path": .string(path)],
+                                                    to: "http.disconnect")
             server.router.unregister(replyChannel)
             self.replyChannel = nil
             timeout?.cancel()

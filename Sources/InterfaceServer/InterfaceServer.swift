@@ -20,13 +20,26 @@ public final class InterfaceServer: Sendable {
                 logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
                 eventLoopGroup: (any EventLoopGroup)? = nil) {
         self.configuration = configuration
-        let router = ReplyRouter(layer: layer, prefix: configuration.replyChannelPrefix, logger: logger)
-        self.context = ServerContext(layer: layer, router: router, configuration: configuration, logger: logger,
-                                     accessLog: AccessLog(path: accessLogPath, logger: logger))
+        let router = ReplyRouter(layer: layer, prefix: configuration.replyChannelPrefix, logger: logger,
+                                 registrationInterval: configuration.readerRegistrationInterval)
+        let context = ServerContext(layer: layer, router: router, configuration: configuration, logger: logger,
+                                    accessLog: AccessLog(path: accessLogPath, logger: logger))
+        router.whenStoreLost { [weak context] in
+            guard let context else { return }
+            context.counters.count(.closedStoreLost, by: context.openSocketCount)
+            context.closeAllSockets(code: 1012)
+        }
+        self.context = context
         // The group belongs to the caller (it is not shut down here); NIO's shared group by default: the Redis layer's connections live there too, so a
         // frame, its send to Redis and the reply can all be handled on one thread.
         self.group = eventLoopGroup ?? MultiThreadedEventLoopGroup.singleton
     }
+
+    /// What the server counted: held and retried sends, what it gave up on and why.
+    public var statistics: ServerStatistics { context.counters.snapshot(unroutable: context.router.unroutableCount) }
+
+    /// WebSockets open now.
+    public var openWebSockets: Int { context.openSocketCount }
 
     /// The process channel every reply of this server goes through.
     public var processChannel: String { context.router.processChannel }

@@ -5,6 +5,11 @@ import Synchronization
 /// The one reader of this process's reply channel: takes every `<process>!<conn>` message and
 /// hands it to the connection that registered that name. Nothing per connection waits on the
 /// layer; a message for a name nobody holds (the client left) is dropped and counted.
+///
+/// It registers the process channel with the layer as one that reads bundled group messages
+/// (one message per group send for all of this server's members) and renews that registration
+/// every `registrationInterval`; a registration found gone means the layer lost its data, and
+/// `onStoreLost` runs (the server closes its sockets with 1012 so clients join again).
 final class ReplyRouter: Sendable {
     let processChannel: String
     private let layer: any ChannelLayer
@@ -12,10 +17,19 @@ final class ReplyRouter: Sendable {
     private let handlers = Mutex<[String: @Sendable (Message) -> Void]>([:])
     private let unroutable = Atomic<Int>(0)
 
-    init(layer: any ChannelLayer, prefix: String, logger: Logger) {
+    private let registrationInterval: Duration
+    private let storeLost = Mutex<(@Sendable () -> Void)?>(nil)
+
+    init(layer: any ChannelLayer, prefix: String, logger: Logger, registrationInterval: Duration = .seconds(2)) {
         self.layer = layer
         self.logger = logger
         self.processChannel = prefix + "." + ChannelNames.randomLetters(10) + "!"
+        self.registrationInterval = registrationInterval
+    }
+
+    /// What to do when the layer is found to have lost its data.
+    func whenStoreLost(_ action: @escaping @Sendable () -> Void) {
+        storeLost.withLock { $0 = action }
     }
 
     /// A fresh reply channel name under this process's channel.
@@ -32,9 +46,39 @@ final class ReplyRouter: Sendable {
     var activeCount: Int { handlers.withLock { $0.count } }
     var unroutableCount: Int { unroutable.load(ordering: .relaxed) }
 
+    /// Registers the process channel, then reads until cancelled.
+    func run() async {
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.keepRegistered() }
+            group.addTask { await self.read() }
+        }
+    }
+
+    /// Registers at once, then renews on a timer until cancelled.
+    private func keepRegistered() async {
+        var failures = 0
+        while !Task.isCancelled {
+            do {
+                if try await layer.registerBundleReader(processChannel) == false {
+                    logger.warning("the channel layer lost its data (groups, sessions): closing sockets with 1012",
+                                   metadata: ["reply_channel": "\(processChannel)"])
+                    storeLost.withLock { $0 }?()
+                }
+                failures = 0
+            } catch {
+                if Task.isCancelled { break }
+                failures += 1
+                if failures == 1 || failures % 30 == 0 {
+                    logger.warning("cannot register the reply channel", metadata: ["error": "\(error)"])
+                }
+            }
+            try? await Task.sleep(for: registrationInterval)
+        }
+    }
+
     /// Reads until cancelled. A failing layer (Redis down) is retried after a pause, so the
     /// server keeps answering (with 503s) and resumes when the layer is back.
-    func run() async {
+    private func read() async {
         var failures = 0
         while !Task.isCancelled {
             do {

@@ -34,6 +34,20 @@ public struct ServerConfiguration: Sendable {
     public var websocketProtocols: [String]
     /// How long a graceful shutdown waits for responses in flight.
     public var shutdownGrace: Duration
+    /// How long a send to a full channel (`websocket.receive`, `http.request`) is retried, with
+    /// growing pauses and the client's reading paused, before 1013 (WebSocket) or 503 (HTTP).
+    public var channelFullTimeout: Duration
+    /// How long a WebSocket's frames are held while the layer is unreachable (Redis down)
+    /// before the socket is closed with 1011. The socket stays open meanwhile.
+    public var layerOutageTimeout: Duration
+    /// Messages one connection may have waiting for the layer before reading from it pauses.
+    public var maxHeldMessages: Int
+    /// Bytes that may wait to be written to one WebSocket client; past it the client is not
+    /// reading, and the socket is closed with 1008 so no one else waits on it.
+    public var maxQueuedBytesPerSocket: Int
+    /// How often the server renews its reply-channel registration with the layer (and so
+    /// notices a Redis that came back empty).
+    public var readerRegistrationInterval: Duration
 
     public init(
         host: String = "127.0.0.1",
@@ -53,7 +67,12 @@ public struct ServerConfiguration: Sendable {
         rootPath: String = "",
         proxyHeaders: Bool = false,
         websocketProtocols: [String] = [],
-        shutdownGrace: Duration = .seconds(10)
+        shutdownGrace: Duration = .seconds(10),
+        channelFullTimeout: Duration = .seconds(10),
+        layerOutageTimeout: Duration = .seconds(120),
+        maxHeldMessages: Int = 64,
+        maxQueuedBytesPerSocket: Int = 4 * 1024 * 1024,
+        readerRegistrationInterval: Duration = .seconds(2)
     ) {
         self.host = host
         self.port = port
@@ -73,5 +92,10 @@ public struct ServerConfiguration: Sendable {
         self.proxyHeaders = proxyHeaders
         self.websocketProtocols = websocketProtocols
         self.shutdownGrace = shutdownGrace
+        self.channelFullTimeout = channelFullTimeout
+        self.layerOutageTimeout = layerOutageTimeout
+        self.maxHeldMessages = maxHeldMessages
+        self.maxQueuedBytesPerSocket = maxQueuedBytesPerSocket
+        self.readerRegistrationInterval = readerRegistrationInterval
     }
 }

@@ -21,24 +21,11 @@ final class ServerContext: Sendable {
         self.accessLog = accessLog
     }
 
-    /// Sends to the layer from an event loop without blocking it; `completion` runs on `loop`.
-    /// Sends passed the same `after` task go out in the order they were made: pass the task
-    /// this returns to the next send of the same connection.
-    @discardableResult
-    func send(_ message: Message, to channel: String, on loop: any EventLoop, after previous: Task<Void, Never>? = nil,
-              completion: @escaping @Sendable (Result<Void, any Error>) -> Void) -> Task<Void, Never> {
-        let layer = self.layer
-        return Task {
-            await previous?.value
-            let result: Result<Void, any Error>
-            do {
-                try await layer.send(message, to: channel)
-                result = .success(())
-            } catch {
-                result = .failure(error)
-            }
-            loop.execute { completion(result) }
-        }
+    let counters = ServerCounters()
+
+    /// A sender for one connection's messages (see ``LayerSender``).
+    func makeSender(on loop: any EventLoop, outageTimeout: Duration) -> LayerSender {
+        LayerSender(server: self, loop: loop, outageTimeout: outageTimeout, heldLimit: configuration.maxHeldMessages)
     }
 
     func trackSocket(_ id: ObjectIdentifier, closer: @escaping @Sendable (UInt16) -> Void) {

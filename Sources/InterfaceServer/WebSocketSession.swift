@@ -27,8 +27,10 @@ final class WebSocketSession {
     private var lifetime: Scheduled<Void>?
     private var pingTask: RepeatedTask?
     private var awaitingPong = false
-    /// The last send to the layer: each send waits for it, so messages leave in order.
-    private var lastSend: Task<Void, Never>?
+    /// This socket's messages to the layer, in order, held and retried when the layer is full or down.
+    private let sender: LayerSender
+    /// Bytes written to the client and not yet taken by the kernel.
+    private var queuedBytes = 0
     private var lastPong = NIODeadline.now()
     let upgrade: UpgradeState
 
@@ -42,6 +44,29 @@ final class WebSocketSession {
         self.client = ASGIMessages.clientDescription(head: head, remote: channel.remoteAddress,
                                                      proxyHeaders: server.configuration.proxyHeaders)
         self.state = .connecting(promise)
+        self.sender = server.makeSender(on: channel.eventLoop, outageTimeout: server.configuration.layerOutageTimeout)
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        sender.onGiveUp = { reason in bound.value.senderGaveUp(reason) }
+        sender.setReading = { reading in
+            _ = bound.value.channel.setOption(ChannelOptions.autoRead, value: reading)
+        }
+    }
+
+    /// The layer stayed full or unreachable for the whole bound: the socket cannot go on.
+    private func senderGaveUp(_ reason: LayerSender.GiveUp) {
+        switch state {
+        case .connecting:
+            server.counters.count(.httpUnavailable)
+            reject(reason: "unavailable", status: 503)
+        case .open:
+            server.counters.count(reason == .full ? .closedChannelFull : .closedLayerUnavailable)
+            server.logger.warning(reason == .full ? "websocket.receive stayed full; closing with 1013"
+                                                  : "channel layer stayed unavailable; closing with 1011",
+                                  metadata: ["reply_channel": "\(replyChannel)"])
+            close(code: reason == .full ? 1013 : 1011)
+        case .closed:
+            break
+        }
     }
 
     private var subprotocol: String?
@@ -81,12 +106,7 @@ final class WebSocketSession {
             "server": ASGIMessages.address(channel.localAddress),
             "order": 0,
         ]
-        lastSend = server.send(message, to: "websocket.connect", on: loop, after: lastSend) { result in
-            if case .failure(let error) = result {
-                bound.value.server.logger.warning("cannot send websocket.connect", metadata: ["error": "\(error)"])
-                bound.value.reject(reason: "unavailable", status: 503)
-            }
-        }
+        sender.send(message, to: "websocket.connect")
     }
 
     private func reject(reason: String, status: Int = 403) {
@@ -172,14 +192,26 @@ final class WebSocketSession {
                 pending.append(reply)
                 return
             }
+            var data: ByteBuffer?
+            var opcode = WebSocketOpcode.text
             if let text = reply["text"]?.stringValue {
-                let frame = WebSocketFrame(fin: true, opcode: .text, data: context.channel.allocator.buffer(string: text))
-                context.write(NIOAny(frame), promise: nil)
+                data = context.channel.allocator.buffer(string: text)
             } else if let bytes = reply["bytes"]?.bytesValue {
-                let frame = WebSocketFrame(fin: true, opcode: .binary, data: context.channel.allocator.buffer(bytes: bytes))
-                context.write(NIOAny(frame), promise: nil)
+                data = context.channel.allocator.buffer(bytes: bytes)
+                opcode = .binary
             }
-            context.flush()
+            if let data {
+                let size = data.readableBytes
+                queuedBytes += size
+                if queuedBytes > server.configuration.maxQueuedBytesPerSocket {
+                    slowClient()
+                    return
+                }
+                let written = context.eventLoop.makePromise(of: Void.self)
+                let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+                written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
+                context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
+            }
             if let closeCode { close(code: closeCode) }
         case .closed:
             break
@@ -194,24 +226,29 @@ final class WebSocketSession {
         }
     }
 
+    /// The client does not read what it is sent: past the bound, close it rather than keep
+    /// buffering (or slow anyone else down).
+    private func slowClient() {
+        server.counters.count(.closedSlowClient)
+        server.logger.warning("closing a WebSocket whose client does not read (1008)", metadata: [
+            "reply_channel": "\(replyChannel)", "queued_bytes": "\(queuedBytes)",
+            "limit": "\(server.configuration.maxQueuedBytesPerSocket)",
+        ])
+        close(code: 1008, force: true)
+    }
+
     /// A message frame from the client.
     func received(text: String?, bytes: [UInt8]?) {
         guard case .open = state else { return }
         order += 1
         var message: Message = ["reply_channel": .string(replyChannel), "path": .string(path), "order": .int(order)]
         if let text { message["text"] = .string(text) } else { message["bytes"] = .bytes(bytes ?? []) }
-        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
-        lastSend = server.send(message, to: "websocket.receive", on: channel.eventLoop, after: lastSend) { result in
-            if case .failure(let error) = result {
-                let full = (error as? ChannelLayerError)?.code == .channelFull
-                bound.value.server.logger.warning("cannot send websocket.receive", metadata: ["error": "\(error)"])
-                bound.value.close(code: full ? 1013 : 1011)
-            }
-        }
+        sender.send(message, to: "websocket.receive")
     }
 
-    /// Closes from our side with `code`, and tells the application.
-    func close(code: UInt16) {
+    /// Closes from our side with `code`, and tells the application. The close frame gets a few
+    /// seconds to leave; with `force` (a client that does not read) the connection closes at once.
+    func close(code: UInt16, force: Bool = false) {
         switch state {
         case .connecting:
             reject(reason: "shutdown")
@@ -230,6 +267,11 @@ final class WebSocketSession {
             let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
             let channel = context.channel
             context.writeAndFlush(NIOAny(frame)).whenComplete { _ in channel.close(promise: nil) }
+            if force {
+                channel.close(promise: nil)
+            } else {
+                channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+            }
         }
     }
 
@@ -250,8 +292,8 @@ final class WebSocketSession {
         server.router.unregister(replyChannel)
         order += 1
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
-        lastSend = server.send(["reply_channel": .string(replyChannel), "code": .int(code), "path": .string(path), "order": .int(order)],
-                               to: "websocket.disconnect", on: channel.eventLoop, after: lastSend) { _ in }
+        sender.send(["reply_channel": .string(replyChannel), "code": .int(code), "path": .string(path), "order": .int(order)],
+                    to: "websocket.disconnect")
     }
 }
 

@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import Synchronization
+import DequeModule
 
 /// The Redis channel layer, byte-compatible with Python's asgi_redis 1.4.
 ///
@@ -22,8 +23,16 @@ public final class RedisChannelLayer: ChannelLayer {
     /// Whether the last receive found a message waiting (see `receive`).
     private let flowing = Atomic<Bool>(false)
     private let malformedDropped = Atomic<Int>(0)
+    private let membersReached = Atomic<Int>(0)
+    private let membersMissed = Atomic<Int>(0)
     private let isClosed = Atomic<Bool>(false)
     private let decoder = MsgPackDecoder()
+    /// Members of bundled group messages not yet handed out, by list (non-local) name: a
+    /// bundle is popped once from Redis and given out one member at a time, in order, before
+    /// anything popped after it. Only the one reader of a process channel ever holds these.
+    private let backlog = Mutex<[String: Deque<ReceivedMessage>]>([:])
+    /// Process channels this layer has registered a reader for.
+    private let registeredReaders = Mutex<Set<String>>([])
 
     /// - Parameter eventLoopGroup: where the connections live; NIO's shared group by default.
     public init(configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis"),
@@ -165,6 +174,7 @@ public final class RedisChannelLayer: ChannelLayer {
     public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         guard !channels.isEmpty else { return nil }
+        if let waiting = fromBacklog(channels, max: 1).first { return waiting }
         let plan = receivePlan(channels)
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
@@ -182,7 +192,7 @@ public final class RedisChannelLayer: ChannelLayer {
                         if case .error = reply { throw unexpected(reply, doing: "receive") }
                         continue
                     }
-                    if let received = decodeReceived(list: list, body: body) {
+                    if let received = handOut(decodeReceived(list: list, body: body), max: 1).first {
                         flowing.store(true, ordering: .relaxed)
                         return received
                     }
@@ -223,6 +233,8 @@ public final class RedisChannelLayer: ChannelLayer {
     /// the script that takes the popped body also takes what queued behind it.
     public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        let waiting = fromBacklog(channels, max: max)
+        if !waiting.isEmpty { return waiting }
         let plan = receivePlan(channels)
         guard max > 1, plan.count == 1 else {
             guard let one = try await receive(channels: channels, timeout: timeout) else { return [] }
@@ -233,7 +245,7 @@ public final class RedisChannelLayer: ChannelLayer {
         if timeout <= .zero || flowing.load(ordering: .relaxed) {
             let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [limit])
             if case .error = reply { throw unexpected(reply, doing: "receive") }
-            let batch = decodePairs(reply.array ?? [], from: 0)
+            let batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
             if !batch.isEmpty {
                 flowing.store(true, ordering: .relaxed)
                 return batch
@@ -262,9 +274,10 @@ public final class RedisChannelLayer: ChannelLayer {
                 }
             }
             guard let (list, reply) = result, let items = reply.array, !items.isEmpty else { continue }
-            var batch: [ReceivedMessage] = []
-            if let body = items[0].bytes, let first = decodeReceived(list: list, body: body) { batch.append(first) }
-            batch += decodePairs(items, from: 1)
+            var popped: [ReceivedMessage] = []
+            if let body = items[0].bytes { popped = decodeReceived(list: list, body: body) }
+            popped += decodePairs(items, from: 1)
+            let batch = handOut(popped, max: max)
             if !batch.isEmpty {
                 flowing.store(true, ordering: .relaxed)
                 return batch
@@ -277,13 +290,38 @@ public final class RedisChannelLayer: ChannelLayer {
         var out: [ReceivedMessage] = []
         var index = start
         while index + 1 < items.count {
-            if let list = items[index].bytes, let body = items[index + 1].bytes,
-               let received = decodeReceived(list: list, body: body) {
-                out.append(received)
+            if let list = items[index].bytes, let body = items[index + 1].bytes {
+                out += decodeReceived(list: list, body: body)
             }
             index += 2
         }
         return out
+    }
+
+    /// Returns the first `max` of `popped` and keeps the rest (members of a bundle) for the
+    /// next receives of their channel.
+    private func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
+        guard popped.count > max else { return popped }
+        backlog.withLock { backlog in
+            for received in popped[max...] {
+                backlog[ChannelNames.nonLocalName(received.channel), default: []].append(received)
+            }
+        }
+        return Array(popped[..<max])
+    }
+
+    /// Up to `max` messages kept from earlier bundles for any of `channels`.
+    private func fromBacklog(_ channels: [String], max: Int) -> [ReceivedMessage] {
+        backlog.withLock { backlog -> [ReceivedMessage] in
+            guard !backlog.isEmpty else { return [] }
+            var out: [ReceivedMessage] = []
+            for channel in channels where out.count < max {
+                guard var queue = backlog[channel] else { continue }
+                while out.count < max, let next = queue.popFirst() { out.append(next) }
+                backlog[channel] = queue.isEmpty ? nil : queue
+            }
+            return out
+        }
     }
 
     /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
@@ -319,7 +357,7 @@ public final class RedisChannelLayer: ChannelLayer {
         }
         guard let (list, body) = result else { return nil }
         guard let body else { return .some(nil) }
-        return .some(decodeReceived(list: list, body: body))
+        return .some(handOut(decodeReceived(list: list, body: body), max: 1).first)
     }
 
     /// Several shards: wait on all at once; a message won by more than one is put back.
@@ -352,25 +390,37 @@ public final class RedisChannelLayer: ChannelLayer {
         return "\(whole)." + (frac < 10 ? "00" : frac < 100 ? "0" : "") + "\(frac)"
     }
 
-    /// Decodes a popped body; a body that is not a valid message is logged, counted and dropped.
-    private func decodeReceived(list: [UInt8], body: [UInt8]) -> ReceivedMessage? {
+    /// Decodes a popped body: one message, or one per member for a bundled group message
+    /// (`__asgi_channel__` holding a list of names). A body that is not a valid message is
+    /// logged, counted and dropped.
+    private func decodeReceived(list: [UInt8], body: [UInt8]) -> [ReceivedMessage] {
         let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
         do {
             var message = try decoder.decodeMessage(body)
-            var channel = listName
-            if let full = message.removeValue(forKey: asgiChannelKey) {
-                guard case .string(let name) = full else {
-                    throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(full.typeName), not a string")
+            switch message.removeValue(forKey: asgiChannelKey) {
+            case nil:
+                return [ReceivedMessage(channel: listName, message: message)]
+            case .string(let name)?:
+                return [ReceivedMessage(channel: name, message: message)]
+            case .array(let names)?:
+                var out: [ReceivedMessage] = []
+                out.reserveCapacity(names.count)
+                for name in names {
+                    guard case .string(let member) = name, member.hasPrefix(listName) else {
+                        throw MsgPackError(.notAMap, offset: 0, detail: "a bundle names '\(name)', not a channel of '\(listName)'")
+                    }
+                    out.append(ReceivedMessage(channel: member, message: message))
                 }
-                channel = name
+                return out
+            case let other?:
+                throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(other.typeName), not a string")
             }
-            return ReceivedMessage(channel: channel, message: message)
         } catch {
             malformedDropped.add(1, ordering: .relaxed)
             logger.warning("dropped a message that is not valid msgpack", metadata: [
                 "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
             ])
-            return nil
+            return []
         }
     }
 
@@ -451,7 +501,7 @@ public final class RedisChannelLayer: ChannelLayer {
         if shards.count == 1 {
             let scriptArgs = args(mode: "group", members: [])
             let reply = try await pipelined(0, Scripts.sendMany, keys: [groupKey(group)] + globalKeys, args: scriptArgs)
-            if reply.errorMessage != nil { throw unexpected(reply, doing: "group send") }
+            try countGroupSend(reply, group: group)
             return
         }
         // Sharded: members from the group's shard, then one script per destination shard.
@@ -463,12 +513,47 @@ public final class RedisChannelLayer: ChannelLayer {
                 let scriptArgs = args(mode: "list", members: names)
                 tasks.addTask {
                     let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
-                    if reply.errorMessage != nil { throw self.unexpected(reply, doing: "group send") }
+                    try self.countGroupSend(reply, group: group)
                 }
             }
             try await tasks.waitForAll()
         }
     }
+
+    /// Counts what a group-send script reports: members reached, and members missed because
+    /// their channel was full (logged: capacity is a promise the user can reason about).
+    private func countGroupSend(_ reply: RedisReply, group: String) throws(ChannelLayerError) {
+        guard case .array(let counts) = reply, counts.count == 4 else { throw unexpected(reply, doing: "group send") }
+        membersReached.add(counts[2].countValue, ordering: .relaxed)
+        let missed = counts[3].countValue
+        if missed > 0 {
+            membersMissed.add(missed, ordering: .relaxed)
+            logger.warning("group send skipped members whose channel is full", metadata: [
+                "group": "\(group)", "missed": "\(missed)", "reached": "\(counts[2].countValue)",
+            ])
+        }
+    }
+
+    /// Group members this process's group sends have reached, and missed (channel full).
+    public var groupMembersReached: Int { membersReached.load(ordering: .relaxed) }
+    public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
+
+    /// The registration is a key that lives as long as a group member does (`group_expiry`),
+    /// so one that is gone while its reader keeps renewing it means Redis lost its data.
+    public func registerBundleReader(_ processChannel: String) async throws -> Bool {
+        try ChannelNames.validateChannel(processChannel, for: .receive)
+        guard ChannelNames.isProcessSpecific(processChannel) else {
+            throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
+        }
+        let reply = try await pipelined(shardIndex(for: processChannel), Scripts.registerReader,
+                                        keys: [statKey(processChannel, "reader")],
+                                        args: [Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8)])
+        guard let existed = reply.integer else { throw unexpected(reply, doing: "register a reader") }
+        let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
+        return first || existed == 1
+    }
+
+    public var maxMessageSize: Int { configuration.maxMessageSize }
 
     static func unixTime() -> Double {
         var ts = timespec()

@@ -99,12 +99,18 @@ enum Scripts {
     /// Sends one message to many channels on this shard, skipping full ones: a whole group
     /// send in one round trip. Members come from the group's sorted set (mode "group", KEYS[1])
     /// or from the argument list (mode "list").
+    ///
+    /// Members on a process channel whose reader registered as reading bundles (the string
+    /// `bundles` at `<stats prefix><process channel>:reader`) get one message per process
+    /// channel whose `__asgi_channel__` is the list of those members: fan-out costs one stored
+    /// message per server process, not per member. Every other member (a Daphne 1.4 reply
+    /// channel, a `?` or plain channel) gets its own message, exactly as asgi_redis writes it.
     /// KEYS: group (or the empty string), global messages_count, global channel_full_count
     /// ARGV: mode, cutoff, prefix, stats prefix, expiry, channel stats expiry,
     ///       global stats expiry, plain body, process-channel body head, key base (24 hex),
     ///       default capacity, pattern count N, then N (lua pattern, capacity) pairs,
     ///       then (mode "list") the member names.
-    /// Returns {sent, full}.
+    /// Returns {messages stored, sends refused as full, members reached, members missed}.
     static let sendMany = LuaScript(name: "sendMany", source: """
         local mode = ARGV[1]
         local prefix, statsPrefix = ARGV[3], ARGV[4]
@@ -125,11 +131,20 @@ enum Scripts {
             members = {}
             for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
         end
-        local sent, full = 0, 0
-        for i, member in ipairs(members) do
-            local bang = string.find(member, '!', 1, true)
-            local listName = member
-            if bang then listName = string.sub(member, 1, bang) end
+        local function strHeader(n)
+            if n <= 31 then return string.char(160 + n) end
+            if n <= 255 then return string.char(217, n) end
+            return string.char(218, math.floor(n / 256), n % 256)
+        end
+        local function arrayHeader(n)
+            if n <= 15 then return string.char(144 + n) end
+            if n <= 65535 then return string.char(220, math.floor(n / 256), n % 256) end
+            return string.char(221, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                               math.floor(n / 256) % 256, n % 256)
+        end
+        local sent, full, reached, missed = 0, 0, 0, 0
+        local serial = 0
+        local function store(listName, body, count)
             local capacity = defaultCapacity
             for _, p in ipairs(patterns) do
                 if string.find(listName, p[1]) then capacity = p[2]; break end
@@ -137,26 +152,56 @@ enum Scripts {
             local listKey = prefix .. listName
             if redis.call('LLEN', listKey) >= capacity then
                 full = full + 1
+                missed = missed + count
                 local fullKey = statsPrefix .. listName .. ':channel_full_count'
                 redis.call('INCR', fullKey)
                 redis.call('EXPIRE', fullKey, channelStatsExpiry)
-            else
-                local body = plainBody
-                if bang then
-                    local n = string.len(member)
-                    local header
-                    if n <= 31 then header = string.char(160 + n) else header = string.char(217, n) end
-                    body = localHead .. header .. member
-                end
-                local bodyKey = prefix .. keyBase .. string.format('%08x', i)
-                redis.call('SET', bodyKey, body, 'EX', expiry)
-                redis.call('RPUSH', listKey, bodyKey)
-                redis.call('EXPIRE', listKey, expiry + 1)
-                local countKey = statsPrefix .. listName .. ':messages_count'
-                redis.call('INCR', countKey)
-                redis.call('EXPIRE', countKey, channelStatsExpiry)
-                sent = sent + 1
+                return
             end
+            serial = serial + 1
+            local bodyKey = prefix .. keyBase .. string.format('%08x', serial)
+            redis.call('SET', bodyKey, body, 'EX', expiry)
+            redis.call('RPUSH', listKey, bodyKey)
+            redis.call('EXPIRE', listKey, expiry + 1)
+            local countKey = statsPrefix .. listName .. ':messages_count'
+            redis.call('INCR', countKey)
+            redis.call('EXPIRE', countKey, channelStatsExpiry)
+            sent = sent + 1
+            reached = reached + count
+        end
+        local readers = {}
+        local bundles, bundleOrder = {}, {}
+        for _, member in ipairs(members) do
+            local bang = string.find(member, '!', 1, true)
+            if bang then
+                local listName = string.sub(member, 1, bang)
+                local form = readers[listName]
+                if form == nil then
+                    form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
+                    readers[listName] = form
+                end
+                if form == 'bundles' then
+                    if not bundles[listName] then
+                        bundles[listName] = {}
+                        bundleOrder[#bundleOrder + 1] = listName
+                    end
+                    local list = bundles[listName]
+                    list[#list + 1] = member
+                else
+                    store(listName, localHead .. strHeader(string.len(member)) .. member, 1)
+                end
+            else
+                store(member, plainBody, 1)
+            end
+        end
+        for _, listName in ipairs(bundleOrder) do
+            local list = bundles[listName]
+            local parts = {localHead, arrayHeader(#list)}
+            for _, member in ipairs(list) do
+                parts[#parts + 1] = strHeader(string.len(member))
+                parts[#parts + 1] = member
+            end
+            store(listName, table.concat(parts), #list)
         end
         if sent > 0 then
             redis.call('INCRBY', KEYS[2], sent)
@@ -166,7 +211,16 @@ enum Scripts {
             redis.call('INCRBY', KEYS[3], full)
             redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
         end
-        return {sent, full}
+        return {sent, full, reached, missed}
+        """)
+
+    /// Registers (or renews) the reader of a process channel as one that reads bundles.
+    /// KEYS: the reader key. ARGV: form, seconds to live.
+    /// Returns 1 when the key was there (renewed), 0 when it had to be created.
+    static let registerReader = LuaScript(name: "registerReader", source: """
+        local existed = redis.call('EXISTS', KEYS[1])
+        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+        return existed
         """)
 }
 

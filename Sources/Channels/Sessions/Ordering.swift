@@ -4,25 +4,16 @@ import Logging
 /// `enforce_ordering`: the messages of one WebSocket are handled strictly in their `order`
 /// (connect = 0 first), whatever worker picks them up and whenever they arrive.
 ///
-/// A message that comes early is parked on the socket's wait channel and re-queued on its
-/// original channel when its turn comes. The next expected order lives in the channel
-/// session. With `slight: true` only the connect must come first; later messages are handled
-/// as they come. A wait channel that is full closes the socket with 1013 (try again later):
-/// a wedged socket is worse than a closed one.
+/// A message that comes early is parked on the socket's wait channel. The worker that handles
+/// the message that was due then takes the parked ones and runs those whose turn has come
+/// itself, in order, without sending them through `websocket.receive` again. The next
+/// expected order lives in the channel session. With `slight: true` only the connect must
+/// come first; later messages are handled as they come. A wait channel that stays full
+/// closes the socket with 1013 (try again later): a wedged socket is worse than a closed one.
 ///
 /// The wrapper includes `channelSession`.
 public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer) -> Consumer {
     channelSession { context in
-        try await OrderingGate(context: context, slight: slight).run(consumer)
-    }
-}
-
-struct OrderingGate {
-    static let nextOrderKey = "__channels_next_order"
-    let context: ConsumerContext
-    let slight: Bool
-
-    func run(_ consumer: Consumer) async throws {
         let session = try context.channelSession
         let order: Int64
         if let value = context.message["order"]?.intValue {
@@ -32,81 +23,208 @@ struct OrderingGate {
         } else {
             throw SessionError("enforceOrdering needs an 'order' key; a message on '\(context.channel)' has none")
         }
+        try await OrderingGate(context: context, session: session, order: order, slight: slight).run(consumer) {
+            context.logger.warning("wait channel full; closing the socket with 1013", metadata: ["order": "\(order)"])
+            try await context.reply(["close": 1013], immediately: true)
+        }
+    }
+}
+
+/// The receiving half of an ordered hand-off (see ``ConsumerContext/send(_:to:orderedBy:immediately:)``):
+/// messages sent with the same key are handled in the order they were sent, across any
+/// number of workers. Messages sent without a key pass straight through.
+public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
+    { context in
+        guard let key = context.message[OrderedHandoff.keyField]?.stringValue,
+              let order = context.message[OrderedHandoff.orderField]?.intValue else {
+            return try await consumer(context)
+        }
+        let session = try await Session.load(key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key),
+                                             store: context.environment.sessionStore,
+                                             settings: context.environment.sessionSettings, logger: context.logger)
+        try await OrderingGate(context: context, session: session, order: order, slight: false).run(consumer) {
+            throw ChannelLayerError.channelFull("the wait channel of '\(key)' on '\(context.channel)'")
+        }
+    }
+}
+
+/// Names and fields of the ordered hand-off.
+enum OrderedHandoff {
+    static let keyField = "__order_key"
+    static let orderField = "__order"
+    static let sentField = "__sent"
+
+    /// A session per (channel, key) for the sender's counter ("sent") and the receiver's next order ("next").
+    static func sessionKey(_ role: String, channel: String, key: String) -> String {
+        Session.channelSessionKey(replyChannel: "ordered-" + role + ":" + channel + ":" + key)
+    }
+}
+
+extension ConsumerContext {
+    /// Sends `message` to `channel` numbered in the sequence of `key`, so that a consumer
+    /// wrapped in ``inSendOrder(_:)`` handles the messages of one key in the order they were
+    /// sent here, however many workers run it. Call it from one consumer at a time per key
+    /// (for example, under ``enforceOrdering(slight:_:)`` with the socket's reply channel as the key).
+    public func send(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool = false) async throws {
+        let counter = try await Session.load(key: OrderedHandoff.sessionKey("sent", channel: channel, key: key),
+                                             store: environment.sessionStore, settings: environment.sessionSettings,
+                                             logger: logger)
+        let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
+        counter[OrderedHandoff.sentField] = .int(sequence + 1)
+        try await counter.save()
+        var stamped = message
+        stamped[OrderedHandoff.keyField] = .string(key)
+        stamped[OrderedHandoff.orderField] = .int(sequence)
+        try await send(stamped, to: channel, immediately: immediately)
+    }
+}
+
+extension Channel {
+    /// ``ConsumerContext/send(_:to:orderedBy:immediately:)`` from inside a consumer.
+    public func send(_ message: Message, orderedBy key: String, immediately: Bool = false) async throws {
+        guard let context = ConsumerContext.current else {
+            throw ChannelLayerError(.invalidConfiguration, "an ordered send needs a consumer context")
+        }
+        try await context.send(message, to: name, orderedBy: key, immediately: immediately)
+    }
+}
+
+/// Runs a consumer when its message's turn has come, parks it otherwise, and after each turn
+/// runs the parked messages that became due.
+struct OrderingGate {
+    static let nextOrderKey = "__channels_next_order"
+    /// The wait channel a drain loop up the stack is already emptying: nested turns leave it to that loop.
+    @TaskLocal static var draining: String?
+
+    let context: ConsumerContext
+    /// Where the next expected order is kept.
+    let session: Session
+    let order: Int64
+    let slight: Bool
+
+    private var waitChannel: String { "__wait__." + (session.key ?? "") }
+
+    private func isDue(next: Int64) -> Bool { slight ? (order == 0 || next >= 1) : order == next }
+
+    /// - Parameter waitFull: what to do when the message cannot be parked (the wait channel stayed full).
+    func run(_ consumer: Consumer, waitFull: () async throws -> Void) async throws {
         let next = session[Self.nextOrderKey]?.intValue ?? 0
-        let due = slight ? (order == 0 || next >= 1) : order == next
-        if !due {
+        if !isDue(next: next) {
             if order < next && !slight {
-                context.logger.warning("dropped a message older than the socket's next order",
+                context.logger.warning("dropped a message older than the next order",
                                        metadata: ["channel": "\(context.channel)", "order": "\(order)", "next": "\(next)"])
                 return
             }
-            try await park(order: order, waitingFor: slight ? 1 : order)
+            do {
+                try await park()
+            } catch let error as ChannelLayerError where error.code == .channelFull {
+                try await waitFull()
+                return
+            }
+            // The message that was due may have finished between our read of the session and
+            // our park, and found the wait channel empty: if our turn has come, drain ourselves.
+            if isDue(next: try await storedNext()) { await drain() }
             return
         }
         do {
             try await consumer(context)
         } catch {
             await context.flush()
-            try await advance(session, past: order)
+            try await advance()
             throw error
         }
         // The replies of this message go out before the next message may run, so the client
         // sees them in order too.
         await context.flush()
-        try await advance(session, past: order)
+        try await advance()
     }
 
-    /// Records that `order` was handled, saves, and re-queues whatever was parked.
-    private func advance(_ session: Session, past order: Int64) async throws {
+    /// Records that `order` was handled, saves, then runs what became due.
+    private func advance() async throws {
         let next = session[Self.nextOrderKey]?.intValue ?? 0
         if order + 1 > next { session[Self.nextOrderKey] = .int(order + 1) }
-        // Saved before the wait channel is drained, so re-queued messages see the new order.
+        // Saved before the wait channel is drained, so what runs next sees the new order.
         try await session.save()
-        await requeueParked()
+        await drain()
     }
 
-    private var waitChannel: String { "__wait__." + Session.channelSessionKey(replyChannel: context.replyChannel?.name ?? "") }
+    private func park() async throws {
+        let parked: Message = ["channel": .string(context.channel), "content": .map(context.message.fields), "order": .int(order)]
+        try await context.send(parked, to: waitChannel, immediately: true)
+    }
 
-    private func park(order: Int64, waitingFor needed: Int64) async throws {
-        let parked: Message = ["channel": .string(context.channel), "content": .map(context.message.fields)]
-        do {
-            try await context.layer.send(parked, to: waitChannel)
-        } catch let error as ChannelLayerError where error.code == .channelFull {
-            context.logger.warning("wait channel full; closing the socket with 1013",
-                                   metadata: ["wait_channel": "\(waitChannel)", "order": "\(order)"])
-            try await context.reply(["close": 1013], immediately: true)
-            return
+    /// The next order as stored now (another worker may have moved it).
+    private func storedNext() async throws -> Int64 {
+        guard let key = session.key, let raw = try await context.environment.sessionStore.load(key) else { return 0 }
+        return (try? Session.decode(raw))?[Self.nextOrderKey]?.intValue ?? 0
+    }
+
+    /// Takes every parked message and runs, in order, those whose turn has come; puts the
+    /// others back. Repeats while that made progress or the order moved meanwhile.
+    private func drain() async {
+        guard Self.draining != waitChannel else { return }
+        await Self.$draining.withValue(waitChannel) {
+            while true {
+                let parked: [ReceivedMessage]
+                do {
+                    parked = try await context.layer.receiveBatch(channels: [waitChannel], max: 1024, timeout: .zero)
+                } catch {
+                    context.logger.error("could not read the wait channel", metadata: ["error": "\(error)"])
+                    return
+                }
+                if parked.isEmpty { return }
+                var entries: [(order: Int64, channel: String, message: Message)] = []
+                for received in parked {
+                    guard let channel = received.message["channel"]?.stringValue,
+                          let content = received.message["content"]?.mapValue,
+                          let order = received.message["order"]?.intValue ?? Message(content)["order"]?.intValue else {
+                        context.logger.warning("dropped a malformed parked message", metadata: ["wait_channel": "\(waitChannel)"])
+                        continue
+                    }
+                    entries.append((order, channel, Message(content)))
+                }
+                entries.sort { $0.order < $1.order }
+                var progressed = false
+                var next: Int64
+                do { next = try await storedNext() } catch { next = -1 }
+                var index = 0
+                while index < entries.count, next >= 0,
+                      slight ? (entries[index].order == 0 || next >= 1) : entries[index].order <= next {
+                    let entry = entries[index]
+                    index += 1
+                    await run(entry.message, on: entry.channel)
+                    progressed = true
+                    do { next = try await storedNext() } catch { next = -1 }
+                }
+                let before = next
+                for entry in entries[index...] {
+                    do {
+                        try await context.layer.send(["channel": .string(entry.channel), "content": .map(entry.message.fields),
+                                                      "order": .int(entry.order)], to: waitChannel)
+                    } catch {
+                        context.logger.error("could not park a message again; it is lost",
+                                             metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
+                    }
+                }
+                if index == entries.count && !progressed { return }
+                if !progressed {
+                    // Put back before this read: a turn that ends after it drains them itself.
+                    let now = (try? await storedNext()) ?? before
+                    if now == before { return }
+                }
+            }
         }
-        // The message that was due may have finished between our read of the session and our
-        // park; it then drained the wait channel before our message was on it. Re-read, and
-        // drain ourselves if the turn has come: each parked message is received once, so two
-        // drains cannot duplicate anything.
-        let raw = try await context.environment.sessionStore.load(try context.channelSession.key ?? "")
-        let stored = raw.flatMap { try? Session.decode($0) }
-        let next = stored?[Self.nextOrderKey]?.intValue ?? 0
-        if next >= needed { await requeueParked() }
     }
 
-    private func requeueParked() async {
-        while true {
-            let received: ReceivedMessage?
+    /// Runs a parked message through the worker's routing, as if it had just arrived.
+    private func run(_ message: Message, on channel: String) async {
+        if let dispatch = context.dispatcher {
+            await dispatch(ReceivedMessage(channel: channel, message: message))
+        } else {
             do {
-                received = try await context.layer.receive(channels: [waitChannel], timeout: .zero)
+                try await context.layer.send(message, to: channel)
             } catch {
-                context.logger.error("could not read the wait channel", metadata: ["error": "\(error)"])
-                return
-            }
-            guard let received else { return }
-            guard let channel = received.message["channel"]?.stringValue,
-                  let content = received.message["content"]?.mapValue else {
-                context.logger.warning("dropped a malformed parked message", metadata: ["wait_channel": "\(waitChannel)"])
-                continue
-            }
-            do {
-                try await context.layer.send(Message(content), to: channel)
-            } catch {
-                context.logger.error("could not re-queue a parked message",
-                                     metadata: ["channel": "\(channel)", "error": "\(error)"])
+                context.logger.error("could not re-queue a parked message", metadata: ["channel": "\(channel)", "error": "\(error)"])
             }
         }
     }

@@ -8,12 +8,16 @@ public struct ConsumerEnvironment: Sendable {
     public var sessionSettings: SessionSettings
     /// Loads users by id for the `...User` wrappers; without one every user is anonymous.
     public var users: (any UserProvider)?
+    /// How long a consumer's send to a full channel is retried, with growing pauses, before it
+    /// fails (an immediate send throws; a buffered one is dropped, logged and counted).
+    public var fullChannelRetry: Duration
 
     public init(sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
-                users: (any UserProvider)? = nil) {
+                users: (any UserProvider)? = nil, fullChannelRetry: Duration = .seconds(5)) {
         self.sessionStore = sessionStore
         self.sessionSettings = sessionSettings
         self.users = users
+        self.fullChannelRetry = fullChannelRetry
     }
 }
 

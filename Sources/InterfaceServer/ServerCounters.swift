@@ -1,0 +1,60 @@
+import Synchronization
+
+/// What the interface server did about load and failures, counted: nothing it gives up on is
+/// silent. Read them with ``InterfaceServer/statistics``.
+public struct ServerStatistics: Sendable, Hashable, Codable {
+    /// Sends to a full channel that were held and retried (the client's reading paused).
+    public var sendFullRetried = 0
+    /// Sends held because the layer was unreachable.
+    public var sendHeldForOutage = 0
+    /// Held sends that went through after all.
+    public var sendRecovered = 0
+    /// Messages dropped after the retries were exhausted or the layer refused them.
+    public var heldDropped = 0
+    /// WebSockets closed with 1013 because their channel stayed full.
+    public var closedChannelFull = 0
+    /// WebSockets closed with 1011 because the layer stayed unreachable.
+    public var closedLayerUnavailable = 0
+    /// WebSockets closed with 1008 because the client did not read what was sent to it.
+    public var closedSlowClient = 0
+    /// WebSockets closed with 1012 because the layer lost its data (groups and sessions).
+    public var closedStoreLost = 0
+    /// HTTP requests answered 503 because the channel stayed full or the layer was down.
+    public var httpUnavailable = 0
+    /// Replies for connections that had already gone.
+    public var unroutableReplies = 0
+
+    public init() {}
+}
+
+/// The counters behind ``ServerStatistics``; they move only on overload and failure paths.
+final class ServerCounters: Sendable {
+    enum Counter: Int, CaseIterable {
+        case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
+             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable
+    }
+
+    private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
+
+    func count(_ counter: Counter, by amount: Int = 1) {
+        guard amount > 0 else { return }
+        values.withLock { $0[counter.rawValue] += amount }
+    }
+
+    subscript(_ counter: Counter) -> Int { values.withLock { $0[counter.rawValue] } }
+
+    func snapshot(unroutable: Int) -> ServerStatistics {
+        var stats = ServerStatistics()
+        stats.sendFullRetried = self[.sendFullRetried]
+        stats.sendHeldForOutage = self[.sendHeldForOutage]
+        stats.sendRecovered = self[.sendRecovered]
+        stats.heldDropped = self[.heldDropped]
+        stats.closedChannelFull = self[.closedChannelFull]
+        stats.closedLayerUnavailable = self[.closedLayerUnavailable]
+        stats.closedSlowClient = self[.closedSlowClient]
+        stats.closedStoreLost = self[.closedStoreLost]
+        stats.httpUnavailable = self[.httpUnavailable]
+        stats.unroutableReplies = unroutable
+        return stats
+    }
+}
