@@ -6,7 +6,7 @@ import Synchronization
 /// arguments, and a way to send. Sends are buffered and go out, in order, when the consumer
 /// returns (or throws), unless sent `immediately` (which first sends what was buffered, so
 /// order holds either way). A message over the layer's size limit fails at the call, with
-/// `messageTooLarge`; a full channel is retried for `environment.fullChannelRetry`.
+/// `messageTooLarge`; a full channel or an unreachable layer is retried for `environment.sendRetry`.
 public final class ConsumerContext: Sendable {
     public let message: Message
     /// The channel the message arrived on (its full name for `!` channels).
@@ -97,20 +97,12 @@ public final class ConsumerContext: Sendable {
         }
     }
 
-    /// One send; a full channel is retried with growing pauses for `fullChannelRetry`.
+    /// One send; a full channel or an unreachable layer is retried for `environment.sendRetry`.
     private func send(_ message: Message, to destination: Destination) async throws {
-        let deadline = ContinuousClock.now + environment.fullChannelRetry
-        var pause = Duration.milliseconds(10)
-        while true {
-            do {
-                switch destination {
-                case .channel(let name): try await layer.send(message, to: name)
-                case .group(let name): try await layer.sendGroup(name, message: message)
-                }
-                return
-            } catch let error as ChannelLayerError where error.code == .channelFull && ContinuousClock.now + pause < deadline {
-                try? await Task.sleep(for: pause)
-                pause = min(pause * 2, .milliseconds(500))
+        try await retrying(for: environment.sendRetry) {
+            switch destination {
+            case .channel(let name): try await layer.send(message, to: name)
+            case .group(let name): try await layer.sendGroup(name, message: message)
             }
         }
     }

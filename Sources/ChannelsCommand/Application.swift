@@ -68,6 +68,9 @@ struct LayerOptions: ParsableArguments {
     @Flag(name: .shortAndLong, help: "Log debug messages.")
     var verbose = false
 
+    @Option(name: .long, help: "Seconds ordered messages wait for a missing earlier one (lost with a killed worker) before skipping it.")
+    var orderingGapTimeout = 10.0
+
     @Option(name: .long, help: "Log lines as text or json (one object per line). Default: $LOG_FORMAT or text.")
     var logFormat: String?
 
@@ -83,7 +86,8 @@ struct LayerOptions: ParsableArguments {
         } else {
             store = InMemorySessionStore()
         }
-        return ConsumerEnvironment(sessionStore: store, sessionSettings: app.sessionSettings, users: app.users)
+        return ConsumerEnvironment(sessionStore: store, sessionSettings: app.sessionSettings, users: app.users,
+                                   orderingGapTimeout: Duration(secondsValue: orderingGapTimeout))
     }
 
     func makeLogger(_ label: String) -> Logger {

@@ -31,6 +31,9 @@ struct RunServer: AsyncParsableCommand {
     @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins: [String] = []
     @Option(name: .long, help: "Largest request body in bytes (413 past it).") var maxBodySize = 16 * 1024 * 1024
     @Option(name: .long, help: "Largest request head (request line and headers) in bytes (431 past it).") var maxHeaderSize = 64 * 1024
+    @Option(name: .long, help: "Seconds a send to a full channel is retried (client reading paused) before 1013 / 503.") var channelFullTimeout = 10.0
+    @Option(name: .long, help: "Seconds a WebSocket's frames are held while the layer is unreachable before 1011.") var layerOutageTimeout = 120.0
+    @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.") var maxQueuedBytes = 4 * 1024 * 1024
 
     func run() async throws {
         let logger = options.makeLogger("channels.runserver")
@@ -50,6 +53,9 @@ struct RunServer: AsyncParsableCommand {
         configuration.allowedOrigins = allowedOrigins
         configuration.maxBodySize = maxBodySize
         configuration.maxHeaderSize = maxHeaderSize
+        configuration.channelFullTimeout = Duration(secondsValue: channelFullTimeout)
+        configuration.layerOutageTimeout = Duration(secondsValue: layerOutageTimeout)
+        configuration.maxQueuedBytesPerSocket = maxQueuedBytes
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
         let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,

@@ -140,6 +140,10 @@ enum ChatConsumers {
         ]
         if let delay {
             try await Channel("chat-messages").send(message, delay: .seconds(delay))
+        } else if let reply = context.replyChannel {
+            // Numbered per socket: the chat-messages stage broadcasts one socket's messages in
+            // the order they were sent, however many workers run it.
+            try await Channel("chat-messages").send(message, orderedBy: reply.name)
         } else {
             try await Channel("chat-messages").send(message)
         }

@@ -30,8 +30,9 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
             route("websocket.receive", channelSessionUser(enforceOrdering(ChatConsumers.postToRoom))),
             route("websocket.disconnect", channelSessionUser(enforceOrdering(ChatConsumers.leaveRoom))),
         ], path: "^/chat/(?P<room>[A-Za-z0-9_-]{1,50})/$"),
-        // Step 8: a channel of our own; its consumer stores each message and broadcasts it.
-        route("chat-messages", ChatConsumers.saveAndBroadcast),
+        // Step 8: a channel of our own; its consumer stores each message and broadcasts it, one
+        // socket's messages in the order they were sent.
+        route("chat-messages", inSendOrder(ChatConsumers.saveAndBroadcast)),
     ]
 }
 

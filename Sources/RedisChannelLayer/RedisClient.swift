@@ -6,15 +6,19 @@ import Synchronization
 /// A small general-purpose Redis client, for the parts of the framework that keep their own
 /// data in Redis (session stores, the delay server). Like the layer, it is non-blocking on
 /// SwiftNIO with hiredis parsing replies; concurrent commands share one pipelined connection,
-/// and after a Redis restart the next command connects afresh.
+/// and after a Redis restart the next command connects afresh. A command that finds Redis
+/// unreachable is retried for `outageRetry` (a restart takes a moment), then fails.
 public final class RedisClient: Sendable {
     public let endpoint: RedisEndpoint
     private let connections: RedisConnections
     private let isClosed = Atomic<Bool>(false)
+    private let outageRetry: Duration
 
     public init(endpoint: RedisEndpoint, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5)) {
+                connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5),
+                outageRetry: Duration = .seconds(10)) {
         self.endpoint = endpoint
+        self.outageRetry = outageRetry
         self.connections = RedisConnections(endpoint: endpoint, group: eventLoopGroup, connectTimeout: connectTimeout,
                                             commandTimeout: commandTimeout)
     }
@@ -34,7 +38,9 @@ public final class RedisClient: Sendable {
     /// Runs one command. A Redis error reply is thrown as a `backendError`.
     @discardableResult
     public func command(_ args: [[UInt8]]) async throws -> RedisReply {
-        let reply = try await connection().command(args)
+        let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
+            try await connection().command(args)
+        }
         if case .error(let message) = reply { throw ChannelLayerError(.backendError, "Redis: \(message)") }
         return reply
     }
@@ -46,7 +52,9 @@ public final class RedisClient: Sendable {
 
     /// Runs a Lua script (EVALSHA, falling back to EVAL) in one round trip.
     public func run(_ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
-        let reply = try await script.run(on: connection(), keys: keys, args: args)
+        let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
+            try await script.run(on: connection(), keys: keys, args: args)
+        }
         if case .error(let message) = reply { throw ChannelLayerError(.backendError, "Redis script \(script.name): \(message)") }
         return reply
     }

@@ -1,5 +1,13 @@
 import ASGI
+import Foundation
 import Logging
+import Synchronization
+
+/// Messages skipped by ``enforceOrdering(slight:_:)`` and ``inSendOrder(_:)`` because they never
+/// arrived within the gap timeout, in this process.
+public enum OrderingGaps {
+    public static let skipped = Atomic<Int>(0)
+}
 
 /// `enforce_ordering`: the messages of one WebSocket are handled strictly in their `order`
 /// (connect = 0 first), whatever worker picks them up and whenever they arrive.
@@ -10,6 +18,9 @@ import Logging
 /// expected order lives in the channel session. With `slight: true` only the connect must
 /// come first; later messages are handled as they come. A wait channel that stays full
 /// closes the socket with 1013 (try again later): a wedged socket is worse than a closed one.
+/// A message that never comes (lost with a worker that was killed while holding it) holds
+/// the others back for `environment.orderingGapTimeout`; then the gap is skipped, logged and
+/// counted, and the parked messages run.
 ///
 /// The wrapper includes `channelSession`.
 public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer) -> Consumer {
@@ -93,6 +104,8 @@ extension Channel {
 /// runs the parked messages that became due.
 struct OrderingGate {
     static let nextOrderKey = "__channels_next_order"
+    /// When the order last moved (UNIX milliseconds), to tell a late message from a lost one.
+    static let movedAtKey = "__channels_order_moved"
     /// The wait channel a drain loop up the stack is already emptying: nested turns leave it to that loop.
     @TaskLocal static var draining: String?
 
@@ -123,7 +136,13 @@ struct OrderingGate {
             }
             // The message that was due may have finished between our read of the session and
             // our park, and found the wait channel empty: if our turn has come, drain ourselves.
-            if isDue(next: try await storedNext()) { await drain() }
+            // If the order has not moved for the gap timeout, the due message is lost: skip it.
+            let (stored, movedAt) = try await storedState()
+            if isDue(next: stored) {
+                await drain()
+            } else if let movedAt, Self.nowMillis() - movedAt > Int64(context.environment.orderingGapTimeout.seconds * 1000) {
+                await drain(skippingGapFrom: stored)
+            }
             return
         }
         do {
@@ -143,6 +162,7 @@ struct OrderingGate {
     private func advance() async throws {
         let next = session[Self.nextOrderKey]?.intValue ?? 0
         if order + 1 > next { session[Self.nextOrderKey] = .int(order + 1) }
+        session[Self.movedAtKey] = .int(Self.nowMillis())
         // Saved before the wait channel is drained, so what runs next sees the new order.
         try await session.save()
         await drain()
@@ -154,14 +174,43 @@ struct OrderingGate {
     }
 
     /// The next order as stored now (another worker may have moved it).
-    private func storedNext() async throws -> Int64 {
-        guard let key = session.key, let raw = try await context.environment.sessionStore.load(key) else { return 0 }
-        return (try? Session.decode(raw))?[Self.nextOrderKey]?.intValue ?? 0
+    private func storedNext() async throws -> Int64 { try await storedState().next }
+
+    private func storedState() async throws -> (next: Int64, movedAt: Int64?) {
+        guard let key = session.key, let raw = try await context.environment.sessionStore.load(key) else { return (0, nil) }
+        let data = try? Session.decode(raw)
+        return (data?[Self.nextOrderKey]?.intValue ?? 0, data?[Self.movedAtKey]?.intValue)
+    }
+
+    static func nowMillis() -> Int64 {
+        let now = Date().timeIntervalSince1970
+        return Int64(now * 1000)
+    }
+
+    /// Moves the stored order from `from` past a gap to `to` (unless another worker moved it).
+    private func skipGap(from: Int64, to: Int64) async -> Bool {
+        guard let key = session.key else { return false }
+        do {
+            let stored = try await Session.load(key: key, store: context.environment.sessionStore,
+                                                settings: context.environment.sessionSettings, logger: context.logger)
+            guard (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
+            stored[Self.nextOrderKey] = .int(to)
+            stored[Self.movedAtKey] = .int(Self.nowMillis())
+            try await stored.save()
+            OrderingGaps.skipped.add(Int(to - from), ordering: .relaxed)
+            context.logger.warning("skipped messages that never arrived; running the ones after them",
+                                   metadata: ["channel": "\(context.channel)", "from": "\(from)", "to": "\(to)"])
+            return true
+        } catch {
+            context.logger.error("could not skip an ordering gap", metadata: ["error": "\(error)"])
+            return false
+        }
     }
 
     /// Takes every parked message and runs, in order, those whose turn has come; puts the
     /// others back. Repeats while that made progress or the order moved meanwhile.
-    private func drain() async {
+    private func drain(skippingGapFrom gap: Int64? = nil) async {
+        var gap = gap
         guard Self.draining != waitChannel else { return }
         await Self.$draining.withValue(waitChannel) {
             while true {
@@ -195,6 +244,19 @@ struct OrderingGate {
                     await run(entry.message, on: entry.channel)
                     progressed = true
                     do { next = try await storedNext() } catch { next = -1 }
+                }
+                if !progressed, let from = gap, index < entries.count, from == next, entries[index].order > next {
+                    gap = nil
+                    if await skipGap(from: from, to: entries[index].order) {
+                        next = entries[index].order
+                        while index < entries.count, entries[index].order <= next {
+                            let entry = entries[index]
+                            index += 1
+                            await run(entry.message, on: entry.channel)
+                            progressed = true
+                            do { next = try await storedNext() } catch { next = -1 }
+                        }
+                    }
                 }
                 let before = next
                 for entry in entries[index...] {

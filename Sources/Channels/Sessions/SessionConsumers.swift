@@ -8,16 +8,22 @@ public struct ConsumerEnvironment: Sendable {
     public var sessionSettings: SessionSettings
     /// Loads users by id for the `...User` wrappers; without one every user is anonymous.
     public var users: (any UserProvider)?
-    /// How long a consumer's send to a full channel is retried, with growing pauses, before it
-    /// fails (an immediate send throws; a buffered one is dropped, logged and counted).
-    public var fullChannelRetry: Duration
+    /// How long a consumer's send to a full channel or an unreachable layer (a Redis restart)
+    /// is retried, with growing pauses, before it fails (an immediate send throws; a buffered
+    /// one is dropped, logged and counted).
+    public var sendRetry: Duration
+    /// How long ordered messages wait for one before them that never comes (lost with a
+    /// killed worker) before it is skipped.
+    public var orderingGapTimeout: Duration
 
     public init(sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
-                users: (any UserProvider)? = nil, fullChannelRetry: Duration = .seconds(5)) {
+                users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
+                orderingGapTimeout: Duration = .seconds(10)) {
         self.sessionStore = sessionStore
         self.sessionSettings = sessionSettings
         self.users = users
-        self.fullChannelRetry = fullChannelRetry
+        self.sendRetry = sendRetry
+        self.orderingGapTimeout = orderingGapTimeout
     }
 }
 
