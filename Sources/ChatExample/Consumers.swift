@@ -19,6 +19,27 @@ enum ChatConsumers {
         try await context.respondChunk([], last: true)
     }
 
+    /// `GET /download/<n>/`: n MiB of generated text (n up to 64), in one `respond`: the
+    /// framework splits it into chunks that fit the layer.
+    @Sendable static func download(_ context: ConsumerContext) async throws {
+        let mebibytes = min(64, Int(context.kwargs["mib"] ?? "1") ?? 1)
+        let line = Array("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/\n".utf8)
+        var body: [UInt8] = []
+        body.reserveCapacity(mebibytes << 20)
+        while body.count < mebibytes << 20 { body += line }
+        try await context.respond(contentType: "text/plain", body: Array(body.prefix(mebibytes << 20)))
+    }
+
+    /// `GET /events/`: server-sent events, one a second: each reaches the browser when sent.
+    @Sendable static func events(_ context: ConsumerContext) async throws {
+        try await context.respondStart(contentType: "text/event-stream", firstChunk: Array("data: event 0\n\n".utf8))
+        for i in 1...3 {
+            try await Task.sleep(for: .seconds(1))
+            try await context.respondChunk(Array("data: event \(i)\n\n".utf8))
+        }
+        try await context.respondChunk([], last: true)
+    }
+
     @Sendable static func page(_ context: ConsumerContext) async throws {
         try await context.respond(contentType: "text/html; charset=utf-8", ChatPage.html)
     }

@@ -11,6 +11,8 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         route("http.request", path: "^/poll/$", method: "^POST$", ChatConsumers.poll),
         route("http.request", path: "^/$", ChatConsumers.page),
         route("http.request", path: "^/stream/$", ChatConsumers.stream),
+        route("http.request", path: "^/events/$", ChatConsumers.events),
+        route("http.request", path: "^/download/(?P<mib>[0-9]{1,2})/$", ChatConsumers.download),
         // Step 6: log in over HTTP (the session cookie), ask who you are.
         include([
             route("http.request", path: "^login/$", method: "^POST$", httpSession(ChatConsumers.login)),

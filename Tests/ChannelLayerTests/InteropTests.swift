@@ -201,6 +201,45 @@ struct InteropTests {
         await layer.close()
     }
 
+    @Test("150 members: an asgi_redis reader (Daphne 1.4) gets one message per member, ours one bundle; both directions")
+    func largeGroupsBothForms() async throws {
+        let peer = try peer(capacity: 1000)
+        let layer = try peer.layer()
+        let daphne = "daphne.response.PyReader!", ours = "swift.response.SwReader!"
+        #expect(try await peer.run("group_add_many", "big-room", daphne, "150") as? String == "ok")
+        #expect(try await layer.registerBundleReader(ours))
+        for i in 0..<150 { try await layer.groupAdd("big-room", channel: ours + "m\(i)") }
+
+        // Our worker sends.
+        try await layer.sendGroup("big-room", message: Cases.nested)
+        #expect(try await layer.channelStatistics(ours).messagesPending == 1, "one bundle for all 150 of ours")
+        #expect(try await layer.channelStatistics(daphne).messagesPending == 150, "one message per member for Daphne")
+        let py = try #require(try await peer.run("receive_all", daphne, "150", "nested") as? [String: Any])
+        #expect(Set(try #require(py["channels"] as? [String])) == Set((0..<150).map { daphne + "m\($0)" }))
+        #expect(py["same"] as? Bool == true)
+        var mine: [ReceivedMessage] = []
+        while mine.count < 150 {
+            let batch = try await layer.receiveBatch(channels: [ours], max: 64, timeout: .seconds(2))
+            if batch.isEmpty { break }
+            mine += batch
+        }
+        #expect(Set(mine.map(\.channel)) == Set((0..<150).map { ours + "m\($0)" }) && mine.count == 150)
+        #expect(mine.allSatisfy { $0.message == Cases.nested })
+
+        // A Python worker sends (asgi_redis knows no bundles): one message per member on both.
+        #expect(try await peer.run("send_group", "big-room", "small") as? String == "ok")
+        let py2 = try #require(try await peer.run("receive_all", daphne, "150", "small") as? [String: Any])
+        #expect((py2["channels"] as? [String])?.count == 150 && py2["same"] as? Bool == true)
+        var mine2: [ReceivedMessage] = []
+        while mine2.count < 150 {
+            guard let one = try await layer.receive(channels: [ours], timeout: .seconds(2)) else { break }
+            mine2.append(one)
+        }
+        #expect(Set(mine2.map(\.channel)).count == 150 && mine2.allSatisfy { $0.message == Cases.small })
+        try await layer.flush()
+        await layer.close()
+    }
+
     @Test("two Redis servers: both sides put channels and groups on the same shard")
     func sharding() async throws {
         let a = try await RedisServer.launch(), b = try await RedisServer.launch()

@@ -103,6 +103,21 @@ def main():
     elif cmd == "group_add":
         layer.group_add(args[0], args[1])
         emit("ok")
+    elif cmd == "group_add_many":
+        # group_add_many GROUP CHANNEL_PREFIX N: members CHANNEL_PREFIX + "m0" ... "m<N-1>"
+        for i in range(int(args[2])):
+            layer.group_add(args[0], "%sm%d" % (args[1], i))
+        emit("ok")
+    elif cmd == "receive_all":
+        # receive_all CHANNEL N CASE: up to N messages (until 2 s pass with none); are they all CASE?
+        channels, same = [], True
+        while len(channels) < int(args[1]):
+            channel, message = layer.receive([args[0]], block=True)
+            if channel is None:
+                break
+            channels.append(channel)
+            same = same and message == CASES[args[2]]
+        emit({"channels": channels, "same": same})
     elif cmd == "group_channels":
         emit(sorted(layer.group_channels(args[0])))
     elif cmd == "send_group":

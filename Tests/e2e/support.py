@@ -1,0 +1,192 @@
+"""Helpers shared by the end-to-end scripts: real `chat` processes, real HTTP and WebSocket
+clients, a pass/fail tally that prints the closing 'N passed, N failed' line.
+
+Each script is run as: SCRIPT CHAT_BINARY REDIS_URL
+"""
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import websockets
+
+CHAT, REDIS_URL = sys.argv[1], sys.argv[2]
+results = []
+# Every process of a test run shares one SQLite file, as the processes of one machine would.
+DB_DIR = tempfile.mkdtemp(prefix="chat-e2e-")
+os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Proc:
+    def __init__(self, *args):
+        self.log = open("/tmp/e2e-%s-%d.log" % (args[0], time.time_ns()), "w+")
+        self.p = subprocess.Popen([CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_line(self, text, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.log.seek(0)
+            if text in self.log.read():
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.log.seek(0)
+        raise AssertionError("no %r in output: %s" % (text, self.log.read()[-2000:]))
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        return self.p.wait(timeout)
+
+
+def server(*extra):
+    port = free_port()
+    proc = Proc("runserver", "--port", str(port), *extra)
+    proc.wait_line("interface server listening")
+    return proc, port
+
+
+def get(port, path, method="GET", body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def login(port, username, password):
+    """POST /api/login/; returns (status, json body, session cookie value or None)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("POST", "/api/login/", body="username=%s&password=%s" % (username, password),
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    cookie = None
+    for name, value in resp.getheaders():
+        if name.lower() == "set-cookie" and value.startswith("sessionid="):
+            cookie = value.split(";")[0].split("=", 1)[1]
+    conn.close()
+    return resp.status, body, cookie
+
+
+def read_all(sock):
+    """Everything the peer sends until it closes (a reset counts as a close)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    return data
+
+
+def test(fn):
+    name = fn.__name__
+    if os.environ.get("E2E_ONLY") and os.environ["E2E_ONLY"] not in name:
+        return fn
+    try:
+        result = fn()
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+        results.append((name, None))
+        print("PASS", name, flush=True)
+    except Exception:
+        results.append((name, traceback.format_exc()))
+        print("FAIL", name, "\n" + traceback.format_exc(), flush=True)
+    return fn
+
+
+async def join(port, room, cookie=None):
+    """Opens a room socket and returns it with the history frame it gets first."""
+    headers = {"Cookie": "sessionid=" + cookie} if cookie else {}
+    ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (port, room), extra_headers=headers)
+    history = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert history["type"] == "history" and history["room"] == room, history
+    return ws, history
+
+
+async def chat_checks(port):
+    text = "hello lobby %d" % time.time_ns()
+    a, _ = await join(port, "lobby")
+    b, _ = await join(port, "lobby")
+    c, _ = await join(port, "other")
+    await a.send(text)
+    for ws in (a, b):
+        got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert got["type"] == "message" and got["text"] == text and got["user"] == "anonymous", got
+    try:
+        got = await asyncio.wait_for(c.recv(), 0.7)
+        raise AssertionError("another room received %r" % got)
+    except asyncio.TimeoutError:
+        pass
+    # History on join: a newcomer sees the message.
+    d, history = await join(port, "lobby")
+    assert text in [m["text"] for m in history["messages"]], history
+    for ws in (a, b, c, d):
+        await ws.close()
+
+
+async def echo_checks(port):
+    async with websockets.connect("ws://127.0.0.1:%d/echo/" % port) as ws:
+        for i in range(5):
+            await ws.send("text %d" % i)
+            assert await asyncio.wait_for(ws.recv(), 10) == "text %d" % i
+        await ws.send(b"\x00\xff binary")
+        assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\xff binary"
+
+
+def redis_url(prefix, query=""):
+    return REDIS_URL + "?prefix=" + prefix + (("&" + query) if query else "")
+
+
+def start_redis(port, workdir, *extra):
+    """A redis-server of a test's own on `port`; returns its pid."""
+    subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--daemonize", "yes", "--pidfile", workdir + "/redis.pid", "--dir", workdir,
+                    "--logfile", workdir + "/redis.log", *extra], check=True)
+    for _ in range(200):
+        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+            return int(open(workdir + "/redis.pid").read())
+        time.sleep(0.05)
+    raise AssertionError("redis did not start on %d" % port)
+
+
+def kill_redis(workdir):
+    """SIGKILLs the test's redis-server and waits until it is gone."""
+    pid = int(open(workdir + "/redis.pid").read())
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            return
+    raise AssertionError("redis %d did not die" % pid)
+
+
+def summary():
+    """Prints 'N passed, N failed' and exits non-zero on any failure (or if nothing ran)."""
+    failed = [name for name, error in results if error]
+    print("%d passed, %d failed" % (len(results) - len(failed), len(failed)))
+    sys.exit(1 if failed or not results else 0)
