@@ -62,6 +62,7 @@ let package = Package(
             name: "Channels",
             dependencies: [
                 "ASGI", "RedisChannelLayer",
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -95,6 +96,7 @@ let package = Package(
             name: "ChannelsBench",
             dependencies: [
                 "ASGI", "RedisChannelLayer",
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
             ]

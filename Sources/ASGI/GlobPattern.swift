@@ -101,12 +101,21 @@ public struct CapacityTable: Sendable {
         self.patterns = patterns.map { (GlobPattern($0.0), $0.1) }
     }
 
+    /// Prefix of the wait channels where ordering parks a socket's early messages.
+    public static let waitChannelPrefix = "__wait__."
+
     /// The capacity of a channel, matched on its non-local name for `!` channels.
+    ///
+    /// A wait channel (see `enforceOrdering`) that no pattern names holds up to ten times the
+    /// default capacity, at least 1,000: it must take every message of one socket that can be
+    /// in flight at once (its `websocket.receive` backlog plus what the workers hold), or the
+    /// workers that park and the one that drains would wait on each other.
     public func capacity(for channel: String) -> Int {
         let name = ChannelNames.nonLocalName(channel)
         for (pattern, capacity) in patterns where pattern.matches(name) {
             return capacity
         }
+        if name.hasPrefix(Self.waitChannelPrefix) { return max(1000, defaultCapacity * 10) }
         return defaultCapacity
     }
 }

@@ -1,4 +1,5 @@
 import ASGI
+import DequeModule
 import Logging
 import Synchronization
 
@@ -20,6 +21,7 @@ public final class Worker: Sendable {
     /// The key that carries a re-queued message's retry count.
     public static let retryKey = "__retries__"
 
+    private let mailboxes = Mailboxes()
     private let stopping = Atomic<Bool>(false)
     private let processed = Atomic<Int>(0)
 
@@ -78,11 +80,23 @@ public final class Worker: Sendable {
                     continue
                 }
                 slots.take(batch.count)
-                for run in Self.runs(of: batch) {
-                    group.addTask {
-                        for received in run {
+                for received in batch {
+                    guard let socket = Self.socketKey(received) else {
+                        group.addTask {
                             await self.dispatch(received)
                             slots.release()
+                        }
+                        continue
+                    }
+                    // One socket's messages run one after another, in the order received: a
+                    // burst from one socket is never raced against itself in this process.
+                    guard mailboxes.post(received, to: socket) else { continue }
+                    group.addTask {
+                        var next: ReceivedMessage? = received
+                        while let message = next {
+                            await self.dispatch(message)
+                            slots.release()
+                            next = self.mailboxes.next(for: socket)
                         }
                     }
                 }
@@ -93,23 +107,10 @@ public final class Worker: Sendable {
 
     public func stop() { stopping.store(true, ordering: .relaxed) }
 
-    /// Splits a batch into runs handled one after another: the WebSocket messages of one socket
-    /// (same `reply_channel`) form one run, in the order received, so a burst from one socket
-    /// is not raced against itself; every other message is a run of its own.
-    static func runs(of batch: [ReceivedMessage]) -> [[ReceivedMessage]] {
-        var runs: [[ReceivedMessage]] = []
-        var bySocket: [String: Int] = [:]
-        for received in batch {
-            if received.channel.hasPrefix("websocket."), let reply = received.message["reply_channel"]?.stringValue {
-                if let index = bySocket[reply] {
-                    runs[index].append(received)
-                    continue
-                }
-                bySocket[reply] = runs.count
-            }
-            runs.append([received])
-        }
-        return runs
+    /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.
+    static func socketKey(_ received: ReceivedMessage) -> String? {
+        guard received.channel.hasPrefix("websocket.") else { return nil }
+        return received.message["reply_channel"]?.stringValue
     }
 
     /// Runs the consumer for one message (public for test harnesses).
@@ -186,6 +187,33 @@ public final class Worker: Sendable {
             logger.debug("unrouted message drained", metadata: ["channel": "\(received.channel)"])
         default:
             logger.info("dropped an unrouted message", metadata: ["channel": "\(received.channel)"])
+        }
+    }
+}
+
+/// Messages waiting for a socket whose earlier message is running in this process.
+final class Mailboxes: Sendable {
+    private let boxes = Mutex<[String: Deque<ReceivedMessage>]>([:])
+
+    /// Queues `received` behind the socket's running message; true when none runs (the
+    /// caller runs it now and then asks `next(for:)`).
+    func post(_ received: ReceivedMessage, to socket: String) -> Bool {
+        boxes.withLock { boxes in
+            if boxes[socket] != nil {
+                boxes[socket]!.append(received)
+                return false
+            }
+            boxes[socket] = []
+            return true
+        }
+    }
+
+    /// The socket's next waiting message, or nil (and the socket is idle again).
+    func next(for socket: String) -> ReceivedMessage? {
+        boxes.withLock { boxes in
+            if let message = boxes[socket]?.popFirst() { return message }
+            boxes[socket] = nil
+            return nil
         }
     }
 }

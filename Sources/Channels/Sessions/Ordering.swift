@@ -115,7 +115,7 @@ struct OrderingGate {
     let order: Int64
     let slight: Bool
 
-    private var waitChannel: String { "__wait__." + (session.key ?? "") }
+    private var waitChannel: String { CapacityTable.waitChannelPrefix + (session.key ?? "") }
 
     private func isDue(next: Int64) -> Bool { slight ? (order == 0 || next >= 1) : order == next }
 
@@ -261,8 +261,10 @@ struct OrderingGate {
                 let before = next
                 for entry in entries[index...] {
                     do {
-                        try await context.layer.send(["channel": .string(entry.channel), "content": .map(entry.message.fields),
-                                                      "order": .int(entry.order)], to: waitChannel)
+                        try await retrying(for: context.environment.sendRetry) {
+                            try await context.layer.send(["channel": .string(entry.channel), "content": .map(entry.message.fields),
+                                                          "order": .int(entry.order)], to: waitChannel)
+                        }
                     } catch {
                         context.logger.error("could not park a message again; it is lost",
                                              metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])

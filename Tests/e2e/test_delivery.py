@@ -1,0 +1,448 @@
+"""Delivery under real load, end to end: real `chat runserver` / `chat runworker` processes,
+hundreds to a thousand real WebSocket clients, faults injected while traffic flows. Every
+message sent and every message received is counted; a test passes only when each member got
+each message (or, where a fault makes loss unavoidable, when what was lost is bounded and said).
+
+Run by scripts/test.sh with the venv's python: test_delivery.py CHAT_BINARY REDIS_URL
+"""
+import asyncio
+import collections
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+import websockets
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import *  # noqa: E402,F403
+
+
+class Member:
+    """One room socket that records every chat message it receives, by (user text)."""
+
+    def __init__(self, ws, name):
+        self.ws, self.name = ws, name
+        self.texts = []
+        self.closed_code = None
+        self.task = asyncio.ensure_future(self.read())
+
+    async def read(self):
+        try:
+            async for frame in self.ws:
+                event = json.loads(frame)
+                if event.get("type") == "message":
+                    self.texts.append(event["text"])
+        except websockets.ConnectionClosed:
+            pass
+        self.closed_code = self.ws.close_code
+
+
+async def open_members(ports, room, count, batch=100):
+    """`count` sockets in `room`, spread round-robin over `ports`, each past its history frame."""
+    members = []
+    for start in range(0, count, batch):
+        async def one(i):
+            port = ports[i % len(ports)]
+            ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (port, room), max_queue=None,
+                                          open_timeout=30, ping_interval=None)
+            history = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            assert history["type"] == "history", history
+            return Member(ws, "%s-%d" % (room, i))
+        members += await asyncio.gather(*(one(i) for i in range(start, min(count, start + batch))))
+    return members
+
+
+async def wait_all(members, expected, timeout):
+    """Waits until every member holds `expected` texts (bounded); returns deliveries missing."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        missing = sum(max(0, expected - len(m.texts)) for m in members)
+        if missing == 0:
+            return 0
+        await asyncio.sleep(0.1)
+    return sum(max(0, expected - len(m.texts)) for m in members)
+
+
+async def close_all(members):
+    await asyncio.gather(*(m.ws.close() for m in members), return_exceptions=True)
+
+
+def redis_stack(prefix, workers=2, servers=1, extra_worker=()):
+    layer = redis_url(prefix)
+    procs = [server("--noworker", "--layer", layer) for _ in range(servers)]
+    ws = [Proc("runworker", "--layer", layer, "--threads", "32", *extra_worker) for _ in range(workers)]
+    for w in ws:
+        w.wait_line("worker ready")
+    return layer, procs, ws
+
+
+def stop_all(procs, workers):
+    for w in workers:
+        if w.p.poll() is None:
+            w.stop()
+    for p, _ in procs:
+        if p.p.poll() is None:
+            p.stop()
+
+
+async def big_room(ports, room, size, messages=3):
+    members = await open_members(ports, room, size)
+    sender = members[0]
+    texts = ["%s message %d" % (room, i) for i in range(messages)]
+    started = time.time()
+    for t in texts:
+        await sender.ws.send(t)
+    missing = await wait_all(members, messages, 60)
+    took = time.time() - started
+    got = sum(len(m.texts) for m in members)
+    print("  %s: %d members x %d messages: %d of %d deliveries in %.2f s" % (room, size, messages, got,
+                                                                            size * messages, took), flush=True)
+    assert missing == 0, "%d deliveries missing" % missing
+    assert all(m.texts == texts for m in members), "a member got the messages out of order or twice"
+    await close_all(members)
+
+
+@test
+def a_room_of_1000_on_redis_one_server_and_split_over_two():
+    (layer, procs, workers) = redis_stack("e2ebig%d:" % os.getpid(), servers=2)
+    try:
+        ports = [port for _, port in procs]
+        asyncio.run(big_room(ports[:1], "big-one", 1000))
+        asyncio.run(big_room(ports, "big-two", 1000))
+        for p, _ in procs:
+            p.log.seek(0)
+            assert "skipped members" not in p.log.read()
+    finally:
+        stop_all(procs, workers)
+
+
+@test
+def a_room_of_1000_on_the_embedded_default():
+    proc, port = server()
+    try:
+        asyncio.run(big_room([port], "big-mem", 1000))
+    finally:
+        assert proc.stop() == 0
+
+
+async def busy_rooms(ports, rooms=4, per_room=10, rate=2.0, seconds=4.0):
+    """`rooms` rooms of `per_room` sockets, each socket sending `rate` messages a second for
+    `seconds`; every member must get every message of its room, each sender's in order."""
+    by_room = {}
+    for r in range(rooms):
+        by_room["busy%d" % r] = await open_members(ports, "busy%d-%d" % (r, os.getpid()), per_room)
+    sent = collections.defaultdict(list)
+
+    async def talk(room, member):
+        for i in range(int(rate * seconds)):
+            text = "%s #%d" % (member.name, i)
+            await member.ws.send(text)
+            sent[room].append(text)
+            await asyncio.sleep(1.0 / rate)
+
+    await asyncio.gather(*(talk(room, m) for room, ms in by_room.items() for m in ms))
+    expected_total = 0
+    for room, ms in by_room.items():
+        missing = await wait_all(ms, len(sent[room]), 30)
+        expected_total += len(sent[room]) * len(ms)
+        assert missing == 0, "%s: %d deliveries missing" % (room, missing)
+        for m in ms:
+            assert sorted(m.texts) == sorted(sent[room]), "%s got another room's message or a duplicate" % m.name
+            for other in ms:
+                mine = [t for t in m.texts if t.startswith(other.name + " ")]
+                assert mine == [t for t in sent[room] if t.startswith(other.name + " ")], "out of order"
+        assert all(m.closed_code is None for m in ms), "a socket was closed"
+    print("  %d deliveries, all arrived, each sender's in order" % expected_total, flush=True)
+    for ms in by_room.values():
+        await close_all(ms)
+
+
+@test
+def forty_sockets_in_four_busy_rooms_on_redis_with_two_workers():
+    (layer, procs, workers) = redis_stack("e2ebusy%d:" % os.getpid())
+    try:
+        asyncio.run(busy_rooms([procs[0][1]]))
+    finally:
+        stop_all(procs, workers)
+
+
+@test
+def forty_sockets_in_four_busy_rooms_on_the_embedded_default():
+    proc, port = server()
+    try:
+        asyncio.run(busy_rooms([port]))
+    finally:
+        assert proc.stop() == 0
+
+
+async def ordered_burst(port, count=200):
+    room = "burst-%d-%d" % (port, os.getpid())
+    members = await open_members([port], room, 3)
+    texts = ["burst %03d" % i for i in range(count)]
+    for t in texts:
+        await members[0].ws.send(t)
+    missing = await wait_all(members, count, 60)
+    assert missing == 0, "%d deliveries missing" % missing
+    for m in members:
+        assert m.texts == texts, "out of order: %r" % [t for a, t in zip(m.texts, texts) if a != t][:5]
+    assert all(m.closed_code is None for m in members), [m.closed_code for m in members]
+    await close_all(members)
+
+
+@test
+def an_ordered_burst_of_200_on_redis_with_two_workers():
+    (layer, procs, workers) = redis_stack("e2eburst%d:" % os.getpid())
+    try:
+        asyncio.run(ordered_burst(procs[0][1]))
+        for w in workers:
+            w.log.seek(0)
+            log = w.log.read()
+            assert "re-queue" not in log and "1013" not in log and "lost" not in log, log[-2000:]
+    finally:
+        stop_all(procs, workers)
+
+
+@test
+def an_ordered_burst_of_200_on_the_embedded_default():
+    proc, port = server()
+    try:
+        asyncio.run(ordered_burst(port))
+    finally:
+        assert proc.stop() == 0
+
+
+async def chat_through_a_fault(port, fault, seconds=8.0, rooms=4, per_room=10):
+    """40 sockets chat at 2 messages/s each while `fault()` runs in a thread after 2 s.
+    Returns (sent per room, members per room)."""
+    by_room = {}
+    for r in range(rooms):
+        by_room[r] = await open_members([port], "fault%d-%d" % (r, os.getpid()), per_room)
+    sent = collections.defaultdict(list)
+
+    async def talk(room, member):
+        for i in range(int(seconds * 2)):
+            text = "%s #%d" % (member.name, i)
+            await member.ws.send(text)
+            sent[room].append(text)
+            await asyncio.sleep(0.5)
+
+    async def inject():
+        await asyncio.sleep(2)
+        await asyncio.to_thread(fault)
+
+    await asyncio.gather(inject(), *(talk(room, m) for room, ms in by_room.items() for m in ms))
+    return sent, by_room
+
+
+@test
+def redis_sigkilled_and_restarted_with_aof_while_40_sockets_chat():
+    workdir = tempfile.mkdtemp(prefix="e2e-aof-")
+    redis_port = free_port()
+    start_redis(redis_port, workdir, "--appendonly", "yes", "--appendfsync", "always")
+    layer = "redis://127.0.0.1:%d/0" % redis_port
+    proc, port = server("--noworker", "--layer", layer)
+    workers = [Proc("runworker", "--layer", layer, "--threads", "32") for _ in range(2)]
+
+    def fault():
+        kill_redis(workdir)
+        time.sleep(1.0)
+        start_redis(redis_port, workdir, "--appendonly", "yes", "--appendfsync", "always")
+
+    try:
+        for w in workers:
+            w.wait_line("worker ready")
+
+        async def run():
+            sent, by_room = await chat_through_a_fault(port, fault)
+            total = missing = 0
+            for room, ms in by_room.items():
+                missing += await wait_all(ms, len(sent[room]), 45)
+                total += len(sent[room]) * len(ms)
+            closed = [m.closed_code for ms in by_room.values() for m in ms if m.closed_code is not None]
+            got = sum(len(set(m.texts)) for ms in by_room.values() for m in ms)
+            dups = sum(len(m.texts) - len(set(m.texts)) for ms in by_room.values() for m in ms)
+            print("  %d of %d deliveries after the restart (%d duplicates), %d sockets closed"
+                  % (got, total, dups, len(closed)), flush=True)
+            assert not closed, "sockets closed: %r" % closed
+            assert missing == 0, "%d deliveries missing" % missing
+            for ms in by_room.values():
+                await close_all(ms)
+        asyncio.run(run())
+        assert proc.p.poll() is None and all(w.p.poll() is None for w in workers), "nothing crashed"
+    finally:
+        stop_all([(proc, port)], workers)
+        try:
+            kill_redis(workdir)
+        except Exception:
+            pass
+
+
+@test
+def a_redis_that_comes_back_empty_closes_sockets_with_1012_and_clients_can_rejoin():
+    workdir = tempfile.mkdtemp(prefix="e2e-empty-")
+    redis_port = free_port()
+    start_redis(redis_port, workdir, "--appendonly", "no")
+    layer = "redis://127.0.0.1:%d/0" % redis_port
+    proc, port = server("--noworker", "--layer", layer)
+    workers = [Proc("runworker", "--layer", layer, "--threads", "8")]
+    try:
+        workers[0].wait_line("worker ready")
+
+        async def run():
+            members = await open_members([port], "empty", 10)
+            kill_redis(workdir)
+            start_redis(redis_port, workdir, "--appendonly", "no")
+            deadline = time.time() + 20
+            while time.time() < deadline and any(m.closed_code is None for m in members):
+                await asyncio.sleep(0.1)
+            assert [m.closed_code for m in members] == [1012] * 10, [m.closed_code for m in members]
+            # They join again and the room works.
+            again = await open_members([port], "empty", 10)
+            await again[0].ws.send("after the restart")
+            assert await wait_all(again, 1, 20) == 0
+            await close_all(again)
+        asyncio.run(run())
+    finally:
+        stop_all([(proc, port)], workers)
+        try:
+            kill_redis(workdir)
+        except Exception:
+            pass
+
+
+@test
+def a_worker_sigkilled_while_40_sockets_chat():
+    """At-most-once: what the killed worker held is lost, but no socket is closed or wedged:
+    ordering skips the gap after --ordering-gap-timeout, and everything sent afterwards arrives."""
+    (layer, procs, workers) = redis_stack("e2ekill%d:" % os.getpid(), extra_worker=("--ordering-gap-timeout", "2"))
+    port = procs[0][1]
+
+    def fault():
+        workers[0].stop(signal.SIGKILL)
+
+    try:
+        async def run():
+            sent, by_room = await chat_through_a_fault(port, fault, seconds=10)
+            total = lost = 0
+            for room, ms in by_room.items():
+                await wait_all(ms, len(sent[room]), 20)
+                total += len(sent[room]) * len(ms)
+                lost += sum(len(sent[room]) - len(set(m.texts)) for m in ms)
+                # Everything each socket sent from 5 s on (well after the kill and the gap timeout) arrived.
+                for m in ms:
+                    for other in ms:
+                        late = [t for t in sent[room] if t.startswith(other.name + " ") and int(t.split("#")[1]) >= 10]
+                        assert set(late) <= set(m.texts), "%s missed %r" % (m.name, sorted(set(late) - set(m.texts))[:3])
+            closed = [m.closed_code for ms in by_room.values() for m in ms if m.closed_code is not None]
+            print("  %d of %d deliveries lost with the killed worker; %d sockets closed" % (lost, total, len(closed)),
+                  flush=True)
+            assert not closed, closed
+            for ms in by_room.values():
+                await close_all(ms)
+        asyncio.run(run())
+    finally:
+        stop_all(procs, workers)
+
+
+@test
+def a_client_that_never_reads_is_closed_by_the_bound_and_the_others_get_everything():
+    proc, port = server("--max-queued-bytes", "65536")
+    try:
+        async def run():
+            room = "slow%d" % os.getpid()
+            members = await open_members([port], room, 5)
+            # A raw client: handshake, then never read again, with a tiny receive window.
+            slow = socket.socket()
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.connect(("127.0.0.1", port))
+            slow.sendall(("GET /chat/%s/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % room).encode())
+            assert b"101" in slow.recv(200)
+            texts = ["%04d " % i + "x" * 4000 for i in range(300)]
+            for t in texts:
+                await members[0].ws.send(t)
+            missing = await wait_all(members, len(texts), 60)
+            assert missing == 0, "%d deliveries missing for the readers" % missing
+            assert all(m.texts == texts for m in members)
+            proc.wait_line("does not read", timeout=20)
+            slow.close()
+            await close_all(members)
+        asyncio.run(run())
+    finally:
+        assert proc.stop() == 0
+
+
+@test
+def a_10_mib_response_arrives_whole_and_sse_events_arrive_as_sent():
+    (layer, procs, workers) = redis_stack("e2ebody%d:" % os.getpid())
+    ports = [procs[0][1]]
+    try:
+        proc_mem, port_mem = server()
+        try:
+            for port in ports + [port_mem]:
+                status, body = get(port, "/download/10/")
+                assert status == 200 and len(body) == 10 << 20, (status, len(body))
+                assert body.startswith(b"0123456789abc") and body.count(b"\n") == len(body) // 129, "corrupted"
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(b"GET /events/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                started, first, data = time.time(), None, b""
+                while b"event 3" not in data:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                    if first is None and b"event 0" in data:
+                        first = time.time() - started
+                whole = time.time() - started
+                sock.close()
+                assert b"event 3" in data and b"text/event-stream" in data, data
+                assert first is not None and first < whole - 2, "first event at %.2f s of %.2f s" % (first, whole)
+        finally:
+            assert proc_mem.stop() == 0
+    finally:
+        stop_all(procs, workers)
+
+
+@test
+def unrouted_websocket_receive_is_drained():
+    """/private/ routes only websocket.connect: 300 frames (3x the channel capacity) must not
+    fill websocket.receive or close the socket."""
+    (layer, procs, workers) = redis_stack("e2eunrouted%d:" % os.getpid())
+    port = procs[0][1]
+    try:
+        status, _, cookie = login(port, "unrouted", "pw-unrouted")
+        assert status == 200
+
+        async def run():
+            async with websockets.connect("ws://127.0.0.1:%d/private/" % port,
+                                          extra_headers={"Cookie": "sessionid=" + cookie}) as ws:
+                welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert welcome["type"] == "welcome", welcome
+                for i in range(300):
+                    await ws.send("ignored %d" % i)
+                await ws.ping()
+                await asyncio.sleep(1)
+                assert ws.close_code is None
+        asyncio.run(run())
+        deadline = time.time() + 10
+        pending = None
+        while time.time() < deadline:
+            out = subprocess.run([CHAT, "stats", "--layer", layer, "--json", "websocket.receive"],
+                                 capture_output=True, text=True, timeout=30)
+            pending = json.loads(out.stdout).get("channels", {}).get("websocket.receive", {}).get("messages_pending", 0)
+            if pending == 0:
+                break
+            time.sleep(0.2)
+        assert pending == 0, "websocket.receive holds %r" % pending
+        for p, _ in procs:
+            p.log.seek(0)
+            assert "1013" not in p.log.read()
+    finally:
+        stop_all(procs, workers)
+
+
+summary()
