@@ -266,7 +266,7 @@ public final class RedisChannelLayer: ChannelLayer {
                 switch reply {
                 case .array(let pair) where pair.count == 2:
                     guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                    return (list, try await Scripts.takeBodyAndMore.run(on: connection, keys: [bodyKey, list], args: [more]))
+                    return (list, try await take(Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [bodyKey, list], args: [more]))
                 case .error(let e):
                     throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
                 default:
@@ -347,7 +347,7 @@ public final class RedisChannelLayer: ChannelLayer {
             case .null: return nil
             case .array(let pair) where pair.count == 2:
                 guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                let body = try await Scripts.takeBody.run(on: connection, keys: [bodyKey], args: [])
+                let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [bodyKey], args: [])
                 return (list, body.bytes)
             case .error(let e):
                 throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
@@ -358,6 +358,30 @@ public final class RedisChannelLayer: ChannelLayer {
         guard let (list, body) = result else { return nil }
         guard let body else { return .some(nil) }
         return .some(handOut(decodeReceived(list: list, body: body), max: 1).first)
+    }
+
+    /// Takes the body a `BLPOP` popped. The key is already off its list, so if the connection
+    /// dies now (a Redis restart), the body is still in Redis under its key: it is taken
+    /// through a fresh connection, for a while, instead of being left to expire unseen.
+    private func take(_ script: LuaScript, on connection: RedisConnection, shard: Int,
+                      keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
+        let first: Result<RedisReply, ChannelLayerError>
+        do {
+            first = .success(try await script.run(on: connection, keys: keys, args: args))
+        } catch {
+            first = .failure(error)
+        }
+        switch first {
+        case .success(let reply):
+            return reply
+        case .failure(let error) where error.code != .connectionLost:
+            throw error
+        case .failure(let error):
+            logger.warning("the connection died after a pop; taking the message through a new one", metadata: ["error": "\(error)"])
+            return try await retrying(for: configuration.commandTimeout * 2, when: { $0.code == .connectionLost }) {
+                try await pipelined(shard, script, keys: keys, args: args)
+            }
+        }
     }
 
     /// Several shards: wait on all at once; a message won by more than one is put back.

@@ -7,6 +7,11 @@ import Synchronization
 /// arrived within the gap timeout, in this process.
 public enum OrderingGaps {
     public static let skipped = Atomic<Int>(0)
+    private static let watched = Mutex<Set<String>>([])
+
+    /// True when the caller should start watching `waitChannel` (nobody in this process does).
+    static func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
+    static func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
 }
 
 /// `enforce_ordering`: the messages of one WebSocket are handled strictly in their `order`
@@ -140,8 +145,12 @@ struct OrderingGate {
             let (stored, movedAt) = try await storedState()
             if isDue(next: stored) {
                 await drain()
-            } else if let movedAt, Self.nowMillis() - movedAt > Int64(context.environment.orderingGapTimeout.seconds * 1000) {
+            } else if let movedAt, Self.nowMillis() - movedAt > gapMillis {
                 await drain(skippingGapFrom: stored)
+            } else if OrderingGaps.watch(waitChannel) {
+                // Nothing may arrive to trigger that check again: look after the gap timeout.
+                let gate = self
+                Task { await gate.watchGap() }
             }
             return
         }
@@ -171,6 +180,24 @@ struct OrderingGate {
     private func park() async throws {
         let parked: Message = ["channel": .string(context.channel), "content": .map(context.message.fields), "order": .int(order)]
         try await context.send(parked, to: waitChannel, immediately: true)
+    }
+
+    private var gapMillis: Int64 { Int64(context.environment.orderingGapTimeout.seconds * 1000) }
+
+    /// Runs (once per wait channel and process at a time) while messages stay parked: after
+    /// each gap timeout, runs what became due, or skips a gap that is now old enough.
+    private func watchGap() async {
+        defer { OrderingGaps.unwatch(waitChannel) }
+        while !Task.isCancelled {
+            try? await Task.sleep(for: context.environment.orderingGapTimeout + .milliseconds(100))
+            guard let (stored, movedAt) = try? await storedState() else { return }
+            if let movedAt, Self.nowMillis() - movedAt > gapMillis {
+                await drain(skippingGapFrom: stored)
+            } else {
+                await drain()
+            }
+            guard let pending = try? await context.layer.channelStatistics(waitChannel).messagesPending, pending > 0 else { return }
+        }
     }
 
     /// The next order as stored now (another worker may have moved it).
