@@ -71,6 +71,8 @@ if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
 fi
 log "end to end: real runserver / runworker processes, real HTTP and WebSocket clients"
 "$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
+log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and worker SIGKILLs, slow clients"
+"$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
 log "browser: two headless Chromium sessions chat through the example's page"
 "$INTEROP_PYTHON" Tests/browser/test_browser.py "$(swift build --show-bin-path)/chat" "$ROOT/test-artifacts"
 log "docker-compose config"

@@ -366,8 +366,11 @@ def a_client_that_never_reads_is_closed_by_the_bound_and_the_others_get_everythi
             slow.sendall(("GET /chat/%s/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % room).encode())
             assert b"101" in slow.recv(200)
-            # The example keeps the first 2,000 characters of a chat message.
-            texts = ["%04d " % i + "x" * 1900 for i in range(600)]
+            # The kernel's send buffer (up to tcp_wmem's maximum) takes bytes before the server's
+            # own queue does: send that much and 2 MB more. (The example keeps the first 2,000
+            # characters of a chat message.)
+            wmem_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
+            texts = ["%05d " % i + "x" * 1900 for i in range((wmem_max + (2 << 20)) // 1900)]
             for t in texts:
                 await members[0].ws.send(t)
             missing = await wait_all(members, len(texts), 60)
