@@ -107,7 +107,10 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
         ]),
-        .testTarget(name: "ChannelLayerTests", dependencies: ["ASGI", "CHiredis", "RedisChannelLayer"]),
+        .testTarget(name: "ChannelLayerTests", dependencies: [
+            "ASGI", "CHiredis", "RedisChannelLayer",
+            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

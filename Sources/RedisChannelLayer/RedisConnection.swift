@@ -24,6 +24,8 @@ final class RedisConnection: Sendable {
     }
 
     var isActive: Bool { channel.isActive }
+    /// Completes once the connection has closed.
+    var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
     var eventLoop: any EventLoop { channel.eventLoop }
 
     /// Connects, authenticates and selects the database.
@@ -70,7 +72,14 @@ final class RedisConnection: Sendable {
         guard !commands.isEmpty else { return [] }
         let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
         let request = RedisRequest(commands: commands, promise: promise, timeout: commandTimeout + wait)
-        channel.writeAndFlush(request, promise: nil)
+        // A write that fails before the handler has taken the request (the channel closed and
+        // its pipeline is gone) must fail the caller too, or it would wait forever. Failing a
+        // promise the handler already completed does nothing.
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        written.futureResult.whenFailure { error in
+            promise.fail(ChannelLayerError(.connectionLost, "Redis at \(self.endpoint): write failed: \(error)"))
+        }
+        channel.writeAndFlush(request, promise: written)
         do {
             return try await promise.futureResult.get()
         } catch let error as ChannelLayerError {
@@ -111,6 +120,7 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
         var replies: [RedisReply]
         let promise: EventLoopPromise<[RedisReply]>
         let deadline: NIODeadline
+        let timeout: TimeAmount
     }
 
     private let endpoint: RedisEndpoint
@@ -119,6 +129,8 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     private var timer: Scheduled<Void>?
     private var flushScheduled = false
     private var failed: ChannelLayerError?
+    /// When bytes last came from Redis: a reply still streaming in is progress, not a stall.
+    private var lastRead = NIODeadline.now()
 
     init(endpoint: RedisEndpoint) {
         self.endpoint = endpoint
@@ -138,8 +150,10 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
         }
         var buffer = context.channel.allocator.buffer(capacity: Self.encodedSize(request.commands))
         for args in request.commands { Self.encode(args, into: &buffer) }
-        let deadline = NIODeadline.now() + TimeAmount(request.timeout)
-        pending.append(Pending(expected: request.commands.count, replies: [], promise: request.promise, deadline: deadline))
+        let timeout = TimeAmount(request.timeout)
+        let deadline = NIODeadline.now() + timeout
+        pending.append(Pending(expected: request.commands.count, replies: [], promise: request.promise, deadline: deadline,
+                               timeout: timeout))
         if timer == nil { armTimer(context: context, at: deadline) }
         context.write(wrapOutboundOut(buffer), promise: promise)
     }
@@ -157,6 +171,7 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let reader else { return }
+        lastRead = .now()
         let buffer = unwrapInboundIn(data)
         let fed = buffer.withUnsafeReadableBytes { bytes in
             redisReaderFeed(reader, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
@@ -201,16 +216,21 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     }
 
     /// One timer at a time, for the oldest waiting request: replies come in order, so when
-    /// that one is late the connection is dead or stuck, and everything on it fails. When it
-    /// fires early (that request was answered) it moves on to the next oldest.
+    /// that one is late and nothing at all has come from Redis for its whole timeout, the
+    /// connection is dead or stuck, and everything on it fails. A late reply whose bytes are
+    /// still arriving (a large one) is given more time. When the timer fires early (that
+    /// request was answered) it moves on to the next oldest.
     private func armTimer(context: ChannelHandlerContext, at deadline: NIODeadline) {
         timer = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
             self.timer = nil
             guard let oldest = self.pending.first else { return }
-            if oldest.deadline <= .now() {
-                self.fail(context: context, "no reply in time")
-            } else {
+            let now = NIODeadline.now()
+            if oldest.deadline > now {
                 self.armTimer(context: context, at: oldest.deadline)
+            } else if self.lastRead + oldest.timeout > now {
+                self.armTimer(context: context, at: self.lastRead + oldest.timeout)
+            } else {
+                self.fail(context: context, "no reply in time")
             }
         }
     }

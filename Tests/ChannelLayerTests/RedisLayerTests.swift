@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import NIOPosix
 @testable import RedisChannelLayer
 import Testing
 
@@ -183,6 +184,22 @@ struct RedisLayerTests {
         #expect(elapsed >= .milliseconds(250), "failed before the timeout: \(elapsed)")
         #expect(elapsed < .seconds(5), "the timeout did not fire: \(elapsed)")
         await layer.close()
+    }
+
+    @Test("a call on a connection that has already closed fails at once instead of waiting forever",
+          .timeLimit(.minutes(1)))
+    func callAfterClose() async throws {
+        let endpoint = try RedisEndpoint(url: try TestRedis.requireURL())
+        let connection = try await RedisConnection.connect(to: endpoint, on: MultiThreadedEventLoopGroup.singleton.next(),
+                                                           connectTimeout: .seconds(2), commandTimeout: .seconds(30))
+        #expect(try await connection.command(["PING"]).text == "PONG")
+        connection.close()
+        try await connection.closeFuture.get()
+        let started = ContinuousClock.now
+        await #expect { _ = try await connection.command(["PING"]) } throws: { error in
+            (error as? ChannelLayerError)?.code == .connectionLost
+        }
+        #expect(ContinuousClock.now - started < .seconds(10), "failed by the command timeout, not by the closed channel")
     }
 
     @Test("a server that answers with bytes that are not RESP: connectionLost from hiredis's reader, no crash",

@@ -1,0 +1,68 @@
+import ASGI
+import Foundation
+@testable import RedisChannelLayer
+import Testing
+
+/// Group sends to the members of a process channel whose reader registered for bundles: one
+/// stored message per process channel, fanned out on receive; capacity counts the bundle once.
+@Suite("bundled group sends")
+struct BundledGroupTests {
+    @Test("1,000 members on one registered process channel, capacity 5: every member gets every message, in order",
+          arguments: LayerKind.allCases)
+    func thousandMembersThroughCapacityFive(kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let process = "bundle.reader\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registerBundleReader(process))
+            let members = (0..<1000).map { process + "m\($0)" }
+            for member in members { try await layer.groupAdd("big", channel: member) }
+            // Also a member on another process channel that never registered (a Daphne 1.4).
+            try await layer.groupAdd("big", channel: "daphne.response.Other!x")
+            for i in 0..<3 { try await layer.sendGroup("big", message: ["n": .int(Int64(i))]) }
+            #expect(try await layer.channelStatistics(process).messagesPending == 3, "one stored message per group send")
+            var got: [String: [Int64]] = [:]
+            while true {
+                let batch = try await layer.receiveBatch(channels: [process], max: 64, timeout: .zero)
+                if batch.isEmpty { break }
+                for received in batch { got[received.channel, default: []].append(received.message["n"]?.intValue ?? -1) }
+            }
+            #expect(got.count == 1000 && got.values.allSatisfy { $0 == [0, 1, 2] })
+            #expect(Set(got.keys) == Set(members))
+            var other: [Int64] = []
+            while let one = try await layer.receive(channels: ["daphne.response.Other!"]) {
+                #expect(one.channel == "daphne.response.Other!x")
+                other.append(one.message["n"]?.intValue ?? -1)
+            }
+            #expect(other == [0, 1, 2])
+        }
+    }
+
+    @Test("single receives hand out a bundle's members one at a time, before anything sent later",
+          arguments: LayerKind.allCases)
+    func singleReceivesKeepOrder(kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let process = "bundle.single\(ChannelNames.randomLetters(6))!"
+            _ = try await layer.registerBundleReader(process)
+            for i in 0..<3 { try await layer.groupAdd("trio", channel: process + "s\(i)") }
+            try await layer.sendGroup("trio", message: ["text": "group"])
+            try await layer.send(["text": "direct"], to: process + "s0")
+            var seen: [String] = []
+            while let one = try await layer.receive(channels: [process], timeout: .zero) {
+                seen.append((one.message["text"]?.stringValue ?? "") + "@" + one.channel.dropFirst(process.count))
+            }
+            #expect(seen.count == 4 && seen.last == "direct@s0", "\(seen)")
+            #expect(Set(seen.prefix(3)) == ["group@s0", "group@s1", "group@s2"])
+        }
+    }
+
+    @Test("a registration that disappears (Redis lost its data) is reported; the first one is not")
+    func registrationLoss() async throws {
+        try await withLayer(.redis) { layer in
+            let process = "bundle.loss\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registerBundleReader(process), "a first registration is not a loss")
+            #expect(try await layer.registerBundleReader(process), "a renewal of a present registration")
+            try await layer.flush()
+            #expect(try await layer.registerBundleReader(process) == false, "the key was gone: data lost")
+            #expect(try await layer.registerBundleReader(process), "registered again")
+        }
+    }
+}
