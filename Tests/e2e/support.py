@@ -4,6 +4,7 @@ clients, a pass/fail tally that prints the closing 'N passed, N failed' line.
 Each script is run as: SCRIPT CHAT_BINARY REDIS_URL
 """
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -183,6 +184,22 @@ def kill_redis(workdir):
         except ProcessLookupError:
             return
     raise AssertionError("redis %d did not die" % pid)
+
+
+@contextlib.contextmanager
+def own_redis(*extra):
+    """A redis-server of the test's own (extra: its options); yields (port, workdir, layer URL)
+    and SIGKILLs it at the end, whatever the test did to it."""
+    workdir = tempfile.mkdtemp(prefix="e2e-redis-")
+    port = free_port()
+    start_redis(port, workdir, *extra)
+    try:
+        yield port, workdir, "redis://127.0.0.1:%d/0" % port
+    finally:
+        try:
+            kill_redis(workdir)
+        except (OSError, ValueError, AssertionError):
+            pass
 
 
 def summary():

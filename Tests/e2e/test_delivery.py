@@ -71,8 +71,10 @@ async def close_all(members):
     await asyncio.gather(*(m.ws.close() for m in members), return_exceptions=True)
 
 
-def redis_stack(prefix, workers=2, servers=1, extra_worker=()):
-    layer = redis_url(prefix)
+def redis_stack(prefix, workers=2, servers=1, extra_worker=(), layer=None):
+    """`servers` x runserver --noworker and `workers` x runworker on the test Redis under
+    `prefix` (or on `layer`)."""
+    layer = layer or redis_url(prefix)
     procs = [server("--noworker", "--layer", layer) for _ in range(servers)]
     ws = [Proc("runworker", "--layer", layer, "--threads", "32", *extra_worker) for _ in range(workers)]
     for w in ws:
@@ -240,82 +242,64 @@ async def chat_through_a_fault(port, fault, seconds=8.0, rooms=4, per_room=10):
 
 @test
 def redis_sigkilled_and_restarted_with_aof_while_40_sockets_chat():
-    workdir = tempfile.mkdtemp(prefix="e2e-aof-")
-    redis_port = free_port()
-    start_redis(redis_port, workdir, "--appendonly", "yes", "--appendfsync", "always")
-    layer = "redis://127.0.0.1:%d/0" % redis_port
-    proc, port = server("--noworker", "--layer", layer)
-    workers = [Proc("runworker", "--layer", layer, "--threads", "32") for _ in range(2)]
+    aof = ("--appendonly", "yes", "--appendfsync", "always")
+    with own_redis(*aof) as (redis_port, workdir, layer):
+        (_, procs, workers) = redis_stack(None, layer=layer)
+        port = procs[0][1]
 
-    def fault():
-        kill_redis(workdir)
-        time.sleep(1.0)
-        start_redis(redis_port, workdir, "--appendonly", "yes", "--appendfsync", "always")
-
-    try:
-        for w in workers:
-            w.wait_line("worker ready")
-
-        async def run():
-            sent, by_room = await chat_through_a_fault(port, fault)
-            total = missing = 0
-            for room, ms in by_room.items():
-                missing += await wait_all(ms, len(sent[room]), 45)
-                total += len(sent[room]) * len(ms)
-            closed = [m.closed_code for ms in by_room.values() for m in ms if m.closed_code is not None]
-            got = sum(len(set(m.texts)) for ms in by_room.values() for m in ms)
-            dups = sum(len(m.texts) - len(set(m.texts)) for ms in by_room.values() for m in ms)
-            print("  %d of %d deliveries after the restart (%d duplicates), %d sockets closed"
-                  % (got, total, dups, len(closed)), flush=True)
-            for room, ms in by_room.items():
-                lost = sorted(set(sent[room]) - set(ms[0].texts))
-                if lost:
-                    print("  room %s: %d never arrived, e.g. %r" % (room, len(lost), lost[:8]), flush=True)
-            assert not closed, "sockets closed: %r" % closed
-            assert missing == 0, "%d deliveries missing" % missing
-            for ms in by_room.values():
-                await close_all(ms)
-        asyncio.run(run())
-        assert proc.p.poll() is None and all(w.p.poll() is None for w in workers), "nothing crashed"
-    finally:
-        stop_all([(proc, port)], workers)
-        try:
+        def fault():
             kill_redis(workdir)
-        except Exception:
-            pass
+            time.sleep(1.0)
+            start_redis(redis_port, workdir, *aof)
+
+        try:
+            async def run():
+                sent, by_room = await chat_through_a_fault(port, fault)
+                total = missing = 0
+                for room, ms in by_room.items():
+                    missing += await wait_all(ms, len(sent[room]), 45)
+                    total += len(sent[room]) * len(ms)
+                closed = [m.closed_code for ms in by_room.values() for m in ms if m.closed_code is not None]
+                got = sum(len(set(m.texts)) for ms in by_room.values() for m in ms)
+                dups = sum(len(m.texts) - len(set(m.texts)) for ms in by_room.values() for m in ms)
+                print("  %d of %d deliveries after the restart (%d duplicates), %d sockets closed"
+                      % (got, total, dups, len(closed)), flush=True)
+                for room, ms in by_room.items():
+                    lost = sorted(set(sent[room]) - set(ms[0].texts))
+                    if lost:
+                        print("  room %s: %d never arrived, e.g. %r" % (room, len(lost), lost[:8]), flush=True)
+                assert not closed, "sockets closed: %r" % closed
+                assert missing == 0, "%d deliveries missing" % missing
+                for ms in by_room.values():
+                    await close_all(ms)
+            asyncio.run(run())
+            assert all(p.p.poll() is None for p, _ in procs) and all(w.p.poll() is None for w in workers), "a crash"
+        finally:
+            stop_all(procs, workers)
 
 
 @test
 def a_redis_that_comes_back_empty_closes_sockets_with_1012_and_clients_can_rejoin():
-    workdir = tempfile.mkdtemp(prefix="e2e-empty-")
-    redis_port = free_port()
-    start_redis(redis_port, workdir, "--appendonly", "no")
-    layer = "redis://127.0.0.1:%d/0" % redis_port
-    proc, port = server("--noworker", "--layer", layer)
-    workers = [Proc("runworker", "--layer", layer, "--threads", "8")]
-    try:
-        workers[0].wait_line("worker ready")
-
-        async def run():
-            members = await open_members([port], "empty", 10)
-            kill_redis(workdir)
-            start_redis(redis_port, workdir, "--appendonly", "no")
-            deadline = time.time() + 20
-            while time.time() < deadline and any(m.closed_code is None for m in members):
-                await asyncio.sleep(0.1)
-            assert [m.closed_code for m in members] == [1012] * 10, [m.closed_code for m in members]
-            # They join again and the room works.
-            again = await open_members([port], "empty", 10)
-            await again[0].ws.send("after the restart")
-            assert await wait_all(again, 1, 20) == 0
-            await close_all(again)
-        asyncio.run(run())
-    finally:
-        stop_all([(proc, port)], workers)
+    with own_redis("--appendonly", "no") as (redis_port, workdir, layer):
+        (_, procs, workers) = redis_stack(None, layer=layer, workers=1)
+        port = procs[0][1]
         try:
-            kill_redis(workdir)
-        except Exception:
-            pass
+            async def run():
+                members = await open_members([port], "empty", 10)
+                kill_redis(workdir)
+                start_redis(redis_port, workdir, "--appendonly", "no")
+                deadline = time.time() + 20
+                while time.time() < deadline and any(m.closed_code is None for m in members):
+                    await asyncio.sleep(0.1)
+                assert [m.closed_code for m in members] == [1012] * 10, [m.closed_code for m in members]
+                # They join again and the room works.
+                again = await open_members([port], "empty", 10)
+                await again[0].ws.send("after the restart")
+                assert await wait_all(again, 1, 20) == 0
+                await close_all(again)
+            asyncio.run(run())
+        finally:
+            stop_all(procs, workers)
 
 
 @test
