@@ -23,6 +23,8 @@ public final class DelayServer: Sendable {
         public var malformed = 0
         public var retriedFull = 0
         public var failed = 0
+        /// Messages taken for delivery that could neither be delivered nor stored again.
+        public var lost = 0
     }
 
     public init(layer: any ChannelLayer, store: any DelayStore, logger: Logger = Logger(label: "channels.delay")) {
@@ -122,11 +124,21 @@ public final class DelayServer: Sendable {
         } catch let error as ChannelLayerError where error.code == .channelFull {
             counters.withLock { $0.retriedFull += 1 }
             logger.info("channel full at delivery; retrying in 1 s", metadata: ["channel": "\(channel)"])
-            try? await store.schedule(entry, due: Self.nowMillis() + 1000)
+            await reschedule(entry, channel: channel)
         } catch {
             counters.withLock { $0.failed += 1 }
             logger.error("could not deliver a delayed message; retrying in 1 s", metadata: ["channel": "\(channel)", "error": "\(error)"])
-            try? await store.schedule(entry, due: Self.nowMillis() + 1000)
+            await reschedule(entry, channel: channel)
+        }
+    }
+
+    private func reschedule(_ entry: [UInt8], channel: String) async {
+        do {
+            try await store.schedule(entry, due: Self.nowMillis() + 1000)
+        } catch {
+            counters.withLock { $0.lost += 1 }
+            logger.error("a delayed message is lost: it could not be delivered nor stored again",
+                         metadata: ["channel": "\(channel)", "error": "\(error)"])
         }
     }
 }
