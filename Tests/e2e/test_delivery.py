@@ -369,6 +369,44 @@ def a_client_that_never_reads_is_closed_by_the_bound_and_the_others_get_everythi
 
 
 @test
+def a_websocket_receive_that_stays_full_closes_with_1013_only_after_the_bound():
+    """The real asgi_redis plays an application that accepts but never reads websocket.receive
+    (capacity 2): the server holds the third frame, retries for --channel-full-timeout with the
+    client's reading paused, and only then closes with 1013; the retries and the close are counted."""
+    from asgi_redis import RedisChannelLayer
+    prefix = "e2efullws%d:" % os.getpid()
+    app = RedisChannelLayer(hosts=[REDIS_URL.split("?")[0]], prefix=prefix)
+    proc, port = server("--noworker", "--layer", redis_url(prefix, "capacity.websocket.receive=2"),
+                        "--channel-full-timeout", "1.5")
+    try:
+        async def run():
+            client = asyncio.ensure_future(websockets.connect("ws://127.0.0.1:%d/full/" % port))
+            connect = None
+            for _ in range(10):
+                channel, connect = await asyncio.to_thread(app.receive, ["websocket.connect"], True)
+                if channel:
+                    break
+            app.send(connect["reply_channel"], {"accept": True})
+            ws = await client
+            for i in range(3):
+                await ws.send("frame %d" % i)
+            full_at = time.time()
+            try:
+                await asyncio.wait_for(ws.recv(), 15)
+                raise AssertionError("got a frame, expected a close")
+            except websockets.exceptions.ConnectionClosed as e:
+                closed_after = time.time() - full_at
+                assert e.code == 1013, e.code
+            assert 1.3 <= closed_after < 10, "closed %.2f s after the channel filled" % closed_after
+        asyncio.run(run())
+        proc.wait_line("holding and retrying")
+        proc.wait_line("stayed full; closing with 1013")
+    finally:
+        assert proc.stop() == 0
+        app.flush()
+
+
+@test
 def a_10_mib_response_arrives_whole_and_sse_events_arrive_as_sent():
     (layer, procs, workers) = redis_stack("e2ebody%d:" % os.getpid())
     ports = [procs[0][1]]
