@@ -6,6 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
+# The whole run has a bound (TEST_TIMEOUT seconds, 40 minutes by default): whatever hangs, the
+# command fails instead of hanging CI. `timeout` signals its whole process group; the trap below
+# still stops the Redis this script started.
+if [ -z "${CHANNELS_TEST_BOUNDED:-}" ]; then
+  export CHANNELS_TEST_BOUNDED=1
+  exec timeout --kill-after=30 "${TEST_TIMEOUT:-2400}" "$0" "$@"
+fi
+if [ -n "${E2E_ONLY:-}" ]; then
+  echo "scripts/test.sh runs every test: unset E2E_ONLY (=$E2E_ONLY) to run it; use it with the e2e scripts directly" >&2
+  exit 2
+fi
+
 log() { printf '==> %s\n' "$*"; }
 
 # --- 1. System packages -------------------------------------------------------------------
@@ -46,6 +58,7 @@ cleanup() {
   rm -rf "$RUN_DIR"
 }
 trap cleanup EXIT
+trap 'echo "scripts/test.sh: stopped by a signal (the TEST_TIMEOUT bound?)" >&2; exit 124' TERM INT
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --daemonize yes --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR"
 for _ in $(seq 1 100); do

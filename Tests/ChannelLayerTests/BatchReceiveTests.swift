@@ -3,7 +3,7 @@ import Foundation
 @testable import RedisChannelLayer
 import Testing
 
-@Suite("batch receive")
+@Suite("batch receive", .timeLimit(.minutes(2)))
 struct BatchReceiveTests {
     @Test(arguments: LayerKind.allCases)
     func batchesKeepOrderAndFullNames(_ kind: LayerKind) async throws {

@@ -5,7 +5,7 @@ import Testing
 
 /// Group sends to the members of a process channel whose reader registered for bundles: one
 /// stored message per process channel, fanned out on receive; capacity counts the bundle once.
-@Suite("bundled group sends")
+@Suite("bundled group sends", .timeLimit(.minutes(2)))
 struct BundledGroupTests {
     @Test("1,000 members on one registered process channel, capacity 5: every member gets every message, in order",
           arguments: LayerKind.allCases)

@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// The asgiref 1.1 conformance cases (SPEC.md §4), run against both layers.
-@Suite("conformance")
+@Suite("conformance", .timeLimit(.minutes(2)))
 struct ConformanceTests {
     @Test("1. sends come back in order; a receive over two channels finds the one with a message", arguments: LayerKind.allCases)
     func sendReceive(kind: LayerKind) async throws {
@@ -45,6 +45,8 @@ struct ConformanceTests {
     func messageExpiry(kind: LayerKind) async throws {
         try await withLayer(kind, expiry: 1) { layer in
             try await layer.send(["value": "blue"], to: "me_test")
+            // It was there: the layer counts it as pending before the expiry.
+            #expect(try await layer.channelStatistics("me_test").messagesPending == 1)
             try await Task.sleep(for: .milliseconds(2100))
             #expect(try await layer.receive(channels: ["me_test"]) == nil)
         }
@@ -155,6 +157,7 @@ struct ConformanceTests {
     func groupExpiry(kind: LayerKind) async throws {
         try await withLayer(kind, groupExpiry: 2) { layer in
             try await layer.groupAdd("gr_group", channel: "gr_test")
+            #expect(try await layer.groupChannels("gr_group") == ["gr_test"], "a member before the expiry")
             try await Task.sleep(for: .milliseconds(2200))
             #expect(try await layer.groupChannels("gr_group").isEmpty)
             try await layer.sendGroup("gr_group", message: ["value": "blue"])
@@ -202,7 +205,11 @@ struct ConformanceTests {
             await #expect {
                 try await layer.send(["body": .bytes(Array(repeating: 7, count: 2 * 1024 * 1024))], to: "big")
             } throws: { ($0 as? ChannelLayerError)?.code == .messageTooLarge }
-            #expect(ChannelLayerError.channelFull("x").code == .channelFull)
+            // ChannelFull is a typed error with its own code, distinct from the size error.
+            for _ in 0..<5 { try await layer.send(["n": 1], to: "full17") }
+            await #expect {
+                try await layer.send(["n": 1], to: "full17")
+            } throws: { ($0 as? ChannelLayerError)?.code == .channelFull }
         }
     }
 

@@ -75,7 +75,7 @@ func normalized(_ value: ASGIValue) -> ASGIValue {
 
 func normalized(_ message: Message) -> ASGIValue { normalized(.map(message.fields)) }
 
-@Suite("interop with Python asgi_redis 1.4.3")
+@Suite("interop with Python asgi_redis 1.4.3", .timeLimit(.minutes(2)))
 struct InteropTests {
     func peer(capacity: Int = 100) throws -> PythonPeer {
         PythonPeer(hosts: [try TestRedis.requireURL()], prefix: TestRedis.uniquePrefix(), capacity: capacity)

@@ -1,7 +1,7 @@
 import ASGI
 import Testing
 
-@Suite("names and patterns")
+@Suite("names and patterns", .timeLimit(.minutes(2)))
 struct NamesTests {
     @Test func randomLettersAreLettersFromTheWholeAlphabet() {
         var seen = Set<Character>()

@@ -5,7 +5,7 @@ import Testing
 
 /// Concurrent calls share round trips through the automatic pipeline; nothing may be lost,
 /// duplicated or reordered for one sender, and capacity must hold exactly.
-@Suite("automatic pipelining")
+@Suite("automatic pipelining", .timeLimit(.minutes(2)))
 struct PipelineTests {
     @Test func manyConcurrentSendersLoseNothingAndKeepEachSendersOrder() async throws {
         try await withLayer(.redis, capacity: 10_000) { layer in

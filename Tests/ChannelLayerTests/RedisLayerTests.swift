@@ -4,7 +4,7 @@ import NIOPosix
 @testable import RedisChannelLayer
 import Testing
 
-@Suite("Redis layer")
+@Suite("Redis layer", .timeLimit(.minutes(2)))
 struct RedisLayerTests {
     func layer(url: String? = nil, prefix: String = TestRedis.uniquePrefix()) throws -> RedisChannelLayer {
         var configuration = try RedisChannelLayerConfiguration(urls: [try url ?? TestRedis.requireURL()])

@@ -51,7 +51,7 @@ struct GreetingConsumer: HTTPConsumer {
     }
 }
 
-@Suite("consumer types")
+@Suite("consumer types", .timeLimit(.minutes(2)))
 struct ConsumerTypeTests {
     @Test func webSocketConsumerJoinsGroupsKeepsSessionAndCloses() async throws {
         let harness = try TestHarness([route(RoomConsumer.self, path: "^/room/(?P<room>[a-z]+)/$")])

@@ -5,7 +5,7 @@ import Foundation
 import RedisChannelLayer
 import Testing
 
-@Suite("delay server")
+@Suite("delay server", .timeLimit(.minutes(2)))
 struct DelayTests {
     @Test func deliversWhenDueNotBefore() async throws {
         let layer = InMemoryChannelLayer()

@@ -3,7 +3,7 @@ import Channels
 import Testing
 
 /// What the framework does when a message does not fit or cannot go out at once.
-@Suite("delivery from consumers")
+@Suite("delivery from consumers", .timeLimit(.minutes(2)))
 struct DeliveryTests {
     func layer(maxMessageSize: Int = 64 * 1024, capacities: [(String, Int)] = []) -> InMemoryChannelLayer {
         InMemoryChannelLayer(configuration: .init(channelCapacities: capacities, maxMessageSize: maxMessageSize))

@@ -5,7 +5,7 @@ import Foundation
 import RedisChannelLayer
 import Testing
 
-@Suite("ordering")
+@Suite("ordering", .timeLimit(.minutes(2)))
 struct OrderingTests {
     static func routing(log: Log, slight: Bool = false) -> [RoutingEntry] {
         [
@@ -103,7 +103,7 @@ struct OrderingTests {
     }
 }
 
-@Suite("consume later")
+@Suite("consume later", .timeLimit(.minutes(2)))
 struct ConsumeLaterTests {
     @Test func retriedThenDroppedAfterTen() async throws {
         let log = Log()

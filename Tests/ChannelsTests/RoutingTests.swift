@@ -9,7 +9,7 @@ actor Calls {
     func add(_ name: String, _ kwargs: [String: String]) { log.append((name, kwargs)) }
 }
 
-@Suite("routing")
+@Suite("routing", .timeLimit(.minutes(2)))
 struct RoutingTests {
     func consumer(_ name: String, _ calls: Calls) -> Consumer {
         { context in await calls.add(name, context.kwargs) }
@@ -67,7 +67,7 @@ struct RoutingTests {
     }
 }
 
-@Suite("worker")
+@Suite("worker", .timeLimit(.minutes(2)))
 struct WorkerTests {
     func worker(_ entries: [RoutingEntry], layer: InMemoryChannelLayer, only: [String] = [], exclude: [String] = []) throws -> Worker {
         Worker(router: try Router(entries), layer: layer, only: only, exclude: exclude)
@@ -134,23 +134,35 @@ struct WorkerTests {
     }
 }
 
-@Suite("worker concurrency on Redis")
+@Suite("worker concurrency on Redis", .timeLimit(.minutes(2)))
 struct WorkerConcurrencyTests {
-    @Test("at most `concurrency` consumers run at once, and every queued message is consumed", .timeLimit(.minutes(1)))
+    @Test("at most `concurrency` consumers run at once, and every queued message is consumed")
     func slotsBoundConsumers() async throws {
         let layer = try TestRedis.layer()
         let counts = Mutex((running: 0, most: 0))
+        // Consumers hold their slot until the test opens the gate: the first three fill the
+        // slots whatever the machine's speed, and a fourth could only start past the bound.
+        let gate = Gate()
+        let (started, startedSink) = AsyncStream<Int>.makeStream()
         let (done, finished) = AsyncStream<Int>.makeStream()
         for n in 0..<12 { try await layer.send(["n": .int(Int64(n))], to: "slow") }
         let worker = Worker(router: try Router([
             route("slow", { context in
                 counts.withLock { $0.running += 1; $0.most = max($0.most, $0.running) }
-                try await Task.sleep(for: .milliseconds(50))
+                startedSink.yield(Int(try context.message.int("n")))
+                await gate.wait()
                 counts.withLock { $0.running -= 1 }
                 finished.yield(Int(try context.message.int("n")))
             }),
         ]), layer: layer, concurrency: 3)
         let running = Task { await worker.run() }
+        var startedIterator = started.makeAsyncIterator()
+        for _ in 0..<3 { _ = await startedIterator.next() }
+        #expect(counts.withLock { $0.most } == 3, "three slots: three consumers side by side")
+        // Give a fourth consumer every chance to start while the three hold their slots.
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(counts.withLock { $0.most } == 3, "never more than three")
+        gate.open()
         var seen: [Int] = []
         for await n in done {
             seen.append(n)
@@ -163,5 +175,30 @@ struct WorkerConcurrencyTests {
         #expect(worker.messagesProcessed == 12)
         try await layer.flush()
         await layer.close()
+    }
+}
+
+/// Waiters park until `open()`; after it, `wait()` returns at once.
+final class Gate: Sendable {
+    private let state = Mutex<(open: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            let resumeNow = state.withLock { state -> Bool in
+                if state.open { return true }
+                state.waiters.append(continuation)
+                return false
+            }
+            if resumeNow { continuation.resume() }
+        }
+    }
+
+    func open() {
+        let waiters = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.open = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume() }
     }
 }

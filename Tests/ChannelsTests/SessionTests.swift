@@ -5,7 +5,7 @@ import Foundation
 import RedisChannelLayer
 import Testing
 
-@Suite("sessions")
+@Suite("sessions", .timeLimit(.minutes(2)))
 struct SessionTests {
     func store(_ kind: StoreKind) throws -> any SessionStore {
         switch kind {

@@ -47,7 +47,7 @@ enum NIOWebSocketClient {
 
 /// The interface server in this process on a free port, with in-process workers on the
 /// in-memory layer, driven by Foundation's URLSession (HTTP and WebSocket) over real sockets.
-@Suite("interface server (URLSession and a SwiftNIO WebSocket client)")
+@Suite("interface server (URLSession and a SwiftNIO WebSocket client)", .timeLimit(.minutes(2)))
 struct ServerTests {
     static func routing() -> [RoutingEntry] {
         [

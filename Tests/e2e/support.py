@@ -102,17 +102,39 @@ def read_all(sock):
     return data
 
 
+class TestTimedOut(Exception):
+    pass
+
+
+def _timed_out(signum, frame):
+    raise TestTimedOut("the test ran past its bound of %d s (E2E_TEST_TIMEOUT)" % TEST_TIMEOUT)
+
+
+# Every test has a bound: a behaviour that hangs fails the test instead of hanging the suite.
+TEST_TIMEOUT = int(os.environ.get("E2E_TEST_TIMEOUT", "300"))
+skipped = []
+
+
 def test(fn):
     name = fn.__name__
-    if os.environ.get("E2E_ONLY") and os.environ["E2E_ONLY"] not in name:
+    only = os.environ.get("E2E_ONLY")
+    if only and only not in name:
+        skipped.append(name)
+        print("SKIP", name, "(E2E_ONLY=%s)" % only, flush=True)
         return fn
+    signal.signal(signal.SIGALRM, _timed_out)
+    signal.alarm(TEST_TIMEOUT)
     try:
         result = fn()
         if asyncio.iscoroutine(result):
             asyncio.run(result)
+        signal.alarm(0)
         results.append((name, None))
         print("PASS", name, flush=True)
-    except Exception:
+    except BaseException as error:
+        signal.alarm(0)
+        if isinstance(error, KeyboardInterrupt):
+            raise
         results.append((name, traceback.format_exc()))
         print("FAIL", name, "\n" + traceback.format_exc(), flush=True)
     return fn
@@ -205,5 +227,9 @@ def own_redis(*extra):
 def summary():
     """Prints 'N passed, N failed' and exits non-zero on any failure (or if nothing ran)."""
     failed = [name for name, error in results if error]
-    print("%d passed, %d failed" % (len(results) - len(failed), len(failed)))
+    print("%d passed, %d failed, %d skipped" % (len(results) - len(failed), len(failed), len(skipped)))
+    if skipped:
+        print("SKIPPED (E2E_ONLY=%s): %s" % (os.environ.get("E2E_ONLY"), ", ".join(skipped)))
+    if not results:
+        print("FAIL: no test ran")
     sys.exit(1 if failed or not results else 0)

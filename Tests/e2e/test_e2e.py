@@ -462,7 +462,9 @@ def two_rundelay_processes_deliver_each_message_once_on_time():
         print("   delay lateness: median %.1f ms, worst %.1f ms, earliest %.1f ms" % (
             sorted(late.values())[count // 2] * 1000, worst * 1000, min(late.values()) * 1000))
         assert min(late.values()) > -0.005, "delivered before due"
-        assert worst <= 0.100, "later than 100 ms after due: %.1f ms" % (worst * 1000)
+        # A wake-up that never fired would leave a message until the next unrelated event; a
+        # loaded 2-core machine may be some hundreds of ms late. The figure is printed above.
+        assert worst <= 2.0, "later than 2 s after due: %.1f ms" % (worst * 1000)
         for d in delays:
             assert d.p.poll() is None, "a delay server died on malformed input"
     finally:
@@ -629,7 +631,14 @@ def sigterm_gives_a_stuck_consumer_a_bounded_grace():
                                   "path": "/poll/", "query_string": b"", "root_path": "", "scheme": "http",
                                   "headers": [], "body": b"x", "body_channel": "http.request.body?never",
                                   "client": ["127.0.0.1", 1], "server": ["127.0.0.1", 2]})
-        time.sleep(1.0)  # the consumer is now waiting for a chunk
+        # The worker holds the request once it has left the list: the consumer then waits for a chunk.
+        import redis
+        r = redis.StrictRedis.from_url(REDIS_URL.split("?")[0])
+        deadline = time.time() + 20
+        while r.llen(prefix + "http.request") and time.time() < deadline:
+            time.sleep(0.05)
+        assert r.llen(prefix + "http.request") == 0, "the worker never took the request"
+        time.sleep(0.2)  # from the pop to the consumer's first await: no bound depends on it
         start = time.time()
         assert worker.stop() == 0
         took = time.time() - start
