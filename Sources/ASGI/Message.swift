@@ -127,6 +127,8 @@ public struct MessageError: Error, Sendable, Hashable, CustomStringConvertible {
     public enum Code: Sendable, Hashable {
         case missingKey
         case wrongType
+        /// Present with the right type but a value the protocol does not allow.
+        case invalidValue
     }
 
     public var code: Code
@@ -141,8 +143,8 @@ public struct MessageError: Error, Sendable, Hashable, CustomStringConvertible {
 
     public var description: String {
         switch code {
-        case .missingKey: "message has no key '\(key)'"
-        case .wrongType: "message key '\(key)': \(detail)"
+        case .missingKey: detail.isEmpty ? "message has no key '\(key)'" : "message has no key '\(key)': \(detail)"
+        case .wrongType, .invalidValue: "message key '\(key)': \(detail)"
         }
     }
 }

@@ -80,22 +80,6 @@ public enum ChannelNames {
         ChannelLayerError(.invalidName, "invalid channel name '\(name)': \(reason)")
     }
 
-    static let letters: [UInt8] = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ".utf8)
-
     /// `count` random ASCII letters, as asgi_redis uses for new channel names.
-    public static func randomLetters(_ count: Int) -> String {
-        // One draw of the system generator gives 11 letters (52^11 < 2^64; the bias of the
-        // remainder is below 2^-60): one getrandom call per 11 letters instead of per letter.
-        var generator = SystemRandomNumberGenerator()
-        var out = [UInt8]()
-        out.reserveCapacity(count)
-        while out.count < count {
-            var bits = generator.next() as UInt64
-            for _ in 0..<min(11, count - out.count) {
-                out.append(letters[Int(bits % 52)])
-                bits /= 52
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
-    }
+    public static func randomLetters(_ count: Int) -> String { RandomToken.string(count) }
 }

@@ -58,11 +58,22 @@ public final class ConsumerContext: Sendable {
 
     /// The message's `reply_channel`, if it has one.
     public var replyChannel: Channel? {
-        message["reply_channel"]?.stringValue.map { Channel($0) }
+        message.replyChannel.map { Channel($0) }
     }
 
     /// The path of an HTTP or WebSocket message.
     public var path: String { message["path"]?.stringValue ?? "" }
+
+    /// The message read as one of the typed ASGI messages (`context.message(as: WebSocketReceiveMessage.self)`);
+    /// throws ``MessageError`` naming the key that is missing or wrong.
+    public func message<M: ASGIMessage>(as type: M.Type) throws(MessageError) -> M {
+        try M(message)
+    }
+
+    /// Sends a typed message (a ``WebSocketSendMessage``, an ``HTTPResponseStart`` ...) on the reply channel.
+    public func reply(_ message: some ASGIMessage, immediately: Bool = false) async throws {
+        try await reply(message.message, immediately: immediately)
+    }
 
     /// Sends on the reply channel; throws if the message has none.
     public func reply(_ message: Message, immediately: Bool = false) async throws {
@@ -173,6 +184,11 @@ public struct Group: Sendable, Hashable {
 
     public func send(_ message: Message, immediately: Bool = false) async throws {
         try await context().sendGroup(name, message, immediately: immediately)
+    }
+
+    /// Sends a typed message (a ``WebSocketSendMessage``, say) to every member.
+    public func send(_ message: some ASGIMessage, immediately: Bool = false) async throws {
+        try await send(message.message, immediately: immediately)
     }
 }
 

@@ -8,26 +8,24 @@ public struct HTTPRequest: Sendable {
     public let path: String
     public let queryString: String
     /// Header names lower-cased, in order, duplicates kept.
-    public let headers: [(name: String, value: String)]
+    public let headers: ASGIHeaders
+    /// The whole body (chunks on a body channel joined).
     public let body: [UInt8]
+    /// The `http.request` message as received (its first body chunk only).
+    public let request: HTTPRequestMessage
 
     public var kwargs: [String: String] { context.kwargs }
     public var user: User { context.user }
-    public var cookies: [String: String] { HTTPRequestInfo.cookies(in: context.message) }
-    public func header(_ name: String) -> String? { headers.first { $0.name == name.lowercased() }?.value }
-    public func query(_ name: String) -> String? { HTTPRequestInfo.queryParameter(name, in: context.message) }
+    public var cookies: [String: String] { headers.cookies }
+    public func header(_ name: String) -> String? { headers.first(name) }
+    public func query(_ name: String) -> String? { request.query(name) }
     public var form: [String: String] { HTTPRequestInfo.formFields(body) }
 
     static func from(_ context: ConsumerContext) async throws -> HTTPRequest {
-        var headers: [(name: String, value: String)] = []
-        for header in context.message["headers"]?.arrayValue ?? [] {
-            guard let pair = header.arrayValue, pair.count == 2 else { continue }
-            headers.append((String(decoding: pair[0].bytesValue ?? [], as: UTF8.self).lowercased(),
-                            String(decoding: pair[1].bytesValue ?? [], as: UTF8.self)))
-        }
-        return HTTPRequest(context: context, method: context.message["method"]?.stringValue ?? "GET", path: context.path,
-                           queryString: String(decoding: context.message["query_string"]?.bytesValue ?? [], as: UTF8.self),
-                           headers: headers, body: try await context.requestBody())
+        let request = try HTTPRequestMessage(context.message)
+        return HTTPRequest(context: context, method: request.method, path: request.path,
+                           queryString: String(decoding: request.queryString, as: UTF8.self),
+                           headers: request.headers, body: try await context.requestBody(), request: request)
     }
 }
 
@@ -80,5 +78,5 @@ public func route<C: HTTPConsumer>(_ type: C.Type, path: String? = nil, method: 
         }
     }
     if C.httpUser { consumer = httpSessionUser(consumer) }
-    return route("http.request", path: path, method: method, filters: filters, name: name ?? "\(C.self)", consumer)
+    return route(ASGIChannel.httpRequest, path: path, method: method, filters: filters, name: name ?? "\(C.self)", consumer)
 }

@@ -7,23 +7,20 @@ extension ConsumerContext {
     /// set so the client still gets a plain (not chunked) response.
     public func respond(status: Int = 200, contentType: String = "text/plain; charset=utf-8",
                         headers: [(String, String)] = [], body: [UInt8]) async throws {
-        var list: [ASGIValue] = [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]]
-        for (name, value) in headers { list.append([.utf8Bytes(name.lowercased()), .utf8Bytes(value)]) }
-        for cookie in responseCookies { list.append([.utf8Bytes("set-cookie"), .utf8Bytes(cookie)]) }
+        var list = responseHeaders(contentType: contentType)
+        for (name, value) in headers { list.add(name: name, value: value) }
+        list = withCookies(list)
         let chunkSize = responseChunkSize
         guard body.count > chunkSize else {
-            try await reply(["status": .int(Int64(status)), "headers": .array(list), "content": .bytes(body), "more_content": false])
+            try await reply(HTTPResponseStart(status: status, headers: list, content: body))
             return
         }
-        if !headers.contains(where: { $0.0.lowercased() == "content-length" }) {
-            list.append([.utf8Bytes("content-length"), .utf8Bytes(String(body.count))])
-        }
-        try await reply(["status": .int(Int64(status)), "headers": .array(list),
-                         "content": .bytes(Array(body[..<chunkSize])), "more_content": true])
+        if !list.contains("content-length") { list.add(name: "content-length", value: String(body.count)) }
+        try await reply(HTTPResponseStart(status: status, headers: list, content: Array(body[..<chunkSize]), moreContent: true))
         var offset = chunkSize
         while offset < body.count {
             let end = min(offset + chunkSize, body.count)
-            try await reply(["content": .bytes(Array(body[offset..<end])), "more_content": .bool(end < body.count)])
+            try await reply(HTTPResponseChunk(content: Array(body[offset..<end]), moreContent: end < body.count))
             offset = end
         }
     }
@@ -37,42 +34,51 @@ extension ConsumerContext {
     }
 
     /// Accepts a WebSocket connection.
-    public func accept() async throws { try await reply(["accept": true]) }
+    public func accept() async throws { try await reply(WebSocketSendMessage.accept) }
 
     /// Sends a text frame on this WebSocket.
-    public func sendText(_ text: String) async throws { try await reply(["text": .string(text)]) }
+    public func sendText(_ text: String) async throws { try await reply(WebSocketSendMessage.text(text)) }
+
+    /// `content-type` first, as every response of the helpers starts.
+    private func responseHeaders(contentType: String) -> ASGIHeaders { [("content-type", contentType)] }
+
+    /// `headers` plus a `set-cookie` for each cookie the session wrappers set.
+    private func withCookies(_ headers: ASGIHeaders) -> ASGIHeaders {
+        var headers = headers
+        for cookie in responseCookies { headers.add(name: "set-cookie", value: cookie) }
+        return headers
+    }
 }
 
 extension ConsumerContext {
     /// The whole request body: `body`, then the chunks on `body_channel` when the server split a
     /// large upload. Waits at most `timeout` for each chunk.
     public func requestBody(timeout: Duration = .seconds(30)) async throws -> [UInt8] {
-        var body = (try? message.bytes("body")) ?? []
-        guard let bodyChannel = message["body_channel"]?.stringValue else { return body }
+        let request = try HTTPRequestMessage(message)
+        var body = request.body
+        guard let bodyChannel = request.bodyChannel else { return body }
         while true {
-            guard let chunk = try await layer.receive(channels: [bodyChannel], timeout: timeout) else {
+            guard let received = try await layer.receive(channels: [bodyChannel], timeout: timeout) else {
                 throw ChannelLayerError(.connectionLost, "request body chunk on '\(bodyChannel)' did not arrive")
             }
-            body += (try? chunk.message.bytes("content")) ?? []
-            if (try? chunk.message.bool("closed", default: false)) == true {
+            let chunk = try HTTPBodyChunk(received.message)
+            body += chunk.content
+            if chunk.closed {
                 throw ChannelLayerError(.connectionLost, "the client went away during the upload")
             }
-            if (try? chunk.message.bool("more_content", default: false)) != true { return body }
+            if !chunk.moreContent { return body }
         }
     }
 
     /// Starts a streamed response; send the rest with `respondChunk`.
     public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
-        var list: [ASGIValue] = [[.utf8Bytes("content-type"), .utf8Bytes(contentType)]]
-        for cookie in responseCookies { list.append([.utf8Bytes("set-cookie"), .utf8Bytes(cookie)]) }
-        try await reply(["status": .int(Int64(status)),
-                         "headers": .array(list),
-                         "content": .bytes(firstChunk), "more_content": true], immediately: true)
+        try await reply(HTTPResponseStart(status: status, headers: withCookies(responseHeaders(contentType: contentType)),
+                                          content: firstChunk, moreContent: true), immediately: true)
     }
 
     /// One more chunk of a streamed response, sent now (server-sent events arrive as they
     /// are made); `last: true` ends it.
     public func respondChunk(_ chunk: [UInt8], last: Bool = false) async throws {
-        try await reply(["content": .bytes(chunk), "more_content": .bool(!last)], immediately: true)
+        try await reply(HTTPResponseChunk(content: chunk, moreContent: !last), immediately: true)
     }
 }

@@ -42,17 +42,17 @@ public struct WebSocket: Sendable {
     /// The channel session (when the options ask for one).
     public var session: Session { get throws { try context.channelSession } }
 
-    public func accept() async throws { try await context.reply(["accept": true]) }
+    public func accept() async throws { try await context.reply(WebSocketSendMessage.accept) }
     public func send(text: String) async throws {
         if let stream {
             try await sendJSONObject(["stream": stream, "payload": ["text": text]], raw: true)
         } else {
-            try await context.reply(["text": .string(text)])
+            try await context.reply(WebSocketSendMessage.text(text))
         }
     }
-    public func send(bytes: [UInt8]) async throws { try await context.reply(["bytes": .bytes(bytes)]) }
+    public func send(bytes: [UInt8]) async throws { try await context.reply(WebSocketSendMessage.bytes(bytes)) }
     /// Closes the socket (1000 by default).
-    public func close(code: Int = 1000) async throws { try await context.reply(["close": .int(Int64(code))]) }
+    public func close(code: Int = 1000) async throws { try await context.reply(WebSocketSendMessage.close(code: code)) }
 
     /// Sends a value as a JSON text frame (wrapped for the stream inside a demultiplexer).
     public func send<T: Encodable>(json value: T) async throws {
@@ -62,17 +62,17 @@ public struct WebSocket: Sendable {
 
     private func sendJSONObject(_ object: Any, raw: Bool) async throws {
         let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .fragmentsAllowed])
-        try await context.reply(["text": .string(String(decoding: data, as: UTF8.self))])
+        try await context.reply(WebSocketSendMessage.text(String(decoding: data, as: UTF8.self)))
     }
 
     /// Sends a text frame to every socket of a group.
     public func groupSend(_ group: String, text: String) async throws {
-        try await context.sendGroup(group, ["text": .string(text)])
+        try await context.sendGroup(group, WebSocketSendMessage.text(text).message)
     }
 
     public func groupSend<T: Encodable>(_ group: String, json value: T) async throws {
         let data = try JSONEncoder.channels.encode(value)
-        try await context.sendGroup(group, ["text": .string(String(decoding: data, as: UTF8.self))])
+        try await context.sendGroup(group, WebSocketSendMessage.text(String(decoding: data, as: UTF8.self)).message)
     }
 }
 
@@ -135,7 +135,7 @@ extension JSONWebSocketConsumer {
 /// The socket-level plumbing shared by consumer types: dispatch by channel, groups on
 /// connect/disconnect, and the session wrappers the options ask for.
 enum WebSocketDispatch {
-    static let channels = ["websocket.connect", "websocket.receive", "websocket.disconnect"]
+    static let channels = ASGIChannel.websocket
 
     static func wrap(_ options: WebSocketConsumerOptions, _ body: @escaping Consumer) -> Consumer {
         var consumer = body
@@ -145,7 +145,7 @@ enum WebSocketDispatch {
             let fromHTTP = channelSessionUserFromHTTP(inner)
             let later = channelSessionUser(inner)
             consumer = { context in
-                try await (context.channel == "websocket.connect" ? fromHTTP : later)(context)
+                try await (context.channel == ASGIChannel.websocketConnect ? fromHTTP : later)(context)
             }
         } else if options.channelSession {
             consumer = channelSession(consumer)
@@ -168,18 +168,20 @@ public func route<C: WebSocketConsumer>(_ type: C.Type, path: String? = nil, fil
 func dispatch<C: WebSocketConsumer>(_ instance: C, _ socket: WebSocket) async throws {
     let context = socket.context
     switch context.channel {
-    case "websocket.connect":
+    case ASGIChannel.websocketConnect:
         if let reply = context.replyChannel {
             for group in instance.connectionGroups(socket) { try await context.layer.groupAdd(group, channel: reply.name) }
         }
         try await instance.connect(socket)
-    case "websocket.receive":
-        try await instance.receive(socket, text: context.message["text"]?.stringValue, bytes: context.message["bytes"]?.bytesValue)
-    case "websocket.disconnect":
+    case ASGIChannel.websocketReceive:
+        let frame = try context.message(as: WebSocketReceiveMessage.self)
+        try await instance.receive(socket, text: frame.data.text, bytes: frame.data.bytes)
+    case ASGIChannel.websocketDisconnect:
+        let disconnect = try context.message(as: WebSocketDisconnectMessage.self)
         if let reply = context.replyChannel {
             for group in instance.connectionGroups(socket) { try await context.layer.groupDiscard(group, channel: reply.name) }
         }
-        try await instance.disconnect(socket, code: Int(context.message["code"]?.intValue ?? 1000))
+        try await instance.disconnect(socket, code: disconnect.code)
     default:
         context.logger.warning("a WebSocket consumer got a message on an unexpected channel", metadata: ["channel": "\(context.channel)"])
     }

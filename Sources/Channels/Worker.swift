@@ -38,7 +38,7 @@ public final class Worker: Sendable {
         self.logger = logger
         // Channels 1.x defaults: connects are accepted and HTTP gets 404 even when unrouted, and
         // the other WebSocket channels are drained (and counted) so they never fill up.
-        var listen = router.channels.union(["http.request", "websocket.connect", "websocket.receive", "websocket.disconnect"])
+        var listen = router.channels.union([ASGIChannel.httpRequest] + ASGIChannel.websocket)
         if !only.isEmpty {
             let patterns = only.map(GlobPattern.init)
             listen = listen.filter { name in patterns.contains { $0.matches(name) } }
@@ -110,7 +110,7 @@ public final class Worker: Sendable {
     /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.
     static func socketKey(_ received: ReceivedMessage) -> String? {
         guard received.channel.hasPrefix("websocket.") else { return nil }
-        return received.message["reply_channel"]?.stringValue
+        return received.message.replyChannel
     }
 
     /// Runs the consumer for one message (public for test harnesses).
@@ -130,10 +130,10 @@ public final class Worker: Sendable {
                 try await consumer(context)
             }
         } catch ConsumerError.denyConnection {
-            let answer: Message = received.channel == "websocket.connect" ? ["accept": false] : ["close": true]
+            let answer = received.channel == ASGIChannel.websocketConnect ? WebSocketSendMessage.refuse : .close(code: 1000)
             try? await context.reply(answer)
         } catch ConsumerError.close(let code) {
-            try? await context.reply(["close": .int(Int64(code))])
+            try? await context.reply(WebSocketSendMessage.close(code: code))
         } catch ConsumerError.consumeLater {
             await requeue(received, consumer: name)
         } catch {
@@ -172,18 +172,17 @@ public final class Worker: Sendable {
 
     private func unrouted(_ received: ReceivedMessage) async {
         unroutedCount.add(1, ordering: .relaxed)
-        let reply = received.message["reply_channel"]?.stringValue
+        let reply = received.message.replyChannel
         switch received.channel {
-        case "websocket.connect":
-            if let reply { try? await layer.send(["accept": true], to: reply) }
-        case "http.request":
+        case ASGIChannel.websocketConnect:
+            if let reply { try? await layer.send(WebSocketSendMessage.accept.message, to: reply) }
+        case ASGIChannel.httpRequest:
             if let reply {
-                try? await layer.send([
-                    "status": 404, "headers": [[.utf8Bytes("content-type"), .utf8Bytes("text/plain; charset=utf-8")]],
-                    "content": .utf8Bytes("Not found\n"), "more_content": false,
-                ], to: reply)
+                let notFound = HTTPResponseStart(status: 404, headers: [("content-type", "text/plain; charset=utf-8")],
+                                                 content: Array("Not found\n".utf8))
+                try? await layer.send(notFound.message, to: reply)
             }
-        case "websocket.receive", "websocket.disconnect", "http.disconnect":
+        case ASGIChannel.websocketReceive, ASGIChannel.websocketDisconnect, ASGIChannel.httpDisconnect:
             logger.debug("unrouted message drained", metadata: ["channel": "\(received.channel)"])
         default:
             logger.info("dropped an unrouted message", metadata: ["channel": "\(received.channel)"])

@@ -105,11 +105,8 @@ enum ChatConsumers {
     }
 
     @Sendable static func echo(_ context: ConsumerContext) async throws {
-        if let text = context.message["text"]?.stringValue {
-            try await context.reply(["text": .string(text)])
-        } else if let bytes = context.message["bytes"]?.bytesValue {
-            try await context.reply(["bytes": .bytes(bytes)])
-        }
+        let frame = try context.message(as: WebSocketReceiveMessage.self)
+        try await context.reply(WebSocketSendMessage(data: frame.data))
     }
 
     @Sendable static func privateConnect(_ context: ConsumerContext) async throws {
@@ -139,7 +136,7 @@ enum ChatConsumers {
     /// A frame from a member goes through the `chat-messages` channel, whose consumer stores
     /// and broadcasts it (the seed's "Models" step). The room comes from the channel session.
     @Sendable static func postToRoom(_ context: ConsumerContext) async throws {
-        guard var text = context.message["text"]?.stringValue else { return }
+        guard var text = try context.message(as: WebSocketReceiveMessage.self).data.text else { return }
         if let data = text.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
            let inner = object["text"] as? String {
             text = inner
@@ -187,7 +184,7 @@ enum ChatConsumers {
             text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
         var event = saved.json
         event["type"] = "message"
-        try await roomGroup(saved.room).send(["text": .string(json(event))])
+        try await roomGroup(saved.room).send(WebSocketSendMessage.text(json(event)))
         let text = saved.text
         var mentioned = Set<String>()
         for match in mentionPattern.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
@@ -196,7 +193,7 @@ enum ChatConsumers {
         for name in mentioned.sorted() where name != saved.username {
             var mention = event
             mention["type"] = "mention"
-            try await Group("user-" + name).send(["text": .string(json(mention))])
+            try await Group("user-" + name).send(WebSocketSendMessage.text(json(mention)))
         }
     }
 }

@@ -41,7 +41,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             bodyTooLarge = false
             started = .now()
             keepAlive = head.isKeepAlive
-            clientAddress = ASGIMessages.clientDescription(head: head, remote: context.channel.remoteAddress,
+            clientAddress = RequestTranslation.clientDescription(head: head, remote: context.channel.remoteAddress,
                                                            proxyHeaders: server.configuration.proxyHeaders)
             if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
                 bodyTooLarge = true
@@ -74,40 +74,33 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead) {
-        let (path, query) = ASGIMessages.splitTarget(head.uri)
+        let (path, query) = PercentCoding.splitTarget(head.uri)
         let reply = server.router.newReplyChannel()
         replyChannel = reply
-        let (client, secure) = ASGIMessages.client(head: head, remote: context.channel.remoteAddress,
-                                                    proxyHeaders: server.configuration.proxyHeaders)
-        var bodyBytes: [UInt8] = body.map { Array($0.readableBytesView) } ?? []
-        var message: Message = [
-            "reply_channel": .string(reply),
-            "http_version": .string(ASGIMessages.version(head.version)),
-            "method": .string(head.method.rawValue.uppercased()),
-            "scheme": secure ? "https" : "http",
-            "path": .string(path),
-            "query_string": .bytes(query),
-            "root_path": .string(server.configuration.rootPath),
-            "headers": ASGIMessages.headers(head.headers),
-            "body": .bytes([]),
-            "client": client,
-            "server": ASGIMessages.address(context.channel.localAddress),
-        ]
-        var chunks: [[UInt8]] = []
+        let (client, secure) = RequestTranslation.client(head: head, remote: context.channel.remoteAddress,
+                                                         proxyHeaders: server.configuration.proxyHeaders)
+        var request = HTTPRequestMessage(
+            replyChannel: reply, httpVersion: RequestTranslation.version(head.version), method: head.method.rawValue.uppercased(),
+            scheme: secure ? "https" : "http", path: path, queryString: query, rootPath: server.configuration.rootPath,
+            headers: RequestTranslation.headers(head.headers), client: client,
+            server: RequestTranslation.address(context.channel.localAddress))
+        var chunks: [HTTPBodyChunk] = []
         let chunkSize = server.configuration.bodyChunkSize
+        let bodyBytes = body.map { Array($0.readableBytesView) } ?? []
+        body = nil
         if bodyBytes.count > chunkSize {
             // The first chunk rides in the request; the rest go on a body channel.
-            message["body"] = .bytes(Array(bodyBytes[0..<chunkSize]))
+            request.body = Array(bodyBytes[0..<chunkSize])
             var offset = chunkSize
             while offset < bodyBytes.count {
-                chunks.append(Array(bodyBytes[offset..<min(offset + chunkSize, bodyBytes.count)]))
-                offset += chunkSize
+                let end = min(offset + chunkSize, bodyBytes.count)
+                chunks.append(HTTPBodyChunk(content: Array(bodyBytes[offset..<end]), moreContent: end < bodyBytes.count))
+                offset = end
             }
-            message["body_channel"] = .string("http.request.body?" + ChannelNames.randomLetters(12))
+            request.bodyChannel = ASGIChannel.httpRequestBodyPrefix + ChannelNames.randomLetters(12)
         } else {
-            message["body"] = .bytes(bodyBytes)
+            request.body = bodyBytes
         }
-        bodyBytes = []
 
         let loop = context.eventLoop
         let handler = NIOLoopBound(self, eventLoop: loop)
@@ -120,11 +113,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let sender = connectionSender(context: context)
         sender.resume()
-        sender.send(message, to: "http.request")
-        if let bodyChannel = message["body_channel"]?.stringValue {
-            for (i, chunk) in chunks.enumerated() {
-                sender.send(["content": .bytes(chunk), "closed": false, "more_content": .bool(i < chunks.count - 1)], to: bodyChannel)
-            }
+        sender.send(request.message, to: ASGIChannel.httpRequest)
+        if let bodyChannel = request.bodyChannel {
+            for chunk in chunks { sender.send(chunk.message, to: bodyChannel) }
         }
     }
 
@@ -162,26 +153,47 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func handleReply(_ reply: Message, context: ChannelHandlerContext) {
         guard replyChannel != nil else { return }
-        let more = (try? reply.bool("more_content", default: false)) ?? false
-        let content = (try? reply.optionalBytes("content")) ?? nil
-        if !responseStarted {
-            guard let code = reply["status"]?.intValue, (100...999).contains(code) else {
-                server.logger.error("reply without a valid status; answering 500", metadata: ["reply": "\(reply)"])
+        let response: HTTPResponseMessage
+        do {
+            response = try HTTPResponseMessage(reply)
+        } catch {
+            server.logger.error("malformed HTTP reply; answering 500", metadata: ["error": "\(error)", "reply": "\(reply)"])
+            server.counters.count(.malformedReplies)
+            if responseStarted {
+                finishRequest()
+                context.close(promise: nil)
+            } else {
                 finishRequest()
                 respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
-                return
             }
-            var headers = ASGIMessages.responseHeaders(reply["headers"])
-            if !more, !headers.contains(name: "content-length") {
-                headers.replaceOrAdd(name: "content-length", value: String(content?.count ?? 0))
+            return
+        }
+        let content: [UInt8], more: Bool
+        switch response {
+        case .start(let start) where !responseStarted:
+            var headers = RequestTranslation.responseHeaders(start.headers)
+            if !start.moreContent, !headers.contains(name: "content-length") {
+                headers.replaceOrAdd(name: "content-length", value: String(start.content.count))
             }
             if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
-            status = Int(code)
+            status = start.status
             responseStarted = true
-            let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: Int(code)), headers: headers)
+            let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
             context.write(wrapOutboundOut(.head(head)), promise: nil)
+            (content, more) = (start.content, start.moreContent)
+        case .start(let start):
+            server.logger.warning("a second response start on one request; its content is sent as a chunk")
+            (content, more) = (start.content, start.moreContent)
+        case .chunk(let chunk) where responseStarted:
+            (content, more) = (chunk.content, chunk.moreContent)
+        case .chunk:
+            server.logger.error("reply without a status before the response started; answering 500", metadata: ["reply": "\(reply)"])
+            server.counters.count(.malformedReplies)
+            finishRequest()
+            respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
+            return
         }
-        if let content, !content.isEmpty {
+        if !content.isEmpty {
             responseBytes += content.count
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: nil)
         }
@@ -232,9 +244,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func channelInactive(context: ChannelHandlerContext) {
         if let replyChannel, let head {
             // The client left before its response finished.
-            let path = ASGIMessages.splitTarget(head.uri).path
-            connectionSender(context: context).send(["reply_channel": .string(replyChannel), "path": .string(path)],
-                                                    to: "http.disconnect")
+            let path = PercentCoding.splitTarget(head.uri).path
+            connectionSender(context: context).send(HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
+                                                    to: ASGIChannel.httpDisconnect)
             server.router.unregister(replyChannel)
             self.replyChannel = nil
             timeout?.cancel()

@@ -23,6 +23,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var httpUnavailable = 0
     /// Replies for connections that had already gone.
     public var unroutableReplies = 0
+    /// Replies the server could not read (an HTTP reply without a valid status, a WebSocket
+    /// reply with a bad close code): logged, counted, answered 500 or ignored.
+    public var malformedReplies = 0
 
     public init() {}
 }
@@ -31,7 +34,7 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
 final class ServerCounters: Sendable {
     enum Counter: Int, CaseIterable {
         case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
-             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable
+             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -54,6 +57,7 @@ final class ServerCounters: Sendable {
         stats.closedSlowClient = self[.closedSlowClient]
         stats.closedStoreLost = self[.closedStoreLost]
         stats.httpUnavailable = self[.httpUnavailable]
+        stats.malformedReplies = self[.malformedReplies]
         stats.unroutableReplies = unroutable
         return stats
     }

@@ -40,8 +40,8 @@ final class WebSocketSession {
         self.channel = channel
         self.upgrade = upgrade
         self.replyChannel = server.router.newReplyChannel()
-        self.path = ASGIMessages.splitTarget(head.uri).path
-        self.client = ASGIMessages.clientDescription(head: head, remote: channel.remoteAddress,
+        self.path = PercentCoding.splitTarget(head.uri).path
+        self.client = RequestTranslation.clientDescription(head: head, remote: channel.remoteAddress,
                                                      proxyHeaders: server.configuration.proxyHeaders)
         self.state = .connecting(promise)
         self.sender = server.makeSender(on: channel.eventLoop, outageTimeout: server.configuration.layerOutageTimeout)
@@ -92,21 +92,14 @@ final class WebSocketSession {
         connectTimeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.websocketConnectTimeout.seconds * 1e9))) {
             bound.value.reject(reason: "timeout")
         }
-        let (path, query) = ASGIMessages.splitTarget(head.uri)
-        let (clientAddress, secure) = ASGIMessages.client(head: head, remote: channel.remoteAddress,
-                                                           proxyHeaders: server.configuration.proxyHeaders)
-        let message: Message = [
-            "reply_channel": .string(replyChannel),
-            "scheme": secure ? "wss" : "ws",
-            "path": .string(path),
-            "query_string": .bytes(query),
-            "root_path": .string(server.configuration.rootPath),
-            "headers": ASGIMessages.headers(head.headers),
-            "client": clientAddress,
-            "server": ASGIMessages.address(channel.localAddress),
-            "order": 0,
-        ]
-        sender.send(message, to: "websocket.connect")
+        let query = PercentCoding.splitTarget(head.uri).query
+        let (clientAddress, secure) = RequestTranslation.client(head: head, remote: channel.remoteAddress,
+                                                                proxyHeaders: server.configuration.proxyHeaders)
+        let message = WebSocketConnectMessage(
+            replyChannel: replyChannel, scheme: secure ? "wss" : "ws", path: path, queryString: query,
+            rootPath: server.configuration.rootPath, headers: RequestTranslation.headers(head.headers),
+            client: clientAddress, server: RequestTranslation.address(channel.localAddress), order: 0).message
+        sender.send(message, to: ASGIChannel.websocketConnect)
     }
 
     private func reject(reason: String, status: Int = 403) {
@@ -170,19 +163,25 @@ final class WebSocketSession {
     }
 
     func handleReply(_ reply: Message) {
-        for key in reply.keys where !["accept", "text", "bytes", "close"].contains(key) {
+        for key in reply.keys where !WebSocketSendMessage.keys.contains(key) {
             server.logger.warning("ignored unknown key in a WebSocket reply", metadata: ["key": "\(key)"])
         }
-        let hasData = reply["text"]?.stringValue != nil || reply["bytes"]?.bytesValue != nil
-        let closeCode = closeCode(reply["close"])
+        let send: WebSocketSendMessage
+        do {
+            send = try WebSocketSendMessage(reply)
+        } catch {
+            server.counters.count(.malformedReplies)
+            server.logger.error("ignored a malformed WebSocket reply", metadata: ["error": "\(error)", "reply_channel": "\(replyChannel)"])
+            return
+        }
         switch state {
         case .connecting:
-            if reply["accept"]?.boolValue == false {
+            if send.accept == false {
                 reject(reason: "denied")
-            } else if reply["accept"]?.boolValue == true || hasData {
+            } else if send.accept == true || send.data != nil {
                 pending.append(reply)
                 accept()
-            } else if closeCode != nil {
+            } else if send.close != nil {
                 reject(reason: "closed")
             } else {
                 server.logger.warning("ignored a WebSocket reply before accept", metadata: ["reply": "\(reply)"])
@@ -192,38 +191,29 @@ final class WebSocketSession {
                 pending.append(reply)
                 return
             }
-            var data: ByteBuffer?
-            var opcode = WebSocketOpcode.text
-            if let text = reply["text"]?.stringValue {
-                data = context.channel.allocator.buffer(string: text)
-            } else if let bytes = reply["bytes"]?.bytesValue {
-                data = context.channel.allocator.buffer(bytes: bytes)
-                opcode = .binary
+            switch send.data {
+            case .text(let text)?: write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
+            case .bytes(let bytes)?: write(context.channel.allocator.buffer(bytes: bytes), opcode: .binary, context: context)
+            case nil: break
             }
-            if let data {
-                let size = data.readableBytes
-                queuedBytes += size
-                if queuedBytes > server.configuration.maxQueuedBytesPerSocket {
-                    slowClient()
-                    return
-                }
-                let written = context.eventLoop.makePromise(of: Void.self)
-                let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-                written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
-                context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
-            }
-            if let closeCode { close(code: closeCode) }
+            if case .open = state, let code = send.close { close(code: UInt16(code)) }
         case .closed:
             break
         }
     }
 
-    private func closeCode(_ value: ASGIValue?) -> UInt16? {
-        switch value {
-        case .bool(true)?: 1000
-        case .int(let code)? where (1000...4999).contains(code): UInt16(code)
-        default: nil
+    /// One frame to the client, counted against the socket's bound of unwritten bytes.
+    private func write(_ data: ByteBuffer, opcode: WebSocketOpcode, context: ChannelHandlerContext) {
+        let size = data.readableBytes
+        queuedBytes += size
+        if queuedBytes > server.configuration.maxQueuedBytesPerSocket {
+            slowClient()
+            return
         }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
+        context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
     }
 
     /// The client does not read what it is sent: past the bound, close it rather than keep
@@ -241,9 +231,9 @@ final class WebSocketSession {
     func received(text: String?, bytes: [UInt8]?) {
         guard case .open = state else { return }
         order += 1
-        var message: Message = ["reply_channel": .string(replyChannel), "path": .string(path), "order": .int(order)]
-        if let text { message["text"] = .string(text) } else { message["bytes"] = .bytes(bytes ?? []) }
-        sender.send(message, to: "websocket.receive")
+        let message = WebSocketReceiveMessage(replyChannel: replyChannel, path: path, order: order,
+                                              data: text.map { .text($0) } ?? .bytes(bytes ?? []))
+        sender.send(message.message, to: ASGIChannel.websocketReceive)
     }
 
     /// Closes from our side with `code`, and tells the application. The close frame gets a few
@@ -292,8 +282,8 @@ final class WebSocketSession {
         server.router.unregister(replyChannel)
         order += 1
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
-        sender.send(["reply_channel": .string(replyChannel), "code": .int(code), "path": .string(path), "order": .int(order)],
-                    to: "websocket.disconnect")
+        sender.send(WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,
+                    to: ASGIChannel.websocketDisconnect)
     }
 }
 

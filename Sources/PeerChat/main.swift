@@ -12,20 +12,21 @@ import ChannelsCommand
 /// - `bench.noop` is a consumer that does nothing (the worker dispatch benchmark).
 let app = ChannelsApplication(name: "peer-chat") {
     [
-        route("http.request") { context in
+        route(ASGIChannel.httpRequest) { context in
             try await context.respond(contentType: "text/html; charset=utf-8", "Hello world! You asked for \(context.path)")
         },
-        route("websocket.connect", channelSession { context in
+        route(ASGIChannel.websocketConnect, channelSession { context in
             try await context.accept()
             let room = context.path.trimmingCharacters(in: "/")
             try context.channelSession["room"] = .string(room)
             try await Group("chat-\(room)").add(context.replyChannel!)
         }),
-        route("websocket.receive", channelSession { context in
+        route(ASGIChannel.websocketReceive, channelSession { context in
             let room = try context.channelSession["room"]?.stringValue ?? ""
-            try await Group("chat-\(room)").send(["text": .string(try context.message.string("text"))])
+            let frame = try context.message(as: WebSocketReceiveMessage.self)
+            try await Group("chat-\(room)").send(WebSocketSendMessage(data: frame.data))
         }),
-        route("websocket.disconnect", channelSession { context in
+        route(ASGIChannel.websocketDisconnect, channelSession { context in
             let room = try context.channelSession["room"]?.stringValue ?? ""
             try await Group("chat-\(room)").discard(context.replyChannel!)
         }),

@@ -98,22 +98,9 @@ public final class RedisChannelLayer: ChannelLayer {
 
     /// `prefix` + 32 lowercase hex characters of a random version-4 UUID, as Python writes it.
     private func newBodyKey() -> [UInt8] {
-        var generator = SystemRandomNumberGenerator()
-        var high = generator.next() as UInt64
-        var low = generator.next() as UInt64
-        high = (high & ~0xF000) | 0x4000
-        low = (low & ~(0xC000_0000_0000_0000 as UInt64)) | 0x8000_0000_0000_0000
         var out = Array(configuration.prefix.utf8)
-        appendHex(high, into: &out)
-        appendHex(low, into: &out)
+        RandomToken.uuid4Hex(into: &out)
         return out
-    }
-
-    private func appendHex(_ value: UInt64, into out: inout [UInt8], digits: Int = 16) {
-        let hex = Array("0123456789abcdef".utf8)
-        for i in stride(from: digits - 1, through: 0, by: -1) {
-            out.append(hex[Int((value >> (UInt64(i) * 4)) & 0xf)])
-        }
     }
 
     private func shardIndex(for name: String) -> Int {

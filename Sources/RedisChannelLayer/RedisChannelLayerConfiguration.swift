@@ -69,7 +69,7 @@ public struct RedisChannelLayerConfiguration: Sendable {
             for pair in query.split(separator: "&") {
                 let parts = pair.split(separator: "=", maxSplits: 1).map(String.init)
                 guard parts.count == 2 else { continue }
-                let (key, value) = (parts[0], parts[1].removingPercentEncodingSimple())
+                let (key, value) = (parts[0], PercentCoding.decode(parts[1].utf8))
                 func int() throws(ChannelLayerError) -> Int {
                     guard let n = Int(value), n > 0 else {
                         throw ChannelLayerError(.invalidConfiguration, "'\(key)' must be a positive integer, not '\(value)'")

@@ -41,9 +41,9 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
             if let colon = credentials.firstIndex(of: ":") {
                 let user = credentials[..<colon]
                 username = user.isEmpty ? nil : String(user)
-                password = String(credentials[credentials.index(after: colon)...]).removingPercentEncodingSimple()
+                password = PercentCoding.decode(credentials[credentials.index(after: colon)...].utf8)
             } else if !credentials.isEmpty {
-                password = String(credentials).removingPercentEncodingSimple()
+                password = PercentCoding.decode(credentials.utf8)
             }
         }
         var host = String(rest)
@@ -68,22 +68,4 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
     }
 
     public var description: String { "redis://\(host):\(port)/\(database)" }
-}
-
-extension String {
-    /// Decodes `%XX` escapes (passwords in URLs); leaves malformed escapes as they are.
-    func removingPercentEncodingSimple() -> String {
-        var bytes: [UInt8] = []
-        let utf8 = Array(self.utf8)
-        var i = 0
-        while i < utf8.count {
-            if utf8[i] == UInt8(ascii: "%"), i + 2 < utf8.count,
-               let v = UInt8(String(decoding: utf8[(i + 1)...(i + 2)], as: UTF8.self), radix: 16) {
-                bytes.append(v); i += 3
-            } else {
-                bytes.append(utf8[i]); i += 1
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
-    }
 }

@@ -96,6 +96,42 @@ struct InteropTests {
         }
     }
 
+    /// The typed ASGI messages encode to the very bytes Python's msgpack makes of the same dicts
+    /// (the shapes the interface server and the consumer helpers have always sent), and read back equal.
+    @Test("typed ASGI messages: the same bytes as Python's msgpack of the same dicts")
+    func typedMessagesBytes() async throws {
+        let packed = try #require(try await peer().run("pack_all") as? [String: String])
+        let ws = "daphne.response.abc!ws"
+        let cases: [(String, any ASGIMessage)] = [
+            ("http_request", HTTPRequestMessage(
+                replyChannel: "daphne.response.abc!def", method: "POST", path: "/café/", queryString: Array("a=1&b=%20".utf8),
+                headers: [("host", "example.com"), ("cookie", "sessionid=xyz")], body: Array("x=1".utf8),
+                bodyChannel: "http.request.body?abcdefghijkl", client: ASGIAddress(host: "127.0.0.1", port: 50000),
+                server: ASGIAddress(host: "127.0.0.1", port: 8000))),
+            ("http_body_chunk", HTTPBodyChunk(content: Array("more".utf8), moreContent: true)),
+            ("http_response_start", HTTPResponseStart(status: 404, headers: [("Content-Type", "text/plain"), ("set-cookie", "a=b")],
+                                                      content: Array("Not found".utf8), moreContent: true)),
+            ("http_response_chunk", HTTPResponseChunk(content: Array("tail".utf8), moreContent: false)),
+            ("http_disconnect", HTTPDisconnectMessage(replyChannel: "daphne.response.abc!def", path: "/x/")),
+            ("websocket_connect", WebSocketConnectMessage(replyChannel: ws, path: "/chat/lobby/", headers: [("origin", "http://example.com")],
+                                                          client: ASGIAddress(host: "::1", port: 1234))),
+            ("websocket_receive_text", WebSocketReceiveMessage(replyChannel: ws, path: "/chat/lobby/", order: 1, data: .text("hi £"))),
+            ("websocket_receive_bytes", WebSocketReceiveMessage(replyChannel: ws, path: "/chat/lobby/", order: 2, data: .bytes([0, 0xff]))),
+            ("websocket_disconnect", WebSocketDisconnectMessage(replyChannel: ws, code: 1001, path: "/chat/lobby/", order: 3)),
+            ("websocket_send_accept", WebSocketSendMessage.accept),
+            ("websocket_send_text", WebSocketSendMessage.text("hello")),
+            ("websocket_send_close", WebSocketSendMessage.close(code: 4000)),
+        ]
+        for (name, typed) in cases {
+            let python = try #require(packed[name], "the peer has no case \(name)")
+            let bytes = MsgPackEncoder.encode(typed.message)
+            #expect(hex(bytes) == python, "\(name)")
+            // And Python's bytes read back as the same typed value.
+            let decoded = try MsgPackDecoder().decodeMessage(unhex(python))
+            #expect(try type(of: typed).init(decoded).message == typed.message, "\(name) read back")
+        }
+    }
+
     @Test("Python sends, Swift receives; Swift sends, Python receives (plain channel, nested str/bytes)")
     func plainChannels() async throws {
         let peer = try peer()

@@ -29,6 +29,31 @@ CASES = {
     },
     "small": {"text": u"hello"},
     "response": {"status": 200, "headers": [], "content": b"hi", "more_content": False},
+    # The ASGI 1.0 messages as the interface server and the consumer helpers write them (key
+    # order included): the Swift typed messages must encode to exactly these bytes.
+    "http_request": {
+        "reply_channel": u"daphne.response.abc!def", "http_version": u"1.1", "method": u"POST", "scheme": u"http",
+        "path": u"/caf\u00e9/", "query_string": b"a=1&b=%20", "root_path": u"",
+        "headers": [[b"host", b"example.com"], [b"cookie", b"sessionid=xyz"]], "body": b"x=1",
+        "client": [u"127.0.0.1", 50000], "server": [u"127.0.0.1", 8000],
+        "body_channel": u"http.request.body?abcdefghijkl",
+    },
+    "http_body_chunk": {"content": b"more", "closed": False, "more_content": True},
+    "http_response_start": {"status": 404, "headers": [[b"content-type", b"text/plain"], [b"set-cookie", b"a=b"]],
+                            "content": b"Not found", "more_content": True},
+    "http_response_chunk": {"content": b"tail", "more_content": False},
+    "http_disconnect": {"reply_channel": u"daphne.response.abc!def", "path": u"/x/"},
+    "websocket_connect": {
+        "reply_channel": u"daphne.response.abc!ws", "scheme": u"ws", "path": u"/chat/lobby/", "query_string": b"",
+        "root_path": u"", "headers": [[b"origin", b"http://example.com"]], "client": [u"::1", 1234], "server": None,
+        "order": 0,
+    },
+    "websocket_receive_text": {"reply_channel": u"daphne.response.abc!ws", "path": u"/chat/lobby/", "order": 1, "text": u"hi \u00a3"},
+    "websocket_receive_bytes": {"reply_channel": u"daphne.response.abc!ws", "path": u"/chat/lobby/", "order": 2, "bytes": b"\x00\xff"},
+    "websocket_disconnect": {"reply_channel": u"daphne.response.abc!ws", "code": 1001, "path": u"/chat/lobby/", "order": 3},
+    "websocket_send_accept": {"accept": True},
+    "websocket_send_text": {"text": u"hello"},
+    "websocket_send_close": {"close": 4000},
 }
 
 
@@ -75,6 +100,8 @@ def main():
     cmd, args = opts.command, opts.args
     if cmd == "pack":
         print(binascii.hexlify(msgpack.packb(CASES[args[0]], use_bin_type=True)).decode())
+    elif cmd == "pack_all":
+        emit({name: binascii.hexlify(msgpack.packb(case, use_bin_type=True)).decode() for name, case in CASES.items()})
     elif cmd == "send":
         try:
             layer.send(args[1], dict(CASES[args[0]]))

@@ -57,7 +57,7 @@ public final class RedisDelayStore: DelayStore {
 
     public func schedule(_ entry: [UInt8], due: Int64) async throws {
         // A random prefix keeps two identical messages distinct members of the set.
-        var member: [UInt8] = (0..<8).map { _ in UInt8.random(in: 0...255) }
+        var member = RandomToken.bytes(8)
         member.append(contentsOf: entry)
         try await client.command([Array("ZADD".utf8), Array(key.utf8), Array(String(due).utf8), member])
     }

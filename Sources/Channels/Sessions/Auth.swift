@@ -106,10 +106,7 @@ public enum PasswordHasher {
     public static let defaultIterations = 260_000
 
     public static func hash(_ password: String, iterations: Int = defaultIterations) throws -> String {
-        let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789".utf8)
-        var generator = SystemRandomNumberGenerator()
-        let salt = String(decoding: (0..<22).map { _ in alphabet[Int(generator.next(upperBound: UInt64(alphabet.count)))] },
-                          as: UTF8.self)
+        let salt = RandomToken.string(22, from: RandomToken.alphanumerics)
         let derived = try derive(password, salt: salt, iterations: iterations)
         return "pbkdf2_sha256$\(iterations)$\(salt)$\(Data(derived).base64EncodedString())"
     }

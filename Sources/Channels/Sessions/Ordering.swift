@@ -34,14 +34,14 @@ public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer
         let order: Int64
         if let value = context.message["order"]?.intValue {
             order = value
-        } else if context.channel == "websocket.connect" {
+        } else if context.channel == ASGIChannel.websocketConnect {
             order = 0
         } else {
             throw SessionError("enforceOrdering needs an 'order' key; a message on '\(context.channel)' has none")
         }
         try await OrderingGate(context: context, session: session, order: order, slight: slight).run(consumer) {
             context.logger.warning("wait channel full; closing the socket with 1013", metadata: ["order": "\(order)"])
-            try await context.reply(["close": 1013], immediately: true)
+            try await context.reply(WebSocketSendMessage.close(code: 1013), immediately: true)
         }
     }
 }

@@ -152,10 +152,7 @@ public final class Session: Sendable {
     /// A random 32-character key of lowercase letters and digits (Django's form), from the
     /// system's secure generator.
     public static func newKey() -> String {
-        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789".utf8)
-        var generator = SystemRandomNumberGenerator()
-        return String(decoding: (0..<32).map { _ in alphabet[Int(generator.next(upperBound: UInt64(alphabet.count)))] },
-                      as: UTF8.self)
+        RandomToken.string(32, from: RandomToken.lowercaseAlphanumerics)
     }
 
     /// Saves if modified. On a lost race it re-reads and re-applies its own changes.
@@ -208,13 +205,6 @@ public final class Session: Sendable {
     /// The channel session key of a reply channel: "chn" + the first 29 hex digits of its
     /// SHA-1, as Channels 1.1.2 and later name it.
     public static func channelSessionKey(replyChannel: String) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var key = Array("chn".utf8)
-        key.reserveCapacity(3 + 40)
-        for byte in Insecure.SHA1.hash(data: Array(replyChannel.utf8)) {
-            key.append(digits[Int(byte >> 4)])
-            key.append(digits[Int(byte & 0xf)])
-        }
-        return String(decoding: key.prefix(3 + 29), as: UTF8.self)
+        "chn" + Hex.encode(Insecure.SHA1.hash(data: Array(replyChannel.utf8))).prefix(29)
     }
 }

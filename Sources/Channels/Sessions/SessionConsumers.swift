@@ -55,7 +55,7 @@ private func withSession(_ consumer: @escaping Consumer, loaded: KeyPath<Consume
 
 extension ConsumerContext {
     func openChannelSession() async throws -> Session {
-        guard let reply = message["reply_channel"]?.stringValue else {
+        guard let reply = message.replyChannel else {
             throw SessionError("channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
         let session = try await Session.load(key: Session.channelSessionKey(replyChannel: reply),

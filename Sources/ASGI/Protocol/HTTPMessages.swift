@@ -1,0 +1,181 @@
+/// `http.request`: one HTTP request, body included up to the server's chunk size; the rest of a
+/// large body follows on `bodyChannel` as ``HTTPBodyChunk`` messages.
+public struct HTTPRequestMessage: ASGIMessage, Hashable {
+    public var replyChannel: String
+    public var httpVersion: String
+    public var method: String
+    public var scheme: String
+    /// Percent-decoded.
+    public var path: String
+    /// Raw, after the `?`.
+    public var queryString: [UInt8]
+    public var rootPath: String
+    public var headers: ASGIHeaders
+    public var body: [UInt8]
+    /// Where the rest of the body comes, when it did not fit in one message.
+    public var bodyChannel: String?
+    public var client: ASGIAddress?
+    public var server: ASGIAddress?
+
+    public init(replyChannel: String, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
+                queryString: [UInt8] = [], rootPath: String = "", headers: ASGIHeaders = [], body: [UInt8] = [],
+                bodyChannel: String? = nil, client: ASGIAddress? = nil, server: ASGIAddress? = nil) {
+        self.replyChannel = replyChannel
+        self.httpVersion = httpVersion
+        self.method = method
+        self.scheme = scheme
+        self.path = path
+        self.queryString = queryString
+        self.rootPath = rootPath
+        self.headers = headers
+        self.body = body
+        self.bodyChannel = bodyChannel
+        self.client = client
+        self.server = server
+    }
+
+    public init(_ message: Message) throws(MessageError) {
+        replyChannel = try message.string("reply_channel")
+        httpVersion = try message.string("http_version", default: "1.1")
+        method = try message.string("method").uppercased()
+        scheme = try message.string("scheme", default: "http")
+        path = try message.string("path")
+        queryString = try message.bytesOrString("query_string")
+        rootPath = try message.string("root_path", default: "")
+        headers = try message.optional("headers").map { v throws(MessageError) in try ASGIHeaders(v) } ?? []
+        body = try message.optionalBytes("body") ?? []
+        bodyChannel = try message.optionalString("body_channel")
+        client = try ASGIAddress.read(message, "client")
+        server = try ASGIAddress.read(message, "server")
+    }
+
+    public var message: Message {
+        var message: Message = [
+            "reply_channel": .string(replyChannel),
+            "http_version": .string(httpVersion),
+            "method": .string(method),
+            "scheme": .string(scheme),
+            "path": .string(path),
+            "query_string": .bytes(queryString),
+            "root_path": .string(rootPath),
+            "headers": headers.asgiValue,
+            "body": .bytes(body),
+            "client": client?.asgiValue ?? .null,
+            "server": server?.asgiValue ?? .null,
+        ]
+        if let bodyChannel { message["body_channel"] = .string(bodyChannel) }
+        return message
+    }
+
+    /// One decoded parameter of the query string.
+    public func query(_ name: String) -> String? { PercentCoding.parameter(name, in: queryString) }
+}
+
+/// A piece of a large request body, on the request's `body_channel`.
+public struct HTTPBodyChunk: ASGIMessage, Hashable {
+    public var content: [UInt8]
+    /// The client went away: no more chunks will come.
+    public var closed: Bool
+    public var moreContent: Bool
+
+    public init(content: [UInt8], closed: Bool = false, moreContent: Bool) {
+        self.content = content
+        self.closed = closed
+        self.moreContent = moreContent
+    }
+
+    public init(_ message: Message) throws(MessageError) {
+        content = try message.optionalBytes("content") ?? []
+        closed = try message.bool("closed", default: false)
+        moreContent = try message.bool("more_content", default: false)
+    }
+
+    public var message: Message {
+        ["content": .bytes(content), "closed": .bool(closed), "more_content": .bool(moreContent)]
+    }
+}
+
+/// The first message of an HTTP response: status, headers and the first (or only) content.
+public struct HTTPResponseStart: ASGIMessage, Hashable {
+    public var status: Int
+    public var headers: ASGIHeaders
+    public var content: [UInt8]
+    /// More ``HTTPResponseChunk`` messages follow.
+    public var moreContent: Bool
+
+    public init(status: Int, headers: ASGIHeaders = [], content: [UInt8] = [], moreContent: Bool = false) {
+        self.status = status
+        self.headers = headers
+        self.content = content
+        self.moreContent = moreContent
+    }
+
+    public init(_ message: Message) throws(MessageError) {
+        let status = try message.int("status")
+        guard (100...999).contains(status) else {
+            throw MessageError(.invalidValue, key: "status", detail: "\(status) is not an HTTP status code")
+        }
+        self.status = Int(status)
+        headers = try message.optional("headers").map { v throws(MessageError) in try ASGIHeaders(v) } ?? []
+        content = try message.optionalBytes("content") ?? []
+        moreContent = try message.bool("more_content", default: false)
+    }
+
+    public var message: Message {
+        ["status": .int(Int64(status)), "headers": headers.asgiValue, "content": .bytes(content), "more_content": .bool(moreContent)]
+    }
+}
+
+/// A later piece of an HTTP response.
+public struct HTTPResponseChunk: ASGIMessage, Hashable {
+    public var content: [UInt8]
+    /// False on the last piece.
+    public var moreContent: Bool
+
+    public init(content: [UInt8], moreContent: Bool) {
+        self.content = content
+        self.moreContent = moreContent
+    }
+
+    public init(_ message: Message) throws(MessageError) {
+        content = try message.optionalBytes("content") ?? []
+        moreContent = try message.bool("more_content", default: false)
+    }
+
+    public var message: Message { ["content": .bytes(content), "more_content": .bool(moreContent)] }
+}
+
+/// A message on an HTTP reply channel: the start of the response (it has a `status`) or a later piece.
+public enum HTTPResponseMessage: ASGIMessage, Hashable {
+    case start(HTTPResponseStart)
+    case chunk(HTTPResponseChunk)
+
+    public init(_ message: Message) throws(MessageError) {
+        self = message["status"] == nil ? .chunk(try HTTPResponseChunk(message)) : .start(try HTTPResponseStart(message))
+    }
+
+    public var message: Message {
+        switch self {
+        case .start(let start): start.message
+        case .chunk(let chunk): chunk.message
+        }
+    }
+}
+
+/// `http.disconnect`: the client left before its response finished.
+public struct HTTPDisconnectMessage: ASGIMessage, Hashable {
+    public var replyChannel: String
+    public var path: String
+
+    public init(replyChannel: String, path: String) {
+        self.replyChannel = replyChannel
+        self.path = path
+    }
+
+    public init(_ message: Message) throws(MessageError) {
+        replyChannel = try message.string("reply_channel")
+        path = try message.string("path", default: "")
+    }
+
+    public var message: Message { ["reply_channel": .string(replyChannel), "path": .string(path)] }
+}
