@@ -1,6 +1,13 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+/// Settings every target shares, as swift-nio and Hummingbird set them: `any` spelled out for
+/// existentials, and members visible only from modules a file imports itself.
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
 let package = Package(
     name: "swift-channels",
     platforms: [.macOS(.v15)],
@@ -9,6 +16,7 @@ let package = Package(
         .library(name: "RedisChannelLayer", targets: ["RedisChannelLayer"]),
         .library(name: "InterfaceServer", targets: ["InterfaceServer"]),
         .library(name: "Channels", targets: ["Channels"]),
+        .library(name: "ChannelsRedis", targets: ["ChannelsRedis"]),
         .library(name: "ChannelsCommand", targets: ["ChannelsCommand"]),
         .library(name: "ChannelsTesting", targets: ["ChannelsTesting"]),
         .executable(name: "chat", targets: ["ChatExample"]),
@@ -32,8 +40,8 @@ let package = Package(
             dependencies: [
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "DequeModule", package: "swift-collections"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: swiftSettings
         ),
         .target(
             name: "RedisChannelLayer",
@@ -41,10 +49,12 @@ let package = Package(
                 "ASGI",
                 "CHiredis",
                 .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: swiftSettings
         ),
         .target(
             name: "InterfaceServer",
@@ -56,61 +66,92 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: swiftSettings
         ),
         .target(
             name: "Channels",
             dependencies: [
-                "ASGI", "RedisChannelLayer",
+                "ASGI",
                 .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "ChannelsRedis",
+            dependencies: ["ASGI", "Channels", "RedisChannelLayer"],
+            swiftSettings: swiftSettings
         ),
         .target(
             name: "ChannelsTesting",
-            dependencies: ["ASGI", "Channels", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["ASGI", "Channels", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
         ),
         .target(
             name: "ChannelsCommand",
             dependencies: [
-                "ASGI", "Channels", "InterfaceServer", "RedisChannelLayer",
+                "ASGI", "Channels", "ChannelsRedis", "InterfaceServer", "RedisChannelLayer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: swiftSettings
         ),
         .executableTarget(
             name: "ChatExample",
-            dependencies: ["ASGI", "Channels", "ChannelsCommand", .product(name: "GRDB", package: "GRDB.swift")]
+            dependencies: [
+                "ASGI", "Channels", "ChannelsCommand",
+                .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
         ),
         .executableTarget(
             name: "PeerChat",
-            dependencies: ["ASGI", "Channels", "ChannelsCommand"]
+            dependencies: ["ASGI", "Channels", "ChannelsCommand"],
+            swiftSettings: swiftSettings
         ),
         .executableTarget(
             name: "ChannelsBench",
             dependencies: [
                 "ASGI", "RedisChannelLayer",
-                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: swiftSettings
         ),
-        .testTarget(name: "ChannelsTests", dependencies: ["ASGI", "Channels", "ChannelsTesting", "RedisChannelLayer"]),
-        .testTarget(name: "InterfaceServerTests", dependencies: [
-            "ASGI", "Channels", "InterfaceServer",
-            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
-        ]),
-        .testTarget(name: "ChannelLayerTests", dependencies: [
-            "ASGI", "CHiredis", "RedisChannelLayer",
-            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
-        ]),
+        .testTarget(
+            name: "ChannelsTests",
+            dependencies: [
+                "ASGI", "Channels", "ChannelsRedis", "ChannelsTesting", "RedisChannelLayer",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "InterfaceServerTests",
+            dependencies: [
+                "ASGI", "Channels", "InterfaceServer",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ChannelLayerTests",
+            dependencies: [
+                "ASGI", "CHiredis", "RedisChannelLayer",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
+            ],
+            swiftSettings: swiftSettings
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

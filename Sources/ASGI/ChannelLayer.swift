@@ -119,6 +119,18 @@ extension ChannelLayer {
     }
 }
 
+/// What an operator's tools (`stats`, the operations page) may ask a layer beyond ASGI: which
+/// channels hold messages and which groups exist. Layers that can answer adopt it; tools ask
+/// with `layer as? any ChannelLayerInspection` and show less when a layer cannot.
+public protocol ChannelLayerInspection: ChannelLayer {
+    /// Names of the channels that hold messages now (the non-local `prefix!` form for process channels).
+    func pendingChannels() async throws -> [String]
+    /// Names of the groups that have members now.
+    func groups() async throws -> [String]
+    /// A short description of where the layer keeps its data, for logs and pages (no passwords).
+    var location: String { get }
+}
+
 /// The reserved key that carries the full name of a `!` channel inside a stored message.
 public let asgiChannelKey = "__asgi_channel__"
 

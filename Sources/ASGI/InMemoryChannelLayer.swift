@@ -7,7 +7,7 @@ import Synchronization
 /// channels, statistics) so that an application can run with no services at all, and so
 /// the upper layers can be tested without a server. A blocking ``receive(channels:timeout:)``
 /// parks a continuation that a ``send(_:to:)`` resumes directly; nothing polls.
-public final class InMemoryChannelLayer: ChannelLayer {
+public final class InMemoryChannelLayer: ChannelLayerInspection {
     public struct Configuration: Sendable {
         /// How long a message waits before it is dropped.
         public var expiry: Duration
@@ -336,9 +336,23 @@ public final class InMemoryChannelLayer: ChannelLayer {
     }
 
     /// Names of the channels that hold messages now (for `stats`).
-    public func pendingChannels() -> [String] {
-        state.withLock { Array($0.queues.keys).sorted() }
+    public func pendingChannels() async throws -> [String] {
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            state.sweep(now: now)
+            return state.queues.keys.sorted()
+        }
     }
+
+    /// Names of the groups with members (for `stats`).
+    public func groups() async throws -> [String] {
+        let cutoff = ContinuousClock.now - configuration.groupExpiry
+        return state.withLock { state in
+            state.groups.filter { $0.value.values.contains { $0 > cutoff } }.keys.sorted()
+        }
+    }
+
+    public var location: String { "in-memory (this process)" }
 
     public func close() async {
         let waiters = state.withLock { state -> [Waiter] in

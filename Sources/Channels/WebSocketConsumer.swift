@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import Logging
 
 // MARK: WebSocket consumers
 

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import Logging
 
 /// A stream of a demultiplexer: a JSON consumer whose frames arrive as the `payload` of
 /// `{"stream": name, "payload": ...}` and whose sends are wrapped the same way.

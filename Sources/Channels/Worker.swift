@@ -1,6 +1,7 @@
 import ASGI
 import DequeModule
 import Logging
+import OrderedCollections
 import Synchronization
 
 /// Pulls messages from the channels the routing names and runs the matching consumers, up to

@@ -7,6 +7,7 @@ import InterfaceServer
 import Logging
 import NIOCore
 import NIOPosix
+import ChannelsRedis
 import RedisChannelLayer
 import Synchronization
 
@@ -75,14 +76,14 @@ struct LayerOptions: ParsableArguments {
     var logFormat: String?
 
     /// Sessions and users for the consumers.
-    func makeEnvironment(layer: any ChannelLayer) throws -> ConsumerEnvironment {
+    func makeEnvironment(backend: Backend) throws -> ConsumerEnvironment {
         let app = ChannelsApplication.get()
         let url = sessionStore ?? ProcessInfo.processInfo.environment["SESSION_STORE"]
         let store: any SessionStore
         if let url, !url.isEmpty, url != "memory", url != "memory://" {
             store = RedisSessionStore(client: RedisClient(endpoint: try RedisEndpoint(url: url)))
-        } else if url == nil || url == "", let redis = layer as? RedisChannelLayer, let first = redis.configuration.hosts.first {
-            store = RedisSessionStore(client: RedisClient(endpoint: first))
+        } else if url == nil || url == "", let redis = backend.redis {
+            store = RedisSessionStore(client: RedisClient(endpoint: redis))
         } else {
             store = InMemorySessionStore()
         }
@@ -97,20 +98,35 @@ struct LayerOptions: ParsableArguments {
         return logger
     }
 
-    func makeLayer(logger: Logger, allowMemory: Bool) throws -> any ChannelLayer {
+    /// The layer from `--layer` / `CHANNEL_LAYER` (the embedded one when neither is set), with
+    /// where its Redis-backed companions (sessions, delays) go. Chosen here, once: nothing later
+    /// casts the layer back to a concrete type.
+    func makeBackend(logger: Logger, allowMemory: Bool) throws -> Backend {
         let url = layer ?? ProcessInfo.processInfo.environment["CHANNEL_LAYER"]
         guard let url, !url.isEmpty else {
             guard allowMemory else {
                 throw ValidationError("this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
             }
-            return InMemoryChannelLayer()
+            return Backend(layer: InMemoryChannelLayer(), redis: nil)
         }
         if url == "memory" || url == "memory://" {
             guard allowMemory else { throw ValidationError("the in-memory layer cannot be shared between processes") }
-            return InMemoryChannelLayer()
+            return Backend(layer: InMemoryChannelLayer(), redis: nil)
         }
-        return try RedisChannelLayer(urls: url.split(separator: ",").map(String.init), logger: logger)
+        let redis = try RedisChannelLayer(urls: url.split(separator: ",").map(String.init), logger: logger)
+        return Backend(layer: redis, redis: redis.configuration.hosts.first)
     }
+}
+
+/// The layer a command runs on and where the stores that go with it live.
+struct Backend: Sendable {
+    let layer: any ChannelLayer
+    /// The first Redis server of the layer's ring: the default home of sessions and delayed
+    /// messages. Nil on the embedded layer, whose companions live in this process.
+    let redis: RedisEndpoint?
+
+    /// The layer lives in this process (nothing else can serve it).
+    var isEmbedded: Bool { redis == nil }
 }
 
 /// Waits for SIGTERM or SIGINT.

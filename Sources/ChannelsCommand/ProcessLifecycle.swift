@@ -3,7 +3,6 @@ import ASGI
 import Channels
 import Foundation
 import Logging
-import RedisChannelLayer
 import Synchronization
 
 /// Runs a loop until SIGTERM/SIGINT, then asks it to stop and waits for what it holds to

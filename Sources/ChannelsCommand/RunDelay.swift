@@ -3,6 +3,7 @@ import ASGI
 import Channels
 import Foundation
 import Logging
+import ChannelsRedis
 import RedisChannelLayer
 import Synchronization
 
@@ -17,10 +18,9 @@ struct RunDelay: AsyncParsableCommand {
 
     func run() async throws {
         let logger = options.makeLogger("channels.rundelay")
-        let layer = try options.makeLayer(logger: logger, allowMemory: false)
-        guard let redis = layer as? RedisChannelLayer, let first = redis.configuration.hosts.first else {
-            throw ValidationError("rundelay needs a Redis layer")
-        }
+        let backend = try options.makeBackend(logger: logger, allowMemory: false)
+        let layer = backend.layer
+        guard let first = backend.redis else { throw ValidationError("rundelay needs a Redis layer") }
         let client = RedisClient(endpoint: first)
         let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")

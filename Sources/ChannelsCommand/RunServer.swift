@@ -4,7 +4,7 @@ import Channels
 import Foundation
 import InterfaceServer
 import Logging
-import RedisChannelLayer
+import NIOCore
 import Synchronization
 
 struct RunServer: AsyncParsableCommand {
@@ -37,7 +37,8 @@ struct RunServer: AsyncParsableCommand {
 
     func run() async throws {
         let logger = options.makeLogger("channels.runserver")
-        let layer = try options.makeLayer(logger: logger, allowMemory: true)
+        let backend = try options.makeBackend(logger: logger, allowMemory: true)
+        let layer = backend.layer
         let app = ChannelsApplication.get()
         let router = try Router(app.routing())
         var configuration = ServerConfiguration(host: bind, port: port)
@@ -59,11 +60,11 @@ struct RunServer: AsyncParsableCommand {
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
         let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,
-                                             environment: try options.makeEnvironment(layer: layer),
+                                             environment: try options.makeEnvironment(backend: backend),
                                              logger: options.makeLogger("channels.worker"))
         let workerTask = worker.map { worker in Task { await worker.run() } }
         // On the in-memory layer nothing else could run a delay server: run one here.
-        let delay = !noworker && layer is InMemoryChannelLayer
+        let delay = !noworker && backend.isEmbedded
             ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
         let delayTask = delay.map { delay in Task { await delay.run() } }
         let address = server.localAddress.map { "\($0)" } ?? bind

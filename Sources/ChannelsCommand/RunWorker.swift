@@ -3,7 +3,6 @@ import ASGI
 import Channels
 import Foundation
 import Logging
-import RedisChannelLayer
 import Synchronization
 
 struct RunWorker: AsyncParsableCommand {
@@ -20,10 +19,11 @@ struct RunWorker: AsyncParsableCommand {
 
     func run() async throws {
         let logger = options.makeLogger("channels.runworker")
-        let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        let backend = try options.makeBackend(logger: logger, allowMemory: false)
+        let layer = backend.layer
         let router = try Router(ChannelsApplication.get().routing())
         let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
-                            exclude: excludeChannels, environment: try options.makeEnvironment(layer: layer), logger: logger)
+                            exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         await runUntilSignal(logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run, stop: worker.stop)
         await layer.close()

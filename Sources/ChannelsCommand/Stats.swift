@@ -3,7 +3,6 @@ import ASGI
 import Channels
 import Foundation
 import Logging
-import RedisChannelLayer
 import Synchronization
 
 struct Stats: AsyncParsableCommand {
@@ -16,7 +15,7 @@ struct Stats: AsyncParsableCommand {
 
     func run() async throws {
         let logger = options.makeLogger("channels.stats")
-        let layer = try options.makeLayer(logger: logger, allowMemory: false)
+        let layer = try options.makeBackend(logger: logger, allowMemory: false).layer
         defer { Task { await layer.close() } }
         guard let watch, watch > 0 else {
             try await show(layer)
@@ -34,13 +33,13 @@ struct Stats: AsyncParsableCommand {
         var names = Set(channels)
         if names.isEmpty {
             names = try Router(ChannelsApplication.get().routing()).channels
-            if let redis = layer as? RedisChannelLayer {
-                names.formUnion(try await redis.pendingChannels())
+            if let inspection = layer as? any ChannelLayerInspection {
+                names.formUnion(try await inspection.pendingChannels())
             }
         }
         var groups: [(String, Int)] = []
-        if let redis = layer as? RedisChannelLayer {
-            for group in try await redis.groups() { groups.append((group, try await layer.groupChannels(group).count)) }
+        if let inspection = layer as? any ChannelLayerInspection {
+            for group in try await inspection.groups() { groups.append((group, try await layer.groupChannels(group).count)) }
         }
         let global = try await layer.globalStatistics()
         var rows: [(String, ChannelStatistics)] = []

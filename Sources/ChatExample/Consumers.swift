@@ -1,6 +1,7 @@
 import ASGI
 import Channels
 import Foundation
+import Logging
 
 enum ChatConsumers {
     @Sendable static func hello(_ context: ConsumerContext) async throws {

@@ -1,5 +1,6 @@
 import ASGI
 import DequeModule
+import Logging
 import NIOCore
 
 /// Sends one connection's messages to the channel layer, in the order they were made, one

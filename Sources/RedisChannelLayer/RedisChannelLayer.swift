@@ -1,9 +1,10 @@
 import ASGI
+import DequeModule
 import Logging
 import NIOCore
 import NIOPosix
+import OrderedCollections
 import Synchronization
-import DequeModule
 
 /// The Redis channel layer, byte-compatible with Python's asgi_redis 1.4.
 ///
@@ -12,7 +13,7 @@ import DequeModule
 /// loops, with hiredis parsing the replies: every ordinary command and script of every task
 /// shares one pipelined connection per server, and only receives that wait in `BLPOP` hold
 /// a connection of their own.
-public final class RedisChannelLayer: ChannelLayer {
+public final class RedisChannelLayer: ChannelLayerInspection {
     public let configuration: RedisChannelLayerConfiguration
     private let logger: Logger
     private let shards: [RedisConnections]
@@ -647,6 +648,9 @@ public final class RedisChannelLayer: ChannelLayer {
         }
         return stats
     }
+
+    /// The servers of the ring, without credentials.
+    public var location: String { configuration.hosts.map(\.description).joined(separator: ",") }
 
     /// Channels (list names) with waiting messages, found with SCAN, for operators.
     public func pendingChannels() async throws -> [String] {

@@ -1,4 +1,5 @@
 import ASGI
+import OrderedCollections
 import Testing
 
 @Suite("typed ASGI messages and codecs", .timeLimit(.minutes(2)))

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import OrderedCollections
 @testable import RedisChannelLayer
 import Testing
 

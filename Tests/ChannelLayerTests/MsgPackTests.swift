@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import OrderedCollections
 import Testing
 
 /// Hex helpers for recorded vectors.

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import NIOCore
 import NIOPosix
 @testable import RedisChannelLayer
 import Testing

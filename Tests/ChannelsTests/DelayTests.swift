@@ -1,5 +1,6 @@
 import ASGI
 @testable import Channels
+import ChannelsRedis
 import ChannelsTesting
 import Foundation
 import RedisChannelLayer

@@ -1,5 +1,7 @@
 import ASGI
 @testable import Channels
+import Logging
+import RedisChannelLayer
 import Synchronization
 import Testing
 

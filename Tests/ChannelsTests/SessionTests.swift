@@ -1,7 +1,9 @@
 import ASGI
 @testable import Channels
+import ChannelsRedis
 import ChannelsTesting
 import Foundation
+import Logging
 import RedisChannelLayer
 import Testing
 

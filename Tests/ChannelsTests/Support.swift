@@ -1,4 +1,5 @@
 import ASGI
+import ChannelsRedis
 import Channels
 import Foundation
 import RedisChannelLayer

@@ -75,7 +75,9 @@ def redis_stack(prefix, workers=2, servers=1, extra_worker=(), layer=None):
     """`servers` x runserver --noworker and `workers` x runworker on the test Redis under
     `prefix` (or on `layer`)."""
     layer = layer or redis_url(prefix)
-    procs = [server("--noworker", "--layer", layer) for _ in range(servers)]
+    # Hundreds of sockets connect at once to a debug build on 2 cores: the accept may take longer
+    # than the default 5 s (a 403). These tests count deliveries, not connect latency.
+    procs = [server("--noworker", "--layer", layer, "--websocket-connect-timeout", "30") for _ in range(servers)]
     ws = [Proc("runworker", "--layer", layer, "--threads", "32", *extra_worker) for _ in range(workers)]
     for w in ws:
         w.wait_line("worker ready")

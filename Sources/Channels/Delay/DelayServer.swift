@@ -1,7 +1,7 @@
 import ASGI
 import Foundation
 import Logging
-import RedisChannelLayer
+import OrderedCollections
 import Synchronization
 
 /// The delay server (`rundelay`): takes `{channel, content, delay}` messages (delay in

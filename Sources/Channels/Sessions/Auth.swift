@@ -1,7 +1,8 @@
+import _CryptoExtras
 import ASGI
 import Crypto
 import Foundation
-import _CryptoExtras
+import Synchronization
 
 /// Who sent a message: a user loaded by id, or anonymous.
 public struct User: Sendable, Hashable, CustomStringConvertible {

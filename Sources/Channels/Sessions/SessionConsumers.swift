@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import Synchronization
 
 /// What the session and auth wrappers need from the application: where sessions live, their
 /// settings, and how to load a user.
@@ -38,7 +39,7 @@ public func channelSession(_ consumer: @escaping Consumer) -> Consumer {
 
 /// Runs `consumer` with a session opened by `open` (unless an outer wrapper already opened it)
 /// and saves it afterwards when modified, also when the consumer threw.
-private func withSession(_ consumer: @escaping Consumer, loaded: KeyPath<ConsumerContext, Session?> & Sendable,
+private func withSession(_ consumer: @escaping Consumer, loaded: any KeyPath<ConsumerContext, Session?> & Sendable,
                          open: @escaping @Sendable (ConsumerContext) async throws -> Session) -> Consumer {
     { context in
         if context[keyPath: loaded] != nil { return try await consumer(context) }

@@ -1,0 +1,48 @@
+import ASGI
+import Channels
+import RedisChannelLayer
+
+/// Sessions in Redis, each one string key `<prefix><session key>` with the session age as its
+/// TTL. Conditional writes are one Lua script, so they are atomic on the server.
+public final class RedisSessionStore: SessionStore {
+    public let client: RedisClient
+    public let prefix: String
+
+    private static let conditionalSet = LuaScript(name: "session-store", source: """
+        local current = redis.call('GET', KEYS[1])
+        if ARGV[2] == '0' then
+            if current then return 0 end
+        elseif current ~= ARGV[3] then
+            return 0
+        end
+        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+        return 1
+        """)
+
+    public init(client: RedisClient, prefix: String = "channels-session:") {
+        self.client = client
+        self.prefix = prefix
+    }
+
+    /// A store on the Redis server of this URL.
+    public convenience init(url: String, prefix: String = "channels-session:") throws {
+        self.init(client: try RedisClient(url: url), prefix: prefix)
+    }
+
+    private func redisKey(_ key: String) -> [UInt8] { Array((prefix + key).utf8) }
+
+    public func load(_ key: String) async throws -> [UInt8]? {
+        try await client.command([Array("GET".utf8), redisKey(key)]).bytes
+    }
+
+    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+        let reply = try await client.run(Self.conditionalSet, keys: [redisKey(key)], args: [
+            data, expected == nil ? [0x30] : [0x31], expected ?? [], Array(String(max(1, ttl)).utf8),
+        ])
+        return reply.integer == 1
+    }
+
+    public func delete(_ key: String) async throws {
+        try await client.command([Array("DEL".utf8), redisKey(key)])
+    }
+}
