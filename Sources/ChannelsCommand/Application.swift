@@ -28,9 +28,7 @@ public struct ChannelsApplication: Sendable {
         self.sessionSettings = sessionSettings
     }
 
-    static let current = Mutex<ChannelsApplication?>(nil)
-
-    /// Parses the command line and runs the chosen subcommand.
+    /// Parses the command line and runs the chosen subcommand with this application.
     ///
     /// Swift concurrency's jobs run on NIO's event loops (where the sockets and the Redis
     /// connections are), so an awaited reply resumes its task on the thread that read it
@@ -40,13 +38,28 @@ public struct ChannelsApplication: Sendable {
         if ProcessInfo.processInfo.environment["CHANNELS_EXECUTOR"] != "default" {
             NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
         }
-        Self.current.withLock { $0 = self }
-        await ApplicationCommand.main()
+        do {
+            var command = try ApplicationCommand.parseAsRoot()
+            if var subcommand = command as? any ApplicationSubcommand {
+                try await subcommand.run(self)
+            } else {
+                try command.run()
+            }
+        } catch {
+            ApplicationCommand.exit(withError: error)
+        }
     }
+}
 
-    static func get() -> ChannelsApplication {
-        guard let app = current.withLock({ $0 }) else { fatalError("ChannelsApplication.main() was not called") }
-        return app
+/// A command that runs with the application that parsed it (handed over, not looked up in a global).
+protocol ApplicationSubcommand: AsyncParsableCommand {
+    mutating func run(_ app: ChannelsApplication) async throws
+}
+
+extension ApplicationSubcommand {
+    /// Commands run through ``ChannelsApplication/main()``, which passes the application.
+    mutating func run() async throws {
+        throw ValidationError("run this command through ChannelsApplication.main()")
     }
 }
 
@@ -76,8 +89,7 @@ struct LayerOptions: ParsableArguments {
     var logFormat: String?
 
     /// Sessions and users for the consumers.
-    func makeEnvironment(backend: Backend) throws -> ConsumerEnvironment {
-        let app = ChannelsApplication.get()
+    func makeEnvironment(backend: Backend, app: ChannelsApplication) throws -> ConsumerEnvironment {
         let url = sessionStore ?? ProcessInfo.processInfo.environment["SESSION_STORE"]
         let store: any SessionStore
         if let url, !url.isEmpty, url != "memory", url != "memory://" {
@@ -129,37 +141,23 @@ struct Backend: Sendable {
     var isEmbedded: Bool { redis == nil }
 }
 
-/// Waits for SIGTERM or SIGINT.
+/// Waits for SIGTERM or SIGINT. The signals stay ignored afterwards (a second one does not
+/// kill a process that is shutting down gracefully).
 enum Signals {
     static func wait() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let fired = Mutex(false)
-            let queue = DispatchQueue(label: "signals")
-            var sources: [DispatchSourceSignal] = []
-            for sig in [SIGTERM, SIGINT] {
-                signal(sig, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-                source.setEventHandler {
-                    let first = fired.withLock { done -> Bool in
-                        defer { done = true }
-                        return !done
-                    }
-                    if first { continuation.resume() }
-                }
-                source.resume()
-                sources.append(source)
-            }
-            // The sources must outlive this call; they live as long as the process.
-            retained.withLock { $0 = sources.map { SignalSourceBox(source: $0) } }
+        let (signals, continuation) = AsyncStream<Int32>.makeStream()
+        let queue = DispatchQueue(label: "signals")
+        let sources = [SIGTERM, SIGINT].map { sig -> any DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            source.setEventHandler { continuation.yield(sig) }
+            source.resume()
+            return source
         }
+        var iterator = signals.makeAsyncIterator()
+        _ = await iterator.next()
+        for source in sources { source.cancel() }
     }
-
-    private static let retained = Mutex<[SignalSourceBox]>([])
-}
-
-/// Safety: a DispatchSource is thread-safe; the box only keeps it alive.
-private struct SignalSourceBox: @unchecked Sendable {
-    let source: any DispatchSourceSignal
 }
 
 extension Duration {

@@ -7,7 +7,7 @@ import ChannelsRedis
 import RedisChannelLayer
 import Synchronization
 
-struct RunDelay: AsyncParsableCommand {
+struct RunDelay: ApplicationSubcommand {
     static let configuration = CommandConfiguration(
         commandName: "rundelay",
         abstract: "Run the delay server: messages sent to asgi.delay go to their channel when due."
@@ -16,7 +16,7 @@ struct RunDelay: AsyncParsableCommand {
     @OptionGroup var options: LayerOptions
     @Option(name: .long, help: "The Redis sorted set that holds scheduled messages.") var delayKey = "asgi-delay:scheduled"
 
-    func run() async throws {
+    func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.rundelay")
         let backend = try options.makeBackend(logger: logger, allowMemory: false)
         let layer = backend.layer

@@ -7,7 +7,7 @@ import Logging
 import NIOCore
 import Synchronization
 
-struct RunServer: AsyncParsableCommand {
+struct RunServer: ApplicationSubcommand {
     static let configuration = CommandConfiguration(
         commandName: "runserver",
         abstract: "Serve HTTP and WebSocket, with workers in this process unless --noworker."
@@ -35,11 +35,10 @@ struct RunServer: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds a WebSocket's frames are held while the layer is unreachable before 1011.") var layerOutageTimeout = 120.0
     @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.") var maxQueuedBytes = 4 * 1024 * 1024
 
-    func run() async throws {
+    func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.runserver")
         let backend = try options.makeBackend(logger: logger, allowMemory: true)
         let layer = backend.layer
-        let app = ChannelsApplication.get()
         let router = try Router(app.routing())
         var configuration = ServerConfiguration(host: bind, port: port)
         configuration.unixSocketPath = unixSocket
@@ -60,7 +59,7 @@ struct RunServer: AsyncParsableCommand {
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
         let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,
-                                             environment: try options.makeEnvironment(backend: backend),
+                                             environment: try options.makeEnvironment(backend: backend, app: app),
                                              logger: options.makeLogger("channels.worker"))
         let workerTask = worker.map { worker in Task { await worker.run() } }
         // On the in-memory layer nothing else could run a delay server: run one here.

@@ -5,7 +5,7 @@ import Foundation
 import Logging
 import Synchronization
 
-struct RunWorker: AsyncParsableCommand {
+struct RunWorker: ApplicationSubcommand {
     static let configuration = CommandConfiguration(
         commandName: "runworker",
         abstract: "Run consumers for messages from a shared channel layer."
@@ -17,13 +17,13 @@ struct RunWorker: AsyncParsableCommand {
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
     @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
 
-    func run() async throws {
+    func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.runworker")
         let backend = try options.makeBackend(logger: logger, allowMemory: false)
         let layer = backend.layer
-        let router = try Router(ChannelsApplication.get().routing())
+        let router = try Router(app.routing())
         let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
-                            exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend), logger: logger)
+                            exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend, app: app), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         await runUntilSignal(logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run, stop: worker.stop)
         await layer.close()

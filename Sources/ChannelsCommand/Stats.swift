@@ -5,7 +5,7 @@ import Foundation
 import Logging
 import Synchronization
 
-struct Stats: AsyncParsableCommand {
+struct Stats: ApplicationSubcommand {
     static let configuration = CommandConfiguration(abstract: "Show channel and layer statistics.")
 
     @OptionGroup var options: LayerOptions
@@ -13,26 +13,26 @@ struct Stats: AsyncParsableCommand {
     @Option(name: .long, help: "Refresh every N seconds until interrupted.") var watch: Double?
     @Argument(help: "Channels to show (default: the routed ones and every channel with messages).") var channels: [String] = []
 
-    func run() async throws {
+    func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.stats")
         let layer = try options.makeBackend(logger: logger, allowMemory: false).layer
         defer { Task { await layer.close() } }
         guard let watch, watch > 0 else {
-            try await show(layer)
+            try await show(layer, app: app)
             return
         }
         while !Task.isCancelled {
             say("\u{1b}[2J\u{1b}[H" + Date().description)
-            try await show(layer)
+            try await show(layer, app: app)
             // A refresh of a display, on a timer.
             try await Task.sleep(for: Duration(secondsValue: watch))
         }
     }
 
-    private func show(_ layer: any ChannelLayer) async throws {
+    private func show(_ layer: any ChannelLayer, app: ChannelsApplication) async throws {
         var names = Set(channels)
         if names.isEmpty {
-            names = try Router(ChannelsApplication.get().routing()).channels
+            names = try Router(app.routing()).channels
             if let inspection = layer as? any ChannelLayerInspection {
                 names.formUnion(try await inspection.pendingChannels())
             }

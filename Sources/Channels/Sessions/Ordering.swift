@@ -3,15 +3,22 @@ import Foundation
 import Logging
 import Synchronization
 
-/// Messages skipped by ``enforceOrdering(slight:_:)`` and ``inSendOrder(_:)`` because they never
-/// arrived within the gap timeout, in this process.
-public enum OrderingGaps {
-    public static let skipped = Atomic<Int>(0)
-    private static let watched = Mutex<Set<String>>([])
+/// The ordering wrappers' state of one worker (held by its ``ConsumerEnvironment``): messages
+/// skipped by ``enforceOrdering(slight:_:)`` and ``inSendOrder(_:)`` because they never arrived
+/// within the gap timeout, and the wait channels a gap watch already covers.
+public final class OrderingGaps: Sendable {
+    private let skippedCount = Atomic<Int>(0)
+    private let watched = Mutex<Set<String>>([])
 
-    /// True when the caller should start watching `waitChannel` (nobody in this process does).
-    static func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
-    static func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
+    public init() {}
+
+    /// Messages skipped so far.
+    public var skipped: Int { skippedCount.load(ordering: .relaxed) }
+
+    func countSkipped(_ count: Int) { skippedCount.add(count, ordering: .relaxed) }
+    /// True when the caller should start watching `waitChannel` (nobody here does yet).
+    func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
+    func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
 }
 
 /// `enforce_ordering`: the messages of one WebSocket are handled strictly in their `order`
@@ -147,7 +154,7 @@ struct OrderingGate {
                 await drain()
             } else if let movedAt, Self.nowMillis() - movedAt > gapMillis {
                 await drain(skippingGapFrom: stored)
-            } else if OrderingGaps.watch(waitChannel) {
+            } else if context.environment.orderingGaps.watch(waitChannel) {
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
                 let gate = self
                 Task { await gate.watchGap() }
@@ -187,7 +194,7 @@ struct OrderingGate {
     /// Runs (once per wait channel and process at a time) while messages stay parked: after
     /// each gap timeout, runs what became due, or skips a gap that is now old enough.
     private func watchGap() async {
-        defer { OrderingGaps.unwatch(waitChannel) }
+        defer { context.environment.orderingGaps.unwatch(waitChannel) }
         while !Task.isCancelled {
             try? await Task.sleep(for: context.environment.orderingGapTimeout + .milliseconds(100))
             guard let (stored, movedAt) = try? await storedState() else { return }
@@ -224,7 +231,7 @@ struct OrderingGate {
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())
             try await stored.save()
-            OrderingGaps.skipped.add(Int(to - from), ordering: .relaxed)
+            context.environment.orderingGaps.countSkipped(Int(to - from))
             context.logger.warning("skipped messages that never arrived; running the ones after them",
                                    metadata: ["channel": "\(context.channel)", "from": "\(from)", "to": "\(to)"])
             return true

@@ -16,10 +16,13 @@ public struct ConsumerEnvironment: Sendable {
     /// How long ordered messages wait for one before them that never comes (lost with a
     /// killed worker) before it is skipped.
     public var orderingGapTimeout: Duration
+    /// Gaps skipped by the ordering wrappers (shared by the copies of this environment).
+    public var orderingGaps: OrderingGaps
 
     public init(sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
                 users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
-                orderingGapTimeout: Duration = .seconds(10)) {
+                orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps()) {
+        self.orderingGaps = orderingGaps
         self.sessionStore = sessionStore
         self.sessionSettings = sessionSettings
         self.users = users
