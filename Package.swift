@@ -138,6 +138,7 @@ let package = Package(
             name: "InterfaceServerTests",
             dependencies: [
                 "ASGI", "Channels", "InterfaceServer",
+                .product(name: "Logging", package: "swift-log"), .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
             ],

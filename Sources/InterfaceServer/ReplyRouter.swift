@@ -43,6 +43,16 @@ final class ReplyRouter: Sendable {
         _ = handlers.withLock { $0.removeValue(forKey: channel) }
     }
 
+    /// Hands a reply to the connection that holds `channel`; counts it when none does.
+    func deliver(_ message: Message, to channel: String) {
+        if let handler = handlers.withLock({ $0[channel] }) {
+            handler(message)
+        } else {
+            unroutable.add(1, ordering: .relaxed)
+            logger.debug("reply for a connection that is gone", metadata: ["channel": "\(channel)"])
+        }
+    }
+
     var activeCount: Int { handlers.withLock { $0.count } }
     var unroutableCount: Int { unroutable.load(ordering: .relaxed) }
 
@@ -85,15 +95,7 @@ final class ReplyRouter: Sendable {
                 // Up to 64 replies per round trip under load, dispatched in the order they were sent.
                 let batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
                 failures = 0
-                for received in batch {
-                    let handler = handlers.withLock { $0[received.channel] }
-                    if let handler {
-                        handler(received.message)
-                    } else {
-                        unroutable.add(1, ordering: .relaxed)
-                        logger.debug("reply for a connection that is gone", metadata: ["channel": "\(received.channel)"])
-                    }
-                }
+                for received in batch { deliver(received.message, to: received.channel) }
             } catch {
                 if Task.isCancelled { break }
                 failures += 1

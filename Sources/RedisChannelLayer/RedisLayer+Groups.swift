@@ -1,0 +1,146 @@
+import ASGI
+import DequeModule
+import Logging
+import NIOCore
+import NIOPosix
+import OrderedCollections
+import Synchronization
+
+/// Groups (sorted sets scored by the time of the last add), group sends (bundled per
+/// registered process channel) and the registration of bundle readers.
+extension RedisChannelLayer {
+    public func newChannel(_ pattern: String) async throws -> String {
+        try ChannelNames.validatePattern(pattern)
+        while true {
+            let name = pattern + ChannelNames.randomLetters(12)
+            let reply = try await shared(shardIndex(for: name)).command([Array("EXISTS".utf8), key(name)])
+            if reply.integer == 0 { return name }
+            if case .error = reply { throw unexpected(reply, doing: "EXISTS") }
+        }
+    }
+
+    public func groupAdd(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        let gkey = groupKey(group)
+        let now = Array(String(Self.unixTime()).utf8)
+        let expiry = Array(String(configuration.groupExpiry).utf8)
+        let replies = try await shared(shardIndex(for: group)).pipeline([
+            [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
+            [Array("EXPIRE".utf8), gkey, expiry],
+        ])
+        if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
+    }
+
+    public func groupDiscard(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        let reply = try await shared(shardIndex(for: group)).command([Array("ZREM".utf8), groupKey(group), Array(channel.utf8)])
+        if reply.errorMessage != nil { throw unexpected(reply, doing: "group discard") }
+    }
+
+    public func groupChannels(_ group: String) async throws -> [String] {
+        try ChannelNames.validateGroup(group)
+        let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
+        let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [groupKey(group)], args: [cutoff])
+        guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
+        return members.compactMap(\.text)
+    }
+
+    public func sendGroup(_ group: String, message: Message) async throws {
+        try ChannelNames.validateGroup(group)
+        guard message[asgiChannelKey] == nil else {
+            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+        }
+        let plainBody = MsgPackEncoder.encode(message)
+        guard plainBody.count + 140 <= configuration.maxMessageSize else {
+            throw ChannelLayerError.messageTooLarge("group:" + group, size: plainBody.count, limit: configuration.maxMessageSize)
+        }
+        // The body for `!` members: the same map with one more entry, whose value (the
+        // member's full name) the script appends.
+        var localHead: [UInt8] = []
+        MsgPackEncoder.writeMapHeader(count: message.count + 1, into: &localHead)
+        for (k, v) in message.fields {
+            MsgPackEncoder.writeString(k, into: &localHead)
+            MsgPackEncoder.write(v, into: &localHead)
+        }
+        MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
+
+        let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
+        func args(mode: String, members: [String]) -> [[UInt8]] {
+            var keyBase = newBodyKey()
+            keyBase.removeFirst(configuration.prefix.utf8.count)
+            keyBase.removeLast(8)
+            return [
+                Array(mode.utf8), cutoff, Array(configuration.prefix.utf8), Array(configuration.statsPrefix.utf8),
+                Array(String(configuration.expiry).utf8),
+                Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
+                Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
+                plainBody, localHead, keyBase, Array(String(configuration.capacity).utf8),
+            ] + luaCapacityArgs + members.map { Array($0.utf8) }
+        }
+        let globalKeys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
+
+        if shards.count == 1 {
+            let scriptArgs = args(mode: "group", members: [])
+            let reply = try await pipelined(0, Scripts.sendMany, keys: [groupKey(group)] + globalKeys, args: scriptArgs)
+            try countGroupSend(reply, group: group)
+            return
+        }
+        // Sharded: members from the group's shard, then one script per destination shard.
+        let members = try await groupChannels(group)
+        var byShard: [Int: [String]] = [:]
+        for member in members { byShard[sendShard(for: member), default: []].append(member) }
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for (index, names) in byShard {
+                let scriptArgs = args(mode: "list", members: names)
+                tasks.addTask {
+                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
+                    try self.countGroupSend(reply, group: group)
+                }
+            }
+            try await tasks.waitForAll()
+        }
+    }
+
+    /// Counts what a group-send script reports: members reached, and members missed because
+    /// their channel was full (logged: capacity is a promise the user can reason about).
+    func countGroupSend(_ reply: RedisReply, group: String) throws(ChannelLayerError) {
+        guard case .array(let counts) = reply, counts.count == 4 else { throw unexpected(reply, doing: "group send") }
+        membersReached.add(counts[2].countValue, ordering: .relaxed)
+        let missed = counts[3].countValue
+        if missed > 0 {
+            membersMissed.add(missed, ordering: .relaxed)
+            logger.warning("group send skipped members whose channel is full", metadata: [
+                "group": "\(group)", "missed": "\(missed)", "reached": "\(counts[2].countValue)",
+            ])
+        }
+    }
+
+    /// Group members this process's group sends have reached, and missed (channel full).
+    public var groupMembersReached: Int { membersReached.load(ordering: .relaxed) }
+    public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
+
+    /// The registration is a key that lives as long as a group member does (`group_expiry`),
+    /// so one that is gone while its reader keeps renewing it means Redis lost its data.
+    public func registerBundleReader(_ processChannel: String) async throws -> Bool {
+        try ChannelNames.validateChannel(processChannel, for: .receive)
+        guard ChannelNames.isProcessSpecific(processChannel) else {
+            throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
+        }
+        let reply = try await pipelined(shardIndex(for: processChannel), Scripts.registerReader,
+                                        keys: [statKey(processChannel, "reader")],
+                                        args: [Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8)])
+        guard let existed = reply.integer else { throw unexpected(reply, doing: "register a reader") }
+        let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
+        return first || existed == 1
+    }
+
+    public var maxMessageSize: Int { configuration.maxMessageSize }
+
+    static func unixTime() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}

@@ -1,0 +1,288 @@
+import ASGI
+import DequeModule
+import Logging
+import NIOCore
+import NIOPosix
+import OrderedCollections
+import Synchronization
+
+/// Receiving: a non-blocking take first, then `BLPOP` on a dedicated connection; bundled
+/// group messages are expanded into a local backlog handed out before anything popped later.
+extension RedisChannelLayer {
+    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
+        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        guard !channels.isEmpty else { return nil }
+        if let waiting = fromBacklog(channels, max: 1).first { return waiting }
+        let plan = receivePlan(channels)
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        // While messages are flowing (the last receive found one), first a non-blocking look:
+        // one script, shared with concurrent calls through the automatic pipeline, so a busy
+        // channel costs one shared round trip per message. An idle layer goes straight to
+        // BLPOP + take-body: two round trips. Non-blocking receives are always one script.
+        if timeout <= .zero || plan.count > 1 || flowing.load(ordering: .relaxed) {
+            while true {
+                var sawMalformed = false
+                for (shard, lists) in plan.shuffled() {
+                    let reply = try await pipelined(shard, Scripts.receive, keys: lists.shuffled(), args: [])
+                    guard case .array(let pair) = reply, pair.count == 2,
+                          let list = pair[0].bytes, let body = pair[1].bytes else {
+                        if case .error = reply { throw unexpected(reply, doing: "receive") }
+                        continue
+                    }
+                    if let received = handOut(decodeReceived(list: list, body: body), max: 1).first {
+                        flowing.store(true, ordering: .relaxed)
+                        return received
+                    }
+                    sawMalformed = true
+                }
+                if sawMalformed { continue }
+                flowing.store(false, ordering: .relaxed)
+                if timeout <= .zero { return nil }
+                break
+            }
+        }
+        var poppedUnusable = false
+        while true {
+            let remaining = deadline - clock.now
+            if remaining <= .milliseconds(1) || Task.isCancelled {
+                // Skipping bad bodies may have used up the time while good ones wait behind
+                // them: one last look without blocking.
+                return poppedUnusable ? try await receive(channels: channels, timeout: .zero) : nil
+            }
+            let slice = min(remaining, configuration.blockingSlice)
+            let outcome: ReceivedMessage?? = if plan.count == 1 {
+                try await blockingPop(shard: plan[0].shard, lists: plan[0].lists, wait: slice)
+            } else {
+                try await blockingPopMany(plan: plan, wait: slice)
+            }
+            switch outcome {
+            case .some(.some(let received)):
+                flowing.store(true, ordering: .relaxed)
+                return received
+            case .some(.none): poppedUnusable = true // an expired or malformed body: try again
+            case .none: poppedUnusable = false // the slice passed with nothing
+            }
+        }
+    }
+
+    /// Like `receive`, but takes up to `max` messages in one round trip when they are waiting:
+    /// while messages flow, one pipelined script pops a batch; an idle reader waits in BLPOP and
+    /// the script that takes the popped body also takes what queued behind it.
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
+        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        let waiting = fromBacklog(channels, max: max)
+        if !waiting.isEmpty { return waiting }
+        let plan = receivePlan(channels)
+        guard max > 1, plan.count == 1 else {
+            guard let one = try await receive(channels: channels, timeout: timeout) else { return [] }
+            return [one]
+        }
+        let (shard, lists) = plan[0]
+        let limit = Array(String(max).utf8)
+        if timeout <= .zero || flowing.load(ordering: .relaxed) {
+            let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [limit])
+            if case .error = reply { throw unexpected(reply, doing: "receive") }
+            let batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
+            if !batch.isEmpty {
+                flowing.store(true, ordering: .relaxed)
+                return batch
+            }
+            flowing.store(false, ordering: .relaxed)
+            if timeout <= .zero { return [] }
+        }
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while true {
+            let remaining = deadline - clock.now
+            if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
+            let slice = min(remaining, configuration.blockingSlice)
+            let timeoutArg = Array(String(format3(slice.seconds)).utf8)
+            let more = Array(String(max - 1).utf8)
+            let result: ([UInt8], RedisReply)? = try await onDedicated(shard) { connection -> ([UInt8], RedisReply)? in
+                let reply = try await connection.command([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: slice)
+                switch reply {
+                case .array(let pair) where pair.count == 2:
+                    guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
+                    return (list, try await take(Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [bodyKey, list], args: [more]))
+                case .error(let e):
+                    throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+                default:
+                    return nil
+                }
+            }
+            guard let (list, reply) = result, let items = reply.array, !items.isEmpty else { continue }
+            var popped: [ReceivedMessage] = []
+            if let body = items[0].bytes { popped = decodeReceived(list: list, body: body) }
+            popped += decodePairs(items, from: 1)
+            let batch = handOut(popped, max: max)
+            if !batch.isEmpty {
+                flowing.store(true, ordering: .relaxed)
+                return batch
+            }
+        }
+    }
+
+    /// Decodes `{list, body, list, body, ...}` from `start`, dropping (and counting) bad bodies.
+    func decodePairs(_ items: [RedisReply], from start: Int) -> [ReceivedMessage] {
+        var out: [ReceivedMessage] = []
+        var index = start
+        while index + 1 < items.count {
+            if let list = items[index].bytes, let body = items[index + 1].bytes {
+                out += decodeReceived(list: list, body: body)
+            }
+            index += 2
+        }
+        return out
+    }
+
+    /// Returns the first `max` of `popped` and keeps the rest (members of a bundle) for the
+    /// next receives of their channel.
+    func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
+        guard popped.count > max else { return popped }
+        backlog.withLock { backlog in
+            for received in popped[max...] {
+                backlog[ChannelNames.nonLocalName(received.channel), default: []].append(received)
+            }
+        }
+        return Array(popped[..<max])
+    }
+
+    /// Up to `max` messages kept from earlier bundles for any of `channels`.
+    func fromBacklog(_ channels: [String], max: Int) -> [ReceivedMessage] {
+        backlog.withLock { backlog -> [ReceivedMessage] in
+            guard !backlog.isEmpty else { return [] }
+            var out: [ReceivedMessage] = []
+            for channel in channels where out.count < max {
+                guard var queue = backlog[channel] else { continue }
+                while out.count < max, let next = queue.popFirst() { out.append(next) }
+                backlog[channel] = queue.isEmpty ? nil : queue
+            }
+            return out
+        }
+    }
+
+    /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
+    /// shard in rotation (they are sent round-robin, so any shard may hold them).
+    func receivePlan(_ channels: [String]) -> [(shard: Int, lists: [[UInt8]])] {
+        if shards.count == 1 { return [(0, channels.map(key))] }
+        var byShard: [Int: [[UInt8]]] = [:]
+        let rotating = receiveCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
+        for channel in channels {
+            let index = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+                ? shardIndex(for: channel) : rotating
+            byShard[index, default: []].append(key(channel))
+        }
+        return byShard.map { ($0.key, $0.value) }
+    }
+
+    /// nil: nothing arrived in `wait`. .some(nil): something was popped but unusable.
+    func blockingPop(shard: Int, lists: [[UInt8]], wait: Duration) async throws -> ReceivedMessage?? {
+        let timeoutArg = Array(String(format3(wait.seconds)).utf8)
+        let result: ([UInt8], [UInt8]?)? = try await onDedicated(shard) { connection -> ([UInt8], [UInt8]?)? in
+            let reply = try await connection.command([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: wait)
+            switch reply {
+            case .null: return nil
+            case .array(let pair) where pair.count == 2:
+                guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
+                let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [bodyKey], args: [])
+                return (list, body.bytes)
+            case .error(let e):
+                throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+            default:
+                return nil
+            }
+        }
+        guard let (list, body) = result else { return nil }
+        guard let body else { return .some(nil) }
+        return .some(handOut(decodeReceived(list: list, body: body), max: 1).first)
+    }
+
+    /// Takes the body a `BLPOP` popped. The key is already off its list, so if the connection
+    /// dies now (a Redis restart), the body is still in Redis under its key: it is taken
+    /// through a fresh connection, for a while, instead of being left to expire unseen.
+    func take(_ script: LuaScript, on connection: RedisConnection, shard: Int,
+                      keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
+        let first: Result<RedisReply, ChannelLayerError>
+        do {
+            first = .success(try await script.run(on: connection, keys: keys, args: args))
+        } catch {
+            first = .failure(error)
+        }
+        switch first {
+        case .success(let reply):
+            return reply
+        case .failure(let error) where error.code != .connectionLost:
+            throw error
+        case .failure(let error):
+            logger.warning("the connection died after a pop; taking the message through a new one", metadata: ["error": "\(error)"])
+            return try await retrying(for: configuration.commandTimeout * 2, when: { $0.code == .connectionLost }) {
+                try await pipelined(shard, script, keys: keys, args: args)
+            }
+        }
+    }
+
+    /// Several shards: wait on all at once; a message won by more than one is put back.
+    func blockingPopMany(plan: [(shard: Int, lists: [[UInt8]])], wait: Duration) async throws -> ReceivedMessage?? {
+        try await withThrowingTaskGroup(of: ReceivedMessage??.self) { group in
+            for entry in plan {
+                group.addTask { try await self.blockingPop(shard: entry.shard, lists: entry.lists, wait: wait) }
+            }
+            var winner: ReceivedMessage?? = nil
+            for try await outcome in group {
+                guard case .some(.some(let received)) = outcome else {
+                    if winner == nil, case .some(.none) = outcome { winner = .some(nil) }
+                    continue
+                }
+                if case .some(.some) = winner {
+                    // Rare: two shards delivered in the same slice. Keep the message by
+                    // sending it again; it goes to the back of its channel.
+                    try? await send(received.message, to: received.channel)
+                } else {
+                    winner = .some(received)
+                }
+            }
+            return winner
+        }
+    }
+
+    func format3(_ seconds: Double) -> String {
+        let millis = max(1, Int((seconds * 1000).rounded()))
+        let whole = millis / 1000, frac = millis % 1000
+        return "\(whole)." + (frac < 10 ? "00" : frac < 100 ? "0" : "") + "\(frac)"
+    }
+
+    /// Decodes a popped body: one message, or one per member for a bundled group message
+    /// (`__asgi_channel__` holding a list of names). A body that is not a valid message is
+    /// logged, counted and dropped.
+    func decodeReceived(list: [UInt8], body: [UInt8]) -> [ReceivedMessage] {
+        let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
+        do {
+            var message = try decoder.decodeMessage(body)
+            switch message.removeValue(forKey: asgiChannelKey) {
+            case nil:
+                return [ReceivedMessage(channel: listName, message: message)]
+            case .string(let name)?:
+                return [ReceivedMessage(channel: name, message: message)]
+            case .array(let names)?:
+                var out: [ReceivedMessage] = []
+                out.reserveCapacity(names.count)
+                for name in names {
+                    guard case .string(let member) = name, member.hasPrefix(listName) else {
+                        throw MsgPackError(.notAMap, offset: 0, detail: "a bundle names '\(name)', not a channel of '\(listName)'")
+                    }
+                    out.append(ReceivedMessage(channel: member, message: message))
+                }
+                return out
+            case let other?:
+                throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(other.typeName), not a string")
+            }
+        } catch {
+            malformedDropped.add(1, ordering: .relaxed)
+            logger.warning("dropped a message that is not valid msgpack", metadata: [
+                "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
+            ])
+            return []
+        }
+    }
+}

@@ -1,0 +1,48 @@
+import ASGI
+import DequeModule
+import Logging
+import NIOCore
+import NIOPosix
+import OrderedCollections
+import Synchronization
+
+/// Sending to one channel: one Lua script stores the body and appends it, checking capacity.
+extension RedisChannelLayer {
+    public func send(_ message: Message, to channel: String) async throws {
+        try ChannelNames.validateChannel(channel)
+        guard message[asgiChannelKey] == nil else {
+            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+        }
+        let listName = ChannelNames.nonLocalName(channel)
+        var stored = message
+        if listName != channel { stored[asgiChannelKey] = .string(channel) }
+        let body = MsgPackEncoder.encode(stored)
+        guard body.count <= configuration.maxMessageSize else {
+            throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
+        }
+        let shard = sendShard(for: channel)
+        let keys = [
+            newBodyKey(), key(listName),
+            statKey(listName, "messages_count"), statKey("#global#", "messages_count"),
+            statKey(listName, "channel_full_count"), statKey("#global#", "channel_full_count"),
+        ]
+        let args: [[UInt8]] = [
+            body, Array(String(configuration.expiry).utf8), Array(String(capacities.capacity(for: channel)).utf8),
+            Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
+            Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
+        ]
+        let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args)
+        switch reply {
+        case .integer(1): return
+        case .integer(0): throw ChannelLayerError.channelFull(channel)
+        default: throw unexpected(reply, doing: "send to '\(channel)'")
+        }
+    }
+
+    func unexpected(_ reply: RedisReply, doing what: String) -> ChannelLayerError {
+        if case .error(let e) = reply {
+            return ChannelLayerError(.backendError, "Redis refused \(what): \(e)")
+        }
+        return ChannelLayerError(.backendError, "unexpected Redis reply to \(what): \(reply)")
+    }
+}

@@ -1,0 +1,139 @@
+import ASGI
+@testable import InterfaceServer
+import Logging
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
+import Testing
+
+/// The HTTP handler on a testing channel: requests go in as NIO request parts, the ASGI
+/// messages come out on an in-memory layer, replies are handed to the router, and the response
+/// parts are read back. No sockets, so protocol edge cases are fast to check.
+@Suite("HTTP handler on a testing channel", .timeLimit(.minutes(2)))
+struct HTTPHandlerTests {
+    struct Fixture {
+        let layer = InMemoryChannelLayer()
+        let server: ServerContext
+        let channel: NIOAsyncTestingChannel
+
+        init(_ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws {
+            var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+            configure(&configuration)
+            let logger = Logger(label: "test")
+            server = ServerContext(layer: layer, router: ReplyRouter(layer: layer, prefix: "test", logger: logger),
+                                   configuration: configuration, logger: logger, accessLog: nil)
+            channel = NIOAsyncTestingChannel()
+            try await channel.pipeline.addHandler(HTTPHandler(server: server, upgrade: UpgradeState()))
+        }
+
+        func request(_ method: HTTPMethod = .GET, _ uri: String, headers: [(String, String)] = [], body: String? = nil) async throws {
+            var head = HTTPRequestHead(version: .http1_1, method: method, uri: uri)
+            for (name, value) in headers { head.headers.add(name: name, value: value) }
+            try await channel.writeInbound(HTTPServerRequestPart.head(head))
+            if let body { try await channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: body))) }
+            try await channel.writeInbound(HTTPServerRequestPart.end(nil))
+        }
+
+        /// The next `http.request` the handler sent, typed.
+        func sentRequest() async throws -> HTTPRequestMessage {
+            let received = try #require(try await layer.receive(channels: [ASGIChannel.httpRequest], timeout: .seconds(10)))
+            return try HTTPRequestMessage(received.message)
+        }
+
+        /// The response parts written so far, up to and including `.end`.
+        func response() async throws -> (head: HTTPResponseHead, body: String) {
+            guard case .head(let head) = try await channel.waitForOutboundWrite(as: HTTPServerResponsePart.self) else {
+                Issue.record("the first part was not a head")
+                throw ChannelLayerError(.invalidMessage, "no head")
+            }
+            var body = ""
+            while true {
+                switch try await channel.waitForOutboundWrite(as: HTTPServerResponsePart.self) {
+                case .body(.byteBuffer(let buffer)): body += String(buffer: buffer)
+                case .body: Issue.record("unexpected file region")
+                case .end: return (head, body)
+                case .head: Issue.record("a second head")
+                }
+            }
+        }
+    }
+
+    @Test("a request becomes a typed http.request: path decoded, raw query, headers lower-cased, '_' names dropped")
+    func requestTranslation() async throws {
+        let fixture = try await Fixture { $0.rootPath = "/app" }
+        try await fixture.request(.POST, "/caf%C3%A9/?q=a%20b", headers: [("X-Thing", "1"), ("X_Forwarded_For", "evil")], body: "hi")
+        let request = try await fixture.sentRequest()
+        #expect(request.method == "POST" && request.path == "/café/" && request.queryString == Array("q=a%20b".utf8))
+        #expect(request.headers.first("x-thing") == "1" && !request.headers.contains("x_forwarded_for"))
+        #expect(request.body == Array("hi".utf8) && request.rootPath == "/app" && request.bodyChannel == nil)
+        #expect(request.replyChannel.hasPrefix(fixture.server.router.processChannel))
+        // The reply goes back through the router as the response.
+        fixture.server.router.deliver(HTTPResponseStart(status: 201, headers: [("x-answer", "42")], content: Array("made".utf8)).message,
+                                      to: request.replyChannel)
+        let (head, body) = try await fixture.response()
+        #expect(head.status.code == 201 && head.headers.first(name: "x-answer") == "42" && body == "made")
+        #expect(head.headers.first(name: "content-length") == "4")
+    }
+
+    @Test("a body over the chunk size rides on a body channel, in order")
+    func largeBodyIsChunked() async throws {
+        let fixture = try await Fixture { $0.bodyChunkSize = 4 }
+        try await fixture.request(.POST, "/up/", body: "abcdefghij")
+        let request = try await fixture.sentRequest()
+        #expect(request.body == Array("abcd".utf8))
+        let bodyChannel = try #require(request.bodyChannel)
+        var rest: [UInt8] = []
+        var more = true
+        while more {
+            let chunk = try HTTPBodyChunk(try #require(try await fixture.layer.receive(channels: [bodyChannel], timeout: .seconds(5))).message)
+            rest += chunk.content
+            more = chunk.moreContent
+        }
+        #expect(rest == Array("efghij".utf8))
+    }
+
+    @Test("limits: a body over --max-body-size is 413, a head over --max-header-size is 431; nothing reaches the layer")
+    func limits() async throws {
+        let fixture = try await Fixture { $0.maxBodySize = 5; $0.maxHeaderSize = 200 }
+        try await fixture.request(.POST, "/big/", body: "123456")
+        let (tooLarge, _) = try await fixture.response()
+        #expect(tooLarge.status == .payloadTooLarge)
+        let second = try await Fixture { $0.maxHeaderSize = 200 }
+        try await second.request(.GET, "/", headers: [("x-long", String(repeating: "a", count: 300))])
+        let (headTooLarge, _) = try await second.response()
+        #expect(headTooLarge.status == .requestHeaderFieldsTooLarge)
+        #expect(try await fixture.layer.receive(channels: [ASGIChannel.httpRequest]) == nil)
+        #expect(try await second.layer.receive(channels: [ASGIChannel.httpRequest]) == nil)
+    }
+
+    @Test("a malformed reply is a 500, logged and counted; a streamed reply is written as it comes")
+    func malformedAndStreamedReplies() async throws {
+        let fixture = try await Fixture()
+        try await fixture.request(.GET, "/bad/")
+        let bad = try await fixture.sentRequest()
+        fixture.server.router.deliver(["status": "two hundred"], to: bad.replyChannel)
+        let (head, _) = try await fixture.response()
+        #expect(head.status == .internalServerError)
+        #expect(fixture.server.counters[.malformedReplies] == 1)
+
+        let streamed = try await Fixture()
+        try await streamed.request(.GET, "/stream/")
+        let request = try await streamed.sentRequest()
+        streamed.server.router.deliver(HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: request.replyChannel)
+        streamed.server.router.deliver(HTTPResponseChunk(content: Array("b".utf8), moreContent: true).message, to: request.replyChannel)
+        streamed.server.router.deliver(HTTPResponseChunk(content: Array("c".utf8), moreContent: false).message, to: request.replyChannel)
+        let (streamHead, body) = try await streamed.response()
+        #expect(streamHead.status == .ok && body == "abc" && streamHead.headers.first(name: "content-length") == nil)
+    }
+
+    @Test("a client that leaves before its response sends http.disconnect")
+    func disconnect() async throws {
+        let fixture = try await Fixture()
+        try await fixture.request(.GET, "/slow/%7E/")
+        let request = try await fixture.sentRequest()
+        try await fixture.channel.close()
+        let received = try #require(try await fixture.layer.receive(channels: [ASGIChannel.httpDisconnect], timeout: .seconds(5)))
+        let disconnect = try HTTPDisconnectMessage(received.message)
+        #expect(disconnect.replyChannel == request.replyChannel && disconnect.path == "/slow/~/")
+    }
+}
