@@ -69,6 +69,8 @@ export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 log "redis-server on $REDIS_URL (pid $(cat "$RUN_DIR/redis.pid"))"
 
 # --- 4. Tests ---------------------------------------------------------------------------------
+log "swift format lint (.swift-format)"
+swift format lint --strict -r Sources Tests Package.swift
 log "building"
 swift build --build-tests
 log "swift test"

@@ -88,12 +88,13 @@ extension ASGIValue: CustomStringConvertible {
         case .double(let d): return String(d)
         case .string(let s): return String(reflecting: s)
         case .bytes(let b):
-            return "b\"" + b.map { byte -> String in
-                if byte >= 0x20 && byte < 0x7f && byte != 0x22 && byte != 0x5c {
-                    return String(UnicodeScalar(byte))
-                }
-                return "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
-            }.joined() + "\""
+            return "b\""
+                + b.map { byte -> String in
+                    if byte >= 0x20 && byte < 0x7f && byte != 0x22 && byte != 0x5c {
+                        return String(UnicodeScalar(byte))
+                    }
+                    return "\\x" + (byte < 16 ? "0" : "") + String(byte, radix: 16)
+                }.joined() + "\""
         case .array(let a): return "[" + a.map(\.description).joined(separator: ", ") + "]"
         case .map(let m):
             return "{" + m.map { "\(String(reflecting: $0.key)): \($0.value)" }.joined(separator: ", ") + "}"

@@ -110,8 +110,9 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
 
     public init(configuration: Configuration = .init()) {
         self.configuration = configuration
-        self.capacities = CapacityTable(defaultCapacity: configuration.capacity,
-                                        patterns: configuration.channelCapacities)
+        self.capacities = CapacityTable(
+            defaultCapacity: configuration.capacity,
+            patterns: configuration.channelCapacities)
     }
 
     private static let closedError = ChannelLayerError(.closed, "the in-memory layer is closed")
@@ -330,8 +331,9 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
             let counters = state.counters[key] ?? Counters()
             let queue = state.queues[key]
             let age = queue?.first.map { (now - $0.sentAt).seconds } ?? 0
-            return ChannelStatistics(messagesCount: counters.messages, channelFullCount: counters.full,
-                                     messagesPending: queue?.count ?? 0, messagesMaxAge: age)
+            return ChannelStatistics(
+                messagesCount: counters.messages, channelFullCount: counters.full,
+                messagesPending: queue?.count ?? 0, messagesMaxAge: age)
         }
     }
 

@@ -30,7 +30,8 @@ public enum ChannelNames {
                 markerIndex = i
                 continue
             }
-            throw invalid(name, "channel names hold ASCII letters, digits, '-', '_', '.' and at most one '?' or '!' after the first character")
+            throw invalid(
+                name, "channel names hold ASCII letters, digits, '-', '_', '.' and at most one '?' or '!' after the first character")
         }
         if let markerIndex {
             let marker = utf8[utf8.index(utf8.startIndex, offsetBy: markerIndex)]
@@ -51,7 +52,8 @@ public enum ChannelNames {
             throw ChannelLayerError(.invalidName, "invalid group name '\(name)': group names must be 1 to \(maxLength - 1) characters")
         }
         for c in utf8 where !isBaseCharacter(c) {
-            throw ChannelLayerError(.invalidName, "invalid group name '\(name)': group names hold only ASCII letters, digits, '-', '_' and '.'")
+            throw ChannelLayerError(
+                .invalidName, "invalid group name '\(name)': group names hold only ASCII letters, digits, '-', '_' and '.'")
         }
     }
 

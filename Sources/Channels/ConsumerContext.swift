@@ -39,14 +39,19 @@ public final class ConsumerContext: Sendable {
     /// parked messages whose turn has come); nil outside a worker.
     let dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
 
-    public convenience init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
-                environment: ConsumerEnvironment = ConsumerEnvironment()) {
-        self.init(message: message, channel: channel, kwargs: kwargs, layer: layer, logger: logger,
-                  environment: environment, dispatcher: nil)
+    public convenience init(
+        message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+        environment: ConsumerEnvironment = ConsumerEnvironment()
+    ) {
+        self.init(
+            message: message, channel: channel, kwargs: kwargs, layer: layer, logger: logger,
+            environment: environment, dispatcher: nil)
     }
 
-    init(message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
-         environment: ConsumerEnvironment, dispatcher: (@Sendable (ReceivedMessage) async -> Void)?) {
+    init(
+        message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+        environment: ConsumerEnvironment, dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
+    ) {
         self.message = message
         self.channel = channel
         self.kwargs = kwargs
@@ -97,7 +102,11 @@ public final class ConsumerContext: Sendable {
         // Room for the name the layer adds to a process channel's message.
         let size = MsgPackEncoder.encodedSize(message) + 128
         if size > layer.maxMessageSize {
-            let name = switch destination { case .channel(let name): name; case .group(let name): "group:" + name }
+            let name =
+                switch destination {
+                case .channel(let name): name;
+                case .group(let name): "group:" + name
+                }
             throw ChannelLayerError.messageTooLarge(name, size: size, limit: layer.maxMessageSize)
         }
         if immediately {

@@ -23,9 +23,10 @@ public struct HTTPRequest: Sendable {
 
     static func from(_ context: ConsumerContext) async throws -> HTTPRequest {
         let request = try HTTPRequestMessage(context.message)
-        return HTTPRequest(context: context, method: request.method, path: request.path,
-                           queryString: String(decoding: request.queryString, as: UTF8.self),
-                           headers: request.headers, body: try await context.requestBody(), request: request)
+        return HTTPRequest(
+            context: context, method: request.method, path: request.path,
+            queryString: String(decoding: request.queryString, as: UTF8.self),
+            headers: request.headers, body: try await context.requestBody(), request: request)
     }
 }
 
@@ -36,16 +37,20 @@ public struct HTTPResponse: Sendable {
     public var body: [UInt8]
     public var contentType: String
 
-    public init(status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
-                body: [UInt8]) {
+    public init(
+        status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
+        body: [UInt8]
+    ) {
         self.status = status
         self.contentType = contentType
         self.headers = headers
         self.body = body
     }
 
-    public init(status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
-                _ text: String) {
+    public init(
+        status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
+        _ text: String
+    ) {
         self.init(status: status, contentType: contentType, headers: headers, body: Array(text.utf8))
     }
 
@@ -68,13 +73,16 @@ extension HTTPConsumer {
 }
 
 /// Routes an HTTP consumer type on `http.request`.
-public func route<C: HTTPConsumer>(_ type: C.Type, path: String? = nil, method: String? = nil,
-                                   filters: [String: String] = [:], name: String? = nil) -> RoutingEntry {
+public func route<C: HTTPConsumer>(
+    _ type: C.Type, path: String? = nil, method: String? = nil,
+    filters: [String: String] = [:], name: String? = nil
+) -> RoutingEntry {
     var consumer: Consumer = { context in
         let request = try await HTTPRequest.from(context)
         if let response = try await C().handle(request) {
-            try await context.respond(status: response.status, contentType: response.contentType,
-                                      headers: response.headers, body: response.body)
+            try await context.respond(
+                status: response.status, contentType: response.contentType,
+                headers: response.headers, body: response.body)
         }
     }
     if C.httpUser { consumer = httpSessionUser(consumer) }

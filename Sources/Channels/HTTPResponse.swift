@@ -5,8 +5,10 @@ extension ConsumerContext {
     /// Answers an `http.request` with one response. A body larger than fits in one message of
     /// the layer goes out as a first message and `more_content` chunks, with `content-length`
     /// set so the client still gets a plain (not chunked) response.
-    public func respond(status: Int = 200, contentType: String = "text/plain; charset=utf-8",
-                        headers: [(String, String)] = [], body: [UInt8]) async throws {
+    public func respond(
+        status: Int = 200, contentType: String = "text/plain; charset=utf-8",
+        headers: [(String, String)] = [], body: [UInt8]
+    ) async throws {
         var list = responseHeaders(contentType: contentType)
         for (name, value) in headers { list.add(name: name, value: value) }
         list = withCookies(list)
@@ -28,8 +30,10 @@ extension ConsumerContext {
     /// The most body bytes one response message carries: well inside the layer's size limit.
     var responseChunkSize: Int { max(16 * 1024, min(512 * 1024, layer.maxMessageSize / 2)) }
 
-    public func respond(status: Int = 200, contentType: String = "text/plain; charset=utf-8",
-                        headers: [(String, String)] = [], _ text: String) async throws {
+    public func respond(
+        status: Int = 200, contentType: String = "text/plain; charset=utf-8",
+        headers: [(String, String)] = [], _ text: String
+    ) async throws {
         try await respond(status: status, contentType: contentType, headers: headers, body: Array(text.utf8))
     }
 
@@ -72,8 +76,10 @@ extension ConsumerContext {
 
     /// Starts a streamed response; send the rest with `respondChunk`.
     public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
-        try await reply(HTTPResponseStart(status: status, headers: withCookies(responseHeaders(contentType: contentType)),
-                                          content: firstChunk, moreContent: true), immediately: true)
+        try await reply(
+            HTTPResponseStart(
+                status: status, headers: withCookies(responseHeaders(contentType: contentType)),
+                content: firstChunk, moreContent: true), immediately: true)
     }
 
     /// One more chunk of a streamed response, sent now (server-sent events arrive as they

@@ -18,22 +18,29 @@ public struct RoutingEntry: Sendable {
 /// `route("http.request", path: "^/hello/", consumer)`: the consumer for a channel when every
 /// filter (a regex on a top-level message key, anchored at the start) matches. Named groups,
 /// `(?P<name>...)` or `(?<name>...)`, become the consumer's arguments.
-public func route(_ channel: String, path: String? = nil, method: String? = nil, filters: [String: String] = [:],
-                  name: String? = nil, _ consumer: @escaping Consumer) -> RoutingEntry {
+public func route(
+    _ channel: String, path: String? = nil, method: String? = nil, filters: [String: String] = [:],
+    name: String? = nil, _ consumer: @escaping Consumer
+) -> RoutingEntry {
     route([channel], path: path, method: method, filters: filters, name: name, consumer)
 }
 
 /// A route for several channels (a consumer type that declares the channels it handles).
-public func route(_ channels: [String], path: String? = nil, method: String? = nil, filters: [String: String] = [:],
-                  name: String? = nil, _ consumer: @escaping Consumer) -> RoutingEntry {
-    RoutingEntry(kind: .route(channels: channels, consumer: consumer, name: name ?? channels.joined(separator: ",")),
-                 filters: collectFilters(path: path, method: method, filters: filters))
+public func route(
+    _ channels: [String], path: String? = nil, method: String? = nil, filters: [String: String] = [:],
+    name: String? = nil, _ consumer: @escaping Consumer
+) -> RoutingEntry {
+    RoutingEntry(
+        kind: .route(channels: channels, consumer: consumer, name: name ?? channels.joined(separator: ",")),
+        filters: collectFilters(path: path, method: method, filters: filters))
 }
 
 /// `include(routes, path: "^/chat/")`: the prefix is matched and stripped from the value the
 /// inner routes see; the consumer still gets the original message. Arguments merge.
-public func include(_ routes: [RoutingEntry], path: String? = nil, method: String? = nil,
-                    filters: [String: String] = [:]) -> RoutingEntry {
+public func include(
+    _ routes: [RoutingEntry], path: String? = nil, method: String? = nil,
+    filters: [String: String] = [:]
+) -> RoutingEntry {
     RoutingEntry(kind: .include(routes), filters: collectFilters(path: path, method: method, filters: filters))
 }
 
@@ -87,8 +94,10 @@ public struct Router: Sendable {
                         }
                     }
                     let own = try entry.filters.map { try Self.compile($0, route: name) }
-                    routes.append(CompiledRoute(channels: Set(channels), filters: own, consumer: consumer, name: name,
-                                                levels: levels + [own]))
+                    routes.append(
+                        CompiledRoute(
+                            channels: Set(channels), filters: own, consumer: consumer, name: name,
+                            levels: levels + [own]))
                 case .include(let inner):
                     let own = try entry.filters.map { try Self.compile($0, route: "include(\($0.pattern))") }
                     try walk(inner, levels: levels + [own])
@@ -114,7 +123,11 @@ public struct Router: Sendable {
             if let range = Range(match.range(at: 1), in: pattern) { names.append(String(pattern[range])) }
         }
         if regex.numberOfCaptureGroups != names.count {
-            throw RoutingError(route: route, reason: "the \(filter.key) pattern '\(filter.pattern)' has a positional capture group; name it (?P<name>...) or make it (?:...)")
+            throw RoutingError(
+                route: route,
+                reason:
+                    "the \(filter.key) pattern '\(filter.pattern)' has a positional capture group; name it (?P<name>...) or make it (?:...)"
+            )
         }
         return Filter(key: filter.key, regex: regex, names: names)
     }

@@ -125,8 +125,9 @@ extension JSONWebSocketConsumer {
         do {
             value = try JSONDecoder().decode(Incoming.self, from: data)
         } catch {
-            socket.context.logger.warning("dropped a frame that is not valid JSON for \(Self.self)",
-                                          metadata: ["path": "\(socket.path)", "error": "\(error)"])
+            socket.context.logger.warning(
+                "dropped a frame that is not valid JSON for \(Self.self)",
+                metadata: ["path": "\(socket.path)", "error": "\(error)"])
             return
         }
         try await receive(socket, json: value)
@@ -156,8 +157,10 @@ enum WebSocketDispatch {
 }
 
 /// Routes a WebSocket consumer type for its three channels.
-public func route<C: WebSocketConsumer>(_ type: C.Type, path: String? = nil, filters: [String: String] = [:],
-                                        name: String? = nil) -> RoutingEntry {
+public func route<C: WebSocketConsumer>(
+    _ type: C.Type, path: String? = nil, filters: [String: String] = [:],
+    name: String? = nil
+) -> RoutingEntry {
     let consumer = WebSocketDispatch.wrap(C.options) { context in
         let socket = WebSocket(context: context)
         let instance = C()

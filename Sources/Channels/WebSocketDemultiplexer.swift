@@ -47,8 +47,9 @@ extension WebSocketDemultiplexer {
 
     public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
         guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }),
-              let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-              let stream = object["stream"] as? String, let payload = object["payload"] else {
+            let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+            let stream = object["stream"] as? String, let payload = object["payload"]
+        else {
             socket.context.logger.warning("dropped a frame without stream and payload", metadata: ["path": "\(socket.path)"])
             return
         }

@@ -29,9 +29,11 @@ public final class Worker: Sendable {
     /// - Parameters:
     ///   - only: glob patterns; when given, only matching channels are listened on.
     ///   - exclude: glob patterns of channels not to listen on.
-    public init(router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
-                exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
-                logger: Logger = Logger(label: "channels.worker")) {
+    public init(
+        router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
+        exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
+        logger: Logger = Logger(label: "channels.worker")
+    ) {
         self.router = router
         self.environment = environment
         self.layer = layer
@@ -122,8 +124,10 @@ public final class Worker: Sendable {
             await unrouted(received)
             return
         }
-        context = ConsumerContext(message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
-                                  logger: logger, environment: environment) { [weak self] parked in
+        context = ConsumerContext(
+            message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
+            logger: logger, environment: environment
+        ) { [weak self] parked in
             await self?.dispatch(parked)
         }
         do {
@@ -157,8 +161,9 @@ public final class Worker: Sendable {
         let retries = (received.message[Self.retryKey]?.intValue ?? 0) + 1
         guard retries <= Self.maxRetries else {
             retriesDropped.add(1, ordering: .relaxed)
-            logger.warning("dropped a message after \(Self.maxRetries) consume-later retries",
-                           metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)"])
+            logger.warning(
+                "dropped a message after \(Self.maxRetries) consume-later retries",
+                metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)"])
             return
         }
         var message = received.message
@@ -166,8 +171,9 @@ public final class Worker: Sendable {
         do {
             try await layer.send(message, to: received.channel)
         } catch {
-            logger.error("could not re-queue a consume-later message",
-                         metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)", "error": "\(error)"])
+            logger.error(
+                "could not re-queue a consume-later message",
+                metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)", "error": "\(error)"])
         }
     }
 
@@ -179,8 +185,9 @@ public final class Worker: Sendable {
             if let reply { try? await layer.send(WebSocketSendMessage.accept.message, to: reply) }
         case ASGIChannel.httpRequest:
             if let reply {
-                let notFound = HTTPResponseStart(status: 404, headers: [("content-type", "text/plain; charset=utf-8")],
-                                                 content: Array("Not found\n".utf8))
+                let notFound = HTTPResponseStart(
+                    status: 404, headers: [("content-type", "text/plain; charset=utf-8")],
+                    content: Array("Not found\n".utf8))
                 try? await layer.send(notFound.message, to: reply)
             }
         case ASGIChannel.websocketReceive, ASGIChannel.websocketDisconnect, ASGIChannel.httpDisconnect:

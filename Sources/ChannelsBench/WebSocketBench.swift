@@ -50,11 +50,13 @@ enum WebSocketBench {
             let elapsed = (ContinuousClock.now - start) / .seconds(1)
             for client in all { client.close() }
             let total = results.reduce(0) { $0 + $1.count }
-            printJSON(["throughput": [
-                "clients": clients, "duration_s": round2(elapsed), "echoed_messages": total,
-                "msgs_per_s": round2(Double(total) / elapsed), "rtt_under_load": summary(results.flatMap { $0 }),
-                "per_client_min": results.map(\.count).min() ?? 0, "per_client_max": results.map(\.count).max() ?? 0,
-            ]])
+            printJSON([
+                "throughput": [
+                    "clients": clients, "duration_s": round2(elapsed), "echoed_messages": total,
+                    "msgs_per_s": round2(Double(total) / elapsed), "rtt_under_load": summary(results.flatMap { $0 }),
+                    "per_client_min": results.map(\.count).min() ?? 0, "per_client_max": results.map(\.count).max() ?? 0,
+                ]
+            ])
         default:
             throw BenchError("unknown mode \(arguments[1])")
         }
@@ -79,9 +81,11 @@ enum WebSocketBench {
             return sorted[k]
         }
         let median = sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
-        return ["n": sorted.count, "median_ms": round2(median), "p99_ms": round2(pct(99)),
-                "mean_ms": round2(sorted.reduce(0, +) / Double(sorted.count)), "min_ms": round2(sorted[0]),
-                "max_ms": round2(sorted[sorted.count - 1])]
+        return [
+            "n": sorted.count, "median_ms": round2(median), "p99_ms": round2(pct(99)),
+            "mean_ms": round2(sorted.reduce(0, +) / Double(sorted.count)), "min_ms": round2(sorted[0]),
+            "max_ms": round2(sorted[sorted.count - 1]),
+        ]
     }
 
     static func printJSON(_ value: [String: Any]) {
@@ -138,7 +142,9 @@ final class EchoClient: Sendable {
         let promise = channel.eventLoop.makePromise(of: [Double].self)
         let handler = self.handler
         let probe = Array("join \(room)".utf8)
-        channel.eventLoop.execute { handler.value.start(payload: { _ in probe }, count: 1, deadline: nil, resendAfter: .seconds(3), promise: promise) }
+        channel.eventLoop.execute {
+            handler.value.start(payload: { _ in probe }, count: 1, deadline: nil, resendAfter: .seconds(3), promise: promise)
+        }
         _ = try await promise.futureResult.get()
     }
 
@@ -148,8 +154,9 @@ final class EchoClient: Sendable {
         let handler = self.handler
         let room = self.room
         channel.eventLoop.execute {
-            handler.value.start(payload: { seq in Array("tp \(room) \(seq) xxxxxxxxxxxxxxxxxxxxxxxx".utf8) },
-                                count: count, deadline: deadline, resendAfter: nil, promise: promise)
+            handler.value.start(
+                payload: { seq in Array("tp \(room) \(seq) xxxxxxxxxxxxxxxxxxxxxxxx".utf8) },
+                count: count, deadline: deadline, resendAfter: nil, promise: promise)
         }
         return try await promise.futureResult.get()
     }
@@ -175,8 +182,10 @@ final class EchoHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
-    func start(payload: @escaping (Int) -> [UInt8], count: Int?, deadline: NIODeadline?, resendAfter: TimeAmount?,
-               promise: EventLoopPromise<[Double]>) {
+    func start(
+        payload: @escaping (Int) -> [UInt8], count: Int?, deadline: NIODeadline?, resendAfter: TimeAmount?,
+        promise: EventLoopPromise<[Double]>
+    ) {
         self.payload = payload
         self.count = count
         self.deadline = deadline
@@ -236,7 +245,7 @@ final class EchoHandler: ChannelInboundHandler {
             let got = Array(buffer: frame.unmaskedData)
             guard got == expected else {
                 if resend == nil { finish(.failure(BenchError("echo mismatch: got \(String(decoding: got, as: UTF8.self))"))) }
-                return // a joining client may see an earlier copy of its probe
+                return  // a joining client may see an earlier copy of its probe
             }
             let now = NIODeadline.now()
             samples.append(Double((now - sentAt).nanoseconds) / 1e6)

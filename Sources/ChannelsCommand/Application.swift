@@ -1,13 +1,13 @@
-import ArgumentParser
 import ASGI
+import ArgumentParser
 import Channels
+import ChannelsRedis
 import Dispatch
 import Foundation
 import InterfaceServer
 import Logging
 import NIOCore
 import NIOPosix
-import ChannelsRedis
 import RedisChannelLayer
 import Synchronization
 
@@ -20,8 +20,10 @@ public struct ChannelsApplication: Sendable {
     public var users: (any UserProvider)?
     public var sessionSettings: SessionSettings
 
-    public init(name: String, users: (any UserProvider)? = nil, sessionSettings: SessionSettings = .init(),
-                routing: @escaping @Sendable () throws -> [RoutingEntry]) {
+    public init(
+        name: String, users: (any UserProvider)? = nil, sessionSettings: SessionSettings = .init(),
+        routing: @escaping @Sendable () throws -> [RoutingEntry]
+    ) {
         self.name = name
         self.routing = routing
         self.users = users
@@ -99,8 +101,9 @@ struct LayerOptions: ParsableArguments {
         } else {
             store = InMemorySessionStore()
         }
-        return ConsumerEnvironment(sessionStore: store, sessionSettings: app.sessionSettings, users: app.users,
-                                   orderingGapTimeout: Duration(secondsValue: orderingGapTimeout))
+        return ConsumerEnvironment(
+            sessionStore: store, sessionSettings: app.sessionSettings, users: app.users,
+            orderingGapTimeout: Duration(secondsValue: orderingGapTimeout))
     }
 
     func makeLogger(_ label: String) -> Logger {
@@ -117,7 +120,8 @@ struct LayerOptions: ParsableArguments {
         let url = layer ?? ProcessInfo.processInfo.environment["CHANNEL_LAYER"]
         guard let url, !url.isEmpty else {
             guard allowMemory else {
-                throw ValidationError("this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
+                throw ValidationError(
+                    "this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
             }
             return Backend(layer: InMemoryChannelLayer(), redis: nil)
         }

@@ -23,8 +23,9 @@ struct JSONLogHandler: LogHandler {
 
     private func write(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?, error: (any Error)?) {
         var object: [String: Any] = [
-            "ts": ISO8601DateFormatter.string(from: Date(), timeZone: .gmt,
-                                              formatOptions: [.withInternetDateTime, .withFractionalSeconds]),
+            "ts": ISO8601DateFormatter.string(
+                from: Date(), timeZone: .gmt,
+                formatOptions: [.withInternetDateTime, .withFractionalSeconds]),
             "level": level.rawValue, "logger": label, "msg": message.description,
         ]
         for (key, value) in metadata.merging(explicit ?? [:], uniquingKeysWith: { $1 }) {

@@ -1,5 +1,5 @@
-import ArgumentParser
 import ASGI
+import ArgumentParser
 import Channels
 import Foundation
 import Logging
@@ -7,8 +7,10 @@ import Synchronization
 
 /// Runs a loop until SIGTERM/SIGINT, then asks it to stop and waits for what it holds to
 /// finish, at most `grace`: a consumer that hangs does not keep the process alive forever.
-func runUntilSignal(logger: Logger, grace: Duration = .seconds(30), run: @escaping @Sendable () async -> Void,
-                    stop: @Sendable () -> Void) async {
+func runUntilSignal(
+    logger: Logger, grace: Duration = .seconds(30), run: @escaping @Sendable () async -> Void,
+    stop: @Sendable () -> Void
+) async {
     let task = Task { await run() }
     await Signals.wait()
     logger.info("stopping: finishing what is in hand", metadata: ["grace_s": "\(grace.seconds)"])
@@ -24,8 +26,12 @@ func runUntilSignal(logger: Logger, grace: Duration = .seconds(30), run: @escapi
             }
             if first { continuation.resume(returning: value) }
         }
-        Task { await task.value; resume(true) }
-        Task { try? await Task.sleep(for: grace); resume(false) }
+        Task {
+            await task.value; resume(true)
+        }
+        Task {
+            try? await Task.sleep(for: grace); resume(false)
+        }
     }
     if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
 }

@@ -1,9 +1,9 @@
-import ArgumentParser
 import ASGI
+import ArgumentParser
 import Channels
+import ChannelsRedis
 import Foundation
 import Logging
-import ChannelsRedis
 import RedisChannelLayer
 import Synchronization
 

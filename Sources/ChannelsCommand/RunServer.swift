@@ -1,5 +1,5 @@
-import ArgumentParser
 import ASGI
+import ArgumentParser
 import Channels
 import Foundation
 import InterfaceServer
@@ -27,13 +27,18 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "root_path sent to the application.") var rootPath = ""
     @Flag(name: .long, help: "Trust X-Forwarded-For / X-Forwarded-Proto.") var proxyHeaders = false
     @Option(name: .long, help: "WebSocket subprotocol to offer.") var wsProtocol: [String] = []
-    @Option(name: .long, help: "Access log file (Daphne-style text), or - for standard output. Default: structured lines in the log.") var accessLog: String?
-    @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins: [String] = []
+    @Option(name: .long, help: "Access log file (Daphne-style text), or - for standard output. Default: structured lines in the log.")
+    var accessLog: String?
+    @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins:
+        [String] = []
     @Option(name: .long, help: "Largest request body in bytes (413 past it).") var maxBodySize = 16 * 1024 * 1024
     @Option(name: .long, help: "Largest request head (request line and headers) in bytes (431 past it).") var maxHeaderSize = 64 * 1024
-    @Option(name: .long, help: "Seconds a send to a full channel is retried (client reading paused) before 1013 / 503.") var channelFullTimeout = 10.0
-    @Option(name: .long, help: "Seconds a WebSocket's frames are held while the layer is unreachable before 1011.") var layerOutageTimeout = 120.0
-    @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.") var maxQueuedBytes = 4 * 1024 * 1024
+    @Option(name: .long, help: "Seconds a send to a full channel is retried (client reading paused) before 1013 / 503.")
+    var channelFullTimeout = 10.0
+    @Option(name: .long, help: "Seconds a WebSocket's frames are held while the layer is unreachable before 1011.") var layerOutageTimeout =
+        120.0
+    @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.")
+    var maxQueuedBytes = 4 * 1024 * 1024
 
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.runserver")
@@ -58,16 +63,23 @@ struct RunServer: ApplicationSubcommand {
         configuration.maxQueuedBytesPerSocket = maxQueuedBytes
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
-        let worker = noworker ? nil : Worker(router: router, layer: layer, concurrency: threads,
-                                             environment: try options.makeEnvironment(backend: backend, app: app),
-                                             logger: options.makeLogger("channels.worker"))
+        let worker =
+            noworker
+            ? nil
+            : Worker(
+                router: router, layer: layer, concurrency: threads,
+                environment: try options.makeEnvironment(backend: backend, app: app),
+                logger: options.makeLogger("channels.worker"))
         let workerTask = worker.map { worker in Task { await worker.run() } }
         // On the in-memory layer nothing else could run a delay server: run one here.
-        let delay = !noworker && backend.isEmbedded
+        let delay =
+            !noworker && backend.isEmbedded
             ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
         let delayTask = delay.map { delay in Task { await delay.run() } }
         let address = server.localAddress.map { "\($0)" } ?? bind
-        say("\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]")
+        say(
+            "\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]"
+        )
         await Signals.wait()
         logger.info("shutting down")
         await server.shutdown()

@@ -1,5 +1,5 @@
-import ArgumentParser
 import ASGI
+import ArgumentParser
 import Channels
 import Foundation
 import Logging
@@ -22,8 +22,9 @@ struct RunWorker: ApplicationSubcommand {
         let backend = try options.makeBackend(logger: logger, allowMemory: false)
         let layer = backend.layer
         let router = try Router(app.routing())
-        let worker = Worker(router: router, layer: layer, concurrency: threads, only: onlyChannels,
-                            exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend, app: app), logger: logger)
+        let worker = Worker(
+            router: router, layer: layer, concurrency: threads, only: onlyChannels,
+            exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend, app: app), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         await runUntilSignal(logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run, stop: worker.stop)
         await layer.close()

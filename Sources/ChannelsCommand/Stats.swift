@@ -1,5 +1,5 @@
-import ArgumentParser
 import ASGI
+import ArgumentParser
 import Channels
 import Foundation
 import Logging
@@ -48,18 +48,26 @@ struct Stats: ApplicationSubcommand {
         }
         if json {
             var object: [String: Any] = ["messages_count": global.messagesCount, "channel_full_count": global.channelFullCount]
-            object["channels"] = Dictionary(uniqueKeysWithValues: rows.map { ($0.0, [
-                "messages_count": $0.1.messagesCount, "channel_full_count": $0.1.channelFullCount,
-                "messages_pending": $0.1.messagesPending, "messages_max_age": $0.1.messagesMaxAge,
-            ] as [String: Any]) })
+            object["channels"] = Dictionary(
+                uniqueKeysWithValues: rows.map {
+                    (
+                        $0.0,
+                        [
+                            "messages_count": $0.1.messagesCount, "channel_full_count": $0.1.channelFullCount,
+                            "messages_pending": $0.1.messagesPending, "messages_max_age": $0.1.messagesMaxAge,
+                        ] as [String: Any]
+                    )
+                })
             object["groups"] = Dictionary(uniqueKeysWithValues: groups.map { ($0.0, $0.1) })
             let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted])
             print(String(decoding: data, as: UTF8.self))
         } else {
             print("channel".padding(toLength: 40, withPad: " ", startingAt: 0) + "  pending   oldest(s)   sent   full")
             for (name, s) in rows {
-                print(name.padding(toLength: 40, withPad: " ", startingAt: 0)
-                      + String(format: "  %7d   %9.1f   %4d   %4d", s.messagesPending, s.messagesMaxAge, s.messagesCount, s.channelFullCount))
+                print(
+                    name.padding(toLength: 40, withPad: " ", startingAt: 0)
+                        + String(
+                            format: "  %7d   %9.1f   %4d   %4d", s.messagesPending, s.messagesMaxAge, s.messagesCount, s.channelFullCount))
             }
             print("total sent \(global.messagesCount), channel full \(global.channelFullCount)")
             if !groups.isEmpty {

@@ -8,11 +8,13 @@ public final class RedisDelayStore: DelayStore {
     public let client: RedisClient
     public let key: String
 
-    private static let take = LuaScript(name: "delay-take", source: """
-        local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-        if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
-        return due
-        """)
+    private static let take = LuaScript(
+        name: "delay-take",
+        source: """
+            local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+            if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+            return due
+            """)
 
     public init(client: RedisClient, key: String = "asgi-delay:scheduled") {
         self.client = client
@@ -27,14 +29,17 @@ public final class RedisDelayStore: DelayStore {
     }
 
     public func takeDue(now: Int64, limit: Int) async throws -> [[UInt8]] {
-        let reply = try await client.run(Self.take, keys: [Array(key.utf8)],
-                                         args: [Array(String(now).utf8), Array(String(limit).utf8)])
+        let reply = try await client.run(
+            Self.take, keys: [Array(key.utf8)],
+            args: [Array(String(now).utf8), Array(String(limit).utf8)])
         return (reply.array ?? []).compactMap { $0.bytes.map { Array($0.dropFirst(8)) } }
     }
 
     public func nextDue() async throws -> Int64? {
-        let reply = try await client.command([Array("ZRANGE".utf8), Array(key.utf8), Array("0".utf8), Array("0".utf8),
-                                              Array("WITHSCORES".utf8)])
+        let reply = try await client.command([
+            Array("ZRANGE".utf8), Array(key.utf8), Array("0".utf8), Array("0".utf8),
+            Array("WITHSCORES".utf8),
+        ])
         guard let items = reply.array, items.count == 2, let score = items[1].text, let value = Double(score) else { return nil }
         return Int64(value)
     }

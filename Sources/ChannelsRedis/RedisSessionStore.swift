@@ -8,16 +8,18 @@ public final class RedisSessionStore: SessionStore {
     public let client: RedisClient
     public let prefix: String
 
-    private static let conditionalSet = LuaScript(name: "session-store", source: """
-        local current = redis.call('GET', KEYS[1])
-        if ARGV[2] == '0' then
-            if current then return 0 end
-        elseif current ~= ARGV[3] then
-            return 0
-        end
-        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
-        return 1
-        """)
+    private static let conditionalSet = LuaScript(
+        name: "session-store",
+        source: """
+            local current = redis.call('GET', KEYS[1])
+            if ARGV[2] == '0' then
+                if current then return 0 end
+            elseif current ~= ARGV[3] then
+                return 0
+            end
+            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+            return 1
+            """)
 
     public init(client: RedisClient, prefix: String = "channels-session:") {
         self.client = client
@@ -36,9 +38,11 @@ public final class RedisSessionStore: SessionStore {
     }
 
     public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
-        let reply = try await client.run(Self.conditionalSet, keys: [redisKey(key)], args: [
-            data, expected == nil ? [0x30] : [0x31], expected ?? [], Array(String(max(1, ttl)).utf8),
-        ])
+        let reply = try await client.run(
+            Self.conditionalSet, keys: [redisKey(key)],
+            args: [
+                data, expected == nil ? [0x30] : [0x31], expected ?? [], Array(String(max(1, ttl)).utf8),
+            ])
         return reply.integer == 1
     }
 

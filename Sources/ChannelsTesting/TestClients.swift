@@ -36,12 +36,15 @@ public final class HTTPTestClient: Sendable {
 
     public func post(_ path: String, form: [(String, String)], headers: [(String, String)] = []) async throws -> TestResponse {
         let body = PercentCoding.formEncode(form)
-        return try await request("POST", path, headers: headers + [("content-type", "application/x-www-form-urlencoded")],
-                                 body: Array(body.utf8))
+        return try await request(
+            "POST", path, headers: headers + [("content-type", "application/x-www-form-urlencoded")],
+            body: Array(body.utf8))
     }
 
-    public func request(_ method: String, _ path: String, query: String = "", headers: [(String, String)] = [],
-                        body: [UInt8] = [], timeout: Duration = .seconds(5)) async throws -> TestResponse {
+    public func request(
+        _ method: String, _ path: String, query: String = "", headers: [(String, String)] = [],
+        body: [UInt8] = [], timeout: Duration = .seconds(5)
+    ) async throws -> TestResponse {
         let reply = try await harness.newReplyChannel()
         var headerList: ASGIHeaders = [("host", "testserver")]
         for (name, value) in headers { headerList.add(name: name, value: value) }
@@ -96,8 +99,10 @@ public final class WebSocketTestClient: Sendable {
     private let state = Mutex(State())
 
     /// - Parameter cookies: sent as the `Cookie` header of the connect (an ``HTTPTestClient``'s jar, say).
-    public init(_ harness: TestHarness, path: String, query: String = "", headers: [(String, String)] = [],
-                cookies: [String: String] = [:]) {
+    public init(
+        _ harness: TestHarness, path: String, query: String = "", headers: [(String, String)] = [],
+        cookies: [String: String] = [:]
+    ) {
         self.harness = harness
         self.path = path
         self.query = query
@@ -111,13 +116,14 @@ public final class WebSocketTestClient: Sendable {
     /// The socket's reply channel (after `connect`).
     public var replyChannel: String? { state.withLock { $0.reply } }
 
-
     /// Sends `websocket.connect` (order 0) and returns whether the application accepted:
     /// `accept: true`, or a first `text`/`bytes` (an implicit accept, kept for `receive`).
     @discardableResult
     public func connect(timeout: Duration = .seconds(5)) async throws -> Bool {
         let reply = try await harness.newReplyChannel()
-        state.withLock { $0.reply = reply; $0.order = 0 }
+        state.withLock {
+            $0.reply = reply; $0.order = 0
+        }
         var headerList: ASGIHeaders = [("host", "testserver")]
         for (name, value) in headers { headerList.add(name: name, value: value) }
         let message = WebSocketConnectMessage(

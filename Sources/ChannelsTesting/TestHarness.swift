@@ -70,9 +70,11 @@ public final class TestHarness: Sendable {
     public let worker: Worker
     public let environment: ConsumerEnvironment
 
-    public init(_ routing: [RoutingEntry], layer: any ChannelLayer = InMemoryChannelLayer(),
-                environment: ConsumerEnvironment = ConsumerEnvironment(),
-                logger: Logger = Logger(label: "channels.test")) throws {
+    public init(
+        _ routing: [RoutingEntry], layer: any ChannelLayer = InMemoryChannelLayer(),
+        environment: ConsumerEnvironment = ConsumerEnvironment(),
+        logger: Logger = Logger(label: "channels.test")
+    ) throws {
         self.layer = RecordingLayer(layer)
         self.environment = environment
         self.worker = Worker(router: try Router(routing), layer: self.layer, concurrency: 1, environment: environment, logger: logger)

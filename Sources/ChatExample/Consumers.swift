@@ -24,7 +24,9 @@ enum ChatConsumers {
     /// framework splits it into chunks that fit the layer.
     @Sendable static func download(_ context: ConsumerContext) async throws {
         let mebibytes = min(64, Int(context.kwargs["mib"] ?? "1") ?? 1)
-        let line = Array("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/\n".utf8)
+        let line = Array(
+            "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/\n"
+                .utf8)
         var body: [UInt8] = []
         body.reserveCapacity(mebibytes << 20)
         while body.count < mebibytes << 20 { body += line }
@@ -46,8 +48,9 @@ enum ChatConsumers {
     }
 
     static func json(_ object: [String: Any]) -> String {
-        String(decoding: (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8),
-               as: UTF8.self)
+        String(
+            decoding: (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8),
+            as: UTF8.self)
     }
 
     static func respondJSON(_ context: ConsumerContext, status: Int = 200, _ object: [String: Any]) async throws {
@@ -129,8 +132,12 @@ enum ChatConsumers {
         if context.user.isAuthenticated { try await userGroup(context.user).add(reply) }
         try await context.accept()
         let history = try await ChatDatabase.shared.history(room: room)
-        try await context.sendText(json(["type": "history", "room": room, "user": context.user.isAuthenticated
-                                         ? context.user.username : NSNull(), "messages": history.map(\.json)]))
+        try await context.sendText(
+            json([
+                "type": "history", "room": room,
+                "user": context.user.isAuthenticated
+                    ? context.user.username : NSNull(), "messages": history.map(\.json),
+            ]))
         context.logger.info("joined", metadata: ["room": "\(room)", "user": "\(context.user)"])
     }
 
@@ -139,7 +146,8 @@ enum ChatConsumers {
     @Sendable static func postToRoom(_ context: ConsumerContext) async throws {
         guard var text = try context.message(as: WebSocketReceiveMessage.self).data.text else { return }
         if let data = text.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-           let inner = object["text"] as? String {
+            let inner = object["text"] as? String
+        {
             text = inner
         }
         text = String(text.trimmingCharacters(in: .whitespacesAndNewlines).prefix(2000))
@@ -180,9 +188,10 @@ enum ChatConsumers {
     /// Stores the message, broadcasts it to the room, and notifies every user it mentions
     /// (`@name`) on all of that user's sockets, through the user's group.
     @Sendable static func saveAndBroadcast(_ context: ConsumerContext) async throws {
-        let saved = try await ChatDatabase.shared.save(ChatMessage(
-            id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
-            text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
+        let saved = try await ChatDatabase.shared.save(
+            ChatMessage(
+                id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
+                text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
         var event = saved.json
         event["type"] = "message"
         try await roomGroup(saved.room).send(WebSocketSendMessage.text(json(event)))

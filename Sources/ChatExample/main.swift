@@ -14,12 +14,13 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         route("http.request", path: "^/events/$", ChatConsumers.events),
         route("http.request", path: "^/download/(?P<mib>[0-9]{1,2})/$", ChatConsumers.download),
         // Step 6: log in over HTTP (the session cookie), ask who you are.
-        include([
-            route("http.request", path: "^login/$", method: "^POST$", httpSession(ChatConsumers.login)),
-            route("http.request", path: "^logout/$", method: "^POST$", httpSession(ChatConsumers.logout)),
-            route("http.request", path: "^me/$", httpSessionUser(ChatConsumers.me)),
-            route("http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/$", ChatConsumers.historyJSON),
-        ], path: "^/api/"),
+        include(
+            [
+                route("http.request", path: "^login/$", method: "^POST$", httpSession(ChatConsumers.login)),
+                route("http.request", path: "^logout/$", method: "^POST$", httpSession(ChatConsumers.logout)),
+                route("http.request", path: "^me/$", httpSessionUser(ChatConsumers.me)),
+                route("http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/$", ChatConsumers.historyJSON),
+            ], path: "^/api/"),
         // Step 2: a WebSocket echo.
         route("websocket.connect", path: "^/echo/$", ChatConsumers.accept),
         route("websocket.receive", path: "^/echo/$", ChatConsumers.echo),
@@ -27,11 +28,12 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         route("websocket.connect", path: "^/private/", channelSessionUserFromHTTP(ChatConsumers.privateConnect)),
         // Steps 3, 5, 6, 7, 9: rooms from the path kept in the channel session, the user carried
         // from the HTTP session, a group per room and per user, messages handled in order.
-        include([
-            route("websocket.connect", channelSessionUserFromHTTP(enforceOrdering(ChatConsumers.joinRoom))),
-            route("websocket.receive", channelSessionUser(enforceOrdering(ChatConsumers.postToRoom))),
-            route("websocket.disconnect", channelSessionUser(enforceOrdering(ChatConsumers.leaveRoom))),
-        ], path: "^/chat/(?P<room>[A-Za-z0-9_-]{1,50})/$"),
+        include(
+            [
+                route("websocket.connect", channelSessionUserFromHTTP(enforceOrdering(ChatConsumers.joinRoom))),
+                route("websocket.receive", channelSessionUser(enforceOrdering(ChatConsumers.postToRoom))),
+                route("websocket.disconnect", channelSessionUser(enforceOrdering(ChatConsumers.leaveRoom))),
+            ], path: "^/chat/(?P<room>[A-Za-z0-9_-]{1,50})/$"),
         // Step 8: a channel of our own; its consumer stores each message and broadcasts it, one
         // socket's messages in the order they were sent.
         route("chat-messages", inSendOrder(ChatConsumers.saveAndBroadcast)),

@@ -41,8 +41,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             bodyTooLarge = false
             started = .now()
             keepAlive = head.isKeepAlive
-            clientAddress = RequestTranslation.clientDescription(head: head, remote: context.channel.remoteAddress,
-                                                           proxyHeaders: server.configuration.proxyHeaders)
+            clientAddress = RequestTranslation.clientDescription(
+                head: head, remote: context.channel.remoteAddress,
+                proxyHeaders: server.configuration.proxyHeaders)
             if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
                 bodyTooLarge = true
             }
@@ -77,8 +78,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let (path, query) = PercentCoding.splitTarget(head.uri)
         let reply = server.router.newReplyChannel()
         replyChannel = reply
-        let (client, secure) = RequestTranslation.client(head: head, remote: context.channel.remoteAddress,
-                                                         proxyHeaders: server.configuration.proxyHeaders)
+        let (client, secure) = RequestTranslation.client(
+            head: head, remote: context.channel.remoteAddress,
+            proxyHeaders: server.configuration.proxyHeaders)
         var request = HTTPRequestMessage(
             replyChannel: reply, httpVersion: RequestTranslation.version(head.version), method: head.method.rawValue.uppercased(),
             scheme: secure ? "https" : "http", path: path, queryString: query, rootPath: server.configuration.rootPath,
@@ -136,8 +138,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         server.counters.count(.httpUnavailable)
         server.logger.warning(full ? "http.request stayed full; answering 503" : "cannot send http.request; answering 503")
         finishRequest()
-        respondPlain(context: context, status: .serviceUnavailable,
-                     text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
+        respondPlain(
+            context: context, status: .serviceUnavailable,
+            text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
     }
 
     private func timedOut(context: ChannelHandlerContext) {
@@ -178,7 +181,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
             status = start.status
             responseStarted = true
-            let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
+            let head = HTTPResponseHead(
+                version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
             context.write(wrapOutboundOut(.head(head)), promise: nil)
             (content, more) = (start.content, start.moreContent)
         case .start(let start):
@@ -217,8 +221,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         timeout = nil
         if let head {
             let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-            server.accessLog?.http(client: clientAddress, method: head.method.rawValue, path: head.uri,
-                                   status: status, size: responseBytes, seconds: elapsed)
+            server.accessLog?.http(
+                client: clientAddress, method: head.method.rawValue, path: head.uri,
+                status: status, size: responseBytes, seconds: elapsed)
         }
         responseStarted = false
         responseBytes = 0
@@ -245,8 +250,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if let replyChannel, let head {
             // The client left before its response finished.
             let path = PercentCoding.splitTarget(head.uri).path
-            connectionSender(context: context).send(HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
-                                                    to: ASGIChannel.httpDisconnect)
+            connectionSender(context: context).send(
+                HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
+                to: ASGIChannel.httpDisconnect)
             server.router.unregister(replyChannel)
             self.replyChannel = nil
             timeout?.cancel()

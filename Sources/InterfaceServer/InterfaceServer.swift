@@ -16,14 +16,18 @@ public final class InterfaceServer: Sendable {
     private let readerTask = Mutex<Task<Void, Never>?>(nil)
     private let openConnections = ConnectionTable()
 
-    public init(layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
-                logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
-                eventLoopGroup: (any EventLoopGroup)? = nil) {
+    public init(
+        layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
+        logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
+        eventLoopGroup: (any EventLoopGroup)? = nil
+    ) {
         self.configuration = configuration
-        let router = ReplyRouter(layer: layer, prefix: configuration.replyChannelPrefix, logger: logger,
-                                 registrationInterval: configuration.readerRegistrationInterval)
-        let context = ServerContext(layer: layer, router: router, configuration: configuration, logger: logger,
-                                    accessLog: AccessLog(path: accessLogPath, logger: logger))
+        let router = ReplyRouter(
+            layer: layer, prefix: configuration.replyChannelPrefix, logger: logger,
+            registrationInterval: configuration.readerRegistrationInterval)
+        let context = ServerContext(
+            layer: layer, router: router, configuration: configuration, logger: logger,
+            accessLog: AccessLog(path: accessLogPath, logger: logger))
         router.whenStoreLost { [weak context] in
             guard let context else { return }
             context.counters.count(.closedStoreLost, by: context.openSocketCount)
@@ -72,12 +76,15 @@ public final class InterfaceServer: Sendable {
         serverChannel.withLock { $0 = channel }
         let router = context.router
         readerTask.withLock { $0 = Task { await router.run() } }
-        context.logger.info("interface server listening", metadata: [
-            "address": "\(channel.localAddress.map { "\($0)" } ?? "?")", "reply_channel": "\(router.processChannel)",
-        ])
+        context.logger.info(
+            "interface server listening",
+            metadata: [
+                "address": "\(channel.localAddress.map { "\($0)" } ?? "?")", "reply_channel": "\(router.processChannel)",
+            ])
     }
 
-    private static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
+    private static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void>
+    {
         let upgrade = UpgradeState()
         let loop = channel.eventLoop
         let boundUpgrade = NIOLoopBound(upgrade, eventLoop: loop)
@@ -92,8 +99,9 @@ public final class InterfaceServer: Sendable {
                     boundUpgrade.value.rejected = true
                     return promise.futureResult
                 }
-                let session = WebSocketSession(server: context, channel: channel, head: head,
-                                               upgrade: boundUpgrade.value, promise: promise)
+                let session = WebSocketSession(
+                    server: context, channel: channel, head: head,
+                    upgrade: boundUpgrade.value, promise: promise)
                 sessionBox.value = session
                 session.start(head: head)
                 return promise.futureResult
@@ -102,9 +110,10 @@ public final class InterfaceServer: Sendable {
                 guard let session = sessionBox.value else { return channel.close() }
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(NIOWebSocketFrameAggregator(
-                        minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1024,
-                        maxAccumulatedFrameSize: configuration.maxWebSocketMessageSize))
+                    try sync.addHandler(
+                        NIOWebSocketFrameAggregator(
+                            minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1024,
+                            maxAccumulatedFrameSize: configuration.maxWebSocketMessageSize))
                     try sync.addHandler(WebSocketFrameHandler(session: session))
                 }
             })
@@ -112,10 +121,13 @@ public final class InterfaceServer: Sendable {
             let sync = channel.pipeline.syncOperations
             try sync.configureHTTPServerPipeline(
                 withPipeliningAssistance: true,
-                withServerUpgrade: (upgraders: [upgrader], completionHandler: { upgraded in
-                    // The WebSocket handlers take over; the HTTP side must not see frames.
-                    upgraded.pipeline.removeHandler(name: "asgi-http", promise: nil)
-                }),
+                withServerUpgrade: (
+                    upgraders: [upgrader],
+                    completionHandler: { upgraded in
+                        // The WebSocket handlers take over; the HTTP side must not see frames.
+                        upgraded.pipeline.removeHandler(name: "asgi-http", promise: nil)
+                    }
+                ),
                 withErrorHandling: true)
             try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade), name: "asgi-http")
         }

@@ -97,9 +97,11 @@ final class LayerSender {
                 // Not worth another try (too large, invalid, the layer closed): this one is lost.
                 let dropped = queue.removeFirst()
                 server.counters.count(.heldDropped)
-                server.logger.warning("dropped a message the layer refused", metadata: [
-                    "channel": "\(dropped.channel)", "error": "\(error)",
-                ])
+                server.logger.warning(
+                    "dropped a message the layer refused",
+                    metadata: [
+                        "channel": "\(dropped.channel)", "error": "\(error)",
+                    ])
             }
         }
         updateReading()
@@ -111,8 +113,9 @@ final class LayerSender {
         if failingSince == nil {
             failingSince = now
             server.counters.count(full ? .sendFullRetried : .sendHeldForOutage)
-            server.logger.warning(full ? "channel full; holding and retrying" : "channel layer unavailable; holding and retrying",
-                                  metadata: ["channel": "\(queue.first?.channel ?? "")", "error": "\(error)"])
+            server.logger.warning(
+                full ? "channel full; holding and retrying" : "channel layer unavailable; holding and retrying",
+                metadata: ["channel": "\(queue.first?.channel ?? "")", "error": "\(error)"])
         }
         let limit = full ? server.configuration.channelFullTimeout : outageTimeout
         if now - failingSince! >= TimeAmount(limit) {

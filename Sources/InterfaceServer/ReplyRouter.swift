@@ -70,8 +70,9 @@ final class ReplyRouter: Sendable {
         while !Task.isCancelled {
             do {
                 if try await layer.registerBundleReader(processChannel) == false {
-                    logger.warning("the channel layer lost its data (groups, sessions): closing sockets with 1012",
-                                   metadata: ["reply_channel": "\(processChannel)"])
+                    logger.warning(
+                        "the channel layer lost its data (groups, sessions): closing sockets with 1012",
+                        metadata: ["reply_channel": "\(processChannel)"])
                     storeLost.withLock { $0 }?()
                 }
                 failures = 0

@@ -1,4 +1,5 @@
 import ASGI
+import Foundation
 import Logging
 import NIOCore
 import Synchronization
@@ -91,10 +92,12 @@ final class AccessLog: Sendable {
         if let write {
             write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(Self.fixed(seconds, digits: 3))s")
         } else {
-            logger.log(level: status >= 500 ? .warning : .info, "http", metadata: [
-                "client": "\(client)", "method": "\(method)", "path": "\(path)", "status": "\(status)",
-                "bytes": "\(size)", "ms": "\(Self.fixed(seconds * 1000, digits: 1))",
-            ])
+            logger.log(
+                level: status >= 500 ? .warning : .info, "http",
+                metadata: [
+                    "client": "\(client)", "method": "\(method)", "path": "\(path)", "status": "\(status)",
+                    "bytes": "\(size)", "ms": "\(Self.fixed(seconds * 1000, digits: 1))",
+                ])
         }
     }
 
@@ -119,6 +122,5 @@ final class AccessLog: Sendable {
 }
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
-import Foundation

@@ -34,7 +34,7 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
 final class ServerCounters: Sendable {
     enum Counter: Int, CaseIterable {
         case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
-             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies
+            closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))

@@ -34,15 +34,18 @@ final class WebSocketSession {
     private var lastPong = NIODeadline.now()
     let upgrade: UpgradeState
 
-    init(server: ServerContext, channel: any Channel, head: HTTPRequestHead, upgrade: UpgradeState,
-         promise: EventLoopPromise<HTTPHeaders?>) {
+    init(
+        server: ServerContext, channel: any Channel, head: HTTPRequestHead, upgrade: UpgradeState,
+        promise: EventLoopPromise<HTTPHeaders?>
+    ) {
         self.server = server
         self.channel = channel
         self.upgrade = upgrade
         self.replyChannel = server.router.newReplyChannel()
         self.path = PercentCoding.splitTarget(head.uri).path
-        self.client = RequestTranslation.clientDescription(head: head, remote: channel.remoteAddress,
-                                                     proxyHeaders: server.configuration.proxyHeaders)
+        self.client = RequestTranslation.clientDescription(
+            head: head, remote: channel.remoteAddress,
+            proxyHeaders: server.configuration.proxyHeaders)
         self.state = .connecting(promise)
         self.sender = server.makeSender(on: channel.eventLoop, outageTimeout: server.configuration.layerOutageTimeout)
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
@@ -60,9 +63,11 @@ final class WebSocketSession {
             reject(reason: "unavailable", status: 503)
         case .open:
             server.counters.count(reason == .full ? .closedChannelFull : .closedLayerUnavailable)
-            server.logger.warning(reason == .full ? "websocket.receive stayed full; closing with 1013"
-                                                  : "channel layer stayed unavailable; closing with 1011",
-                                  metadata: ["reply_channel": "\(replyChannel)"])
+            server.logger.warning(
+                reason == .full
+                    ? "websocket.receive stayed full; closing with 1013"
+                    : "channel layer stayed unavailable; closing with 1011",
+                metadata: ["reply_channel": "\(replyChannel)"])
             close(code: reason == .full ? 1013 : 1011)
         case .closed:
             break
@@ -93,12 +98,14 @@ final class WebSocketSession {
             bound.value.reject(reason: "timeout")
         }
         let query = PercentCoding.splitTarget(head.uri).query
-        let (clientAddress, secure) = RequestTranslation.client(head: head, remote: channel.remoteAddress,
-                                                                proxyHeaders: server.configuration.proxyHeaders)
+        let (clientAddress, secure) = RequestTranslation.client(
+            head: head, remote: channel.remoteAddress,
+            proxyHeaders: server.configuration.proxyHeaders)
         let message = WebSocketConnectMessage(
             replyChannel: replyChannel, scheme: secure ? "wss" : "ws", path: path, queryString: query,
             rootPath: server.configuration.rootPath, headers: RequestTranslation.headers(head.headers),
-            client: clientAddress, server: RequestTranslation.address(channel.localAddress), order: 0).message
+            client: clientAddress, server: RequestTranslation.address(channel.localAddress), order: 0
+        ).message
         sender.send(message, to: ASGIChannel.websocketConnect)
     }
 
@@ -220,10 +227,12 @@ final class WebSocketSession {
     /// buffering (or slow anyone else down).
     private func slowClient() {
         server.counters.count(.closedSlowClient)
-        server.logger.warning("closing a WebSocket whose client does not read (1008)", metadata: [
-            "reply_channel": "\(replyChannel)", "queued_bytes": "\(queuedBytes)",
-            "limit": "\(server.configuration.maxQueuedBytesPerSocket)",
-        ])
+        server.logger.warning(
+            "closing a WebSocket whose client does not read (1008)",
+            metadata: [
+                "reply_channel": "\(replyChannel)", "queued_bytes": "\(queuedBytes)",
+                "limit": "\(server.configuration.maxQueuedBytesPerSocket)",
+            ])
         close(code: 1008, force: true)
     }
 
@@ -231,8 +240,9 @@ final class WebSocketSession {
     func received(text: String?, bytes: [UInt8]?) {
         guard case .open = state else { return }
         order += 1
-        let message = WebSocketReceiveMessage(replyChannel: replyChannel, path: path, order: order,
-                                              data: text.map { .text($0) } ?? .bytes(bytes ?? []))
+        let message = WebSocketReceiveMessage(
+            replyChannel: replyChannel, path: path, order: order,
+            data: text.map { .text($0) } ?? .bytes(bytes ?? []))
         sender.send(message.message, to: ASGIChannel.websocketReceive)
     }
 
@@ -282,8 +292,9 @@ final class WebSocketSession {
         server.router.unregister(replyChannel)
         order += 1
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
-        sender.send(WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,
-                    to: ASGIChannel.websocketDisconnect)
+        sender.send(
+            WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,
+            to: ASGIChannel.websocketDisconnect)
     }
 }
 
@@ -342,10 +353,11 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // Oversize frames and protocol errors: NIO has already sent the close code (1009, 1002).
         if let wsError = error as? NIOWebSocketError {
-            let code: UInt16 = switch wsError {
-            case .invalidFrameLength: 1009
-            default: 1002
-            }
+            let code: UInt16 =
+                switch wsError {
+                case .invalidFrameLength: 1009
+                default: 1002
+                }
             session.clientClosed(code: code)
             context.close(promise: nil)
         } else {

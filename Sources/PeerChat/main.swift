@@ -15,21 +15,27 @@ let app = ChannelsApplication(name: "peer-chat") {
         route(ASGIChannel.httpRequest) { context in
             try await context.respond(contentType: "text/html; charset=utf-8", "Hello world! You asked for \(context.path)")
         },
-        route(ASGIChannel.websocketConnect, channelSession { context in
-            try await context.accept()
-            let room = context.path.trimmingCharacters(in: "/")
-            try context.channelSession["room"] = .string(room)
-            try await Group("chat-\(room)").add(context.replyChannel!)
-        }),
-        route(ASGIChannel.websocketReceive, channelSession { context in
-            let room = try context.channelSession["room"]?.stringValue ?? ""
-            let frame = try context.message(as: WebSocketReceiveMessage.self)
-            try await Group("chat-\(room)").send(WebSocketSendMessage(data: frame.data))
-        }),
-        route(ASGIChannel.websocketDisconnect, channelSession { context in
-            let room = try context.channelSession["room"]?.stringValue ?? ""
-            try await Group("chat-\(room)").discard(context.replyChannel!)
-        }),
+        route(
+            ASGIChannel.websocketConnect,
+            channelSession { context in
+                try await context.accept()
+                let room = context.path.trimmingCharacters(in: "/")
+                try context.channelSession["room"] = .string(room)
+                try await Group("chat-\(room)").add(context.replyChannel!)
+            }),
+        route(
+            ASGIChannel.websocketReceive,
+            channelSession { context in
+                let room = try context.channelSession["room"]?.stringValue ?? ""
+                let frame = try context.message(as: WebSocketReceiveMessage.self)
+                try await Group("chat-\(room)").send(WebSocketSendMessage(data: frame.data))
+            }),
+        route(
+            ASGIChannel.websocketDisconnect,
+            channelSession { context in
+                let room = try context.channelSession["room"]?.stringValue ?? ""
+                try await Group("chat-\(room)").discard(context.replyChannel!)
+            }),
         route("bench.noop") { _ in },
     ]
 }

@@ -36,19 +36,23 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     let registeredReaders = Mutex<Set<String>>([])
 
     /// - Parameter eventLoopGroup: where the connections live; NIO's shared group by default.
-    public init(configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis"),
-                eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws(ChannelLayerError) {
+    public init(
+        configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis"),
+        eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) throws(ChannelLayerError) {
         guard !configuration.hosts.isEmpty else {
             throw ChannelLayerError(.invalidConfiguration, "the Redis layer needs at least one host")
         }
         self.configuration = configuration
         self.logger = logger
         self.shards = configuration.hosts.map {
-            RedisConnections(endpoint: $0, group: eventLoopGroup, connectTimeout: configuration.connectTimeout,
-                             commandTimeout: configuration.commandTimeout)
+            RedisConnections(
+                endpoint: $0, group: eventLoopGroup, connectTimeout: configuration.connectTimeout,
+                commandTimeout: configuration.commandTimeout)
         }
-        self.capacities = CapacityTable(defaultCapacity: configuration.capacity,
-                                        patterns: configuration.channelCapacities)
+        self.capacities = CapacityTable(
+            defaultCapacity: configuration.capacity,
+            patterns: configuration.channelCapacities)
         var capacityArgs: [[UInt8]] = [Array(String(configuration.channelCapacities.count).utf8)]
         for (glob, capacity) in configuration.channelCapacities {
             capacityArgs.append(Array(GlobPatternLua.luaPattern(glob).utf8))

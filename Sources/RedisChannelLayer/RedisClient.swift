@@ -14,13 +14,16 @@ public final class RedisClient: Sendable {
     private let isClosed = Atomic<Bool>(false)
     private let outageRetry: Duration
 
-    public init(endpoint: RedisEndpoint, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5),
-                outageRetry: Duration = .seconds(10)) {
+    public init(
+        endpoint: RedisEndpoint, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5),
+        outageRetry: Duration = .seconds(10)
+    ) {
         self.endpoint = endpoint
         self.outageRetry = outageRetry
-        self.connections = RedisConnections(endpoint: endpoint, group: eventLoopGroup, connectTimeout: connectTimeout,
-                                            commandTimeout: commandTimeout)
+        self.connections = RedisConnections(
+            endpoint: endpoint, group: eventLoopGroup, connectTimeout: connectTimeout,
+            commandTimeout: commandTimeout)
     }
 
     /// A client for a `redis://[:password@]host:port/db` URL.

@@ -29,8 +29,10 @@ final class RedisConnection: Sendable {
     var eventLoop: any EventLoop { channel.eventLoop }
 
     /// Connects, authenticates and selects the database.
-    static func connect(to endpoint: RedisEndpoint, on eventLoop: any EventLoop, connectTimeout: Duration,
-                        commandTimeout: Duration) async throws(ChannelLayerError) -> RedisConnection {
+    static func connect(
+        to endpoint: RedisEndpoint, on eventLoop: any EventLoop, connectTimeout: Duration,
+        commandTimeout: Duration
+    ) async throws(ChannelLayerError) -> RedisConnection {
         let channel: any Channel
         do {
             channel = try await ClientBootstrap(group: eventLoop)
@@ -152,8 +154,10 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
         for args in request.commands { Self.encode(args, into: &buffer) }
         let timeout = TimeAmount(request.timeout)
         let deadline = NIODeadline.now() + timeout
-        pending.append(Pending(expected: request.commands.count, replies: [], promise: request.promise, deadline: deadline,
-                               timeout: timeout))
+        pending.append(
+            Pending(
+                expected: request.commands.count, replies: [], promise: request.promise, deadline: deadline,
+                timeout: timeout))
         if timer == nil { armTimer(context: context, at: deadline) }
         context.write(wrapOutboundOut(buffer), promise: promise)
     }

@@ -25,8 +25,10 @@ final class RedisConnections: Sendable {
         var closed = false
     }
 
-    init(endpoint: RedisEndpoint, group: any EventLoopGroup, connectTimeout: Duration, commandTimeout: Duration,
-         maxIdle: Int = 64) {
+    init(
+        endpoint: RedisEndpoint, group: any EventLoopGroup, connectTimeout: Duration, commandTimeout: Duration,
+        maxIdle: Int = 64
+    ) {
         self.endpoint = endpoint
         self.group = group
         self.connectTimeout = connectTimeout
@@ -40,8 +42,9 @@ final class RedisConnections: Sendable {
     private func closedError() -> ChannelLayerError { ChannelLayerError(.closed, "the Redis connection set is closed") }
 
     private func open() async throws(ChannelLayerError) -> RedisConnection {
-        let connection = try await RedisConnection.connect(to: endpoint, on: group.next(), connectTimeout: connectTimeout,
-                                                           commandTimeout: commandTimeout)
+        let connection = try await RedisConnection.connect(
+            to: endpoint, on: group.next(), connectTimeout: connectTimeout,
+            commandTimeout: commandTimeout)
         opened.add(1, ordering: .relaxed)
         return connection
     }

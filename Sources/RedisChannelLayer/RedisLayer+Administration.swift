@@ -17,7 +17,8 @@ extension RedisChannelLayer {
                 repeat {
                     let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
                     guard case .array(let parts) = reply, parts.count == 2,
-                          let next = parts[0].text, case .array(let found) = parts[1] else {
+                        let next = parts[0].text, case .array(let found) = parts[1]
+                    else {
                         throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
                     }
                     let keys = found.compactMap(\.bytes)
@@ -52,7 +53,8 @@ extension RedisChannelLayer {
     public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
         try ChannelNames.validateChannel(channel, for: .receive)
         let name = ChannelNames.nonLocalName(channel)
-        let indices = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+        let indices =
+            ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
             ? [shardIndex(for: name)] : Array(shards.indices)
         let listKey = key(name)
         let counterKeys = [statKey(name, "messages_count"), statKey(name, "channel_full_count")]
@@ -106,7 +108,8 @@ extension RedisChannelLayer {
             repeat {
                 let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", type])
                 guard case .array(let parts) = reply, parts.count == 2,
-                      let next = parts[0].text, case .array(let batch) = parts[1] else { break }
+                    let next = parts[0].text, case .array(let batch) = parts[1]
+                else { break }
                 names.formUnion(batch.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } })
                 cursor = next
             } while cursor != "0"

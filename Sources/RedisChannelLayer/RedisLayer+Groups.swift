@@ -111,9 +111,11 @@ extension RedisChannelLayer {
         let missed = counts[3].countValue
         if missed > 0 {
             membersMissed.add(missed, ordering: .relaxed)
-            logger.warning("group send skipped members whose channel is full", metadata: [
-                "group": "\(group)", "missed": "\(missed)", "reached": "\(counts[2].countValue)",
-            ])
+            logger.warning(
+                "group send skipped members whose channel is full",
+                metadata: [
+                    "group": "\(group)", "missed": "\(missed)", "reached": "\(counts[2].countValue)",
+                ])
         }
     }
 
@@ -128,9 +130,10 @@ extension RedisChannelLayer {
         guard ChannelNames.isProcessSpecific(processChannel) else {
             throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
         }
-        let reply = try await pipelined(shardIndex(for: processChannel), Scripts.registerReader,
-                                        keys: [statKey(processChannel, "reader")],
-                                        args: [Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8)])
+        let reply = try await pipelined(
+            shardIndex(for: processChannel), Scripts.registerReader,
+            keys: [statKey(processChannel, "reader")],
+            args: [Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8)])
         guard let existed = reply.integer else { throw unexpected(reply, doing: "register a reader") }
         let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
         return first || existed == 1

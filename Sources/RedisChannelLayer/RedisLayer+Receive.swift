@@ -26,7 +26,8 @@ extension RedisChannelLayer {
                 for (shard, lists) in plan.shuffled() {
                     let reply = try await pipelined(shard, Scripts.receive, keys: lists.shuffled(), args: [])
                     guard case .array(let pair) = reply, pair.count == 2,
-                          let list = pair[0].bytes, let body = pair[1].bytes else {
+                        let list = pair[0].bytes, let body = pair[1].bytes
+                    else {
                         if case .error = reply { throw unexpected(reply, doing: "receive") }
                         continue
                     }
@@ -51,17 +52,18 @@ extension RedisChannelLayer {
                 return poppedUnusable ? try await receive(channels: channels, timeout: .zero) : nil
             }
             let slice = min(remaining, configuration.blockingSlice)
-            let outcome: ReceivedMessage?? = if plan.count == 1 {
-                try await blockingPop(shard: plan[0].shard, lists: plan[0].lists, wait: slice)
-            } else {
-                try await blockingPopMany(plan: plan, wait: slice)
-            }
+            let outcome: ReceivedMessage?? =
+                if plan.count == 1 {
+                    try await blockingPop(shard: plan[0].shard, lists: plan[0].lists, wait: slice)
+                } else {
+                    try await blockingPopMany(plan: plan, wait: slice)
+                }
             switch outcome {
             case .some(.some(let received)):
                 flowing.store(true, ordering: .relaxed)
                 return received
-            case .some(.none): poppedUnusable = true // an expired or malformed body: try again
-            case .none: poppedUnusable = false // the slice passed with nothing
+            case .some(.none): poppedUnusable = true  // an expired or malformed body: try again
+            case .none: poppedUnusable = false  // the slice passed with nothing
             }
         }
     }
@@ -104,7 +106,9 @@ extension RedisChannelLayer {
                 switch reply {
                 case .array(let pair) where pair.count == 2:
                     guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                    return (list, try await take(Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [bodyKey, list], args: [more]))
+                    return (
+                        list, try await take(Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [bodyKey, list], args: [more])
+                    )
                 case .error(let e):
                     throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
                 default:
@@ -169,7 +173,8 @@ extension RedisChannelLayer {
         var byShard: [Int: [[UInt8]]] = [:]
         let rotating = receiveCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
         for channel in channels {
-            let index = ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+            let index =
+                ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
                 ? shardIndex(for: channel) : rotating
             byShard[index, default: []].append(key(channel))
         }
@@ -201,8 +206,10 @@ extension RedisChannelLayer {
     /// Takes the body a `BLPOP` popped. The key is already off its list, so if the connection
     /// dies now (a Redis restart), the body is still in Redis under its key: it is taken
     /// through a fresh connection, for a while, instead of being left to expire unseen.
-    func take(_ script: LuaScript, on connection: RedisConnection, shard: Int,
-                      keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
+    func take(
+        _ script: LuaScript, on connection: RedisConnection, shard: Int,
+        keys: [[UInt8]], args: [[UInt8]]
+    ) async throws -> RedisReply {
         let first: Result<RedisReply, ChannelLayerError>
         do {
             first = .success(try await script.run(on: connection, keys: keys, args: args))
@@ -279,9 +286,11 @@ extension RedisChannelLayer {
             }
         } catch {
             malformedDropped.add(1, ordering: .relaxed)
-            logger.warning("dropped a message that is not valid msgpack", metadata: [
-                "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
-            ])
+            logger.warning(
+                "dropped a message that is not valid msgpack",
+                metadata: [
+                    "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
+                ])
             return []
         }
     }

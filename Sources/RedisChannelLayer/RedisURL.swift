@@ -48,7 +48,7 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
         }
         var host = String(rest)
         var port = 6379
-        if host.hasPrefix("[") , let close = host.firstIndex(of: "]") {
+        if host.hasPrefix("["), let close = host.firstIndex(of: "]") {
             let after = host[host.index(after: close)...]
             let inner = String(host[host.index(after: host.startIndex)..<close])
             if after.hasPrefix(":") {

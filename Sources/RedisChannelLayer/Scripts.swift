@@ -5,96 +5,108 @@ enum Scripts {
     ///       channel channel_full_count, global channel_full_count
     /// ARGV: body bytes, expiry, capacity, channel stats expiry, global stats expiry
     /// Returns 1 when sent, 0 when the channel is full.
-    static let send = LuaScript(name: "send", source: """
-        if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) then
-            redis.call('INCR', KEYS[5])
-            redis.call('EXPIRE', KEYS[5], ARGV[4])
-            redis.call('INCR', KEYS[6])
-            redis.call('EXPIRE', KEYS[6], ARGV[5])
-            return 0
-        end
-        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-        redis.call('RPUSH', KEYS[2], KEYS[1])
-        redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]) + 1)
-        redis.call('INCR', KEYS[3])
-        redis.call('EXPIRE', KEYS[3], ARGV[4])
-        redis.call('INCR', KEYS[4])
-        redis.call('EXPIRE', KEYS[4], ARGV[5])
-        return 1
-        """)
+    static let send = LuaScript(
+        name: "send",
+        source: """
+            if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) then
+                redis.call('INCR', KEYS[5])
+                redis.call('EXPIRE', KEYS[5], ARGV[4])
+                redis.call('INCR', KEYS[6])
+                redis.call('EXPIRE', KEYS[6], ARGV[5])
+                return 0
+            end
+            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+            redis.call('RPUSH', KEYS[2], KEYS[1])
+            redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]) + 1)
+            redis.call('INCR', KEYS[3])
+            redis.call('EXPIRE', KEYS[3], ARGV[4])
+            redis.call('INCR', KEYS[4])
+            redis.call('EXPIRE', KEYS[4], ARGV[5])
+            return 1
+            """)
 
     /// Non-blocking receive: pop from the lists in the given order, read and delete the body,
     /// skipping bodies that have already expired. Returns {list, body} or nil.
-    static let receive = LuaScript(name: "receive", source: """
-        for i = 1, #KEYS do
-            while true do
-                local bodyKey = redis.call('LPOP', KEYS[i])
-                if not bodyKey then break end
-                local body = redis.call('GET', bodyKey)
-                if body then
-                    redis.call('DEL', bodyKey)
-                    return {KEYS[i], body}
+    static let receive = LuaScript(
+        name: "receive",
+        source: """
+            for i = 1, #KEYS do
+                while true do
+                    local bodyKey = redis.call('LPOP', KEYS[i])
+                    if not bodyKey then break end
+                    local body = redis.call('GET', bodyKey)
+                    if body then
+                        redis.call('DEL', bodyKey)
+                        return {KEYS[i], body}
+                    end
                 end
             end
-        end
-        return false
-        """)
+            return false
+            """)
 
     /// Pops up to ARGV[1] messages from the lists in KEYS, in order: {list, body, list, body, ...}.
-    static let receiveMany = LuaScript(name: "receiveMany", source: """
-        local out = {}
-        local limit = 2 * tonumber(ARGV[1])
-        for i = 1, #KEYS do
-            while #out < limit do
-                local bodyKey = redis.call('LPOP', KEYS[i])
-                if not bodyKey then break end
-                local body = redis.call('GET', bodyKey)
-                if body then
-                    redis.call('DEL', bodyKey)
-                    out[#out + 1] = KEYS[i]
-                    out[#out + 1] = body
+    static let receiveMany = LuaScript(
+        name: "receiveMany",
+        source: """
+            local out = {}
+            local limit = 2 * tonumber(ARGV[1])
+            for i = 1, #KEYS do
+                while #out < limit do
+                    local bodyKey = redis.call('LPOP', KEYS[i])
+                    if not bodyKey then break end
+                    local body = redis.call('GET', bodyKey)
+                    if body then
+                        redis.call('DEL', bodyKey)
+                        out[#out + 1] = KEYS[i]
+                        out[#out + 1] = body
+                    end
                 end
             end
-        end
-        return out
-        """)
+            return out
+            """)
 
     /// After BLPOP: takes the popped body (KEYS[1]) and up to ARGV[1] more messages of its list
     /// (KEYS[2]): {body or false, list, body, list, body, ...}.
-    static let takeBodyAndMore = LuaScript(name: "takeBodyAndMore", source: """
-        local out = {false}
-        local body = redis.call('GET', KEYS[1])
-        if body then
-            redis.call('DEL', KEYS[1])
-            out[1] = body
-        end
-        local limit = 1 + 2 * tonumber(ARGV[1])
-        while #out < limit do
-            local bodyKey = redis.call('LPOP', KEYS[2])
-            if not bodyKey then break end
-            local more = redis.call('GET', bodyKey)
-            if more then
-                redis.call('DEL', bodyKey)
-                out[#out + 1] = KEYS[2]
-                out[#out + 1] = more
+    static let takeBodyAndMore = LuaScript(
+        name: "takeBodyAndMore",
+        source: """
+            local out = {false}
+            local body = redis.call('GET', KEYS[1])
+            if body then
+                redis.call('DEL', KEYS[1])
+                out[1] = body
             end
-        end
-        return out
-        """)
+            local limit = 1 + 2 * tonumber(ARGV[1])
+            while #out < limit do
+                local bodyKey = redis.call('LPOP', KEYS[2])
+                if not bodyKey then break end
+                local more = redis.call('GET', bodyKey)
+                if more then
+                    redis.call('DEL', bodyKey)
+                    out[#out + 1] = KEYS[2]
+                    out[#out + 1] = more
+                end
+            end
+            return out
+            """)
 
     /// Reads and deletes a body popped by BLPOP. Returns the body or nil if it expired.
-    static let takeBody = LuaScript(name: "takeBody", source: """
-        local body = redis.call('GET', KEYS[1])
-        if body then redis.call('DEL', KEYS[1]) end
-        return body
-        """)
+    static let takeBody = LuaScript(
+        name: "takeBody",
+        source: """
+            local body = redis.call('GET', KEYS[1])
+            if body then redis.call('DEL', KEYS[1]) end
+            return body
+            """)
 
     /// Current group members after dropping expired ones.
     /// KEYS: group. ARGV: cutoff (now - group_expiry).
-    static let groupMembers = LuaScript(name: "groupMembers", source: """
-        redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
-        return redis.call('ZRANGE', KEYS[1], 0, -1)
-        """)
+    static let groupMembers = LuaScript(
+        name: "groupMembers",
+        source: """
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+            return redis.call('ZRANGE', KEYS[1], 0, -1)
+            """)
 
     /// Sends one message to many channels on this shard, skipping full ones: a whole group
     /// send in one round trip. Members come from the group's sorted set (mode "group", KEYS[1])
@@ -111,119 +123,122 @@ enum Scripts {
     ///       default capacity, pattern count N, then N (lua pattern, capacity) pairs,
     ///       then (mode "list") the member names.
     /// Returns {messages stored, sends refused as full, members reached, members missed}.
-    static let sendMany = LuaScript(name: "sendMany", source: """
-        local mode = ARGV[1]
-        local prefix, statsPrefix = ARGV[3], ARGV[4]
-        local expiry = tonumber(ARGV[5])
-        local channelStatsExpiry, globalStatsExpiry = ARGV[6], ARGV[7]
-        local plainBody, localHead, keyBase = ARGV[8], ARGV[9], ARGV[10]
-        local defaultCapacity = tonumber(ARGV[11])
-        local patternCount = tonumber(ARGV[12])
-        local patterns = {}
-        for i = 1, patternCount do
-            patterns[i] = {ARGV[12 + 2 * i - 1], tonumber(ARGV[12 + 2 * i])}
-        end
-        local members
-        if mode == 'group' then
-            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
-            members = redis.call('ZRANGE', KEYS[1], 0, -1)
-        else
-            members = {}
-            for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
-        end
-        local function strHeader(n)
-            if n <= 31 then return string.char(160 + n) end
-            if n <= 255 then return string.char(217, n) end
-            return string.char(218, math.floor(n / 256), n % 256)
-        end
-        local function arrayHeader(n)
-            if n <= 15 then return string.char(144 + n) end
-            if n <= 65535 then return string.char(220, math.floor(n / 256), n % 256) end
-            return string.char(221, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
-                               math.floor(n / 256) % 256, n % 256)
-        end
-        local sent, full, reached, missed = 0, 0, 0, 0
-        local serial = 0
-        local function store(listName, body, count)
-            local capacity = defaultCapacity
-            for _, p in ipairs(patterns) do
-                if string.find(listName, p[1]) then capacity = p[2]; break end
+    static let sendMany = LuaScript(
+        name: "sendMany",
+        source: """
+            local mode = ARGV[1]
+            local prefix, statsPrefix = ARGV[3], ARGV[4]
+            local expiry = tonumber(ARGV[5])
+            local channelStatsExpiry, globalStatsExpiry = ARGV[6], ARGV[7]
+            local plainBody, localHead, keyBase = ARGV[8], ARGV[9], ARGV[10]
+            local defaultCapacity = tonumber(ARGV[11])
+            local patternCount = tonumber(ARGV[12])
+            local patterns = {}
+            for i = 1, patternCount do
+                patterns[i] = {ARGV[12 + 2 * i - 1], tonumber(ARGV[12 + 2 * i])}
             end
-            local listKey = prefix .. listName
-            if redis.call('LLEN', listKey) >= capacity then
-                full = full + 1
-                missed = missed + count
-                local fullKey = statsPrefix .. listName .. ':channel_full_count'
-                redis.call('INCR', fullKey)
-                redis.call('EXPIRE', fullKey, channelStatsExpiry)
-                return
-            end
-            serial = serial + 1
-            local bodyKey = prefix .. keyBase .. string.format('%08x', serial)
-            redis.call('SET', bodyKey, body, 'EX', expiry)
-            redis.call('RPUSH', listKey, bodyKey)
-            redis.call('EXPIRE', listKey, expiry + 1)
-            local countKey = statsPrefix .. listName .. ':messages_count'
-            redis.call('INCR', countKey)
-            redis.call('EXPIRE', countKey, channelStatsExpiry)
-            sent = sent + 1
-            reached = reached + count
-        end
-        local readers = {}
-        local bundles, bundleOrder = {}, {}
-        for _, member in ipairs(members) do
-            local bang = string.find(member, '!', 1, true)
-            if bang then
-                local listName = string.sub(member, 1, bang)
-                local form = readers[listName]
-                if form == nil then
-                    form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
-                    readers[listName] = form
-                end
-                if form == 'bundles' then
-                    if not bundles[listName] then
-                        bundles[listName] = {}
-                        bundleOrder[#bundleOrder + 1] = listName
-                    end
-                    local list = bundles[listName]
-                    list[#list + 1] = member
-                else
-                    store(listName, localHead .. strHeader(string.len(member)) .. member, 1)
-                end
+            local members
+            if mode == 'group' then
+                redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
+                members = redis.call('ZRANGE', KEYS[1], 0, -1)
             else
-                store(member, plainBody, 1)
+                members = {}
+                for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
             end
-        end
-        for _, listName in ipairs(bundleOrder) do
-            local list = bundles[listName]
-            local parts = {localHead, arrayHeader(#list)}
-            for _, member in ipairs(list) do
-                parts[#parts + 1] = strHeader(string.len(member))
-                parts[#parts + 1] = member
+            local function strHeader(n)
+                if n <= 31 then return string.char(160 + n) end
+                if n <= 255 then return string.char(217, n) end
+                return string.char(218, math.floor(n / 256), n % 256)
             end
-            store(listName, table.concat(parts), #list)
-        end
-        if sent > 0 then
-            redis.call('INCRBY', KEYS[2], sent)
-            redis.call('EXPIRE', KEYS[2], globalStatsExpiry)
-        end
-        if full > 0 then
-            redis.call('INCRBY', KEYS[3], full)
-            redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
-        end
-        return {sent, full, reached, missed}
-        """)
+            local function arrayHeader(n)
+                if n <= 15 then return string.char(144 + n) end
+                if n <= 65535 then return string.char(220, math.floor(n / 256), n % 256) end
+                return string.char(221, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                                   math.floor(n / 256) % 256, n % 256)
+            end
+            local sent, full, reached, missed = 0, 0, 0, 0
+            local serial = 0
+            local function store(listName, body, count)
+                local capacity = defaultCapacity
+                for _, p in ipairs(patterns) do
+                    if string.find(listName, p[1]) then capacity = p[2]; break end
+                end
+                local listKey = prefix .. listName
+                if redis.call('LLEN', listKey) >= capacity then
+                    full = full + 1
+                    missed = missed + count
+                    local fullKey = statsPrefix .. listName .. ':channel_full_count'
+                    redis.call('INCR', fullKey)
+                    redis.call('EXPIRE', fullKey, channelStatsExpiry)
+                    return
+                end
+                serial = serial + 1
+                local bodyKey = prefix .. keyBase .. string.format('%08x', serial)
+                redis.call('SET', bodyKey, body, 'EX', expiry)
+                redis.call('RPUSH', listKey, bodyKey)
+                redis.call('EXPIRE', listKey, expiry + 1)
+                local countKey = statsPrefix .. listName .. ':messages_count'
+                redis.call('INCR', countKey)
+                redis.call('EXPIRE', countKey, channelStatsExpiry)
+                sent = sent + 1
+                reached = reached + count
+            end
+            local readers = {}
+            local bundles, bundleOrder = {}, {}
+            for _, member in ipairs(members) do
+                local bang = string.find(member, '!', 1, true)
+                if bang then
+                    local listName = string.sub(member, 1, bang)
+                    local form = readers[listName]
+                    if form == nil then
+                        form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
+                        readers[listName] = form
+                    end
+                    if form == 'bundles' then
+                        if not bundles[listName] then
+                            bundles[listName] = {}
+                            bundleOrder[#bundleOrder + 1] = listName
+                        end
+                        local list = bundles[listName]
+                        list[#list + 1] = member
+                    else
+                        store(listName, localHead .. strHeader(string.len(member)) .. member, 1)
+                    end
+                else
+                    store(member, plainBody, 1)
+                end
+            end
+            for _, listName in ipairs(bundleOrder) do
+                local list = bundles[listName]
+                local parts = {localHead, arrayHeader(#list)}
+                for _, member in ipairs(list) do
+                    parts[#parts + 1] = strHeader(string.len(member))
+                    parts[#parts + 1] = member
+                end
+                store(listName, table.concat(parts), #list)
+            end
+            if sent > 0 then
+                redis.call('INCRBY', KEYS[2], sent)
+                redis.call('EXPIRE', KEYS[2], globalStatsExpiry)
+            end
+            if full > 0 then
+                redis.call('INCRBY', KEYS[3], full)
+                redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
+            end
+            return {sent, full, reached, missed}
+            """)
 
     /// Registers (or renews) the reader of a process channel as one that reads bundles.
     /// KEYS: the reader key. ARGV: form, seconds to live.
     /// Returns 1 when the key was there (renewed), 0 when it had to be created.
-    static let registerReader = LuaScript(name: "registerReader", source: """
-        local existed = redis.call('EXISTS', KEYS[1])
-        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-        return existed
-        """)
+    static let registerReader = LuaScript(
+        name: "registerReader",
+        source: """
+            local existed = redis.call('EXISTS', KEYS[1])
+            redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+            return existed
+            """)
 }
-
 
 /// Converts a shell glob to an anchored Lua pattern for the group-send script.
 enum GlobPatternLua {

@@ -6,8 +6,9 @@ import Testing
 struct ASGIMessageTests {
     @Test("each typed message survives message -> struct -> message unchanged")
     func roundTrips() throws {
-        let request = HTTPRequestMessage(replyChannel: "s.r!a", method: "GET", path: "/a b/", queryString: Array("q=%C3%A9".utf8),
-                                         headers: [("Host", "x")], client: ASGIAddress(host: "1.2.3.4", port: 5))
+        let request = HTTPRequestMessage(
+            replyChannel: "s.r!a", method: "GET", path: "/a b/", queryString: Array("q=%C3%A9".utf8),
+            headers: [("Host", "x")], client: ASGIAddress(host: "1.2.3.4", port: 5))
         #expect(try HTTPRequestMessage(request.message) == request)
         let connect = WebSocketConnectMessage(replyChannel: "s.r!b", path: "/ws/", headers: [("cookie", "a=1")])
         #expect(try WebSocketConnectMessage(connect.message) == connect)
@@ -23,8 +24,10 @@ struct ASGIMessageTests {
 
     @Test("what other producers may write is read too: string query strings, close: true, no optional keys")
     func lenientWhereTheSpecAllows() throws {
-        let request = try HTTPRequestMessage(["reply_channel": "a.b!c", "method": "post", "path": "/", "query_string": "x=1",
-                                              "headers": [["host", .utf8Bytes("h")]]])
+        let request = try HTTPRequestMessage([
+            "reply_channel": "a.b!c", "method": "post", "path": "/", "query_string": "x=1",
+            "headers": [["host", .utf8Bytes("h")]],
+        ])
         #expect(request.method == "POST" && request.queryString == Array("x=1".utf8) && request.headers.first("HOST") == "h")
         #expect(request.httpVersion == "1.1" && request.scheme == "http" && request.body.isEmpty && request.client == nil)
         #expect(try WebSocketSendMessage(["close": true]).close == 1000)
@@ -38,9 +41,11 @@ struct ASGIMessageTests {
         }
         #expect(key { _ = try HTTPRequestMessage(["method": "GET", "path": "/"]) }! == (.missingKey, "reply_channel"))
         #expect(key { _ = try HTTPRequestMessage(["reply_channel": "a!b", "method": 1, "path": "/"]) }! == (.wrongType, "method"))
-        #expect(key { _ = try HTTPRequestMessage(["reply_channel": "a!b", "method": "GET", "path": "/", "headers": [["x"]]]) }!
+        #expect(
+            key { _ = try HTTPRequestMessage(["reply_channel": "a!b", "method": "GET", "path": "/", "headers": [["x"]]]) }!
                 == (.invalidValue, "headers"))
-        #expect(key { _ = try HTTPRequestMessage(["reply_channel": "a!b", "method": "GET", "path": "/", "client": "me"]) }!
+        #expect(
+            key { _ = try HTTPRequestMessage(["reply_channel": "a!b", "method": "GET", "path": "/", "client": "me"]) }!
                 == (.invalidValue, "client"))
         #expect(key { _ = try HTTPResponseStart(["status": 42]) }! == (.invalidValue, "status"))
         #expect(key { _ = try HTTPResponseStart(["status": "200"]) }! == (.wrongType, "status"))
@@ -56,8 +61,11 @@ struct ASGIMessageTests {
         var headers: ASGIHeaders = [("Host", "x"), ("Set-Cookie", "a=1")]
         headers.add(name: "SET-COOKIE", value: "b=2")
         #expect(headers.values("set-cookie") == ["a=1", "b=2"])
-        #expect(headers.asgiValue == [[.utf8Bytes("host"), .utf8Bytes("x")], [.utf8Bytes("set-cookie"), .utf8Bytes("a=1")],
-                                      [.utf8Bytes("set-cookie"), .utf8Bytes("b=2")]])
+        #expect(
+            headers.asgiValue == [
+                [.utf8Bytes("host"), .utf8Bytes("x")], [.utf8Bytes("set-cookie"), .utf8Bytes("a=1")],
+                [.utf8Bytes("set-cookie"), .utf8Bytes("b=2")],
+            ])
         let cookies = ASGIHeaders([("cookie", "sessionid=abc; theme=\"dark\""), ("cookie", "sessionid=later")]).cookies
         #expect(cookies == ["sessionid": "abc", "theme": "dark"], "the first value of a name wins, quotes dropped")
         #expect(throws: MessageError.self) { try ASGIHeaders(.string("host: x")) }

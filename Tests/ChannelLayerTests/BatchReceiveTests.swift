@@ -1,7 +1,8 @@
 import ASGI
 import Foundation
-@testable import RedisChannelLayer
 import Testing
+
+@testable import RedisChannelLayer
 
 @Suite("batch receive", .timeLimit(.minutes(2)))
 struct BatchReceiveTests {

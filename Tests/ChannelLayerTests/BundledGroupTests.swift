@@ -1,14 +1,16 @@
 import ASGI
 import Foundation
-@testable import RedisChannelLayer
 import Testing
+
+@testable import RedisChannelLayer
 
 /// Group sends to the members of a process channel whose reader registered for bundles: one
 /// stored message per process channel, fanned out on receive; capacity counts the bundle once.
 @Suite("bundled group sends", .timeLimit(.minutes(2)))
 struct BundledGroupTests {
-    @Test("1,000 members on one registered process channel, capacity 5: every member gets every message, in order",
-          arguments: LayerKind.allCases)
+    @Test(
+        "1,000 members on one registered process channel, capacity 5: every member gets every message, in order",
+        arguments: LayerKind.allCases)
     func thousandMembersThroughCapacityFive(kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
             let process = "bundle.reader\(ChannelNames.randomLetters(6))!"
@@ -36,8 +38,9 @@ struct BundledGroupTests {
         }
     }
 
-    @Test("single receives hand out a bundle's members one at a time, before anything sent later",
-          arguments: LayerKind.allCases)
+    @Test(
+        "single receives hand out a bundle's members one at a time, before anything sent later",
+        arguments: LayerKind.allCases)
     func singleReceivesKeepOrder(kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
             let process = "bundle.single\(ChannelNames.randomLetters(6))!"

@@ -1,10 +1,12 @@
 import ASGI
 import CHiredis
+
 @testable import RedisChannelLayer
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 /// One blocking connection to Redis through hiredis: the tests' raw client, for looking at

@@ -1,8 +1,9 @@
 import ASGI
 import Foundation
 import OrderedCollections
-@testable import RedisChannelLayer
 import Testing
+
+@testable import RedisChannelLayer
 
 /// The real asgi_redis 1.4.3 from PyPI (run by `Tests/interop/asgi_redis_peer.py` in the venv
 /// that scripts/test.sh builds) and our layer on one Redis.
@@ -24,8 +25,11 @@ struct PythonPeer {
 
     /// Runs one peer command and returns its JSON output.
     func run(_ command: String, _ args: String...) async throws -> Any {
-        let arguments = [try Self.python(), Self.script, "--hosts", hosts.joined(separator: ","), "--prefix", prefix,
-                         "--capacity", String(capacity), command] + args
+        let arguments =
+            [
+                try Self.python(), Self.script, "--hosts", hosts.joined(separator: ","), "--prefix", prefix,
+                "--capacity", String(capacity), command,
+            ] + args
         let (status, output) = try await runProgram(arguments)
         try #require(status == 0, "peer \(command) failed with \(status): \(output)")
         return try JSONSerialization.jsonObject(with: Data(output.utf8), options: [.fragmentsAllowed])
@@ -104,20 +108,34 @@ struct InteropTests {
         let packed = try #require(try await peer().run("pack_all") as? [String: String])
         let ws = "daphne.response.abc!ws"
         let cases: [(String, any ASGIMessage)] = [
-            ("http_request", HTTPRequestMessage(
-                replyChannel: "daphne.response.abc!def", method: "POST", path: "/café/", queryString: Array("a=1&b=%20".utf8),
-                headers: [("host", "example.com"), ("cookie", "sessionid=xyz")], body: Array("x=1".utf8),
-                bodyChannel: "http.request.body?abcdefghijkl", client: ASGIAddress(host: "127.0.0.1", port: 50000),
-                server: ASGIAddress(host: "127.0.0.1", port: 8000))),
+            (
+                "http_request",
+                HTTPRequestMessage(
+                    replyChannel: "daphne.response.abc!def", method: "POST", path: "/café/", queryString: Array("a=1&b=%20".utf8),
+                    headers: [("host", "example.com"), ("cookie", "sessionid=xyz")], body: Array("x=1".utf8),
+                    bodyChannel: "http.request.body?abcdefghijkl", client: ASGIAddress(host: "127.0.0.1", port: 50000),
+                    server: ASGIAddress(host: "127.0.0.1", port: 8000))
+            ),
             ("http_body_chunk", HTTPBodyChunk(content: Array("more".utf8), moreContent: true)),
-            ("http_response_start", HTTPResponseStart(status: 404, headers: [("Content-Type", "text/plain"), ("set-cookie", "a=b")],
-                                                      content: Array("Not found".utf8), moreContent: true)),
+            (
+                "http_response_start",
+                HTTPResponseStart(
+                    status: 404, headers: [("Content-Type", "text/plain"), ("set-cookie", "a=b")],
+                    content: Array("Not found".utf8), moreContent: true)
+            ),
             ("http_response_chunk", HTTPResponseChunk(content: Array("tail".utf8), moreContent: false)),
             ("http_disconnect", HTTPDisconnectMessage(replyChannel: "daphne.response.abc!def", path: "/x/")),
-            ("websocket_connect", WebSocketConnectMessage(replyChannel: ws, path: "/chat/lobby/", headers: [("origin", "http://example.com")],
-                                                          client: ASGIAddress(host: "::1", port: 1234))),
+            (
+                "websocket_connect",
+                WebSocketConnectMessage(
+                    replyChannel: ws, path: "/chat/lobby/", headers: [("origin", "http://example.com")],
+                    client: ASGIAddress(host: "::1", port: 1234))
+            ),
             ("websocket_receive_text", WebSocketReceiveMessage(replyChannel: ws, path: "/chat/lobby/", order: 1, data: .text("hi £"))),
-            ("websocket_receive_bytes", WebSocketReceiveMessage(replyChannel: ws, path: "/chat/lobby/", order: 2, data: .bytes([0, 0xff]))),
+            (
+                "websocket_receive_bytes",
+                WebSocketReceiveMessage(replyChannel: ws, path: "/chat/lobby/", order: 2, data: .bytes([0, 0xff]))
+            ),
             ("websocket_disconnect", WebSocketDisconnectMessage(replyChannel: ws, code: 1001, path: "/chat/lobby/", order: 3)),
             ("websocket_send_accept", WebSocketSendMessage.accept),
             ("websocket_send_text", WebSocketSendMessage.text("hello")),

@@ -42,15 +42,27 @@ enum Cases {
 @Suite("msgpack", .timeLimit(.minutes(2)))
 struct MsgPackTests {
     /// Recorded from Python 3.11, msgpack-python 0.5.6: `msgpack.packb(value, use_bin_type=True)`.
-    @Test("byte-exact against Python's encoder", arguments: [
-        (Cases.nested, "8ca474657874a8636166c3a920c2a3a3726177c406c2a301000321a5706f756e64a2c2a3a5636f756e74cd012ca86e65676174697665d0d8a3626967cf0000010000000000a5726174696fcb3ff8000000000000a3796573c3a76e6f7468696e67c0a46c69737493c4056279746573a37374729301a374776fc4057468726565a7686561646572739392c404686f7374c40b6578616d706c652e636f6d92c405782d647570c4013192c405782d647570c40132a36d617082a5696e6e6572c40200ffa664656570657281a173a178"),
-        (Cases.small, "81a474657874a568656c6c6f"),
-        (Cases.response, "84a6737461747573ccc8a76865616465727390a7636f6e74656e74c4026869ac6d6f72655f636f6e74656e74c2"),
-        (["a": .string(String(repeating: "x", count: 40))], "81a161d928" + String(repeating: "78", count: 40)),
-        (["n": [1, -1, 127, 128, -32, -33, 255, 256, 65535, 65536, .int(1 << 32), -129, -32769, .int(-(1 << 31) - 1), .int(Int64.min)]],
-         "81a16e9f01ff7fcc80e0d0dfccffcd0100cdffffce00010000cf0000000100000000d1ff7fd2ffff7fffd3ffffffff7fffffffd38000000000000000"),
-        ([String(repeating: "k", count: 16): 1], "81b06b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b01"),
-    ] as [(Message, String)])
+    @Test(
+        "byte-exact against Python's encoder",
+        arguments: [
+            (
+                Cases.nested,
+                "8ca474657874a8636166c3a920c2a3a3726177c406c2a301000321a5706f756e64a2c2a3a5636f756e74cd012ca86e65676174697665d0d8a3626967cf0000010000000000a5726174696fcb3ff8000000000000a3796573c3a76e6f7468696e67c0a46c69737493c4056279746573a37374729301a374776fc4057468726565a7686561646572739392c404686f7374c40b6578616d706c652e636f6d92c405782d647570c4013192c405782d647570c40132a36d617082a5696e6e6572c40200ffa664656570657281a173a178"
+            ),
+            (Cases.small, "81a474657874a568656c6c6f"),
+            (Cases.response, "84a6737461747573ccc8a76865616465727390a7636f6e74656e74c4026869ac6d6f72655f636f6e74656e74c2"),
+            (["a": .string(String(repeating: "x", count: 40))], "81a161d928" + String(repeating: "78", count: 40)),
+            (
+                [
+                    "n": [
+                        1, -1, 127, 128, -32, -33, 255, 256, 65535, 65536, .int(1 << 32), -129, -32769, .int(-(1 << 31) - 1),
+                        .int(Int64.min),
+                    ]
+                ],
+                "81a16e9f01ff7fcc80e0d0dfccffcd0100cdffffce00010000cf0000000100000000d1ff7fd2ffff7fffd3ffffffff7fffffffd38000000000000000"
+            ),
+            ([String(repeating: "k", count: 16): 1], "81b06b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b01"),
+        ] as [(Message, String)])
     func pythonVectors(message: Message, expected: String) throws {
         #expect(hex(MsgPackEncoder.encode(message)) == expected)
         #expect(try MsgPackDecoder().decodeMessage(unhex(expected)) == message)
@@ -60,7 +72,8 @@ struct MsgPackTests {
     @Test func sixteenKeysUseMap16() throws {
         var message = Message()
         for i in 0..<16 { message["k\(i)"] = .int(Int64(i)) }
-        let expected = "de0010a26b3000a26b3101a26b3202a26b3303a26b3404a26b3505a26b3606a26b3707a26b3808a26b3909a36b31300aa36b31310ba36b31320ca36b31330da36b31340ea36b31350f"
+        let expected =
+            "de0010a26b3000a26b3101a26b3202a26b3303a26b3404a26b3505a26b3606a26b3707a26b3808a26b3909a36b31300aa36b31310ba36b31320ca36b31330da36b31340ea36b31350f"
         #expect(hex(MsgPackEncoder.encode(message)) == expected)
     }
 
@@ -91,22 +104,24 @@ struct MsgPackTests {
         #expect(try d.decode([0x81, 0xc4, 0x01, 0x6b, 0x02]) == .map(["k": 2]), "a bin key that is UTF-8 is read as a string")
     }
 
-    @Test("bad input gives a typed error", arguments: [
-        ([0x81, 0xa1, 0x61], MsgPackError.Code.truncated),
-        ([0xd9], .truncated),
-        ([0xa3, 0x61], .lengthExceedsInput),
-        ([0xc6, 0xff, 0xff, 0xff, 0xff], .lengthExceedsInput),            // bin32 claiming 4 GiB
-        ([0xdd, 0xff, 0xff, 0xff, 0xff], .lengthExceedsInput),            // array32 claiming 4G elements
-        ([0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0], .lengthExceedsInput),      // map32 claiming 4G pairs
-        ([0xdb, 0xff, 0xff, 0xff, 0xff, 0x61], .lengthExceedsInput),      // str32 claiming 4 GiB
-        ([0xa2, 0xc3, 0x28], .invalidUTF8),
-        ([0xc1], .unsupportedType),
-        ([0xd4, 0x01, 0x00], .unsupportedType),
-        ([0x81, 0x01, 0x02], .invalidMapKey),
-        ([0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], .integerOverflow),
-        ([0xc0, 0xc0], .trailingBytes),
-        ([], .truncated),
-    ] as [([UInt8], MsgPackError.Code)])
+    @Test(
+        "bad input gives a typed error",
+        arguments: [
+            ([0x81, 0xa1, 0x61], MsgPackError.Code.truncated),
+            ([0xd9], .truncated),
+            ([0xa3, 0x61], .lengthExceedsInput),
+            ([0xc6, 0xff, 0xff, 0xff, 0xff], .lengthExceedsInput),  // bin32 claiming 4 GiB
+            ([0xdd, 0xff, 0xff, 0xff, 0xff], .lengthExceedsInput),  // array32 claiming 4G elements
+            ([0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0], .lengthExceedsInput),  // map32 claiming 4G pairs
+            ([0xdb, 0xff, 0xff, 0xff, 0xff, 0x61], .lengthExceedsInput),  // str32 claiming 4 GiB
+            ([0xa2, 0xc3, 0x28], .invalidUTF8),
+            ([0xc1], .unsupportedType),
+            ([0xd4, 0x01, 0x00], .unsupportedType),
+            ([0x81, 0x01, 0x02], .invalidMapKey),
+            ([0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], .integerOverflow),
+            ([0xc0, 0xc0], .trailingBytes),
+            ([], .truncated),
+        ] as [([UInt8], MsgPackError.Code)])
     func badInput(bytes: [UInt8], code: MsgPackError.Code) {
         #expect {
             try MsgPackDecoder().decode(bytes)

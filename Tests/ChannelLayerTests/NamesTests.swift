@@ -19,14 +19,18 @@ struct NamesTests {
         #expect(names.count == 400, "12-letter names do not repeat")
     }
 
-    @Test(arguments: ["http.request", "websocket.connect", "daphne.response.AbCdEfGhIj!KlMnOpQrSt",
-                      "test.foo?abc", "x!", "a-b_c.d", String(repeating: "a", count: 99)])
+    @Test(arguments: [
+        "http.request", "websocket.connect", "daphne.response.AbCdEfGhIj!KlMnOpQrSt",
+        "test.foo?abc", "x!", "a-b_c.d", String(repeating: "a", count: 99),
+    ])
     func validChannels(name: String) throws {
         try ChannelNames.validateChannel(name)
     }
 
-    @Test(arguments: ["http.request\u{a3}", String(repeating: "a", count: 110), "one?two?three",
-                      "four!five!six", "some+other!thing", "", "!x", "?x", "test.foo?", "sp ace"])
+    @Test(arguments: [
+        "http.request\u{a3}", String(repeating: "a", count: 110), "one?two?three",
+        "four!five!six", "some+other!thing", "", "!x", "?x", "test.foo?", "sp ace",
+    ])
     func invalidChannels(name: String) {
         #expect {
             try ChannelNames.validateChannel(name)

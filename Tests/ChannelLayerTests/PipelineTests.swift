@@ -1,7 +1,8 @@
 import ASGI
 import Foundation
-@testable import RedisChannelLayer
 import Testing
+
+@testable import RedisChannelLayer
 
 /// Concurrent calls share round trips through the automatic pipeline; nothing may be lost,
 /// duplicated or reordered for one sender, and capacity must hold exactly.

@@ -2,8 +2,9 @@ import ASGI
 import Foundation
 import NIOCore
 import NIOPosix
-@testable import RedisChannelLayer
 import Testing
+
+@testable import RedisChannelLayer
 
 @Suite("Redis layer", .timeLimit(.minutes(2)))
 struct RedisLayerTests {
@@ -23,7 +24,11 @@ struct RedisLayerTests {
         let url = try TestRedis.requireURL()
         let prefix = TestRedis.uniquePrefix()
         let layer = try layer(prefix: prefix)
-        defer { Task { try? await layer.flush(); await layer.close() } }
+        defer {
+            Task {
+                try? await layer.flush(); await layer.close()
+            }
+        }
         try await layer.send(Cases.response, to: "daphne.response.AbCdEfGhIj!KlMnOpQrSt")
         let redis = try raw(url)
         let list = try redis.command(["LRANGE", prefix + "daphne.response.AbCdEfGhIj!", "0", "-1"])
@@ -35,7 +40,9 @@ struct RedisLayerTests {
         // The SPEC's example: the message, then __asgi_channel__ with the full name.
         let expected = "84a6737461747573ccc8a76865616465727390a7636f6e74656e74c4026869ac6d6f72655f636f6e74656e74c2"
         #expect(hex(body).hasPrefix("85" + expected.dropFirst(2)))
-        #expect(hex(body).hasSuffix("b0" + hex(Array("__asgi_channel__".utf8)) + "d925" + hex(Array("daphne.response.AbCdEfGhIj!KlMnOpQrSt".utf8))))
+        #expect(
+            hex(body).hasSuffix(
+                "b0" + hex(Array("__asgi_channel__".utf8)) + "d925" + hex(Array("daphne.response.AbCdEfGhIj!KlMnOpQrSt".utf8))))
         let ttl = try redis.command(["TTL", bodyKey]).integer ?? -1
         #expect(ttl > 30 && ttl <= 60)
         let listTTL = try redis.command(["TTL", prefix + "daphne.response.AbCdEfGhIj!"]).integer ?? -1
@@ -135,7 +142,9 @@ struct RedisLayerTests {
     func urls() throws {
         let endpoint = try RedisEndpoint(url: "redis://:s%40cret@example:6380/3")
         #expect(endpoint.host == "example" && endpoint.port == 6380 && endpoint.database == 3 && endpoint.password == "s@cret")
-        let configuration = try RedisChannelLayerConfiguration(urls: ["redis://h:1/0?expiry=5&capacity=7&capacity.http.*=9&prefix=x:&stats_prefix=y:"])
+        let configuration = try RedisChannelLayerConfiguration(urls: [
+            "redis://h:1/0?expiry=5&capacity=7&capacity.http.*=9&prefix=x:&stats_prefix=y:"
+        ])
         #expect(configuration.expiry == 5 && configuration.capacity == 7 && configuration.prefix == "x:")
         #expect(configuration.statsPrefix == "y:")
         #expect(configuration.channelCapacities.first?.0 == "http.*" && configuration.channelCapacities.first?.1 == 9)
@@ -156,8 +165,9 @@ struct RedisLayerTests {
         await layer.close()
     }
 
-    @Test("a server that accepts but never answers: the call fails with connectionLost after the command timeout",
-          .timeLimit(.minutes(1)))
+    @Test(
+        "a server that accepts but never answers: the call fails with connectionLost after the command timeout",
+        .timeLimit(.minutes(1)))
     func silentServer() async throws {
         let (fd, port) = try RedisServer.boundPort()
         defer { close(fd) }
@@ -187,12 +197,14 @@ struct RedisLayerTests {
         await layer.close()
     }
 
-    @Test("a call on a connection that has already closed fails at once instead of waiting forever",
-          .timeLimit(.minutes(1)))
+    @Test(
+        "a call on a connection that has already closed fails at once instead of waiting forever",
+        .timeLimit(.minutes(1)))
     func callAfterClose() async throws {
         let endpoint = try RedisEndpoint(url: try TestRedis.requireURL())
-        let connection = try await RedisConnection.connect(to: endpoint, on: MultiThreadedEventLoopGroup.singleton.next(),
-                                                           connectTimeout: .seconds(2), commandTimeout: .seconds(30))
+        let connection = try await RedisConnection.connect(
+            to: endpoint, on: MultiThreadedEventLoopGroup.singleton.next(),
+            connectTimeout: .seconds(2), commandTimeout: .seconds(30))
         #expect(try await connection.command(["PING"]).text == "PONG")
         connection.close()
         try await connection.closeFuture.get()
@@ -203,8 +215,9 @@ struct RedisLayerTests {
         #expect(ContinuousClock.now - started < .seconds(10), "failed by the command timeout, not by the closed channel")
     }
 
-    @Test("a server that answers with bytes that are not RESP: connectionLost from hiredis's reader, no crash",
-          .timeLimit(.minutes(1)))
+    @Test(
+        "a server that answers with bytes that are not RESP: connectionLost from hiredis's reader, no crash",
+        .timeLimit(.minutes(1)))
     func garbageServer() async throws {
         let (fd, port) = try RedisServer.boundPort()
         defer { close(fd) }
@@ -274,12 +287,16 @@ struct RedisLayerTests {
         try await layer.send(["x": 1], to: "daphne.response.AbCdEfGhIj!abc")
         #expect(try raw(a.url).command(["LLEN", "asgi:daphne.response.AbCdEfGhIj!"]).integer == 1)
         #expect(try raw(b.url).command(["LLEN", "asgi:daphne.response.AbCdEfGhIj!"]).integer == 0)
-        #expect(try await layer.receive(channels: ["daphne.response.AbCdEfGhIj!"], timeout: .seconds(1))?.channel == "daphne.response.AbCdEfGhIj!abc")
+        #expect(
+            try await layer.receive(channels: ["daphne.response.AbCdEfGhIj!"], timeout: .seconds(1))?.channel
+                == "daphne.response.AbCdEfGhIj!abc")
         try await layer.groupAdd("tgroup", channel: "daphne.response.AbCdEfGhIj!m1")
         try await layer.groupAdd("tgroup", channel: "plain.member")
         #expect(try raw(b.url).command(["ZCARD", "asgi::group:tgroup"]).integer == 2)
         try await layer.sendGroup("tgroup", message: ["hello": "group"])
-        #expect(try await layer.receive(channels: ["daphne.response.AbCdEfGhIj!"], timeout: .seconds(1))?.channel == "daphne.response.AbCdEfGhIj!m1")
+        #expect(
+            try await layer.receive(channels: ["daphne.response.AbCdEfGhIj!"], timeout: .seconds(1))?.channel
+                == "daphne.response.AbCdEfGhIj!m1")
         // Plain channels go round-robin; receives from every host find them all.
         for i in 0..<6 { try await layer.send(["i": .int(Int64(i))], to: "plain.rr") }
         #expect(try raw(a.url).command(["LLEN", "asgi:plain.rr"]).integer == 3)

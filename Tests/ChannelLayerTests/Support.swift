@@ -1,7 +1,8 @@
 import ASGI
 import Foundation
-@testable import RedisChannelLayer
 import Testing
+
+@testable import RedisChannelLayer
 
 /// The Redis of `scripts/test.sh`. Tests that need it fail (not skip) without it, saying why.
 enum TestRedis {
@@ -28,8 +29,10 @@ enum LayerKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
 /// A layer with the conformance capacity (5), on keys of its own
 /// so tests can run in parallel on one Redis. The expiry tests ask for expiry 1 s and group
 /// expiry 2 s; the others keep the defaults so that a slow moment of a loaded machine cannot expire their messages.
-func makeLayer(_ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpiry: Int = 86400, channelCapacities: [(String, Int)] = [],
-               maxMessageSize: Int? = nil) throws -> any ChannelLayer {
+func makeLayer(
+    _ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpiry: Int = 86400, channelCapacities: [(String, Int)] = [],
+    maxMessageSize: Int? = nil
+) throws -> any ChannelLayer {
     switch kind {
     case .memory:
         var configuration = InMemoryChannelLayer.Configuration(
@@ -50,11 +53,14 @@ func makeLayer(_ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpi
     }
 }
 
-func withLayer(_ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpiry: Int = 86400, channelCapacities: [(String, Int)] = [],
-               maxMessageSize: Int? = nil,
-               _ body: (any ChannelLayer) async throws -> Void) async throws {
-    let layer = try makeLayer(kind, capacity: capacity, expiry: expiry, groupExpiry: groupExpiry, channelCapacities: channelCapacities,
-                              maxMessageSize: maxMessageSize)
+func withLayer(
+    _ kind: LayerKind, capacity: Int = 5, expiry: Int = 60, groupExpiry: Int = 86400, channelCapacities: [(String, Int)] = [],
+    maxMessageSize: Int? = nil,
+    _ body: (any ChannelLayer) async throws -> Void
+) async throws {
+    let layer = try makeLayer(
+        kind, capacity: capacity, expiry: expiry, groupExpiry: groupExpiry, channelCapacities: channelCapacities,
+        maxMessageSize: maxMessageSize)
     do {
         try await body(layer)
     } catch {
@@ -114,8 +120,10 @@ final class RedisServer: @unchecked Sendable {
     var url: String { "redis://127.0.0.1:\(port)/0" }
 
     private func start() throws {
-        let arguments = [try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null"]
+        let arguments = [
+            try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null",
+        ]
         var child: pid_t = 0
         let status = spawn(arguments, pid: &child, actions: nil)
         guard status == 0 else {
@@ -145,9 +153,11 @@ final class RedisServer: @unchecked Sendable {
                     throw ChannelLayerError(.connectionLost, "redis-server on port \(port) exited at start (status \(status))")
                 }
             }
-            if let connection = try? HiredisConnection(endpoint: RedisEndpoint(port: port),
-                                                       connectTimeout: .seconds(1), commandTimeout: .seconds(1)),
-               (try? connection.command(["PING"])) == .status("PONG") {
+            if let connection = try? HiredisConnection(
+                endpoint: RedisEndpoint(port: port),
+                connectTimeout: .seconds(1), commandTimeout: .seconds(1)),
+                (try? connection.command(["PING"])) == .status("PONG")
+            {
                 return
             }
             usleep(20_000)

@@ -1,8 +1,9 @@
 import ASGI
-@testable import Channels
 import ChannelsTesting
 import Foundation
 import Testing
+
+@testable import Channels
 
 /// A room consumer type: groups from the path, echo to the group, a goodbye on disconnect.
 struct RoomConsumer: WebSocketConsumer {

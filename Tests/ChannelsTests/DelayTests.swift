@@ -1,10 +1,11 @@
 import ASGI
-@testable import Channels
 import ChannelsRedis
 import ChannelsTesting
 import Foundation
 import RedisChannelLayer
 import Testing
+
+@testable import Channels
 
 @Suite("delay server", .timeLimit(.minutes(2)))
 struct DelayTests {

@@ -1,26 +1,33 @@
 import ASGI
-@testable import Channels
 import ChannelsTesting
 import Foundation
 import RedisChannelLayer
 import Testing
 
+@testable import Channels
+
 @Suite("ordering", .timeLimit(.minutes(2)))
 struct OrderingTests {
     static func routing(log: Log, slight: Bool = false) -> [RoutingEntry] {
         [
-            route("websocket.connect", enforceOrdering(slight: slight) { context in
-                await log.add("0")
-                try await context.accept()
-            }),
-            route("websocket.receive", enforceOrdering(slight: slight) { context in
-                let order = try context.message.int("order")
-                await log.add("\(order)")
-                try await context.reply(["text": .string("\(order)")])
-            }),
-            route("websocket.disconnect", enforceOrdering(slight: slight) { context in
-                await log.add("disconnect \(try context.message.int("order"))")
-            }),
+            route(
+                "websocket.connect",
+                enforceOrdering(slight: slight) { context in
+                    await log.add("0")
+                    try await context.accept()
+                }),
+            route(
+                "websocket.receive",
+                enforceOrdering(slight: slight) { context in
+                    let order = try context.message.int("order")
+                    await log.add("\(order)")
+                    try await context.reply(["text": .string("\(order)")])
+                }),
+            route(
+                "websocket.disconnect",
+                enforceOrdering(slight: slight) { context in
+                    await log.add("disconnect \(try context.message.int("order"))")
+                }),
         ]
     }
 
@@ -80,8 +87,10 @@ struct OrderingTests {
         for _ in 0..<2 {
             let layer = try TestRedis.layer(prefix: prefix)
             layers.append(layer)
-            workers.append(Worker(router: try Router(Self.routing(log: log)), layer: layer, concurrency: 2,
-                                  environment: ConsumerEnvironment(sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix))))
+            workers.append(
+                Worker(
+                    router: try Router(Self.routing(log: log)), layer: layer, concurrency: 2,
+                    environment: ConsumerEnvironment(sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix))))
         }
         let tasks = workers.map { worker in Task { await worker.run() } }
         let sender = layers[0]
@@ -108,12 +117,14 @@ struct ConsumeLaterTests {
     @Test func retriedThenDroppedAfterTen() async throws {
         let log = Log()
         let harness = try TestHarness([
-            route("jobs", { context in
-                let retries = context.message[Worker.retryKey]?.intValue ?? 0
-                await log.add("\(retries)")
-                if try context.message.string("job") == "flaky" && retries < 3 { throw ConsumerError.consumeLater }
-                if try context.message.string("job") == "never" { throw ConsumerError.consumeLater }
-            }),
+            route(
+                "jobs",
+                { context in
+                    let retries = context.message[Worker.retryKey]?.intValue ?? 0
+                    await log.add("\(retries)")
+                    if try context.message.string("job") == "flaky" && retries < 3 { throw ConsumerError.consumeLater }
+                    if try context.message.string("job") == "never" { throw ConsumerError.consumeLater }
+                })
         ])
         try await harness.send(["job": "flaky"], to: "jobs")
         #expect(await log.entries == ["0", "1", "2", "3"], "put back until it succeeds")

@@ -1,9 +1,10 @@
 import ASGI
-@testable import Channels
 import Logging
 import RedisChannelLayer
 import Synchronization
 import Testing
+
+@testable import Channels
 
 /// Records which consumer ran with which arguments.
 actor Calls {
@@ -22,17 +23,20 @@ struct RoutingTests {
         let router = try Router([
             route("http.request", path: "^/hello/(?P<who>[a-z]+)/$", consumer("hello", calls)),
             route("http.request", path: "^/poll/$", method: "^POST$", consumer("poll", calls)),
-            include([
-                route("websocket.connect", path: "^(?P<room>[a-z]+)/$", consumer("room", calls)),
-                route("websocket.connect", consumer("anyroom", calls)),
-            ], path: "^/chat/(?P<section>[a-z]+)/"),
+            include(
+                [
+                    route("websocket.connect", path: "^(?P<room>[a-z]+)/$", consumer("room", calls)),
+                    route("websocket.connect", consumer("anyroom", calls)),
+                ], path: "^/chat/(?P<section>[a-z]+)/"),
             route("http.request", consumer("fallback", calls)),
         ])
         #expect(router.channels == ["http.request", "websocket.connect"])
         func run(_ channel: String, _ message: Message) async throws {
             let (consumer, kwargs, _) = try #require(router.match(channel: channel, message: message))
-            try await consumer(ConsumerContext(message: message, channel: channel, kwargs: kwargs,
-                                               layer: InMemoryChannelLayer(), logger: .init(label: "t")))
+            try await consumer(
+                ConsumerContext(
+                    message: message, channel: channel, kwargs: kwargs,
+                    layer: InMemoryChannelLayer(), logger: .init(label: "t")))
         }
         try await run("http.request", ["path": "/hello/bob/", "method": "GET"])
         try await run("http.request", ["path": "/poll/", "method": "POST"])
@@ -78,17 +82,20 @@ struct WorkerTests {
     @Test func bufferedSendsGoOutInOrderAfterTheConsumerAlsoWhenItThrows() async throws {
         let layer = InMemoryChannelLayer()
         struct Boom: Error {}
-        let worker = try worker([
-            route("work", { context in
-                try await Channel("out").send(["n": 1])
-                try await Channel("out").send(["n": 2])
-                // Buffered: not visible yet while the consumer runs.
-                #expect(try await context.layer.receive(channels: ["out"]) == nil)
-                try await Channel("now").send(["n": 0], immediately: true)
-                #expect(try await context.layer.receive(channels: ["now"]) != nil)
-                throw Boom()
-            }),
-        ], layer: layer)
+        let worker = try worker(
+            [
+                route(
+                    "work",
+                    { context in
+                        try await Channel("out").send(["n": 1])
+                        try await Channel("out").send(["n": 2])
+                        // Buffered: not visible yet while the consumer runs.
+                        #expect(try await context.layer.receive(channels: ["out"]) == nil)
+                        try await Channel("now").send(["n": 0], immediately: true)
+                        #expect(try await context.layer.receive(channels: ["now"]) != nil)
+                        throw Boom()
+                    })
+            ], layer: layer)
         await worker.dispatch(ReceivedMessage(channel: "work", message: [:]))
         #expect(try await layer.receive(channels: ["out"])?.message == ["n": 1])
         #expect(try await layer.receive(channels: ["out"])?.message == ["n": 2])
@@ -96,10 +103,11 @@ struct WorkerTests {
 
     @Test func denyAndCloseAndDefaults() async throws {
         let layer = InMemoryChannelLayer()
-        let worker = try worker([
-            route("websocket.connect", path: "^/deny/", { _ in throw ConsumerError.denyConnection }),
-            route("websocket.receive", { _ in throw ConsumerError.close(code: 4001) }),
-        ], layer: layer)
+        let worker = try worker(
+            [
+                route("websocket.connect", path: "^/deny/", { _ in throw ConsumerError.denyConnection }),
+                route("websocket.receive", { _ in throw ConsumerError.close(code: 4001) }),
+            ], layer: layer)
         await worker.dispatch(ReceivedMessage(channel: "websocket.connect", message: ["path": "/deny/", "reply_channel": "r!1"]))
         #expect(try await layer.receive(channels: ["r!"])?.message == ["accept": false])
         await worker.dispatch(ReceivedMessage(channel: "websocket.receive", message: ["path": "/x", "reply_channel": "r!2"]))
@@ -119,7 +127,8 @@ struct WorkerTests {
         #expect(try worker(entries, layer: layer).channels == ["chat-messages", "http.request"] + socketChannels)
         #expect(try worker(entries, layer: layer, only: ["websocket.*"]).channels == socketChannels)
         #expect(try worker(entries, layer: layer, exclude: ["http.*", "chat-*"]).channels == socketChannels)
-        #expect(try worker(entries, layer: layer, exclude: ["websocket.receive"]).channels
+        #expect(
+            try worker(entries, layer: layer, exclude: ["websocket.receive"]).channels
                 == ["chat-messages", "http.request", "websocket.connect", "websocket.disconnect"])
     }
 
@@ -148,15 +157,20 @@ struct WorkerConcurrencyTests {
         let (started, startedSink) = AsyncStream<Int>.makeStream()
         let (done, finished) = AsyncStream<Int>.makeStream()
         for n in 0..<12 { try await layer.send(["n": .int(Int64(n))], to: "slow") }
-        let worker = Worker(router: try Router([
-            route("slow", { context in
-                counts.withLock { $0.running += 1; $0.most = max($0.most, $0.running) }
-                startedSink.yield(Int(try context.message.int("n")))
-                await gate.wait()
-                counts.withLock { $0.running -= 1 }
-                finished.yield(Int(try context.message.int("n")))
-            }),
-        ]), layer: layer, concurrency: 3)
+        let worker = Worker(
+            router: try Router([
+                route(
+                    "slow",
+                    { context in
+                        counts.withLock {
+                            $0.running += 1; $0.most = max($0.most, $0.running)
+                        }
+                        startedSink.yield(Int(try context.message.int("n")))
+                        await gate.wait()
+                        counts.withLock { $0.running -= 1 }
+                        finished.yield(Int(try context.message.int("n")))
+                    })
+            ]), layer: layer, concurrency: 3)
         let running = Task { await worker.run() }
         var startedIterator = started.makeAsyncIterator()
         for _ in 0..<3 { _ = await startedIterator.next() }

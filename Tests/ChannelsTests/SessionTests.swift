@@ -1,11 +1,12 @@
 import ASGI
-@testable import Channels
 import ChannelsRedis
 import ChannelsTesting
 import Foundation
 import Logging
 import RedisChannelLayer
 import Testing
+
+@testable import Channels
 
 @Suite("sessions", .timeLimit(.minutes(2)))
 struct SessionTests {
@@ -30,19 +31,27 @@ struct SessionTests {
     func channelSessionPersistsPerSocket(_ kind: StoreKind) async throws {
         let log = Log()
         let routing = [
-            route("websocket.connect", channelSession { context in
-                try context.channelSession["room"] = .string(String(context.path.dropFirst()))
-                try await context.accept()
-            }),
-            route("websocket.receive", channelSession { context in
-                let room = try context.channelSession["room"]?.stringValue ?? "?"
-                let count = (try context.channelSession["count"]?.intValue ?? 0) + 1
-                try context.channelSession["count"] = .int(count)
-                try await context.reply(["text": .string("\(room):\(count)")])
-            }),
-            route("websocket.disconnect", channelSession { context in
-                await log.add("left \(try context.channelSession["room"]?.stringValue ?? "?") after \(try context.channelSession["count"]?.intValue ?? 0)")
-            }),
+            route(
+                "websocket.connect",
+                channelSession { context in
+                    try context.channelSession["room"] = .string(String(context.path.dropFirst()))
+                    try await context.accept()
+                }),
+            route(
+                "websocket.receive",
+                channelSession { context in
+                    let room = try context.channelSession["room"]?.stringValue ?? "?"
+                    let count = (try context.channelSession["count"]?.intValue ?? 0) + 1
+                    try context.channelSession["count"] = .int(count)
+                    try await context.reply(["text": .string("\(room):\(count)")])
+                }),
+            route(
+                "websocket.disconnect",
+                channelSession { context in
+                    await log.add(
+                        "left \(try context.channelSession["room"]?.stringValue ?? "?") after \(try context.channelSession["count"]?.intValue ?? 0)"
+                    )
+                }),
         ]
         let harness = try TestHarness(routing, environment: ConsumerEnvironment(sessionStore: try store(kind)))
         let a = WebSocketTestClient(harness, path: "/lobby")
@@ -61,8 +70,9 @@ struct SessionTests {
     }
 
     @Test func channelSessionWithoutReplyChannelIsAClearError() async throws {
-        let context = ConsumerContext(message: ["text": "x"], channel: "chat-messages", kwargs: [:],
-                                      layer: InMemoryChannelLayer(), logger: .init(label: "t"))
+        let context = ConsumerContext(
+            message: ["text": "x"], channel: "chat-messages", kwargs: [:],
+            layer: InMemoryChannelLayer(), logger: .init(label: "t"))
         await #expect(throws: SessionError.self) {
             try await channelSession { _ in }(context)
         }
@@ -77,16 +87,22 @@ struct SessionTests {
     @Test(arguments: StoreKind.allCases)
     func httpSessionFromCookieAndQueryParameter(_ kind: StoreKind) async throws {
         let routing = [
-            route("http.request", path: "^/set/", httpSession { context in
-                try context.httpSession["color"] = "blue"
-                try await context.respond("set")
-            }),
-            route("http.request", path: "^/get/", httpSession { context in
-                try await context.respond(try context.httpSession["color"]?.stringValue ?? "none")
-            }),
-            route("websocket.connect", httpSession { context in
-                try await context.reply(["text": .string(try context.httpSession["color"]?.stringValue ?? "none")])
-            }),
+            route(
+                "http.request", path: "^/set/",
+                httpSession { context in
+                    try context.httpSession["color"] = "blue"
+                    try await context.respond("set")
+                }),
+            route(
+                "http.request", path: "^/get/",
+                httpSession { context in
+                    try await context.respond(try context.httpSession["color"]?.stringValue ?? "none")
+                }),
+            route(
+                "websocket.connect",
+                httpSession { context in
+                    try await context.reply(["text": .string(try context.httpSession["color"]?.stringValue ?? "none")])
+                }),
         ]
         let harness = try TestHarness(routing, environment: ConsumerEnvironment(sessionStore: try store(kind)))
         let browser = HTTPTestClient(harness)
@@ -115,12 +131,15 @@ struct SessionTests {
 
     @Test func aPlantedUnknownKeyIsNotAdopted() async throws {
         let store = InMemorySessionStore()
-        let harness = try TestHarness([
-            route("http.request", httpSession { context in
-                try context.httpSession["x"] = 1
-                try await context.respond("ok")
-            }),
-        ], environment: ConsumerEnvironment(sessionStore: store))
+        let harness = try TestHarness(
+            [
+                route(
+                    "http.request",
+                    httpSession { context in
+                        try context.httpSession["x"] = 1
+                        try await context.respond("ok")
+                    })
+            ], environment: ConsumerEnvironment(sessionStore: store))
         let browser = HTTPTestClient(harness)
         browser.setCookie("sessionid", "attackerchosenkeyattackerchosenk")
         _ = try await browser.get("/")
@@ -130,36 +149,47 @@ struct SessionTests {
 
     static func authRouting(log: Log) -> [RoutingEntry] {
         [
-            route("http.request", path: "^/login/", httpSession { context in
-                let form = HTTPRequestInfo.formFields(try context.message.bytes("body"))
-                let users = ["alice": "1", "bob": "2"]
-                guard let id = users[form["username"] ?? ""] else { return try await context.respond(status: 403, "no") }
-                try await context.login(User(id: id, username: form["username"]!))
-                try await context.respond("welcome \(context.user)")
-            }),
-            route("http.request", path: "^/logout/", httpSession { context in
-                try await context.logout()
-                try await context.respond("bye")
-            }),
-            route("http.request", path: "^/whoami/", httpSessionUser { context in
-                try await context.respond("\(context.user)")
-            }),
-            route("websocket.connect", channelSessionUserFromHTTP { context in
-                await log.add("connect \(context.user)")
-                try await context.accept()
-            }),
-            route("websocket.receive", channelSessionUser { context in
-                await log.add("receive \(context.user)")
-                try await context.reply(["text": .string("\(context.user): \(try context.message.string("text"))")])
-            }),
+            route(
+                "http.request", path: "^/login/",
+                httpSession { context in
+                    let form = HTTPRequestInfo.formFields(try context.message.bytes("body"))
+                    let users = ["alice": "1", "bob": "2"]
+                    guard let id = users[form["username"] ?? ""] else { return try await context.respond(status: 403, "no") }
+                    try await context.login(User(id: id, username: form["username"]!))
+                    try await context.respond("welcome \(context.user)")
+                }),
+            route(
+                "http.request", path: "^/logout/",
+                httpSession { context in
+                    try await context.logout()
+                    try await context.respond("bye")
+                }),
+            route(
+                "http.request", path: "^/whoami/",
+                httpSessionUser { context in
+                    try await context.respond("\(context.user)")
+                }),
+            route(
+                "websocket.connect",
+                channelSessionUserFromHTTP { context in
+                    await log.add("connect \(context.user)")
+                    try await context.accept()
+                }),
+            route(
+                "websocket.receive",
+                channelSessionUser { context in
+                    await log.add("receive \(context.user)")
+                    try await context.reply(["text": .string("\(context.user): \(try context.message.string("text"))")])
+                }),
         ]
     }
 
     @Test(arguments: StoreKind.allCases)
     func userCarriedFromHTTPIntoTheSocket(_ kind: StoreKind) async throws {
         let log = Log()
-        let harness = try TestHarness(Self.authRouting(log: log),
-                                      environment: ConsumerEnvironment(sessionStore: try store(kind), users: TestUsers()))
+        let harness = try TestHarness(
+            Self.authRouting(log: log),
+            environment: ConsumerEnvironment(sessionStore: try store(kind), users: TestUsers()))
         let browser = HTTPTestClient(harness)
         #expect(try await browser.get("/whoami/").text == "anonymous")
         let login = try await browser.post("/login/", form: [("username", "alice")])
@@ -185,10 +215,14 @@ struct SessionTests {
     @Test func loginRotatesTheKey() async throws {
         let store = InMemorySessionStore()
         let harness = try TestHarness(
-            Self.authRouting(log: Log()) + [route("http.request", path: "^/visit/", httpSession { context in
-                try context.httpSession["visited"] = true
-                try await context.respond("ok")
-            })],
+            Self.authRouting(log: Log()) + [
+                route(
+                    "http.request", path: "^/visit/",
+                    httpSession { context in
+                        try context.httpSession["visited"] = true
+                        try await context.respond("ok")
+                    })
+            ],
             environment: ConsumerEnvironment(sessionStore: store, users: TestUsers()))
         let browser = HTTPTestClient(harness)
         _ = try await browser.get("/visit/")
@@ -254,13 +288,16 @@ struct SessionTests {
         let store = try store(kind)
         let key = Session.channelSessionKey(replyChannel: "test.reply?garbage")
         #expect(try await store.store(key, data: [0xc1, 0xff, 0x00], expected: nil, ttl: 60))
-        let harness = try TestHarness([
-            route("websocket.receive", channelSession { context in
-                let before = try context.channelSession["n"]?.intValue ?? 0
-                try context.channelSession["n"] = .int(before + 1)
-                try await context.reply(["text": .string("\(before + 1)")])
-            }),
-        ], environment: ConsumerEnvironment(sessionStore: store))
+        let harness = try TestHarness(
+            [
+                route(
+                    "websocket.receive",
+                    channelSession { context in
+                        let before = try context.channelSession["n"]?.intValue ?? 0
+                        try context.channelSession["n"] = .int(before + 1)
+                        try await context.reply(["text": .string("\(before + 1)")])
+                    })
+            ], environment: ConsumerEnvironment(sessionStore: store))
         try await harness.send(["reply_channel": "test.reply?garbage", "order": 1, "text": "x"], to: "websocket.receive")
         #expect(try await harness.receive(from: "test.reply?garbage")?["text"] == "1", "read as empty, consumer ran")
         let stored = try Session.decode(try #require(try await store.load(key)))
@@ -269,12 +306,15 @@ struct SessionTests {
 
     @Test func sessionIsSavedOnlyWhenModified() async throws {
         let store = CountingStore()
-        let harness = try TestHarness([
-            route("websocket.connect", channelSession { context in try await context.accept() }),
-            route("websocket.receive", channelSession { context in
-                if try context.message.string("text") == "write" { try context.channelSession["n"] = 1 }
-            }),
-        ], environment: ConsumerEnvironment(sessionStore: store))
+        let harness = try TestHarness(
+            [
+                route("websocket.connect", channelSession { context in try await context.accept() }),
+                route(
+                    "websocket.receive",
+                    channelSession { context in
+                        if try context.message.string("text") == "write" { try context.channelSession["n"] = 1 }
+                    }),
+            ], environment: ConsumerEnvironment(sessionStore: store))
         let socket = WebSocketTestClient(harness, path: "/")
         try await socket.connect()
         try await socket.send(text: "read")

@@ -1,6 +1,6 @@
 import ASGI
-import ChannelsRedis
 import Channels
+import ChannelsRedis
 import Foundation
 import RedisChannelLayer
 import Testing
@@ -18,8 +18,10 @@ enum TestRedis {
     enum Missing: Error { case redis }
 
     /// A Redis layer on keys of its own, so tests run in parallel on one server.
-    static func layer(prefix: String = "t" + ChannelNames.randomLetters(8) + ":", capacity: Int = 100,
-                      channelCapacities: [(String, Int)] = []) throws -> RedisChannelLayer {
+    static func layer(
+        prefix: String = "t" + ChannelNames.randomLetters(8) + ":", capacity: Int = 100,
+        channelCapacities: [(String, Int)] = []
+    ) throws -> RedisChannelLayer {
         var configuration = try RedisChannelLayerConfiguration(urls: [try requireURL()])
         configuration.prefix = prefix
         configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"

@@ -1,10 +1,11 @@
 import ASGI
-@testable import InterfaceServer
 import Logging
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
 import Testing
+
+@testable import InterfaceServer
 
 /// The HTTP handler on a testing channel: requests go in as NIO request parts, the ASGI
 /// messages come out on an in-memory layer, replies are handed to the router, and the response
@@ -20,8 +21,9 @@ struct HTTPHandlerTests {
             var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
             configure(&configuration)
             let logger = Logger(label: "test")
-            server = ServerContext(layer: layer, router: ReplyRouter(layer: layer, prefix: "test", logger: logger),
-                                   configuration: configuration, logger: logger, accessLog: nil)
+            server = ServerContext(
+                layer: layer, router: ReplyRouter(layer: layer, prefix: "test", logger: logger),
+                configuration: configuration, logger: logger, accessLog: nil)
             channel = NIOAsyncTestingChannel()
             try await channel.pipeline.addHandler(HTTPHandler(server: server, upgrade: UpgradeState()))
         }
@@ -68,8 +70,9 @@ struct HTTPHandlerTests {
         #expect(request.body == Array("hi".utf8) && request.rootPath == "/app" && request.bodyChannel == nil)
         #expect(request.replyChannel.hasPrefix(fixture.server.router.processChannel))
         // The reply goes back through the router as the response.
-        fixture.server.router.deliver(HTTPResponseStart(status: 201, headers: [("x-answer", "42")], content: Array("made".utf8)).message,
-                                      to: request.replyChannel)
+        fixture.server.router.deliver(
+            HTTPResponseStart(status: 201, headers: [("x-answer", "42")], content: Array("made".utf8)).message,
+            to: request.replyChannel)
         let (head, body) = try await fixture.response()
         #expect(head.status.code == 201 && head.headers.first(name: "x-answer") == "42" && body == "made")
         #expect(head.headers.first(name: "content-length") == "4")
@@ -85,7 +88,8 @@ struct HTTPHandlerTests {
         var rest: [UInt8] = []
         var more = true
         while more {
-            let chunk = try HTTPBodyChunk(try #require(try await fixture.layer.receive(channels: [bodyChannel], timeout: .seconds(5))).message)
+            let chunk = try HTTPBodyChunk(
+                try #require(try await fixture.layer.receive(channels: [bodyChannel], timeout: .seconds(5))).message)
             rest += chunk.content
             more = chunk.moreContent
         }
@@ -94,7 +98,9 @@ struct HTTPHandlerTests {
 
     @Test("limits: a body over --max-body-size is 413, a head over --max-header-size is 431; nothing reaches the layer")
     func limits() async throws {
-        let fixture = try await Fixture { $0.maxBodySize = 5; $0.maxHeaderSize = 200 }
+        let fixture = try await Fixture {
+            $0.maxBodySize = 5; $0.maxHeaderSize = 200
+        }
         try await fixture.request(.POST, "/big/", body: "123456")
         let (tooLarge, _) = try await fixture.response()
         #expect(tooLarge.status == .payloadTooLarge)
@@ -119,7 +125,8 @@ struct HTTPHandlerTests {
         let streamed = try await Fixture()
         try await streamed.request(.GET, "/stream/")
         let request = try await streamed.sentRequest()
-        streamed.server.router.deliver(HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: request.replyChannel)
+        streamed.server.router.deliver(
+            HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: request.replyChannel)
         streamed.server.router.deliver(HTTPResponseChunk(content: Array("b".utf8), moreContent: true).message, to: request.replyChannel)
         streamed.server.router.deliver(HTTPResponseChunk(content: Array("c".utf8), moreContent: false).message, to: request.replyChannel)
         let (streamHead, body) = try await streamed.response()

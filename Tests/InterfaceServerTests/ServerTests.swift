@@ -1,15 +1,16 @@
 import ASGI
 import Channels
 import Foundation
-#if canImport(FoundationNetworking)
-import FoundationNetworking
-#endif
 import InterfaceServer
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOWebSocket
 import Testing
+
+#if canImport(FoundationNetworking)
+    import FoundationNetworking
+#endif
 
 /// A WebSocket client on SwiftNIO (URLSession on Linux has no WebSocket support).
 enum NIOWebSocketClient {

@@ -39,8 +39,9 @@ public struct MsgPackDecoder: Sendable {
         do throws(MsgPackError) {
             let value = try reader.readValue(depth: 0)
             if reader.offset != buffer.count {
-                throw MsgPackError(.trailingBytes, offset: reader.offset,
-                                   detail: "\(buffer.count - reader.offset) bytes after the value")
+                throw MsgPackError(
+                    .trailingBytes, offset: reader.offset,
+                    detail: "\(buffer.count - reader.offset) bytes after the value")
             }
             return .success(value)
         } catch {
@@ -89,8 +90,9 @@ private struct Reader {
 
     mutating func raw(_ count: Int) throws(MsgPackError) -> UnsafeRawBufferPointer {
         guard count <= remaining else {
-            throw MsgPackError(.lengthExceedsInput, offset: offset,
-                               detail: "needs \(count) bytes, \(remaining) remain")
+            throw MsgPackError(
+                .lengthExceedsInput, offset: offset,
+                detail: "needs \(count) bytes, \(remaining) remain")
         }
         let slice = UnsafeRawBufferPointer(rebasing: buffer[offset..<(offset + count)])
         offset += count
@@ -145,8 +147,9 @@ private struct Reader {
         case 0xdf: return try readMap(count: try length(4), depth: depth)
         default:
             // 0xc1 (never used), 0xc7...0xc9 and 0xd4...0xd8 (extension types).
-            throw MsgPackError(.unsupportedType, offset: start,
-                               detail: "marker 0x" + String(marker, radix: 16))
+            throw MsgPackError(
+                .unsupportedType, offset: start,
+                detail: "marker 0x" + String(marker, radix: 16))
         }
     }
 
@@ -160,8 +163,9 @@ private struct Reader {
         try enter(depth)
         // Every element takes at least one byte: a count above what remains is a lie.
         guard count <= remaining else {
-            throw MsgPackError(.lengthExceedsInput, offset: offset,
-                               detail: "array of \(count) with \(remaining) bytes left")
+            throw MsgPackError(
+                .lengthExceedsInput, offset: offset,
+                detail: "array of \(count) with \(remaining) bytes left")
         }
         var elements: [ASGIValue] = []
         elements.reserveCapacity(count)
@@ -174,8 +178,9 @@ private struct Reader {
     mutating func readMap(count: Int, depth: Int) throws(MsgPackError) -> ASGIValue {
         try enter(depth)
         guard count <= remaining / 2 else {
-            throw MsgPackError(.lengthExceedsInput, offset: offset,
-                               detail: "map of \(count) with \(remaining) bytes left")
+            throw MsgPackError(
+                .lengthExceedsInput, offset: offset,
+                detail: "map of \(count) with \(remaining) bytes left")
         }
         var fields = OrderedDictionary<String, ASGIValue>(minimumCapacity: count)
         for _ in 0..<count {

@@ -81,7 +81,8 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
         fields.reserveCapacity(pairs.count)
         for (index, pair) in pairs.enumerated() {
             guard case .array(let items) = pair, items.count == 2,
-                  let name = Self.text(items[0]), let value = Self.text(items[1]) else {
+                let name = Self.text(items[0]), let value = Self.text(items[1])
+            else {
                 throw MessageError(.invalidValue, key: key, detail: "entry \(index) is not a [name, value] pair of bytes or strings")
             }
             fields.append(Field(name: name, value: value))

@@ -17,9 +17,11 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
     public var client: ASGIAddress?
     public var server: ASGIAddress?
 
-    public init(replyChannel: String, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
-                queryString: [UInt8] = [], rootPath: String = "", headers: ASGIHeaders = [], body: [UInt8] = [],
-                bodyChannel: String? = nil, client: ASGIAddress? = nil, server: ASGIAddress? = nil) {
+    public init(
+        replyChannel: String, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
+        queryString: [UInt8] = [], rootPath: String = "", headers: ASGIHeaders = [], body: [UInt8] = [],
+        bodyChannel: String? = nil, client: ASGIAddress? = nil, server: ASGIAddress? = nil
+    ) {
         self.replyChannel = replyChannel
         self.httpVersion = httpVersion
         self.method = method

@@ -13,8 +13,10 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
     /// Always 0: the first message of the socket.
     public var order: Int64
 
-    public init(replyChannel: String, scheme: String = "ws", path: String, queryString: [UInt8] = [], rootPath: String = "",
-                headers: ASGIHeaders = [], client: ASGIAddress? = nil, server: ASGIAddress? = nil, order: Int64 = 0) {
+    public init(
+        replyChannel: String, scheme: String = "ws", path: String, queryString: [UInt8] = [], rootPath: String = "",
+        headers: ASGIHeaders = [], client: ASGIAddress? = nil, server: ASGIAddress? = nil, order: Int64 = 0
+    ) {
         self.replyChannel = replyChannel
         self.scheme = scheme
         self.path = path

@@ -2,8 +2,10 @@
 /// ``ChannelLayerError`` that `retryable` accepts, for at most `limit` in all; then the last
 /// error is thrown. For waits on a full channel or a Redis that is restarting: a timer between
 /// attempts, never a busy loop.
-public func retrying<T>(for limit: Duration, when retryable: (ChannelLayerError) -> Bool = ChannelLayerError.isTransient,
-                        _ body: () async throws -> T) async throws -> T {
+public func retrying<T>(
+    for limit: Duration, when retryable: (ChannelLayerError) -> Bool = ChannelLayerError.isTransient,
+    _ body: () async throws -> T
+) async throws -> T {
     let deadline = ContinuousClock.now + limit
     var pause = Duration.milliseconds(10)
     while true {

@@ -72,11 +72,13 @@ public final class DelayServer: Sendable {
     /// Validates and stores one `asgi.delay` message.
     func accept(_ message: Message) async throws {
         guard let channel = message["channel"]?.stringValue, (try? ChannelNames.validateChannel(channel)) != nil,
-              let content = message["content"]?.mapValue,
-              let delay = message["delay"]?.doubleValue, delay.isFinite, delay >= 0, delay <= 366 * 86_400_000 else {
+            let content = message["content"]?.mapValue,
+            let delay = message["delay"]?.doubleValue, delay.isFinite, delay >= 0, delay <= 366 * 86_400_000
+        else {
             counters.withLock { $0.malformed += 1 }
-            logger.warning("dropped a malformed delay message: it needs channel (a valid name), content (a map) and delay (ms >= 0)",
-                           metadata: ["message": "\(String(describing: message).prefix(200))"])
+            logger.warning(
+                "dropped a malformed delay message: it needs channel (a valid name), content (a map) and delay (ms >= 0)",
+                metadata: ["message": "\(String(describing: message).prefix(200))"])
             return
         }
         let entry = MsgPackEncoder.encode(["channel": .string(channel), "content": .map(content)] as ASGIValue)
@@ -113,7 +115,8 @@ public final class DelayServer: Sendable {
 
     private func deliver(_ entry: [UInt8]) async {
         guard let value = try? MsgPackDecoder().decode(entry), let map = value.mapValue,
-              let channel = map["channel"]?.stringValue, let content = map["content"]?.mapValue else {
+            let channel = map["channel"]?.stringValue, let content = map["content"]?.mapValue
+        else {
             counters.withLock { $0.malformed += 1 }
             logger.warning("dropped an unreadable stored delay entry")
             return
@@ -137,8 +140,9 @@ public final class DelayServer: Sendable {
             try await store.schedule(entry, due: Self.nowMillis() + 1000)
         } catch {
             counters.withLock { $0.lost += 1 }
-            logger.error("a delayed message is lost: it could not be delivered nor stored again",
-                         metadata: ["channel": "\(channel)", "error": "\(error)"])
+            logger.error(
+                "a delayed message is lost: it could not be delivered nor stored again",
+                metadata: ["channel": "\(channel)", "error": "\(error)"])
         }
     }
 }

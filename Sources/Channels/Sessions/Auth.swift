@@ -1,8 +1,8 @@
-import _CryptoExtras
 import ASGI
 import Crypto
 import Foundation
 import Synchronization
+import _CryptoExtras
 
 /// Who sent a message: a user loaded by id, or anonymous.
 public struct User: Sendable, Hashable, CustomStringConvertible {
@@ -91,14 +91,15 @@ public func channelSessionUser(_ consumer: @escaping Consumer) -> Consumer {
 /// session (cookie or `?session_key=`) and copies it into the channel session, so every later
 /// message of the socket (wrapped in `channelSessionUser`) knows the user.
 public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consumer {
-    httpSessionUser(channelSession { context in
-        let session = try context.channelSession
-        let id: ASGIValue = context.user.isAuthenticated ? .string(context.user.id) : .null
-        if session[AuthSessionKey.userID] != id {
-            session[AuthSessionKey.userID] = context.user.isAuthenticated ? id : nil
-        }
-        try await consumer(context)
-    })
+    httpSessionUser(
+        channelSession { context in
+            let session = try context.channelSession
+            let id: ASGIValue = context.user.isAuthenticated ? .string(context.user.id) : .null
+            if session[AuthSessionKey.userID] != id {
+                session[AuthSessionKey.userID] = context.user.isAuthenticated ? id : nil
+            }
+            try await consumer(context)
+        })
 }
 
 /// Password hashing with PBKDF2-HMAC-SHA256, stored in Django's format
@@ -116,8 +117,9 @@ public enum PasswordHasher {
     public static func verify(_ password: String, against encoded: String) -> Bool {
         let parts = encoded.split(separator: "$", omittingEmptySubsequences: false)
         guard parts.count == 4, parts[0] == "pbkdf2_sha256", let iterations = Int(parts[1]), iterations > 0,
-              iterations <= 10_000_000, let expected = Data(base64Encoded: String(parts[3])),
-              let derived = try? derive(password, salt: String(parts[2]), iterations: iterations) else { return false }
+            iterations <= 10_000_000, let expected = Data(base64Encoded: String(parts[3])),
+            let derived = try? derive(password, salt: String(parts[2]), iterations: iterations)
+        else { return false }
         // Constant-time comparison.
         guard derived.count == expected.count else { return false }
         var difference: UInt8 = 0
@@ -126,8 +128,9 @@ public enum PasswordHasher {
     }
 
     private static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {
-        let key = try KDF.Insecure.PBKDF2.deriveKey(from: Array(password.utf8), salt: Array(salt.utf8), using: .sha256,
-                                                    outputByteCount: 32, unsafeUncheckedRounds: iterations)
+        let key = try KDF.Insecure.PBKDF2.deriveKey(
+            from: Array(password.utf8), salt: Array(salt.utf8), using: .sha256,
+            outputByteCount: 32, unsafeUncheckedRounds: iterations)
         return key.withUnsafeBytes { Array($0) }
     }
 }

@@ -59,12 +59,14 @@ public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer
 public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
     { context in
         guard let key = context.message[OrderedHandoff.keyField]?.stringValue,
-              let order = context.message[OrderedHandoff.orderField]?.intValue else {
+            let order = context.message[OrderedHandoff.orderField]?.intValue
+        else {
             return try await consumer(context)
         }
-        let session = try await Session.load(key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key),
-                                             store: context.environment.sessionStore,
-                                             settings: context.environment.sessionSettings, logger: context.logger)
+        let session = try await Session.load(
+            key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key),
+            store: context.environment.sessionStore,
+            settings: context.environment.sessionSettings, logger: context.logger)
         try await OrderingGate(context: context, session: session, order: order, slight: false).run(consumer) {
             throw ChannelLayerError.channelFull("the wait channel of '\(key)' on '\(context.channel)'")
         }
@@ -89,9 +91,10 @@ extension ConsumerContext {
     /// sent here, however many workers run it. Call it from one consumer at a time per key
     /// (for example, under ``enforceOrdering(slight:_:)`` with the socket's reply channel as the key).
     public func send(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool = false) async throws {
-        let counter = try await Session.load(key: OrderedHandoff.sessionKey("sent", channel: channel, key: key),
-                                             store: environment.sessionStore, settings: environment.sessionSettings,
-                                             logger: logger)
+        let counter = try await Session.load(
+            key: OrderedHandoff.sessionKey("sent", channel: channel, key: key),
+            store: environment.sessionStore, settings: environment.sessionSettings,
+            logger: logger)
         let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
         counter[OrderedHandoff.sentField] = .int(sequence + 1)
         try await counter.save()
@@ -136,8 +139,9 @@ struct OrderingGate {
         let next = session[Self.nextOrderKey]?.intValue ?? 0
         if !isDue(next: next) {
             if order < next && !slight {
-                context.logger.warning("dropped a message older than the next order",
-                                       metadata: ["channel": "\(context.channel)", "order": "\(order)", "next": "\(next)"])
+                context.logger.warning(
+                    "dropped a message older than the next order",
+                    metadata: ["channel": "\(context.channel)", "order": "\(order)", "next": "\(next)"])
                 return
             }
             do {
@@ -225,15 +229,17 @@ struct OrderingGate {
     private func skipGap(from: Int64, to: Int64) async -> Bool {
         guard let key = session.key else { return false }
         do {
-            let stored = try await Session.load(key: key, store: context.environment.sessionStore,
-                                                settings: context.environment.sessionSettings, logger: context.logger)
+            let stored = try await Session.load(
+                key: key, store: context.environment.sessionStore,
+                settings: context.environment.sessionSettings, logger: context.logger)
             guard (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())
             try await stored.save()
             context.environment.orderingGaps.countSkipped(Int(to - from))
-            context.logger.warning("skipped messages that never arrived; running the ones after them",
-                                   metadata: ["channel": "\(context.channel)", "from": "\(from)", "to": "\(to)"])
+            context.logger.warning(
+                "skipped messages that never arrived; running the ones after them",
+                metadata: ["channel": "\(context.channel)", "from": "\(from)", "to": "\(to)"])
             return true
         } catch {
             context.logger.error("could not skip an ordering gap", metadata: ["error": "\(error)"])
@@ -259,8 +265,9 @@ struct OrderingGate {
                 var entries: [(order: Int64, channel: String, message: Message)] = []
                 for received in parked {
                     guard let channel = received.message["channel"]?.stringValue,
-                          let content = received.message["content"]?.mapValue,
-                          let order = received.message["order"]?.intValue ?? Message(content)["order"]?.intValue else {
+                        let content = received.message["content"]?.mapValue,
+                        let order = received.message["order"]?.intValue ?? Message(content)["order"]?.intValue
+                    else {
                         context.logger.warning("dropped a malformed parked message", metadata: ["wait_channel": "\(waitChannel)"])
                         continue
                     }
@@ -272,7 +279,8 @@ struct OrderingGate {
                 do { next = try await storedNext() } catch { next = -1 }
                 var index = 0
                 while index < entries.count, next >= 0,
-                      slight ? (entries[index].order == 0 || next >= 1) : entries[index].order <= next {
+                    slight ? (entries[index].order == 0 || next >= 1) : entries[index].order <= next
+                {
                     let entry = entries[index]
                     index += 1
                     await run(entry.message, on: entry.channel)
@@ -296,12 +304,16 @@ struct OrderingGate {
                 for entry in entries[index...] {
                     do {
                         try await retrying(for: context.environment.sendRetry) {
-                            try await context.layer.send(["channel": .string(entry.channel), "content": .map(entry.message.fields),
-                                                          "order": .int(entry.order)], to: waitChannel)
+                            try await context.layer.send(
+                                [
+                                    "channel": .string(entry.channel), "content": .map(entry.message.fields),
+                                    "order": .int(entry.order),
+                                ], to: waitChannel)
                         }
                     } catch {
-                        context.logger.error("could not park a message again; it is lost",
-                                             metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
+                        context.logger.error(
+                            "could not park a message again; it is lost",
+                            metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
                     }
                 }
                 if index == entries.count && !progressed { return }

@@ -52,8 +52,10 @@ public final class Session: Sendable {
     let onNewKey: (@Sendable (String) -> Void)?
     private let logger: Logger?
 
-    init(key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
-         onNewKey: (@Sendable (String) -> Void)? = nil) {
+    init(
+        key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
+        onNewKey: (@Sendable (String) -> Void)? = nil
+    ) {
         self.store = store
         self.settings = settings
         self.state = Mutex(State(key: key))
@@ -62,8 +64,10 @@ public final class Session: Sendable {
     }
 
     /// Loads the session stored under `key` (an empty session if there is none).
-    static func load(key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
-                     onNewKey: (@Sendable (String) -> Void)? = nil) async throws -> Session {
+    static func load(
+        key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
+        onNewKey: (@Sendable (String) -> Void)? = nil
+    ) async throws -> Session {
         let session = Session(key: key, store: store, settings: settings, logger: logger, onNewKey: onNewKey)
         if let key { try await session.reload(from: key) }
         return session
@@ -78,8 +82,9 @@ public final class Session: Sendable {
             do {
                 decoded = try Self.decode(raw)
             } catch {
-                logger?.warning("unreadable session data replaced by an empty session",
-                                metadata: ["session": "\(key)", "bytes": "\(raw.count)", "error": "\(error)"])
+                logger?.warning(
+                    "unreadable session data replaced by an empty session",
+                    metadata: ["session": "\(key)", "bytes": "\(raw.count)", "error": "\(error)"])
             }
         }
         state.withLock {

@@ -19,9 +19,11 @@ public struct ConsumerEnvironment: Sendable {
     /// Gaps skipped by the ordering wrappers (shared by the copies of this environment).
     public var orderingGaps: OrderingGaps
 
-    public init(sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
-                users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
-                orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps()) {
+    public init(
+        sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
+        users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
+        orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps()
+    ) {
         self.orderingGaps = orderingGaps
         self.sessionStore = sessionStore
         self.sessionSettings = sessionSettings
@@ -42,8 +44,10 @@ public func channelSession(_ consumer: @escaping Consumer) -> Consumer {
 
 /// Runs `consumer` with a session opened by `open` (unless an outer wrapper already opened it)
 /// and saves it afterwards when modified, also when the consumer threw.
-private func withSession(_ consumer: @escaping Consumer, loaded: any KeyPath<ConsumerContext, Session?> & Sendable,
-                         open: @escaping @Sendable (ConsumerContext) async throws -> Session) -> Consumer {
+private func withSession(
+    _ consumer: @escaping Consumer, loaded: any KeyPath<ConsumerContext, Session?> & Sendable,
+    open: @escaping @Sendable (ConsumerContext) async throws -> Session
+) -> Consumer {
     { context in
         if context[keyPath: loaded] != nil { return try await consumer(context) }
         let session = try await open(context)
@@ -62,8 +66,9 @@ extension ConsumerContext {
         guard let reply = message.replyChannel else {
             throw SessionError("channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
-        let session = try await Session.load(key: Session.channelSessionKey(replyChannel: reply),
-                                             store: environment.sessionStore, settings: environment.sessionSettings, logger: logger)
+        let session = try await Session.load(
+            key: Session.channelSessionKey(replyChannel: reply),
+            store: environment.sessionStore, settings: environment.sessionSettings, logger: logger)
         extras.withLock { $0.channelSession = session }
         return session
     }
@@ -93,15 +98,18 @@ public func httpSession(_ consumer: @escaping Consumer) -> Consumer {
 extension ConsumerContext {
     func openHTTPSession() async throws -> Session {
         let settings = environment.sessionSettings
-        let key = HTTPRequestInfo.queryParameter("session_key", in: message)
+        let key =
+            HTTPRequestInfo.queryParameter("session_key", in: message)
             ?? HTTPRequestInfo.cookies(in: message)[settings.cookieName]
         // A key that names nothing stored is not adopted: a fresh one is made on first write,
         // so a client cannot choose its own session key.
-        var session = try await Session.load(key: key, store: environment.sessionStore, settings: settings, logger: logger,
-                                             onNewKey: { [weak self] in self?.setSessionCookie($0) })
+        var session = try await Session.load(
+            key: key, store: environment.sessionStore, settings: settings, logger: logger,
+            onNewKey: { [weak self] in self?.setSessionCookie($0) })
         if key != nil, !session.isStored {
-            session = Session(key: nil, store: environment.sessionStore, settings: settings,
-                              onNewKey: { [weak self] in self?.setSessionCookie($0) })
+            session = Session(
+                key: nil, store: environment.sessionStore, settings: settings,
+                onNewKey: { [weak self] in self?.setSessionCookie($0) })
         }
         extras.withLock { $0.httpSession = session }
         return session
@@ -116,7 +124,8 @@ extension ConsumerContext {
 
     func setSessionCookie(_ key: String) {
         let settings = environment.sessionSettings
-        var cookie = "\(settings.cookieName)=\(key); Max-Age=\(settings.age); Path=\(settings.cookiePath); SameSite=\(settings.cookieSameSite)"
+        var cookie =
+            "\(settings.cookieName)=\(key); Max-Age=\(settings.age); Path=\(settings.cookiePath); SameSite=\(settings.cookieSameSite)"
         if settings.cookieHTTPOnly { cookie += "; HttpOnly" }
         if settings.cookieSecure { cookie += "; Secure" }
         setCookie(cookie, name: settings.cookieName)
