@@ -7,8 +7,13 @@ ROOT=$(pwd)
 N=${N:-20000}
 PEERS="$ROOT/../shared/peers"
 
-swift build -c release --product ChannelsBench >/dev/null
-BENCH="$(swift build -c release --show-bin-path)/ChannelsBench"
+# CHANNELS_BIN_DIR=dir measures the ChannelsBench binary in dir instead (before/after comparisons).
+if [ -n "${CHANNELS_BIN_DIR:-}" ]; then
+  BENCH="$CHANNELS_BIN_DIR/ChannelsBench"
+else
+  swift build -c release --product ChannelsBench >/dev/null
+  BENCH="$(swift build -c release --show-bin-path)/ChannelsBench"
+fi
 
 # The Python reference: the peers' venv (msgpack C extension) if built, else ours.
 PY="${PEERS_PYTHON:-}"

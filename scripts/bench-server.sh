@@ -25,10 +25,17 @@ log() { printf '==> %s\n' "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-log "release build"
-swift build -c release --product PeerChat >/dev/null
-swift build -c release --product ChannelsBench >/dev/null
-BIN="$(swift build -c release --show-bin-path)"
+# CHANNELS_BIN_DIR=dir measures the PeerChat and ChannelsBench binaries in dir instead (a
+# build of an earlier commit, for a before/after comparison in one sitting).
+if [ -n "${CHANNELS_BIN_DIR:-}" ]; then
+  BIN="$CHANNELS_BIN_DIR"
+  log "measuring the binaries in $BIN"
+else
+  log "release build"
+  swift build -c release --product PeerChat >/dev/null
+  swift build -c release --product ChannelsBench >/dev/null
+  BIN="$(swift build -c release --show-bin-path)"
+fi
 APP="$BIN/PeerChat"
 if [ ! -x "$PEERS_STATE/venv1/bin/daphne" ]; then
   log "building the Python Channels 1.x stack ($PEERS/setup_channels1.sh -> $PEERS_STATE/venv1)"

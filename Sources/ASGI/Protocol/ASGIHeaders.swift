@@ -9,8 +9,10 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
     public struct Field: Sendable, Hashable {
         /// The name, lower-cased.
         public var name: String
+        /// The value.
         public var value: String
 
+        /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
         public init(name: String, value: String) {
             self.name = name.lowercased()
             self.value = value
@@ -19,14 +21,17 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
 
     public private(set) var fields: [Field]
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(_ fields: [(String, String)] = []) {
         self.fields = fields.map { Field(name: $0.0, value: $0.1) }
     }
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(arrayLiteral elements: (String, String)...) {
         self.init(elements)
     }
 
+    /// Appends a header line (the name is lower-cased).
     public mutating func add(name: String, value: String) {
         fields.append(Field(name: name, value: value))
     }
@@ -43,11 +48,15 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
         return fields.filter { $0.name == wanted }.map(\.value)
     }
 
+    /// True when a header of this name (any case) is present.
     public func contains(_ name: String) -> Bool { first(name) != nil }
 
+    /// Number of header lines.
     public var count: Int { fields.count }
+    /// True when there are no header lines.
     public var isEmpty: Bool { fields.isEmpty }
 
+    /// Iterates over the header lines in order.
     public func makeIterator() -> IndexingIterator<[Field]> { fields.makeIterator() }
 
     /// The request's cookies: the first value of each name wins (browsers send the most specific first).

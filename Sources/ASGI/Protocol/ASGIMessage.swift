@@ -13,9 +13,12 @@ public protocol ASGIMessage: Sendable {
 
 /// A network address as ASGI 1.0 writes it: `[host, port]`.
 public struct ASGIAddress: Sendable, Hashable, CustomStringConvertible {
+    /// Host name or IP address.
     public var host: String
+    /// Port number.
     public var port: Int
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(host: String, port: Int) {
         self.host = host
         self.port = port
@@ -33,6 +36,7 @@ public struct ASGIAddress: Sendable, Hashable, CustomStringConvertible {
         return ASGIAddress(host: host, port: Int(port))
     }
 
+    /// A readable form for logs.
     public var description: String { "\(host):\(port)" }
 }
 

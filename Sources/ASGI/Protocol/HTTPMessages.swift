@@ -1,22 +1,32 @@
 /// `http.request`: one HTTP request, body included up to the server's chunk size; the rest of a
 /// large body follows on `bodyChannel` as ``HTTPBodyChunk`` messages.
 public struct HTTPRequestMessage: ASGIMessage, Hashable {
+    /// Where the answers go (`reply_channel`).
     public var replyChannel: String
+    /// `1.0`, `1.1` or `2`.
     public var httpVersion: String
+    /// Upper-case HTTP method.
     public var method: String
+    /// `http`/`https` (`ws`/`wss` for WebSockets).
     public var scheme: String
     /// Percent-decoded.
     public var path: String
     /// Raw, after the `?`.
     public var queryString: [UInt8]
+    /// The mount point of the application (`root_path`).
     public var rootPath: String
+    /// The headers, names lower-cased, in order.
     public var headers: ASGIHeaders
+    /// The body, or its first chunk when `bodyChannel` is set.
     public var body: [UInt8]
     /// Where the rest of the body comes, when it did not fit in one message.
     public var bodyChannel: String?
+    /// The client's address, when known.
     public var client: ASGIAddress?
+    /// The server's address, when known.
     public var server: ASGIAddress?
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(
         replyChannel: String, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
         queryString: [UInt8] = [], rootPath: String = "", headers: ASGIHeaders = [], body: [UInt8] = [],
@@ -36,6 +46,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
         self.server = server
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         replyChannel = try message.string("reply_channel")
         httpVersion = try message.string("http_version", default: "1.1")
@@ -51,6 +62,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
         server = try ASGIAddress.read(message, "server")
     }
 
+    /// The message to send.
     public var message: Message {
         var message: Message = [
             "reply_channel": .string(replyChannel),
@@ -75,23 +87,27 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
 
 /// A piece of a large request body, on the request's `body_channel`.
 public struct HTTPBodyChunk: ASGIMessage, Hashable {
+    /// Body bytes of this message.
     public var content: [UInt8]
     /// The client went away: no more chunks will come.
     public var closed: Bool
     public var moreContent: Bool
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(content: [UInt8], closed: Bool = false, moreContent: Bool) {
         self.content = content
         self.closed = closed
         self.moreContent = moreContent
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         content = try message.optionalBytes("content") ?? []
         closed = try message.bool("closed", default: false)
         moreContent = try message.bool("more_content", default: false)
     }
 
+    /// The message to send.
     public var message: Message {
         ["content": .bytes(content), "closed": .bool(closed), "more_content": .bool(moreContent)]
     }
@@ -99,12 +115,16 @@ public struct HTTPBodyChunk: ASGIMessage, Hashable {
 
 /// The first message of an HTTP response: status, headers and the first (or only) content.
 public struct HTTPResponseStart: ASGIMessage, Hashable {
+    /// The HTTP status code.
     public var status: Int
+    /// The headers, names lower-cased, in order.
     public var headers: ASGIHeaders
+    /// Body bytes of this message.
     public var content: [UInt8]
     /// More ``HTTPResponseChunk`` messages follow.
     public var moreContent: Bool
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(status: Int, headers: ASGIHeaders = [], content: [UInt8] = [], moreContent: Bool = false) {
         self.status = status
         self.headers = headers
@@ -112,6 +132,7 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
         self.moreContent = moreContent
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         let status = try message.int("status")
         guard (100...999).contains(status) else {
@@ -123,6 +144,7 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
         moreContent = try message.bool("more_content", default: false)
     }
 
+    /// The message to send.
     public var message: Message {
         ["status": .int(Int64(status)), "headers": headers.asgiValue, "content": .bytes(content), "more_content": .bool(moreContent)]
     }
@@ -130,32 +152,40 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
 
 /// A later piece of an HTTP response.
 public struct HTTPResponseChunk: ASGIMessage, Hashable {
+    /// Body bytes of this message.
     public var content: [UInt8]
     /// False on the last piece.
     public var moreContent: Bool
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(content: [UInt8], moreContent: Bool) {
         self.content = content
         self.moreContent = moreContent
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         content = try message.optionalBytes("content") ?? []
         moreContent = try message.bool("more_content", default: false)
     }
 
+    /// The message to send.
     public var message: Message { ["content": .bytes(content), "more_content": .bool(moreContent)] }
 }
 
 /// A message on an HTTP reply channel: the start of the response (it has a `status`) or a later piece.
 public enum HTTPResponseMessage: ASGIMessage, Hashable {
+    /// The first message: it has a `status`.
     case start(HTTPResponseStart)
+    /// A later piece of the body.
     case chunk(HTTPResponseChunk)
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         self = message["status"] == nil ? .chunk(try HTTPResponseChunk(message)) : .start(try HTTPResponseStart(message))
     }
 
+    /// The message to send.
     public var message: Message {
         switch self {
         case .start(let start): start.message
@@ -166,18 +196,22 @@ public enum HTTPResponseMessage: ASGIMessage, Hashable {
 
 /// `http.disconnect`: the client left before its response finished.
 public struct HTTPDisconnectMessage: ASGIMessage, Hashable {
+    /// Where the answers go (`reply_channel`).
     public var replyChannel: String
     public var path: String
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(replyChannel: String, path: String) {
         self.replyChannel = replyChannel
         self.path = path
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         replyChannel = try message.string("reply_channel")
         path = try message.string("path", default: "")
     }
 
+    /// The message to send.
     public var message: Message { ["reply_channel": .string(replyChannel), "path": .string(path)] }
 }

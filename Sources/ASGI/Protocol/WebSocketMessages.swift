@@ -1,18 +1,25 @@
 /// `websocket.connect`: a client asks to open a WebSocket; the answer is a ``WebSocketSendMessage``
 /// with `accept` (or `close`) on the reply channel.
 public struct WebSocketConnectMessage: ASGIMessage, Hashable {
+    /// Where the answers go (`reply_channel`).
     public var replyChannel: String
+    /// `http`/`https` (`ws`/`wss` for WebSockets).
     public var scheme: String
     /// Percent-decoded.
     public var path: String
     public var queryString: [UInt8]
+    /// The mount point of the application (`root_path`).
     public var rootPath: String
+    /// The headers, names lower-cased, in order.
     public var headers: ASGIHeaders
+    /// The client's address, when known.
     public var client: ASGIAddress?
+    /// The server's address, when known.
     public var server: ASGIAddress?
     /// Always 0: the first message of the socket.
     public var order: Int64
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(
         replyChannel: String, scheme: String = "ws", path: String, queryString: [UInt8] = [], rootPath: String = "",
         headers: ASGIHeaders = [], client: ASGIAddress? = nil, server: ASGIAddress? = nil, order: Int64 = 0
@@ -28,6 +35,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
         self.order = order
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         replyChannel = try message.string("reply_channel")
         scheme = try message.string("scheme", default: "ws")
@@ -40,6 +48,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
         order = try message.int("order", default: 0)
     }
 
+    /// The message to send.
     public var message: Message {
         [
             "reply_channel": .string(replyChannel),
@@ -60,10 +69,14 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
 
 /// What a WebSocket frame carries.
 public enum WebSocketData: Sendable, Hashable {
+    /// A text frame.
     case text(String)
+    /// A binary frame.
     case bytes([UInt8])
 
+    /// The text, for a text frame.
     public var text: String? { if case .text(let t) = self { t } else { nil } }
+    /// The bytes, for a binary frame.
     public var bytes: [UInt8]? { if case .bytes(let b) = self { b } else { nil } }
 
     /// `text` or `bytes` of a message; nil when it has neither. Throws when one has the wrong type.
@@ -83,12 +96,15 @@ public enum WebSocketData: Sendable, Hashable {
 
 /// `websocket.receive`: one frame from the client.
 public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
+    /// Where the answers go (`reply_channel`).
     public var replyChannel: String
     public var path: String
     /// 1 for the first frame, then one more per message of the socket.
     public var order: Int64
+    /// The frame's text or bytes.
     public var data: WebSocketData
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(replyChannel: String, path: String, order: Int64, data: WebSocketData) {
         self.replyChannel = replyChannel
         self.path = path
@@ -96,6 +112,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
         self.data = data
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         replyChannel = try message.string("reply_channel")
         path = try message.string("path", default: "")
@@ -106,6 +123,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
         self.data = data
     }
 
+    /// The message to send.
     public var message: Message {
         var message: Message = ["reply_channel": .string(replyChannel), "path": .string(path), "order": .int(order)]
         data.write(into: &message)
@@ -115,11 +133,15 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
 
 /// `websocket.disconnect`: the socket closed, with its close code (1006 when the connection dropped).
 public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
+    /// Where the answers go (`reply_channel`).
     public var replyChannel: String
+    /// The WebSocket close code.
     public var code: Int
     public var path: String
+    /// The socket's message number: connect is 0.
     public var order: Int64
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(replyChannel: String, code: Int, path: String, order: Int64) {
         self.replyChannel = replyChannel
         self.code = code
@@ -127,6 +149,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
         self.order = order
     }
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         replyChannel = try message.string("reply_channel")
         code = Int(try message.int("code", default: 1000))
@@ -134,6 +157,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
         order = try message.int("order", default: 0)
     }
 
+    /// The message to send.
     public var message: Message {
         ["reply_channel": .string(replyChannel), "code": .int(Int64(code)), "path": .string(path), "order": .int(order)]
     }
@@ -144,25 +168,33 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
 public struct WebSocketSendMessage: ASGIMessage, Hashable {
     /// true: accept the connection; false: refuse it (only before it is open).
     public var accept: Bool?
+    /// The frame's text or bytes.
     public var data: WebSocketData?
     /// Close with this code after any frame.
     public var close: Int?
 
+    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(accept: Bool? = nil, data: WebSocketData? = nil, close: Int? = nil) {
         self.accept = accept
         self.data = data
         self.close = close
     }
 
+    /// Accept the connection.
     public static let accept = WebSocketSendMessage(accept: true)
+    /// Refuse the connection (403).
     public static let refuse = WebSocketSendMessage(accept: false)
+    /// A text frame.
     public static func text(_ text: String) -> WebSocketSendMessage { .init(data: .text(text)) }
+    /// A binary frame.
     public static func bytes(_ bytes: [UInt8]) -> WebSocketSendMessage { .init(data: .bytes(bytes)) }
+    /// Close the socket with `code`.
     public static func close(code: Int = 1000) -> WebSocketSendMessage { .init(close: code) }
 
     /// The keys a WebSocket reply may hold.
     public static let keys: Set<String> = ["accept", "text", "bytes", "close"]
 
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         accept = try message.optional("accept").map { v throws(MessageError) in
             guard let b = v.boolValue else { throw MessageError(.wrongType, key: "accept", detail: "expected bool, found \(v.typeName)") }
@@ -178,6 +210,7 @@ public struct WebSocketSendMessage: ASGIMessage, Hashable {
         }
     }
 
+    /// The message to send.
     public var message: Message {
         var message = Message()
         if let accept { message["accept"] = .bool(accept) }

@@ -44,5 +44,6 @@ public struct ReplyChannelName: Sendable, Hashable, CustomStringConvertible {
         ChannelNames.isProcessSpecific(rawValue) ? ChannelNames.nonLocalName(rawValue) : nil
     }
 
+    /// A readable form for logs.
     public var description: String { rawValue }
 }
