@@ -18,6 +18,8 @@ import traceback
 
 import websockets
 
+from ports import free_port
+
 CHAT, REDIS_URL = sys.argv[1], sys.argv[2]
 results = []
 # Every process of a test run shares one SQLite file, as the processes of one machine would.
@@ -25,12 +27,6 @@ DB_DIR = tempfile.mkdtemp(prefix="chat-e2e-")
 os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Proc:
