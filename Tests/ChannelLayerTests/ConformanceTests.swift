@@ -213,6 +213,25 @@ struct ConformanceTests {
         }
     }
 
+    @Test("inspection: pending channels and groups are listed, and drop out once empty", arguments: LayerKind.allCases)
+    func inspection(kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let inspection = try #require(layer as? any ChannelLayerInspection, "both layers answer operators' tools")
+            #expect(try await inspection.pendingChannels().isEmpty)
+            #expect(try await inspection.groups().isEmpty)
+            try await layer.send(["n": 1], to: "insp_a")
+            try await layer.send(["n": 2], to: "insp_b!x")
+            try await layer.groupAdd("insp_group", channel: "insp_a")
+            #expect(Set(try await inspection.pendingChannels()) == ["insp_a", "insp_b!"])
+            #expect(try await inspection.groups() == ["insp_group"])
+            _ = try await layer.receive(channels: ["insp_a"])
+            try await layer.groupDiscard("insp_group", channel: "insp_a")
+            #expect(try await inspection.pendingChannels() == ["insp_b!"])
+            #expect(try await inspection.groups().isEmpty)
+            #expect(!inspection.location.isEmpty)
+        }
+    }
+
     @Test("18. changing a message after send does not change what is received", arguments: LayerKind.allCases)
     func messageIsCopied(kind: LayerKind) async throws {
         try await withLayer(kind) { layer in

@@ -67,10 +67,15 @@ struct ServerTests {
                 }
             },
             route("websocket.connect", path: "^/closed/$") { _ in throw ConsumerError.denyConnection },
+            route("websocket.receive", path: "^/bad/$") { context in
+                // A close code outside 1000-4999 is not a close: the server ignores and counts it.
+                try await context.reply(["close": 99], immediately: true)
+                try await context.reply(WebSocketSendMessage.text("still open"))
+            },
         ]
     }
 
-    func withServer(_ body: (Int) async throws -> Void) async throws {
+    func withServer(_ body: (Int, InterfaceServer) async throws -> Void) async throws {
         let layer = InMemoryChannelLayer()
         var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
         configuration.pingInterval = nil
@@ -80,7 +85,7 @@ struct ServerTests {
         let task = Task { await worker.run() }
         let port = try #require(server.localAddress?.port)
         do {
-            try await body(port)
+            try await body(port, server)
         } catch {
             worker.stop()
             await server.shutdown()
@@ -93,7 +98,7 @@ struct ServerTests {
     }
 
     @Test func httpRoundTripAndUpload() async throws {
-        try await withServer { port in
+        try await withServer { port, _ in
             let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/hello/swift?x=1")!)
             #expect((response as? HTTPURLResponse)?.statusCode == 200)
             #expect(String(decoding: data, as: UTF8.self) == "Hello world! You asked for /hello/swift")
@@ -112,7 +117,7 @@ struct ServerTests {
     }
 
     @Test func webSocketEchoOrderNumbersAndRefusal() async throws {
-        try await withServer { port in
+        try await withServer { port, _ in
             guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/echo/") else {
                 Issue.record("the echo socket was not accepted")
                 return
@@ -140,6 +145,26 @@ struct ServerTests {
                 Issue.record("a denied socket was upgraded")
                 return
             }
+        }
+    }
+
+    @Test func aMalformedWebSocketReplyIsCountedAndTheSocketStaysOpen() async throws {
+        try await withServer { port, server in
+            guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/bad/") else {
+                Issue.record("the socket was not accepted")
+                return
+            }
+            var got: [String] = []
+            try await channel.executeThenClose { inbound, outbound in
+                try await outbound.write(NIOWebSocketClient.frame(.text, Array("hi".utf8)))
+                for try await frame in inbound {
+                    if frame.opcode == .connectionClose { got.append("closed"); break }
+                    if frame.opcode == .text { got.append(String(buffer: frame.unmaskedData)); break }
+                }
+                try await outbound.write(NIOWebSocketClient.frame(.connectionClose, [0x03, 0xE8]))
+            }
+            #expect(got == ["still open"], "the bad close was ignored, the next frame arrived")
+            #expect(server.statistics.malformedReplies == 1)
         }
     }
 }
