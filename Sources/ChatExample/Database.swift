@@ -66,7 +66,20 @@ final class ChatDatabase: Sendable {
                 t.column("createdAt", .double).notNull()
             }
         }
-        try migrator.migrate(pool)
+        // Several processes (workers started together) may open a fresh file at once: the one
+        // that loses the race finds the migration applied (or half-applied by the winner's
+        // transaction) and fails; it then reads the migration table again.
+        var attempt = 1
+        while true {
+            do {
+                try migrator.migrate(pool)
+                return
+            } catch {
+                guard attempt < 5 else { throw error }
+                attempt += 1
+                Thread.sleep(forTimeInterval: 0.05 * Double(attempt))
+            }
+        }
     }
 
     func save(_ message: ChatMessage) async throws -> ChatMessage {

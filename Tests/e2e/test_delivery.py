@@ -477,4 +477,29 @@ def unrouted_websocket_receive_is_drained():
         stop_all(procs, workers)
 
 
+async def open_and_close(port, room, count):
+    members = await open_members([port], room, count, batch=count)
+    await close_all(members)
+    return len(members)
+
+
+@test
+def workers_started_together_on_a_fresh_database_all_survive():
+    """Four workers open a new chat database at the same moment (the first connects of a room):
+    the migration race must not kill any of them, nor lose a connect."""
+    saved = os.environ["CHAT_DATABASE"]
+    os.environ["CHAT_DATABASE"] = os.path.join(tempfile.mkdtemp(prefix="chat-fresh-"), "chat.sqlite3")
+    try:
+        (layer, procs, workers) = redis_stack("e2efresh%d:" % os.getpid(), workers=4)
+    finally:
+        os.environ["CHAT_DATABASE"] = saved
+    try:
+        members = asyncio.run(open_and_close(procs[0][1], "fresh", 90))
+        assert members == 90, "%d of 90 sockets joined" % members
+        for w in workers:
+            assert w.p.poll() is None, "a worker died: " + open(w.log.name).read()[-600:]
+    finally:
+        stop_all(procs, workers)
+
+
 summary()
