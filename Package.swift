@@ -149,6 +149,7 @@ let package = Package(
             dependencies: [
                 "ASGI", "CHiredis", "RedisChannelLayer",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "OrderedCollections", package: "swift-collections"),
             ],
             swiftSettings: swiftSettings

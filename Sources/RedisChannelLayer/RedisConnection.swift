@@ -111,55 +111,46 @@ struct RedisRequest {
 }
 
 /// Encodes requests as RESP, feeds what comes back to a hiredis reader and completes the
-/// waiting requests in order.
+/// waiting requests in order. The bookkeeping (who waits, the reply timer, failure) is
+/// ``RedisConnectionStateMachine``; this handler only does the I/O it asks for.
 final class RedisProtocolHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = RedisRequest
     typealias OutboundOut = ByteBuffer
 
-    private struct Pending {
-        let expected: Int
-        var replies: [RedisReply]
-        let promise: EventLoopPromise<[RedisReply]>
-        let deadline: NIODeadline
-        let timeout: TimeAmount
-    }
-
-    private let endpoint: RedisEndpoint
     private var reader: UnsafeMutablePointer<redisReader>?
-    private var pending = Deque<Pending>()
+    private var machine: RedisConnectionStateMachine<EventLoopPromise<[RedisReply]>>
     private var timer: Scheduled<Void>?
     private var flushScheduled = false
-    private var failed: ChannelLayerError?
-    /// When bytes last came from Redis: a reply still streaming in is progress, not a stall.
-    private var lastRead = NIODeadline.now()
 
     init(endpoint: RedisEndpoint) {
-        self.endpoint = endpoint
         self.reader = redisReaderCreate()
+        self.machine = RedisConnectionStateMachine(endpoint: endpoint, now: .now())
     }
 
     deinit {
         if let reader { redisReaderFree(reader) }
     }
 
+    func handlerAdded(context: ChannelHandlerContext) {
+        machine.bytesRead(now: context.eventLoop.now)
+    }
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let request = unwrapOutboundIn(data)
-        if let failed {
-            request.promise.fail(failed)
-            promise?.fail(failed)
-            return
+        let action = machine.write(
+            commands: request.commands.count, waiter: request.promise, timeout: TimeAmount(request.timeout),
+            now: context.eventLoop.now)
+        switch action {
+        case .fail(let error):
+            request.promise.fail(error)
+            promise?.fail(error)
+        case .write(let armTimer):
+            var buffer = context.channel.allocator.buffer(capacity: Self.encodedSize(request.commands))
+            for args in request.commands { Self.encode(args, into: &buffer) }
+            if let armTimer { arm(context: context, at: armTimer) }
+            context.write(wrapOutboundOut(buffer), promise: promise)
         }
-        var buffer = context.channel.allocator.buffer(capacity: Self.encodedSize(request.commands))
-        for args in request.commands { Self.encode(args, into: &buffer) }
-        let timeout = TimeAmount(request.timeout)
-        let deadline = NIODeadline.now() + timeout
-        pending.append(
-            Pending(
-                expected: request.commands.count, replies: [], promise: request.promise, deadline: deadline,
-                timeout: timeout))
-        if timer == nil { armTimer(context: context, at: deadline) }
-        context.write(wrapOutboundOut(buffer), promise: promise)
     }
 
     /// Flushes once per event-loop tick: the writes of every caller that ran in this tick
@@ -175,66 +166,62 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let reader else { return }
-        lastRead = .now()
+        machine.bytesRead(now: context.eventLoop.now)
         let buffer = unwrapInboundIn(data)
         let fed = buffer.withUnsafeReadableBytes { bytes in
             redisReaderFeed(reader, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
         }
-        guard fed == REDIS_OK else { return fail(context: context, "unreadable reply") }
+        guard fed == REDIS_OK else { return perform(machine.fail("unreadable reply"), context: context) }
         while true {
             var raw: UnsafeMutableRawPointer? = nil
             guard redisReaderGetReply(reader, &raw) == REDIS_OK else {
-                return fail(context: context, "protocol error")
+                return perform(machine.fail("protocol error"), context: context)
             }
             guard let raw else { break }
             let reply = RedisReply(raw.assumingMemoryBound(to: redisReply.self))
             freeReplyObject(raw)
-            guard !pending.isEmpty else { return fail(context: context, "a reply nobody asked for") }
-            pending[pending.startIndex].replies.append(reply)
-            if pending[pending.startIndex].replies.count == pending[pending.startIndex].expected {
-                let done = pending.removeFirst()
-                done.promise.succeed(done.replies)
-            }
+            let action = machine.replyReceived(reply)
+            perform(action, context: context)
+            if case .failConnection = action { return }
         }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        failAll(ChannelLayerError(.connectionLost, "connection to Redis at \(endpoint) closed"))
+        perform(machine.closed(), context: context, close: false)
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        fail(context: context, "\(error)")
+        perform(machine.fail("\(error)"), context: context)
     }
 
-    private func fail(context: ChannelHandlerContext, _ what: String) {
-        failAll(ChannelLayerError(.connectionLost, "Redis at \(endpoint): \(what)"))
-        context.close(promise: nil)
+    private func perform(
+        _ action: RedisConnectionStateMachine<EventLoopPromise<[RedisReply]>>.ReplyAction,
+        context: ChannelHandlerContext, close: Bool = true
+    ) {
+        switch action {
+        case .none:
+            break
+        case .succeed(let promise, let replies):
+            promise.succeed(replies)
+        case .failConnection(let error, let waiters):
+            timer?.cancel()
+            timer = nil
+            for promise in waiters { promise.fail(error) }
+            if close { context.close(promise: nil) }
+        }
     }
 
-    private func failAll(_ error: ChannelLayerError) {
-        if failed == nil { failed = error }
-        timer?.cancel()
-        timer = nil
-        while let call = pending.popFirst() { call.promise.fail(error) }
-    }
-
-    /// One timer at a time, for the oldest waiting request: replies come in order, so when
-    /// that one is late and nothing at all has come from Redis for its whole timeout, the
-    /// connection is dead or stuck, and everything on it fails. A late reply whose bytes are
-    /// still arriving (a large one) is given more time. When the timer fires early (that
-    /// request was answered) it moves on to the next oldest.
-    private func armTimer(context: ChannelHandlerContext, at deadline: NIODeadline) {
+    private func arm(context: ChannelHandlerContext, at deadline: NIODeadline) {
         timer = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
             self.timer = nil
-            guard let oldest = self.pending.first else { return }
-            let now = NIODeadline.now()
-            if oldest.deadline > now {
-                self.armTimer(context: context, at: oldest.deadline)
-            } else if self.lastRead + oldest.timeout > now {
-                self.armTimer(context: context, at: self.lastRead + oldest.timeout)
-            } else {
-                self.fail(context: context, "no reply in time")
+            switch self.machine.timerFired(now: context.eventLoop.now) {
+            case .none:
+                break
+            case .rearm(let next):
+                self.arm(context: context, at: next)
+            case .failConnection(let error, let waiters):
+                self.perform(.failConnection(error, waiters), context: context)
             }
         }
     }

@@ -1,0 +1,153 @@
+import ASGI
+import DequeModule
+import NIOCore
+
+/// What one Redis connection is doing, without any I/O: the requests waiting for replies (in
+/// the order they were written, which is the order Redis answers), the reply timer, and
+/// whether the connection has failed. ``RedisProtocolHandler`` feeds it events and performs
+/// the actions it returns, as the state machines of swift-nio and postgres-nio do, so every
+/// path (pipelining, a reply nobody asked for, a stalled server, a slow large reply, a closed
+/// socket) is tested without a socket.
+///
+/// `Waiter` is whatever completes a request: an event-loop promise in the handler, a plain
+/// value in tests.
+struct RedisConnectionStateMachine<Waiter> {
+    private struct Pending {
+        let expected: Int
+        var replies: [RedisReply]
+        let waiter: Waiter
+        let deadline: NIODeadline
+        let timeout: TimeAmount
+    }
+
+    private enum State {
+        /// Writing requests and reading replies.
+        case active(Deque<Pending>)
+        /// Failed or closed: every later request fails with this error.
+        case failed(ChannelLayerError)
+    }
+
+    private var state: State = .active([])
+    /// When bytes last came from Redis: a reply still streaming in is progress, not a stall.
+    private var lastRead: NIODeadline
+    /// Whether a timer is armed (there is one at a time, for the oldest request).
+    private(set) var timerArmed = false
+
+    private let endpoint: RedisEndpoint
+
+    init(endpoint: RedisEndpoint, now: NIODeadline) {
+        self.endpoint = endpoint
+        self.lastRead = now
+    }
+
+    /// Requests written and not yet fully answered.
+    var waiting: Int {
+        if case .active(let pending) = state { pending.count } else { 0 }
+    }
+
+    /// The error the connection failed with, if it has.
+    var failure: ChannelLayerError? {
+        if case .failed(let error) = state { error } else { nil }
+    }
+
+    enum WriteAction {
+        /// Write the request; arm the reply timer at the deadline if one is given.
+        case write(armTimer: NIODeadline?)
+        /// The connection has failed: fail this request with the error, write nothing.
+        case fail(ChannelLayerError)
+    }
+
+    /// A request of `commands` commands is about to be written.
+    mutating func write(commands: Int, waiter: Waiter, timeout: TimeAmount, now: NIODeadline) -> WriteAction {
+        switch state {
+        case .failed(let error):
+            return .fail(error)
+        case .active(var pending):
+            let deadline = now + timeout
+            pending.append(Pending(expected: commands, replies: [], waiter: waiter, deadline: deadline, timeout: timeout))
+            state = .active(pending)
+            if timerArmed { return .write(armTimer: nil) }
+            timerArmed = true
+            return .write(armTimer: deadline)
+        }
+    }
+
+    /// Bytes came from Redis (whether or not they completed a reply).
+    mutating func bytesRead(now: NIODeadline) {
+        lastRead = now
+    }
+
+    enum ReplyAction {
+        /// The reply was one of several the head request expects: nothing to do yet.
+        case none
+        /// The head request has all its replies: complete it.
+        case succeed(Waiter, [RedisReply])
+        /// Redis sent a reply nobody asked for: the stream cannot be trusted. Fail the waiters
+        /// and close the connection.
+        case failConnection(ChannelLayerError, [Waiter])
+    }
+
+    /// One whole reply was parsed.
+    mutating func replyReceived(_ reply: RedisReply) -> ReplyAction {
+        guard case .active(var pending) = state else { return .none }
+        guard !pending.isEmpty else { return fail("a reply nobody asked for") }
+        pending[pending.startIndex].replies.append(reply)
+        guard pending[pending.startIndex].replies.count == pending[pending.startIndex].expected else {
+            state = .active(pending)
+            return .none
+        }
+        let done = pending.removeFirst()
+        state = .active(pending)
+        return .succeed(done.waiter, done.replies)
+    }
+
+    enum TimerAction {
+        /// Nothing is waiting: the timer stays off until the next write.
+        case none
+        /// Arm the timer again at this deadline.
+        case rearm(NIODeadline)
+        /// Nothing came from Redis for the oldest request's whole timeout: fail every waiter
+        /// and close the connection.
+        case failConnection(ChannelLayerError, [Waiter])
+    }
+
+    /// The reply timer fired. Replies come in order, so only the oldest request's deadline
+    /// matters; when it was answered in the meantime, the timer moves on to the next oldest.
+    /// A late request whose bytes are still arriving (a large reply) is given more time.
+    mutating func timerFired(now: NIODeadline) -> TimerAction {
+        timerArmed = false
+        guard case .active(let pending) = state, let oldest = pending.first else { return .none }
+        if oldest.deadline > now {
+            timerArmed = true
+            return .rearm(oldest.deadline)
+        }
+        if lastRead + oldest.timeout > now {
+            timerArmed = true
+            return .rearm(lastRead + oldest.timeout)
+        }
+        guard case .failConnection(let error, let waiters) = fail("no reply in time") else { return .none }
+        return .failConnection(error, waiters)
+    }
+
+    /// The connection failed (`what` says how) or closed: returns the waiters to fail with
+    /// the returned error. Later calls keep the first error.
+    mutating func fail(_ what: String) -> ReplyAction {
+        failed(ChannelLayerError(.connectionLost, "Redis at \(endpoint): \(what)"))
+    }
+
+    /// The socket closed.
+    mutating func closed() -> ReplyAction {
+        failed(ChannelLayerError(.connectionLost, "connection to Redis at \(endpoint) closed"))
+    }
+
+    private mutating func failed(_ error: ChannelLayerError) -> ReplyAction {
+        timerArmed = false
+        switch state {
+        case .failed(let first):
+            return .failConnection(first, [])
+        case .active(let pending):
+            state = .failed(error)
+            return .failConnection(error, pending.map(\.waiter))
+        }
+    }
+}

@@ -1,0 +1,210 @@
+import ASGI
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import RedisChannelLayer
+
+/// The Redis connection's bookkeeping with no I/O at all, then the protocol handler on NIO's
+/// `EmbeddedChannel` with a virtual clock: RESP out, replies in, in order, and every way a
+/// connection fails.
+@Suite("Redis connection state machine", .timeLimit(.minutes(2)))
+struct RedisConnectionStateMachineTests {
+    typealias Machine = RedisConnectionStateMachine<String>
+    let endpoint = RedisEndpoint(host: "redis.test", port: 6390)
+    let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+
+    @Test("pipelined requests complete in write order, each with exactly its own replies")
+    func pipelinedRequestsCompleteInOrder() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        guard case .write(let armed) = machine.write(commands: 2, waiter: "a", timeout: .seconds(5), now: start) else {
+            Issue.record("the first write was refused")
+            return
+        }
+        #expect(armed == start + .seconds(5))
+        // A second request while the timer runs: written, no second timer.
+        guard case .write(nil) = machine.write(commands: 1, waiter: "b", timeout: .seconds(5), now: start) else {
+            Issue.record("the second write armed another timer or was refused")
+            return
+        }
+        #expect(machine.waiting == 2)
+        guard case .none = machine.replyReceived(.integer(1)) else {
+            Issue.record("a's first reply completed it")
+            return
+        }
+        guard case .succeed("a", let replies) = machine.replyReceived(.status("OK")) else {
+            Issue.record("a did not complete with its second reply")
+            return
+        }
+        #expect(replies == [.integer(1), .status("OK")])
+        guard case .succeed("b", let replies) = machine.replyReceived(.null) else {
+            Issue.record("b did not complete")
+            return
+        }
+        #expect(replies == [.null] && machine.waiting == 0 && machine.failure == nil)
+    }
+
+    @Test("a reply nobody asked for fails the connection, and every later write fails with that error")
+    func unsolicitedReplyFailsConnection() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        guard case .failConnection(let error, let waiters) = machine.replyReceived(.integer(7)) else {
+            Issue.record("an unsolicited reply was accepted")
+            return
+        }
+        #expect(waiters.isEmpty && error.code == .connectionLost)
+        #expect(error.message.contains("redis.test:6390") && error.message.contains("nobody asked for"))
+        guard case .fail(let later) = machine.write(commands: 1, waiter: "late", timeout: .seconds(1), now: start) else {
+            Issue.record("a write after the failure was accepted")
+            return
+        }
+        #expect(later.message == error.message)
+    }
+
+    @Test("the timer moves on to the next request when the oldest was answered, and fails a stalled connection")
+    func timerFollowsOldestAndFailsStall() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "a", timeout: .seconds(1), now: start)
+        _ = machine.write(commands: 1, waiter: "b", timeout: .seconds(3), now: start + .milliseconds(500))
+        _ = machine.replyReceived(.integer(1))  // a answered
+        machine.bytesRead(now: start + .milliseconds(600))
+        // The timer armed for a fires; b is not due yet: rearm at b's deadline.
+        guard case .rearm(let next) = machine.timerFired(now: start + .seconds(1)) else {
+            Issue.record("the timer did not move on to b")
+            return
+        }
+        #expect(next == start + .milliseconds(3_500) && machine.timerArmed)
+        // At b's deadline, the last bytes (a's reply, at 0.6 s) are not yet b's timeout old:
+        // the stall is counted from them.
+        guard case .rearm(let stall) = machine.timerFired(now: next) else {
+            Issue.record("the timer did not wait out the silence")
+            return
+        }
+        #expect(stall == start + .milliseconds(3_600))
+        // Nothing more arrives: the connection fails, and b with it.
+        guard case .failConnection(let error, let waiters) = machine.timerFired(now: stall) else {
+            Issue.record("a stalled connection was not failed")
+            return
+        }
+        #expect(waiters == ["b"] && error.message.contains("no reply in time") && !machine.timerArmed)
+        #expect(machine.failure != nil)
+    }
+
+    @Test("a late reply whose bytes are still arriving gets more time")
+    func slowLargeReplyIsProgress() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "big", timeout: .seconds(2), now: start)
+        machine.bytesRead(now: start + .milliseconds(1_900))  // part of a large reply
+        guard case .rearm(let next) = machine.timerFired(now: start + .seconds(2)) else {
+            Issue.record("a reply in progress was failed")
+            return
+        }
+        #expect(next == start + .milliseconds(3_900))
+        guard case .succeed("big", _) = machine.replyReceived(.string(Array(repeating: 1, count: 10))) else {
+            Issue.record("the reply did not complete")
+            return
+        }
+        guard case .none = machine.timerFired(now: next) else {
+            Issue.record("an idle connection's timer did something")
+            return
+        }
+        #expect(!machine.timerArmed)
+    }
+
+    @Test("a closed connection fails every waiter once, and keeps its first error")
+    func closeFailsWaiters() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 3, waiter: "a", timeout: .seconds(5), now: start)
+        _ = machine.write(commands: 1, waiter: "b", timeout: .seconds(5), now: start)
+        _ = machine.replyReceived(.integer(1))
+        guard case .failConnection(let error, let waiters) = machine.closed() else {
+            Issue.record("close did not fail the waiters")
+            return
+        }
+        #expect(waiters == ["a", "b"] && error.message.contains("closed"))
+        guard case .failConnection(let again, let none) = machine.fail("protocol error") else {
+            Issue.record("a second failure was not reported")
+            return
+        }
+        #expect(none.isEmpty && again.message == error.message)
+    }
+
+    // MARK: the handler on an embedded channel
+
+    private func connected() throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel(handler: RedisProtocolHandler(endpoint: endpoint))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 6390)).wait()
+        return channel
+    }
+
+    private func request(_ channel: EmbeddedChannel, _ commands: [[String]], timeout: Duration = .seconds(5))
+        -> EventLoopFuture<[RedisReply]>
+    {
+        let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
+        let bytes = commands.map { $0.map { Array($0.utf8) } }
+        // As `RedisConnection` does: a write the closed pipeline refuses fails the caller too.
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        written.futureResult.whenFailure { promise.fail($0) }
+        channel.writeAndFlush(RedisRequest(commands: bytes, promise: promise, timeout: timeout), promise: written)
+        return promise.futureResult
+    }
+
+    private func written(_ channel: EmbeddedChannel) throws -> String {
+        var text = ""
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { text += String(buffer: buffer) }
+        return text
+    }
+
+    private func result(_ future: EventLoopFuture<[RedisReply]>) -> Result<[RedisReply], any Error>? {
+        var outcome: Result<[RedisReply], any Error>?
+        future.whenComplete { outcome = $0 }
+        return outcome
+    }
+
+    @Test("the handler writes RESP once per tick and completes callers from replies split across reads")
+    func handlerPipelinesOverEmbeddedChannel() throws {
+        let channel = try connected()
+        let first = request(channel, [["SET", "k", "v"], ["GET", "k"]])
+        let second = request(channel, [["LLEN", "list"]])
+        channel.embeddedEventLoop.run()
+        #expect(try written(channel) == "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$4\r\nLLEN\r\n$4\r\nlist\r\n")
+        // Replies arrive cut at awkward places.
+        try channel.writeInbound(ByteBuffer(string: "+OK\r\n$1\r"))
+        #expect(result(first) == nil)
+        try channel.writeInbound(ByteBuffer(string: "\nv\r\n:4"))
+        #expect(try result(first)?.get() == [.status("OK"), .string(Array("v".utf8))])
+        #expect(result(second) == nil)
+        try channel.writeInbound(ByteBuffer(string: "2\r\n"))
+        #expect(try result(second)?.get() == [.integer(42)])
+        #expect(channel.isActive)
+        _ = try channel.finish()
+    }
+
+    @Test("on the virtual clock: a silent Redis fails the callers and closes; a write after that fails at once")
+    func handlerTimesOutOnVirtualClock() throws {
+        let channel = try connected()
+        let call = request(channel, [["PING"]], timeout: .seconds(2))
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(1_999))
+        #expect(result(call) == nil && channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
+        #expect(throws: ChannelLayerError.self) { try #require(result(call)).get() }
+        #expect(!channel.isActive)
+        let late = request(channel, [["PING"]])
+        #expect(throws: (any Error).self) { try #require(result(late)).get() }
+    }
+
+    @Test("garbage from Redis fails the waiting caller with a protocol error and closes the connection")
+    func handlerFailsOnProtocolError() throws {
+        let channel = try connected()
+        let call = request(channel, [["PING"]])
+        channel.embeddedEventLoop.run()
+        _ = try written(channel)
+        try? channel.writeInbound(ByteBuffer(string: "?what\r\n"))
+        do {
+            _ = try #require(result(call)).get()
+            Issue.record("a garbage reply completed the call")
+        } catch let error as ChannelLayerError {
+            #expect(error.code == .connectionLost && error.message.contains("protocol error"))
+        }
+        #expect(!channel.isActive)
+    }
+}
