@@ -166,7 +166,8 @@ struct RedisConnectionStateMachineTests {
         let first = request(channel, [["SET", "k", "v"], ["GET", "k"]])
         let second = request(channel, [["LLEN", "list"]])
         channel.embeddedEventLoop.run()
-        #expect(try written(channel) == "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$4\r\nLLEN\r\n$4\r\nlist\r\n")
+        let resp = "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n" + "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" + "*2\r\n$4\r\nLLEN\r\n$4\r\nlist\r\n"
+        #expect(try written(channel) == resp)
         // Replies arrive cut at awkward places.
         try channel.writeInbound(ByteBuffer(string: "+OK\r\n$1\r"))
         #expect(result(first) == nil)
