@@ -83,15 +83,18 @@ public final class InterfaceServer: Sendable {
             ])
     }
 
-    private static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void>
-    {
+    /// Sets up one client connection's pipeline: HTTP/1.1 with the WebSocket upgrade, then the
+    /// ASGI handlers. Internal so tests can run it on a testing channel.
+    static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
         let upgrade = UpgradeState()
         let loop = channel.eventLoop
         let boundUpgrade = NIOLoopBound(upgrade, eventLoop: loop)
         let sessionBox = NIOLoopBoundBox<WebSocketSession?>(nil, eventLoop: loop)
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxWebSocketMessageSize,
-            automaticErrorHandling: true,
+            // Our frame handler answers decoder errors itself, so the application is told
+            // the close code it sent.
+            automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 let promise = channel.eventLoop.makePromise(of: HTTPHeaders?.self)
                 if context.shuttingDown.load(ordering: .relaxed) {

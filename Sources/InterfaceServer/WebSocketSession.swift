@@ -351,18 +351,19 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Oversize frames and protocol errors: NIO has already sent the close code (1009, 1002).
+        // Oversize frames and protocol errors from the frame decoder: close with 1009 / 1002 and
+        // tell the application that code (not the 1006 of a dropped connection).
         if let wsError = error as? NIOWebSocketError {
-            let code: UInt16 =
-                switch wsError {
-                case .invalidFrameLength: 1009
-                default: 1002
-                }
-            session.clientClosed(code: code)
-            context.close(promise: nil)
+            session.close(code: wsError == .invalidFrameLength ? 1009 : 1002)
+        } else if let aggregation = error as? NIOWebSocketFrameAggregator.Error {
+            // The aggregator refused a fragmented message: too big (1009) or fragments out of
+            // order (a protocol error, 1002).
+            switch aggregation {
+            case .accumulatedFrameSizeIsTooLarge, .tooManyFragments: session.close(code: 1009)
+            default: session.close(code: 1002)
+            }
         } else {
-            // The aggregator refused a message over the size limit.
-            session.close(code: 1009)
+            session.close(code: 1011)
         }
     }
 }
