@@ -6,7 +6,9 @@ WORKDIR /src
 COPY Package.swift ./
 COPY Sources ./Sources
 COPY Tests ./Tests
-RUN swift build -c release --product chat && cp "$(swift build -c release --show-bin-path)/chat" /usr/local/bin/chat
+COPY Examples ./Examples
+RUN swift build -c release --package-path Examples --product chat \
+    && cp "$(swift build -c release --package-path Examples --show-bin-path)/chat" /usr/local/bin/chat
 
 FROM swift:6.2-bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends libhiredis0.14 libsqlite3-0 curl \

@@ -19,7 +19,6 @@ let package = Package(
         .library(name: "ChannelsRedis", targets: ["ChannelsRedis"]),
         .library(name: "ChannelsCommand", targets: ["ChannelsCommand"]),
         .library(name: "ChannelsTesting", targets: ["ChannelsTesting"]),
-        .executable(name: "chat", targets: ["ChatExample"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
@@ -27,7 +26,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.0"..<"4.0.0"),
-        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
     ],
     targets: [
         .systemLibrary(
@@ -101,28 +99,6 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-            ],
-            swiftSettings: swiftSettings
-        ),
-        .executableTarget(
-            name: "ChatExample",
-            dependencies: [
-                "ASGI", "Channels", "ChannelsCommand",
-                .product(name: "GRDB", package: "GRDB.swift"), .product(name: "Logging", package: "swift-log"),
-            ],
-            swiftSettings: swiftSettings
-        ),
-        .executableTarget(
-            name: "PeerChat",
-            dependencies: ["ASGI", "Channels", "ChannelsCommand"],
-            swiftSettings: swiftSettings
-        ),
-        .executableTarget(
-            name: "ChannelsBench",
-            dependencies: [
-                "ASGI", "RedisChannelLayer",
-                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fan-out benchmark: one room of 1,000 members on our stack (two `runserver --noworker`, two
-# `runworker`, the peers' chat app in Swift: Sources/PeerChat) and on Channels 4.3 (Daphne 4 +
+# `runworker`, the peers' chat app in Swift: Examples/Sources/PeerChat) and on Channels 4.3 (Daphne 4 +
 # channels_redis 4.3, ../shared/peers/run_channels4.sh), each on a Redis of its own, in the same
 # run, with the same client (scripts/bench/fanout_client.py).
 #
@@ -23,8 +23,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 log "release build"
-swift build -c release --product PeerChat >/dev/null
-APP="$(swift build -c release --show-bin-path)/PeerChat"
+swift build -c release --package-path Examples --scratch-path .build --product PeerChat >/dev/null
+APP="$(swift build -c release --package-path Examples --scratch-path .build --show-bin-path)/PeerChat"
 if [ ! -x "$PEERS_STATE/venv4/bin/daphne" ]; then
   log "building the Python Channels 4 stack ($PEERS/setup_channels4.sh -> $PEERS_STATE/venv4)"
   mkdir -p "$PEERS_STATE"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Interface server + worker benchmark: our `runserver --noworker` + `runworker` against Daphne
 # 1.4.2 + a channels 1.1.8 `runworker` (asgi_redis 1.4.3), on one local Redis, in the same run,
-# serving the same application (../shared/peers/channels1 and its Swift twin Sources/PeerChat).
+# serving the same application (../shared/peers/channels1 and its Swift twin Examples/Sources/PeerChat).
 #
 #   scripts/bench-server.sh            (about 4 minutes; DURATION=10 seconds per load step)
 #
@@ -32,9 +32,9 @@ if [ -n "${CHANNELS_BIN_DIR:-}" ]; then
   log "measuring the binaries in $BIN"
 else
   log "release build"
-  swift build -c release --product PeerChat >/dev/null
-  swift build -c release --product ChannelsBench >/dev/null
-  BIN="$(swift build -c release --show-bin-path)"
+  swift build -c release --package-path Examples --scratch-path .build --product PeerChat >/dev/null
+  swift build -c release --package-path Benchmarks --scratch-path .build --product ChannelsBench >/dev/null
+  BIN="$(swift build -c release --package-path Examples --scratch-path .build --show-bin-path)"
 fi
 APP="$BIN/PeerChat"
 if [ ! -x "$PEERS_STATE/venv1/bin/daphne" ]; then

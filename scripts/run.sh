@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The example app on a machine that may lack the system libraries: installs libhiredis-dev,
-# libsqlite3-dev and pkg-config when missing, then runs `swift run chat runserver` with any
+# libsqlite3-dev and pkg-config when missing, then runs the example (`Examples/`, the `chat` product) with `runserver` and any
 # arguments given (default: http://127.0.0.1:8000/, in-memory layer, workers in process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +14,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-exec swift run chat runserver "$@"
+exec swift run --package-path Examples --scratch-path .build chat runserver "$@"

@@ -70,9 +70,12 @@ log "redis-server on $REDIS_URL (pid $(cat "$RUN_DIR/redis.pid"))"
 
 # --- 4. Tests ---------------------------------------------------------------------------------
 log "swift format lint (.swift-format)"
-swift format lint --strict -r Sources Tests Package.swift
-log "building"
+swift format lint --strict -r Sources Tests Package.swift Examples Benchmarks/Package.swift Benchmarks/Sources Benchmarks/Benchmarks
+log "building (the libraries and tests; the examples and benchmarks, their own packages, in the same build folder)"
 swift build --build-tests
+swift build --package-path Examples --scratch-path "$ROOT/.build"
+swift build --package-path Benchmarks --scratch-path "$ROOT/.build"
+CHAT="$(swift build --package-path Examples --scratch-path "$ROOT/.build" --show-bin-path)/chat"
 log "swift test"
 swift test --skip-build 2>&1 | tee "$RUN_DIR/swift-test.log"
 status=${PIPESTATUS[0]}
@@ -85,11 +88,11 @@ if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
   exit 1
 fi
 log "end to end: real runserver / runworker processes, real HTTP and WebSocket clients"
-"$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
+"$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$CHAT" "$REDIS_URL"
 log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and worker SIGKILLs, slow clients"
-"$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$(swift build --show-bin-path)/chat" "$REDIS_URL"
+"$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$CHAT" "$REDIS_URL"
 log "browser: two headless Chromium sessions chat through the example's page"
-"$INTEROP_PYTHON" Tests/browser/test_browser.py "$(swift build --show-bin-path)/chat" "$ROOT/test-artifacts"
+"$INTEROP_PYTHON" Tests/browser/test_browser.py "$CHAT" "$ROOT/test-artifacts"
 log "docker-compose config"
 docker-compose -f docker-compose.yml config -q
 log "all tests passed"
