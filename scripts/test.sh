@@ -71,6 +71,8 @@ log "redis-server on $REDIS_URL (pid $(cat "$RUN_DIR/redis.pid"))"
 # --- 4. Tests ---------------------------------------------------------------------------------
 log "swift format lint (.swift-format)"
 swift format lint --strict -r Sources Tests Package.swift Examples Benchmarks/Package.swift Benchmarks/Sources Benchmarks/Benchmarks
+log "documentation: every public declaration has a /// comment"
+python3 scripts/check-docs.py
 log "building (the libraries and tests; the examples and benchmarks, their own packages, in the same build folder)"
 swift build --build-tests
 swift build --package-path Examples --scratch-path "$ROOT/.build"

@@ -29,14 +29,22 @@ public enum ASGIValue: Sendable, Hashable {
         }
     }
 
+    /// True for null.
     public var isNull: Bool { if case .null = self { true } else { false } }
 
+    /// The string, if this is one.
     public var stringValue: String? { if case .string(let s) = self { s } else { nil } }
+    /// The bytes, if this is a byte string.
     public var bytesValue: [UInt8]? { if case .bytes(let b) = self { b } else { nil } }
+    /// The integer, if this is one.
     public var intValue: Int64? { if case .int(let i) = self { i } else { nil } }
+    /// The boolean, if this is one.
     public var boolValue: Bool? { if case .bool(let b) = self { b } else { nil } }
+    /// The array, if this is one.
     public var arrayValue: [ASGIValue]? { if case .array(let a) = self { a } else { nil } }
+    /// The map, if this is one.
     public var mapValue: OrderedDictionary<String, ASGIValue>? { if case .map(let m) = self { m } else { nil } }
+    /// The number as a double, for a float or an integer.
     public var doubleValue: Double? {
         switch self {
         case .double(let d): d
@@ -50,36 +58,44 @@ public enum ASGIValue: Sendable, Hashable {
 }
 
 extension ASGIValue: ExpressibleByNilLiteral {
+    /// `nil` as null.
     public init(nilLiteral: ()) { self = .null }
 }
 
 extension ASGIValue: ExpressibleByBooleanLiteral {
+    /// A boolean literal.
     public init(booleanLiteral value: Bool) { self = .bool(value) }
 }
 
 extension ASGIValue: ExpressibleByIntegerLiteral {
+    /// An integer literal.
     public init(integerLiteral value: Int64) { self = .int(value) }
 }
 
 extension ASGIValue: ExpressibleByFloatLiteral {
+    /// A float literal.
     public init(floatLiteral value: Double) { self = .double(value) }
 }
 
 extension ASGIValue: ExpressibleByStringLiteral {
+    /// A string literal (text, not bytes).
     public init(stringLiteral value: String) { self = .string(value) }
 }
 
 extension ASGIValue: ExpressibleByArrayLiteral {
+    /// An array literal.
     public init(arrayLiteral elements: ASGIValue...) { self = .array(elements) }
 }
 
 extension ASGIValue: ExpressibleByDictionaryLiteral {
+    /// A dictionary literal as a map, keys in the order written.
     public init(dictionaryLiteral elements: (String, ASGIValue)...) {
         self = .map(OrderedDictionary(elements, uniquingKeysWith: { _, last in last }))
     }
 }
 
 extension ASGIValue: CustomStringConvertible {
+    /// The value in a Python-like notation, for logs (`b'...'` for bytes).
     public var description: String {
         switch self {
         case .null: return "nil"

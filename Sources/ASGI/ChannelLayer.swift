@@ -1,8 +1,11 @@
 /// A message taken off a channel, with the full name of the channel it was sent to.
 public struct ReceivedMessage: Sendable, Hashable {
+    /// The channel the message was received from (the full name for `!` channels).
     public var channel: String
+    /// The message.
     public var message: Message
 
+    /// A message received from `channel`.
     public init(channel: String, message: Message) {
         self.channel = channel
         self.message = message
@@ -20,6 +23,7 @@ public struct ChannelStatistics: Sendable, Hashable, Codable {
     /// Age in seconds of the oldest waiting message.
     public var messagesMaxAge: Double
 
+    /// Statistics with every figure given (zero by default).
     public init(messagesCount: Int = 0, channelFullCount: Int = 0, messagesPending: Int = 0, messagesMaxAge: Double = 0) {
         self.messagesCount = messagesCount
         self.channelFullCount = channelFullCount
@@ -30,11 +34,14 @@ public struct ChannelStatistics: Sendable, Hashable, Codable {
 
 /// Counters for the whole layer.
 public struct GlobalStatistics: Sendable, Hashable, Codable {
+    /// Messages sent since the layer's statistics began.
     public var messagesCount: Int
+    /// Sends refused because a channel was full.
     public var channelFullCount: Int
     /// Bodies that could not be decoded and were skipped by this process's receives.
     public var malformedMessagesDropped: Int
 
+    /// Statistics with every figure given (zero by default).
     public init(messagesCount: Int = 0, channelFullCount: Int = 0, malformedMessagesDropped: Int = 0) {
         self.messagesCount = messagesCount
         self.channelFullCount = channelFullCount
@@ -98,12 +105,14 @@ public protocol ChannelLayer: Sendable {
 }
 
 extension ChannelLayer {
+    /// The ASGI extensions every layer here implements.
     public var extensions: Set<String> { ["groups", "flush", "statistics"] }
 
     /// A layer that cannot lose its data and delivers group sends to process channels as it
     /// sees fit needs no registration.
     public func registerBundleReader(_ processChannel: String) async throws -> Bool { true }
 
+    /// The ASGI default: 1 MiB.
     public var maxMessageSize: Int { 1024 * 1024 }
 
     /// A non-blocking receive.
@@ -111,6 +120,7 @@ extension ChannelLayer {
         try await receive(channels: channels, timeout: .zero)
     }
 
+    /// Default: one `receive`, as a batch of at most one.
     public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
         guard let first = try await receive(channels: channels, timeout: timeout) else { return [] }
         var batch = [first]

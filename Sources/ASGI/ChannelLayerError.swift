@@ -3,8 +3,10 @@
 /// A struct with an extensible ``Code`` rather than an enum, so new failure kinds can be
 /// added without breaking callers that switch over the ones they handle.
 public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure; compare with the static codes (`channelFull`, `connectionLost`, ...).
     public struct Code: Sendable, Hashable, CustomStringConvertible {
         let name: String
+        /// The code's name.
         public var description: String { name }
 
         /// The channel holds `capacity` messages; the send was refused.
@@ -25,26 +27,33 @@ public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
         public static let closed = Code(name: "closed")
     }
 
+    /// What kind of failure.
     public var code: Code
+    /// What happened, naming the channel or endpoint.
     public var message: String
+    /// The error that caused this one, if any.
     public var underlying: (any Error)?
 
+    /// An error of `code`.
     public init(_ code: Code, _ message: String, underlying: (any Error)? = nil) {
         self.code = code
         self.message = message
         self.underlying = underlying
     }
 
+    /// The code and the message.
     public var description: String {
         var text = "\(code): \(message)"
         if let underlying { text += " (\(underlying))" }
         return text
     }
 
+    /// The channel is at capacity (ASGI's `ChannelFull`).
     public static func channelFull(_ channel: String) -> ChannelLayerError {
         ChannelLayerError(.channelFull, "channel '\(channel)' is full")
     }
 
+    /// The encoded message is over the layer's size limit.
     public static func messageTooLarge(_ channel: String, size: Int, limit: Int) -> ChannelLayerError {
         ChannelLayerError(.messageTooLarge, "message for '\(channel)' is \(size) bytes, over the limit of \(limit)")
     }

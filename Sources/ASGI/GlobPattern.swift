@@ -1,6 +1,7 @@
 /// A shell-style pattern (`fnmatch`): `*` any run, `?` one character, `[abc]`, `[a-z]`,
 /// `[!abc]`; anything else matches itself. Used for per-channel capacities and channel filters.
 public struct GlobPattern: Sendable, Hashable, CustomStringConvertible {
+    /// The pattern as written.
     public let pattern: String
     private let tokens: [Token]
 
@@ -11,6 +12,7 @@ public struct GlobPattern: Sendable, Hashable, CustomStringConvertible {
         case set(ranges: [ClosedRange<UInt8>], negated: Bool)
     }
 
+    /// Compiles a pattern: `*` any run of characters, `?` one character, `[...]` a set, as `fnmatch` does.
     public init(_ pattern: String) {
         self.pattern = pattern
         var tokens: [Token] = []
@@ -54,6 +56,7 @@ public struct GlobPattern: Sendable, Hashable, CustomStringConvertible {
         self.tokens = tokens
     }
 
+    /// The pattern as written.
     public var description: String { pattern }
 
     /// Whether the whole of `name` matches.
@@ -93,9 +96,12 @@ public struct GlobPattern: Sendable, Hashable, CustomStringConvertible {
 
 /// Capacities per channel: the first matching pattern wins, else the default.
 public struct CapacityTable: Sendable {
+    /// The capacity of a channel no pattern matches.
     public var defaultCapacity: Int
+    /// Capacities by pattern; the first match wins.
     public var patterns: [(GlobPattern, Int)]
 
+    /// Capacities from a default and `(pattern, capacity)` pairs.
     public init(defaultCapacity: Int = 100, patterns: [(String, Int)] = []) {
         self.defaultCapacity = defaultCapacity
         self.patterns = patterns.map { (GlobPattern($0.0), $0.1) }

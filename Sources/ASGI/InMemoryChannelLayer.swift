@@ -8,6 +8,7 @@ import Synchronization
 /// the upper layers can be tested without a server. A blocking ``receive(channels:timeout:)``
 /// parks a continuation that a ``send(_:to:)`` resumes directly; nothing polls.
 public final class InMemoryChannelLayer: ChannelLayerInspection {
+    /// Expiry, capacity and size limits.
     public struct Configuration: Sendable {
         /// How long a message waits before it is dropped.
         public var expiry: Duration
@@ -20,6 +21,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         /// The largest encoded message accepted by a send.
         public var maxMessageSize: Int
 
+        /// A configuration; every argument has asgi_redis's default.
         public init(
             expiry: Duration = .seconds(60),
             groupExpiry: Duration = .seconds(86400),
@@ -103,11 +105,13 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// Its expiry, capacity and size limits.
     public let configuration: Configuration
     private let capacities: CapacityTable
     private let state = Mutex(State())
     private let membersMissed = Atomic<Int>(0)
 
+    /// An empty layer.
     public init(configuration: Configuration = .init()) {
         self.configuration = configuration
         self.capacities = CapacityTable(
@@ -117,6 +121,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
 
     private static let closedError = ChannelLayerError(.closed, "the in-memory layer is closed")
 
+    /// Queues `message` on `channel`; throws `channelFull` at capacity and `messageTooLarge` over
+    /// the size limit.
     public func send(_ message: Message, to channel: String) async throws {
         try ChannelNames.validateChannel(channel)
         try sendValidated(message, to: channel)
@@ -170,6 +176,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// The oldest unexpired message on any of `channels` (in random order between them), waiting up
+    /// to `timeout`.
     public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         guard !channels.isEmpty else { return nil }
@@ -234,6 +242,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// A new unique channel name for `pattern` (ending in `!` or `?`).
     public func newChannel(_ pattern: String) async throws -> String {
         try ChannelNames.validatePattern(pattern)
         return state.withLock { state in
@@ -244,6 +253,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// Adds `channel` to `group` (or refreshes its time); members expire after `groupExpiry`.
     public func groupAdd(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
@@ -256,6 +266,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         if closed { throw Self.closedError }
     }
 
+    /// Removes `channel` from `group`.
     public func groupDiscard(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
@@ -265,6 +276,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// The unexpired members of `group`.
     public func groupChannels(_ group: String) async throws -> [String] {
         try ChannelNames.validateGroup(group)
         return liveMembers(group)
@@ -305,8 +317,10 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     /// Group members skipped because their channel was full.
     public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
 
+    /// The configured size limit.
     public var maxMessageSize: Int { configuration.maxMessageSize }
 
+    /// Removes every message and group.
     public func flush() async throws {
         state.withLock { state in
             state.queues.removeAll()
@@ -316,12 +330,14 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// Messages sent and full refusals since the layer started.
     public func globalStatistics() async throws -> GlobalStatistics {
         state.withLock { state in
             GlobalStatistics(messagesCount: state.global.messages, channelFullCount: state.global.full)
         }
     }
 
+    /// One channel's figures: sent, full refusals, pending, the oldest message's age.
     public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
         try ChannelNames.validateChannel(channel, for: .receive)
         let key = ChannelNames.nonLocalName(channel)
@@ -354,8 +370,10 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// Says where the messages live: this process.
     public var location: String { "in-memory (this process)" }
 
+    /// Wakes every waiting receive with nothing; later calls fail with `closed`.
     public func close() async {
         let waiters = state.withLock { state -> [Waiter] in
             state.closed = true

@@ -3,19 +3,25 @@ import OrderedCollections
 /// An ASGI message: a map with string keys, kept in insertion order so that encoding it
 /// gives the same bytes as Python's `msgpack.packb` of the same dict.
 public struct Message: Sendable, Hashable {
+    /// The message's fields, in insertion order (the order msgpack writes them).
     public var fields: OrderedDictionary<String, ASGIValue>
 
+    /// A message with these fields.
     public init(_ fields: OrderedDictionary<String, ASGIValue> = [:]) {
         self.fields = fields
     }
 
+    /// A field by key; setting nil removes it.
     public subscript(key: String) -> ASGIValue? {
         get { fields[key] }
         set { fields[key] = newValue }
     }
 
+    /// The field names, in order.
     public var keys: OrderedSet<String> { fields.keys }
+    /// True when the message has no fields.
     public var isEmpty: Bool { fields.isEmpty }
+    /// The number of fields.
     public var count: Int { fields.count }
 
     /// Removes a key and returns its value.
@@ -113,17 +119,20 @@ public struct Message: Sendable, Hashable {
 }
 
 extension Message: ExpressibleByDictionaryLiteral {
+    /// A message written as a dictionary literal: `["text": "hi"]`.
     public init(dictionaryLiteral elements: (String, ASGIValue)...) {
         self.init(OrderedDictionary(elements, uniquingKeysWith: { _, last in last }))
     }
 }
 
 extension Message: CustomStringConvertible {
+    /// The fields, as a map value prints them.
     public var description: String { ASGIValue.map(fields).description }
 }
 
 /// A message lacked a key or held a value of the wrong type.
 public struct MessageError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What is wrong with a message.
     public enum Code: Sendable, Hashable {
         case missingKey
         case wrongType
@@ -131,16 +140,21 @@ public struct MessageError: Error, Sendable, Hashable, CustomStringConvertible {
         case invalidValue
     }
 
+    /// What is wrong.
     public var code: Code
+    /// The key it is wrong about.
     public var key: String
+    /// More detail, for logs.
     public var detail: String
 
+    /// An error about `key`.
     public init(_ code: Code, key: String, detail: String = "") {
         self.code = code
         self.key = key
         self.detail = detail
     }
 
+    /// The code, the key and the detail.
     public var description: String {
         switch code {
         case .missingKey: detail.isEmpty ? "message has no key '\(key)'" : "message has no key '\(key)': \(detail)"

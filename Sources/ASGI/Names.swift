@@ -3,6 +3,7 @@
 /// Channel names: `^[a-zA-Z\d\-_.]+((\?|\!)[\d\w\-_.]*)?$`, ASCII only, shorter than 100
 /// characters. Group names: `^[a-zA-Z\d\-_.]+$`, shorter than 100.
 public enum ChannelNames {
+    /// The longest channel or group name ASGI allows.
     public static let maxLength = 100
 
     /// Where a name is going to be used; receives and sends have slightly different rules.
@@ -75,7 +76,9 @@ public enum ChannelNames {
         return String(name[...bang])
     }
 
+    /// True for a process-specific name (it contains `!`).
     public static func isProcessSpecific(_ name: String) -> Bool { name.utf8.contains(0x21) }
+    /// True for a single-reader name (it contains `?`).
     public static func isSingleReader(_ name: String) -> Bool { name.utf8.contains(0x3f) }
 
     private static func invalid(_ name: String, _ reason: String) -> ChannelLayerError {

@@ -8,12 +8,15 @@ import Synchronization
 /// order holds either way). A message over the layer's size limit fails at the call, with
 /// `messageTooLarge`; a full channel or an unreachable layer is retried for `environment.sendRetry`.
 public final class ConsumerContext: Sendable {
+    /// The message being consumed.
     public let message: Message
     /// The channel the message arrived on (its full name for `!` channels).
     public let channel: String
     /// Arguments captured by the route's named groups.
     public let kwargs: [String: String]
+    /// The layer the message came from; sends go back through it.
     public let layer: any ChannelLayer
+    /// A logger for this consumer's lines.
     public let logger: Logger
     /// Sessions, users and their settings.
     public let environment: ConsumerEnvironment
@@ -39,6 +42,7 @@ public final class ConsumerContext: Sendable {
     /// parked messages whose turn has come); nil outside a worker.
     let dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
 
+    /// A context for a message outside a worker (tests, tools), with a default environment.
     public convenience init(
         message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
         environment: ConsumerEnvironment = ConsumerEnvironment()
@@ -69,7 +73,8 @@ public final class ConsumerContext: Sendable {
     /// The path of an HTTP or WebSocket message.
     public var path: String { message["path"]?.stringValue ?? "" }
 
-    /// The message read as one of the typed ASGI messages (`context.message(as: WebSocketReceiveMessage.self)`);
+    /// The message read as one of the typed ASGI messages (`context.message(as:
+    /// WebSocketReceiveMessage.self)`);
     /// throws ``MessageError`` naming the key that is missing or wrong.
     public func message<M: ASGIMessage>(as type: M.Type) throws(MessageError) -> M {
         try M(message)
@@ -88,11 +93,14 @@ public final class ConsumerContext: Sendable {
         try await send(message, to: reply.name, immediately: immediately)
     }
 
+    /// Sends `message` to `channel`: buffered until the consumer returns, or sent now with `immediately`.
     public func send(_ message: Message, to channel: String, immediately: Bool = false) async throws {
         try ChannelNames.validateChannel(channel)
         try await deliver(message, to: .channel(channel), immediately: immediately)
     }
 
+    /// Sends `message` to every member of `group`: buffered until the consumer returns, or sent now
+    /// with `immediately`.
     public func sendGroup(_ group: String, _ message: Message, immediately: Bool = false) async throws {
         try ChannelNames.validateGroup(group)
         try await deliver(message, to: .group(group), immediately: immediately)
@@ -153,10 +161,13 @@ public final class ConsumerContext: Sendable {
 /// A channel by name, as in Channels: `Channel("chat-messages").send([...])`. Inside a consumer
 /// the send is buffered with the consumer's other sends.
 public struct Channel: Sendable, Hashable {
+    /// The channel's name.
     public let name: String
 
+    /// A channel by name.
     public init(_ name: String) { self.name = name }
 
+    /// Sends from inside a consumer, buffered with its other sends (or now, with `immediately`).
     public func send(_ message: Message, immediately: Bool = false) async throws {
         guard let context = ConsumerContext.current else {
             throw ChannelLayerError(.invalidConfiguration, "Channel.send outside a consumer needs a layer: use send(_:on:)")
@@ -172,8 +183,10 @@ public struct Channel: Sendable, Hashable {
 
 /// A group by name: `Group("chat-lobby").add(context.replyChannel!)`.
 public struct Group: Sendable, Hashable {
+    /// The group's name.
     public let name: String
 
+    /// A group by name.
     public init(_ name: String) { self.name = name }
 
     private func context() throws -> ConsumerContext {
@@ -183,14 +196,17 @@ public struct Group: Sendable, Hashable {
         return context
     }
 
+    /// Adds a channel (a socket's reply channel) to the group.
     public func add(_ channel: Channel) async throws {
         try await context().layer.groupAdd(name, channel: channel.name)
     }
 
+    /// Removes a channel from the group.
     public func discard(_ channel: Channel) async throws {
         try await context().layer.groupDiscard(name, channel: channel.name)
     }
 
+    /// Sends to every member, buffered with the consumer's other sends (or now, with `immediately`).
     public func send(_ message: Message, immediately: Bool = false) async throws {
         try await context().sendGroup(name, message, immediately: immediately)
     }

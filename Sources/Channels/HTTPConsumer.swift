@@ -3,9 +3,13 @@ import Foundation
 
 /// An HTTP request as an ``HTTPConsumer`` sees it.
 public struct HTTPRequest: Sendable {
+    /// The message context: route arguments, sessions, sending.
     public let context: ConsumerContext
+    /// The request method, upper-case (`GET`, `POST`, ...).
     public let method: String
+    /// The request path, percent-decoded.
     public let path: String
+    /// The raw query string, without the `?`.
     public let queryString: String
     /// Header names lower-cased, in order, duplicates kept.
     public let headers: ASGIHeaders
@@ -14,11 +18,17 @@ public struct HTTPRequest: Sendable {
     /// The `http.request` message as received (its first body chunk only).
     public let request: HTTPRequestMessage
 
+    /// Arguments captured by the route's named groups.
     public var kwargs: [String: String] { context.kwargs }
+    /// The logged-in user (anonymous unless the consumer type sets `httpUser`).
     public var user: User { context.user }
+    /// The request's cookies by name.
     public var cookies: [String: String] { headers.cookies }
+    /// The first value of a header (names are case-insensitive).
     public func header(_ name: String) -> String? { headers.first(name) }
+    /// The first value of a query parameter, percent-decoded.
     public func query(_ name: String) -> String? { request.query(name) }
+    /// The body as `application/x-www-form-urlencoded` fields.
     public var form: [String: String] { HTTPRequestInfo.formFields(body) }
 
     static func from(_ context: ConsumerContext) async throws -> HTTPRequest {
@@ -32,11 +42,16 @@ public struct HTTPRequest: Sendable {
 
 /// A whole HTTP response.
 public struct HTTPResponse: Sendable {
+    /// The status code.
     public var status: Int
+    /// Headers to send besides `content-type`.
     public var headers: [(String, String)]
+    /// The body bytes.
     public var body: [UInt8]
+    /// The `content-type` header's value.
     public var contentType: String
 
+    /// A response with a body of bytes.
     public init(
         status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
         body: [UInt8]
@@ -47,6 +62,7 @@ public struct HTTPResponse: Sendable {
         self.body = body
     }
 
+    /// A response with a text body, encoded as UTF-8.
     public init(
         status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
         _ text: String
@@ -54,6 +70,7 @@ public struct HTTPResponse: Sendable {
         self.init(status: status, contentType: contentType, headers: headers, body: Array(text.utf8))
     }
 
+    /// A JSON response: `value` encoded with the framework's JSON encoder.
     public static func json<T: Encodable>(_ value: T, status: Int = 200) throws -> HTTPResponse {
         HTTPResponse(status: status, contentType: "application/json", body: Array(try JSONEncoder.channels.encode(value)))
     }
@@ -69,6 +86,7 @@ public protocol HTTPConsumer: Sendable {
 }
 
 extension HTTPConsumer {
+    /// Default: no HTTP session or user.
     public static var httpUser: Bool { false }
 }
 

@@ -30,6 +30,7 @@ extension ConsumerContext {
     /// The most body bytes one response message carries: well inside the layer's size limit.
     var responseChunkSize: Int { max(16 * 1024, min(512 * 1024, layer.maxMessageSize / 2)) }
 
+    /// Sends a whole HTTP response to the message's reply channel.
     public func respond(
         status: Int = 200, contentType: String = "text/plain; charset=utf-8",
         headers: [(String, String)] = [], _ text: String

@@ -54,8 +54,11 @@ private func collectFilters(path: String?, method: String?, filters: [String: St
 
 /// Bad routing, found at start-up with the route named.
 public struct RoutingError: Error, CustomStringConvertible, Sendable {
+    /// The route's name or pattern.
     public var route: String
+    /// What is wrong with it.
     public var reason: String
+    /// The route and the reason, for logs and errors.
     public var description: String { "route '\(route)': \(reason)" }
 }
 
@@ -82,6 +85,8 @@ public struct Router: Sendable {
     /// Every channel some route listens on.
     public let channels: Set<String>
 
+    /// Compiles the routing entries; throws ``RoutingError`` naming the route with a bad channel
+    /// name or pattern.
     public init(_ entries: [RoutingEntry]) throws {
         var routes: [CompiledRoute] = []
         func walk(_ entries: [RoutingEntry], levels: [[Filter]]) throws {

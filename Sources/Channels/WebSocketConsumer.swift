@@ -15,8 +15,10 @@ public struct WebSocketConsumerOptions: Sendable {
     /// first (`slight`). Implies `channelSession`.
     public var ordering: Ordering?
 
+    /// `strict`: every message in order; `slight`: only the connect first.
     public enum Ordering: Sendable { case strict, slight }
 
+    /// Options; every one off by default.
     public init(httpUser: Bool = false, channelSession: Bool = false, ordering: Ordering? = nil) {
         self.httpUser = httpUser
         self.channelSession = channelSession
@@ -27,23 +29,31 @@ public struct WebSocketConsumerOptions: Sendable {
 /// A socket as a consumer type sees it: the message context plus sending helpers. Inside a
 /// demultiplexer, sends are wrapped as `{"stream": ..., "payload": ...}`.
 public struct WebSocket: Sendable {
+    /// The message context: route arguments, sessions, sending.
     public let context: ConsumerContext
     /// The demultiplexer stream this consumer serves, if any.
     public let stream: String?
 
+    /// A socket for a message context, optionally as one stream of a demultiplexer.
     public init(context: ConsumerContext, stream: String? = nil) {
         self.context = context
         self.stream = stream
     }
 
+    /// Arguments captured by the route's named groups.
     public var kwargs: [String: String] { context.kwargs }
+    /// The socket's path.
     public var path: String { context.path }
+    /// The logged-in user (anonymous unless the options ask for `httpUser`).
     public var user: User { context.user }
+    /// The socket's reply channel (`websocket.send!...`).
     public var replyChannel: Channel? { context.replyChannel }
     /// The channel session (when the options ask for one).
     public var session: Session { get throws { try context.channelSession } }
 
+    /// Accepts the connection.
     public func accept() async throws { try await context.reply(WebSocketSendMessage.accept) }
+    /// Sends a text frame (wrapped for the stream inside a demultiplexer).
     public func send(text: String) async throws {
         if let stream {
             try await sendJSONObject(["stream": stream, "payload": ["text": text]], raw: true)
@@ -51,6 +61,7 @@ public struct WebSocket: Sendable {
             try await context.reply(WebSocketSendMessage.text(text))
         }
     }
+    /// Sends a binary frame.
     public func send(bytes: [UInt8]) async throws { try await context.reply(WebSocketSendMessage.bytes(bytes)) }
     /// Closes the socket (1000 by default).
     public func close(code: Int = 1000) async throws { try await context.reply(WebSocketSendMessage.close(code: code)) }
@@ -71,6 +82,7 @@ public struct WebSocket: Sendable {
         try await context.sendGroup(group, WebSocketSendMessage.text(text).message)
     }
 
+    /// Sends a value as JSON to every member of a group.
     public func groupSend<T: Encodable>(_ group: String, json value: T) async throws {
         let data = try JSONEncoder.channels.encode(value)
         try await context.sendGroup(group, WebSocketSendMessage.text(String(decoding: data, as: UTF8.self)).message)
@@ -100,10 +112,15 @@ public protocol WebSocketConsumer: Sendable {
 }
 
 extension WebSocketConsumer {
+    /// Default: no session, no user, no ordering.
     public static var options: WebSocketConsumerOptions { .init() }
+    /// Default: no groups.
     public func connectionGroups(_ socket: WebSocket) -> [String] { [] }
+    /// Default: accept.
     public func connect(_ socket: WebSocket) async throws { try await socket.accept() }
+    /// Default: ignore the frame.
     public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {}
+    /// Default: nothing to do.
     public func disconnect(_ socket: WebSocket, code: Int) async throws {}
 }
 
@@ -115,6 +132,8 @@ public protocol JSONWebSocketConsumer: WebSocketConsumer {
 }
 
 extension JSONWebSocketConsumer {
+    /// Decodes the frame as `Incoming` and hands it to `receive(_:json:)`; a frame that does not
+    /// decode is logged and dropped.
     public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
         guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }) else { return }
         try await receiveJSONData(socket, data)

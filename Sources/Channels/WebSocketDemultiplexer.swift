@@ -12,7 +12,9 @@ public protocol StreamConsumer: Sendable {
 }
 
 extension StreamConsumer {
+    /// Default: nothing to do on connect (the demultiplexer accepts the socket).
     public func connect(_ socket: WebSocket) async throws {}
+    /// Default: nothing to do on disconnect.
     public func disconnect(_ socket: WebSocket, code: Int) async throws {}
 }
 
@@ -23,10 +25,12 @@ extension StreamConsumer where Self: WebSocketConsumer {
         if socket.stream == nil { try await socket.accept() }
     }
 
+    /// Default: nothing to do on disconnect.
     public func disconnect(_ socket: WebSocket, code: Int) async throws {}
 }
 
 extension StreamConsumer where Self: JSONWebSocketConsumer {
+    /// Decodes the payload as the consumer's `Incoming` and hands it to `receive(_:json:)`.
     public func receive(_ socket: WebSocket, payload: Data) async throws { try await receiveJSONData(socket, payload) }
 }
 
@@ -38,6 +42,7 @@ public protocol WebSocketDemultiplexer: WebSocketConsumer {
 }
 
 extension WebSocketDemultiplexer {
+    /// Accepts the socket once, then tells every stream's consumer, in name order.
     public func connect(_ socket: WebSocket) async throws {
         try await socket.accept()
         for (name, type) in Self.streams.sorted(by: { $0.key < $1.key }) {
@@ -45,6 +50,8 @@ extension WebSocketDemultiplexer {
         }
     }
 
+    /// Routes a `{"stream": ..., "payload": ...}` frame to that stream's consumer; other frames are
+    /// logged and dropped.
     public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
         guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }),
             let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
@@ -61,6 +68,7 @@ extension WebSocketDemultiplexer {
         try await type.init().receive(WebSocket(context: socket.context, stream: stream), payload: payloadData)
     }
 
+    /// Tells every stream's consumer, in name order.
     public func disconnect(_ socket: WebSocket, code: Int) async throws {
         for (name, type) in Self.streams.sorted(by: { $0.key < $1.key }) {
             try await type.init().disconnect(WebSocket(context: socket.context, stream: name), code: code)

@@ -7,9 +7,13 @@ import Synchronization
 /// Pulls messages from the channels the routing names and runs the matching consumers, up to
 /// `concurrency` at once.
 public final class Worker: Sendable {
+    /// The routing the worker dispatches with.
     public let router: Router
+    /// The layer it receives from and sends on.
     public let layer: any ChannelLayer
+    /// The channels it listens on (the routing's channels after `only` / `exclude`).
     public let channels: [String]
+    /// Sessions, users, retry and ordering settings handed to every consumer.
     public let environment: ConsumerEnvironment
     private let concurrency: Int
     private let logger: Logger
@@ -51,6 +55,7 @@ public final class Worker: Sendable {
         self.channels = listen.sorted()
     }
 
+    /// Messages handed to consumers so far.
     public var messagesProcessed: Int { processed.load(ordering: .relaxed) }
 
     /// Runs until `stop()`, then lets the consumers in hand finish and returns.
@@ -108,6 +113,7 @@ public final class Worker: Sendable {
         logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
 
+    /// Asks `run()` to stop taking messages; the consumers in hand finish.
     public func stop() { stopping.store(true, ordering: .relaxed) }
 
     /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.

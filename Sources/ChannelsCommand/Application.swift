@@ -14,12 +14,17 @@ import Synchronization
 /// An application: its routing, declared once, and the commands it gets from it
 /// (`runserver`, `runworker`, `stats`), like `manage.py` in Django.
 public struct ChannelsApplication: Sendable {
+    /// The application's name, shown in logs and `--help`.
     public var name: String
+    /// Builds the routing table; called once per process that runs consumers.
     public var routing: @Sendable () throws -> [RoutingEntry]
     /// How users are loaded by id (for the `...User` session wrappers); nil: everyone is anonymous.
     public var users: (any UserProvider)?
+    /// Session cookie and lifetime settings for the session and auth wrappers.
     public var sessionSettings: SessionSettings
 
+    /// Creates an application from its routing and settings; `main()` then runs the subcommand
+    /// given on the command line.
     public init(
         name: String, users: (any UserProvider)? = nil, sessionSettings: SessionSettings = .init(),
         routing: @escaping @Sendable () throws -> [RoutingEntry]

@@ -5,7 +5,9 @@ import RedisChannelLayer
 /// Sessions in Redis, each one string key `<prefix><session key>` with the session age as its
 /// TTL. Conditional writes are one Lua script, so they are atomic on the server.
 public final class RedisSessionStore: SessionStore {
+    /// The Redis connection.
     public let client: RedisClient
+    /// The key prefix of session keys.
     public let prefix: String
 
     private static let conditionalSet = LuaScript(
@@ -21,6 +23,7 @@ public final class RedisSessionStore: SessionStore {
             return 1
             """)
 
+    /// A store on `client`, keys under `prefix`.
     public init(client: RedisClient, prefix: String = "channels-session:") {
         self.client = client
         self.prefix = prefix
@@ -33,10 +36,13 @@ public final class RedisSessionStore: SessionStore {
 
     private func redisKey(_ key: String) -> [UInt8] { Array((prefix + key).utf8) }
 
+    /// The stored bytes, or nil when missing or expired.
     public func load(_ key: String) async throws -> [UInt8]? {
         try await client.command([Array("GET".utf8), redisKey(key)]).bytes
     }
 
+    /// Writes only if the stored value is still `expected` (a compare-and-set script); false when
+    /// someone else wrote first.
     public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
         let reply = try await client.run(
             Self.conditionalSet, keys: [redisKey(key)],
@@ -46,6 +52,7 @@ public final class RedisSessionStore: SessionStore {
         return reply.integer == 1
     }
 
+    /// Removes the session.
     public func delete(_ key: String) async throws {
         try await client.command([Array("DEL".utf8), redisKey(key)])
     }

@@ -4,10 +4,14 @@ import Synchronization
 
 /// A response an ``HTTPTestClient`` got.
 public struct TestResponse: Sendable {
+    /// The status code.
     public var status: Int
+    /// The response headers, names lower-cased.
     public var headers: ASGIHeaders
+    /// The whole body (streamed chunks joined).
     public var body: [UInt8]
 
+    /// The body as UTF-8 text.
     public var text: String { String(decoding: body, as: UTF8.self) }
 
     /// The first header of this name (case-insensitive).
@@ -20,20 +24,25 @@ public struct TestResponse: Sendable {
 /// Sends `http.request` messages to the consumers, as the interface server would, and
 /// assembles the response (streamed chunks included). Keeps cookies, like a browser.
 public final class HTTPTestClient: Sendable {
+    /// The harness whose consumers answer.
     public let harness: TestHarness
     private let jar = Mutex<[String: String]>([:])
 
+    /// A client with an empty cookie jar.
     public init(_ harness: TestHarness) { self.harness = harness }
 
     /// The cookies held now.
     public var cookies: [String: String] { jar.withLock { $0 } }
 
+    /// Puts a cookie in the jar, as if a response had set it.
     public func setCookie(_ name: String, _ value: String) { jar.withLock { $0[name] = value } }
 
+    /// Sends a GET and returns the response.
     public func get(_ path: String, query: String = "", headers: [(String, String)] = []) async throws -> TestResponse {
         try await request("GET", path, query: query, headers: headers)
     }
 
+    /// Sends a POST with a form-encoded body and returns the response.
     public func post(_ path: String, form: [(String, String)], headers: [(String, String)] = []) async throws -> TestResponse {
         let body = PercentCoding.formEncode(form)
         return try await request(
@@ -41,6 +50,8 @@ public final class HTTPTestClient: Sendable {
             body: Array(body.utf8))
     }
 
+    /// Sends any request and returns the response; cookies from the jar go with it and `Set-Cookie`
+    /// updates it.
     public func request(
         _ method: String, _ path: String, query: String = "", headers: [(String, String)] = [],
         body: [UInt8] = [], timeout: Duration = .seconds(5)
@@ -86,7 +97,9 @@ public final class HTTPTestClient: Sendable {
 /// A WebSocket as the consumers see it, without a server: `connect`, `send`, `receive` and
 /// `close` produce the `websocket.*` messages with `order` numbers filled in.
 public final class WebSocketTestClient: Sendable {
+    /// The harness whose consumers answer.
     public let harness: TestHarness
+    /// The socket's path.
     public let path: String
     private let headers: [(String, String)]
     private let query: String
@@ -148,7 +161,9 @@ public final class WebSocketTestClient: Sendable {
         }
     }
 
+    /// Sends a text frame as `websocket.receive`.
     public func send(text: String) async throws { try await send(.text(text)) }
+    /// Sends a binary frame as `websocket.receive`.
     public func send(bytes: [UInt8]) async throws { try await send(.bytes(bytes)) }
 
     private func send(_ data: WebSocketData) async throws {

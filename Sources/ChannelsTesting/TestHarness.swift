@@ -5,14 +5,18 @@ import Synchronization
 
 /// One send a consumer made, as the harness saw it.
 public struct SentMessage: Sendable, Hashable, CustomStringConvertible {
+    /// Where a send went.
     public enum Destination: Sendable, Hashable {
         case channel(String)
         case group(String)
     }
 
+    /// The channel or group sent to.
     public var to: Destination
+    /// The message sent.
     public var message: Message
 
+    /// The destination and the message, for test failure output.
     public var description: String {
         switch to {
         case .channel(let name): "-> \(name): \(message)"
@@ -23,9 +27,11 @@ public struct SentMessage: Sendable, Hashable, CustomStringConvertible {
 
 /// A layer that forwards to another and records every send and group send, in order.
 public final class RecordingLayer: ChannelLayer {
+    /// The layer that does the work.
     public let base: any ChannelLayer
     private let log = Mutex<[SentMessage]>([])
 
+    /// Records sends made on `base`.
     public init(_ base: any ChannelLayer = InMemoryChannelLayer()) { self.base = base }
 
     /// Everything sent so far.
@@ -33,27 +39,38 @@ public final class RecordingLayer: ChannelLayer {
     var count: Int { log.withLock { $0.count } }
     func sent(since index: Int) -> [SentMessage] { log.withLock { Array($0[min(index, $0.count)...]) } }
 
+    /// Records the send, then sends on the base layer.
     public func send(_ message: Message, to channel: String) async throws {
         try await base.send(message, to: channel)
         log.withLock { $0.append(SentMessage(to: .channel(channel), message: message)) }
     }
 
+    /// Records the group send, then sends on the base layer.
     public func sendGroup(_ group: String, message: Message) async throws {
         try await base.sendGroup(group, message: message)
         log.withLock { $0.append(SentMessage(to: .group(group), message: message)) }
     }
 
+    /// Receives from the base layer.
     public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
         try await base.receive(channels: channels, timeout: timeout)
     }
 
+    /// A new channel name from the base layer.
     public func newChannel(_ pattern: String) async throws -> String { try await base.newChannel(pattern) }
+    /// Adds to a group on the base layer.
     public func groupAdd(_ group: String, channel: String) async throws { try await base.groupAdd(group, channel: channel) }
+    /// Removes from a group on the base layer.
     public func groupDiscard(_ group: String, channel: String) async throws { try await base.groupDiscard(group, channel: channel) }
+    /// A group's members on the base layer.
     public func groupChannels(_ group: String) async throws -> [String] { try await base.groupChannels(group) }
+    /// Flushes the base layer.
     public func flush() async throws { try await base.flush() }
+    /// The base layer's global statistics.
     public func globalStatistics() async throws -> GlobalStatistics { try await base.globalStatistics() }
+    /// The base layer's statistics for one channel.
     public func channelStatistics(_ channel: String) async throws -> ChannelStatistics { try await base.channelStatistics(channel) }
+    /// Closes the base layer.
     public func close() async { await base.close() }
 }
 
@@ -63,13 +80,18 @@ public final class RecordingLayer: ChannelLayer {
 ///
 /// ```swift
 /// let harness = try TestHarness(routing)
-/// let sent = try await harness.send(["path": "/hello/", "reply_channel": "test.reply?a"], to: "http.request")
+/// let sent = try await harness.send(["path": "/hello/", "reply_channel": "test.reply?a"], to:
+/// "http.request")
 /// ```
 public final class TestHarness: Sendable {
+    /// The recording layer the consumers run on.
     public let layer: RecordingLayer
+    /// The worker that dispatches to the consumers (one consumer at a time).
     public let worker: Worker
+    /// Sessions and users the consumers see.
     public let environment: ConsumerEnvironment
 
+    /// A harness for `routing` on `layer` (in memory by default).
     public init(
         _ routing: [RoutingEntry], layer: any ChannelLayer = InMemoryChannelLayer(),
         environment: ConsumerEnvironment = ConsumerEnvironment(),

@@ -9,6 +9,7 @@ import Synchronization
 /// The interface server (the Daphne role): speaks HTTP/1.1 and WebSocket to clients and
 /// ASGI 1.0 messages to the channel layer. It runs no application code.
 public final class InterfaceServer: Sendable {
+    /// The settings it runs with.
     public let configuration: ServerConfiguration
     private let context: ServerContext
     private let group: any EventLoopGroup
@@ -16,6 +17,7 @@ public final class InterfaceServer: Sendable {
     private let readerTask = Mutex<Task<Void, Never>?>(nil)
     private let openConnections = ConnectionTable()
 
+    /// A server speaking to `layer`; `start()` binds and begins serving.
     public init(
         layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
         logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,

@@ -1,6 +1,8 @@
 /// Settings of the interface server; every field has the default `runserver` uses.
 public struct ServerConfiguration: Sendable {
+    /// The address to listen on.
     public var host: String
+    /// The port to listen on; 0 picks a free one.
     public var port: Int
     /// Listen on a Unix domain socket instead of host and port.
     public var unixSocketPath: String?
@@ -49,6 +51,7 @@ public struct ServerConfiguration: Sendable {
     /// notices a Redis that came back empty).
     public var readerRegistrationInterval: Duration
 
+    /// A configuration; every argument has the default `runserver` uses.
     public init(
         host: String = "127.0.0.1",
         port: Int = 8000,

@@ -27,6 +27,7 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     /// reply with a bad close code): logged, counted, answered 500 or ignored.
     public var malformedReplies = 0
 
+    /// All counters at zero.
     public init() {}
 }
 

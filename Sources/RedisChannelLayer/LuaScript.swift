@@ -8,6 +8,7 @@ public final class LuaScript: Sendable {
     let source: String
     fileprivate let sha = Mutex<String?>(nil)
 
+    /// A script called `name` in errors and logs, with its Lua source.
     public init(name: String, source: String) {
         self.name = name
         self.source = source

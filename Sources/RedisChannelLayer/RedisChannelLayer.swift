@@ -14,6 +14,7 @@ import Synchronization
 /// shares one pipelined connection per server, and only receives that wait in `BLPOP` hold
 /// a connection of their own.
 public final class RedisChannelLayer: ChannelLayerInspection {
+    /// The URLs, prefix, expiry and limits it runs with.
     public let configuration: RedisChannelLayerConfiguration
     let logger: Logger
     let shards: [RedisConnections]
@@ -93,8 +94,10 @@ public final class RedisChannelLayer: ChannelLayerInspection {
         return try await shards[shard].withDedicated(body)
     }
 
+    /// Connections opened so far, over all shards (for tests that check nothing leaks).
     public var connectionsOpened: Int { shards.reduce(0) { $0 + $1.connectionsOpened } }
 
+    /// Closes every connection; later calls fail with `closed`.
     public func close() async {
         guard !isClosed.exchange(true, ordering: .relaxed) else { return }
         for shard in shards { shard.close() }

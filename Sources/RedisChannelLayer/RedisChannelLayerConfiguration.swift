@@ -20,13 +20,17 @@ public struct RedisChannelLayerConfiguration: Sendable {
     public var maxMessageSize: Int
     /// Longest single `BLPOP`: how soon a blocked receive notices cancellation or shutdown.
     public var blockingSlice: Duration
+    /// How long a connection attempt may take before it fails.
     public var connectTimeout: Duration
     /// How long a reply may take before the connection is considered dead.
     public var commandTimeout: Duration
 
+    /// Seconds a channel's statistics keys live (asgi_redis's value).
     public static let channelStatisticsExpiry = 3600
+    /// Seconds the global statistics keys live (asgi_redis's value).
     public static let globalStatisticsExpiry = 86400
 
+    /// A configuration; every argument has asgi_redis 1.4's default.
     public init(
         hosts: [RedisEndpoint] = [RedisEndpoint()],
         prefix: String = "asgi:",

@@ -9,11 +9,13 @@ import Synchronization
 /// and after a Redis restart the next command connects afresh. A command that finds Redis
 /// unreachable is retried for `outageRetry` (a restart takes a moment), then fails.
 public final class RedisClient: Sendable {
+    /// The server it talks to.
     public let endpoint: RedisEndpoint
     private let connections: RedisConnections
     private let isClosed = Atomic<Bool>(false)
     private let outageRetry: Duration
 
+    /// A client for `endpoint`; connects on first use and reconnects after a failure.
     public init(
         endpoint: RedisEndpoint, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5),
@@ -48,6 +50,7 @@ public final class RedisClient: Sendable {
         return reply
     }
 
+    /// Runs one command and returns its reply.
     @discardableResult
     public func command(_ args: String...) async throws -> RedisReply {
         try await command(args.map { Array($0.utf8) })
@@ -62,6 +65,7 @@ public final class RedisClient: Sendable {
         return reply
     }
 
+    /// Closes the connection.
     public func close() async {
         guard !isClosed.exchange(true, ordering: .relaxed) else { return }
         connections.close()

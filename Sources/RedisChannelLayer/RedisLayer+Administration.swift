@@ -8,6 +8,7 @@ import Synchronization
 
 /// Flush, statistics and the inspection operators' tools use (SCAN, never KEYS).
 extension RedisChannelLayer {
+    /// Deletes every key under this layer's prefix on every shard, with `SCAN`.
     public func flush() async throws {
         let patterns = [Self.globEscape(configuration.prefix) + "*", Self.globEscape(configuration.statsPrefix) + "*"]
         for index in shards.indices {
@@ -38,6 +39,7 @@ extension RedisChannelLayer {
         return out
     }
 
+    /// Messages sent and full refusals, summed over the shards.
     public func globalStatistics() async throws -> GlobalStatistics {
         var total = GlobalStatistics(malformedMessagesDropped: malformedDropped.load(ordering: .relaxed))
         let keys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
@@ -50,6 +52,7 @@ extension RedisChannelLayer {
         return total
     }
 
+    /// One channel's figures: sent, full refusals, pending, the oldest message's age.
     public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
         try ChannelNames.validateChannel(channel, for: .receive)
         let name = ChannelNames.nonLocalName(channel)

@@ -9,6 +9,7 @@ import Synchronization
 /// Groups (sorted sets scored by the time of the last add), group sends (bundled per
 /// registered process channel) and the registration of bundle readers.
 extension RedisChannelLayer {
+    /// A new unique channel name for `pattern`, on this process's shard for `!` names.
     public func newChannel(_ pattern: String) async throws -> String {
         try ChannelNames.validatePattern(pattern)
         while true {
@@ -19,6 +20,7 @@ extension RedisChannelLayer {
         }
     }
 
+    /// Adds `channel` to `group` (a sorted-set member scored with the time, as asgi_redis does).
     public func groupAdd(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
@@ -32,6 +34,7 @@ extension RedisChannelLayer {
         if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
     }
 
+    /// Removes `channel` from `group`.
     public func groupDiscard(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
@@ -39,6 +42,7 @@ extension RedisChannelLayer {
         if reply.errorMessage != nil { throw unexpected(reply, doing: "group discard") }
     }
 
+    /// The unexpired members of `group`.
     public func groupChannels(_ group: String) async throws -> [String] {
         try ChannelNames.validateGroup(group)
         let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
@@ -47,6 +51,8 @@ extension RedisChannelLayer {
         return members.compactMap(\.text)
     }
 
+    /// Sends `message` to every member of `group`, one script per shard; members whose channel is
+    /// full are skipped and counted (``groupMembersMissed``).
     public func sendGroup(_ group: String, message: Message) async throws {
         try ChannelNames.validateGroup(group)
         guard message[asgiChannelKey] == nil else {
@@ -121,6 +127,7 @@ extension RedisChannelLayer {
 
     /// Group members this process's group sends have reached, and missed (channel full).
     public var groupMembersReached: Int { membersReached.load(ordering: .relaxed) }
+    /// Group members a group send skipped because their channel was full.
     public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
 
     /// The registration is a key that lives as long as a group member does (`group_expiry`),
@@ -139,6 +146,7 @@ extension RedisChannelLayer {
         return first || existed == 1
     }
 
+    /// The configured size limit.
     public var maxMessageSize: Int { configuration.maxMessageSize }
 
     static func unixTime() -> Double {

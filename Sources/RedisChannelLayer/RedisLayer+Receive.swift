@@ -9,6 +9,7 @@ import Synchronization
 /// Receiving: a non-blocking take first, then `BLPOP` on a dedicated connection; bundled
 /// group messages are expanded into a local backlog handed out before anything popped later.
 extension RedisChannelLayer {
+    /// The oldest message on any of `channels` (shuffled between them), waiting up to `timeout` with `BLPOP`.
     public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         guard !channels.isEmpty else { return nil }

@@ -8,6 +8,8 @@ import Synchronization
 
 /// Sending to one channel: one Lua script stores the body and appends it, checking capacity.
 extension RedisChannelLayer {
+    /// Queues `message` on `channel` (body key + list push in one script, as asgi_redis does);
+    /// throws `channelFull` at capacity.
     public func send(_ message: Message, to channel: String) async throws {
         try ChannelNames.validateChannel(channel)
         guard message[asgiChannelKey] == nil else {

@@ -9,11 +9,16 @@ public enum RedisReply: Sendable, Hashable {
     case null
     case error(String)
 
+    /// The bytes of a bulk string reply.
     public var bytes: [UInt8]? { if case .string(let b) = self { b } else { nil } }
+    /// The value of an integer reply.
     public var integer: Int64? { if case .integer(let i) = self { i } else { nil } }
+    /// The elements of an array reply.
     public var array: [RedisReply]? { if case .array(let a) = self { a } else { nil } }
+    /// The message of an error reply.
     public var errorMessage: String? { if case .error(let e) = self { e } else { nil } }
 
+    /// A bulk string or status reply as text.
     public var text: String? {
         switch self {
         case .string(let b): String(decoding: b, as: UTF8.self)

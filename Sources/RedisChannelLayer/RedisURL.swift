@@ -2,12 +2,18 @@ import ASGI
 
 /// Where one Redis server is: parsed from `redis://[[user]:password@]host[:port][/db]`.
 public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
+    /// The server's host name or address.
     public var host: String
+    /// The server's port.
     public var port: Int
+    /// The password for `AUTH`, if any.
     public var password: String?
+    /// The ACL user name for `AUTH`, if any.
     public var username: String?
+    /// The database number for `SELECT`.
     public var database: Int
 
+    /// An endpoint; the defaults are a local Redis, database 0.
     public init(host: String = "127.0.0.1", port: Int = 6379, password: String? = nil, username: String? = nil, database: Int = 0) {
         self.host = host
         self.port = port
@@ -67,5 +73,6 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
         self.init(host: host, port: port, password: password, username: username, database: database)
     }
 
+    /// The endpoint as a URL, without the password.
     public var description: String { "redis://\(host):\(port)/\(database)" }
 }

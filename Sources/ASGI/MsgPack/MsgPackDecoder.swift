@@ -7,6 +7,7 @@ public struct MsgPackDecoder: Sendable {
     /// Containers nested deeper than this are rejected.
     public var maxDepth: Int
 
+    /// A decoder that refuses nesting deeper than `maxDepth`.
     public init(maxDepth: Int = 256) {
         self.maxDepth = maxDepth
     }

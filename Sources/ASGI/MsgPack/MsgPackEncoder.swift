@@ -19,6 +19,7 @@ public enum MsgPackEncoder {
         return out
     }
 
+    /// Appends the encoding of `value` to `out`.
     public static func write(_ value: ASGIValue, into out: inout [UInt8]) {
         switch value {
         case .null: out.append(0xc0)
@@ -38,6 +39,7 @@ public enum MsgPackEncoder {
         }
     }
 
+    /// Appends a map: the header, then each key and value.
     public static func writeMap(_ map: OrderedDictionary<String, ASGIValue>, into out: inout [UInt8]) {
         writeMapHeader(count: map.count, into: &out)
         for (key, value) in map {
@@ -46,10 +48,12 @@ public enum MsgPackEncoder {
         }
     }
 
+    /// Appends a map header for `count` pairs.
     public static func writeMapHeader(count: Int, into out: inout [UInt8]) {
         writeHeader(count: count, small: (0x80, 15), family: (nil, 0xde, 0xdf), into: &out)
     }
 
+    /// Appends a string as msgpack `str`.
     public static func writeString(_ s: String, into out: inout [UInt8]) {
         var s = s
         s.withUTF8 { utf8 in
@@ -118,6 +122,7 @@ extension MsgPackEncoder {
         return size
     }
 
+    /// The exact size of `value`'s encoding, without encoding it.
     public static func encodedSize(_ value: ASGIValue) -> Int {
         switch value {
         case .null, .bool: return 1

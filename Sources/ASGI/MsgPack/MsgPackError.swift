@@ -1,7 +1,9 @@
 /// Why a byte string could not be decoded as msgpack.
 public struct MsgPackError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What is wrong with the bytes.
     public struct Code: Sendable, Hashable, CustomStringConvertible {
         let name: String
+        /// The code's name.
         public var description: String { name }
 
         /// The input ended inside a value.
@@ -24,17 +26,21 @@ public struct MsgPackError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let notAMap = Code(name: "notAMap")
     }
 
+    /// What is wrong.
     public var code: Code
     /// Offset in the input where the problem was found.
     public var offset: Int
+    /// More detail, for logs.
     public var detail: String
 
+    /// An error at byte `offset`.
     public init(_ code: Code, offset: Int, detail: String = "") {
         self.code = code
         self.offset = offset
         self.detail = detail
     }
 
+    /// The code, the offset and the detail.
     public var description: String {
         "msgpack \(code) at byte \(offset)" + (detail.isEmpty ? "" : ": \(detail)")
     }

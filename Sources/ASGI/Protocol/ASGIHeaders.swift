@@ -19,6 +19,7 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
         }
     }
 
+    /// The headers in order, names lower-cased.
     public private(set) var fields: [Field]
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.

@@ -91,6 +91,7 @@ public struct HTTPBodyChunk: ASGIMessage, Hashable {
     public var content: [UInt8]
     /// The client went away: no more chunks will come.
     public var closed: Bool
+    /// True while more body chunks follow on the body channel.
     public var moreContent: Bool
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
@@ -198,6 +199,7 @@ public enum HTTPResponseMessage: ASGIMessage, Hashable {
 public struct HTTPDisconnectMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
     public var replyChannel: String
+    /// The request's path.
     public var path: String
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.

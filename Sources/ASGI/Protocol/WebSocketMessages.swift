@@ -7,6 +7,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
     public var scheme: String
     /// Percent-decoded.
     public var path: String
+    /// The raw query string, without the `?`.
     public var queryString: [UInt8]
     /// The mount point of the application (`root_path`).
     public var rootPath: String
@@ -98,6 +99,7 @@ public enum WebSocketData: Sendable, Hashable {
 public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
     public var replyChannel: String
+    /// The socket's path.
     public var path: String
     /// 1 for the first frame, then one more per message of the socket.
     public var order: Int64
@@ -137,6 +139,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
     public var replyChannel: String
     /// The WebSocket close code.
     public var code: Int
+    /// The socket's path.
     public var path: String
     /// The socket's message number: connect is 0.
     public var order: Int64

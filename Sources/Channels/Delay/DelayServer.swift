@@ -9,30 +9,41 @@ import Synchronization
 /// `channel` when due. Malformed messages are logged, counted and dropped; a full channel at
 /// delivery time is retried a second later.
 public final class DelayServer: Sendable {
+    /// The channel delayed messages are sent to (`asgi.delay`), as in Channels.
     public static let channel = "asgi.delay"
+    /// The layer it receives `asgi.delay` from and delivers on.
     public let layer: any ChannelLayer
+    /// Where scheduled messages wait for their time.
     public let store: any DelayStore
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
     private let wake = Wakeup()
     private let counters = Mutex(Counters())
 
+    /// What the delay server has done so far.
     public struct Counters: Sendable {
+        /// Messages accepted and stored for later.
         public var scheduled = 0
+        /// Messages delivered on their channel.
         public var delivered = 0
+        /// `asgi.delay` messages without a valid channel, content or delay: logged and dropped.
         public var malformed = 0
+        /// Deliveries retried because the target channel was full.
         public var retriedFull = 0
+        /// Deliveries that failed and were stored again for another try.
         public var failed = 0
         /// Messages taken for delivery that could neither be delivered nor stored again.
         public var lost = 0
     }
 
+    /// A delay server on `layer` that keeps scheduled messages in `store`.
     public init(layer: any ChannelLayer, store: any DelayStore, logger: Logger = Logger(label: "channels.delay")) {
         self.layer = layer
         self.store = store
         self.logger = logger
     }
 
+    /// The counters so far.
     public var statistics: Counters { counters.withLock { $0 } }
 
     static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
@@ -47,6 +58,7 @@ public final class DelayServer: Sendable {
         logger.info("delay server stopped", metadata: ["delivered": "\(statistics.delivered)"])
     }
 
+    /// Asks `run()` to stop; it returns after the current step.
     public func stop() {
         stopping.store(true, ordering: .relaxed)
         wake.signal()

@@ -17,8 +17,10 @@ public protocol DelayStore: Sendable {
 public final class InMemoryDelayStore: DelayStore {
     private let entries = Mutex<[(due: Int64, entry: [UInt8])]>([])
 
+    /// An empty store.
     public init() {}
 
+    /// Keeps `entry` until `due` (milliseconds since the epoch).
     public func schedule(_ entry: [UInt8], due: Int64) async throws {
         entries.withLock { entries in
             let index = entries.firstIndex { $0.due > due } ?? entries.endIndex
@@ -26,6 +28,7 @@ public final class InMemoryDelayStore: DelayStore {
         }
     }
 
+    /// Removes and returns up to `limit` entries due at `now`, earliest first.
     public func takeDue(now: Int64, limit: Int) async throws -> [[UInt8]] {
         entries.withLock { entries in
             let count = min(limit, entries.prefix { $0.due <= now }.count)
@@ -34,5 +37,6 @@ public final class InMemoryDelayStore: DelayStore {
         }
     }
 
+    /// When the earliest entry is due, if there is one.
     public func nextDue() async throws -> Int64? { entries.withLock { $0.first?.due } }
 }

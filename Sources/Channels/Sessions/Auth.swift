@@ -6,18 +6,25 @@ import _CryptoExtras
 
 /// Who sent a message: a user loaded by id, or anonymous.
 public struct User: Sendable, Hashable, CustomStringConvertible {
+    /// The user's id, as the session stores it; empty for the anonymous user.
     public var id: String
+    /// The name shown to people.
     public var username: String
 
+    /// A user with an id and a name.
     public init(id: String, username: String) {
         self.id = id
         self.username = username
     }
 
+    /// The user of a session nobody logged in to.
     public static let anonymous = User(id: "", username: "")
 
+    /// True for a logged-in user.
     public var isAuthenticated: Bool { !id.isEmpty }
+    /// True for the anonymous user.
     public var isAnonymous: Bool { id.isEmpty }
+    /// The user name, or `anonymous`.
     public var description: String { isAuthenticated ? username : "anonymous" }
 }
 
@@ -29,7 +36,9 @@ public protocol UserProvider: Sendable {
 /// A provider from a closure.
 public struct UserLookup: UserProvider {
     let lookup: @Sendable (String) async throws -> User?
+    /// A provider that calls `lookup` for each id.
     public init(_ lookup: @escaping @Sendable (String) async throws -> User?) { self.lookup = lookup }
+    /// The user with this id, or nil.
     public func user(id: String) async throws -> User? { try await lookup(id) }
 }
 
@@ -105,8 +114,10 @@ public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consum
 /// Password hashing with PBKDF2-HMAC-SHA256, stored in Django's format
 /// `pbkdf2_sha256$<iterations>$<salt>$<base64 hash>`.
 public enum PasswordHasher {
+    /// Django 3.2's default iteration count for PBKDF2-SHA256.
     public static let defaultIterations = 260_000
 
+    /// Hashes a password with a fresh random salt, in Django's format.
     public static func hash(_ password: String, iterations: Int = defaultIterations) throws -> String {
         let salt = RandomToken.string(22, from: RandomToken.alphanumerics)
         let derived = try derive(password, salt: salt, iterations: iterations)

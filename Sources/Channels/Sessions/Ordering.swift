@@ -10,6 +10,7 @@ public final class OrderingGaps: Sendable {
     private let skippedCount = Atomic<Int>(0)
     private let watched = Mutex<Set<String>>([])
 
+    /// No gaps skipped yet.
     public init() {}
 
     /// Messages skipped so far.

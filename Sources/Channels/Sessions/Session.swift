@@ -13,18 +13,24 @@ public struct SessionSettings: Sendable {
     public var cookieName: String = "sessionid"
     /// Cookie attributes.
     public var cookiePath: String = "/"
+    /// Send the cookie over HTTPS only.
     public var cookieSecure: Bool = false
+    /// Hide the cookie from scripts.
     public var cookieHTTPOnly: Bool = true
+    /// The cookie's `SameSite` attribute.
     public var cookieSameSite: String = "Lax"
     /// How many times a save re-reads and re-applies its changes after losing a race.
     public var saveAttempts: Int = 10
 
+    /// Django's defaults.
     public init() {}
 }
 
 /// A session could not be used.
 public struct SessionError: Error, CustomStringConvertible, Sendable {
+    /// What went wrong.
     public var description: String
+    /// An error with a description.
     public init(_ description: String) { self.description = description }
 }
 
@@ -45,7 +51,9 @@ public final class Session: Sendable {
         var retiredKeys: [String] = []
     }
 
+    /// Where this session is loaded from and saved to.
     public let store: any SessionStore
+    /// Its cookie and lifetime settings.
     public let settings: SessionSettings
     private let state: Mutex<State>
     /// Called when a session without a key gets one (the HTTP session sets its cookie then).
@@ -99,6 +107,7 @@ public final class Session: Sendable {
     /// True when something was set or removed since the last save.
     public var isModified: Bool { state.withLock { !$0.changes.isEmpty || $0.cleared || !$0.retiredKeys.isEmpty } }
 
+    /// True when the session holds no data.
     public var isEmpty: Bool { data.isEmpty }
 
     /// True when the store held this session when it was loaded or last saved.
@@ -113,6 +122,7 @@ public final class Session: Sendable {
         return result
     }
 
+    /// A value by key; setting one marks the session modified (nil removes the key).
     public subscript(key: String) -> ASGIValue? {
         get { state.withLock { Self.view($0)[key] } }
         set {

@@ -5,7 +5,9 @@ import Synchronization
 /// What the session and auth wrappers need from the application: where sessions live, their
 /// settings, and how to load a user.
 public struct ConsumerEnvironment: Sendable {
+    /// Where sessions live (in memory by default; Redis with `--session-store`).
     public var sessionStore: any SessionStore
+    /// Session cookie and lifetime settings.
     public var sessionSettings: SessionSettings
     /// Loads users by id for the `...User` wrappers; without one every user is anonymous.
     public var users: (any UserProvider)?
@@ -19,6 +21,7 @@ public struct ConsumerEnvironment: Sendable {
     /// Gaps skipped by the ordering wrappers (shared by the copies of this environment).
     public var orderingGaps: OrderingGaps
 
+    /// An environment; every argument has the embedded default.
     public init(
         sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
         users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),

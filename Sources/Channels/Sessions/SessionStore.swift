@@ -23,8 +23,10 @@ public final class InMemorySessionStore: SessionStore {
 
     private let entries = Mutex<[String: Entry]>([:])
 
+    /// An empty store.
     public init() {}
 
+    /// The stored bytes, or nil when missing or expired.
     public func load(_ key: String) async throws -> [UInt8]? {
         let now = ContinuousClock.now
         return entries.withLock { entries -> [UInt8]? in
@@ -37,6 +39,7 @@ public final class InMemorySessionStore: SessionStore {
         }
     }
 
+    /// Writes only if the stored value is still `expected`; false when someone else wrote first.
     public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
         let now = ContinuousClock.now
         return entries.withLock { entries -> Bool in
@@ -48,6 +51,7 @@ public final class InMemorySessionStore: SessionStore {
         }
     }
 
+    /// Removes the session.
     public func delete(_ key: String) async throws {
         _ = entries.withLock { $0.removeValue(forKey: key) }
     }
