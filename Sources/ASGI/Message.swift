@@ -37,57 +37,50 @@ public struct Message: Sendable, Hashable {
         return value
     }
 
+    /// The value at `key` as `extract` reads it; throws when it is missing or of another type.
+    private func typed<T>(_ key: String, _ expected: String, _ extract: (ASGIValue) -> T?) throws(MessageError) -> T {
+        let value = try required(key)
+        guard let typed = extract(value) else { throw mismatch(key, expected, value) }
+        return typed
+    }
+
     private func mismatch(_ key: String, _ expected: String, _ value: ASGIValue) -> MessageError {
         MessageError(.wrongType, key: key, detail: "expected \(expected), found \(value.typeName)")
     }
 
     /// The string at `key`; throws when it is missing or not a string.
     public func string(_ key: String) throws(MessageError) -> String {
-        let value = try required(key)
-        guard let s = value.stringValue else { throw mismatch(key, "string", value) }
-        return s
+        try typed(key, "string", \.stringValue)
     }
 
     /// The bytes at `key`; throws when it is missing or not bytes.
     public func bytes(_ key: String) throws(MessageError) -> [UInt8] {
-        let value = try required(key)
-        guard let b = value.bytesValue else { throw mismatch(key, "bytes", value) }
-        return b
+        try typed(key, "bytes", \.bytesValue)
     }
 
     /// The integer at `key`; throws when it is missing or not an integer.
     public func int(_ key: String) throws(MessageError) -> Int64 {
-        let value = try required(key)
-        guard let i = value.intValue else { throw mismatch(key, "int", value) }
-        return i
+        try typed(key, "int", \.intValue)
     }
 
     /// The boolean at `key`; throws when it is missing or not a boolean.
     public func bool(_ key: String) throws(MessageError) -> Bool {
-        let value = try required(key)
-        guard let b = value.boolValue else { throw mismatch(key, "bool", value) }
-        return b
+        try typed(key, "bool", \.boolValue)
     }
 
     /// The number at `key` (an int is widened); throws when it is missing or not a number.
     public func double(_ key: String) throws(MessageError) -> Double {
-        let value = try required(key)
-        guard let d = value.doubleValue else { throw mismatch(key, "double", value) }
-        return d
+        try typed(key, "double", \.doubleValue)
     }
 
     /// The array at `key`; throws when it is missing or not an array.
     public func array(_ key: String) throws(MessageError) -> [ASGIValue] {
-        let value = try required(key)
-        guard let a = value.arrayValue else { throw mismatch(key, "array", value) }
-        return a
+        try typed(key, "array", \.arrayValue)
     }
 
     /// The map at `key`; throws when it is missing or not a map.
     public func map(_ key: String) throws(MessageError) -> OrderedDictionary<String, ASGIValue> {
-        let value = try required(key)
-        guard let m = value.mapValue else { throw mismatch(key, "map", value) }
-        return m
+        try typed(key, "map", \.mapValue)
     }
 
     /// The value at `key` unless it is missing or nil.
