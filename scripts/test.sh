@@ -29,6 +29,7 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 if ! pkg-config --exists hiredis 2>/dev/null; then missing+=(libhiredis-dev); fi
 if ! pkg-config --exists sqlite3 2>/dev/null; then missing+=(libsqlite3-dev); fi
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 # For the browser test of the example's page: headless Chromium driven by Selenium.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
@@ -54,6 +55,7 @@ export INTEROP_PYTHON="$VENV/bin/python"
 RUN_DIR=$(mktemp -d)
 REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cleanup() {
+  if [ -f "$RUN_DIR/run-sh.pid" ]; then kill "$(cat "$RUN_DIR/run-sh.pid")" 2>/dev/null || true; fi
   if [ -f "$RUN_DIR/redis.pid" ]; then kill "$(cat "$RUN_DIR/redis.pid")" 2>/dev/null || true; fi
   rm -rf "$RUN_DIR"
 }
@@ -95,6 +97,24 @@ log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and work
 "$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$CHAT" "$REDIS_URL"
 log "browser: two headless Chromium sessions chat through the example's page"
 "$INTEROP_PYTHON" Tests/browser/test_browser.py "$CHAT" "$ROOT/test-artifacts"
+log "the README's first command: scripts/run.sh serves the example on the in-memory default"
+RUN_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+CHAT_DATABASE="$RUN_DIR/run-sh.sqlite3" bash scripts/run.sh --port "$RUN_PORT" > "$RUN_DIR/run-sh.log" 2>&1 &
+echo $! > "$RUN_DIR/run-sh.pid"
+answer=""
+for _ in $(seq 1 300); do
+  answer=$(curl -sf "http://127.0.0.1:$RUN_PORT/hello/world" 2>/dev/null || true)
+  [ -n "$answer" ] && break
+  sleep 0.2
+done
+kill -TERM "$(cat "$RUN_DIR/run-sh.pid")" 2>/dev/null || true
+wait "$(cat "$RUN_DIR/run-sh.pid")" 2>/dev/null || true
+rm -f "$RUN_DIR/run-sh.pid"
+if [ "$answer" != "Hello world! You asked for /hello/world" ]; then
+  log "scripts/run.sh did not serve the example (answer: '$answer'); its output:"
+  cat "$RUN_DIR/run-sh.log"
+  exit 1
+fi
 log "docker-compose config"
 docker-compose -f docker-compose.yml config -q
 log "all tests passed"

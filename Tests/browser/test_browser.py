@@ -71,6 +71,9 @@ def main():
         drivers = [alice, bob]
         log_in(alice, url, "alice", "alice-pass")
         log_in(bob, url, "bob", "bob-pass")
+        # The room is empty (a fresh database): both pages say so.
+        for driver in (alice, bob):
+            WebDriverWait(driver, 20).until(EC.text_to_be_present_in_element((By.ID, "log"), "No messages yet"))
         text = "hello from alice at %d" % time.time_ns()
         box = alice.find_element(By.ID, "text")
         box.send_keys(text)
@@ -79,11 +82,16 @@ def main():
             WebDriverWait(driver, 20).until(EC.text_to_be_present_in_element((By.ID, "log"), text))
             messages = driver.find_elements(By.CSS_SELECTOR, "#log .msg")
             assert any(text in m.text and "alice" in m.text for m in messages), (who, [m.text for m in messages])
+            # The room's first message replaces the "empty room" notice (it used to stay beside it).
+            shown = driver.find_element(By.ID, "log").text
+            assert "No messages yet" not in shown, (who, shown)
         # A third session that joins later sees the message in the room's history.
         carol = browser()
         drivers.append(carol)
         log_in(carol, url, "carol", "carol-pass")
         WebDriverWait(carol, 20).until(EC.text_to_be_present_in_element((By.ID, "log"), text))
+        shown = carol.find_element(By.ID, "log").text
+        assert "No messages yet" not in shown and shown.count(text) == 1, shown
         for driver, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
             path = os.path.join(ARTIFACTS, "browser-%s.png" % name)
             driver.save_screenshot(path)

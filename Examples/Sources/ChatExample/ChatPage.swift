@@ -112,13 +112,17 @@ enum ChatPage {
         function esc(s) { return String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;"}[c])); }
         function color(name) { let h = 0; for (const c of name) h = (h * 31 + c.charCodeAt(0)) % 360; return "hsl(" + h + ",55%,45%)"; }
         function time(at) { return at ? new Date(at * 1000).toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"}) : ""; }
-        function system(text) {
+        function key(m) { return (m.user || "") + "|" + (m.at || "") + "|" + m.text; }
+        function system(text, id) {
           const div = document.createElement("div"); div.className = "system"; div.textContent = text;
+          if (id) div.id = id;
           log.appendChild(div); log.scrollTop = log.scrollHeight;
         }
         function message(m, mention) {
           const div = document.createElement("div");
           div.className = "msg" + (me && m.user === me ? " mine" : "") + (mention ? " mention" : "");
+          div.dataset.key = key(m);
+          const empty = $("empty"); if (empty) empty.remove();  // the room is not empty any more
           const who = m.user || "anonymous";
           div.innerHTML = '<div class="avatar" style="background:' + color(who) + '">' + esc(who[0]) + '</div>' +
             '<div class="bubble"><div class="meta"><span class="who">' + esc(who) + '</span>' + esc(time(m.at)) +
@@ -147,9 +151,15 @@ enum ChatPage {
           ws.onmessage = (event) => {
             let data; try { data = JSON.parse(event.data); } catch { data = {type: "message", user: "?", text: event.data}; }
             if (data.type === "history") {
+              // Messages that arrived before the history stay, after it, and are not shown twice.
+              const live = Array.from(log.querySelectorAll(".msg"));
+              const shown = new Set(live.map(d => d.dataset.key));
+              const past = data.messages.filter(m => !shown.has(key(m)));
               log.innerHTML = "";
-              if (data.messages.length) { system("Recent messages in #" + room); data.messages.forEach(m => message(m)); }
-              system(data.messages.length ? "— you joined —" : "No messages yet in #" + room + ". Say hello!");
+              if (past.length) { system("Recent messages in #" + room); past.forEach(m => message(m)); }
+              if (past.length || live.length) system("— you joined —");
+              else system("No messages yet in #" + room + ". Say hello!", "empty");
+              live.forEach(d => log.appendChild(d));
             } else if (data.type === "mention") {
               if (data.room !== room) message(data, true);
             } else {
