@@ -23,8 +23,8 @@ log() { printf '==> %s\n' "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 log "release build"
-swift build -c release --package-path Examples --scratch-path .build --product PeerChat >/dev/null
-APP="$(swift build -c release --package-path Examples --scratch-path .build --show-bin-path)/PeerChat"
+swift build -c release --package-path Examples --product PeerChat >/dev/null
+APP="$(swift build -c release --package-path Examples --show-bin-path)/PeerChat"
 if [ ! -x "$PEERS_STATE/venv4/bin/daphne" ]; then
   log "building the Python Channels 4 stack ($PEERS/setup_channels4.sh -> $PEERS_STATE/venv4)"
   mkdir -p "$PEERS_STATE"

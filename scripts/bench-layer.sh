@@ -11,8 +11,8 @@ PEERS="$ROOT/../shared/peers"
 if [ -n "${CHANNELS_BIN_DIR:-}" ]; then
   BENCH="$CHANNELS_BIN_DIR/ChannelsBench"
 else
-  swift build -c release --package-path Benchmarks --scratch-path .build --product ChannelsBench >/dev/null
-  BENCH="$(swift build -c release --package-path Benchmarks --scratch-path .build --show-bin-path)/ChannelsBench"
+  swift build -c release --package-path Benchmarks --product ChannelsBench >/dev/null
+  BENCH="$(swift build -c release --package-path Benchmarks --show-bin-path)/ChannelsBench"
 fi
 
 # The Python reference: the peers' venv (msgpack C extension) if built, else ours.

@@ -32,9 +32,9 @@ if [ -n "${CHANNELS_BIN_DIR:-}" ]; then
   log "measuring the binaries in $BIN"
 else
   log "release build"
-  swift build -c release --package-path Examples --scratch-path .build --product PeerChat >/dev/null
-  swift build -c release --package-path Benchmarks --scratch-path .build --product ChannelsBench >/dev/null
-  BIN="$(swift build -c release --package-path Examples --scratch-path .build --show-bin-path)"
+  swift build -c release --package-path Examples --product PeerChat >/dev/null
+  swift build -c release --package-path Benchmarks --product ChannelsBench >/dev/null
+  BIN="$(swift build -c release --package-path Examples --show-bin-path)"
 fi
 APP="$BIN/PeerChat"
 if [ ! -x "$PEERS_STATE/venv1/bin/daphne" ]; then

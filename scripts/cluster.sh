@@ -13,8 +13,8 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--workers N] [--port PORT]" >&2; exit 2 ;;
   esac
 done
-swift build -c release --package-path Examples --scratch-path .build --product chat >/dev/null
-CHAT="$(swift build -c release --package-path Examples --scratch-path .build --show-bin-path)/chat"
+swift build -c release --package-path Examples --product chat >/dev/null
+CHAT="$(swift build -c release --package-path Examples --show-bin-path)/chat"
 RUN_DIR=$(mktemp -d)
 REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \

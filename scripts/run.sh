@@ -14,4 +14,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-exec swift run --package-path Examples --scratch-path .build chat runserver "$@"
+exec swift run --package-path Examples chat runserver "$@"

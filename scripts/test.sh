@@ -75,11 +75,10 @@ log "swift format lint (.swift-format)"
 swift format lint --strict -r Sources Tests Package.swift Examples Benchmarks/Package.swift Benchmarks/Sources Benchmarks/Benchmarks
 log "documentation: every public declaration has a /// comment"
 python3 scripts/check-docs.py
-log "building (the libraries and tests; the examples and benchmarks, their own packages, in the same build folder)"
+log "building the libraries and tests, then the examples (a package of their own, in Examples/.build)"
 swift build --build-tests
-swift build --package-path Examples --scratch-path "$ROOT/.build"
-swift build --package-path Benchmarks --scratch-path "$ROOT/.build"
-CHAT="$(swift build --package-path Examples --scratch-path "$ROOT/.build" --show-bin-path)/chat"
+swift build --package-path Examples
+CHAT="$(swift build --package-path Examples --show-bin-path)/chat"
 log "swift test"
 swift test --skip-build 2>&1 | tee "$RUN_DIR/swift-test.log"
 status=${PIPESTATUS[0]}

@@ -150,4 +150,12 @@ extension Duration {
         let (s, atto) = components
         return Double(s) + Double(atto) / 1e18
     }
+
+    /// The duration in whole nanoseconds (saturating at `Int64`'s bounds).
+    public var nanoseconds: Int64 {
+        let (s, atto) = components
+        let (whole, overflow) = s.multipliedReportingOverflow(by: 1_000_000_000)
+        if overflow { return s < 0 ? .min : .max }
+        return whole.addingReportingOverflow(atto / 1_000_000_000).overflow ? .max : whole + atto / 1_000_000_000
+    }
 }

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Logging
 import Synchronization
 
@@ -129,8 +130,12 @@ public final class ConsumerContext: Sendable {
     private func send(_ message: Message, to destination: Destination) async throws {
         try await retrying(for: environment.sendRetry) {
             switch destination {
-            case .channel(let name): try await layer.send(message, to: name)
-            case .group(let name): try await layer.sendGroup(name, message: message)
+            case .channel(let name):
+                try await layer.send(message, to: name)
+                ChannelsMetrics.sent[ChannelKind(channel: name)]?.increment()
+            case .group(let name):
+                try await layer.sendGroup(name, message: message)
+                ChannelsMetrics.groupSends.increment()
             }
         }
     }

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import DequeModule
 import Logging
 import OrderedCollections
@@ -125,6 +126,7 @@ public final class Worker: Sendable {
     /// Runs the consumer for one message (public for test harnesses).
     public func dispatch(_ received: ReceivedMessage) async {
         processed.add(1, ordering: .relaxed)
+        ChannelsMetrics.received[ChannelKind(channel: received.channel)]?.increment()
         let context: ConsumerContext
         guard let (consumer, kwargs, name) = router.match(channel: received.channel, message: received.message) else {
             await unrouted(received)
@@ -136,6 +138,8 @@ public final class Worker: Sendable {
         ) { [weak self] parked in
             await self?.dispatch(parked)
         }
+        let started = ContinuousClock.now
+        defer { ChannelsMetrics.duration(route: name).recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
         do {
             try await ConsumerContext.$current.withValue(context) {
                 try await consumer(context)
@@ -148,10 +152,13 @@ public final class Worker: Sendable {
         } catch ConsumerError.consumeLater {
             await requeue(received, consumer: name)
         } catch {
+            ChannelsMetrics.consumerErrors(route: name).increment()
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
         }
         await context.flush()
-        sendsDropped.add(context.droppedSends.load(ordering: .relaxed), ordering: .relaxed)
+        let dropped = context.droppedSends.load(ordering: .relaxed)
+        sendsDropped.add(dropped, ordering: .relaxed)
+        if dropped > 0 { ChannelsMetrics.dropped[.retriesExhausted]?.increment(by: dropped) }
     }
 
     /// Buffered sends of consumers that were dropped after their retries.
@@ -167,6 +174,7 @@ public final class Worker: Sendable {
         let retries = (received.message[Self.retryKey]?.intValue ?? 0) + 1
         guard retries <= Self.maxRetries else {
             retriesDropped.add(1, ordering: .relaxed)
+            ChannelsMetrics.dropped[.retriesExhausted]?.increment()
             logger.warning(
                 "dropped a message after \(Self.maxRetries) consume-later retries",
                 metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)"])

@@ -14,18 +14,27 @@ struct RunDelay: ApplicationSubcommand {
     )
 
     @OptionGroup var options: LayerOptions
+    @OptionGroup var metrics: MetricsOptions
     @Option(name: .long, help: "The Redis sorted set that holds scheduled messages.") var delayKey = "asgi-delay:scheduled"
 
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.rundelay")
+        let metricsEndpoint = try await metrics.start(logger: logger)
         let backend = try options.makeBackend(logger: logger, allowMemory: false)
         let layer = backend.layer
         guard let first = backend.redis else { throw ValidationError("rundelay needs a Redis layer") }
         let client = RedisClient(endpoint: first)
         let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
-        await runUntilSignal(logger: logger, run: server.run, stop: server.stop)
+        metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
+        await runUntilSignal(
+            logger: logger, run: server.run,
+            stop: {
+                metricsEndpoint?.markShuttingDown()
+                server.stop()
+            })
         await client.close()
         await layer.close()
+        await metricsEndpoint?.close()
     }
 }

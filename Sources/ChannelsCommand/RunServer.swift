@@ -14,6 +14,7 @@ struct RunServer: ApplicationSubcommand {
     )
 
     @OptionGroup var options: LayerOptions
+    @OptionGroup var metrics: MetricsOptions
     @Option(name: .long, help: "Address to bind.") var bind = "127.0.0.1"
     @Option(name: .long, help: "Port to listen on.") var port = 8000
     @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
@@ -42,6 +43,7 @@ struct RunServer: ApplicationSubcommand {
 
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.runserver")
+        let metricsEndpoint = try await metrics.start(logger: logger)
         let backend = try options.makeBackend(logger: logger, allowMemory: true)
         let layer = backend.layer
         let router = try Router(app.routing())
@@ -80,7 +82,9 @@ struct RunServer: ApplicationSubcommand {
         say(
             "\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]"
         )
+        metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await Signals.wait()
+        metricsEndpoint?.markShuttingDown()
         logger.info("shutting down")
         await server.shutdown()
         worker?.stop()
@@ -88,5 +92,6 @@ struct RunServer: ApplicationSubcommand {
         await workerTask?.value
         await delayTask?.value
         await layer.close()
+        await metricsEndpoint?.close()
     }
 }

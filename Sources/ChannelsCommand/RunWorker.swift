@@ -17,8 +17,11 @@ struct RunWorker: ApplicationSubcommand {
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
     @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
 
+    @OptionGroup var metrics: MetricsOptions
+
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.runworker")
+        let metricsEndpoint = try await metrics.start(logger: logger)
         let backend = try options.makeBackend(logger: logger, allowMemory: false)
         let layer = backend.layer
         let router = try Router(app.routing())
@@ -26,7 +29,14 @@ struct RunWorker: ApplicationSubcommand {
             router: router, layer: layer, concurrency: threads, only: onlyChannels,
             exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend, app: app), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
-        await runUntilSignal(logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run, stop: worker.stop)
+        metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
+        await runUntilSignal(
+            logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run,
+            stop: {
+                metricsEndpoint?.markShuttingDown()
+                worker.stop()
+            })
         await layer.close()
+        await metricsEndpoint?.close()
     }
 }

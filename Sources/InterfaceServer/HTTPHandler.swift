@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -22,6 +23,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var started = NIODeadline.now()
     private var timeout: Scheduled<Void>?
     private var keepAlive = true
+    /// Whether a dispatched request is waiting for its response (for the in-flight gauge).
+    private var inFlight = false
     private var clientAddress = "-"
     private var headersTooLarge = false
     /// This connection's messages to the layer; a full `http.request` is retried for a bounded
@@ -61,6 +64,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if body == nil { body = chunk } else { body!.writeBuffer(&chunk) }
         case .end:
             guard let head else { return }
+            ServerMetrics.httpRequests.increment()
+            if headersTooLarge || bodyTooLarge { ServerMetrics.dropped[.tooLarge]?.increment() }
             if upgrade.rejected {
                 upgrade.rejected = false
                 respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
@@ -113,6 +118,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         timeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.httpTimeout.seconds * 1e9))) {
             handler.value.timedOut(context: boundContext.value)
         }
+        inFlight = true
+        ServerMetrics.httpInFlight.increment()
         let sender = connectionSender(context: context)
         sender.resume()
         sender.send(request.message, to: ASGIChannel.httpRequest)
@@ -215,6 +222,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     /// Forgets the request in flight and writes its access-log line.
     private func finishRequest() {
+        leaveFlight()
         if let replyChannel { server.router.unregister(replyChannel) }
         replyChannel = nil
         timeout?.cancel()
@@ -246,7 +254,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
+    /// The request in flight (if any) is no longer: answered, timed out or abandoned.
+    private func leaveFlight() {
+        guard inFlight else { return }
+        inFlight = false
+        ServerMetrics.httpInFlight.decrement()
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
+        leaveFlight()
         if let replyChannel, let head {
             // The client left before its response finished.
             let path = PercentCoding.splitTarget(head.uri).path

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import DequeModule
 import Logging
 import NIOCore
@@ -53,6 +54,7 @@ final class LayerSender {
     func send(_ message: Message, to channel: String) {
         guard !gaveUp else {
             server.counters.count(.heldDropped)
+            ServerMetrics.dropped[.retriesExhausted]?.increment()
             return
         }
         queue.append((message, channel))
@@ -86,6 +88,7 @@ final class LayerSender {
             failingSince = nil
             pause = .milliseconds(25)
             let sent = queue.removeFirst()
+            ServerMetrics.sent[ChannelKind(channel: sent.channel)]?.increment()
             onSent?(sent.channel)
         case .failure(let error):
             let code = (error as? ChannelLayerError)?.code
@@ -97,6 +100,7 @@ final class LayerSender {
                 // Not worth another try (too large, invalid, the layer closed): this one is lost.
                 let dropped = queue.removeFirst()
                 server.counters.count(.heldDropped)
+                ServerMetrics.dropped[code == .messageTooLarge ? .tooLarge : .malformed]?.increment()
                 server.logger.warning(
                     "dropped a message the layer refused",
                     metadata: [
@@ -121,6 +125,7 @@ final class LayerSender {
         if now - failingSince! >= TimeAmount(limit) {
             gaveUp = true
             server.counters.count(.heldDropped, by: queue.count)
+            ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: queue.count)
             queue.removeAll()
             updateReading()
             onGiveUp?(full ? .full : .unavailable)

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Logging
 import Synchronization
 
@@ -45,10 +46,12 @@ final class ReplyRouter: Sendable {
 
     /// Hands a reply to the connection that holds `channel`; counts it when none does.
     func deliver(_ message: Message, to channel: String) {
+        ServerMetrics.received[.process]?.increment()
         if let handler = handlers.withLock({ $0[channel] }) {
             handler(message)
         } else {
             unroutable.add(1, ordering: .relaxed)
+            ServerMetrics.dropped[.unroutableReply]?.increment()
             logger.debug("reply for a connection that is gone", metadata: ["channel": "\(channel)"])
         }
     }

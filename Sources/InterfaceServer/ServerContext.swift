@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Foundation
 import Logging
 import NIOCore
@@ -31,10 +32,11 @@ final class ServerContext: Sendable {
 
     func trackSocket(_ id: ObjectIdentifier, closer: @escaping @Sendable (UInt16) -> Void) {
         openSockets.withLock { $0[id] = closer }
+        ServerMetrics.websocketsOpen.increment()
     }
 
     func untrackSocket(_ id: ObjectIdentifier) {
-        _ = openSockets.withLock { $0.removeValue(forKey: id) }
+        if openSockets.withLock({ $0.removeValue(forKey: id) }) != nil { ServerMetrics.websocketsOpen.decrement() }
     }
 
     /// Closes every open WebSocket with `code` (1001 on shutdown).

@@ -43,6 +43,7 @@ final class ServerCounters: Sendable {
     func count(_ counter: Counter, by amount: Int = 1) {
         guard amount > 0 else { return }
         values.withLock { $0[counter.rawValue] += amount }
+        ServerMetrics.record(counter, by: amount)
     }
 
     subscript(_ counter: Counter) -> Int { values.withLock { $0[counter.rawValue] } }

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -354,12 +355,15 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
         // Oversize frames and protocol errors from the frame decoder: close with 1009 / 1002 and
         // tell the application that code (not the 1006 of a dropped connection).
         if let wsError = error as? NIOWebSocketError {
+            if wsError == .invalidFrameLength { ServerMetrics.dropped[.tooLarge]?.increment() }
             session.close(code: wsError == .invalidFrameLength ? 1009 : 1002)
         } else if let aggregation = error as? NIOWebSocketFrameAggregator.Error {
             // The aggregator refused a fragmented message: too big (1009) or fragments out of
             // order (a protocol error, 1002).
             switch aggregation {
-            case .accumulatedFrameSizeIsTooLarge, .tooManyFragments: session.close(code: 1009)
+            case .accumulatedFrameSizeIsTooLarge, .tooManyFragments:
+                ServerMetrics.dropped[.tooLarge]?.increment()
+                session.close(code: 1009)
             default: session.close(code: 1002)
             }
         } else {

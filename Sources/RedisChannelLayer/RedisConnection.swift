@@ -1,5 +1,6 @@
 import ASGI
 import CHiredis
+import CoreMetrics
 import DequeModule
 import NIOCore
 import NIOPosix
@@ -16,11 +17,13 @@ final class RedisConnection: Sendable {
     let endpoint: RedisEndpoint
     private let channel: any Channel
     private let commandTimeout: Duration
+    private let metrics: RedisMetrics
 
-    private init(endpoint: RedisEndpoint, channel: any Channel, commandTimeout: Duration) {
+    private init(endpoint: RedisEndpoint, channel: any Channel, commandTimeout: Duration, metrics: RedisMetrics) {
         self.endpoint = endpoint
         self.channel = channel
         self.commandTimeout = commandTimeout
+        self.metrics = metrics
     }
 
     var isActive: Bool { channel.isActive }
@@ -31,7 +34,7 @@ final class RedisConnection: Sendable {
     /// Connects, authenticates and selects the database.
     static func connect(
         to endpoint: RedisEndpoint, on eventLoop: any EventLoop, connectTimeout: Duration,
-        commandTimeout: Duration
+        commandTimeout: Duration, metrics: RedisMetrics? = nil
     ) async throws(ChannelLayerError) -> RedisConnection {
         let channel: any Channel
         do {
@@ -49,7 +52,8 @@ final class RedisConnection: Sendable {
         } catch {
             throw ChannelLayerError(.connectionLost, "cannot connect to \(endpoint): \(error)")
         }
-        let connection = RedisConnection(endpoint: endpoint, channel: channel, commandTimeout: commandTimeout)
+        let connection = RedisConnection(
+            endpoint: endpoint, channel: channel, commandTimeout: commandTimeout, metrics: metrics ?? RedisMetrics(endpoint: endpoint))
         var setup: [[[UInt8]]] = []
         if let password = endpoint.password {
             var args: [[UInt8]] = [Array("AUTH".utf8)]
@@ -81,12 +85,17 @@ final class RedisConnection: Sendable {
         written.futureResult.whenFailure { error in
             promise.fail(ChannelLayerError(.connectionLost, "Redis at \(self.endpoint): write failed: \(error)"))
         }
+        let started = wait == .zero ? ContinuousClock.now : nil
         channel.writeAndFlush(request, promise: written)
         do {
-            return try await promise.futureResult.get()
+            let replies = try await promise.futureResult.get()
+            if let started { metrics.roundTrip.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
+            return replies
         } catch let error as ChannelLayerError {
+            metrics.connectionErrors.increment()
             throw error
         } catch {
+            metrics.connectionErrors.increment()
             throw ChannelLayerError(.connectionLost, "Redis at \(endpoint): \(error)")
         }
     }

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -17,12 +18,15 @@ final class RedisConnections: Sendable {
     private let maxIdle: Int
     private let state = Mutex(State())
     private let opened = Atomic<Int>(0)
+    private let metrics: RedisMetrics
 
     private struct State {
         var shared: RedisConnection?
         var connecting: EventLoopFuture<RedisConnection>?
         var idle: [RedisConnection] = []
         var closed = false
+        /// Whether a shared connection was ever opened (the next one is a reconnect).
+        var everShared = false
     }
 
     init(
@@ -34,6 +38,7 @@ final class RedisConnections: Sendable {
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
         self.maxIdle = maxIdle
+        self.metrics = RedisMetrics(endpoint: endpoint)
     }
 
     /// Connections opened so far (for tests that check nothing leaks).
@@ -44,7 +49,7 @@ final class RedisConnections: Sendable {
     private func open() async throws(ChannelLayerError) -> RedisConnection {
         let connection = try await RedisConnection.connect(
             to: endpoint, on: group.next(), connectTimeout: connectTimeout,
-            commandTimeout: commandTimeout)
+            commandTimeout: commandTimeout, metrics: metrics)
         opened.add(1, ordering: .relaxed)
         return connection
     }
@@ -65,6 +70,8 @@ final class RedisConnections: Sendable {
                     state.connecting = nil
                     guard case .success(let connection) = result else { return nil }
                     if state.closed { return connection }
+                    if state.everShared { self.metrics.reconnects.increment() }
+                    state.everShared = true
                     state.shared = connection
                     return nil
                 }

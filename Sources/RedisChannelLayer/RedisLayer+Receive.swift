@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import DequeModule
 import Logging
 import NIOCore
@@ -287,6 +288,7 @@ extension RedisChannelLayer {
             }
         } catch {
             malformedDropped.add(1, ordering: .relaxed)
+            RedisMetrics.malformed.increment()
             logger.warning(
                 "dropped a message that is not valid msgpack",
                 metadata: [

@@ -651,4 +651,101 @@ def sigterm_gives_a_stuck_consumer_a_bounded_grace():
         app.flush()
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Operations: metrics, health and readiness on a port of their own.
+
+def scrape(port):
+    """The Prometheus text of /metrics as {'name{labels}': value}."""
+    status, body = get(port, "/metrics")
+    assert status == 200, status
+    values = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def delta(before, after, key):
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def until(check, what, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for " + what)
+
+
+@test
+def metrics_port_counts_traffic_and_drops():
+    mport = free_port()
+    proc, port = server("--metrics-port", str(mport), "--max-body-size", "1000")
+    try:
+        assert get(mport, "/healthz") == (200, b"ok\n")
+        until(lambda: get(mport, "/readyz")[0] == 200, "/readyz 200")
+        assert get(mport, "/nowhere")[0] == 404
+        before = scrape(mport)
+        for i in range(5):
+            assert get(port, "/hello/m%d" % i)[0] == 200
+        assert get(port, "/poll/", method="POST", body=b"x" * 2000)[0] == 413
+
+        async def sockets():
+            conns = [await websockets.connect("ws://127.0.0.1:%d/echo/" % port) for _ in range(3)]
+            for i, ws in enumerate(conns):
+                await ws.send("m%d" % i)
+                assert await asyncio.wait_for(ws.recv(), 10) == "m%d" % i
+            open_now = scrape(mport).get("channels_websockets_open")
+            for ws in conns:
+                await ws.close()
+            return open_now
+        assert asyncio.run(sockets()) == 3
+        until(lambda: scrape(mport).get("channels_websockets_open") == 0, "the sockets to be counted closed")
+        after = scrape(mport)
+        expect = {
+            "channels_http_requests_total": 6,
+            'channels_messages_sent_total{kind="http"}': 5,
+            'channels_messages_received_total{kind="http"}': 5,
+            'channels_dropped_total{reason="too_large"}': 1,
+        }
+        for key, want in expect.items():
+            assert delta(before, after, key) == want, (key, delta(before, after, key), want)
+        # Three connects, three receives, three disconnects: sent by the server, received by the workers.
+        until(lambda: delta(before, scrape(mport), 'channels_messages_received_total{kind="websocket"}') == 9,
+              "the workers to receive 9 websocket messages")
+        after = scrape(mport)
+        assert delta(before, after, 'channels_messages_sent_total{kind="websocket"}') == 9, after
+        # Replies on the process channel: 5 responses, 3 accepts, 3 echoes at least.
+        assert delta(before, after, 'channels_messages_received_total{kind="process"}') >= 11, after
+        assert after.get("channels_http_requests_in_flight") == 0, after
+        durations = sum(delta(before, after, k) for k in after if k.startswith("channels_consumer_duration_seconds_count"))
+        assert durations >= 11, durations
+        assert all("/hello/m" not in k and "!" not in k for k in after), "a raw path or channel name as a label"
+    finally:
+        assert proc.stop() == 0
+
+
+@test
+def readyz_follows_the_layer_and_runworker_serves_metrics():
+    with own_redis() as (rport, workdir, url):
+        mport = free_port()
+        worker = Proc("runworker", "--layer", url, "--metrics-port", str(mport))
+        try:
+            worker.wait_line("worker ready")
+            assert get(mport, "/healthz")[0] == 200
+            until(lambda: get(mport, "/readyz")[0] == 200, "/readyz 200 with Redis up")
+            assert "channels_redis_round_trip_seconds_count" in get(mport, "/metrics")[1].decode()
+            kill_redis(workdir)
+            until(lambda: get(mport, "/readyz")[0] == 503, "/readyz 503 with Redis gone")
+            assert get(mport, "/healthz")[0] == 200, "alive while the layer is down"
+            start_redis(rport, workdir)
+            until(lambda: get(mport, "/readyz")[0] == 200, "/readyz 200 again", timeout=20)
+            reconnects = [v for k, v in scrape(mport).items() if k.startswith("channels_redis_reconnects_total")]
+            assert reconnects and max(reconnects) >= 1, reconnects
+        finally:
+            assert worker.stop() == 0
+
 summary()

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Foundation
 import Logging
 import OrderedCollections
@@ -88,6 +89,7 @@ public final class DelayServer: Sendable {
             let delay = message["delay"]?.doubleValue, delay.isFinite, delay >= 0, delay <= 366 * 86_400_000
         else {
             counters.withLock { $0.malformed += 1 }
+            ChannelsMetrics.dropped[.malformed]?.increment()
             logger.warning(
                 "dropped a malformed delay message: it needs channel (a valid name), content (a map) and delay (ms >= 0)",
                 metadata: ["message": "\(String(describing: message).prefix(200))"])
@@ -96,6 +98,7 @@ public final class DelayServer: Sendable {
         let entry = MsgPackEncoder.encode(["channel": .string(channel), "content": .map(content)] as ASGIValue)
         try await store.schedule(entry, due: Self.nowMillis() + Int64(delay))
         counters.withLock { $0.scheduled += 1 }
+        ChannelsMetrics.delayScheduled.increment()
         wake.signal()
     }
 
@@ -136,8 +139,10 @@ public final class DelayServer: Sendable {
         do {
             try await layer.send(Message(content), to: channel)
             counters.withLock { $0.delivered += 1 }
+            ChannelsMetrics.delayDelivered.increment()
         } catch let error as ChannelLayerError where error.code == .channelFull {
             counters.withLock { $0.retriedFull += 1 }
+            ChannelsMetrics.delayRetried.increment()
             logger.info("channel full at delivery; retrying in 1 s", metadata: ["channel": "\(channel)"])
             await reschedule(entry, channel: channel)
         } catch {

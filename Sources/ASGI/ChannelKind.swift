@@ -1,0 +1,60 @@
+import CoreMetrics
+
+/// What a channel is for, as metrics label it: a small fixed set, never a raw channel name
+/// (names carry random parts and would make a label per socket).
+public enum ChannelKind: String, Sendable, CaseIterable {
+    /// `http.request`, `http.request.body?...`, `http.disconnect`.
+    case http
+    /// `websocket.connect`, `websocket.receive`, `websocket.disconnect`.
+    case websocket
+    /// Process-specific channels (with `!`): replies to a server, `websocket.send!...`.
+    case process
+    /// The application's own channels (`chat-messages`, `asgi.delay`, ...).
+    case custom
+
+    /// The kind of `channel`.
+    public init(channel: String) {
+        if ChannelNames.isProcessSpecific(channel) {
+            self = .process
+        } else if channel.hasPrefix("http.") {
+            self = .http
+        } else if channel.hasPrefix("websocket.") {
+            self = .websocket
+        } else {
+            self = .custom
+        }
+    }
+}
+
+/// Why a message was dropped, as the `reason` label of `channels_dropped_total`.
+public enum DropReason: String, Sendable, CaseIterable {
+    /// The channel stayed full for the whole retry bound.
+    case channelFull = "channel_full"
+    /// The message expired in the layer before anyone received it.
+    case expired
+    /// The message could not be read (not msgpack, a reply without a status, a bad close code).
+    case malformed
+    /// Over a size limit (a request body, a WebSocket message, a layer message).
+    case tooLarge = "too_large"
+    /// A reply for a connection this server no longer has.
+    case unroutableReply = "unroutable_reply"
+    /// A WebSocket client that did not read what it was sent.
+    case slowClient = "slow_client"
+    /// A send that still failed after its retries (the layer unreachable, a full channel).
+    case retriesExhausted = "retries_exhausted"
+}
+
+extension ChannelKind {
+    /// One counter per kind, labelled `kind`.
+    public static func counters(_ label: String) -> [ChannelKind: Counter] {
+        Dictionary(uniqueKeysWithValues: allCases.map { ($0, Counter(label: label, dimensions: [("kind", $0.rawValue)])) })
+    }
+}
+
+extension DropReason {
+    /// `channels_dropped_total`, one counter per reason.
+    public static func counters() -> [DropReason: Counter] {
+        Dictionary(
+            uniqueKeysWithValues: allCases.map { ($0, Counter(label: "channels_dropped_total", dimensions: [("reason", $0.rawValue)])) })
+    }
+}

@@ -1,0 +1,167 @@
+import ASGI
+import ArgumentParser
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import Synchronization
+
+/// `--metrics-port` / `--metrics-bind`, shared by `runserver`, `runworker` and `rundelay`.
+struct MetricsOptions: ParsableArguments {
+    @Option(name: .long, help: "Serve /metrics (Prometheus), /healthz and /readyz on this port, apart from the public one.")
+    var metricsPort: Int?
+    @Option(name: .long, help: "Address the metrics port binds to.") var metricsBind = "127.0.0.1"
+
+    /// With `--metrics-port`: makes Prometheus the process's metrics backend and starts the
+    /// listener. Call before anything creates a metric (before the layer).
+    func start(logger: Logger) async throws -> MetricsEndpoint? {
+        guard let metricsPort else { return nil }
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2),
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10),
+        ]
+        MetricsSystem.bootstrap(factory)
+        let endpoint = try await MetricsEndpoint.start(registry: registry, host: metricsBind, port: metricsPort)
+        logger.info("metrics listening", metadata: ["address": "\(metricsBind):\(endpoint.port)"])
+        say("metrics: http://\(metricsBind):\(endpoint.port)/metrics (/healthz, /readyz)")
+        return endpoint
+    }
+}
+
+/// A small HTTP listener of its own for operators: `/metrics` (the Prometheus text format),
+/// `/healthz` (200 while the process runs) and `/readyz` (200 while the layer answers and the
+/// process is not shutting down, 503 otherwise).
+final class MetricsEndpoint: Sendable {
+    let registry: PrometheusCollectorRegistry
+    private let state = Mutex<State>(State())
+    private let channel = Mutex<(any Channel)?>(nil)
+
+    private struct State {
+        var readiness: (@Sendable () async -> Bool)?
+        var shuttingDown = false
+    }
+
+    private init(registry: PrometheusCollectorRegistry) {
+        self.registry = registry
+    }
+
+    /// The port it listens on (the one asked for, or the one picked for 0).
+    var port: Int { channel.withLock { $0?.localAddress?.port ?? 0 } }
+
+    static func start(registry: PrometheusCollectorRegistry, host: String, port: Int) async throws -> MetricsEndpoint {
+        let endpoint = MetricsEndpoint(registry: registry)
+        let bound = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(endpoint: endpoint))
+                }
+            }
+            .bind(host: host, port: port).get()
+        endpoint.channel.withLock { $0 = bound }
+        return endpoint
+    }
+
+    /// What `/readyz` asks (besides "not shutting down"); 503 until it is set.
+    func setReadiness(_ check: @escaping @Sendable () async -> Bool) {
+        state.withLock { $0.readiness = check }
+    }
+
+    /// From now on `/readyz` answers 503, so load balancers stop sending work here.
+    func markShuttingDown() {
+        state.withLock { $0.shuttingDown = true }
+    }
+
+    func ready() async -> Bool {
+        let (check, stopping) = state.withLock { ($0.readiness, $0.shuttingDown) }
+        guard !stopping, let check else { return false }
+        return await check()
+    }
+
+    func close() async {
+        let bound = channel.withLock { $0 }
+        try? await bound?.close()
+    }
+
+    /// True when the layer answers a statistics call within `timeout`: a round trip to every
+    /// Redis shard, nothing for the in-memory layer. A layer that hangs counts as not ready.
+    static func layerAnswers(_ layer: any ChannelLayer, timeout: Duration = .seconds(2)) async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let resumed = Mutex(false)
+            let resume: @Sendable (Bool) -> Void = { value in
+                let first = resumed.withLock { done -> Bool in
+                    defer { done = true }
+                    return !done
+                }
+                if first { continuation.resume(returning: value) }
+            }
+            Task { resume((try? await layer.globalStatistics()) != nil) }
+            Task {
+                try? await Task.sleep(for: timeout)
+                resume(false)
+            }
+        }
+    }
+}
+
+/// One request at a time per connection: GET the three paths, 404 for anything else.
+final class MetricsHTTPHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let endpoint: MetricsEndpoint
+    private var path = ""
+    private var keepAlive = true
+
+    init(endpoint: MetricsEndpoint) {
+        self.endpoint = endpoint
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
+            keepAlive = head.isKeepAlive
+        case .body:
+            break
+        case .end:
+            switch path {
+            case "/metrics":
+                respond(context: context, status: .ok, type: "text/plain; version=0.0.4; charset=utf-8", endpoint.registry.emitToBuffer())
+            case "/healthz":
+                respond(context: context, status: .ok, type: "text/plain; charset=utf-8", Array("ok\n".utf8))
+            case "/readyz":
+                let endpoint = self.endpoint
+                let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+                context.eventLoop.makeFutureWithTask { await endpoint.ready() }.whenSuccess { ready in
+                    let (handler, context) = bound.value
+                    handler.respond(
+                        context: context, status: ready ? .ok : .serviceUnavailable, type: "text/plain; charset=utf-8",
+                        Array((ready ? "ready\n" : "not ready\n").utf8))
+                }
+            default:
+                respond(context: context, status: .notFound, type: "text/plain; charset=utf-8", Array("not found\n".utf8))
+            }
+        }
+    }
+
+    private func respond(context: ChannelHandlerContext, status: HTTPResponseStatus, type: String, _ body: [UInt8]) {
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: type)
+        headers.add(name: "content-length", value: String(body.count))
+        if !keepAlive { headers.add(name: "connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+        let channel = context.channel
+        let close = !keepAlive
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            if close { channel.close(promise: nil) }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+import ASGI
+import CoreMetrics
+
+/// The interface server's metrics, on swift-metrics: exported by whatever backend the process
+/// bootstrapped (Prometheus with `--metrics-port`), free when there is none. Labels are
+/// bounded: channel kinds and drop reasons, never names or paths.
+enum ServerMetrics {
+    static let httpRequests = Counter(label: "channels_http_requests_total")
+    static let httpInFlight = Meter(label: "channels_http_requests_in_flight")
+    static let websocketsOpen = Meter(label: "channels_websockets_open")
+    static let sent = ChannelKind.counters("channels_messages_sent_total")
+    static let received = ChannelKind.counters("channels_messages_received_total")
+    static let dropped = DropReason.counters()
+
+    /// The drop (if it is one) behind a server counter. Messages a sender gives up on are
+    /// counted by the sender itself, with the reason it knows (full or unreachable).
+    static func record(_ counter: ServerCounters.Counter, by amount: Int) {
+        let reason: DropReason? =
+            switch counter {
+            case .closedSlowClient: .slowClient
+            case .malformedReplies: .malformed
+            default: nil
+            }
+        if let reason { dropped[reason]?.increment(by: amount) }
+    }
+}

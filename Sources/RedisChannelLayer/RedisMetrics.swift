@@ -1,0 +1,24 @@
+import ASGI
+import CoreMetrics
+
+/// The Redis layer's metrics, per shard (labelled `host:port/db`: as many values as configured
+/// servers), on swift-metrics.
+struct RedisMetrics: Sendable {
+    /// `channels_redis_round_trip_seconds{shard}`: one pipelined request, written to answered
+    /// (blocking receives are not timed: their wait is not a round trip).
+    let roundTrip: Timer
+    /// `channels_redis_reconnects_total{shard}`: the shared connection opened again after it died.
+    let reconnects: Counter
+    /// `channels_layer_errors_total{code="connection_lost"}`: requests that failed with the connection.
+    let connectionErrors: Counter
+
+    /// `channels_dropped_total{reason="malformed"}`: bodies that are not valid msgpack.
+    static let malformed = Counter(label: "channels_dropped_total", dimensions: [("reason", DropReason.malformed.rawValue)])
+
+    init(endpoint: RedisEndpoint) {
+        let shard = [("shard", "\(endpoint.host):\(endpoint.port)/\(endpoint.database)")]
+        roundTrip = Timer(label: "channels_redis_round_trip_seconds", dimensions: shard)
+        reconnects = Counter(label: "channels_redis_reconnects_total", dimensions: shard)
+        connectionErrors = Counter(label: "channels_layer_errors_total", dimensions: [("code", "connection_lost")])
+    }
+}
