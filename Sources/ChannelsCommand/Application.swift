@@ -171,6 +171,6 @@ enum Signals {
 
 extension Duration {
     init(secondsValue: Double) {
-        self = .nanoseconds(Int64(secondsValue * 1e9))
+        self = .nanoseconds(Int64((secondsValue * 1e9).rounded()))
     }
 }

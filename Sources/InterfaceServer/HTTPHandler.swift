@@ -115,7 +115,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         server.router.register(reply) { response in
             loop.execute { handler.value.handleReply(response, context: boundContext.value) }
         }
-        timeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.httpTimeout.seconds * 1e9))) {
+        timeout = loop.scheduleTask(in: TimeAmount(server.configuration.httpTimeout)) {
             handler.value.timedOut(context: boundContext.value)
         }
         inFlight = true

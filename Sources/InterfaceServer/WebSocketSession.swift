@@ -95,7 +95,7 @@ final class WebSocketSession {
         server.router.register(replyChannel) { reply in
             loop.execute { bound.value.handleReply(reply) }
         }
-        connectTimeout = loop.scheduleTask(in: .nanoseconds(Int64(server.configuration.websocketConnectTimeout.seconds * 1e9))) {
+        connectTimeout = loop.scheduleTask(in: TimeAmount(server.configuration.websocketConnectTimeout)) {
             bound.value.reject(reason: "timeout")
         }
         let query = PercentCoding.splitTarget(head.uri).query
@@ -139,13 +139,12 @@ final class WebSocketSession {
             bound.eventLoop.execute { bound.value.close(code: code) }
         }
         if let life = server.configuration.websocketTimeout {
-            lifetime = context.eventLoop.scheduleTask(in: .nanoseconds(Int64(life.seconds * 1e9))) {
+            lifetime = context.eventLoop.scheduleTask(in: TimeAmount(life)) {
                 bound.value.close(code: 1000)
             }
         }
         if let interval = server.configuration.pingInterval {
-            let nanos = Int64(interval.seconds * 1e9)
-            pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(nanos), delay: .nanoseconds(nanos)) { _ in
+            pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: TimeAmount(interval), delay: TimeAmount(interval)) { _ in
                 bound.value.ping()
             }
         }
@@ -156,7 +155,7 @@ final class WebSocketSession {
 
     private func ping() {
         guard let context, case .open = state else { return }
-        if awaitingPong, NIODeadline.now() - lastPong > .nanoseconds(Int64(server.configuration.pingTimeout.seconds * 1e9)) {
+        if awaitingPong, NIODeadline.now() - lastPong > TimeAmount(server.configuration.pingTimeout) {
             close(code: 1011)
             return
         }

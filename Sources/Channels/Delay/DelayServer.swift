@@ -168,14 +168,14 @@ extension Channel {
     /// Sends `message` to this channel after `delay`, through the delay server (`rundelay`, or
     /// the one `runserver` runs in process on the in-memory layer).
     public func send(_ message: Message, delay: Duration, immediately: Bool = false) async throws {
-        let millis = delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000
+        let millis = delay.nanoseconds / 1_000_000
         try ChannelNames.validateChannel(name)
         try await Channel(DelayServer.channel).send(Self.delayEnvelope(message, to: name, millis: millis), immediately: immediately)
     }
 
     /// The same, outside a consumer.
     public func send(_ message: Message, delay: Duration, on layer: any ChannelLayer) async throws {
-        let millis = delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000
+        let millis = delay.nanoseconds / 1_000_000
         try ChannelNames.validateChannel(name)
         try await layer.send(Self.delayEnvelope(message, to: name, millis: millis), to: DelayServer.channel)
     }
