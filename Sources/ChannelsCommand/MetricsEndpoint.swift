@@ -92,21 +92,7 @@ final class MetricsEndpoint: Sendable {
     /// True when the layer answers a statistics call within `timeout`: a round trip to every
     /// Redis shard, nothing for the in-memory layer. A layer that hangs counts as not ready.
     static func layerAnswers(_ layer: any ChannelLayer, timeout: Duration = .seconds(2)) async -> Bool {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            let resumed = Mutex(false)
-            let resume: @Sendable (Bool) -> Void = { value in
-                let first = resumed.withLock { done -> Bool in
-                    defer { done = true }
-                    return !done
-                }
-                if first { continuation.resume(returning: value) }
-            }
-            Task { resume((try? await layer.globalStatistics()) != nil) }
-            Task {
-                try? await Task.sleep(for: timeout)
-                resume(false)
-            }
-        }
+        await racingTimeout(timeout, fallback: false) { (try? await layer.globalStatistics()) != nil }
     }
 }
 

@@ -15,25 +15,35 @@ func runUntilSignal(
     await Signals.wait()
     logger.info("stopping: finishing what is in hand", metadata: ["grace_s": "\(grace.seconds)"])
     stop()
-    // A race between the work and a timer; whichever ends first resumes us (the other is left
-    // behind: the process is about to exit).
-    let finished = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+    // The process is about to exit: work still running after the grace is left behind.
+    let finished = await racingTimeout(grace, fallback: false) {
+        await task.value
+        return true
+    }
+    if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
+}
+
+/// What `work` returns, or `fallback` when `timeout` ends first. The loser is not waited for
+/// (work that ignores cancellation, a connect to a dead Redis, must not hold the caller).
+func racingTimeout<T: Sendable>(_ timeout: Duration, fallback: T, _ work: @escaping @Sendable () async -> T) async -> T {
+    await withCheckedContinuation { (continuation: CheckedContinuation<T, Never>) in
         let resumed = Mutex(false)
-        let resume: @Sendable (Bool) -> Void = { value in
+        let resume: @Sendable (T) -> Void = { value in
             let first = resumed.withLock { done -> Bool in
                 defer { done = true }
                 return !done
             }
             if first { continuation.resume(returning: value) }
         }
-        Task {
-            await task.value; resume(true)
+        let timer = Task {
+            try? await Task.sleep(for: timeout)
+            resume(fallback)
         }
         Task {
-            try? await Task.sleep(for: grace); resume(false)
+            resume(await work())
+            timer.cancel()
         }
     }
-    if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
 }
 
 /// A line on standard output, written at once (not held in a buffer when stdout is a pipe).
