@@ -724,6 +724,20 @@ def metrics_port_counts_traffic_and_drops():
         durations = sum(delta(before, after, k) for k in after if k.startswith("channels_consumer_duration_seconds_count"))
         assert durations >= 11, durations
         assert all("/hello/m" not in k and "!" not in k for k in after), "a raw path or channel name as a label"
+
+        # A room message (a group send) and a delayed one (through the in-process delay server).
+        async def room():
+            ws, _ = await join(port, "metricsroom")
+            await ws.send("hello room")
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["text"] == "hello room"
+            await ws.send("/later 1 later room")
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["text"] == "later room"
+            await ws.close()
+        asyncio.run(room())
+        final = scrape(mport)
+        assert delta(after, final, "channels_delay_scheduled_total") == 1, final
+        assert delta(after, final, "channels_delay_delivered_total") == 1, final
+        assert delta(after, final, "channels_group_sends_total") >= 2, final
     finally:
         assert proc.stop() == 0
 
