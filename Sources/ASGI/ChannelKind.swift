@@ -34,6 +34,8 @@ public enum DropReason: String, Sendable, CaseIterable {
     case expired
     /// The message could not be read (not msgpack, a reply without a status, a bad close code).
     case malformed
+    /// Encrypted with a key the layer does not have, expired, or altered (Redis layer encryption).
+    case undecryptable
     /// Over a size limit (a request body, a WebSocket message, a layer message).
     case tooLarge = "too_large"
     /// A reply for a connection this server no longer has.

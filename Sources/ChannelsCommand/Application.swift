@@ -80,7 +80,12 @@ struct ApplicationCommand: AsyncParsableCommand {
 
 /// Options every command shares.
 struct LayerOptions: ParsableArguments {
-    @Option(name: .long, help: "Channel layer: redis://host:port/db (comma-separated for shards). None = in-memory.")
+    @Option(
+        name: .long,
+        help: """
+            Channel layer: redis://, rediss:// (TLS), unix:// or redis+sentinel:// URLs, comma-separated for shards. \
+            None = in-memory.
+            """)
     var layer: String?
 
     @Option(name: .long, help: "Session store: redis://host:port/db or memory. Default: the layer's first Redis server, or memory.")
@@ -134,7 +139,8 @@ struct LayerOptions: ParsableArguments {
             guard allowMemory else { throw ValidationError("the in-memory layer cannot be shared between processes") }
             return Backend(layer: InMemoryChannelLayer(), redis: nil)
         }
-        let redis = try RedisChannelLayer(urls: url.split(separator: ",").map(String.init), logger: logger)
+        let redis = try RedisChannelLayer(
+            urls: RedisChannelLayerConfiguration.splitURLList(url), environment: ProcessInfo.processInfo.environment, logger: logger)
         return Backend(layer: redis, redis: redis.configuration.hosts.first)
     }
 }

@@ -25,6 +25,9 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     /// Whether the last receive found a message waiting (see `receive`).
     let flowing = Atomic<Bool>(false)
     let malformedDropped = Atomic<Int>(0)
+    let undecryptableDropped = Atomic<Int>(0)
+    /// asgi_redis's Fernet encryption of bodies, when `symmetricEncryptionKeys` is set.
+    let crypter: MultiFernet?
     let membersReached = Atomic<Int>(0)
     let membersMissed = Atomic<Int>(0)
     let isClosed = Atomic<Bool>(false)
@@ -60,12 +63,27 @@ public final class RedisChannelLayer: ChannelLayerInspection {
             capacityArgs.append(Array(String(capacity).utf8))
         }
         self.luaCapacityArgs = capacityArgs
+        self.crypter =
+            configuration.symmetricEncryptionKeys.isEmpty ? nil : MultiFernet(asgiRedisKeys: configuration.symmetricEncryptionKeys)
     }
 
-    /// A layer on the servers of these `redis://` URLs.
-    public convenience init(urls: [String], logger: Logger = Logger(label: "channels.redis")) throws(ChannelLayerError) {
-        try self.init(configuration: RedisChannelLayerConfiguration(urls: urls), logger: logger)
+    /// A layer on the servers of these URLs (see ``RedisChannelLayerConfiguration/init(urls:environment:)``).
+    public convenience init(
+        urls: [String], environment: [String: String] = [:], logger: Logger = Logger(label: "channels.redis")
+    ) throws(ChannelLayerError) {
+        try self.init(configuration: RedisChannelLayerConfiguration(urls: urls, environment: environment), logger: logger)
     }
+
+    // MARK: Bodies
+
+    /// A message as stored: msgpack, encrypted when keys are set (asgi_redis's `serialize`).
+    func seal(_ message: Message) -> [UInt8] {
+        let body = MsgPackEncoder.encode(message)
+        return crypter?.encrypt(body) ?? body
+    }
+
+    /// Bodies whose encryption did not check out (an unknown key, expired, altered), dropped.
+    public var undecryptableMessagesDropped: Int { undecryptableDropped.load(ordering: .relaxed) }
 
     deinit {
         for shard in shards { shard.close() }

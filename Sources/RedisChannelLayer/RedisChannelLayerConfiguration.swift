@@ -24,6 +24,9 @@ public struct RedisChannelLayerConfiguration: Sendable {
     public var connectTimeout: Duration
     /// How long a reply may take before the connection is considered dead.
     public var commandTimeout: Duration
+    /// Keys for asgi_redis's message encryption (`symmetric_encryption_keys`): the first
+    /// encrypts, every one decrypts (rotation). Empty: bodies are plain msgpack.
+    public var symmetricEncryptionKeys: [String]
 
     /// Seconds a channel's statistics keys live (asgi_redis's value).
     public static let channelStatisticsExpiry = 3600
@@ -42,7 +45,8 @@ public struct RedisChannelLayerConfiguration: Sendable {
         maxMessageSize: Int = 4 * 1024 * 1024,
         blockingSlice: Duration = .seconds(1),
         connectTimeout: Duration = .seconds(2),
-        commandTimeout: Duration = .seconds(5)
+        commandTimeout: Duration = .seconds(5),
+        symmetricEncryptionKeys: [String] = []
     ) {
         self.hosts = hosts
         self.prefix = prefix
@@ -55,44 +59,79 @@ public struct RedisChannelLayerConfiguration: Sendable {
         self.blockingSlice = blockingSlice
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
+        self.symmetricEncryptionKeys = symmetricEncryptionKeys
     }
 
-    /// Hosts from a list of `redis://` URLs. Query parameters of the first URL set the
-    /// other fields: `prefix`, `stats_prefix`, `expiry`, `group_expiry`, `capacity`, `max_message_size`,
-    /// and `capacity.<glob>=<n>` for per-channel capacities.
-    public init(urls: [String]) throws(ChannelLayerError) {
+    /// The layer options a URL's query may set (besides `capacity.<glob>`).
+    public static let optionNames: Set<String> = [
+        "prefix", "stats_prefix", "expiry", "group_expiry", "capacity", "max_message_size", "symmetric_encryption_keys",
+    ]
+
+    /// The environment variable that holds encryption keys (comma-separated) when no URL sets them.
+    public static let encryptionKeysVariable = "CHANNEL_LAYER_ENCRYPTION_KEYS"
+
+    /// Hosts from a list of Redis URLs (see ``RedisEndpoint`` for the forms and connection
+    /// options). Query parameters of the first URL set the other fields: `prefix`,
+    /// `stats_prefix`, `expiry`, `group_expiry`, `capacity`, `max_message_size`,
+    /// `capacity.<glob>=<n>` for per-channel capacities, and `symmetric_encryption_keys`
+    /// (comma-separated, each percent-encoded). Without that option, keys come from
+    /// `environment[CHANNEL_LAYER_ENCRYPTION_KEYS]` when it is set.
+    public init(urls: [String], environment: [String: String] = [:]) throws(ChannelLayerError) {
         self.init()
         guard !urls.isEmpty else {
             throw ChannelLayerError(.invalidConfiguration, "at least one Redis URL is needed")
         }
         hosts = []
-        for url in urls {
-            hosts.append(try RedisEndpoint(url: url))
+        var options: [(key: String, value: String)] = []
+        for (index, url) in urls.enumerated() {
+            let parsed = try RedisEndpoint.parse(url: url)
+            hosts += parsed.endpoints
+            if index == 0 { options = parsed.layerOptions }
         }
-        if let query = urls[0].split(separator: "?", maxSplits: 1).dropFirst().first {
-            for pair in query.split(separator: "&") {
-                let parts = pair.split(separator: "=", maxSplits: 1).map(String.init)
-                guard parts.count == 2 else { continue }
-                let (key, value) = (parts[0], PercentCoding.decode(parts[1].utf8))
-                func int() throws(ChannelLayerError) -> Int {
-                    guard let n = Int(value), n > 0 else {
-                        throw ChannelLayerError(.invalidConfiguration, "'\(key)' must be a positive integer, not '\(value)'")
-                    }
-                    return n
+        if let keys = environment[Self.encryptionKeysVariable], !keys.isEmpty {
+            symmetricEncryptionKeys = Self.splitKeys(keys)
+        }
+        for (key, raw) in options {
+            let value = PercentCoding.decode(raw.utf8)
+            func int() throws(ChannelLayerError) -> Int {
+                guard let n = Int(value), n > 0 else {
+                    throw ChannelLayerError(.invalidConfiguration, "'\(key)' must be a positive integer, not '\(value)'")
                 }
-                switch key {
-                case "prefix": prefix = value
-                case "stats_prefix": statsPrefix = value
-                case "expiry": expiry = try int()
-                case "group_expiry": groupExpiry = try int()
-                case "capacity": capacity = try int()
-                case "max_message_size": maxMessageSize = try int()
-                case _ where key.hasPrefix("capacity."):
-                    channelCapacities.append((String(key.dropFirst("capacity.".count)), try int()))
-                default:
-                    throw ChannelLayerError(.invalidConfiguration, "unknown Redis layer option '\(key)'")
-                }
+                return n
+            }
+            switch key {
+            case "prefix": prefix = value
+            case "stats_prefix": statsPrefix = value
+            case "expiry": expiry = try int()
+            case "group_expiry": groupExpiry = try int()
+            case "capacity": capacity = try int()
+            case "max_message_size": maxMessageSize = try int()
+            case "symmetric_encryption_keys": symmetricEncryptionKeys = Self.splitKeys(raw)
+            case _ where key.hasPrefix("capacity."):
+                channelCapacities.append((String(key.dropFirst("capacity.".count)), try int()))
+            default:
+                throw ChannelLayerError(.invalidConfiguration, "unknown Redis layer option '\(key)'")
             }
         }
+    }
+
+    /// Splits a comma-separated list of URLs: only a comma followed by a scheme (`redis://`,
+    /// `rediss://`, `unix://`, `redis+sentinel://`) starts a new URL, so the commas inside a
+    /// Sentinel URL (hosts, services) or an option value (encryption keys) stay where they are.
+    public static func splitURLList(_ text: String) -> [String] {
+        var urls: [String] = []
+        for piece in text.split(separator: ",", omittingEmptySubsequences: false) {
+            if piece.contains("://") || urls.isEmpty {
+                urls.append(String(piece))
+            } else {
+                urls[urls.count - 1] += "," + piece
+            }
+        }
+        return urls.filter { !$0.isEmpty }
+    }
+
+    /// Comma-separated keys; each may be percent-encoded (a key holding a comma is `%2C`).
+    static func splitKeys(_ text: String) -> [String] {
+        text.split(separator: ",").map { PercentCoding.decode($0.utf8) }.filter { !$0.isEmpty }
     }
 }

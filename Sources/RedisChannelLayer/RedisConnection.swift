@@ -4,6 +4,13 @@ import CoreMetrics
 import DequeModule
 import NIOCore
 import NIOPosix
+import NIOSSL
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
 
 /// One non-blocking connection to Redis on a SwiftNIO event loop; replies are parsed by
 /// hiredis's protocol reader.
@@ -31,30 +38,51 @@ final class RedisConnection: Sendable {
     var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
     var eventLoop: any EventLoop { channel.eventLoop }
 
-    /// Connects, authenticates and selects the database.
+    /// Connects (over TLS when `tls` is given), authenticates and selects the database.
+    /// `endpoint` must be a TCP or Unix-socket endpoint (Sentinel ones are resolved first).
+    /// Every failure names the endpoint; TLS failures surface here, not at the first command.
     static func connect(
         to endpoint: RedisEndpoint, on eventLoop: any EventLoop, connectTimeout: Duration,
-        commandTimeout: Duration, metrics: RedisMetrics? = nil
+        commandTimeout: Duration, tls: NIOSSLContext? = nil, metrics: RedisMetrics? = nil
     ) async throws(ChannelLayerError) -> RedisConnection {
         let channel: any Channel
         do {
-            channel = try await ClientBootstrap(group: eventLoop)
-                .connectTimeout(TimeAmount(connectTimeout))
-                .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                .channelOption(.socketOption(.so_keepalive), value: 1)
+            var bootstrap = ClientBootstrap(group: eventLoop)
+                .connectTimeout(TimeAmount(endpoint.connectTimeout ?? connectTimeout))
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        if let tls {
+                            try channel.pipeline.syncOperations.addHandler(
+                                NIOSSLClientHandler(context: tls, serverHostname: Self.serverName(for: endpoint)))
+                        }
                         try channel.pipeline.syncOperations.addHandler(RedisProtocolHandler(endpoint: endpoint))
                     }
                 }
-                .connect(host: endpoint.host, port: endpoint.port)
-                .get()
+            switch endpoint.address {
+            case .tcp(let host, let port):
+                bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelOption(.socketOption(.so_keepalive), value: endpoint.keepalive ? 1 : 0)
+                if endpoint.keepalive, let idle = endpoint.keepaliveIdle {
+                    bootstrap = bootstrap.channelOption(
+                        ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPIDLE)),
+                        value: SocketOptionValue(idle))
+                }
+                channel = try await bootstrap.connect(host: host, port: port).get()
+            case .unixSocket(let path):
+                channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+            case .sentinel:
+                throw ChannelLayerError(.invalidConfiguration, "\(endpoint) must be resolved through its sentinels first")
+            }
+        } catch let error as ChannelLayerError {
+            throw error
         } catch {
-            throw ChannelLayerError(.connectionLost, "cannot connect to \(endpoint): \(error)")
+            throw ChannelLayerError(.connectionLost, "cannot connect to \(endpoint): \(error)", underlying: error)
         }
         let connection = RedisConnection(
-            endpoint: endpoint, channel: channel, commandTimeout: commandTimeout, metrics: metrics ?? RedisMetrics(endpoint: endpoint))
+            endpoint: endpoint, channel: channel, commandTimeout: endpoint.commandTimeout ?? commandTimeout,
+            metrics: metrics ?? RedisMetrics(endpoint: endpoint))
         var setup: [[[UInt8]]] = []
+        // As redis-py: AUTH only with a password; a user name alone sends nothing.
         if let password = endpoint.password {
             var args: [[UInt8]] = [Array("AUTH".utf8)]
             if let user = endpoint.username { args.append(Array(user.utf8)) }
@@ -62,14 +90,41 @@ final class RedisConnection: Sendable {
             setup.append(args)
         }
         if endpoint.database != 0 { setup.append([Array("SELECT".utf8), Array(String(endpoint.database).utf8)]) }
+        // Over TLS, one round trip now, so a failed handshake is reported by connect.
+        if setup.isEmpty, tls != nil { setup.append([Array("PING".utf8)]) }
         if !setup.isEmpty {
-            let replies = try await connection.pipeline(setup)
-            if let bad = replies.first(where: { $0.errorMessage != nil }) {
+            let replies: [RedisReply]
+            do {
+                replies = try await connection.pipeline(setup)
+            } catch {
                 connection.close()
-                throw ChannelLayerError(.connectionLost, "Redis at \(endpoint) refused the connection set-up: \(bad)")
+                if tls != nil {
+                    throw ChannelLayerError(
+                        .connectionLost,
+                        "TLS connection to \(endpoint) failed (is it a TLS port, and is its certificate trusted?): \(error.message)",
+                        underlying: error)
+                }
+                throw error
+            }
+            if let bad = replies.first(where: { $0.errorMessage != nil }), let message = bad.errorMessage {
+                connection.close()
+                if setup[0][0] == Array("AUTH".utf8), replies[0].errorMessage != nil {
+                    let who = endpoint.username.map { "user '\($0)'" } ?? "the default user"
+                    throw ChannelLayerError(.invalidConfiguration, "Redis at \(endpoint) refused AUTH for \(who): \(message)")
+                }
+                throw ChannelLayerError(.backendError, "Redis at \(endpoint) refused the connection set-up: \(message)")
             }
         }
         return connection
+    }
+
+    /// The name sent as SNI and checked against the certificate: `ssl_server_name`, else the
+    /// host when it is a name; nil for an address (NIOSSL then checks the peer's IP address).
+    static func serverName(for endpoint: RedisEndpoint) -> String? {
+        if let name = endpoint.tls?.serverName { return name }
+        guard case .tcp(let host, _) = endpoint.address else { return nil }
+        let isAddress = host.contains(":") || host.allSatisfy { $0.isNumber || $0 == "." }
+        return isAddress ? nil : host
     }
 
     /// Sends the commands and returns their replies in order. `wait` extends the reply

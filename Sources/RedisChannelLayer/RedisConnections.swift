@@ -2,6 +2,7 @@ import ASGI
 import CoreMetrics
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 /// The connections to one Redis server: one shared connection that every ordinary command
@@ -9,7 +10,9 @@ import Synchronization
 /// blocking commands (`BLPOP`), which hold a connection for their whole wait.
 ///
 /// A dead connection (a Redis restart, a timeout) is replaced on the next call, so service
-/// resumes by itself when the server is back.
+/// resumes by itself when the server is back. For a Sentinel endpoint, "the server" is the
+/// service's master: found through the sentinels, remembered while it answers, and looked up
+/// again when a connection to it fails or it turns out to be a replica (after a failover).
 final class RedisConnections: Sendable {
     let endpoint: RedisEndpoint
     private let group: any EventLoopGroup
@@ -27,6 +30,12 @@ final class RedisConnections: Sendable {
         var closed = false
         /// Whether a shared connection was ever opened (the next one is a reconnect).
         var everShared = false
+        /// The master a Sentinel endpoint resolved to, while it answers.
+        var master: RedisEndpoint?
+        /// The sentinel that answered last (asked first next time).
+        var sentinel = 0
+        /// The TLS context, made on first use.
+        var tls: NIOSSLContext?
     }
 
     init(
@@ -41,17 +50,57 @@ final class RedisConnections: Sendable {
         self.metrics = RedisMetrics(endpoint: endpoint)
     }
 
+    private func tlsContext() throws(ChannelLayerError) -> NIOSSLContext? {
+        guard let options = endpoint.tls else { return nil }
+        return try state.withLock { state throws(ChannelLayerError) -> NIOSSLContext in
+            if let context = state.tls { return context }
+            let context = try options.makeContext()
+            state.tls = context
+            return context
+        }
+    }
+
+    /// Where to connect: the endpoint itself, or the master its sentinels name.
+    private func target() async throws(ChannelLayerError) -> RedisEndpoint {
+        guard case .sentinel(let service, let sentinels) = endpoint.address else { return endpoint }
+        let (cached, first) = state.withLock { ($0.master, $0.sentinel) }
+        if let cached { return cached }
+        let (master, answered) = try await RedisSentinel.resolveMaster(
+            of: endpoint, service: service, sentinels: sentinels, startingAt: first, on: group.next(),
+            connectTimeout: connectTimeout, commandTimeout: commandTimeout)
+        state.withLock {
+            $0.master = master
+            $0.sentinel = answered
+        }
+        return master
+    }
+
     /// Connections opened so far (for tests that check nothing leaks).
     var connectionsOpened: Int { opened.load(ordering: .relaxed) }
 
     private func closedError() -> ChannelLayerError { ChannelLayerError(.closed, "the Redis connection set is closed") }
 
     private func open() async throws(ChannelLayerError) -> RedisConnection {
-        let connection = try await RedisConnection.connect(
-            to: endpoint, on: group.next(), connectTimeout: connectTimeout,
-            commandTimeout: commandTimeout, metrics: metrics)
-        opened.add(1, ordering: .relaxed)
-        return connection
+        let target = try await target()
+        do throws(ChannelLayerError) {
+            let connection = try await RedisConnection.connect(
+                to: target, on: group.next(), connectTimeout: connectTimeout,
+                commandTimeout: commandTimeout, tls: try tlsContext(), metrics: metrics)
+            if case .sentinel(let service, _) = endpoint.address {
+                do {
+                    try await RedisSentinel.checkIsMaster(connection, service: service)
+                } catch {
+                    connection.close()
+                    throw error
+                }
+            }
+            opened.add(1, ordering: .relaxed)
+            return connection
+        } catch {
+            // Ask the sentinels again next time: this master is gone or demoted.
+            if case .sentinel = endpoint.address { state.withLock { if $0.master == target { $0.master = nil } } }
+            throw error
+        }
     }
 
     /// The shared connection, opened (once, however many callers ask at the same time) if
@@ -76,6 +125,7 @@ final class RedisConnections: Sendable {
                     return nil
                 }
                 stale?.close()
+                if case .success(let connection) = result { self.forgetMasterWhenClosed(connection) }
             }
             return .wait(promise.futureResult)
         }
@@ -93,12 +143,28 @@ final class RedisConnections: Sendable {
         }
     }
 
+    /// For a Sentinel endpoint: when the shared connection to the master dies, the master is
+    /// looked up again (it may have been replaced) and the idle connections to it are closed.
+    private func forgetMasterWhenClosed(_ connection: RedisConnection) {
+        guard case .sentinel = endpoint.address else { return }
+        connection.closeFuture.whenComplete { _ in
+            let idle = self.state.withLock { state -> [RedisConnection] in
+                if state.master?.address == connection.endpoint.address { state.master = nil }
+                let stale = state.idle.filter { $0.endpoint.address == connection.endpoint.address }
+                state.idle.removeAll { $0.endpoint.address == connection.endpoint.address }
+                return stale
+            }
+            for other in idle { other.close() }
+        }
+    }
+
     /// Runs `body` with a connection of its own (for blocking commands).
     func withDedicated<T>(_ body: (RedisConnection) async throws -> T) async throws -> T {
         let candidate = try state.withLock { state throws(ChannelLayerError) -> RedisConnection? in
             if state.closed { throw closedError() }
             while let idle = state.idle.popLast() {
-                if idle.isActive { return idle }
+                // After a failover, connections to the old master are not reused.
+                if idle.isActive, state.master == nil || state.master?.address == idle.endpoint.address { return idle }
                 idle.close()
             }
             return nil

@@ -86,6 +86,12 @@ extension RedisChannelLayer {
             ] + luaCapacityArgs + members.map { Array($0.utf8) }
         }
         let globalKeys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
+        if let crypter {
+            try await sendGroupSealed(group, message: message, crypter: crypter, globalKeys: globalKeys) {
+                args(mode: "bodies", members: [])
+            }
+            return
+        }
 
         if shards.count == 1 {
             let scriptArgs = args(mode: "group", members: [])
@@ -101,6 +107,79 @@ extension RedisChannelLayer {
             for (index, names) in byShard {
                 let scriptArgs = args(mode: "list", members: names)
                 tasks.addTask {
+                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
+                    try self.countGroupSend(reply, group: group)
+                }
+            }
+            try await tasks.waitForAll()
+        }
+    }
+
+    /// A group send on an encrypted layer: Redis cannot build the members' bodies, so they are
+    /// made (and encrypted) here: one body for every plain member, one per process channel whose
+    /// reader reads bundles, one per member for the others; then one script per shard stores them.
+    func sendGroupSealed(
+        _ group: String, message: Message, crypter: MultiFernet, globalKeys: [[UInt8]],
+        makeArgs: () -> [[UInt8]]
+    ) async throws {
+        let members = try await groupChannels(group)
+        var byShard: [Int: [String]] = [:]
+        for member in members { byShard[sendShard(for: member), default: []].append(member) }
+        var baseArgs: [Int: [[UInt8]]] = [:]
+        for index in byShard.keys { baseArgs[index] = makeArgs() }
+        let plainBody = crypter.encrypt(MsgPackEncoder.encode(message))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for (index, names) in byShard {
+                let base = baseArgs[index] ?? []
+                tasks.addTask {
+                    // Process channels on this shard, in first-seen order, with their members.
+                    var local: OrderedDictionary<String, [String]> = [:]
+                    var triples: [String] = []
+                    var bodies: [[UInt8]] = []
+                    var counts: [Int] = []
+                    var plainMembers: [String] = []
+                    for name in names {
+                        if let bang = name.firstIndex(of: "!") {
+                            local[String(name[...bang]), default: []].append(name)
+                        } else {
+                            plainMembers.append(name)
+                        }
+                    }
+                    var forms: [String?] = []
+                    if !local.isEmpty {
+                        let reply = try await self.shared(index).command(
+                            [Array("MGET".utf8)] + local.keys.map { self.statKey($0, "reader") })
+                        forms = (reply.array ?? []).map(\.text)
+                    }
+                    for name in plainMembers {
+                        triples.append(name)
+                        bodies.append(plainBody)
+                        counts.append(1)
+                    }
+                    for (offset, entry) in local.enumerated() {
+                        let bundles = offset < forms.count && forms[offset] == "bundles"
+                        if bundles {
+                            var sealed = message
+                            sealed[asgiChannelKey] = .array(entry.value.map { .string($0) })
+                            triples.append(entry.key)
+                            bodies.append(self.seal(sealed))
+                            counts.append(entry.value.count)
+                        } else {
+                            for member in entry.value {
+                                var sealed = message
+                                sealed[asgiChannelKey] = .string(member)
+                                triples.append(entry.key)
+                                bodies.append(self.seal(sealed))
+                                counts.append(1)
+                            }
+                        }
+                    }
+                    var scriptArgs = base
+                    for i in triples.indices {
+                        scriptArgs.append(Array(triples[i].utf8))
+                        scriptArgs.append(bodies[i])
+                        scriptArgs.append(Array(String(counts[i]).utf8))
+                    }
                     let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
                     try self.countGroupSend(reply, group: group)
                 }

@@ -266,6 +266,19 @@ extension RedisChannelLayer {
     /// logged, counted and dropped.
     func decodeReceived(list: [UInt8], body: [UInt8]) -> [ReceivedMessage] {
         let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
+        var body = body
+        if let crypter {
+            do {
+                body = try crypter.decrypt(body, ttl: configuration.expiry + 10)
+            } catch {
+                undecryptableDropped.add(1, ordering: .relaxed)
+                RedisMetrics.undecryptable.increment()
+                logger.warning(
+                    "dropped a message that does not decrypt with any of the layer's keys",
+                    metadata: ["channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)"])
+                return []
+            }
+        }
         do {
             var message = try decoder.decodeMessage(body)
             switch message.removeValue(forKey: asgiChannelKey) {

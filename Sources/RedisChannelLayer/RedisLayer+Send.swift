@@ -18,7 +18,7 @@ extension RedisChannelLayer {
         let listName = ChannelNames.nonLocalName(channel)
         var stored = message
         if listName != channel { stored[asgiChannelKey] = .string(channel) }
-        let body = MsgPackEncoder.encode(stored)
+        let body = seal(stored)
         guard body.count <= configuration.maxMessageSize else {
             throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
         }

@@ -15,8 +15,11 @@ struct RedisMetrics: Sendable {
     /// `channels_dropped_total{reason="malformed"}`: bodies that are not valid msgpack.
     static let malformed = Counter(label: "channels_dropped_total", dimensions: [("reason", DropReason.malformed.rawValue)])
 
+    /// `channels_dropped_total{reason="undecryptable"}`: bodies no configured key decrypts.
+    static let undecryptable = Counter(label: "channels_dropped_total", dimensions: [("reason", DropReason.undecryptable.rawValue)])
+
     init(endpoint: RedisEndpoint) {
-        let shard = [("shard", "\(endpoint.host):\(endpoint.port)/\(endpoint.database)")]
+        let shard = [("shard", endpoint.metricsLabel)]
         roundTrip = Timer(label: "channels_redis_round_trip_seconds", dimensions: shard)
         reconnects = Counter(label: "channels_redis_reconnects_total", dimensions: shard)
         connectionErrors = Counter(label: "channels_layer_errors_total", dimensions: [("code", "connection_lost")])

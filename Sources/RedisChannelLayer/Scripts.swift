@@ -110,7 +110,9 @@ enum Scripts {
 
     /// Sends one message to many channels on this shard, skipping full ones: a whole group
     /// send in one round trip. Members come from the group's sorted set (mode "group", KEYS[1])
-    /// or from the argument list (mode "list").
+    /// or from the argument list (mode "list"); in mode "bodies" (encrypted layers, whose
+    /// bodies only the client can make) the arguments are (list name, body, members reached)
+    /// triples, stored as they are.
     ///
     /// Members on a process channel whose reader registered as reading bundles (the string
     /// `bundles` at `<stats prefix><process channel>:reader`) get one message per process
@@ -141,6 +143,8 @@ enum Scripts {
             if mode == 'group' then
                 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
                 members = redis.call('ZRANGE', KEYS[1], 0, -1)
+            elseif mode == 'bodies' then
+                members = {}
             else
                 members = {}
                 for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
@@ -216,6 +220,11 @@ enum Scripts {
                     parts[#parts + 1] = member
                 end
                 store(listName, table.concat(parts), #list)
+            end
+            if mode == 'bodies' then
+                for i = 13 + 2 * patternCount, #ARGV, 3 do
+                    store(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
+                end
             end
             if sent > 0 then
                 redis.call('INCRBY', KEYS[2], sent)

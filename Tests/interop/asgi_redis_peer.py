@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--prefix", default="asgi:")
     parser.add_argument("--capacity", type=int, default=100)
     parser.add_argument("--expiry", type=int, default=60)
+    parser.add_argument("--keys", default="", help="symmetric_encryption_keys, comma-separated (needs cryptography)")
     parser.add_argument("command")
     parser.add_argument("args", nargs="*")
     opts = parser.parse_args()
@@ -96,6 +97,7 @@ def main():
         stats_prefix=opts.prefix.rstrip(":") + "-meta:",
         capacity=opts.capacity,
         expiry=opts.expiry,
+        symmetric_encryption_keys=[k for k in opts.keys.split(",") if k] or None,
     )
     cmd, args = opts.command, opts.args
     if cmd == "pack":
@@ -150,6 +152,18 @@ def main():
     elif cmd == "send_group":
         layer.send_group(args[0], dict(CASES[args[1]]))
         emit("ok")
+    elif cmd == "fernet_encrypt":
+        # fernet_encrypt KEY HEX_PLAINTEXT UNIX_TIME HEX_IV: the token asgi_redis's key derivation
+        # and cryptography's Fernet make of these exact parts.
+        fernet = layer.make_fernet(args[0])
+        emit(fernet._encrypt_from_parts(binascii.unhexlify(args[1]), int(args[2]), binascii.unhexlify(args[3])).decode())
+    elif cmd == "fernet_decrypt":
+        # fernet_decrypt KEY TOKEN TTL: the plaintext (hex), or "invalid".
+        from cryptography.fernet import InvalidToken
+        try:
+            emit(binascii.hexlify(layer.make_fernet(args[0]).decrypt(args[1].encode(), int(args[2]))).decode())
+        except InvalidToken:
+            emit("invalid")
     elif cmd == "shard":
         emit([layer.consistent_hash(name) for name in args])
     elif cmd == "stats":
