@@ -227,6 +227,8 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
             }
             let (host, port) = try hostAndPort(hostPart, defaultPort: 6379, bad: bad)
             template.address = .tcp(host: host, port: port)
+            // `localhost` is connected to as 127.0.0.1, but its certificate names `localhost`.
+            if hostPart.lowercased().hasPrefix("localhost"), template.tls?.serverName == nil { template.tls?.serverName = "localhost" }
             return ([template], layerOptions)
         case "unix":
             let path = String(rest)

@@ -80,18 +80,41 @@ func isChannelFull(_ error: any Error) -> Bool {
 final class RedisServer: @unchecked Sendable {
     let port: Int
     private var pid: pid_t?
+    /// More redis-server arguments (TLS ports, a Unix socket, ACL users, `--replicaof`).
+    private let extraArguments: [String]
+    /// A sentinel runs `redis-sentinel <config file>` instead.
+    private let sentinelConfig: String?
 
-    private init(port: Int) {
+    private init(port: Int, extraArguments: [String] = [], sentinelConfig: String? = nil) {
         self.port = port
+        self.extraArguments = extraArguments
+        self.sentinelConfig = sentinelConfig
     }
 
     /// Starts a server; the waiting happens on a thread of its own, not the cooperative pool.
-    static func launch() async throws -> RedisServer {
+    /// `arguments` gets the port the server will listen on, for arguments that name it.
+    static func launch(arguments: (Int) -> [String] = { _ in [] }) async throws -> RedisServer {
+        try await launch { port in RedisServer(port: port, extraArguments: arguments(port)) }
+    }
+
+    /// Starts a `redis-sentinel` whose config file (written here, in `directory`) is `config`
+    /// after the port line.
+    static func launchSentinel(directory: String, config: String) async throws -> RedisServer {
+        try await launch { port in
+            let path = "\(directory)/sentinel-\(port).conf"
+            FileManager.default.createFile(
+                atPath: path, contents: Data("port \(port)\nbind 127.0.0.1\ndaemonize no\nlogfile \"\"\nloglevel warning\n\(config)\n".utf8)
+            )
+            return RedisServer(port: port, sentinelConfig: path)
+        }
+    }
+
+    private static func launch(_ make: (Int) throws -> RedisServer) async throws -> RedisServer {
         // A free port can be taken by someone else between our check and redis-server's
         // bind; then the server exits at once and another port is tried.
         var lastError: (any Error)?
         for _ in 0..<3 {
-            let server = RedisServer(port: try freePort())
+            let server = try make(try freePort())
             do {
                 try await server.restart()
                 return server
@@ -111,6 +134,11 @@ final class RedisServer: @unchecked Sendable {
         try? await offPool { self.stop() }
     }
 
+    /// SIGKILL, as a crash or a lost machine: no shutdown, no save.
+    func kill9() async {
+        try? await offPool { self.stop(signal: SIGKILL) }
+    }
+
     private func offPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in
             Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
@@ -120,10 +148,12 @@ final class RedisServer: @unchecked Sendable {
     var url: String { "redis://127.0.0.1:\(port)/0" }
 
     private func start() throws {
-        let arguments = [
-            try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null",
-        ]
+        var arguments =
+            [
+                try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null",
+            ] + extraArguments
+        if let sentinelConfig { arguments = [try Self.redisServerPath(), sentinelConfig, "--sentinel"] }
         var child: pid_t = 0
         let status = spawn(arguments, pid: &child, actions: nil)
         guard status == 0 else {
@@ -133,9 +163,9 @@ final class RedisServer: @unchecked Sendable {
         try waitUntilReady()
     }
 
-    private func stop() {
+    private func stop(signal: Int32 = SIGTERM) {
         guard let pid else { return }
-        kill(pid, SIGTERM)
+        kill(pid, signal)
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         self.pid = nil
