@@ -97,6 +97,8 @@ log "end to end: real runserver / runworker processes, real HTTP and WebSocket c
 "$INTEROP_PYTHON" Tests/e2e/test_e2e.py "$CHAT" "$REDIS_URL"
 log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and worker SIGKILLs, slow clients"
 "$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$CHAT" "$REDIS_URL"
+log "production Redis: every process over TLS with encryption (and asgi_redis), a Sentinel failover under 50 sockets"
+"$INTEROP_PYTHON" Tests/e2e/test_production_redis.py "$CHAT" "$REDIS_URL"
 log "browser: two headless Chromium sessions chat through the example's page"
 "$INTEROP_PYTHON" Tests/browser/test_browser.py "$CHAT" "$ROOT/test-artifacts"
 log "the README's first command: scripts/run.sh serves the example on the in-memory default"
