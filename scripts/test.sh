@@ -99,6 +99,8 @@ log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and work
 "$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$CHAT" "$REDIS_URL"
 log "production Redis: every process over TLS with encryption (and asgi_redis), a Sentinel failover under 50 sockets"
 "$INTEROP_PYTHON" Tests/e2e/test_production_redis.py "$CHAT" "$REDIS_URL"
+log "across machines: scripts/cluster-netns.sh (6 hosts in network namespaces: 2 Redis shards, server, 2 workers, client)"
+bash scripts/cluster-netns.sh "$CHAT" "$INTEROP_PYTHON"
 log "browser: two headless Chromium sessions chat through the example's page"
 "$INTEROP_PYTHON" Tests/browser/test_browser.py "$CHAT" "$ROOT/test-artifacts"
 log "the README's first command: scripts/run.sh serves the example on the in-memory default"

@@ -15,7 +15,9 @@ extension RedisChannelLayer {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         guard !channels.isEmpty else { return nil }
         if let waiting = fromBacklog(channels, max: 1).first { return waiting }
-        let plan = receivePlan(channels)
+        // A look without waiting sees every shard a plain channel may be on: there is no
+        // later slice in which the rotation would reach the others.
+        let plan = receivePlan(channels, everyShard: timeout <= .zero)
         let clock = ContinuousClock()
         let deadline = clock.now + timeout
         // While messages are flowing (the last receive found one), first a non-blocking look:
@@ -77,6 +79,17 @@ extension RedisChannelLayer {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         let waiting = fromBacklog(channels, max: max)
         if !waiting.isEmpty { return waiting }
+        if timeout <= .zero, shards.count > 1, max > 1 {
+            // Without waiting: everything waiting on every shard a channel may be on (the
+            // ordering gate drains its wait channel this way and must see all of it).
+            var batch: [ReceivedMessage] = []
+            for (shard, lists) in receivePlan(channels, everyShard: true) where batch.count < max {
+                let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [Array(String(max - batch.count).utf8)])
+                if case .error = reply { throw unexpected(reply, doing: "receive") }
+                batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
+            }
+            return batch
+        }
         let plan = receivePlan(channels)
         guard max > 1, plan.count == 1 else {
             guard let one = try await receive(channels: channels, timeout: timeout) else { return [] }
@@ -170,15 +183,21 @@ extension RedisChannelLayer {
 
     /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
     /// shard in rotation (they are sent round-robin, so any shard may hold them).
-    func receivePlan(_ channels: [String]) -> [(shard: Int, lists: [[UInt8]])] {
+    /// Which lists to look at on which shard: `!` and `?` channels on their ring shard; plain
+    /// ones (which senders spread round-robin) on one shard in rotation, as asgi_redis does, or
+    /// on every shard when `everyShard`.
+    func receivePlan(_ channels: [String], everyShard: Bool = false) -> [(shard: Int, lists: [[UInt8]])] {
         if shards.count == 1 { return [(0, channels.map(key))] }
         var byShard: [Int: [[UInt8]]] = [:]
         let rotating = receiveCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
         for channel in channels {
-            let index =
-                ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
-                ? shardIndex(for: channel) : rotating
-            byShard[index, default: []].append(key(channel))
+            if ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel) {
+                byShard[shardIndex(for: channel), default: []].append(key(channel))
+            } else if everyShard {
+                for index in shards.indices { byShard[index, default: []].append(key(channel)) }
+            } else {
+                byShard[rotating, default: []].append(key(channel))
+            }
         }
         return byShard.map { ($0.key, $0.value) }
     }

@@ -382,3 +382,34 @@ final class ManagedAtomicFlag: @unchecked Sendable {
     var isSet: Bool { lock.withLock { value } }
     func set() { lock.withLock { value = true } }
 }
+
+@Suite("Two shards: a look without waiting sees both", .timeLimit(.minutes(1)))
+struct ShardedPollTests {
+    /// Senders spread a plain channel over the shards round-robin. A blocking receive rotates
+    /// between them (as asgi_redis does), but a look that does not wait must see every shard, or
+    /// whatever drains a channel that way (the ordering gate's wait channel) misses half of it.
+    @Test("non-blocking receive and receiveBatch find every waiting message on either shard")
+    func pollSeesEveryShard() async throws {
+        let first = try await RedisServer.launch()
+        let second = try await RedisServer.launch()
+        let layer = try RedisChannelLayer(urls: [first.url, second.url])
+        for n in 0..<10 { try await layer.send(["n": .int(Int64(n))], to: "poll.plain") }
+        let onFirst = try HiredisConnection(
+            endpoint: RedisEndpoint(port: first.port), connectTimeout: .seconds(1), commandTimeout: .seconds(1))
+        let onSecond = try HiredisConnection(
+            endpoint: RedisEndpoint(port: second.port), connectTimeout: .seconds(1), commandTimeout: .seconds(1))
+        #expect(try onFirst.command(["LLEN", "asgi:poll.plain"]) == .integer(5), "round-robin: half on each shard")
+        #expect(try onSecond.command(["LLEN", "asgi:poll.plain"]) == .integer(5))
+        let batch = try await layer.receiveBatch(channels: ["poll.plain"], max: 100, timeout: .zero)
+        #expect(Set(batch.compactMap { $0.message["n"]?.intValue }) == Set(0..<10))
+        for n in 10..<14 { try await layer.send(["n": .int(Int64(n))], to: "poll.plain") }
+        var seen: Set<Int64> = []
+        while let got = try await layer.receive(channels: ["poll.plain"], timeout: .zero) {
+            seen.insert(try #require(got.message["n"]?.intValue))
+        }
+        #expect(seen == Set(10..<14), "one-at-a-time polling found them all before saying none")
+        await layer.close()
+        await first.shutdown()
+        await second.shutdown()
+    }
+}
