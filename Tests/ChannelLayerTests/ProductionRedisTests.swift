@@ -272,106 +272,113 @@ struct RedisSentinelTests {
             """
         var sentinels: [RedisServer] = []
         for _ in 0..<3 { sentinels.append(try await RedisServer.launchSentinel(directory: directory, config: config)) }
-        defer {
-            for server in [master, replica, second] + sentinels { Task { await server.shutdown() } }
-        }
-        try await eventually("the replica to sync", seconds: 20) {
-            try raw(replica.port).command(["INFO", "replication"]).text?.contains("master_link_status:up") == true
-        }
-        try await eventually("the sentinels to find each other", seconds: 30) {
-            try sentinels.allSatisfy { sentinel in
-                try raw(sentinel.port).command(["SENTINEL", "SENTINELS", "svc"]).array?.count == 2
+        // Stopped here, awaited, whether the test passed or threw (a Task in a `defer` may not
+        // run before the test process exits, leaving servers behind).
+        let everything = [master, replica, second] + sentinels
+        do {
+            try await eventually("the replica to sync", seconds: 20) {
+                try raw(replica.port).command(["INFO", "replication"]).text?.contains("master_link_status:up") == true
             }
-        }
-
-        let hosts = sentinels.map { "127.0.0.1:\($0.port)" }.joined(separator: ",")
-        var configuration = try RedisChannelLayerConfiguration(urls: ["redis+sentinel://\(hosts)/svc,svc2"])
-        configuration.connectTimeout = .seconds(1)
-        configuration.commandTimeout = .seconds(2)
-        let layer = try RedisChannelLayer(configuration: configuration)
-        // Two services are two shards on asgi_redis's ring: `!` channels land where it says.
-        try await layer.send(Cases.small, to: "fo.reply!a")
-        let shardOfA = Sharding.shard("fo.reply!", hostCount: 2)
-        let holder = shardOfA == 0 ? master.port : second.port
-        #expect(try raw(holder).command(["LLEN", "asgi:fo.reply!"]) == .integer(1), "fo.reply! is on shard \(shardOfA)")
-        #expect(try await layer.receive(channels: ["fo.reply!"], timeout: .seconds(2))?.channel == "fo.reply!a")
-
-        // A channel that hashes to the first service, whose master will die.
-        var channel = "fo.flow!"
-        while Sharding.shard(channel, hostCount: 2) != 0 { channel = "fo.flow" + ChannelNames.randomLetters(3) + "!" }
-        let listName = channel
-
-        actor Tally {
-            var acknowledged: [Int] = []
-            var failed = 0
-            var received: Set<Int> = []
-            func ok(_ n: Int) { acknowledged.append(n) }
-            func fail() { failed += 1 }
-            func got(_ n: Int) { received.insert(n) }
-        }
-        let tally = Tally()
-        let stop = ManagedAtomicFlag()
-        let sender = Task {
-            var n = 0
-            while !stop.isSet {
-                n += 1
-                do {
-                    try await layer.send(["n": .int(Int64(n))], to: listName + "x")
-                    await tally.ok(n)
-                } catch {
-                    await tally.fail()
-                    try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
+            try await eventually("the sentinels to find each other", seconds: 30) {
+                try sentinels.allSatisfy { sentinel in
+                    try raw(sentinel.port).command(["SENTINEL", "SENTINELS", "svc"]).array?.count == 2
                 }
-                try? await Task.sleep(for: .milliseconds(10))
             }
-        }
-        let receiver = Task {
-            while !stop.isSet {
-                do {
-                    if let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)),
-                        case .int(let n)? = got.message["n"]
-                    {
-                        await tally.got(Int(n))
+
+            let hosts = sentinels.map { "127.0.0.1:\($0.port)" }.joined(separator: ",")
+            var configuration = try RedisChannelLayerConfiguration(urls: ["redis+sentinel://\(hosts)/svc,svc2"])
+            configuration.connectTimeout = .seconds(1)
+            configuration.commandTimeout = .seconds(2)
+            let layer = try RedisChannelLayer(configuration: configuration)
+            // Two services are two shards on asgi_redis's ring: `!` channels land where it says.
+            try await layer.send(Cases.small, to: "fo.reply!a")
+            let shardOfA = Sharding.shard("fo.reply!", hostCount: 2)
+            let holder = shardOfA == 0 ? master.port : second.port
+            #expect(try raw(holder).command(["LLEN", "asgi:fo.reply!"]) == .integer(1), "fo.reply! is on shard \(shardOfA)")
+            #expect(try await layer.receive(channels: ["fo.reply!"], timeout: .seconds(2))?.channel == "fo.reply!a")
+
+            // A channel that hashes to the first service, whose master will die.
+            var channel = "fo.flow!"
+            while Sharding.shard(channel, hostCount: 2) != 0 { channel = "fo.flow" + ChannelNames.randomLetters(3) + "!" }
+            let listName = channel
+
+            actor Tally {
+                var acknowledged: [Int] = []
+                var failed = 0
+                var received: Set<Int> = []
+                func ok(_ n: Int) { acknowledged.append(n) }
+                func fail() { failed += 1 }
+                func got(_ n: Int) { received.insert(n) }
+            }
+            let tally = Tally()
+            let stop = ManagedAtomicFlag()
+            let sender = Task {
+                var n = 0
+                while !stop.isSet {
+                    n += 1
+                    do {
+                        try await layer.send(["n": .int(Int64(n))], to: listName + "x")
+                        await tally.ok(n)
+                    } catch {
+                        await tally.fail()
+                        try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
                     }
-                } catch {
-                    try? await Task.sleep(for: .milliseconds(100))
+                    try? await Task.sleep(for: .milliseconds(10))
                 }
             }
-        }
-        try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
-        let beforeKill = await tally.acknowledged.count
-        await master.kill9()
-        try await eventually("the sentinels to promote the replica", seconds: 45) {
-            try raw(sentinels[0].port).command(["SENTINEL", "get-master-addr-by-name", "svc"]).array?.last?.text
-                == String(replica.port)
-        }
-        try await eventually("sends to work again", seconds: 30) { await tally.acknowledged.count > beforeKill + 50 }
-        let failedInWindow = await tally.failed
-        // Then a last stretch with the new master only.
-        let afterFailover = await tally.acknowledged.count
-        try await eventually("more messages to flow", seconds: 20) { await tally.acknowledged.count >= afterFailover + 100 }
-        stop.set()
-        _ = await sender.value
-        // Drain what is left.
-        while let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)), case .int(let n)? = got.message["n"] {
-            await tally.got(Int(n))
-        }
-        _ = await receiver.value
+            let receiver = Task {
+                while !stop.isSet {
+                    do {
+                        if let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)),
+                            case .int(let n)? = got.message["n"]
+                        {
+                            await tally.got(Int(n))
+                        }
+                    } catch {
+                        try? await Task.sleep(for: .milliseconds(100))
+                    }
+                }
+            }
+            try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
+            let beforeKill = await tally.acknowledged.count
+            await master.kill9()
+            try await eventually("the sentinels to promote the replica", seconds: 45) {
+                try raw(sentinels[0].port).command(["SENTINEL", "get-master-addr-by-name", "svc"]).array?.last?.text
+                    == String(replica.port)
+            }
+            try await eventually("sends to work again", seconds: 30) { await tally.acknowledged.count > beforeKill + 50 }
+            let failedInWindow = await tally.failed
+            // Then a last stretch with the new master only.
+            let afterFailover = await tally.acknowledged.count
+            try await eventually("more messages to flow", seconds: 20) { await tally.acknowledged.count >= afterFailover + 100 }
+            stop.set()
+            _ = await sender.value
+            // Drain what is left.
+            while let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)), case .int(let n)? = got.message["n"]
+            {
+                await tally.got(Int(n))
+            }
+            _ = await receiver.value
 
-        let acknowledged = await tally.acknowledged
-        let received = await tally.received
-        let lost = acknowledged.filter { !received.contains($0) }
-        let lateAcknowledged = Array(acknowledged[afterFailover...])
-        print(
-            "sentinel failover: \(acknowledged.count) sends acknowledged, \(failedInWindow) failed and reported to the sender,"
-                + " \(received.count) received, \(lost.count) acknowledged by the killed master and lost with it")
-        #expect(failedInWindow > 0, "the window was seen: sends failed while there was no master")
-        #expect(lateAcknowledged.allSatisfy { received.contains($0) }, "every message sent after the failover arrives")
-        // What the old master acknowledged but had not replicated is the only loss, and it is
-        // bounded by what was sent in its last moments.
-        #expect(lost.allSatisfy { $0 > beforeKill - 50 }, "lost: \(lost)")
-        try await layer.flush()
-        await layer.close()
+            let acknowledged = await tally.acknowledged
+            let received = await tally.received
+            let lost = acknowledged.filter { !received.contains($0) }
+            let lateAcknowledged = Array(acknowledged[afterFailover...])
+            print(
+                "sentinel failover: \(acknowledged.count) sends acknowledged, \(failedInWindow) failed and reported to the sender,"
+                    + " \(received.count) received, \(lost.count) acknowledged by the killed master and lost with it")
+            #expect(failedInWindow > 0, "the window was seen: sends failed while there was no master")
+            #expect(lateAcknowledged.allSatisfy { received.contains($0) }, "every message sent after the failover arrives")
+            // What the old master acknowledged but had not replicated is the only loss, and it is
+            // bounded by what was sent in its last moments.
+            #expect(lost.allSatisfy { $0 > beforeKill - 50 }, "lost: \(lost)")
+            try await layer.flush()
+            await layer.close()
+        } catch {
+            for server in everything { await server.shutdown() }
+            throw error
+        }
+        for server in everything { await server.shutdown() }
     }
 }
 

@@ -2,6 +2,10 @@ import ASGI
 import Foundation
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 @testable import RedisChannelLayer
 
 /// The Redis of `scripts/test.sh`. Tests that need it fail (not skip) without it, saying why.
