@@ -1,10 +1,7 @@
 import ASGI
 import Foundation
-import Testing
-
-#if canImport(Glibc)
 import Glibc
-#endif
+import Testing
 
 @testable import RedisChannelLayer
 
