@@ -129,11 +129,12 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
             query = rest[rest.index(after: q)...]
             rest = rest[..<q]
         }
-        // Credentials: everything before the last '@' of the part before the path.
-        let pathStart = scheme == "unix" ? rest.startIndex : (rest.firstIndex(of: "/") ?? rest.endIndex)
+        // Credentials: everything before the last '@' of the authority (for unix://, of the
+        // part before the socket path: `unix://[user:password@]/path`).
+        let authorityEnd = scheme == "unix" ? rest.endIndex : (rest.firstIndex(of: "/") ?? rest.endIndex)
         var password: String? = nil
         var username: String? = nil
-        if let at = rest[..<pathStart].lastIndex(of: "@") {
+        if let at = rest[..<authorityEnd].lastIndex(of: "@") {
             let credentials = rest[..<at]
             rest = rest[rest.index(after: at)...]
             if let colon = credentials.firstIndex(of: ":") {
@@ -142,16 +143,6 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
                 password = PercentCoding.decode(credentials[credentials.index(after: colon)...].utf8)
             } else if !credentials.isEmpty {
                 // `redis://name@host` names a user, as in any URL; it is not a password.
-                username = PercentCoding.decode(credentials.utf8)
-            }
-        } else if scheme == "unix", let at = rest.lastIndex(of: "@") {
-            // unix://[user:password@]/path
-            let credentials = rest[..<at]
-            rest = rest[rest.index(after: at)...]
-            if let colon = credentials.firstIndex(of: ":") {
-                username = credentials[..<colon].isEmpty ? nil : PercentCoding.decode(credentials[..<colon].utf8)
-                password = PercentCoding.decode(credentials[credentials.index(after: colon)...].utf8)
-            } else if !credentials.isEmpty {
                 username = PercentCoding.decode(credentials.utf8)
             }
         }
