@@ -28,7 +28,8 @@ public final class Worker: Sendable {
     public static let retryKey = "__retries__"
 
     private let mailboxes = Mailboxes()
-    private let stopping = Atomic<Bool>(false)
+    /// 0 running, 1 stop taking messages, 2 take what is queued, then stop.
+    private let stopping = Atomic<Int>(0)
     private let processed = Atomic<Int>(0)
 
     /// - Parameters:
@@ -73,12 +74,16 @@ public final class Worker: Sendable {
         let slots = Slots(concurrency)
         await withDiscardingTaskGroup { group in
             var failures = 0
-            while !stopping.load(ordering: .relaxed) {
+            while !Task.isCancelled {
+                let mode = stopping.load(ordering: .relaxed)
+                if mode == 1 { break }
+                let draining = mode == 2
                 let free = await slots.waitForFree()
                 let batch: [ReceivedMessage]
                 do {
-                    // A bounded wait, so a stop is noticed within a second; this blocks, it does not poll.
-                    batch = try await layer.receiveBatch(channels: channels, max: free, timeout: .seconds(1))
+                    // A bounded wait, so a stop is noticed within a second; this blocks, it does
+                    // not poll. Draining takes only what is already queued.
+                    batch = try await layer.receiveBatch(channels: channels, max: free, timeout: draining ? .zero : .seconds(1))
                     failures = 0
                 } catch {
                     failures += 1
@@ -86,6 +91,13 @@ public final class Worker: Sendable {
                         logger.error("receive failed", metadata: ["error": "\(error)"])
                     }
                     try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
+                    continue
+                }
+                if draining && batch.isEmpty {
+                    // Queued work is done when nothing is queued while no consumer runs (one that
+                    // runs may still send to these channels): wait for them, then look again.
+                    if free == concurrency { break }
+                    await slots.waitForFree(atLeast: concurrency)
                     continue
                 }
                 slots.take(batch.count)
@@ -115,7 +127,14 @@ public final class Worker: Sendable {
     }
 
     /// Asks `run()` to stop taking messages; the consumers in hand finish.
-    public func stop() { stopping.store(true, ordering: .relaxed) }
+    public func stop() { stopping.store(1, ordering: .relaxed) }
+
+    /// Asks `run()` to take what is queued now (and what its consumers queue while it does),
+    /// then stop: a worker that is the only one on its layer (`runserver`'s in-process workers)
+    /// stops this way, so the `websocket.disconnect` of every socket the server closed runs.
+    public func finishQueuedThenStop() {
+        _ = stopping.compareExchange(expected: 0, desired: 2, ordering: .relaxed)
+    }
 
     /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.
     static func socketKey(_ received: ReceivedMessage) -> String? {
@@ -243,21 +262,21 @@ final class Mailboxes: Sendable {
 final class Slots: Sendable {
     private struct State {
         var free: Int
-        var waiter: CheckedContinuation<Void, Never>?
+        var waiter: (needed: Int, continuation: CheckedContinuation<Void, Never>)?
     }
     private let state: Mutex<State>
 
     init(_ count: Int) { state = Mutex(State(free: count)) }
 
-    /// Waits until at least one slot is free and returns how many are. One caller at a time.
-    func waitForFree() async -> Int {
+    /// Waits until at least `needed` slots are free and returns how many are. One caller at a time.
+    func waitForFree(atLeast needed: Int = 1) async -> Int {
         while true {
             let free = state.withLock { $0.free }
-            if free > 0 { return free }
+            if free >= needed { return free }
             await withCheckedContinuation { continuation in
                 let resumeNow = state.withLock { state -> Bool in
-                    if state.free > 0 { return true }
-                    state.waiter = continuation
+                    if state.free >= needed { return true }
+                    state.waiter = (needed, continuation)
                     return false
                 }
                 if resumeNow { continuation.resume() }
@@ -270,8 +289,9 @@ final class Slots: Sendable {
     func release() {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
             state.free += 1
-            defer { state.waiter = nil }
-            return state.waiter
+            guard let waiter = state.waiter, state.free >= waiter.needed else { return nil }
+            state.waiter = nil
+            return waiter.continuation
         }
         waiter?.resume()
     }

@@ -156,25 +156,6 @@ struct Backend: Sendable {
     var isEmbedded: Bool { redis == nil }
 }
 
-/// Waits for SIGTERM or SIGINT. The signals stay ignored afterwards (a second one does not
-/// kill a process that is shutting down gracefully).
-enum Signals {
-    static func wait() async {
-        let (signals, continuation) = AsyncStream<Int32>.makeStream()
-        let queue = DispatchQueue(label: "signals")
-        let sources = [SIGTERM, SIGINT].map { sig -> any DispatchSourceSignal in
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-            source.setEventHandler { continuation.yield(sig) }
-            source.resume()
-            return source
-        }
-        var iterator = signals.makeAsyncIterator()
-        _ = await iterator.next()
-        for source in sources { source.cancel() }
-    }
-}
-
 extension Duration {
     init(secondsValue: Double) {
         self = .nanoseconds(Int64((secondsValue * 1e9).rounded()))

@@ -1,26 +1,105 @@
 import ASGI
-import ArgumentParser
 import Channels
 import Foundation
+import InterfaceServer
 import Logging
+import ServiceLifecycle
 import Synchronization
+import UnixSignals
 
-/// Runs a loop until SIGTERM/SIGINT, then asks it to stop and waits for what it holds to
-/// finish, at most `grace`: a consumer that hangs does not keep the process alive forever.
-func runUntilSignal(
-    logger: Logger, grace: Duration = .seconds(30), run: @escaping @Sendable () async -> Void,
-    stop: @Sendable () -> Void
-) async {
-    let task = Task { await run() }
-    await Signals.wait()
-    logger.info("stopping: finishing what is in hand", metadata: ["grace_s": "\(grace.seconds)"])
-    stop()
-    // The process is about to exit: work still running after the grace is left behind.
-    let finished = await racingTimeout(grace, fallback: false) {
-        await task.value
+/// Runs a command's parts as services of one `ServiceGroup`: SIGTERM or SIGINT starts a
+/// graceful shutdown that stops them in the reverse of the order given (the public side first,
+/// the metrics port last), all within one `grace`; past it the group cancels what is left, and
+/// past a few seconds more the command stops waiting (a consumer that ignores cancellation
+/// does not keep the process alive). `/readyz` turns 503 as the shutdown begins.
+func runServices(_ services: [any Service], metrics: MetricsEndpoint?, grace: Duration, logger: Logger) async {
+    var parts: [any Service] = []
+    if let metrics { parts.append(MetricsService(endpoint: metrics)) }
+    parts += services
+    parts.append(ReadinessGate(endpoint: metrics, logger: logger, grace: grace))
+    var configuration = ServiceGroupConfiguration(services: parts, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    configuration.maximumGracefulShutdownDuration = grace
+    let group = ServiceGroup(configuration: configuration)
+    let finished = await racingTimeout(grace + .seconds(5), fallback: false) {
+        do {
+            try await group.run()
+        } catch {
+            logger.error("stopped on an error", metadata: ["error": "\(error)"])
+        }
         return true
     }
     if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
+}
+
+/// The last service of every command: the first told of a shutdown, it turns `/readyz` to 503
+/// (load balancers stop sending work here) before the others begin to stop.
+private struct ReadinessGate: Service, CustomStringConvertible {
+    let endpoint: MetricsEndpoint?
+    let logger: Logger
+    let grace: Duration
+    var description: String { "readiness" }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        endpoint?.markShuttingDown()
+        logger.info("stopping: finishing what is in hand", metadata: ["grace_s": "\(grace.seconds)"])
+    }
+}
+
+/// The operators' port: up until every other part has stopped.
+private struct MetricsService: Service, CustomStringConvertible {
+    let endpoint: MetricsEndpoint
+    var description: String { "metrics" }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await endpoint.close()
+    }
+}
+
+/// The interface server as a service: started before the group (so the command can print
+/// where it listens); a shutdown stops accepting, closes WebSockets with 1001 and lets HTTP
+/// responses in flight finish (``InterfaceServer/shutdown()``).
+struct InterfaceServerService: Service, CustomStringConvertible {
+    let server: InterfaceServer
+    var description: String { "interface-server" }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await server.shutdown()
+    }
+}
+
+/// Workers as a service. `finishQueued`: on shutdown take what is already queued before
+/// stopping (the in-process workers of `runserver`, the only readers of their layer, so the
+/// disconnects of the sockets the server just closed reach the application); otherwise stop
+/// taking at once and let the consumers in hand finish (`runworker`: other workers read on).
+struct WorkerService: Service, CustomStringConvertible {
+    let worker: Worker
+    let finishQueued: Bool
+    var description: String { "worker" }
+
+    func run() async throws {
+        await withGracefulShutdownHandler {
+            await worker.run()
+        } onGracefulShutdown: {
+            if finishQueued { worker.finishQueuedThenStop() } else { worker.stop() }
+        }
+    }
+}
+
+/// The delay server as a service.
+struct DelayService: Service, CustomStringConvertible {
+    let server: DelayServer
+    var description: String { "delay" }
+
+    func run() async throws {
+        await withGracefulShutdownHandler {
+            await server.run()
+        } onGracefulShutdown: {
+            server.stop()
+        }
+    }
 }
 
 /// What `work` returns, or `fallback` when `timeout` ends first. The loser is not waited for

@@ -5,6 +5,7 @@ import ChannelsRedis
 import Foundation
 import Logging
 import RedisChannelLayer
+import ServiceLifecycle
 import Synchronization
 
 struct RunDelay: ApplicationSubcommand {
@@ -27,14 +28,8 @@ struct RunDelay: ApplicationSubcommand {
         let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
-        await runUntilSignal(
-            logger: logger, run: server.run,
-            stop: {
-                metricsEndpoint?.markShuttingDown()
-                server.stop()
-            })
+        await runServices([DelayService(server: server)], metrics: metricsEndpoint, grace: .seconds(30), logger: logger)
         await client.close()
         await layer.close()
-        await metricsEndpoint?.close()
     }
 }

@@ -5,6 +5,7 @@ import Foundation
 import InterfaceServer
 import Logging
 import NIOCore
+import ServiceLifecycle
 import Synchronization
 
 struct RunServer: ApplicationSubcommand {
@@ -38,6 +39,8 @@ struct RunServer: ApplicationSubcommand {
     var channelFullTimeout = 10.0
     @Option(name: .long, help: "Seconds a WebSocket's frames are held while the layer is unreachable before 1011.") var layerOutageTimeout =
         120.0
+    @Option(name: .long, help: "Seconds to let responses in flight and consumers in hand finish after SIGTERM.")
+    var shutdownTimeout = 30.0
     @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.")
     var maxQueuedBytes = 4 * 1024 * 1024
 
@@ -62,6 +65,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.maxHeaderSize = maxHeaderSize
         configuration.channelFullTimeout = Duration(secondsValue: channelFullTimeout)
         configuration.layerOutageTimeout = Duration(secondsValue: layerOutageTimeout)
+        configuration.shutdownGrace = Duration(secondsValue: shutdownTimeout)
         configuration.maxQueuedBytesPerSocket = maxQueuedBytes
         let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
         try await server.start()
@@ -72,26 +76,22 @@ struct RunServer: ApplicationSubcommand {
                 router: router, layer: layer, concurrency: threads,
                 environment: try options.makeEnvironment(backend: backend, app: app),
                 logger: options.makeLogger("channels.worker"))
-        let workerTask = worker.map { worker in Task { await worker.run() } }
         // On the in-memory layer nothing else could run a delay server: run one here.
         let delay =
             !noworker && backend.isEmbedded
             ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
-        let delayTask = delay.map { delay in Task { await delay.run() } }
         let address = server.localAddress.map { "\($0)" } ?? bind
         say(
             "\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]"
         )
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
-        await Signals.wait()
-        metricsEndpoint?.markShuttingDown()
-        logger.info("shutting down")
-        await server.shutdown()
-        worker?.stop()
-        delay?.stop()
-        await workerTask?.value
-        await delayTask?.value
+        // Stopped in reverse: the server first (its responses in flight and its sockets'
+        // disconnects reach the layer), then the workers take what is queued, then the delay server.
+        var services: [any Service] = []
+        if let delay { services.append(DelayService(server: delay)) }
+        if let worker { services.append(WorkerService(worker: worker, finishQueued: true)) }
+        services.append(InterfaceServerService(server: server))
+        await runServices(services, metrics: metricsEndpoint, grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()
-        await metricsEndpoint?.close()
     }
 }

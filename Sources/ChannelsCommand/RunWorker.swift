@@ -3,6 +3,7 @@ import ArgumentParser
 import Channels
 import Foundation
 import Logging
+import ServiceLifecycle
 import Synchronization
 
 struct RunWorker: ApplicationSubcommand {
@@ -30,13 +31,9 @@ struct RunWorker: ApplicationSubcommand {
             exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend, app: app), logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
-        await runUntilSignal(
-            logger: logger, grace: Duration(secondsValue: shutdownTimeout), run: worker.run,
-            stop: {
-                metricsEndpoint?.markShuttingDown()
-                worker.stop()
-            })
+        await runServices(
+            [WorkerService(worker: worker, finishQueued: false)], metrics: metricsEndpoint,
+            grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()
-        await metricsEndpoint?.close()
     }
 }

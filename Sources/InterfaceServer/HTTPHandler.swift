@@ -3,6 +3,7 @@ import CoreMetrics
 import Logging
 import NIOCore
 import NIOHTTP1
+import Synchronization
 
 /// One HTTP connection: each request becomes an `http.request` message; the replies on its
 /// reply channel become the response. NIO's pipelining handler feeds requests one at a time,
@@ -181,6 +182,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let content: [UInt8], more: Bool
         switch response {
         case .start(let start) where !responseStarted:
+            // A server that is shutting down answers what it holds and closes the connection.
+            if server.shuttingDown.load(ordering: .relaxed) { keepAlive = false }
             var headers = RequestTranslation.responseHeaders(start.headers)
             if !start.moreContent, !headers.contains(name: "content-length") {
                 headers.replaceOrAdd(name: "content-length", value: String(start.content.count))

@@ -139,20 +139,20 @@ public final class InterfaceServer: Sendable {
     }
 
     /// Stops accepting, closes WebSockets with 1001 (telling the application), lets HTTP
-    /// responses in flight finish for up to `shutdownGrace`, then stops.
+    /// responses in flight finish and every message already taken reach the layer, for up to
+    /// `shutdownGrace` (woken when the last one is done), then closes what is left.
     public func shutdown() async {
         context.shuttingDown.store(true, ordering: .relaxed)
-        if let channel = serverChannel.withLock({ $0 }) {
-            try? await channel.close()
-        }
+        let channel = serverChannel.withLock { $0 }
+        if let channel { try? await channel.close() }
         context.closeAllSockets(code: 1001)
-        let deadline = ContinuousClock.now + configuration.shutdownGrace
-        // Waiting for responses in flight: each pass sleeps on a timer; bounded by the grace.
-        while context.router.activeCount > 0 && ContinuousClock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(50))
+        let drained = await context.router.workInHand.drained(
+            within: configuration.shutdownGrace, on: channel?.eventLoop ?? group.next())
+        if !drained {
+            context.logger.warning(
+                "shutdown grace over with work in hand",
+                metadata: ["in_hand": "\(context.router.workInHand.current)", "grace_s": "\(configuration.shutdownGrace)"])
         }
-        // Give the disconnect messages a moment to reach the layer.
-        try? await Task.sleep(for: .milliseconds(100))
         let channels = openConnections.all()
         for channel in channels { try? await channel.close() }
         readerTask.withLock { $0?.cancel() }

@@ -58,6 +58,7 @@ final class LayerSender {
             return
         }
         queue.append((message, channel))
+        server.router.workInHand.begin()
         updateReading()
         pump()
     }
@@ -88,6 +89,7 @@ final class LayerSender {
             failingSince = nil
             pause = .milliseconds(25)
             let sent = queue.removeFirst()
+            server.router.workInHand.finish()
             ServerMetrics.sent[ChannelKind(channel: sent.channel)]?.increment()
             onSent?(sent.channel)
         case .failure(let error):
@@ -99,6 +101,7 @@ final class LayerSender {
             default:
                 // Not worth another try (too large, invalid, the layer closed): this one is lost.
                 let dropped = queue.removeFirst()
+                server.router.workInHand.finish()
                 server.counters.count(.heldDropped)
                 ServerMetrics.dropped[code == .messageTooLarge ? .tooLarge : .malformed]?.increment()
                 server.logger.warning(
@@ -126,6 +129,7 @@ final class LayerSender {
             gaveUp = true
             server.counters.count(.heldDropped, by: queue.count)
             ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: queue.count)
+            server.router.workInHand.finish(queue.count)
             queue.removeAll()
             updateReading()
             onGiveUp?(full ? .full : .unavailable)

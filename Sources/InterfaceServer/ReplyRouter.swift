@@ -20,6 +20,8 @@ final class ReplyRouter: Sendable {
 
     private let registrationInterval: Duration
     private let storeLost = Mutex<(@Sendable () -> Void)?>(nil)
+    /// Each registered name is a connection waiting for a reply: work in hand.
+    let workInHand = WorkInHand()
 
     init(layer: any ChannelLayer, prefix: String, logger: Logger, registrationInterval: Duration = .seconds(2)) {
         self.layer = layer
@@ -37,11 +39,11 @@ final class ReplyRouter: Sendable {
     func newReplyChannel() -> String { processChannel + ChannelNames.randomLetters(12) }
 
     func register(_ channel: String, _ handler: @escaping @Sendable (Message) -> Void) {
-        handlers.withLock { $0[channel] = handler }
+        if handlers.withLock({ $0.updateValue(handler, forKey: channel) }) == nil { workInHand.begin() }
     }
 
     func unregister(_ channel: String) {
-        _ = handlers.withLock { $0.removeValue(forKey: channel) }
+        if handlers.withLock({ $0.removeValue(forKey: channel) }) != nil { workInHand.finish() }
     }
 
     /// Hands a reply to the connection that holds `channel`; counts it when none does.

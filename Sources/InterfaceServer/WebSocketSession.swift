@@ -24,6 +24,8 @@ final class WebSocketSession {
     private var pending: [Message] = []
     private var context: ChannelHandlerContext?
     private var disconnectSent = false
+    /// We sent a close frame: the client's close frame completes the handshake.
+    private(set) var closeFrameSent = false
     private var connectTimeout: Scheduled<Void>?
     private var lifetime: Scheduled<Void>?
     private var pingTask: RepeatedTask?
@@ -266,10 +268,18 @@ final class WebSocketSession {
             data.writeInteger(code)
             let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
             let channel = context.channel
-            context.writeAndFlush(NIOAny(frame)).whenComplete { _ in channel.close(promise: nil) }
+            closeFrameSent = true
             if force {
+                context.writeAndFlush(NIOAny(frame), promise: nil)
                 channel.close(promise: nil)
             } else {
+                // The connection closes when the client answers with its close frame (RFC 6455
+                // 5.5.1: closing while its frames are still arriving would reset the connection
+                // and lose our close frame), or after 5 s. A shutdown waits for it.
+                let inHand = server.router.workInHand
+                inHand.begin()
+                channel.closeFuture.whenComplete { _ in inHand.finish() }
+                context.writeAndFlush(NIOAny(frame), promise: nil)
                 channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
             }
         }
@@ -335,6 +345,11 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
             var data = frame.unmaskedData
             let code = data.readInteger(as: UInt16.self) ?? 1005
             session.clientClosed(code: code)
+            guard !session.closeFrameSent else {
+                // The answer to our close frame: the handshake is complete.
+                context.close(promise: nil)
+                return
+            }
             var echo = context.channel.allocator.buffer(capacity: 2)
             echo.writeInteger(code == 1005 ? 1000 : code)
             let channel = context.channel

@@ -186,6 +186,24 @@ struct WebSocketHandlerTests {
         #expect(disconnect.code == 4003 && disconnect.order == 1)
     }
 
+    @Test("a close we start waits for the client's close frame: frames still arriving are ignored, nothing is echoed twice")
+    func serverCloseHandshake() async throws {
+        let fixture = try await Fixture()
+        try await fixture.open()
+        fixture.reply(WebSocketSendMessage(close: 1001))
+        #expect(try await fixture.closeCode() == 1001)
+        // The client has not answered yet: the connection stays open (closing now would reset
+        // it and could lose the close frame on the client's side), and its late frames are dropped.
+        try await fixture.send(opcode: 0x1, Array("late".utf8))
+        #expect(fixture.channel.isActive)
+        try await fixture.sendClose(code: 1001)
+        try await fixture.channel.closeFuture.get()
+        let disconnect = try await fixture.next(ASGIChannel.websocketDisconnect, as: WebSocketDisconnectMessage.self)
+        #expect(disconnect.code == 1001 && disconnect.order == 1)
+        let written = try await fixture.channel.readOutbound(as: ByteBuffer.self)
+        #expect(written == nil, "no second close frame after the client's answer")
+    }
+
     @Test("a client close with a code: the application gets that code, the close is echoed, the connection ends")
     func clientClose() async throws {
         let fixture = try await Fixture()

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -498,6 +499,111 @@ def workers_started_together_on_a_fresh_database_all_survive():
         assert members == 90, "%d of 90 sockets joined" % members
         for w in workers:
             assert w.p.poll() is None, "a worker died: " + open(w.log.name).read()[-600:]
+    finally:
+        stop_all(procs, workers)
+
+
+def redis_cli(*args):
+    """A redis-cli command on the test Redis (host and port from REDIS_URL)."""
+    hostport = REDIS_URL.split("//", 1)[1].split("/", 1)[0]
+    host, port = hostport.rsplit(":", 1)
+    out = subprocess.run(["redis-cli", "-h", host, "-p", port, *args], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+
+
+def group_size(room):
+    keys = [k for k in redis_cli("--scan", "--pattern", "*group:chat-" + room).split() if k]
+    return sum(int(redis_cli("zcard", k) or 0) for k in keys)
+
+
+def start_event_streams(port, count):
+    """`count` GET /events/ (four events a second apart) on raw sockets, each past its first
+    event; returns (socket, what it has read so far) pairs."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"GET /events/ HTTP/1.1\r\nHost: t\r\n\r\n")
+        socks.append(s)
+    started = []
+    for s in socks:
+        head = b""
+        while b"data: event 0" not in head:
+            chunk = s.recv(4096)
+            assert chunk, "connection closed before the first event"
+            head += chunk
+        started.append((s, head))
+    return started
+
+
+async def sigterm_under_load(port, proc, room, sockets=200, streams=10, talkers=20, after_exit=None):
+    """`sockets` room members (`talkers` of them sending every 50 ms) and `streams` responses
+    in flight when the server gets SIGTERM: every response must finish whole, every socket must
+    be closed with 1001, and the application must get websocket.disconnect for every socket
+    (the room's group is empty afterwards: each disconnect ran leaveRoom)."""
+    members = await open_members([port], room, sockets)
+    assert group_size(room) == sockets, "group holds %d of %d" % (group_size(room), sockets)
+    loop = asyncio.get_running_loop()
+    socks = await loop.run_in_executor(None, start_event_streams, port, streams)
+    sent = [0]
+
+    async def talk(m):
+        try:
+            while True:
+                await m.ws.send("%s says %d" % (m.name, sent[0]))
+                sent[0] += 1
+                await asyncio.sleep(0.05)
+        except (websockets.ConnectionClosed, asyncio.CancelledError):
+            pass
+    tasks = [asyncio.ensure_future(talk(m)) for m in members[:talkers]]
+    await asyncio.sleep(0.5)
+    started = time.time()
+    proc.p.send_signal(signal.SIGTERM)
+    rests = await asyncio.gather(*(loop.run_in_executor(None, read_all, s) for s, _ in socks))
+    bodies = [head + rest for (_, head), rest in zip(socks, rests)]
+    await asyncio.wait_for(asyncio.gather(*(m.task for m in members)), 30)
+    for t in tasks:
+        t.cancel()
+    code = await loop.run_in_executor(None, proc.p.wait, 40)
+    took = time.time() - started
+    complete = [b for b in bodies if b"data: event 3" in b and b.endswith(b"0\r\n\r\n")]
+    codes = {}
+    for m in members:
+        codes[m.closed_code] = codes.get(m.closed_code, 0) + 1
+    left = group_size(room)
+    if after_exit and left:
+        left = await after_exit(room)
+    print("  SIGTERM with %d sockets (%d talking, %d frames sent) and %d responses in flight: exit %s after %.1f s; "
+          "%d of %d responses whole; close codes %s; %d of %d sockets' disconnects not seen by the application"
+          % (sockets, talkers, sent[0], streams, code, took, len(complete), streams, codes, left, sockets), flush=True)
+    assert code == 0, "exit code %s" % code
+    assert len(complete) == streams, [b[-80:] for b in bodies if b not in complete][:2]
+    assert codes == {1001: sockets}, codes
+    assert left == 0, "%d members still in the group: their websocket.disconnect never ran" % left
+
+
+@test
+def sigterm_under_load_finishes_responses_and_disconnects_every_socket():
+    """runserver with its in-process workers (the default) on Redis, then runserver --noworker
+    with a runworker: SIGTERM while 200 sockets are open (20 of them talking) and 10 streamed
+    responses are in flight."""
+    layer = redis_url("e2eterm%d:" % os.getpid())
+    proc, port = server("--layer", layer, "--websocket-connect-timeout", "30")
+    try:
+        asyncio.run(sigterm_under_load(port, proc, "term%d" % os.getpid()))
+    finally:
+        if proc.p.poll() is None:
+            proc.stop(signal.SIGKILL)
+    (layer, procs, workers) = redis_stack("e2eterm2%d:" % os.getpid(), workers=1)
+
+    async def worker_catches_up(room):
+        # The runworker still runs and takes the disconnects the server sent as it stopped.
+        deadline = time.time() + 30
+        while time.time() < deadline and group_size(room) > 0:
+            await asyncio.sleep(0.2)
+        return group_size(room)
+    try:
+        proc, port = procs[0]
+        asyncio.run(sigterm_under_load(port, proc, "term2%d" % os.getpid(), after_exit=worker_catches_up))
     finally:
         stop_all(procs, workers)
 

@@ -65,7 +65,7 @@ public final class DelayServer: Sendable {
         wake.signal()
     }
 
-    private var isStopping: Bool { stopping.load(ordering: .relaxed) }
+    private var isStopping: Bool { stopping.load(ordering: .relaxed) || Task.isCancelled }
 
     private func intake() async {
         var failures = 0
