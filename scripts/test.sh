@@ -103,6 +103,8 @@ log "across machines: scripts/cluster-netns.sh (6 hosts in network namespaces: 2
 bash scripts/cluster-netns.sh "$CHAT" "$INTEROP_PYTHON"
 log "browser: two headless Chromium sessions chat through the example's page"
 "$INTEROP_PYTHON" Tests/browser/test_browser.py "$CHAT" "$ROOT/test-artifacts"
+log "browser: the live operations page (runserver --admin) in headless Chromium, and stats --server"
+"$INTEROP_PYTHON" Tests/browser/test_admin_page.py "$CHAT" "$ROOT/test-artifacts"
 log "the README's first command: scripts/run.sh serves the example on the in-memory default"
 RUN_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 CHAT_DATABASE="$RUN_DIR/run-sh.sqlite3" bash scripts/run.sh --port "$RUN_PORT" > "$RUN_DIR/run-sh.log" 2>&1 &

@@ -60,3 +60,15 @@ extension DropReason {
             uniqueKeysWithValues: allCases.map { ($0, Counter(label: "channels_dropped_total", dimensions: [("reason", $0.rawValue)])) })
     }
 }
+
+/// Metrics every layer emits the same way.
+public enum LayerMetrics {
+    /// `channels_group_members_reached_total`: members a group send delivered to (members
+    /// skipped because their channel was full count as `channels_dropped_total{reason="channel_full"}`).
+    public static let groupMembersReached = Counter(label: "channels_group_members_reached_total")
+    /// `channels_dropped_total{reason="channel_full"}` for group members skipped.
+    public static let groupMembersMissed = Counter(
+        label: "channels_dropped_total", dimensions: [("reason", DropReason.channelFull.rawValue)])
+    /// `channels_dropped_total{reason="expired"}`: messages that expired in the layer unread.
+    public static let expired = Counter(label: "channels_dropped_total", dimensions: [("reason", DropReason.expired.rawValue)])
+}

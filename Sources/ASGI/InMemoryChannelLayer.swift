@@ -1,3 +1,4 @@
+import CoreMetrics
 import DequeModule
 import Synchronization
 
@@ -90,13 +91,17 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
                 }
                 queues[key] = queue.isEmpty ? nil : queue
                 if first.expiresAt > now { return first }
+                LayerMetrics.expired.increment(by: 1 + first.more.count)
             }
             return nil
         }
 
         mutating func purge(_ key: String, now: ContinuousClock.Instant) {
             guard var queue = queues[key] else { return }
-            while let first = queue.first, first.expiresAt <= now { queue.removeFirst() }
+            while let first = queue.first, first.expiresAt <= now {
+                queue.removeFirst()
+                LayerMetrics.expired.increment(by: 1 + first.more.count)
+            }
             queues[key] = queue.isEmpty ? nil : queue
         }
 
@@ -307,8 +312,10 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
             let members = byProcess[key]!
             do {
                 try sendValidated(message, to: members[0], more: members[1...])
+                LayerMetrics.groupMembersReached.increment(by: members.count)
             } catch let error as ChannelLayerError where error.code == .channelFull {
                 membersMissed.add(members.count, ordering: .relaxed)
+                LayerMetrics.groupMembersMissed.increment(by: members.count)
                 continue
             }
         }

@@ -122,6 +122,12 @@ public final class Worker: Sendable {
                     }
                 }
             }
+            if Task.isCancelled {
+                // The shutdown grace is over: the consumers still running are cancelled now.
+                logger.warning(
+                    "shutdown grace over: cancelling the consumers in hand",
+                    metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
+            }
         }
         logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
@@ -285,6 +291,8 @@ final class Slots: Sendable {
     }
 
     func take(_ count: Int) { state.withLock { $0.free -= count } }
+
+    var freeCount: Int { state.withLock { $0.free } }
 
     func release() {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in

@@ -44,6 +44,7 @@ final class MetricsEndpoint: Sendable {
     private struct State {
         var readiness: (@Sendable () async -> Bool)?
         var shuttingDown = false
+        var admin: AdminPage?
     }
 
     private init(registry: PrometheusCollectorRegistry) {
@@ -73,6 +74,13 @@ final class MetricsEndpoint: Sendable {
         state.withLock { $0.readiness = check }
     }
 
+    /// Serves the operations page at `/admin/` (and its data at `/admin/stats.json`).
+    func setAdmin(_ page: AdminPage) {
+        state.withLock { $0.admin = page }
+    }
+
+    var admin: AdminPage? { state.withLock { $0.admin } }
+
     /// From now on `/readyz` answers 503, so load balancers stop sending work here.
     func markShuttingDown() {
         state.withLock { $0.shuttingDown = true }
@@ -96,13 +104,17 @@ final class MetricsEndpoint: Sendable {
     }
 }
 
-/// One request at a time per connection: GET the three paths, 404 for anything else.
+/// One request at a time per connection: GET `/metrics`, `/healthz`, `/readyz` (and with
+/// `--admin` the operations page under `/admin/`); 404 for anything else.
 final class MetricsHTTPHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
     private let endpoint: MetricsEndpoint
     private var path = ""
+    private var query: [String: String] = [:]
+    private var rawQuery = ""
+    private var authorization: String?
     private var keepAlive = true
 
     init(endpoint: MetricsEndpoint) {
@@ -112,7 +124,11 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
+            let target = PercentCoding.splitTarget(head.uri)
+            path = target.path
+            rawQuery = String(decoding: target.query, as: UTF8.self)
+            query = Dictionary(PercentCoding.parameters(target.query).map { ($0.name, $0.value) }, uniquingKeysWith: { first, _ in first })
+            authorization = head.headers.first(name: "authorization")
             keepAlive = head.isKeepAlive
         case .body:
             break
@@ -124,21 +140,65 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
                 respond(context: context, status: .ok, type: "text/plain; charset=utf-8", Array("ok\n".utf8))
             case "/readyz":
                 let endpoint = self.endpoint
-                let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-                context.eventLoop.makeFutureWithTask { await endpoint.ready() }.whenSuccess { ready in
-                    let (handler, context) = bound.value
-                    handler.respond(
-                        context: context, status: ready ? .ok : .serviceUnavailable, type: "text/plain; charset=utf-8",
-                        Array((ready ? "ready\n" : "not ready\n").utf8))
+                answerLater(context: context) {
+                    let ready = await endpoint.ready()
+                    return (ready ? .ok : .serviceUnavailable, "text/plain; charset=utf-8", Array((ready ? "ready\n" : "not ready\n").utf8))
                 }
+            case "/admin", "/admin/", "/admin/stats.json":
+                admin(context: context)
             default:
                 respond(context: context, status: .notFound, type: "text/plain; charset=utf-8", Array("not found\n".utf8))
             }
         }
     }
 
-    private func respond(context: ChannelHandlerContext, status: HTTPResponseStatus, type: String, _ body: [UInt8]) {
-        var headers = HTTPHeaders()
+    private func admin(context: ChannelHandlerContext) {
+        guard let page = endpoint.admin else {
+            respond(context: context, status: .notFound, type: "text/plain; charset=utf-8", Array("not found (runserver --admin)\n".utf8))
+            return
+        }
+        guard page.allows(authorization: authorization, query: query) else {
+            respond(
+                context: context, status: .unauthorized, type: "text/plain; charset=utf-8",
+                Array("a token is needed: ?token=… or Authorization: Bearer …\n".utf8))
+            return
+        }
+        switch path {
+        case "/admin":
+            // The page asks for stats.json relative to itself: it must be served under /admin/.
+            respond(
+                context: context, status: .found, type: "text/plain; charset=utf-8", Array("see /admin/\n".utf8),
+                extraHeaders: [("location", "/admin/" + (rawQuery.isEmpty ? "" : "?" + rawQuery))])
+        case "/admin/":
+            respond(context: context, status: .ok, type: "text/html; charset=utf-8", Array(AdminPage.html.utf8))
+        default:
+            let channels = (query["channels"] ?? "").split(separator: ",").map(String.init)
+            answerLater(context: context) {
+                do {
+                    return (.ok, "application/json", try await page.reportJSON(channels: channels))
+                } catch {
+                    return (.serviceUnavailable, "text/plain; charset=utf-8", Array("the layer did not answer: \(error)\n".utf8))
+                }
+            }
+        }
+    }
+
+    /// Answers with what `work` returns, once it has (on this connection's loop).
+    private func answerLater(
+        context: ChannelHandlerContext, _ work: @escaping @Sendable () async -> (HTTPResponseStatus, String, [UInt8])
+    ) {
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.makeFutureWithTask { await work() }.whenSuccess { status, type, body in
+            let (handler, context) = bound.value
+            handler.respond(context: context, status: status, type: type, body)
+        }
+    }
+
+    private func respond(
+        context: ChannelHandlerContext, status: HTTPResponseStatus, type: String, _ body: [UInt8],
+        extraHeaders: [(String, String)] = []
+    ) {
+        var headers = HTTPHeaders(extraHeaders)
         headers.add(name: "content-type", value: type)
         headers.add(name: "content-length", value: String(body.count))
         if !keepAlive { headers.add(name: "connection", value: "close") }

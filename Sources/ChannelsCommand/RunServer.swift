@@ -44,6 +44,28 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.")
     var maxQueuedBytes = 4 * 1024 * 1024
 
+    @Flag(
+        name: .long,
+        help: "Serve the live operations page at /admin/ on the metrics port (needs --metrics-port; off loopback it needs --admin-token)."
+    )
+    var admin = false
+    @Option(name: .long, help: "Token the operations page asks for (?token= or Authorization: Bearer). Default: $CHANNELS_ADMIN_TOKEN.")
+    var adminToken: String?
+
+    func validate() throws {
+        guard admin else { return }
+        guard metrics.metricsPort != nil else { throw ValidationError("--admin serves on the metrics port: give --metrics-port PORT") }
+        let loopback = ["127.0.0.1", "::1", "localhost"].contains(metrics.metricsBind) || metrics.metricsBind.hasPrefix("127.")
+        if !loopback && resolvedAdminToken == nil {
+            throw ValidationError("--admin on \(metrics.metricsBind) (not loopback) needs --admin-token or CHANNELS_ADMIN_TOKEN")
+        }
+    }
+
+    private var resolvedAdminToken: String? {
+        let token = adminToken ?? ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN"]
+        return token?.isEmpty == false ? token : nil
+    }
+
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.runserver")
         let metricsEndpoint = try await metrics.start(logger: logger)
@@ -90,6 +112,13 @@ struct RunServer: ApplicationSubcommand {
         var services: [any Service] = []
         if let delay { services.append(DelayService(server: delay)) }
         if let worker { services.append(WorkerService(worker: worker, finishQueued: true)) }
+        if admin, let metricsEndpoint {
+            let routed = router.channels.union([ASGIChannel.httpRequest] + ASGIChannel.websocket)
+            let page = AdminPage(layer: layer, routed: routed, registry: metricsEndpoint.registry, token: resolvedAdminToken)
+            metricsEndpoint.setAdmin(page)
+            services.append(AdminSampler(page: page))
+            say("operations page: http://\(metrics.metricsBind):\(metricsEndpoint.port)/admin/")
+        }
         services.append(InterfaceServerService(server: server))
         await runServices(services, metrics: metricsEndpoint, grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()

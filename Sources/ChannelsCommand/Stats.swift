@@ -3,80 +3,66 @@ import ArgumentParser
 import Channels
 import Foundation
 import Logging
-import Synchronization
+import NIOCore
+import NIOHTTP1
+import NIOPosix
 
 struct Stats: ApplicationSubcommand {
-    static let configuration = CommandConfiguration(abstract: "Show channel and layer statistics.")
+    static let configuration = CommandConfiguration(
+        abstract: "Show channel and layer statistics.",
+        discussion: """
+            On Redis (--layer) it asks the layer itself. The in-memory layer lives inside its \
+            runserver: ask that process with --server http://HOST:PORT, its --metrics-port run with \
+            --admin (and --admin-token TOKEN when it has one). --server works on either layer.
+            """)
 
     @OptionGroup var options: LayerOptions
+    @Option(name: .long, help: "Ask a running runserver started with --admin, at its metrics port (http://HOST:PORT).")
+    var server: String?
+    @Option(name: .long, help: "The token that server's --admin-token set (default: $CHANNELS_ADMIN_TOKEN).") var adminToken: String?
     @Flag(name: .long, help: "Print JSON.") var json = false
     @Option(name: .long, help: "Refresh every N seconds until interrupted.") var watch: Double?
     @Argument(help: "Channels to show (default: the routed ones and every channel with messages).") var channels: [String] = []
 
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.stats")
-        let layer = try options.makeBackend(logger: logger, allowMemory: false).layer
-        defer { Task { await layer.close() } }
+        let source: @Sendable () async throws -> LayerSnapshot
+        var close: (@Sendable () async -> Void)?
+        if let server {
+            let token = adminToken ?? ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN"]
+            let channels = self.channels
+            source = { try await AdminClient.fetchSnapshot(server: server, token: token, channels: channels) }
+        } else {
+            guard options.layer != nil else {
+                throw ValidationError(
+                    "the in-memory layer lives inside its runserver: ask it with --server http://HOST:METRICS_PORT (runserver --admin --metrics-port PORT), or give --layer redis://…"
+                )
+            }
+            let layer = try options.makeBackend(logger: logger, allowMemory: false).layer
+            let routed = try Router(app.routing()).channels
+            let channels = self.channels
+            source = { try await LayerSnapshot.take(of: layer, channels: channels, routed: routed) }
+            close = { await layer.close() }
+        }
+        defer { if let close { Task { await close() } } }
         guard let watch, watch > 0 else {
-            try await show(layer, app: app)
+            try show(try await source())
             return
         }
         while !Task.isCancelled {
             say("\u{1b}[2J\u{1b}[H" + Date().description)
-            try await show(layer, app: app)
+            try show(try await source())
             // A refresh of a display, on a timer.
             try await Task.sleep(for: Duration(secondsValue: watch))
         }
     }
 
-    private func show(_ layer: any ChannelLayer, app: ChannelsApplication) async throws {
-        var names = Set(channels)
-        if names.isEmpty {
-            names = try Router(app.routing()).channels
-            if let inspection = layer as? any ChannelLayerInspection {
-                names.formUnion(try await inspection.pendingChannels())
-            }
-        }
-        var groups: [(String, Int)] = []
-        if let inspection = layer as? any ChannelLayerInspection {
-            for group in try await inspection.groups() { groups.append((group, try await layer.groupChannels(group).count)) }
-        }
-        let global = try await layer.globalStatistics()
-        var rows: [(String, ChannelStatistics)] = []
-        for name in names.sorted() {
-            rows.append((name, try await layer.channelStatistics(name)))
-        }
+    private func show(_ snapshot: LayerSnapshot) throws {
         if json {
-            var object: [String: Any] = ["messages_count": global.messagesCount, "channel_full_count": global.channelFullCount]
-            object["channels"] = Dictionary(
-                uniqueKeysWithValues: rows.map {
-                    (
-                        $0.0,
-                        [
-                            "messages_count": $0.1.messagesCount, "channel_full_count": $0.1.channelFullCount,
-                            "messages_pending": $0.1.messagesPending, "messages_max_age": $0.1.messagesMaxAge,
-                        ] as [String: Any]
-                    )
-                })
-            object["groups"] = Dictionary(uniqueKeysWithValues: groups.map { ($0.0, $0.1) })
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted])
+            let data = try JSONSerialization.data(withJSONObject: snapshot.statsJSON, options: [.sortedKeys, .prettyPrinted])
             print(String(decoding: data, as: UTF8.self))
         } else {
-            print("channel".padding(toLength: 40, withPad: " ", startingAt: 0) + "  pending   oldest(s)   sent   full")
-            for (name, s) in rows {
-                print(
-                    name.padding(toLength: 40, withPad: " ", startingAt: 0)
-                        + String(
-                            format: "  %7d   %9.1f   %4d   %4d", s.messagesPending, s.messagesMaxAge, s.messagesCount, s.channelFullCount))
-            }
-            print("total sent \(global.messagesCount), channel full \(global.channelFullCount)")
-            if !groups.isEmpty {
-                print("")
-                print("group".padding(toLength: 40, withPad: " ", startingAt: 0) + "  members")
-                for (name, size) in groups {
-                    print(name.padding(toLength: 40, withPad: " ", startingAt: 0) + String(format: "  %7d", size))
-                }
-            }
+            print(snapshot.text)
         }
     }
 }

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import DequeModule
 import Logging
 import NIOCore
@@ -193,9 +194,11 @@ extension RedisChannelLayer {
     func countGroupSend(_ reply: RedisReply, group: String) throws(ChannelLayerError) {
         guard case .array(let counts) = reply, counts.count == 4 else { throw unexpected(reply, doing: "group send") }
         membersReached.add(counts[2].countValue, ordering: .relaxed)
+        LayerMetrics.groupMembersReached.increment(by: counts[2].countValue)
         let missed = counts[3].countValue
         if missed > 0 {
             membersMissed.add(missed, ordering: .relaxed)
+            LayerMetrics.groupMembersMissed.increment(by: missed)
             logger.warning(
                 "group send skipped members whose channel is full",
                 metadata: [

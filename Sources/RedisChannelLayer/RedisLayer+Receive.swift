@@ -220,7 +220,11 @@ extension RedisChannelLayer {
             }
         }
         guard let (list, body) = result else { return nil }
-        guard let body else { return .some(nil) }
+        guard let body else {
+            // The list named a body that had expired (a message nobody received in time).
+            LayerMetrics.expired.increment()
+            return .some(nil)
+        }
         return .some(handOut(decodeReceived(list: list, body: body), max: 1).first)
     }
 

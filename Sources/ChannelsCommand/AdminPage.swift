@@ -1,0 +1,180 @@
+import ASGI
+import DequeModule
+import Foundation
+import Prometheus
+import ServiceLifecycle
+import Synchronization
+
+/// `runserver --admin`: the live operations page and the JSON behind it, served on the metrics
+/// port. The process figures are read from the same Prometheus registry `/metrics` prints and
+/// the layer's from the same ``LayerSnapshot`` `stats` prints, so the three always agree. A
+/// sample every `interval` is kept for `keep` samples (ten minutes) for the page's charts.
+final class AdminPage: Sendable {
+    /// The process's own figures (sums over the registry's series).
+    struct ProcessFigures: Codable, Sendable, Equatable {
+        var websocketsOpen: Double = 0
+        var httpRequestsInFlight: Double = 0
+        var httpRequests: Double = 0
+        var sent: [String: Double] = [:]
+        var received: [String: Double] = [:]
+        var dropped: [String: Double] = [:]
+        var groupSends: Double = 0
+        var groupMembersReached: Double = 0
+        var consumerErrors: Double = 0
+        var delayScheduled: Double = 0
+        var delayDelivered: Double = 0
+    }
+
+    /// One point of the charts: counters as totals (the page turns them into rates).
+    struct Sample: Codable, Sendable, Equatable {
+        var time: Double
+        var websocketsOpen: Double
+        var httpRequestsInFlight: Double
+        var sent: Double
+        var received: Double
+        var dropped: Double
+        var pending: Int
+    }
+
+    /// What `/admin/stats.json` answers.
+    struct Report: Codable, Sendable {
+        var time: Double
+        var intervalSeconds: Double
+        var layer: LayerSnapshot
+        var process: ProcessFigures
+        var history: [Sample]
+    }
+
+    let layer: any ChannelLayer
+    let routed: Set<String>
+    let registry: PrometheusCollectorRegistry
+    /// Required (as `Authorization: Bearer …` or `?token=…`) when set.
+    let token: String?
+    let interval: Duration
+    let keep: Int
+    private let samples = Mutex<Deque<Sample>>([])
+
+    init(
+        layer: any ChannelLayer, routed: Set<String>, registry: PrometheusCollectorRegistry, token: String?,
+        interval: Duration = .seconds(2), keep: Int = 300
+    ) {
+        self.layer = layer
+        self.routed = routed
+        self.registry = registry
+        self.token = token
+        self.interval = interval
+        self.keep = keep
+    }
+
+    /// Whether a request may see the page: always without a token, else with the right one.
+    func allows(authorization: String?, query: [String: String]) -> Bool {
+        guard let token else { return true }
+        if let authorization, authorization == "Bearer " + token { return true }
+        return query["token"] == token
+    }
+
+    /// The process's figures now, summed from the registry's text.
+    func processFigures() -> ProcessFigures {
+        var figures = ProcessFigures()
+        for series in PrometheusText.parse(String(decoding: registry.emitToBuffer(), as: UTF8.self)) {
+            switch series.name {
+            case "channels_websockets_open": figures.websocketsOpen += series.value
+            case "channels_http_requests_in_flight": figures.httpRequestsInFlight += series.value
+            case "channels_http_requests_total": figures.httpRequests += series.value
+            case "channels_messages_sent_total": figures.sent[series.labels["kind"] ?? "?", default: 0] += series.value
+            case "channels_messages_received_total": figures.received[series.labels["kind"] ?? "?", default: 0] += series.value
+            case "channels_dropped_total": figures.dropped[series.labels["reason"] ?? "?", default: 0] += series.value
+            case "channels_group_sends_total": figures.groupSends += series.value
+            case "channels_group_members_reached_total": figures.groupMembersReached += series.value
+            case "channels_consumer_errors_total": figures.consumerErrors += series.value
+            case "channels_delay_scheduled_total": figures.delayScheduled += series.value
+            case "channels_delay_delivered_total": figures.delayDelivered += series.value
+            default: break
+            }
+        }
+        return figures
+    }
+
+    /// Takes one sample for the charts.
+    func sample() async {
+        let figures = processFigures()
+        let pending = (try? await LayerSnapshot.take(of: layer, channels: [], routed: routed).pendingTotal) ?? 0
+        let point = Sample(
+            time: Date().timeIntervalSince1970, websocketsOpen: figures.websocketsOpen,
+            httpRequestsInFlight: figures.httpRequestsInFlight, sent: figures.sent.values.reduce(0, +),
+            received: figures.received.values.reduce(0, +), dropped: figures.dropped.values.reduce(0, +), pending: pending)
+        samples.withLock { samples in
+            samples.append(point)
+            while samples.count > keep { samples.removeFirst() }
+        }
+    }
+
+    /// The page's data: the layer (channels named, or the routed and pending ones), the
+    /// process's figures and the samples so far.
+    func report(channels: [String]) async throws -> Report {
+        let snapshot = try await LayerSnapshot.take(of: layer, channels: channels, routed: routed)
+        return Report(
+            time: Date().timeIntervalSince1970, intervalSeconds: interval.seconds, layer: snapshot, process: processFigures(),
+            history: samples.withLock { Array($0) })
+    }
+
+    func reportJSON(channels: [String]) async throws -> [UInt8] {
+        Array(try LayerSnapshot.encoder.encode(try await report(channels: channels)))
+    }
+}
+
+/// The sampler: a sample at once and then every `interval`, until the shutdown.
+struct AdminSampler: Service, CustomStringConvertible {
+    let page: AdminPage
+    var description: String { "admin-sampler" }
+
+    func run() async throws {
+        try? await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                await page.sample()
+                // A chart's clock: one sample per interval.
+                try await Task.sleep(for: page.interval)
+            }
+        }
+    }
+}
+
+/// Reads the Prometheus text format back into series (the page uses the registry `/metrics`
+/// prints, so its numbers are those numbers).
+enum PrometheusText {
+    struct Series: Equatable {
+        var name: String
+        var labels: [String: String]
+        var value: Double
+    }
+
+    static func parse(_ text: String) -> [Series] {
+        var result: [Series] = []
+        for line in text.split(separator: "\n") where !line.hasPrefix("#") {
+            guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
+            let key = line[..<space]
+            guard let brace = key.firstIndex(of: "{") else {
+                result.append(Series(name: String(key), labels: [:], value: value))
+                continue
+            }
+            var labels: [String: String] = [:]
+            var rest = key[key.index(after: brace)...].dropLast()  // without the closing brace
+            while let equals = rest.firstIndex(of: "=") {
+                let name = rest[..<equals].trimmingCharacters(in: CharacterSet(charactersIn: ", "))
+                var cursor = rest.index(after: equals)
+                guard cursor < rest.endIndex, rest[cursor] == "\"" else { break }
+                cursor = rest.index(after: cursor)
+                var labelValue = ""
+                while cursor < rest.endIndex, rest[cursor] != "\"" {
+                    if rest[cursor] == "\\", rest.index(after: cursor) < rest.endIndex { cursor = rest.index(after: cursor) }
+                    labelValue.append(rest[cursor])
+                    cursor = rest.index(after: cursor)
+                }
+                labels[name] = labelValue
+                rest = cursor < rest.endIndex ? rest[rest.index(after: cursor)...] : rest[rest.endIndex...]
+            }
+            result.append(Series(name: String(key[..<brace]), labels: labels, value: value))
+        }
+        return result
+    }
+}
