@@ -7,26 +7,43 @@ import ServiceLifecycle
 import Synchronization
 import UnixSignals
 
-/// Runs a command's parts as services of one `ServiceGroup`: SIGTERM or SIGINT starts a
-/// graceful shutdown that stops them in the reverse of the order given (the public side first,
-/// the metrics port last), all within one `grace`; past it the group cancels what is left, and
-/// past a few seconds more the command stops waiting (a consumer that ignores cancellation
-/// does not keep the process alive). `/readyz` turns 503 as the shutdown begins.
+/// Runs a command's parts as services of one `ServiceGroup` until SIGTERM or SIGINT, which
+/// starts a graceful shutdown that stops them in the reverse of the order given (the public side
+/// first, the metrics port last), all within one `grace`; past it the group cancels what is
+/// left, and five seconds after that the command stops waiting (a consumer that ignores
+/// cancellation does not keep the process alive). `/readyz` turns 503 as the shutdown begins.
 func runServices(_ services: [any Service], metrics: MetricsEndpoint?, grace: Duration, logger: Logger) async {
-    var parts: [any Service] = []
-    if let metrics { parts.append(MetricsService(endpoint: metrics)) }
-    parts += services
-    parts.append(ReadinessGate(endpoint: metrics, logger: logger, grace: grace))
-    var configuration = ServiceGroupConfiguration(services: parts, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
-    configuration.maximumGracefulShutdownDuration = grace
-    let group = ServiceGroup(configuration: configuration)
-    let finished = await racingTimeout(grace + .seconds(5), fallback: false) {
-        do {
-            try await group.run()
-        } catch {
-            logger.error("stopped on an error", metadata: ["error": "\(error)"])
+    let finished = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+        let resumed = Mutex(false)
+        let finish: @Sendable (Bool) -> Void = { value in
+            let first = resumed.withLock { done -> Bool in
+                defer { done = true }
+                return !done
+            }
+            if first { continuation.resume(returning: value) }
         }
-        return true
+        var parts: [any Service] = []
+        if let metrics { parts.append(MetricsService(endpoint: metrics)) }
+        parts += services
+        // The outer bound starts when the shutdown does: grace, then a little for cancellation.
+        parts.append(
+            ReadinessGate(endpoint: metrics, logger: logger, grace: grace) {
+                Task {
+                    try? await Task.sleep(for: grace + .seconds(5))
+                    finish(false)
+                }
+            })
+        var configuration = ServiceGroupConfiguration(services: parts, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        configuration.maximumGracefulShutdownDuration = grace
+        let group = ServiceGroup(configuration: configuration)
+        Task {
+            do {
+                try await group.run()
+            } catch {
+                logger.error("stopped on an error", metadata: ["error": "\(error)"])
+            }
+            finish(true)
+        }
     }
     if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
 }
@@ -37,10 +54,12 @@ private struct ReadinessGate: Service, CustomStringConvertible {
     let endpoint: MetricsEndpoint?
     let logger: Logger
     let grace: Duration
+    let shutdownBegan: @Sendable () -> Void
     var description: String { "readiness" }
 
     func run() async throws {
         try? await gracefulShutdown()
+        shutdownBegan()
         endpoint?.markShuttingDown()
         logger.info("stopping: finishing what is in hand", metadata: ["grace_s": "\(grace.seconds)"])
     }

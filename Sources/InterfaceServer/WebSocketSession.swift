@@ -229,6 +229,8 @@ final class WebSocketSession {
     /// buffering (or slow anyone else down).
     private func slowClient() {
         server.counters.count(.closedSlowClient)
+        // The frame that did not fit is not written: a drop, counted as such.
+        ServerMetrics.dropped[.slowClient]?.increment()
         server.logger.warning(
             "closing a WebSocket whose client does not read (1008)",
             metadata: [

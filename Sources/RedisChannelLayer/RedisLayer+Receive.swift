@@ -132,7 +132,11 @@ extension RedisChannelLayer {
             }
             guard let (list, reply) = result, let items = reply.array, !items.isEmpty else { continue }
             var popped: [ReceivedMessage] = []
-            if let body = items[0].bytes { popped = decodeReceived(list: list, body: body) }
+            if let body = items[0].bytes {
+                popped = decodeReceived(list: list, body: body)
+            } else {
+                LayerMetrics.expired.increment()  // the list named a body that had expired
+            }
             popped += decodePairs(items, from: 1)
             let batch = handOut(popped, max: max)
             if !batch.isEmpty {

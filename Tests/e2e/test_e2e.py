@@ -762,4 +762,110 @@ def readyz_follows_the_layer_and_runworker_serves_metrics():
         finally:
             assert worker.stop() == 0
 
+
+@test
+def every_drop_reason_it_can_provoke_is_counted():
+    """Drops provoked one by one on Redis (runserver --noworker and a runworker, each with a
+    metrics port): the counter of each reason moves by what was dropped, and nothing else drops."""
+    import redis as redis_py
+    with own_redis() as (rport, workdir, url):
+        prefix = "e2edrops%d:" % os.getpid()
+        layer = url + "?prefix=" + prefix + "&capacity.http.request=1"
+        sport, wport = free_port(), free_port()
+        proc, port = server("--noworker", "--layer", layer, "--metrics-port", str(sport), "--channel-full-timeout", "0.5",
+                            "--layer-outage-timeout", "1", "--max-queued-bytes", "65536")
+        worker = None
+        r = redis_py.StrictRedis(port=rport)
+        try:
+            s0 = scrape(sport)
+            # channel_full: no worker reads http.request (capacity 1): the first request waits in
+            # the channel, the second is held for --channel-full-timeout, then 503 and dropped.
+            first = socket.create_connection(("127.0.0.1", port))
+            first.sendall(b"GET /hello/first HTTP/1.1\r\nHost: x\r\n\r\n")
+            until(lambda: r.llen(prefix + "http.request") == 1, "the first request to wait in the channel")
+            assert get(port, "/hello/second")[0] == 503
+            s1 = scrape(sport)
+            assert delta(s0, s1, 'channels_dropped_total{reason="channel_full"}') == 1, s1
+            # unroutable_reply: a reply to a connection this server does not have.
+            process = re.search(r"reply_channel=(\S+!)", open(proc.log.name).read()).group(1)
+            from asgi_redis import RedisChannelLayer
+            app = RedisChannelLayer(hosts=[url], prefix=prefix)
+            app.send(process + "nobodyhere", {"status": 200, "content": b"lost"})
+            until(lambda: delta(s1, scrape(sport), 'channels_dropped_total{reason="unroutable_reply"}') == 1,
+                  "the unroutable reply to be counted")
+            first.close()
+            r.delete(prefix + "http.request")
+
+            worker = Proc("runworker", "--layer", layer, "--metrics-port", str(wport), "--threads", "2")
+            worker.wait_line("worker ready")
+            w0 = scrape(wport)
+            # malformed: a body that is not msgpack, where the worker reads.
+            r.set(prefix + "garbagebody", b"\xc1 not msgpack", ex=60)
+            r.rpush(prefix + "http.request", prefix + "garbagebody")
+            until(lambda: delta(w0, scrape(wport), 'channels_dropped_total{reason="malformed"}') == 1,
+                  "the malformed body to be counted")
+            # expired: the channel names a body that expired before anyone took it.
+            time.sleep(0.5)  # the worker is back in its blocking wait
+            r.rpush(prefix + "http.request", prefix + "expiredbody")
+            until(lambda: delta(w0, scrape(wport), 'channels_dropped_total{reason="expired"}') == 1,
+                  "the expired body to be counted")
+            assert get(port, "/hello/after")[0] == 200, "the worker serves on after both"
+
+            # slow_client: a socket that never reads while its echoes pile up past --max-queued-bytes.
+            s2 = scrape(sport)
+            slow = socket.socket()
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.connect(("127.0.0.1", port))
+            slow.sendall(b"GET /echo/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            assert b"101" in slow.recv(200)
+            wmem_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
+            payload = b"x" * 16000
+            frame = b"\x82\xfe" + len(payload).to_bytes(2, "big") + b"\x00\x00\x00\x00" + payload  # masked, zero key
+            slow.setblocking(False)
+            sent, pending = 0, b""
+            deadline = time.time() + 60
+            while "does not read" not in open(proc.log.name).read() and time.time() < deadline:
+                if not pending and sent < wmem_max + (4 << 20):
+                    pending = frame
+                if not pending:
+                    time.sleep(0.1)
+                    continue
+                try:
+                    n = slow.send(pending)  # whole frames only: a partial send is finished first
+                    pending, sent = pending[n:], sent + n
+                except BlockingIOError:
+                    time.sleep(0.05)
+            slow.close()
+            s3 = scrape(sport)
+            assert delta(s2, s3, 'channels_dropped_total{reason="slow_client"}') >= 1, s3
+
+            # retries_exhausted: Redis gone while a socket sends; after --layer-outage-timeout the
+            # held frames are dropped and the socket closed with 1011.
+            async def outage():
+                ws = await websockets.connect("ws://127.0.0.1:%d/echo/" % port)
+                await ws.send("before")
+                assert await asyncio.wait_for(ws.recv(), 10) == "before"
+                kill_redis(workdir)
+                for i in range(3):
+                    await ws.send("held %d" % i)
+                try:
+                    await asyncio.wait_for(ws.recv(), 20)
+                    raise AssertionError("a frame was echoed with Redis gone")
+                except websockets.exceptions.ConnectionClosed as e:
+                    return e.code
+            assert asyncio.run(outage()) == 1011
+            s4 = scrape(sport)
+            # The three held frames and the socket's websocket.disconnect, which could not be sent either.
+            assert delta(s3, s4, 'channels_dropped_total{reason="retries_exhausted"}') == 4, s4
+            for reason in ("too_large", "undecryptable"):
+                assert delta(s0, s4, 'channels_dropped_total{reason="%s"}' % reason) == 0, (reason, s4)
+            print("  drops counted: channel_full 1, unroutable_reply 1, malformed 1, expired 1, slow_client %d, "
+                  "retries_exhausted 4" % delta(s2, s3, 'channels_dropped_total{reason="slow_client"}'), flush=True)
+        finally:
+            if worker and worker.p.poll() is None:
+                worker.stop(signal.SIGKILL)
+            proc.stop(signal.SIGKILL)
+
+
 summary()
