@@ -157,9 +157,14 @@ public final class Worker: Sendable {
             await unrouted(received)
             return
         }
+        // Every line the consumer logs says which message it was handling.
+        var consumerLogger = logger
+        consumerLogger[metadataKey: "channel"] = "\(received.channel)"
+        if let reply = received.message.replyChannel { consumerLogger[metadataKey: "reply_channel"] = "\(reply)" }
+        consumerLogger[metadataKey: "consumer"] = "\(name)"
         context = ConsumerContext(
             message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
-            logger: logger, environment: environment
+            logger: consumerLogger, environment: environment
         ) { [weak self] parked in
             await self?.dispatch(parked)
         }

@@ -156,6 +156,7 @@ public final class InterfaceServer: Sendable {
         let channels = openConnections.all()
         for channel in channels { try? await channel.close() }
         readerTask.withLock { $0?.cancel() }
+        context.accessLog?.flush()
         context.logger.info("interface server stopped")
     }
 }

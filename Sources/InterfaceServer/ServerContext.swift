@@ -1,5 +1,6 @@
 import ASGI
 import CoreMetrics
+import Dispatch
 import Foundation
 import Logging
 import NIOCore
@@ -52,7 +53,7 @@ final class ServerContext: Sendable {
 /// output, or (the default) a structured line through the server's logger, whose keys a log
 /// shipper can index (`--log-format json` makes it one JSON object).
 final class AccessLog: Sendable {
-    private let write: (@Sendable (String) -> Void)?
+    private let writer: BackgroundWriter?
     private let logger: Logger
 
     /// - Parameter path: a file, `-` for standard output, or nil for the logger.
@@ -62,38 +63,42 @@ final class AccessLog: Sendable {
         self.logger = accessLogger
         switch path {
         case nil:
-            write = nil
+            writer = nil
         case "-":
-            let lock = Mutex(())
-            write = { line in
+            writer = BackgroundWriter(logger: logger) { line in
                 let bytes = Array((line + "\n").utf8)
-                lock.withLock { _ in
-                    bytes.withUnsafeBytes { raw in
-                        var offset = 0
-                        while offset < raw.count {
-                            let written = Glibc.write(1, raw.baseAddress! + offset, raw.count - offset)
-                            if written <= 0 { break }
-                            offset += written
-                        }
+                bytes.withUnsafeBytes { raw in
+                    var offset = 0
+                    while offset < raw.count {
+                        let written = Glibc.write(1, raw.baseAddress! + offset, raw.count - offset)
+                        if written <= 0 { break }
+                        offset += written
                     }
                 }
             }
         case let path?:
-            let handle = Mutex<UnsafeMutablePointer<FILE>?>(fopen(path, "a"))
-            write = { line in
-                handle.withLock { file in
-                    guard let file else { return }
-                    fputs(line + "\n", file)
-                    fflush(file)
-                }
+            // Used only on the writer's serial queue.
+            nonisolated(unsafe) let file = fopen(path, "a")
+            if file == nil { logger.error("cannot open the access log", metadata: ["path": "\(path)"]) }
+            writer = BackgroundWriter(logger: logger) { line in
+                guard let file else { return }
+                fputs(line + "\n", file)
+                fflush(file)
             }
         }
     }
 
+    private func write(_ line: String) -> Bool {
+        guard let writer else { return false }
+        writer.submit(line)
+        return true
+    }
+
+    /// Waits until every line given so far is written (at shutdown).
+    func flush() { writer?.flush() }
+
     func http(client: String, method: String, path: String, status: Int, size: Int, seconds: Double) {
-        if let write {
-            write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(Self.fixed(seconds, digits: 3))s")
-        } else {
+        if !write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(Self.fixed(seconds, digits: 3))s") {
             logger.log(
                 level: status >= 500 ? .warning : .info, "http",
                 metadata: [
@@ -113,14 +118,55 @@ final class AccessLog: Sendable {
     }
 
     func websocket(client: String, event: String, path: String, detail: String = "") {
-        if let write {
-            write("\(client) - - \"WS\(event) \(path)\"" + (detail.isEmpty ? "" : " \(detail)"))
-        } else {
+        if !write("\(client) - - \"WS\(event) \(path)\"" + (detail.isEmpty ? "" : " \(detail)")) {
             var metadata: Logger.Metadata = ["client": "\(client)", "event": "\(event.lowercased())", "path": "\(path)"]
             if !detail.isEmpty { metadata["detail"] = "\(detail)" }
             logger.info("websocket", metadata: metadata)
         }
     }
+}
+
+/// Writes lines on a queue of its own, so the event loop that produced them never waits on a
+/// disk or a pipe. At most `limit` lines wait; past that (the disk stalls) lines are dropped,
+/// counted and reported once a minute at most, rather than held without bound.
+final class BackgroundWriter: Sendable {
+    private let queue = DispatchQueue(label: "channels.access-log")
+    private let sink: @Sendable (String) -> Void
+    private let logger: Logger
+    private let limit: Int
+    private let pending = Atomic<Int>(0)
+    private let dropped = Atomic<Int>(0)
+    private let lastReport = Mutex<ContinuousClock.Instant?>(nil)
+
+    init(logger: Logger, limit: Int = 10_000, sink: @escaping @Sendable (String) -> Void) {
+        self.logger = logger
+        self.limit = limit
+        self.sink = sink
+    }
+
+    /// Lines dropped because the writer fell `limit` lines behind.
+    var droppedLines: Int { dropped.load(ordering: .relaxed) }
+
+    func submit(_ line: String) {
+        guard pending.add(1, ordering: .relaxed).newValue <= limit else {
+            pending.subtract(1, ordering: .relaxed)
+            let total = dropped.add(1, ordering: .relaxed).newValue
+            let now = ContinuousClock.now
+            let report = lastReport.withLock { last -> Bool in
+                guard last.map({ now - $0 >= .seconds(60) }) ?? true else { return false }
+                last = now
+                return true
+            }
+            if report { logger.warning("access log falls behind: lines dropped", metadata: ["dropped_total": "\(total)"]) }
+            return
+        }
+        queue.async {
+            self.sink(line)
+            self.pending.subtract(1, ordering: .relaxed)
+        }
+    }
+
+    func flush() { queue.sync {} }
 }
 
 #if canImport(Glibc)

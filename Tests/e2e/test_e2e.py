@@ -270,6 +270,17 @@ def json_logs_one_object_per_line_with_access_lines():
         access = [o for o in objects if o["msg"] == "http" and o.get("path") == "/hello/logged"]
         assert access and access[0]["status"] == "200" and access[0]["method"] == "GET", objects
         assert access[0]["client"].startswith("127.0.0.1:") and float(access[0]["ms"]) >= 0
+        # A consumer's own lines say which message it handled: channel, reply channel, consumer.
+        async def join_room():
+            ws, _ = await join(port, "logged")
+            await ws.close()
+        asyncio.run(join_room())
+        time.sleep(0.3)
+        proc.log.seek(0)
+        joined = [json.loads(line) for line in proc.log.read().splitlines()
+                  if line.startswith("{") and json.loads(line)["msg"] == "joined"]
+        assert joined and joined[0]["channel"] == "websocket.connect", joined
+        assert "!" in joined[0]["reply_channel"] and joined[0]["room"] == "logged" and joined[0]["consumer"], joined
     finally:
         assert proc.stop() == 0
 
