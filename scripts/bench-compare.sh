@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Before/after in one run, on one Redis: the server + worker figures of scripts/bench-server.sh
+# (HTTP req/s with wrk, WebSocket echo throughput and latency with ChannelsBench ws) and the
+# layer figures of scripts/bench-layer.sh (ChannelsBench), for
+#   before         the binaries in BEFORE_BIN (a release build of an earlier commit)
+#   after          this tree's release build
+#   after+metrics  the same with --metrics-port on the server and the worker (issue: metrics
+#                  must cost at most 5 %)
+# interleaved ROUNDS times (this machine's noise moves a figure more between two consecutive runs
+# than most changes do; medians of interleaved rounds are what to compare). Prints a table of
+# medians and the ratios to `before` and to `after`.
+#
+#   BEFORE_BIN=/path/to/bin scripts/bench-compare.sh      (ROUNDS=3, DURATION=8: about 8 minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+LAYER_N=${LAYER_N:-10000}
+log() { printf '==> %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+[ -n "${BEFORE_BIN:-}" ] && [ -x "$BEFORE_BIN/PeerChat" ] && [ -x "$BEFORE_BIN/ChannelsBench" ] || {
+  log "BEFORE_BIN must name a folder with PeerChat and ChannelsBench built (release) from the earlier commit"; exit 2; }
+command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+if [ -z "${AFTER_BIN:-}" ]; then
+  log "release build of this tree"
+  swift build -c release --package-path Examples --product PeerChat >/dev/null
+  swift build -c release --package-path Benchmarks --product ChannelsBench >/dev/null
+  AFTER_BIN="$(mktemp -d)"
+  cp "$(swift build -c release --package-path Examples --show-bin-path)/PeerChat" "$AFTER_BIN/"
+  cp "$(swift build -c release --package-path Benchmarks --show-bin-path)/ChannelsBench" "$AFTER_BIN/"
+fi
+CLIENT="$AFTER_BIN/ChannelsBench"   # the same load generator for every stack
+
+RUN_DIR=$(mktemp -d)
+REDIS_PORT=$(free_port)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  kill "$(cat "$RUN_DIR/redis.pid" 2>/dev/null)" 2>/dev/null || true
+  rm -rf "$RUN_DIR"
+}
+trap cleanup EXIT
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+  --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR"
+for _ in $(seq 1 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+REDIS="redis://127.0.0.1:$REDIS_PORT/0"
+OUT="$RUN_DIR/results.jsonl"
+: > "$OUT"
+record() { echo "{\"stack\": \"$1\", \"what\": \"$2\", \"value\": ${3:-null}}" >> "$OUT"; }
+
+stack_run() { # stack_run NAME BIN METRICS(0/1)
+  local name=$1 bin=$2 metrics=$3 port mflags=() wflags=()
+  port=$(free_port)
+  if [ "$metrics" = 1 ]; then mflags=(--metrics-port "$(free_port)"); wflags=(--metrics-port "$(free_port)"); fi
+  redis-cli -p "$REDIS_PORT" flushall >/dev/null
+  local layer="$REDIS?prefix=cmp:&capacity=1000"
+  "$bin/PeerChat" runserver --noworker --layer "$layer" --port "$port" --access-log /dev/null "${mflags[@]}" \
+    > "$RUN_DIR/$name-server.log" 2>&1 & local server=$!
+  "$bin/PeerChat" runworker --layer "$layer" "${wflags[@]}" > "$RUN_DIR/$name-worker.log" 2>&1 & local worker=$!
+  pids+=("$server" "$worker")
+  for _ in $(seq 1 150); do curl -s -o /dev/null "http://127.0.0.1:$port/hello" && break; sleep 0.2; done
+  wrk -t2 -c50 -d"${DURATION}s" "http://127.0.0.1:$port/hello/bench" > "$RUN_DIR/wrk.txt" 2>&1 || true
+  record "$name" "HTTP req/s" "$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' "$RUN_DIR/wrk.txt")"
+  "$CLIENT" ws "ws://127.0.0.1:$port" latency 2000 > "$RUN_DIR/lat.json" 2>/dev/null || true
+  "$CLIENT" ws "ws://127.0.0.1:$port" throughput 50 "$DURATION" > "$RUN_DIR/tp.json" 2>/dev/null || true
+  python3 - "$RUN_DIR" "$name" >> "$OUT" <<'PY'
+import json, sys
+run, name = sys.argv[1], sys.argv[2]
+def dig(path, key):
+    try: d = json.load(open(run + "/" + path))
+    except Exception: return None
+    todo = [d]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            if key in x: return x[key]
+            todo.extend(x.values())
+for what, value in (("ws echo 1 client p50 ms", dig("lat.json", "median_ms")),
+                    ("ws echo 50 clients msgs/s", dig("tp.json", "msgs_per_s"))):
+    print(json.dumps({"stack": name, "what": what, "value": value}))
+PY
+  kill "$server" "$worker" 2>/dev/null || true
+  wait "$server" "$worker" 2>/dev/null || true
+}
+
+layer_run() { # layer_run NAME BIN
+  redis-cli -p "$REDIS_PORT" flushall >/dev/null
+  "$2/ChannelsBench" "$REDIS" "$LAYER_N" > "$RUN_DIR/layer.json" 2>/dev/null || true
+  python3 - "$RUN_DIR/layer.json" "$1" >> "$OUT" <<'PY'
+import json, sys
+try: d = json.load(open(sys.argv[1]))
+except Exception: d = {}
+for key, value in sorted(d.items()):
+    if isinstance(value, (int, float)):
+        print(json.dumps({"stack": sys.argv[2], "what": "layer " + key, "value": value}))
+PY
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  log "round $round of $ROUNDS"
+  stack_run before "$BEFORE_BIN" 0
+  stack_run after "$AFTER_BIN" 0
+  stack_run after+metrics "$AFTER_BIN" 1
+  layer_run before "$BEFORE_BIN"
+  layer_run after "$AFTER_BIN"
+done
+
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import collections, json, statistics, sys
+rows = collections.defaultdict(lambda: collections.defaultdict(list))
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["value"] is not None:
+        rows[r["what"]][r["stack"]].append(r["value"])
+stacks = ["before", "after", "after+metrics"]
+print("%-44s %14s %14s %14s %9s %9s" % ("median of %s interleaved rounds" % sys.argv[2], *stacks, "after/bef", "metr/aft"))
+for what in sorted(rows):
+    med = {s: statistics.median(v) for s, v in rows[what].items()}
+    cells = ["%14.2f" % med[s] if s in med else "%14s" % "-" for s in stacks]
+    ratio = lambda a, b: ("%9.2f" % (med[a] / med[b])) if a in med and b in med and med[b] else "%9s" % "-"
+    print("%-44s %s %s %s %s %s" % (what, *cells, ratio("after", "before"), ratio("after+metrics", "after")))
+print("(higher is better for /s figures, lower for ms; ratios are a / b of the medians)")
+PY
