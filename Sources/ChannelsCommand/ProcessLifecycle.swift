@@ -89,34 +89,21 @@ struct InterfaceServerService: Service, CustomStringConvertible {
     }
 }
 
-/// Workers as a service. `finishQueued`: on shutdown take what is already queued before
-/// stopping (the in-process workers of `runserver`, the only readers of their layer, so the
-/// disconnects of the sockets the server just closed reach the application); otherwise stop
-/// taking at once and let the consumers in hand finish (`runworker`: other workers read on).
-struct WorkerService: Service, CustomStringConvertible {
-    let worker: Worker
-    let finishQueued: Bool
-    var description: String { "worker" }
+/// A part that runs until it is asked to stop: `body` runs, and the graceful shutdown calls
+/// `stop`, after which `body` finishes what it holds and returns. Workers take `Worker.stop`
+/// (`runworker`: other workers read on) or `Worker.finishQueuedThenStop` (`runserver`'s
+/// in-process workers, the only readers of their layer, so the disconnects of the sockets the
+/// server just closed reach the application); the delay server takes `DelayServer.stop`.
+struct StoppableService: Service, CustomStringConvertible {
+    let description: String
+    let body: @Sendable () async -> Void
+    let stop: @Sendable () -> Void
 
     func run() async throws {
         await withGracefulShutdownHandler {
-            await worker.run()
+            await body()
         } onGracefulShutdown: {
-            if finishQueued { worker.finishQueuedThenStop() } else { worker.stop() }
-        }
-    }
-}
-
-/// The delay server as a service.
-struct DelayService: Service, CustomStringConvertible {
-    let server: DelayServer
-    var description: String { "delay" }
-
-    func run() async throws {
-        await withGracefulShutdownHandler {
-            await server.run()
-        } onGracefulShutdown: {
-            server.stop()
+            stop()
         }
     }
 }

@@ -28,7 +28,9 @@ struct RunDelay: ApplicationSubcommand {
         let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
-        await runServices([DelayService(server: server)], metrics: metricsEndpoint, grace: .seconds(30), logger: logger)
+        await runServices(
+            [StoppableService(description: "delay", body: server.run, stop: server.stop)], metrics: metricsEndpoint, grace: .seconds(30),
+            logger: logger)
         await client.close()
         await layer.close()
     }

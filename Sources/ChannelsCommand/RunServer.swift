@@ -110,8 +110,8 @@ struct RunServer: ApplicationSubcommand {
         // Stopped in reverse: the server first (its responses in flight and its sockets'
         // disconnects reach the layer), then the workers take what is queued, then the delay server.
         var services: [any Service] = []
-        if let delay { services.append(DelayService(server: delay)) }
-        if let worker { services.append(WorkerService(worker: worker, finishQueued: true)) }
+        if let delay { services.append(StoppableService(description: "delay", body: delay.run, stop: delay.stop)) }
+        if let worker { services.append(StoppableService(description: "worker", body: worker.run, stop: worker.finishQueuedThenStop)) }
         if admin, let metricsEndpoint {
             let routed = router.channels.union([ASGIChannel.httpRequest] + ASGIChannel.websocket)
             let page = AdminPage(layer: layer, routed: routed, registry: metricsEndpoint.registry, token: resolvedAdminToken)

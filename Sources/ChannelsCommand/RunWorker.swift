@@ -32,7 +32,7 @@ struct RunWorker: ApplicationSubcommand {
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(
-            [WorkerService(worker: worker, finishQueued: false)], metrics: metricsEndpoint,
+            [StoppableService(description: "worker", body: worker.run, stop: worker.stop)], metrics: metricsEndpoint,
             grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()
     }

@@ -848,6 +848,13 @@ def every_drop_reason_it_can_provoke_is_counted():
                 except BlockingIOError:
                     time.sleep(0.05)
             slow.close()
+
+            # What that socket sent before it was closed must be in the layer before Redis goes.
+            def settled():
+                first = scrape(sport).get('channels_messages_sent_total{kind="websocket"}')
+                time.sleep(0.5)
+                return scrape(sport).get('channels_messages_sent_total{kind="websocket"}') == first
+            until(settled, "the closed socket's frames to reach the layer", timeout=30)
             s3 = scrape(sport)
             assert delta(s2, s3, 'channels_dropped_total{reason="slow_client"}') >= 1, s3
 
