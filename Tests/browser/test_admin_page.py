@@ -125,6 +125,13 @@ def main():
         refused = subprocess.run([CHAT, "stats", "--server", "http://127.0.0.1:%d" % metrics_port],
                                  capture_output=True, text=True, timeout=30)
         assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+        # The page is never served off loopback without a token, nor without a metrics port.
+        for args, hint in ((["--admin", "--metrics-port", "0", "--metrics-bind", "0.0.0.0"], "--admin-token"),
+                           (["--admin"], "--metrics-port")):
+            env_no_token = {k: v for k, v in env.items() if k != "CHANNELS_ADMIN_TOKEN"}
+            refused = subprocess.run([CHAT, "runserver", "--port", "0", *args], capture_output=True, text=True,
+                                     timeout=30, env=env_no_token)
+            assert refused.returncode != 0 and hint in refused.stderr, (args, refused.stderr)
         no_layer = subprocess.run([CHAT, "stats"], capture_output=True, text=True, timeout=30)
         assert no_layer.returncode != 0 and "--server" in no_layer.stderr, no_layer.stderr
 
