@@ -70,6 +70,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         var nextWaiterID: UInt64 = 0
         var operationsSinceSweep = 0
         var closed = false
+        /// Messages dropped unread at their expiry (bundled members each count).
+        var expired = 0
 
         mutating func removeWaiter(_ id: UInt64) -> Waiter? {
             guard let waiter = waiters.removeValue(forKey: id) else { return nil }
@@ -91,6 +93,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
                 }
                 queues[key] = queue.isEmpty ? nil : queue
                 if first.expiresAt > now { return first }
+                expired += 1 + first.more.count
                 LayerMetrics.expired.increment(by: 1 + first.more.count)
             }
             return nil
@@ -100,6 +103,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
             guard var queue = queues[key] else { return }
             while let first = queue.first, first.expiresAt <= now {
                 queue.removeFirst()
+                expired += 1 + first.more.count
                 LayerMetrics.expired.increment(by: 1 + first.more.count)
             }
             queues[key] = queue.isEmpty ? nil : queue
@@ -323,6 +327,9 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
 
     /// Group members skipped because their channel was full.
     public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
+
+    /// Messages dropped unread at their expiry so far (also `channels_dropped_total{reason="expired"}`).
+    public var messagesExpired: Int { state.withLock { $0.expired } }
 
     /// The configured size limit.
     public var maxMessageSize: Int { configuration.maxMessageSize }

@@ -14,6 +14,8 @@ enum ChannelsMetrics {
     static let delayScheduled = Counter(label: "channels_delay_scheduled_total")
     static let delayDelivered = Counter(label: "channels_delay_delivered_total")
     static let delayRetried = Counter(label: "channels_delay_retried_total")
+    static let delayLate = Counter(label: "channels_delay_late_total")
+    static let delayLateness = Timer(label: "channels_delay_lateness_seconds")
 
     private static let durations = Mutex<[String: Timer]>([:])
     private static let errors = Mutex<[String: Counter]>([:])

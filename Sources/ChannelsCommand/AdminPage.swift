@@ -23,6 +23,8 @@ final class AdminPage: Sendable {
         var consumerErrors: Double = 0
         var delayScheduled: Double = 0
         var delayDelivered: Double = 0
+        var delayLate: Double = 0
+        var layerErrors: [String: Double] = [:]
     }
 
     /// One point of the charts: counters as totals (the page turns them into rates).
@@ -89,6 +91,8 @@ final class AdminPage: Sendable {
             case "channels_consumer_errors_total": figures.consumerErrors += series.value
             case "channels_delay_scheduled_total": figures.delayScheduled += series.value
             case "channels_delay_delivered_total": figures.delayDelivered += series.value
+            case "channels_delay_late_total": figures.delayLate += series.value
+            case "channels_layer_errors_total": figures.layerErrors[series.labels["code"] ?? "?", default: 0] += series.value
             default: break
             }
         }

@@ -91,7 +91,9 @@ extension AdminPage {
               `<tr><td>in flight</td><td>${fmt(p.http_requests_in_flight)}</td></tr>`,
               `<tr><td>group sends</td><td>${fmt(p.group_sends)}</td></tr>`,
               `<tr><td>members reached</td><td>${fmt(p.group_members_reached)}</td></tr>`,
-              `<tr><td>consumer errors</td><td>${fmt(p.consumer_errors)}</td></tr>`], "");
+              `<tr><td>consumer errors</td><td>${fmt(p.consumer_errors)}</td></tr>`,
+              `<tr><td>layer errors</td><td>${fmt(total(p.layer_errors))}</td></tr>`,
+              `<tr><td>delayed: delivered / late</td><td>${fmt(p.delay_delivered)} / ${fmt(p.delay_late)}</td></tr>`], "");
             rows("reasons", Object.entries(p.dropped).filter(([, v]) => v > 0).sort((a, b) => b[1] - a[1])
               .map(([k, v]) => `<tr><td>${esc(k)}</td><td class="warn">${fmt(v)}</td></tr>`), "nothing dropped");
             rows("channels", l.channels.map(c => `<tr><td>${esc(c.name)}</td><td class="${c.messages_pending > 100 ? "warn" : ""}">${c.messages_pending}</td>` +

@@ -123,8 +123,8 @@ struct LayerOptions: ParsableArguments {
         return logger
     }
 
-    /// The layer from `--layer` / `CHANNEL_LAYER` (the embedded one when neither is set), with
-    /// where its Redis-backed companions (sessions, delays) go. Chosen here, once: nothing later
+    /// The layer from `--layer` / `CHANNEL_LAYER` (the embedded one when neither is set), counted
+    /// (``MeteredChannelLayer``), with where its Redis-backed companions (sessions, delays) go. Chosen here, once: nothing later
     /// casts the layer back to a concrete type.
     func makeBackend(logger: Logger, allowMemory: Bool) throws -> Backend {
         let url = layer ?? ProcessInfo.processInfo.environment["CHANNEL_LAYER"]
@@ -133,15 +133,15 @@ struct LayerOptions: ParsableArguments {
                 throw ValidationError(
                     "this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
             }
-            return Backend(layer: InMemoryChannelLayer(), redis: nil)
+            return Backend(layer: MeteredChannelLayer(InMemoryChannelLayer()), redis: nil)
         }
         if url == "memory" || url == "memory://" {
             guard allowMemory else { throw ValidationError("the in-memory layer cannot be shared between processes") }
-            return Backend(layer: InMemoryChannelLayer(), redis: nil)
+            return Backend(layer: MeteredChannelLayer(InMemoryChannelLayer()), redis: nil)
         }
         let redis = try RedisChannelLayer(
             urls: RedisChannelLayerConfiguration.splitURLList(url), environment: ProcessInfo.processInfo.environment, logger: logger)
-        return Backend(layer: redis, redis: redis.configuration.hosts.first)
+        return Backend(layer: MeteredChannelLayer(redis), redis: redis.configuration.hosts.first)
     }
 }
 

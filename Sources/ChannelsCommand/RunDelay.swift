@@ -17,6 +17,12 @@ struct RunDelay: ApplicationSubcommand {
     @OptionGroup var options: LayerOptions
     @OptionGroup var metrics: MetricsOptions
     @Option(name: .long, help: "The Redis sorted set that holds scheduled messages.") var delayKey = "asgi-delay:scheduled"
+    @Option(name: .long, help: "Seconds past its due time after which a delivery counts as late (channels_delay_late_total).")
+    var lateAfter = 0.5
+
+    func validate() throws {
+        guard lateAfter.isFinite, lateAfter >= 0 else { throw ValidationError("--late-after must be a number of seconds >= 0") }
+    }
 
     func run(_ app: ChannelsApplication) async throws {
         let logger = options.makeLogger("channels.rundelay")
@@ -25,7 +31,9 @@ struct RunDelay: ApplicationSubcommand {
         let layer = backend.layer
         guard let first = backend.redis else { throw ValidationError("rundelay needs a Redis layer") }
         let client = RedisClient(endpoint: first)
-        let server = DelayServer(layer: layer, store: RedisDelayStore(client: client, key: delayKey), logger: logger)
+        let server = DelayServer(
+            layer: layer, store: RedisDelayStore(client: client, key: delayKey), lateAfter: Duration(secondsValue: lateAfter),
+            logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(

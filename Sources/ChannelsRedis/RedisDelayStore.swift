@@ -13,8 +13,8 @@ public final class RedisDelayStore: DelayStore {
     private static let take = LuaScript(
         name: "delay-take",
         source: """
-            local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-            if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+            local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+            for i = 1, #due, 2 do redis.call('ZREM', KEYS[1], due[i]) end
             return due
             """)
 
@@ -32,13 +32,17 @@ public final class RedisDelayStore: DelayStore {
         try await client.command([Array("ZADD".utf8), Array(key.utf8), Array(String(due).utf8), member])
     }
 
-    /// Removes and returns up to `limit` due entries in one script, so two delay servers never
-    /// deliver one twice.
-    public func takeDue(now: Int64, limit: Int) async throws -> [[UInt8]] {
+    /// Removes and returns up to `limit` due entries (with when each was due) in one script, so
+    /// two delay servers never deliver one twice.
+    public func takeDue(now: Int64, limit: Int) async throws -> [DueEntry] {
         let reply = try await client.run(
             Self.take, keys: [Array(key.utf8)],
             args: [Array(String(now).utf8), Array(String(limit).utf8)])
-        return (reply.array ?? []).compactMap { $0.bytes.map { Array($0.dropFirst(8)) } }
+        let items = reply.array ?? []
+        return stride(from: 0, to: items.count - 1, by: 2).compactMap { index in
+            guard let member = items[index].bytes, let score = items[index + 1].text.flatMap(Double.init) else { return nil }
+            return DueEntry(entry: Array(member.dropFirst(8)), due: Int64(score))
+        }
     }
 
     /// When the earliest entry is due, if there is one.

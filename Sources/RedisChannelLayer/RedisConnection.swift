@@ -147,10 +147,10 @@ final class RedisConnection: Sendable {
             if let started { metrics.roundTrip.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
             return replies
         } catch let error as ChannelLayerError {
-            metrics.connectionErrors.increment()
+            metrics.failedRequests.increment()
             throw error
         } catch {
-            metrics.connectionErrors.increment()
+            metrics.failedRequests.increment()
             throw ChannelLayerError(.connectionLost, "Redis at \(endpoint): \(error)")
         }
     }

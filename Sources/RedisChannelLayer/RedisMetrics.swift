@@ -9,8 +9,9 @@ struct RedisMetrics: Sendable {
     let roundTrip: Timer
     /// `channels_redis_reconnects_total{shard}`: the shared connection opened again after it died.
     let reconnects: Counter
-    /// `channels_layer_errors_total{code="connection_lost"}`: requests that failed with the connection.
-    let connectionErrors: Counter
+    /// `channels_redis_failed_requests_total{shard}`: requests that failed with the connection
+    /// (retries included; what callers finally see is `channels_layer_errors_total{code}`).
+    let failedRequests: Counter
 
     /// `channels_dropped_total{reason="malformed"}`: bodies that are not valid msgpack.
     static let malformed = Counter(label: "channels_dropped_total", dimensions: [("reason", DropReason.malformed.rawValue)])
@@ -22,6 +23,6 @@ struct RedisMetrics: Sendable {
         let shard = [("shard", endpoint.metricsLabel)]
         roundTrip = Timer(label: "channels_redis_round_trip_seconds", dimensions: shard)
         reconnects = Counter(label: "channels_redis_reconnects_total", dimensions: shard)
-        connectionErrors = Counter(label: "channels_layer_errors_total", dimensions: [("code", "connection_lost")])
+        failedRequests = Counter(label: "channels_redis_failed_requests_total", dimensions: shard)
     }
 }

@@ -64,6 +64,48 @@ struct DelayTests {
         #expect(late.message == ["late": true])
         server.stop()
         await task.value
+        // Retried a second later: late by at least that second, counted from its first due time.
+        #expect(server.statistics.delivered == 1)
+        #expect(server.statistics.late == 1, "a retried delivery counts late")
+    }
+
+    @Test func aDeliveryPastLateAfterCountsLateAndOneOnTimeDoesNot() async throws {
+        let layer = InMemoryChannelLayer()
+        let store = InMemoryDelayStore()
+        // One entry already 2 s overdue when the server starts (as after a delay server's outage).
+        let content: Message = ["overdue": true]
+        let envelope = MsgPackEncoder.encode(["channel": "out", "content": .map(content.fields)] as ASGIValue)
+        try await store.schedule(envelope, due: DelayServer.nowMillis() - 2000)
+        let server = DelayServer(layer: layer, store: store, lateAfter: .seconds(1))
+        let task = Task { await server.run() }
+        #expect(try await layer.receive(channels: ["out"], timeout: .seconds(10))?.message == ["overdue": true])
+        server.stop()
+        await task.value
+        #expect(server.statistics.delivered == 1)
+        #expect(server.statistics.late == 1)
+
+        // A server that takes its entries on time counts none late (the bound is generous: 30 s).
+        let punctual = DelayServer(layer: layer, store: InMemoryDelayStore(), lateAfter: .seconds(30))
+        let again = Task { await punctual.run() }
+        for n in 0..<5 { try await Channel("out").send(["n": .int(Int64(n))], delay: .milliseconds(20), on: layer) }
+        for _ in 0..<5 { #expect(try await layer.receive(channels: ["out"], timeout: .seconds(10)) != nil) }
+        punctual.stop()
+        await again.value
+        #expect(punctual.statistics.delivered == 5)
+        #expect(punctual.statistics.late == 0)
+    }
+
+    @Test func theRedisStoreTakesDueEntriesWithTheirDueTimesOnce() async throws {
+        let store = RedisDelayStore(client: try TestRedis.client(), key: "t" + ChannelNames.randomLetters(8) + "-delay")
+        try await store.schedule([1, 2, 3], due: 1_000)
+        try await store.schedule([4], due: 2_000)
+        try await store.schedule([5], due: 9_000)
+        #expect(try await store.nextDue() == 1_000)
+        let taken = try await store.takeDue(now: 5_000, limit: 10)
+        #expect(taken == [DueEntry(entry: [1, 2, 3], due: 1_000), DueEntry(entry: [4], due: 2_000)])
+        #expect(try await store.takeDue(now: 5_000, limit: 10).isEmpty, "taken once")
+        #expect(try await store.takeDue(now: 9_000, limit: 10) == [DueEntry(entry: [5], due: 9_000)])
+        #expect(try await store.nextDue() == nil)
     }
 
     @Test func twoServersOnRedisSendEachMessageOnce() async throws {

@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import Synchronization
 import Testing
 
 @testable import InterfaceServer
@@ -142,5 +143,26 @@ struct HTTPHandlerTests {
         let received = try #require(try await fixture.layer.receive(channels: [ASGIChannel.httpDisconnect], timeout: .seconds(5)))
         let disconnect = try HTTPDisconnectMessage(received.message)
         #expect(disconnect.replyChannel == request.replyChannel && disconnect.path == "/slow/~/")
+    }
+
+    @Test("a response started while the server shuts down closes its keep-alive connection; one before does not")
+    func responsesDuringShutdownCloseTheirConnection() async throws {
+        let fixture = try await Fixture()
+        try await fixture.channel.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 9)).get()
+        try await fixture.request(.GET, "/before/")
+        let before = try await fixture.sentRequest()
+        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("a".utf8)).message, to: before.replyChannel)
+        let (beforeHead, _) = try await fixture.response()
+        #expect(beforeHead.headers.first(name: "connection") == nil, "HTTP/1.1 keep-alive by default")
+        #expect(fixture.channel.isActive, "and the connection stays open")
+
+        try await fixture.request(.GET, "/during/")
+        let during = try await fixture.sentRequest()
+        fixture.server.shuttingDown.store(true, ordering: .relaxed)
+        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("b".utf8)).message, to: during.replyChannel)
+        let (duringHead, body) = try await fixture.response()
+        #expect(duringHead.status == .ok && body == "b", "the response in hand is still given whole")
+        #expect(duringHead.headers.first(name: "connection") == "close")
+        try await fixture.channel.closeFuture.get()
     }
 }

@@ -797,6 +797,7 @@ def every_drop_reason_it_can_provoke_is_counted():
             assert get(port, "/hello/second")[0] == 503
             s1 = scrape(sport)
             assert delta(s0, s1, 'channels_dropped_total{reason="channel_full"}') == 1, s1
+            assert delta(s0, s1, 'channels_layer_errors_total{code="channel_full"}') >= 1, s1
             # unroutable_reply: a reply to a connection this server does not have.
             process = re.search(r"reply_channel=(\S+!)", open(proc.log.name).read()).group(1)
             from asgi_redis import RedisChannelLayer
@@ -821,6 +822,11 @@ def every_drop_reason_it_can_provoke_is_counted():
             until(lambda: delta(w0, scrape(wport), 'channels_dropped_total{reason="expired"}') == 1,
                   "the expired body to be counted")
             assert get(port, "/hello/after")[0] == 200, "the worker serves on after both"
+            # A consumer that throws: a chat-messages message without its fields.
+            app.send("chat-messages", {"room": "nouser"})
+            until(lambda: sum(delta(w0, scrape(wport), k) for k in scrape(wport)
+                              if k.startswith("channels_consumer_errors_total")) == 1,
+                  "the consumer's error to be counted")
 
             # slow_client: a socket that never reads while its echoes pile up past --max-queued-bytes.
             s2 = scrape(sport)
@@ -876,6 +882,7 @@ def every_drop_reason_it_can_provoke_is_counted():
             s4 = scrape(sport)
             # The three held frames and the socket's websocket.disconnect, which could not be sent either.
             assert delta(s3, s4, 'channels_dropped_total{reason="retries_exhausted"}') == 4, s4
+            assert delta(s3, s4, 'channels_layer_errors_total{code="connection_lost"}') >= 1, s4
             for reason in ("too_large", "undecryptable"):
                 assert delta(s0, s4, 'channels_dropped_total{reason="%s"}' % reason) == 0, (reason, s4)
             print("  drops counted: channel_full 1, unroutable_reply 1, malformed 1, expired 1, slow_client %d, "
@@ -884,6 +891,48 @@ def every_drop_reason_it_can_provoke_is_counted():
             if worker and worker.p.poll() is None:
                 worker.stop(signal.SIGKILL)
             proc.stop(signal.SIGKILL)
+
+
+@test
+def delay_server_counts_retried_and_late_deliveries():
+    """rundelay with a metrics port: a delivery to a full channel is retried a second later and
+    counted late (past --late-after), a malformed request is counted, and the lateness histogram
+    has one sample per delivery."""
+    from asgi_redis import RedisChannelLayer
+    prefix = "e2edelaym%d:" % os.getpid()
+    app = RedisChannelLayer(hosts=[REDIS_URL.split("?")[0]], prefix=prefix, capacity=1000)
+    key = "e2edelaym%d-scheduled" % os.getpid()
+    mport = free_port()
+    delay = Proc("rundelay", "--layer", redis_url(prefix, "capacity.delayfull=1"), "--delay-key", key,
+                 "--metrics-port", str(mport), "--late-after", "0.5")
+    try:
+        delay.wait_line("delay server ready")
+        m0 = scrape(mport)
+        app.send("delayfull", {"blocker": True})
+        app.send("asgi.delay", {"channel": "delayfull", "content": {"n": 1}, "delay": 0})
+        app.send("asgi.delay", {"channel": "delayfull"})  # no content, no delay
+        until(lambda: delta(m0, scrape(mport), "channels_delay_retried_total") >= 1, "a retry on the full channel")
+        assert app.receive(["delayfull"], block=False)[1] == {"blocker": True}
+        deadline = time.time() + 10
+        channel, message = None, None
+        while channel is None and time.time() < deadline:
+            channel, message = app.receive(["delayfull"], block=True)
+        assert message == {"n": 1}, message
+        until(lambda: delta(m0, scrape(mport), "channels_delay_delivered_total") == 1, "the delivery to be counted")
+        m1 = scrape(mport)
+        assert delta(m0, m1, "channels_delay_scheduled_total") == 1, m1
+        assert delta(m0, m1, "channels_delay_late_total") == 1, m1
+        assert delta(m0, m1, "channels_delay_lateness_seconds_count") == 1, m1
+        assert delta(m0, m1, 'channels_dropped_total{reason="malformed"}') == 1, m1
+        # The full channel refused each try: the caller-visible layer error is counted by code.
+        assert delta(m0, m1, 'channels_layer_errors_total{code="channel_full"}') == delta(
+            m0, m1, "channels_delay_retried_total"), m1
+        print("  delay: retried %d, late 1, lateness sum %.2f s" % (
+            delta(m0, m1, "channels_delay_retried_total"), delta(m0, m1, "channels_delay_lateness_seconds_sum")),
+            flush=True)
+    finally:
+        assert delay.stop() == 0
+        app.flush()
 
 
 summary()

@@ -8,7 +8,8 @@ import Synchronization
 /// The delay server (`rundelay`): takes `{channel, content, delay}` messages (delay in
 /// milliseconds) from `asgi.delay`, keeps them in a ``DelayStore``, and sends `content` to
 /// `channel` when due. Malformed messages are logged, counted and dropped; a full channel at
-/// delivery time is retried a second later.
+/// delivery time is retried a second later. A message delivered more than `lateAfter` after it
+/// was due (the server was down or busy, the channel was full) is counted late.
 public final class DelayServer: Sendable {
     /// The channel delayed messages are sent to (`asgi.delay`), as in Channels.
     public static let channel = "asgi.delay"
@@ -16,6 +17,8 @@ public final class DelayServer: Sendable {
     public let layer: any ChannelLayer
     /// Where scheduled messages wait for their time.
     public let store: any DelayStore
+    /// How far past its due time a delivery counts as late.
+    public let lateAfter: Duration
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
     private let wake = Wakeup()
@@ -27,6 +30,8 @@ public final class DelayServer: Sendable {
         public var scheduled = 0
         /// Messages delivered on their channel.
         public var delivered = 0
+        /// Of those, the ones delivered more than `lateAfter` past their due time.
+        public var late = 0
         /// `asgi.delay` messages without a valid channel, content or delay: logged and dropped.
         public var malformed = 0
         /// Deliveries retried because the target channel was full.
@@ -37,10 +42,15 @@ public final class DelayServer: Sendable {
         public var lost = 0
     }
 
-    /// A delay server on `layer` that keeps scheduled messages in `store`.
-    public init(layer: any ChannelLayer, store: any DelayStore, logger: Logger = Logger(label: "channels.delay")) {
+    /// A delay server on `layer` that keeps scheduled messages in `store`; deliveries more than
+    /// `lateAfter` past due are counted late.
+    public init(
+        layer: any ChannelLayer, store: any DelayStore, lateAfter: Duration = .milliseconds(500),
+        logger: Logger = Logger(label: "channels.delay")
+    ) {
         self.layer = layer
         self.store = store
+        self.lateAfter = lateAfter
         self.logger = logger
     }
 
@@ -128,7 +138,8 @@ public final class DelayServer: Sendable {
         }
     }
 
-    private func deliver(_ entry: [UInt8]) async {
+    private func deliver(_ taken: DueEntry) async {
+        let entry = taken.entry
         guard let value = try? MsgPackDecoder().decode(entry), let map = value.mapValue,
             let channel = map["channel"]?.stringValue, let content = map["content"]?.mapValue
         else {
@@ -136,25 +147,41 @@ public final class DelayServer: Sendable {
             logger.warning("dropped an unreadable stored delay entry")
             return
         }
+        // A retried entry carries the time it was first due.
+        let due = map["due"]?.intValue ?? taken.due
         do {
             try await layer.send(Message(content), to: channel)
-            counters.withLock { $0.delivered += 1 }
+            let lateness = Self.nowMillis() - due
+            let late = lateness > lateAfter.nanoseconds / 1_000_000
+            counters.withLock {
+                $0.delivered += 1
+                if late { $0.late += 1 }
+            }
             ChannelsMetrics.delayDelivered.increment()
+            ChannelsMetrics.delayLateness.recordMilliseconds(max(0, lateness))
+            if late {
+                ChannelsMetrics.delayLate.increment()
+                logger.info("delivered a delayed message late", metadata: ["channel": "\(channel)", "late_ms": "\(lateness)"])
+            }
         } catch let error as ChannelLayerError where error.code == .channelFull {
             counters.withLock { $0.retriedFull += 1 }
             ChannelsMetrics.delayRetried.increment()
             logger.info("channel full at delivery; retrying in 1 s", metadata: ["channel": "\(channel)"])
-            await reschedule(entry, channel: channel)
+            await reschedule(map, firstDue: due, channel: channel)
         } catch {
             counters.withLock { $0.failed += 1 }
             logger.error("could not deliver a delayed message; retrying in 1 s", metadata: ["channel": "\(channel)", "error": "\(error)"])
-            await reschedule(entry, channel: channel)
+            await reschedule(map, firstDue: due, channel: channel)
         }
     }
 
-    private func reschedule(_ entry: [UInt8], channel: String) async {
+    /// Stores the envelope again for a try in a second, with the time it was first due (its
+    /// lateness counts from then).
+    private func reschedule(_ envelope: OrderedDictionary<String, ASGIValue>, firstDue: Int64, channel: String) async {
+        var envelope = envelope
+        envelope["due"] = .int(firstDue)
         do {
-            try await store.schedule(entry, due: Self.nowMillis() + 1000)
+            try await store.schedule(MsgPackEncoder.encode(.map(envelope)), due: Self.nowMillis() + 1000)
         } catch {
             counters.withLock { $0.lost += 1 }
             logger.error(

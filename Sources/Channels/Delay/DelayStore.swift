@@ -2,13 +2,27 @@ import ASGI
 import Foundation
 import Synchronization
 
+/// A scheduled message taken from a ``DelayStore``: what to deliver and when it was due.
+public struct DueEntry: Sendable, Equatable {
+    /// The stored message (the delay server's msgpack envelope).
+    public var entry: [UInt8]
+    /// When it was due (milliseconds since 1970).
+    public var due: Int64
+
+    /// An entry due at `due`.
+    public init(entry: [UInt8], due: Int64) {
+        self.entry = entry
+        self.due = due
+    }
+}
+
 /// Where the delay server keeps messages until they are due.
 public protocol DelayStore: Sendable {
     /// Keeps `entry` until `due` (milliseconds since 1970).
     func schedule(_ entry: [UInt8], due: Int64) async throws
     /// Removes and returns up to `limit` entries due at `now`, atomically: two servers taking
     /// at once never get the same entry.
-    func takeDue(now: Int64, limit: Int) async throws -> [[UInt8]]
+    func takeDue(now: Int64, limit: Int) async throws -> [DueEntry]
     /// When the earliest entry is due, if there is one.
     func nextDue() async throws -> Int64?
 }
@@ -29,11 +43,11 @@ public final class InMemoryDelayStore: DelayStore {
     }
 
     /// Removes and returns up to `limit` entries due at `now`, earliest first.
-    public func takeDue(now: Int64, limit: Int) async throws -> [[UInt8]] {
+    public func takeDue(now: Int64, limit: Int) async throws -> [DueEntry] {
         entries.withLock { entries in
             let count = min(limit, entries.prefix { $0.due <= now }.count)
             defer { entries.removeFirst(count) }
-            return entries.prefix(count).map(\.entry)
+            return entries.prefix(count).map { DueEntry(entry: $0.entry, due: $0.due) }
         }
     }
 

@@ -1,0 +1,49 @@
+import ASGI
+import Testing
+
+@Suite("metered layer", .timeLimit(.minutes(2)))
+struct MeteredLayerTests {
+    @Test func errorsAreLabelledByTheirCodeFromABoundedSet() {
+        #expect(MeteredChannelLayer.label(of: ChannelLayerError.channelFull("x")) == "channel_full")
+        #expect(MeteredChannelLayer.label(of: ChannelLayerError.messageTooLarge("x", size: 2, limit: 1)) == "message_too_large")
+        #expect(MeteredChannelLayer.label(of: ChannelLayerError(.connectionLost, "gone")) == "connection_lost")
+        #expect(MeteredChannelLayer.label(of: ChannelLayerError(.invalidConfiguration, "bad")) == "invalid_configuration")
+        #expect(MeteredChannelLayer.label(of: ChannelLayerError(.closed, "closed")) == "closed")
+        struct Elsewhere: Error {}
+        #expect(MeteredChannelLayer.label(of: Elsewhere()) == "other")
+    }
+
+    @Test func itForwardsEveryCallAndRethrowsTheLayersErrors() async throws {
+        let base = InMemoryChannelLayer(configuration: .init(capacity: 1))
+        let layer = MeteredChannelLayer(MeteredChannelLayer(base))
+        #expect(layer.base is InMemoryChannelLayer, "never wrapped twice")
+        try await layer.send(["n": 1], to: "one")
+        await #expect(throws: ChannelLayerError.self) { try await layer.send(["n": 2], to: "one") }
+        await #expect(throws: ChannelLayerError.self) { try await layer.send(["n": 2], to: "bad name!!") }
+        try await layer.groupAdd("g", channel: "two")
+        #expect(try await layer.groupChannels("g") == ["two"])
+        #expect(try await layer.groups() == ["g"])
+        #expect(try await layer.pendingChannels() == ["one"])
+        try await layer.sendGroup("g", message: ["to": "g"])
+        let batch = try await layer.receiveBatch(channels: ["one", "two"], max: 10, timeout: .seconds(1))
+        #expect(batch.map(\.channel).sorted() == ["one", "two"])
+        #expect(try await layer.channelStatistics("one").messagesPending == 0)
+        #expect(layer.location == base.location)
+        await layer.close()
+        await #expect(throws: ChannelLayerError.self) { try await layer.send(["n": 3], to: "one") }
+    }
+
+    @Test func theInMemoryLayerCountsWhatExpiredUnread() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(expiry: .seconds(1)))
+        for n in 0..<3 { try await layer.send(["n": .int(Int64(n))], to: "stale") }
+        try await layer.send(["n": 9], to: "other")
+        #expect(try await layer.channelStatistics("stale").messagesPending == 3, "they were there")
+        #expect(layer.messagesExpired == 0)
+        try await Task.sleep(for: .milliseconds(2100))
+        #expect(try await layer.receive(channels: ["stale"]) == nil)
+        #expect(layer.messagesExpired == 3, "found expired by the receive")
+        // The one on the other channel is found by the next sweep (statistics purge the channel they ask about).
+        #expect(try await layer.channelStatistics("other").messagesPending == 0)
+        #expect(layer.messagesExpired == 4)
+    }
+}
