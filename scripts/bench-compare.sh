@@ -98,11 +98,21 @@ PY
 
 for round in $(seq 1 "$ROUNDS"); do
   log "round $round of $ROUNDS"
-  stack_run before "$BEFORE_BIN" 0
-  stack_run after "$AFTER_BIN" 0
-  stack_run after+metrics "$AFTER_BIN" 1
-  layer_run before "$BEFORE_BIN"
-  layer_run after "$AFTER_BIN"
+  # The order alternates between rounds, so neither build always runs first (warm caches, a
+  # Redis that just grew) or last.
+  if [ $((round % 2)) = 1 ]; then
+    stack_run before "$BEFORE_BIN" 0
+    stack_run after "$AFTER_BIN" 0
+    stack_run after+metrics "$AFTER_BIN" 1
+    layer_run before "$BEFORE_BIN"
+    layer_run after "$AFTER_BIN"
+  else
+    stack_run after+metrics "$AFTER_BIN" 1
+    stack_run after "$AFTER_BIN" 0
+    stack_run before "$BEFORE_BIN" 0
+    layer_run after "$AFTER_BIN"
+    layer_run before "$BEFORE_BIN"
+  fi
 done
 
 python3 - "$OUT" "$ROUNDS" <<'PY'

@@ -246,7 +246,10 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
             freeReplyObject(raw)
             let action = machine.replyReceived(reply)
             perform(action, context: context)
-            if case .failConnection = action { return }
+            switch action {
+            case .failConnection, .succeedThenRetire: return
+            case .none, .succeed: continue
+            }
         }
     }
 
@@ -268,6 +271,9 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
             break
         case .succeed(let promise, let replies):
             promise.succeed(replies)
+        case .succeedThenRetire(let promise, let replies, let error, let waiters):
+            promise.succeed(replies)
+            perform(.failConnection(error, waiters), context: context, close: close)
         case .failConnection(let error, let waiters):
             timer?.cancel()
             timer = nil

@@ -85,6 +85,11 @@ struct RedisConnectionStateMachine<Waiter> {
         /// Redis sent a reply nobody asked for: the stream cannot be trusted. Fail the waiters
         /// and close the connection.
         case failConnection(ChannelLayerError, [Waiter])
+        /// The server turned read-only (`-READONLY`: it is a replica now, demoted by a failover
+        /// or an operator, and still alive): complete the head request with what it got, fail
+        /// the requests behind it, and close the connection, so that the next one finds the
+        /// master again (through the sentinels) instead of writing to a replica forever.
+        case succeedThenRetire(Waiter, [RedisReply], ChannelLayerError, [Waiter])
     }
 
     /// One whole reply was parsed.
@@ -98,6 +103,13 @@ struct RedisConnectionStateMachine<Waiter> {
         }
         let done = pending.removeFirst()
         state = .active(pending)
+        if done.replies.contains(where: { $0.errorMessage?.hasPrefix("READONLY") == true }) {
+            guard
+                case .failConnection(let error, let behind) = failed(
+                    ChannelLayerError(.connectionLost, "Redis at \(endpoint) is a read-only replica now"))
+            else { return .succeed(done.waiter, done.replies) }
+            return .succeedThenRetire(done.waiter, done.replies, error, behind)
+        }
         return .succeed(done.waiter, done.replies)
     }
 

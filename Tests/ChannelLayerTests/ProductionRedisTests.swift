@@ -382,6 +382,186 @@ struct RedisSentinelTests {
     }
 }
 
+@Suite("Sentinel with passwords: a planned failover demotes a live master", .timeLimit(.minutes(3)))
+struct RedisSentinelPlannedFailoverTests {
+    func raw(_ port: Int, password: String) throws -> HiredisConnection {
+        let connection = try HiredisConnection(
+            endpoint: RedisEndpoint(port: port), connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+        _ = try connection.command(["AUTH", password])
+        return connection
+    }
+
+    func eventually(_ what: String, seconds: Double, _ condition: () async throws -> Bool) async throws {
+        try await RedisSentinelTests().eventually(what, seconds: seconds, condition)
+    }
+
+    /// `SENTINEL FAILOVER` promotes the replica while the old master lives on as a replica (a
+    /// planned switch, or an operator's): the layer, which found the master through sentinels
+    /// that need `sentinel_password`, must stop writing to the old one and follow.
+    @Test("sentinel_password reaches the sentinels; after SENTINEL FAILOVER the layer follows, nothing sent after it is lost")
+    func plannedFailover() async throws {
+        let directory = NSTemporaryDirectory() + "channels-sentinel-pw-" + ChannelNames.randomLetters(8)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let auth = ["--requirepass", "pw", "--masterauth", "pw"]
+        let master = try await RedisServer.launch { _ in auth }
+        let replica = try await RedisServer.launch { _ in auth + ["--replicaof", "127.0.0.1", "\(master.port)"] }
+        let config = """
+            requirepass spw
+            sentinel monitor svc 127.0.0.1 \(master.port) 2
+            sentinel auth-pass svc pw
+            sentinel down-after-milliseconds svc 1000
+            sentinel failover-timeout svc 6000
+            """
+        var sentinels: [RedisServer] = []
+        for _ in 0..<3 { sentinels.append(try await RedisServer.launchSentinel(directory: directory, config: config)) }
+        let everything = [master, replica] + sentinels
+        do {
+            try await eventually("the replica to sync", seconds: 20) {
+                try raw(replica.port, password: "pw").command(["INFO", "replication"]).text?.contains("master_link_status:up") == true
+            }
+            try await eventually("the sentinels to find each other and the replica", seconds: 30) {
+                try sentinels.allSatisfy { sentinel in
+                    let ask = try raw(sentinel.port, password: "spw")
+                    return try ask.command(["SENTINEL", "SENTINELS", "svc"]).array?.count == 2
+                        && ask.command(["SENTINEL", "REPLICAS", "svc"]).array?.count == 1
+                }
+            }
+            let hosts = sentinels.map { "127.0.0.1:\($0.port)" }.joined(separator: ",")
+            // Without the sentinels' password: a clear error naming the service, not a hang.
+            let refused = try await firstError("redis+sentinel://:pw@\(hosts)/svc?socket_connect_timeout=1&socket_timeout=2")
+            #expect(refused.description.contains("svc") && refused.description.uppercased().contains("AUTH"), "\(refused)")
+
+            let layer = try RedisChannelLayer(
+                urls: ["redis+sentinel://:pw@\(hosts)/svc?sentinel_password=spw&socket_connect_timeout=1&socket_timeout=2"])
+            actor Tally {
+                var acknowledged: [Int] = []
+                var failed = 0
+                var received: Set<Int> = []
+                func ok(_ n: Int) { acknowledged.append(n) }
+                func fail() { failed += 1 }
+                func got(_ n: Int) { received.insert(n) }
+            }
+            let tally = Tally()
+            let stop = ManagedAtomicFlag()
+            let sender = Task {
+                var n = 0
+                while !stop.isSet {
+                    n += 1
+                    do {
+                        try await layer.send(["n": .int(Int64(n))], to: "planned")
+                        await tally.ok(n)
+                    } catch {
+                        await tally.fail()
+                        try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
+                    }
+                    try? await Task.sleep(for: .milliseconds(10))
+                }
+            }
+            let receiver = Task {
+                while !stop.isSet {
+                    if let got = try? await layer.receive(channels: ["planned"], timeout: .milliseconds(500)),
+                        case .int(let n)? = got.message["n"]
+                    {
+                        await tally.got(Int(n))
+                    } else if stop.isSet {
+                        break
+                    }
+                }
+            }
+            try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
+            let before = await tally.acknowledged.count
+            _ = try raw(sentinels[0].port, password: "spw").command(["SENTINEL", "FAILOVER", "svc"])
+            try await eventually("the sentinels to promote the replica", seconds: 45) {
+                try raw(sentinels[0].port, password: "spw").command(["SENTINEL", "get-master-addr-by-name", "svc"]).array?.last?.text
+                    == String(replica.port)
+            }
+            try await eventually("the old master to live on as a replica", seconds: 30) {
+                try raw(master.port, password: "pw").command(["ROLE"]).array?.first?.bytes == Array("slave".utf8)
+            }
+            let afterFailover = await tally.acknowledged.count
+            try await eventually("sends to reach the new master", seconds: 30) { await tally.acknowledged.count >= afterFailover + 100 }
+            stop.set()
+            _ = await sender.value
+            _ = await receiver.value
+            while let got = try await layer.receive(channels: ["planned"], timeout: .milliseconds(500)),
+                case .int(let n)? = got.message["n"]
+            {
+                await tally.got(Int(n))
+            }
+            let acknowledged = await tally.acknowledged
+            let received = await tally.received
+            let lost = acknowledged.filter { !received.contains($0) }
+            print(
+                "planned failover: \(acknowledged.count) sends acknowledged (\(before) before it), \(await tally.failed) failed and "
+                    + "reported, \(received.count) received, \(lost.count) acknowledged and lost")
+            #expect(acknowledged[afterFailover...].allSatisfy { received.contains($0) }, "every message sent after the failover arrives")
+            #expect(lost.allSatisfy { $0 > before - 50 }, "lost only in the switch: \(lost)")
+            #expect(try raw(replica.port, password: "pw").command(["ROLE"]).array?.first?.bytes == Array("master".utf8))
+            try await layer.flush()
+            await layer.close()
+        } catch {
+            for server in everything { await server.shutdown() }
+            throw error
+        }
+        for server in everything { await server.shutdown() }
+    }
+}
+
+@Suite("TCP keepalive from the URL, as the kernel sees it", .timeLimit(.minutes(1)))
+struct RedisKeepaliveTests {
+    /// The `ss -tno` lines of established connections to `port`.
+    func socketLines(port: Int) throws -> [String] {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/ss")
+        process.arguments = ["-tnoH", "state", "established", "dport", "= :\(port)"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return String(decoding: output, as: UTF8.self).split(separator: "\n").map(String.init)
+    }
+
+    @Test("socket_keepalive_idle sets the first probe's delay; socket_keepalive=false turns probes off")
+    func keepaliveIdle() async throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/ss") else {
+            Issue.record("ss (iproute2) is not installed: cannot see the kernel's keepalive timers")
+            return
+        }
+        let server = try await RedisServer.launch()
+        defer { Task { await server.shutdown() } }
+        try await roundTrip(server.url + "?socket_keepalive_idle=7", channel: "ka.idle")
+        // The layer closed: open one and keep it while looking.
+        let layer = try RedisChannelLayer(urls: [server.url + "?socket_keepalive_idle=7"])
+        try await layer.send(Cases.small, to: "ka.check")
+        let withIdle = try socketLines(port: server.port)
+        #expect(!withIdle.isEmpty, "the layer's connection is established")
+        // `timer:(keepalive,6.9sec,0)`: armed, and under the 7 s asked for (the system default is 7200 s).
+        let timers = withIdle.compactMap { line -> Double? in
+            guard let range = line.range(of: "timer:(keepalive,") else { return nil }
+            // Under a minute: "6.496ms" from iproute2 6.1 (seconds.milliseconds), "6sec" elsewhere;
+            // the system default would read "119min".
+            let value = line[range.upperBound...].prefix { $0 != "," }
+            guard !value.contains("min"), let number = Double(value.filter { $0.isNumber || $0 == "." }) else { return nil }
+            return value.contains(".") || value.hasSuffix("sec") ? number : number / 1000
+        }
+        #expect(!timers.isEmpty && timers.allSatisfy { $0 <= 7 }, "\(withIdle)")
+        await layer.close()
+
+        // A server of its own, so that no closing connection of the layer above is seen.
+        let other = try await RedisServer.launch()
+        defer { Task { await other.shutdown() } }
+        let off = try RedisChannelLayer(urls: [other.url + "?socket_keepalive=false"])
+        try await off.send(Cases.small, to: "ka.off")
+        let withoutKeepalive = try socketLines(port: other.port)
+        #expect(!withoutKeepalive.isEmpty && withoutKeepalive.allSatisfy { !$0.contains("keepalive") }, "\(withoutKeepalive)")
+        try await off.flush()
+        await off.close()
+        await server.shutdown()
+        await other.shutdown()
+    }
+}
+
 /// A flag set once, read from any task.
 final class ManagedAtomicFlag: @unchecked Sendable {
     private let lock = NSLock()

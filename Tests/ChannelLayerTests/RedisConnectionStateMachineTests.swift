@@ -208,4 +208,43 @@ struct RedisConnectionStateMachineTests {
         }
         #expect(!channel.isActive)
     }
+
+    @Test("a -READONLY reply (the server is a replica now) completes its caller, fails the ones behind it and closes")
+    func readOnlyReplyRetiresTheConnection() throws {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "a", timeout: .seconds(5), now: start)
+        _ = machine.write(commands: 1, waiter: "b", timeout: .seconds(5), now: start)
+        guard
+            case .succeedThenRetire("a", let replies, let error, let behind) = machine.replyReceived(
+                .error("READONLY You can't write against a read only replica."))
+        else {
+            Issue.record("a READONLY reply left the connection in use")
+            return
+        }
+        #expect(replies.first?.errorMessage?.hasPrefix("READONLY") == true)
+        #expect(behind == ["b"] && error.code == .connectionLost && error.message.contains("read-only replica"))
+        guard case .fail = machine.write(commands: 1, waiter: "c", timeout: .seconds(1), now: start) else {
+            Issue.record("a write after the retirement was accepted")
+            return
+        }
+        // Any other error reply is the caller's business: the connection stays.
+        var other = Machine(endpoint: endpoint, now: start)
+        _ = other.write(commands: 1, waiter: "x", timeout: .seconds(5), now: start)
+        guard case .succeed("x", _) = other.replyReceived(.error("WRONGTYPE Operation against a key holding the wrong kind of value"))
+        else {
+            Issue.record("an ordinary error reply closed the connection")
+            return
+        }
+
+        // On the handler: the caller gets the READONLY reply, the next caller a connection error, and the channel closes.
+        let channel = try connected()
+        let first = request(channel, [["RPUSH", "l", "x"]])
+        let second = request(channel, [["RPUSH", "l", "y"]])
+        channel.embeddedEventLoop.run()
+        _ = try written(channel)
+        try? channel.writeInbound(ByteBuffer(string: "-READONLY You can't write against a read only replica.\r\n"))
+        #expect(try result(first)?.get().first?.errorMessage?.hasPrefix("READONLY") == true)
+        #expect(throws: ChannelLayerError.self) { try #require(result(second)).get() }
+        #expect(!channel.isActive)
+    }
 }

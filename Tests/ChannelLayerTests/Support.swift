@@ -187,7 +187,8 @@ final class RedisServer: @unchecked Sendable {
             if let connection = try? HiredisConnection(
                 endpoint: RedisEndpoint(port: port),
                 connectTimeout: .seconds(1), commandTimeout: .seconds(1)),
-                (try? connection.command(["PING"])) == .status("PONG")
+                let pong = try? connection.command(["PING"]),
+                pong == .status("PONG") || pong.errorMessage?.hasPrefix("NOAUTH") == true  // up, with a password
             {
                 return
             }
