@@ -17,27 +17,27 @@ enum ChannelsMetrics {
     static let delayLate = Counter(label: "channels_delay_late_total")
     static let delayLateness = Timer(label: "channels_delay_lateness_seconds")
 
-    private static let durations = Mutex<[String: Timer]>([:])
-    private static let errors = Mutex<[String: Counter]>([:])
-
-    /// `channels_consumer_duration_seconds{route}`, made once per route.
-    static func duration(route: String) -> Timer {
-        durations.withLock { timers in
-            if let timer = timers[route] { return timer }
-            let timer = Timer(label: "channels_consumer_duration_seconds", dimensions: [("route", route)])
-            timers[route] = timer
-            return timer
-        }
+    /// A route's metrics, made once per route name.
+    struct RouteMetrics {
+        /// `channels_consumer_duration_seconds{route}`.
+        let duration: Timer
+        /// `channels_consumer_errors_total{route}`: consumers that threw (other than the
+        /// deny / close / consume-later signals).
+        let errors: Counter
     }
 
-    /// `channels_consumer_errors_total{route}`: consumers that threw (other than the
-    /// deny / close / consume-later signals).
-    static func consumerErrors(route: String) -> Counter {
-        errors.withLock { counters in
-            if let counter = counters[route] { return counter }
-            let counter = Counter(label: "channels_consumer_errors_total", dimensions: [("route", route)])
-            counters[route] = counter
-            return counter
+    private static let routes = Mutex<[String: RouteMetrics]>([:])
+
+    /// The metrics of the route named `route`.
+    static func route(_ route: String) -> RouteMetrics {
+        routes.withLock { routes in
+            if let metrics = routes[route] { return metrics }
+            let label = [("route", route)]
+            let metrics = RouteMetrics(
+                duration: Timer(label: "channels_consumer_duration_seconds", dimensions: label),
+                errors: Counter(label: "channels_consumer_errors_total", dimensions: label))
+            routes[route] = metrics
+            return metrics
         }
     }
 }

@@ -169,7 +169,7 @@ public final class Worker: Sendable {
             await self?.dispatch(parked)
         }
         let started = ContinuousClock.now
-        defer { ChannelsMetrics.duration(route: name).recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
+        defer { ChannelsMetrics.route(name).duration.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
         do {
             try await ConsumerContext.$current.withValue(context) {
                 try await consumer(context)
@@ -182,7 +182,7 @@ public final class Worker: Sendable {
         } catch ConsumerError.consumeLater {
             await requeue(received, consumer: name)
         } catch {
-            ChannelsMetrics.consumerErrors(route: name).increment()
+            ChannelsMetrics.route(name).errors.increment()
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
         }
         await context.flush()
