@@ -10,7 +10,11 @@
 # than most changes do; medians of interleaved rounds are what to compare). Prints a table of
 # medians and the ratios to `before` and to `after`.
 #
-#   BEFORE_BIN=/path/to/bin scripts/bench-compare.sh      (ROUNDS=3, DURATION=8: about 8 minutes)
+# Besides the rates it records the server's and the worker's CPU time per HTTP request and per
+# WebSocket echo (from /proc): on a noisy machine a cost shows there long before it shows in a rate.
+#
+#   BEFORE_BIN=/path/to/bin scripts/bench-compare.sh      (ROUNDS=3, DURATION=8: about 15 minutes)
+#   SKIP_LAYER=1 ...                                        (the server figures only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -47,6 +51,13 @@ REDIS="redis://127.0.0.1:$REDIS_PORT/0"
 OUT="$RUN_DIR/results.jsonl"
 : > "$OUT"
 record() { echo "{\"stack\": \"$1\", \"what\": \"$2\", \"value\": ${3:-null}}" >> "$OUT"; }
+# CPU time (user + system, in clock ticks) the server and the worker have used so far. CPU per
+# message moves far less with this machine's noise than messages per second do.
+cpu_ticks() { local sum=0 pid; for pid in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
+per_message() { # per_message T0 T1 RATE: microseconds of CPU per message over DURATION seconds
+  [ -n "${3:-}" ] || return 0
+  python3 -c "import os, sys; t0, t1, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]); \
+print('%.1f' % ((t1 - t0) / os.sysconf('SC_CLK_TCK') / (rate * $DURATION) * 1e6) if rate else '')" "$1" "$2" "$3"; }
 
 stack_run() { # stack_run NAME BIN METRICS(0/1)
   local name=$1 bin=$2 metrics=$3 port mflags=() wflags=()
@@ -59,10 +70,19 @@ stack_run() { # stack_run NAME BIN METRICS(0/1)
   "$bin/PeerChat" runworker --layer "$layer" "${wflags[@]}" > "$RUN_DIR/$name-worker.log" 2>&1 & local worker=$!
   pids+=("$server" "$worker")
   for _ in $(seq 1 150); do curl -s -o /dev/null "http://127.0.0.1:$port/hello" && break; sleep 0.2; done
+  local t0 t1 rate
+  t0=$(cpu_ticks "$server" "$worker")
   wrk -t2 -c50 -d"${DURATION}s" "http://127.0.0.1:$port/hello/bench" > "$RUN_DIR/wrk.txt" 2>&1 || true
-  record "$name" "HTTP req/s" "$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' "$RUN_DIR/wrk.txt")"
+  t1=$(cpu_ticks "$server" "$worker")
+  rate=$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' "$RUN_DIR/wrk.txt")
+  record "$name" "HTTP req/s" "$rate"
+  record "$name" "HTTP cpu us/request" "$(per_message "$t0" "$t1" "$rate")"
   "$CLIENT" ws "ws://127.0.0.1:$port" latency 2000 > "$RUN_DIR/lat.json" 2>/dev/null || true
+  t0=$(cpu_ticks "$server" "$worker")
   "$CLIENT" ws "ws://127.0.0.1:$port" throughput 50 "$DURATION" > "$RUN_DIR/tp.json" 2>/dev/null || true
+  t1=$(cpu_ticks "$server" "$worker")
+  rate=$(grep -o '"msgs_per_s": *[0-9.]*' "$RUN_DIR/tp.json" | head -1 | grep -o '[0-9.]*$' || true)
+  record "$name" "ws echo cpu us/msg" "$(per_message "$t0" "$t1" "$rate")"
   python3 - "$RUN_DIR" "$name" >> "$OUT" <<'PY'
 import json, sys
 run, name = sys.argv[1], sys.argv[2]
@@ -104,14 +124,14 @@ for round in $(seq 1 "$ROUNDS"); do
     stack_run before "$BEFORE_BIN" 0
     stack_run after "$AFTER_BIN" 0
     stack_run after+metrics "$AFTER_BIN" 1
-    layer_run before "$BEFORE_BIN"
-    layer_run after "$AFTER_BIN"
+    [ -n "${SKIP_LAYER:-}" ] || layer_run before "$BEFORE_BIN"
+    [ -n "${SKIP_LAYER:-}" ] || layer_run after "$AFTER_BIN"
   else
     stack_run after+metrics "$AFTER_BIN" 1
     stack_run after "$AFTER_BIN" 0
     stack_run before "$BEFORE_BIN" 0
-    layer_run after "$AFTER_BIN"
-    layer_run before "$BEFORE_BIN"
+    [ -n "${SKIP_LAYER:-}" ] || layer_run after "$AFTER_BIN"
+    [ -n "${SKIP_LAYER:-}" ] || layer_run before "$BEFORE_BIN"
   fi
 done
 
