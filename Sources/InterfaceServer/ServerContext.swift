@@ -134,9 +134,17 @@ final class BackgroundWriter: Sendable {
     private let sink: @Sendable (String) -> Void
     private let logger: Logger
     private let limit: Int
-    private let pending = Atomic<Int>(0)
     private let dropped = Atomic<Int>(0)
     private let lastReport = Mutex<ContinuousClock.Instant?>(nil)
+
+    /// Lines waiting, lines being written, and whether the writer is at work (woken once for
+    /// as many lines as come meanwhile: a wake-up per line would cost more than the line).
+    private struct Backlog {
+        var lines: [String] = []
+        var writing = 0
+        var draining = false
+    }
+    private let backlog = Mutex(Backlog())
 
     init(logger: Logger, limit: Int = 10_000, sink: @escaping @Sendable (String) -> Void) {
         self.logger = logger
@@ -148,8 +156,20 @@ final class BackgroundWriter: Sendable {
     var droppedLines: Int { dropped.load(ordering: .relaxed) }
 
     func submit(_ line: String) {
-        guard pending.add(1, ordering: .relaxed).newValue <= limit else {
-            pending.subtract(1, ordering: .relaxed)
+        enum Outcome { case queued, wake, full }
+        let outcome = backlog.withLock { backlog -> Outcome in
+            guard backlog.lines.count + backlog.writing < limit else { return .full }
+            backlog.lines.append(line)
+            if backlog.draining { return .queued }
+            backlog.draining = true
+            return .wake
+        }
+        switch outcome {
+        case .queued:
+            return
+        case .wake:
+            queue.async { self.drain() }
+        case .full:
             let total = dropped.add(1, ordering: .relaxed).newValue
             let now = ContinuousClock.now
             let report = lastReport.withLock { last -> Bool in
@@ -158,11 +178,25 @@ final class BackgroundWriter: Sendable {
                 return true
             }
             if report { logger.warning("access log falls behind: lines dropped", metadata: ["dropped_total": "\(total)"]) }
-            return
         }
-        queue.async {
-            self.sink(line)
-            self.pending.subtract(1, ordering: .relaxed)
+    }
+
+    /// On the queue: writes what has come, in order, until nothing is left.
+    private func drain() {
+        while true {
+            let lines = backlog.withLock { backlog -> [String] in
+                backlog.writing = 0
+                guard !backlog.lines.isEmpty else {
+                    backlog.draining = false
+                    return []
+                }
+                let taken = backlog.lines
+                backlog.lines.removeAll(keepingCapacity: true)
+                backlog.writing = taken.count
+                return taken
+            }
+            if lines.isEmpty { return }
+            for line in lines { sink(line) }
         }
     }
 
