@@ -302,43 +302,8 @@ struct RedisSentinelTests {
             while Sharding.shard(channel, hostCount: 2) != 0 { channel = "fo.flow" + ChannelNames.randomLetters(3) + "!" }
             let listName = channel
 
-            actor Tally {
-                var acknowledged: [Int] = []
-                var failed = 0
-                var received: Set<Int> = []
-                func ok(_ n: Int) { acknowledged.append(n) }
-                func fail() { failed += 1 }
-                func got(_ n: Int) { received.insert(n) }
-            }
-            let tally = Tally()
-            let stop = ManagedAtomicFlag()
-            let sender = Task {
-                var n = 0
-                while !stop.isSet {
-                    n += 1
-                    do {
-                        try await layer.send(["n": .int(Int64(n))], to: listName + "x")
-                        await tally.ok(n)
-                    } catch {
-                        await tally.fail()
-                        try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
-                    }
-                    try? await Task.sleep(for: .milliseconds(10))
-                }
-            }
-            let receiver = Task {
-                while !stop.isSet {
-                    do {
-                        if let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)),
-                            case .int(let n)? = got.message["n"]
-                        {
-                            await tally.got(Int(n))
-                        }
-                    } catch {
-                        try? await Task.sleep(for: .milliseconds(100))
-                    }
-                }
-            }
+            let traffic = NumberedTraffic(layer: layer, sendTo: listName + "x", receiveFrom: listName)
+            let tally = traffic.tally
             try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
             let beforeKill = await tally.acknowledged.count
             await master.kill9()
@@ -351,14 +316,12 @@ struct RedisSentinelTests {
             // Then a last stretch with the new master only.
             let afterFailover = await tally.acknowledged.count
             try await eventually("more messages to flow", seconds: 20) { await tally.acknowledged.count >= afterFailover + 100 }
-            stop.set()
-            _ = await sender.value
+            await traffic.finish()
             // Drain what is left.
             while let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)), case .int(let n)? = got.message["n"]
             {
                 await tally.got(Int(n))
             }
-            _ = await receiver.value
 
             let acknowledged = await tally.acknowledged
             let received = await tally.received
@@ -433,41 +396,8 @@ struct RedisSentinelPlannedFailoverTests {
 
             let layer = try RedisChannelLayer(
                 urls: ["redis+sentinel://:pw@\(hosts)/svc?sentinel_password=spw&socket_connect_timeout=1&socket_timeout=2"])
-            actor Tally {
-                var acknowledged: [Int] = []
-                var failed = 0
-                var received: Set<Int> = []
-                func ok(_ n: Int) { acknowledged.append(n) }
-                func fail() { failed += 1 }
-                func got(_ n: Int) { received.insert(n) }
-            }
-            let tally = Tally()
-            let stop = ManagedAtomicFlag()
-            let sender = Task {
-                var n = 0
-                while !stop.isSet {
-                    n += 1
-                    do {
-                        try await layer.send(["n": .int(Int64(n))], to: "planned")
-                        await tally.ok(n)
-                    } catch {
-                        await tally.fail()
-                        try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
-                    }
-                    try? await Task.sleep(for: .milliseconds(10))
-                }
-            }
-            let receiver = Task {
-                while !stop.isSet {
-                    if let got = try? await layer.receive(channels: ["planned"], timeout: .milliseconds(500)),
-                        case .int(let n)? = got.message["n"]
-                    {
-                        await tally.got(Int(n))
-                    } else if stop.isSet {
-                        break
-                    }
-                }
-            }
+            let traffic = NumberedTraffic(layer: layer, sendTo: "planned", receiveFrom: "planned")
+            let tally = traffic.tally
             try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
             let before = await tally.acknowledged.count
             _ = try raw(sentinels[0].port, password: "spw").command(["SENTINEL", "FAILOVER", "svc"])
@@ -480,9 +410,7 @@ struct RedisSentinelPlannedFailoverTests {
             }
             let afterFailover = await tally.acknowledged.count
             try await eventually("sends to reach the new master", seconds: 30) { await tally.acknowledged.count >= afterFailover + 100 }
-            stop.set()
-            _ = await sender.value
-            _ = await receiver.value
+            await traffic.finish()
             while let got = try await layer.receive(channels: ["planned"], timeout: .milliseconds(500)),
                 case .int(let n)? = got.message["n"]
             {
@@ -559,6 +487,63 @@ struct RedisKeepaliveTests {
         await off.close()
         await server.shutdown()
         await other.shutdown()
+    }
+}
+
+/// What a failover test counts: sends acknowledged, sends that failed, numbers received.
+actor Tally {
+    var acknowledged: [Int] = []
+    var failed = 0
+    var received: Set<Int> = []
+    func ok(_ n: Int) { acknowledged.append(n) }
+    func fail() { failed += 1 }
+    func got(_ n: Int) { received.insert(n) }
+}
+
+/// Numbered messages sent every 10 ms (100 ms after a failure) and received as they come,
+/// while a test breaks things; every send's outcome and every number received is tallied.
+struct NumberedTraffic {
+    let tally = Tally()
+    private let stop = ManagedAtomicFlag()
+    private let sender: Task<Void, Never>
+    private let receiver: Task<Void, Never>
+
+    init(layer: any ChannelLayer, sendTo: String, receiveFrom: String) {
+        let (tally, stop) = (self.tally, self.stop)
+        sender = Task {
+            var n = 0
+            while !stop.isSet {
+                n += 1
+                do {
+                    try await layer.send(["n": .int(Int64(n))], to: sendTo)
+                    await tally.ok(n)
+                } catch {
+                    await tally.fail()
+                    try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
+                }
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        receiver = Task {
+            while !stop.isSet {
+                do {
+                    if let got = try await layer.receive(channels: [receiveFrom], timeout: .milliseconds(500)),
+                        case .int(let n)? = got.message["n"]
+                    {
+                        await tally.got(Int(n))
+                    }
+                } catch {
+                    try? await Task.sleep(for: .milliseconds(100))
+                }
+            }
+        }
+    }
+
+    /// Stops sending and receiving, and waits until both have.
+    func finish() async {
+        stop.set()
+        await sender.value
+        await receiver.value
     }
 }
 
