@@ -20,8 +20,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 LAYER_N=${LAYER_N:-10000}
-log() { printf '==> %s\n' "$*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. scripts/bench/common.sh   # log, free_port, start_redis, stop_redis
 [ -n "${BEFORE_BIN:-}" ] && [ -x "$BEFORE_BIN/PeerChat" ] && [ -x "$BEFORE_BIN/ChannelsBench" ] || {
   log "BEFORE_BIN must name a folder with PeerChat and ChannelsBench built (release) from the earlier commit"; exit 2; }
 command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
@@ -36,18 +35,14 @@ fi
 CLIENT="$AFTER_BIN/ChannelsBench"   # the same load generator for every stack
 
 RUN_DIR=$(mktemp -d)
-REDIS_PORT=$(free_port)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  kill "$(cat "$RUN_DIR/redis.pid" 2>/dev/null)" 2>/dev/null || true
+  stop_redis "$RUN_DIR"
   rm -rf "$RUN_DIR"
 }
 trap cleanup EXIT
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR"
-for _ in $(seq 1 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-REDIS="redis://127.0.0.1:$REDIS_PORT/0"
+start_redis "$RUN_DIR"
 OUT="$RUN_DIR/results.jsonl"
 : > "$OUT"
 record() { echo "{\"stack\": \"$1\", \"what\": \"$2\", \"value\": ${3:-null}}" >> "$OUT"; }

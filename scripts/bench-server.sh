@@ -21,8 +21,7 @@ export CHANNELS1_DB="$PEERS_STATE/channels1.sqlite3"
 DURATION=${DURATION:-10}
 WORKER_N=${WORKER_N:-20000}
 
-log() { printf '==> %s\n' "$*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+. scripts/bench/common.sh   # log, free_port, start_redis, stop_redis
 
 command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 # CHANNELS_BIN_DIR=dir measures the PeerChat and ChannelsBench binaries in dir instead (a
@@ -46,19 +45,15 @@ CLIENT_PY="$ROOT/.venv-interop/bin/python"   # websockets, for ws_bench.py and t
 "$CLIENT_PY" -c 'import websockets' 2>/dev/null || { log "run scripts/test.sh once first (it builds .venv-interop)"; exit 1; }
 
 RUN_DIR=$(mktemp -d)
-REDIS_PORT=$(free_port)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   "$PEERS/run_channels1.sh" stop >/dev/null 2>&1 || true
-  kill "$(cat "$RUN_DIR/redis.pid" 2>/dev/null)" 2>/dev/null || true
+  stop_redis "$RUN_DIR"
   rm -rf "$RUN_DIR"
 }
 trap cleanup EXIT
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-  --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR"
-for _ in $(seq 1 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-REDIS="redis://127.0.0.1:$REDIS_PORT/0"
+start_redis "$RUN_DIR"
 OUT="$RUN_DIR/results.jsonl"
 : > "$OUT"
 record() { echo "{\"stack\": \"$1\", \"what\": \"$2\", \"value\": $3}" >> "$OUT"; }

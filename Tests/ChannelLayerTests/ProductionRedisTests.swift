@@ -272,10 +272,7 @@ struct RedisSentinelTests {
             """
         var sentinels: [RedisServer] = []
         for _ in 0..<3 { sentinels.append(try await RedisServer.launchSentinel(directory: directory, config: config)) }
-        // Stopped here, awaited, whether the test passed or threw (a Task in a `defer` may not
-        // run before the test process exits, leaving servers behind).
-        let everything = [master, replica, second] + sentinels
-        do {
+        try await withServers([master, replica, second] + sentinels) {
             try await eventually("the replica to sync", seconds: 20) {
                 try raw(replica.port).command(["INFO", "replication"]).text?.contains("master_link_status:up") == true
             }
@@ -316,16 +313,8 @@ struct RedisSentinelTests {
             // Then a last stretch with the new master only.
             let afterFailover = await tally.acknowledged.count
             try await eventually("more messages to flow", seconds: 20) { await tally.acknowledged.count >= afterFailover + 100 }
-            await traffic.finish()
-            // Drain what is left.
-            while let got = try await layer.receive(channels: [listName], timeout: .milliseconds(500)), case .int(let n)? = got.message["n"]
-            {
-                await tally.got(Int(n))
-            }
-
-            let acknowledged = await tally.acknowledged
-            let received = await tally.received
-            let lost = acknowledged.filter { !received.contains($0) }
+            let outcome = try await traffic.finish(draining: layer)
+            let (acknowledged, received, lost) = (outcome.acknowledged, outcome.received, outcome.lost)
             let lateAcknowledged = Array(acknowledged[afterFailover...])
             print(
                 "sentinel failover: \(acknowledged.count) sends acknowledged, \(failedInWindow) failed and reported to the sender,"
@@ -337,11 +326,7 @@ struct RedisSentinelTests {
             #expect(lost.allSatisfy { $0 > beforeKill - 50 }, "lost: \(lost)")
             try await layer.flush()
             await layer.close()
-        } catch {
-            for server in everything { await server.shutdown() }
-            throw error
         }
-        for server in everything { await server.shutdown() }
     }
 }
 
@@ -377,8 +362,7 @@ struct RedisSentinelPlannedFailoverTests {
             """
         var sentinels: [RedisServer] = []
         for _ in 0..<3 { sentinels.append(try await RedisServer.launchSentinel(directory: directory, config: config)) }
-        let everything = [master, replica] + sentinels
-        do {
+        try await withServers([master, replica] + sentinels) {
             try await eventually("the replica to sync", seconds: 20) {
                 try raw(replica.port, password: "pw").command(["INFO", "replication"]).text?.contains("master_link_status:up") == true
             }
@@ -410,28 +394,17 @@ struct RedisSentinelPlannedFailoverTests {
             }
             let afterFailover = await tally.acknowledged.count
             try await eventually("sends to reach the new master", seconds: 30) { await tally.acknowledged.count >= afterFailover + 100 }
-            await traffic.finish()
-            while let got = try await layer.receive(channels: ["planned"], timeout: .milliseconds(500)),
-                case .int(let n)? = got.message["n"]
-            {
-                await tally.got(Int(n))
-            }
-            let acknowledged = await tally.acknowledged
-            let received = await tally.received
-            let lost = acknowledged.filter { !received.contains($0) }
+            let outcome = try await traffic.finish(draining: layer)
+            let (acknowledged, received, lost) = (outcome.acknowledged, outcome.received, outcome.lost)
             print(
-                "planned failover: \(acknowledged.count) sends acknowledged (\(before) before it), \(await tally.failed) failed and "
+                "planned failover: \(acknowledged.count) sends acknowledged (\(before) before it), \(outcome.failed) failed and "
                     + "reported, \(received.count) received, \(lost.count) acknowledged and lost")
             #expect(acknowledged[afterFailover...].allSatisfy { received.contains($0) }, "every message sent after the failover arrives")
             #expect(lost.allSatisfy { $0 > before - 50 }, "lost only in the switch: \(lost)")
             #expect(try raw(replica.port, password: "pw").command(["ROLE"]).array?.first?.bytes == Array("master".utf8))
             try await layer.flush()
             await layer.close()
-        } catch {
-            for server in everything { await server.shutdown() }
-            throw error
         }
-        for server in everything { await server.shutdown() }
     }
 }
 
@@ -505,11 +478,13 @@ actor Tally {
 struct NumberedTraffic {
     let tally = Tally()
     private let stop = ManagedAtomicFlag()
+    private let receiveFrom: String
     private let sender: Task<Void, Never>
     private let receiver: Task<Void, Never>
 
     init(layer: any ChannelLayer, sendTo: String, receiveFrom: String) {
         let (tally, stop) = (self.tally, self.stop)
+        self.receiveFrom = receiveFrom
         sender = Task {
             var n = 0
             while !stop.isSet {
@@ -539,12 +514,40 @@ struct NumberedTraffic {
         }
     }
 
-    /// Stops sending and receiving, and waits until both have.
-    func finish() async {
+    /// What was sent and what arrived, once the traffic stopped and the rest was drained.
+    struct Outcome {
+        let acknowledged: [Int]
+        let failed: Int
+        let received: Set<Int>
+        /// Acknowledged and never received.
+        var lost: [Int] { acknowledged.filter { !received.contains($0) } }
+    }
+
+    /// Stops sending and receiving, waits until both have, then takes what is left of the
+    /// channel (through `layer`, which may be another layer than the traffic's).
+    func finish(draining layer: any ChannelLayer) async throws -> Outcome {
         stop.set()
         await sender.value
         await receiver.value
+        while let got = try await layer.receive(channels: [receiveFrom], timeout: .milliseconds(500)),
+            case .int(let n)? = got.message["n"]
+        {
+            await tally.got(Int(n))
+        }
+        return Outcome(acknowledged: await tally.acknowledged, failed: await tally.failed, received: await tally.received)
     }
+}
+
+/// Runs `body`, then shuts every server down, whether `body` returned or threw (a Task in a
+/// `defer` may not run before the test process exits, leaving servers behind).
+func withServers(_ servers: [RedisServer], _ body: () async throws -> Void) async throws {
+    do {
+        try await body()
+    } catch {
+        for server in servers { await server.shutdown() }
+        throw error
+    }
+    for server in servers { await server.shutdown() }
 }
 
 /// A flag set once, read from any task.

@@ -5,7 +5,6 @@ layer: 30 sockets in a room, HTTP traffic and a forced drop; the page, its JSON,
 Run by scripts/test.sh: test_admin_page.py CHAT_BINARY ARTIFACT_DIR
 """
 import asyncio
-import http.client
 import json
 import os
 import subprocess
@@ -19,21 +18,12 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
-from ports import free_port  # noqa: E402
+from ports import free_port, get as fetch  # noqa: E402
 from test_browser import browser  # noqa: E402
 
 CHAT, ARTIFACTS = sys.argv[1], sys.argv[2]
 TOKEN = "ops-%d" % os.getpid()
 SOCKETS = 30
-
-
-def fetch(port, path, headers=None, body=None, method="GET"):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    conn.request(method, path, body=body, headers=headers or {})
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
-    return resp.status, data
 
 
 def metric(text, name, **labels):

@@ -18,7 +18,7 @@ import traceback
 
 import websockets
 
-from ports import free_port
+from ports import free_port, get  # noqa: F401 (get: used by the test scripts)
 
 CHAT, REDIS_URL = sys.argv[1], sys.argv[2]
 results = []
@@ -57,15 +57,6 @@ def server(*extra):
     proc = Proc("runserver", "--port", str(port), *extra)
     proc.wait_line("interface server listening")
     return proc, port
-
-
-def get(port, path, method="GET", body=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    conn.request(method, path, body=body, headers=headers or {})
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
-    return resp.status, data
 
 
 def login(port, username, password):
