@@ -17,8 +17,20 @@ public final class ConsumerContext: Sendable {
     public let kwargs: [String: String]
     /// The layer the message came from; sends go back through it.
     public let layer: any ChannelLayer
-    /// A logger for this consumer's lines.
-    public let logger: Logger
+    /// A logger for this consumer's lines. In a worker every line also says which message it
+    /// was handling (`channel`, `reply_channel`, `consumer`): that metadata is attached when the
+    /// logger is asked for, so a consumer that does not log pays nothing for it.
+    public var logger: Logger {
+        guard let consumerName else { return baseLogger }
+        var logger = baseLogger
+        logger[metadataKey: "channel"] = .string(channel)
+        if let reply = message.replyChannel { logger[metadataKey: "reply_channel"] = .string(reply) }
+        logger[metadataKey: "consumer"] = .string(consumerName)
+        return logger
+    }
+    private let baseLogger: Logger
+    /// The route's name when a worker runs the consumer (see ``logger``).
+    private let consumerName: String?
     /// Sessions, users and their settings.
     public let environment: ConsumerEnvironment
 
@@ -50,18 +62,19 @@ public final class ConsumerContext: Sendable {
     ) {
         self.init(
             message: message, channel: channel, kwargs: kwargs, layer: layer, logger: logger,
-            environment: environment, dispatcher: nil)
+            environment: environment, consumerName: nil, dispatcher: nil)
     }
 
     init(
         message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
-        environment: ConsumerEnvironment, dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
+        environment: ConsumerEnvironment, consumerName: String?, dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
     ) {
         self.message = message
         self.channel = channel
         self.kwargs = kwargs
         self.layer = layer
-        self.logger = logger
+        self.baseLogger = logger
+        self.consumerName = consumerName
         self.environment = environment
         self.dispatcher = dispatcher
     }

@@ -97,7 +97,7 @@ public final class Worker: Sendable {
                     // Queued work is done when nothing is queued while no consumer runs (one that
                     // runs may still send to these channels): wait for them, then look again.
                     if free == concurrency { break }
-                    await slots.waitForFree(atLeast: concurrency)
+                    _ = await slots.waitForFree(atLeast: concurrency)
                     continue
                 }
                 slots.take(batch.count)
@@ -157,14 +157,11 @@ public final class Worker: Sendable {
             await unrouted(received)
             return
         }
-        // Every line the consumer logs says which message it was handling.
-        var consumerLogger = logger
-        consumerLogger[metadataKey: "channel"] = "\(received.channel)"
-        if let reply = received.message.replyChannel { consumerLogger[metadataKey: "reply_channel"] = "\(reply)" }
-        consumerLogger[metadataKey: "consumer"] = "\(name)"
+        // Every line the consumer logs says which message it was handling (the context adds
+        // that metadata when the consumer asks for its logger).
         context = ConsumerContext(
             message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
-            logger: consumerLogger, environment: environment
+            logger: logger, environment: environment, consumerName: name
         ) { [weak self] parked in
             await self?.dispatch(parked)
         }

@@ -25,6 +25,10 @@ struct RedisConnectionStateMachine<Waiter> {
         case active(Deque<Pending>)
         /// Failed or closed: every later request fails with this error.
         case failed(ChannelLayerError)
+        /// Only while a method changes the queue: the state gives up its reference for that
+        /// moment, so the queue is uniquely referenced and changes in place instead of being
+        /// copied whole on every write and every reply.
+        case modifying
     }
 
     private var state: State = .active([])
@@ -62,7 +66,10 @@ struct RedisConnectionStateMachine<Waiter> {
         switch state {
         case .failed(let error):
             return .fail(error)
+        case .modifying:
+            preconditionFailure("the Redis connection state machine was re-entered")
         case .active(var pending):
+            state = .modifying
             let deadline = now + timeout
             pending.append(Pending(expected: commands, replies: [], waiter: waiter, deadline: deadline, timeout: timeout))
             state = .active(pending)
@@ -96,6 +103,7 @@ struct RedisConnectionStateMachine<Waiter> {
     mutating func replyReceived(_ reply: RedisReply) -> ReplyAction {
         guard case .active(var pending) = state else { return .none }
         guard !pending.isEmpty else { return fail("a reply nobody asked for") }
+        state = .modifying
         pending[pending.startIndex].replies.append(reply)
         guard pending[pending.startIndex].replies.count == pending[pending.startIndex].expected else {
             state = .active(pending)
@@ -157,6 +165,8 @@ struct RedisConnectionStateMachine<Waiter> {
         switch state {
         case .failed(let first):
             return .failConnection(first, [])
+        case .modifying:
+            preconditionFailure("the Redis connection state machine was re-entered")
         case .active(let pending):
             state = .failed(error)
             return .failConnection(error, pending.map(\.waiter))

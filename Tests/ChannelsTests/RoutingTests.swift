@@ -101,6 +101,31 @@ struct WorkerTests {
         #expect(try await layer.receive(channels: ["out"])?.message == ["n": 2])
     }
 
+    @Test func aConsumersLoggerSaysWhichMessageItHandles() async throws {
+        let layer = InMemoryChannelLayer()
+        let seen = Mutex<[Logger.Metadata]>([])
+        let worker = try worker(
+            [
+                route(
+                    "websocket.receive", name: "echo",
+                    { context in
+                        seen.withLock { $0.append(context.logger[metadataKey: "channel"].map { ["channel": $0] } ?? [:]) }
+                        seen.withLock {
+                            $0[$0.count - 1]["reply_channel"] = context.logger[metadataKey: "reply_channel"]
+                            $0[$0.count - 1]["consumer"] = context.logger[metadataKey: "consumer"]
+                        }
+                    })
+            ], layer: layer)
+        await worker.dispatch(ReceivedMessage(channel: "websocket.receive", message: ["reply_channel": "daphne.response.ab!cd"]))
+        #expect(
+            seen.withLock { $0 } == [["channel": "websocket.receive", "reply_channel": "daphne.response.ab!cd", "consumer": "echo"]])
+        // Outside a worker the logger is the one given, without per-message metadata.
+        let plain = ConsumerContext(
+            message: ["reply_channel": "x!y"], channel: "websocket.receive", kwargs: [:], layer: layer,
+            logger: Logger(label: "t"))
+        #expect(plain.logger[metadataKey: "consumer"] == nil)
+    }
+
     @Test func denyAndCloseAndDefaults() async throws {
         let layer = InMemoryChannelLayer()
         let worker = try worker(

@@ -6,8 +6,10 @@ public enum Hex {
     public static let uppercaseDigits: [UInt8] = Array("0123456789ABCDEF".utf8)
 
     /// `bytes` as lowercase hex.
+    @inlinable
     public static func encode(_ bytes: some Sequence<UInt8>) -> String {
         var out: [UInt8] = []
+        out.reserveCapacity(bytes.underestimatedCount * 2)
         for byte in bytes {
             out.append(lowercaseDigits[Int(byte >> 4)])
             out.append(lowercaseDigits[Int(byte & 0x0f)])
@@ -16,6 +18,7 @@ public enum Hex {
     }
 
     /// The `digits` lowest hex digits of `value`, most significant first, appended to `out`.
+    @inlinable
     public static func append(_ value: UInt64, digits: Int = 16, into out: inout [UInt8]) {
         for i in stride(from: digits - 1, through: 0, by: -1) {
             out.append(lowercaseDigits[Int((value >> (UInt64(i) * 4)) & 0xf)])

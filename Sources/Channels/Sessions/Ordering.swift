@@ -67,7 +67,7 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
         let session = try await Session.load(
             key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key),
             store: context.environment.sessionStore,
-            settings: context.environment.sessionSettings, logger: context.logger)
+            settings: context.environment.sessionSettings, log: .consumer(context))
         try await OrderingGate(context: context, session: session, order: order, slight: false).run(consumer) {
             throw ChannelLayerError.channelFull("the wait channel of '\(key)' on '\(context.channel)'")
         }
@@ -95,7 +95,7 @@ extension ConsumerContext {
         let counter = try await Session.load(
             key: OrderedHandoff.sessionKey("sent", channel: channel, key: key),
             store: environment.sessionStore, settings: environment.sessionSettings,
-            logger: logger)
+            log: .consumer(self))
         let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
         counter[OrderedHandoff.sentField] = .int(sequence + 1)
         try await counter.save()
@@ -232,7 +232,7 @@ struct OrderingGate {
         do {
             let stored = try await Session.load(
                 key: key, store: context.environment.sessionStore,
-                settings: context.environment.sessionSettings, logger: context.logger)
+                settings: context.environment.sessionSettings, log: .consumer(context))
             guard (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())

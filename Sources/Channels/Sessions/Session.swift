@@ -58,25 +58,25 @@ public final class Session: Sendable {
     private let state: Mutex<State>
     /// Called when a session without a key gets one (the HTTP session sets its cookie then).
     let onNewKey: (@Sendable (String) -> Void)?
-    private let logger: Logger?
+    private let log: SessionLog
 
     init(
-        key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
+        key: String?, store: any SessionStore, settings: SessionSettings, log: SessionLog = .none,
         onNewKey: (@Sendable (String) -> Void)? = nil
     ) {
         self.store = store
         self.settings = settings
         self.state = Mutex(State(key: key))
-        self.logger = logger
+        self.log = log
         self.onNewKey = onNewKey
     }
 
     /// Loads the session stored under `key` (an empty session if there is none).
     static func load(
-        key: String?, store: any SessionStore, settings: SessionSettings, logger: Logger? = nil,
+        key: String?, store: any SessionStore, settings: SessionSettings, log: SessionLog = .none,
         onNewKey: (@Sendable (String) -> Void)? = nil
     ) async throws -> Session {
-        let session = Session(key: key, store: store, settings: settings, logger: logger, onNewKey: onNewKey)
+        let session = Session(key: key, store: store, settings: settings, log: log, onNewKey: onNewKey)
         if let key { try await session.reload(from: key) }
         return session
     }
@@ -90,7 +90,7 @@ public final class Session: Sendable {
             do {
                 decoded = try Self.decode(raw)
             } catch {
-                logger?.warning(
+                log.logger?.warning(
                     "unreadable session data replaced by an empty session",
                     metadata: ["session": "\(key)", "bytes": "\(raw.count)", "error": "\(error)"])
             }
@@ -222,4 +222,16 @@ public final class Session: Sendable {
     public static func channelSessionKey(replyChannel: String) -> String {
         "chn" + Hex.encode(Insecure.SHA1.hash(data: Array(replyChannel.utf8))).prefix(29)
     }
+}
+
+/// Where a session's log lines go: nowhere, or the logger of the consumer that opened it (whose
+/// per-message metadata is only built when a line is logged). The consumer is held weakly: its
+/// context holds the session.
+struct SessionLog: Sendable {
+    private weak var context: ConsumerContext?
+
+    static let none = SessionLog(context: nil)
+    static func consumer(_ context: ConsumerContext) -> SessionLog { SessionLog(context: context) }
+
+    var logger: Logger? { context?.logger }
 }

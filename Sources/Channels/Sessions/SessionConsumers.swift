@@ -71,7 +71,7 @@ extension ConsumerContext {
         }
         let session = try await Session.load(
             key: Session.channelSessionKey(replyChannel: reply),
-            store: environment.sessionStore, settings: environment.sessionSettings, logger: logger)
+            store: environment.sessionStore, settings: environment.sessionSettings, log: .consumer(self))
         extras.withLock { $0.channelSession = session }
         return session
     }
@@ -107,7 +107,7 @@ extension ConsumerContext {
         // A key that names nothing stored is not adopted: a fresh one is made on first write,
         // so a client cannot choose its own session key.
         var session = try await Session.load(
-            key: key, store: environment.sessionStore, settings: settings, logger: logger,
+            key: key, store: environment.sessionStore, settings: settings, log: .consumer(self),
             onNewKey: { [weak self] in self?.setSessionCookie($0) })
         if key != nil, !session.isStored {
             session = Session(
