@@ -1,4 +1,5 @@
 import ASGI
+import NIOCore
 import Synchronization
 
 /// A Lua script run with `EVALSHA`, falling back to `EVAL` when the server does not know it
@@ -6,7 +7,7 @@ import Synchronization
 public final class LuaScript: Sendable {
     let name: String
     let source: String
-    fileprivate let sha = Mutex<String?>(nil)
+    fileprivate let sha = Mutex<[UInt8]?>(nil)
 
     /// A script called `name` in errors and logs, with its Lua source.
     public init(name: String, source: String) {
@@ -14,30 +15,49 @@ public final class LuaScript: Sendable {
         self.source = source
     }
 
-    var knownSHA: String? { sha.withLock { $0 } }
+    var knownSHA: [UInt8]? { sha.withLock { $0 } }
 }
 
 extension LuaScript {
     /// One call on a (shared) connection: `EVALSHA` once the SHA is known, `EVAL` when the
-    /// server answers NOSCRIPT, and `SCRIPT LOAD` + `EVAL` pipelined the first time.
-    func run(on connection: RedisConnection, keys: [[UInt8]], args: [[UInt8]]) async throws(ChannelLayerError) -> RedisReply {
-        var tail: [[UInt8]] = [Array(String(keys.count).utf8)]
-        tail.reserveCapacity(1 + keys.count + args.count)
-        tail += keys
-        tail += args
+    /// server answers NOSCRIPT, and `SCRIPT LOAD` + `EVAL` pipelined the first time. The keys
+    /// and arguments are written straight into the request.
+    func run(on connection: RedisConnection, keys: [RedisArgument], args: [RedisArgument]) async throws(ChannelLayerError) -> RedisReply {
         if let known = knownSHA {
-            let reply = try await connection.command([Self.evalsha, Array(known.utf8)] + tail)
+            let reply = try await connection.send(encode(.bytes(Self.evalsha), .bytes(known), keys, args), commands: 1)[0]
             if case .error(let e) = reply, e.hasPrefix("NOSCRIPT") {
-                return try await connection.command([Self.eval, Array(source.utf8)] + tail)
+                return try await connection.send(encode(.bytes(Self.eval), .text(source), keys, args), commands: 1)[0]
             }
             return reply
         }
-        let replies = try await connection.pipeline([
-            [Array("SCRIPT".utf8), Array("LOAD".utf8), Array(source.utf8)],
-            [Self.eval, Array(source.utf8)] + tail,
-        ])
-        if let loaded = replies[0].text { sha.withLock { $0 = loaded } }
+        let load: [RedisArgument] = [.text("SCRIPT"), .text("LOAD"), .text(source)]
+        var both = encode(.bytes(Self.eval), .text(source), keys, args)
+        var request = ByteBufferAllocator().buffer(capacity: RedisCommandEncoding.size(load) + both.readableBytes)
+        RedisCommandEncoding.write(load, into: &request)
+        request.writeBuffer(&both)
+        let replies = try await connection.send(request, commands: 2)
+        if let loaded = replies[0].bytes { sha.withLock { $0 = loaded } }
         return replies[1]
+    }
+
+    /// The same with keys and arguments as bytes.
+    func run(on connection: RedisConnection, keys: [[UInt8]], args: [[UInt8]]) async throws(ChannelLayerError) -> RedisReply {
+        try await run(on: connection, keys: keys.map(RedisArgument.bytes), args: args.map(RedisArgument.bytes))
+    }
+
+    /// `command script numkeys keys... args...`
+    private func encode(_ command: RedisArgument, _ script: RedisArgument, _ keys: [RedisArgument], _ args: [RedisArgument]) -> ByteBuffer {
+        var size = script.count + 64
+        for arg in keys { size += arg.count + 16 }
+        for arg in args { size += arg.count + 16 }
+        var buffer = ByteBufferAllocator().buffer(capacity: size)
+        RedisCommandEncoding.writeHeader(3 + keys.count + args.count, into: &buffer)
+        RedisCommandEncoding.write(command, into: &buffer)
+        RedisCommandEncoding.write(script, into: &buffer)
+        RedisCommandEncoding.write(.integer(keys.count), into: &buffer)
+        for key in keys { RedisCommandEncoding.write(key, into: &buffer) }
+        for arg in args { RedisCommandEncoding.write(arg, into: &buffer) }
+        return buffer
     }
 
     private static let evalsha = Array("EVALSHA".utf8)

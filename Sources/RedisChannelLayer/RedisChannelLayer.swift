@@ -19,7 +19,8 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     let logger: Logger
     let shards: [RedisConnections]
     let capacities: CapacityTable
-    let luaCapacityArgs: [[UInt8]]
+    /// The channel-capacity patterns as the group-send script takes them (count, then pattern, capacity pairs).
+    let luaCapacityArgs: [RedisArgument]
     let sendCursor = Atomic<Int>(0)
     let receiveCursor = Atomic<Int>(0)
     /// Whether the last receive found a message waiting (see `receive`).
@@ -57,10 +58,10 @@ public final class RedisChannelLayer: ChannelLayerInspection {
         self.capacities = CapacityTable(
             defaultCapacity: configuration.capacity,
             patterns: configuration.channelCapacities)
-        var capacityArgs: [[UInt8]] = [Array(String(configuration.channelCapacities.count).utf8)]
+        var capacityArgs: [RedisArgument] = [.integer(configuration.channelCapacities.count)]
         for (glob, capacity) in configuration.channelCapacities {
-            capacityArgs.append(Array(GlobPatternLua.luaPattern(glob).utf8))
-            capacityArgs.append(Array(String(capacity).utf8))
+            capacityArgs.append(.text(GlobPatternLua.luaPattern(glob)))
+            capacityArgs.append(.integer(capacity))
         }
         self.luaCapacityArgs = capacityArgs
         self.crypter =
@@ -102,6 +103,11 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     }
 
     /// A script call on the shard's shared connection.
+    func pipelined(_ shard: Int, _ script: LuaScript, keys: [RedisArgument], args: [RedisArgument]) async throws -> RedisReply {
+        try await script.run(on: shared(shard), keys: keys, args: args)
+    }
+
+    /// The same with keys and arguments as bytes.
     func pipelined(_ shard: Int, _ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
         try await script.run(on: shared(shard), keys: keys, args: args)
     }

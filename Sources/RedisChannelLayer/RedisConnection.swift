@@ -131,8 +131,25 @@ final class RedisConnection: Sendable {
     /// timeout for blocking commands (BLPOP) by their own duration.
     func pipeline(_ commands: [[[UInt8]]], wait: Duration = .zero) async throws(ChannelLayerError) -> [RedisReply] {
         guard !commands.isEmpty else { return [] }
+        return try await send(RedisCommandEncoding.encode(commands), commands: commands.count, wait: wait)
+    }
+
+    func command(_ args: [[UInt8]], wait: Duration = .zero) async throws(ChannelLayerError) -> RedisReply {
+        try await send(RedisCommandEncoding.encode([args]), commands: 1, wait: wait)[0]
+    }
+
+    func command(_ args: [RedisArgument], wait: Duration = .zero) async throws(ChannelLayerError) -> RedisReply {
+        try await send(RedisCommandEncoding.encode(args), commands: 1, wait: wait)[0]
+    }
+
+    func command(_ args: [String]) async throws(ChannelLayerError) -> RedisReply {
+        try await command(args.map { Array($0.utf8) })
+    }
+
+    /// Writes `encoded` (`commands` commands, already in RESP) and returns their replies in order.
+    func send(_ encoded: ByteBuffer, commands: Int, wait: Duration = .zero) async throws(ChannelLayerError) -> [RedisReply] {
         let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
-        let request = RedisRequest(commands: commands, promise: promise, timeout: commandTimeout + wait)
+        let request = RedisRequest(bytes: encoded, commands: commands, promise: promise, timeout: commandTimeout + wait)
         // A write that fails before the handler has taken the request (the channel closed and
         // its pipeline is gone) must fail the caller too, or it would wait forever. Failing a
         // promise the handler already completed does nothing.
@@ -155,21 +172,15 @@ final class RedisConnection: Sendable {
         }
     }
 
-    func command(_ args: [[UInt8]], wait: Duration = .zero) async throws(ChannelLayerError) -> RedisReply {
-        try await pipeline([args], wait: wait)[0]
-    }
-
-    func command(_ args: [String]) async throws(ChannelLayerError) -> RedisReply {
-        try await command(args.map { Array($0.utf8) })
-    }
-
     func close() {
         channel.close(promise: nil)
     }
 }
 
 struct RedisRequest {
-    let commands: [[[UInt8]]]
+    /// The commands, encoded.
+    let bytes: ByteBuffer
+    let commands: Int
     let promise: EventLoopPromise<[RedisReply]>
     let timeout: Duration
 }
@@ -203,17 +214,15 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let request = unwrapOutboundIn(data)
         let action = machine.write(
-            commands: request.commands.count, waiter: request.promise, timeout: TimeAmount(request.timeout),
+            commands: request.commands, waiter: request.promise, timeout: TimeAmount(request.timeout),
             now: context.eventLoop.now)
         switch action {
         case .fail(let error):
             request.promise.fail(error)
             promise?.fail(error)
         case .write(let armTimer):
-            var buffer = context.channel.allocator.buffer(capacity: Self.encodedSize(request.commands))
-            for args in request.commands { Self.encode(args, into: &buffer) }
             if let armTimer { arm(context: context, at: armTimer) }
-            context.write(wrapOutboundOut(buffer), promise: promise)
+            context.write(wrapOutboundOut(request.bytes), promise: promise)
         }
     }
 
@@ -294,34 +303,5 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
                 self.perform(.failConnection(error, waiters), context: context)
             }
         }
-    }
-
-    private static func encodedSize(_ commands: [[[UInt8]]]) -> Int {
-        var size = 0
-        for args in commands {
-            size += 16
-            for arg in args { size += arg.count + 16 }
-        }
-        return size
-    }
-
-    private static func encode(_ args: [[UInt8]], into buffer: inout ByteBuffer) {
-        buffer.writeInteger(UInt8(ascii: "*"))
-        writeDecimal(args.count, into: &buffer)
-        for arg in args {
-            buffer.writeInteger(UInt8(ascii: "$"))
-            writeDecimal(arg.count, into: &buffer)
-            buffer.writeBytes(arg)
-            buffer.writeStaticString("\r\n")
-        }
-    }
-
-    private static func writeDecimal(_ value: Int, into buffer: inout ByteBuffer) {
-        if value < 10 {
-            buffer.writeInteger(UInt8(ascii: "0") + UInt8(value))
-        } else {
-            buffer.writeString(String(value))
-        }
-        buffer.writeStaticString("\r\n")
     }
 }

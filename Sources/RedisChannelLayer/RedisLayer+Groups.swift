@@ -73,20 +73,28 @@ extension RedisChannelLayer {
         }
         MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
 
-        let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
-        func args(mode: String, members: [String]) -> [[UInt8]] {
-            var keyBase = newBodyKey()
-            keyBase.removeFirst(configuration.prefix.utf8.count)
+        let cutoff = String(Self.unixTime() - Double(configuration.groupExpiry))
+        func args(mode: String, members: [String]) -> [RedisArgument] {
+            // 24 random hex digits: the script numbers the bodies it stores after them.
+            var keyBase: [UInt8] = []
+            keyBase.reserveCapacity(32)
+            RandomToken.uuid4Hex(into: &keyBase)
             keyBase.removeLast(8)
-            return [
-                Array(mode.utf8), cutoff, Array(configuration.prefix.utf8), Array(configuration.statsPrefix.utf8),
-                Array(String(configuration.expiry).utf8),
-                Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
-                Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
-                plainBody, localHead, keyBase, Array(String(configuration.capacity).utf8),
-            ] + luaCapacityArgs + members.map { Array($0.utf8) }
+            var out: [RedisArgument] = [
+                .text(mode), .text(cutoff), .text(configuration.prefix), .text(configuration.statsPrefix),
+                .integer(configuration.expiry), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+                .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
+                .bytes(plainBody), .bytes(localHead), .bytes(keyBase), .integer(configuration.capacity),
+            ]
+            out.reserveCapacity(out.count + luaCapacityArgs.count + members.count)
+            out += luaCapacityArgs
+            for member in members { out.append(.text(member)) }
+            return out
         }
-        let globalKeys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
+        let stats = configuration.statsPrefix
+        let globalKeys: [RedisArgument] = [
+            .joined3(stats, "#global#", ":messages_count"), .joined3(stats, "#global#", ":channel_full_count"),
+        ]
         if let crypter {
             try await sendGroupSealed(group, message: message, crypter: crypter, globalKeys: globalKeys) {
                 args(mode: "bodies", members: [])
@@ -96,7 +104,8 @@ extension RedisChannelLayer {
 
         if shards.count == 1 {
             let scriptArgs = args(mode: "group", members: [])
-            let reply = try await pipelined(0, Scripts.sendMany, keys: [groupKey(group)] + globalKeys, args: scriptArgs)
+            let keys: [RedisArgument] = [.joined3(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
+            let reply = try await pipelined(0, Scripts.sendMany, keys: keys, args: scriptArgs)
             try countGroupSend(reply, group: group)
             return
         }
@@ -108,7 +117,7 @@ extension RedisChannelLayer {
             for (index, names) in byShard {
                 let scriptArgs = args(mode: "list", members: names)
                 tasks.addTask {
-                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
+                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: scriptArgs)
                     try self.countGroupSend(reply, group: group)
                 }
             }
@@ -120,13 +129,13 @@ extension RedisChannelLayer {
     /// made (and encrypted) here: one body for every plain member, one per process channel whose
     /// reader reads bundles, one per member for the others; then one script per shard stores them.
     func sendGroupSealed(
-        _ group: String, message: Message, crypter: MultiFernet, globalKeys: [[UInt8]],
-        makeArgs: () -> [[UInt8]]
+        _ group: String, message: Message, crypter: MultiFernet, globalKeys: [RedisArgument],
+        makeArgs: () -> [RedisArgument]
     ) async throws {
         let members = try await groupChannels(group)
         var byShard: [Int: [String]] = [:]
         for member in members { byShard[sendShard(for: member), default: []].append(member) }
-        var baseArgs: [Int: [[UInt8]]] = [:]
+        var baseArgs: [Int: [RedisArgument]] = [:]
         for index in byShard.keys { baseArgs[index] = makeArgs() }
         let plainBody = crypter.encrypt(MsgPackEncoder.encode(message))
         try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -177,11 +186,11 @@ extension RedisChannelLayer {
                     }
                     var scriptArgs = base
                     for i in triples.indices {
-                        scriptArgs.append(Array(triples[i].utf8))
-                        scriptArgs.append(bodies[i])
-                        scriptArgs.append(Array(String(counts[i]).utf8))
+                        scriptArgs.append(.text(triples[i]))
+                        scriptArgs.append(.bytes(bodies[i]))
+                        scriptArgs.append(.integer(counts[i]))
                     }
-                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [[]] + globalKeys, args: scriptArgs)
+                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: scriptArgs)
                     try self.countGroupSend(reply, group: group)
                 }
             }

@@ -15,13 +15,6 @@ extension RedisChannelLayer {
         Array((configuration.statsPrefix + name + ":" + stat).utf8)
     }
 
-    /// `prefix` + 32 lowercase hex characters of a random version-4 UUID, as Python writes it.
-    func newBodyKey() -> [UInt8] {
-        var out = Array(configuration.prefix.utf8)
-        RandomToken.uuid4Hex(into: &out)
-        return out
-    }
-
     func shardIndex(for name: String) -> Int {
         Sharding.shard(name, hostCount: shards.count)
     }

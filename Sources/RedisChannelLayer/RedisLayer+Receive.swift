@@ -84,7 +84,7 @@ extension RedisChannelLayer {
             // ordering gate drains its wait channel this way and must see all of it).
             var batch: [ReceivedMessage] = []
             for (shard, lists) in receivePlan(channels, everyShard: true) where batch.count < max {
-                let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [Array(String(max - batch.count).utf8)])
+                let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count)])
                 if case .error = reply { throw unexpected(reply, doing: "receive") }
                 batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
             }
@@ -96,9 +96,8 @@ extension RedisChannelLayer {
             return [one]
         }
         let (shard, lists) = plan[0]
-        let limit = Array(String(max).utf8)
         if timeout <= .zero || flowing.load(ordering: .relaxed) {
-            let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [limit])
+            let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max)])
             if case .error = reply { throw unexpected(reply, doing: "receive") }
             let batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
             if !batch.isEmpty {
@@ -114,15 +113,17 @@ extension RedisChannelLayer {
             let remaining = deadline - clock.now
             if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
             let slice = min(remaining, configuration.blockingSlice)
-            let timeoutArg = Array(String(format3(slice.seconds)).utf8)
-            let more = Array(String(max - 1).utf8)
+            let blpop = blockingPopCommand(lists, wait: slice)
             let result: ([UInt8], RedisReply)? = try await onDedicated(shard) { connection -> ([UInt8], RedisReply)? in
-                let reply = try await connection.command([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: slice)
+                let reply = try await connection.command(blpop, wait: slice)
                 switch reply {
                 case .array(let pair) where pair.count == 2:
                     guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
                     return (
-                        list, try await take(Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [bodyKey, list], args: [more])
+                        list,
+                        try await take(
+                            Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
+                            args: [.integer(max - 1)])
                     )
                 case .error(let e):
                     throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
@@ -190,9 +191,11 @@ extension RedisChannelLayer {
     /// Which lists to look at on which shard: `!` and `?` channels on their ring shard; plain
     /// ones (which senders spread round-robin) on one shard in rotation, as asgi_redis does, or
     /// on every shard when `everyShard`.
-    func receivePlan(_ channels: [String], everyShard: Bool = false) -> [(shard: Int, lists: [[UInt8]])] {
+    func receivePlan(_ channels: [String], everyShard: Bool = false) -> [(shard: Int, lists: [RedisArgument])] {
+        let prefix = configuration.prefix
+        func key(_ name: String) -> RedisArgument { .joined(prefix, name) }
         if shards.count == 1 { return [(0, channels.map(key))] }
-        var byShard: [Int: [[UInt8]]] = [:]
+        var byShard: [Int: [RedisArgument]] = [:]
         let rotating = receiveCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
         for channel in channels {
             if ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel) {
@@ -207,15 +210,15 @@ extension RedisChannelLayer {
     }
 
     /// nil: nothing arrived in `wait`. .some(nil): something was popped but unusable.
-    func blockingPop(shard: Int, lists: [[UInt8]], wait: Duration) async throws -> ReceivedMessage?? {
-        let timeoutArg = Array(String(format3(wait.seconds)).utf8)
+    func blockingPop(shard: Int, lists: [RedisArgument], wait: Duration) async throws -> ReceivedMessage?? {
+        let blpop = blockingPopCommand(lists, wait: wait)
         let result: ([UInt8], [UInt8]?)? = try await onDedicated(shard) { connection -> ([UInt8], [UInt8]?)? in
-            let reply = try await connection.command([Array("BLPOP".utf8)] + lists.shuffled() + [timeoutArg], wait: wait)
+            let reply = try await connection.command(blpop, wait: wait)
             switch reply {
             case .null: return nil
             case .array(let pair) where pair.count == 2:
                 guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [bodyKey], args: [])
+                let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [.bytes(bodyKey)], args: [])
                 return (list, body.bytes)
             case .error(let e):
                 throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
@@ -237,7 +240,7 @@ extension RedisChannelLayer {
     /// through a fresh connection, for a while, instead of being left to expire unseen.
     func take(
         _ script: LuaScript, on connection: RedisConnection, shard: Int,
-        keys: [[UInt8]], args: [[UInt8]]
+        keys: [RedisArgument], args: [RedisArgument]
     ) async throws -> RedisReply {
         let first: Result<RedisReply, ChannelLayerError>
         do {
@@ -259,7 +262,7 @@ extension RedisChannelLayer {
     }
 
     /// Several shards: wait on all at once; a message won by more than one is put back.
-    func blockingPopMany(plan: [(shard: Int, lists: [[UInt8]])], wait: Duration) async throws -> ReceivedMessage?? {
+    func blockingPopMany(plan: [(shard: Int, lists: [RedisArgument])], wait: Duration) async throws -> ReceivedMessage?? {
         try await withThrowingTaskGroup(of: ReceivedMessage??.self) { group in
             for entry in plan {
                 group.addTask { try await self.blockingPop(shard: entry.shard, lists: entry.lists, wait: wait) }
@@ -280,6 +283,16 @@ extension RedisChannelLayer {
             }
             return winner
         }
+    }
+
+    /// `BLPOP` on `lists` (in random order, so no list starves the others) for `wait`.
+    func blockingPopCommand(_ lists: [RedisArgument], wait: Duration) -> [RedisArgument] {
+        var command: [RedisArgument] = []
+        command.reserveCapacity(lists.count + 2)
+        command.append(.text("BLPOP"))
+        command += lists.shuffled()
+        command.append(.text(format3(wait.seconds)))
+        return command
     }
 
     func format3(_ seconds: Double) -> String {

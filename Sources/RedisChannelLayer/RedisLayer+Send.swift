@@ -23,15 +23,16 @@ extension RedisChannelLayer {
             throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
         }
         let shard = sendShard(for: channel)
-        let keys = [
-            newBodyKey(), key(listName),
-            statKey(listName, "messages_count"), statKey("#global#", "messages_count"),
-            statKey(listName, "channel_full_count"), statKey("#global#", "channel_full_count"),
+        let prefix = configuration.prefix, stats = configuration.statsPrefix
+        let keys: [RedisArgument] = [
+            .uuidKey(prefix: prefix), .joined(prefix, listName),
+            .joined3(stats, listName, ":messages_count"), .joined3(stats, "#global#", ":messages_count"),
+            .joined3(stats, listName, ":channel_full_count"), .joined3(stats, "#global#", ":channel_full_count"),
         ]
-        let args: [[UInt8]] = [
-            body, Array(String(configuration.expiry).utf8), Array(String(capacities.capacity(for: channel)).utf8),
-            Array(String(RedisChannelLayerConfiguration.channelStatisticsExpiry).utf8),
-            Array(String(RedisChannelLayerConfiguration.globalStatisticsExpiry).utf8),
+        let args: [RedisArgument] = [
+            .bytes(body), .integer(configuration.expiry), .integer(capacities.capacity(for: channel)),
+            .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+            .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
         ]
         let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args)
         switch reply {

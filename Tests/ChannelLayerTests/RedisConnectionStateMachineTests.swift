@@ -144,7 +144,9 @@ struct RedisConnectionStateMachineTests {
         // As `RedisConnection` does: a write the closed pipeline refuses fails the caller too.
         let written = channel.eventLoop.makePromise(of: Void.self)
         written.futureResult.whenFailure { promise.fail($0) }
-        channel.writeAndFlush(RedisRequest(commands: bytes, promise: promise, timeout: timeout), promise: written)
+        let request = RedisRequest(
+            bytes: RedisCommandEncoding.encode(bytes), commands: bytes.count, promise: promise, timeout: timeout)
+        channel.writeAndFlush(request, promise: written)
         return promise.futureResult
     }
 

@@ -87,12 +87,16 @@ public enum RandomToken {
 
     /// 32 lowercase hex characters of a random version-4 UUID, as Python's `uuid4().hex` writes it.
     public static func uuid4Hex(into out: inout [UInt8]) {
-        var generator = SystemRandomNumberGenerator()
-        var high = generator.next() as UInt64
-        var low = generator.next() as UInt64
-        high = (high & ~0xF000) | 0x4000
-        low = (low & ~(0xC000_0000_0000_0000 as UInt64)) | 0x8000_0000_0000_0000
+        let (high, low) = uuid4()
         Hex.append(high, into: &out)
         Hex.append(low, into: &out)
+    }
+
+    /// The 128 bits of a random version-4 UUID (version and variant bits set), high word first.
+    public static func uuid4() -> (UInt64, UInt64) {
+        var generator = SystemRandomNumberGenerator()
+        let high = generator.next() as UInt64
+        let low = generator.next() as UInt64
+        return ((high & ~0xF000) | 0x4000, (low & ~(0xC000_0000_0000_0000 as UInt64)) | 0x8000_0000_0000_0000)
     }
 }
