@@ -2,6 +2,7 @@ import ASGI
 import CHiredis
 import CoreMetrics
 import DequeModule
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -23,12 +24,19 @@ import NIOSSL
 final class RedisConnection: Sendable {
     let endpoint: RedisEndpoint
     private let channel: any Channel
+    /// Requests go to the handler directly (on its event loop), not through the pipeline: no
+    /// promise, no future, no boxing per command.
+    private let handler: NIOLoopBound<RedisProtocolHandler>
     private let commandTimeout: Duration
     private let metrics: RedisMetrics
 
-    private init(endpoint: RedisEndpoint, channel: any Channel, commandTimeout: Duration, metrics: RedisMetrics) {
+    private init(
+        endpoint: RedisEndpoint, channel: any Channel, handler: NIOLoopBound<RedisProtocolHandler>, commandTimeout: Duration,
+        metrics: RedisMetrics
+    ) {
         self.endpoint = endpoint
         self.channel = channel
+        self.handler = handler
         self.commandTimeout = commandTimeout
         self.metrics = metrics
     }
@@ -46,6 +54,7 @@ final class RedisConnection: Sendable {
         commandTimeout: Duration, tls: NIOSSLContext? = nil, metrics: RedisMetrics? = nil
     ) async throws(ChannelLayerError) -> RedisConnection {
         let channel: any Channel
+        let added = NIOLockedValueBox<NIOLoopBound<RedisProtocolHandler>?>(nil)
         do {
             var bootstrap = ClientBootstrap(group: eventLoop)
                 .connectTimeout(TimeAmount(endpoint.connectTimeout ?? connectTimeout))
@@ -55,7 +64,9 @@ final class RedisConnection: Sendable {
                             try channel.pipeline.syncOperations.addHandler(
                                 NIOSSLClientHandler(context: tls, serverHostname: Self.serverName(for: endpoint)))
                         }
-                        try channel.pipeline.syncOperations.addHandler(RedisProtocolHandler(endpoint: endpoint))
+                        let handler = RedisProtocolHandler(endpoint: endpoint)
+                        try channel.pipeline.syncOperations.addHandler(handler)
+                        added.withLockedValue { $0 = NIOLoopBound(handler, eventLoop: channel.eventLoop) }
                     }
                 }
             switch endpoint.address {
@@ -78,8 +89,12 @@ final class RedisConnection: Sendable {
         } catch {
             throw ChannelLayerError(.connectionLost, "cannot connect to \(endpoint): \(error)", underlying: error)
         }
+        guard let handler = added.withLockedValue({ $0 }) else {
+            channel.close(promise: nil)
+            throw ChannelLayerError(.connectionLost, "connection to \(endpoint) has no Redis handler")
+        }
         let connection = RedisConnection(
-            endpoint: endpoint, channel: channel, commandTimeout: endpoint.commandTimeout ?? commandTimeout,
+            endpoint: endpoint, channel: channel, handler: handler, commandTimeout: endpoint.commandTimeout ?? commandTimeout,
             metrics: metrics ?? RedisMetrics(endpoint: endpoint))
         var setup: [[[UInt8]]] = []
         // As redis-py: AUTH only with a password; a user name alone sends nothing.
@@ -148,19 +163,17 @@ final class RedisConnection: Sendable {
 
     /// Writes `encoded` (`commands` commands, already in RESP) and returns their replies in order.
     func send(_ encoded: ByteBuffer, commands: Int, wait: Duration = .zero) async throws(ChannelLayerError) -> [RedisReply] {
-        let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
-        let request = RedisRequest(bytes: encoded, commands: commands, promise: promise, timeout: commandTimeout + wait)
-        // A write that fails before the handler has taken the request (the channel closed and
-        // its pipeline is gone) must fail the caller too, or it would wait forever. Failing a
-        // promise the handler already completed does nothing.
-        let written = channel.eventLoop.makePromise(of: Void.self)
-        written.futureResult.whenFailure { error in
-            promise.fail(ChannelLayerError(.connectionLost, "Redis at \(self.endpoint): write failed: \(error)"))
-        }
         let started = wait == .zero ? ContinuousClock.now : nil
-        channel.writeAndFlush(request, promise: written)
+        let timeout = commandTimeout + wait
         do {
-            let replies = try await promise.futureResult.get()
+            let replies = try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<[RedisReply], any Error>) in
+                let request = RedisRequest(bytes: encoded, commands: commands, waiter: .continuation(continuation), timeout: timeout)
+                if handler.eventLoop.inEventLoop {
+                    handler.value.enqueue(request)
+                } else {
+                    handler.eventLoop.execute { self.handler.value.enqueue(request) }
+                }
+            }
             if let started { metrics.roundTrip.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
             return replies
         } catch let error as ChannelLayerError {
@@ -177,12 +190,34 @@ final class RedisConnection: Sendable {
     }
 }
 
+/// Commands on their way to Redis, and who waits for their replies.
 struct RedisRequest {
     /// The commands, encoded.
     let bytes: ByteBuffer
     let commands: Int
-    let promise: EventLoopPromise<[RedisReply]>
+    let waiter: RedisWaiter
     let timeout: Duration
+}
+
+/// Who a request's replies go to: a suspended task (``RedisConnection``), or a promise (a
+/// caller on the event loop, and the handler's tests).
+enum RedisWaiter {
+    case continuation(UnsafeContinuation<[RedisReply], any Error>)
+    case promise(EventLoopPromise<[RedisReply]>)
+
+    func succeed(_ replies: [RedisReply]) {
+        switch self {
+        case .continuation(let continuation): continuation.resume(returning: replies)
+        case .promise(let promise): promise.succeed(replies)
+        }
+    }
+
+    func fail(_ error: ChannelLayerError) {
+        switch self {
+        case .continuation(let continuation): continuation.resume(throwing: error)
+        case .promise(let promise): promise.fail(error)
+        }
+    }
 }
 
 /// Encodes requests as RESP, feeds what comes back to a hiredis reader and completes the
@@ -194,9 +229,15 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private var reader: UnsafeMutablePointer<redisReader>?
-    private var machine: RedisConnectionStateMachine<EventLoopPromise<[RedisReply]>>
+    private var machine: RedisConnectionStateMachine<RedisWaiter>
     private var timer: Scheduled<Void>?
     private var flushScheduled = false
+    /// Set while the handler is in the pipeline: requests that ``enqueue(_:)`` takes are
+    /// written through it.
+    private var context: ChannelHandlerContext?
+    /// The end-of-tick flush, made once (scheduling it allocates nothing); it holds the
+    /// handler, so it is dropped when the handler leaves the pipeline.
+    private var flushAtEndOfTick: (() -> Void)?
 
     init(endpoint: RedisEndpoint) {
         self.reader = redisReaderCreate()
@@ -209,32 +250,64 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         machine.bytesRead(now: context.eventLoop.now)
+        self.context = context
+        flushAtEndOfTick = {
+            self.flushScheduled = false
+            self.context?.flush()
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        flushAtEndOfTick = nil
+        // A request taken after this would never be answered: fail what waits, and what comes.
+        perform(machine.closed(), context: context, close: false)
+    }
+
+    /// Takes a request on the event loop: writes it (flushed at the end of this tick, with
+    /// every other request of the tick), or fails it at once if the connection has failed or
+    /// closed.
+    func enqueue(_ request: RedisRequest) {
+        guard let context else {
+            request.waiter.fail(machine.failure ?? ChannelLayerError(.connectionLost, "the Redis connection is closed"))
+            return
+        }
+        guard take(request, context: context, promise: nil) else { return }
+        scheduleFlush(context: context)
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        let request = unwrapOutboundIn(data)
+        take(unwrapOutboundIn(data), context: context, promise: promise)
+    }
+
+    /// Hands the request to the state machine and writes it; false if it was failed instead.
+    @discardableResult
+    private func take(_ request: RedisRequest, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) -> Bool {
         let action = machine.write(
-            commands: request.commands, waiter: request.promise, timeout: TimeAmount(request.timeout),
+            commands: request.commands, waiter: request.waiter, timeout: TimeAmount(request.timeout),
             now: context.eventLoop.now)
         switch action {
         case .fail(let error):
-            request.promise.fail(error)
+            request.waiter.fail(error)
             promise?.fail(error)
+            return false
         case .write(let armTimer):
             if let armTimer { arm(context: context, at: armTimer) }
             context.write(wrapOutboundOut(request.bytes), promise: promise)
+            return true
         }
     }
 
     /// Flushes once per event-loop tick: the writes of every caller that ran in this tick
     /// leave in one system call.
     func flush(context: ChannelHandlerContext) {
-        guard !flushScheduled else { return }
+        scheduleFlush(context: context)
+    }
+
+    private func scheduleFlush(context: ChannelHandlerContext) {
+        guard !flushScheduled, let flushAtEndOfTick else { return }
         flushScheduled = true
-        context.eventLoop.assumeIsolatedUnsafeUnchecked().execute {
-            self.flushScheduled = false
-            context.flush()
-        }
+        context.eventLoop.assumeIsolatedUnsafeUnchecked().execute(flushAtEndOfTick)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -272,21 +345,21 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     }
 
     private func perform(
-        _ action: RedisConnectionStateMachine<EventLoopPromise<[RedisReply]>>.ReplyAction,
+        _ action: RedisConnectionStateMachine<RedisWaiter>.ReplyAction,
         context: ChannelHandlerContext, close: Bool = true
     ) {
         switch action {
         case .none:
             break
-        case .succeed(let promise, let replies):
-            promise.succeed(replies)
-        case .succeedThenRetire(let promise, let replies, let error, let waiters):
-            promise.succeed(replies)
+        case .succeed(let waiter, let replies):
+            waiter.succeed(replies)
+        case .succeedThenRetire(let waiter, let replies, let error, let waiters):
+            waiter.succeed(replies)
             perform(.failConnection(error, waiters), context: context, close: close)
         case .failConnection(let error, let waiters):
             timer?.cancel()
             timer = nil
-            for promise in waiters { promise.fail(error) }
+            for waiter in waiters { waiter.fail(error) }
             if close { context.close(promise: nil) }
         }
     }

@@ -130,23 +130,30 @@ struct RedisConnectionStateMachineTests {
 
     // MARK: the handler on an embedded channel
 
+    private let handler = RedisProtocolHandler(endpoint: RedisEndpoint(host: "redis.test", port: 6390))
+
     private func connected() throws -> EmbeddedChannel {
-        let channel = EmbeddedChannel(handler: RedisProtocolHandler(endpoint: endpoint))
+        let channel = EmbeddedChannel(handler: handler)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 6390)).wait()
         return channel
     }
 
-    private func request(_ channel: EmbeddedChannel, _ commands: [[String]], timeout: Duration = .seconds(5))
-        -> EventLoopFuture<[RedisReply]>
-    {
+    /// A request as `RedisConnection` makes it: handed to the handler on its loop
+    /// (`enqueue`); `throughPipeline` writes it down the channel pipeline instead.
+    private func request(
+        _ channel: EmbeddedChannel, _ commands: [[String]], timeout: Duration = .seconds(5), throughPipeline: Bool = false
+    ) throws -> EventLoopFuture<[RedisReply]> {
         let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
         let bytes = commands.map { $0.map { Array($0.utf8) } }
-        // As `RedisConnection` does: a write the closed pipeline refuses fails the caller too.
-        let written = channel.eventLoop.makePromise(of: Void.self)
-        written.futureResult.whenFailure { promise.fail($0) }
         let request = RedisRequest(
-            bytes: RedisCommandEncoding.encode(bytes), commands: bytes.count, promise: promise, timeout: timeout)
-        channel.writeAndFlush(request, promise: written)
+            bytes: RedisCommandEncoding.encode(bytes), commands: bytes.count, waiter: .promise(promise), timeout: timeout)
+        if throughPipeline {
+            let written = channel.eventLoop.makePromise(of: Void.self)
+            written.futureResult.whenFailure { promise.fail($0) }
+            channel.writeAndFlush(request, promise: written)
+        } else {
+            handler.enqueue(request)
+        }
         return promise.futureResult
     }
 
@@ -165,8 +172,8 @@ struct RedisConnectionStateMachineTests {
     @Test("the handler writes RESP once per tick and completes callers from replies split across reads")
     func handlerPipelinesOverEmbeddedChannel() throws {
         let channel = try connected()
-        let first = request(channel, [["SET", "k", "v"], ["GET", "k"]])
-        let second = request(channel, [["LLEN", "list"]])
+        let first = try request(channel, [["SET", "k", "v"], ["GET", "k"]])
+        let second = try request(channel, [["LLEN", "list"]])
         channel.embeddedEventLoop.run()
         let resp = "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n" + "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n" + "*2\r\n$4\r\nLLEN\r\n$4\r\nlist\r\n"
         #expect(try written(channel) == resp)
@@ -179,26 +186,35 @@ struct RedisConnectionStateMachineTests {
         try channel.writeInbound(ByteBuffer(string: "2\r\n"))
         #expect(try result(second)?.get() == [.integer(42)])
         #expect(channel.isActive)
+        // The pipeline path (a write down the channel) goes the same way.
+        let third = try request(channel, [["PING"]], throughPipeline: true)
+        channel.embeddedEventLoop.run()
+        #expect(try written(channel) == "*1\r\n$4\r\nPING\r\n")
+        try channel.writeInbound(ByteBuffer(string: "+PONG\r\n"))
+        #expect(try result(third)?.get() == [.status("PONG")])
         _ = try channel.finish()
+        // Once the handler has left the pipeline, a request fails at once instead of waiting.
+        let late = try request(channel, [["PING"]])
+        #expect(throws: ChannelLayerError.self) { try #require(result(late)).get() }
     }
 
     @Test("on the virtual clock: a silent Redis fails the callers and closes; a write after that fails at once")
     func handlerTimesOutOnVirtualClock() throws {
         let channel = try connected()
-        let call = request(channel, [["PING"]], timeout: .seconds(2))
+        let call = try request(channel, [["PING"]], timeout: .seconds(2))
         channel.embeddedEventLoop.advanceTime(by: .milliseconds(1_999))
         #expect(result(call) == nil && channel.isActive)
         channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
         #expect(throws: ChannelLayerError.self) { try #require(result(call)).get() }
         #expect(!channel.isActive)
-        let late = request(channel, [["PING"]])
+        let late = try request(channel, [["PING"]])
         #expect(throws: (any Error).self) { try #require(result(late)).get() }
     }
 
     @Test("garbage from Redis fails the waiting caller with a protocol error and closes the connection")
     func handlerFailsOnProtocolError() throws {
         let channel = try connected()
-        let call = request(channel, [["PING"]])
+        let call = try request(channel, [["PING"]])
         channel.embeddedEventLoop.run()
         _ = try written(channel)
         try? channel.writeInbound(ByteBuffer(string: "?what\r\n"))
@@ -240,8 +256,8 @@ struct RedisConnectionStateMachineTests {
 
         // On the handler: the caller gets the READONLY reply, the next caller a connection error, and the channel closes.
         let channel = try connected()
-        let first = request(channel, [["RPUSH", "l", "x"]])
-        let second = request(channel, [["RPUSH", "l", "y"]])
+        let first = try request(channel, [["RPUSH", "l", "x"]])
+        let second = try request(channel, [["RPUSH", "l", "y"]])
         channel.embeddedEventLoop.run()
         _ = try written(channel)
         try? channel.writeInbound(ByteBuffer(string: "-READONLY You can't write against a read only replica.\r\n"))

@@ -215,22 +215,25 @@ final class RedisServer: @unchecked Sendable {
     /// take it while the socket stays open. Close the descriptor when done.
     static func boundPort() throws -> (Int32, Int) {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer -> Int32 in
-                guard bind(fd, pointer, length) == 0 else { return -1 }
-                return getsockname(fd, pointer, &length)
-            }
+        // A sockaddr_in as bytes (family, port 0, 127.0.0.1), not as the C struct: which
+        // module the struct comes from depends on import order, and the build must not.
+        var address = [UInt8](repeating: 0, count: 16)
+        withUnsafeBytes(of: sa_family_t(AF_INET)) { family in
+            for (index, byte) in family.enumerated() { address[index] = byte }
+        }
+        address[4] = 127
+        address[7] = 1
+        var length = socklen_t(address.count)
+        let bound = address.withUnsafeMutableBytes { raw -> Int32 in
+            let pointer = raw.baseAddress!.assumingMemoryBound(to: sockaddr.self)
+            guard bind(fd, pointer, length) == 0 else { return -1 }
+            return getsockname(fd, pointer, &length)
         }
         guard bound == 0 else {
             close(fd)
             throw ChannelLayerError(.invalidConfiguration, "no free port")
         }
-        return (fd, Int(UInt16(bigEndian: address.sin_port)))
+        return (fd, Int(address[2]) << 8 | Int(address[3]))
     }
 }
 
