@@ -39,6 +39,8 @@ public struct MeteredChannelLayer: ChannelLayerInspection {
             ($0, Counter(label: "channels_layer_errors_total", dimensions: [("code", $0)]))
         })
 
+    // Inlined: every layer call of the process passes here, and a wrapper frame per call is not free.
+    @inline(__always)
     private func counted<T>(_ body: () async throws -> T) async throws -> T {
         do {
             return try await body()

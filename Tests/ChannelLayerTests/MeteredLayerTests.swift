@@ -1,4 +1,5 @@
 import ASGI
+import Synchronization
 import Testing
 
 @Suite("metered layer", .timeLimit(.minutes(2)))
@@ -45,5 +46,41 @@ struct MeteredLayerTests {
         // The one on the other channel is found by the next sweep (statistics purge the channel they ask about).
         #expect(try await layer.channelStatistics("other").messagesPending == 0)
         #expect(layer.messagesExpired == 4)
+    }
+
+    @Test("retrying: transient errors are retried until success, for at most the limit; others are thrown at once")
+    func retryingRetriesTransientErrorsWithinItsLimit() async throws {
+        let calls = Atomic<Int>(0)
+        let value = try await retrying(for: .seconds(30)) { () async throws -> Int in
+            let n = calls.add(1, ordering: .relaxed).newValue
+            if n < 3 { throw ChannelLayerError(.connectionLost, "not yet") }
+            return n
+        }
+        #expect(value == 3 && calls.load(ordering: .relaxed) == 3, "two failures, then the third try's value")
+
+        calls.store(0, ordering: .relaxed)
+        await #expect(throws: ChannelLayerError.self) {
+            try await retrying(for: .seconds(30)) { () async throws -> Int in
+                calls.add(1, ordering: .relaxed)
+                throw ChannelLayerError(.invalidName, "never transient")
+            }
+        }
+        #expect(calls.load(ordering: .relaxed) == 1, "a non-transient error is not retried")
+
+        calls.store(0, ordering: .relaxed)
+        let clock = ContinuousClock()
+        let started = clock.now
+        do {
+            _ = try await retrying(for: .milliseconds(200)) { () async throws -> Int in
+                calls.add(1, ordering: .relaxed)
+                throw ChannelLayerError(.connectionLost, "down \(calls.load(ordering: .relaxed))")
+            }
+            Issue.record("an error that never passes was not thrown")
+        } catch let error as ChannelLayerError {
+            #expect(error.message == "down \(calls.load(ordering: .relaxed))", "the last error is the one thrown")
+        }
+        // 10 + 20 + 40 + 80 ms of back-off fit in 200 ms; the next 160 does not.
+        #expect(calls.load(ordering: .relaxed) >= 2 && calls.load(ordering: .relaxed) <= 5)
+        #expect(clock.now - started >= .milliseconds(30), "it backed off between tries")
     }
 }

@@ -2,21 +2,40 @@
 /// ``ChannelLayerError`` that `retryable` accepts, for at most `limit` in all; then the last
 /// error is thrown. For waits on a full channel or a Redis that is restarting: a timer between
 /// attempts, never a busy loop.
+@inlinable
 public func retrying<T>(
     for limit: Duration, when retryable: (ChannelLayerError) -> Bool = ChannelLayerError.isTransient,
     _ body: () async throws -> T
 ) async throws -> T {
-    let deadline = ContinuousClock.now + limit
+    // The first try is inlined into the caller (and specialized for its type): most calls
+    // succeed at once, and this runs for every Redis command of a session or delay store.
+    let start = ContinuousClock.now
+    do {
+        return try await body()
+    } catch let error as ChannelLayerError where retryable(error) {
+        return try await retryingAfter(error, deadline: start + limit, when: retryable, body)
+    }
+}
+
+/// The tries after a first failure: back-off from 10 ms, doubling to 500 ms, until `deadline`.
+@usableFromInline
+func retryingAfter<T>(
+    _ first: ChannelLayerError, deadline: ContinuousClock.Instant, when retryable: (ChannelLayerError) -> Bool,
+    _ body: () async throws -> T
+) async throws -> T {
     var pause = Duration.milliseconds(10)
-    while true {
+    var last = first
+    while ContinuousClock.now + pause < deadline {
+        try? await Task.sleep(for: pause)
+        if Task.isCancelled { throw last }
+        pause = min(pause * 2, .milliseconds(500))
         do {
             return try await body()
-        } catch let error as ChannelLayerError where retryable(error) && ContinuousClock.now + pause < deadline {
-            try? await Task.sleep(for: pause)
-            if Task.isCancelled { throw error }
-            pause = min(pause * 2, .milliseconds(500))
+        } catch let error as ChannelLayerError where retryable(error) {
+            last = error
         }
     }
+    throw last
 }
 
 extension ChannelLayerError {

@@ -220,7 +220,28 @@ public final class Session: Sendable {
     /// The channel session key of a reply channel: "chn" + the first 29 hex digits of its
     /// SHA-1, as Channels 1.1.2 and later name it.
     public static func channelSessionKey(replyChannel: String) -> String {
-        "chn" + Hex.encode(Insecure.SHA1.hash(data: Array(replyChannel.utf8))).prefix(29)
+        var hasher = Insecure.SHA1()
+        var name = replyChannel
+        name.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        let digest = hasher.finalize()
+        // Built in place (it runs for every message a channel-session consumer handles).
+        return String(unsafeUninitializedCapacity: 32) { out in
+            out[0] = UInt8(ascii: "c")
+            out[1] = UInt8(ascii: "h")
+            out[2] = UInt8(ascii: "n")
+            var index = 3
+            digest.withUnsafeBytes { bytes in
+                for byte in bytes where index < 32 {
+                    out[index] = Hex.lowercaseDigits[Int(byte >> 4)]
+                    index += 1
+                    if index < 32 {
+                        out[index] = Hex.lowercaseDigits[Int(byte & 0x0f)]
+                        index += 1
+                    }
+                }
+            }
+            return 32
+        }
     }
 }
 
