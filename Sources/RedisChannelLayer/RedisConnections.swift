@@ -5,9 +5,15 @@ import NIOPosix
 import NIOSSL
 import Synchronization
 
-/// The connections to one Redis server: one shared connection that every ordinary command
-/// and script goes through (pipelined by ``RedisConnection``), and idle connections for
-/// blocking commands (`BLPOP`), which hold a connection for their whole wait.
+/// The connections to one Redis server: a shared connection per event loop that every
+/// ordinary command and script of that loop goes through (pipelined by ``RedisConnection``),
+/// and idle connections for blocking commands (`BLPOP`), which hold a connection for their
+/// whole wait.
+///
+/// A shared connection per loop, not one for the process: a task running on a loop writes to
+/// a connection on the same loop and its reply resumes it there, so a command costs no thread
+/// hop (with one connection, every caller on another loop paid two wake-ups per command).
+/// Callers off the group's loops use the first loop's connection.
 ///
 /// A dead connection (a Redis restart, a timeout) is replaced on the next call, so service
 /// resumes by itself when the server is back. For a Sentinel endpoint, "the server" is the
@@ -19,17 +25,24 @@ final class RedisConnections: Sendable {
     private let connectTimeout: Duration
     private let commandTimeout: Duration
     private let maxIdle: Int
-    private let state = Mutex(State())
+    private let state: Mutex<State>
     private let opened = Atomic<Int>(0)
     private let metrics: RedisMetrics
 
-    private struct State {
+    /// The group's loops, in order: lane `i` of the state is loop `i`'s shared connection.
+    private let loops: [any EventLoop]
+
+    private struct Lane {
         var shared: RedisConnection?
         var connecting: EventLoopFuture<RedisConnection>?
+        /// Whether this lane's shared connection was ever opened (the next one is a reconnect).
+        var everShared = false
+    }
+
+    private struct State {
+        var lanes: [Lane]
         var idle: [RedisConnection] = []
         var closed = false
-        /// Whether a shared connection was ever opened (the next one is a reconnect).
-        var everShared = false
         /// The master a Sentinel endpoint resolved to, while it answers.
         var master: RedisEndpoint?
         /// The sentinel that answered last (asked first next time).
@@ -48,6 +61,15 @@ final class RedisConnections: Sendable {
         self.commandTimeout = commandTimeout
         self.maxIdle = maxIdle
         self.metrics = RedisMetrics(endpoint: endpoint)
+        let loops = Array(group.makeIterator())
+        self.loops = loops.isEmpty ? [group.next()] : loops
+        self.state = Mutex(State(lanes: Array(repeating: Lane(), count: self.loops.count)))
+    }
+
+    /// The lane of the loop the caller runs on (the first one off the group's loops).
+    private func currentLane() -> Int {
+        if loops.count == 1 { return 0 }
+        return loops.firstIndex { $0.inEventLoop } ?? 0
     }
 
     private func tlsContext() throws(ChannelLayerError) -> NIOSSLContext? {
@@ -80,11 +102,11 @@ final class RedisConnections: Sendable {
 
     private func closedError() -> ChannelLayerError { ChannelLayerError(.closed, "the Redis connection set is closed") }
 
-    private func open() async throws(ChannelLayerError) -> RedisConnection {
+    private func open(on loop: (any EventLoop)? = nil) async throws(ChannelLayerError) -> RedisConnection {
         let target = try await target()
         do throws(ChannelLayerError) {
             let connection = try await RedisConnection.connect(
-                to: target, on: group.next(), connectTimeout: connectTimeout,
+                to: target, on: loop ?? group.next(), connectTimeout: connectTimeout,
                 commandTimeout: commandTimeout, tls: try tlsContext(), metrics: metrics)
             if case .sentinel(let service, _) = endpoint.address {
                 do {
@@ -103,25 +125,27 @@ final class RedisConnections: Sendable {
         }
     }
 
-    /// The shared connection, opened (once, however many callers ask at the same time) if
-    /// there is none or the last one died.
+    /// The shared connection of the caller's loop, opened (once, however many callers ask at
+    /// the same time) if there is none or the last one died.
     func shared() async throws(ChannelLayerError) -> RedisConnection {
         enum Step { case ready(RedisConnection), wait(EventLoopFuture<RedisConnection>), closed }
+        let lane = currentLane()
         let step = state.withLock { state -> Step in
             if state.closed { return .closed }
-            if let connection = state.shared, connection.isActive { return .ready(connection) }
-            if let connecting = state.connecting { return .wait(connecting) }
-            let promise = group.any().makePromise(of: RedisConnection.self)
-            promise.completeWithTask { try await self.open() }
-            state.connecting = promise.futureResult
+            if let connection = state.lanes[lane].shared, connection.isActive { return .ready(connection) }
+            if let connecting = state.lanes[lane].connecting { return .wait(connecting) }
+            let loop = loops[lane]
+            let promise = loop.makePromise(of: RedisConnection.self)
+            promise.completeWithTask { try await self.open(on: loop) }
+            state.lanes[lane].connecting = promise.futureResult
             promise.futureResult.whenComplete { result in
                 let stale = self.state.withLock { state -> RedisConnection? in
-                    state.connecting = nil
+                    state.lanes[lane].connecting = nil
                     guard case .success(let connection) = result else { return nil }
                     if state.closed { return connection }
-                    if state.everShared { self.metrics.reconnects.increment() }
-                    state.everShared = true
-                    state.shared = connection
+                    if state.lanes[lane].everShared { self.metrics.reconnects.increment() }
+                    state.lanes[lane].everShared = true
+                    state.lanes[lane].shared = connection
                     return nil
                 }
                 stale?.close()
@@ -195,8 +219,10 @@ final class RedisConnections: Sendable {
     func close() {
         let all = state.withLock { state -> [RedisConnection] in
             state.closed = true
-            defer { state.idle.removeAll(); state.shared = nil }
-            return state.idle + (state.shared.map { [$0] } ?? [])
+            let all = state.idle + state.lanes.compactMap(\.shared)
+            state.idle.removeAll()
+            for lane in state.lanes.indices { state.lanes[lane].shared = nil }
+            return all
         }
         for connection in all { connection.close() }
     }
