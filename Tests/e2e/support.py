@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,8 @@ from ports import free_port, get  # noqa: F401 (get: used by the test scripts)
 CHAT, REDIS_URL = sys.argv[1], sys.argv[2]
 results = []
 # Every process of a test run shares one SQLite file, as the processes of one machine would.
+# The processes' logs go beside it; the folder is removed when every test passed, kept (and
+# named) when one failed.
 DB_DIR = tempfile.mkdtemp(prefix="chat-e2e-")
 os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
 
@@ -31,7 +34,7 @@ os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
 
 class Proc:
     def __init__(self, *args):
-        self.log = open("/tmp/e2e-%s-%d.log" % (args[0], time.time_ns()), "w+")
+        self.log = open(os.path.join(DB_DIR, "%s-%d.log" % (args[0], time.time_ns())), "w+")
         self.p = subprocess.Popen([CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_line(self, text, timeout=20):
@@ -219,4 +222,8 @@ def summary():
         print("SKIPPED (E2E_ONLY=%s): %s" % (os.environ.get("E2E_ONLY"), ", ".join(skipped)))
     if not results:
         print("FAIL: no test ran")
+    if failed or not results:
+        print("the processes' logs: %s" % DB_DIR)
+    else:
+        shutil.rmtree(DB_DIR, ignore_errors=True)
     sys.exit(1 if failed or not results else 0)

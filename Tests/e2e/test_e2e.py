@@ -205,11 +205,10 @@ def header_limits_and_ping_timeout():
 
 @test
 def server_options_origins_subprotocols_lifetime_unix_socket_proxy_headers():
-    import tempfile
-    access = tempfile.mktemp(prefix="access-", suffix=".log")
+    access = os.path.join(DB_DIR, "access.log")
     proc, port = server("--allowed-origins", "http://good.example", "--ws-protocol", "chat.v2", "--ws-protocol", "chat.v1",
                         "--websocket-timeout", "1.5", "--proxy-headers", "--access-log", access)
-    unix_path = tempfile.mktemp(prefix="chat-", suffix=".sock")
+    unix_path = os.path.join(DB_DIR, "chat.sock")
     unix = Proc("runserver", "--unix-socket", unix_path)
     try:
         async def sockets():
