@@ -11,8 +11,8 @@ import Synchronization
 /// Channels are Redis lists of body keys, bodies are msgpack strings with an expiry, groups
 /// are sorted sets scored by the time of the last add. I/O is non-blocking on SwiftNIO event
 /// loops, with hiredis parsing the replies: every ordinary command and script of every task
-/// shares one pipelined connection per server, and only receives that wait in `BLPOP` hold
-/// a connection of their own.
+/// goes through a pipelined connection per server and event loop (the caller's), and only
+/// receives that wait in `BLPOP` hold a connection of their own.
 public final class RedisChannelLayer: ChannelLayerInspection {
     /// The URLs, prefix, expiry and limits it runs with.
     public let configuration: RedisChannelLayerConfiguration
@@ -96,7 +96,7 @@ public final class RedisChannelLayer: ChannelLayerInspection {
         if isClosed.load(ordering: .relaxed) { throw ChannelLayerError(.closed, "the Redis layer is closed") }
     }
 
-    /// The shard's shared, pipelined connection.
+    /// The shard's shared, pipelined connection on the caller's event loop.
     func shared(_ shard: Int) async throws(ChannelLayerError) -> RedisConnection {
         try checkOpen()
         return try await shards[shard].shared()

@@ -5,7 +5,7 @@ import Synchronization
 
 /// A small general-purpose Redis client, for the parts of the framework that keep their own
 /// data in Redis (session stores, the delay server). Like the layer, it is non-blocking on
-/// SwiftNIO with hiredis parsing replies; concurrent commands share one pipelined connection,
+/// SwiftNIO with hiredis parsing replies; concurrent commands share pipelined connections,
 /// and after a Redis restart the next command connects afresh. A command that finds Redis
 /// unreachable is retried for `outageRetry` (a restart takes a moment), then fails.
 public final class RedisClient: Sendable {
