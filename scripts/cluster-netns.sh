@@ -37,7 +37,11 @@ declare -A ADDR=([redis1]=10.77.0.11 [redis2]=10.77.0.12 [server]=10.77.0.20 [wo
 RUN_DIR=$(mktemp -d)
 export CHAT_DATABASE="$RUN_DIR/chat.sqlite3"   # the example's own data (one file, as one DB server)
 log() { printf '[cluster-netns] %s\n' "$*"; }
-fail() { printf '[cluster-netns] FAIL: %s\n' "$*" >&2; exit 1; }
+fail() {
+  printf '[cluster-netns] FAIL: %s\n' "$*" >&2
+  for f in "$RUN_DIR"/*.log; do [ -f "$f" ] && { printf -- '--- last lines of %s\n' "$(basename "$f")" >&2; tail -n 15 "$f" >&2; }; done
+  exit 1
+}
 ns() { echo "$ID-$1"; }
 in_host() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
 
