@@ -67,7 +67,7 @@ final class RedisConnections: Sendable {
     }
 
     /// The lane of the loop the caller runs on (the first one off the group's loops).
-    private func currentLane() -> Int {
+    func currentLane() -> Int {
         if loops.count == 1 { return 0 }
         return loops.firstIndex { $0.inEventLoop } ?? 0
     }
@@ -128,8 +128,12 @@ final class RedisConnections: Sendable {
     /// The shared connection of the caller's loop, opened (once, however many callers ask at
     /// the same time) if there is none or the last one died.
     func shared() async throws(ChannelLayerError) -> RedisConnection {
+        try await shared(lane: currentLane())
+    }
+
+    /// Lane `lane`'s shared connection (on the group's loop of that index).
+    func shared(lane: Int) async throws(ChannelLayerError) -> RedisConnection {
         enum Step { case ready(RedisConnection), wait(EventLoopFuture<RedisConnection>), closed }
-        let lane = currentLane()
         let step = state.withLock { state -> Step in
             if state.closed { return .closed }
             if let connection = state.lanes[lane].shared, connection.isActive { return .ready(connection) }

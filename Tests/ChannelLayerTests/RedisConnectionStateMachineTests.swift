@@ -265,4 +265,25 @@ struct RedisConnectionStateMachineTests {
         #expect(throws: ChannelLayerError.self) { try #require(result(second)).get() }
         #expect(!channel.isActive)
     }
+
+    @Test("arguments are written as RESP bulk strings: numbers (negative too), joined keys, fresh UUID keys")
+    func argumentsEncodeAsRESP() throws {
+        let buffer = RedisCommandEncoding.encode([
+            .text("SET"), .joined("p:", "k"), .integer(-42), .integer(1_234_567), .integer(0), .bytes([0, 255]),
+            .joined3("s:", "x", ":n"),
+        ])
+        let expected: [UInt8] = Array(
+            "*7\r\n$3\r\nSET\r\n$3\r\np:k\r\n$3\r\n-42\r\n$7\r\n1234567\r\n$1\r\n0\r\n$2\r\n".utf8) + [0, 255]
+            + Array("\r\n$5\r\ns:x:n\r\n".utf8)
+        #expect(Array(buffer.readableBytesView) == expected)
+
+        let key = RedisCommandEncoding.encode([.uuidKey(prefix: "asgi:")])
+        let text = String(buffer: key)
+        let value = try #require(text.split(separator: "\r\n").dropFirst(2).first)
+        #expect(text.hasPrefix("*1\r\n$37\r\nasgi:") && value.count == 37)
+        let hex = value.dropFirst(5)
+        #expect(hex.allSatisfy { "0123456789abcdef".contains($0) })
+        #expect(hex[hex.index(hex.startIndex, offsetBy: 12)] == "4", "a version-4 UUID")
+        #expect(String(buffer: RedisCommandEncoding.encode([.uuidKey(prefix: "asgi:")])) != text, "fresh each time")
+    }
 }

@@ -308,4 +308,29 @@ struct RedisLayerTests {
         await a.shutdown()
         await b.shutdown()
     }
+
+    @Test("each event loop gets its own shared connection: a command from a loop runs on a connection of that loop")
+    func sharedConnectionPerEventLoop() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let connections = RedisConnections(
+            endpoint: try RedisEndpoint(url: TestRedis.requireURL()), group: group, connectTimeout: .seconds(2),
+            commandTimeout: .seconds(5))
+        let loops = Array(group.makeIterator())
+        var seen: [ObjectIdentifier] = []
+        for (index, loop) in loops.enumerated() {
+            // A caller running on loop `index` (as the tasks of a process on NIO's executor do) is given lane `index`.
+            #expect(try await loop.submit { connections.currentLane() }.get() == index)
+            let connection = try await connections.shared(lane: index)
+            #expect(connection.eventLoop === loop, "lane \(index)'s connection lives on loop \(index)")
+            #expect(try await connection.command(["PING"]).text == "PONG")
+            seen.append(ObjectIdentifier(connection))
+        }
+        #expect(Set(seen).count == loops.count, "one connection per loop")
+        // Off the group's loops (this test's own task): the first lane, and nothing new opened.
+        let opened = connections.connectionsOpened
+        #expect(connections.currentLane() == 0)
+        #expect(ObjectIdentifier(try await connections.shared()) == seen[0] && connections.connectionsOpened == opened)
+        connections.close()
+        try await group.shutdownGracefully()
+    }
 }
