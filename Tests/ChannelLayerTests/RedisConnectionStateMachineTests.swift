@@ -272,8 +272,9 @@ struct RedisConnectionStateMachineTests {
             .text("SET"), .joined("p:", "k"), .integer(-42), .integer(1_234_567), .integer(0), .bytes([0, 255]),
             .joined3("s:", "x", ":n"),
         ])
-        let expected: [UInt8] = Array(
-            "*7\r\n$3\r\nSET\r\n$3\r\np:k\r\n$3\r\n-42\r\n$7\r\n1234567\r\n$1\r\n0\r\n$2\r\n".utf8) + [0, 255]
+        let expected: [UInt8] =
+            Array(
+                "*7\r\n$3\r\nSET\r\n$3\r\np:k\r\n$3\r\n-42\r\n$7\r\n1234567\r\n$1\r\n0\r\n$2\r\n".utf8) + [0, 255]
             + Array("\r\n$5\r\ns:x:n\r\n".utf8)
         #expect(Array(buffer.readableBytesView) == expected)
 
