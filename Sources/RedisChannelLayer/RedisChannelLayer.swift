@@ -25,6 +25,9 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     let receiveCursor = Atomic<Int>(0)
     /// Whether the last receive found a message waiting (see `receive`).
     let flowing = Atomic<Bool>(false)
+    /// Set when a shard refused `CLIENT ID`: blocking waits then rotate over the shards instead
+    /// of racing them (a racer nobody can wake would hold every receive for its whole slice).
+    let unblockRefused = Atomic<Bool>(false)
     let malformedDropped = Atomic<Int>(0)
     let undecryptableDropped = Atomic<Int>(0)
     /// asgi_redis's Fernet encryption of bodies, when `symmetricEncryptionKeys` is set.

@@ -6,6 +6,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -29,6 +30,8 @@ final class RedisConnection: Sendable {
     private let handler: NIOLoopBound<RedisProtocolHandler>
     private let commandTimeout: Duration
     private let metrics: RedisMetrics
+    /// The server's id for this connection: 0 not asked yet, -1 refused (see ``clientID()``).
+    private let knownClientID = Atomic<Int>(0)
 
     private init(
         endpoint: RedisEndpoint, channel: any Channel, handler: NIOLoopBound<RedisProtocolHandler>, commandTimeout: Duration,
@@ -42,6 +45,21 @@ final class RedisConnection: Sendable {
     }
 
     var isActive: Bool { channel.isActive }
+
+    /// The server's `CLIENT ID` for this connection (asked once, then remembered), which
+    /// another connection can name in `CLIENT UNBLOCK`; nil when the server refuses `CLIENT`
+    /// (an ACL without it, a proxy that does not pass it).
+    func clientID() async throws(ChannelLayerError) -> Int? {
+        let known = knownClientID.load(ordering: .relaxed)
+        if known != 0 { return known > 0 ? known : nil }
+        let reply = try await command([RedisArgument.text("CLIENT"), .text("ID")])
+        guard let id = reply.integer, id > 0 else {
+            knownClientID.store(-1, ordering: .relaxed)
+            return nil
+        }
+        knownClientID.store(Int(id), ordering: .relaxed)
+        return Int(id)
+    }
     /// Completes once the connection has closed.
     var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
     var eventLoop: any EventLoop { channel.eventLoop }

@@ -56,11 +56,12 @@ extension RedisChannelLayer {
                 return poppedUnusable ? try await receive(channels: channels, timeout: .zero) : nil
             }
             let slice = min(remaining, configuration.blockingSlice)
+            let waitPlan = blockingPlan(channels)
             let outcome: ReceivedMessage?? =
-                if plan.count == 1 {
-                    try await blockingPop(shard: plan[0].shard, lists: plan[0].lists, wait: slice)
+                if waitPlan.count == 1 {
+                    try await blockingPop(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice)
                 } else {
-                    try await blockingPopMany(plan: plan, wait: slice)
+                    try await blockingPopRace(plan: waitPlan, wait: slice, max: 1).map { $0.first }
                 }
             switch outcome {
             case .some(.some(let received)):
@@ -113,6 +114,13 @@ extension RedisChannelLayer {
             let remaining = deadline - clock.now
             if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
             let slice = min(remaining, configuration.blockingSlice)
+            let waitPlan = blockingPlan(channels)
+            if waitPlan.count > 1 {
+                guard let batch = try await blockingPopRace(plan: waitPlan, wait: slice, max: max), !batch.isEmpty else { continue }
+                flowing.store(true, ordering: .relaxed)
+                return batch
+            }
+            let (shard, lists) = waitPlan[0]
             let blpop = blockingPopCommand(lists, wait: slice)
             let result: ([UInt8], RedisReply)? = try await onDedicated(shard) { connection -> ([UInt8], RedisReply)? in
                 let reply = try await connection.command(blpop, wait: slice)
@@ -261,27 +269,131 @@ extension RedisChannelLayer {
         }
     }
 
-    /// Several shards: wait on all at once; a message won by more than one is put back.
-    func blockingPopMany(plan: [(shard: Int, lists: [RedisArgument])], wait: Duration) async throws -> ReceivedMessage?? {
-        try await withThrowingTaskGroup(of: ReceivedMessage??.self) { group in
+    /// The shards one slice of a blocking wait covers. A plain channel may be on any shard
+    /// (senders spread it round-robin), so with several shards the slice races all of them at
+    /// once. A server that refused `CLIENT ID` (so a racer could not be woken) gets the
+    /// rotation instead: one shard per slice for plain channels, as asgi_redis looks at one
+    /// per call.
+    func blockingPlan(_ channels: [String]) -> [(shard: Int, lists: [RedisArgument])] {
+        receivePlan(channels, everyShard: shards.count > 1 && !unblockRefused.load(ordering: .relaxed))
+    }
+
+    /// A `BLPOP` on every shard of `plan` at once, for `wait`. The first to pop (or fail) ends
+    /// the race: the others are woken with `CLIENT UNBLOCK`, so the caller does not wait out
+    /// their slice, and whatever they popped meanwhile joins the result, past `max` in the
+    /// backlog. Nothing popped is put back or lost.
+    ///
+    /// nil: the slice passed with nothing. Empty: what was popped was unusable (expired or
+    /// malformed bodies). An error is thrown only when nothing was popped.
+    func blockingPopRace(plan: [(shard: Int, lists: [RedisArgument])], wait: Duration, max: Int) async throws -> [ReceivedMessage]? {
+        let race = BlockingRace()
+        let outcomes = await withTaskGroup(of: Result<[ReceivedMessage]?, any Error>?.self) { group in
             for entry in plan {
-                group.addTask { try await self.blockingPop(shard: entry.shard, lists: entry.lists, wait: wait) }
-            }
-            var winner: ReceivedMessage?? = nil
-            for try await outcome in group {
-                guard case .some(.some(let received)) = outcome else {
-                    if winner == nil, case .some(.none) = outcome { winner = .some(nil) }
-                    continue
+                group.addTask {
+                    do {
+                        return .success(try await self.racer(shard: entry.shard, lists: entry.lists, wait: wait, max: max, race: race))
+                    } catch {
+                        return .failure(error)
+                    }
                 }
-                if case .some(.some) = winner {
-                    // Rare: two shards delivered in the same slice. Keep the message by
-                    // sending it again; it goes to the back of its channel.
-                    try? await send(received.message, to: received.channel)
+            }
+            var outcomes: [Result<[ReceivedMessage]?, any Error>] = []
+            var waking = false
+            for await outcome in group {
+                guard let outcome else { continue }  // the waker
+                outcomes.append(outcome)
+                if case .success(nil) = outcome { continue }  // this shard's slice passed
+                if !waking {
+                    waking = true
+                    group.addTask {
+                        await self.wakeRacers(race)
+                        return nil
+                    }
+                }
+            }
+            return outcomes
+        }
+        var popped: [ReceivedMessage] = []
+        var unusable = false
+        var failure: (any Error)?
+        for outcome in outcomes {
+            switch outcome {
+            case .success(nil): break
+            case .success(let messages?):
+                popped += messages
+                if messages.isEmpty { unusable = true }
+            case .failure(let error): failure = failure ?? error
+            }
+        }
+        if !popped.isEmpty { return handOut(popped, max: max) }
+        if let failure { throw failure }
+        return unusable ? [] : nil
+    }
+
+    /// One shard's part of a race: `BLPOP`, then the body (and, for a batch, what queued
+    /// behind it) through the same connection. nil when the slice passed, or the race ended
+    /// before this racer started waiting.
+    private func racer(
+        shard: Int, lists: [RedisArgument], wait: Duration, max: Int, race: BlockingRace
+    ) async throws -> [ReceivedMessage]? {
+        try await onDedicated(shard) { connection -> [ReceivedMessage]? in
+            if let id = try await connection.clientID() {
+                guard race.enter(shard: shard, clientID: id) else { return nil }
+            } else if !unblockRefused.exchange(true, ordering: .relaxed) {
+                // This racer waits out its slice (nobody can wake it); later slices rotate.
+                logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
+            }
+            let reply: RedisReply
+            do {
+                reply = try await connection.command(blockingPopCommand(lists, wait: wait), wait: wait)
+                race.leave(shard: shard)
+            } catch {
+                race.leave(shard: shard)
+                throw error
+            }
+            switch reply {
+            case .array(let pair) where pair.count == 2:
+                guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return [] }
+                if max <= 1 {
+                    let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [.bytes(bodyKey)], args: [])
+                    guard let bytes = body.bytes else {
+                        LayerMetrics.expired.increment()  // the list named a body that had expired
+                        return []
+                    }
+                    return decodeReceived(list: list, body: bytes)
+                }
+                let taken = try await take(
+                    Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
+                    args: [.integer(max - 1)])
+                let items = taken.array ?? []
+                var popped: [ReceivedMessage] = []
+                if let body = items.first?.bytes {
+                    popped = decodeReceived(list: list, body: body)
                 } else {
-                    winner = .some(received)
+                    LayerMetrics.expired.increment()
                 }
+                return popped + decodePairs(items, from: 1)
+            case .error(let e):
+                throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
+            default:
+                return nil
             }
-            return winner
+        }
+    }
+
+    /// Ends `race` and wakes the racers still in `BLPOP`. An `UNBLOCK` can overtake the
+    /// `BLPOP` it is meant for (they travel on different connections) and find nobody blocked:
+    /// a racer still waiting is woken again after a short, growing pause.
+    private func wakeRacers(_ race: BlockingRace) async {
+        var waiting = race.end()
+        var pause = Duration.milliseconds(1)
+        while !waiting.isEmpty {
+            for (shard, id) in waiting {
+                _ = try? await shared(shard).command([.text("CLIENT"), .text("UNBLOCK"), .integer(id)])
+            }
+            do { try await Task.sleep(for: pause) } catch { return }  // cancelled: the slices end by themselves
+            pause = min(pause * 2, .milliseconds(100))
+            waiting = waiting.filter { race.isWaiting(shard: $0.shard) }
         }
     }
 
@@ -350,4 +462,39 @@ extension RedisChannelLayer {
             return []
         }
     }
+}
+
+/// Which racers of one ``RedisChannelLayer/blockingPopRace(plan:wait:max:)`` are in `BLPOP`
+/// (by shard, with their connection's client id), and whether the race is over. Entering and
+/// ending are one lock apart, so a racer either sees the race over and does not wait, or is
+/// seen by the waker.
+final class BlockingRace: Sendable {
+    private struct State {
+        var over = false
+        var waiting: [Int: Int] = [:]
+    }
+    private let state = Mutex(State())
+
+    /// Records that the racer on `shard` is about to wait; false when the race is already over.
+    func enter(shard: Int, clientID: Int) -> Bool {
+        state.withLock { state in
+            guard !state.over else { return false }
+            state.waiting[shard] = clientID
+            return true
+        }
+    }
+
+    /// The racer on `shard` has its reply.
+    func leave(shard: Int) { _ = state.withLock { $0.waiting.removeValue(forKey: shard) } }
+
+    /// Ends the race; returns the racers still waiting.
+    func end() -> [(shard: Int, id: Int)] {
+        state.withLock { state in
+            state.over = true
+            return state.waiting.map { (shard: $0.key, id: $0.value) }
+        }
+    }
+
+    /// Whether the racer on `shard` is still waiting.
+    func isWaiting(shard: Int) -> Bool { state.withLock { $0.waiting[shard] != nil } }
 }
