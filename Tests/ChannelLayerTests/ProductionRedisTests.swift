@@ -410,11 +410,22 @@ struct RedisSentinelPlannedFailoverTests {
 
 @Suite("TCP keepalive from the URL, as the kernel sees it", .timeLimit(.minutes(1)))
 struct RedisKeepaliveTests {
-    /// The `ss -tno` lines of established connections to `port`.
+    /// The servers here also listen on an address of their own, and the layers connect to
+    /// that: tests run in parallel and start servers on free ports, so a port can be reused
+    /// while another test's layer is still reconnecting to it on 127.0.0.1, and its connection
+    /// (with keepalive) must not be counted as ours.
+    static let address = "127.0.0.77"
+
+    func launch() async throws -> (server: RedisServer, url: String) {
+        let server = try await RedisServer.launch { _ in ["--bind", "127.0.0.1", Self.address] }
+        return (server, "redis://\(Self.address):\(server.port)/0")
+    }
+
+    /// The `ss -tno` lines of established connections to `port` on ``address``.
     func socketLines(port: Int) throws -> [String] {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/ss")
-        process.arguments = ["-tnoH", "state", "established", "dport", "= :\(port)"]
+        process.arguments = ["-tnoH", "state", "established", "dst", "\(Self.address):\(port)"]
         let pipe = Pipe()
         process.standardOutput = pipe
         try process.run()
@@ -429,11 +440,11 @@ struct RedisKeepaliveTests {
             Issue.record("ss (iproute2) is not installed: cannot see the kernel's keepalive timers")
             return
         }
-        let server = try await RedisServer.launch()
+        let (server, url) = try await launch()
         defer { Task { await server.shutdown() } }
-        try await roundTrip(server.url + "?socket_keepalive_idle=7", channel: "ka.idle")
+        try await roundTrip(url + "?socket_keepalive_idle=7", channel: "ka.idle")
         // The layer closed: open one and keep it while looking.
-        let layer = try RedisChannelLayer(urls: [server.url + "?socket_keepalive_idle=7"])
+        let layer = try RedisChannelLayer(urls: [url + "?socket_keepalive_idle=7"])
         try await layer.send(Cases.small, to: "ka.check")
         let withIdle = try socketLines(port: server.port)
         #expect(!withIdle.isEmpty, "the layer's connection is established")
@@ -453,9 +464,9 @@ struct RedisKeepaliveTests {
         await layer.close()
 
         // A server of its own, so that no closing connection of the layer above is seen.
-        let other = try await RedisServer.launch()
+        let (other, otherURL) = try await launch()
         defer { Task { await other.shutdown() } }
-        let off = try RedisChannelLayer(urls: [other.url + "?socket_keepalive=false"])
+        let off = try RedisChannelLayer(urls: [otherURL + "?socket_keepalive=false"])
         try await off.send(Cases.small, to: "ka.off")
         let withoutKeepalive = try socketLines(port: other.port)
         #expect(!withoutKeepalive.isEmpty && withoutKeepalive.allSatisfy { !$0.contains("keepalive") }, "\(withoutKeepalive)")
