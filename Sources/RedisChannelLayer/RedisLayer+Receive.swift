@@ -59,7 +59,8 @@ extension RedisChannelLayer {
             let waitPlan = blockingPlan(channels)
             let outcome: ReceivedMessage?? =
                 if waitPlan.count == 1 {
-                    try await blockingPop(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice)
+                    try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: 1)
+                        .map { handOut($0, max: 1).first }
                 } else {
                     try await blockingPopRace(plan: waitPlan, wait: slice, max: 1).map { $0.first }
                 }
@@ -120,33 +121,8 @@ extension RedisChannelLayer {
                 flowing.store(true, ordering: .relaxed)
                 return batch
             }
-            let (shard, lists) = waitPlan[0]
-            let blpop = blockingPopCommand(lists, wait: slice)
-            let result: ([UInt8], RedisReply)? = try await onDedicated(shard) { connection -> ([UInt8], RedisReply)? in
-                let reply = try await connection.command(blpop, wait: slice)
-                switch reply {
-                case .array(let pair) where pair.count == 2:
-                    guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                    return (
-                        list,
-                        try await take(
-                            Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
-                            args: [.integer(max - 1)])
-                    )
-                case .error(let e):
-                    throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
-                default:
-                    return nil
-                }
-            }
-            guard let (list, reply) = result, let items = reply.array, !items.isEmpty else { continue }
-            var popped: [ReceivedMessage] = []
-            if let body = items[0].bytes {
-                popped = decodeReceived(list: list, body: body)
-            } else {
-                LayerMetrics.expired.increment()  // the list named a body that had expired
-            }
-            popped += decodePairs(items, from: 1)
+            guard let popped = try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: max)
+            else { continue }
             let batch = handOut(popped, max: max)
             if !batch.isEmpty {
                 flowing.store(true, ordering: .relaxed)
@@ -217,32 +193,6 @@ extension RedisChannelLayer {
         return byShard.map { ($0.key, $0.value) }
     }
 
-    /// nil: nothing arrived in `wait`. .some(nil): something was popped but unusable.
-    func blockingPop(shard: Int, lists: [RedisArgument], wait: Duration) async throws -> ReceivedMessage?? {
-        let blpop = blockingPopCommand(lists, wait: wait)
-        let result: ([UInt8], [UInt8]?)? = try await onDedicated(shard) { connection -> ([UInt8], [UInt8]?)? in
-            let reply = try await connection.command(blpop, wait: wait)
-            switch reply {
-            case .null: return nil
-            case .array(let pair) where pair.count == 2:
-                guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return nil }
-                let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [.bytes(bodyKey)], args: [])
-                return (list, body.bytes)
-            case .error(let e):
-                throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
-            default:
-                return nil
-            }
-        }
-        guard let (list, body) = result else { return nil }
-        guard let body else {
-            // The list named a body that had expired (a message nobody received in time).
-            LayerMetrics.expired.increment()
-            return .some(nil)
-        }
-        return .some(handOut(decodeReceived(list: list, body: body), max: 1).first)
-    }
-
     /// Takes the body a `BLPOP` popped. The key is already off its list, so if the connection
     /// dies now (a Redis restart), the body is still in Redis under its key: it is taken
     /// through a fresh connection, for a while, instead of being left to expire unseen.
@@ -279,8 +229,8 @@ extension RedisChannelLayer {
     }
 
     /// A `BLPOP` on every shard of `plan` at once, for `wait`. The first to pop (or fail) ends
-    /// the race: the others are woken with `CLIENT UNBLOCK`, so the caller does not wait out
-    /// their slice, and whatever they popped meanwhile joins the result, past `max` in the
+    /// the race: the others are woken with `CLIENT UNBLOCK` (by the racer that popped, while it
+    /// takes the body), so the caller does not wait out their slice, and whatever they popped meanwhile joins the result, past `max` in the
     /// backlog. Nothing popped is put back or lost.
     ///
     /// nil: the slice passed with nothing. Empty: what was popped was unusable (expired or
@@ -291,7 +241,8 @@ extension RedisChannelLayer {
             for entry in plan {
                 group.addTask {
                     do {
-                        return .success(try await self.racer(shard: entry.shard, lists: entry.lists, wait: wait, max: max, race: race))
+                        return .success(
+                            try await self.blockingTake(shard: entry.shard, lists: entry.lists, wait: wait, max: max, race: race))
                     } catch {
                         return .failure(error)
                     }
@@ -330,55 +281,72 @@ extension RedisChannelLayer {
         return unusable ? [] : nil
     }
 
-    /// One shard's part of a race: `BLPOP`, then the body (and, for a batch, what queued
-    /// behind it) through the same connection. nil when the slice passed, or the race ended
-    /// before this racer started waiting.
-    private func racer(
-        shard: Int, lists: [RedisArgument], wait: Duration, max: Int, race: BlockingRace
+    /// `BLPOP` on one shard for `wait`, then the body it named (and, for a batch, up to
+    /// `max - 1` more queued behind it) through the same connection. In a race, the racer
+    /// registers before it waits, and when it pops it wakes the others. nil: the slice passed
+    /// (or the race ended before this racer began to wait); empty: what was popped was unusable.
+    func blockingTake(
+        shard: Int, lists: [RedisArgument], wait: Duration, max: Int, race: BlockingRace? = nil
     ) async throws -> [ReceivedMessage]? {
         try await onDedicated(shard) { connection -> [ReceivedMessage]? in
-            if let id = try await connection.clientID() {
-                guard race.enter(shard: shard, clientID: id) else { return nil }
-            } else if !unblockRefused.exchange(true, ordering: .relaxed) {
-                // This racer waits out its slice (nobody can wake it); later slices rotate.
-                logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
+            if let race {
+                if let id = try await connection.clientID() {
+                    guard race.enter(shard: shard, clientID: id) else { return nil }
+                } else if !unblockRefused.exchange(true, ordering: .relaxed) {
+                    // This racer waits out its slice (nobody can wake it); later slices rotate.
+                    logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
+                }
             }
             let reply: RedisReply
             do {
                 reply = try await connection.command(blockingPopCommand(lists, wait: wait), wait: wait)
-                race.leave(shard: shard)
+                race?.leave(shard: shard)
             } catch {
-                race.leave(shard: shard)
+                race?.leave(shard: shard)
                 throw error
             }
             switch reply {
             case .array(let pair) where pair.count == 2:
                 guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return [] }
-                if max <= 1 {
-                    let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [.bytes(bodyKey)], args: [])
-                    guard let bytes = body.bytes else {
-                        LayerMetrics.expired.increment()  // the list named a body that had expired
-                        return []
-                    }
-                    return decodeReceived(list: list, body: bytes)
-                }
-                let taken = try await take(
-                    Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
-                    args: [.integer(max - 1)])
-                let items = taken.array ?? []
-                var popped: [ReceivedMessage] = []
-                if let body = items.first?.bytes {
-                    popped = decodeReceived(list: list, body: body)
-                } else {
-                    LayerMetrics.expired.increment()
-                }
-                return popped + decodePairs(items, from: 1)
+                guard let race else { return try await takePopped(list: list, bodyKey: bodyKey, on: connection, shard: shard, max: max) }
+                // This racer popped: the others are woken now, while the body is taken, so
+                // their replies come back in the same round trip as the body.
+                async let woken: Void = wakeRacers(race)
+                let popped = try await takePopped(list: list, bodyKey: bodyKey, on: connection, shard: shard, max: max)
+                await woken
+                return popped
             case .error(let e):
                 throw ChannelLayerError(.backendError, "Redis refused BLPOP: \(e)")
             default:
                 return nil
             }
         }
+    }
+
+    /// The body a `BLPOP` named (and, for a batch, up to `max - 1` more queued behind
+    /// it), taken through the same connection; an expired body is counted and skipped.
+    private func takePopped(
+        list: [UInt8], bodyKey: [UInt8], on connection: RedisConnection, shard: Int, max: Int
+    ) async throws -> [ReceivedMessage] {
+        if max <= 1 {
+            let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [.bytes(bodyKey)], args: [])
+            guard let bytes = body.bytes else {
+                LayerMetrics.expired.increment()  // the list named a body that had expired
+                return []
+            }
+            return decodeReceived(list: list, body: bytes)
+        }
+        let taken = try await take(
+            Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
+            args: [.integer(max - 1)])
+        let items = taken.array ?? []
+        var popped: [ReceivedMessage] = []
+        if let body = items.first?.bytes {
+            popped = decodeReceived(list: list, body: body)
+        } else {
+            LayerMetrics.expired.increment()
+        }
+        return popped + decodePairs(items, from: 1)
     }
 
     /// Ends `race` and wakes the racers still in `BLPOP`. An `UNBLOCK` can overtake the
