@@ -11,7 +11,8 @@
 #   scripts/bench-shards.sh                                   (the release build of this tree)
 #   CHAT=path/to/chat BEFORE_CHAT=path/to/older/chat scripts/bench-shards.sh   (before/after + ratio)
 #
-# CLIENTS (3), PAUSE_MS (300) and DURATION (20 s) set the load. Every echo is counted; a lost one fails the run.
+# CLIENTS (4), PAUSE_MS (300) and DURATION (20 s) set the load; WS_PATH (/echo/) the socket path
+# ("{}" becomes the client's number: WS_PATH=/room{}/ for PeerChat, whose rooms of one echo). Every echo is counted; a lost one fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -65,7 +66,7 @@ measure() { # measure NAME BINARY -> prints the client's JSON
   pids+=("${started[@]}")
   for i in $(seq 1 "$SERVERS"); do wait_log "$RUN_DIR/$name-server$i.log" "interface server listening"; done
   wait_log "$RUN_DIR/$name-worker.log" "worker ready"
-  "$PY" scripts/bench/shard_latency.py "$targets" "$CLIENTS" "$DURATION" "$PAUSE_MS" | tee "$RUN_DIR/$name.json"
+  "$PY" scripts/bench/shard_latency.py "$targets" "$CLIENTS" "$DURATION" "$PAUSE_MS" "${WS_PATH:-/echo/}" | tee "$RUN_DIR/$name.json"
   kill "${started[@]}" 2>/dev/null || true
   wait "${started[@]}" 2>/dev/null || true
 }

@@ -1,8 +1,9 @@
 """WebSocket echo latency through the example on sharded Redis (scripts/bench-shards.sh).
 
-    shard_latency.py HOST:PORT[,HOST:PORT...] CLIENTS SECONDS PAUSE_MS
+    shard_latency.py HOST:PORT[,HOST:PORT...] CLIENTS SECONDS PAUSE_MS [PATH]
 
-CLIENTS sockets on /echo/ (spread over the servers given), each sending one message, waiting for its echo, then pausing a random
+CLIENTS sockets on PATH (/echo/ by default; "{}" in it becomes the client's number, so
+PeerChat's rooms of one echo too), spread over the servers given, each sending one message, waiting for its echo, then pausing a random
 0-PAUSE_MS ms: sparse traffic, so the worker keeps going back to an idle wait, where a one-shard
 wait can miss (busy traffic hides it: a message soon arrives on whichever shard it waits on). Prints
 one JSON object: sent, received, p50/p99/max round trip in ms. Exits non-zero on a lost echo.
@@ -17,11 +18,12 @@ import websockets
 
 ADDRESSES = sys.argv[1].split(",")
 CLIENTS, SECONDS, PAUSE = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]) / 1000
+PATH = sys.argv[5] if len(sys.argv) > 5 else "/echo/"
 
 
 async def client(index, deadline, times, counts):
     address = ADDRESSES[index % len(ADDRESSES)]
-    async with websockets.connect("ws://%s/echo/" % address, open_timeout=10) as ws:
+    async with websockets.connect("ws://%s%s" % (address, PATH.replace("{}", str(index))), open_timeout=10) as ws:
         n = 0
         while time.monotonic() < deadline:
             await asyncio.sleep(random.uniform(0, PAUSE))
