@@ -99,13 +99,20 @@ struct TestCertificates {
     func path(_ name: String) -> String { "\(directory)/\(name)" }
 
     /// A redis-server with a TLS port (and its plain port, which the readiness check uses).
-    func server(tlsPort: Int, clientCertificates: Bool) async throws -> RedisServer {
-        try await RedisServer.launch { _ in
-            [
-                "--tls-port", "\(tlsPort)", "--tls-cert-file", path("server.crt"), "--tls-key-file", path("server.key"),
+    /// Both ports are picked again on each start attempt: on a busy machine a port found free
+    /// can be taken (by another test's server, or as an outgoing connection's local port)
+    /// before the server binds it, and the server then exits at start.
+    func server(clientCertificates: Bool) async throws -> (server: RedisServer, tlsPort: Int) {
+        final class Chosen: @unchecked Sendable { var port = 0 }
+        let chosen = Chosen()
+        let server = try await RedisServer.launch { _ in
+            chosen.port = (try? RedisServer.freePort()) ?? 0
+            return [
+                "--tls-port", "\(chosen.port)", "--tls-cert-file", path("server.crt"), "--tls-key-file", path("server.key"),
                 "--tls-ca-cert-file", path("ca.crt"), "--tls-auth-clients", clientCertificates ? "yes" : "no",
             ]
         }
+        return (server, chosen.port)
     }
 }
 
@@ -138,8 +145,7 @@ struct RedisTLSTests {
     @Test("rediss:// with ssl_ca_certs: sends, receives, group sends, the general client; hostname checked")
     func serverVerified() async throws {
         let certificates = try await TestCertificates.make()
-        let tlsPort = try RedisServer.freePort()
-        let server = try await certificates.server(tlsPort: tlsPort, clientCertificates: false)
+        let (server, tlsPort) = try await certificates.server(clientCertificates: false)
         let url = "rediss://localhost:\(tlsPort)/0?ssl_ca_certs=\(certificates.path("ca.crt"))"
         let layer = try RedisChannelLayer(urls: [url])
         try await layer.send(Cases.nested, to: "tls.plain")
@@ -173,8 +179,7 @@ struct RedisTLSTests {
     @Test("a wrong CA, a plain-text port, a TLS port spoken to in plain text: clear errors naming the endpoint, no hang")
     func clearErrors() async throws {
         let certificates = try await TestCertificates.make()
-        let tlsPort = try RedisServer.freePort()
-        let server = try await certificates.server(tlsPort: tlsPort, clientCertificates: false)
+        let (server, tlsPort) = try await certificates.server(clientCertificates: false)
 
         let wrongCA = try await firstError("rediss://localhost:\(tlsPort)/0?ssl_ca_certs=\(certificates.path("other-ca.crt"))")
         #expect(wrongCA.code == .connectionLost)
@@ -196,8 +201,7 @@ struct RedisTLSTests {
     @Test("mutual TLS: without ssl_certfile the server refuses; with it, traffic flows")
     func mutualTLS() async throws {
         let certificates = try await TestCertificates.make()
-        let tlsPort = try RedisServer.freePort()
-        let server = try await certificates.server(tlsPort: tlsPort, clientCertificates: true)
+        let (server, tlsPort) = try await certificates.server(clientCertificates: true)
         let base = "rediss://localhost:\(tlsPort)/0?ssl_ca_certs=\(certificates.path("ca.crt"))"
         let refused = try await firstError(base)
         #expect(refused.code == .connectionLost && refused.message.contains("127.0.0.1:\(tlsPort)"), "\(refused)")
