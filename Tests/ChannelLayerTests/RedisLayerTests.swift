@@ -222,8 +222,10 @@ struct RedisLayerTests {
         let (fd, port) = try RedisServer.boundPort()
         defer { close(fd) }
         #expect(listen(fd, 16) == 0)
-        // Answers the first request with garbage, then keeps the socket open, so the failure
-        // comes from parsing, not from a closed connection.
+        // Answers the first request with garbage, then keeps the socket open until the send has
+        // failed, so the failure can only come from parsing (not from a close or a timeout,
+        // which would not say "protocol error").
+        let failed = DispatchSemaphore(value: 0)
         let answerer = Thread {
             let client = accept(fd, nil, nil)
             guard client >= 0 else { return }
@@ -231,16 +233,15 @@ struct RedisLayerTests {
             _ = read(client, &request, request.count)
             let garbage = Array("?this is not redis\r\n".utf8)
             _ = write(client, garbage, garbage.count)
-            sleep(3)
+            _ = failed.wait(timeout: .now() + 60)
             close(client)
         }
         answerer.start()
         let layer = try RedisChannelLayer(urls: ["redis://127.0.0.1:\(port)/0"])
-        let started = ContinuousClock.now
         await #expect { try await layer.send(["a": 1], to: "x") } throws: { error in
             (error as? ChannelLayerError)?.code == .connectionLost && "\(error)".contains("protocol error")
         }
-        #expect(ContinuousClock.now - started < .seconds(2), "failed on the garbage, not on the close")
+        failed.signal()
         await layer.close()
     }
 
