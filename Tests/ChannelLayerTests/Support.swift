@@ -85,17 +85,22 @@ final class RedisServer: @unchecked Sendable {
     private let extraArguments: [String]
     /// A sentinel runs `redis-sentinel <config file>` instead.
     private let sentinelConfig: String?
+    /// The server's working directory, its own: a replica's full sync writes `dump.rdb` there
+    /// even with `--save ""`, which must not land in the directory the tests run from.
+    private let directory: String
 
-    private init(port: Int, extraArguments: [String] = [], sentinelConfig: String? = nil) {
+    private init(port: Int, extraArguments: [String] = [], sentinelConfig: String? = nil) throws {
         self.port = port
         self.extraArguments = extraArguments
         self.sentinelConfig = sentinelConfig
+        directory = NSTemporaryDirectory() + "channels-redis-\(port)-" + ChannelNames.randomLetters(8)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     }
 
     /// Starts a server; the waiting happens on a thread of its own, not the cooperative pool.
     /// `arguments` gets the port the server will listen on, for arguments that name it.
     static func launch(arguments: (Int) -> [String] = { _ in [] }) async throws -> RedisServer {
-        try await launch { port in RedisServer(port: port, extraArguments: arguments(port)) }
+        try await launch { port in try RedisServer(port: port, extraArguments: arguments(port)) }
     }
 
     /// Starts a `redis-sentinel` whose config file (written here, in `directory`) is `config`
@@ -106,7 +111,7 @@ final class RedisServer: @unchecked Sendable {
             FileManager.default.createFile(
                 atPath: path, contents: Data("port \(port)\nbind 127.0.0.1\ndaemonize no\nlogfile \"\"\nloglevel warning\n\(config)\n".utf8)
             )
-            return RedisServer(port: port, sentinelConfig: path)
+            return try RedisServer(port: port, sentinelConfig: path)
         }
     }
 
@@ -149,10 +154,13 @@ final class RedisServer: @unchecked Sendable {
     var url: String { "redis://127.0.0.1:\(port)/0" }
 
     private func start() throws {
+        // A restart starts empty, as a server without persistence does: no replica's sync file.
+        try? FileManager.default.removeItem(atPath: directory + "/dump.rdb")
         var arguments =
             [
                 try Self.redisServerPath(), "--port", "\(port)", "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/null",
+                "--dir", directory,
             ] + extraArguments
         if let sentinelConfig { arguments = [try Self.redisServerPath(), sentinelConfig, "--sentinel"] }
         var child: pid_t = 0
@@ -172,7 +180,10 @@ final class RedisServer: @unchecked Sendable {
         self.pid = nil
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
 
     private func waitUntilReady() throws {
         // Waiting for a child process to listen: each try is a connect, not a poll of state.
