@@ -83,6 +83,7 @@ swift build --build-tests
 swift build --package-path Examples
 CHAT="$(swift build --package-path Examples --show-bin-path)/chat"
 log "swift test"
+dump_before=$(stat -c %Y dump.rdb 2>/dev/null || echo none)
 swift test --skip-build 2>&1 | tee "$RUN_DIR/swift-test.log"
 status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then
@@ -91,6 +92,12 @@ if [ "$status" -ne 0 ]; then
 fi
 if grep -q "Test run with 0 tests" "$RUN_DIR/swift-test.log"; then
   log "swift test ran no test"
+  exit 1
+fi
+# The tests' redis-servers (replicas included) work in directories of their own: a Redis file
+# written into the checkout means one of them ran here.
+if [ "$(stat -c %Y dump.rdb 2>/dev/null || echo none)" != "$dump_before" ]; then
+  log "a test's redis-server wrote dump.rdb into the checkout (give it a --dir of its own)"
   exit 1
 fi
 log "end to end: real runserver / runworker processes, real HTTP and WebSocket clients"
