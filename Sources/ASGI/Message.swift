@@ -6,6 +6,10 @@ public struct Message: Sendable, Hashable {
     /// The message's fields, in insertion order (the order msgpack writes them).
     public var fields: OrderedDictionary<String, ASGIValue>
 
+    /// The message's keys, sorted: what a log line may say of a message whose values may be
+    /// secrets (cookies, tokens, bodies).
+    public var fieldNames: [String] { fields.keys.sorted() }
+
     /// A message with these fields.
     public init(_ fields: OrderedDictionary<String, ASGIValue> = [:]) {
         self.fields = fields

@@ -18,13 +18,14 @@ public final class ConsumerContext: Sendable {
     /// The layer the message came from; sends go back through it.
     public let layer: any ChannelLayer
     /// A logger for this consumer's lines. In a worker every line also says which message it
-    /// was handling (`channel`, `reply_channel`, `consumer`): that metadata is attached when the
+    /// was handling (`channel`, `socket`, `consumer`): that metadata is attached when the
     /// logger is asked for, so a consumer that does not log pays nothing for it.
     public var logger: Logger {
         guard let consumerName else { return baseLogger }
         var logger = baseLogger
         logger[metadataKey: "channel"] = .string(channel)
-        if let reply = message.replyChannel { logger[metadataKey: "reply_channel"] = .string(reply) }
+        // A keyed tag, not the reply channel: nothing in a log line names a socket's channel.
+        if let reply = message.replyChannel { logger[metadataKey: "socket"] = .string(environment.sessionSettings.secret.socketTag(reply)) }
         logger[metadataKey: "consumer"] = .string(consumerName)
         return logger
     }
@@ -40,6 +41,8 @@ public final class ConsumerContext: Sendable {
         var httpSession: Session?
         var user: User?
         var cookies: [(name: String, header: String)] = []
+        /// The ordering gate parked this message for later: it has not run yet.
+        var parked = false
     }
 
     let extras = Mutex(Extras())

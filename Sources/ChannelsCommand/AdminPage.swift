@@ -71,8 +71,14 @@ final class AdminPage: Sendable {
     /// Whether a request may see the page: always without a token, else with the right one.
     func allows(authorization: String?, query: [String: String]) -> Bool {
         guard let token else { return true }
-        if let authorization, authorization == "Bearer " + token { return true }
-        return query["token"] == token
+        // Compared in constant time: a timing difference would leak the token byte by byte.
+        let expected = Array(token.utf8)
+        if let authorization, authorization.hasPrefix("Bearer "),
+            DeploymentSecret.constantTimeEquals(Array(authorization.utf8.dropFirst(7)), expected)
+        {
+            return true
+        }
+        return query["token"].map { DeploymentSecret.constantTimeEquals(Array($0.utf8), expected) } ?? false
     }
 
     /// The process's figures now, summed from the registry's text.

@@ -84,12 +84,23 @@ struct LayerOptions: ParsableArguments {
         name: .long,
         help: """
             Channel layer: redis://, rediss:// (TLS), unix:// or redis+sentinel:// URLs, comma-separated for shards. \
-            None = in-memory.
+            None = in-memory. Default: $CHANNEL_LAYER, or the file named by $CHANNEL_LAYER_FILE.
             """)
     var layer: String?
 
+    @Option(name: .long, help: "Read the layer URL from this file (keeps its password off the command line).")
+    var layerFile: String?
+
     @Option(name: .long, help: "Session store: redis://host:port/db or memory. Default: the layer's first Redis server, or memory.")
     var sessionStore: String?
+
+    @Option(
+        name: .long,
+        help: """
+            File holding the deployment's secret (channel-session keys, CSRF tokens). Default: $CHANNELS_SECRET_KEY, \
+            the file named by $CHANNELS_SECRET_KEY_FILE, or one generated and kept in the layer's Redis.
+            """)
+    var secretKeyFile: String?
 
     @Flag(name: .shortAndLong, help: "Log debug messages.")
     var verbose = false
@@ -100,20 +111,71 @@ struct LayerOptions: ParsableArguments {
     @Option(name: .long, help: "Log lines as text or json (one object per line). Default: $LOG_FORMAT or text.")
     var logFormat: String?
 
-    /// Sessions and users for the consumers.
-    func makeEnvironment(backend: Backend, app: ChannelsApplication) throws -> ConsumerEnvironment {
+    /// The layer URL and where it came from (for the start-up line), or nil for the embedded layer.
+    func layerURL() throws -> (url: String, source: String)? {
+        let environment = ProcessInfo.processInfo.environment
+        if let layer, !layer.isEmpty { return (layer, "--layer") }
+        if let layerFile { return (try Secrets.read(file: layerFile, what: "--layer-file"), "--layer-file") }
+        if let url = environment["CHANNEL_LAYER"], !url.isEmpty { return (url, "CHANNEL_LAYER") }
+        if let file = environment["CHANNEL_LAYER_FILE"], !file.isEmpty {
+            return (try Secrets.read(file: file, what: "CHANNEL_LAYER_FILE"), "CHANNEL_LAYER_FILE")
+        }
+        return nil
+    }
+
+    /// The layer as a start-up line shows it: the URL without its secrets, and its source.
+    func layerDescription() -> String {
+        guard let found = try? layerURL() else { return "in-memory" }
+        if found.url == "memory" || found.url == "memory://" { return "in-memory (from \(found.source))" }
+        return "\(Redaction.redact(found.url)) (from \(found.source))"
+    }
+
+    /// Sessions and users for the consumers, with the deployment's secret and the layer's encryption.
+    func makeEnvironment(backend: Backend, app: ChannelsApplication, logger: Logger) async throws -> ConsumerEnvironment {
         let url = sessionStore ?? ProcessInfo.processInfo.environment["SESSION_STORE"]
         let store: any SessionStore
+        let prefix = backend.prefix + "session:"
         if let url, !url.isEmpty, url != "memory", url != "memory://" {
-            store = RedisSessionStore(client: RedisClient(endpoint: try RedisEndpoint(url: url)))
+            store = RedisSessionStore(client: RedisClient(endpoint: try RedisEndpoint(url: url)), prefix: prefix)
         } else if url == nil || url == "", let redis = backend.redis {
-            store = RedisSessionStore(client: RedisClient(endpoint: redis))
+            store = RedisSessionStore(client: RedisClient(endpoint: redis), prefix: prefix)
         } else {
             store = InMemorySessionStore()
         }
+        var settings = app.sessionSettings
+        settings.secret = try await deploymentSecret(backend: backend, logger: logger)
+        if settings.cipher == nil { settings.cipher = backend.encryption }
+        let limiter: any RateLimiter =
+            backend.redis.map { RedisRateLimiter(client: RedisClient(endpoint: $0), prefix: backend.prefix + "ratelimit:") }
+            ?? InMemoryRateLimiter()
         return ConsumerEnvironment(
-            sessionStore: store, sessionSettings: app.sessionSettings, users: app.users,
-            orderingGapTimeout: Duration(secondsValue: orderingGapTimeout))
+            sessionStore: store, sessionSettings: settings, users: app.users,
+            orderingGapTimeout: Duration(secondsValue: orderingGapTimeout), rateLimiter: limiter)
+    }
+
+    /// The deployment's secret: configured (`--secret-key-file`, `CHANNELS_SECRET_KEY`,
+    /// `CHANNELS_SECRET_KEY_FILE`), else random for the embedded layer, else one generated once
+    /// and kept in the layer's Redis (`<prefix>secret`) so every process of the deployment shares it.
+    func deploymentSecret(backend: Backend, logger: Logger) async throws -> DeploymentSecret {
+        let environment = ProcessInfo.processInfo.environment
+        if let secretKeyFile { return DeploymentSecret(Array(try Secrets.read(file: secretKeyFile, what: "--secret-key-file").utf8)) }
+        if let secret = environment["CHANNELS_SECRET_KEY"], !secret.isEmpty { return DeploymentSecret(Array(secret.utf8)) }
+        if let file = environment["CHANNELS_SECRET_KEY_FILE"], !file.isEmpty {
+            return DeploymentSecret(Array(try Secrets.read(file: file, what: "CHANNELS_SECRET_KEY_FILE").utf8))
+        }
+        guard let redis = backend.redis else { return .random() }
+        let client = RedisClient(endpoint: redis)
+        defer { Task { await client.close() } }
+        let key = Array((backend.prefix + "secret").utf8)
+        let fresh = Array(RandomToken.string(50, from: RandomToken.alphanumerics).utf8)
+        _ = try await client.command([Array("SET".utf8), key, fresh, Array("NX".utf8)])
+        guard let stored = try await client.command([Array("GET".utf8), key]).bytes, !stored.isEmpty else {
+            throw ValidationError("could not keep a generated secret in Redis at \(backend.prefix)secret")
+        }
+        logger.warning(
+            "no CHANNELS_SECRET_KEY: using the secret generated in the layer's Redis; set one for production",
+            metadata: ["key": "\(backend.prefix)secret"])
+        return DeploymentSecret(stored)
     }
 
     func makeLogger(_ label: String) -> Logger {
@@ -127,8 +189,7 @@ struct LayerOptions: ParsableArguments {
     /// (``MeteredChannelLayer``), with where its Redis-backed companions (sessions, delays) go. Chosen here, once: nothing later
     /// casts the layer back to a concrete type.
     func makeBackend(logger: Logger, allowMemory: Bool) throws -> Backend {
-        let url = layer ?? ProcessInfo.processInfo.environment["CHANNEL_LAYER"]
-        guard let url, !url.isEmpty else {
+        guard let (url, _) = try layerURL() else {
             guard allowMemory else {
                 throw ValidationError(
                     "this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
@@ -141,7 +202,22 @@ struct LayerOptions: ParsableArguments {
         }
         let redis = try RedisChannelLayer(
             urls: RedisChannelLayerConfiguration.splitURLList(url), environment: ProcessInfo.processInfo.environment, logger: logger)
-        return Backend(layer: MeteredChannelLayer(redis), redis: redis.configuration.hosts.first)
+        return Backend(
+            layer: MeteredChannelLayer(redis), redis: redis.configuration.hosts.first, prefix: redis.configuration.prefix,
+            encryption: StorageEncryption(keys: redis.configuration.symmetricEncryptionKeys))
+    }
+}
+
+/// Secrets read from files (Docker and Kubernetes secrets), so they stay off command lines.
+enum Secrets {
+    /// The file's text without its trailing newline; a clear error when it cannot be read or is empty.
+    static func read(file: String, what: String) throws -> String {
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw ValidationError("\(what): cannot read '\(file)'")
+        }
+        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !text.isEmpty else { throw ValidationError("\(what): '\(file)' is empty") }
+        return text
     }
 }
 
@@ -151,6 +227,10 @@ struct Backend: Sendable {
     /// The first Redis server of the layer's ring: the default home of sessions and delayed
     /// messages. Nil on the embedded layer, whose companions live in this process.
     let redis: RedisEndpoint?
+    /// The layer's key prefix: sessions, delayed messages and the generated secret live under it too.
+    var prefix: String = "asgi:"
+    /// The layer's encryption, applied to sessions and delayed messages as well.
+    var encryption: StorageEncryption?
 
     /// The layer lives in this process (nothing else can serve it).
     var isEmbedded: Bool { redis == nil }

@@ -43,6 +43,7 @@ final class MetricsEndpoint: Sendable {
 
     private struct State {
         var readiness: (@Sendable () async -> Bool)?
+        var lastReadiness: (at: ContinuousClock.Instant, ready: Bool)?
         var shuttingDown = false
         var admin: AdminPage?
     }
@@ -86,10 +87,16 @@ final class MetricsEndpoint: Sendable {
         state.withLock { $0.shuttingDown = true }
     }
 
+    /// `/readyz`'s answer. The layer check's result is kept for a second, so a flood of probes
+    /// costs the layer one round trip a second, not one each.
     func ready() async -> Bool {
-        let (check, stopping) = state.withLock { ($0.readiness, $0.shuttingDown) }
+        let now = ContinuousClock.now
+        let (check, stopping, cached) = state.withLock { ($0.readiness, $0.shuttingDown, $0.lastReadiness) }
         guard !stopping, let check else { return false }
-        return await check()
+        if let cached, now - cached.at < .seconds(1) { return cached.ready }
+        let ready = await check()
+        state.withLock { $0.lastReadiness = (now, ready) }
+        return ready
     }
 
     func close() async {
@@ -168,7 +175,8 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             // The page asks for stats.json relative to itself: it must be served under /admin/.
             respond(
                 context: context, status: .found, type: "text/plain; charset=utf-8", Array("see /admin/\n".utf8),
-                extraHeaders: [("location", "/admin/" + (rawQuery.isEmpty ? "" : "?" + rawQuery))])
+                // The query is not echoed: it may hold the token (a Location ends up in logs and history).
+                extraHeaders: [("location", "/admin/")])
         case "/admin/":
             respond(context: context, status: .ok, type: "text/html; charset=utf-8", Array(AdminPage.html.utf8))
         default:

@@ -16,7 +16,8 @@ struct RunDelay: ApplicationSubcommand {
 
     @OptionGroup var options: LayerOptions
     @OptionGroup var metrics: MetricsOptions
-    @Option(name: .long, help: "The Redis sorted set that holds scheduled messages.") var delayKey = "asgi-delay:scheduled"
+    @Option(name: .long, help: "The Redis sorted set that holds scheduled messages. Default: the layer's prefix and 'delay'.")
+    var delayKey: String?
     @Option(name: .long, help: "Seconds past its due time after which a delivery counts as late (channels_delay_late_total).")
     var lateAfter = 0.5
 
@@ -31,8 +32,10 @@ struct RunDelay: ApplicationSubcommand {
         let layer = backend.layer
         guard let first = backend.redis else { throw ValidationError("rundelay needs a Redis layer") }
         let client = RedisClient(endpoint: first)
+        let delayKey = self.delayKey ?? backend.prefix + "delay"
         let server = DelayServer(
-            layer: layer, store: RedisDelayStore(client: client, key: delayKey), lateAfter: Duration(secondsValue: lateAfter),
+            layer: layer, store: RedisDelayStore(client: client, key: delayKey, encryption: backend.encryption),
+            lateAfter: Duration(secondsValue: lateAfter),
             logger: logger)
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }

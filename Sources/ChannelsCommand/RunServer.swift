@@ -31,8 +31,18 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "WebSocket subprotocol to offer.") var wsProtocol: [String] = []
     @Option(name: .long, help: "Access log file (Daphne-style text), or - for standard output. Default: structured lines in the log.")
     var accessLog: String?
-    @Option(name: .long, parsing: .upToNextOption, help: "Origins allowed to open WebSockets (all when empty).") var allowedOrigins:
-        [String] = []
+    @Option(
+        name: .long, parsing: .upToNextOption,
+        help: """
+            Host names requests may carry (Django's ALLOWED_HOSTS: 'chat.example.com', '.example.com' for a domain and its \
+            subdomains, '*' for any); WebSockets from pages of other hosts are refused. Default: $ALLOWED_HOSTS \
+            (comma-separated), else the loopback names and the bound address.
+            """)
+    var allowedHosts: [String] = []
+    @Option(
+        name: .long, parsing: .upToNextOption,
+        help: "Origins allowed to open WebSockets besides the allowed hosts' (exact, like https://partner.example; '*' for any).")
+    var allowedOrigins: [String] = []
     @Option(name: .long, help: "Largest request body in bytes (413 past it).") var maxBodySize = 16 * 1024 * 1024
     @Option(name: .long, help: "Largest request head (request line and headers) in bytes (431 past it).") var maxHeaderSize = 64 * 1024
     @Option(name: .long, help: "Seconds a send to a full channel is retried (client reading paused) before 1013 / 503.")
@@ -49,10 +59,19 @@ struct RunServer: ApplicationSubcommand {
         help: "Serve the live operations page at /admin/ on the metrics port (needs --metrics-port; off loopback it needs --admin-token)."
     )
     var admin = false
-    @Option(name: .long, help: "Token the operations page asks for (?token= or Authorization: Bearer). Default: $CHANNELS_ADMIN_TOKEN.")
+    @Option(
+        name: .long,
+        help:
+            "Token the operations page asks for (?token= or Authorization: Bearer). Default: $CHANNELS_ADMIN_TOKEN or the file $CHANNELS_ADMIN_TOKEN_FILE."
+    )
     var adminToken: String?
+    @Option(name: .long, help: "Read the operations page's token from this file.") var adminTokenFile: String?
 
     func validate() throws {
+        if resolvedAllowedHosts.isEmpty {
+            throw ValidationError(
+                "--bind \(bind) answers any address: give the host names clients use with --allowed-hosts (or ALLOWED_HOSTS; '*' for any)")
+        }
         guard admin else { return }
         guard metrics.metricsPort != nil else { throw ValidationError("--admin serves on the metrics port: give --metrics-port PORT") }
         let loopback = ["127.0.0.1", "::1", "localhost"].contains(metrics.metricsBind) || metrics.metricsBind.hasPrefix("127.")
@@ -62,8 +81,25 @@ struct RunServer: ApplicationSubcommand {
     }
 
     private var resolvedAdminToken: String? {
-        let token = adminToken ?? ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN"]
-        return token?.isEmpty == false ? token : nil
+        let environment = ProcessInfo.processInfo.environment
+        if let adminToken, !adminToken.isEmpty { return adminToken }
+        if let adminTokenFile { return try? Secrets.read(file: adminTokenFile, what: "--admin-token-file") }
+        if let token = environment["CHANNELS_ADMIN_TOKEN"], !token.isEmpty { return token }
+        if let file = environment["CHANNELS_ADMIN_TOKEN_FILE"], !file.isEmpty {
+            return try? Secrets.read(file: file, what: "CHANNELS_ADMIN_TOKEN_FILE")
+        }
+        return nil
+    }
+
+    /// `--allowed-hosts`, else `ALLOWED_HOSTS`, else the loopback names (and the bound address
+    /// when it is one address); empty for a wildcard bind without either, which is refused.
+    var resolvedAllowedHosts: [String] {
+        if !allowedHosts.isEmpty { return allowedHosts }
+        if let hosts = ProcessInfo.processInfo.environment["ALLOWED_HOSTS"], !hosts.isEmpty {
+            return hosts.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        }
+        if ["0.0.0.0", "::", "[::]", ""].contains(bind) { return unixSocket != nil ? AllowedHosts.loopbackNames : [] }
+        return AllowedHosts.loopbackNames + (AllowedHosts.loopbackNames.contains(bind) ? [] : [bind])
     }
 
     func run(_ app: ChannelsApplication) async throws {
@@ -82,7 +118,11 @@ struct RunServer: ApplicationSubcommand {
         configuration.rootPath = rootPath
         configuration.proxyHeaders = proxyHeaders
         configuration.websocketProtocols = wsProtocol
+        configuration.allowedHosts = resolvedAllowedHosts
         configuration.allowedOrigins = allowedOrigins
+        // One secret for the server's log tags and the in-process workers' sessions.
+        let environment = try await options.makeEnvironment(backend: backend, app: app, logger: logger)
+        configuration.secret = environment.sessionSettings.secret
         configuration.maxBodySize = maxBodySize
         configuration.maxHeaderSize = maxHeaderSize
         configuration.channelFullTimeout = Duration(secondsValue: channelFullTimeout)
@@ -96,7 +136,7 @@ struct RunServer: ApplicationSubcommand {
             ? nil
             : Worker(
                 router: router, layer: layer, concurrency: threads,
-                environment: try options.makeEnvironment(backend: backend, app: app),
+                environment: environment,
                 logger: options.makeLogger("channels.worker"))
         // On the in-memory layer nothing else could run a delay server: run one here.
         let delay =
@@ -104,7 +144,7 @@ struct RunServer: ApplicationSubcommand {
             ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
         let address = server.localAddress.map { "\($0)" } ?? bind
         say(
-            "\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layer ?? "in-memory"))  [\(address)]"
+            "\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layerDescription()))  [\(address)]"
         )
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         // Stopped in reverse: the server first (its responses in flight and its sockets'

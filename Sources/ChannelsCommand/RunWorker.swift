@@ -28,7 +28,8 @@ struct RunWorker: ApplicationSubcommand {
         let router = try Router(app.routing())
         let worker = Worker(
             router: router, layer: layer, concurrency: threads, only: onlyChannels,
-            exclude: excludeChannels, environment: try options.makeEnvironment(backend: backend, app: app), logger: logger)
+            exclude: excludeChannels, environment: try await options.makeEnvironment(backend: backend, app: app, logger: logger),
+            logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(

@@ -3,12 +3,16 @@ import Channels
 import RedisChannelLayer
 
 /// Delayed messages in a Redis sorted set scored by due time, so any number of delay servers
-/// share them and each message is taken (and sent) by exactly one.
+/// share them and each message is taken (and sent) by exactly one. The set lives under the
+/// layer's prefix (`<prefix>delay`), so each application's delay servers take only its own
+/// messages; with the layer's encryption keys its members are sealed.
 public final class RedisDelayStore: DelayStore {
     /// The Redis connection.
     public let client: RedisClient
     /// The sorted set that holds the scheduled messages.
     public let key: String
+    /// Seals members when set.
+    public let encryption: StorageEncryption?
 
     private static let take = LuaScript(
         name: "delay-take",
@@ -18,17 +22,18 @@ public final class RedisDelayStore: DelayStore {
             return due
             """)
 
-    /// A store on `client`, in the sorted set `key`.
-    public init(client: RedisClient, key: String = "asgi-delay:scheduled") {
+    /// A store on `client`, in the sorted set `key` (give it the layer's prefix and `delay`).
+    public init(client: RedisClient, key: String = "asgi:delay", encryption: StorageEncryption? = nil) {
         self.client = client
         self.key = key
+        self.encryption = encryption
     }
 
     /// Adds `entry`, scored with its due time.
     public func schedule(_ entry: [UInt8], due: Int64) async throws {
         // A random prefix keeps two identical messages distinct members of the set.
         var member = RandomToken.bytes(8)
-        member.append(contentsOf: entry)
+        member.append(contentsOf: encryption?.seal(entry) ?? entry)
         try await client.command([Array("ZADD".utf8), Array(key.utf8), Array(String(due).utf8), member])
     }
 
@@ -41,7 +46,10 @@ public final class RedisDelayStore: DelayStore {
         let items = reply.array ?? []
         return stride(from: 0, to: items.count - 1, by: 2).compactMap { index in
             guard let member = items[index].bytes, let score = items[index + 1].text.flatMap(Double.init) else { return nil }
-            return DueEntry(entry: Array(member.dropFirst(8)), due: Int64(score))
+            let stored = Array(member.dropFirst(8))
+            // An entry no key opens is handed on as it is: the delay server drops it as malformed, and counts it.
+            let entry = encryption.map { (try? $0.open(stored)) ?? [] } ?? stored
+            return DueEntry(entry: entry, due: Int64(score))
         }
     }
 

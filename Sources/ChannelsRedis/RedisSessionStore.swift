@@ -2,8 +2,9 @@ import ASGI
 import Channels
 import RedisChannelLayer
 
-/// Sessions in Redis, each one string key `<prefix><session key>` with the session age as its
-/// TTL. Conditional writes are one Lua script, so they are atomic on the server.
+/// Sessions in Redis, each one string key `<prefix><storage key>` (the layer's prefix and
+/// `session:` by default, so two applications on one Redis never share one) with the session
+/// age as its TTL. Conditional writes are one Lua script, so they are atomic on the server.
 public final class RedisSessionStore: SessionStore {
     /// The Redis connection.
     public let client: RedisClient
@@ -23,14 +24,14 @@ public final class RedisSessionStore: SessionStore {
             return 1
             """)
 
-    /// A store on `client`, keys under `prefix`.
-    public init(client: RedisClient, prefix: String = "channels-session:") {
+    /// A store on `client`, keys under `prefix` (give it the layer's prefix and `session:`).
+    public init(client: RedisClient, prefix: String = "asgi:session:") {
         self.client = client
         self.prefix = prefix
     }
 
     /// A store on the Redis server of this URL.
-    public convenience init(url: String, prefix: String = "channels-session:") throws {
+    public convenience init(url: String, prefix: String = "asgi:session:") throws {
         self.init(client: try RedisClient(url: url), prefix: prefix)
     }
 

@@ -70,6 +70,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if upgrade.rejected {
                 upgrade.rejected = false
                 respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
+            } else if !server.hostAllowed(head) {
+                respondPlain(context: context, status: .badRequest, text: "Bad Request (invalid Host header)\n", close: true)
             } else if headersTooLarge {
                 respondPlain(context: context, status: .requestHeaderFieldsTooLarge, text: "Request headers too large\n", close: true)
             } else if bodyTooLarge {
@@ -168,7 +170,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         do {
             response = try HTTPResponseMessage(reply)
         } catch {
-            server.logger.error("malformed HTTP reply; answering 500", metadata: ["error": "\(error)", "reply": "\(reply)"])
+            server.logger.error("malformed HTTP reply; answering 500", metadata: ["error": "\(error)", "keys": "\(reply.fieldNames)"])
             server.counters.count(.malformedReplies)
             if responseStarted {
                 finishRequest()
@@ -201,7 +203,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .chunk(let chunk) where responseStarted:
             (content, more) = (chunk.content, chunk.moreContent)
         case .chunk:
-            server.logger.error("reply without a status before the response started; answering 500", metadata: ["reply": "\(reply)"])
+            server.logger.error(
+                "reply without a status before the response started; answering 500", metadata: ["keys": "\(reply.fieldNames)"])
             server.counters.count(.malformedReplies)
             finishRequest()
             respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)

@@ -1,3 +1,5 @@
+import ASGI
+
 /// Settings of the interface server; every field has the default `runserver` uses.
 public struct ServerConfiguration: Sendable {
     /// The address to listen on.
@@ -26,8 +28,15 @@ public struct ServerConfiguration: Sendable {
     public var maxWebSocketMessageSize: Int
     /// Largest request head (request line plus headers).
     public var maxHeaderSize: Int
-    /// `Origin` values a WebSocket may come from; empty means any.
+    /// The `Host` names requests may carry (Django's `ALLOWED_HOSTS`; `.example.com` for a
+    /// domain and its subdomains, `*` for any); a request naming another host is answered 400.
+    /// A WebSocket whose `Origin` names another host is refused with 403.
+    public var allowedHosts: [String]
+    /// Origins a WebSocket may come from besides those of the allowed hosts (exact origins,
+    /// `https://partner.example`; `*` for any).
     public var allowedOrigins: [String]
+    /// Makes the tags that stand for reply channels in log lines.
+    public var secret: DeploymentSecret
     /// Value of `root_path` in messages.
     public var rootPath: String
     /// Trust `X-Forwarded-For` / `X-Forwarded-Proto` for client address and scheme.
@@ -66,7 +75,9 @@ public struct ServerConfiguration: Sendable {
         bodyChunkSize: Int = 1024 * 1024,
         maxWebSocketMessageSize: Int = 1024 * 1024,
         maxHeaderSize: Int = 64 * 1024,
+        allowedHosts: [String] = AllowedHosts.loopbackNames,
         allowedOrigins: [String] = [],
+        secret: DeploymentSecret = .random(),
         rootPath: String = "",
         proxyHeaders: Bool = false,
         websocketProtocols: [String] = [],
@@ -90,7 +101,9 @@ public struct ServerConfiguration: Sendable {
         self.bodyChunkSize = bodyChunkSize
         self.maxWebSocketMessageSize = maxWebSocketMessageSize
         self.maxHeaderSize = maxHeaderSize
+        self.allowedHosts = allowedHosts
         self.allowedOrigins = allowedOrigins
+        self.secret = secret
         self.rootPath = rootPath
         self.proxyHeaders = proxyHeaders
         self.websocketProtocols = websocketProtocols

@@ -4,6 +4,7 @@ import Dispatch
 import Foundation
 import Logging
 import NIOCore
+import NIOHTTP1
 import Synchronization
 
 /// What every connection of one server shares.
@@ -15,16 +16,28 @@ final class ServerContext: Sendable {
     let accessLog: AccessLog?
     private let openSockets = Mutex<[ObjectIdentifier: @Sendable (UInt16) -> Void]>([:])
     let shuttingDown = Atomic<Bool>(false)
+    /// The hosts requests may name and the origins WebSockets may come from.
+    let allowedHosts: AllowedHosts
 
     init(layer: any ChannelLayer, router: ReplyRouter, configuration: ServerConfiguration, logger: Logger, accessLog: AccessLog?) {
         self.layer = layer
         self.router = router
         self.configuration = configuration
+        self.allowedHosts = AllowedHosts(configuration.allowedHosts, origins: configuration.allowedOrigins)
         self.logger = logger
         self.accessLog = accessLog
     }
 
     let counters = ServerCounters()
+
+    /// True when the request's `Host` names an allowed host; counts the refusal otherwise.
+    func hostAllowed(_ head: HTTPRequestHead) -> Bool {
+        guard let host = head.headers.first(name: "host"), allowedHosts.allows(host: host) else {
+            counters.count(.refusedHost)
+            return false
+        }
+        return true
+    }
 
     /// A sender for one connection's messages (see ``LayerSender``).
     func makeSender(on loop: any EventLoop, outageTimeout: Duration) -> LayerSender {
@@ -98,6 +111,8 @@ final class AccessLog: Sendable {
     func flush() { writer?.flush() }
 
     func http(client: String, method: String, path: String, status: Int, size: Int, seconds: Double) {
+        // A session key or token in a query string is a credential: the log gets `***`.
+        let path = Redaction.redact(path)
         if !write("\(client) - - \"\(method) \(path)\" \(status) \(size) \(Self.fixed(seconds, digits: 3))s") {
             logger.log(
                 level: status >= 500 ? .warning : .info, "http",
@@ -118,6 +133,7 @@ final class AccessLog: Sendable {
     }
 
     func websocket(client: String, event: String, path: String, detail: String = "") {
+        let path = Redaction.redact(path)
         if !write("\(client) - - \"WS\(event) \(path)\"" + (detail.isEmpty ? "" : " \(detail)")) {
             var metadata: Logger.Metadata = ["client": "\(client)", "event": "\(event.lowercased())", "path": "\(path)"]
             if !detail.isEmpty { metadata["detail"] = "\(detail)" }

@@ -26,6 +26,10 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     /// Replies the server could not read (an HTTP reply without a valid status, a WebSocket
     /// reply with a bad close code): logged, counted, answered 500 or ignored.
     public var malformedReplies = 0
+    /// Requests and WebSocket handshakes answered 400 because their `Host` is not an allowed host.
+    public var refusedHost = 0
+    /// WebSocket handshakes answered 403 because their `Origin` is not allowed.
+    public var refusedOrigin = 0
 
     /// All counters at zero.
     public init() {}
@@ -35,7 +39,8 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
 final class ServerCounters: Sendable {
     enum Counter: Int, CaseIterable {
         case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
-            closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies
+            closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
+            refusedHost, refusedOrigin
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -60,6 +65,8 @@ final class ServerCounters: Sendable {
         stats.closedStoreLost = self[.closedStoreLost]
         stats.httpUnavailable = self[.httpUnavailable]
         stats.malformedReplies = self[.malformedReplies]
+        stats.refusedHost = self[.refusedHost]
+        stats.refusedOrigin = self[.refusedOrigin]
         stats.unroutableReplies = unroutable
         return stats
     }

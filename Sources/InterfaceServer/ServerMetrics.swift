@@ -11,6 +11,8 @@ enum ServerMetrics {
     static let sent = ChannelKind.counters("channels_messages_sent_total")
     static let received = ChannelKind.counters("channels_messages_received_total")
     static let dropped = DropReason.counters()
+    static let refusedHost = Counter(label: "channels_requests_refused_total", dimensions: [("reason", "host")])
+    static let refusedOrigin = Counter(label: "channels_requests_refused_total", dimensions: [("reason", "origin")])
 
     /// The drop (if it is one) behind a server counter. Messages a sender gives up on are
     /// counted by the sender itself, with the reason it knows (full or unreachable).
@@ -22,5 +24,7 @@ enum ServerMetrics {
             default: nil
             }
         if let reason { dropped[reason]?.increment(by: amount) }
+        if counter == .refusedHost { refusedHost.increment(by: amount) }
+        if counter == .refusedOrigin { refusedOrigin.increment(by: amount) }
     }
 }

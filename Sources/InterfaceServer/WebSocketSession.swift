@@ -70,7 +70,7 @@ final class WebSocketSession {
                 reason == .full
                     ? "websocket.receive stayed full; closing with 1013"
                     : "channel layer stayed unavailable; closing with 1011",
-                metadata: ["reply_channel": "\(replyChannel)"])
+                metadata: ["socket": "\(server.configuration.secret.socketTag(replyChannel))"])
             close(code: reason == .full ? 1013 : 1011)
         case .closed:
             break
@@ -86,13 +86,18 @@ final class WebSocketSession {
         let offered = head.headers[canonicalForm: "sec-websocket-protocol"].map { String($0) }
         subprotocol = offered.first { server.configuration.websocketProtocols.contains($0) }
         let bound = NIOLoopBound(self, eventLoop: loop)
-        if !server.configuration.allowedOrigins.isEmpty {
-            let origin = head.headers.first(name: "origin") ?? ""
-            if !server.configuration.allowedOrigins.contains(origin) {
-                server.logger.info("WebSocket origin refused", metadata: ["origin": "\(origin)"])
-                reject(reason: "origin")
-                return
-            }
+        guard server.hostAllowed(head) else {
+            reject(reason: "host", status: 400)
+            return
+        }
+        // A browser always sends the page's Origin: one that is not an allowed host is a
+        // foreign page riding on the user's cookies (cross-site WebSocket hijacking). Clients
+        // that are not browsers send none, and are let through.
+        if let origin = head.headers.first(name: "origin"), !server.allowedHosts.allows(origin: origin) {
+            server.counters.count(.refusedOrigin)
+            server.logger.info("WebSocket origin refused", metadata: ["origin": "\(origin.prefix(200))"])
+            reject(reason: "origin")
+            return
         }
         server.router.register(replyChannel) { reply in
             loop.execute { bound.value.handleReply(reply) }
@@ -118,7 +123,7 @@ final class WebSocketSession {
         connectTimeout?.cancel()
         server.router.unregister(replyChannel)
         upgrade.rejected = true
-        upgrade.rejectionStatus = status == 503 ? .serviceUnavailable : .forbidden
+        upgrade.rejectionStatus = status == 503 ? .serviceUnavailable : status == 400 ? .badRequest : .forbidden
         server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: reason)
         promise.succeed(nil)
     }
@@ -180,7 +185,9 @@ final class WebSocketSession {
             send = try WebSocketSendMessage(reply)
         } catch {
             server.counters.count(.malformedReplies)
-            server.logger.error("ignored a malformed WebSocket reply", metadata: ["error": "\(error)", "reply_channel": "\(replyChannel)"])
+            server.logger.error(
+                "ignored a malformed WebSocket reply",
+                metadata: ["error": "\(error)", "socket": "\(server.configuration.secret.socketTag(replyChannel))"])
             return
         }
         switch state {
@@ -193,7 +200,7 @@ final class WebSocketSession {
             } else if send.close != nil {
                 reject(reason: "closed")
             } else {
-                server.logger.warning("ignored a WebSocket reply before accept", metadata: ["reply": "\(reply)"])
+                server.logger.warning("ignored a WebSocket reply before accept", metadata: ["keys": "\(reply.fieldNames)"])
             }
         case .open:
             guard let context else {
@@ -234,7 +241,7 @@ final class WebSocketSession {
         server.logger.warning(
             "closing a WebSocket whose client does not read (1008)",
             metadata: [
-                "reply_channel": "\(replyChannel)", "queued_bytes": "\(queuedBytes)",
+                "socket": "\(server.configuration.secret.socketTag(replyChannel))", "queued_bytes": "\(queuedBytes)",
                 "limit": "\(server.configuration.maxQueuedBytesPerSocket)",
             ])
         close(code: 1008, force: true)

@@ -184,3 +184,22 @@ enum Base64URL {
         return out
     }
 }
+
+/// The layer's keys applied to what the framework stores beside the layer (sessions, delayed
+/// messages): asgi_redis's Fernet scheme, the first key sealing, every key opening, no expiry
+/// check (a stored value has its own TTL).
+public struct StorageEncryption: Sendable {
+    private let crypter: MultiFernet
+
+    /// Encryption with asgi_redis-style keys; nil when `keys` is empty.
+    public init?(keys: [String]) {
+        guard !keys.isEmpty else { return nil }
+        crypter = MultiFernet(asgiRedisKeys: keys)
+    }
+
+    /// The sealed form of `plaintext`.
+    public func seal(_ plaintext: [UInt8]) -> [UInt8] { crypter.encrypt(plaintext) }
+
+    /// The plaintext of `sealed`; throws ``FernetError`` when no key opens it.
+    public func open(_ sealed: [UInt8]) throws -> [UInt8] { try crypter.decrypt(sealed, ttl: nil) }
+}

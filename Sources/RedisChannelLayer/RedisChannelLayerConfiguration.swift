@@ -100,7 +100,15 @@ public struct RedisChannelLayerConfiguration: Sendable {
                 return n
             }
             switch key {
-            case "prefix": prefix = value
+            case "prefix":
+                // Keys are the prefix and a name: without a separator at its end, 'app' and
+                // 'app2' would share keys ('app2x' is both). asgi_redis adds none, so neither do we.
+                guard let last = value.last, ":._-/|".contains(last) else {
+                    throw ChannelLayerError(
+                        .invalidConfiguration,
+                        "prefix '\(value)' must end with a separator (':', '.', '_', '-', '/' or '|'), e.g. '\(value):'")
+                }
+                prefix = value
             case "stats_prefix": statsPrefix = value
             case "expiry": expiry = try int()
             case "group_expiry": groupExpiry = try int()

@@ -279,15 +279,8 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
         return (host, port)
     }
 
-    /// A URL with its password replaced by `***`, for error messages and logs.
-    static func redacted(_ url: String) -> String {
-        guard let schemeEnd = url.firstRange(of: "://") else { return url }
-        let afterScheme = url[schemeEnd.upperBound...]
-        guard let at = afterScheme.lastIndex(of: "@") else { return url }
-        let credentials = afterScheme[..<at]
-        guard let colon = credentials.firstIndex(of: ":") else { return url }
-        return String(url[..<afterScheme.startIndex]) + credentials[...colon] + "***" + afterScheme[at...]
-    }
+    /// A URL with its password and secret options replaced by `***`, for error messages and logs.
+    static func redacted(_ url: String) -> String { Redaction.redact(url) }
 
     /// The endpoint as a URL, without the password.
     public var description: String {

@@ -17,14 +17,23 @@ struct SessionTests {
         }
     }
 
-    @Test func channelSessionKeyIsChannelsOwn() {
-        let key = Session.channelSessionKey(replyChannel: "daphne.response.abc!def")
-        #expect(key.count == 32)
-        #expect(key.hasPrefix("chn"))
-        let other = Session.channelSessionKey(replyChannel: "daphne.response.abc!deg")
-        #expect(key != other)
-        // Computed with Python: "chn" + hashlib.sha1(b"test.reply?x").hexdigest()[:29]
-        #expect(Session.channelSessionKey(replyChannel: "test.reply?x") == "chnc0e16001af45901d84efd1fb0df4e")
+    @Test func channelSessionKeysNeedTheSecretAndAreNeverHTTPKeys() {
+        let secret = DeploymentSecret(Array("deployment one".utf8))
+        let key = Session.channelSessionKey(replyChannel: "daphne.response.abc!def", secret: secret)
+        #expect(key.count == 64 && key.hasPrefix("chs"))
+        #expect(!Session.isHTTPSessionKey(key), "a channel-session key can never be presented as an HTTP session")
+        #expect(key != Session.channelSessionKey(replyChannel: "daphne.response.abc!deg", secret: secret))
+        // Another deployment's secret gives another key; Channels 1.x's plain SHA-1 form is gone.
+        #expect(key != Session.channelSessionKey(replyChannel: "daphne.response.abc!def", secret: DeploymentSecret(Array("two".utf8))))
+        #expect(
+            key
+                == Session.channelSessionKey(
+                    replyChannel: "daphne.response.abc!def", secret: DeploymentSecret(Array("deployment one".utf8))))
+        // HMAC-SHA256(SHA-256("deployment one"), "channel-session\0daphne.response.abc!def"), computed with Python's hmac.
+        #expect(key == "chs450fdb4218f061036cdffc7981195fa00af308829ad301317db81d74473e2")
+        #expect(Session.isHTTPSessionKey(Session.newKey()))
+        #expect(!Session.isHTTPSessionKey("chnc0e16001af45901d84efd1fb0df4e".uppercased()))
+        #expect(!Session.isHTTPSessionKey("short"))
     }
 
     @Test(arguments: StoreKind.allCases)
@@ -144,7 +153,7 @@ struct SessionTests {
         browser.setCookie("sessionid", "attackerchosenkeyattackerchosenk")
         _ = try await browser.get("/")
         #expect(browser.cookies["sessionid"] != "attackerchosenkeyattackerchosenk")
-        #expect(try await store.load("attackerchosenkeyattackerchosenk") == nil)
+        #expect(try await store.load(Session.storageKey("attackerchosenkeyattackerchosenk")) == nil)
     }
 
     static func authRouting(log: Log) -> [RoutingEntry] {
@@ -230,8 +239,9 @@ struct SessionTests {
         _ = try await browser.post("/login/", form: [("username", "bob")])
         let after = try #require(browser.cookies["sessionid"])
         #expect(before != after, "login gives a new key")
-        #expect(try await store.load(before) == nil, "the pre-login key is gone")
-        let data = try Session.decode(try #require(try await store.load(after)))
+        #expect(try await store.load(Session.storageKey(before)) == nil, "the pre-login key is gone")
+        #expect(try await store.load(after) == nil, "a store holds no key a client could present")
+        let data = try Session.decode(try #require(try await store.load(Session.storageKey(after))))
         #expect(data["visited"] == true, "data survives the rotation")
         #expect(data["_auth_user_id"] == "2")
         // The old key no longer logs anyone in.
@@ -258,7 +268,7 @@ struct SessionTests {
                 }
                 try await group.waitForAll()
             }
-            let stored = try Session.decode(try #require(try await store.load(key)))
+            let stored = try Session.decode(try #require(try await store.load(Session.storageKey(key))))
             #expect(stored == ["writer0": 0, "writer1": 1, "writer2": 2, "writer3": 3], "round \(round)")
         }
     }
@@ -272,7 +282,7 @@ struct SessionTests {
         let session = Session(key: "agecheck", store: store, settings: settings)
         session["x"] = 1
         try await session.save()
-        let ttl = try await client.command("TTL", prefix + "agecheck").integer ?? -1
+        let ttl = try await client.command("TTL", prefix + Session.storageKey("agecheck")).integer ?? -1
         #expect(ttl > 4990 && ttl <= 5000, "TTL \(ttl)")
     }
 
@@ -286,7 +296,9 @@ struct SessionTests {
     @Test(arguments: StoreKind.allCases)
     func unreadableStoredDataIsReplacedNotFatal(_ kind: StoreKind) async throws {
         let store = try store(kind)
-        let key = Session.channelSessionKey(replyChannel: "test.reply?garbage")
+        let environment = ConsumerEnvironment(sessionStore: store)
+        let key = Session.storageKey(
+            Session.channelSessionKey(replyChannel: "test.reply?garbage", secret: environment.sessionSettings.secret))
         #expect(try await store.store(key, data: [0xc1, 0xff, 0x00], expected: nil, ttl: 60))
         let harness = try TestHarness(
             [
@@ -297,11 +309,11 @@ struct SessionTests {
                         try context.channelSession["n"] = .int(before + 1)
                         try await context.reply(["text": .string("\(before + 1)")])
                     })
-            ], environment: ConsumerEnvironment(sessionStore: store))
+            ], environment: environment)
         try await harness.send(["reply_channel": "test.reply?garbage", "order": 1, "text": "x"], to: "websocket.receive")
         #expect(try await harness.receive(from: "test.reply?garbage")?["text"] == "1", "read as empty, consumer ran")
         let stored = try Session.decode(try #require(try await store.load(key)))
-        #expect(stored == ["n": 1], "the garbage was replaced")
+        #expect(stored["n"] == 1 && stored.count == 2, "the garbage was replaced (n and the renewal time): \(stored)")
     }
 
     @Test func sessionIsSavedOnlyWhenModified() async throws {

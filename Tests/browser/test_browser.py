@@ -42,7 +42,7 @@ def log_in(driver, url, name, password):
     wait = WebDriverWait(driver, 20)
     wait.until(EC.visibility_of_element_located((By.ID, "username"))).send_keys(name)
     driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "loginbutton").click()
+    driver.find_element(By.ID, "registerbutton").click()
     wait.until(EC.text_to_be_present_in_element((By.ID, "me"), name))
     # The socket reconnects with the session cookie after login; wait until it is live.
     wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "live in #"))

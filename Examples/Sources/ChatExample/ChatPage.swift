@@ -94,11 +94,12 @@ enum ChatPage {
         <div id="overlay">
           <form class="card" id="loginform">
             <h2>Welcome</h2>
-            <p>Log in, or pick a name and password to create an account.</p>
+            <p>Log in, or pick a name and password and create an account.</p>
             <label for="username">User name</label><input id="username" autocomplete="username" required>
             <label for="password">Password</label><input id="password" type="password" autocomplete="current-password" required>
             <div id="loginerror"></div>
             <div class="row"><button id="loginbutton" class="primary" type="submit">Log in</button>
+              <button id="registerbutton" class="ghost" type="button">Create account</button>
               <button id="guest" class="ghost" type="button">Continue as guest</button></div>
           </form>
         </div>
@@ -193,19 +194,31 @@ enum ChatPage {
         };
         $("loginopen").onclick = () => { $("overlay").className = "open"; $("username").focus(); };
         $("guest").onclick = () => { $("overlay").className = ""; };
-        $("loginform").onsubmit = async (e) => {
-          e.preventDefault();
+        // Every POST carries the CSRF token (the server checks it against its cookie and the session).
+        let csrf = null;
+        const csrfToken = async () => {
+          if (!csrf) { const r = await fetch("/api/csrf/", {credentials: "same-origin"}); csrf = (await r.json()).csrf_token; }
+          return csrf;
+        };
+        const post = async (path, body) => {
+          const r = await fetch(path, {method: "POST", body, credentials: "same-origin", headers: {"X-CSRFToken": await csrfToken()}});
+          const data = await r.json();
+          if (data.csrf_token) csrf = data.csrf_token;
+          return [r, data];
+        };
+        const signIn = async (path) => {
           $("loginerror").textContent = "";
           const body = new URLSearchParams({username: $("username").value, password: $("password").value});
           try {
-            const r = await fetch("/api/login/", {method: "POST", body, credentials: "same-origin"});
-            const data = await r.json();
+            const [r, data] = await post(path, body);
             if (!r.ok) { $("loginerror").textContent = data.error || "login failed"; return; }
             me = data.user; $("overlay").className = ""; $("password").value = ""; showUser(); join(room);
           } catch (err) { $("loginerror").textContent = "the server did not answer"; }
         };
+        $("loginform").onsubmit = (e) => { e.preventDefault(); signIn("/api/login/"); };
+        $("registerbutton").onclick = () => signIn("/api/register/");
         $("logout").onclick = async () => {
-          await fetch("/api/logout/", {method: "POST", credentials: "same-origin"});
+          await post("/api/logout/", "");
           me = null; showUser(); join(room);
         };
         (async () => {

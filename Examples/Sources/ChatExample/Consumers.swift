@@ -61,36 +61,98 @@ enum ChatConsumers {
 
     static let usernamePattern = try! NSRegularExpression(pattern: "^[A-Za-z0-9_.-]{1,30}$")
 
-    /// `POST /api/login/` with `username` and `password` (a form): logs in, creating the
-    /// account on first use. The password is checked against its PBKDF2 hash.
-    @Sendable static func login(_ context: ConsumerContext) async throws {
+    /// Login limits: failed logins per user name and attempts per client address within one
+    /// window (seconds). The counters live in the layer's Redis when there is one.
+    static let failuresPerName = environmentInt("CHAT_LOGIN_FAILURES_PER_NAME", 5)
+    static let attemptsPerAddress = environmentInt("CHAT_LOGIN_ATTEMPTS_PER_ADDRESS", 30)
+    static let loginWindow = environmentInt("CHAT_LOGIN_WINDOW", 60)
+    /// PBKDF2 rounds for new passwords (Django 5.1's count; lower only in tests).
+    static let passwordIterations = environmentInt("CHAT_PASSWORD_ITERATIONS", PasswordHasher.defaultIterations)
+
+    static func environmentInt(_ name: String, _ fallback: Int) -> Int {
+        ProcessInfo.processInfo.environment[name].flatMap { Int($0) }.flatMap { $0 > 0 ? $0 : nil } ?? fallback
+    }
+
+    /// The one answer for an unknown name and a wrong password: neither says the name exists.
+    static let refusal = "invalid user name or password"
+
+    /// The user name and password of a login or registration form, or the 400 to answer.
+    static func credentials(_ context: ConsumerContext) async throws -> (String, String)? {
         let form = HTTPRequestInfo.formFields(try await context.requestBody())
         let username = (form["username"] ?? "").trimmingCharacters(in: .whitespaces)
         let password = form["password"] ?? ""
         guard usernamePattern.firstMatch(in: username, range: NSRange(username.startIndex..., in: username)) != nil else {
-            return try await respondJSON(context, status: 400, ["error": "a user name is 1 to 30 letters, digits, '.', '_' or '-'"])
+            try await respondJSON(context, status: 400, ["error": "a user name is 1 to 30 letters, digits, '.', '_' or '-'"])
+            return nil
         }
-        guard password.count >= 4 else {
-            return try await respondJSON(context, status: 400, ["error": "a password has at least 4 characters"])
+        guard password.count >= 4, password.count <= 1024 else {
+            try await respondJSON(context, status: 400, ["error": "a password has 4 to 1024 characters"])
+            return nil
         }
-        let database = ChatDatabase.shared
-        var account = try await database.account(named: username)
-        if account == nil {
-            account = try await database.createAccount(username: username, password: password)
-            if account == nil { account = try await database.account(named: username) }
+        return (username, password)
+    }
+
+    /// Counts an attempt from this client address; answers 429 (with `Retry-After`) and
+    /// returns false past the limit.
+    static func allowAttempt(_ context: ConsumerContext, name: String? = nil) async throws -> Bool {
+        let limiter = context.environment.rateLimiter
+        let address = context.message["client"]?.arrayValue?.first?.stringValue ?? "unknown"
+        let perAddress = try await limiter.hit("login:addr:" + address, window: loginWindow)
+        var retryAfter = perAddress.count > attemptsPerAddress ? perAddress.resetIn : nil
+        if retryAfter == nil, let name {
+            let failures = try await limiter.peek("login:name:" + name.lowercased())
+            if failures.count >= failuresPerName { retryAfter = failures.resetIn }
         }
-        guard let account, let id = account.id, PasswordHasher.verify(password, against: account.passwordHash) else {
+        guard let retryAfter else { return true }
+        context.logger.warning("login rate limited", metadata: ["user": "\(name ?? "")"])
+        try await context.respond(
+            status: 429, contentType: "application/json", headers: [("Retry-After", String(max(1, retryAfter)))],
+            json(["error": "too many attempts; try again in \(max(1, retryAfter)) s"]))
+        return false
+    }
+
+    /// `GET /api/csrf/`: a CSRF token for the page's POSTs (also set as the `csrftoken` cookie).
+    @Sendable static func csrf(_ context: ConsumerContext) async throws {
+        try await respondJSON(context, ["csrf_token": context.csrfToken()])
+    }
+
+    /// `POST /api/login/` with `username` and `password` (a form) and the CSRF token: logs in.
+    /// It never creates an account (that is `/api/register/`), answers an unknown name exactly as
+    /// a wrong password, and limits failures per name and attempts per address.
+    @Sendable static func login(_ context: ConsumerContext) async throws {
+        guard let (username, password) = try await credentials(context) else { return }
+        guard try await allowAttempt(context, name: username) else { return }
+        let account = try await ChatDatabase.shared.account(named: username)
+        // Hashed on the hashing pool, also for an unknown name (same time either way).
+        let valid = await PasswordHasher.verify(password, against: account?.passwordHash, iterations: passwordIterations)
+        guard valid, let account, let id = account.id else {
+            _ = try await context.environment.rateLimiter.hit("login:name:" + username.lowercased(), window: loginWindow)
             context.logger.info("login refused", metadata: ["user": "\(username)"])
-            return try await respondJSON(context, status: 403, ["error": "wrong password for \(username)"])
+            return try await respondJSON(context, status: 403, ["error": refusal])
         }
         try await context.login(User(id: String(id), username: account.username))
         context.logger.info("login", metadata: ["user": "\(account.username)"])
-        try await respondJSON(context, ["user": account.username])
+        try await respondJSON(context, ["user": account.username, "csrf_token": context.csrfToken()])
+    }
+
+    /// `POST /api/register/` with `username` and `password` and the CSRF token: creates the
+    /// account and logs in; 409 when the name is taken.
+    @Sendable static func register(_ context: ConsumerContext) async throws {
+        guard let (username, password) = try await credentials(context) else { return }
+        guard try await allowAttempt(context) else { return }
+        let hash = try await PasswordHasher.hash(password, iterations: passwordIterations)
+        guard let account = try await ChatDatabase.shared.createAccount(username: username, passwordHash: hash), let id = account.id
+        else {
+            return try await respondJSON(context, status: 409, ["error": "that name is taken"])
+        }
+        try await context.login(User(id: String(id), username: account.username))
+        context.logger.info("registered", metadata: ["user": "\(account.username)"])
+        try await respondJSON(context, ["user": account.username, "csrf_token": context.csrfToken()])
     }
 
     @Sendable static func logout(_ context: ConsumerContext) async throws {
         try await context.logout()
-        try await respondJSON(context, ["user": NSNull()])
+        try await respondJSON(context, ["user": NSNull(), "csrf_token": context.csrfToken()])
     }
 
     @Sendable static func me(_ context: ConsumerContext) async throws {
@@ -129,7 +191,11 @@ enum ChatConsumers {
         let room = context.kwargs["room"] ?? "lobby"
         try context.channelSession["room"] = .string(room)
         try await roomGroup(room).add(reply)
-        if context.user.isAuthenticated { try await userGroup(context.user).add(reply) }
+        if context.user.isAuthenticated {
+            try await userGroup(context.user).add(reply)
+            // Remembered: after a logout the socket is anonymous, and still leaves the user's group.
+            try context.channelSession["user_group"] = .string(userGroup(context.user).name)
+        }
         try await context.accept()
         let history = try await ChatDatabase.shared.history(room: room)
         try await context.sendText(
@@ -180,7 +246,7 @@ enum ChatConsumers {
         guard let reply = context.replyChannel else { return }
         let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
         try await roomGroup(room).discard(reply)
-        if context.user.isAuthenticated { try await userGroup(context.user).discard(reply) }
+        if let group = try context.channelSession["user_group"]?.stringValue { try await Group(group).discard(reply) }
     }
 
     static let mentionPattern = try! NSRegularExpression(pattern: "@([A-Za-z0-9_.-]{1,30})")

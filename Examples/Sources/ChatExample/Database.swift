@@ -105,10 +105,10 @@ final class ChatDatabase: Sendable {
         try await pool.read { db in try Account.fetchOne(db, key: id) }
     }
 
-    /// Creates an account; nil if the name is taken (by a concurrent sign-up too).
-    func createAccount(username: String, password: String) async throws -> Account? {
-        let hash = try PasswordHasher.hash(password)
-        return try await pool.write { db in
+    /// Creates an account with an already hashed password; nil if the name is taken (by a
+    /// concurrent sign-up too).
+    func createAccount(username: String, passwordHash hash: String) async throws -> Account? {
+        try await pool.write { db in
             if try Account.filter(Column("username") == username).fetchCount(db) > 0 { return nil }
             var account = Account(id: nil, username: username, passwordHash: hash, createdAt: Date().timeIntervalSince1970)
             try account.insert(db)

@@ -16,14 +16,20 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         // Step 6: log in over HTTP (the session cookie), ask who you are.
         include(
             [
-                route("http.request", path: "^login/$", method: "^POST$", httpSession(ChatConsumers.login)),
-                route("http.request", path: "^logout/$", method: "^POST$", httpSession(ChatConsumers.logout)),
+                route("http.request", path: "^csrf/$", httpSession(ChatConsumers.csrf)),
+                route("http.request", path: "^login/$", method: "^POST$", csrfProtect(ChatConsumers.login)),
+                route("http.request", path: "^register/$", method: "^POST$", csrfProtect(ChatConsumers.register)),
+                route("http.request", path: "^logout/$", method: "^POST$", csrfProtect(ChatConsumers.logout)),
                 route("http.request", path: "^me/$", httpSessionUser(ChatConsumers.me)),
                 route("http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/$", ChatConsumers.historyJSON),
             ], path: "^/api/"),
         // Step 2: a WebSocket echo.
         route("websocket.connect", path: "^/echo/$", ChatConsumers.accept),
         route("websocket.receive", path: "^/echo/$", ChatConsumers.echo),
+        // An echo only a partner's pages may open (the server must allow that origin too:
+        // --allowed-origins https://partner.example): Channels' OriginValidator on one route.
+        route("websocket.connect", path: "^/partner/$", originValidator(["https://partner.example"], ChatConsumers.accept)),
+        route("websocket.receive", path: "^/partner/$", ChatConsumers.echo),
         // Sockets under /private/ are for logged-in users only (403 otherwise).
         route("websocket.connect", path: "^/private/", channelSessionUserFromHTTP(ChatConsumers.privateConnect)),
         // Steps 3, 5, 6, 7, 9: rooms from the path kept in the channel session, the user carried

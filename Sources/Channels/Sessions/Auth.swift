@@ -1,6 +1,7 @@
 import ASGI
 import Crypto
 import Foundation
+import NIOPosix
 import Synchronization
 import _CryptoExtras
 
@@ -45,6 +46,11 @@ public struct UserLookup: UserProvider {
 /// The session keys auth uses (Django's names).
 enum AuthSessionKey {
     static let userID = "_auth_user_id"
+    /// Reply channels of the sockets opened with this HTTP session by a logged-in user
+    /// (``channelSessionUserFromHTTP(_:)``): logout signs them out too.
+    static let sockets = "_channels_sockets"
+    /// How many of them are remembered (the most recent).
+    static let maxSockets = 64
 }
 
 extension ConsumerContext {
@@ -70,13 +76,28 @@ extension ConsumerContext {
         setUser(user)
     }
 
-    /// Forgets the user and the whole HTTP session, and expires the cookie.
+    /// Forgets the user and the whole HTTP session, and expires the cookie. The sockets the
+    /// user opened with this session are signed out too: their channel sessions forget the
+    /// user at once and the sockets are closed (1008), so a stolen socket does not outlive the logout.
     public func logout() async throws {
         let session = try httpSession
+        let sockets = session[AuthSessionKey.sockets]?.arrayValue?.compactMap(\.stringValue) ?? []
         try await session.delete()
         setUser(.anonymous)
         let settings = environment.sessionSettings
-        setCookie("\(settings.cookieName)=; Max-Age=0; Path=\(settings.cookiePath)", name: settings.cookieName)
+        setCookie(
+            cookieHeader(name: settings.cookieName, value: "", maxAge: 0, httpOnly: settings.cookieHTTPOnly),
+            name: settings.cookieName)
+        for reply in sockets {
+            let socket = try await Session.load(
+                key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
+                store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge)
+            if socket.isStored, socket[AuthSessionKey.userID] != nil {
+                socket[AuthSessionKey.userID] = nil
+                try await socket.save()
+            }
+            try await send(WebSocketSendMessage.close(code: 1008).message, to: reply)
+        }
     }
 }
 
@@ -107,21 +128,46 @@ public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consum
             if session[AuthSessionKey.userID] != id {
                 session[AuthSessionKey.userID] = context.user.isAuthenticated ? id : nil
             }
+            if context.user.isAuthenticated, let reply = context.message.replyChannel,
+                let http = context.loadedHTTPSession, http.key != nil
+            {
+                var sockets = http[AuthSessionKey.sockets]?.arrayValue ?? []
+                sockets.append(.string(reply))
+                http[AuthSessionKey.sockets] = .array(sockets.suffix(AuthSessionKey.maxSockets))
+            }
             try await consumer(context)
         })
 }
 
 /// Password hashing with PBKDF2-HMAC-SHA256, stored in Django's format
 /// `pbkdf2_sha256$<iterations>$<salt>$<base64 hash>`.
+///
+/// A hash costs hundreds of milliseconds of CPU by design: the `async` forms run it on a pool
+/// of its own threads (``threads``), never on the event loops that serve sockets, so a burst
+/// of logins waits for that pool instead of stalling every connection.
 public enum PasswordHasher {
-    /// Django 3.2's default iteration count for PBKDF2-SHA256.
-    public static let defaultIterations = 260_000
+    /// Django 5.1's iteration count for PBKDF2-SHA256.
+    public static let defaultIterations = 870_000
+
+    /// Threads hashing may use at once: half the cores (at least one), so the rest keep serving.
+    public static let threads = max(1, ProcessInfo.processInfo.activeProcessorCount / 2)
+
+    private static let pool: NIOThreadPool = {
+        let pool = NIOThreadPool(numberOfThreads: threads)
+        pool.start()
+        return pool
+    }()
 
     /// Hashes a password with a fresh random salt, in Django's format.
     public static func hash(_ password: String, iterations: Int = defaultIterations) throws -> String {
         let salt = RandomToken.string(22, from: RandomToken.alphanumerics)
         let derived = try derive(password, salt: salt, iterations: iterations)
         return "pbkdf2_sha256$\(iterations)$\(salt)$\(Data(derived).base64EncodedString())"
+    }
+
+    /// ``hash(_:iterations:)`` on the hashing pool.
+    public static func hash(_ password: String, iterations: Int = defaultIterations) async throws -> String {
+        try await pool.runIfActive { try hash(password, iterations: iterations) }
     }
 
     /// True when `password` matches `encoded`; false for a wrong password or a malformed hash.
@@ -131,11 +177,19 @@ public enum PasswordHasher {
             iterations <= 10_000_000, let expected = Data(base64Encoded: String(parts[3])),
             let derived = try? derive(password, salt: String(parts[2]), iterations: iterations)
         else { return false }
-        // Constant-time comparison.
-        guard derived.count == expected.count else { return false }
-        var difference: UInt8 = 0
-        for (a, b) in zip(derived, expected) { difference |= a ^ b }
-        return difference == 0
+        return DeploymentSecret.constantTimeEquals(derived, expected)
+    }
+
+    /// ``verify(_:against:)`` on the hashing pool. With no stored hash (no such user) it
+    /// hashes anyway, so an unknown name takes as long to refuse as a wrong password.
+    public static func verify(_ password: String, against encoded: String?, iterations: Int = defaultIterations) async -> Bool {
+        (try? await pool.runIfActive {
+            guard let encoded else {
+                _ = try? derive(password, salt: "unknown-user-salt", iterations: iterations)
+                return false
+            }
+            return verify(password, against: encoded)
+        }) ?? false
     }
 
     private static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {

@@ -56,7 +56,8 @@ public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer
 
 /// The receiving half of an ordered hand-off (see ``ConsumerContext/send(_:to:orderedBy:immediately:)``):
 /// messages sent with the same key are handled in the order they were sent, across any
-/// number of workers. Messages sent without a key pass straight through.
+/// number of workers. Messages sent without a key pass straight through. The sequence's state
+/// is deleted when its end comes (the socket that numbered it disconnected).
 public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
     { context in
         guard let key = context.message[OrderedHandoff.keyField]?.stringValue,
@@ -64,13 +65,18 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
         else {
             return try await consumer(context)
         }
+        let settings = context.environment.sessionSettings
         let session = try await Session.load(
-            key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key),
-            store: context.environment.sessionStore,
-            settings: context.environment.sessionSettings, log: .consumer(context))
-        try await OrderingGate(context: context, session: session, order: order, slight: false).run(consumer) {
-            throw ChannelLayerError.channelFull("the wait channel of '\(key)' on '\(context.channel)'")
+            key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key, secret: settings.secret),
+            store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
+            log: .consumer(context))
+        let isEnd = context.message[OrderedHandoff.endField]?.boolValue == true
+        try await OrderingGate(context: context, session: session, order: order, slight: false).run(
+            isEnd ? { _ in } : consumer
+        ) {
+            throw ChannelLayerError.channelFull("the wait channel of a sequence on '\(context.channel)'")
         }
+        if isEnd && !context.extras.withLock({ $0.parked }) { try await session.delete() }
     }
 }
 
@@ -78,11 +84,13 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
 enum OrderedHandoff {
     static let keyField = "__order_key"
     static let orderField = "__order"
+    static let endField = "__order_end"
     static let sentField = "__sent"
 
-    /// A session per (channel, key) for the sender's counter ("sent") and the receiver's next order ("next").
-    static func sessionKey(_ role: String, channel: String, key: String) -> String {
-        Session.channelSessionKey(replyChannel: "ordered-" + role + ":" + channel + ":" + key)
+    /// A session per (channel, key) for the sender's counter ("sent") and the receiver's next
+    /// order ("next"): "ord" and an HMAC, a form no HTTP session key has.
+    static func sessionKey(_ role: String, channel: String, key: String, secret: DeploymentSecret) -> String {
+        "ord" + secret.hex("ordered-handoff", role + ":" + channel + ":" + key, length: 61)
     }
 }
 
@@ -91,17 +99,47 @@ extension ConsumerContext {
     /// wrapped in ``inSendOrder(_:)`` handles the messages of one key in the order they were
     /// sent here, however many workers run it. Call it from one consumer at a time per key
     /// (for example, under ``enforceOrdering(slight:_:)`` with the socket's reply channel as the key).
+    /// Called under a channel session, the sequence ends (its state on both sides is deleted)
+    /// when the socket disconnects.
     public func send(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool = false) async throws {
+        if let socket = loadedChannelSession {
+            let pair: ASGIValue = .array([.string(channel), .string(key)])
+            var handoffs = socket[ChannelSessionKey.handoffs]?.arrayValue ?? []
+            if !handoffs.contains(pair) {
+                handoffs.append(pair)
+                socket[ChannelSessionKey.handoffs] = .array(handoffs)
+            }
+        }
+        try await sendNumbered(message, to: channel, orderedBy: key, immediately: immediately, end: false)
+    }
+
+    /// Sends the end of `key`'s sequence on `channel` (the receiver deletes its state when the
+    /// end's turn comes) and deletes the sender's counter.
+    func endOrderedSequence(to channel: String, orderedBy key: String) async throws {
+        try await sendNumbered([:], to: channel, orderedBy: key, immediately: false, end: true)
+    }
+
+    private func sendNumbered(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool, end: Bool)
+        async throws
+    {
+        let settings = environment.sessionSettings
         let counter = try await Session.load(
-            key: OrderedHandoff.sessionKey("sent", channel: channel, key: key),
-            store: environment.sessionStore, settings: environment.sessionSettings,
+            key: OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: settings.secret),
+            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
             log: .consumer(self))
         let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
-        counter[OrderedHandoff.sentField] = .int(sequence + 1)
-        try await counter.save()
+        if end {
+            // Nothing stored means the sequence never started (or already ended).
+            guard counter.isStored else { return }
+            try await counter.delete()
+        } else {
+            counter[OrderedHandoff.sentField] = .int(sequence + 1)
+            try await counter.save()
+        }
         var stamped = message
         stamped[OrderedHandoff.keyField] = .string(key)
         stamped[OrderedHandoff.orderField] = .int(sequence)
+        if end { stamped[OrderedHandoff.endField] = .bool(true) }
         try await send(stamped, to: channel, immediately: immediately)
     }
 }
@@ -131,7 +169,10 @@ struct OrderingGate {
     let order: Int64
     let slight: Bool
 
-    private var waitChannel: String { CapacityTable.waitChannelPrefix + (session.key ?? "") }
+    /// A hash of the session key: the wait channel's name (seen in `stats`) does not give the key away.
+    private var waitChannel: String {
+        CapacityTable.waitChannelPrefix + Session.storageKey("wait:" + (session.key ?? "")).prefix(40)
+    }
 
     private func isDue(next: Int64) -> Bool { slight ? (order == 0 || next >= 1) : order == next }
 
@@ -147,6 +188,7 @@ struct OrderingGate {
             }
             do {
                 try await park()
+                context.extras.withLock { $0.parked = true }
             } catch let error as ChannelLayerError where error.code == .channelFull {
                 try await waitFull()
                 return
@@ -216,8 +258,10 @@ struct OrderingGate {
     private func storedNext() async throws -> Int64 { try await storedState().next }
 
     private func storedState() async throws -> (next: Int64, movedAt: Int64?) {
-        guard let key = session.key, let raw = try await context.environment.sessionStore.load(key) else { return (0, nil) }
-        let data = try? Session.decode(raw)
+        guard let key = session.key, let raw = try await context.environment.sessionStore.load(Session.storageKey(key)) else {
+            return (0, nil)
+        }
+        let data = try? Session.decodeStored(raw, settings: context.environment.sessionSettings)
         return (data?[Self.nextOrderKey]?.intValue ?? 0, data?[Self.movedAtKey]?.intValue)
     }
 
@@ -232,7 +276,7 @@ struct OrderingGate {
         do {
             let stored = try await Session.load(
                 key: key, store: context.environment.sessionStore,
-                settings: context.environment.sessionSettings, log: .consumer(context))
+                settings: context.environment.sessionSettings, ttl: session.ttl, log: .consumer(context))
             guard (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())

@@ -5,25 +5,54 @@ import Logging
 import OrderedCollections
 import Synchronization
 
+/// A cookie's `SameSite` attribute.
+public enum SameSite: String, Sendable {
+    /// Sent on top-level navigations from other sites, not on their subrequests (the default).
+    case lax = "Lax"
+    /// Never sent on requests another site starts.
+    case strict = "Strict"
+    /// Sent on every request; browsers then require `Secure`, so the cookie always gets it.
+    case none = "None"
+}
+
 /// Settings shared by every session.
 public struct SessionSettings: Sendable {
-    /// Seconds a session lives after its last save (Django's SESSION_COOKIE_AGE: two weeks).
+    /// Seconds an HTTP session lives after its last save (Django's SESSION_COOKIE_AGE: two weeks).
     public var age: Int = 14 * 24 * 3600
+    /// Seconds a socket's channel session lives after its last use. It is renewed while the
+    /// socket sends, and deleted once the socket's `websocket.disconnect` ran.
+    public var channelSessionAge: Int = 24 * 3600
     /// The cookie that names an HTTP session.
     public var cookieName: String = "sessionid"
     /// Cookie attributes.
     public var cookiePath: String = "/"
-    /// Send the cookie over HTTPS only.
+    /// Send the cookie over HTTPS only, always. Without it the cookie is still `Secure` when the
+    /// request came over TLS (or `X-Forwarded-Proto: https` behind a trusted proxy).
     public var cookieSecure: Bool = false
     /// Hide the cookie from scripts.
     public var cookieHTTPOnly: Bool = true
     /// The cookie's `SameSite` attribute.
-    public var cookieSameSite: String = "Lax"
+    public var cookieSameSite: SameSite = .lax
     /// How many times a save re-reads and re-applies its changes after losing a race.
     public var saveAttempts: Int = 10
+    /// The deployment's secret: channel-session keys and CSRF tokens are keyed with it. Every
+    /// process of a deployment needs the same one (the commands read `CHANNELS_SECRET_KEY`);
+    /// the default is random, for one process.
+    public var secret: DeploymentSecret = .random()
+    /// Encrypts stored sessions when set (the commands set it from the layer's
+    /// `symmetric_encryption_keys`): a store then holds no readable session data.
+    public var cipher: (any SessionCipher)?
 
     /// Django's defaults.
     public init() {}
+}
+
+/// Encrypts what a store holds (sessions, delayed messages).
+public protocol SessionCipher: Sendable {
+    /// The sealed form of `plaintext`.
+    func seal(_ plaintext: [UInt8]) -> [UInt8]
+    /// The plaintext of `sealed`; throws when no key opens it.
+    func open(_ sealed: [UInt8]) throws -> [UInt8]
 }
 
 /// A session could not be used.
@@ -59,13 +88,16 @@ public final class Session: Sendable {
     /// Called when a session without a key gets one (the HTTP session sets its cookie then).
     let onNewKey: (@Sendable (String) -> Void)?
     private let log: SessionLog
+    /// Seconds the stored session lives after a save.
+    let ttl: Int
 
     init(
-        key: String?, store: any SessionStore, settings: SessionSettings, log: SessionLog = .none,
+        key: String?, store: any SessionStore, settings: SessionSettings, ttl: Int? = nil, log: SessionLog = .none,
         onNewKey: (@Sendable (String) -> Void)? = nil
     ) {
         self.store = store
         self.settings = settings
+        self.ttl = ttl ?? settings.age
         self.state = Mutex(State(key: key))
         self.log = log
         self.onNewKey = onNewKey
@@ -73,10 +105,10 @@ public final class Session: Sendable {
 
     /// Loads the session stored under `key` (an empty session if there is none).
     static func load(
-        key: String?, store: any SessionStore, settings: SessionSettings, log: SessionLog = .none,
+        key: String?, store: any SessionStore, settings: SessionSettings, ttl: Int? = nil, log: SessionLog = .none,
         onNewKey: (@Sendable (String) -> Void)? = nil
     ) async throws -> Session {
-        let session = Session(key: key, store: store, settings: settings, log: log, onNewKey: onNewKey)
+        let session = Session(key: key, store: store, settings: settings, ttl: ttl, log: log, onNewKey: onNewKey)
         if let key { try await session.reload(from: key) }
         return session
     }
@@ -84,15 +116,15 @@ public final class Session: Sendable {
     /// Stored data that cannot be decoded (another program wrote it) is logged and read as an
     /// empty session; the next save replaces it.
     private func reload(from key: String) async throws {
-        let raw = try await store.load(key)
+        let raw = try await store.load(Self.storageKey(key))
         var decoded: [String: ASGIValue]?
         if let raw {
             do {
-                decoded = try Self.decode(raw)
+                decoded = try Self.decodeStored(raw, settings: settings)
             } catch {
                 log.logger?.warning(
                     "unreadable session data replaced by an empty session",
-                    metadata: ["session": "\(key)", "bytes": "\(raw.count)", "error": "\(error)"])
+                    metadata: ["session": "\(Self.storageKey(key).prefix(12))", "bytes": "\(raw.count)", "error": "\(error)"])
             }
         }
         state.withLock {
@@ -177,9 +209,10 @@ public final class Session: Sendable {
         guard let key else { return }
         for attempt in 1...max(1, settings.saveAttempts) {
             let (data, expected) = state.withLock { state -> ([UInt8], [UInt8]?) in
-                (Self.encode(Self.view(state)), state.snapshot)
+                let plain = Self.encode(Self.view(state))
+                return (settings.cipher?.seal(plain) ?? plain, state.snapshot)
             }
-            if try await store.store(key, data: data, expected: expected, ttl: settings.age) {
+            if try await store.store(Self.storageKey(key), data: data, expected: expected, ttl: ttl) {
                 state.withLock { state in
                     state.base = Self.view(state)
                     state.snapshot = data
@@ -187,12 +220,13 @@ public final class Session: Sendable {
                     state.cleared = false
                     state.retiredKeys = []
                 }
-                for old in retired where old != key { try await store.delete(old) }
+                for old in retired where old != key { try await store.delete(Self.storageKey(old)) }
                 return
             }
             if attempt < settings.saveAttempts { try await reload(from: key) }
         }
-        throw SessionError("session \(key) could not be saved: \(settings.saveAttempts) concurrent writers won every race")
+        throw SessionError(
+            "session \(Self.storageKey(key).prefix(12)) could not be saved: \(settings.saveAttempts) concurrent writers won every race")
     }
 
     /// Deletes the stored session and forgets its data.
@@ -201,13 +235,18 @@ public final class Session: Sendable {
             defer { state = State(key: nil) }
             return state.key
         }
-        if let key { try await store.delete(key) }
+        if let key { try await store.delete(Self.storageKey(key)) }
     }
 
     static func encode(_ data: [String: ASGIValue]) -> [UInt8] {
         var map = OrderedDictionary<String, ASGIValue>()
         for key in data.keys.sorted() { map[key] = data[key] }
         return MsgPackEncoder.encode(.map(map))
+    }
+
+    /// Stored bytes read back: opened with the settings' cipher when there is one.
+    static func decodeStored(_ raw: [UInt8], settings: SessionSettings) throws -> [String: ASGIValue] {
+        try decode(settings.cipher.map { try $0.open(raw) } ?? raw)
     }
 
     static func decode(_ bytes: [UInt8]) throws -> [String: ASGIValue] {
@@ -217,31 +256,25 @@ public final class Session: Sendable {
         return Dictionary(uniqueKeysWithValues: map.map { ($0.key, $0.value) })
     }
 
-    /// The channel session key of a reply channel: "chn" + the first 29 hex digits of its
-    /// SHA-1, as Channels 1.1.2 and later name it.
-    public static func channelSessionKey(replyChannel: String) -> String {
-        var hasher = Insecure.SHA1()
-        var name = replyChannel
-        name.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
-        let digest = hasher.finalize()
-        // Built in place (it runs for every message a channel-session consumer handles).
-        return String(unsafeUninitializedCapacity: 32) { out in
-            out[0] = UInt8(ascii: "c")
-            out[1] = UInt8(ascii: "h")
-            out[2] = UInt8(ascii: "n")
-            var index = 3
-            digest.withUnsafeBytes { bytes in
-                for byte in bytes where index < 32 {
-                    out[index] = Hex.lowercaseDigits[Int(byte >> 4)]
-                    index += 1
-                    if index < 32 {
-                        out[index] = Hex.lowercaseDigits[Int(byte & 0x0f)]
-                        index += 1
-                    }
-                }
-            }
-            return 32
-        }
+    /// Where a session is stored: the SHA-256 of its key, so that what a store holds (a Redis
+    /// key, a dump) is never a key a client could present.
+    public static func storageKey(_ key: String) -> String {
+        var key = key
+        return key.withUTF8 { Hex.encode(SHA256.hash(data: UnsafeRawBufferPointer($0))) }
+    }
+
+    /// True for a key of the form HTTP sessions have (32 lowercase letters and digits): the
+    /// only keys a cookie or `?session_key=` may name. Channel-session and ordering keys have
+    /// other forms, so none of them can be presented as an HTTP session.
+    public static func isHTTPSessionKey(_ key: String) -> Bool {
+        key.utf8.count == 32 && key.utf8.allSatisfy { (0x61...0x7a).contains($0) || (0x30...0x39).contains($0) }
+    }
+
+    /// The channel session key of a reply channel: "chs" and 61 hex digits of an HMAC of the
+    /// reply channel with the deployment's secret. Channels 1.x used a plain SHA-1 of the
+    /// reply channel, which anyone who saw the reply channel (a log line) could compute.
+    public static func channelSessionKey(replyChannel: String, secret: DeploymentSecret) -> String {
+        "chs" + secret.hex("channel-session", replyChannel, length: 61)
     }
 }
 

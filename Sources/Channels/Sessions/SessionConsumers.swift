@@ -20,14 +20,19 @@ public struct ConsumerEnvironment: Sendable {
     public var orderingGapTimeout: Duration
     /// Gaps skipped by the ordering wrappers (shared by the copies of this environment).
     public var orderingGaps: OrderingGaps
+    /// Attempt counters for rate limits (login): in memory, or on the layer's Redis so every
+    /// worker shares them.
+    public var rateLimiter: any RateLimiter
 
     /// An environment; every argument has the embedded default.
     public init(
         sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
         users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
-        orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps()
+        orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps(),
+        rateLimiter: any RateLimiter = InMemoryRateLimiter()
     ) {
         self.orderingGaps = orderingGaps
+        self.rateLimiter = rateLimiter
         self.sessionStore = sessionStore
         self.sessionSettings = sessionSettings
         self.users = users
@@ -41,8 +46,22 @@ public struct ConsumerEnvironment: Sendable {
 /// `channel_session`: gives the consumer `context.channelSession`, a session keyed by the
 /// message's reply channel (one per WebSocket), saved after the consumer returns (or throws)
 /// when it was modified. A message without a reply channel is an error.
+///
+/// The session lives `channelSessionAge` seconds after its last use (renewed while the socket
+/// sends) and is deleted once the socket's `websocket.disconnect` ran, with the ordering state
+/// the socket's consumers started (``ConsumerContext/send(_:to:orderedBy:immediately:)``).
 public func channelSession(_ consumer: @escaping Consumer) -> Consumer {
-    withSession(consumer, loaded: \.loadedChannelSession) { try await $0.openChannelSession() }
+    { context in
+        if context.loadedChannelSession != nil { return try await consumer(context) }
+        let session = try await context.openChannelSession()
+        do {
+            try await consumer(context)
+        } catch {
+            try? await context.finishChannelSession(session)
+            throw error
+        }
+        try await context.finishChannelSession(session)
+    }
 }
 
 /// Runs `consumer` with a session opened by `open` (unless an outer wrapper already opened it)
@@ -64,16 +83,48 @@ private func withSession(
     }
 }
 
+/// Keys the channel-session machinery keeps in a channel session.
+enum ChannelSessionKey {
+    /// When the session was last renewed (UNIX seconds).
+    static let touched = "__channels_touched"
+    /// The ordered hand-offs (channel and key) this socket's consumers numbered messages in.
+    static let handoffs = "__channels_handoffs"
+}
+
 extension ConsumerContext {
     func openChannelSession() async throws -> Session {
         guard let reply = message.replyChannel else {
             throw SessionError("channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
+        let settings = environment.sessionSettings
         let session = try await Session.load(
-            key: Session.channelSessionKey(replyChannel: reply),
-            store: environment.sessionStore, settings: environment.sessionSettings, log: .consumer(self))
+            key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
+            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge, log: .consumer(self))
         extras.withLock { $0.channelSession = session }
         return session
+    }
+
+    /// After the consumer: the socket's last message deletes its session and ends its ordered
+    /// hand-offs; any other saves it when modified, renewing its lifetime when a quarter of it
+    /// has passed.
+    func finishChannelSession(_ session: Session) async throws {
+        let parked = extras.withLock { $0.parked }
+        if channel == ASGIChannel.websocketDisconnect && !parked {
+            for handoff in session[ChannelSessionKey.handoffs]?.arrayValue ?? [] {
+                guard let pair = handoff.arrayValue, pair.count == 2, let target = pair[0].stringValue,
+                    let key = pair[1].stringValue
+                else { continue }
+                try await endOrderedSequence(to: target, orderedBy: key)
+            }
+            try await session.delete()
+            return
+        }
+        let now = Int64(Date().timeIntervalSince1970)
+        let touched = session[ChannelSessionKey.touched]?.intValue ?? 0
+        if session.isModified || now - touched > Int64(session.ttl / 4) {
+            session[ChannelSessionKey.touched] = .int(now)
+        }
+        try await session.save()
     }
 
     /// The socket's channel session; only inside `channelSession` (or a wrapper that includes it).
@@ -101,9 +152,11 @@ public func httpSession(_ consumer: @escaping Consumer) -> Consumer {
 extension ConsumerContext {
     func openHTTPSession() async throws -> Session {
         let settings = environment.sessionSettings
+        // Only keys of the HTTP form are looked up: a channel-session key, an ordering key or
+        // anything else a client found cannot open a session.
         let key =
-            HTTPRequestInfo.queryParameter("session_key", in: message)
-            ?? HTTPRequestInfo.cookies(in: message)[settings.cookieName]
+            (HTTPRequestInfo.queryParameter("session_key", in: message)
+            ?? HTTPRequestInfo.cookies(in: message)[settings.cookieName]).flatMap { Session.isHTTPSessionKey($0) ? $0 : nil }
         // A key that names nothing stored is not adopted: a fresh one is made on first write,
         // so a client cannot choose its own session key.
         var session = try await Session.load(
@@ -127,11 +180,26 @@ extension ConsumerContext {
 
     func setSessionCookie(_ key: String) {
         let settings = environment.sessionSettings
-        var cookie =
-            "\(settings.cookieName)=\(key); Max-Age=\(settings.age); Path=\(settings.cookiePath); SameSite=\(settings.cookieSameSite)"
-        if settings.cookieHTTPOnly { cookie += "; HttpOnly" }
-        if settings.cookieSecure { cookie += "; Secure" }
-        setCookie(cookie, name: settings.cookieName)
+        setCookie(
+            cookieHeader(name: settings.cookieName, value: key, maxAge: settings.age, httpOnly: settings.cookieHTTPOnly),
+            name: settings.cookieName)
+    }
+
+    /// True when the request came over TLS: its scheme (`https`, `wss`) says so, which the
+    /// server sets from `X-Forwarded-Proto` only behind `--proxy-headers`.
+    public var isSecureRequest: Bool {
+        let scheme = message["scheme"]?.stringValue ?? ""
+        return scheme == "https" || scheme == "wss"
+    }
+
+    /// A `Set-Cookie` value with the session settings' path, `SameSite` and `Secure` rules:
+    /// `Secure` when the settings ask for it, when the request came over TLS, or with `SameSite=None`.
+    public func cookieHeader(name: String, value: String, maxAge: Int, httpOnly: Bool) -> String {
+        let settings = environment.sessionSettings
+        var cookie = "\(name)=\(value); Max-Age=\(maxAge); Path=\(settings.cookiePath); SameSite=\(settings.cookieSameSite.rawValue)"
+        if httpOnly { cookie += "; HttpOnly" }
+        if settings.cookieSecure || isSecureRequest || settings.cookieSameSite == .none { cookie += "; Secure" }
+        return cookie
     }
 
     /// Adds (or replaces, by cookie name) a `Set-Cookie` header for the responses this consumer sends.

@@ -14,25 +14,35 @@ public protocol SessionStore: Sendable {
     func delete(_ key: String) async throws
 }
 
-/// The embedded default: sessions in this process's memory.
+/// The embedded default: sessions in this process's memory. Expired sessions are swept out
+/// (at most once per `sweepInterval`, on a write), so the store holds only what lives.
 public final class InMemorySessionStore: SessionStore {
     private struct Entry {
         var data: [UInt8]
         var expires: ContinuousClock.Instant
     }
 
-    private let entries = Mutex<[String: Entry]>([:])
+    private struct State {
+        var entries: [String: Entry] = [:]
+        var nextSweep: ContinuousClock.Instant
+    }
 
-    /// An empty store.
-    public init() {}
+    private let state: Mutex<State>
+    private let sweepInterval: Duration
+
+    /// An empty store that sweeps expired sessions at most once per `sweepInterval`.
+    public init(sweepInterval: Duration = .seconds(10)) {
+        self.sweepInterval = sweepInterval
+        self.state = Mutex(State(nextSweep: .now + sweepInterval))
+    }
 
     /// The stored bytes, or nil when missing or expired.
     public func load(_ key: String) async throws -> [UInt8]? {
         let now = ContinuousClock.now
-        return entries.withLock { entries -> [UInt8]? in
-            guard let entry = entries[key] else { return nil }
+        return state.withLock { state -> [UInt8]? in
+            guard let entry = state.entries[key] else { return nil }
             if entry.expires <= now {
-                entries[key] = nil
+                state.entries[key] = nil
                 return nil
             }
             return entry.data
@@ -42,20 +52,24 @@ public final class InMemorySessionStore: SessionStore {
     /// Writes only if the stored value is still `expected`; false when someone else wrote first.
     public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
         let now = ContinuousClock.now
-        return entries.withLock { entries -> Bool in
-            var current = entries[key]
+        return state.withLock { state -> Bool in
+            if now >= state.nextSweep {
+                state.entries = state.entries.filter { $0.value.expires > now }
+                state.nextSweep = now + sweepInterval
+            }
+            var current = state.entries[key]
             if let entry = current, entry.expires <= now { current = nil }
             guard current?.data == expected else { return false }
-            entries[key] = Entry(data: data, expires: now + .seconds(ttl))
+            state.entries[key] = Entry(data: data, expires: now + .seconds(ttl))
             return true
         }
     }
 
     /// Removes the session.
     public func delete(_ key: String) async throws {
-        _ = entries.withLock { $0.removeValue(forKey: key) }
+        _ = state.withLock { $0.entries.removeValue(forKey: key) }
     }
 
-    /// Sessions held (expired ones included until next touched).
-    public var count: Int { entries.withLock { $0.count } }
+    /// Sessions held (expired ones until the next sweep).
+    public var count: Int { state.withLock { $0.entries.count } }
 }

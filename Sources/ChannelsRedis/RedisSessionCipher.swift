@@ -1,0 +1,4 @@
+import Channels
+import RedisChannelLayer
+
+extension StorageEncryption: SessionCipher {}
