@@ -15,7 +15,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends libhiredis0.14 
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/chat /usr/local/bin/chat
 ENV CHANNEL_LAYER=redis://redis:6379/0 \
-    CHAT_DATABASE=/data/chat.sqlite3
+    CHAT_DATABASE=/data/chat.sqlite3 \
+    ALLOWED_HOSTS=localhost,127.0.0.1
 VOLUME /data
 EXPOSE 8000
 ENTRYPOINT ["chat"]

@@ -125,7 +125,7 @@ let package = Package(
             name: "ChannelsTests",
             dependencies: [
                 "ASGI", "Channels", "ChannelsRedis", "ChannelsTesting", "RedisChannelLayer",
-                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Logging", package: "swift-log"), .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: swiftSettings
         ),

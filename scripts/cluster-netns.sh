@@ -96,7 +96,7 @@ wait_log() { # wait_log NAME TEXT
   cat "$RUN_DIR/$1.log" >&2
   fail "$1 did not print '$2'"
 }
-start server server runserver --noworker --bind 0.0.0.0 --port 8000
+start server server runserver --noworker --bind 0.0.0.0 --port 8000 --allowed-hosts "${ADDR[server]}"
 start worker1 worker1 runworker
 start worker1 delay1 rundelay
 start worker2 worker2 runworker

@@ -54,7 +54,7 @@ public final class HTTPTestClient: Sendable {
     /// updates it.
     public func request(
         _ method: String, _ path: String, query: String = "", headers: [(String, String)] = [],
-        body: [UInt8] = [], timeout: Duration = .seconds(5)
+        body: [UInt8] = [], scheme: String = "http", timeout: Duration = .seconds(5)
     ) async throws -> TestResponse {
         let reply = try await harness.newReplyChannel()
         var headerList: ASGIHeaders = [("host", "testserver")]
@@ -62,7 +62,8 @@ public final class HTTPTestClient: Sendable {
         let cookieHeader = cookies.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: "; ")
         if !cookieHeader.isEmpty { headerList.add(name: "cookie", value: cookieHeader) }
         let message = HTTPRequestMessage(
-            replyChannel: reply, method: method.uppercased(), path: path, queryString: Array(query.utf8), headers: headerList,
+            replyChannel: reply, method: method.uppercased(), scheme: scheme, path: path, queryString: Array(query.utf8),
+            headers: headerList,
             body: body, client: ASGIAddress(host: "127.0.0.1", port: 50000), server: ASGIAddress(host: "127.0.0.1", port: 80))
         try await harness.send(message.message, to: ASGIChannel.httpRequest)
         guard let first = try await harness.receive(from: reply, timeout: timeout) else {

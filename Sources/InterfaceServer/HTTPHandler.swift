@@ -67,7 +67,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             guard let head else { return }
             ServerMetrics.httpRequests.increment()
             if headersTooLarge || bodyTooLarge { ServerMetrics.dropped[.tooLarge]?.increment() }
-            if upgrade.rejected {
+            if upgrade.refusalAnswered {
+                // errorCaught already answered this refused upgrade (and closes the connection):
+                // a second answer would be a response without a request.
+                upgrade.refusalAnswered = false
+            } else if upgrade.rejected {
                 upgrade.rejected = false
                 respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
             } else if !server.hostAllowed(head) {
@@ -286,6 +290,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if upgrade.rejected {
             // NIO's upgrader reports a refused upgrade as an error; the answer is a 403.
             upgrade.rejected = false
+            upgrade.refusalAnswered = true
             respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
             return
         }
@@ -298,5 +303,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// handler that then sees the request answers 403 instead of routing it.
 final class UpgradeState {
     var rejected = false
+    /// The refusal was answered from `errorCaught`; the request's end must not answer again.
+    var refusalAnswered = false
     var rejectionStatus: HTTPResponseStatus = .forbidden
 }

@@ -84,13 +84,16 @@ struct OrderingTests {
         // Two workers, each with its own layer and session store connections, as two processes would have.
         var workers: [Worker] = []
         var layers: [RedisChannelLayer] = []
+        // One deployment: one secret (channel-session keys are keyed with it).
+        let settings = SessionSettings()
         for _ in 0..<2 {
             let layer = try TestRedis.layer(prefix: prefix)
             layers.append(layer)
             workers.append(
                 Worker(
                     router: try Router(Self.routing(log: log)), layer: layer, concurrency: 2,
-                    environment: ConsumerEnvironment(sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix))))
+                    environment: ConsumerEnvironment(
+                        sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix), sessionSettings: settings)))
         }
         let tasks = workers.map { worker in Task { await worker.run() } }
         let sender = layers[0]

@@ -112,13 +112,16 @@ struct WorkerTests {
                         seen.withLock { $0.append(context.logger[metadataKey: "channel"].map { ["channel": $0] } ?? [:]) }
                         seen.withLock {
                             $0[$0.count - 1]["reply_channel"] = context.logger[metadataKey: "reply_channel"]
+                            $0[$0.count - 1]["socket"] = context.logger[metadataKey: "socket"]
                             $0[$0.count - 1]["consumer"] = context.logger[metadataKey: "consumer"]
                         }
                     })
             ], layer: layer)
         await worker.dispatch(ReceivedMessage(channel: "websocket.receive", message: ["reply_channel": "daphne.response.ab!cd"]))
-        #expect(
-            seen.withLock { $0 } == [["channel": "websocket.receive", "reply_channel": "daphne.response.ab!cd", "consumer": "echo"]])
+        // The socket is named by a keyed tag, never by its reply channel (from which nothing may be derived).
+        let tag = worker.environment.sessionSettings.secret.socketTag("daphne.response.ab!cd")
+        #expect(tag.count == 12 && !tag.contains("ab!cd"))
+        #expect(seen.withLock { $0 } == [["channel": "websocket.receive", "socket": .string(tag), "consumer": "echo"]])
         // Outside a worker the logger is the one given, without per-message metadata.
         let plain = ConsumerContext(
             message: ["reply_channel": "x!y"], channel: "websocket.receive", kwargs: [:], layer: layer,

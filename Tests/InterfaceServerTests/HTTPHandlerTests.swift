@@ -31,6 +31,7 @@ struct HTTPHandlerTests {
 
         func request(_ method: HTTPMethod = .GET, _ uri: String, headers: [(String, String)] = [], body: String? = nil) async throws {
             var head = HTTPRequestHead(version: .http1_1, method: method, uri: uri)
+            if !headers.contains(where: { $0.0.lowercased() == "host" }) { head.headers.add(name: "Host", value: "localhost") }
             for (name, value) in headers { head.headers.add(name: name, value: value) }
             try await channel.writeInbound(HTTPServerRequestPart.head(head))
             if let body { try await channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: body))) }
@@ -77,6 +78,34 @@ struct HTTPHandlerTests {
         let (head, body) = try await fixture.response()
         #expect(head.status.code == 201 && head.headers.first(name: "x-answer") == "42" && body == "made")
         #expect(head.headers.first(name: "content-length") == "4")
+    }
+
+    @Test("a Host that is not an allowed host is 400 and counted; nothing reaches the layer; a subdomain pattern allows its names")
+    func hostsAreChecked() async throws {
+        for host in ["evil.example", "localhost.evil.example", "127.0.0.1.nip.io", "bad host", ""] {
+            let fixture = try await Fixture()
+            try await fixture.request(.GET, "/hello/", headers: [("Host", host)])
+            let (head, _) = try await fixture.response()
+            #expect(head.status == .badRequest, "Host '\(host)'")
+            #expect(fixture.server.counters[.refusedHost] == 1)
+            #expect(try await fixture.layer.receive(channels: [ASGIChannel.httpRequest], timeout: .zero) == nil)
+        }
+        for host in ["localhost", "LOCALHOST:8000", "127.0.0.1:80", "[::1]:8000"] {
+            let fixture = try await Fixture()
+            try await fixture.request(.GET, "/hello/", headers: [("Host", host)])
+            #expect(try await fixture.sentRequest().path == "/hello/", "Host '\(host)'")
+        }
+        for (host, allowed) in [
+            ("chat.example.com", true), ("example.com", true), ("a.b.example.com:443", true), ("example.com.evil.org", false),
+        ] {
+            let fixture = try await Fixture { $0.allowedHosts = [".example.com"] }
+            try await fixture.request(.GET, "/hello/", headers: [("Host", host)])
+            if allowed {
+                #expect(try await fixture.sentRequest().path == "/hello/", "Host '\(host)'")
+            } else {
+                #expect(try await fixture.response().head.status == .badRequest, "Host '\(host)'")
+            }
+        }
     }
 
     @Test("a body over the chunk size rides on a body channel, in order")

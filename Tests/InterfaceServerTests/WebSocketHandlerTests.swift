@@ -49,7 +49,7 @@ struct WebSocketHandlerTests {
             connect: WebSocketConnectMessage, head: String
         ) {
             let request =
-                "GET \(target) HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "GET \(target) HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\(extraHeaders)\r\n"
             try await channel.writeInbound(ByteBuffer(string: request))
             let connect = try await next(ASGIChannel.websocketConnect, as: WebSocketConnectMessage.self)

@@ -246,7 +246,7 @@ def server_options_origins_subprotocols_lifetime_unix_socket_proxy_headers():
         unix.wait_line("interface server listening")
         s = socket.socket(socket.AF_UNIX)
         s.connect(unix_path)
-        s.sendall(b"GET /hello/unix HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /hello/unix HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         data = read_all(s)
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"Hello world! You asked for /hello/unix"), data
     finally:

@@ -121,7 +121,7 @@ extension ConsumerContext {
         }
         let now = Int64(Date().timeIntervalSince1970)
         let touched = session[ChannelSessionKey.touched]?.intValue ?? 0
-        if session.isModified || now - touched > Int64(session.ttl / 4) {
+        if session.isModified || (session.isStored && now - touched > Int64(session.ttl / 4)) {
             session[ChannelSessionKey.touched] = .int(now)
         }
         try await session.save()
