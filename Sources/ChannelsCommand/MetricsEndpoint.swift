@@ -43,7 +43,7 @@ final class MetricsEndpoint: Sendable {
 
     private struct State {
         var readiness: (@Sendable () async -> Bool)?
-        var lastReadiness: (at: ContinuousClock.Instant, ready: Bool)?
+        var lastPassed: ContinuousClock.Instant?
         var shuttingDown = false
         var admin: AdminPage?
     }
@@ -87,15 +87,16 @@ final class MetricsEndpoint: Sendable {
         state.withLock { $0.shuttingDown = true }
     }
 
-    /// `/readyz`'s answer. The layer check's result is kept for a second, so a flood of probes
-    /// costs the layer one round trip a second, not one each.
+    /// `/readyz`'s answer. A passed layer check is kept for a second, so a flood of probes costs
+    /// a healthy layer one round trip a second, not one each; a failed one is not kept, so the
+    /// first probe after the layer came back sees it.
     func ready() async -> Bool {
         let now = ContinuousClock.now
-        let (check, stopping, cached) = state.withLock { ($0.readiness, $0.shuttingDown, $0.lastReadiness) }
+        let (check, stopping, passedAt) = state.withLock { ($0.readiness, $0.shuttingDown, $0.lastPassed) }
         guard !stopping, let check else { return false }
-        if let cached, now - cached.at < .seconds(1) { return cached.ready }
+        if let passedAt, now - passedAt < .seconds(1) { return true }
         let ready = await check()
-        state.withLock { $0.lastReadiness = (now, ready) }
+        state.withLock { $0.lastPassed = ready ? now : nil }
         return ready
     }
 

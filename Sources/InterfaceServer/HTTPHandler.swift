@@ -74,12 +74,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             } else if upgrade.rejected {
                 upgrade.rejected = false
                 respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
-            } else if !server.hostAllowed(head) {
-                respondPlain(context: context, status: .badRequest, text: "Bad Request (invalid Host header)\n", close: true)
             } else if headersTooLarge {
                 respondPlain(context: context, status: .requestHeaderFieldsTooLarge, text: "Request headers too large\n", close: true)
             } else if bodyTooLarge {
                 respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
+            } else if !server.hostAllowed(head) {
+                respondPlain(context: context, status: .badRequest, text: "Bad Request (invalid Host header)\n", close: true)
             } else {
                 dispatch(context: context, head: head)
             }

@@ -62,19 +62,55 @@ def server(*extra):
     return proc, port
 
 
-def login(port, username, password):
-    """POST /api/login/; returns (status, json body, session cookie value or None)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    conn.request("POST", "/api/login/", body="username=%s&password=%s" % (username, password),
-                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+def csrf(port, conn=None):
+    """GET /api/csrf/: (token, cookie header to send with it)."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("GET", "/api/csrf/")
     resp = conn.getresponse()
-    body = json.loads(resp.read())
-    cookie = None
+    token = json.loads(resp.read())["csrf_token"]
+    if own:
+        conn.close()
+    return token
+
+
+def post_form(port, path, form, cookies=None, headers=None):
+    """POST a form with a fresh CSRF token (as the page does); returns (status, json body, cookies set)."""
+    cookies = dict(cookies or {})
+    token = csrf(port)
+    cookies["csrftoken"] = token
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    all_headers = {"Content-Type": "application/x-www-form-urlencoded", "X-CSRFToken": token,
+                   "Cookie": "; ".join("%s=%s" % kv for kv in cookies.items())}
+    all_headers.update(headers or {})
+    conn.request("POST", path, body=form, headers=all_headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = raw
+    set_cookies = {}
     for name, value in resp.getheaders():
-        if name.lower() == "set-cookie" and value.startswith("sessionid="):
-            cookie = value.split(";")[0].split("=", 1)[1]
+        if name.lower() == "set-cookie":
+            k, v = value.split(";")[0].split("=", 1)
+            set_cookies[k] = v
     conn.close()
-    return resp.status, body, cookie
+    return resp.status, body, set_cookies
+
+
+def register(port, username, password):
+    """POST /api/register/ (CSRF token included); returns (status, json body, session cookie or None)."""
+    status, body, cookies = post_form(port, "/api/register/", "username=%s&password=%s" % (username, password))
+    return status, body, cookies.get("sessionid") or None
+
+
+def login(port, username, password):
+    """Registers the account if it is new, then POST /api/login/ (CSRF token included); returns
+    (status, json body, session cookie value or None)."""
+    register(port, username, password)
+    status, body, cookies = post_form(port, "/api/login/", "username=%s&password=%s" % (username, password))
+    return status, body, cookies.get("sessionid") or None
 
 
 def read_all(sock):

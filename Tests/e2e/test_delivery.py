@@ -350,7 +350,7 @@ def a_client_that_never_reads_is_closed_by_the_bound_and_the_others_get_everythi
             slow = socket.socket()
             slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             slow.connect(("127.0.0.1", port))
-            slow.sendall(("GET /chat/%s/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            slow.sendall(("GET /chat/%s/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % room).encode())
             assert b"101" in slow.recv(200)
             # The kernel's send buffer (up to tcp_wmem's maximum) takes bytes before the server's
@@ -421,7 +421,7 @@ def a_10_mib_response_arrives_whole_and_sse_events_arrive_as_sent():
                 assert status == 200 and len(body) == 10 << 20, (status, len(body))
                 assert body.startswith(b"0123456789abc") and body.count(b"\n") == len(body) // 129, "corrupted"
                 sock = socket.create_connection(("127.0.0.1", port))
-                sock.sendall(b"GET /events/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.sendall(b"GET /events/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 started, first, data = time.time(), None, b""
                 while b"event 3" not in data:
                     chunk = sock.recv(4096)
@@ -522,7 +522,7 @@ def start_event_streams(port, count):
     socks = []
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(b"GET /events/ HTTP/1.1\r\nHost: t\r\n\r\n")
+        s.sendall(b"GET /events/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
         socks.append(s)
     started = []
     for s in socks:

@@ -5,6 +5,7 @@ Run by scripts/test.sh with the venv's python: test_e2e.py CHAT_BINARY REDIS_URL
 Prints 'N passed, N failed' and exits non-zero on any failure.
 """
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -88,7 +89,7 @@ def keep_alive_and_pipelining():
     proc, port = server()
     try:
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"GET /hello/a HTTP/1.1\r\nHost: x\r\n\r\nGET /hello/b HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /hello/a HTTP/1.1\r\nHost: localhost\r\n\r\nGET /hello/b HTTP/1.1\r\nHost: localhost\r\n\r\n")
         data = b""
         deadline = time.time() + 10
         while data.count(b"Hello world") < 2 and time.time() < deadline:
@@ -160,9 +161,9 @@ def header_limits_and_ping_timeout():
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(request)
             return read_all(s)
-        big = b"GET /hello/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+        big = b"GET /hello/x HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
         assert raw(big).startswith(b"HTTP/1.1 431"), "our header limit answers 431"
-        huge = b"GET /hello/x HTTP/1.1\r\nHost: h\r\nX-Huge: " + b"a" * 200000 + b"\r\n\r\n"
+        huge = b"GET /hello/x HTTP/1.1\r\nHost: localhost\r\nX-Huge: " + b"a" * 200000 + b"\r\n\r\n"
         answer = raw(huge)
         assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
         assert get(port, "/hello/after") == (200, b"Hello world! You asked for /hello/after"), "still serving"
@@ -171,7 +172,7 @@ def header_limits_and_ping_timeout():
         import base64
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         key = base64.b64encode(os.urandom(16))
-        s.sendall(b"GET /echo/ HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        s.sendall(b"GET /echo/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
         data = b""
         while b"\r\n\r\n" not in data:
@@ -269,7 +270,8 @@ def json_logs_one_object_per_line_with_access_lines():
         access = [o for o in objects if o["msg"] == "http" and o.get("path") == "/hello/logged"]
         assert access and access[0]["status"] == "200" and access[0]["method"] == "GET", objects
         assert access[0]["client"].startswith("127.0.0.1:") and float(access[0]["ms"]) >= 0
-        # A consumer's own lines say which message it handled: channel, reply channel, consumer.
+        # A consumer's own lines say which message it handled: channel, socket (a keyed tag, not the
+        # reply channel: nothing in a log line may lead to a session), consumer.
         async def join_room():
             ws, _ = await join(port, "logged")
             await ws.close()
@@ -279,7 +281,8 @@ def json_logs_one_object_per_line_with_access_lines():
         joined = [json.loads(line) for line in proc.log.read().splitlines()
                   if line.startswith("{") and json.loads(line)["msg"] == "joined"]
         assert joined and joined[0]["channel"] == "websocket.connect", joined
-        assert "!" in joined[0]["reply_channel"] and joined[0]["room"] == "logged" and joined[0]["consumer"], joined
+        assert re.fullmatch(r"[0-9a-f]{12}", joined[0]["socket"]) and joined[0]["room"] == "logged" and joined[0]["consumer"], joined
+        assert not any("reply_channel" in o and "!" in o["reply_channel"].split("!", 1)[1] for o in joined), joined
     finally:
         assert proc.stop() == 0
 
@@ -292,8 +295,12 @@ def session_store_option_puts_sessions_in_redis():
         status, _, cookie = login(port, "erin", "pw-erin-1")
         assert status == 200 and cookie
         redis_port = REDIS_URL.split(":")[2].split("/")[0]
-        ttl = int(subprocess.run(["redis-cli", "-p", redis_port, "TTL", "channels-session:" + cookie],
+        # Stored under the layer prefix and a hash of the key: a Redis key is not a usable cookie.
+        stored = "asgi:session:" + hashlib.sha256(cookie.encode()).hexdigest()
+        ttl = int(subprocess.run(["redis-cli", "-p", redis_port, "TTL", stored],
                                  capture_output=True, text=True).stdout.strip())
+        assert int(subprocess.run(["redis-cli", "-p", redis_port, "EXISTS", "asgi:session:" + cookie],
+                                  capture_output=True, text=True).stdout.strip()) == 0
         assert 14 * 86400 - 60 < ttl <= 14 * 86400, ttl
     finally:
         assert proc.stop() == 0
@@ -419,7 +426,7 @@ def server_speaks_asgi_to_a_python_application():
 
         # HTTP: the request as the application sees it, then a client that leaves early.
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"GET /caf%C3%A9/x?a=%20b HTTP/1.1\r\nHost: h\r\nX-Dup: 1\r\nX-Dup: 2\r\nX_Bad: no\r\n\r\n")
+        s.sendall(b"GET /caf%C3%A9/x?a=%20b HTTP/1.1\r\nHost: localhost\r\nX-Dup: 1\r\nX-Dup: 2\r\nX_Bad: no\r\n\r\n")
         _, req = await asyncio.to_thread(receive, ["http.request"])
         assert req["method"] == "GET" and req["path"] == "/café/x" and req["query_string"] == b"a=%20b", req
         assert req["http_version"] == "1.1" and req["body"] == b""
@@ -498,7 +505,7 @@ def tutorial_app_on_redis_with_two_workers():
         page = get(port, "/")[1]
         assert b"<title>swift-channels chat</title>" in page and b"/api/login/" in page
         status, body, cookie = login(port, "carol", "pw-carol-1")
-        assert status == 200 and body == {"user": "carol"} and cookie, (status, body, cookie)
+        assert status == 200 and body["user"] == "carol" and body["csrf_token"] and cookie, (status, body, cookie)
         assert login(port, "carol", "wrong-password")[0] == 403
         assert login(port, "bad%20name!", "pw-long-enough")[0] == 400, "a bad user name is a 400"
         assert login(port, "dave", "pw")[0] == 400, "a too short password is a 400"
@@ -544,11 +551,13 @@ def tutorial_app_on_redis_with_two_workers():
         room, texts = asyncio.run(run())
         rows = db.execute("select username, text from chat_message where room = ? order by id", (room,)).fetchall()
         assert sorted(rows) == sorted(("carol", t) for t in texts), rows
-        # Sessions live in the layer's Redis.
+        # Sessions live in the layer's Redis, under its prefix and a hash of their key; the sockets'
+        # channel sessions went with the sockets (closed above): what is left are carol's HTTP sessions.
         redis_port = REDIS_URL.split(":")[2].split("/")[0]
-        keys = subprocess.run(["redis-cli", "-p", redis_port, "--scan", "--pattern", "channels-session:*"],
+        keys = subprocess.run(["redis-cli", "-p", redis_port, "--scan", "--pattern", "e2eapp%d:session:*" % os.getpid()],
                               capture_output=True, text=True).stdout.split()
-        assert len(keys) >= 3, keys
+        assert 1 <= len(keys) <= 4, keys
+        assert all(re.fullmatch(r"e2eapp\d+:session:[0-9a-f]{64}", k) for k in keys) and not any(cookie in k for k in keys), keys
         # A malformed chat-messages message (another program wrote it): logged with the consumer
         # and channel named, and the workers go on serving.
         from asgi_redis import RedisChannelLayer
@@ -791,7 +800,7 @@ def every_drop_reason_it_can_provoke_is_counted():
             # channel_full: no worker reads http.request (capacity 1): the first request waits in
             # the channel, the second is held for --channel-full-timeout, then 503 and dropped.
             first = socket.create_connection(("127.0.0.1", port))
-            first.sendall(b"GET /hello/first HTTP/1.1\r\nHost: x\r\n\r\n")
+            first.sendall(b"GET /hello/first HTTP/1.1\r\nHost: localhost\r\n\r\n")
             until(lambda: r.llen(prefix + "http.request") == 1, "the first request to wait in the channel")
             assert get(port, "/hello/second")[0] == 503
             s1 = scrape(sport)
@@ -832,7 +841,7 @@ def every_drop_reason_it_can_provoke_is_counted():
             slow = socket.socket()
             slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             slow.connect(("127.0.0.1", port))
-            slow.sendall(b"GET /echo/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            slow.sendall(b"GET /echo/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
             assert b"101" in slow.recv(200)
             wmem_max = int(open("/proc/sys/net/ipv4/tcp_wmem").read().split()[2])
@@ -886,7 +895,7 @@ def every_drop_reason_it_can_provoke_is_counted():
                 return head[0] & 0x0F, payload
 
             held = socket.create_connection(("127.0.0.1", port), timeout=30)
-            held.sendall(b"GET /echo/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            held.sendall(b"GET /echo/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
             response = b""
             while b"\r\n\r\n" not in response:
