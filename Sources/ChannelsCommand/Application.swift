@@ -148,9 +148,24 @@ struct LayerOptions: ParsableArguments {
         let limiter: any RateLimiter =
             backend.redis.map { RedisRateLimiter(client: RedisClient(endpoint: $0), prefix: backend.prefix + "ratelimit:") }
             ?? InMemoryRateLimiter()
+        let environment = ProcessInfo.processInfo.environment
+        func pem(_ variable: String) throws -> String? {
+            try environment[variable].flatMap { $0.isEmpty ? nil : try Secrets.read(file: $0, what: variable) }
+        }
+        let tokens: TokenAuthenticator
+        do {
+            tokens = try await TokenAuthenticator(
+                hmacSecret: settings.secret.mac("jwt-hs256", ""),
+                rsaPublicKeyPEM: try pem("CHANNELS_JWT_RSA_PUBLIC_KEY_FILE"),
+                ecdsaPublicKeyPEM: try pem("CHANNELS_JWT_ECDSA_PUBLIC_KEY_FILE"))
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            throw ValidationError("a JWT public key file is not a PEM public key: \(error)")
+        }
         return ConsumerEnvironment(
             sessionStore: store, sessionSettings: settings, users: app.users,
-            orderingGapTimeout: Duration(secondsValue: orderingGapTimeout), rateLimiter: limiter)
+            orderingGapTimeout: Duration(secondsValue: orderingGapTimeout), rateLimiter: limiter, tokens: tokens)
     }
 
     /// The deployment's secret: configured (`--secret-key-file`, `CHANNELS_SECRET_KEY`,

@@ -29,11 +29,15 @@ struct Stats: ApplicationSubcommand {
         let source: @Sendable () async throws -> LayerSnapshot
         var close: (@Sendable () async -> Void)?
         if let server {
-            let token = adminToken ?? ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN"]
+            let token =
+                adminToken ?? ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN"]
+                ?? ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN_FILE"].flatMap {
+                    try? Secrets.read(file: $0, what: "CHANNELS_ADMIN_TOKEN_FILE")
+                }
             let channels = self.channels
             source = { try await AdminClient.fetchSnapshot(server: server, token: token, channels: channels) }
         } else {
-            guard options.layer != nil else {
+            guard (try options.layerURL()) != nil else {
                 throw ValidationError(
                     "the in-memory layer lives inside its runserver: ask it with --server http://HOST:METRICS_PORT (runserver --admin --metrics-port PORT), or give --layer redis://…"
                 )

@@ -5,6 +5,7 @@ Sentinel failover (master + replica + three `redis-sentinel`s) while WebSockets 
 Run by scripts/test.sh: test_production_redis.py CHAT_BINARY REDIS_URL
 """
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -101,8 +102,12 @@ def every_process_over_tls_with_encryption():
                 return cookie
             session_cookie = asyncio.run(sessions_and_delay())
 
-            assert redis_cli(plain_port, "exists", "channels-session:" + session_cookie).strip() == "1", \
-                "the login's session is not in the TLS Redis"
+            stored = "e2etls:session:" + hashlib.sha256(session_cookie.encode()).hexdigest()
+            assert redis_cli(plain_port, "exists", stored).strip() == "1", "the login's session is not in the TLS Redis"
+            # Sealed with the layer's keys: the user's name is not readable in Redis.
+            raw = subprocess.run(["redis-cli", "-p", str(plain_port), "--no-raw", "GET", stored],
+                                 capture_output=True, text=True).stdout
+            assert raw.startswith('"gAAAAA'), "a session is stored as a Fernet token: %r" % raw[:40]
 
             # stats over TLS.
             env_stats = dict(os.environ, CHANNEL_LAYER_ENCRYPTION_KEYS=key)

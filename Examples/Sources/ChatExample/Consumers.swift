@@ -150,6 +150,35 @@ enum ChatConsumers {
         try await respondJSON(context, ["user": account.username, "csrf_token": context.csrfToken()])
     }
 
+    /// `POST /api/token/` with `username` and `password`: a signed token (JWT, an hour) for a
+    /// client without cookies, the same limits as a login. Use it as `Authorization: Bearer`,
+    /// `?token=` or a WebSocket subprotocol on `/mobile/`.
+    @Sendable static func token(_ context: ConsumerContext) async throws {
+        guard let (username, password) = try await credentials(context) else { return }
+        guard try await allowAttempt(context, name: username) else { return }
+        let account = try await ChatDatabase.shared.account(named: username)
+        let valid = await PasswordHasher.verify(password, against: account?.passwordHash, iterations: passwordIterations)
+        guard valid, let account, let id = account.id, let tokens = context.environment.tokens else {
+            _ = try await context.environment.rateLimiter.hit("login:name:" + username.lowercased(), window: loginWindow)
+            return try await respondJSON(context, status: 403, ["error": refusal])
+        }
+        let token = try await tokens.issue(for: User(id: String(id), username: account.username), lifetime: .seconds(3600))
+        try await respondJSON(context, ["token": token, "token_type": "Bearer", "expires_in": 3600])
+    }
+
+    /// `ws /mobile/`: a socket for token holders (403 without a valid token); the user is kept in
+    /// the channel session for the socket's later messages, which are echoed with the name.
+    @Sendable static func mobileConnect(_ context: ConsumerContext) async throws {
+        try context.channelSession["_auth_user_id"] = .string(context.user.id)
+        try await context.accept()
+        try await context.sendText(json(["type": "welcome", "user": context.user.username]))
+    }
+
+    @Sendable static func mobileEcho(_ context: ConsumerContext) async throws {
+        let text = try context.message(as: WebSocketReceiveMessage.self).data.text ?? ""
+        try await context.sendText("\(context.user.username): \(text)")
+    }
+
     @Sendable static func logout(_ context: ConsumerContext) async throws {
         try await context.logout()
         try await respondJSON(context, ["user": NSNull(), "csrf_token": context.csrfToken()])

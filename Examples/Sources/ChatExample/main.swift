@@ -20,6 +20,9 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
                 route("http.request", path: "^login/$", method: "^POST$", csrfProtect(ChatConsumers.login)),
                 route("http.request", path: "^register/$", method: "^POST$", csrfProtect(ChatConsumers.register)),
                 route("http.request", path: "^logout/$", method: "^POST$", csrfProtect(ChatConsumers.logout)),
+                // Clients without cookies: a signed token, and who it says you are.
+                route("http.request", path: "^token/$", method: "^POST$", ChatConsumers.token),
+                route("http.request", path: "^token/me/$", tokenUser(required: true, ChatConsumers.me)),
                 route("http.request", path: "^me/$", httpSessionUser(ChatConsumers.me)),
                 route("http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/$", ChatConsumers.historyJSON),
             ], path: "^/api/"),
@@ -30,6 +33,9 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         // --allowed-origins https://partner.example): Channels' OriginValidator on one route.
         route("websocket.connect", path: "^/partner/$", originValidator(["https://partner.example"], ChatConsumers.accept)),
         route("websocket.receive", path: "^/partner/$", ChatConsumers.echo),
+        // A socket for token holders (mobile apps): the token on the connect, the user after it.
+        route("websocket.connect", path: "^/mobile/$", tokenUser(required: true, channelSession(ChatConsumers.mobileConnect))),
+        route("websocket.receive", path: "^/mobile/$", channelSessionUser(ChatConsumers.mobileEcho)),
         // Sockets under /private/ are for logged-in users only (403 otherwise).
         route("websocket.connect", path: "^/private/", channelSessionUserFromHTTP(ChatConsumers.privateConnect)),
         // Steps 3, 5, 6, 7, 9: rooms from the path kept in the channel session, the user carried

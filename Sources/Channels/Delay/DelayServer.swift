@@ -102,7 +102,8 @@ public final class DelayServer: Sendable {
             ChannelsMetrics.dropped[.malformed]?.increment()
             logger.warning(
                 "dropped a malformed delay message: it needs channel (a valid name), content (a map) and delay (ms >= 0)",
-                metadata: ["message": "\(String(describing: message).prefix(200))"])
+                // Its keys, not its values: a message may carry cookies or tokens.
+                metadata: ["keys": "\(message.fieldNames)"])
             return
         }
         let entry = MsgPackEncoder.encode(["channel": .string(channel), "content": .map(content)] as ASGIValue)

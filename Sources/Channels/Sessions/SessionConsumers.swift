@@ -23,14 +23,17 @@ public struct ConsumerEnvironment: Sendable {
     /// Attempt counters for rate limits (login): in memory, or on the layer's Redis so every
     /// worker shares them.
     public var rateLimiter: any RateLimiter
+    /// Verifies (and issues) signed tokens for ``tokenUser(required:_:)``; nil: no token is accepted.
+    public var tokens: TokenAuthenticator?
 
     /// An environment; every argument has the embedded default.
     public init(
         sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
         users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
         orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps(),
-        rateLimiter: any RateLimiter = InMemoryRateLimiter()
+        rateLimiter: any RateLimiter = InMemoryRateLimiter(), tokens: TokenAuthenticator? = nil
     ) {
+        self.tokens = tokens
         self.orderingGaps = orderingGaps
         self.rateLimiter = rateLimiter
         self.sessionStore = sessionStore
