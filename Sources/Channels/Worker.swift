@@ -231,6 +231,18 @@ public final class Worker: Sendable {
                     content: Array("Not found\n".utf8))
                 try? await layer.send(notFound.message, to: reply)
             }
+        case ASGIChannel.websocketDisconnect where reply != nil:
+            // A socket's channel session (and the ordered hand-offs it started) ends with the
+            // socket even when no consumer handles its disconnect.
+            let context = ConsumerContext(
+                message: received.message, channel: received.channel, kwargs: [:], layer: layer, logger: logger,
+                environment: environment, consumerName: nil, dispatcher: nil)
+            do {
+                try await channelSession { _ in }(context)
+            } catch {
+                logger.warning("could not delete a closed socket's channel session", metadata: ["error": "\(error)"])
+            }
+            await context.flush()
         case ASGIChannel.websocketReceive, ASGIChannel.websocketDisconnect, ASGIChannel.httpDisconnect:
             logger.debug("unrouted message drained", metadata: ["channel": "\(received.channel)"])
         default:

@@ -88,6 +88,35 @@ struct SecurityTests {
         #expect(entries.filter { $0 != "disconnect" } == (0..<20).flatMap { ["a\($0)", "b\($0)"] }, "every staged message ran, in order")
     }
 
+    @Test func refusedConnectsStoreNothingAndUnroutedDisconnectsStillEndTheSession() async throws {
+        let store = InMemorySessionStore()
+        let harness = try TestHarness(
+            [
+                route(
+                    "websocket.connect", path: "^/private/",
+                    channelSessionUserFromHTTP { context in
+                        guard context.user.isAuthenticated else { throw ConsumerError.denyConnection }
+                        try await context.accept()
+                    }),
+                route(
+                    "websocket.connect", path: "^/open/",
+                    channelSession { context in
+                        try context.channelSession["x"] = 1; try await context.accept()
+                    }),
+            ], environment: ConsumerEnvironment(sessionStore: store, users: TestUsers()))
+        for _ in 0..<50 {
+            #expect(try await WebSocketTestClient(harness, path: "/private/", query: "session_key=" + Session.newKey()).connect() == false)
+        }
+        #expect(store.count == 0, "50 refused knocks left \(store.count) sessions")
+        // No route handles /open/'s disconnect: the worker still ends its channel session.
+        let socket = WebSocketTestClient(harness, path: "/open/")
+        #expect(try await socket.connect())
+        #expect(store.count == 1)
+        try await socket.close()
+        try await harness.runPending()
+        #expect(store.count == 0, "the closed socket's session is gone")
+    }
+
     @Test func channelSessionsLiveADayRenewedNotTwoWeeks() async throws {
         let client = try TestRedis.client()
         let prefix = "t" + ChannelNames.randomLetters(8) + ":session:"

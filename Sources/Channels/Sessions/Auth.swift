@@ -124,10 +124,9 @@ public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consum
     httpSessionUser(
         channelSession { context in
             let session = try context.channelSession
-            let id: ASGIValue = context.user.isAuthenticated ? .string(context.user.id) : .null
-            if session[AuthSessionKey.userID] != id {
-                session[AuthSessionKey.userID] = context.user.isAuthenticated ? id : nil
-            }
+            // Written only when it changes: an anonymous connect stores nothing.
+            let id: ASGIValue? = context.user.isAuthenticated ? .string(context.user.id) : nil
+            if session[AuthSessionKey.userID] != id { session[AuthSessionKey.userID] = id }
             if context.user.isAuthenticated, let reply = context.message.replyChannel,
                 let http = context.loadedHTTPSession, http.key != nil
             {

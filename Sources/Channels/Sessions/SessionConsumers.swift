@@ -60,7 +60,15 @@ public func channelSession(_ consumer: @escaping Consumer) -> Consumer {
         do {
             try await consumer(context)
         } catch {
-            try? await context.finishChannelSession(session)
+            // A refused connect leaves nothing behind: anyone may knock, and a knock must not
+            // cost the store a session.
+            var retried = false
+            if case .consumeLater? = error as? ConsumerError { retried = true }
+            if context.channel == ASGIChannel.websocketConnect, !retried {
+                try? await session.delete()
+            } else {
+                try? await context.finishChannelSession(session)
+            }
             throw error
         }
         try await context.finishChannelSession(session)
@@ -113,6 +121,7 @@ extension ConsumerContext {
     func finishChannelSession(_ session: Session) async throws {
         let parked = extras.withLock { $0.parked }
         if channel == ASGIChannel.websocketDisconnect && !parked {
+            guard session.isStored || session.isModified else { return }
             for handoff in session[ChannelSessionKey.handoffs]?.arrayValue ?? [] {
                 guard let pair = handoff.arrayValue, pair.count == 2, let target = pair[0].stringValue,
                     let key = pair[1].stringValue
