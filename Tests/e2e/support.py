@@ -63,7 +63,7 @@ def server(*extra):
 
 
 def csrf(port, conn=None):
-    """GET /api/csrf/: (token, cookie header to send with it)."""
+    """GET /api/csrf/: a CSRF token (also the csrftoken cookie value) for an anonymous session."""
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=15)
     conn.request("GET", "/api/csrf/")

@@ -111,6 +111,21 @@ enum ChatConsumers {
         return false
     }
 
+    /// The password checked on the hashing pool; nil (and 503 answered) when the pool is saturated.
+    static func verifyPassword(_ context: ConsumerContext, _ password: String, against hash: String?) async throws -> Bool? {
+        do {
+            return try await PasswordHasher.verify(password, against: hash, iterations: passwordIterations)
+        } catch is PasswordHasher.Busy {
+            try await busy(context)
+            return nil
+        }
+    }
+
+    static func busy(_ context: ConsumerContext) async throws {
+        try await context.respond(
+            status: 503, contentType: "application/json", headers: [("Retry-After", "1")], json(["error": "busy; try again in a second"]))
+    }
+
     /// `GET /api/csrf/`: a CSRF token for the page's POSTs (also set as the `csrftoken` cookie).
     @Sendable static func csrf(_ context: ConsumerContext) async throws {
         try await respondJSON(context, ["csrf_token": context.csrfToken()])
@@ -124,7 +139,7 @@ enum ChatConsumers {
         guard try await allowAttempt(context, name: username) else { return }
         let account = try await ChatDatabase.shared.account(named: username)
         // Hashed on the hashing pool, also for an unknown name (same time either way).
-        let valid = await PasswordHasher.verify(password, against: account?.passwordHash, iterations: passwordIterations)
+        guard let valid = try await verifyPassword(context, password, against: account?.passwordHash) else { return }
         guard valid, let account, let id = account.id else {
             _ = try await context.environment.rateLimiter.hit("login:name:" + username.lowercased(), window: loginWindow)
             context.logger.info("login refused", metadata: ["user": "\(username)"])
@@ -140,7 +155,12 @@ enum ChatConsumers {
     @Sendable static func register(_ context: ConsumerContext) async throws {
         guard let (username, password) = try await credentials(context) else { return }
         guard try await allowAttempt(context) else { return }
-        let hash = try await PasswordHasher.hash(password, iterations: passwordIterations)
+        let hash: String
+        do {
+            hash = try await PasswordHasher.hash(password, iterations: passwordIterations)
+        } catch is PasswordHasher.Busy {
+            return try await busy(context)
+        }
         guard let account = try await ChatDatabase.shared.createAccount(username: username, passwordHash: hash), let id = account.id
         else {
             return try await respondJSON(context, status: 409, ["error": "that name is taken"])
@@ -157,7 +177,7 @@ enum ChatConsumers {
         guard let (username, password) = try await credentials(context) else { return }
         guard try await allowAttempt(context, name: username) else { return }
         let account = try await ChatDatabase.shared.account(named: username)
-        let valid = await PasswordHasher.verify(password, against: account?.passwordHash, iterations: passwordIterations)
+        guard let valid = try await verifyPassword(context, password, against: account?.passwordHash) else { return }
         guard valid, let account, let id = account.id, let tokens = context.environment.tokens else {
             _ = try await context.environment.rateLimiter.hit("login:name:" + username.lowercased(), window: loginWindow)
             return try await respondJSON(context, status: 403, ["error": refusal])

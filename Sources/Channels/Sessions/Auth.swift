@@ -151,6 +151,27 @@ public enum PasswordHasher {
     /// Threads hashing may use at once: half the cores (at least one), so the rest keep serving.
     public static let threads = max(1, ProcessInfo.processInfo.activeProcessorCount / 2)
 
+    /// Hashes that may wait for a thread; past it the `async` forms throw ``Busy`` at once
+    /// instead of holding a worker's consumer slot for seconds (a burst of logins would otherwise
+    /// take every slot and stall every socket's messages behind it).
+    public static let maxWaiting = threads * 4
+
+    /// Too many hashes are waiting: answer "try again" (503 with `Retry-After`).
+    public struct Busy: Error, CustomStringConvertible, Sendable {
+        /// What to tell the client.
+        public var description: String { "password hashing is at capacity; try again in a second" }
+    }
+
+    private static let inFlight = Atomic<Int>(0)
+
+    /// Runs `body` on the hashing pool, or throws ``Busy`` when too many wait already.
+    private static func onPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        let waiting = inFlight.wrappingAdd(1, ordering: .relaxed).newValue
+        defer { inFlight.wrappingSubtract(1, ordering: .relaxed) }
+        guard waiting <= threads + maxWaiting else { throw Busy() }
+        return try await pool.runIfActive(body)
+    }
+
     private static let pool: NIOThreadPool = {
         let pool = NIOThreadPool(numberOfThreads: threads)
         pool.start()
@@ -164,9 +185,9 @@ public enum PasswordHasher {
         return "pbkdf2_sha256$\(iterations)$\(salt)$\(Data(derived).base64EncodedString())"
     }
 
-    /// ``hash(_:iterations:)`` on the hashing pool.
+    /// ``hash(_:iterations:)`` on the hashing pool; throws ``Busy`` when it is saturated.
     public static func hash(_ password: String, iterations: Int = defaultIterations) async throws -> String {
-        try await pool.runIfActive { try hash(password, iterations: iterations) }
+        try await onPool { try hash(password, iterations: iterations) }
     }
 
     /// True when `password` matches `encoded`; false for a wrong password or a malformed hash.
@@ -179,16 +200,17 @@ public enum PasswordHasher {
         return DeploymentSecret.constantTimeEquals(derived, expected)
     }
 
-    /// ``verify(_:against:)`` on the hashing pool. With no stored hash (no such user) it
-    /// hashes anyway, so an unknown name takes as long to refuse as a wrong password.
-    public static func verify(_ password: String, against encoded: String?, iterations: Int = defaultIterations) async -> Bool {
-        (try? await pool.runIfActive {
+    /// ``verify(_:against:)`` on the hashing pool; throws ``Busy`` when it is saturated. With no
+    /// stored hash (no such user) it hashes anyway, so an unknown name takes as long to refuse as
+    /// a wrong password.
+    public static func verify(_ password: String, against encoded: String?, iterations: Int = defaultIterations) async throws -> Bool {
+        try await onPool {
             guard let encoded else {
                 _ = try? derive(password, salt: "unknown-user-salt", iterations: iterations)
                 return false
             }
             return verify(password, against: encoded)
-        }) ?? false
+        }
     }
 
     private static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {
