@@ -11,7 +11,7 @@ DIR=$(mktemp -d)
 PORT=$(free_port)
 cleanup() { [ -f "$DIR/server.pid" ] && kill "$(cat "$DIR/server.pid")" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT
-CHAT_DATABASE="$DIR/chat.sqlite3" CHAT_LOGIN_ATTEMPTS_PER_ADDRESS=1000000 CHAT_LOGIN_FAILURES_PER_NAME=1000000 \
+CHAT_DATABASE="$DIR/chat.sqlite3" CHAT_LOGIN_ATTEMPTS_PER_ADDRESS=1000000 CHAT_LOGIN_ATTEMPTS_PER_NAME=1000000 \
   "$CHAT" runserver --port "$PORT" > "$DIR/server.log" 2>&1 &
 echo $! > "$DIR/server.pid"
 for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$PORT/hello/x" >/dev/null 2>&1 && break; sleep 0.1; done

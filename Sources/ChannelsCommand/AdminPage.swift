@@ -68,9 +68,14 @@ final class AdminPage: Sendable {
         self.keep = keep
     }
 
-    /// Whether a request may see the page: always without a token, else with the right one.
-    func allows(authorization: String?, query: [String: String]) -> Bool {
+    /// The cookie a browser keeps the token in after its first `?token=` visit.
+    static let cookieName = "channels_admin"
+
+    /// Whether a request may see the page: always without a token, else with the right one
+    /// (`Authorization: Bearer`, `?token=`, or the cookie the first visit set).
+    func allows(authorization: String?, query: [String: String], cookie: String? = nil) -> Bool {
         guard let token else { return true }
+        if let cookie, DeploymentSecret.constantTimeEquals(Array(cookie.utf8), Array(token.utf8)) { return true }
         // Compared in constant time: a timing difference would leak the token byte by byte.
         let expected = Array(token.utf8)
         if let authorization, authorization.hasPrefix("Bearer "),

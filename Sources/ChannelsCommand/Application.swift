@@ -157,7 +157,9 @@ struct LayerOptions: ParsableArguments {
             tokens = try await TokenAuthenticator(
                 hmacSecret: settings.secret.mac("jwt-hs256", ""),
                 rsaPublicKeyPEM: try pem("CHANNELS_JWT_RSA_PUBLIC_KEY_FILE"),
-                ecdsaPublicKeyPEM: try pem("CHANNELS_JWT_ECDSA_PUBLIC_KEY_FILE"))
+                ecdsaPublicKeyPEM: try pem("CHANNELS_JWT_ECDSA_PUBLIC_KEY_FILE"),
+                audience: environment["CHANNELS_JWT_AUDIENCE"].flatMap { $0.isEmpty ? nil : $0 },
+                issuer: environment["CHANNELS_JWT_ISSUER"].flatMap { $0.isEmpty ? nil : $0 })
         } catch let error as ValidationError {
             throw error
         } catch {
@@ -183,9 +185,13 @@ struct LayerOptions: ParsableArguments {
         defer { Task { await client.close() } }
         let key = Array((backend.prefix + "secret").utf8)
         let fresh = Array(RandomToken.string(50, from: RandomToken.alphanumerics).utf8)
-        _ = try await client.command([Array("SET".utf8), key, fresh, Array("NX".utf8)])
-        guard let stored = try await client.command([Array("GET".utf8), key]).bytes, !stored.isEmpty else {
-            throw ValidationError("could not keep a generated secret in Redis at \(backend.prefix)secret")
+        // Sealed with the layer's keys when there are any: reading Redis then does not give it away.
+        _ = try await client.command([Array("SET".utf8), key, backend.encryption?.seal(fresh) ?? fresh, Array("NX".utf8)])
+        guard let kept = try await client.command([Array("GET".utf8), key]).bytes, !kept.isEmpty,
+            let stored = backend.encryption.map({ try? $0.open(kept) }) ?? kept
+        else {
+            throw ValidationError(
+                "could not keep a generated secret in Redis at \(backend.prefix)secret (or the layer's keys do not open it)")
         }
         logger.warning(
             "no CHANNELS_SECRET_KEY: using the secret generated in the layer's Redis; set one for production",

@@ -48,15 +48,21 @@ final class MetricsEndpoint: Sendable {
         var admin: AdminPage?
     }
 
-    private init(registry: PrometheusCollectorRegistry) {
+    /// On a loopback bind, the host names requests may carry (a page elsewhere that rebinds
+    /// its DNS name to 127.0.0.1 must not read the figures or the admin page); nil otherwise.
+    let loopbackHosts: AllowedHosts?
+
+    private init(registry: PrometheusCollectorRegistry, host: String) {
         self.registry = registry
+        let loopback = AllowedHosts.loopbackNames.contains(host) || host.hasPrefix("127.")
+        self.loopbackHosts = loopback ? AllowedHosts(AllowedHosts.loopbackNames + [host]) : nil
     }
 
     /// The port it listens on (the one asked for, or the one picked for 0).
     var port: Int { channel.withLock { $0?.localAddress?.port ?? 0 } }
 
     static func start(registry: PrometheusCollectorRegistry, host: String, port: Int) async throws -> MetricsEndpoint {
-        let endpoint = MetricsEndpoint(registry: registry)
+        let endpoint = MetricsEndpoint(registry: registry, host: host)
         let bound = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
@@ -123,6 +129,8 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
     private var query: [String: String] = [:]
     private var rawQuery = ""
     private var authorization: String?
+    private var adminCookie: String?
+    private var hostRefused = false
     private var keepAlive = true
 
     init(endpoint: MetricsEndpoint) {
@@ -137,10 +145,29 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             rawQuery = String(decoding: target.query, as: UTF8.self)
             query = Dictionary(PercentCoding.parameters(target.query).map { ($0.name, $0.value) }, uniquingKeysWith: { first, _ in first })
             authorization = head.headers.first(name: "authorization")
+            adminCookie = nil
+            for header in head.headers[canonicalForm: "cookie"] {
+                for pair in header.split(separator: ";") {
+                    let parts = pair.split(separator: "=", maxSplits: 1)
+                    let name = parts.first.map { $0.drop { $0 == " " } } ?? ""
+                    if parts.count == 2, name == AdminPage.cookieName { adminCookie = String(parts[1].drop { $0 == " " }) }
+                }
+            }
             keepAlive = head.isKeepAlive
+            hostRefused =
+                endpoint.loopbackHosts.map { hosts in
+                    let names = head.headers[canonicalForm: "host"]
+                    return names.count != 1 || !hosts.allows(host: String(names[0]))
+                } ?? false
         case .body:
             break
         case .end:
+            if hostRefused {
+                respond(
+                    context: context, status: .badRequest, type: "text/plain; charset=utf-8",
+                    Array("Bad Request (invalid Host header)\n".utf8))
+                return
+            }
             switch path {
             case "/metrics":
                 respond(context: context, status: .ok, type: "text/plain; version=0.0.4; charset=utf-8", endpoint.registry.emitToBuffer())
@@ -165,10 +192,21 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             respond(context: context, status: .notFound, type: "text/plain; charset=utf-8", Array("not found (runserver --admin)\n".utf8))
             return
         }
-        guard page.allows(authorization: authorization, query: query) else {
+        guard page.allows(authorization: authorization, query: query, cookie: adminCookie) else {
             respond(
                 context: context, status: .unauthorized, type: "text/plain; charset=utf-8",
                 Array("a token is needed: ?token=… or Authorization: Bearer …\n".utf8))
+            return
+        }
+        if (path == "/admin" || path == "/admin/"), let token = query["token"] {
+            // The token moves from the URL (history, logs, Referer) into a cookie only this page
+            // gets; the redirect does not echo it.
+            respond(
+                context: context, status: .found, type: "text/plain; charset=utf-8", Array("see /admin/\n".utf8),
+                extraHeaders: [
+                    ("location", "/admin/"),
+                    ("set-cookie", "\(AdminPage.cookieName)=\(token); Path=/admin; HttpOnly; SameSite=Strict"),
+                ])
             return
         }
         switch path {
@@ -176,7 +214,6 @@ final class MetricsHTTPHandler: ChannelInboundHandler {
             // The page asks for stats.json relative to itself: it must be served under /admin/.
             respond(
                 context: context, status: .found, type: "text/plain; charset=utf-8", Array("see /admin/\n".utf8),
-                // The query is not echoed: it may hold the token (a Location ends up in logs and history).
                 extraHeaders: [("location", "/admin/")])
         case "/admin/":
             respond(context: context, status: .ok, type: "text/html; charset=utf-8", Array(AdminPage.html.utf8))

@@ -72,6 +72,10 @@ struct RunServer: ApplicationSubcommand {
             throw ValidationError(
                 "--bind \(bind) answers any address: give the host names clients use with --allowed-hosts (or ALLOWED_HOSTS; '*' for any)")
         }
+        if let adminTokenFile { _ = try Secrets.read(file: adminTokenFile, what: "--admin-token-file") }
+        if let file = ProcessInfo.processInfo.environment["CHANNELS_ADMIN_TOKEN_FILE"], !file.isEmpty, adminToken == nil {
+            _ = try Secrets.read(file: file, what: "CHANNELS_ADMIN_TOKEN_FILE")
+        }
         guard admin else { return }
         guard metrics.metricsPort != nil else { throw ValidationError("--admin serves on the metrics port: give --metrics-port PORT") }
         let loopback = ["127.0.0.1", "::1", "localhost"].contains(metrics.metricsBind) || metrics.metricsBind.hasPrefix("127.")

@@ -54,7 +54,7 @@ final class ReplyRouter: Sendable {
         } else {
             unroutable.add(1, ordering: .relaxed)
             ServerMetrics.dropped[.unroutableReply]?.increment()
-            logger.debug("reply for a connection that is gone", metadata: ["channel": "\(channel)"])
+            logger.debug("reply for a connection that is gone (counted in unroutable replies)")
         }
     }
 

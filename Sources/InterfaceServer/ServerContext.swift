@@ -32,7 +32,9 @@ final class ServerContext: Sendable {
 
     /// True when the request's `Host` names an allowed host; counts the refusal otherwise.
     func hostAllowed(_ head: HTTPRequestHead) -> Bool {
-        guard let host = head.headers.first(name: "host"), allowedHosts.allows(host: host) else {
+        // Exactly one Host (RFC 9112 3.2: two are a 400): which one a proxy and we would each believe is not a question to leave open.
+        let hosts = head.headers[canonicalForm: "host"]
+        guard hosts.count == 1, let host = hosts.first.map(String.init), allowedHosts.allows(host: host) else {
             counters.count(.refusedHost)
             return false
         }

@@ -103,8 +103,11 @@ final class WebSocketSession {
             loop.execute { bound.value.handleReply(reply) }
         }
         connectTimeout = loop.scheduleTask(in: TimeAmount(server.configuration.websocketConnectTimeout)) {
-            bound.value.reject(reason: "timeout")
+            bound.value.reject(reason: "timeout", tellApplication: true)
         }
+        // A client that leaves before the application answered: the application, which may have
+        // stored a session or joined a group on connect, hears of it as of any other close.
+        channel.closeFuture.whenComplete { _ in bound.value.reject(reason: "client gone", tellApplication: true) }
         let query = PercentCoding.splitTarget(head.uri).query
         let (clientAddress, secure) = RequestTranslation.client(
             head: head, remote: channel.remoteAddress,
@@ -117,7 +120,10 @@ final class WebSocketSession {
         sender.send(message, to: ASGIChannel.websocketConnect)
     }
 
-    private func reject(reason: String, status: Int = 403) {
+    /// Refuses the handshake. With `tellApplication` (the application was sent the connect and
+    /// did not refuse it itself: a timeout, a shutdown, a client that left), it also gets
+    /// `websocket.disconnect` (1006), so what its connect consumer stored is cleaned up.
+    private func reject(reason: String, status: Int = 403, tellApplication: Bool = false) {
         guard case .connecting(let promise) = state else { return }
         state = .closed
         connectTimeout?.cancel()
@@ -126,6 +132,13 @@ final class WebSocketSession {
         upgrade.rejectionStatus = status == 503 ? .serviceUnavailable : status == 400 ? .badRequest : .forbidden
         server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: reason)
         promise.succeed(nil)
+        if tellApplication {
+            disconnectSent = true
+            order += 1
+            sender.send(
+                WebSocketDisconnectMessage(replyChannel: replyChannel, code: 1006, path: path, order: order).message,
+                to: ASGIChannel.websocketDisconnect)
+        }
     }
 
     private func accept() {
@@ -262,7 +275,7 @@ final class WebSocketSession {
     func close(code: UInt16, force: Bool = false) {
         switch state {
         case .connecting:
-            reject(reason: "shutdown")
+            reject(reason: "shutdown", tellApplication: true)
             return
         case .closed:
             return

@@ -117,7 +117,7 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
         endpoints: [RedisEndpoint], layerOptions: [(key: String, value: String)]
     ) {
         func bad(_ why: String) -> ChannelLayerError {
-            ChannelLayerError(.invalidConfiguration, "invalid Redis URL '\(redacted(url))': \(why)")
+            ChannelLayerError(.invalidConfiguration, "invalid Redis URL '\(redacted(url))': \(Redaction.scrub(why, of: url))")
         }
         guard let schemeEnd = url.firstRange(of: "://") else {
             throw bad("it has no scheme (redis://, rediss://, unix:// or redis+sentinel://)")

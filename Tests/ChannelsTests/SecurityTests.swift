@@ -306,6 +306,17 @@ struct SecurityTests {
             for secret in secrets { #expect(!redacted.contains(secret), "\(redacted)") }
             #expect(redacted.contains("***"))
         }
+        // A password with unescaped '/', '?' or '@' (people write them) and percent-encoded names.
+        for (text, secret) in [
+            ("redis://:S3cr3t/pa?ss@127.0.0.1:6379/0", "pa?ss"), ("redis://:abc@def/ghi@host/0", "def/ghi"),
+            ("/x?to%6Ben=tk9", "tk9"), ("/x?session%5Fkey=sk9", "sk9"),
+        ] {
+            #expect(!Redaction.redact(text).contains(secret), "\(Redaction.redact(text))")
+        }
+        // A parser's error that quotes a piece of the password does not print it.
+        let url = "redis://:S3cr3t/pa?ss@127.0.0.1:6379/0"
+        #expect(Redaction.scrub("database 'pa' is not a number", of: url) == "database '***' is not a number")
+        #expect(Redaction.scrub("port 'x' is not a port number", of: "redis://h:x/0") == "port 'x' is not a port number")
         #expect(Redaction.redact("redis://name@host:6379/0") == "redis://name@host:6379/0", "a user name is not a secret")
         #expect(Redaction.redact("/hello/world?q=1") == "/hello/world?q=1")
     }

@@ -82,6 +82,27 @@ struct TokenAuthTests {
         await #expect(throws: TokenAuthenticator.TokenError.self) { try await verifier.issue(for: User(id: "1", username: "x")) }
     }
 
+    @Test func audienceAndIssuerAreCheckedWhenSet() async throws {
+        let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
+        let verifier = try await TokenAuthenticator(
+            hmacSecret: nil, rsaPublicKeyPEM: rsa.publicKey.pemRepresentation, audience: "chat", issuer: "https://idp.example")
+        let signer = try await JWTKeyCollection().add(
+            rsa: try Insecure.RSA.PrivateKey(pem: rsa.pemRepresentation), digestAlgorithm: .sha256)
+        let user = User(id: "9", username: "idp-user")
+        let expires = Date().addingTimeInterval(600)
+        let ours = try await signer.sign(
+            TokenAuthenticator.Claims(user: user, expires: expires, audience: "chat", issuer: "https://idp.example"))
+        #expect(try await verifier.verify(ours).sub.value == "9")
+        for claims in [
+            TokenAuthenticator.Claims(user: user, expires: expires, audience: "billing", issuer: "https://idp.example"),
+            TokenAuthenticator.Claims(user: user, expires: expires, audience: nil, issuer: "https://idp.example"),
+            TokenAuthenticator.Claims(user: user, expires: expires, audience: "chat", issuer: "https://other.example"),
+        ] {
+            let token = try await signer.sign(claims)
+            await #expect(throws: TokenAuthenticator.TokenError.self) { try await verifier.verify(token) }
+        }
+    }
+
     @Test func tokenUserReadsTheHeaderTheQueryAndTheSubprotocol() async throws {
         let secret = DeploymentSecret(Array("tokens".utf8))
         let tokens = try await TokenAuthenticator(secret: secret)

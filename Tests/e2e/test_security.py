@@ -27,6 +27,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
@@ -611,6 +612,81 @@ def logout_closes_sockets_and_no_session_is_left():
         stop_all(srv, *workers)
 
 
+@test
+@counted
+def aborted_handshakes_leave_no_session_and_no_group_member():
+    """A client that sends the upgrade and leaves before the accept: the application hears of it
+    (websocket.disconnect), so neither its channel session nor its room membership stays."""
+    prefix, layer = layer_for("knock")
+    srv, port, workers = deployment(layer, 1)
+    try:
+        group = prefix + ":group:chat-knocked"
+        knocks = 40
+        for i in range(knocks):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            TRAFFIC["sent WebSocket handshakes"] += 1
+            s.sendall(("GET /chat/knocked/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                       % base64.b64encode(os.urandom(16)).decode()).encode())
+            if i % 2:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            s.close()
+        # Positive control: a real member joins the same group, so the group exists and is counted.
+        ws = ws_open(port, "/chat/knocked/")
+        assert ws_json(ws)["type"] == "history"
+        ok = settles(lambda: R.zcard(group) == 1 and len(session_keys(prefix)) == 1, timeout=15)
+        members, keys = R.zcard(group), len(session_keys(prefix))
+        print("   %d aborted handshakes: group members %d (1 real), session keys %d (1 real)" % (knocks, members, keys), flush=True)
+        assert ok, ("aborted handshakes left group members or sessions", members, describe(prefix))
+        ws.close()
+        assert settles(lambda: R.zcard(group) == 0 and session_keys(prefix) == [], timeout=15), describe(prefix)
+    finally:
+        stop_all(srv, *workers)
+
+
+@test
+@counted
+def logout_ends_every_socket_however_many_and_however_opened():
+    """Sockets opened at once (their connects race on the HTTP session) and more sockets than the
+    closing list remembers: after logout none of them is alice any more."""
+    prefix, layer = layer_for("logoutrace")
+    srv, port, workers = deployment(layer, 2)
+    try:
+        session, _ = sign_in(port, ALICE, ALICE_PW)
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            sockets = list(pool.map(lambda _: ws_open(port, "/chat/race/", session), range(8)))
+        for ws in sockets:
+            assert ws_json(ws)["user"] == ALICE
+        # More sockets than the list keeps: 70 opened and closed after the first eight.
+        for _ in range(70):
+            extra = ws_open(port, "/chat/race/", session)
+            ws_json(extra)
+            extra.close()
+        r = page_post(port, "/api/logout/", "", session=session)
+        assert r.status == 200, r
+        still_alice = []
+        for i, ws in enumerate(sockets):
+            try:
+                TRAFFIC["sent WebSocket frames"] += 1
+                ws.send("who am i %d" % i)
+                deadline = time.time() + 10
+                while time.time() < deadline:
+                    event = ws_json(ws, timeout=max(0.1, deadline - time.time()))
+                    if event.get("type") == "message" and event.get("text") == "who am i %d" % i:
+                        if event.get("user") == ALICE:
+                            still_alice.append(i)
+                        break
+            except (ConnectionClosed, TimeoutError):
+                pass  # closed by the server: that is signed out too
+        print("   8 racing sockets + 70 churned: after logout %d still post as alice" % len(still_alice), flush=True)
+        assert still_alice == [], ("sockets still posting as alice after her logout", still_alice)
+        for ws in sockets:
+            ws.close()
+    finally:
+        stop_all(srv, *workers)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Cross-site WebSocket hijacking, Host and Origin checks.
 
@@ -744,7 +820,7 @@ def csrf_on_login_register_and_logout():
 @counted
 def login_enumeration_creation_and_shared_rate_limit():
     prefix, layer = layer_for("rate")
-    with env(CHAT_LOGIN_FAILURES_PER_NAME=3, CHAT_LOGIN_WINDOW=30):
+    with env(CHAT_LOGIN_ATTEMPTS_PER_NAME=3, CHAT_LOGIN_WINDOW=30):
         srv, port, (a,) = deployment(layer, 1)
     b = None
     try:
@@ -775,7 +851,7 @@ def login_enumeration_creation_and_shared_rate_limit():
             r = page_post(port, "/api/login/", creds(victim, "guess-%d" % i))
             assert r.status == 403, ("failure %d is still a 403" % i, r)
         # Worker B takes over alone: the count is in Redis, not in A.
-        with env(CHAT_LOGIN_FAILURES_PER_NAME=3, CHAT_LOGIN_WINDOW=30):
+        with env(CHAT_LOGIN_ATTEMPTS_PER_NAME=3, CHAT_LOGIN_WINDOW=30):
             b = Proc("runworker", "--layer", layer, "--threads", "4")
         b.wait_line("worker ready")
         assert a.stop() == 0 and a.p.poll() is not None
@@ -790,7 +866,7 @@ def login_enumeration_creation_and_shared_rate_limit():
         r = page_post(port, "/api/login/", creds("bystander%d" % PID, "wrong-pw"))
         assert r.status == 403, ("another name", r)
         # Both workers running: every attempt is 429, whichever answers.
-        with env(CHAT_LOGIN_FAILURES_PER_NAME=3, CHAT_LOGIN_WINDOW=30):
+        with env(CHAT_LOGIN_ATTEMPTS_PER_NAME=3, CHAT_LOGIN_WINDOW=30):
             a = Proc("runworker", "--layer", layer, "--threads", "4")
         a.wait_line("worker ready")
         statuses = [page_post(port, "/api/login/", creds(victim, "guess-%d" % i)).status for i in range(5, 11)]

@@ -61,9 +61,9 @@ enum ChatConsumers {
 
     static let usernamePattern = try! NSRegularExpression(pattern: "^[A-Za-z0-9_.-]{1,30}$")
 
-    /// Login limits: failed logins per user name and attempts per client address within one
+    /// Login limits: attempts per user name and per client address within one
     /// window (seconds). The counters live in the layer's Redis when there is one.
-    static let failuresPerName = environmentInt("CHAT_LOGIN_FAILURES_PER_NAME", 5)
+    static let attemptsPerName = environmentInt("CHAT_LOGIN_ATTEMPTS_PER_NAME", 5)
     static let attemptsPerAddress = environmentInt("CHAT_LOGIN_ATTEMPTS_PER_ADDRESS", 30)
     static let loginWindow = environmentInt("CHAT_LOGIN_WINDOW", 60)
     /// PBKDF2 rounds for new passwords (Django 5.1's count; lower only in tests).
@@ -100,8 +100,10 @@ enum ChatConsumers {
         let perAddress = try await limiter.hit("login:addr:" + address, window: loginWindow)
         var retryAfter = perAddress.count > attemptsPerAddress ? perAddress.resetIn : nil
         if retryAfter == nil, let name {
-            let failures = try await limiter.peek("login:name:" + name.lowercased())
-            if failures.count >= failuresPerName { retryAfter = failures.resetIn }
+            // Counted before the password is checked, in one step: parallel guesses cannot slip
+            // between a check and a count. Names are case-sensitive, so is their count.
+            let perName = try await limiter.hit("login:name:" + name, window: loginWindow)
+            if perName.count > attemptsPerName { retryAfter = perName.resetIn }
         }
         guard let retryAfter else { return true }
         context.logger.warning("login rate limited", metadata: ["user": "\(name ?? "")"])
@@ -141,7 +143,6 @@ enum ChatConsumers {
         // Hashed on the hashing pool, also for an unknown name (same time either way).
         guard let valid = try await verifyPassword(context, password, against: account?.passwordHash) else { return }
         guard valid, let account, let id = account.id else {
-            _ = try await context.environment.rateLimiter.hit("login:name:" + username.lowercased(), window: loginWindow)
             context.logger.info("login refused", metadata: ["user": "\(username)"])
             return try await respondJSON(context, status: 403, ["error": refusal])
         }
@@ -179,7 +180,6 @@ enum ChatConsumers {
         let account = try await ChatDatabase.shared.account(named: username)
         guard let valid = try await verifyPassword(context, password, against: account?.passwordHash) else { return }
         guard valid, let account, let id = account.id, let tokens = context.environment.tokens else {
-            _ = try await context.environment.rateLimiter.hit("login:name:" + username.lowercased(), window: loginWindow)
             return try await respondJSON(context, status: 403, ["error": refusal])
         }
         let token = try await tokens.issue(for: User(id: String(id), username: account.username), lifetime: .seconds(3600))

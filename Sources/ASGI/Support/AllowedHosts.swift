@@ -56,8 +56,9 @@ public struct AllowedHosts: Sendable, Hashable {
             if !after.isEmpty {
                 guard after.hasPrefix(":") else { return nil }
                 port = after.dropFirst()
+                if let port, port.isEmpty || !port.allSatisfy({ $0.isASCII && $0.isNumber }) { return nil }
             }
-            guard !name.isEmpty, name.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else { return nil }
+            guard name.contains(":"), name.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else { return nil }
             return String(name)
         }
         if let colon = lowered.lastIndex(of: ":") {

@@ -20,12 +20,14 @@ public enum Redaction {
         var out = Substring("")
         var rest = Substring(text)
         while !rest.isEmpty {
-            // Credentials: "://" then "user:password@" before the next "/", "?" or ",".
+            // Credentials: "://" then "user:password@". A password may hold an unescaped "/",
+            // "?" or "@" (people write them), so the credentials end at the last "@" of this
+            // URL (up to a space, a quote, or a comma that starts another URL).
             if rest.hasPrefix("://") {
                 out += "://"
                 rest = rest.dropFirst(3)
-                let authorityEnd = rest.firstIndex { $0 == "/" || $0 == "?" || $0 == "," || $0 == " " } ?? rest.endIndex
-                if let at = rest[..<authorityEnd].lastIndex(of: "@"), let colon = rest[..<at].firstIndex(of: ":") {
+                let urlEnd = valueEnd(rest, stopAtAmpersand: false)
+                if let at = rest[..<urlEnd].lastIndex(of: "@"), let colon = rest[..<at].firstIndex(of: ":") {
                     out += rest[...colon]
                     out += "***"
                     rest = rest[at...]
@@ -37,7 +39,8 @@ public enum Redaction {
                 out.append(first)
                 rest = rest.dropFirst()
                 if let equals = rest.firstIndex(of: "="), !rest[..<equals].contains(where: { "&?/ ,".contains($0) }) {
-                    let name = rest[..<equals].lowercased()
+                    // Compared decoded: `?to%6Ben=` is `?token=` to the server.
+                    let name = PercentCoding.decode(rest[..<equals].utf8, plusAsSpace: true).lowercased()
                     if secretParameters.contains(name) {
                         out += rest[...equals]
                         out += "***"
@@ -52,12 +55,39 @@ public enum Redaction {
         return String(out)
     }
 
+    /// `message` (an error about `url`) with every quoted fragment that is part of the URL's
+    /// credentials replaced by `***`: a parser that split a password at a `/` must not quote the pieces.
+    public static func scrub(_ message: String, of url: String) -> String {
+        guard let schemeEnd = url.firstRange(of: "://") else { return message }
+        let rest = url[schemeEnd.upperBound...]
+        guard let at = rest.lastIndex(of: "@") else { return message }
+        let credentials = rest[..<at]
+        var out = ""
+        var inside = false
+        var fragment = ""
+        for character in message {
+            if character == "'" {
+                if inside { out += !fragment.isEmpty && credentials.contains(fragment) ? "***" : fragment }
+                inside.toggle()
+                fragment = ""
+                out.append(character)
+            } else if inside {
+                fragment.append(character)
+            } else {
+                out.append(character)
+            }
+        }
+        return inside ? out + fragment : out
+    }
+
     /// Where a secret value ends: at `&`, a space or quote, or a comma that starts another URL.
-    private static func valueEnd(_ value: Substring) -> Substring.Index {
+    private static func valueEnd(_ value: Substring, stopAtAmpersand: Bool = true) -> Substring.Index {
         var index = value.startIndex
         while index < value.endIndex {
             let character = value[index]
-            if character == "&" || character == " " || character == "'" || character == "\"" || character == ";" { return index }
+            if (stopAtAmpersand && (character == "&" || character == ";")) || character == " " || character == "'" || character == "\"" {
+                return index
+            }
             if character == "," {
                 let after = value[value.index(after: index)...]
                 if let scheme = after.firstRange(of: "://"),

@@ -46,6 +46,9 @@ public struct UserLookup: UserProvider {
 /// The session keys auth uses (Django's names).
 enum AuthSessionKey {
     static let userID = "_auth_user_id"
+    /// In a channel session: where the HTTP session the user came from is stored (a hash, not
+    /// its key), so the socket's user ends with that session.
+    static let httpSession = "_auth_http_session"
     /// Reply channels of the sockets opened with this HTTP session by a logged-in user
     /// (``channelSessionUserFromHTTP(_:)``): logout signs them out too.
     static let sockets = "_channels_sockets"
@@ -110,9 +113,22 @@ public func httpSessionUser(_ consumer: @escaping Consumer) -> Consumer {
 }
 
 /// `channel_session_user`: `channelSession`, plus `context.user` loaded from it.
+///
+/// A user carried over from an HTTP session (``channelSessionUserFromHTTP(_:)``) stays only
+/// while that HTTP session exists: after its logout (or expiry) the socket is anonymous from its
+/// next message on, however many sockets were opened with it and however they raced.
 public func channelSessionUser(_ consumer: @escaping Consumer) -> Consumer {
     channelSession { context in
-        context.setUser(try await context.resolveUser(id: try context.channelSession[AuthSessionKey.userID]))
+        let session = try context.channelSession
+        var id = session[AuthSessionKey.userID]
+        if id != nil, let origin = session[AuthSessionKey.httpSession]?.stringValue,
+            try await context.environment.sessionStore.load(origin) == nil
+        {
+            session[AuthSessionKey.userID] = nil
+            session[AuthSessionKey.httpSession] = nil
+            id = nil
+        }
+        context.setUser(try await context.resolveUser(id: id))
         try await consumer(context)
     }
 }
@@ -127,6 +143,9 @@ public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consum
             // Written only when it changes: an anonymous connect stores nothing.
             let id: ASGIValue? = context.user.isAuthenticated ? .string(context.user.id) : nil
             if session[AuthSessionKey.userID] != id { session[AuthSessionKey.userID] = id }
+            let origin: ASGIValue? =
+                context.user.isAuthenticated ? context.loadedHTTPSession?.key.map { .string(Session.storageKey($0)) } : nil
+            if session[AuthSessionKey.httpSession] != origin { session[AuthSessionKey.httpSession] = origin }
             if context.user.isAuthenticated, let reply = context.message.replyChannel,
                 let http = context.loadedHTTPSession, http.key != nil
             {

@@ -20,7 +20,8 @@ public func csrfProtect(allowedHosts: [String] = [], _ consumer: @escaping Consu
         guard ["POST", "PUT", "PATCH", "DELETE"].contains(method) else { return try await consumer(context) }
         if let reason = context.csrfFailure(hosts: hosts) {
             context.logger.info("CSRF check failed", metadata: ["reason": "\(reason)"])
-            return try await context.respond(status: 403, contentType: "application/json", "{\"error\": \"CSRF check failed: \(reason)\"}")
+            let body = (try? JSONSerialization.data(withJSONObject: ["error": "CSRF check failed: \(reason)"])) ?? Data("{}".utf8)
+            return try await context.respond(status: 403, contentType: "application/json", body: Array(body))
         }
         try await consumer(context)
     }
@@ -72,8 +73,11 @@ extension ConsumerContext {
         let pageHosts = AllowedHosts(hosts.patterns + (requestHost.map { [$0] } ?? []))
         if let origin = header("origin") {
             guard pageHosts.allows(origin: origin) else { return "origin \(origin.prefix(100)) is not allowed" }
+            // A secure request from an insecure page is a page an attacker on the network may have written.
+            if isSecureRequest && !origin.lowercased().hasPrefix("https://") { return "an http:// origin on an HTTPS request" }
         } else if isSecureRequest {
             guard let referer = header("referer"), let schemeEnd = referer.firstRange(of: "://") else { return "no Referer over HTTPS" }
+            guard referer.lowercased().hasPrefix("https://") else { return "an http:// Referer on an HTTPS request" }
             let authority = referer[schemeEnd.upperBound...].prefix { $0 != "/" && $0 != "?" }
             guard pageHosts.allows(host: String(authority)) else { return "Referer is another site" }
         }

@@ -202,8 +202,10 @@ public final class Session: Sendable {
         RandomToken.string(32, from: RandomToken.lowercaseAlphanumerics)
     }
 
-    /// Saves if modified. On a lost race it re-reads and re-applies its own changes.
-    public func save() async throws {
+    /// Saves if modified. On a lost race it re-reads and re-applies its own changes. With
+    /// `recreate: false` a session someone deleted meanwhile stays deleted (a renewal must not
+    /// bring back the session of a socket that just closed).
+    public func save(recreate: Bool = true) async throws {
         guard isModified else { return }
         let (key, retired) = state.withLock { ($0.key, $0.retiredKeys) }
         guard let key else { return }
@@ -223,7 +225,10 @@ public final class Session: Sendable {
                 for old in retired where old != key { try await store.delete(Self.storageKey(old)) }
                 return
             }
-            if attempt < settings.saveAttempts { try await reload(from: key) }
+            if attempt < settings.saveAttempts {
+                try await reload(from: key)
+                if !recreate && !isStored { return }
+            }
         }
         throw SessionError(
             "session \(Self.storageKey(key).prefix(12)) could not be saved: \(settings.saveAttempts) concurrent writers won every race")

@@ -133,10 +133,11 @@ extension ConsumerContext {
         }
         let now = Int64(Date().timeIntervalSince1970)
         let touched = session[ChannelSessionKey.touched]?.intValue ?? 0
-        if session.isModified || (session.isStored && now - touched > Int64(session.ttl / 4)) {
-            session[ChannelSessionKey.touched] = .int(now)
-        }
-        try await session.save()
+        let renewing = !session.isModified && session.isStored && now - touched > Int64(session.ttl / 4)
+        if session.isModified || renewing { session[ChannelSessionKey.touched] = .int(now) }
+        // A renewal only renews: if the socket's disconnect deleted the session meanwhile (a
+        // parked disconnect this message's turn ran), it stays deleted.
+        try await session.save(recreate: !renewing)
     }
 
     /// The socket's channel session; only inside `channelSession` (or a wrapper that includes it).

@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Foundation
 import Synchronization
 
@@ -29,6 +30,8 @@ public final class InMemorySessionStore: SessionStore {
 
     private let state: Mutex<State>
     private let sweepInterval: Duration
+    /// `channels_sessions_stored`: the sessions this process holds (with `--metrics-port`).
+    private static let stored = Gauge(label: "channels_sessions_stored")
 
     /// An empty store that sweeps expired sessions at most once per `sweepInterval`.
     public init(sweepInterval: Duration = .seconds(10)) {
@@ -61,13 +64,17 @@ public final class InMemorySessionStore: SessionStore {
             if let entry = current, entry.expires <= now { current = nil }
             guard current?.data == expected else { return false }
             state.entries[key] = Entry(data: data, expires: now + .seconds(ttl))
+            Self.stored.record(state.entries.count)
             return true
         }
     }
 
     /// Removes the session.
     public func delete(_ key: String) async throws {
-        _ = state.withLock { $0.entries.removeValue(forKey: key) }
+        state.withLock {
+            $0.entries.removeValue(forKey: key)
+            Self.stored.record($0.entries.count)
+        }
     }
 
     /// Sessions held (expired ones until the next sweep).

@@ -17,12 +17,18 @@ public struct TokenAuthenticator: Sendable {
         public var exp: ExpirationClaim
         /// The user name shown to people.
         public var name: String?
+        /// Who the token is for (checked when the authenticator has an audience).
+        public var aud: AudienceClaim?
+        /// Who issued it (checked when the authenticator has an issuer).
+        public var iss: IssuerClaim?
 
         /// Claims for `user` until `expires`.
-        public init(user: User, expires: Date) {
+        public init(user: User, expires: Date, audience: String? = nil, issuer: String? = nil) {
             sub = SubjectClaim(value: user.id)
             exp = ExpirationClaim(value: expires)
             name = user.username
+            aud = audience.map { AudienceClaim(value: [$0]) }
+            iss = issuer.map { IssuerClaim(value: $0) }
         }
 
         /// Refuses an expired token.
@@ -39,10 +45,20 @@ public struct TokenAuthenticator: Sendable {
     private let keys: [String: JWTKeyCollection]
     /// The algorithm ``issue(for:lifetime:)`` signs with (HS256 when there is an HMAC key).
     private let signingAlgorithm: String?
+    /// When set, a token's `aud` must include it (an identity provider's tokens for another
+    /// application of the same provider are refused).
+    public let audience: String?
+    /// When set, a token's `iss` must be it.
+    public let issuer: String?
 
     /// An authenticator that signs and verifies HS256 tokens with `hmacSecret`, and verifies
     /// RS256 / ES256 tokens with the given PEM public keys (an identity provider's).
-    public init(hmacSecret: [UInt8]?, rsaPublicKeyPEM: String? = nil, ecdsaPublicKeyPEM: String? = nil) async throws {
+    public init(
+        hmacSecret: [UInt8]?, rsaPublicKeyPEM: String? = nil, ecdsaPublicKeyPEM: String? = nil, audience: String? = nil,
+        issuer: String? = nil
+    ) async throws {
+        self.audience = audience
+        self.issuer = issuer
         var keys: [String: JWTKeyCollection] = [:]
         if let hmacSecret {
             keys["HS256"] = await JWTKeyCollection().add(hmac: HMACKey(from: hmacSecret), digestAlgorithm: .sha256)
@@ -70,7 +86,7 @@ public struct TokenAuthenticator: Sendable {
             throw TokenError(description: "no signing key: tokens are only verified here")
         }
         let expires = Date().addingTimeInterval(Double(lifetime.components.seconds))
-        return try await collection.sign(Claims(user: user, expires: expires))
+        return try await collection.sign(Claims(user: user, expires: expires, audience: audience, issuer: issuer))
     }
 
     /// The claims of `token`; throws ``TokenError`` for anything not signed by our keys or expired.
@@ -81,11 +97,17 @@ public struct TokenAuthenticator: Sendable {
             let alg = header["alg"] as? String
         else { throw TokenError(description: "not a JWT") }
         guard let collection = keys[alg] else { throw TokenError(description: "algorithm '\(alg.prefix(20))' is not accepted") }
+        let claims: Claims
         do {
-            return try await collection.verify(token, as: Claims.self)
+            claims = try await collection.verify(token, as: Claims.self)
         } catch {
             throw TokenError(description: "refused: \(error)")
         }
+        if let audience, claims.aud?.value.contains(audience) != true {
+            throw TokenError(description: "refused: not issued for this audience")
+        }
+        if let issuer, claims.iss?.value != issuer { throw TokenError(description: "refused: another issuer") }
+        return claims
     }
 
     /// The token a message carries: `Authorization: Bearer …`, the `token` query parameter, or
