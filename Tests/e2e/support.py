@@ -263,3 +263,33 @@ def summary():
     else:
         shutil.rmtree(DB_DIR, ignore_errors=True)
     sys.exit(1 if failed or not results else 0)
+
+
+def until(check, what, timeout=10):
+    """Polls `check` until it holds; fails after `timeout` seconds naming what it waited for."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out after %d s waiting for %s" % (timeout, what))
+
+
+class Member:
+    """One room socket that records every chat message it receives, by (user text)."""
+
+    def __init__(self, ws, name):
+        self.ws, self.name = ws, name
+        self.texts = []
+        self.closed_code = None
+        self.task = asyncio.ensure_future(self.read())
+
+    async def read(self):
+        try:
+            async for frame in self.ws:
+                event = json.loads(frame)
+                if event.get("type") == "message":
+                    self.texts.append(event["text"])
+        except websockets.ConnectionClosed:
+            pass
+        self.closed_code = self.ws.close_code

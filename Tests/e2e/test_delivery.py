@@ -22,26 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import *  # noqa: E402,F403
 
 
-class Member:
-    """One room socket that records every chat message it receives, by (user text)."""
-
-    def __init__(self, ws, name):
-        self.ws, self.name = ws, name
-        self.texts = []
-        self.closed_code = None
-        self.task = asyncio.ensure_future(self.read())
-
-    async def read(self):
-        try:
-            async for frame in self.ws:
-                event = json.loads(frame)
-                if event.get("type") == "message":
-                    self.texts.append(event["text"])
-        except websockets.ConnectionClosed:
-            pass
-        self.closed_code = self.ws.close_code
-
-
 async def open_members(ports, room, count, batch=100):
     """`count` sockets in `room`, spread round-robin over `ports`, each past its history frame."""
     members = []

@@ -690,15 +690,6 @@ def delta(before, after, key):
     return after.get(key, 0) - before.get(key, 0)
 
 
-def until(check, what, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for " + what)
-
-
 @test
 def metrics_port_counts_traffic_and_drops():
     mport = free_port()

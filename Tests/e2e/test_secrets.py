@@ -630,23 +630,6 @@ def redis_values(port):
     return values
 
 
-class Listener:
-    """A room socket recording the text of every chat message it gets."""
-
-    def __init__(self, ws, name):
-        self.ws, self.name, self.texts = ws, name, []
-        self.task = asyncio.ensure_future(self.read())
-
-    async def read(self):
-        try:
-            async for frame in self.ws:
-                event = json.loads(frame)
-                if event.get("type") == "message":
-                    self.texts.append(event["text"])
-        except websockets.ConnectionClosed:
-            pass
-
-
 @test
 def two_tenants_on_one_redis_stay_apart():
     """appA: and appB: on one Redis, each runserver --noworker + runworker + rundelay, the same
@@ -714,7 +697,7 @@ def two_tenants_on_one_redis_stay_apart():
                     port = ports[tenant]
                     sender = await room_socket(port, room, cookie if tenant == "appA" else cookie_b)
                     other = await room_socket(port, room)
-                    listeners[tenant] = [Listener(sender, tenant + "-sender"), Listener(other, tenant + "-other")]
+                    listeners[tenant] = [Member(sender, tenant + "-sender"), Member(other, tenant + "-other")]
                 for tenant in ("appA", "appB"):
                     await listeners[tenant][0].ws.send("/later 5 " + texts[tenant]["pending"])
                 for tenant in ("appA", "appB"):

@@ -330,15 +330,6 @@ def deployment(layer, workers=1, *server_args):
     return srv, port, procs
 
 
-def until(check, what, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out after %d s waiting for %s" % (timeout, what))
-
-
 def settles(check, timeout=10):
     """True once `check()` holds (polled for at most `timeout` s)."""
     deadline = time.time() + timeout
