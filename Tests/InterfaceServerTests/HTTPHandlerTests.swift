@@ -18,10 +18,9 @@ struct HTTPHandlerTests {
         let server: ServerContext
         let channel: NIOAsyncTestingChannel
 
-        init(_ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws {
+        init(logger: Logger = Logger(label: "test"), _ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws {
             var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
             configure(&configuration)
-            let logger = Logger(label: "test")
             server = ServerContext(
                 layer: layer, router: ReplyRouter(layer: layer, prefix: "test", logger: logger),
                 configuration: configuration, logger: logger, accessLog: nil)
@@ -144,13 +143,20 @@ struct HTTPHandlerTests {
 
     @Test("a malformed reply is a 500, logged and counted; a streamed reply is written as it comes")
     func malformedAndStreamedReplies() async throws {
-        let fixture = try await Fixture()
+        let lines = CapturedLog()
+        let fixture = try await Fixture(logger: Logger(label: "test") { _ in lines })
         try await fixture.request(.GET, "/bad/")
         let bad = try await fixture.sentRequest()
-        fixture.server.router.deliver(["status": "two hundred"], to: bad.replyChannel)
+        // A malformed reply whose values are secrets: the log names its keys, never its values.
+        fixture.server.router.deliver(
+            ["status": "two hundred", "headers": [["set-cookie", "sessionid=SECRETSESSION"]], "content": "TOPSECRETBODY"],
+            to: bad.replyChannel)
         let (head, _) = try await fixture.response()
         #expect(head.status == .internalServerError)
         #expect(fixture.server.counters[.malformedReplies] == 1)
+        let logged = lines.text
+        #expect(logged.contains("malformed HTTP reply") && logged.contains("headers"), "\(logged)")
+        #expect(!logged.contains("SECRETSESSION") && !logged.contains("TOPSECRETBODY"), "\(logged)")
 
         let streamed = try await Fixture()
         try await streamed.request(.GET, "/stream/")
@@ -194,4 +200,29 @@ struct HTTPHandlerTests {
         #expect(duringHead.headers.first(name: "connection") == "close")
         try await fixture.channel.closeFuture.get()
     }
+}
+
+/// Log lines kept in memory (message and metadata), to check what a log says.
+struct CapturedLog: LogHandler {
+    final class Lines: Sendable {
+        let all = Mutex<[String]>([])
+    }
+
+    let lines = Lines()
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(
+        level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
+        function: String, line: UInt
+    ) {
+        lines.all.withLock { $0.append("\(message) \(metadata ?? [:])") }
+    }
+
+    var text: String { lines.all.withLock { $0.joined(separator: "\n") } }
 }
