@@ -188,7 +188,10 @@ public enum PasswordHasher {
         let waiting = inFlight.wrappingAdd(1, ordering: .relaxed).newValue
         defer { inFlight.wrappingSubtract(1, ordering: .relaxed) }
         guard waiting <= threads + maxWaiting else { throw Busy() }
-        return try await pool.runIfActive(body)
+        return try await pool.runIfActive {
+            lowerThisThreadsPriority()
+            return try body()
+        }
     }
 
     private static let pool: NIOThreadPool = {
@@ -230,6 +233,16 @@ public enum PasswordHasher {
             }
             return verify(password, against: encoded)
         }
+    }
+
+    /// The hashing threads yield to the event loops: a hash may wait a little longer when the
+    /// machine is busy, a socket's message should not (nice 10, on Linux where it is per thread).
+    private static func lowerThisThreadsPriority() {
+        #if os(Linux)
+        // who = 0 is the calling task, which on Linux is this thread (nice is per thread there).
+        // Nice 10: about a tenth of a core against a busy loop, so logins still progress.
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+        #endif
     }
 
     private static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {
