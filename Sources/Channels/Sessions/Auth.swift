@@ -239,9 +239,9 @@ public enum PasswordHasher {
     /// machine is busy, a socket's message should not (nice 10, on Linux where it is per thread).
     private static func lowerThisThreadsPriority() {
         #if os(Linux)
-        // who = 0 is the calling task, which on Linux is this thread (nice is per thread there).
-        // Nice 10: about a tenth of a core against a busy loop, so logins still progress.
-        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+            // who = 0 is the calling task, which on Linux is this thread (nice is per thread there).
+            // Nice 10: about a tenth of a core against a busy loop, so logins still progress.
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
         #endif
     }
 
