@@ -7,12 +7,19 @@ import Crypto
 /// Give every process of a deployment the same one (`CHANNELS_SECRET_KEY`, or a file through
 /// `CHANNELS_SECRET_KEY_FILE`); ``random()`` is for a deployment that lives in one process.
 public struct DeploymentSecret: Sendable {
-    /// The key's bytes (`SymmetricKey` is not `Sendable` in swift-crypto 3).
-    private let keyBytes: [UInt8]
+    /// An HMAC already keyed (its key pads hashed once): each MAC starts from a copy of it, which
+    /// the digests' copy-on-write makes a fresh state. Never mutated after init, so sharing it
+    /// between threads is reading it (`HMAC` is not marked `Sendable` in swift-crypto 3).
+    private final class Keyed: @unchecked Sendable {
+        let hmac: HMAC<SHA256>
+        init(_ key: [UInt8]) { hmac = HMAC<SHA256>(key: SymmetricKey(data: key)) }
+    }
+
+    private let keyed: Keyed
 
     /// A secret from configured bytes (any length; they are hashed into the key).
     public init(_ secret: some Sequence<UInt8>) {
-        self.keyBytes = Array(SHA256.hash(data: Array(secret)))
+        self.keyed = Keyed(Array(SHA256.hash(data: Array(secret))))
     }
 
     /// A secret of 32 random bytes from the system's secure generator, for one process.
@@ -20,7 +27,7 @@ public struct DeploymentSecret: Sendable {
 
     /// HMAC-SHA256 of `value` for one `purpose`: the purposes never share a value.
     public func mac(_ purpose: StaticString, _ value: String) -> [UInt8] {
-        var hmac = HMAC<SHA256>(key: SymmetricKey(data: keyBytes))
+        var hmac = keyed.hmac
         purpose.withUTF8Buffer { hmac.update(data: $0) }
         hmac.update(data: [0])
         var value = value
