@@ -274,6 +274,50 @@ struct SecurityTests {
         #expect(try await limiter.peek("c").count == 0)
     }
 
+    @Test func aLayerPrefixMustEndWithASeparator() throws {
+        // 'app' and 'app2' would share keys ('app2x' is both): refused with a clear error.
+        #expect(throws: ChannelLayerError.self) {
+            try RedisChannelLayerConfiguration(urls: ["redis://127.0.0.1:6379/0?prefix=app"])
+        }
+        #expect(try RedisChannelLayerConfiguration(urls: ["redis://127.0.0.1:6379/0?prefix=app:"]).prefix == "app:")
+    }
+
+    @Test func theHashingPoolShedsLoadInsteadOfQueueingWithoutBound() async throws {
+        // More hashes at once than threads + maxWaiting: the surplus is refused at once (Busy), the rest finish.
+        let total = PasswordHasher.threads + PasswordHasher.maxWaiting + 6
+        let results = await withTaskGroup(of: Bool?.self) { group in
+            for _ in 0..<total {
+                group.addTask {
+                    do { return try await PasswordHasher.verify("pw", against: nil, iterations: 200_000) } catch is PasswordHasher.Busy {
+                        return nil
+                    } catch { return false }
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        let busy = results.filter { $0 == nil }.count
+        #expect(busy >= 6 && busy < total, "\(busy) of \(total) refused as busy")
+        #expect(results.allSatisfy { $0 != true }, "an unknown user never verifies")
+    }
+
+    @Test func csrfOverHTTPSRefusesInsecureOrigins() async throws {
+        let harness = try TestHarness(
+            [
+                route("http.request", path: "^/token/$", httpSession { context in try await context.respond(context.csrfToken()) }),
+                route("http.request", path: "^/action/$", csrfProtect { context in try await context.respond("done") }),
+            ])
+        let browser = HTTPTestClient(harness)
+        let token = try await browser.get("/token/").text
+        func post(_ headers: [(String, String)]) async throws -> Int {
+            try await browser.request("POST", "/action/", headers: [("x-csrftoken", token)] + headers, scheme: "https").status
+        }
+        #expect(try await post([("origin", "https://testserver")]) == 200)
+        #expect(try await post([("origin", "http://testserver")]) == 403, "an http:// page on an https request")
+        #expect(try await post([("referer", "https://testserver/page")]) == 200)
+        #expect(try await post([("referer", "http://testserver/page")]) == 403)
+        #expect(try await post([]) == 403, "no Origin and no Referer over https")
+    }
+
     @Test func hostsAndOriginsMatchLikeDjango() {
         let hosts = AllowedHosts(["chat.example.com", ".example.org", "127.0.0.1", "::1"], origins: ["https://partner.example"])
         for host in ["chat.example.com", "CHAT.example.com:443", "example.org", "a.b.example.org.", "127.0.0.1:8000", "[::1]:80"] {

@@ -89,6 +89,10 @@ struct HTTPHandlerTests {
             #expect(fixture.server.counters[.refusedHost] == 1)
             #expect(try await fixture.layer.receive(channels: [ASGIChannel.httpRequest], timeout: .zero) == nil)
         }
+        // Two Host headers (a proxy and we might each believe another): 400.
+        let twice = try await Fixture()
+        try await twice.request(.GET, "/hello/", headers: [("Host", "localhost"), ("Host", "evil.example")])
+        #expect(try await twice.response().head.status == .badRequest)
         for host in ["localhost", "LOCALHOST:8000", "127.0.0.1:80", "[::1]:8000"] {
             let fixture = try await Fixture()
             try await fixture.request(.GET, "/hello/", headers: [("Host", host)])
