@@ -58,6 +58,23 @@ public final class ConsumerContext: Sendable {
     /// parked messages whose turn has come); nil outside a worker.
     let dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
 
+    /// Set by the worker for an `http.request`: the streams registry and the consumer's task,
+    /// so a multi-message response can be stopped when its client leaves.
+    let streaming = Mutex<(streams: ResponseStreams, handle: StreamHandle)?>(nil)
+    /// The disconnect channel this context's response registered, if any.
+    let streamChannel = Mutex<String?>(nil)
+
+    /// The `disconnect_channel` for a response of several messages (registered once).
+    func disconnectChannelForStream() -> String? {
+        guard let (streams, handle) = streaming.withLock({ $0 }) else { return nil }
+        return streamChannel.withLock { current in
+            if let current { return current }
+            let channel = streams.register(handle)
+            current = channel
+            return channel
+        }
+    }
+
     /// A context for a message outside a worker (tests, tools), with a default environment.
     public convenience init(
         message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,

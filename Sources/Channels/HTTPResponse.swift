@@ -18,7 +18,10 @@ extension ConsumerContext {
             return
         }
         if !list.contains("content-length") { list.add(name: "content-length", value: String(body.count)) }
-        try await reply(HTTPResponseStart(status: status, headers: list, content: Array(body[..<chunkSize]), moreContent: true))
+        try await reply(
+            HTTPResponseStart(
+                status: status, headers: list, content: Array(body[..<chunkSize]), moreContent: true,
+                disconnectChannel: disconnectChannelForStream()))
         var offset = chunkSize
         while offset < body.count {
             let end = min(offset + chunkSize, body.count)
@@ -75,12 +78,15 @@ extension ConsumerContext {
         }
     }
 
-    /// Starts a streamed response; send the rest with `respondChunk`.
+    /// Starts a streamed response; send the rest with `respondChunk`. Under a worker, a client
+    /// that leaves cancels the consumer (its next `respondChunk` or `Task.sleep` throws
+    /// `CancellationError`), so a stream stops with its reader.
     public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
         try await reply(
             HTTPResponseStart(
                 status: status, headers: withCookies(responseHeaders(contentType: contentType)),
-                content: firstChunk, moreContent: true), immediately: true)
+                content: firstChunk, moreContent: true, disconnectChannel: disconnectChannelForStream()),
+            immediately: true)
     }
 
     /// One more chunk of a streamed response, sent now (server-sent events arrive as they

@@ -28,6 +28,8 @@ public final class Worker: Sendable {
     public static let retryKey = "__retries__"
 
     private let mailboxes = Mailboxes()
+    /// Multi-message HTTP responses in progress, stopped when their client leaves.
+    public let streams = ResponseStreams()
     /// 0 running, 1 stop taking messages, 2 take what is queued, then stop.
     private let stopping = Atomic<Int>(0)
     private let processed = Atomic<Int>(0)
@@ -55,7 +57,11 @@ public final class Worker: Sendable {
         let excluded = exclude.map(GlobPattern.init)
         listen = listen.filter { name in !excluded.contains { $0.matches(name) } }
         self.channels = listen.sorted()
+        self.receiving = listen.contains(ASGIChannel.httpRequest) ? self.channels + [streams.inbox] : self.channels
     }
+
+    /// `channels`, and the inbox where servers say a streamed response's client left.
+    private let receiving: [String]
 
     /// Messages handed to consumers so far.
     public var messagesProcessed: Int { processed.load(ordering: .relaxed) }
@@ -83,7 +89,7 @@ public final class Worker: Sendable {
                 do {
                     // A bounded wait, so a stop is noticed within a second; this blocks, it does
                     // not poll. Draining takes only what is already queued.
-                    batch = try await layer.receiveBatch(channels: channels, max: free, timeout: draining ? .zero : .seconds(1))
+                    batch = try await layer.receiveBatch(channels: receiving, max: free, timeout: draining ? .zero : .seconds(1))
                     failures = 0
                 } catch {
                     failures += 1
@@ -102,6 +108,12 @@ public final class Worker: Sendable {
                 }
                 slots.take(batch.count)
                 for received in batch {
+                    if received.channel.hasPrefix(streams.inbox) {
+                        // A client left a response this worker is streaming: stop it.
+                        streams.clientLeft(received.channel)
+                        slots.release()
+                        continue
+                    }
                     guard let socket = Self.socketKey(received) else {
                         group.addTask {
                             await self.dispatch(received)
@@ -168,9 +180,25 @@ public final class Worker: Sendable {
         let started = ContinuousClock.now
         defer { ChannelsMetrics.route(name).duration.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
         do {
-            try await ConsumerContext.$current.withValue(context) {
-                try await consumer(context)
+            if received.channel == ASGIChannel.httpRequest {
+                // In a task of its own, so a client that leaves its streamed response can cancel it.
+                let handle = StreamHandle()
+                context.streaming.withLock { $0 = (streams, handle) }
+                let task = Task { try await ConsumerContext.$current.withValue(context) { try await consumer(context) } }
+                handle.set(task)
+                defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
+                try await withTaskCancellationHandler {
+                    try await task.value
+                } onCancel: {
+                    task.cancel()
+                }
+            } else {
+                try await ConsumerContext.$current.withValue(context) {
+                    try await consumer(context)
+                }
             }
+        } catch is CancellationError where context.streamChannel.withLock({ $0 }) != nil && !Task.isCancelled {
+            logger.debug("streamed response stopped: the client left", metadata: ["consumer": "\(name)"])
         } catch ConsumerError.denyConnection {
             let answer = received.channel == ASGIChannel.websocketConnect ? WebSocketSendMessage.refuse : .close(code: 1000)
             try? await context.reply(answer)

@@ -21,7 +21,21 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
     @Flag(name: .long, help: "Serve the protocol only; workers run elsewhere (runworker).") var noworker = false
     @Option(name: .long, help: "In-process consumers that may run at once.") var threads = 32
-    @Option(name: .long, help: "Seconds to wait for an HTTP response before 503.") var httpTimeout = 60.0
+    @Option(name: .long, help: "Seconds to wait for an HTTP response to start before 503 (a started response, e.g. a stream, is not cut).")
+    var httpTimeout = 60.0
+    @Option(name: .long, help: "Seconds a client has to send a complete request head (408 and close past it).") var headerTimeout = 10.0
+    @Option(name: .long, help: "Longest pause in seconds between parts of a request body (408 and close past it).") var bodyTimeout = 30.0
+    @Option(name: .long, help: "Seconds a kept-alive connection may wait idle for its next request.") var keepAliveTimeout = 20.0
+    @Option(name: .long, help: "Client connections open at once; past it new ones get 503 and are closed.") var maxConnections = 10_000
+    @Option(name: .long, help: "Client connections open at once from one address (default: no cap; leave off behind a proxy).")
+    var maxConnectionsPerAddress: Int?
+    @Option(name: .long, help: "Bytes of response that may wait for an HTTP client that does not read before it is closed.")
+    var maxResponseBuffer = 16 * 1024 * 1024
+    @Option(name: .long, help: "TLS certificate chain (PEM): serve https:// and wss:// (HTTP/2 through ALPN). SIGHUP reloads it.")
+    var tlsCert: String?
+    @Option(name: .long, help: "TLS private key (PEM) for --tls-cert.") var tlsKey: String?
+    @Flag(name: .long, help: "Do not offer HTTP/2 over TLS (HTTP/1.1 only).") var noHttp2 = false
+    @Option(name: .long, help: "Concurrent HTTP/2 streams per connection.") var http2MaxStreams = 100
     @Option(name: .long, help: "Seconds to wait for a WebSocket accept.") var websocketConnectTimeout = 5.0
     @Option(name: .long, help: "Maximum WebSocket life in seconds.") var websocketTimeout: Double?
     @Option(name: .long, help: "Seconds between server pings.") var pingInterval = 20.0
@@ -133,8 +147,34 @@ struct RunServer: ApplicationSubcommand {
         configuration.layerOutageTimeout = Duration(secondsValue: layerOutageTimeout)
         configuration.shutdownGrace = Duration(secondsValue: shutdownTimeout)
         configuration.maxQueuedBytesPerSocket = maxQueuedBytes
-        let server = InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
+        configuration.headerTimeout = Duration(secondsValue: headerTimeout)
+        configuration.bodyTimeout = Duration(secondsValue: bodyTimeout)
+        configuration.keepAliveTimeout = Duration(secondsValue: keepAliveTimeout)
+        configuration.maxConnections = try ProcessLimits.raiseOpenFiles(toServe: maxConnections, logger: logger)
+        configuration.maxConnectionsPerAddress = maxConnectionsPerAddress
+        configuration.maxResponseBufferBytes = maxResponseBuffer
+        configuration.tlsCertificatePath = tlsCert
+        configuration.tlsKeyPath = tlsKey
+        configuration.http2 = !noHttp2
+        configuration.http2MaxConcurrentStreams = http2MaxStreams
+        let server: InterfaceServer
+        do {
+            server = try InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
+        } catch {
+            throw ValidationError("\(error)")
+        }
         try await server.start()
+        if let tls = server.tls {
+            // SIGHUP: read the certificate and key again; new connections get them, open ones keep theirs.
+            ProcessLimits.onHangup {
+                do {
+                    try tls.reload()
+                    logger.info("TLS certificate reloaded", metadata: ["certificate": "\(tls.certificatePath)"])
+                } catch {
+                    logger.error("TLS certificate reload failed; serving the previous one", metadata: ["error": "\(error)"])
+                }
+            }
+        }
         let worker =
             noworker
             ? nil
@@ -148,7 +188,7 @@ struct RunServer: ApplicationSubcommand {
             ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
         let address = server.localAddress.map { "\($0)" } ?? bind
         say(
-            "\(app.name): serving on http://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layerDescription()))  [\(address)]"
+            "\(app.name): serving on \(server.tls == nil ? "http" : "https")://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layerDescription()))  [\(address)]"
         )
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         // Stopped in reverse: the server first (its responses in flight and its sockets'

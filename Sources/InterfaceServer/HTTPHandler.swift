@@ -22,7 +22,17 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var responseBytes = 0
     private var status = 0
     private var started = NIODeadline.now()
-    private var timeout: Scheduled<Void>?
+    /// The connection's deadlines (header, body, time to first byte, keep-alive idle).
+    private var machine: HTTPConnectionStateMachine
+    private var deadline: Scheduled<Void>?
+    private var opened = false
+    /// Tells this handler when bytes arrive while it waits for a request (HTTP/1.1 only; nil
+    /// on an HTTP/2 stream, whose connection the HTTP/2 handler guards).
+    private let activity: ConnectionActivity?
+    /// Response bytes handed to the channel and not yet written to the socket.
+    private var unwrittenBytes = 0
+    /// Where the responder wants to hear that the client left (see `HTTPResponseStart.disconnectChannel`).
+    private var disconnectChannel: String?
     private var keepAlive = true
     /// Whether a dispatched request is waiting for its response (for the in-flight gauge).
     private var inFlight = false
@@ -32,14 +42,97 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// time with reading paused, an unreachable layer answers 503 at once.
     private var sender: LayerSender?
 
-    init(server: ServerContext, upgrade: UpgradeState) {
+    init(server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?) {
         self.server = server
         self.upgrade = upgrade
+        self.activity = activity
+        self.machine = HTTPConnectionStateMachine(timeouts: server.configuration.connectionTimeouts)
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { open(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        open(context: context)
+        context.fireChannelActive()
+    }
+
+    private func open(context: ChannelHandlerContext) {
+        guard !opened else { return }
+        opened = true
+        if let activity {
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            activity.onBytes = { handler.value.apply(handler.value.machine.bytesArrived(), context: boundContext.value) }
+            activity.watching = true
+        }
+        apply(machine.opened(), context: context)
+    }
+
+    /// Does what the state machine answered.
+    private func apply(_ action: HTTPConnectionStateMachine.Action, context: ChannelHandlerContext) {
+        if let activity {
+            if case .idle = machine.state { activity.watching = true } else { activity.watching = false }
+        }
+        switch action {
+        case .none:
+            break
+        case .arm(let kind, let after):
+            deadline?.cancel()
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+            deadline = context.eventLoop.scheduleTask(in: TimeAmount(after)) {
+                handler.value.deadlinePassed(kind, context: boundContext.value)
+            }
+        case .disarm:
+            deadline?.cancel()
+            deadline = nil
+        case .answer(let status, _):
+            deadline?.cancel()
+            deadline = nil
+            if status == 503 {
+                timedOut(context: context)
+            } else {
+                respondPlain(context: context, status: HTTPResponseStatus(statusCode: status), text: "Request timed out\n", close: true)
+            }
+        case .close:
+            deadline?.cancel()
+            deadline = nil
+            context.close(promise: nil)
+        }
+    }
+
+    private func deadlinePassed(_ kind: HTTPConnectionStateMachine.Deadline, context: ChannelHandlerContext) {
+        deadline = nil
+        // A held WebSocket upgrade is the application's to answer within the connect timeout.
+        if activity?.upgradeHeld == true { return }
+        let before = machine.state
+        let action = machine.deadlinePassed(kind)
+        switch action {
+        case .close:
+            server.counters.count(.closedIdle)
+        case .answer(status: 408, _):
+            // A head that never finished (slow-loris) or a body that stopped coming.
+            server.counters.count(before == .readingHead ? .timedOutHeader : .timedOutBody)
+        default:
+            break
+        }
+        apply(action, context: context)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+        activity?.onBytes = nil
+        activity?.watching = false
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
+            apply(machine.headReceived(), context: context)
+            disconnectChannel = nil
             self.head = head
             body = nil
             bodyTooLarge = false
@@ -56,6 +149,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             for (name, value) in head.headers { headerBytes += name.utf8.count + value.utf8.count + 4 }
             headersTooLarge = headerBytes > server.configuration.maxHeaderSize
         case .body(var chunk):
+            apply(machine.bodyReceived(), context: context)
             guard !bodyTooLarge else { return }
             if (body?.readableBytes ?? 0) + chunk.readableBytes > server.configuration.maxBodySize {
                 bodyTooLarge = true
@@ -81,6 +175,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             } else if !server.hostAllowed(head) {
                 respondPlain(context: context, status: .badRequest, text: "Bad Request (invalid Host header)\n", close: true)
             } else {
+                apply(machine.requestEnded(), context: context)
                 dispatch(context: context, head: head)
             }
         }
@@ -122,9 +217,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         server.router.register(reply) { response in
             loop.execute { handler.value.handleReply(response, context: boundContext.value) }
         }
-        timeout = loop.scheduleTask(in: TimeAmount(server.configuration.httpTimeout)) {
-            handler.value.timedOut(context: boundContext.value)
-        }
         inFlight = true
         ServerMetrics.httpInFlight.increment()
         let sender = connectionSender(context: context)
@@ -157,15 +249,20 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
     }
 
+    /// No response started within `httpTimeout` (a time to first byte: a started response,
+    /// such as a stream of server-sent events, runs as long as the application wants).
     private func timedOut(context: ChannelHandlerContext) {
-        guard replyChannel != nil else { return }
-        if responseStarted {
-            finishRequest()
-            context.close(promise: nil)
-        } else {
-            finishRequest()
-            respondPlain(context: context, status: .serviceUnavailable, text: "Application timed out\n", close: false)
+        guard replyChannel != nil, !responseStarted else { return }
+        server.counters.count(.timedOutResponse)
+        // The application may still be working on it: tell it the client will not get the answer.
+        if let replyChannel, let head {
+            let path = PercentCoding.splitTarget(head.uri).path
+            connectionSender(context: context).send(
+                HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
+                to: ASGIChannel.httpDisconnect)
         }
+        finishRequest()
+        respondPlain(context: context, status: .serviceUnavailable, text: "Application timed out\n", close: false)
     }
 
     private func handleReply(_ reply: Message, context: ChannelHandlerContext) {
@@ -194,9 +291,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if !start.moreContent, !headers.contains(name: "content-length") {
                 headers.replaceOrAdd(name: "content-length", value: String(start.content.count))
             }
-            if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+            if !keepAlive && !isHTTP2 { headers.replaceOrAdd(name: "connection", value: "close") }
+            if isHTTP2 { Self.removeConnectionHeaders(&headers) }
             status = start.status
             responseStarted = true
+            disconnectChannel = start.disconnectChannel
+            apply(machine.responseStarted(), context: context)
             let head = HTTPResponseHead(
                 version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
             context.write(wrapOutboundOut(.head(head)), promise: nil)
@@ -216,7 +316,22 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         if !content.isEmpty {
             responseBytes += content.count
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: nil)
+            unwrittenBytes += content.count
+            let size = content.count
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let promise = context.eventLoop.makePromise(of: Void.self)
+            promise.futureResult.whenComplete { _ in handler.value.unwrittenBytes -= size }
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
+            if unwrittenBytes > server.configuration.maxResponseBufferBytes {
+                // The client does not read as fast as the application writes, and what waits for
+                // it passed the bound: close (the application hears http.disconnect and stops).
+                server.counters.count(.closedSlowHTTPClient)
+                server.logger.warning(
+                    "HTTP client not reading its response; closing",
+                    metadata: ["unwritten_bytes": "\(unwrittenBytes)", "path": "\(PercentCoding.splitTarget(self.head?.uri ?? "").path)"])
+                context.close(promise: nil)
+                return
+            }
         }
         if more {
             context.flush()
@@ -224,19 +339,33 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             finishRequest()
             let close = !keepAlive
             let channel = context.channel
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-                if close { channel.close(promise: nil) }
+                if close {
+                    channel.close(promise: nil)
+                } else {
+                    handler.value.apply(handler.value.machine.responseEnded(keepAlive: true), context: boundContext.value)
+                }
             }
         }
     }
+
+    /// HTTP/2 forbids connection-specific headers (RFC 9113 8.2.2); an application's are dropped.
+    private static func removeConnectionHeaders(_ headers: inout HTTPHeaders) {
+        for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+            headers.remove(name: name)
+        }
+    }
+
+    private var isHTTP2: Bool { (head?.version.major ?? 1) >= 2 }
 
     /// Forgets the request in flight and writes its access-log line.
     private func finishRequest() {
         leaveFlight()
         if let replyChannel { server.router.unregister(replyChannel) }
         replyChannel = nil
-        timeout?.cancel()
-        timeout = nil
+        disconnectChannel = nil
         if let head {
             let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
             server.accessLog?.http(
@@ -253,14 +382,22 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         headers.add(name: "content-type", value: "text/plain; charset=utf-8")
         headers.add(name: "content-length", value: String(text.utf8.count))
         let shouldClose = close || !keepAlive
-        if shouldClose { headers.add(name: "connection", value: "close") }
+        if shouldClose && !isHTTP2 { headers.add(name: "connection", value: "close") }
         self.status = Int(status.code)
+        _ = machine.responseStarted()
+        apply(.disarm, context: context)
         let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: status, headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
         let channel = context.channel
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-            if shouldClose { channel.close(promise: nil) }
+            if shouldClose {
+                channel.close(promise: nil)
+            } else {
+                handler.value.apply(handler.value.machine.responseEnded(keepAlive: true), context: boundContext.value)
+            }
         }
     }
 
@@ -273,15 +410,21 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         leaveFlight()
+        apply(machine.closed(), context: context)
+        activity?.onBytes = nil
         if let replyChannel, let head {
-            // The client left before its response finished.
+            // The client left before its response finished: the application hears it on
+            // `http.disconnect` and, when the responder named one, on its disconnect channel
+            // (a streaming consumer stops there at once).
             let path = PercentCoding.splitTarget(head.uri).path
-            connectionSender(context: context).send(
-                HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
-                to: ASGIChannel.httpDisconnect)
+            let message = HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message
+            let sender = connectionSender(context: context)
+            sender.resume()
+            sender.send(message, to: ASGIChannel.httpDisconnect)
+            if let disconnectChannel { sender.send(message, to: disconnectChannel) }
             server.router.unregister(replyChannel)
             self.replyChannel = nil
-            timeout?.cancel()
+            self.disconnectChannel = nil
         }
         context.fireChannelInactive()
     }
@@ -302,6 +445,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// Per-connection flag set when the application refused a WebSocket upgrade, so the HTTP
 /// handler that then sees the request answers 403 instead of routing it.
 final class UpgradeState {
+    /// The handshake is with the application (reading paused).
+    var held = false
     var rejected = false
     /// The refusal was answered from `errorCaught`; the request's end must not answer again.
     var refusalAnswered = false

@@ -2,7 +2,9 @@ import ASGI
 import Logging
 import NIOCore
 import NIOHTTP1
+import NIOHTTP2
 import NIOPosix
+import NIOSSL
 import NIOWebSocket
 import Synchronization
 
@@ -16,14 +18,27 @@ public final class InterfaceServer: Sendable {
     private let serverChannel = Mutex<(any Channel)?>(nil)
     private let readerTask = Mutex<Task<Void, Never>?>(nil)
     private let openConnections = ConnectionTable()
+    private let admission: ConnectionAdmission
+    /// The certificate and key `https://` and `wss://` are served with; nil without TLS.
+    public let tls: TLSCertificateStore?
 
     /// A server speaking to `layer`; `start()` binds and begins serving.
     public init(
         layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
         logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
         eventLoopGroup: (any EventLoopGroup)? = nil
-    ) {
+    ) throws(TLSConfigurationError) {
         self.configuration = configuration
+        self.admission = ConnectionAdmission(
+            maxTotal: configuration.maxConnections, maxPerAddress: configuration.maxConnectionsPerAddress)
+        if let certificate = configuration.tlsCertificatePath {
+            guard let key = configuration.tlsKeyPath else { throw TLSConfigurationError(.missingKey, path: certificate) }
+            self.tls = try TLSCertificateStore(certificatePath: certificate, keyPath: key, http2: configuration.http2)
+        } else if let key = configuration.tlsKeyPath {
+            throw TLSConfigurationError(.missingCertificate, path: key)
+        } else {
+            self.tls = nil
+        }
         let router = ReplyRouter(
             layer: layer, prefix: configuration.replyChannelPrefix, logger: logger,
             registrationInterval: configuration.readerRegistrationInterval)
@@ -58,16 +73,48 @@ public final class InterfaceServer: Sendable {
         let context = self.context
         let configuration = self.configuration
         let connections = self.openConnections
+        let admission = self.admission
+        let tls = self.tls
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelInitializer { channel in
+                // Over a cap, a fast refusal; the connections already open are not touched.
+                let address = channel.remoteAddress?.ipAddress
+                switch admission.admit(address: address) {
+                case .admitted:
+                    break
+                case let refusal:
+                    context.counters.count(refusal == .overTotal ? .refusedMaxConnections : .refusedPerAddress)
+                    return channel.eventLoop.makeCompletedFuture {
+                        if tls == nil {
+                            try channel.pipeline.syncOperations.addHandler(RefusalHandler())
+                        } else {
+                            channel.close(promise: nil)
+                        }
+                    }
+                }
                 let id = ObjectIdentifier(channel)
                 connections.add(id, channel)
-                channel.closeFuture.whenComplete { _ in connections.remove(id) }
-                return Self.configure(channel: channel, context: context, configuration: configuration)
+                channel.closeFuture.whenComplete { _ in
+                    connections.remove(id)
+                    admission.release(address: address)
+                }
+                guard let tls else {
+                    return Self.configure(channel: channel, context: context, configuration: configuration)
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+                }.flatMap {
+                    guard configuration.http2 else {
+                        return Self.configure(channel: channel, context: context, configuration: configuration)
+                    }
+                    return channel.configureHTTP2SecureUpgrade(
+                        h2ChannelConfigurator: { channel in Self.configureHTTP2(channel: channel, context: context, configuration: configuration) },
+                        http1ChannelConfigurator: { channel in Self.configure(channel: channel, context: context, configuration: configuration) })
+                }
             }
         let channel: any Channel
         if let path = configuration.unixSocketPath {
@@ -85,10 +132,41 @@ public final class InterfaceServer: Sendable {
             ])
     }
 
+    /// Sets up an HTTP/2 connection (negotiated through ALPN): each stream gets the HTTP/1
+    /// translation and its own ``HTTPHandler``, so a stream is one ASGI request with
+    /// `http_version` "2". Concurrent streams and header lists are bounded in the settings
+    /// we announce; resets and errors are rate-limited (a rapid-reset flood, CVE-2023-44487,
+    /// closes the connection).
+    static func configureHTTP2(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
+        channel.eventLoop.makeCompletedFuture {
+            var connection = NIOHTTP2Handler.ConnectionConfiguration()
+            connection.initialSettings = [
+                HTTP2Setting(parameter: .maxConcurrentStreams, value: configuration.http2MaxConcurrentStreams),
+                HTTP2Setting(parameter: .maxHeaderListSize, value: configuration.maxHeaderSize),
+                HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+            ]
+            var stream = NIOHTTP2Handler.StreamConfiguration()
+            stream.targetWindowSize = 1 << 20
+            stream.streamResetFrameRateLimit.maximumCount = configuration.http2MaxResetsPerWindow
+            stream.streamResetFrameRateLimit.windowLength = .seconds(10)
+            _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
+                mode: .server, connectionConfiguration: connection, streamConfiguration: stream
+            ) { stream in
+                stream.eventLoop.makeCompletedFuture {
+                    let sync = stream.pipeline.syncOperations
+                    try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                    try sync.addHandler(HTTPHandler(server: context, upgrade: UpgradeState(), activity: nil))
+                }
+            }
+        }
+    }
+
     /// Sets up one client connection's pipeline: HTTP/1.1 with the WebSocket upgrade, then the
     /// ASGI handlers. Internal so tests can run it on a testing channel.
     static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
         let upgrade = UpgradeState()
+        let activity = ConnectionActivity(upgrade: upgrade)
+        let boundActivity = NIOLoopBound(activity, eventLoop: channel.eventLoop)
         let loop = channel.eventLoop
         let boundUpgrade = NIOLoopBound(upgrade, eventLoop: loop)
         let sessionBox = NIOLoopBoundBox<WebSocketSession?>(nil, eventLoop: loop)
@@ -104,6 +182,10 @@ public final class InterfaceServer: Sendable {
                     boundUpgrade.value.rejected = true
                     return promise.futureResult
                 }
+                // The application has the handshake: read nothing more meanwhile (what was already
+                // read is bounded by `maxBytesWhileUpgrading`).
+                boundActivity.value.upgradeHeld = true
+                _ = channel.setOption(ChannelOptions.autoRead, value: false)
                 let session = WebSocketSession(
                     server: context, channel: channel, head: head,
                     upgrade: boundUpgrade.value, promise: promise)
@@ -112,6 +194,8 @@ public final class InterfaceServer: Sendable {
                 return promise.futureResult
             },
             upgradePipelineHandler: { channel, _ in
+                boundActivity.value.upgradeHeld = false
+                _ = channel.setOption(ChannelOptions.autoRead, value: true)
                 guard let session = sessionBox.value else { return channel.close() }
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
@@ -124,6 +208,7 @@ public final class InterfaceServer: Sendable {
             })
         return channel.eventLoop.makeCompletedFuture {
             let sync = channel.pipeline.syncOperations
+            try sync.addHandler(ConnectionActivityHandler(activity: activity, server: context), name: "asgi-activity")
             try sync.configureHTTPServerPipeline(
                 withPipeliningAssistance: true,
                 withServerUpgrade: (
@@ -131,10 +216,11 @@ public final class InterfaceServer: Sendable {
                     completionHandler: { upgraded in
                         // The WebSocket handlers take over; the HTTP side must not see frames.
                         upgraded.pipeline.removeHandler(name: "asgi-http", promise: nil)
+                        upgraded.pipeline.removeHandler(name: "asgi-activity", promise: nil)
                     }
                 ),
                 withErrorHandling: true)
-            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade), name: "asgi-http")
+            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade, activity: activity), name: "asgi-http")
         }
     }
 

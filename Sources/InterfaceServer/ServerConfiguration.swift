@@ -10,8 +10,39 @@ public struct ServerConfiguration: Sendable {
     public var unixSocketPath: String?
     /// Prefix of this process's reply channel: `<prefix>.<10 letters>!`.
     public var replyChannelPrefix: String
-    /// No reply to an HTTP request within this time: 503.
+    /// No response started for an HTTP request within this time: 503. A time to first byte: a
+    /// response that started (a stream of server-sent events) runs as long as the application wants.
     public var httpTimeout: Duration
+    /// From a connection's opening, or a kept-alive connection's first byte, to a complete
+    /// request head; past it 408 and close (a connection that sent nothing is just closed).
+    public var headerTimeout: Duration
+    /// The longest pause between two parts of a request body; past it 408 and close.
+    public var bodyTimeout: Duration
+    /// How long a kept-alive connection may wait idle for its next request.
+    public var keepAliveTimeout: Duration
+    /// Client connections open at once; past it a new one gets a fast 503 and is closed.
+    public var maxConnections: Int
+    /// Client connections open at once from one address (nil: no cap). Behind a proxy every
+    /// client has the proxy's address: leave it off there.
+    public var maxConnectionsPerAddress: Int?
+    /// Bytes a client may send while its WebSocket upgrade waits for the application (reading
+    /// is paused meanwhile); past it the connection is closed.
+    public var maxBytesWhileUpgrading: Int
+    /// Response bytes that may wait for an HTTP client that does not read; past it the
+    /// connection is closed and the application hears `http.disconnect`.
+    public var maxResponseBufferBytes: Int
+    /// TLS: the certificate chain (PEM). With `tlsKeyPath`, every connection is TLS
+    /// (`https://`, `wss://`), HTTP/2 offered through ALPN.
+    public var tlsCertificatePath: String?
+    /// TLS: the private key (PEM).
+    public var tlsKeyPath: String?
+    /// Offer HTTP/2 (ALPN `h2`) on TLS connections.
+    public var http2: Bool
+    /// Concurrent streams one HTTP/2 connection may open.
+    public var http2MaxConcurrentStreams: Int
+    /// Stream resets one HTTP/2 connection may cause within 10 seconds; past it the connection
+    /// is closed (rapid reset, CVE-2023-44487).
+    public var http2MaxResetsPerWindow: Int
     /// No answer to a WebSocket connect within this time: rejected.
     public var websocketConnectTimeout: Duration
     /// Maximum life of a WebSocket; nil for no limit.
@@ -67,6 +98,18 @@ public struct ServerConfiguration: Sendable {
         unixSocketPath: String? = nil,
         replyChannelPrefix: String = "swift.response",
         httpTimeout: Duration = .seconds(60),
+        headerTimeout: Duration = .seconds(10),
+        bodyTimeout: Duration = .seconds(30),
+        keepAliveTimeout: Duration = .seconds(20),
+        maxConnections: Int = 10_000,
+        maxConnectionsPerAddress: Int? = nil,
+        maxBytesWhileUpgrading: Int = 64 * 1024,
+        maxResponseBufferBytes: Int = 16 * 1024 * 1024,
+        tlsCertificatePath: String? = nil,
+        tlsKeyPath: String? = nil,
+        http2: Bool = true,
+        http2MaxConcurrentStreams: Int = 100,
+        http2MaxResetsPerWindow: Int = 200,
         websocketConnectTimeout: Duration = .seconds(5),
         websocketTimeout: Duration? = nil,
         pingInterval: Duration? = .seconds(20),
@@ -93,6 +136,18 @@ public struct ServerConfiguration: Sendable {
         self.unixSocketPath = unixSocketPath
         self.replyChannelPrefix = replyChannelPrefix
         self.httpTimeout = httpTimeout
+        self.headerTimeout = headerTimeout
+        self.bodyTimeout = bodyTimeout
+        self.keepAliveTimeout = keepAliveTimeout
+        self.maxConnections = maxConnections
+        self.maxConnectionsPerAddress = maxConnectionsPerAddress
+        self.maxBytesWhileUpgrading = maxBytesWhileUpgrading
+        self.maxResponseBufferBytes = maxResponseBufferBytes
+        self.tlsCertificatePath = tlsCertificatePath
+        self.tlsKeyPath = tlsKeyPath
+        self.http2 = http2
+        self.http2MaxConcurrentStreams = http2MaxConcurrentStreams
+        self.http2MaxResetsPerWindow = http2MaxResetsPerWindow
         self.websocketConnectTimeout = websocketConnectTimeout
         self.websocketTimeout = websocketTimeout
         self.pingInterval = pingInterval
@@ -113,5 +168,12 @@ public struct ServerConfiguration: Sendable {
         self.maxHeldMessages = maxHeldMessages
         self.maxQueuedBytesPerSocket = maxQueuedBytesPerSocket
         self.readerRegistrationInterval = readerRegistrationInterval
+    }
+}
+
+extension ServerConfiguration {
+    /// The deadlines of an HTTP connection.
+    var connectionTimeouts: HTTPConnectionStateMachine.Timeouts {
+        .init(header: headerTimeout, body: bodyTimeout, firstByte: httpTimeout, keepAlive: keepAliveTimeout)
     }
 }

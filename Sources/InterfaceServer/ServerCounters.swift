@@ -30,6 +30,25 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var refusedHost = 0
     /// WebSocket handshakes answered 403 because their `Origin` is not allowed.
     public var refusedOrigin = 0
+    /// Request heads that did not finish within `headerTimeout`: 408 and closed (slow-loris).
+    public var timedOutHeader = 0
+    /// Request bodies that paused longer than `bodyTimeout`: 408 and closed.
+    public var timedOutBody = 0
+    /// Requests the application did not start answering within `httpTimeout`: 503.
+    public var timedOutResponse = 0
+    /// Connections closed idle: nothing sent within `headerTimeout` of opening, or kept alive
+    /// past `keepAliveTimeout` without a new request.
+    public var closedIdle = 0
+    /// HTTP connections closed because the client did not read its response and more than
+    /// `maxResponseBufferBytes` waited for it.
+    public var closedSlowHTTPClient = 0
+    /// Connections closed because the client sent more than `maxBytesWhileUpgrading` while its
+    /// WebSocket upgrade was with the application.
+    public var closedUpgradeOverflow = 0
+    /// Connections refused (503, closed) because `maxConnections` were open.
+    public var refusedMaxConnections = 0
+    /// Connections refused because their address had `maxConnectionsPerAddress` open.
+    public var refusedPerAddress = 0
 
     /// All counters at zero.
     public init() {}
@@ -40,7 +59,8 @@ final class ServerCounters: Sendable {
     enum Counter: Int, CaseIterable {
         case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
-            refusedHost, refusedOrigin
+            refusedHost, refusedOrigin, timedOutHeader, timedOutBody, timedOutResponse, closedIdle,
+            closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -67,6 +87,14 @@ final class ServerCounters: Sendable {
         stats.malformedReplies = self[.malformedReplies]
         stats.refusedHost = self[.refusedHost]
         stats.refusedOrigin = self[.refusedOrigin]
+        stats.timedOutHeader = self[.timedOutHeader]
+        stats.timedOutBody = self[.timedOutBody]
+        stats.timedOutResponse = self[.timedOutResponse]
+        stats.closedIdle = self[.closedIdle]
+        stats.closedSlowHTTPClient = self[.closedSlowHTTPClient]
+        stats.closedUpgradeOverflow = self[.closedUpgradeOverflow]
+        stats.refusedMaxConnections = self[.refusedMaxConnections]
+        stats.refusedPerAddress = self[.refusedPerAddress]
         stats.unroutableReplies = unroutable
         return stats
     }

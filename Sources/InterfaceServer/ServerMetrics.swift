@@ -13,18 +13,28 @@ enum ServerMetrics {
     static let dropped = DropReason.counters()
     static let refusedHost = Counter(label: "channels_requests_refused_total", dimensions: [("reason", "host")])
     static let refusedOrigin = Counter(label: "channels_requests_refused_total", dimensions: [("reason", "origin")])
+    /// Connections a limit acted on: timed out, closed idle or slow, refused over a cap.
+    static let limits: [ServerCounters.Counter: Counter] = {
+        let names: [(ServerCounters.Counter, String)] = [
+            (.timedOutHeader, "header_timeout"), (.timedOutBody, "body_timeout"), (.timedOutResponse, "response_timeout"),
+            (.closedIdle, "idle"), (.closedSlowHTTPClient, "slow_http_client"), (.closedUpgradeOverflow, "upgrade_overflow"),
+            (.refusedMaxConnections, "max_connections"), (.refusedPerAddress, "per_address"),
+        ]
+        return Dictionary(uniqueKeysWithValues: names.map { ($0.0, Counter(label: "channels_connection_limits_total", dimensions: [("limit", $0.1)])) })
+    }()
 
     /// The drop (if it is one) behind a server counter. Messages a sender gives up on are
     /// counted by the sender itself, with the reason it knows (full or unreachable).
     static func record(_ counter: ServerCounters.Counter, by amount: Int) {
         let reason: DropReason? =
             switch counter {
-            case .closedSlowClient: .slowClient
+            case .closedSlowClient, .closedSlowHTTPClient: .slowClient
             case .malformedReplies: .malformed
             default: nil
             }
         if let reason { dropped[reason]?.increment(by: amount) }
         if counter == .refusedHost { refusedHost.increment(by: amount) }
         if counter == .refusedOrigin { refusedOrigin.increment(by: amount) }
+        limits[counter]?.increment(by: amount)
     }
 }

@@ -129,6 +129,9 @@ final class WebSocketSession {
         connectTimeout?.cancel()
         server.router.unregister(replyChannel)
         upgrade.rejected = true
+        upgrade.held = false
+        // The refusal is an HTTP answer: the request's end (already read) goes to the HTTP handler.
+        _ = channel.setOption(ChannelOptions.autoRead, value: true)
         upgrade.rejectionStatus = status == 503 ? .serviceUnavailable : status == 400 ? .badRequest : .forbidden
         server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: reason)
         promise.succeed(nil)

@@ -25,7 +25,8 @@ struct HTTPHandlerTests {
                 layer: layer, router: ReplyRouter(layer: layer, prefix: "test", logger: logger),
                 configuration: configuration, logger: logger, accessLog: nil)
             channel = NIOAsyncTestingChannel()
-            try await channel.pipeline.addHandler(HTTPHandler(server: server, upgrade: UpgradeState()))
+            let upgrade = UpgradeState()
+            try await channel.pipeline.addHandler(HTTPHandler(server: server, upgrade: upgrade, activity: ConnectionActivity(upgrade: upgrade)))
         }
 
         func request(_ method: HTTPMethod = .GET, _ uri: String, headers: [(String, String)] = [], body: String? = nil) async throws {

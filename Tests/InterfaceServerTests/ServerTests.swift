@@ -79,7 +79,7 @@ struct ServerTests {
         let layer = InMemoryChannelLayer()
         var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
         configuration.pingInterval = nil
-        let server = InterfaceServer(layer: layer, configuration: configuration)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
         try await server.start()
         let worker = Worker(router: try Router(Self.routing()), layer: layer, concurrency: 2)
         let task = Task { await worker.run() }

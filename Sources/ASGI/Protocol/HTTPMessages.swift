@@ -124,13 +124,21 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
     public var content: [UInt8]
     /// More ``HTTPResponseChunk`` messages follow.
     public var moreContent: Bool
+    /// An extension of ours (servers that do not know it ignore it): a channel the responder
+    /// reads, where the server sends `http.disconnect` when the client leaves before the
+    /// response ends, so a streaming consumer stops at once (as well as on `http.disconnect`).
+    public var disconnectChannel: String?
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
-    public init(status: Int, headers: ASGIHeaders = [], content: [UInt8] = [], moreContent: Bool = false) {
+    public init(
+        status: Int, headers: ASGIHeaders = [], content: [UInt8] = [], moreContent: Bool = false,
+        disconnectChannel: String? = nil
+    ) {
         self.status = status
         self.headers = headers
         self.content = content
         self.moreContent = moreContent
+        self.disconnectChannel = disconnectChannel
     }
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
@@ -143,11 +151,17 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
         headers = try message.optional("headers").map { v throws(MessageError) in try ASGIHeaders(v) } ?? []
         content = try message.optionalBytes("content") ?? []
         moreContent = try message.bool("more_content", default: false)
+        disconnectChannel = try message.optionalString("disconnect_channel")
     }
 
     /// The message to send.
     public var message: Message {
-        ["status": .int(Int64(status)), "headers": headers.asgiValue, "content": .bytes(content), "more_content": .bool(moreContent)]
+        var message: Message = [
+            "status": .int(Int64(status)), "headers": headers.asgiValue, "content": .bytes(content),
+            "more_content": .bool(moreContent),
+        ]
+        if let disconnectChannel { message["disconnect_channel"] = .string(disconnectChannel) }
+        return message
     }
 }
 

@@ -1,0 +1,121 @@
+import Logging
+import NIOCore
+import Synchronization
+
+/// What one HTTP/1.1 connection's first handler and its HTTP handler share, on its event loop.
+final class ConnectionActivity {
+    /// The HTTP handler waits for a request: the next bytes start its header deadline.
+    var watching = false
+    /// Called once per wait, on the loop, when bytes arrive while `watching`.
+    var onBytes: (() -> Void)?
+    private let upgrade: UpgradeState
+    /// A WebSocket upgrade is with the application: reading is paused and what the client
+    /// still sends is bounded.
+    var upgradeHeld: Bool {
+        get { upgrade.held }
+        set { upgrade.held = newValue }
+    }
+
+    init(upgrade: UpgradeState) { self.upgrade = upgrade }
+}
+
+/// The first handler of an HTTP/1.1 connection (before the HTTP decoder): reports the first
+/// bytes of each request to the HTTP handler (a head that starts and never ends is then timed
+/// out) and bounds the bytes a client sends while its WebSocket upgrade is held.
+final class ConnectionActivityHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    private let activity: ConnectionActivity
+    private let server: ServerContext
+    private var bytesWhileHeld = 0
+
+    init(activity: ConnectionActivity, server: ServerContext) {
+        self.activity = activity
+        self.server = server
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if activity.watching {
+            activity.watching = false
+            activity.onBytes?()
+        }
+        if activity.upgradeHeld {
+            bytesWhileHeld += unwrapInboundIn(data).readableBytes
+            if bytesWhileHeld > server.configuration.maxBytesWhileUpgrading {
+                server.counters.count(.closedUpgradeOverflow)
+                server.logger.info(
+                    "client sent too much while its WebSocket upgrade was held; closing",
+                    metadata: ["bytes": "\(bytesWhileHeld)"])
+                context.close(promise: nil)
+                return
+            }
+        }
+        context.fireChannelRead(data)
+    }
+}
+
+/// Counts the open client connections, in all and per client address, and admits a new one
+/// only under `--max-connections` (and the per-address cap when set).
+final class ConnectionAdmission: Sendable {
+    enum Verdict: Equatable {
+        case admitted
+        case overTotal
+        case overPerAddress
+    }
+
+    private let maxTotal: Int
+    private let maxPerAddress: Int?
+    private let state = Mutex<(total: Int, perAddress: [String: Int])>((0, [:]))
+
+    init(maxTotal: Int, maxPerAddress: Int?) {
+        self.maxTotal = maxTotal
+        self.maxPerAddress = maxPerAddress
+    }
+
+    /// Admits (and counts) a connection from `address`, or says which limit refuses it.
+    func admit(address: String?) -> Verdict {
+        state.withLock { state in
+            if state.total >= maxTotal { return .overTotal }
+            if let maxPerAddress, let address {
+                let current = state.perAddress[address, default: 0]
+                if current >= maxPerAddress { return .overPerAddress }
+                state.perAddress[address] = current + 1
+            }
+            state.total += 1
+            return .admitted
+        }
+    }
+
+    /// An admitted connection closed.
+    func release(address: String?) {
+        state.withLock { state in
+            state.total -= 1
+            if maxPerAddress != nil, let address {
+                let left = state.perAddress[address, default: 1] - 1
+                state.perAddress[address] = left > 0 ? left : nil
+            }
+        }
+    }
+
+    var open: Int { state.withLock { $0.total } }
+}
+
+/// Answers a connection over a limit at once, without reading its request: a fixed 503 with
+/// `Connection: close`, then close. Existing connections are not touched.
+final class RefusalHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    static let response = Array(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 30\r\nretry-after: 1\r\nconnection: close\r\n\r\nToo many connections, retry.\r\n"
+            .utf8)
+
+    func channelActive(context: ChannelHandlerContext) {
+        let buffer = context.channel.allocator.buffer(bytes: Self.response)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}

@@ -1,0 +1,142 @@
+/// The deadlines of one HTTP/1.1 connection, as a pure state machine: the handler feeds it what
+/// happened (bytes arrived, a head, a body part, the response started or ended, a deadline
+/// passed) and does what it answers (arm a deadline, answer 408 and close, close). No sockets,
+/// no clocks: every transition is unit-tested as it is.
+///
+/// The deadlines, each a setting of ``ServerConfiguration``:
+/// - `headerTimeout`: from a connection's opening (or a kept-alive connection's first byte) to a
+///   complete request head. A head that does not finish in time (slow-loris) gets 408 and the
+///   connection is closed; a new connection that sends nothing is closed without an answer.
+/// - `bodyTimeout`: the longest pause between two parts of a request body: 408 and close.
+/// - `httpTimeout`: from the request's end to the response's start (time to first byte): 503.
+///   Once a response has started it runs as long as the application streams it.
+/// - `keepAliveTimeout`: how long a kept-alive connection may sit idle between requests.
+struct HTTPConnectionStateMachine: Sendable {
+    enum State: Equatable, Sendable {
+        /// No request in progress; `fresh` before the connection's first byte.
+        case idle(fresh: Bool)
+        /// Bytes of a head arrived; the head is not complete.
+        case readingHead
+        /// The head arrived; the body (possibly empty) has not ended.
+        case readingBody
+        /// The request is with the application; no response yet.
+        case awaitingResponse
+        /// The response has started and is being written.
+        case responding
+        /// The connection is closing.
+        case closed
+    }
+
+    enum Deadline: Equatable, Sendable {
+        case header, body, firstByte, keepAlive
+    }
+
+    enum Action: Equatable, Sendable {
+        /// Nothing to do.
+        case none
+        /// Arm `deadline` (replacing any armed one) to pass after `after`.
+        case arm(Deadline, after: Duration)
+        /// Cancel the armed deadline.
+        case disarm
+        /// Answer `status` (408 or 503) to the request in progress; close after it when `close`.
+        case answer(status: Int, close: Bool)
+        /// Close the connection without an answer.
+        case close
+    }
+
+    struct Timeouts: Equatable, Sendable {
+        var header: Duration
+        var body: Duration
+        var firstByte: Duration
+        var keepAlive: Duration
+    }
+
+    private(set) var state: State = .idle(fresh: true)
+    let timeouts: Timeouts
+
+    init(timeouts: Timeouts) { self.timeouts = timeouts }
+
+    /// The connection opened: a client has `header` to send its first head.
+    mutating func opened() -> Action { .arm(.header, after: timeouts.header) }
+
+    /// Bytes arrived from the client (the handler reports them only while idle).
+    mutating func bytesArrived() -> Action {
+        guard case .idle(let fresh) = state else { return .none }
+        state = .readingHead
+        // A fresh connection's header deadline runs from its opening: dripping the first byte
+        // late buys no time.
+        return fresh ? .none : .arm(.header, after: timeouts.header)
+    }
+
+    /// A complete request head arrived.
+    mutating func headReceived() -> Action {
+        switch state {
+        case .idle, .readingHead:
+            state = .readingBody
+            return .arm(.body, after: timeouts.body)
+        case .readingBody, .awaitingResponse, .responding, .closed:
+            return .none
+        }
+    }
+
+    /// A part of the body arrived: the body deadline starts again.
+    mutating func bodyReceived() -> Action {
+        guard state == .readingBody else { return .none }
+        return .arm(.body, after: timeouts.body)
+    }
+
+    /// The request ended and went to the application.
+    mutating func requestEnded() -> Action {
+        guard state == .readingBody else { return .none }
+        state = .awaitingResponse
+        return .arm(.firstByte, after: timeouts.firstByte)
+    }
+
+    /// The request was answered by the server itself (400, 413, 431, 503...) without the
+    /// application: the same as a response that started.
+    mutating func responseStarted() -> Action {
+        switch state {
+        case .readingBody, .awaitingResponse, .readingHead, .idle:
+            state = .responding
+            return .disarm
+        case .responding, .closed:
+            return .none
+        }
+    }
+
+    /// The response's last byte was written.
+    mutating func responseEnded(keepAlive: Bool) -> Action {
+        guard state != .closed else { return .none }
+        guard keepAlive else {
+            state = .closed
+            return .close
+        }
+        state = .idle(fresh: false)
+        return .arm(.keepAlive, after: timeouts.keepAlive)
+    }
+
+    /// The connection closed (either side).
+    mutating func closed() -> Action {
+        guard state != .closed else { return .none }
+        state = .closed
+        return .disarm
+    }
+
+    /// `deadline` passed. A deadline that no longer matches the state (it was replaced in a race
+    /// with its firing) is ignored.
+    mutating func deadlinePassed(_ deadline: Deadline) -> Action {
+        switch (state, deadline) {
+        case (.idle(fresh: true), .header), (.idle(fresh: false), .keepAlive):
+            state = .closed
+            return .close
+        case (.readingHead, .header), (.readingBody, .body):
+            state = .closed
+            return .answer(status: 408, close: true)
+        case (.awaitingResponse, .firstByte):
+            state = .responding
+            return .answer(status: 503, close: false)
+        default:
+            return .none
+        }
+    }
+}

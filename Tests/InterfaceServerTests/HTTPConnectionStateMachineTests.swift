@@ -1,0 +1,112 @@
+import Testing
+
+@testable import InterfaceServer
+
+/// Every transition of the HTTP connection's deadlines, without sockets or clocks.
+@Suite("HTTP connection state machine")
+struct HTTPConnectionStateMachineTests {
+    typealias Machine = HTTPConnectionStateMachine
+    static let timeouts = Machine.Timeouts(header: .seconds(10), body: .seconds(30), firstByte: .seconds(60), keepAlive: .seconds(20))
+
+    @Test func aRequestAndAKeptAliveConnection() {
+        var machine = Machine(timeouts: Self.timeouts)
+        #expect(machine.opened() == .arm(.header, after: .seconds(10)))
+        // The first byte of a fresh connection does not restart its header deadline.
+        #expect(machine.bytesArrived() == .none)
+        #expect(machine.state == .readingHead)
+        #expect(machine.headReceived() == .arm(.body, after: .seconds(30)))
+        #expect(machine.bodyReceived() == .arm(.body, after: .seconds(30)))
+        #expect(machine.requestEnded() == .arm(.firstByte, after: .seconds(60)))
+        #expect(machine.state == .awaitingResponse)
+        #expect(machine.responseStarted() == .disarm)
+        // A started response is not cut by any deadline, however long it streams.
+        #expect(machine.deadlinePassed(.firstByte) == .none)
+        #expect(machine.state == .responding)
+        #expect(machine.responseEnded(keepAlive: true) == .arm(.keepAlive, after: .seconds(20)))
+        #expect(machine.state == .idle(fresh: false))
+        // The next request's first byte starts its own header deadline.
+        #expect(machine.bytesArrived() == .arm(.header, after: .seconds(10)))
+        #expect(machine.headReceived() == .arm(.body, after: .seconds(30)))
+    }
+
+    @Test func slowLorisHeadIsAnswered408() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.bytesArrived()
+        #expect(machine.deadlinePassed(.header) == .answer(status: 408, close: true))
+        #expect(machine.state == .closed)
+        #expect(machine.deadlinePassed(.header) == .none)
+        #expect(machine.headReceived() == .none)
+    }
+
+    @Test func aConnectionThatSendsNothingIsClosedWithoutAnswer() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        #expect(machine.deadlinePassed(.header) == .close)
+        #expect(machine.state == .closed)
+    }
+
+    @Test func aStalledBodyIsAnswered408() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        #expect(machine.deadlinePassed(.body) == .answer(status: 408, close: true))
+    }
+
+    @Test func noResponseInTimeIs503AndTheConnectionLives() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        _ = machine.requestEnded()
+        #expect(machine.deadlinePassed(.firstByte) == .answer(status: 503, close: false))
+        #expect(machine.state == .responding)
+        #expect(machine.responseEnded(keepAlive: true) == .arm(.keepAlive, after: .seconds(20)))
+    }
+
+    @Test func idleKeepAliveIsClosed() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        _ = machine.requestEnded()
+        _ = machine.responseStarted()
+        _ = machine.responseEnded(keepAlive: true)
+        #expect(machine.deadlinePassed(.keepAlive) == .close)
+    }
+
+    @Test func staleDeadlinesAreIgnored() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        // The header deadline raced with the head: it no longer applies.
+        #expect(machine.deadlinePassed(.header) == .none)
+        #expect(machine.deadlinePassed(.keepAlive) == .none)
+        _ = machine.requestEnded()
+        #expect(machine.deadlinePassed(.body) == .none)
+        #expect(machine.state == .awaitingResponse)
+    }
+
+    @Test func closeWithoutKeepAliveAndAfterClose() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        _ = machine.requestEnded()
+        _ = machine.responseStarted()
+        #expect(machine.responseEnded(keepAlive: false) == .close)
+        #expect(machine.closed() == .none)
+        var other = Machine(timeouts: Self.timeouts)
+        _ = other.opened()
+        #expect(other.closed() == .disarm)
+        #expect(other.bytesArrived() == .none)
+        #expect(other.responseEnded(keepAlive: true) == .none)
+    }
+
+    @Test func aServerAnswerBeforeTheBodyEnds() {
+        // 413/431/400 are answered by the server itself: the same as a response that started.
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        #expect(machine.responseStarted() == .disarm)
+        #expect(machine.requestEnded() == .none)
+        #expect(machine.deadlinePassed(.body) == .none)
+    }
+}
