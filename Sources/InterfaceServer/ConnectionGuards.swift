@@ -17,6 +17,16 @@ final class ConnectionActivity {
     }
 
     init(upgrade: UpgradeState) { self.upgrade = upgrade }
+
+    /// Writes bytes straight to the socket (under the HTTP codec) and closes: set by the
+    /// first handler. For answers to a request whose head never arrived, which the HTTP
+    /// pipeline has no request to attach to.
+    var answerRawAndClose: (([UInt8]) -> Void)?
+
+    /// A 408 for a head that did not finish in time.
+    static let requestTimeout = Array(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nRequest timed out\n"
+            .utf8)
 }
 
 /// The first handler of an HTTP/1.1 connection (before the HTTP decoder): reports the first
@@ -33,6 +43,21 @@ final class ConnectionActivityHandler: ChannelInboundHandler, RemovableChannelHa
     init(activity: ConnectionActivity, server: ServerContext) {
         self.activity = activity
         self.server = server
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        activity.answerRawAndClose = { bytes in
+            let context = bound.value
+            let channel = context.channel
+            context.writeAndFlush(NIOAny(context.channel.allocator.buffer(bytes: bytes))).whenComplete { _ in
+                channel.close(promise: nil)
+            }
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        activity.answerRawAndClose = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -112,9 +112,19 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch action {
         case .close:
             server.counters.count(.closedIdle)
+        case .answer(status: 408, _) where before == .readingHead:
+            // A head that never finished (slow-loris). The HTTP pipeline has no request to
+            // answer: the 408 is written under it, then the connection closes.
+            server.counters.count(.timedOutHeader)
+            if let answer = activity?.answerRawAndClose {
+                answer(ConnectionActivity.requestTimeout)
+            } else {
+                context.close(promise: nil)
+            }
+            return
         case .answer(status: 408, _):
-            // A head that never finished (slow-loris) or a body that stopped coming.
-            server.counters.count(before == .readingHead ? .timedOutHeader : .timedOutBody)
+            // A body that stopped coming.
+            server.counters.count(.timedOutBody)
         default:
             break
         }

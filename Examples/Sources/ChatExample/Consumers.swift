@@ -33,10 +33,13 @@ enum ChatConsumers {
         try await context.respond(contentType: "text/plain", body: Array(body.prefix(mebibytes << 20)))
     }
 
-    /// `GET /events/`: server-sent events, one a second: each reaches the browser when sent.
+    /// `GET /events/?n=<count>`: server-sent events, one a second (3 by default, up to an
+    /// hour's): each reaches the browser when sent. A stream outlives `--http-timeout` (a time to
+    /// first byte), and stops when the client leaves (the sleep below is cancelled).
     @Sendable static func events(_ context: ConsumerContext) async throws {
+        let count = min(3600, max(1, (try? HTTPRequestMessage(context.message))?.query("n").flatMap { Int($0) } ?? 3))
         try await context.respondStart(contentType: "text/event-stream", firstChunk: Array("data: event 0\n\n".utf8))
-        for i in 1...3 {
+        for i in 1...count {
             try await Task.sleep(for: .seconds(1))
             try await context.respondChunk(Array("data: event \(i)\n\n".utf8))
         }
