@@ -44,13 +44,13 @@ fi
 
 # --- 2. Python venv with the real asgi_redis 1.4.3 for the interop tests ------------------------
 VENV="$ROOT/.venv-interop"
-if ! "$VENV/bin/python" -c 'import asgi_redis, msgpack, redis, websockets, selenium, cryptography' >/dev/null 2>&1; then
-  log "building $VENV (asgi_redis 1.4.3, msgpack-python 0.5.6, redis 2.10.6, asgiref 1.1.2, cryptography)"
+if ! "$VENV/bin/python" -c 'import asgi_redis, msgpack, redis, websockets, selenium, cryptography, h2' >/dev/null 2>&1; then
+  log "building $VENV (asgi_redis 1.4.3, msgpack-python 0.5.6, redis 2.10.6, asgiref 1.1.2, cryptography, h2)"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
     'asgi_redis==1.4.3' 'msgpack-python==0.5.6' 'redis==2.10.6' 'asgiref==1.1.2' \
-    'websockets==12.0' 'selenium==4.27.1' 'cryptography==50.0.2'
+    'websockets==12.0' 'selenium==4.27.1' 'cryptography==50.0.2' 'h2==4.1.0'
 fi
 export INTEROP_PYTHON="$VENV/bin/python"
 

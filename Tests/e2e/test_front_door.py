@@ -1,0 +1,721 @@
+"""The front door under attack (issue 27), with real processes and real sockets.
+
+Each attack runs against a real `chat runserver` while a well-behaved client (the probe) does a
+`GET /hello/` and a WebSocket echo every 100 ms on connections it opened before the attack.
+Every test states what bounds the attack (a timeout, a cap, a buffer bound), checks the
+server's counters for it on /metrics, checks the server's RSS, and checks that the probe was
+never refused and none of its sockets was closed. The probe's latency is printed (idle and under
+attack); it is not asserted (machines are noisy): scripts/bench-front-door.sh states the figures.
+
+Sizes: the defaults fit CI (2 cores, a few seconds per attack); FRONT_DOOR_SCALE=full runs the
+sizes the issue names (1,000 slow-loris heads, 5,000 idle connections, 200 held upgrades, 20
+non-reading downloads, 100 concurrent 16 MiB uploads, 10,000 frames among 100 sockets).
+
+Run: .venv-interop/bin/python Tests/e2e/test_front_door.py CHAT_BINARY REDIS_URL
+(E2E_ONLY=substring runs only the tests whose name has it.) Prints 'N passed, N failed'.
+"""
+import os
+import sys
+
+os.environ.setdefault("E2E_TEST_TIMEOUT", "240")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import *  # noqa: E402,F403
+
+import asyncio  # noqa: E402
+import hashlib  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import ssl  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import redis as redis_py  # noqa: E402
+import websockets  # noqa: E402
+from websockets.sync.client import connect as ws_connect  # noqa: E402
+
+FULL = os.environ.get("FRONT_DOOR_SCALE") == "full"
+SIZE = {
+    "loris": 1000 if FULL else 300,
+    "idle": 5000 if FULL else 600,
+    "max_connections": 2000 if FULL else 400,
+    "upgrades": 200 if FULL else 60,
+    "downloads": 20 if FULL else 6,
+    "uploads": 100 if FULL else 12,
+    "burst_frames": 10000 if FULL else 3000,
+    "chatters": 100 if FULL else 40,
+}
+RSS_BOUND_MB = 300
+R = redis_py.StrictRedis.from_url(REDIS_URL.split("?")[0])
+PREFIXES = []
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def rss_mb(proc):
+    with open("/proc/%d/status" % proc.p.pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+class RSSWatch(threading.Thread):
+    """Samples a process's RSS every 100 ms; `peak` is the highest seen."""
+
+    def __init__(self, proc):
+        super().__init__(daemon=True)
+        self.proc, self.peak, self.stopping = proc, 0.0, False
+
+    def run(self):
+        while not self.stopping:
+            try:
+                self.peak = max(self.peak, rss_mb(self.proc))
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    def stop(self):
+        self.stopping = True
+        self.join(5)
+        return self.peak
+
+
+def pct(values, p):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100.0))]
+
+
+class Probe(threading.Thread):
+    """The well-behaved client: on connections opened before the attack, a GET /hello/ and a
+    WebSocket echo every 100 ms. Any refusal, error or closed socket is a failure."""
+
+    def __init__(self, port, websocket=True):
+        super().__init__(daemon=True)
+        self.port, self.websocket = port, websocket
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.ws = ws_connect("ws://127.0.0.1:%d/echo/" % port, open_timeout=10) if websocket else None
+        self.http, self.echo, self.failures = [], [], []
+        self.mark = 0
+        self.stopping = False
+
+    def run(self):
+        i = 0
+        while not self.stopping:
+            i += 1
+            try:
+                t = time.perf_counter()
+                self.conn.request("GET", "/hello/", headers={"Host": "localhost"})
+                resp = self.conn.getresponse()
+                body = resp.read()
+                if resp.status != 200 or b"Hello" not in body:
+                    self.failures.append("GET /hello/ answered %d %r" % (resp.status, body[:80]))
+                self.http.append(time.perf_counter() - t)
+                if self.ws is not None:
+                    t = time.perf_counter()
+                    self.ws.send("probe %d" % i)
+                    got = self.ws.recv(timeout=10)
+                    if got != "probe %d" % i:
+                        self.failures.append("echo %d came back as %r" % (i, got))
+                    self.echo.append(time.perf_counter() - t)
+            except Exception as error:  # noqa: BLE001 (any error is a failure of the probe)
+                self.failures.append("%s: %s" % (type(error).__name__, error))
+                return
+            time.sleep(0.1)
+
+    def start_attack(self):
+        """Marks the end of the idle samples."""
+        self.mark = (len(self.http), len(self.echo))
+
+    def finish(self, what):
+        self.stopping = True
+        self.join(15)
+        assert not self.is_alive(), "the probe hung"
+        idle_h, idle_e = self.http[:self.mark[0]], self.echo[:self.mark[1]]
+        att_h, att_e = self.http[self.mark[0]:], self.echo[self.mark[1]:]
+        print("  probe during %s: GET p50/p99 %.1f/%.1f ms (idle %.1f/%.1f), echo p50/p99 %.1f/%.1f ms (idle %.1f/%.1f), %d requests, %d failures"
+              % (what, 1e3 * pct(att_h, 50), 1e3 * pct(att_h, 99), 1e3 * pct(idle_h, 50), 1e3 * pct(idle_h, 99),
+                 1e3 * pct(att_e, 50), 1e3 * pct(att_e, 99), 1e3 * pct(idle_e, 50), 1e3 * pct(idle_e, 99),
+                 len(att_h), len(self.failures)), flush=True)
+        assert not self.failures, ("the well-behaved client was refused or cut", self.failures[:5])
+        assert len(att_h) >= 3, "the probe made only %d requests during the attack" % len(att_h)
+        if self.ws is not None:
+            self.ws.close()
+        self.conn.close()
+
+
+def limits(mport):
+    return metric_by_label(mport, "channels_connection_limits_total", "limit")
+
+
+def metric_value(port, name):
+    status, body = http_get(port, "/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+def http_get(port, path, timeout=10):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def metric_by_label(port, name, label):
+    status, body = http_get(port, "/metrics")
+    found = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{"):
+            key, _, value = line.rpartition(" ")
+            labels = dict(part.split("=", 1) for part in key[len(name) + 1:-1].split(",") if "=" in part)
+            name_ = labels.get(label, "").strip('"')
+            found[name_] = found.get(name_, 0) + int(float(value))
+    return found
+
+
+def serve(*extra):
+    """A runserver with a metrics port; returns (proc, port, metrics port)."""
+    mport = free_port()
+    proc, port = server("--metrics-port", str(mport), *extra)
+    return proc, port, mport
+
+
+def redis_pair(prefix, server_extra=(), worker_extra=()):
+    """runserver --noworker and one runworker on a Redis prefix of their own."""
+    PREFIXES.append(prefix)
+    url = redis_url(prefix)
+    mport, wport = free_port(), free_port()
+    proc, port = server("--layer", url, "--noworker", "--metrics-port", str(mport), *server_extra)
+    worker = Proc("runworker", "--layer", url, "--metrics-port", str(wport), *worker_extra)
+    worker.wait_line("worker ready")
+    return proc, port, mport, worker, wport
+
+
+def stop_all(*procs):
+    for p in procs:
+        try:
+            p.stop()
+        except Exception:  # noqa: BLE001
+            p.p.kill()
+
+
+def open_many(port, count):
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(True)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def closed_within(sock, seconds):
+    """What the server sent before closing `sock` (b'' for a plain close), or None if it was
+    still open after `seconds`."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except socket.timeout:
+        return None
+    except (ConnectionResetError, BrokenPipeError):
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@test
+def slow_loris_heads_get_408_and_close():
+    n = SIZE["loris"]
+    proc, port, mport = serve("--header-timeout", "2")
+    watch = RSSWatch(proc)
+    watch.start()
+    probe = Probe(port)
+    probe.start()
+    try:
+        time.sleep(1.0)
+        probe.start_attack()
+        started = time.time()
+        socks = open_many(port, n)
+        for i, s in enumerate(socks):
+            s.send(b"GET /hello/ HTTP/1.1\r\nHost: localhost\r\nX-Slow-%d: " % i)
+        # Keep dripping a byte a second into every head: dripping buys no time.
+        answers = []
+        deadline = time.time() + 8
+        pending = list(socks)
+        while pending and time.time() < deadline:
+            for s in list(pending):
+                try:
+                    s.send(b"a")
+                except OSError:
+                    pass
+            time.sleep(0.5)
+            still = []
+            for s in pending:
+                s.setblocking(False)
+                try:
+                    data = s.recv(4096)
+                    answers.append(data)
+                    s.close()
+                except BlockingIOError:
+                    still.append(s)
+                except OSError:
+                    answers.append(b"")
+                    s.close()
+            pending = still
+        elapsed = time.time() - started
+        assert not pending, "%d of %d slow heads still open after %.1f s" % (len(pending), n, elapsed)
+        got408 = sum(1 for a in answers if a.startswith(b"HTTP/1.1 408"))
+        print("  %d slow heads: %d answered 408, all closed within %.1f s" % (n, got408, elapsed))
+        assert got408 >= n * 0.95, "only %d of %d got a 408" % (got408, n)
+        counted = limits(mport).get("header_timeout", 0)
+        assert counted >= n, ("header_timeout counted", counted, n)
+        time.sleep(1)
+        probe.finish("%d slow-loris heads" % n)
+    finally:
+        peak = watch.stop()
+        print("  server RSS peak %.0f MB" % peak)
+        stop_all(proc)
+    assert peak < RSS_BOUND_MB, peak
+
+
+@test
+def idle_connections_over_the_cap_are_refused_fast_and_time_out():
+    n, cap = SIZE["idle"], SIZE["max_connections"]
+    proc, port, mport = serve("--header-timeout", "3", "--max-connections", str(cap))
+    watch = RSSWatch(proc)
+    watch.start()
+    probe = Probe(port)
+    probe.start()
+    try:
+        time.sleep(1.0)
+        probe.start_attack()
+        socks = open_many(port, n)
+        # Over the cap (less the probe's two connections): a 503 at once, then closed.
+        refused = 0
+        for s in socks:
+            s.settimeout(0.2)
+            try:
+                data = s.recv(4096)
+                if data.startswith(b"HTTP/1.1 503") or data == b"":
+                    refused += 1
+            except socket.timeout:
+                pass
+            except ConnectionResetError:
+                refused += 1
+        expected = n - (cap - 2)
+        print("  %d idle connections over a cap of %d: %d refused at once" % (n, cap, refused))
+        assert refused >= expected * 0.95, (refused, expected)
+        counted = limits(mport).get("max_connections", 0)
+        assert counted >= expected * 0.95, ("max_connections counted", counted, expected)
+        # The admitted idle ones are closed by the header timeout; then new clients get in.
+        until(lambda: limits(mport).get("idle", 0) >= cap - 2 - 5, "the idle connections closed", timeout=15)
+        status, body = http_get(port, "/hello/")
+        assert status == 200, status
+        for s in socks:
+            s.close()
+        probe.finish("%d idle connections" % n)
+    finally:
+        peak = watch.stop()
+        print("  server RSS peak %.0f MB" % peak)
+        stop_all(proc)
+    assert peak < RSS_BOUND_MB, peak
+
+
+@test
+def held_upgrades_streaming_garbage_are_bounded():
+    """Upgrades the application does not answer (no worker takes websocket.connect) while the
+    client streams bytes: reading is paused, memory stays bounded, each is refused at the
+    connect timeout."""
+    n = SIZE["upgrades"]
+    proc, port, mport, worker, wport = redis_pair(
+        "fdup%d:" % os.getpid(), server_extra=("--websocket-connect-timeout", "4"),
+        worker_extra=("--exclude-channels", "websocket.connect"))
+    watch = RSSWatch(proc)
+    watch.start()
+    probe = Probe(port, websocket=False)
+    probe.start()
+    try:
+        time.sleep(1.0)
+        probe.start_attack()
+        socks = open_many(port, n)
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        for s in socks:
+            s.send(("GET /echo/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+            s.setblocking(False)
+        junk = os.urandom(64 * 1024)
+        sent = [0] * n
+        deadline = time.time() + 3
+        while time.time() < deadline:
+            for i, s in enumerate(socks):
+                try:
+                    sent[i] += s.send(junk)
+                except (BlockingIOError, OSError):
+                    pass
+            time.sleep(0.01)
+        print("  %d held upgrades: %.1f MB sent by the clients in 3 s (the rest held back by TCP)"
+              % (n, sum(sent) / 1e6))
+        answers = [closed_within(s, 10) for s in socks]
+        open_after = sum(1 for a in answers if a is None)
+        assert open_after == 0, "%d held upgrades still open 10 s after the connect timeout" % open_after
+        refused = sum(1 for a in answers if a and (a.startswith(b"HTTP/1.1 403") or a.startswith(b"HTTP/1.1 503")))
+        overflow = limits(mport).get("upgrade_overflow", 0)
+        print("  refused %d, closed for overflowing %d" % (refused, overflow))
+        assert refused + overflow >= n * 0.95, (refused, overflow, n)
+        probe.finish("%d held upgrades streaming garbage" % n)
+    finally:
+        peak = watch.stop()
+        print("  server RSS peak %.0f MB" % peak)
+        stop_all(proc, worker)
+    assert peak < RSS_BOUND_MB, peak
+
+
+@test
+def downloads_nobody_reads_are_bounded_and_the_worker_stops():
+    n = SIZE["downloads"]
+    proc, port, mport, worker, wport = redis_pair("fddl%d:" % os.getpid(), server_extra=("--max-response-buffer", str(8 << 20)))
+    watch = RSSWatch(proc)
+    watch.start()
+    probe = Probe(port)
+    probe.start()
+    try:
+        time.sleep(1.0)
+        probe.start_attack()
+        socks = []
+        for _ in range(n):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.send(b"GET /download/64/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            socks.append(s)
+        until(lambda: limits(mport).get("slow_http_client", 0) >= n, "%d non-reading downloads closed" % n, timeout=60)
+        # The worker may have sent every chunk before the close (then they arrive for a gone
+        # connection and are counted as unroutable) or be stopped by the disconnect.
+        print("  %d non-reading downloads of 64 MiB: all closed at the 8 MiB bound; the worker stopped %d early"
+              % (n, metric_value(wport, "channels_http_streams_abandoned_total")))
+        for s in socks:
+            s.close()
+        status, body = http_get(port, "/download/3/")
+        assert status == 200 and len(body) == 3 << 20, (status, len(body))
+        probe.finish("%d downloads nobody reads" % n)
+    finally:
+        peak = watch.stop()
+        print("  server RSS peak %.0f MB" % peak)
+        stop_all(proc, worker)
+    assert peak < RSS_BOUND_MB, peak
+
+
+@test
+def concurrent_large_uploads_stream_through():
+    n = SIZE["uploads"]
+    size = 16 << 20
+    proc, port, mport, worker, wport = redis_pair("fdul%d:" % os.getpid(), worker_extra=("--threads", str(max(4, n))))
+    watch = RSSWatch(proc)
+    watch.start()
+    probe = Probe(port)
+    probe.start()
+    results = []
+    try:
+        time.sleep(1.0)
+        probe.start_attack()
+        payload = os.urandom(1 << 20) * 16
+
+        def upload():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                conn.request("POST", "/poll/", body=payload, headers={"Content-Type": "application/octet-stream"})
+                resp = conn.getresponse()
+                results.append((resp.status, resp.read()))
+            except Exception as error:  # noqa: BLE001
+                results.append((0, repr(error).encode()))
+
+        threads = [threading.Thread(target=upload) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        ok = sum(1 for status, body in results if status == 200 and json.loads(body).get("received") == size)
+        print("  %d concurrent 16 MiB uploads: %d answered with every byte counted" % (n, ok))
+        assert ok == n, [r for r in results if r[0] != 200][:3]
+        probe.finish("%d concurrent 16 MiB uploads" % n)
+    finally:
+        peak = watch.stop()
+        print("  server RSS peak %.0f MB" % peak)
+        stop_all(proc, worker)
+    assert peak < RSS_BOUND_MB, peak
+
+
+@test
+def one_bursting_socket_does_not_close_its_neighbours():
+    frames, chatters = SIZE["burst_frames"], SIZE["chatters"]
+    proc, port, mport, worker, wport = redis_pair("fdbu%d:" % os.getpid())
+    probe = Probe(port)
+    probe.start()
+
+    async def run():
+        room = "burst%d" % os.getpid()
+        members = []
+        for _ in range(chatters):
+            ws = await websockets.connect("ws://127.0.0.1:%d/echo/" % port, max_queue=None)
+            members.append(ws)
+        burster = await websockets.connect("ws://127.0.0.1:%d/echo/" % port, max_queue=None)
+        probe.start_attack()
+
+        async def burst():
+            for i in range(frames):
+                await burster.send("b%d" % i)
+            got = 0
+            while got < frames:
+                await asyncio.wait_for(burster.recv(), 60)
+                got += 1
+            return got
+
+        async def chat(ws, k):
+            sent = 0
+            for i in range(5):
+                await ws.send("m%d-%d" % (k, i))
+                sent += 1
+                reply = await asyncio.wait_for(ws.recv(), 30)
+                assert reply == "m%d-%d" % (k, i), reply
+                await asyncio.sleep(0.2)
+            return sent
+
+        results = await asyncio.gather(burst(), *[chat(ws, k) for k, ws in enumerate(members)], return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        print("  burst of %d frames among %d chatting sockets: burster got %r echoes, %d chatters done, %d errors"
+              % (frames, chatters, results[0], sum(1 for r in results[1:] if r == 5), len(errors)))
+        assert not errors, errors[:3]
+        for ws in members + [burster]:
+            await ws.close()
+
+    try:
+        asyncio.run(run())
+        full = limits(mport)
+        print("  limits counted:", full)
+        probe.finish("a burst of %d frames" % frames)
+    finally:
+        stop_all(proc, worker)
+
+
+@test
+def server_sent_events_outlive_the_http_timeout_and_stop_with_their_client():
+    proc, port, mport = serve("--http-timeout", "2")
+    try:
+        started = time.time()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("GET", "/events/?n=5")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        elapsed = time.time() - started
+        events = [line for line in body.splitlines() if line.startswith("data: ")]
+        print("  a 5 s stream under --http-timeout 2: %d events in %.1f s" % (len(events), elapsed))
+        assert resp.status == 200 and events == ["data: event %d" % i for i in range(6)], body
+        assert elapsed >= 4.5, elapsed
+        # A client that leaves: the consumer is cancelled (the worker's count moves) at once.
+        before = metric_value(mport, "channels_http_streams_abandoned_total")
+        s = socket.create_connection(("127.0.0.1", port))
+        s.send(b"GET /events/?n=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        s.settimeout(5)
+        assert b"event 0" in s.recv(4096)
+        s.close()
+        left = time.time()
+        until(lambda: metric_value(mport, "channels_http_streams_abandoned_total") > before,
+              "the streaming consumer stopped", timeout=5)
+        print("  a client that left a stream: its consumer stopped %.2f s later" % (time.time() - left))
+        assert time.time() - left < 1.5
+        status, _ = http_get(port, "/hello/")
+        assert status == 200
+    finally:
+        stop_all(proc)
+    # The same across processes: the worker that streams hears of the client through Redis.
+    proc, port, mport, worker, wport = redis_pair("fdsse%d:" % os.getpid(), server_extra=("--http-timeout", "2"))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("GET", "/events/?n=3")
+        body = conn.getresponse().read().decode()
+        assert body.count("data: event") == 4, body
+        s = socket.create_connection(("127.0.0.1", port))
+        s.send(b"GET /events/?n=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        s.settimeout(5)
+        assert b"event 0" in s.recv(4096)
+        s.close()
+        left = time.time()
+        until(lambda: metric_value(wport, "channels_http_streams_abandoned_total") >= 1,
+              "the runworker's streaming consumer stopped", timeout=5)
+        print("  through Redis: the runworker's consumer stopped %.2f s after its client left" % (time.time() - left))
+    finally:
+        stop_all(proc, worker)
+
+
+# --- TLS and HTTP/2 ------------------------------------------------------------------------------
+
+def make_certificate(directory, name):
+    cert, key = os.path.join(directory, name + ".pem"), os.path.join(directory, name + "-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=" + name, "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def served_certificate(port):
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+
+def fingerprint(cert_path):
+    der = ssl.PEM_cert_to_DER_cert(open(cert_path).read())
+    return hashlib.sha256(der).hexdigest()
+
+
+@test
+def tls_https_wss_http2_and_a_certificate_reload():
+    directory = tempfile.mkdtemp(prefix="e2e-tls-")
+    cert, key = make_certificate(directory, "first")
+    live_cert, live_key = os.path.join(directory, "live.pem"), os.path.join(directory, "live-key.pem")
+    shutil.copy(cert, live_cert)
+    shutil.copy(key, live_key)
+    # Wrong files are clear start-up errors.
+    for args, words in [(("--tls-cert", "/nonexistent.pem", "--tls-key", live_key), "cannot read the TLS certificate"),
+                        (("--tls-cert", live_cert), "needs --tls-key"),
+                        (("--tls-cert", live_key, "--tls-key", live_key), "TLS certificate")]:
+        out = subprocess.run([CHAT, "runserver", "--port", str(free_port()), *args], capture_output=True, timeout=30)
+        text = (out.stdout + out.stderr).decode()
+        assert out.returncode != 0 and words in text, (args, out.returncode, text[-400:])
+    proc, port = server("--tls-cert", live_cert, "--tls-key", live_key)
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+        conn.request("GET", "/hello/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"Hello" in resp.read()
+
+        async def wss():
+            async with websockets.connect("wss://localhost:%d/echo/" % port, ssl=context) as ws:
+                for i in range(20):
+                    await ws.send("tls %d" % i)
+                    assert await asyncio.wait_for(ws.recv(), 10) == "tls %d" % i
+        asyncio.run(wss())
+
+        def curl(*args):
+            out = subprocess.run(["curl", "-sS", "--http2", "--cacert", cert, *args], capture_output=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        version = curl("-o", "/dev/null", "-w", "%{http_version}", "https://localhost:%d/hello/" % port)
+        assert version == b"2", version
+        body = curl("https://localhost:%d/download/5/" % port)
+        assert len(body) == 5 << 20, len(body)
+        events = curl("https://localhost:%d/events/?n=2" % port)
+        assert events.count(b"data: event") == 3, events
+        upload = curl("-X", "POST", "--data-binary", "@" + live_key, "https://localhost:%d/poll/" % port)
+        assert json.loads(upload)["received"] == os.path.getsize(live_key), upload
+        # Many streams on one connection, answered in full.
+        urls = ["https://localhost:%d/hello/%d" % (port, i) for i in range(50)]
+        many = curl("--parallel", "--parallel-immediate", "--parallel-max", "50", *urls)
+        assert many.count(b"Hello world") == 50, many[:200]
+        # The reload: new files, SIGHUP, new connections get the new certificate.
+        assert served_certificate(port) == fingerprint(cert)
+        second, second_key = make_certificate(directory, "second")
+        shutil.copy(second, live_cert)
+        shutil.copy(second_key, live_key)
+        proc.p.send_signal(signal.SIGHUP)
+        until(lambda: served_certificate(port) == fingerprint(second), "the reloaded certificate served", timeout=10)
+        # The connection opened before the reload still works.
+        conn.request("GET", "/hello/again")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"again" in resp.read()
+        assert proc.p.poll() is None
+    finally:
+        stop_all(proc)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@test
+def http2_rapid_reset_flood_is_cut_and_others_are_served():
+    import h2.config
+    import h2.connection
+    import h2.events
+    directory = tempfile.mkdtemp(prefix="e2e-h2-")
+    cert, key = make_certificate(directory, "h2")
+    mport = free_port()
+    proc, port = server("--tls-cert", cert, "--tls-key", key, "--metrics-port", str(mport))
+    try:
+        before = metric_value(mport, "channels_http_requests_total")
+        context = ssl.create_default_context(cafile=cert)
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", port))
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        assert tls.selected_alpn_protocol() == "h2"
+        h2c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        h2c.initiate_connection()
+        tls.sendall(h2c.data_to_send())
+        attempts, cut = 5000, False
+        headers = [(":method", "GET"), (":path", "/hello/reset"), (":scheme", "https"), (":authority", "localhost")]
+        sent = 0
+        try:
+            for i in range(attempts):
+                stream = h2c.get_next_available_stream_id()
+                h2c.send_headers(stream, headers, end_stream=True)
+                h2c.reset_stream(stream)
+                tls.sendall(h2c.data_to_send())
+                sent += 1
+        except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+            cut = True
+        if not cut:
+            tls.settimeout(5)
+            try:
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        cut = True
+                        break
+                    for event in h2c.receive_data(data):
+                        if isinstance(event, h2.events.ConnectionTerminated):
+                            cut = True
+                    tls.sendall(h2c.data_to_send())
+                    if cut:
+                        break
+            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+                cut = True
+        dispatched = metric_value(mport, "channels_http_requests_total") - before
+        print("  rapid reset: %d HEADERS+RST_STREAM sent before the server cut the connection; %d requests reached the application"
+              % (sent, dispatched))
+        assert cut, "the server never cut a connection that reset %d streams" % sent
+        assert dispatched < attempts / 2, dispatched
+        # Everyone else is still served, over HTTP/2 too.
+        out = subprocess.run(["curl", "-sS", "--http2", "--cacert", cert, "https://localhost:%d/hello/" % port],
+                             capture_output=True, timeout=30)
+        assert out.returncode == 0 and b"Hello" in out.stdout, out
+    finally:
+        stop_all(proc)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+for _prefix in PREFIXES:
+    for _key in R.scan_iter(match=_prefix + "*", count=1000):
+        R.delete(_key)
+summary()
