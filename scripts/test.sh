@@ -106,6 +106,8 @@ log "security, as an attacker: session takeover from logs/stats/Redis, cross-sit
 "$INTEROP_PYTHON" Tests/e2e/test_security.py "$CHAT" "$REDIS_URL"
 log "secrets never printed (URLs, env and files), two tenants on one Redis, the session-churn bound"
 "$INTEROP_PYTHON" Tests/e2e/test_secrets.py "$CHAT" "$REDIS_URL"
+log "the front door under attack: slow-loris, idle floods, held upgrades, unread downloads, large uploads, bursts, SSE, TLS + HTTP/2, rapid reset"
+"$INTEROP_PYTHON" Tests/e2e/test_front_door.py "$CHAT" "$REDIS_URL"
 log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and worker SIGKILLs, slow clients"
 "$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$CHAT" "$REDIS_URL"
 log "production Redis: every process over TLS with encryption (and asgi_redis), a Sentinel failover under 50 sockets"

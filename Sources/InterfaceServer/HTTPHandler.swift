@@ -17,6 +17,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var head: HTTPRequestHead?
     private var body: ByteBuffer?
     private var bodyTooLarge = false
+    /// Body bytes of the request so far.
+    private var bodyBytesReceived = 0
+    /// The body channel of a request dispatched before its body ended (a large body, streamed).
+    private var streamingBodyChannel: String?
+    /// The request is refused; its body is read and dropped.
+    private var discardingBody = false
+    private var earlyRefusal: (HTTPResponseStatus, String)?
+    /// A streamed body passed the limit and was answered (or the connection closed) mid-way.
+    private var bodyAborted = false
     private var replyChannel: String?
     private var responseStarted = false
     private var responseBytes = 0
@@ -146,6 +155,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.head = head
             body = nil
             bodyTooLarge = false
+            discardingBody = false
+            earlyRefusal = nil
+            bodyAborted = false
+            bodyBytesReceived = 0
+            streamingBodyChannel = nil
             started = .now()
             keepAlive = head.isKeepAlive
             clientAddress = RequestTranslation.clientDescription(
@@ -160,38 +174,110 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             headersTooLarge = headerBytes > server.configuration.maxHeaderSize
         case .body(var chunk):
             apply(machine.bodyReceived(), context: context)
-            guard !bodyTooLarge else { return }
-            if (body?.readableBytes ?? 0) + chunk.readableBytes > server.configuration.maxBodySize {
+            guard !bodyTooLarge, !discardingBody else { return }
+            bodyBytesReceived += chunk.readableBytes
+            if bodyBytesReceived > server.configuration.maxBodySize {
                 bodyTooLarge = true
                 body = nil
+                if streamingBodyChannel != nil { abortStreamedBody(context: context) }
                 return
             }
             if body == nil { body = chunk } else { body!.writeBuffer(&chunk) }
+            if streamingBodyChannel != nil {
+                sendBodyChunks(context: context, final: false)
+            } else if body!.readableBytes > server.configuration.bodyChunkSize, let head {
+                // A large body goes to the application as it arrives, chunk by chunk (reading
+                // pauses while a chunk waits for the layer): the server never holds it whole.
+                if let refusal = refusal(head: head) {
+                    // Answered at the end of the request; the rest of the body is not kept.
+                    discardingBody = true
+                    body = nil
+                    earlyRefusal = refusal
+                } else {
+                    dispatch(context: context, head: head, streaming: true)
+                }
+            }
         case .end:
-            guard let head else { return }
+            guard let head, !bodyAborted else { return }
+            if streamingBodyChannel != nil {
+                sendBodyChunks(context: context, final: true)
+                streamingBodyChannel = nil
+                apply(machine.requestEnded(), context: context)
+                return
+            }
             ServerMetrics.httpRequests.increment()
             if headersTooLarge || bodyTooLarge { ServerMetrics.dropped[.tooLarge]?.increment() }
             if upgrade.refusalAnswered {
                 // errorCaught already answered this refused upgrade (and closes the connection):
                 // a second answer would be a response without a request.
                 upgrade.refusalAnswered = false
-            } else if upgrade.rejected {
-                upgrade.rejected = false
-                respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
-            } else if headersTooLarge {
-                respondPlain(context: context, status: .requestHeaderFieldsTooLarge, text: "Request headers too large\n", close: true)
-            } else if bodyTooLarge {
-                respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
-            } else if !server.hostAllowed(head) {
-                respondPlain(context: context, status: .badRequest, text: "Bad Request (invalid Host header)\n", close: true)
+            } else if bodyTooLarge && !headersTooLarge && !upgrade.rejected {
+                if replyChannel == nil, !responseStarted {
+                    respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
+                }
+            } else if let (status, text) = earlyRefusal ?? refusal(head: head) {
+                respondPlain(context: context, status: status, text: text, close: true)
             } else {
                 apply(machine.requestEnded(), context: context)
-                dispatch(context: context, head: head)
+                dispatch(context: context, head: head, streaming: false)
             }
         }
     }
 
-    private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead) {
+    /// Why the request is answered by the server itself (and not sent to the application), or
+    /// nil. The Host check (which counts) runs once per request.
+    private func refusal(head: HTTPRequestHead) -> (HTTPResponseStatus, String)? {
+        if upgrade.rejected {
+            upgrade.rejected = false
+            return (upgrade.rejectionStatus, "WebSocket connection refused\n")
+        }
+        if headersTooLarge { return (.requestHeaderFieldsTooLarge, "Request headers too large\n") }
+        if bodyTooLarge { return (.payloadTooLarge, "Request body too large\n") }
+        if !server.hostAllowed(head) { return (.badRequest, "Bad Request (invalid Host header)\n") }
+        return nil
+    }
+
+    /// Sends the buffered body to the body channel in `bodyChunkSize` pieces; with `final`, the
+    /// rest (possibly nothing) as the last piece.
+    private func sendBodyChunks(context: ChannelHandlerContext, final: Bool) {
+        guard let bodyChannel = streamingBodyChannel else { return }
+        let chunkSize = server.configuration.bodyChunkSize
+        let sender = connectionSender(context: context)
+        while var buffer = body, buffer.readableBytes >= chunkSize, !(final && buffer.readableBytes == chunkSize) {
+            let bytes = buffer.readBytes(length: chunkSize)!
+            body = buffer.readableBytes > 0 ? buffer : nil
+            sender.send(HTTPBodyChunk(content: bytes, moreContent: true).message, to: bodyChannel)
+        }
+        if final {
+            let rest = body.map { Array($0.readableBytesView) } ?? []
+            body = nil
+            sender.send(HTTPBodyChunk(content: rest, moreContent: false).message, to: bodyChannel)
+        } else if let buffer = body, buffer.readerIndex > 0, buffer.readableBytes < chunkSize {
+            // Keep what waits small: the read part of the buffer is given back.
+            var copy = context.channel.allocator.buffer(capacity: chunkSize + 65536)
+            copy.writeImmutableBuffer(buffer)
+            body = copy
+        }
+    }
+
+    /// A streamed body passed `maxBodySize`: the application hears the client is gone (a closed
+    /// chunk), the client gets 413 if nothing was answered yet, and the connection closes.
+    private func abortStreamedBody(context: ChannelHandlerContext) {
+        guard let bodyChannel = streamingBodyChannel else { return }
+        streamingBodyChannel = nil
+        bodyAborted = true
+        ServerMetrics.dropped[.tooLarge]?.increment()
+        connectionSender(context: context).send(HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel)
+        if !responseStarted, replyChannel != nil {
+            finishRequest()
+            respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
+    private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead, streaming: Bool) {
+        if streaming { ServerMetrics.httpRequests.increment() }
         let (path, query) = PercentCoding.splitTarget(head.uri)
         let reply = server.router.newReplyChannel()
         replyChannel = reply
@@ -205,20 +291,27 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             server: RequestTranslation.address(context.channel.localAddress))
         var chunks: [HTTPBodyChunk] = []
         let chunkSize = server.configuration.bodyChunkSize
-        let bodyBytes = body.map { Array($0.readableBytesView) } ?? []
-        body = nil
-        if bodyBytes.count > chunkSize {
-            // The first chunk rides in the request; the rest go on a body channel.
-            request.body = Array(bodyBytes[0..<chunkSize])
-            var offset = chunkSize
-            while offset < bodyBytes.count {
-                let end = min(offset + chunkSize, bodyBytes.count)
-                chunks.append(HTTPBodyChunk(content: Array(bodyBytes[offset..<end]), moreContent: end < bodyBytes.count))
-                offset = end
-            }
+        if streaming {
+            // The first chunk rides in the request; the rest follow on the body channel as they come.
+            request.body = body?.readBytes(length: chunkSize) ?? []
             request.bodyChannel = ASGIChannel.httpRequestBodyPrefix + ChannelNames.randomLetters(12)
+            streamingBodyChannel = request.bodyChannel
         } else {
-            request.body = bodyBytes
+            let bodyBytes = body.map { Array($0.readableBytesView) } ?? []
+            body = nil
+            if bodyBytes.count > chunkSize {
+                // The first chunk rides in the request; the rest go on a body channel.
+                request.body = Array(bodyBytes[0..<chunkSize])
+                var offset = chunkSize
+                while offset < bodyBytes.count {
+                    let end = min(offset + chunkSize, bodyBytes.count)
+                    chunks.append(HTTPBodyChunk(content: Array(bodyBytes[offset..<end]), moreContent: end < bodyBytes.count))
+                    offset = end
+                }
+                request.bodyChannel = ASGIChannel.httpRequestBodyPrefix + ChannelNames.randomLetters(12)
+            } else {
+                request.body = bodyBytes
+            }
         }
 
         let loop = context.eventLoop
@@ -235,16 +328,27 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if let bodyChannel = request.bodyChannel {
             for chunk in chunks { sender.send(chunk.message, to: bodyChannel) }
         }
+        if streaming { sendBodyChunks(context: context, final: false) }
     }
 
     private func connectionSender(context: ChannelHandlerContext) -> LayerSender {
         if let sender { return sender }
-        let sender = server.makeSender(on: context.eventLoop, outageTimeout: .zero)
+        // Body chunks are large: reading pauses as soon as two messages wait for the layer.
+        let sender = server.makeSender(on: context.eventLoop, outageTimeout: .zero, heldLimit: 2)
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         let channel = context.channel
         sender.onGiveUp = { reason in handler.value.sendFailed(full: reason == .full, context: boundContext.value) }
-        sender.setReading = { reading in _ = channel.setOption(ChannelOptions.autoRead, value: reading) }
+        sender.setReading = { reading in
+            _ = channel.setOption(ChannelOptions.autoRead, value: reading)
+            // Time the server itself stops reading is not the client's pause.
+            let handler = handler.value
+            if reading {
+                handler.apply(handler.machine.bodyReceived(), context: boundContext.value)
+            } else if handler.machine.state == .readingBody {
+                handler.apply(.disarm, context: boundContext.value)
+            }
+        }
         self.sender = sender
         return sender
     }
@@ -420,6 +524,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         leaveFlight()
+        if let bodyChannel = streamingBodyChannel {
+            // The client left mid-upload: the consumer reading the body hears it at once.
+            streamingBodyChannel = nil
+            connectionSender(context: context).send(
+                HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel)
+        }
         apply(machine.closed(), context: context)
         activity?.onBytes = nil
         if let replyChannel, let head {

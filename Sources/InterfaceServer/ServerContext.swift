@@ -42,8 +42,8 @@ final class ServerContext: Sendable {
     }
 
     /// A sender for one connection's messages (see ``LayerSender``).
-    func makeSender(on loop: any EventLoop, outageTimeout: Duration) -> LayerSender {
-        LayerSender(server: self, loop: loop, outageTimeout: outageTimeout, heldLimit: configuration.maxHeldMessages)
+    func makeSender(on loop: any EventLoop, outageTimeout: Duration, heldLimit: Int? = nil) -> LayerSender {
+        LayerSender(server: self, loop: loop, outageTimeout: outageTimeout, heldLimit: heldLimit ?? configuration.maxHeldMessages)
     }
 
     func trackSocket(_ id: ObjectIdentifier, closer: @escaping @Sendable (UInt16) -> Void) {

