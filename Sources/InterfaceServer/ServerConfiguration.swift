@@ -84,6 +84,10 @@ public struct ServerConfiguration: Sendable {
     public var layerOutageTimeout: Duration
     /// Messages one connection may have waiting for the layer before reading from it pauses.
     public var maxHeldMessages: Int
+    /// Frames a second one WebSocket may send to the layer (in bursts of a tenth of it); past it,
+    /// reading from that client pauses until its share is due, so one socket cannot fill
+    /// `websocket.receive` for everyone. 0: no limit.
+    public var maxFramesPerSecond: Int
     /// Bytes that may wait to be written to one WebSocket client; past it the client is not
     /// reading, and the socket is closed with 1008 so no one else waits on it.
     public var maxQueuedBytesPerSocket: Int
@@ -129,6 +133,7 @@ public struct ServerConfiguration: Sendable {
         layerOutageTimeout: Duration = .seconds(120),
         maxHeldMessages: Int = 64,
         maxQueuedBytesPerSocket: Int = 4 * 1024 * 1024,
+        maxFramesPerSecond: Int = 1000,
         readerRegistrationInterval: Duration = .seconds(2)
     ) {
         self.host = host
@@ -167,6 +172,7 @@ public struct ServerConfiguration: Sendable {
         self.layerOutageTimeout = layerOutageTimeout
         self.maxHeldMessages = maxHeldMessages
         self.maxQueuedBytesPerSocket = maxQueuedBytesPerSocket
+        self.maxFramesPerSecond = maxFramesPerSecond
         self.readerRegistrationInterval = readerRegistrationInterval
     }
 }

@@ -49,6 +49,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var refusedMaxConnections = 0
     /// Connections refused because their address had `maxConnectionsPerAddress` open.
     public var refusedPerAddress = 0
+    /// Times a WebSocket sent past `maxFramesPerSecond` and reading from it paused (nothing
+    /// is dropped: the client waits).
+    public var framesPaced = 0
 
     /// All counters at zero.
     public init() {}
@@ -60,7 +63,7 @@ final class ServerCounters: Sendable {
         case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
             refusedHost, refusedOrigin, timedOutHeader, timedOutBody, timedOutResponse, closedIdle,
-            closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress
+            closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress, framesPaced
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -95,6 +98,7 @@ final class ServerCounters: Sendable {
         stats.closedUpgradeOverflow = self[.closedUpgradeOverflow]
         stats.refusedMaxConnections = self[.refusedMaxConnections]
         stats.refusedPerAddress = self[.refusedPerAddress]
+        stats.framesPaced = self[.framesPaced]
         stats.unroutableReplies = unroutable
         return stats
     }

@@ -54,8 +54,28 @@ final class WebSocketSession {
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
         sender.onGiveUp = { reason in bound.value.senderGaveUp(reason) }
         sender.setReading = { reading in
-            _ = bound.value.channel.setOption(ChannelOptions.autoRead, value: reading)
+            bound.value.senderReading = reading
+            bound.value.updateReading()
         }
+        if server.configuration.maxFramesPerSecond > 0 {
+            limiter = FrameRateLimiter(
+                perSecond: server.configuration.maxFramesPerSecond, burst: max(10, server.configuration.maxFramesPerSecond / 10), now: .now())
+        }
+    }
+
+    /// This socket's share of the layer: frames a second (nil: no limit).
+    private var limiter: FrameRateLimiter?
+    /// The sender wants reading (nothing held past its bound).
+    private var senderReading = true
+    /// The socket is past its frame rate; reading resumes when a token is due.
+    private var ratePaused = false
+    private var reading = true
+
+    private func updateReading() {
+        let wanted = senderReading && !ratePaused
+        guard wanted != reading else { return }
+        reading = wanted
+        _ = channel.setOption(ChannelOptions.autoRead, value: wanted)
     }
 
     /// The layer stayed full or unreachable for the whole bound: the socket cannot go on.
@@ -271,6 +291,16 @@ final class WebSocketSession {
             replyChannel: replyChannel, path: path, order: order,
             data: text.map { .text($0) } ?? .bytes(bytes ?? []))
         sender.send(message.message, to: ASGIChannel.websocketReceive)
+        if !ratePaused, let wait = limiter?.take(now: .now()) {
+            ratePaused = true
+            server.counters.count(.framesPaced)
+            updateReading()
+            let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+            channel.eventLoop.scheduleTask(in: wait) {
+                bound.value.ratePaused = false
+                bound.value.updateReading()
+            }
+        }
     }
 
     /// Closes from our side with `code`, and tells the application. The close frame gets a few

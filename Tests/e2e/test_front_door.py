@@ -490,12 +490,16 @@ def one_bursting_socket_does_not_close_its_neighbours():
                 got += 1
             return got
 
+        latencies = []
+
         async def chat(ws, k):
             sent = 0
             for i in range(5):
+                t = time.perf_counter()
                 await ws.send("m%d-%d" % (k, i))
                 sent += 1
                 reply = await asyncio.wait_for(ws.recv(), 30)
+                latencies.append(time.perf_counter() - t)
                 assert reply == "m%d-%d" % (k, i), reply
                 await asyncio.sleep(0.2)
             return sent
@@ -504,14 +508,16 @@ def one_bursting_socket_does_not_close_its_neighbours():
         errors = [r for r in results if isinstance(r, BaseException)]
         print("  burst of %d frames among %d chatting sockets: burster got %r echoes, %d chatters done, %d errors"
               % (frames, chatters, results[0], sum(1 for r in results[1:] if r == 5), len(errors)))
+        print("  the chatters' echo p50/p99 during the burst: %.1f/%.1f ms" % (1e3 * pct(latencies, 50), 1e3 * pct(latencies, 99)))
         assert not errors, errors[:3]
         for ws in members + [burster]:
             await ws.close()
 
     try:
         asyncio.run(run())
-        full = limits(mport)
-        print("  limits counted:", full)
+        paced = limits(mport).get("frames_paced", 0)
+        print("  the burster was paced %d times (reading paused, nothing dropped)" % paced)
+        assert paced > 0, "a socket sending %d frames at once was never paced" % frames
         probe.finish("a burst of %d frames" % frames)
     finally:
         stop_all(proc, worker)
