@@ -18,6 +18,7 @@ public final class ResponseStreams: Sendable {
 
     static let abandoned = Counter(label: "channels_http_streams_abandoned_total")
 
+    /// A registry whose inbox is `<prefix>.<10 letters>!`.
     public init(prefix: String = "worker") {
         inbox = prefix + "." + ChannelNames.randomLetters(10) + "!"
     }

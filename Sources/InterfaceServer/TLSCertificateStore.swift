@@ -5,12 +5,23 @@ import Synchronization
 /// Why the TLS certificate or key could not be used; said at start-up (and on a reload, which
 /// keeps serving the previous pair).
 public struct TLSConfigurationError: Error, CustomStringConvertible, Sendable {
+    /// What was wrong.
     public enum Code: Sendable {
-        case missingKey, missingCertificate, unreadableCertificate, unreadableKey, noCertificate, rejected
+        /// A certificate without a key, or a key without a certificate.
+        case missingKey, missingCertificate
+        /// The file is missing, unreadable or not PEM.
+        case unreadableCertificate, unreadableKey
+        /// The certificate file holds no certificate.
+        case noCertificate
+        /// TLS refused the pair (a key that does not match, an unusable certificate).
+        case rejected
     }
 
+    /// What was wrong.
     public let code: Code
+    /// The file it was about.
     public let path: String
+    /// What the TLS library said, if anything.
     public let detail: String
 
     init(_ code: Code, path: String, detail: String = "") {
@@ -19,6 +30,7 @@ public struct TLSConfigurationError: Error, CustomStringConvertible, Sendable {
         self.detail = detail
     }
 
+    /// The sentence `runserver` prints.
     public var description: String {
         let reason = detail.isEmpty ? "" : ": \(detail)"
         switch code {
@@ -35,7 +47,9 @@ public struct TLSConfigurationError: Error, CustomStringConvertible, Sendable {
 /// The certificate chain and key a TLS server presents, read from PEM files; `reload()` reads
 /// them again, and connections accepted after it get the new pair.
 public final class TLSCertificateStore: Sendable {
+    /// The certificate chain's file (PEM).
     public let certificatePath: String
+    /// The private key's file (PEM).
     public let keyPath: String
     private let http2: Bool
     private let current: Mutex<NIOSSLContext>
