@@ -236,12 +236,18 @@ public enum PasswordHasher {
     }
 
     /// The hashing threads yield to the event loops: a hash may wait a little longer when the
-    /// machine is busy, a socket's message should not (nice 10, on Linux where it is per thread).
+    /// machine is busy, a socket's message should not. On Linux the thread takes the
+    /// `SCHED_IDLE` policy (any other runnable thread, an event loop waking for a frame,
+    /// preempts it at once; with only nice 19 a waking loop can still wait out the hashing
+    /// thread's slice), and nice 19 where that policy is refused.
     private static func lowerThisThreadsPriority() {
         #if os(Linux)
-            // who = 0 is the calling task, which on Linux is this thread (nice is per thread there).
-            // Nice 10: about a tenth of a core against a busy loop, so logins still progress.
-            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+            var parameters = sched_param()
+            parameters.sched_priority = 0
+            // pid 0 is the calling thread on Linux (scheduling policy is per thread there).
+            if sched_setscheduler(0, 5 /* SCHED_IDLE */, &parameters) != 0 {
+                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 19)
+            }
         #endif
     }
 
