@@ -207,6 +207,133 @@ struct HTTPHandlerTests {
     }
 }
 
+
+/// The connection's deadlines and streamed bodies, on the testing loop's clock.
+@Suite("HTTP handler deadlines and streams on a testing channel", .timeLimit(.minutes(2)))
+struct HTTPHandlerDeadlineTests {
+    typealias Fixture = HTTPHandlerTests.Fixture
+
+    static func connected(_ configure: (inout ServerConfiguration) -> Void = { _ in }) async throws -> Fixture {
+        let fixture = try await Fixture(configure)
+        try await fixture.channel.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 9)).get()
+        return fixture
+    }
+
+    @Test("a body that stops coming is answered 408 and the connection closes; it is counted")
+    func stalledBody() async throws {
+        let fixture = try await Self.connected()
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/upload/")
+        head.headers.add(name: "Host", value: "localhost")
+        head.headers.add(name: "Content-Length", value: "10")
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.head(head))
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "abc")))
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(29))
+        #expect(fixture.channel.isActive, "a pause shorter than the body timeout is fine")
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "d")))
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(29))
+        #expect(fixture.channel.isActive, "each part starts the body deadline again")
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(2))
+        let (response, _) = try await fixture.response()
+        #expect(response.status == .requestTimeout)
+        try await fixture.channel.closeFuture.get()
+        #expect(fixture.server.counters[.timedOutBody] == 1)
+    }
+
+    @Test("no response start within --http-timeout is 503; a started stream is never cut")
+    func timeToFirstByte() async throws {
+        let fixture = try await Self.connected { $0.httpTimeout = .seconds(2) }
+        try await fixture.request(.GET, "/slow/")
+        _ = try await fixture.sentRequest()
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(3))
+        let (late, _) = try await fixture.response()
+        #expect(late.status == .serviceUnavailable)
+        #expect(fixture.server.counters[.timedOutResponse] == 1)
+        let disconnect = try #require(try await fixture.layer.receive(channels: [ASGIChannel.httpDisconnect], timeout: .seconds(5)))
+        #expect(disconnect.message.replyChannel != nil, "the application is told its answer will not be delivered")
+
+        try await fixture.request(.GET, "/events/")
+        let stream = try await fixture.sentRequest()
+        fixture.server.router.deliver(
+            HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: stream.replyChannel)
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(3600))
+        fixture.server.router.deliver(HTTPResponseChunk(content: Array("b".utf8), moreContent: false).message, to: stream.replyChannel)
+        let (head, body) = try await fixture.response()
+        #expect(head.status == .ok && body == "ab", "an hour-long stream arrives whole under a 2 s --http-timeout")
+        #expect(fixture.channel.isActive)
+    }
+
+    @Test("a kept-alive connection left idle closes; a fresh one that sends nothing too")
+    func idle() async throws {
+        let fixture = try await Self.connected()
+        try await fixture.request(.GET, "/a/")
+        let request = try await fixture.sentRequest()
+        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("x".utf8)).message, to: request.replyChannel)
+        _ = try await fixture.response()
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(19))
+        #expect(fixture.channel.isActive)
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(2))
+        try await fixture.channel.closeFuture.get()
+        #expect(fixture.server.counters[.closedIdle] == 1)
+
+        let fresh = try await Self.connected()
+        await fresh.channel.testingEventLoop.advanceTime(by: .seconds(11))
+        try await fresh.channel.closeFuture.get()
+        #expect(fresh.server.counters[.closedIdle] == 1)
+        #expect(try await fresh.channel.readOutbound(as: HTTPServerResponsePart.self) == nil, "closed without an answer")
+    }
+
+    @Test("a large body goes to the application as it arrives, before the request ends")
+    func streamedBody() async throws {
+        let fixture = try await Self.connected { $0.bodyChunkSize = 4 }
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/upload/")
+        head.headers.add(name: "Host", value: "localhost")
+        head.headers.add(name: "Content-Length", value: "11")
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.head(head))
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "abcdef")))
+        // The request is with the application while the body is still coming.
+        let request = try await fixture.sentRequest()
+        #expect(request.body == Array("abcd".utf8))
+        let bodyChannel = try #require(request.bodyChannel)
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "ghijk")))
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.end(nil))
+        var rest: [UInt8] = []
+        var more = true
+        while more {
+            let received = try #require(try await fixture.layer.receive(channels: [bodyChannel], timeout: .seconds(5)))
+            let chunk = try HTTPBodyChunk(received.message)
+            #expect(chunk.content.count <= 4 && !chunk.closed)
+            rest += chunk.content
+            more = chunk.moreContent
+        }
+        #expect(rest == Array("efghijk".utf8))
+    }
+
+    @Test("a streamed body past --max-body-size closes the body channel and answers 413")
+    func streamedBodyTooLarge() async throws {
+        let fixture = try await Self.connected {
+            $0.bodyChunkSize = 4
+            $0.maxBodySize = 10
+        }
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/upload/")
+        head.headers.add(name: "Host", value: "localhost")
+        head.headers.add(name: "Transfer-Encoding", value: "chunked")
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.head(head))
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "abcdef")))
+        let request = try await fixture.sentRequest()
+        let bodyChannel = try #require(request.bodyChannel)
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "ghijkl")))
+        let (response, _) = try await fixture.response()
+        #expect(response.status == .payloadTooLarge)
+        var closed = false
+        while let received = try await fixture.layer.receive(channels: [bodyChannel], timeout: .seconds(2)) {
+            if try HTTPBodyChunk(received.message).closed { closed = true }
+        }
+        #expect(closed, "the consumer reading the body hears that it will not end")
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.end(nil))
+        #expect(try await fixture.channel.readOutbound(as: HTTPServerResponsePart.self) == nil, "no second answer")
+    }
+}
+
 /// Log lines kept in memory (message and metadata), to check what a log says.
 struct CapturedLog: LogHandler {
     final class Lines: Sendable {
