@@ -202,6 +202,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if streamingBodyChannel != nil {
                 sendBodyChunks(context: context, final: true)
                 streamingBodyChannel = nil
+                sender?.heldLimit = 2
                 apply(machine.requestEnded(), context: context)
                 return
             }
@@ -296,6 +297,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             request.body = body?.readBytes(length: chunkSize) ?? []
             request.bodyChannel = ASGIChannel.httpRequestBodyPrefix + ChannelNames.randomLetters(12)
             streamingBodyChannel = request.bodyChannel
+            // While the body streams, reading pauses whenever a chunk waits for the layer.
+            connectionSender(context: context).heldLimit = 1
         } else {
             let bodyBytes = body.map { Array($0.readableBytesView) } ?? []
             body = nil
@@ -333,7 +336,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func connectionSender(context: ChannelHandlerContext) -> LayerSender {
         if let sender { return sender }
-        // Body chunks are large: reading pauses as soon as two messages wait for the layer.
+        // Body chunks are large: reading pauses while two messages wait for the layer, so an
+        // upload holds about two chunks in the server (one request alone never pauses it).
         let sender = server.makeSender(on: context.eventLoop, outageTimeout: .zero, heldLimit: 2)
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)

@@ -23,7 +23,10 @@ final class LayerSender {
     private let server: ServerContext
     private let loop: any EventLoop
     private let outageTimeout: Duration
-    private let heldLimit: Int
+    /// Messages that may wait before reading pauses (an upload lowers it to 1 while it streams).
+    var heldLimit: Int {
+        didSet { heldLimit = max(1, heldLimit) }
+    }
     private var queue = Deque<(message: Message, channel: String)>()
     private var busy = false
     private var failingSince: NIODeadline?

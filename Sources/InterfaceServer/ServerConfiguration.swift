@@ -53,7 +53,8 @@ public struct ServerConfiguration: Sendable {
     public var pingTimeout: Duration
     /// Largest request body; past it the answer is 413.
     public var maxBodySize: Int
-    /// Bodies larger than this are sent in chunks on a `body_channel`.
+    /// Bodies larger than this are sent in chunks of this size on a `body_channel`, as they
+    /// arrive (a streamed upload holds about this much per connection in the server).
     public var bodyChunkSize: Int
     /// Largest WebSocket frame and reassembled message (1009 past it).
     public var maxWebSocketMessageSize: Int
@@ -119,7 +120,7 @@ public struct ServerConfiguration: Sendable {
         pingInterval: Duration? = .seconds(20),
         pingTimeout: Duration = .seconds(30),
         maxBodySize: Int = 16 * 1024 * 1024,
-        bodyChunkSize: Int = 1024 * 1024,
+        bodyChunkSize: Int = 256 * 1024,
         maxWebSocketMessageSize: Int = 1024 * 1024,
         maxHeaderSize: Int = 64 * 1024,
         allowedHosts: [String] = AllowedHosts.loopbackNames,

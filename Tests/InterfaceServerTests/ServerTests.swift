@@ -106,7 +106,7 @@ struct ServerTests {
             let (_, missing) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/nowhere/")!)
             #expect((missing as? HTTPURLResponse)?.statusCode == 404, "unrouted HTTP gets 404")
 
-            // 3 MiB: more than the 1 MiB chunk threshold, so it travels on a body channel.
+            // 3 MiB: more than the 256 KiB chunk threshold, so it travels on a body channel.
             let upload = (0..<(3 * 1024 * 1024)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
             var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/upload/")!)
             request.httpMethod = "POST"
