@@ -31,6 +31,8 @@ struct RunServer: ApplicationSubcommand {
     var maxConnectionsPerAddress: Int?
     @Option(name: .long, help: "Bytes of response that may wait for an HTTP client that does not read before it is closed.")
     var maxResponseBuffer = 16 * 1024 * 1024
+    @Option(name: .long, help: "Seconds response bytes may wait for a client that reads none of them before it is closed.")
+    var writeTimeout = 30.0
     @Option(name: .long, help: "TLS certificate chain (PEM): serve https:// and wss:// (HTTP/2 through ALPN). SIGHUP reloads it.")
     var tlsCert: String?
     @Option(name: .long, help: "TLS private key (PEM) for --tls-cert.") var tlsKey: String?
@@ -155,6 +157,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.maxConnections = try ProcessLimits.raiseOpenFiles(toServe: maxConnections, logger: logger)
         configuration.maxConnectionsPerAddress = maxConnectionsPerAddress
         configuration.maxResponseBufferBytes = maxResponseBuffer
+        configuration.writeTimeout = Duration(secondsValue: writeTimeout)
         configuration.tlsCertificatePath = tlsCert
         configuration.tlsKeyPath = tlsKey
         configuration.http2 = !noHttp2

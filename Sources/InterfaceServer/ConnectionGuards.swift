@@ -1,5 +1,7 @@
 import Logging
 import NIOCore
+import NIOSSL
+import NIOTLS
 import Synchronization
 
 /// What one HTTP/1.1 connection's first handler and its HTTP handler share, on its event loop.
@@ -143,4 +145,63 @@ final class RefusalHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
+
+/// What the streams of one HTTP/2 connection have waiting to be written: a client that reads
+/// none of them is bounded per connection, not per stream. Lives on the connection's loop.
+final class ResponseBudget {
+    var unwritten = 0
+    /// The connection is being closed as a client that does not read.
+    var closing = false
+}
+
+/// The first handler of a TLS connection: the handshake must complete within `timeout` (the
+/// header timeout), or the connection is closed; after it, the HTTP/1.1 or HTTP/2 handlers
+/// keep their own deadlines.
+final class HandshakeDeadlineHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+
+    private let timeout: TimeAmount
+    private let server: ServerContext
+    private var deadline: Scheduled<Void>?
+
+    init(timeout: TimeAmount, server: ServerContext) {
+        self.timeout = timeout
+        self.server = server
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { arm(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        arm(context: context)
+        context.fireChannelActive()
+    }
+
+    private func arm(context: ChannelHandlerContext) {
+        guard deadline == nil else { return }
+        let channel = context.channel
+        let server = self.server
+        deadline = context.eventLoop.scheduleTask(in: timeout) {
+            server.counters.count(.timedOutHeader)
+            channel.close(promise: nil)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Passed on first: the ALPN handler after this one configures the protocol on it.
+        context.fireUserInboundEventTriggered(event)
+        if case TLSUserEvent.handshakeCompleted = event {
+            deadline?.cancel()
+            deadline = nil
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+        context.fireChannelInactive()
+    }
 }

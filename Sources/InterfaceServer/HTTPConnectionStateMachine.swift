@@ -21,8 +21,12 @@ struct HTTPConnectionStateMachine: Sendable {
         case readingBody
         /// The request is with the application; no response yet.
         case awaitingResponse
-        /// The response has started and is being written.
-        case responding
+        /// The response has started and is being written; `requestEnded` says whether the
+        /// request's body has been read to its end (an application may answer before it).
+        case responding(requestEnded: Bool)
+        /// The response ended before the request's body did: the rest of the body is read (and
+        /// dropped) under the body deadline before the next request.
+        case finishingBody
         /// The connection is closing.
         case closed
     }
@@ -74,42 +78,66 @@ struct HTTPConnectionStateMachine: Sendable {
         case .idle, .readingHead:
             state = .readingBody
             return .arm(.body, after: timeouts.body)
-        case .readingBody, .awaitingResponse, .responding, .closed:
+        case .readingBody, .awaitingResponse, .responding, .finishingBody, .closed:
             return .none
         }
     }
 
-    /// A part of the body arrived: the body deadline starts again.
+    /// A part of the body arrived: the body deadline starts again (also while a response that
+    /// came early is written: the client is still sending).
     mutating func bodyReceived() -> Action {
-        guard state == .readingBody else { return .none }
-        return .arm(.body, after: timeouts.body)
+        switch state {
+        case .readingBody, .finishingBody: return .arm(.body, after: timeouts.body)
+        default: return .none
+        }
     }
 
-    /// The request ended and went to the application.
+    /// The request (its body) ended.
     mutating func requestEnded() -> Action {
-        guard state == .readingBody else { return .none }
-        state = .awaitingResponse
-        return .arm(.firstByte, after: timeouts.firstByte)
+        switch state {
+        case .readingBody:
+            state = .awaitingResponse
+            return .arm(.firstByte, after: timeouts.firstByte)
+        case .responding(requestEnded: false):
+            state = .responding(requestEnded: true)
+            return .disarm
+        case .finishingBody:
+            state = .idle(fresh: false)
+            return .arm(.keepAlive, after: timeouts.keepAlive)
+        default:
+            return .none
+        }
     }
 
     /// The request was answered by the server itself (400, 413, 431, 503...) without the
     /// application: the same as a response that started.
     mutating func responseStarted() -> Action {
         switch state {
-        case .readingBody, .awaitingResponse, .readingHead, .idle:
-            state = .responding
+        case .readingBody, .readingHead, .idle:
+            // An answer before the request's end (an early answer or a refusal).
+            state = .responding(requestEnded: false)
             return .disarm
-        case .responding, .closed:
+        case .awaitingResponse:
+            state = .responding(requestEnded: true)
+            return .disarm
+        case .responding, .finishingBody, .closed:
             return .none
         }
     }
 
-    /// The response's last byte was written.
+    /// The response's last part was handed to the connection (before it is written: a
+    /// pipelined request that follows is delivered while that write is in progress). With
+    /// keep-alive, the connection waits for its next request, or first for the rest of a body
+    /// the application answered early; without, it closes once the write is done.
     mutating func responseEnded(keepAlive: Bool) -> Action {
-        guard state != .closed else { return .none }
+        guard case .responding(let requestEnded) = state else { return .none }
         guard keepAlive else {
             state = .closed
             return .close
+        }
+        guard requestEnded else {
+            state = .finishingBody
+            return .arm(.body, after: timeouts.body)
         }
         state = .idle(fresh: false)
         return .arm(.keepAlive, after: timeouts.keepAlive)
@@ -132,8 +160,12 @@ struct HTTPConnectionStateMachine: Sendable {
         case (.readingHead, .header), (.readingBody, .body):
             state = .closed
             return .answer(status: 408, close: true)
+        case (.finishingBody, .body):
+            // The response was given; the rest of the body stopped coming.
+            state = .closed
+            return .close
         case (.awaitingResponse, .firstByte):
-            state = .responding
+            state = .responding(requestEnded: true)
             return .answer(status: 503, close: false)
         default:
             return .none

@@ -40,6 +40,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private let activity: ConnectionActivity?
     /// Response bytes handed to the channel and not yet written to the socket.
     private var unwrittenBytes = 0
+    /// The unwritten response bytes of every stream of this HTTP/2 connection (nil on HTTP/1).
+    private let budget: ResponseBudget?
+    private var lastWriteProgress = NIODeadline.uptimeNanoseconds(0)
+    private var stallCheck: Scheduled<Void>?
     /// Where the responder wants to hear that the client left (see `HTTPResponseStart.disconnectChannel`).
     private var disconnectChannel: String?
     private var keepAlive = true
@@ -51,10 +55,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// time with reading paused, an unreachable layer answers 503 at once.
     private var sender: LayerSender?
 
-    init(server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?) {
+    init(server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?, budget: ResponseBudget? = nil) {
         self.server = server
         self.upgrade = upgrade
         self.activity = activity
+        self.budget = budget
         self.machine = HTTPConnectionStateMachine(timeouts: server.configuration.connectionTimeouts)
     }
 
@@ -103,7 +108,21 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if status == 503 {
                 timedOut(context: context)
             } else {
-                respondPlain(context: context, status: HTTPResponseStatus(statusCode: status), text: "Request timed out\n", close: true)
+                // The body stopped coming: the request is over for the application too (a late
+                // reply finds nobody), and a consumer reading a streamed body hears it.
+                if let bodyChannel = streamingBodyChannel {
+                    streamingBodyChannel = nil
+                    connectionSender(context: context).send(
+                        HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel)
+                }
+                bodyAborted = true
+                if !responseStarted {
+                    finishRequest()
+                    respondPlain(context: context, status: HTTPResponseStatus(statusCode: status), text: "Request timed out\n", close: true)
+                } else {
+                    finishRequest()
+                    context.close(promise: nil)
+                }
             }
         case .close:
             deadline?.cancel()
@@ -143,8 +162,19 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     func handlerRemoved(context: ChannelHandlerContext) {
         deadline?.cancel()
         deadline = nil
+        stallCheck?.cancel()
+        stallCheck = nil
         activity?.onBytes = nil
         activity?.watching = false
+        releaseSender()
+    }
+
+    /// The sender's callbacks hold this handler: they are let go once the connection is done
+    /// (the sender itself finishes what it holds, such as an `http.disconnect`).
+    private func releaseSender() {
+        sender?.onGiveUp = nil
+        sender?.setReading = nil
+        sender = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -165,13 +195,24 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             clientAddress = RequestTranslation.clientDescription(
                 head: head, remote: context.channel.remoteAddress,
                 proxyHeaders: server.configuration.proxyHeaders)
-            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
-                bodyTooLarge = true
-            }
             // The parser bounds what it buffers (about 80 KiB); our own, lower limit answers 431.
             var headerBytes = head.uri.utf8.count
             for (name, value) in head.headers { headerBytes += name.utf8.count + value.utf8.count + 4 }
             headersTooLarge = headerBytes > server.configuration.maxHeaderSize
+            if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
+                // Announced too large: answered now, the body is not read.
+                bodyTooLarge = true
+                bodyAborted = true
+                ServerMetrics.httpRequests.increment()
+                ServerMetrics.dropped[.tooLarge]?.increment()
+                respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
+                return
+            }
+            if head.headers.first(name: "expect")?.lowercased() == "100-continue", !headersTooLarge {
+                // The client waits for this before it sends the body (curl does for large uploads).
+                context.writeAndFlush(
+                    wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+            }
         case .body(var chunk):
             apply(machine.bodyReceived(), context: context)
             guard !bodyTooLarge, !discardingBody else { return }
@@ -435,19 +476,26 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !content.isEmpty {
             responseBytes += content.count
             unwrittenBytes += content.count
+            budget?.unwritten += content.count
             let size = content.count
             let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
             let promise = context.eventLoop.makePromise(of: Void.self)
-            promise.futureResult.whenComplete { _ in handler.value.unwrittenBytes -= size }
+            promise.futureResult.whenComplete { result in
+                let handler = handler.value
+                // A failed write (the connection closed) was already taken off by channelInactive.
+                guard case .success = result else { return }
+                handler.unwrittenBytes -= size
+                handler.budget?.unwritten -= size
+                handler.lastWriteProgress = .now()
+            }
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
-            if unwrittenBytes > server.configuration.maxResponseBufferBytes {
+            scheduleStallCheck(context: context)
+            if unwrittenBytes > server.configuration.maxResponseBufferBytes
+                || (budget?.unwritten ?? 0) > server.configuration.maxResponseBufferBytes
+            {
                 // The client does not read as fast as the application writes, and what waits for
                 // it passed the bound: close (the application hears http.disconnect and stops).
-                server.counters.count(.closedSlowHTTPClient)
-                server.logger.warning(
-                    "HTTP client not reading its response; closing",
-                    metadata: ["unwritten_bytes": "\(unwrittenBytes)", "path": "\(PercentCoding.splitTarget(self.head?.uri ?? "").path)"])
-                context.close(promise: nil)
+                closeSlowClient(context: context)
                 return
             }
         }
@@ -455,16 +503,68 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             context.flush()
         } else {
             finishRequest()
-            let close = !keepAlive
-            let channel = context.channel
-            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-                if close {
-                    channel.close(promise: nil)
-                } else {
-                    handler.value.apply(handler.value.machine.responseEnded(keepAlive: true), context: boundContext.value)
-                }
+            writeEnd(context: context, close: !keepAlive)
+        }
+    }
+
+    /// Writes the response's end. The state machine hears of it first: NIO hands a pipelined
+    /// request over while this write is in progress, and it must find the connection between
+    /// requests. The keep-alive deadline starts once everything was written (a slow reader of
+    /// a large response is the write-stall deadline's business, not an idle connection).
+    private func writeEnd(context: ChannelHandlerContext, close: Bool) {
+        let action = machine.responseEnded(keepAlive: !close)
+        if case .arm(.body, _) = action { apply(action, context: context) }
+        let channel = context.channel
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            if close {
+                channel.close(promise: nil)
+                return
+            }
+            let handler = handler.value
+            if case .arm(.keepAlive, _) = action, handler.machine.state == .idle(fresh: false), handler.deadline == nil {
+                handler.apply(action, context: boundContext.value)
+            }
+        }
+    }
+
+    /// The client does not read what is written to it: the connection closes (all of it, on
+    /// HTTP/2: the client reads none of its streams), and the application hears `http.disconnect`.
+    private func closeSlowClient(context: ChannelHandlerContext) {
+        // Once per connection (every stream of an HTTP/2 connection may find it).
+        if let budget {
+            guard !budget.closing else { return }
+            budget.closing = true
+        }
+        server.counters.count(.closedSlowHTTPClient)
+        server.logger.warning(
+            "HTTP client not reading its response; closing",
+            metadata: [
+                "unwritten_bytes": "\(unwrittenBytes)", "path": "\(PercentCoding.splitTarget(self.head?.uri ?? "").path)",
+            ])
+        // An HTTP/2 stream's parent is its connection (an HTTP/1 connection's parent is the
+        // listening socket, which must stay open).
+        let connection = budget != nil ? (context.channel.parent ?? context.channel) : context.channel
+        connection.close(promise: nil)
+    }
+
+    /// While response bytes wait for the client, checks that some are written at least every
+    /// `writeTimeout`; a client that reads nothing for that long is closed.
+    private func scheduleStallCheck(context: ChannelHandlerContext) {
+        guard stallCheck == nil, unwrittenBytes > 0 else { return }
+        if lastWriteProgress < started { lastWriteProgress = .now() }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let timeout = TimeAmount(server.configuration.writeTimeout)
+        stallCheck = context.eventLoop.scheduleTask(deadline: lastWriteProgress + timeout) {
+            let handler = handler.value
+            handler.stallCheck = nil
+            guard handler.unwrittenBytes > 0 else { return }
+            if NIODeadline.now() - handler.lastWriteProgress >= timeout {
+                handler.closeSlowClient(context: boundContext.value)
+            } else {
+                handler.scheduleStallCheck(context: boundContext.value)
             }
         }
     }
@@ -507,16 +607,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: status, headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
-        let channel = context.channel
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-            if shouldClose {
-                channel.close(promise: nil)
-            } else {
-                handler.value.apply(handler.value.machine.responseEnded(keepAlive: true), context: boundContext.value)
-            }
-        }
+        writeEnd(context: context, close: shouldClose)
     }
 
     /// The request in flight (if any) is no longer: answered, timed out or abandoned.
@@ -550,6 +641,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             self.replyChannel = nil
             self.disconnectChannel = nil
         }
+        stallCheck?.cancel()
+        stallCheck = nil
+        if let budget { budget.unwritten -= unwrittenBytes }
+        unwrittenBytes = 0
+        releaseSender()
         context.fireChannelInactive()
     }
 

@@ -107,6 +107,10 @@ public final class InterfaceServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+                    // The handshake must be done within the header timeout (after the TLS
+                    // handler: it sees the handshake's completion event).
+                    try channel.pipeline.syncOperations.addHandler(
+                        HandshakeDeadlineHandler(timeout: TimeAmount(configuration.headerTimeout), server: context))
                 }.flatMap {
                     guard configuration.http2 else {
                         return Self.configure(channel: channel, context: context, configuration: configuration)
@@ -149,15 +153,26 @@ public final class InterfaceServer: Sendable {
             stream.targetWindowSize = 1 << 20
             stream.streamResetFrameRateLimit.maximumCount = configuration.http2MaxResetsPerWindow
             stream.streamResetFrameRateLimit.windowLength = .seconds(10)
-            _ = try channel.pipeline.syncOperations.configureHTTP2Pipeline(
-                mode: .server, connectionConfiguration: connection, streamConfiguration: stream
+            // Idle connections (no open stream) close after the keep-alive timeout, including one
+            // that never sends its preface; a graceful close gets 5 s for its streams to end.
+            let manager = NIOHTTP2ServerConnectionManagementHandler(
+                eventLoop: channel.eventLoop,
+                configuration: .init(
+                    maxIdleTime: TimeAmount(configuration.keepAliveTimeout), maxAge: nil, maxGraceTime: .seconds(5),
+                    keepalive: nil))
+            let budget = NIOLoopBound(ResponseBudget(), eventLoop: channel.eventLoop)
+            let handler = NIOHTTP2Handler(
+                mode: .server, eventLoop: channel.eventLoop, connectionConfiguration: connection,
+                streamConfiguration: stream, streamDelegate: manager.http2StreamDelegate
             ) { stream in
                 stream.eventLoop.makeCompletedFuture {
                     let sync = stream.pipeline.syncOperations
                     try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                    try sync.addHandler(HTTPHandler(server: context, upgrade: UpgradeState(), activity: nil))
+                    try sync.addHandler(HTTPHandler(server: context, upgrade: UpgradeState(), activity: nil, budget: budget.value))
                 }
             }
+            try channel.pipeline.syncOperations.addHandler(handler)
+            try channel.pipeline.syncOperations.addHandler(manager)
         }
     }
 

@@ -31,6 +31,9 @@ public struct ServerConfiguration: Sendable {
     /// Response bytes that may wait for an HTTP client that does not read; past it the
     /// connection is closed and the application hears `http.disconnect`.
     public var maxResponseBufferBytes: Int
+    /// How long response bytes may wait for a client that reads none of them; past it the
+    /// connection is closed (a slow reader that makes progress is not).
+    public var writeTimeout: Duration
     /// TLS: the certificate chain (PEM). With `tlsKeyPath`, every connection is TLS
     /// (`https://`, `wss://`), HTTP/2 offered through ALPN.
     public var tlsCertificatePath: String?
@@ -110,6 +113,7 @@ public struct ServerConfiguration: Sendable {
         maxConnectionsPerAddress: Int? = nil,
         maxBytesWhileUpgrading: Int = 64 * 1024,
         maxResponseBufferBytes: Int = 16 * 1024 * 1024,
+        writeTimeout: Duration = .seconds(30),
         tlsCertificatePath: String? = nil,
         tlsKeyPath: String? = nil,
         http2: Bool = true,
@@ -149,6 +153,7 @@ public struct ServerConfiguration: Sendable {
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
         self.maxBytesWhileUpgrading = maxBytesWhileUpgrading
         self.maxResponseBufferBytes = maxResponseBufferBytes
+        self.writeTimeout = writeTimeout
         self.tlsCertificatePath = tlsCertificatePath
         self.tlsKeyPath = tlsKeyPath
         self.http2 = http2

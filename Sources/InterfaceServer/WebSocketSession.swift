@@ -1,5 +1,6 @@
 import ASGI
 import CoreMetrics
+import DequeModule
 import Logging
 import NIOCore
 import NIOHTTP1
@@ -67,8 +68,12 @@ final class WebSocketSession {
     private var limiter: FrameRateLimiter?
     /// The sender wants reading (nothing held past its bound).
     private var senderReading = true
-    /// The socket is past its frame rate; reading resumes when a token is due.
+    /// The socket is past its frame rate; reading resumes when its waiting frames went.
     private var ratePaused = false
+    /// Frames read past the socket's share, waiting for tokens (bounded by what one read
+    /// brings, since reading pauses).
+    private var paced = Deque<Message>()
+    private var pacingTimer: Scheduled<Void>?
     private var reading = true
 
     private func updateReading() {
@@ -290,16 +295,38 @@ final class WebSocketSession {
         let message = WebSocketReceiveMessage(
             replyChannel: replyChannel, path: path, order: order,
             data: text.map { .text($0) } ?? .bytes(bytes ?? []))
-        sender.send(message.message, to: ASGIChannel.websocketReceive)
-        if !ratePaused, let wait = limiter?.take(now: .now()) {
-            ratePaused = true
-            server.counters.count(.framesPaced)
-            updateReading()
-            let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
-            channel.eventLoop.scheduleTask(in: wait) {
-                bound.value.ratePaused = false
-                bound.value.updateReading()
+        guard limiter != nil else {
+            sender.send(message.message, to: ASGIChannel.websocketReceive)
+            return
+        }
+        paced.append(message.message)
+        sendPaced()
+    }
+
+    /// Sends the frames waiting for this socket's share, as tokens allow; when they run out,
+    /// reading pauses and a timer resumes when the next token is due.
+    private func sendPaced() {
+        guard !ratePaused || pacingTimer == nil else { return }
+        while let next = paced.first {
+            if let wait = limiter?.take(now: .now()) {
+                if !ratePaused {
+                    ratePaused = true
+                    server.counters.count(.framesPaced)
+                    updateReading()
+                }
+                let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+                pacingTimer = channel.eventLoop.scheduleTask(in: wait) {
+                    bound.value.pacingTimer = nil
+                    bound.value.sendPaced()
+                }
+                return
             }
+            paced.removeFirst()
+            sender.send(next, to: ASGIChannel.websocketReceive)
+        }
+        if ratePaused {
+            ratePaused = false
+            updateReading()
         }
     }
 
@@ -351,6 +378,10 @@ final class WebSocketSession {
     private func sendDisconnect(code: Int64) {
         guard !disconnectSent else { return }
         disconnectSent = true
+        // Frames still waiting for their share go first, in order, before the disconnect.
+        pacingTimer?.cancel()
+        pacingTimer = nil
+        while let next = paced.popFirst() { sender.send(next, to: ASGIChannel.websocketReceive) }
         pingTask?.cancel()
         lifetime?.cancel()
         server.untrackSocket(ObjectIdentifier(self))

@@ -9,13 +9,14 @@ struct FrameRateLimiterTests {
         let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
         var limiter = FrameRateLimiter(perSecond: 100, burst: 10, now: start)
         for _ in 0..<10 { #expect(limiter.take(now: start) == nil) }
-        // The 11th frame in the same instant: pause for one token's time (10 ms).
+        // The 11th frame in the same instant waits one token's time (10 ms); nothing is taken.
         let wait = limiter.take(now: start)
         #expect(wait != nil)
         #expect(wait!.nanoseconds > 9_000_000 && wait!.nanoseconds <= 10_000_001)
-        // 50 ms later five tokens are back (one owed).
+        #expect(limiter.take(now: start) == wait, "asking again takes nothing either")
+        // 50 ms later five tokens are back.
         let later = start + .milliseconds(50)
-        for _ in 0..<4 { #expect(limiter.take(now: later) == nil) }
+        for _ in 0..<5 { #expect(limiter.take(now: later) == nil) }
         #expect(limiter.take(now: later) != nil)
     }
 

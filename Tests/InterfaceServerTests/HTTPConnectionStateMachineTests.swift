@@ -21,7 +21,7 @@ struct HTTPConnectionStateMachineTests {
         #expect(machine.responseStarted() == .disarm)
         // A started response is not cut by any deadline, however long it streams.
         #expect(machine.deadlinePassed(.firstByte) == .none)
-        #expect(machine.state == .responding)
+        #expect(machine.state == .responding(requestEnded: true))
         #expect(machine.responseEnded(keepAlive: true) == .arm(.keepAlive, after: .seconds(20)))
         #expect(machine.state == .idle(fresh: false))
         // The next request's first byte starts its own header deadline.
@@ -59,7 +59,7 @@ struct HTTPConnectionStateMachineTests {
         _ = machine.headReceived()
         _ = machine.requestEnded()
         #expect(machine.deadlinePassed(.firstByte) == .answer(status: 503, close: false))
-        #expect(machine.state == .responding)
+        #expect(machine.state == .responding(requestEnded: true))
         #expect(machine.responseEnded(keepAlive: true) == .arm(.keepAlive, after: .seconds(20)))
     }
 
@@ -100,13 +100,42 @@ struct HTTPConnectionStateMachineTests {
         #expect(other.responseEnded(keepAlive: true) == .none)
     }
 
-    @Test func aServerAnswerBeforeTheBodyEnds() {
-        // 413/431/400 are answered by the server itself: the same as a response that started.
+    @Test func anAnswerBeforeTheBodyEndsWaitsForTheBodyUnderItsDeadline() {
+        // An application (or the server: 413, 431, 400) that answers before the body ended.
         var machine = Machine(timeouts: Self.timeouts)
         _ = machine.opened()
         _ = machine.headReceived()
         #expect(machine.responseStarted() == .disarm)
-        #expect(machine.requestEnded() == .none)
+        #expect(machine.state == .responding(requestEnded: false))
         #expect(machine.deadlinePassed(.body) == .none)
+        #expect(machine.bodyReceived() == .none, "no deadline while the response is written")
+        // The response ends first: the rest of the body is not a new request's head.
+        #expect(machine.responseEnded(keepAlive: true) == .arm(.body, after: .seconds(30)))
+        #expect(machine.state == .finishingBody)
+        #expect(machine.bytesArrived() == .none)
+        #expect(machine.bodyReceived() == .arm(.body, after: .seconds(30)))
+        #expect(machine.requestEnded() == .arm(.keepAlive, after: .seconds(20)))
+        #expect(machine.state == .idle(fresh: false))
+        // A body that stops coming after the answer: closed, nothing more written.
+        var stalled = Machine(timeouts: Self.timeouts)
+        _ = stalled.opened()
+        _ = stalled.headReceived()
+        _ = stalled.responseStarted()
+        _ = stalled.responseEnded(keepAlive: true)
+        #expect(stalled.deadlinePassed(.body) == .close)
+    }
+
+    @Test func aPipelinedRequestDeliveredDuringTheEndWriteIsTimedNormally() {
+        // NIO hands the next pipelined head over while the previous response's end is being
+        // written: the response must already count as ended.
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        _ = machine.requestEnded()
+        _ = machine.responseStarted()
+        _ = machine.responseEnded(keepAlive: true)
+        #expect(machine.headReceived() == .arm(.body, after: .seconds(30)))
+        #expect(machine.requestEnded() == .arm(.firstByte, after: .seconds(60)))
+        #expect(machine.deadlinePassed(.firstByte) == .answer(status: 503, close: false))
     }
 }

@@ -721,6 +721,113 @@ def http2_rapid_reset_flood_is_cut_and_others_are_served():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@test
+def edges_found_by_attacking_the_limits():
+    """Each of these broke once (a red-team pass); each is attacked again here."""
+    directory = tempfile.mkdtemp(prefix="e2e-edges-")
+    cert, key = make_certificate(directory, "edges")
+    proc, port, mport = serve("--header-timeout", "2", "--body-timeout", "3", "--keep-alive-timeout", "4",
+                              "--write-timeout", "3", "--max-response-buffer", str(4 << 20), "--max-body-size", str(4 << 20))
+    tproc, tport, tmport = serve("--tls-cert", cert, "--tls-key", key, "--header-timeout", "2", "--keep-alive-timeout", "3",
+                                 "--max-response-buffer", str(4 << 20))
+    wproc, wport, wmport = serve("--max-frames-per-second", "100")
+    try:
+        # 1. TLS connections that never handshake (or never send a request) are closed.
+        socks = open_many(tport, 30)
+        open_after = sum(1 for s in socks if closed_within(s, 6) is None)
+        assert open_after == 0, "%d silent TLS connections still open" % open_after
+        # 2. An answer that comes before the body ended: the rest of the body is not a new request.
+        s = socket.create_connection(("127.0.0.1", port))
+        total = 3 << 20
+        s.sendall(b"POST /hello/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % total)
+        s.sendall(b"a" * (1536 * 1024))
+        sent = 1536 * 1024
+        s.settimeout(10)
+        got = s.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200"), got[:80]
+        s.setblocking(False)
+        while sent < total:
+            s.sendall(b"a" * 100000)
+            sent += 100000
+            time.sleep(0.5)
+            try:
+                more = s.recv(65536)
+                assert not more.startswith(b"HTTP/1.1 408") and b"408" not in more, more[:80]
+            except BlockingIOError:
+                pass
+        s.close()
+        # 3. A pipelined stream behind a download is not cut by the keep-alive deadline.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /download/1/ HTTP/1.1\r\nHost: localhost\r\n\r\nGET /events/?n=6 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = read_all(s)
+        assert data.count(b"data: event") == 7, data[-300:]
+        # 4. Content-Length over the limit: 413 at once, the body is not read.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /poll/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 413"), "no immediate 413"
+        s.close()
+        # 5. Expect: 100-continue is answered, then the body is read.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /poll/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(b"hello")
+        assert b'{"received": 5}' in s.recv(1000)
+        s.close()
+        # 6. An HTTP/1 client that reads nothing of a response smaller than the buffer bound is
+        #    closed by the write timeout.
+        before = limits(mport).get("slow_http_client", 0)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /download/3/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        until(lambda: limits(mport).get("slow_http_client", 0) > before, "the non-reading client closed", timeout=15)
+        s.close()
+        # 7. An HTTP/2 connection that reads none of its streams is bounded per connection and
+        #    closed once (counted once).
+        import h2.config
+        import h2.connection
+        context = ssl.create_default_context(cafile=cert)
+        context.set_alpn_protocols(["h2"])
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", tport)), server_hostname="localhost")
+        h2c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        h2c.initiate_connection()
+        tls.sendall(h2c.data_to_send())
+        for _ in range(10):
+            stream = h2c.get_next_available_stream_id()
+            h2c.send_headers(stream, [(":method", "GET"), (":path", "/download/3/"), (":scheme", "https"),
+                                      (":authority", "localhost")], end_stream=True)
+        tls.sendall(h2c.data_to_send())
+        until(lambda: limits(tmport).get("slow_http_client", 0) >= 1, "the non-reading HTTP/2 connection closed", timeout=20)
+        time.sleep(1)
+        assert limits(tmport).get("slow_http_client", 0) == 1, limits(tmport)
+        tls.close()
+        # 8. Frames past a socket's share wait in the server: 100/s is what reaches the application.
+        async def pace():
+            async with websockets.connect("ws://127.0.0.1:%d/echo/" % wport, max_queue=None) as ws:
+                for i in range(600):
+                    await ws.send("f%d" % i)
+                started, got = time.time(), 0
+                while time.time() - started < 2:
+                    try:
+                        await asyncio.wait_for(ws.recv(), 0.2)
+                        got += 1
+                    except asyncio.TimeoutError:
+                        pass
+                return got
+        echoed = asyncio.run(pace())
+        print("  600 frames at once against --max-frames-per-second 100: %d echoed in 2 s" % echoed)
+        assert 100 <= echoed <= 2 * 100 + 60, echoed
+        for p in (proc, tproc, wproc):
+            assert p.p.poll() is None
+        status, _ = http_get(port, "/hello/")
+        assert status == 200
+    finally:
+        stop_all(proc, tproc, wproc)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 for _prefix in PREFIXES:
     for _key in R.scan_iter(match=_prefix + "*", count=1000):
         R.delete(_key)
