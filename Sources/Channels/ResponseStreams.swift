@@ -48,23 +48,31 @@ public final class ResponseStreams: Sendable {
     public var activeCount: Int { streams.withLock { $0.count } }
 }
 
-/// The task of one consumer, cancellable before it is known (set once it started).
+/// The task running one consumer, cancellable from the worker's receive loop while (and only
+/// while) the consumer runs: the worker attaches it inside `withUnsafeCurrentTask` and detaches
+/// it before that closure returns, both under the lock `cancel()` takes, so the task reference is
+/// only used while the task is alive and running this consumer. No task of its own per request.
 final class StreamHandle: Sendable {
-    private let state = Mutex<(task: Task<Void, any Error>?, cancelled: Bool)>((nil, false))
+    private let state = Mutex<(task: UnsafeCurrentTask?, cancelled: Bool)>((nil, false))
 
-    func set(_ task: Task<Void, any Error>) {
-        let cancelled = state.withLock { state in
+    func attach(_ task: UnsafeCurrentTask?) {
+        state.withLock { state in
             state.task = task
-            return state.cancelled
+            if state.cancelled { task?.cancel() }
         }
-        if cancelled { task.cancel() }
     }
 
+    func detach() {
+        state.withLock { $0.task = nil }
+    }
+
+    /// True once the client left and the consumer was told to stop.
+    var cancelled: Bool { state.withLock { $0.cancelled } }
+
     func cancel() {
-        let task = state.withLock { state in
+        state.withLock { state in
             state.cancelled = true
-            return state.task
+            state.task?.cancel()
         }
-        task?.cancel()
     }
 }

@@ -182,22 +182,21 @@ public final class Worker: Sendable {
         do {
             if received.channel == ASGIChannel.httpRequest {
                 // In a task of its own, so a client that leaves its streamed response can cancel it.
+                // Cancellable by the client leaving a streamed response (see StreamHandle).
                 let handle = StreamHandle()
                 context.streaming.withLock { $0 = (streams, handle) }
-                let task = Task { try await ConsumerContext.$current.withValue(context) { try await consumer(context) } }
-                handle.set(task)
                 defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
-                try await withTaskCancellationHandler {
-                    try await task.value
-                } onCancel: {
-                    task.cancel()
+                try await withUnsafeCurrentTask { task in
+                    handle.attach(task)
+                    defer { handle.detach() }
+                    try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
                 }
             } else {
                 try await ConsumerContext.$current.withValue(context) {
                     try await consumer(context)
                 }
             }
-        } catch is CancellationError where context.streamChannel.withLock({ $0 }) != nil && !Task.isCancelled {
+        } catch is CancellationError where context.streaming.withLock({ $0?.handle.cancelled }) == true {
             logger.debug("streamed response stopped: the client left", metadata: ["consumer": "\(name)"])
         } catch ConsumerError.denyConnection {
             let answer = received.channel == ASGIChannel.websocketConnect ? WebSocketSendMessage.refuse : .close(code: 1000)

@@ -33,7 +33,14 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var started = NIODeadline.now()
     /// The connection's deadlines (header, body, time to first byte, keep-alive idle).
     private var machine: HTTPConnectionStateMachine
-    private var deadline: Scheduled<Void>?
+    /// The deadline in force (kind and time); nil when none is.
+    private var armed: (kind: HTTPConnectionStateMachine.Deadline, at: NIODeadline)?
+    /// The one timer behind it, rescheduled lazily: a transition only moves `armed`; the timer
+    /// is replaced only when the new deadline is earlier than its firing, and when it fires for
+    /// a deadline that moved later it waits again. A keep-alive connection's requests cost no
+    /// timer each.
+    private var timer: Scheduled<Void>?
+    private var timerAt = NIODeadline.distantFuture
     private var opened = false
     /// Tells this handler when bytes arrive while it waits for a request (HTTP/1.1 only; nil
     /// on an HTTP/2 stream, whose connection the HTTP/2 handler guards).
@@ -93,18 +100,13 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .none:
             break
         case .arm(let kind, let after):
-            deadline?.cancel()
-            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-            deadline = context.eventLoop.scheduleTask(in: TimeAmount(after)) {
-                handler.value.deadlinePassed(kind, context: boundContext.value)
-            }
+            let at = NIODeadline.now() + TimeAmount(after)
+            armed = (kind, at)
+            if timer == nil || timerAt > at { startTimer(at: at, context: context) }
         case .disarm:
-            deadline?.cancel()
-            deadline = nil
+            armed = nil
         case .answer(let status, _):
-            deadline?.cancel()
-            deadline = nil
+            armed = nil
             if status == 503 {
                 timedOut(context: context)
             } else {
@@ -125,14 +127,41 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
             }
         case .close:
-            deadline?.cancel()
-            deadline = nil
+            armed = nil
             context.close(promise: nil)
         }
     }
 
+    private func startTimer(at: NIODeadline, context: ChannelHandlerContext) {
+        timer?.cancel()
+        timerAt = at
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleTask(deadline: at) {
+            handler.value.timerFired(context: boundContext.value)
+        }
+    }
+
+    private func stopTimer() {
+        timer?.cancel()
+        timer = nil
+        timerAt = .distantFuture
+        armed = nil
+    }
+
+    private func timerFired(context: ChannelHandlerContext) {
+        timer = nil
+        timerAt = .distantFuture
+        guard let (kind, at) = armed else { return }
+        if at > .now() {
+            startTimer(at: at, context: context)
+            return
+        }
+        deadlinePassed(kind, context: context)
+    }
+
     private func deadlinePassed(_ kind: HTTPConnectionStateMachine.Deadline, context: ChannelHandlerContext) {
-        deadline = nil
+        armed = nil
         // A held WebSocket upgrade is the application's to answer within the connect timeout.
         if activity?.upgradeHeld == true { return }
         let before = machine.state
@@ -160,8 +189,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        deadline?.cancel()
-        deadline = nil
+        stopTimer()
         stallCheck?.cancel()
         stallCheck = nil
         activity?.onBytes = nil
@@ -523,7 +551,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             }
             let handler = handler.value
-            if case .arm(.keepAlive, _) = action, handler.machine.state == .idle(fresh: false), handler.deadline == nil {
+            if case .arm(.keepAlive, _) = action, handler.machine.state == .idle(fresh: false), handler.armed == nil {
                 handler.apply(action, context: boundContext.value)
             }
         }
@@ -626,6 +654,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel)
         }
         apply(machine.closed(), context: context)
+        stopTimer()
         activity?.onBytes = nil
         if let replyChannel, let head {
             // The client left before its response finished: the application hears it on
