@@ -100,7 +100,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case .none:
             break
         case .arm(let kind, let after):
-            let at = NIODeadline.now() + TimeAmount(after)
+            // The loop's clock (a testing loop's is virtual).
+            let at = context.eventLoop.now + TimeAmount(after)
             armed = (kind, at)
             if timer == nil || timerAt > at { startTimer(at: at, context: context) }
         case .disarm:
@@ -153,7 +154,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         timer = nil
         timerAt = .distantFuture
         guard let (kind, at) = armed else { return }
-        if at > .now() {
+        if at > context.eventLoop.now {
             startTimer(at: at, context: context)
             return
         }
@@ -218,7 +219,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             bodyAborted = false
             bodyBytesReceived = 0
             streamingBodyChannel = nil
-            started = .now()
+            started = context.eventLoop.now
             keepAlive = head.isKeepAlive
             clientAddress = RequestTranslation.clientDescription(
                 head: head, remote: context.channel.remoteAddress,
@@ -507,6 +508,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             budget?.unwritten += content.count
             let size = content.count
             let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let loop = context.eventLoop
             let promise = context.eventLoop.makePromise(of: Void.self)
             promise.futureResult.whenComplete { result in
                 let handler = handler.value
@@ -514,7 +516,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 guard case .success = result else { return }
                 handler.unwrittenBytes -= size
                 handler.budget?.unwritten -= size
-                handler.lastWriteProgress = .now()
+                handler.lastWriteProgress = loop.now
             }
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
             scheduleStallCheck(context: context)
@@ -581,7 +583,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// `writeTimeout`; a client that reads nothing for that long is closed.
     private func scheduleStallCheck(context: ChannelHandlerContext) {
         guard stallCheck == nil, unwrittenBytes > 0 else { return }
-        if lastWriteProgress < started { lastWriteProgress = .now() }
+        if lastWriteProgress < started { lastWriteProgress = context.eventLoop.now }
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         let timeout = TimeAmount(server.configuration.writeTimeout)
@@ -589,7 +591,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             let handler = handler.value
             handler.stallCheck = nil
             guard handler.unwrittenBytes > 0 else { return }
-            if NIODeadline.now() - handler.lastWriteProgress >= timeout {
+            if boundContext.value.eventLoop.now - handler.lastWriteProgress >= timeout {
                 handler.closeSlowClient(context: boundContext.value)
             } else {
                 handler.scheduleStallCheck(context: boundContext.value)
