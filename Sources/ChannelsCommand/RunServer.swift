@@ -38,7 +38,8 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "TLS private key (PEM) for --tls-cert.") var tlsKey: String?
     @Flag(name: .long, help: "Do not offer HTTP/2 over TLS (HTTP/1.1 only).") var noHttp2 = false
     @Option(name: .long, help: "Concurrent HTTP/2 streams per connection.") var http2MaxStreams = 100
-    @Option(name: .long, help: "Frames a second one WebSocket may send (bursts of a tenth of it); past it reading from it pauses. 0: no limit.")
+    @Option(
+        name: .long, help: "Frames a second one WebSocket may send (bursts of a tenth of it); past it reading from it pauses. 0: no limit.")
     var maxFramesPerSecond = 1000
     @Option(name: .long, help: "Seconds to wait for a WebSocket accept.") var websocketConnectTimeout = 5.0
     @Option(name: .long, help: "Maximum WebSocket life in seconds.") var websocketTimeout: Double?

@@ -116,8 +116,12 @@ public final class InterfaceServer: Sendable {
                         return Self.configure(channel: channel, context: context, configuration: configuration)
                     }
                     return channel.configureHTTP2SecureUpgrade(
-                        h2ChannelConfigurator: { channel in Self.configureHTTP2(channel: channel, context: context, configuration: configuration) },
-                        http1ChannelConfigurator: { channel in Self.configure(channel: channel, context: context, configuration: configuration) })
+                        h2ChannelConfigurator: { channel in
+                            Self.configureHTTP2(channel: channel, context: context, configuration: configuration)
+                        },
+                        http1ChannelConfigurator: { channel in
+                            Self.configure(channel: channel, context: context, configuration: configuration)
+                        })
                 }
             }
         let channel: any Channel

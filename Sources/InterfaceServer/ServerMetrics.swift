@@ -21,7 +21,8 @@ enum ServerMetrics {
             (.refusedMaxConnections, "max_connections"), (.refusedPerAddress, "per_address"),
             (.framesPaced, "frames_paced"),
         ]
-        return Dictionary(uniqueKeysWithValues: names.map { ($0.0, Counter(label: "channels_connection_limits_total", dimensions: [("limit", $0.1)])) })
+        return Dictionary(
+            uniqueKeysWithValues: names.map { ($0.0, Counter(label: "channels_connection_limits_total", dimensions: [("limit", $0.1)])) })
     }()
 
     /// The drop (if it is one) behind a server counter. Messages a sender gives up on are

@@ -60,7 +60,8 @@ final class WebSocketSession {
         }
         if server.configuration.maxFramesPerSecond > 0 {
             limiter = FrameRateLimiter(
-                perSecond: server.configuration.maxFramesPerSecond, burst: max(10, server.configuration.maxFramesPerSecond / 10), now: .now())
+                perSecond: server.configuration.maxFramesPerSecond, burst: max(10, server.configuration.maxFramesPerSecond / 10),
+                now: .now())
         }
     }
 

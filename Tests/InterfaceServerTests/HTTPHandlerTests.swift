@@ -26,7 +26,8 @@ struct HTTPHandlerTests {
                 configuration: configuration, logger: logger, accessLog: nil)
             channel = NIOAsyncTestingChannel()
             let upgrade = UpgradeState()
-            try await channel.pipeline.addHandler(HTTPHandler(server: server, upgrade: upgrade, activity: ConnectionActivity(upgrade: upgrade)))
+            try await channel.pipeline.addHandler(
+                HTTPHandler(server: server, upgrade: upgrade, activity: ConnectionActivity(upgrade: upgrade)))
         }
 
         func request(_ method: HTTPMethod = .GET, _ uri: String, headers: [(String, String)] = [], body: String? = nil) async throws {
@@ -206,7 +207,6 @@ struct HTTPHandlerTests {
         try await fixture.channel.closeFuture.get()
     }
 }
-
 
 /// The connection's deadlines and streamed bodies, on the testing loop's clock.
 @Suite("HTTP handler deadlines and streams on a testing channel", .timeLimit(.minutes(2)))
