@@ -26,6 +26,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var earlyRefusal: (HTTPResponseStatus, String)?
     /// A streamed body passed the limit and was answered (or the connection closed) mid-way.
     private var bodyAborted = false
+    /// Answered before the body came (413 on its announced length): the body is dropped as it
+    /// arrives, and the connection closes at its end.
+    private var lingering = false
     private var replyChannel: String?
     private var responseStarted = false
     private var responseBytes = 0
@@ -217,6 +220,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             discardingBody = false
             earlyRefusal = nil
             bodyAborted = false
+            lingering = false
             bodyBytesReceived = 0
             streamingBodyChannel = nil
             started = context.eventLoop.now
@@ -229,12 +233,16 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             for (name, value) in head.headers { headerBytes += name.utf8.count + value.utf8.count + 4 }
             headersTooLarge = headerBytes > server.configuration.maxHeaderSize
             if let length = head.headers.first(name: "content-length").flatMap(Int.init), length > server.configuration.maxBodySize {
-                // Announced too large: answered now, the body is not read.
+                // Announced too large: answered now, without waiting for the body; what the
+                // client still sends is dropped (under the body deadline), then the connection closes.
                 bodyTooLarge = true
                 bodyAborted = true
+                lingering = true
+                bodyBytesReceived = 0
                 ServerMetrics.httpRequests.increment()
                 ServerMetrics.dropped[.tooLarge]?.increment()
-                respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
+                respondPlain(
+                    context: context, status: .payloadTooLarge, text: "Request body too large\n", close: false, closeAfterBody: true)
                 return
             }
             if head.headers.first(name: "expect")?.lowercased() == "100-continue", !headersTooLarge {
@@ -244,6 +252,14 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
         case .body(var chunk):
             apply(machine.bodyReceived(), context: context)
+            if lingering {
+                // Answered 413 already: the body is read and dropped (so the client, still
+                // sending, gets to read the answer instead of a reset), up to four times the
+                // limit; a pause longer than the body timeout closes too.
+                bodyBytesReceived += chunk.readableBytes
+                if bodyBytesReceived > 4 * server.configuration.maxBodySize { context.close(promise: nil) }
+                return
+            }
             guard !bodyTooLarge, !discardingBody else { return }
             bodyBytesReceived += chunk.readableBytes
             if bodyBytesReceived > server.configuration.maxBodySize {
@@ -268,6 +284,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
             }
         case .end:
+            if lingering {
+                lingering = false
+                context.close(promise: nil)
+                return
+            }
             guard let head, !bodyAborted else { return }
             if streamingBodyChannel != nil {
                 sendBodyChunks(context: context, final: true)
@@ -625,12 +646,14 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         status = 0
     }
 
-    private func respondPlain(context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool) {
+    private func respondPlain(
+        context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool, closeAfterBody: Bool = false
+    ) {
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: "text/plain; charset=utf-8")
         headers.add(name: "content-length", value: String(text.utf8.count))
-        let shouldClose = close || !keepAlive
-        if shouldClose && !isHTTP2 { headers.add(name: "connection", value: "close") }
+        let shouldClose = close || (!keepAlive && !closeAfterBody)
+        if (shouldClose || closeAfterBody) && !isHTTP2 { headers.add(name: "connection", value: "close") }
         self.status = Int(status.code)
         _ = machine.responseStarted()
         apply(.disarm, context: context)
