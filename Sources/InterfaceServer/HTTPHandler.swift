@@ -12,58 +12,58 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    private let server: ServerContext
-    private let upgrade: UpgradeState
-    private var head: HTTPRequestHead?
-    private var body: ByteBuffer?
-    private var bodyTooLarge = false
+    let server: ServerContext
+    let upgrade: UpgradeState
+    var head: HTTPRequestHead?
+    var body: ByteBuffer?
+    var bodyTooLarge = false
     /// Body bytes of the request so far.
-    private var bodyBytesReceived = 0
+    var bodyBytesReceived = 0
     /// The body channel of a request dispatched before its body ended (a large body, streamed).
-    private var streamingBodyChannel: String?
+    var streamingBodyChannel: String?
     /// The request is refused; its body is read and dropped.
-    private var discardingBody = false
-    private var earlyRefusal: (HTTPResponseStatus, String)?
+    var discardingBody = false
+    var earlyRefusal: (HTTPResponseStatus, String)?
     /// A streamed body passed the limit and was answered (or the connection closed) mid-way.
-    private var bodyAborted = false
+    var bodyAborted = false
     /// Answered before the body came (413 on its announced length): the body is dropped as it
     /// arrives, and the connection closes at its end.
-    private var lingering = false
-    private var replyChannel: String?
-    private var responseStarted = false
-    private var responseBytes = 0
-    private var status = 0
-    private var started = NIODeadline.now()
+    var lingering = false
+    var replyChannel: String?
+    var responseStarted = false
+    var responseBytes = 0
+    var status = 0
+    var started = NIODeadline.now()
     /// The connection's deadlines (header, body, time to first byte, keep-alive idle).
-    private var machine: HTTPConnectionStateMachine
+    var machine: HTTPConnectionStateMachine
     /// The deadline in force (kind and time); nil when none is.
-    private var armed: (kind: HTTPConnectionStateMachine.Deadline, at: NIODeadline)?
+    var armed: (kind: HTTPConnectionStateMachine.Deadline, at: NIODeadline)?
     /// The one timer behind it, rescheduled lazily: a transition only moves `armed`; the timer
     /// is replaced only when the new deadline is earlier than its firing, and when it fires for
     /// a deadline that moved later it waits again. A keep-alive connection's requests cost no
     /// timer each.
-    private var timer: Scheduled<Void>?
-    private var timerAt = NIODeadline.distantFuture
-    private var opened = false
+    var timer: Scheduled<Void>?
+    var timerAt = NIODeadline.distantFuture
+    var opened = false
     /// Tells this handler when bytes arrive while it waits for a request (HTTP/1.1 only; nil
     /// on an HTTP/2 stream, whose connection the HTTP/2 handler guards).
-    private let activity: ConnectionActivity?
+    let activity: ConnectionActivity?
     /// Response bytes handed to the channel and not yet written to the socket.
-    private var unwrittenBytes = 0
+    var unwrittenBytes = 0
     /// The unwritten response bytes of every stream of this HTTP/2 connection (nil on HTTP/1).
-    private let budget: ResponseBudget?
-    private var lastWriteProgress = NIODeadline.uptimeNanoseconds(0)
-    private var stallCheck: Scheduled<Void>?
+    let budget: ResponseBudget?
+    var lastWriteProgress = NIODeadline.uptimeNanoseconds(0)
+    var stallCheck: Scheduled<Void>?
     /// Where the responder wants to hear that the client left (see `HTTPResponseStart.disconnectChannel`).
-    private var disconnectChannel: String?
-    private var keepAlive = true
+    var disconnectChannel: String?
+    var keepAlive = true
     /// Whether a dispatched request is waiting for its response (for the in-flight gauge).
-    private var inFlight = false
-    private var clientAddress = "-"
-    private var headersTooLarge = false
+    var inFlight = false
+    var clientAddress = "-"
+    var headersTooLarge = false
     /// This connection's messages to the layer; a full `http.request` is retried for a bounded
     /// time with reading paused, an unreachable layer answers 503 at once.
-    private var sender: LayerSender?
+    var sender: LayerSender?
 
     init(server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?, budget: ResponseBudget? = nil) {
         self.server = server
@@ -82,116 +82,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelActive()
     }
 
-    private func open(context: ChannelHandlerContext) {
-        guard !opened else { return }
-        opened = true
-        if let activity {
-            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-            activity.onBytes = { handler.value.apply(handler.value.machine.bytesArrived(), context: boundContext.value) }
-            activity.watching = true
-        }
-        apply(machine.opened(), context: context)
-    }
-
-    /// Does what the state machine answered.
-    private func apply(_ action: HTTPConnectionStateMachine.Action, context: ChannelHandlerContext) {
-        if let activity {
-            if case .idle = machine.state { activity.watching = true } else { activity.watching = false }
-        }
-        switch action {
-        case .none:
-            break
-        case .arm(let kind, let after):
-            // The loop's clock (a testing loop's is virtual).
-            let at = context.eventLoop.now + TimeAmount(after)
-            armed = (kind, at)
-            if timer == nil || timerAt > at { startTimer(at: at, context: context) }
-        case .disarm:
-            armed = nil
-        case .answer(let status, _):
-            armed = nil
-            if status == 503 {
-                timedOut(context: context)
-            } else {
-                // The body stopped coming: the request is over for the application too (a late
-                // reply finds nobody), and a consumer reading a streamed body hears it.
-                if let bodyChannel = streamingBodyChannel {
-                    streamingBodyChannel = nil
-                    connectionSender(context: context).send(
-                        HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel)
-                }
-                bodyAborted = true
-                if !responseStarted {
-                    finishRequest()
-                    respondPlain(context: context, status: HTTPResponseStatus(statusCode: status), text: "Request timed out\n", close: true)
-                } else {
-                    finishRequest()
-                    context.close(promise: nil)
-                }
-            }
-        case .close:
-            armed = nil
-            context.close(promise: nil)
-        }
-    }
-
-    private func startTimer(at: NIODeadline, context: ChannelHandlerContext) {
-        timer?.cancel()
-        timerAt = at
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        timer = context.eventLoop.scheduleTask(deadline: at) {
-            handler.value.timerFired(context: boundContext.value)
-        }
-    }
-
-    private func stopTimer() {
-        timer?.cancel()
-        timer = nil
-        timerAt = .distantFuture
-        armed = nil
-    }
-
-    private func timerFired(context: ChannelHandlerContext) {
-        timer = nil
-        timerAt = .distantFuture
-        guard let (kind, at) = armed else { return }
-        if at > context.eventLoop.now {
-            startTimer(at: at, context: context)
-            return
-        }
-        deadlinePassed(kind, context: context)
-    }
-
-    private func deadlinePassed(_ kind: HTTPConnectionStateMachine.Deadline, context: ChannelHandlerContext) {
-        armed = nil
-        // A held WebSocket upgrade is the application's to answer within the connect timeout.
-        if activity?.upgradeHeld == true { return }
-        let before = machine.state
-        let action = machine.deadlinePassed(kind)
-        switch action {
-        case .close:
-            server.counters.count(.closedIdle)
-        case .answer(status: 408, _) where before == .readingHead:
-            // A head that never finished (slow-loris). The HTTP pipeline has no request to
-            // answer: the 408 is written under it, then the connection closes.
-            server.counters.count(.timedOutHeader)
-            if let answer = activity?.answerRawAndClose {
-                answer(ConnectionActivity.requestTimeout)
-            } else {
-                context.close(promise: nil)
-            }
-            return
-        case .answer(status: 408, _):
-            // A body that stopped coming.
-            server.counters.count(.timedOutBody)
-        default:
-            break
-        }
-        apply(action, context: context)
-    }
-
     func handlerRemoved(context: ChannelHandlerContext) {
         stopTimer()
         stallCheck?.cancel()
@@ -199,14 +89,6 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         activity?.onBytes = nil
         activity?.watching = false
         releaseSender()
-    }
-
-    /// The sender's callbacks hold this handler: they are let go once the connection is done
-    /// (the sender itself finishes what it holds, such as an `http.disconnect`).
-    private func releaseSender() {
-        sender?.onGiveUp = nil
-        sender?.setReading = nil
-        sender = nil
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -316,59 +198,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    /// Why the request is answered by the server itself (and not sent to the application), or
-    /// nil. The Host check (which counts) runs once per request.
-    private func refusal(head: HTTPRequestHead) -> (HTTPResponseStatus, String)? {
-        if upgrade.rejected {
-            upgrade.rejected = false
-            return (upgrade.rejectionStatus, "WebSocket connection refused\n")
-        }
-        if headersTooLarge { return (.requestHeaderFieldsTooLarge, "Request headers too large\n") }
-        if bodyTooLarge { return (.payloadTooLarge, "Request body too large\n") }
-        if !server.hostAllowed(head) { return (.badRequest, "Bad Request (invalid Host header)\n") }
-        return nil
-    }
-
-    /// Sends the buffered body to the body channel in `bodyChunkSize` pieces; with `final`, the
-    /// rest (possibly nothing) as the last piece.
-    private func sendBodyChunks(context: ChannelHandlerContext, final: Bool) {
-        guard let bodyChannel = streamingBodyChannel else { return }
-        let chunkSize = server.configuration.bodyChunkSize
-        let sender = connectionSender(context: context)
-        while var buffer = body, buffer.readableBytes >= chunkSize, !(final && buffer.readableBytes == chunkSize) {
-            let bytes = buffer.readBytes(length: chunkSize)!
-            body = buffer.readableBytes > 0 ? buffer : nil
-            sender.send(HTTPBodyChunk(content: bytes, moreContent: true).message, to: bodyChannel)
-        }
-        if final {
-            let rest = body.map { Array($0.readableBytesView) } ?? []
-            body = nil
-            sender.send(HTTPBodyChunk(content: rest, moreContent: false).message, to: bodyChannel)
-        } else if let buffer = body, buffer.readerIndex > 0, buffer.readableBytes < chunkSize {
-            // Keep what waits small: the read part of the buffer is given back.
-            var copy = context.channel.allocator.buffer(capacity: chunkSize + 65536)
-            copy.writeImmutableBuffer(buffer)
-            body = copy
-        }
-    }
-
-    /// A streamed body passed `maxBodySize`: the application hears the client is gone (a closed
-    /// chunk), the client gets 413 if nothing was answered yet, and the connection closes.
-    private func abortStreamedBody(context: ChannelHandlerContext) {
-        guard let bodyChannel = streamingBodyChannel else { return }
-        streamingBodyChannel = nil
-        bodyAborted = true
-        ServerMetrics.dropped[.tooLarge]?.increment()
-        connectionSender(context: context).send(HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel)
-        if !responseStarted, replyChannel != nil {
-            finishRequest()
-            respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
-        } else {
-            context.close(promise: nil)
-        }
-    }
-
-    private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead, streaming: Bool) {
+    func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead, streaming: Bool) {
         if streaming { ServerMetrics.httpRequests.increment() }
         let (path, query) = PercentCoding.splitTarget(head.uri)
         let reply = server.router.newReplyChannel()
@@ -425,7 +255,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if streaming { sendBodyChunks(context: context, final: false) }
     }
 
-    private func connectionSender(context: ChannelHandlerContext) -> LayerSender {
+    func connectionSender(context: ChannelHandlerContext) -> LayerSender {
         if let sender { return sender }
         // Body chunks are large: reading pauses while two messages wait for the layer, so an
         // upload holds about two chunks in the server (one request alone never pauses it).
@@ -448,227 +278,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         return sender
     }
 
-    private func sendFailed(full: Bool, context: ChannelHandlerContext) {
-        guard !responseStarted, replyChannel != nil else { return }
-        server.counters.count(.httpUnavailable)
-        server.logger.warning(full ? "http.request stayed full; answering 503" : "cannot send http.request; answering 503")
-        finishRequest()
-        respondPlain(
-            context: context, status: .serviceUnavailable,
-            text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
-    }
-
-    /// No response started within `httpTimeout` (a time to first byte: a started response,
-    /// such as a stream of server-sent events, runs as long as the application wants).
-    private func timedOut(context: ChannelHandlerContext) {
-        guard replyChannel != nil, !responseStarted else { return }
-        server.counters.count(.timedOutResponse)
-        // The application may still be working on it: tell it the client will not get the answer.
-        if let replyChannel, let head {
-            let path = PercentCoding.splitTarget(head.uri).path
-            connectionSender(context: context).send(
-                HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
-                to: ASGIChannel.httpDisconnect)
-        }
-        finishRequest()
-        respondPlain(context: context, status: .serviceUnavailable, text: "Application timed out\n", close: false)
-    }
-
-    private func handleReply(_ reply: Message, context: ChannelHandlerContext) {
-        guard replyChannel != nil else { return }
-        let response: HTTPResponseMessage
-        do {
-            response = try HTTPResponseMessage(reply)
-        } catch {
-            server.logger.error("malformed HTTP reply; answering 500", metadata: ["error": "\(error)", "keys": "\(reply.fieldNames)"])
-            server.counters.count(.malformedReplies)
-            if responseStarted {
-                finishRequest()
-                context.close(promise: nil)
-            } else {
-                finishRequest()
-                respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
-            }
-            return
-        }
-        let content: [UInt8], more: Bool
-        switch response {
-        case .start(let start) where !responseStarted:
-            // A server that is shutting down answers what it holds and closes the connection.
-            if server.shuttingDown.load(ordering: .relaxed) { keepAlive = false }
-            var headers = RequestTranslation.responseHeaders(start.headers)
-            if !start.moreContent, !headers.contains(name: "content-length") {
-                headers.replaceOrAdd(name: "content-length", value: String(start.content.count))
-            }
-            if !keepAlive && !isHTTP2 { headers.replaceOrAdd(name: "connection", value: "close") }
-            if isHTTP2 { Self.removeConnectionHeaders(&headers) }
-            status = start.status
-            responseStarted = true
-            disconnectChannel = start.disconnectChannel
-            apply(machine.responseStarted(), context: context)
-            let head = HTTPResponseHead(
-                version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
-            context.write(wrapOutboundOut(.head(head)), promise: nil)
-            (content, more) = (start.content, start.moreContent)
-        case .start(let start):
-            server.logger.warning("a second response start on one request; its content is sent as a chunk")
-            (content, more) = (start.content, start.moreContent)
-        case .chunk(let chunk) where responseStarted:
-            (content, more) = (chunk.content, chunk.moreContent)
-        case .chunk:
-            server.logger.error(
-                "reply without a status before the response started; answering 500", metadata: ["keys": "\(reply.fieldNames)"])
-            server.counters.count(.malformedReplies)
-            finishRequest()
-            respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
-            return
-        }
-        if !content.isEmpty {
-            responseBytes += content.count
-            unwrittenBytes += content.count
-            budget?.unwritten += content.count
-            let size = content.count
-            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let loop = context.eventLoop
-            let promise = context.eventLoop.makePromise(of: Void.self)
-            promise.futureResult.whenComplete { result in
-                let handler = handler.value
-                // A failed write (the connection closed) was already taken off by channelInactive.
-                guard case .success = result else { return }
-                handler.unwrittenBytes -= size
-                handler.budget?.unwritten -= size
-                handler.lastWriteProgress = loop.now
-            }
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
-            scheduleStallCheck(context: context)
-            if unwrittenBytes > server.configuration.maxResponseBufferBytes
-                || (budget?.unwritten ?? 0) > server.configuration.maxResponseBufferBytes
-            {
-                // The client does not read as fast as the application writes, and what waits for
-                // it passed the bound: close (the application hears http.disconnect and stops).
-                closeSlowClient(context: context)
-                return
-            }
-        }
-        if more {
-            context.flush()
-        } else {
-            finishRequest()
-            writeEnd(context: context, close: !keepAlive)
-        }
-    }
-
-    /// Writes the response's end. The state machine hears of it first: NIO hands a pipelined
-    /// request over while this write is in progress, and it must find the connection between
-    /// requests. The keep-alive deadline starts once everything was written (a slow reader of
-    /// a large response is the write-stall deadline's business, not an idle connection).
-    private func writeEnd(context: ChannelHandlerContext, close: Bool) {
-        let action = machine.responseEnded(keepAlive: !close)
-        if case .arm(.body, _) = action { apply(action, context: context) }
-        let channel = context.channel
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-            if close {
-                channel.close(promise: nil)
-                return
-            }
-            let handler = handler.value
-            if case .arm(.keepAlive, _) = action, handler.machine.state == .idle(fresh: false), handler.armed == nil {
-                handler.apply(action, context: boundContext.value)
-            }
-        }
-    }
-
-    /// The client does not read what is written to it: the connection closes (all of it, on
-    /// HTTP/2: the client reads none of its streams), and the application hears `http.disconnect`.
-    private func closeSlowClient(context: ChannelHandlerContext) {
-        // Once per connection (every stream of an HTTP/2 connection may find it).
-        if let budget {
-            guard !budget.closing else { return }
-            budget.closing = true
-        }
-        server.counters.count(.closedSlowHTTPClient)
-        server.logger.warning(
-            "HTTP client not reading its response; closing",
-            metadata: [
-                "unwritten_bytes": "\(unwrittenBytes)", "path": "\(PercentCoding.splitTarget(self.head?.uri ?? "").path)",
-            ])
-        // An HTTP/2 stream's parent is its connection (an HTTP/1 connection's parent is the
-        // listening socket, which must stay open).
-        let connection = budget != nil ? (context.channel.parent ?? context.channel) : context.channel
-        connection.close(promise: nil)
-    }
-
-    /// While response bytes wait for the client, checks that some are written at least every
-    /// `writeTimeout`; a client that reads nothing for that long is closed.
-    private func scheduleStallCheck(context: ChannelHandlerContext) {
-        guard stallCheck == nil, unwrittenBytes > 0 else { return }
-        if lastWriteProgress < started { lastWriteProgress = context.eventLoop.now }
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
-        let timeout = TimeAmount(server.configuration.writeTimeout)
-        stallCheck = context.eventLoop.scheduleTask(deadline: lastWriteProgress + timeout) {
-            let handler = handler.value
-            handler.stallCheck = nil
-            guard handler.unwrittenBytes > 0 else { return }
-            if boundContext.value.eventLoop.now - handler.lastWriteProgress >= timeout {
-                handler.closeSlowClient(context: boundContext.value)
-            } else {
-                handler.scheduleStallCheck(context: boundContext.value)
-            }
-        }
-    }
-
-    /// HTTP/2 forbids connection-specific headers (RFC 9113 8.2.2); an application's are dropped.
-    private static func removeConnectionHeaders(_ headers: inout HTTPHeaders) {
-        for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
-            headers.remove(name: name)
-        }
-    }
-
-    private var isHTTP2: Bool { (head?.version.major ?? 1) >= 2 }
-
-    /// Forgets the request in flight and writes its access-log line.
-    private func finishRequest() {
-        leaveFlight()
-        if let replyChannel { server.router.unregister(replyChannel) }
-        replyChannel = nil
-        disconnectChannel = nil
-        if let head {
-            let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
-            server.accessLog?.http(
-                client: clientAddress, method: head.method.rawValue, path: head.uri,
-                status: status, size: responseBytes, seconds: elapsed)
-        }
-        responseStarted = false
-        responseBytes = 0
-        status = 0
-    }
-
-    private func respondPlain(
-        context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool, closeAfterBody: Bool = false
-    ) {
-        var headers = HTTPHeaders()
-        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
-        headers.add(name: "content-length", value: String(text.utf8.count))
-        let shouldClose = close || (!keepAlive && !closeAfterBody)
-        if (shouldClose || closeAfterBody) && !isHTTP2 { headers.add(name: "connection", value: "close") }
-        self.status = Int(status.code)
-        _ = machine.responseStarted()
-        apply(.disarm, context: context)
-        let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: status, headers: headers)
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
-        writeEnd(context: context, close: shouldClose)
-    }
-
-    /// The request in flight (if any) is no longer: answered, timed out or abandoned.
-    private func leaveFlight() {
-        guard inFlight else { return }
-        inFlight = false
-        ServerMetrics.httpInFlight.decrement()
-    }
+    var isHTTP2: Bool { (head?.version.major ?? 1) >= 2 }
 
     func channelInactive(context: ChannelHandlerContext) {
         leaveFlight()

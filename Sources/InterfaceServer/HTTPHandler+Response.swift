@@ -1,0 +1,230 @@
+import ASGI
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+// Responses: the application's replies written with a bound on what waits for the client,
+// the server's own answers, and the end of a request.
+extension HTTPHandler {
+    func handleReply(_ reply: Message, context: ChannelHandlerContext) {
+        guard replyChannel != nil else { return }
+        let response: HTTPResponseMessage
+        do {
+            response = try HTTPResponseMessage(reply)
+        } catch {
+            server.logger.error("malformed HTTP reply; answering 500", metadata: ["error": "\(error)", "keys": "\(reply.fieldNames)"])
+            server.counters.count(.malformedReplies)
+            if responseStarted {
+                finishRequest()
+                context.close(promise: nil)
+            } else {
+                finishRequest()
+                respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
+            }
+            return
+        }
+        let content: [UInt8], more: Bool
+        switch response {
+        case .start(let start) where !responseStarted:
+            // A server that is shutting down answers what it holds and closes the connection.
+            if server.shuttingDown.load(ordering: .relaxed) { keepAlive = false }
+            var headers = RequestTranslation.responseHeaders(start.headers)
+            if !start.moreContent, !headers.contains(name: "content-length") {
+                headers.replaceOrAdd(name: "content-length", value: String(start.content.count))
+            }
+            if !keepAlive && !isHTTP2 { headers.replaceOrAdd(name: "connection", value: "close") }
+            if isHTTP2 { Self.removeConnectionHeaders(&headers) }
+            status = start.status
+            responseStarted = true
+            disconnectChannel = start.disconnectChannel
+            apply(machine.responseStarted(), context: context)
+            let head = HTTPResponseHead(
+                version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            (content, more) = (start.content, start.moreContent)
+        case .start(let start):
+            server.logger.warning("a second response start on one request; its content is sent as a chunk")
+            (content, more) = (start.content, start.moreContent)
+        case .chunk(let chunk) where responseStarted:
+            (content, more) = (chunk.content, chunk.moreContent)
+        case .chunk:
+            server.logger.error(
+                "reply without a status before the response started; answering 500", metadata: ["keys": "\(reply.fieldNames)"])
+            server.counters.count(.malformedReplies)
+            finishRequest()
+            respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
+            return
+        }
+        if !content.isEmpty {
+            responseBytes += content.count
+            unwrittenBytes += content.count
+            budget?.unwritten += content.count
+            let size = content.count
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let loop = context.eventLoop
+            let promise = context.eventLoop.makePromise(of: Void.self)
+            promise.futureResult.whenComplete { result in
+                let handler = handler.value
+                // A failed write (the connection closed) was already taken off by channelInactive.
+                guard case .success = result else { return }
+                handler.unwrittenBytes -= size
+                handler.budget?.unwritten -= size
+                handler.lastWriteProgress = loop.now
+            }
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
+            scheduleStallCheck(context: context)
+            if unwrittenBytes > server.configuration.maxResponseBufferBytes
+                || (budget?.unwritten ?? 0) > server.configuration.maxResponseBufferBytes
+            {
+                // The client does not read as fast as the application writes, and what waits for
+                // it passed the bound: close (the application hears http.disconnect and stops).
+                closeSlowClient(context: context)
+                return
+            }
+        }
+        if more {
+            context.flush()
+        } else {
+            finishRequest()
+            writeEnd(context: context, close: !keepAlive)
+        }
+    }
+
+    /// Writes the response's end. The state machine hears of it first: NIO hands a pipelined
+    /// request over while this write is in progress, and it must find the connection between
+    /// requests. The keep-alive deadline starts once everything was written (a slow reader of
+    /// a large response is the write-stall deadline's business, not an idle connection).
+    func writeEnd(context: ChannelHandlerContext, close: Bool) {
+        let action = machine.responseEnded(keepAlive: !close)
+        if case .arm(.body, _) = action { apply(action, context: context) }
+        let channel = context.channel
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+            if close {
+                channel.close(promise: nil)
+                return
+            }
+            let handler = handler.value
+            if case .arm(.keepAlive, _) = action, handler.machine.state == .idle(fresh: false), handler.armed == nil {
+                handler.apply(action, context: boundContext.value)
+            }
+        }
+    }
+
+    /// The client does not read what is written to it: the connection closes (all of it, on
+    /// HTTP/2: the client reads none of its streams), and the application hears `http.disconnect`.
+    func closeSlowClient(context: ChannelHandlerContext) {
+        // Once per connection (every stream of an HTTP/2 connection may find it).
+        if let budget {
+            guard !budget.closing else { return }
+            budget.closing = true
+        }
+        server.counters.count(.closedSlowHTTPClient)
+        server.logger.warning(
+            "HTTP client not reading its response; closing",
+            metadata: [
+                "unwritten_bytes": "\(unwrittenBytes)", "path": "\(PercentCoding.splitTarget(self.head?.uri ?? "").path)",
+            ])
+        // An HTTP/2 stream's parent is its connection (an HTTP/1 connection's parent is the
+        // listening socket, which must stay open).
+        let connection = budget != nil ? (context.channel.parent ?? context.channel) : context.channel
+        connection.close(promise: nil)
+    }
+
+    /// While response bytes wait for the client, checks that some are written at least every
+    /// `writeTimeout`; a client that reads nothing for that long is closed.
+    func scheduleStallCheck(context: ChannelHandlerContext) {
+        guard stallCheck == nil, unwrittenBytes > 0 else { return }
+        if lastWriteProgress < started { lastWriteProgress = context.eventLoop.now }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let timeout = TimeAmount(server.configuration.writeTimeout)
+        stallCheck = context.eventLoop.scheduleTask(deadline: lastWriteProgress + timeout) {
+            let handler = handler.value
+            handler.stallCheck = nil
+            guard handler.unwrittenBytes > 0 else { return }
+            if boundContext.value.eventLoop.now - handler.lastWriteProgress >= timeout {
+                handler.closeSlowClient(context: boundContext.value)
+            } else {
+                handler.scheduleStallCheck(context: boundContext.value)
+            }
+        }
+    }
+
+    /// HTTP/2 forbids connection-specific headers (RFC 9113 8.2.2); an application's are dropped.
+    static func removeConnectionHeaders(_ headers: inout HTTPHeaders) {
+        for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+            headers.remove(name: name)
+        }
+    }
+
+    /// Forgets the request in flight and writes its access-log line.
+    func finishRequest() {
+        leaveFlight()
+        if let replyChannel { server.router.unregister(replyChannel) }
+        replyChannel = nil
+        disconnectChannel = nil
+        if let head {
+            let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+            server.accessLog?.http(
+                client: clientAddress, method: head.method.rawValue, path: head.uri,
+                status: status, size: responseBytes, seconds: elapsed)
+        }
+        responseStarted = false
+        responseBytes = 0
+        status = 0
+    }
+
+    func respondPlain(
+        context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool, closeAfterBody: Bool = false
+    ) {
+        var headers = HTTPHeaders()
+        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        headers.add(name: "content-length", value: String(text.utf8.count))
+        let shouldClose = close || (!keepAlive && !closeAfterBody)
+        if (shouldClose || closeAfterBody) && !isHTTP2 { headers.add(name: "connection", value: "close") }
+        self.status = Int(status.code)
+        _ = machine.responseStarted()
+        apply(.disarm, context: context)
+        let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: status, headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
+        writeEnd(context: context, close: shouldClose)
+    }
+
+    /// The request in flight (if any) is no longer: answered, timed out or abandoned.
+    func leaveFlight() {
+        guard inFlight else { return }
+        inFlight = false
+        ServerMetrics.httpInFlight.decrement()
+    }
+
+    /// No response started within `httpTimeout` (a time to first byte: a started response,
+    /// such as a stream of server-sent events, runs as long as the application wants).
+    func timedOut(context: ChannelHandlerContext) {
+        guard replyChannel != nil, !responseStarted else { return }
+        server.counters.count(.timedOutResponse)
+        // The application may still be working on it: tell it the client will not get the answer.
+        if let replyChannel, let head {
+            let path = PercentCoding.splitTarget(head.uri).path
+            connectionSender(context: context).send(
+                HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
+                to: ASGIChannel.httpDisconnect)
+        }
+        finishRequest()
+        respondPlain(context: context, status: .serviceUnavailable, text: "Application timed out\n", close: false)
+    }
+
+    func sendFailed(full: Bool, context: ChannelHandlerContext) {
+        guard !responseStarted, replyChannel != nil else { return }
+        server.counters.count(.httpUnavailable)
+        server.logger.warning(full ? "http.request stayed full; answering 503" : "cannot send http.request; answering 503")
+        finishRequest()
+        respondPlain(
+            context: context, status: .serviceUnavailable,
+            text: full ? "Server is busy, try again\n" : "Service unavailable\n", close: false)
+    }
+}
