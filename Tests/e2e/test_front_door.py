@@ -35,6 +35,13 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import redis as redis_py  # noqa: E402
+from session_churn import http_get, metric_by_label  # noqa: E402  (the /metrics readers)
+from session_churn import metric  # noqa: E402
+
+
+def metric_value(port, name):
+    """The value of `name` on /metrics, 0 while it has not been counted yet."""
+    return metric(port, name) or 0
 import websockets  # noqa: E402
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
@@ -153,37 +160,6 @@ class Probe(threading.Thread):
 
 def limits(mport):
     return metric_by_label(mport, "channels_connection_limits_total", "limit")
-
-
-def metric_value(port, name):
-    status, body = http_get(port, "/metrics")
-    total = 0.0
-    for line in body.decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rpartition(" ")[2])
-    return total
-
-
-def http_get(port, path, timeout=10):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def metric_by_label(port, name, label):
-    status, body = http_get(port, "/metrics")
-    found = {}
-    for line in body.decode().splitlines():
-        if line.startswith(name + "{"):
-            key, _, value = line.rpartition(" ")
-            labels = dict(part.split("=", 1) for part in key[len(name) + 1:-1].split(",") if "=" in part)
-            name_ = labels.get(label, "").strip('"')
-            found[name_] = found.get(name_, 0) + int(float(value))
-    return found
 
 
 def serve(*extra):
