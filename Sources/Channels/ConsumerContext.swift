@@ -60,7 +60,7 @@ public final class ConsumerContext: Sendable {
 
     /// Set by the worker for an `http.request`: the streams registry and the consumer's task,
     /// so a multi-message response can be stopped when its client leaves.
-    let streaming = Mutex<(streams: ResponseStreams, handle: StreamHandle)?>(nil)
+    let streaming = Mutex<(streams: ResponseStreams, handle: TaskHandle)?>(nil)
     /// The disconnect channel this context's response registered, if any.
     let streamChannel = Mutex<String?>(nil)
 

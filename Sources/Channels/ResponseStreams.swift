@@ -13,7 +13,7 @@ import Synchronization
 public final class ResponseStreams: Sendable {
     /// The worker's inbox (a process channel).
     public let inbox: String
-    private let streams = Mutex<[String: StreamHandle]>([:])
+    private let streams = Mutex<[String: TaskHandle]>([:])
     private let stopped = Atomic<Int>(0)
 
     static let abandoned = Counter(label: "channels_http_streams_abandoned_total")
@@ -24,7 +24,7 @@ public final class ResponseStreams: Sendable {
     }
 
     /// A disconnect channel for the response `handle`'s task is sending; `finished` forgets it.
-    func register(_ handle: StreamHandle) -> String {
+    func register(_ handle: TaskHandle) -> String {
         let channel = inbox + ChannelNames.randomLetters(12)
         streams.withLock { $0[channel] = handle }
         return channel
@@ -46,33 +46,4 @@ public final class ResponseStreams: Sendable {
     public var abandonedCount: Int { stopped.load(ordering: .relaxed) }
     /// Responses that can be stopped now.
     public var activeCount: Int { streams.withLock { $0.count } }
-}
-
-/// The task running one consumer, cancellable from the worker's receive loop while (and only
-/// while) the consumer runs: the worker attaches it inside `withUnsafeCurrentTask` and detaches
-/// it before that closure returns, both under the lock `cancel()` takes, so the task reference is
-/// only used while the task is alive and running this consumer. No task of its own per request.
-final class StreamHandle: Sendable {
-    private let state = Mutex<(task: UnsafeCurrentTask?, cancelled: Bool)>((nil, false))
-
-    func attach(_ task: UnsafeCurrentTask?) {
-        state.withLock { state in
-            state.task = task
-            if state.cancelled { task?.cancel() }
-        }
-    }
-
-    func detach() {
-        state.withLock { $0.task = nil }
-    }
-
-    /// True once the client left and the consumer was told to stop.
-    var cancelled: Bool { state.withLock { $0.cancelled } }
-
-    func cancel() {
-        state.withLock { state in
-            state.cancelled = true
-            state.task?.cancel()
-        }
-    }
 }

@@ -3,11 +3,12 @@ import CoreMetrics
 import DequeModule
 import Logging
 import OrderedCollections
+import ServiceLifecycle
 import Synchronization
 
 /// Pulls messages from the channels the routing names and runs the matching consumers, up to
 /// `concurrency` at once.
-public final class Worker: Sendable {
+public final class Worker: Service, Sendable {
     /// The routing the worker dispatches with.
     public let router: Router
     /// The layer it receives from and sends on.
@@ -30,18 +31,29 @@ public final class Worker: Sendable {
     private let mailboxes = Mailboxes()
     /// Multi-message HTTP responses in progress, stopped when their client leaves.
     public let streams = ResponseStreams()
-    /// 0 running, 1 stop taking messages, 2 take what is queued, then stop.
-    private let stopping = Atomic<Int>(0)
+    /// Whether it runs, and how it stops.
+    private enum Stop: Int {
+        case running, stopTaking, finishQueued
+    }
+    private let stopping = Atomic<Int>(Stop.running.rawValue)
+    /// The task that receives; `stop()` cancels it (and nothing else).
+    private let receivingTask = TaskHandle()
+    /// Whether a graceful shutdown takes what is queued before stopping (`finishQueuedThenStop`).
+    public let finishQueuedOnShutdown: Bool
     private let processed = Atomic<Int>(0)
 
     /// - Parameters:
     ///   - only: glob patterns; when given, only matching channels are listened on.
     ///   - exclude: glob patterns of channels not to listen on.
+    ///   - finishQueuedOnShutdown: on a graceful shutdown, take what is queued before stopping
+    ///     (the only worker of an in-process layer); otherwise stop taking at once (other workers
+    ///     read on).
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
-        logger: Logger = Logger(label: "channels.worker")
+        finishQueuedOnShutdown: Bool = false, logger: Logger = Logger(label: "channels.worker")
     ) {
+        self.finishQueuedOnShutdown = finishQueuedOnShutdown
         self.router = router
         self.environment = environment
         self.layer = layer
@@ -57,20 +69,24 @@ public final class Worker: Sendable {
         let excluded = exclude.map(GlobPattern.init)
         listen = listen.filter { name in !excluded.contains { $0.matches(name) } }
         self.channels = listen.sorted()
-        self.receiving = listen.contains(ASGIChannel.httpRequest) ? self.channels + [streams.inbox] : self.channels
+        self.receivingChannels = listen.contains(ASGIChannel.httpRequest) ? self.channels + [streams.inbox] : self.channels
     }
 
     /// `channels`, and the inbox where servers say a streamed response's client left.
-    private let receiving: [String]
+    private let receivingChannels: [String]
 
     /// Messages handed to consumers so far.
     public var messagesProcessed: Int { processed.load(ordering: .relaxed) }
 
-    /// Runs until `stop()`, then lets the consumers in hand finish and returns.
+    /// Runs until `stop()` or a graceful shutdown of the service group it runs in, then lets the
+    /// consumers in hand finish and returns; cancelling the task that runs it cancels them too.
     ///
-    /// One receive loop takes as many messages as there are free consumer slots in one call
-    /// (one Redis round trip while messages flow; a blocking wait when none do) and starts a
-    /// consumer task for each; when every slot is busy it waits for one to finish.
+    /// One receiving task takes as many messages as there are free consumer slots in one call
+    /// (one Redis round trip while messages flow; a blocking wait when none do) and hands each
+    /// batch to this task, which starts a consumer task per message; when every slot is busy the
+    /// receiving task waits for one to finish. A stop cancels only the receiving task, which
+    /// reaches a blocking receive at once (Redis: `CLIENT UNBLOCK`); what it had already taken is
+    /// still run.
     public func run() async {
         logger.info("worker ready", metadata: ["channels": "\(channels.joined(separator: ", "))", "concurrency": "\(concurrency)"])
         guard !channels.isEmpty else {
@@ -78,80 +94,120 @@ public final class Worker: Sendable {
             return
         }
         let slots = Slots(concurrency)
-        await withDiscardingTaskGroup { group in
-            var failures = 0
-            while !Task.isCancelled {
-                let mode = stopping.load(ordering: .relaxed)
-                if mode == 1 { break }
-                let draining = mode == 2
-                let free = await slots.waitForFree()
-                let batch: [ReceivedMessage]
-                do {
-                    // A bounded wait, so a stop is noticed within a second; this blocks, it does
-                    // not poll. Draining takes only what is already queued.
-                    batch = try await layer.receiveBatch(channels: receiving, max: free, timeout: draining ? .zero : .seconds(1))
-                    failures = 0
-                } catch {
-                    failures += 1
-                    if failures == 1 || failures % 30 == 0 {
-                        logger.error("receive failed", metadata: ["error": "\(error)"])
-                    }
-                    try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
-                    continue
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                let (batches, taken) = AsyncStream.makeStream(of: [ReceivedMessage].self)
+                group.addTask {
+                    await self.receivingTask.running { await self.receive(into: taken, slots: slots) }
+                    taken.finish()
                 }
-                if draining && batch.isEmpty {
-                    // Queued work is done when nothing is queued while no consumer runs (one that
-                    // runs may still send to these channels): wait for them, then look again.
-                    if free == concurrency { break }
-                    _ = await slots.waitForFree(atLeast: concurrency)
-                    continue
-                }
-                slots.take(batch.count)
-                for received in batch {
-                    if received.channel.hasPrefix(streams.inbox) {
-                        // A client left a response this worker is streaming: stop it.
-                        streams.clientLeft(received.channel)
-                        slots.release()
+                for await batch in batches { start(batch, in: &group, slots: slots) }
+                // Stopped. When this worker is the only reader of its layer, what is queued now
+                // (and what its consumers queue while it runs) is taken before it returns.
+                while stopping.load(ordering: .relaxed) == Stop.finishQueued.rawValue, !Task.isCancelled {
+                    let free = await slots.waitForFree()
+                    let batch = await takeWithoutWaiting(max: free)
+                    if batch.isEmpty {
+                        // Queued work is done when nothing is queued while no consumer runs (one
+                        // that runs may still send to these channels): wait for them, then look again.
+                        if free == concurrency { break }
+                        _ = await slots.waitForFree(atLeast: concurrency)
                         continue
                     }
-                    guard let socket = Self.socketKey(received) else {
-                        group.addTask {
-                            await self.dispatch(received)
-                            slots.release()
-                        }
-                        continue
-                    }
-                    // One socket's messages run one after another, in the order received: a
-                    // burst from one socket is never raced against itself in this process.
-                    guard mailboxes.post(received, to: socket) else { continue }
-                    group.addTask {
-                        var next: ReceivedMessage? = received
-                        while let message = next {
-                            await self.dispatch(message)
-                            slots.release()
-                            next = self.mailboxes.next(for: socket)
-                        }
-                    }
+                    slots.take(batch.count)
+                    start(batch, in: &group, slots: slots)
+                }
+                if Task.isCancelled {
+                    // The shutdown grace is over: the consumers still running are cancelled now.
+                    logger.warning(
+                        "shutdown grace over: cancelling the consumers in hand",
+                        metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
                 }
             }
-            if Task.isCancelled {
-                // The shutdown grace is over: the consumers still running are cancelled now.
-                logger.warning(
-                    "shutdown grace over: cancelling the consumers in hand",
-                    metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
-            }
+        } onGracefulShutdown: {
+            if self.finishQueuedOnShutdown { self.finishQueuedThenStop() } else { self.stop() }
         }
         logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
 
-    /// Asks `run()` to stop taking messages; the consumers in hand finish.
-    public func stop() { stopping.store(1, ordering: .relaxed) }
+    /// The receiving task: waits for free slots, takes a batch, hands it over; until stopped.
+    private func receive(into taken: AsyncStream<[ReceivedMessage]>.Continuation, slots: Slots) async {
+        var failures = 0
+        while !Task.isCancelled, stopping.load(ordering: .relaxed) == Stop.running.rawValue {
+            let free = await slots.waitForFree()
+            let batch: [ReceivedMessage]
+            do {
+                // Blocks until a message comes or the receiving task is cancelled; the bound
+                // only renews the wait now and then.
+                batch = try await layer.receiveBatch(channels: receivingChannels, max: free, timeout: .seconds(30))
+                failures = 0
+            } catch {
+                if Task.isCancelled { break }
+                failures += 1
+                if failures == 1 || failures % 30 == 0 {
+                    logger.error("receive failed", metadata: ["error": "\(error)"])
+                }
+                try? await Task.sleep(for: Retry.backoff(after: failures))
+                continue
+            }
+            guard !batch.isEmpty else { continue }
+            slots.take(batch.count)
+            taken.yield(batch)
+        }
+    }
 
-    /// Asks `run()` to take what is queued now (and what its consumers queue while it does),
-    /// then stop: a worker that is the only one on its layer (`runserver`'s in-process workers)
-    /// stops this way, so the `websocket.disconnect` of every socket the server closed runs.
+    /// What is queued now, without waiting; nothing when the layer fails (the drain ends).
+    private func takeWithoutWaiting(max: Int) async -> [ReceivedMessage] {
+        do {
+            return try await layer.receiveBatch(channels: receivingChannels, max: max, timeout: .zero)
+        } catch {
+            logger.error("receive failed while finishing the queued messages", metadata: ["error": "\(error)"])
+            return []
+        }
+    }
+
+    /// Starts a consumer task for each message of `batch` (each already holds a slot).
+    private func start(_ batch: [ReceivedMessage], in group: inout DiscardingTaskGroup, slots: Slots) {
+        for received in batch {
+            if received.channel.hasPrefix(streams.inbox) {
+                // A client left a response this worker is streaming: stop it.
+                streams.clientLeft(received.channel)
+                slots.release()
+                continue
+            }
+            guard let socket = Self.socketKey(received) else {
+                group.addTask {
+                    await self.dispatch(received)
+                    slots.release()
+                }
+                continue
+            }
+            // One socket's messages run one after another, in the order received: a burst from
+            // one socket is never raced against itself in this process.
+            guard mailboxes.post(received, to: socket) else { continue }
+            group.addTask {
+                var next: ReceivedMessage? = received
+                while let message = next {
+                    await self.dispatch(message)
+                    slots.release()
+                    next = self.mailboxes.next(for: socket)
+                }
+            }
+        }
+    }
+
+    /// Stops taking messages (a blocking receive is woken at once); the consumers in hand finish.
+    public func stop() {
+        _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.stopTaking.rawValue, ordering: .relaxed)
+        receivingTask.cancel()
+    }
+
+    /// Takes what is queued now (and what its consumers queue while it does), then stops: a
+    /// worker that is the only one on its layer (`runserver`'s in-process workers) stops this way,
+    /// so the `websocket.disconnect` of every socket the server closed runs.
     public func finishQueuedThenStop() {
-        _ = stopping.compareExchange(expected: 0, desired: 2, ordering: .relaxed)
+        _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.finishQueued.rawValue, ordering: .relaxed)
+        receivingTask.cancel()
     }
 
     /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.
@@ -181,14 +237,11 @@ public final class Worker: Sendable {
         defer { ChannelsMetrics.route(name).duration.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
         do {
             if received.channel == ASGIChannel.httpRequest {
-                // In a task of its own, so a client that leaves its streamed response can cancel it.
-                // Cancellable by the client leaving a streamed response (see StreamHandle).
-                let handle = StreamHandle()
+                // Cancellable by the client leaving a streamed response (see ResponseStreams).
+                let handle = TaskHandle()
                 context.streaming.withLock { $0 = (streams, handle) }
                 defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
-                try await withUnsafeCurrentTask { task in
-                    handle.attach(task)
-                    defer { handle.detach() }
+                try await handle.running {
                     try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
                 }
             } else {

@@ -89,25 +89,6 @@ struct InterfaceServerService: Service, CustomStringConvertible {
     }
 }
 
-/// A part that runs until it is asked to stop: `body` runs, and the graceful shutdown calls
-/// `stop`, after which `body` finishes what it holds and returns. Workers take `Worker.stop`
-/// (`runworker`: other workers read on) or `Worker.finishQueuedThenStop` (`runserver`'s
-/// in-process workers, the only readers of their layer, so the disconnects of the sockets the
-/// server just closed reach the application); the delay server takes `DelayServer.stop`.
-struct StoppableService: Service, CustomStringConvertible {
-    let description: String
-    let body: @Sendable () async -> Void
-    let stop: @Sendable () -> Void
-
-    func run() async throws {
-        await withGracefulShutdownHandler {
-            await body()
-        } onGracefulShutdown: {
-            stop()
-        }
-    }
-}
-
 /// What `work` returns, or `fallback` when `timeout` ends first. The loser is not waited for
 /// (work that ignores cancellation, a connect to a dead Redis, must not hold the caller).
 func racingTimeout<T: Sendable>(_ timeout: Duration, fallback: T, _ work: @escaping @Sendable () async -> T) async -> T {

@@ -40,7 +40,7 @@ struct RunDelay: ApplicationSubcommand {
         say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(
-            [StoppableService(description: "delay", body: server.run, stop: server.stop)], metrics: metricsEndpoint, grace: .seconds(30),
+            [server], metrics: metricsEndpoint, grace: .seconds(30),
             logger: logger)
         await client.close()
         await layer.close()

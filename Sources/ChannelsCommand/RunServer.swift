@@ -187,7 +187,7 @@ struct RunServer: ApplicationSubcommand {
             ? nil
             : Worker(
                 router: router, layer: layer, concurrency: threads,
-                environment: environment,
+                environment: environment, finishQueuedOnShutdown: true,
                 logger: options.makeLogger("channels.worker"))
         // On the in-memory layer nothing else could run a delay server: run one here.
         let delay =
@@ -201,8 +201,8 @@ struct RunServer: ApplicationSubcommand {
         // Stopped in reverse: the server first (its responses in flight and its sockets'
         // disconnects reach the layer), then the workers take what is queued, then the delay server.
         var services: [any Service] = []
-        if let delay { services.append(StoppableService(description: "delay", body: delay.run, stop: delay.stop)) }
-        if let worker { services.append(StoppableService(description: "worker", body: worker.run, stop: worker.finishQueuedThenStop)) }
+        if let delay { services.append(delay) }
+        if let worker { services.append(worker) }
         if admin, let metricsEndpoint {
             let routed = router.channels.union([ASGIChannel.httpRequest] + ASGIChannel.websocket)
             let page = AdminPage(layer: layer, routed: routed, registry: metricsEndpoint.registry, token: resolvedAdminToken)

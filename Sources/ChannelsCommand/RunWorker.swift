@@ -33,7 +33,7 @@ struct RunWorker: ApplicationSubcommand {
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(
-            [StoppableService(description: "worker", body: worker.run, stop: worker.stop)], metrics: metricsEndpoint,
+            [worker], metrics: metricsEndpoint,
             grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()
     }

@@ -109,7 +109,7 @@ final class ReplyRouter: Sendable {
                     logger.error("reply channel receive failed", metadata: ["error": "\(error)"])
                 }
                 // Back off while the layer is down; this waits on a timer, it does not poll a queue.
-                try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
+                try? await Task.sleep(for: Retry.backoff(after: failures))
             }
         }
     }

@@ -288,21 +288,27 @@ extension RedisChannelLayer {
     func blockingTake(
         shard: Int, lists: [RedisArgument], wait: Duration, max: Int, race: BlockingRace? = nil
     ) async throws -> [ReceivedMessage]? {
-        try await onDedicated(shard) { connection -> [ReceivedMessage]? in
-            if let race {
-                if let id = try await connection.clientID() {
-                    guard race.enter(shard: shard, clientID: id) else { return nil }
-                } else if !unblockRefused.exchange(true, ordering: .relaxed) {
-                    // This racer waits out its slice (nobody can wake it); later slices rotate.
-                    logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
-                }
+        // A receive on its own is a race of one: cancelling the caller's task wakes its `BLPOP`
+        // with `CLIENT UNBLOCK` (the connection stays usable, and a message popped just before
+        // is still taken and returned), so a stopping worker or server does not wait out the slice.
+        let waking = race ?? BlockingRace()
+        return try await onDedicated(shard) { connection -> [ReceivedMessage]? in
+            if let id = try await connection.clientID() {
+                guard waking.enter(shard: shard, clientID: id) else { return nil }
+            } else if race != nil, !unblockRefused.exchange(true, ordering: .relaxed) {
+                // This racer waits out its slice (nobody can wake it); later slices rotate.
+                logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
             }
             let reply: RedisReply
             do {
-                reply = try await connection.command(blockingPopCommand(lists, wait: wait), wait: wait)
-                race?.leave(shard: shard)
+                reply = try await withTaskCancellationHandler {
+                    try await connection.command(blockingPopCommand(lists, wait: wait), wait: wait)
+                } onCancel: {
+                    Task { await self.wakeRacers(waking) }
+                }
+                waking.leave(shard: shard)
             } catch {
-                race?.leave(shard: shard)
+                waking.leave(shard: shard)
                 throw error
             }
             switch reply {
@@ -352,7 +358,7 @@ extension RedisChannelLayer {
     /// Ends `race` and wakes the racers still in `BLPOP`. An `UNBLOCK` can overtake the
     /// `BLPOP` it is meant for (they travel on different connections) and find nobody blocked:
     /// a racer still waiting is woken again after a short, growing pause.
-    private func wakeRacers(_ race: BlockingRace) async {
+    func wakeRacers(_ race: BlockingRace) async {
         var waiting = race.end()
         var pause = Duration.milliseconds(1)
         while !waiting.isEmpty {

@@ -20,13 +20,14 @@ enum TestRedis {
     /// A Redis layer on keys of its own, so tests run in parallel on one server.
     static func layer(
         prefix: String = "t" + ChannelNames.randomLetters(8) + ":", capacity: Int = 100,
-        channelCapacities: [(String, Int)] = []
+        channelCapacities: [(String, Int)] = [], blockingSlice: Duration? = nil
     ) throws -> RedisChannelLayer {
         var configuration = try RedisChannelLayerConfiguration(urls: [try requireURL()])
         configuration.prefix = prefix
         configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
         configuration.capacity = capacity
         configuration.channelCapacities = channelCapacities
+        if let blockingSlice { configuration.blockingSlice = blockingSlice }
         return try RedisChannelLayer(configuration: configuration)
     }
 

@@ -44,3 +44,12 @@ extension ChannelLayerError {
         error.code == .channelFull || error.code == .connectionLost
     }
 }
+
+/// The pauses of the loops that read a layer for as long as they run (workers, the interface
+/// server's reply reader, the delay server): one back-off for all of them.
+public enum Retry {
+    /// The pause after `failures` failures in a row: 50 ms more for each, at most a second.
+    public static func backoff(after failures: Int) -> Duration {
+        .milliseconds(min(1000, 50 * max(1, failures)))
+    }
+}

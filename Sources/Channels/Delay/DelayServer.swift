@@ -3,6 +3,7 @@ import CoreMetrics
 import Foundation
 import Logging
 import OrderedCollections
+import ServiceLifecycle
 import Synchronization
 
 /// The delay server (`rundelay`): takes `{channel, content, delay}` messages (delay in
@@ -10,7 +11,7 @@ import Synchronization
 /// `channel` when due. Malformed messages are logged, counted and dropped; a full channel at
 /// delivery time is retried a second later. A message delivered more than `lateAfter` after it
 /// was due (the server was down or busy, the channel was full) is counted late.
-public final class DelayServer: Sendable {
+public final class DelayServer: Service, Sendable {
     /// The channel delayed messages are sent to (`asgi.delay`), as in Channels.
     public static let channel = "asgi.delay"
     /// The layer it receives `asgi.delay` from and delivers on.
@@ -21,6 +22,8 @@ public final class DelayServer: Sendable {
     public let lateAfter: Duration
     private let logger: Logger
     private let stopping = Atomic<Bool>(false)
+    /// The task that takes `asgi.delay` messages; `stop()` cancels it.
+    private let intakeTask = TaskHandle()
     private let wake = Wakeup()
     private let counters = Mutex(Counters())
 
@@ -59,19 +62,25 @@ public final class DelayServer: Sendable {
 
     static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
 
-    /// Runs until `stop()`.
+    /// Runs until `stop()`, a graceful shutdown of its service group, or cancellation.
     public func run() async {
         logger.info("delay server ready", metadata: ["channel": "\(Self.channel)"])
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.intake() }
-            group.addTask { await self.dispatch() }
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await self.intakeTask.running { await self.intake() } }
+                group.addTask { await self.dispatch() }
+            }
+        } onGracefulShutdown: {
+            self.stop()
         }
         logger.info("delay server stopped", metadata: ["delivered": "\(statistics.delivered)"])
     }
 
-    /// Asks `run()` to stop; it returns after the current step.
+    /// Asks `run()` to stop: a blocking receive is woken at once (a message it had already taken
+    /// is still stored), a delivery in progress finishes.
     public func stop() {
         stopping.store(true, ordering: .relaxed)
+        intakeTask.cancel()
         wake.signal()
     }
 
@@ -81,13 +90,13 @@ public final class DelayServer: Sendable {
         var failures = 0
         while !isStopping {
             do {
-                guard let received = try await layer.receive(channels: [Self.channel], timeout: .seconds(1)) else { continue }
+                guard let received = try await layer.receive(channels: [Self.channel], timeout: .seconds(30)) else { continue }
                 failures = 0
                 try await accept(received.message)
             } catch {
                 failures += 1
                 if failures == 1 || failures % 30 == 0 { logger.error("delay intake failed", metadata: ["error": "\(error)"]) }
-                try? await Task.sleep(for: .milliseconds(min(1000, 50 * failures)))
+                try? await Task.sleep(for: Retry.backoff(after: failures))
             }
         }
     }
@@ -131,7 +140,7 @@ public final class DelayServer: Sendable {
             } catch {
                 failures += 1
                 if failures == 1 || failures % 30 == 0 { logger.error("delay dispatch failed", metadata: ["error": "\(error)"]) }
-                wait = .milliseconds(min(1000, 50 * failures))
+                wait = Retry.backoff(after: failures)
             }
             // Woken early by a message scheduled here; the bound covers messages scheduled by
             // another delay server (and its death).
