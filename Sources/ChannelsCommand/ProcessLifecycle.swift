@@ -76,19 +76,6 @@ private struct MetricsService: Service, CustomStringConvertible {
     }
 }
 
-/// The interface server as a service: started before the group (so the command can print
-/// where it listens); a shutdown stops accepting, closes WebSockets with 1001 and lets HTTP
-/// responses in flight finish (``InterfaceServer/shutdown()``).
-struct InterfaceServerService: Service, CustomStringConvertible {
-    let server: InterfaceServer
-    var description: String { "interface-server" }
-
-    func run() async throws {
-        try? await gracefulShutdown()
-        await server.shutdown()
-    }
-}
-
 /// What `work` returns, or `fallback` when `timeout` ends first. The loser is not waited for
 /// (work that ignores cancellation, a connect to a dead Redis, must not hold the caller).
 func racingTimeout<T: Sendable>(_ timeout: Duration, fallback: T, _ work: @escaping @Sendable () async -> T) async -> T {

@@ -170,7 +170,7 @@ struct RunServer: ApplicationSubcommand {
         } catch {
             throw ValidationError("\(error)")
         }
-        try await server.start()
+        try await server.bind()
         if let tls = server.tls {
             // SIGHUP: read the certificate and key again; new connections get them, open ones keep theirs.
             ProcessLimits.onHangup {
@@ -210,7 +210,7 @@ struct RunServer: ApplicationSubcommand {
             services.append(AdminSampler(page: page))
             say("operations page: http://\(metrics.metricsBind):\(metricsEndpoint.port)/admin/")
         }
-        services.append(InterfaceServerService(server: server))
+        services.append(server)
         await runServices(services, metrics: metricsEndpoint, grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()
     }

@@ -6,18 +6,26 @@ import NIOHTTP2
 import NIOPosix
 import NIOSSL
 import NIOWebSocket
+import ServiceLifecycle
 import Synchronization
 
-/// The interface server (the Daphne role): speaks HTTP/1.1 and WebSocket to clients and
+/// The interface server (the Daphne role): speaks HTTP/1.1, HTTP/2 and WebSocket to clients and
 /// ASGI 1.0 messages to the channel layer. It runs no application code.
-public final class InterfaceServer: Sendable {
+///
+/// A swift-service-lifecycle `Service`: `run()` serves until the service group's graceful
+/// shutdown (or ``shutdown()``), in one task group that holds the reply reader and one task per
+/// client connection, which owns that connection (cancelling the task closes it). Outside a
+/// service group, ``start()`` runs it in a task of its own and ``shutdown()`` stops it.
+public final class InterfaceServer: Service, Sendable {
     /// The settings it runs with.
     public let configuration: ServerConfiguration
     private let context: ServerContext
     private let group: any EventLoopGroup
-    private let serverChannel = Mutex<(any Channel)?>(nil)
-    private let readerTask = Mutex<Task<Void, Never>?>(nil)
-    private let openConnections = ConnectionTable()
+    /// The listening socket, once bound: its connections arrive as a stream `run()` serves.
+    private let listener = Mutex<NIOAsyncChannel<any Channel, Never>?>(nil)
+    private let listening = Mutex<(any Channel)?>(nil)
+    /// `run()` when `start()` began it.
+    private let started = Mutex<Task<Void, Never>?>(nil)
     private let admission: ConnectionAdmission
     /// The certificate and key `https://` and `wss://` are served with; nil without TLS.
     public let tls: TLSCertificateStore?
@@ -65,14 +73,15 @@ public final class InterfaceServer: Sendable {
     /// The process channel every reply of this server goes through.
     public var processChannel: String { context.router.processChannel }
 
-    /// The address the server listens on, once started.
-    public var localAddress: SocketAddress? { serverChannel.withLock { $0?.localAddress } }
+    /// The address the server listens on, once bound.
+    public var localAddress: SocketAddress? { listening.withLock { $0?.localAddress } }
 
-    /// Binds and starts serving; returns once listening.
-    public func start() async throws {
+    /// Binds the listening socket (once; later calls do nothing). Connections are accepted and
+    /// set up from then on, and served once `run()` takes them.
+    public func bind() async throws {
+        if listening.withLock({ $0 }) != nil { return }
         let context = self.context
         let configuration = self.configuration
-        let connections = self.openConnections
         let admission = self.admission
         let tls = self.tls
         let bootstrap = ServerBootstrap(group: group)
@@ -80,64 +89,151 @@ public final class InterfaceServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelInitializer { channel in
-                // Over a cap, a fast refusal; the connections already open are not touched.
-                let address = channel.remoteAddress?.ipAddress
-                switch admission.admit(address: address) {
-                case .admitted:
-                    break
-                case let refusal:
-                    context.counters.count(refusal == .overTotal ? .refusedMaxConnections : .refusedPerAddress)
-                    return channel.eventLoop.makeCompletedFuture {
-                        if tls == nil {
-                            try channel.pipeline.syncOperations.addHandler(RefusalHandler())
-                        } else {
-                            channel.close(promise: nil)
-                        }
-                    }
-                }
-                let id = ObjectIdentifier(channel)
-                connections.add(id, channel)
-                channel.closeFuture.whenComplete { _ in
-                    connections.remove(id)
-                    admission.release(address: address)
-                }
-                guard let tls else {
-                    return Self.configure(channel: channel, context: context, configuration: configuration)
-                }
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
-                    // The handshake must be done within the header timeout (after the TLS
-                    // handler: it sees the handshake's completion event).
-                    try channel.pipeline.syncOperations.addHandler(
-                        HandshakeDeadlineHandler(timeout: TimeAmount(configuration.headerTimeout), server: context))
-                }.flatMap {
-                    guard configuration.http2 else {
-                        return Self.configure(channel: channel, context: context, configuration: configuration)
-                    }
-                    return channel.configureHTTP2SecureUpgrade(
-                        h2ChannelConfigurator: { channel in
-                            Self.configureHTTP2(channel: channel, context: context, configuration: configuration)
-                        },
-                        http1ChannelConfigurator: { channel in
-                            Self.configure(channel: channel, context: context, configuration: configuration)
-                        })
-                }
-            }
-        let channel: any Channel
-        if let path = configuration.unixSocketPath {
-            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
-        } else {
-            channel = try await bootstrap.bind(host: configuration.host, port: configuration.port).get()
+        let initialize: @Sendable (any Channel) -> EventLoopFuture<any Channel> = { channel in
+            Self.initialize(channel, context: context, configuration: configuration, admission: admission, tls: tls)
+                .map { channel }
         }
-        serverChannel.withLock { $0 = channel }
-        let router = context.router
-        readerTask.withLock { $0 = Task { await router.run() } }
+        let listener: NIOAsyncChannel<any Channel, Never>
+        if let path = configuration.unixSocketPath {
+            listener = try await bootstrap.bind(
+                unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initialize)
+        } else {
+            listener = try await bootstrap.bind(
+                host: configuration.host, port: configuration.port, childChannelInitializer: initialize)
+        }
+        self.listener.withLock { $0 = listener }
+        listening.withLock { $0 = listener.channel }
         context.logger.info(
             "interface server listening",
             metadata: [
-                "address": "\(channel.localAddress.map { "\($0)" } ?? "?")", "reply_channel": "\(router.processChannel)",
+                "address": "\(listener.channel.localAddress.map { "\($0)" } ?? "?")",
+                "reply_channel": "\(context.router.processChannel)",
             ])
+    }
+
+    /// Serves until the graceful shutdown of the service group it runs in (or ``shutdown()``),
+    /// then stops as ``shutdown()`` says; cancelled (the group's grace is over), it closes every
+    /// connection at once.
+    public func run() async throws {
+        try await bind()
+        guard
+            let listener = listener.withLock({ state in
+                defer { state = nil }; return state
+            })
+        else { return }
+        let context = self.context
+        await withDiscardingTaskGroup { group in
+            group.addTask { await context.router.run() }
+            await withGracefulShutdownHandler {
+                do {
+                    try await listener.executeThenClose { connections in
+                        for try await connection in connections {
+                            group.addTask { await Self.own(connection) }
+                        }
+                    }
+                } catch {
+                    context.logger.error("the listening socket failed", metadata: ["error": "\(error)"])
+                }
+            } onGracefulShutdown: {
+                self.stopAccepting()
+            }
+            await finishWorkInHand()
+            // What is left (connections, the reply reader) ends now.
+            group.cancelAll()
+        }
+        context.accessLog?.flush()
+        context.logger.info("interface server stopped")
+    }
+
+    /// One connection's task: holds the connection until it closes; cancelled, closes it.
+    private static func own(_ connection: any Channel) async {
+        await withTaskCancellationHandler {
+            try? await connection.closeFuture.get()
+        } onCancel: {
+            connection.close(promise: nil)
+        }
+    }
+
+    /// Stops accepting (the connection stream ends; `run()` goes on to finish what is in hand).
+    private func stopAccepting() {
+        context.shuttingDown.store(true, ordering: .relaxed)
+        listening.withLock { $0 }?.close(promise: nil)
+    }
+
+    /// Closes WebSockets with 1001 (telling the application) and waits, up to `shutdownGrace`,
+    /// for HTTP responses in flight and every message already taken to reach the layer.
+    private func finishWorkInHand() async {
+        context.shuttingDown.store(true, ordering: .relaxed)
+        context.closeAllSockets(code: 1001)
+        guard !Task.isCancelled else { return }
+        let drained = await context.router.workInHand.drained(within: configuration.shutdownGrace, on: group.next())
+        if !drained {
+            context.logger.warning(
+                "shutdown grace over with work in hand",
+                metadata: ["in_hand": "\(context.router.workInHand.current)", "grace_s": "\(configuration.shutdownGrace)"])
+        }
+    }
+
+    /// Binds and serves in a task of its own; returns once listening. For use outside a service
+    /// group (tests, an application that runs the server itself); ``shutdown()`` stops it.
+    public func start() async throws {
+        try await bind()
+        let task = Task { _ = try? await self.run() }
+        started.withLock { $0 = task }
+    }
+
+    /// Stops accepting, closes WebSockets with 1001 (telling the application), lets HTTP
+    /// responses in flight finish and every message already taken reach the layer, for up to
+    /// `shutdownGrace` (woken when the last one is done), then closes what is left; returns
+    /// when `run()` has.
+    public func shutdown() async {
+        stopAccepting()
+        await started.withLock { $0 }?.value
+    }
+
+    /// What happens to each accepted connection: a fast refusal over a cap, otherwise TLS (and
+    /// ALPN) when configured, then HTTP/1.1 or HTTP/2.
+    private static func initialize(
+        _ channel: any Channel, context: ServerContext, configuration: ServerConfiguration,
+        admission: ConnectionAdmission, tls: TLSCertificateStore?
+    ) -> EventLoopFuture<Void> {
+        // Over a cap, a fast refusal; the connections already open are not touched.
+        let address = channel.remoteAddress?.ipAddress
+        switch admission.admit(address: address) {
+        case .admitted:
+            break
+        case let refusal:
+            context.counters.count(refusal == .overTotal ? .refusedMaxConnections : .refusedPerAddress)
+            return channel.eventLoop.makeCompletedFuture {
+                if tls == nil {
+                    try channel.pipeline.syncOperations.addHandler(RefusalHandler())
+                } else {
+                    channel.close(promise: nil)
+                }
+            }
+        }
+        channel.closeFuture.whenComplete { _ in admission.release(address: address) }
+        guard let tls else {
+            return configure(channel: channel, context: context, configuration: configuration)
+        }
+        return channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
+            // The handshake must be done within the header timeout (after the TLS
+            // handler: it sees the handshake's completion event).
+            try channel.pipeline.syncOperations.addHandler(
+                HandshakeDeadlineHandler(timeout: TimeAmount(configuration.headerTimeout), server: context))
+        }.flatMap {
+            guard configuration.http2 else {
+                return configure(channel: channel, context: context, configuration: configuration)
+            }
+            return channel.configureHTTP2SecureUpgrade(
+                h2ChannelConfigurator: { channel in
+                    configureHTTP2(channel: channel, context: context, configuration: configuration)
+                },
+                http1ChannelConfigurator: { channel in
+                    configure(channel: channel, context: context, configuration: configuration)
+                })
+        }
     }
 
     /// Sets up an HTTP/2 connection (negotiated through ALPN): each stream gets the HTTP/1
@@ -242,34 +338,4 @@ public final class InterfaceServer: Sendable {
             try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade, activity: activity), name: "asgi-http")
         }
     }
-
-    /// Stops accepting, closes WebSockets with 1001 (telling the application), lets HTTP
-    /// responses in flight finish and every message already taken reach the layer, for up to
-    /// `shutdownGrace` (woken when the last one is done), then closes what is left.
-    public func shutdown() async {
-        context.shuttingDown.store(true, ordering: .relaxed)
-        let channel = serverChannel.withLock { $0 }
-        if let channel { try? await channel.close() }
-        context.closeAllSockets(code: 1001)
-        let drained = await context.router.workInHand.drained(
-            within: configuration.shutdownGrace, on: channel?.eventLoop ?? group.next())
-        if !drained {
-            context.logger.warning(
-                "shutdown grace over with work in hand",
-                metadata: ["in_hand": "\(context.router.workInHand.current)", "grace_s": "\(configuration.shutdownGrace)"])
-        }
-        let channels = openConnections.all()
-        for channel in channels { try? await channel.close() }
-        readerTask.withLock { $0?.cancel() }
-        context.accessLog?.flush()
-        context.logger.info("interface server stopped")
-    }
-}
-
-/// The open client connections, so a shutdown can close what is left.
-final class ConnectionTable: Sendable {
-    private let channels = Mutex<[ObjectIdentifier: any Channel]>([:])
-    func add(_ id: ObjectIdentifier, _ channel: any Channel) { channels.withLock { $0[id] = channel } }
-    func remove(_ id: ObjectIdentifier) { _ = channels.withLock { $0.removeValue(forKey: id) } }
-    func all() -> [any Channel] { channels.withLock { Array($0.values) } }
 }

@@ -8,34 +8,29 @@ import NIOWebSocket
 
 /// One WebSocket, from the held-open upgrade to the disconnect. Lives on its channel's
 /// event loop. Replies that arrive before the upgrade completes are kept and written after.
+///
+/// What happens is decided by a ``WebSocketConnectionStateMachine``; this class does it (timers,
+/// writes, the layer, the access log).
 final class WebSocketSession {
-    enum State {
-        case connecting(EventLoopPromise<HTTPHeaders?>)
-        case open
-        case closed
-    }
-
     let server: ServerContext
     let replyChannel: String
     let path: String
     let client: String
     let channel: any Channel
-    private var state: State
-    private var order: Int64 = 0
+    private var machine: WebSocketConnectionStateMachine
+    /// The held-open handshake, answered by the accept or the refusal.
+    private var handshake: EventLoopPromise<HTTPHeaders?>?
     private var pending: [Message] = []
     private var context: ChannelHandlerContext?
-    private var disconnectSent = false
     /// We sent a close frame: the client's close frame completes the handshake.
-    private(set) var closeFrameSent = false
+    var closeFrameSent: Bool { machine.closeFrameSent }
     private var connectTimeout: Scheduled<Void>?
     private var lifetime: Scheduled<Void>?
     private var pingTask: RepeatedTask?
-    private var awaitingPong = false
     /// This socket's messages to the layer, in order, held and retried when the layer is full or down.
     private let sender: LayerSender
     /// Bytes written to the client and not yet taken by the kernel.
     private var queuedBytes = 0
-    private var lastPong = NIODeadline.now()
     let upgrade: UpgradeState
 
     init(
@@ -50,7 +45,8 @@ final class WebSocketSession {
         self.client = RequestTranslation.clientDescription(
             head: head, remote: channel.remoteAddress,
             proxyHeaders: server.configuration.proxyHeaders)
-        self.state = .connecting(promise)
+        self.machine = WebSocketConnectionStateMachine(now: Self.uptime())
+        self.handshake = promise
         self.sender = server.makeSender(on: channel.eventLoop, outageTimeout: server.configuration.layerOutageTimeout)
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
         sender.onGiveUp = { reason in bound.value.senderGaveUp(reason) }
@@ -84,12 +80,15 @@ final class WebSocketSession {
         _ = channel.setOption(ChannelOptions.autoRead, value: wanted)
     }
 
+    /// The monotonic time the state machine's ping deadlines are measured on.
+    private static func uptime() -> Duration { .nanoseconds(Int64(NIODeadline.now().uptimeNanoseconds)) }
+
     /// The layer stayed full or unreachable for the whole bound: the socket cannot go on.
     private func senderGaveUp(_ reason: LayerSender.GiveUp) {
-        switch state {
+        switch machine.state {
         case .connecting:
             server.counters.count(.httpUnavailable)
-            reject(reason: "unavailable", status: 503)
+            refuseHandshake(.unavailable)
         case .open:
             server.counters.count(reason == .full ? .closedChannelFull : .closedLayerUnavailable)
             server.logger.warning(
@@ -98,7 +97,7 @@ final class WebSocketSession {
                     : "channel layer stayed unavailable; closing with 1011",
                 metadata: ["socket": "\(server.configuration.secret.socketTag(replyChannel))"])
             close(code: reason == .full ? 1013 : 1011)
-        case .closed:
+        case .closing, .closed:
             break
         }
     }
@@ -113,7 +112,7 @@ final class WebSocketSession {
         subprotocol = offered.first { server.configuration.websocketProtocols.contains($0) }
         let bound = NIOLoopBound(self, eventLoop: loop)
         guard server.hostAllowed(head) else {
-            reject(reason: "host", status: 400)
+            refuseHandshake(.host)
             return
         }
         // A browser always sends the page's Origin: one that is not an allowed host is a
@@ -122,18 +121,18 @@ final class WebSocketSession {
         if let origin = head.headers.first(name: "origin"), !server.allowedHosts.allows(origin: origin) {
             server.counters.count(.refusedOrigin)
             server.logger.info("WebSocket origin refused", metadata: ["origin": "\(origin.prefix(200))"])
-            reject(reason: "origin")
+            refuseHandshake(.origin)
             return
         }
         server.router.register(replyChannel) { reply in
             loop.execute { bound.value.handleReply(reply) }
         }
         connectTimeout = loop.scheduleTask(in: TimeAmount(server.configuration.websocketConnectTimeout)) {
-            bound.value.reject(reason: "timeout", tellApplication: true)
+            bound.value.refuseHandshake(.timeout)
         }
         // A client that leaves before the application answered: the application, which may have
         // stored a session or joined a group on connect, hears of it as of any other close.
-        channel.closeFuture.whenComplete { _ in bound.value.reject(reason: "client gone", tellApplication: true) }
+        channel.closeFuture.whenComplete { _ in bound.value.refuseHandshake(.clientGone) }
         let query = PercentCoding.splitTarget(head.uri).query
         let (clientAddress, secure) = RequestTranslation.client(
             head: head, remote: channel.remoteAddress,
@@ -146,43 +145,45 @@ final class WebSocketSession {
         sender.send(message, to: ASGIChannel.websocketConnect)
     }
 
-    /// Refuses the handshake. With `tellApplication` (the application was sent the connect and
-    /// did not refuse it itself: a timeout, a shutdown, a client that left), it also gets
-    /// `websocket.disconnect` (1006), so what its connect consumer stored is cleaned up.
-    private func reject(reason: String, status: Int = 403, tellApplication: Bool = false) {
-        guard case .connecting(let promise) = state else { return }
-        state = .closed
+    /// Refuses the handshake, when it is still held open.
+    private func refuseHandshake(_ why: WebSocketConnectionStateMachine.Refusal) {
+        perform(machine.refuseHandshake(why), reply: nil)
+    }
+
+    /// Refuses the handshake with `why`'s status; with `disconnectOrder`, the application (which
+    /// was sent the connect) also gets `websocket.disconnect` (1006).
+    private func refused(_ why: WebSocketConnectionStateMachine.Refusal, disconnectOrder: Int64?) {
         connectTimeout?.cancel()
         server.router.unregister(replyChannel)
         upgrade.rejected = true
         upgrade.held = false
         // The refusal is an HTTP answer: the request's end (already read) goes to the HTTP handler.
         _ = channel.setOption(ChannelOptions.autoRead, value: true)
-        upgrade.rejectionStatus = status == 503 ? .serviceUnavailable : status == 400 ? .badRequest : .forbidden
-        server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: reason)
-        promise.succeed(nil)
-        if tellApplication {
-            disconnectSent = true
-            order += 1
+        upgrade.rejectionStatus =
+            why.status == 503 ? .serviceUnavailable : why.status == 400 ? .badRequest : .forbidden
+        server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: why.rawValue)
+        handshake?.succeed(nil)
+        handshake = nil
+        if let disconnectOrder {
             sender.send(
-                WebSocketDisconnectMessage(replyChannel: replyChannel, code: 1006, path: path, order: order).message,
+                WebSocketDisconnectMessage(replyChannel: replyChannel, code: 1006, path: path, order: disconnectOrder).message,
                 to: ASGIChannel.websocketDisconnect)
         }
     }
 
-    private func accept() {
-        guard case .connecting(let promise) = state else { return }
-        state = .open
+    private func accepted() {
         connectTimeout?.cancel()
         server.accessLog?.websocket(client: client, event: "CONNECT", path: path)
         var headers = HTTPHeaders()
         if let subprotocol { headers.add(name: "sec-websocket-protocol", value: subprotocol) }
-        promise.succeed(headers)
+        handshake?.succeed(headers)
+        handshake = nil
     }
 
     /// Called by the frame handler once the upgrade is done.
     func attached(context: ChannelHandlerContext) {
         self.context = context
+        machine.attached()
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         server.trackSocket(ObjectIdentifier(self)) { code in
             bound.eventLoop.execute { bound.value.close(code: code) }
@@ -203,19 +204,20 @@ final class WebSocketSession {
     }
 
     private func ping() {
-        guard let context, case .open = state else { return }
-        if awaitingPong, NIODeadline.now() - lastPong > TimeAmount(server.configuration.pingTimeout) {
+        guard let context else { return }
+        switch machine.pingDue(now: Self.uptime(), timeout: server.configuration.pingTimeout) {
+        case .none:
+            break
+        case .closeUnresponsive:
             close(code: 1011)
-            return
+        case .sendPing:
+            let frame = WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(capacity: 0))
+            context.writeAndFlush(NIOAny(frame), promise: nil)
         }
-        awaitingPong = true
-        let frame = WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(capacity: 0))
-        context.writeAndFlush(NIOAny(frame), promise: nil)
     }
 
     func pongReceived() {
-        awaitingPong = false
-        lastPong = .now()
+        machine.pongReceived(now: Self.uptime())
     }
 
     func handleReply(_ reply: Message) {
@@ -232,31 +234,35 @@ final class WebSocketSession {
                 metadata: ["error": "\(error)", "socket": "\(server.configuration.secret.socketTag(replyChannel))"])
             return
         }
-        switch state {
-        case .connecting:
-            if send.accept == false {
-                reject(reason: "denied")
-            } else if send.accept == true || send.data != nil {
-                pending.append(reply)
-                accept()
-            } else if send.close != nil {
-                reject(reason: "closed")
-            } else {
-                server.logger.warning("ignored a WebSocket reply before accept", metadata: ["keys": "\(reply.fieldNames)"])
-            }
-        case .open:
-            guard let context else {
-                pending.append(reply)
-                return
-            }
+        perform(machine.reply(send), reply: (reply, send))
+    }
+
+    /// Does what the state machine said about a reply (or a refusal).
+    private func perform(
+        _ action: WebSocketConnectionStateMachine.ReplyAction, reply: (message: Message, send: WebSocketSendMessage)?
+    ) {
+        switch action {
+        case .none:
+            break
+        case .ignoredBeforeAccept:
+            server.logger.warning(
+                "ignored a WebSocket reply before accept", metadata: ["keys": "\(reply?.message.fieldNames ?? [])"])
+        case .accept:
+            // Delivered again (its data, its close) once the upgrade is done.
+            if let reply { pending.append(reply.message) }
+            accepted()
+        case .refuse(let why, let disconnectOrder):
+            refused(why, disconnectOrder: disconnectOrder)
+        case .hold:
+            if let reply { pending.append(reply.message) }
+        case .deliver(let code):
+            guard let context, let send = reply?.send else { return }
             switch send.data {
             case .text(let text)?: write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
             case .bytes(let bytes)?: write(context.channel.allocator.buffer(bytes: bytes), opcode: .binary, context: context)
             case nil: break
             }
-            if case .open = state, let code = send.close { close(code: UInt16(code)) }
-        case .closed:
-            break
+            if let code { close(code: code) }
         }
     }
 
@@ -291,8 +297,7 @@ final class WebSocketSession {
 
     /// A message frame from the client.
     func received(text: String?, bytes: [UInt8]?) {
-        guard case .open = state else { return }
-        order += 1
+        guard let order = machine.frameReceived() else { return }
         let message = WebSocketReceiveMessage(
             replyChannel: replyChannel, path: path, order: order,
             data: text.map { .text($0) } ?? .bytes(bytes ?? []))
@@ -334,24 +339,24 @@ final class WebSocketSession {
     /// Closes from our side with `code`, and tells the application. The close frame gets a few
     /// seconds to leave; with `force` (a client that does not read) the connection closes at once.
     func close(code: UInt16, force: Bool = false) {
-        switch state {
-        case .connecting:
-            reject(reason: "shutdown", tellApplication: true)
+        let disconnectOrder: Int64
+        switch machine.close(code: code) {
+        case .none:
             return
-        case .closed:
+        case .refuse(let why, let order):
+            refused(why, disconnectOrder: order)
             return
-        case .open:
-            state = .closed
+        case .sendCloseFrame(_, let order):
+            disconnectOrder = order
         }
         // Before the write: a write that completes at once closes the channel, and its
         // channelInactive must not report 1006 first.
-        sendDisconnect(code: Int64(code))
+        sendDisconnect(code: Int64(code), order: disconnectOrder)
         if let context {
             var data = context.channel.allocator.buffer(capacity: 2)
             data.writeInteger(code)
             let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
             let channel = context.channel
-            closeFrameSent = true
             if force {
                 context.writeAndFlush(NIOAny(frame), promise: nil)
                 channel.close(promise: nil)
@@ -370,15 +375,10 @@ final class WebSocketSession {
 
     /// The client closed (with a close frame) or the connection dropped (1006).
     func clientClosed(code: UInt16) {
-        if case .open = state {
-            state = .closed
-        }
-        sendDisconnect(code: Int64(code))
+        if let order = machine.clientClosed() { sendDisconnect(code: Int64(code), order: order) }
     }
 
-    private func sendDisconnect(code: Int64) {
-        guard !disconnectSent else { return }
-        disconnectSent = true
+    private func sendDisconnect(code: Int64, order: Int64) {
         // Frames still waiting for their share go first, in order, before the disconnect.
         pacingTimer?.cancel()
         pacingTimer = nil
@@ -387,88 +387,9 @@ final class WebSocketSession {
         lifetime?.cancel()
         server.untrackSocket(ObjectIdentifier(self))
         server.router.unregister(replyChannel)
-        order += 1
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
         sender.send(
             WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,
             to: ASGIChannel.websocketDisconnect)
-    }
-}
-
-/// Frames of an upgraded connection, after the aggregator has joined fragments.
-final class WebSocketFrameHandler: ChannelInboundHandler {
-    typealias InboundIn = WebSocketFrame
-    typealias OutboundOut = WebSocketFrame
-
-    private let session: WebSocketSession
-
-    init(session: WebSocketSession) {
-        self.session = session
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        session.attached(context: context)
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
-        switch frame.opcode {
-        case .text:
-            var payload = frame.unmaskedData
-            let text = payload.readString(length: payload.readableBytes) ?? ""
-            guard String(validating: Array(frame.unmaskedData.readableBytesView), as: UTF8.self) != nil else {
-                session.close(code: 1007)
-                return
-            }
-            session.received(text: text, bytes: nil)
-        case .binary:
-            session.received(text: nil, bytes: Array(frame.unmaskedData.readableBytesView))
-        case .ping:
-            let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
-            context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
-        case .pong:
-            session.pongReceived()
-        case .connectionClose:
-            var data = frame.unmaskedData
-            let code = data.readInteger(as: UInt16.self) ?? 1005
-            session.clientClosed(code: code)
-            guard !session.closeFrameSent else {
-                // The answer to our close frame: the handshake is complete.
-                context.close(promise: nil)
-                return
-            }
-            var echo = context.channel.allocator.buffer(capacity: 2)
-            echo.writeInteger(code == 1005 ? 1000 : code)
-            let channel = context.channel
-            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: echo)))
-                .whenComplete { _ in channel.close(promise: nil) }
-        default:
-            break
-        }
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        session.clientClosed(code: 1006)
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Oversize frames and protocol errors from the frame decoder: close with 1009 / 1002 and
-        // tell the application that code (not the 1006 of a dropped connection).
-        if let wsError = error as? NIOWebSocketError {
-            if wsError == .invalidFrameLength { ServerMetrics.dropped[.tooLarge]?.increment() }
-            session.close(code: wsError == .invalidFrameLength ? 1009 : 1002)
-        } else if let aggregation = error as? NIOWebSocketFrameAggregator.Error {
-            // The aggregator refused a fragmented message: too big (1009) or fragments out of
-            // order (a protocol error, 1002).
-            switch aggregation {
-            case .accumulatedFrameSizeIsTooLarge, .tooManyFragments:
-                ServerMetrics.dropped[.tooLarge]?.increment()
-                session.close(code: 1009)
-            default: session.close(code: 1002)
-            }
-        } else {
-            session.close(code: 1011)
-        }
     }
 }

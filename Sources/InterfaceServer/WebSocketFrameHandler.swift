@@ -1,0 +1,82 @@
+import ASGI
+import CoreMetrics
+import NIOCore
+import NIOWebSocket
+
+/// Frames of an upgraded connection, after the aggregator has joined fragments.
+final class WebSocketFrameHandler: ChannelInboundHandler {
+    typealias InboundIn = WebSocketFrame
+    typealias OutboundOut = WebSocketFrame
+
+    private let session: WebSocketSession
+
+    init(session: WebSocketSession) {
+        self.session = session
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        session.attached(context: context)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.opcode {
+        case .text:
+            var payload = frame.unmaskedData
+            let text = payload.readString(length: payload.readableBytes) ?? ""
+            guard String(validating: Array(frame.unmaskedData.readableBytesView), as: UTF8.self) != nil else {
+                session.close(code: 1007)
+                return
+            }
+            session.received(text: text, bytes: nil)
+        case .binary:
+            session.received(text: nil, bytes: Array(frame.unmaskedData.readableBytesView))
+        case .ping:
+            let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
+            context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
+        case .pong:
+            session.pongReceived()
+        case .connectionClose:
+            var data = frame.unmaskedData
+            let code = data.readInteger(as: UInt16.self) ?? 1005
+            session.clientClosed(code: code)
+            guard !session.closeFrameSent else {
+                // The answer to our close frame: the handshake is complete.
+                context.close(promise: nil)
+                return
+            }
+            var echo = context.channel.allocator.buffer(capacity: 2)
+            echo.writeInteger(code == 1005 ? 1000 : code)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(WebSocketFrame(fin: true, opcode: .connectionClose, data: echo)))
+                .whenComplete { _ in channel.close(promise: nil) }
+        default:
+            break
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        session.clientClosed(code: 1006)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Oversize frames and protocol errors from the frame decoder: close with 1009 / 1002 and
+        // tell the application that code (not the 1006 of a dropped connection).
+        if let wsError = error as? NIOWebSocketError {
+            if wsError == .invalidFrameLength { ServerMetrics.dropped[.tooLarge]?.increment() }
+            session.close(code: wsError == .invalidFrameLength ? 1009 : 1002)
+        } else if let aggregation = error as? NIOWebSocketFrameAggregator.Error {
+            // The aggregator refused a fragmented message: too big (1009) or fragments out of
+            // order (a protocol error, 1002).
+            switch aggregation {
+            case .accumulatedFrameSizeIsTooLarge, .tooManyFragments:
+                ServerMetrics.dropped[.tooLarge]?.increment()
+                session.close(code: 1009)
+            default: session.close(code: 1002)
+            }
+        } else {
+            session.close(code: 1011)
+        }
+    }
+}
