@@ -64,15 +64,24 @@ public final class ConsumerContext: Sendable {
     /// The disconnect channel this context's response registered, if any.
     let streamChannel = Mutex<String?>(nil)
 
-    /// The `disconnect_channel` for a response of several messages (registered once).
+    /// The `disconnect_channel` for a response of several messages (registered once, with the
+    /// request's `response_credit`).
     func disconnectChannelForStream() -> String? {
         guard let (streams, handle) = streaming.withLock({ $0 }) else { return nil }
         return streamChannel.withLock { current in
             if let current { return current }
-            let channel = streams.register(handle)
+            let window = message["response_credit"]?.intValue.map { Int($0) }.flatMap { $0 > 0 ? $0 : nil }
+            let channel = streams.register(handle, window: window)
             current = channel
             return channel
         }
+    }
+
+    /// Waits until `bytes` more body bytes of this context's multi-message response may be sent
+    /// (the server's credit, when it gives one); at once otherwise.
+    func reserveResponseBytes(_ bytes: Int) async throws {
+        guard let channel = streamChannel.withLock({ $0 }), let (streams, _) = streaming.withLock({ $0 }) else { return }
+        try await streams.reserve(bytes, on: channel)
     }
 
     /// A context for a message outside a worker (tests, tools), with a default environment.

@@ -18,14 +18,20 @@ extension ConsumerContext {
             return
         }
         if !list.contains("content-length") { list.add(name: "content-length", value: String(body.count)) }
+        // Sent as they go, each within the server's credit: a client that reads slowly holds
+        // this consumer, not megabytes in the layer and the server.
+        let disconnectChannel = disconnectChannelForStream()
+        try await reserveResponseBytes(chunkSize)
         try await reply(
             HTTPResponseStart(
                 status: status, headers: list, content: Array(body[..<chunkSize]), moreContent: true,
-                disconnectChannel: disconnectChannelForStream()))
+                disconnectChannel: disconnectChannel),
+            immediately: true)
         var offset = chunkSize
         while offset < body.count {
             let end = min(offset + chunkSize, body.count)
-            try await reply(HTTPResponseChunk(content: Array(body[offset..<end]), moreContent: end < body.count))
+            try await reserveResponseBytes(end - offset)
+            try await reply(HTTPResponseChunk(content: Array(body[offset..<end]), moreContent: end < body.count), immediately: true)
             offset = end
         }
     }
@@ -82,16 +88,20 @@ extension ConsumerContext {
     /// that leaves cancels the consumer (its next `respondChunk` or `Task.sleep` throws
     /// `CancellationError`), so a stream stops with its reader.
     public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
+        let disconnectChannel = disconnectChannelForStream()
+        try await reserveResponseBytes(firstChunk.count)
         try await reply(
             HTTPResponseStart(
                 status: status, headers: withCookies(responseHeaders(contentType: contentType)),
-                content: firstChunk, moreContent: true, disconnectChannel: disconnectChannelForStream()),
+                content: firstChunk, moreContent: true, disconnectChannel: disconnectChannel),
             immediately: true)
     }
 
     /// One more chunk of a streamed response, sent now (server-sent events arrive as they
-    /// are made); `last: true` ends it.
+    /// are made); `last: true` ends it. When the client reads slower than chunks are made, this
+    /// waits (the server's `response_credit`) until the client has taken enough of what was sent.
     public func respondChunk(_ chunk: [UInt8], last: Bool = false) async throws {
+        try await reserveResponseBytes(chunk.count)
         try await reply(HTTPResponseChunk(content: chunk, moreContent: !last), immediately: true)
     }
 }

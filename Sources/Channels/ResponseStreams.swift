@@ -2,44 +2,156 @@ import ASGI
 import CoreMetrics
 import Synchronization
 
-/// The multi-message HTTP responses a worker is sending, so a client that leaves stops them.
+/// The multi-message HTTP responses a worker is sending, so a client that leaves stops them
+/// and a client that reads slowly slows them down.
 ///
 /// Each worker reads one process channel of its own (its inbox, `worker.<letters>!`), in the
 /// same receive as its other channels. A response that spans several messages (a stream, or a
-/// body larger than one message) names a channel in that inbox as its
-/// `disconnect_channel`; the interface server sends `http.disconnect` there when the client
-/// goes, and the worker cancels the consumer's task: its `respondChunk` or `Task.sleep` throws
-/// `CancellationError` and it ends.
+/// body larger than one message) names a channel in that inbox as its `disconnect_channel`:
+///
+/// - the interface server sends `http.disconnect` there when the client goes, and the worker
+///   cancels the consumer's task: its `respondChunk` or `Task.sleep` throws `CancellationError`
+///   and it ends;
+/// - when the request carried `response_credit`, the server also sends ``HTTPResponseCredit``
+///   (the body bytes written to the client so far) there, and the response waits before a
+///   chunk that would put more than the credit in flight: what a slow client has not read
+///   waits in the worker's consumer, not in the layer or the server.
 public final class ResponseStreams: Sendable {
     /// The worker's inbox (a process channel).
     public let inbox: String
-    private let streams = Mutex<[String: TaskHandle]>([:])
+    private let streams = Mutex<[String: Stream]>([:])
     private let stopped = Atomic<Int>(0)
 
+    /// How long a response waits for the server's credit before it fails (the server closes a
+    /// client that reads nothing long before: this covers a lost acknowledgement).
+    let creditTimeout: Duration
+
     static let abandoned = Counter(label: "channels_http_streams_abandoned_total")
+    static let creditWaits = Counter(label: "channels_http_stream_credit_waits_total")
+
+    private struct Stream {
+        let handle: TaskHandle
+        /// Bytes that may be in flight (sent, not yet written to the client); nil: no credit.
+        let window: Int?
+        var sent = 0
+        var written = 0
+        var waiter: (needed: Int, continuation: CheckedContinuation<Void, any Error>)?
+    }
 
     /// A registry whose inbox is `<prefix>.<10 letters>!`.
-    public init(prefix: String = "worker") {
+    public init(prefix: String = "worker", creditTimeout: Duration = .seconds(120)) {
         inbox = prefix + "." + ChannelNames.randomLetters(10) + "!"
+        self.creditTimeout = creditTimeout
     }
 
     /// A disconnect channel for the response `handle`'s task is sending; `finished` forgets it.
-    func register(_ handle: TaskHandle) -> String {
+    /// `window`: the request's `response_credit`.
+    func register(_ handle: TaskHandle, window: Int?) -> String {
         let channel = inbox + ChannelNames.randomLetters(12)
-        streams.withLock { $0[channel] = handle }
+        streams.withLock { $0[channel] = Stream(handle: handle, window: window) }
         return channel
     }
 
     func finished(_ channel: String) {
-        _ = streams.withLock { $0.removeValue(forKey: channel) }
+        let waiter = streams.withLock { $0.removeValue(forKey: channel)?.waiter }
+        waiter?.continuation.resume(throwing: CancellationError())
+    }
+
+    /// A message on the inbox: a credit, or the client of the response at `channel` left.
+    func received(_ received: ReceivedMessage) {
+        if HTTPResponseCredit.isCredit(received.message) {
+            guard let credit = try? HTTPResponseCredit(received.message) else { return }
+            credited(received.channel, written: credit.written)
+        } else {
+            clientLeft(received.channel)
+        }
     }
 
     /// The server said the client of the response at `channel` left: stop its consumer.
     func clientLeft(_ channel: String) {
-        guard let handle = streams.withLock({ $0.removeValue(forKey: channel) }) else { return }
+        guard let stream = streams.withLock({ $0.removeValue(forKey: channel) }) else { return }
         stopped.add(1, ordering: .relaxed)
         Self.abandoned.increment()
-        handle.cancel()
+        stream.handle.cancel()
+        stream.waiter?.continuation.resume(throwing: CancellationError())
+    }
+
+    private func credited(_ channel: String, written: Int) {
+        let waiter = streams.withLock { streams -> CheckedContinuation<Void, any Error>? in
+            guard var stream = streams[channel] else { return nil }
+            stream.written = max(stream.written, written)
+            var resumed: CheckedContinuation<Void, any Error>?
+            if let waiter = stream.waiter, Self.fits(waiter.needed, in: stream) {
+                stream.waiter = nil
+                stream.sent += waiter.needed
+                resumed = waiter.continuation
+            }
+            streams[channel] = stream
+            return resumed
+        }
+        waiter?.resume()
+    }
+
+    /// Whether `bytes` more may be sent: within the window, or nothing in flight at all (a chunk
+    /// larger than the window still goes, alone).
+    private static func fits(_ bytes: Int, in stream: Stream) -> Bool {
+        guard let window = stream.window else { return true }
+        let inFlight = stream.sent - stream.written
+        return inFlight <= 0 || inFlight + bytes <= window
+    }
+
+    /// Waits until `bytes` more body bytes of the response at `channel` may be sent, then counts
+    /// them as sent. Throws `CancellationError` when the client left (or the task is cancelled)
+    /// and ``ChannelLayerError`` (`connectionLost`) when no credit came within `creditTimeout`.
+    func reserve(_ bytes: Int, on channel: String) async throws {
+        let ready = streams.withLock { streams -> Bool in
+            guard var stream = streams[channel] else { return true }
+            guard Self.fits(bytes, in: stream) else { return false }
+            stream.sent += bytes
+            streams[channel] = stream
+            return true
+        }
+        if ready { return }
+        Self.creditWaits.increment()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await withTaskCancellationHandler {
+                    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                        let resumeNow = self.streams.withLock { streams -> Bool in
+                            guard var stream = streams[channel] else { return true }
+                            if Self.fits(bytes, in: stream) {
+                                stream.sent += bytes
+                                streams[channel] = stream
+                                return true
+                            }
+                            stream.waiter = (bytes, continuation)
+                            streams[channel] = stream
+                            return false
+                        }
+                        if resumeNow { continuation.resume() }
+                    }
+                } onCancel: {
+                    self.cancelWait(on: channel)
+                }
+            }
+            group.addTask {
+                try await Task.sleep(for: self.creditTimeout)
+                throw ChannelLayerError(
+                    .connectionLost, "no credit from the server for \(self.creditTimeout) (an acknowledgement was lost)")
+            }
+            defer { group.cancelAll() }
+            try await group.next()
+        }
+    }
+
+    private func cancelWait(on channel: String) {
+        let waiter = streams.withLock { streams -> CheckedContinuation<Void, any Error>? in
+            guard var stream = streams[channel], let waiter = stream.waiter else { return nil }
+            stream.waiter = nil
+            streams[channel] = stream
+            return waiter.continuation
+        }
+        waiter?.resume(throwing: CancellationError())
     }
 
     /// Responses stopped because their client left.

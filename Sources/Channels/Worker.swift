@@ -170,8 +170,8 @@ public final class Worker: Service, Sendable {
     private func start(_ batch: [ReceivedMessage], in group: inout DiscardingTaskGroup, slots: Slots) {
         for received in batch {
             if received.channel.hasPrefix(streams.inbox) {
-                // A client left a response this worker is streaming: stop it.
-                streams.clientLeft(received.channel)
+                // About a response this worker is streaming: credit, or its client left.
+                streams.received(received)
                 slots.release()
                 continue
             }

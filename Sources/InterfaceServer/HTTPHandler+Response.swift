@@ -8,8 +8,8 @@ import Synchronization
 // Responses: the application's replies written with a bound on what waits for the client,
 // the server's own answers, and the end of a request.
 extension HTTPHandler {
-    func handleReply(_ reply: Message, context: ChannelHandlerContext) {
-        guard replyChannel != nil else { return }
+    func receiveReply(_ reply: Message) {
+        guard replyChannel != nil, let context = replyContext else { return }
         let response: HTTPResponseMessage
         do {
             response = try HTTPResponseMessage(reply)
@@ -39,6 +39,8 @@ extension HTTPHandler {
             status = start.status
             responseStarted = true
             disconnectChannel = start.disconnectChannel
+            bodyWritten = 0
+            bodyAcknowledged = 0
             apply(machine.responseStarted(), context: context)
             let head = HTTPResponseHead(
                 version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
@@ -72,6 +74,7 @@ extension HTTPHandler {
                 handler.unwrittenBytes -= size
                 handler.budget?.unwritten -= size
                 handler.lastWriteProgress = loop.now
+                handler.written(size)
             }
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
             scheduleStallCheck(context: context)
@@ -90,6 +93,24 @@ extension HTTPHandler {
             finishRequest()
             writeEnd(context: context, close: !keepAlive)
         }
+    }
+
+    /// The bytes a worker may have in flight to this response (`response_credit` in the request):
+    /// a quarter of what may wait for the client, shared by the streams of an HTTP/2 connection.
+    var creditWindow: Int {
+        let bound = server.configuration.maxResponseBufferBytes / 4
+        return isHTTP2 ? max(64 * 1024, bound / Int(server.configuration.http2MaxConcurrentStreams)) : bound
+    }
+
+    /// `size` body bytes reached the client's socket: the worker streaming the response hears
+    /// it (``HTTPResponseCredit``) each time another quarter of its credit was written.
+    func written(_ size: Int) {
+        bodyWritten += size
+        guard let disconnectChannel, let context = replyContext,
+            bodyWritten - bodyAcknowledged >= max(1, creditWindow / 4)
+        else { return }
+        bodyAcknowledged = bodyWritten
+        connectionSender(context: context).send(HTTPResponseCredit(written: bodyWritten).message, to: disconnectChannel)
     }
 
     /// Writes the response's end. The state machine hears of it first: NIO hands a pipelined
@@ -166,6 +187,7 @@ extension HTTPHandler {
         leaveFlight()
         if let replyChannel { server.router.unregister(replyChannel) }
         replyChannel = nil
+        replyContext = nil
         disconnectChannel = nil
         if let head {
             let elapsed = Double((NIODeadline.now() - started).nanoseconds) / 1e9

@@ -8,7 +8,7 @@ import Synchronization
 /// One HTTP connection: each request becomes an `http.request` message; the replies on its
 /// reply channel become the response. NIO's pipelining handler feeds requests one at a time,
 /// so pipelined requests are answered in order.
-final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyReceiver {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
@@ -30,6 +30,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// arrives, and the connection closes at its end.
     var lingering = false
     var replyChannel: String?
+    /// The pipeline position replies are written from, while a request waits for them.
+    var replyContext: ChannelHandlerContext?
+    /// Body bytes of the current response written to the client, and the last figure sent to
+    /// the worker as credit (on the response's `disconnect_channel`).
+    var bodyWritten = 0
+    var bodyAcknowledged = 0
     var responseStarted = false
     var responseBytes = 0
     var status = 0
@@ -210,7 +216,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             replyChannel: reply, httpVersion: RequestTranslation.version(head.version), method: head.method.rawValue.uppercased(),
             scheme: secure ? "https" : "http", path: path, queryString: query, rootPath: server.configuration.rootPath,
             headers: RequestTranslation.headers(head.headers), client: client,
-            server: RequestTranslation.address(context.channel.localAddress))
+            server: RequestTranslation.address(context.channel.localAddress),
+            responseCredit: creditWindow)
         var chunks: [HTTPBodyChunk] = []
         let chunkSize = server.configuration.bodyChunkSize
         if streaming {
@@ -238,12 +245,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
         }
 
-        let loop = context.eventLoop
-        let handler = NIOLoopBound(self, eventLoop: loop)
-        let boundContext = NIOLoopBound(context, eventLoop: loop)
-        server.router.register(reply) { response in
-            loop.execute { handler.value.handleReply(response, context: boundContext.value) }
-        }
+        replyContext = context
+        server.router.register(reply, self, on: context.eventLoop)
         inFlight = true
         ServerMetrics.httpInFlight.increment()
         let sender = connectionSender(context: context)
@@ -303,6 +306,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             if let disconnectChannel { sender.send(message, to: disconnectChannel) }
             server.router.unregister(replyChannel)
             self.replyChannel = nil
+            self.replyContext = nil
             self.disconnectChannel = nil
         }
         stallCheck?.cancel()

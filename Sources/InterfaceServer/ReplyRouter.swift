@@ -1,21 +1,40 @@
 import ASGI
 import CoreMetrics
 import Logging
+import NIOCore
+import ServiceLifecycle
 import Synchronization
+
+/// A connection that takes replies (an HTTP request's handler, a WebSocket), called on its
+/// event loop.
+protocol ReplyReceiver: AnyObject {
+    func receiveReply(_ reply: Message)
+}
+
+/// Where the router hands a connection's replies: the connection, on its event loop.
+struct ReplyTarget: Sendable {
+    let receiver: NIOLoopBound<any ReplyReceiver>
+    var loop: any EventLoop { receiver.eventLoop }
+}
 
 /// The one reader of this process's reply channel: takes every `<process>!<conn>` message and
 /// hands it to the connection that registered that name. Nothing per connection waits on the
 /// layer; a message for a name nobody holds (the client left) is dropped and counted.
 ///
+/// Replies are read up to 64 at a time and handed over a batch at a time: one look-up under
+/// the lock for the batch, and one hop to each event loop with replies in it, where each
+/// connection takes its replies in the order they were sent (a group message bundled for 500
+/// members on two loops is two hops, not 500).
+///
 /// It registers the process channel with the layer as one that reads bundled group messages
 /// (one message per group send for all of this server's members) and renews that registration
 /// every `registrationInterval`; a registration found gone means the layer lost its data, and
 /// `onStoreLost` runs (the server closes its sockets with 1012 so clients join again).
-final class ReplyRouter: Sendable {
+final class ReplyRouter: Service, Sendable {
     let processChannel: String
     private let layer: any ChannelLayer
     private let logger: Logger
-    private let handlers = Mutex<[String: @Sendable (Message) -> Void]>([:])
+    private let targets = Mutex<[String: ReplyTarget]>([:])
     private let unroutable = Atomic<Int>(0)
 
     private let registrationInterval: Duration
@@ -38,30 +57,64 @@ final class ReplyRouter: Sendable {
     /// A fresh reply channel name under this process's channel.
     func newReplyChannel() -> String { processChannel + ChannelNames.randomLetters(12) }
 
-    func register(_ channel: String, _ handler: @escaping @Sendable (Message) -> Void) {
-        if handlers.withLock({ $0.updateValue(handler, forKey: channel) }) == nil { workInHand.begin() }
+    /// Replies to `channel` go to `receiver`, on the event loop this is called on, until
+    /// `unregister`.
+    func register(_ channel: String, _ receiver: any ReplyReceiver, on loop: any EventLoop) {
+        let target = ReplyTarget(receiver: NIOLoopBound(receiver, eventLoop: loop))
+        if targets.withLock({ $0.updateValue(target, forKey: channel) }) == nil { workInHand.begin() }
     }
 
     func unregister(_ channel: String) {
-        if handlers.withLock({ $0.removeValue(forKey: channel) }) != nil { workInHand.finish() }
+        if targets.withLock({ $0.removeValue(forKey: channel) }) != nil { workInHand.finish() }
     }
 
-    /// Hands a reply to the connection that holds `channel`; counts it when none does.
+    /// Hands one reply to the connection that holds `channel`.
     func deliver(_ message: Message, to channel: String) {
-        ServerMetrics.received[.process]?.increment()
-        if let handler = handlers.withLock({ $0[channel] }) {
-            handler(message)
-        } else {
-            unroutable.add(1, ordering: .relaxed)
-            ServerMetrics.dropped[.unroutableReply]?.increment()
+        deliver([ReceivedMessage(channel: channel, message: message)])
+    }
+
+    /// Hands each reply of `batch` to the connection that holds its channel; counts those none does.
+    func deliver(_ batch: [ReceivedMessage]) {
+        ServerMetrics.received[.process]?.increment(by: batch.count)
+        var found: [(target: ReplyTarget, message: Message)] = []
+        found.reserveCapacity(batch.count)
+        targets.withLock { targets in
+            for received in batch {
+                if let target = targets[received.channel] { found.append((target, received.message)) }
+            }
+        }
+        if found.count < batch.count {
+            let lost = batch.count - found.count
+            unroutable.add(lost, ordering: .relaxed)
+            ServerMetrics.dropped[.unroutableReply]?.increment(by: lost)
             logger.debug("reply for a connection that is gone (counted in unroutable replies)")
+        }
+        guard found.count > 1 else {
+            if let (target, message) = found.first { target.loop.execute { target.receiver.value.receiveReply(message) } }
+            return
+        }
+        // One hop per event loop, each taking its replies in the order they came.
+        var runs: [(loop: any EventLoop, items: [(NIOLoopBound<any ReplyReceiver>, Message)])] = []
+        for (target, message) in found {
+            if let index = runs.firstIndex(where: { $0.loop === target.loop }) {
+                runs[index].items.append((target.receiver, message))
+            } else {
+                runs.append((target.loop, [(target.receiver, message)]))
+            }
+        }
+        for run in runs {
+            let items = run.items
+            run.loop.execute {
+                for (receiver, message) in items { receiver.value.receiveReply(message) }
+            }
         }
     }
 
-    var activeCount: Int { handlers.withLock { $0.count } }
+    var activeCount: Int { targets.withLock { $0.count } }
     var unroutableCount: Int { unroutable.load(ordering: .relaxed) }
 
-    /// Registers the process channel, then reads until cancelled.
+    /// Registers the process channel, then reads until cancelled (the interface server's task
+    /// group runs it beside the connections).
     func run() async {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.keepRegistered() }
@@ -101,7 +154,7 @@ final class ReplyRouter: Sendable {
                 // Up to 64 replies per round trip under load, dispatched in the order they were sent.
                 let batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
                 failures = 0
-                for received in batch { deliver(received.message, to: received.channel) }
+                deliver(batch)
             } catch {
                 if Task.isCancelled { break }
                 failures += 1

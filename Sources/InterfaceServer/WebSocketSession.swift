@@ -11,7 +11,7 @@ import NIOWebSocket
 ///
 /// What happens is decided by a ``WebSocketConnectionStateMachine``; this class does it (timers,
 /// writes, the layer, the access log).
-final class WebSocketSession {
+final class WebSocketSession: ReplyReceiver {
     let server: ServerContext
     let replyChannel: String
     let path: String
@@ -124,9 +124,7 @@ final class WebSocketSession {
             refuseHandshake(.origin)
             return
         }
-        server.router.register(replyChannel) { reply in
-            loop.execute { bound.value.handleReply(reply) }
-        }
+        server.router.register(replyChannel, self, on: loop)
         connectTimeout = loop.scheduleTask(in: TimeAmount(server.configuration.websocketConnectTimeout)) {
             bound.value.refuseHandshake(.timeout)
         }
@@ -200,7 +198,7 @@ final class WebSocketSession {
         }
         let queued = pending
         pending = []
-        for reply in queued { handleReply(reply) }
+        for reply in queued { receiveReply(reply) }
     }
 
     private func ping() {
@@ -220,7 +218,7 @@ final class WebSocketSession {
         machine.pongReceived(now: Self.uptime())
     }
 
-    func handleReply(_ reply: Message) {
+    func receiveReply(_ reply: Message) {
         for key in reply.keys where !WebSocketSendMessage.keys.contains(key) {
             server.logger.warning("ignored unknown key in a WebSocket reply", metadata: ["key": "\(key)"])
         }

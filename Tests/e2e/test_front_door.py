@@ -366,12 +366,37 @@ def held_upgrades_streaming_garbage_are_bounded():
     assert peak < RSS_BOUND_MB, peak
 
 
+class RedisMemoryWatch(threading.Thread):
+    """The peak of Redis's used_memory while it runs (what the layer holds)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.base = R.info("memory")["used_memory"]
+        self.peak = self.base
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.05):
+            self.peak = max(self.peak, R.info("memory")["used_memory"])
+
+    def stop(self):
+        self.done.set()
+        self.join(5)
+        return (self.peak - self.base) / (1 << 20)
+
+
 @test
 def downloads_nobody_reads_are_bounded_and_the_worker_stops():
+    """A client that reads nothing holds at most the response credit in the layer and the
+    server (the worker waits for the server's acknowledgements), and is closed by the write
+    timeout; the worker's consumers stop when it is."""
     n = SIZE["downloads"]
-    proc, port, mport, worker, wport = redis_pair("fddl%d:" % os.getpid(), server_extra=("--max-response-buffer", str(8 << 20)))
+    proc, port, mport, worker, wport = redis_pair(
+        "fddl%d:" % os.getpid(), server_extra=("--max-response-buffer", str(8 << 20), "--write-timeout", "3"))
     watch = RSSWatch(proc)
     watch.start()
+    redis_memory = RedisMemoryWatch()
+    redis_memory.start()
     probe = Probe(port)
     probe.start()
     try:
@@ -385,20 +410,59 @@ def downloads_nobody_reads_are_bounded_and_the_worker_stops():
             s.send(b"GET /download/64/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
             socks.append(s)
         until(lambda: limits(mport).get("slow_http_client", 0) >= n, "%d non-reading downloads closed" % n, timeout=60)
-        # The worker may have sent every chunk before the close (then they arrive for a gone
-        # connection and are counted as unroutable) or be stopped by the disconnect.
-        print("  %d non-reading downloads of 64 MiB: all closed at the 8 MiB bound; the worker stopped %d early"
-              % (n, metric_value(wport, "channels_http_streams_abandoned_total")))
+        until(lambda: metric_value(wport, "channels_http_streams_abandoned_total") >= n,
+              "the worker stopped all %d downloads" % n, timeout=20)
+        waits = metric_value(wport, "channels_http_stream_credit_waits_total")
+        layer_mb = redis_memory.stop()
+        print("  %d non-reading downloads of 64 MiB: all closed by the write timeout, the worker stopped all %d "
+              "(it waited for credit %d times); Redis held at most %.1f MB more"
+              % (n, metric_value(wport, "channels_http_streams_abandoned_total"), waits, layer_mb))
+        assert waits >= n, waits
+        # Each download may have its credit (a quarter of the 8 MiB bound) plus a chunk in flight.
+        assert layer_mb < n * 3, layer_mb
         for s in socks:
             s.close()
         status, body = http_get(port, "/download/3/")
         assert status == 200 and len(body) == 3 << 20, (status, len(body))
         probe.finish("%d downloads nobody reads" % n)
     finally:
+        redis_memory.stop()
         peak = watch.stop()
         print("  server RSS peak %.0f MB" % peak)
         stop_all(proc, worker)
     assert peak < RSS_BOUND_MB, peak
+
+
+@test
+def a_slow_reader_gets_the_whole_download():
+    """A client that reads slower than the worker makes the body gets all of it: the worker
+    waits for the server's credit, so what waits for the client never passes the bound that
+    closes a client that does not read (before the credit, it did: 64 MiB pushed at once)."""
+    proc, port, mport, worker, wport = redis_pair(
+        "fdsr%d:" % os.getpid(), server_extra=("--max-response-buffer", str(4 << 20)))
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.send(b"GET /download/24/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        received = bytearray()
+        started = time.time()
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+            time.sleep(0.004)  # about 12 MiB/s at most, slower than the worker makes it
+        s.close()
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:80]
+        assert len(body) == 24 << 20, len(body)
+        waits = metric_value(wport, "channels_http_stream_credit_waits_total")
+        closed = limits(mport).get("slow_http_client", 0)
+        print("  24 MiB read slowly in %.1f s: every byte, the worker waited for credit %d times, %d slow-client closes"
+              % (time.time() - started, waits, closed))
+        assert waits > 0 and closed == 0, (waits, closed)
+    finally:
+        stop_all(proc, worker)
 
 
 @test

@@ -25,13 +25,19 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
     public var client: ASGIAddress?
     /// The server's address, when known.
     public var server: ASGIAddress?
+    /// An extension (`response_credit`): the server acknowledges the body bytes it has written
+    /// to the client on a multi-message response's `disconnect_channel` (``HTTPResponseCredit``),
+    /// and a worker keeps at most this many bytes unacknowledged. Absent: no acknowledgements
+    /// come (a server that does not know the extension), and nothing waits for them.
+    public var responseCredit: Int?
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(
         replyChannel: String, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
         queryString: [UInt8] = [], rootPath: String = "", headers: ASGIHeaders = [], body: [UInt8] = [],
-        bodyChannel: String? = nil, client: ASGIAddress? = nil, server: ASGIAddress? = nil
+        bodyChannel: String? = nil, client: ASGIAddress? = nil, server: ASGIAddress? = nil, responseCredit: Int? = nil
     ) {
+        self.responseCredit = responseCredit
         self.replyChannel = replyChannel
         self.httpVersion = httpVersion
         self.method = method
@@ -60,6 +66,12 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
         bodyChannel = try message.optionalString("body_channel")
         client = try ASGIAddress.read(message, "client")
         server = try ASGIAddress.read(message, "server")
+        responseCredit = try message.optional("response_credit").map { value throws(MessageError) in
+            guard let credit = value.intValue, credit > 0 else {
+                throw MessageError(.invalidValue, key: "response_credit", detail: "a positive int")
+            }
+            return Int(credit)
+        }
     }
 
     /// The message to send.
@@ -78,6 +90,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
             "server": server?.asgiValue ?? .null,
         ]
         if let bodyChannel { message["body_channel"] = .string(bodyChannel) }
+        if let responseCredit { message["response_credit"] = .int(Int64(responseCredit)) }
         return message
     }
 
@@ -230,4 +243,29 @@ public struct HTTPDisconnectMessage: ASGIMessage, Hashable {
 
     /// The message to send.
     public var message: Message { ["reply_channel": .string(replyChannel), "path": .string(path)] }
+}
+
+/// An extension: the body bytes of a multi-message response the server has written to its
+/// client so far, sent to the response's `disconnect_channel` when the request carried
+/// `response_credit` (the worker's streams then wait for room instead of piling up in the layer).
+public struct HTTPResponseCredit: ASGIMessage, Hashable {
+    /// Body bytes written to the client since the response started.
+    public var written: Int
+
+    /// Makes the message.
+    public init(written: Int) { self.written = written }
+
+    /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
+    public init(_ message: Message) throws(MessageError) {
+        guard let written = message["written"]?.intValue, written >= 0 else {
+            throw MessageError(.invalidValue, key: "written", detail: "an int >= 0")
+        }
+        self.written = Int(written)
+    }
+
+    /// Whether `message` is a credit (else, on a disconnect channel, it is `http.disconnect`).
+    public static func isCredit(_ message: Message) -> Bool { message["written"] != nil }
+
+    /// The message to send.
+    public var message: Message { ["written": .int(Int64(written))] }
 }

@@ -1,0 +1,66 @@
+import ASGI
+import Testing
+
+@testable import Channels
+
+/// A multi-message response waits for the server's credit (`response_credit`) instead of
+/// pushing its whole body into the layer.
+@Suite("response credit", .timeLimit(.minutes(1)))
+struct ResponseCreditTests {
+    func credit(_ streams: ResponseStreams, _ channel: String, written: Int) {
+        streams.received(ReceivedMessage(channel: channel, message: HTTPResponseCredit(written: written).message))
+    }
+
+    @Test func aResponseWaitsPastItsWindowUntilTheServerHasWrittenEnough() async throws {
+        let streams = ResponseStreams(creditTimeout: .seconds(30))
+        let channel = streams.register(TaskHandle(), window: 100)
+        try await streams.reserve(60, on: channel)
+        try await streams.reserve(40, on: channel)  // exactly the window
+        let sent = Task { try await streams.reserve(30, on: channel) }
+        try await Task.sleep(for: .milliseconds(100))
+        // 100 in flight: 30 more must wait. 20 written is not enough room for 30...
+        credit(streams, channel, written: 20)
+        try await Task.sleep(for: .milliseconds(50))
+        // ...40 written is (60 in flight + 30 = 90).
+        credit(streams, channel, written: 40)
+        try await sent.value
+        // Credits are totals: an older (smaller) one that arrives late changes nothing.
+        credit(streams, channel, written: 10)
+        let next = Task { try await streams.reserve(20, on: channel) }  // 90 in flight + 20 > 100
+        try await Task.sleep(for: .milliseconds(50))
+        credit(streams, channel, written: 130)
+        try await next.value
+    }
+
+    @Test func aChunkLargerThanTheWindowGoesAloneWhenNothingIsInFlight() async throws {
+        let streams = ResponseStreams()
+        let channel = streams.register(TaskHandle(), window: 10)
+        try await streams.reserve(500, on: channel)
+        credit(streams, channel, written: 500)
+        try await streams.reserve(500, on: channel)
+    }
+
+    @Test func withoutCreditNothingWaits() async throws {
+        let streams = ResponseStreams()
+        let channel = streams.register(TaskHandle(), window: nil)
+        for _ in 0..<100 { try await streams.reserve(1 << 20, on: channel) }
+    }
+
+    @Test func aClientThatLeavesEndsTheWaitWithCancellation() async throws {
+        let streams = ResponseStreams()
+        let channel = streams.register(TaskHandle(), window: 10)
+        try await streams.reserve(10, on: channel)
+        let waiting = Task { try await streams.reserve(10, on: channel) }
+        try await Task.sleep(for: .milliseconds(50))
+        streams.received(ReceivedMessage(channel: channel, message: HTTPDisconnectMessage(replyChannel: "r!x", path: "/").message))
+        await #expect(throws: CancellationError.self) { try await waiting.value }
+        #expect(streams.abandonedCount == 1)
+    }
+
+    @Test func aLostCreditFailsTheResponseAfterTheTimeoutInsteadOfHangingIt() async throws {
+        let streams = ResponseStreams(creditTimeout: .milliseconds(200))
+        let channel = streams.register(TaskHandle(), window: 10)
+        try await streams.reserve(10, on: channel)
+        await #expect(throws: ChannelLayerError.self) { try await streams.reserve(10, on: channel) }
+    }
+}
