@@ -25,6 +25,8 @@ struct RunServer: ApplicationSubcommand {
     var httpTimeout = 60.0
     @Option(name: .long, help: "Seconds a client has to send a complete request head (408 and close past it).") var headerTimeout = 10.0
     @Option(name: .long, help: "Longest pause in seconds between parts of a request body (408 and close past it).") var bodyTimeout = 30.0
+    @Option(name: .long, help: "Bytes a second a request body must average after its first --body-timeout (408 below it; 0: none).")
+    var minBodyRate = 240
     @Option(name: .long, help: "Seconds a kept-alive connection may wait idle for its next request.") var keepAliveTimeout = 20.0
     @Option(name: .long, help: "Client connections open at once; past it new ones get 503 and are closed.") var maxConnections = 10_000
     @Option(name: .long, help: "Client connections open at once from one address (default: no cap; leave off behind a proxy).")
@@ -154,6 +156,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.maxQueuedBytesPerSocket = maxQueuedBytes
         configuration.headerTimeout = Duration(secondsValue: headerTimeout)
         configuration.bodyTimeout = Duration(secondsValue: bodyTimeout)
+        configuration.minBodyRate = max(0, minBodyRate)
         configuration.keepAliveTimeout = Duration(secondsValue: keepAliveTimeout)
         configuration.maxConnections = try ProcessLimits.raiseOpenFiles(toServe: maxConnections, logger: logger)
         configuration.maxConnectionsPerAddress = maxConnectionsPerAddress

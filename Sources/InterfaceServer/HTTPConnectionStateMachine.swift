@@ -8,6 +8,9 @@
 ///   complete request head. A head that does not finish in time (slow-loris) gets 408 and the
 ///   connection is closed; a new connection that sends nothing is closed without an answer.
 /// - `bodyTimeout`: the longest pause between two parts of a request body: 408 and close.
+/// - `minBodyRate`: past the first `bodyTimeout` of a body, its bytes must have come at this
+///   average rate at least (bytes a second, counted while the server reads): a body dripped a
+///   byte just inside every pause gets 408 too.
 /// - `httpTimeout`: from the request's end to the response's start (time to first byte): 503.
 ///   Once a response has started it runs as long as the application streams it.
 /// - `keepAliveTimeout`: how long a kept-alive connection may sit idle between requests.
@@ -53,10 +56,14 @@ struct HTTPConnectionStateMachine: Sendable {
         var body: Duration
         var firstByte: Duration
         var keepAlive: Duration
+        /// Bytes a second a body must average past its first `body` (0: no minimum).
+        var minBodyRate = 0
     }
 
     private(set) var state: State = .idle(fresh: true)
     let timeouts: Timeouts
+    /// Body bytes of the request in progress.
+    private(set) var bodyBytes = 0
 
     init(timeouts: Timeouts) { self.timeouts = timeouts }
 
@@ -77,19 +84,34 @@ struct HTTPConnectionStateMachine: Sendable {
         switch state {
         case .idle, .readingHead:
             state = .readingBody
+            bodyBytes = 0
             return .arm(.body, after: timeouts.body)
         case .readingBody, .awaitingResponse, .responding, .finishingBody, .closed:
             return .none
         }
     }
 
-    /// A part of the body arrived: the body deadline starts again (also while a response that
-    /// came early is written: the client is still sending).
-    mutating func bodyReceived() -> Action {
+    /// `bytes` of the body arrived (or the server resumed reading, with 0), `elapsed` after the
+    /// head (not counting the time the server itself did not read): the body deadline starts
+    /// again (also while a response that came early is written: the client is still sending),
+    /// no later than the time at which the body's average rate would fall under `minBodyRate`.
+    mutating func bodyReceived(_ bytes: Int = 0, elapsed: Duration = .zero) -> Action {
         switch state {
-        case .readingBody, .finishingBody: return .arm(.body, after: timeouts.body)
-        default: return .none
+        case .readingBody, .finishingBody:
+            bodyBytes += bytes
+            return .arm(.body, after: bodyDeadline(elapsed: elapsed))
+        default:
+            return .none
         }
+    }
+
+    /// The time left for the next part of the body.
+    private func bodyDeadline(elapsed: Duration) -> Duration {
+        guard timeouts.minBodyRate > 0 else { return timeouts.body }
+        // The average stays at the minimum until bytes / rate after the head; never before the
+        // first `body` has passed (a body's start may be slow).
+        let allowed = max(timeouts.body, .seconds(Double(bodyBytes) / Double(timeouts.minBodyRate)))
+        return max(.zero, min(timeouts.body, allowed - elapsed))
     }
 
     /// The request (its body) ended.

@@ -36,6 +36,16 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     /// the worker as credit (on the response's `disconnect_channel`).
     var bodyWritten = 0
     var bodyAcknowledged = 0
+    /// Since when, and for how long in all, the server did not read this request's body (its
+    /// sends to the layer were held): not the client's time.
+    var notReading: (since: NIODeadline?, total: TimeAmount) = (nil, .zero)
+
+    /// The time since the request's head during which the server was reading.
+    func readingTime(_ context: ChannelHandlerContext) -> Duration {
+        let now = context.eventLoop.now
+        let paused = notReading.total + (notReading.since.map { now - $0 } ?? .zero)
+        return Duration(now - started - paused)
+    }
     var responseStarted = false
     var responseBytes = 0
     var status = 0
@@ -112,6 +122,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
             bodyBytesReceived = 0
             streamingBodyChannel = nil
             started = context.eventLoop.now
+            notReading = (since: nil, total: .zero)
             keepAlive = head.isKeepAlive
             clientAddress = RequestTranslation.clientDescription(
                 head: head, remote: context.channel.remoteAddress,
@@ -139,7 +150,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
                     wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
             }
         case .body(var chunk):
-            apply(machine.bodyReceived(), context: context)
+            apply(machine.bodyReceived(chunk.readableBytes, elapsed: readingTime(context)), context: context)
             if lingering {
                 // Answered 413 already: the body is read and dropped (so the client, still
                 // sending, gets to read the answer instead of a reset), up to four times the
@@ -271,10 +282,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
             _ = channel.setOption(ChannelOptions.autoRead, value: reading)
             // Time the server itself stops reading is not the client's pause.
             let handler = handler.value
+            let context = boundContext.value
             if reading {
-                handler.apply(handler.machine.bodyReceived(), context: boundContext.value)
-            } else if handler.machine.state == .readingBody {
-                handler.apply(.disarm, context: boundContext.value)
+                if let since = handler.notReading.since {
+                    handler.notReading = (nil, handler.notReading.total + (context.eventLoop.now - since))
+                }
+                handler.apply(handler.machine.bodyReceived(elapsed: handler.readingTime(context)), context: context)
+            } else {
+                if handler.notReading.since == nil { handler.notReading.since = context.eventLoop.now }
+                if handler.machine.state == .readingBody { handler.apply(.disarm, context: context) }
             }
         }
         self.sender = sender

@@ -18,6 +18,9 @@ public struct ServerConfiguration: Sendable {
     public var headerTimeout: Duration
     /// The longest pause between two parts of a request body; past it 408 and close.
     public var bodyTimeout: Duration
+    /// Bytes a second a request body must average once its first `bodyTimeout` has passed (0:
+    /// no minimum); slower, 408 and close. 240, as ASP.NET Core's Kestrel.
+    public var minBodyRate: Int
     /// How long a kept-alive connection may wait idle for its next request.
     public var keepAliveTimeout: Duration
     /// Client connections open at once; past it a new one gets a fast 503 and is closed.
@@ -108,6 +111,7 @@ public struct ServerConfiguration: Sendable {
         httpTimeout: Duration = .seconds(60),
         headerTimeout: Duration = .seconds(10),
         bodyTimeout: Duration = .seconds(30),
+        minBodyRate: Int = 240,
         keepAliveTimeout: Duration = .seconds(20),
         maxConnections: Int = 10_000,
         maxConnectionsPerAddress: Int? = nil,
@@ -148,6 +152,7 @@ public struct ServerConfiguration: Sendable {
         self.httpTimeout = httpTimeout
         self.headerTimeout = headerTimeout
         self.bodyTimeout = bodyTimeout
+        self.minBodyRate = minBodyRate
         self.keepAliveTimeout = keepAliveTimeout
         self.maxConnections = maxConnections
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
@@ -186,6 +191,8 @@ public struct ServerConfiguration: Sendable {
 extension ServerConfiguration {
     /// The deadlines of an HTTP connection.
     var connectionTimeouts: HTTPConnectionStateMachine.Timeouts {
-        .init(header: headerTimeout, body: bodyTimeout, firstByte: httpTimeout, keepAlive: keepAliveTimeout)
+        .init(
+            header: headerTimeout, body: bodyTimeout, firstByte: httpTimeout, keepAlive: keepAliveTimeout,
+            minBodyRate: minBodyRate)
     }
 }

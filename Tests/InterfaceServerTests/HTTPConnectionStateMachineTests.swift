@@ -138,4 +138,51 @@ struct HTTPConnectionStateMachineTests {
         #expect(machine.requestEnded() == .arm(.firstByte, after: .seconds(60)))
         #expect(machine.deadlinePassed(.firstByte) == .answer(status: 503, close: false))
     }
+
+    @Test func aBodyDrippedJustInsideEveryPauseIsCutByTheMinimumRate() {
+        var timeouts = Self.timeouts
+        timeouts.minBodyRate = 100
+        var machine = Machine(timeouts: timeouts)
+        _ = machine.opened()
+        #expect(machine.headReceived() == .arm(.body, after: .seconds(30)))
+        // Within the first body timeout, the pause rule alone.
+        #expect(machine.bodyReceived(10, elapsed: .seconds(29)) == .arm(.body, after: .seconds(1)))
+        // 10 bytes by 29 s: the average falls under 100/s at 30 s at the latest.
+        #expect(machine.bodyReceived(10, elapsed: .seconds(29.5)) == .arm(.body, after: .seconds(0.5)))
+        // Past it: the deadline is now, and it answers 408.
+        #expect(machine.bodyReceived(10, elapsed: .seconds(45)) == .arm(.body, after: .zero))
+        #expect(machine.deadlinePassed(.body) == .answer(status: 408, close: true))
+    }
+
+    @Test func aBodyAtTheMinimumRateIsNeverCut() {
+        var timeouts = Self.timeouts
+        timeouts.minBodyRate = 100
+        var machine = Machine(timeouts: timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        // 200 bytes a second for ten minutes: the next part always has at least 15 s (at 15 s the
+        // first 30 s end; after that the average stays ahead of the minimum).
+        for second in 1...600 {
+            guard case .arm(.body, let after) = machine.bodyReceived(200, elapsed: .seconds(second)) else {
+                Issue.record("no body deadline armed at \(second) s")
+                return
+            }
+            #expect(after >= .seconds(15) && after <= .seconds(30), "at \(second) s: \(after)")
+        }
+        #expect(machine.bodyBytes == 120_000)
+        // A new request's body is counted from zero.
+        _ = machine.requestEnded()
+        _ = machine.responseStarted()
+        _ = machine.responseEnded(keepAlive: true)
+        _ = machine.bytesArrived()
+        _ = machine.headReceived()
+        #expect(machine.bodyBytes == 0)
+    }
+
+    @Test func withoutAMinimumRateOnlyPausesCount() {
+        var machine = Machine(timeouts: Self.timeouts)
+        _ = machine.opened()
+        _ = machine.headReceived()
+        #expect(machine.bodyReceived(1, elapsed: .seconds(3600)) == .arm(.body, after: .seconds(30)))
+    }
 }

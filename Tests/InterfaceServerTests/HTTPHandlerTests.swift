@@ -221,7 +221,8 @@ struct HTTPHandlerDeadlineTests {
 
     @Test("a body that stops coming is answered 408 and the connection closes; it is counted")
     func stalledBody() async throws {
-        let fixture = try await Self.connected()
+        // The pause rule alone (the minimum rate, which would cut this drip at 30 s, is below).
+        let fixture = try await Self.connected { $0.minBodyRate = 0 }
         var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/upload/")
         head.headers.add(name: "Host", value: "localhost")
         head.headers.add(name: "Content-Length", value: "10")
@@ -232,6 +233,27 @@ struct HTTPHandlerDeadlineTests {
         try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "d")))
         await fixture.channel.testingEventLoop.advanceTime(by: .seconds(29))
         #expect(fixture.channel.isActive, "each part starts the body deadline again")
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(2))
+        let (response, _) = try await fixture.response()
+        #expect(response.status == .requestTimeout)
+        try await fixture.channel.closeFuture.get()
+        #expect(fixture.server.counters[.timedOutBody] == 1)
+    }
+
+    @Test("a body dripped inside every pause is answered 408 once it falls under the minimum rate")
+    func drippedBody() async throws {
+        let fixture = try await Self.connected { $0.minBodyRate = 240 }
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: "/upload/")
+        head.headers.add(name: "Host", value: "localhost")
+        head.headers.add(name: "Content-Length", value: "100")
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.head(head))
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "abc")))
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(20))
+        try await fixture.channel.writeInbound(HTTPServerRequestPart.body(ByteBuffer(string: "d")))
+        await fixture.channel.testingEventLoop.advanceTime(by: .seconds(9))
+        #expect(fixture.channel.isActive, "within the first body timeout only pauses count")
+        // 4 bytes in 30 s is far under 240/s: the deadline is the end of the first body timeout,
+        // not 30 s after the last part.
         await fixture.channel.testingEventLoop.advanceTime(by: .seconds(2))
         let (response, _) = try await fixture.response()
         #expect(response.status == .requestTimeout)

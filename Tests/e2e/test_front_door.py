@@ -275,6 +275,59 @@ def slow_loris_heads_get_408_and_close():
 
 
 @test
+def a_body_dripped_under_the_minimum_rate_gets_408():
+    """Bytes just inside every pause buy no time: past the first --body-timeout, a body must
+    average --min-body-rate. A client at the rate is served."""
+    proc, port, mport = serve("--body-timeout", "2", "--min-body-rate", "100")
+    try:
+        drips = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.send(b"POST /poll/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n")
+            drips.append(s)
+        started = time.time()
+        answers = {}
+        while len(answers) < len(drips) and time.time() - started < 15:
+            for i, s in enumerate(drips):
+                if i in answers:
+                    continue
+                try:
+                    s.send(b"x" * 5)  # 5 bytes every 0.5 s: 10/s, pauses far under 2 s
+                except OSError:
+                    pass
+                s.setblocking(False)
+                try:
+                    answers[i] = (s.recv(4096), time.time() - started)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    answers[i] = (b"", time.time() - started)
+                s.setblocking(True)
+            time.sleep(0.5)
+        assert len(answers) == len(drips), "%d of %d dripped bodies still open after 15 s" % (
+            len(drips) - len(answers), len(drips))
+        got408 = sum(1 for data, _ in answers.values() if data.startswith(b"HTTP/1.1 408"))
+        slowest = max(at for _, at in answers.values())
+        # A client at the minimum rate: 300 bytes a second for 6 s, in parts of 150.
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.send(b"POST /poll/ HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1800\r\nConnection: close\r\n\r\n")
+        for _ in range(12):
+            s.send(b"y" * 150)
+            time.sleep(0.5)
+        answer = s.recv(4096)
+        s.close()
+        counted = limits(mport).get("body_timeout", 0)
+        print("  20 bodies dripped at 10 B/s (pauses of 0.5 s): %d answered 408, the last after %.1f s; "
+              "counted %d; a body at 300 B/s answered %r" % (got408, slowest, counted, answer[:12]))
+        assert got408 == len(drips), got408
+        assert slowest < 8, slowest
+        assert counted >= len(drips), counted
+        assert not answer.startswith(b"HTTP/1.1 408"), answer[:40]
+    finally:
+        stop_all(proc)
+
+
+@test
 def idle_connections_over_the_cap_are_refused_fast_and_time_out():
     n, cap = SIZE["idle"], SIZE["max_connections"]
     proc, port, mport = serve("--header-timeout", "3", "--max-connections", str(cap))
