@@ -77,6 +77,20 @@ public final class ConsumerContext: Sendable {
         }
     }
 
+    /// A multi-message response started by the helpers and not ended yet.
+    let responseOpen = Atomic<Bool>(false)
+
+    /// The consumer failed with its response half sent: the server is told to cut it (the
+    /// client sees an incomplete response, not one that never ends). Best effort.
+    func abortOpenResponse() async {
+        guard responseOpen.exchange(false, ordering: .relaxed) else { return }
+        do {
+            try await reply(HTTPResponseChunk(content: [], moreContent: false, abort: true), immediately: true)
+        } catch {
+            logger.warning("could not tell the server to cut a failed response", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// Waits until `bytes` more body bytes of this context's multi-message response may be sent
     /// (the server's credit, when it gives one); at once otherwise.
     func reserveResponseBytes(_ bytes: Int) async throws {

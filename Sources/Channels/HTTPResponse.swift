@@ -1,4 +1,5 @@
 import ASGI
+import Synchronization
 
 /// Helpers for HTTP consumers.
 extension ConsumerContext {
@@ -27,6 +28,7 @@ extension ConsumerContext {
                 status: status, headers: list, content: Array(body[..<chunkSize]), moreContent: true,
                 disconnectChannel: disconnectChannel),
             immediately: true)
+        responseOpen.store(true, ordering: .relaxed)
         var offset = chunkSize
         while offset < body.count {
             let end = min(offset + chunkSize, body.count)
@@ -34,6 +36,7 @@ extension ConsumerContext {
             try await reply(HTTPResponseChunk(content: Array(body[offset..<end]), moreContent: end < body.count), immediately: true)
             offset = end
         }
+        responseOpen.store(false, ordering: .relaxed)
     }
 
     /// The most body bytes one response message carries: well inside the layer's size limit.
@@ -95,6 +98,7 @@ extension ConsumerContext {
                 status: status, headers: withCookies(responseHeaders(contentType: contentType)),
                 content: firstChunk, moreContent: true, disconnectChannel: disconnectChannel),
             immediately: true)
+        responseOpen.store(true, ordering: .relaxed)
     }
 
     /// One more chunk of a streamed response, sent now (server-sent events arrive as they
@@ -103,5 +107,6 @@ extension ConsumerContext {
     public func respondChunk(_ chunk: [UInt8], last: Bool = false) async throws {
         try await reserveResponseBytes(chunk.count)
         try await reply(HTTPResponseChunk(content: chunk, moreContent: !last), immediately: true)
+        if last { responseOpen.store(false, ordering: .relaxed) }
     }
 }

@@ -261,6 +261,7 @@ public final class Worker: Service, Sendable {
         } catch {
             ChannelsMetrics.route(name).errors.increment()
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
+            await context.abortOpenResponse()
         }
         await context.flush()
         let dropped = context.droppedSends.load(ordering: .relaxed)

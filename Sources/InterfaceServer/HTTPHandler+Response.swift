@@ -49,6 +49,9 @@ extension HTTPHandler {
         case .start(let start):
             server.logger.warning("a second response start on one request; its content is sent as a chunk")
             (content, more) = (start.content, start.moreContent)
+        case .chunk(let chunk) where responseStarted && chunk.abort:
+            abortResponse(context: context, counter: .httpAborted, why: "the application failed mid-response")
+            return
         case .chunk(let chunk) where responseStarted:
             (content, more) = (chunk.content, chunk.moreContent)
         case .chunk:
@@ -132,6 +135,33 @@ extension HTTPHandler {
             if case .arm(.keepAlive, _) = action, handler.machine.state == .idle(fresh: false), handler.armed == nil {
                 handler.apply(action, context: boundContext.value)
             }
+        }
+    }
+
+    /// The response cannot be completed: what was written is flushed and the connection (an
+    /// HTTP/2 stream) is cut, so the client sees an incomplete response, never one that looks
+    /// whole or one that never ends.
+    func abortResponse(context: ChannelHandlerContext, counter: ServerCounters.Counter, why: String) {
+        server.counters.count(counter)
+        server.logger.warning(
+            "HTTP response cut: \(why)", metadata: ["path": "\(PercentCoding.splitTarget(self.head?.uri ?? "").path)"])
+        finishRequest()
+        context.flush()
+        context.close(promise: nil)
+    }
+
+    /// The layer lost its data (Redis restarted empty): a reply this request waits for may be
+    /// gone with it. A started response is cut; one not started is answered 503.
+    func replyStoreLost() {
+        guard replyChannel != nil, let context = replyContext else { return }
+        // The consumer may still be sending: it stops (its client is gone for good).
+        tellApplicationClientLeft(context: context)
+        if responseStarted {
+            abortResponse(context: context, counter: .httpStoreLost, why: "the channel layer lost its data")
+        } else {
+            server.counters.count(.httpStoreLost)
+            finishRequest()
+            respondPlain(context: context, status: .serviceUnavailable, text: "Service unavailable\n", close: true)
         }
     }
 

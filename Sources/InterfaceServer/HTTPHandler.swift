@@ -299,6 +299,19 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
 
     var isHTTP2: Bool { (head?.version.major ?? 1) >= 2 }
 
+    /// The request in flight will get no more of its response to the client: the application
+    /// hears it on `http.disconnect` and, when the responder named one, on its disconnect channel
+    /// (a streaming consumer stops there at once).
+    func tellApplicationClientLeft(context: ChannelHandlerContext) {
+        guard let replyChannel, let head else { return }
+        let path = PercentCoding.splitTarget(head.uri).path
+        let message = HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message
+        let sender = connectionSender(context: context)
+        sender.resume()
+        sender.send(message, to: ASGIChannel.httpDisconnect)
+        if let disconnectChannel { sender.send(message, to: disconnectChannel) }
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         leaveFlight()
         if let bodyChannel = streamingBodyChannel {
@@ -310,17 +323,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
         apply(machine.closed(), context: context)
         stopTimer()
         activity?.onBytes = nil
-        if let replyChannel, let head {
-            // The client left before its response finished: the application hears it on
-            // `http.disconnect` and, when the responder named one, on its disconnect channel
-            // (a streaming consumer stops there at once).
-            let path = PercentCoding.splitTarget(head.uri).path
-            let message = HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message
-            let sender = connectionSender(context: context)
-            sender.resume()
-            sender.send(message, to: ASGIChannel.httpDisconnect)
-            if let disconnectChannel { sender.send(message, to: disconnectChannel) }
-            server.router.unregister(replyChannel)
+        if replyChannel != nil {
+            // The client left before its response finished.
+            tellApplicationClientLeft(context: context)
+            server.router.unregister(replyChannel!)
             self.replyChannel = nil
             self.replyContext = nil
             self.disconnectChannel = nil

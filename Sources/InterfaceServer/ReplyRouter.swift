@@ -9,6 +9,8 @@ import Synchronization
 /// event loop.
 protocol ReplyReceiver: AnyObject {
     func receiveReply(_ reply: Message)
+    /// The layer lost its data: replies this receiver waits for may never come.
+    func replyStoreLost()
 }
 
 /// Where the router hands a connection's replies: the connection, on its event loop.
@@ -111,6 +113,13 @@ final class ReplyRouter: Service, Sendable {
     }
 
     var activeCount: Int { targets.withLock { $0.count } }
+
+    /// Tells every receiver, on its event loop, that the layer lost its data.
+    private func tellStoreLost() {
+        for target in targets.withLock({ Array($0.values) }) {
+            target.loop.execute { target.receiver.value.replyStoreLost() }
+        }
+    }
     var unroutableCount: Int { unroutable.load(ordering: .relaxed) }
 
     /// Registers the process channel, then reads until cancelled (the interface server's task
@@ -132,6 +141,7 @@ final class ReplyRouter: Service, Sendable {
                         "the channel layer lost its data (groups, sessions): closing sockets with 1012",
                         metadata: ["reply_channel": "\(processChannel)"])
                     storeLost.withLock { $0 }?()
+                    tellStoreLost()
                 }
                 failures = 0
             } catch {

@@ -52,6 +52,10 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     /// Times a WebSocket sent past `maxFramesPerSecond` and reading from it paused (nothing
     /// is dropped: the client waits).
     public var framesPaced = 0
+    /// HTTP responses cut because the application failed while sending them (`abort`).
+    public var httpAborted = 0
+    /// HTTP requests in flight closed because the layer lost its data (their replies with it).
+    public var httpStoreLost = 0
 
     /// All counters at zero.
     public init() {}
@@ -63,7 +67,8 @@ final class ServerCounters: Sendable {
         case sendFullRetried, sendHeldForOutage, sendRecovered, heldDropped, closedChannelFull,
             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
             refusedHost, refusedOrigin, timedOutHeader, timedOutBody, timedOutResponse, closedIdle,
-            closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress, framesPaced
+            closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress, framesPaced,
+            httpAborted, httpStoreLost
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -99,6 +104,8 @@ final class ServerCounters: Sendable {
         stats.refusedMaxConnections = self[.refusedMaxConnections]
         stats.refusedPerAddress = self[.refusedPerAddress]
         stats.framesPaced = self[.framesPaced]
+        stats.httpAborted = self[.httpAborted]
+        stats.httpStoreLost = self[.httpStoreLost]
         stats.unroutableReplies = unroutable
         return stats
     }

@@ -19,7 +19,7 @@ enum ServerMetrics {
             (.timedOutHeader, "header_timeout"), (.timedOutBody, "body_timeout"), (.timedOutResponse, "response_timeout"),
             (.closedIdle, "idle"), (.closedSlowHTTPClient, "slow_http_client"), (.closedUpgradeOverflow, "upgrade_overflow"),
             (.refusedMaxConnections, "max_connections"), (.refusedPerAddress, "per_address"),
-            (.framesPaced, "frames_paced"),
+            (.framesPaced, "frames_paced"), (.httpAborted, "response_aborted"), (.httpStoreLost, "store_lost"),
         ]
         return Dictionary(
             uniqueKeysWithValues: names.map { ($0.0, Counter(label: "channels_connection_limits_total", dimensions: [("limit", $0.1)])) })

@@ -218,6 +218,9 @@ final class WebSocketSession: ReplyReceiver {
         machine.pongReceived(now: Self.uptime())
     }
 
+    /// The server closes every socket with 1012 when the layer lost its data (groups, sessions).
+    func replyStoreLost() {}
+
     func receiveReply(_ reply: Message) {
         for key in reply.keys where !WebSocketSendMessage.keys.contains(key) {
             server.logger.warning("ignored unknown key in a WebSocket reply", metadata: ["key": "\(key)"])

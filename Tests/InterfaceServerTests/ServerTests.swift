@@ -67,6 +67,12 @@ struct ServerTests {
                 }
             },
             route("websocket.connect", path: "^/closed/$") { _ in throw ConsumerError.denyConnection },
+            route("http.request", path: "^/fails-midway/$") { context in
+                try await context.respondStart(firstChunk: Array("first part\n".utf8))
+                try await context.respondChunk(Array("second part\n".utf8))
+                struct Broken: Error {}
+                throw Broken()
+            },
             route("websocket.receive", path: "^/bad/$") { context in
                 // A close code outside 1000-4999 is not a close: the server ignores and counts it.
                 try await context.reply(["close": 99], immediately: true)
@@ -113,6 +119,35 @@ struct ServerTests {
             let (answer, uploadResponse) = try await URLSession.shared.upload(for: request, from: Data(upload))
             #expect((uploadResponse as? HTTPURLResponse)?.statusCode == 200)
             #expect(String(decoding: answer, as: UTF8.self) == "got \(upload.count) bytes, sum \(upload.reduce(0) { $0 &+ Int($1) })")
+        }
+    }
+
+    /// A consumer that fails with its response half sent: the server cuts the connection, so the
+    /// client gets an error (not a short response that looks whole, nor one that never ends).
+    @Test func aResponseWhoseConsumerFailsMidwayIsCut() async throws {
+        try await withServer { port, server in
+            let outcome = try await Self.rawGet(port: port, path: "/fails-midway/")
+            #expect(outcome.contains("first part") && outcome.contains("second part"))
+            // Cut: the chunked body never got its terminating zero-length chunk.
+            #expect(!outcome.hasSuffix("0\r\n\r\n"), "the response must not look complete")
+            #expect(server.statistics.httpAborted == 1)
+        }
+    }
+
+    /// Everything a plain socket reads for `GET path` until the server closes it (bounded).
+    static func rawGet(port: Int, path: String) async throws -> String {
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        return try await channel.executeThenClose { inbound, outbound in
+            try await outbound.write(ByteBuffer(string: "GET \(path) HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+            var text = ""
+            // The server closes the connection; a hang would fail the suite's time limit.
+            for try await buffer in inbound { text += String(buffer: buffer) }
+            return text
         }
     }
 

@@ -691,6 +691,51 @@ def fingerprint(cert_path):
 
 
 @test
+def streams_in_flight_when_redis_restarts_empty_are_cut_not_left_hanging():
+    """Redis SIGKILLed and restarted empty under 5 open SSE streams: the chunks they wait for
+    are gone with it, so the server cuts them (the client sees an error, never a stream that
+    silently stops) and counts them; new streams work once Redis is back."""
+    with own_redis("--appendonly", "no") as (rport, workdir, layer):
+        mport, wport = free_port(), free_port()
+        proc, port = server("--layer", layer, "--noworker", "--metrics-port", str(mport), "--http-timeout", "5")
+        worker = Proc("runworker", "--layer", layer, "--threads", "8", "--metrics-port", str(wport))
+        try:
+            worker.wait_line("worker ready")
+            streams = []
+            for _ in range(5):
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                s.send(b"GET /events/?n=600 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert b"event 0" in s.recv(4096)
+                streams.append(s)
+            kill_redis(workdir)
+            killed = time.time()
+            time.sleep(1.0)
+            start_redis(rport, workdir, "--appendonly", "no")
+            ends = []
+            for s in streams:
+                s.settimeout(30)
+                try:
+                    while s.recv(65536):
+                        pass
+                except OSError:
+                    pass
+                ends.append(time.time() - killed)
+                s.close()
+            lost = limits(mport).get("store_lost", 0)
+            # The consumers still streaming are told their clients are gone, and stop.
+            until(lambda: metric_value(wport, "channels_http_streams_abandoned_total") >= 5,
+                  "the worker stopped the 5 streams", timeout=20)
+            print("  5 SSE streams across a Redis SIGKILL + empty restart: all cut within %.1f s; store_lost %d; "
+                  "the worker stopped %d" % (max(ends), lost, metric_value(wport, "channels_http_streams_abandoned_total")))
+            assert max(ends) < 20, ends
+            assert lost >= 5, lost
+            until(lambda: http_get(port, "/events/?n=1")[0] == 200, "a new stream after Redis came back", timeout=20)
+            assert proc.p.poll() is None and worker.p.poll() is None, "nothing crashed"
+        finally:
+            stop_all(proc, worker)
+
+
+@test
 def tls_https_wss_http2_and_a_certificate_reload():
     directory = tempfile.mkdtemp(prefix="e2e-tls-")
     cert, key = make_certificate(directory, "first")

@@ -184,21 +184,31 @@ public struct HTTPResponseChunk: ASGIMessage, Hashable {
     public var content: [UInt8]
     /// False on the last piece.
     public var moreContent: Bool
+    /// An extension (`abort`): the application failed while the response was being sent; the
+    /// server cuts the connection (HTTP/2: resets the stream) so the client sees an incomplete
+    /// response instead of a short one that looks whole, or one that never ends.
+    public var abort: Bool
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
-    public init(content: [UInt8], moreContent: Bool) {
+    public init(content: [UInt8], moreContent: Bool, abort: Bool = false) {
         self.content = content
         self.moreContent = moreContent
+        self.abort = abort
     }
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
         content = try message.optionalBytes("content") ?? []
         moreContent = try message.bool("more_content", default: false)
+        abort = try message.bool("abort", default: false)
     }
 
     /// The message to send.
-    public var message: Message { ["content": .bytes(content), "more_content": .bool(moreContent)] }
+    public var message: Message {
+        var message: Message = ["content": .bytes(content), "more_content": .bool(moreContent)]
+        if abort { message["abort"] = .bool(true) }
+        return message
+    }
 }
 
 /// A message on an HTTP reply channel: the start of the response (it has a `status`) or a later piece.
