@@ -28,14 +28,18 @@ command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteract
 # build of an earlier commit, for a before/after comparison in one sitting).
 if [ -n "${CHANNELS_BIN_DIR:-}" ]; then
   BIN="$CHANNELS_BIN_DIR"
+  BENCH_CLIENT="$BENCH_CLIENT"
   log "measuring the binaries in $BIN"
 else
   log "release build"
   swift build -c release --package-path Examples --product PeerChat >/dev/null
   swift build -c release --package-path Benchmarks --product ChannelsBench >/dev/null
   BIN="$(swift build -c release --package-path Examples --show-bin-path)"
+  # The client is a product of the Benchmarks package: it lives in that package's build.
+  BENCH_CLIENT="$(swift build -c release --package-path Benchmarks --show-bin-path)/ChannelsBench"
 fi
 APP="$BIN/PeerChat"
+[ -x "$BENCH_CLIENT" ] || { log "no ChannelsBench at $BENCH_CLIENT"; exit 2; }
 if [ ! -x "$PEERS_STATE/venv1/bin/daphne" ]; then
   log "building the Python Channels 1.x stack ($PEERS/setup_channels1.sh -> $PEERS_STATE/venv1)"
   "$PEERS/setup_channels1.sh" >/dev/null
@@ -82,9 +86,9 @@ ws_run() { # ws_run STACK PORT LATENCY_N
   "$CLIENT_PY" "$PEERS/ws_bench.py" --url "ws://127.0.0.1:$2" latency --n "$3" --json "$RUN_DIR/lat.json" >/dev/null 2>&1 || true
   "$CLIENT_PY" "$PEERS/ws_bench.py" --url "ws://127.0.0.1:$2" throughput --clients 50 --duration "$DURATION" --json "$RUN_DIR/tp50.json" >/dev/null 2>&1 || true
   "$CLIENT_PY" "$PEERS/ws_bench.py" --url "ws://127.0.0.1:$2" throughput --clients 100 --duration "$DURATION" --json "$RUN_DIR/tp100.json" >/dev/null 2>&1 || true
-  "$BIN/ChannelsBench" ws "ws://127.0.0.1:$2" latency "$3" > "$RUN_DIR/lat-sw.json" 2>/dev/null || true
-  "$BIN/ChannelsBench" ws "ws://127.0.0.1:$2" throughput 50 "$DURATION" > "$RUN_DIR/tp50-sw.json" 2>/dev/null || true
-  "$BIN/ChannelsBench" ws "ws://127.0.0.1:$2" throughput 100 "$DURATION" > "$RUN_DIR/tp100-sw.json" 2>/dev/null || true
+  "$BENCH_CLIENT" ws "ws://127.0.0.1:$2" latency "$3" > "$RUN_DIR/lat-sw.json" 2>/dev/null || true
+  "$BENCH_CLIENT" ws "ws://127.0.0.1:$2" throughput 50 "$DURATION" > "$RUN_DIR/tp50-sw.json" 2>/dev/null || true
+  "$BENCH_CLIENT" ws "ws://127.0.0.1:$2" throughput 100 "$DURATION" > "$RUN_DIR/tp100-sw.json" 2>/dev/null || true
   python3 - "$RUN_DIR" "$1" >> "$OUT" <<'PY'
 import json, sys
 run, stack = sys.argv[1], sys.argv[2]
@@ -193,7 +197,7 @@ PY
 kill "$idle_worker" 2>/dev/null || true
 
 log "swift: worker dispatch rate (do-nothing consumer, $WORKER_N queued messages)"
-"$BIN/ChannelsBench" fill "$REDIS" "swnoop:" bench.noop "$WORKER_N"
+"$BENCH_CLIENT" fill "$REDIS" "swnoop:" bench.noop "$WORKER_N"
 "$APP" runworker --layer "$REDIS?prefix=swnoop:" --only-channels bench.noop > "$RUN_DIR/sw-noop.log" 2>&1 & noop_pid=$!; pids+=($noop_pid)
 record swift "worker dispatch msgs/s" "$(drain_rate swnoop:)"
 kill "$noop_pid" "$server_pid" 2>/dev/null || true
@@ -209,7 +213,7 @@ ws_run python "$PORT" 200
 "$PEERS/run_channels1.sh" stop >/dev/null
 
 log "python: worker dispatch rate (do-nothing consumer, $WORKER_N queued messages)"
-"$BIN/ChannelsBench" fill "$REDIS" "pynoop:" bench.noop "$WORKER_N"
+"$BENCH_CLIENT" fill "$REDIS" "pynoop:" bench.noop "$WORKER_N"
 ( cd "$ROOT/scripts/bench/noop_worker" && PEERS_DIR="$PEERS" REDIS_PORT="$REDIS_PORT" LAYER_PREFIX="pynoop:" \
     "$PY1" manage.py runworker --only-channels bench.noop > "$RUN_DIR/py-noop.log" 2>&1 ) & noop_pid=$!; pids+=($noop_pid)
 record python "worker dispatch msgs/s" "$(drain_rate pynoop:)"

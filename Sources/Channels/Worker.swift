@@ -183,15 +183,27 @@ public final class Worker: Service, Sendable {
                 continue
             }
             // One socket's messages run one after another, in the order received: a burst from
-            // one socket is never raced against itself in this process.
-            guard mailboxes.post(received, to: socket) else { continue }
+            // one socket is never raced against itself in this process. Slots are for running
+            // consumers: a message that waits behind its socket's running one gives its slot back
+            // (up to `Mailboxes.freeWaiting` per socket; past that it keeps it, so one socket's
+            // flood still slows the receive loop down instead of piling up here).
+            switch mailboxes.post(received, to: socket) {
+            case .queued(holdsSlot: true):
+                continue
+            case .queued(holdsSlot: false):
+                slots.release()
+                continue
+            case .run:
+                break
+            }
             group.addTask {
-                var next: ReceivedMessage? = received
-                while let message = next {
+                var next: (message: ReceivedMessage, holdsSlot: Bool)? = (received, false)
+                while let (message, holdsSlot) = next {
                     await self.dispatch(message)
-                    slots.release()
+                    if holdsSlot { slots.release() }
                     next = self.mailboxes.next(for: socket)
                 }
+                slots.release()  // the chain's own
             }
         }
     }
@@ -334,23 +346,34 @@ public final class Worker: Service, Sendable {
 
 /// Messages waiting for a socket whose earlier message is running in this process.
 final class Mailboxes: Sendable {
-    private let boxes = Mutex<[String: Deque<ReceivedMessage>]>([:])
+    /// Messages that may wait behind one socket's running consumer without a slot.
+    static let freeWaiting = 64
 
-    /// Queues `received` behind the socket's running message; true when none runs (the
-    /// caller runs it now and then asks `next(for:)`).
-    func post(_ received: ReceivedMessage, to socket: String) -> Bool {
+    enum Posted: Equatable {
+        /// None of the socket's messages runs: the caller runs this one, then asks `next(for:)`.
+        case run
+        /// Queued behind the running one; `holdsSlot` when past `freeWaiting`.
+        case queued(holdsSlot: Bool)
+    }
+
+    private let boxes = Mutex<[String: Deque<(message: ReceivedMessage, holdsSlot: Bool)>]>([:])
+
+    /// Queues `received` behind the socket's running message, if one runs.
+    func post(_ received: ReceivedMessage, to socket: String) -> Posted {
         boxes.withLock { boxes in
-            if boxes[socket] != nil {
-                boxes[socket]!.append(received)
-                return false
+            guard boxes[socket] != nil else {
+                boxes[socket] = []
+                return .run
             }
-            boxes[socket] = []
-            return true
+            let holdsSlot = boxes[socket]!.count >= Self.freeWaiting
+            boxes[socket]!.append((received, holdsSlot))
+            return .queued(holdsSlot: holdsSlot)
         }
     }
 
-    /// The socket's next waiting message, or nil (and the socket is idle again).
-    func next(for socket: String) -> ReceivedMessage? {
+    /// The socket's next waiting message (and whether it holds a slot), or nil (and the socket
+    /// is idle again).
+    func next(for socket: String) -> (message: ReceivedMessage, holdsSlot: Bool)? {
         boxes.withLock { boxes in
             if let message = boxes[socket]?.popFirst() { return message }
             boxes[socket] = nil
