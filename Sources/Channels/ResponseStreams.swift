@@ -104,21 +104,23 @@ public final class ResponseStreams: Sendable {
     /// them as sent. Throws `CancellationError` when the client left (or the task is cancelled)
     /// and ``ChannelLayerError`` (`connectionLost`) when no credit came within `creditTimeout`.
     func reserve(_ bytes: Int, on channel: String) async throws {
-        let ready = streams.withLock { streams -> Bool in
-            guard var stream = streams[channel] else { return true }
+        // A stream no longer registered was stopped: its client left.
+        let ready = streams.withLock { streams -> Bool? in
+            guard var stream = streams[channel] else { return nil }
             guard Self.fits(bytes, in: stream) else { return false }
             stream.sent += bytes
             streams[channel] = stream
             return true
         }
+        guard let ready else { throw CancellationError() }
         if ready { return }
         Self.creditWaits.increment()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 try await withTaskCancellationHandler {
                     try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                        let resumeNow = self.streams.withLock { streams -> Bool in
-                            guard var stream = streams[channel] else { return true }
+                        let resumeNow = self.streams.withLock { streams -> Bool? in
+                            guard var stream = streams[channel] else { return nil }
                             if Self.fits(bytes, in: stream) {
                                 stream.sent += bytes
                                 streams[channel] = stream
@@ -128,7 +130,11 @@ public final class ResponseStreams: Sendable {
                             streams[channel] = stream
                             return false
                         }
-                        if resumeNow { continuation.resume() }
+                        switch resumeNow {
+                        case true?: continuation.resume()
+                        case nil: continuation.resume(throwing: CancellationError())
+                        case false?: break
+                        }
                     }
                 } onCancel: {
                     self.cancelWait(on: channel)

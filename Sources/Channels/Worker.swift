@@ -36,8 +36,8 @@ public final class Worker: Service, Sendable {
         case running, stopTaking, finishQueued
     }
     private let stopping = Atomic<Int>(Stop.running.rawValue)
-    /// The task that receives; `stop()` cancels it (and nothing else).
-    private let receivingTask = TaskHandle()
+    /// Free consumer slots.
+    private let slots: Slots
     /// Whether a graceful shutdown takes what is queued before stopping (`finishQueuedThenStop`).
     public let finishQueuedOnShutdown: Bool
     private let processed = Atomic<Int>(0)
@@ -58,6 +58,7 @@ public final class Worker: Service, Sendable {
         self.environment = environment
         self.layer = layer
         self.concurrency = max(1, concurrency)
+        self.slots = Slots(max(1, concurrency))
         self.logger = logger
         // Channels 1.x defaults: connects are accepted and HTTP gets 404 even when unrouted, and
         // the other WebSocket channels are drained (and counted) so they never fill up.
@@ -69,10 +70,11 @@ public final class Worker: Service, Sendable {
         let excluded = exclude.map(GlobPattern.init)
         listen = listen.filter { name in !excluded.contains { $0.matches(name) } }
         self.channels = listen.sorted()
-        self.receivingChannels = listen.contains(ASGIChannel.httpRequest) ? self.channels + [streams.inbox] : self.channels
+        self.receivingChannels = self.channels + [streams.inbox]
     }
 
-    /// `channels`, and the inbox where servers say a streamed response's client left.
+    /// `channels`, and the worker's inbox: where servers give credit to and stop its streamed
+    /// responses, and where a stop wakes it.
     private let receivingChannels: [String]
 
     /// Messages handed to consumers so far.
@@ -81,33 +83,43 @@ public final class Worker: Service, Sendable {
     /// Runs until `stop()` or a graceful shutdown of the service group it runs in, then lets the
     /// consumers in hand finish and returns; cancelling the task that runs it cancels them too.
     ///
-    /// One receiving task takes as many messages as there are free consumer slots in one call
-    /// (one Redis round trip while messages flow; a blocking wait when none do) and hands each
-    /// batch to this task, which starts a consumer task per message; when every slot is busy the
-    /// receiving task waits for one to finish. A stop cancels only the receiving task, which
-    /// reaches a blocking receive at once (Redis: `CLIENT UNBLOCK`); what it had already taken is
-    /// still run.
+    /// One receive loop takes as many messages as there are free consumer slots in one call (one
+    /// Redis round trip while messages flow; a blocking wait when none do) and starts a consumer
+    /// task for each; when every slot is busy it waits for one to finish. A stop wakes a blocking
+    /// receive at once with a message to the worker's own inbox (what the receive had already
+    /// taken is still run); cancellation reaches it too (Redis: `CLIENT UNBLOCK`).
     public func run() async {
         logger.info("worker ready", metadata: ["channels": "\(channels.joined(separator: ", "))", "concurrency": "\(concurrency)"])
         guard !channels.isEmpty else {
             logger.warning("no channels to listen on")
             return
         }
-        let slots = Slots(concurrency)
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
-                let (batches, taken) = AsyncStream.makeStream(of: [ReceivedMessage].self)
-                group.addTask {
-                    await self.receivingTask.running { await self.receive(into: taken, slots: slots) }
-                    taken.finish()
-                }
-                for await batch in batches { start(batch, in: &group, slots: slots) }
-                // Stopped. When this worker is the only reader of its layer, what is queued now
-                // (and what its consumers queue while it runs) is taken before it returns.
-                while stopping.load(ordering: .relaxed) == Stop.finishQueued.rawValue, !Task.isCancelled {
+                var failures = 0
+                while !Task.isCancelled {
+                    let mode = stopping.load(ordering: .relaxed)
+                    if mode == Stop.stopTaking.rawValue { break }
+                    let draining = mode == Stop.finishQueued.rawValue
                     let free = await slots.waitForFree()
-                    let batch = await takeWithoutWaiting(max: free)
-                    if batch.isEmpty {
+                    guard free > 0 else { continue }  // woken by a stop
+                    let batch: [ReceivedMessage]
+                    do {
+                        // Blocks until a message comes (or a stop's wake-up); the bound only renews
+                        // the wait now and then. Draining takes only what is already queued.
+                        batch = try await layer.receiveBatch(
+                            channels: receivingChannels, max: free, timeout: draining ? .zero : .seconds(30))
+                        failures = 0
+                    } catch {
+                        if Task.isCancelled { break }
+                        failures += 1
+                        if failures == 1 || failures % 30 == 0 {
+                            logger.error("receive failed", metadata: ["error": "\(error)"])
+                        }
+                        try? await Task.sleep(for: Retry.backoff(after: failures))
+                        continue
+                    }
+                    if draining && batch.isEmpty {
                         // Queued work is done when nothing is queued while no consumer runs (one
                         // that runs may still send to these channels): wait for them, then look again.
                         if free == concurrency { break }
@@ -115,7 +127,7 @@ public final class Worker: Service, Sendable {
                         continue
                     }
                     slots.take(batch.count)
-                    start(batch, in: &group, slots: slots)
+                    start(batch, in: &group)
                 }
                 if Task.isCancelled {
                     // The shutdown grace is over: the consumers still running are cancelled now.
@@ -130,30 +142,13 @@ public final class Worker: Service, Sendable {
         logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
 
-    /// The receiving task: waits for free slots, takes a batch, hands it over; until stopped.
-    private func receive(into taken: AsyncStream<[ReceivedMessage]>.Continuation, slots: Slots) async {
-        var failures = 0
-        while !Task.isCancelled, stopping.load(ordering: .relaxed) == Stop.running.rawValue {
-            let free = await slots.waitForFree()
-            let batch: [ReceivedMessage]
-            do {
-                // Blocks until a message comes or the receiving task is cancelled; the bound
-                // only renews the wait now and then.
-                batch = try await layer.receiveBatch(channels: receivingChannels, max: free, timeout: .seconds(30))
-                failures = 0
-            } catch {
-                if Task.isCancelled { break }
-                failures += 1
-                if failures == 1 || failures % 30 == 0 {
-                    logger.error("receive failed", metadata: ["error": "\(error)"])
-                }
-                try? await Task.sleep(for: Retry.backoff(after: failures))
-                continue
-            }
-            guard !batch.isEmpty else { continue }
-            slots.take(batch.count)
-            taken.yield(batch)
-        }
+    /// Wakes the receive loop: from waiting for a free slot at once, from a blocking receive with
+    /// a message to the worker's own inbox (which it always reads; the message means nothing).
+    private func wake() {
+        slots.interrupt()
+        let layer = self.layer
+        let channel = streams.inbox + "wake"
+        Task { try? await layer.send(["wake": true], to: channel) }
     }
 
     /// What is queued now, without waiting; nothing when the layer fails (the drain ends).
@@ -167,7 +162,8 @@ public final class Worker: Service, Sendable {
     }
 
     /// Starts a consumer task for each message of `batch` (each already holds a slot).
-    private func start(_ batch: [ReceivedMessage], in group: inout DiscardingTaskGroup, slots: Slots) {
+    private func start(_ batch: [ReceivedMessage], in group: inout DiscardingTaskGroup) {
+        let slots = self.slots
         for received in batch {
             if received.channel.hasPrefix(streams.inbox) {
                 // About a response this worker is streaming: credit, or its client left.
@@ -211,7 +207,7 @@ public final class Worker: Service, Sendable {
     /// Stops taking messages (a blocking receive is woken at once); the consumers in hand finish.
     public func stop() {
         _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.stopTaking.rawValue, ordering: .relaxed)
-        receivingTask.cancel()
+        wake()
     }
 
     /// Takes what is queued now (and what its consumers queue while it does), then stops: a
@@ -219,7 +215,7 @@ public final class Worker: Service, Sendable {
     /// so the `websocket.disconnect` of every socket the server closed runs.
     public func finishQueuedThenStop() {
         _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.finishQueued.rawValue, ordering: .relaxed)
-        receivingTask.cancel()
+        wake()
     }
 
     /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.
@@ -387,25 +383,40 @@ final class Slots: Sendable {
     private struct State {
         var free: Int
         var waiter: (needed: Int, continuation: CheckedContinuation<Void, Never>)?
+        var interrupted = false
     }
     private let state: Mutex<State>
 
     init(_ count: Int) { state = Mutex(State(free: count)) }
 
-    /// Waits until at least `needed` slots are free and returns how many are. One caller at a time.
+    /// Waits until at least `needed` slots are free and returns how many are, or returns at once
+    /// (with what is free, possibly 0) after an `interrupt()`. One caller at a time.
     func waitForFree(atLeast needed: Int = 1) async -> Int {
         while true {
-            let free = state.withLock { $0.free }
-            if free >= needed { return free }
+            let (free, interrupted) = state.withLock { state in
+                defer { state.interrupted = false }
+                return (state.free, state.interrupted)
+            }
+            if free >= needed || interrupted { return free }
             await withCheckedContinuation { continuation in
                 let resumeNow = state.withLock { state -> Bool in
-                    if state.free >= needed { return true }
+                    if state.free >= needed || state.interrupted { return true }
                     state.waiter = (needed, continuation)
                     return false
                 }
                 if resumeNow { continuation.resume() }
             }
         }
+    }
+
+    /// Ends the current (or next) wait at once.
+    func interrupt() {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.interrupted = true
+            defer { state.waiter = nil }
+            return state.waiter?.continuation
+        }
+        waiter?.resume()
     }
 
     func take(_ count: Int) { state.withLock { $0.free -= count } }
