@@ -38,6 +38,14 @@ public final class Worker: Service, Sendable {
     private let stopping = Atomic<Int>(Stop.running.rawValue)
     /// Free consumer slots.
     private let slots: Slots
+    /// `consumerTimeout`'s watchdog.
+    private let deadlines: ConsumerDeadlines?
+    /// Sockets whose consumer was cancelled at its timeout: the rest of their messages run in a
+    /// fresh task (the cancelled one stays cancelled), started by the receive loop.
+    private let resumedSockets = Mutex<[String]>([])
+
+    /// Consumers cancelled at `consumerTimeout` so far.
+    public var consumersTimedOut: Int { deadlines?.timedOutCount ?? 0 }
     /// Whether a graceful shutdown takes what is queued before stopping (`finishQueuedThenStop`).
     public let finishQueuedOnShutdown: Bool
     private let processed = Atomic<Int>(0)
@@ -45,15 +53,19 @@ public final class Worker: Service, Sendable {
     /// - Parameters:
     ///   - only: glob patterns; when given, only matching channels are listened on.
     ///   - exclude: glob patterns of channels not to listen on.
+    ///   - consumerTimeout: a consumer that runs longer is cancelled and counted (nil: no limit);
+    ///     a streaming HTTP response is exempt (its client bounds it).
     ///   - finishQueuedOnShutdown: on a graceful shutdown, take what is queued before stopping
     ///     (the only worker of an in-process layer); otherwise stop taking at once (other workers
     ///     read on).
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
-        finishQueuedOnShutdown: Bool = false, logger: Logger = Logger(label: "channels.worker")
+        finishQueuedOnShutdown: Bool = false, consumerTimeout: Duration? = .seconds(60),
+        logger: Logger = Logger(label: "channels.worker")
     ) {
         self.finishQueuedOnShutdown = finishQueuedOnShutdown
+        self.deadlines = consumerTimeout.map { ConsumerDeadlines(timeout: $0, logger: logger) }
         self.router = router
         self.environment = environment
         self.layer = layer
@@ -96,8 +108,15 @@ public final class Worker: Service, Sendable {
         }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
+                if let deadlines { group.addTask { await deadlines.watch() } }
+                defer { deadlines?.stop() }
                 var failures = 0
                 while !Task.isCancelled {
+                    for socket in resumedSockets.withLock({ sockets in
+                        defer { sockets = [] }; return sockets
+                    }) {
+                        group.addTask { await self.runSocket(socket, first: nil) }
+                    }
                     let mode = stopping.load(ordering: .relaxed)
                     if mode == Stop.stopTaking.rawValue { break }
                     let draining = mode == Stop.finishQueued.rawValue
@@ -192,16 +211,26 @@ public final class Worker: Service, Sendable {
             case .run:
                 break
             }
-            group.addTask {
-                var next: (message: ReceivedMessage, holdsSlot: Bool)? = (received, false)
-                while let (message, holdsSlot) = next {
-                    await self.dispatch(message)
-                    if holdsSlot { slots.release() }
-                    next = self.mailboxes.next(for: socket)
-                }
-                slots.release()  // the chain's own
-            }
+            group.addTask { await self.runSocket(socket, first: received) }
         }
+    }
+
+    /// Runs one socket's messages in order, `first` and then its mailbox, holding one slot.
+    private func runSocket(_ socket: String, first: ReceivedMessage?) async {
+        var next: (message: ReceivedMessage, holdsSlot: Bool)? = first.map { ($0, false) } ?? mailboxes.next(for: socket)
+        while let (message, holdsSlot) = next {
+            let timedOut = await dispatchTimed(message)
+            if holdsSlot { slots.release() }
+            if timedOut {
+                // This task is cancelled for good: the socket's next messages run in a fresh one
+                // (the slot goes with them), started by the receive loop.
+                resumedSockets.withLock { $0.append(socket) }
+                wake()
+                return
+            }
+            next = mailboxes.next(for: socket)
+        }
+        slots.release()  // the chain's own
     }
 
     /// Stops taking messages (a blocking receive is woken at once); the consumers in hand finish.
@@ -226,12 +255,18 @@ public final class Worker: Service, Sendable {
 
     /// Runs the consumer for one message (public for test harnesses).
     public func dispatch(_ received: ReceivedMessage) async {
+        await dispatchTimed(received)
+    }
+
+    /// `dispatch`; true when the consumer was cancelled at `consumerTimeout`.
+    @discardableResult
+    func dispatchTimed(_ received: ReceivedMessage) async -> Bool {
         processed.add(1, ordering: .relaxed)
         ChannelsMetrics.received[ChannelKind(channel: received.channel)]?.increment()
         let context: ConsumerContext
         guard let (consumer, kwargs, name) = router.match(channel: received.channel, message: received.message) else {
             await unrouted(received)
-            return
+            return false
         }
         // Every line the consumer logs says which message it was handling (the context adds
         // that metadata when the consumer asks for its logger).
@@ -243,18 +278,21 @@ public final class Worker: Service, Sendable {
         }
         let started = ContinuousClock.now
         defer { ChannelsMetrics.route(name).duration.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
+        // Cancellable by its timeout, and by the client leaving a streamed response.
+        let handle = TaskHandle()
+        // Responses that stream, and uploads that stream in, are bounded by their client instead.
+        let uploading = received.channel == ASGIChannel.httpRequest && received.message["body_channel"] != nil
+        let deadline = deadlines?.begin(handle, name: name) { uploading || context.streamChannel.withLock { $0 } != nil }
         do {
             if received.channel == ASGIChannel.httpRequest {
-                // Cancellable by the client leaving a streamed response (see ResponseStreams).
-                let handle = TaskHandle()
                 context.streaming.withLock { $0 = (streams, handle) }
                 defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
                 try await handle.running {
                     try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
                 }
             } else {
-                try await ConsumerContext.$current.withValue(context) {
-                    try await consumer(context)
+                try await handle.running {
+                    try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
                 }
             }
         } catch is CancellationError where context.streaming.withLock({ $0?.handle.cancelled }) == true {
@@ -271,10 +309,12 @@ public final class Worker: Service, Sendable {
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
             await context.abortOpenResponse()
         }
+        let timedOut = deadline.map { deadlines?.end($0) ?? false } ?? false
         await context.flush()
         let dropped = context.droppedSends.load(ordering: .relaxed)
         sendsDropped.add(dropped, ordering: .relaxed)
         if dropped > 0 { ChannelsMetrics.dropped[.retriesExhausted]?.increment(by: dropped) }
+        return timedOut
     }
 
     /// Buffered sends of consumers that were dropped after their retries.

@@ -21,6 +21,10 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
     @Flag(name: .long, help: "Serve the protocol only; workers run elsewhere (runworker).") var noworker = false
     @Option(name: .long, help: "In-process consumers that may run at once.") var threads = 32
+    @Option(
+        name: .long,
+        help: "Seconds an in-process consumer may run before it is cancelled and counted (0: no limit; streamed responses are exempt).")
+    var consumerTimeout = 60.0
     @Option(name: .long, help: "Seconds to wait for an HTTP response to start before 503 (a started response, e.g. a stream, is not cut).")
     var httpTimeout = 60.0
     @Option(name: .long, help: "Seconds a client has to send a complete request head (408 and close past it).") var headerTimeout = 10.0
@@ -191,6 +195,7 @@ struct RunServer: ApplicationSubcommand {
             : Worker(
                 router: router, layer: layer, concurrency: threads,
                 environment: environment, finishQueuedOnShutdown: true,
+                consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil,
                 logger: options.makeLogger("channels.worker"))
         // On the in-memory layer nothing else could run a delay server: run one here.
         let delay =

@@ -14,6 +14,9 @@ struct RunWorker: ApplicationSubcommand {
 
     @OptionGroup var options: LayerOptions
     @Option(name: .long, help: "Consumers that may run at once (async tasks, not OS threads).") var threads = 32
+    @Option(
+        name: .long, help: "Seconds a consumer may run before it is cancelled and counted (0: no limit; streamed responses are exempt).")
+    var consumerTimeout = 60.0
     @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
     @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
@@ -29,7 +32,7 @@ struct RunWorker: ApplicationSubcommand {
         let worker = Worker(
             router: router, layer: layer, concurrency: threads, only: onlyChannels,
             exclude: excludeChannels, environment: try await options.makeEnvironment(backend: backend, app: app, logger: logger),
-            logger: logger)
+            consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil, logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(

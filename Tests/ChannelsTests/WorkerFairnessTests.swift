@@ -1,5 +1,6 @@
 import ASGI
 import Channels
+import RedisChannelLayer
 import Synchronization
 import Testing
 
@@ -44,5 +45,57 @@ struct WorkerFairnessTests {
         release.open()
         worker.stop()
         await running.value
+    }
+
+    /// A consumer that never returns for one socket while 50 others chat through 2 workers on
+    /// Redis: every other frame is served, the hung one is cancelled at the timeout and counted,
+    /// and the hung socket's later frames run after it, in order.
+    @Test func aHungConsumerIsCancelledAtItsTimeoutAndNobodyElseWaits() async throws {
+        let layer = try TestRedis.layer(capacity: 10_000)
+        let served = Counter()
+        let hungSocketLater = Log()
+        let routing = try Router([
+            route(
+                "websocket.receive",
+                { context in
+                    let order = context.message["order"]?.intValue ?? 0
+                    if context.message.replyChannel == "hung!" {
+                        if order == 1 { try await Task.sleep(for: .seconds(3600)) }
+                        await hungSocketLater.add("\(order)")
+                    } else {
+                        served.add()
+                    }
+                })
+        ])
+        let workers = (0..<2).map { _ in
+            Worker(router: routing, layer: layer, concurrency: 4, consumerTimeout: .milliseconds(500))
+        }
+        let running = workers.map { worker in Task { await worker.run() } }
+        for order in 1...5 {
+            try await layer.send(["reply_channel": "hung!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        for round in 1...4 {
+            for socket in 0..<50 {
+                try await layer.send(
+                    ["reply_channel": .string("s\(socket)!"), "path": "/", "order": .int(Int64(round))], to: "websocket.receive")
+            }
+        }
+        var waited = 0
+        while (served.value < 200 || workers.map(\.consumersTimedOut).reduce(0, +) < 1), waited < 1000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(served.value == 200, "the other sockets got \(served.value) of 200 frames served")
+        #expect(workers.map(\.consumersTimedOut).reduce(0, +) == 1)
+        // The hung socket's frames after the first ran, in order, on whichever worker took them
+        // (both workers may have taken some: each worker keeps its own frames in order).
+        waited = 0
+        while await hungSocketLater.entries.count < 4, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(Set(await hungSocketLater.entries) == ["2", "3", "4", "5"])
+        for worker in workers { worker.stop() }
+        for task in running { await task.value }
     }
 }
