@@ -106,6 +106,22 @@ public final class Worker: Service, Sendable {
             logger.warning("no channels to listen on")
             return
         }
+        // Cancelled (the shutdown grace is over, or the caller gave up): the consumers still
+        // running are cancelled with it.
+        let slots = self.slots
+        let concurrency = self.concurrency
+        let logger = self.logger
+        await withTaskCancellationHandler {
+            await serve()
+        } onCancel: {
+            logger.warning(
+                "shutdown grace over: cancelling the consumers in hand", metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
+        }
+        logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
+    }
+
+    /// The receive loop and the consumers it starts, until stopped.
+    private func serve() async {
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 if let deadlines { group.addTask { await deadlines.watch() } }
@@ -148,17 +164,10 @@ public final class Worker: Service, Sendable {
                     slots.take(batch.count)
                     start(batch, in: &group)
                 }
-                if Task.isCancelled {
-                    // The shutdown grace is over: the consumers still running are cancelled now.
-                    logger.warning(
-                        "shutdown grace over: cancelling the consumers in hand",
-                        metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
-                }
             }
         } onGracefulShutdown: {
             if self.finishQueuedOnShutdown { self.finishQueuedThenStop() } else { self.stop() }
         }
-        logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
 
     /// Wakes the receive loop: from waiting for a free slot at once, from a blocking receive with
