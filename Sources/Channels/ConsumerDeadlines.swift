@@ -20,16 +20,29 @@ final class ConsumerDeadlines: Sendable {
     private struct Running {
         let handle: TaskHandle
         let name: String
-        let exempt: @Sendable () -> Bool
+        /// Exempt from the deadline: a request whose body streams in.
+        let uploading: Bool
+        /// Asked at the deadline: a response that streams is exempt too.
+        let context: ConsumerContext
+        var exempt: Bool { uploading || context.streamChannel.withLock { $0 } != nil }
     }
 
+    /// Consumers in the order they started (so in deadline order), by id: `entries[id - firstID]`;
+    /// a finished one is nil until the watchdog passes it.
     private struct State {
-        var nextID = 0
-        var running: [Int: Running] = [:]
-        var order = Deque<(id: Int, deadline: ContinuousClock.Instant)>()
+        var firstID = 0
+        var entries = Deque<(deadline: ContinuousClock.Instant, running: Running?)>()
+        var runningCount = 0
         var timedOut: Set<Int> = []
         var waiter: CheckedContinuation<Void, Never>?
         var stopping = false
+
+        mutating func dropFinishedHead() {
+            while let first = entries.first, first.running == nil {
+                entries.removeFirst()
+                firstID += 1
+            }
+        }
     }
 
     private let state = Mutex(State())
@@ -45,15 +58,13 @@ final class ConsumerDeadlines: Sendable {
     /// Consumers cancelled at their timeout so far.
     var timedOutCount: Int { count.load(ordering: .relaxed) }
 
-    /// A consumer starts in the task `handle` runs it in; `exempt` says, at the deadline,
-    /// whether it may run on (a streaming response).
-    func begin(_ handle: TaskHandle, name: String, exempt: @escaping @Sendable () -> Bool) -> Int {
+    /// A consumer starts in the task `handle` runs it in.
+    func begin(_ handle: TaskHandle, name: String, context: ConsumerContext, uploading: Bool) -> Int {
         let deadline = ContinuousClock.now + timeout
         let (id, waiter) = state.withLock { state -> (Int, CheckedContinuation<Void, Never>?) in
-            let id = state.nextID
-            state.nextID += 1
-            state.running[id] = Running(handle: handle, name: name, exempt: exempt)
-            state.order.append((id, deadline))
+            let id = state.firstID + state.entries.count
+            state.entries.append((deadline, Running(handle: handle, name: name, uploading: uploading, context: context)))
+            state.runningCount += 1
             defer { state.waiter = nil }
             return (id, state.waiter)
         }
@@ -65,8 +76,13 @@ final class ConsumerDeadlines: Sendable {
     @discardableResult
     func end(_ id: Int) -> Bool {
         let (timedOut, idle) = state.withLock { state -> (Bool, Bool) in
-            state.running[id] = nil
-            return (state.timedOut.remove(id) != nil, state.stopping && state.running.isEmpty)
+            let index = id - state.firstID
+            if index >= 0, index < state.entries.count, state.entries[index].running != nil {
+                state.entries[index].running = nil
+                state.runningCount -= 1
+            }
+            state.dropFinishedHead()
+            return (state.timedOut.remove(id) != nil, state.stopping && state.runningCount == 0)
         }
         if idle { watchdog.cancel() }
         return timedOut
@@ -77,7 +93,7 @@ final class ConsumerDeadlines: Sendable {
         let (waiter, idle) = state.withLock { state -> (CheckedContinuation<Void, Never>?, Bool) in
             state.stopping = true
             defer { state.waiter = nil }
-            return (state.waiter, state.running.isEmpty)
+            return (state.waiter, state.runningCount == 0)
         }
         waiter?.resume()
         if idle { watchdog.cancel() }
@@ -89,15 +105,15 @@ final class ConsumerDeadlines: Sendable {
         await watchdog.running {
             while !Task.isCancelled {
                 let head = state.withLock { state -> (id: Int, deadline: ContinuousClock.Instant)?? in
-                    while let first = state.order.first, state.running[first.id] == nil { state.order.removeFirst() }
-                    if let first = state.order.first { return .some(first) }
+                    state.dropFinishedHead()
+                    if let first = state.entries.first { return .some((state.firstID, first.deadline)) }
                     return state.stopping ? .none : .some(nil)
                 }
                 guard let head else { return }  // stopped, and nothing runs
                 guard let (id, deadline) = head else {
                     await withCheckedContinuation { continuation in
                         let now = state.withLock { state -> Bool in
-                            if !state.order.isEmpty || state.stopping { return true }
+                            if !state.entries.isEmpty || state.stopping { return true }
                             state.waiter = continuation
                             return false
                         }
@@ -107,8 +123,13 @@ final class ConsumerDeadlines: Sendable {
                 }
                 do { try await Task.sleep(until: deadline, clock: .continuous) } catch { return }
                 let overrun = state.withLock { state -> Running? in
-                    if state.order.first?.id == id { state.order.removeFirst() }
-                    guard let running = state.running[id], !running.exempt() else { return nil }
+                    let index = id - state.firstID
+                    guard index >= 0, index < state.entries.count, let running = state.entries[index].running else { return nil }
+                    // Past its deadline once: it is not looked at again (exempt or cancelled).
+                    state.entries[index].running = nil
+                    state.runningCount -= 1
+                    state.dropFinishedHead()
+                    guard !running.exempt else { return nil }
                     state.timedOut.insert(id)
                     return running
                 }

@@ -291,7 +291,7 @@ public final class Worker: Service, Sendable {
         let handle = TaskHandle()
         // Responses that stream, and uploads that stream in, are bounded by their client instead.
         let uploading = received.channel == ASGIChannel.httpRequest && received.message["body_channel"] != nil
-        let deadline = deadlines?.begin(handle, name: name) { uploading || context.streamChannel.withLock { $0 } != nil }
+        let deadline = deadlines?.begin(handle, name: name, context: context, uploading: uploading)
         do {
             if received.channel == ASGIChannel.httpRequest {
                 context.streaming.withLock { $0 = (streams, handle) }
