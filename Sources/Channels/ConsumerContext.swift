@@ -77,6 +77,12 @@ public final class ConsumerContext: Sendable {
         }
     }
 
+    /// Whether this context's multi-message response waits for the server's credit (the request
+    /// offered it and the response registered a disconnect channel).
+    var takesResponseCredit: Bool {
+        streamChannel.withLock { $0 } != nil && (message["response_credit"]?.intValue ?? 0) > 0
+    }
+
     /// A multi-message response started by the helpers and not ended yet.
     let responseOpen = Atomic<Bool>(false)
 

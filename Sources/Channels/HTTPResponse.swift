@@ -26,7 +26,7 @@ extension ConsumerContext {
         try await reply(
             HTTPResponseStart(
                 status: status, headers: list, content: Array(body[..<chunkSize]), moreContent: true,
-                disconnectChannel: disconnectChannel),
+                disconnectChannel: disconnectChannel, takesCredit: takesResponseCredit),
             immediately: true)
         responseOpen.store(true, ordering: .relaxed)
         var offset = chunkSize
@@ -96,7 +96,8 @@ extension ConsumerContext {
         try await reply(
             HTTPResponseStart(
                 status: status, headers: withCookies(responseHeaders(contentType: contentType)),
-                content: firstChunk, moreContent: true, disconnectChannel: disconnectChannel),
+                content: firstChunk, moreContent: true, disconnectChannel: disconnectChannel,
+                takesCredit: takesResponseCredit),
             immediately: true)
         responseOpen.store(true, ordering: .relaxed)
     }

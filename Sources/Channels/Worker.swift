@@ -82,11 +82,14 @@ public final class Worker: Service, Sendable {
         let excluded = exclude.map(GlobPattern.init)
         listen = listen.filter { name in !excluded.contains { $0.matches(name) } }
         self.channels = listen.sorted()
-        self.receivingChannels = self.channels + [streams.inbox]
+        self.wakeChannel = "worker." + ChannelNames.randomLetters(10) + "!"
+        self.receivingChannels = self.channels + [wakeChannel]
     }
 
-    /// `channels`, and the worker's inbox: where servers give credit to and stop its streamed
-    /// responses, and where a stop wakes it.
+    /// A process channel of this worker's where a stop wakes the receive loop.
+    private let wakeChannel: String
+
+    /// `channels`, and the wake channel.
     private let receivingChannels: [String]
 
     /// Messages handed to consumers so far.
@@ -112,7 +115,15 @@ public final class Worker: Service, Sendable {
         let concurrency = self.concurrency
         let logger = self.logger
         await withTaskCancellationHandler {
-            await serve()
+            // The inbox (credit for streamed responses, their clients leaving) is read by a
+            // loop of its own, whatever the consumer slots: consumers waiting for credit hold
+            // them. It runs until the consumers are done, so responses in flight at a stop still
+            // get their credit and finish.
+            await withDiscardingTaskGroup { group in
+                group.addTask { await self.readInbox() }
+                await serve()
+                group.cancelAll()
+            }
         } onCancel: {
             logger.warning(
                 "shutdown grace over: cancelling the consumers in hand", metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
@@ -171,12 +182,31 @@ public final class Worker: Service, Sendable {
     }
 
     /// Wakes the receive loop: from waiting for a free slot at once, from a blocking receive with
-    /// a message to the worker's own inbox (which it always reads; the message means nothing).
+    /// a message to its wake channel (which it always reads; the message means nothing).
     private func wake() {
         slots.interrupt()
         let layer = self.layer
-        let channel = streams.inbox + "wake"
+        let channel = wakeChannel + "x"
         Task { try? await layer.send(["wake": true], to: channel) }
+    }
+
+    /// Reads the inbox until cancelled: credit and disconnects for streamed responses.
+    private func readInbox() async {
+        var failures = 0
+        while !Task.isCancelled {
+            do {
+                let batch = try await layer.receiveBatch(channels: [streams.inbox], max: 64, timeout: .seconds(30))
+                failures = 0
+                for received in batch { streams.received(received) }
+            } catch {
+                if Task.isCancelled { return }
+                failures += 1
+                if failures == 1 || failures % 30 == 0 {
+                    logger.error("inbox receive failed", metadata: ["error": "\(error)"])
+                }
+                try? await Task.sleep(for: Retry.backoff(after: failures))
+            }
+        }
     }
 
     /// What is queued now, without waiting; nothing when the layer fails (the drain ends).
@@ -193,9 +223,8 @@ public final class Worker: Service, Sendable {
     private func start(_ batch: [ReceivedMessage], in group: inout DiscardingTaskGroup) {
         let slots = self.slots
         for received in batch {
-            if received.channel.hasPrefix(streams.inbox) {
-                // About a response this worker is streaming: credit, or its client left.
-                streams.received(received)
+            if received.channel.hasPrefix(wakeChannel) {
+                // A stop's wake-up: nothing to run.
                 slots.release()
                 continue
             }

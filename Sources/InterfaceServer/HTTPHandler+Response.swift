@@ -41,6 +41,8 @@ extension HTTPHandler {
             disconnectChannel = start.disconnectChannel
             bodyWritten = 0
             bodyAcknowledged = 0
+            creditTaken = start.takesCredit
+            responseNumber &+= 1
             apply(machine.responseStarted(), context: context)
             let head = HTTPResponseHead(
                 version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
@@ -67,6 +69,7 @@ extension HTTPHandler {
             unwrittenBytes += content.count
             budget?.unwritten += content.count
             let size = content.count
+            let number = responseNumber
             let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
             let loop = context.eventLoop
             let promise = context.eventLoop.makePromise(of: Void.self)
@@ -77,7 +80,7 @@ extension HTTPHandler {
                 handler.unwrittenBytes -= size
                 handler.budget?.unwritten -= size
                 handler.lastWriteProgress = loop.now
-                handler.written(size)
+                if handler.responseNumber == number { handler.written(size) }
             }
             context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: content)))), promise: promise)
             scheduleStallCheck(context: context)
@@ -109,7 +112,7 @@ extension HTTPHandler {
     /// it (``HTTPResponseCredit``) each time another quarter of its credit was written.
     func written(_ size: Int) {
         bodyWritten += size
-        guard let disconnectChannel, let context = replyContext,
+        guard creditTaken, let disconnectChannel, let context = replyContext,
             bodyWritten - bodyAcknowledged >= max(1, creditWindow / 4)
         else { return }
         bodyAcknowledged = bodyWritten

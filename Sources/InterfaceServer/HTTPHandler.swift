@@ -36,6 +36,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     /// the worker as credit (on the response's `disconnect_channel`).
     var bodyWritten = 0
     var bodyAcknowledged = 0
+    /// The responder takes credit (its response start said so).
+    var creditTaken = false
+    /// Counts responses on this connection: a write completion of an earlier (pipelined)
+    /// response must not count as the current one's.
+    var responseNumber = 0
     /// Since when, and for how long in all, the server did not read this request's body (its
     /// sends to the layer were held): not the client's time.
     var notReading: (since: NIODeadline?, total: TimeAmount) = (nil, .zero)

@@ -38,7 +38,12 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
             session.pongReceived()
         case .connectionClose:
             var data = frame.unmaskedData
-            let code = data.readInteger(as: UInt16.self) ?? 1005
+            let sent = data.readInteger(as: UInt16.self)
+            var code = sent ?? 1005
+            // A one-byte payload, or a code that may not be sent (RFC 6455 7.4): a protocol error.
+            if (sent == nil && data.readableBytes > 0) || (sent.map { !Self.sendableCloseCode($0) } ?? false) {
+                code = 1002
+            }
             session.clientClosed(code: code)
             guard !session.closeFrameSent else {
                 // The answer to our close frame: the handshake is complete.
@@ -53,6 +58,12 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
         default:
             break
         }
+    }
+
+    /// Close codes an endpoint may send (RFC 6455 7.4.1 and the IANA registry): 1000-1003,
+    /// 1007-1014, 3000-4999.
+    static func sendableCloseCode(_ code: UInt16) -> Bool {
+        (1000...1003).contains(code) || (1007...1014).contains(code) || (3000...4999).contains(code)
     }
 
     func channelInactive(context: ChannelHandlerContext) {

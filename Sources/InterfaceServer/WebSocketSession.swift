@@ -130,7 +130,12 @@ final class WebSocketSession: ReplyReceiver {
         }
         // A client that leaves before the application answered: the application, which may have
         // stored a session or joined a group on connect, hears of it as of any other close.
-        channel.closeFuture.whenComplete { _ in bound.value.refuseHandshake(.clientGone) }
+        // One that leaves after the accept but before the upgrade is done (no frame handler yet
+        // to see it) is a closed socket: the application hears of it once either way.
+        channel.closeFuture.whenComplete { _ in
+            bound.value.refuseHandshake(.clientGone)
+            bound.value.clientClosed(code: 1006)
+        }
         let query = PercentCoding.splitTarget(head.uri).query
         let (clientAddress, secure) = RequestTranslation.client(
             head: head, remote: channel.remoteAddress,

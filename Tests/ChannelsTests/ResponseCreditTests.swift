@@ -63,4 +63,48 @@ struct ResponseCreditTests {
         try await streams.reserve(10, on: channel)
         await #expect(throws: ChannelLayerError.self) { try await streams.reserve(10, on: channel) }
     }
+
+    /// Every consumer slot held by a response that waits for credit: the credit is still read
+    /// (the inbox has a loop of its own), so the responses finish. With the inbox read by the
+    /// receive loop, which waits for a free slot, this deadlocked until the credit timeout.
+    @Test func aWorkerWhoseEverySlotWaitsForCreditStillReadsTheCredit() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(capacity: 1000))
+        let body = (0..<(2 << 20)).map { UInt8(truncatingIfNeeded: $0) }
+        let worker = Worker(
+            router: try Router([
+                route("http.request", { context in try await context.respond(contentType: "application/octet-stream", body: body) })
+            ]), layer: layer, concurrency: 1)
+        let running = Task { await worker.run() }
+        // A request offering a credit of one byte: each chunk waits until the one before it was
+        // acknowledged.
+        try await layer.send(
+            HTTPRequestMessage(replyChannel: "srv!r1", method: "GET", path: "/", responseCredit: 1).message, to: "http.request")
+        var received: [UInt8] = []
+        var disconnectChannel: String?
+        var credited = false
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(20)
+        // The test plays the server: it acknowledges every chunk it takes.
+        while clock.now < deadline {
+            guard let reply = try await layer.receive(channels: ["srv!"], timeout: .seconds(1)) else { continue }
+            let response = try HTTPResponseMessage(reply.message)
+            let more: Bool
+            switch response {
+            case .start(let start):
+                received += start.content
+                disconnectChannel = start.disconnectChannel
+                credited = start.takesCredit
+                more = start.moreContent
+            case .chunk(let chunk):
+                received += chunk.content
+                more = chunk.moreContent
+            }
+            if let disconnectChannel { try await layer.send(HTTPResponseCredit(written: received.count).message, to: disconnectChannel) }
+            if !more { break }
+        }
+        #expect(credited, "the response start says it takes credit")
+        #expect(received == body, "got \(received.count) of \(body.count) bytes")
+        worker.stop()
+        await running.value
+    }
 }

@@ -859,6 +859,124 @@ def http2_rapid_reset_flood_is_cut_and_others_are_served():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def ws_handshake(port, path=b"/echo/"):
+    """A raw WebSocket handshake; returns the socket and the status line."""
+    import base64
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    return s
+
+
+def masked_frame(opcode, payload):
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@test
+def edges_found_by_attacking_the_credit_and_the_services():
+    """Each of these broke once (a red-team pass of the response credit, the services and the
+    WebSocket state machine); each is attacked again here."""
+    import struct
+    directory = tempfile.mkdtemp(prefix="e2e-edges2-")
+    log_path = os.path.join(directory, "access.log")
+    proc, port, mport = serve("--threads", "2", "--max-response-buffer", str(1 << 20), "--access-log", log_path,
+                              "--shutdown-timeout", "15")
+    try:
+        # 1. Every consumer slot held by a download waiting for credit: the credit is still read,
+        #    the downloads finish and a plain request is answered meanwhile (it deadlocked for 120 s).
+        results = []
+
+        def slow_download():
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(b"GET /download/4/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = bytearray()
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                time.sleep(0.02)  # about 3 MB/s
+            s.close()
+            results.append(len(data.partition(b"\r\n\r\n")[2]))
+
+        threads = [threading.Thread(target=slow_download) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        started = time.time()
+        status, _ = http_get(port, "/hello/meanwhile")
+        hello = time.time() - started
+        for t in threads:
+            t.join(60)
+        print("  6 slow downloads on 2 consumer slots: %s bytes each; /hello/ answered %d in %.1f s" % (
+            sorted(set(results)), status, hello))
+        assert results == [4 << 20] * 6, results
+        assert status == 200 and hello < 20, (status, hello)
+
+        # 2. Pipelined downloads: a write completion of the response before must not count as
+        #    the next one's credit (a reading client was closed as not reading).
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(b"GET /download/3/ HTTP/1.1\r\nHost: localhost\r\n\r\n" * 4)
+        total = 0
+        deadline = time.time() + 60
+        while total < 4 * (3 << 20) and time.time() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            total += len(chunk)
+            time.sleep(0.005)
+        s.close()
+        slow_closed = limits(mport).get("slow_http_client", 0)
+        print("  4 pipelined 3 MiB downloads read steadily: %d bytes (bodies %d), slow-client closes %d"
+              % (total, 4 * (3 << 20), slow_closed))
+        assert total >= 4 * (3 << 20) and slow_closed == 0, (total, slow_closed)
+
+        # 3. Clients that reset during the accept: each socket the application accepted gets one
+        #    websocket.disconnect, and nothing is left in hand (a shutdown does not wait for it).
+        import random
+        for _ in range(150):
+            ws = ws_handshake(port)
+            time.sleep(random.uniform(0, 0.006))
+            ws.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.close()
+
+        # 4. A close code that may not be sent (1005 on the wire) and a one-byte close payload are
+        #    protocol errors: the server answers 1002.
+        answers = []
+        for payload in (struct.pack("!H", 1005), b"\x03"):
+            ws = ws_handshake(port)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += ws.recv(4096)
+            ws.sendall(masked_frame(0x8, payload))
+            reply = head.partition(b"\r\n\r\n")[2]
+            while len(reply) < 4:
+                more = ws.recv(4096)
+                if not more:
+                    break
+                reply += more
+            answers.append(struct.unpack("!H", reply[2:4])[0] if len(reply) >= 4 and reply[0] & 0x0F == 8 else None)
+            ws.close()
+        print("  close 1005 on the wire and a one-byte close payload answered %s" % answers)
+        assert answers == [1002, 1002], answers
+
+        def counts():
+            text = open(log_path).read()
+            return text.count('"WSCONNECT'), text.count('"WSDISCONNECT')
+
+        until(lambda: counts()[0] == counts()[1], "one WSDISCONNECT per WSCONNECT", timeout=10)
+        connects, disconnects = counts()
+        started = time.time()
+        assert proc.stop() == 0
+        took = time.time() - started
+        print("  150 handshakes reset during the accept: %d accepted, %d disconnects; SIGTERM exit in %.1f s"
+              % (connects, disconnects, took))
+        assert took < 10, took
+    finally:
+        stop_all(proc)
+
+
 @test
 def edges_found_by_attacking_the_limits():
     """Each of these broke once (a red-team pass); each is attacked again here."""

@@ -141,12 +141,17 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
     /// reads, where the server sends `http.disconnect` when the client leaves before the
     /// response ends, so a streaming consumer stops at once (as well as on `http.disconnect`).
     public var disconnectChannel: String?
+    /// An extension (`credit`): the responder waits for ``HTTPResponseCredit`` on its
+    /// `disconnect_channel` (the request carried `response_credit`); only then does the server
+    /// send credit there.
+    public var takesCredit: Bool
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(
         status: Int, headers: ASGIHeaders = [], content: [UInt8] = [], moreContent: Bool = false,
-        disconnectChannel: String? = nil
+        disconnectChannel: String? = nil, takesCredit: Bool = false
     ) {
+        self.takesCredit = takesCredit
         self.status = status
         self.headers = headers
         self.content = content
@@ -165,6 +170,7 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
         content = try message.optionalBytes("content") ?? []
         moreContent = try message.bool("more_content", default: false)
         disconnectChannel = try message.optionalString("disconnect_channel")
+        takesCredit = try message.bool("credit", default: false)
     }
 
     /// The message to send.
@@ -174,6 +180,7 @@ public struct HTTPResponseStart: ASGIMessage, Hashable {
             "more_content": .bool(moreContent),
         ]
         if let disconnectChannel { message["disconnect_channel"] = .string(disconnectChannel) }
+        if takesCredit { message["credit"] = .bool(true) }
         return message
     }
 }
