@@ -1,13 +1,13 @@
 import ASGI
 import DequeModule
 import Foundation
-import Prometheus
 import ServiceLifecycle
 import Synchronization
 
 /// `runserver --admin`: the live operations page and the JSON behind it, served on the metrics
-/// port. The process figures are read from the same Prometheus registry `/metrics` prints and
-/// the layer's from the same ``LayerSnapshot`` `stats` prints, so the three always agree. A
+/// port. The process figures are the values of the same counters `/metrics` prints (read from
+/// ``MetricTallies``, not parsed back from the text) and the layer's come from the same
+/// ``LayerSnapshot`` `stats` prints, so the three always agree. A
 /// sample every `interval` is kept for `keep` samples (ten minutes) for the page's charts.
 final class AdminPage: Sendable {
     /// The process's own figures (sums over the registry's series).
@@ -49,7 +49,7 @@ final class AdminPage: Sendable {
 
     let layer: any ChannelLayer
     let routed: Set<String>
-    let registry: PrometheusCollectorRegistry
+    let tallies: MetricTallies
     /// Required (as `Authorization: Bearer …` or `?token=…`) when set.
     let token: String?
     let interval: Duration
@@ -57,12 +57,12 @@ final class AdminPage: Sendable {
     private let samples = Mutex<Deque<Sample>>([])
 
     init(
-        layer: any ChannelLayer, routed: Set<String>, registry: PrometheusCollectorRegistry, token: String?,
+        layer: any ChannelLayer, routed: Set<String>, tallies: MetricTallies, token: String?,
         interval: Duration = .seconds(2), keep: Int = 300
     ) {
         self.layer = layer
         self.routed = routed
-        self.registry = registry
+        self.tallies = tallies
         self.token = token
         self.interval = interval
         self.keep = keep
@@ -86,27 +86,22 @@ final class AdminPage: Sendable {
         return query["token"].map { DeploymentSecret.constantTimeEquals(Array($0.utf8), expected) } ?? false
     }
 
-    /// The process's figures now, summed from the registry's text.
+    /// The process's figures now: the counters' values, summed over their series.
     func processFigures() -> ProcessFigures {
         var figures = ProcessFigures()
-        for series in PrometheusText.parse(String(decoding: registry.emitToBuffer(), as: UTF8.self)) {
-            switch series.name {
-            case "channels_websockets_open": figures.websocketsOpen += series.value
-            case "channels_http_requests_in_flight": figures.httpRequestsInFlight += series.value
-            case "channels_http_requests_total": figures.httpRequests += series.value
-            case "channels_messages_sent_total": figures.sent[series.labels["kind"] ?? "?", default: 0] += series.value
-            case "channels_messages_received_total": figures.received[series.labels["kind"] ?? "?", default: 0] += series.value
-            case "channels_dropped_total": figures.dropped[series.labels["reason"] ?? "?", default: 0] += series.value
-            case "channels_group_sends_total": figures.groupSends += series.value
-            case "channels_group_members_reached_total": figures.groupMembersReached += series.value
-            case "channels_consumer_errors_total": figures.consumerErrors += series.value
-            case "channels_delay_scheduled_total": figures.delayScheduled += series.value
-            case "channels_delay_delivered_total": figures.delayDelivered += series.value
-            case "channels_delay_late_total": figures.delayLate += series.value
-            case "channels_layer_errors_total": figures.layerErrors[series.labels["code"] ?? "?", default: 0] += series.value
-            default: break
-            }
-        }
+        figures.websocketsOpen = tallies.total("channels_websockets_open")
+        figures.httpRequestsInFlight = tallies.total("channels_http_requests_in_flight")
+        figures.httpRequests = tallies.total("channels_http_requests_total")
+        figures.sent = tallies.totals("channels_messages_sent_total", by: "kind")
+        figures.received = tallies.totals("channels_messages_received_total", by: "kind")
+        figures.dropped = tallies.totals("channels_dropped_total", by: "reason")
+        figures.groupSends = tallies.total("channels_group_sends_total")
+        figures.groupMembersReached = tallies.total("channels_group_members_reached_total")
+        figures.consumerErrors = tallies.total("channels_consumer_errors_total")
+        figures.delayScheduled = tallies.total("channels_delay_scheduled_total")
+        figures.delayDelivered = tallies.total("channels_delay_delivered_total")
+        figures.delayLate = tallies.total("channels_delay_late_total")
+        figures.layerErrors = tallies.totals("channels_layer_errors_total", by: "code")
         return figures
     }
 
@@ -151,45 +146,5 @@ struct AdminSampler: Service, CustomStringConvertible {
                 try await Task.sleep(for: page.interval)
             }
         }
-    }
-}
-
-/// Reads the Prometheus text format back into series (the page uses the registry `/metrics`
-/// prints, so its numbers are those numbers).
-enum PrometheusText {
-    struct Series: Equatable {
-        var name: String
-        var labels: [String: String]
-        var value: Double
-    }
-
-    static func parse(_ text: String) -> [Series] {
-        var result: [Series] = []
-        for line in text.split(separator: "\n") where !line.hasPrefix("#") {
-            guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
-            let key = line[..<space]
-            guard let brace = key.firstIndex(of: "{") else {
-                result.append(Series(name: String(key), labels: [:], value: value))
-                continue
-            }
-            var labels: [String: String] = [:]
-            var rest = key[key.index(after: brace)...].dropLast()  // without the closing brace
-            while let equals = rest.firstIndex(of: "=") {
-                let name = rest[..<equals].trimmingCharacters(in: CharacterSet(charactersIn: ", "))
-                var cursor = rest.index(after: equals)
-                guard cursor < rest.endIndex, rest[cursor] == "\"" else { break }
-                cursor = rest.index(after: cursor)
-                var labelValue = ""
-                while cursor < rest.endIndex, rest[cursor] != "\"" {
-                    if rest[cursor] == "\\", rest.index(after: cursor) < rest.endIndex { cursor = rest.index(after: cursor) }
-                    labelValue.append(rest[cursor])
-                    cursor = rest.index(after: cursor)
-                }
-                labels[name] = labelValue
-                rest = cursor < rest.endIndex ? rest[rest.index(after: cursor)...] : rest[rest.endIndex...]
-            }
-            result.append(Series(name: String(key[..<brace]), labels: labels, value: value))
-        }
-        return result
     }
 }

@@ -25,8 +25,9 @@ struct MetricsOptions: ParsableArguments {
             .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
             .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10),
         ]
-        MetricsSystem.bootstrap(factory)
-        let endpoint = try await MetricsEndpoint.start(registry: registry, host: metricsBind, port: metricsPort)
+        let tallies = MetricTallies()
+        MetricsSystem.bootstrap(TallyingMetricsFactory(factory: factory, tallies: tallies))
+        let endpoint = try await MetricsEndpoint.start(registry: registry, tallies: tallies, host: metricsBind, port: metricsPort)
         logger.info("metrics listening", metadata: ["address": "\(metricsBind):\(endpoint.port)"])
         say("metrics: http://\(metricsBind):\(endpoint.port)/metrics (/healthz, /readyz)")
         return endpoint
@@ -38,6 +39,8 @@ struct MetricsOptions: ParsableArguments {
 /// process is not shutting down, 503 otherwise).
 final class MetricsEndpoint: Sendable {
     let registry: PrometheusCollectorRegistry
+    /// The counters' and meters' values, as `/metrics` prints them (the admin page reads these).
+    let tallies: MetricTallies
     private let state = Mutex<State>(State())
     private let channel = Mutex<(any Channel)?>(nil)
 
@@ -52,8 +55,9 @@ final class MetricsEndpoint: Sendable {
     /// its DNS name to 127.0.0.1 must not read the figures or the admin page); nil otherwise.
     let loopbackHosts: AllowedHosts?
 
-    private init(registry: PrometheusCollectorRegistry, host: String) {
+    private init(registry: PrometheusCollectorRegistry, tallies: MetricTallies, host: String) {
         self.registry = registry
+        self.tallies = tallies
         let loopback = AllowedHosts.loopbackNames.contains(host) || host.hasPrefix("127.")
         self.loopbackHosts = loopback ? AllowedHosts(AllowedHosts.loopbackNames + [host]) : nil
     }
@@ -61,8 +65,10 @@ final class MetricsEndpoint: Sendable {
     /// The port it listens on (the one asked for, or the one picked for 0).
     var port: Int { channel.withLock { $0?.localAddress?.port ?? 0 } }
 
-    static func start(registry: PrometheusCollectorRegistry, host: String, port: Int) async throws -> MetricsEndpoint {
-        let endpoint = MetricsEndpoint(registry: registry, host: host)
+    static func start(registry: PrometheusCollectorRegistry, tallies: MetricTallies, host: String, port: Int) async throws
+        -> MetricsEndpoint
+    {
+        let endpoint = MetricsEndpoint(registry: registry, tallies: tallies, host: host)
         let bound = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in

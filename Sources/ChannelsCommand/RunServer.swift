@@ -213,7 +213,7 @@ struct RunServer: ApplicationSubcommand {
         if let worker { services.append(worker) }
         if admin, let metricsEndpoint {
             let routed = router.channels.union([ASGIChannel.httpRequest] + ASGIChannel.websocket)
-            let page = AdminPage(layer: layer, routed: routed, registry: metricsEndpoint.registry, token: resolvedAdminToken)
+            let page = AdminPage(layer: layer, routed: routed, tallies: metricsEndpoint.tallies, token: resolvedAdminToken)
             metricsEndpoint.setAdmin(page)
             services.append(AdminSampler(page: page))
             say("operations page: http://\(metrics.metricsBind):\(metricsEndpoint.port)/admin/")
