@@ -137,7 +137,7 @@ public final class Worker: Service, Sendable {
             await withDiscardingTaskGroup { group in
                 if let deadlines { group.addTask { await deadlines.watch() } }
                 defer { deadlines?.stop() }
-                var failures = 0
+                var failures = FailureStreak()
                 while !Task.isCancelled {
                     for socket in resumedSockets.withLock({ sockets in
                         defer { sockets = [] }; return sockets
@@ -155,14 +155,12 @@ public final class Worker: Service, Sendable {
                         // the wait now and then. Draining takes only what is already queued.
                         batch = try await layer.receiveBatch(
                             channels: receivingChannels, max: free, timeout: draining ? .zero : .seconds(30))
-                        failures = 0
+                        failures.succeeded()
                     } catch {
                         if Task.isCancelled { break }
-                        failures += 1
-                        if failures == 1 || failures % 30 == 0 {
-                            logger.error("receive failed", metadata: ["error": "\(error)"])
+                        await failures.failed { count in
+                            logger.error("receive failed", metadata: ["error": "\(error)", "failures": "\(count)"])
                         }
-                        try? await Task.sleep(for: Retry.backoff(after: failures))
                         continue
                     }
                     if draining && batch.isEmpty {
@@ -192,19 +190,17 @@ public final class Worker: Service, Sendable {
 
     /// Reads the inbox until cancelled: credit and disconnects for streamed responses.
     private func readInbox() async {
-        var failures = 0
+        var failures = FailureStreak()
         while !Task.isCancelled {
             do {
                 let batch = try await layer.receiveBatch(channels: [streams.inbox], max: 64, timeout: .seconds(30))
-                failures = 0
+                failures.succeeded()
                 for received in batch { streams.received(received) }
             } catch {
                 if Task.isCancelled { return }
-                failures += 1
-                if failures == 1 || failures % 30 == 0 {
-                    logger.error("inbox receive failed", metadata: ["error": "\(error)"])
+                await failures.failed { count in
+                    logger.error("inbox receive failed", metadata: ["error": "\(error)", "failures": "\(count)"])
                 }
-                try? await Task.sleep(for: Retry.backoff(after: failures))
             }
         }
     }

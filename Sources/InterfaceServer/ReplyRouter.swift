@@ -158,21 +158,19 @@ final class ReplyRouter: Service, Sendable {
     /// Reads until cancelled. A failing layer (Redis down) is retried after a pause, so the
     /// server keeps answering (with 503s) and resumes when the layer is back.
     private func read() async {
-        var failures = 0
+        var failures = FailureStreak()
         while !Task.isCancelled {
             do {
                 // Up to 64 replies per round trip under load, dispatched in the order they were sent.
                 let batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
-                failures = 0
+                failures.succeeded()
                 deliver(batch)
             } catch {
                 if Task.isCancelled { break }
-                failures += 1
-                if failures == 1 || failures % 30 == 0 {
-                    logger.error("reply channel receive failed", metadata: ["error": "\(error)"])
-                }
                 // Back off while the layer is down; this waits on a timer, it does not poll a queue.
-                try? await Task.sleep(for: Retry.backoff(after: failures))
+                await failures.failed { count in
+                    logger.error("reply channel receive failed", metadata: ["error": "\(error)", "failures": "\(count)"])
+                }
             }
         }
     }

@@ -53,3 +53,25 @@ public enum Retry {
         .milliseconds(min(1000, 50 * max(1, failures)))
     }
 }
+
+/// A layer-reading loop's run of failures in a row: `failed` reports the first and every 30th
+/// (so a Redis that is down for an hour does not fill the log) and waits ``Retry/backoff(after:)``;
+/// `succeeded` ends the run.
+public struct FailureStreak: Sendable {
+    /// Failures in a row so far.
+    public private(set) var count = 0
+
+    /// A streak of none.
+    public init() {}
+
+    /// The loop went through: the next failure starts a new run.
+    public mutating func succeeded() { count = 0 }
+
+    /// Counts a failure, calls `report` with the count when it is the first or every 30th, then
+    /// waits the back-off (a cancelled task returns at once).
+    public mutating func failed(report: (Int) -> Void) async {
+        count += 1
+        if count == 1 || count % 30 == 0 { report(count) }
+        try? await Task.sleep(for: Retry.backoff(after: count))
+    }
+}

@@ -87,16 +87,16 @@ public final class DelayServer: Service, Sendable {
     private var isStopping: Bool { stopping.load(ordering: .relaxed) || Task.isCancelled }
 
     private func intake() async {
-        var failures = 0
+        var failures = FailureStreak()
         while !isStopping {
             do {
                 guard let received = try await layer.receive(channels: [Self.channel], timeout: .seconds(30)) else { continue }
-                failures = 0
+                failures.succeeded()
                 try await accept(received.message)
             } catch {
-                failures += 1
-                if failures == 1 || failures % 30 == 0 { logger.error("delay intake failed", metadata: ["error": "\(error)"]) }
-                try? await Task.sleep(for: Retry.backoff(after: failures))
+                await failures.failed { count in
+                    logger.error("delay intake failed", metadata: ["error": "\(error)", "failures": "\(count)"])
+                }
             }
         }
     }
