@@ -12,15 +12,8 @@ cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-5}
 . scripts/bench/common.sh
 [ -n "${BEFORE_BIN:-}" ] && [ -x "$BEFORE_BIN/PeerChat" ] || { log "BEFORE_BIN must name a folder with a release PeerChat (and ChannelsBench)"; exit 2; }
-command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-if [ -z "${AFTER_BIN:-}" ]; then
-  log "release build of this tree"
-  swift build -c release --package-path Examples --product PeerChat >/dev/null
-  swift build -c release --package-path Benchmarks --product ChannelsBench >/dev/null
-  AFTER_BIN="$(mktemp -d)"
-  cp "$(swift build -c release --package-path Examples --show-bin-path)/PeerChat" "$AFTER_BIN/"
-  cp "$(swift build -c release --package-path Benchmarks --show-bin-path)/ChannelsBench" "$AFTER_BIN/"
-fi
+ensure_wrk
+[ -n "${AFTER_BIN:-}" ] || AFTER_BIN="$(release_bins_of_this_tree)"
 CLIENT="$AFTER_BIN/ChannelsBench"
 RUN_DIR=$(mktemp -d)
 pids=()

@@ -21,6 +21,7 @@ public final class ResponseStreams: Sendable {
     public let inbox: String
     private let streams = Mutex<[String: Stream]>([:])
     private let stopped = Atomic<Int>(0)
+    private let malformedCredits = Atomic<Int>(0)
 
     /// How long a response waits for the server's credit before it fails (the server closes a
     /// client that reads nothing long before: this covers a lost acknowledgement).
@@ -60,7 +61,12 @@ public final class ResponseStreams: Sendable {
     /// A message on the inbox: a credit, or the client of the response at `channel` left.
     func received(_ received: ReceivedMessage) {
         if HTTPResponseCredit.isCredit(received.message) {
-            guard let credit = try? HTTPResponseCredit(received.message) else { return }
+            guard let credit = try? HTTPResponseCredit(received.message) else {
+                // Not ours to guess at: dropped, and counted with the other malformed messages.
+                ChannelsMetrics.dropped[.malformed]?.increment()
+                malformedCredits.add(1, ordering: .relaxed)
+                return
+            }
             credited(received.channel, written: credit.written)
         } else {
             clientLeft(received.channel)
@@ -159,6 +165,9 @@ public final class ResponseStreams: Sendable {
         }
         waiter?.resume(throwing: CancellationError())
     }
+
+    /// Credit messages that could not be read (a `written` that is not an int >= 0): dropped.
+    public var malformedCreditCount: Int { malformedCredits.load(ordering: .relaxed) }
 
     /// Responses stopped because their client left.
     public var abandonedCount: Int { stopped.load(ordering: .relaxed) }

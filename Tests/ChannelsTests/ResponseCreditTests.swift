@@ -40,6 +40,18 @@ struct ResponseCreditTests {
         try await streams.reserve(500, on: channel)
     }
 
+    @Test func aMalformedCreditIsDroppedAndCountedAndChangesNothing() async throws {
+        let streams = ResponseStreams(creditTimeout: .milliseconds(300))
+        let channel = streams.register(TaskHandle(), window: 10)
+        try await streams.reserve(10, on: channel)
+        streams.received(ReceivedMessage(channel: channel, message: ["written": "lots"]))
+        streams.received(ReceivedMessage(channel: channel, message: ["written": -5]))
+        #expect(streams.malformedCreditCount == 2)
+        #expect(streams.abandonedCount == 0, "a bad credit is not a disconnect")
+        // No room was made: the next chunk still waits (and here times out).
+        await #expect(throws: ChannelLayerError.self) { try await streams.reserve(10, on: channel) }
+    }
+
     @Test func withoutCreditNothingWaits() async throws {
         let streams = ResponseStreams()
         let channel = streams.register(TaskHandle(), window: nil)

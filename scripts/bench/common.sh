@@ -12,3 +12,20 @@ start_redis() {
   REDIS="redis://127.0.0.1:$REDIS_PORT/0"
 }
 stop_redis() { kill "$(cat "$1/redis.pid" 2>/dev/null)" 2>/dev/null || true; }
+
+# wrk, installed when missing.
+ensure_wrk() {
+  command -v wrk >/dev/null || { log "installing wrk"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+}
+
+# A release build of this tree's PeerChat and ChannelsBench, copied into a new folder; prints it.
+release_bins_of_this_tree() {
+  log "release build of this tree"
+  swift build -c release --package-path Examples --product PeerChat >/dev/null
+  swift build -c release --package-path Benchmarks --product ChannelsBench >/dev/null
+  local dir
+  dir="$(mktemp -d)"
+  cp "$(swift build -c release --package-path Examples --show-bin-path)/PeerChat" "$dir/"
+  cp "$(swift build -c release --package-path Benchmarks --show-bin-path)/ChannelsBench" "$dir/"
+  echo "$dir"
+}
