@@ -85,9 +85,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     /// This connection's messages to the layer; a full `http.request` is retried for a bounded
     /// time with reading paused, an unreachable layer answers 503 at once.
     var sender: LayerSender?
+    /// The connection's task, where the sender's loop runs.
+    let senders: ConnectionSenders?
 
-    init(server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?, budget: ResponseBudget? = nil) {
+    init(
+        server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?, budget: ResponseBudget? = nil,
+        senders: ConnectionSenders? = nil
+    ) {
         self.server = server
+        self.senders = senders
         self.upgrade = upgrade
         self.activity = activity
         self.budget = budget
@@ -278,7 +284,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
         if let sender { return sender }
         // Body chunks are large: reading pauses while two messages wait for the layer, so an
         // upload holds about two chunks in the server (one request alone never pauses it).
-        let sender = server.makeSender(on: context.eventLoop, outageTimeout: .zero, heldLimit: 2)
+        let sender = server.makeSender(on: context.channel, owner: senders, outageTimeout: .zero, heldLimit: 2)
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         let channel = context.channel

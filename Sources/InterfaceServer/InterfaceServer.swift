@@ -22,7 +22,7 @@ public final class InterfaceServer: Service, Sendable {
     private let context: ServerContext
     private let group: any EventLoopGroup
     /// The listening socket, once bound: its connections arrive as a stream `run()` serves.
-    private let listener = Mutex<NIOAsyncChannel<any Channel, Never>?>(nil)
+    private let listener = Mutex<NIOAsyncChannel<AcceptedConnection, Never>?>(nil)
     private let listening = Mutex<(any Channel)?>(nil)
     /// `run()` when `start()` began it.
     private let started = Mutex<Task<Void, Never>?>(nil)
@@ -89,11 +89,15 @@ public final class InterfaceServer: Service, Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
-        let initialize: @Sendable (any Channel) -> EventLoopFuture<any Channel> = { channel in
-            Self.initialize(channel, context: context, configuration: configuration, admission: admission, tls: tls)
-                .map { channel }
+        let initialize: @Sendable (any Channel) -> EventLoopFuture<AcceptedConnection> = { channel in
+            let senders = ConnectionSenders(loop: channel.eventLoop)
+            channel.closeFuture.whenComplete { _ in senders.finish() }
+            return Self.initialize(
+                channel, context: context, configuration: configuration, admission: admission, tls: tls, senders: senders
+            )
+            .map { AcceptedConnection(channel: channel, senders: senders) }
         }
-        let listener: NIOAsyncChannel<any Channel, Never>
+        let listener: NIOAsyncChannel<AcceptedConnection, Never>
         if let path = configuration.unixSocketPath {
             listener = try await bootstrap.bind(
                 unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initialize)
@@ -145,12 +149,13 @@ public final class InterfaceServer: Service, Sendable {
         context.logger.info("interface server stopped")
     }
 
-    /// One connection's task: holds the connection until it closes; cancelled, closes it.
-    private static func own(_ connection: any Channel) async {
+    /// One connection's task: runs its senders' loops until the connection has closed and
+    /// they sent what they held; cancelled, closes the connection and stops them.
+    private static func own(_ connection: AcceptedConnection) async {
         await withTaskCancellationHandler {
-            try? await connection.closeFuture.get()
+            await connection.senders.run()
         } onCancel: {
-            connection.close(promise: nil)
+            connection.channel.close(promise: nil)
         }
     }
 
@@ -195,7 +200,7 @@ public final class InterfaceServer: Service, Sendable {
     /// ALPN) when configured, then HTTP/1.1 or HTTP/2.
     private static func initialize(
         _ channel: any Channel, context: ServerContext, configuration: ServerConfiguration,
-        admission: ConnectionAdmission, tls: TLSCertificateStore?
+        admission: ConnectionAdmission, tls: TLSCertificateStore?, senders: ConnectionSenders
     ) -> EventLoopFuture<Void> {
         // Over a cap, a fast refusal; the connections already open are not touched.
         let address = channel.remoteAddress?.ipAddress
@@ -214,7 +219,7 @@ public final class InterfaceServer: Service, Sendable {
         }
         channel.closeFuture.whenComplete { _ in admission.release(address: address) }
         guard let tls else {
-            return configure(channel: channel, context: context, configuration: configuration)
+            return configure(channel: channel, context: context, configuration: configuration, senders: senders)
         }
         return channel.eventLoop.makeCompletedFuture {
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context))
@@ -224,14 +229,14 @@ public final class InterfaceServer: Service, Sendable {
                 HandshakeDeadlineHandler(timeout: TimeAmount(configuration.headerTimeout), server: context))
         }.flatMap {
             guard configuration.http2 else {
-                return configure(channel: channel, context: context, configuration: configuration)
+                return configure(channel: channel, context: context, configuration: configuration, senders: senders)
             }
             return channel.configureHTTP2SecureUpgrade(
                 h2ChannelConfigurator: { channel in
-                    configureHTTP2(channel: channel, context: context, configuration: configuration)
+                    configureHTTP2(channel: channel, context: context, configuration: configuration, senders: senders)
                 },
                 http1ChannelConfigurator: { channel in
-                    configure(channel: channel, context: context, configuration: configuration)
+                    configure(channel: channel, context: context, configuration: configuration, senders: senders)
                 })
         }
     }
@@ -241,7 +246,9 @@ public final class InterfaceServer: Service, Sendable {
     /// `http_version` "2". Concurrent streams and header lists are bounded in the settings
     /// we announce; resets and errors are rate-limited (a rapid-reset flood, CVE-2023-44487,
     /// closes the connection).
-    static func configureHTTP2(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
+    static func configureHTTP2(
+        channel: any Channel, context: ServerContext, configuration: ServerConfiguration, senders: ConnectionSenders? = nil
+    ) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
             var connection = NIOHTTP2Handler.ConnectionConfiguration()
             connection.initialSettings = [
@@ -268,7 +275,9 @@ public final class InterfaceServer: Service, Sendable {
                 stream.eventLoop.makeCompletedFuture {
                     let sync = stream.pipeline.syncOperations
                     try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                    try sync.addHandler(HTTPHandler(server: context, upgrade: UpgradeState(), activity: nil, budget: budget.value))
+                    try sync.addHandler(
+                        HTTPHandler(
+                            server: context, upgrade: UpgradeState(), activity: nil, budget: budget.value, senders: senders))
                 }
             }
             try channel.pipeline.syncOperations.addHandler(handler)
@@ -278,7 +287,9 @@ public final class InterfaceServer: Service, Sendable {
 
     /// Sets up one client connection's pipeline: HTTP/1.1 with the WebSocket upgrade, then the
     /// ASGI handlers. Internal so tests can run it on a testing channel.
-    static func configure(channel: any Channel, context: ServerContext, configuration: ServerConfiguration) -> EventLoopFuture<Void> {
+    static func configure(
+        channel: any Channel, context: ServerContext, configuration: ServerConfiguration, senders: ConnectionSenders? = nil
+    ) -> EventLoopFuture<Void> {
         let upgrade = UpgradeState()
         let activity = ConnectionActivity(upgrade: upgrade)
         let boundActivity = NIOLoopBound(activity, eventLoop: channel.eventLoop)
@@ -303,7 +314,7 @@ public final class InterfaceServer: Service, Sendable {
                 _ = channel.setOption(ChannelOptions.autoRead, value: false)
                 let session = WebSocketSession(
                     server: context, channel: channel, head: head,
-                    upgrade: boundUpgrade.value, promise: promise)
+                    upgrade: boundUpgrade.value, promise: promise, senders: senders)
                 sessionBox.value = session
                 session.start(head: head)
                 return promise.futureResult
@@ -335,7 +346,13 @@ public final class InterfaceServer: Service, Sendable {
                     }
                 ),
                 withErrorHandling: true)
-            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade, activity: activity), name: "asgi-http")
+            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade, activity: activity, senders: senders), name: "asgi-http")
         }
     }
+}
+
+/// An accepted connection and the loops that send its messages to the layer (run by its task).
+struct AcceptedConnection: Sendable {
+    let channel: any Channel
+    let senders: ConnectionSenders
 }

@@ -7,6 +7,11 @@ import NIOCore
 /// Sends one connection's messages to the channel layer, in the order they were made, one
 /// at a time; lives on the connection's event loop.
 ///
+/// The sends are made by one long-lived loop per sender (``run(on:)``), a child of the
+/// connection's task (see ``ConnectionSenders``) that runs on the connection's event loop: a
+/// message is appended to a queue and the loop, parked while the queue is empty, takes it. No
+/// task per message, and no hop back to the loop to learn how a send went.
+///
 /// A send that fails is not dropped: it is retried with growing pauses while the client is
 /// asked to wait (reading from it stops, so TCP pushes back). A full channel is retried for
 /// `channelFullTimeout`; an unreachable layer (Redis down) for `outageTimeout`. Only then does
@@ -21,18 +26,25 @@ final class LayerSender {
     }
 
     private let server: ServerContext
-    private let loop: any EventLoop
+    let loop: any EventLoop
     private let outageTimeout: Duration
     /// Messages that may wait before reading pauses (an upload lowers it to 1 while it streams).
     var heldLimit: Int {
         didSet { heldLimit = max(1, heldLimit) }
     }
     private var queue = Deque<(message: Message, channel: String)>()
-    private var busy = false
     private var failingSince: NIODeadline?
     private var pause = TimeAmount.milliseconds(25)
     private var readingPaused = false
     private var gaveUp = false
+    /// The connection is gone: the loop ends once the queue is empty.
+    private var closed = false
+    /// Whether a send loop is running for this sender.
+    private var running = false
+    /// The send loop, parked on an empty queue.
+    private var parked: CheckedContinuation<Void, Never>?
+    /// Where the send loop runs: the connection's task (nil: a task of the sender's own).
+    private let owner: ConnectionSenders?
 
     /// Called once, on the loop, when the sender gives up; later messages are dropped and counted.
     var onGiveUp: ((GiveUp) -> Void)?
@@ -41,11 +53,12 @@ final class LayerSender {
     /// Called on the loop after each message the layer accepted.
     var onSent: ((String) -> Void)?
 
-    init(server: ServerContext, loop: any EventLoop, outageTimeout: Duration, heldLimit: Int) {
+    init(server: ServerContext, loop: any EventLoop, outageTimeout: Duration, heldLimit: Int, owner: ConnectionSenders?) {
         self.server = server
         self.loop = loop
         self.outageTimeout = outageTimeout
         self.heldLimit = max(1, heldLimit)
+        self.owner = owner
     }
 
     /// Takes messages again after giving up (an HTTP connection's next request).
@@ -63,62 +76,106 @@ final class LayerSender {
         queue.append((message, channel))
         server.router.workInHand.begin()
         updateReading()
-        pump()
+        if let parked {
+            self.parked = nil
+            parked.resume()
+        } else if !running {
+            startLoop()
+        }
     }
 
-    private func pump() {
-        guard !busy, let head = queue.first else { return }
-        busy = true
-        let layer = server.layer
+    /// The connection closed: the send loop ends once what is held went (or was given up).
+    func close() {
+        closed = true
+        if let parked {
+            self.parked = nil
+            parked.resume()
+        }
+    }
+
+    /// Starts the send loop: in the connection's task when it has one, otherwise (a sender
+    /// used after its connection's task ended, a test's channel) in a task of its own.
+    private func startLoop() {
+        running = true
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        if let owner, owner.adopt(bound) { return }
+        let actor = EventLoopActor(loop: loop)
+        Task { await actor.serve(bound) }
+    }
+
+    /// The send loop: takes the queue's head, sends it, and on failure waits and tries again;
+    /// parks while the queue is empty; ends when the connection closed and nothing is held, or
+    /// when cancelled (what is held is counted as dropped).
+    func run(on actor: isolated EventLoopActor) async {
+        defer { running = false }
+        while !Task.isCancelled {
+            guard let head = queue.first else {
+                if closed { return }
+                await park(on: actor)
+                continue
+            }
+            do {
+                try await server.layer.send(head.message, to: head.channel)
+                sent()
+            } catch {
+                guard let wait = failed(error) else { continue }
+                try? await Task.sleep(for: .nanoseconds(wait.nanoseconds))
+            }
+        }
+        dropHeld()
+    }
+
+    private func park(on actor: isolated EventLoopActor) async {
         let bound = NIOLoopBound(self, eventLoop: loop)
         let loop = self.loop
-        Task {
-            let result: Result<Void, any Error>
-            do {
-                try await layer.send(head.message, to: head.channel)
-                result = .success(())
-            } catch {
-                result = .failure(error)
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                if Task.isCancelled || closed || !queue.isEmpty {
+                    continuation.resume()
+                } else {
+                    parked = continuation
+                }
             }
-            loop.execute { bound.value.finished(result) }
+        } onCancel: {
+            loop.execute { bound.value.close() }
         }
     }
 
-    private func finished(_ result: Result<Void, any Error>) {
-        busy = false
-        switch result {
-        case .success:
-            if failingSince != nil { server.counters.count(.sendRecovered) }
-            failingSince = nil
-            pause = .milliseconds(25)
-            let sent = queue.removeFirst()
-            server.router.workInHand.finish()
-            ServerMetrics.sent[ChannelKind(channel: sent.channel)]?.increment()
-            onSent?(sent.channel)
-        case .failure(let error):
-            let code = (error as? ChannelLayerError)?.code
-            switch code {
-            case .channelFull?, .connectionLost?, .backendError?:
-                retry(full: code == .channelFull, error: error)
-                return
-            default:
-                // Not worth another try (too large, invalid, the layer closed): this one is lost.
-                let dropped = queue.removeFirst()
-                server.router.workInHand.finish()
-                server.counters.count(.heldDropped)
-                ServerMetrics.dropped[code == .messageTooLarge ? .tooLarge : .malformed]?.increment()
-                server.logger.warning(
-                    "dropped a message the layer refused",
-                    metadata: [
-                        "channel": "\(dropped.channel)", "error": "\(error)",
-                    ])
-            }
-        }
+    private func sent() {
+        if failingSince != nil { server.counters.count(.sendRecovered) }
+        failingSince = nil
+        pause = .milliseconds(25)
+        let sent = queue.removeFirst()
+        server.router.workInHand.finish()
+        ServerMetrics.sent[ChannelKind(channel: sent.channel)]?.increment()
         updateReading()
-        pump()
+        onSent?(sent.channel)
     }
 
-    private func retry(full: Bool, error: any Error) {
+    /// Handles a failed send of the queue's head; returns the pause before the next try, or
+    /// nil to go on at once (the message was dropped, or everything held was given up).
+    private func failed(_ error: any Error) -> TimeAmount? {
+        let code = (error as? ChannelLayerError)?.code
+        switch code {
+        case .channelFull?, .connectionLost?, .backendError?:
+            return retry(full: code == .channelFull, error: error)
+        default:
+            // Not worth another try (too large, invalid, the layer closed): this one is lost.
+            let dropped = queue.removeFirst()
+            server.router.workInHand.finish()
+            server.counters.count(.heldDropped)
+            ServerMetrics.dropped[code == .messageTooLarge ? .tooLarge : .malformed]?.increment()
+            server.logger.warning(
+                "dropped a message the layer refused",
+                metadata: [
+                    "channel": "\(dropped.channel)", "error": "\(error)",
+                ])
+            updateReading()
+            return nil
+        }
+    }
+
+    private func retry(full: Bool, error: any Error) -> TimeAmount? {
         let now = NIODeadline.now()
         if failingSince == nil {
             failingSince = now
@@ -130,23 +187,25 @@ final class LayerSender {
         let limit = full ? server.configuration.channelFullTimeout : outageTimeout
         if now - failingSince! >= TimeAmount(limit) {
             gaveUp = true
-            server.counters.count(.heldDropped, by: queue.count)
             ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: queue.count)
-            server.router.workInHand.finish(queue.count)
-            queue.removeAll()
-            updateReading()
+            dropHeld()
             onGiveUp?(full ? .full : .unavailable)
-            return
+            return nil
         }
         updateReading()
-        busy = true
         let wait = pause
         pause = min(pause * 2, .seconds(1))
-        let bound = NIOLoopBound(self, eventLoop: loop)
-        loop.scheduleTask(in: wait) {
-            bound.value.busy = false
-            bound.value.pump()
-        }
+        return wait
+    }
+
+    /// Counts everything held as dropped and lets it go.
+    private func dropHeld() {
+        guard !queue.isEmpty else { return }
+        server.counters.count(.heldDropped, by: queue.count)
+        server.router.workInHand.finish(queue.count)
+        queue.removeAll()
+        failingSince = nil
+        updateReading()
     }
 
     private func updateReading() {
@@ -154,5 +213,53 @@ final class LayerSender {
         guard shouldPause != readingPaused else { return }
         readingPaused = shouldPause
         setReading?(!shouldPause)
+    }
+}
+
+/// An actor whose code runs on one event loop: what it awaits resumes on that loop, so a send
+/// loop can touch its connection's loop-bound state between sends.
+actor EventLoopActor {
+    nonisolated let loop: any EventLoop
+
+    init(loop: any EventLoop) { self.loop = loop }
+
+    nonisolated var unownedExecutor: UnownedSerialExecutor { loop.executor.asUnownedSerialExecutor() }
+
+    /// Runs a sender's loop on this actor (on the loop).
+    func serve(_ sender: NIOLoopBound<LayerSender>) async {
+        await sender.value.run(on: self)
+    }
+}
+
+/// The send loops of one connection's senders (the connection's, its WebSocket's, its HTTP/2
+/// streams'), run as children of the connection's task: the task ends when the connection has
+/// closed and every sender has sent (or given up) what it held; cancelled, they all stop.
+final class ConnectionSenders: Sendable {
+    private let loop: any EventLoop
+    private let stream: AsyncStream<NIOLoopBound<LayerSender>>
+    private let continuation: AsyncStream<NIOLoopBound<LayerSender>>.Continuation
+
+    init(loop: any EventLoop) {
+        self.loop = loop
+        (stream, continuation) = AsyncStream.makeStream(bufferingPolicy: .unbounded)
+    }
+
+    /// Hands a sender's loop to the connection's task; false once that task has ended.
+    func adopt(_ sender: NIOLoopBound<LayerSender>) -> Bool {
+        if case .enqueued = continuation.yield(sender) { return true }
+        return false
+    }
+
+    /// No more senders: the connection closed.
+    func finish() { continuation.finish() }
+
+    /// Runs every adopted sender's loop until the connection closed and all of them ended.
+    func run() async {
+        let actor = EventLoopActor(loop: loop)
+        await withDiscardingTaskGroup { group in
+            for await sender in stream {
+                group.addTask { await actor.serve(sender) }
+            }
+        }
     }
 }

@@ -41,9 +41,17 @@ final class ServerContext: Sendable {
         return true
     }
 
-    /// A sender for one connection's messages (see ``LayerSender``).
-    func makeSender(on loop: any EventLoop, outageTimeout: Duration, heldLimit: Int? = nil) -> LayerSender {
-        LayerSender(server: self, loop: loop, outageTimeout: outageTimeout, heldLimit: heldLimit ?? configuration.maxHeldMessages)
+    /// A sender for one connection's messages (see ``LayerSender``), whose send loop runs in
+    /// the connection's task (`owner`) and ends once `channel` has closed and it sent what it held.
+    func makeSender(
+        on channel: any Channel, owner: ConnectionSenders?, outageTimeout: Duration, heldLimit: Int? = nil
+    ) -> LayerSender {
+        let sender = LayerSender(
+            server: self, loop: channel.eventLoop, outageTimeout: outageTimeout,
+            heldLimit: heldLimit ?? configuration.maxHeldMessages, owner: owner)
+        let bound = NIOLoopBound(sender, eventLoop: channel.eventLoop)
+        channel.closeFuture.whenComplete { _ in bound.value.close() }
+        return sender
     }
 
     func trackSocket(_ id: ObjectIdentifier, closer: @escaping @Sendable (UInt16) -> Void) {

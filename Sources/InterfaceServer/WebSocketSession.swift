@@ -35,7 +35,7 @@ final class WebSocketSession: ReplyReceiver {
 
     init(
         server: ServerContext, channel: any Channel, head: HTTPRequestHead, upgrade: UpgradeState,
-        promise: EventLoopPromise<HTTPHeaders?>
+        promise: EventLoopPromise<HTTPHeaders?>, senders: ConnectionSenders? = nil
     ) {
         self.server = server
         self.channel = channel
@@ -47,7 +47,8 @@ final class WebSocketSession: ReplyReceiver {
             proxyHeaders: server.configuration.proxyHeaders)
         self.machine = WebSocketConnectionStateMachine(now: Self.uptime())
         self.handshake = promise
-        self.sender = server.makeSender(on: channel.eventLoop, outageTimeout: server.configuration.layerOutageTimeout)
+        self.sender = server.makeSender(
+            on: channel, owner: senders, outageTimeout: server.configuration.layerOutageTimeout)
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
         sender.onGiveUp = { reason in bound.value.senderGaveUp(reason) }
         sender.setReading = { reading in
