@@ -118,6 +118,10 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     public let configuration: Configuration
     private let capacities: CapacityTable
     private let state = Mutex(State())
+    /// Group histories (see ``ChannelLayerHistory``), apart from the queues' lock.
+    let histories = Mutex([String: InMemoryHistory]())
+    /// Group presence (see ``ChannelLayerPresence``).
+    let presence = Mutex([String: InMemoryPresence]())
     private let membersMissed = Atomic<Int>(0)
 
     /// An empty layer.
@@ -342,6 +346,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
             state.counters.removeAll()
             state.global = Counters()
         }
+        histories.withLock { $0.removeAll() }
+        presence.withLock { $0.removeAll() }
     }
 
     /// Messages sent and full refusals since the layer started.

@@ -133,3 +133,47 @@ public struct MeteredChannelLayer: ChannelLayerInspection {
     /// Where the wrapped layer keeps its data.
     public var location: String { (base as? any ChannelLayerInspection)?.location ?? String(describing: type(of: base)) }
 }
+
+extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
+    private func history() throws -> any ChannelLayerHistory {
+        guard let history = base as? any ChannelLayerHistory else {
+            throw ChannelLayerError(.invalidConfiguration, "\(type(of: base)) keeps no group history")
+        }
+        return history
+    }
+
+    private func presence() throws -> any ChannelLayerPresence {
+        guard let presence = base as? any ChannelLayerPresence else {
+            throw ChannelLayerError(.invalidConfiguration, "\(type(of: base)) keeps no presence")
+        }
+        return presence
+    }
+
+    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
+        try await history().historyAppend(group, message: message, retention: retention)
+    }
+
+    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
+        try await history().historyRead(group, after: position, retention: retention)
+    }
+
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+        try await presence().presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
+    }
+
+    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
+        try await presence().presenceLeave(group, connection: connection)
+    }
+
+    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
+        try await presence().presenceRefresh(group, connections: connections, ttl: ttl)
+    }
+
+    public func presenceList(_ group: String) async throws -> [PresenceMember] {
+        try await presence().presenceList(group)
+    }
+
+    public func presenceSweep() async throws -> [PresenceDiff] {
+        try await presence().presenceSweep()
+    }
+}

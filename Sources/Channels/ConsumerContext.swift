@@ -234,10 +234,11 @@ public struct Channel: Sendable, Hashable {
     /// A channel by name.
     public init(_ name: String) { self.name = name }
 
-    /// Sends from inside a consumer, buffered with its other sends (or now, with `immediately`).
+    /// Sends from inside a consumer, buffered with its other sends (or now, with `immediately`);
+    /// outside one, now, on ``ChannelLayers/default``.
     public func send(_ message: Message, immediately: Bool = false) async throws {
         guard let context = ConsumerContext.current else {
-            throw ChannelLayerError(.invalidConfiguration, "Channel.send outside a consumer needs a layer: use send(_:on:)")
+            return try await ChannelLayers.current(for: "Channel.send").send(message, to: name)
         }
         try await context.send(message, to: name, immediately: immediately)
     }
@@ -256,26 +257,24 @@ public struct Group: Sendable, Hashable {
     /// A group by name.
     public init(_ name: String) { self.name = name }
 
-    private func context() throws -> ConsumerContext {
-        guard let context = ConsumerContext.current else {
-            throw ChannelLayerError(.invalidConfiguration, "Group operations need a consumer context")
-        }
-        return context
-    }
-
-    /// Adds a channel (a socket's reply channel) to the group.
+    /// Adds a channel (a socket's reply channel) to the group, on the running consumer's layer
+    /// (outside a consumer: ``ChannelLayers/default``).
     public func add(_ channel: Channel) async throws {
-        try await context().layer.groupAdd(name, channel: channel.name)
+        try await ChannelLayers.current(for: "Group.add").groupAdd(name, channel: channel.name)
     }
 
     /// Removes a channel from the group.
     public func discard(_ channel: Channel) async throws {
-        try await context().layer.groupDiscard(name, channel: channel.name)
+        try await ChannelLayers.current(for: "Group.discard").groupDiscard(name, channel: channel.name)
     }
 
-    /// Sends to every member, buffered with the consumer's other sends (or now, with `immediately`).
+    /// Sends to every member: inside a consumer buffered with its other sends (or now, with
+    /// `immediately`); outside one, now, on ``ChannelLayers/default``.
     public func send(_ message: Message, immediately: Bool = false) async throws {
-        try await context().sendGroup(name, message, immediately: immediately)
+        guard let context = ConsumerContext.current else {
+            return try await ChannelLayers.current(for: "Group.send").sendGroup(name, message: message)
+        }
+        try await context.sendGroup(name, message, immediately: immediately)
     }
 
     /// Sends a typed message (a ``WebSocketSendMessage``, say) to every member.

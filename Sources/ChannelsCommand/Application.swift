@@ -210,6 +210,13 @@ struct LayerOptions: ParsableArguments {
     /// (``MeteredChannelLayer``), with where its Redis-backed companions (sessions, delays) go. Chosen here, once: nothing later
     /// casts the layer back to a concrete type.
     func makeBackend(logger: Logger, allowMemory: Bool) throws -> Backend {
+        let backend = try chooseBackend(logger: logger, allowMemory: allowMemory)
+        // `Channel`, `Group` and `Presence` outside consumers (background services, hooks) use it.
+        ChannelLayers.default = backend.layer
+        return backend
+    }
+
+    private func chooseBackend(logger: Logger, allowMemory: Bool) throws -> Backend {
         guard let (url, _) = try layerURL() else {
             guard allowMemory else {
                 throw ValidationError(

@@ -128,6 +128,7 @@ public final class InterfaceServer: Service, Sendable {
         let context = self.context
         await withDiscardingTaskGroup { group in
             group.addTask { await context.router.run() }
+            group.addTask { await PresenceKeeper(server: context).run() }
             await withGracefulShutdownHandler {
                 do {
                     try await listener.executeThenClose { connections in

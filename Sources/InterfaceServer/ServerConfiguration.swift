@@ -57,6 +57,9 @@ public struct ServerConfiguration: Sendable {
     public var pingInterval: Duration?
     /// A ping unanswered for this long closes the socket.
     public var pingTimeout: Duration
+    /// How long a socket's presence lasts unless its server renews it (every third of it): a
+    /// server that dies has its sockets leave within this plus the sweep (also a third).
+    public var presenceTTL: Duration = .seconds(15)
     /// Largest request body; past it the answer is 413.
     public var maxBodySize: Int
     /// Bodies larger than this are sent in chunks of this size on a `body_channel`, as they

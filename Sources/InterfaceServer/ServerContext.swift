@@ -29,6 +29,8 @@ final class ServerContext: Sendable {
     }
 
     let counters = ServerCounters()
+    /// This server's sockets tracked as present (see ``PresenceKeeper``).
+    let presence = PresenceRegistry()
 
     /// True when the request's `Host` names an allowed host; counts the refusal otherwise.
     func hostAllowed(_ head: HTTPRequestHead) -> Bool {

@@ -13,6 +13,11 @@ enum ServerMetrics {
     static let dropped = DropReason.counters()
     static let refusedHost = Counter(label: "channels_requests_refused_total", dimensions: [("reason", "host")])
     static let refusedOrigin = Counter(label: "channels_requests_refused_total", dimensions: [("reason", "origin")])
+    /// Publications of followed groups: written from the history in a recovery, not written
+    /// again (already delivered), and skipped (missing from the history when a gap was filled).
+    static let publicationsRecovered = Counter(label: "channels_publications_total", dimensions: [("outcome", "recovered")])
+    static let publicationsDeduplicated = Counter(label: "channels_publications_total", dimensions: [("outcome", "deduplicated")])
+    static let publicationsSkipped = Counter(label: "channels_publications_total", dimensions: [("outcome", "skipped")])
     /// Connections a limit acted on: timed out, closed idle or slow, refused over a cap.
     static let limits: [ServerCounters.Counter: Counter] = {
         let names: [(ServerCounters.Counter, String)] = [

@@ -32,6 +32,8 @@ final class WebSocketSession: ReplyReceiver {
     /// Bytes written to the client and not yet taken by the kernel.
     private var queuedBytes = 0
     let upgrade: UpgradeState
+    /// Followed groups and presence (see `WebSocketSession+Subscriptions.swift`).
+    var subscriptions = SessionSubscriptions()
 
     init(
         server: ServerContext, channel: any Channel, head: HTTPRequestHead, upgrade: UpgradeState,
@@ -228,6 +230,29 @@ final class WebSocketSession: ReplyReceiver {
     func replyStoreLost() {}
 
     func receiveReply(_ reply: Message) {
+        if reply["follow"] != nil || reply["presence"] != nil || reply["publication"] != nil {
+            switch machine.state {
+            case .connecting, .open(attached: false):
+                // Handled once frames can be written (replayed by `attached`).
+                pending.append(reply)
+            case .open(attached: true):
+                if !subscriptionReply(reply) { deliverReply(reply) }
+            case .closing, .closed:
+                break
+            }
+            return
+        }
+        deliverReply(reply)
+    }
+
+    /// A text frame the server writes itself (history, presence), when the socket is open.
+    func deliverText(_ text: String) {
+        guard case .open(attached: true) = machine.state, let context else { return }
+        write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
+    }
+
+    /// An ordinary `websocket.send` reply, through the state machine.
+    func deliverReply(_ reply: Message) {
         for key in reply.keys where !WebSocketSendMessage.keys.contains(key) {
             server.logger.warning("ignored unknown key in a WebSocket reply", metadata: ["key": "\(key)"])
         }
@@ -394,6 +419,7 @@ final class WebSocketSession: ReplyReceiver {
         lifetime?.cancel()
         server.untrackSocket(ObjectIdentifier(self))
         server.router.unregister(replyChannel)
+        subscriptionsEnded()
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
         sender.send(
             WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,

@@ -236,19 +236,27 @@ enum ChatConsumers {
     static func roomGroup(_ room: String) -> Group { Group("chat-" + room) }
     static func userGroup(_ user: User) -> Group { Group("user-" + user.username) }
 
-    /// Joins the room of the path: remembers it in the channel session, joins its group (and
-    /// the user's own group), accepts, and sends the room's recent history.
+    /// Joins the room of the path: remembers it in the channel session, follows its group (a
+    /// socket that comes back with `?offset=&epoch=` first gets what it missed), is tracked in
+    /// the room's presence, joins the user's own group, accepts, and sends the room's recent
+    /// history (not when recovering: the page has it).
     @Sendable static func joinRoom(_ context: ConsumerContext) async throws {
         guard let reply = context.replyChannel else { return }
         let room = context.kwargs["room"] ?? "lobby"
         try context.channelSession["room"] = .string(room)
-        try await roomGroup(room).add(reply)
         if context.user.isAuthenticated {
             try await userGroup(context.user).add(reply)
             // Remembered: after a logout the socket is anonymous, and still leaves the user's group.
             try context.channelSession["user_group"] = .string(userGroup(context.user).name)
         }
         try await context.accept()
+        let position = context.streamPosition
+        try await context.follow(roomGroup(room), after: position)
+        try await roomGroup(room).presence.track(user: presenceName(context, reply))
+        if position != nil {
+            context.logger.info("rejoined", metadata: ["room": "\(room)", "user": "\(context.user)"])
+            return
+        }
         let history = try await ChatDatabase.shared.history(room: room)
         try await context.sendText(
             json([
@@ -294,6 +302,15 @@ enum ChatConsumers {
         }
     }
 
+    /// The name a socket is present under: the user's, or for an anonymous socket `guest-` and
+    /// a short digest of its reply channel (which itself stays secret).
+    static func presenceName(_ context: ConsumerContext, _ reply: Channel) -> String {
+        if context.user.isAuthenticated { return context.user.username }
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in reply.name.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        return "guest-" + String(hash % 0xFF_FFFF, radix: 16)
+    }
+
     @Sendable static func leaveRoom(_ context: ConsumerContext) async throws {
         guard let reply = context.replyChannel else { return }
         let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
@@ -312,7 +329,8 @@ enum ChatConsumers {
                 text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
         var event = saved.json
         event["type"] = "message"
-        try await roomGroup(saved.room).send(WebSocketSendMessage.text(json(event)))
+        // With the room history's offset and epoch: a page that reconnects gets what it missed.
+        try await roomGroup(saved.room).publish(json(event))
         let text = saved.text
         var mentioned = Set<String>()
         for match in mentionPattern.matches(in: text, range: NSRange(text.startIndex..., in: text)) {

@@ -4,6 +4,8 @@ import ChannelsCommand
 import Foundation
 
 /// The seed tutorial as one app: `chat runserver`, `chat runworker`, `chat rundelay`, `chat stats`.
+/// Rooms keep their last 1,000 messages (5 minutes) for pages that reconnect.
+GroupHistory.keep("chat-*", size: 1000, ttl: .seconds(300))
 let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
     [
         // Step 1: an HTTP consumer.

@@ -1,0 +1,94 @@
+import Foundation
+
+/// Where a message sits in a group's history: its offset (1, 2, 3, … per group) and the
+/// history's epoch, which changes when the history is lost (a Redis restarted empty, a process
+/// holding the in-memory layer restarted), so offsets from before cannot be trusted.
+public struct StreamPosition: Sendable, Hashable, Codable {
+    /// The offset of the last message seen (0: none yet).
+    public var offset: UInt64
+    /// The history's epoch (letters and digits).
+    public var epoch: String
+
+    /// A position.
+    public init(offset: UInt64, epoch: String) {
+        self.offset = offset
+        self.epoch = epoch
+    }
+}
+
+/// How much of a group's traffic a layer keeps for recovery: the last `size` messages, none
+/// older than `ttl`.
+public struct HistoryRetention: Sendable, Hashable {
+    /// Messages kept (the newest).
+    public var size: Int
+    /// How long a message is kept.
+    public var ttl: Duration
+
+    /// A retention; `size` at least 1.
+    public init(size: Int, ttl: Duration) {
+        self.size = max(1, size)
+        self.ttl = ttl
+    }
+}
+
+/// What a history read found.
+public struct HistorySlice: Sendable {
+    /// The messages after the asked position, oldest first, with their offsets.
+    public var entries: [(offset: UInt64, message: Message)]
+    /// The history's position now: its last offset and its epoch.
+    public var top: StreamPosition
+    /// True when `entries` are every message after the asked position: the epoch is the same
+    /// and nothing in between was trimmed or expired. False tells the reader to reload.
+    public var complete: Bool
+
+    /// A slice.
+    public init(entries: [(offset: UInt64, message: Message)], top: StreamPosition, complete: Bool) {
+        self.entries = entries
+        self.top = top
+        self.complete = complete
+    }
+
+    /// Decides `complete` for entries read after `after` (nil: the reader asked only for the top).
+    public static func isComplete(after: StreamPosition?, top: StreamPosition, firstOffset: UInt64?) -> Bool {
+        guard let after else { return true }
+        guard after.epoch == top.epoch, after.offset <= top.offset else { return false }
+        if after.offset == top.offset { return true }
+        return firstOffset == after.offset + 1
+    }
+}
+
+/// A layer that keeps a bounded history per group, for sockets that come back after a drop:
+/// each message appended gets the next offset of its group; a reader asks for everything after
+/// the position it last saw.
+public protocol ChannelLayerHistory: ChannelLayer {
+    /// Appends `message` to `group`'s history (started, with a fresh epoch, on first use) and
+    /// trims the history to `retention`; returns the message's position.
+    func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition
+
+    /// The messages of `group`'s history after `position` (up to `retention.size`, none older
+    /// than `retention.ttl`), and its top; with a nil position only the top (a history that did
+    /// not exist is started, so the top always has an epoch).
+    func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice
+}
+
+/// The frame a client receives for a published message: the publication's JSON object with
+/// `offset` and `epoch` added, built the same way live and when recovered.
+public enum PublicationText {
+    /// `data` (a JSON object's text) with `"offset":…,"epoch":"…"` as its first members;
+    /// data that is not an object is wrapped as `{"offset":…,"epoch":"…","data":<data>}`.
+    public static func make(data: String, position: StreamPosition) -> String {
+        let head = "{\"offset\":\(position.offset),\"epoch\":\"\(position.epoch)\""
+        var rest = data[...]
+        while let first = rest.first, first.isWhitespace { rest = rest.dropFirst() }
+        guard rest.first == "{" else { return head + ",\"data\":" + data + "}" }
+        rest = rest.dropFirst()
+        while let first = rest.first, first.isWhitespace { rest = rest.dropFirst() }
+        return rest.first == "}" ? head + "}" : head + "," + rest
+    }
+
+    /// A fresh epoch: 16 random letters and digits.
+    public static func newEpoch() -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789")
+        return String((0..<16).map { _ in alphabet.randomElement()! })
+    }
+}

@@ -1,0 +1,122 @@
+import ASGI
+
+/// Puts the publications of the groups a socket follows in offset order, once each: what a
+/// recovery read from the history and what arrived live meanwhile are merged without
+/// duplicates; a publication that overtook an earlier one (two publishers at once) waits for it
+/// a moment, then the gap is filled from the history. Pure: the session does the reads, the
+/// timers and the writes.
+struct PublicationSequencer {
+    enum Action: Equatable {
+        /// Write these, in order.
+        case deliver([Message])
+        /// Held: a gap before it. `startTimer` when the session should arm the gap timer.
+        case hold(startTimer: Bool)
+        /// Already delivered (or older than where the socket started): not written again.
+        case duplicate
+    }
+
+    private enum Follow {
+        /// Waiting for the history read; live publications are kept until it is done.
+        case recovering(buffer: [(offset: UInt64, epoch: String, message: Message)])
+        /// Delivered up to `next - 1`; `held` came early.
+        case following(epoch: String, next: UInt64, held: [UInt64: Message])
+    }
+
+    private var groups: [String: Follow] = [:]
+    /// Publications written as duplicates were not; gaps skipped after the history could not fill them.
+    private(set) var duplicates = 0
+    private(set) var skipped = 0
+
+    /// Whether publications of `group` go through the sequencer.
+    func follows(_ group: String) -> Bool { groups[group] != nil }
+
+    /// A recovery begins: live publications of `group` wait for it.
+    mutating func startRecovery(_ group: String) {
+        groups[group] = .recovering(buffer: [])
+    }
+
+    /// The history read is done: everything up to `top` was delivered from it (or is lost, and
+    /// the socket was told). Returns the live publications kept meanwhile that come after it,
+    /// in order, and whether a gap is left (arm the timer).
+    mutating func recovered(_ group: String, top: StreamPosition) -> (deliver: [Message], gap: Bool) {
+        guard case .recovering(let buffer)? = groups[group] else { return ([], false) }
+        groups[group] = .following(epoch: top.epoch, next: top.offset + 1, held: [:])
+        var out: [Message] = []
+        var gap = false
+        for item in buffer.sorted(by: { $0.offset < $1.offset }) {
+            switch live(group, offset: item.offset, epoch: item.epoch, message: item.message) {
+            case .deliver(let messages): out += messages
+            case .hold: gap = true
+            case .duplicate: break
+            }
+        }
+        return (out, gap)
+    }
+
+    /// A live publication.
+    mutating func live(_ group: String, offset: UInt64, epoch: String, message: Message) -> Action {
+        switch groups[group] {
+        case nil:
+            return .deliver([message])
+        case .recovering(var buffer)?:
+            buffer.append((offset, epoch, message))
+            groups[group] = .recovering(buffer: buffer)
+            return .hold(startTimer: false)
+        case .following(let current, var next, var held)?:
+            if epoch != current {
+                // The history was lost and started again: follow the new one from here.
+                groups[group] = .following(epoch: epoch, next: offset + 1, held: [:])
+                return .deliver([message])
+            }
+            if offset < next || held[offset] != nil {
+                duplicates += 1
+                return .duplicate
+            }
+            if offset > next {
+                let first = held.isEmpty
+                held[offset] = message
+                groups[group] = .following(epoch: epoch, next: next, held: held)
+                return .hold(startTimer: first)
+            }
+            var out = [message]
+            next += 1
+            while let following = held.removeValue(forKey: next) {
+                out.append(following)
+                next += 1
+            }
+            groups[group] = .following(epoch: epoch, next: next, held: held)
+            return .deliver(out)
+        }
+    }
+
+    /// Where a gap fill should read from: the last offset delivered, when publications are held.
+    func gapStart(_ group: String) -> StreamPosition? {
+        guard case .following(let epoch, let next, let held)? = groups[group], !held.isEmpty else { return nil }
+        return StreamPosition(offset: next - 1, epoch: epoch)
+    }
+
+    /// The gap timer fired and the history was read: `found` fills what it can; what it cannot
+    /// is skipped (counted). Returns everything now deliverable, in order.
+    mutating func fillGap(_ group: String, found: [(offset: UInt64, message: Message)]) -> [Message] {
+        guard case .following(let epoch, var next, var held)? = groups[group], let last = held.keys.max() else { return [] }
+        for entry in found where entry.offset >= next && entry.offset <= last && held[entry.offset] == nil {
+            held[entry.offset] = entry.message
+        }
+        var out: [Message] = []
+        while next <= last {
+            if let message = held.removeValue(forKey: next) {
+                out.append(message)
+            } else {
+                skipped += 1
+            }
+            next += 1
+        }
+        groups[group] = .following(epoch: epoch, next: next, held: held)
+        return out
+    }
+
+    /// Stops following `group` (what was held is dropped).
+    mutating func stop(_ group: String) {
+        groups.removeValue(forKey: group)
+    }
+}

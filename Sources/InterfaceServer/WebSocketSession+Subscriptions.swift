@@ -1,0 +1,235 @@
+import ASGI
+import CoreMetrics
+import Logging
+import NIOCore
+import OrderedCollections
+
+/// What a socket follows: groups with history (recovered after a reconnect, then in offset
+/// order) and groups where it is present.
+struct SessionSubscriptions {
+    var sequencer = PublicationSequencer()
+    var retention: [String: HistoryRetention] = [:]
+    var gapTimers: [String: Scheduled<Void>] = [:]
+    /// Groups where this socket is tracked as present.
+    var presence: Set<String> = []
+}
+
+/// The socket's part of history and presence. The application asks through its reply channel
+/// (the framework's `follow` and `Presence.track`):
+///
+/// - `{"follow": {"group", "offset"?, "epoch"?, "size", "ttl"}}`: the server adds the socket to
+///   the group, reads the history after the position (or only its top), writes what was missed,
+///   then `{"type":"recovered","complete":…,"offset":…,"epoch":"…"}` (or, without a position,
+///   `{"type":"position",…}`), then the live publications that came meanwhile, each once, in
+///   offset order;
+/// - `{"presence": {"group", "user", "meta"}}`: tracks the socket as present (renewed while it
+///   is open, left when it closes), writes `{"type":"presence","users":[…]}` to it and sends a
+///   `presence_diff` to the group when the user is new there; `{"presence": {"group", "leave": true}}`
+///   stops.
+///
+/// A publication (`websocket.send` with `publication: {group, offset, epoch}`) of a followed
+/// group goes through the ``PublicationSequencer``.
+extension WebSocketSession {
+    /// Handles a reply that is about subscriptions; false for an ordinary one.
+    func subscriptionReply(_ reply: Message) -> Bool {
+        if let control = reply["follow"]?.mapValue {
+            follow(control)
+            return true
+        }
+        if let presence = reply["presence"]?.mapValue {
+            presenceControl(presence)
+            return true
+        }
+        guard let publication = reply["publication"]?.mapValue else { return false }
+        var plain = reply
+        plain.removeValue(forKey: "publication")
+        guard let group = publication["group"]?.stringValue, subscriptions.sequencer.follows(group),
+            let offset = publication["offset"]?.intValue, offset > 0, let epoch = publication["epoch"]?.stringValue
+        else {
+            deliverReply(plain)
+            return true
+        }
+        switch subscriptions.sequencer.live(group, offset: UInt64(offset), epoch: epoch, message: plain) {
+        case .deliver(let messages):
+            for message in messages { deliverReply(message) }
+        case .hold(let startTimer):
+            if startTimer { armGapTimer(group) }
+        case .duplicate:
+            ServerMetrics.publicationsDeduplicated.increment()
+        }
+        return true
+    }
+
+    private func follow(_ control: OrderedDictionary<String, ASGIValue>) {
+        guard let group = control["group"]?.stringValue, (try? ChannelNames.validateGroup(group)) != nil else {
+            server.counters.count(.malformedReplies)
+            return
+        }
+        let retention = HistoryRetention(
+            size: Int(control["size"]?.intValue ?? 1000), ttl: .seconds(control["ttl"]?.intValue ?? 300))
+        let after: StreamPosition? =
+            if let offset = control["offset"]?.intValue, offset >= 0, let epoch = control["epoch"]?.stringValue {
+                StreamPosition(offset: UInt64(offset), epoch: epoch)
+            } else {
+                nil
+            }
+        subscriptions.retention[group] = retention
+        subscriptions.sequencer.startRecovery(group)
+        let layer = server.layer
+        let channel = replyChannel
+        let bound = NIOLoopBound(self, eventLoop: self.channel.eventLoop)
+        let loop = self.channel.eventLoop
+        Task {
+            let result: Result<HistorySlice, any Error>
+            do {
+                guard let history = layer as? any ChannelLayerHistory else {
+                    throw ChannelLayerError(.invalidConfiguration, "this channel layer keeps no history")
+                }
+                try await layer.groupAdd(group, channel: channel)
+                result = .success(try await history.historyRead(group, after: after, retention: retention))
+            } catch {
+                result = .failure(error)
+            }
+            loop.execute { bound.value.recovered(group, after: after, result) }
+        }
+    }
+
+    private func recovered(_ group: String, after: StreamPosition?, _ result: Result<HistorySlice, any Error>) {
+        switch result {
+        case .failure(let error):
+            server.logger.warning("a recovery failed", metadata: ["group": "\(group)", "error": "\(error)"])
+            subscriptions.sequencer.stop(group)
+            deliverText("{\"type\":\"recovered\",\"complete\":false}")
+        case .success(let slice):
+            if after != nil {
+                for entry in slice.entries {
+                    deliverText(Self.publicationText(entry.message, StreamPosition(offset: entry.offset, epoch: slice.top.epoch)))
+                }
+                ServerMetrics.publicationsRecovered.increment(by: slice.entries.count)
+                deliverText(
+                    "{\"type\":\"recovered\",\"complete\":\(slice.complete),\"offset\":\(slice.top.offset),\"epoch\":\"\(slice.top.epoch)\"}"
+                )
+            } else {
+                deliverText("{\"type\":\"position\",\"offset\":\(slice.top.offset),\"epoch\":\"\(slice.top.epoch)\"}")
+            }
+            let (live, gap) = subscriptions.sequencer.recovered(group, top: slice.top)
+            for message in live { deliverReply(message) }
+            if gap { armGapTimer(group) }
+        }
+    }
+
+    /// The frame text of a history entry (`{"data": <JSON object text>}`).
+    static func publicationText(_ entry: Message, _ position: StreamPosition) -> String {
+        PublicationText.make(data: entry["data"]?.stringValue ?? "{}", position: position)
+    }
+
+    private func armGapTimer(_ group: String) {
+        guard subscriptions.gapTimers[group] == nil else { return }
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        subscriptions.gapTimers[group] = channel.eventLoop.scheduleTask(in: .milliseconds(500)) {
+            bound.value.fillGap(group)
+        }
+    }
+
+    private func fillGap(_ group: String) {
+        subscriptions.gapTimers[group] = nil
+        guard let start = subscriptions.sequencer.gapStart(group), let history = server.layer as? any ChannelLayerHistory else { return }
+        let retention = subscriptions.retention[group] ?? HistoryRetention(size: 1000, ttl: .seconds(300))
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        let loop = channel.eventLoop
+        Task {
+            let found = (try? await history.historyRead(group, after: start, retention: retention))?.entries ?? []
+            loop.execute {
+                let session = bound.value
+                let messages = found.map { entry -> Message in
+                    [
+                        "text": .string(
+                            WebSocketSession.publicationText(entry.message, StreamPosition(offset: entry.offset, epoch: start.epoch)))
+                    ]
+                }
+                let skippedBefore = session.subscriptions.sequencer.skipped
+                for message in session.subscriptions.sequencer.fillGap(group, found: zip(found, messages).map { ($0.0.offset, $0.1) }) {
+                    session.deliverReply(message)
+                }
+                let skipped = session.subscriptions.sequencer.skipped - skippedBefore
+                if skipped > 0 {
+                    ServerMetrics.publicationsSkipped.increment(by: skipped)
+                    session.server.logger.warning(
+                        "publications missing from the history were skipped", metadata: ["group": "\(group)", "count": "\(skipped)"])
+                }
+            }
+        }
+    }
+
+    private func presenceControl(_ control: OrderedDictionary<String, ASGIValue>) {
+        guard let group = control["group"]?.stringValue, (try? ChannelNames.validateGroup(group)) != nil,
+            let presence = server.layer as? any ChannelLayerPresence
+        else {
+            server.counters.count(.malformedReplies)
+            return
+        }
+        let channel = replyChannel
+        let ttl = server.configuration.presenceTTL
+        let layer = server.layer
+        if control["leave"]?.boolValue == true {
+            guard subscriptions.presence.remove(group) != nil else { return }
+            server.presence.untrack(channel, in: group)
+            let logger = server.logger
+            Task { await WebSocketSession.leave(group, channel: channel, presence: presence, layer: layer, logger: logger) }
+            return
+        }
+        guard let user = control["user"]?.stringValue, !user.isEmpty else {
+            server.counters.count(.malformedReplies)
+            return
+        }
+        let meta = control["meta"]?.stringValue ?? "{}"
+        subscriptions.presence.insert(group)
+        server.presence.track(channel, in: group)
+        let bound = NIOLoopBound(self, eventLoop: self.channel.eventLoop)
+        let loop = self.channel.eventLoop
+        let logger = server.logger
+        Task {
+            do {
+                let joined = try await presence.presenceJoin(group, connection: channel, user: user, meta: meta, ttl: ttl)
+                let members = try await presence.presenceList(group)
+                loop.execute { bound.value.deliverText(PresenceText.list(members)) }
+                if joined {
+                    try await layer.sendGroup(
+                        group, message: ["text": .string(PresenceText.diff(PresenceDiff(group: group, joins: [user])))])
+                }
+            } catch {
+                logger.warning("a presence join failed", metadata: ["group": "\(group)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// The socket is gone: it leaves every presence it was in, and stops following.
+    func subscriptionsEnded() {
+        for timer in subscriptions.gapTimers.values { timer.cancel() }
+        subscriptions.gapTimers = [:]
+        let groups = subscriptions.presence
+        subscriptions.presence = []
+        guard !groups.isEmpty, let presence = server.layer as? any ChannelLayerPresence else { return }
+        let channel = replyChannel
+        let layer = server.layer
+        let logger = server.logger
+        for group in groups { server.presence.untrack(channel, in: group) }
+        Task {
+            for group in groups.sorted() {
+                await WebSocketSession.leave(group, channel: channel, presence: presence, layer: layer, logger: logger)
+            }
+        }
+    }
+
+    private static func leave(
+        _ group: String, channel: String, presence: any ChannelLayerPresence, layer: any ChannelLayer, logger: Logger
+    ) async {
+        do {
+            if let user = try await presence.presenceLeave(group, connection: channel) {
+                try await layer.sendGroup(group, message: ["text": .string(PresenceText.diff(PresenceDiff(group: group, leaves: [user])))])
+            }
+        } catch {
+            logger.warning("a presence leave failed (the entry expires)", metadata: ["group": "\(group)", "error": "\(error)"])
+        }
+    }
+}

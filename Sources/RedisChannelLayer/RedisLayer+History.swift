@@ -1,0 +1,133 @@
+import ASGI
+import Foundation
+import Logging
+
+/// Group histories in Redis, for recovery after a reconnect:
+///
+/// - `<prefix>history:<group>`: a stream, one entry per message, id `<offset>-1`, fields `b`
+///   (the message as stored: msgpack, encrypted when keys are set) and `t` (Unix time, seconds);
+///   trimmed with `MAXLEN ~ size`, and expiring `ttl` after its last append.
+/// - `<prefix>history-meta:<group>`: a hash, `epoch` and `offset` (the last offset given),
+///   kept `groupExpiry` after the last use. When it is gone (a Redis restarted empty, a flush),
+///   the next use starts a new epoch.
+///
+/// Both live on the group's shard; `redis-cli XRANGE <prefix>history:<group> - +` shows them.
+extension RedisChannelLayer: ChannelLayerHistory {
+    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
+        try ChannelNames.validateGroup(group)
+        let body = seal(message)
+        guard body.count + 64 <= configuration.maxMessageSize else {
+            throw ChannelLayerError.messageTooLarge("history:" + group, size: body.count, limit: configuration.maxMessageSize)
+        }
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.historyAppend,
+            keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
+            args: [
+                .text(PublicationText.newEpoch()), .bytes(body), .integer(retention.size),
+                .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpiry),
+                .text(String(Self.unixTime())),
+            ])
+        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "history append: \(error)") }
+        guard let items = reply.array, items.count == 2, let epoch = items[1].text else {
+            throw ChannelLayerError(.backendError, "history append: an unexpected reply")
+        }
+        return StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
+    }
+
+    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
+        try ChannelNames.validateGroup(group)
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.historyRead,
+            keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
+            args: [
+                .text(PublicationText.newEpoch()), .integer(configuration.groupExpiry),
+                .text(position.map { String($0.offset + 1) } ?? "-1"), .integer(retention.size),
+            ])
+        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "history read: \(error)") }
+        guard let items = reply.array, items.count == 3, let epoch = items[1].text else {
+            throw ChannelLayerError(.backendError, "history read: an unexpected reply")
+        }
+        let top = StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
+        guard let position, position.epoch == epoch else {
+            return HistorySlice(entries: [], top: top, complete: position == nil)
+        }
+        let oldest = Self.unixTime() - Double(retention.ttl.components.seconds)
+        var entries: [(offset: UInt64, message: Message)] = []
+        var unreadable = false
+        for entry in items[2].array ?? [] {
+            // [id, [field, value, ...]]
+            guard let parts = entry.array, parts.count == 2, let id = parts[0].text,
+                let offset = UInt64(id.split(separator: "-").first ?? ""), let fields = parts[1].array
+            else { continue }
+            var body: [UInt8]?
+            var time = 0.0
+            var index = 0
+            while index + 1 < fields.count {
+                switch fields[index].text {
+                case "b": body = fields[index + 1].bytes
+                case "t": time = Double(fields[index + 1].text ?? "") ?? 0
+                default: break
+                }
+                index += 2
+            }
+            // Past its time: gone, as if trimmed (the reader hears the gap).
+            guard time >= oldest, let body else { continue }
+            do {
+                entries.append((offset, try open(body)))
+            } catch {
+                unreadable = true
+                logger.warning(
+                    "a history entry does not decode; skipped", metadata: ["group": "\(group)", "offset": "\(offset)", "error": "\(error)"])
+            }
+        }
+        let complete = !unreadable && HistorySlice.isComplete(after: position, top: top, firstOffset: entries.first?.offset)
+        return HistorySlice(entries: entries, top: top, complete: complete)
+    }
+
+    /// A stored body back to a message (decrypted when keys are set).
+    private func open(_ body: [UInt8]) throws -> Message {
+        var body = body
+        if let crypter { body = try crypter.decrypt(body, ttl: nil) }
+        return try decoder.decodeMessage(body)
+    }
+}
+
+extension Scripts {
+    /// KEYS: meta, stream. ARGV: candidate epoch, body, size, ttl, meta expiry, now.
+    static let historyAppend = LuaScript(
+        name: "historyAppend",
+        source: """
+            local epoch = redis.call('HGET', KEYS[1], 'epoch')
+            if not epoch then
+                epoch = ARGV[1]
+                redis.call('DEL', KEYS[2])
+                redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+            end
+            local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+            redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'b', ARGV[2], 't', ARGV[6])
+            redis.call('EXPIRE', KEYS[2], ARGV[4])
+            redis.call('EXPIRE', KEYS[1], ARGV[5])
+            return {offset, epoch}
+            """)
+
+    /// KEYS: meta, stream. ARGV: candidate epoch, meta expiry, first offset wanted (-1: none),
+    /// count. Returns {top offset, epoch, entries}.
+    static let historyRead = LuaScript(
+        name: "historyRead",
+        source: """
+            local epoch = redis.call('HGET', KEYS[1], 'epoch')
+            if not epoch then
+                epoch = ARGV[1]
+                redis.call('DEL', KEYS[2])
+                redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+            end
+            redis.call('EXPIRE', KEYS[1], ARGV[2])
+            local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+            local entries = {}
+            local first = tonumber(ARGV[3])
+            if first >= 0 and first <= top then
+                entries = redis.call('XRANGE', KEYS[2], first .. '-0', '+', 'COUNT', ARGV[4])
+            end
+            return {top, epoch, entries}
+            """)
+}

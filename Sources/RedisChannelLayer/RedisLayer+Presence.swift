@@ -1,0 +1,188 @@
+import ASGI
+import Foundation
+
+/// Presence in Redis, on the group's shard (inspect with `redis-cli`):
+///
+/// - `<prefix>presence:<group>`: hash, connection → user;
+/// - `<prefix>presence-meta:<group>`: hash, connection → metadata (JSON text);
+/// - `<prefix>presence-expiry:<group>`: sorted set, connection scored by its expiry (Unix time),
+///   pushed forward by the connection's server every few seconds;
+/// - `<prefix>presence-users:<group>`: hash, user → connections;
+/// - `<prefix>presence-groups`: sorted set of groups with presence (per shard), for the sweep.
+///
+/// A connection past its expiry (its server stopped renewing it: it died) is not listed, and
+/// the next sweep removes it and reports its user's leave when it was their last connection.
+extension RedisChannelLayer: ChannelLayerPresence {
+    private func presenceKeys(_ group: String) -> [RedisArgument] {
+        let p = configuration.prefix
+        return [
+            .text(p + "presence:" + group), .text(p + "presence-meta:" + group), .text(p + "presence-expiry:" + group),
+            .text(p + "presence-users:" + group),
+        ]
+    }
+
+    private var presenceIndex: RedisArgument { .text(configuration.prefix + "presence-groups") }
+
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+        try ChannelNames.validateGroup(group)
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.presenceJoin, keys: presenceKeys(group) + [presenceIndex],
+            args: [
+                .text(connection), .text(user), .text(meta), .text(String(Self.unixTime() + ttl.seconds)), .text(group),
+                .integer(configuration.groupExpiry),
+            ])
+        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence join: \(error)") }
+        return reply.countValue == 1
+    }
+
+    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
+        try ChannelNames.validateGroup(group)
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group), args: [.text(connection)])
+        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence leave: \(error)") }
+        return reply.text
+    }
+
+    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
+        guard !connections.isEmpty else { return }
+        let keys = presenceKeys(group)
+        let at = Array(String(Self.unixTime() + ttl.seconds).utf8)
+        var zadd: [[UInt8]] = [Array("ZADD".utf8), Array((configuration.prefix + "presence-expiry:" + group).utf8), Array("XX".utf8)]
+        for connection in connections {
+            zadd.append(at)
+            zadd.append(Array(connection.utf8))
+        }
+        var commands = [zadd, [Array("ZADD".utf8), Array((configuration.prefix + "presence-groups").utf8), at, Array(group.utf8)]]
+        for key in keys {
+            guard case .text(let name) = key else { continue }
+            commands.append([Array("EXPIRE".utf8), Array(name.utf8), Array(String(configuration.groupExpiry).utf8)])
+        }
+        let replies = try await shared(shardIndex(for: group)).pipeline(commands)
+        if let bad = replies.first(where: { $0.errorMessage != nil }) {
+            throw ChannelLayerError(.backendError, "presence refresh: \(bad.errorMessage ?? "")")
+        }
+    }
+
+    public func presenceList(_ group: String) async throws -> [PresenceMember] {
+        try ChannelNames.validateGroup(group)
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group), args: [.text(String(Self.unixTime()))])
+        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence list: \(error)") }
+        let items = reply.array ?? []
+        var members: [String: PresenceMember] = [:]
+        var index = 0
+        while index + 1 < items.count {
+            if let user = items[index].text {
+                members[user, default: PresenceMember(user: user, connections: 0, meta: items[index + 1].text ?? "{}")].connections += 1
+            }
+            index += 2
+        }
+        return members.values.sorted { $0.user < $1.user }
+    }
+
+    public func presenceSweep() async throws -> [PresenceDiff] {
+        var diffs: [String: [String]] = [:]
+        for shard in shards.indices {
+            let reply = try await pipelined(
+                shard, Scripts.presenceSweep, keys: [presenceIndex],
+                args: [.text(configuration.prefix), .text(String(Self.unixTime())), .integer(configuration.groupExpiry)])
+            if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence sweep: \(error)") }
+            let items = reply.array ?? []
+            var index = 0
+            while index + 1 < items.count {
+                if let group = items[index].text, let user = items[index + 1].text { diffs[group, default: []].append(user) }
+                index += 2
+            }
+        }
+        return diffs.keys.sorted().map { PresenceDiff(group: $0, leaves: diffs[$0]!.sorted()) }
+    }
+}
+
+extension Duration {
+    /// The duration in seconds, as a Double.
+    fileprivate var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
+
+extension Scripts {
+    /// KEYS: connections, metas, expiry, users, the groups index. ARGV: connection, user, meta,
+    /// expiry time, group, key expiry. 1 when the user was not present before.
+    static let presenceJoin = LuaScript(
+        name: "presenceJoin",
+        source: """
+            local old = redis.call('HGET', KEYS[1], ARGV[1])
+            redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+            redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+            redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+            local joined = 0
+            if old ~= ARGV[2] then
+                if old then
+                    if redis.call('HINCRBY', KEYS[4], old, -1) <= 0 then redis.call('HDEL', KEYS[4], old) end
+                end
+                redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+                if redis.call('HINCRBY', KEYS[4], ARGV[2], 1) == 1 then joined = 1 end
+            end
+            for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+            return joined
+            """)
+
+    /// KEYS: connections, metas, expiry, users. ARGV: connection. The user when it was their last.
+    static let presenceLeave = LuaScript(
+        name: "presenceLeave",
+        source: """
+            local user = redis.call('HGET', KEYS[1], ARGV[1])
+            if not user then return false end
+            redis.call('HDEL', KEYS[1], ARGV[1])
+            redis.call('HDEL', KEYS[2], ARGV[1])
+            redis.call('ZREM', KEYS[3], ARGV[1])
+            if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then
+                redis.call('HDEL', KEYS[4], user)
+                return user
+            end
+            return false
+            """)
+
+    /// KEYS: connections, metas, expiry, users. ARGV: now. {user, meta, user, meta, ...} of
+    /// the connections not expired.
+    static let presenceList = LuaScript(
+        name: "presenceList",
+        source: """
+            local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf')
+            local out = {}
+            if #live == 0 then return out end
+            local users = redis.call('HMGET', KEYS[1], unpack(live))
+            local metas = redis.call('HMGET', KEYS[2], unpack(live))
+            for i = 1, #live do
+                if users[i] then
+                    out[#out + 1] = users[i]
+                    out[#out + 1] = metas[i] or '{}'
+                end
+            end
+            return out
+            """)
+
+    /// KEYS: the groups index. ARGV: prefix, now, key expiry. Removes expired connections of
+    /// every group; {group, user, ...} for each user whose last connection went.
+    static let presenceSweep = LuaScript(
+        name: "presenceSweep",
+        source: """
+            local prefix, now = ARGV[1], ARGV[2]
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - tonumber(ARGV[3]))
+            local out = {}
+            for _, group in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+                local conns, metas = prefix .. 'presence:' .. group, prefix .. 'presence-meta:' .. group
+                local expiry, users = prefix .. 'presence-expiry:' .. group, prefix .. 'presence-users:' .. group
+                for _, c in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do
+                    local user = redis.call('HGET', conns, c)
+                    redis.call('HDEL', conns, c)
+                    redis.call('HDEL', metas, c)
+                    redis.call('ZREM', expiry, c)
+                    if user and redis.call('HINCRBY', users, user, -1) <= 0 then
+                        redis.call('HDEL', users, user)
+                        out[#out + 1] = group
+                        out[#out + 1] = user
+                    end
+                end
+            end
+            return out
+            """)
+}
