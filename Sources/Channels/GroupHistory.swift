@@ -122,8 +122,8 @@ public struct Presence: Sendable, Hashable {
 }
 
 extension ConsumerContext {
-    /// Makes the running consumer's socket follow `group` (which must keep a history): its
-    /// interface server adds it to the group and, with `after` (the position the socket last
+    /// Makes the running consumer's socket follow `group` (which must keep a history): it is a
+    /// member of the group when this returns, and its interface server, with `after` (the position the socket last
     /// saw, from `?offset=&epoch=`), first writes every message it missed, in order, then
     /// `{"type":"recovered","complete":…,"offset":…,"epoch":"…"}` (false: a gap too old or a new
     /// epoch, reload); without, `{"type":"position",…}`. Live messages follow, each once, in
@@ -140,6 +140,8 @@ extension ConsumerContext {
             control["epoch"] = .string(after.epoch)
         }
         try await reply(["follow": .map(control.fields)], immediately: true)
+        // A member from now on (the server adds it too, before it reads the history).
+        if let channel = replyChannel { try await layer.groupAdd(group.name, channel: channel.name) }
     }
 
     /// The position a reconnecting socket gives in its query (`?offset=<n>&epoch=<e>`), if any.

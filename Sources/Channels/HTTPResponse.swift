@@ -53,6 +53,10 @@ extension ConsumerContext {
     /// Accepts a WebSocket connection.
     public func accept() async throws { try await reply(WebSocketSendMessage.accept) }
 
+    /// Accepts the WebSocket with a first text frame, written before anything else the socket
+    /// is sent (what the server writes for `follow` and presence comes after it).
+    public func accept(text: String) async throws { try await reply(WebSocketSendMessage(accept: true, data: .text(text))) }
+
     /// Sends a text frame on this WebSocket.
     public func sendText(_ text: String) async throws { try await reply(WebSocketSendMessage.text(text)) }
 

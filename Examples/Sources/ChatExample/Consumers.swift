@@ -249,17 +249,18 @@ enum ChatConsumers {
             // Remembered: after a logout the socket is anonymous, and still leaves the user's group.
             try context.channelSession["user_group"] = .string(userGroup(context.user).name)
         }
-        try await context.accept()
         let position = context.streamPosition
         try await context.follow(roomGroup(room), after: position)
         try await roomGroup(room).presence.track(user: presenceName(context, reply))
         if position != nil {
+            try await context.accept()
             context.logger.info("rejoined", metadata: ["room": "\(room)", "user": "\(context.user)"])
             return
         }
         let history = try await ChatDatabase.shared.history(room: room)
-        try await context.sendText(
-            json([
+        // The first frame; the server's position and presence frames follow it.
+        try await context.accept(
+            text: json([
                 "type": "history", "room": room,
                 "user": context.user.isAuthenticated
                     ? context.user.username : NSNull(), "messages": history.map(\.json),
