@@ -110,6 +110,8 @@ log "the front door under attack: slow-loris, idle floods, held upgrades, unread
 "$INTEROP_PYTHON" Tests/e2e/test_front_door.py "$CHAT" "$REDIS_URL"
 log "delivery under load: 1,000-member rooms, busy rooms, bursts, Redis and worker SIGKILLs, slow clients"
 "$INTEROP_PYTHON" Tests/e2e/test_delivery.py "$CHAT" "$REDIS_URL"
+log "presence and recovery: 100 sockets on 2 servers (one SIGKILLed), 200 missed messages recovered through a third server, gaps, a lost history"
+"$INTEROP_PYTHON" Tests/e2e/test_realtime.py "$CHAT" "$REDIS_URL"
 log "production Redis: every process over TLS with encryption (and asgi_redis), a Sentinel failover under 50 sockets"
 "$INTEROP_PYTHON" Tests/e2e/test_production_redis.py "$CHAT" "$REDIS_URL"
 log "across machines: scripts/cluster-netns.sh (6 hosts in network namespaces: 2 Redis shards, server, 2 workers, client)"

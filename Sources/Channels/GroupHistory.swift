@@ -135,9 +135,19 @@ extension ConsumerContext {
         var control: Message = [
             "group": .string(group.name), "size": .int(Int64(retention.size)), "ttl": .int(retention.ttl.components.seconds),
         ]
-        if let after {
-            control["offset"] = .int(Int64(after.offset))
-            control["epoch"] = .string(after.epoch)
+        // Without a position, the socket starts at the history's top as it is now, before it
+        // joins: what is published from here on reaches it, live or from the history.
+        var start = after
+        if start == nil {
+            guard let history = layer as? any ChannelLayerHistory else {
+                throw ChannelLayerError(.invalidConfiguration, "this channel layer keeps no group history")
+            }
+            start = try await history.historyRead(group.name, after: nil, retention: retention).top
+            control["fresh"] = .bool(true)
+        }
+        if let start {
+            control["offset"] = .int(Int64(start.offset))
+            control["epoch"] = .string(start.epoch)
         }
         try await reply(["follow": .map(control.fields)], immediately: true)
         // A member from now on (the server adds it too, before it reads the history).

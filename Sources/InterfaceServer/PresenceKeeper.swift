@@ -21,6 +21,56 @@ final class PresenceRegistry: Sendable {
     var snapshot: [String: Set<String>] { tracked.withLock { $0 } }
 }
 
+/// Presence changes of this server's sockets, gathered for a moment and told to each group as
+/// one diff: a thousand sockets joining a room within a second are a few diffs to its members,
+/// not a thousand (each to a thousand sockets). A user who joins and leaves within the moment
+/// is no change at all.
+final class PresenceDiffBatcher: Sendable {
+    private struct State {
+        var net: [String: [String: Int]] = [:]
+        var scheduled = false
+    }
+
+    private let state = Mutex(State())
+    let window: Duration
+
+    init(window: Duration = .milliseconds(250)) { self.window = window }
+
+    /// Adds a join (or a leave) of `user` in `group`; the first change of a moment schedules the
+    /// send of the diffs when the moment is over.
+    func add(_ group: String, user: String, joined: Bool, send: @escaping @Sendable ([PresenceDiff]) async -> Void) {
+        let schedule = state.withLock { state -> Bool in
+            state.net[group, default: [:]][user, default: 0] += joined ? 1 : -1
+            defer { state.scheduled = true }
+            return !state.scheduled
+        }
+        guard schedule else { return }
+        let window = self.window
+        Task {
+            try? await Task.sleep(for: window)
+            await send(self.take())
+        }
+    }
+
+    /// The diffs gathered, emptied.
+    func take() -> [PresenceDiff] {
+        let net = state.withLock { state in
+            defer {
+                state.net = [:]
+                state.scheduled = false
+            }
+            return state.net
+        }
+        return net.keys.sorted().compactMap { group in
+            let changes = net[group]!
+            let diff = PresenceDiff(
+                group: group, joins: changes.filter { $0.value > 0 }.map(\.key).sorted(),
+                leaves: changes.filter { $0.value < 0 }.map(\.key).sorted())
+            return diff.isEmpty ? nil : diff
+        }
+    }
+}
+
 /// Renews the presence of this server's sockets every third of the presence TTL, and sweeps
 /// out the connections nobody renewed (their server died), telling their groups who left.
 /// Every server sweeps; a connection is removed (and its leave told) once.

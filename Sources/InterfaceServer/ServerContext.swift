@@ -31,6 +31,22 @@ final class ServerContext: Sendable {
     let counters = ServerCounters()
     /// This server's sockets tracked as present (see ``PresenceKeeper``).
     let presence = PresenceRegistry()
+    let presenceDiffs = PresenceDiffBatcher()
+
+    /// Tells `group` (in a moment, with the other changes of the moment) that `user` joined or left.
+    func tellPresence(_ group: String, user: String, joined: Bool) {
+        let layer = self.layer
+        let logger = self.logger
+        presenceDiffs.add(group, user: user, joined: joined) { diffs in
+            for diff in diffs {
+                do {
+                    try await layer.sendGroup(diff.group, message: ["text": .string(PresenceText.diff(diff))])
+                } catch {
+                    logger.warning("a presence diff was not sent", metadata: ["group": "\(diff.group)", "error": "\(error)"])
+                }
+            }
+        }
+    }
 
     /// True when the request's `Host` names an allowed host; counts the refusal otherwise.
     func hostAllowed(_ head: HTTPRequestHead) -> Bool {

@@ -73,6 +73,8 @@ extension WebSocketSession {
             } else {
                 nil
             }
+        // A socket that just joined (its start is the top before it joined): no recovery marker.
+        let fresh = control["fresh"]?.boolValue == true
         subscriptions.retention[group] = retention
         subscriptions.sequencer.startRecovery(group)
         let layer = server.layer
@@ -90,27 +92,27 @@ extension WebSocketSession {
             } catch {
                 result = .failure(error)
             }
-            loop.execute { bound.value.recovered(group, after: after, result) }
+            loop.execute { bound.value.recovered(group, after: after, fresh: fresh, result) }
         }
     }
 
-    private func recovered(_ group: String, after: StreamPosition?, _ result: Result<HistorySlice, any Error>) {
+    private func recovered(_ group: String, after: StreamPosition?, fresh: Bool, _ result: Result<HistorySlice, any Error>) {
         switch result {
         case .failure(let error):
             server.logger.warning("a recovery failed", metadata: ["group": "\(group)", "error": "\(error)"])
             subscriptions.sequencer.stop(group)
             deliverText("{\"type\":\"recovered\",\"complete\":false}")
         case .success(let slice):
-            if after != nil {
-                for entry in slice.entries {
-                    deliverText(Self.publicationText(entry.message, StreamPosition(offset: entry.offset, epoch: slice.top.epoch)))
-                }
-                ServerMetrics.publicationsRecovered.increment(by: slice.entries.count)
-                deliverText(
-                    "{\"type\":\"recovered\",\"complete\":\(slice.complete),\"offset\":\(slice.top.offset),\"epoch\":\"\(slice.top.epoch)\"}"
-                )
+            // Published since the position (for a socket that just joined: since it joined).
+            for entry in slice.entries {
+                deliverText(Self.publicationText(entry.message, StreamPosition(offset: entry.offset, epoch: slice.top.epoch)))
+            }
+            let top = "\"offset\":\(slice.top.offset),\"epoch\":\"\(slice.top.epoch)\""
+            if fresh || after == nil {
+                deliverText("{\"type\":\"position\"," + top + "}")
             } else {
-                deliverText("{\"type\":\"position\",\"offset\":\(slice.top.offset),\"epoch\":\"\(slice.top.epoch)\"}")
+                ServerMetrics.publicationsRecovered.increment(by: slice.entries.count)
+                deliverText("{\"type\":\"recovered\",\"complete\":\(slice.complete)," + top + "}")
             }
             let (live, gap) = subscriptions.sequencer.recovered(group, top: slice.top)
             for message in live { deliverReply(message) }
@@ -170,12 +172,12 @@ extension WebSocketSession {
         }
         let channel = replyChannel
         let ttl = server.configuration.presenceTTL
-        let layer = server.layer
+        let server = self.server
         if control["leave"]?.boolValue == true {
             guard subscriptions.presence.remove(group) != nil else { return }
             server.presence.untrack(channel, in: group)
             let logger = server.logger
-            Task { await WebSocketSession.leave(group, channel: channel, presence: presence, layer: layer, logger: logger) }
+            Task { await WebSocketSession.leave(group, channel: channel, presence: presence, server: server, logger: logger) }
             return
         }
         guard let user = control["user"]?.stringValue, !user.isEmpty else {
@@ -193,10 +195,7 @@ extension WebSocketSession {
                 let joined = try await presence.presenceJoin(group, connection: channel, user: user, meta: meta, ttl: ttl)
                 let members = try await presence.presenceList(group)
                 loop.execute { bound.value.deliverText(PresenceText.list(members)) }
-                if joined {
-                    try await layer.sendGroup(
-                        group, message: ["text": .string(PresenceText.diff(PresenceDiff(group: group, joins: [user])))])
-                }
+                if joined { server.tellPresence(group, user: user, joined: true) }
             } catch {
                 logger.warning("a presence join failed", metadata: ["group": "\(group)", "error": "\(error)"])
             }
@@ -211,22 +210,22 @@ extension WebSocketSession {
         subscriptions.presence = []
         guard !groups.isEmpty, let presence = server.layer as? any ChannelLayerPresence else { return }
         let channel = replyChannel
-        let layer = server.layer
+        let server = self.server
         let logger = server.logger
         for group in groups { server.presence.untrack(channel, in: group) }
         Task {
             for group in groups.sorted() {
-                await WebSocketSession.leave(group, channel: channel, presence: presence, layer: layer, logger: logger)
+                await WebSocketSession.leave(group, channel: channel, presence: presence, server: server, logger: logger)
             }
         }
     }
 
     private static func leave(
-        _ group: String, channel: String, presence: any ChannelLayerPresence, layer: any ChannelLayer, logger: Logger
+        _ group: String, channel: String, presence: any ChannelLayerPresence, server: ServerContext, logger: Logger
     ) async {
         do {
             if let user = try await presence.presenceLeave(group, connection: channel) {
-                try await layer.sendGroup(group, message: ["text": .string(PresenceText.diff(PresenceDiff(group: group, leaves: [user])))])
+                server.tellPresence(group, user: user, joined: false)
             }
         } catch {
             logger.warning("a presence leave failed (the entry expires)", metadata: ["group": "\(group)", "error": "\(error)"])

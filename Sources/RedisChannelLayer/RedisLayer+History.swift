@@ -126,6 +126,8 @@ extension Scripts {
             local entries = {}
             local first = tonumber(ARGV[3])
             if first >= 0 and first <= top then
+                -- The newest `size` at most (MAXLEN ~ may have kept more than the retention).
+                first = math.max(first, top - tonumber(ARGV[4]) + 1)
                 entries = redis.call('XRANGE', KEYS[2], first .. '-0', '+', 'COUNT', ARGV[4])
             end
             return {top, epoch, entries}

@@ -4,8 +4,11 @@ import ChannelsCommand
 import Foundation
 
 /// The seed tutorial as one app: `chat runserver`, `chat runworker`, `chat rundelay`, `chat stats`.
-/// Rooms keep their last 1,000 messages (5 minutes) for pages that reconnect.
-GroupHistory.keep("chat-*", size: 1000, ttl: .seconds(300))
+/// Rooms keep their last 1,000 messages (5 minutes) for pages that reconnect
+/// (`CHAT_HISTORY_SIZE`, `CHAT_HISTORY_TTL` seconds).
+GroupHistory.keep(
+    "chat-*", size: ChatConsumers.environmentInt("CHAT_HISTORY_SIZE", 1000),
+    ttl: .seconds(ChatConsumers.environmentInt("CHAT_HISTORY_TTL", 300)))
 let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
     [
         // Step 1: an HTTP consumer.

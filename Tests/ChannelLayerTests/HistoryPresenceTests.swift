@@ -1,0 +1,158 @@
+import ASGI
+import Foundation
+import Testing
+
+@testable import RedisChannelLayer
+
+/// Group history (offsets, epochs, retention) and presence (users over connections, expiry,
+/// sweep) on both layers, through their public protocols.
+@Suite("history and presence on both layers", .timeLimit(.minutes(2)))
+struct HistoryPresenceTests {
+    private func history(_ layer: any ChannelLayer) throws -> any ChannelLayerHistory {
+        try #require(layer as? any ChannelLayerHistory)
+    }
+
+    private func presence(_ layer: any ChannelLayer) throws -> any ChannelLayerPresence {
+        try #require(layer as? any ChannelLayerPresence)
+    }
+
+    @Test("offsets count from 1 in one epoch; a read after a position returns the rest in order, complete", arguments: LayerKind.allCases)
+    func offsetsAndReads(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let history = try history(layer)
+            let keep = HistoryRetention(size: 100, ttl: .seconds(60))
+            var positions: [StreamPosition] = []
+            for i in 1...10 {
+                positions.append(try await history.historyAppend("room", message: ["data": .string("{\"n\":\(i)}")], retention: keep))
+            }
+            #expect(positions.map(\.offset) == Array(1...10))
+            #expect(Set(positions.map(\.epoch)).count == 1)
+            let epoch = positions[0].epoch
+            let slice = try await history.historyRead("room", after: StreamPosition(offset: 4, epoch: epoch), retention: keep)
+            #expect(slice.entries.map(\.offset) == Array(5...10))
+            #expect(slice.entries.map { $0.message["data"]?.stringValue } == (5...10).map { "{\"n\":\($0)}" })
+            #expect(slice.complete && slice.top == StreamPosition(offset: 10, epoch: epoch))
+            let atTop = try await history.historyRead("room", after: slice.top, retention: keep)
+            #expect(atTop.entries.isEmpty && atTop.complete)
+            let topOnly = try await history.historyRead("room", after: nil, retention: keep)
+            #expect(topOnly.entries.isEmpty && topOnly.top.offset == 10)
+            // Another group has its own offsets.
+            #expect(try await history.historyAppend("other", message: ["data": .string("{}")], retention: keep).offset == 1)
+        }
+    }
+
+    @Test("a gap older than the retention, a wrong epoch, a position ahead: incomplete", arguments: LayerKind.allCases)
+    func incompleteReads(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let history = try history(layer)
+            let keep = HistoryRetention(size: 5, ttl: .seconds(60))
+            var last = StreamPosition(offset: 0, epoch: "")
+            for i in 1...300 { last = try await history.historyAppend("small", message: ["data": .string("\(i)")], retention: keep) }
+            let slice = try await history.historyRead("small", after: StreamPosition(offset: 2, epoch: last.epoch), retention: keep)
+            #expect(!slice.complete)
+            // Redis trims approximately (MAXLEN ~): at least the last 5 are kept, in order.
+            #expect(slice.entries.count >= 5 && slice.entries.last?.offset == 300)
+            #expect(slice.entries.map(\.offset) == slice.entries.map(\.offset).sorted())
+            #expect(slice.entries.count < 300)
+            let wrongEpoch = try await history.historyRead("small", after: StreamPosition(offset: 299, epoch: "zzz"), retention: keep)
+            #expect(!wrongEpoch.complete && wrongEpoch.entries.isEmpty && wrongEpoch.top == last)
+            let ahead = try await history.historyRead("small", after: StreamPosition(offset: 301, epoch: last.epoch), retention: keep)
+            #expect(!ahead.complete)
+        }
+    }
+
+    @Test("messages past the history's ttl are gone: a read over them is incomplete", arguments: LayerKind.allCases)
+    func ttl(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let history = try history(layer)
+            let keep = HistoryRetention(size: 100, ttl: .seconds(1))
+            let first = try await history.historyAppend("brief", message: ["data": .string("old")], retention: keep)
+            try await Task.sleep(for: .milliseconds(2100))
+            _ = try await history.historyAppend("brief", message: ["data": .string("new")], retention: keep)
+            let slice = try await history.historyRead("brief", after: StreamPosition(offset: 0, epoch: first.epoch), retention: keep)
+            #expect(slice.entries.map { $0.message["data"]?.stringValue } == ["new"])
+            #expect(!slice.complete)
+        }
+    }
+
+    @Test("a flushed layer starts a new epoch", arguments: LayerKind.allCases)
+    func flushNewEpoch(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let history = try history(layer)
+            let keep = HistoryRetention(size: 10, ttl: .seconds(60))
+            let before = try await history.historyAppend("g", message: ["data": .string("{}")], retention: keep)
+            try await layer.flush()
+            let slice = try await history.historyRead("g", after: before, retention: keep)
+            #expect(!slice.complete && slice.top.epoch != before.epoch && slice.top.offset == 0)
+            #expect(try await history.historyAppend("g", message: ["data": .string("{}")], retention: keep).epoch == slice.top.epoch)
+        }
+    }
+
+    @Test("encrypted history: Redis holds Fernet tokens, the read decrypts")
+    func encryptedHistory() async throws {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
+        configuration.prefix = TestRedis.uniquePrefix()
+        configuration.symmetricEncryptionKeys = ["history-key-" + ChannelNames.randomLetters(8)]
+        let layer = try RedisChannelLayer(configuration: configuration)
+        defer {
+            Task {
+                try? await layer.flush(); await layer.close()
+            }
+        }
+        let keep = HistoryRetention(size: 10, ttl: .seconds(60))
+        let secret = "{\"text\":\"the plans\"}"
+        let position = try await layer.historyAppend("enc", message: ["data": .string(secret)], retention: keep)
+        let raw = try HiredisConnection(
+            endpoint: configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+        let stored = try raw.command(["XRANGE", configuration.prefix + "history:enc", "-", "+"])
+        let fields = try #require(stored.array?.first?.array?.last?.array)
+        let body = try #require(fields[1].bytes)
+        #expect(body.starts(with: Array("gAAAAA".utf8)))
+        #expect(!String(decoding: body, as: UTF8.self).contains("plans"))
+        let slice = try await layer.historyRead("enc", after: StreamPosition(offset: 0, epoch: position.epoch), retention: keep)
+        #expect(slice.entries.map { $0.message["data"]?.stringValue } == [secret] && slice.complete)
+    }
+
+    @Test(
+        "presence: a user with three connections is one member; joins and leaves only at the first and last", arguments: LayerKind.allCases)
+    func presenceCounts(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let presence = try presence(layer)
+            let ttl = Duration.seconds(30)
+            #expect(try await presence.presenceJoin("room", connection: "s!a", user: "alice", meta: "{\"k\":1}", ttl: ttl))
+            #expect(try await !presence.presenceJoin("room", connection: "s!b", user: "alice", meta: "{}", ttl: ttl))
+            #expect(try await !presence.presenceJoin("room", connection: "s!c", user: "alice", meta: "{}", ttl: ttl))
+            #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
+            // The same connection again is not a second connection.
+            #expect(try await !presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
+            let list = try await presence.presenceList("room")
+            #expect(list.map(\.user) == ["alice", "bob"] && list.map(\.connections) == [3, 1])
+            #expect(try await presence.presenceLeave("room", connection: "s!a") == nil)
+            #expect(try await presence.presenceLeave("room", connection: "s!b") == nil)
+            #expect(try await presence.presenceLeave("room", connection: "s!c") == "alice")
+            #expect(try await presence.presenceLeave("room", connection: "s!c") == nil)
+            #expect(try await presence.presenceList("room").map(\.user) == ["bob"])
+            #expect(try await presence.presenceList("elsewhere").isEmpty)
+        }
+    }
+
+    @Test("presence: connections not renewed expire, the sweep removes them once and names who left", arguments: LayerKind.allCases)
+    func presenceExpiry(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let presence = try presence(layer)
+            _ = try await presence.presenceSweep()
+            _ = try await presence.presenceJoin("x", connection: "dead!1", user: "carol", meta: "{}", ttl: .milliseconds(800))
+            _ = try await presence.presenceJoin("x", connection: "live!1", user: "dave", meta: "{}", ttl: .milliseconds(800))
+            _ = try await presence.presenceJoin("y", connection: "dead!2", user: "carol", meta: "{}", ttl: .milliseconds(800))
+            try await Task.sleep(for: .milliseconds(400))
+            try await presence.presenceRefresh("x", connections: ["live!1"], ttl: .seconds(30))
+            try await Task.sleep(for: .milliseconds(700))
+            // Expired: not listed even before a sweep.
+            #expect(try await presence.presenceList("x").map(\.user) == ["dave"])
+            let diffs = try await presence.presenceSweep()
+            #expect(diffs == [PresenceDiff(group: "x", leaves: ["carol"]), PresenceDiff(group: "y", leaves: ["carol"])])
+            #expect(try await presence.presenceSweep().isEmpty)
+            #expect(try await presence.presenceList("y").isEmpty)
+        }
+    }
+}

@@ -1,0 +1,87 @@
+import ASGI
+import Testing
+
+@testable import InterfaceServer
+
+/// The merge of recovered and live publications, without sockets.
+@Suite("publication sequencer")
+struct PublicationSequencerTests {
+    private func message(_ offset: UInt64) -> Message { ["text": .string("m\(offset)")] }
+    private func texts(_ messages: [Message]) -> [String] { messages.compactMap { $0["text"]?.stringValue } }
+    private func delivered(_ action: PublicationSequencer.Action) -> [String] {
+        if case .deliver(let messages) = action { return texts(messages) }
+        return []
+    }
+
+    @Test("a group not followed passes through")
+    func notFollowed() {
+        var sequencer = PublicationSequencer()
+        #expect(delivered(sequencer.live("g", offset: 7, epoch: "e", message: message(7))) == ["m7"])
+    }
+
+    @Test("live publications during a recovery wait; after it, those past its top go out in order, the rest are duplicates")
+    func recoveryMerge() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        for offset: UInt64 in [12, 11, 10, 13] {
+            #expect(sequencer.live("g", offset: offset, epoch: "e", message: message(offset)) == .hold(startTimer: false))
+        }
+        // The history read covered up to 11: 10 and 11 were written from it.
+        let (out, gap) = sequencer.recovered("g", top: StreamPosition(offset: 11, epoch: "e"))
+        #expect(texts(out) == ["m12", "m13"] && !gap)
+        #expect(sequencer.duplicates == 2)
+        #expect(sequencer.live("g", offset: 13, epoch: "e", message: message(13)) == .duplicate)
+        #expect(delivered(sequencer.live("g", offset: 14, epoch: "e", message: message(14))) == ["m14"])
+    }
+
+    @Test("one that overtook another waits for it; the gap filled from the history, or skipped when it is not there")
+    func overtaking() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        _ = sequencer.recovered("g", top: StreamPosition(offset: 0, epoch: "e"))
+        #expect(delivered(sequencer.live("g", offset: 1, epoch: "e", message: message(1))) == ["m1"])
+        #expect(sequencer.live("g", offset: 3, epoch: "e", message: message(3)) == .hold(startTimer: true))
+        #expect(sequencer.live("g", offset: 4, epoch: "e", message: message(4)) == .hold(startTimer: false))
+        // 2 arrives late: 2, 3, 4 go out together.
+        #expect(delivered(sequencer.live("g", offset: 2, epoch: "e", message: message(2))) == ["m2", "m3", "m4"])
+        #expect(sequencer.gapStart("g") == nil)
+        // 6 and 8 early; 5 and 7 never come live: the history has 5, not 7.
+        #expect(sequencer.live("g", offset: 6, epoch: "e", message: message(6)) == .hold(startTimer: true))
+        #expect(sequencer.live("g", offset: 8, epoch: "e", message: message(8)) == .hold(startTimer: false))
+        #expect(sequencer.gapStart("g") == StreamPosition(offset: 4, epoch: "e"))
+        let out = sequencer.fillGap("g", found: [(5, message(5)), (6, message(6))])
+        #expect(texts(out) == ["m5", "m6", "m8"])
+        #expect(sequencer.skipped == 1)
+        #expect(delivered(sequencer.live("g", offset: 9, epoch: "e", message: message(9))) == ["m9"])
+    }
+
+    @Test("a publication of a new epoch (the history was lost) is followed from there")
+    func newEpoch() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        _ = sequencer.recovered("g", top: StreamPosition(offset: 50, epoch: "old"))
+        #expect(delivered(sequencer.live("g", offset: 1, epoch: "new", message: message(1))) == ["m1"])
+        #expect(delivered(sequencer.live("g", offset: 2, epoch: "new", message: message(2))) == ["m2"])
+        #expect(sequencer.live("g", offset: 2, epoch: "new", message: message(2)) == .duplicate)
+    }
+
+    @Test("a gap left after a recovery asks for the timer")
+    func gapAfterRecovery() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        _ = sequencer.live("g", offset: 9, epoch: "e", message: message(9))
+        let (out, gap) = sequencer.recovered("g", top: StreamPosition(offset: 7, epoch: "e"))
+        #expect(out.isEmpty && gap)
+        #expect(sequencer.gapStart("g") == StreamPosition(offset: 7, epoch: "e"))
+    }
+
+    @Test("the publication text: offset and epoch first, the object's members after")
+    func publicationText() {
+        let position = StreamPosition(offset: 3, epoch: "abc")
+        #expect(
+            PublicationText.make(data: "{\"type\":\"message\"}", position: position)
+                == "{\"offset\":3,\"epoch\":\"abc\",\"type\":\"message\"}")
+        #expect(PublicationText.make(data: " { } ", position: position) == "{\"offset\":3,\"epoch\":\"abc\"}")
+        #expect(PublicationText.make(data: "[1]", position: position) == "{\"offset\":3,\"epoch\":\"abc\",\"data\":[1]}")
+    }
+}

@@ -1,0 +1,313 @@
+"""Presence and recovery end to end: real `chat runserver` / `chat runworker` processes on a
+real Redis (and on the embedded layer), real WebSocket clients; every frame counted.
+
+Run by scripts/test.sh with the venv's python: test_realtime.py CHAT_BINARY REDIS_URL
+"""
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+import websockets
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from support import *  # noqa: E402,F403
+
+PRESENCE_TTL = 3.0
+
+
+class Watcher:
+    """A room socket that keeps every frame: the presence it sees (list + diffs) and the
+    room's messages with their offsets."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        ws.server_frames = True
+        self.users = None
+        self.frames = []
+        self.task = asyncio.ensure_future(self.read())
+
+    async def read(self):
+        try:
+            async for frame in self.ws:
+                event = json.loads(frame)
+                self.frames.append(event)
+                kind = event.get("type")
+                if kind == "presence":
+                    self.users = set(event["users"])
+                elif kind == "presence_diff" and self.users is not None:
+                    self.users |= set(event["joins"])
+                    self.users -= set(event["leaves"])
+        except websockets.ConnectionClosed:
+            pass
+
+    def messages(self):
+        return [f for f in self.frames if f.get("type") == "message"]
+
+    def marker(self):
+        return next((f for f in self.frames if f.get("type") in ("recovered", "position")), None)
+
+
+async def connect(port, room, query=""):
+    ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/%s" % (port, room, query), max_queue=None,
+                                  open_timeout=30, ping_interval=None)
+    return Watcher(ws)
+
+
+async def wait_for(check, what, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return time.time()
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+def stack(layer, servers, workers, *server_extra):
+    procs = [server("--noworker", "--layer", layer, "--websocket-connect-timeout", "30",
+                    "--presence-ttl", str(PRESENCE_TTL), *server_extra) for _ in range(servers)]
+    ws = [Proc("runworker", "--layer", layer, "--threads", "32") for _ in range(workers)]
+    for w in ws:
+        w.wait_line("worker ready")
+    return procs, ws
+
+
+def stop(procs, workers):
+    for p in [w for w in workers] + [p for p, _ in procs]:
+        if p.p.poll() is None:
+            p.stop(signal.SIGKILL)
+
+
+async def post(watcher, count, tag):
+    """Posts `count` messages from `watcher` and waits (bounded) until it saw them all come back."""
+    before = len(watcher.messages())
+    for i in range(count):
+        await watcher.ws.send(json.dumps({"text": "%s %d" % (tag, i)}))
+    await wait_for(lambda: len(watcher.messages()) >= before + count, "%d messages back" % count, 60)
+    return watcher.messages()[before:]
+
+
+def check_recovered(watcher, last, sent_texts, complete=True):
+    """The frames of a socket that came back after `last`: exactly the missed messages, in
+    order, each once, then the marker."""
+    frames = watcher.frames
+    kinds = [f.get("type") for f in frames]
+    marker_at = kinds.index("recovered")
+    recovered = [f for f in frames[:marker_at] if f.get("type") == "message"]
+    assert [m["text"] for m in recovered] == sent_texts, (
+        "recovered %d, expected %d; first %s" % (len(recovered), len(sent_texts), recovered[:2]))
+    offsets = [m["offset"] for m in recovered]
+    assert offsets == list(range(last["offset"] + 1, last["offset"] + 1 + len(sent_texts))), offsets[:5]
+    assert all(m["epoch"] == last["epoch"] for m in recovered)
+    assert frames[marker_at]["complete"] is complete, frames[marker_at]
+    return frames[marker_at]
+
+
+@test
+def presence_across_two_servers_and_two_workers_then_a_server_sigkilled():
+    prefix = "rt%d:" % time.time_ns()
+    procs, workers = stack(redis_url(prefix), 2, 2)
+    try:
+        async def run():
+            ports = [port for _, port in procs]
+            sockets = await asyncio.gather(*(connect(ports[i % 2], "presence") for i in range(100)))
+            everyone = None
+
+            def agree():
+                views = [s.users for s in sockets]
+                return all(v is not None and len(v) == 100 for v in views) and all(v == views[0] for v in views)
+            await wait_for(agree, "100 sockets on 2 servers to agree on 100 present users", 60)
+            everyone = set(sockets[0].users)
+            on_b = [s for i, s in enumerate(sockets) if i % 2 == 1]
+            on_a = [s for i, s in enumerate(sockets) if i % 2 == 0]
+            # Each user's own join reached every member: the views are the union of 100 names.
+            assert len(everyone) == 100
+            killed_at = time.time()
+            procs[1][0].stop(signal.SIGKILL)
+
+            def healed():
+                return all(s.users is not None and len(s.users) == 50 for s in on_a) and \
+                    all(s.users == on_a[0].users for s in on_a)
+            done = await wait_for(healed, "the killed server's 50 sockets to leave every view", 30)
+            bound = PRESENCE_TTL * 4 / 3 + 2
+            print("  100 sockets on 2 servers agree on 100 users; server SIGKILLed: its 50 left every other view "
+                  "in %.1f s (stated bound: --presence-ttl %.0f s x 4/3 = %.1f s)" % (
+                      done - killed_at, PRESENCE_TTL, PRESENCE_TTL * 4 / 3), flush=True)
+            assert done - killed_at <= bound, "took %.1f s, bound %.1f s" % (done - killed_at, bound)
+            left = everyone - on_a[0].users
+            assert len(left) == 50
+            # A clean close is a leave at once (no expiry needed).
+            closing = on_a[:10]
+            await asyncio.gather(*(s.ws.close() for s in closing))
+            rest = on_a[10:]
+            await wait_for(lambda: all(len(s.users) == 40 for s in rest), "10 closed sockets to leave", 10)
+            await asyncio.gather(*(s.ws.close() for s in sockets), return_exceptions=True)
+        asyncio.run(run())
+    finally:
+        stop(procs, workers)
+
+
+def recovery_checks(layer_of, three_servers):
+    """A socket drops; 200 messages are posted from another server; it comes back through a
+    third: exactly the 200, in order, no duplicates, complete; then live, once."""
+    async def run(ports):
+        a_port, b_port, c_port = ports
+        room = "rec%d" % time.time_ns()
+        x = await connect(a_port, room)
+        y = await connect(b_port, room)
+        await wait_for(lambda: x.marker() and y.marker(), "both sockets' position", 15)
+        first = await post(x, 1, "before")
+        await wait_for(lambda: len(y.messages()) >= 1, "y to see the first message", 15)
+        last = first[-1]
+        await x.ws.close()
+        sent = await post(y, 200, "missed")
+        texts = [m["text"] for m in sent]
+        assert [m["offset"] for m in sent] == list(range(last["offset"] + 1, last["offset"] + 201))
+        x2 = await connect(c_port, room, "?offset=%d&epoch=%s" % (last["offset"], last["epoch"]))
+        await wait_for(lambda: any(f.get("type") == "recovered" for f in x2.frames), "the recovered marker", 30)
+        started = time.time()
+        marker = check_recovered(x2, last, texts)
+        assert marker["offset"] == last["offset"] + 200, marker
+        # Live after the recovery: once each, in order.
+        live = await post(y, 5, "live")
+        await wait_for(lambda: len(x2.messages()) >= 205, "5 live messages after the recovery", 15)
+        await asyncio.sleep(0.5)
+        got = x2.messages()
+        assert len(got) == 205, len(got)
+        assert [m["offset"] for m in got] == list(range(last["offset"] + 1, last["offset"] + 206))
+        assert [m["text"] for m in got[200:]] == [m["text"] for m in live]
+        await asyncio.gather(x2.ws.close(), y.ws.close())
+        del started
+        return last
+    return run
+
+
+@test
+def recovery_through_a_third_server_on_redis():
+    prefix = "rt%d:" % time.time_ns()
+    procs, workers = stack(redis_url(prefix), 3, 2)
+    try:
+        asyncio.run(recovery_checks(None, True)([p for _, p in procs]))
+        print("  200 messages missed on server A, posted on B, recovered through C: 200 in order, once each, "
+              "complete; 5 live after, once each", flush=True)
+    finally:
+        stop(procs, workers)
+
+
+@test
+def recovery_on_the_embedded_layer():
+    proc, port = server("--presence-ttl", str(PRESENCE_TTL))
+    try:
+        asyncio.run(recovery_checks(None, False)([port, port, port]))
+    finally:
+        proc.stop()
+
+
+async def gap_check(port_a, port_b):
+    """History of 50: a socket that missed 120 hears complete: false and gets what is left, in order."""
+    room = "gap%d" % time.time_ns()
+    x = await connect(port_a, room)
+    y = await connect(port_b, room)
+    first = await post(x, 1, "before")
+    last = first[-1]
+    await x.ws.close()
+    await post(y, 120, "missed")
+    x2 = await connect(port_b, room, "?offset=%d&epoch=%s" % (last["offset"], last["epoch"]))
+    await wait_for(lambda: any(f.get("type") == "recovered" for f in x2.frames), "the recovered marker", 30)
+    kinds = [f.get("type") for f in x2.frames]
+    marker = x2.frames[kinds.index("recovered")]
+    got = [f for f in x2.frames[:kinds.index("recovered")] if f.get("type") == "message"]
+    offsets = [m["offset"] for m in got]
+    assert marker["complete"] is False, marker
+    assert offsets == sorted(set(offsets)) and offsets[-1] == last["offset"] + 120, offsets[:3]
+    assert len(got) >= 50 and offsets[0] > last["offset"] + 1, len(got)
+    await asyncio.gather(x2.ws.close(), y.ws.close())
+    return len(got)
+
+
+@test
+def a_gap_longer_than_the_history_is_incomplete():
+    os.environ["CHAT_HISTORY_SIZE"] = "50"
+    try:
+        prefix = "rt%d:" % time.time_ns()
+        procs, workers = stack(redis_url(prefix), 2, 2)
+        try:
+            kept = asyncio.run(gap_check(procs[0][1], procs[1][1]))
+            print("  Redis, history of 50, 120 missed: complete false, the last %d delivered in order" % kept, flush=True)
+        finally:
+            stop(procs, workers)
+        proc, port = server()
+        try:
+            kept = asyncio.run(gap_check(port, port))
+            print("  embedded, history of 50, 120 missed: complete false, the last %d delivered in order" % kept, flush=True)
+        finally:
+            proc.stop()
+    finally:
+        del os.environ["CHAT_HISTORY_SIZE"]
+
+
+@test
+def a_history_lost_changes_the_epoch():
+    with own_redis() as (redis_port, workdir, url):
+        layer = url + "?prefix=rt:"
+        procs, workers = stack(layer, 2, 1)
+        try:
+            async def before():
+                x = await connect(procs[0][1], "epoch")
+                got = await post(x, 3, "before restart")
+                await x.ws.close()
+                return got[-1]
+            last = asyncio.run(before())
+            kill_redis(workdir)
+            start_redis(redis_port, workdir)
+
+            async def after():
+                # The servers and workers reconnect on their own; the room works again.
+                deadline = time.time() + 30
+                while True:
+                    x2 = await connect(procs[1][1], "epoch", "?offset=%d&epoch=%s" % (last["offset"], last["epoch"]))
+                    try:
+                        await wait_for(lambda: any(f.get("type") == "recovered" for f in x2.frames), "marker", 5)
+                        break
+                    except AssertionError:
+                        await x2.ws.close()
+                        if time.time() > deadline:
+                            raise
+                marker = next(f for f in x2.frames if f.get("type") == "recovered")
+                assert marker["complete"] is False and marker["epoch"] != last["epoch"], (marker, last)
+                fresh = await post(x2, 1, "after restart")
+                assert fresh[0]["epoch"] == marker["epoch"] and fresh[0]["offset"] == marker["offset"] + 1, fresh
+                await x2.ws.close()
+                return marker
+            marker = asyncio.run(after())
+            print("  Redis SIGKILLed and restarted empty: epoch %s -> %s, complete false" % (
+                last["epoch"], marker["epoch"]), flush=True)
+        finally:
+            stop(procs, workers)
+    # The embedded layer: a restarted server is a new epoch.
+    proc, port = server()
+    try:
+        async def once():
+            x = await connect(port, "epoch")
+            got = await post(x, 2, "first life")
+            await x.ws.close()
+            return got[-1]
+        last = asyncio.run(once())
+    finally:
+        proc.stop()
+    proc, port = server()
+    try:
+        async def again():
+            x = await connect(port, "epoch", "?offset=%d&epoch=%s" % (last["offset"], last["epoch"]))
+            await wait_for(lambda: any(f.get("type") == "recovered" for f in x.frames), "marker", 15)
+            marker = next(f for f in x.frames if f.get("type") == "recovered")
+            assert marker["complete"] is False and marker["epoch"] != last["epoch"], marker
+            await x.ws.close()
+        asyncio.run(again())
+    finally:
+        proc.stop()
+
+
+summary()
