@@ -1,6 +1,8 @@
 """A real browser test of the example's page: two headless Chromium sessions (Debian's
 chromium + chromium-driver, driven by Selenium) log in, join one room; one sends, the other
-sees it. Saves screenshots of both windows as test artifacts.
+sees it. Then the JavaScript client's recovery: a page's server is SIGKILLed and restarted
+while messages are posted through another server; the page reconnects on its own and shows
+each message once, in order, and who is online. Saves screenshots as test artifacts.
 
 Run by scripts/test.sh: test_browser.py CHAT_BINARY ARTIFACT_DIR
 """
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import json
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -46,6 +49,113 @@ def log_in(driver, url, name, password):
     wait.until(EC.text_to_be_present_in_element((By.ID, "me"), name))
     # The socket reconnects with the session cookie after login; wait until it is live.
     wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "live in #"))
+
+
+def wait_port(port, proc, timeout=30):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise AssertionError("runserver did not start on %d" % port)
+            time.sleep(0.1)
+
+
+def recovery_in_the_browser():
+    """Redis, servers A and B (--noworker), one worker. A page on A; A is SIGKILLed; 20
+    messages are posted through B; A comes back on its port; the page recovers them."""
+    from websockets.sync.client import connect
+    workdir = tempfile.mkdtemp(prefix="chat-browser-recovery-")
+    redis_port = free_port()
+    subprocess.run(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "yes",
+                    "--dir", workdir, "--pidfile", workdir + "/redis.pid", "--logfile", workdir + "/redis.log"], check=True)
+    layer = "redis://127.0.0.1:%d/0?prefix=browser:" % redis_port
+    env = dict(os.environ, CHAT_DATABASE=os.path.join(workdir, "chat.sqlite3"))
+    log = open(os.path.join(ARTIFACTS, "browser-recovery.log"), "w")
+
+    def start(port):
+        proc = subprocess.Popen([CHAT, "runserver", "--noworker", "--layer", layer, "--port", str(port), "--presence-ttl", "3"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_port(port, proc)
+        return proc
+    port_a, port_b = free_port(), free_port()
+    procs = []
+    driver = None
+    poster = None
+    try:
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+                break
+            time.sleep(0.05)
+        worker = subprocess.Popen([CHAT, "runworker", "--layer", layer], stdout=log, stderr=subprocess.STDOUT, env=env)
+        procs.append(worker)
+        server_a = start(port_a)
+        server_b = start(port_b)
+        procs += [server_a, server_b]
+        room = "recovery"
+        driver = browser()
+        log_in(driver, "http://127.0.0.1:%d/#%s" % (port_a, room), "dave", "dave-pass")
+        poster = connect("ws://127.0.0.1:%d/chat/%s/" % (port_b, room), open_timeout=15)
+        poster.server_frames = True
+        frames = []
+
+        def read_until(check, what, timeout=20):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                try:
+                    frames.append(json.loads(poster.recv(timeout=max(0.05, deadline - time.time()))))
+                except TimeoutError:
+                    break
+                if check():
+                    return
+            raise AssertionError("the poster timed out waiting for " + what)
+        read_until(lambda: any(f.get("type") == "presence" for f in frames), "its presence list")
+        poster_name = next(f for f in frames if f.get("type") == "presence")
+        online = lambda: [e.text.replace(" (you)", "") for e in driver.find_elements(By.CSS_SELECTOR, "#online div")]
+        WebDriverWait(driver, 20).until(lambda d: len(online()) == 2)
+        everyone = sorted(online())
+        assert "dave" in everyone, everyone
+        del poster_name
+        server_a.send_signal(signal.SIGKILL)
+        server_a.wait(10)
+        WebDriverWait(driver, 20).until(EC.text_to_be_present_in_element((By.ID, "status"), "reconnecting"))
+        texts = ["while away %d" % i for i in range(20)]
+        for text in texts:
+            poster.send(text)
+        read_until(lambda: sum(1 for f in frames if f.get("type") == "message") >= 20, "its 20 messages back")
+        server_a = start(port_a)
+        procs.append(server_a)
+        WebDriverWait(driver, 30).until(EC.text_to_be_present_in_element((By.ID, "status"), "live in #"))
+        WebDriverWait(driver, 20).until(EC.text_to_be_present_in_element((By.ID, "log"), texts[-1]))
+        shown = [e.find_element(By.CSS_SELECTOR, ".text").text for e in driver.find_elements(By.CSS_SELECTOR, "#log .msg")]
+        got = [t for t in shown if t.startswith("while away")]
+        assert got == texts, got
+        WebDriverWait(driver, 20).until(lambda d: sorted(online()) == everyone)
+        # Live again after the recovery, once.
+        poster.send("after the recovery")
+        WebDriverWait(driver, 20).until(EC.text_to_be_present_in_element((By.ID, "log"), "after the recovery"))
+        time.sleep(0.5)
+        shown = [e.find_element(By.CSS_SELECTOR, ".text").text for e in driver.find_elements(By.CSS_SELECTOR, "#log .msg")]
+        assert shown.count("after the recovery") == 1 and all(shown.count(t) == 1 for t in texts), shown
+        path = os.path.join(ARTIFACTS, "browser-recovery.png")
+        driver.save_screenshot(path)
+        print("screenshot:", path)
+        print("PASS browser recovery: server SIGKILLed and restarted, 20 messages posted through another server meanwhile "
+              "shown once each, in order; online list %s again" % everyone)
+    finally:
+        if poster:
+            poster.close()
+        if driver:
+            driver.quit()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        try:
+            os.kill(int(open(workdir + "/redis.pid").read()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 def main():
@@ -97,6 +207,7 @@ def main():
             driver.save_screenshot(path)
             print("screenshot:", path)
         print("PASS browser: two sessions logged in, one sent, the other saw it; a late joiner saw the history")
+        recovery_in_the_browser()
         return 0
     finally:
         for d in drivers:

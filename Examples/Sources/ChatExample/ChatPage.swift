@@ -1,5 +1,7 @@
-/// The web page of the example: log in, pick a room, see its history, send and receive live
-/// messages, reconnect with backoff when the socket drops. Plain HTML, CSS and JavaScript.
+/// The web page of the example: log in, pick a room, see its history and who is online, send
+/// and receive live messages. The socket is the framework's JavaScript client
+/// (`/static/channels.js`): it reconnects on its own and recovers what was missed meanwhile.
+/// Plain HTML, CSS and JavaScript.
 enum ChatPage {
     static let html = #"""
         <!doctype html>
@@ -32,6 +34,8 @@ enum ChatPage {
           .primary:hover { background:var(--accent2); }
           main { display:grid; grid-template-columns:230px 1fr; height:calc(100vh - 57px); }
           aside { border-right:1px solid var(--line); padding:18px 14px; background:var(--panel2); }
+          #online { margin:0 0 18px 6px; font-size:14px; color:var(--muted); }
+          #online div { padding:2px 0; }
           aside h2 { font-size:11px; letter-spacing:.1em; text-transform:uppercase; color:var(--muted); margin:0 0 8px 6px; }
           aside .room { display:block; width:100%; text-align:left; padding:8px 10px; margin:2px 0; border:0; border-radius:8px;
                         background:transparent; color:var(--text); }
@@ -81,6 +85,8 @@ enum ChatPage {
         </header>
         <main>
           <aside>
+            <h2>Online</h2>
+            <div id="online"></div>
             <h2>Rooms</h2>
             <div id="rooms"></div>
             <form id="newroom"><input id="roomname" placeholder="new room" pattern="[A-Za-z0-9_-]{1,50}"><button class="ghost">+</button></form>
@@ -103,10 +109,11 @@ enum ChatPage {
               <button id="guest" class="ghost" type="button">Continue as guest</button></div>
           </form>
         </div>
+        <script src="/static/channels.js"></script>
         <script>
         const rooms = ["lobby", "random", "swift"];
         let room = location.hash.slice(1) || "lobby";
-        let me = null, socket = null, retry = 0, timer = null;
+        let me = null, socket = null;
         const $ = (id) => document.getElementById(id);
         const log = $("log");
 
@@ -145,47 +152,54 @@ enum ChatPage {
           $("logout").style.display = me ? "" : "none";
           renderRooms();
         }
+        function showHistory(messages) {
+          // Messages that arrived before the history stay, after it, and are not shown twice.
+          const live = Array.from(log.querySelectorAll(".msg"));
+          const shown = new Set(live.map(d => d.dataset.key));
+          const past = messages.filter(m => !shown.has(key(m)));
+          log.innerHTML = "";
+          if (past.length) { system("Recent messages in #" + room); past.forEach(m => message(m)); }
+          if (past.length || live.length) system("— you joined —");
+          else system("No messages yet in #" + room + ". Say hello!", "empty");
+          live.forEach(d => log.appendChild(d));
+        }
+        function showOnline(users) {
+          $("online").innerHTML = users.map(u => "<div>" + esc(u) + (u === me ? " (you)" : "") + "</div>").join("");
+        }
         function connect() {
-          const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/chat/" + room + "/";
-          const ws = new WebSocket(url); socket = ws;
-          ws.onopen = () => { retry = 0; status(true, "live in #" + room); };
-          ws.onmessage = (event) => {
-            let data; try { data = JSON.parse(event.data); } catch { data = {type: "message", user: "?", text: event.data}; }
-            if (data.type === "history") {
-              // Messages that arrived before the history stay, after it, and are not shown twice.
-              const live = Array.from(log.querySelectorAll(".msg"));
-              const shown = new Set(live.map(d => d.dataset.key));
-              const past = data.messages.filter(m => !shown.has(key(m)));
-              log.innerHTML = "";
-              if (past.length) { system("Recent messages in #" + room); past.forEach(m => message(m)); }
-              if (past.length || live.length) system("— you joined —");
-              else system("No messages yet in #" + room + ". Say hello!", "empty");
-              live.forEach(d => log.appendChild(d));
-            } else if (data.type === "mention") {
-              if (data.room !== room) message(data, true);
-            } else {
-              message(data);
-            }
-          };
-          ws.onclose = () => {
-            if (socket !== ws) return;
-            const delay = Math.min(10000, 500 * 2 ** retry++);
-            status(false, "reconnecting in " + Math.round(delay / 100) / 10 + " s…");
-            timer = setTimeout(connect, delay);
-          };
+          socket = new ChannelsSocket("/chat/" + room + "/", {
+            onState: (state) => {
+              if (state === "open") status(true, "live in #" + room);
+              else if (state === "reconnecting") status(false, "reconnecting…");
+              else if (state === "connecting") status(false, "connecting…");
+            },
+            onPresence: showOnline,
+            onRecovered: async (result) => {
+              // Too much was missed (or the server lost its history): reload the room.
+              if (!result.complete) {
+                const r = await fetch("/api/rooms/" + room + "/messages/");
+                log.innerHTML = "";
+                showHistory((await r.json()).messages);
+              }
+            },
+            onMessage: (data) => {
+              if (data.type === "history") showHistory(data.messages);
+              else if (data.type === "mention") { if (data.room !== room) message(data, true); }
+              else if (data.type === "message" || data.type === "text") message(data);
+            },
+          });
         }
         function join(r) {
           room = r; location.hash = r; renderRooms();
-          if (timer) clearTimeout(timer);
           const old = socket; socket = null;
           if (old) old.close();
-          log.innerHTML = ""; status(false, "connecting…");
+          log.innerHTML = ""; $("online").innerHTML = ""; status(false, "connecting…");
           connect();
         }
         $("composer").onsubmit = (e) => {
           e.preventDefault();
           const input = $("text");
-          if (input.value.trim() && socket && socket.readyState === 1) { socket.send(input.value); input.value = ""; }
+          if (input.value.trim() && socket && socket.send(input.value)) input.value = "";
         };
         $("newroom").onsubmit = (e) => {
           e.preventDefault();

@@ -15,6 +15,8 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         route("http.request", path: "^/hello/", ChatConsumers.hello),
         route("http.request", path: "^/poll/$", method: "^POST$", ChatConsumers.poll),
         route("http.request", path: "^/$", ChatConsumers.page),
+        // The framework's JavaScript client, which the page uses.
+        ChannelsClient.route(),
         route("http.request", path: "^/stream/$", ChatConsumers.stream),
         route("http.request", path: "^/events/$", ChatConsumers.events),
         route("http.request", path: "^/download/(?P<mib>[0-9]{1,2})/$", ChatConsumers.download),
