@@ -9,7 +9,7 @@
 # Prints, per stack: deliveries (must be 100 %), time from send to the last member p50/p99,
 # deliveries/s for a back-to-back burst, and Redis commands per group send (from INFO
 # commandstats, for 1,000 members and for 10: ours must not grow with the member count); then
-# the ratios.
+# the ratios; then our stack again with history on (PEERCHAT_HISTORY=1), and its cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -102,6 +102,20 @@ SW_COST_SMALL=$(per_send "$R1" 10 "$P1")
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 pids=()
 
+log "swift-channels with history on (PEERCHAT_HISTORY=1: every room message gets an offset, kept for recovery)"
+RH=$(free_port); start_redis "$RH"
+LAYER="redis://127.0.0.1:$RH/0"
+PH1=$(free_port); PH2=$(free_port)
+for port in "$PH1" "$PH2"; do
+  PEERCHAT_HISTORY=1 "$APP" runserver --noworker --layer "$LAYER" --port "$port" > "$RUN_DIR/hserver-$port.log" 2>&1 &
+  pids+=($!)
+done
+for _ in 1 2; do PEERCHAT_HISTORY=1 "$APP" runworker --layer "$LAYER" > "$RUN_DIR/hworker-$RANDOM.log" 2>&1 & pids+=($!); done
+wait_http "$PH1"; wait_http "$PH2"
+$CLIENT swift-channels-history "$PH1,$PH2" --members "$MEMBERS" --messages "$MESSAGES" --burst "$BURST" --json | tee -a "$OUT"
+for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+pids=()
+
 log "Channels 4.3: Daphne 4 + channels_redis 4.3 (../shared/peers/run_channels4.sh)"
 R2=$(free_port); start_redis "$R2"
 P4=$(free_port)
@@ -125,4 +139,10 @@ for r, big, small in ((sw, sys.argv[2], sys.argv[3]), (c4, sys.argv[4], sys.argv
 if sw["to_all_p50_ms"] and c4["to_all_p50_ms"]:
     print("\nto-all p50: ours is %.2fx Channels 4's time (target: at most 0.33x)" % (sw["to_all_p50_ms"] / c4["to_all_p50_ms"]))
 print("burst deliveries/s: %.2fx Channels 4" % (sw["burst_deliveries_per_s"] / max(1, c4["burst_deliveries_per_s"])))
+hist = rows.get("swift-channels-history")
+if hist:
+    print("history on (offsets, recovery): delivered %.1f%%, to-all p50 %s ms (off: %s ms, %.2fx), burst %s deliveries/s (%.2fx off)" % (
+        100.0 * hist["delivered"] / hist["expected"], hist["to_all_p50_ms"], sw["to_all_p50_ms"],
+        hist["to_all_p50_ms"] / max(0.01, sw["to_all_p50_ms"]), hist["burst_deliveries_per_s"],
+        hist["burst_deliveries_per_s"] / max(1, sw["burst_deliveries_per_s"])))
 PY

@@ -14,6 +14,7 @@ struct InMemoryHistory {
 }
 
 extension InMemoryChannelLayer: ChannelLayerHistory {
+    /// Appends to the group's history; see ``ChannelLayerHistory/historyAppend(_:message:retention:)``.
     public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
@@ -27,6 +28,7 @@ extension InMemoryChannelLayer: ChannelLayerHistory {
         }
     }
 
+    /// Reads the group's history after a position; see ``ChannelLayerHistory/historyRead(_:after:retention:)``.
     public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now

@@ -19,6 +19,7 @@ struct InMemoryPresence {
 }
 
 extension InMemoryChannelLayer: ChannelLayerPresence {
+    /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
         try ChannelNames.validateGroup(group)
         let expires = ContinuousClock.now + ttl
@@ -38,6 +39,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
         }
     }
 
+    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:)``.
     public func presenceLeave(_ group: String, connection: String) async throws -> String? {
         try ChannelNames.validateGroup(group)
         return presence.withLock { all in
@@ -48,6 +50,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
         }
     }
 
+    /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
     public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
         let expires = ContinuousClock.now + ttl
         presence.withLock { all in
@@ -59,6 +62,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
         }
     }
 
+    /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
     public func presenceList(_ group: String) async throws -> [PresenceMember] {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
@@ -71,6 +75,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
         }
     }
 
+    /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
     public func presenceSweep() async throws -> [PresenceDiff] {
         let now = ContinuousClock.now
         return presence.withLock { all in

@@ -149,30 +149,37 @@ extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
         return presence
     }
 
+    /// Appends to the group's history; see ``ChannelLayerHistory/historyAppend(_:message:retention:)``.
     public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
         try await history().historyAppend(group, message: message, retention: retention)
     }
 
+    /// Reads the group's history after a position; see ``ChannelLayerHistory/historyRead(_:after:retention:)``.
     public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
         try await history().historyRead(group, after: position, retention: retention)
     }
 
+    /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
         try await presence().presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
     }
 
+    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:)``.
     public func presenceLeave(_ group: String, connection: String) async throws -> String? {
         try await presence().presenceLeave(group, connection: connection)
     }
 
+    /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
     public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
         try await presence().presenceRefresh(group, connections: connections, ttl: ttl)
     }
 
+    /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
     public func presenceList(_ group: String) async throws -> [PresenceMember] {
         try await presence().presenceList(group)
     }
 
+    /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
     public func presenceSweep() async throws -> [PresenceDiff] {
         try await presence().presenceSweep()
     }

@@ -58,12 +58,17 @@ public final class Worker: Service, Sendable {
     ///   - finishQueuedOnShutdown: on a graceful shutdown, take what is queued before stopping
     ///     (the only worker of an in-process layer); otherwise stop taking at once (other workers
     ///     read on).
+    ///   - middleware: around every consumer, the first outermost (see ``ConsumerMiddleware``).
+    ///   - hooks: called when the worker is ready and around each consumer.
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
         finishQueuedOnShutdown: Bool = false, consumerTimeout: Duration? = .seconds(60),
+        middleware: [ConsumerMiddleware] = [], hooks: WorkerHooks = WorkerHooks(),
         logger: Logger = Logger(label: "channels.worker")
     ) {
+        self.middleware = middleware
+        self.hooks = hooks
         self.finishQueuedOnShutdown = finishQueuedOnShutdown
         self.deadlines = consumerTimeout.map { ConsumerDeadlines(timeout: $0, logger: logger) }
         self.router = router
@@ -86,6 +91,9 @@ public final class Worker: Service, Sendable {
         self.receivingChannels = self.channels + [wakeChannel]
     }
 
+    private let middleware: [ConsumerMiddleware]
+    private let hooks: WorkerHooks
+
     /// A process channel of this worker's where a stop wakes the receive loop.
     private let wakeChannel: String
 
@@ -105,6 +113,7 @@ public final class Worker: Service, Sendable {
     /// taken is still run); cancellation reaches it too (Redis: `CLIENT UNBLOCK`).
     public func run() async {
         logger.info("worker ready", metadata: ["channels": "\(channels.joined(separator: ", "))", "concurrency": "\(concurrency)"])
+        await hooks.ready?()
         guard !channels.isEmpty else {
             logger.warning("no channels to listen on")
             return
@@ -298,7 +307,7 @@ public final class Worker: Service, Sendable {
         processed.add(1, ordering: .relaxed)
         ChannelsMetrics.received[ChannelKind(channel: received.channel)]?.increment()
         let context: ConsumerContext
-        guard let (consumer, kwargs, name) = router.match(channel: received.channel, message: received.message) else {
+        guard let (routed, kwargs, name) = router.match(channel: received.channel, message: received.message) else {
             await unrouted(received)
             return false
         }
@@ -310,6 +319,9 @@ public final class Worker: Service, Sendable {
         ) { [weak self] parked in
             await self?.dispatch(parked)
         }
+        let consumer = middleware.isEmpty ? routed : middleware.wrapping(routed)
+        await hooks.consumerStarted?(context)
+        var failure: (any Error)?
         let started = ContinuousClock.now
         defer { ChannelsMetrics.route(name).duration.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
         // Cancellable by its timeout, and by the client leaving a streamed response.
@@ -330,21 +342,27 @@ public final class Worker: Service, Sendable {
                 }
             }
         } catch is CancellationError where context.streaming.withLock({ $0?.handle.cancelled }) == true {
+            failure = CancellationError()
             logger.debug("streamed response stopped: the client left", metadata: ["consumer": "\(name)"])
         } catch ConsumerError.denyConnection {
+            failure = ConsumerError.denyConnection
             let answer = received.channel == ASGIChannel.websocketConnect ? WebSocketSendMessage.refuse : .close(code: 1000)
             try? await context.reply(answer)
         } catch ConsumerError.close(let code) {
+            failure = ConsumerError.close(code: code)
             try? await context.reply(WebSocketSendMessage.close(code: code))
         } catch ConsumerError.consumeLater {
+            failure = ConsumerError.consumeLater
             await requeue(received, consumer: name)
         } catch {
+            failure = error
             ChannelsMetrics.route(name).errors.increment()
             logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
             await context.abortOpenResponse()
         }
         let timedOut = deadline.map { deadlines?.end($0) ?? false } ?? false
         await context.flush()
+        await hooks.consumerFinished?(context, failure)
         let dropped = context.droppedSends.load(ordering: .relaxed)
         sendsDropped.add(dropped, ordering: .relaxed)
         if dropped > 0 { ChannelsMetrics.dropped[.retriesExhausted]?.increment(by: dropped) }

@@ -9,6 +9,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import RedisChannelLayer
+import ServiceLifecycle
 import Synchronization
 
 /// An application: its routing, declared once, and the commands it gets from it
@@ -22,6 +23,14 @@ public struct ChannelsApplication: Sendable {
     public var users: (any UserProvider)?
     /// Session cookie and lifetime settings for the session and auth wrappers.
     public var sessionSettings: SessionSettings
+    /// Around every consumer of this application's workers, the first outermost.
+    public var middleware: [ConsumerMiddleware] = []
+    /// Called when a worker is ready and around each consumer.
+    public var hooks = WorkerHooks()
+    /// The application's own background services (a job queue, a poller, a cache warmer), made
+    /// by `runserver` (with workers) and `runworker`, run in the command's service group: started
+    /// with it, told of its graceful shutdown, and awaited before the process exits.
+    public var services: @Sendable () -> [any Service] = { [] }
 
     /// Creates an application from its routing and settings; `main()` then runs the subcommand
     /// given on the command line.

@@ -202,7 +202,7 @@ struct RunServer: ApplicationSubcommand {
                 router: router, layer: layer, concurrency: threads,
                 environment: environment, finishQueuedOnShutdown: true,
                 consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil,
-                logger: options.makeLogger("channels.worker"))
+                middleware: app.middleware, hooks: app.hooks, logger: options.makeLogger("channels.worker"))
         // On the in-memory layer nothing else could run a delay server: run one here.
         let delay =
             !noworker && backend.isEmbedded
@@ -216,7 +216,10 @@ struct RunServer: ApplicationSubcommand {
         // disconnects reach the layer), then the workers take what is queued, then the delay server.
         var services: [any Service] = []
         if let delay { services.append(delay) }
-        if let worker { services.append(worker) }
+        if let worker {
+            services.append(worker)
+            services += app.services()
+        }
         if admin, let metricsEndpoint {
             let routed = router.channels.union([ASGIChannel.httpRequest] + ASGIChannel.websocket)
             let page = AdminPage(layer: layer, routed: routed, tallies: metricsEndpoint.tallies, token: resolvedAdminToken)

@@ -32,11 +32,12 @@ struct RunWorker: ApplicationSubcommand {
         let worker = Worker(
             router: router, layer: layer, concurrency: threads, only: onlyChannels,
             exclude: excludeChannels, environment: try await options.makeEnvironment(backend: backend, app: app, logger: logger),
-            consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil, logger: logger)
+            consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil,
+            middleware: app.middleware, hooks: app.hooks, logger: logger)
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(
-            [worker], metrics: metricsEndpoint,
+            [worker] + app.services(), metrics: metricsEndpoint,
             grace: Duration(secondsValue: shutdownTimeout), logger: logger)
         await layer.close()
     }

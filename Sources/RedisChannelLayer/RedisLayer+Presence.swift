@@ -23,6 +23,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
 
     private var presenceIndex: RedisArgument { .text(configuration.prefix + "presence-groups") }
 
+    /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
@@ -35,6 +36,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return reply.countValue == 1
     }
 
+    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:)``.
     public func presenceLeave(_ group: String, connection: String) async throws -> String? {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
@@ -43,6 +45,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return reply.text
     }
 
+    /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
     public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
         guard !connections.isEmpty else { return }
         let keys = presenceKeys(group)
@@ -63,6 +66,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         }
     }
 
+    /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
     public func presenceList(_ group: String) async throws -> [PresenceMember] {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
@@ -80,6 +84,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return members.values.sorted { $0.user < $1.user }
     }
 
+    /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
     public func presenceSweep() async throws -> [PresenceDiff] {
         var diffs: [String: [String]] = [:]
         for shard in shards.indices {
@@ -148,13 +153,16 @@ extension Scripts {
         source: """
             local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf')
             local out = {}
-            if #live == 0 then return out end
-            local users = redis.call('HMGET', KEYS[1], unpack(live))
-            local metas = redis.call('HMGET', KEYS[2], unpack(live))
-            for i = 1, #live do
-                if users[i] then
-                    out[#out + 1] = users[i]
-                    out[#out + 1] = metas[i] or '{}'
+            -- In slices: unpack() takes a few thousand values at most.
+            for first = 1, #live, 500 do
+                local last = math.min(first + 499, #live)
+                local users = redis.call('HMGET', KEYS[1], unpack(live, first, last))
+                local metas = redis.call('HMGET', KEYS[2], unpack(live, first, last))
+                for i = 1, last - first + 1 do
+                    if users[i] then
+                        out[#out + 1] = users[i]
+                        out[#out + 1] = metas[i] or '{}'
+                    end
                 end
             end
             return out

@@ -136,6 +136,26 @@ struct HistoryPresenceTests {
         }
     }
 
+    @Test("presence: a list of 12,000 connections (past Lua's unpack limit)", arguments: LayerKind.allCases)
+    func bigPresence(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let presence = try presence(layer)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for lane in 0..<8 {
+                    group.addTask {
+                        for i in stride(from: lane, to: 12_000, by: 8) {
+                            _ = try await presence.presenceJoin(
+                                "big", connection: "s!\(i)", user: "u\(i % 6000)", meta: "{}", ttl: .seconds(60))
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let list = try await presence.presenceList("big")
+            #expect(list.count == 6000 && list.allSatisfy { $0.connections == 2 })
+        }
+    }
+
     @Test("presence: connections not renewed expire, the sweep removes them once and names who left", arguments: LayerKind.allCases)
     func presenceExpiry(_ kind: LayerKind) async throws {
         try await withLayer(kind) { layer in

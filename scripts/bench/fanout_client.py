@@ -24,6 +24,7 @@ async def main():
     parser.add_argument("--members", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=20)
     parser.add_argument("--burst", type=int, default=20)
+    parser.add_argument("--json", action="store_true", help="frames are JSON publications: match on their text")
     opts = parser.parse_args()
     ports = [int(p) for p in opts.ports.split(",")]
     room = "fanout%d" % time.time_ns()
@@ -33,6 +34,12 @@ async def main():
     async def reader(ws):
         try:
             async for frame in ws:
+                if opts.json:
+                    # History on: {"offset":…,"epoch":…,"text":…}; the server's own frames are not messages.
+                    event = json.loads(frame)
+                    if "text" not in event:
+                        continue
+                    frame = event["text"]
                 arrivals.setdefault(frame, []).append(time.perf_counter())
         except websockets.ConnectionClosed:
             pass

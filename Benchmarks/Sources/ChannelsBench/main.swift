@@ -40,6 +40,11 @@ if arguments.count >= 2, arguments[1] == "ws" {
         exit(1)
     }
 }
+// `channels-bench realtime REDIS_URL PREFIX`: recovery and presence figures (scripts/bench-realtime.sh).
+if arguments.count == 4, arguments[1] == "realtime" {
+    try await RealtimeBench.main(url: arguments[2], prefix: arguments[3])
+    exit(0)
+}
 guard arguments.count >= 2 else {
     FileHandle.standardError.write(Data("usage: channels-bench REDIS_URL [N]\n".utf8))
     exit(2)

@@ -9,7 +9,7 @@ import Foundation
 GroupHistory.keep(
     "chat-*", size: ChatConsumers.environmentInt("CHAT_HISTORY_SIZE", 1000),
     ttl: .seconds(ChatConsumers.environmentInt("CHAT_HISTORY_TTL", 300)))
-let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
+var app = ChannelsApplication(name: "chat", users: ChatUsers()) {
     [
         // Step 1: an HTTP consumer.
         route("http.request", path: "^/hello/", ChatConsumers.hello),
@@ -58,5 +58,8 @@ let app = ChannelsApplication(name: "chat", users: ChatUsers()) {
         route("chat-messages", inSendOrder(ChatConsumers.saveAndBroadcast)),
     ]
 }
+
+// A background service of the app's own, run (and stopped) with runserver's and runworker's services.
+app.services = { [RoomCensus()] }
 
 await app.main()
