@@ -310,4 +310,22 @@ def a_history_lost_changes_the_epoch():
         proc.stop()
 
 
+@test
+def an_application_service_runs_and_stops_with_the_worker():
+    """The example's RoomCensus (ChannelsApplication.services): started with runworker's
+    service group, stopped at its graceful shutdown, and the process exits 0 promptly."""
+    prefix = "rt%d:" % time.time_ns()
+    worker = Proc("runworker", "--layer", redis_url(prefix))
+    worker.wait_line("worker ready")
+    worker.wait_line("room census started")
+    started = time.time()
+    code = worker.stop(signal.SIGTERM)
+    took = time.time() - started
+    worker.log.seek(0)
+    out = worker.log.read()
+    assert code == 0 and "room census stopped" in out, (code, out[-1500:])
+    assert took < 10, took
+    print("  runworker: the app's service started with the worker, stopped at SIGTERM; exit 0 in %.1f s" % took, flush=True)
+
+
 summary()
