@@ -110,7 +110,10 @@ let package = Package(
         ),
         .target(
             name: "ChannelsTesting",
-            dependencies: ["ASGI", "Channels", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "ASGI", "Channels", "InterfaceServer", .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
             swiftSettings: swiftSettings
         ),
         .target(

@@ -37,6 +37,20 @@ public final class HTTPTestClient: Sendable {
     /// Puts a cookie in the jar, as if a response had set it.
     public func setCookie(_ name: String, _ value: String) { jar.withLock { $0[name] = value } }
 
+    /// Logs `user` in without a login form (Django's `force_login`): a new session in the
+    /// harness's store, its cookie kept by this client (and given to sockets made with
+    /// `cookies:`). The harness's `users` must know the user for consumers to see it.
+    public func forceLogin(_ user: User) async throws {
+        let key = try await Session.loggedIn(user, environment: harness.environment)
+        setCookie(harness.environment.sessionSettings.cookieName, key)
+    }
+
+    /// Forgets the session cookie (the client is anonymous again).
+    public func logout() {
+        let name = harness.environment.sessionSettings.cookieName
+        _ = jar.withLock { $0.removeValue(forKey: name) }
+    }
+
     /// Sends a GET and returns the response.
     public func get(_ path: String, query: String = "", headers: [(String, String)] = []) async throws -> TestResponse {
         try await request("GET", path, query: query, headers: headers)

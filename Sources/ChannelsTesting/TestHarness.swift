@@ -136,3 +136,42 @@ public final class TestHarness: Sendable {
     /// A fresh single-reader reply channel.
     public func newReplyChannel() async throws -> String { try await layer.base.newChannel("test.reply?") }
 }
+
+extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
+    private var metered: MeteredChannelLayer { MeteredChannelLayer(base) }
+
+    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
+        try await metered.historyAppend(group, message: message, retention: retention)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
+        try await metered.historyRead(group, after: position, retention: retention)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+        try await metered.presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
+        try await metered.presenceLeave(group, connection: connection)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
+        try await metered.presenceRefresh(group, connections: connections, ttl: ttl)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    public func presenceList(_ group: String) async throws -> [PresenceMember] {
+        try await metered.presenceList(group)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    public func presenceSweep() async throws -> [PresenceDiff] {
+        try await metered.presenceSweep()
+    }
+}

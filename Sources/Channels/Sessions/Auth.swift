@@ -258,3 +258,17 @@ public enum PasswordHasher {
         return key.withUnsafeBytes { Array($0) }
     }
 }
+
+extension Session {
+    /// A new HTTP session with `user` logged in, saved in `environment`'s store; returns its key
+    /// (the session cookie's value). What Django's `force_login` does: for tests and tools that
+    /// need a logged-in client without going through a login form.
+    public static func loggedIn(_ user: User, environment: ConsumerEnvironment) async throws -> String {
+        let session = try await Session.load(key: nil, store: environment.sessionStore, settings: environment.sessionSettings)
+        session.cycleKey()
+        session[AuthSessionKey.userID] = .string(user.id)
+        try await session.save()
+        guard let key = session.key else { throw ChannelLayerError(.invalidConfiguration, "the session was not given a key") }
+        return key
+    }
+}

@@ -1,0 +1,66 @@
+import ASGI
+import ChannelsTesting
+import Foundation
+import Testing
+
+@testable import Channels
+
+#if canImport(FoundationNetworking)
+    import FoundationNetworking
+#endif
+
+/// The test helpers themselves: `forceLogin` on the test client, publish/follow through the
+/// harness, and the live server over real sockets.
+@Suite("test helpers: forceLogin, history in the harness, the live server", .timeLimit(.minutes(1)))
+struct TestHelperTests {
+    static let routes: [RoutingEntry] = [
+        route(
+            "http.request", path: "^/me/$",
+            httpSessionUser { context in
+                try await context.respond(context.user.isAuthenticated ? context.user.username : "anonymous")
+            }),
+        route("http.request", path: "^/hello/$") { context in try await context.respond("hello \(context.path)") },
+    ]
+
+    @Test("forceLogin: the next requests are the user's; logout: anonymous again")
+    func forceLogin() async throws {
+        let harness = try TestHarness(
+            Self.routes, environment: ConsumerEnvironment(sessionStore: InMemorySessionStore(), users: TestUsers()))
+        let client = HTTPTestClient(harness)
+        #expect(try await client.get("/me/").text == "anonymous")
+        try await client.forceLogin(User(id: "2", username: "bob"))
+        #expect(try await client.get("/me/").text == "bob")
+        client.logout()
+        #expect(try await client.get("/me/").text == "anonymous")
+    }
+
+    @Test("the harness's recording layer keeps history: publish from a consumer, offsets in the frame")
+    func publishInTheHarness() async throws {
+        GroupHistory.keep("news-*", size: 10, ttl: .seconds(60))
+        defer { GroupHistory.reset() }
+        let harness = try TestHarness([
+            route("publish") { context in
+                try await Group("news-1").publish("{\"n\":\(try context.message.int("n"))}")
+            }
+        ])
+        try await harness.layer.groupAdd("news-1", channel: "reader")
+        try await harness.send(["n": 7], to: "publish")
+        let frame = try #require(try await harness.receive(from: "reader", timeout: .seconds(1)))
+        let text = try #require(frame["text"]?.stringValue)
+        #expect(text.hasPrefix("{\"offset\":1,\"epoch\":\"") && text.hasSuffix("\"n\":7}"))
+    }
+
+    @Test("the live server: a real HTTP request reaches the consumer through a real socket")
+    func liveServer() async throws {
+        let live = try await LiveServer.start(Self.routes)
+        do {
+            let (data, response) = try await URLSession.shared.data(from: URL(string: live.url + "/hello/")!)
+            #expect((response as? HTTPURLResponse)?.statusCode == 200)
+            #expect(String(decoding: data, as: UTF8.self) == "hello /hello/")
+        } catch {
+            await live.stop()
+            throw error
+        }
+        await live.stop()
+    }
+}
