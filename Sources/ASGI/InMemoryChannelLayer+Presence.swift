@@ -26,39 +26,39 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
         return presence.withLock { all in
             var entry = all[group] ?? InMemoryPresence()
             defer { all[group] = entry }
-            if let old = entry.connections[connection] {
-                if old.user == user {
-                    entry.connections[connection] = (user, meta, expires)
-                    return false
-                }
-                _ = entry.remove(connection)
-            }
+            if let old = entry.connections[connection], old.user != user { _ = entry.remove(connection) }
+            if entry.connections[connection] == nil { entry.counts[user, default: 0] += 1 }
             entry.connections[connection] = (user, meta, expires)
-            entry.counts[user, default: 0] += 1
             return entry.counts[user] == 1
         }
     }
 
-    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:)``.
-    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
+    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
         try ChannelNames.validateGroup(group)
         return presence.withLock { all in
-            guard var entry = all[group] else { return nil }
-            let gone = entry.remove(connection)
+            guard var entry = all[group] else { return true }
+            _ = entry.remove(connection)
             all[group] = entry.connections.isEmpty ? nil : entry
-            return gone
+            return entry.counts[user] == nil
         }
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
         let expires = ContinuousClock.now + ttl
-        presence.withLock { all in
-            guard var entry = all[group] else { return }
-            for connection in connections {
-                if let old = entry.connections[connection] { entry.connections[connection] = (old.user, old.meta, expires) }
+        return presence.withLock { all in
+            var entry = all[group] ?? InMemoryPresence()
+            var back: [PresenceConnection] = []
+            for c in connections {
+                if entry.connections[c.connection] == nil {
+                    entry.counts[c.user, default: 0] += 1
+                    if entry.counts[c.user] == 1 { back.append(c) }
+                }
+                entry.connections[c.connection] = (c.user, c.meta, expires)
             }
-            all[group] = entry
+            all[group] = entry.connections.isEmpty ? nil : entry
+            return back
         }
     }
 

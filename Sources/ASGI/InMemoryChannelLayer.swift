@@ -119,7 +119,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     private let capacities: CapacityTable
     private let state = Mutex(State())
     /// Group histories (see ``ChannelLayerHistory``), apart from the queues' lock.
-    let histories = Mutex([String: InMemoryHistory]())
+    let histories = Mutex(InMemoryHistories())
     /// Group presence (see ``ChannelLayerPresence``).
     let presence = Mutex([String: InMemoryPresence]())
     private let membersMissed = Atomic<Int>(0)
@@ -346,7 +346,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
             state.counters.removeAll()
             state.global = Counters()
         }
-        histories.withLock { $0.removeAll() }
+        histories.withLock { $0 = InMemoryHistories() }
         presence.withLock { $0.removeAll() }
     }
 

@@ -164,13 +164,13 @@ extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
         try await presence().presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
     }
 
-    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:)``.
-    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
-        try await presence().presenceLeave(group, connection: connection)
+    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
+        try await presence().presenceLeave(group, connection: connection, user: user)
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
         try await presence().presenceRefresh(group, connections: connections, ttl: ttl)
     }
 

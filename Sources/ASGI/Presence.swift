@@ -15,6 +15,23 @@ public struct PresenceMember: Sendable, Hashable, Codable {
     }
 }
 
+/// A connection tracked as present, as its server renews it.
+public struct PresenceConnection: Sendable, Hashable {
+    /// The connection (a socket's reply channel).
+    public var connection: String
+    /// The user it is present as.
+    public var user: String
+    /// Its metadata (JSON object text).
+    public var meta: String
+
+    /// A connection.
+    public init(connection: String, user: String, meta: String) {
+        self.connection = connection
+        self.user = user
+        self.meta = meta
+    }
+}
+
 /// What changed in a group's presence: users who came (their first connection) and left
 /// (their last one).
 public struct PresenceDiff: Sendable, Hashable {
@@ -41,15 +58,19 @@ public struct PresenceDiff: Sendable, Hashable {
 /// whose server died stops being renewed and is swept out at its expiry, so presence heals
 /// without anyone cleaning up.
 public protocol ChannelLayerPresence: ChannelLayer {
-    /// Tracks `connection` as `user` in `group` until `ttl` from now; true when the user was
-    /// not present before (its first connection).
+    /// Tracks `connection` as `user` in `group` until `ttl` from now; true when this is the
+    /// user's only connection there (it joined). Safe to retry after an unknown outcome: a
+    /// retried join says true again rather than nothing.
     func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool
 
-    /// Stops tracking `connection`; the user when that was their last connection in the group.
-    func presenceLeave(_ group: String, connection: String) async throws -> String?
+    /// Stops tracking `connection` (of `user`); true when the user has no connection left in the
+    /// group (it left). Safe to retry: a retried leave says true again rather than nothing.
+    func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool
 
-    /// Pushes the expiry of tracked connections to `ttl` from now (their server's heartbeat).
-    func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws
+    /// Pushes the expiry of tracked connections to `ttl` from now (their server's heartbeat),
+    /// tracking again any that were swept meanwhile (their server stalled past the TTL);
+    /// returns those tracked again whose user was absent (present again because of it).
+    func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection]
 
     /// Who is present, sorted by user; expired connections are not counted.
     func presenceList(_ group: String) async throws -> [PresenceMember]

@@ -154,11 +154,14 @@ extension ConsumerContext {
         if let channel = replyChannel { try await layer.groupAdd(group.name, channel: channel.name) }
     }
 
-    /// The position a reconnecting socket gives in its query (`?offset=<n>&epoch=<e>`), if any.
+    /// The position a reconnecting socket gives in its query (`?offset=<n>&epoch=<e>`), if any
+    /// (nil for one that is not a position: an offset past 2^63 - 1, an epoch not of ASCII
+    /// letters and digits or longer than 64).
     public var streamPosition: StreamPosition? {
         guard let request = try? WebSocketConnectMessage(message),
-            let offset = request.query("offset").flatMap({ UInt64($0) }), let epoch = request.query("epoch"), !epoch.isEmpty,
-            epoch.allSatisfy({ $0.isLetter || $0.isNumber })
+            let offset = request.query("offset").flatMap({ UInt64($0) }), offset < UInt64(Int64.max),
+            let epoch = request.query("epoch"), !epoch.isEmpty, epoch.count <= 64,
+            epoch.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber) })
         else { return nil }
         return StreamPosition(offset: offset, epoch: epoch)
     }

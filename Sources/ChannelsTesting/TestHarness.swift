@@ -156,12 +156,12 @@ extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
-    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
-        try await metered.presenceLeave(group, connection: connection)
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
+        try await metered.presenceLeave(group, connection: connection, user: user)
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
-    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
         try await metered.presenceRefresh(group, connections: connections, ttl: ttl)
     }
 

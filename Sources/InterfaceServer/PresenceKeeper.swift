@@ -5,30 +5,39 @@ import Synchronization
 /// The sockets of this server tracked as present, by group: renewed by the keeper while they
 /// are open.
 final class PresenceRegistry: Sendable {
-    private let tracked = Mutex<[String: Set<String>]>([:])
+    private let tracked = Mutex<[String: [String: PresenceConnection]]>([:])
 
-    func track(_ connection: String, in group: String) {
-        tracked.withLock { _ = $0[group, default: []].insert(connection) }
+    func track(_ connection: PresenceConnection, in group: String) {
+        tracked.withLock { $0[group, default: [:]][connection.connection] = connection }
     }
 
     func untrack(_ connection: String, in group: String) {
         tracked.withLock { all in
-            all[group]?.remove(connection)
+            all[group]?.removeValue(forKey: connection)
             if all[group]?.isEmpty == true { all[group] = nil }
         }
     }
 
-    var snapshot: [String: Set<String>] { tracked.withLock { $0 } }
+    func isTracked(_ connection: String, in group: String) -> Bool {
+        tracked.withLock { $0[group]?[connection] != nil }
+    }
+
+    var snapshot: [String: [PresenceConnection]] { tracked.withLock { $0.mapValues { Array($0.values) } } }
 }
 
 /// Presence changes of this server's sockets, gathered for a moment and told to each group as
 /// one diff: a thousand sockets joining a room within a second are a few diffs to its members,
-/// not a thousand (each to a thousand sockets). A user who joins and leaves within the moment
-/// is no change at all.
+/// not a thousand (each to a thousand sockets). Each user is told in its last state of the
+/// moment (a join then a leave is a leave), never left out: a diff that says what a client
+/// already knows is harmless, one that is missing leaves a ghost. The moments' diffs are sent in
+/// order, one moment after the other.
 final class PresenceDiffBatcher: Sendable {
     private struct State {
-        var net: [String: [String: Int]] = [:]
+        /// Per group, each user's last change (true: joined).
+        var last: [String: [String: Bool]] = [:]
         var scheduled = false
+        /// The previous moment's sending, which the next one waits for.
+        var sending: Task<Void, Never>?
     }
 
     private let state = Mutex(State())
@@ -39,34 +48,35 @@ final class PresenceDiffBatcher: Sendable {
     /// Adds a join (or a leave) of `user` in `group`; the first change of a moment schedules the
     /// send of the diffs when the moment is over.
     func add(_ group: String, user: String, joined: Bool, send: @escaping @Sendable ([PresenceDiff]) async -> Void) {
-        let schedule = state.withLock { state -> Bool in
-            state.net[group, default: [:]][user, default: 0] += joined ? 1 : -1
-            defer { state.scheduled = true }
-            return !state.scheduled
-        }
-        guard schedule else { return }
-        let window = self.window
-        Task {
-            try? await Task.sleep(for: window)
-            await send(self.take())
+        state.withLock { state in
+            state.last[group, default: [:]][user] = joined
+            guard !state.scheduled else { return }
+            state.scheduled = true
+            let previous = state.sending
+            let window = self.window
+            state.sending = Task {
+                try? await Task.sleep(for: window)
+                let diffs = self.take()
+                await previous?.value
+                await send(diffs)
+            }
         }
     }
 
     /// The diffs gathered, emptied.
     func take() -> [PresenceDiff] {
-        let net = state.withLock { state in
+        let last = state.withLock { state in
             defer {
-                state.net = [:]
+                state.last = [:]
                 state.scheduled = false
             }
-            return state.net
+            return state.last
         }
-        return net.keys.sorted().compactMap { group in
-            let changes = net[group]!
-            let diff = PresenceDiff(
-                group: group, joins: changes.filter { $0.value > 0 }.map(\.key).sorted(),
-                leaves: changes.filter { $0.value < 0 }.map(\.key).sorted())
-            return diff.isEmpty ? nil : diff
+        return last.keys.sorted().map { group in
+            let changes = last[group]!
+            return PresenceDiff(
+                group: group, joins: changes.filter { $0.value }.map(\.key).sorted(),
+                leaves: changes.filter { !$0.value }.map(\.key).sorted())
         }
     }
 }
@@ -89,7 +99,16 @@ struct PresenceKeeper {
             }
             do {
                 for (group, connections) in server.presence.snapshot {
-                    try await presence.presenceRefresh(group, connections: Array(connections), ttl: ttl)
+                    // Swept while this server stalled past the TTL: tracked again, and said so.
+                    let back = try await presence.presenceRefresh(group, connections: connections, ttl: ttl)
+                    for connection in back {
+                        if server.presence.isTracked(connection.connection, in: group) {
+                            server.tellPresence(group, user: connection.user, joined: true)
+                        } else if try await presence.presenceLeave(group, connection: connection.connection, user: connection.user) {
+                            // It left while this renewal was on its way (and was put back by it): out again.
+                            server.tellPresence(group, user: connection.user, joined: false)
+                        }
+                    }
                 }
                 for diff in try await presence.presenceSweep() {
                     try await server.layer.sendGroup(diff.group, message: ["text": .string(PresenceText.diff(diff))])

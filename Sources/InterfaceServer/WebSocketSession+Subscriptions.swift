@@ -10,8 +10,10 @@ struct SessionSubscriptions {
     var sequencer = PublicationSequencer()
     var retention: [String: HistoryRetention] = [:]
     var gapTimers: [String: Scheduled<Void>] = [:]
-    /// Groups where this socket is tracked as present.
-    var presence: Set<String> = []
+    /// Groups where this socket is tracked as present, and as whom.
+    var presence: [String: PresenceConnection] = [:]
+    /// Each group's latest presence call: the next waits for it (a join and a leave in order).
+    var presenceTasks: [String: Task<Void, Never>] = [:]
 }
 
 /// The socket's part of history and presence. The application asks through its reply channel
@@ -68,7 +70,7 @@ extension WebSocketSession {
         let retention = HistoryRetention(
             size: Int(control["size"]?.intValue ?? 1000), ttl: .seconds(control["ttl"]?.intValue ?? 300))
         let after: StreamPosition? =
-            if let offset = control["offset"]?.intValue, offset >= 0, let epoch = control["epoch"]?.stringValue {
+            if let offset = control["offset"]?.intValue, offset >= 0, offset < Int64.max, let epoch = control["epoch"]?.stringValue {
                 StreamPosition(offset: UInt64(offset), epoch: epoch)
             } else {
                 nil
@@ -170,34 +172,74 @@ extension WebSocketSession {
             server.counters.count(.malformedReplies)
             return
         }
-        let channel = replyChannel
-        let ttl = server.configuration.presenceTTL
-        let server = self.server
         if control["leave"]?.boolValue == true {
-            guard subscriptions.presence.remove(group) != nil else { return }
-            server.presence.untrack(channel, in: group)
-            let logger = server.logger
-            Task { await WebSocketSession.leave(group, channel: channel, presence: presence, server: server, logger: logger) }
+            leavePresence(group, presence: presence)
             return
         }
         guard let user = control["user"]?.stringValue, !user.isEmpty else {
             server.counters.count(.malformedReplies)
             return
         }
-        let meta = control["meta"]?.stringValue ?? "{}"
-        subscriptions.presence.insert(group)
-        server.presence.track(channel, in: group)
-        let bound = NIOLoopBound(self, eventLoop: self.channel.eventLoop)
-        let loop = self.channel.eventLoop
-        let logger = server.logger
-        Task {
-            do {
-                let joined = try await presence.presenceJoin(group, connection: channel, user: user, meta: meta, ttl: ttl)
-                let members = try await presence.presenceList(group)
+        let connection = PresenceConnection(connection: replyChannel, user: user, meta: control["meta"]?.stringValue ?? "{}")
+        subscriptions.presence[group] = connection
+        server.presence.track(connection, in: group)
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        let loop = channel.eventLoop
+        let server = self.server
+        let ttl = server.configuration.presenceTTL
+        let previous = subscriptions.presenceTasks[group]
+        subscriptions.presenceTasks[group] = Task {
+            await previous?.value
+            // Retried until answered: a join whose outcome is unknown would never be told.
+            guard
+                let joined = await WebSocketSession.retrying(
+                    "join", group: group, server: server,
+                    {
+                        try await presence.presenceJoin(
+                            group, connection: connection.connection, user: user, meta: connection.meta, ttl: ttl)
+                    })
+            else { return }
+            if joined { server.tellPresence(group, user: user, joined: true) }
+            if let members = try? await presence.presenceList(group) {
                 loop.execute { bound.value.deliverText(PresenceText.list(members)) }
-                if joined { server.tellPresence(group, user: user, joined: true) }
+            }
+        }
+    }
+
+    /// Leaves `group`'s presence, after this socket's join there is done (a leave that overtook
+    /// its join would be undone by it), retried until answered.
+    private func leavePresence(_ group: String, presence: any ChannelLayerPresence) {
+        guard let connection = subscriptions.presence.removeValue(forKey: group) else { return }
+        server.presence.untrack(connection.connection, in: group)
+        let server = self.server
+        let previous = subscriptions.presenceTasks.removeValue(forKey: group)
+        Task {
+            await previous?.value
+            let gone = await WebSocketSession.retrying("leave", group: group, server: server) {
+                try await presence.presenceLeave(group, connection: connection.connection, user: connection.user)
+            }
+            if gone == true { server.tellPresence(group, user: connection.user, joined: false) }
+        }
+    }
+
+    /// Runs a presence call until it is answered (backing off up to 5 s between tries, for at
+    /// most two minutes: then the entry's expiry is the last word).
+    private static func retrying<T: Sendable>(
+        _ what: String, group: String, server: ServerContext, _ call: @Sendable () async throws -> T
+    ) async -> T? {
+        var pause = Duration.milliseconds(200)
+        let deadline = ContinuousClock.now + .seconds(120)
+        while true {
+            do {
+                return try await call()
             } catch {
-                logger.warning("a presence join failed", metadata: ["group": "\(group)", "error": "\(error)"])
+                guard ContinuousClock.now < deadline else {
+                    server.logger.warning(
+                        "a presence \(what) failed; the entry expires", metadata: ["group": "\(group)", "error": "\(error)"])
+                    return nil
+                }
+                try? await Task.sleep(for: pause)
+                pause = min(pause * 2, .seconds(5))
             }
         }
     }
@@ -206,29 +248,7 @@ extension WebSocketSession {
     func subscriptionsEnded() {
         for timer in subscriptions.gapTimers.values { timer.cancel() }
         subscriptions.gapTimers = [:]
-        let groups = subscriptions.presence
-        subscriptions.presence = []
-        guard !groups.isEmpty, let presence = server.layer as? any ChannelLayerPresence else { return }
-        let channel = replyChannel
-        let server = self.server
-        let logger = server.logger
-        for group in groups { server.presence.untrack(channel, in: group) }
-        Task {
-            for group in groups.sorted() {
-                await WebSocketSession.leave(group, channel: channel, presence: presence, server: server, logger: logger)
-            }
-        }
-    }
-
-    private static func leave(
-        _ group: String, channel: String, presence: any ChannelLayerPresence, server: ServerContext, logger: Logger
-    ) async {
-        do {
-            if let user = try await presence.presenceLeave(group, connection: channel) {
-                server.tellPresence(group, user: user, joined: false)
-            }
-        } catch {
-            logger.warning("a presence leave failed (the entry expires)", metadata: ["group": "\(group)", "error": "\(error)"])
-        }
+        guard !subscriptions.presence.isEmpty, let presence = server.layer as? any ChannelLayerPresence else { return }
+        for group in subscriptions.presence.keys.sorted() { leavePresence(group, presence: presence) }
     }
 }

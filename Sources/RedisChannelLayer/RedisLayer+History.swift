@@ -43,7 +43,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
             keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
             args: [
                 .text(PublicationText.newEpoch()), .integer(configuration.groupExpiry),
-                .text(position.map { String($0.offset + 1) } ?? "-1"), .integer(retention.size),
+                .text(position.map { String(min($0.offset, UInt64(Int64.max) - 1) + 1) } ?? "-1"), .integer(retention.size),
             ])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "history read: \(error)") }
         guard let items = reply.array, items.count == 3, let epoch = items[1].text else {

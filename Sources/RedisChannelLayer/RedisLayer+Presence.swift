@@ -36,34 +36,29 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return reply.countValue == 1
     }
 
-    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:)``.
-    public func presenceLeave(_ group: String, connection: String) async throws -> String? {
+    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group), args: [.text(connection)])
+            shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
+            args: [.text(connection), .text(user), .text(group)])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence leave: \(error)") }
-        return reply.text
+        return reply.countValue == 1
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [String], ttl: Duration) async throws {
-        guard !connections.isEmpty else { return }
-        let keys = presenceKeys(group)
-        let at = Array(String(Self.unixTime() + ttl.seconds).utf8)
-        var zadd: [[UInt8]] = [Array("ZADD".utf8), Array((configuration.prefix + "presence-expiry:" + group).utf8), Array("XX".utf8)]
-        for connection in connections {
-            zadd.append(at)
-            zadd.append(Array(connection.utf8))
-        }
-        var commands = [zadd, [Array("ZADD".utf8), Array((configuration.prefix + "presence-groups").utf8), at, Array(group.utf8)]]
-        for key in keys {
-            guard case .text(let name) = key else { continue }
-            commands.append([Array("EXPIRE".utf8), Array(name.utf8), Array(String(configuration.groupExpiry).utf8)])
-        }
-        let replies = try await shared(shardIndex(for: group)).pipeline(commands)
-        if let bad = replies.first(where: { $0.errorMessage != nil }) {
-            throw ChannelLayerError(.backendError, "presence refresh: \(bad.errorMessage ?? "")")
-        }
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
+        guard !connections.isEmpty else { return [] }
+        var args: [RedisArgument] = [
+            .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpiry),
+        ]
+        args.reserveCapacity(3 + 3 * connections.count)
+        for c in connections { args += [.text(c.connection), .text(c.user), .text(c.meta)] }
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.presenceRefresh, keys: presenceKeys(group) + [presenceIndex], args: args)
+        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence refresh: \(error)") }
+        let back = Set((reply.array ?? []).compactMap(\.text))
+        return connections.filter { back.contains($0.connection) }
     }
 
     /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
@@ -118,32 +113,56 @@ extension Scripts {
             redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
             redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
             redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
-            local joined = 0
             if old ~= ARGV[2] then
                 if old then
                     if redis.call('HINCRBY', KEYS[4], old, -1) <= 0 then redis.call('HDEL', KEYS[4], old) end
                 end
                 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-                if redis.call('HINCRBY', KEYS[4], ARGV[2], 1) == 1 then joined = 1 end
+                redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
             end
             for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-            return joined
+            -- This connection is the user's only one: it joined (a retry says so again).
+            if tonumber(redis.call('HGET', KEYS[4], ARGV[2])) == 1 then return 1 end
+            return 0
             """)
 
-    /// KEYS: connections, metas, expiry, users. ARGV: connection. The user when it was their last.
+    /// KEYS: connections, metas, expiry, users, the groups index. ARGV: connection, user, group.
+    /// 1 when the user has no connection left (a retry says so again); an emptied group leaves
+    /// the index.
     static let presenceLeave = LuaScript(
         name: "presenceLeave",
         source: """
             local user = redis.call('HGET', KEYS[1], ARGV[1])
-            if not user then return false end
-            redis.call('HDEL', KEYS[1], ARGV[1])
-            redis.call('HDEL', KEYS[2], ARGV[1])
-            redis.call('ZREM', KEYS[3], ARGV[1])
-            if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then
-                redis.call('HDEL', KEYS[4], user)
-                return user
+            if user then
+                redis.call('HDEL', KEYS[1], ARGV[1])
+                redis.call('HDEL', KEYS[2], ARGV[1])
+                redis.call('ZREM', KEYS[3], ARGV[1])
+                if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then redis.call('HDEL', KEYS[4], user) end
             end
-            return false
+            if redis.call('HLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[5], ARGV[3]) end
+            if redis.call('HEXISTS', KEYS[4], ARGV[2]) == 0 then return 1 end
+            return 0
+            """)
+
+    /// KEYS: connections, metas, expiry, users, the groups index. ARGV: expiry time, group, key
+    /// expiry, then connection, user, meta for each. Renews each; one that was swept is tracked
+    /// again. The connections tracked again whose user was absent.
+    static let presenceRefresh = LuaScript(
+        name: "presenceRefresh",
+        source: """
+            local at = ARGV[1]
+            local back = {}
+            for i = 4, #ARGV, 3 do
+                local c, user = ARGV[i], ARGV[i + 1]
+                if redis.call('ZADD', KEYS[3], at, c) == 1 then
+                    redis.call('HSET', KEYS[1], c, user)
+                    redis.call('HSET', KEYS[2], c, ARGV[i + 2])
+                    if redis.call('HINCRBY', KEYS[4], user, 1) == 1 then back[#back + 1] = c end
+                end
+            end
+            redis.call('ZADD', KEYS[5], at, ARGV[2])
+            for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+            return back
             """)
 
     /// KEYS: connections, metas, expiry, users. ARGV: now. {user, meta, user, meta, ...} of
@@ -190,6 +209,7 @@ extension Scripts {
                         out[#out + 1] = user
                     end
                 end
+                if redis.call('HLEN', conns) == 0 then redis.call('ZREM', KEYS[1], group) end
             end
             return out
             """)

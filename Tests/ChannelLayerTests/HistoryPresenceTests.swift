@@ -123,16 +123,33 @@ struct HistoryPresenceTests {
             #expect(try await !presence.presenceJoin("room", connection: "s!b", user: "alice", meta: "{}", ttl: ttl))
             #expect(try await !presence.presenceJoin("room", connection: "s!c", user: "alice", meta: "{}", ttl: ttl))
             #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
-            // The same connection again is not a second connection.
-            #expect(try await !presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
+            // The same join again (a retry after an unknown outcome): not a second connection,
+            // and it still says bob joined.
+            #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
             let list = try await presence.presenceList("room")
             #expect(list.map(\.user) == ["alice", "bob"] && list.map(\.connections) == [3, 1])
-            #expect(try await presence.presenceLeave("room", connection: "s!a") == nil)
-            #expect(try await presence.presenceLeave("room", connection: "s!b") == nil)
-            #expect(try await presence.presenceLeave("room", connection: "s!c") == "alice")
-            #expect(try await presence.presenceLeave("room", connection: "s!c") == nil)
+            #expect(try await !presence.presenceLeave("room", connection: "s!a", user: "alice"))
+            #expect(try await !presence.presenceLeave("room", connection: "s!b", user: "alice"))
+            #expect(try await presence.presenceLeave("room", connection: "s!c", user: "alice"))
+            // A retried leave says so again.
+            #expect(try await presence.presenceLeave("room", connection: "s!c", user: "alice"))
             #expect(try await presence.presenceList("room").map(\.user) == ["bob"])
             #expect(try await presence.presenceList("elsewhere").isEmpty)
+        }
+    }
+
+    @Test("presence: a connection swept while its server stalled is tracked again by the next renewal", arguments: LayerKind.allCases)
+    func refreshRestores(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let presence = try presence(layer)
+            let erin = PresenceConnection(connection: "stalled!1", user: "erin", meta: "{}")
+            _ = try await presence.presenceJoin("r", connection: erin.connection, user: "erin", meta: "{}", ttl: .milliseconds(300))
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(try await presence.presenceSweep() == [PresenceDiff(group: "r", leaves: ["erin"])])
+            #expect(try await presence.presenceRefresh("r", connections: [erin], ttl: .seconds(30)) == [erin])
+            #expect(try await presence.presenceList("r").map(\.user) == ["erin"])
+            // A renewal of a connection that is there says nothing.
+            #expect(try await presence.presenceRefresh("r", connections: [erin], ttl: .seconds(30)).isEmpty)
         }
     }
 
@@ -165,7 +182,8 @@ struct HistoryPresenceTests {
             _ = try await presence.presenceJoin("x", connection: "live!1", user: "dave", meta: "{}", ttl: .milliseconds(800))
             _ = try await presence.presenceJoin("y", connection: "dead!2", user: "carol", meta: "{}", ttl: .milliseconds(800))
             try await Task.sleep(for: .milliseconds(400))
-            try await presence.presenceRefresh("x", connections: ["live!1"], ttl: .seconds(30))
+            _ = try await presence.presenceRefresh(
+                "x", connections: [PresenceConnection(connection: "live!1", user: "dave", meta: "{}")], ttl: .seconds(30))
             try await Task.sleep(for: .milliseconds(700))
             // Expired: not listed even before a sweep.
             #expect(try await presence.presenceList("x").map(\.user) == ["dave"])

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -308,6 +309,66 @@ def a_history_lost_changes_the_epoch():
         asyncio.run(again())
     finally:
         proc.stop()
+
+
+@test
+def hostile_positions_and_presence_churn_leave_no_ghosts():
+    """Attacks found by a red team: an offset past 2^63 once crashed the process; joins and
+    leaves of the same socket raced and left ghosts in other members' lists; a server stalled
+    past the presence TTL lost its sockets' presence for good."""
+    prefix = "rt%d:" % time.time_ns()
+    procs, workers = stack(redis_url(prefix), 2, 2)
+    try:
+        async def run():
+            a_port, b_port = procs[0][1], procs[1][1]
+            for query in ("?offset=9223372036854775808&epoch=abc", "?offset=18446744073709551615&epoch=abc",
+                          "?offset=-1&epoch=abc", "?offset=3&epoch=%C3%A9t%C3%A9", "?offset=3&epoch=" + "e" * 5000):
+                w = await connect(a_port, "hostile", query)
+                await wait_for(lambda: w.marker() is not None, "a marker for %s" % query[:40], 15)
+                await w.ws.close()
+            observer = await connect(a_port, "churn")
+            await wait_for(lambda: observer.users is not None, "the observer's list", 15)
+            me = set(observer.users)
+
+            async def churn(i):
+                ws = await websockets.connect("ws://127.0.0.1:%d/chat/churn/" % (a_port if i % 2 else b_port),
+                                              open_timeout=30, ping_interval=None)
+                await asyncio.sleep(0.05 * (i % 4))
+                if i % 3 == 0:
+                    ws.transport.abort()  # a reset, no close frame
+                else:
+                    await ws.close()
+            await asyncio.gather(*(churn(i) for i in range(150)))
+            try:
+                await wait_for(lambda: observer.users == me, "the observer's list to hold only itself after 150 churned sockets", 20)
+            except AssertionError:
+                ghosts = observer.users - me
+                seen = [(f["type"], f.get("joins"), f.get("leaves")) for f in observer.frames
+                        if f.get("type") == "presence_diff" and set(f.get("joins", []) + f.get("leaves", [])) & ghosts]
+                port = REDIS_URL.split(":")[2].split("/")[0]
+                state = subprocess.run(["redis-cli", "-p", port, "HGETALL", prefix + "presence-users:chat-churn"],
+                                       capture_output=True, text=True).stdout.split()
+                raise AssertionError("ghosts %s; their diffs %s; users in Redis %s" % (sorted(ghosts), seen, state))
+            await asyncio.sleep(1.5)
+            assert observer.users == me, observer.users - me
+
+            # Server B stalls (SIGSTOP) longer than the TTL: others sweep its sockets out; when it
+            # resumes, its renewal tracks them again.
+            stalled = await asyncio.gather(*(connect(b_port, "churn") for _ in range(10)))
+            await wait_for(lambda: len(observer.users) == 11, "10 sockets on B present", 20)
+            present = set(observer.users)
+            os.kill(procs[1][0].p.pid, signal.SIGSTOP)
+            try:
+                await wait_for(lambda: observer.users == me, "B's sockets swept while it is stopped", 15)
+            finally:
+                os.kill(procs[1][0].p.pid, signal.SIGCONT)
+            await wait_for(lambda: observer.users == present, "B's sockets back after it resumed", 15)
+            await asyncio.gather(*(s.ws.close() for s in stalled + [observer]), return_exceptions=True)
+        asyncio.run(run())
+        print("  hostile positions answered; 150 sockets churned (a third reset): no ghosts; a server stopped past "
+              "the TTL: its 10 sockets swept, then back when it resumed", flush=True)
+    finally:
+        stop(procs, workers)
 
 
 @test
