@@ -51,19 +51,19 @@ async def main():
         await y.send("first")
         last = None
         while last is None:
-            event = json.loads(await x.recv())
+            event = json.loads(await asyncio.wait_for(x.recv(), 30))
             if event.get("text") == "first": last = event
         await x.close()
         for i in range(1000): await y.send("missed %d %d" % (round, i))
         seen = 0
         while seen < 1000:
-            event = json.loads(await y.recv())
+            event = json.loads(await asyncio.wait_for(y.recv(), 30))
             if event.get("text", "").startswith("missed %d " % round): seen += 1
         start = time.perf_counter()
         x2 = await websockets.connect(url + "?offset=%d&epoch=%s" % (last["offset"], last["epoch"]), max_queue=None)
         got = 0
         while True:
-            event = json.loads(await x2.recv())
+            event = json.loads(await asyncio.wait_for(x2.recv(), 30))
             if event.get("type") == "recovered":
                 break
             if "text" in event: got += 1
