@@ -95,16 +95,22 @@ extension RedisChannelLayer: ChannelLayerHistory {
 }
 
 extension Scripts {
+    /// Both history scripts start here: the history's epoch, or (none: new, or lost with a
+    /// Redis that restarted empty) a new one from ARGV[1], with an empty stream.
+    static let historyEpoch = """
+        local epoch = redis.call('HGET', KEYS[1], 'epoch')
+        if not epoch then
+            epoch = ARGV[1]
+            redis.call('DEL', KEYS[2])
+            redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+        end
+        """
+
     /// KEYS: meta, stream. ARGV: candidate epoch, body, size, ttl, meta expiry, now.
     static let historyAppend = LuaScript(
         name: "historyAppend",
         source: """
-            local epoch = redis.call('HGET', KEYS[1], 'epoch')
-            if not epoch then
-                epoch = ARGV[1]
-                redis.call('DEL', KEYS[2])
-                redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-            end
+            \(historyEpoch)
             local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
             redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'b', ARGV[2], 't', ARGV[6])
             redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -117,12 +123,7 @@ extension Scripts {
     static let historyRead = LuaScript(
         name: "historyRead",
         source: """
-            local epoch = redis.call('HGET', KEYS[1], 'epoch')
-            if not epoch then
-                epoch = ARGV[1]
-                redis.call('DEL', KEYS[2])
-                redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-            end
+            \(historyEpoch)
             redis.call('EXPIRE', KEYS[1], ARGV[2])
             local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
             local entries = {}

@@ -193,7 +193,8 @@ struct RedisLayerTests {
         }
         let elapsed = ContinuousClock.now - started
         #expect(elapsed >= .milliseconds(250), "failed before the timeout: \(elapsed)")
-        #expect(elapsed < .seconds(5), "the timeout did not fire: \(elapsed)")
+        // A bound that only a timeout that never fired can miss (a loaded machine is slow, not stuck).
+        #expect(elapsed < .seconds(20), "the timeout did not fire: \(elapsed)")
         await layer.close()
     }
 

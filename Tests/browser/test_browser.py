@@ -166,15 +166,7 @@ def main():
     server = subprocess.Popen([CHAT, "runserver", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     drivers = []
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError("runserver did not start")
-                time.sleep(0.1)
+        wait_port(port, server)
         room = "browsers"
         url = "http://127.0.0.1:%d/#%s" % (port, room)
         alice, bob = browser(), browser()
