@@ -1,13 +1,15 @@
 import ASGI
+import Crypto
 import Foundation
 
 /// Presence in Redis, on the group's shard (inspect with `redis-cli`):
 ///
-/// - `<prefix>presence:<group>`: hash, connection → user;
-/// - `<prefix>presence-meta:<group>`: hash, connection → metadata (JSON text);
+/// - `<prefix>presence:<group>`: hash, connection → user (with encryption keys: an HMAC of it);
+/// - `<prefix>presence-meta:<group>`: hash, connection → metadata (JSON text; with encryption
+///   keys a Fernet token of the user's name and the metadata);
 /// - `<prefix>presence-expiry:<group>`: sorted set, connection scored by its expiry (Unix time),
 ///   pushed forward by the connection's server every few seconds;
-/// - `<prefix>presence-users:<group>`: hash, user → connections;
+/// - `<prefix>presence-users:<group>`: hash, user (or its HMAC) → connections;
 /// - `<prefix>presence-groups`: sorted set of groups with presence (per shard), for the sweep.
 ///
 /// A connection past its expiry (its server stopped renewing it: it died) is not listed, and
@@ -23,13 +25,39 @@ extension RedisChannelLayer: ChannelLayerPresence {
 
     private var presenceIndex: RedisArgument { .text(configuration.prefix + "presence-groups") }
 
+    /// The field a user is counted under: the name itself, or with encryption keys an HMAC of
+    /// it (keyed by the first key), so Redis holds no user name in the clear.
+    func presenceUserField(_ user: String) -> String {
+        guard let first = configuration.symmetricEncryptionKeys.first else { return user }
+        let key = SymmetricKey(data: SHA256.hash(data: Array(("swift-channels presence:" + first).utf8)))
+        let mac = HMAC<SHA256>.authenticationCode(for: Array(user.utf8), using: key)
+        return "u"
+            + mac.prefix(16).map { byte in String(byte, radix: 16).count == 1 ? "0" + String(byte, radix: 16) : String(byte, radix: 16) }
+            .joined()
+    }
+
+    /// What is stored for a connection beside its user field: the metadata, or with encryption
+    /// keys a Fernet token of the user's name and the metadata.
+    func presenceValue(user: String, meta: String) -> RedisArgument {
+        guard let crypter else { return .text(meta) }
+        return .bytes(crypter.encrypt(Array(user.utf8) + [0] + Array(meta.utf8)))
+    }
+
+    /// A stored connection back to its user and metadata (nil: a token no key opens).
+    func presenceMember(field: String, value: [UInt8]) -> (user: String, meta: String)? {
+        guard let crypter else { return (field, String(decoding: value, as: UTF8.self)) }
+        guard let plain = try? crypter.decrypt(value, ttl: nil), let zero = plain.firstIndex(of: 0) else { return nil }
+        return (String(decoding: plain[..<zero], as: UTF8.self), String(decoding: plain[(zero + 1)...], as: UTF8.self))
+    }
+
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceJoin, keys: presenceKeys(group) + [presenceIndex],
             args: [
-                .text(connection), .text(user), .text(meta), .text(String(Self.unixTime() + ttl.seconds)), .text(group),
+                .text(connection), .text(presenceUserField(user)), presenceValue(user: user, meta: meta),
+                .text(String(Self.unixTime() + ttl.seconds)), .text(group),
                 .integer(configuration.groupExpiry),
             ])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence join: \(error)") }
@@ -41,7 +69,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
-            args: [.text(connection), .text(user), .text(group)])
+            args: [.text(connection), .text(presenceUserField(user)), .text(group)])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence leave: \(error)") }
         return reply.countValue == 1
     }
@@ -53,7 +81,9 @@ extension RedisChannelLayer: ChannelLayerPresence {
             .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpiry),
         ]
         args.reserveCapacity(3 + 3 * connections.count)
-        for c in connections { args += [.text(c.connection), .text(c.user), .text(c.meta)] }
+        for c in connections {
+            args += [.text(c.connection), .text(presenceUserField(c.user)), presenceValue(user: c.user, meta: c.meta)]
+        }
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceRefresh, keys: presenceKeys(group) + [presenceIndex], args: args)
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence refresh: \(error)") }
@@ -71,8 +101,8 @@ extension RedisChannelLayer: ChannelLayerPresence {
         var members: [String: PresenceMember] = [:]
         var index = 0
         while index + 1 < items.count {
-            if let user = items[index].text {
-                members[user, default: PresenceMember(user: user, connections: 0, meta: items[index + 1].text ?? "{}")].connections += 1
+            if let field = items[index].text, let (user, meta) = presenceMember(field: field, value: items[index + 1].bytes ?? []) {
+                members[user, default: PresenceMember(user: user, connections: 0, meta: meta)].connections += 1
             }
             index += 2
         }
@@ -89,9 +119,14 @@ extension RedisChannelLayer: ChannelLayerPresence {
             if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence sweep: \(error)") }
             let items = reply.array ?? []
             var index = 0
-            while index + 1 < items.count {
-                if let group = items[index].text, let user = items[index + 1].text { diffs[group, default: []].append(user) }
-                index += 2
+            // {group, user field, stored value} of each user whose last connection went.
+            while index + 2 < items.count {
+                if let group = items[index].text, let field = items[index + 1].text,
+                    let (user, _) = presenceMember(field: field, value: items[index + 2].bytes ?? [])
+                {
+                    diffs[group, default: []].append(user)
+                }
+                index += 3
             }
         }
         return diffs.keys.sorted().map { PresenceDiff(group: $0, leaves: diffs[$0]!.sorted()) }
@@ -188,7 +223,7 @@ extension Scripts {
             """)
 
     /// KEYS: the groups index. ARGV: prefix, now, key expiry. Removes expired connections of
-    /// every group; {group, user, ...} for each user whose last connection went.
+    /// every group; {group, user field, stored value, ...} for each user whose last connection went.
     static let presenceSweep = LuaScript(
         name: "presenceSweep",
         source: """
@@ -200,6 +235,7 @@ extension Scripts {
                 local expiry, users = prefix .. 'presence-expiry:' .. group, prefix .. 'presence-users:' .. group
                 for _, c in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do
                     local user = redis.call('HGET', conns, c)
+                    local value = redis.call('HGET', metas, c) or ''
                     redis.call('HDEL', conns, c)
                     redis.call('HDEL', metas, c)
                     redis.call('ZREM', expiry, c)
@@ -207,6 +243,7 @@ extension Scripts {
                         redis.call('HDEL', users, user)
                         out[#out + 1] = group
                         out[#out + 1] = user
+                        out[#out + 1] = value
                     end
                 end
                 if redis.call('HLEN', conns) == 0 then redis.call('ZREM', KEYS[1], group) end

@@ -153,6 +153,31 @@ struct HistoryPresenceTests {
         }
     }
 
+    @Test("encrypted presence: no user name in the clear in Redis; lists and sweeps still name them")
+    func encryptedPresence() async throws {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
+        configuration.prefix = TestRedis.uniquePrefix()
+        configuration.symmetricEncryptionKeys = ["presence-key-" + ChannelNames.randomLetters(8)]
+        let layer = try RedisChannelLayer(configuration: configuration)
+        defer {
+            Task {
+                try? await layer.flush(); await layer.close()
+            }
+        }
+        #expect(try await layer.presenceJoin("sec", connection: "s!1", user: "zelda-secret", meta: "{\"m\":1}", ttl: .seconds(3)))
+        let raw = try HiredisConnection(endpoint: configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+        for kind in ["presence:", "presence-meta:", "presence-users:"] {
+            let dump = try raw.command(["HGETALL", configuration.prefix + kind + "sec"])
+            let text = (dump.array ?? []).compactMap(\.bytes).map { String(decoding: $0, as: UTF8.self) }.joined(separator: " ")
+            #expect(!text.isEmpty && !text.contains("zelda"), "\(kind): \(text)")
+        }
+        let list = try await layer.presenceList("sec")
+        #expect(list == [PresenceMember(user: "zelda-secret", connections: 1, meta: "{\"m\":1}")])
+        try await Task.sleep(for: .milliseconds(3300))
+        let diffs = try await layer.presenceSweep()
+        #expect(diffs.contains(PresenceDiff(group: "sec", leaves: ["zelda-secret"])))
+    }
+
     @Test("presence: a list of 12,000 connections (past Lua's unpack limit)", arguments: LayerKind.allCases)
     func bigPresence(_ kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
