@@ -85,6 +85,8 @@ struct ServerTests {
         let layer = InMemoryChannelLayer()
         var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
         configuration.pingInterval = nil
+        // A loaded machine (the whole suite runs in parallel) may take seconds to run a consumer.
+        configuration.websocketConnectTimeout = .seconds(30)
         let server = try InterfaceServer(layer: layer, configuration: configuration)
         try await server.start()
         let worker = Worker(router: try Router(Self.routing()), layer: layer, concurrency: 2)
