@@ -148,12 +148,53 @@ public final class ConsumerContext: Sendable {
         try await reply(message.message, immediately: immediately)
     }
 
-    /// Sends on the reply channel; throws if the message has none.
+    /// Sends on the reply channel; throws if the message has none. An accept carries the
+    /// socket's deferred subscriptions (``follow(_:after:)``, ``Presence/track(user:meta:)``
+    /// before it), goes out at once, and the socket joins their groups before this returns.
     public func reply(_ message: Message, immediately: Bool = false) async throws {
         guard let reply = replyChannel else {
             throw ChannelLayerError(.invalidMessage, "a message on '\(channel)' has no reply_channel to answer")
         }
+        if message["accept"]?.boolValue == true {
+            let (controls, adds) = subscriptions.withLock { state in
+                defer { state = Subscriptions(accepted: true) }
+                return (state.controls, state.adds)
+            }
+            if !controls.isEmpty {
+                var merged = message
+                for (key, value) in controls { merged[key] = value }
+                try await send(merged, to: reply.name, immediately: true)
+                for group in adds { try await layer.groupAdd(group, channel: reply.name) }
+                return
+            }
+        }
         try await send(message, to: reply.name, immediately: immediately)
+    }
+
+    /// A socket's subscription controls made before its accept, sent with it (one message to its
+    /// server instead of three).
+    struct Subscriptions {
+        var controls: [String: ASGIValue] = [:]
+        var adds: [String] = []
+        var accepted = false
+    }
+
+    let subscriptions = Mutex(Subscriptions())
+
+    /// Sends a subscription control (`follow`, `presence`): with the accept when the socket is
+    /// being connected and not accepted yet, now otherwise; `add` is a group to join after it.
+    func subscriptionControl(_ key: String, _ value: ASGIValue, add group: String? = nil) async throws {
+        let deferred =
+            channel == ASGIChannel.websocketConnect
+            && subscriptions.withLock { state in
+                guard !state.accepted else { return false }
+                state.controls[key] = value
+                if let group { state.adds.append(group) }
+                return true
+            }
+        guard !deferred else { return }
+        try await reply([key: value], immediately: true)
+        if let group, let channel = replyChannel { try await layer.groupAdd(group, channel: channel.name) }
     }
 
     /// Sends `message` to `channel`: buffered until the consumer returns, or sent now with `immediately`.

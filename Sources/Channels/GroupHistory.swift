@@ -99,8 +99,8 @@ public struct Presence: Sendable, Hashable {
         guard let context = ConsumerContext.current else {
             throw ChannelLayerError(.invalidConfiguration, "Presence.track needs the consumer of the socket to track")
         }
-        try await context.reply(
-            ["presence": .map(["group": .string(group), "user": .string(user), "meta": .string(meta)])], immediately: true)
+        try await context.subscriptionControl(
+            "presence", .map(["group": .string(group), "user": .string(user), "meta": .string(meta)]))
     }
 
     /// Stops tracking the running consumer's socket (closing it does the same).
@@ -123,7 +123,8 @@ public struct Presence: Sendable, Hashable {
 
 extension ConsumerContext {
     /// Makes the running consumer's socket follow `group` (which must keep a history): it is a
-    /// member of the group when this returns, and its interface server, with `after` (the position the socket last
+    /// member of the group once accepted (when this returns, if already accepted), and its
+    /// interface server, with `after` (the position the socket last
     /// saw, from `?offset=&epoch=`), first writes every message it missed, in order, then
     /// `{"type":"recovered","complete":…,"offset":…,"epoch":"…"}` (false: a gap too old or a new
     /// epoch, reload); without, `{"type":"position",…}`. Live messages follow, each once, in
@@ -149,9 +150,10 @@ extension ConsumerContext {
             control["offset"] = .int(Int64(start.offset))
             control["epoch"] = .string(start.epoch)
         }
-        try await reply(["follow": .map(control.fields)], immediately: true)
-        // A member from now on (the server adds it too, before it reads the history).
-        if let channel = replyChannel { try await layer.groupAdd(group.name, channel: channel.name) }
+        // Before the accept it rides on it (the socket is a member when the accept returns);
+        // after, it is sent now and the socket is a member when this returns. Either way the
+        // server hears of it before any publication of the group can reach the socket.
+        try await subscriptionControl("follow", .map(control.fields), add: group.name)
     }
 
     /// The position a reconnecting socket gives in its query (`?offset=<n>&epoch=<e>`), if any

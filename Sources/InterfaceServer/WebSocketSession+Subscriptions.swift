@@ -34,14 +34,12 @@ struct SessionSubscriptions {
 extension WebSocketSession {
     /// Handles a reply that is about subscriptions; false for an ordinary one.
     func subscriptionReply(_ reply: Message) -> Bool {
-        if let control = reply["follow"]?.mapValue {
-            follow(control)
-            return true
-        }
-        if let presence = reply["presence"]?.mapValue {
-            presenceControl(presence)
-            return true
-        }
+        // One reply may carry both (an accept with the socket's subscriptions): follow first.
+        let follow = reply["follow"]?.mapValue
+        let presence = reply["presence"]?.mapValue
+        if let follow { self.follow(follow) }
+        if let presence { presenceControl(presence) }
+        if follow != nil || presence != nil { return true }
         guard let publication = reply["publication"]?.mapValue else { return false }
         var plain = reply
         plain.removeValue(forKey: "publication")

@@ -230,19 +230,28 @@ final class WebSocketSession: ReplyReceiver {
     func replyStoreLost() {}
 
     func receiveReply(_ reply: Message) {
-        if reply["follow"] != nil || reply["presence"] != nil || reply["publication"] != nil {
-            switch machine.state {
-            case .connecting, .open(attached: false):
-                // Handled once frames can be written (replayed by `attached`).
-                pending.append(reply)
-            case .open(attached: true):
-                if !subscriptionReply(reply) { deliverReply(reply) }
-            case .closing, .closed:
-                break
-            }
-            return
+        guard reply["follow"] != nil || reply["presence"] != nil || reply["publication"] != nil else {
+            return deliverReply(reply)
         }
-        deliverReply(reply)
+        // An accept (and its first frame) that carries the socket's subscriptions: the accept as
+        // any other, then the subscriptions.
+        var reply = reply
+        if reply["publication"] == nil, reply.keys.contains(where: { WebSocketSendMessage.keys.contains($0) }) {
+            var send = Message()
+            for key in reply.keys where WebSocketSendMessage.keys.contains(key) {
+                send[key] = reply.removeValue(forKey: key)
+            }
+            deliverReply(send)
+        }
+        switch machine.state {
+        case .connecting, .open(attached: false):
+            // Handled once frames can be written (replayed by `attached`).
+            pending.append(reply)
+        case .open(attached: true):
+            if !subscriptionReply(reply) { deliverReply(reply) }
+        case .closing, .closed:
+            break
+        }
     }
 
     /// A text frame the server writes itself (history, presence), when the socket is open.
