@@ -263,6 +263,10 @@ def a_history_lost_changes_the_epoch():
             last = asyncio.run(before())
             kill_redis(workdir)
             start_redis(redis_port, workdir)
+            # Each server notices the loss (its sockets closed with 1012) before the socket comes
+            # back: one that came back earlier would be closed by it.
+            for proc, _ in procs:
+                proc.wait_line("the channel layer lost its data", timeout=30)
 
             async def after():
                 # The servers and workers reconnect on their own; the room works again.
