@@ -54,11 +54,14 @@ async def main():
             event = json.loads(await asyncio.wait_for(x.recv(), 30))
             if event.get("text") == "first": last = event
         await x.close()
-        for i in range(1000): await y.send("missed %d %d" % (round, i))
+        # In steps of 50 (a flood faster than the server reads would have group sends skip the
+        # poster's own full channel: at most once, as in Channels).
         seen = 0
-        while seen < 1000:
-            event = json.loads(await asyncio.wait_for(y.recv(), 30))
-            if event.get("text", "").startswith("missed %d " % round): seen += 1
+        for step in range(0, 1000, 50):
+            for i in range(step, step + 50): await y.send("missed %d %d" % (round, i))
+            while seen < step + 50:
+                event = json.loads(await asyncio.wait_for(y.recv(), 30))
+                if event.get("text", "").startswith("missed %d " % round): seen += 1
         start = time.perf_counter()
         x2 = await websockets.connect(url + "?offset=%d&epoch=%s" % (last["offset"], last["epoch"]), max_queue=None)
         got = 0
@@ -72,7 +75,11 @@ async def main():
         await x2.close(); await y.close()
     times.sort()
     print(json.dumps({"recover_1000_reconnect_ms_p50": round(times[len(times) // 2], 1)}))
-asyncio.run(main())
+try:
+    asyncio.run(main())
+except (asyncio.TimeoutError, AssertionError) as error:
+    # Known open problem (issue 28 note): the poster sometimes never sees the last messages of a step.
+    print(json.dumps({"failed": "the poster did not see its messages back within 30 s: %r" % (error,)}))
 PY
 )
 python3 - "$LAYER_JSON" "$E2E_JSON" "$XRANGE_MS" "$HGETALL_MS" <<'PY'
@@ -86,6 +93,8 @@ print("presence list of 10,000 connections:               Redis %.2f ms, in memo
     layer["presence_list_10000_ms_redis"], layer["presence_list_10000_ms_memory"], hgetall_ms, layer["presence_list_10000_ms_redis"] / hgetall_ms))
 if "skipped" in e2e:
     print("end to end: SKIPPED:", e2e["skipped"])
+elif "failed" in e2e:
+    print("end to end: FAILED:", e2e["failed"])
 else:
     print("end to end: reconnect to the recovered marker with 1,000 missed messages before it: p50 %.1f ms" % e2e["recover_1000_reconnect_ms_p50"])
 PY
