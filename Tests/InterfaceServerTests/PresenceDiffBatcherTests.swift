@@ -39,12 +39,17 @@ struct PresenceDiffBatcherTests {
     func momentsInOrder() async throws {
         let batcher = PresenceDiffBatcher(window: .milliseconds(30))
         let sent = Sent()
+        let firstStarted = Atomic<Bool>(false)
         let slowFirst: @Sendable ([PresenceDiff]) async -> Void = { diffs in
-            if diffs.first?.joins == ["erin"] { try? await Task.sleep(for: .milliseconds(200)) }
+            if diffs.first?.joins == ["erin"] {
+                firstStarted.store(true, ordering: .relaxed)
+                try? await Task.sleep(for: .milliseconds(200))
+            }
             sent.diffs.withLock { $0.append(diffs) }
         }
         batcher.add("room", user: "erin", joined: true, send: slowFirst)
-        try await Task.sleep(for: .milliseconds(80))
+        // The first moment is over (its diffs taken, its send under way): the leave is the next one's.
+        for _ in 0..<500 where !firstStarted.load(ordering: .relaxed) { try await Task.sleep(for: .milliseconds(5)) }
         batcher.add("room", user: "erin", joined: false, send: slowFirst)
         try await waitFor(sent, count: 2)
         #expect(sent.all == [[PresenceDiff(group: "room", joins: ["erin"])], [PresenceDiff(group: "room", leaves: ["erin"])]])
