@@ -42,7 +42,7 @@ public final class Worker: Service, Sendable {
     private let deadlines: ConsumerDeadlines?
     /// Sockets whose consumer was cancelled at its timeout: the rest of their messages run in a
     /// fresh task (the cancelled one stays cancelled), started by the receive loop.
-    private let resumedSockets = Mutex<[String]>([])
+    private let resumedSockets = Mutex<[(socket: String, slotChannel: String)]>([])
 
     /// Consumers cancelled at `consumerTimeout` so far.
     public var consumersTimedOut: Int { deadlines?.timedOutCount ?? 0 }
@@ -148,22 +148,29 @@ public final class Worker: Service, Sendable {
                 defer { deadlines?.stop() }
                 var failures = FailureStreak()
                 while !Task.isCancelled {
-                    for socket in resumedSockets.withLock({ sockets in
-                        defer { sockets = [] }; return sockets
-                    }) {
-                        group.addTask { await self.runSocket(socket, first: nil) }
+                    let resumed: [(socket: String, slotChannel: String)] = resumedSockets.withLock { sockets in
+                        defer { sockets = [] }
+                        return sockets
+                    }
+                    for chain in resumed {
+                        group.addTask { await self.runSocket(chain.socket, first: nil, slotChannel: chain.slotChannel) }
                     }
                     let mode = stopping.load(ordering: .relaxed)
                     if mode == Stop.stopTaking.rawValue { break }
                     let draining = mode == Stop.finishQueued.rawValue
                     let free = await slots.waitForFree()
                     guard free > 0 else { continue }  // woken by a stop
+                    // Every channel keeps a slot for itself: a flood on one (a socket whose
+                    // consumer waits for room in a channel this worker drains) cannot take the
+                    // slots the other channels need to move.
+                    let share = slots.share(of: channels)
                     let batch: [ReceivedMessage]
                     do {
                         // Blocks until a message comes (or a stop's wake-up); the bound only renews
                         // the wait now and then. Draining takes only what is already queued.
                         batch = try await layer.receiveBatch(
-                            channels: receivingChannels, max: free, timeout: draining ? .zero : .seconds(30))
+                            channels: share.channels + [wakeChannel], max: share.max,
+                            timeout: draining ? .zero : .seconds(30))
                         failures.succeeded()
                     } catch {
                         if Task.isCancelled { break }
@@ -179,7 +186,7 @@ public final class Worker: Service, Sendable {
                         _ = await slots.waitForFree(atLeast: concurrency)
                         continue
                     }
-                    slots.take(batch.count)
+                    slots.take(batch)
                     start(batch, in: &group)
                 }
             }
@@ -188,13 +195,25 @@ public final class Worker: Service, Sendable {
         }
     }
 
+    /// Gives back a consumer slot; wakes a receive that waits on idle channels only when it may
+    /// now take from all.
+    private func release(_ channel: String) {
+        if slots.release(channel) { wakeReceive() }
+    }
+
+    /// Ends a blocking receive at once with a message to the wake channel (which it always
+    /// reads; the message means nothing).
+    private func wakeReceive() {
+        let layer = self.layer
+        let channel = wakeChannel + "x"
+        Task { try? await layer.send(["wake": true], to: channel) }
+    }
+
     /// Wakes the receive loop: from waiting for a free slot at once, from a blocking receive with
     /// a message to its wake channel (which it always reads; the message means nothing).
     private func wake() {
         slots.interrupt()
-        let layer = self.layer
-        let channel = wakeChannel + "x"
-        Task { try? await layer.send(["wake": true], to: channel) }
+        wakeReceive()
     }
 
     /// Reads the inbox until cancelled: credit and disconnects for streamed responses.
@@ -226,17 +245,16 @@ public final class Worker: Service, Sendable {
 
     /// Starts a consumer task for each message of `batch` (each already holds a slot).
     private func start(_ batch: [ReceivedMessage], in group: inout DiscardingTaskGroup) {
-        let slots = self.slots
         for received in batch {
             if received.channel.hasPrefix(wakeChannel) {
                 // A stop's wake-up: nothing to run.
-                slots.release()
+                self.release(received.channel)
                 continue
             }
             guard let socket = Self.socketKey(received) else {
                 group.addTask {
                     await self.dispatch(received)
-                    slots.release()
+                    self.release(received.channel)
                 }
                 continue
             }
@@ -249,31 +267,32 @@ public final class Worker: Service, Sendable {
             case .queued(holdsSlot: true):
                 continue
             case .queued(holdsSlot: false):
-                slots.release()
+                self.release(received.channel)
                 continue
             case .run:
                 break
             }
-            group.addTask { await self.runSocket(socket, first: received) }
+            group.addTask { await self.runSocket(socket, first: received, slotChannel: received.channel) }
         }
     }
 
-    /// Runs one socket's messages in order, `first` and then its mailbox, holding one slot.
-    private func runSocket(_ socket: String, first: ReceivedMessage?) async {
+    /// Runs one socket's messages in order, `first` and then its mailbox, holding one slot
+    /// (taken for a message of `slotChannel`).
+    private func runSocket(_ socket: String, first: ReceivedMessage?, slotChannel: String) async {
         var next: (message: ReceivedMessage, holdsSlot: Bool)? = first.map { ($0, false) } ?? mailboxes.next(for: socket)
         while let (message, holdsSlot) = next {
             let timedOut = await dispatchTimed(message)
-            if holdsSlot { slots.release() }
+            if holdsSlot { release(message.channel) }
             if timedOut {
                 // This task is cancelled for good: the socket's next messages run in a fresh one
                 // (the slot goes with them), started by the receive loop.
-                resumedSockets.withLock { $0.append(socket) }
+                resumedSockets.withLock { $0.append((socket, slotChannel)) }
                 wake()
                 return
             }
             next = mailboxes.next(for: socket)
         }
-        slots.release()  // the chain's own
+        release(slotChannel)  // the chain's own
     }
 
     /// Stops taking messages (a blocking receive is woken at once); the consumers in hand finish.
@@ -470,16 +489,25 @@ final class Mailboxes: Sendable {
     }
 }
 
-/// Free consumer slots; the receive loop waits (suspended, not polling) while there are none.
+/// Free consumer slots, and how many each channel's messages hold; the receive loop waits
+/// (suspended, not polling) while there are none.
 final class Slots: Sendable {
     private struct State {
         var free: Int
+        /// Slots held per channel (of the message that took them).
+        var held: [String: Int] = [:]
+        /// Set while the receive loop takes only from idle channels: the reserve it kept.
+        var restricted: Int?
         var waiter: (needed: Int, continuation: CheckedContinuation<Void, Never>)?
         var interrupted = false
     }
     private let state: Mutex<State>
+    private let total: Int
 
-    init(_ count: Int) { state = Mutex(State(free: count)) }
+    init(_ count: Int) {
+        state = Mutex(State(free: count))
+        total = count
+    }
 
     /// Waits until at least `needed` slots are free and returns how many are, or returns at once
     /// (with what is free, possibly 0) after an `interrupt()`. One caller at a time.
@@ -511,17 +539,50 @@ final class Slots: Sendable {
         waiter?.resume()
     }
 
-    func take(_ count: Int) { state.withLock { $0.free -= count } }
+    /// What the receive loop may take now. Up to a quarter of the slots are kept for channels
+    /// that hold none (one each): from any channel, as many as leave those free; when only
+    /// those are left, one, from a channel that holds none. So a channel always gets a slot
+    /// however busy the others are (with at least 4 slots per channel that could be idle).
+    func share(of channels: [String]) -> (channels: [String], max: Int) {
+        state.withLock { state in
+            let idle = channels.filter { state.held[$0] == nil }
+            let reserve = min(idle.count, total / 4)
+            if state.free > reserve {
+                state.restricted = nil
+                return (channels, state.free - reserve)
+            }
+            state.restricted = reserve
+            return (idle, 1)
+        }
+    }
+
+    /// Holds a slot for each message of `batch`.
+    func take(_ batch: [ReceivedMessage]) {
+        state.withLock { state in
+            state.free -= batch.count
+            for received in batch { state.held[received.channel, default: 0] += 1 }
+        }
+    }
 
     var freeCount: Int { state.withLock { $0.free } }
 
-    func release() {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+    /// Gives back a slot taken for a message of `channel`. True when the receive loop waits on
+    /// idle channels only and now may take from all: the caller wakes its receive.
+    @discardableResult
+    func release(_ channel: String) -> Bool {
+        let (waiter, widened) = state.withLock { state -> (CheckedContinuation<Void, Never>?, Bool) in
             state.free += 1
-            guard let waiter = state.waiter, state.free >= waiter.needed else { return nil }
+            if let count = state.held[channel] { state.held[channel] = count > 1 ? count - 1 : nil }
+            var widened = false
+            if let reserve = state.restricted, state.free > reserve {
+                state.restricted = nil
+                widened = true
+            }
+            guard let waiter = state.waiter, state.free >= waiter.needed else { return (nil, widened) }
             state.waiter = nil
-            return waiter.continuation
+            return (waiter.continuation, widened)
         }
         waiter?.resume()
+        return widened
     }
 }

@@ -1,8 +1,9 @@
 import ASGI
-import Channels
 import RedisChannelLayer
 import Synchronization
 import Testing
+
+@testable import Channels
 
 /// A socket whose consumer hangs holds one worker slot, not one per frame it sent meanwhile:
 /// everyone else's frames keep being served.
@@ -44,6 +45,47 @@ struct WorkerFairnessTests {
         #expect(served.value == 100, "the other sockets got \(served.value) of 100 frames served while one socket hung")
         release.open()
         worker.stop()
+        await running.value
+    }
+
+    /// The chat example's pipeline under a flood: one socket's frames each wait for room in a
+    /// channel that the same worker drains. The frames queued behind the waiting one hold slots
+    /// (past the mailbox's free share), yet the drained channel keeps a slot of its own, so the
+    /// flood moves instead of wedging the worker until timeouts drop messages.
+    @Test func aFloodWaitingOnAnotherChannelLeavesThatChannelASlot() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
+        let served = Counter()
+        let staged = Gate()
+        let worker = Worker(
+            router: try Router([
+                route(
+                    "websocket.receive",
+                    { _ in
+                        await staged.wait()
+                        served.add()
+                    }),
+                route("stage", { _ in staged.open() }),
+            ]), layer: layer, concurrency: 4, consumerTimeout: nil)
+        let running = Task { await worker.run() }
+        let frames = Mailboxes.freeWaiting + 40
+        for order in 1...frames {
+            try await layer.send(["reply_channel": "flood!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        // Until the worker has taken the whole flood (the stage message must come after it).
+        var waited = 0
+        while try await layer.channelStatistics("websocket.receive").messagesPending > 0, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        try await layer.send(["go": true], to: "stage")
+        waited = 0
+        while served.value < frames, waited < 1000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(served.value == frames, "\(served.value) of \(frames) frames served; the stage never got a slot")
+        worker.stop()
+        staged.open()
         await running.value
     }
 
