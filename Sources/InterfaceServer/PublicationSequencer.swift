@@ -115,6 +115,33 @@ struct PublicationSequencer {
         return out
     }
 
+    /// Where a tail read should start when the history's `top` is past what was delivered
+    /// (publications sent to the group that never reached this socket), else nil.
+    func behind(_ group: String, top: StreamPosition) -> StreamPosition? {
+        guard case .following(let epoch, let next, _)? = groups[group], top.epoch == epoch, top.offset >= next else { return nil }
+        return StreamPosition(offset: next - 1, epoch: epoch)
+    }
+
+    /// A tail read found `found` (history entries after what was delivered): returns them, with
+    /// what was held behind them, in order. Entries the history no longer has are skipped (counted).
+    mutating func fillTail(_ group: String, found: [(offset: UInt64, message: Message)]) -> [Message] {
+        guard case .following(let epoch, var next, var held)? = groups[group] else { return [] }
+        for entry in found where entry.offset >= next && held[entry.offset] == nil {
+            held[entry.offset] = entry.message
+        }
+        if let first = found.map(\.offset).min(), first > next {
+            skipped += Int(first - next)
+            next = first
+        }
+        var out: [Message] = []
+        while let message = held.removeValue(forKey: next) {
+            out.append(message)
+            next += 1
+        }
+        groups[group] = .following(epoch: epoch, next: next, held: held)
+        return out
+    }
+
     /// Stops following `group` (what was held is dropped).
     mutating func stop(_ group: String) {
         groups.removeValue(forKey: group)

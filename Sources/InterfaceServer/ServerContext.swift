@@ -31,6 +31,8 @@ final class ServerContext: Sendable {
     let counters = ServerCounters()
     /// This server's sockets tracked as present (see ``PresenceKeeper``).
     let presence = PresenceRegistry()
+    /// Followed groups' history tops, shared by the sockets' tail checks.
+    let historyTops = HistoryTops()
     let presenceDiffs = PresenceDiffBatcher()
 
     /// Tells `group` (in a moment, with the other changes of the moment) that `user` joined or left.

@@ -18,6 +18,7 @@ enum ServerMetrics {
     static let publicationsRecovered = Counter(label: "channels_publications_total", dimensions: [("outcome", "recovered")])
     static let publicationsDeduplicated = Counter(label: "channels_publications_total", dimensions: [("outcome", "deduplicated")])
     static let publicationsSkipped = Counter(label: "channels_publications_total", dimensions: [("outcome", "skipped")])
+    static let publicationsCaughtUp = Counter(label: "channels_publications_total", dimensions: [("outcome", "caught_up")])
     /// Connections a limit acted on: timed out, closed idle or slow, refused over a cap.
     static let limits: [ServerCounters.Counter: Counter] = {
         let names: [(ServerCounters.Counter, String)] = [

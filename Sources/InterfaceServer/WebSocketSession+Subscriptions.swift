@@ -10,6 +10,9 @@ struct SessionSubscriptions {
     var sequencer = PublicationSequencer()
     var retention: [String: HistoryRetention] = [:]
     var gapTimers: [String: Scheduled<Void>] = [:]
+    /// Each followed group's next tail check, and the groups with publications since it was armed.
+    var tailTimers: [String: Scheduled<Void>] = [:]
+    var activeSinceCheck: Set<String> = []
     /// Groups where this socket is tracked as present, and as whom.
     var presence: [String: PresenceConnection] = [:]
     /// Each group's latest presence call: the next waits for it (a join and a leave in order).
@@ -52,8 +55,10 @@ extension WebSocketSession {
         switch subscriptions.sequencer.live(group, offset: UInt64(offset), epoch: epoch, message: plain) {
         case .deliver(let messages):
             for message in messages { deliverReply(message) }
+            noteActivity(group)
         case .hold(let startTimer):
             if startTimer { armGapTimer(group) }
+            noteActivity(group)
         case .duplicate:
             ServerMetrics.publicationsDeduplicated.increment()
         }
@@ -117,6 +122,67 @@ extension WebSocketSession {
             let (live, gap) = subscriptions.sequencer.recovered(group, top: slice.top)
             for message in live { deliverReply(message) }
             if gap { armGapTimer(group) }
+            noteActivity(group)
+        }
+    }
+
+    /// Tail checks. A publication whose group send never reached this socket (its channel was
+    /// full: group sends are at most once) shows as a gap when a later one arrives; one at the
+    /// end of a burst would not. So once a followed group has been quiet for
+    /// ``tailQuiet``, and every ``tailIdle`` after, the socket compares what it has with the
+    /// history's top (one read per group and server, ``HistoryTops``) and reads what it lacks.
+    static let tailQuiet = TimeAmount.seconds(1)
+    static let tailIdle = TimeAmount.seconds(30)
+
+    private func noteActivity(_ group: String) {
+        subscriptions.activeSinceCheck.insert(group)
+        if subscriptions.tailTimers[group] == nil { armTailCheck(group, in: Self.tailQuiet) }
+    }
+
+    private func armTailCheck(_ group: String, in delay: TimeAmount) {
+        subscriptions.tailTimers[group]?.cancel()
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        subscriptions.tailTimers[group] = channel.eventLoop.scheduleTask(in: delay) { bound.value.tailCheck(group) }
+    }
+
+    private func tailCheck(_ group: String) {
+        subscriptions.tailTimers[group] = nil
+        guard subscriptions.sequencer.follows(group), let history = server.layer as? any ChannelLayerHistory else { return }
+        if subscriptions.activeSinceCheck.remove(group) != nil {
+            // Still flowing: a loss now shows as a gap; look once it is quiet.
+            armTailCheck(group, in: Self.tailQuiet)
+            return
+        }
+        let retention = subscriptions.retention[group] ?? HistoryRetention(size: 1000, ttl: .seconds(300))
+        let tops = server.historyTops
+        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        let loop = channel.eventLoop
+        // Armed now: the check below is in flight, and a publication meanwhile re-arms it sooner.
+        armTailCheck(group, in: Self.tailIdle)
+        Task {
+            guard let top = await tops.top(group, retention: retention, history: history) else { return }
+            let start: StreamPosition? = try? await loop.submit { bound.value.subscriptions.sequencer.behind(group, top: top) }.get()
+            guard let start else { return }
+            let found = (try? await history.historyRead(group, after: start, retention: retention))?.entries ?? []
+            loop.execute {
+                let session = bound.value
+                // Built as the live frames are: the publication's text (with offset and epoch).
+                let entries = found.map { entry -> (offset: UInt64, message: Message) in
+                    (
+                        entry.offset,
+                        [
+                            "text": .string(
+                                WebSocketSession.publicationText(entry.message, StreamPosition(offset: entry.offset, epoch: start.epoch)))
+                        ]
+                    )
+                }
+                let skippedBefore = session.subscriptions.sequencer.skipped
+                let messages = session.subscriptions.sequencer.fillTail(group, found: entries)
+                for message in messages { session.deliverReply(message) }
+                if !messages.isEmpty { ServerMetrics.publicationsCaughtUp.increment(by: messages.count) }
+                let skipped = session.subscriptions.sequencer.skipped - skippedBefore
+                if skipped > 0 { ServerMetrics.publicationsSkipped.increment(by: skipped) }
+            }
         }
     }
 
@@ -246,6 +312,8 @@ extension WebSocketSession {
     func subscriptionsEnded() {
         for timer in subscriptions.gapTimers.values { timer.cancel() }
         subscriptions.gapTimers = [:]
+        for timer in subscriptions.tailTimers.values { timer.cancel() }
+        subscriptions.tailTimers = [:]
         guard !subscriptions.presence.isEmpty, let presence = server.layer as? any ChannelLayerPresence else { return }
         for group in subscriptions.presence.keys.sorted() { leavePresence(group, presence: presence) }
     }

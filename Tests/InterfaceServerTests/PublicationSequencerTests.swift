@@ -84,4 +84,23 @@ struct PublicationSequencerTests {
         #expect(PublicationText.make(data: " { } ", position: position) == "{\"offset\":3,\"epoch\":\"abc\"}")
         #expect(PublicationText.make(data: "[1]", position: position) == "{\"offset\":3,\"epoch\":\"abc\",\"data\":[1]}")
     }
+    @Test("a tail check: behind only when the top is past what was delivered (same epoch); the tail read fills it, with what was held")
+    func tailCheck() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        _ = sequencer.recovered("g", top: StreamPosition(offset: 4, epoch: "e"))
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 4, epoch: "e")) == nil, "nothing missing")
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 9, epoch: "other")) == nil, "a new epoch is the next live one's business")
+        #expect(sequencer.behind("h", top: StreamPosition(offset: 9, epoch: "e")) == nil, "not followed")
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 7, epoch: "e")) == StreamPosition(offset: 4, epoch: "e"))
+        // 7 came live meanwhile (held behind the gap); the tail read has 5 and 6 (and 7 again).
+        #expect(sequencer.live("g", offset: 7, epoch: "e", message: message(7)) == .hold(startTimer: true))
+        #expect(texts(sequencer.fillTail("g", found: [(5, message(5)), (6, message(6)), (7, message(7))])) == ["m5", "m6", "m7"])
+        #expect(sequencer.live("g", offset: 7, epoch: "e", message: message(7)) == .duplicate)
+        #expect(delivered(sequencer.live("g", offset: 8, epoch: "e", message: message(8))) == ["m8"])
+        // A history trimmed past what the socket has: the lost ones are skipped and counted.
+        #expect(texts(sequencer.fillTail("g", found: [(12, message(12)), (13, message(13))])) == ["m12", "m13"])
+        #expect(sequencer.skipped == 3)
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 13, epoch: "e")) == nil)
+    }
 }

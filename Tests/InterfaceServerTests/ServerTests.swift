@@ -204,4 +204,71 @@ struct ServerTests {
             #expect(server.statistics.malformedReplies == 1)
         }
     }
+    /// A publication whose group send never reached the socket (its channel was full: group
+    /// sends are at most once) at the end of a burst, when no later one shows the gap: the
+    /// socket's server notices once the group is quiet, reads the history and writes it, once,
+    /// in order, before what is published next.
+    @Test func aLostPublicationAtTheEndOfABurstReachesTheSocket() async throws {
+        let group = "tail-\(UInt32.random(in: 0...UInt32.max))"
+        GroupHistory.keep(group)
+        let layer = InMemoryChannelLayer()
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.websocketConnectTimeout = .seconds(30)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let worker = Worker(
+            router: try Router([
+                route("websocket.connect", path: "^/follow/$") { context in
+                    try await context.follow(Group(group))
+                    try await context.accept()
+                }
+            ]), layer: layer, concurrency: 2)
+        let running = Task { await worker.run() }
+        let port = try #require(server.localAddress?.port)
+        guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/follow/") else {
+            Issue.record("the socket was not accepted")
+            worker.stop()
+            await server.shutdown()
+            return
+        }
+        var offsets: [Int] = []
+        try await channel.executeThenClose { inbound, outbound in
+            var frames = inbound.makeAsyncIterator()
+            func nextObject() async throws -> [String: Any]? {
+                while let frame = try await frames.next() {
+                    guard frame.opcode == .text else { continue }
+                    return try JSONSerialization.jsonObject(with: Data(String(buffer: frame.unmaskedData).utf8)) as? [String: Any]
+                }
+                return nil
+            }
+            #expect(try await nextObject()?["type"] as? String == "position")
+            let history = try #require(layer as (any ChannelLayerHistory)?)
+            let retention = try #require(GroupHistory.retention(for: group))
+            try await Group(group).publish("{\"n\":1}", on: layer)
+            try await Group(group).publish("{\"n\":2}", on: layer)
+            // Two whose group sends were lost: only the history has them.
+            _ = try await history.historyAppend(group, message: ["data": "{\"n\":3}"], retention: retention)
+            _ = try await history.historyAppend(group, message: ["data": "{\"n\":4}"], retention: retention)
+            // The bound: the connection is closed after 15 s (the frames stop, the test fails).
+            let socket = channel.channel
+            let watchdog = Task {
+                try await Task.sleep(for: .seconds(15))
+                socket.close(promise: nil)
+            }
+            defer { watchdog.cancel() }
+            for _ in 0..<4 {
+                guard let object = try await nextObject() else { break }
+                if let offset = object["offset"] as? Int { offsets.append(offset) }
+            }
+            #expect(offsets == [1, 2, 3, 4], "the lost tail was not caught up: \(offsets)")
+            try await Group(group).publish("{\"n\":5}", on: layer)
+            if let object = try await nextObject() { offsets.append(object["offset"] as? Int ?? -1) }
+            try await outbound.write(NIOWebSocketClient.frame(.connectionClose, [0x03, 0xE8]))
+        }
+        #expect(offsets == [1, 2, 3, 4, 5], "each once, in order: \(offsets)")
+        worker.stop()
+        await server.shutdown()
+        await running.value
+    }
 }
