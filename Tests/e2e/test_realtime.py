@@ -4,6 +4,7 @@ real Redis (and on the embedded layer), real WebSocket clients; every frame coun
 Run by scripts/test.sh with the venv's python: test_realtime.py CHAT_BINARY REDIS_URL
 """
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -371,6 +372,99 @@ def hostile_positions_and_presence_churn_leave_no_ghosts():
         asyncio.run(run())
         print("  hostile positions answered; 150 sockets churned (a third reset): no ghosts; a server stopped past "
               "the TTL: its 10 sockets swept, then back when it resumed", flush=True)
+    finally:
+        stop(procs, workers)
+
+
+def http_change(port, method, path, cookie, body=None):
+    """PATCH or DELETE with the session cookie and a CSRF token; returns (status, json body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/api/csrf/", headers={"Cookie": "sessionid=" + cookie})
+    token = json.loads(conn.getresponse().read())["csrf_token"]
+    headers = {"X-CSRFToken": token, "Cookie": "csrftoken=%s; sessionid=%s" % (token, cookie),
+               "Content-Type": "application/json"}
+    conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, json.loads(raw)
+
+
+@test
+def data_binding_both_ways_across_servers_with_a_refused_permission():
+    """The example binds its messages: an edit or a delete by the author, through HTTP on one
+    server or from a socket on another, reaches every socket of the room on both servers, once,
+    with an offset (a socket that reconnects recovers it); bob's attempt on alice's message is
+    refused to him alone (socket: an error frame; HTTP: 403), changes nothing, and nobody else
+    hears of it."""
+    prefix = "e2ebind%d:" % os.getpid()
+    procs, workers = stack(redis_url(prefix), 2, 2)
+    (_, port_a), (_, port_b) = procs
+    try:
+        _, _, alice = login(port_a, "alice_bind", "secret-a")
+        _, _, bob = login(port_a, "bob_bind", "secret-b")
+        room = "bind%d" % os.getpid()
+
+        async def member(port, cookie):
+            ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (port, room), max_queue=None, open_timeout=30,
+                                          ping_interval=None, extra_headers={"Cookie": "sessionid=" + cookie})
+            return Watcher(ws)
+
+        def bound(watcher):
+            return [f["payload"] for f in watcher.frames if f.get("stream") == "messages"]
+
+        async def run():
+            a = await member(port_a, alice)
+            b = await member(port_b, bob)
+            c = await connect(port_b, room)  # a guest on the other server
+            everyone = [a, b, c]
+            for w in everyone:
+                await wait_for(lambda: w.marker() is not None, "the socket's position", 30)
+            posted = await post(a, 3, "from alice")
+            await wait_for(lambda: all(len(w.messages()) >= 3 for w in everyone), "3 messages everywhere", 30)
+            ids = [m["id"] for m in posted]
+            # bob, from his socket, on alice's message: refused, told to him alone.
+            await b.ws.send(json.dumps({"stream": "messages", "payload": {"action": "delete", "pk": ids[0]}}))
+            await wait_for(lambda: any(p.get("error") for p in bound(b)), "bob's refusal", 30)
+            refusal = [p for p in bound(b) if p.get("error")]
+            assert refusal == [{"error": "permission denied", "action": "delete", "pk": ids[0]}], refusal
+            # ... and through HTTP.
+            status, body = http_change(port_b, "PATCH", "/api/rooms/%s/messages/%d/" % (room, ids[1]), bob, {"text": "bob was here"})
+            assert status == 403 and "author" in body["error"], (status, body)
+            # A guest socket cannot change anything either.
+            await c.ws.send(json.dumps({"stream": "messages", "payload": {"action": "update", "pk": ids[1], "data": {"text": "x"}}}))
+            await wait_for(lambda: any(p.get("error") for p in bound(c)), "the guest's refusal", 30)
+            # alice edits through HTTP on server B and deletes from her socket on server A.
+            status, body = http_change(port_b, "PATCH", "/api/rooms/%s/messages/%d/" % (room, ids[1]), alice, {"text": "edited"})
+            assert status == 200 and body["text"] == "edited", (status, body)
+            await a.ws.send(json.dumps({"stream": "messages", "payload": {"action": "delete", "pk": ids[2]}}))
+            for w in everyone:
+                await wait_for(lambda: len([p for p in bound(w) if not p.get("error")]) >= 2, "both changes", 30)
+            for w in everyone:
+                changes = [(p["action"], p["pk"], p["data"]["text"]) for p in bound(w) if not p.get("error")]
+                assert changes == [("update", ids[1], "edited"), ("delete", ids[2], "from alice 2")], changes
+                offsets = [f["offset"] for f in w.frames if f.get("stream") == "messages" and "offset" in f]
+                assert len(offsets) == 2 and offsets[0] < offsets[1], offsets
+            # The database says the same: the room's history has the edit and not the deleted one.
+            status, raw = get(port_a, "/api/rooms/%s/messages/" % room)
+            texts = [m["text"] for m in json.loads(raw)["messages"]]
+            assert texts == ["from alice 0", "edited"], texts
+            # A socket that was away recovers the changes too.
+            last = c.messages()[-1]
+            await c.ws.close()
+            status, _ = http_change(port_a, "DELETE", "/api/rooms/%s/messages/%d/" % (room, ids[0]), alice)
+            assert status == 200
+            back = await connect(port_a, room, "?offset=%d&epoch=%s" % (bound_offset(c, last), last["epoch"]))
+            await wait_for(lambda: back.marker() is not None, "the recovered marker", 30)
+            missed = [p for p in bound(back)]
+            assert [(p["action"], p["pk"]) for p in missed] == [("delete", ids[0])], missed
+            for w in [a, b, back]:
+                await w.ws.close()
+
+        def bound_offset(watcher, last):
+            return max([last["offset"]] + [f["offset"] for f in watcher.frames if "offset" in f])
+
+        asyncio.run(run())
     finally:
         stop(procs, workers)
 

@@ -53,6 +53,7 @@ enum ChatPage {
           .bubble { background:var(--panel); border:1px solid var(--line); border-radius:4px 14px 14px 14px; padding:8px 14px; min-width:120px; }
           .msg.mine .bubble { border-color:#7c3a10; background:#1d1712; }
           .meta { font-size:12px; color:var(--muted); }
+          .tools button { margin-left:8px; font-size:11px; padding:0 4px; background:none; border:1px solid var(--muted); border-radius:4px; color:var(--muted); cursor:pointer; }
           .meta .who { color:var(--accent2); font-weight:650; font-size:13.5px; margin-right:6px; }
           .text { white-space:pre-wrap; word-wrap:break-word; }
           .system { color:var(--muted); font-size:13px; text-align:center; margin:10px 0 14px; }
@@ -130,12 +131,30 @@ enum ChatPage {
           const div = document.createElement("div");
           div.className = "msg" + (me && m.user === me ? " mine" : "") + (mention ? " mention" : "");
           div.dataset.key = key(m);
+          if (m.id) div.dataset.id = m.id;
           const empty = $("empty"); if (empty) empty.remove();  // the room is not empty any more
           const who = m.user || "anonymous";
           div.innerHTML = '<div class="avatar" style="background:' + color(who) + '">' + esc(who[0]) + '</div>' +
             '<div class="bubble"><div class="meta"><span class="who">' + esc(who) + '</span>' + esc(time(m.at)) +
             (mention ? ' · mentioned you in #' + esc(m.room) : '') + '</div><div class="text">' + esc(m.text) + '</div></div>';
+          if (me && m.user === me && m.id && !mention) {
+            // Data binding: the author edits or deletes; every open page of the room follows.
+            const tools = document.createElement("span"); tools.className = "tools";
+            const edit = document.createElement("button"); edit.textContent = "edit";
+            edit.onclick = () => { const text = prompt("Edit your message", div.querySelector(".text").textContent);
+              if (text && text.trim()) socket.stream("messages").send({action: "update", pk: m.id, data: {text: text}}); };
+            const del = document.createElement("button"); del.textContent = "delete";
+            del.onclick = () => socket.stream("messages").send({action: "delete", pk: m.id});
+            tools.append(edit, del); div.querySelector(".meta").appendChild(tools);
+          }
           log.appendChild(div); log.scrollTop = log.scrollHeight;
+        }
+        function bound(p) {
+          if (p.error) { system("Not changed: " + p.error); return; }
+          const div = log.querySelector('.msg[data-id="' + Number(p.pk) + '"]');
+          if (!div) return;
+          if (p.action === "delete") div.remove();
+          else if (p.action === "update") div.querySelector(".text").textContent = p.data.text;
         }
         function renderRooms() {
           const box = $("rooms"); box.innerHTML = "";
@@ -183,7 +202,8 @@ enum ChatPage {
               }
             },
             onMessage: (data) => {
-              if (data.type === "history") showHistory(data.messages);
+              if (data.stream === "messages" && data.payload) bound(data.payload);
+              else if (data.type === "history") showHistory(data.messages);
               else if (data.type === "mention") { if (data.room !== room) message(data, true); }
               else if (data.type === "message" || data.type === "text") message(data);
             },

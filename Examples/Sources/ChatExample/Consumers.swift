@@ -272,10 +272,13 @@ enum ChatConsumers {
     /// and broadcasts it (the seed's "Models" step). The room comes from the channel session.
     @Sendable static func postToRoom(_ context: ConsumerContext) async throws {
         guard var text = try context.message(as: WebSocketReceiveMessage.self).data.text else { return }
-        if let data = text.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-            let inner = object["text"] as? String
-        {
-            text = inner
+        if let data = text.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
+            // `{"stream": "messages", "payload": {"action", "pk", "data"}}`: an edit or a delete (data binding).
+            if object["stream"] as? String == MessageBinding.stream, let payload = object["payload"] {
+                let payloadData = try JSONSerialization.data(withJSONObject: payload, options: [.fragmentsAllowed])
+                return try await MessageBinding().receive(WebSocket(context: context, stream: MessageBinding.stream), payload: payloadData)
+            }
+            if let inner = object["text"] as? String { text = inner }
         }
         text = String(text.trimmingCharacters(in: .whitespacesAndNewlines).prefix(2000))
         guard !text.isEmpty else { return }

@@ -90,6 +90,29 @@ final class ChatDatabase: Sendable {
         }
     }
 
+    func message(id: Int64) async throws -> ChatMessage? {
+        try await pool.read { db in try ChatMessage.fetchOne(db, key: id) }
+    }
+
+    /// The message with its new text, or nil when there is none.
+    func updateText(id: Int64, text: String) async throws -> ChatMessage? {
+        try await pool.write { db in
+            guard var message = try ChatMessage.fetchOne(db, key: id) else { return nil }
+            message.text = text
+            try message.update(db)
+            return message
+        }
+    }
+
+    /// The message as it was, or nil when there was none.
+    func deleteMessage(id: Int64) async throws -> ChatMessage? {
+        try await pool.write { db in
+            guard let message = try ChatMessage.fetchOne(db, key: id) else { return nil }
+            try message.delete(db)
+            return message
+        }
+    }
+
     /// The room's latest `limit` messages, oldest first.
     func history(room: String, limit: Int = 50) async throws -> [ChatMessage] {
         try await pool.read { db in

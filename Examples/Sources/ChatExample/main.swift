@@ -32,6 +32,10 @@ var app = ChannelsApplication(name: "chat", users: ChatUsers()) {
                 route("http.request", path: "^token/me/$", tokenUser(required: true, ChatConsumers.me)),
                 route("http.request", path: "^me/$", httpSessionUser(ChatConsumers.me)),
                 route("http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/$", ChatConsumers.historyJSON),
+                // Data binding: the author edits or deletes a message; every open page of the room hears of it.
+                route(
+                    "http.request", path: "^rooms/(?P<room>[A-Za-z0-9_-]{1,50})/messages/(?P<id>[0-9]{1,18})/$",
+                    method: "^(?:PATCH|DELETE)$", csrfProtect(httpSessionUser(MessageBinding.http))),
             ], path: "^/api/"),
         // Step 2: a WebSocket echo.
         route("websocket.connect", path: "^/echo/$", ChatConsumers.accept),

@@ -30,7 +30,8 @@ let app = ChannelsApplication(name: "peer-chat") {
                 let room = context.path.trimmingCharacters(in: "/")
                 try context.channelSession["room"] = .string(room)
                 if history {
-                    try await context.follow(Group("chat-\(room)"))
+                    // A socket that comes back with ?offset=&epoch= gets what it missed first.
+                    try await context.follow(Group("chat-\(room)"), after: context.streamPosition)
                 } else {
                     try await Group("chat-\(room)").add(context.replyChannel!)
                 }
