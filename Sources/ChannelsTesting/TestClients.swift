@@ -45,6 +45,20 @@ public final class HTTPTestClient: Sendable {
         setCookie(harness.environment.sessionSettings.cookieName, key)
     }
 
+    /// Logs in with credentials (Django's `client.login`): the harness's `users` must be a
+    /// ``UserAuthenticator``; true when it accepted them (the client then holds the session
+    /// cookie, as after ``forceLogin(_:)``), false when they are wrong.
+    @discardableResult
+    public func login(username: String, password: String) async throws -> Bool {
+        guard let authenticator = harness.environment.users as? any UserAuthenticator else {
+            throw ChannelLayerError(
+                .invalidConfiguration, "login(username:password:) needs the harness's users to be a UserAuthenticator; use forceLogin(_:)")
+        }
+        guard let user = try await authenticator.authenticate(username: username, password: password) else { return false }
+        try await forceLogin(user)
+        return true
+    }
+
     /// Forgets the session cookie (the client is anonymous again).
     public func logout() {
         let name = harness.environment.sessionSettings.cookieName

@@ -33,7 +33,6 @@ struct OutsideConsumerTests {
         #expect(try await layer.receive(channels: ["jobs"], timeout: .seconds(1))?.message["task"]?.stringValue == "resize")
 
         GroupHistory.keep("news", size: 10, ttl: .seconds(60))
-        defer { GroupHistory.reset() }
         let first = try await Group("news").publish("{\"headline\":\"one\"}")
         let second = try await Group("news").publish("{\"headline\":\"two\"}")
         #expect(first.offset == 1 && second.offset == 2 && first.epoch == second.epoch)

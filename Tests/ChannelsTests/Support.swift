@@ -44,9 +44,14 @@ enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
 }
 
 /// Users for the auth tests.
-struct TestUsers: UserProvider {
+struct TestUsers: UserAuthenticator {
     func user(id: String) async throws -> User? {
         ["1": User(id: "1", username: "alice"), "2": User(id: "2", username: "bob")][id]
+    }
+
+    func authenticate(username: String, password: String) async throws -> User? {
+        guard password == username + "'s password" else { return nil }
+        return ["alice": User(id: "1", username: "alice"), "bob": User(id: "2", username: "bob")][username]
     }
 }
 

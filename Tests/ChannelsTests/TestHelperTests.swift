@@ -34,10 +34,23 @@ struct TestHelperTests {
         #expect(try await client.get("/me/").text == "anonymous")
     }
 
+    @Test("login with credentials: through the harness's UserAuthenticator; wrong ones leave the client anonymous")
+    func credentialLogin() async throws {
+        let harness = try TestHarness(
+            Self.routes, environment: ConsumerEnvironment(sessionStore: InMemorySessionStore(), users: TestUsers()))
+        let client = HTTPTestClient(harness)
+        #expect(try await client.login(username: "bob", password: "wrong") == false)
+        #expect(try await client.get("/me/").text == "anonymous")
+        #expect(try await client.login(username: "bob", password: "bob's password"))
+        #expect(try await client.get("/me/").text == "bob")
+        // Without an authenticator, a clear error (not a silent anonymous client).
+        let plain = HTTPTestClient(try TestHarness(Self.routes))
+        await #expect(throws: ChannelLayerError.self) { try await plain.login(username: "bob", password: "bob's password") }
+    }
+
     @Test("the harness's recording layer keeps history: publish from a consumer, offsets in the frame")
     func publishInTheHarness() async throws {
         GroupHistory.keep("news-*", size: 10, ttl: .seconds(60))
-        defer { GroupHistory.reset() }
         let harness = try TestHarness([
             route("publish") { context in
                 try await Group("news-1").publish("{\"n\":\(try context.message.int("n"))}")

@@ -34,6 +34,13 @@ public protocol UserProvider: Sendable {
     func user(id: String) async throws -> User?
 }
 
+/// A provider that can also check a user's credentials (Django's authentication backend): what
+/// `HTTPTestClient.login(username:password:)` calls.
+public protocol UserAuthenticator: UserProvider {
+    /// The user these credentials name, or nil when they are wrong.
+    func authenticate(username: String, password: String) async throws -> User?
+}
+
 /// A provider from a closure.
 public struct UserLookup: UserProvider {
     let lookup: @Sendable (String) async throws -> User?
