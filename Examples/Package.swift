@@ -19,6 +19,7 @@ let package = Package(
     dependencies: [
         .package(name: "swift-channels", path: ".."),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.0.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
     ],
@@ -29,6 +30,7 @@ let package = Package(
                 .product(name: "ASGI", package: "swift-channels"),
                 .product(name: "Channels", package: "swift-channels"),
                 .product(name: "ChannelsCommand", package: "swift-channels"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

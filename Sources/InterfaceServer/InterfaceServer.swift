@@ -36,6 +36,19 @@ public final class InterfaceServer: Service, Sendable {
         logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
         eventLoopGroup: (any EventLoopGroup)? = nil
     ) throws(TLSConfigurationError) {
+        // Frames and body chunks the layer would refuse are refused at the door instead (1009,
+        // chunks that fit): a client never has a frame dropped behind an open socket.
+        let configuration = configuration.fitted(toLayerLimit: layer.maxMessageSize)
+        if configuration.maxWebSocketMessageSize < configuration.requested.maxWebSocketMessageSize
+            || configuration.bodyChunkSize < configuration.requested.bodyChunkSize
+        {
+            logger.notice(
+                "the channel layer's message limit is below the frame and chunk sizes; they follow it",
+                metadata: [
+                    "layer_limit": "\(layer.maxMessageSize)", "max_websocket_message": "\(configuration.maxWebSocketMessageSize)",
+                    "body_chunk": "\(configuration.bodyChunkSize)",
+                ])
+        }
         self.configuration = configuration
         self.admission = ConnectionAdmission(
             maxTotal: configuration.maxConnections, maxPerAddress: configuration.maxConnectionsPerAddress)

@@ -65,8 +65,15 @@ public struct ServerConfiguration: Sendable {
     /// Bodies larger than this are sent in chunks of this size on a `body_channel`, as they
     /// arrive (a streamed upload holds about this much per connection in the server).
     public var bodyChunkSize: Int
-    /// Largest WebSocket frame and reassembled message (1009 past it).
+    /// Largest WebSocket frame and reassembled message (1009 past it). The server lowers it (and
+    /// `bodyChunkSize`) to what the channel layer's `maxMessageSize` takes.
     public var maxWebSocketMessageSize: Int
+    /// The sizes asked for, before the server fitted them to its layer.
+    struct Requested: Sendable {
+        var maxWebSocketMessageSize: Int
+        var bodyChunkSize: Int
+    }
+    var requested = Requested(maxWebSocketMessageSize: 0, bodyChunkSize: 0)
     /// Largest request head (request line plus headers).
     public var maxHeaderSize: Int
     /// The `Host` names requests may carry (Django's `ALLOWED_HOSTS`; `.example.com` for a
@@ -197,5 +204,21 @@ extension ServerConfiguration {
         .init(
             header: headerTimeout, body: bodyTimeout, firstByte: httpTimeout, keepAlive: keepAliveTimeout,
             minBodyRate: minBodyRate)
+    }
+}
+
+extension ServerConfiguration {
+    /// Room kept in a layer message for what rides with a frame (reply channel, path, order)
+    /// and, for a body chunk, with the request head.
+    static let frameHeadroom = 4096
+
+    /// The configuration with WebSocket messages and body chunks no larger than a layer with a
+    /// `limit` per message takes (at least 1 KiB each); ``requested`` keeps what was asked.
+    func fitted(toLayerLimit limit: Int) -> ServerConfiguration {
+        var fitted = self
+        fitted.requested = Requested(maxWebSocketMessageSize: maxWebSocketMessageSize, bodyChunkSize: bodyChunkSize)
+        fitted.maxWebSocketMessageSize = min(maxWebSocketMessageSize, max(1024, limit - Self.frameHeadroom))
+        fitted.bodyChunkSize = min(bodyChunkSize, max(1024, limit - Self.frameHeadroom - maxHeaderSize))
+        return fitted
     }
 }

@@ -965,4 +965,51 @@ def delay_server_counts_retried_and_late_deliveries():
         app.flush()
 
 
+@test
+def a_database_that_cannot_be_opened_is_a_clear_start_up_error():
+    """CHAT_DATABASE in a folder that does not exist: runserver and runworker stop at once with
+    exit status 1 and say why (no crash, no socket accepted first)."""
+    env = dict(os.environ, CHAT_DATABASE="/nonexistent-%d/chat.sqlite3" % os.getpid())
+    for args in (["runserver", "--port", str(free_port())], ["runworker"]):
+        p = subprocess.run([CHAT, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1, (args, p.returncode, p.stderr[-500:])
+        assert "cannot open the chat database at /nonexistent-" in p.stderr, p.stderr[-500:]
+
+
+@test
+def a_failed_write_is_told_to_its_sender_and_counted():
+    """The database refuses one message (a trigger raises, as a full disk or a broken file
+    would): its sender gets an error frame, nobody else hears of it, it is counted
+    (chat_messages_failed_total) and logged, and the next message goes through."""
+    import sqlite3
+    mport = free_port()
+    proc, port = server("--metrics-port", str(mport))
+    db = sqlite3.connect(os.environ["CHAT_DATABASE"], timeout=30)
+    db.execute("CREATE TRIGGER refuse_fail_me BEFORE INSERT ON chat_message WHEN NEW.text = 'fail-me' "
+               "BEGIN SELECT RAISE(ABORT, 'disk I/O error (simulated)'); END")
+    db.commit()
+    try:
+        async def run():
+            room = "dbfail%d" % os.getpid()
+            a, _ = await join(port, room)
+            b, _ = await join(port, room)
+            await a.send("fail-me")
+            got = json.loads(await asyncio.wait_for(a.recv(), 15))
+            assert got["type"] == "error" and got["text"] == "fail-me" and "could not be saved" in got["error"], got
+            await a.send("fine")
+            for ws in (a, b):
+                got = json.loads(await asyncio.wait_for(ws.recv(), 15))
+                assert got["type"] == "message" and got["text"] == "fine", got
+            for ws in (a, b):
+                await ws.close()
+        asyncio.run(run())
+        assert scrape(mport).get("chat_messages_failed_total") == 1, "the failure was not counted"
+        proc.wait_line("a message could not be saved; its sender is told")
+    finally:
+        db.execute("DROP TRIGGER refuse_fail_me")
+        db.commit()
+        db.close()
+        assert proc.stop() == 0
+
+
 summary()

@@ -1,5 +1,6 @@
 import ASGI
 import Channels
+import CoreMetrics
 import Foundation
 import Logging
 
@@ -290,11 +291,13 @@ enum ChatConsumers {
             delay = seconds
             text = String(words[2])
         }
-        let message: Message = [
+        var message: Message = [
             "room": .string(room),
             "user": .string(context.user.isAuthenticated ? context.user.username : "anonymous"),
             "text": .string(text),
         ]
+        // Where to say that the message could not be saved.
+        if let reply = context.replyChannel { message["reply"] = .string(reply.name) }
         if let delay {
             try await Channel("chat-messages").send(message, delay: .seconds(delay))
         } else if let reply = context.replyChannel {
@@ -322,15 +325,33 @@ enum ChatConsumers {
         if let group = try context.channelSession["user_group"]?.stringValue { try await Group(group).discard(reply) }
     }
 
+    /// Messages whose write failed (`chat_messages_failed_total`).
+    static let failedWrites = Counter(label: "chat_messages_failed_total")
+
     static let mentionPattern = try! NSRegularExpression(pattern: "@([A-Za-z0-9_.-]{1,30})")
 
     /// Stores the message, broadcasts it to the room, and notifies every user it mentions
     /// (`@name`) on all of that user's sockets, through the user's group.
     @Sendable static func saveAndBroadcast(_ context: ConsumerContext) async throws {
-        let saved = try await ChatDatabase.shared.save(
-            ChatMessage(
-                id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
-                text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
+        let saved: ChatMessage
+        do {
+            saved = try await ChatDatabase.shared.save(
+                ChatMessage(
+                    id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
+                    text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
+        } catch {
+            // A full disk, a locked or broken file: the sender is told, the failure counted.
+            failedWrites.increment()
+            context.logger.error("a message could not be saved; its sender is told", metadata: ["error": "\(error)"])
+            if let reply = context.message["reply"]?.stringValue {
+                let frame = json([
+                    "type": "error", "error": "your message could not be saved; try again",
+                    "text": context.message["text"]?.stringValue ?? "",
+                ])
+                try await Channel(reply).send(WebSocketSendMessage.text(frame).message)
+            }
+            return
+        }
         var event = saved.json
         event["type"] = "message"
         // With the room history's offset and epoch: a page that reconnects gets what it missed.

@@ -29,6 +29,11 @@ struct Account: Codable, Sendable, FetchableRecord, MutablePersistableRecord {
     mutating func didInsert(_ inserted: InsertionSuccess) { id = inserted.rowID }
 }
 
+/// Why the chat database could not be opened.
+struct ChatDatabaseError: Error, CustomStringConvertible {
+    let description: String
+}
+
 /// The app's SQLite database, shared by every process on the machine (WAL mode, with a busy
 /// timeout so a server and several workers can write at once). Path: `CHAT_DATABASE`, by
 /// default `chat.sqlite3` in the working directory.
@@ -36,12 +41,18 @@ final class ChatDatabase: Sendable {
     let pool: DatabasePool
     let path: String
 
-    static let shared: ChatDatabase = {
-        let path = ProcessInfo.processInfo.environment["CHAT_DATABASE"] ?? "chat.sqlite3"
+    /// The database at `CHAT_DATABASE`, opened on first use; an error (a missing directory, a
+    /// file that is not a database, no permission) is thrown to whoever asks, never a crash.
+    /// `runserver` and `runworker` ask before they start (`main.swift`) and stop with that error.
+    static var shared: ChatDatabase {
+        get throws(ChatDatabaseError) { try opened.get() }
+    }
+    static let path = ProcessInfo.processInfo.environment["CHAT_DATABASE"] ?? "chat.sqlite3"
+    private static let opened: Result<ChatDatabase, ChatDatabaseError> = {
         do {
-            return try ChatDatabase(path: path)
+            return .success(try ChatDatabase(path: path))
         } catch {
-            fatalError("cannot open the chat database at \(path): \(error)")
+            return .failure(ChatDatabaseError(description: "cannot open the chat database at \(path): \(error)"))
         }
     }()
 

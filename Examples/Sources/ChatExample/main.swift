@@ -66,4 +66,15 @@ var app = ChannelsApplication(name: "chat", users: ChatUsers()) {
 // A background service of the app's own, run (and stopped) with runserver's and runworker's services.
 app.services = { [RoomCensus()] }
 
+// The processes that serve open the database first: a path that cannot be opened is a clear
+// start-up error (exit 1), not a crash in the middle of a consumer.
+if ["runserver", "runworker"].contains(CommandLine.arguments.dropFirst().first ?? "") {
+    do {
+        _ = try ChatDatabase.shared
+    } catch {
+        FileHandle.standardError.write(Data("chat: \(error)\n".utf8))
+        exit(1)
+    }
+}
+
 await app.main()
