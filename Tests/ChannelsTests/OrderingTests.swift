@@ -65,6 +65,28 @@ struct OrderingTests {
         #expect(await log.entries == ["0", "2", "4", "3"], "after the connect, messages run as they come")
     }
 
+    /// A session written by a worker whose clock is a minute behind (or this one a minute
+    /// ahead): the order seems to have stood still for a minute. An early message still waits
+    /// for the one before it (the gap's age is this process's own, from when it first saw it),
+    /// and both run in order; nothing is skipped or dropped as stale.
+    @Test func anotherWorkersClockDoesNotAgeAGap() async throws {
+        let log = Log()
+        let harness = try TestHarness(Self.routing(log: log))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let settings = harness.environment.sessionSettings
+        let session = try await Session.load(
+            key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret), store: harness.environment.sessionStore,
+            settings: settings, ttl: settings.channelSessionAge)
+        session[OrderingGate.movedAtKey] = .int(OrderingGate.nowMillis() - 60_000)
+        try await session.save()
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        #expect(await log.entries == ["0"], "2 waits for 1")
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        #expect(await log.entries == ["0", "1", "2"])
+        #expect(harness.environment.orderingGaps.skipped == 0)
+    }
+
     @Test func aFullWaitChannelClosesTheSocketWith1013() async throws {
         let log = Log()
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("__wait__.*", 2)]))

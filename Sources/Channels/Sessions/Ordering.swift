@@ -9,6 +9,9 @@ import Synchronization
 public final class OrderingGaps: Sendable {
     private let skippedCount = Atomic<Int>(0)
     private let watched = Mutex<Set<String>>([])
+    /// Per wait channel, the stored next order this process saw stuck and since when (its own
+    /// monotonic clock): a gap's age never compares two machines' wall clocks.
+    private let stuck = Mutex<[String: (next: Int64, since: ContinuousClock.Instant)]>([:])
 
     /// No gaps skipped yet.
     public init() {}
@@ -20,6 +23,18 @@ public final class OrderingGaps: Sendable {
     /// True when the caller should start watching `waitChannel` (nobody here does yet).
     func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
     func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
+
+    /// Whether the order of `waitChannel` has stood at `next` for longer than `timeout` as this
+    /// process saw it: the first sighting starts the clock, a different `next` restarts it.
+    func stuckLongerThan(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
+        let now = ContinuousClock.now
+        return stuck.withLock { stuck in
+            if let seen = stuck[waitChannel], seen.next == next { return now - seen.since > timeout }
+            if stuck.count > 10_000 { stuck = stuck.filter { now - $0.value.since < timeout * 10 } }
+            stuck[waitChannel] = (next, now)
+            return false
+        }
+    }
 }
 
 /// `enforce_ordering`: the messages of one WebSocket are handled strictly in their `order`
@@ -158,7 +173,8 @@ extension Channel {
 /// runs the parked messages that became due.
 struct OrderingGate {
     static let nextOrderKey = "__channels_next_order"
-    /// When the order last moved (UNIX milliseconds), to tell a late message from a lost one.
+    /// When the order last moved (UNIX milliseconds, the writer's clock): for people reading a
+    /// session; a gap's age is measured by each process's own monotonic clock (``OrderingGaps``).
     static let movedAtKey = "__channels_order_moved"
     /// The wait channel a drain loop up the stack is already emptying: nested turns leave it to that loop.
     @TaskLocal static var draining: String?
@@ -195,11 +211,12 @@ struct OrderingGate {
             }
             // The message that was due may have finished between our read of the session and
             // our park, and found the wait channel empty: if our turn has come, drain ourselves.
-            // If the order has not moved for the gap timeout, the due message is lost: skip it.
-            let (stored, movedAt) = try await storedState()
+            // If the order has not moved for the gap timeout (by this process's own clock), the
+            // due message is lost: skip it.
+            let (stored, _) = try await storedState()
             if isDue(next: stored) {
                 await drain()
-            } else if let movedAt, Self.nowMillis() - movedAt > gapMillis {
+            } else if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
                 await drain(skippingGapFrom: stored)
             } else if context.environment.orderingGaps.watch(waitChannel) {
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
@@ -236,7 +253,7 @@ struct OrderingGate {
         try await context.send(parked, to: waitChannel, immediately: true)
     }
 
-    private var gapMillis: Int64 { Int64(context.environment.orderingGapTimeout.seconds * 1000) }
+    private var gaps: OrderingGaps { context.environment.orderingGaps }
 
     /// Runs (once per wait channel and process at a time) while messages stay parked: after
     /// each gap timeout, runs what became due, or skips a gap that is now old enough.
@@ -244,8 +261,8 @@ struct OrderingGate {
         defer { context.environment.orderingGaps.unwatch(waitChannel) }
         while !Task.isCancelled {
             try? await Task.sleep(for: context.environment.orderingGapTimeout + .milliseconds(100))
-            guard let (stored, movedAt) = try? await storedState() else { return }
-            if let movedAt, Self.nowMillis() - movedAt > gapMillis {
+            guard let (stored, _) = try? await storedState() else { return }
+            if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
                 await drain(skippingGapFrom: stored)
             } else {
                 await drain()
