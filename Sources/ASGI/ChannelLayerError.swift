@@ -21,6 +21,8 @@ public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
         public static let connectionLost = Code(name: "connectionLost")
         /// The backing store answered with an error.
         public static let backendError = Code(name: "backendError")
+        /// Redis refused a write: it reached `maxmemory` and its policy (`noeviction`) evicts nothing.
+        public static let outOfMemory = Code(name: "outOfMemory")
         /// The layer's configuration is unusable (a bad URL, no hosts, ...).
         public static let invalidConfiguration = Code(name: "invalidConfiguration")
         /// The layer has been closed.

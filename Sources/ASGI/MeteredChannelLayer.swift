@@ -31,7 +31,7 @@ public struct MeteredChannelLayer: ChannelLayerInspection {
     }
 
     private static let known: Set<String> = [
-        "channel_full", "message_too_large", "invalid_name", "invalid_message", "connection_lost", "backend_error",
+        "channel_full", "message_too_large", "invalid_name", "invalid_message", "connection_lost", "backend_error", "out_of_memory",
         "invalid_configuration", "closed",
     ]
     private static let counters: [String: Counter] = Dictionary(

@@ -239,6 +239,10 @@ struct LayerOptions: ParsableArguments {
         }
         let redis = try RedisChannelLayer(
             urls: RedisChannelLayerConfiguration.splitURLList(url), environment: ProcessInfo.processInfo.environment, logger: logger)
+        // Said once at start, without holding the start up.
+        Task {
+            for warning in await redis.evictionWarnings() { logger.warning("\(warning)") }
+        }
         return Backend(
             layer: MeteredChannelLayer(redis), redis: redis.configuration.hosts.first, prefix: redis.configuration.prefix,
             encryption: StorageEncryption(keys: redis.configuration.symmetricEncryptionKeys))

@@ -33,9 +33,18 @@ func runServices(_ services: [any Service], metrics: MetricsEndpoint?, grace: Du
                     finish(false)
                 }
             })
-        var configuration = ServiceGroupConfiguration(services: parts, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        // Signals trapped since the command began (before it listened) start the graceful
+        // shutdown too, even one that came while it was still starting.
+        let early = ShutdownSignals.take()
+        var configuration = ServiceGroupConfiguration(
+            services: parts, gracefulShutdownSignals: early == nil ? [.sigterm, .sigint] : [], logger: logger)
         configuration.maximumGracefulShutdownDuration = grace
         let group = ServiceGroup(configuration: configuration)
+        if let early {
+            Task {
+                for await _ in early { await group.triggerGracefulShutdown() }
+            }
+        }
         Task {
             do {
                 try await group.run()
@@ -46,6 +55,27 @@ func runServices(_ services: [any Service], metrics: MetricsEndpoint?, grace: Du
         }
     }
     if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
+}
+
+/// SIGTERM and SIGINT, trapped from the start of a long-running command: one that comes while
+/// the command is still starting (listening, but its services not yet running) is not the
+/// default action, an abrupt exit, but the graceful shutdown once they run.
+enum ShutdownSignals {
+    private static let trapped = Mutex<UnixSignalsSequence?>(nil)
+
+    /// Traps them now (call first thing in `runserver`, `runworker`, `rundelay`).
+    static func trap() async {
+        let sequence = await UnixSignalsSequence(trapping: .sigterm, .sigint)
+        trapped.withLock { $0 = sequence }
+    }
+
+    /// What ``trap()`` caught and will catch, for ``runServices(_:metrics:grace:logger:)``.
+    static func take() -> UnixSignalsSequence? {
+        trapped.withLock { trapped in
+            defer { trapped = nil }
+            return trapped
+        }
+    }
 }
 
 /// The last service of every command: the first told of a shutdown, it turns `/readyz` to 503

@@ -26,6 +26,7 @@ struct RunDelay: ApplicationSubcommand {
     }
 
     func run(_ app: ChannelsApplication) async throws {
+        await ShutdownSignals.trap()
         let logger = options.makeLogger("channels.rundelay")
         let metricsEndpoint = try await metrics.start(logger: logger)
         let backend = try options.makeBackend(logger: logger, allowMemory: false)

@@ -137,6 +137,7 @@ struct RunServer: ApplicationSubcommand {
     }
 
     func run(_ app: ChannelsApplication) async throws {
+        await ShutdownSignals.trap()
         let logger = options.makeLogger("channels.runserver")
         let metricsEndpoint = try await metrics.start(logger: logger)
         let backend = try options.makeBackend(logger: logger, allowMemory: true)

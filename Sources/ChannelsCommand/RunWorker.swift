@@ -24,6 +24,7 @@ struct RunWorker: ApplicationSubcommand {
     @OptionGroup var metrics: MetricsOptions
 
     func run(_ app: ChannelsApplication) async throws {
+        await ShutdownSignals.trap()
         let logger = options.makeLogger("channels.runworker")
         let metricsEndpoint = try await metrics.start(logger: logger)
         let backend = try options.makeBackend(logger: logger, allowMemory: false)

@@ -157,7 +157,7 @@ final class LayerSender {
     private func failed(_ error: any Error) -> TimeAmount? {
         let code = (error as? ChannelLayerError)?.code
         switch code {
-        case .channelFull?, .connectionLost?, .backendError?:
+        case .channelFull?, .connectionLost?, .backendError?, .outOfMemory?:
             return retry(full: code == .channelFull, error: error)
         default:
             // Not worth another try (too large, invalid, the layer closed): this one is lost.

@@ -46,7 +46,7 @@ public final class RedisClient: Sendable {
         let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
             try await connection().command(args)
         }
-        if case .error(let message) = reply { throw ChannelLayerError(.backendError, "Redis: \(message)") }
+        if case .error(let message) = reply { throw ChannelLayerError.redisRefused(message, "Redis") }
         return reply
     }
 
@@ -61,7 +61,7 @@ public final class RedisClient: Sendable {
         let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
             try await script.run(on: connection(), keys: keys, args: args)
         }
-        if case .error(let message) = reply { throw ChannelLayerError(.backendError, "Redis script \(script.name): \(message)") }
+        if case .error(let message) = reply { throw ChannelLayerError.redisRefused(message, "Redis script \(script.name)") }
         return reply
     }
 

@@ -87,6 +87,33 @@ extension RedisChannelLayer {
         return stats
     }
 
+    /// What each server of the ring does at `maxmemory`, as warnings for the start-up log: a
+    /// policy that may evict the layer's keys (anything but `noeviction`, with a `maxmemory` set)
+    /// lets group memberships, sessions and a server's registration vanish without a word. A
+    /// server that does not answer `CONFIG GET` (managed services rename it) is passed over.
+    public func evictionWarnings() async -> [String] {
+        var warnings: [String] = []
+        for index in shards.indices {
+            guard let connection = try? await shared(index),
+                let reply = try? await connection.command(["CONFIG", "GET", "maxmemory*"]), case .array(let pairs) = reply
+            else { continue }
+            var settings: [String: String] = [:]
+            for pair in stride(from: 0, to: pairs.count - 1, by: 2) {
+                if let name = pairs[pair].bytes, let value = pairs[pair + 1].bytes {
+                    settings[String(decoding: name, as: UTF8.self)] = String(decoding: value, as: UTF8.self)
+                }
+            }
+            guard let limit = settings["maxmemory"].flatMap(Int.init), limit > 0, let policy = settings["maxmemory-policy"],
+                policy != "noeviction"
+            else { continue }
+            warnings.append(
+                "Redis at \(configuration.hosts[index]) evicts keys when it reaches maxmemory (\(limit) bytes, policy \(policy)): "
+                    + "group memberships, sessions and a server's registration can vanish without a word. "
+                    + "Set maxmemory-policy noeviction: writes are then refused as out_of_memory (counted, retried) instead.")
+        }
+        return warnings
+    }
+
     /// The servers of the ring, without credentials.
     public var location: String { configuration.hosts.map(\.description).joined(separator: ",") }
 

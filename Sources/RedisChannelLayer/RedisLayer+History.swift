@@ -28,7 +28,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
                 .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpiry),
                 .text(String(Self.unixTime())),
             ])
-        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "history append: \(error)") }
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history append") }
         guard let items = reply.array, items.count == 2, let epoch = items[1].text else {
             throw ChannelLayerError(.backendError, "history append: an unexpected reply")
         }
@@ -45,7 +45,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
                 .text(PublicationText.newEpoch()), .integer(configuration.groupExpiry),
                 .text(position.map { String(min($0.offset, UInt64(Int64.max) - 1) + 1) } ?? "-1"), .integer(retention.size),
             ])
-        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "history read: \(error)") }
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history read") }
         guard let items = reply.array, items.count == 3, let epoch = items[1].text else {
             throw ChannelLayerError(.backendError, "history read: an unexpected reply")
         }

@@ -60,7 +60,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
                 .text(String(Self.unixTime() + ttl.seconds)), .text(group),
                 .integer(configuration.groupExpiry),
             ])
-        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence join: \(error)") }
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence join") }
         return reply.countValue == 1
     }
 
@@ -70,7 +70,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
             args: [.text(connection), .text(presenceUserField(user)), .text(group)])
-        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence leave: \(error)") }
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence leave") }
         return reply.countValue == 1
     }
 
@@ -86,7 +86,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         }
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceRefresh, keys: presenceKeys(group) + [presenceIndex], args: args)
-        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence refresh: \(error)") }
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence refresh") }
         let back = Set((reply.array ?? []).compactMap(\.text))
         return connections.filter { back.contains($0.connection) }
     }
@@ -116,7 +116,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
             let reply = try await pipelined(
                 shard, Scripts.presenceSweep, keys: [presenceIndex],
                 args: [.text(configuration.prefix), .text(String(Self.unixTime())), .integer(configuration.groupExpiry)])
-            if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence sweep: \(error)") }
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence sweep") }
             let items = reply.array ?? []
             var index = 0
             // {group, user field, stored value} of each user whose last connection went.

@@ -44,7 +44,7 @@ extension RedisChannelLayer {
 
     func unexpected(_ reply: RedisReply, doing what: String) -> ChannelLayerError {
         if case .error(let e) = reply {
-            return ChannelLayerError(.backendError, "Redis refused \(what): \(e)")
+            return ChannelLayerError.redisRefused(e, "Redis refused \(what)")
         }
         return ChannelLayerError(.backendError, "unexpected Redis reply to \(what): \(reply)")
     }

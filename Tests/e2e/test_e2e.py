@@ -1012,4 +1012,66 @@ def a_failed_write_is_told_to_its_sender_and_counted():
         assert proc.stop() == 0
 
 
+@test
+def redis_maxmemory_is_warned_at_start_and_out_of_memory_is_held_counted_and_recovered():
+    """A Redis that may evict the layer's keys is named at start. With noeviction, a Redis that is
+    full refuses writes with -OOM: the server holds the socket's frame (reading paused), counts
+    the error as out_of_memory and says why; once memory frees up the frame goes through and the
+    room gets it. Nothing is closed, nothing lost."""
+    import redis as redis_py
+    with own_redis("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as (_, _, url):
+        proc, _ = server("--noworker", "--layer", url)
+        try:
+            proc.wait_line("evicts keys when it reaches maxmemory (67108864 bytes, policy allkeys-lru)")
+        finally:
+            assert proc.stop() == 0
+    with own_redis("--maxmemory", "16mb", "--maxmemory-policy", "noeviction") as (rport, _, url):
+        mport = free_port()
+        proc, port = server("--noworker", "--layer", url, "--metrics-port", str(mport), "--layer-outage-timeout", "60")
+        worker = Proc("runworker", "--layer", url)
+        worker.wait_line("worker ready")
+        filler = redis_py.Redis(port=rport)
+        try:
+            async def run():
+                room = "oom%d" % os.getpid()
+                a, _ = await join(port, room)
+                b, _ = await join(port, room)
+                # Fill Redis with keys of our own until it refuses one, then set its limit just
+                # under what it holds (a refused write frees its own buffer): every write is
+                # refused until memory frees up.
+                n = 0
+                try:
+                    while True:
+                        filler.set("filler:%d" % n, b"x" * (256 << 10))
+                        n += 1
+                except redis_py.exceptions.ResponseError as e:
+                    assert "OOM" in str(e), e
+                filler.config_set("maxmemory", filler.info("memory")["used_memory"] - (1 << 20))
+                await a.send("while Redis is full")
+                until(lambda: scrape(mport).get('channels_layer_errors_total{code="out_of_memory"}', 0) >= 1,
+                      "the out-of-memory refusals to be counted", 30)
+                proc.wait_line("out of memory")
+                filler.delete(*["filler:%d" % i for i in range(n)])
+                for ws in (a, b):
+                    got = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    assert got["type"] == "message" and got["text"] == "while Redis is full", got
+                for ws in (a, b):
+                    await ws.close()
+            asyncio.run(run())
+        finally:
+            assert worker.stop() == 0
+            assert proc.stop() == 0
+
+
+@test
+def a_sigterm_while_starting_is_a_graceful_stop():
+    """SIGTERM the moment runserver says it listens (before its services run): a graceful stop
+    with exit status 0, never the signal's default abrupt exit."""
+    for _ in range(3):
+        proc, _ = server()
+        proc.p.send_signal(signal.SIGTERM)
+        assert proc.p.wait(30) == 0, proc.p.returncode
+        proc.wait_line("stopping: finishing what is in hand")
+
+
 summary()

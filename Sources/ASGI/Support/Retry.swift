@@ -39,9 +39,10 @@ func retryingAfter<T>(
 }
 
 extension ChannelLayerError {
-    /// A failure that may pass by itself: a full channel, or a store that cannot be reached.
+    /// A failure that may pass by itself: a full channel, a store that cannot be reached, or a
+    /// Redis out of memory (until memory frees up).
     public static func isTransient(_ error: ChannelLayerError) -> Bool {
-        error.code == .channelFull || error.code == .connectionLost
+        error.code == .channelFull || error.code == .connectionLost || error.code == .outOfMemory
     }
 }
 
