@@ -574,7 +574,9 @@ final class Slots: Sendable {
             state.free += 1
             if let count = state.held[channel] { state.held[channel] = count > 1 ? count - 1 : nil }
             var widened = false
-            if let reserve = state.restricted, state.free > reserve {
+            // Woken once a few slots are free again (an eighth of them), not at every one: under
+            // saturation a wake-up per finished consumer would cost a layer round trip each.
+            if let reserve = state.restricted, state.free >= reserve + max(1, total / 8) {
                 state.restricted = nil
                 widened = true
             }

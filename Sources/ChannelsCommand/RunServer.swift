@@ -79,6 +79,11 @@ struct RunServer: ApplicationSubcommand {
     var channelFullTimeout = 10.0
     @Option(name: .long, help: "Seconds a WebSocket's frames are held while the layer is unreachable before 1011.") var layerOutageTimeout =
         120.0
+    @Option(
+        name: .long,
+        help:
+            "Seconds this server may be cut off from the layer before it closes its sockets with 1012 (they may have missed messages; 0: never)."
+    ) var cutOffTimeout = 30.0
     @Option(name: .long, help: "Seconds to let responses in flight and consumers in hand finish after SIGTERM.")
     var shutdownTimeout = 30.0
     @Option(name: .long, help: "Bytes that may wait to be written to one WebSocket client before it is closed (1008) as not reading.")
@@ -163,6 +168,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.maxHeaderSize = maxHeaderSize
         configuration.channelFullTimeout = Duration(secondsValue: channelFullTimeout)
         configuration.layerOutageTimeout = Duration(secondsValue: layerOutageTimeout)
+        configuration.cutOffTimeout = cutOffTimeout > 0 ? Duration(secondsValue: cutOffTimeout) : nil
         configuration.shutdownGrace = Duration(secondsValue: shutdownTimeout)
         configuration.maxQueuedBytesPerSocket = maxQueuedBytes
         configuration.headerTimeout = Duration(secondsValue: headerTimeout)

@@ -62,10 +62,15 @@ public final class InterfaceServer: Service, Sendable {
         }
         let router = ReplyRouter(
             layer: layer, prefix: configuration.replyChannelPrefix, logger: logger,
-            registrationInterval: configuration.readerRegistrationInterval)
+            registrationInterval: configuration.readerRegistrationInterval, cutOffBound: configuration.cutOffTimeout)
         let context = ServerContext(
             layer: layer, router: router, configuration: configuration, logger: logger,
             accessLog: AccessLog(path: accessLogPath, logger: logger))
+        router.whenCutOff { [weak context] _ in
+            guard let context else { return }
+            context.counters.count(.closedLayerUnavailable, by: context.openSocketCount)
+            context.closeAllSockets(code: 1012)
+        }
         router.whenStoreLost { [weak context] in
             guard let context else { return }
             context.counters.count(.closedStoreLost, by: context.openSocketCount)

@@ -41,10 +41,19 @@ final class ReplyRouter: Service, Sendable {
 
     private let registrationInterval: Duration
     private let storeLost = Mutex<(@Sendable () -> Void)?>(nil)
+    /// How long the server may go without reaching the layer before `cutOff` runs (nil: never).
+    private let cutOffBound: Duration?
+    private let cutOff = Mutex<(@Sendable (Duration) -> Void)?>(nil)
+    /// When a registration last succeeded, and whether this outage was told already.
+    private let reached = Mutex<(at: ContinuousClock.Instant, told: Bool)>((ContinuousClock.now, false))
     /// Each registered name is a connection waiting for a reply: work in hand.
     let workInHand = WorkInHand()
 
-    init(layer: any ChannelLayer, prefix: String, logger: Logger, registrationInterval: Duration = .seconds(2)) {
+    init(
+        layer: any ChannelLayer, prefix: String, logger: Logger, registrationInterval: Duration = .seconds(2),
+        cutOffBound: Duration? = nil
+    ) {
+        self.cutOffBound = cutOffBound
         self.layer = layer
         self.logger = logger
         self.processChannel = prefix + "." + ChannelNames.randomLetters(10) + "!"
@@ -54,6 +63,12 @@ final class ReplyRouter: Service, Sendable {
     /// What to do when the layer is found to have lost its data.
     func whenStoreLost(_ action: @escaping @Sendable () -> Void) {
         storeLost.withLock { $0 = action }
+    }
+
+    /// What to do when the layer could not be reached for longer than the cut-off bound (once
+    /// per outage): the replies and group messages sent here meanwhile may be lost.
+    func whenCutOff(_ action: @escaping @Sendable (Duration) -> Void) {
+        cutOff.withLock { $0 = action }
     }
 
     /// A fresh reply channel name under this process's channel.
@@ -128,6 +143,7 @@ final class ReplyRouter: Service, Sendable {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.keepRegistered() }
             group.addTask { await self.read() }
+            if let bound = cutOffBound { group.addTask { await self.watchCutOff(bound) } }
         }
     }
 
@@ -144,6 +160,7 @@ final class ReplyRouter: Service, Sendable {
                     tellStoreLost()
                 }
                 failures = 0
+                reached.withLock { $0 = (ContinuousClock.now, false) }
             } catch {
                 if Task.isCancelled { break }
                 failures += 1
@@ -152,6 +169,25 @@ final class ReplyRouter: Service, Sendable {
                 }
             }
             try? await Task.sleep(for: registrationInterval)
+        }
+    }
+
+    /// Looks once a second at when the layer was last reached (a call that hangs in a partition
+    /// counts as not reaching it): past `bound`, the server is cut off, and says so once.
+    private func watchCutOff(_ bound: Duration) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(1))
+            let now = ContinuousClock.now
+            let silent = reached.withLock { reached -> Duration? in
+                guard !reached.told, now - reached.at > bound else { return nil }
+                reached.told = true
+                return now - reached.at
+            }
+            guard let silent else { continue }
+            logger.error(
+                "cut off from the channel layer: closing sockets with 1012 (what was sent to them meanwhile may be lost; clients reconnect and recover)",
+                metadata: ["unreachable_s": "\(Int(silent.seconds))", "reply_channel": "\(processChannel)"])
+            cutOff.withLock { $0 }?(silent)
         }
     }
 

@@ -99,6 +99,11 @@ public struct ServerConfiguration: Sendable {
     /// How long a WebSocket's frames are held while the layer is unreachable (Redis down)
     /// before the socket is closed with 1011. The socket stays open meanwhile.
     public var layerOutageTimeout: Duration
+    /// How long the server may be unable to reach the layer (its registration renewals failing
+    /// or hanging) before it closes every socket with 1012: replies and group messages sent to
+    /// them meanwhile may be lost (a full or expired process list), and clients that reconnect
+    /// recover from their last position. Nil: never. Default 30 s (under the layer's 60 s expiry).
+    public var cutOffTimeout: Duration? = .seconds(30)
     /// Messages one connection may have waiting for the layer before reading from it pauses.
     public var maxHeldMessages: Int
     /// Frames a second one WebSocket may send to the layer (in bursts of a tenth of it); past it,

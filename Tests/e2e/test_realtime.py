@@ -469,6 +469,114 @@ def data_binding_both_ways_across_servers_with_a_refused_permission():
         stop(procs, workers)
 
 
+class BlackholeProxy:
+    """A TCP proxy to Redis that can stop forwarding without closing anything: packets dropped
+    in a partition, as the server sees it (no reset, no answer), for this server alone."""
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.open = asyncio.Event()
+        self.open.set()
+        self.port = free_port()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", self.port)
+
+    async def serve(self, reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src, dst):
+            try:
+                while True:
+                    data = await src.read(65536)
+                    if not data:
+                        break
+                    await self.open.wait()  # cut off: held, never forwarded while it lasts
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # the test is over
+
+
+@test
+def a_server_cut_off_from_redis_closes_its_sockets_with_1012_and_they_recover_while_the_other_server_loses_nothing():
+    """Server A reaches Redis through a proxy that stops forwarding for 8 s (no reset: a
+    partition); server B and the worker reach it directly. 10 sockets on each follow one room
+    while a socket on B posts every 100 ms. A's sockets are closed with 1012 once it has been
+    cut off for --cut-off-timeout (3 s); they come back (through A, healed) with their last
+    position and recover everything, complete; B's sockets lose nothing. Every message counted."""
+    with own_redis() as (rport, _, url):
+        async def run():
+            proxy = BlackholeProxy(rport)
+            await proxy.start()
+            # Started off the event loop: the proxy runs on it.
+            a = await asyncio.to_thread(server, "--noworker", "--layer", "redis://127.0.0.1:%d/0" % proxy.port,
+                                        "--cut-off-timeout", "3", "--websocket-connect-timeout", "30")
+            b = await asyncio.to_thread(server, "--noworker", "--layer", url, "--websocket-connect-timeout", "30")
+            worker = Proc("runworker", "--layer", url, "--threads", "32")
+            await asyncio.to_thread(worker.wait_line, "worker ready")
+            try:
+                room = "cut%d" % os.getpid()
+                on_a = [await connect(a[1], room) for _ in range(10)]
+                on_b = [await connect(b[1], room) for _ in range(10)]
+                poster = await connect(b[1], room)
+                everyone = on_a + on_b + [poster]
+                for w in everyone:
+                    await wait_for(lambda: w.marker() is not None, "every socket's position", 30)
+                sent = []
+
+                async def posting(seconds):
+                    deadline = time.time() + seconds
+                    while time.time() < deadline:
+                        text = "tick %d" % len(sent)
+                        await poster.ws.send(json.dumps({"text": text}))
+                        sent.append(text)
+                        await asyncio.sleep(0.1)
+                await posting(1)
+                proxy.open.clear()
+                cut_at = time.time()
+                await posting(8)
+                closed = [w.ws.close_code for w in on_a]
+                proxy.open.set()
+                assert closed == [1012] * 10, "A's sockets after 8 s cut off: %s" % closed
+                await asyncio.to_thread(a[0].wait_line, "cut off from the channel layer: closing sockets with 1012")
+                # A's sockets come back with their last position.
+                back = []
+                for w in on_a:
+                    last = w.messages()[-1]
+                    back.append(await connect(a[1], room, "?offset=%d&epoch=%s" % (last["offset"], last["epoch"])))
+                await posting(2)
+                await wait_for(lambda: all(len(w.messages()) >= len(sent) for w in on_b + [poster]), "B's sockets to get all", 30)
+                for w in on_b + [poster]:
+                    assert [m["text"] for m in w.messages()] == sent, "a socket on B lost messages"
+                for old, new in zip(on_a, back):
+                    await wait_for(lambda: new.marker() is not None, "the recovered marker", 30)
+                    assert new.marker()["type"] == "recovered" and new.marker()["complete"] is True, new.marker()
+                    await wait_for(lambda: len(old.messages()) + len(new.messages()) >= len(sent), "A's socket to catch up", 30)
+                    texts = [m["text"] for m in old.messages()] + [m["text"] for m in new.messages()]
+                    assert texts == sent, "a socket on A got %d of %d (or out of order)" % (len(texts), len(sent))
+                print("  cut off %.0f s: A's 10 sockets closed with 1012, back and recovered; %d messages, every socket "
+                      "got every one once, in order" % (time.time() - cut_at, len(sent)), flush=True)
+                for w in back + on_b + [poster]:
+                    await w.ws.close()
+            finally:
+                proxy.open.set()
+                for p in (worker, a[0], b[0]):
+                    if p.p.poll() is None:
+                        p.stop(signal.SIGKILL)
+        asyncio.run(run())
+
+
 @test
 def an_application_service_runs_and_stops_with_the_worker():
     """The example's RoomCensus (ChannelsApplication.services): started with runworker's

@@ -333,12 +333,13 @@ enum ChatConsumers {
     /// Stores the message, broadcasts it to the room, and notifies every user it mentions
     /// (`@name`) on all of that user's sockets, through the user's group.
     @Sendable static func saveAndBroadcast(_ context: ConsumerContext) async throws {
+        // A message without its fields fails the consumer (logged and counted by the worker).
+        let message = ChatMessage(
+            id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
+            text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970)
         let saved: ChatMessage
         do {
-            saved = try await ChatDatabase.shared.save(
-                ChatMessage(
-                    id: nil, room: try context.message.string("room"), username: try context.message.string("user"),
-                    text: try context.message.string("text"), createdAt: Date().timeIntervalSince1970))
+            saved = try await ChatDatabase.shared.save(message)
         } catch {
             // A full disk, a locked or broken file: the sender is told, the failure counted.
             failedWrites.increment()
