@@ -53,6 +53,15 @@ public final class RedisDelayStore: DelayStore {
         }
     }
 
+    /// Redis's `TIME`: the clock every delay server on this Redis shares.
+    public func now() async throws -> Int64? {
+        let reply = try await client.command([Array("TIME".utf8)])
+        guard let parts = reply.array, parts.count == 2, let seconds = parts[0].text.flatMap(Int64.init),
+            let micros = parts[1].text.flatMap(Int64.init)
+        else { return nil }
+        return seconds * 1000 + micros / 1000
+    }
+
     /// When the earliest entry is due, if there is one.
     public func nextDue() async throws -> Int64? {
         let reply = try await client.command([

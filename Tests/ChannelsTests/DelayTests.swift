@@ -95,6 +95,37 @@ struct DelayTests {
         #expect(punctual.statistics.late == 0)
     }
 
+    /// A store whose clock is an hour ahead of this machine's (Redis's `TIME` on a host whose
+    /// clock is off, or this host's): an entry another delay server scheduled for 200 ms from
+    /// now on that clock is delivered in about 200 ms, not in an hour; one scheduled here too.
+    @Test func dueTimesAreOnTheStoresClock() async throws {
+        struct AheadStore: DelayStore {
+            let base = InMemoryDelayStore()
+            func schedule(_ entry: [UInt8], due: Int64) async throws { try await base.schedule(entry, due: due) }
+            func takeDue(now: Int64, limit: Int) async throws -> [DueEntry] { try await base.takeDue(now: now, limit: limit) }
+            func nextDue() async throws -> Int64? { try await base.nextDue() }
+            func now() async throws -> Int64? { DelayServer.nowMillis() + 3_600_000 }
+        }
+        let layer = InMemoryChannelLayer()
+        let store = AheadStore()
+        let content: Message = ["from": "elsewhere"]
+        let envelope = MsgPackEncoder.encode(["channel": "ahead", "content": .map(content.fields)] as ASGIValue)
+        try await store.schedule(envelope, due: DelayServer.nowMillis() + 3_600_000 + 200)
+        let server = DelayServer(layer: layer, store: store, lateAfter: .seconds(5))
+        let task = Task { await server.run() }
+        try await Channel("ahead").send(["from": "here"], delay: .milliseconds(100), on: layer)
+        var got: [String] = []
+        for _ in 0..<2 {
+            if let received = try await layer.receive(channels: ["ahead"], timeout: .seconds(10)) {
+                got.append(received.message["from"]?.stringValue ?? "?")
+            }
+        }
+        server.stop()
+        await task.value
+        #expect(Set(got) == ["elsewhere", "here"], "\(got)")
+        #expect(server.statistics.late == 0, "on time, on the store's clock")
+    }
+
     @Test func theRedisStoreTakesDueEntriesWithTheirDueTimesOnce() async throws {
         let store = RedisDelayStore(client: try TestRedis.client(), key: "t" + ChannelNames.randomLetters(8) + "-delay")
         try await store.schedule([1, 2, 3], due: 1_000)

@@ -62,6 +62,25 @@ public final class DelayServer: Service, Sendable {
 
     static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
 
+    /// The store's clock minus this process's, read again every 10 s: due times are set and
+    /// compared on the store's clock (Redis `TIME`), so delay servers whose machines' clocks
+    /// differ agree. Nil until read (or for a store on this process's clock).
+    private let clockOffset = Mutex<(millis: Int64, readAt: ContinuousClock.Instant)?>(nil)
+
+    /// Now, on the store's clock.
+    func storeNow() async -> Int64 {
+        let local = Self.nowMillis()
+        if let known = clockOffset.withLock({ $0 }), ContinuousClock.now - known.readAt < .seconds(10) {
+            return local + known.millis
+        }
+        let before = Self.nowMillis()
+        guard let remote = try? await store.now() else { return local + (clockOffset.withLock { $0?.millis } ?? 0) }
+        let after = Self.nowMillis()
+        let offset = remote - (before + after) / 2
+        clockOffset.withLock { $0 = (offset, ContinuousClock.now) }
+        return after + offset
+    }
+
     /// Runs until `stop()`, a graceful shutdown of its service group, or cancellation.
     public func run() async {
         logger.info("delay server ready", metadata: ["channel": "\(Self.channel)"])
@@ -116,7 +135,7 @@ public final class DelayServer: Service, Sendable {
             return
         }
         let entry = MsgPackEncoder.encode(["channel": .string(channel), "content": .map(content)] as ASGIValue)
-        try await store.schedule(entry, due: Self.nowMillis() + Int64(delay))
+        try await store.schedule(entry, due: await storeNow() + Int64(delay))
         counters.withLock { $0.scheduled += 1 }
         ChannelsMetrics.delayScheduled.increment()
         wake.signal()
@@ -128,12 +147,12 @@ public final class DelayServer: Service, Sendable {
             var wait = Duration.seconds(1)
             do {
                 while true {
-                    let due = try await store.takeDue(now: Self.nowMillis(), limit: 100)
+                    let due = try await store.takeDue(now: await storeNow(), limit: 100)
                     for entry in due { await deliver(entry) }
                     if due.count < 100 { break }
                 }
                 if let next = try await store.nextDue() {
-                    let millis = max(0, min(1000, next - Self.nowMillis()))
+                    let millis = max(0, min(1000, next - (await storeNow())))
                     wait = .milliseconds(millis)
                 }
                 failures = 0
@@ -161,7 +180,7 @@ public final class DelayServer: Service, Sendable {
         let due = map["due"]?.intValue ?? taken.due
         do {
             try await layer.send(Message(content), to: channel)
-            let lateness = Self.nowMillis() - due
+            let lateness = await storeNow() - due
             let late = lateness > lateAfter.nanoseconds / 1_000_000
             counters.withLock {
                 $0.delivered += 1
@@ -191,7 +210,7 @@ public final class DelayServer: Service, Sendable {
         var envelope = envelope
         envelope["due"] = .int(firstDue)
         do {
-            try await store.schedule(MsgPackEncoder.encode(.map(envelope)), due: Self.nowMillis() + 1000)
+            try await store.schedule(MsgPackEncoder.encode(.map(envelope)), due: await storeNow() + 1000)
         } catch {
             counters.withLock { $0.lost += 1 }
             logger.error(

@@ -25,6 +25,15 @@ public protocol DelayStore: Sendable {
     func takeDue(now: Int64, limit: Int) async throws -> [DueEntry]
     /// When the earliest entry is due, if there is one.
     func nextDue() async throws -> Int64?
+    /// The store's own clock (milliseconds since 1970), shared by every delay server that uses
+    /// it, or nil for this process's clock. Due times are set and compared on it, so two
+    /// delay servers on machines whose clocks differ agree on when a message is due.
+    func now() async throws -> Int64?
+}
+
+extension DelayStore {
+    /// This process's clock (a store in the process).
+    public func now() async throws -> Int64? { nil }
 }
 
 /// Delayed messages in this process (the in-memory layer's companion).
