@@ -574,9 +574,9 @@ final class Slots: Sendable {
             state.free += 1
             if let count = state.held[channel] { state.held[channel] = count > 1 ? count - 1 : nil }
             var widened = false
-            // Woken once a few slots are free again (an eighth of them), not at every one: under
+            // Woken once a few slots are free again (a quarter of them), not at every one: under
             // saturation a wake-up per finished consumer would cost a layer round trip each.
-            if let reserve = state.restricted, state.free >= reserve + max(1, total / 8) {
+            if let reserve = state.restricted, state.free >= reserve + max(1, total / 4) {
                 state.restricted = nil
                 widened = true
             }

@@ -234,10 +234,12 @@ extension HTTPHandler {
     }
 
     func respondPlain(
-        context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool, closeAfterBody: Bool = false
+        context: ChannelHandlerContext, status: HTTPResponseStatus, text: String, close: Bool, closeAfterBody: Bool = false,
+        headers extra: [(String, String)] = []
     ) {
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        for (name, value) in extra { headers.add(name: name, value: value) }
         headers.add(name: "content-length", value: String(text.utf8.count))
         let shouldClose = close || (!keepAlive && !closeAfterBody)
         if (shouldClose || closeAfterBody) && !isHTTP2 { headers.add(name: "connection", value: "close") }

@@ -218,7 +218,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
                     respondPlain(context: context, status: .payloadTooLarge, text: "Request body too large\n", close: true)
                 }
             } else if let (status, text) = earlyRefusal ?? refusal(head: head) {
-                respondPlain(context: context, status: status, text: text, close: true)
+                let retryAfter = status == .serviceUnavailable ? upgrade.retryAfter : nil
+                respondPlain(
+                    context: context, status: status, text: text, close: true,
+                    headers: retryAfter.map { [("retry-after", String($0))] } ?? [])
             } else {
                 apply(machine.requestEnded(), context: context)
                 dispatch(context: context, head: head, streaming: false)
@@ -355,7 +358,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
             // NIO's upgrader reports a refused upgrade as an error; the answer is a 403.
             upgrade.rejected = false
             upgrade.refusalAnswered = true
-            respondPlain(context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true)
+            respondPlain(
+                context: context, status: upgrade.rejectionStatus, text: "WebSocket connection refused\n", close: true,
+                headers: upgrade.retryAfter.map { [("retry-after", String($0))] } ?? [])
             return
         }
         server.logger.debug("HTTP connection error", metadata: ["error": "\(error)"])
@@ -372,4 +377,7 @@ final class UpgradeState {
     /// The refusal was answered from `errorCaught`; the request's end must not answer again.
     var refusalAnswered = false
     var rejectionStatus: HTTPResponseStatus = .forbidden
+    /// Seconds the refused client should wait before trying again (jittered, so a storm of
+    /// clients does not come back at once).
+    var retryAfter: Int?
 }

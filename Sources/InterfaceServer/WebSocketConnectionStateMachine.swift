@@ -45,7 +45,8 @@ struct WebSocketConnectionStateMachine: Sendable {
         var status: Int {
             switch self {
             case .host: 400
-            case .unavailable: 503
+            // Too busy to answer in time (a join storm): try again, later (with Retry-After).
+            case .unavailable, .timeout: 503
             default: 403
             }
         }

@@ -128,8 +128,16 @@ final class WebSocketSession: ReplyReceiver {
             return
         }
         server.router.register(replyChannel, self, on: loop)
-        connectTimeout = loop.scheduleTask(in: TimeAmount(server.configuration.websocketConnectTimeout)) {
-            bound.value.refuseHandshake(.timeout)
+        // The application's time to answer starts when the connect reaches the layer: in a join
+        // storm the connects wait their turn (backpressure) without losing it. A connect that
+        // cannot be sent at all is refused by the sender's own bound (503).
+        sender.onSent = { channel in
+            guard channel == ASGIChannel.websocketConnect else { return }
+            let session = bound.value
+            session.sender.onSent = nil
+            session.connectTimeout = loop.scheduleTask(in: TimeAmount(session.server.configuration.websocketConnectTimeout)) {
+                bound.value.refuseHandshake(.timeout)
+            }
         }
         // A client that leaves before the application answered: the application, which may have
         // stored a session or joined a group on connect, hears of it as of any other close.
@@ -160,6 +168,7 @@ final class WebSocketSession: ReplyReceiver {
     /// was sent the connect) also gets `websocket.disconnect` (1006).
     private func refused(_ why: WebSocketConnectionStateMachine.Refusal, disconnectOrder: Int64?) {
         connectTimeout?.cancel()
+        sender.onSent = nil
         server.router.unregister(replyChannel)
         upgrade.rejected = true
         upgrade.held = false
@@ -167,6 +176,7 @@ final class WebSocketSession: ReplyReceiver {
         _ = channel.setOption(ChannelOptions.autoRead, value: true)
         upgrade.rejectionStatus =
             why.status == 503 ? .serviceUnavailable : why.status == 400 ? .badRequest : .forbidden
+        if why.status == 503 { upgrade.retryAfter = Int.random(in: 1...5) }
         server.accessLog?.websocket(client: client, event: "REJECT", path: path, detail: why.rawValue)
         handshake?.succeed(nil)
         handshake = nil
@@ -179,6 +189,7 @@ final class WebSocketSession: ReplyReceiver {
 
     private func accepted() {
         connectTimeout?.cancel()
+        sender.onSent = nil
         server.accessLog?.websocket(client: client, event: "CONNECT", path: path)
         var headers = HTTPHeaders()
         if let subprotocol { headers.add(name: "sec-websocket-protocol", value: subprotocol) }

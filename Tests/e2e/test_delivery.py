@@ -106,6 +106,53 @@ def a_room_of_1000_on_redis_one_server_and_split_over_two():
 
 
 @test
+def a_join_storm_of_1000_sockets_at_once_all_get_in():
+    """1,000 sockets open at once on one room (what every client does after a restart or a
+    1012), against one server and two workers with the default 5 s connect timeout: the connects
+    queue behind each other with backpressure (the timeout starts when a connect reaches the
+    layer); a client the server truly cannot take is told 503 with a Retry-After and gets in
+    when it comes back then. Every socket joins, and a message reaches all 1,000."""
+    (layer, procs, workers) = redis_stack("e2estorm%d:" % os.getpid())
+    proc, port = procs[0]
+    # The default connect timeout: the stack's server has 30 s, this one the default 5 s.
+    storm, sport = server("--noworker", "--layer", layer)
+    try:
+        async def run():
+            room = "storm%d" % os.getpid()
+            retried = [0]
+
+            async def one(i):
+                for attempt in range(6):
+                    try:
+                        ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (sport, room), max_queue=None,
+                                                      open_timeout=60, ping_interval=None)
+                    except websockets.exceptions.InvalidStatusCode as e:
+                        assert e.status_code == 503, "refused with %d, not 503" % e.status_code
+                        retry = int(e.headers.get("retry-after", "0"))
+                        assert 1 <= retry <= 5, e.headers
+                        retried[0] += 1
+                        await asyncio.sleep(retry)
+                        continue
+                    history = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                    assert history["type"] == "history", history
+                    return Member(ws, "storm-%d" % i)
+                raise AssertionError("socket %d never got in" % i)
+            started = time.time()
+            members = await asyncio.gather(*(one(i) for i in range(1000)))
+            joined = time.time() - started
+            await members[0].ws.send("after the storm")
+            missing = await wait_all(members, 1, 60)
+            print("  1000 sockets at once: all in after %.1f s (%d told 503 + Retry-After and came back); "
+                  "1 message to all: %d missing" % (joined, retried[0], missing), flush=True)
+            assert missing == 0, "%d members missed the message" % missing
+            await close_all(members)
+        asyncio.run(run())
+    finally:
+        storm.stop()
+        stop_all(procs, workers)
+
+
+@test
 def a_room_of_1000_on_the_embedded_default():
     proc, port = server()
     try:
