@@ -147,6 +147,7 @@ public final class Worker: Service, Sendable {
                 if let deadlines { group.addTask { await deadlines.watch() } }
                 defer { deadlines?.stop() }
                 var failures = FailureStreak()
+                var reservedPause = Duration.milliseconds(10)
                 while !Task.isCancelled {
                     let resumed: [(socket: String, slotChannel: String)] = resumedSockets.withLock { sockets in
                         defer { sockets = [] }
@@ -167,10 +168,12 @@ public final class Worker: Service, Sendable {
                     let batch: [ReceivedMessage]
                     do {
                         // Blocks until a message comes (or a stop's wake-up); the bound only renews
-                        // the wait now and then. Draining takes only what is already queued.
+                        // the wait now and then. Draining takes only what is already queued. Only
+                        // the reserved slots left: what waits on an idle channel, without waiting;
+                        // if nothing does, the loop waits below for a slot to come free.
                         batch = try await layer.receiveBatch(
                             channels: share.channels + [wakeChannel], max: share.max,
-                            timeout: draining ? .zero : .seconds(30))
+                            timeout: draining || share.reservedOnly ? .zero : .seconds(30))
                         failures.succeeded()
                     } catch {
                         if Task.isCancelled { break }
@@ -178,6 +181,24 @@ public final class Worker: Service, Sendable {
                             logger.error("receive failed", metadata: ["error": "\(error)", "failures": "\(count)"])
                         }
                         continue
+                    }
+                    if share.reservedOnly && !draining {
+                        if batch.isEmpty {
+                            // Nothing on the idle channels: wait for a slot to come free, looking
+                            // at them again after a pause that grows while every slot stays held
+                            // (hung consumers), from 10 ms to half a second.
+                            let timer = Task { [slots, reservedPause] in
+                                // Not when cancelled (a slot came free first).
+                                guard (try? await Task.sleep(for: reservedPause)) != nil else { return }
+                                slots.interrupt()
+                            }
+                            _ = await slots.waitForFree(atLeast: free + 1)
+                            timer.cancel()
+                            reservedPause = min(reservedPause * 2, .milliseconds(500))
+                            continue
+                        }
+                    } else {
+                        reservedPause = .milliseconds(10)
                     }
                     if draining && batch.isEmpty {
                         // Queued work is done when nothing is queued while no consumer runs (one
@@ -195,11 +216,8 @@ public final class Worker: Service, Sendable {
         }
     }
 
-    /// Gives back a consumer slot; wakes a receive that waits on idle channels only when it may
-    /// now take from all.
-    private func release(_ channel: String) {
-        if slots.release(channel) { wakeReceive() }
-    }
+    /// Gives back a consumer slot.
+    private func release(_ channel: String) { slots.release(channel) }
 
     /// Ends a blocking receive at once with a message to the wake channel (which it always
     /// reads; the message means nothing).
@@ -496,8 +514,6 @@ final class Slots: Sendable {
         var free: Int
         /// Slots held per channel (of the message that took them).
         var held: [String: Int] = [:]
-        /// Set while the receive loop takes only from idle channels: the reserve it kept.
-        var restricted: Int?
         var waiter: (needed: Int, continuation: CheckedContinuation<Void, Never>)?
         var interrupted = false
     }
@@ -543,16 +559,12 @@ final class Slots: Sendable {
     /// that hold none (one each): from any channel, as many as leave those free; when only
     /// those are left, one, from a channel that holds none. So a channel always gets a slot
     /// however busy the others are (with at least 4 slots per channel that could be idle).
-    func share(of channels: [String]) -> (channels: [String], max: Int) {
+    func share(of channels: [String]) -> (channels: [String], max: Int, reservedOnly: Bool) {
         state.withLock { state in
             let idle = channels.filter { state.held[$0] == nil }
             let reserve = min(idle.count, total / 4)
-            if state.free > reserve {
-                state.restricted = nil
-                return (channels, state.free - reserve)
-            }
-            state.restricted = reserve
-            return (idle, 1)
+            if state.free > reserve { return (channels, state.free - reserve, false) }
+            return (idle, 1, true)
         }
     }
 
@@ -566,25 +578,15 @@ final class Slots: Sendable {
 
     var freeCount: Int { state.withLock { $0.free } }
 
-    /// Gives back a slot taken for a message of `channel`. True when the receive loop waits on
-    /// idle channels only and now may take from all: the caller wakes its receive.
-    @discardableResult
-    func release(_ channel: String) -> Bool {
-        let (waiter, widened) = state.withLock { state -> (CheckedContinuation<Void, Never>?, Bool) in
+    /// Gives back a slot taken for a message of `channel`.
+    func release(_ channel: String) {
+        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
             state.free += 1
             if let count = state.held[channel] { state.held[channel] = count > 1 ? count - 1 : nil }
-            var widened = false
-            // Woken once a few slots are free again (a quarter of them), not at every one: under
-            // saturation a wake-up per finished consumer would cost a layer round trip each.
-            if let reserve = state.restricted, state.free >= reserve + max(1, total / 4) {
-                state.restricted = nil
-                widened = true
-            }
-            guard let waiter = state.waiter, state.free >= waiter.needed else { return (nil, widened) }
+            guard let waiter = state.waiter, state.free >= waiter.needed else { return nil }
             state.waiter = nil
-            return (waiter.continuation, widened)
+            return waiter.continuation
         }
         waiter?.resume()
-        return widened
     }
 }
