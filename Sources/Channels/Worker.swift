@@ -184,7 +184,7 @@ public final class Worker: Service, Sendable {
                     }
                     if share.reservedOnly && !draining {
                         if batch.isEmpty {
-                            // Nothing on the idle channels: wait for a slot to come free, looking
+                            // Nothing on the idle channels: wait for slots to come free, looking
                             // at them again after a pause that grows while every slot stays held
                             // (hung consumers), from 10 ms to half a second.
                             let timer = Task { [slots, reservedPause] in
@@ -192,7 +192,9 @@ public final class Worker: Service, Sendable {
                                 guard (try? await Task.sleep(for: reservedPause)) != nil else { return }
                                 slots.interrupt()
                             }
-                            _ = await slots.waitForFree(atLeast: free + 1)
+                            // A few at a time (a quarter of them): one look at the idle
+                            // channels per few finished consumers, not one per consumer.
+                            _ = await slots.waitForFree(atLeast: min(concurrency, free + max(1, concurrency / 4)))
                             timer.cancel()
                             reservedPause = min(reservedPause * 2, .milliseconds(500))
                             continue
