@@ -81,15 +81,18 @@ struct ServerTests {
         ]
     }
 
-    func withServer(_ body: (Int, InterfaceServer) async throws -> Void) async throws {
-        let layer = InMemoryChannelLayer()
+    /// A server and a worker on `layer` (the routing above unless `routes`), for `body`.
+    func withServer(
+        layer: InMemoryChannelLayer = InMemoryChannelLayer(), routes: [RoutingEntry] = Self.routing(),
+        _ body: (Int, InterfaceServer) async throws -> Void
+    ) async throws {
         var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
         configuration.pingInterval = nil
         // A loaded machine (the whole suite runs in parallel) may take seconds to run a consumer.
         configuration.websocketConnectTimeout = .seconds(30)
         let server = try InterfaceServer(layer: layer, configuration: configuration)
         try await server.start()
-        let worker = Worker(router: try Router(Self.routing()), layer: layer, concurrency: 2)
+        let worker = Worker(router: try Router(routes), layer: layer, concurrency: 2)
         let task = Task { await worker.run() }
         let port = try #require(server.localAddress?.port)
         do {
@@ -212,24 +215,18 @@ struct ServerTests {
         let group = "tail-\(UInt32.random(in: 0...UInt32.max))"
         GroupHistory.keep(group)
         let layer = InMemoryChannelLayer()
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.websocketConnectTimeout = .seconds(30)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let worker = Worker(
-            router: try Router([
-                // Followed on the client's first frame: a frame the server writes at the very
-                // moment of the accept can be lost by this test's NIO client (its upgrade
-                // handoff); the Python and browser tests cover following on the accept.
-                route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }
-            ]), layer: layer, concurrency: 2)
-        let running = Task { await worker.run() }
-        let port = try #require(server.localAddress?.port)
+        // Followed on the client's first frame: a frame the server writes at the very moment of
+        // the accept can be lost by this test's NIO client (its upgrade handoff); the Python and
+        // browser tests cover following on the accept.
+        let routes = [route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }]
+        try await withServer(layer: layer, routes: routes) { port, _ in
+            try await self.followTheTail(of: group, layer: layer, port: port)
+        }
+    }
+
+    private func followTheTail(of group: String, layer: InMemoryChannelLayer, port: Int) async throws {
         guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/follow/") else {
             Issue.record("the socket was not accepted")
-            worker.stop()
-            await server.shutdown()
             return
         }
         var offsets: [Int] = []
@@ -271,24 +268,18 @@ struct ServerTests {
             try? await outbound.write(NIOWebSocketClient.frame(.connectionClose, [0x03, 0xE8]))
         }
         #expect(offsets == [1, 2, 3, 4, 5], "each once, in order: \(offsets)")
-        worker.stop()
-        await server.shutdown()
-        await running.value
     }
     /// A layer that takes at most 64 KiB per message: the server's frame limit follows it, so a
     /// 100 KiB frame is refused at the door with 1009 (counted) instead of being dropped by the
     /// layer behind a socket that stays open; a 12 KiB frame still goes through (the test's
     /// client takes frames up to 16 KiB).
     @Test func framesFollowTheLayersMessageLimit() async throws {
-        let layer = InMemoryChannelLayer(configuration: .init(maxMessageSize: 64 * 1024))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.websocketConnectTimeout = .seconds(30)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let worker = Worker(router: try Router(Self.routing()), layer: layer, concurrency: 2)
-        let running = Task { await worker.run() }
-        let port = try #require(server.localAddress?.port)
+        try await withServer(layer: InMemoryChannelLayer(configuration: .init(maxMessageSize: 64 * 1024))) { port, _ in
+            try await self.sendFrames(port: port)
+        }
+    }
+
+    private func sendFrames(port: Int) async throws {
         for (size, expected) in [(12 * 1024, "echo"), (100 * 1024, "1009")] {
             guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/echo/") else {
                 Issue.record("the socket was not accepted")
@@ -312,8 +303,5 @@ struct ServerTests {
             }
             #expect(got == expected, "a \(size)-byte frame: \(got)")
         }
-        worker.stop()
-        await server.shutdown()
-        await running.value
     }
 }
