@@ -75,7 +75,6 @@ public final class Worker: Service, Sendable {
         self.environment = environment
         self.layer = layer
         self.concurrency = max(1, concurrency)
-        self.slots = Slots(max(1, concurrency))
         self.logger = logger
         // Channels 1.x defaults: connects are accepted and HTTP gets 404 even when unrouted, and
         // the other WebSocket channels are drained (and counted) so they never fill up.
@@ -89,6 +88,10 @@ public final class Worker: Service, Sendable {
         self.channels = listen.sorted()
         self.wakeChannel = "worker." + ChannelNames.randomLetters(10) + "!"
         self.receivingChannels = self.channels + [wakeChannel]
+        // A slot more for each other channel (up to a quarter of `concurrency`), kept for channels
+        // that hold none: a flood on one never takes what the others need to move, and the
+        // flooded one still has all of `concurrency`.
+        self.slots = Slots(self.concurrency, reserve: min(max(0, self.channels.count - 1), max(1, self.concurrency / 4)))
     }
 
     private let middleware: [ConsumerMiddleware]
@@ -121,7 +124,6 @@ public final class Worker: Service, Sendable {
         // Cancelled (the shutdown grace is over, or the caller gave up): the consumers still
         // running are cancelled with it.
         let slots = self.slots
-        let concurrency = self.concurrency
         let logger = self.logger
         await withTaskCancellationHandler {
             // The inbox (credit for streamed responses, their clients leaving) is read by a
@@ -135,7 +137,7 @@ public final class Worker: Service, Sendable {
             }
         } onCancel: {
             logger.warning(
-                "shutdown grace over: cancelling the consumers in hand", metadata: ["in_hand": "\(concurrency - slots.freeCount)"])
+                "shutdown grace over: cancelling the consumers in hand", metadata: ["in_hand": "\(slots.total - slots.freeCount)"])
         }
         logger.info("worker stopped", metadata: ["processed": "\(messagesProcessed)"])
     }
@@ -194,7 +196,7 @@ public final class Worker: Service, Sendable {
                             }
                             // A few at a time (a quarter of them): one look at the idle
                             // channels per few finished consumers, not one per consumer.
-                            _ = await slots.waitForFree(atLeast: min(concurrency, free + max(1, concurrency / 4)))
+                            _ = await slots.waitForFree(atLeast: min(slots.total, free + max(1, concurrency / 4)))
                             timer.cancel()
                             reservedPause = min(reservedPause * 2, .milliseconds(500))
                             continue
@@ -205,8 +207,8 @@ public final class Worker: Service, Sendable {
                     if draining && batch.isEmpty {
                         // Queued work is done when nothing is queued while no consumer runs (one
                         // that runs may still send to these channels): wait for them, then look again.
-                        if free == concurrency { break }
-                        _ = await slots.waitForFree(atLeast: concurrency)
+                        if free == slots.total { break }
+                        _ = await slots.waitForFree(atLeast: slots.total)
                         continue
                     }
                     slots.take(batch)
@@ -520,11 +522,15 @@ final class Slots: Sendable {
         var interrupted = false
     }
     private let state: Mutex<State>
-    private let total: Int
+    /// Every slot, the reserved ones included.
+    let total: Int
+    /// Slots kept for channels that hold none.
+    private let reserve: Int
 
-    init(_ count: Int) {
-        state = Mutex(State(free: count))
-        total = count
+    init(_ count: Int, reserve: Int = 0) {
+        state = Mutex(State(free: count + reserve))
+        total = count + reserve
+        self.reserve = reserve
     }
 
     /// Waits until at least `needed` slots are free and returns how many are, or returns at once
@@ -557,15 +563,15 @@ final class Slots: Sendable {
         waiter?.resume()
     }
 
-    /// What the receive loop may take now. Up to a quarter of the slots are kept for channels
-    /// that hold none (one each): from any channel, as many as leave those free; when only
-    /// those are left, one, from a channel that holds none. So a channel always gets a slot
-    /// however busy the others are (with at least 4 slots per channel that could be idle).
+    /// What the receive loop may take now. The reserved slots are kept for channels that hold
+    /// none (one each): from any channel, as many as leave those free; when only those are
+    /// left, one, from a channel that holds none. So a channel always gets a slot however busy
+    /// the others are (while there are as many reserved slots as channels that could be idle).
     func share(of channels: [String]) -> (channels: [String], max: Int, reservedOnly: Bool) {
         state.withLock { state in
             let idle = channels.filter { state.held[$0] == nil }
-            let reserve = min(idle.count, total / 4)
-            if state.free > reserve { return (channels, state.free - reserve, false) }
+            let kept = min(idle.count, reserve)
+            if state.free > kept { return (channels, state.free - kept, false) }
             return (idle, 1, true)
         }
     }
