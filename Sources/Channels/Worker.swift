@@ -149,7 +149,10 @@ public final class Worker: Service, Sendable {
                 if let deadlines { group.addTask { await deadlines.watch() } }
                 defer { deadlines?.stop() }
                 var failures = FailureStreak()
-                var reservedPause = Duration.milliseconds(10)
+                // With only the reserved slots free: when the idle channels were last looked at,
+                // and the pause between looks.
+                var idleLookedAt: ContinuousClock.Instant?
+                var reservedPause = Duration.milliseconds(20)
                 while !Task.isCancelled {
                     let resumed: [(socket: String, slotChannel: String)] = resumedSockets.withLock { sockets in
                         defer { sockets = [] }
@@ -167,6 +170,13 @@ public final class Worker: Service, Sendable {
                     // consumer waits for room in a channel this worker drains) cannot take the
                     // slots the other channels need to move.
                     let share = slots.share(of: channels)
+                    if share.reservedOnly && !draining, let lookedAt = idleLookedAt, ContinuousClock.now - lookedAt < reservedPause {
+                        // Looked at the idle channels a moment ago: wait for a slot to come free,
+                        // or until it is time to look again (a saturated channel costs one look
+                        // per pause, not one per finished consumer).
+                        await waitForSlot(after: free, timeout: reservedPause - (ContinuousClock.now - lookedAt), pause: &reservedPause)
+                        continue
+                    }
                     let batch: [ReceivedMessage]
                     do {
                         // Blocks until a message comes (or a stop's wake-up); the bound only renews
@@ -185,24 +195,11 @@ public final class Worker: Service, Sendable {
                         continue
                     }
                     if share.reservedOnly && !draining {
+                        idleLookedAt = ContinuousClock.now
                         if batch.isEmpty {
-                            // Nothing on the idle channels: wait for slots to come free, looking
-                            // at them again after a pause that grows while every slot stays held
-                            // (hung consumers), from 10 ms to half a second.
-                            let timer = Task { [slots, reservedPause] in
-                                // Not when cancelled (a slot came free first).
-                                guard (try? await Task.sleep(for: reservedPause)) != nil else { return }
-                                slots.interrupt()
-                            }
-                            // A few at a time (a quarter of them): one look at the idle
-                            // channels per few finished consumers, not one per consumer.
-                            _ = await slots.waitForFree(atLeast: min(slots.total, free + max(1, concurrency / 4)))
-                            timer.cancel()
-                            reservedPause = min(reservedPause * 2, .milliseconds(500))
+                            await waitForSlot(after: free, timeout: reservedPause, pause: &reservedPause)
                             continue
                         }
-                    } else {
-                        reservedPause = .milliseconds(10)
                     }
                     if draining && batch.isEmpty {
                         // Queued work is done when nothing is queued while no consumer runs (one
@@ -218,6 +215,21 @@ public final class Worker: Service, Sendable {
         } onGracefulShutdown: {
             if self.finishQueuedOnShutdown { self.finishQueuedThenStop() } else { self.stop() }
         }
+    }
+
+    /// Waits (here, not on the layer) for a slot to come free, at most `timeout`. The pause
+    /// between looks at the idle channels goes back to 20 ms when one does, and grows to half a
+    /// second while none does (every slot held by hung consumers).
+    private func waitForSlot(after free: Int, timeout: Duration, pause: inout Duration) async {
+        let slots = self.slots
+        let timer = Task {
+            // Not when cancelled (a slot came free first).
+            guard (try? await Task.sleep(for: timeout)) != nil else { return }
+            slots.interrupt()
+        }
+        let now = await slots.waitForFree(atLeast: free + 1)
+        timer.cancel()
+        pause = now > free ? .milliseconds(20) : min(pause * 2, .milliseconds(500))
     }
 
     /// Gives back a consumer slot.
