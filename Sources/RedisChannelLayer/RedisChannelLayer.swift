@@ -42,6 +42,9 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     let backlog = Mutex<[String: Deque<ReceivedMessage>]>([:])
     /// Process channels this layer has registered a reader for.
     let registeredReaders = Mutex<Set<String>>([])
+    /// Each shard's birth mark as first seen: a registration that vanished while the mark stayed
+    /// was evicted (one key); a new mark means the Redis lost its data.
+    let birthMarks = Mutex<[Int: [UInt8]]>([:])
 
     /// - Parameter eventLoopGroup: where the connections live; NIO's shared group by default.
     public init(

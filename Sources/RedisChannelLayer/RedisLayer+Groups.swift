@@ -228,13 +228,31 @@ extension RedisChannelLayer {
         guard ChannelNames.isProcessSpecific(processChannel) else {
             throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
         }
+        let shard = shardIndex(for: processChannel)
         let reply = try await pipelined(
-            shardIndex(for: processChannel), Scripts.registerReader,
-            keys: [statKey(processChannel, "reader")],
-            args: [Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8)])
-        guard let existed = reply.integer else { throw unexpected(reply, doing: "register a reader") }
+            shard, Scripts.registerReader,
+            keys: [statKey(processChannel, "reader"), key("born")],
+            args: [
+                Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8),
+                Array(RandomToken.string(20, from: RandomToken.alphanumerics).utf8),
+            ])
+        guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
+            throw unexpected(reply, doing: "register a reader")
+        }
         let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
-        return first || existed == 1
+        let known = birthMarks.withLock { marks -> [UInt8]? in
+            defer { marks[shard] = mark }
+            return marks[shard]
+        }
+        if first || existed == 1 { return true }
+        if known == mark {
+            // Only the registration is gone (evicted at maxmemory, say): the data is there.
+            logger.warning(
+                "this server's reader registration vanished while the Redis kept its data (evicted?): registered again",
+                metadata: ["reply_channel": "\(processChannel)"])
+            return true
+        }
+        return false
     }
 
     /// The configured size limit.

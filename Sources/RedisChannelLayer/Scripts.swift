@@ -240,12 +240,15 @@ enum Scripts {
     /// Registers (or renews) the reader of a process channel as one that reads bundles.
     /// KEYS: the reader key. ARGV: form, seconds to live.
     /// Returns 1 when the key was there (renewed), 0 when it had to be created.
+    /// Renews a reader's registration (KEYS[1]) and reads the Redis's birth mark (KEYS[2],
+    /// made once, with no expiry, ARGV[3] when missing): {registration existed, birth mark}.
     static let registerReader = LuaScript(
         name: "registerReader",
         source: """
             local existed = redis.call('EXISTS', KEYS[1])
             redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-            return existed
+            redis.call('SET', KEYS[2], ARGV[3], 'NX')
+            return {existed, redis.call('GET', KEYS[2])}
             """)
 }
 

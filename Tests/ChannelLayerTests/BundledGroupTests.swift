@@ -68,4 +68,21 @@ struct BundledGroupTests {
             #expect(try await layer.registerBundleReader(process), "registered again")
         }
     }
+
+    @Test("a registration evicted alone (the Redis kept its data) is registered again, not a loss")
+    func registrationEvicted() async throws {
+        try await withLayer(.redis) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let process = "bundle.evict\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registerBundleReader(process))
+            // Only this server's key goes (maxmemory with allkeys-lru would do this).
+            let connection = try await redis.shared(redis.shardIndex(for: process))
+            _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
+            #expect(try await layer.registerBundleReader(process), "one key evicted is not the data lost")
+            // The data lost and the birth mark made again by another server: a loss.
+            _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
+            _ = try await connection.command([Array("SET".utf8), redis.key("born"), Array("another".utf8)])
+            #expect(try await layer.registerBundleReader(process) == false, "a new birth mark: the Redis lost its data")
+        }
+    }
 }
