@@ -52,6 +52,8 @@ final class LayerSender {
     var setReading: ((Bool) -> Void)?
     /// Called on the loop after each message the layer accepted.
     var onSent: ((String) -> Void)?
+    /// Called on the loop with the channel of a message the layer refused for good (too large, invalid).
+    var onDropped: ((String) -> Void)?
 
     init(server: ServerContext, loop: any EventLoop, outageTimeout: Duration, heldLimit: Int, owner: ConnectionSenders?) {
         self.server = server
@@ -162,6 +164,7 @@ final class LayerSender {
         default:
             // Not worth another try (too large, invalid, the layer closed): this one is lost.
             let dropped = queue.removeFirst()
+            onDropped?(dropped.channel)
             server.router.workInHand.finish()
             server.counters.count(.heldDropped)
             ServerMetrics.dropped[code == .messageTooLarge ? .tooLarge : .malformed]?.increment()

@@ -53,7 +53,8 @@ final class ReplyRouter: Service, Sendable {
         layer: any ChannelLayer, prefix: String, logger: Logger, registrationInterval: Duration = .seconds(2),
         cutOffBound: Duration? = nil
     ) {
-        self.cutOffBound = cutOffBound
+        // Never under three renewals: one slow renewal is not a cut-off.
+        self.cutOffBound = cutOffBound.map { max($0, registrationInterval * 3) }
         self.layer = layer
         self.logger = logger
         self.processChannel = prefix + "." + ChannelNames.randomLetters(10) + "!"
@@ -163,6 +164,10 @@ final class ReplyRouter: Service, Sendable {
                 reached.withLock { $0 = (ContinuousClock.now, false) }
             } catch {
                 if Task.isCancelled { break }
+                // A refusal (out of memory, say) is an answer: the layer is reachable.
+                if let refusal = error as? ChannelLayerError, refusal.code != .connectionLost, refusal.code != .closed {
+                    reached.withLock { $0 = (ContinuousClock.now, false) }
+                }
                 failures += 1
                 if failures == 1 || failures % 30 == 0 {
                     logger.warning("cannot register the reply channel", metadata: ["error": "\(error)"])

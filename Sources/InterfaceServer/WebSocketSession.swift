@@ -131,6 +131,10 @@ final class WebSocketSession: ReplyReceiver {
         // The application's time to answer starts when the connect reaches the layer: in a join
         // storm the connects wait their turn (backpressure) without losing it. A connect that
         // cannot be sent at all is refused by the sender's own bound (503).
+        // A connect the layer refused for good (larger than its limit): refused now, not held.
+        sender.onDropped = { channel in
+            if channel == ASGIChannel.websocketConnect { bound.value.refuseHandshake(.unavailable) }
+        }
         sender.onSent = { channel in
             guard channel == ASGIChannel.websocketConnect else { return }
             let session = bound.value
@@ -169,6 +173,7 @@ final class WebSocketSession: ReplyReceiver {
     private func refused(_ why: WebSocketConnectionStateMachine.Refusal, disconnectOrder: Int64?) {
         connectTimeout?.cancel()
         sender.onSent = nil
+        sender.onDropped = nil
         server.router.unregister(replyChannel)
         upgrade.rejected = true
         upgrade.held = false
@@ -190,6 +195,7 @@ final class WebSocketSession: ReplyReceiver {
     private func accepted() {
         connectTimeout?.cancel()
         sender.onSent = nil
+        sender.onDropped = nil
         server.accessLog?.websocket(client: client, event: "CONNECT", path: path)
         var headers = HTTPHeaders()
         if let subprotocol { headers.add(name: "sec-websocket-protocol", value: subprotocol) }

@@ -1027,7 +1027,8 @@ def redis_maxmemory_is_warned_at_start_and_out_of_memory_is_held_counted_and_rec
             assert proc.stop() == 0
     with own_redis("--maxmemory", "16mb", "--maxmemory-policy", "noeviction") as (rport, _, url):
         mport = free_port()
-        proc, port = server("--noworker", "--layer", url, "--metrics-port", str(mport), "--layer-outage-timeout", "60")
+        proc, port = server("--noworker", "--layer", url, "--metrics-port", str(mport), "--layer-outage-timeout", "60",
+                            "--cut-off-timeout", "3")
         worker = Proc("runworker", "--layer", url)
         worker.wait_line("worker ready")
         filler = redis_py.Redis(port=rport)
@@ -1048,6 +1049,10 @@ def redis_maxmemory_is_warned_at_start_and_out_of_memory_is_held_counted_and_rec
                     assert "OOM" in str(e), e
                 filler.config_set("maxmemory", filler.info("memory")["used_memory"] - (1 << 20))
                 await a.send("while Redis is full")
+                # Out of memory is not cut off: Redis answers (refusing), so no 1012 however long
+                # it lasts (--cut-off-timeout 3 asks for 6 s here).
+                await asyncio.sleep(9)
+                assert a.close_code is None and b.close_code is None, (a.close_code, b.close_code)
                 until(lambda: scrape(mport).get('channels_layer_errors_total{code="out_of_memory"}', 0) >= 1,
                       "the out-of-memory refusals to be counted", 30)
                 proc.wait_line("out of memory")
@@ -1072,6 +1077,28 @@ def a_sigterm_while_starting_is_a_graceful_stop():
         proc.p.send_signal(signal.SIGTERM)
         assert proc.p.wait(30) == 0, proc.p.returncode
         proc.wait_line("stopping: finishing what is in hand")
+
+
+@test
+def a_connect_the_layer_refuses_as_too_large_is_answered_503_not_held():
+    """A layer whose max_message_size is below a request head: a handshake with a big header
+    makes a websocket.connect the layer refuses for good. It is answered 503 (with Retry-After)
+    at once, never held open."""
+    prefix = "e2ebigconnect%d:" % os.getpid()
+    proc, port = server("--noworker", "--layer", redis_url(prefix, "max_message_size=16384"))
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        sock.sendall(("GET /echo/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      "X-Filler: %s\r\n\r\n" % ("x" * 30000)).encode())
+        started = time.time()
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert b"retry-after: " in answer.lower(), answer[:300]
+        print("  a connect over the layer's limit: 503 after %.2f s" % (time.time() - started), flush=True)
+        sock.close()
+    finally:
+        assert proc.stop() == 0
 
 
 summary()

@@ -64,6 +64,21 @@ enum ChatConsumers {
     // MARK: Accounts
 
     static let usernamePattern = try! NSRegularExpression(pattern: "^[A-Za-z0-9_.-]{1,30}$")
+    /// The author name of a guest's messages.
+    static let guestName = "anonymous"
+
+    /// A chat text as stored: trimmed, at most 2,000 characters and 8,000 bytes (a character may
+    /// carry any number of combining marks: a character limit alone bounds nothing).
+    static func clipped(_ text: String) -> String {
+        var scalars = String.UnicodeScalarView()
+        var bytes = 0
+        for scalar in text.trimmingCharacters(in: .whitespacesAndNewlines).unicodeScalars {
+            bytes += UTF8.width(scalar)
+            if bytes > 8000 { break }
+            scalars.append(scalar)
+        }
+        return String(String(scalars).prefix(2000))
+    }
 
     /// Login limits: attempts per user name and per client address within one
     /// window (seconds). The counters live in the layer's Redis when there is one.
@@ -87,6 +102,11 @@ enum ChatConsumers {
         let password = form["password"] ?? ""
         guard usernamePattern.firstMatch(in: username, range: NSRange(username.startIndex..., in: username)) != nil else {
             try await respondJSON(context, status: 400, ["error": "a user name is 1 to 30 letters, digits, '.', '_' or '-'"])
+            return nil
+        }
+        // The name guests' messages are stored under (and a guest's presence prefix): nobody's account.
+        guard username.lowercased() != guestName, !username.lowercased().hasPrefix("guest-") else {
+            try await respondJSON(context, status: 400, ["error": "that user name is reserved"])
             return nil
         }
         guard password.count >= 4, password.count <= 1024 else {
@@ -281,7 +301,7 @@ enum ChatConsumers {
             }
             if let inner = object["text"] as? String { text = inner }
         }
-        text = String(text.trimmingCharacters(in: .whitespacesAndNewlines).prefix(2000))
+        text = clipped(text)
         guard !text.isEmpty else { return }
         let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
         // "/later N text" posts the text N seconds from now, through the delay server.
@@ -293,7 +313,7 @@ enum ChatConsumers {
         }
         var message: Message = [
             "room": .string(room),
-            "user": .string(context.user.isAuthenticated ? context.user.username : "anonymous"),
+            "user": .string(context.user.isAuthenticated ? context.user.username : guestName),
             "text": .string(text),
         ]
         // Where to say that the message could not be saved.

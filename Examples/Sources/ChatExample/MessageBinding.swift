@@ -39,12 +39,14 @@ struct MessageBinding: WebSocketBinding {
 
     /// The author, logged in, in the message's room (when a room is given).
     static func mayChange(_ user: User, pk: Int64, room: String?) async throws -> Bool {
-        guard user.isAuthenticated, let message = try await ChatDatabase.shared.message(id: pk) else { return false }
+        guard user.isAuthenticated, user.username != ChatConsumers.guestName,
+            let message = try await ChatDatabase.shared.message(id: pk), message.username != ChatConsumers.guestName
+        else { return false }
         return message.username == user.username && (room == nil || room == message.room)
     }
 
     static func cleaned(_ text: String) throws -> String {
-        let text = String(text.trimmingCharacters(in: .whitespacesAndNewlines).prefix(2000))
+        let text = ChatConsumers.clipped(text)
         guard !text.isEmpty else { throw BindingError("a message needs text") }
         return text
     }
@@ -69,6 +71,9 @@ struct MessageBinding: WebSocketBinding {
             action = .delete
         } else {
             let body = try await context.requestBody()
+            guard body.count <= 64 * 1024 else {
+                return try await ChatConsumers.respondJSON(context, status: 413, ["error": "a message is at most 8,000 bytes"])
+            }
             guard let changes = try? JSONDecoder().decode(Changes.self, from: Data(body)), let text = try? cleaned(changes.text) else {
                 return try await ChatConsumers.respondJSON(context, status: 400, ["error": "expected {\"text\": \"…\"}"])
             }
