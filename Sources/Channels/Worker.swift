@@ -151,7 +151,7 @@ public final class Worker: Service, Sendable {
                 var failures = FailureStreak()
                 // With only the reserved slots free: when the idle channels were last looked at,
                 // and the pause between looks.
-                var idleLookedAt: ContinuousClock.Instant?
+                var idleLooked: (channels: [String], at: ContinuousClock.Instant)?
                 var reservedPause = Duration.milliseconds(20)
                 while !Task.isCancelled {
                     let resumed: [(socket: String, slotChannel: String)] = resumedSockets.withLock { sockets in
@@ -170,11 +170,14 @@ public final class Worker: Service, Sendable {
                     // consumer waits for room in a channel this worker drains) cannot take the
                     // slots the other channels need to move.
                     let share = slots.share(of: channels)
-                    if share.reservedOnly && !draining, let lookedAt = idleLookedAt, ContinuousClock.now - lookedAt < reservedPause {
-                        // Looked at the idle channels a moment ago: wait for a slot to come free,
-                        // or until it is time to look again (a saturated channel costs one look
-                        // per pause, not one per finished consumer).
-                        await waitForSlot(after: free, timeout: reservedPause - (ContinuousClock.now - lookedAt), pause: &reservedPause)
+                    if share.reservedOnly && !draining, let looked = idleLooked, looked.channels == share.channels,
+                        ContinuousClock.now - looked.at < reservedPause
+                    {
+                        // Looked at these idle channels a moment ago and found nothing: wait for a
+                        // slot to come free, or until it is time to look again (a saturated
+                        // channel costs one look per pause, not one per finished consumer). A
+                        // channel that became idle since is looked at at once.
+                        await waitForSlot(after: free, timeout: reservedPause - (ContinuousClock.now - looked.at), pause: &reservedPause)
                         continue
                     }
                     let batch: [ReceivedMessage]
@@ -195,11 +198,13 @@ public final class Worker: Service, Sendable {
                         continue
                     }
                     if share.reservedOnly && !draining {
-                        idleLookedAt = ContinuousClock.now
                         if batch.isEmpty {
+                            idleLooked = (share.channels, ContinuousClock.now)
                             await waitForSlot(after: free, timeout: reservedPause, pause: &reservedPause)
                             continue
                         }
+                        idleLooked = nil
+                        reservedPause = .milliseconds(20)
                     }
                     if draining && batch.isEmpty {
                         // Queued work is done when nothing is queued while no consumer runs (one

@@ -89,6 +89,39 @@ struct WorkerFairnessTests {
         await running.value
     }
 
+    /// The same wedge held on: while the flood's slots stay taken, the stage it waits for still
+    /// runs at its own pace on the reserved slot (not one message per back-off pause).
+    @Test func aChannelOnTheReservedSlotKeepsItsPace() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
+        let staged = Counter()
+        let hold = Gate()
+        let worker = Worker(
+            router: try Router([
+                route("websocket.receive", { _ in await hold.wait() }),
+                route("stage", { _ in staged.add() }),
+            ]), layer: layer, concurrency: 4, consumerTimeout: nil)
+        let running = Task { await worker.run() }
+        for order in 1...(Mailboxes.freeWaiting + 40) {
+            try await layer.send(["reply_channel": "flood!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        var waited = 0
+        while try await layer.channelStatistics("websocket.receive").messagesPending > 0, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        // Past the back-off's longest pause (0.5 s) a few times over: 200 stage messages.
+        for n in 0..<200 { try await layer.send(["n": .int(Int64(n))], to: "stage") }
+        waited = 0
+        while staged.value < 200, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(staged.value == 200, "\(staged.value) of 200 stage messages in 5 s beside a wedged flood")
+        worker.stop()
+        hold.open()
+        await running.value
+    }
+
     /// A consumer that never returns for one socket while 50 others chat through 2 workers on
     /// Redis: every other frame is served, the hung one is cancelled at the timeout and counted,
     /// and the hung socket's later frames run after it, in order.
