@@ -68,15 +68,8 @@ struct WorkerFairnessTests {
             ]), layer: layer, concurrency: 4, consumerTimeout: nil)
         let running = Task { await worker.run() }
         let frames = Mailboxes.freeWaiting + 40
-        for order in 1...frames {
-            try await layer.send(["reply_channel": "flood!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
-        }
-        // Until the worker has taken the whole flood (the stage message must come after it).
+        try await flood(layer, frames: frames)
         var waited = 0
-        while try await layer.channelStatistics("websocket.receive").messagesPending > 0, waited < 500 {
-            try await Task.sleep(for: .milliseconds(10))
-            waited += 1
-        }
         try await layer.send(["go": true], to: "stage")
         waited = 0
         while served.value < frames, waited < 1000 {
@@ -87,6 +80,18 @@ struct WorkerFairnessTests {
         worker.stop()
         staged.open()
         await running.value
+    }
+
+    /// One socket's `frames` frames, and the wait (bounded) until the worker has taken them all.
+    private func flood(_ layer: InMemoryChannelLayer, frames: Int) async throws {
+        for order in 1...frames {
+            try await layer.send(["reply_channel": "flood!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        var waited = 0
+        while try await layer.channelStatistics("websocket.receive").messagesPending > 0, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
     }
 
     /// The same wedge held on: while the flood's slots stay taken, the stage it waits for still
@@ -101,14 +106,8 @@ struct WorkerFairnessTests {
                 route("stage", { _ in staged.add() }),
             ]), layer: layer, concurrency: 4, consumerTimeout: nil)
         let running = Task { await worker.run() }
-        for order in 1...(Mailboxes.freeWaiting + 40) {
-            try await layer.send(["reply_channel": "flood!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
-        }
+        try await flood(layer, frames: Mailboxes.freeWaiting + 40)
         var waited = 0
-        while try await layer.channelStatistics("websocket.receive").messagesPending > 0, waited < 500 {
-            try await Task.sleep(for: .milliseconds(10))
-            waited += 1
-        }
         // Past the back-off's longest pause (0.5 s) a few times over: 200 stage messages.
         for n in 0..<200 { try await layer.send(["n": .int(Int64(n))], to: "stage") }
         waited = 0
