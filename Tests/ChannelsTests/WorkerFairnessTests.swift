@@ -69,9 +69,8 @@ struct WorkerFairnessTests {
         let running = Task { await worker.run() }
         let frames = Mailboxes.freeWaiting + 40
         try await flood(layer, frames: frames)
-        var waited = 0
         try await layer.send(["go": true], to: "stage")
-        waited = 0
+        var waited = 0
         while served.value < frames, waited < 1000 {
             try await Task.sleep(for: .milliseconds(10))
             waited += 1
