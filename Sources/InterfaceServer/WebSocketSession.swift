@@ -77,9 +77,7 @@ final class WebSocketSession: ReplyReceiver {
     private var reading = true
 
     private func updateReading() {
-        // Once our close frame is out, the client's answer must be read (it completes the close;
-        // frames after it are ignored), whatever holds the other direction back.
-        let wanted = (senderReading && !ratePaused) || closeFrameSent
+        let wanted = senderReading && !ratePaused
         guard wanted != reading else { return }
         reading = wanted
         _ = channel.setOption(ChannelOptions.autoRead, value: wanted)
@@ -428,7 +426,6 @@ final class WebSocketSession: ReplyReceiver {
                 inHand.begin()
                 channel.closeFuture.whenComplete { _ in inHand.finish() }
                 context.writeAndFlush(NIOAny(frame), promise: nil)
-                updateReading()
                 channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
             }
         }
