@@ -556,6 +556,9 @@ def a_server_cut_off_from_redis_closes_its_sockets_with_1012_and_they_recover_wh
                 proxy.open.clear()
                 cut_at = time.time()
                 await posting(10)
+                # The close completes when the client's answer is read or at the server's 5 s
+                # fallback (reading stays paused while the socket's disconnect is held).
+                await wait_for(lambda: all(w.ws.close_code is not None for w in on_a), "A's sockets to be closed", 8)
                 closed = [w.ws.close_code for w in on_a]
                 proxy.open.set()
                 assert closed == [1012] * 10, "A's sockets after 8 s cut off: %s" % closed
