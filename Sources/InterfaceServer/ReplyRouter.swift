@@ -11,6 +11,35 @@ protocol ReplyReceiver: AnyObject {
     func receiveReply(_ reply: Message)
     /// The layer lost its data: replies this receiver waits for may never come.
     func replyStoreLost()
+    /// A reply handed over in a batch: what it writes may wait for ``endReplyBatch()`` (one
+    /// flush, so one system call, per connection per batch), and its payload may be shared
+    /// with the batch's other receivers through `payloads`.
+    func receiveBatchedReply(_ reply: Message, payloads: ReplyPayloads)
+    /// The batch was handed over: writes held for it go out.
+    func endReplyBatch()
+}
+
+extension ReplyReceiver {
+    func receiveBatchedReply(_ reply: Message, payloads: ReplyPayloads) { receiveReply(reply) }
+    func endReplyBatch() {}
+}
+
+/// The payloads of one batch's frames, made once and shared by every connection that is sent
+/// the same text (a group message bundled for this server's members is one text): one
+/// allocation and copy per message instead of one per member. Used on one event loop only.
+final class ReplyPayloads {
+    private var text: String?
+    private var buffer: ByteBuffer?
+
+    /// `text` as a frame payload; the buffer of the previous call when the text is the same
+    /// (the same string's storage compares at once).
+    func payload(_ text: String, allocator: ByteBufferAllocator) -> ByteBuffer {
+        if let buffer, self.text == text { return buffer }
+        let made = allocator.buffer(string: text)
+        self.text = text
+        buffer = made
+        return made
+    }
 }
 
 /// Where the router hands a connection's replies: the connection, on its event loop.
@@ -123,12 +152,17 @@ final class ReplyRouter: Service, Sendable {
         for run in runs {
             let items = run.items
             run.loop.execute {
-                for (receiver, message) in items { receiver.value.receiveReply(message) }
+                let payloads = ReplyPayloads()
+                for (receiver, message) in items { receiver.value.receiveBatchedReply(message, payloads: payloads) }
+                for (receiver, _) in items { receiver.value.endReplyBatch() }
             }
         }
     }
 
     var activeCount: Int { targets.withLock { $0.count } }
+
+    /// The most replies handed over at once (a few messages to each of 500 members).
+    static let largestHandOver = 2048
 
     /// Tells every receiver, on its event loop, that the layer lost its data.
     private func tellStoreLost() {
@@ -203,7 +237,16 @@ final class ReplyRouter: Service, Sendable {
         while !Task.isCancelled {
             do {
                 // Up to 64 replies per round trip under load, dispatched in the order they were sent.
-                let batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
+                var batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
+                // Under load, what else is already here (the rest of a bundle's members, more
+                // bundles) goes in the same hand-over, so a connection sent several messages
+                // gets them in one write.
+                var last = batch.count
+                while last == 64, batch.count < Self.largestHandOver {
+                    let more = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .zero)
+                    batch += more
+                    last = more.count
+                }
                 failures.succeeded()
                 deliver(batch)
             } catch {

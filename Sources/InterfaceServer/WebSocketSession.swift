@@ -31,6 +31,10 @@ final class WebSocketSession: ReplyReceiver {
     private let sender: LayerSender
     /// Bytes written to the client and not yet taken by the kernel.
     private var queuedBytes = 0
+    /// While the router hands over a batch: the batch's shared payloads; frames are written
+    /// and flushed once at its end.
+    private var batchPayloads: ReplyPayloads?
+    private var flushHeld = false
     let upgrade: UpgradeState
     /// Followed groups and presence (see `WebSocketSession+Subscriptions.swift`).
     var subscriptions = SessionSubscriptions()
@@ -271,6 +275,18 @@ final class WebSocketSession: ReplyReceiver {
         }
     }
 
+    func receiveBatchedReply(_ reply: Message, payloads: ReplyPayloads) {
+        batchPayloads = payloads
+        receiveReply(reply)
+        batchPayloads = nil
+    }
+
+    func endReplyBatch() {
+        guard flushHeld else { return }
+        flushHeld = false
+        context?.flush()
+    }
+
     /// A text frame the server writes itself (history, presence), when the socket is open.
     func deliverText(_ text: String) {
         guard case .open(attached: true) = machine.state, let context else { return }
@@ -316,7 +332,10 @@ final class WebSocketSession: ReplyReceiver {
         case .deliver(let code):
             guard let context, let send = reply?.send else { return }
             switch send.data {
-            case .text(let text)?: write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
+            case .text(let text)?:
+                let allocator = context.channel.allocator
+                let payload = batchPayloads?.payload(text, allocator: allocator) ?? allocator.buffer(string: text)
+                write(payload, opcode: .text, context: context)
             case .bytes(let bytes)?: write(context.channel.allocator.buffer(bytes: bytes), opcode: .binary, context: context)
             case nil: break
             }
@@ -335,6 +354,12 @@ final class WebSocketSession: ReplyReceiver {
         let written = context.eventLoop.makePromise(of: Void.self)
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
+        guard batchPayloads == nil else {
+            // In the router's batch: flushed once at its end.
+            context.write(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
+            flushHeld = true
+            return
+        }
         context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
     }
 

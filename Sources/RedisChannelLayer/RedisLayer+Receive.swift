@@ -162,9 +162,10 @@ extension RedisChannelLayer {
             guard !backlog.isEmpty else { return [] }
             var out: [ReceivedMessage] = []
             for channel in channels where out.count < max {
-                guard var queue = backlog[channel] else { continue }
+                // Taken out of the dictionary, so popping does not copy the whole queue.
+                guard var queue = backlog.removeValue(forKey: channel) else { continue }
                 while out.count < max, let next = queue.popFirst() { out.append(next) }
-                backlog[channel] = queue.isEmpty ? nil : queue
+                if !queue.isEmpty { backlog[channel] = queue }
             }
             return out
         }
