@@ -24,21 +24,41 @@ extension ReplyReceiver {
     func endReplyBatch() {}
 }
 
-/// The payloads of one batch's frames, made once and shared by every connection that is sent
-/// the same text (a group message bundled for this server's members is one text): one
-/// allocation and copy per message instead of one per member. Used on one event loop only.
+/// The frames of one batch, encoded once and shared by every connection sent the same text (a
+/// group message bundled for this server's members is one text): one allocation and copy per
+/// message instead of one per member. Server frames are not masked, so the bytes are the same
+/// for every member. Used on one event loop only.
 final class ReplyPayloads {
     private var text: String?
-    private var buffer: ByteBuffer?
+    private var frame: ByteBuffer?
 
-    /// `text` as a frame payload; the buffer of the previous call when the text is the same
-    /// (the same string's storage compares at once).
-    func payload(_ text: String, allocator: ByteBufferAllocator) -> ByteBuffer {
-        if let buffer, self.text == text { return buffer }
-        let made = allocator.buffer(string: text)
+    /// A final text frame (header and payload) holding `text`; the previous call's buffer when
+    /// the text is the same (the same string's storage compares at once).
+    func textFrame(_ text: String, allocator: ByteBufferAllocator) -> ByteBuffer {
+        if let frame, self.text == text { return frame }
+        let made = Self.encodeTextFrame(text, allocator: allocator)
         self.text = text
-        buffer = made
+        frame = made
         return made
+    }
+
+    /// RFC 6455 5.2, as a server writes it: FIN and the text opcode, the length in 7, 16 or 64
+    /// bits, no mask, the payload.
+    static func encodeTextFrame(_ text: String, allocator: ByteBufferAllocator) -> ByteBuffer {
+        let length = text.utf8.count
+        var buffer = allocator.buffer(capacity: length + 10)
+        buffer.writeInteger(UInt8(0x81))
+        if length < 126 {
+            buffer.writeInteger(UInt8(length))
+        } else if length <= Int(UInt16.max) {
+            buffer.writeInteger(UInt8(126))
+            buffer.writeInteger(UInt16(length))
+        } else {
+            buffer.writeInteger(UInt8(127))
+            buffer.writeInteger(UInt64(length))
+        }
+        buffer.writeString(text)
+        return buffer
     }
 }
 

@@ -31,10 +31,14 @@ final class WebSocketSession: ReplyReceiver {
     private let sender: LayerSender
     /// Bytes written to the client and not yet taken by the kernel.
     private var queuedBytes = 0
-    /// While the router hands over a batch: the batch's shared payloads; frames are written
-    /// and flushed once at its end.
+    /// While the router hands over a batch: the batch's shared frames; they are written and
+    /// flushed once at its end.
     private var batchPayloads: ReplyPayloads?
-    private var flushHeld = false
+    /// Bytes of the batch's frames written and not flushed yet.
+    private var batchBytes = 0
+    /// The frame encoder's place in the pipeline: frames encoded once per batch are written
+    /// there, past the encoder.
+    private var encodedFrames: ChannelHandlerContext?
     let upgrade: UpgradeState
     /// Followed groups and presence (see `WebSocketSession+Subscriptions.swift`).
     var subscriptions = SessionSubscriptions()
@@ -210,6 +214,7 @@ final class WebSocketSession: ReplyReceiver {
     /// Called by the frame handler once the upgrade is done.
     func attached(context: ChannelHandlerContext) {
         self.context = context
+        encodedFrames = try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
         machine.attached()
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         server.trackSocket(ObjectIdentifier(self)) { code in
@@ -282,9 +287,17 @@ final class WebSocketSession: ReplyReceiver {
     }
 
     func endReplyBatch() {
-        guard flushHeld else { return }
-        flushHeld = false
-        context?.flush()
+        guard batchBytes > 0 else { return }
+        let size = batchBytes
+        batchBytes = 0
+        guard let encodedFrames, let context else { return }
+        // One completion for the batch: writes complete in order, so when this empty write
+        // is done every frame before it is with the kernel.
+        let written = context.eventLoop.makePromise(of: Void.self)
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
+        encodedFrames.write(NIOAny(context.channel.allocator.buffer(capacity: 0)), promise: written)
+        context.flush()
     }
 
     /// A text frame the server writes itself (history, presence), when the socket is open.
@@ -333,9 +346,11 @@ final class WebSocketSession: ReplyReceiver {
             guard let context, let send = reply?.send else { return }
             switch send.data {
             case .text(let text)?:
-                let allocator = context.channel.allocator
-                let payload = batchPayloads?.payload(text, allocator: allocator) ?? allocator.buffer(string: text)
-                write(payload, opcode: .text, context: context)
+                if let batchPayloads, let encodedFrames {
+                    writeInBatch(batchPayloads.textFrame(text, allocator: context.channel.allocator), at: encodedFrames)
+                } else {
+                    write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
+                }
             case .bytes(let bytes)?: write(context.channel.allocator.buffer(bytes: bytes), opcode: .binary, context: context)
             case nil: break
             }
@@ -354,13 +369,20 @@ final class WebSocketSession: ReplyReceiver {
         let written = context.eventLoop.makePromise(of: Void.self)
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
-        guard batchPayloads == nil else {
-            // In the router's batch: flushed once at its end.
-            context.write(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
-            flushHeld = true
+        context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
+    }
+
+    /// An encoded frame of the router's batch: written past the encoder, counted against the
+    /// socket's bound, completed and flushed at the batch's end (``endReplyBatch()``).
+    private func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
+        let size = frame.readableBytes
+        queuedBytes += size
+        batchBytes += size
+        if queuedBytes > server.configuration.maxQueuedBytesPerSocket {
+            slowClient()
             return
         }
-        context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
+        encodedFrames.write(NIOAny(frame), promise: nil)
     }
 
     /// The client does not read what it is sent: past the bound, close it rather than keep
