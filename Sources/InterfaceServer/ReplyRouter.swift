@@ -181,8 +181,8 @@ final class ReplyRouter: Service, Sendable {
 
     var activeCount: Int { targets.withLock { $0.count } }
 
-    /// The most replies handed over at once (a few messages to each of 500 members).
-    static let largestHandOver = 2048
+    /// The most replies handed over at once (a few messages to each member of a room of thousands).
+    static let largestHandOver = 16_384
 
     /// Tells every receiver, on its event loop, that the layer lost its data.
     private func tellStoreLost() {

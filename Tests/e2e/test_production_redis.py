@@ -234,10 +234,13 @@ def sentinel_failover_keeps_the_sockets():
                 assert all(t in echoed[i] for t in last), (i, [t for t in last if t not in echoed[i]])
             return missing
         missing = asyncio.run(run())
-        # What was not echoed is counted by the server: held through the outage and then sent
-        # (so echoed), or dropped and counted. Nothing is silently lost beyond the master's own
-        # unreplicated writes.
-        assert missing < 50 * 30, missing
+        # The bound: frames sent while there is no master are held by the server (for up to
+        # --layer-outage-timeout, 120 s, far longer than the failover here) and then sent, so they
+        # are echoed. What can be lost is what the killed master had taken and not yet streamed to
+        # its replica (asynchronous replication streams every write as it happens; allow a whole
+        # second of this traffic: 50 sockets x 10 frames/s = 500), plus what the two workers had
+        # in hand when their replies' Redis died (2 x (32 threads + 8 reserved slots) = 80).
+        assert missing <= 500 + 80, "%d echoes missing: more than the failover can lose" % missing
     finally:
         for p in procs:
             if p.p.poll() is None:
