@@ -36,6 +36,8 @@ final class WebSocketSession: ReplyReceiver {
     private var batchPayloads: ReplyPayloads?
     /// Bytes of the batch's frames written and not flushed yet.
     private var batchBytes = 0
+    /// The empty write that completes a batch: one buffer for every socket (never written to).
+    private static let noBytes = ByteBufferAllocator().buffer(capacity: 0)
     /// The frame encoder's place in the pipeline: frames encoded once per batch are written
     /// there, past the encoder.
     private var encodedFrames: ChannelHandlerContext?
@@ -296,7 +298,7 @@ final class WebSocketSession: ReplyReceiver {
         let written = context.eventLoop.makePromise(of: Void.self)
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
-        encodedFrames.write(NIOAny(context.channel.allocator.buffer(capacity: 0)), promise: written)
+        encodedFrames.write(NIOAny(Self.noBytes), promise: written)
         context.flush()
     }
 
