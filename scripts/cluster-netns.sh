@@ -5,14 +5,17 @@
 #   10.77.0.11  redis1   redis-server (shard 0 of the asgi_redis ring)
 #   10.77.0.12  redis2   redis-server (shard 1)
 #   10.77.0.20  server   chat runserver --noworker
+#   10.77.0.21  server2  chat runserver --noworker --cut-off-timeout 3 (the partition's side)
 #   10.77.0.31  worker1  chat runworker + chat rundelay
 #   10.77.0.32  worker2  chat runworker
 #   10.77.0.40  client   Tests/e2e/cluster_client.py (HTTP, echo, room chat, ordered burst)
 #
 # Then: the example works from the client host; keys land on both shards, `!` / `?` channels in
 # the ring's places; SIGKILL of every process of worker1 leaves the service answering; redis2's
-# link goes down and comes back and service recovers; with `tc netem` (when available), 1 ms of
-# delay on every host's link and the echo latency reported.
+# link goes down and comes back and service recovers; a 10 s partition (nft DROP, both ways)
+# between server2 and the Redis hosts while 50 sockets on each server follow one room: server2's
+# sockets get 1012 and recover everything, server's lose nothing; with `tc netem` (when
+# available), 1 ms of delay on every host's link and the echo latency reported.
 #
 #   scripts/cluster-netns.sh [CHAT_BINARY [PYTHON]]      (root: it makes namespaces)
 #
@@ -31,8 +34,8 @@ CHAT=$(readlink -f "$CHAT")
 
 ID="cn$$"
 SW="$ID-sw"
-HOSTS=(redis1 redis2 server worker1 worker2 client)
-declare -A ADDR=([redis1]=10.77.0.11 [redis2]=10.77.0.12 [server]=10.77.0.20 [worker1]=10.77.0.31
+HOSTS=(redis1 redis2 server worker1 worker2 client server2)
+declare -A ADDR=([redis1]=10.77.0.11 [redis2]=10.77.0.12 [server]=10.77.0.20 [server2]=10.77.0.21 [worker1]=10.77.0.31
   [worker2]=10.77.0.32 [client]=10.77.0.40)
 RUN_DIR=$(mktemp -d)
 export CHAT_DATABASE="$RUN_DIR/chat.sqlite3"   # the example's own data (one file, as one DB server)
@@ -74,7 +77,7 @@ for h in "${HOSTS[@]}"; do
   ip -n "$(ns "$h")" link set lo up
 done
 PORT_OF_REDIS2="$ID-p2"   # the switch port of redis2's cable
-log "6 hosts on a bridge in its own namespace: ${ADDR[*]}"
+log "${#HOSTS[@]} hosts on a bridge in its own namespace: ${ADDR[*]}"
 
 # --- the services -------------------------------------------------------------------------------
 for h in redis1 redis2; do
@@ -97,10 +100,13 @@ wait_log() { # wait_log NAME TEXT
   fail "$1 did not print '$2'"
 }
 start server server runserver --noworker --bind 0.0.0.0 --port 8000 --allowed-hosts "${ADDR[server]}"
+start server2 server2 runserver --noworker --bind 0.0.0.0 --port 8000 --allowed-hosts "${ADDR[server2]}" \
+  --cut-off-timeout 3 --websocket-connect-timeout 30
 start worker1 worker1 runworker
 start worker1 delay1 rundelay
 start worker2 worker2 runworker
 wait_log server "interface server listening"
+wait_log server2 "interface server listening"
 wait_log worker1 "worker ready"
 wait_log worker2 "worker ready"
 wait_log delay1 "delay server ready"
@@ -151,7 +157,13 @@ client until-ok 60 || fail "service did not recover after redis2 came back"
 grep -q "worker ready" "$RUN_DIR/worker2.log" && kill -0 "$(ip netns pids "$(ns worker2)" | head -1)" \
   || fail "worker2 died while redis2 was away"
 
-# --- 5. 1 ms of delay on every link -------------------------------------------------------------
+# --- 5. a partition: server2 cannot reach the Redis hosts (packets dropped, no reset) ------------
+command -v nft >/dev/null || { log "installing nftables"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null; }
+client partition "${ADDR[server2]}:8000" "$(ns server2)" "${ADDR[redis1]},${ADDR[redis2]}" 10 \
+  || fail "the partition: server2's sockets were not told and recovered, or server's lost messages"
+grep -q "cut off from the channel layer" "$RUN_DIR/server2.log" || fail "server2 did not log its cut-off"
+
+# --- 6. 1 ms of delay on every link -------------------------------------------------------------
 if in_host client tc qdisc add dev eth0 root netem delay 1ms 2>/dev/null; then
   for h in redis1 redis2 server worker2; do in_host "$h" tc qdisc add dev eth0 root netem delay 1ms; done
   log "netem: 1 ms on every host's link (client, server, worker, Redis: each hop pays it)"
