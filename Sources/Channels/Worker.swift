@@ -46,6 +46,8 @@ public final class Worker: Service, Sendable {
 
     /// Consumers cancelled at `consumerTimeout` so far.
     public var consumersTimedOut: Int { deadlines?.timedOutCount ?? 0 }
+    /// Cancelled consumers that ignored their cancellation and whose slot was given back.
+    public var consumersAbandoned: Int { deadlines?.abandonedCount ?? 0 }
     /// Whether a graceful shutdown takes what is queued before stopping (`finishQueuedThenStop`).
     public let finishQueuedOnShutdown: Bool
     private let processed = Atomic<Int>(0)
@@ -65,12 +67,12 @@ public final class Worker: Service, Sendable {
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
         finishQueuedOnShutdown: Bool = false, consumerTimeout: Duration? = .seconds(60),
         middleware: [ConsumerMiddleware] = [], hooks: WorkerHooks = WorkerHooks(),
-        logger: Logger = Logger(label: "channels.worker")
+        logger: Logger = Logger(label: "channels.worker"), abandonAfter: Duration = .seconds(5)
     ) {
         self.middleware = middleware
         self.hooks = hooks
         self.finishQueuedOnShutdown = finishQueuedOnShutdown
-        self.deadlines = consumerTimeout.map { ConsumerDeadlines(timeout: $0, logger: logger) }
+        self.deadlines = consumerTimeout.map { ConsumerDeadlines(timeout: $0, abandonAfter: abandonAfter, logger: logger) }
         self.router = router
         self.environment = environment
         self.layer = layer
@@ -292,8 +294,9 @@ public final class Worker: Service, Sendable {
             }
             guard let socket = Self.socketKey(received) else {
                 group.addTask {
-                    await self.dispatch(received)
-                    self.release(received.channel)
+                    let lease = SlotLease(channel: received.channel, slots: self.slots)
+                    await self.dispatchTimed(received, lease: lease)
+                    lease.giveBack()
                 }
                 continue
             }
@@ -319,10 +322,14 @@ public final class Worker: Service, Sendable {
     /// (taken for a message of `slotChannel`).
     private func runSocket(_ socket: String, first: ReceivedMessage?, slotChannel: String) async {
         var next: (message: ReceivedMessage, holdsSlot: Bool)? = first.map { ($0, false) } ?? mailboxes.next(for: socket)
+        let lease = SlotLease(channel: slotChannel, slots: slots)
         while let (message, holdsSlot) = next {
-            let timedOut = await dispatchTimed(message)
+            let timedOut = await dispatchTimed(message, lease: lease)
             if holdsSlot { release(message.channel) }
             if timedOut {
+                // A consumer that ignored its cancellation had its slot given back meanwhile:
+                // the chain takes one again for the socket's next messages.
+                if lease.givenBack { slots.retake(slotChannel) }
                 // This task is cancelled for good: the socket's next messages run in a fresh one
                 // (the slot goes with them), started by the receive loop.
                 resumedSockets.withLock { $0.append((socket, slotChannel)) }
@@ -331,7 +338,7 @@ public final class Worker: Service, Sendable {
             }
             next = mailboxes.next(for: socket)
         }
-        release(slotChannel)  // the chain's own
+        lease.giveBack()  // the chain's own
     }
 
     /// Stops taking messages (a blocking receive is woken at once); the consumers in hand finish.
@@ -359,9 +366,10 @@ public final class Worker: Service, Sendable {
         await dispatchTimed(received)
     }
 
-    /// `dispatch`; true when the consumer was cancelled at `consumerTimeout`.
+    /// `dispatch`; true when the consumer was cancelled at `consumerTimeout`. `lease` is the
+    /// slot it runs on, given back early if it ignores its cancellation.
     @discardableResult
-    func dispatchTimed(_ received: ReceivedMessage) async -> Bool {
+    func dispatchTimed(_ received: ReceivedMessage, lease: SlotLease? = nil) async -> Bool {
         processed.add(1, ordering: .relaxed)
         ChannelsMetrics.received[ChannelKind(channel: received.channel)]?.increment()
         let context: ConsumerContext
@@ -386,7 +394,9 @@ public final class Worker: Service, Sendable {
         let handle = TaskHandle()
         // Responses that stream, and uploads that stream in, are bounded by their client instead.
         let uploading = received.channel == ASGIChannel.httpRequest && received.message["body_channel"] != nil
-        let deadline = deadlines?.begin(handle, name: name, context: context, uploading: uploading)
+        var abandon: (@Sendable () -> Void)?
+        if let lease { abandon = { lease.giveBack() } }
+        let deadline = deadlines?.begin(handle, name: name, context: context, uploading: uploading, abandon: abandon)
         do {
             if received.channel == ASGIChannel.httpRequest {
                 context.streaming.withLock { $0 = (streams, handle) }
@@ -603,6 +613,16 @@ final class Slots: Sendable {
 
     var freeCount: Int { state.withLock { $0.free } }
 
+    /// Takes a slot for `channel` without waiting (a chain whose slot was given back while its
+    /// consumer ignored its cancellation, and that goes on): free may fall below zero until a
+    /// slot comes back.
+    func retake(_ channel: String) {
+        state.withLock { state in
+            state.free -= 1
+            state.held[channel, default: 0] += 1
+        }
+    }
+
     /// Gives back a slot taken for a message of `channel`.
     func release(_ channel: String) {
         let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
@@ -614,4 +634,26 @@ final class Slots: Sendable {
         }
         waiter?.resume()
     }
+}
+
+/// A slot held by a running consumer, given back once: by the worker when the consumer
+/// returns, or earlier by the consumer-timeout watchdog when the consumer ignores its
+/// cancellation.
+final class SlotLease: Sendable {
+    let channel: String
+    private let slots: Slots
+    private let given = Atomic<Bool>(false)
+
+    init(channel: String, slots: Slots) {
+        self.channel = channel
+        self.slots = slots
+    }
+
+    /// Gives the slot back, the first time only.
+    func giveBack() {
+        guard given.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
+        slots.release(channel)
+    }
+
+    var givenBack: Bool { given.load(ordering: .relaxed) }
 }

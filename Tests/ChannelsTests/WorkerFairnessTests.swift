@@ -171,4 +171,62 @@ struct WorkerFairnessTests {
         for worker in workers { worker.stop() }
         for task in running { await task.value }
     }
+
+    /// A consumer that ignores its cancellation (it waits on a continuation nothing cancels)
+    /// gets it at --consumer-timeout, and `abandonAfter` later its slot is given back: with one
+    /// slot, every other message is served while it still hangs. A plain channel and a socket.
+    @Test(arguments: ["work", "websocket.receive"])
+    func aConsumerThatIgnoresItsCancellationGivesItsSlotBack(channel: String) async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
+        let served = Counter()
+        let hung = Gate()
+        let hungLater = Log()
+        let worker = Worker(
+            router: try Router([
+                route(
+                    channel,
+                    { context in
+                        let order = context.message["order"]?.intValue ?? 0
+                        guard context.message.replyChannel == "hung!" else { return served.add() }
+                        if order == 1 { await hung.wait() } else { await hungLater.add("\(order)") }
+                    })
+            ]), layer: layer, concurrency: 1, consumerTimeout: .milliseconds(300), abandonAfter: .milliseconds(300))
+        let running = Task { await worker.run() }
+        for order in 1...3 {
+            try await layer.send(["reply_channel": "hung!", "path": "/", "order": .int(Int64(order))], to: channel)
+        }
+        for other in 0..<10 {
+            try await layer.send(["reply_channel": .string("s\(other)!"), "path": "/", "order": 1], to: channel)
+        }
+        var waited = 0
+        while served.value < 10, waited < 1000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(served.value == 10, "\(served.value) of 10 other messages served while one consumer ignored its cancellation")
+        #expect(worker.consumersTimedOut == 1)
+        #expect(worker.consumersAbandoned == 1)
+        // It returns at last: the socket's later frames run after it, in order, and the worker
+        // still serves (its slot count is whole again).
+        hung.open()
+        if channel == "websocket.receive" {
+            waited = 0
+            while await hungLater.entries.count < 2, waited < 500 {
+                try await Task.sleep(for: .milliseconds(10))
+                waited += 1
+            }
+            #expect(await hungLater.entries == ["2", "3"])
+        }
+        for other in 10..<20 {
+            try await layer.send(["reply_channel": .string("s\(other)!"), "path": "/", "order": 1], to: channel)
+        }
+        waited = 0
+        while served.value < 20, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(served.value == 20)
+        worker.stop()
+        await running.value
+    }
 }
