@@ -29,15 +29,13 @@ final class WebSocketSession: ReplyReceiver {
     private var pingTask: RepeatedTask?
     /// This socket's messages to the layer, in order, held and retried when the layer is full or down.
     private let sender: LayerSender
-    /// Bytes written to the client and not yet taken by the kernel.
-    private var queuedBytes = 0
+    /// Closed as a client that does not read (once).
+    private var closedAsSlow = false
     /// While the router hands over a batch: the batch's shared frames; they are written and
     /// flushed once at its end.
     private var batchPayloads: ReplyPayloads?
-    /// Bytes of the batch's frames written and not flushed yet.
-    private var batchBytes = 0
-    /// The empty write that completes a batch: one buffer for every socket (never written to).
-    private static let noBytes = ByteBufferAllocator().buffer(capacity: 0)
+    /// Frames of the batch written and not flushed yet.
+    private var flushHeld = false
     /// The frame encoder's place in the pipeline: frames encoded once per batch are written
     /// there, past the encoder.
     private var encodedFrames: ChannelHandlerContext?
@@ -217,6 +215,7 @@ final class WebSocketSession: ReplyReceiver {
     func attached(context: ChannelHandlerContext) {
         self.context = context
         encodedFrames = try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
+        boundUnwrittenBytes(context.channel)
         machine.attached()
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         server.trackSocket(ObjectIdentifier(self)) { code in
@@ -289,17 +288,9 @@ final class WebSocketSession: ReplyReceiver {
     }
 
     func endReplyBatch() {
-        guard batchBytes > 0 else { return }
-        let size = batchBytes
-        batchBytes = 0
-        guard let encodedFrames, let context else { return }
-        // One completion for the batch: writes complete in order, so when this empty write
-        // is done every frame before it is with the kernel.
-        let written = context.eventLoop.makePromise(of: Void.self)
-        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
-        encodedFrames.write(NIOAny(Self.noBytes), promise: written)
-        context.flush()
+        guard flushHeld else { return }
+        flushHeld = false
+        context?.flush()
     }
 
     /// A text frame the server writes itself (history, presence), when the socket is open.
@@ -360,43 +351,41 @@ final class WebSocketSession: ReplyReceiver {
         }
     }
 
-    /// One frame to the client, counted against the socket's bound of unwritten bytes.
+    /// One frame to the client, unless the socket's unwritten bytes are past their bound.
     private func write(_ data: ByteBuffer, opcode: WebSocketOpcode, context: ChannelHandlerContext) {
-        let size = data.readableBytes
-        queuedBytes += size
-        if queuedBytes > server.configuration.maxQueuedBytesPerSocket {
-            slowClient()
-            return
-        }
-        let written = context.eventLoop.makePromise(of: Void.self)
-        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        written.futureResult.whenComplete { _ in bound.value.queuedBytes -= size }
-        context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: written)
+        guard context.channel.isWritable else { return slowClient() }
+        context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: nil)
     }
 
-    /// An encoded frame of the router's batch: written past the encoder, counted against the
-    /// socket's bound, completed and flushed at the batch's end (``endReplyBatch()``).
+    /// An encoded frame of the router's batch, unless the socket's unwritten bytes are past their
+    /// bound: written past the encoder, flushed at the batch's end (``endReplyBatch()``).
     private func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
-        let size = frame.readableBytes
-        queuedBytes += size
-        batchBytes += size
-        if queuedBytes > server.configuration.maxQueuedBytesPerSocket {
-            slowClient()
-            return
-        }
+        guard encodedFrames.channel.isWritable else { return slowClient() }
         encodedFrames.write(NIOAny(frame), promise: nil)
+        flushHeld = true
+    }
+
+    /// The socket's bound of bytes written and not yet taken by the kernel, kept by the channel
+    /// itself: past it the channel is not writable, and the next frame closes the socket.
+    private func boundUnwrittenBytes(_ channel: any Channel) {
+        let bound = server.configuration.maxQueuedBytesPerSocket
+        try? channel.syncOptions?.setOption(
+            ChannelOptions.writeBufferWaterMark, value: ChannelOptions.Types.WriteBufferWaterMark(low: bound, high: bound))
     }
 
     /// The client does not read what it is sent: past the bound, close it rather than keep
     /// buffering (or slow anyone else down).
     private func slowClient() {
+        guard !closedAsSlow else { return }
+        closedAsSlow = true
+        let queued = (try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? nil
         server.counters.count(.closedSlowClient)
         // The frame that did not fit is not written: a drop, counted as such.
         ServerMetrics.dropped[.slowClient]?.increment()
         server.logger.warning(
             "closing a WebSocket whose client does not read (1008)",
             metadata: [
-                "socket": "\(server.configuration.secret.socketTag(replyChannel))", "queued_bytes": "\(queuedBytes)",
+                "socket": "\(server.configuration.secret.socketTag(replyChannel))", "queued_bytes": "\(queued ?? -1)",
                 "limit": "\(server.configuration.maxQueuedBytesPerSocket)",
             ])
         close(code: 1008, force: true)
