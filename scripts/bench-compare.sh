@@ -15,6 +15,8 @@
 #
 #   BEFORE_BIN=/path/to/bin scripts/bench-compare.sh      (ROUNDS=3, DURATION=8: about 15 minutes)
 #   SKIP_LAYER=1 ...                                        (the server figures only)
+#   FANOUT=0 ...                                            (without the fan-out row: scripts/bench-peers2.sh
+#                                                           before and after, ../shared/peers2 kit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -139,3 +141,12 @@ for what in sorted(rows):
     print("%-44s %s %s %s %s %s" % (what, *cells, ratio("after", "before"), ratio("after+metrics", "after")))
 print("(higher is better for /s figures, lower for ms; ratios are a / b of the medians)")
 PY
+
+# The fan-out row: the big room of ../shared/peers2 (1,000 members over 2 servers and 2 workers,
+# the Go client), before and after in one sitting, with nchan and Centrifuge beside them unless
+# FANOUT_SYSTEMS says otherwise; FANOUT=0 skips it.
+if [ "${FANOUT:-1}" = 1 ]; then
+  log "fan-out: scripts/bench-peers2.sh, before and after, ${FANOUT_SIZES:-1000} members"
+  SIZES="${FANOUT_SIZES:-1000}" SYSTEMS="${FANOUT_SYSTEMS:-swift nchan centrifuge}" BEFORE_BIN="$BEFORE_BIN" \
+    scripts/bench-peers2.sh
+fi
