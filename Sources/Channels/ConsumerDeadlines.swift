@@ -193,12 +193,18 @@ final class ConsumerDeadlines: Sendable {
             }
             guard let ignoring else { return }
             guard let ignoring else { continue }
+            guard let abandon = ignoring.abandon else {
+                logger.error(
+                    "consumer ignores its cancellation (it holds no slot of its own)",
+                    metadata: ["consumer": "\(ignoring.name)", "after_s": "\((timeout + abandonAfter).seconds)"])
+                continue
+            }
             abandonedTotal.add(1, ordering: .relaxed)
             Self.abandoned.increment()
             logger.error(
                 "consumer ignores its cancellation: its slot is given back; it keeps running in the background",
                 metadata: ["consumer": "\(ignoring.name)", "after_s": "\((timeout + abandonAfter).seconds)"])
-            ignoring.abandon?()
+            abandon()
         }
     }
 }

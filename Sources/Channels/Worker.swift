@@ -329,7 +329,7 @@ public final class Worker: Service, Sendable {
             if timedOut {
                 // A consumer that ignored its cancellation had its slot given back meanwhile:
                 // the chain takes one again for the socket's next messages.
-                if lease.givenBack { slots.retake(slotChannel) }
+                if !lease.keep() { slots.retake(slotChannel) }
                 // This task is cancelled for good: the socket's next messages run in a fresh one
                 // (the slot goes with them), started by the receive loop.
                 resumedSockets.withLock { $0.append((socket, slotChannel)) }
@@ -655,5 +655,9 @@ final class SlotLease: Sendable {
         slots.release(channel)
     }
 
-    var givenBack: Bool { given.load(ordering: .relaxed) }
+    /// Keeps the slot for good (it goes on to the socket's next messages, and an abandonment
+    /// after this gives nothing back); false when it was given back already.
+    func keep() -> Bool {
+        given.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged
+    }
 }

@@ -183,6 +183,8 @@ final class ReplyRouter: Service, Sendable {
 
     /// The most replies handed over at once (a few messages to each member of a room of thousands).
     static let largestHandOver = 16_384
+    /// The longest a hand-over waits for more replies to collect before it is delivered.
+    static let longestCollection = Duration.milliseconds(5)
 
     /// Tells every receiver, on its event loop, that the layer lost its data.
     private func tellStoreLost() {
@@ -260,15 +262,24 @@ final class ReplyRouter: Service, Sendable {
                 var batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
                 // Under load, what else is already here (the rest of a bundle's members, more
                 // bundles) goes in the same hand-over, so a connection sent several messages
-                // gets them in one write.
+                // gets them in one write: up to `largestHandOver` replies, for at most
+                // `longestCollection`. What was taken is delivered even when a later take fails.
                 var last = batch.count
-                while last == 64, batch.count < Self.largestHandOver {
-                    let more = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .zero)
-                    batch += more
-                    last = more.count
+                let collectedBy = ContinuousClock.now + Self.longestCollection
+                var failed: (any Error)?
+                while last == 64, batch.count < Self.largestHandOver, ContinuousClock.now < collectedBy {
+                    do {
+                        let more = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .zero)
+                        batch += more
+                        last = more.count
+                    } catch {
+                        failed = error
+                        break
+                    }
                 }
-                failures.succeeded()
                 deliver(batch)
+                if let failed { throw failed }
+                failures.succeeded()
             } catch {
                 if Task.isCancelled { break }
                 // Back off while the layer is down; this waits on a timer, it does not poll a queue.

@@ -34,8 +34,13 @@ final class WebSocketSession: ReplyReceiver {
     /// While the router hands over a batch: the batch's shared frames; they are written and
     /// flushed once at its end.
     private var batchPayloads: ReplyPayloads?
-    /// Frames of the batch written and not flushed yet.
+    /// Frames of the batch written and not flushed yet, and their bytes.
     private var flushHeld = false
+    private var heldBytes = 0
+    /// A batch flushes a socket's frames early once they hold this many bytes: the bound of
+    /// unwritten bytes then sees them (over TLS too, where bytes reach the channel only when
+    /// flushed), and a reading client is never closed for a batch it was not yet offered.
+    static let flushWithinBatch = 256 * 1024
     /// The frame encoder's place in the pipeline: frames encoded once per batch are written
     /// there, past the encoder.
     private var encodedFrames: ChannelHandlerContext?
@@ -290,6 +295,7 @@ final class WebSocketSession: ReplyReceiver {
     func endReplyBatch() {
         guard flushHeld else { return }
         flushHeld = false
+        heldBytes = 0
         context?.flush()
     }
 
@@ -362,7 +368,14 @@ final class WebSocketSession: ReplyReceiver {
     private func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
         guard encodedFrames.channel.isWritable else { return slowClient() }
         encodedFrames.write(NIOAny(frame), promise: nil)
-        flushHeld = true
+        heldBytes += frame.readableBytes
+        guard heldBytes >= Self.flushWithinBatch else {
+            flushHeld = true
+            return
+        }
+        flushHeld = false
+        heldBytes = 0
+        context?.flush()
     }
 
     /// The socket's bound of bytes written and not yet taken by the kernel, kept by the channel

@@ -452,6 +452,46 @@ def a_client_that_never_reads_is_closed_by_the_bound_and_the_others_get_everythi
 
 
 @test
+def reading_clients_are_not_closed_for_a_backlog_they_were_never_offered():
+    """Server A is stopped (SIGSTOP) while 300 messages of 8 KB reach its room's members through
+    Redis, then resumed: its reply reader takes the whole backlog in one hand-over, 2.4 MB per
+    socket against a 1 MiB bound of unwritten bytes. The 3 reading clients on A must get all
+    300, none closed: a hand-over flushes a socket's frames as they pile up, so the bound sees
+    only what the client was offered and did not take."""
+    # Room in the layer for the whole backlog (the worker checks the capacity of A's channel).
+    (layer, procs, workers) = redis_stack(None, layer=redis_url("e2ebacklog%d:" % os.getpid(), "capacity=100000"))
+    a, aport = server("--noworker", "--layer", layer, "--websocket-connect-timeout", "30",
+                      "--max-queued-bytes", str(1024 * 1024))
+    try:
+        async def run():
+            room = "backlog%d" % os.getpid()
+            readers = await open_members([aport], room, 3)
+            sender = (await open_members([procs[0][1]], room, 1))[0]
+            # 8 KB each, within the example's limits (2,000 characters, 8,000 bytes).
+            texts = ["%03d " % i + "\U0001F600" * 1990 for i in range(300)]
+            os.kill(a.p.pid, signal.SIGSTOP)
+            try:
+                for text in texts:
+                    await sender.ws.send(text)
+                # The worker has sent them all once the sender (on the other server) has them.
+                assert await wait_all([sender], len(texts), 60) == 0, "the sender did not get its own messages"
+            finally:
+                os.kill(a.p.pid, signal.SIGCONT)
+            missing = await wait_all(readers, len(texts), 60)
+            codes = [m.closed_code for m in readers]
+            print("  300 x 8 KB held for a stopped server, then one hand-over: %d deliveries missing, close codes %s"
+                  % (missing, codes), flush=True)
+            assert codes == [None] * 3, "reading clients closed: %s" % codes
+            assert missing == 0 and all(m.texts == texts for m in readers), "%d deliveries missing" % missing
+            await close_all(readers + [sender])
+        asyncio.run(run())
+    finally:
+        if a.p.poll() is None:
+            a.stop()
+        stop_all(procs, workers)
+
+
+@test
 def a_websocket_receive_that_stays_full_closes_with_1013_only_after_the_bound():
     """The real asgi_redis plays an application that accepts but never reads websocket.receive
     (capacity 2): the server holds the third frame, retries for --channel-full-timeout with the

@@ -1,0 +1,75 @@
+import ASGI
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+
+@testable import InterfaceServer
+
+/// A layer whose first non-blocking receive fails (a connection lost while the router collects
+/// a hand-over); everything else goes to an in-memory layer.
+final class FailingOnceLayer: ChannelLayer {
+    let base = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
+    private let failed = Atomic<Bool>(false)
+
+    var extensions: Set<String> { base.extensions }
+    var maxMessageSize: Int { base.maxMessageSize }
+    func send(_ message: Message, to channel: String) async throws { try await base.send(message, to: channel) }
+    func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
+        try await base.receive(channels: channels, timeout: timeout)
+    }
+    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
+        if timeout <= .zero, failed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
+            throw ChannelLayerError(.connectionLost, "the test's layer lost its connection")
+        }
+        return try await base.receiveBatch(channels: channels, max: max, timeout: timeout)
+    }
+    func newChannel(_ pattern: String) async throws -> String { try await base.newChannel(pattern) }
+    func groupAdd(_ group: String, channel: String) async throws { try await base.groupAdd(group, channel: channel) }
+    func groupDiscard(_ group: String, channel: String) async throws { try await base.groupDiscard(group, channel: channel) }
+    func groupChannels(_ group: String) async throws -> [String] { try await base.groupChannels(group) }
+    func sendGroup(_ group: String, message: Message) async throws { try await base.sendGroup(group, message: message) }
+    func flush() async throws { try await base.flush() }
+    func globalStatistics() async throws -> GlobalStatistics { try await base.globalStatistics() }
+    func channelStatistics(_ channel: String) async throws -> ChannelStatistics { try await base.channelStatistics(channel) }
+    func close() async { await base.close() }
+    func registerBundleReader(_ processChannel: String) async throws -> Bool { try await base.registerBundleReader(processChannel) }
+}
+
+/// Takes replies and keeps what they said.
+final class KeptReplies: ReplyReceiver, Sendable {
+    let texts = Mutex<[String]>([])
+    func receiveReply(_ reply: Message) { texts.withLock { $0.append(reply["text"]?.stringValue ?? "?") } }
+    func replyStoreLost() {}
+}
+
+@Suite("reply router", .timeLimit(.minutes(1)))
+struct ReplyRouterTests {
+    /// 100 replies wait; the router takes 64, and its next take (collecting the hand-over) fails.
+    /// The 64 it holds are delivered all the same, and the other 36 after its back-off.
+    @Test func repliesTakenBeforeAFailedTakeAreDelivered() async throws {
+        let layer = FailingOnceLayer()
+        let router = ReplyRouter(layer: layer, prefix: "routertest", logger: Logger(label: "test"))
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let kept = KeptReplies()
+        let channels = (0..<100).map { _ in router.newReplyChannel() }
+        // Registered on the loop the replies are handed over on, as connections do.
+        try await loop.submit { for channel in channels { router.register(channel, kept, on: loop) } }.get()
+        for (index, channel) in channels.enumerated() {
+            try await layer.send(["text": .string("reply \(index)")], to: channel)
+        }
+        let running = Task { await router.run() }
+        var waited = 0
+        while kept.texts.withLock({ $0.count }) < 100, waited < 1_000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        running.cancel()
+        await running.value
+        let texts = kept.texts.withLock { $0 }
+        #expect(texts.count == 100, "\(texts.count) of 100 replies delivered: taken replies were dropped with the failed take")
+        #expect(Set(texts) == Set((0..<100).map { "reply \($0)" }))
+        #expect(router.unroutableCount == 0)
+    }
+}
