@@ -18,6 +18,7 @@ import sys
 import time
 
 import websockets
+from cut_off import cut_off_and_recover
 
 ADDRESS = sys.argv[1]
 HOST, PORT = ADDRESS.rsplit(":", 1)
@@ -97,43 +98,6 @@ async def latency(n):
     print("echo round trip over %d: p50 %.2f ms, p99 %.2f ms" % (n, times[n // 2], times[int(n * 0.99) - 1]), flush=True)
 
 
-class Follower:
-    """A room socket that keeps every frame (messages carry their offset and epoch)."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.frames = []
-        self.task = asyncio.ensure_future(self.read())
-
-    async def read(self):
-        try:
-            async for frame in self.ws:
-                self.frames.append(json.loads(frame))
-        except websockets.ConnectionClosed:
-            pass
-
-    def messages(self):
-        return [f for f in self.frames if f.get("type") == "message"]
-
-    def marker(self):
-        return next((f for f in self.frames if f.get("type") in ("recovered", "position")), None)
-
-
-async def follow(address, room, query=""):
-    ws = await websockets.connect("ws://%s/chat/%s/%s" % (address, room, query), open_timeout=30,
-                                  max_queue=None, ping_interval=None)
-    return Follower(ws)
-
-
-async def until(check, what, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-
-
 def nft(netns, *command):
     subprocess.run(["ip", "netns", "exec", netns, "nft", *command], check=True)
 
@@ -144,58 +108,23 @@ async def partition(cut_address, netns, redis_addresses, seconds):
     Redis hosts (nft, both ways: no reset, no link-down) for `seconds`. A's sockets must be closed
     with 1012 (A knows it was cut off), come back through A once healed with their last position
     and recover every message, complete; B's sockets must lose nothing. Every message counted."""
-    room = "partition%d" % time.time_ns()
-    on_a = [await follow(cut_address, room) for _ in range(50)]
-    on_b = [await follow(ADDRESS, room) for _ in range(50)]
-    poster = await follow(ADDRESS, room)
-    for f in on_a + on_b + [poster]:
-        await until(lambda: f.marker() is not None, "every socket's position", 30)
-    sent = []
-
-    async def posting(duration):
-        deadline = time.time() + duration
-        while time.time() < deadline:
-            text = "tick %d" % len(sent)
-            await poster.ws.send(json.dumps({"text": text}))
-            sent.append(text)
-            await asyncio.sleep(0.1)
-
-    await posting(1)
     addresses = "{ %s }" % ", ".join(redis_addresses)
-    nft(netns, "add", "table", "inet", "partition")
-    try:
+
+    def cut():
+        nft(netns, "add", "table", "inet", "partition")
         for chain, hook, match in (("out", "output", "daddr"), ("in", "input", "saddr")):
             nft(netns, "add", "chain", "inet", "partition", chain, "{ type filter hook %s priority 0 ; }" % hook)
             nft(netns, "add", "rule", "inet", "partition", chain, "ip", match, addresses, "drop")
-        cut_at = time.time()
-        await posting(seconds)
-    finally:
+
+    def heal():
         nft(netns, "delete", "table", "inet", "partition")
-    healed_at = time.time()
-    # A closes its sockets once cut off for its --cut-off-timeout; the close completes when the
-    # client's answer is read or at the server's 5 s fallback.
-    await until(lambda: all(f.ws.close_code is not None for f in on_a), "A's sockets to be closed", 15)
-    codes = [f.ws.close_code for f in on_a]
-    assert codes == [1012] * 50, "A's sockets after a %.0f s partition: %s" % (seconds, codes)
-    back = []
-    for f in on_a:
-        last = f.messages()[-1]
-        back.append(await follow(cut_address, room, "?offset=%d&epoch=%s" % (last["offset"], last["epoch"])))
-    await posting(2)
-    await until(lambda: all(len(f.messages()) >= len(sent) for f in on_b + [poster]), "B's sockets to get all", 30)
-    for f in on_b + [poster]:
-        assert [m["text"] for m in f.messages()] == sent, "a socket on B lost messages"
-    for old, new in zip(on_a, back):
-        await until(lambda: new.marker() is not None, "the recovered marker", 30)
-        assert new.marker()["type"] == "recovered" and new.marker()["complete"] is True, new.marker()
-        await until(lambda: len(old.messages()) + len(new.messages()) >= len(sent), "A's socket to catch up", 30)
-        texts = [m["text"] for m in old.messages()] + [m["text"] for m in new.messages()]
-        assert texts == sent, "a socket on A got %d of %d (or out of order)" % (len(texts), len(sent))
-    print("partition: %.0f s of nft DROP between A and Redis; A's 50 sockets closed with 1012 and recovered every "
-          "message once, in order; B's 50 lost nothing; %d messages, %d deliveries counted (healed %.1f s ago)"
-          % (healed_at - cut_at, len(sent), len(sent) * 101, time.time() - healed_at), flush=True)
-    for f in back + on_b + [poster]:
-        await f.ws.close()
+
+    started = time.time()
+    sent = await cut_off_and_recover("ws://" + cut_address, "ws://" + ADDRESS, "partition%d" % time.time_ns(), 50,
+                                     cut, heal, seconds, 15)
+    print("partition: %.0f s of nft DROP between A and Redis (%.0f s in all); A's 50 sockets closed with 1012 and "
+          "recovered every message once, in order; B's 50 lost nothing; %d messages, %d deliveries counted"
+          % (seconds, time.time() - started, sent, sent * 101), flush=True)
 
 
 def main():

@@ -13,6 +13,7 @@ import sys
 import time
 
 import websockets
+from cut_off import cut_off_and_recover
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import *  # noqa: E402,F403
@@ -536,52 +537,13 @@ def a_server_cut_off_from_redis_closes_its_sockets_with_1012_and_they_recover_wh
             worker = Proc("runworker", "--layer", url, "--threads", "32")
             await asyncio.to_thread(worker.wait_line, "worker ready")
             try:
-                room = "cut%d" % os.getpid()
-                on_a = [await connect(a[1], room) for _ in range(10)]
-                on_b = [await connect(b[1], room) for _ in range(10)]
-                poster = await connect(b[1], room)
-                everyone = on_a + on_b + [poster]
-                for w in everyone:
-                    await wait_for(lambda: w.marker() is not None, "every socket's position", 30)
-                sent = []
-
-                async def posting(seconds):
-                    deadline = time.time() + seconds
-                    while time.time() < deadline:
-                        text = "tick %d" % len(sent)
-                        await poster.ws.send(json.dumps({"text": text}))
-                        sent.append(text)
-                        await asyncio.sleep(0.1)
-                await posting(1)
-                proxy.open.clear()
-                cut_at = time.time()
-                await posting(10)
-                # The close completes when the client's answer is read or at the server's 5 s
-                # fallback (reading stays paused while the socket's disconnect is held).
-                await wait_for(lambda: all(w.ws.close_code is not None for w in on_a), "A's sockets to be closed", 8)
-                closed = [w.ws.close_code for w in on_a]
-                proxy.open.set()
-                assert closed == [1012] * 10, "A's sockets after 8 s cut off: %s" % closed
+                started = time.time()
+                sent = await cut_off_and_recover(
+                    "ws://127.0.0.1:%d" % a[1], "ws://127.0.0.1:%d" % b[1], "cut%d" % os.getpid(), 10,
+                    proxy.open.clear, proxy.open.set, 10, 8)
                 await asyncio.to_thread(a[0].wait_line, "cut off from the channel layer: closing sockets with 1012")
-                # A's sockets come back with their last position.
-                back = []
-                for w in on_a:
-                    last = w.messages()[-1]
-                    back.append(await connect(a[1], room, "?offset=%d&epoch=%s" % (last["offset"], last["epoch"])))
-                await posting(2)
-                await wait_for(lambda: all(len(w.messages()) >= len(sent) for w in on_b + [poster]), "B's sockets to get all", 30)
-                for w in on_b + [poster]:
-                    assert [m["text"] for m in w.messages()] == sent, "a socket on B lost messages"
-                for old, new in zip(on_a, back):
-                    await wait_for(lambda: new.marker() is not None, "the recovered marker", 30)
-                    assert new.marker()["type"] == "recovered" and new.marker()["complete"] is True, new.marker()
-                    await wait_for(lambda: len(old.messages()) + len(new.messages()) >= len(sent), "A's socket to catch up", 30)
-                    texts = [m["text"] for m in old.messages()] + [m["text"] for m in new.messages()]
-                    assert texts == sent, "a socket on A got %d of %d (or out of order)" % (len(texts), len(sent))
-                print("  cut off %.0f s: A's 10 sockets closed with 1012, back and recovered; %d messages, every socket "
-                      "got every one once, in order" % (time.time() - cut_at, len(sent)), flush=True)
-                for w in back + on_b + [poster]:
-                    await w.ws.close()
+                print("  cut off 10 s (%.0f s in all): A's 10 sockets closed with 1012, back and recovered; %d messages, "
+                      "every socket got every one once, in order" % (time.time() - started, sent), flush=True)
             finally:
                 proxy.open.set()
                 for p in (worker, a[0], b[0]):
