@@ -24,9 +24,12 @@ class Follower:
     async def read(self):
         try:
             async for frame in self.ws:
-                self.frames.append(json.loads(frame))
+                self.record(json.loads(frame))
         except websockets.ConnectionClosed:
             pass
+
+    def record(self, event):
+        self.frames.append(event)
 
     def messages(self):
         return [f for f in self.frames if f.get("type") == "message"]

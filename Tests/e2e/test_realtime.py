@@ -13,7 +13,7 @@ import sys
 import time
 
 import websockets
-from cut_off import cut_off_and_recover
+from cut_off import Follower, cut_off_and_recover
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import *  # noqa: E402,F403
@@ -21,36 +21,22 @@ from support import *  # noqa: E402,F403
 PRESENCE_TTL = 3.0
 
 
-class Watcher:
+class Watcher(Follower):
     """A room socket that keeps every frame: the presence it sees (list + diffs) and the
     room's messages with their offsets."""
 
     def __init__(self, ws):
-        self.ws = ws
-        ws.server_frames = True
         self.users = None
-        self.frames = []
-        self.task = asyncio.ensure_future(self.read())
+        super().__init__(ws)
 
-    async def read(self):
-        try:
-            async for frame in self.ws:
-                event = json.loads(frame)
-                self.frames.append(event)
-                kind = event.get("type")
-                if kind == "presence":
-                    self.users = set(event["users"])
-                elif kind == "presence_diff" and self.users is not None:
-                    self.users |= set(event["joins"])
-                    self.users -= set(event["leaves"])
-        except websockets.ConnectionClosed:
-            pass
-
-    def messages(self):
-        return [f for f in self.frames if f.get("type") == "message"]
-
-    def marker(self):
-        return next((f for f in self.frames if f.get("type") in ("recovered", "position")), None)
+    def record(self, event):
+        super().record(event)
+        kind = event.get("type")
+        if kind == "presence":
+            self.users = set(event["users"])
+        elif kind == "presence_diff" and self.users is not None:
+            self.users |= set(event["joins"])
+            self.users -= set(event["leaves"])
 
 
 async def connect(port, room, query=""):
