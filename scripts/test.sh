@@ -114,7 +114,7 @@ log "presence and recovery: 100 sockets on 2 servers (one SIGKILLed), 200 missed
 "$INTEROP_PYTHON" Tests/e2e/test_realtime.py "$CHAT" "$REDIS_URL"
 log "production Redis: every process over TLS with encryption (and asgi_redis), a Sentinel failover under 50 sockets"
 "$INTEROP_PYTHON" Tests/e2e/test_production_redis.py "$CHAT" "$REDIS_URL"
-log "across machines: scripts/cluster-netns.sh (6 hosts in network namespaces: 2 Redis shards, server, 2 workers, client)"
+log "across machines: scripts/cluster-netns.sh (7 hosts in network namespaces: 2 Redis shards, 2 servers, 2 workers, client; a partition by nft)"
 bash scripts/cluster-netns.sh "$CHAT" "$INTEROP_PYTHON"
 log "browser: two headless Chromium sessions chat through the example's page"
 "$INTEROP_PYTHON" Tests/browser/test_browser.py "$CHAT" "$ROOT/test-artifacts"
