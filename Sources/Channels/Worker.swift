@@ -40,9 +40,6 @@ public final class Worker: Service, Sendable {
     private let slots: Slots
     /// `consumerTimeout`'s watchdog.
     private let deadlines: ConsumerDeadlines?
-    /// Sockets whose consumer was cancelled at its timeout: the rest of their messages run in a
-    /// fresh task (the cancelled one stays cancelled), started by the receive loop.
-    private let resumedSockets = Mutex<[(socket: String, slotChannel: String)]>([])
 
     /// Consumers cancelled at `consumerTimeout` so far.
     public var consumersTimedOut: Int { deadlines?.timedOutCount ?? 0 }
@@ -156,13 +153,6 @@ public final class Worker: Service, Sendable {
                 var idleLooked: (channels: [String], at: ContinuousClock.Instant)?
                 var reservedPause = Duration.milliseconds(20)
                 while !Task.isCancelled {
-                    let resumed: [(socket: String, slotChannel: String)] = resumedSockets.withLock { sockets in
-                        defer { sockets = [] }
-                        return sockets
-                    }
-                    for chain in resumed {
-                        group.addTask { await self.runSocket(chain.socket, first: nil, slotChannel: chain.slotChannel) }
-                    }
                     let mode = stopping.load(ordering: .relaxed)
                     if mode == Stop.stopTaking.rawValue { break }
                     let draining = mode == Stop.finishQueued.rawValue
@@ -330,10 +320,10 @@ public final class Worker: Service, Sendable {
                 // A consumer that ignored its cancellation had its slot given back meanwhile:
                 // the chain takes one again for the socket's next messages.
                 if !lease.keep() { slots.retake(slotChannel) }
-                // This task is cancelled for good: the socket's next messages run in a fresh one
-                // (the slot goes with them), started by the receive loop.
-                resumedSockets.withLock { $0.append((socket, slotChannel)) }
-                wake()
+                // This task is cancelled for good: the socket's next messages run in a fresh,
+                // uncancelled one (the slot goes with them), which this one waits for, so the
+                // worker's task group (and a drain at shutdown) still waits for them too.
+                await Task { await self.runSocket(socket, first: nil, slotChannel: slotChannel) }.value
                 return
             }
             next = mailboxes.next(for: socket)

@@ -229,4 +229,37 @@ struct WorkerFairnessTests {
         worker.stop()
         await running.value
     }
+
+    /// A worker told to finish what is queued and stop while a socket's consumer ignores its
+    /// cancellation (its slot given back): when that consumer returns at last, the socket's
+    /// queued frames (a `websocket.disconnect`, say) still run before the worker ends.
+    @Test func aDrainWaitsForTheFramesBehindAnAbandonedConsumer() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
+        let hung = Gate()
+        let hungLater = Log()
+        let worker = Worker(
+            router: try Router([
+                route(
+                    "websocket.receive",
+                    { context in
+                        let order = context.message["order"]?.intValue ?? 0
+                        if order == 1 { await hung.wait() } else { await hungLater.add("\(order)") }
+                    })
+            ]), layer: layer, concurrency: 1, consumerTimeout: .milliseconds(200), abandonAfter: .milliseconds(200))
+        let running = Task { await worker.run() }
+        for order in 1...3 {
+            try await layer.send(["reply_channel": "hung!", "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        var waited = 0
+        while worker.consumersAbandoned < 1, waited < 500 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(worker.consumersAbandoned == 1)
+        worker.finishQueuedThenStop()
+        try await Task.sleep(for: .milliseconds(300))
+        hung.open()
+        await running.value
+        #expect(await hungLater.entries == ["2", "3"], "the frames queued behind the abandoned consumer did not run")
+    }
 }
