@@ -87,17 +87,36 @@ extension WebSocketSession {
         let bound = NIOLoopBound(self, eventLoop: self.channel.eventLoop)
         let loop = self.channel.eventLoop
         Task {
-            let result: Result<HistorySlice, any Error>
-            do {
-                guard let history = layer as? any ChannelLayerHistory else {
-                    throw ChannelLayerError(.invalidConfiguration, "this channel layer keeps no history")
-                }
-                try await layer.groupAdd(group, channel: channel)
-                result = .success(try await history.historyRead(group, after: after, retention: retention))
-            } catch {
-                result = .failure(error)
-            }
+            let result = await WebSocketSession.readForRecovery(layer, group: group, channel: channel, after: after, retention: retention)
             loop.execute { bound.value.recovered(group, after: after, fresh: fresh, result) }
+        }
+    }
+
+    /// How long a recovery read keeps retrying a layer it cannot reach.
+    static let recoveryPatience = Duration.seconds(10)
+
+    /// Joins `group` and reads its history after `after`. A layer that cannot be reached for a
+    /// moment (a partition that just healed, a Redis restarting) is retried for up to
+    /// `recoveryPatience` before the socket is told its recovery is incomplete.
+    static func readForRecovery(
+        _ layer: any ChannelLayer, group: String, channel: String, after: StreamPosition?, retention: HistoryRetention
+    ) async -> Result<HistorySlice, any Error> {
+        guard let history = layer as? any ChannelLayerHistory else {
+            return .failure(ChannelLayerError(.invalidConfiguration, "this channel layer keeps no history"))
+        }
+        let giveUp = ContinuousClock.now + recoveryPatience
+        var failures = 0
+        while true {
+            do {
+                try await layer.groupAdd(group, channel: channel)
+                return .success(try await history.historyRead(group, after: after, retention: retention))
+            } catch let error as ChannelLayerError where ChannelLayerError.isTransient(error) {
+                failures += 1
+                let pause = Retry.backoff(after: failures)
+                guard ContinuousClock.now + pause < giveUp, (try? await Task.sleep(for: pause)) != nil else { return .failure(error) }
+            } catch {
+                return .failure(error)
+            }
         }
     }
 
