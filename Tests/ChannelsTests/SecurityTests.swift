@@ -288,8 +288,10 @@ struct SecurityTests {
         let results = await withTaskGroup(of: Bool?.self) { group in
             for _ in 0..<total {
                 group.addTask {
-                    do { return try await PasswordHasher.verify("pw", against: nil, iterations: 200_000) } catch is PasswordHasher.Busy {
-                        return nil
+                    do { return try await PasswordHasher.verify("pw", against: nil, iterations: 200_000) } catch let refusal
+                        as PasswordHasher.Busy
+                    {
+                        return refusal.retryAfter >= 1 ? nil : false
                     } catch { return false }
                 }
             }
@@ -298,6 +300,17 @@ struct SecurityTests {
         let busy = results.filter { $0 == nil }.count
         #expect(busy >= 6 && busy < total, "\(busy) of \(total) refused as busy")
         #expect(results.allSatisfy { $0 != true }, "an unknown user never verifies")
+    }
+
+    @Test func aRefusalsRetryAfterCoversTheQueueAndIsSpreadAtRandom() {
+        // 8 hashes queued at 500 ms each: the pool needs 4 s / threads to drain them; the client
+        // is told that much, plus up to as much again at random, so a refused burst comes back spread.
+        let drain = 8 * 0.5 / Double(PasswordHasher.threads)
+        #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 500_000, random: 0) == Int(drain.rounded(.up)))
+        #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 500_000, random: 0.99) == Int((drain * 1.99).rounded(.up)))
+        // Never less than a second, even before any hash was timed.
+        #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 0, random: 0) == 1)
+        #expect(PasswordHasher.retryAfter(queued: 0, averageMicroseconds: 200_000, random: 0.5) == 1)
     }
 
     @Test func csrfOverHTTPSRefusesInsecureOrigins() async throws {

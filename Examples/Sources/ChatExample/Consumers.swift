@@ -141,15 +141,18 @@ enum ChatConsumers {
     static func verifyPassword(_ context: ConsumerContext, _ password: String, against hash: String?) async throws -> Bool? {
         do {
             return try await PasswordHasher.verify(password, against: hash, iterations: passwordIterations)
-        } catch is PasswordHasher.Busy {
-            try await busy(context)
+        } catch let refusal as PasswordHasher.Busy {
+            try await busy(context, retryAfter: refusal.retryAfter)
             return nil
         }
     }
 
-    static func busy(_ context: ConsumerContext) async throws {
+    /// 503 with the hashing pool's `Retry-After` (spread at random, so refused clients do not
+    /// all come back at once).
+    static func busy(_ context: ConsumerContext, retryAfter: Int) async throws {
         try await context.respond(
-            status: 503, contentType: "application/json", headers: [("Retry-After", "1")], json(["error": "busy; try again in a second"]))
+            status: 503, contentType: "application/json", headers: [("Retry-After", String(retryAfter))],
+            json(["error": "busy; try again in \(retryAfter) s"]))
     }
 
     /// `GET /api/csrf/`: a CSRF token for the page's POSTs (also set as the `csrftoken` cookie).
@@ -183,8 +186,8 @@ enum ChatConsumers {
         let hash: String
         do {
             hash = try await PasswordHasher.hash(password, iterations: passwordIterations)
-        } catch is PasswordHasher.Busy {
-            return try await busy(context)
+        } catch let refusal as PasswordHasher.Busy {
+            return try await busy(context, retryAfter: refusal.retryAfter)
         }
         guard let account = try await ChatDatabase.shared.createAccount(username: username, passwordHash: hash), let id = account.id
         else {

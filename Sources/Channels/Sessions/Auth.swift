@@ -182,21 +182,47 @@ public enum PasswordHasher {
     /// take every slot and stall every socket's messages behind it).
     public static let maxWaiting = threads * 4
 
-    /// Too many hashes are waiting: answer "try again" (503 with `Retry-After`).
+    /// Too many hashes are waiting: answer "try again" (503 with `Retry-After: retryAfter`).
     public struct Busy: Error, CustomStringConvertible, Sendable {
+        /// Seconds the client should wait before it tries again: the time the hashes already
+        /// queued take on the pool (from the recent hashes' average), plus up to as much again
+        /// at random, at least 1. The spread matters: clients refused in one burst and told the
+        /// same number come back in one burst, and a server spends its CPU on that herd of
+        /// refusals instead of on its sockets.
+        public let retryAfter: Int
         /// What to tell the client.
-        public var description: String { "password hashing is at capacity; try again in a second" }
+        public var description: String { "password hashing is at capacity; try again in \(retryAfter) s" }
     }
 
     private static let inFlight = Atomic<Int>(0)
+    /// The recent hashes' average duration, in microseconds (an exponential moving average).
+    private static let averageMicroseconds = Atomic<Int>(0)
+
+    /// The `Retry-After` for a refusal while `queued` hashes are in flight or waiting.
+    static func retryAfter(queued: Int, averageMicroseconds average: Int, random: Double) -> Int {
+        let drain = Double(queued) * Double(max(average, 1)) / 1_000_000 / Double(threads)
+        return max(1, Int((drain * (1 + random)).rounded(.up)))
+    }
 
     /// Runs `body` on the hashing pool, or throws ``Busy`` when too many wait already.
     private static func onPool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         let waiting = inFlight.wrappingAdd(1, ordering: .relaxed).newValue
         defer { inFlight.wrappingSubtract(1, ordering: .relaxed) }
-        guard waiting <= threads + maxWaiting else { throw Busy() }
+        guard waiting <= threads + maxWaiting else {
+            throw Busy(
+                retryAfter: retryAfter(
+                    queued: waiting - 1, averageMicroseconds: averageMicroseconds.load(ordering: .relaxed),
+                    random: Double.random(in: 0..<1)))
+        }
         return try await pool.runIfActive {
             lowerThisThreadsPriority()
+            let started = ContinuousClock.now
+            defer {
+                let took = ContinuousClock.now - started
+                let micros = Int(took.components.seconds) * 1_000_000 + Int(took.components.attoseconds / 1_000_000_000_000)
+                let previous = averageMicroseconds.load(ordering: .relaxed)
+                averageMicroseconds.store(previous == 0 ? micros : (previous * 7 + micros) / 8, ordering: .relaxed)
+            }
             return try body()
         }
     }
