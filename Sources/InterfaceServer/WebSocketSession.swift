@@ -90,7 +90,11 @@ final class WebSocketSession: ReplyReceiver {
     private var reading = true
 
     private func updateReading() {
-        let wanted = senderReading && !ratePaused
+        // Once our close frame is out, reading resumes whatever is held: the client's answer
+        // must be read for the close to complete (else the connection waits out the 5 s
+        // fallback), and its data frames from then on are dropped by the state machine, so
+        // nothing more reaches the sender.
+        let wanted = machine.closeFrameSent || (senderReading && !ratePaused)
         guard wanted != reading else { return }
         reading = wanted
         _ = channel.setOption(ChannelOptions.autoRead, value: wanted)
@@ -477,6 +481,7 @@ final class WebSocketSession: ReplyReceiver {
                 inHand.begin()
                 channel.closeFuture.whenComplete { _ in inHand.finish() }
                 context.writeAndFlush(NIOAny(frame), promise: nil)
+                updateReading()
                 channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
             }
         }

@@ -19,7 +19,11 @@ class Follower:
         # support.py (when loaded) hides the server's own frames from older tests; these want them.
         ws.server_frames = True
         self.frames = []
+        # When the server's close frame arrived and when the connection was closed (wall clock).
+        self.close_frame_at = None
+        self.closed_at = None
         self.task = asyncio.ensure_future(self.read())
+        self.watcher = asyncio.ensure_future(self.watch_close())
 
     async def read(self):
         try:
@@ -27,6 +31,18 @@ class Follower:
                 self.record(json.loads(frame))
         except websockets.ConnectionClosed:
             pass
+
+    async def watch_close(self):
+        # The library tells the close frame (close_rcvd) apart from the connection's end
+        # (close_code is set once TCP is closed) but has no callback for either.
+        while self.closed_at is None:
+            if self.close_frame_at is None and getattr(self.ws, "close_rcvd", None) is not None:
+                self.close_frame_at = time.time()
+            if self.ws.close_code is not None:
+                self.closed_at = time.time()
+                if self.close_frame_at is None and getattr(self.ws, "close_rcvd", None) is not None:
+                    self.close_frame_at = self.closed_at
+            await asyncio.sleep(0.02)
 
     def record(self, event):
         self.frames.append(event)
@@ -58,7 +74,7 @@ async def cut_off_and_recover(a, b, room, count, cut, heal, seconds, closed_with
     """`count` sockets on server `a` and on server `b` (bases "ws://host:port") follow `room`
     while a socket on `b` posts every 100 ms. `cut()` cuts `a` off from Redis for `seconds` of
     posting. `a`'s sockets must then be closed with 1012 within `closed_within` seconds (the
-    close completes when the client's answer is read or at the server's 5 s fallback); `heal()`
+    close completes when the server reads the client's answer, well before its 5 s fallback); `heal()`
     ends the cut, and they come back through `a` with their last position and recover every
     message, complete. `b`'s sockets must lose nothing. Every message is counted. Returns the
     number of messages sent."""
@@ -86,6 +102,13 @@ async def cut_off_and_recover(a, b, room, count, cut, heal, seconds, closed_with
         heal()
     codes = [f.ws.close_code for f in on_a]
     assert codes == [1012] * count, "A's sockets after %.0f s cut off: %s" % (seconds, codes)
+    # The client answers the server's close at once (it reads every frame); the server must
+    # read that answer and close, though the socket's own sends are still held by the cut (not
+    # wait out its 5 s fallback with reading paused).
+    await until(lambda: all(f.closed_at is not None for f in on_a), "A's close times", 5)
+    lags = [f.closed_at - f.close_frame_at for f in on_a if f.close_frame_at is not None]
+    assert len(lags) == count, "%d of A's sockets saw no close frame" % (count - len(lags))
+    assert max(lags) < 2.5, "A's sockets closed %.1f s (max) after the server's close frame: the answer was not read" % max(lags)
     back = []
     for f in on_a:
         last = f.messages()[-1]

@@ -157,6 +157,42 @@ def read_all(sock):
     return data
 
 
+def raw_websocket(port, path, timeout=30):
+    """A WebSocket handshake on a plain socket (for tests that write frames byte by byte)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % path).encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(1)
+        assert chunk, "the server closed during the handshake: %r" % response
+        response += chunk
+    assert b" 101 " in response, response
+    return sock
+
+
+def client_frame(opcode, data):
+    """A client's frame (masked with a zero key), for payloads under 126 bytes."""
+    assert len(data) < 126
+    return bytes([0x80 | opcode, 0x80 | len(data)]) + b"\x00\x00\x00\x00" + data
+
+
+def read_ws_frame(sock):
+    """The next (opcode, payload) from the server (unmasked frames under 126 bytes)."""
+    head = b""
+    while len(head) < 2:
+        chunk = sock.recv(2 - len(head))
+        assert chunk, "the server closed the TCP connection without a close frame"
+        head += chunk
+    length = head[1] & 0x7F
+    payload = b""
+    while len(payload) < length:
+        chunk = sock.recv(length - len(payload))
+        assert chunk, "the connection ended inside a frame"
+        payload += chunk
+    return head[0] & 0x0F, payload
+
+
 class TestTimedOut(Exception):
     pass
 

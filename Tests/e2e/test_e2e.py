@@ -872,35 +872,14 @@ def every_drop_reason_it_can_provoke_is_counted():
             # write, so the server reads all three before it stops reading (frames it never read
             # would not be its to count; with one send per frame a loaded machine split them).
             def frame(text):
-                data = text.encode()
-                return b"\x81" + bytes([0x80 | len(data)]) + b"\x00\x00\x00\x00" + data  # masked, zero key
+                return client_frame(1, text.encode())
 
-            def read_frame(sock):
-                head = b""
-                while len(head) < 2:
-                    chunk = sock.recv(2 - len(head))
-                    assert chunk, "the server closed the TCP connection without a close frame"
-                    head += chunk
-                length = head[1] & 0x7F
-                payload = b""
-                while len(payload) < length:
-                    chunk = sock.recv(length - len(payload))
-                    assert chunk, "the connection ended inside a frame"
-                    payload += chunk
-                return head[0] & 0x0F, payload
-
-            held = socket.create_connection(("127.0.0.1", port), timeout=30)
-            held.sendall(b"GET /echo/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-            response = b""
-            while b"\r\n\r\n" not in response:
-                response += held.recv(1)
-            assert b" 101 " in response, response
+            held = raw_websocket(port, "/echo/")
             held.sendall(frame("before"))
-            assert read_frame(held) == (1, b"before")
+            assert read_ws_frame(held) == (1, b"before")
             kill_redis(workdir)
             held.sendall(frame("held 0") + frame("held 1") + frame("held 2"))
-            opcode, payload = read_frame(held)
+            opcode, payload = read_ws_frame(held)
             assert opcode == 8, "a frame was echoed with Redis gone: %r" % payload
             assert int.from_bytes(payload[:2], "big") == 1011, payload
             held.sendall(b"\x88\x82\x00\x00\x00\x00" + payload[:2])  # the closing handshake's reply

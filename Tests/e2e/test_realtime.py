@@ -539,6 +539,37 @@ def a_server_cut_off_from_redis_closes_its_sockets_with_1012_and_they_recover_wh
 
 
 @test
+def a_socket_closed_while_its_sends_are_held_ends_when_the_client_answers():
+    """Redis is killed under a socket that keeps sending: its frames are held (reading pauses for
+    them) until --layer-outage-timeout (60 s), but the server is cut off first (--cut-off-timeout
+    3) and closes the socket with 1012 while they are still held. The client answers the close
+    at once; the server must read that answer and end the connection then, not wait out its 5 s
+    fallback with reading paused; a data frame after the answer is dropped, not echoed."""
+    with own_redis() as (rport, workdir, url):
+        proc, port = server("--layer", url, "--cut-off-timeout", "3", "--layer-outage-timeout", "60")
+        try:
+            sock = raw_websocket(port, "/echo/")
+            sock.sendall(client_frame(1, b"before"))
+            assert read_ws_frame(sock) == (1, b"before")
+            kill_redis(workdir)
+            sock.sendall(client_frame(1, b"held 0") + client_frame(1, b"held 1"))
+            opcode, payload = read_ws_frame(sock)
+            assert (opcode, int.from_bytes(payload[:2], "big")) == (8, 1012), (opcode, payload)
+            answered = time.time()
+            # The close's answer, then a data frame the server must drop (it is closing).
+            sock.sendall(client_frame(8, payload[:2]) + client_frame(1, b"after close"))
+            rest = read_all(sock)
+            took = time.time() - answered
+            assert rest == b"", "the server wrote after its close frame: %r" % rest
+            assert took < 2.5, ("the connection ended %.1f s after the client answered the close (the server's "
+                                "5 s fallback: the answer was not read while the socket's sends were held)" % took)
+            print("  closed with 1012 while 2 frames were held; ended %.2f s after the client's answer" % took,
+                  flush=True)
+        finally:
+            proc.stop(signal.SIGKILL)
+
+
+@test
 def an_application_service_runs_and_stops_with_the_worker():
     """The example's RoomCensus (ChannelsApplication.services): started with runworker's
     service group, stopped at its graceful shutdown, and the process exits 0 promptly."""
