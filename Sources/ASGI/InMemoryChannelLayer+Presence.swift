@@ -1,9 +1,19 @@
+import Foundation
 import Synchronization
 
 /// One group's presence in memory.
 struct InMemoryPresence {
     var connections: [String: (user: String, meta: String, expires: ContinuousClock.Instant)] = [:]
     var counts: [String: Int] = [:]
+    /// The version of the group's last change (``PresenceVersion``). A group nobody is in is
+    /// forgotten, version included: its next change takes the clock's, above every earlier one.
+    var version: Int64 = 0
+
+    /// A change was made: the group's next version.
+    mutating func advance() -> Int64 {
+        version = PresenceVersion.next(after: version)
+        return version
+    }
 
     /// Removes a connection; the user when it was their last.
     mutating func remove(_ connection: String) -> String? {
@@ -20,7 +30,9 @@ struct InMemoryPresence {
 
 extension InMemoryChannelLayer: ChannelLayerPresence {
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
+        -> PresenceChange
+    {
         try ChannelNames.validateGroup(group)
         let expires = ContinuousClock.now + ttl
         return presence.withLock { all in
@@ -29,23 +41,24 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
             if let old = entry.connections[connection], old.user != user { _ = entry.remove(connection) }
             if entry.connections[connection] == nil { entry.counts[user, default: 0] += 1 }
             entry.connections[connection] = (user, meta, expires)
-            return entry.counts[user] == 1
+            return PresenceChange(changed: entry.counts[user] == 1, version: entry.advance())
         }
     }
 
     /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
         try ChannelNames.validateGroup(group)
         return presence.withLock { all in
-            guard var entry = all[group] else { return true }
+            var entry = all[group] ?? InMemoryPresence()
             _ = entry.remove(connection)
+            let version = entry.advance()
             all[group] = entry.connections.isEmpty ? nil : entry
-            return entry.counts[user] == nil
+            return PresenceChange(changed: entry.counts[user] == nil, version: version)
         }
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
         let expires = ContinuousClock.now + ttl
         return presence.withLock { all in
             var entry = all[group] ?? InMemoryPresence()
@@ -57,13 +70,14 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
                 }
                 entry.connections[c.connection] = (c.user, c.meta, expires)
             }
+            let version = back.isEmpty ? entry.version : entry.advance()
             all[group] = entry.connections.isEmpty ? nil : entry
-            return back
+            return PresenceRenewal(back: back, version: version)
         }
     }
 
-    /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
-    public func presenceList(_ group: String) async throws -> [PresenceMember] {
+    /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
+    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
         return presence.withLock { all in
@@ -71,7 +85,9 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
             for entry in (all[group]?.connections.values).map(Array.init) ?? [] where entry.expires > now {
                 members[entry.user, default: PresenceMember(user: entry.user, connections: 0, meta: entry.meta)].connections += 1
             }
-            return members.values.sorted { $0.user < $1.user }
+            return PresenceSnapshot(
+                members: members.values.sorted { $0.user < $1.user },
+                version: all[group]?.version ?? 0)
         }
     }
 
@@ -85,8 +101,14 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
                 let expired = entry.connections.filter { $0.value.expires <= now }.map(\.key).sorted()
                 guard !expired.isEmpty else { continue }
                 let leaves = expired.compactMap { entry.remove($0) }
+                let version = entry.advance()
                 all[group] = entry.connections.isEmpty ? nil : entry
-                if !leaves.isEmpty { diffs.append(PresenceDiff(group: group, leaves: leaves.sorted())) }
+                if !leaves.isEmpty {
+                    diffs.append(
+                        PresenceDiff(
+                            group: group, leaves: leaves.sorted(),
+                            versions: Dictionary(leaves.map { ($0, version) }, uniquingKeysWith: max)))
+                }
             }
             return diffs
         }

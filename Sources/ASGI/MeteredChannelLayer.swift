@@ -160,23 +160,24 @@ extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
     }
 
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> PresenceChange
+    {
         try await presence().presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
     }
 
     /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
         try await presence().presenceLeave(group, connection: connection, user: user)
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
         try await presence().presenceRefresh(group, connections: connections, ttl: ttl)
     }
 
-    /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
-    public func presenceList(_ group: String) async throws -> [PresenceMember] {
-        try await presence().presenceList(group)
+    /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
+    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
+        try await presence().presenceSnapshot(group)
     }
 
     /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.

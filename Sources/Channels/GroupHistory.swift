@@ -82,7 +82,9 @@ extension Group {
 
 /// Who is in a group, Phoenix-style: sockets tracked under a user (a user with three sockets is
 /// one member with three connections), with join and leave diffs sent to the group's members
-/// (`{"type":"presence_diff","joins":[…],"leaves":[…]}`). A socket's presence is kept by its
+/// (`{"type":"presence_diff","joins":[…],"leaves":[…],"versions":{…}}`: a user's change is newer
+/// than another of that user when its version is higher, whichever server sent it and whenever it
+/// arrives). A socket's presence is kept by its
 /// interface server while it is open and ends when it closes; when a server dies, its sockets
 /// leave within the presence TTL (`--presence-ttl`, 15 s) and a third of it.
 public struct Presence: Sendable, Hashable {
@@ -93,7 +95,7 @@ public struct Presence: Sendable, Hashable {
     public init(_ group: String) { self.group = group }
 
     /// Tracks the socket of the running consumer as `user` (with `meta`, a JSON object's text):
-    /// the socket receives `{"type":"presence","users":[…]}`, and the group a diff when the user
+    /// the socket receives `{"type":"presence","users":[…],"version":N}`, and the group a diff when the user
     /// is new there. Call it from a WebSocket consumer.
     public func track(user: String, meta: String = "{}") async throws {
         guard let context = ConsumerContext.current else {

@@ -56,6 +56,10 @@ struct RunServer: ApplicationSubcommand {
         help: "Seconds a socket's presence lasts unless its server renews it (every third): a dead server's sockets leave within 4/3 of it."
     )
     var presenceTTL = 15.0
+    @Option(
+        name: .long,
+        help: "Seconds a server gathers its sockets' presence changes before it tells a group (one diff per group per moment).")
+    var presenceWindow = 0.25
     @Option(name: .long, help: "root_path sent to the application.") var rootPath = ""
     @Flag(name: .long, help: "Trust X-Forwarded-For / X-Forwarded-Proto.") var proxyHeaders = false
     @Option(name: .long, help: "WebSocket subprotocol to offer.") var wsProtocol: [String] = []
@@ -156,6 +160,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.pingInterval = pingInterval > 0 ? Duration(secondsValue: pingInterval) : nil
         configuration.pingTimeout = Duration(secondsValue: pingTimeout)
         configuration.presenceTTL = Duration(secondsValue: max(0.3, presenceTTL))
+        configuration.presenceWindow = Duration(secondsValue: min(10, max(0, presenceWindow)))
         configuration.rootPath = rootPath
         configuration.proxyHeaders = proxyHeaders
         configuration.websocketProtocols = wsProtocol

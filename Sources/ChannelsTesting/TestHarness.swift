@@ -151,23 +151,25 @@ extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
+        -> PresenceChange
+    {
         try await metered.presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
         try await metered.presenceLeave(group, connection: connection, user: user)
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
         try await metered.presenceRefresh(group, connections: connections, ttl: ttl)
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
-    public func presenceList(_ group: String) async throws -> [PresenceMember] {
-        try await metered.presenceList(group)
+    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
+        try await metered.presenceSnapshot(group)
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).

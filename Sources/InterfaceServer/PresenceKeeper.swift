@@ -28,13 +28,14 @@ final class PresenceRegistry: Sendable {
 /// Presence changes of this server's sockets, gathered for a moment and told to each group as
 /// one diff: a thousand sockets joining a room within a second are a few diffs to its members,
 /// not a thousand (each to a thousand sockets). Each user is told in its last state of the
-/// moment (a join then a leave is a leave), never left out: a diff that says what a client
-/// already knows is harmless, one that is missing leaves a ghost. The moments' diffs are sent in
-/// order, one moment after the other.
+/// moment (the change with the highest version: a join then a leave is a leave), never left
+/// out: a diff that says what a client already knows is harmless, one that is missing leaves a
+/// ghost. The moments' diffs are sent in order, one moment after the other; across servers
+/// the versions put them in order (a client applies a user's change only when it is newer).
 final class PresenceDiffBatcher: Sendable {
     private struct State {
-        /// Per group, each user's last change (true: joined).
-        var last: [String: [String: Bool]] = [:]
+        /// Per group, each user's last change (true: joined) and its version.
+        var last: [String: [String: (joined: Bool, version: Int64)]] = [:]
         var scheduled = false
         /// The previous moment's sending, which the next one waits for.
         var sending: Task<Void, Never>?
@@ -47,9 +48,15 @@ final class PresenceDiffBatcher: Sendable {
 
     /// Adds a join (or a leave) of `user` in `group`; the first change of a moment schedules the
     /// send of the diffs when the moment is over.
-    func add(_ group: String, user: String, joined: Bool, send: @escaping @Sendable ([PresenceDiff]) async -> Void) {
+    func add(
+        _ group: String, user: String, joined: Bool, version: Int64, send: @escaping @Sendable ([PresenceDiff]) async -> Void
+    ) {
         state.withLock { state in
-            state.last[group, default: [:]][user] = joined
+            if let known = state.last[group]?[user], known.version > version {
+                // A later change of this user is already here (calls can finish out of order).
+            } else {
+                state.last[group, default: [:]][user] = (joined, version)
+            }
             guard !state.scheduled else { return }
             state.scheduled = true
             let previous = state.sending
@@ -75,8 +82,9 @@ final class PresenceDiffBatcher: Sendable {
         return last.keys.sorted().map { group in
             let changes = last[group]!
             return PresenceDiff(
-                group: group, joins: changes.filter { $0.value }.map(\.key).sorted(),
-                leaves: changes.filter { !$0.value }.map(\.key).sorted())
+                group: group, joins: changes.filter { $0.value.joined }.map(\.key).sorted(),
+                leaves: changes.filter { !$0.value.joined }.map(\.key).sorted(),
+                versions: changes.mapValues(\.version))
         }
     }
 }
@@ -100,13 +108,16 @@ struct PresenceKeeper {
             do {
                 for (group, connections) in server.presence.snapshot {
                     // Swept while this server stalled past the TTL: tracked again, and said so.
-                    let back = try await presence.presenceRefresh(group, connections: connections, ttl: ttl)
-                    for connection in back {
+                    let renewal = try await presence.presenceRefresh(group, connections: connections, ttl: ttl)
+                    for connection in renewal.back {
                         if server.presence.isTracked(connection.connection, in: group) {
-                            server.tellPresence(group, user: connection.user, joined: true)
-                        } else if try await presence.presenceLeave(group, connection: connection.connection, user: connection.user) {
+                            server.tellPresence(group, user: connection.user, joined: true, version: renewal.version)
+                        } else {
                             // It left while this renewal was on its way (and was put back by it): out again.
-                            server.tellPresence(group, user: connection.user, joined: false)
+                            let change = try await presence.presenceLeave(group, connection: connection.connection, user: connection.user)
+                            if change.changed {
+                                server.tellPresence(group, user: connection.user, joined: false, version: change.version)
+                            }
                         }
                     }
                 }

@@ -60,6 +60,9 @@ public struct ServerConfiguration: Sendable {
     /// How long a socket's presence lasts unless its server renews it (every third of it): a
     /// server that dies has its sockets leave within this plus the sweep (also a third).
     public var presenceTTL: Duration = .seconds(15)
+    /// How long this server gathers its sockets' presence changes before it tells each group
+    /// one diff of them (a thousand sockets joining at once are a few diffs, not a thousand).
+    public var presenceWindow: Duration = .milliseconds(250)
     /// Largest request body; past it the answer is 413.
     public var maxBodySize: Int
     /// Bodies larger than this are sent in chunks of this size on a `body_channel`, as they

@@ -26,6 +26,7 @@ final class ServerContext: Sendable {
         self.allowedHosts = AllowedHosts(configuration.allowedHosts, origins: configuration.allowedOrigins)
         self.logger = logger
         self.accessLog = accessLog
+        self.presenceDiffs = PresenceDiffBatcher(window: configuration.presenceWindow)
     }
 
     let counters = ServerCounters()
@@ -33,13 +34,14 @@ final class ServerContext: Sendable {
     let presence = PresenceRegistry()
     /// Followed groups' history tops, shared by the sockets' tail checks.
     let historyTops = HistoryTops()
-    let presenceDiffs = PresenceDiffBatcher()
+    let presenceDiffs: PresenceDiffBatcher
 
-    /// Tells `group` (in a moment, with the other changes of the moment) that `user` joined or left.
-    func tellPresence(_ group: String, user: String, joined: Bool) {
+    /// Tells `group` (in a moment, with the other changes of the moment) that `user` joined or
+    /// left, with that change's presence version.
+    func tellPresence(_ group: String, user: String, joined: Bool, version: Int64) {
         let layer = self.layer
         let logger = self.logger
-        presenceDiffs.add(group, user: user, joined: joined) { diffs in
+        presenceDiffs.add(group, user: user, joined: joined, version: version) { diffs in
             for diff in diffs {
                 do {
                     try await layer.sendGroup(diff.group, message: ["text": .string(PresenceText.diff(diff))])

@@ -28,8 +28,8 @@ struct SessionSubscriptions {
 ///   `{"type":"position",…}`), then the live publications that came meanwhile, each once, in
 ///   offset order;
 /// - `{"presence": {"group", "user", "meta"}}`: tracks the socket as present (renewed while it
-///   is open, left when it closes), writes `{"type":"presence","users":[…]}` to it and sends a
-///   `presence_diff` to the group when the user is new there; `{"presence": {"group", "leave": true}}`
+///   is open, left when it closes), writes `{"type":"presence","users":[…],"version":N}` to it and
+///   sends a `presence_diff` (with each user's change's version) to the group when the user is new there; `{"presence": {"group", "leave": true}}`
 ///   stops.
 ///
 /// A publication (`websocket.send` with `publication: {group, offset, epoch}`) of a followed
@@ -275,16 +275,16 @@ extension WebSocketSession {
             await previous?.value
             // Retried until answered: a join whose outcome is unknown would never be told.
             guard
-                let joined = await WebSocketSession.retrying(
+                let change = await WebSocketSession.retrying(
                     "join", group: group, server: server,
                     {
                         try await presence.presenceJoin(
                             group, connection: connection.connection, user: user, meta: connection.meta, ttl: ttl)
                     })
             else { return }
-            if joined { server.tellPresence(group, user: user, joined: true) }
-            if let members = try? await presence.presenceList(group) {
-                loop.execute { bound.value.deliverText(PresenceText.list(members)) }
+            if change.changed { server.tellPresence(group, user: user, joined: true, version: change.version) }
+            if let snapshot = try? await presence.presenceSnapshot(group) {
+                loop.execute { bound.value.deliverText(PresenceText.list(snapshot.members, version: snapshot.version)) }
             }
         }
     }
@@ -298,10 +298,12 @@ extension WebSocketSession {
         let previous = subscriptions.presenceTasks.removeValue(forKey: group)
         Task {
             await previous?.value
-            let gone = await WebSocketSession.retrying("leave", group: group, server: server) {
+            let change = await WebSocketSession.retrying("leave", group: group, server: server) {
                 try await presence.presenceLeave(group, connection: connection.connection, user: connection.user)
             }
-            if gone == true { server.tellPresence(group, user: connection.user, joined: false) }
+            if let change, change.changed {
+                server.tellPresence(group, user: connection.user, joined: false, version: change.version)
+            }
         }
     }
 

@@ -10,6 +10,8 @@ import Foundation
 /// - `<prefix>presence-expiry:<group>`: sorted set, connection scored by its expiry (Unix time),
 ///   pushed forward by the connection's server every few seconds;
 /// - `<prefix>presence-users:<group>`: hash, user (or its HMAC) → connections;
+/// - `<prefix>presence-version:<group>`: string, the version of the group's last presence change
+///   (microseconds of Redis's clock, or one more than the last when that is not past it);
 /// - `<prefix>presence-groups`: sorted set of groups with presence (per shard), for the sweep.
 ///
 /// A connection past its expiry (its server stopped renewing it: it died) is not listed, and
@@ -19,7 +21,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         let p = configuration.prefix
         return [
             .text(p + "presence:" + group), .text(p + "presence-meta:" + group), .text(p + "presence-expiry:" + group),
-            .text(p + "presence-users:" + group),
+            .text(p + "presence-users:" + group), .text(p + "presence-version:" + group),
         ]
     }
 
@@ -51,7 +53,9 @@ extension RedisChannelLayer: ChannelLayerPresence {
     }
 
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> Bool {
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
+        -> PresenceChange
+    {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceJoin, keys: presenceKeys(group) + [presenceIndex],
@@ -61,22 +65,30 @@ extension RedisChannelLayer: ChannelLayerPresence {
                 .integer(configuration.groupExpiry),
             ])
         if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence join") }
-        return reply.countValue == 1
+        return try Self.presenceChange(reply, "presence join")
     }
 
     /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> Bool {
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
-            args: [.text(connection), .text(presenceUserField(user)), .text(group)])
+            args: [.text(connection), .text(presenceUserField(user)), .text(group), .integer(configuration.groupExpiry)])
         if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence leave") }
-        return reply.countValue == 1
+        return try Self.presenceChange(reply, "presence leave")
+    }
+
+    /// `{changed (0/1), version}` from a join or leave script.
+    private static func presenceChange(_ reply: RedisReply, _ what: String) throws -> PresenceChange {
+        guard let items = reply.array, items.count == 2, let changed = items[0].integer, let version = items[1].integer else {
+            throw ChannelLayerError(.backendError, "\(what): an unexpected reply from the script")
+        }
+        return PresenceChange(changed: changed == 1, version: version)
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> [PresenceConnection] {
-        guard !connections.isEmpty else { return [] }
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
+        guard !connections.isEmpty else { return PresenceRenewal(back: [], version: 0) }
         var args: [RedisArgument] = [
             .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpiry),
         ]
@@ -87,31 +99,35 @@ extension RedisChannelLayer: ChannelLayerPresence {
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceRefresh, keys: presenceKeys(group) + [presenceIndex], args: args)
         if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence refresh") }
-        let back = Set((reply.array ?? []).compactMap(\.text))
-        return connections.filter { back.contains($0.connection) }
+        // {version, connection tracked again, ...}
+        let items = reply.array ?? []
+        let back = Set(items.dropFirst().compactMap(\.text))
+        return PresenceRenewal(
+            back: connections.filter { back.contains($0.connection) }, version: items.first?.integer ?? 0)
     }
 
-    /// Who is present; see ``ChannelLayerPresence/presenceList(_:)``.
-    public func presenceList(_ group: String) async throws -> [PresenceMember] {
+    /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
+    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
             shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group), args: [.text(String(Self.unixTime()))])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence list: \(error)") }
+        // {version, user, meta, user, meta, ...}
         let items = reply.array ?? []
         var members: [String: PresenceMember] = [:]
-        var index = 0
+        var index = 1
         while index + 1 < items.count {
             if let field = items[index].text, let (user, meta) = presenceMember(field: field, value: items[index + 1].bytes ?? []) {
                 members[user, default: PresenceMember(user: user, connections: 0, meta: meta)].connections += 1
             }
             index += 2
         }
-        return members.values.sorted { $0.user < $1.user }
+        return PresenceSnapshot(members: members.values.sorted { $0.user < $1.user }, version: items.first?.integer ?? 0)
     }
 
     /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
     public func presenceSweep() async throws -> [PresenceDiff] {
-        var diffs: [String: [String]] = [:]
+        var diffs: [String: PresenceDiff] = [:]
         for shard in shards.indices {
             let reply = try await pipelined(
                 shard, Scripts.presenceSweep, keys: [presenceIndex],
@@ -119,17 +135,22 @@ extension RedisChannelLayer: ChannelLayerPresence {
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence sweep") }
             let items = reply.array ?? []
             var index = 0
-            // {group, user field, stored value} of each user whose last connection went.
-            while index + 2 < items.count {
+            // {group, user field, stored value, version} of each user whose last connection went.
+            while index + 3 < items.count {
                 if let group = items[index].text, let field = items[index + 1].text,
                     let (user, _) = presenceMember(field: field, value: items[index + 2].bytes ?? [])
                 {
-                    diffs[group, default: []].append(user)
+                    diffs[group, default: PresenceDiff(group: group)].leaves.append(user)
+                    diffs[group]!.versions[user] = max(diffs[group]!.versions[user] ?? 0, items[index + 3].integer ?? 0)
                 }
-                index += 3
+                index += 4
             }
         }
-        return diffs.keys.sorted().map { PresenceDiff(group: $0, leaves: diffs[$0]!.sorted()) }
+        return diffs.keys.sorted().map { group in
+            var diff = diffs[group]!
+            diff.leaves.sort()
+            return diff
+        }
     }
 }
 
@@ -139,15 +160,32 @@ extension Duration {
 }
 
 extension Scripts {
-    /// KEYS: connections, metas, expiry, users, the groups index. ARGV: connection, user, meta,
-    /// expiry time, group, key expiry. 1 when the user was not present before.
+    /// `advance(key, expiry)`: sets a group's presence version to the next one and returns it:
+    /// Redis's clock in microseconds, or one more than the last when the clock is not past it.
+    /// (Written with `%.0f`: Lua's `tostring` rounds a number this large.)
+    private static let presenceAdvance = """
+        if redis.replicate_commands then redis.replicate_commands() end
+        local function advance(key, expiry)
+            local t = redis.call('TIME')
+            local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+            local last = tonumber(redis.call('GET', key) or '0')
+            if v <= last then v = last + 1 end
+            redis.call('SET', key, string.format('%.0f', v), 'EX', expiry)
+            return v
+        end
+
+        """
+
+    /// KEYS: connections, metas, expiry, users, version, the groups index. ARGV: connection,
+    /// user, meta, expiry time, group, key expiry. {1 when the user was not present before, the
+    /// group's new version}.
     static let presenceJoin = LuaScript(
         name: "presenceJoin",
-        source: """
+        source: presenceAdvance + """
             local old = redis.call('HGET', KEYS[1], ARGV[1])
             redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
             redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-            redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+            redis.call('ZADD', KEYS[6], ARGV[4], ARGV[5])
             if old ~= ARGV[2] then
                 if old then
                     if redis.call('HINCRBY', KEYS[4], old, -1) <= 0 then redis.call('HDEL', KEYS[4], old) end
@@ -156,17 +194,18 @@ extension Scripts {
                 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
             end
             for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+            local version = advance(KEYS[5], ARGV[6])
             -- This connection is the user's only one: it joined (a retry says so again).
-            if tonumber(redis.call('HGET', KEYS[4], ARGV[2])) == 1 then return 1 end
-            return 0
+            if tonumber(redis.call('HGET', KEYS[4], ARGV[2])) == 1 then return {1, version} end
+            return {0, version}
             """)
 
-    /// KEYS: connections, metas, expiry, users, the groups index. ARGV: connection, user, group.
-    /// 1 when the user has no connection left (a retry says so again); an emptied group leaves
-    /// the index.
+    /// KEYS: connections, metas, expiry, users, version, the groups index. ARGV: connection,
+    /// user, group, key expiry. {1 when the user has no connection left (a retry says so
+    /// again), the group's new version}; an emptied group leaves the index.
     static let presenceLeave = LuaScript(
         name: "presenceLeave",
-        source: """
+        source: presenceAdvance + """
             local user = redis.call('HGET', KEYS[1], ARGV[1])
             if user then
                 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -174,17 +213,19 @@ extension Scripts {
                 redis.call('ZREM', KEYS[3], ARGV[1])
                 if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then redis.call('HDEL', KEYS[4], user) end
             end
-            if redis.call('HLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[5], ARGV[3]) end
-            if redis.call('HEXISTS', KEYS[4], ARGV[2]) == 0 then return 1 end
-            return 0
+            if redis.call('HLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[6], ARGV[3]) end
+            local version = advance(KEYS[5], ARGV[4])
+            if redis.call('HEXISTS', KEYS[4], ARGV[2]) == 0 then return {1, version} end
+            return {0, version}
             """)
 
-    /// KEYS: connections, metas, expiry, users, the groups index. ARGV: expiry time, group, key
-    /// expiry, then connection, user, meta for each. Renews each; one that was swept is tracked
-    /// again. The connections tracked again whose user was absent.
+    /// KEYS: connections, metas, expiry, users, version, the groups index. ARGV: expiry time,
+    /// group, key expiry, then connection, user, meta for each. Renews each; one that was swept
+    /// is tracked again. {the group's version (a new one when a user came back), the
+    /// connections tracked again whose user was absent...}.
     static let presenceRefresh = LuaScript(
         name: "presenceRefresh",
-        source: """
+        source: presenceAdvance + """
             local at = ARGV[1]
             local back = {}
             for i = 4, #ARGV, 3 do
@@ -195,18 +236,26 @@ extension Scripts {
                     if redis.call('HINCRBY', KEYS[4], user, 1) == 1 then back[#back + 1] = c end
                 end
             end
-            redis.call('ZADD', KEYS[5], at, ARGV[2])
+            redis.call('ZADD', KEYS[6], at, ARGV[2])
             for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+            local version
+            if #back > 0 then
+                version = advance(KEYS[5], ARGV[3])
+            else
+                version = tonumber(redis.call('GET', KEYS[5]) or '0')
+                if version > 0 then redis.call('EXPIRE', KEYS[5], ARGV[3]) end
+            end
+            table.insert(back, 1, version)
             return back
             """)
 
-    /// KEYS: connections, metas, expiry, users. ARGV: now. {user, meta, user, meta, ...} of
-    /// the connections not expired.
+    /// KEYS: connections, metas, expiry, users, version. ARGV: now. {the group's version, user,
+    /// meta, user, meta, ...} of the connections not expired.
     static let presenceList = LuaScript(
         name: "presenceList",
         source: """
             local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf')
-            local out = {}
+            local out = {tonumber(redis.call('GET', KEYS[5]) or '0')}
             -- In slices: unpack() takes a few thousand values at most.
             for first = 1, #live, 500 do
                 local last = math.min(first + 499, #live)
@@ -223,17 +272,21 @@ extension Scripts {
             """)
 
     /// KEYS: the groups index. ARGV: prefix, now, key expiry. Removes expired connections of
-    /// every group; {group, user field, stored value, ...} for each user whose last connection went.
+    /// every group; {group, user field, stored value, version, ...} for each user whose last
+    /// connection went (one new version per group that lost connections).
     static let presenceSweep = LuaScript(
         name: "presenceSweep",
-        source: """
+        source: presenceAdvance + """
             local prefix, now = ARGV[1], ARGV[2]
             redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - tonumber(ARGV[3]))
             local out = {}
             for _, group in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
                 local conns, metas = prefix .. 'presence:' .. group, prefix .. 'presence-meta:' .. group
                 local expiry, users = prefix .. 'presence-expiry:' .. group, prefix .. 'presence-users:' .. group
-                for _, c in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now)) do
+                local gone = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
+                local version = 0
+                if #gone > 0 then version = advance(prefix .. 'presence-version:' .. group, ARGV[3]) end
+                for _, c in ipairs(gone) do
                     local user = redis.call('HGET', conns, c)
                     local value = redis.call('HGET', metas, c) or ''
                     redis.call('HDEL', conns, c)
@@ -244,6 +297,7 @@ extension Scripts {
                         out[#out + 1] = group
                         out[#out + 1] = user
                         out[#out + 1] = value
+                        out[#out + 1] = version
                     end
                 end
                 if redis.call('HLEN', conns) == 0 then redis.call('ZREM', KEYS[1], group) end

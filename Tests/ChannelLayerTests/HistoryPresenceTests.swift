@@ -119,22 +119,29 @@ struct HistoryPresenceTests {
         try await withLayer(kind) { layer in
             let presence = try presence(layer)
             let ttl = Duration.seconds(30)
-            #expect(try await presence.presenceJoin("room", connection: "s!a", user: "alice", meta: "{\"k\":1}", ttl: ttl))
-            #expect(try await !presence.presenceJoin("room", connection: "s!b", user: "alice", meta: "{}", ttl: ttl))
-            #expect(try await !presence.presenceJoin("room", connection: "s!c", user: "alice", meta: "{}", ttl: ttl))
-            #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
+            #expect(try await presence.presenceJoin("room", connection: "s!a", user: "alice", meta: "{\"k\":1}", ttl: ttl).changed)
+            #expect(try await !presence.presenceJoin("room", connection: "s!b", user: "alice", meta: "{}", ttl: ttl).changed)
+            #expect(try await !presence.presenceJoin("room", connection: "s!c", user: "alice", meta: "{}", ttl: ttl).changed)
+            #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl).changed)
             // The same join again (a retry after an unknown outcome): not a second connection,
             // and it still says bob joined.
-            #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl))
+            #expect(try await presence.presenceJoin("room", connection: "s!d", user: "bob", meta: "{}", ttl: ttl).changed)
             let list = try await presence.presenceList("room")
             #expect(list.map(\.user) == ["alice", "bob"] && list.map(\.connections) == [3, 1])
-            #expect(try await !presence.presenceLeave("room", connection: "s!a", user: "alice"))
-            #expect(try await !presence.presenceLeave("room", connection: "s!b", user: "alice"))
-            #expect(try await presence.presenceLeave("room", connection: "s!c", user: "alice"))
+            #expect(try await !presence.presenceLeave("room", connection: "s!a", user: "alice").changed)
+            #expect(try await !presence.presenceLeave("room", connection: "s!b", user: "alice").changed)
+            #expect(try await presence.presenceLeave("room", connection: "s!c", user: "alice").changed)
             // A retried leave says so again.
-            #expect(try await presence.presenceLeave("room", connection: "s!c", user: "alice"))
+            #expect(try await presence.presenceLeave("room", connection: "s!c", user: "alice").changed)
             #expect(try await presence.presenceList("room").map(\.user) == ["bob"])
             #expect(try await presence.presenceList("elsewhere").isEmpty)
+            // Each change took a version above every earlier one; the list reads the last.
+            var versions: [Int64] = []
+            versions.append(try await presence.presenceJoin("v", connection: "s!1", user: "vic", meta: "{}", ttl: ttl).version)
+            versions.append(try await presence.presenceJoin("v", connection: "s!2", user: "vic", meta: "{}", ttl: ttl).version)
+            versions.append(try await presence.presenceLeave("v", connection: "s!1", user: "vic").version)
+            #expect(versions == versions.sorted() && Set(versions).count == 3, "\(versions)")
+            #expect(try await presence.presenceSnapshot("v").version == versions.last)
         }
     }
 
@@ -145,11 +152,18 @@ struct HistoryPresenceTests {
             let erin = PresenceConnection(connection: "stalled!1", user: "erin", meta: "{}")
             _ = try await presence.presenceJoin("r", connection: erin.connection, user: "erin", meta: "{}", ttl: .milliseconds(300))
             try await Task.sleep(for: .milliseconds(500))
-            #expect(try await presence.presenceSweep() == [PresenceDiff(group: "r", leaves: ["erin"])])
-            #expect(try await presence.presenceRefresh("r", connections: [erin], ttl: .seconds(30)) == [erin])
+            let swept = try await presence.presenceSweep()
+            #expect(
+                swept.map { PresenceDiff(group: $0.group, joins: $0.joins, leaves: $0.leaves) } == [
+                    PresenceDiff(group: "r", leaves: ["erin"])
+                ])
+            let leftAt = try #require(swept.first?.versions["erin"])
+            let renewal = try await presence.presenceRefresh("r", connections: [erin], ttl: .seconds(30))
+            #expect(renewal.back == [erin] && renewal.version > leftAt)
             #expect(try await presence.presenceList("r").map(\.user) == ["erin"])
-            // A renewal of a connection that is there says nothing.
-            #expect(try await presence.presenceRefresh("r", connections: [erin], ttl: .seconds(30)).isEmpty)
+            // A renewal of a connection that is there says nothing, and changes no version.
+            let again = try await presence.presenceRefresh("r", connections: [erin], ttl: .seconds(30))
+            #expect(again.back.isEmpty && again.version == renewal.version)
         }
     }
 
@@ -164,7 +178,7 @@ struct HistoryPresenceTests {
                 try? await layer.flush(); await layer.close()
             }
         }
-        #expect(try await layer.presenceJoin("sec", connection: "s!1", user: "zelda-secret", meta: "{\"m\":1}", ttl: .seconds(60)))
+        #expect(try await layer.presenceJoin("sec", connection: "s!1", user: "zelda-secret", meta: "{\"m\":1}", ttl: .seconds(60)).changed)
         _ = try await layer.presenceJoin("sec", connection: "s!2", user: "yann-secret", meta: "{}", ttl: .milliseconds(300))
         let raw = try HiredisConnection(endpoint: configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
         for kind in ["presence:", "presence-meta:", "presence-users:"] {
@@ -176,7 +190,8 @@ struct HistoryPresenceTests {
         let list = try await layer.presenceList("sec")
         #expect(list == [PresenceMember(user: "zelda-secret", connections: 1, meta: "{\"m\":1}")])
         let diffs = try await layer.presenceSweep()
-        #expect(diffs.contains(PresenceDiff(group: "sec", leaves: ["yann-secret"])))
+        #expect(
+            diffs.contains { $0.group == "sec" && $0.leaves == ["yann-secret"] && $0.joins.isEmpty && $0.versions["yann-secret"] != nil })
     }
 
     @Test("presence: a list of 9,000 connections (past Lua's unpack limit of 8,000)", arguments: LayerKind.allCases)
@@ -214,7 +229,11 @@ struct HistoryPresenceTests {
             // Expired: not listed even before a sweep.
             #expect(try await presence.presenceList("x").map(\.user) == ["dave"])
             let diffs = try await presence.presenceSweep()
-            #expect(diffs == [PresenceDiff(group: "x", leaves: ["carol"]), PresenceDiff(group: "y", leaves: ["carol"])])
+            #expect(
+                diffs.map { PresenceDiff(group: $0.group, joins: $0.joins, leaves: $0.leaves) } == [
+                    PresenceDiff(group: "x", leaves: ["carol"]), PresenceDiff(group: "y", leaves: ["carol"]),
+                ])
+            #expect(diffs.allSatisfy { $0.versions.keys.sorted() == ["carol"] })
             #expect(try await presence.presenceSweep().isEmpty)
             #expect(try await presence.presenceList("y").isEmpty)
         }

@@ -22,11 +22,13 @@ PRESENCE_TTL = 3.0
 
 
 class Watcher(Follower):
-    """A room socket that keeps every frame: the presence it sees (list + diffs) and the
-    room's messages with their offsets."""
+    """A room socket that keeps every frame: the presence it sees (list + diffs, a user's
+    change applied only when its version is above the last applied, as the JS client does) and
+    the room's messages with their offsets. `naive` applies the diffs as they come."""
 
     def __init__(self, ws):
         self.users = None
+        self.naive = None
         super().__init__(ws)
 
     def record(self, event):
@@ -34,9 +36,18 @@ class Watcher(Follower):
         kind = event.get("type")
         if kind == "presence":
             self.users = set(event["users"])
+            self.naive = set(event["users"])
+            self.list_version = event["version"]
+            self.versions = {}
         elif kind == "presence_diff" and self.users is not None:
-            self.users |= set(event["joins"])
-            self.users -= set(event["leaves"])
+            self.naive |= set(event["joins"])
+            self.naive -= set(event["leaves"])
+            for users, present in ((event["joins"], True), (event["leaves"], False)):
+                for user in users:
+                    version = event["versions"][user]
+                    if version > self.versions.get(user, self.list_version):
+                        self.versions[user] = version
+                        (self.users.add if present else self.users.discard)(user)
 
 
 async def connect(port, room, query=""):
@@ -536,6 +547,62 @@ def a_server_cut_off_from_redis_closes_its_sockets_with_1012_and_they_recover_wh
                     if p.p.poll() is None:
                         p.stop(signal.SIGKILL)
         asyncio.run(run())
+
+
+@test
+def one_users_presence_changes_arriving_out_of_order_from_two_servers_are_ordered_by_version():
+    """alice's socket on server A closes (she leaves) and she opens one on server B (she joins
+    again), while B is already gathering a diff (a guest joined there just before): B tells the
+    room her join before A tells it her leave, the reverse of what happened. The diffs' versions
+    put them back in order: a client that applies a user's change only when it is newer (the
+    JS client, and Watcher here) shows alice present, as she is; one that applies them as they
+    come shows her gone. Servers gather for --presence-window 2 s, so the order of the two
+    diffs does not depend on the machine's speed."""
+    prefix = "ord%d:" % time.time_ns()
+    procs, workers = stack(redis_url(prefix), 2, 1, "--presence-window", "2")
+    try:
+        a, b = procs[0][1], procs[1][1]
+        _, _, cookie = login(a, "alice_order", "secret-order")
+        room = "order%d" % os.getpid()
+
+        async def as_alice(port):
+            ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (port, room), max_queue=None, open_timeout=30,
+                                          ping_interval=None, extra_headers={"Cookie": "sessionid=" + cookie})
+            return Watcher(ws)
+
+        def about_alice(watcher):
+            return [f for f in watcher.frames if f.get("type") == "presence_diff"
+                    and "alice_order" in f["joins"] + f["leaves"]]
+
+        async def run():
+            watcher = await connect(a, room)
+            first = await as_alice(a)
+            await wait_for(lambda: watcher.users is not None and "alice_order" in watcher.users, "alice present", 15)
+            before = len(about_alice(watcher))
+            guest = await connect(b, room)  # B's moment starts
+            await asyncio.sleep(0.3)
+            await first.ws.close()  # A's moment starts with her leave
+            await wait_for(lambda: first.closed_at is not None, "her first socket to close", 10)
+            await asyncio.sleep(0.3)
+            second = await as_alice(b)  # her join, inside B's moment
+            await wait_for(lambda: len(about_alice(watcher)) >= before + 2, "both diffs about alice", 15)
+            join, leave = about_alice(watcher)[before:before + 2]
+            assert "alice_order" in join["joins"] and "alice_order" in leave["leaves"], (
+                "the diffs arrived in the order they happened (the test did not make them cross): %s" % about_alice(watcher))
+            assert join["versions"]["alice_order"] > leave["versions"]["alice_order"], (join, leave)
+            assert "alice_order" not in watcher.naive, "applied as they came, alice should look gone"
+            assert "alice_order" in watcher.users, "ordered by version, alice is present: %s" % watcher.users
+            late = await connect(a, room)
+            await wait_for(lambda: late.users is not None, "a new socket's list", 15)
+            assert "alice_order" in late.users, late.users
+            print("  B told alice's join (version %d) before A told her leave (version %d); by version she is "
+                  "present, as a new socket's list says" % (join["versions"]["alice_order"],
+                                                            leave["versions"]["alice_order"]), flush=True)
+            for w in (watcher, guest, second, late):
+                await w.ws.close()
+        asyncio.run(run())
+    finally:
+        stop(procs, workers)
 
 
 @test

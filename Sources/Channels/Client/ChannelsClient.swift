@@ -41,6 +41,8 @@ public enum ChannelsClient {
               this.path = path;
               this.position = null;         // {offset, epoch} of the last publication seen
               this.users = new Set();       // present users of the followed group
+              this.presenceVersion = 0;     // the version of the last presence list
+              this.userVersions = new Map(); // user -> version of the last change applied since
               this.attempt = 0;
               this.state = "connecting";
               this.socket = null;
@@ -109,13 +111,28 @@ public enum ChannelsClient {
                   return;
                 case "presence":
                   this.users = new Set(data.users);
+                  // Diffs up to the list's version are in it; later ones are kept per user.
+                  this.presenceVersion = data.version || 0;
+                  this.userVersions = new Map();
                   this.presenceChanged();
                   return;
-                case "presence_diff":
-                  for (const u of data.joins) this.users.add(u);
-                  for (const u of data.leaves) this.users.delete(u);
+                case "presence_diff": {
+                  // Diffs from different servers can arrive out of order: a user's change is
+                  // applied only when its version is above the last one applied for that user.
+                  const versions = data.versions || {};
+                  const newer = (u) => {
+                    const v = versions[u];
+                    if (typeof v !== "number") return true;  // an older server: no versions
+                    const last = this.userVersions.has(u) ? this.userVersions.get(u) : this.presenceVersion;
+                    if (v <= last) return false;
+                    this.userVersions.set(u, v);
+                    return true;
+                  };
+                  for (const u of data.joins) if (newer(u)) this.users.add(u);
+                  for (const u of data.leaves) if (newer(u)) this.users.delete(u);
                   this.presenceChanged();
                   return;
+                }
               }
               if (data && data.stream !== undefined && data.payload !== undefined) {
                 this.emit("stream:" + data.stream, data.payload);
