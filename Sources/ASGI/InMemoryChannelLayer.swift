@@ -38,7 +38,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
-    private struct Entry {
+    struct Entry {
         var channel: String
         /// More members of a bundled group send on the same process channel, handed out
         /// one by one after `channel`; the entry counts once against the capacity.
@@ -48,18 +48,18 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         var expiresAt: ContinuousClock.Instant
     }
 
-    private struct Waiter {
+    struct Waiter {
         var keys: [String]
         var continuation: CheckedContinuation<ReceivedMessage?, Never>
         var timer: Task<Void, Never>?
     }
 
-    private struct Counters {
+    struct Counters {
         var messages = 0
         var full = 0
     }
 
-    private struct State {
+    struct State {
         var queues: [String: Deque<Entry>] = [:]
         var groups: [String: [String: ContinuousClock.Instant]] = [:]
         var waiters: [UInt64: Waiter] = [:]
@@ -117,12 +117,12 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     /// Its expiry, capacity and size limits.
     public let configuration: Configuration
     private let capacities: CapacityTable
-    private let state = Mutex(State())
+    let state = Mutex(State())
     /// Group histories (see ``ChannelLayerHistory``), apart from the queues' lock.
     let histories = Mutex(InMemoryHistories())
     /// Group presence (see ``ChannelLayerPresence``).
     let presence = Mutex([String: InMemoryPresence]())
-    private let membersMissed = Atomic<Int>(0)
+    let membersMissed = Atomic<Int>(0)
 
     /// An empty layer.
     public init(configuration: Configuration = .init()) {
@@ -132,7 +132,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
             patterns: configuration.channelCapacities)
     }
 
-    private static let closedError = ChannelLayerError(.closed, "the in-memory layer is closed")
+    static let closedError = ChannelLayerError(.closed, "the in-memory layer is closed")
 
     /// Queues `message` on `channel`; throws `channelFull` at capacity and `messageTooLarge` over
     /// the size limit.
@@ -141,7 +141,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         try sendValidated(message, to: channel)
     }
 
-    private func sendValidated(_ message: Message, to channel: String, more: ArraySlice<String> = []) throws {
+    func sendValidated(_ message: Message, to channel: String, more: ArraySlice<String> = []) throws {
         if message[asgiChannelKey] != nil {
             throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
         }
@@ -266,69 +266,6 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
-    /// Adds `channel` to `group` (or refreshes its time); members expire after `groupExpiry`.
-    public func groupAdd(_ group: String, channel: String) async throws {
-        try ChannelNames.validateGroup(group)
-        try ChannelNames.validateChannel(channel)
-        let now = ContinuousClock.now
-        let closed = state.withLock { state in
-            if state.closed { return true }
-            state.groups[group, default: [:]][channel] = now
-            return false
-        }
-        if closed { throw Self.closedError }
-    }
-
-    /// Removes `channel` from `group`.
-    public func groupDiscard(_ group: String, channel: String) async throws {
-        try ChannelNames.validateGroup(group)
-        try ChannelNames.validateChannel(channel)
-        state.withLock { state in
-            state.groups[group]?[channel] = nil
-            if state.groups[group]?.isEmpty == true { state.groups[group] = nil }
-        }
-    }
-
-    /// The unexpired members of `group`.
-    public func groupChannels(_ group: String) async throws -> [String] {
-        try ChannelNames.validateGroup(group)
-        return liveMembers(group)
-    }
-
-    private func liveMembers(_ group: String) -> [String] {
-        let cutoff = ContinuousClock.now - configuration.groupExpiry
-        return state.withLock { state in
-            guard var members = state.groups[group] else { return [] }
-            members = members.filter { $0.value > cutoff }
-            state.groups[group] = members.isEmpty ? nil : members
-            return members.sorted { $0.value < $1.value }.map(\.key)
-        }
-    }
-
-    /// One entry per process channel, carrying all of its members (see `Entry.more`), and one
-    /// per other member: a room of any size costs one slot of each server's capacity.
-    public func sendGroup(_ group: String, message: Message) async throws {
-        try ChannelNames.validateGroup(group)
-        var byProcess: [String: [String]] = [:]
-        var order: [String] = []
-        for member in liveMembers(group) {
-            let key = ChannelNames.isProcessSpecific(member) ? ChannelNames.nonLocalName(member) : member
-            if byProcess[key] == nil { order.append(key) }
-            byProcess[key, default: []].append(member)
-        }
-        for key in order {
-            let members = byProcess[key]!
-            do {
-                try sendValidated(message, to: members[0], more: members[1...])
-                LayerMetrics.groupMembersReached.increment(by: members.count)
-            } catch let error as ChannelLayerError where error.code == .channelFull {
-                membersMissed.add(members.count, ordering: .relaxed)
-                LayerMetrics.groupMembersMissed.increment(by: members.count)
-                continue
-            }
-        }
-    }
-
     /// Group members skipped because their channel was full.
     public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
 
@@ -348,46 +285,6 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
         histories.withLock { $0 = InMemoryHistories() }
         presence.withLock { $0.removeAll() }
-    }
-
-    /// Messages sent and full refusals since the layer started.
-    public func globalStatistics() async throws -> GlobalStatistics {
-        state.withLock { state in
-            GlobalStatistics(messagesCount: state.global.messages, channelFullCount: state.global.full)
-        }
-    }
-
-    /// One channel's figures: sent, full refusals, pending, the oldest message's age.
-    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
-        try ChannelNames.validateChannel(channel, for: .receive)
-        let key = ChannelNames.nonLocalName(channel)
-        let now = ContinuousClock.now
-        return state.withLock { state in
-            state.purge(key, now: now)
-            let counters = state.counters[key] ?? Counters()
-            let queue = state.queues[key]
-            let age = queue?.first.map { (now - $0.sentAt).seconds } ?? 0
-            return ChannelStatistics(
-                messagesCount: counters.messages, channelFullCount: counters.full,
-                messagesPending: queue?.count ?? 0, messagesMaxAge: age)
-        }
-    }
-
-    /// Names of the channels that hold messages now (for `stats`).
-    public func pendingChannels() async throws -> [String] {
-        let now = ContinuousClock.now
-        return state.withLock { state in
-            state.sweep(now: now)
-            return state.queues.keys.sorted()
-        }
-    }
-
-    /// Names of the groups with members (for `stats`).
-    public func groups() async throws -> [String] {
-        let cutoff = ContinuousClock.now - configuration.groupExpiry
-        return state.withLock { state in
-            state.groups.filter { $0.value.values.contains { $0 > cutoff } }.keys.sorted()
-        }
     }
 
     /// Says where the messages live: this process.

@@ -18,10 +18,10 @@ public final class Worker: Service, Sendable {
     /// Sessions, users, retry and ordering settings handed to every consumer.
     public let environment: ConsumerEnvironment
     private let concurrency: Int
-    private let logger: Logger
-    private let retriesDropped = Atomic<Int>(0)
-    private let sendsDropped = Atomic<Int>(0)
-    private let unroutedCount = Atomic<Int>(0)
+    let logger: Logger
+    let retriesDropped = Atomic<Int>(0)
+    let sendsDropped = Atomic<Int>(0)
+    let unroutedCount = Atomic<Int>(0)
 
     /// How many times a message may be put back with `ConsumerError.consumeLater`.
     public static let maxRetries = 10
@@ -39,7 +39,7 @@ public final class Worker: Service, Sendable {
     /// Free consumer slots.
     private let slots: Slots
     /// `consumerTimeout`'s watchdog.
-    private let deadlines: ConsumerDeadlines?
+    let deadlines: ConsumerDeadlines?
 
     /// Consumers cancelled at `consumerTimeout` so far.
     public var consumersTimedOut: Int { deadlines?.timedOutCount ?? 0 }
@@ -47,7 +47,7 @@ public final class Worker: Service, Sendable {
     public var consumersAbandoned: Int { deadlines?.abandonedCount ?? 0 }
     /// Whether a graceful shutdown takes what is queued before stopping (`finishQueuedThenStop`).
     public let finishQueuedOnShutdown: Bool
-    private let processed = Atomic<Int>(0)
+    let processed = Atomic<Int>(0)
 
     /// - Parameters:
     ///   - only: glob patterns; when given, only matching channels are listened on.
@@ -93,8 +93,8 @@ public final class Worker: Service, Sendable {
         self.slots = Slots(self.concurrency, reserve: min(max(0, self.channels.count - 1), max(1, self.concurrency / 4)))
     }
 
-    private let middleware: [ConsumerMiddleware]
-    private let hooks: WorkerHooks
+    let middleware: [ConsumerMiddleware]
+    let hooks: WorkerHooks
 
     /// A process channel of this worker's where a stop wakes the receive loop.
     private let wakeChannel: String
@@ -343,311 +343,5 @@ public final class Worker: Service, Sendable {
     public func finishQueuedThenStop() {
         _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.finishQueued.rawValue, ordering: .relaxed)
         wake()
-    }
-
-    /// The socket a WebSocket message belongs to (its reply channel); nil for other messages.
-    static func socketKey(_ received: ReceivedMessage) -> String? {
-        guard received.channel.hasPrefix("websocket.") else { return nil }
-        return received.message.replyChannel
-    }
-
-    /// Runs the consumer for one message (public for test harnesses).
-    public func dispatch(_ received: ReceivedMessage) async {
-        await dispatchTimed(received)
-    }
-
-    /// `dispatch`; true when the consumer was cancelled at `consumerTimeout`. `lease` is the
-    /// slot it runs on, given back early if it ignores its cancellation.
-    @discardableResult
-    func dispatchTimed(_ received: ReceivedMessage, lease: SlotLease? = nil) async -> Bool {
-        processed.add(1, ordering: .relaxed)
-        ChannelsMetrics.received[ChannelKind(channel: received.channel)]?.increment()
-        let context: ConsumerContext
-        guard let (routed, kwargs, name) = router.match(channel: received.channel, message: received.message) else {
-            await unrouted(received)
-            return false
-        }
-        // Every line the consumer logs says which message it was handling (the context adds
-        // that metadata when the consumer asks for its logger).
-        context = ConsumerContext(
-            message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
-            logger: logger, environment: environment, consumerName: name
-        ) { [weak self] parked in
-            await self?.dispatch(parked)
-        }
-        let consumer = middleware.isEmpty ? routed : middleware.wrapping(routed)
-        await hooks.consumerStarted?(context)
-        var failure: (any Error)?
-        let started = ContinuousClock.now
-        defer { ChannelsMetrics.route(name).duration.recordNanoseconds((ContinuousClock.now - started).nanoseconds) }
-        // Cancellable by its timeout, and by the client leaving a streamed response.
-        let handle = TaskHandle()
-        // Responses that stream, and uploads that stream in, are bounded by their client instead.
-        let uploading = received.channel == ASGIChannel.httpRequest && received.message["body_channel"] != nil
-        var abandon: (@Sendable () -> Void)?
-        if let lease { abandon = { lease.giveBack() } }
-        let deadline = deadlines?.begin(handle, name: name, context: context, uploading: uploading, abandon: abandon)
-        do {
-            if received.channel == ASGIChannel.httpRequest {
-                context.streaming.withLock { $0 = (streams, handle) }
-                defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
-                try await handle.running {
-                    try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
-                }
-            } else {
-                try await handle.running {
-                    try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
-                }
-            }
-        } catch is CancellationError where context.streaming.withLock({ $0?.handle.cancelled }) == true {
-            failure = CancellationError()
-            logger.debug("streamed response stopped: the client left", metadata: ["consumer": "\(name)"])
-        } catch ConsumerError.denyConnection {
-            failure = ConsumerError.denyConnection
-            let answer = received.channel == ASGIChannel.websocketConnect ? WebSocketSendMessage.refuse : .close(code: 1000)
-            try? await context.reply(answer)
-        } catch ConsumerError.close(let code) {
-            failure = ConsumerError.close(code: code)
-            try? await context.reply(WebSocketSendMessage.close(code: code))
-        } catch ConsumerError.consumeLater {
-            failure = ConsumerError.consumeLater
-            await requeue(received, consumer: name)
-        } catch {
-            failure = error
-            ChannelsMetrics.route(name).errors.increment()
-            logger.error("consumer failed", metadata: ["consumer": "\(name)", "channel": "\(received.channel)", "error": "\(error)"])
-            await context.abortOpenResponse()
-        }
-        let timedOut = deadline.map { deadlines?.end($0) ?? false } ?? false
-        await context.flush()
-        await hooks.consumerFinished?(context, failure)
-        let dropped = context.droppedSends.load(ordering: .relaxed)
-        sendsDropped.add(dropped, ordering: .relaxed)
-        if dropped > 0 { ChannelsMetrics.dropped[.retriesExhausted]?.increment(by: dropped) }
-        return timedOut
-    }
-
-    /// Buffered sends of consumers that were dropped after their retries.
-    public var messagesDroppedOnSend: Int { sendsDropped.load(ordering: .relaxed) }
-    /// Messages on channels no route matched (drained so they never fill).
-    public var messagesUnrouted: Int { unroutedCount.load(ordering: .relaxed) }
-
-    /// Messages dropped after `maxRetries` re-queues.
-    public var messagesDroppedAfterRetries: Int { retriesDropped.load(ordering: .relaxed) }
-
-    /// Puts a message back on its channel for later, counting the retries.
-    private func requeue(_ received: ReceivedMessage, consumer: String) async {
-        let retries = (received.message[Self.retryKey]?.intValue ?? 0) + 1
-        guard retries <= Self.maxRetries else {
-            retriesDropped.add(1, ordering: .relaxed)
-            ChannelsMetrics.dropped[.retriesExhausted]?.increment()
-            logger.warning(
-                "dropped a message after \(Self.maxRetries) consume-later retries",
-                metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)"])
-            return
-        }
-        var message = received.message
-        message.fields[Self.retryKey] = .int(retries)
-        do {
-            try await layer.send(message, to: received.channel)
-        } catch {
-            logger.error(
-                "could not re-queue a consume-later message",
-                metadata: ["consumer": "\(consumer)", "channel": "\(received.channel)", "error": "\(error)"])
-        }
-    }
-
-    private func unrouted(_ received: ReceivedMessage) async {
-        unroutedCount.add(1, ordering: .relaxed)
-        let reply = received.message.replyChannel
-        switch received.channel {
-        case ASGIChannel.websocketConnect:
-            if let reply { try? await layer.send(WebSocketSendMessage.accept.message, to: reply) }
-        case ASGIChannel.httpRequest:
-            if let reply {
-                let notFound = HTTPResponseStart(
-                    status: 404, headers: [("content-type", "text/plain; charset=utf-8")],
-                    content: Array("Not found\n".utf8))
-                try? await layer.send(notFound.message, to: reply)
-            }
-        case ASGIChannel.websocketDisconnect where reply != nil:
-            // A socket's channel session (and the ordered hand-offs it started) ends with the
-            // socket even when no consumer handles its disconnect.
-            let context = ConsumerContext(
-                message: received.message, channel: received.channel, kwargs: [:], layer: layer, logger: logger,
-                environment: environment, consumerName: nil, dispatcher: nil)
-            do {
-                try await channelSession { _ in }(context)
-            } catch {
-                logger.warning("could not delete a closed socket's channel session", metadata: ["error": "\(error)"])
-            }
-            await context.flush()
-        case ASGIChannel.websocketReceive, ASGIChannel.websocketDisconnect, ASGIChannel.httpDisconnect:
-            logger.debug("unrouted message drained", metadata: ["channel": "\(received.channel)"])
-        default:
-            logger.info("dropped an unrouted message", metadata: ["channel": "\(received.channel)"])
-        }
-    }
-}
-
-/// Messages waiting for a socket whose earlier message is running in this process.
-final class Mailboxes: Sendable {
-    /// Messages that may wait behind one socket's running consumer without a slot.
-    static let freeWaiting = 64
-
-    enum Posted: Equatable {
-        /// None of the socket's messages runs: the caller runs this one, then asks `next(for:)`.
-        case run
-        /// Queued behind the running one; `holdsSlot` when past `freeWaiting`.
-        case queued(holdsSlot: Bool)
-    }
-
-    private let boxes = Mutex<[String: Deque<(message: ReceivedMessage, holdsSlot: Bool)>]>([:])
-
-    /// Queues `received` behind the socket's running message, if one runs.
-    func post(_ received: ReceivedMessage, to socket: String) -> Posted {
-        boxes.withLock { boxes in
-            guard boxes[socket] != nil else {
-                boxes[socket] = []
-                return .run
-            }
-            let holdsSlot = boxes[socket]!.count >= Self.freeWaiting
-            boxes[socket]!.append((received, holdsSlot))
-            return .queued(holdsSlot: holdsSlot)
-        }
-    }
-
-    /// The socket's next waiting message (and whether it holds a slot), or nil (and the socket
-    /// is idle again).
-    func next(for socket: String) -> (message: ReceivedMessage, holdsSlot: Bool)? {
-        boxes.withLock { boxes in
-            if let message = boxes[socket]?.popFirst() { return message }
-            boxes[socket] = nil
-            return nil
-        }
-    }
-}
-
-/// Free consumer slots, and how many each channel's messages hold; the receive loop waits
-/// (suspended, not polling) while there are none.
-final class Slots: Sendable {
-    private struct State {
-        var free: Int
-        /// Slots held per channel (of the message that took them).
-        var held: [String: Int] = [:]
-        var waiter: (needed: Int, continuation: CheckedContinuation<Void, Never>)?
-        var interrupted = false
-    }
-    private let state: Mutex<State>
-    /// Every slot, the reserved ones included.
-    let total: Int
-    /// Slots kept for channels that hold none.
-    private let reserve: Int
-
-    init(_ count: Int, reserve: Int = 0) {
-        state = Mutex(State(free: count + reserve))
-        total = count + reserve
-        self.reserve = reserve
-    }
-
-    /// Waits until at least `needed` slots are free and returns how many are, or returns at once
-    /// (with what is free, possibly 0) after an `interrupt()`. One caller at a time.
-    func waitForFree(atLeast needed: Int = 1) async -> Int {
-        while true {
-            let (free, interrupted) = state.withLock { state in
-                defer { state.interrupted = false }
-                return (state.free, state.interrupted)
-            }
-            if free >= needed || interrupted { return free }
-            await withCheckedContinuation { continuation in
-                let resumeNow = state.withLock { state -> Bool in
-                    if state.free >= needed || state.interrupted { return true }
-                    state.waiter = (needed, continuation)
-                    return false
-                }
-                if resumeNow { continuation.resume() }
-            }
-        }
-    }
-
-    /// Ends the current (or next) wait at once.
-    func interrupt() {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.interrupted = true
-            defer { state.waiter = nil }
-            return state.waiter?.continuation
-        }
-        waiter?.resume()
-    }
-
-    /// What the receive loop may take now. The reserved slots are kept for channels that hold
-    /// none (one each): from any channel, as many as leave those free; when only those are
-    /// left, one, from a channel that holds none. So a channel always gets a slot however busy
-    /// the others are (while there are as many reserved slots as channels that could be idle).
-    func share(of channels: [String]) -> (channels: [String], max: Int, reservedOnly: Bool) {
-        state.withLock { state in
-            let idle = channels.filter { state.held[$0] == nil }
-            let kept = min(idle.count, reserve)
-            if state.free > kept { return (channels, state.free - kept, false) }
-            return (idle, 1, true)
-        }
-    }
-
-    /// Holds a slot for each message of `batch`.
-    func take(_ batch: [ReceivedMessage]) {
-        state.withLock { state in
-            state.free -= batch.count
-            for received in batch { state.held[received.channel, default: 0] += 1 }
-        }
-    }
-
-    var freeCount: Int { state.withLock { $0.free } }
-
-    /// Takes a slot for `channel` without waiting (a chain whose slot was given back while its
-    /// consumer ignored its cancellation, and that goes on): free may fall below zero until a
-    /// slot comes back.
-    func retake(_ channel: String) {
-        state.withLock { state in
-            state.free -= 1
-            state.held[channel, default: 0] += 1
-        }
-    }
-
-    /// Gives back a slot taken for a message of `channel`.
-    func release(_ channel: String) {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
-            state.free += 1
-            if let count = state.held[channel] { state.held[channel] = count > 1 ? count - 1 : nil }
-            guard let waiter = state.waiter, state.free >= waiter.needed else { return nil }
-            state.waiter = nil
-            return waiter.continuation
-        }
-        waiter?.resume()
-    }
-}
-
-/// A slot held by a running consumer, given back once: by the worker when the consumer
-/// returns, or earlier by the consumer-timeout watchdog when the consumer ignores its
-/// cancellation.
-final class SlotLease: Sendable {
-    let channel: String
-    private let slots: Slots
-    private let given = Atomic<Bool>(false)
-
-    init(channel: String, slots: Slots) {
-        self.channel = channel
-        self.slots = slots
-    }
-
-    /// Gives the slot back, the first time only.
-    func giveBack() {
-        guard given.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
-        slots.release(channel)
-    }
-
-    /// Keeps the slot for good (it goes on to the socket's next messages, and an abandonment
-    /// after this gives nothing back); false when it was given back already.
-    func keep() -> Bool {
-        given.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged
     }
 }

@@ -17,26 +17,26 @@ final class WebSocketSession: ReplyReceiver {
     let path: String
     let client: String
     let channel: any Channel
-    private var machine: WebSocketConnectionStateMachine
+    var machine: WebSocketConnectionStateMachine
     /// The held-open handshake, answered by the accept or the refusal.
     private var handshake: EventLoopPromise<HTTPHeaders?>?
     private var pending: [Message] = []
-    private var context: ChannelHandlerContext?
+    var context: ChannelHandlerContext?
     /// We sent a close frame: the client's close frame completes the handshake.
     var closeFrameSent: Bool { machine.closeFrameSent }
     private var connectTimeout: Scheduled<Void>?
-    private var lifetime: Scheduled<Void>?
-    private var pingTask: RepeatedTask?
+    var lifetime: Scheduled<Void>?
+    var pingTask: RepeatedTask?
     /// This socket's messages to the layer, in order, held and retried when the layer is full or down.
-    private let sender: LayerSender
+    let sender: LayerSender
     /// Closed as a client that does not read (once).
-    private var closedAsSlow = false
+    var closedAsSlow = false
     /// While the router hands over a batch: the batch's shared frames; they are written and
     /// flushed once at its end.
     private var batchPayloads: ReplyPayloads?
     /// Frames of the batch written and not flushed yet, and their bytes.
-    private var flushHeld = false
-    private var heldBytes = 0
+    var flushHeld = false
+    var heldBytes = 0
     /// A batch flushes a socket's frames early once they hold this many bytes: the bound of
     /// unwritten bytes then sees them (over TLS too, where bytes reach the channel only when
     /// flushed), and a reading client is never closed for a batch it was not yet offered.
@@ -78,18 +78,18 @@ final class WebSocketSession: ReplyReceiver {
     }
 
     /// This socket's share of the layer: frames a second (nil: no limit).
-    private var limiter: FrameRateLimiter?
+    var limiter: FrameRateLimiter?
     /// The sender wants reading (nothing held past its bound).
     private var senderReading = true
     /// The socket is past its frame rate; reading resumes when its waiting frames went.
-    private var ratePaused = false
+    var ratePaused = false
     /// Frames read past the socket's share, waiting for tokens (bounded by what one read
     /// brings, since reading pauses).
-    private var paced = Deque<Message>()
-    private var pacingTimer: Scheduled<Void>?
+    var paced = Deque<Message>()
+    var pacingTimer: Scheduled<Void>?
     private var reading = true
 
-    private func updateReading() {
+    func updateReading() {
         // Once our close frame is out, reading resumes whatever is held: the client's answer
         // must be read for the close to complete (else the connection waits out the 5 s
         // fallback), and its data frames from then on are dropped by the state machine, so
@@ -187,7 +187,7 @@ final class WebSocketSession: ReplyReceiver {
 
     /// Refuses the handshake with `why`'s status; with `disconnectOrder`, the application (which
     /// was sent the connect) also gets `websocket.disconnect` (1006).
-    private func refused(_ why: WebSocketConnectionStateMachine.Refusal, disconnectOrder: Int64?) {
+    func refused(_ why: WebSocketConnectionStateMachine.Refusal, disconnectOrder: Int64?) {
         connectTimeout?.cancel()
         sender.onSent = nil
         sender.onDropped = nil
@@ -359,152 +359,5 @@ final class WebSocketSession: ReplyReceiver {
             }
             if let code { close(code: code) }
         }
-    }
-
-    /// One frame to the client, unless the socket's unwritten bytes are past their bound.
-    private func write(_ data: ByteBuffer, opcode: WebSocketOpcode, context: ChannelHandlerContext) {
-        guard context.channel.isWritable else { return slowClient() }
-        context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: nil)
-    }
-
-    /// An encoded frame of the router's batch, unless the socket's unwritten bytes are past their
-    /// bound: written past the encoder, flushed at the batch's end (``endReplyBatch()``).
-    private func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
-        guard encodedFrames.channel.isWritable else { return slowClient() }
-        encodedFrames.write(NIOAny(frame), promise: nil)
-        heldBytes += frame.readableBytes
-        guard heldBytes >= Self.flushWithinBatch else {
-            flushHeld = true
-            return
-        }
-        flushHeld = false
-        heldBytes = 0
-        context?.flush()
-    }
-
-    /// The socket's bound of bytes written and not yet taken by the kernel, kept by the channel
-    /// itself: past it the channel is not writable, and the next frame closes the socket.
-    private func boundUnwrittenBytes(_ channel: any Channel) {
-        let bound = server.configuration.maxQueuedBytesPerSocket
-        try? channel.syncOptions?.setOption(
-            ChannelOptions.writeBufferWaterMark, value: ChannelOptions.Types.WriteBufferWaterMark(low: bound, high: bound))
-    }
-
-    /// The client does not read what it is sent: past the bound, close it rather than keep
-    /// buffering (or slow anyone else down).
-    private func slowClient() {
-        guard !closedAsSlow else { return }
-        closedAsSlow = true
-        let queued = (try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? nil
-        server.counters.count(.closedSlowClient)
-        // The frame that did not fit is not written: a drop, counted as such.
-        ServerMetrics.dropped[.slowClient]?.increment()
-        server.logger.warning(
-            "closing a WebSocket whose client does not read (1008)",
-            metadata: [
-                "socket": "\(server.configuration.secret.socketTag(replyChannel))", "queued_bytes": "\(queued ?? -1)",
-                "limit": "\(server.configuration.maxQueuedBytesPerSocket)",
-            ])
-        close(code: 1008, force: true)
-    }
-
-    /// A message frame from the client.
-    func received(text: String?, bytes: [UInt8]?) {
-        guard let order = machine.frameReceived() else { return }
-        let message = WebSocketReceiveMessage(
-            replyChannel: replyChannel, path: path, order: order,
-            data: text.map { .text($0) } ?? .bytes(bytes ?? []))
-        guard limiter != nil else {
-            sender.send(message.message, to: ASGIChannel.websocketReceive)
-            return
-        }
-        paced.append(message.message)
-        sendPaced()
-    }
-
-    /// Sends the frames waiting for this socket's share, as tokens allow; when they run out,
-    /// reading pauses and a timer resumes when the next token is due.
-    private func sendPaced() {
-        guard !ratePaused || pacingTimer == nil else { return }
-        while let next = paced.first {
-            if let wait = limiter?.take(now: .now()) {
-                if !ratePaused {
-                    ratePaused = true
-                    server.counters.count(.framesPaced)
-                    updateReading()
-                }
-                let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
-                pacingTimer = channel.eventLoop.scheduleTask(in: wait) {
-                    bound.value.pacingTimer = nil
-                    bound.value.sendPaced()
-                }
-                return
-            }
-            paced.removeFirst()
-            sender.send(next, to: ASGIChannel.websocketReceive)
-        }
-        if ratePaused {
-            ratePaused = false
-            updateReading()
-        }
-    }
-
-    /// Closes from our side with `code`, and tells the application. The close frame gets a few
-    /// seconds to leave; with `force` (a client that does not read) the connection closes at once.
-    func close(code: UInt16, force: Bool = false) {
-        let disconnectOrder: Int64
-        switch machine.close(code: code) {
-        case .none:
-            return
-        case .refuse(let why, let order):
-            refused(why, disconnectOrder: order)
-            return
-        case .sendCloseFrame(_, let order):
-            disconnectOrder = order
-        }
-        // Before the write: a write that completes at once closes the channel, and its
-        // channelInactive must not report 1006 first.
-        sendDisconnect(code: Int64(code), order: disconnectOrder)
-        if let context {
-            var data = context.channel.allocator.buffer(capacity: 2)
-            data.writeInteger(code)
-            let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)
-            let channel = context.channel
-            if force {
-                context.writeAndFlush(NIOAny(frame), promise: nil)
-                channel.close(promise: nil)
-            } else {
-                // The connection closes when the client answers with its close frame (RFC 6455
-                // 5.5.1: closing while its frames are still arriving would reset the connection
-                // and lose our close frame), or after 5 s. A shutdown waits for it.
-                let inHand = server.router.workInHand
-                inHand.begin()
-                channel.closeFuture.whenComplete { _ in inHand.finish() }
-                context.writeAndFlush(NIOAny(frame), promise: nil)
-                updateReading()
-                channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
-            }
-        }
-    }
-
-    /// The client closed (with a close frame) or the connection dropped (1006).
-    func clientClosed(code: UInt16) {
-        if let order = machine.clientClosed() { sendDisconnect(code: Int64(code), order: order) }
-    }
-
-    private func sendDisconnect(code: Int64, order: Int64) {
-        // Frames still waiting for their share go first, in order, before the disconnect.
-        pacingTimer?.cancel()
-        pacingTimer = nil
-        while let next = paced.popFirst() { sender.send(next, to: ASGIChannel.websocketReceive) }
-        pingTask?.cancel()
-        lifetime?.cancel()
-        server.untrackSocket(ObjectIdentifier(self))
-        server.router.unregister(replyChannel)
-        subscriptionsEnded()
-        server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
-        sender.send(
-            WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,
-            to: ASGIChannel.websocketDisconnect)
     }
 }

@@ -131,46 +131,6 @@ extension RedisChannelLayer {
         }
     }
 
-    /// Decodes `{list, body, list, body, ...}` from `start`, dropping (and counting) bad bodies.
-    func decodePairs(_ items: [RedisReply], from start: Int) -> [ReceivedMessage] {
-        var out: [ReceivedMessage] = []
-        var index = start
-        while index + 1 < items.count {
-            if let list = items[index].bytes, let body = items[index + 1].bytes {
-                out += decodeReceived(list: list, body: body)
-            }
-            index += 2
-        }
-        return out
-    }
-
-    /// Returns the first `max` of `popped` and keeps the rest (members of a bundle) for the
-    /// next receives of their channel.
-    func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
-        guard popped.count > max else { return popped }
-        backlog.withLock { backlog in
-            for received in popped[max...] {
-                backlog[ChannelNames.nonLocalName(received.channel), default: []].append(received)
-            }
-        }
-        return Array(popped[..<max])
-    }
-
-    /// Up to `max` messages kept from earlier bundles for any of `channels`.
-    func fromBacklog(_ channels: [String], max: Int) -> [ReceivedMessage] {
-        backlog.withLock { backlog -> [ReceivedMessage] in
-            guard !backlog.isEmpty else { return [] }
-            var out: [ReceivedMessage] = []
-            for channel in channels where out.count < max {
-                // Taken out of the dictionary, so popping does not copy the whole queue.
-                guard var queue = backlog.removeValue(forKey: channel) else { continue }
-                while out.count < max, let next = queue.popFirst() { out.append(next) }
-                if !queue.isEmpty { backlog[channel] = queue }
-            }
-            return out
-        }
-    }
-
     /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
     /// shard in rotation (they are sent round-robin, so any shard may hold them).
     /// Which lists to look at on which shard: `!` and `?` channels on their ring shard; plain
@@ -378,98 +338,15 @@ extension RedisChannelLayer {
         command.reserveCapacity(lists.count + 2)
         command.append(.text("BLPOP"))
         command += lists.shuffled()
-        command.append(.text(format3(wait.seconds)))
+        command.append(.text(timeoutArgument(wait.seconds)))
         return command
     }
 
-    func format3(_ seconds: Double) -> String {
+    /// A blocking command's timeout argument: seconds with three decimals (Redis takes
+    /// fractions since 6.0), at least a millisecond.
+    func timeoutArgument(_ seconds: Double) -> String {
         let millis = max(1, Int((seconds * 1000).rounded()))
         let whole = millis / 1000, frac = millis % 1000
         return "\(whole)." + (frac < 10 ? "00" : frac < 100 ? "0" : "") + "\(frac)"
     }
-
-    /// Decodes a popped body: one message, or one per member for a bundled group message
-    /// (`__asgi_channel__` holding a list of names). A body that is not a valid message is
-    /// logged, counted and dropped.
-    func decodeReceived(list: [UInt8], body: [UInt8]) -> [ReceivedMessage] {
-        let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
-        var body = body
-        if let crypter {
-            do {
-                body = try crypter.decrypt(body, ttl: configuration.expiry + 10)
-            } catch {
-                undecryptableDropped.add(1, ordering: .relaxed)
-                RedisMetrics.undecryptable.increment()
-                logger.warning(
-                    "dropped a message that does not decrypt with any of the layer's keys",
-                    metadata: ["channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)"])
-                return []
-            }
-        }
-        do {
-            var message = try decoder.decodeMessage(body)
-            switch message.removeValue(forKey: asgiChannelKey) {
-            case nil:
-                return [ReceivedMessage(channel: listName, message: message)]
-            case .string(let name)?:
-                return [ReceivedMessage(channel: name, message: message)]
-            case .array(let names)?:
-                var out: [ReceivedMessage] = []
-                out.reserveCapacity(names.count)
-                for name in names {
-                    guard case .string(let member) = name, member.hasPrefix(listName) else {
-                        throw MsgPackError(.notAMap, offset: 0, detail: "a bundle names '\(name)', not a channel of '\(listName)'")
-                    }
-                    out.append(ReceivedMessage(channel: member, message: message))
-                }
-                return out
-            case let other?:
-                throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(other.typeName), not a string")
-            }
-        } catch {
-            malformedDropped.add(1, ordering: .relaxed)
-            RedisMetrics.malformed.increment()
-            logger.warning(
-                "dropped a message that is not valid msgpack",
-                metadata: [
-                    "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
-                ])
-            return []
-        }
-    }
-}
-
-/// Which racers of one ``RedisChannelLayer/blockingPopRace(plan:wait:max:)`` are in `BLPOP`
-/// (by shard, with their connection's client id), and whether the race is over. Entering and
-/// ending are one lock apart, so a racer either sees the race over and does not wait, or is
-/// seen by the waker.
-final class BlockingRace: Sendable {
-    private struct State {
-        var over = false
-        var waiting: [Int: Int] = [:]
-    }
-    private let state = Mutex(State())
-
-    /// Records that the racer on `shard` is about to wait; false when the race is already over.
-    func enter(shard: Int, clientID: Int) -> Bool {
-        state.withLock { state in
-            guard !state.over else { return false }
-            state.waiting[shard] = clientID
-            return true
-        }
-    }
-
-    /// The racer on `shard` has its reply.
-    func leave(shard: Int) { _ = state.withLock { $0.waiting.removeValue(forKey: shard) } }
-
-    /// Ends the race; returns the racers still waiting.
-    func end() -> [(shard: Int, id: Int)] {
-        state.withLock { state in
-            state.over = true
-            return state.waiting.map { (shard: $0.key, id: $0.value) }
-        }
-    }
-
-    /// Whether the racer on `shard` is still waiting.
-    func isWaiting(shard: Int) -> Bool { state.withLock { $0.waiting[shard] != nil } }
 }

@@ -1,0 +1,69 @@
+import CoreMetrics
+import Synchronization
+
+/// Groups in memory: members with the time they were added (or refreshed), expired after
+/// `groupExpiry`; a group send skips (and counts) a member whose channel is full.
+extension InMemoryChannelLayer {
+    /// Adds `channel` to `group` (or refreshes its time); members expire after `groupExpiry`.
+    public func groupAdd(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        let now = ContinuousClock.now
+        let closed = state.withLock { state in
+            if state.closed { return true }
+            state.groups[group, default: [:]][channel] = now
+            return false
+        }
+        if closed { throw Self.closedError }
+    }
+
+    /// Removes `channel` from `group`.
+    public func groupDiscard(_ group: String, channel: String) async throws {
+        try ChannelNames.validateGroup(group)
+        try ChannelNames.validateChannel(channel)
+        state.withLock { state in
+            state.groups[group]?[channel] = nil
+            if state.groups[group]?.isEmpty == true { state.groups[group] = nil }
+        }
+    }
+
+    /// The unexpired members of `group`.
+    public func groupChannels(_ group: String) async throws -> [String] {
+        try ChannelNames.validateGroup(group)
+        return liveMembers(group)
+    }
+
+    private func liveMembers(_ group: String) -> [String] {
+        let cutoff = ContinuousClock.now - configuration.groupExpiry
+        return state.withLock { state in
+            guard var members = state.groups[group] else { return [] }
+            members = members.filter { $0.value > cutoff }
+            state.groups[group] = members.isEmpty ? nil : members
+            return members.sorted { $0.value < $1.value }.map(\.key)
+        }
+    }
+
+    /// One entry per process channel, carrying all of its members (see `Entry.more`), and one
+    /// per other member: a room of any size costs one slot of each server's capacity.
+    public func sendGroup(_ group: String, message: Message) async throws {
+        try ChannelNames.validateGroup(group)
+        var byProcess: [String: [String]] = [:]
+        var order: [String] = []
+        for member in liveMembers(group) {
+            let key = ChannelNames.isProcessSpecific(member) ? ChannelNames.nonLocalName(member) : member
+            if byProcess[key] == nil { order.append(key) }
+            byProcess[key, default: []].append(member)
+        }
+        for key in order {
+            let members = byProcess[key]!
+            do {
+                try sendValidated(message, to: members[0], more: members[1...])
+                LayerMetrics.groupMembersReached.increment(by: members.count)
+            } catch let error as ChannelLayerError where error.code == .channelFull {
+                membersMissed.add(members.count, ordering: .relaxed)
+                LayerMetrics.groupMembersMissed.increment(by: members.count)
+                continue
+            }
+        }
+    }
+}

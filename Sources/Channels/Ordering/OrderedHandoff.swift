@@ -1,0 +1,78 @@
+import ASGI
+import Foundation
+import Logging
+import Synchronization
+
+/// Names and fields of the ordered hand-off.
+enum OrderedHandoff {
+    static let keyField = "__order_key"
+    static let orderField = "__order"
+    static let endField = "__order_end"
+    static let sentField = "__sent"
+
+    /// A session per (channel, key) for the sender's counter ("sent") and the receiver's next
+    /// order ("next"): "ord" and an HMAC, a form no HTTP session key has.
+    static func sessionKey(_ role: String, channel: String, key: String, secret: DeploymentSecret) -> String {
+        "ord" + secret.hex("ordered-handoff", role + ":" + channel + ":" + key, length: 61)
+    }
+}
+
+extension ConsumerContext {
+    /// Sends `message` to `channel` numbered in the sequence of `key`, so that a consumer
+    /// wrapped in ``inSendOrder(_:)`` handles the messages of one key in the order they were
+    /// sent here, however many workers run it. Call it from one consumer at a time per key
+    /// (for example, under ``enforceOrdering(slight:_:)`` with the socket's reply channel as the key).
+    /// Called under a channel session, the sequence ends (its state on both sides is deleted)
+    /// when the socket disconnects.
+    public func send(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool = false) async throws {
+        if let socket = loadedChannelSession {
+            let pair: ASGIValue = .array([.string(channel), .string(key)])
+            var handoffs = socket[ChannelSessionKey.handoffs]?.arrayValue ?? []
+            if !handoffs.contains(pair) {
+                handoffs.append(pair)
+                socket[ChannelSessionKey.handoffs] = .array(handoffs)
+            }
+        }
+        try await sendNumbered(message, to: channel, orderedBy: key, immediately: immediately, end: false)
+    }
+
+    /// Sends the end of `key`'s sequence on `channel` (the receiver deletes its state when the
+    /// end's turn comes) and deletes the sender's counter.
+    func endOrderedSequence(to channel: String, orderedBy key: String) async throws {
+        try await sendNumbered([:], to: channel, orderedBy: key, immediately: false, end: true)
+    }
+
+    private func sendNumbered(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool, end: Bool)
+        async throws
+    {
+        let settings = environment.sessionSettings
+        let counter = try await Session.load(
+            key: OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: settings.secret),
+            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
+            log: .consumer(self))
+        let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
+        if end {
+            // Nothing stored means the sequence never started (or already ended).
+            guard counter.isStored else { return }
+            try await counter.delete()
+        } else {
+            counter[OrderedHandoff.sentField] = .int(sequence + 1)
+            try await counter.save()
+        }
+        var stamped = message
+        stamped[OrderedHandoff.keyField] = .string(key)
+        stamped[OrderedHandoff.orderField] = .int(sequence)
+        if end { stamped[OrderedHandoff.endField] = .bool(true) }
+        try await send(stamped, to: channel, immediately: immediately)
+    }
+}
+
+extension Channel {
+    /// ``ConsumerContext/send(_:to:orderedBy:immediately:)`` from inside a consumer.
+    public func send(_ message: Message, orderedBy key: String, immediately: Bool = false) async throws {
+        guard let context = ConsumerContext.current else {
+            throw ChannelLayerError(.invalidConfiguration, "an ordered send needs a consumer context")
+        }
+        try await context.send(message, to: name, orderedBy: key, immediately: immediately)
+    }
+}

@@ -1,0 +1,96 @@
+import ASGI
+import Foundation
+import Logging
+import Synchronization
+
+/// The ordering wrappers' state of one worker (held by its ``ConsumerEnvironment``): messages
+/// skipped by ``enforceOrdering(slight:_:)`` and ``inSendOrder(_:)`` because they never arrived
+/// within the gap timeout, and the wait channels a gap watch already covers.
+public final class OrderingGaps: Sendable {
+    private let skippedCount = Atomic<Int>(0)
+    private let watched = Mutex<Set<String>>([])
+    /// Per wait channel, the stored next order this process saw stuck and since when (its own
+    /// monotonic clock): a gap's age never compares two machines' wall clocks.
+    private let stuck = Mutex<[String: (next: Int64, since: ContinuousClock.Instant)]>([:])
+
+    /// No gaps skipped yet.
+    public init() {}
+
+    /// Messages skipped so far.
+    public var skipped: Int { skippedCount.load(ordering: .relaxed) }
+
+    func countSkipped(_ count: Int) { skippedCount.add(count, ordering: .relaxed) }
+    /// True when the caller should start watching `waitChannel` (nobody here does yet).
+    func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
+    func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
+
+    /// Whether the order of `waitChannel` has stood at `next` for longer than `timeout` as this
+    /// process saw it: the first sighting starts the clock, a different `next` restarts it.
+    func stuckLongerThan(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
+        let now = ContinuousClock.now
+        return stuck.withLock { stuck in
+            if let seen = stuck[waitChannel], seen.next == next { return now - seen.since > timeout }
+            if stuck.count > 10_000 { stuck = stuck.filter { now - $0.value.since < timeout * 10 } }
+            stuck[waitChannel] = (next, now)
+            return false
+        }
+    }
+}
+
+/// `enforce_ordering`: the messages of one WebSocket are handled strictly in their `order`
+/// (connect = 0 first), whatever worker picks them up and whenever they arrive.
+///
+/// A message that comes early is parked on the socket's wait channel. The worker that handles
+/// the message that was due then takes the parked ones and runs those whose turn has come
+/// itself, in order, without sending them through `websocket.receive` again. The next
+/// expected order lives in the channel session. With `slight: true` only the connect must
+/// come first; later messages are handled as they come. A wait channel that stays full
+/// closes the socket with 1013 (try again later): a wedged socket is worse than a closed one.
+/// A message that never comes (lost with a worker that was killed while holding it) holds
+/// the others back for `environment.orderingGapTimeout`; then the gap is skipped, logged and
+/// counted, and the parked messages run.
+///
+/// The wrapper includes `channelSession`.
+public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer) -> Consumer {
+    channelSession { context in
+        let session = try context.channelSession
+        let order: Int64
+        if let value = context.message["order"]?.intValue {
+            order = value
+        } else if context.channel == ASGIChannel.websocketConnect {
+            order = 0
+        } else {
+            throw SessionError("enforceOrdering needs an 'order' key; a message on '\(context.channel)' has none")
+        }
+        try await OrderingGate(context: context, session: session, order: order, slight: slight).run(consumer) {
+            context.logger.warning("wait channel full; closing the socket with 1013", metadata: ["order": "\(order)"])
+            try await context.reply(WebSocketSendMessage.close(code: 1013), immediately: true)
+        }
+    }
+}
+
+/// The receiving half of an ordered hand-off (see ``ConsumerContext/send(_:to:orderedBy:immediately:)``):
+/// messages sent with the same key are handled in the order they were sent, across any
+/// number of workers. Messages sent without a key pass straight through. The sequence's state
+/// is deleted when its end comes (the socket that numbered it disconnected).
+public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
+    { context in
+        guard let key = context.message[OrderedHandoff.keyField]?.stringValue,
+            let order = context.message[OrderedHandoff.orderField]?.intValue
+        else {
+            return try await consumer(context)
+        }
+        let settings = context.environment.sessionSettings
+        let session = try await Session.load(
+            key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key, secret: settings.secret),
+            store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
+            log: .consumer(context))
+        let isEnd = context.message[OrderedHandoff.endField]?.boolValue == true
+        try await OrderingGate(context: context, session: session, order: order, slight: false).run(
+            isEnd ? { _ in } : consumer
+        ) {
+            throw ChannelLayerError.channelFull("the wait channel of a sequence on '\(context.channel)'")
+        }
+        if isEnd && !context.extras.withLock({ $0.parked }) { try await session.delete() }
+    }
+}

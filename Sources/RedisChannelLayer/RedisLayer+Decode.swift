@@ -1,0 +1,103 @@
+import ASGI
+import CoreMetrics
+import DequeModule
+import Logging
+import NIOCore
+import NIOPosix
+import OrderedCollections
+import Synchronization
+
+/// What a take brings back: bodies decoded (and decrypted) into messages, a bundled group
+/// message expanded into one message per member, kept in a local backlog that is handed out
+/// before anything popped later.
+extension RedisChannelLayer {
+    /// Decodes `{list, body, list, body, ...}` from `start`, dropping (and counting) bad bodies.
+    func decodePairs(_ items: [RedisReply], from start: Int) -> [ReceivedMessage] {
+        var out: [ReceivedMessage] = []
+        var index = start
+        while index + 1 < items.count {
+            if let list = items[index].bytes, let body = items[index + 1].bytes {
+                out += decodeReceived(list: list, body: body)
+            }
+            index += 2
+        }
+        return out
+    }
+
+    /// Returns the first `max` of `popped` and keeps the rest (members of a bundle) for the
+    /// next receives of their channel.
+    func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
+        guard popped.count > max else { return popped }
+        backlog.withLock { backlog in
+            for received in popped[max...] {
+                backlog[ChannelNames.nonLocalName(received.channel), default: []].append(received)
+            }
+        }
+        return Array(popped[..<max])
+    }
+
+    /// Up to `max` messages kept from earlier bundles for any of `channels`.
+    func fromBacklog(_ channels: [String], max: Int) -> [ReceivedMessage] {
+        backlog.withLock { backlog -> [ReceivedMessage] in
+            guard !backlog.isEmpty else { return [] }
+            var out: [ReceivedMessage] = []
+            for channel in channels where out.count < max {
+                // Taken out of the dictionary, so popping does not copy the whole queue.
+                guard var queue = backlog.removeValue(forKey: channel) else { continue }
+                while out.count < max, let next = queue.popFirst() { out.append(next) }
+                if !queue.isEmpty { backlog[channel] = queue }
+            }
+            return out
+        }
+    }
+
+    /// Decodes a popped body: one message, or one per member for a bundled group message
+    /// (`__asgi_channel__` holding a list of names). A body that is not a valid message is
+    /// logged, counted and dropped.
+    func decodeReceived(list: [UInt8], body: [UInt8]) -> [ReceivedMessage] {
+        let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
+        var body = body
+        if let crypter {
+            do {
+                body = try crypter.decrypt(body, ttl: configuration.expiry + 10)
+            } catch {
+                undecryptableDropped.add(1, ordering: .relaxed)
+                RedisMetrics.undecryptable.increment()
+                logger.warning(
+                    "dropped a message that does not decrypt with any of the layer's keys",
+                    metadata: ["channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)"])
+                return []
+            }
+        }
+        do {
+            var message = try decoder.decodeMessage(body)
+            switch message.removeValue(forKey: asgiChannelKey) {
+            case nil:
+                return [ReceivedMessage(channel: listName, message: message)]
+            case .string(let name)?:
+                return [ReceivedMessage(channel: name, message: message)]
+            case .array(let names)?:
+                var out: [ReceivedMessage] = []
+                out.reserveCapacity(names.count)
+                for name in names {
+                    guard case .string(let member) = name, member.hasPrefix(listName) else {
+                        throw MsgPackError(.notAMap, offset: 0, detail: "a bundle names '\(name)', not a channel of '\(listName)'")
+                    }
+                    out.append(ReceivedMessage(channel: member, message: message))
+                }
+                return out
+            case let other?:
+                throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(other.typeName), not a string")
+            }
+        } catch {
+            malformedDropped.add(1, ordering: .relaxed)
+            RedisMetrics.malformed.increment()
+            logger.warning(
+                "dropped a message that is not valid msgpack",
+                metadata: [
+                    "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
+                ])
+            return []
+        }
+    }
+}
