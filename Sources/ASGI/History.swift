@@ -69,6 +69,14 @@ public protocol ChannelLayerHistory: ChannelLayer {
     /// than `retention.ttl`), and its top; with a nil position only the top (a history that did
     /// not exist is started, so the top always has an epoch).
     func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice
+
+    /// Puts back `group`'s member set when it vanished while sockets follow the group (Redis
+    /// evicted it under `maxmemory`, someone deleted it): adds each of `channels` (the followers
+    /// one server knows of) that is missing, when the set did not exist, or when another
+    /// server's call re-created it within the last `window` (so every server's followers go
+    /// back, not only the first one's). A set that exists and was not re-created is left alone.
+    /// Returns how many members were added.
+    func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int
 }
 
 /// The frame a client receives for a published message: the publication's JSON object with

@@ -17,6 +17,20 @@ extension InMemoryChannelLayer {
         if closed { throw Self.closedError }
     }
 
+    /// Puts back a vanished group set; see ``ChannelLayerHistory/groupRestore(_:channels:window:)``.
+    /// In memory a set only goes when its last member is discarded (nothing evicts it), and the
+    /// one process holds every follower, so there is no restore mark: a missing set is re-created
+    /// with `channels`, an existing one is left alone.
+    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
+        try ChannelNames.validateGroup(group)
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            guard !state.closed, state.groups[group] == nil, !channels.isEmpty else { return 0 }
+            state.groups[group] = Dictionary(channels.map { ($0, now) }, uniquingKeysWith: { a, _ in a })
+            return state.groups[group]!.count
+        }
+    }
+
     /// Removes `channel` from `group`.
     public func groupDiscard(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)

@@ -159,6 +159,11 @@ extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
         try await history().historyRead(group, after: position, retention: retention)
     }
 
+    /// Puts back a vanished group set; see ``ChannelLayerHistory/groupRestore(_:channels:window:)``.
+    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
+        try await history().groupRestore(group, channels: channels, window: window)
+    }
+
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> PresenceChange
     {

@@ -60,6 +60,12 @@ struct RunServer: ApplicationSubcommand {
         name: .long,
         help: "Seconds a server gathers its sockets' presence changes before it tells a group (one diff per group per moment).")
     var presenceWindow = 0.25
+    @Option(
+        name: .long,
+        help:
+            "Seconds between checks that the groups this server's sockets follow still exist in the layer (a group set evicted under maxmemory is put back with its followers); 0: no checks."
+    )
+    var groupCheckInterval = 10.0
     @Option(name: .long, help: "root_path sent to the application.") var rootPath = ""
     @Flag(name: .long, help: "Trust X-Forwarded-For / X-Forwarded-Proto.") var proxyHeaders = false
     @Option(name: .long, help: "WebSocket subprotocol to offer.") var wsProtocol: [String] = []
@@ -161,6 +167,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.pingTimeout = Duration(secondsValue: pingTimeout)
         configuration.presenceTTL = Duration(secondsValue: max(0.3, presenceTTL))
         configuration.presenceWindow = Duration(secondsValue: min(10, max(0, presenceWindow)))
+        configuration.groupCheckInterval = groupCheckInterval <= 0 ? .zero : Duration(secondsValue: max(0.2, groupCheckInterval))
         configuration.rootPath = rootPath
         configuration.proxyHeaders = proxyHeaders
         configuration.websocketProtocols = wsProtocol

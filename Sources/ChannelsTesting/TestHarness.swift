@@ -150,6 +150,11 @@ extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
         try await metered.historyRead(group, after: position, retention: retention)
     }
 
+    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
+        try await metered.groupRestore(group, channels: channels, window: window)
+    }
+
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
         -> PresenceChange

@@ -147,6 +147,7 @@ public final class InterfaceServer: Service, Sendable {
         await withDiscardingTaskGroup { group in
             group.addTask { await context.router.run() }
             group.addTask { await PresenceKeeper(server: context).run() }
+            group.addTask { await GroupKeeper(server: context).run() }
             await withGracefulShutdownHandler {
                 do {
                     try await listener.executeThenClose { connections in

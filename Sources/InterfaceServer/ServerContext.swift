@@ -32,6 +32,8 @@ final class ServerContext: Sendable {
     let counters = ServerCounters()
     /// This server's sockets tracked as present (see ``PresenceKeeper``).
     let presence = PresenceRegistry()
+    /// The groups this server's sockets follow, and which (see ``GroupKeeper``).
+    let followers = FollowerRegistry()
     /// Followed groups' history tops, shared by the sockets' tail checks.
     let historyTops = HistoryTops()
     let presenceDiffs: PresenceDiffBatcher

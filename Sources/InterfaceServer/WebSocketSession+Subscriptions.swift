@@ -81,6 +81,7 @@ extension WebSocketSession {
         // A socket that just joined (its start is the top before it joined): no recovery marker.
         let fresh = control["fresh"]?.boolValue == true
         subscriptions.retention[group] = retention
+        server.followers.add(replyChannel, to: group)
         subscriptions.sequencer.startRecovery(group)
         let layer = server.layer
         let channel = replyChannel
@@ -331,6 +332,7 @@ extension WebSocketSession {
 
     /// The socket is gone: it leaves every presence it was in, and stops following.
     func subscriptionsEnded() {
+        for group in subscriptions.retention.keys { server.followers.remove(replyChannel, from: group) }
         for timer in subscriptions.gapTimers.values { timer.cancel() }
         subscriptions.gapTimers = [:]
         for timer in subscriptions.tailTimers.values { timer.cancel() }

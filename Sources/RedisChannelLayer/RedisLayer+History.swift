@@ -92,9 +92,44 @@ extension RedisChannelLayer: ChannelLayerHistory {
         if let crypter { body = try crypter.decrypt(body, ttl: nil) }
         return try decoder.decodeMessage(body)
     }
+
+    /// Puts back a vanished group set; see ``ChannelLayerHistory/groupRestore(_:channels:window:)``.
+    /// The re-creation is marked by `<prefix>group-restored:<group>` for `window`.
+    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
+        try ChannelNames.validateGroup(group)
+        guard !channels.isEmpty else { return 0 }
+        var args: [RedisArgument] = [
+            .text(String(Self.unixTime())), .integer(configuration.groupExpiry),
+            .integer(max(1, Int(window.components.seconds))),
+        ]
+        args += channels.map { .text($0) }
+        let reply = try await pipelined(
+            shardIndex(for: group), Scripts.groupRestore,
+            keys: [.bytes(groupKey(group)), .text(configuration.prefix + "group-restored:" + group)], args: args)
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group restore") }
+        return reply.countValue
+    }
 }
 
 extension Scripts {
+    /// KEYS: the group set, its restore mark. ARGV: now, group expiry, the mark's lifetime
+    /// (seconds), then the channels. When the set is gone, or was re-created while the mark
+    /// lives, adds the channels that are missing (scored now) and, if it re-created the set,
+    /// sets the mark; otherwise adds nothing. How many were added.
+    static let groupRestore = LuaScript(
+        name: "groupRestore",
+        source: """
+            local gone = redis.call('EXISTS', KEYS[1]) == 0
+            if not gone and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+            local added = 0
+            for i = 4, #ARGV do
+                added = added + redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i])
+            end
+            redis.call('EXPIRE', KEYS[1], ARGV[2])
+            if gone then redis.call('SET', KEYS[2], '1', 'EX', ARGV[3]) end
+            return added
+            """)
+
     /// Both history scripts start here: the history's epoch, or (none: new, or lost with a
     /// Redis that restarted empty) a new one from ARGV[1], with an empty stream.
     static let historyEpoch = """

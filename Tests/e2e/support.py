@@ -274,6 +274,14 @@ def redis_url(prefix, query=""):
     return REDIS_URL + "?prefix=" + prefix + (("&" + query) if query else "")
 
 
+def redis_cli(*args):
+    """A redis-cli command on the test Redis (host and port from REDIS_URL)."""
+    hostport = REDIS_URL.split("//", 1)[1].split("/", 1)[0]
+    host, port = hostport.rsplit(":", 1)
+    out = subprocess.run(["redis-cli", "-h", host, "-p", port, *args], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+
+
 def start_redis(port, workdir, *extra):
     """A redis-server of a test's own on `port`; returns its pid."""
     subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -623,14 +623,6 @@ def workers_started_together_on_a_fresh_database_all_survive():
         stop_all(procs, workers)
 
 
-def redis_cli(*args):
-    """A redis-cli command on the test Redis (host and port from REDIS_URL)."""
-    hostport = REDIS_URL.split("//", 1)[1].split("/", 1)[0]
-    host, port = hostport.rsplit(":", 1)
-    out = subprocess.run(["redis-cli", "-h", host, "-p", port, *args], capture_output=True, text=True, timeout=10)
-    return out.stdout.strip()
-
-
 def group_size(room):
     keys = [k for k in redis_cli("--scan", "--pattern", "*group:chat-" + room).split() if k]
     return sum(int(redis_cli("zcard", k) or 0) for k in keys)

@@ -606,6 +606,48 @@ def one_users_presence_changes_arriving_out_of_order_from_two_servers_are_ordere
 
 
 @test
+def a_followed_group_set_that_vanished_is_put_back_and_its_members_keep_receiving():
+    """Under maxmemory with an eviction policy Redis can evict a group's member set: then nobody
+    in the room gets its messages, and nothing says so. The room's set is deleted (as an
+    eviction does) while 10 sockets on two servers follow the room; each server
+    (--group-check-interval 1) puts its own followers back, says so in its log, and every socket
+    gets each of 20 messages posted afterwards, live: within 10 s (without the check they would
+    get them only from the tail check, 30 s after their last message)."""
+    prefix = "gv%d:" % time.time_ns()
+    procs, workers = stack(redis_url(prefix), 2, 1, "--group-check-interval", "1")
+    try:
+        ports = [port for _, port in procs]
+        room = "vanish%d" % os.getpid()
+        key = prefix + ":group:chat-" + room
+
+        async def run():
+            sockets = [await connect(ports[i % 2], room) for i in range(10)]
+            for s in sockets:
+                await wait_for(lambda: s.marker() is not None, "every socket's position", 30)
+            assert int(redis_cli("zcard", key)) == 10, redis_cli("zcard", key)
+            assert redis_cli("del", key) == "1", "the room's group set %s was not there" % key
+            # Both servers put their five back (the second one while the first one's mark lives).
+            await wait_for(lambda: redis_cli("zcard", key) == "10", "the set to be back with all 10 members", 15)
+            for proc, _ in procs:
+                await asyncio.to_thread(proc.wait_line, "its followers on this server were added back")
+            posted = time.time()
+            texts = await post(sockets[0], 20, "after the eviction")
+            assert [m["text"] for m in texts] == ["after the eviction %d" % i for i in range(20)]
+            await wait_for(lambda: all(len([m for m in s.messages() if m["text"].startswith("after the eviction")]) == 20
+                                       for s in sockets), "every socket to get the 20 messages", 10)
+            for s in sockets:
+                got = [m["text"] for m in s.messages() if m["text"].startswith("after the eviction")]
+                assert got == ["after the eviction %d" % i for i in range(20)], got
+            print("  group set deleted under 10 followers on 2 servers: put back by both, 20 messages reached all 10 "
+                  "in %.1f s" % (time.time() - posted), flush=True)
+            for s in sockets:
+                await s.ws.close()
+        asyncio.run(run())
+    finally:
+        stop(procs, workers)
+
+
+@test
 def a_socket_closed_while_its_sends_are_held_ends_when_the_client_answers():
     """Redis is killed under a socket that keeps sending: its frames are held (reading pauses for
     them) until --layer-outage-timeout (60 s), but the server is cut off first (--cut-off-timeout
