@@ -6,12 +6,21 @@ struct InMemoryPresence {
     var connections: [String: (user: String, meta: String, expires: ContinuousClock.Instant)] = [:]
     var counts: [String: Int] = [:]
     /// The version of the group's last change (``PresenceVersion``). A group nobody is in is
-    /// forgotten, version included: its next change takes the clock's, above every earlier one.
+    /// forgotten, version included: its next change is still above every version given here.
     var version: Int64 = 0
+
+    /// The last version given in this process, whatever the group: a group that was emptied
+    /// (and forgotten) and joined again in the same microsecond, or after the clock stepped
+    /// back, still gets a higher one.
+    private static let lastIssued = Mutex<Int64>(0)
 
     /// A change was made: the group's next version.
     mutating func advance() -> Int64 {
-        version = PresenceVersion.next(after: version)
+        let last = version
+        version = Self.lastIssued.withLock { issued in
+            issued = PresenceVersion.next(after: max(issued, last))
+            return issued
+        }
         return version
     }
 
@@ -79,10 +88,11 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
     /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
     public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
-        let now = ContinuousClock.now
+        // Every tracked connection: one past its expiry stays until the sweep removes it (with a
+        // leave of a later version), so the list is the state at its version.
         return presence.withLock { all in
             var members: [String: PresenceMember] = [:]
-            for entry in (all[group]?.connections.values).map(Array.init) ?? [] where entry.expires > now {
+            for entry in (all[group]?.connections.values).map(Array.init) ?? [] {
                 members[entry.user, default: PresenceMember(user: entry.user, connections: 0, meta: entry.meta)].connections += 1
             }
             return PresenceSnapshot(

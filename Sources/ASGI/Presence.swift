@@ -124,8 +124,9 @@ public protocol ChannelLayerPresence: ChannelLayer {
     /// returns those tracked again whose user was absent (present again because of it).
     func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal
 
-    /// Who is present, sorted by user (expired connections are not counted), with the group's
-    /// presence version at that read.
+    /// Who is present, sorted by user, with the group's presence version at that read. A
+    /// connection past its expiry is listed until a sweep removes it (that sweep's leave has a
+    /// later version), so a list and the diffs after it always agree.
     func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot
 
     /// Removes every expired connection of every group; the users that left with them.
@@ -133,7 +134,7 @@ public protocol ChannelLayerPresence: ChannelLayer {
 }
 
 extension ChannelLayerPresence {
-    /// Who is present, sorted by user; expired connections are not counted.
+    /// Who is present, sorted by user (see ``presenceSnapshot(_:)``).
     public func presenceList(_ group: String) async throws -> [PresenceMember] {
         try await presenceSnapshot(group).members
     }

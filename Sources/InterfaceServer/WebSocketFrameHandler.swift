@@ -32,6 +32,11 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
         case .binary:
             session.received(text: nil, bytes: Array(frame.unmaskedData.readableBytesView))
         case .ping:
+            // Nothing is written after our close frame (RFC 6455 5.5.1). A pong that does not
+            // fit under the socket's bound of unwritten bytes is a client that sends but does
+            // not read: closed as any slow client (answering every ping would queue without end).
+            guard !session.closeFrameSent else { return }
+            guard context.channel.isWritable else { return session.slowClient() }
             let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
             context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
         case .pong:

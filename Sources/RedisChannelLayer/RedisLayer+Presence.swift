@@ -14,8 +14,9 @@ import Foundation
 ///   (microseconds of Redis's clock, or one more than the last when that is not past it);
 /// - `<prefix>presence-groups`: sorted set of groups with presence (per shard), for the sweep.
 ///
-/// A connection past its expiry (its server stopped renewing it: it died) is not listed, and
-/// the next sweep removes it and reports its user's leave when it was their last connection.
+/// A connection past its expiry (its server stopped renewing it: it died) is removed by the
+/// next sweep, which reports its user's leave (with a new version) when it was their last
+/// connection; until then it is listed, so a list and the diffs after it always agree.
 extension RedisChannelLayer: ChannelLayerPresence {
     private func presenceKeys(_ group: String) -> [RedisArgument] {
         let p = configuration.prefix
@@ -110,7 +111,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
     public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group), args: [.text(String(Self.unixTime()))])
+            shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group), args: [])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence list: \(error)") }
         // {version, user, meta, user, meta, ...}
         let items = reply.array ?? []
@@ -170,7 +171,11 @@ extension Scripts {
             local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
             local last = tonumber(redis.call('GET', key) or '0')
             if v <= last then v = last + 1 end
-            redis.call('SET', key, string.format('%.0f', v), 'EX', expiry)
+            if tonumber(expiry) > 0 then
+                redis.call('SET', key, string.format('%.0f', v), 'EX', expiry)
+            else
+                redis.call('SET', key, string.format('%.0f', v))
+            end
             return v
         end
 
@@ -249,12 +254,13 @@ extension Scripts {
             return back
             """)
 
-    /// KEYS: connections, metas, expiry, users, version. ARGV: now. {the group's version, user,
-    /// meta, user, meta, ...} of the connections not expired.
+    /// KEYS: connections, metas, expiry, users, version. {the group's version, user, meta,
+    /// user, meta, ...} of every tracked connection: one past its expiry stays until the sweep
+    /// removes it (with a leave of a later version), so the list is the state at its version.
     static let presenceList = LuaScript(
         name: "presenceList",
         source: """
-            local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf')
+            local live = redis.call('ZRANGE', KEYS[3], 0, -1)
             local out = {tonumber(redis.call('GET', KEYS[5]) or '0')}
             -- In slices: unpack() takes a few thousand values at most.
             for first = 1, #live, 500 do

@@ -226,9 +226,9 @@ struct HistoryPresenceTests {
             #expect(!text.isEmpty && !text.contains("zelda") && !text.contains("yann"), "\(kind): \(text)")
         }
         try await Task.sleep(for: .milliseconds(500))
+        let diffs = try await layer.presenceSweep()
         let list = try await layer.presenceList("sec")
         #expect(list == [PresenceMember(user: "zelda-secret", connections: 1, meta: "{\"m\":1}")])
-        let diffs = try await layer.presenceSweep()
         #expect(
             diffs.contains { $0.group == "sec" && $0.leaves == ["yann-secret"] && $0.joins.isEmpty && $0.versions["yann-secret"] != nil })
     }
@@ -265,14 +265,18 @@ struct HistoryPresenceTests {
             _ = try await presence.presenceRefresh(
                 "x", connections: [PresenceConnection(connection: "live!1", user: "dave", meta: "{}")], ttl: .seconds(30))
             try await Task.sleep(for: .milliseconds(700))
-            // Expired: not listed even before a sweep.
-            #expect(try await presence.presenceList("x").map(\.user) == ["dave"])
+            // Expired but not swept: still listed (the list is the state at its version; the
+            // sweep's leave comes with a later one).
+            let before = try await presence.presenceSnapshot("x")
+            #expect(before.members.map(\.user) == ["carol", "dave"])
             let diffs = try await presence.presenceSweep()
             #expect(
                 diffs.map { PresenceDiff(group: $0.group, joins: $0.joins, leaves: $0.leaves) } == [
                     PresenceDiff(group: "x", leaves: ["carol"]), PresenceDiff(group: "y", leaves: ["carol"]),
                 ])
             #expect(diffs.allSatisfy { $0.versions.keys.sorted() == ["carol"] })
+            #expect(try #require(diffs.first { $0.group == "x" }?.versions["carol"]) > before.version)
+            #expect(try await presence.presenceList("x").map(\.user) == ["dave"])
             #expect(try await presence.presenceSweep().isEmpty)
             #expect(try await presence.presenceList("y").isEmpty)
         }

@@ -308,9 +308,13 @@ struct SecurityTests {
         let drain = 8 * 0.5 / Double(PasswordHasher.threads)
         #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 500_000, random: 0) == Int(drain.rounded(.up)))
         #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 500_000, random: 0.99) == Int((drain * 1.99).rounded(.up)))
-        // Never less than a second, even before any hash was timed.
-        #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 0, random: 0) == 1)
+        // Before any hash was timed (a cold server's first herd), an assumed cost, still spread.
+        let assumed = 8 * Double(PasswordHasher.assumedHashMicroseconds) / 1_000_000 / Double(PasswordHasher.threads)
+        #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 0, random: 0) == Int(assumed.rounded(.up)))
+        #expect(PasswordHasher.retryAfter(queued: 8, averageMicroseconds: 0, random: 0.99) == Int((assumed * 1.99).rounded(.up)))
+        // Never less than a second, never more than the cap (a starved pool's wall-clock average).
         #expect(PasswordHasher.retryAfter(queued: 0, averageMicroseconds: 200_000, random: 0.5) == 1)
+        #expect(PasswordHasher.retryAfter(queued: 9, averageMicroseconds: 20_000_000, random: 0.9) == PasswordHasher.maxRetryAfter)
     }
 
     @Test func csrfOverHTTPSRefusesInsecureOrigins() async throws {

@@ -198,10 +198,18 @@ public enum PasswordHasher {
     /// The recent hashes' average duration, in microseconds (an exponential moving average).
     private static let averageMicroseconds = Atomic<Int>(0)
 
+    /// What a hash is taken to cost before one was timed (a server that just started, hit by
+    /// the herd of a deploy): about what 870,000 rounds take on one core.
+    static let assumedHashMicroseconds = 300_000
+    /// The longest `Retry-After` given: the average is wall time, and a starved hashing thread
+    /// (it yields to everything) can make it look far longer than a hash costs.
+    static let maxRetryAfter = 30
+
     /// The `Retry-After` for a refusal while `queued` hashes are in flight or waiting.
     static func retryAfter(queued: Int, averageMicroseconds average: Int, random: Double) -> Int {
-        let drain = Double(queued) * Double(max(average, 1)) / 1_000_000 / Double(threads)
-        return max(1, Int((drain * (1 + random)).rounded(.up)))
+        let cost = average > 0 ? average : assumedHashMicroseconds
+        let drain = Double(queued) * Double(cost) / 1_000_000 / Double(threads)
+        return min(maxRetryAfter, max(1, Int((drain * (1 + random)).rounded(.up))))
     }
 
     /// Runs `body` on the hashing pool, or throws ``Busy`` when too many wait already.
