@@ -7,6 +7,12 @@ import NIOCore
 import NIOHTTP1
 import Synchronization
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// What every connection of one server shares.
 final class ServerContext: Sendable {
     let layer: any ChannelLayer
@@ -117,7 +123,11 @@ final class AccessLog: Sendable {
                 bytes.withUnsafeBytes { raw in
                     var offset = 0
                     while offset < raw.count {
-                        let written = Glibc.write(1, raw.baseAddress! + offset, raw.count - offset)
+                        #if canImport(Darwin)
+                            let written = Darwin.write(1, raw.baseAddress! + offset, raw.count - offset)
+                        #else
+                            let written = Glibc.write(1, raw.baseAddress! + offset, raw.count - offset)
+                        #endif
                         if written <= 0 { break }
                         offset += written
                     }
@@ -252,7 +262,3 @@ final class BackgroundWriter: Sendable {
 
     func flush() { queue.sync {} }
 }
-
-#if canImport(Glibc)
-    import Glibc
-#endif

@@ -23,6 +23,16 @@ import Synchronization
 /// callers pipeline automatically without waiting on each other. A connection that fails or
 /// times out is closed and fails every call still waiting; the owner opens a new one.
 final class RedisConnection: Sendable {
+    /// The TCP option for the idle time before keepalive probes: `TCP_KEEPIDLE` on Linux,
+    /// `TCP_KEEPALIVE` on Darwin.
+    static var keepaliveIdleOption: Int32 {
+        #if canImport(Darwin)
+            TCP_KEEPALIVE
+        #else
+            TCP_KEEPIDLE
+        #endif
+    }
+
     let endpoint: RedisEndpoint
     private let channel: any Channel
     /// Requests go to the handler directly (on its event loop), not through the pipeline: no
@@ -93,7 +103,7 @@ final class RedisConnection: Sendable {
                     .channelOption(.socketOption(.so_keepalive), value: endpoint.keepalive ? 1 : 0)
                 if endpoint.keepalive, let idle = endpoint.keepaliveIdle {
                     bootstrap = bootstrap.channelOption(
-                        ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPIDLE)),
+                        ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: Self.keepaliveIdleOption)),
                         value: SocketOptionValue(idle))
                 }
                 channel = try await bootstrap.connect(host: host, port: port).get()
