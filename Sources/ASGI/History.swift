@@ -70,13 +70,15 @@ public protocol ChannelLayerHistory: ChannelLayer {
     /// not exist is started, so the top always has an epoch).
     func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice
 
-    /// Puts back `group`'s member set when it vanished while sockets follow the group (Redis
-    /// evicted it under `maxmemory`, someone deleted it): adds each of `channels` (the followers
-    /// one server knows of) that is missing, when the set did not exist, or when another
-    /// server's call re-created it within the last `window` (so every server's followers go
-    /// back, not only the first one's). A set that exists and was not re-created is left alone.
-    /// Returns how many members were added.
-    func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int
+    /// Puts back into `group`'s member set those of `channels` (the sockets one server knows
+    /// follow the group) that are missing from it: the set was evicted (Redis under
+    /// `maxmemory`), deleted, or a member expired while its socket still follows. A socket that
+    /// follows a group is a member of it for as long as it follows. Returns the channels added.
+    func groupRestore(_ group: String, channels: [String]) async throws -> [String]
+
+    /// Removes `channels` from `group` (the keeper's undo for a socket that closed while its
+    /// restore was on the way).
+    func groupRemove(_ group: String, channels: [String]) async throws
 }
 
 /// The frame a client receives for a published message: the publication's JSON object with

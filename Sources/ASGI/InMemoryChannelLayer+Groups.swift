@@ -17,17 +17,28 @@ extension InMemoryChannelLayer {
         if closed { throw Self.closedError }
     }
 
-    /// Puts back a vanished group set; see ``ChannelLayerHistory/groupRestore(_:channels:window:)``.
-    /// In memory a set only goes when its last member is discarded (nothing evicts it), and the
-    /// one process holds every follower, so there is no restore mark: a missing set is re-created
-    /// with `channels`, an existing one is left alone.
-    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
+    /// Puts back missing followers; see ``ChannelLayerHistory/groupRestore(_:channels:)``.
+    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
+        let cutoff = now - configuration.groupExpiry
         return state.withLock { state in
-            guard !state.closed, state.groups[group] == nil, !channels.isEmpty else { return 0 }
-            state.groups[group] = Dictionary(channels.map { ($0, now) }, uniquingKeysWith: { a, _ in a })
-            return state.groups[group]!.count
+            guard !state.closed else { return [] }
+            var added: [String] = []
+            for channel in channels where (state.groups[group]?[channel]).map({ $0 <= cutoff }) ?? true {
+                state.groups[group, default: [:]][channel] = now
+                added.append(channel)
+            }
+            return added
+        }
+    }
+
+    /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
+    public func groupRemove(_ group: String, channels: [String]) async throws {
+        try ChannelNames.validateGroup(group)
+        state.withLock { state in
+            for channel in channels { state.groups[group]?[channel] = nil }
+            if state.groups[group]?.isEmpty == true { state.groups[group] = nil }
         }
     }
 

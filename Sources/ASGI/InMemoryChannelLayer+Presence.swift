@@ -88,11 +88,12 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
     /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
     public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
-        // Every tracked connection: one past its expiry stays until the sweep removes it (with a
-        // leave of a later version), so the list is the state at its version.
+        // One past its expiry stays until the sweep removes it (with a leave of a later
+        // version), so the list is the state at its version; unless nobody sweeps.
+        let oldest = ContinuousClock.now - .seconds(PresenceSweepGrace.seconds)
         return presence.withLock { all in
             var members: [String: PresenceMember] = [:]
-            for entry in (all[group]?.connections.values).map(Array.init) ?? [] {
+            for entry in (all[group]?.connections.values).map(Array.init) ?? [] where entry.expires > oldest {
                 members[entry.user, default: PresenceMember(user: entry.user, connections: 0, meta: entry.meta)].connections += 1
             }
             return PresenceSnapshot(

@@ -159,9 +159,14 @@ extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
         try await history().historyRead(group, after: position, retention: retention)
     }
 
-    /// Puts back a vanished group set; see ``ChannelLayerHistory/groupRestore(_:channels:window:)``.
-    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
-        try await history().groupRestore(group, channels: channels, window: window)
+    /// Puts back missing followers; see ``ChannelLayerHistory/groupRestore(_:channels:)``.
+    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
+        try await history().groupRestore(group, channels: channels)
+    }
+
+    /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
+    public func groupRemove(_ group: String, channels: [String]) async throws {
+        try await history().groupRemove(group, channels: channels)
     }
 
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.

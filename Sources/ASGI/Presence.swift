@@ -140,6 +140,14 @@ extension ChannelLayerPresence {
     }
 }
 
+/// How long past its expiry a connection is still listed: the interface servers sweep every
+/// third of the presence TTL and tell its leave (with a later version) then; a connection
+/// expired longer than this is not being swept (no server runs) and is left out of lists.
+public enum PresenceSweepGrace {
+    /// 60 s.
+    public static let seconds: Double = 60
+}
+
 /// A group's presence version: a microsecond clock, or one more than `last` when the clock is
 /// not past it (a version is never reused or lowered, even if the clock steps back).
 public enum PresenceVersion {

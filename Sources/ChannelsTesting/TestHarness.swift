@@ -151,8 +151,13 @@ extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
     }
 
     /// Forwards to the base layer (see ``ChannelLayerHistory``).
-    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
-        try await metered.groupRestore(group, channels: channels, window: window)
+    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
+        try await metered.groupRestore(group, channels: channels)
+    }
+
+    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    public func groupRemove(_ group: String, channels: [String]) async throws {
+        try await metered.groupRemove(group, channels: channels)
     }
 
     /// Forwards to the base layer (see ``ChannelLayerPresence``).

@@ -20,16 +20,23 @@ final class FollowerRegistry: Sendable {
         }
     }
 
+    func contains(_ channel: String, in group: String) -> Bool {
+        followers.withLock { $0[group]?.contains(channel) ?? false }
+    }
+
     var snapshot: [String: [String]] { followers.withLock { $0.mapValues { $0.sorted() } } }
 }
 
-/// Puts back the member sets of followed groups that vanished while their sockets are
-/// connected: Redis under `maxmemory` with an eviction policy can evict a group's sorted set,
-/// and then nobody in it gets the group's messages, with no error anywhere. Every
-/// `--group-check-interval` this server asks the layer to re-create each followed group that is
-/// gone with the followers it knows (``ChannelLayerHistory/groupRestore(_:channels:window:)``):
-/// one script call per group, nothing when the set is there. Messages sent while the set was
-/// gone are in the group's history, and the sockets' tail check writes them.
+/// Keeps the sockets that follow a group (with history) in its member set while they follow:
+/// Redis under `maxmemory` with an eviction policy can evict a group's sorted set, and then
+/// nobody in it gets the group's messages, with no error anywhere; a member can also expire
+/// (`group_expiry`) while its socket is open. Every `--group-check-interval` this server asks
+/// the layer to add back each of its followers missing from its group
+/// (``ChannelLayerHistory/groupRestore(_:channels:)``: one script per group, nothing written
+/// when all are there). A socket that closed while that call was on its way is taken out again
+/// (its disconnect may already have discarded it: re-added, it would be a dead member for a
+/// day). Messages sent while followers were missing are in the group's history, and the
+/// sockets' tail check writes them.
 struct GroupKeeper {
     let server: ServerContext
 
@@ -45,21 +52,31 @@ struct GroupKeeper {
             } catch {
                 return
             }
-            do {
-                for (group, channels) in server.followers.snapshot {
-                    let added = try await history.groupRestore(group, channels: channels, window: interval * 3)
-                    guard added > 0 else { continue }
-                    Self.restored.increment(by: added)
+            var failed: (any Error)?
+            for (group, channels) in server.followers.snapshot {
+                // One group's failure (its shard down) does not stop the others' check.
+                do {
+                    let added = try await history.groupRestore(group, channels: channels)
+                    guard !added.isEmpty else { continue }
+                    let gone = added.filter { !server.followers.contains($0, in: group) }
+                    if !gone.isEmpty { try await history.groupRemove(group, channels: gone) }
+                    let back = added.count - gone.count
+                    guard back > 0 else { continue }
+                    Self.restored.increment(by: back)
                     server.logger.warning(
-                        "a followed group's member set was gone (evicted under maxmemory, or deleted); its followers on this server were added back",
-                        metadata: ["group": "\(group)", "added": "\(added)"])
+                        "sockets that follow a group were missing from its member set (evicted under maxmemory, expired or deleted); added back",
+                        metadata: ["group": "\(group)", "added": "\(back)"])
+                } catch {
+                    failed = error
                 }
-                failures = 0
-            } catch {
+            }
+            if let failed {
                 failures += 1
                 if failures == 1 || failures % 30 == 0 {
-                    server.logger.warning("the followed groups' check failed", metadata: ["error": "\(error)", "failures": "\(failures)"])
+                    server.logger.warning("the followed groups' check failed", metadata: ["error": "\(failed)", "failures": "\(failures)"])
                 }
+            } else {
+                failures = 0
             }
         }
     }

@@ -32,11 +32,11 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
         case .binary:
             session.received(text: nil, bytes: Array(frame.unmaskedData.readableBytesView))
         case .ping:
-            // Nothing is written after our close frame (RFC 6455 5.5.1). A pong that does not
-            // fit under the socket's bound of unwritten bytes is a client that sends but does
-            // not read: closed as any slow client (answering every ping would queue without end).
-            guard !session.closeFrameSent else { return }
-            guard context.channel.isWritable else { return session.slowClient() }
+            // Nothing is written after our close frame (RFC 6455 5.5.1). While the socket is
+            // past its bound of unwritten bytes the pong is not written: a client that pings and
+            // does not read would otherwise queue pongs without end, and one that reads gets
+            // the pong of a later ping (RFC 6455 5.5.3 lets an endpoint answer only the last).
+            guard !session.closeFrameSent, context.channel.isWritable else { return }
             let pong = WebSocketFrame(fin: true, opcode: .pong, data: frame.unmaskedData)
             context.writeAndFlush(wrapOutboundOut(pong), promise: nil)
         case .pong:

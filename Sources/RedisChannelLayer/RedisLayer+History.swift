@@ -93,40 +93,39 @@ extension RedisChannelLayer: ChannelLayerHistory {
         return try decoder.decodeMessage(body)
     }
 
-    /// Puts back a vanished group set; see ``ChannelLayerHistory/groupRestore(_:channels:window:)``.
-    /// The re-creation is marked by `<prefix>group-restored:<group>` for `window`.
-    public func groupRestore(_ group: String, channels: [String], window: Duration) async throws -> Int {
+    /// Puts back missing followers; see ``ChannelLayerHistory/groupRestore(_:channels:)``.
+    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
         try ChannelNames.validateGroup(group)
-        guard !channels.isEmpty else { return 0 }
-        var args: [RedisArgument] = [
-            .text(String(Self.unixTime())), .integer(configuration.groupExpiry),
-            .integer(max(1, Int(window.components.seconds))),
-        ]
+        guard !channels.isEmpty else { return [] }
+        var args: [RedisArgument] = [.text(String(Self.unixTime())), .integer(configuration.groupExpiry)]
         args += channels.map { .text($0) }
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.groupRestore,
-            keys: [.bytes(groupKey(group)), .text(configuration.prefix + "group-restored:" + group)], args: args)
+        let reply = try await pipelined(shardIndex(for: group), Scripts.groupRestore, keys: [.bytes(groupKey(group))], args: args)
         if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group restore") }
-        return reply.countValue
+        return (reply.array ?? []).compactMap(\.text)
+    }
+
+    /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
+    public func groupRemove(_ group: String, channels: [String]) async throws {
+        try ChannelNames.validateGroup(group)
+        guard !channels.isEmpty else { return }
+        let reply = try await shared(shardIndex(for: group)).command(
+            [Array("ZREM".utf8), groupKey(group)] + channels.map { Array($0.utf8) })
+        if reply.errorMessage != nil { throw unexpected(reply, doing: "group remove") }
     }
 }
 
 extension Scripts {
-    /// KEYS: the group set, its restore mark. ARGV: now, group expiry, the mark's lifetime
-    /// (seconds), then the channels. When the set is gone, or was re-created while the mark
-    /// lives, adds the channels that are missing (scored now) and, if it re-created the set,
-    /// sets the mark; otherwise adds nothing. How many were added.
+    /// KEYS: the group set. ARGV: now, group expiry, then the channels. Adds (scored now) each
+    /// channel that is not a member, refreshes the set's expiry when it added any; the
+    /// channels added.
     static let groupRestore = LuaScript(
         name: "groupRestore",
         source: """
-            local gone = redis.call('EXISTS', KEYS[1]) == 0
-            if not gone and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-            local added = 0
-            for i = 4, #ARGV do
-                added = added + redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i])
+            local added = {}
+            for i = 3, #ARGV do
+                if redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) == 1 then added[#added + 1] = ARGV[i] end
             end
-            redis.call('EXPIRE', KEYS[1], ARGV[2])
-            if gone then redis.call('SET', KEYS[2], '1', 'EX', ARGV[3]) end
+            if #added > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
             return added
             """)
 

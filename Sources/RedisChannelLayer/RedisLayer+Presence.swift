@@ -111,7 +111,8 @@ extension RedisChannelLayer: ChannelLayerPresence {
     public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group), args: [])
+            shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group),
+            args: [.text(String(Self.unixTime() - PresenceSweepGrace.seconds))])
         if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence list: \(error)") }
         // {version, user, meta, user, meta, ...}
         let items = reply.array ?? []
@@ -254,13 +255,15 @@ extension Scripts {
             return back
             """)
 
-    /// KEYS: connections, metas, expiry, users, version. {the group's version, user, meta,
-    /// user, meta, ...} of every tracked connection: one past its expiry stays until the sweep
-    /// removes it (with a leave of a later version), so the list is the state at its version.
+    /// KEYS: connections, metas, expiry, users, version. ARGV: the oldest expiry listed. {the
+    /// group's version, user, meta, user, meta, ...} of the tracked connections: one past its
+    /// expiry stays until the sweep removes it (with a leave of a later version), so the list is
+    /// the state at its version; one expired longer than ``PresenceSweepGrace`` ago (nobody
+    /// sweeps: no interface server runs) is left out.
     static let presenceList = LuaScript(
         name: "presenceList",
         source: """
-            local live = redis.call('ZRANGE', KEYS[3], 0, -1)
+            local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[1], '+inf')
             local out = {tonumber(redis.call('GET', KEYS[5]) or '0')}
             -- In slices: unpack() takes a few thousand values at most.
             for first = 1, #live, 500 do

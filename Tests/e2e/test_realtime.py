@@ -609,10 +609,12 @@ def one_users_presence_changes_arriving_out_of_order_from_two_servers_are_ordere
 def a_followed_group_set_that_vanished_is_put_back_and_its_members_keep_receiving():
     """Under maxmemory with an eviction policy Redis can evict a group's member set: then nobody
     in the room gets its messages, and nothing says so. The room's set is deleted (as an
-    eviction does) while 10 sockets on two servers follow the room; each server
-    (--group-check-interval 1) puts its own followers back, says so in its log, and every socket
-    gets each of 20 messages posted afterwards, live: within 10 s (without the check they would
-    get them only from the tail check, 30 s after their last message)."""
+    eviction does) while 10 sockets on two servers follow the room, and a new socket joins at
+    once (so the set exists again, with it alone); each server (--group-check-interval 1) adds
+    its missing followers back, says so in its log, and every socket gets each of 20 messages
+    posted afterwards, live: within 10 s (without the check they would get them only from the
+    tail check, 30 s after their last message). When every socket has closed, the set is empty:
+    the keeper left no dead member behind."""
     prefix = "gv%d:" % time.time_ns()
     procs, workers = stack(redis_url(prefix), 2, 1, "--group-check-interval", "1")
     try:
@@ -626,10 +628,12 @@ def a_followed_group_set_that_vanished_is_put_back_and_its_members_keep_receivin
                 await wait_for(lambda: s.marker() is not None, "every socket's position", 30)
             assert int(redis_cli("zcard", key)) == 10, redis_cli("zcard", key)
             assert redis_cli("del", key) == "1", "the room's group set %s was not there" % key
-            # Both servers put their five back (the second one while the first one's mark lives).
-            await wait_for(lambda: redis_cli("zcard", key) == "10", "the set to be back with all 10 members", 15)
+            late = await connect(ports[0], room)
+            await wait_for(lambda: late.marker() is not None, "the late socket's position", 30)
+            sockets.append(late)
+            await wait_for(lambda: redis_cli("zcard", key) == "11", "the set to be back with all 11 members", 15)
             for proc, _ in procs:
-                await asyncio.to_thread(proc.wait_line, "its followers on this server were added back")
+                await asyncio.to_thread(proc.wait_line, "were missing from its member set")
             posted = time.time()
             texts = await post(sockets[0], 20, "after the eviction")
             assert [m["text"] for m in texts] == ["after the eviction %d" % i for i in range(20)]
@@ -638,10 +642,12 @@ def a_followed_group_set_that_vanished_is_put_back_and_its_members_keep_receivin
             for s in sockets:
                 got = [m["text"] for m in s.messages() if m["text"].startswith("after the eviction")]
                 assert got == ["after the eviction %d" % i for i in range(20)], got
-            print("  group set deleted under 10 followers on 2 servers: put back by both, 20 messages reached all 10 "
-                  "in %.1f s" % (time.time() - posted), flush=True)
+            took = time.time() - posted
             for s in sockets:
                 await s.ws.close()
+            await wait_for(lambda: redis_cli("zcard", key) == "0", "the set to be empty once every socket closed", 15)
+            print("  group set deleted under 10 followers on 2 servers and re-created by a new socket: all 11 back, "
+                  "20 messages reached all in %.1f s; empty after the closes" % took, flush=True)
         asyncio.run(run())
     finally:
         stop(procs, workers)
