@@ -60,7 +60,19 @@ final class ChatDatabase: Sendable {
         self.path = path
         var configuration = Configuration()
         configuration.busyMode = .timeout(10)
-        pool = try DatabasePool(path: path, configuration: configuration)
+        // Processes started together (a server and its workers) may open a fresh file at once:
+        // switching it to WAL takes a lock the busy timeout does not wait for, and the loser of
+        // that race is told "database is locked". It tries again, a little later each time.
+        var opening = 1
+        while true {
+            do {
+                pool = try DatabasePool(path: path, configuration: configuration)
+                break
+            } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && opening < 10 {
+                opening += 1
+                Thread.sleep(forTimeInterval: 0.05 * Double(opening))
+            }
+        }
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
             try db.create(table: Account.databaseTableName, ifNotExists: true) { t in
