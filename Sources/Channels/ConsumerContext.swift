@@ -63,6 +63,9 @@ public final class ConsumerContext: Sendable {
     let streaming = Mutex<(streams: ResponseStreams, handle: TaskHandle)?>(nil)
     /// The disconnect channel this context's response registered, if any.
     let streamChannel = Mutex<String?>(nil)
+    /// The worker's slot this `http.request` runs on, lent out while the consumer waits for its
+    /// client (credit, upload chunks); nil outside a worker.
+    let slot = Mutex<SlotLease?>(nil)
 
     /// The `disconnect_channel` for a response of several messages (registered once, with the
     /// request's `response_credit`).
@@ -101,7 +104,7 @@ public final class ConsumerContext: Sendable {
     /// (the server's credit, when it gives one); at once otherwise.
     func reserveResponseBytes(_ bytes: Int) async throws {
         guard let channel = streamChannel.withLock({ $0 }), let (streams, _) = streaming.withLock({ $0 }) else { return }
-        try await streams.reserve(bytes, on: channel)
+        try await streams.reserve(bytes, on: channel, lending: slot.withLock { $0 })
     }
 
     /// A context for a message outside a worker (tests, tools), with a default environment.

@@ -78,8 +78,19 @@ extension ConsumerContext {
         let request = try HTTPRequestMessage(message)
         var body = request.body
         guard let bodyChannel = request.bodyChannel else { return body }
+        let lease = slot.withLock { $0 }
         while true {
-            guard let received = try await layer.receive(channels: [bodyChannel], timeout: timeout) else {
+            // A chunk not there yet is waited for with the worker's slot lent out: a client
+            // that uploads slowly holds none.
+            var next = lease == nil ? nil : try await layer.receive(channels: [bodyChannel], timeout: .zero)
+            if next == nil {
+                if let lease {
+                    next = try await lease.lent { try await layer.receive(channels: [bodyChannel], timeout: timeout) }
+                } else {
+                    next = try await layer.receive(channels: [bodyChannel], timeout: timeout)
+                }
+            }
+            guard let received = next else {
                 throw ChannelLayerError(.connectionLost, "request body chunk on '\(bodyChannel)' did not arrive")
             }
             let chunk = try HTTPBodyChunk(received.message)

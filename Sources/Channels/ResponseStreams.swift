@@ -109,7 +109,8 @@ public final class ResponseStreams: Sendable {
     /// Waits until `bytes` more body bytes of the response at `channel` may be sent, then counts
     /// them as sent. Throws `CancellationError` when the client left (or the task is cancelled)
     /// and ``ChannelLayerError`` (`connectionLost`) when no credit came within `creditTimeout`.
-    func reserve(_ bytes: Int, on channel: String) async throws {
+    /// While it waits, `lending`'s slot serves other messages (a reader that stalls holds none).
+    func reserve(_ bytes: Int, on channel: String, lending lease: SlotLease? = nil) async throws {
         // A stream no longer registered was stopped: its client left.
         let ready = streams.withLock { streams -> Bool? in
             guard var stream = streams[channel] else { return nil }
@@ -121,6 +122,12 @@ public final class ResponseStreams: Sendable {
         guard let ready else { throw CancellationError() }
         if ready { return }
         Self.creditWaits.increment()
+        lease?.lend()
+        try await waitForCredit(bytes, on: channel)
+        try await lease?.reclaim()
+    }
+
+    private func waitForCredit(_ bytes: Int, on channel: String) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 try await withTaskCancellationHandler {

@@ -11,6 +11,10 @@ final class Slots: Sendable {
         var held: [String: Int] = [:]
         var waiter: (needed: Int, continuation: CheckedContinuation<Void, Never>)?
         var interrupted = false
+        /// Consumers that lent their slot while they waited for their client, and want one
+        /// back: served first, in order, before the receive loop takes new messages.
+        var returning: Deque<(id: Int, channel: String, continuation: CheckedContinuation<Void, any Error>)> = []
+        var nextReturningID = 0
     }
     private let state: Mutex<State>
     /// Every slot, the reserved ones included.
@@ -87,41 +91,118 @@ final class Slots: Sendable {
         }
     }
 
-    /// Gives back a slot taken for a message of `channel`.
+    /// Gives back a slot taken for a message of `channel`: to the first consumer waiting to
+    /// return to work, if one is, else to the receive loop.
     func release(_ channel: String) {
-        let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+        enum Wake {
+            case none
+            case receiveLoop(CheckedContinuation<Void, Never>)
+            case returning(CheckedContinuation<Void, any Error>)
+        }
+        let wake = state.withLock { state -> Wake in
             state.free += 1
             if let count = state.held[channel] { state.held[channel] = count > 1 ? count - 1 : nil }
-            guard let waiter = state.waiter, state.free >= waiter.needed else { return nil }
+            if state.free > 0, let next = state.returning.popFirst() {
+                state.free -= 1
+                state.held[next.channel, default: 0] += 1
+                return .returning(next.continuation)
+            }
+            guard let waiter = state.waiter, state.free >= waiter.needed else { return .none }
             state.waiter = nil
-            return waiter.continuation
+            return .receiveLoop(waiter.continuation)
         }
-        waiter?.resume()
+        switch wake {
+        case .none: break
+        case .receiveLoop(let continuation): continuation.resume()
+        case .returning(let continuation): continuation.resume()
+        }
+    }
+
+    /// Takes a slot for `channel` again, for a consumer that lent its own while it waited for
+    /// its client: at once when one is free and nobody returned before it, else when one comes
+    /// back (before the receive loop gets it). Throws `CancellationError` when cancelled first.
+    func reacquire(_ channel: String) async throws {
+        let id = state.withLock { state in
+            defer { state.nextReturningID += 1 }
+            return state.nextReturningID
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                let now = state.withLock { state -> Result<Void, any Error>? in
+                    if state.free > 0, state.returning.isEmpty {
+                        state.free -= 1
+                        state.held[channel, default: 0] += 1
+                        return .success(())
+                    }
+                    // Checked under the lock: a cancellation after this finds the entry.
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    state.returning.append((id, channel, continuation))
+                    return nil
+                }
+                if let now { continuation.resume(with: now) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+                guard let index = state.returning.firstIndex(where: { $0.id == id }) else { return nil }
+                return state.returning.remove(at: index).continuation
+            }
+            waiter?.resume(throwing: CancellationError())
+        }
     }
 }
 
 /// A slot held by a running consumer, given back once: by the worker when the consumer
 /// returns, or earlier by the consumer-timeout watchdog when the consumer ignores its
-/// cancellation.
+/// cancellation. While the consumer waits for its client (credit for a streamed response, the
+/// next chunk of an upload) it lends the slot out, so a client that does not read or sends
+/// slowly holds no slot: slots are for consumers that run.
 final class SlotLease: Sendable {
+    private enum State: UInt8 {
+        case held, lent, given
+    }
     let channel: String
     private let slots: Slots
-    private let given = Atomic<Bool>(false)
+    private let state = Atomic<UInt8>(State.held.rawValue)
 
     init(channel: String, slots: Slots) {
         self.channel = channel
         self.slots = slots
     }
 
-    /// Gives the slot back, the first time only.
+    /// Gives the slot back, the first time only (a lent slot is already back).
     func giveBack() {
-        guard given.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
-        slots.release(channel)
+        if state.exchange(State.given.rawValue, ordering: .relaxed) == State.held.rawValue { slots.release(channel) }
     }
 
     /// Keeps the slot for good (it goes on to the socket's next messages, and an abandonment
-    /// after this gives nothing back); false when it was given back already.
+    /// after this gives nothing back); false when it is not held (given back, or lent).
     func keep() -> Bool {
-        given.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged
+        state.exchange(State.given.rawValue, ordering: .relaxed) == State.held.rawValue
+    }
+
+    /// Lets the receive loop (or a returning consumer) use the slot while this one waits.
+    func lend() {
+        guard state.compareExchange(expected: State.held.rawValue, desired: State.lent.rawValue, ordering: .relaxed).exchanged else {
+            return
+        }
+        slots.release(channel)
+    }
+
+    /// Takes a slot again after `lend()`, waiting for one to come free. When the lease was
+    /// given back meanwhile (the watchdog abandoned the consumer), the slot taken goes back.
+    func reclaim() async throws {
+        guard state.load(ordering: .relaxed) == State.lent.rawValue else { return }
+        try await slots.reacquire(channel)
+        if !state.compareExchange(expected: State.lent.rawValue, desired: State.held.rawValue, ordering: .relaxed).exchanged {
+            slots.release(channel)
+        }
+    }
+
+    /// `body` with the slot lent out for its duration (taken back when it returns).
+    func lent<T>(_ body: () async throws -> T) async throws -> T {
+        lend()
+        let value = try await body()
+        try await reclaim()
+        return value
     }
 }

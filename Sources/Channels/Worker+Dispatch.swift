@@ -52,6 +52,7 @@ extension Worker {
         do {
             if received.channel == ASGIChannel.httpRequest {
                 context.streaming.withLock { $0 = (streams, handle) }
+                context.slot.withLock { $0 = lease }
                 defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
                 try await handle.running {
                     try await ConsumerContext.$current.withValue(context) { try await consumer(context) }

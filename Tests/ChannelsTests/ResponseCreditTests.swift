@@ -119,4 +119,82 @@ struct ResponseCreditTests {
         worker.stop()
         await running.value
     }
+
+    /// A download whose client stops reading and an upload whose client stops sending each wait
+    /// for their client with the worker's slot lent out: with one slot (and one reserved), 20
+    /// other requests are answered meanwhile, and both stalled ones still finish once their
+    /// clients move again. Before the lending, the two held both slots and nothing else ran.
+    @Test func consumersWaitingForTheirClientsLendTheirSlots() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(capacity: 1000))
+        let body = [UInt8](repeating: 7, count: 1 << 20)
+        let worker = Worker(
+            router: try Router([
+                route(
+                    "http.request",
+                    { context in
+                        switch try HTTPRequestMessage(context.message).path {
+                        case "/download": try await context.respond(contentType: "application/octet-stream", body: body)
+                        case "/upload":
+                            let received = try await context.requestBody()
+                            try await context.respond(contentType: "text/plain", body: Array("\(received.count)".utf8))
+                        default: try await context.respond(contentType: "text/plain", body: Array("hello".utf8))
+                        }
+                    })
+            ]), layer: layer, concurrency: 1)
+        let running = Task { await worker.run() }
+        // The test plays the server: replies for each request, in arrival order.
+        var replies: [String: [Message]] = [:]
+        func next(_ channel: String) async throws -> Message? {
+            let deadline = ContinuousClock.now + .seconds(10)
+            while replies[channel, default: []].isEmpty, ContinuousClock.now < deadline {
+                if let reply = try await layer.receive(channels: ["srv!"], timeout: .seconds(1)) {
+                    replies[reply.channel, default: []].append(reply.message)
+                }
+            }
+            return replies[channel]?.isEmpty == false ? replies[channel]?.removeFirst() : nil
+        }
+        try await layer.send(
+            HTTPRequestMessage(replyChannel: "srv!download", method: "GET", path: "/download", responseCredit: 1).message,
+            to: "http.request")
+        try await layer.send(
+            HTTPRequestMessage(
+                replyChannel: "srv!upload", method: "POST", path: "/upload", body: [1, 2, 3], bodyChannel: "http.request.body?up"
+            )
+            .message, to: "http.request")
+        // The download's first chunk is out and it waits for a credit that does not come.
+        let start = try #require(try await next("srv!download"))
+        guard case .start(let head) = try HTTPResponseMessage(start), let disconnectChannel = head.disconnectChannel else {
+            Issue.record("the download did not start with a disconnect channel")
+            return
+        }
+        for index in 0..<20 {
+            try await layer.send(
+                HTTPRequestMessage(replyChannel: "srv!hello\(index)", method: "GET", path: "/hello").message, to: "http.request")
+        }
+        var answered = 0
+        for index in 0..<20 {
+            if try await next("srv!hello\(index)") != nil { answered += 1 }
+        }
+        #expect(answered == 20, "\(answered) of 20 requests answered while a download and an upload waited for their clients")
+        // The clients move again: the upload's last chunk arrives, the download is read.
+        try await layer.send(HTTPBodyChunk(content: [4, 5], moreContent: false).message, to: "http.request.body?up")
+        let uploaded = try #require(try await next("srv!upload"))
+        guard case .start(let uploadAnswer) = try HTTPResponseMessage(uploaded) else {
+            Issue.record("the upload's answer is not a response start")
+            return
+        }
+        #expect(uploadAnswer.content == Array("5".utf8))
+        var received = head.content
+        var more = head.moreContent
+        while more {
+            try await layer.send(HTTPResponseCredit(written: received.count).message, to: disconnectChannel)
+            let reply = try #require(try await next("srv!download"))
+            guard case .chunk(let chunk) = try HTTPResponseMessage(reply) else { break }
+            received += chunk.content
+            more = chunk.moreContent
+        }
+        #expect(received == body, "the download got \(received.count) of \(body.count) bytes")
+        worker.stop()
+        await running.value
+    }
 }

@@ -262,4 +262,38 @@ struct WorkerFairnessTests {
         await running.value
         #expect(await hungLater.entries == ["2", "3"], "the frames queued behind the abandoned consumer did not run")
     }
+
+    /// A lent slot: the receive loop can use it; the lender gets one back before the receive
+    /// loop does; a lender cancelled while it waits takes none; a lease given back while lent
+    /// (the watchdog) frees nothing twice.
+    @Test func aLentSlotComesBackFirstToItsLender() async throws {
+        let slots = Slots(1)
+        let work = ReceivedMessage(channel: "work", message: [:])
+        slots.take([work])
+        let lease = SlotLease(channel: "work", slots: slots)
+        lease.lend()
+        #expect(slots.freeCount == 1)
+        slots.take([work])  // the receive loop runs another message on it
+        let back = Task { try await lease.reclaim() }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(slots.freeCount == 0, "the lender waits while the slot is used")
+        slots.release("work")  // the other message finished: the lender gets the slot, not the loop
+        try await back.value
+        #expect(slots.freeCount == 0)
+        lease.giveBack()
+        #expect(slots.freeCount == 1)
+
+        // Cancelled while waiting: no slot taken, none lost.
+        slots.take([work])
+        let other = SlotLease(channel: "work", slots: slots)
+        other.lend()
+        slots.take([work])
+        let waiting = Task { try await other.reclaim() }
+        try await Task.sleep(for: .milliseconds(50))
+        waiting.cancel()
+        await #expect(throws: CancellationError.self) { try await waiting.value }
+        other.giveBack()  // lent, so nothing more is released
+        slots.release("work")
+        #expect(slots.freeCount == 1, "every slot is back exactly once")
+    }
 }
