@@ -79,6 +79,62 @@ public protocol ChannelLayerHistory: ChannelLayer {
     /// Removes `channels` from `group` (the keeper's undo for a socket that closed while its
     /// restore was on the way).
     func groupRemove(_ group: String, channels: [String]) async throws
+
+    /// One pass of a server's group keeper, in one call per shard: puts back into their
+    /// group's member set every socket in `followers` (group → the server's sockets that follow
+    /// it) and every membership the layer journaled for `processChannel`'s sockets (any
+    /// `groupAdd` of one of them, by this server or by any worker) whose socket `isOpen` still
+    /// says is there, when it is missing or expired; drops the journal entries of sockets gone.
+    /// A layer whose group sets cannot vanish keeps no journal and checks the followers only.
+    func groupCheck(processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool) async throws
+        -> GroupCheck
+}
+
+/// A channel's membership of a group.
+public struct GroupMembership: Hashable, Sendable {
+    /// The group's name.
+    public var group: String
+    /// The member channel (a socket's reply channel, for a journaled one).
+    public var channel: String
+
+    /// A membership of `channel` in `group`.
+    public init(group: String, channel: String) {
+        self.group = group
+        self.channel = channel
+    }
+}
+
+/// What one pass of a group keeper found and did
+/// (``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``).
+public struct GroupCheck: Sendable {
+    /// A member put back into its group's set.
+    public struct Restored: Hashable, Sendable {
+        /// The group it was put back into.
+        public var group: String
+        /// The member channel put back.
+        public var channel: String
+        /// Put back as a follower of the group (else from the journal).
+        public var followed: Bool
+
+        /// A member of `group` put back (as a follower when `followed`).
+        public init(group: String, channel: String, followed: Bool) {
+            self.group = group
+            self.channel = channel
+            self.followed = followed
+        }
+    }
+
+    /// Members put back.
+    public var restored: [Restored] = []
+    /// Journal entries dropped because their socket is gone.
+    public var forgotten = 0
+    /// Journal entries written again because the journal itself had vanished.
+    public var journalRewritten = 0
+    /// What failed (one line per shard that could not be checked); the rest was checked.
+    public var failures: [String] = []
+
+    /// A pass that found nothing to do (yet).
+    public init() {}
 }
 
 /// The frame a client receives for a published message: the publication's JSON object with

@@ -33,6 +33,21 @@ extension InMemoryChannelLayer {
         }
     }
 
+    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
+    /// Sets in memory never vanish (only members expire), so no journal is kept: followers
+    /// missing or expired are put back.
+    public func groupCheck(
+        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+    ) async throws -> GroupCheck {
+        var check = GroupCheck()
+        for (group, channels) in followers {
+            for channel in try await groupRestore(group, channels: channels) {
+                check.restored.append(GroupCheck.Restored(group: group, channel: channel, followed: true))
+            }
+        }
+        return check
+    }
+
     /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
     public func groupRemove(_ group: String, channels: [String]) async throws {
         try ChannelNames.validateGroup(group)

@@ -169,6 +169,13 @@ extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
         try await history().groupRemove(group, channels: channels)
     }
 
+    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
+    public func groupCheck(
+        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+    ) async throws -> GroupCheck {
+        try await history().groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
+    }
+
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> PresenceChange
     {

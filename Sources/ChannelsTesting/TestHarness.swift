@@ -160,6 +160,13 @@ extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
         try await metered.groupRemove(group, channels: channels)
     }
 
+    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    public func groupCheck(
+        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+    ) async throws -> GroupCheck {
+        try await metered.groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
+    }
+
     /// Forwards to the base layer (see ``ChannelLayerPresence``).
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
         -> PresenceChange

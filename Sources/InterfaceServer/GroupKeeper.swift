@@ -27,24 +27,27 @@ final class FollowerRegistry: Sendable {
     var snapshot: [String: [String]] { followers.withLock { $0.mapValues { $0.sorted() } } }
 }
 
-/// Keeps the sockets that follow a group (with history) in its member set while they follow:
-/// Redis under `maxmemory` with an eviction policy can evict a group's sorted set, and then
-/// nobody in it gets the group's messages, with no error anywhere; a member can also expire
-/// (`group_expiry`) while its socket is open. Every `--group-check-interval` this server asks
-/// the layer to add back each of its followers missing from its group
-/// (``ChannelLayerHistory/groupRestore(_:channels:)``: one script per group, nothing written
-/// when all are there). A socket that closed while that call was on its way is taken out again
-/// (its disconnect may already have discarded it: re-added, it would be a dead member for a
-/// day). Messages sent while followers were missing are in the group's history, and the
-/// sockets' tail check writes them.
+/// Keeps this server's sockets in the groups they were put in: Redis under `maxmemory` with an
+/// eviction policy can evict a group's sorted set, and then nobody in it gets the group's
+/// messages, with no error anywhere; a member can also expire (`group_expiry`) while its
+/// socket is open. Every `--group-check-interval` the keeper asks the layer
+/// (``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``, one `SMEMBERS` and
+/// one script per shard, nothing written when all are there) to add back the sockets that
+/// follow a group (the server knows them) and every other membership of its open sockets that
+/// the layer's group journal recorded (a worker's plain `Group.add`, say). A socket that closed
+/// while that call was on its way is taken out again (its disconnect may already have discarded
+/// it: re-added, it would be a dead member for a day). Messages sent while followers were
+/// missing are in the group's history, and the sockets' tail check writes them.
 struct GroupKeeper {
     let server: ServerContext
 
     static let restored = Counter(label: "channels_group_members_restored_total")
+    static let journalRewritten = Counter(label: "channels_group_journal_rewritten_total")
 
     func run() async {
         let interval = server.configuration.groupCheckInterval
         guard interval > .zero, let history = server.layer as? any ChannelLayerHistory else { return }
+        let router = server.router
         var failures = 0
         while !Task.isCancelled {
             do {
@@ -52,32 +55,58 @@ struct GroupKeeper {
             } catch {
                 return
             }
-            var failed: (any Error)?
-            for (group, channels) in server.followers.snapshot {
-                // One group's failure (its shard down) does not stop the others' check.
-                do {
-                    let added = try await history.groupRestore(group, channels: channels)
-                    guard !added.isEmpty else { continue }
-                    let gone = added.filter { !server.followers.contains($0, in: group) }
-                    if !gone.isEmpty { try await history.groupRemove(group, channels: gone) }
-                    let back = added.count - gone.count
-                    guard back > 0 else { continue }
-                    Self.restored.increment(by: back)
-                    server.logger.warning(
-                        "sockets that follow a group were missing from its member set (evicted under maxmemory, expired or deleted); added back",
-                        metadata: ["group": "\(group)", "added": "\(back)"])
-                } catch {
-                    failed = error
-                }
+            var failed: String?
+            do {
+                let check = try await history.groupCheck(
+                    processChannel: router.processChannel, followers: server.followers.snapshot, isOpen: { router.isOpen($0) })
+                failed = check.failures.first
+                try await settle(check, history: history)
+            } catch {
+                failed = "\(error)"
             }
             if let failed {
                 failures += 1
                 if failures == 1 || failures % 30 == 0 {
-                    server.logger.warning("the followed groups' check failed", metadata: ["error": "\(failed)", "failures": "\(failures)"])
+                    server.logger.warning("the group check failed", metadata: ["error": "\(failed)", "failures": "\(failures)"])
                 }
             } else {
                 failures = 0
             }
         }
+    }
+
+    /// Takes out again what was put back for a socket that closed (or, for a follower, stopped
+    /// following) while the check was on its way; counts and logs the rest.
+    private func settle(_ check: GroupCheck, history: any ChannelLayerHistory) async throws {
+        if check.journalRewritten > 0 {
+            Self.journalRewritten.increment(by: check.journalRewritten)
+            server.logger.warning(
+                "this server's group journal had vanished (evicted under maxmemory?): written again from the last check",
+                metadata: ["entries": "\(check.journalRewritten)"])
+        }
+        guard !check.restored.isEmpty else { return }
+        var gone: [String: [String]] = [:]
+        var back: [String: Int] = [:]
+        for member in check.restored {
+            let stays =
+                member.followed
+                ? server.followers.contains(member.channel, in: member.group) : server.router.isOpen(member.channel)
+            if stays {
+                back[member.group, default: 0] += 1
+            } else {
+                gone[member.group, default: []].append(member.channel)
+            }
+        }
+        for (group, channels) in gone { try await history.groupRemove(group, channels: channels) }
+        let added = back.values.reduce(0, +)
+        guard added > 0 else { return }
+        Self.restored.increment(by: added)
+        let groups = back.keys.sorted()
+        server.logger.warning(
+            "sockets were missing from their groups' member sets (evicted under maxmemory, expired or deleted); added back",
+            metadata: [
+                "added": "\(added)", "groups": "\(groups.count)",
+                "group": "\(groups.prefix(5).joined(separator: ", "))\(groups.count > 5 ? ", …" : "")",
+            ])
     }
 }

@@ -131,6 +131,9 @@ final class ReplyRouter: Service, Sendable {
         if targets.withLock({ $0.updateValue(target, forKey: channel) }) == nil { workInHand.begin() }
     }
 
+    /// True while a connection holds `channel`.
+    func isOpen(_ channel: String) -> Bool { targets.withLock { $0[channel] != nil } }
+
     func unregister(_ channel: String) {
         if targets.withLock({ $0.removeValue(forKey: channel) }) != nil { workInHand.finish() }
     }

@@ -21,17 +21,19 @@ extension RedisChannelLayer {
         }
     }
 
-    /// Adds `channel` to `group` (a sorted-set member scored with the time, as asgi_redis does).
+    /// Adds `channel` to `group` (a sorted-set member scored with the time, as asgi_redis does);
+    /// a socket's membership is also recorded in its server's group journal (same round trip).
     public func groupAdd(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
         let gkey = groupKey(group)
         let now = Array(String(Self.unixTime()).utf8)
         let expiry = Array(String(configuration.groupExpiry).utf8)
-        let replies = try await shared(shardIndex(for: group)).pipeline([
-            [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
-            [Array("EXPIRE".utf8), gkey, expiry],
-        ])
+        let replies = try await shared(shardIndex(for: group)).pipeline(
+            [
+                [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
+                [Array("EXPIRE".utf8), gkey, expiry],
+            ] + journalAdd(group, channel: channel, expiry: expiry))
         if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
     }
 
@@ -39,8 +41,9 @@ extension RedisChannelLayer {
     public func groupDiscard(_ group: String, channel: String) async throws {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
-        let reply = try await shared(shardIndex(for: group)).command([Array("ZREM".utf8), groupKey(group), Array(channel.utf8)])
-        if reply.errorMessage != nil { throw unexpected(reply, doing: "group discard") }
+        let replies = try await shared(shardIndex(for: group)).pipeline(
+            [[Array("ZREM".utf8), groupKey(group), Array(channel.utf8)]] + journalDiscard(group, channel: channel))
+        if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group discard") }
     }
 
     /// The unexpired members of `group`.

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import Synchronization
 import Testing
 
 @testable import RedisChannelLayer
@@ -150,6 +151,59 @@ struct HistoryPresenceTests {
             #expect(try await redis.groupRestore("evicted", channels: ["b!1"]) == ["b!1"])
             #expect(try await redis.groupChannels("evicted").sorted() == ["a!1", "b!1", "c!1"])
             #expect(try await redis.groupRestore("evicted", channels: ["a!1", "b!1"]) == [])
+        }
+    }
+
+    @Test(
+        "Redis: the group journal puts back memberships no server follows, forgets closed sockets', outlives its own eviction, never undoes a discard"
+    )
+    func groupJournal() async throws {
+        try await withLayer(.redis) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let server = "srv.journal!"
+            let open = Mutex<Set<String>>([server + "a", server + "b", server + "c"])
+            let isOpen: @Sendable (String) -> Bool = { name in open.withLock { $0.contains(name) } }
+            let raw = try HiredisConnection(
+                endpoint: redis.configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+            let prefix = redis.configuration.prefix
+            func restored(_ check: GroupCheck) -> Set<String> { Set(check.restored.map { "\($0.group) \($0.channel)" }) }
+            // A worker's consumers put the sockets in groups with plain adds: nobody follows them.
+            try await redis.groupAdd("user-alice", channel: server + "a")
+            try await redis.groupAdd("user-bob", channel: server + "b")
+            try await redis.groupAdd("user-bob", channel: server + "c")
+            try await redis.groupAdd("user-carol", channel: server + "c")
+            try await redis.groupDiscard("user-carol", channel: server + "c")
+            try await redis.groupAdd("plain", channel: "not-a-socket")
+            var check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
+            #expect(check.restored.isEmpty && check.failures.isEmpty && check.forgotten == 0)
+
+            // Both sets evicted, and a followed room's too: all put back; the discarded one not.
+            for group in ["user-alice", "user-bob"] { _ = try raw.command(["DEL", prefix + ":group:" + group]) }
+            check = try await redis.groupCheck(processChannel: server, followers: ["room": [server + "a"]], isOpen: isOpen)
+            #expect(
+                restored(check) == ["user-alice srv.journal!a", "user-bob srv.journal!b", "user-bob srv.journal!c", "room srv.journal!a"])
+            #expect(check.restored.filter(\.followed).map(\.group) == ["room"])
+            #expect(try await redis.groupChannels("user-bob").sorted() == [server + "b", server + "c"])
+            #expect(try await redis.groupChannels("user-carol") == [])
+            try await redis.sendGroup("user-alice", message: ["text": "back"])
+            #expect(try await redis.receive(channels: [server], timeout: .seconds(1))?.message["text"]?.stringValue == "back")
+
+            // c closes; then the journal itself and bob's set are evicted: the journal is written
+            // again from the last pass's view of open sockets, and bob's membership put back.
+            _ = open.withLock { $0.remove(server + "c") }
+            _ = try raw.command(["DEL", prefix + ":group:user-bob", prefix + ":journal:" + server])
+            check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
+            #expect(check.journalRewritten == 2)
+            #expect(restored(check) == ["user-bob srv.journal!b"])
+            let journal = try raw.command(["SMEMBERS", prefix + ":journal:" + server]).array?.compactMap(\.text).sorted()
+            #expect(journal == ["user-alice srv.journal!a", "user-bob srv.journal!b", "~"])
+
+            // A membership of a socket that is not open here is dropped from the journal, not put back.
+            try await redis.groupAdd("user-dave", channel: server + "d")
+            _ = try raw.command(["DEL", prefix + ":group:user-dave"])
+            check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
+            #expect(check.restored.isEmpty && check.forgotten == 1 && check.journalRewritten == 0)
+            #expect(try raw.command(["SISMEMBER", prefix + ":journal:" + server, "user-dave srv.journal!d"]).integer == 0)
         }
     }
 

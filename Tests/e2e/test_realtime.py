@@ -633,7 +633,7 @@ def a_followed_group_set_that_vanished_is_put_back_and_its_members_keep_receivin
             sockets.append(late)
             await wait_for(lambda: redis_cli("zcard", key) == "11", "the set to be back with all 11 members", 15)
             for proc, _ in procs:
-                await asyncio.to_thread(proc.wait_line, "were missing from its member set")
+                await asyncio.to_thread(proc.wait_line, "were missing from their groups' member sets")
             posted = time.time()
             texts = await post(sockets[0], 20, "after the eviction")
             assert [m["text"] for m in texts] == ["after the eviction %d" % i for i in range(20)]
@@ -648,6 +648,55 @@ def a_followed_group_set_that_vanished_is_put_back_and_its_members_keep_receivin
             await wait_for(lambda: redis_cli("zcard", key) == "0", "the set to be empty once every socket closed", 15)
             print("  group set deleted under 10 followers on 2 servers and re-created by a new socket: all 11 back, "
                   "20 messages reached all in %.1f s; empty after the closes" % took, flush=True)
+        asyncio.run(run())
+    finally:
+        stop(procs, workers)
+
+
+@test
+def a_plain_group_membership_whose_set_vanished_is_put_back():
+    """The example puts each logged-in socket in its user's group with a plain Group.add from a
+    worker (nobody follows that group: no history, no server-side follow) and sends @mentions
+    there. The group's set is deleted (as an eviction under maxmemory does) under alice's two
+    sockets on two servers: each server's keeper (--group-check-interval 1) finds its socket's
+    membership in its group journal (the layer recorded it at the worker's add) and puts it
+    back, so a mention after that reaches both sockets; a third socket of hers that closed
+    before the eviction is not put back. Without the journal the mention reaches nobody."""
+    prefix = "gj%d:" % time.time_ns()
+    procs, workers = stack(redis_url(prefix), 2, 1, "--group-check-interval", "1")
+    try:
+        (_, port_a), (_, port_b) = procs
+        _, _, alice = login(port_a, "alice_journal", "secret-j")
+        _, _, bob = login(port_a, "bob_journal", "secret-k")
+        room = "journal%d" % os.getpid()
+        key = prefix + ":group:user-alice_journal"
+
+        async def member(port, cookie):
+            ws = await websockets.connect("ws://127.0.0.1:%d/chat/%s/" % (port, room), max_queue=None, open_timeout=30,
+                                          ping_interval=None, extra_headers={"Cookie": "sessionid=" + cookie})
+            return Watcher(ws)
+
+        def mentions(watcher):
+            return [f for f in watcher.frames if f.get("type") == "mention"]
+
+        async def run():
+            a1, a2, b, closing = (await member(port_a, alice), await member(port_b, alice), await member(port_a, bob),
+                                  await member(port_b, alice))
+            for w in (a1, a2, b, closing):
+                await wait_for(lambda: w.marker() is not None, "the socket's position", 30)
+            assert redis_cli("zcard", key) == "3", redis_cli("zcard", key)
+            await closing.ws.close()
+            await wait_for(lambda: redis_cli("zcard", key) == "2", "the closed socket's discard", 15)
+            assert redis_cli("del", key) == "1", "alice's group set %s was not there" % key
+            for proc, _ in procs:
+                await asyncio.to_thread(proc.wait_line, "were missing from their groups' member sets")
+            assert redis_cli("zcard", key) == "2", redis_cli("zcard", key)
+            await b.ws.send(json.dumps({"text": "@alice_journal are you there"}))
+            await wait_for(lambda: all(len(mentions(w)) == 1 for w in (a1, a2)), "the mention on both of alice's sockets", 10)
+            for w in (a1, a2, b):
+                await w.ws.close()
+            print("  alice's group set deleted under her sockets on 2 servers: both put back from the journals, "
+                  "the mention reached both; the closed third not put back", flush=True)
         asyncio.run(run())
     finally:
         stop(procs, workers)

@@ -1,0 +1,164 @@
+import ASGI
+import Synchronization
+
+/// The group journal: every `groupAdd` of a process-specific channel (a socket of some server)
+/// also records `group channel` in a set of that server's process channel, on the group's
+/// shard, so the server knows every group its sockets were put in — by its own sessions, by
+/// any worker's consumer — and its keeper can put back a membership whose group set vanished
+/// (evicted under `maxmemory`, deleted). `groupDiscard` takes the entry out. A mark member
+/// (`~`, no group name can make it) tells a journal emptied by discards from one that vanished;
+/// a vanished journal is written again from the previous pass's view. Python asgi_redis
+/// processes keep no journal: memberships they add are not put back.
+extension RedisChannelLayer {
+    func journalKey(_ processChannel: String) -> [UInt8] { Array((configuration.prefix + ":journal:" + processChannel).utf8) }
+
+    /// What no group name can be: present in every journal that was written.
+    static let journalMark = "~"
+
+    /// The journal commands that go with adding `channel` to `group` (none for a channel of no
+    /// process).
+    func journalAdd(_ group: String, channel: String, expiry: [UInt8]) -> [[[UInt8]]] {
+        guard ChannelNames.isProcessSpecific(channel) else { return [] }
+        let journal = journalKey(ChannelNames.nonLocalName(channel))
+        return [
+            [Array("SADD".utf8), journal, Array(Self.journalMark.utf8), Array((group + " " + channel).utf8)],
+            [Array("EXPIRE".utf8), journal, expiry],
+        ]
+    }
+
+    /// The journal command that goes with discarding `channel` from `group`.
+    func journalDiscard(_ group: String, channel: String) -> [[[UInt8]]] {
+        guard ChannelNames.isProcessSpecific(channel) else { return [] }
+        return [[Array("SREM".utf8), journalKey(ChannelNames.nonLocalName(channel)), Array((group + " " + channel).utf8)]]
+    }
+
+    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
+    /// Per shard: one `SMEMBERS` of the journal, then one script (per 500 members) that adds
+    /// back what is missing; entries of closed sockets are dropped.
+    public func groupCheck(
+        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+    ) async throws -> GroupCheck {
+        try ChannelNames.validateChannel(processChannel, for: .receive)
+        var check = GroupCheck()
+        for shard in shards.indices {
+            // One shard's failure (it is down) does not stop the others' check.
+            do {
+                try await groupCheck(shard: shard, processChannel: processChannel, followers: followers, isOpen: isOpen, into: &check)
+            } catch {
+                check.failures.append("shard \(shard): \(error)")
+            }
+        }
+        return check
+    }
+
+    private func groupCheck(
+        shard: Int, processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool,
+        into check: inout GroupCheck
+    ) async throws {
+        let journal = journalKey(processChannel)
+        let connection = try await shared(shard)
+        let reply = try await connection.command([Array("SMEMBERS".utf8), journal])
+        guard case .array(let items) = reply else { throw unexpected(reply, doing: "read the group journal") }
+        var marked = false
+        var live: Set<String> = []
+        var stale: [[UInt8]] = []
+        for item in items {
+            guard let entry = item.text else { continue }
+            if entry == Self.journalMark {
+                marked = true
+            } else if let member = GroupMembership(journalEntry: entry), isOpen(member.channel) {
+                live.insert(entry)
+            } else {
+                stale.append(Array(entry.utf8))
+            }
+        }
+        let viewKey = "\(shard) \(processChannel)"
+        if !marked {
+            // The journal vanished (evicted, deleted): what the last pass saw of sockets still
+            // open is written again, and checked below like the rest.
+            let lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {
+                GroupMembership(journalEntry: $0).map { isOpen($0.channel) } ?? false
+            }
+            if !lastSeen.isEmpty {
+                let replies = try await connection.pipeline([
+                    [Array("SADD".utf8), journal, Array(Self.journalMark.utf8)] + lastSeen.map { Array($0.utf8) },
+                    [Array("EXPIRE".utf8), journal, Array(String(configuration.groupExpiry).utf8)],
+                ])
+                if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "rewrite the group journal") }
+                check.journalRewritten += lastSeen.count
+                live.formUnion(lastSeen)
+            }
+        }
+        journalViews.withLock { $0[viewKey] = live }
+        if !stale.isEmpty {
+            let removed = try await connection.command([Array("SREM".utf8), journal] + stale)
+            if removed.errorMessage != nil { throw unexpected(removed, doing: "drop closed sockets from the group journal") }
+            check.forgotten += stale.count
+        }
+        var members: [(mode: String, group: String, channel: String)] = []
+        for (group, channels) in followers where shardIndex(for: group) == shard {
+            for channel in channels { members.append(("f", group, channel)) }
+        }
+        for entry in live.sorted() {
+            guard let member = GroupMembership(journalEntry: entry) else { continue }
+            members.append(("j", member.group, member.channel))
+        }
+        let now = Self.unixTime()
+        let head: [RedisArgument] = [
+            .text(configuration.prefix), .text(String(now)), .integer(configuration.groupExpiry),
+            .text(String(now - Double(configuration.groupExpiry))),
+        ]
+        var start = 0
+        while start < members.count {
+            let chunk = members[start..<min(members.count, start + 500)]
+            start += chunk.count
+            var args = head
+            args.reserveCapacity(head.count + 3 * chunk.count)
+            for member in chunk { args += [.text(member.mode), .text(member.group), .text(member.channel)] }
+            let added = try await pipelined(shard, Scripts.groupKeep, keys: [.bytes(journal)], args: args)
+            if let error = added.errorMessage { throw ChannelLayerError.redisRefused(error, "group check") }
+            let fields = (added.array ?? []).compactMap(\.text)
+            var index = 0
+            while index + 2 < fields.count {
+                check.restored.append(
+                    GroupCheck.Restored(group: fields[index + 1], channel: fields[index + 2], followed: fields[index] == "f"))
+                index += 3
+            }
+        }
+    }
+}
+
+extension GroupMembership {
+    /// The membership a journal entry (`group channel`) records; nil for anything else.
+    init?(journalEntry entry: String) {
+        guard let space = entry.firstIndex(of: " ") else { return nil }
+        self.init(group: String(entry[..<space]), channel: String(entry[entry.index(after: space)...]))
+    }
+}
+
+extension Scripts {
+    /// KEYS: the journal. ARGV: the layer prefix, now, group expiry, the expiry cutoff, then
+    /// (mode, group, channel) triples: mode `f` (a socket that follows the group) is put back
+    /// whenever it is missing or expired, mode `j` only while its journal entry is there (a
+    /// discard that came after the journal was read wins). The triples added.
+    static let groupKeep = LuaScript(
+        name: "groupKeep",
+        source: """
+            local added = {}
+            for i = 5, #ARGV, 3 do
+                local mode, group, channel = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+                if mode == 'f' or redis.call('SISMEMBER', KEYS[1], group .. ' ' .. channel) == 1 then
+                    local gkey = ARGV[1] .. ':group:' .. group
+                    local score = redis.call('ZSCORE', gkey, channel)
+                    if not score or tonumber(score) < tonumber(ARGV[4]) then
+                        redis.call('ZADD', gkey, ARGV[2], channel)
+                        redis.call('EXPIRE', gkey, ARGV[3])
+                        added[#added + 1] = mode
+                        added[#added + 1] = group
+                        added[#added + 1] = channel
+                    end
+                end
+            end
+            return added
+            """)
+}
