@@ -104,13 +104,20 @@ extension ConsumerContext {
 
     /// Starts a streamed response; send the rest with `respondChunk`. Under a worker, a client
     /// that leaves cancels the consumer (its next `respondChunk` or `Task.sleep` throws
-    /// `CancellationError`), so a stream stops with its reader.
-    public func respondStart(status: Int = 200, contentType: String = "text/plain; charset=utf-8", firstChunk: [UInt8] = []) async throws {
+    /// `CancellationError`), so a stream stops with its reader. With a `content-length` among
+    /// `headers` the client gets a plain response of that length (a large body made as it is
+    /// sent, never held whole); without one, a chunked one.
+    public func respondStart(
+        status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
+        firstChunk: [UInt8] = []
+    ) async throws {
         let disconnectChannel = disconnectChannelForStream()
         try await reserveResponseBytes(firstChunk.count)
+        var list = responseHeaders(contentType: contentType)
+        for (name, value) in headers { list.add(name: name, value: value) }
         try await reply(
             HTTPResponseStart(
-                status: status, headers: withCookies(responseHeaders(contentType: contentType)),
+                status: status, headers: withCookies(list),
                 content: firstChunk, moreContent: true, disconnectChannel: disconnectChannel,
                 takesCredit: takesResponseCredit),
             immediately: true)

@@ -21,17 +21,32 @@ enum ChatConsumers {
         try await context.respondChunk([], last: true)
     }
 
-    /// `GET /download/<n>/`: n MiB of generated text (n up to 64), in one `respond`: the
-    /// framework splits it into chunks that fit the layer.
+    /// `GET /download/<n>/`: n MiB of generated text (n up to 64), made a chunk at a time as
+    /// the client takes it (with its `content-length`): a client that stops reading holds this
+    /// consumer's next chunk, not the whole body, and the worker's slot serves others meanwhile.
     @Sendable static func download(_ context: ConsumerContext) async throws {
-        let mebibytes = min(64, Int(context.kwargs["mib"] ?? "1") ?? 1)
+        let total = min(64, Int(context.kwargs["mib"] ?? "1") ?? 1) << 20
+        let chunkSize = 256 << 10
+        // Lines of 129 bytes, repeated: a chunk is a slice of this, starting where its offset
+        // falls in a line.
         let line = Array(
             "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/\n"
                 .utf8)
-        var body: [UInt8] = []
-        body.reserveCapacity(mebibytes << 20)
-        while body.count < mebibytes << 20 { body += line }
-        try await context.respond(contentType: "text/plain", body: Array(body.prefix(mebibytes << 20)))
+        var lines: [UInt8] = []
+        lines.reserveCapacity(chunkSize + line.count)
+        while lines.count < chunkSize + line.count { lines += line }
+        func chunk(at offset: Int) -> [UInt8] {
+            let start = offset % line.count
+            return Array(lines[start..<start + min(chunkSize, total - offset)])
+        }
+        try await context.respondStart(contentType: "text/plain", headers: [("content-length", String(total))], firstChunk: chunk(at: 0))
+        var offset = min(chunkSize, total)
+        while true {
+            let next = offset < total ? chunk(at: offset) : []
+            offset += next.count
+            try await context.respondChunk(next, last: offset >= total)
+            if offset >= total { break }
+        }
     }
 
     /// `GET /events/?n=<count>`: server-sent events, one a second (3 by default, up to an
