@@ -86,10 +86,14 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // PBKDF2-HMAC-SHA256 rounds in C (the x86 SHA extensions when there), for a password
+        // hasher that yields the CPU between slices (see PBKDF2SHA256 in Channels).
+        .target(name: "CPBKDF2"),
         .target(
             name: "Channels",
             dependencies: [
                 "ASGI",
+                "CPBKDF2",
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "OrderedCollections", package: "swift-collections"),
@@ -136,7 +140,7 @@ let package = Package(
         .testTarget(
             name: "ChannelsTests",
             dependencies: [
-                "ASGI", "Channels", "ChannelsRedis", "ChannelsTesting", "RedisChannelLayer",
+                "ASGI", "CPBKDF2", "Channels", "ChannelsRedis", "ChannelsTesting", "RedisChannelLayer",
                 .product(name: "Logging", package: "swift-log"), .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"), .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -292,11 +292,10 @@ public enum PasswordHasher {
         #endif
     }
 
-    private static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {
-        let key = try KDF.Insecure.PBKDF2.deriveKey(
-            from: Array(password.utf8), salt: Array(salt.utf8), using: .sha256,
-            outputByteCount: 32, unsafeUncheckedRounds: iterations)
-        return key.withUnsafeBytes { Array($0) }
+    /// PBKDF2-HMAC-SHA256, 32 bytes; the thread yields every few hundred rounds (see
+    /// ``PBKDF2SHA256``).
+    static func derive(_ password: String, salt: String, iterations: Int) throws -> [UInt8] {
+        PBKDF2SHA256.derive(password: Array(password.utf8), salt: Array(salt.utf8), rounds: iterations, yielding: true)
     }
 }
 
