@@ -39,8 +39,10 @@ extension ConsumerContext {
         responseOpen.store(false, ordering: .relaxed)
     }
 
-    /// The most body bytes one response message carries: well inside the layer's size limit.
-    var responseChunkSize: Int { max(16 * 1024, min(512 * 1024, layer.maxMessageSize / 2)) }
+    /// The most body bytes one response message carries: well inside the layer's size limit
+    /// (512 KiB with the default 1 MiB). A consumer that makes a large body as it streams it
+    /// (`respondStart`, `respondChunk`) sends chunks of this size.
+    public var responseChunkSize: Int { max(16 * 1024, min(512 * 1024, layer.maxMessageSize / 2)) }
 
     /// Sends a whole HTTP response to the message's reply channel.
     public func respond(

@@ -26,7 +26,7 @@ enum ChatConsumers {
     /// consumer's next chunk, not the whole body, and the worker's slot serves others meanwhile.
     @Sendable static func download(_ context: ConsumerContext) async throws {
         let total = min(64, Int(context.kwargs["mib"] ?? "1") ?? 1) << 20
-        let chunkSize = 256 << 10
+        let chunkSize = context.responseChunkSize
         // Lines of 129 bytes, repeated: a chunk is a slice of this, starting where its offset
         // falls in a line.
         let line = Array(
