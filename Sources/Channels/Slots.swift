@@ -15,6 +15,8 @@ final class Slots: Sendable {
         /// back: served first, in order, before the receive loop takes new messages.
         var returning: Deque<(id: Int, channel: String, continuation: CheckedContinuation<Void, any Error>)> = []
         var nextReturningID = 0
+        /// Slots lent out by consumers waiting for their clients.
+        var lent = 0
     }
     private let state: Mutex<State>
     /// Every slot, the reserved ones included.
@@ -22,11 +24,36 @@ final class Slots: Sendable {
     /// Slots kept for channels that hold none.
     private let reserve: Int
 
+    /// The most slots lent out at once: as many as there are consumer slots, so that the
+    /// consumers in hand (running, or waiting for a client with their slot lent, each holding
+    /// what it read so far) are at most twice the slots.
+    let lendable: Int
+
     init(_ count: Int, reserve: Int = 0) {
         state = Mutex(State(free: count + reserve))
         total = count + reserve
         self.reserve = reserve
+        lendable = count
     }
+
+    /// Gives back the slot of a consumer that waits for its client, unless ``lendable`` are lent
+    /// out already (then it keeps it, and false).
+    func lend(_ channel: String) -> Bool {
+        let allowed = state.withLock { state -> Bool in
+            guard state.lent < lendable else { return false }
+            state.lent += 1
+            return true
+        }
+        if allowed { release(channel) }
+        return allowed
+    }
+
+    /// A lent slot's lender has one again, or is gone.
+    func endLend() {
+        state.withLock { $0.lent -= 1 }
+    }
+
+    var lentCount: Int { state.withLock { $0.lent } }
 
     /// Waits until at least `needed` slots are free and returns how many are, or returns at once
     /// (with what is free, possibly 0) after an `interrupt()`. One caller at a time.
@@ -171,21 +198,32 @@ final class SlotLease: Sendable {
 
     /// Gives the slot back, the first time only (a lent slot is already back).
     func giveBack() {
-        if state.exchange(State.given.rawValue, ordering: .relaxed) == State.held.rawValue { slots.release(channel) }
+        switch state.exchange(State.given.rawValue, ordering: .relaxed) {
+        case State.held.rawValue: slots.release(channel)
+        case State.lent.rawValue: slots.endLend()
+        default: break
+        }
     }
 
     /// Keeps the slot for good (it goes on to the socket's next messages, and an abandonment
     /// after this gives nothing back); false when it is not held (given back, or lent).
     func keep() -> Bool {
-        state.exchange(State.given.rawValue, ordering: .relaxed) == State.held.rawValue
+        let was = state.exchange(State.given.rawValue, ordering: .relaxed)
+        if was == State.lent.rawValue { slots.endLend() }
+        return was == State.held.rawValue
     }
 
-    /// Lets the receive loop (or a returning consumer) use the slot while this one waits.
+    /// Lets the receive loop (or a returning consumer) use the slot while this one waits, unless
+    /// as many slots as there are are lent out already.
     func lend() {
         guard state.compareExchange(expected: State.held.rawValue, desired: State.lent.rawValue, ordering: .relaxed).exchanged else {
             return
         }
-        slots.release(channel)
+        if slots.lend(channel) { return }
+        // Refused: kept. Given back meanwhile (it saw it lent and freed nothing): free it now.
+        if !state.compareExchange(expected: State.lent.rawValue, desired: State.held.rawValue, ordering: .relaxed).exchanged {
+            slots.release(channel)
+        }
     }
 
     /// Takes a slot again after `lend()`, waiting for one to come free. When the lease was
@@ -193,7 +231,9 @@ final class SlotLease: Sendable {
     func reclaim() async throws {
         guard state.load(ordering: .relaxed) == State.lent.rawValue else { return }
         try await slots.reacquire(channel)
-        if !state.compareExchange(expected: State.lent.rawValue, desired: State.held.rawValue, ordering: .relaxed).exchanged {
+        if state.compareExchange(expected: State.lent.rawValue, desired: State.held.rawValue, ordering: .relaxed).exchanged {
+            slots.endLend()
+        } else {
             slots.release(channel)
         }
     }

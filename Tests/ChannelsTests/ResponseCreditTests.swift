@@ -121,9 +121,10 @@ struct ResponseCreditTests {
     }
 
     /// A download whose client stops reading and an upload whose client stops sending each wait
-    /// for their client with the worker's slot lent out: with one slot (and one reserved), 20
+    /// for their client with the worker's slot lent out: with two slots (and one reserved), 20
     /// other requests are answered meanwhile, and both stalled ones still finish once their
     /// clients move again. Before the lending, the two held both slots and nothing else ran.
+    /// (At most as many slots as there are are lent: a third stalled one would keep its own.)
     @Test func consumersWaitingForTheirClientsLendTheirSlots() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(capacity: 1000))
         let body = [UInt8](repeating: 7, count: 1 << 20)
@@ -140,7 +141,7 @@ struct ResponseCreditTests {
                         default: try await context.respond(contentType: "text/plain", body: Array("hello".utf8))
                         }
                     })
-            ]), layer: layer, concurrency: 1)
+            ]), layer: layer, concurrency: 2)
         let running = Task { await worker.run() }
         // The test plays the server: replies for each request, in arrival order.
         var replies: [String: [Message]] = [:]

@@ -295,5 +295,18 @@ struct WorkerFairnessTests {
         other.giveBack()  // lent, so nothing more is released
         slots.release("work")
         #expect(slots.freeCount == 1, "every slot is back exactly once")
+        #expect(slots.lentCount == 0)
+
+        // No more lent than there are slots: a second lender keeps its slot.
+        slots.take([work])
+        let first = SlotLease(channel: "work", slots: slots)
+        first.lend()
+        slots.take([work])
+        let second = SlotLease(channel: "work", slots: slots)
+        second.lend()
+        #expect(slots.lentCount == 1 && slots.freeCount == 0, "the second lender kept its slot")
+        second.giveBack()
+        first.giveBack()
+        #expect(slots.lentCount == 0 && slots.freeCount == 1)
     }
 }
