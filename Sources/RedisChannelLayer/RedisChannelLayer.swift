@@ -45,6 +45,9 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     /// Each shard's birth mark as first seen: a registration that vanished while the mark stayed
     /// was evicted (one key); a new mark means the Redis lost its data.
     let birthMarks = Mutex<[Int: [UInt8]]>([:])
+    /// Each shard's run id and evicted-key count at the last registration (see
+    /// ``registerBundleReader(_:)``).
+    let redisLives = Mutex<[Int: RedisLife]>([:])
     /// The group journal entries of open sockets the keeper's last pass saw, per shard and
     /// process channel: what a vanished journal is written again from.
     let journalViews = Mutex<[String: Set<String>]>([:])

@@ -224,40 +224,6 @@ extension RedisChannelLayer {
     /// Group members a group send skipped because their channel was full.
     public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
 
-    /// The registration is a key that lives as long as a group member does (`group_expiry`),
-    /// so one that is gone while its reader keeps renewing it means Redis lost its data.
-    public func registerBundleReader(_ processChannel: String) async throws -> Bool {
-        try ChannelNames.validateChannel(processChannel, for: .receive)
-        guard ChannelNames.isProcessSpecific(processChannel) else {
-            throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
-        }
-        let shard = shardIndex(for: processChannel)
-        let reply = try await pipelined(
-            shard, Scripts.registerReader,
-            keys: [statKey(processChannel, "reader"), key("born")],
-            args: [
-                Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8),
-                Array(RandomToken.string(20, from: RandomToken.alphanumerics).utf8),
-            ])
-        guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
-            throw unexpected(reply, doing: "register a reader")
-        }
-        let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
-        let known = birthMarks.withLock { marks -> [UInt8]? in
-            defer { marks[shard] = mark }
-            return marks[shard]
-        }
-        if first || existed == 1 { return true }
-        if known == mark {
-            // Only the registration is gone (evicted at maxmemory, say): the data is there.
-            logger.warning(
-                "this server's reader registration vanished while the Redis kept its data (evicted?): registered again",
-                metadata: ["reply_channel": "\(processChannel)"])
-            return true
-        }
-        return false
-    }
-
     /// The configured size limit.
     public var maxMessageSize: Int { configuration.maxMessageSize }
 

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import Synchronization
 import Testing
 
 @testable import RedisChannelLayer
@@ -83,6 +84,33 @@ struct BundledGroupTests {
             _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
             _ = try await connection.command([Array("SET".utf8), redis.key("born"), Array("another".utf8)])
             #expect(try await layer.registerBundleReader(process) == false, "a new birth mark: the Redis lost its data")
+        }
+    }
+
+    @Test("the birth mark evicted too, by a Redis that evicted keys and did not restart: registered again, not a loss")
+    func birthMarkEvicted() async throws {
+        try await withLayer(.redis) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let process = "bundle.born\(ChannelNames.randomLetters(6))!"
+            let shard = redis.shardIndex(for: process)
+            #expect(try await layer.registerBundleReader(process))
+            let life = try #require(redis.redisLives.withLock { $0[shard] }, "INFO gave a run id and an evicted-key count")
+            let connection = try await redis.shared(shard)
+            func evictBoth() async throws {
+                _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader"), redis.key("born")])
+            }
+            // As if the last registration had seen one eviction fewer (the test's Redis evicts
+            // nothing): the same run id and a higher count now.
+            redis.redisLives.withLock { $0[shard] = .init(runID: life.runID, evictedKeys: life.evictedKeys - 1) }
+            try await evictBoth()
+            #expect(try await layer.registerBundleReader(process), "keys evicted by the same Redis: not the data lost")
+            // No eviction since: both keys gone means deleted or flushed, a loss.
+            try await evictBoth()
+            #expect(try await layer.registerBundleReader(process) == false, "nothing evicted since: the data lost")
+            // Another run id (a restart) is a loss whatever the count says.
+            redis.redisLives.withLock { $0[shard] = .init(runID: "another run", evictedKeys: life.evictedKeys - 1) }
+            try await evictBoth()
+            #expect(try await layer.registerBundleReader(process) == false, "a restarted Redis: the data lost")
         }
     }
 }

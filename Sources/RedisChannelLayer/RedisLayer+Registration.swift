@@ -1,0 +1,91 @@
+import ASGI
+import Logging
+import Synchronization
+
+/// A server's registration as a reader of bundled group sends, and how a registration found
+/// gone is read: Redis lost its data (restarted empty, flushed: the server closes its sockets
+/// with 1012 so that clients reconnect and recover), or only some keys were evicted under
+/// `maxmemory` (the server registers again and its group keeper puts memberships back; no
+/// socket is closed).
+extension RedisChannelLayer {
+    /// What tells a Redis that evicted keys from one that lost its data: its run id (new at every
+    /// start) and its count of evicted keys.
+    struct RedisLife: Sendable, Equatable {
+        var runID: String
+        var evictedKeys: Int64
+    }
+
+    /// The registration is a key that lives as long as a group member does (`group_expiry`),
+    /// so one that is gone while its reader keeps renewing it means Redis lost its data, unless
+    /// the birth mark (a key written once per Redis data set) is still the one seen before, or
+    /// it is new but this same Redis (same run id) evicted keys since the last registration.
+    public func registerBundleReader(_ processChannel: String) async throws -> Bool {
+        try ChannelNames.validateChannel(processChannel, for: .receive)
+        guard ChannelNames.isProcessSpecific(processChannel) else {
+            throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
+        }
+        let shard = shardIndex(for: processChannel)
+        let reply = try await pipelined(
+            shard, Scripts.registerReader,
+            keys: [statKey(processChannel, "reader"), key("born")],
+            args: [
+                Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8),
+                Array(RandomToken.string(20, from: RandomToken.alphanumerics).utf8),
+            ])
+        guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
+            throw unexpected(reply, doing: "register a reader")
+        }
+        // After the script: an eviction up to its run is counted in what this reads.
+        let life = await redisLife(shard)
+        let previousLife = redisLives.withLock { lives -> RedisLife? in
+            defer { if let life { lives[shard] = life } }
+            return lives[shard]
+        }
+        let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
+        let known = birthMarks.withLock { marks -> [UInt8]? in
+            defer { marks[shard] = mark }
+            return marks[shard]
+        }
+        if first || existed == 1 { return true }
+        if known == mark {
+            // Only the registration is gone (evicted at maxmemory, say): the data is there.
+            logger.warning(
+                "this server's reader registration vanished while the Redis kept its data (evicted?): registered again",
+                metadata: ["reply_channel": "\(processChannel)"])
+            return true
+        }
+        if let life, let previousLife, life.runID == previousLife.runID, life.evictedKeys > previousLife.evictedKeys {
+            // The birth mark went with the registration, but this Redis did not restart and it
+            // evicted keys meanwhile: an eviction, not a lost data set.
+            logger.warning(
+                "this server's reader registration and the layer's birth mark were evicted (Redis evicted keys under maxmemory; it did not restart): registered again, sockets kept open",
+                metadata: [
+                    "reply_channel": "\(processChannel)", "evicted_keys": "\(life.evictedKeys - previousLife.evictedKeys)",
+                ])
+            return true
+        }
+        return false
+    }
+
+    /// The shard's run id and evicted-key count (`INFO server`, `INFO stats`); nil when Redis does
+    /// not say (a managed Redis that renamed `INFO`): then a new birth mark counts as a loss.
+    func redisLife(_ shard: Int) async -> RedisLife? {
+        guard
+            let replies = try? await shared(shard).pipeline([
+                [Array("INFO".utf8), Array("server".utf8)], [Array("INFO".utf8), Array("stats".utf8)],
+            ]),
+            replies.count == 2, let server = replies[0].text, let stats = replies[1].text,
+            let runID = Self.infoField("run_id", in: server),
+            let evicted = Self.infoField("evicted_keys", in: stats).flatMap({ Int64($0) })
+        else { return nil }
+        return RedisLife(runID: runID, evictedKeys: evicted)
+    }
+
+    /// The value of `name` in an `INFO` reply (`name:value` lines).
+    static func infoField(_ name: String, in info: String) -> String? {
+        for line in info.split(whereSeparator: \.isNewline) where line.hasPrefix(name + ":") {
+            return String(line.dropFirst(name.count + 1))
+        }
+        return nil
+    }
+}
