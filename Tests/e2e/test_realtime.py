@@ -703,6 +703,64 @@ def a_plain_group_membership_whose_set_vanished_is_put_back():
 
 
 @test
+def real_evictions_under_allkeys_lru_close_no_socket_and_every_room_still_delivers():
+    """Redis with maxmemory 32 MB and allkeys-lru under 100 sockets in 4 rooms on 2 servers and a
+    worker; a filler then writes three times maxmemory of its own keys, so Redis evicts most of
+    what the layer held: group sets, journals, reader registrations, the birth mark, histories,
+    sessions. An eviction is not a Redis that lost its data: no socket is closed. Once the
+    servers' keepers have had a check, a message posted in each room reaches all 25 of its
+    sockets, and once more after a second round of evictions."""
+    import redis as redis_py
+    with own_redis("--maxmemory", "32mb", "--maxmemory-policy", "allkeys-lru") as (rport, _, url):
+        procs, workers = stack(url, 2, 1, "--group-check-interval", "1")
+        filler = redis_py.Redis(port=rport)
+        try:
+            ports = [port for _, port in procs]
+            rooms = ["evict%d_%d" % (os.getpid(), r) for r in range(4)]
+
+            def fill():
+                evicted = filler.info("stats")["evicted_keys"]
+                layer_keys = filler.dbsize()
+                for n in range(3 * 32 * 4):
+                    filler.set("filler:%d" % n, b"x" * (256 << 10))
+                left = filler.dbsize() - len(list(filler.scan_iter("filler:*", count=1000)))
+                filler.delete(*list(filler.scan_iter("filler:*", count=1000)))
+                return filler.info("stats")["evicted_keys"] - evicted, layer_keys, left
+
+            async def run():
+                sockets = {room: [] for room in rooms}
+                for i in range(100):
+                    sockets[rooms[i % 4]].append(await connect(ports[i % 2], rooms[i % 4]))
+                for room in rooms:
+                    for s in sockets[room]:
+                        await wait_for(lambda: s.marker() is not None, "every socket's position", 30)
+                for round_ in range(2):
+                    evicted, before, left = await asyncio.to_thread(fill)
+                    print("  round %d: Redis evicted %d keys; the layer's keys went from %d to %d"
+                          % (round_, evicted, before, left), flush=True)
+                    assert evicted > before // 2, (evicted, before)
+                    await asyncio.sleep(3)  # a registration (2 s) and keeper checks (1 s) since
+                    closed = [(room, s.ws.close_code) for room in rooms for s in sockets[room] if s.ws.close_code is not None]
+                    assert not closed, "sockets closed after evictions: %s" % closed[:5]
+                    for room in rooms:
+                        text = "after evictions %d in %s" % (round_, room)
+                        await sockets[room][0].ws.send(json.dumps({"text": text}))
+                        await wait_for(lambda: all(any(m["text"] == text for m in s.messages()) for s in sockets[room]),
+                                       "all 25 sockets of %s to get the message" % room, 20)
+                for room in rooms:
+                    for s in sockets[room]:
+                        await s.ws.close()
+            asyncio.run(run())
+            for proc, _ in procs:
+                proc.log.seek(0)
+                log = proc.log.read()
+                print("  server log: %d 'added back', %d 'registered again', %d journal rewrites" % (
+                    log.count("added back"), log.count("registered again"), log.count("written again")), flush=True)
+        finally:
+            stop(procs, workers)
+
+
+@test
 def a_socket_closed_while_its_sends_are_held_ends_when_the_client_answers():
     """Redis is killed under a socket that keeps sending: its frames are held (reading pauses for
     them) until --layer-outage-timeout (60 s), but the server is cut off first (--cut-off-timeout
