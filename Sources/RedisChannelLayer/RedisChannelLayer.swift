@@ -1,4 +1,5 @@
 import ASGI
+import Crypto
 import DequeModule
 import Logging
 import NIOCore
@@ -32,6 +33,8 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     let undecryptableDropped = Atomic<Int>(0)
     /// asgi_redis's Fernet encryption of bodies, when `symmetricEncryptionKeys` is set.
     let crypter: MultiFernet?
+    /// The key of the group journal's field digests on an encrypted layer.
+    let journalDigestKey: [UInt8]?
     let membersReached = Atomic<Int>(0)
     let membersMissed = Atomic<Int>(0)
     let isClosed = Atomic<Bool>(false)
@@ -78,6 +81,11 @@ public final class RedisChannelLayer: ChannelLayerInspection {
         self.luaCapacityArgs = capacityArgs
         self.crypter =
             configuration.symmetricEncryptionKeys.isEmpty ? nil : MultiFernet(asgiRedisKeys: configuration.symmetricEncryptionKeys)
+        // The group journal's digest key, from the first encryption key (see
+        // `journalFieldAndValue`).
+        self.journalDigestKey = configuration.symmetricEncryptionKeys.first.map {
+            Array(SHA256.hash(data: Array(("channels-group-journal:" + $0).utf8)))
+        }
     }
 
     /// A layer on the servers of these URLs (see ``RedisChannelLayerConfiguration/init(urls:environment:)``).

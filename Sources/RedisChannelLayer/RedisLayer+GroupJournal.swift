@@ -1,12 +1,14 @@
 import ASGI
+import Crypto
 import Synchronization
 
 /// The group journal: every `groupAdd` of a process-specific channel (a socket of some server)
-/// also records `group channel` in a set of that server's process channel, on the group's
-/// shard, so the server knows every group its sockets were put in — by its own sessions, by
+/// also records `group channel` in a hash of that server's process channel, on the group's
+/// shard (on an encrypted layer the field is a keyed digest of the entry and the value the entry
+/// sealed, so no group name is stored in the clear), so the server knows every group its sockets were put in — by its own sessions, by
 /// any worker's consumer — and its keeper can put back a membership whose group set vanished
 /// (evicted under `maxmemory`, deleted). `groupDiscard` takes the entry out. A mark member
-/// (`~`, no group name can make it) tells a journal emptied by discards from one that vanished;
+/// field (`~`, no group name can make it or a digest be it) tells a journal emptied by discards from one that vanished;
 /// a vanished journal is written again from the previous pass's view. Python asgi_redis
 /// processes keep no journal: memberships they add are not put back.
 extension RedisChannelLayer {
@@ -15,13 +17,30 @@ extension RedisChannelLayer {
     /// What no group name can be: present in every journal that was written.
     static let journalMark = "~"
 
+    /// An entry's field and value in the journal: the entry and nothing on a plain layer; a keyed
+    /// digest (a discard finds it again) and the sealed entry on an encrypted one.
+    func journalFieldAndValue(_ entry: String) -> (field: [UInt8], value: [UInt8]) {
+        guard let crypter, let digestKey = journalDigestKey else { return (Array(entry.utf8), []) }
+        let digest = HMAC<SHA256>.authenticationCode(for: Array(entry.utf8), using: SymmetricKey(data: digestKey))
+        return (Array(Hex.encode(Array(digest)).utf8), crypter.encrypt(Array(entry.utf8)))
+    }
+
+    /// The entry a journal field and value hold; nil for the mark or what cannot be read.
+    func journalEntry(field: [UInt8], value: [UInt8]) -> String? {
+        guard field != Array(Self.journalMark.utf8) else { return nil }
+        guard let crypter else { return String(decoding: field, as: UTF8.self) }
+        guard let plain = try? crypter.decrypt(value, ttl: nil) else { return nil }
+        return String(decoding: plain, as: UTF8.self)
+    }
+
     /// The journal commands that go with adding `channel` to `group` (none for a channel of no
     /// process).
     func journalAdd(_ group: String, channel: String, expiry: [UInt8]) -> [[[UInt8]]] {
         guard ChannelNames.isProcessSpecific(channel) else { return [] }
         let journal = journalKey(ChannelNames.nonLocalName(channel))
+        let (field, value) = journalFieldAndValue(group + " " + channel)
         return [
-            [Array("SADD".utf8), journal, Array(Self.journalMark.utf8), Array((group + " " + channel).utf8)],
+            [Array("HSET".utf8), journal, Array(Self.journalMark.utf8), [], field, value],
             [Array("EXPIRE".utf8), journal, expiry],
         ]
     }
@@ -29,11 +48,11 @@ extension RedisChannelLayer {
     /// The journal command that goes with discarding `channel` from `group`.
     func journalDiscard(_ group: String, channel: String) -> [[[UInt8]]] {
         guard ChannelNames.isProcessSpecific(channel) else { return [] }
-        return [[Array("SREM".utf8), journalKey(ChannelNames.nonLocalName(channel)), Array((group + " " + channel).utf8)]]
+        return [[Array("HDEL".utf8), journalKey(ChannelNames.nonLocalName(channel)), journalFieldAndValue(group + " " + channel).field]]
     }
 
     /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
-    /// Per shard: one `SMEMBERS` of the journal, then one script (per 500 members) that adds
+    /// Per shard: one `HGETALL` of the journal, then one script (per 500 members) that adds
     /// back what is missing; entries of closed sockets are dropped.
     public func groupCheck(
         processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
@@ -57,19 +76,21 @@ extension RedisChannelLayer {
     ) async throws {
         let journal = journalKey(processChannel)
         let connection = try await shared(shard)
-        let reply = try await connection.command([Array("SMEMBERS".utf8), journal])
-        guard case .array(let items) = reply else { throw unexpected(reply, doing: "read the group journal") }
+        let reply = try await connection.command([Array("HGETALL".utf8), journal])
+        guard case .array(let items) = reply, items.count % 2 == 0 else { throw unexpected(reply, doing: "read the group journal") }
         var marked = false
         var live: Set<String> = []
         var stale: [[UInt8]] = []
-        for item in items {
-            guard let entry = item.text else { continue }
-            if entry == Self.journalMark {
+        for index in stride(from: 0, to: items.count, by: 2) {
+            guard let field = items[index].bytes else { continue }
+            if field == Array(Self.journalMark.utf8) {
                 marked = true
-            } else if let member = GroupMembership(journalEntry: entry), isOpen(member.channel) {
+            } else if let entry = journalEntry(field: field, value: items[index + 1].bytes ?? []),
+                let member = GroupMembership(journalEntry: entry), isOpen(member.channel)
+            {
                 live.insert(entry)
             } else {
-                stale.append(Array(entry.utf8))
+                stale.append(field)
             }
         }
         let viewKey = "\(shard) \(processChannel)"
@@ -80,8 +101,13 @@ extension RedisChannelLayer {
                 GroupMembership(journalEntry: $0).map { isOpen($0.channel) } ?? false
             }
             if !lastSeen.isEmpty {
+                var write: [[UInt8]] = [Array("HSET".utf8), journal, Array(Self.journalMark.utf8), []]
+                for entry in lastSeen {
+                    let (field, value) = journalFieldAndValue(entry)
+                    write += [field, value]
+                }
                 let replies = try await connection.pipeline([
-                    [Array("SADD".utf8), journal, Array(Self.journalMark.utf8)] + lastSeen.map { Array($0.utf8) },
+                    write,
                     [Array("EXPIRE".utf8), journal, Array(String(configuration.groupExpiry).utf8)],
                 ])
                 if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "rewrite the group journal") }
@@ -91,17 +117,17 @@ extension RedisChannelLayer {
         }
         journalViews.withLock { $0[viewKey] = live }
         if !stale.isEmpty {
-            let removed = try await connection.command([Array("SREM".utf8), journal] + stale)
+            let removed = try await connection.command([Array("HDEL".utf8), journal] + stale)
             if removed.errorMessage != nil { throw unexpected(removed, doing: "drop closed sockets from the group journal") }
             check.forgotten += stale.count
         }
-        var members: [(mode: String, group: String, channel: String)] = []
+        var members: [(mode: String, group: String, channel: String, field: [UInt8])] = []
         for (group, channels) in followers where shardIndex(for: group) == shard {
-            for channel in channels { members.append(("f", group, channel)) }
+            for channel in channels { members.append(("f", group, channel, [])) }
         }
         for entry in live.sorted() {
             guard let member = GroupMembership(journalEntry: entry) else { continue }
-            members.append(("j", member.group, member.channel))
+            members.append(("j", member.group, member.channel, journalFieldAndValue(entry).field))
         }
         let now = Self.unixTime()
         let head: [RedisArgument] = [
@@ -113,8 +139,8 @@ extension RedisChannelLayer {
             let chunk = members[start..<min(members.count, start + 500)]
             start += chunk.count
             var args = head
-            args.reserveCapacity(head.count + 3 * chunk.count)
-            for member in chunk { args += [.text(member.mode), .text(member.group), .text(member.channel)] }
+            args.reserveCapacity(head.count + 4 * chunk.count)
+            for member in chunk { args += [.text(member.mode), .text(member.group), .text(member.channel), .bytes(member.field)] }
             let added = try await pipelined(shard, Scripts.groupKeep, keys: [.bytes(journal)], args: args)
             if let error = added.errorMessage { throw ChannelLayerError.redisRefused(error, "group check") }
             let fields = (added.array ?? []).compactMap(\.text)
@@ -138,16 +164,17 @@ extension GroupMembership {
 
 extension Scripts {
     /// KEYS: the journal. ARGV: the layer prefix, now, group expiry, the expiry cutoff, then
-    /// (mode, group, channel) triples: mode `f` (a socket that follows the group) is put back
-    /// whenever it is missing or expired, mode `j` only while its journal entry is there (a
-    /// discard that came after the journal was read wins). The triples added.
+    /// (mode, group, channel, journal field) quadruples: mode `f` (a socket that follows the
+    /// group) is put back whenever it is missing or expired, mode `j` only while its journal
+    /// field is there (a discard that came after the journal was read wins). The triples
+    /// (mode, group, channel) added.
     static let groupKeep = LuaScript(
         name: "groupKeep",
         source: """
             local added = {}
-            for i = 5, #ARGV, 3 do
+            for i = 5, #ARGV, 4 do
                 local mode, group, channel = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-                if mode == 'f' or redis.call('SISMEMBER', KEYS[1], group .. ' ' .. channel) == 1 then
+                if mode == 'f' or redis.call('HEXISTS', KEYS[1], ARGV[i + 3]) == 1 then
                     local gkey = ARGV[1] .. ':group:' .. group
                     local score = redis.call('ZSCORE', gkey, channel)
                     if not score or tonumber(score) < tonumber(ARGV[4]) then

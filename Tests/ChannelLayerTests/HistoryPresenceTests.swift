@@ -195,7 +195,7 @@ struct HistoryPresenceTests {
             check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
             #expect(check.journalRewritten == 2)
             #expect(restored(check) == ["user-bob srv.journal!b"])
-            let journal = try raw.command(["SMEMBERS", prefix + ":journal:" + server]).array?.compactMap(\.text).sorted()
+            let journal = try raw.command(["HKEYS", prefix + ":journal:" + server]).array?.compactMap(\.text).sorted()
             #expect(journal == ["user-alice srv.journal!a", "user-bob srv.journal!b", "~"])
 
             // A membership of a socket that is not open here is dropped from the journal, not put back.
@@ -203,8 +203,39 @@ struct HistoryPresenceTests {
             _ = try raw.command(["DEL", prefix + ":group:user-dave"])
             check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
             #expect(check.restored.isEmpty && check.forgotten == 1 && check.journalRewritten == 0)
-            #expect(try raw.command(["SISMEMBER", prefix + ":journal:" + server, "user-dave srv.journal!d"]).integer == 0)
+            #expect(try raw.command(["HEXISTS", prefix + ":journal:" + server, "user-dave srv.journal!d"]).integer == 0)
         }
+    }
+
+    @Test("Redis, encrypted: the group journal stores no group or channel name in the clear, and still puts members back")
+    func encryptedGroupJournal() async throws {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
+        configuration.prefix = TestRedis.uniquePrefix()
+        configuration.symmetricEncryptionKeys = ["journal-key-" + ChannelNames.randomLetters(8)]
+        let redis = try RedisChannelLayer(configuration: configuration)
+        defer {
+            Task {
+                try? await redis.flush()
+                await redis.close()
+            }
+        }
+        let server = "srv.sealed!"
+        let raw = try HiredisConnection(endpoint: configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+        let journalKey = configuration.prefix + ":journal:" + server
+        try await redis.groupAdd("secret-room", channel: server + "a")
+        try await redis.groupAdd("secret-room", channel: server + "b")
+        let stored = try raw.command(["HGETALL", journalKey]).array?.compactMap(\.bytes) ?? []
+        #expect(stored.count == 6, "the mark and two entries")
+        for bytes in stored {
+            let text = String(decoding: bytes, as: UTF8.self)
+            #expect(!text.contains("secret-room") && !text.contains("srv.sealed"), "in the clear: \(text)")
+        }
+        _ = try raw.command(["DEL", configuration.prefix + ":group:secret-room"])
+        let check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: { _ in true })
+        #expect(Set(check.restored.map(\.channel)) == [server + "a", server + "b"])
+        // A discard finds its sealed entry again (the field is a keyed digest).
+        try await redis.groupDiscard("secret-room", channel: server + "b")
+        #expect(try raw.command(["HLEN", journalKey]).integer == 2)
     }
 
     @Test(
