@@ -43,6 +43,7 @@ struct GroupKeeper {
 
     static let restored = Counter(label: "channels_group_members_restored_total")
     static let journalRewritten = Counter(label: "channels_group_journal_rewritten_total")
+    static let journalLost = Counter(label: "channels_group_journal_lost_total")
 
     func run() async {
         let interval = server.configuration.groupCheckInterval
@@ -83,6 +84,12 @@ struct GroupKeeper {
             server.logger.warning(
                 "this server's group journal had vanished (evicted under maxmemory?): written again from the last check",
                 metadata: ["entries": "\(check.journalRewritten)"])
+        }
+        if check.journalLost > 0 {
+            Self.journalLost.increment(by: check.journalLost)
+            server.logger.warning(
+                "group memberships lost with this server's journal (the journal and their group sets both evicted): not put back",
+                metadata: ["entries": "\(check.journalLost)"])
         }
         guard !check.restored.isEmpty else { return }
         var gone: [String: [String]] = [:]

@@ -138,6 +138,34 @@ final class ReplyRouter: Service, Sendable {
         if targets.withLock({ $0.removeValue(forKey: channel) }) != nil { workInHand.finish() }
     }
 
+    /// A streamed response that starts after its client left (a request abandoned while it
+    /// waited for a worker): its consumer waits for credit that no connection will give, up to
+    /// its credit timeout (two minutes), and a few of them held a worker's every slot. Its
+    /// `disconnect_channel` is told at once that the client left, as a connection that closes
+    /// tells it.
+    private func tellStreamsTheirClientLeft(_ batch: [ReceivedMessage]) {
+        let gone = targets.withLock { targets in
+            batch.compactMap { received -> (String, String)? in
+                guard targets[received.channel] == nil, let disconnect = received.message["disconnect_channel"]?.stringValue else {
+                    return nil
+                }
+                return (received.channel, disconnect)
+            }
+        }
+        guard !gone.isEmpty else { return }
+        let layer = self.layer
+        let logger = self.logger
+        Task {
+            for (reply, disconnect) in gone {
+                do {
+                    try await layer.send(HTTPDisconnectMessage(replyChannel: reply, path: "").message, to: disconnect)
+                } catch {
+                    logger.debug("could not tell a stream whose client left", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+    }
+
     /// Hands one reply to the connection that holds `channel`.
     func deliver(_ message: Message, to channel: String) {
         deliver([ReceivedMessage(channel: channel, message: message)])
@@ -158,6 +186,7 @@ final class ReplyRouter: Service, Sendable {
             unroutable.add(lost, ordering: .relaxed)
             ServerMetrics.dropped[.unroutableReply]?.increment(by: lost)
             logger.debug("reply for a connection that is gone (counted in unroutable replies)")
+            tellStreamsTheirClientLeft(batch)
         }
         guard found.count > 1 else {
             if let (target, message) = found.first { target.loop.execute { target.receiver.value.receiveReply(message) } }

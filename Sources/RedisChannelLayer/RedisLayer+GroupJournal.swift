@@ -97,8 +97,20 @@ extension RedisChannelLayer {
         if !marked {
             // The journal vanished (evicted, deleted): what the last pass saw of sockets still
             // open is written again, and checked below like the rest.
-            let lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {
+            var lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {
                 GroupMembership(journalEntry: $0).map { isOpen($0.channel) } ?? false
+            }.sorted()
+            // Only what its group set still holds: an entry discarded since the last pass (its
+            // member taken out of the set) must not come back. Those whose set vanished too
+            // cannot be told from a discard: they are not put back, and are counted.
+            if !lastSeen.isEmpty {
+                let scores = try await connection.pipeline(
+                    lastSeen.compactMap(GroupMembership.init(journalEntry:)).map {
+                        [Array("ZSCORE".utf8), groupKey($0.group), Array($0.channel.utf8)]
+                    })
+                let verified = zip(lastSeen, scores).filter { $0.1.bytes != nil }.map(\.0)
+                check.journalLost += lastSeen.count - verified.count
+                lastSeen = verified
             }
             if !lastSeen.isEmpty {
                 var write: [[UInt8]] = [Array("HSET".utf8), journal, Array(Self.journalMark.utf8), []]

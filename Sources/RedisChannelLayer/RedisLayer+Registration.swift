@@ -9,10 +9,12 @@ import Synchronization
 /// socket is closed).
 extension RedisChannelLayer {
     /// What tells a Redis that evicted keys from one that lost its data: its run id (new at every
-    /// start) and its count of evicted keys.
+    /// start), its count of evicted keys, and how many `FLUSHALL` / `FLUSHDB` it ran (a flush
+    /// while it also evicts, for this database or another, is still a loss).
     struct RedisLife: Sendable, Equatable {
         var runID: String
         var evictedKeys: Int64
+        var flushes: Int64 = 0
     }
 
     /// The registration is a key that lives as long as a group member does (`group_expiry`),
@@ -54,7 +56,9 @@ extension RedisChannelLayer {
                 metadata: ["reply_channel": "\(processChannel)"])
             return true
         }
-        if let life, let previousLife, life.runID == previousLife.runID, life.evictedKeys > previousLife.evictedKeys {
+        if let life, let previousLife, life.runID == previousLife.runID, life.evictedKeys > previousLife.evictedKeys,
+            life.flushes == previousLife.flushes
+        {
             // The birth mark went with the registration, but this Redis did not restart and it
             // evicted keys meanwhile: an eviction, not a lost data set.
             logger.warning(
@@ -67,18 +71,25 @@ extension RedisChannelLayer {
         return false
     }
 
-    /// The shard's run id and evicted-key count (`INFO server`, `INFO stats`); nil when Redis does
-    /// not say (a managed Redis that renamed `INFO`): then a new birth mark counts as a loss.
+    /// The shard's run id, evicted-key count and flushes (`INFO server`, `stats`, `commandstats`);
+    /// nil when Redis does not say (a managed Redis that renamed `INFO`): then a new birth mark
+    /// counts as a loss.
     func redisLife(_ shard: Int) async -> RedisLife? {
+        let info = Array("INFO".utf8)
         guard
             let replies = try? await shared(shard).pipeline([
-                [Array("INFO".utf8), Array("server".utf8)], [Array("INFO".utf8), Array("stats".utf8)],
+                [info, Array("server".utf8)], [info, Array("stats".utf8)], [info, Array("commandstats".utf8)],
             ]),
-            replies.count == 2, let server = replies[0].text, let stats = replies[1].text,
+            replies.count == 3, let server = replies[0].text, let stats = replies[1].text, let commands = replies[2].text,
             let runID = Self.infoField("run_id", in: server),
             let evicted = Self.infoField("evicted_keys", in: stats).flatMap({ Int64($0) })
         else { return nil }
-        return RedisLife(runID: runID, evictedKeys: evicted)
+        // `cmdstat_flushall:calls=2,usec=…`; absent when it never ran.
+        let flushes = ["cmdstat_flushall", "cmdstat_flushdb"].reduce(Int64(0)) { total, name in
+            let calls = Self.infoField(name, in: commands)?.split(separator: ",").first { $0.hasPrefix("calls=") }
+            return total + (calls.flatMap { Int64($0.dropFirst("calls=".count)) } ?? 0)
+        }
+        return RedisLife(runID: runID, evictedKeys: evicted, flushes: flushes)
     }
 
     /// The value of `name` in an `INFO` reply (`name:value` lines).

@@ -94,21 +94,34 @@ struct BundledGroupTests {
             let process = "bundle.born\(ChannelNames.randomLetters(6))!"
             let shard = redis.shardIndex(for: process)
             #expect(try await layer.registerBundleReader(process))
-            let life = try #require(redis.redisLives.withLock { $0[shard] }, "INFO gave a run id and an evicted-key count")
+            #expect(redis.redisLives.withLock { $0[shard] } != nil, "INFO gave a run id, an evicted-key count and flushes")
             let connection = try await redis.shared(shard)
             func evictBoth() async throws {
                 _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader"), redis.key("born")])
             }
-            // As if the last registration had seen one eviction fewer (the test's Redis evicts
-            // nothing): the same run id and a higher count now.
-            redis.redisLives.withLock { $0[shard] = .init(runID: life.runID, evictedKeys: life.evictedKeys - 1) }
+            // The last registration's view, made up from what Redis says now (the test's Redis
+            // evicts nothing; read just before, so another suite's FLUSHDB does not slip in).
+            func lastSeen(runID: String? = nil, evictedLess: Int64, flushesLess: Int64) async throws {
+                let now = try #require(await redis.redisLife(shard))
+                redis.redisLives.withLock {
+                    $0[shard] = .init(
+                        runID: runID ?? now.runID, evictedKeys: now.evictedKeys - evictedLess, flushes: now.flushes - flushesLess)
+                }
+            }
+            // The same run id and a higher count now: keys evicted, not the data lost.
+            try await lastSeen(evictedLess: 1, flushesLess: 0)
             try await evictBoth()
             #expect(try await layer.registerBundleReader(process), "keys evicted by the same Redis: not the data lost")
+            // A flush meanwhile (FLUSHALL on a Redis that also evicts) is a loss whatever was evicted.
+            try await lastSeen(evictedLess: 1, flushesLess: 1)
+            try await evictBoth()
+            #expect(try await layer.registerBundleReader(process) == false, "a flush while evicting: the data lost")
             // No eviction since: both keys gone means deleted or flushed, a loss.
+            try await lastSeen(evictedLess: 0, flushesLess: 0)
             try await evictBoth()
             #expect(try await layer.registerBundleReader(process) == false, "nothing evicted since: the data lost")
             // Another run id (a restart) is a loss whatever the count says.
-            redis.redisLives.withLock { $0[shard] = .init(runID: "another run", evictedKeys: life.evictedKeys - 1) }
+            try await lastSeen(runID: "another run", evictedLess: 1, flushesLess: 0)
             try await evictBoth()
             #expect(try await layer.registerBundleReader(process) == false, "a restarted Redis: the data lost")
         }

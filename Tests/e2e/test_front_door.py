@@ -557,6 +557,31 @@ def a_slow_reader_gets_the_whole_download():
 
 
 @test
+def downloads_abandoned_before_their_consumer_starts_free_the_worker_at_once():
+    """12 clients ask for /download/8/ and close at once, against a worker with 2 slots: each
+    consumer starts after its client is gone, and its response start reaches a server that no
+    longer holds the request. Red team: each then waited for credit for 120 s (its credit
+    timeout), and 8 of them (the slots and as many lent) kept /hello/ from an answer for
+    minutes. The server now tells such a response's disconnect channel that the client left."""
+    proc, port, mport, worker, wport = redis_pair("fdab%d:" % os.getpid(), worker_extra=("--threads", "2"))
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /download/8/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            s.close()
+        until(lambda: metric_value(wport, "channels_http_streams_abandoned_total") >= 12,
+              "the worker to stop all 12 abandoned downloads", timeout=30)
+        started = time.time()
+        status, body = http_get(port, "/hello/")
+        took = time.time() - started
+        print("  12 downloads abandoned before their consumers started: all 12 stopped; /hello/ answered %d in %.2f s"
+              % (status, took))
+        assert status == 200 and took < 10, (status, took)
+    finally:
+        stop_all(proc, worker)
+
+
+@test
 def concurrent_large_uploads_stream_through():
     n = SIZE["uploads"]
     size = 16 << 20
