@@ -34,6 +34,10 @@ public final class RecordingLayer: ChannelLayer {
     /// Records sends made on `base`.
     public init(_ base: any ChannelLayer = InMemoryChannelLayer()) { self.base = base }
 
+    /// The base layer's limit: a consumer under the harness may send what it may under
+    /// `runserver` on the same layer (not the protocol's 1 MiB default).
+    public var maxMessageSize: Int { base.maxMessageSize }
+
     /// Everything sent so far.
     public var sent: [SentMessage] { log.withLock { $0 } }
     var count: Int { log.withLock { $0.count } }

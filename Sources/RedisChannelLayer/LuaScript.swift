@@ -63,12 +63,3 @@ extension LuaScript {
     private static let evalsha = Array("EVALSHA".utf8)
     private static let eval = Array("EVAL".utf8)
 }
-
-enum ASGIScriptError: Error, CustomStringConvertible {
-    case loadFailed(String, String)
-    var description: String {
-        switch self {
-        case .loadFailed(let name, let reply): "Redis did not load the script \(name): \(reply)"
-        }
-    }
-}

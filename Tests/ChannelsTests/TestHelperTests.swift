@@ -1,6 +1,7 @@
 import ASGI
 import ChannelsTesting
 import Foundation
+import Logging
 import Testing
 
 @testable import Channels
@@ -75,5 +76,18 @@ struct TestHelperTests {
             throw error
         }
         await live.stop()
+    }
+
+    /// The recording layer says its base layer's size limit: a consumer under the harness is not
+    /// refused a 2 MiB send that `runserver` on the in-memory layer (16 MiB) accepts.
+    @Test func theRecordingLayerForwardsTheSizeLimit() async throws {
+        let recording = RecordingLayer(InMemoryChannelLayer())
+        #expect(recording.maxMessageSize == InMemoryChannelLayer().maxMessageSize)
+        let context = ConsumerContext(
+            message: ["reply_channel": "big!", "path": "/"], channel: "websocket.receive", kwargs: [:], layer: recording,
+            logger: Logger(label: "test"))
+        let big: Message = ["text": .string(String(repeating: "x", count: 2 << 20))]
+        try await context.send(big, to: "big.out", immediately: true)
+        #expect(recording.sent.count == 1)
     }
 }
