@@ -130,8 +130,9 @@ public struct GroupCheck: Sendable {
     public var forgotten = 0
     /// Journal entries written again because the journal itself had vanished.
     public var journalRewritten = 0
-    /// Journal entries lost with a vanished journal whose group set no longer held them either
-    /// (an eviction of both cannot be told from a discard): not put back.
+    /// Entries of a vanished journal that their group sets no longer held either: discarded
+    /// since the last check, or evicted with the journal (the two cannot be told apart); not
+    /// put back.
     public var journalLost = 0
     /// What failed (one line per shard that could not be checked); the rest was checked.
     public var failures: [String] = []

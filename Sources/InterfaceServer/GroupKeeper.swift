@@ -88,7 +88,7 @@ struct GroupKeeper {
         if check.journalLost > 0 {
             Self.journalLost.increment(by: check.journalLost)
             server.logger.warning(
-                "group memberships lost with this server's journal (the journal and their group sets both evicted): not put back",
+                "this server's group journal had vanished, and some entries of its last view are no longer in their group sets (discarded since, or evicted with the journal): not put back",
                 metadata: ["entries": "\(check.journalLost)"])
         }
         guard !check.restored.isEmpty else { return }

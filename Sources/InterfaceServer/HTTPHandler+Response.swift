@@ -9,7 +9,12 @@ import Synchronization
 // the server's own answers, and the end of a request.
 extension HTTPHandler {
     func receiveReply(_ reply: Message) {
-        guard replyChannel != nil, let context = replyContext else { return }
+        guard replyChannel != nil, let context = replyContext else {
+            // The request ended (its client left) after the router found this connection: a
+            // streamed response's consumer is told, or it waits out its credit timeout.
+            server.router.tellStreamTheClientLeft(reply, replyChannel: "")
+            return
+        }
         let response: HTTPResponseMessage
         do {
             response = try HTTPResponseMessage(reply)

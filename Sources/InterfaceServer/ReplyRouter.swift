@@ -152,6 +152,17 @@ final class ReplyRouter: Service, Sendable {
                 return (received.channel, disconnect)
             }
         }
+        tellClientLeft(gone)
+    }
+
+    /// The same for one reply that a connection got after its request ended (the client left
+    /// between the lookup above and the connection's turn to take it).
+    func tellStreamTheClientLeft(_ reply: Message, replyChannel: String) {
+        guard let disconnect = reply["disconnect_channel"]?.stringValue else { return }
+        tellClientLeft([(replyChannel, disconnect)])
+    }
+
+    private func tellClientLeft(_ gone: [(reply: String, disconnect: String)]) {
         guard !gone.isEmpty else { return }
         let layer = self.layer
         let logger = self.logger

@@ -100,31 +100,25 @@ extension RedisChannelLayer {
             var lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {
                 GroupMembership(journalEntry: $0).map { isOpen($0.channel) } ?? false
             }.sorted()
-            // Only what its group set still holds: an entry discarded since the last pass (its
-            // member taken out of the set) must not come back. Those whose set vanished too
-            // cannot be told from a discard: they are not put back, and are counted.
+            // Only what its group set still holds, checked and written in one script (a discard
+            // cannot land in between): an entry discarded since the last pass (its member taken
+            // out of the set) must not come back. Those whose set vanished too cannot be told
+            // from a discard: they are not put back, and are counted.
             if !lastSeen.isEmpty {
-                let scores = try await connection.pipeline(
-                    lastSeen.compactMap(GroupMembership.init(journalEntry:)).map {
-                        [Array("ZSCORE".utf8), groupKey($0.group), Array($0.channel.utf8)]
-                    })
-                let verified = zip(lastSeen, scores).filter { $0.1.bytes != nil }.map(\.0)
-                check.journalLost += lastSeen.count - verified.count
-                lastSeen = verified
-            }
-            if !lastSeen.isEmpty {
-                var write: [[UInt8]] = [Array("HSET".utf8), journal, Array(Self.journalMark.utf8), []]
+                var args: [RedisArgument] = [.text(configuration.prefix), .integer(configuration.groupExpiry)]
+                var entries: [String] = []
                 for entry in lastSeen {
+                    guard let member = GroupMembership(journalEntry: entry) else { continue }
                     let (field, value) = journalFieldAndValue(entry)
-                    write += [field, value]
+                    args += [.text(member.group), .text(member.channel), .bytes(field), .bytes(value)]
+                    entries.append(entry)
                 }
-                let replies = try await connection.pipeline([
-                    write,
-                    [Array("EXPIRE".utf8), journal, Array(String(configuration.groupExpiry).utf8)],
-                ])
-                if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "rewrite the group journal") }
-                check.journalRewritten += lastSeen.count
-                live.formUnion(lastSeen)
+                let reply = try await pipelined(shard, Scripts.journalRewrite, keys: [.bytes(journal)], args: args)
+                guard case .array(let kept) = reply else { throw unexpected(reply, doing: "rewrite the group journal") }
+                let verified = kept.compactMap { $0.integer.map { entries[Int($0) - 1] } }
+                check.journalLost += entries.count - verified.count
+                check.journalRewritten += verified.count
+                live.formUnion(verified)
             }
         }
         journalViews.withLock { $0[viewKey] = live }
@@ -175,6 +169,29 @@ extension GroupMembership {
 }
 
 extension Scripts {
+    /// KEYS: the journal. ARGV: the layer prefix, group expiry, then (group, channel, field,
+    /// value) quadruples from a server's last view of its vanished journal: each is written
+    /// back only if its group set still holds the channel; the mark with them. The 1-based
+    /// indexes of the quadruples written.
+    static let journalRewrite = LuaScript(
+        name: "journalRewrite",
+        source: """
+            local kept = {}
+            local n = 0
+            for i = 3, #ARGV, 4 do
+                n = n + 1
+                if redis.call('ZSCORE', ARGV[1] .. ':group:' .. ARGV[i], ARGV[i + 1]) then
+                    redis.call('HSET', KEYS[1], ARGV[i + 2], ARGV[i + 3])
+                    kept[#kept + 1] = n
+                end
+            end
+            if #kept > 0 then
+                redis.call('HSET', KEYS[1], '~', '')
+                redis.call('EXPIRE', KEYS[1], ARGV[2])
+            end
+            return kept
+            """)
+
     /// KEYS: the journal. ARGV: the layer prefix, now, group expiry, the expiry cutoff, then
     /// (mode, group, channel, journal field) quadruples: mode `f` (a socket that follows the
     /// group) is put back whenever it is missing or expired, mode `j` only while its journal
