@@ -211,6 +211,14 @@ struct HistoryPresenceTests {
             check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
             #expect(check.restored.isEmpty && check.forgotten == 1 && check.journalRewritten == 0)
             #expect(try raw.command(["HEXISTS", prefix + ":journal:" + server, "user-dave srv.journal!d"]).integer == 0)
+
+            // Bad input in the journal (another writer's garbage, an entry no key opens): dropped
+            // and counted as forgotten, the check goes on, nothing else is touched.
+            _ = try raw.command(["HSET", prefix + ":journal:" + server, "no-space-here", "", "user-alice", "x"])
+            check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
+            #expect(check.forgotten == 2 && check.failures.isEmpty && check.restored.isEmpty, "\(check)")
+            let left = try raw.command(["HKEYS", prefix + ":journal:" + server]).array?.compactMap(\.text).sorted()
+            #expect(left == ["user-alice srv.journal!a", "~"])
         }
     }
 
