@@ -69,7 +69,13 @@ extension HTTPHandler {
             respondPlain(context: context, status: .internalServerError, text: "Internal server error\n", close: true)
             return
         }
-        if !content.isEmpty {
+        if !content.isEmpty, isHeadOverHTTP2 {
+            // HTTP/1.1's encoder drops a HEAD response's body itself; HTTP/2's codec sends it,
+            // and the stream is then reset for a content-length violation. The body is counted
+            // as written so a streaming consumer's credit keeps flowing.
+            responseBytes += content.count
+            written(content.count)
+        } else if !content.isEmpty {
             responseBytes += content.count
             unwrittenBytes += content.count
             budget?.unwritten += content.count
@@ -253,7 +259,9 @@ extension HTTPHandler {
         apply(.disarm, context: context)
         let head = HTTPResponseHead(version: self.head?.version ?? .http1_1, status: status, headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
+        if !isHeadOverHTTP2 {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: text)))), promise: nil)
+        }
         writeEnd(context: context, close: shouldClose)
     }
 

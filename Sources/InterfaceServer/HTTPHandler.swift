@@ -313,6 +313,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
 
     var isHTTP2: Bool { (head?.version.major ?? 1) >= 2 }
 
+    /// A `HEAD` request on an HTTP/2 stream: its response carries headers only.
+    var isHeadOverHTTP2: Bool { isHTTP2 && head?.method == .HEAD }
+
     /// The request in flight will get no more of its response to the client: the application
     /// hears it on `http.disconnect` and, when the responder named one, on its disconnect channel
     /// (a streaming consumer stops there at once).

@@ -798,6 +798,39 @@ def streams_in_flight_when_redis_restarts_empty_are_cut_not_left_hanging():
             stop_all(proc, worker)
 
 
+def h2_exchange(port, cafile, method, path, timeout=10):
+    """One request on a fresh HTTP/2 connection; returns the h2 events of its stream, up to its
+    end or reset (bounded by `timeout`)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname="localhost")
+    try:
+        h2c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        h2c.initiate_connection()
+        h2c.send_headers(1, [(":method", method), (":path", path), (":scheme", "https"), (":authority", "localhost")],
+                         end_stream=True)
+        tls.sendall(h2c.data_to_send())
+        events, deadline = [], time.time() + timeout
+        while time.time() < deadline:
+            data = tls.recv(65536)
+            assert data, "the connection closed before the stream ended: %r" % events
+            for event in h2c.receive_data(data):
+                if getattr(event, "stream_id", None) != 1:
+                    continue
+                if isinstance(event, h2.events.DataReceived):
+                    h2c.acknowledge_received_data(event.flow_controlled_length, 1)
+                events.append(event)
+                if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    return events
+            tls.sendall(h2c.data_to_send())
+        raise AssertionError("no end of stream within %d s: %r" % (timeout, events))
+    finally:
+        tls.close()
+
+
 @test
 def tls_https_wss_http2_and_a_certificate_reload():
     directory = tempfile.mkdtemp(prefix="e2e-tls-")
@@ -840,6 +873,21 @@ def tls_https_wss_http2_and_a_certificate_reload():
         assert events.count(b"data: event") == 3, events
         upload = curl("-X", "POST", "--data-binary", "@" + live_key, "https://localhost:%d/poll/" % port)
         assert json.loads(upload)["received"] == os.path.getsize(live_key), upload
+        # HEAD over HTTP/2: headers and the GET's content-length, then END_STREAM; no body and
+        # no reset (a body sent after a HEAD is a content-length violation the codec resets).
+        for path in ("/hello/", "/download/3/", "/missing-page/"):
+            events = h2_exchange(port, cert, "HEAD", path)
+            names = [type(e).__name__ for e in events]
+            assert "StreamReset" not in names and names[-1] == "StreamEnded", (path, names)
+            assert not any(type(e).__name__ == "DataReceived" and e.data for e in events), (path, names)
+            head = dict(next(e.headers for e in events if type(e).__name__ == "ResponseReceived"))
+            got = h2_exchange(port, cert, "GET", path, timeout=30)
+            get = dict(next(e.headers for e in got if type(e).__name__ == "ResponseReceived"))
+            body = sum(len(e.data) for e in got if type(e).__name__ == "DataReceived")
+            assert head[b":status"] == get[b":status"], (path, head, get)
+            assert int(head[b"content-length"]) == int(get[b"content-length"]) == body, (path, head, get, body)
+            print("  HEAD %s over HTTP/2: %s, content-length %s, ended without a body or a reset"
+                  % (path, head[b":status"].decode(), head[b"content-length"].decode()))
         # Many streams on one connection, answered in full.
         urls = ["https://localhost:%d/hello/%d" % (port, i) for i in range(50)]
         many = curl("--parallel", "--parallel-immediate", "--parallel-max", "50", *urls)
