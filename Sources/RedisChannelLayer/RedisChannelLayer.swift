@@ -117,14 +117,16 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     }
 
     /// The shard's shared, pipelined connection on the caller's event loop.
-    func shared(_ shard: Int) async throws(ChannelLayerError) -> RedisConnection {
+    func shared(_ shard: Int, bulk: Bool = false) async throws(ChannelLayerError) -> RedisConnection {
         try checkOpen()
-        return try await shards[shard].shared()
+        return try await shards[shard].shared(bulk: bulk)
     }
 
     /// A script call on the shard's shared connection.
-    func pipelined(_ shard: Int, _ script: LuaScript, keys: [RedisArgument], args: [RedisArgument]) async throws -> RedisReply {
-        try await script.run(on: shared(shard), keys: keys, args: args)
+    func pipelined(
+        _ shard: Int, _ script: LuaScript, keys: [RedisArgument], args: [RedisArgument], bulk: Bool = false
+    ) async throws -> RedisReply {
+        try await script.run(on: shared(shard, bulk: bulk), keys: keys, args: args)
     }
 
     /// The same with keys and arguments as bytes.

@@ -32,6 +32,9 @@ public struct RedisChannelLayerConfiguration: Sendable {
     public static let channelStatisticsExpiry = 3600
     /// Seconds the global statistics keys live (asgi_redis's value).
     public static let globalStatisticsExpiry = 86400
+    /// Stored messages of at least this many bytes are sent on a loop's bulk connection, so
+    /// small messages are not queued behind them in one pipeline.
+    public static let bulkMessageSize = 64 * 1024
 
     /// A configuration; every argument has asgi_redis 1.4's default.
     public init(

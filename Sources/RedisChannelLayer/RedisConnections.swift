@@ -29,7 +29,8 @@ final class RedisConnections: Sendable {
     private let opened = Atomic<Int>(0)
     private let metrics: RedisMetrics
 
-    /// The group's loops, in order: lane `i` of the state is loop `i`'s shared connection.
+    /// The group's loops, in order: lane `i` of the state is loop `i`'s shared connection, and
+    /// lane `loops.count + i` loop `i`'s bulk connection (see ``shared(bulk:)``).
     private let loops: [any EventLoop]
 
     private struct Lane {
@@ -63,7 +64,7 @@ final class RedisConnections: Sendable {
         self.metrics = RedisMetrics(endpoint: endpoint)
         let loops = Array(group.makeIterator())
         self.loops = loops.isEmpty ? [group.next()] : loops
-        self.state = Mutex(State(lanes: Array(repeating: Lane(), count: self.loops.count)))
+        self.state = Mutex(State(lanes: Array(repeating: Lane(), count: 2 * self.loops.count)))
     }
 
     /// The lane of the loop the caller runs on (the first one off the group's loops).
@@ -127,18 +128,24 @@ final class RedisConnections: Sendable {
 
     /// The shared connection of the caller's loop, opened (once, however many callers ask at
     /// the same time) if there is none or the last one died.
-    func shared() async throws(ChannelLayerError) -> RedisConnection {
-        try await shared(lane: currentLane())
+    ///
+    /// With `bulk`, a second shared connection of the loop: large messages (a request body's
+    /// megabyte chunks) travel there, so a small one sent meanwhile from the same loop (another
+    /// client's request, a WebSocket frame) is not queued behind megabytes in one pipeline.
+    /// Sends that must stay in order are made one after another (each awaits its reply), so two
+    /// pipelines do not reorder them.
+    func shared(bulk: Bool = false) async throws(ChannelLayerError) -> RedisConnection {
+        try await shared(lane: currentLane() + (bulk ? loops.count : 0))
     }
 
-    /// Lane `lane`'s shared connection (on the group's loop of that index).
+    /// Lane `lane`'s shared connection (on the group's loop of index `lane` modulo the loops).
     func shared(lane: Int) async throws(ChannelLayerError) -> RedisConnection {
         enum Step { case ready(RedisConnection), wait(EventLoopFuture<RedisConnection>), closed }
         let step = state.withLock { state -> Step in
             if state.closed { return .closed }
             if let connection = state.lanes[lane].shared, connection.isActive { return .ready(connection) }
             if let connecting = state.lanes[lane].connecting { return .wait(connecting) }
-            let loop = loops[lane]
+            let loop = loops[lane % loops.count]
             let promise = loop.makePromise(of: RedisConnection.self)
             promise.completeWithTask { try await self.open(on: loop) }
             state.lanes[lane].connecting = promise.futureResult

@@ -34,7 +34,8 @@ extension RedisChannelLayer {
             .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
             .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
         ]
-        let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args)
+        let bulk = body.count >= RedisChannelLayerConfiguration.bulkMessageSize
+        let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args, bulk: bulk)
         switch reply {
         case .integer(1): return
         case .integer(0): throw ChannelLayerError.channelFull(channel)

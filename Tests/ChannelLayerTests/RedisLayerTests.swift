@@ -311,6 +311,28 @@ struct RedisLayerTests {
         await b.shutdown()
     }
 
+    @Test("large messages go on the loop's bulk connection; one sender's mixed sizes still arrive in order")
+    func bulkMessagesKeepTheirOrder() async throws {
+        let layer = try layer()
+        defer {
+            Task {
+                try? await layer.flush(); await layer.close()
+            }
+        }
+        let opened = layer.connectionsOpened
+        let sizes = [10, 200_000, 5, 70_000, 64 * 1024 - 100, 1_000_000, 1, 65_536]
+        for (index, size) in sizes.enumerated() {
+            try await layer.send(["i": .int(Int64(index)), "pad": .bytes([UInt8](repeating: 7, count: size))], to: "bulk.order")
+        }
+        // Small and large sends used two connections (the shared one and the bulk one).
+        #expect(layer.connectionsOpened - opened == 2)
+        for (index, size) in sizes.enumerated() {
+            let got = try #require(try await layer.receive(channels: ["bulk.order"], timeout: .seconds(2)))
+            #expect(got.message["i"] == .int(Int64(index)))
+            #expect(got.message["pad"]?.bytesValue?.count == size)
+        }
+    }
+
     @Test("each event loop gets its own shared connection: a command from a loop runs on a connection of that loop")
     func sharedConnectionPerEventLoop() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
@@ -328,6 +350,12 @@ struct RedisLayerTests {
             seen.append(ObjectIdentifier(connection))
         }
         #expect(Set(seen).count == loops.count, "one connection per loop")
+        for (index, loop) in loops.enumerated() {
+            // Each loop's bulk connection is a second one on the same loop.
+            let bulk = try await connections.shared(lane: loops.count + index)
+            #expect(bulk.eventLoop === loop && !seen.contains(ObjectIdentifier(bulk)))
+            #expect(try await bulk.command(["PING"]).text == "PONG")
+        }
         // Off the group's loops (this test's own task): the first lane, and nothing new opened.
         let opened = connections.connectionsOpened
         #expect(connections.currentLane() == 0)
