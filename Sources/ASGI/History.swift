@@ -134,6 +134,9 @@ public struct GroupCheck: Sendable {
     /// since the last check, or evicted with the journal (the two cannot be told apart); not
     /// put back.
     public var journalLost = 0
+    /// The memberships behind ``journalLost``: the server tells their sockets (closes them with
+    /// 1012, so clients reconnect and join again) rather than leave them out of a group in silence.
+    public var lost: [GroupMembership] = []
     /// What failed (one line per shard that could not be checked); the rest was checked.
     public var failures: [String] = []
 

@@ -44,6 +44,8 @@ struct GroupKeeper {
     static let restored = Counter(label: "channels_group_members_restored_total")
     static let journalRewritten = Counter(label: "channels_group_journal_rewritten_total")
     static let journalLost = Counter(label: "channels_group_journal_lost_total")
+    /// Sockets closed with 1012 because a membership of theirs was lost with the journal.
+    static let lostSocketsClosed = Counter(label: "channels_group_lost_sockets_closed_total")
 
     func run() async {
         let interval = server.configuration.groupCheckInterval
@@ -87,9 +89,18 @@ struct GroupKeeper {
         }
         if check.journalLost > 0 {
             Self.journalLost.increment(by: check.journalLost)
+            // Evicted with the journal, or discarded since the last check: the two cannot be told
+            // apart, so the sockets are told (1012: reconnect, join again, recover) rather than
+            // left out of a group in silence; a discarded one costs a reconnect.
+            let sockets = Set(check.lost.map(\.channel)).filter { server.router.isOpen($0) }
+            for channel in sockets.sorted() { server.router.deliver(["close": .int(1012)], to: channel) }
+            Self.lostSocketsClosed.increment(by: sockets.count)
             server.logger.warning(
-                "this server's group journal had vanished, and some entries of its last view are no longer in their group sets (discarded since, or evicted with the journal): not put back",
-                metadata: ["entries": "\(check.journalLost)"])
+                "this server's group journal had vanished, and some entries of its last view are no longer in their group sets (discarded since, or evicted with the journal): their sockets are closed with 1012 to join again",
+                metadata: [
+                    "entries": "\(check.journalLost)", "sockets_closed": "\(sockets.count)",
+                    "group": "\(Set(check.lost.map(\.group)).sorted().prefix(5).joined(separator: ", "))",
+                ])
         }
         guard !check.restored.isEmpty else { return }
         var gone: [String: [String]] = [:]

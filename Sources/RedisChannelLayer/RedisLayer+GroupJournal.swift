@@ -117,6 +117,10 @@ extension RedisChannelLayer {
                 guard case .array(let kept) = reply else { throw unexpected(reply, doing: "rewrite the group journal") }
                 let verified = kept.compactMap { $0.integer.map { entries[Int($0) - 1] } }
                 check.journalLost += entries.count - verified.count
+                // A followed membership is put back from the followers below: not lost.
+                let verifiedSet = Set(verified)
+                check.lost += entries.filter { !verifiedSet.contains($0) }.compactMap { GroupMembership(journalEntry: $0) }
+                    .filter { !(followers[$0.group]?.contains($0.channel) ?? false) }
                 check.journalRewritten += verified.count
                 live.formUnion(verified)
             }

@@ -196,6 +196,7 @@ struct HistoryPresenceTests {
             _ = try raw.command(["DEL", prefix + ":journal:" + server])
             check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
             #expect(check.journalRewritten == 1 && check.journalLost == 1, "\(check)")
+            #expect(check.lost == [GroupMembership(group: "user-bob", channel: server + "b")], "told, not silent")
             #expect(check.restored.isEmpty)
             #expect(try await redis.groupChannels("user-bob") == [server + "c"], "b's discard stands")
             let journal = try raw.command(["HKEYS", prefix + ":journal:" + server]).array?.compactMap(\.text).sorted()
@@ -219,6 +220,13 @@ struct HistoryPresenceTests {
             #expect(check.forgotten == 2 && check.failures.isEmpty && check.restored.isEmpty, "\(check)")
             let left = try raw.command(["HKEYS", prefix + ":journal:" + server]).array?.compactMap(\.text).sorted()
             #expect(left == ["user-alice srv.journal!a", "~"])
+
+            // The set and the journal both evicted between two checks: nothing can put alice
+            // back, and the check names the membership so her server can tell her socket.
+            for key in [":group:user-alice", ":journal:" + server] { _ = try raw.command(["DEL", prefix + key]) }
+            check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
+            #expect(check.restored.isEmpty && check.journalLost == 1 && check.journalRewritten == 0, "\(check)")
+            #expect(check.lost == [GroupMembership(group: "user-alice", channel: server + "a")])
         }
     }
 
