@@ -37,6 +37,10 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     let journalDigestKey: [UInt8]?
     let membersReached = Atomic<Int>(0)
     let membersMissed = Atomic<Int>(0)
+    /// Group sends offered again after a full process channel (see `settleGroupSend`).
+    let groupSendsHeld = Atomic<Int>(0)
+    /// Process channels that stayed full for a whole group-full wait, skipped until the instant.
+    let stalledProcessChannels = Mutex<[String: ContinuousClock.Instant]>([:])
     let isClosed = Atomic<Bool>(false)
     let decoder = MsgPackDecoder()
     /// Members of bundled group messages not yet handed out, by list (non-local) name: a

@@ -14,6 +14,10 @@ public struct RedisChannelLayerConfiguration: Sendable {
     public var groupExpiry: Int
     /// Messages one channel may hold.
     public var capacity: Int
+    /// How long a group send offers again a server's share that its full process channel
+    /// refused (the server reads behind) before dropping it (counted); zero drops at once, as
+    /// asgi_redis does for every full channel. Plain channels are never waited for.
+    public var groupFullWait: Duration = .seconds(2)
     /// Per-channel capacities by glob pattern; the first match wins.
     public var channelCapacities: [(String, Int)]
     /// The largest encoded message a send accepts.

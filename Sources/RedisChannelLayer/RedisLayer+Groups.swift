@@ -109,7 +109,7 @@ extension RedisChannelLayer {
             let scriptArgs = args(mode: "group", members: [])
             let keys: [RedisArgument] = [.joined3(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
             let reply = try await pipelined(0, Scripts.sendMany, keys: keys, args: scriptArgs)
-            try countGroupSend(reply, group: group)
+            try await settleGroupSend(reply, shard: 0, group: group, globalKeys: globalKeys)
             return
         }
         // Sharded: members from the group's shard, then one script per destination shard.
@@ -121,7 +121,7 @@ extension RedisChannelLayer {
                 let scriptArgs = args(mode: "list", members: names)
                 tasks.addTask {
                     let reply = try await self.pipelined(index, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: scriptArgs)
-                    try self.countGroupSend(reply, group: group)
+                    try await self.settleGroupSend(reply, shard: index, group: group, globalKeys: globalKeys)
                 }
             }
             try await tasks.waitForAll()
@@ -194,7 +194,7 @@ extension RedisChannelLayer {
                         scriptArgs.append(.integer(counts[i]))
                     }
                     let reply = try await self.pipelined(index, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: scriptArgs)
-                    try self.countGroupSend(reply, group: group)
+                    try await self.settleGroupSend(reply, shard: index, group: group, globalKeys: globalKeys)
                 }
             }
             try await tasks.waitForAll()
@@ -203,21 +203,102 @@ extension RedisChannelLayer {
 
     /// Counts what a group-send script reports: members reached, and members missed because
     /// their channel was full (logged: capacity is a promise the user can reason about).
-    func countGroupSend(_ reply: RedisReply, group: String) throws(ChannelLayerError) {
-        guard case .array(let counts) = reply, counts.count == 4 else { throw unexpected(reply, doing: "group send") }
-        membersReached.add(counts[2].countValue, ordering: .relaxed)
-        LayerMetrics.groupMembersReached.increment(by: counts[2].countValue)
-        let missed = counts[3].countValue
+    /// Counts a group send's script reply. Messages refused because a server's process channel
+    /// was full (that server reads behind) are offered again with growing pauses for up to
+    /// ``RedisChannelLayerConfiguration/groupFullWait``: the sender waits (backpressure back to
+    /// whoever sends to it) instead of dropping a whole server's share of the group. What is
+    /// still refused then is dropped, counted and logged, and its process channel is skipped
+    /// without waiting for a while (a stuck server does not slow every group send down).
+    func settleGroupSend(_ reply: RedisReply, shard: Int, group: String, globalKeys: [RedisArgument]) async throws {
+        var (reached, missed, refused) = try parseGroupSend(reply)
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.groupFullWait
+        var pause = Duration.milliseconds(2)
+        while !refused.isEmpty {
+            let now = clock.now
+            let stalled = stalledProcessChannels.withLock { stalled in
+                stalled = stalled.filter { $0.value > now }
+                return stalled
+            }
+            let skipped = refused.filter { stalled[$0.list] != nil }
+            refused.removeAll { stalled[$0.list] != nil }
+            missed += skipped.reduce(0) { $0 + $1.count }
+            if refused.isEmpty || now >= deadline || Task.isCancelled {
+                if !refused.isEmpty {
+                    let until = now + Self.stalledSkip
+                    stalledProcessChannels.withLock { stalled in
+                        for item in refused { stalled[item.list] = until }
+                    }
+                    logger.warning(
+                        "a server's process channel stayed full for the whole group-full wait: dropping its share of group sends for a while",
+                        metadata: ["channel": "\(refused[0].list)", "wait": "\(configuration.groupFullWait)"])
+                }
+                missed += refused.reduce(0) { $0 + $1.count }
+                break
+            }
+            try? await Task.sleep(for: min(pause, deadline - now))
+            pause = min(pause * 2, .milliseconds(50))
+            groupSendsHeld.add(1, ordering: .relaxed)
+            var args = groupRetryArgs()
+            for item in refused { args += [.text(item.list), .bytes(item.body), .integer(item.count)] }
+            let again = try await pipelined(shard, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: args)
+            let parsed = try parseGroupSend(again)
+            reached += parsed.reached
+            refused = parsed.refused
+        }
+        membersReached.add(reached, ordering: .relaxed)
+        LayerMetrics.groupMembersReached.increment(by: reached)
         if missed > 0 {
             membersMissed.add(missed, ordering: .relaxed)
             LayerMetrics.groupMembersMissed.increment(by: missed)
             logger.warning(
                 "group send skipped members whose channel is full",
-                metadata: [
-                    "group": "\(group)", "missed": "\(missed)", "reached": "\(counts[2].countValue)",
-                ])
+                metadata: ["group": "\(group)", "missed": "\(missed)", "reached": "\(reached)"])
         }
     }
+
+    /// How long a process channel that stayed full for a whole wait is skipped without waiting.
+    static let stalledSkip = Duration.seconds(10)
+
+    /// A group-send script reply: members reached and missed (plain channels that were full:
+    /// dropped, as asgi_redis does), and the messages refused on process channels.
+    private func parseGroupSend(
+        _ reply: RedisReply
+    ) throws(ChannelLayerError) -> (reached: Int, missed: Int, refused: [(list: String, body: [UInt8], count: Int)]) {
+        guard case .array(let items) = reply, items.count >= 4, (items.count - 4) % 3 == 0 else {
+            throw unexpected(reply, doing: "group send")
+        }
+        var refused: [(list: String, body: [UInt8], count: Int)] = []
+        var missed = items[3].countValue
+        for index in stride(from: 4, to: items.count, by: 3) {
+            guard let list = items[index].text, let body = items[index + 1].bytes else {
+                throw unexpected(reply, doing: "group send")
+            }
+            let count = items[index + 2].countValue
+            refused.append((list, body, count))
+            missed -= count
+        }
+        return (items[2].countValue, missed, refused)
+    }
+
+    /// The script's arguments for offering stored bodies again (mode "bodies"), with a key base
+    /// of their own (the bodies are stored under new keys).
+    private func groupRetryArgs() -> [RedisArgument] {
+        var keyBase: [UInt8] = []
+        keyBase.reserveCapacity(32)
+        RandomToken.uuid4Hex(into: &keyBase)
+        keyBase.removeLast(8)
+        return [
+            .text("bodies"), .text("0"), .text(configuration.prefix), .text(configuration.statsPrefix),
+            .integer(configuration.expiry), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+            .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
+            .bytes([]), .bytes([]), .bytes(keyBase), .integer(configuration.capacity),
+        ] + luaCapacityArgs
+    }
+
+    /// Times a group send waited because a server's process channel was full and offered its
+    /// share again.
+    public var groupSendsHeldBack: Int { groupSendsHeld.load(ordering: .relaxed) }
 
     /// Group members this process's group sends have reached, and missed (channel full).
     public var groupMembersReached: Int { membersReached.load(ordering: .relaxed) }

@@ -124,7 +124,9 @@ enum Scripts {
     ///       global stats expiry, plain body, process-channel body head, key base (24 hex),
     ///       default capacity, pattern count N, then N (lua pattern, capacity) pairs,
     ///       then (mode "list") the member names.
-    /// Returns {messages stored, sends refused as full, members reached, members missed}.
+    /// Returns {messages stored, sends refused as full, members reached, members missed}, then
+    /// (list, body, member count) for each message refused on a process channel (`…!`), so
+    /// the sender can offer it again in mode "bodies" (backpressure instead of a drop).
     static let sendMany = LuaScript(
         name: "sendMany",
         source: """
@@ -161,6 +163,7 @@ enum Scripts {
                                    math.floor(n / 256) % 256, n % 256)
             end
             local sent, full, reached, missed = 0, 0, 0, 0
+            local refused = {}
             local serial = 0
             local function store(listName, body, count)
                 local capacity = defaultCapacity
@@ -174,6 +177,11 @@ enum Scripts {
                     local fullKey = statsPrefix .. listName .. ':channel_full_count'
                     redis.call('INCR', fullKey)
                     redis.call('EXPIRE', fullKey, channelStatsExpiry)
+                    if string.sub(listName, -1) == '!' then
+                        refused[#refused + 1] = listName
+                        refused[#refused + 1] = body
+                        refused[#refused + 1] = count
+                    end
                     return
                 end
                 serial = serial + 1
@@ -234,7 +242,9 @@ enum Scripts {
                 redis.call('INCRBY', KEYS[3], full)
                 redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
             end
-            return {sent, full, reached, missed}
+            local result = {sent, full, reached, missed}
+            for _, item in ipairs(refused) do result[#result + 1] = item end
+            return result
             """)
 
     /// Registers (or renews) the reader of a process channel as one that reads bundles.

@@ -126,4 +126,64 @@ struct BundledGroupTests {
             #expect(try await layer.registerBundleReader(process) == false, "a restarted Redis: the data lost")
         }
     }
+
+    @Test("a full process channel holds a group send back until its reader catches up: nothing is dropped")
+    func fullProcessChannelHoldsTheSendBack() async throws {
+        let layer = try makeLayer(.redis, capacity: 2) as! RedisChannelLayer
+        defer {
+            Task {
+                try? await layer.flush()
+                await layer.close()
+            }
+        }
+        let process = "held.reader\(ChannelNames.randomLetters(6))!"
+        _ = try await layer.registerBundleReader(process)
+        let members = (0..<3).map { process + "m\($0)" }
+        for member in members { try await layer.groupAdd("held", channel: member) }
+        // Two bundles fill the process channel (capacity 2); the third send waits for room.
+        for n in 0..<2 { try await layer.sendGroup("held", message: ["n": .int(Int64(n))]) }
+        let third = Task { try await layer.sendGroup("held", message: ["n": 2]) }
+        for _ in 0..<500 where layer.groupSendsHeldBack == 0 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(layer.groupSendsHeldBack > 0, "the third send was refused and is being offered again")
+        // The reader catches up: the held send gets in, and every member gets 0, 1, 2 in order.
+        var got: [String: [Int64]] = [:]
+        for _ in 0..<200 where got.values.reduce(0, { $0 + $1.count }) < 9 {
+            for received in try await layer.receiveBatch(channels: [process], max: 64, timeout: .milliseconds(50)) {
+                got[received.channel, default: []].append(received.message["n"]?.intValue ?? -1)
+            }
+        }
+        try await third.value
+        #expect(Set(got.keys) == Set(members) && got.values.allSatisfy { $0 == [0, 1, 2] }, "\(got)")
+        #expect(layer.groupMembersMissed == 0)
+    }
+
+    @Test("a process channel that stays full is dropped after the wait (counted), then skipped without waiting")
+    func processChannelThatStaysFullIsDroppedThenSkipped() async throws {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
+        configuration.prefix = TestRedis.uniquePrefix()
+        configuration.capacity = 1
+        configuration.groupFullWait = .milliseconds(200)
+        let layer = try RedisChannelLayer(configuration: configuration)
+        defer {
+            Task {
+                try? await layer.flush()
+                await layer.close()
+            }
+        }
+        let process = "stuck.reader\(ChannelNames.randomLetters(6))!"
+        _ = try await layer.registerBundleReader(process)
+        for i in 0..<3 { try await layer.groupAdd("stuck", channel: process + "m\(i)") }
+        try await layer.groupAdd("stuck", channel: "plain.member")
+        try await layer.sendGroup("stuck", message: ["n": 0])
+        // Nobody reads: the second send waits out its 200 ms, then drops the server's share.
+        try await layer.sendGroup("stuck", message: ["n": 1])
+        let held = layer.groupSendsHeldBack
+        #expect(held > 0 && layer.groupMembersMissed == 3 + 1, "3 bundled members, and the full plain member at once")
+        // Within the next 10 s the stuck channel is skipped at once: no new offers.
+        try await layer.sendGroup("stuck", message: ["n": 2])
+        #expect(layer.groupSendsHeldBack == held && layer.groupMembersMissed == 8)
+        // What got in is intact: the first bundle, to all three members.
+        let first = try await layer.receiveBatch(channels: [process], max: 64, timeout: .zero)
+        #expect(first.count == 3 && first.allSatisfy { $0.message["n"]?.intValue == 0 })
+    }
 }
