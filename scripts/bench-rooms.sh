@@ -59,8 +59,18 @@ for _ in $(seq 50); do redis-cli -p "$R" ping >/dev/null 2>&1 && break; sleep 0.
 LAYER="redis://127.0.0.1:$R"
 log "$ROOMS rooms x $MEMBERS members, $RATE msg/s per room for ${DURATION}s ($MESSAGES messages a room); $(nproc) cores"
 
+cpu_ticks() { # PGREP-PATTERN: CPU clock ticks (user + system) used so far by the matching processes
+  local total=0 t
+  for pid in $(pgrep -f "$1" || true); do
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + t))
+  done
+  echo "$total"
+}
+
 rooms() { # SYSTEM PROTO URLS [PATH]: one fanout per room, all at once; their JSON lines to $RUN/SYSTEM.jsonl
-  local sys=$1 proto=$2 urls=$3 path=${4:-} fp=()
+  local sys=$1 proto=$2 urls=$3 path=${4:-} fp=() front_before back_before
+  front_before=$(cpu_ticks "$FRONT_PATTERN"); back_before=$(cpu_ticks "$BACK_PATTERN")
   for i in $(seq "$ROOMS"); do
     "$BIN/fanout" --proto "$proto" --urls "$urls" ${path:+--path "$path"} --room "r${i}x$$" --members "$MEMBERS" \
       --messages "$MESSAGES" --rate "$RATE" --concurrency 20 --join-timeout 60 --settle 30 --timeout 60 \
@@ -68,6 +78,8 @@ rooms() { # SYSTEM PROTO URLS [PATH]: one fanout per room, all at once; their JS
     fp+=($!)
   done
   for p in "${fp[@]}"; do wait "$p" || true; done
+  # The whole run's CPU (joins included) of the front processes and, for swift, the workers.
+  echo "$(( $(cpu_ticks "$FRONT_PATTERN") - front_before )) $(( $(cpu_ticks "$BACK_PATTERN") - back_before )) $(getconf CLK_TCK)" >"$RUN/$sys.cpu"
   for i in $(seq "$ROOMS"); do
     if [ -s "$RUN/$sys-room$i.json" ]; then cat "$RUN/$sys-room$i.json"
     else echo "{\"label\":\"$sys\",\"error\":\"room $i: $(tail -1 "$RUN/$sys-room$i.err" | tr -d '"\\')\"}"; fi
@@ -82,6 +94,7 @@ for sys in $SYSTEMS; do
   log "$sys"
   case "$sys" in
     swift)
+      FRONT_PATTERN="$APP_BIN runserver" BACK_PATTERN="$APP_BIN runworker"
       sp=()
       for p in $p1 $p2; do
         (cd "$RUN" && CHAT_DATABASE="$RUN/chat.sqlite3" exec "$APP_BIN" runserver --noworker --bind 127.0.0.1 --port "$p" --layer "$LAYER") >"$RUN/swift-server-$p.log" 2>&1 &
@@ -98,6 +111,7 @@ for sys in $SYSTEMS; do
       for p in "${sp[@]}"; do wait "$p" 2>/dev/null || true; done
       ;;
     nchan)
+      FRONT_PATTERN="nginx" BACK_PATTERN="^$"
       NCHAN_PORTS="$p1 $p2"
       for p in $p1 $p2; do "$KIT/nchan.sh" start "$p" "$R" >"$RUN/nchan-start-$p.log" 2>&1 || cat "$RUN/nchan-start-$p.log" >&2; done
       rooms nchan nchan "$urls"
@@ -105,6 +119,7 @@ for sys in $SYSTEMS; do
       NCHAN_PORTS=""
       ;;
     centrifuge)
+      FRONT_PATTERN="centrifuge-peer" BACK_PATTERN="^$"
       CF_PORTS="$p1 $p2"
       for p in $p1 $p2; do CENTRIFUGE_LOG=error "$KIT/centrifuge.sh" start "$p" "$R" >"$RUN/cf-start-$p.log" 2>&1 || cat "$RUN/cf-start-$p.log" >&2; done
       rooms centrifuge centrifuge "$urls"
@@ -120,8 +135,8 @@ import json, statistics, sys
 run, app, rooms, members, rate, duration, systems = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:7]), sys.argv[7:]
 print()
 print("%d rooms x %d members, %g msg/s per room for %gs (swift = %s), one run" % (rooms, members, rate, duration, app))
-print("%-11s %7s %14s %7s %13s %19s %19s" % (
-    "system", "rooms", "delivered", "%", "deliveries/s", "p50 ms med / worst", "p99 ms med / worst"))
+print("%-11s %7s %14s %7s %13s %19s %19s %16s" % (
+    "system", "rooms", "delivered", "%", "deliveries/s", "p50 ms med / worst", "p99 ms med / worst", "CPU us/delivery"))
 short = []
 for system in systems:
     rows = [json.loads(line) for line in open("%s/%s.jsonl" % (run, system))]
@@ -133,10 +148,14 @@ for system in systems:
     p50 = [r["delivery_ms_p50"] for r in good if r.get("delivery_ms_p50") is not None]
     p99 = [r["delivery_ms_p99"] for r in good if r.get("delivery_ms_p99") is not None]
     f = lambda xs, g: "%.1f" % g(xs) if xs else "-"
-    print("%-11s %7s %14s %7s %13.0f %19s %19s" % (
+    front, back, tck = map(int, open("%s/%s.cpu" % (run, system)).read().split())
+    cpu = "%.2f" % (1e6 * front / tck / max(1, delivered))
+    if back:
+        cpu += " +%.2f" % (1e6 * back / tck / max(1, delivered))
+    print("%-11s %7s %14s %7s %13.0f %19s %19s %16s" % (
         system, "%d/%d" % (len(good), len(rows)), "%d/%d" % (delivered, expected),
         "%.2f" % (100.0 * delivered / max(1, expected)), per_s,
-        "%s / %s" % (f(p50, statistics.median), f(p50, max)), "%s / %s" % (f(p99, statistics.median), f(p99, max))))
+        "%s / %s" % (f(p50, statistics.median), f(p50, max)), "%s / %s" % (f(p99, statistics.median), f(p99, max)), cpu))
     for r in rows:
         if "error" in r:
             print("    %s" % r["error"][:160])
@@ -144,6 +163,8 @@ for system in systems:
         short.append(system)
 print()
 print("deliveries/s: the sum of the rooms' own rates (each room's deliveries over its own span).")
+print("CPU us/delivery: the front processes' CPU over the whole run (joins included) per delivery;")
+print("for swift, + the workers' (they relay every message: websocket.receive -> group send).")
 if short:
     print("NOT EVERY MEMBER GOT EVERY MESSAGE in: " + ", ".join(short))
 PY

@@ -52,6 +52,15 @@ extension HTTPHandler {
             let head = HTTPResponseHead(
                 version: self.head?.version ?? .http1_1, status: HTTPResponseStatus(statusCode: start.status), headers: headers)
             context.write(wrapOutboundOut(.head(head)), promise: nil)
+            if self.head?.method == .HEAD {
+                // A HEAD response is its headers: it ends here. A streaming consumer is told
+                // the client is gone, so it does not make (and push through the layer) a body
+                // nobody will get, or keep an event stream open.
+                if start.moreContent { tellApplicationClientLeft(context: context) }
+                finishRequest()
+                writeEnd(context: context, close: !keepAlive)
+                return
+            }
             (content, more) = (start.content, start.moreContent)
         case .start(let start):
             server.logger.warning("a second response start on one request; its content is sent as a chunk")

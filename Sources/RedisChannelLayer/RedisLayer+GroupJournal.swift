@@ -94,7 +94,14 @@ extension RedisChannelLayer {
             }
         }
         let viewKey = "\(shard) \(processChannel)"
-        if !marked {
+        if marked {
+            // The journal lives as long as its server checks it: it must outlive the group sets
+            // (which expire `group_expiry` after their last add) to put their members back.
+            let renewed = try await connection.command([
+                Array("EXPIRE".utf8), journal, Array(String(configuration.groupExpiry).utf8),
+            ])
+            if let error = renewed.errorMessage { throw ChannelLayerError.redisRefused(error, "renew the group journal") }
+        } else {
             // The journal vanished (evicted, deleted): what the last pass saw of sockets still
             // open is written again, and checked below like the rest.
             var lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {

@@ -174,8 +174,12 @@ struct HistoryPresenceTests {
             try await redis.groupAdd("user-carol", channel: server + "c")
             try await redis.groupDiscard("user-carol", channel: server + "c")
             try await redis.groupAdd("plain", channel: "not-a-socket")
+            // The journal expires with the adds' group_expiry; each check renews it, so it
+            // outlives the group sets it can put back (they expire a day after their last add).
+            _ = try raw.command(["EXPIRE", prefix + ":journal:" + server, "5"])
             var check = try await redis.groupCheck(processChannel: server, followers: [:], isOpen: isOpen)
             #expect(check.restored.isEmpty && check.failures.isEmpty && check.forgotten == 0)
+            #expect(try raw.command(["TTL", prefix + ":journal:" + server]).integer ?? 0 > 5, "renewed by the check")
 
             // Both sets evicted, and a followed room's too: all put back; the discarded one not.
             for group in ["user-alice", "user-bob"] { _ = try raw.command(["DEL", prefix + ":group:" + group]) }

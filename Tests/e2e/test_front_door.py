@@ -728,6 +728,18 @@ def server_sent_events_outlive_the_http_timeout_and_stop_with_their_client():
               "the streaming consumer stopped", timeout=5)
         print("  a client that left a stream: its consumer stopped %.2f s later" % (time.time() - left))
         assert time.time() - left < 1.5
+        # HEAD of a long stream: its headers, then the response ends at once on a kept-alive
+        # connection, and the consumer is told (it stops instead of streaming for 100 s).
+        before = metric_value(mport, "channels_http_streams_abandoned_total")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("HEAD", "/events/?n=100")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"", resp.status
+        until(lambda: metric_value(mport, "channels_http_streams_abandoned_total") > before,
+              "the streaming consumer behind a HEAD stopped", timeout=5)
+        conn.request("GET", "/hello/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"Hello" in resp.read(), "the connection after the HEAD"
         status, _ = http_get(port, "/hello/")
         assert status == 200
     finally:
