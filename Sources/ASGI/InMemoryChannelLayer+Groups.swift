@@ -96,13 +96,32 @@ extension InMemoryChannelLayer {
         }
         for key in order {
             let members = byProcess[key]!
-            do {
-                try sendValidated(message, to: members[0], more: members[1...])
-                LayerMetrics.groupMembersReached.increment(by: members.count)
-            } catch let error as ChannelLayerError where error.code == .channelFull {
-                membersMissed.add(members.count, ordering: .relaxed)
-                LayerMetrics.groupMembersMissed.increment(by: members.count)
-                continue
+            let processChannel = ChannelNames.isProcessSpecific(members[0])
+            let clock = ContinuousClock()
+            let deadline = clock.now + configuration.groupFullWait
+            var pause = Duration.milliseconds(2)
+            while true {
+                do {
+                    try sendValidated(message, to: members[0], more: members[1...])
+                    LayerMetrics.groupMembersReached.increment(by: members.count)
+                    break
+                } catch let error as ChannelLayerError where error.code == .channelFull {
+                    // A server's share is held back (its reader is behind) rather than dropped
+                    // for all its sockets: offered again with growing pauses, up to the wait.
+                    let now = clock.now
+                    let stalled = stalledProcessChannels.withLock { $0[key].map { $0 > now } ?? false }
+                    guard processChannel, !stalled, now < deadline, !Task.isCancelled else {
+                        if processChannel, !stalled {
+                            stalledProcessChannels.withLock { $0[key] = now + .seconds(10) }
+                        }
+                        membersMissed.add(members.count, ordering: .relaxed)
+                        LayerMetrics.groupMembersMissed.increment(by: members.count)
+                        break
+                    }
+                    groupSendsHeld.add(1, ordering: .relaxed)
+                    try? await Task.sleep(for: min(pause, deadline - now))
+                    pause = min(pause * 2, .milliseconds(50))
+                }
             }
         }
     }

@@ -21,6 +21,10 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         public var channelCapacities: [(String, Int)]
         /// The largest encoded message accepted by a send.
         public var maxMessageSize: Int
+        /// How long a group send offers again a server's share (one entry for all its sockets)
+        /// that its full process channel refused, before dropping it (counted); plain members
+        /// are never waited for.
+        public var groupFullWait: Duration = .seconds(2)
 
         /// A configuration; every argument has asgi_redis's default.
         public init(
@@ -123,6 +127,9 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     /// Group presence (see ``ChannelLayerPresence``).
     let presence = Mutex([String: InMemoryPresence]())
     let membersMissed = Atomic<Int>(0)
+    /// Process channels that stayed full for a whole group-full wait, skipped until the instant.
+    let stalledProcessChannels = Mutex<[String: ContinuousClock.Instant]>([:])
+    let groupSendsHeld = Atomic<Int>(0)
 
     /// An empty layer.
     public init(configuration: Configuration = .init()) {
@@ -268,6 +275,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
 
     /// Group members skipped because their channel was full.
     public var groupMembersMissed: Int { membersMissed.load(ordering: .relaxed) }
+    /// Times a group send waited because a process channel was full and offered its share again.
+    public var groupSendsHeldBack: Int { groupSendsHeld.load(ordering: .relaxed) }
 
     /// Messages dropped unread at their expiry so far (also `channels_dropped_total{reason="expired"}`).
     public var messagesExpired: Int { state.withLock { $0.expired } }
