@@ -68,9 +68,19 @@ cpu_ticks() { # PGREP-PATTERN: CPU clock ticks (user + system) used so far by th
   echo "$total"
 }
 
+write_calls() { # PGREP-PATTERN: write-type system calls (write, writev, send...) made so far by the matching processes
+  local total=0 t
+  for pid in $(pgrep -f "$1" || true); do
+    t=$(awk '/^syscw:/ {print $2}' "/proc/$pid/io" 2>/dev/null || echo 0)
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+
 rooms() { # SYSTEM PROTO URLS [PATH]: one fanout per room, all at once; their JSON lines to $RUN/SYSTEM.jsonl
   local sys=$1 proto=$2 urls=$3 path=${4:-} fp=() front_before back_before
   front_before=$(cpu_ticks "$FRONT_PATTERN"); back_before=$(cpu_ticks "$BACK_PATTERN")
+  local writes_before; writes_before=$(write_calls "$FRONT_PATTERN")
   for i in $(seq "$ROOMS"); do
     "$BIN/fanout" --proto "$proto" --urls "$urls" ${path:+--path "$path"} --room "r${i}x$$" --members "$MEMBERS" \
       --messages "$MESSAGES" --rate "$RATE" --concurrency 20 --join-timeout 60 --settle 30 --timeout 60 \
@@ -79,7 +89,7 @@ rooms() { # SYSTEM PROTO URLS [PATH]: one fanout per room, all at once; their JS
   done
   for p in "${fp[@]}"; do wait "$p" || true; done
   # The whole run's CPU (joins included) of the front processes and, for swift, the workers.
-  echo "$(( $(cpu_ticks "$FRONT_PATTERN") - front_before )) $(( $(cpu_ticks "$BACK_PATTERN") - back_before )) $(getconf CLK_TCK)" >"$RUN/$sys.cpu"
+  echo "$(( $(cpu_ticks "$FRONT_PATTERN") - front_before )) $(( $(cpu_ticks "$BACK_PATTERN") - back_before )) $(getconf CLK_TCK) $(( $(write_calls "$FRONT_PATTERN") - writes_before ))" >"$RUN/$sys.cpu"
   for i in $(seq "$ROOMS"); do
     if [ -s "$RUN/$sys-room$i.json" ]; then cat "$RUN/$sys-room$i.json"
     else echo "{\"label\":\"$sys\",\"error\":\"room $i: $(tail -1 "$RUN/$sys-room$i.err" | tr -d '"\\')\"}"; fi
@@ -135,8 +145,9 @@ import json, statistics, sys
 run, app, rooms, members, rate, duration, systems = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:7]), sys.argv[7:]
 print()
 print("%d rooms x %d members, %g msg/s per room for %gs (swift = %s), one run" % (rooms, members, rate, duration, app))
-print("%-11s %7s %14s %7s %13s %19s %19s %16s" % (
-    "system", "rooms", "delivered", "%", "deliveries/s", "p50 ms med / worst", "p99 ms med / worst", "CPU us/delivery"))
+print("%-11s %7s %14s %7s %13s %19s %19s %16s %13s" % (
+    "system", "rooms", "delivered", "%", "deliveries/s", "p50 ms med / worst", "p99 ms med / worst", "CPU us/delivery",
+    "writes/deliv"))
 short = []
 for system in systems:
     rows = [json.loads(line) for line in open("%s/%s.jsonl" % (run, system))]
@@ -148,14 +159,15 @@ for system in systems:
     p50 = [r["delivery_ms_p50"] for r in good if r.get("delivery_ms_p50") is not None]
     p99 = [r["delivery_ms_p99"] for r in good if r.get("delivery_ms_p99") is not None]
     f = lambda xs, g: "%.1f" % g(xs) if xs else "-"
-    front, back, tck = map(int, open("%s/%s.cpu" % (run, system)).read().split())
+    front, back, tck, writes = map(int, open("%s/%s.cpu" % (run, system)).read().split())
     cpu = "%.2f" % (1e6 * front / tck / max(1, delivered))
     if back:
         cpu += " +%.2f" % (1e6 * back / tck / max(1, delivered))
-    print("%-11s %7s %14s %7s %13.0f %19s %19s %16s" % (
+    print("%-11s %7s %14s %7s %13.0f %19s %19s %16s %13.2f" % (
         system, "%d/%d" % (len(good), len(rows)), "%d/%d" % (delivered, expected),
         "%.2f" % (100.0 * delivered / max(1, expected)), per_s,
-        "%s / %s" % (f(p50, statistics.median), f(p50, max)), "%s / %s" % (f(p99, statistics.median), f(p99, max)), cpu))
+        "%s / %s" % (f(p50, statistics.median), f(p50, max)), "%s / %s" % (f(p99, statistics.median), f(p99, max)), cpu,
+        writes / max(1, delivered)))
     for r in rows:
         if "error" in r:
             print("    %s" % r["error"][:160])
@@ -165,6 +177,7 @@ print()
 print("deliveries/s: the sum of the rooms' own rates (each room's deliveries over its own span).")
 print("CPU us/delivery: the front processes' CPU over the whole run (joins included) per delivery;")
 print("for swift, + the workers' (they relay every message: websocket.receive -> group send).")
+print("writes/deliv: the front processes' write-type system calls (/proc/PID/io syscw, Redis included) per delivery.")
 if short:
     print("NOT EVERY MEMBER GOT EVERY MESSAGE in: " + ", ".join(short))
 PY
