@@ -80,6 +80,8 @@ log "documentation: every public declaration has a /// comment"
 python3 scripts/check-docs.py
 log "building the libraries and tests, then the examples (a package of their own, in Examples/.build)"
 swift build --build-tests
+log "documentation: DocC for every library, warnings as errors (broken symbol links fail)"
+scripts/check-docc.sh
 swift build --package-path Examples
 CHAT="$(swift build --package-path Examples --show-bin-path)/chat"
 log "swift test"

@@ -141,12 +141,12 @@ public final class ConsumerContext: Sendable {
 
     /// The message read as one of the typed ASGI messages (`context.message(as:
     /// WebSocketReceiveMessage.self)`);
-    /// throws ``MessageError`` naming the key that is missing or wrong.
+    /// throws `MessageError` naming the key that is missing or wrong.
     public func message<M: ASGIMessage>(as type: M.Type) throws(MessageError) -> M {
         try M(message)
     }
 
-    /// Sends a typed message (a ``WebSocketSendMessage``, an ``HTTPResponseStart`` ...) on the reply channel.
+    /// Sends a typed message (a `WebSocketSendMessage`, an `HTTPResponseStart` ...) on the reply channel.
     public func reply(_ message: some ASGIMessage, immediately: Bool = false) async throws {
         try await reply(message.message, immediately: immediately)
     }
@@ -321,7 +321,7 @@ public struct Group: Sendable, Hashable {
         try await context.sendGroup(name, message, immediately: immediately)
     }
 
-    /// Sends a typed message (a ``WebSocketSendMessage``, say) to every member.
+    /// Sends a typed message (a `WebSocketSendMessage`, say) to every member.
     public func send(_ message: some ASGIMessage, immediately: Bool = false) async throws {
         try await send(message.message, immediately: immediately)
     }

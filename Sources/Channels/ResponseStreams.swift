@@ -12,7 +12,7 @@ import Synchronization
 /// - the interface server sends `http.disconnect` there when the client goes, and the worker
 ///   cancels the consumer's task: its `respondChunk` or `Task.sleep` throws `CancellationError`
 ///   and it ends;
-/// - when the request carried `response_credit`, the server also sends ``HTTPResponseCredit``
+/// - when the request carried `response_credit`, the server also sends `HTTPResponseCredit`
 ///   (the body bytes written to the client so far) there, and the response waits before a
 ///   chunk that would put more than the credit in flight: what a slow client has not read
 ///   waits in the worker's consumer, not in the layer or the server.

@@ -37,7 +37,7 @@ public struct BindingError: Error, Sendable, CustomStringConvertible {
 /// (``GroupHistory/keep(_:size:ttl:)``) gets the change published, with an offset, so a socket
 /// that reconnects recovers edits and deletes as well as new messages. Inbound: a binding is a
 /// ``StreamConsumer``, so it serves a stream of a ``WebSocketDemultiplexer``, or a consumer hands
-/// it a payload with ``receive(_:payload:)``.
+/// it a payload with `receive(_:payload:)`.
 public protocol WebSocketBinding: StreamConsumer {
     /// The bound model, as sent in `data`.
     associatedtype Model: Encodable & Sendable

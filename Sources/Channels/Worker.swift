@@ -49,7 +49,12 @@ public final class Worker: Service, Sendable {
     public let finishQueuedOnShutdown: Bool
     let processed = Atomic<Int>(0)
 
+    /// A worker that takes messages off `layer` and runs `router`'s consumers for them.
+    ///
     /// - Parameters:
+    ///   - router: the application's routes.
+    ///   - layer: the channel layer to receive from.
+    ///   - concurrency: consumers run at once (worker slots; `runworker --threads`).
     ///   - only: glob patterns; when given, only matching channels are listened on.
     ///   - exclude: glob patterns of channels not to listen on.
     ///   - consumerTimeout: a consumer that runs longer is cancelled and counted (nil: no limit);
@@ -59,6 +64,10 @@ public final class Worker: Service, Sendable {
     ///     read on).
     ///   - middleware: around every consumer, the first outermost (see ``ConsumerMiddleware``).
     ///   - hooks: called when the worker is ready and around each consumer.
+    ///   - environment: what consumers see besides their message (sessions, users, settings).
+    ///   - logger: where the worker logs.
+    ///   - abandonAfter: how long a cancelled consumer may ignore its cancellation before its
+    ///     slot is given back (counted as abandoned).
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),

@@ -46,7 +46,7 @@ public final class HTTPTestClient: Sendable {
     }
 
     /// Logs in with credentials (Django's `client.login`): the harness's `users` must be a
-    /// ``UserAuthenticator``; true when it accepted them (the client then holds the session
+    /// `UserAuthenticator`; true when it accepted them (the client then holds the session
     /// cookie, as after ``forceLogin(_:)``), false when they are wrong.
     @discardableResult
     public func login(username: String, password: String) async throws -> Bool {
@@ -140,7 +140,14 @@ public final class WebSocketTestClient: Sendable {
 
     private let state = Mutex(State())
 
-    /// - Parameter cookies: sent as the `Cookie` header of the connect (an ``HTTPTestClient``'s jar, say).
+    /// A WebSocket client of `harness` for `path`; it connects when told to.
+    ///
+    /// - Parameters:
+    ///   - harness: the harness whose consumers it talks to.
+    ///   - path: the socket's path (routing matches it).
+    ///   - query: the query string, without `?`.
+    ///   - headers: more headers of the connect.
+    ///   - cookies: sent as the `Cookie` header of the connect (an ``HTTPTestClient``'s jar, say).
     public init(
         _ harness: TestHarness, path: String, query: String = "", headers: [(String, String)] = [],
         cookies: [String: String] = [:]

@@ -80,7 +80,7 @@ public final class RecordingLayer: ChannelLayer {
 
 /// Runs an application's consumers without a server or worker processes: hand it a message,
 /// get back what the consumers sent. Messages the consumers send to routed channels (a
-/// `chat-messages` channel, re-queued messages) are run too when you call ``runPending()``.
+/// `chat-messages` channel, re-queued messages) are run too when you call ``runPending(limit:)``.
 ///
 /// ```swift
 /// let harness = try TestHarness(routing)
@@ -144,56 +144,56 @@ public final class TestHarness: Sendable {
 extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
     private var metered: MeteredChannelLayer { MeteredChannelLayer(base) }
 
-    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    /// Forwards to the base layer (see `ChannelLayerHistory`).
     public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
         try await metered.historyAppend(group, message: message, retention: retention)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    /// Forwards to the base layer (see `ChannelLayerHistory`).
     public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
         try await metered.historyRead(group, after: position, retention: retention)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    /// Forwards to the base layer (see `ChannelLayerHistory`).
     public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
         try await metered.groupRestore(group, channels: channels)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    /// Forwards to the base layer (see `ChannelLayerHistory`).
     public func groupRemove(_ group: String, channels: [String]) async throws {
         try await metered.groupRemove(group, channels: channels)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerHistory``).
+    /// Forwards to the base layer (see `ChannelLayerHistory`).
     public func groupCheck(
         processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
     ) async throws -> GroupCheck {
         try await metered.groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    /// Forwards to the base layer (see `ChannelLayerPresence`).
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
         -> PresenceChange
     {
         try await metered.presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    /// Forwards to the base layer (see `ChannelLayerPresence`).
     public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
         try await metered.presenceLeave(group, connection: connection, user: user)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    /// Forwards to the base layer (see `ChannelLayerPresence`).
     public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
         try await metered.presenceRefresh(group, connections: connections, ttl: ttl)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    /// Forwards to the base layer (see `ChannelLayerPresence`).
     public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try await metered.presenceSnapshot(group)
     }
 
-    /// Forwards to the base layer (see ``ChannelLayerPresence``).
+    /// Forwards to the base layer (see `ChannelLayerPresence`).
     public func presenceSweep() async throws -> [PresenceDiff] {
         try await metered.presenceSweep()
     }

@@ -64,7 +64,7 @@ public struct ServerConfiguration: Sendable {
     /// one diff of them (a thousand sockets joining at once are a few diffs, not a thousand).
     public var presenceWindow: Duration = .milliseconds(250)
     /// How often this server checks that the sockets following a group are in its member set,
-    /// and adds back those missing (an eviction under `maxmemory`; ``.zero``: never).
+    /// and adds back those missing (an eviction under `maxmemory`; `.zero`: never).
     public var groupCheckInterval: Duration = .seconds(10)
     /// Largest request body; past it the answer is 413.
     public var maxBodySize: Int

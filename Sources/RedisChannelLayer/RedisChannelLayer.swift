@@ -59,7 +59,12 @@ public final class RedisChannelLayer: ChannelLayerInspection {
     /// process channel: what a vanished journal is written again from.
     let journalViews = Mutex<[String: Set<String>]>([:])
 
-    /// - Parameter eventLoopGroup: where the connections live; NIO's shared group by default.
+    /// A layer on the Redis servers `configuration` names; connections open on first use.
+    ///
+    /// - Parameters:
+    ///   - configuration: the servers, prefix, expiries, capacities and encryption keys.
+    ///   - logger: where the layer logs (dropped messages, reconnects).
+    ///   - eventLoopGroup: where the connections live; NIO's shared group by default.
     public init(
         configuration: RedisChannelLayerConfiguration, logger: Logger = Logger(label: "channels.redis"),
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton

@@ -51,7 +51,7 @@ extension RedisChannelLayer {
         return [[Array("HDEL".utf8), journalKey(ChannelNames.nonLocalName(channel)), journalFieldAndValue(group + " " + channel).field]]
     }
 
-    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
+    /// One keeper pass; see `ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)`.
     /// Per shard: one `HGETALL` of the journal, then one script (per 500 members) that adds
     /// back what is missing; entries of closed sockets are dropped.
     public func groupCheck(

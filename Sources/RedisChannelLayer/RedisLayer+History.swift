@@ -13,7 +13,7 @@ import Logging
 ///
 /// Both live on the group's shard; `redis-cli XRANGE <prefix>history:<group> - +` shows them.
 extension RedisChannelLayer: ChannelLayerHistory {
-    /// Appends to the group's history; see ``ChannelLayerHistory/historyAppend(_:message:retention:)``.
+    /// Appends to the group's history; see `ChannelLayerHistory/historyAppend(_:message:retention:)`.
     public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
         try ChannelNames.validateGroup(group)
         let body = seal(message)
@@ -35,7 +35,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
         return StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
     }
 
-    /// Reads the group's history after a position; see ``ChannelLayerHistory/historyRead(_:after:retention:)``.
+    /// Reads the group's history after a position; see `ChannelLayerHistory/historyRead(_:after:retention:)`.
     public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
@@ -93,7 +93,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
         return try decoder.decodeMessage(body)
     }
 
-    /// Puts back missing followers; see ``ChannelLayerHistory/groupRestore(_:channels:)``.
+    /// Puts back missing followers; see `ChannelLayerHistory/groupRestore(_:channels:)`.
     public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
         try ChannelNames.validateGroup(group)
         guard !channels.isEmpty else { return [] }
@@ -104,7 +104,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
         return (reply.array ?? []).compactMap(\.text)
     }
 
-    /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
+    /// Removes channels from a group; see `ChannelLayerHistory/groupRemove(_:channels:)`.
     public func groupRemove(_ group: String, channels: [String]) async throws {
         try ChannelNames.validateGroup(group)
         guard !channels.isEmpty else { return }

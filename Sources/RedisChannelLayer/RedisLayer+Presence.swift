@@ -53,7 +53,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return (String(decoding: plain[..<zero], as: UTF8.self), String(decoding: plain[(zero + 1)...], as: UTF8.self))
     }
 
-    /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
+    /// Tracks a connection as present; see `ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)`.
     public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
         -> PresenceChange
     {
@@ -69,7 +69,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return try Self.presenceChange(reply, "presence join")
     }
 
-    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
+    /// Stops tracking a connection; see `ChannelLayerPresence/presenceLeave(_:connection:user:)`.
     public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
@@ -87,7 +87,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return PresenceChange(changed: changed == 1, version: version)
     }
 
-    /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
+    /// Renews connections' presence; see `ChannelLayerPresence/presenceRefresh(_:connections:ttl:)`.
     public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
         guard !connections.isEmpty else { return PresenceRenewal(back: [], version: 0) }
         var args: [RedisArgument] = [
@@ -107,7 +107,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
             back: connections.filter { back.contains($0.connection) }, version: items.first?.integer ?? 0)
     }
 
-    /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
+    /// Who is present; see `ChannelLayerPresence/presenceSnapshot(_:)`.
     public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
         let reply = try await pipelined(
@@ -127,7 +127,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return PresenceSnapshot(members: members.values.sorted { $0.user < $1.user }, version: items.first?.integer ?? 0)
     }
 
-    /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
+    /// Removes expired connections; see `ChannelLayerPresence/presenceSweep()`.
     public func presenceSweep() async throws -> [PresenceDiff] {
         var diffs: [String: PresenceDiff] = [:]
         for shard in shards.indices {

@@ -5,7 +5,7 @@ import Synchronization
 
 /// Where sessions live. A store keeps opaque, already-encoded session data under a key with a
 /// time to live, and writes conditionally so that two consumers saving the same session at
-/// once never silently overwrite each other (see ``Session/save()``).
+/// once never silently overwrite each other (see ``Session/save(recreate:)``).
 public protocol SessionStore: Sendable {
     /// The stored bytes of a session, or nil when it does not exist or expired.
     func load(_ key: String) async throws -> [UInt8]?
