@@ -140,7 +140,7 @@ let package = Package(
         .testTarget(
             name: "ChannelsTests",
             dependencies: [
-                "ASGI", "CPBKDF2", "Channels", "ChannelsRedis", "ChannelsTesting", "RedisChannelLayer",
+                "ASGI", "CPBKDF2", "Channels", "ChannelsRedis", "ChannelsTesting", "RedisChannelLayer", "TestSupport",
                 .product(name: "Logging", package: "swift-log"), .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"), .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -158,10 +158,24 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "TestSupport",
+            dependencies: ["ASGI", "RedisChannelLayer"],
+            path: "Tests/TestSupport",
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ASGITests",
+            dependencies: [
+                "ASGI", "TestSupport",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ChannelLayerTests",
             dependencies: [
-                "ASGI", "CHiredis", "RedisChannelLayer",
+                "ASGI", "CHiredis", "RedisChannelLayer", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "OrderedCollections", package: "swift-collections"),

@@ -1,6 +1,7 @@
 import ASGI
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import RedisChannelLayer

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import TestSupport
 import Testing
 
 @testable import RedisChannelLayer

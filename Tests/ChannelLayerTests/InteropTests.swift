@@ -1,6 +1,7 @@
 import ASGI
 import Foundation
 import OrderedCollections
+import TestSupport
 import Testing
 
 @testable import RedisChannelLayer
@@ -13,11 +14,7 @@ struct PythonPeer {
     var capacity = 100
 
     static func python() throws -> String {
-        guard let python = ProcessInfo.processInfo.environment["INTEROP_PYTHON"] else {
-            Issue.record("INTEROP_PYTHON is not set: run scripts/test.sh, which builds the asgi_redis 1.4.3 venv")
-            throw TestRedis.SkipReason.noRedis
-        }
-        return python
+        try TestRedis.requirePython()
     }
 
     static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent()

@@ -1,26 +1,10 @@
 import ASGI
 import Foundation
 import Glibc
+import TestSupport
 import Testing
 
 @testable import RedisChannelLayer
-
-/// The Redis of `scripts/test.sh`. Tests that need it fail (not skip) without it, saying why.
-enum TestRedis {
-    static var url: String? { ProcessInfo.processInfo.environment["REDIS_URL"] }
-
-    static func requireURL() throws -> String {
-        guard let url else {
-            Issue.record("REDIS_URL is not set: run scripts/test.sh, which starts a throwaway redis-server")
-            throw SkipReason.noRedis
-        }
-        return url
-    }
-
-    enum SkipReason: Error { case noRedis }
-
-    static func uniquePrefix() -> String { "t" + ChannelNames.randomLetters(8) + ":" }
-}
 
 enum LayerKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
     case memory, redis

@@ -3,6 +3,7 @@ import ChannelsRedis
 import ChannelsTesting
 import Foundation
 import RedisChannelLayer
+import TestSupport
 import Testing
 
 @testable import Channels

@@ -2,6 +2,7 @@ import ASGI
 import ChannelsTesting
 import Foundation
 import RedisChannelLayer
+import TestSupport
 import Testing
 
 @testable import Channels

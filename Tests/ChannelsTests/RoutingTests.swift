@@ -2,6 +2,7 @@ import ASGI
 import Logging
 import RedisChannelLayer
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import Channels

@@ -5,6 +5,7 @@ import Crypto
 import Foundation
 import Logging
 import RedisChannelLayer
+import TestSupport
 import Testing
 
 @testable import Channels

@@ -3,6 +3,7 @@ import Channels
 import Logging
 import ServiceLifecycle
 import Synchronization
+import TestSupport
 import Testing
 
 final class Counter: Sendable {

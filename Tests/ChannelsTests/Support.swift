@@ -3,34 +3,11 @@ import Channels
 import ChannelsRedis
 import Foundation
 import RedisChannelLayer
+import TestSupport
 import Testing
 
-/// The Redis of `scripts/test.sh`. Tests that need it fail (not skip) without it, saying why.
-enum TestRedis {
-    static func requireURL() throws -> String {
-        guard let url = ProcessInfo.processInfo.environment["REDIS_URL"] else {
-            Issue.record("REDIS_URL is not set: run scripts/test.sh, which starts a throwaway redis-server")
-            throw Missing.redis
-        }
-        return url
-    }
-
-    enum Missing: Error { case redis }
-
-    /// A Redis layer on keys of its own, so tests run in parallel on one server.
-    static func layer(
-        prefix: String = "t" + ChannelNames.randomLetters(8) + ":", capacity: Int = 100,
-        channelCapacities: [(String, Int)] = [], blockingSlice: Duration? = nil
-    ) throws -> RedisChannelLayer {
-        var configuration = try RedisChannelLayerConfiguration(urls: [try requireURL()])
-        configuration.prefix = prefix
-        configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
-        configuration.capacity = capacity
-        configuration.channelCapacities = channelCapacities
-        if let blockingSlice { configuration.blockingSlice = blockingSlice }
-        return try RedisChannelLayer(configuration: configuration)
-    }
-
+/// What the Channels tests add to the shared Redis support: the app-level clients.
+extension TestRedis {
     static func client() throws -> RedisClient { try RedisClient(url: try requireURL()) }
 
     static func sessionStore(prefix: String) throws -> RedisSessionStore {

@@ -1,6 +1,7 @@
 import ASGI
 import RedisChannelLayer
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import Channels
