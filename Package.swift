@@ -165,6 +165,14 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "ChannelsCommandTests",
+            dependencies: [
+                "ChannelsCommand", "InterfaceServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ASGITests",
             dependencies: [
                 "ASGI", "TestSupport",

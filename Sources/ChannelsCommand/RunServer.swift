@@ -151,13 +151,9 @@ struct RunServer: ApplicationSubcommand {
         return AllowedHosts.loopbackNames + (AllowedHosts.loopbackNames.contains(bind) ? [] : [bind])
     }
 
-    func run(_ app: ChannelsApplication) async throws {
-        await ShutdownSignals.trap()
-        let logger = options.makeLogger("channels.runserver")
-        let metricsEndpoint = try await metrics.start(logger: logger)
-        let backend = try options.makeBackend(logger: logger, allowMemory: true)
-        let layer = backend.layer
-        let router = try Router(app.routing())
+    /// The server's configuration from the options (the secret, and the connection cap as the
+    /// process's file limit allows it, are filled in by `run`). Internal for the tests.
+    func serverConfiguration() -> ServerConfiguration {
         var configuration = ServerConfiguration(host: bind, port: port)
         configuration.unixSocketPath = unixSocket
         configuration.httpTimeout = Duration(secondsValue: httpTimeout)
@@ -173,9 +169,6 @@ struct RunServer: ApplicationSubcommand {
         configuration.websocketProtocols = wsProtocol
         configuration.allowedHosts = resolvedAllowedHosts
         configuration.allowedOrigins = allowedOrigins
-        // One secret for the server's log tags and the in-process workers' sessions.
-        let environment = try await options.makeEnvironment(backend: backend, app: app, logger: logger)
-        configuration.secret = environment.sessionSettings.secret
         configuration.maxBodySize = maxBodySize
         configuration.maxHeaderSize = maxHeaderSize
         configuration.channelFullTimeout = Duration(secondsValue: channelFullTimeout)
@@ -187,7 +180,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.bodyTimeout = Duration(secondsValue: bodyTimeout)
         configuration.minBodyRate = max(0, minBodyRate)
         configuration.keepAliveTimeout = Duration(secondsValue: keepAliveTimeout)
-        configuration.maxConnections = try ProcessLimits.raiseOpenFiles(toServe: maxConnections, logger: logger)
+        configuration.maxConnections = maxConnections
         configuration.maxConnectionsPerAddress = maxConnectionsPerAddress
         configuration.maxResponseBufferBytes = maxResponseBuffer
         configuration.writeTimeout = Duration(secondsValue: writeTimeout)
@@ -196,6 +189,21 @@ struct RunServer: ApplicationSubcommand {
         configuration.http2 = !noHttp2
         configuration.http2MaxConcurrentStreams = http2MaxStreams
         configuration.maxFramesPerSecond = maxFramesPerSecond
+        return configuration
+    }
+
+    func run(_ app: ChannelsApplication) async throws {
+        await ShutdownSignals.trap()
+        let logger = options.makeLogger("channels.runserver")
+        let metricsEndpoint = try await metrics.start(logger: logger)
+        let backend = try options.makeBackend(logger: logger, allowMemory: true)
+        let layer = backend.layer
+        let router = try Router(app.routing())
+        // One secret for the server's log tags and the in-process workers' sessions.
+        let environment = try await options.makeEnvironment(backend: backend, app: app, logger: logger)
+        var configuration = serverConfiguration()
+        configuration.secret = environment.sessionSettings.secret
+        configuration.maxConnections = try ProcessLimits.raiseOpenFiles(toServe: maxConnections, logger: logger)
         let server: InterfaceServer
         do {
             server = try InterfaceServer(layer: layer, configuration: configuration, logger: logger, accessLogPath: accessLog)
