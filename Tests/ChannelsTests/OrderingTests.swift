@@ -36,6 +36,43 @@ struct OrderingTests {
         ["reply_channel": .string(reply), "path": "/", "order": .int(order), "text": .string("\(order)")]
     }
 
+    /// Under maxmemory eviction (or expiry) a sender's counter can vanish while its receiver's
+    /// state stays: the next send is numbered 0 again. Before the epoch, the receiver dropped it
+    /// and everything after as "older than the next order" (the e2e eviction test caught it).
+    @Test func aSequenceWhoseSenderCounterWasLostBeginsAgainInsteadOfBeingDropped() async throws {
+        let store = InMemorySessionStore()
+        let log = Log()
+        let harness = try TestHarness(
+            [
+                route("post") { context in
+                    try await Channel("stage").send(["text": context.message["text"] ?? .null], orderedBy: "room-7")
+                },
+                route("stage", inSendOrder { context in await log.add(try context.message.string("text")) }),
+            ], environment: ConsumerEnvironment(sessionStore: store))
+        func post(_ text: String) async throws { try await harness.send(["text": .string(text)], to: "post") }
+        try await post("a")
+        try await post("b")
+        let secret = harness.environment.sessionSettings.secret
+        let sent = Session.storageKey(OrderedHandoff.sessionKey("sent", channel: "stage", key: "room-7", secret: secret))
+        #expect(try await store.load(sent) != nil)
+        // What an eviction does: the sender's counter is gone, the receiver's next order (2) stays.
+        try await store.delete(sent)
+        try await post("c")
+        try await post("d")
+        // A straggler of the old sequence (stamped before the loss) still runs, unordered.
+        var late: Message = ["text": "late"]
+        late[OrderedHandoff.keyField] = "room-7"
+        late[OrderedHandoff.orderField] = 2
+        let receiver = try await Session.load(
+            key: OrderedHandoff.sessionKey("next", channel: "stage", key: "room-7", secret: secret), store: store,
+            settings: harness.environment.sessionSettings, ttl: 3600, log: .none)
+        let old = receiver[OrderedHandoff.oldEpochsKey]?.arrayValue?.first?.stringValue
+        #expect(old != nil, "the receiver remembers the sequence it left")
+        late[OrderedHandoff.epochField] = .string(old ?? "")
+        try await harness.send(late, to: "stage")
+        #expect(await log.entries == ["a", "b", "c", "d", "late"])
+    }
+
     @Test func earlyMessagesWaitForTheirTurnInMemory() async throws {
         let log = Log()
         let harness = try TestHarness(Self.routing(log: log))

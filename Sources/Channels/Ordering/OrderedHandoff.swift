@@ -9,6 +9,13 @@ enum OrderedHandoff {
     static let orderField = "__order"
     static let endField = "__order_end"
     static let sentField = "__sent"
+    /// The sequence's epoch: a random name the sender's counter is born with. A counter that
+    /// was lost (evicted under maxmemory, expired) starts again at 0 under a new epoch, and the
+    /// receiver follows the new sequence instead of dropping its messages as old.
+    static let epochField = "__order_epoch"
+    /// In the receiver's state: the epoch it follows, and the last few it left behind.
+    static let currentEpochKey = "__epoch"
+    static let oldEpochsKey = "__old_epochs"
 
     /// A session per (channel, key) for the sender's counter ("sent") and the receiver's next
     /// order ("next"): "ord" and an HMAC, a form no HTTP session key has.
@@ -51,17 +58,20 @@ extension ConsumerContext {
             store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
             log: .consumer(self))
         let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
+        let epoch = counter[OrderedHandoff.epochField]?.stringValue ?? ChannelNames.randomLetters(12)
         if end {
             // Nothing stored means the sequence never started (or already ended).
             guard counter.isStored else { return }
             try await counter.delete()
         } else {
             counter[OrderedHandoff.sentField] = .int(sequence + 1)
+            counter[OrderedHandoff.epochField] = .string(epoch)
             try await counter.save()
         }
         var stamped = message
         stamped[OrderedHandoff.keyField] = .string(key)
         stamped[OrderedHandoff.orderField] = .int(sequence)
+        stamped[OrderedHandoff.epochField] = .string(epoch)
         if end { stamped[OrderedHandoff.endField] = .bool(true) }
         try await send(stamped, to: channel, immediately: immediately)
     }

@@ -69,6 +69,35 @@ public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer
     }
 }
 
+/// What the receiver of an ordered hand-off does with a message's epoch.
+enum EpochStep { case follow, straggler }
+
+/// Follows the sender's epoch: the first one is adopted; a new one means the sender's counter
+/// was lost and began again at 0, so the receiver's next order starts again (logged); one it
+/// left behind marks a straggler.
+func followEpoch(_ epoch: String, session: Session, context: ConsumerContext) async throws -> EpochStep {
+    let current = session[OrderedHandoff.currentEpochKey]?.stringValue
+    if current == epoch { return .follow }
+    let old = session[OrderedHandoff.oldEpochsKey]?.arrayValue?.compactMap(\.stringValue) ?? []
+    if old.contains(epoch) {
+        context.logger.warning(
+            "a message of an ordered sequence this receiver already left (its sender's counter was lost and began again); running it unordered",
+            metadata: ["channel": "\(context.channel)"])
+        return .straggler
+    }
+    if let current {
+        let next = session[OrderingGate.nextOrderKey]?.intValue ?? 0
+        context.logger.warning(
+            "an ordered sequence began again (its sender's counter was lost: evicted or expired); following the new one",
+            metadata: ["channel": "\(context.channel)", "next_was": "\(next)"])
+        session[OrderingGate.nextOrderKey] = .int(0)
+        session[OrderedHandoff.oldEpochsKey] = .array((old + [current]).suffix(4).map { .string($0) })
+    }
+    session[OrderedHandoff.currentEpochKey] = .string(epoch)
+    try await session.save()
+    return .follow
+}
+
 /// The receiving half of an ordered hand-off (see ``ConsumerContext/send(_:to:orderedBy:immediately:)``):
 /// messages sent with the same key are handled in the order they were sent, across any
 /// number of workers. Messages sent without a key pass straight through. The sequence's state
@@ -86,6 +115,14 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
             store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
             log: .consumer(context))
         let isEnd = context.message[OrderedHandoff.endField]?.boolValue == true
+        if let epoch = context.message[OrderedHandoff.epochField]?.stringValue {
+            switch try await followEpoch(epoch, session: session, context: context) {
+            case .follow: break
+            case .straggler:
+                // A message of a sequence this receiver already left: run it, unordered.
+                return isEnd ? () : try await consumer(context)
+            }
+        }
         try await OrderingGate(context: context, session: session, order: order, slight: false).run(
             isEnd ? { _ in } : consumer
         ) {
