@@ -1,0 +1,192 @@
+import ASGI
+import CHiredis
+import NIOCore
+
+/// Commands on their way to Redis, and who waits for their replies.
+struct RedisRequest {
+    /// The commands, encoded.
+    let bytes: ByteBuffer
+    let commands: Int
+    let waiter: RedisWaiter
+    let timeout: Duration
+}
+
+/// Who a request's replies go to: a suspended task (``RedisConnection``), or a promise (a
+/// caller on the event loop, and the handler's tests).
+enum RedisWaiter {
+    case continuation(UnsafeContinuation<[RedisReply], any Error>)
+    case promise(EventLoopPromise<[RedisReply]>)
+
+    func succeed(_ replies: [RedisReply]) {
+        switch self {
+        case .continuation(let continuation): continuation.resume(returning: replies)
+        case .promise(let promise): promise.succeed(replies)
+        }
+    }
+
+    func fail(_ error: ChannelLayerError) {
+        switch self {
+        case .continuation(let continuation): continuation.resume(throwing: error)
+        case .promise(let promise): promise.fail(error)
+        }
+    }
+}
+
+/// Encodes requests as RESP, feeds what comes back to a hiredis reader and completes the
+/// waiting requests in order. The bookkeeping (who waits, the reply timer, failure) is
+/// ``RedisConnectionStateMachine``; this handler only does the I/O it asks for.
+final class RedisProtocolHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = RedisRequest
+    typealias OutboundOut = ByteBuffer
+
+    private var reader: UnsafeMutablePointer<redisReader>?
+    private var machine: RedisConnectionStateMachine<RedisWaiter>
+    private var timer: Scheduled<Void>?
+    private var flushScheduled = false
+    /// Set while the handler is in the pipeline: requests that ``enqueue(_:)`` takes are
+    /// written through it.
+    private var context: ChannelHandlerContext?
+    /// The end-of-tick flush, made once (scheduling it allocates nothing); it holds the
+    /// handler, so it is dropped when the handler leaves the pipeline.
+    private var flushAtEndOfTick: (() -> Void)?
+
+    init(endpoint: RedisEndpoint) {
+        self.reader = redisReaderCreate()
+        self.machine = RedisConnectionStateMachine(endpoint: endpoint, now: .now())
+    }
+
+    deinit {
+        if let reader { redisReaderFree(reader) }
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        machine.bytesRead(now: context.eventLoop.now)
+        self.context = context
+        flushAtEndOfTick = {
+            self.flushScheduled = false
+            self.context?.flush()
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        flushAtEndOfTick = nil
+        // A request taken after this would never be answered: fail what waits, and what comes.
+        perform(machine.closed(), context: context, close: false)
+    }
+
+    /// Takes a request on the event loop: writes it (flushed at the end of this tick, with
+    /// every other request of the tick), or fails it at once if the connection has failed or
+    /// closed.
+    func enqueue(_ request: RedisRequest) {
+        guard let context else {
+            request.waiter.fail(machine.failure ?? ChannelLayerError(.connectionLost, "the Redis connection is closed"))
+            return
+        }
+        guard take(request, context: context, promise: nil) else { return }
+        scheduleFlush(context: context)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        take(unwrapOutboundIn(data), context: context, promise: promise)
+    }
+
+    /// Hands the request to the state machine and writes it; false if it was failed instead.
+    @discardableResult
+    private func take(_ request: RedisRequest, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) -> Bool {
+        let action = machine.write(
+            commands: request.commands, waiter: request.waiter, timeout: TimeAmount(request.timeout),
+            now: context.eventLoop.now)
+        switch action {
+        case .fail(let error):
+            request.waiter.fail(error)
+            promise?.fail(error)
+            return false
+        case .write(let armTimer):
+            if let armTimer { arm(context: context, at: armTimer) }
+            context.write(wrapOutboundOut(request.bytes), promise: promise)
+            return true
+        }
+    }
+
+    /// Flushes once per event-loop tick: the writes of every caller that ran in this tick
+    /// leave in one system call.
+    func flush(context: ChannelHandlerContext) {
+        scheduleFlush(context: context)
+    }
+
+    private func scheduleFlush(context: ChannelHandlerContext) {
+        guard !flushScheduled, let flushAtEndOfTick else { return }
+        flushScheduled = true
+        context.eventLoop.assumeIsolatedUnsafeUnchecked().execute(flushAtEndOfTick)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let reader else { return }
+        machine.bytesRead(now: context.eventLoop.now)
+        let buffer = unwrapInboundIn(data)
+        let fed = buffer.withUnsafeReadableBytes { bytes in
+            redisReaderFeed(reader, bytes.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count)
+        }
+        guard fed == REDIS_OK else { return perform(machine.fail("unreadable reply"), context: context) }
+        while true {
+            var raw: UnsafeMutableRawPointer? = nil
+            guard redisReaderGetReply(reader, &raw) == REDIS_OK else {
+                return perform(machine.fail("protocol error"), context: context)
+            }
+            guard let raw else { break }
+            let reply = RedisReply(raw.assumingMemoryBound(to: redisReply.self))
+            freeReplyObject(raw)
+            let action = machine.replyReceived(reply)
+            perform(action, context: context)
+            switch action {
+            case .failConnection, .succeedThenRetire: return
+            case .none, .succeed: continue
+            }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        perform(machine.closed(), context: context, close: false)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        perform(machine.fail("\(error)"), context: context)
+    }
+
+    private func perform(
+        _ action: RedisConnectionStateMachine<RedisWaiter>.ReplyAction,
+        context: ChannelHandlerContext, close: Bool = true
+    ) {
+        switch action {
+        case .none:
+            break
+        case .succeed(let waiter, let replies):
+            waiter.succeed(replies)
+        case .succeedThenRetire(let waiter, let replies, let error, let waiters):
+            waiter.succeed(replies)
+            perform(.failConnection(error, waiters), context: context, close: close)
+        case .failConnection(let error, let waiters):
+            timer?.cancel()
+            timer = nil
+            for waiter in waiters { waiter.fail(error) }
+            if close { context.close(promise: nil) }
+        }
+    }
+
+    private func arm(context: ChannelHandlerContext, at deadline: NIODeadline) {
+        timer = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
+            self.timer = nil
+            switch self.machine.timerFired(now: context.eventLoop.now) {
+            case .none:
+                break
+            case .rearm(let next):
+                self.arm(context: context, at: next)
+            case .failConnection(let error, let waiters):
+                self.perform(.failConnection(error, waiters), context: context)
+            }
+        }
+    }
+}
