@@ -60,15 +60,13 @@ struct OrderingTests {
         try await post("c")
         try await post("d")
         // A straggler of the old sequence (stamped before the loss) still runs, unordered.
-        var late: Message = ["text": "late"]
-        late[OrderedHandoff.keyField] = "room-7"
-        late[OrderedHandoff.orderField] = 2
         let receiver = try await Session.load(
             key: OrderedHandoff.sessionKey("next", channel: "stage", key: "room-7", secret: secret), store: store,
             settings: harness.environment.sessionSettings, ttl: 3600, log: .none)
         let old = receiver[OrderedHandoff.oldEpochsKey]?.arrayValue?.first?.stringValue
         #expect(old != nil, "the receiver remembers the sequence it left")
-        late[OrderedHandoff.epochField] = .string(old ?? "")
+        let late = OrderStamp(key: "room-7", order: 2, epoch: old ?? "").stamped(["text": "late"])
+        #expect(OrderStamp(late) == OrderStamp(key: "room-7", order: 2, epoch: old ?? ""), "the stamp reads back")
         try await harness.send(late, to: "stage")
         #expect(await log.entries == ["a", "b", "c", "d", "late"])
     }

@@ -24,6 +24,44 @@ enum OrderedHandoff {
     }
 }
 
+/// The stamp an ordered send adds to its message: which sequence (`key`, and the `epoch` its
+/// sender's counter was born with), the message's place in it, and whether it ends it. Typed
+/// here so the sender and the receiver read and write the same fields.
+struct OrderStamp: Equatable {
+    var key: String
+    var order: Int64
+    /// Absent on messages stamped before epochs existed.
+    var epoch: String?
+    var end = false
+
+    /// The stamp `message` carries; nil for a message sent without one.
+    init?(_ message: Message) {
+        guard let key = message[OrderedHandoff.keyField]?.stringValue,
+            let order = message[OrderedHandoff.orderField]?.intValue
+        else { return nil }
+        self.init(
+            key: key, order: order, epoch: message[OrderedHandoff.epochField]?.stringValue,
+            end: message[OrderedHandoff.endField]?.boolValue == true)
+    }
+
+    init(key: String, order: Int64, epoch: String?, end: Bool = false) {
+        self.key = key
+        self.order = order
+        self.epoch = epoch
+        self.end = end
+    }
+
+    /// `message` with this stamp.
+    func stamped(_ message: Message) -> Message {
+        var stamped = message
+        stamped[OrderedHandoff.keyField] = .string(key)
+        stamped[OrderedHandoff.orderField] = .int(order)
+        if let epoch { stamped[OrderedHandoff.epochField] = .string(epoch) }
+        if end { stamped[OrderedHandoff.endField] = .bool(true) }
+        return stamped
+    }
+}
+
 extension ConsumerContext {
     /// Sends `message` to `channel` numbered in the sequence of `key`, so that a consumer
     /// wrapped in ``inSendOrder(_:)`` handles the messages of one key in the order they were
@@ -68,12 +106,8 @@ extension ConsumerContext {
             counter[OrderedHandoff.epochField] = .string(epoch)
             try await counter.save()
         }
-        var stamped = message
-        stamped[OrderedHandoff.keyField] = .string(key)
-        stamped[OrderedHandoff.orderField] = .int(sequence)
-        stamped[OrderedHandoff.epochField] = .string(epoch)
-        if end { stamped[OrderedHandoff.endField] = .bool(true) }
-        try await send(stamped, to: channel, immediately: immediately)
+        let stamp = OrderStamp(key: key, order: sequence, epoch: epoch, end: end)
+        try await send(stamp.stamped(message), to: channel, immediately: immediately)
     }
 }
 

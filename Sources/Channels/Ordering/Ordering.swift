@@ -104,18 +104,14 @@ func followEpoch(_ epoch: String, session: Session, context: ConsumerContext) as
 /// is deleted when its end comes (the socket that numbered it disconnected).
 public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
     { context in
-        guard let key = context.message[OrderedHandoff.keyField]?.stringValue,
-            let order = context.message[OrderedHandoff.orderField]?.intValue
-        else {
-            return try await consumer(context)
-        }
+        guard let stamp = OrderStamp(context.message) else { return try await consumer(context) }
         let settings = context.environment.sessionSettings
         let session = try await Session.load(
-            key: OrderedHandoff.sessionKey("next", channel: context.channel, key: key, secret: settings.secret),
+            key: OrderedHandoff.sessionKey("next", channel: context.channel, key: stamp.key, secret: settings.secret),
             store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
             log: .consumer(context))
-        let isEnd = context.message[OrderedHandoff.endField]?.boolValue == true
-        if let epoch = context.message[OrderedHandoff.epochField]?.stringValue {
+        let isEnd = stamp.end
+        if let epoch = stamp.epoch {
             switch try await followEpoch(epoch, session: session, context: context) {
             case .follow: break
             case .straggler:
@@ -123,7 +119,7 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
                 return isEnd ? () : try await consumer(context)
             }
         }
-        try await OrderingGate(context: context, session: session, order: order, slight: false).run(
+        try await OrderingGate(context: context, session: session, order: stamp.order, slight: false).run(
             isEnd ? { _ in } : consumer
         ) {
             throw ChannelLayerError.channelFull("the wait channel of a sequence on '\(context.channel)'")
