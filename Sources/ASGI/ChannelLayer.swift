@@ -52,80 +52,216 @@ public struct GlobalStatistics: Sendable, Hashable, Codable {
 /// An ASGI 1.0 channel layer: named, expiring FIFO queues with groups.
 ///
 /// Delivery is at most once and FIFO per channel for one reader. Every operation validates
-/// the names it is given and throws ``ChannelLayerError`` with code `invalidName` for a bad one.
+/// the names it is given and throws ``ChannelLayerError`` with code `invalidName` for a bad one;
+/// every failure is a ``ChannelLayerError`` (typed throws), so a caller can switch over its code
+/// without a cast.
+///
+/// The protocol has no default implementations: a layer states every answer itself. A layer
+/// that wraps another (counting, recording, encrypting) adopts ``ForwardingChannelLayer`` and
+/// writes only what it changes, so a wrapper cannot silently fall back to a default (a smaller
+/// size limit, a one-at-a-time batch) that the layer it wraps does not have.
 public protocol ChannelLayer: Sendable {
     /// The extensions this layer supports: `groups`, `flush`, `statistics`.
     var extensions: Set<String> { get }
 
-    /// Sends a message; never waits. Throws `channelFull` when the channel is at capacity and
-    /// `messageTooLarge` past the size limit.
-    func send(_ message: Message, to channel: String) async throws
-
-    /// Takes the next message from any of `channels`. With a zero timeout it does not wait;
-    /// otherwise it waits (without polling) up to `timeout` and returns nil if nothing came.
-    /// A `prefix!` name receives every `prefix!*` message under its full name.
-    func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage?
-
-    /// A fresh single-reader channel name: `pattern` (ending in `?`) plus random letters.
-    func newChannel(_ pattern: String) async throws -> String
-
-    func groupAdd(_ group: String, channel: String) async throws
-    func groupDiscard(_ group: String, channel: String) async throws
-    /// The current members of a group (expired members excluded).
-    func groupChannels(_ group: String) async throws -> [String]
-    /// Sends to every member; a full member is skipped, never an error.
-    func sendGroup(_ group: String, message: Message) async throws
-
-    /// Removes every message, group and counter of the layer.
-    func flush() async throws
-
-    func globalStatistics() async throws -> GlobalStatistics
-    func channelStatistics(_ channel: String) async throws -> ChannelStatistics
-
-    /// Releases connections and threads. Calls after `close` throw `closed`.
-    func close() async
-
-    /// Registers (or renews) this process as the reader of `processChannel` (a `prefix!` name),
-    /// one that understands bundled group messages: a group send then stores one message per
-    /// process channel, carrying the list of its members, instead of one per member. Readers
-    /// that never register (Daphne 1.4 on asgi_redis) keep getting one message per member.
-    ///
-    /// Call it when the reader starts and then periodically. Returns false when a registration
-    /// made earlier by this layer is gone: the store lost its data (a Redis restarted empty),
-    /// and with it every group membership of this process's channels.
-    func registerBundleReader(_ processChannel: String) async throws -> Bool
-
     /// The largest encoded message a send accepts.
     var maxMessageSize: Int { get }
+
+    /// Sends a message; never waits. Throws `channelFull` when the channel is at capacity and
+    /// `messageTooLarge` past the size limit.
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError)
+
+    /// Takes the next message from any of `channels`. With a zero timeout it does not wait;
+    /// otherwise it waits (without polling) up to `timeout` and returns nil if nothing came
+    /// (or the calling task was cancelled). A `prefix!` name receives every `prefix!*` message
+    /// under its full name.
+    func receive(channels: [String], timeout: Duration) async throws(ChannelLayerError) -> ReceivedMessage?
 
     /// Waits like `receive`, then takes up to `max` messages in all (FIFO per channel), for
     /// readers that dispatch in order and want fewer round trips under load. Empty when the
     /// timeout passed with nothing.
-    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage]
+    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage]
+
+    /// A fresh single-reader channel name: `pattern` (ending in `?`) plus random letters.
+    func newChannel(_ pattern: String) async throws(ChannelLayerError) -> String
+
+    /// Adds `channel` to `group` (or renews its membership).
+    func groupAdd(_ group: String, channel: String) async throws(ChannelLayerError)
+    /// Removes `channel` from `group`; removing a channel that is not a member is not an error.
+    func groupDiscard(_ group: String, channel: String) async throws(ChannelLayerError)
+    /// The current members of a group (expired members excluded).
+    func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String]
+    /// Sends to every member; a full member is skipped, never an error.
+    func sendGroup(_ group: String, message: Message) async throws(ChannelLayerError)
+
+    /// Removes every message, group and counter of the layer.
+    func flush() async throws(ChannelLayerError)
+
+    /// Counters for the whole layer.
+    func globalStatistics() async throws(ChannelLayerError) -> GlobalStatistics
+    /// Counters for one channel.
+    func channelStatistics(_ channel: String) async throws(ChannelLayerError) -> ChannelStatistics
+
+    /// Releases connections and threads. Calls after `close` throw `closed`.
+    func close() async
 }
 
 extension ChannelLayer {
-    /// The ASGI extensions every layer here implements.
-    public var extensions: Set<String> { ["groups", "flush", "statistics"] }
-
-    /// A layer that cannot lose its data and delivers group sends to process channels as it
-    /// sees fit needs no registration.
-    public func registerBundleReader(_ processChannel: String) async throws -> Bool { true }
-
-    /// The ASGI default: 1 MiB.
-    public var maxMessageSize: Int { 1024 * 1024 }
-
     /// A non-blocking receive.
-    public func receive(channels: [String]) async throws -> ReceivedMessage? {
+    public func receive(channels: [String]) async throws(ChannelLayerError) -> ReceivedMessage? {
         try await receive(channels: channels, timeout: .zero)
     }
+}
 
-    /// Default: one `receive`, as a batch of at most one.
-    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
-        guard let first = try await receive(channels: channels, timeout: timeout) else { return [] }
-        var batch = [first]
-        while batch.count < max, let next = try await receive(channels: channels, timeout: .zero) { batch.append(next) }
-        return batch
+/// The ASGI extensions every layer here implements, for their `extensions`.
+public let standardLayerExtensions: Set<String> = ["groups", "flush", "statistics"]
+
+/// A layer whose group sends can store one message per process channel for all of that
+/// process's members (a "bundle") instead of one per member, for readers that say they
+/// understand bundles. The Redis layer does; a reader that never registers (Daphne 1.4 on
+/// asgi_redis) keeps getting one message per member. A layer that is not one needs no
+/// registration: it cannot lose a registration it never made.
+public protocol ChannelLayerBundling: ChannelLayer {
+    /// Registers (or renews) this process as the reader of `processChannel` (a `prefix!` name),
+    /// one that understands bundled group messages.
+    ///
+    /// Call it when the reader starts and then periodically. Returns false when a registration
+    /// made earlier by this layer is gone: the store lost its data (a Redis restarted empty),
+    /// and with it every group membership of this process's channels.
+    func registerBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool
+}
+
+/// A layer that wraps another and forwards every call it does not change to ``base``: counting,
+/// recording or encrypting layers write only the calls they change. It is a bundling layer too,
+/// so a server behind a wrapper still registers with a bundling layer underneath.
+public protocol ForwardingChannelLayer: ChannelLayerBundling {
+    /// The layer calls go to.
+    var base: any ChannelLayer { get }
+}
+
+extension ForwardingChannelLayer {
+    /// The wrapped layer's extensions.
+    public var extensions: Set<String> { base.extensions }
+    /// The wrapped layer's limit.
+    public var maxMessageSize: Int { base.maxMessageSize }
+    /// Sends on the wrapped layer.
+    public func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        try await base.send(message, to: channel)
+    }
+    /// Receives from the wrapped layer.
+    public func receive(channels: [String], timeout: Duration) async throws(ChannelLayerError) -> ReceivedMessage? {
+        try await base.receive(channels: channels, timeout: timeout)
+    }
+    /// Receives a batch from the wrapped layer.
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
+        try await base.receiveBatch(channels: channels, max: max, timeout: timeout)
+    }
+    /// A fresh channel name from the wrapped layer.
+    public func newChannel(_ pattern: String) async throws(ChannelLayerError) -> String { try await base.newChannel(pattern) }
+    /// Adds to a group of the wrapped layer.
+    public func groupAdd(_ group: String, channel: String) async throws(ChannelLayerError) {
+        try await base.groupAdd(group, channel: channel)
+    }
+    /// Removes from a group of the wrapped layer.
+    public func groupDiscard(_ group: String, channel: String) async throws(ChannelLayerError) {
+        try await base.groupDiscard(group, channel: channel)
+    }
+    /// A group's members in the wrapped layer.
+    public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] { try await base.groupChannels(group) }
+    /// Sends to a group of the wrapped layer.
+    public func sendGroup(_ group: String, message: Message) async throws(ChannelLayerError) {
+        try await base.sendGroup(group, message: message)
+    }
+    /// Flushes the wrapped layer.
+    public func flush() async throws(ChannelLayerError) { try await base.flush() }
+    /// The wrapped layer's statistics.
+    public func globalStatistics() async throws(ChannelLayerError) -> GlobalStatistics { try await base.globalStatistics() }
+    /// A channel's statistics in the wrapped layer.
+    public func channelStatistics(_ channel: String) async throws(ChannelLayerError) -> ChannelStatistics {
+        try await base.channelStatistics(channel)
+    }
+    /// Closes the wrapped layer.
+    public func close() async { await base.close() }
+    /// Registers with the wrapped layer when it bundles; true (nothing to lose) when it does not.
+    public func registerBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool {
+        try await base.registeredAsBundleReader(processChannel)
+    }
+}
+
+extension ForwardingChannelLayer where Self: ChannelLayerHistory {
+    private func baseHistory() throws(ChannelLayerError) -> any ChannelLayerHistory {
+        guard let history = base as? any ChannelLayerHistory else {
+            throw ChannelLayerError(.invalidConfiguration, "\(type(of: base)) keeps no group history")
+        }
+        return history
+    }
+
+    /// Appends to the wrapped layer's history of `group`.
+    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> StreamPosition
+    {
+        try await baseHistory().historyAppend(group, message: message, retention: retention)
+    }
+    /// Reads the wrapped layer's history of `group`.
+    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> HistorySlice
+    {
+        try await baseHistory().historyRead(group, after: position, retention: retention)
+    }
+    /// Puts back missing followers in the wrapped layer.
+    public func groupRestore(_ group: String, channels: [String]) async throws(ChannelLayerError) -> [String] {
+        try await baseHistory().groupRestore(group, channels: channels)
+    }
+    /// Removes channels from a group of the wrapped layer.
+    public func groupRemove(_ group: String, channels: [String]) async throws(ChannelLayerError) {
+        try await baseHistory().groupRemove(group, channels: channels)
+    }
+    /// One keeper pass on the wrapped layer.
+    public func groupCheck(
+        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+    ) async throws(ChannelLayerError) -> GroupCheck {
+        try await baseHistory().groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
+    }
+}
+
+extension ForwardingChannelLayer where Self: ChannelLayerPresence {
+    private func basePresence() throws(ChannelLayerError) -> any ChannelLayerPresence {
+        guard let presence = base as? any ChannelLayerPresence else {
+            throw ChannelLayerError(.invalidConfiguration, "\(type(of: base)) keeps no presence")
+        }
+        return presence
+    }
+
+    /// Tracks a connection in the wrapped layer.
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws(ChannelLayerError)
+        -> PresenceChange
+    {
+        try await basePresence().presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
+    }
+    /// Stops tracking a connection in the wrapped layer.
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws(ChannelLayerError) -> PresenceChange {
+        try await basePresence().presenceLeave(group, connection: connection, user: user)
+    }
+    /// Renews connections' presence in the wrapped layer.
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws(ChannelLayerError)
+        -> PresenceRenewal
+    {
+        try await basePresence().presenceRefresh(group, connections: connections, ttl: ttl)
+    }
+    /// Who is present, in the wrapped layer.
+    public func presenceSnapshot(_ group: String) async throws(ChannelLayerError) -> PresenceSnapshot {
+        try await basePresence().presenceSnapshot(group)
+    }
+    /// Removes expired connections in the wrapped layer.
+    public func presenceSweep() async throws(ChannelLayerError) -> [PresenceDiff] { try await basePresence().presenceSweep() }
+}
+
+extension ChannelLayer {
+    /// Registers `processChannel` as a bundle reader when this layer bundles group sends;
+    /// true when it does not (there is no registration to lose).
+    public func registeredAsBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool {
+        guard let bundling = self as? any ChannelLayerBundling else { return true }
+        return try await bundling.registerBundleReader(processChannel)
     }
 }
 
@@ -134,9 +270,9 @@ extension ChannelLayer {
 /// with `layer as? any ChannelLayerInspection` and show less when a layer cannot.
 public protocol ChannelLayerInspection: ChannelLayer {
     /// Names of the channels that hold messages now (the non-local `prefix!` form for process channels).
-    func pendingChannels() async throws -> [String]
+    func pendingChannels() async throws(ChannelLayerError) -> [String]
     /// Names of the groups that have members now.
-    func groups() async throws -> [String]
+    func groups() async throws(ChannelLayerError) -> [String]
     /// A short description of where the layer keeps its data, for logs and pages (no passwords).
     var location: String { get }
 }

@@ -27,6 +27,9 @@ public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
         public static let invalidConfiguration = Code(name: "invalidConfiguration")
         /// The layer has been closed.
         public static let closed = Code(name: "closed")
+        /// The calling task was cancelled while the layer worked for it (not a failure of the
+        /// layer: nothing is counted as an error).
+        public static let cancelled = Code(name: "cancelled")
     }
 
     /// What kind of failure.
@@ -41,6 +44,16 @@ public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
         self.underlying = underlying
+    }
+
+    /// `error` as a layer error: itself when it is one, `cancelled` for a `CancellationError`,
+    /// else `backendError` carrying it as `underlying`.
+    public init(wrapping error: any Error) {
+        switch error {
+        case let error as ChannelLayerError: self = error
+        case is CancellationError: self.init(.cancelled, "cancelled", underlying: error)
+        default: self.init(.backendError, "\(error)", underlying: error)
+        }
     }
 
     /// The code and the message.
@@ -58,5 +71,17 @@ public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
     /// The encoded message is over the layer's size limit.
     public static func messageTooLarge(_ channel: String, size: Int, limit: Int) -> ChannelLayerError {
         ChannelLayerError(.messageTooLarge, "message for '\(channel)' is \(size) bytes, over the limit of \(limit)")
+    }
+}
+
+/// Runs `body`, turning whatever it throws into a ``ChannelLayerError`` (see
+/// ``ChannelLayerError/init(wrapping:)``): the boundary where a layer's internals, which may
+/// throw other errors, meet the typed throws of ``ChannelLayer``.
+@inlinable
+public func withLayerErrors<T>(_ body: () async throws -> T) async throws(ChannelLayerError) -> T {
+    do {
+        return try await body()
+    } catch {
+        throw ChannelLayerError(wrapping: error)
     }
 }

@@ -63,22 +63,23 @@ public struct HistorySlice: Sendable {
 public protocol ChannelLayerHistory: ChannelLayer {
     /// Appends `message` to `group`'s history (started, with a fresh epoch, on first use) and
     /// trims the history to `retention`; returns the message's position.
-    func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition
+    func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws(ChannelLayerError) -> StreamPosition
 
     /// The messages of `group`'s history after `position` (up to `retention.size`, none older
     /// than `retention.ttl`), and its top; with a nil position only the top (a history that did
     /// not exist is started, so the top always has an epoch).
-    func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice
+    func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> HistorySlice
 
     /// Puts back into `group`'s member set those of `channels` (the sockets one server knows
     /// follow the group) that are missing from it: the set was evicted (Redis under
     /// `maxmemory`), deleted, or a member expired while its socket still follows. A socket that
     /// follows a group is a member of it for as long as it follows. Returns the channels added.
-    func groupRestore(_ group: String, channels: [String]) async throws -> [String]
+    func groupRestore(_ group: String, channels: [String]) async throws(ChannelLayerError) -> [String]
 
     /// Removes `channels` from `group` (the keeper's undo for a socket that closed while its
     /// restore was on the way).
-    func groupRemove(_ group: String, channels: [String]) async throws
+    func groupRemove(_ group: String, channels: [String]) async throws(ChannelLayerError)
 
     /// One pass of a server's group keeper, in one call per shard: puts back into their
     /// group's member set every socket in `followers` (group → the server's sockets that follow
@@ -86,7 +87,8 @@ public protocol ChannelLayerHistory: ChannelLayer {
     /// `groupAdd` of one of them, by this server or by any worker) whose socket `isOpen` still
     /// says is there, when it is missing or expired; drops the journal entries of sockets gone.
     /// A layer whose group sets cannot vanish keeps no journal and checks the followers only.
-    func groupCheck(processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool) async throws
+    func groupCheck(processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool)
+        async throws(ChannelLayerError)
         -> GroupCheck
 }
 

@@ -5,7 +5,7 @@ import Synchronization
 /// `groupExpiry`; a group send skips (and counts) a member whose channel is full.
 extension InMemoryChannelLayer {
     /// Adds `channel` to `group` (or refreshes its time); members expire after `groupExpiry`.
-    public func groupAdd(_ group: String, channel: String) async throws {
+    public func groupAdd(_ group: String, channel: String) async throws(ChannelLayerError) {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
         let now = ContinuousClock.now
@@ -18,7 +18,7 @@ extension InMemoryChannelLayer {
     }
 
     /// Puts back missing followers; see ``ChannelLayerHistory/groupRestore(_:channels:)``.
-    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
+    public func groupRestore(_ group: String, channels: [String]) async throws(ChannelLayerError) -> [String] {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
         let cutoff = now - configuration.groupExpiry
@@ -38,7 +38,7 @@ extension InMemoryChannelLayer {
     /// missing or expired are put back.
     public func groupCheck(
         processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
-    ) async throws -> GroupCheck {
+    ) async throws(ChannelLayerError) -> GroupCheck {
         var check = GroupCheck()
         for (group, channels) in followers {
             for channel in try await groupRestore(group, channels: channels) {
@@ -49,7 +49,7 @@ extension InMemoryChannelLayer {
     }
 
     /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
-    public func groupRemove(_ group: String, channels: [String]) async throws {
+    public func groupRemove(_ group: String, channels: [String]) async throws(ChannelLayerError) {
         try ChannelNames.validateGroup(group)
         state.withLock { state in
             for channel in channels { state.groups[group]?[channel] = nil }
@@ -58,7 +58,7 @@ extension InMemoryChannelLayer {
     }
 
     /// Removes `channel` from `group`.
-    public func groupDiscard(_ group: String, channel: String) async throws {
+    public func groupDiscard(_ group: String, channel: String) async throws(ChannelLayerError) {
         try ChannelNames.validateGroup(group)
         try ChannelNames.validateChannel(channel)
         state.withLock { state in
@@ -68,7 +68,7 @@ extension InMemoryChannelLayer {
     }
 
     /// The unexpired members of `group`.
-    public func groupChannels(_ group: String) async throws -> [String] {
+    public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] {
         try ChannelNames.validateGroup(group)
         return liveMembers(group)
     }
@@ -85,7 +85,7 @@ extension InMemoryChannelLayer {
 
     /// One entry per process channel, carrying all of its members (see `Entry.more`), and one
     /// per other member: a room of any size costs one slot of each server's capacity.
-    public func sendGroup(_ group: String, message: Message) async throws {
+    public func sendGroup(_ group: String, message: Message) async throws(ChannelLayerError) {
         try ChannelNames.validateGroup(group)
         var byProcess: [String: [String]] = [:]
         var order: [String] = []
@@ -105,7 +105,7 @@ extension InMemoryChannelLayer {
                     try sendValidated(message, to: members[0], more: members[1...])
                     LayerMetrics.groupMembersReached.increment(by: members.count)
                     break
-                } catch let error as ChannelLayerError where error.code == .channelFull {
+                } catch  where error.code == .channelFull {
                     // A server's share is held back (its reader is behind) rather than dropped
                     // for all its sockets: offered again with growing pauses, up to the wait.
                     let now = clock.now

@@ -38,7 +38,9 @@ struct InMemoryHistories {
 
 extension InMemoryChannelLayer: ChannelLayerHistory {
     /// Appends to the group's history; see ``ChannelLayerHistory/historyAppend(_:message:retention:)``.
-    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
+    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> StreamPosition
+    {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
         return histories.withLock { histories in
@@ -52,7 +54,9 @@ extension InMemoryChannelLayer: ChannelLayerHistory {
     }
 
     /// Reads the group's history after a position; see ``ChannelLayerHistory/historyRead(_:after:retention:)``.
-    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
+    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> HistorySlice
+    {
         try ChannelNames.validateGroup(group)
         let now = ContinuousClock.now
         return histories.withLock { histories in

@@ -3,14 +3,14 @@ import Synchronization
 /// What `stats` and the admin page read of the in-memory layer.
 extension InMemoryChannelLayer {
     /// Messages sent and full refusals since the layer started.
-    public func globalStatistics() async throws -> GlobalStatistics {
+    public func globalStatistics() async throws(ChannelLayerError) -> GlobalStatistics {
         state.withLock { state in
             GlobalStatistics(messagesCount: state.global.messages, channelFullCount: state.global.full)
         }
     }
 
     /// One channel's figures: sent, full refusals, pending, the oldest message's age.
-    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
+    public func channelStatistics(_ channel: String) async throws(ChannelLayerError) -> ChannelStatistics {
         try ChannelNames.validateChannel(channel, for: .receive)
         let key = ChannelNames.nonLocalName(channel)
         let now = ContinuousClock.now
@@ -26,7 +26,7 @@ extension InMemoryChannelLayer {
     }
 
     /// Names of the channels that hold messages now (for `stats`).
-    public func pendingChannels() async throws -> [String] {
+    public func pendingChannels() async throws(ChannelLayerError) -> [String] {
         let now = ContinuousClock.now
         return state.withLock { state in
             state.sweep(now: now)
@@ -35,7 +35,7 @@ extension InMemoryChannelLayer {
     }
 
     /// Names of the groups with members (for `stats`).
-    public func groups() async throws -> [String] {
+    public func groups() async throws(ChannelLayerError) -> [String] {
         let cutoff = ContinuousClock.now - configuration.groupExpiry
         return state.withLock { state in
             state.groups.filter { $0.value.values.contains { $0 > cutoff } }.keys.sorted()

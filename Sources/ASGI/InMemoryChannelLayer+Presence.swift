@@ -39,7 +39,7 @@ struct InMemoryPresence {
 
 extension InMemoryChannelLayer: ChannelLayerPresence {
     /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws(ChannelLayerError)
         -> PresenceChange
     {
         try ChannelNames.validateGroup(group)
@@ -55,7 +55,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
     }
 
     /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws(ChannelLayerError) -> PresenceChange {
         try ChannelNames.validateGroup(group)
         return presence.withLock { all in
             var entry = all[group] ?? InMemoryPresence()
@@ -67,7 +67,9 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
     }
 
     /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws(ChannelLayerError)
+        -> PresenceRenewal
+    {
         let expires = ContinuousClock.now + ttl
         return presence.withLock { all in
             var entry = all[group] ?? InMemoryPresence()
@@ -86,7 +88,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
     }
 
     /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
-    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
+    public func presenceSnapshot(_ group: String) async throws(ChannelLayerError) -> PresenceSnapshot {
         try ChannelNames.validateGroup(group)
         // One past its expiry stays until the sweep removes it (with a leave of a later
         // version), so the list is the state at its version; unless nobody sweeps.
@@ -103,7 +105,7 @@ extension InMemoryChannelLayer: ChannelLayerPresence {
     }
 
     /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
-    public func presenceSweep() async throws -> [PresenceDiff] {
+    public func presenceSweep() async throws(ChannelLayerError) -> [PresenceDiff] {
         let now = ContinuousClock.now
         return presence.withLock { all in
             var diffs: [PresenceDiff] = []

@@ -143,12 +143,12 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
 
     /// Queues `message` on `channel`; throws `channelFull` at capacity and `messageTooLarge` over
     /// the size limit.
-    public func send(_ message: Message, to channel: String) async throws {
+    public func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
         try ChannelNames.validateChannel(channel)
         try sendValidated(message, to: channel)
     }
 
-    func sendValidated(_ message: Message, to channel: String, more: ArraySlice<String> = []) throws {
+    func sendValidated(_ message: Message, to channel: String, more: ArraySlice<String> = []) throws(ChannelLayerError) {
         if message[asgiChannelKey] != nil {
             throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
         }
@@ -198,7 +198,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
 
     /// The oldest unexpired message on any of `channels` (in random order between them), waiting up
     /// to `timeout`.
-    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
+    public func receive(channels: [String], timeout: Duration) async throws(ChannelLayerError) -> ReceivedMessage? {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         guard !channels.isEmpty else { return nil }
         let keys = channels.shuffled()
@@ -253,6 +253,14 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
         }
     }
 
+    /// One wait like ``receive(channels:timeout:)``, then whatever else is queued, up to `max`.
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
+        guard let first = try await receive(channels: channels, timeout: timeout) else { return [] }
+        var batch = [first]
+        while batch.count < max, let next = try await receive(channels: channels, timeout: .zero) { batch.append(next) }
+        return batch
+    }
+
     /// Ends a wait with no message (timeout, cancellation or close).
     private func wake(_ id: UInt64) {
         let waiter = state.withLock { $0.removeWaiter(id) }
@@ -263,7 +271,7 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     }
 
     /// A new unique channel name for `pattern` (ending in `!` or `?`).
-    public func newChannel(_ pattern: String) async throws -> String {
+    public func newChannel(_ pattern: String) async throws(ChannelLayerError) -> String {
         try ChannelNames.validatePattern(pattern)
         return state.withLock { state in
             while true {
@@ -284,8 +292,11 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     /// The configured size limit.
     public var maxMessageSize: Int { configuration.maxMessageSize }
 
+    /// `groups`, `flush` and `statistics`.
+    public var extensions: Set<String> { standardLayerExtensions }
+
     /// Removes every message and group.
-    public func flush() async throws {
+    public func flush() async throws(ChannelLayerError) {
         state.withLock { state in
             state.queues.removeAll()
             state.groups.removeAll()

@@ -6,7 +6,7 @@ import CoreMetrics
 /// `other`), and forwards everything else to the layer it wraps. The commands wrap the layer
 /// they make in one, so the worker, the interface server, the consumers and the delay server are
 /// all counted at the one place their calls pass. Free when no metrics backend is bootstrapped.
-public struct MeteredChannelLayer: ChannelLayerInspection {
+public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspection {
     /// The layer that does the work.
     public let base: any ChannelLayer
 
@@ -39,166 +39,89 @@ public struct MeteredChannelLayer: ChannelLayerInspection {
             ($0, Counter(label: "channels_layer_errors_total", dimensions: [("code", $0)]))
         })
 
-    // Inlined: every layer call of the process passes here, and a wrapper frame per call is not free.
-    @inline(__always)
-    private func counted<T>(_ body: () async throws -> T) async throws -> T {
-        do {
-            return try await body()
-        } catch {
-            Self.counters[Self.label(of: error)]?.increment()
-            throw error
-        }
+    /// `error`, counted. Every layer call of the process passes here, each as a plain `do`/`catch`
+    /// (no closure per call).
+    private func counted(_ error: ChannelLayerError) -> ChannelLayerError {
+        // A cancelled call is the caller's choice, not a failure of the layer.
+        if error.code != .cancelled { Self.counters[Self.label(of: error)]?.increment() }
+        return error
     }
 
-    /// The wrapped layer's extensions.
-    public var extensions: Set<String> { base.extensions }
-    /// The wrapped layer's limit.
-    public var maxMessageSize: Int { base.maxMessageSize }
-
     /// Sends through the wrapped layer.
-    public func send(_ message: Message, to channel: String) async throws {
-        try await counted { try await base.send(message, to: channel) }
+    public func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        do { return try await base.send(message, to: channel) } catch { throw counted(error) }
     }
 
     /// Receives through the wrapped layer.
-    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
-        try await counted { try await base.receive(channels: channels, timeout: timeout) }
+    public func receive(channels: [String], timeout: Duration) async throws(ChannelLayerError) -> ReceivedMessage? {
+        do { return try await base.receive(channels: channels, timeout: timeout) } catch { throw counted(error) }
     }
 
     /// Receives a batch through the wrapped layer.
-    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
-        try await counted { try await base.receiveBatch(channels: channels, max: max, timeout: timeout) }
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
+        do { return try await base.receiveBatch(channels: channels, max: max, timeout: timeout) } catch { throw counted(error) }
     }
 
     /// A fresh channel name from the wrapped layer.
-    public func newChannel(_ pattern: String) async throws -> String {
-        try await counted { try await base.newChannel(pattern) }
+    public func newChannel(_ pattern: String) async throws(ChannelLayerError) -> String {
+        do { return try await base.newChannel(pattern) } catch { throw counted(error) }
     }
 
     /// Adds to a group of the wrapped layer.
-    public func groupAdd(_ group: String, channel: String) async throws {
-        try await counted { try await base.groupAdd(group, channel: channel) }
+    public func groupAdd(_ group: String, channel: String) async throws(ChannelLayerError) {
+        do { return try await base.groupAdd(group, channel: channel) } catch { throw counted(error) }
     }
 
     /// Removes from a group of the wrapped layer.
-    public func groupDiscard(_ group: String, channel: String) async throws {
-        try await counted { try await base.groupDiscard(group, channel: channel) }
+    public func groupDiscard(_ group: String, channel: String) async throws(ChannelLayerError) {
+        do { return try await base.groupDiscard(group, channel: channel) } catch { throw counted(error) }
     }
 
     /// A group's members in the wrapped layer.
-    public func groupChannels(_ group: String) async throws -> [String] {
-        try await counted { try await base.groupChannels(group) }
+    public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] {
+        do { return try await base.groupChannels(group) } catch { throw counted(error) }
     }
 
     /// Sends to a group of the wrapped layer.
-    public func sendGroup(_ group: String, message: Message) async throws {
-        try await counted { try await base.sendGroup(group, message: message) }
+    public func sendGroup(_ group: String, message: Message) async throws(ChannelLayerError) {
+        do { return try await base.sendGroup(group, message: message) } catch { throw counted(error) }
     }
 
     /// Flushes the wrapped layer.
-    public func flush() async throws {
-        try await counted { try await base.flush() }
+    public func flush() async throws(ChannelLayerError) {
+        do { return try await base.flush() } catch { throw counted(error) }
     }
 
     /// The wrapped layer's statistics.
-    public func globalStatistics() async throws -> GlobalStatistics {
-        try await counted { try await base.globalStatistics() }
+    public func globalStatistics() async throws(ChannelLayerError) -> GlobalStatistics {
+        do { return try await base.globalStatistics() } catch { throw counted(error) }
     }
 
     /// A channel's statistics in the wrapped layer.
-    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
-        try await counted { try await base.channelStatistics(channel) }
+    public func channelStatistics(_ channel: String) async throws(ChannelLayerError) -> ChannelStatistics {
+        do { return try await base.channelStatistics(channel) } catch { throw counted(error) }
     }
 
-    /// Closes the wrapped layer.
-    public func close() async { await base.close() }
-
     /// Registers the bundle reader with the wrapped layer.
-    public func registerBundleReader(_ processChannel: String) async throws -> Bool {
-        try await counted { try await base.registerBundleReader(processChannel) }
+    public func registerBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool {
+        do { return try await base.registeredAsBundleReader(processChannel) } catch { throw counted(error) }
     }
 
     /// The wrapped layer's pending channels (none when it cannot tell).
-    public func pendingChannels() async throws -> [String] {
+    public func pendingChannels() async throws(ChannelLayerError) -> [String] {
         guard let inspection = base as? any ChannelLayerInspection else { return [] }
-        return try await counted { try await inspection.pendingChannels() }
+        do { return try await inspection.pendingChannels() } catch { throw counted(error) }
     }
 
     /// The wrapped layer's groups (none when it cannot tell).
-    public func groups() async throws -> [String] {
+    public func groups() async throws(ChannelLayerError) -> [String] {
         guard let inspection = base as? any ChannelLayerInspection else { return [] }
-        return try await counted { try await inspection.groups() }
+        do { return try await inspection.groups() } catch { throw counted(error) }
     }
 
     /// Where the wrapped layer keeps its data.
     public var location: String { (base as? any ChannelLayerInspection)?.location ?? String(describing: type(of: base)) }
 }
 
-extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
-    private func history() throws -> any ChannelLayerHistory {
-        guard let history = base as? any ChannelLayerHistory else {
-            throw ChannelLayerError(.invalidConfiguration, "\(type(of: base)) keeps no group history")
-        }
-        return history
-    }
-
-    private func presence() throws -> any ChannelLayerPresence {
-        guard let presence = base as? any ChannelLayerPresence else {
-            throw ChannelLayerError(.invalidConfiguration, "\(type(of: base)) keeps no presence")
-        }
-        return presence
-    }
-
-    /// Appends to the group's history; see ``ChannelLayerHistory/historyAppend(_:message:retention:)``.
-    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
-        try await history().historyAppend(group, message: message, retention: retention)
-    }
-
-    /// Reads the group's history after a position; see ``ChannelLayerHistory/historyRead(_:after:retention:)``.
-    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
-        try await history().historyRead(group, after: position, retention: retention)
-    }
-
-    /// Puts back missing followers; see ``ChannelLayerHistory/groupRestore(_:channels:)``.
-    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
-        try await history().groupRestore(group, channels: channels)
-    }
-
-    /// Removes channels from a group; see ``ChannelLayerHistory/groupRemove(_:channels:)``.
-    public func groupRemove(_ group: String, channels: [String]) async throws {
-        try await history().groupRemove(group, channels: channels)
-    }
-
-    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
-    public func groupCheck(
-        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
-    ) async throws -> GroupCheck {
-        try await history().groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
-    }
-
-    /// Tracks a connection as present; see ``ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)``.
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> PresenceChange
-    {
-        try await presence().presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
-    }
-
-    /// Stops tracking a connection; see ``ChannelLayerPresence/presenceLeave(_:connection:user:)``.
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
-        try await presence().presenceLeave(group, connection: connection, user: user)
-    }
-
-    /// Renews connections' presence; see ``ChannelLayerPresence/presenceRefresh(_:connections:ttl:)``.
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
-        try await presence().presenceRefresh(group, connections: connections, ttl: ttl)
-    }
-
-    /// Who is present; see ``ChannelLayerPresence/presenceSnapshot(_:)``.
-    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
-        try await presence().presenceSnapshot(group)
-    }
-
-    /// Removes expired connections; see ``ChannelLayerPresence/presenceSweep()``.
-    public func presenceSweep() async throws -> [PresenceDiff] {
-        try await presence().presenceSweep()
-    }
-}
+/// History and presence go to the wrapped layer uncounted (`ForwardingChannelLayer`'s defaults).
+extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {}

@@ -113,29 +113,31 @@ public protocol ChannelLayerPresence: ChannelLayer {
     /// Tracks `connection` as `user` in `group` until `ttl` from now; changed when this is the
     /// user's only connection there (it joined). Safe to retry after an unknown outcome: a
     /// retried join says changed again rather than nothing.
-    func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws -> PresenceChange
+    func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws(ChannelLayerError)
+        -> PresenceChange
 
     /// Stops tracking `connection` (of `user`); changed when the user has no connection left in
     /// the group (it left). Safe to retry: a retried leave says changed again rather than nothing.
-    func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange
+    func presenceLeave(_ group: String, connection: String, user: String) async throws(ChannelLayerError) -> PresenceChange
 
     /// Pushes the expiry of tracked connections to `ttl` from now (their server's heartbeat),
     /// tracking again any that were swept meanwhile (their server stalled past the TTL);
     /// returns those tracked again whose user was absent (present again because of it).
-    func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal
+    func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws(ChannelLayerError)
+        -> PresenceRenewal
 
     /// Who is present, sorted by user, with the group's presence version at that read. A
     /// connection past its expiry is listed until a sweep removes it (that sweep's leave has a
     /// later version), so a list and the diffs after it always agree.
-    func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot
+    func presenceSnapshot(_ group: String) async throws(ChannelLayerError) -> PresenceSnapshot
 
     /// Removes every expired connection of every group; the users that left with them.
-    func presenceSweep() async throws -> [PresenceDiff]
+    func presenceSweep() async throws(ChannelLayerError) -> [PresenceDiff]
 }
 
 extension ChannelLayerPresence {
     /// Who is present, sorted by user (see ``presenceSnapshot(_:)``).
-    public func presenceList(_ group: String) async throws -> [PresenceMember] {
+    public func presenceList(_ group: String) async throws(ChannelLayerError) -> [PresenceMember] {
         try await presenceSnapshot(group).members
     }
 }

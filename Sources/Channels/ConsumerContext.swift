@@ -156,7 +156,7 @@ public final class ConsumerContext: Sendable {
     /// before it), goes out at once, and the socket joins their groups before this returns.
     public func reply(_ message: Message, immediately: Bool = false) async throws {
         guard let reply = replyChannel else {
-            throw ChannelLayerError(.invalidMessage, "a message on '\(channel)' has no reply_channel to answer")
+            throw ConsumerContextError(.noReplyChannel, "a message on '\(channel)' has no reply_channel to answer")
         }
         if message["accept"]?.boolValue == true {
             let (controls, adds) = subscriptions.withLock { state in
@@ -325,14 +325,4 @@ public struct Group: Sendable, Hashable {
     public func send(_ message: some ASGIMessage, immediately: Bool = false) async throws {
         try await send(message.message, immediately: immediately)
     }
-}
-
-/// Errors a consumer can throw with meaning.
-public enum ConsumerError: Error, Sendable {
-    /// Refuse a WebSocket connection (on connect) or close it (later).
-    case denyConnection
-    /// Close the WebSocket with this code.
-    case close(code: Int)
-    /// Not now: the message goes back on its channel (at most `Worker.maxRetries` times).
-    case consumeLater
 }

@@ -19,8 +19,8 @@ public enum ChannelLayers {
     /// The layer of the consumer running now, else the process-wide one; a clear error when neither.
     static func current(for what: String) throws -> any ChannelLayer {
         if let layer = ConsumerContext.current?.layer ?? Self.default { return layer }
-        throw ChannelLayerError(
-            .invalidConfiguration, "\(what) outside a consumer needs a layer: pass one, or set ChannelLayers.default")
+        throw ConsumerContextError(
+            .noLayer, "\(what) outside a consumer needs a layer: pass one, or set ChannelLayers.default")
     }
 }
 
@@ -54,10 +54,10 @@ extension Group {
     public func publish(_ data: String, on layer: (any ChannelLayer)? = nil) async throws -> StreamPosition {
         let layer = try layer ?? ChannelLayers.current(for: "Group.publish")
         guard let retention = GroupHistory.retention(for: name) else {
-            throw ChannelLayerError(.invalidConfiguration, "group '\(name)' keeps no history: GroupHistory.keep(\"\(name)\") first")
+            throw ConsumerContextError(.historyNotKept, "group '\(name)' keeps no history: GroupHistory.keep(\"\(name)\") first")
         }
         guard let history = layer as? any ChannelLayerHistory else {
-            throw ChannelLayerError(.invalidConfiguration, "this channel layer keeps no group history")
+            throw ConsumerContextError(.layerLacksFeature, "this channel layer keeps no group history")
         }
         // What came before from this consumer goes first.
         await ConsumerContext.current?.flush()
@@ -99,7 +99,7 @@ public struct Presence: Sendable, Hashable {
     /// is new there. Call it from a WebSocket consumer.
     public func track(user: String, meta: String = "{}") async throws {
         guard let context = ConsumerContext.current else {
-            throw ChannelLayerError(.invalidConfiguration, "Presence.track needs the consumer of the socket to track")
+            throw ConsumerContextError(.noConsumer, "Presence.track needs the consumer of the socket to track")
         }
         try await context.subscriptionControl(
             "presence", .map(["group": .string(group), "user": .string(user), "meta": .string(meta)]))
@@ -108,7 +108,7 @@ public struct Presence: Sendable, Hashable {
     /// Stops tracking the running consumer's socket (closing it does the same).
     public func untrack() async throws {
         guard let context = ConsumerContext.current else {
-            throw ChannelLayerError(.invalidConfiguration, "Presence.untrack needs the consumer of the socket")
+            throw ConsumerContextError(.noConsumer, "Presence.untrack needs the consumer of the socket")
         }
         try await context.reply(["presence": .map(["group": .string(group), "leave": .bool(true)])], immediately: true)
     }
@@ -117,7 +117,7 @@ public struct Presence: Sendable, Hashable {
     public func list(on layer: (any ChannelLayer)? = nil) async throws -> [PresenceMember] {
         let layer = try layer ?? ChannelLayers.current(for: "Presence.list")
         guard let presence = layer as? any ChannelLayerPresence else {
-            throw ChannelLayerError(.invalidConfiguration, "this channel layer keeps no presence")
+            throw ConsumerContextError(.layerLacksFeature, "this channel layer keeps no presence")
         }
         return try await presence.presenceList(group)
     }
@@ -133,7 +133,7 @@ extension ConsumerContext {
     /// offset order.
     public func follow(_ group: Group, after: StreamPosition? = nil) async throws {
         guard let retention = GroupHistory.retention(for: group.name) else {
-            throw ChannelLayerError(.invalidConfiguration, "group '\(group.name)' keeps no history: GroupHistory.keep(…) first")
+            throw ConsumerContextError(.historyNotKept, "group '\(group.name)' keeps no history: GroupHistory.keep(…) first")
         }
         var control: Message = [
             "group": .string(group.name), "size": .int(Int64(retention.size)), "ttl": .int(retention.ttl.components.seconds),
@@ -143,7 +143,7 @@ extension ConsumerContext {
         var start = after
         if start == nil {
             guard let history = layer as? any ChannelLayerHistory else {
-                throw ChannelLayerError(.invalidConfiguration, "this channel layer keeps no group history")
+                throw ConsumerContextError(.layerLacksFeature, "this channel layer keeps no group history")
             }
             start = try await history.historyRead(group.name, after: nil, retention: retention).top
             control["fresh"] = .bool(true)

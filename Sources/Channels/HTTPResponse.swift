@@ -93,12 +93,12 @@ extension ConsumerContext {
                 }
             }
             guard let received = next else {
-                throw ChannelLayerError(.connectionLost, "request body chunk on '\(bodyChannel)' did not arrive")
+                throw RequestBodyError(.chunkMissing, "request body chunk on '\(bodyChannel)' did not arrive")
             }
             let chunk = try HTTPBodyChunk(received.message)
             body += chunk.content
             if chunk.closed {
-                throw ChannelLayerError(.connectionLost, "the client went away during the upload")
+                throw RequestBodyError(.clientLeft, "the client went away during the upload to '\(bodyChannel)'")
             }
             if !chunk.moreContent { return body }
         }

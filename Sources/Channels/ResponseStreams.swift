@@ -108,7 +108,7 @@ public final class ResponseStreams: Sendable {
 
     /// Waits until `bytes` more body bytes of the response at `channel` may be sent, then counts
     /// them as sent. Throws `CancellationError` when the client left (or the task is cancelled)
-    /// and ``ChannelLayerError`` (`connectionLost`) when no credit came within `creditTimeout`.
+    /// and ``ConsumerContextError`` (`noCredit`) when no credit came within `creditTimeout`.
     /// While it waits, `lending`'s slot serves other messages (a reader that stalls holds none).
     func reserve(_ bytes: Int, on channel: String, lending lease: SlotLease? = nil) async throws {
         // A stream no longer registered was stopped: its client left.
@@ -155,8 +155,8 @@ public final class ResponseStreams: Sendable {
             }
             group.addTask {
                 try await Task.sleep(for: self.creditTimeout)
-                throw ChannelLayerError(
-                    .connectionLost, "no credit from the server for \(self.creditTimeout) (an acknowledgement was lost)")
+                throw ConsumerContextError(
+                    .noCredit, "no credit from the server for \(self.creditTimeout) (an acknowledgement was lost)")
             }
             defer { group.cancelAll() }
             try await group.next()

@@ -51,7 +51,7 @@ public final class LiveServer: Sendable {
         try await server.start()
         guard let port = server.localAddress?.port else {
             await server.shutdown()
-            throw ChannelLayerError(.invalidConfiguration, "the live server has no port")
+            throw TestClientError(.noPort, "the live server has no port")
         }
         let worker = Worker(
             router: try Router(routing), layer: layer, concurrency: concurrency, environment: environment,

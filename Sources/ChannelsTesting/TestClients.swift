@@ -51,8 +51,8 @@ public final class HTTPTestClient: Sendable {
     @discardableResult
     public func login(username: String, password: String) async throws -> Bool {
         guard let authenticator = harness.environment.users as? any UserAuthenticator else {
-            throw ChannelLayerError(
-                .invalidConfiguration, "login(username:password:) needs the harness's users to be a UserAuthenticator; use forceLogin(_:)")
+            throw TestClientError(
+                .notSupported, "login(username:password:) needs the harness's users to be a UserAuthenticator; use forceLogin(_:)")
         }
         guard let user = try await authenticator.authenticate(username: username, password: password) else { return false }
         try await forceLogin(user)
@@ -95,14 +95,14 @@ public final class HTTPTestClient: Sendable {
             body: body, client: ASGIAddress(host: "127.0.0.1", port: 50000), server: ASGIAddress(host: "127.0.0.1", port: 80))
         try await harness.send(message.message, to: ASGIChannel.httpRequest)
         guard let first = try await harness.receive(from: reply, timeout: timeout) else {
-            throw ChannelLayerError(.backendError, "no response to \(method) \(path)")
+            throw TestClientError(.noResponse, "no response to \(method) \(path)")
         }
         let start = try HTTPResponseStart(first)
         var content = start.content
         var more = start.moreContent
         while more {
             guard let next = try await harness.receive(from: reply, timeout: timeout) else {
-                throw ChannelLayerError(.backendError, "a streamed response to \(method) \(path) stopped without its last chunk")
+                throw TestClientError(.responseCut, "a streamed response to \(method) \(path) stopped without its last chunk")
             }
             let chunk = try HTTPResponseChunk(next)
             content += chunk.content
@@ -191,7 +191,7 @@ public final class WebSocketTestClient: Sendable {
 
     private func nextOrder() throws -> (String, Int64) {
         try state.withLock { state in
-            guard let reply = state.reply else { throw ChannelLayerError(.invalidMessage, "connect the test WebSocket first") }
+            guard let reply = state.reply else { throw TestClientError(.notConnected, "connect the test WebSocket first") }
             state.order += 1
             return (reply, state.order)
         }
@@ -210,7 +210,7 @@ public final class WebSocketTestClient: Sendable {
 
     /// Sends `websocket.receive` with an explicit order (to test ordering) without running it.
     public func enqueue(text: String, order: Int64) async throws {
-        guard let reply = replyChannel else { throw ChannelLayerError(.invalidMessage, "connect the test WebSocket first") }
+        guard let reply = replyChannel else { throw TestClientError(.notConnected, "connect the test WebSocket first") }
         let message = WebSocketReceiveMessage(replyChannel: reply, path: path, order: order, data: .text(text))
         try await harness.layer.base.send(message.message, to: ASGIChannel.websocketReceive)
     }

@@ -26,7 +26,10 @@ public struct SentMessage: Sendable, Hashable, CustomStringConvertible {
 }
 
 /// A layer that forwards to another and records every send and group send, in order.
-public final class RecordingLayer: ChannelLayer {
+/// Everything else (the size limit, batches, groups, statistics) is the base layer's, through
+/// `ForwardingChannelLayer`: a consumer under the harness may do what it may under `runserver`
+/// on the same layer.
+public final class RecordingLayer: ForwardingChannelLayer {
     /// The layer that does the work.
     public let base: any ChannelLayer
     private let log = Mutex<[SentMessage]>([])
@@ -34,48 +37,22 @@ public final class RecordingLayer: ChannelLayer {
     /// Records sends made on `base`.
     public init(_ base: any ChannelLayer = InMemoryChannelLayer()) { self.base = base }
 
-    /// The base layer's limit: a consumer under the harness may send what it may under
-    /// `runserver` on the same layer (not the protocol's 1 MiB default).
-    public var maxMessageSize: Int { base.maxMessageSize }
-
     /// Everything sent so far.
     public var sent: [SentMessage] { log.withLock { $0 } }
     var count: Int { log.withLock { $0.count } }
     func sent(since index: Int) -> [SentMessage] { log.withLock { Array($0[min(index, $0.count)...]) } }
 
     /// Records the send, then sends on the base layer.
-    public func send(_ message: Message, to channel: String) async throws {
+    public func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
         try await base.send(message, to: channel)
         log.withLock { $0.append(SentMessage(to: .channel(channel), message: message)) }
     }
 
     /// Records the group send, then sends on the base layer.
-    public func sendGroup(_ group: String, message: Message) async throws {
+    public func sendGroup(_ group: String, message: Message) async throws(ChannelLayerError) {
         try await base.sendGroup(group, message: message)
         log.withLock { $0.append(SentMessage(to: .group(group), message: message)) }
     }
-
-    /// Receives from the base layer.
-    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
-        try await base.receive(channels: channels, timeout: timeout)
-    }
-
-    /// A new channel name from the base layer.
-    public func newChannel(_ pattern: String) async throws -> String { try await base.newChannel(pattern) }
-    /// Adds to a group on the base layer.
-    public func groupAdd(_ group: String, channel: String) async throws { try await base.groupAdd(group, channel: channel) }
-    /// Removes from a group on the base layer.
-    public func groupDiscard(_ group: String, channel: String) async throws { try await base.groupDiscard(group, channel: channel) }
-    /// A group's members on the base layer.
-    public func groupChannels(_ group: String) async throws -> [String] { try await base.groupChannels(group) }
-    /// Flushes the base layer.
-    public func flush() async throws { try await base.flush() }
-    /// The base layer's global statistics.
-    public func globalStatistics() async throws -> GlobalStatistics { try await base.globalStatistics() }
-    /// The base layer's statistics for one channel.
-    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics { try await base.channelStatistics(channel) }
-    /// Closes the base layer.
-    public func close() async { await base.close() }
 }
 
 /// Runs an application's consumers without a server or worker processes: hand it a message,
@@ -113,7 +90,7 @@ public final class TestHarness: Sendable {
         let start = layer.count
         try await layer.base.send(message, to: channel)
         guard let received = try await layer.base.receive(channels: [channel], timeout: .zero) else {
-            throw ChannelLayerError(.backendError, "the message sent to '\(channel)' could not be received back")
+            throw TestClientError(.notReceived, "the message sent to '\(channel)' could not be received back")
         }
         await worker.dispatch(received)
         if runPending { try await self.runPending() }
@@ -141,60 +118,5 @@ public final class TestHarness: Sendable {
     public func newReplyChannel() async throws -> String { try await layer.base.newChannel("test.reply?") }
 }
 
-extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {
-    private var metered: MeteredChannelLayer { MeteredChannelLayer(base) }
-
-    /// Forwards to the base layer (see `ChannelLayerHistory`).
-    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
-        try await metered.historyAppend(group, message: message, retention: retention)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerHistory`).
-    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
-        try await metered.historyRead(group, after: position, retention: retention)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerHistory`).
-    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
-        try await metered.groupRestore(group, channels: channels)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerHistory`).
-    public func groupRemove(_ group: String, channels: [String]) async throws {
-        try await metered.groupRemove(group, channels: channels)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerHistory`).
-    public func groupCheck(
-        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
-    ) async throws -> GroupCheck {
-        try await metered.groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerPresence`).
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
-        -> PresenceChange
-    {
-        try await metered.presenceJoin(group, connection: connection, user: user, meta: meta, ttl: ttl)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerPresence`).
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
-        try await metered.presenceLeave(group, connection: connection, user: user)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerPresence`).
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
-        try await metered.presenceRefresh(group, connections: connections, ttl: ttl)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerPresence`).
-    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
-        try await metered.presenceSnapshot(group)
-    }
-
-    /// Forwards to the base layer (see `ChannelLayerPresence`).
-    public func presenceSweep() async throws -> [PresenceDiff] {
-        try await metered.presenceSweep()
-    }
-}
+/// History and presence go to the base layer (`ForwardingChannelLayer`'s defaults).
+extension RecordingLayer: ChannelLayerHistory, ChannelLayerPresence {}

@@ -252,7 +252,7 @@ final class ReplyRouter: Service, Sendable {
         var failures = 0
         while !Task.isCancelled {
             do {
-                if try await layer.registerBundleReader(processChannel) == false {
+                if try await layer.registeredAsBundleReader(processChannel) == false {
                     logger.warning(
                         "the channel layer lost its data (groups, sessions): closing sockets with 1012",
                         metadata: ["reply_channel": "\(processChannel)"])
@@ -264,7 +264,7 @@ final class ReplyRouter: Service, Sendable {
             } catch {
                 if Task.isCancelled { break }
                 // A refusal (out of memory, say) is an answer: the layer is reachable.
-                if let refusal = error as? ChannelLayerError, refusal.code != .connectionLost, refusal.code != .closed {
+                if error.code != .connectionLost, error.code != .closed, error.code != .cancelled {
                     reached.withLock { $0 = (ContinuousClock.now, false) }
                 }
                 failures += 1

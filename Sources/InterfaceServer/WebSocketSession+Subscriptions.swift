@@ -111,7 +111,7 @@ extension WebSocketSession {
             do {
                 try await layer.groupAdd(group, channel: channel)
                 return .success(try await history.historyRead(group, after: after, retention: retention))
-            } catch let error as ChannelLayerError where ChannelLayerError.isTransient(error) {
+            } catch where ChannelLayerError.isTransient(error) {
                 failures += 1
                 let pause = Retry.backoff(after: failures)
                 guard ContinuousClock.now + pause < giveUp, (try? await Task.sleep(for: pause)) != nil else { return .failure(error) }

@@ -9,23 +9,25 @@ import Synchronization
 /// Flush, statistics and the inspection operators' tools use (SCAN, never KEYS).
 extension RedisChannelLayer {
     /// Deletes every key under this layer's prefix on every shard, with `SCAN`.
-    public func flush() async throws {
-        let patterns = [Self.globEscape(configuration.prefix) + "*", Self.globEscape(configuration.statsPrefix) + "*"]
-        for index in shards.indices {
-            let connection = try await shared(index)
-            for pattern in patterns {
-                var cursor = "0"
-                repeat {
-                    let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
-                    guard case .array(let parts) = reply, parts.count == 2,
-                        let next = parts[0].text, case .array(let found) = parts[1]
-                    else {
-                        throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
-                    }
-                    let keys = found.compactMap(\.bytes)
-                    if !keys.isEmpty { _ = try await connection.command([Array("UNLINK".utf8)] + keys) }
-                    cursor = next
-                } while cursor != "0"
+    public func flush() async throws(ChannelLayerError) {
+        try await withLayerErrors {
+            let patterns = [Self.globEscape(configuration.prefix) + "*", Self.globEscape(configuration.statsPrefix) + "*"]
+            for index in shards.indices {
+                let connection = try await shared(index)
+                for pattern in patterns {
+                    var cursor = "0"
+                    repeat {
+                        let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
+                        guard case .array(let parts) = reply, parts.count == 2,
+                            let next = parts[0].text, case .array(let found) = parts[1]
+                        else {
+                            throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
+                        }
+                        let keys = found.compactMap(\.bytes)
+                        if !keys.isEmpty { _ = try await connection.command([Array("UNLINK".utf8)] + keys) }
+                        cursor = next
+                    } while cursor != "0"
+                }
             }
         }
     }
@@ -40,51 +42,55 @@ extension RedisChannelLayer {
     }
 
     /// Messages sent and full refusals, summed over the shards.
-    public func globalStatistics() async throws -> GlobalStatistics {
-        var total = GlobalStatistics(malformedMessagesDropped: malformedDropped.load(ordering: .relaxed))
-        let keys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
-        for index in shards.indices {
-            let reply = try await shared(index).command([Array("MGET".utf8)] + keys)
-            guard case .array(let values) = reply, values.count == 2 else { throw unexpected(reply, doing: "MGET") }
-            total.messagesCount += values[0].countValue
-            total.channelFullCount += values[1].countValue
+    public func globalStatistics() async throws(ChannelLayerError) -> GlobalStatistics {
+        return try await withLayerErrors {
+            var total = GlobalStatistics(malformedMessagesDropped: malformedDropped.load(ordering: .relaxed))
+            let keys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
+            for index in shards.indices {
+                let reply = try await shared(index).command([Array("MGET".utf8)] + keys)
+                guard case .array(let values) = reply, values.count == 2 else { throw unexpected(reply, doing: "MGET") }
+                total.messagesCount += values[0].countValue
+                total.channelFullCount += values[1].countValue
+            }
+            return total
         }
-        return total
     }
 
     /// One channel's figures: sent, full refusals, pending, the oldest message's age.
-    public func channelStatistics(_ channel: String) async throws -> ChannelStatistics {
-        try ChannelNames.validateChannel(channel, for: .receive)
-        let name = ChannelNames.nonLocalName(channel)
-        let indices =
-            ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
-            ? [shardIndex(for: name)] : Array(shards.indices)
-        let listKey = key(name)
-        let counterKeys = [statKey(name, "messages_count"), statKey(name, "channel_full_count")]
-        let expiry = configuration.expiry
-        var stats = ChannelStatistics()
-        for index in indices {
-            let connection = try await shared(index)
-            var replies = try await connection.pipeline([
-                [Array("MGET".utf8)] + counterKeys,
-                [Array("LLEN".utf8), listKey],
-                [Array("LINDEX".utf8), listKey, Array("0".utf8)],
-            ])
-            if let oldest = replies[2].bytes {
-                replies.append(try await connection.command([Array("PTTL".utf8), oldest]))
-            } else {
-                replies.append(.integer(-2))
+    public func channelStatistics(_ channel: String) async throws(ChannelLayerError) -> ChannelStatistics {
+        return try await withLayerErrors {
+            try ChannelNames.validateChannel(channel, for: .receive)
+            let name = ChannelNames.nonLocalName(channel)
+            let indices =
+                ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+                ? [shardIndex(for: name)] : Array(shards.indices)
+            let listKey = key(name)
+            let counterKeys = [statKey(name, "messages_count"), statKey(name, "channel_full_count")]
+            let expiry = configuration.expiry
+            var stats = ChannelStatistics()
+            for index in indices {
+                let connection = try await shared(index)
+                var replies = try await connection.pipeline([
+                    [Array("MGET".utf8)] + counterKeys,
+                    [Array("LLEN".utf8), listKey],
+                    [Array("LINDEX".utf8), listKey, Array("0".utf8)],
+                ])
+                if let oldest = replies[2].bytes {
+                    replies.append(try await connection.command([Array("PTTL".utf8), oldest]))
+                } else {
+                    replies.append(.integer(-2))
+                }
+                if case .array(let counters) = replies[0], counters.count == 2 {
+                    stats.messagesCount += counters[0].countValue
+                    stats.channelFullCount += counters[1].countValue
+                }
+                stats.messagesPending += replies[1].countValue
+                if let pttl = replies[3].integer, pttl >= 0 {
+                    stats.messagesMaxAge = max(stats.messagesMaxAge, Double(expiry) - Double(pttl) / 1000)
+                }
             }
-            if case .array(let counters) = replies[0], counters.count == 2 {
-                stats.messagesCount += counters[0].countValue
-                stats.channelFullCount += counters[1].countValue
-            }
-            stats.messagesPending += replies[1].countValue
-            if let pttl = replies[3].integer, pttl >= 0 {
-                stats.messagesMaxAge = max(stats.messagesMaxAge, Double(expiry) - Double(pttl) / 1000)
-            }
+            return stats
         }
-        return stats
     }
 
     /// What each server of the ring does at `maxmemory`, as warnings for the start-up log: a
@@ -118,13 +124,17 @@ extension RedisChannelLayer {
     public var location: String { configuration.hosts.map(\.description).joined(separator: ",") }
 
     /// Channels (list names) with waiting messages, found with SCAN, for operators.
-    public func pendingChannels() async throws -> [String] {
-        try await scanNames(under: configuration.prefix, type: "list").filter { !$0.hasPrefix(":group:") }
+    public func pendingChannels() async throws(ChannelLayerError) -> [String] {
+        return try await withLayerErrors {
+            try await scanNames(under: configuration.prefix, type: "list").filter { !$0.hasPrefix(":group:") }
+        }
     }
 
     /// Groups that have members, found with SCAN, for operators.
-    public func groups() async throws -> [String] {
-        try await scanNames(under: configuration.prefix + ":group:", type: "zset")
+    public func groups() async throws(ChannelLayerError) -> [String] {
+        return try await withLayerErrors {
+            try await scanNames(under: configuration.prefix + ":group:", type: "zset")
+        }
     }
 
     /// Names of keys of one Redis type under a prefix, on every shard, prefix removed.

@@ -56,18 +56,20 @@ extension RedisChannelLayer {
     /// back what is missing; entries of closed sockets are dropped.
     public func groupCheck(
         processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
-    ) async throws -> GroupCheck {
-        try ChannelNames.validateChannel(processChannel, for: .receive)
-        var check = GroupCheck()
-        for shard in shards.indices {
-            // One shard's failure (it is down) does not stop the others' check.
-            do {
-                try await groupCheck(shard: shard, processChannel: processChannel, followers: followers, isOpen: isOpen, into: &check)
-            } catch {
-                check.failures.append("shard \(shard): \(error)")
+    ) async throws(ChannelLayerError) -> GroupCheck {
+        return try await withLayerErrors {
+            try ChannelNames.validateChannel(processChannel, for: .receive)
+            var check = GroupCheck()
+            for shard in shards.indices {
+                // One shard's failure (it is down) does not stop the others' check.
+                do {
+                    try await groupCheck(shard: shard, processChannel: processChannel, followers: followers, isOpen: isOpen, into: &check)
+                } catch {
+                    check.failures.append("shard \(shard): \(error)")
+                }
             }
+            return check
         }
-        return check
     }
 
     private func groupCheck(
@@ -104,7 +106,7 @@ extension RedisChannelLayer {
         } else {
             // The journal vanished (evicted, deleted): what the last pass saw of sockets still
             // open is written again, and checked below like the rest.
-            var lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {
+            let lastSeen = journalViews.withLock { $0[viewKey] ?? [] }.filter {
                 GroupMembership(journalEntry: $0).map { isOpen($0.channel) } ?? false
             }.sorted()
             // Only what its group set still holds, checked and written in one script (a discard

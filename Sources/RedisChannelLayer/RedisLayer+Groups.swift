@@ -11,120 +11,130 @@ import Synchronization
 /// registered process channel) and the registration of bundle readers.
 extension RedisChannelLayer {
     /// A new unique channel name for `pattern`, on this process's shard for `!` names.
-    public func newChannel(_ pattern: String) async throws -> String {
-        try ChannelNames.validatePattern(pattern)
-        while true {
-            let name = pattern + ChannelNames.randomLetters(12)
-            let reply = try await shared(shardIndex(for: name)).command([Array("EXISTS".utf8), key(name)])
-            if reply.integer == 0 { return name }
-            if case .error = reply { throw unexpected(reply, doing: "EXISTS") }
+    public func newChannel(_ pattern: String) async throws(ChannelLayerError) -> String {
+        return try await withLayerErrors {
+            try ChannelNames.validatePattern(pattern)
+            while true {
+                let name = pattern + ChannelNames.randomLetters(12)
+                let reply = try await shared(shardIndex(for: name)).command([Array("EXISTS".utf8), key(name)])
+                if reply.integer == 0 { return name }
+                if case .error = reply { throw unexpected(reply, doing: "EXISTS") }
+            }
         }
     }
 
     /// Adds `channel` to `group` (a sorted-set member scored with the time, as asgi_redis does);
     /// a socket's membership is also recorded in its server's group journal (same round trip).
-    public func groupAdd(_ group: String, channel: String) async throws {
-        try ChannelNames.validateGroup(group)
-        try ChannelNames.validateChannel(channel)
-        let gkey = groupKey(group)
-        let now = Array(String(Self.unixTime()).utf8)
-        let expiry = Array(String(configuration.groupExpiry).utf8)
-        let replies = try await shared(shardIndex(for: group)).pipeline(
-            [
-                [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
-                [Array("EXPIRE".utf8), gkey, expiry],
-            ] + journalAdd(group, channel: channel, expiry: expiry))
-        if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
+    public func groupAdd(_ group: String, channel: String) async throws(ChannelLayerError) {
+        try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            try ChannelNames.validateChannel(channel)
+            let gkey = groupKey(group)
+            let now = Array(String(Self.unixTime()).utf8)
+            let expiry = Array(String(configuration.groupExpiry).utf8)
+            let replies = try await shared(shardIndex(for: group)).pipeline(
+                [
+                    [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
+                    [Array("EXPIRE".utf8), gkey, expiry],
+                ] + journalAdd(group, channel: channel, expiry: expiry))
+            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
+        }
     }
 
     /// Removes `channel` from `group`.
-    public func groupDiscard(_ group: String, channel: String) async throws {
-        try ChannelNames.validateGroup(group)
-        try ChannelNames.validateChannel(channel)
-        let replies = try await shared(shardIndex(for: group)).pipeline(
-            [[Array("ZREM".utf8), groupKey(group), Array(channel.utf8)]] + journalDiscard(group, channel: channel))
-        if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group discard") }
+    public func groupDiscard(_ group: String, channel: String) async throws(ChannelLayerError) {
+        try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            try ChannelNames.validateChannel(channel)
+            let replies = try await shared(shardIndex(for: group)).pipeline(
+                [[Array("ZREM".utf8), groupKey(group), Array(channel.utf8)]] + journalDiscard(group, channel: channel))
+            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group discard") }
+        }
     }
 
     /// The unexpired members of `group`.
-    public func groupChannels(_ group: String) async throws -> [String] {
-        try ChannelNames.validateGroup(group)
-        let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
-        let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [groupKey(group)], args: [cutoff])
-        guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
-        return members.compactMap(\.text)
+    public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] {
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
+            let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [groupKey(group)], args: [cutoff])
+            guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
+            return members.compactMap(\.text)
+        }
     }
 
     /// Sends `message` to every member of `group`, one script per shard; members whose channel is
     /// full are skipped and counted (``groupMembersMissed``).
-    public func sendGroup(_ group: String, message: Message) async throws {
-        try ChannelNames.validateGroup(group)
-        guard message[asgiChannelKey] == nil else {
-            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
-        }
-        let plainBody = MsgPackEncoder.encode(message)
-        guard plainBody.count + 140 <= configuration.maxMessageSize else {
-            throw ChannelLayerError.messageTooLarge("group:" + group, size: plainBody.count, limit: configuration.maxMessageSize)
-        }
-        // The body for `!` members: the same map with one more entry, whose value (the
-        // member's full name) the script appends.
-        var localHead: [UInt8] = []
-        MsgPackEncoder.writeMapHeader(count: message.count + 1, into: &localHead)
-        for (k, v) in message.fields {
-            MsgPackEncoder.writeString(k, into: &localHead)
-            MsgPackEncoder.write(v, into: &localHead)
-        }
-        MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
+    public func sendGroup(_ group: String, message: Message) async throws(ChannelLayerError) {
+        try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            guard message[asgiChannelKey] == nil else {
+                throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+            }
+            let plainBody = MsgPackEncoder.encode(message)
+            guard plainBody.count + 140 <= configuration.maxMessageSize else {
+                throw ChannelLayerError.messageTooLarge("group:" + group, size: plainBody.count, limit: configuration.maxMessageSize)
+            }
+            // The body for `!` members: the same map with one more entry, whose value (the
+            // member's full name) the script appends.
+            var localHead: [UInt8] = []
+            MsgPackEncoder.writeMapHeader(count: message.count + 1, into: &localHead)
+            for (k, v) in message.fields {
+                MsgPackEncoder.writeString(k, into: &localHead)
+                MsgPackEncoder.write(v, into: &localHead)
+            }
+            MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
 
-        let cutoff = String(Self.unixTime() - Double(configuration.groupExpiry))
-        func args(mode: String, members: [String]) -> [RedisArgument] {
-            // 24 random hex digits: the script numbers the bodies it stores after them.
-            var keyBase: [UInt8] = []
-            keyBase.reserveCapacity(32)
-            RandomToken.uuid4Hex(into: &keyBase)
-            keyBase.removeLast(8)
-            var out: [RedisArgument] = [
-                .text(mode), .text(cutoff), .text(configuration.prefix), .text(configuration.statsPrefix),
-                .integer(configuration.expiry), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
-                .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
-                .bytes(plainBody), .bytes(localHead), .bytes(keyBase), .integer(configuration.capacity),
+            let cutoff = String(Self.unixTime() - Double(configuration.groupExpiry))
+            func args(mode: String, members: [String]) -> [RedisArgument] {
+                // 24 random hex digits: the script numbers the bodies it stores after them.
+                var keyBase: [UInt8] = []
+                keyBase.reserveCapacity(32)
+                RandomToken.uuid4Hex(into: &keyBase)
+                keyBase.removeLast(8)
+                var out: [RedisArgument] = [
+                    .text(mode), .text(cutoff), .text(configuration.prefix), .text(configuration.statsPrefix),
+                    .integer(configuration.expiry), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+                    .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
+                    .bytes(plainBody), .bytes(localHead), .bytes(keyBase), .integer(configuration.capacity),
+                ]
+                out.reserveCapacity(out.count + luaCapacityArgs.count + members.count)
+                out += luaCapacityArgs
+                for member in members { out.append(.text(member)) }
+                return out
+            }
+            let stats = configuration.statsPrefix
+            let globalKeys: [RedisArgument] = [
+                .joined3(stats, "#global#", ":messages_count"), .joined3(stats, "#global#", ":channel_full_count"),
             ]
-            out.reserveCapacity(out.count + luaCapacityArgs.count + members.count)
-            out += luaCapacityArgs
-            for member in members { out.append(.text(member)) }
-            return out
-        }
-        let stats = configuration.statsPrefix
-        let globalKeys: [RedisArgument] = [
-            .joined3(stats, "#global#", ":messages_count"), .joined3(stats, "#global#", ":channel_full_count"),
-        ]
-        if let crypter {
-            try await sendGroupSealed(group, message: message, crypter: crypter, globalKeys: globalKeys) {
-                args(mode: "bodies", members: [])
-            }
-            return
-        }
-
-        if shards.count == 1 {
-            let scriptArgs = args(mode: "group", members: [])
-            let keys: [RedisArgument] = [.joined3(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
-            let reply = try await pipelined(0, Scripts.sendMany, keys: keys, args: scriptArgs)
-            try await settleGroupSend(reply, shard: 0, group: group, globalKeys: globalKeys)
-            return
-        }
-        // Sharded: members from the group's shard, then one script per destination shard.
-        let members = try await groupChannels(group)
-        var byShard: [Int: [String]] = [:]
-        for member in members { byShard[sendShard(for: member), default: []].append(member) }
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            for (index, names) in byShard {
-                let scriptArgs = args(mode: "list", members: names)
-                tasks.addTask {
-                    let reply = try await self.pipelined(index, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: scriptArgs)
-                    try await self.settleGroupSend(reply, shard: index, group: group, globalKeys: globalKeys)
+            if let crypter {
+                try await sendGroupSealed(group, message: message, crypter: crypter, globalKeys: globalKeys) {
+                    args(mode: "bodies", members: [])
                 }
+                return
             }
-            try await tasks.waitForAll()
+
+            if shards.count == 1 {
+                let scriptArgs = args(mode: "group", members: [])
+                let keys: [RedisArgument] = [.joined3(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
+                let reply = try await pipelined(0, Scripts.sendMany, keys: keys, args: scriptArgs)
+                try await settleGroupSend(reply, shard: 0, group: group, globalKeys: globalKeys)
+                return
+            }
+            // Sharded: members from the group's shard, then one script per destination shard.
+            let members = try await groupChannels(group)
+            var byShard: [Int: [String]] = [:]
+            for member in members { byShard[sendShard(for: member), default: []].append(member) }
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                for (index, names) in byShard {
+                    let scriptArgs = args(mode: "list", members: names)
+                    tasks.addTask {
+                        let reply = try await self.pipelined(index, Scripts.sendMany, keys: [.bytes([])] + globalKeys, args: scriptArgs)
+                        try await self.settleGroupSend(reply, shard: index, group: group, globalKeys: globalKeys)
+                    }
+                }
+                try await tasks.waitForAll()
+            }
         }
     }
 
@@ -307,6 +317,9 @@ extension RedisChannelLayer {
 
     /// The configured size limit.
     public var maxMessageSize: Int { configuration.maxMessageSize }
+
+    /// `groups`, `flush` and `statistics`.
+    public var extensions: Set<String> { standardLayerExtensions }
 
     static func unixTime() -> Double {
         var ts = timespec()

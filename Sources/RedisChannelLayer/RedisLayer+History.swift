@@ -14,76 +14,85 @@ import Logging
 /// Both live on the group's shard; `redis-cli XRANGE <prefix>history:<group> - +` shows them.
 extension RedisChannelLayer: ChannelLayerHistory {
     /// Appends to the group's history; see `ChannelLayerHistory/historyAppend(_:message:retention:)`.
-    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws -> StreamPosition {
-        try ChannelNames.validateGroup(group)
-        let body = seal(message)
-        guard body.count + 64 <= configuration.maxMessageSize else {
-            throw ChannelLayerError.messageTooLarge("history:" + group, size: body.count, limit: configuration.maxMessageSize)
+    public func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> StreamPosition
+    {
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let body = seal(message)
+            guard body.count + 64 <= configuration.maxMessageSize else {
+                throw ChannelLayerError.messageTooLarge("history:" + group, size: body.count, limit: configuration.maxMessageSize)
+            }
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.historyAppend,
+                keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
+                args: [
+                    .text(PublicationText.newEpoch()), .bytes(body), .integer(retention.size),
+                    .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpiry),
+                    .text(String(Self.unixTime())),
+                ])
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history append") }
+            guard let items = reply.array, items.count == 2, let epoch = items[1].text else {
+                throw ChannelLayerError(.backendError, "history append: an unexpected reply")
+            }
+            return StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
         }
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.historyAppend,
-            keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
-            args: [
-                .text(PublicationText.newEpoch()), .bytes(body), .integer(retention.size),
-                .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpiry),
-                .text(String(Self.unixTime())),
-            ])
-        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history append") }
-        guard let items = reply.array, items.count == 2, let epoch = items[1].text else {
-            throw ChannelLayerError(.backendError, "history append: an unexpected reply")
-        }
-        return StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
     }
 
     /// Reads the group's history after a position; see `ChannelLayerHistory/historyRead(_:after:retention:)`.
-    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws -> HistorySlice {
-        try ChannelNames.validateGroup(group)
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.historyRead,
-            keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
-            args: [
-                .text(PublicationText.newEpoch()), .integer(configuration.groupExpiry),
-                .text(position.map { String(min($0.offset, UInt64(Int64.max) - 1) + 1) } ?? "-1"), .integer(retention.size),
-            ])
-        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history read") }
-        guard let items = reply.array, items.count == 3, let epoch = items[1].text else {
-            throw ChannelLayerError(.backendError, "history read: an unexpected reply")
-        }
-        let top = StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
-        guard let position, position.epoch == epoch else {
-            return HistorySlice(entries: [], top: top, complete: position == nil)
-        }
-        let oldest = Self.unixTime() - Double(retention.ttl.components.seconds)
-        var entries: [(offset: UInt64, message: Message)] = []
-        var unreadable = false
-        for entry in items[2].array ?? [] {
-            // [id, [field, value, ...]]
-            guard let parts = entry.array, parts.count == 2, let id = parts[0].text,
-                let offset = UInt64(id.split(separator: "-").first ?? ""), let fields = parts[1].array
-            else { continue }
-            var body: [UInt8]?
-            var time = 0.0
-            var index = 0
-            while index + 1 < fields.count {
-                switch fields[index].text {
-                case "b": body = fields[index + 1].bytes
-                case "t": time = Double(fields[index + 1].text ?? "") ?? 0
-                default: break
+    public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> HistorySlice
+    {
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.historyRead,
+                keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
+                args: [
+                    .text(PublicationText.newEpoch()), .integer(configuration.groupExpiry),
+                    .text(position.map { String(min($0.offset, UInt64(Int64.max) - 1) + 1) } ?? "-1"), .integer(retention.size),
+                ])
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history read") }
+            guard let items = reply.array, items.count == 3, let epoch = items[1].text else {
+                throw ChannelLayerError(.backendError, "history read: an unexpected reply")
+            }
+            let top = StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
+            guard let position, position.epoch == epoch else {
+                return HistorySlice(entries: [], top: top, complete: position == nil)
+            }
+            let oldest = Self.unixTime() - Double(retention.ttl.components.seconds)
+            var entries: [(offset: UInt64, message: Message)] = []
+            var unreadable = false
+            for entry in items[2].array ?? [] {
+                // [id, [field, value, ...]]
+                guard let parts = entry.array, parts.count == 2, let id = parts[0].text,
+                    let offset = UInt64(id.split(separator: "-").first ?? ""), let fields = parts[1].array
+                else { continue }
+                var body: [UInt8]?
+                var time = 0.0
+                var index = 0
+                while index + 1 < fields.count {
+                    switch fields[index].text {
+                    case "b": body = fields[index + 1].bytes
+                    case "t": time = Double(fields[index + 1].text ?? "") ?? 0
+                    default: break
+                    }
+                    index += 2
                 }
-                index += 2
+                // Past its time: gone, as if trimmed (the reader hears the gap).
+                guard time >= oldest, let body else { continue }
+                do {
+                    entries.append((offset, try open(body)))
+                } catch {
+                    unreadable = true
+                    logger.warning(
+                        "a history entry does not decode; skipped",
+                        metadata: ["group": "\(group)", "offset": "\(offset)", "error": "\(error)"])
+                }
             }
-            // Past its time: gone, as if trimmed (the reader hears the gap).
-            guard time >= oldest, let body else { continue }
-            do {
-                entries.append((offset, try open(body)))
-            } catch {
-                unreadable = true
-                logger.warning(
-                    "a history entry does not decode; skipped", metadata: ["group": "\(group)", "offset": "\(offset)", "error": "\(error)"])
-            }
+            let complete = !unreadable && HistorySlice.isComplete(after: position, top: top, firstOffset: entries.first?.offset)
+            return HistorySlice(entries: entries, top: top, complete: complete)
         }
-        let complete = !unreadable && HistorySlice.isComplete(after: position, top: top, firstOffset: entries.first?.offset)
-        return HistorySlice(entries: entries, top: top, complete: complete)
     }
 
     /// A stored body back to a message (decrypted when keys are set).
@@ -94,23 +103,27 @@ extension RedisChannelLayer: ChannelLayerHistory {
     }
 
     /// Puts back missing followers; see `ChannelLayerHistory/groupRestore(_:channels:)`.
-    public func groupRestore(_ group: String, channels: [String]) async throws -> [String] {
-        try ChannelNames.validateGroup(group)
-        guard !channels.isEmpty else { return [] }
-        var args: [RedisArgument] = [.text(String(Self.unixTime())), .integer(configuration.groupExpiry)]
-        args += channels.map { .text($0) }
-        let reply = try await pipelined(shardIndex(for: group), Scripts.groupRestore, keys: [.bytes(groupKey(group))], args: args)
-        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group restore") }
-        return (reply.array ?? []).compactMap(\.text)
+    public func groupRestore(_ group: String, channels: [String]) async throws(ChannelLayerError) -> [String] {
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            guard !channels.isEmpty else { return [] }
+            var args: [RedisArgument] = [.text(String(Self.unixTime())), .integer(configuration.groupExpiry)]
+            args += channels.map { .text($0) }
+            let reply = try await pipelined(shardIndex(for: group), Scripts.groupRestore, keys: [.bytes(groupKey(group))], args: args)
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group restore") }
+            return (reply.array ?? []).compactMap(\.text)
+        }
     }
 
     /// Removes channels from a group; see `ChannelLayerHistory/groupRemove(_:channels:)`.
-    public func groupRemove(_ group: String, channels: [String]) async throws {
-        try ChannelNames.validateGroup(group)
-        guard !channels.isEmpty else { return }
-        let reply = try await shared(shardIndex(for: group)).command(
-            [Array("ZREM".utf8), groupKey(group)] + channels.map { Array($0.utf8) })
-        if reply.errorMessage != nil { throw unexpected(reply, doing: "group remove") }
+    public func groupRemove(_ group: String, channels: [String]) async throws(ChannelLayerError) {
+        try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            guard !channels.isEmpty else { return }
+            let reply = try await shared(shardIndex(for: group)).command(
+                [Array("ZREM".utf8), groupKey(group)] + channels.map { Array($0.utf8) })
+            if reply.errorMessage != nil { throw unexpected(reply, doing: "group remove") }
+        }
     }
 }
 

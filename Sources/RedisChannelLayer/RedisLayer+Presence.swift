@@ -54,29 +54,33 @@ extension RedisChannelLayer: ChannelLayerPresence {
     }
 
     /// Tracks a connection as present; see `ChannelLayerPresence/presenceJoin(_:connection:user:meta:ttl:)`.
-    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws
+    public func presenceJoin(_ group: String, connection: String, user: String, meta: String, ttl: Duration) async throws(ChannelLayerError)
         -> PresenceChange
     {
-        try ChannelNames.validateGroup(group)
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceJoin, keys: presenceKeys(group) + [presenceIndex],
-            args: [
-                .text(connection), .text(presenceUserField(user)), presenceValue(user: user, meta: meta),
-                .text(String(Self.unixTime() + ttl.seconds)), .text(group),
-                .integer(configuration.groupExpiry),
-            ])
-        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence join") }
-        return try Self.presenceChange(reply, "presence join")
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.presenceJoin, keys: presenceKeys(group) + [presenceIndex],
+                args: [
+                    .text(connection), .text(presenceUserField(user)), presenceValue(user: user, meta: meta),
+                    .text(String(Self.unixTime() + ttl.seconds)), .text(group),
+                    .integer(configuration.groupExpiry),
+                ])
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence join") }
+            return try Self.presenceChange(reply, "presence join")
+        }
     }
 
     /// Stops tracking a connection; see `ChannelLayerPresence/presenceLeave(_:connection:user:)`.
-    public func presenceLeave(_ group: String, connection: String, user: String) async throws -> PresenceChange {
-        try ChannelNames.validateGroup(group)
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
-            args: [.text(connection), .text(presenceUserField(user)), .text(group), .integer(configuration.groupExpiry)])
-        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence leave") }
-        return try Self.presenceChange(reply, "presence leave")
+    public func presenceLeave(_ group: String, connection: String, user: String) async throws(ChannelLayerError) -> PresenceChange {
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
+                args: [.text(connection), .text(presenceUserField(user)), .text(group), .integer(configuration.groupExpiry)])
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence leave") }
+            return try Self.presenceChange(reply, "presence leave")
+        }
     }
 
     /// `{changed (0/1), version}` from a join or leave script.
@@ -88,70 +92,78 @@ extension RedisChannelLayer: ChannelLayerPresence {
     }
 
     /// Renews connections' presence; see `ChannelLayerPresence/presenceRefresh(_:connections:ttl:)`.
-    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws -> PresenceRenewal {
-        guard !connections.isEmpty else { return PresenceRenewal(back: [], version: 0) }
-        var args: [RedisArgument] = [
-            .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpiry),
-        ]
-        args.reserveCapacity(3 + 3 * connections.count)
-        for c in connections {
-            args += [.text(c.connection), .text(presenceUserField(c.user)), presenceValue(user: c.user, meta: c.meta)]
+    public func presenceRefresh(_ group: String, connections: [PresenceConnection], ttl: Duration) async throws(ChannelLayerError)
+        -> PresenceRenewal
+    {
+        return try await withLayerErrors {
+            guard !connections.isEmpty else { return PresenceRenewal(back: [], version: 0) }
+            var args: [RedisArgument] = [
+                .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpiry),
+            ]
+            args.reserveCapacity(3 + 3 * connections.count)
+            for c in connections {
+                args += [.text(c.connection), .text(presenceUserField(c.user)), presenceValue(user: c.user, meta: c.meta)]
+            }
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.presenceRefresh, keys: presenceKeys(group) + [presenceIndex], args: args)
+            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence refresh") }
+            // {version, connection tracked again, ...}
+            let items = reply.array ?? []
+            let back = Set(items.dropFirst().compactMap(\.text))
+            return PresenceRenewal(
+                back: connections.filter { back.contains($0.connection) }, version: items.first?.integer ?? 0)
         }
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceRefresh, keys: presenceKeys(group) + [presenceIndex], args: args)
-        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence refresh") }
-        // {version, connection tracked again, ...}
-        let items = reply.array ?? []
-        let back = Set(items.dropFirst().compactMap(\.text))
-        return PresenceRenewal(
-            back: connections.filter { back.contains($0.connection) }, version: items.first?.integer ?? 0)
     }
 
     /// Who is present; see `ChannelLayerPresence/presenceSnapshot(_:)`.
-    public func presenceSnapshot(_ group: String) async throws -> PresenceSnapshot {
-        try ChannelNames.validateGroup(group)
-        let reply = try await pipelined(
-            shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group),
-            args: [.text(String(Self.unixTime() - PresenceSweepGrace.seconds))])
-        if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence list: \(error)") }
-        // {version, user, meta, user, meta, ...}
-        let items = reply.array ?? []
-        var members: [String: PresenceMember] = [:]
-        var index = 1
-        while index + 1 < items.count {
-            if let field = items[index].text, let (user, meta) = presenceMember(field: field, value: items[index + 1].bytes ?? []) {
-                members[user, default: PresenceMember(user: user, connections: 0, meta: meta)].connections += 1
+    public func presenceSnapshot(_ group: String) async throws(ChannelLayerError) -> PresenceSnapshot {
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.presenceList, keys: presenceKeys(group),
+                args: [.text(String(Self.unixTime() - PresenceSweepGrace.seconds))])
+            if let error = reply.errorMessage { throw ChannelLayerError(.backendError, "presence list: \(error)") }
+            // {version, user, meta, user, meta, ...}
+            let items = reply.array ?? []
+            var members: [String: PresenceMember] = [:]
+            var index = 1
+            while index + 1 < items.count {
+                if let field = items[index].text, let (user, meta) = presenceMember(field: field, value: items[index + 1].bytes ?? []) {
+                    members[user, default: PresenceMember(user: user, connections: 0, meta: meta)].connections += 1
+                }
+                index += 2
             }
-            index += 2
+            return PresenceSnapshot(members: members.values.sorted { $0.user < $1.user }, version: items.first?.integer ?? 0)
         }
-        return PresenceSnapshot(members: members.values.sorted { $0.user < $1.user }, version: items.first?.integer ?? 0)
     }
 
     /// Removes expired connections; see `ChannelLayerPresence/presenceSweep()`.
-    public func presenceSweep() async throws -> [PresenceDiff] {
-        var diffs: [String: PresenceDiff] = [:]
-        for shard in shards.indices {
-            let reply = try await pipelined(
-                shard, Scripts.presenceSweep, keys: [presenceIndex],
-                args: [.text(configuration.prefix), .text(String(Self.unixTime())), .integer(configuration.groupExpiry)])
-            if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence sweep") }
-            let items = reply.array ?? []
-            var index = 0
-            // {group, user field, stored value, version} of each user whose last connection went.
-            while index + 3 < items.count {
-                if let group = items[index].text, let field = items[index + 1].text,
-                    let (user, _) = presenceMember(field: field, value: items[index + 2].bytes ?? [])
-                {
-                    diffs[group, default: PresenceDiff(group: group)].leaves.append(user)
-                    diffs[group]!.versions[user] = max(diffs[group]!.versions[user] ?? 0, items[index + 3].integer ?? 0)
+    public func presenceSweep() async throws(ChannelLayerError) -> [PresenceDiff] {
+        return try await withLayerErrors {
+            var diffs: [String: PresenceDiff] = [:]
+            for shard in shards.indices {
+                let reply = try await pipelined(
+                    shard, Scripts.presenceSweep, keys: [presenceIndex],
+                    args: [.text(configuration.prefix), .text(String(Self.unixTime())), .integer(configuration.groupExpiry)])
+                if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence sweep") }
+                let items = reply.array ?? []
+                var index = 0
+                // {group, user field, stored value, version} of each user whose last connection went.
+                while index + 3 < items.count {
+                    if let group = items[index].text, let field = items[index + 1].text,
+                        let (user, _) = presenceMember(field: field, value: items[index + 2].bytes ?? [])
+                    {
+                        diffs[group, default: PresenceDiff(group: group)].leaves.append(user)
+                        diffs[group]!.versions[user] = max(diffs[group]!.versions[user] ?? 0, items[index + 3].integer ?? 0)
+                    }
+                    index += 4
                 }
-                index += 4
             }
-        }
-        return diffs.keys.sorted().map { group in
-            var diff = diffs[group]!
-            diff.leaves.sort()
-            return diff
+            return diffs.keys.sorted().map { group in
+                var diff = diffs[group]!
+                diff.leaves.sort()
+                return diff
+            }
         }
     }
 }

@@ -11,65 +11,67 @@ import Synchronization
 /// group messages are expanded into a local backlog handed out before anything popped later.
 extension RedisChannelLayer {
     /// The oldest message on any of `channels` (shuffled between them), waiting up to `timeout` with `BLPOP`.
-    public func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
-        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
-        guard !channels.isEmpty else { return nil }
-        if let waiting = fromBacklog(channels, max: 1).first { return waiting }
-        // A look without waiting sees every shard a plain channel may be on: there is no
-        // later slice in which the rotation would reach the others.
-        let plan = receivePlan(channels, everyShard: timeout <= .zero)
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        // While messages are flowing (the last receive found one), first a non-blocking look:
-        // one script, shared with concurrent calls through the automatic pipeline, so a busy
-        // channel costs one shared round trip per message. An idle layer goes straight to
-        // BLPOP + take-body: two round trips. Non-blocking receives are always one script.
-        if timeout <= .zero || plan.count > 1 || flowing.load(ordering: .relaxed) {
+    public func receive(channels: [String], timeout: Duration) async throws(ChannelLayerError) -> ReceivedMessage? {
+        return try await withLayerErrors {
+            for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+            guard !channels.isEmpty else { return nil }
+            if let waiting = fromBacklog(channels, max: 1).first { return waiting }
+            // A look without waiting sees every shard a plain channel may be on: there is no
+            // later slice in which the rotation would reach the others.
+            let plan = receivePlan(channels, everyShard: timeout <= .zero)
+            let clock = ContinuousClock()
+            let deadline = clock.now + timeout
+            // While messages are flowing (the last receive found one), first a non-blocking look:
+            // one script, shared with concurrent calls through the automatic pipeline, so a busy
+            // channel costs one shared round trip per message. An idle layer goes straight to
+            // BLPOP + take-body: two round trips. Non-blocking receives are always one script.
+            if timeout <= .zero || plan.count > 1 || flowing.load(ordering: .relaxed) {
+                while true {
+                    var sawMalformed = false
+                    for (shard, lists) in plan.shuffled() {
+                        let reply = try await pipelined(shard, Scripts.receive, keys: lists.shuffled(), args: [])
+                        guard case .array(let pair) = reply, pair.count == 2,
+                            let list = pair[0].bytes, let body = pair[1].bytes
+                        else {
+                            if case .error = reply { throw unexpected(reply, doing: "receive") }
+                            continue
+                        }
+                        if let received = handOut(decodeReceived(list: list, body: body), max: 1).first {
+                            flowing.store(true, ordering: .relaxed)
+                            return received
+                        }
+                        sawMalformed = true
+                    }
+                    if sawMalformed { continue }
+                    flowing.store(false, ordering: .relaxed)
+                    if timeout <= .zero { return nil }
+                    break
+                }
+            }
+            var poppedUnusable = false
             while true {
-                var sawMalformed = false
-                for (shard, lists) in plan.shuffled() {
-                    let reply = try await pipelined(shard, Scripts.receive, keys: lists.shuffled(), args: [])
-                    guard case .array(let pair) = reply, pair.count == 2,
-                        let list = pair[0].bytes, let body = pair[1].bytes
-                    else {
-                        if case .error = reply { throw unexpected(reply, doing: "receive") }
-                        continue
-                    }
-                    if let received = handOut(decodeReceived(list: list, body: body), max: 1).first {
-                        flowing.store(true, ordering: .relaxed)
-                        return received
-                    }
-                    sawMalformed = true
+                let remaining = deadline - clock.now
+                if remaining <= .milliseconds(1) || Task.isCancelled {
+                    // Skipping bad bodies may have used up the time while good ones wait behind
+                    // them: one last look without blocking.
+                    return poppedUnusable ? try await receive(channels: channels, timeout: .zero) : nil
                 }
-                if sawMalformed { continue }
-                flowing.store(false, ordering: .relaxed)
-                if timeout <= .zero { return nil }
-                break
-            }
-        }
-        var poppedUnusable = false
-        while true {
-            let remaining = deadline - clock.now
-            if remaining <= .milliseconds(1) || Task.isCancelled {
-                // Skipping bad bodies may have used up the time while good ones wait behind
-                // them: one last look without blocking.
-                return poppedUnusable ? try await receive(channels: channels, timeout: .zero) : nil
-            }
-            let slice = min(remaining, configuration.blockingSlice)
-            let waitPlan = blockingPlan(channels)
-            let outcome: ReceivedMessage?? =
-                if waitPlan.count == 1 {
-                    try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: 1)
-                        .map { handOut($0, max: 1).first }
-                } else {
-                    try await blockingPopRace(plan: waitPlan, wait: slice, max: 1).map { $0.first }
+                let slice = min(remaining, configuration.blockingSlice)
+                let waitPlan = blockingPlan(channels)
+                let outcome: ReceivedMessage?? =
+                    if waitPlan.count == 1 {
+                        try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: 1)
+                            .map { handOut($0, max: 1).first }
+                    } else {
+                        try await blockingPopRace(plan: waitPlan, wait: slice, max: 1).map { $0.first }
+                    }
+                switch outcome {
+                case .some(.some(let received)):
+                    flowing.store(true, ordering: .relaxed)
+                    return received
+                case .some(.none): poppedUnusable = true  // an expired or malformed body: try again
+                case .none: poppedUnusable = false  // the slice passed with nothing
                 }
-            switch outcome {
-            case .some(.some(let received)):
-                flowing.store(true, ordering: .relaxed)
-                return received
-            case .some(.none): poppedUnusable = true  // an expired or malformed body: try again
-            case .none: poppedUnusable = false  // the slice passed with nothing
             }
         }
     }
@@ -77,56 +79,58 @@ extension RedisChannelLayer {
     /// Like `receive`, but takes up to `max` messages in one round trip when they are waiting:
     /// while messages flow, one pipelined script pops a batch; an idle reader waits in BLPOP and
     /// the script that takes the popped body also takes what queued behind it.
-    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
-        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
-        let waiting = fromBacklog(channels, max: max)
-        if !waiting.isEmpty { return waiting }
-        if timeout <= .zero, shards.count > 1, max > 1 {
-            // Without waiting: everything waiting on every shard a channel may be on (the
-            // ordering gate drains its wait channel this way and must see all of it).
-            var batch: [ReceivedMessage] = []
-            for (shard, lists) in receivePlan(channels, everyShard: true) where batch.count < max {
-                let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count)])
+    public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
+        return try await withLayerErrors {
+            for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+            let waiting = fromBacklog(channels, max: max)
+            if !waiting.isEmpty { return waiting }
+            if timeout <= .zero, shards.count > 1, max > 1 {
+                // Without waiting: everything waiting on every shard a channel may be on (the
+                // ordering gate drains its wait channel this way and must see all of it).
+                var batch: [ReceivedMessage] = []
+                for (shard, lists) in receivePlan(channels, everyShard: true) where batch.count < max {
+                    let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count)])
+                    if case .error = reply { throw unexpected(reply, doing: "receive") }
+                    batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
+                }
+                return batch
+            }
+            let plan = receivePlan(channels)
+            guard max > 1, plan.count == 1 else {
+                guard let one = try await receive(channels: channels, timeout: timeout) else { return [] }
+                return [one]
+            }
+            let (shard, lists) = plan[0]
+            if timeout <= .zero || flowing.load(ordering: .relaxed) {
+                let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max)])
                 if case .error = reply { throw unexpected(reply, doing: "receive") }
-                batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
+                let batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
+                if !batch.isEmpty {
+                    flowing.store(true, ordering: .relaxed)
+                    return batch
+                }
+                flowing.store(false, ordering: .relaxed)
+                if timeout <= .zero { return [] }
             }
-            return batch
-        }
-        let plan = receivePlan(channels)
-        guard max > 1, plan.count == 1 else {
-            guard let one = try await receive(channels: channels, timeout: timeout) else { return [] }
-            return [one]
-        }
-        let (shard, lists) = plan[0]
-        if timeout <= .zero || flowing.load(ordering: .relaxed) {
-            let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max)])
-            if case .error = reply { throw unexpected(reply, doing: "receive") }
-            let batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
-            if !batch.isEmpty {
-                flowing.store(true, ordering: .relaxed)
-                return batch
-            }
-            flowing.store(false, ordering: .relaxed)
-            if timeout <= .zero { return [] }
-        }
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        while true {
-            let remaining = deadline - clock.now
-            if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
-            let slice = min(remaining, configuration.blockingSlice)
-            let waitPlan = blockingPlan(channels)
-            if waitPlan.count > 1 {
-                guard let batch = try await blockingPopRace(plan: waitPlan, wait: slice, max: max), !batch.isEmpty else { continue }
-                flowing.store(true, ordering: .relaxed)
-                return batch
-            }
-            guard let popped = try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: max)
-            else { continue }
-            let batch = handOut(popped, max: max)
-            if !batch.isEmpty {
-                flowing.store(true, ordering: .relaxed)
-                return batch
+            let clock = ContinuousClock()
+            let deadline = clock.now + timeout
+            while true {
+                let remaining = deadline - clock.now
+                if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
+                let slice = min(remaining, configuration.blockingSlice)
+                let waitPlan = blockingPlan(channels)
+                if waitPlan.count > 1 {
+                    guard let batch = try await blockingPopRace(plan: waitPlan, wait: slice, max: max), !batch.isEmpty else { continue }
+                    flowing.store(true, ordering: .relaxed)
+                    return batch
+                }
+                guard let popped = try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: max)
+                else { continue }
+                let batch = handOut(popped, max: max)
+                if !batch.isEmpty {
+                    flowing.store(true, ordering: .relaxed)
+                    return batch
+                }
             }
         }
     }

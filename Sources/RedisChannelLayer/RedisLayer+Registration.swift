@@ -21,54 +21,56 @@ extension RedisChannelLayer {
     /// so one that is gone while its reader keeps renewing it means Redis lost its data, unless
     /// the birth mark (a key written once per Redis data set) is still the one seen before, or
     /// it is new but this same Redis (same run id) evicted keys since the last registration.
-    public func registerBundleReader(_ processChannel: String) async throws -> Bool {
-        try ChannelNames.validateChannel(processChannel, for: .receive)
-        guard ChannelNames.isProcessSpecific(processChannel) else {
-            throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
-        }
-        let shard = shardIndex(for: processChannel)
-        let reply = try await pipelined(
-            shard, Scripts.registerReader,
-            keys: [statKey(processChannel, "reader"), key("born")],
-            args: [
-                Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8),
-                Array(RandomToken.string(20, from: RandomToken.alphanumerics).utf8),
-            ])
-        guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
-            throw unexpected(reply, doing: "register a reader")
-        }
-        // After the script: an eviction up to its run is counted in what this reads.
-        let life = await redisLife(shard)
-        let previousLife = redisLives.withLock { lives -> RedisLife? in
-            defer { if let life { lives[shard] = life } }
-            return lives[shard]
-        }
-        let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
-        let known = birthMarks.withLock { marks -> [UInt8]? in
-            defer { marks[shard] = mark }
-            return marks[shard]
-        }
-        if first || existed == 1 { return true }
-        if known == mark {
-            // Only the registration is gone (evicted at maxmemory, say): the data is there.
-            logger.warning(
-                "this server's reader registration vanished while the Redis kept its data (evicted?): registered again",
-                metadata: ["reply_channel": "\(processChannel)"])
-            return true
-        }
-        if let life, let previousLife, life.runID == previousLife.runID, life.evictedKeys > previousLife.evictedKeys,
-            life.flushes == previousLife.flushes
-        {
-            // The birth mark went with the registration, but this Redis did not restart and it
-            // evicted keys meanwhile: an eviction, not a lost data set.
-            logger.warning(
-                "this server's reader registration and the layer's birth mark were evicted (Redis evicted keys under maxmemory; it did not restart): registered again, sockets kept open",
-                metadata: [
-                    "reply_channel": "\(processChannel)", "evicted_keys": "\(life.evictedKeys - previousLife.evictedKeys)",
+    public func registerBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool {
+        return try await withLayerErrors {
+            try ChannelNames.validateChannel(processChannel, for: .receive)
+            guard ChannelNames.isProcessSpecific(processChannel) else {
+                throw ChannelLayerError(.invalidName, "'\(processChannel)' is not a process channel (it must end in '!')")
+            }
+            let shard = shardIndex(for: processChannel)
+            let reply = try await pipelined(
+                shard, Scripts.registerReader,
+                keys: [statKey(processChannel, "reader"), key("born")],
+                args: [
+                    Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8),
+                    Array(RandomToken.string(20, from: RandomToken.alphanumerics).utf8),
                 ])
-            return true
+            guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
+                throw unexpected(reply, doing: "register a reader")
+            }
+            // After the script: an eviction up to its run is counted in what this reads.
+            let life = await redisLife(shard)
+            let previousLife = redisLives.withLock { lives -> RedisLife? in
+                defer { if let life { lives[shard] = life } }
+                return lives[shard]
+            }
+            let first = registeredReaders.withLock { $0.insert(processChannel).inserted }
+            let known = birthMarks.withLock { marks -> [UInt8]? in
+                defer { marks[shard] = mark }
+                return marks[shard]
+            }
+            if first || existed == 1 { return true }
+            if known == mark {
+                // Only the registration is gone (evicted at maxmemory, say): the data is there.
+                logger.warning(
+                    "this server's reader registration vanished while the Redis kept its data (evicted?): registered again",
+                    metadata: ["reply_channel": "\(processChannel)"])
+                return true
+            }
+            if let life, let previousLife, life.runID == previousLife.runID, life.evictedKeys > previousLife.evictedKeys,
+                life.flushes == previousLife.flushes
+            {
+                // The birth mark went with the registration, but this Redis did not restart and it
+                // evicted keys meanwhile: an eviction, not a lost data set.
+                logger.warning(
+                    "this server's reader registration and the layer's birth mark were evicted (Redis evicted keys under maxmemory; it did not restart): registered again, sockets kept open",
+                    metadata: [
+                        "reply_channel": "\(processChannel)", "evicted_keys": "\(life.evictedKeys - previousLife.evictedKeys)",
+                    ])
+                return true
+            }
+            return false
         }
-        return false
     }
 
     /// The shard's run id, evicted-key count and flushes (`INFO server`, `stats`, `commandstats`);

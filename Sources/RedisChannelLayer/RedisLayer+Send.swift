@@ -10,36 +10,38 @@ import Synchronization
 extension RedisChannelLayer {
     /// Queues `message` on `channel` (body key + list push in one script, as asgi_redis does);
     /// throws `channelFull` at capacity.
-    public func send(_ message: Message, to channel: String) async throws {
-        try ChannelNames.validateChannel(channel)
-        guard message[asgiChannelKey] == nil else {
-            throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
-        }
-        let listName = ChannelNames.nonLocalName(channel)
-        var stored = message
-        if listName != channel { stored[asgiChannelKey] = .string(channel) }
-        let body = seal(stored)
-        guard body.count <= configuration.maxMessageSize else {
-            throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
-        }
-        let shard = sendShard(for: channel)
-        let prefix = configuration.prefix, stats = configuration.statsPrefix
-        let keys: [RedisArgument] = [
-            .uuidKey(prefix: prefix), .joined(prefix, listName),
-            .joined3(stats, listName, ":messages_count"), .joined3(stats, "#global#", ":messages_count"),
-            .joined3(stats, listName, ":channel_full_count"), .joined3(stats, "#global#", ":channel_full_count"),
-        ]
-        let args: [RedisArgument] = [
-            .bytes(body), .integer(configuration.expiry), .integer(capacities.capacity(for: channel)),
-            .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
-            .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
-        ]
-        let bulk = body.count >= RedisChannelLayerConfiguration.bulkMessageSize
-        let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args, bulk: bulk)
-        switch reply {
-        case .integer(1): return
-        case .integer(0): throw ChannelLayerError.channelFull(channel)
-        default: throw unexpected(reply, doing: "send to '\(channel)'")
+    public func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        try await withLayerErrors {
+            try ChannelNames.validateChannel(channel)
+            guard message[asgiChannelKey] == nil else {
+                throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+            }
+            let listName = ChannelNames.nonLocalName(channel)
+            var stored = message
+            if listName != channel { stored[asgiChannelKey] = .string(channel) }
+            let body = seal(stored)
+            guard body.count <= configuration.maxMessageSize else {
+                throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
+            }
+            let shard = sendShard(for: channel)
+            let prefix = configuration.prefix, stats = configuration.statsPrefix
+            let keys: [RedisArgument] = [
+                .uuidKey(prefix: prefix), .joined(prefix, listName),
+                .joined3(stats, listName, ":messages_count"), .joined3(stats, "#global#", ":messages_count"),
+                .joined3(stats, listName, ":channel_full_count"), .joined3(stats, "#global#", ":channel_full_count"),
+            ]
+            let args: [RedisArgument] = [
+                .bytes(body), .integer(configuration.expiry), .integer(capacities.capacity(for: channel)),
+                .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+                .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
+            ]
+            let bulk = body.count >= RedisChannelLayerConfiguration.bulkMessageSize
+            let reply = try await pipelined(shard, Scripts.send, keys: keys, args: args, bulk: bulk)
+            switch reply {
+            case .integer(1): return
+            case .integer(0): throw ChannelLayerError.channelFull(channel)
+            default: throw unexpected(reply, doing: "send to '\(channel)'")
+            }
         }
     }
 

@@ -16,7 +16,7 @@ struct BundledGroupTests {
     func thousandMembersThroughCapacityFive(kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
             let process = "bundle.reader\(ChannelNames.randomLetters(6))!"
-            #expect(try await layer.registerBundleReader(process))
+            #expect(try await layer.registeredAsBundleReader(process))
             let members = (0..<1000).map { process + "m\($0)" }
             for member in members { try await layer.groupAdd("big", channel: member) }
             // Also a member on another process channel that never registered (a Daphne 1.4).
@@ -46,7 +46,7 @@ struct BundledGroupTests {
     func singleReceivesKeepOrder(kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
             let process = "bundle.single\(ChannelNames.randomLetters(6))!"
-            _ = try await layer.registerBundleReader(process)
+            _ = try await layer.registeredAsBundleReader(process)
             for i in 0..<3 { try await layer.groupAdd("trio", channel: process + "s\(i)") }
             try await layer.sendGroup("trio", message: ["text": "group"])
             try await layer.send(["text": "direct"], to: process + "s0")
@@ -63,11 +63,11 @@ struct BundledGroupTests {
     func registrationLoss() async throws {
         try await withLayer(.redis) { layer in
             let process = "bundle.loss\(ChannelNames.randomLetters(6))!"
-            #expect(try await layer.registerBundleReader(process), "a first registration is not a loss")
-            #expect(try await layer.registerBundleReader(process), "a renewal of a present registration")
+            #expect(try await layer.registeredAsBundleReader(process), "a first registration is not a loss")
+            #expect(try await layer.registeredAsBundleReader(process), "a renewal of a present registration")
             try await layer.flush()
-            #expect(try await layer.registerBundleReader(process) == false, "the key was gone: data lost")
-            #expect(try await layer.registerBundleReader(process), "registered again")
+            #expect(try await layer.registeredAsBundleReader(process) == false, "the key was gone: data lost")
+            #expect(try await layer.registeredAsBundleReader(process), "registered again")
         }
     }
 
@@ -76,15 +76,15 @@ struct BundledGroupTests {
         try await withLayer(.redis) { layer in
             let redis = try #require(layer as? RedisChannelLayer)
             let process = "bundle.evict\(ChannelNames.randomLetters(6))!"
-            #expect(try await layer.registerBundleReader(process))
+            #expect(try await layer.registeredAsBundleReader(process))
             // Only this server's key goes (maxmemory with allkeys-lru would do this).
             let connection = try await redis.shared(redis.shardIndex(for: process))
             _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
-            #expect(try await layer.registerBundleReader(process), "one key evicted is not the data lost")
+            #expect(try await layer.registeredAsBundleReader(process), "one key evicted is not the data lost")
             // The data lost and the birth mark made again by another server: a loss.
             _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
             _ = try await connection.command([Array("SET".utf8), redis.key("born"), Array("another".utf8)])
-            #expect(try await layer.registerBundleReader(process) == false, "a new birth mark: the Redis lost its data")
+            #expect(try await layer.registeredAsBundleReader(process) == false, "a new birth mark: the Redis lost its data")
         }
     }
 
@@ -94,7 +94,7 @@ struct BundledGroupTests {
             let redis = try #require(layer as? RedisChannelLayer)
             let process = "bundle.born\(ChannelNames.randomLetters(6))!"
             let shard = redis.shardIndex(for: process)
-            #expect(try await layer.registerBundleReader(process))
+            #expect(try await layer.registeredAsBundleReader(process))
             #expect(redis.redisLives.withLock { $0[shard] } != nil, "INFO gave a run id, an evicted-key count and flushes")
             let connection = try await redis.shared(shard)
             func evictBoth() async throws {
@@ -112,19 +112,19 @@ struct BundledGroupTests {
             // The same run id and a higher count now: keys evicted, not the data lost.
             try await lastSeen(evictedLess: 1, flushesLess: 0)
             try await evictBoth()
-            #expect(try await layer.registerBundleReader(process), "keys evicted by the same Redis: not the data lost")
+            #expect(try await layer.registeredAsBundleReader(process), "keys evicted by the same Redis: not the data lost")
             // A flush meanwhile (FLUSHALL on a Redis that also evicts) is a loss whatever was evicted.
             try await lastSeen(evictedLess: 1, flushesLess: 1)
             try await evictBoth()
-            #expect(try await layer.registerBundleReader(process) == false, "a flush while evicting: the data lost")
+            #expect(try await layer.registeredAsBundleReader(process) == false, "a flush while evicting: the data lost")
             // No eviction since: both keys gone means deleted or flushed, a loss.
             try await lastSeen(evictedLess: 0, flushesLess: 0)
             try await evictBoth()
-            #expect(try await layer.registerBundleReader(process) == false, "nothing evicted since: the data lost")
+            #expect(try await layer.registeredAsBundleReader(process) == false, "nothing evicted since: the data lost")
             // Another run id (a restart) is a loss whatever the count says.
             try await lastSeen(runID: "another run", evictedLess: 1, flushesLess: 0)
             try await evictBoth()
-            #expect(try await layer.registerBundleReader(process) == false, "a restarted Redis: the data lost")
+            #expect(try await layer.registeredAsBundleReader(process) == false, "a restarted Redis: the data lost")
         }
     }
 
@@ -146,7 +146,7 @@ struct BundledGroupTests {
             (layer as? RedisChannelLayer)?.groupMembersMissed ?? (layer as? InMemoryChannelLayer)?.groupMembersMissed ?? -1
         }
         let process = "held.reader\(ChannelNames.randomLetters(6))!"
-        _ = try await layer.registerBundleReader(process)
+        _ = try await layer.registeredAsBundleReader(process)
         let members = (0..<3).map { process + "m\($0)" }
         for member in members { try await layer.groupAdd("held", channel: member) }
         // Two bundles fill the process channel (capacity 2); the third send waits for room.
@@ -180,7 +180,7 @@ struct BundledGroupTests {
             }
         }
         let process = "stuck.reader\(ChannelNames.randomLetters(6))!"
-        _ = try await layer.registerBundleReader(process)
+        _ = try await layer.registeredAsBundleReader(process)
         for i in 0..<3 { try await layer.groupAdd("stuck", channel: process + "m\(i)") }
         try await layer.groupAdd("stuck", channel: "plain.member")
         try await layer.sendGroup("stuck", message: ["n": 0])

@@ -191,7 +191,7 @@ struct EncryptionInteropTests {
         try await layer.groupAdd("room", channel: "enc.pyproc!m1")
         // Swift members: three on one process channel whose reader reads bundles.
         let processList = "enc.server." + ChannelNames.randomLetters(8) + "!"
-        _ = try await layer.registerBundleReader(processList)
+        _ = try await layer.registeredAsBundleReader(processList)
         for i in 0..<3 { try await layer.groupAdd("room", channel: processList + "s\(i)") }
 
         #expect(try await python(peer, keys: keys, "send_group", "room", "small") as? String == "ok")

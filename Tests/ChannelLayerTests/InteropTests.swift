@@ -259,7 +259,7 @@ struct InteropTests {
         let layer = try peer.layer()
         let daphne = "daphne.response.PyReader!", ours = "swift.response.SwReader!"
         #expect(try await peer.run("group_add_many", "big-room", daphne, "150") as? String == "ok")
-        #expect(try await layer.registerBundleReader(ours))
+        #expect(try await layer.registeredAsBundleReader(ours))
         for i in 0..<150 { try await layer.groupAdd("big-room", channel: ours + "m\(i)") }
 
         // Our worker sends.

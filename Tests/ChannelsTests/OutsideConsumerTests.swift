@@ -12,8 +12,9 @@ struct OutsideConsumerTests {
         let saved = ChannelLayers.default
         ChannelLayers.default = nil
         defer { ChannelLayers.default = saved }
-        await #expect(throws: ChannelLayerError.self) { try await Group("g").send(["x": 1]) }
-        await #expect(throws: ChannelLayerError.self) { try await Channel("c").send(["x": 1]) }
+        let group = await #expect(throws: ConsumerContextError.self) { try await Group("g").send(["x": 1]) }
+        let channel = await #expect(throws: ConsumerContextError.self) { try await Channel("c").send(["x": 1]) }
+        #expect(group?.code == .noLayer && channel?.code == .noLayer)
     }
 
     @Test("the default layer: group add and send, channel send, publish with offsets, presence list")
@@ -46,7 +47,8 @@ struct OutsideConsumerTests {
         let slice = try await other.historyRead("news", after: nil, retention: HistoryRetention(size: 10, ttl: .seconds(60)))
         #expect(slice.top.offset == 1)
         // A group without a history rule refuses to publish.
-        await #expect(throws: ChannelLayerError.self) { try await Group("plain").publish("{}") }
+        let refused = await #expect(throws: ConsumerContextError.self) { try await Group("plain").publish("{}") }
+        #expect(refused?.code == .historyNotKept)
 
         _ = try await layer.presenceJoin("news", connection: "s!1", user: "ann", meta: "{}", ttl: .seconds(30))
         #expect(try await Presence("news").list().map(\.user) == ["ann"])

@@ -49,7 +49,8 @@ struct ResponseCreditTests {
         #expect(streams.malformedCreditCount == 2)
         #expect(streams.abandonedCount == 0, "a bad credit is not a disconnect")
         // No room was made: the next chunk still waits (and here times out).
-        await #expect(throws: ChannelLayerError.self) { try await streams.reserve(10, on: channel) }
+        let error = await #expect(throws: ConsumerContextError.self) { try await streams.reserve(10, on: channel) }
+        #expect(error?.code == .noCredit)
     }
 
     @Test func withoutCreditNothingWaits() async throws {
@@ -73,7 +74,8 @@ struct ResponseCreditTests {
         let streams = ResponseStreams(creditTimeout: .milliseconds(200))
         let channel = streams.register(TaskHandle(), window: 10)
         try await streams.reserve(10, on: channel)
-        await #expect(throws: ChannelLayerError.self) { try await streams.reserve(10, on: channel) }
+        let error = await #expect(throws: ConsumerContextError.self) { try await streams.reserve(10, on: channel) }
+        #expect(error?.code == .noCredit)
     }
 
     /// Every consumer slot held by a response that waits for credit: the credit is still read

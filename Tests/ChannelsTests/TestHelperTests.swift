@@ -2,6 +2,8 @@ import ASGI
 import ChannelsTesting
 import Foundation
 import Logging
+import RedisChannelLayer
+import TestSupport
 import Testing
 
 @testable import Channels
@@ -46,7 +48,7 @@ struct TestHelperTests {
         #expect(try await client.get("/me/").text == "bob")
         // Without an authenticator, a clear error (not a silent anonymous client).
         let plain = HTTPTestClient(try TestHarness(Self.routes))
-        await #expect(throws: ChannelLayerError.self) { try await plain.login(username: "bob", password: "bob's password") }
+        await #expect(throws: TestClientError.self) { try await plain.login(username: "bob", password: "bob's password") }
     }
 
     @Test("the harness's recording layer keeps history: publish from a consumer, offsets in the frame")
@@ -89,5 +91,25 @@ struct TestHelperTests {
         let big: Message = ["text": .string(String(repeating: "x", count: 2 << 20))]
         try await context.send(big, to: "big.out", immediately: true)
         #expect(recording.sent.count == 1)
+    }
+
+    /// Wrappers forward what they do not change (`ForwardingChannelLayer`): through a recording
+    /// layer over a counting layer over Redis, a batch is the Redis layer's batch (not one message
+    /// at a time), a bundle registration reaches Redis, and its loss (a flush) is reported back.
+    @Test func wrappersForwardBatchesAndTheBundleRegistration() async throws {
+        let redis = try TestRedis.layer(capacity: 1000)
+        let layer = RecordingLayer(MeteredChannelLayer(redis))
+        let process = "fwd.reader" + ChannelNames.randomLetters(6) + "!"
+        #expect(try await layer.registeredAsBundleReader(process), "a first registration is not a loss")
+        for i in 0..<5 { try await layer.groupAdd("fwd", channel: process + "m\(i)") }
+        try await layer.sendGroup("fwd", message: ["n": 1])
+        #expect(
+            try await redis.channelStatistics(process).messagesPending == 1,
+            "one bundle for the five members: the registration reached Redis")
+        let batch = try await layer.receiveBatch(channels: [process], max: 64, timeout: .seconds(1))
+        #expect(batch.count == 5, "every member of the bundle, through both wrappers")
+        try await layer.flush()
+        #expect(try await layer.registeredAsBundleReader(process) == false, "the loss is reported through both wrappers")
+        await layer.close()
     }
 }

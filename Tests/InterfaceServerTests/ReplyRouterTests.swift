@@ -9,32 +9,16 @@ import Testing
 
 /// A layer whose first non-blocking receive fails (a connection lost while the router collects
 /// a hand-over); everything else goes to an in-memory layer.
-final class FailingOnceLayer: ChannelLayer {
-    let base = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
+final class FailingOnceLayer: ForwardingChannelLayer {
+    let base: any ChannelLayer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
     private let failed = Atomic<Bool>(false)
 
-    var extensions: Set<String> { base.extensions }
-    var maxMessageSize: Int { base.maxMessageSize }
-    func send(_ message: Message, to channel: String) async throws { try await base.send(message, to: channel) }
-    func receive(channels: [String], timeout: Duration) async throws -> ReceivedMessage? {
-        try await base.receive(channels: channels, timeout: timeout)
-    }
-    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws -> [ReceivedMessage] {
+    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
         if timeout <= .zero, failed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection")
         }
         return try await base.receiveBatch(channels: channels, max: max, timeout: timeout)
     }
-    func newChannel(_ pattern: String) async throws -> String { try await base.newChannel(pattern) }
-    func groupAdd(_ group: String, channel: String) async throws { try await base.groupAdd(group, channel: channel) }
-    func groupDiscard(_ group: String, channel: String) async throws { try await base.groupDiscard(group, channel: channel) }
-    func groupChannels(_ group: String) async throws -> [String] { try await base.groupChannels(group) }
-    func sendGroup(_ group: String, message: Message) async throws { try await base.sendGroup(group, message: message) }
-    func flush() async throws { try await base.flush() }
-    func globalStatistics() async throws -> GlobalStatistics { try await base.globalStatistics() }
-    func channelStatistics(_ channel: String) async throws -> ChannelStatistics { try await base.channelStatistics(channel) }
-    func close() async { await base.close() }
-    func registerBundleReader(_ processChannel: String) async throws -> Bool { try await base.registerBundleReader(processChannel) }
 }
 
 /// Takes replies and keeps what they said.

@@ -115,7 +115,7 @@ extension Channel {
     /// ``ConsumerContext/send(_:to:orderedBy:immediately:)`` from inside a consumer.
     public func send(_ message: Message, orderedBy key: String, immediately: Bool = false) async throws {
         guard let context = ConsumerContext.current else {
-            throw ChannelLayerError(.invalidConfiguration, "an ordered send needs a consumer context")
+            throw ConsumerContextError(.noConsumer, "an ordered send needs a consumer context")
         }
         try await context.send(message, to: name, orderedBy: key, immediately: immediately)
     }

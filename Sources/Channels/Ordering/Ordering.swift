@@ -60,7 +60,7 @@ public func enforceOrdering(slight: Bool = false, _ consumer: @escaping Consumer
         } else if context.channel == ASGIChannel.websocketConnect {
             order = 0
         } else {
-            throw SessionError("enforceOrdering needs an 'order' key; a message on '\(context.channel)' has none")
+            throw SessionError(.noOrder, "enforceOrdering needs an 'order' key; a message on '\(context.channel)' has none")
         }
         try await OrderingGate(context: context, session: session, order: order, slight: slight).run(consumer) {
             context.logger.warning("wait channel full; closing the socket with 1013", metadata: ["order": "\(order)"])

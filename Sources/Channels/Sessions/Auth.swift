@@ -308,7 +308,7 @@ extension Session {
         session.cycleKey()
         session[AuthSessionKey.userID] = .string(user.id)
         try await session.save()
-        guard let key = session.key else { throw ChannelLayerError(.invalidConfiguration, "the session was not given a key") }
+        guard let key = session.key else { throw SessionError(.noKey, "the session was not given a key") }
         return key
     }
 }

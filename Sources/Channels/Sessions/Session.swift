@@ -57,10 +57,38 @@ public protocol SessionCipher: Sendable {
 
 /// A session could not be used.
 public struct SessionError: Error, CustomStringConvertible, Sendable {
-    /// What went wrong.
-    public var description: String
-    /// An error with a description.
-    public init(_ description: String) { self.description = description }
+    /// What kind of failure; compare with the static codes.
+    public struct Code: Sendable, Hashable, CustomStringConvertible {
+        let name: String
+        /// The code's name.
+        public var description: String { name }
+
+        /// No session here: the consumer is not wrapped in the decorator that loads it, or the
+        /// message has no `reply_channel` to key a channel session by.
+        public static let notLoaded = Code(name: "notLoaded")
+        /// A save lost every race to concurrent writers of the same session.
+        public static let saveConflict = Code(name: "saveConflict")
+        /// The stored session data is not a map (written by something else, or corrupt).
+        public static let malformed = Code(name: "malformed")
+        /// The session has no key (it was never saved).
+        public static let noKey = Code(name: "noKey")
+        /// `enforceOrdering` got a message without its `order` key.
+        public static let noOrder = Code(name: "noOrder")
+    }
+
+    /// What kind of failure.
+    public var code: Code
+    /// What happened.
+    public var message: String
+
+    /// An error of `code`.
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    /// The code and the message.
+    public var description: String { "\(code): \(message)" }
 }
 
 /// A session: a map of message values, loaded from a ``SessionStore`` and saved back only
@@ -231,6 +259,7 @@ public final class Session: Sendable {
             }
         }
         throw SessionError(
+            .saveConflict,
             "session \(Self.storageKey(key).prefix(12)) could not be saved: \(settings.saveAttempts) concurrent writers won every race")
     }
 
@@ -256,7 +285,7 @@ public final class Session: Sendable {
 
     static func decode(_ bytes: [UInt8]) throws -> [String: ASGIValue] {
         guard case .map(let map) = try MsgPackDecoder().decode(bytes) else {
-            throw SessionError("stored session data is not a map")
+            throw SessionError(.malformed, "stored session data is not a map")
         }
         return Dictionary(uniqueKeysWithValues: map.map { ($0.key, $0.value) })
     }

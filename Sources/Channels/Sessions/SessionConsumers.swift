@@ -105,7 +105,7 @@ enum ChannelSessionKey {
 extension ConsumerContext {
     func openChannelSession() async throws -> Session {
         guard let reply = message.replyChannel else {
-            throw SessionError("channel_session needs a message with a reply_channel; '\(channel)' has none")
+            throw SessionError(.notLoaded, "channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
         let settings = environment.sessionSettings
         let session = try await Session.load(
@@ -146,7 +146,7 @@ extension ConsumerContext {
     }
 
     static func required(_ session: Session?, _ otherwise: String) throws -> Session {
-        guard let session else { throw SessionError(otherwise) }
+        guard let session else { throw SessionError(.notLoaded, otherwise) }
         return session
     }
 
