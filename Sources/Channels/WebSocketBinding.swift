@@ -100,8 +100,8 @@ extension WebSocketBinding {
         let encoder = JSONEncoder.channels
         let pk = String(decoding: try encoder.encode(primaryKey(instance)), as: UTF8.self)
         let data = String(decoding: try encoder.encode(instance), as: UTF8.self)
-        return "{\"stream\":\(JSONText.quote(stream)),\"payload\":{\"action\":\"\(action.rawValue)\",\"model\":"
-            + "\(JSONText.quote(model)),\"pk\":\(pk),\"data\":\(data)}}"
+        let payload = "{\"action\":\"\(action.rawValue)\",\"model\":\(JSONText.quote(model)),\"pk\":\(pk),\"data\":\(data)}"
+        return StreamFrame(stream: stream, payload: payload).text
     }
 
     /// Tells every group of `instance` that it was created, updated or deleted: published (with
@@ -167,7 +167,8 @@ extension WebSocketBinding {
         var payload = "{\"error\":\(JSONText.quote(error))"
         if let action { payload += ",\"action\":\"\(action.rawValue)\"" }
         if let pk { payload += ",\"pk\":" + String(decoding: try JSONEncoder.channels.encode(pk), as: UTF8.self) }
+        payload += "}"
         try await socket.context.reply(
-            WebSocketSendMessage.text("{\"stream\":\(JSONText.quote(Self.stream)),\"payload\":\(payload)}}"), immediately: true)
+            WebSocketSendMessage.text(StreamFrame(stream: Self.stream, payload: payload).text), immediately: true)
     }
 }

@@ -56,7 +56,8 @@ public struct WebSocket: Sendable {
     /// Sends a text frame (wrapped for the stream inside a demultiplexer).
     public func send(text: String) async throws {
         if let stream {
-            try await sendJSONObject(["stream": stream, "payload": ["text": text]], raw: true)
+            let frame = StreamFrame(stream: stream, payload: "{\"text\":" + JSONText.quote(text) + "}")
+            try await context.reply(WebSocketSendMessage.text(frame.text))
         } else {
             try await context.reply(WebSocketSendMessage.text(text))
         }
@@ -68,13 +69,8 @@ public struct WebSocket: Sendable {
 
     /// Sends a value as a JSON text frame (wrapped for the stream inside a demultiplexer).
     public func send<T: Encodable>(json value: T) async throws {
-        let payload = try JSONSerialization.jsonObject(with: JSONEncoder.channels.encode(value), options: [.fragmentsAllowed])
-        try await sendJSONObject(stream.map { ["stream": $0, "payload": payload] as [String: Any] } ?? payload, raw: true)
-    }
-
-    private func sendJSONObject(_ object: Any, raw: Bool) async throws {
-        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .fragmentsAllowed])
-        try await context.reply(WebSocketSendMessage.text(String(decoding: data, as: UTF8.self)))
+        let payload = String(decoding: try JSONEncoder.channels.encode(value), as: UTF8.self)
+        try await context.reply(WebSocketSendMessage.text(stream.map { StreamFrame(stream: $0, payload: payload).text } ?? payload))
     }
 
     /// Sends a text frame to every socket of a group.

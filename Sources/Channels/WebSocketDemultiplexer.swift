@@ -53,19 +53,15 @@ extension WebSocketDemultiplexer {
     /// Routes a `{"stream": ..., "payload": ...}` frame to that stream's consumer; other frames are
     /// logged and dropped.
     public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
-        guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }),
-            let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-            let stream = object["stream"] as? String, let payload = object["payload"]
-        else {
+        guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }), let frame = StreamFrame(json: data) else {
             socket.context.logger.warning("dropped a frame without stream and payload", metadata: ["path": "\(socket.path)"])
             return
         }
-        guard let type = Self.streams[stream] else {
-            socket.context.logger.warning("dropped a frame for an unknown stream", metadata: ["stream": "\(stream)"])
+        guard let type = Self.streams[frame.stream] else {
+            socket.context.logger.warning("dropped a frame for an unknown stream", metadata: ["stream": "\(frame.stream)"])
             return
         }
-        let payloadData = try JSONSerialization.data(withJSONObject: payload, options: [.fragmentsAllowed])
-        try await type.init().receive(WebSocket(context: socket.context, stream: stream), payload: payloadData)
+        try await type.init().receive(WebSocket(context: socket.context, stream: frame.stream), payload: Data(frame.payload.utf8))
     }
 
     /// Tells every stream's consumer, in name order.

@@ -122,20 +122,20 @@ public final class DelayServer: Service, Sendable {
 
     /// Validates and stores one `asgi.delay` message.
     func accept(_ message: Message) async throws {
-        guard let channel = message["channel"]?.stringValue, (try? ChannelNames.validateChannel(channel)) != nil,
-            let content = message["content"]?.mapValue,
-            let delay = message["delay"]?.doubleValue, delay.isFinite, delay >= 0, delay <= 366 * 86_400_000
-        else {
+        let request: DelayRequest
+        do {
+            request = try DelayRequest(message)
+        } catch {
             counters.withLock { $0.malformed += 1 }
             ChannelsMetrics.dropped[.malformed]?.increment()
             logger.warning(
                 "dropped a malformed delay message: it needs channel (a valid name), content (a map) and delay (ms >= 0)",
                 // Its keys, not its values: a message may carry cookies or tokens.
-                metadata: ["keys": "\(message.fieldNames)"])
+                metadata: ["keys": "\(message.fieldNames)", "error": "\(error)"])
             return
         }
-        let entry = MsgPackEncoder.encode(["channel": .string(channel), "content": .map(content)] as ASGIValue)
-        try await store.schedule(entry, due: await storeNow() + Int64(delay))
+        let entry = DelayEntry(channel: request.channel, content: request.content)
+        try await store.schedule(entry.stored, due: await storeNow() + request.delay)
         counters.withLock { $0.scheduled += 1 }
         ChannelsMetrics.delayScheduled.increment()
         wake.signal()
@@ -168,18 +168,16 @@ public final class DelayServer: Service, Sendable {
     }
 
     private func deliver(_ taken: DueEntry) async {
-        let entry = taken.entry
-        guard let value = try? MsgPackDecoder().decode(entry), let map = value.mapValue,
-            let channel = map["channel"]?.stringValue, let content = map["content"]?.mapValue
-        else {
+        guard let entry = DelayEntry(stored: taken.entry) else {
             counters.withLock { $0.malformed += 1 }
             logger.warning("dropped an unreadable stored delay entry")
             return
         }
+        let channel = entry.channel
         // A retried entry carries the time it was first due.
-        let due = map["due"]?.intValue ?? taken.due
+        let due = entry.firstDue ?? taken.due
         do {
-            try await layer.send(Message(content), to: channel)
+            try await layer.send(entry.content, to: channel)
             let lateness = await storeNow() - due
             let late = lateness > lateAfter.nanoseconds / 1_000_000
             counters.withLock {
@@ -192,25 +190,26 @@ public final class DelayServer: Service, Sendable {
                 ChannelsMetrics.delayLate.increment()
                 logger.info("delivered a delayed message late", metadata: ["channel": "\(channel)", "late_ms": "\(lateness)"])
             }
-        } catch let error as ChannelLayerError where error.code == .channelFull {
+        } catch  where error.code == .channelFull {
             counters.withLock { $0.retriedFull += 1 }
             ChannelsMetrics.delayRetried.increment()
             logger.info("channel full at delivery; retrying in 1 s", metadata: ["channel": "\(channel)"])
-            await reschedule(map, firstDue: due, channel: channel)
+            await reschedule(entry, firstDue: due)
         } catch {
             counters.withLock { $0.failed += 1 }
             logger.error("could not deliver a delayed message; retrying in 1 s", metadata: ["channel": "\(channel)", "error": "\(error)"])
-            await reschedule(map, firstDue: due, channel: channel)
+            await reschedule(entry, firstDue: due)
         }
     }
 
     /// Stores the envelope again for a try in a second, with the time it was first due (its
     /// lateness counts from then).
-    private func reschedule(_ envelope: OrderedDictionary<String, ASGIValue>, firstDue: Int64, channel: String) async {
-        var envelope = envelope
-        envelope["due"] = .int(firstDue)
+    private func reschedule(_ entry: DelayEntry, firstDue: Int64) async {
+        var entry = entry
+        entry.firstDue = firstDue
+        let channel = entry.channel
         do {
-            try await store.schedule(MsgPackEncoder.encode(.map(envelope)), due: await storeNow() + 1000)
+            try await store.schedule(entry.stored, due: await storeNow() + 1000)
         } catch {
             counters.withLock { $0.lost += 1 }
             logger.error(
@@ -226,17 +225,14 @@ extension Channel {
     public func send(_ message: Message, delay: Duration, immediately: Bool = false) async throws {
         let millis = delay.nanoseconds / 1_000_000
         try ChannelNames.validateChannel(name)
-        try await Channel(DelayServer.channel).send(Self.delayEnvelope(message, to: name, millis: millis), immediately: immediately)
+        let request = DelayRequest(channel: name, content: message, delay: millis)
+        try await Channel(DelayServer.channel).send(request.message, immediately: immediately)
     }
 
     /// The same, outside a consumer.
     public func send(_ message: Message, delay: Duration, on layer: any ChannelLayer) async throws {
         let millis = delay.nanoseconds / 1_000_000
         try ChannelNames.validateChannel(name)
-        try await layer.send(Self.delayEnvelope(message, to: name, millis: millis), to: DelayServer.channel)
-    }
-
-    static func delayEnvelope(_ message: Message, to channel: String, millis: Int64) -> Message {
-        ["channel": .string(channel), "content": .map(message.fields), "delay": .int(millis)]
+        try await layer.send(DelayRequest(channel: name, content: message, delay: millis).message, to: DelayServer.channel)
     }
 }

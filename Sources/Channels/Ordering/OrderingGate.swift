@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Foundation
 import Logging
 import Synchronization
@@ -83,8 +84,8 @@ struct OrderingGate {
     }
 
     private func park() async throws {
-        let parked: Message = ["channel": .string(context.channel), "content": .map(context.message.fields), "order": .int(order)]
-        try await context.send(parked, to: waitChannel, immediately: true)
+        let parked = ParkedMessage(channel: context.channel, content: context.message, order: order)
+        try await context.send(parked.message, to: waitChannel, immediately: true)
     }
 
     private var gaps: OrderingGaps { context.environment.orderingGaps }
@@ -158,16 +159,16 @@ struct OrderingGate {
                     return
                 }
                 if parked.isEmpty { return }
-                var entries: [(order: Int64, channel: String, message: Message)] = []
+                var entries: [ParkedMessage] = []
                 for received in parked {
-                    guard let channel = received.message["channel"]?.stringValue,
-                        let content = received.message["content"]?.mapValue,
-                        let order = received.message["order"]?.intValue ?? Message(content)["order"]?.intValue
-                    else {
-                        context.logger.warning("dropped a malformed parked message", metadata: ["wait_channel": "\(waitChannel)"])
+                    guard let entry = ParkedMessage(received.message) else {
+                        ChannelsMetrics.dropped[.malformed]?.increment()
+                        context.logger.warning(
+                            "dropped a malformed parked message (counted in channels_dropped_total{reason=\"malformed\"})",
+                            metadata: ["wait_channel": "\(waitChannel)", "keys": "\(received.message.fieldNames)"])
                         continue
                     }
-                    entries.append((order, channel, Message(content)))
+                    entries.append(entry)
                 }
                 entries.sort { $0.order < $1.order }
                 var progressed = false
@@ -179,7 +180,7 @@ struct OrderingGate {
                 {
                     let entry = entries[index]
                     index += 1
-                    await run(entry.message, on: entry.channel)
+                    await run(entry.content, on: entry.channel)
                     progressed = true
                     do { next = try await storedNext() } catch { next = -1 }
                 }
@@ -190,7 +191,7 @@ struct OrderingGate {
                         while index < entries.count, entries[index].order <= next {
                             let entry = entries[index]
                             index += 1
-                            await run(entry.message, on: entry.channel)
+                            await run(entry.content, on: entry.channel)
                             progressed = true
                             do { next = try await storedNext() } catch { next = -1 }
                         }
@@ -200,11 +201,7 @@ struct OrderingGate {
                 for entry in entries[index...] {
                     do {
                         try await retrying(for: context.environment.sendRetry) {
-                            try await context.layer.send(
-                                [
-                                    "channel": .string(entry.channel), "content": .map(entry.message.fields),
-                                    "order": .int(entry.order),
-                                ], to: waitChannel)
+                            try await context.layer.send(entry.message, to: waitChannel)
                         }
                     } catch {
                         context.logger.error(
