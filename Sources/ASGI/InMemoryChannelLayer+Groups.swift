@@ -99,7 +99,7 @@ extension InMemoryChannelLayer {
             let processChannel = ChannelNames.isProcessSpecific(members[0])
             let clock = ContinuousClock()
             let deadline = clock.now + configuration.groupFullWait
-            var pause = Duration.milliseconds(2)
+            var backoff = Backoff(first: .milliseconds(2), cap: .milliseconds(50))
             while true {
                 do {
                     try sendValidated(message, to: members[0], more: members[1...])
@@ -119,8 +119,7 @@ extension InMemoryChannelLayer {
                         break
                     }
                     groupSendsHeld.add(1, ordering: .relaxed)
-                    try? await Task.sleep(for: min(pause, deadline - now))
-                    pause = min(pause * 2, .milliseconds(50))
+                    try? await Task.sleep(for: min(backoff.next(), deadline - now))
                 }
             }
         }

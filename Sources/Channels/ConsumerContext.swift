@@ -13,8 +13,11 @@ public final class ConsumerContext: Sendable {
     public let message: Message
     /// The channel the message arrived on (its full name for `!` channels).
     public let channel: String
-    /// Arguments captured by the route's named groups.
-    public let kwargs: [String: String]
+    /// Arguments captured by the route's named groups (`(?P<room>…)` gives `parameters["room"]`).
+    public let parameters: [String: String]
+    /// Django's name for ``parameters``.
+    @available(*, deprecated, renamed: "parameters")
+    public var kwargs: [String: String] { parameters }
     /// The layer the message came from; sends go back through it.
     public let layer: any ChannelLayer
     /// A logger for this consumer's lines. In a worker every line also says which message it
@@ -109,21 +112,21 @@ public final class ConsumerContext: Sendable {
 
     /// A context for a message outside a worker (tests, tools), with a default environment.
     public convenience init(
-        message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+        message: Message, channel: String, parameters: [String: String], layer: any ChannelLayer, logger: Logger,
         environment: ConsumerEnvironment = ConsumerEnvironment()
     ) {
         self.init(
-            message: message, channel: channel, kwargs: kwargs, layer: layer, logger: logger,
+            message: message, channel: channel, parameters: parameters, layer: layer, logger: logger,
             environment: environment, consumerName: nil, dispatcher: nil)
     }
 
     init(
-        message: Message, channel: String, kwargs: [String: String], layer: any ChannelLayer, logger: Logger,
+        message: Message, channel: String, parameters: [String: String], layer: any ChannelLayer, logger: Logger,
         environment: ConsumerEnvironment, consumerName: String?, dispatcher: (@Sendable (ReceivedMessage) async -> Void)?
     ) {
         self.message = message
         self.channel = channel
-        self.kwargs = kwargs
+        self.parameters = parameters
         self.layer = layer
         self.baseLogger = logger
         self.consumerName = consumerName

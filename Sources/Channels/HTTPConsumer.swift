@@ -18,8 +18,11 @@ public struct HTTPRequest: Sendable {
     /// The `http.request` message as received (its first body chunk only).
     public let request: HTTPRequestMessage
 
-    /// Arguments captured by the route's named groups.
-    public var kwargs: [String: String] { context.kwargs }
+    /// Arguments captured by the route's named groups (`(?P<room>…)` gives `parameters["room"]`).
+    public var parameters: [String: String] { context.parameters }
+    /// Django's name for ``parameters``.
+    @available(*, deprecated, renamed: "parameters")
+    public var kwargs: [String: String] { parameters }
     /// The logged-in user (anonymous unless the consumer type sets `httpUser`).
     public var user: User { context.user }
     /// The request's cookies by name.

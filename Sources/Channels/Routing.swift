@@ -141,11 +141,11 @@ public struct Router: Sendable {
     }
 
     /// The first route whose channel and filters match, with the captured arguments.
-    public func match(channel: String, message: Message) -> (consumer: Consumer, kwargs: [String: String], name: String)? {
+    public func match(channel: String, message: Message) -> (consumer: Consumer, parameters: [String: String], name: String)? {
         let listenName = ChannelNames.nonLocalName(channel)
         routeLoop: for route in routes where route.channels.contains(channel) || route.channels.contains(listenName) {
             var remaining: [String: String] = [:]
-            var kwargs: [String: String] = [:]
+            var parameters: [String: String] = [:]
             for level in route.levels {
                 for filter in level {
                     let value: String
@@ -165,7 +165,7 @@ public struct Router: Sendable {
                     for name in filter.names {
                         let r = match.range(withName: name)
                         if r.location != NSNotFound, let swiftRange = Range(r, in: value) {
-                            kwargs[name] = String(value[swiftRange])
+                            parameters[name] = String(value[swiftRange])
                         }
                     }
                     // Strip what this level matched so inner levels see the rest.
@@ -174,7 +174,7 @@ public struct Router: Sendable {
                     }
                 }
             }
-            return (route.consumer, kwargs, route.name)
+            return (route.consumer, parameters, route.name)
         }
         return nil
     }

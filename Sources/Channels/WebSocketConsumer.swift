@@ -40,8 +40,11 @@ public struct WebSocket: Sendable {
         self.stream = stream
     }
 
-    /// Arguments captured by the route's named groups.
-    public var kwargs: [String: String] { context.kwargs }
+    /// Arguments captured by the route's named groups (`(?P<room>…)` gives `parameters["room"]`).
+    public var parameters: [String: String] { context.parameters }
+    /// Django's name for ``parameters``.
+    @available(*, deprecated, renamed: "parameters")
+    public var kwargs: [String: String] { parameters }
     /// The socket's path.
     public var path: String { context.path }
     /// The logged-in user (anonymous unless the options ask for `httpUser`).

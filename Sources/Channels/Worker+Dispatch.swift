@@ -25,14 +25,14 @@ extension Worker {
         processed.add(1, ordering: .relaxed)
         ChannelsMetrics.received[ChannelKind(channel: received.channel)]?.increment()
         let context: ConsumerContext
-        guard let (routed, kwargs, name) = router.match(channel: received.channel, message: received.message) else {
+        guard let (routed, parameters, name) = router.match(channel: received.channel, message: received.message) else {
             await unrouted(received)
             return false
         }
         // Every line the consumer logs says which message it was handling (the context adds
         // that metadata when the consumer asks for its logger).
         context = ConsumerContext(
-            message: received.message, channel: received.channel, kwargs: kwargs, layer: layer,
+            message: received.message, channel: received.channel, parameters: parameters, layer: layer,
             logger: logger, environment: environment, consumerName: name
         ) { [weak self] parked in
             await self?.dispatch(parked)
@@ -137,7 +137,7 @@ extension Worker {
             // A socket's channel session (and the ordered hand-offs it started) ends with the
             // socket even when no consumer handles its disconnect.
             let context = ConsumerContext(
-                message: received.message, channel: received.channel, kwargs: [:], layer: layer, logger: logger,
+                message: received.message, channel: received.channel, parameters: [:], layer: layer, logger: logger,
                 environment: environment, consumerName: nil, dispatcher: nil)
             do {
                 try await channelSession { _ in }(context)

@@ -32,10 +32,11 @@ public final class Worker: Service, Sendable {
     /// Multi-message HTTP responses in progress, stopped when their client leaves.
     public let streams = ResponseStreams()
     /// Whether it runs, and how it stops.
-    private enum Stop: Int {
+    /// Where a shutdown stands: running, taking nothing more, or taking what is queued first.
+    private enum Stop: Int, AtomicRepresentable {
         case running, stopTaking, finishQueued
     }
-    private let stopping = Atomic<Int>(Stop.running.rawValue)
+    private let stopping = Atomic<Stop>(.running)
     /// Free consumer slots.
     private let slots: Slots
     /// `consumerTimeout`'s watchdog.
@@ -160,11 +161,11 @@ public final class Worker: Service, Sendable {
                 // With only the reserved slots free: when the idle channels were last looked at,
                 // and the pause between looks.
                 var idleLooked: (channels: [String], at: ContinuousClock.Instant)?
-                var reservedPause = Duration.milliseconds(20)
+                var reservedPause = Backoff(first: .milliseconds(20), cap: .milliseconds(500))
                 while !Task.isCancelled {
                     let mode = stopping.load(ordering: .relaxed)
-                    if mode == Stop.stopTaking.rawValue { break }
-                    let draining = mode == Stop.finishQueued.rawValue
+                    if mode == .stopTaking { break }
+                    let draining = mode == .finishQueued
                     let free = await slots.waitForFree()
                     guard free > 0 else { continue }  // woken by a stop
                     // Every channel keeps a slot for itself: a flood on one (a socket whose
@@ -172,13 +173,14 @@ public final class Worker: Service, Sendable {
                     // slots the other channels need to move.
                     let share = slots.share(of: channels)
                     if share.reservedOnly && !draining, let looked = idleLooked, looked.channels == share.channels,
-                        ContinuousClock.now - looked.at < reservedPause
+                        ContinuousClock.now - looked.at < reservedPause.pause
                     {
                         // Looked at these idle channels a moment ago and found nothing: wait for a
                         // slot to come free, or until it is time to look again (a saturated
                         // channel costs one look per pause, not one per finished consumer). A
                         // channel that became idle since is looked at at once.
-                        await waitForSlot(after: free, timeout: reservedPause - (ContinuousClock.now - looked.at), pause: &reservedPause)
+                        await waitForSlot(
+                            after: free, timeout: reservedPause.pause - (ContinuousClock.now - looked.at), pause: &reservedPause)
                         continue
                     }
                     let batch: [ReceivedMessage]
@@ -201,11 +203,11 @@ public final class Worker: Service, Sendable {
                     if share.reservedOnly && !draining {
                         if batch.isEmpty {
                             idleLooked = (share.channels, ContinuousClock.now)
-                            await waitForSlot(after: free, timeout: reservedPause, pause: &reservedPause)
+                            await waitForSlot(after: free, timeout: reservedPause.pause, pause: &reservedPause)
                             continue
                         }
                         idleLooked = nil
-                        reservedPause = .milliseconds(20)
+                        reservedPause.reset()
                     }
                     if draining && batch.isEmpty {
                         // Queued work is done when nothing is queued while no consumer runs (one
@@ -226,7 +228,7 @@ public final class Worker: Service, Sendable {
     /// Waits (here, not on the layer) for a slot to come free, at most `timeout`. The pause
     /// between looks at the idle channels goes back to 20 ms when one does, and grows to half a
     /// second while none does (every slot held by hung consumers).
-    private func waitForSlot(after free: Int, timeout: Duration, pause: inout Duration) async {
+    private func waitForSlot(after free: Int, timeout: Duration, pause: inout Backoff) async {
         let slots = self.slots
         let timer = Task {
             // Not when cancelled (a slot came free first).
@@ -235,7 +237,7 @@ public final class Worker: Service, Sendable {
         }
         let now = await slots.waitForFree(atLeast: free + 1)
         timer.cancel()
-        pause = now > free ? .milliseconds(20) : min(pause * 2, .milliseconds(500))
+        if now > free { pause.reset() } else { _ = pause.next() }
     }
 
     /// Gives back a consumer slot.
@@ -342,7 +344,7 @@ public final class Worker: Service, Sendable {
 
     /// Stops taking messages (a blocking receive is woken at once); the consumers in hand finish.
     public func stop() {
-        _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.stopTaking.rawValue, ordering: .relaxed)
+        _ = stopping.compareExchange(expected: .running, desired: .stopTaking, ordering: .relaxed)
         wake()
     }
 
@@ -350,7 +352,7 @@ public final class Worker: Service, Sendable {
     /// worker that is the only one on its layer (`runserver`'s in-process workers) stops this way,
     /// so the `websocket.disconnect` of every socket the server closed runs.
     public func finishQueuedThenStop() {
-        _ = stopping.compareExchange(expected: Stop.running.rawValue, desired: Stop.finishQueued.rawValue, ordering: .relaxed)
+        _ = stopping.compareExchange(expected: .running, desired: .finishQueued, ordering: .relaxed)
         wake()
     }
 }

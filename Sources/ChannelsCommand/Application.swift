@@ -192,11 +192,11 @@ struct LayerOptions: ParsableArguments {
         guard let redis = backend.redis else { return .random() }
         let client = RedisClient(endpoint: redis)
         defer { Task { await client.close() } }
-        let key = Array((backend.prefix + "secret").utf8)
+        let key = RedisArgument.key(backend.prefix, "secret")
         let fresh = Array(RandomToken.string(50, from: RandomToken.alphanumerics).utf8)
         // Sealed with the layer's keys when there are any: reading Redis then does not give it away.
-        _ = try await client.command([Array("SET".utf8), key, backend.encryption?.seal(fresh) ?? fresh, Array("NX".utf8)])
-        guard let kept = try await client.command([Array("GET".utf8), key]).bytes, !kept.isEmpty,
+        _ = try await client.command("SET", key, .bytes(backend.encryption?.seal(fresh) ?? fresh), "NX")
+        guard let kept = try await client.command("GET", key).bytes, !kept.isEmpty,
             let stored = backend.encryption.map({ try? $0.open(kept) }) ?? kept
         else {
             throw ValidationError(

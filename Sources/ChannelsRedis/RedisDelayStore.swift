@@ -34,15 +34,14 @@ public final class RedisDelayStore: DelayStore {
         // A random prefix keeps two identical messages distinct members of the set.
         var member = RandomToken.bytes(8)
         member.append(contentsOf: encryption?.seal(entry) ?? entry)
-        try await client.command([Array("ZADD".utf8), Array(key.utf8), Array(String(due).utf8), member])
+        try await client.command(["ZADD", .text(key), .integer(Int(due)), .bytes(member)])
     }
 
     /// Removes and returns up to `limit` due entries (with when each was due) in one script, so
     /// two delay servers never deliver one twice.
     public func takeDue(now: Int64, limit: Int) async throws -> [DueEntry] {
         let reply = try await client.run(
-            Self.take, keys: [Array(key.utf8)],
-            args: [Array(String(now).utf8), Array(String(limit).utf8)])
+            Self.take, keys: [.text(key)], args: [.integer(Int(now)), .integer(limit)])
         let items = reply.array ?? []
         return stride(from: 0, to: items.count - 1, by: 2).compactMap { index in
             guard let member = items[index].bytes, let score = items[index + 1].text.flatMap(Double.init) else { return nil }
@@ -55,7 +54,7 @@ public final class RedisDelayStore: DelayStore {
 
     /// Redis's `TIME`: the clock every delay server on this Redis shares.
     public func now() async throws -> Int64? {
-        let reply = try await client.command([Array("TIME".utf8)])
+        let reply = try await client.command("TIME")
         guard let parts = reply.array, parts.count == 2, let seconds = parts[0].text.flatMap(Int64.init),
             let micros = parts[1].text.flatMap(Int64.init)
         else { return nil }
@@ -64,10 +63,7 @@ public final class RedisDelayStore: DelayStore {
 
     /// When the earliest entry is due, if there is one.
     public func nextDue() async throws -> Int64? {
-        let reply = try await client.command([
-            Array("ZRANGE".utf8), Array(key.utf8), Array("0".utf8), Array("0".utf8),
-            Array("WITHSCORES".utf8),
-        ])
+        let reply = try await client.command("ZRANGE", .text(key), 0, 0, "WITHSCORES")
         guard let items = reply.array, items.count == 2, let score = items[1].text, let value = Double(score) else { return nil }
         return Int64(value)
     }

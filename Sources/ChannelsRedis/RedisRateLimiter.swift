@@ -29,16 +29,16 @@ public final class RedisRateLimiter: RateLimiter {
     /// Counts one attempt for `key`.
     public func hit(_ key: String, window: Int) async throws -> (count: Int, resetIn: Int) {
         let reply = try await client.run(
-            Self.hitScript, keys: [Array((prefix + key).utf8)], args: [Array(String(max(1, window)).utf8)])
+            Self.hitScript, keys: [.key(prefix, key)], args: [.integer(max(1, window))])
         let items = reply.array ?? []
         return (items.first?.integer.map(Int.init) ?? 1, max(1, items.last?.integer.map(Int.init) ?? window))
     }
 
     /// The attempts counted for `key` now.
     public func peek(_ key: String) async throws -> (count: Int, resetIn: Int) {
-        let name = Array((prefix + key).utf8)
-        let count = try await client.command([Array("GET".utf8), name]).text.flatMap { Int($0) } ?? 0
-        let ttl = try await client.command([Array("TTL".utf8), name]).integer.map(Int.init) ?? 0
+        let name = RedisArgument.key(prefix, key)
+        let count = try await client.command("GET", name).text.flatMap { Int($0) } ?? 0
+        let ttl = try await client.command("TTL", name).integer.map(Int.init) ?? 0
         return (count, max(0, ttl))
     }
 }

@@ -35,11 +35,11 @@ public final class RedisSessionStore: SessionStore {
         self.init(client: try RedisClient(url: url), prefix: prefix)
     }
 
-    private func redisKey(_ key: String) -> [UInt8] { Array((prefix + key).utf8) }
+    private func redisKey(_ key: String) -> RedisArgument { .key(prefix, key) }
 
     /// The stored bytes, or nil when missing or expired.
     public func load(_ key: String) async throws -> [UInt8]? {
-        try await client.command([Array("GET".utf8), redisKey(key)]).bytes
+        try await client.command("GET", redisKey(key)).bytes
     }
 
     /// Writes only if the stored value is still `expected` (a compare-and-set script); false when
@@ -47,14 +47,12 @@ public final class RedisSessionStore: SessionStore {
     public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
         let reply = try await client.run(
             Self.conditionalSet, keys: [redisKey(key)],
-            args: [
-                data, expected == nil ? [0x30] : [0x31], expected ?? [], Array(String(max(1, ttl)).utf8),
-            ])
+            args: [.bytes(data), expected == nil ? "0" : "1", .bytes(expected ?? []), .integer(max(1, ttl))])
         return reply.integer == 1
     }
 
     /// Removes the session.
     public func delete(_ key: String) async throws {
-        try await client.command([Array("DEL".utf8), redisKey(key)])
+        try await client.command("DEL", redisKey(key))
     }
 }

@@ -111,7 +111,7 @@ extension WebSocketSession {
             do {
                 try await layer.groupAdd(group, channel: channel)
                 return .success(try await history.historyRead(group, after: after, retention: retention))
-            } catch where ChannelLayerError.isTransient(error) {
+            } catch  where ChannelLayerError.isTransient(error) {
                 failures += 1
                 let pause = Retry.backoff(after: failures)
                 guard ContinuousClock.now + pause < giveUp, (try? await Task.sleep(for: pause)) != nil else { return .failure(error) }
@@ -313,7 +313,7 @@ extension WebSocketSession {
     private static func retrying<T: Sendable>(
         _ what: String, group: String, server: ServerContext, _ call: @Sendable () async throws -> T
     ) async -> T? {
-        var pause = Duration.milliseconds(200)
+        var backoff = Backoff(first: .milliseconds(200), cap: .seconds(5))
         let deadline = ContinuousClock.now + .seconds(120)
         while true {
             do {
@@ -324,8 +324,7 @@ extension WebSocketSession {
                         "a presence \(what) failed; the entry expires", metadata: ["group": "\(group)", "error": "\(error)"])
                     return nil
                 }
-                try? await Task.sleep(for: pause)
-                pause = min(pause * 2, .seconds(5))
+                try? await Task.sleep(for: backoff.next())
             }
         }
     }

@@ -40,11 +40,6 @@ extension LuaScript {
         return replies[1]
     }
 
-    /// The same with keys and arguments as bytes.
-    func run(on connection: RedisConnection, keys: [[UInt8]], args: [[UInt8]]) async throws(ChannelLayerError) -> RedisReply {
-        try await run(on: connection, keys: keys.map(RedisArgument.bytes), args: args.map(RedisArgument.bytes))
-    }
-
     /// `command script numkeys keys... args...`
     private func encode(_ command: RedisArgument, _ script: RedisArgument, _ keys: [RedisArgument], _ args: [RedisArgument]) -> ByteBuffer {
         var size = script.count + 64

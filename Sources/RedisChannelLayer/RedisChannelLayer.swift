@@ -18,7 +18,7 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
     /// The URLs, prefix, expiry and limits it runs with.
     public let configuration: RedisChannelLayerConfiguration
     let logger: Logger
-    let shards: [RedisConnections]
+    let shards: [RedisConnectionPool]
     let capacities: CapacityTable
     /// The channel-capacity patterns as the group-send script takes them (count, then pattern, capacity pairs).
     let luaCapacityArgs: [RedisArgument]
@@ -75,7 +75,7 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
         self.configuration = configuration
         self.logger = logger
         self.shards = configuration.hosts.map {
-            RedisConnections(
+            RedisConnectionPool(
                 endpoint: $0, group: eventLoopGroup, connectTimeout: configuration.connectTimeout,
                 commandTimeout: configuration.commandTimeout)
         }
@@ -136,11 +136,6 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
         _ shard: Int, _ script: LuaScript, keys: [RedisArgument], args: [RedisArgument], bulk: Bool = false
     ) async throws -> RedisReply {
         try await script.run(on: shared(shard, bulk: bulk), keys: keys, args: args)
-    }
-
-    /// The same with keys and arguments as bytes.
-    func pipelined(_ shard: Int, _ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
-        try await script.run(on: shared(shard), keys: keys, args: args)
     }
 
     /// A blocking command (and what follows it) on a connection of its own.

@@ -11,7 +11,7 @@ import Synchronization
 public final class RedisClient: Sendable {
     /// The server it talks to.
     public let endpoint: RedisEndpoint
-    private let connections: RedisConnections
+    private let connections: RedisConnectionPool
     private let isClosed = Atomic<Bool>(false)
     private let outageRetry: Duration
 
@@ -23,7 +23,7 @@ public final class RedisClient: Sendable {
     ) {
         self.endpoint = endpoint
         self.outageRetry = outageRetry
-        self.connections = RedisConnections(
+        self.connections = RedisConnectionPool(
             endpoint: endpoint, group: eventLoopGroup, connectTimeout: connectTimeout,
             commandTimeout: commandTimeout)
     }
@@ -42,7 +42,7 @@ public final class RedisClient: Sendable {
 
     /// Runs one command. A Redis error reply is thrown as a `backendError`.
     @discardableResult
-    public func command(_ args: [[UInt8]]) async throws -> RedisReply {
+    public func command(_ args: [RedisArgument]) async throws -> RedisReply {
         let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
             try await connection().command(args)
         }
@@ -52,12 +52,12 @@ public final class RedisClient: Sendable {
 
     /// Runs one command and returns its reply.
     @discardableResult
-    public func command(_ args: String...) async throws -> RedisReply {
-        try await command(args.map { Array($0.utf8) })
+    public func command(_ args: RedisArgument...) async throws -> RedisReply {
+        try await command(args)
     }
 
     /// Runs a Lua script (EVALSHA, falling back to EVAL) in one round trip.
-    public func run(_ script: LuaScript, keys: [[UInt8]], args: [[UInt8]]) async throws -> RedisReply {
+    public func run(_ script: LuaScript, keys: [RedisArgument], args: [RedisArgument]) async throws -> RedisReply {
         let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
             try await script.run(on: connection(), keys: keys, args: args)
         }

@@ -4,17 +4,27 @@ import NIOCore
 /// One argument of a Redis command, kept in the form the caller has it (bytes, a string, a
 /// number, a key as prefix + name) and written as a RESP bulk string straight into the
 /// buffer that goes to the socket: a command costs one buffer, not an array per argument.
-enum RedisArgument: Sendable {
+///
+/// Every command of the package is spelled with it: `["SCAN", .text(cursor), "COUNT", 1000]`
+/// (string and integer literals are arguments).
+public enum RedisArgument: Sendable, Hashable, ExpressibleByStringLiteral, ExpressibleByIntegerLiteral {
+    /// Bytes as they are.
     case bytes([UInt8])
+    /// A string's UTF-8.
     case text(String)
+    /// A number in decimal.
     case integer(Int)
-    /// Two strings back to back: a key (prefix + name).
-    case joined(String, String)
-    /// Three strings back to back: a statistics key (prefix + name + `:stat`).
-    case joined3(String, String, String)
+    /// A key written from its parts back to back (prefix, name and an optional suffix such as
+    /// `:messages_count`), without joining them into a string first.
+    case key(String, String, String = "")
     /// `prefix` + 32 lowercase hex characters of a fresh random version-4 UUID, as Python's
     /// `uuid4().hex` writes it: a message body's key.
     case uuidKey(prefix: String)
+
+    /// A literal command name or option: `"SCAN"`.
+    public init(stringLiteral value: String) { self = .text(value) }
+    /// A literal number: `1000`.
+    public init(integerLiteral value: Int) { self = .integer(value) }
 
     /// The argument's length in bytes.
     var count: Int {
@@ -22,8 +32,7 @@ enum RedisArgument: Sendable {
         case .bytes(let b): b.count
         case .text(let s): s.utf8.count
         case .integer(let n): RedisCommandEncoding.decimalLength(n)
-        case .joined(let a, let b): a.utf8.count + b.utf8.count
-        case .joined3(let a, let b, let c): a.utf8.count + b.utf8.count + c.utf8.count
+        case .key(let a, let b, let c): a.utf8.count + b.utf8.count + c.utf8.count
         case .uuidKey(let prefix): prefix.utf8.count + 32
         }
     }
@@ -32,17 +41,9 @@ enum RedisArgument: Sendable {
 /// Writing commands as RESP arrays of bulk strings.
 enum RedisCommandEncoding {
     /// A buffer holding `commands` encoded, sized for them.
-    static func encode(_ commands: [[[UInt8]]]) -> ByteBuffer {
-        var size = 0
-        for args in commands {
-            size += 16
-            for arg in args { size += arg.count + 16 }
-        }
-        var buffer = ByteBufferAllocator().buffer(capacity: size)
-        for args in commands {
-            writeHeader(args.count, into: &buffer)
-            for arg in args { writeBulk(arg, into: &buffer) }
-        }
+    static func encode(_ commands: [[RedisArgument]]) -> ByteBuffer {
+        var buffer = ByteBufferAllocator().buffer(capacity: commands.reduce(0) { $0 + size($1) })
+        for args in commands { write(args, into: &buffer) }
         return buffer
     }
 
@@ -89,15 +90,11 @@ enum RedisCommandEncoding {
         case .integer(let n):
             writeLength(decimalLength(n), into: &buffer)
             writeDecimal(n, into: &buffer)
-        case .joined(let a, let b):
-            writeLength(a.utf8.count + b.utf8.count, into: &buffer)
-            buffer.writeString(a)
-            buffer.writeString(b)
-        case .joined3(let a, let b, let c):
+        case .key(let a, let b, let c):
             writeLength(a.utf8.count + b.utf8.count + c.utf8.count, into: &buffer)
             buffer.writeString(a)
             buffer.writeString(b)
-            buffer.writeString(c)
+            if !c.isEmpty { buffer.writeString(c) }
         case .uuidKey(let prefix):
             writeLength(prefix.utf8.count + 32, into: &buffer)
             buffer.writeString(prefix)

@@ -124,17 +124,17 @@ final class RedisConnection: Sendable {
         let connection = RedisConnection(
             endpoint: endpoint, channel: channel, handler: handler, commandTimeout: endpoint.commandTimeout ?? commandTimeout,
             metrics: metrics ?? RedisMetrics(endpoint: endpoint))
-        var setup: [[[UInt8]]] = []
+        var setup: [[RedisArgument]] = []
         // As redis-py: AUTH only with a password; a user name alone sends nothing.
         if let password = endpoint.password {
-            var args: [[UInt8]] = [Array("AUTH".utf8)]
-            if let user = endpoint.username { args.append(Array(user.utf8)) }
-            args.append(Array(password.utf8))
+            var args: [RedisArgument] = ["AUTH"]
+            if let user = endpoint.username { args.append(.text(user)) }
+            args.append(.text(password))
             setup.append(args)
         }
-        if endpoint.database != 0 { setup.append([Array("SELECT".utf8), Array(String(endpoint.database).utf8)]) }
+        if endpoint.database != 0 { setup.append(["SELECT", .integer(endpoint.database)]) }
         // Over TLS, one round trip now, so a failed handshake is reported by connect.
-        if setup.isEmpty, tls != nil { setup.append([Array("PING".utf8)]) }
+        if setup.isEmpty, tls != nil { setup.append(["PING"]) }
         if !setup.isEmpty {
             let replies: [RedisReply]
             do {
@@ -151,7 +151,7 @@ final class RedisConnection: Sendable {
             }
             if let bad = replies.first(where: { $0.errorMessage != nil }), let message = bad.errorMessage {
                 connection.close()
-                if setup[0][0] == Array("AUTH".utf8), replies[0].errorMessage != nil {
+                if setup[0][0] == "AUTH", replies[0].errorMessage != nil {
                     let who = endpoint.username.map { "user '\($0)'" } ?? "the default user"
                     throw ChannelLayerError(.invalidConfiguration, "Redis at \(endpoint) refused AUTH for \(who): \(message)")
                 }
@@ -172,21 +172,13 @@ final class RedisConnection: Sendable {
 
     /// Sends the commands and returns their replies in order. `wait` extends the reply
     /// timeout for blocking commands (BLPOP) by their own duration.
-    func pipeline(_ commands: [[[UInt8]]], wait: Duration = .zero) async throws(ChannelLayerError) -> [RedisReply] {
+    func pipeline(_ commands: [[RedisArgument]], wait: Duration = .zero) async throws(ChannelLayerError) -> [RedisReply] {
         guard !commands.isEmpty else { return [] }
         return try await send(RedisCommandEncoding.encode(commands), commands: commands.count, wait: wait)
     }
 
-    func command(_ args: [[UInt8]], wait: Duration = .zero) async throws(ChannelLayerError) -> RedisReply {
-        try await send(RedisCommandEncoding.encode([args]), commands: 1, wait: wait)[0]
-    }
-
     func command(_ args: [RedisArgument], wait: Duration = .zero) async throws(ChannelLayerError) -> RedisReply {
         try await send(RedisCommandEncoding.encode(args), commands: 1, wait: wait)[0]
-    }
-
-    func command(_ args: [String]) async throws(ChannelLayerError) -> RedisReply {
-        try await command(args.map { Array($0.utf8) })
     }
 
     /// Writes `encoded` (`commands` commands, already in RESP) and returns their replies in order.

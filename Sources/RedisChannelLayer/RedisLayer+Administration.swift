@@ -15,21 +15,32 @@ extension RedisChannelLayer {
             for index in shards.indices {
                 let connection = try await shared(index)
                 for pattern in patterns {
-                    var cursor = "0"
-                    repeat {
-                        let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000"])
-                        guard case .array(let parts) = reply, parts.count == 2,
-                            let next = parts[0].text, case .array(let found) = parts[1]
-                        else {
-                            throw ChannelLayerError(.backendError, "unexpected SCAN reply: \(reply)")
-                        }
-                        let keys = found.compactMap(\.bytes)
-                        if !keys.isEmpty { _ = try await connection.command([Array("UNLINK".utf8)] + keys) }
-                        cursor = next
-                    } while cursor != "0"
+                    try await scan(connection, matching: pattern) { keys in
+                        _ = try await connection.command(["UNLINK"] + keys.map(RedisArgument.bytes))
+                    }
                 }
             }
         }
+    }
+
+    /// Walks every key matching `pattern` (and of Redis `type`, when given) with `SCAN`, handing
+    /// each non-empty batch to `body`. A reply that is not a SCAN reply throws: a walk never
+    /// stops early and silently.
+    func scan(
+        _ connection: RedisConnection, matching pattern: String, type: String? = nil, _ body: ([[UInt8]]) async throws -> Void
+    ) async throws {
+        var cursor = "0"
+        repeat {
+            var command: [RedisArgument] = ["SCAN", .text(cursor), "MATCH", .text(pattern), "COUNT", 1000]
+            if let type { command += ["TYPE", .text(type)] }
+            let reply = try await connection.command(command)
+            guard case .array(let parts) = reply, parts.count == 2, let next = parts[0].text, case .array(let found) = parts[1] else {
+                throw unexpected(reply, doing: "SCAN")
+            }
+            let keys = found.compactMap(\.bytes)
+            if !keys.isEmpty { try await body(keys) }
+            cursor = next
+        } while cursor != "0"
     }
 
     static func globEscape(_ text: String) -> String {
@@ -47,7 +58,7 @@ extension RedisChannelLayer {
             var total = GlobalStatistics(malformedMessagesDropped: malformedDropped.load(ordering: .relaxed))
             let keys = [statKey("#global#", "messages_count"), statKey("#global#", "channel_full_count")]
             for index in shards.indices {
-                let reply = try await shared(index).command([Array("MGET".utf8)] + keys)
+                let reply = try await shared(index).command(["MGET"] + keys.map(RedisArgument.bytes))
                 guard case .array(let values) = reply, values.count == 2 else { throw unexpected(reply, doing: "MGET") }
                 total.messagesCount += values[0].countValue
                 total.channelFullCount += values[1].countValue
@@ -71,12 +82,12 @@ extension RedisChannelLayer {
             for index in indices {
                 let connection = try await shared(index)
                 var replies = try await connection.pipeline([
-                    [Array("MGET".utf8)] + counterKeys,
-                    [Array("LLEN".utf8), listKey],
-                    [Array("LINDEX".utf8), listKey, Array("0".utf8)],
+                    ["MGET"] + counterKeys.map(RedisArgument.bytes),
+                    ["LLEN", .bytes(listKey)],
+                    ["LINDEX", .bytes(listKey), 0],
                 ])
                 if let oldest = replies[2].bytes {
-                    replies.append(try await connection.command([Array("PTTL".utf8), oldest]))
+                    replies.append(try await connection.command(["PTTL", .bytes(oldest)]))
                 } else {
                     replies.append(.integer(-2))
                 }
@@ -144,18 +155,10 @@ extension RedisChannelLayer {
         var names = Set<String>()
         for index in shards.indices {
             let connection = try await shared(index)
-            var cursor = "0"
-            repeat {
-                let reply = try await connection.command(["SCAN", cursor, "MATCH", pattern, "COUNT", "1000", "TYPE", type])
-                guard case .array(let parts) = reply, parts.count == 2,
-                    let next = parts[0].text, case .array(let batch) = parts[1]
-                else { break }
-                names.formUnion(batch.compactMap { $0.bytes.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) } })
-                cursor = next
-            } while cursor != "0"
+            try await scan(connection, matching: pattern, type: type) { keys in
+                names.formUnion(keys.map { String(decoding: $0.dropFirst(prefixCount), as: UTF8.self) })
+            }
         }
         return names.sorted()
     }
-
-    /// Connections opened so far across shards (tests use it to check nothing leaks).
 }

@@ -35,20 +35,22 @@ extension RedisChannelLayer {
 
     /// The journal commands that go with adding `channel` to `group` (none for a channel of no
     /// process).
-    func journalAdd(_ group: String, channel: String, expiry: [UInt8]) -> [[[UInt8]]] {
+    func journalAdd(_ group: String, channel: String, expiry: Int) -> [[RedisArgument]] {
         guard ChannelNames.isProcessSpecific(channel) else { return [] }
         let journal = journalKey(ChannelNames.nonLocalName(channel))
         let (field, value) = journalFieldAndValue(group + " " + channel)
         return [
-            [Array("HSET".utf8), journal, Array(Self.journalMark.utf8), [], field, value],
-            [Array("EXPIRE".utf8), journal, expiry],
+            ["HSET", .bytes(journal), .text(Self.journalMark), .bytes([]), .bytes(field), .bytes(value)],
+            ["EXPIRE", .bytes(journal), .integer(expiry)],
         ]
     }
 
     /// The journal command that goes with discarding `channel` from `group`.
-    func journalDiscard(_ group: String, channel: String) -> [[[UInt8]]] {
+    func journalDiscard(_ group: String, channel: String) -> [[RedisArgument]] {
         guard ChannelNames.isProcessSpecific(channel) else { return [] }
-        return [[Array("HDEL".utf8), journalKey(ChannelNames.nonLocalName(channel)), journalFieldAndValue(group + " " + channel).field]]
+        return [
+            ["HDEL", .bytes(journalKey(ChannelNames.nonLocalName(channel))), .bytes(journalFieldAndValue(group + " " + channel).field)]
+        ]
     }
 
     /// One keeper pass; see `ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)`.
@@ -78,7 +80,7 @@ extension RedisChannelLayer {
     ) async throws {
         let journal = journalKey(processChannel)
         let connection = try await shared(shard)
-        let reply = try await connection.command([Array("HGETALL".utf8), journal])
+        let reply = try await connection.command(["HGETALL", .bytes(journal)])
         guard case .array(let items) = reply, items.count % 2 == 0 else { throw unexpected(reply, doing: "read the group journal") }
         var marked = false
         var live: Set<String> = []
@@ -100,7 +102,7 @@ extension RedisChannelLayer {
             // The journal lives as long as its server checks it: it must outlive the group sets
             // (which expire `group_expiry` after their last add) to put their members back.
             let renewed = try await connection.command([
-                Array("EXPIRE".utf8), journal, Array(String(configuration.groupExpiry).utf8),
+                "EXPIRE", .bytes(journal), .integer(configuration.groupExpiry),
             ])
             if let error = renewed.errorMessage { throw ChannelLayerError.redisRefused(error, "renew the group journal") }
         } else {
@@ -136,7 +138,7 @@ extension RedisChannelLayer {
         }
         journalViews.withLock { $0[viewKey] = live }
         if !stale.isEmpty {
-            let removed = try await connection.command([Array("HDEL".utf8), journal] + stale)
+            let removed = try await connection.command(["HDEL", .bytes(journal)] + stale.map(RedisArgument.bytes))
             if removed.errorMessage != nil { throw unexpected(removed, doing: "drop closed sockets from the group journal") }
             check.forgotten += stale.count
         }

@@ -16,7 +16,7 @@ extension RedisChannelLayer {
             try ChannelNames.validatePattern(pattern)
             while true {
                 let name = pattern + ChannelNames.randomLetters(12)
-                let reply = try await shared(shardIndex(for: name)).command([Array("EXISTS".utf8), key(name)])
+                let reply = try await shared(shardIndex(for: name)).command(["EXISTS", .bytes(key(name))])
                 if reply.integer == 0 { return name }
                 if case .error = reply { throw unexpected(reply, doing: "EXISTS") }
             }
@@ -30,12 +30,12 @@ extension RedisChannelLayer {
             try ChannelNames.validateGroup(group)
             try ChannelNames.validateChannel(channel)
             let gkey = groupKey(group)
-            let now = Array(String(Self.unixTime()).utf8)
-            let expiry = Array(String(configuration.groupExpiry).utf8)
+            let now = RedisArgument.text(String(Self.unixTime()))
+            let expiry = configuration.groupExpiry
             let replies = try await shared(shardIndex(for: group)).pipeline(
                 [
-                    [Array("ZADD".utf8), gkey, now, Array(channel.utf8)],
-                    [Array("EXPIRE".utf8), gkey, expiry],
+                    ["ZADD", .bytes(gkey), now, .text(channel)],
+                    ["EXPIRE", .bytes(gkey), .integer(expiry)],
                 ] + journalAdd(group, channel: channel, expiry: expiry))
             if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
         }
@@ -47,7 +47,7 @@ extension RedisChannelLayer {
             try ChannelNames.validateGroup(group)
             try ChannelNames.validateChannel(channel)
             let replies = try await shared(shardIndex(for: group)).pipeline(
-                [[Array("ZREM".utf8), groupKey(group), Array(channel.utf8)]] + journalDiscard(group, channel: channel))
+                [["ZREM", .bytes(groupKey(group)), .text(channel)]] + journalDiscard(group, channel: channel))
             if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group discard") }
         }
     }
@@ -56,8 +56,8 @@ extension RedisChannelLayer {
     public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] {
         return try await withLayerErrors {
             try ChannelNames.validateGroup(group)
-            let cutoff = Array(String(Self.unixTime() - Double(configuration.groupExpiry)).utf8)
-            let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [groupKey(group)], args: [cutoff])
+            let cutoff = RedisArgument.text(String(Self.unixTime() - Double(configuration.groupExpiry)))
+            let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [.bytes(groupKey(group))], args: [cutoff])
             guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
             return members.compactMap(\.text)
         }
@@ -105,7 +105,7 @@ extension RedisChannelLayer {
             }
             let stats = configuration.statsPrefix
             let globalKeys: [RedisArgument] = [
-                .joined3(stats, "#global#", ":messages_count"), .joined3(stats, "#global#", ":channel_full_count"),
+                .key(stats, "#global#", ":messages_count"), .key(stats, "#global#", ":channel_full_count"),
             ]
             if let crypter {
                 try await sendGroupSealed(group, message: message, crypter: crypter, globalKeys: globalKeys) {
@@ -116,7 +116,7 @@ extension RedisChannelLayer {
 
             if shards.count == 1 {
                 let scriptArgs = args(mode: "group", members: [])
-                let keys: [RedisArgument] = [.joined3(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
+                let keys: [RedisArgument] = [.key(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
                 let reply = try await pipelined(0, Scripts.sendMany, keys: keys, args: scriptArgs)
                 try await settleGroupSend(reply, shard: 0, group: group, globalKeys: globalKeys)
                 return
@@ -171,7 +171,7 @@ extension RedisChannelLayer {
                     var forms: [String?] = []
                     if !local.isEmpty {
                         let reply = try await self.shared(index).command(
-                            [Array("MGET".utf8)] + local.keys.map { self.statKey($0, "reader") })
+                            ["MGET"] + local.keys.map { .bytes(self.statKey($0, "reader")) })
                         forms = (reply.array ?? []).map(\.text)
                     }
                     for name in plainMembers {
@@ -223,7 +223,7 @@ extension RedisChannelLayer {
         var (reached, missed, refused) = try parseGroupSend(reply)
         let clock = ContinuousClock()
         let deadline = clock.now + configuration.groupFullWait
-        var pause = Duration.milliseconds(2)
+        var backoff = Backoff(first: .milliseconds(2), cap: .milliseconds(50))
         while !refused.isEmpty {
             let now = clock.now
             let stalled = stalledProcessChannels.withLock { stalled in
@@ -246,8 +246,7 @@ extension RedisChannelLayer {
                 missed += refused.reduce(0) { $0 + $1.count }
                 break
             }
-            try? await Task.sleep(for: min(pause, deadline - now))
-            pause = min(pause * 2, .milliseconds(50))
+            try? await Task.sleep(for: min(backoff.next(), deadline - now))
             groupSendsHeld.add(1, ordering: .relaxed)
             var args = groupRetryArgs()
             for item in refused { args += [.text(item.list), .bytes(item.body), .integer(item.count)] }

@@ -121,7 +121,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
             try ChannelNames.validateGroup(group)
             guard !channels.isEmpty else { return }
             let reply = try await shared(shardIndex(for: group)).command(
-                [Array("ZREM".utf8), groupKey(group)] + channels.map { Array($0.utf8) })
+                ["ZREM", .bytes(groupKey(group))] + channels.map(RedisArgument.text))
             if reply.errorMessage != nil { throw unexpected(reply, doing: "group remove") }
         }
     }

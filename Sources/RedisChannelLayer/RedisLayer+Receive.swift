@@ -142,7 +142,7 @@ extension RedisChannelLayer {
     /// on every shard when `everyShard`.
     func receivePlan(_ channels: [String], everyShard: Bool = false) -> [(shard: Int, lists: [RedisArgument])] {
         let prefix = configuration.prefix
-        func key(_ name: String) -> RedisArgument { .joined(prefix, name) }
+        func key(_ name: String) -> RedisArgument { .key(prefix, name) }
         if shards.count == 1 { return [(0, channels.map(key))] }
         var byShard: [Int: [RedisArgument]] = [:]
         let rotating = receiveCursor.wrappingAdd(1, ordering: .relaxed).oldValue % shards.count
@@ -325,13 +325,12 @@ extension RedisChannelLayer {
     /// a racer still waiting is woken again after a short, growing pause.
     func wakeRacers(_ race: BlockingRace) async {
         var waiting = race.end()
-        var pause = Duration.milliseconds(1)
+        var backoff = Backoff(first: .milliseconds(1), cap: .milliseconds(100))
         while !waiting.isEmpty {
             for (shard, id) in waiting {
-                _ = try? await shared(shard).command([.text("CLIENT"), .text("UNBLOCK"), .integer(id)])
+                _ = try? await shared(shard).command(["CLIENT", "UNBLOCK", .integer(id)])
             }
-            do { try await Task.sleep(for: pause) } catch { return }  // cancelled: the slices end by themselves
-            pause = min(pause * 2, .milliseconds(100))
+            do { try await Task.sleep(for: backoff.next()) } catch { return }  // cancelled: the slices end by themselves
             waiting = waiting.filter { race.isWaiting(shard: $0.shard) }
         }
     }

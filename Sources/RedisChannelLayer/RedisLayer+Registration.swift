@@ -30,11 +30,8 @@ extension RedisChannelLayer {
             let shard = shardIndex(for: processChannel)
             let reply = try await pipelined(
                 shard, Scripts.registerReader,
-                keys: [statKey(processChannel, "reader"), key("born")],
-                args: [
-                    Array("bundles".utf8), Array(String(configuration.groupExpiry).utf8),
-                    Array(RandomToken.string(20, from: RandomToken.alphanumerics).utf8),
-                ])
+                keys: [.bytes(statKey(processChannel, "reader")), .bytes(key("born"))],
+                args: ["bundles", .integer(configuration.groupExpiry), .text(RandomToken.string(20, from: RandomToken.alphanumerics))])
             guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
                 throw unexpected(reply, doing: "register a reader")
             }
@@ -77,10 +74,9 @@ extension RedisChannelLayer {
     /// nil when Redis does not say (a managed Redis that renamed `INFO`): then a new birth mark
     /// counts as a loss.
     func redisLife(_ shard: Int) async -> RedisLife? {
-        let info = Array("INFO".utf8)
         guard
             let replies = try? await shared(shard).pipeline([
-                [info, Array("server".utf8)], [info, Array("stats".utf8)], [info, Array("commandstats".utf8)],
+                ["INFO", "server"], ["INFO", "stats"], ["INFO", "commandstats"],
             ]),
             replies.count == 3, let server = replies[0].text, let stats = replies[1].text, let commands = replies[2].text,
             let runID = Self.infoField("run_id", in: server),

@@ -26,9 +26,9 @@ extension RedisChannelLayer {
             let shard = sendShard(for: channel)
             let prefix = configuration.prefix, stats = configuration.statsPrefix
             let keys: [RedisArgument] = [
-                .uuidKey(prefix: prefix), .joined(prefix, listName),
-                .joined3(stats, listName, ":messages_count"), .joined3(stats, "#global#", ":messages_count"),
-                .joined3(stats, listName, ":channel_full_count"), .joined3(stats, "#global#", ":channel_full_count"),
+                .uuidKey(prefix: prefix), .key(prefix, listName),
+                .key(stats, listName, ":messages_count"), .key(stats, "#global#", ":messages_count"),
+                .key(stats, listName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
             ]
             let args: [RedisArgument] = [
                 .bytes(body), .integer(configuration.expiry), .integer(capacities.capacity(for: channel)),

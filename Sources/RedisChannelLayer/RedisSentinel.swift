@@ -23,7 +23,7 @@ enum RedisSentinel {
                 let connection = try await RedisConnection.connect(
                     to: endpoint, on: loop, connectTimeout: connectTimeout, commandTimeout: commandTimeout)
                 defer { connection.close() }
-                let reply = try await connection.command(["SENTINEL", "get-master-addr-by-name", service])
+                let reply = try await connection.command(["SENTINEL", "get-master-addr-by-name", .text(service)])
                 guard case .array(let parts) = reply, parts.count == 2, let host = parts[0].text,
                     let portText = parts[1].text, let port = Int(portText)
                 else {

@@ -79,11 +79,11 @@ struct BundledGroupTests {
             #expect(try await layer.registeredAsBundleReader(process))
             // Only this server's key goes (maxmemory with allkeys-lru would do this).
             let connection = try await redis.shared(redis.shardIndex(for: process))
-            _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
+            _ = try await connection.command(["DEL", .bytes(redis.statKey(process, "reader"))])
             #expect(try await layer.registeredAsBundleReader(process), "one key evicted is not the data lost")
             // The data lost and the birth mark made again by another server: a loss.
-            _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader")])
-            _ = try await connection.command([Array("SET".utf8), redis.key("born"), Array("another".utf8)])
+            _ = try await connection.command(["DEL", .bytes(redis.statKey(process, "reader"))])
+            _ = try await connection.command(["SET", .bytes(redis.key("born")), "another"])
             #expect(try await layer.registeredAsBundleReader(process) == false, "a new birth mark: the Redis lost its data")
         }
     }
@@ -98,7 +98,7 @@ struct BundledGroupTests {
             #expect(redis.redisLives.withLock { $0[shard] } != nil, "INFO gave a run id, an evicted-key count and flushes")
             let connection = try await redis.shared(shard)
             func evictBoth() async throws {
-                _ = try await connection.command([Array("DEL".utf8), redis.statKey(process, "reader"), redis.key("born")])
+                _ = try await connection.command(["DEL", .bytes(redis.statKey(process, "reader")), .bytes(redis.key("born"))])
             }
             // The last registration's view, made up from what Redis says now (the test's Redis
             // evicts nothing; read just before, so another suite's FLUSHDB does not slip in).

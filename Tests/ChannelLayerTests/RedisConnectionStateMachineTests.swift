@@ -144,9 +144,9 @@ struct RedisConnectionStateMachineTests {
         _ channel: EmbeddedChannel, _ commands: [[String]], timeout: Duration = .seconds(5), throughPipeline: Bool = false
     ) throws -> EventLoopFuture<[RedisReply]> {
         let promise = channel.eventLoop.makePromise(of: [RedisReply].self)
-        let bytes = commands.map { $0.map { Array($0.utf8) } }
+        let arguments = commands.map { $0.map(RedisArgument.text) }
         let request = RedisRequest(
-            bytes: RedisCommandEncoding.encode(bytes), commands: bytes.count, waiter: .promise(promise), timeout: timeout)
+            bytes: RedisCommandEncoding.encode(arguments), commands: arguments.count, waiter: .promise(promise), timeout: timeout)
         if throughPipeline {
             let written = channel.eventLoop.makePromise(of: Void.self)
             written.futureResult.whenFailure { promise.fail($0) }
@@ -269,8 +269,8 @@ struct RedisConnectionStateMachineTests {
     @Test("arguments are written as RESP bulk strings: numbers (negative too), joined keys, fresh UUID keys")
     func argumentsEncodeAsRESP() throws {
         let buffer = RedisCommandEncoding.encode([
-            .text("SET"), .joined("p:", "k"), .integer(-42), .integer(1_234_567), .integer(0), .bytes([0, 255]),
-            .joined3("s:", "x", ":n"),
+            .text("SET"), .key("p:", "k"), .integer(-42), .integer(1_234_567), .integer(0), .bytes([0, 255]),
+            .key("s:", "x", ":n"),
         ])
         let expected: [UInt8] =
             Array(

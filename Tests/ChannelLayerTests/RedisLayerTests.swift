@@ -337,7 +337,7 @@ struct RedisLayerTests {
     @Test("each event loop gets its own shared connection: a command from a loop runs on a connection of that loop")
     func sharedConnectionPerEventLoop() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let connections = RedisConnections(
+        let connections = RedisConnectionPool(
             endpoint: try RedisEndpoint(url: TestRedis.requireURL()), group: group, connectTimeout: .seconds(2),
             commandTimeout: .seconds(5))
         let loops = Array(group.makeIterator())

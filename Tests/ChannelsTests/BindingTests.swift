@@ -28,7 +28,7 @@ struct NoteBinding: WebSocketBinding {
     static func primaryKey(_ instance: Note) -> Int { instance.id }
 
     func hasPermission(_ socket: WebSocket, action: BindingAction, pk: Int?) async throws -> Bool {
-        guard let who = socket.kwargs["who"] else { return false }
+        guard let who = socket.parameters["who"] else { return false }
         guard let pk else { return who == "ann" }
         return noteStore.withLock { $0[pk]?.owner } == who
     }
@@ -47,7 +47,7 @@ struct NoteBinding: WebSocketBinding {
 
 struct NotesSocket: WebSocketDemultiplexer {
     static let streams: [String: any StreamConsumer.Type] = ["notes": NoteBinding.self]
-    func connectionGroups(_ socket: WebSocket) -> [String] { ["notes-\(socket.kwargs["block"] ?? "0")"] }
+    func connectionGroups(_ socket: WebSocket) -> [String] { ["notes-\(socket.parameters["block"] ?? "0")"] }
 }
 
 @Suite("data binding", .timeLimit(.minutes(1)))

@@ -9,7 +9,7 @@ import Testing
 struct RoomConsumer: WebSocketConsumer {
     static let options = WebSocketConsumerOptions(channelSession: true, ordering: .strict)
 
-    func connectionGroups(_ socket: WebSocket) -> [String] { ["room-" + (socket.kwargs["room"] ?? "none")] }
+    func connectionGroups(_ socket: WebSocket) -> [String] { ["room-" + (socket.parameters["room"] ?? "none")] }
 
     func connect(_ socket: WebSocket) async throws {
         try socket.session["joined"] = true
@@ -19,7 +19,8 @@ struct RoomConsumer: WebSocketConsumer {
     func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
         if text == "close" { return try await socket.close(code: 4001) }
         let joined = try socket.session["joined"]?.boolValue == true
-        try await socket.groupSend("room-" + (socket.kwargs["room"] ?? "none"), text: "\(joined ? "member" : "stranger"): \(text ?? "")")
+        try await socket.groupSend(
+            "room-" + (socket.parameters["room"] ?? "none"), text: "\(joined ? "member" : "stranger"): \(text ?? "")")
     }
 }
 
@@ -48,7 +49,7 @@ struct GameDemultiplexer: WebSocketDemultiplexer {
 struct GreetingConsumer: HTTPConsumer {
     func handle(_ request: HTTPRequest) async throws -> HTTPResponse? {
         guard request.method == "POST" else { return HTTPResponse(status: 405, "POST only") }
-        return try .json(["hello": request.form["name"] ?? "?", "who": request.kwargs["who"] ?? "?"])
+        return try .json(["hello": request.form["name"] ?? "?", "who": request.parameters["who"] ?? "?"])
     }
 }
 

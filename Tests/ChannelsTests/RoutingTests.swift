@@ -10,13 +10,13 @@ import Testing
 /// Records which consumer ran with which arguments.
 actor Calls {
     var log: [(String, [String: String])] = []
-    func add(_ name: String, _ kwargs: [String: String]) { log.append((name, kwargs)) }
+    func add(_ name: String, _ parameters: [String: String]) { log.append((name, parameters)) }
 }
 
 @Suite("routing", .timeLimit(.minutes(2)))
 struct RoutingTests {
     func consumer(_ name: String, _ calls: Calls) -> Consumer {
-        { context in await calls.add(name, context.kwargs) }
+        { context in await calls.add(name, context.parameters) }
     }
 
     @Test func filtersKwargsIncludeAndOrder() async throws {
@@ -33,10 +33,10 @@ struct RoutingTests {
         ])
         #expect(router.channels == ["http.request", "websocket.connect"])
         func run(_ channel: String, _ message: Message) async throws {
-            let (consumer, kwargs, _) = try #require(router.match(channel: channel, message: message))
+            let (consumer, parameters, _) = try #require(router.match(channel: channel, message: message))
             try await consumer(
                 ConsumerContext(
-                    message: message, channel: channel, kwargs: kwargs,
+                    message: message, channel: channel, parameters: parameters,
                     layer: InMemoryChannelLayer(), logger: .init(label: "t")))
         }
         try await run("http.request", ["path": "/hello/bob/", "method": "GET"])
@@ -125,7 +125,7 @@ struct WorkerTests {
         #expect(seen.withLock { $0 } == [["channel": "websocket.receive", "socket": .string(tag), "consumer": "echo"]])
         // Outside a worker the logger is the one given, without per-message metadata.
         let plain = ConsumerContext(
-            message: ["reply_channel": "x!y"], channel: "websocket.receive", kwargs: [:], layer: layer,
+            message: ["reply_channel": "x!y"], channel: "websocket.receive", parameters: [:], layer: layer,
             logger: Logger(label: "t"))
         #expect(plain.logger[metadataKey: "consumer"] == nil)
     }

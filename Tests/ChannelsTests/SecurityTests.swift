@@ -135,7 +135,7 @@ struct SecurityTests {
         #expect(try await socket.connect())
         let key = Session.storageKey(
             Session.channelSessionKey(replyChannel: try #require(socket.replyChannel), secret: environment.sessionSettings.secret))
-        let ttl = try await client.command("TTL", prefix + key).integer ?? -1
+        let ttl = try await client.command("TTL", .key(prefix, key)).integer ?? -1
         #expect(ttl > 24 * 3600 - 10 && ttl <= 24 * 3600, "TTL \(ttl)")
     }
 
@@ -246,7 +246,7 @@ struct SecurityTests {
         let session = Session(key: Session.newKey(), store: store, settings: settings)
         session["user"] = "alice-the-secret-name"
         try await session.save()
-        let raw = try #require(try await client.command("GET", prefix + Session.storageKey(session.key!)).bytes)
+        let raw = try #require(try await client.command("GET", .key(prefix, Session.storageKey(session.key!))).bytes)
         #expect(!String(decoding: raw, as: UTF8.self).contains("alice-the-secret-name"))
         #expect(try await Session.load(key: session.key, store: store, settings: settings)["user"] == "alice-the-secret-name")
         // Without the key the data is unreadable (read as an empty session, never as someone else's).

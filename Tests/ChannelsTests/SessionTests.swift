@@ -82,7 +82,7 @@ struct SessionTests {
 
     @Test func channelSessionWithoutReplyChannelIsAClearError() async throws {
         let context = ConsumerContext(
-            message: ["text": "x"], channel: "chat-messages", kwargs: [:],
+            message: ["text": "x"], channel: "chat-messages", parameters: [:],
             layer: InMemoryChannelLayer(), logger: .init(label: "t"))
         await #expect(throws: SessionError.self) {
             try await channelSession { _ in }(context)
@@ -284,7 +284,7 @@ struct SessionTests {
         let session = Session(key: "agecheck", store: store, settings: settings)
         session["x"] = 1
         try await session.save()
-        let ttl = try await client.command("TTL", prefix + Session.storageKey("agecheck")).integer ?? -1
+        let ttl = try await client.command("TTL", .key(prefix, Session.storageKey("agecheck"))).integer ?? -1
         #expect(ttl > 4990 && ttl <= 5000, "TTL \(ttl)")
     }
 

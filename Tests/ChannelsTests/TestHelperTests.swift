@@ -86,7 +86,7 @@ struct TestHelperTests {
         let recording = RecordingLayer(InMemoryChannelLayer())
         #expect(recording.maxMessageSize == InMemoryChannelLayer().maxMessageSize)
         let context = ConsumerContext(
-            message: ["reply_channel": "big!", "path": "/"], channel: "websocket.receive", kwargs: [:], layer: recording,
+            message: ["reply_channel": "big!", "path": "/"], channel: "websocket.receive", parameters: [:], layer: recording,
             logger: Logger(label: "test"))
         let big: Message = ["text": .string(String(repeating: "x", count: 2 << 20))]
         try await context.send(big, to: "big.out", immediately: true)

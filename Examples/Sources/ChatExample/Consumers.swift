@@ -25,7 +25,7 @@ enum ChatConsumers {
     /// the client takes it (with its `content-length`): a client that stops reading holds this
     /// consumer's next chunk, not the whole body, and the worker's slot serves others meanwhile.
     @Sendable static func download(_ context: ConsumerContext) async throws {
-        let total = min(64, Int(context.kwargs["mib"] ?? "1") ?? 1) << 20
+        let total = min(64, Int(context.parameters["mib"] ?? "1") ?? 1) << 20
         let chunkSize = context.responseChunkSize
         // Lines of 129 bytes, repeated: a chunk is a slice of this, starting where its offset
         // falls in a line.
@@ -251,7 +251,7 @@ enum ChatConsumers {
     }
 
     @Sendable static func historyJSON(_ context: ConsumerContext) async throws {
-        let messages = try await ChatDatabase.shared.history(room: context.kwargs["room"] ?? "lobby")
+        let messages = try await ChatDatabase.shared.history(room: context.parameters["room"] ?? "lobby")
         try await respondJSON(context, ["messages": messages.map(\.json)])
     }
 
@@ -281,7 +281,7 @@ enum ChatConsumers {
     /// history (not when recovering: the page has it).
     @Sendable static func joinRoom(_ context: ConsumerContext) async throws {
         guard let reply = context.replyChannel else { return }
-        let room = context.kwargs["room"] ?? "lobby"
+        let room = context.parameters["room"] ?? "lobby"
         try context.channelSession["room"] = .string(room)
         if context.user.isAuthenticated {
             try await userGroup(context.user).add(reply)
@@ -321,7 +321,7 @@ enum ChatConsumers {
         }
         text = clipped(text)
         guard !text.isEmpty else { return }
-        let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
+        let room = try context.channelSession["room"]?.stringValue ?? context.parameters["room"] ?? "lobby"
         // "/later N text" posts the text N seconds from now, through the delay server.
         var delay: Int?
         let words = text.split(separator: " ", maxSplits: 2)
@@ -358,7 +358,7 @@ enum ChatConsumers {
 
     @Sendable static func leaveRoom(_ context: ConsumerContext) async throws {
         guard let reply = context.replyChannel else { return }
-        let room = try context.channelSession["room"]?.stringValue ?? context.kwargs["room"] ?? "lobby"
+        let room = try context.channelSession["room"]?.stringValue ?? context.parameters["room"] ?? "lobby"
         try await roomGroup(room).discard(reply)
         if let group = try context.channelSession["user_group"]?.stringValue { try await Group(group).discard(reply) }
     }

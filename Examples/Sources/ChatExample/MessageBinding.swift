@@ -55,7 +55,7 @@ struct MessageBinding: WebSocketBinding {
     /// with the session cookie and the CSRF token: the author changes a message; every open page
     /// of the room hears of it. 403 for anyone else, 404 for no such message in that room.
     @Sendable static func http(_ context: ConsumerContext) async throws {
-        guard let id = Int64(context.kwargs["id"] ?? ""), let room = context.kwargs["room"] else { return }
+        guard let id = Int64(context.parameters["id"] ?? ""), let room = context.parameters["room"] else { return }
         guard let existing = try await ChatDatabase.shared.message(id: id), existing.room == room else {
             return try await ChatConsumers.respondJSON(context, status: 404, ["error": "no such message"])
         }

@@ -17,18 +17,45 @@ public func retrying<T>(
     }
 }
 
+/// Growing pauses between tries: `first`, then doubling up to `cap`. Every retry loop of the
+/// package spells its pauses with it (the caps differ: 50 ms for a group send held back, a
+/// second for a socket's held sends, five for a presence call).
+public struct Backoff: Sendable {
+    /// The pause the next ``next()`` returns.
+    public private(set) var pause: Duration
+    /// The first pause (``reset()`` goes back to it).
+    public let first: Duration
+    /// The longest pause.
+    public let cap: Duration
+
+    /// Pauses from `first`, doubling up to `cap`.
+    public init(first: Duration, cap: Duration) {
+        self.first = first
+        self.cap = cap
+        self.pause = first
+    }
+
+    /// The pause to wait now; the one after it is twice as long (at most `cap`).
+    public mutating func next() -> Duration {
+        defer { pause = min(pause * 2, cap) }
+        return pause
+    }
+
+    /// The next pause is `first` again (the thing waited for came).
+    public mutating func reset() { pause = first }
+}
+
 /// The tries after a first failure: back-off from 10 ms, doubling to 500 ms, until `deadline`.
 @usableFromInline
 func retryingAfter<T>(
     _ first: ChannelLayerError, deadline: ContinuousClock.Instant, when retryable: (ChannelLayerError) -> Bool,
     _ body: () async throws -> T
 ) async throws -> T {
-    var pause = Duration.milliseconds(10)
+    var backoff = Backoff(first: .milliseconds(10), cap: .milliseconds(500))
     var last = first
-    while ContinuousClock.now + pause < deadline {
-        try? await Task.sleep(for: pause)
+    while ContinuousClock.now + backoff.pause < deadline {
+        try? await Task.sleep(for: backoff.next())
         if Task.isCancelled { throw last }
-        pause = min(pause * 2, .milliseconds(500))
         do {
             return try await body()
         } catch let error as ChannelLayerError where retryable(error) {

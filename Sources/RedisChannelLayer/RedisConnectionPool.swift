@@ -19,7 +19,7 @@ import Synchronization
 /// resumes by itself when the server is back. For a Sentinel endpoint, "the server" is the
 /// service's master: found through the sentinels, remembered while it answers, and looked up
 /// again when a connection to it fails or it turns out to be a replica (after a failover).
-final class RedisConnections: Sendable {
+final class RedisConnectionPool: Sendable {
     let endpoint: RedisEndpoint
     private let group: any EventLoopGroup
     private let connectTimeout: Duration
