@@ -131,15 +131,29 @@ struct RedisConnectionStateMachine<Waiter> {
         case failConnection(ChannelLayerError, [Waiter])
     }
 
-    /// The reply timer fired. Replies come in order, so only the oldest request's deadline
-    /// matters; when it was answered in the meantime, the timer moves on to the next oldest.
-    /// A late request whose bytes are still arriving (a large reply) is given more time.
-    mutating func timerFired(now: NIODeadline) -> TimerAction {
+    /// How late a reply timer may run before the lateness is this process's own: a timer that
+    /// runs later than this after its deadline says the process was stopped or starved.
+    static var stallLateness: TimeAmount { .milliseconds(500) }
+
+    /// The reply timer fired (`armedFor`: the deadline it was armed for). Replies come in
+    /// order, so only the oldest request's deadline matters; when it was answered in the
+    /// meantime, the timer moves on to the next oldest. A late request whose bytes are still
+    /// arriving (a large reply) is given more time.
+    ///
+    /// A timer that runs long after its deadline means this process did not run (SIGSTOP, a
+    /// paused VM, a loop busy for seconds): Redis's replies may be sitting unread in the
+    /// socket, and the loop runs this timer before it reads them. Failing the connection then
+    /// would fail commands Redis already ran (a retried send runs twice; a take loses what it
+    /// took). Such a stall counts as progress: the oldest request gets a fresh window, from now.
+    mutating func timerFired(now: NIODeadline, armedFor: NIODeadline? = nil) -> TimerAction {
         timerArmed = false
         guard case .active(let pending) = state, let oldest = pending.first else { return .none }
         if oldest.deadline > now {
             timerArmed = true
             return .rearm(oldest.deadline)
+        }
+        if let armedFor, now - armedFor > Self.stallLateness {
+            lastRead = now
         }
         if lastRead + oldest.timeout > now {
             timerArmed = true

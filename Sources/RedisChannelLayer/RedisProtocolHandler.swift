@@ -179,7 +179,7 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     private func arm(context: ChannelHandlerContext, at deadline: NIODeadline) {
         timer = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
             self.timer = nil
-            switch self.machine.timerFired(now: context.eventLoop.now) {
+            switch self.machine.timerFired(now: context.eventLoop.now, armedFor: deadline) {
             case .none:
                 break
             case .rearm(let next):

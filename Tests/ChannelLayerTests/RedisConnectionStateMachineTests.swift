@@ -89,6 +89,33 @@ struct RedisConnectionStateMachineTests {
         #expect(machine.failure != nil)
     }
 
+    /// The process was stopped (SIGSTOP) past the deadline: its loop runs the timer before it
+    /// reads the replies that came meanwhile. Failing then would fail commands Redis ran.
+    @Test("a timer that runs long after its deadline (this process stalled) gives a fresh window, not a failure")
+    func aStalledProcessIsNotAStalledRedis() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "send", timeout: .seconds(5), now: start)
+        let deadline = start + .seconds(5)
+        // Frozen for 7 s from 1 s: the timer runs at 8 s, 3 s late, before any read.
+        guard case .rearm(let next) = machine.timerFired(now: start + .seconds(8), armedFor: deadline) else {
+            Issue.record("a late timer failed the connection")
+            return
+        }
+        #expect(next == start + .seconds(13))
+        guard case .succeed("send", _) = machine.replyReceived(.integer(1)) else {
+            Issue.record("the reply that was waiting did not complete the send")
+            return
+        }
+        // On time, with nothing read: a silent Redis still fails the connection.
+        _ = machine.write(commands: 1, waiter: "next", timeout: .seconds(5), now: start + .seconds(9))
+        guard case .failConnection(_, let waiters) = machine.timerFired(now: start + .seconds(14), armedFor: start + .seconds(14))
+        else {
+            Issue.record("a silent Redis was not found out")
+            return
+        }
+        #expect(waiters == ["next"])
+    }
+
     @Test("a late reply whose bytes are still arriving gets more time")
     func slowLargeReplyIsProgress() {
         var machine = Machine(endpoint: endpoint, now: start)
