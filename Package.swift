@@ -167,7 +167,7 @@ let package = Package(
         .testTarget(
             name: "ChannelsCommandTests",
             dependencies: [
-                "ChannelsCommand", "InterfaceServer",
+                "ASGI", "ChannelsCommand", "InterfaceServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings

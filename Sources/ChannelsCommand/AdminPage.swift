@@ -110,7 +110,7 @@ final class AdminPage: Sendable {
         let figures = processFigures()
         let pending = (try? await LayerSnapshot.take(of: layer, channels: [], routed: routed).pendingTotal) ?? 0
         let point = Sample(
-            time: Date().timeIntervalSince1970, websocketsOpen: figures.websocketsOpen,
+            time: WallClock.seconds, websocketsOpen: figures.websocketsOpen,
             httpRequestsInFlight: figures.httpRequestsInFlight, sent: figures.sent.values.reduce(0, +),
             received: figures.received.values.reduce(0, +), dropped: figures.dropped.values.reduce(0, +), pending: pending)
         samples.withLock { samples in
@@ -124,7 +124,7 @@ final class AdminPage: Sendable {
     func report(channels: [String]) async throws -> Report {
         let snapshot = try await LayerSnapshot.take(of: layer, channels: channels, routed: routed)
         return Report(
-            time: Date().timeIntervalSince1970, intervalSeconds: interval.seconds, layer: snapshot, process: processFigures(),
+            time: WallClock.seconds, intervalSeconds: interval.seconds, layer: snapshot, process: processFigures(),
             history: samples.withLock { Array($0) })
     }
 

@@ -14,14 +14,8 @@ import UnixSignals
 /// cancellation does not keep the process alive). `/readyz` turns 503 as the shutdown begins.
 func runServices(_ services: [any Service], metrics: MetricsEndpoint?, grace: Duration, logger: Logger) async {
     let finished = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-        let resumed = Mutex(false)
-        let finish: @Sendable (Bool) -> Void = { value in
-            let first = resumed.withLock { done -> Bool in
-                defer { done = true }
-                return !done
-            }
-            if first { continuation.resume(returning: value) }
-        }
+        let once = ResumeOnce(continuation)
+        let finish: @Sendable (Bool) -> Void = { _ = once.resume($0) }
         var parts: [any Service] = []
         if let metrics { parts.append(MetricsService(endpoint: metrics)) }
         parts += services
@@ -110,14 +104,8 @@ private struct MetricsService: Service, CustomStringConvertible {
 /// (work that ignores cancellation, a connect to a dead Redis, must not hold the caller).
 func racingTimeout<T: Sendable>(_ timeout: Duration, fallback: T, _ work: @escaping @Sendable () async -> T) async -> T {
     await withCheckedContinuation { (continuation: CheckedContinuation<T, Never>) in
-        let resumed = Mutex(false)
-        let resume: @Sendable (T) -> Void = { value in
-            let first = resumed.withLock { done -> Bool in
-                defer { done = true }
-                return !done
-            }
-            if first { continuation.resume(returning: value) }
-        }
+        let once = ResumeOnce(continuation)
+        let resume: @Sendable (T) -> Void = { _ = once.resume($0) }
         let timer = Task {
             try? await Task.sleep(for: timeout)
             resume(fallback)

@@ -1,3 +1,4 @@
+import ASGI
 import NIOCore
 import Synchronization
 
@@ -37,7 +38,7 @@ final class WorkInHand: Sendable {
         let id = nextWaiter.add(1, ordering: .relaxed).newValue
         return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let once = ResumeOnce(continuation)
-            let resume: @Sendable (Bool) -> Void = { once.resume($0) }
+            let resume: @Sendable (Bool) -> Void = { _ = once.resume($0) }
             let idle = waiters.withLock { waiting -> Bool in
                 if count.load(ordering: .acquiring) == 0 { return true }
                 waiting[id] = resume
@@ -52,17 +53,5 @@ final class WorkInHand: Sendable {
                 resume(false)
             }
         }
-    }
-}
-
-/// Resumes a continuation with the first value it is given; later ones are ignored.
-private final class ResumeOnce: Sendable {
-    private let resumed = Atomic<Bool>(false)
-    private let continuation: CheckedContinuation<Bool, Never>
-
-    init(_ continuation: CheckedContinuation<Bool, Never>) { self.continuation = continuation }
-
-    func resume(_ value: Bool) {
-        if !resumed.exchange(true, ordering: .acquiringAndReleasing) { continuation.resume(returning: value) }
     }
 }

@@ -1,3 +1,4 @@
+import ASGI
 import Crypto
 import Foundation
 import _CryptoExtras
@@ -100,7 +101,7 @@ struct Fernet: @unchecked Sendable {
     }
 
     /// Seconds since 1970, now.
-    static func now() -> Int64 { Int64(Date().timeIntervalSince1970) }
+    static func now() -> Int64 { WallClock.wholeSeconds }
 }
 
 /// Several Fernet keys: the first encrypts, each is tried in turn to decrypt (key rotation),

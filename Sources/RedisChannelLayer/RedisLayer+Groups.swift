@@ -320,9 +320,5 @@ extension RedisChannelLayer {
     /// `groups`, `flush` and `statistics`.
     public var extensions: Set<String> { standardLayerExtensions }
 
-    static func unixTime() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
+    static func unixTime() -> Double { WallClock.seconds }
 }

@@ -132,7 +132,7 @@ func firstError(_ url: String) async throws -> ChannelLayerError {
     let layer = try RedisChannelLayer(urls: [url])
     do {
         try await layer.send(Cases.small, to: "prod.fail")
-    } catch let error as ChannelLayerError {
+    } catch {
         await layer.close()
         return error
     }

@@ -60,7 +60,7 @@ public final class DelayServer: Service, Sendable {
     /// The counters so far.
     public var statistics: Counters { counters.withLock { $0 } }
 
-    static func nowMillis() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
+    static func nowMillis() -> Int64 { WallClock.milliseconds }
 
     /// The store's clock minus this process's, read again every 10 s: due times are set and
     /// compared on the store's clock (Redis `TIME`), so delay servers whose machines' clocks

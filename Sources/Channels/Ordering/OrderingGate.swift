@@ -117,10 +117,7 @@ struct OrderingGate {
         return (data?[Self.nextOrderKey]?.intValue ?? 0, data?[Self.movedAtKey]?.intValue)
     }
 
-    static func nowMillis() -> Int64 {
-        let now = Date().timeIntervalSince1970
-        return Int64(now * 1000)
-    }
+    static func nowMillis() -> Int64 { WallClock.milliseconds }
 
     /// Moves the stored order from `from` past a gap to `to` (unless another worker moved it).
     private func skipGap(from: Int64, to: Int64) async -> Bool {

@@ -131,7 +131,7 @@ extension ConsumerContext {
             try await session.delete()
             return
         }
-        let now = Int64(Date().timeIntervalSince1970)
+        let now = WallClock.wholeSeconds
         let touched = session[ChannelSessionKey.touched]?.intValue ?? 0
         let renewing = !session.isModified && session.isStored && now - touched > Int64(session.ttl / 4)
         if session.isModified || renewing { session[ChannelSessionKey.touched] = .int(now) }
