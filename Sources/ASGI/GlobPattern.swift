@@ -101,27 +101,36 @@ public struct CapacityTable: Sendable {
     /// Capacities by pattern; the first match wins.
     public var patterns: [(GlobPattern, Int)]
 
-    /// Capacities from a default and `(pattern, capacity)` pairs.
+    /// Capacities from a default and `(pattern, capacity)` pairs, then the ordering wait
+    /// channels' entry (``waitChannelPattern``, unless a pair names that pattern itself): a pair
+    /// that matches a wait channel first still wins.
     public init(defaultCapacity: Int = 100, patterns: [(String, Int)] = []) {
         self.defaultCapacity = defaultCapacity
-        self.patterns = patterns.map { (GlobPattern($0.0), $0.1) }
+        var all = patterns
+        if !patterns.contains(where: { $0.0 == Self.waitChannelPattern }) {
+            all.append((Self.waitChannelPattern, Self.waitChannelCapacity(defaultCapacity: defaultCapacity)))
+        }
+        self.patterns = all.map { (GlobPattern($0.0), $0.1) }
     }
 
     /// Prefix of the wait channels where ordering parks a socket's early messages.
     public static let waitChannelPrefix = "__wait__."
+    /// The pattern of the wait channels' entry every table ends with.
+    public static let waitChannelPattern = waitChannelPrefix + "*"
 
-    /// The capacity of a channel, matched on its non-local name for `!` channels.
-    ///
-    /// A wait channel (see `enforceOrdering`) that no pattern names holds up to ten times the
-    /// default capacity, at least 1,000: it must take every message of one socket that can be
-    /// in flight at once (its `websocket.receive` backlog plus what the workers hold), or the
-    /// workers that park and the one that drains would wait on each other.
+    /// What a wait channel (see `enforceOrdering`) holds unless configured otherwise: ten
+    /// times the default capacity, at least 1,000. It must take every message of one socket
+    /// that can be in flight at once (its `websocket.receive` backlog plus what the workers
+    /// hold), or the workers that park and the one that drains would wait on each other.
+    public static func waitChannelCapacity(defaultCapacity: Int) -> Int { max(1000, defaultCapacity * 10) }
+
+    /// The capacity of a channel, matched on its non-local name for `!` channels: the first
+    /// pattern that matches, else the default.
     public func capacity(for channel: String) -> Int {
         let name = ChannelNames.nonLocalName(channel)
         for (pattern, capacity) in patterns where pattern.matches(name) {
             return capacity
         }
-        if name.hasPrefix(Self.waitChannelPrefix) { return max(1000, defaultCapacity * 10) }
         return defaultCapacity
     }
 }

@@ -106,7 +106,8 @@ public protocol WebSocketConsumer: Sendable {
     func connectionGroups(_ socket: WebSocket) -> [String]
     /// Default: accept.
     func connect(_ socket: WebSocket) async throws
-    func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws
+    /// A frame from the client: `.text` or `.bytes`.
+    func receive(_ socket: WebSocket, data: WebSocketData) async throws
     func disconnect(_ socket: WebSocket, code: Int) async throws
 }
 
@@ -118,7 +119,7 @@ extension WebSocketConsumer {
     /// Default: accept.
     public func connect(_ socket: WebSocket) async throws { try await socket.accept() }
     /// Default: ignore the frame.
-    public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {}
+    public func receive(_ socket: WebSocket, data: WebSocketData) async throws {}
     /// Default: nothing to do.
     public func disconnect(_ socket: WebSocket, code: Int) async throws {}
 }
@@ -133,9 +134,11 @@ public protocol JSONWebSocketConsumer: WebSocketConsumer {
 extension JSONWebSocketConsumer {
     /// Decodes the frame as `Incoming` and hands it to `receive(_:json:)`; a frame that does not
     /// decode is logged and dropped.
-    public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
-        guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }) else { return }
-        try await receiveJSONData(socket, data)
+    public func receive(_ socket: WebSocket, data: WebSocketData) async throws {
+        switch data {
+        case .text(let text): try await receiveJSONData(socket, Data(text.utf8))
+        case .bytes(let bytes): try await receiveJSONData(socket, Data(bytes))
+        }
     }
 
     func receiveJSONData(_ socket: WebSocket, _ data: Data) async throws {
@@ -197,7 +200,7 @@ func dispatch<C: WebSocketConsumer>(_ instance: C, _ socket: WebSocket) async th
         try await instance.connect(socket)
     case ASGIChannel.websocketReceive:
         let frame = try context.message(as: WebSocketReceiveMessage.self)
-        try await instance.receive(socket, text: frame.data.text, bytes: frame.data.bytes)
+        try await instance.receive(socket, data: frame.data)
     case ASGIChannel.websocketDisconnect:
         let disconnect = try context.message(as: WebSocketDisconnectMessage.self)
         if let reply = context.replyChannel {

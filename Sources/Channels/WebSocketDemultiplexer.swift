@@ -52,8 +52,13 @@ extension WebSocketDemultiplexer {
 
     /// Routes a `{"stream": ..., "payload": ...}` frame to that stream's consumer; other frames are
     /// logged and dropped.
-    public func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
-        guard let data = text.map({ Data($0.utf8) }) ?? bytes.map({ Data($0) }), let frame = StreamFrame(json: data) else {
+    public func receive(_ socket: WebSocket, data: WebSocketData) async throws {
+        let json =
+            switch data {
+            case .text(let text): Data(text.utf8)
+            case .bytes(let bytes): Data(bytes)
+            }
+        guard let frame = StreamFrame(json: json) else {
             socket.context.logger.warning("dropped a frame without stream and payload", metadata: ["path": "\(socket.path)"])
             return
         }

@@ -78,6 +78,11 @@ struct NamesTests {
         #expect(table.capacity(for: "http.request") == 10)
         #expect(table.capacity(for: "other") == 50)
         #expect(CapacityTable(defaultCapacity: 7).capacity(for: "x") == 7)
+        // The ordering wait channels' entry ends every table: configurable, and a pattern before it wins.
+        #expect(CapacityTable(defaultCapacity: 100).capacity(for: "__wait__.abc") == 1000)
+        #expect(CapacityTable(defaultCapacity: 500).capacity(for: "__wait__.abc") == 5000)
+        #expect(CapacityTable(defaultCapacity: 100, patterns: [("__wait__.*", 20)]).capacity(for: "__wait__.abc") == 20)
+        #expect(table.capacity(for: "__wait__.abc") == 50, "the catch-all '*' comes first")
     }
 
     @Test func typedAccessors() throws {

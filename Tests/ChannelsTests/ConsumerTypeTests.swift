@@ -16,7 +16,8 @@ struct RoomConsumer: WebSocketConsumer {
         try await socket.accept()
     }
 
-    func receive(_ socket: WebSocket, text: String?, bytes: [UInt8]?) async throws {
+    func receive(_ socket: WebSocket, data: WebSocketData) async throws {
+        let text = data.text
         if text == "close" { return try await socket.close(code: 4001) }
         let joined = try socket.session["joined"]?.boolValue == true
         try await socket.groupSend(
