@@ -90,7 +90,8 @@ public final class HTTPTestClient: Sendable {
         let cookieHeader = cookies.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: "; ")
         if !cookieHeader.isEmpty { headerList.add(name: "cookie", value: cookieHeader) }
         let message = HTTPRequestMessage(
-            replyChannel: reply, method: method.uppercased(), scheme: scheme, path: path, queryString: Array(query.utf8),
+            replyChannel: ReplyChannelName(trusted: reply), method: method.uppercased(), scheme: scheme, path: path,
+            queryString: Array(query.utf8),
             headers: headerList,
             body: body, client: ASGIAddress(host: "127.0.0.1", port: 50000), server: ASGIAddress(host: "127.0.0.1", port: 80))
         try await harness.send(message.message, to: ASGIChannel.httpRequest)
@@ -176,7 +177,7 @@ public final class WebSocketTestClient: Sendable {
         var headerList: ASGIHeaders = [("host", "testserver")]
         for (name, value) in headers { headerList.add(name: name, value: value) }
         let message = WebSocketConnectMessage(
-            replyChannel: reply, path: path, queryString: Array(query.utf8), headers: headerList,
+            replyChannel: ReplyChannelName(trusted: reply), path: path, queryString: Array(query.utf8), headers: headerList,
             client: ASGIAddress(host: "127.0.0.1", port: 50001), server: ASGIAddress(host: "127.0.0.1", port: 80))
         try await harness.send(message.message, to: ASGIChannel.websocketConnect)
         guard let answer = try await harness.receive(from: reply, timeout: timeout) else { return false }
@@ -204,14 +205,14 @@ public final class WebSocketTestClient: Sendable {
 
     private func send(_ data: WebSocketData) async throws {
         let (reply, order) = try nextOrder()
-        let message = WebSocketReceiveMessage(replyChannel: reply, path: path, order: order, data: data)
+        let message = WebSocketReceiveMessage(replyChannel: ReplyChannelName(trusted: reply), path: path, order: order, data: data)
         try await harness.send(message.message, to: ASGIChannel.websocketReceive)
     }
 
     /// Sends `websocket.receive` with an explicit order (to test ordering) without running it.
     public func enqueue(text: String, order: Int64) async throws {
         guard let reply = replyChannel else { throw TestClientError(.notConnected, "connect the test WebSocket first") }
-        let message = WebSocketReceiveMessage(replyChannel: reply, path: path, order: order, data: .text(text))
+        let message = WebSocketReceiveMessage(replyChannel: ReplyChannelName(trusted: reply), path: path, order: order, data: .text(text))
         try await harness.layer.base.send(message.message, to: ASGIChannel.websocketReceive)
     }
 
@@ -231,7 +232,7 @@ public final class WebSocketTestClient: Sendable {
     /// Sends `websocket.disconnect` with `code`.
     public func close(code: Int = 1000) async throws {
         let (reply, order) = try nextOrder()
-        let message = WebSocketDisconnectMessage(replyChannel: reply, code: code, path: path, order: order)
+        let message = WebSocketDisconnectMessage(replyChannel: ReplyChannelName(trusted: reply), code: code, path: path, order: order)
         try await harness.send(message.message, to: ASGIChannel.websocketDisconnect)
     }
 }

@@ -290,7 +290,7 @@ extension HTTPHandler {
         if let replyChannel, let head {
             let path = PercentCoding.splitTarget(head.uri).path
             connectionSender(context: context).send(
-                HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message,
+                HTTPDisconnectMessage(replyChannel: ReplyChannelName(trusted: replyChannel), path: path).message,
                 to: ASGIChannel.httpDisconnect)
         }
         finishRequest()

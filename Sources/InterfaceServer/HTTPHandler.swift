@@ -238,7 +238,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
             head: head, remote: context.channel.remoteAddress,
             proxyHeaders: server.configuration.proxyHeaders)
         var request = HTTPRequestMessage(
-            replyChannel: reply, httpVersion: RequestTranslation.version(head.version), method: head.method.rawValue.uppercased(),
+            replyChannel: ReplyChannelName(trusted: reply), httpVersion: RequestTranslation.version(head.version),
+            method: head.method.rawValue.uppercased(),
             scheme: secure ? "https" : "http", path: path, queryString: query, rootPath: server.configuration.rootPath,
             headers: RequestTranslation.headers(head.headers), client: client,
             server: RequestTranslation.address(context.channel.localAddress),
@@ -322,7 +323,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     func tellApplicationClientLeft(context: ChannelHandlerContext) {
         guard let replyChannel, let head else { return }
         let path = PercentCoding.splitTarget(head.uri).path
-        let message = HTTPDisconnectMessage(replyChannel: replyChannel, path: path).message
+        let message = HTTPDisconnectMessage(replyChannel: ReplyChannelName(trusted: replyChannel), path: path).message
         let sender = connectionSender(context: context)
         sender.resume()
         sender.send(message, to: ASGIChannel.httpDisconnect)

@@ -169,7 +169,8 @@ final class ReplyRouter: Service, Sendable {
         Task {
             for (reply, disconnect) in gone {
                 do {
-                    try await layer.send(HTTPDisconnectMessage(replyChannel: reply, path: "").message, to: disconnect)
+                    try await layer.send(
+                        HTTPDisconnectMessage(replyChannel: ReplyChannelName(trusted: reply), path: "").message, to: disconnect)
                 } catch {
                     logger.debug("could not tell a stream whose client left", metadata: ["error": "\(error)"])
                 }

@@ -12,7 +12,7 @@ extension WebSocketSession {
     func received(text: String?, bytes: [UInt8]?) {
         guard let order = machine.frameReceived() else { return }
         let message = WebSocketReceiveMessage(
-            replyChannel: replyChannel, path: path, order: order,
+            replyChannel: ReplyChannelName(trusted: replyChannel), path: path, order: order,
             data: text.map { .text($0) } ?? .bytes(bytes ?? []))
         guard limiter != nil else {
             sender.send(message.message, to: ASGIChannel.websocketReceive)
@@ -104,7 +104,8 @@ extension WebSocketSession {
         subscriptionsEnded()
         server.accessLog?.websocket(client: client, event: "DISCONNECT", path: path, detail: "\(code)")
         sender.send(
-            WebSocketDisconnectMessage(replyChannel: replyChannel, code: Int(code), path: path, order: order).message,
+            WebSocketDisconnectMessage(replyChannel: ReplyChannelName(trusted: replyChannel), code: Int(code), path: path, order: order)
+                .message,
             to: ASGIChannel.websocketDisconnect)
     }
 }

@@ -173,7 +173,7 @@ final class WebSocketSession: ReplyReceiver {
             head: head, remote: channel.remoteAddress,
             proxyHeaders: server.configuration.proxyHeaders)
         let message = WebSocketConnectMessage(
-            replyChannel: replyChannel, scheme: secure ? "wss" : "ws", path: path, queryString: query,
+            replyChannel: ReplyChannelName(trusted: replyChannel), scheme: secure ? "wss" : "ws", path: path, queryString: query,
             rootPath: server.configuration.rootPath, headers: RequestTranslation.headers(head.headers),
             client: clientAddress, server: RequestTranslation.address(channel.localAddress), order: 0
         ).message
@@ -204,7 +204,9 @@ final class WebSocketSession: ReplyReceiver {
         handshake = nil
         if let disconnectOrder {
             sender.send(
-                WebSocketDisconnectMessage(replyChannel: replyChannel, code: 1006, path: path, order: disconnectOrder).message,
+                WebSocketDisconnectMessage(
+                    replyChannel: ReplyChannelName(trusted: replyChannel), code: 1006, path: path, order: disconnectOrder
+                ).message,
                 to: ASGIChannel.websocketDisconnect)
         }
     }

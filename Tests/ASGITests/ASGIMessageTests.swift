@@ -54,6 +54,12 @@ struct ASGIMessageTests {
         #expect(key { _ = try WebSocketReceiveMessage(["reply_channel": "a!b", "order": 1]) }! == (.missingKey, "text"))
         #expect(key { _ = try WebSocketReceiveMessage(["reply_channel": "a!b", "text": 5]) }! == (.wrongType, "text"))
         #expect(key { _ = try Message(["reply_channel": "plain"]).replyChannelName() }! == (.invalidValue, "reply_channel"))
+        // The typed messages check their reply channel: a name no interface server would give.
+        #expect(
+            key { _ = try HTTPRequestMessage(["reply_channel": "plain", "method": "GET", "path": "/"]) }! == (
+                .invalidValue, "reply_channel"
+            ))
+        #expect(key { _ = try WebSocketReceiveMessage(["reply_channel": "bad name!x", "text": "t"]) }! == (.invalidValue, "reply_channel"))
     }
 
     @Test("headers: names lower-cased, order and duplicates kept, bytes on the wire, cookies parsed")

@@ -103,7 +103,7 @@ struct InteropTests {
     @Test("typed ASGI messages: the same bytes as Python's msgpack of the same dicts")
     func typedMessagesBytes() async throws {
         let packed = try #require(try await peer().run("pack_all") as? [String: String])
-        let ws = "daphne.response.abc!ws"
+        let ws: ReplyChannelName = "daphne.response.abc!ws"
         let cases: [(String, any ASGIMessage)] = [
             (
                 "http_request",

@@ -172,7 +172,8 @@ struct ResponseCreditTests {
         }
         for index in 0..<20 {
             try await layer.send(
-                HTTPRequestMessage(replyChannel: "srv!hello\(index)", method: "GET", path: "/hello").message, to: "http.request")
+                HTTPRequestMessage(replyChannel: ReplyChannelName(trusted: "srv!hello\(index)"), method: "GET", path: "/hello").message,
+                to: "http.request")
         }
         var answered = 0
         for index in 0..<20 {

@@ -71,11 +71,11 @@ struct HTTPHandlerTests {
         #expect(request.method == "POST" && request.path == "/café/" && request.queryString == Array("q=a%20b".utf8))
         #expect(request.headers.first("x-thing") == "1" && !request.headers.contains("x_forwarded_for"))
         #expect(request.body == Array("hi".utf8) && request.rootPath == "/app" && request.bodyChannel == nil)
-        #expect(request.replyChannel.hasPrefix(fixture.server.router.processChannel))
+        #expect(request.replyChannel.rawValue.hasPrefix(fixture.server.router.processChannel))
         // The reply goes back through the router as the response.
         fixture.server.router.deliver(
             HTTPResponseStart(status: 201, headers: [("x-answer", "42")], content: Array("made".utf8)).message,
-            to: request.replyChannel)
+            to: request.replyChannel.rawValue)
         let (head, body) = try await fixture.response()
         #expect(head.status.code == 201 && head.headers.first(name: "x-answer") == "42" && body == "made")
         #expect(head.headers.first(name: "content-length") == "4")
@@ -156,7 +156,7 @@ struct HTTPHandlerTests {
         // A malformed reply whose values are secrets: the log names its keys, never its values.
         fixture.server.router.deliver(
             ["status": "two hundred", "headers": [["set-cookie", "sessionid=SECRETSESSION"]], "content": "TOPSECRETBODY"],
-            to: bad.replyChannel)
+            to: bad.replyChannel.rawValue)
         let (head, _) = try await fixture.response()
         #expect(head.status == .internalServerError)
         #expect(fixture.server.counters[.malformedReplies] == 1)
@@ -168,9 +168,11 @@ struct HTTPHandlerTests {
         try await streamed.request(.GET, "/stream/")
         let request = try await streamed.sentRequest()
         streamed.server.router.deliver(
-            HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: request.replyChannel)
-        streamed.server.router.deliver(HTTPResponseChunk(content: Array("b".utf8), moreContent: true).message, to: request.replyChannel)
-        streamed.server.router.deliver(HTTPResponseChunk(content: Array("c".utf8), moreContent: false).message, to: request.replyChannel)
+            HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: request.replyChannel.rawValue)
+        streamed.server.router.deliver(
+            HTTPResponseChunk(content: Array("b".utf8), moreContent: true).message, to: request.replyChannel.rawValue)
+        streamed.server.router.deliver(
+            HTTPResponseChunk(content: Array("c".utf8), moreContent: false).message, to: request.replyChannel.rawValue)
         let (streamHead, body) = try await streamed.response()
         #expect(streamHead.status == .ok && body == "abc" && streamHead.headers.first(name: "content-length") == nil)
     }
@@ -192,7 +194,7 @@ struct HTTPHandlerTests {
         try await fixture.channel.connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: 9)).get()
         try await fixture.request(.GET, "/before/")
         let before = try await fixture.sentRequest()
-        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("a".utf8)).message, to: before.replyChannel)
+        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("a".utf8)).message, to: before.replyChannel.rawValue)
         let (beforeHead, _) = try await fixture.response()
         #expect(beforeHead.headers.first(name: "connection") == nil, "HTTP/1.1 keep-alive by default")
         #expect(fixture.channel.isActive, "and the connection stays open")
@@ -200,7 +202,7 @@ struct HTTPHandlerTests {
         try await fixture.request(.GET, "/during/")
         let during = try await fixture.sentRequest()
         fixture.server.shuttingDown.store(true, ordering: .relaxed)
-        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("b".utf8)).message, to: during.replyChannel)
+        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("b".utf8)).message, to: during.replyChannel.rawValue)
         let (duringHead, body) = try await fixture.response()
         #expect(duringHead.status == .ok && body == "b", "the response in hand is still given whole")
         #expect(duringHead.headers.first(name: "connection") == "close")
@@ -279,9 +281,10 @@ struct HTTPHandlerDeadlineTests {
         try await fixture.request(.GET, "/events/")
         let stream = try await fixture.sentRequest()
         fixture.server.router.deliver(
-            HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: stream.replyChannel)
+            HTTPResponseStart(status: 200, content: Array("a".utf8), moreContent: true).message, to: stream.replyChannel.rawValue)
         await fixture.channel.testingEventLoop.advanceTime(by: .seconds(3600))
-        fixture.server.router.deliver(HTTPResponseChunk(content: Array("b".utf8), moreContent: false).message, to: stream.replyChannel)
+        fixture.server.router.deliver(
+            HTTPResponseChunk(content: Array("b".utf8), moreContent: false).message, to: stream.replyChannel.rawValue)
         let (head, body) = try await fixture.response()
         #expect(head.status == .ok && body == "ab", "an hour-long stream arrives whole under a 2 s --http-timeout")
         #expect(fixture.channel.isActive)
@@ -292,7 +295,7 @@ struct HTTPHandlerDeadlineTests {
         let fixture = try await Self.connected()
         try await fixture.request(.GET, "/a/")
         let request = try await fixture.sentRequest()
-        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("x".utf8)).message, to: request.replyChannel)
+        fixture.server.router.deliver(HTTPResponseStart(status: 200, content: Array("x".utf8)).message, to: request.replyChannel.rawValue)
         _ = try await fixture.response()
         await fixture.channel.testingEventLoop.advanceTime(by: .seconds(19))
         #expect(fixture.channel.isActive)

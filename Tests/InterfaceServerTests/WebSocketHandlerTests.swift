@@ -53,7 +53,7 @@ struct WebSocketHandlerTests {
                 + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\(extraHeaders)\r\n"
             try await channel.writeInbound(ByteBuffer(string: request))
             let connect = try await next(ASGIChannel.websocketConnect, as: WebSocketConnectMessage.self)
-            replyChannel = connect.replyChannel
+            replyChannel = connect.replyChannel.rawValue
             guard accept else { return (connect, "") }
             reply(WebSocketSendMessage(accept: true))
             return (connect, try await responseHead())

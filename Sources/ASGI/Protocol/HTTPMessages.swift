@@ -2,7 +2,7 @@
 /// large body follows on `bodyChannel` as ``HTTPBodyChunk`` messages.
 public struct HTTPRequestMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
-    public var replyChannel: String
+    public var replyChannel: ReplyChannelName
     /// `1.0`, `1.1` or `2`.
     public var httpVersion: String
     /// Upper-case HTTP method.
@@ -33,7 +33,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(
-        replyChannel: String, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
+        replyChannel: ReplyChannelName, httpVersion: String = "1.1", method: String, scheme: String = "http", path: String,
         queryString: [UInt8] = [], rootPath: String = "", headers: ASGIHeaders = [], body: [UInt8] = [],
         bodyChannel: String? = nil, client: ASGIAddress? = nil, server: ASGIAddress? = nil, responseCredit: Int? = nil
     ) {
@@ -54,7 +54,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.string("reply_channel")
+        replyChannel = try message.replyChannelName()
         httpVersion = try message.string("http_version", default: "1.1")
         method = try message.string("method").uppercased()
         scheme = try message.string("scheme", default: "http")
@@ -77,7 +77,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
     /// The message to send.
     public var message: Message {
         var message: Message = [
-            "reply_channel": .string(replyChannel),
+            "reply_channel": .string(replyChannel.rawValue),
             "http_version": .string(httpVersion),
             "method": .string(method),
             "scheme": .string(scheme),
@@ -242,24 +242,24 @@ public enum HTTPResponseMessage: ASGIMessage, Hashable {
 /// `http.disconnect`: the client left before its response finished.
 public struct HTTPDisconnectMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
-    public var replyChannel: String
+    public var replyChannel: ReplyChannelName
     /// The request's path.
     public var path: String
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
-    public init(replyChannel: String, path: String) {
+    public init(replyChannel: ReplyChannelName, path: String) {
         self.replyChannel = replyChannel
         self.path = path
     }
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.string("reply_channel")
+        replyChannel = try message.replyChannelName()
         path = try message.string("path", default: "")
     }
 
     /// The message to send.
-    public var message: Message { ["reply_channel": .string(replyChannel), "path": .string(path)] }
+    public var message: Message { ["reply_channel": .string(replyChannel.rawValue), "path": .string(path)] }
 }
 
 /// An extension: the body bytes of a multi-message response the server has written to its

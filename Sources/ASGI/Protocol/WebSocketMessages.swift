@@ -2,7 +2,7 @@
 /// with `accept` (or `close`) on the reply channel.
 public struct WebSocketConnectMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
-    public var replyChannel: String
+    public var replyChannel: ReplyChannelName
     /// `http`/`https` (`ws`/`wss` for WebSockets).
     public var scheme: String
     /// Percent-decoded.
@@ -22,7 +22,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
     public init(
-        replyChannel: String, scheme: String = "ws", path: String, queryString: [UInt8] = [], rootPath: String = "",
+        replyChannel: ReplyChannelName, scheme: String = "ws", path: String, queryString: [UInt8] = [], rootPath: String = "",
         headers: ASGIHeaders = [], client: ASGIAddress? = nil, server: ASGIAddress? = nil, order: Int64 = 0
     ) {
         self.replyChannel = replyChannel
@@ -38,7 +38,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.string("reply_channel")
+        replyChannel = try message.replyChannelName()
         scheme = try message.string("scheme", default: "ws")
         path = try message.string("path")
         queryString = try message.bytesOrString("query_string")
@@ -52,7 +52,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
     /// The message to send.
     public var message: Message {
         [
-            "reply_channel": .string(replyChannel),
+            "reply_channel": .string(replyChannel.rawValue),
             "scheme": .string(scheme),
             "path": .string(path),
             "query_string": .bytes(queryString),
@@ -98,7 +98,7 @@ public enum WebSocketData: Sendable, Hashable {
 /// `websocket.receive`: one frame from the client.
 public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
-    public var replyChannel: String
+    public var replyChannel: ReplyChannelName
     /// The socket's path.
     public var path: String
     /// 1 for the first frame, then one more per message of the socket.
@@ -107,7 +107,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
     public var data: WebSocketData
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
-    public init(replyChannel: String, path: String, order: Int64, data: WebSocketData) {
+    public init(replyChannel: ReplyChannelName, path: String, order: Int64, data: WebSocketData) {
         self.replyChannel = replyChannel
         self.path = path
         self.order = order
@@ -116,7 +116,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.string("reply_channel")
+        replyChannel = try message.replyChannelName()
         path = try message.string("path", default: "")
         order = try message.int("order", default: 0)
         guard let data = try WebSocketData.read(message) else {
@@ -127,7 +127,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
 
     /// The message to send.
     public var message: Message {
-        var message: Message = ["reply_channel": .string(replyChannel), "path": .string(path), "order": .int(order)]
+        var message: Message = ["reply_channel": .string(replyChannel.rawValue), "path": .string(path), "order": .int(order)]
         data.write(into: &message)
         return message
     }
@@ -136,7 +136,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
 /// `websocket.disconnect`: the socket closed, with its close code (1006 when the connection dropped).
 public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
     /// Where the answers go (`reply_channel`).
-    public var replyChannel: String
+    public var replyChannel: ReplyChannelName
     /// The WebSocket close code.
     public var code: Int
     /// The socket's path.
@@ -145,7 +145,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
     public var order: Int64
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
-    public init(replyChannel: String, code: Int, path: String, order: Int64) {
+    public init(replyChannel: ReplyChannelName, code: Int, path: String, order: Int64) {
         self.replyChannel = replyChannel
         self.code = code
         self.path = path
@@ -154,7 +154,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.string("reply_channel")
+        replyChannel = try message.replyChannelName()
         code = Int(try message.int("code", default: 1000))
         path = try message.string("path", default: "")
         order = try message.int("order", default: 0)
@@ -162,7 +162,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
 
     /// The message to send.
     public var message: Message {
-        ["reply_channel": .string(replyChannel), "code": .int(Int64(code)), "path": .string(path), "order": .int(order)]
+        ["reply_channel": .string(replyChannel.rawValue), "code": .int(Int64(code)), "path": .string(path), "order": .int(order)]
     }
 }
 

@@ -23,7 +23,7 @@ public enum ASGIChannel {
 /// An interface server names them after its process channel (`daphne.response.<id>!<suffix>`),
 /// so one receive on `daphne.response.<id>!` gets the replies of all its connections; a
 /// single-reader name (`...?suffix`) is accepted too, as ASGI 1.0 allows either.
-public struct ReplyChannelName: Sendable, Hashable, CustomStringConvertible {
+public struct ReplyChannelName: Sendable, Hashable, CustomStringConvertible, ExpressibleByStringLiteral {
     /// The full channel name.
     public let rawValue: String
 
@@ -38,6 +38,9 @@ public struct ReplyChannelName: Sendable, Hashable, CustomStringConvertible {
 
     /// A name known to be valid (the server's own, made from its process channel).
     public init(trusted name: String) { rawValue = name }
+
+    /// A literal name, taken as written (tests, examples).
+    public init(stringLiteral name: String) { rawValue = name }
 
     /// `prefix!` for a process-specific name: the channel the owning process receives on; nil for `?` names.
     public var processChannel: String? {
