@@ -28,7 +28,9 @@ public final class ConsumerContext: Sendable {
         var logger = baseLogger
         logger[metadataKey: "channel"] = .string(channel)
         // A keyed tag, not the reply channel: nothing in a log line names a socket's channel.
-        if let reply = message.replyChannel { logger[metadataKey: "socket"] = .string(environment.sessionSettings.secret.socketTag(reply)) }
+        if let reply = message.replyChannel {
+            logger[metadataKey: "socket"] = .string(environment.sessionConfiguration.secret.socketTag(reply))
+        }
         logger[metadataKey: "consumer"] = .string(consumerName)
         return logger
     }

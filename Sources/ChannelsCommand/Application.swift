@@ -22,7 +22,7 @@ public struct ChannelsApplication: Sendable {
     /// How users are loaded by id (for the `...User` session wrappers); nil: everyone is anonymous.
     public var users: (any UserProvider)?
     /// Session cookie and lifetime settings for the session and auth wrappers.
-    public var sessionSettings: SessionSettings
+    public var sessionConfiguration: SessionConfiguration
     /// Around every consumer of this application's workers, the first outermost.
     public var middleware: [ConsumerMiddleware] = []
     /// Called when a worker is ready and around each consumer.
@@ -35,13 +35,13 @@ public struct ChannelsApplication: Sendable {
     /// Creates an application from its routing and settings; `main()` then runs the subcommand
     /// given on the command line.
     public init(
-        name: String, users: (any UserProvider)? = nil, sessionSettings: SessionSettings = .init(),
+        name: String, users: (any UserProvider)? = nil, sessionConfiguration: SessionConfiguration = .init(),
         routing: @escaping @Sendable () throws -> [RoutingEntry]
     ) {
         self.name = name
         self.routing = routing
         self.users = users
-        self.sessionSettings = sessionSettings
+        self.sessionConfiguration = sessionConfiguration
     }
 
     /// Parses the command line and runs the chosen subcommand with this application.
@@ -151,7 +151,7 @@ struct LayerOptions: ParsableArguments {
         } else {
             store = InMemorySessionStore()
         }
-        var settings = app.sessionSettings
+        var settings = app.sessionConfiguration
         settings.secret = try await deploymentSecret(backend: backend, logger: logger)
         if settings.cipher == nil { settings.cipher = backend.encryption }
         let limiter: any RateLimiter =
@@ -175,7 +175,7 @@ struct LayerOptions: ParsableArguments {
             throw ValidationError("a JWT public key file is not a PEM public key: \(error)")
         }
         return ConsumerEnvironment(
-            sessionStore: store, sessionSettings: settings, users: app.users,
+            sessionStore: store, sessionConfiguration: settings, users: app.users,
             orderingGapTimeout: Duration(secondsValue: orderingGapTimeout), rateLimiter: limiter, tokens: tokens)
     }
 

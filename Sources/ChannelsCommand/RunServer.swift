@@ -20,7 +20,10 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Port to listen on.") var port = 8000
     @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
     @Flag(name: .long, help: "Serve the protocol only; workers run elsewhere (runworker).") var noworker = false
-    @Option(name: .long, help: "In-process consumers that may run at once.") var threads = 32
+    @Option(
+        name: [.customLong("concurrency"), .customLong("threads")],
+        help: "In-process consumers that may run at once (async tasks; --threads is Channels 1.x's name for it).")
+    var concurrency = 32
     @Option(
         name: .long,
         help: "Seconds an in-process consumer may run before it is cancelled and counted (0: no limit; streamed responses are exempt).")
@@ -202,7 +205,7 @@ struct RunServer: ApplicationSubcommand {
         // One secret for the server's log tags and the in-process workers' sessions.
         let environment = try await options.makeEnvironment(backend: backend, app: app, logger: logger)
         var configuration = serverConfiguration()
-        configuration.secret = environment.sessionSettings.secret
+        configuration.secret = environment.sessionConfiguration.secret
         configuration.maxConnections = try ProcessLimits.raiseOpenFiles(toServe: maxConnections, logger: logger)
         let server: InterfaceServer
         do {
@@ -226,7 +229,7 @@ struct RunServer: ApplicationSubcommand {
             noworker
             ? nil
             : Worker(
-                router: router, layer: layer, concurrency: threads,
+                router: router, layer: layer, concurrency: concurrency,
                 environment: environment, finishQueuedOnShutdown: true,
                 consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil,
                 middleware: app.middleware, hooks: app.hooks, logger: options.makeLogger("channels.worker"))
@@ -236,7 +239,7 @@ struct RunServer: ApplicationSubcommand {
             ? DelayServer(layer: layer, store: InMemoryDelayStore(), logger: options.makeLogger("channels.delay")) : nil
         let address = server.localAddress.map { "\($0)" } ?? bind
         say(
-            "\(app.name): serving on \(server.tls == nil ? "http" : "https")://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(threads) workers in process"), layer: \(options.layerDescription()))  [\(address)]"
+            "\(app.name): serving on \(server.tls == nil ? "http" : "https")://\(bind):\(server.localAddress?.port ?? port)/ (\(noworker ? "no workers" : "\(concurrency) consumers at once in process"), layer: \(options.layerDescription()))  [\(address)]"
         )
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         // Stopped in reverse: the server first (its responses in flight and its sockets'

@@ -13,7 +13,10 @@ struct RunWorker: ApplicationSubcommand {
     )
 
     @OptionGroup var options: LayerOptions
-    @Option(name: .long, help: "Consumers that may run at once (async tasks, not OS threads).") var threads = 32
+    @Option(
+        name: [.customLong("concurrency"), .customLong("threads")],
+        help: "Consumers that may run at once (async tasks, not OS threads; --threads is Channels 1.x's name for it).")
+    var concurrency = 32
     @Option(
         name: .long, help: "Seconds a consumer may run before it is cancelled and counted (0: no limit; streamed responses are exempt).")
     var consumerTimeout = 60.0
@@ -31,7 +34,7 @@ struct RunWorker: ApplicationSubcommand {
         let layer = backend.layer
         let router = try Router(app.routing())
         let worker = Worker(
-            router: router, layer: layer, concurrency: threads, only: onlyChannels,
+            router: router, layer: layer, concurrency: concurrency, only: onlyChannels,
             exclude: excludeChannels, environment: try await options.makeEnvironment(backend: backend, app: app, logger: logger),
             consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil,
             middleware: app.middleware, hooks: app.hooks, logger: logger)

@@ -44,10 +44,10 @@ public final class RedisSessionStore: SessionStore {
 
     /// Writes only if the stored value is still `expected` (a compare-and-set script); false when
     /// someone else wrote first.
-    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
         let reply = try await client.run(
             Self.conditionalSet, keys: [redisKey(key)],
-            args: [.bytes(data), expected == nil ? "0" : "1", .bytes(expected ?? []), .integer(max(1, ttl))])
+            args: [.bytes(data), expected == nil ? "0" : "1", .bytes(expected ?? []), .integer(max(1, Int(ttl.components.seconds)))])
         return reply.integer == 1
     }
 

@@ -42,7 +42,7 @@ public final class HTTPTestClient: Sendable {
     /// `cookies:`). The harness's `users` must know the user for consumers to see it.
     public func forceLogin(_ user: User) async throws {
         let key = try await Session.loggedIn(user, environment: harness.environment)
-        setCookie(harness.environment.sessionSettings.cookieName, key)
+        setCookie(harness.environment.sessionConfiguration.cookieName, key)
     }
 
     /// Logs in with credentials (Django's `client.login`): the harness's `users` must be a
@@ -61,7 +61,7 @@ public final class HTTPTestClient: Sendable {
 
     /// Forgets the session cookie (the client is anonymous again).
     public func logout() {
-        let name = harness.environment.sessionSettings.cookieName
+        let name = harness.environment.sessionConfiguration.cookieName
         _ = jar.withLock { $0.removeValue(forKey: name) }
     }
 

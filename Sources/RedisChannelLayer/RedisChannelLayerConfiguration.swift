@@ -8,10 +8,10 @@ public struct RedisChannelLayerConfiguration: Sendable {
     public var prefix: String
     /// Prefix of the statistics counters.
     public var statsPrefix: String
-    /// Seconds a message lives.
-    public var expiry: Int
-    /// Seconds a group member lives without being re-added.
-    public var groupExpiry: Int
+    /// How long a message lives (whole seconds in Redis; at least one).
+    public var expiry: Duration
+    /// How long a group member lives without being re-added (whole seconds; at least one).
+    public var groupExpiry: Duration
     /// Messages one channel may hold.
     public var capacity: Int
     /// How long a group send offers again a server's share that its full process channel
@@ -32,6 +32,11 @@ public struct RedisChannelLayerConfiguration: Sendable {
     /// encrypts, every one decrypts (rotation). Empty: bodies are plain msgpack.
     public var symmetricEncryptionKeys: [String]
 
+    /// `expiry` in whole seconds, as Redis and the scripts take it.
+    var expirySeconds: Int { max(1, Int(expiry.components.seconds)) }
+    /// `groupExpiry` in whole seconds.
+    var groupExpirySeconds: Int { max(1, Int(groupExpiry.components.seconds)) }
+
     /// Seconds a channel's statistics keys live (asgi_redis's value).
     public static let channelStatisticsExpiry = 3600
     /// Seconds the global statistics keys live (asgi_redis's value).
@@ -45,8 +50,8 @@ public struct RedisChannelLayerConfiguration: Sendable {
         hosts: [RedisEndpoint] = [RedisEndpoint()],
         prefix: String = "asgi:",
         statsPrefix: String = "asgi-meta:",
-        expiry: Int = 60,
-        groupExpiry: Int = 86400,
+        expiry: Duration = .seconds(60),
+        groupExpiry: Duration = .seconds(86400),
         capacity: Int = 100,
         channelCapacities: [(String, Int)] = [],
         maxMessageSize: Int = 4 * 1024 * 1024,
@@ -117,8 +122,8 @@ public struct RedisChannelLayerConfiguration: Sendable {
                 }
                 prefix = value
             case "stats_prefix": statsPrefix = value
-            case "expiry": expiry = try int()
-            case "group_expiry": groupExpiry = try int()
+            case "expiry": expiry = .seconds(try int())
+            case "group_expiry": groupExpiry = .seconds(try int())
             case "capacity": capacity = try int()
             case "max_message_size": maxMessageSize = try int()
             case "symmetric_encryption_keys": symmetricEncryptionKeys = Self.splitKeys(raw)

@@ -77,7 +77,7 @@ extension RedisChannelLayer {
                 ? [shardIndex(for: name)] : Array(shards.indices)
             let listKey = key(name)
             let counterKeys = [statKey(name, "messages_count"), statKey(name, "channel_full_count")]
-            let expiry = configuration.expiry
+            let expiry = configuration.expirySeconds
             var stats = ChannelStatistics()
             for index in indices {
                 let connection = try await shared(index)

@@ -59,7 +59,7 @@ extension RedisChannelLayer {
         var body = body
         if let crypter {
             do {
-                body = try crypter.decrypt(body, ttl: configuration.expiry + 10)
+                body = try crypter.decrypt(body, ttl: configuration.expirySeconds + 10)
             } catch {
                 undecryptableDropped.add(1, ordering: .relaxed)
                 RedisMetrics.undecryptable.increment()

@@ -102,7 +102,7 @@ extension RedisChannelLayer {
             // The journal lives as long as its server checks it: it must outlive the group sets
             // (which expire `group_expiry` after their last add) to put their members back.
             let renewed = try await connection.command([
-                "EXPIRE", .bytes(journal), .integer(configuration.groupExpiry),
+                "EXPIRE", .bytes(journal), .integer(configuration.groupExpirySeconds),
             ])
             if let error = renewed.errorMessage { throw ChannelLayerError.redisRefused(error, "renew the group journal") }
         } else {
@@ -116,7 +116,7 @@ extension RedisChannelLayer {
             // out of the set) must not come back. Those whose set vanished too cannot be told
             // from a discard: they are not put back, and are counted.
             if !lastSeen.isEmpty {
-                var args: [RedisArgument] = [.text(configuration.prefix), .integer(configuration.groupExpiry)]
+                var args: [RedisArgument] = [.text(configuration.prefix), .integer(configuration.groupExpirySeconds)]
                 var entries: [String] = []
                 for entry in lastSeen {
                     guard let member = GroupMembership(journalEntry: entry) else { continue }
@@ -152,8 +152,8 @@ extension RedisChannelLayer {
         }
         let now = Self.unixTime()
         let head: [RedisArgument] = [
-            .text(configuration.prefix), .text(String(now)), .integer(configuration.groupExpiry),
-            .text(String(now - Double(configuration.groupExpiry))),
+            .text(configuration.prefix), .text(String(now)), .integer(configuration.groupExpirySeconds),
+            .text(String(now - Double(configuration.groupExpirySeconds))),
         ]
         var start = 0
         while start < members.count {

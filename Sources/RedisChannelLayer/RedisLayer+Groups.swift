@@ -31,7 +31,7 @@ extension RedisChannelLayer {
             try ChannelNames.validateChannel(channel)
             let gkey = groupKey(group)
             let now = RedisArgument.text(String(Self.unixTime()))
-            let expiry = configuration.groupExpiry
+            let expiry = configuration.groupExpirySeconds
             let replies = try await shared(shardIndex(for: group)).pipeline(
                 [
                     ["ZADD", .bytes(gkey), now, .text(channel)],
@@ -56,7 +56,7 @@ extension RedisChannelLayer {
     public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] {
         return try await withLayerErrors {
             try ChannelNames.validateGroup(group)
-            let cutoff = RedisArgument.text(String(Self.unixTime() - Double(configuration.groupExpiry)))
+            let cutoff = RedisArgument.text(String(Self.unixTime() - Double(configuration.groupExpirySeconds)))
             let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [.bytes(groupKey(group))], args: [cutoff])
             guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
             return members.compactMap(\.text)
@@ -85,7 +85,7 @@ extension RedisChannelLayer {
             }
             MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
 
-            let cutoff = String(Self.unixTime() - Double(configuration.groupExpiry))
+            let cutoff = String(Self.unixTime() - Double(configuration.groupExpirySeconds))
             func args(mode: String, members: [String]) -> [RedisArgument] {
                 // 24 random hex digits: the script numbers the bodies it stores after them.
                 var keyBase: [UInt8] = []
@@ -94,7 +94,7 @@ extension RedisChannelLayer {
                 keyBase.removeLast(8)
                 var out: [RedisArgument] = [
                     .text(mode), .text(cutoff), .text(configuration.prefix), .text(configuration.statsPrefix),
-                    .integer(configuration.expiry), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+                    .integer(configuration.expirySeconds), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
                     .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
                     .bytes(plainBody), .bytes(localHead), .bytes(keyBase), .integer(configuration.capacity),
                 ]
@@ -299,7 +299,7 @@ extension RedisChannelLayer {
         keyBase.removeLast(8)
         return [
             .text("bodies"), .text("0"), .text(configuration.prefix), .text(configuration.statsPrefix),
-            .integer(configuration.expiry), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+            .integer(configuration.expirySeconds), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
             .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
             .bytes([]), .bytes([]), .bytes(keyBase), .integer(configuration.capacity),
         ] + luaCapacityArgs

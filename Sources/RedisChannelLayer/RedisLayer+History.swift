@@ -28,7 +28,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
                 keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
                 args: [
                     .text(PublicationText.newEpoch()), .bytes(body), .integer(retention.size),
-                    .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpiry),
+                    .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpirySeconds),
                     .text(String(Self.unixTime())),
                 ])
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history append") }
@@ -49,7 +49,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
                 shardIndex(for: group), Scripts.historyRead,
                 keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
                 args: [
-                    .text(PublicationText.newEpoch()), .integer(configuration.groupExpiry),
+                    .text(PublicationText.newEpoch()), .integer(configuration.groupExpirySeconds),
                     .text(position.map { String(min($0.offset, UInt64(Int64.max) - 1) + 1) } ?? "-1"), .integer(retention.size),
                 ])
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history read") }
@@ -107,7 +107,7 @@ extension RedisChannelLayer: ChannelLayerHistory {
         return try await withLayerErrors {
             try ChannelNames.validateGroup(group)
             guard !channels.isEmpty else { return [] }
-            var args: [RedisArgument] = [.text(String(Self.unixTime())), .integer(configuration.groupExpiry)]
+            var args: [RedisArgument] = [.text(String(Self.unixTime())), .integer(configuration.groupExpirySeconds)]
             args += channels.map { .text($0) }
             let reply = try await pipelined(shardIndex(for: group), Scripts.groupRestore, keys: [.bytes(groupKey(group))], args: args)
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group restore") }

@@ -64,7 +64,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
                 args: [
                     .text(connection), .text(presenceUserField(user)), presenceValue(user: user, meta: meta),
                     .text(String(Self.unixTime() + ttl.seconds)), .text(group),
-                    .integer(configuration.groupExpiry),
+                    .integer(configuration.groupExpirySeconds),
                 ])
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence join") }
             return try Self.presenceChange(reply, "presence join")
@@ -77,7 +77,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
             try ChannelNames.validateGroup(group)
             let reply = try await pipelined(
                 shardIndex(for: group), Scripts.presenceLeave, keys: presenceKeys(group) + [presenceIndex],
-                args: [.text(connection), .text(presenceUserField(user)), .text(group), .integer(configuration.groupExpiry)])
+                args: [.text(connection), .text(presenceUserField(user)), .text(group), .integer(configuration.groupExpirySeconds)])
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence leave") }
             return try Self.presenceChange(reply, "presence leave")
         }
@@ -98,7 +98,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
         return try await withLayerErrors {
             guard !connections.isEmpty else { return PresenceRenewal(back: [], version: 0) }
             var args: [RedisArgument] = [
-                .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpiry),
+                .text(String(Self.unixTime() + ttl.seconds)), .text(group), .integer(configuration.groupExpirySeconds),
             ]
             args.reserveCapacity(3 + 3 * connections.count)
             for c in connections {
@@ -144,7 +144,7 @@ extension RedisChannelLayer: ChannelLayerPresence {
             for shard in shards.indices {
                 let reply = try await pipelined(
                     shard, Scripts.presenceSweep, keys: [presenceIndex],
-                    args: [.text(configuration.prefix), .text(String(Self.unixTime())), .integer(configuration.groupExpiry)])
+                    args: [.text(configuration.prefix), .text(String(Self.unixTime())), .integer(configuration.groupExpirySeconds)])
                 if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "presence sweep") }
                 let items = reply.array ?? []
                 var index = 0

@@ -31,7 +31,9 @@ extension RedisChannelLayer {
             let reply = try await pipelined(
                 shard, Scripts.registerReader,
                 keys: [.bytes(statKey(processChannel, "reader")), .bytes(key("born"))],
-                args: ["bundles", .integer(configuration.groupExpiry), .text(RandomToken.string(20, from: RandomToken.alphanumerics))])
+                args: [
+                    "bundles", .integer(configuration.groupExpirySeconds), .text(RandomToken.string(20, from: RandomToken.alphanumerics)),
+                ])
             guard let parts = reply.array, parts.count == 2, let existed = parts[0].integer, let mark = parts[1].bytes else {
                 throw unexpected(reply, doing: "register a reader")
             }

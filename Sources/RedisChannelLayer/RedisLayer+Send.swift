@@ -31,7 +31,7 @@ extension RedisChannelLayer {
                 .key(stats, listName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
             ]
             let args: [RedisArgument] = [
-                .bytes(body), .integer(configuration.expiry), .integer(capacities.capacity(for: channel)),
+                .bytes(body), .integer(configuration.expirySeconds), .integer(capacities.capacity(for: channel)),
                 .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
                 .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
             ]

@@ -1,7 +1,7 @@
 import ASGI
 import NIOSSL
 
-extension RedisTLSOptions {
+extension RedisTLSConfiguration {
     /// The NIOSSL client context these options describe; throws `invalidConfiguration` naming
     /// a file that cannot be read.
     func makeContext() throws(ChannelLayerError) -> NIOSSLContext {

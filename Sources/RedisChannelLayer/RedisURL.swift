@@ -49,7 +49,7 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
     /// The database number for `SELECT`.
     public var database: Int
     /// TLS settings; nil for a plain-text connection.
-    public var tls: RedisTLSOptions?
+    public var tls: RedisTLSConfiguration?
     /// How long a connection attempt may take; nil for the layer's setting.
     public var connectTimeout: Duration?
     /// How long a reply may take before the connection is considered dead; nil for the layer's setting.
@@ -68,7 +68,7 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
 
     /// An endpoint at `address`.
     public init(
-        address: Address, password: String? = nil, username: String? = nil, database: Int = 0, tls: RedisTLSOptions? = nil
+        address: Address, password: String? = nil, username: String? = nil, database: Int = 0, tls: RedisTLSConfiguration? = nil
     ) {
         self.address = address
         self.password = password
@@ -148,7 +148,7 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
         }
 
         var template = RedisEndpoint(address: .tcp(host: "127.0.0.1", port: 6379), password: password, username: username)
-        if scheme == "rediss" { template.tls = RedisTLSOptions() }
+        if scheme == "rediss" { template.tls = RedisTLSConfiguration() }
         var layerOptions: [(key: String, value: String)] = []
         var sslOptionSeen: String? = nil
         for pair in query.split(separator: "&") where !pair.isEmpty {
@@ -181,7 +181,9 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
             case "ssl_keyfile": template.tls?.privateKeyPath = value
             case "ssl_cert_reqs":
                 let lowered = value.lowercased()
-                guard let v = RedisTLSOptions.Verification(rawValue: lowered.hasPrefix("cert_") ? String(lowered.dropFirst(5)) : lowered)
+                guard
+                    let v = RedisTLSConfiguration.Verification(
+                        rawValue: lowered.hasPrefix("cert_") ? String(lowered.dropFirst(5)) : lowered)
                 else {
                     throw bad("'ssl_cert_reqs' must be required, optional or none, not '\(value)'")
                 }
@@ -306,8 +308,12 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// TLS settings of a `rediss://` endpoint, named after redis-py's URL options.
-public struct RedisTLSOptions: Sendable, Hashable {
+/// The earlier name of ``RedisTLSConfiguration``.
+@available(*, deprecated, renamed: "RedisTLSConfiguration")
+public typealias RedisTLSOptions = RedisTLSConfiguration
+
+/// The TLS configuration of a `rediss://` endpoint, named after redis-py's URL options.
+public struct RedisTLSConfiguration: Sendable, Hashable {
     /// Whether the server's certificate is checked (`ssl_cert_reqs`).
     public enum Verification: String, Sendable, Hashable {
         /// The certificate must be valid and signed by a trusted CA (the default).

@@ -48,7 +48,7 @@ struct RedisURLTests {
             urls: RedisChannelLayerConfiguration.splitURLList(
                 "redis+sentinel://:pw@s1:26379,s2,[::1]:26380/alpha,beta/3?sentinel_password=spw&expiry=9"))
         #expect(configuration.hosts.count == 2)
-        #expect(configuration.expiry == 9)
+        #expect(configuration.expiry == .seconds(9))
         let sentinels = [
             RedisEndpoint.SentinelHost(host: "s1"), RedisEndpoint.SentinelHost(host: "s2"),
             RedisEndpoint.SentinelHost(host: "::1", port: 26380),

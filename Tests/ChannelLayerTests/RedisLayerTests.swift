@@ -146,7 +146,7 @@ struct RedisLayerTests {
         let configuration = try RedisChannelLayerConfiguration(urls: [
             "redis://h:1/0?expiry=5&capacity=7&capacity.http.*=9&prefix=x:&stats_prefix=y:"
         ])
-        #expect(configuration.expiry == 5 && configuration.capacity == 7 && configuration.prefix == "x:")
+        #expect(configuration.expiry == .seconds(5) && configuration.capacity == 7 && configuration.prefix == "x:")
         #expect(configuration.statsPrefix == "y:")
         #expect(configuration.channelCapacities.first?.0 == "http.*" && configuration.channelCapacities.first?.1 == 9)
         #expect(throws: ChannelLayerError.self) { try RedisEndpoint(url: "http://x") }

@@ -29,8 +29,8 @@ func makeLayer(
         let prefix = TestRedis.uniquePrefix()
         configuration.prefix = prefix
         configuration.statsPrefix = String(prefix.dropLast()) + "-meta:"
-        configuration.expiry = expiry
-        configuration.groupExpiry = groupExpiry
+        configuration.expiry = .seconds(expiry)
+        configuration.groupExpiry = .seconds(groupExpiry)
         configuration.capacity = capacity
         configuration.channelCapacities = channelCapacities
         if let maxMessageSize { configuration.maxMessageSize = maxMessageSize }

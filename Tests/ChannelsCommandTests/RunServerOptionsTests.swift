@@ -53,4 +53,13 @@ struct RunServerOptionsTests {
         }
         #expect(try RunServer.parse(["--bind", "0.0.0.0", "--allowed-hosts", "*"]).serverConfiguration().allowedHosts == ["*"])
     }
+
+    @Test("--concurrency sets how many consumers run at once; --threads (Channels 1.x's name) still does")
+    func concurrencyAndItsOldName() throws {
+        #expect(try RunServer.parse([]).concurrency == 32 && RunWorker.parse([]).concurrency == 32)
+        #expect(try RunServer.parse(["--concurrency", "9"]).concurrency == 9)
+        #expect(try RunServer.parse(["--threads", "7"]).concurrency == 7)
+        #expect(try RunWorker.parse(["--concurrency", "5"]).concurrency == 5)
+        #expect(try RunWorker.parse(["--threads", "3"]).concurrency == 3)
+    }
 }

@@ -52,7 +52,7 @@ struct OrderingTests {
         func post(_ text: String) async throws { try await harness.send(["text": .string(text)], to: "post") }
         try await post("a")
         try await post("b")
-        let secret = harness.environment.sessionSettings.secret
+        let secret = harness.environment.sessionConfiguration.secret
         let sent = Session.storageKey(OrderedHandoff.sessionKey("sent", channel: "stage", key: "room-7", secret: secret))
         #expect(try await store.load(sent) != nil)
         // What an eviction does: the sender's counter is gone, the receiver's next order (2) stays.
@@ -62,7 +62,7 @@ struct OrderingTests {
         // A straggler of the old sequence (stamped before the loss) still runs, unordered.
         let receiver = try await Session.load(
             key: OrderedHandoff.sessionKey("next", channel: "stage", key: "room-7", secret: secret), store: store,
-            settings: harness.environment.sessionSettings, ttl: 3600, log: .none)
+            settings: harness.environment.sessionConfiguration, ttl: .seconds(3600), log: .none)
         let old = receiver[OrderedHandoff.oldEpochsKey]?.arrayValue?.first?.stringValue
         #expect(old != nil, "the receiver remembers the sequence it left")
         let late = OrderStamp(key: "room-7", order: 2, epoch: old ?? "").stamped(["text": "late"])
@@ -110,7 +110,7 @@ struct OrderingTests {
         let harness = try TestHarness(Self.routing(log: log))
         let reply = try await harness.newReplyChannel()
         try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
-        let settings = harness.environment.sessionSettings
+        let settings = harness.environment.sessionConfiguration
         let session = try await Session.load(
             key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret), store: harness.environment.sessionStore,
             settings: settings, ttl: settings.channelSessionAge)
@@ -143,7 +143,7 @@ struct OrderingTests {
         var workers: [Worker] = []
         var layers: [RedisChannelLayer] = []
         // One deployment: one secret (channel-session keys are keyed with it).
-        let settings = SessionSettings()
+        let settings = SessionConfiguration()
         for _ in 0..<2 {
             let layer = try TestRedis.layer(prefix: prefix)
             layers.append(layer)
@@ -151,7 +151,7 @@ struct OrderingTests {
                 Worker(
                     router: try Router(Self.routing(log: log)), layer: layer, concurrency: 2,
                     environment: ConsumerEnvironment(
-                        sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix), sessionSettings: settings)))
+                        sessionStore: try TestRedis.sessionStore(prefix: sessionPrefix), sessionConfiguration: settings)))
         }
         let tasks = workers.map { worker in Task { await worker.run() } }
         let sender = layers[0]

@@ -120,7 +120,7 @@ struct WorkerTests {
             ], layer: layer)
         await worker.dispatch(ReceivedMessage(channel: "websocket.receive", message: ["reply_channel": "daphne.response.ab!cd"]))
         // The socket is named by a keyed tag, never by its reply channel (from which nothing may be derived).
-        let tag = worker.environment.sessionSettings.secret.socketTag("daphne.response.ab!cd")
+        let tag = worker.environment.sessionConfiguration.secret.socketTag("daphne.response.ab!cd")
         #expect(tag.count == 12 && !tag.contains("ab!cd"))
         #expect(seen.withLock { $0 } == [["channel": "websocket.receive", "socket": .string(tag), "consumer": "echo"]])
         // Outside a worker the logger is the one given, without per-message metadata.

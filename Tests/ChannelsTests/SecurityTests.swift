@@ -32,7 +32,7 @@ struct SecurityTests {
         try await socket.send(text: "hi")
         #expect(try await socket.receiveText() == "alice: hi")
         let reply = try #require(socket.replyChannel)
-        let secret = environment.sessionSettings.secret
+        let secret = environment.sessionConfiguration.secret
         // Everything an attacker could read or compute from a log line, stats or Redis.
         let candidates = [
             reply, Session.channelSessionKey(replyChannel: reply, secret: secret),
@@ -134,7 +134,7 @@ struct SecurityTests {
         let socket = WebSocketTestClient(harness, path: "/")
         #expect(try await socket.connect())
         let key = Session.storageKey(
-            Session.channelSessionKey(replyChannel: try #require(socket.replyChannel), secret: environment.sessionSettings.secret))
+            Session.channelSessionKey(replyChannel: try #require(socket.replyChannel), secret: environment.sessionConfiguration.secret))
         let ttl = try await client.command("TTL", .key(prefix, key)).integer ?? -1
         #expect(ttl > 24 * 3600 - 10 && ttl <= 24 * 3600, "TTL \(ttl)")
     }
@@ -205,7 +205,7 @@ struct SecurityTests {
     }
 
     @Test func cookiesAreSecureOverTLSAndSameSiteIsTyped() async throws {
-        var settings = SessionSettings()
+        var settings = SessionConfiguration()
         settings.cookieSameSite = .strict
         let harness = try TestHarness(
             [
@@ -215,7 +215,7 @@ struct SecurityTests {
                         try context.httpSession["x"] = 1; try await context.respond("ok")
                     })
             ],
-            environment: ConsumerEnvironment(sessionSettings: settings))
+            environment: ConsumerEnvironment(sessionConfiguration: settings))
         let plain = try await HTTPTestClient(harness).get("/")
         let plainCookie = try #require(plain.setCookies.first { $0.hasPrefix("sessionid=") })
         #expect(plainCookie.contains("SameSite=Strict") && !plainCookie.contains("Secure"))
@@ -240,7 +240,7 @@ struct SecurityTests {
     @Test func sessionsAreStoredEncryptedWithTheLayersKeys() async throws {
         let client = try TestRedis.client()
         let prefix = "t" + ChannelNames.randomLetters(8) + ":session:"
-        var settings = SessionSettings()
+        var settings = SessionConfiguration()
         settings.cipher = StorageEncryption(keys: ["key one"])
         let store = RedisSessionStore(client: client, prefix: prefix)
         let session = Session(key: Session.newKey(), store: store, settings: settings)
@@ -250,14 +250,14 @@ struct SecurityTests {
         #expect(!String(decoding: raw, as: UTF8.self).contains("alice-the-secret-name"))
         #expect(try await Session.load(key: session.key, store: store, settings: settings)["user"] == "alice-the-secret-name")
         // Without the key the data is unreadable (read as an empty session, never as someone else's).
-        #expect(try await Session.load(key: session.key, store: store, settings: SessionSettings()).isEmpty)
+        #expect(try await Session.load(key: session.key, store: store, settings: SessionConfiguration()).isEmpty)
     }
 
     @Test func theInMemoryStoreSweepsExpiredSessions() async throws {
         let store = InMemorySessionStore(sweepInterval: .milliseconds(50))
-        for index in 0..<1000 { _ = try await store.store("k\(index)", data: [0x80], expected: nil, ttl: 0) }
+        for index in 0..<1000 { _ = try await store.store("k\(index)", data: [0x80], expected: nil, ttl: .seconds(0)) }
         try await Task.sleep(for: .milliseconds(80))
-        _ = try await store.store("live", data: [0x80], expected: nil, ttl: 60)
+        _ = try await store.store("live", data: [0x80], expected: nil, ttl: .seconds(60))
         #expect(store.count == 1, "expired entries are swept without being read again")
     }
 

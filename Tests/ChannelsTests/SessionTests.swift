@@ -279,8 +279,8 @@ struct SessionTests {
         let client = try TestRedis.client()
         let prefix = "t" + ChannelNames.randomLetters(8) + ":session:"
         let store = RedisSessionStore(client: client, prefix: prefix)
-        var settings = SessionSettings()
-        settings.age = 5000
+        var settings = SessionConfiguration()
+        settings.age = .seconds(5000)
         let session = Session(key: "agecheck", store: store, settings: settings)
         session["x"] = 1
         try await session.save()
@@ -290,9 +290,9 @@ struct SessionTests {
 
     @Test func anExpiredInMemorySessionIsGone() async throws {
         let store = InMemorySessionStore()
-        #expect(try await store.store("k", data: [0x80], expected: nil, ttl: 0))
+        #expect(try await store.store("k", data: [0x80], expected: nil, ttl: .seconds(0)))
         #expect(try await store.load("k") == nil, "expired at once")
-        #expect(try await store.store("k", data: [0x80], expected: nil, ttl: 60), "an expired key can be created again")
+        #expect(try await store.store("k", data: [0x80], expected: nil, ttl: .seconds(60)), "an expired key can be created again")
     }
 
     @Test(arguments: StoreKind.allCases)
@@ -300,8 +300,8 @@ struct SessionTests {
         let store = try store(kind)
         let environment = ConsumerEnvironment(sessionStore: store)
         let key = Session.storageKey(
-            Session.channelSessionKey(replyChannel: "test.reply?garbage", secret: environment.sessionSettings.secret))
-        #expect(try await store.store(key, data: [0xc1, 0xff, 0x00], expected: nil, ttl: 60))
+            Session.channelSessionKey(replyChannel: "test.reply?garbage", secret: environment.sessionConfiguration.secret))
+        #expect(try await store.store(key, data: [0xc1, 0xff, 0x00], expected: nil, ttl: .seconds(60)))
         let harness = try TestHarness(
             [
                 route(
@@ -385,7 +385,7 @@ final class CountingStore: SessionStore, @unchecked Sendable {
     private var count = 0
     var writes: Int { lock.withLock { count } }
     func load(_ key: String) async throws -> [UInt8]? { try await base.load(key) }
-    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
         lock.withLock { count += 1 }
         return try await base.store(key, data: data, expected: expected, ttl: ttl)
     }

@@ -90,7 +90,7 @@ extension ConsumerContext {
     private func sendNumbered(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool, end: Bool)
         async throws
     {
-        let settings = environment.sessionSettings
+        let settings = environment.sessionConfiguration
         let counter = try await Session.load(
             key: OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: settings.secret),
             store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,

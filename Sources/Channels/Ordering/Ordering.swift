@@ -105,7 +105,7 @@ func followEpoch(_ epoch: String, session: Session, context: ConsumerContext) as
 public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
     { context in
         guard let stamp = OrderStamp(context.message) else { return try await consumer(context) }
-        let settings = context.environment.sessionSettings
+        let settings = context.environment.sessionConfiguration
         let session = try await Session.load(
             key: OrderedHandoff.sessionKey("next", channel: context.channel, key: stamp.key, secret: settings.secret),
             store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,

@@ -113,7 +113,7 @@ struct OrderingGate {
         guard let key = session.key, let raw = try await context.environment.sessionStore.load(Session.storageKey(key)) else {
             return (0, nil)
         }
-        let data = try? Session.decodeStored(raw, settings: context.environment.sessionSettings)
+        let data = try? Session.decodeStored(raw, settings: context.environment.sessionConfiguration)
         return (data?[Self.nextOrderKey]?.intValue ?? 0, data?[Self.movedAtKey]?.intValue)
     }
 
@@ -125,7 +125,7 @@ struct OrderingGate {
         do {
             let stored = try await Session.load(
                 key: key, store: context.environment.sessionStore,
-                settings: context.environment.sessionSettings, ttl: session.ttl, log: .consumer(context))
+                settings: context.environment.sessionConfiguration, ttl: session.ttl, log: .consumer(context))
             guard (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())

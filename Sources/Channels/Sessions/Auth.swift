@@ -94,7 +94,7 @@ extension ConsumerContext {
         let sockets = session[AuthSessionKey.sockets]?.arrayValue?.compactMap(\.stringValue) ?? []
         try await session.delete()
         setUser(.anonymous)
-        let settings = environment.sessionSettings
+        let settings = environment.sessionConfiguration
         setCookie(
             cookieHeader(name: settings.cookieName, value: "", maxAge: 0, httpOnly: settings.cookieHTTPOnly),
             name: settings.cookieName)
@@ -304,7 +304,7 @@ extension Session {
     /// (the session cookie's value). What Django's `force_login` does: for tests and tools that
     /// need a logged-in client without going through a login form.
     public static func loggedIn(_ user: User, environment: ConsumerEnvironment) async throws -> String {
-        let session = try await Session.load(key: nil, store: environment.sessionStore, settings: environment.sessionSettings)
+        let session = try await Session.load(key: nil, store: environment.sessionStore, settings: environment.sessionConfiguration)
         session.cycleKey()
         session[AuthSessionKey.userID] = .string(user.id)
         try await session.save()

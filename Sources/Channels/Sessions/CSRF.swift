@@ -53,7 +53,7 @@ extension ConsumerContext {
 
     private func csrfSignature(nonce: String) -> String {
         let sessionKey = loadedHTTPSession?.key ?? ""
-        return environment.sessionSettings.secret.hex("csrf", nonce + ":" + sessionKey, length: 32)
+        return environment.sessionConfiguration.secret.hex("csrf", nonce + ":" + sessionKey, length: 32)
     }
 
     /// Why this unsafe request fails the CSRF check, or nil when it passes.

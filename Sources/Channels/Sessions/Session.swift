@@ -15,13 +15,18 @@ public enum SameSite: String, Sendable {
     case none = "None"
 }
 
-/// Settings shared by every session.
-public struct SessionSettings: Sendable {
-    /// Seconds an HTTP session lives after its last save (Django's SESSION_COOKIE_AGE: two weeks).
-    public var age: Int = 14 * 24 * 3600
-    /// Seconds a socket's channel session lives after its last use. It is renewed while the
+/// The earlier name of ``SessionConfiguration``.
+@available(*, deprecated, renamed: "SessionConfiguration")
+public typealias SessionSettings = SessionConfiguration
+
+/// What every session shares: ages, the cookie, the secret.
+public struct SessionConfiguration: Sendable {
+    /// How long an HTTP session lives after its last save (Django's SESSION_COOKIE_AGE: two
+    /// weeks). Whole seconds in the store and the cookie.
+    public var age: Duration = .seconds(14 * 24 * 3600)
+    /// How long a socket's channel session lives after its last use. It is renewed while the
     /// socket sends, and deleted once the socket's `websocket.disconnect` ran.
-    public var channelSessionAge: Int = 24 * 3600
+    public var channelSessionAge: Duration = .seconds(24 * 3600)
     /// The cookie that names an HTTP session.
     public var cookieName: String = "sessionid"
     /// Cookie attributes.
@@ -111,16 +116,16 @@ public final class Session: Sendable {
     /// Where this session is loaded from and saved to.
     public let store: any SessionStore
     /// Its cookie and lifetime settings.
-    public let settings: SessionSettings
+    public let settings: SessionConfiguration
     private let state: Mutex<State>
     /// Called when a session without a key gets one (the HTTP session sets its cookie then).
     let onNewKey: (@Sendable (String) -> Void)?
     private let log: SessionLog
     /// Seconds the stored session lives after a save.
-    let ttl: Int
+    let ttl: Duration
 
     init(
-        key: String?, store: any SessionStore, settings: SessionSettings, ttl: Int? = nil, log: SessionLog = .none,
+        key: String?, store: any SessionStore, settings: SessionConfiguration, ttl: Duration? = nil, log: SessionLog = .none,
         onNewKey: (@Sendable (String) -> Void)? = nil
     ) {
         self.store = store
@@ -133,7 +138,7 @@ public final class Session: Sendable {
 
     /// Loads the session stored under `key` (an empty session if there is none).
     static func load(
-        key: String?, store: any SessionStore, settings: SessionSettings, ttl: Int? = nil, log: SessionLog = .none,
+        key: String?, store: any SessionStore, settings: SessionConfiguration, ttl: Duration? = nil, log: SessionLog = .none,
         onNewKey: (@Sendable (String) -> Void)? = nil
     ) async throws -> Session {
         let session = Session(key: key, store: store, settings: settings, ttl: ttl, log: log, onNewKey: onNewKey)
@@ -279,7 +284,7 @@ public final class Session: Sendable {
     }
 
     /// Stored bytes read back: opened with the settings' cipher when there is one.
-    static func decodeStored(_ raw: [UInt8], settings: SessionSettings) throws -> [String: ASGIValue] {
+    static func decodeStored(_ raw: [UInt8], settings: SessionConfiguration) throws -> [String: ASGIValue] {
         try decode(settings.cipher.map { try $0.open(raw) } ?? raw)
     }
 

@@ -8,7 +8,7 @@ public struct ConsumerEnvironment: Sendable {
     /// Where sessions live (in memory by default; Redis with `--session-store`).
     public var sessionStore: any SessionStore
     /// Session cookie and lifetime settings.
-    public var sessionSettings: SessionSettings
+    public var sessionConfiguration: SessionConfiguration
     /// Loads users by id for the `...User` wrappers; without one every user is anonymous.
     public var users: (any UserProvider)?
     /// How long a consumer's send to a full channel or an unreachable layer (a Redis restart)
@@ -28,7 +28,7 @@ public struct ConsumerEnvironment: Sendable {
 
     /// An environment; every argument has the embedded default.
     public init(
-        sessionStore: any SessionStore = InMemorySessionStore(), sessionSettings: SessionSettings = .init(),
+        sessionStore: any SessionStore = InMemorySessionStore(), sessionConfiguration: SessionConfiguration = .init(),
         users: (any UserProvider)? = nil, sendRetry: Duration = .seconds(10),
         orderingGapTimeout: Duration = .seconds(10), orderingGaps: OrderingGaps = OrderingGaps(),
         rateLimiter: any RateLimiter = InMemoryRateLimiter(), tokens: TokenAuthenticator? = nil
@@ -37,7 +37,7 @@ public struct ConsumerEnvironment: Sendable {
         self.orderingGaps = orderingGaps
         self.rateLimiter = rateLimiter
         self.sessionStore = sessionStore
-        self.sessionSettings = sessionSettings
+        self.sessionConfiguration = sessionConfiguration
         self.users = users
         self.sendRetry = sendRetry
         self.orderingGapTimeout = orderingGapTimeout
@@ -107,7 +107,7 @@ extension ConsumerContext {
         guard let reply = message.replyChannel else {
             throw SessionError(.notLoaded, "channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
-        let settings = environment.sessionSettings
+        let settings = environment.sessionConfiguration
         let session = try await Session.load(
             key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
             store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge, log: .consumer(self))
@@ -133,7 +133,7 @@ extension ConsumerContext {
         }
         let now = WallClock.wholeSeconds
         let touched = session[ChannelSessionKey.touched]?.intValue ?? 0
-        let renewing = !session.isModified && session.isStored && now - touched > Int64(session.ttl / 4)
+        let renewing = !session.isModified && session.isStored && now - touched > (session.ttl / 4).components.seconds
         if session.isModified || renewing { session[ChannelSessionKey.touched] = .int(now) }
         // A renewal only renews: if the socket's disconnect deleted the session meanwhile (a
         // parked disconnect this message's turn ran), it stays deleted.
@@ -164,7 +164,7 @@ public func httpSession(_ consumer: @escaping Consumer) -> Consumer {
 
 extension ConsumerContext {
     func openHTTPSession() async throws -> Session {
-        let settings = environment.sessionSettings
+        let settings = environment.sessionConfiguration
         // Only keys of the HTTP form are looked up: a channel-session key, an ordering key or
         // anything else a client found cannot open a session.
         let key =
@@ -192,9 +192,10 @@ extension ConsumerContext {
     var loadedHTTPSession: Session? { extras.withLock { $0.httpSession } }
 
     func setSessionCookie(_ key: String) {
-        let settings = environment.sessionSettings
+        let settings = environment.sessionConfiguration
         setCookie(
-            cookieHeader(name: settings.cookieName, value: key, maxAge: settings.age, httpOnly: settings.cookieHTTPOnly),
+            cookieHeader(
+                name: settings.cookieName, value: key, maxAge: Int(settings.age.components.seconds), httpOnly: settings.cookieHTTPOnly),
             name: settings.cookieName)
     }
 
@@ -208,7 +209,7 @@ extension ConsumerContext {
     /// A `Set-Cookie` value with the session settings' path, `SameSite` and `Secure` rules:
     /// `Secure` when the settings ask for it, when the request came over TLS, or with `SameSite=None`.
     public func cookieHeader(name: String, value: String, maxAge: Int, httpOnly: Bool) -> String {
-        let settings = environment.sessionSettings
+        let settings = environment.sessionConfiguration
         var cookie = "\(name)=\(value); Max-Age=\(maxAge); Path=\(settings.cookiePath); SameSite=\(settings.cookieSameSite.rawValue)"
         if httpOnly { cookie += "; HttpOnly" }
         if settings.cookieSecure || isSecureRequest || settings.cookieSameSite == .none { cookie += "; Secure" }

@@ -11,7 +11,7 @@ public protocol SessionStore: Sendable {
     func load(_ key: String) async throws -> [UInt8]?
     /// Writes `data` only if the stored value is still `expected` (nil: only if the key does
     /// not exist, i.e. create-only). Returns false when someone else wrote first.
-    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool
     func delete(_ key: String) async throws
 }
 
@@ -53,7 +53,7 @@ public final class InMemorySessionStore: SessionStore {
     }
 
     /// Writes only if the stored value is still `expected`; false when someone else wrote first.
-    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Int) async throws -> Bool {
+    public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
         let now = ContinuousClock.now
         return state.withLock { state -> Bool in
             if now >= state.nextSweep {
@@ -63,7 +63,7 @@ public final class InMemorySessionStore: SessionStore {
             var current = state.entries[key]
             if let entry = current, entry.expires <= now { current = nil }
             guard current?.data == expected else { return false }
-            state.entries[key] = Entry(data: data, expires: now + .seconds(ttl))
+            state.entries[key] = Entry(data: data, expires: now + ttl)
             Self.stored.record(state.entries.count)
             return true
         }
