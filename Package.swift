@@ -1,4 +1,4 @@
-// swift-tools-version:6.0
+// swift-tools-version:6.1
 import PackageDescription
 
 /// Settings every target shares, as swift-nio and Hummingbird set them: `any` spelled out for
@@ -19,6 +19,15 @@ let package = Package(
         .library(name: "ChannelsRedis", targets: ["ChannelsRedis"]),
         .library(name: "ChannelsCommand", targets: ["ChannelsCommand"]),
         .library(name: "ChannelsTesting", targets: ["ChannelsTesting"]),
+    ],
+    traits: [
+        .trait(
+            name: "Redis",
+            description: """
+                The Redis layer in the commands (runserver/runworker --layer redis://…, rundelay, Redis \
+                sessions and rate limits). Without it an application runs on the in-memory layer and links no hiredis.
+                """),
+        .default(enabledTraits: ["Redis"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
@@ -123,7 +132,9 @@ let package = Package(
         .target(
             name: "ChannelsCommand",
             dependencies: [
-                "ASGI", "Channels", "ChannelsRedis", "InterfaceServer", "RedisChannelLayer",
+                "ASGI", "Channels", "InterfaceServer",
+                .target(name: "ChannelsRedis", condition: .when(traits: ["Redis"])),
+                .target(name: "RedisChannelLayer", condition: .when(traits: ["Redis"])),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

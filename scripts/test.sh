@@ -78,6 +78,8 @@ log "swift format lint (.swift-format)"
 swift format lint --strict -r Sources Tests Package.swift Examples Benchmarks/Package.swift Benchmarks/Sources Benchmarks/Benchmarks
 log "documentation: every public declaration has a /// comment"
 python3 scripts/check-docs.py
+log "the Redis trait: without it the commands link no hiredis, and compile"
+scripts/check-traits.sh
 log "building the libraries and tests, then the examples (a package of their own, in Examples/.build)"
 swift build --build-tests
 log "documentation: DocC for every library, warnings as errors (broken symbol links fail)"

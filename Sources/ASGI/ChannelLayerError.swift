@@ -68,7 +68,7 @@ public struct ChannelLayerError: Error, Sendable, CustomStringConvertible {
         ChannelLayerError(.channelFull, "channel '\(channel)' is full")
     }
 
-    /// The encoded message is over the layer's size limit.
+    /// A `messageTooLarge` error naming the channel, the message's size and the limit.
     public static func messageTooLarge(_ channel: String, size: Int, limit: Int) -> ChannelLayerError {
         ChannelLayerError(.messageTooLarge, "message for '\(channel)' is \(size) bytes, over the limit of \(limit)")
     }

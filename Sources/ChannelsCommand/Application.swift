@@ -1,14 +1,12 @@
 import ASGI
 import ArgumentParser
 import Channels
-import ChannelsRedis
 import Dispatch
 import Foundation
 import InterfaceServer
 import Logging
 import NIOCore
 import NIOPosix
-import RedisChannelLayer
 import ServiceLifecycle
 import Synchronization
 
@@ -80,10 +78,17 @@ extension ApplicationSubcommand {
 }
 
 struct ApplicationCommand: AsyncParsableCommand {
+    #if Redis
+        static let commands: [any ParsableCommand.Type] = [RunServer.self, RunWorker.self, RunDelay.self, Stats.self]
+    #else
+        // The delay server keeps its schedule in Redis.
+        static let commands: [any ParsableCommand.Type] = [RunServer.self, RunWorker.self, Stats.self]
+    #endif
+
     static let configuration = CommandConfiguration(
         commandName: "app",
         abstract: "A Channels application: interface server, workers and operations.",
-        subcommands: [RunServer.self, RunWorker.self, RunDelay.self, Stats.self]
+        subcommands: ApplicationCommand.commands
     )
 }
 
@@ -143,20 +148,21 @@ struct LayerOptions: ParsableArguments {
     func makeEnvironment(backend: Backend, app: ChannelsApplication, logger: Logger) async throws -> ConsumerEnvironment {
         let url = sessionStore ?? ProcessInfo.processInfo.environment["SESSION_STORE"]
         let store: any SessionStore
-        let prefix = backend.prefix + "session:"
         if let url, !url.isEmpty, url != "memory", url != "memory://" {
-            store = RedisSessionStore(client: RedisClient(endpoint: try RedisEndpoint(url: url)), prefix: prefix)
-        } else if url == nil || url == "", let redis = backend.redis {
-            store = RedisSessionStore(client: RedisClient(endpoint: redis), prefix: prefix)
+            #if Redis
+                store = try redisSessionStore(url: url, prefix: backend.prefix + "session:")
+            #else
+                throw ValidationError("--session-store \(Redaction.redact(url)): \(Self.noRedis)")
+            #endif
+        } else if url == nil || url == "", let companions = backend.companions {
+            store = companions.sessionStore()
         } else {
             store = InMemorySessionStore()
         }
         var settings = app.sessionConfiguration
         settings.secret = try await deploymentSecret(backend: backend, logger: logger)
-        if settings.cipher == nil { settings.cipher = backend.encryption }
-        let limiter: any RateLimiter =
-            backend.redis.map { RedisRateLimiter(client: RedisClient(endpoint: $0), prefix: backend.prefix + "ratelimit:") }
-            ?? InMemoryRateLimiter()
+        if settings.cipher == nil { settings.cipher = backend.companions?.cipher }
+        let limiter: any RateLimiter = backend.companions?.rateLimiter() ?? InMemoryRateLimiter()
         let environment = ProcessInfo.processInfo.environment
         func pem(_ variable: String) throws -> String? {
             try environment[variable].flatMap { $0.isEmpty ? nil : try Secrets.read(file: $0, what: variable) }
@@ -189,23 +195,8 @@ struct LayerOptions: ParsableArguments {
         if let file = environment["CHANNELS_SECRET_KEY_FILE"], !file.isEmpty {
             return DeploymentSecret(Array(try Secrets.read(file: file, what: "CHANNELS_SECRET_KEY_FILE").utf8))
         }
-        guard let redis = backend.redis else { return .random() }
-        let client = RedisClient(endpoint: redis)
-        defer { Task { await client.close() } }
-        let key = RedisArgument.key(backend.prefix, "secret")
-        let fresh = Array(RandomToken.string(50, from: RandomToken.alphanumerics).utf8)
-        // Sealed with the layer's keys when there are any: reading Redis then does not give it away.
-        _ = try await client.command("SET", key, .bytes(backend.encryption?.seal(fresh) ?? fresh), "NX")
-        guard let kept = try await client.command("GET", key).bytes, !kept.isEmpty,
-            let stored = backend.encryption.map({ try? $0.open(kept) }) ?? kept
-        else {
-            throw ValidationError(
-                "could not keep a generated secret in Redis at \(backend.prefix)secret (or the layer's keys do not open it)")
-        }
-        logger.warning(
-            "no CHANNELS_SECRET_KEY: using the secret generated in the layer's Redis; set one for production",
-            metadata: ["key": "\(backend.prefix)secret"])
-        return DeploymentSecret(stored)
+        guard let companions = backend.companions else { return .random() }
+        return try await companions.generatedSecret(logger: logger)
     }
 
     func makeLogger(_ label: String) -> Logger {
@@ -231,22 +222,21 @@ struct LayerOptions: ParsableArguments {
                 throw ValidationError(
                     "this command needs a shared layer: --layer redis://host:port/0 (the in-memory layer lives in one process)")
             }
-            return Backend(layer: MeteredChannelLayer(InMemoryChannelLayer()), redis: nil)
+            return Backend(layer: MeteredChannelLayer(InMemoryChannelLayer()), companions: nil)
         }
         if url == "memory" || url == "memory://" {
             guard allowMemory else { throw ValidationError("the in-memory layer cannot be shared between processes") }
-            return Backend(layer: MeteredChannelLayer(InMemoryChannelLayer()), redis: nil)
+            return Backend(layer: MeteredChannelLayer(InMemoryChannelLayer()), companions: nil)
         }
-        let redis = try RedisChannelLayer(
-            urls: RedisChannelLayerConfiguration.splitURLList(url), environment: ProcessInfo.processInfo.environment, logger: logger)
-        // Said once at start, without holding the start up.
-        Task {
-            for warning in await redis.evictionWarnings() { logger.warning("\(warning)") }
-        }
-        return Backend(
-            layer: MeteredChannelLayer(redis), redis: redis.configuration.hosts.first, prefix: redis.configuration.prefix,
-            encryption: StorageEncryption(keys: redis.configuration.symmetricEncryptionKeys))
+        #if Redis
+            return try makeRedisBackend(url: url, logger: logger)
+        #else
+            throw ValidationError("--layer \(Redaction.redact(url)): \(Self.noRedis)")
+        #endif
     }
+
+    /// What a build without the `Redis` trait says when asked for Redis.
+    static let noRedis = "this application was built without the package's Redis trait: only the in-memory layer (memory://) is available"
 }
 
 /// Secrets read from files (Docker and Kubernetes secrets), so they stay off command lines.
@@ -265,16 +255,29 @@ enum Secrets {
 /// The layer a command runs on and where the stores that go with it live.
 struct Backend: Sendable {
     let layer: any ChannelLayer
-    /// The first Redis server of the layer's ring: the default home of sessions and delayed
-    /// messages. Nil on the embedded layer, whose companions live in this process.
-    let redis: RedisEndpoint?
-    /// The layer's key prefix: sessions, delayed messages and the generated secret live under it too.
-    var prefix: String = "asgi:"
-    /// The layer's encryption, applied to sessions and delayed messages as well.
-    var encryption: StorageEncryption?
+    /// The stores that go with a shared layer; nil on the embedded layer, whose sessions and
+    /// limits live in this process.
+    let companions: (any LayerCompanions)?
 
     /// The layer lives in this process (nothing else can serve it).
-    var isEmbedded: Bool { redis == nil }
+    var isEmbedded: Bool { companions == nil }
+    /// The layer's key prefix, under which what goes with it is kept ("asgi:" when embedded).
+    var prefix: String { companions?.prefix ?? "asgi:" }
+}
+
+/// What a shared layer brings along: where sessions, rate limits and the deployment's generated
+/// secret live, and the keys that seal them.
+protocol LayerCompanions: Sendable {
+    /// The layer's key prefix.
+    var prefix: String { get }
+    /// Where they live, for logs (no passwords).
+    var location: String { get }
+    /// The layer's encryption, applied to sessions too.
+    var cipher: (any SessionCipher)? { get }
+    func sessionStore() -> any SessionStore
+    func rateLimiter() -> any RateLimiter
+    /// The secret every process of the deployment shares when none is configured.
+    func generatedSecret(logger: Logger) async throws -> DeploymentSecret
 }
 
 extension Duration {

@@ -314,7 +314,7 @@ public typealias RedisTLSOptions = RedisTLSConfiguration
 
 /// The TLS configuration of a `rediss://` endpoint, named after redis-py's URL options.
 public struct RedisTLSConfiguration: Sendable, Hashable {
-    /// Whether the server's certificate is checked (`ssl_cert_reqs`).
+    /// The values of `ssl_cert_reqs`, redis-py's names.
     public enum Verification: String, Sendable, Hashable {
         /// The certificate must be valid and signed by a trusted CA (the default).
         case required

@@ -12,7 +12,7 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
         /// The value.
         public var value: String
 
-        /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
+        /// A header line; the name is lower-cased here, once, so every look-up compares as is.
         public init(name: String, value: String) {
             self.name = name.lowercased()
             self.value = value
@@ -22,12 +22,12 @@ public struct ASGIHeaders: Sendable, Hashable, Sequence, ExpressibleByArrayLiter
     /// The headers in order, names lower-cased.
     public private(set) var fields: [Field]
 
-    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
+    /// Headers from `(name, value)` pairs, in their order (names lower-cased).
     public init(_ fields: [(String, String)] = []) {
         self.fields = fields.map { Field(name: $0.0, value: $0.1) }
     }
 
-    /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
+    /// Headers written as a literal: `[("content-type", "text/plain")]`.
     public init(arrayLiteral elements: (String, String)...) {
         self.init(elements)
     }
