@@ -51,27 +51,6 @@ func runServices(_ services: [any Service], metrics: MetricsEndpoint?, grace: Du
     if !finished { logger.warning("gave up waiting for work in hand after the grace period") }
 }
 
-/// SIGTERM and SIGINT, trapped from the start of a long-running command: one that comes while
-/// the command is still starting (listening, but its services not yet running) is not the
-/// default action, an abrupt exit, but the graceful shutdown once they run.
-enum ShutdownSignals {
-    private static let trapped = Mutex<UnixSignalsSequence?>(nil)
-
-    /// Traps them now (call first thing in `runserver`, `runworker`, `rundelay`).
-    static func trap() async {
-        let sequence = await UnixSignalsSequence(trapping: .sigterm, .sigint)
-        trapped.withLock { $0 = sequence }
-    }
-
-    /// What ``trap()`` caught and will catch, for ``runServices(_:metrics:grace:logger:)``.
-    static func take() -> UnixSignalsSequence? {
-        trapped.withLock { trapped in
-            defer { trapped = nil }
-            return trapped
-        }
-    }
-}
-
 /// The last service of every command: the first told of a shutdown, it turns `/readyz` to 503
 /// (load balancers stop sending work here) before the others begin to stop.
 private struct ReadinessGate: Service, CustomStringConvertible {
@@ -98,26 +77,4 @@ private struct MetricsService: Service, CustomStringConvertible {
         try? await gracefulShutdown()
         await endpoint.close()
     }
-}
-
-/// What `work` returns, or `fallback` when `timeout` ends first. The loser is not waited for
-/// (work that ignores cancellation, a connect to a dead Redis, must not hold the caller).
-func racingTimeout<T: Sendable>(_ timeout: Duration, fallback: T, _ work: @escaping @Sendable () async -> T) async -> T {
-    await withCheckedContinuation { (continuation: CheckedContinuation<T, Never>) in
-        let once = ResumeOnce(continuation)
-        let resume: @Sendable (T) -> Void = { _ = once.resume($0) }
-        let timer = Task {
-            try? await Task.sleep(for: timeout)
-            resume(fallback)
-        }
-        Task {
-            resume(await work())
-            timer.cancel()
-        }
-    }
-}
-
-/// A line on standard output, written at once (not held in a buffer when stdout is a pipe).
-func say(_ line: String) {
-    FileHandle.standardOutput.write(Data((line + "\n").utf8))
 }
