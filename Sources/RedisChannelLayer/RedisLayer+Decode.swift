@@ -81,23 +81,50 @@ extension RedisChannelLayer {
                 out.reserveCapacity(names.count)
                 for name in names {
                     guard case .string(let member) = name, member.hasPrefix(listName) else {
-                        throw MsgPackError(.notAMap, offset: 0, detail: "a bundle names '\(name)', not a channel of '\(listName)'")
+                        throw BundleError(
+                            .foreignMember, "a bundle on '\(listName)' names '\(name.stringValue ?? "\(name)")', not one of its channels")
                     }
                     out.append(ReceivedMessage(channel: member, message: message))
                 }
                 return out
             case let other?:
-                throw MsgPackError(.notAMap, offset: 0, detail: "'\(asgiChannelKey)' is \(other.typeName), not a string")
+                throw BundleError(.notANameOrList, "'\(asgiChannelKey)' is \(other.typeName), not a channel name or a bundle's list")
             }
         } catch {
             malformedDropped.add(1, ordering: .relaxed)
             RedisMetrics.malformed.increment()
             logger.warning(
-                "dropped a message that is not valid msgpack",
+                error is BundleError ? "dropped a malformed bundled group message" : "dropped a message that is not valid msgpack",
                 metadata: [
                     "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
                 ])
             return []
         }
     }
+}
+
+/// A stored message that says it carries a group send for several members of one process (a
+/// bundle) and does not hold together: dropped and counted as malformed, with this as the reason.
+struct BundleError: Error, Sendable, CustomStringConvertible {
+    /// What is wrong with the bundle.
+    struct Code: Sendable, Hashable, CustomStringConvertible {
+        let name: String
+        var description: String { name }
+
+        /// A member of the bundle is not a channel of the process channel it was stored on:
+        /// a bundle must never deliver to another process's sockets.
+        static let foreignMember = Code(name: "foreignMember")
+        /// `__asgi_channel__` is neither a channel name nor a list of them.
+        static let notANameOrList = Code(name: "notANameOrList")
+    }
+
+    let code: Code
+    let message: String
+
+    init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    var description: String { "\(code): \(message)" }
 }

@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import OrderedCollections
 import Synchronization
 import TestSupport
 import Testing
@@ -56,6 +57,28 @@ struct BundledGroupTests {
             }
             #expect(seen.count == 4 && seen.last == "direct@s0", "\(seen)")
             #expect(Set(seen.prefix(3)) == ["group@s0", "group@s1", "group@s2"])
+        }
+    }
+
+    /// A bundle must never deliver to another process's sockets: one stored on this process's
+    /// channel that names a channel of another process (written by hand, as a hostile or broken
+    /// writer on the same Redis could) is dropped whole and counted; the next message arrives.
+    @Test("a bundle naming another process's channel is dropped and counted, not delivered")
+    func aBundleNamingAForeignChannelIsDropped() async throws {
+        try await withLayer(.redis) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let process = "bundle.own\(ChannelNames.randomLetters(6))!"
+            let connection = try await redis.shared(redis.shardIndex(for: process))
+            let body = MsgPackEncoder.encode(
+                .map(["__asgi_channel__": .array([.string(process + "mine"), .string("bundle.other!theirs")]), "text": "hi"]))
+            let bodyKey = redis.key("handmade" + ChannelNames.randomLetters(8))
+            _ = try await connection.command(["SET", .bytes(bodyKey), .bytes(body), "EX", 60])
+            _ = try await connection.command(["RPUSH", .bytes(redis.key(process)), .bytes(bodyKey)])
+            try await layer.send(["text": "after"], to: process + "mine")
+            let before = try await layer.globalStatistics().malformedMessagesDropped
+            let got = try await layer.receiveBatch(channels: [process], max: 10, timeout: .seconds(2))
+            #expect(got.map(\.channel) == [process + "mine"] && got.first?.message["text"]?.stringValue == "after")
+            #expect(try await layer.globalStatistics().malformedMessagesDropped == before + 1)
         }
     }
 
