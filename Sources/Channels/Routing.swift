@@ -54,6 +54,18 @@ private func collectFilters(path: String?, method: String?, filters: [String: St
 
 /// Bad routing, found at start-up with the route named.
 public struct RoutingError: Error, CustomStringConvertible, Sendable {
+    /// What is wrong with a route.
+    public enum Code: Sendable, Hashable {
+        /// A channel it listens on is not a valid channel name.
+        case invalidChannel
+        /// A pattern is not a valid regular expression.
+        case invalidPattern
+        /// A pattern captures a group it does not name (its value could not be a parameter).
+        case unnamedGroup
+    }
+
+    /// What is wrong.
+    public var code: Code
     /// The route's name or pattern.
     public var route: String
     /// What is wrong with it.
@@ -98,7 +110,7 @@ public struct Router: Sendable {
                 case .route(let channels, let consumer, let name):
                     for channel in channels {
                         do { try ChannelNames.validateChannel(channel, for: .receive) } catch {
-                            throw RoutingError(route: name, reason: "\(error)")
+                            throw RoutingError(code: .invalidChannel, route: name, reason: "\(error)")
                         }
                     }
                     let own = try entry.filters.map { try Self.compile($0, route: name) }
@@ -123,7 +135,8 @@ public struct Router: Sendable {
         do {
             regex = try NSRegularExpression(pattern: pattern)
         } catch {
-            throw RoutingError(route: route, reason: "the \(filter.key) pattern '\(filter.pattern)' is not a valid regex")
+            throw RoutingError(
+                code: .invalidPattern, route: route, reason: "the \(filter.key) pattern '\(filter.pattern)' is not a valid regex")
         }
         var names: [String] = []
         let nameFinder = try NSRegularExpression(pattern: #"\(\?<([A-Za-z_][A-Za-z0-9_]*)>"#)
@@ -132,7 +145,7 @@ public struct Router: Sendable {
         }
         if regex.numberOfCaptureGroups != names.count {
             throw RoutingError(
-                route: route,
+                code: .unnamedGroup, route: route,
                 reason:
                     "the \(filter.key) pattern '\(filter.pattern)' has a positional capture group; name it (?P<name>...) or make it (?:...)"
             )

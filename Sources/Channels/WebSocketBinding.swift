@@ -15,11 +15,27 @@ public enum BindingAction: String, Sendable, Codable, CaseIterable {
 
 /// Why an inbound binding change was not made.
 public struct BindingError: Error, Sendable, CustomStringConvertible {
+    /// Why the change was not made.
+    public enum Code: Sendable, Hashable {
+        /// The model does not take this action from a socket (the default `create`, `update`,
+        /// `delete`), or the application refused it.
+        case refused
+        /// The frame lacks what the action needs (`data`, `pk`).
+        case incomplete
+        /// No instance has that primary key.
+        case notFound
+    }
+
+    /// Why.
+    public let code: Code
     /// The reason, as told to the socket.
     public let description: String
 
     /// An error with `description`, told to the socket.
-    public init(_ description: String) { self.description = description }
+    public init(_ description: String, code: Code = .refused) {
+        self.code = code
+        self.description = description
+    }
 }
 
 /// Channels 1.x's `WebsocketBinding`: a model's creates, updates and deletes go to groups as
@@ -145,16 +161,18 @@ extension WebSocketBinding {
             let changed: Model?
             switch inbound.action {
             case .create:
-                guard let data = inbound.data else { throw BindingError("a create needs data") }
+                guard let data = inbound.data else { throw BindingError("a create needs data", code: .incomplete) }
                 changed = try await create(socket, data)
             case .update:
-                guard let pk = inbound.pk, let data = inbound.data else { throw BindingError("an update needs pk and data") }
+                guard let pk = inbound.pk, let data = inbound.data else {
+                    throw BindingError("an update needs pk and data", code: .incomplete)
+                }
                 changed = try await update(socket, pk: pk, data)
             case .delete:
-                guard let pk = inbound.pk else { throw BindingError("a delete needs pk") }
+                guard let pk = inbound.pk else { throw BindingError("a delete needs pk", code: .incomplete) }
                 changed = try await delete(socket, pk: pk)
             }
-            guard let changed else { throw BindingError("no such \(Self.model)") }
+            guard let changed else { throw BindingError("no such \(Self.model)", code: .notFound) }
             try await Self.changed(changed, inbound.action)
             BindingMetrics.changes["applied"]?.increment()
         } catch let error as BindingError {

@@ -64,13 +64,16 @@ struct RoutingTests {
             try Router([route("http.request", path: "^/(unclosed", name: "broken-route", { _ in })])
         } throws: { error in
             "\(error)".contains("broken-route") && "\(error)".contains("not a valid regex")
+                && (error as? RoutingError)?.code == .invalidPattern
         }
         #expect {
             try Router([route("http.request", path: "^/([0-9]+)/$", name: "positional", { _ in })])
         } throws: { error in
             "\(error)".contains("positional") && "\(error)".contains("positional capture group")
+                && (error as? RoutingError)?.code == .unnamedGroup
         }
-        #expect(throws: RoutingError.self) { try Router([route("bad channel!x", { _ in })]) }
+        let badChannel = #expect(throws: RoutingError.self) { try Router([route("bad channel!x", { _ in })]) }
+        #expect(badChannel?.code == .invalidChannel)
     }
 }
 

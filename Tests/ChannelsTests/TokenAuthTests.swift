@@ -37,9 +37,10 @@ struct TokenAuthTests {
         let claims = try await tokens.verify(token)
         #expect(claims.sub.value == "7" && claims.name == "alice")
         // Another deployment's secret does not accept it.
-        await #expect(throws: TokenAuthenticator.TokenError.self) {
+        let foreign = await #expect(throws: TokenAuthenticator.TokenError.self) {
             try await TokenAuthenticator(secret: DeploymentSecret(Array("two".utf8))).verify(token)
         }
+        #expect(foreign?.code == .invalid)
         let key = secret.mac("jwt-hs256", "")
         #expect(
             try await tokens.verify(Self.hs256(["sub": "7", "exp": future], key: key)).sub.value == "7", "the hand-made control verifies")
@@ -79,7 +80,10 @@ struct TokenAuthTests {
         ).sign(claims)
         await #expect(throws: TokenAuthenticator.TokenError.self) { try await verifier.verify(other) }
         // A verifier without a signing key issues nothing.
-        await #expect(throws: TokenAuthenticator.TokenError.self) { try await verifier.issue(for: User(id: "1", username: "x")) }
+        let unsigned = await #expect(throws: TokenAuthenticator.TokenError.self) {
+            try await verifier.issue(for: User(id: "1", username: "x"))
+        }
+        #expect(unsigned?.code == .noSigningKey)
     }
 
     @Test func audienceAndIssuerAreCheckedWhenSet() async throws {

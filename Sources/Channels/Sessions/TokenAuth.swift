@@ -37,7 +37,23 @@ public struct TokenAuthenticator: Sendable {
 
     /// A token could not be accepted.
     public struct TokenError: Error, CustomStringConvertible, Sendable {
+        /// Why a token was not accepted (or could not be issued).
+        public enum Code: Sendable, Hashable {
+            /// Only verifying keys are configured: this process cannot issue tokens.
+            case noSigningKey
+            /// Not a JWT (three base64url parts with a JSON header naming its `alg`).
+            case malformed
+            /// Its `alg` is one no key here verifies (`none`, or an algorithm not configured).
+            case algorithmNotAccepted
+            /// The signature does not verify, or it has expired.
+            case invalid
+            /// It was issued for another audience or by another issuer.
+            case notForUs
+        }
+
         /// Why.
+        public var code: Code
+        /// Why, in words.
         public var description: String
     }
 
@@ -83,7 +99,7 @@ public struct TokenAuthenticator: Sendable {
     /// A signed token for `user`, valid for `lifetime`.
     public func issue(for user: User, lifetime: Duration = .seconds(3600)) async throws -> String {
         guard let signingAlgorithm, let collection = keys[signingAlgorithm] else {
-            throw TokenError(description: "no signing key: tokens are only verified here")
+            throw TokenError(code: .noSigningKey, description: "no signing key: tokens are only verified here")
         }
         let expires = Date().addingTimeInterval(Double(lifetime.components.seconds))
         return try await collection.sign(Claims(user: user, expires: expires, audience: audience, issuer: issuer))
@@ -95,18 +111,20 @@ public struct TokenAuthenticator: Sendable {
         guard parts.count == 3, let headerBytes = Base64URLDecoding.decode(parts[0]),
             let header = try? JSONSerialization.jsonObject(with: Data(headerBytes)) as? [String: Any],
             let alg = header["alg"] as? String
-        else { throw TokenError(description: "not a JWT") }
-        guard let collection = keys[alg] else { throw TokenError(description: "algorithm '\(alg.prefix(20))' is not accepted") }
+        else { throw TokenError(code: .malformed, description: "not a JWT") }
+        guard let collection = keys[alg] else {
+            throw TokenError(code: .algorithmNotAccepted, description: "algorithm '\(alg.prefix(20))' is not accepted")
+        }
         let claims: Claims
         do {
             claims = try await collection.verify(token, as: Claims.self)
         } catch {
-            throw TokenError(description: "refused: \(error)")
+            throw TokenError(code: .invalid, description: "refused: \(error)")
         }
         if let audience, claims.aud?.value.contains(audience) != true {
-            throw TokenError(description: "refused: not issued for this audience")
+            throw TokenError(code: .notForUs, description: "refused: not issued for this audience")
         }
-        if let issuer, claims.iss?.value != issuer { throw TokenError(description: "refused: another issuer") }
+        if let issuer, claims.iss?.value != issuer { throw TokenError(code: .notForUs, description: "refused: another issuer") }
         return claims
     }
 
