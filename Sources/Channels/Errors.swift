@@ -18,26 +18,25 @@ public enum ConsumerError: Error, Sendable {
 /// A consumer's helper called where it cannot work: outside a consumer, on a message with no
 /// reply channel, for a group that keeps no history, on a layer without history or presence,
 /// or a streamed response that got no credit from its server.
-public struct ConsumerContextError: Error, Sendable, CustomStringConvertible {
-    /// What kind of misuse or stall; compare with the static codes.
-    public struct Code: Sendable, Hashable, CustomStringConvertible {
-        let name: String
-        /// The code's name.
-        public var description: String { name }
-
+public struct ConsumerContextError: CodedError, Sendable {
+    /// What kind of misuse or stall.
+    public enum Code: String, Sendable, Hashable, CustomStringConvertible {
         /// Called outside a running consumer (and it needs one: a socket to track, an order to keep).
-        public static let noConsumer = Code(name: "noConsumer")
+        case noConsumer
         /// Called outside a consumer with no layer given and no `ChannelLayers.default` set.
-        public static let noLayer = Code(name: "noLayer")
+        case noLayer
         /// The message being handled has no `reply_channel` to answer on.
-        public static let noReplyChannel = Code(name: "noReplyChannel")
+        case noReplyChannel
         /// The group keeps no history: `GroupHistory.keep` it first.
-        public static let historyNotKept = Code(name: "historyNotKept")
+        case historyNotKept
         /// The channel layer in use keeps no group history or no presence.
-        public static let layerLacksFeature = Code(name: "layerLacksFeature")
+        case layerLacksFeature
         /// A streamed response got no credit from its server within its credit timeout (an
         /// acknowledgement was lost, or the server stopped reading).
-        public static let noCredit = Code(name: "noCredit")
+        case noCredit
+
+        /// The code's name.
+        public var description: String { rawValue }
     }
 
     /// What went wrong.
@@ -50,24 +49,20 @@ public struct ConsumerContextError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-
-    /// The code and the message.
-    public var description: String { "\(code): \(message)" }
 }
 
 /// Reading a request's body failed: a chunk did not come in time, or the client left during
 /// the upload. The consumer's response then goes nowhere; the worker logs it and moves on.
-public struct RequestBodyError: Error, Sendable, CustomStringConvertible {
+public struct RequestBodyError: CodedError, Sendable {
     /// Why the body could not be read.
-    public struct Code: Sendable, Hashable, CustomStringConvertible {
-        let name: String
-        /// The code's name.
-        public var description: String { name }
-
+    public enum Code: String, Sendable, Hashable, CustomStringConvertible {
         /// The next chunk did not arrive within the body timeout.
-        public static let chunkMissing = Code(name: "chunkMissing")
+        case chunkMissing
         /// The client closed the connection before the body was whole.
-        public static let clientLeft = Code(name: "clientLeft")
+        case clientLeft
+
+        /// The code's name.
+        public var description: String { rawValue }
     }
 
     /// Why.
@@ -80,7 +75,4 @@ public struct RequestBodyError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-
-    /// The code and the message.
-    public var description: String { "\(code): \(message)" }
 }

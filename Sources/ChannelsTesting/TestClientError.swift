@@ -1,24 +1,25 @@
+import ASGI
+
 /// A test client, the harness or the live server could not do what a test asked: no response
 /// came, a streamed response stopped early, a socket was used before it connected.
-public struct TestClientError: Error, Sendable, CustomStringConvertible {
-    /// What went wrong; compare with the static codes.
-    public struct Code: Sendable, Hashable, CustomStringConvertible {
-        let name: String
-        /// The code's name.
-        public var description: String { name }
-
+public struct TestClientError: CodedError, Sendable {
+    /// What went wrong.
+    public enum Code: String, Sendable, Hashable, CustomStringConvertible {
         /// No response came within the client's timeout.
-        public static let noResponse = Code(name: "noResponse")
+        case noResponse
         /// A streamed response stopped without its last chunk.
-        public static let responseCut = Code(name: "responseCut")
+        case responseCut
         /// The test WebSocket was used before `connect`.
-        public static let notConnected = Code(name: "notConnected")
+        case notConnected
         /// The harness is not set up for the call (`login` without a `UserAuthenticator`).
-        public static let notSupported = Code(name: "notSupported")
+        case notSupported
         /// A message the harness sent could not be received back.
-        public static let notReceived = Code(name: "notReceived")
+        case notReceived
         /// The live server did not get a port.
-        public static let noPort = Code(name: "noPort")
+        case noPort
+
+        /// The code's name.
+        public var description: String { rawValue }
     }
 
     /// What went wrong.
@@ -31,7 +32,4 @@ public struct TestClientError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-
-    /// The code and the message.
-    public var description: String { "\(code): \(message)" }
 }

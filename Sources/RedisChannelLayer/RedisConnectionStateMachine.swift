@@ -18,6 +18,9 @@ struct RedisConnectionStateMachine<Waiter> {
         let waiter: Waiter
         let deadline: NIODeadline
         let timeout: TimeAmount
+        /// Whether this request already got a fresh window for a stall of this process (once:
+        /// a loop that runs every timer late must not hide a dead Redis forever).
+        var stallForgiven = false
     }
 
     private enum State {
@@ -144,7 +147,9 @@ struct RedisConnectionStateMachine<Waiter> {
     /// paused VM, a loop busy for seconds): Redis's replies may be sitting unread in the
     /// socket, and the loop runs this timer before it reads them. Failing the connection then
     /// would fail commands Redis already ran (a retried send runs twice; a take loses what it
-    /// took). Such a stall counts as progress: the oldest request gets a fresh window, from now.
+    /// took). Such a stall counts as progress: the oldest request gets a fresh window, from now,
+    /// once (a loop that runs every timer late, a process paused again and again, must still
+    /// find out a Redis that stopped answering).
     mutating func timerFired(now: NIODeadline, armedFor: NIODeadline? = nil) -> TimerAction {
         timerArmed = false
         guard case .active(let pending) = state, let oldest = pending.first else { return .none }
@@ -152,7 +157,11 @@ struct RedisConnectionStateMachine<Waiter> {
             timerArmed = true
             return .rearm(oldest.deadline)
         }
-        if let armedFor, now - armedFor > Self.stallLateness {
+        if let armedFor, now - armedFor > Self.stallLateness, !oldest.stallForgiven {
+            state = .modifying
+            var forgiven = pending
+            forgiven[forgiven.startIndex].stallForgiven = true
+            state = .active(forgiven)
             lastRead = now
         }
         if lastRead + oldest.timeout > now {

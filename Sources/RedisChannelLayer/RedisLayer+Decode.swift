@@ -105,17 +105,16 @@ extension RedisChannelLayer {
 
 /// A stored message that says it carries a group send for several members of one process (a
 /// bundle) and does not hold together: dropped and counted as malformed, with this as the reason.
-struct BundleError: Error, Sendable, CustomStringConvertible {
+struct BundleError: CodedError, Sendable {
     /// What is wrong with the bundle.
-    struct Code: Sendable, Hashable, CustomStringConvertible {
-        let name: String
-        var description: String { name }
-
+    enum Code: String, Sendable, CustomStringConvertible {
         /// A member of the bundle is not a channel of the process channel it was stored on:
         /// a bundle must never deliver to another process's sockets.
-        static let foreignMember = Code(name: "foreignMember")
+        case foreignMember
         /// `__asgi_channel__` is neither a channel name nor a list of them.
-        static let notANameOrList = Code(name: "notANameOrList")
+        case notANameOrList
+
+        var description: String { rawValue }
     }
 
     let code: Code
@@ -125,6 +124,4 @@ struct BundleError: Error, Sendable, CustomStringConvertible {
         self.code = code
         self.message = message
     }
-
-    var description: String { "\(code): \(message)" }
 }

@@ -116,6 +116,24 @@ struct RedisConnectionStateMachineTests {
         #expect(waiters == ["next"])
     }
 
+    /// A loop that runs every timer late (overloaded, or paused again and again) gets one
+    /// fresh window per request, not one per late timer: a Redis that stopped answering is
+    /// still found out.
+    @Test("a timer late every time forgives a request once, then a silent Redis fails the connection")
+    func aLoopAlwaysLateStillFindsADeadRedis() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "stuck", timeout: .seconds(5), now: start)
+        guard case .rearm(let next) = machine.timerFired(now: start + .milliseconds(5_600), armedFor: start + .seconds(5)) else {
+            Issue.record("the first late timer did not forgive the stall")
+            return
+        }
+        guard case .failConnection(_, let waiters) = machine.timerFired(now: next + .milliseconds(600), armedFor: next) else {
+            Issue.record("a Redis silent through a second late timer was not found out")
+            return
+        }
+        #expect(waiters == ["stuck"])
+    }
+
     @Test("a late reply whose bytes are still arriving gets more time")
     func slowLargeReplyIsProgress() {
         var machine = Machine(endpoint: endpoint, now: start)

@@ -51,6 +51,19 @@ extension Message {
         }
     }
 
+    /// `reply_channel` as the typed messages read it: present, a string and a valid channel
+    /// name. Not required to be `!` or `?`: Channels 1.x's own test clients name their reply
+    /// channels `<alias><letters>`, and a message from them must not be refused.
+    func readReplyChannel() throws(MessageError) -> ReplyChannelName {
+        let name = try string("reply_channel")
+        do {
+            try ChannelNames.validateChannel(name)
+        } catch {
+            throw MessageError(.invalidValue, key: "reply_channel", detail: error.description)
+        }
+        return ReplyChannelName(trusted: name)
+    }
+
     /// `reply_channel` when the message has one (a string), unchecked; nil otherwise.
     public var replyChannel: String? { self["reply_channel"]?.stringValue }
 

@@ -54,7 +54,7 @@ public struct HTTPRequestMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.replyChannelName()
+        replyChannel = try message.readReplyChannel()
         httpVersion = try message.string("http_version", default: "1.1")
         method = try message.string("method").uppercased()
         scheme = try message.string("scheme", default: "http")
@@ -254,7 +254,7 @@ public struct HTTPDisconnectMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.replyChannelName()
+        replyChannel = try message.readReplyChannel()
         path = try message.string("path", default: "")
     }
 

@@ -38,7 +38,7 @@ public struct WebSocketConnectMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.replyChannelName()
+        replyChannel = try message.readReplyChannel()
         scheme = try message.string("scheme", default: "ws")
         path = try message.string("path")
         queryString = try message.bytesOrString("query_string")
@@ -116,7 +116,7 @@ public struct WebSocketReceiveMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.replyChannelName()
+        replyChannel = try message.readReplyChannel()
         path = try message.string("path", default: "")
         order = try message.int("order", default: 0)
         guard let data = try WebSocketData.read(message) else {
@@ -154,7 +154,7 @@ public struct WebSocketDisconnectMessage: ASGIMessage, Hashable {
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
     public init(_ message: Message) throws(MessageError) {
-        replyChannel = try message.replyChannelName()
+        replyChannel = try message.readReplyChannel()
         code = Int(try message.int("code", default: 1000))
         path = try message.string("path", default: "")
         order = try message.int("order", default: 0)

@@ -61,24 +61,23 @@ public protocol SessionCipher: Sendable {
 }
 
 /// A session could not be used.
-public struct SessionError: Error, CustomStringConvertible, Sendable {
-    /// What kind of failure; compare with the static codes.
-    public struct Code: Sendable, Hashable, CustomStringConvertible {
-        let name: String
-        /// The code's name.
-        public var description: String { name }
-
+public struct SessionError: CodedError, Sendable {
+    /// What kind of failure.
+    public enum Code: String, Sendable, Hashable, CustomStringConvertible {
         /// No session here: the consumer is not wrapped in the decorator that loads it, or the
         /// message has no `reply_channel` to key a channel session by.
-        public static let notLoaded = Code(name: "notLoaded")
+        case notLoaded
         /// A save lost every race to concurrent writers of the same session.
-        public static let saveConflict = Code(name: "saveConflict")
+        case saveConflict
         /// The stored session data is not a map (written by something else, or corrupt).
-        public static let malformed = Code(name: "malformed")
+        case malformed
         /// The session has no key (it was never saved).
-        public static let noKey = Code(name: "noKey")
+        case noKey
         /// `enforceOrdering` got a message without its `order` key.
-        public static let noOrder = Code(name: "noOrder")
+        case noOrder
+
+        /// The code's name.
+        public var description: String { rawValue }
     }
 
     /// What kind of failure.
@@ -91,9 +90,6 @@ public struct SessionError: Error, CustomStringConvertible, Sendable {
         self.code = code
         self.message = message
     }
-
-    /// The code and the message.
-    public var description: String { "\(code): \(message)" }
 }
 
 /// A session: a map of message values, loaded from a ``SessionStore`` and saved back only
