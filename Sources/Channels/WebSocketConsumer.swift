@@ -4,8 +4,13 @@ import Logging
 
 // MARK: WebSocket consumers
 
-/// What a WebSocket consumer type asks of the framework (Channels' class attributes).
-public struct WebSocketConsumerOptions: Sendable {
+/// The earlier name of ``WebSocketConsumerConfiguration``.
+@available(*, deprecated, renamed: "WebSocketConsumerConfiguration")
+public typealias WebSocketConsumerOptions = WebSocketConsumerConfiguration
+
+/// What a WebSocket consumer type asks of the framework (Channels' class attributes), as its
+/// `options`.
+public struct WebSocketConsumerConfiguration: Sendable {
     /// Carry the user from the HTTP session into the channel session on connect (`http_user`);
     /// `socket.user` then works in every handler. Implies `channelSession`.
     public var httpUser: Bool
@@ -101,7 +106,7 @@ extension JSONEncoder {
 /// disconnect. Route it with `route(MyConsumer.self, path: ...)`.
 public protocol WebSocketConsumer: Sendable {
     init()
-    static var options: WebSocketConsumerOptions { get }
+    static var options: WebSocketConsumerConfiguration { get }
     /// Groups the socket joins on connect and leaves on disconnect.
     func connectionGroups(_ socket: WebSocket) -> [String]
     /// Default: accept.
@@ -113,7 +118,7 @@ public protocol WebSocketConsumer: Sendable {
 
 extension WebSocketConsumer {
     /// Default: no session, no user, no ordering.
-    public static var options: WebSocketConsumerOptions { .init() }
+    public static var options: WebSocketConsumerConfiguration { .init() }
     /// Default: no groups.
     public func connectionGroups(_ socket: WebSocket) -> [String] { [] }
     /// Default: accept.
@@ -160,7 +165,7 @@ extension JSONWebSocketConsumer {
 enum WebSocketDispatch {
     static let channels = ASGIChannel.websocket
 
-    static func wrap(_ options: WebSocketConsumerOptions, _ body: @escaping Consumer) -> Consumer {
+    static func wrap(_ options: WebSocketConsumerConfiguration, _ body: @escaping Consumer) -> Consumer {
         var consumer = body
         if let ordering = options.ordering { consumer = enforceOrdering(slight: ordering == .slight, consumer) }
         if options.httpUser {

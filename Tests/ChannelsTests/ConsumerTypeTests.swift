@@ -7,7 +7,7 @@ import Testing
 
 /// A room consumer type: groups from the path, echo to the group, a goodbye on disconnect.
 struct RoomConsumer: WebSocketConsumer {
-    static let options = WebSocketConsumerOptions(channelSession: true, ordering: .strict)
+    static let options = WebSocketConsumerConfiguration(channelSession: true, ordering: .strict)
 
     func connectionGroups(_ socket: WebSocket) -> [String] { ["room-" + (socket.parameters["room"] ?? "none")] }
 
