@@ -60,9 +60,11 @@ public final class InterfaceServer: Service, Sendable {
         } else {
             self.tls = nil
         }
+        let group = eventLoopGroup ?? MultiThreadedEventLoopGroup.singleton
         let router = ReplyRouter(
             layer: layer, prefix: configuration.replyChannelPrefix, logger: logger,
-            registrationInterval: configuration.readerRegistrationInterval, cutOffBound: configuration.cutOffTimeout)
+            registrationInterval: configuration.readerRegistrationInterval, cutOffBound: configuration.cutOffTimeout,
+            readLoop: group.next())
         let context = ServerContext(
             layer: layer, router: router, configuration: configuration, logger: logger,
             accessLog: AccessLog(path: accessLogPath, logger: logger))
@@ -79,7 +81,7 @@ public final class InterfaceServer: Service, Sendable {
         self.context = context
         // The group belongs to the caller (it is not shut down here); NIO's shared group by default: the Redis layer's connections live there too, so a
         // frame, its send to Redis and the reply can all be handled on one thread.
-        self.group = eventLoopGroup ?? MultiThreadedEventLoopGroup.singleton
+        self.group = group
     }
 
     /// What the server counted: held and retried sends, what it gave up on and why.

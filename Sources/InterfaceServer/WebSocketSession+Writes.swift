@@ -17,7 +17,7 @@ extension WebSocketSession {
     /// An encoded frame of the router's batch, unless the socket's unwritten bytes are past their
     /// bound: written past the encoder, flushed at the batch's end (``endReplyBatch()``).
     func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
-        guard encodedFrames.channel.isWritable else { return slowClient() }
+        guard (frameChannel ?? encodedFrames.channel).isWritable else { return slowClient() }
         encodedFrames.write(NIOAny(frame), promise: nil)
         heldBytes += frame.readableBytes
         guard heldBytes >= Self.flushWithinBatch else {
@@ -26,7 +26,7 @@ extension WebSocketSession {
         }
         flushHeld = false
         heldBytes = 0
-        context?.flush()
+        encodedFrames.flush()
     }
 
     /// The socket's bound of bytes written and not yet taken by the kernel, kept by the channel

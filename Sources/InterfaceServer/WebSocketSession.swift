@@ -44,6 +44,10 @@ final class WebSocketSession: ReplyReceiver {
     /// The frame encoder's place in the pipeline: frames encoded once per batch are written
     /// there, past the encoder.
     private var encodedFrames: ChannelHandlerContext?
+    /// The channel the frames are written to and its allocator, kept at attach: a group
+    /// message's hand-over to hundreds of sockets does not walk each pipeline to find them.
+    private(set) var frameChannel: (any Channel)?
+    private var frameAllocator = ByteBufferAllocator()
     let upgrade: UpgradeState
     /// Followed groups and presence (see `WebSocketSession+Subscriptions.swift`).
     var subscriptions = SessionSubscriptions()
@@ -226,6 +230,8 @@ final class WebSocketSession: ReplyReceiver {
     func attached(context: ChannelHandlerContext) {
         self.context = context
         encodedFrames = try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
+        frameChannel = context.channel
+        frameAllocator = context.channel.allocator
         boundUnwrittenBytes(context.channel)
         machine.attached()
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -294,7 +300,13 @@ final class WebSocketSession: ReplyReceiver {
 
     func receiveBatchedReply(_ reply: Message, payloads: ReplyPayloads) {
         batchPayloads = payloads
-        receiveReply(reply)
+        // A plain `websocket.send` is checked and parsed once per hand-over for every member
+        // it went to; anything else takes the whole path (which logs what it ignores).
+        if let send = payloads.plainSend(reply) {
+            perform(machine.reply(send), reply: (reply, send))
+        } else {
+            receiveReply(reply)
+        }
         batchPayloads = nil
     }
 
@@ -302,7 +314,9 @@ final class WebSocketSession: ReplyReceiver {
         guard flushHeld else { return }
         flushHeld = false
         heldBytes = 0
-        context?.flush()
+        // From where the batch wrote (past the encoder), not from this handler: no walk
+        // through the handlers in between.
+        (encodedFrames ?? context)?.flush()
     }
 
     /// A text frame the server writes itself (history, presence), when the socket is open.
@@ -352,7 +366,7 @@ final class WebSocketSession: ReplyReceiver {
             switch send.data {
             case .text(let text)?:
                 if let batchPayloads, let encodedFrames {
-                    writeInBatch(batchPayloads.textFrame(text, allocator: context.channel.allocator), at: encodedFrames)
+                    writeInBatch(batchPayloads.textFrame(text, allocator: frameAllocator), at: encodedFrames)
                 } else {
                     write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
                 }

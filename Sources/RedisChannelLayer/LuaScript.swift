@@ -40,6 +40,13 @@ extension LuaScript {
         return replies[1]
     }
 
+    /// One call as RESP, to be pipelined behind another command: `EVALSHA` once the SHA is
+    /// known, else `EVAL` with the source.
+    func encodedCall(keys: [RedisArgument], args: [RedisArgument]) -> ByteBuffer {
+        if let known = knownSHA { return encode(.bytes(Self.evalsha), .bytes(known), keys, args) }
+        return encode(.bytes(Self.eval), .text(source), keys, args)
+    }
+
     /// `command script numkeys keys... args...`
     private func encode(_ command: RedisArgument, _ script: RedisArgument, _ keys: [RedisArgument], _ args: [RedisArgument]) -> ByteBuffer {
         var size = script.count + 64

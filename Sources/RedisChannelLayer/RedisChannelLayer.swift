@@ -29,6 +29,9 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
     /// Set when a shard refused `CLIENT ID`: blocking waits then rotate over the shards instead
     /// of racing them (a racer nobody can wake would hold every receive for its whole slice).
     let unblockRefused = Atomic<Bool>(false)
+    /// The server refused `BLMOVE` (older than Redis 6.2): blocking takes of one list use
+    /// `BLPOP` and a second round trip for the body.
+    let moveRefused = Atomic<Bool>(false)
     let malformedDropped = Atomic<Int>(0)
     let undecryptableDropped = Atomic<Int>(0)
     /// asgi_redis's Fernet encryption of bodies, when `symmetricEncryptionKeys` is set.

@@ -264,6 +264,10 @@ extension RedisChannelLayer {
                 // This racer waits out its slice (nobody can wake it); later slices rotate.
                 logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
             }
+            if race == nil, lists.count == 1, !moveRefused.load(ordering: .relaxed) {
+                let outcome = try await moveAndTake(list: lists[0], on: connection, shard: shard, wait: wait, max: max, waking: waking)
+                if case .taken(let messages) = outcome { return messages }
+            }
             let reply: RedisReply
             do {
                 reply = try await withTaskCancellationHandler {
@@ -292,6 +296,91 @@ extension RedisChannelLayer {
                 return nil
             }
         }
+    }
+
+    enum MoveOutcome {
+        /// What was taken; nil: the slice passed.
+        case taken([ReceivedMessage]?)
+        /// The server does not know `BLMOVE`: wait with `BLPOP` instead.
+        case refused
+    }
+
+    /// A blocking take of one list in one round trip: `BLMOVE` moves the first message's key
+    /// into the list's in-hand list, and the script pipelined behind it (Redis runs it as soon
+    /// as the move returns) takes every body in hand and up to `max - 1` more messages. With
+    /// `BLPOP`, the body costs a second round trip after the pop; a server's replies and group
+    /// messages wait for it. A key left in hand (the connection died between the two) is taken
+    /// by the next take of that list, through a fresh connection at once when this one died.
+    func moveAndTake(
+        list: RedisArgument, on connection: RedisConnection, shard: Int, wait: Duration, max: Int, waking: BlockingRace
+    ) async throws -> MoveOutcome {
+        let inHand = Self.inHandKey(list)
+        let keys = [inHand, list]
+        let args: [RedisArgument] = [.integer(Swift.max(0, max - 1))]
+        if Scripts.takeInHand.knownSHA == nil {
+            // The first take loads the script (and takes what an earlier life left in hand).
+            let first: [ReceivedMessage]
+            do {
+                first = try decodeInHand(await Scripts.takeInHand.run(on: connection, keys: keys, args: args))
+            } catch {
+                waking.leave(shard: shard)
+                throw error
+            }
+            if !first.isEmpty {
+                waking.leave(shard: shard)
+                return .taken(first)
+            }
+        }
+        var request = RedisCommandEncoding.encode([
+            ["BLMOVE", list, inHand, "LEFT", "RIGHT", .text(timeoutArgument(wait.seconds))]
+        ])
+        var call = Scripts.takeInHand.encodedCall(keys: keys, args: args)
+        request.writeBuffer(&call)
+        let replies: [RedisReply]
+        do {
+            replies = try await withTaskCancellationHandler {
+                try await connection.send(request, commands: 2, wait: wait)
+            } onCancel: {
+                Task { await self.wakeRacers(waking) }
+            }
+            waking.leave(shard: shard)
+        } catch {
+            waking.leave(shard: shard)
+            guard (error as? ChannelLayerError)?.code == .connectionLost else { throw error }
+            // The move may have happened: what is in hand is taken through a new connection.
+            return .taken(try decodeInHand(await take(Scripts.takeInHand, on: connection, shard: shard, keys: keys, args: [.integer(0)])))
+        }
+        if case .error(let e) = replies[0] {
+            guard e.hasPrefix("ERR unknown command") else { throw ChannelLayerError(.backendError, "Redis refused BLMOVE: \(e)") }
+            if !moveRefused.exchange(true, ordering: .relaxed) {
+                logger.notice("Redis has no BLMOVE (older than 6.2): a blocking take costs two round trips")
+            }
+            return .refused
+        }
+        var taken = replies[1]
+        if case .error(let e) = taken, e.hasPrefix("NOSCRIPT") {
+            taken = try await Scripts.takeInHand.run(on: connection, keys: keys, args: args)
+        }
+        let messages = try decodeInHand(taken)
+        if case .null = replies[0], messages.isEmpty { return .taken(nil) }
+        return .taken(messages)
+    }
+
+    /// `<list>:inhand`: no channel name holds a colon, so no channel's list has this name.
+    static func inHandKey(_ list: RedisArgument) -> RedisArgument {
+        switch list {
+        case .key(let prefix, let name, let suffix): return .key(prefix, name, suffix + ":inhand")
+        case .bytes(let bytes): return .bytes(bytes + Array(":inhand".utf8))
+        case .text(let text): return .text(text + ":inhand")
+        default: return list
+        }
+    }
+
+    /// The in-hand script's reply: expired bodies counted, the messages decoded.
+    private func decodeInHand(_ reply: RedisReply) throws(ChannelLayerError) -> [ReceivedMessage] {
+        guard case .array(let items) = reply, let expired = items.first else { throw unexpected(reply, doing: "receive") }
+        if expired.countValue > 0 { LayerMetrics.expired.increment(by: expired.countValue) }
+        return decodePairs(items, from: 1)
     }
 
     /// The body a `BLPOP` named (and, for a batch, up to `max - 1` more queued behind

@@ -90,6 +90,40 @@ enum Scripts {
             return out
             """)
 
+    /// After `BLMOVE` of a list (KEYS[2]) into its in-hand list (KEYS[1]), pipelined behind it:
+    /// takes every body named in hand (the one just moved, and any a reader left there when its
+    /// connection died between the two) and up to ARGV[1] more messages of the list:
+    /// {expired bodies, list, body, list, body, ...}.
+    static let takeInHand = LuaScript(
+        name: "takeInHand",
+        source: """
+            local out = {0}
+            local bodyKey = redis.call('LPOP', KEYS[1])
+            while bodyKey do
+                local body = redis.call('GET', bodyKey)
+                if body then
+                    redis.call('DEL', bodyKey)
+                    out[#out + 1] = KEYS[2]
+                    out[#out + 1] = body
+                else
+                    out[1] = out[1] + 1
+                end
+                bodyKey = redis.call('LPOP', KEYS[1])
+            end
+            local limit = #out + 2 * tonumber(ARGV[1])
+            while #out < limit do
+                bodyKey = redis.call('LPOP', KEYS[2])
+                if not bodyKey then break end
+                local body = redis.call('GET', bodyKey)
+                if body then
+                    redis.call('DEL', bodyKey)
+                    out[#out + 1] = KEYS[2]
+                    out[#out + 1] = body
+                end
+            end
+            return out
+            """)
+
     /// Reads and deletes a body popped by BLPOP. Returns the body or nil if it expired.
     static let takeBody = LuaScript(
         name: "takeBody",
@@ -220,12 +254,23 @@ enum Scripts {
                     store(member, plainBody, 1)
                 end
             end
+            -- One header string per member length (a process's members mostly share one).
+            local headers = {}
             for _, listName in ipairs(bundleOrder) do
                 local list = bundles[listName]
                 local parts = {localHead, arrayHeader(#list)}
-                for _, member in ipairs(list) do
-                    parts[#parts + 1] = strHeader(string.len(member))
-                    parts[#parts + 1] = member
+                local k = 2
+                for i = 1, #list do
+                    local member = list[i]
+                    local length = #member
+                    local header = headers[length]
+                    if not header then
+                        header = strHeader(length)
+                        headers[length] = header
+                    end
+                    parts[k + 1] = header
+                    parts[k + 2] = member
+                    k = k + 2
                 end
                 store(listName, table.concat(parts), #list)
             end

@@ -113,6 +113,46 @@ struct RedisLayerTests {
         await layer.close()
     }
 
+    @Test(
+        "a blocking take of one list moves the key in hand and takes it in the same round trip; what a dead reader left in hand comes first"
+    )
+    func blockingTakeInHand() async throws {
+        let url = try TestRedis.requireURL()
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(prefix: prefix)
+        let redis = try raw(url)
+        func blmoveCalls() throws -> Int {
+            let info = String(decoding: try redis.command(["INFO", "commandstats"]).bytes ?? [], as: UTF8.self)
+            guard let line = info.split(separator: "\r\n").first(where: { $0.hasPrefix("cmdstat_blmove:") }),
+                let calls = line.split(separator: "=").dropFirst().first?.split(separator: ",").first
+            else { return 0 }
+            return Int(calls) ?? 0
+        }
+        // A reader whose connection died between its move and its take left a body in hand.
+        _ = try redis.command([Array("SET".utf8), Array((prefix + "left-body").utf8), MsgPackEncoder.encode(["left": 1] as Message)])
+        _ = try redis.command(["RPUSH", prefix + "held:inhand", prefix + "left-body"])
+        // An operator's list of channels with waiting messages does not show a list in hand.
+        #expect(try await layer.pendingChannels().isEmpty)
+        let before = try blmoveCalls()
+        let sender = Task {
+            try await Task.sleep(for: .milliseconds(300))
+            try await layer.send(["n": 1], to: "held")
+        }
+        var got: [Message] = []
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(5)
+        while got.count < 2, clock.now < deadline {
+            got += try await layer.receiveBatch(channels: ["held"], max: 8, timeout: .seconds(2)).map(\.message)
+        }
+        try await sender.value
+        #expect(got == [["left": 1], ["n": 1]], "the message left in hand first, then the new one, each once")
+        #expect(try blmoveCalls() > before, "the wait was a BLMOVE")
+        #expect(try redis.command(["EXISTS", prefix + "held:inhand"]).integer == 0, "nothing left in hand")
+        #expect(try redis.command(["EXISTS", prefix + "left-body"]).integer == 0, "the body taken is deleted")
+        try await layer.flush()
+        await layer.close()
+    }
+
     @Test("flush removes only this layer's keys, with SCAN")
     func flushIsScoped() async throws {
         let url = try TestRedis.requireURL()

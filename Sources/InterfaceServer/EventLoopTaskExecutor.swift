@@ -1,0 +1,15 @@
+import NIOCore
+
+/// Runs a task's jobs on one NIO event loop: a task that mostly waits on the layer's replies
+/// (which arrive on event loops) and hands work to event loops resumes where that work is,
+/// instead of first waking a thread of the global executor. The reply router reads on one.
+final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    let loop: any EventLoop
+
+    init(_ loop: any EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
+}
