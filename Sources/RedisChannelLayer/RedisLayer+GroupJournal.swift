@@ -224,6 +224,7 @@ extension Scripts {
                     if not score or tonumber(score) < tonumber(ARGV[4]) then
                         redis.call('ZADD', gkey, ARGV[2], channel)
                         redis.call('EXPIRE', gkey, ARGV[3])
+                        redis.call('DEL', ARGV[1] .. ':groupcache:' .. group)
                         added[#added + 1] = mode
                         added[#added + 1] = group
                         added[#added + 1] = channel

@@ -36,6 +36,7 @@ extension RedisChannelLayer {
                 [
                     ["ZADD", .bytes(gkey), now, .text(channel)],
                     ["EXPIRE", .bytes(gkey), .integer(expiry)],
+                    ["DEL", .bytes(groupCacheKey(group))],
                 ] + journalAdd(group, channel: channel, expiry: expiry))
             if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
         }
@@ -47,7 +48,8 @@ extension RedisChannelLayer {
             try ChannelNames.validateGroup(group)
             try ChannelNames.validateChannel(channel)
             let replies = try await shared(shardIndex(for: group)).pipeline(
-                [["ZREM", .bytes(groupKey(group)), .text(channel)]] + journalDiscard(group, channel: channel))
+                [["ZREM", .bytes(groupKey(group)), .text(channel)], ["DEL", .bytes(groupCacheKey(group))]]
+                    + journalDiscard(group, channel: channel))
             if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group discard") }
         }
     }
@@ -57,7 +59,8 @@ extension RedisChannelLayer {
         return try await withLayerErrors {
             try ChannelNames.validateGroup(group)
             let cutoff = RedisArgument.text(String(Self.unixTime() - Double(configuration.groupExpirySeconds)))
-            let reply = try await pipelined(shardIndex(for: group), Scripts.groupMembers, keys: [.bytes(groupKey(group))], args: [cutoff])
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.groupMembers, keys: [.bytes(groupKey(group)), .bytes(groupCacheKey(group))], args: [cutoff])
             guard case .array(let members) = reply else { throw unexpected(reply, doing: "group members") }
             return members.compactMap(\.text)
         }
@@ -100,6 +103,7 @@ extension RedisChannelLayer {
                 ]
                 out.reserveCapacity(out.count + luaCapacityArgs.count + members.count)
                 out += luaCapacityArgs
+                if mode == "group" { out.append(.integer(Self.groupCacheLongestLife)) }
                 for member in members { out.append(.text(member)) }
                 return out
             }
@@ -116,7 +120,9 @@ extension RedisChannelLayer {
 
             if shards.count == 1 {
                 let scriptArgs = args(mode: "group", members: [])
-                let keys: [RedisArgument] = [.key(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1]]
+                let keys: [RedisArgument] = [
+                    .key(configuration.prefix, ":group:", group), globalKeys[0], globalKeys[1], .bytes(groupCacheKey(group)),
+                ]
                 let reply = try await pipelined(0, Scripts.sendMany, keys: keys, args: scriptArgs)
                 try await settleGroupSend(reply, shard: 0, group: group, globalKeys: globalKeys)
                 return
@@ -265,6 +271,10 @@ extension RedisChannelLayer {
                 metadata: ["group": "\(group)", "missed": "\(missed)", "reached": "\(reached)"])
         }
     }
+
+    /// The longest a group's cached split of its members is used (seconds, Redis's clock)
+    /// before a send reads the whole set again, whatever its fingerprint says.
+    static let groupCacheLongestLife = 2
 
     /// How long a process channel that stayed full for a whole wait is skipped without waiting.
     static let stalledSkip = Duration.seconds(10)

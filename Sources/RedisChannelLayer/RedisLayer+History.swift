@@ -109,7 +109,8 @@ extension RedisChannelLayer: ChannelLayerHistory {
             guard !channels.isEmpty else { return [] }
             var args: [RedisArgument] = [.text(String(Self.unixTime())), .integer(configuration.groupExpirySeconds)]
             args += channels.map { .text($0) }
-            let reply = try await pipelined(shardIndex(for: group), Scripts.groupRestore, keys: [.bytes(groupKey(group))], args: args)
+            let reply = try await pipelined(
+                shardIndex(for: group), Scripts.groupRestore, keys: [.bytes(groupKey(group)), .bytes(groupCacheKey(group))], args: args)
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group restore") }
             return (reply.array ?? []).compactMap(\.text)
         }
@@ -120,15 +121,16 @@ extension RedisChannelLayer: ChannelLayerHistory {
         try await withLayerErrors {
             try ChannelNames.validateGroup(group)
             guard !channels.isEmpty else { return }
-            let reply = try await shared(shardIndex(for: group)).command(
-                ["ZREM", .bytes(groupKey(group))] + channels.map(RedisArgument.text))
-            if reply.errorMessage != nil { throw unexpected(reply, doing: "group remove") }
+            let replies = try await shared(shardIndex(for: group)).pipeline([
+                ["ZREM", .bytes(groupKey(group))] + channels.map(RedisArgument.text), ["DEL", .bytes(groupCacheKey(group))],
+            ])
+            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group remove") }
         }
     }
 }
 
 extension Scripts {
-    /// KEYS: the group set. ARGV: now, group expiry, then the channels. Adds (scored now) each
+    /// KEYS: the group set, its send cache. ARGV: now, group expiry, then the channels. Adds (scored now) each
     /// channel that is not a member, refreshes the set's expiry when it added any; the
     /// channels added.
     static let groupRestore = LuaScript(
@@ -138,7 +140,10 @@ extension Scripts {
             for i = 3, #ARGV do
                 if redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[i]) == 1 then added[#added + 1] = ARGV[i] end
             end
-            if #added > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+            if #added > 0 then
+                redis.call('EXPIRE', KEYS[1], ARGV[2])
+                redis.call('DEL', KEYS[2])
+            end
             return added
             """)
 

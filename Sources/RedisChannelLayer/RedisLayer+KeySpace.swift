@@ -11,6 +11,9 @@ import Synchronization
 extension RedisChannelLayer {
     func key(_ name: String) -> [UInt8] { Array((configuration.prefix + name).utf8) }
     func groupKey(_ group: String) -> [UInt8] { Array((configuration.prefix + ":group:" + group).utf8) }
+    /// The group's cached split of its members for group sends (see `Scripts.sendMany`):
+    /// deleted by every change this layer makes to the group.
+    func groupCacheKey(_ group: String) -> [UInt8] { Array((configuration.prefix + ":groupcache:" + group).utf8) }
     func statKey(_ name: String, _ stat: String) -> [UInt8] {
         Array((configuration.statsPrefix + name + ":" + stat).utf8)
     }

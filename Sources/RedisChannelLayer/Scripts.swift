@@ -134,11 +134,11 @@ enum Scripts {
             """)
 
     /// Current group members after dropping expired ones.
-    /// KEYS: group. ARGV: cutoff (now - group_expiry).
+    /// KEYS: group, its send cache (deleted when members expired). ARGV: cutoff (now - group_expiry).
     static let groupMembers = LuaScript(
         name: "groupMembers",
         source: """
-            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+            if redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1]) > 0 then redis.call('DEL', KEYS[2]) end
             return redis.call('ZRANGE', KEYS[1], 0, -1)
             """)
 
@@ -153,11 +153,22 @@ enum Scripts {
     /// channel whose `__asgi_channel__` is the list of those members: fan-out costs one stored
     /// message per server process, not per member. Every other member (a Daphne 1.4 reply
     /// channel, a `?` or plain channel) gets its own message, exactly as asgi_redis writes it.
-    /// KEYS: group (or the empty string), global messages_count, global channel_full_count
+    ///
+    /// In mode "group" the split of the members is kept in the group's cache (KEYS[4], a hash:
+    /// each bundle's encoded member list and the other members), stamped with the set's
+    /// fingerprint (size, newest and oldest member with their scores): the next send of an
+    /// unchanged group reads it instead of the whole set, so a room of thousands costs a few
+    /// commands, not a Lua string and a table entry per member. This layer's own writers delete
+    /// the cache whenever they change a group; a change by another process (asgi_redis adds
+    /// scored with its clock, removes, expiry) changes the fingerprint; a cache older than
+    /// ARGV[13 + 2 * patterns] seconds (from Redis's clock) is rebuilt anyway.
+    /// KEYS: group (or the empty string), global messages_count, global channel_full_count,
+    ///       (mode "group") the group's cache
     /// ARGV: mode, cutoff, prefix, stats prefix, expiry, channel stats expiry,
     ///       global stats expiry, plain body, process-channel body head, key base (24 hex),
     ///       default capacity, pattern count N, then N (lua pattern, capacity) pairs,
-    ///       then (mode "list") the member names.
+    ///       then (mode "group") the cache's longest life in seconds, or (mode "list") the
+    ///       member names.
     /// Returns {messages stored, sends refused as full, members reached, members missed}, then
     /// (list, body, member count) for each message refused on a process channel (`…!`), so
     /// the sender can offer it again in mode "bodies" (backpressure instead of a drop).
@@ -174,16 +185,6 @@ enum Scripts {
             local patterns = {}
             for i = 1, patternCount do
                 patterns[i] = {ARGV[12 + 2 * i - 1], tonumber(ARGV[12 + 2 * i])}
-            end
-            local members
-            if mode == 'group' then
-                redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
-                members = redis.call('ZRANGE', KEYS[1], 0, -1)
-            elseif mode == 'bodies' then
-                members = {}
-            else
-                members = {}
-                for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
             end
             local function strHeader(n)
                 if n <= 31 then return string.char(160 + n) end
@@ -230,17 +231,84 @@ enum Scripts {
                 reached = reached + count
             end
             local readers = {}
+            local function readerForm(listName)
+                local form = readers[listName]
+                if form == nil then
+                    form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
+                    readers[listName] = form
+                end
+                return form
+            end
+            -- A member that gets a message of its own.
+            local function storeOne(member)
+                local bang = string.find(member, '!', 1, true)
+                if bang then
+                    store(string.sub(member, 1, bang), localHead .. strHeader(string.len(member)) .. member, 1)
+                else
+                    store(member, plainBody, 1)
+                end
+            end
+            -- The cached split, when it is still the group's: {lists, encoded members, counts},
+            -- the other members, and nothing stored yet; nil when the group changed.
+            local function cachedSplit(fingerprint, now, longest)
+                local head = redis.call('HMGET', KEYS[4], 'fp', 'n', 'o', 'at')
+                if head[1] ~= fingerprint or not head[2] or not head[3] or not head[4] then return nil end
+                if now - tonumber(head[4]) > longest then return nil end
+                local k = tonumber(head[2])
+                local lists, parts, counts = {}, {}, {}
+                if k > 0 then
+                    local fields = {}
+                    for i = 1, k do
+                        fields[#fields + 1] = 'L' .. i
+                        fields[#fields + 1] = 'M' .. i
+                        fields[#fields + 1] = 'C' .. i
+                    end
+                    local values = redis.call('HMGET', KEYS[4], unpack(fields))
+                    for i = 1, k do
+                        local listName, part, count = values[3 * i - 2], values[3 * i - 1], values[3 * i]
+                        if not listName or not part or not count or readerForm(listName) ~= 'bundles' then return nil end
+                        lists[i], parts[i], counts[i] = listName, part, tonumber(count)
+                    end
+                end
+                return lists, parts, counts, head[3]
+            end
+            local members
+            local fingerprint, now, longest
+            if mode == 'group' then
+                local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
+                local card = redis.call('ZCARD', KEYS[1])
+                if card > 0 then
+                    local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+                    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+                    fingerprint = card .. '\\n' .. newest[1] .. '\\n' .. newest[2] .. '\\n' .. oldest[1] .. '\\n' .. oldest[2]
+                    now = tonumber(redis.call('TIME')[1])
+                    longest = tonumber(ARGV[13 + 2 * patternCount])
+                    if removed == 0 then
+                        local lists, parts, counts, others = cachedSplit(fingerprint, now, longest)
+                        if lists then
+                            for i = 1, #lists do store(lists[i], localHead .. parts[i], counts[i]) end
+                            for member in string.gmatch(others, '[^\\n]+') do storeOne(member) end
+                            fingerprint = nil
+                            members = {}
+                        end
+                    end
+                    if fingerprint then members = redis.call('ZRANGE', KEYS[1], 0, -1) end
+                else
+                    members = {}
+                end
+            elseif mode == 'bodies' then
+                members = {}
+            else
+                members = {}
+                for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
+            end
             local bundles, bundleOrder = {}, {}
+            local others = {}
             for _, member in ipairs(members) do
                 local bang = string.find(member, '!', 1, true)
                 if bang then
                     local listName = string.sub(member, 1, bang)
-                    local form = readers[listName]
-                    if form == nil then
-                        form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
-                        readers[listName] = form
-                    end
-                    if form == 'bundles' then
+                    if readerForm(listName) == 'bundles' then
                         if not bundles[listName] then
                             bundles[listName] = {}
                             bundleOrder[#bundleOrder + 1] = listName
@@ -248,18 +316,21 @@ enum Scripts {
                         local list = bundles[listName]
                         list[#list + 1] = member
                     else
-                        store(listName, localHead .. strHeader(string.len(member)) .. member, 1)
+                        others[#others + 1] = member
+                        storeOne(member)
                     end
                 else
-                    store(member, plainBody, 1)
+                    others[#others + 1] = member
+                    storeOne(member)
                 end
             end
             -- One header string per member length (a process's members mostly share one).
             local headers = {}
-            for _, listName in ipairs(bundleOrder) do
+            local cache = {}
+            for index, listName in ipairs(bundleOrder) do
                 local list = bundles[listName]
-                local parts = {localHead, arrayHeader(#list)}
-                local k = 2
+                local parts = {arrayHeader(#list)}
+                local k = 1
                 for i = 1, #list do
                     local member = list[i]
                     local length = #member
@@ -272,7 +343,23 @@ enum Scripts {
                     parts[k + 2] = member
                     k = k + 2
                 end
-                store(listName, table.concat(parts), #list)
+                local part = table.concat(parts)
+                store(listName, localHead .. part, #list)
+                if fingerprint then
+                    cache[#cache + 1] = 'L' .. index
+                    cache[#cache + 1] = listName
+                    cache[#cache + 1] = 'M' .. index
+                    cache[#cache + 1] = part
+                    cache[#cache + 1] = 'C' .. index
+                    cache[#cache + 1] = #list
+                end
+            end
+            if fingerprint then
+                redis.call('DEL', KEYS[4])
+                redis.call('HSET', KEYS[4], 'fp', fingerprint, 'n', #bundleOrder, 'o', table.concat(others, '\\n'), 'at', now)
+                if #cache > 0 then redis.call('HSET', KEYS[4], unpack(cache)) end
+                local ttl = redis.call('TTL', KEYS[1])
+                if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
             end
             if mode == 'bodies' then
                 for i = 13 + 2 * patternCount, #ARGV, 3 do

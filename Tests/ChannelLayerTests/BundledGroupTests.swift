@@ -82,6 +82,84 @@ struct BundledGroupTests {
         }
     }
 
+    /// A group send reads the group's cached split of its members while the group is
+    /// unchanged; every change, by this layer or by another process writing the sorted set as
+    /// asgi_redis does, reaches the next send.
+    @Test("the cached split of a group follows every change: ours, asgi_redis-style writes, expiry, a reader that stopped bundling")
+    func theGroupCacheFollowsEveryChange() async throws {
+        try await withLayer(.redis, capacity: 100) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let group = "cached" + ChannelNames.randomLetters(6)
+            let a = "bundle.a\(ChannelNames.randomLetters(6))!", b = "bundle.b\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registeredAsBundleReader(a))
+            #expect(try await layer.registeredAsBundleReader(b))
+            let connection = try await redis.shared(redis.shardIndex(for: group))
+            let gkey = RedisArgument.bytes(redis.groupKey(group))
+            let cacheKey = RedisArgument.bytes(redis.groupCacheKey(group))
+            var expected: Set<String> = []
+            for i in 0..<50 {
+                let member = (i % 2 == 0 ? a : b) + "m\(i)"
+                try await layer.groupAdd(group, channel: member)
+                expected.insert(member)
+            }
+            try await layer.groupAdd(group, channel: "plain" + ChannelNames.randomLetters(6))
+            let plain = try await layer.groupChannels(group).first { !$0.contains("!") }!
+            expected.insert(plain)
+            var round = 0
+            /// One send; every member of `expected` (and nobody else) gets it, once.
+            func sendAndCheck(_ what: Comment) async throws {
+                round += 1
+                try await layer.sendGroup(group, message: ["n": .int(Int64(round))])
+                var got: [String] = []
+                for list in [a, b, plain] {
+                    while true {
+                        let batch = try await layer.receiveBatch(channels: [list], max: 64, timeout: .zero)
+                        if batch.isEmpty { break }
+                        for received in batch where received.message["n"]?.intValue == Int64(round) { got.append(received.channel) }
+                    }
+                }
+                #expect(got.count == Set(got).count && Set(got) == expected, what)
+            }
+            try await sendAndCheck("the first send builds the cache")
+            #expect(try await connection.command(["HGET", cacheKey, "n"]).text == "2", "one cached bundle per process channel")
+            try await sendAndCheck("the second send reads it")
+            // asgi_redis's group_add: a ZADD scored with its own clock, not through this layer.
+            let joined = a + "python"
+            _ = try await connection.command(["ZADD", gkey, .text(String(Date().timeIntervalSince1970)), .text(joined)])
+            expected.insert(joined)
+            try await sendAndCheck("a member added by another process")
+            // asgi_redis's group_discard: a ZREM.
+            let left = b + "m1"
+            _ = try await connection.command(["ZREM", gkey, .text(left)])
+            expected.remove(left)
+            try await sendAndCheck("a member removed by another process")
+            // This layer's own add and discard.
+            try await layer.groupAdd(group, channel: b + "late")
+            expected.insert(b + "late")
+            try await sendAndCheck("a member added here")
+            try await layer.groupDiscard(group, channel: a + "m0")
+            expected.remove(a + "m0")
+            try await sendAndCheck("a member discarded here")
+            // A member past the group expiry (scored a day and more ago) is dropped by the send.
+            _ = try await connection.command(["ZADD", gkey, "1000", .text(a + "m2")])
+            expected.remove(a + "m2")
+            try await sendAndCheck("a member expired")
+            // The change a fingerprint cannot see (one member swapped for another scored in the
+            // middle: same size, same newest, same oldest) is seen once the cache is older than its bound.
+            let scores = try await connection.command(["ZRANGE", gkey, "0", "-1", "WITHSCORES"]).array ?? []
+            let middle = Double(scores[scores.count / 2 + 1].text ?? "") ?? 0
+            _ = try await connection.command(["ZREM", gkey, .text(b + "m3")])
+            _ = try await connection.command(["ZADD", gkey, .text(String(middle)), .text(b + "swapped")])
+            expected.remove(b + "m3")
+            expected.insert(b + "swapped")
+            try await Task.sleep(for: .seconds(RedisChannelLayer.groupCacheLongestLife + 1))
+            try await sendAndCheck("a change the fingerprint missed, after the cache's longest life")
+            // A reader that no longer reads bundles gets one message per member.
+            _ = try await connection.command(["DEL", .bytes(Array((redis.configuration.statsPrefix + b + ":reader").utf8))])
+            try await sendAndCheck("a process channel whose reader stopped bundling")
+        }
+    }
+
     @Test("a registration that disappears (Redis lost its data) is reported; the first one is not")
     func registrationLoss() async throws {
         try await withLayer(.redis) { layer in
