@@ -156,11 +156,13 @@ enum Scripts {
     ///
     /// In mode "group" the split of the members is kept in the group's cache (KEYS[4], a hash:
     /// each bundle's encoded member list and the other members), stamped with the set's
-    /// fingerprint (size, newest and oldest member with their scores): the next send of an
+    /// fingerprint (size, when its expiry was last set, newest and oldest member with their
+    /// scores): the next send of an
     /// unchanged group reads it instead of the whole set, so a room of thousands costs a few
     /// commands, not a Lua string and a table entry per member. This layer's own writers delete
     /// the cache whenever they change a group; a change by another process (asgi_redis adds
-    /// scored with its clock, removes, expiry) changes the fingerprint; a cache older than
+    /// scored with its clock and sets the set's expiry, removes, expiry) changes the
+    /// fingerprint (which holds when the expiry was last set, on Redis 7); a cache older than
     /// ARGV[13 + 2 * patterns] seconds (from Redis's clock) is rebuilt anyway.
     /// KEYS: group (or the empty string), global messages_count, global channel_full_count,
     ///       (mode "group") the group's cache
@@ -280,7 +282,11 @@ enum Scripts {
                 if card > 0 then
                     local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
                     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-                    fingerprint = card .. '\\n' .. newest[1] .. '\\n' .. newest[2] .. '\\n' .. oldest[1] .. '\\n' .. oldest[2]
+                    -- When the set's expiry was last set, to the millisecond (Redis 7): asgi_redis
+                    -- and this layer set it with every add.
+                    local stamp = redis.pcall('PEXPIRETIME', KEYS[1])
+                    if type(stamp) ~= 'number' then stamp = '' end
+                    fingerprint = card .. '\\n' .. stamp .. '\\n' .. newest[1] .. '\\n' .. newest[2] .. '\\n' .. oldest[1] .. '\\n' .. oldest[2]
                     now = tonumber(redis.call('TIME')[1])
                     longest = tonumber(ARGV[13 + 2 * patternCount])
                     if removed == 0 then
