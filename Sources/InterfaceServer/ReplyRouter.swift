@@ -2,6 +2,7 @@ import ASGI
 import CoreMetrics
 import Logging
 import NIOCore
+import OrderedCollections
 import ServiceLifecycle
 import Synchronization
 
@@ -32,6 +33,38 @@ final class ReplyPayloads {
     private var text: String?
     private var frame: ByteBuffer?
     private var parsed: (reply: Message, send: WebSocketSendMessage?)?
+
+    /// A live publication of a followed group, taken apart once per hand-over.
+    struct Publication {
+        let group: String
+        let offset: UInt64
+        let epoch: String
+        /// The reply without its `publication` key: what the socket writes.
+        let plain: Message
+        /// `plain` parsed, when it is a valid plain `websocket.send`.
+        let send: WebSocketSendMessage?
+    }
+    private var publication: (reply: Message, parts: Publication?)?
+
+    /// `reply` as a publication (a `publication` map with group, offset and epoch, and no
+    /// `follow` or `presence`), or nil: taken apart once for every member it went to, instead
+    /// of a copy of the message and a parse per member.
+    func publication(_ reply: Message) -> Publication? {
+        if let publication, publication.reply == reply { return publication.parts }
+        var parts: Publication?
+        if reply["follow"] == nil, reply["presence"] == nil, let control = reply["publication"]?.mapValue,
+            let group = control["group"]?.stringValue, let offset = control["offset"]?.intValue, offset > 0,
+            let epoch = control["epoch"]?.stringValue
+        {
+            var plain = reply
+            plain.removeValue(forKey: "publication")
+            var send: WebSocketSendMessage?
+            if plain.keys.allSatisfy({ WebSocketSendMessage.keys.contains($0) }) { send = try? WebSocketSendMessage(plain) }
+            parts = Publication(group: group, offset: UInt64(offset), epoch: epoch, plain: plain, send: send)
+        }
+        publication = (reply, parts)
+        return parts
+    }
 
     /// `reply` as a plain `websocket.send` (its keys all `websocket.send` keys, and valid), or
     /// nil for anything else. Parsed once for every member sent the same message: a bundle's

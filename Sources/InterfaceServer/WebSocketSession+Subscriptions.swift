@@ -65,6 +65,28 @@ extension WebSocketSession {
         return true
     }
 
+    /// A live publication of a followed group, taken apart once for the hand-over's members
+    /// (``ReplyPayloads/publication(_:)``): the same as ``subscriptionReply(_:)`` does with it.
+    func livePublication(_ publication: ReplyPayloads.Publication) {
+        let group = publication.group
+        switch subscriptions.sequencer.live(group, offset: publication.offset, epoch: publication.epoch, message: publication.plain) {
+        case .deliver(let messages):
+            for message in messages {
+                if let send = publication.send, message == publication.plain {
+                    deliverParsed(message, send)
+                } else {
+                    deliverReply(message)
+                }
+            }
+            noteActivity(group)
+        case .hold(let startTimer):
+            if startTimer { armGapTimer(group) }
+            noteActivity(group)
+        case .duplicate:
+            ServerMetrics.publicationsDeduplicated.increment()
+        }
+    }
+
     private func follow(_ control: OrderedDictionary<String, ASGIValue>) {
         guard let group = control["group"]?.stringValue, (try? ChannelNames.validateGroup(group)) != nil else {
             server.counters.count(.malformedReplies)

@@ -304,6 +304,10 @@ final class WebSocketSession: ReplyReceiver {
         // it went to; anything else takes the whole path (which logs what it ignores).
         if let send = payloads.plainSend(reply) {
             perform(machine.reply(send), reply: (reply, send))
+        } else if case .open(attached: true) = machine.state, let publication = payloads.publication(reply),
+            subscriptions.sequencer.follows(publication.group)
+        {
+            livePublication(publication)
         } else {
             receiveReply(reply)
         }
@@ -340,6 +344,11 @@ final class WebSocketSession: ReplyReceiver {
                 metadata: ["error": "\(error)", "socket": "\(server.configuration.secret.socketTag(replyChannel))"])
             return
         }
+        perform(machine.reply(send), reply: (reply, send))
+    }
+
+    /// A `websocket.send` reply already checked and parsed (shared by a hand-over's members).
+    func deliverParsed(_ reply: Message, _ send: WebSocketSendMessage) {
         perform(machine.reply(send), reply: (reply, send))
     }
 
