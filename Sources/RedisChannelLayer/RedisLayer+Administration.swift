@@ -137,8 +137,8 @@ extension RedisChannelLayer {
     /// Channels (list names) with waiting messages, found with SCAN, for operators.
     public func pendingChannels() async throws(ChannelLayerError) -> [String] {
         return try await withLayerErrors {
-            // No channel name holds a colon: a name with one is a group's key or a list in hand.
-            try await scanNames(under: configuration.prefix, type: "list").filter { !$0.contains(":") }
+            // Lists in hand show as `<channel>:inhand` (what a reader moved and did not take).
+            try await scanNames(under: configuration.prefix, type: "list").filter { !$0.hasPrefix(":group:") }
         }
     }
 

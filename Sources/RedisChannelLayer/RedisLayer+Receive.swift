@@ -29,6 +29,15 @@ extension RedisChannelLayer {
                 while true {
                     var sawMalformed = false
                     for (shard, lists) in plan.shuffled() {
+                        if lists.count == 1 {
+                            let (taken, popped) = try await takeWithoutWaiting(shard: shard, list: lists[0], max: 1)
+                            if let received = handOut(taken, max: 1).first {
+                                flowing.store(true, ordering: .relaxed)
+                                return received
+                            }
+                            if popped { sawMalformed = true }
+                            continue
+                        }
                         let reply = try await pipelined(shard, Scripts.receive, keys: lists.shuffled(), args: [])
                         guard case .array(let pair) = reply, pair.count == 2,
                             let list = pair[0].bytes, let body = pair[1].bytes
@@ -89,6 +98,11 @@ extension RedisChannelLayer {
                 // ordering gate drains its wait channel this way and must see all of it).
                 var batch: [ReceivedMessage] = []
                 for (shard, lists) in receivePlan(channels, everyShard: true) where batch.count < max {
+                    if lists.count == 1 {
+                        batch += handOut(
+                            try await takeWithoutWaiting(shard: shard, list: lists[0], max: max - batch.count).0, max: max - batch.count)
+                        continue
+                    }
                     let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count)])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
@@ -102,9 +116,14 @@ extension RedisChannelLayer {
             }
             let (shard, lists) = plan[0]
             if timeout <= .zero || flowing.load(ordering: .relaxed) {
-                let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max)])
-                if case .error = reply { throw unexpected(reply, doing: "receive") }
-                let batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
+                let batch: [ReceivedMessage]
+                if lists.count == 1 {
+                    batch = handOut(try await takeWithoutWaiting(shard: shard, list: lists[0], max: max).0, max: max)
+                } else {
+                    let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max)])
+                    if case .error = reply { throw unexpected(reply, doing: "receive") }
+                    batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
+                }
                 if !batch.isEmpty {
                     flowing.store(true, ordering: .relaxed)
                     return batch
@@ -309,61 +328,92 @@ extension RedisChannelLayer {
     /// into the list's in-hand list, and the script pipelined behind it (Redis runs it as soon
     /// as the move returns) takes every body in hand and up to `max - 1` more messages. With
     /// `BLPOP`, the body costs a second round trip after the pop; a server's replies and group
-    /// messages wait for it. A key left in hand (the connection died between the two) is taken
-    /// by the next take of that list, through a fresh connection at once when this one died.
+    /// messages wait for it. A key left in hand (the connection died between the two, or the
+    /// script failed) is taken first by the next take of that list, with or without waiting.
+    /// A move Redis refuses (out of memory: `BLMOVE` writes; an ACL without it; a Redis older
+    /// than 6.2) falls back to `BLPOP` (for this slice, or for good), and whatever the script
+    /// took anyway is returned, never dropped.
     func moveAndTake(
         list: RedisArgument, on connection: RedisConnection, shard: Int, wait: Duration, max: Int, waking: BlockingRace
     ) async throws -> MoveOutcome {
         let inHand = Self.inHandKey(list)
         let keys = [inHand, list]
-        let args: [RedisArgument] = [.integer(Swift.max(0, max - 1))]
-        if Scripts.takeInHand.knownSHA == nil {
-            // The first take loads the script (and takes what an earlier life left in hand).
+        let expiry = RedisArgument.integer(configuration.expirySeconds + 1)
+        if inHandMayHold.load(ordering: .relaxed) || Scripts.takeInHand.knownSHA == nil {
+            // What a failed take may have left in hand (and the script loaded), without waiting.
             let first: [ReceivedMessage]
             do {
-                first = try decodeInHand(await Scripts.takeInHand.run(on: connection, keys: keys, args: args))
+                first = try decodeInHand(
+                    await Scripts.takeInHand.run(on: connection, keys: keys, args: [.integer(max), "1", expiry]))
             } catch {
                 waking.leave(shard: shard)
                 throw error
             }
+            inHandMayHold.store(false, ordering: .relaxed)
             if !first.isEmpty {
                 waking.leave(shard: shard)
                 return .taken(first)
             }
         }
         var request = RedisCommandEncoding.encode([
-            ["BLMOVE", list, inHand, "LEFT", "RIGHT", .text(timeoutArgument(wait.seconds))]
+            ["BLMOVE", list, inHand, "LEFT", "RIGHT", .text(timeoutArgument(wait.seconds))],
+            ["EXPIRE", inHand, expiry],
         ])
-        var call = Scripts.takeInHand.encodedCall(keys: keys, args: args)
+        var call = Scripts.takeInHand.encodedCall(keys: keys, args: [.integer(max), "0", expiry])
         request.writeBuffer(&call)
         let replies: [RedisReply]
         do {
             replies = try await withTaskCancellationHandler {
-                try await connection.send(request, commands: 2, wait: wait)
+                try await connection.send(request, commands: 3, wait: wait)
             } onCancel: {
                 Task { await self.wakeRacers(waking) }
             }
             waking.leave(shard: shard)
         } catch {
             waking.leave(shard: shard)
-            guard (error as? ChannelLayerError)?.code == .connectionLost else { throw error }
-            // The move may have happened: what is in hand is taken through a new connection.
-            return .taken(try decodeInHand(await take(Scripts.takeInHand, on: connection, shard: shard, keys: keys, args: [.integer(0)])))
+            // The move may have happened: the next take looks in hand first.
+            inHandMayHold.store(true, ordering: .relaxed)
+            throw error
+        }
+        var taken = replies[2]
+        if case .error(let e) = taken, e.hasPrefix("NOSCRIPT") {
+            taken = try await Scripts.takeInHand.run(on: connection, keys: keys, args: [.integer(max), "0", expiry])
+        }
+        let messages: [ReceivedMessage]
+        do {
+            messages = try decodeInHand(taken)
+        } catch {
+            // The script failed (BUSY, say): what was moved stays in hand for the next take.
+            inHandMayHold.store(true, ordering: .relaxed)
+            messages = []
         }
         if case .error(let e) = replies[0] {
-            guard e.hasPrefix("ERR unknown command") else { throw ChannelLayerError(.backendError, "Redis refused BLMOVE: \(e)") }
-            if !moveRefused.exchange(true, ordering: .relaxed) {
-                logger.notice("Redis has no BLMOVE (older than 6.2): a blocking take costs two round trips")
+            if e.hasPrefix("ERR unknown command") || e.hasPrefix("NOPERM") {
+                if !moveRefused.exchange(true, ordering: .relaxed) {
+                    logger.notice(
+                        "Redis refuses BLMOVE (older than 6.2, or an ACL): a blocking take costs two round trips",
+                        metadata: ["error": "\(e)"])
+                }
+            } else if !e.hasPrefix("OOM"), messages.isEmpty {
+                throw ChannelLayerError.redisRefused(e, "BLMOVE")
             }
-            return .refused
+            return messages.isEmpty ? .refused : .taken(messages)
         }
-        var taken = replies[1]
-        if case .error(let e) = taken, e.hasPrefix("NOSCRIPT") {
-            taken = try await Scripts.takeInHand.run(on: connection, keys: keys, args: args)
-        }
-        let messages = try decodeInHand(taken)
+        if case .error(let e) = taken, messages.isEmpty { throw ChannelLayerError.redisRefused(e, "take") }
         if case .null = replies[0], messages.isEmpty { return .taken(nil) }
         return .taken(messages)
+    }
+
+    /// A look without waiting at one list: what a failed blocking take left in its hand first,
+    /// then the list; and whether anything was popped (bodies that turn out expired or
+    /// malformed are counted and skipped).
+    func takeWithoutWaiting(shard: Int, list: RedisArgument, max: Int) async throws -> ([ReceivedMessage], Bool) {
+        let reply = try await pipelined(
+            shard, Scripts.takeInHand, keys: [Self.inHandKey(list), list],
+            args: [.integer(max), "1", .integer(configuration.expirySeconds + 1)])
+        let taken = try decodeInHand(reply)
+        let popped = (reply.array?.count ?? 0) > 1 || (reply.array?.first?.countValue ?? 0) > 0
+        return (taken, popped)
     }
 
     /// `<list>:inhand`: no channel name holds a colon, so no channel's list has this name.

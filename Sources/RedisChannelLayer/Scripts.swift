@@ -90,16 +90,23 @@ enum Scripts {
             return out
             """)
 
-    /// After `BLMOVE` of a list (KEYS[2]) into its in-hand list (KEYS[1]), pipelined behind it:
-    /// takes every body named in hand (the one just moved, and any a reader left there when its
-    /// connection died between the two) and up to ARGV[1] more messages of the list:
+    /// Takes from a list (KEYS[2]) and its in-hand list (KEYS[1]), in hand first: up to ARGV[1]
+    /// messages, the bodies read and deleted. Pipelined behind `BLMOVE list inhand`, it takes
+    /// the key just moved (and any a reader left in hand when its connection died between the
+    /// two) and, only when it found one, more of the list; with ARGV[2] = 1 (a take without
+    /// waiting) it takes from the list whatever was in hand. An in-hand list left non-empty
+    /// (more than ARGV[1] were there) expires after ARGV[3] seconds, as its bodies do.
     /// {expired bodies, list, body, list, body, ...}.
     static let takeInHand = LuaScript(
         name: "takeInHand",
         source: """
             local out = {0}
-            local bodyKey = redis.call('LPOP', KEYS[1])
-            while bodyKey do
+            local limit = 1 + 2 * tonumber(ARGV[1])
+            local fromHand = 0
+            while #out < limit do
+                local bodyKey = redis.call('LPOP', KEYS[1])
+                if not bodyKey then break end
+                fromHand = fromHand + 1
                 local body = redis.call('GET', bodyKey)
                 if body then
                     redis.call('DEL', bodyKey)
@@ -108,17 +115,18 @@ enum Scripts {
                 else
                     out[1] = out[1] + 1
                 end
-                bodyKey = redis.call('LPOP', KEYS[1])
             end
-            local limit = #out + 2 * tonumber(ARGV[1])
-            while #out < limit do
-                bodyKey = redis.call('LPOP', KEYS[2])
-                if not bodyKey then break end
-                local body = redis.call('GET', bodyKey)
-                if body then
-                    redis.call('DEL', bodyKey)
-                    out[#out + 1] = KEYS[2]
-                    out[#out + 1] = body
+            if fromHand > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+            if fromHand > 0 or ARGV[2] == '1' then
+                while #out < limit do
+                    local bodyKey = redis.call('LPOP', KEYS[2])
+                    if not bodyKey then break end
+                    local body = redis.call('GET', bodyKey)
+                    if body then
+                        redis.call('DEL', bodyKey)
+                        out[#out + 1] = KEYS[2]
+                        out[#out + 1] = body
+                    end
                 end
             end
             return out
@@ -255,7 +263,8 @@ enum Scripts {
             local function cachedSplit(fingerprint, now, longest)
                 local head = redis.call('HMGET', KEYS[4], 'fp', 'n', 'o', 'at')
                 if head[1] ~= fingerprint or not head[2] or not head[3] or not head[4] then return nil end
-                if now - tonumber(head[4]) > longest then return nil end
+                local age = now - tonumber(head[4])
+                if age < 0 or age >= longest then return nil end
                 local k = tonumber(head[2])
                 local lists, parts, counts = {}, {}, {}
                 if k > 0 then
@@ -287,8 +296,9 @@ enum Scripts {
                     local stamp = redis.pcall('PEXPIRETIME', KEYS[1])
                     if type(stamp) ~= 'number' then stamp = '' end
                     fingerprint = card .. '\\n' .. stamp .. '\\n' .. newest[1] .. '\\n' .. newest[2] .. '\\n' .. oldest[1] .. '\\n' .. oldest[2]
-                    now = tonumber(redis.call('TIME')[1])
-                    longest = tonumber(ARGV[13 + 2 * patternCount])
+                    local time = redis.call('TIME')
+                    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+                    longest = tonumber(ARGV[13 + 2 * patternCount]) * 1000
                     if removed == 0 then
                         local lists, parts, counts, others = cachedSplit(fingerprint, now, longest)
                         if lists then
@@ -360,12 +370,19 @@ enum Scripts {
                     cache[#cache + 1] = #list
                 end
             end
+            -- Past a thousand server processes in one group the split is not cached (Lua's
+            -- unpack limit): every send reads the set, as without the cache.
+            if fingerprint and #bundleOrder > 1000 then
+                fingerprint = nil
+                redis.call('DEL', KEYS[4])
+            end
             if fingerprint then
                 redis.call('DEL', KEYS[4])
                 redis.call('HSET', KEYS[4], 'fp', fingerprint, 'n', #bundleOrder, 'o', table.concat(others, '\\n'), 'at', now)
                 if #cache > 0 then redis.call('HSET', KEYS[4], unpack(cache)) end
                 local ttl = redis.call('TTL', KEYS[1])
-                if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
+                if ttl <= 0 then ttl = 86400 end
+                redis.call('EXPIRE', KEYS[4], ttl)
             end
             if mode == 'bodies' then
                 for i = 13 + 2 * patternCount, #ARGV, 3 do

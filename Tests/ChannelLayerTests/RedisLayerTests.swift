@@ -2,6 +2,7 @@ import ASGI
 import Foundation
 import NIOCore
 import NIOPosix
+import Synchronization
 import TestSupport
 import Testing
 
@@ -128,11 +129,19 @@ struct RedisLayerTests {
             else { return 0 }
             return Int(calls) ?? 0
         }
-        // A reader whose connection died between its move and its take left a body in hand.
-        _ = try redis.command([Array("SET".utf8), Array((prefix + "left-body").utf8), MsgPackEncoder.encode(["left": 1] as Message)])
-        _ = try redis.command(["RPUSH", prefix + "held:inhand", prefix + "left-body"])
-        // An operator's list of channels with waiting messages does not show a list in hand.
-        #expect(try await layer.pendingChannels().isEmpty)
+        /// A reader whose connection died between its move and its take left a body in hand.
+        func leaveInHand(_ n: Int) throws {
+            _ = try redis.command([
+                Array("SET".utf8), Array((prefix + "left-\(n)").utf8), MsgPackEncoder.encode(["left": .int(Int64(n))] as Message),
+            ])
+            _ = try redis.command(["RPUSH", prefix + "held:inhand", prefix + "left-\(n)"])
+        }
+        try leaveInHand(0)
+        // An operator's list of channels with waiting messages shows it.
+        #expect(try await layer.pendingChannels() == ["held:inhand"])
+        // A look without waiting takes it.
+        #expect(try await layer.receiveBatch(channels: ["held"], max: 8, timeout: .zero).map(\.message) == [["left": 0]])
+        try leaveInHand(1)
         let before = try blmoveCalls()
         let sender = Task {
             try await Task.sleep(for: .milliseconds(300))
@@ -148,7 +157,43 @@ struct RedisLayerTests {
         #expect(got == [["left": 1], ["n": 1]], "the message left in hand first, then the new one, each once")
         #expect(try blmoveCalls() > before, "the wait was a BLMOVE")
         #expect(try redis.command(["EXISTS", prefix + "held:inhand"]).integer == 0, "nothing left in hand")
-        #expect(try redis.command(["EXISTS", prefix + "left-body"]).integer == 0, "the body taken is deleted")
+        #expect(try redis.command(["EXISTS", prefix + "left-1"]).integer == 0, "the body taken is deleted")
+        try await layer.flush()
+        await layer.close()
+    }
+
+    /// The take is pipelined behind the move: when Redis refuses the move (an ACL without
+    /// `BLMOVE` here; out of memory, or a Redis older than 6.2, the same way), the take behind
+    /// it must not take the waiting messages (their keys would be thrown away with the refusal).
+    @Test("a move Redis refuses (an ACL without BLMOVE) falls back to BLPOP and loses nothing")
+    func aRefusedMoveFallsBackAndLosesNothing() async throws {
+        let url = try TestRedis.requireURL()
+        let redis = try raw(url)
+        let user = "nomove" + ChannelNames.randomLetters(8)
+        let password = ChannelNames.randomLetters(16)
+        guard case .status = try redis.command(["ACL", "SETUSER", user, "on", ">" + password, "~*", "&*", "+@all", "-blmove"]) else {
+            Issue.record("this Redis has no ACL (older than 6): the refused move is not tested")
+            return
+        }
+        defer { _ = try? redis.command(["ACL", "DELUSER", user]) }
+        var parts = try #require(URLComponents(string: url))
+        parts.user = user
+        parts.password = password
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(url: parts.string, prefix: prefix)
+        // The script known, so the first blocking take goes straight to the pipelined move.
+        _ = try await Scripts.takeInHand.run(
+            on: layer.shared(0), keys: [.text(prefix + "acl:inhand"), .text(prefix + "acl")], args: [0, "0", 60])
+        for n in 0..<3 { try await layer.send(["n": .int(Int64(n))], to: "acl") }
+        var got: [Int64] = []
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(5)
+        while got.count < 3, clock.now < deadline {
+            got += try await layer.receiveBatch(channels: ["acl"], max: 8, timeout: .seconds(1)).compactMap { $0.message["n"]?.intValue }
+        }
+        #expect(got == [0, 1, 2], "every message once, in order, through BLPOP")
+        let refused = layer.moveRefused.load(ordering: .relaxed)
+        #expect(refused, "later takes use BLPOP")
         try await layer.flush()
         await layer.close()
     }
