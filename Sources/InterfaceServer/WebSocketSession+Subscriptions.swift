@@ -52,21 +52,13 @@ extension WebSocketSession {
             deliverReply(plain)
             return true
         }
-        switch subscriptions.sequencer.live(group, offset: UInt64(offset), epoch: epoch, message: plain) {
-        case .deliver(let messages):
-            for message in messages { deliverReply(message) }
-            noteActivity(group)
-        case .hold(let startTimer):
-            if startTimer { armGapTimer(group) }
-            noteActivity(group)
-        case .duplicate:
-            ServerMetrics.publicationsDeduplicated.increment()
-        }
+        livePublication(.init(group: group, offset: UInt64(offset), epoch: epoch, plain: plain, send: nil))
         return true
     }
 
-    /// A live publication of a followed group, taken apart once for the hand-over's members
-    /// (``ReplyPayloads/publication(_:)``): the same as ``subscriptionReply(_:)`` does with it.
+    /// A live publication of a followed group, in offset order through the socket's sequencer;
+    /// taken apart once for a hand-over's members (``ReplyPayloads/publication(_:)``, with the
+    /// parsed send) or by ``subscriptionReply(_:)`` (without: each message is parsed).
     func livePublication(_ publication: ReplyPayloads.Publication) {
         let group = publication.group
         switch subscriptions.sequencer.live(group, offset: publication.offset, epoch: publication.epoch, message: publication.plain) {

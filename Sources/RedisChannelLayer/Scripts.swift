@@ -44,24 +44,37 @@ enum Scripts {
             return false
             """)
 
+    /// Lua: `takeFrom(from, list, out, limit)` pops body keys from the list `from` until `out`
+    /// holds `limit` entries, appending (`list`, body) for each body still there and deleting
+    /// it; returns how many keys it popped and how many of their bodies had expired.
+    static let takeFromLua = """
+        local function takeFrom(from, list, out, limit)
+            local popped, expired = 0, 0
+            while #out < limit do
+                local bodyKey = redis.call('LPOP', from)
+                if not bodyKey then break end
+                popped = popped + 1
+                local body = redis.call('GET', bodyKey)
+                if body then
+                    redis.call('DEL', bodyKey)
+                    out[#out + 1] = list
+                    out[#out + 1] = body
+                else
+                    expired = expired + 1
+                end
+            end
+            return popped, expired
+        end
+
+        """
+
     /// Pops up to ARGV[1] messages from the lists in KEYS, in order: {list, body, list, body, ...}.
     static let receiveMany = LuaScript(
         name: "receiveMany",
-        source: """
+        source: takeFromLua + """
             local out = {}
             local limit = 2 * tonumber(ARGV[1])
-            for i = 1, #KEYS do
-                while #out < limit do
-                    local bodyKey = redis.call('LPOP', KEYS[i])
-                    if not bodyKey then break end
-                    local body = redis.call('GET', bodyKey)
-                    if body then
-                        redis.call('DEL', bodyKey)
-                        out[#out + 1] = KEYS[i]
-                        out[#out + 1] = body
-                    end
-                end
-            end
+            for i = 1, #KEYS do takeFrom(KEYS[i], KEYS[i], out, limit) end
             return out
             """)
 
@@ -69,24 +82,14 @@ enum Scripts {
     /// (KEYS[2]): {body or false, list, body, list, body, ...}.
     static let takeBodyAndMore = LuaScript(
         name: "takeBodyAndMore",
-        source: """
+        source: takeFromLua + """
             local out = {false}
             local body = redis.call('GET', KEYS[1])
             if body then
                 redis.call('DEL', KEYS[1])
                 out[1] = body
             end
-            local limit = 1 + 2 * tonumber(ARGV[1])
-            while #out < limit do
-                local bodyKey = redis.call('LPOP', KEYS[2])
-                if not bodyKey then break end
-                local more = redis.call('GET', bodyKey)
-                if more then
-                    redis.call('DEL', bodyKey)
-                    out[#out + 1] = KEYS[2]
-                    out[#out + 1] = more
-                end
-            end
+            takeFrom(KEYS[2], KEYS[2], out, 1 + 2 * tonumber(ARGV[1]))
             return out
             """)
 
@@ -99,36 +102,13 @@ enum Scripts {
     /// {expired bodies, list, body, list, body, ...}.
     static let takeInHand = LuaScript(
         name: "takeInHand",
-        source: """
+        source: takeFromLua + """
             local out = {0}
             local limit = 1 + 2 * tonumber(ARGV[1])
-            local fromHand = 0
-            while #out < limit do
-                local bodyKey = redis.call('LPOP', KEYS[1])
-                if not bodyKey then break end
-                fromHand = fromHand + 1
-                local body = redis.call('GET', bodyKey)
-                if body then
-                    redis.call('DEL', bodyKey)
-                    out[#out + 1] = KEYS[2]
-                    out[#out + 1] = body
-                else
-                    out[1] = out[1] + 1
-                end
-            end
+            local fromHand, expired = takeFrom(KEYS[1], KEYS[2], out, limit)
+            out[1] = expired
             if fromHand > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-            if fromHand > 0 or ARGV[2] == '1' then
-                while #out < limit do
-                    local bodyKey = redis.call('LPOP', KEYS[2])
-                    if not bodyKey then break end
-                    local body = redis.call('GET', bodyKey)
-                    if body then
-                        redis.call('DEL', bodyKey)
-                        out[#out + 1] = KEYS[2]
-                        out[#out + 1] = body
-                    end
-                end
-            end
+            if fromHand > 0 or ARGV[2] == '1' then takeFrom(KEYS[2], KEYS[2], out, limit) end
             return out
             """)
 
