@@ -142,7 +142,8 @@ enum Scripts {
     /// message per server process, not per member. Every other member (a Daphne 1.4 reply
     /// channel, a `?` or plain channel) gets its own message, exactly as asgi_redis writes it.
     ///
-    /// In mode "group" the split of the members is kept in the group's cache (KEYS[4], a hash:
+    /// In mode "group" the split of the members of a group of 32 or more is kept in the
+    /// group's cache (KEYS[4], a hash:
     /// each bundle's encoded member list and the other members), stamped with the set's
     /// fingerprint (size, when its expiry was last set, newest and oldest member with their
     /// scores): the next send of an
@@ -268,7 +269,10 @@ enum Scripts {
             if mode == 'group' then
                 local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
                 local card = redis.call('ZCARD', KEYS[1])
-                if card > 0 then
+                if card > 0 and card < 32 then
+                    -- A small group costs less read whole than through its cache.
+                    members = redis.call('ZRANGE', KEYS[1], 0, -1)
+                elseif card > 0 then
                     local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
                     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
                     -- When the set's expiry was last set, to the millisecond (Redis 7): asgi_redis

@@ -120,6 +120,12 @@ struct BundledGroupTests {
                 }
                 #expect(got.count == Set(got).count && Set(got) == expected, what)
             }
+            // A small group is read whole: no cache.
+            let small = "small" + ChannelNames.randomLetters(6)
+            for i in 0..<3 { try await layer.groupAdd(small, channel: a + "small\(i)") }
+            try await layer.sendGroup(small, message: ["small": true])
+            #expect(try await connection.command(["EXISTS", .bytes(redis.groupCacheKey(small))]).integer == 0)
+            while try await !layer.receiveBatch(channels: [a], max: 64, timeout: .zero).isEmpty {}
             try await sendAndCheck("the first send builds the cache")
             #expect(try await connection.command(["HGET", cacheKey, "n"]).text == "2", "one cached bundle per process channel")
             try await sendAndCheck("the second send reads it")
