@@ -107,7 +107,8 @@ enum Scripts {
             local limit = 1 + 2 * tonumber(ARGV[1])
             local fromHand, expired = takeFrom(KEYS[1], KEYS[2], out, limit)
             out[1] = expired
-            if fromHand > 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+            -- Stopped by the limit, not by an empty hand: what is left expires as its bodies do.
+            if #out >= limit and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
             if fromHand > 0 or ARGV[2] == '1' then takeFrom(KEYS[2], KEYS[2], out, limit) end
             return out
             """)
