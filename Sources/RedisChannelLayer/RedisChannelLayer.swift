@@ -32,9 +32,9 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
     /// The server refused `BLMOVE` (older than Redis 6.2): blocking takes of one list use
     /// `BLPOP` and a second round trip for the body.
     let moveRefused = Atomic<Bool>(false)
-    /// A blocking take of one list failed after its move may have run: the next take of a list
-    /// looks in its in-hand list first, without waiting.
-    let inHandMayHold = Atomic<Bool>(false)
+    /// Lists whose blocking take failed after its move may have run: the next blocking take of
+    /// such a list looks in its in-hand list first, without waiting.
+    let inHandMayHold = Mutex<Set<RedisArgument>>([])
     let malformedDropped = Atomic<Int>(0)
     let undecryptableDropped = Atomic<Int>(0)
     /// asgi_redis's Fernet encryption of bodies, when `symmetricEncryptionKeys` is set.

@@ -277,8 +277,9 @@ extension RedisChannelLayer {
         // is still taken and returned), so a stopping worker or server does not wait out the slice.
         let waking = race ?? BlockingRace()
         return try await onDedicated(shard) { connection -> [ReceivedMessage]? in
-            if let id = try await connection.clientID() {
-                guard waking.enter(shard: shard, clientID: id) else { return nil }
+            let clientID = try await connection.clientID()
+            if let clientID {
+                guard waking.enter(shard: shard, clientID: clientID) else { return nil }
             } else if race != nil, !unblockRefused.exchange(true, ordering: .relaxed) {
                 // This racer waits out its slice (nobody can wake it); later slices rotate.
                 logger.warning("Redis refused CLIENT ID: blocking receives look at one shard per slice (rotating)")
@@ -286,6 +287,8 @@ extension RedisChannelLayer {
             if race == nil, lists.count == 1, !moveRefused.load(ordering: .relaxed) {
                 let outcome = try await moveAndTake(list: lists[0], on: connection, shard: shard, wait: wait, max: max, waking: waking)
                 if case .taken(let messages) = outcome { return messages }
+                // Refused: the BLPOP below waits instead, and a cancellation must still wake it.
+                if let clientID, !waking.enter(shard: shard, clientID: clientID) { return nil }
             }
             let reply: RedisReply
             do {
@@ -339,7 +342,7 @@ extension RedisChannelLayer {
         let inHand = Self.inHandKey(list)
         let keys = [inHand, list]
         let expiry = RedisArgument.integer(configuration.expirySeconds + 1)
-        if inHandMayHold.load(ordering: .relaxed) || Scripts.takeInHand.knownSHA == nil {
+        if inHandMayHold.withLock({ $0.contains(list) }) || Scripts.takeInHand.knownSHA == nil {
             // What a failed take may have left in hand (and the script loaded), without waiting.
             let first: [ReceivedMessage]
             do {
@@ -349,7 +352,7 @@ extension RedisChannelLayer {
                 waking.leave(shard: shard)
                 throw error
             }
-            inHandMayHold.store(false, ordering: .relaxed)
+            _ = inHandMayHold.withLock { $0.remove(list) }
             if !first.isEmpty {
                 waking.leave(shard: shard)
                 return .taken(first)
@@ -372,19 +375,22 @@ extension RedisChannelLayer {
         } catch {
             waking.leave(shard: shard)
             // The move may have happened: the next take looks in hand first.
-            inHandMayHold.store(true, ordering: .relaxed)
+            _ = inHandMayHold.withLock { $0.insert(list) }
             throw error
         }
         var taken = replies[2]
         if case .error(let e) = taken, e.hasPrefix("NOSCRIPT") {
+            // Until the script has run again, what was moved is in hand.
+            _ = inHandMayHold.withLock { $0.insert(list) }
             taken = try await Scripts.takeInHand.run(on: connection, keys: keys, args: [.integer(max), "0", expiry])
+            _ = inHandMayHold.withLock { $0.remove(list) }
         }
         let messages: [ReceivedMessage]
         do {
             messages = try decodeInHand(taken)
         } catch {
             // The script failed (BUSY, say): what was moved stays in hand for the next take.
-            inHandMayHold.store(true, ordering: .relaxed)
+            _ = inHandMayHold.withLock { $0.insert(list) }
             messages = []
         }
         if case .error(let e) = replies[0] {

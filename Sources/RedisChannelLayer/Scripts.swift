@@ -271,8 +271,10 @@ enum Scripts {
                 local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
                 local card = redis.call('ZCARD', KEYS[1])
                 if card > 0 and card < 32 then
-                    -- A small group costs less read whole than through its cache.
+                    -- A small group costs less read whole than through its cache; a cache from
+                    -- when it was larger goes (it must not match again when the group grows back).
                     members = redis.call('ZRANGE', KEYS[1], 0, -1)
+                    redis.call('DEL', KEYS[4])
                 elseif card > 0 then
                     local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
                     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

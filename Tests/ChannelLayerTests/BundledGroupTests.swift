@@ -161,6 +161,24 @@ struct BundledGroupTests {
             expected.remove(b + "m5")
             expected.insert(b + "skewed")
             try await sendAndCheck("a member swapped by asgi_redis with a clock behind")
+            // Shrunk to exactly 32 (a cache built at that size), then to 31 (read whole), then back
+            // to 32 with a member scored in the middle and no new expiry (size, newest, oldest
+            // and expiry as when the cache was built): the cache of 32 must not match again.
+            var current = try await layer.groupChannels(group)
+            while current.count > 32 {
+                let gone = current.remove(at: 1)
+                _ = try await connection.command(["ZREM", gkey, .text(gone)])
+                expected.remove(gone)
+            }
+            try await sendAndCheck("the group at 32")
+            let dropped = current.remove(at: 1)
+            _ = try await connection.command(["ZREM", gkey, .text(dropped)])
+            expected.remove(dropped)
+            try await sendAndCheck("the group at 31, read whole")
+            let middleScore = try await connection.command(["ZSCORE", gkey, .text(current[current.count / 2])]).text ?? "0"
+            _ = try await connection.command(["ZADD", gkey, .text(middleScore), .text(a + "regrown")])
+            expected.insert(a + "regrown")
+            try await sendAndCheck("the group back at 32")
             // The same swap without the expiry (no writer we know of does this) is seen once the
             // cache is older than its bound.
             _ = try await connection.command(["ZREM", gkey, .text(b + "m3")])
