@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// The naming rules of ASGI 1.0 channels and groups.
 ///
 /// Channel names: `^[a-zA-Z\d\-_.]+((\?|\!)[\d\w\-_.]*)?$`, ASCII only, shorter than 100
@@ -74,6 +80,17 @@ public enum ChannelNames {
     public static func nonLocalName(_ name: String) -> String {
         guard let bang = name.utf8.firstIndex(of: 0x21) else { return name }
         return String(name[...bang])
+    }
+
+    /// Whether `name`'s UTF-8 bytes begin with `prefix`'s: one byte comparison (names are
+    /// ASCII), where `hasPrefix` compares characters.
+    public static func hasBytePrefix(_ name: String, _ prefix: String) -> Bool {
+        let result = name.utf8.withContiguousStorageIfAvailable { bytes in
+            prefix.utf8.withContiguousStorageIfAvailable { head in
+                bytes.count >= head.count && (head.isEmpty || memcmp(bytes.baseAddress!, head.baseAddress!, head.count) == 0)
+            }
+        }
+        return (result ?? nil) ?? name.utf8.starts(with: prefix.utf8)
     }
 
     /// True for a process-specific name (it contains `!`).

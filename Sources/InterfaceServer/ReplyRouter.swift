@@ -108,9 +108,20 @@ final class ReplyPayloads {
 }
 
 /// Where the router hands a connection's replies: the connection, on its event loop.
-struct ReplyTarget: Sendable {
+///
+/// A class, so that handing it around (500 times for a group message to 500 members) retains
+/// one object of its own, not the event loop every connection of that loop shares (whose
+/// count its own thread keeps changing: a cache line fought over by two cores).
+final class ReplyTarget: Sendable {
     let receiver: NIOLoopBound<any ReplyReceiver>
+    /// The event loop's identity, compared without retaining it.
+    let loopID: ObjectIdentifier
     var loop: any EventLoop { receiver.eventLoop }
+
+    init(_ receiver: any ReplyReceiver, on loop: any EventLoop) {
+        self.receiver = NIOLoopBound(receiver, eventLoop: loop)
+        self.loopID = ObjectIdentifier(loop)
+    }
 }
 
 /// The one reader of this process's reply channel: takes every `<process>!<conn>` message and
@@ -130,6 +141,9 @@ final class ReplyRouter: Service, Sendable {
     let processChannel: String
     private let layer: any ChannelLayer
     private let logger: Logger
+    /// Keyed by what follows `processChannel` in a connection's name (12 letters: a string
+    /// Swift keeps inline, so a look-up hashes and compares no heap memory; a group message
+    /// for 500 members here is 500 look-ups).
     private let targets = Mutex<[String: ReplyTarget]>([:])
     private let unroutable = Atomic<Int>(0)
 
@@ -169,21 +183,34 @@ final class ReplyRouter: Service, Sendable {
         cutOff.withLock { $0 = action }
     }
 
+    /// The key `channel` is held under in `targets`: the part after this process's channel, or
+    /// (a name from elsewhere, which no connection holds) the whole name behind a `!`, which no
+    /// such part contains.
+    func targetKey(_ channel: String) -> String {
+        guard ChannelNames.hasBytePrefix(channel, processChannel) else { return "!" + channel }
+        return String(decoding: channel.utf8.dropFirst(processChannel.utf8.count), as: UTF8.self)
+    }
+
     /// A fresh reply channel name under this process's channel.
     func newReplyChannel() -> String { processChannel + ChannelNames.randomLetters(12) }
 
     /// Replies to `channel` go to `receiver`, on the event loop this is called on, until
     /// `unregister`.
     func register(_ channel: String, _ receiver: any ReplyReceiver, on loop: any EventLoop) {
-        let target = ReplyTarget(receiver: NIOLoopBound(receiver, eventLoop: loop))
-        if targets.withLock({ $0.updateValue(target, forKey: channel) }) == nil { workInHand.begin() }
+        let target = ReplyTarget(receiver, on: loop)
+        let key = targetKey(channel)
+        if targets.withLock({ $0.updateValue(target, forKey: key) }) == nil { workInHand.begin() }
     }
 
     /// True while a connection holds `channel`.
-    func isOpen(_ channel: String) -> Bool { targets.withLock { $0[channel] != nil } }
+    func isOpen(_ channel: String) -> Bool {
+        let key = targetKey(channel)
+        return targets.withLock { $0[key] != nil }
+    }
 
     func unregister(_ channel: String) {
-        if targets.withLock({ $0.removeValue(forKey: channel) }) != nil { workInHand.finish() }
+        let key = targetKey(channel)
+        if targets.withLock({ $0.removeValue(forKey: key) }) != nil { workInHand.finish() }
     }
 
     /// A streamed response that starts after its client left (a request abandoned while it
@@ -192,9 +219,10 @@ final class ReplyRouter: Service, Sendable {
     /// `disconnect_channel` is told at once that the client left, as a connection that closes
     /// tells it.
     private func tellStreamsTheirClientLeft(_ batch: [ReceivedMessage]) {
+        let keys = batch.map { targetKey($0.channel) }
         let gone = targets.withLock { targets in
-            batch.compactMap { received -> (String, String)? in
-                guard targets[received.channel] == nil, let disconnect = received.message["disconnect_channel"]?.stringValue else {
+            zip(batch, keys).compactMap { received, key -> (String, String)? in
+                guard targets[key] == nil, let disconnect = received.message["disconnect_channel"]?.stringValue else {
                     return nil
                 }
                 return (received.channel, disconnect)
@@ -236,9 +264,11 @@ final class ReplyRouter: Service, Sendable {
         ServerMetrics.received[.process]?.increment(by: batch.count)
         var found: [(target: ReplyTarget, message: Message)] = []
         found.reserveCapacity(batch.count)
+        // The keys are made outside the lock; the look-ups under it.
+        let keys = batch.map { targetKey($0.channel) }
         targets.withLock { targets in
-            for received in batch {
-                if let target = targets[received.channel] { found.append((target, received.message)) }
+            for (received, key) in zip(batch, keys) {
+                if let target = targets[key] { found.append((target, received.message)) }
             }
         }
         if found.count < batch.count {
@@ -253,12 +283,12 @@ final class ReplyRouter: Service, Sendable {
             return
         }
         // One hop per event loop, each taking its replies in the order they came.
-        var runs: [(loop: any EventLoop, items: [(NIOLoopBound<any ReplyReceiver>, Message)])] = []
+        var runs: [(loopID: ObjectIdentifier, loop: any EventLoop, items: [(ReplyTarget, Message)])] = []
         for (target, message) in found {
-            if let index = runs.firstIndex(where: { $0.loop === target.loop }) {
-                runs[index].items.append((target.receiver, message))
+            if let index = runs.firstIndex(where: { $0.loopID == target.loopID }) {
+                runs[index].items.append((target, message))
             } else {
-                runs.append((target.loop, [(target.receiver, message)]))
+                runs.append((target.loopID, target.loop, [(target, message)]))
             }
         }
         for run in runs {
@@ -272,15 +302,15 @@ final class ReplyRouter: Service, Sendable {
     /// (one flush per connection). Flushing there, not in a second pass over every connection,
     /// lets the first members' bytes leave while the loop still writes to the others: a group
     /// message to 500 members here no longer waits for all 500 frames to be queued first.
-    static func handOver(_ items: [(NIOLoopBound<any ReplyReceiver>, Message)]) {
+    static func handOver(_ items: [(ReplyTarget, Message)]) {
         let payloads = ReplyPayloads()
         var lastTurn: [ObjectIdentifier: Int] = [:]
         lastTurn.reserveCapacity(items.count)
-        for (turn, item) in items.enumerated() { lastTurn[ObjectIdentifier(item.0.value)] = turn }
-        for (turn, (bound, message)) in items.enumerated() {
-            let receiver = bound.value
+        for (turn, item) in items.enumerated() { lastTurn[ObjectIdentifier(item.0)] = turn }
+        for (turn, (target, message)) in items.enumerated() {
+            let receiver = target.receiver.value
             receiver.receiveBatchedReply(message, payloads: payloads)
-            if lastTurn[ObjectIdentifier(receiver)] == turn { receiver.endReplyBatch() }
+            if lastTurn[ObjectIdentifier(target)] == turn { receiver.endReplyBatch() }
         }
     }
 

@@ -28,10 +28,23 @@ extension RedisChannelLayer {
     /// next receives of their channel.
     func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
         guard popped.count > max else { return popped }
+        // A bundle's members share their process channel: one name and one append per run of
+        // them, not one per member.
+        var runs: [(queue: String, items: ArraySlice<ReceivedMessage>)] = []
+        var start = max
+        var queue = ChannelNames.nonLocalName(popped[max].channel)
+        for index in (max + 1)..<popped.count {
+            let channel = popped[index].channel
+            if queue.utf8.last == 0x21, ChannelNames.hasBytePrefix(channel, queue) { continue }
+            let next = ChannelNames.nonLocalName(channel)
+            if next == queue { continue }
+            runs.append((queue, popped[start..<index]))
+            start = index
+            queue = next
+        }
+        runs.append((queue, popped[start...]))
         backlog.withLock { backlog in
-            for received in popped[max...] {
-                backlog[ChannelNames.nonLocalName(received.channel), default: []].append(received)
-            }
+            for run in runs { backlog[run.queue, default: []].append(contentsOf: run.items) }
         }
         return Array(popped[..<max])
     }
@@ -80,7 +93,7 @@ extension RedisChannelLayer {
                 var out: [ReceivedMessage] = []
                 out.reserveCapacity(names.count)
                 for name in names {
-                    guard case .string(let member) = name, member.hasPrefix(listName) else {
+                    guard case .string(let member) = name, ChannelNames.hasBytePrefix(member, listName) else {
                         throw BundleError(
                             .foreignMember, "a bundle on '\(listName)' names '\(name.stringValue ?? "\(name)")', not one of its channels")
                     }

@@ -193,6 +193,115 @@ struct BundledGroupTests {
         }
     }
 
+    /// A cached bundle is made inside Redis: the member list copied from the cache (`COPY`),
+    /// the message's header written over its start and its fields after it. Whatever the
+    /// message (a map of 16 or more fields has a longer header; a large field), the bytes a
+    /// member gets must be the message sent, by every path: the send that builds the cache,
+    /// the sends that copy it, a cache whose member list was evicted, a Redis that refuses
+    /// `COPY` (an ACL here; a Redis older than 6.2 the same way), a bundle refused by a full
+    /// process channel and handed back whole to be offered again.
+    @Test("a cached bundle is the message sent, by every path (large, many fields, part evicted, COPY refused, full)")
+    func cachedBundlesCarryTheMessage() async throws {
+        try await withLayer(.redis, capacity: 10) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let group = "copied" + ChannelNames.randomLetters(6)
+            let a = "bundle.a\(ChannelNames.randomLetters(6))!", b = "bundle.b\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registeredAsBundleReader(a))
+            #expect(try await layer.registeredAsBundleReader(b))
+            var members: Set<String> = []
+            for i in 0..<40 {
+                let member = (i % 2 == 0 ? a : b) + "m\(i)"
+                try await layer.groupAdd(group, channel: member)
+                members.insert(member)
+            }
+            let connection = try await redis.shared(redis.shardIndex(for: group))
+            let cacheKey = redis.groupCacheKey(group)
+            var round: Int64 = 0
+            func message(fields: Int, large: Bool = false) -> Message {
+                round += 1
+                var out: Message = ["round": .int(round)]
+                for i in 1..<fields { out["f\(i)"] = .string("v\(i)") }
+                if large { out["big"] = .string(String(repeating: "x", count: 100_000)) }
+                return out
+            }
+            func received(on lists: [String]) async throws -> [ReceivedMessage] {
+                var out: [ReceivedMessage] = []
+                for list in lists {
+                    while true {
+                        let batch = try await layer.receiveBatch(channels: [list], max: 64, timeout: .zero)
+                        if batch.isEmpty { break }
+                        out += batch
+                    }
+                }
+                return out
+            }
+            func sendAndCheck(_ sent: Message, through sender: any ChannelLayer, _ what: Comment) async throws {
+                try await sender.sendGroup(group, message: sent)
+                let got = try await received(on: [a, b])
+                #expect(Set(got.map(\.channel)) == members && got.count == members.count, what)
+                #expect(got.allSatisfy { $0.message == sent }, what)
+            }
+            try await sendAndCheck(message(fields: 1), through: layer, "the send that builds the cache")
+            #expect(try await connection.command(["EXISTS", .bytes(cacheKey + Array(":1".utf8))]).integer == 1, "a member list kept")
+            try await sendAndCheck(message(fields: 1), through: layer, "a copied bundle, one field")
+            try await sendAndCheck(message(fields: 20), through: layer, "a copied bundle, 20 fields (a 3-byte map header)")
+            try await sendAndCheck(message(fields: 3, large: true), through: layer, "a copied bundle, a 100 KB field")
+            _ = try await connection.command(["DEL", .bytes(cacheKey + Array(":2".utf8))])
+            try await sendAndCheck(message(fields: 2), through: layer, "a member list evicted: the set is read again")
+            try await sendAndCheck(message(fields: 2), through: layer, "and cached again")
+
+            // The same cache, through a client Redis refuses COPY to.
+            let url = try TestRedis.requireURL()
+            let user = "nocopy" + ChannelNames.randomLetters(8)
+            let password = ChannelNames.randomLetters(16)
+            let created = try await connection.command([
+                "ACL", "SETUSER", .text(user), "on", .text(">" + password), "~*", "&*", "+@all", "-copy",
+            ])
+            guard case .status = created else {
+                Issue.record("this Redis has no ACL (older than 6): a refused COPY is not tested")
+                return
+            }
+            var parts = try #require(URLComponents(string: url))
+            parts.user = user
+            parts.password = password
+            var configuration = try RedisChannelLayerConfiguration(urls: [try #require(parts.string)])
+            configuration.prefix = redis.configuration.prefix
+            configuration.statsPrefix = redis.configuration.statsPrefix
+            configuration.capacity = 10
+            let refusing = try RedisChannelLayer(configuration: configuration)
+            do {
+                try await sendAndCheck(message(fields: 20), through: refusing, "COPY refused: the body is made in Lua")
+                try await sendAndCheck(message(fields: 1, large: true), through: refusing, "COPY refused, a 100 KB field")
+            } catch {
+                Issue.record("sends through a client without COPY failed: \(error)")
+            }
+            await refusing.close()
+            _ = try await connection.command(["ACL", "DELUSER", .text(user)])
+
+            // A full process channel refuses its bundle, which comes back whole and is offered
+            // again once there is room.
+            try await sendAndCheck(message(fields: 1), through: layer, "cached again before the full channel")
+            for i in 0..<10 { try await layer.send(["filler": .int(Int64(i))], to: b + "filler") }
+            let sent = message(fields: 20)
+            let sending = Task { try await layer.sendGroup(group, message: sent) }
+            try await Task.sleep(for: .milliseconds(50))
+            var fillers = 0
+            var early: [ReceivedMessage] = []
+            while fillers < 10 {
+                let batch = try await layer.receiveBatch(channels: [b], max: 10, timeout: .seconds(1))
+                if batch.isEmpty { break }
+                fillers += batch.filter { $0.message["filler"] != nil }.count
+                early += batch.filter { $0.message["filler"] == nil }
+            }
+            #expect(fillers == 10)
+            try await sending.value
+            let got = try await early + received(on: [a, b])
+            #expect(redis.groupSendsHeldBack > 0, "the bundle was refused and offered again")
+            #expect(Set(got.map(\.channel)) == members && got.count == members.count, "every member, after the wait for room")
+            #expect(got.allSatisfy { $0.message == sent }, "the bundle handed back is the message")
+        }
+    }
+
     @Test("a registration that disappears (Redis lost its data) is reported; the first one is not")
     func registrationLoss() async throws {
         try await withLayer(.redis) { layer in
