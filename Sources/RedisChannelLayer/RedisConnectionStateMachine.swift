@@ -39,6 +39,11 @@ struct RedisConnectionStateMachine<Waiter> {
     private var lastRead: NIODeadline
     /// Whether a timer is armed (there is one at a time, for the oldest request).
     private(set) var timerArmed = false
+    /// Since when the oldest request has been overdue while the connection stayed up after its
+    /// peer was probed (nil: nothing overdue, or bytes came since).
+    private var overdueSince: NIODeadline?
+    /// Whether the socket probes its peer on its own (set once, on the first overdue reply).
+    private(set) var peerProbed = false
 
     private let endpoint: RedisEndpoint
 
@@ -85,6 +90,7 @@ struct RedisConnectionStateMachine<Waiter> {
     /// Bytes came from Redis (whether or not they completed a reply).
     mutating func bytesRead(now: NIODeadline) {
         lastRead = now
+        overdueSince = nil
     }
 
     enum ReplyAction {
@@ -132,7 +138,22 @@ struct RedisConnectionStateMachine<Waiter> {
         /// Nothing came from Redis for the oldest request's whole timeout: fail every waiter
         /// and close the connection.
         case failConnection(ChannelLayerError, [Waiter])
+        /// Nothing came for the oldest request's whole timeout, for the first time on this
+        /// connection: make the socket probe its peer (keepalive every second, and a bound on
+        /// unacknowledged data, so the kernel closes it when the Redis host stops answering),
+        /// then call ``peerProbeSet(_:now:)``.
+        case probePeer
     }
+
+    /// How long a connection whose peer was probed is given before the timer looks again: the
+    /// kernel closes it within this when the Redis host does not acknowledge (the probe
+    /// settings: 1 s idle, 1 s apart, 2 probes, 2.5 s for unacknowledged data).
+    static var probeWindow: TimeAmount { .seconds(3) }
+    /// The longest a reply is waited for past its timeout while the Redis host still
+    /// acknowledges (the Redis process stopped, or busy with one long command): failing the
+    /// connection then would lose what a take took and repeat a send retried elsewhere, since
+    /// the commands run when Redis comes back.
+    static var longestWaitOnLiveHost: TimeAmount { .seconds(60) }
 
     /// How late a reply timer may run before the lateness is this process's own: a timer that
     /// runs later than this after its deadline says the process was stopped or starved.
@@ -168,8 +189,38 @@ struct RedisConnectionStateMachine<Waiter> {
             timerArmed = true
             return .rearm(lastRead + oldest.timeout)
         }
-        guard case .failConnection(let error, let waiters) = fail("no reply in time") else { return .none }
-        return .failConnection(error, waiters)
+        // Overdue. A connection still up a probe window after its peer was set probing has a
+        // Redis host that acknowledges: its Redis is stopped or busy, and the replies will come.
+        if let since = overdueSince {
+            if now - since < Self.longestWaitOnLiveHost {
+                timerArmed = true
+                return .rearm(now + Self.probeWindow)
+            }
+            let waited = Double((now - since).nanoseconds) / 1e9
+            guard
+                case .failConnection(let error, let waiters) = fail(
+                    "no reply for \(Int(waited)) s past the timeout, though the Redis host still acknowledges")
+            else { return .none }
+            return .failConnection(error, waiters)
+        }
+        overdueSince = now
+        timerArmed = true
+        if peerProbed { return .rearm(now + Self.probeWindow) }
+        return .probePeer
+    }
+
+    /// The handler tried to set the socket probing its peer (``TimerAction/probePeer``): when it
+    /// did, the timer looks again a probe window later; when it could not (not TCP), the
+    /// connection fails as without the probe.
+    mutating func peerProbeSet(_ done: Bool, now: NIODeadline) -> TimerAction {
+        guard case .active = state else { return .none }
+        guard done else {
+            guard case .failConnection(let error, let waiters) = fail("no reply in time") else { return .none }
+            return .failConnection(error, waiters)
+        }
+        peerProbed = true
+        timerArmed = true
+        return .rearm(now + Self.probeWindow)
     }
 
     /// The connection failed (`what` says how) or closed: returns the waiters to fail with
@@ -185,6 +236,7 @@ struct RedisConnectionStateMachine<Waiter> {
 
     private mutating func failed(_ error: ChannelLayerError) -> ReplyAction {
         timerArmed = false
+        overdueSince = nil
         switch state {
         case .failed(let first):
             return .failConnection(first, [])

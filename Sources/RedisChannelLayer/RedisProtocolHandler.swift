@@ -2,6 +2,10 @@ import ASGI
 import CHiredis
 import NIOCore
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// Commands on their way to Redis, and who waits for their replies.
 struct RedisRequest {
     /// The commands, encoded.
@@ -186,7 +190,40 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
                 self.arm(context: context, at: next)
             case .failConnection(let error, let waiters):
                 self.perform(.failConnection(error, waiters), context: context)
+            case .probePeer:
+                let done = Self.probePeer(context.channel)
+                switch self.machine.peerProbeSet(done, now: context.eventLoop.now) {
+                case .rearm(let next): self.arm(context: context, at: next)
+                case .failConnection(let error, let waiters): self.perform(.failConnection(error, waiters), context: context)
+                case .none, .probePeer: break
+                }
             }
         }
+    }
+
+    /// Sets the socket to probe its peer: a keepalive probe after 1 s of silence, then every
+    /// second, the connection closed after 2 unanswered, and data unacknowledged for 2.5 s
+    /// closes it too (`TCP_USER_TIMEOUT`). A Redis host that is there answers the probes even
+    /// while its Redis is stopped; one cut off does not, and the kernel closes the socket.
+    /// False when the socket has no such options (not TCP).
+    static func probePeer(_ channel: any Channel) -> Bool {
+        #if os(Linux)
+            guard let options = channel.syncOptions else { return false }
+            func tcp(_ name: Int32) -> ChannelOptions.Types.SocketOption {
+                ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: name))
+            }
+            do {
+                try options.setOption(.socketOption(.so_keepalive), value: 1)
+                try options.setOption(tcp(RedisConnection.keepaliveIdleOption), value: 1)
+                try options.setOption(tcp(Int32(TCP_KEEPINTVL)), value: 1)
+                try options.setOption(tcp(Int32(TCP_KEEPCNT)), value: 2)
+                try options.setOption(tcp(Int32(TCP_USER_TIMEOUT)), value: 2500)
+                return true
+            } catch {
+                return false
+            }
+        #else
+            return false
+        #endif
     }
 }

@@ -80,9 +80,14 @@ struct RedisConnectionStateMachineTests {
             return
         }
         #expect(stall == start + .milliseconds(3_600))
-        // Nothing more arrives: the connection fails, and b with it.
-        guard case .failConnection(let error, let waiters) = machine.timerFired(now: stall) else {
-            Issue.record("a stalled connection was not failed")
+        // Nothing more arrives: the socket is set to probe its peer; one that cannot be (not
+        // TCP) fails the connection, and b with it.
+        guard case .probePeer = machine.timerFired(now: stall) else {
+            Issue.record("a stalled connection's peer was not probed")
+            return
+        }
+        guard case .failConnection(let error, let waiters) = machine.peerProbeSet(false, now: stall) else {
+            Issue.record("a stalled connection that cannot probe was not failed")
             return
         }
         #expect(waiters == ["b"] && error.message.contains("no reply in time") && !machine.timerArmed)
@@ -108,7 +113,8 @@ struct RedisConnectionStateMachineTests {
         }
         // On time, with nothing read: a silent Redis still fails the connection.
         _ = machine.write(commands: 1, waiter: "next", timeout: .seconds(5), now: start + .seconds(9))
-        guard case .failConnection(_, let waiters) = machine.timerFired(now: start + .seconds(14), armedFor: start + .seconds(14))
+        guard case .probePeer = machine.timerFired(now: start + .seconds(14), armedFor: start + .seconds(14)),
+            case .failConnection(_, let waiters) = machine.peerProbeSet(false, now: start + .seconds(14))
         else {
             Issue.record("a silent Redis was not found out")
             return
@@ -127,11 +133,86 @@ struct RedisConnectionStateMachineTests {
             Issue.record("the first late timer did not forgive the stall")
             return
         }
-        guard case .failConnection(_, let waiters) = machine.timerFired(now: next + .milliseconds(600), armedFor: next) else {
+        guard case .probePeer = machine.timerFired(now: next + .milliseconds(600), armedFor: next),
+            case .failConnection(_, let waiters) = machine.peerProbeSet(false, now: next + .milliseconds(600))
+        else {
             Issue.record("a Redis silent through a second late timer was not found out")
             return
         }
         #expect(waiters == ["stuck"])
+    }
+
+    /// Redis stopped (SIGSTOP, a long command) while its host's kernel still acknowledges: the
+    /// commands it holds run when it comes back. Failing the connection at the timeout would
+    /// lose what a take took (its reply thrown away) and repeat a send retried elsewhere, as
+    /// a Redis frozen 7 s did (4 echoes repeated, 2 lost). The socket probes its peer instead:
+    /// the kernel closes it when the host stops answering (that is the partition case), and
+    /// while it stays up the reply is waited for, up to `longestWaitOnLiveHost`.
+    @Test("an overdue reply on a connection whose peer still acknowledges is waited for, up to a bound")
+    func aStoppedRedisIsWaitedForWhileItsHostAnswers() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "take", timeout: .seconds(5), now: start)
+        let due = start + .seconds(5)
+        guard case .probePeer = machine.timerFired(now: due, armedFor: due) else {
+            Issue.record("the peer was not probed")
+            return
+        }
+        guard case .rearm(let look) = machine.peerProbeSet(true, now: due), look == due + .seconds(3) else {
+            Issue.record("a probed peer was not given a probe window")
+            return
+        }
+        #expect(machine.peerProbed && machine.timerArmed)
+        // Still up a window later (the host answered the probes): keep waiting.
+        guard case .rearm(let again) = machine.timerFired(now: look, armedFor: look), again == look + .seconds(3) else {
+            Issue.record("a connection whose host answers was given up on")
+            return
+        }
+        #expect(machine.failure == nil)
+        // Redis comes back: the reply completes the take; nothing was failed.
+        machine.bytesRead(now: start + .seconds(7))
+        guard case .succeed("take", _) = machine.replyReceived(.array([])) else {
+            Issue.record("the reply that came late did not complete the take")
+            return
+        }
+        // A second stall on the same connection: already probing, so no second probe.
+        _ = machine.write(commands: 1, waiter: "send", timeout: .seconds(5), now: start + .seconds(10))
+        let due2 = start + .seconds(15)
+        guard case .rearm(var next) = machine.timerFired(now: due2, armedFor: due2) else {
+            Issue.record("a second stall was not waited on")
+            return
+        }
+        // Past the bound it fails, though the host still answers.
+        while next - due2 < RedisConnectionStateMachine<String>.longestWaitOnLiveHost {
+            guard case .rearm(let later) = machine.timerFired(now: next, armedFor: next) else {
+                Issue.record("gave up before the bound")
+                return
+            }
+            next = later
+        }
+        guard case .failConnection(let error, let waiters) = machine.timerFired(now: next, armedFor: next) else {
+            Issue.record("a Redis that never answers was waited for past the bound")
+            return
+        }
+        #expect(waiters == ["send"] && error.message.contains("still acknowledges"))
+    }
+
+    @Test("a connection closed under the probe (the host stopped answering) fails its callers at once")
+    func aProbedPeerThatVanishesFails() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "take", timeout: .seconds(5), now: start)
+        let due = start + .seconds(5)
+        _ = machine.timerFired(now: due, armedFor: due)
+        _ = machine.peerProbeSet(true, now: due)
+        // The kernel closes the socket (ETIMEDOUT): the handler reports the error.
+        guard case .failConnection(_, let waiters) = machine.fail("Connection timed out") else {
+            Issue.record("a closed probed connection did not fail its waiters")
+            return
+        }
+        #expect(waiters == ["take"])
+        guard case .none = machine.timerFired(now: due + .seconds(3), armedFor: due + .seconds(3)) else {
+            Issue.record("a failed connection's timer did something")
+            return
+        }
     }
 
     @Test("a late reply whose bytes are still arriving gets more time")
@@ -243,13 +324,24 @@ struct RedisConnectionStateMachineTests {
         #expect(throws: ChannelLayerError.self) { try #require(result(late)).get() }
     }
 
-    @Test("on the virtual clock: a silent Redis fails the callers and closes; a write after that fails at once")
+    @Test(
+        "on the virtual clock: a silent Redis gets its socket probing, is waited for while it stays up, then fails the callers and closes"
+    )
     func handlerTimesOutOnVirtualClock() throws {
         let channel = try connected()
         let call = try request(channel, [["PING"]], timeout: .seconds(2))
         channel.embeddedEventLoop.advanceTime(by: .milliseconds(1_999))
         #expect(result(call) == nil && channel.isActive)
         channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
+        // Due: the socket is set to probe its peer, and the call still waits.
+        #expect(result(call) == nil && channel.isActive)
+        // (EmbeddedChannel keeps one socket option, the last set: TCP_USER_TIMEOUT, set last.)
+        let userTimeout = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: 18))
+        #expect(try channel.syncOptions?.getOption(userTimeout) == 2500, "TCP_USER_TIMEOUT bounds unacknowledged data")
+        // The socket stays up (its host answers): waited for up to the bound past the timeout.
+        channel.embeddedEventLoop.advanceTime(by: .seconds(57))
+        #expect(result(call) == nil && channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(6))
         #expect(throws: ChannelLayerError.self) { try #require(result(call)).get() }
         #expect(!channel.isActive)
         let late = try request(channel, [["PING"]])

@@ -496,73 +496,94 @@ def reading_clients_are_not_closed_for_a_backlog_they_were_never_offered():
         stop_all(procs, workers)
 
 
+async def echoes_across_a_freeze(port, pid, what):
+    """Six sockets echo 60 numbered frames each (every third one 256 KB, the rest small) through
+    `port` while process `pid` is frozen (SIGSTOP) for 7 s, past the layer's 5 s command
+    timeout, with frames in flight both ways. After it resumes, every socket must get every
+    echo exactly once (in any order: /echo/ keeps none across two workers), or be closed (told)."""
+    sockets = [await websockets.connect("ws://127.0.0.1:%d/echo/" % port, max_size=None) for _ in range(6)]
+    frames = 60
+
+    def text(n, i):
+        return ("%d:%d:" % (n, i)) + ("x" * (256 * 1024) if i % 3 == 0 else "y")
+
+    got = [[] for _ in sockets]
+    closed = [None] * len(sockets)
+
+    async def send(n, ws):
+        for i in range(frames):
+            await ws.send(text(n, i))
+            await asyncio.sleep(0.05)
+
+    async def read(n, ws):
+        try:
+            while len(set(got[n])) < frames:
+                frame = await asyncio.wait_for(ws.recv(), 30)
+                got[n].append(int(frame.split(":")[1]))
+            # Anything repeated would come right after the last one.
+            while True:
+                frame = await asyncio.wait_for(ws.recv(), 2)
+                got[n].append(int(frame.split(":")[1]))
+        except websockets.exceptions.ConnectionClosed as e:
+            closed[n] = e.code
+        except asyncio.TimeoutError:
+            if len(set(got[n])) < frames:
+                closed[n] = "timeout"
+
+    readers = [asyncio.ensure_future(read(n, ws)) for n, ws in enumerate(sockets)]
+    senders = [asyncio.ensure_future(send(n, ws)) for n, ws in enumerate(sockets)]
+    await asyncio.sleep(1.0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(7)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.gather(*senders, return_exceptions=True)
+    await asyncio.gather(*readers)
+    bad = []
+    for n in range(len(sockets)):
+        if closed[n] is not None and closed[n] != "timeout":
+            continue  # told: the client reconnects
+        if sorted(got[n]) != list(range(frames)):
+            dups = len(got[n]) - len(set(got[n]))
+            missing = sorted(set(range(frames)) - set(got[n]))
+            bad.append("socket %d: %d echoes, %d repeated, missing %s, closed %s"
+                       % (n, len(got[n]), dups, missing[:10], closed[n]))
+    print("  6 sockets x %d frames (every third 256 KB) across a 7 s freeze of %s: %d echoes, closes %s, %d sockets wrong"
+          % (frames, what, sum(len(g) for g in got), closed, len(bad)), flush=True)
+    assert not bad, "; ".join(bad)
+    for ws in sockets:
+        await ws.close()
+
+
 @test
 def a_server_frozen_mid_stream_of_large_frames_loses_and_repeats_nothing():
-    """Six sockets on server A echo numbered frames (every third one 256 KB, the rest small)
-    through Redis and two workers while A is frozen (SIGSTOP) for 7 s, past the layer's 5 s
-    command timeout, with frames in flight both ways. When A resumes, every socket must get
-    every echo exactly once (in any order: /echo/ keeps none across two workers), or be closed
-    (told): a command whose reply was only waiting unread in a frozen process's socket must not
-    be failed and run again (a send retried twice is an echo repeated; a take failed after it
-    ran is an echo lost)."""
+    """Server A frozen: a command whose reply was only waiting unread in a frozen process's
+    socket must not be failed and run again (a send retried twice is an echo repeated; a take
+    failed after it ran is an echo lost)."""
     (layer, procs, workers) = redis_stack("e2efreeze%d:" % os.getpid())
     a, aport = procs[0]
     try:
-        async def run():
-            sockets = [await websockets.connect("ws://127.0.0.1:%d/echo/" % aport, max_size=None) for _ in range(6)]
-            frames = 60
-
-            def text(n, i):
-                return ("%d:%d:" % (n, i)) + ("x" * (256 * 1024) if i % 3 == 0 else "y")
-
-            got = [[] for _ in sockets]
-            closed = [None] * len(sockets)
-
-            async def send(n, ws):
-                for i in range(frames):
-                    await ws.send(text(n, i))
-                    await asyncio.sleep(0.05)
-
-            async def read(n, ws):
-                try:
-                    while len(set(got[n])) < frames:
-                        frame = await asyncio.wait_for(ws.recv(), 30)
-                        got[n].append(int(frame.split(":")[1]))
-                    # Anything repeated would come right after the last one.
-                    while True:
-                        frame = await asyncio.wait_for(ws.recv(), 2)
-                        got[n].append(int(frame.split(":")[1]))
-                except websockets.exceptions.ConnectionClosed as e:
-                    closed[n] = e.code
-                except asyncio.TimeoutError:
-                    if len(set(got[n])) < frames:
-                        closed[n] = "timeout"
-
-            readers = [asyncio.ensure_future(read(n, ws)) for n, ws in enumerate(sockets)]
-            senders = [asyncio.ensure_future(send(n, ws)) for n, ws in enumerate(sockets)]
-            await asyncio.sleep(1.0)
-            os.kill(a.p.pid, signal.SIGSTOP)
-            await asyncio.sleep(7)
-            os.kill(a.p.pid, signal.SIGCONT)
-            await asyncio.gather(*senders, return_exceptions=True)
-            await asyncio.gather(*readers)
-            bad = []
-            for n in range(len(sockets)):
-                if closed[n] is not None and closed[n] != "timeout":
-                    continue  # told: the client reconnects
-                if sorted(got[n]) != list(range(frames)):
-                    dups = len(got[n]) - len(set(got[n]))
-                    missing = sorted(set(range(frames)) - set(got[n]))
-                    bad.append("socket %d: %d echoes, %d repeated, missing %s, closed %s"
-                               % (n, len(got[n]), dups, missing[:10], closed[n]))
-            print("  6 sockets x %d frames (every third 256 KB) across a 7 s freeze: %d echoes, closes %s, %d sockets wrong"
-                  % (frames, sum(len(g) for g in got), closed, len(bad)), flush=True)
-            assert not bad, "; ".join(bad)
-            for ws in sockets:
-                await ws.close()
-        asyncio.run(run())
+        asyncio.run(echoes_across_a_freeze(aport, a.p.pid, "the server"))
     finally:
         stop_all(procs, workers)
+
+
+@test
+def redis_frozen_past_the_command_timeout_loses_and_repeats_nothing():
+    """Redis itself frozen (SIGSTOP) for 7 s, past the 5 s command timeout, while its host's
+    kernel still acknowledges: the commands it holds (the servers' sends, the workers' and the
+    server's blocking takes) run when it resumes. A connection given up at the timeout would
+    throw away what a take took (an echo lost) and retry a send that then runs twice (an echo
+    repeated): 4 repeated and 2 lost before the layer probed its peer instead."""
+    with own_redis() as (redis_port, workdir, layer):
+        (_, procs, workers) = redis_stack(None, layer=layer)
+        try:
+            pid = int(open(workdir + "/redis.pid").read())
+            asyncio.run(echoes_across_a_freeze(procs[0][1], pid, "Redis"))
+            assert all(p.p.poll() is None for p, _ in procs) and all(w.p.poll() is None for w in workers), "a crash"
+        finally:
+            stop_all(procs, workers)
 
 
 @test
