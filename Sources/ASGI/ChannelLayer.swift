@@ -218,9 +218,11 @@ extension ForwardingChannelLayer where Self: ChannelLayerHistory {
     }
     /// One keeper pass on the wrapped layer.
     public func groupCheck(
-        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+        processChannel: String, followers: [String: [String]], memberships: [String: [String]],
+        isOpen: @Sendable (String) -> Bool
     ) async throws(ChannelLayerError) -> GroupCheck {
-        try await baseHistory().groupCheck(processChannel: processChannel, followers: followers, isOpen: isOpen)
+        try await baseHistory().groupCheck(
+            processChannel: processChannel, followers: followers, memberships: memberships, isOpen: isOpen)
     }
 }
 

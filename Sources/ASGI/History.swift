@@ -87,9 +87,24 @@ public protocol ChannelLayerHistory: ChannelLayer {
     /// `groupAdd` of one of them, by this server or by any worker) whose socket `isOpen` still
     /// says is there, when it is missing or expired; drops the journal entries of sockets gone.
     /// A layer whose group sets cannot vanish keeps no journal and checks the followers only.
-    func groupCheck(processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool)
-        async throws(ChannelLayerError)
-        -> GroupCheck
+    ///
+    /// `memberships` is the server's own view of its sockets' groups (group → sockets), from
+    /// the membership notices the layer sent it with each add and discard: where the journal
+    /// itself vanished (evicted with the sets it records), its memberships are put back from it.
+    func groupCheck(
+        processChannel: String, followers: [String: [String]], memberships: [String: [String]],
+        isOpen: @Sendable (String) -> Bool
+    ) async throws(ChannelLayerError) -> GroupCheck
+}
+
+extension ChannelLayerHistory {
+    /// One keeper pass without a view of the server's own
+    /// (``groupCheck(processChannel:followers:memberships:isOpen:)``).
+    public func groupCheck(
+        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+    ) async throws(ChannelLayerError) -> GroupCheck {
+        try await groupCheck(processChannel: processChannel, followers: followers, memberships: [:], isOpen: isOpen)
+    }
 }
 
 /// A channel's membership of a group.
@@ -107,7 +122,7 @@ public struct GroupMembership: Hashable, Sendable {
 }
 
 /// What one pass of a group keeper found and did
-/// (``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``).
+/// (``ChannelLayerHistory/groupCheck(processChannel:followers:memberships:isOpen:)``).
 public struct GroupCheck: Sendable {
     /// A member put back into its group's set.
     public struct Restored: Hashable, Sendable {
@@ -117,12 +132,16 @@ public struct GroupCheck: Sendable {
         public var channel: String
         /// Put back as a follower of the group (else from the journal).
         public var followed: Bool
+        /// Put back from the server's own view of its sockets' groups (its journal had vanished).
+        public var fromServerView: Bool
 
-        /// A member of `group` put back (as a follower when `followed`).
-        public init(group: String, channel: String, followed: Bool) {
+        /// A member of `group` put back (as a follower when `followed`; from the server's view
+        /// when `fromServerView`).
+        public init(group: String, channel: String, followed: Bool, fromServerView: Bool = false) {
             self.group = group
             self.channel = channel
             self.followed = followed
+            self.fromServerView = fromServerView
         }
     }
 

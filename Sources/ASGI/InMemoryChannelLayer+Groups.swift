@@ -33,11 +33,12 @@ extension InMemoryChannelLayer {
         }
     }
 
-    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``.
-    /// Sets in memory never vanish (only members expire), so no journal is kept: followers
-    /// missing or expired are put back.
+    /// One keeper pass; see ``ChannelLayerHistory/groupCheck(processChannel:followers:memberships:isOpen:)``.
+    /// Sets in memory never vanish (only members expire), so no journal is kept and
+    /// `memberships` is not needed: followers missing or expired are put back.
     public func groupCheck(
-        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+        processChannel: String, followers: [String: [String]], memberships: [String: [String]],
+        isOpen: @Sendable (String) -> Bool
     ) async throws(ChannelLayerError) -> GroupCheck {
         var check = GroupCheck()
         for (group, channels) in followers {

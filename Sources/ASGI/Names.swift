@@ -82,6 +82,14 @@ public enum ChannelNames {
         return String(name[...bang])
     }
 
+    /// The channel a server's membership notices are sent to (a group add or discard of one of
+    /// its sockets, told to the server by the layer that made it): its process channel's name
+    /// without the `!`, then `.membership`. A plain channel, with its own list: notices take
+    /// nothing from the capacity the process channel has for replies.
+    public static func membershipNoticeChannel(forProcess process: String) -> String {
+        String(process.utf8.last == 0x21 ? process.dropLast() : Substring(process)) + ".membership"
+    }
+
     /// Whether `name`'s UTF-8 bytes begin with `prefix`'s: one byte comparison (names are
     /// ASCII), where `hasPrefix` compares characters.
     public static func hasBytePrefix(_ name: String, _ prefix: String) -> Bool {

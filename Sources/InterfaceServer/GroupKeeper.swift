@@ -27,11 +27,56 @@ final class FollowerRegistry: Sendable {
     var snapshot: [String: [String]] { followers.withLock { $0.mapValues { $0.sorted() } } }
 }
 
+/// The groups this server's sockets were put in by anyone (a consumer on any worker, this
+/// server): the layer tells the server of every add and discard of one of its sockets (a
+/// membership notice in its process channel, in the order the group set changed), so the
+/// server knows a membership the moment it is made, in its own memory, where no eviction
+/// reaches. The group keeper puts these back when Redis lost a group's set together with the
+/// journal (which only holds what the keeper's last pass saw otherwise).
+final class MembershipView: Sendable {
+    private let groups = Mutex<[String: Set<String>]>([:])
+
+    /// A notice: `channel` joined (or left) `group`.
+    func apply(group: String, channel: String, joined: Bool) {
+        groups.withLock { all in
+            if joined {
+                all[channel, default: []].insert(group)
+            } else {
+                all[channel]?.remove(group)
+                if all[channel]?.isEmpty == true { all[channel] = nil }
+            }
+        }
+    }
+
+    /// The socket closed: its memberships are its disconnect's to undo.
+    func forget(_ channel: String) {
+        _ = groups.withLock { $0.removeValue(forKey: channel) }
+    }
+
+    func contains(_ channel: String, in group: String) -> Bool {
+        groups.withLock { $0[channel]?.contains(group) ?? false }
+    }
+
+    /// Group → sockets.
+    var snapshot: [String: [String]] {
+        groups.withLock { all in
+            var out: [String: [String]] = [:]
+            for (channel, joined) in all {
+                for group in joined { out[group, default: []].append(channel) }
+            }
+            return out
+        }
+    }
+
+    /// Memberships held.
+    var count: Int { groups.withLock { $0.values.reduce(0) { $0 + $1.count } } }
+}
+
 /// Keeps this server's sockets in the groups they were put in: Redis under `maxmemory` with an
 /// eviction policy can evict a group's sorted set, and then nobody in it gets the group's
 /// messages, with no error anywhere; a member can also expire (`group_expiry`) while its
 /// socket is open. Every `--group-check-interval` the keeper asks the layer
-/// (``ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)``, one `SMEMBERS` and
+/// (``ChannelLayerHistory/groupCheck(processChannel:followers:memberships:isOpen:)``, one `SMEMBERS` and
 /// one script per shard, nothing written when all are there) to add back the sockets that
 /// follow a group (the server knows them) and every other membership of its open sockets that
 /// the layer's group journal recorded (a worker's plain `Group.add`, say). A socket that closed
@@ -61,7 +106,8 @@ struct GroupKeeper {
             var failed: String?
             do {
                 let check = try await history.groupCheck(
-                    processChannel: router.processChannel, followers: server.followers.snapshot, isOpen: { router.isOpen($0) })
+                    processChannel: router.processChannel, followers: server.followers.snapshot,
+                    memberships: router.memberships.snapshot, isOpen: { router.isOpen($0) })
                 failed = check.failures.first
                 try await settle(check, history: history)
             } catch {
@@ -108,7 +154,10 @@ struct GroupKeeper {
         for member in check.restored {
             let stays =
                 member.followed
-                ? server.followers.contains(member.channel, in: member.group) : server.router.isOpen(member.channel)
+                ? server.followers.contains(member.channel, in: member.group)
+                : member.fromServerView
+                    ? server.router.memberships.contains(member.channel, in: member.group) && server.router.isOpen(member.channel)
+                    : server.router.isOpen(member.channel)
             if stays {
                 back[member.group, default: 0] += 1
             } else {

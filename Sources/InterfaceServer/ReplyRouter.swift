@@ -146,6 +146,8 @@ final class ReplyRouter: Service, Sendable {
     /// for 500 members here is 500 look-ups).
     private let targets = Mutex<[String: ReplyTarget]>([:])
     private let unroutable = Atomic<Int>(0)
+    /// This server's sockets' groups, from the layer's membership notices.
+    let memberships = MembershipView()
 
     private let registrationInterval: Duration
     private let storeLost = Mutex<(@Sendable () -> Void)?>(nil)
@@ -211,6 +213,39 @@ final class ReplyRouter: Service, Sendable {
     func unregister(_ channel: String) {
         let key = targetKey(channel)
         if targets.withLock({ $0.removeValue(forKey: key) }) != nil { workInHand.finish() }
+        memberships.forget(channel)
+    }
+
+    /// A membership notice (see ``MembershipView``): one that is not well formed, or not for a
+    /// socket of this server, is logged and dropped; one for a socket that is gone is dropped
+    /// (its disconnect undoes the membership).
+    private func applyNotice(_ message: Message) {
+        guard let group = message["group"]?.stringValue, let channel = message["channel"]?.stringValue,
+            case .bool(let joined)? = message["joined"], ChannelNames.hasBytePrefix(channel, processChannel)
+        else {
+            logger.warning("dropped a membership notice that is not one", metadata: ["keys": "\(message.fieldNames)"])
+            return
+        }
+        guard isOpen(channel) else { return }
+        memberships.apply(group: group, channel: channel, joined: joined)
+    }
+
+    /// Reads this server's membership notices until cancelled (see ``MembershipView``).
+    private func readNotices() async {
+        let channel = ChannelNames.membershipNoticeChannel(forProcess: processChannel)
+        var failures = FailureStreak()
+        while !Task.isCancelled {
+            do {
+                let batch = try await layer.receiveBatch(channels: [channel], max: 256, timeout: .seconds(5))
+                failures.succeeded()
+                for received in batch { applyNotice(received.message) }
+            } catch {
+                if Task.isCancelled { break }
+                await failures.failed { count in
+                    logger.error("membership notice receive failed", metadata: ["error": "\(error)", "failures": "\(count)"])
+                }
+            }
+        }
     }
 
     /// A streamed response that starts after its client left (a request abandoned while it
@@ -337,6 +372,7 @@ final class ReplyRouter: Service, Sendable {
             // On an event loop: a batch read resumes there and the hand-over to that loop's
             // sockets starts without waking another thread.
             group.addTask(executorPreference: readExecutor) { await self.read() }
+            if layer is any ChannelLayerHistory { group.addTask { await self.readNotices() } }
             if let bound = cutOffBound { group.addTask { await self.watchCutOff(bound) } }
         }
     }

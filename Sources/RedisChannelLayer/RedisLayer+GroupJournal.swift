@@ -53,11 +53,14 @@ extension RedisChannelLayer {
         ]
     }
 
-    /// One keeper pass; see `ChannelLayerHistory/groupCheck(processChannel:followers:isOpen:)`.
+    /// One keeper pass; see `ChannelLayerHistory/groupCheck(processChannel:followers:memberships:isOpen:)`.
     /// Per shard: one `HGETALL` of the journal, then one script (per 500 members) that adds
-    /// back what is missing; entries of closed sockets are dropped.
+    /// back what is missing; entries of closed sockets are dropped. Where a shard's journal
+    /// vanished, the server's own view (`memberships`) of the groups on that shard is put back
+    /// too: joins made since the last pass are in no earlier view of the journal.
     public func groupCheck(
-        processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool
+        processChannel: String, followers: [String: [String]], memberships: [String: [String]],
+        isOpen: @Sendable (String) -> Bool
     ) async throws(ChannelLayerError) -> GroupCheck {
         return try await withLayerErrors {
             try ChannelNames.validateChannel(processChannel, for: .receive)
@@ -65,7 +68,9 @@ extension RedisChannelLayer {
             for shard in shards.indices {
                 // One shard's failure (it is down) does not stop the others' check.
                 do {
-                    try await groupCheck(shard: shard, processChannel: processChannel, followers: followers, isOpen: isOpen, into: &check)
+                    try await groupCheck(
+                        shard: shard, processChannel: processChannel, followers: followers, memberships: memberships, isOpen: isOpen,
+                        into: &check)
                 } catch {
                     check.failures.append("shard \(shard): \(error)")
                 }
@@ -75,8 +80,8 @@ extension RedisChannelLayer {
     }
 
     private func groupCheck(
-        shard: Int, processChannel: String, followers: [String: [String]], isOpen: @Sendable (String) -> Bool,
-        into check: inout GroupCheck
+        shard: Int, processChannel: String, followers: [String: [String]], memberships: [String: [String]],
+        isOpen: @Sendable (String) -> Bool, into check: inout GroupCheck
     ) async throws {
         let journal = journalKey(processChannel)
         let connection = try await shared(shard)
@@ -128,10 +133,12 @@ extension RedisChannelLayer {
                 guard case .array(let kept) = reply else { throw unexpected(reply, doing: "rewrite the group journal") }
                 let verified = kept.compactMap { $0.integer.map { entries[Int($0) - 1] } }
                 check.journalLost += entries.count - verified.count
-                // A followed membership is put back from the followers below: not lost.
+                // A followed membership, or one in the server's own view, is put back below: not lost.
                 let verifiedSet = Set(verified)
                 check.lost += entries.filter { !verifiedSet.contains($0) }.compactMap { GroupMembership(journalEntry: $0) }
-                    .filter { !(followers[$0.group]?.contains($0.channel) ?? false) }
+                    .filter {
+                        !(followers[$0.group]?.contains($0.channel) ?? false) && !(memberships[$0.group]?.contains($0.channel) ?? false)
+                    }
                 check.journalRewritten += verified.count
                 live.formUnion(verified)
             }
@@ -145,6 +152,13 @@ extension RedisChannelLayer {
         var members: [(mode: String, group: String, channel: String, field: [UInt8])] = []
         for (group, channels) in followers where shardIndex(for: group) == shard {
             for channel in channels { members.append(("f", group, channel, [])) }
+        }
+        if !marked {
+            // The journal vanished: the server's own view (from the membership notices) holds
+            // what joined since the last pass too, and those whose sets vanished with it.
+            for (group, channels) in memberships where shardIndex(for: group) == shard {
+                for channel in channels where isOpen(channel) { members.append(("v", group, channel, [])) }
+            }
         }
         for entry in live.sorted() {
             guard let member = GroupMembership(journalEntry: entry) else { continue }
@@ -168,7 +182,9 @@ extension RedisChannelLayer {
             var index = 0
             while index + 2 < fields.count {
                 check.restored.append(
-                    GroupCheck.Restored(group: fields[index + 1], channel: fields[index + 2], followed: fields[index] == "f"))
+                    GroupCheck.Restored(
+                        group: fields[index + 1], channel: fields[index + 2], followed: fields[index] == "f",
+                        fromServerView: fields[index] == "v"))
                 index += 3
             }
         }
@@ -209,16 +225,17 @@ extension Scripts {
 
     /// KEYS: the journal. ARGV: the layer prefix, now, group expiry, the expiry cutoff, then
     /// (mode, group, channel, journal field) quadruples: mode `f` (a socket that follows the
-    /// group) is put back whenever it is missing or expired, mode `j` only while its journal
-    /// field is there (a discard that came after the journal was read wins). The triples
-    /// (mode, group, channel) added.
+    /// group) and mode `v` (from the server's own view, its journal having vanished) are put
+    /// back whenever missing or expired, mode `j` only while its journal field is there (a
+    /// discard that came after the journal was read wins). The triples (mode, group, channel)
+    /// added.
     static let groupKeep = LuaScript(
         name: "groupKeep",
         source: """
             local added = {}
             for i = 5, #ARGV, 4 do
                 local mode, group, channel = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-                if mode == 'f' or redis.call('HEXISTS', KEYS[1], ARGV[i + 3]) == 1 then
+                if mode ~= 'j' or redis.call('HEXISTS', KEYS[1], ARGV[i + 3]) == 1 then
                     local gkey = ARGV[1] .. ':group:' .. group
                     local score = redis.call('ZSCORE', gkey, channel)
                     if not score or tonumber(score) < tonumber(ARGV[4]) then

@@ -32,13 +32,13 @@ extension RedisChannelLayer {
             let gkey = groupKey(group)
             let now = RedisArgument.text(String(Self.unixTime()))
             let expiry = configuration.groupExpirySeconds
-            let replies = try await shared(shardIndex(for: group)).pipeline(
+            let commands: [[RedisArgument]] =
                 [
                     ["ZADD", .bytes(gkey), now, .text(channel)],
                     ["EXPIRE", .bytes(gkey), .integer(expiry)],
                     ["DEL", .bytes(groupCacheKey(group))],
-                ] + journalAdd(group, channel: channel, expiry: expiry))
-            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group add") }
+                ] + journalAdd(group, channel: channel, expiry: expiry)
+            try await changeMembership(group, channel: channel, joined: true, commands: commands, doing: "group add")
         }
     }
 
@@ -47,11 +47,58 @@ extension RedisChannelLayer {
         try await withLayerErrors {
             try ChannelNames.validateGroup(group)
             try ChannelNames.validateChannel(channel)
-            let replies = try await shared(shardIndex(for: group)).pipeline(
+            let commands: [[RedisArgument]] =
                 [["ZREM", .bytes(groupKey(group)), .text(channel)], ["DEL", .bytes(groupCacheKey(group))]]
-                    + journalDiscard(group, channel: channel))
-            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: "group discard") }
+                + journalDiscard(group, channel: channel)
+            try await changeMembership(group, channel: channel, joined: false, commands: commands, doing: "group discard")
         }
+    }
+
+    /// Runs a group add or discard (`commands`, on the group's shard) and, for a socket of a
+    /// server that reads bundles (this layer's servers), tells that server: a membership notice
+    /// on its notice channel (see `Scripts.changeAndNotify`). On one shard the two are one
+    /// script, so the notices reach the server in the order the set changed; across shards the
+    /// notice follows the change.
+    private func changeMembership(
+        _ group: String, channel: String, joined: Bool, commands: [[RedisArgument]], doing what: String
+    ) async throws {
+        let groupShard = shardIndex(for: group)
+        guard ChannelNames.isProcessSpecific(channel) else {
+            let replies = try await shared(groupShard).pipeline(commands)
+            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: what) }
+            return
+        }
+        let notice = membershipNotice(group, channel: channel, joined: joined)
+        let processShard = sendShard(for: channel)
+        if processShard == groupShard {
+            var args = notice.args
+            for command in commands {
+                args.append(.integer(command.count))
+                args += command
+            }
+            let reply = try await pipelined(groupShard, Scripts.changeAndNotify, keys: notice.keys, args: args)
+            if case .error = reply { throw unexpected(reply, doing: what) }
+            return
+        }
+        let replies = try await shared(groupShard).pipeline(commands)
+        if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: what) }
+        let reply = try await pipelined(processShard, Scripts.changeAndNotify, keys: notice.keys, args: notice.args)
+        if case .error = reply { throw unexpected(reply, doing: what) }
+    }
+
+    /// The keys and arguments of a membership notice for `channel`'s server: its notice channel
+    /// (``ChannelNames/membershipNoticeChannel(forProcess:)``), its reader registration, then
+    /// (notice key, body, expiry).
+    func membershipNotice(_ group: String, channel: String, joined: Bool) -> (keys: [RedisArgument], args: [RedisArgument]) {
+        let process = ChannelNames.nonLocalName(channel)
+        let notice: Message = ["group": .string(group), "channel": .string(channel), "joined": .bool(joined)]
+        return (
+            [
+                .key(configuration.prefix, ChannelNames.membershipNoticeChannel(forProcess: process)),
+                .key(configuration.statsPrefix, process, ":reader"),
+            ],
+            [.uuidKey(prefix: configuration.prefix), .bytes(seal(notice)), .integer(configuration.expirySeconds)]
+        )
     }
 
     /// The unexpired members of `group`.

@@ -235,6 +235,85 @@ struct HistoryPresenceTests {
         }
     }
 
+    /// The layer tells a bundle-reading server of every add and discard of its sockets, in
+    /// the order the sets changed, so the server's own view holds a join made after its
+    /// keeper's last pass: when the journal and the group's set are evicted together before
+    /// the next pass, that view puts the membership back (before it, nothing could: the check
+    /// only knew the journal's last view, and the socket stayed out of its group in silence).
+    @Test(
+        "Redis: membership notices reach the socket's server in order; with set and journal evicted, a join made after the last check is put back from the server's view"
+    )
+    func membershipNoticesHealWhatTheJournalLost() async throws {
+        try await withLayer(.redis, capacity: 2) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let server = "srv.notice\(ChannelNames.randomLetters(6))!"
+            #expect(try await redis.registeredAsBundleReader(server))
+            let raw = try HiredisConnection(
+                endpoint: redis.configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+            let prefix = redis.configuration.prefix
+            let open: Set<String> = [server + "a", server + "b"]
+            let isOpen: @Sendable (String) -> Bool = { open.contains($0) }
+            var view: [String: Set<String>] = [:]  // group → sockets, as the server's router keeps it
+            let noticeChannel = ChannelNames.membershipNoticeChannel(forProcess: server)
+            /// Reads the notices waiting on the server's process channel into `view`; returns them.
+            func readNotices() async throws -> [String] {
+                var seen: [String] = []
+                while true {
+                    let batch = try await redis.receiveBatch(channels: [noticeChannel], max: 64, timeout: .zero)
+                    if batch.isEmpty { return seen }
+                    for received in batch {
+                        let group = received.message["group"]?.stringValue ?? "?"
+                        let channel = received.message["channel"]?.stringValue ?? "?"
+                        let joined = received.message["joined"] == .bool(true)
+                        seen.append("\(joined ? "+" : "-")\(group) \(channel)")
+                        if joined { view[group, default: []].insert(channel) } else { view[group]?.remove(channel) }
+                    }
+                }
+            }
+            func snapshot() -> [String: [String]] { view.mapValues { $0.sorted() } }
+            // Three or more notices on a layer of capacity 2: notices take no capacity check, and
+            // none of the process channel's (its replies' room).
+            try await redis.groupAdd("room", channel: server + "a")
+            try await redis.groupAdd("room2", channel: server + "a")
+            try await redis.groupDiscard("room2", channel: server + "a")
+            try await redis.groupAdd("plain", channel: "not-a-socket")
+            try await redis.groupAdd("room", channel: "other.proc!z")  // a server that reads no bundles
+            #expect(
+                try await readNotices() == ["+room \(server)a", "+room2 \(server)a", "-room2 \(server)a"],
+                "one notice per change of this server's sockets, in order; none for others")
+            #expect(try await redis.channelStatistics(server).messagesPending == 0, "nothing on the process channel")
+            var check = try await redis.groupCheck(processChannel: server, followers: [:], memberships: snapshot(), isOpen: isOpen)
+            #expect(check.restored.isEmpty && check.failures.isEmpty)
+
+            // b joins after that pass; then b's set, a's set and the journal are all evicted.
+            try await redis.groupAdd("late", channel: server + "b")
+            #expect(try await readNotices() == ["+late \(server)b"])
+            for key in [":group:late", ":group:room", ":journal:" + server] { _ = try raw.command(["DEL", prefix + key]) }
+            // Without the server's view, b cannot be put back (the gap this closes) and a is
+            // only told about; with it, both are put back.
+            check = try await redis.groupCheck(processChannel: server, followers: [:], memberships: snapshot(), isOpen: isOpen)
+            #expect(Set(check.restored.map { "\($0.group) \($0.channel)" }) == ["late \(server)b", "room \(server)a"], "\(check)")
+            #expect(check.restored.allSatisfy(\.fromServerView) && check.lost.isEmpty, "\(check)")
+            #expect(try await redis.groupChannels("late") == [server + "b"])
+            #expect(try await redis.groupChannels("room").contains(server + "a"))
+
+            // While the journal is gone, the view is what counts: a discard it was told of stands.
+            try await redis.groupDiscard("late", channel: server + "b")
+            #expect(try await readNotices() == ["-late \(server)b"])
+            check = try await redis.groupCheck(processChannel: server, followers: [:], memberships: snapshot(), isOpen: isOpen)
+            #expect(check.restored.isEmpty, "\(check)")
+            #expect(try await redis.groupChannels("late") == [])
+            // The next join writes the journal again, and from then on the journal counts: a
+            // view that missed a discard (a notice lost) does not undo it.
+            try await redis.groupAdd("other", channel: server + "a")
+            #expect(try await readNotices() == ["+other \(server)a"])
+            check = try await redis.groupCheck(
+                processChannel: server, followers: [:], memberships: ["late": [server + "b"]], isOpen: isOpen)
+            #expect(check.restored.isEmpty, "a discard is not undone from a stale view while the journal stands: \(check)")
+            #expect(try await redis.groupChannels("late") == [])
+        }
+    }
+
     @Test("Redis, encrypted: the group journal stores no group or channel name in the clear, and still puts members back")
     func encryptedGroupJournal() async throws {
         var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
@@ -247,7 +326,7 @@ struct HistoryPresenceTests {
                 await redis.close()
             }
         }
-        let server = "srv.sealed!"
+        let server = "srv.sealed\(ChannelNames.randomLetters(6))!"
         let raw = try HiredisConnection(endpoint: configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
         let journalKey = configuration.prefix + ":journal:" + server
         try await redis.groupAdd("secret-room", channel: server + "a")
@@ -264,6 +343,16 @@ struct HistoryPresenceTests {
         // A discard finds its sealed entry again (the field is a keyed digest).
         try await redis.groupDiscard("secret-room", channel: server + "b")
         #expect(try raw.command(["HLEN", journalKey]).integer == 2)
+        // A server that reads bundles is sent its membership notices sealed like any message.
+        #expect(try await redis.registeredAsBundleReader(server))
+        try await redis.groupAdd("secret-room", channel: server + "c")
+        let noticeChannel = ChannelNames.membershipNoticeChannel(forProcess: server)
+        let list = try raw.command(["LRANGE", configuration.prefix + noticeChannel, "0", "-1"]).array?.compactMap(\.text) ?? []
+        #expect(list.count == 1)
+        let body = try raw.command(["GET", list.first ?? "?"]).bytes ?? []
+        #expect(!String(decoding: body, as: UTF8.self).contains("secret-room") && !body.isEmpty, "a notice in the clear")
+        let notice = try await redis.receive(channels: [noticeChannel], timeout: .seconds(1))
+        #expect(notice?.message["group"]?.stringValue == "secret-room" && notice?.message["joined"] == .bool(true))
     }
 
     @Test(

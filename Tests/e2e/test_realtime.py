@@ -661,9 +661,12 @@ def a_plain_group_membership_whose_set_vanished_is_put_back():
     sockets on two servers: each server's keeper (--group-check-interval 1) finds its socket's
     membership in its group journal (the layer recorded it at the worker's add) and puts it
     back, so a mention after that reaches both sockets; a third socket of hers that closed
-    before the eviction is not put back. Without the journal the mention reaches nobody. When
-    the set and the journals vanish together, her sockets are closed with 1012 (told, not
-    silently left out); bob's are not."""
+    before the eviction is not put back. Without the journal the mention reaches nobody. Then
+    a new socket of hers joins and, before any check saw the join, the set and both journals
+    vanish together: each server's own view (the layer sends it a membership notice with every
+    add and discard of its sockets) puts all three back, and a mention reaches all three, with
+    no socket closed (before the notices, the two older sockets were closed with 1012 and the
+    new one was left out in silence)."""
     prefix = "gj%d:" % time.time_ns()
     procs, workers = stack(redis_url(prefix), 2, 1, "--group-check-interval", "1")
     try:
@@ -695,20 +698,26 @@ def a_plain_group_membership_whose_set_vanished_is_put_back():
             assert redis_cli("zcard", key) == "2", redis_cli("zcard", key)
             await b.ws.send(json.dumps({"text": "@alice_journal are you there"}))
             await wait_for(lambda: all(len(mentions(w)) == 1 for w in (a1, a2)), "the mention on both of alice's sockets", 10)
-            # Now her set and both servers' journals go at once (between two checks): nothing
-            # can put her back, so her sockets are told (1012, to join again), not left out in
-            # silence; bob (his set still there) and the followed room are untouched.
+            # A new socket of hers joins; at once (before a check saw it) her set and both
+            # servers' journals go together: the servers' own views put all three back.
+            a3 = await member(port_a, alice)
+            await wait_for(lambda: a3.marker() is not None, "the new socket's position", 30)
             journals = redis_cli("--scan", "--pattern", prefix + ":journal:*").split()
             assert len(journals) == 2, journals
             assert redis_cli("del", key, *journals) == "3"
-            await wait_for(lambda: all(w.ws.close_code is not None for w in (a1, a2)), "alice's sockets closed", 15)
-            assert [w.ws.close_code for w in (a1, a2)] == [1012, 1012], [w.ws.close_code for w in (a1, a2)]
-            await asyncio.sleep(2.5)
-            assert b.ws.close_code is None, b.ws.close_code
-            await b.ws.close()
+            for proc, _ in procs:
+                await asyncio.to_thread(proc.wait_line, "were missing from their groups' member sets")
+            await wait_for(lambda: redis_cli("zcard", key) == "3", "alice's three sockets back in her set", 15)
+            await b.ws.send(json.dumps({"text": "@alice_journal still there"}))
+            await wait_for(lambda: all(len(mentions(w)) == 2 for w in (a1, a2)) and len(mentions(a3)) == 1,
+                           "the second mention on all three of alice's sockets", 10)
+            assert all(w.ws.close_code is None for w in (a1, a2, a3, b)), [w.ws.close_code for w in (a1, a2, a3, b)]
+            for w in (a1, a2, a3, b):
+                await w.ws.close()
             print("  alice's group set deleted under her sockets on 2 servers: both put back from the journals, "
-                  "the mention reached both; the closed third not put back; set and journals deleted together: "
-                  "her 2 sockets closed with 1012, bob's kept", flush=True)
+                  "the mention reached both; the closed third not put back; a socket joined, then set and journals "
+                  "deleted together before a check: all 3 put back from the servers' own views, the mention reached "
+                  "all 3, no socket closed", flush=True)
         asyncio.run(run())
     finally:
         stop(procs, workers)
