@@ -44,6 +44,9 @@ struct RedisConnectionStateMachine<Waiter> {
     private var overdueSince: NIODeadline?
     /// Whether the socket probes its peer on its own (set once, on the first overdue reply).
     private(set) var peerProbed = false
+    /// Whether Redis has answered anything on this connection: a peer that never did (a port
+    /// that accepts and says nothing, a service that is not Redis) is not waited for.
+    private var answered = false
 
     private let endpoint: RedisEndpoint
 
@@ -120,6 +123,7 @@ struct RedisConnectionStateMachine<Waiter> {
         }
         let done = pending.removeFirst()
         state = .active(pending)
+        answered = true
         if done.replies.contains(where: { $0.errorMessage?.hasPrefix("READONLY") == true }) {
             guard
                 case .failConnection(let error, let behind) = failed(
@@ -191,6 +195,11 @@ struct RedisConnectionStateMachine<Waiter> {
         }
         // Overdue. A connection still up a probe window after its peer was set probing has a
         // Redis host that acknowledges: its Redis is stopped or busy, and the replies will come.
+        // Only for a peer that has answered before: it is a Redis.
+        guard answered else {
+            guard case .failConnection(let error, let waiters) = fail("no reply in time") else { return .none }
+            return .failConnection(error, waiters)
+        }
         if let since = overdueSince {
             if now - since < Self.longestWaitOnLiveHost {
                 timerArmed = true

@@ -133,9 +133,7 @@ struct RedisConnectionStateMachineTests {
             Issue.record("the first late timer did not forgive the stall")
             return
         }
-        guard case .probePeer = machine.timerFired(now: next + .milliseconds(600), armedFor: next),
-            case .failConnection(_, let waiters) = machine.peerProbeSet(false, now: next + .milliseconds(600))
-        else {
+        guard case .failConnection(_, let waiters) = machine.timerFired(now: next + .milliseconds(600), armedFor: next) else {
             Issue.record("a Redis silent through a second late timer was not found out")
             return
         }
@@ -151,6 +149,7 @@ struct RedisConnectionStateMachineTests {
     @Test("an overdue reply on a connection whose peer still acknowledges is waited for, up to a bound")
     func aStoppedRedisIsWaitedForWhileItsHostAnswers() {
         var machine = Machine(endpoint: endpoint, now: start)
+        answerOnce(&machine)
         _ = machine.write(commands: 1, waiter: "take", timeout: .seconds(5), now: start)
         let due = start + .seconds(5)
         guard case .probePeer = machine.timerFired(now: due, armedFor: due) else {
@@ -196,9 +195,27 @@ struct RedisConnectionStateMachineTests {
         #expect(waiters == ["send"] && error.message.contains("still acknowledges"))
     }
 
+    /// A first command answered: the peer is a Redis.
+    func answerOnce(_ machine: inout Machine) {
+        _ = machine.write(commands: 1, waiter: "hello", timeout: .seconds(5), now: start)
+        _ = machine.replyReceived(.status("OK"))
+    }
+
+    @Test("a peer that never answered (a port that accepts and says nothing) is not waited for past the timeout")
+    func aPeerThatNeverAnsweredIsNotWaitedFor() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        _ = machine.write(commands: 1, waiter: "first", timeout: .seconds(5), now: start)
+        guard case .failConnection(_, let waiters) = machine.timerFired(now: start + .seconds(5), armedFor: start + .seconds(5)) else {
+            Issue.record("a peer that never answered was waited for")
+            return
+        }
+        #expect(waiters == ["first"])
+    }
+
     @Test("a connection closed under the probe (the host stopped answering) fails its callers at once")
     func aProbedPeerThatVanishesFails() {
         var machine = Machine(endpoint: endpoint, now: start)
+        answerOnce(&machine)
         _ = machine.write(commands: 1, waiter: "take", timeout: .seconds(5), now: start)
         let due = start + .seconds(5)
         _ = machine.timerFired(now: due, armedFor: due)
@@ -324,15 +341,29 @@ struct RedisConnectionStateMachineTests {
         #expect(throws: ChannelLayerError.self) { try #require(result(late)).get() }
     }
 
-    @Test(
-        "on the virtual clock: a silent Redis gets its socket probing, is waited for while it stays up, then fails the callers and closes"
-    )
+    @Test("on the virtual clock: a peer that never answered fails the callers at the timeout and closes; a write after that fails at once")
     func handlerTimesOutOnVirtualClock() throws {
         let channel = try connected()
         let call = try request(channel, [["PING"]], timeout: .seconds(2))
         channel.embeddedEventLoop.advanceTime(by: .milliseconds(1_999))
         #expect(result(call) == nil && channel.isActive)
         channel.embeddedEventLoop.advanceTime(by: .milliseconds(1))
+        #expect(throws: ChannelLayerError.self) { try #require(result(call)).get() }
+        #expect(!channel.isActive)
+        let late = try request(channel, [["PING"]])
+        #expect(throws: (any Error).self) { try #require(result(late)).get() }
+    }
+
+    @Test(
+        "on the virtual clock: a Redis that answered before and goes silent gets its socket probing, is waited for while it stays up, then fails the callers"
+    )
+    func handlerWaitsForAStoppedRedis() throws {
+        let channel = try connected()
+        let hello = try request(channel, [["PING"]], timeout: .seconds(2))
+        try channel.writeInbound(ByteBuffer(string: "+PONG\r\n"))
+        #expect(try result(hello)?.get() == [.status("PONG")])
+        let call = try request(channel, [["PING"]], timeout: .seconds(2))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
         // Due: the socket is set to probe its peer, and the call still waits.
         #expect(result(call) == nil && channel.isActive)
         // (EmbeddedChannel keeps one socket option, the last set: TCP_USER_TIMEOUT, set last.)
