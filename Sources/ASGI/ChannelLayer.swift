@@ -216,6 +216,12 @@ extension ForwardingChannelLayer where Self: ChannelLayerHistory {
     public func groupRemove(_ group: String, channels: [String]) async throws(ChannelLayerError) {
         try await baseHistory().groupRemove(group, channels: channels)
     }
+    /// The wrapped layer's membership notices.
+    public func receiveMembershipNotices(processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [Message]
+    {
+        try await baseHistory().receiveMembershipNotices(processChannel: processChannel, max: max, timeout: timeout)
+    }
     /// One keeper pass on the wrapped layer.
     public func groupCheck(
         processChannel: String, followers: [String: [String]], memberships: [String: [String]],

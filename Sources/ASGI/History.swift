@@ -95,9 +95,25 @@ public protocol ChannelLayerHistory: ChannelLayer {
         processChannel: String, followers: [String: [String]], memberships: [String: [String]],
         isOpen: @Sendable (String) -> Bool
     ) async throws(ChannelLayerError) -> GroupCheck
+
+    /// The membership notices sent to `processChannel`'s server (see the default
+    /// implementation's description).
+    func receiveMembershipNotices(processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [Message]
 }
 
 extension ChannelLayerHistory {
+    /// The membership notices sent to `processChannel`'s server (a group add or discard of one
+    /// of its sockets, made through a layer that tells servers: ``ChannelNames/membershipNoticeList(forProcess:)``),
+    /// each `{group, channel, joined}`: up to `max`, waiting up to `timeout` for the first. A
+    /// layer that sends none waits out `timeout` (or its cancellation) and returns nothing.
+    public func receiveMembershipNotices(processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [Message]
+    {
+        try? await Task.sleep(for: timeout)
+        return []
+    }
+
     /// One keeper pass without a view of the server's own
     /// (``groupCheck(processChannel:followers:memberships:isOpen:)``).
     public func groupCheck(

@@ -82,12 +82,13 @@ public enum ChannelNames {
         return String(name[...bang])
     }
 
-    /// The channel a server's membership notices are sent to (a group add or discard of one of
-    /// its sockets, told to the server by the layer that made it): its process channel's name
-    /// without the `!`, then `.membership`. A plain channel, with its own list: notices take
-    /// nothing from the capacity the process channel has for replies.
-    public static func membershipNoticeChannel(forProcess process: String) -> String {
-        String(process.utf8.last == 0x21 ? process.dropLast() : Substring(process)) + ".membership"
+    /// The list a server's membership notices are pushed on (a group add or discard of one of
+    /// its sockets, told to the server by the layer that made it): its process channel's name,
+    /// then `#membership`. No channel can have that name (`#`), so no `send`, ours or
+    /// asgi_redis's, can put a notice there; and it is a list of its own: notices take nothing
+    /// from the capacity the process channel has for replies.
+    public static func membershipNoticeList(forProcess process: String) -> String {
+        process + "#membership"
     }
 
     /// Whether `name`'s UTF-8 bytes begin with `prefix`'s: one byte comparison (names are

@@ -186,11 +186,15 @@ final class ReplyRouter: Service, Sendable {
     }
 
     /// The key `channel` is held under in `targets`: the part after this process's channel, or
-    /// (a name from elsewhere, which no connection holds) the whole name behind a `!`, which no
-    /// such part contains.
+    /// (a name from elsewhere, or not ASCII, which no connection holds) the whole name behind a
+    /// `!`, which no such part contains.
     func targetKey(_ channel: String) -> String {
         guard ChannelNames.hasBytePrefix(channel, processChannel) else { return "!" + channel }
-        return String(decoding: channel.utf8.dropFirst(processChannel.utf8.count), as: UTF8.self)
+        let suffix = channel.utf8.dropFirst(processChannel.utf8.count)
+        // Only ASCII is ever registered; anything else must not match one by Unicode
+        // equivalence (a Kelvin sign for a K: Swift compares strings as characters).
+        guard suffix.allSatisfy({ $0 < 0x80 }) else { return "!" + channel }
+        return String(decoding: suffix, as: UTF8.self)
     }
 
     /// A fresh reply channel name under this process's channel.
@@ -228,17 +232,18 @@ final class ReplyRouter: Service, Sendable {
         }
         guard isOpen(channel) else { return }
         memberships.apply(group: group, channel: channel, joined: joined)
+        // Closed in between: its unregister may have forgotten it before the apply.
+        if !isOpen(channel) { memberships.forget(channel) }
     }
 
     /// Reads this server's membership notices until cancelled (see ``MembershipView``).
-    private func readNotices() async {
-        let channel = ChannelNames.membershipNoticeChannel(forProcess: processChannel)
+    private func readNotices(_ history: any ChannelLayerHistory) async {
         var failures = FailureStreak()
         while !Task.isCancelled {
             do {
-                let batch = try await layer.receiveBatch(channels: [channel], max: 256, timeout: .seconds(5))
+                let batch = try await history.receiveMembershipNotices(processChannel: processChannel, max: 256, timeout: .seconds(5))
                 failures.succeeded()
-                for received in batch { applyNotice(received.message) }
+                for notice in batch { applyNotice(notice) }
             } catch {
                 if Task.isCancelled { break }
                 await failures.failed { count in
@@ -372,7 +377,7 @@ final class ReplyRouter: Service, Sendable {
             // On an event loop: a batch read resumes there and the hand-over to that loop's
             // sockets starts without waking another thread.
             group.addTask(executorPreference: readExecutor) { await self.read() }
-            if layer is any ChannelLayerHistory { group.addTask { await self.readNotices() } }
+            if let history = layer as? any ChannelLayerHistory { group.addTask { await self.readNotices(history) } }
             if let bound = cutOffBound { group.addTask { await self.watchCutOff(bound) } }
         }
     }

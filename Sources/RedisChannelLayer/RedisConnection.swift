@@ -133,8 +133,12 @@ final class RedisConnection: Sendable {
             setup.append(args)
         }
         if endpoint.database != 0 { setup.append(["SELECT", .integer(endpoint.database)]) }
-        // Over TLS, one round trip now, so a failed handshake is reported by connect.
-        if setup.isEmpty, tls != nil { setup.append(["PING"]) }
+        // Always one round trip before any command: over TLS a failed handshake is reported by
+        // connect, and a connection is known to reach a Redis before a command is written on it
+        // (an overdue reply is waited for only from a Redis that answered: see
+        // `RedisConnectionStateMachine.timerFired`; a connection opened while Redis is stopped
+        // fails holding only this PING, never a command that would run later).
+        if setup.isEmpty { setup.append(["PING"]) }
         if !setup.isEmpty {
             let replies: [RedisReply]
             do {

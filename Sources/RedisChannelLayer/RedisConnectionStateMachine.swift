@@ -143,15 +143,27 @@ struct RedisConnectionStateMachine<Waiter> {
         /// and close the connection.
         case failConnection(ChannelLayerError, [Waiter])
         /// Nothing came for the oldest request's whole timeout, for the first time on this
-        /// connection: make the socket probe its peer (keepalive every second, and a bound on
-        /// unacknowledged data, so the kernel closes it when the Redis host stops answering),
-        /// then call ``peerProbeSet(_:now:)``.
+        /// connection: make the socket probe its peer (keepalive every second, so the kernel
+        /// closes an idle connection whose Redis host stops answering), then call
+        /// ``peerProbeSet(_:now:)``.
         case probePeer
     }
 
-    /// How long a connection whose peer was probed is given before the timer looks again: the
-    /// kernel closes it within this when the Redis host does not acknowledge (the probe
-    /// settings: 1 s idle, 1 s apart, 2 probes, 2.5 s for unacknowledged data).
+    /// What the socket says of its peer when a timer fires (`TCP_INFO`).
+    enum PeerReport: Sendable {
+        /// Nothing known (not TCP, or no information).
+        case unknown
+        /// Everything sent was acknowledged, or an acknowledgement came within a probe window:
+        /// the Redis host is there (its Redis may be stopped, its receive buffer full).
+        case acknowledging
+        /// Data sent and unacknowledged for a probe window or more: the host is cut off.
+        case notAcknowledging
+    }
+
+    /// How long a connection whose peer was probed is given before the timer looks again: an
+    /// idle connection's kernel closes it within this when the Redis host does not answer the
+    /// keepalive probes (1 s idle, 1 s apart, 2 probes); one with data in flight is found out
+    /// by ``PeerReport/notAcknowledging``.
     static var probeWindow: TimeAmount { .seconds(3) }
     /// The longest a reply is waited for past its timeout while the Redis host still
     /// acknowledges (the Redis process stopped, or busy with one long command): failing the
@@ -175,7 +187,7 @@ struct RedisConnectionStateMachine<Waiter> {
     /// took). Such a stall counts as progress: the oldest request gets a fresh window, from now,
     /// once (a loop that runs every timer late, a process paused again and again, must still
     /// find out a Redis that stopped answering).
-    mutating func timerFired(now: NIODeadline, armedFor: NIODeadline? = nil) -> TimerAction {
+    mutating func timerFired(now: NIODeadline, armedFor: NIODeadline? = nil, peer: PeerReport = .unknown) -> TimerAction {
         timerArmed = false
         guard case .active(let pending) = state, let oldest = pending.first else { return .none }
         if oldest.deadline > now {
@@ -201,6 +213,13 @@ struct RedisConnectionStateMachine<Waiter> {
             return .failConnection(error, waiters)
         }
         if let since = overdueSince {
+            if peer == .notAcknowledging {
+                guard
+                    case .failConnection(let error, let waiters) = fail(
+                        "no reply in time, and the Redis host no longer acknowledges what was sent")
+                else { return .none }
+                return .failConnection(error, waiters)
+            }
             if now - since < Self.longestWaitOnLiveHost {
                 timerArmed = true
                 return .rearm(now + Self.probeWindow)

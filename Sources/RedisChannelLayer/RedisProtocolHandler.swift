@@ -183,7 +183,8 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     private func arm(context: ChannelHandlerContext, at deadline: NIODeadline) {
         timer = context.eventLoop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: deadline) {
             self.timer = nil
-            switch self.machine.timerFired(now: context.eventLoop.now, armedFor: deadline) {
+            let peer = self.machine.peerProbed ? Self.peerReport(context.channel) : .unknown
+            switch self.machine.timerFired(now: context.eventLoop.now, armedFor: deadline, peer: peer) {
             case .none:
                 break
             case .rearm(let next):
@@ -202,11 +203,13 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
     }
 
     /// Sets the socket to probe its peer: a keepalive probe after 1 s of silence, then every
-    /// second, the connection closed after 2 unanswered, and data unacknowledged for 2.5 s
-    /// closes it too (`TCP_USER_TIMEOUT`). A Redis host that is there answers the probes even
-    /// while its Redis is stopped; one cut off does not, and the kernel closes the socket.
-    /// False when the socket has no such options (not TCP).
+    /// second, the connection closed after 2 unanswered. A Redis host that is there answers
+    /// the probes even while its Redis is stopped; one cut off does not, and the kernel closes
+    /// the socket. (No `TCP_USER_TIMEOUT`: it also bounds how long a peer may keep its receive
+    /// window shut, which a stopped Redis does once its buffer is full.) A Unix socket has no
+    /// host to lose: nothing to set. False when the options cannot be set.
     static func probePeer(_ channel: any Channel) -> Bool {
+        if case .unixDomainSocket? = channel.remoteAddress { return true }
         #if os(Linux)
             guard let options = channel.syncOptions else { return false }
             func tcp(_ name: Int32) -> ChannelOptions.Types.SocketOption {
@@ -217,13 +220,30 @@ final class RedisProtocolHandler: ChannelDuplexHandler {
                 try options.setOption(tcp(RedisConnection.keepaliveIdleOption), value: 1)
                 try options.setOption(tcp(Int32(TCP_KEEPINTVL)), value: 1)
                 try options.setOption(tcp(Int32(TCP_KEEPCNT)), value: 2)
-                try options.setOption(tcp(Int32(TCP_USER_TIMEOUT)), value: 2500)
                 return true
             } catch {
                 return false
             }
         #else
             return false
+        #endif
+    }
+
+    /// What `TCP_INFO` says of the peer: data unacknowledged for a probe window or more is a
+    /// host that is cut off; everything acknowledged (or an acknowledgement within the window)
+    /// is a host that is there.
+    static func peerReport(_ channel: any Channel) -> RedisConnectionStateMachine<RedisWaiter>.PeerReport {
+        #if os(Linux)
+            guard let provider = channel as? any SocketOptionProvider else { return .unknown }
+            var report = RedisConnectionStateMachine<RedisWaiter>.PeerReport.unknown
+            let window = UInt32(RedisConnectionStateMachine<RedisWaiter>.probeWindow.nanoseconds / 1_000_000)
+            // On the channel's event loop the option is read at once and the future is done.
+            provider.getTCPInfo().assumeIsolated().whenSuccess { info in
+                report = info.tcpi_unacked > 0 && info.tcpi_last_ack_recv >= window ? .notAcknowledging : .acknowledging
+            }
+            return report
+        #else
+            return .unknown
         #endif
     }
 }

@@ -208,6 +208,8 @@ enum Scripts {
                 else
                     return false
                 end
+                -- A map of 65,535 fields has no room for one more in a map16 header.
+                if count >= 65535 then return false end
                 fields = string.sub(plainBody, from)
                 bundleHead = string.char(222, math.floor((count + 1) / 256), (count + 1) % 256)
                 return true
@@ -277,6 +279,12 @@ enum Scripts {
                     store(member, plainBody, 1)
                 end
             end
+            -- Deletes the cache: its hash and its member lists.
+            local function dropCache()
+                local n = tonumber(redis.call('HGET', KEYS[4], 'n') or '0') or 0
+                redis.call('DEL', KEYS[4])
+                for i = 1, n do redis.call('DEL', KEYS[4] .. ':' .. i) end
+            end
             -- The cached split, when it is still the group's: {lists, encoded members, counts},
             -- the other members, and nothing stored yet; nil when the group changed.
             local function cachedSplit(fingerprint, now, longest)
@@ -313,7 +321,7 @@ enum Scripts {
                     -- A small group costs less read whole than through its cache; a cache from
                     -- when it was larger goes (it must not match again when the group grows back).
                     members = redis.call('ZRANGE', KEYS[1], 0, -1)
-                    redis.call('DEL', KEYS[4])
+                    dropCache()
                 elseif card > 0 then
                     local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
                     local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -400,10 +408,10 @@ enum Scripts {
             -- unpack limit): every send reads the set, as without the cache.
             if fingerprint and #bundleOrder > 1000 then
                 fingerprint = nil
-                redis.call('DEL', KEYS[4])
+                dropCache()
             end
             if fingerprint then
-                redis.call('DEL', KEYS[4])
+                dropCache()
                 redis.call('HSET', KEYS[4], 'fp', fingerprint, 'n', #bundleOrder, 'o', table.concat(others, '\\n'), 'at', now)
                 if #cache > 0 then redis.call('HSET', KEYS[4], unpack(cache)) end
                 local ttl = redis.call('TTL', KEYS[1])
@@ -433,9 +441,9 @@ enum Scripts {
     /// (each as its argument count and its arguments, from ARGV[4] on) run in order, then, when
     /// the member's process channel has a reader that reads bundles (KEYS[2] holds `bundles`:
     /// this layer's servers, never a Daphne 1.4), the notice body (ARGV[2]) is stored under
-    /// ARGV[1] and pushed on the server's notice channel (KEYS[1]), expiring after ARGV[3]
-    /// seconds. Notices take no capacity check: they are small, and a join must not fail
-    /// because its server is busy. The server
+    /// ARGV[1] and pushed on the server's notice list (KEYS[1]; its newest 10,000 kept),
+    /// expiring after ARGV[3] seconds. Notices take no capacity check: they are small, and a
+    /// join must not fail because its server is busy. The server
     /// keeps its own view of its sockets' groups from them, and its group keeper puts those back
     /// when the group's set and the journal vanished together (evicted under `maxmemory`).
     /// Returns 1 when the notice was pushed.
@@ -451,6 +459,8 @@ enum Scripts {
             if redis.call('GET', KEYS[2]) ~= 'bundles' then return 0 end
             redis.call('SET', ARGV[1], ARGV[2], 'EX', ARGV[3])
             redis.call('RPUSH', KEYS[1], ARGV[1])
+            -- A server that does not read them (one older than notices): at most the newest 10,000.
+            redis.call('LTRIM', KEYS[1], -10000, -1)
             redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) + 1)
             return 1
             """)

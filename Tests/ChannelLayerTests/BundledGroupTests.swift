@@ -246,6 +246,8 @@ struct BundledGroupTests {
             try await sendAndCheck(message(fields: 1), through: layer, "a copied bundle, one field")
             try await sendAndCheck(message(fields: 20), through: layer, "a copied bundle, 20 fields (a 3-byte map header)")
             try await sendAndCheck(message(fields: 3, large: true), through: layer, "a copied bundle, a 100 KB field")
+            try await sendAndCheck(message(fields: 65_535), through: layer, "65,535 fields: no room in a map16 header for one more")
+            try await sendAndCheck(message(fields: 65_535), through: layer, "65,535 fields again, the cache in place")
             _ = try await connection.command(["DEL", .bytes(cacheKey + Array(":2".utf8))])
             try await sendAndCheck(message(fields: 2), through: layer, "a member list evicted: the set is read again")
             try await sendAndCheck(message(fields: 2), through: layer, "and cached again")

@@ -254,17 +254,16 @@ struct HistoryPresenceTests {
             let open: Set<String> = [server + "a", server + "b"]
             let isOpen: @Sendable (String) -> Bool = { open.contains($0) }
             var view: [String: Set<String>] = [:]  // group → sockets, as the server's router keeps it
-            let noticeChannel = ChannelNames.membershipNoticeChannel(forProcess: server)
             /// Reads the notices waiting on the server's process channel into `view`; returns them.
             func readNotices() async throws -> [String] {
                 var seen: [String] = []
                 while true {
-                    let batch = try await redis.receiveBatch(channels: [noticeChannel], max: 64, timeout: .zero)
+                    let batch = try await redis.receiveMembershipNotices(processChannel: server, max: 64, timeout: .zero)
                     if batch.isEmpty { return seen }
-                    for received in batch {
-                        let group = received.message["group"]?.stringValue ?? "?"
-                        let channel = received.message["channel"]?.stringValue ?? "?"
-                        let joined = received.message["joined"] == .bool(true)
+                    for notice in batch {
+                        let group = notice["group"]?.stringValue ?? "?"
+                        let channel = notice["channel"]?.stringValue ?? "?"
+                        let joined = notice["joined"] == .bool(true)
                         seen.append("\(joined ? "+" : "-")\(group) \(channel)")
                         if joined { view[group, default: []].insert(channel) } else { view[group]?.remove(channel) }
                     }
@@ -346,13 +345,20 @@ struct HistoryPresenceTests {
         // A server that reads bundles is sent its membership notices sealed like any message.
         #expect(try await redis.registeredAsBundleReader(server))
         try await redis.groupAdd("secret-room", channel: server + "c")
-        let noticeChannel = ChannelNames.membershipNoticeChannel(forProcess: server)
-        let list = try raw.command(["LRANGE", configuration.prefix + noticeChannel, "0", "-1"]).array?.compactMap(\.text) ?? []
+        let list =
+            try raw.command(["LRANGE", configuration.prefix + ChannelNames.membershipNoticeList(forProcess: server), "0", "-1"]).array?
+            .compactMap(\.text) ?? []
         #expect(list.count == 1)
         let body = try raw.command(["GET", list.first ?? "?"]).bytes ?? []
         #expect(!String(decoding: body, as: UTF8.self).contains("secret-room") && !body.isEmpty, "a notice in the clear")
-        let notice = try await redis.receive(channels: [noticeChannel], timeout: .seconds(1))
-        #expect(notice?.message["group"]?.stringValue == "secret-room" && notice?.message["joined"] == .bool(true))
+        let notices = try await redis.receiveMembershipNotices(processChannel: server, max: 8, timeout: .seconds(1))
+        #expect(notices.count == 1 && notices.first?["group"]?.stringValue == "secret-room" && notices.first?["joined"] == .bool(true))
+        // No send can reach that list: its name is no channel's.
+        await #expect(throws: ChannelLayerError.self) {
+            try await redis.send(
+                ["group": "secret-room", "channel": .string(server + "x"), "joined": true],
+                to: ChannelNames.membershipNoticeList(forProcess: server))
+        }
     }
 
     @Test(

@@ -212,6 +212,30 @@ struct RedisConnectionStateMachineTests {
         #expect(waiters == ["first"])
     }
 
+    @Test("a probed connection whose sent data stays unacknowledged (the host is cut off) fails at the next look")
+    func aProbedPeerThatStopsAcknowledgingFails() {
+        var machine = Machine(endpoint: endpoint, now: start)
+        answerOnce(&machine)
+        _ = machine.write(commands: 1, waiter: "send", timeout: .seconds(5), now: start)
+        let due = start + .seconds(5)
+        _ = machine.timerFired(now: due, armedFor: due)
+        guard case .rearm(let look) = machine.peerProbeSet(true, now: due) else {
+            Issue.record("no probe window")
+            return
+        }
+        // A full receive window at a stopped Redis: everything sent acknowledged, wait on.
+        guard case .rearm(let next) = machine.timerFired(now: look, armedFor: look, peer: .acknowledging) else {
+            Issue.record("a host that acknowledges was given up on")
+            return
+        }
+        guard case .failConnection(let error, let waiters) = machine.timerFired(now: next, armedFor: next, peer: .notAcknowledging)
+        else {
+            Issue.record("a host that stopped acknowledging was waited for")
+            return
+        }
+        #expect(waiters == ["send"] && error.message.contains("no longer acknowledges"))
+    }
+
     @Test("a connection closed under the probe (the host stopped answering) fails its callers at once")
     func aProbedPeerThatVanishesFails() {
         var machine = Machine(endpoint: endpoint, now: start)
@@ -366,9 +390,9 @@ struct RedisConnectionStateMachineTests {
         channel.embeddedEventLoop.advanceTime(by: .seconds(2))
         // Due: the socket is set to probe its peer, and the call still waits.
         #expect(result(call) == nil && channel.isActive)
-        // (EmbeddedChannel keeps one socket option, the last set: TCP_USER_TIMEOUT, set last.)
-        let userTimeout = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: 18))
-        #expect(try channel.syncOptions?.getOption(userTimeout) == 2500, "TCP_USER_TIMEOUT bounds unacknowledged data")
+        // (EmbeddedChannel keeps one socket option, the last set: TCP_KEEPCNT, set last.)
+        let probes = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: 6))
+        #expect(try channel.syncOptions?.getOption(probes) == 2, "two unanswered keepalive probes close it")
         // The socket stays up (its host answers): waited for up to the bound past the timeout.
         channel.embeddedEventLoop.advanceTime(by: .seconds(57))
         #expect(result(call) == nil && channel.isActive)

@@ -1,4 +1,5 @@
 import ASGI
+import Foundation
 import Logging
 import NIOCore
 import NIOPosix
@@ -30,6 +31,27 @@ final class KeptReplies: ReplyReceiver, Sendable {
 
 @Suite("reply router", .timeLimit(.minutes(1)))
 struct ReplyRouterTests {
+    /// Swift compares strings as characters: a name with a Kelvin sign where a socket's has a
+    /// K is the same key to a dictionary of strings. Only the exact bytes of a registered name
+    /// reach its connection (an asgi_redis sender allows Unicode letters in names).
+    @Test func onlyTheExactBytesOfANameReachItsConnection() async throws {
+        let router = ReplyRouter(layer: InMemoryChannelLayer(), prefix: "routertest", logger: Logger(label: "test"))
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        var channel = router.newReplyChannel()
+        while !channel.dropFirst(router.processChannel.count).contains("K") { channel = router.newReplyChannel() }
+        let kept = KeptReplies()
+        try await loop.submit { router.register(channel, kept, on: loop) }.get()
+        let alias = channel.replacingOccurrences(of: "K", with: "\u{212A}")
+        #expect(alias == channel, "Swift's own comparison calls them equal")
+        #expect(router.isOpen(channel) && !router.isOpen(alias))
+        #expect(
+            router.targetKey(alias).hasPrefix("!") && router.targetKey(channel) == String(channel.dropFirst(router.processChannel.count)))
+        router.deliver(["text": "alias"], to: alias)
+        router.deliver(["text": "real"], to: channel)
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(kept.texts.withLock { $0 } == ["real"])
+    }
+
     /// 100 replies wait; the router takes 64, and its next take (collecting the hand-over) fails.
     /// The 64 it holds are delivered all the same, and the other 36 after its back-off.
     @Test func repliesTakenBeforeAFailedTakeAreDelivered() async throws {
