@@ -11,6 +11,14 @@ import Testing
 /// stored message per process channel, fanned out on receive; capacity counts the bundle once.
 @Suite("bundled group sends", .timeLimit(.minutes(2)))
 struct BundledGroupTests {
+    /// Two fresh process channels registered as reading bundles (two servers).
+    func twoBundleReaders(_ layer: any ChannelLayer) async throws -> (String, String) {
+        let a = "bundle.a\(ChannelNames.randomLetters(6))!", b = "bundle.b\(ChannelNames.randomLetters(6))!"
+        #expect(try await layer.registeredAsBundleReader(a))
+        #expect(try await layer.registeredAsBundleReader(b))
+        return (a, b)
+    }
+
     @Test(
         "1,000 members on one registered process channel, capacity 5: every member gets every message, in order",
         arguments: LayerKind.allCases)
@@ -90,9 +98,7 @@ struct BundledGroupTests {
         try await withLayer(.redis, capacity: 100) { layer in
             let redis = try #require(layer as? RedisChannelLayer)
             let group = "cached" + ChannelNames.randomLetters(6)
-            let a = "bundle.a\(ChannelNames.randomLetters(6))!", b = "bundle.b\(ChannelNames.randomLetters(6))!"
-            #expect(try await layer.registeredAsBundleReader(a))
-            #expect(try await layer.registeredAsBundleReader(b))
+            let (a, b) = try await twoBundleReaders(layer)
             let connection = try await redis.shared(redis.shardIndex(for: group))
             let gkey = RedisArgument.bytes(redis.groupKey(group))
             let cacheKey = RedisArgument.bytes(redis.groupCacheKey(group))
@@ -205,9 +211,7 @@ struct BundledGroupTests {
         try await withLayer(.redis, capacity: 10) { layer in
             let redis = try #require(layer as? RedisChannelLayer)
             let group = "copied" + ChannelNames.randomLetters(6)
-            let a = "bundle.a\(ChannelNames.randomLetters(6))!", b = "bundle.b\(ChannelNames.randomLetters(6))!"
-            #expect(try await layer.registeredAsBundleReader(a))
-            #expect(try await layer.registeredAsBundleReader(b))
+            let (a, b) = try await twoBundleReaders(layer)
             var members: Set<String> = []
             for i in 0..<40 {
                 let member = (i % 2 == 0 ? a : b) + "m\(i)"

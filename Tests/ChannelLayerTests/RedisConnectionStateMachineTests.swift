@@ -201,6 +201,18 @@ struct RedisConnectionStateMachineTests {
         _ = machine.replyReceived(.status("OK"))
     }
 
+    /// A Redis that answered once, then `waiter`'s request overdue and its socket set probing:
+    /// when the timer looks next (nil if the machine did not get there).
+    func probedWhileOverdue(_ machine: inout Machine, waiter: String) -> NIODeadline? {
+        answerOnce(&machine)
+        _ = machine.write(commands: 1, waiter: waiter, timeout: .seconds(5), now: start)
+        let due = start + .seconds(5)
+        guard case .probePeer = machine.timerFired(now: due, armedFor: due),
+            case .rearm(let look) = machine.peerProbeSet(true, now: due)
+        else { return nil }
+        return look
+    }
+
     @Test("a peer that never answered (a port that accepts and says nothing) is not waited for past the timeout")
     func aPeerThatNeverAnsweredIsNotWaitedFor() {
         var machine = Machine(endpoint: endpoint, now: start)
@@ -215,11 +227,7 @@ struct RedisConnectionStateMachineTests {
     @Test("a probed connection whose sent data stays unacknowledged (the host is cut off) fails at the next look")
     func aProbedPeerThatStopsAcknowledgingFails() {
         var machine = Machine(endpoint: endpoint, now: start)
-        answerOnce(&machine)
-        _ = machine.write(commands: 1, waiter: "send", timeout: .seconds(5), now: start)
-        let due = start + .seconds(5)
-        _ = machine.timerFired(now: due, armedFor: due)
-        guard case .rearm(let look) = machine.peerProbeSet(true, now: due) else {
+        guard let look = probedWhileOverdue(&machine, waiter: "send") else {
             Issue.record("no probe window")
             return
         }
@@ -239,18 +247,17 @@ struct RedisConnectionStateMachineTests {
     @Test("a connection closed under the probe (the host stopped answering) fails its callers at once")
     func aProbedPeerThatVanishesFails() {
         var machine = Machine(endpoint: endpoint, now: start)
-        answerOnce(&machine)
-        _ = machine.write(commands: 1, waiter: "take", timeout: .seconds(5), now: start)
-        let due = start + .seconds(5)
-        _ = machine.timerFired(now: due, armedFor: due)
-        _ = machine.peerProbeSet(true, now: due)
+        guard let look = probedWhileOverdue(&machine, waiter: "take") else {
+            Issue.record("no probe window")
+            return
+        }
         // The kernel closes the socket (ETIMEDOUT): the handler reports the error.
         guard case .failConnection(_, let waiters) = machine.fail("Connection timed out") else {
             Issue.record("a closed probed connection did not fail its waiters")
             return
         }
         #expect(waiters == ["take"])
-        guard case .none = machine.timerFired(now: due + .seconds(3), armedFor: due + .seconds(3)) else {
+        guard case .none = machine.timerFired(now: look, armedFor: look) else {
             Issue.record("a failed connection's timer did something")
             return
         }
