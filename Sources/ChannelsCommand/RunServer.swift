@@ -53,7 +53,8 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Seconds to wait for a WebSocket accept.") var websocketConnectTimeout = 5.0
     @Option(name: .long, help: "Maximum WebSocket life in seconds.") var websocketTimeout: Double?
     @Option(name: .long, help: "Seconds between server pings.") var pingInterval = 20.0
-    @Option(name: .long, help: "Seconds without a pong before closing.") var pingTimeout = 30.0
+    @Option(name: .long, help: "Seconds without a pong before closing (not counted while reading is paused for an unavailable layer).")
+    var pingTimeout = 30.0
     @Option(
         name: .long,
         help: "Seconds a socket's presence lasts unless its server renews it (every third): a dead server's sockets leave within 4/3 of it."

@@ -255,6 +255,13 @@ final class WebSocketSession: ReplyReceiver {
 
     private func ping() {
         guard let context else { return }
+        if !senderReading {
+            // Reading is paused while frames are held for the layer (Redis slow or gone, up to
+            // --layer-outage-timeout): the client's pong waits unread behind them. Its silence
+            // is this server's, not the client's: the pong deadline starts again from now.
+            machine.pongReceived(now: Self.uptime())
+            return
+        }
         switch machine.pingDue(now: Self.uptime(), timeout: server.configuration.pingTimeout) {
         case .none:
             break

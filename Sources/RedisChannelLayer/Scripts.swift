@@ -279,10 +279,13 @@ enum Scripts {
                     store(member, plainBody, 1)
                 end
             end
-            -- Deletes the cache: its hash and its member lists.
+            -- Deletes the cache: its hash and its member lists (as many as the hash says, or as the
+            -- last rebuild wrote: `:n`, which the writers that delete only the hash leave).
             local function dropCache()
                 local n = tonumber(redis.call('HGET', KEYS[4], 'n') or '0') or 0
-                redis.call('DEL', KEYS[4])
+                local written = tonumber(redis.call('GET', KEYS[4] .. ':n') or '0') or 0
+                if written > n then n = written end
+                redis.call('DEL', KEYS[4], KEYS[4] .. ':n')
                 for i = 1, n do redis.call('DEL', KEYS[4] .. ':' .. i) end
             end
             -- The cached split, when it is still the group's: {lists, encoded members, counts},
@@ -418,6 +421,7 @@ enum Scripts {
                 if ttl <= 0 then ttl = 86400 end
                 redis.call('EXPIRE', KEYS[4], ttl)
                 for i, part in ipairs(partsToCache) do redis.call('SET', KEYS[4] .. ':' .. i, part, 'EX', ttl) end
+                redis.call('SET', KEYS[4] .. ':n', #partsToCache, 'EX', ttl)
             end
             if mode == 'bodies' then
                 for i = 13 + 2 * patternCount, #ARGV, 3 do

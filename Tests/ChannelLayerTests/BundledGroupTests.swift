@@ -212,11 +212,17 @@ struct BundledGroupTests {
             let redis = try #require(layer as? RedisChannelLayer)
             let group = "copied" + ChannelNames.randomLetters(6)
             let (a, b) = try await twoBundleReaders(layer)
+            let c = "bundle.c\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registeredAsBundleReader(c))
             var members: Set<String> = []
             for i in 0..<40 {
                 let member = (i % 2 == 0 ? a : b) + "m\(i)"
                 try await layer.groupAdd(group, channel: member)
                 members.insert(member)
+                if i < 3 {
+                    try await layer.groupAdd(group, channel: c + "m\(i)")
+                    members.insert(c + "m\(i)")
+                }
             }
             let connection = try await redis.shared(redis.shardIndex(for: group))
             let cacheKey = redis.groupCacheKey(group)
@@ -241,12 +247,25 @@ struct BundledGroupTests {
             }
             func sendAndCheck(_ sent: Message, through sender: any ChannelLayer, _ what: Comment) async throws {
                 try await sender.sendGroup(group, message: sent)
-                let got = try await received(on: [a, b])
+                let got = try await received(on: [a, b, c])
                 #expect(Set(got.map(\.channel)) == members && got.count == members.count, what)
                 #expect(got.allSatisfy { $0.message == sent }, what)
             }
+            func partExists(_ i: Int) async throws -> Bool {
+                try await connection.command(["EXISTS", .bytes(cacheKey + Array(":\(i)".utf8))]).integer == 1
+            }
             try await sendAndCheck(message(fields: 1), through: layer, "the send that builds the cache")
-            #expect(try await connection.command(["EXISTS", .bytes(cacheKey + Array(":1".utf8))]).integer == 1, "a member list kept")
+            let kept = try await (partExists(1), partExists(3))
+            #expect(kept.0 && kept.1, "a member list kept per server")
+            // The third server's sockets all leave (this layer's discards delete only the hash):
+            // the rebuild leaves no member list of it behind.
+            for i in 0..<3 {
+                try await layer.groupDiscard(group, channel: c + "m\(i)")
+                members.remove(c + "m\(i)")
+            }
+            try await sendAndCheck(message(fields: 1), through: layer, "rebuilt for two servers")
+            let after = try await (partExists(2), partExists(3))
+            #expect(after.0 && !after.1, "the third server's member list went with its members")
             try await sendAndCheck(message(fields: 1), through: layer, "a copied bundle, one field")
             try await sendAndCheck(message(fields: 20), through: layer, "a copied bundle, 20 fields (a 3-byte map header)")
             try await sendAndCheck(message(fields: 3, large: true), through: layer, "a copied bundle, a 100 KB field")

@@ -587,6 +587,51 @@ def redis_frozen_past_the_command_timeout_loses_and_repeats_nothing():
 
 
 @test
+def a_socket_held_while_redis_is_frozen_is_not_closed_for_a_pong_it_could_not_read():
+    """Redis frozen (SIGSTOP) 8 s while a socket sends large frames: the server holds them and
+    stops reading the socket, so the client's pongs wait unread behind them. With pings every
+    second and a 2 s pong timeout, the socket must not be closed as unresponsive (1011): the
+    silence is the server's own. When Redis resumes, every frame is echoed once."""
+    with own_redis() as (redis_port, workdir, layer):
+        procs = [server("--noworker", "--layer", layer, "--ping-interval", "1", "--ping-timeout", "2",
+                        "--layer-outage-timeout", "60")]
+        workers = [Proc("runworker", "--layer", layer, "--threads", "8")]
+        workers[0].wait_line("worker ready")
+        try:
+            pid = int(open(workdir + "/redis.pid").read())
+
+            async def run():
+                ws = await websockets.connect("ws://127.0.0.1:%d/echo/" % procs[0][1], max_size=None, ping_interval=None)
+                await ws.send("warm")
+                assert await asyncio.wait_for(ws.recv(), 10) == "warm"
+                got, closed = [], []
+
+                async def read():
+                    try:
+                        while len(got) < 6:
+                            got.append((await asyncio.wait_for(ws.recv(), 30))[:8])
+                    except websockets.exceptions.ConnectionClosed as e:
+                        closed.append(e.code)
+                reader = asyncio.ensure_future(read())
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    for i in range(6):
+                        await ws.send("%d:" % i + "x" * (512 * 1024))
+                    await asyncio.sleep(8)
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                await asyncio.wait_for(reader, 40)
+                print("  6 frames of 512 KB held through an 8 s Redis freeze with 1 s pings: %d echoed, closes %s"
+                      % (len(got), closed), flush=True)
+                assert not closed, "closed while its frames were held: %s" % closed
+                assert sorted(g.split(":")[0] for g in got) == [str(i) for i in range(6)], got
+                await ws.close()
+            asyncio.run(run())
+        finally:
+            stop_all(procs, workers)
+
+
+@test
 def a_websocket_receive_that_stays_full_closes_with_1013_only_after_the_bound():
     """The real asgi_redis plays an application that accepts but never reads websocket.receive
     (capacity 2): the server holds the third frame, retries for --channel-full-timeout with the
