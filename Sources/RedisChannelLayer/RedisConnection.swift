@@ -138,6 +138,9 @@ final class RedisConnection: Sendable {
         // (an overdue reply is waited for only from a Redis that answered: see
         // `RedisConnectionStateMachine.timerFired`; a connection opened while Redis is stopped
         // fails holding only this PING, never a command that would run later).
+        // Any reply to that PING will do (an ACL that does not grant it, a Redis still loading
+        // its data): it came from a Redis; the commands' own replies say the rest.
+        let pingOnly = setup.isEmpty
         if setup.isEmpty { setup.append(["PING"]) }
         if !setup.isEmpty {
             let replies: [RedisReply]
@@ -153,7 +156,7 @@ final class RedisConnection: Sendable {
                 }
                 throw error
             }
-            if let bad = replies.first(where: { $0.errorMessage != nil }), let message = bad.errorMessage {
+            if !pingOnly || tls != nil, let bad = replies.first(where: { $0.errorMessage != nil }), let message = bad.errorMessage {
                 connection.close()
                 if setup[0][0] == "AUTH", replies[0].errorMessage != nil {
                     let who = endpoint.username.map { "user '\($0)'" } ?? "the default user"

@@ -162,6 +162,26 @@ struct RedisLayerTests {
         await layer.close()
     }
 
+    /// Every connection makes one round trip before its first command (a `PING` when there is
+    /// no `AUTH` or `SELECT` to send). Any reply will do: a default user whose ACL does not grant
+    /// `PING` still gets a working layer, as with asgi_redis, which sends nothing at connect.
+    @Test("a default user whose ACL refuses PING still connects: the connect-time round trip takes any reply")
+    func aRefusedPingStillConnects() async throws {
+        let server = try await RedisServer.launch()
+        defer { Task { await server.shutdown() } }
+        let admin = try raw(server.url)
+        guard case .status = try admin.command(["ACL", "SETUSER", "default", "-ping"]) else {
+            Issue.record("this Redis has no ACL (older than 6): a refused PING is not tested")
+            return
+        }
+        #expect(try admin.command(["PING"]).errorMessage?.hasPrefix("NOPERM") == true, "PING is refused now")
+        let layer = try layer(url: server.url)
+        try await layer.send(["n": 1], to: "acl.ping")
+        let got = try await layer.receive(channels: ["acl.ping"], timeout: .seconds(2))
+        #expect(got?.message["n"]?.intValue == 1)
+        await layer.close()
+    }
+
     /// The take is pipelined behind the move: when Redis refuses the move (an ACL without
     /// `BLMOVE` here; out of memory, or a Redis older than 6.2, the same way), the take behind
     /// it must not take the waiting messages (their keys would be thrown away with the refusal).
