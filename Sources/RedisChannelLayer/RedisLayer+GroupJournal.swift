@@ -9,8 +9,11 @@ import Synchronization
 /// any worker's consumer — and its keeper can put back a membership whose group set vanished
 /// (evicted under `maxmemory`, deleted). `groupDiscard` takes the entry out. A mark member
 /// field (`~`, no group name can make it or a digest be it) tells a journal emptied by discards from one that vanished;
-/// a vanished journal is written again from the previous pass's view. Python asgi_redis
-/// processes keep no journal: memberships they add are not put back.
+/// a vanished journal is written again from the previous pass's view. With the same add or
+/// discard, the socket's server is sent a membership notice (same shard only), from which it
+/// keeps its sockets' groups in memory: where its journal vanished, its keeper puts those back.
+/// Python asgi_redis processes keep no journal and send no notice: memberships they add are
+/// not put back.
 extension RedisChannelLayer {
     func journalKey(_ processChannel: String) -> [UInt8] { Array((configuration.prefix + ":journal:" + processChannel).utf8) }
 
@@ -189,6 +192,69 @@ extension RedisChannelLayer {
             }
         }
     }
+
+    /// Runs a group add or discard (`commands`, on the group's shard) and, for a socket of a
+    /// server that reads bundles (this layer's servers), tells that server: a membership notice
+    /// on its notice list (see `Scripts.changeAndNotify`), in one script with the change, so the
+    /// notices reach the server in the order the set changed. Only where the group and the
+    /// socket's process channel are on one shard.
+    func changeMembership(
+        _ group: String, channel: String, joined: Bool, commands: [[RedisArgument]], doing what: String
+    ) async throws {
+        let groupShard = shardIndex(for: group)
+        guard ChannelNames.isProcessSpecific(channel) else {
+            let replies = try await shared(groupShard).pipeline(commands)
+            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: what) }
+            return
+        }
+        guard sendShard(for: channel) == groupShard else {
+            // The group and the socket's server on different shards: no notice (it could not be
+            // in one script with the change, and a view that two workers' changes reach in
+            // another order than the set's could put a socket back into a group it left).
+            let replies = try await shared(groupShard).pipeline(commands)
+            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: what) }
+            return
+        }
+        let notice = membershipNotice(group, channel: channel, joined: joined)
+        var args = notice.args
+        for command in commands {
+            args.append(.integer(command.count))
+            args += command
+        }
+        let reply = try await pipelined(groupShard, Scripts.changeAndNotify, keys: notice.keys, args: args)
+        if case .error = reply { throw unexpected(reply, doing: what) }
+    }
+
+    /// The membership notices for `processChannel`'s server; see
+    /// `ChannelLayerHistory.receiveMembershipNotices(processChannel:max:timeout:)`.
+    public func receiveMembershipNotices(processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [Message]
+    {
+        try await withLayerErrors {
+            try ChannelNames.validateChannel(processChannel, for: .receive)
+            let list = RedisArgument.key(configuration.prefix, ChannelNames.membershipNoticeList(forProcess: processChannel))
+            let shard = sendShard(for: processChannel)
+            let wait = min(timeout, configuration.blockingSlice)
+            guard wait > .zero else { return try await takeWithoutWaiting(shard: shard, list: list, max: max).0.map(\.message) }
+            let popped = try await blockingTake(shard: shard, lists: [list], wait: wait, max: max)
+            return (popped ?? []).map(\.message)
+        }
+    }
+
+    /// The keys and arguments of a membership notice for `channel`'s server: its notice list
+    /// (``ChannelNames/membershipNoticeList(forProcess:)``), its reader registration, then
+    /// (notice key, body, expiry).
+    func membershipNotice(_ group: String, channel: String, joined: Bool) -> (keys: [RedisArgument], args: [RedisArgument]) {
+        let process = ChannelNames.nonLocalName(channel)
+        let notice: Message = ["group": .string(group), "channel": .string(channel), "joined": .bool(joined)]
+        return (
+            [
+                .key(configuration.prefix, ChannelNames.membershipNoticeList(forProcess: process)),
+                .key(configuration.statsPrefix, process, ":reader"),
+            ],
+            [.uuidKey(prefix: configuration.prefix), .bytes(seal(notice)), .integer(configuration.expirySeconds)]
+        )
+    }
 }
 
 extension GroupMembership {
@@ -200,6 +266,34 @@ extension GroupMembership {
 }
 
 extension Scripts {
+    /// A group add or discard, then a membership notice to the member's server: the commands
+    /// (each as its argument count and its arguments, from ARGV[4] on) run in order, then, when
+    /// the member's process channel has a reader that reads bundles (KEYS[2] holds `bundles`:
+    /// this layer's servers, never a Daphne 1.4), the notice body (ARGV[2]) is stored under
+    /// ARGV[1] and pushed on the server's notice list (KEYS[1]; its newest 10,000 kept),
+    /// expiring after ARGV[3] seconds. Notices take no capacity check: they are small, and a
+    /// join must not fail because its server is busy. The server
+    /// keeps its own view of its sockets' groups from them, and its group keeper puts those back
+    /// when the group's set and the journal vanished together (evicted under `maxmemory`).
+    /// Returns 1 when the notice was pushed.
+    static let changeAndNotify = LuaScript(
+        name: "changeAndNotify",
+        source: """
+            local i = 4
+            while i <= #ARGV do
+                local n = tonumber(ARGV[i])
+                redis.call(unpack(ARGV, i + 1, i + n))
+                i = i + n + 1
+            end
+            if redis.call('GET', KEYS[2]) ~= 'bundles' then return 0 end
+            redis.call('SET', ARGV[1], ARGV[2], 'EX', ARGV[3])
+            redis.call('RPUSH', KEYS[1], ARGV[1])
+            -- A server that does not read them (one older than notices): at most the newest 10,000.
+            redis.call('LTRIM', KEYS[1], -10000, -1)
+            redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) + 1)
+            return 1
+            """)
+
     /// KEYS: the journal. ARGV: the layer prefix, group expiry, then (group, channel, field,
     /// value) quadruples from a server's last view of its vanished journal: each is written
     /// back only if its group set still holds the channel; the mark with them. The 1-based

@@ -54,69 +54,6 @@ extension RedisChannelLayer {
         }
     }
 
-    /// Runs a group add or discard (`commands`, on the group's shard) and, for a socket of a
-    /// server that reads bundles (this layer's servers), tells that server: a membership notice
-    /// on its notice list (see `Scripts.changeAndNotify`), in one script with the change, so the
-    /// notices reach the server in the order the set changed. Only where the group and the
-    /// socket's process channel are on one shard.
-    private func changeMembership(
-        _ group: String, channel: String, joined: Bool, commands: [[RedisArgument]], doing what: String
-    ) async throws {
-        let groupShard = shardIndex(for: group)
-        guard ChannelNames.isProcessSpecific(channel) else {
-            let replies = try await shared(groupShard).pipeline(commands)
-            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: what) }
-            return
-        }
-        guard sendShard(for: channel) == groupShard else {
-            // The group and the socket's server on different shards: no notice (it could not be
-            // in one script with the change, and a view that two workers' changes reach in
-            // another order than the set's could put a socket back into a group it left).
-            let replies = try await shared(groupShard).pipeline(commands)
-            if let bad = replies.first(where: { $0.errorMessage != nil }) { throw unexpected(bad, doing: what) }
-            return
-        }
-        let notice = membershipNotice(group, channel: channel, joined: joined)
-        var args = notice.args
-        for command in commands {
-            args.append(.integer(command.count))
-            args += command
-        }
-        let reply = try await pipelined(groupShard, Scripts.changeAndNotify, keys: notice.keys, args: args)
-        if case .error = reply { throw unexpected(reply, doing: what) }
-    }
-
-    /// The membership notices for `processChannel`'s server; see
-    /// `ChannelLayerHistory.receiveMembershipNotices(processChannel:max:timeout:)`.
-    public func receiveMembershipNotices(processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
-        -> [Message]
-    {
-        try await withLayerErrors {
-            try ChannelNames.validateChannel(processChannel, for: .receive)
-            let list = RedisArgument.key(configuration.prefix, ChannelNames.membershipNoticeList(forProcess: processChannel))
-            let shard = sendShard(for: processChannel)
-            let wait = min(timeout, configuration.blockingSlice)
-            guard wait > .zero else { return try await takeWithoutWaiting(shard: shard, list: list, max: max).0.map(\.message) }
-            let popped = try await blockingTake(shard: shard, lists: [list], wait: wait, max: max)
-            return (popped ?? []).map(\.message)
-        }
-    }
-
-    /// The keys and arguments of a membership notice for `channel`'s server: its notice list
-    /// (``ChannelNames/membershipNoticeList(forProcess:)``), its reader registration, then
-    /// (notice key, body, expiry).
-    func membershipNotice(_ group: String, channel: String, joined: Bool) -> (keys: [RedisArgument], args: [RedisArgument]) {
-        let process = ChannelNames.nonLocalName(channel)
-        let notice: Message = ["group": .string(group), "channel": .string(channel), "joined": .bool(joined)]
-        return (
-            [
-                .key(configuration.prefix, ChannelNames.membershipNoticeList(forProcess: process)),
-                .key(configuration.statsPrefix, process, ":reader"),
-            ],
-            [.uuidKey(prefix: configuration.prefix), .bytes(seal(notice)), .integer(configuration.expirySeconds)]
-        )
-    }
-
     /// The unexpired members of `group`.
     public func groupChannels(_ group: String) async throws(ChannelLayerError) -> [String] {
         return try await withLayerErrors {

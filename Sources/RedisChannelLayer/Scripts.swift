@@ -441,34 +441,6 @@ enum Scripts {
             return result
             """)
 
-    /// A group add or discard, then a membership notice to the member's server: the commands
-    /// (each as its argument count and its arguments, from ARGV[4] on) run in order, then, when
-    /// the member's process channel has a reader that reads bundles (KEYS[2] holds `bundles`:
-    /// this layer's servers, never a Daphne 1.4), the notice body (ARGV[2]) is stored under
-    /// ARGV[1] and pushed on the server's notice list (KEYS[1]; its newest 10,000 kept),
-    /// expiring after ARGV[3] seconds. Notices take no capacity check: they are small, and a
-    /// join must not fail because its server is busy. The server
-    /// keeps its own view of its sockets' groups from them, and its group keeper puts those back
-    /// when the group's set and the journal vanished together (evicted under `maxmemory`).
-    /// Returns 1 when the notice was pushed.
-    static let changeAndNotify = LuaScript(
-        name: "changeAndNotify",
-        source: """
-            local i = 4
-            while i <= #ARGV do
-                local n = tonumber(ARGV[i])
-                redis.call(unpack(ARGV, i + 1, i + n))
-                i = i + n + 1
-            end
-            if redis.call('GET', KEYS[2]) ~= 'bundles' then return 0 end
-            redis.call('SET', ARGV[1], ARGV[2], 'EX', ARGV[3])
-            redis.call('RPUSH', KEYS[1], ARGV[1])
-            -- A server that does not read them (one older than notices): at most the newest 10,000.
-            redis.call('LTRIM', KEYS[1], -10000, -1)
-            redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]) + 1)
-            return 1
-            """)
-
     /// Registers (or renews) the reader of a process channel as one that reads bundles.
     /// KEYS: the reader key. ARGV: form, seconds to live.
     /// Returns 1 when the key was there (renewed), 0 when it had to be created.

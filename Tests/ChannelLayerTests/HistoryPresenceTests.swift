@@ -313,6 +313,43 @@ struct HistoryPresenceTests {
         }
     }
 
+    /// A notice goes in one script with the set change, so only where the group and the
+    /// socket's process channel share a shard; across shards the journal alone keeps the
+    /// membership (a notice in another round trip could reach the server in another order than
+    /// the set changed, and put a socket back into a group it left).
+    @Test("Redis, two shards: a notice only where the group and the socket's server share a shard")
+    func noNoticeAcrossShards() async throws {
+        let first = try await RedisServer.launch()
+        let second = try await RedisServer.launch()
+        defer {
+            Task {
+                await first.shutdown()
+                await second.shutdown()
+            }
+        }
+        var configuration = try RedisChannelLayerConfiguration(urls: [first.url, second.url])
+        configuration.prefix = TestRedis.uniquePrefix()
+        let redis = try RedisChannelLayer(configuration: configuration)
+        let group = "sharded" + ChannelNames.randomLetters(6)
+        var same: String?, other: String?
+        while same == nil || other == nil {
+            let process = "srv.shard\(ChannelNames.randomLetters(8))!"
+            if redis.sendShard(for: process) == redis.shardIndex(for: group) { same = same ?? process } else { other = other ?? process }
+        }
+        let (near, far) = (same!, other!)
+        #expect(try await redis.registeredAsBundleReader(near))
+        #expect(try await redis.registeredAsBundleReader(far))
+        try await redis.groupAdd(group, channel: near + "a")
+        try await redis.groupAdd(group, channel: far + "b")
+        try await redis.groupDiscard(group, channel: far + "b")
+        let nearNotices = try await redis.receiveMembershipNotices(processChannel: near, max: 8, timeout: .zero)
+        let farNotices = try await redis.receiveMembershipNotices(processChannel: far, max: 8, timeout: .zero)
+        #expect(nearNotices.map { $0["channel"]?.stringValue } == [near + "a"], "\(nearNotices)")
+        #expect(farNotices.isEmpty, "no notice across shards: \(farNotices)")
+        #expect(try await redis.groupChannels(group) == [near + "a"], "both changes made all the same")
+        await redis.close()
+    }
+
     @Test("Redis, encrypted: the group journal stores no group or channel name in the clear, and still puts members back")
     func encryptedGroupJournal() async throws {
         var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
