@@ -275,6 +275,56 @@ struct SessionTests {
         }
     }
 
+    /// The socket list logout closes: sockets opened at once with one HTTP session each append
+    /// their reply channel; every one must stay listed whoever saves first (a whole-list set
+    /// re-applied after a lost race kept only the last writer's, and logout left the others open).
+    @Test(arguments: StoreKind.allCases)
+    func concurrentAppendsKeepEveryItem(_ kind: StoreKind) async throws {
+        let store = try store(kind)
+        for round in 0..<10 {
+            let key = "append\(round)" + ChannelNames.randomLetters(8)
+            let first = Session(key: key, store: store, settings: .init())
+            first["user"] = "alice"
+            first.append("existing", to: "list")
+            try await first.save()
+            let sessions = try await withThrowingTaskGroup(of: Session.self) { group in
+                for _ in 0..<6 {
+                    group.addTask { try await Session.load(key: key, store: store, settings: .init()) }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (index, session) in sessions.enumerated() {
+                    session.append(.string("socket\(index)"), to: "list", keepingLast: 5)
+                    group.addTask { try await session.save() }
+                }
+                try await group.waitForAll()
+            }
+            let stored = try Session.decode(try #require(try await store.load(Session.storageKey(key))))
+            let list = stored["list"]?.arrayValue?.compactMap(\.stringValue) ?? []
+            #expect(list.count == 5 && Set(list).isSubset(of: Set((0..<6).map { "socket\($0)" })), "round \(round): \(list)")
+            #expect(stored["user"] == "alice", "the appends kept the other values")
+        }
+        // An append to a session deleted meanwhile does not bring it back.
+        let key = "deleted" + ChannelNames.randomLetters(8)
+        let owner = Session(key: key, store: store, settings: .init())
+        owner["user"] = "alice"
+        try await owner.save()
+        let late = try await Session.load(key: key, store: store, settings: .init())
+        try await owner.delete()
+        late.append("socket", to: "list")
+        try await late.save()
+        #expect(try await store.load(Session.storageKey(key)) == nil, "a deleted session stays deleted")
+        // cycleKey keeps an unsaved append once.
+        let cycled = Session(key: nil, store: store, settings: .init())
+        cycled.append("a", to: "list")
+        cycled.cycleKey()
+        try await cycled.save()
+        let cycledKey = try #require(cycled.key)
+        let read = try Session.decode(try #require(try await store.load(Session.storageKey(cycledKey))))
+        #expect(read["list"] == .array(["a"]))
+    }
+
     @Test func redisSessionsLiveAsLongAsTheSessionAge() async throws {
         let client = try TestRedis.client()
         let prefix = "t" + ChannelNames.randomLetters(8) + ":session:"

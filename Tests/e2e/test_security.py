@@ -649,6 +649,34 @@ def aborted_handshakes_leave_no_session_and_no_group_member():
 
 @test
 @counted
+def logout_closes_every_socket_opened_at_the_same_moment():
+    """Twelve sockets opened at once with one session (their connects race to list themselves on
+    it): logout closes every one with 1008, none is left open as alice."""
+    prefix, layer = layer_for("logoutall")
+    srv, port, workers = deployment(layer, 2)
+    try:
+        session, _ = sign_in(port, ALICE, ALICE_PW)
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            sockets = list(pool.map(lambda _: ws_open(port, "/chat/together/", session), range(12)))
+        for ws in sockets:
+            assert ws_json(ws)["user"] == ALICE
+        r = page_post(port, "/api/logout/", "", session=session)
+        assert r.status == 200, r
+        codes = []
+        for ws in sockets:
+            try:
+                codes.append(wait_closed_by_server(ws))
+            except AssertionError:
+                codes.append("open")
+        print("   12 sockets opened at once, after logout: close codes %s" % sorted(codes, key=str), flush=True)
+        assert codes == [1008] * 12, ("every socket alice opened is closed (1008) by her logout", codes)
+    finally:
+        stop_all(srv, *workers)
+
+
+@test
+@counted
 def logout_ends_every_socket_however_many_and_however_opened():
     """Sockets opened at once (their connects race on the HTTP session) and more sockets than the
     closing list remembers: after logout none of them is alice any more."""

@@ -143,6 +143,10 @@ public func channelSessionUser(_ consumer: @escaping Consumer) -> Consumer {
 /// `channel_session_user_from_http`: for a socket's connect. Reads the user from the HTTP
 /// session (cookie or `?session_key=`) and copies it into the channel session, so every later
 /// message of the socket (wrapped in `channelSessionUser`) knows the user.
+///
+/// A logged-in socket's reply channel is added to its HTTP session's socket list (the newest
+/// 64) before the consumer runs, so a ``ConsumerContext/logout()`` closes every socket whose
+/// handshake had completed, also those opened at the same moment.
 public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consumer {
     httpSessionUser(
         channelSession { context in
@@ -156,9 +160,13 @@ public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consum
             if context.user.isAuthenticated, let reply = context.message.replyChannel,
                 let http = context.loadedHTTPSession, http.key != nil
             {
-                var sockets = http[AuthSessionKey.sockets]?.arrayValue ?? []
-                sockets.append(.string(reply))
-                http[AuthSessionKey.sockets] = .array(sockets.suffix(AuthSessionKey.maxSockets))
+                // An append, not a set: two sockets opened at once both stay listed (a set
+                // re-applied after a lost save race would drop the other's reply channel, and
+                // logout would leave that socket open).
+                // Saved before the consumer can accept: a socket whose handshake completed is
+                // on the list a logout closes, however soon the logout follows.
+                http.append(.string(reply), to: AuthSessionKey.sockets, keepingLast: AuthSessionKey.maxSockets)
+                try await http.save()
             }
             try await consumer(context)
         })

@@ -105,8 +105,16 @@ public final class Session: Sendable {
         var base: [String: ASGIValue] = [:]
         var snapshot: [UInt8]?
         var changes: OrderedDictionary<String, ASGIValue?> = [:]
+        /// Items appended to list values: re-applied on top of whatever a lost race brings.
+        var appends: [Append] = []
         var cleared = false
         var retiredKeys: [String] = []
+    }
+
+    private struct Append {
+        var key: String
+        var item: ASGIValue
+        var keepingLast: Int
     }
 
     /// Where this session is loaded from and saved to.
@@ -166,7 +174,9 @@ public final class Session: Sendable {
     public var key: String? { state.withLock { $0.key } }
 
     /// True when something was set or removed since the last save.
-    public var isModified: Bool { state.withLock { !$0.changes.isEmpty || $0.cleared || !$0.retiredKeys.isEmpty } }
+    public var isModified: Bool {
+        state.withLock { !$0.changes.isEmpty || !$0.appends.isEmpty || $0.cleared || !$0.retiredKeys.isEmpty }
+    }
 
     /// True when the session holds no data.
     public var isEmpty: Bool { data.isEmpty }
@@ -180,6 +190,11 @@ public final class Session: Sendable {
     private static func view(_ state: State) -> [String: ASGIValue] {
         var result = state.cleared ? [:] : state.base
         for (key, value) in state.changes { result[key] = value }
+        for append in state.appends {
+            var list = result[append.key]?.arrayValue ?? []
+            list.append(append.item)
+            result[append.key] = .array(Array(list.suffix(append.keepingLast)))
+        }
         return result
     }
 
@@ -195,11 +210,25 @@ public final class Session: Sendable {
         }
     }
 
+    /// Appends `item` to the list under `key` (a missing or non-list value starts a new list),
+    /// keeping its last `keepingLast` items. Unlike setting the whole list, an append survives
+    /// a concurrent writer: when the save loses a race it is applied again on top of what the
+    /// other one stored, so two consumers that each append both keep their item. An append
+    /// alone never re-creates a session someone deleted meanwhile.
+    public func append(_ item: ASGIValue, to key: String, keepingLast: Int = .max) {
+        let created = state.withLock { state -> String? in
+            state.appends.append(Append(key: key, item: item, keepingLast: max(1, keepingLast)))
+            return Self.ensureKey(&state)
+        }
+        if let created { onNewKey?(created) }
+    }
+
     /// Removes every value (logout does this).
     public func removeAll() {
         state.withLock {
             $0.cleared = true
             $0.changes = [:]
+            $0.appends = []
         }
     }
 
@@ -211,7 +240,10 @@ public final class Session: Sendable {
             let fresh = Self.newKey()
             state.key = fresh
             // The new key starts empty in the store: write everything, not only the changes.
-            for (key, value) in Self.view(state) where state.changes[key] == nil { state.changes[key] = .some(value) }
+            for (key, value) in Self.view(state) where state.changes[key] == nil || state.appends.contains(where: { $0.key == key }) {
+                state.changes[key] = .some(value)
+            }
+            state.appends = []
             state.snapshot = nil
             return fresh
         }
@@ -248,6 +280,7 @@ public final class Session: Sendable {
                     state.base = Self.view(state)
                     state.snapshot = data
                     state.changes = [:]
+                    state.appends = []
                     state.cleared = false
                     state.retiredKeys = []
                 }
@@ -256,7 +289,12 @@ public final class Session: Sendable {
             }
             if attempt < settings.saveAttempts {
                 try await reload(from: key)
-                if !recreate && !isStored { return }
+                // Appending to a list of a session someone deleted meanwhile does not bring it back.
+                let onlyAppends = state.withLock { $0.changes.isEmpty && !$0.cleared && $0.retiredKeys.isEmpty }
+                if (!recreate || onlyAppends) && !isStored {
+                    state.withLock { $0.appends = [] }
+                    return
+                }
             }
         }
         throw SessionError(
