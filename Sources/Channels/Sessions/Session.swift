@@ -270,7 +270,11 @@ public final class Session: Sendable {
         guard isModified else { return }
         let (key, retired) = state.withLock { ($0.key, $0.retiredKeys) }
         guard let key else { return }
-        for attempt in 1...max(1, settings.saveAttempts) {
+        // Every lost race is another writer's win, so a save whose only changes are appends
+        // (a socket listing itself; many may race at once) tries until it lands, within bounds.
+        let onlyAppends = state.withLock { $0.changes.isEmpty && !$0.cleared && $0.retiredKeys.isEmpty }
+        let attempts = onlyAppends ? max(settings.saveAttempts, Self.appendSaveAttempts) : max(1, settings.saveAttempts)
+        for attempt in 1...attempts {
             let (data, expected) = state.withLock { state -> ([UInt8], [UInt8]?) in
                 let plain = Self.encode(Self.view(state))
                 return (settings.cipher?.seal(plain) ?? plain, state.snapshot)
@@ -287,10 +291,9 @@ public final class Session: Sendable {
                 for old in retired where old != key { try await store.delete(Self.storageKey(old)) }
                 return
             }
-            if attempt < settings.saveAttempts {
+            if attempt < attempts {
                 try await reload(from: key)
                 // Appending to a list of a session someone deleted meanwhile does not bring it back.
-                let onlyAppends = state.withLock { $0.changes.isEmpty && !$0.cleared && $0.retiredKeys.isEmpty }
                 if (!recreate || onlyAppends) && !isStored {
                     state.withLock { $0.appends = [] }
                     return
@@ -299,8 +302,11 @@ public final class Session: Sendable {
         }
         throw SessionError(
             .saveConflict,
-            "session \(Self.storageKey(key).prefix(12)) could not be saved: \(settings.saveAttempts) concurrent writers won every race")
+            "session \(Self.storageKey(key).prefix(12)) could not be saved: \(attempts) concurrent writers won every race")
     }
+
+    /// Tries of a save that only appends (``append(_:to:keepingLast:)``).
+    static let appendSaveAttempts = 256
 
     /// Deletes the stored session and forgets its data.
     public func delete() async throws {
