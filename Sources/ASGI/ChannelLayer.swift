@@ -273,6 +273,21 @@ extension ChannelLayer {
     }
 }
 
+/// A layer that can say how many messages a channel may hold (its capacity table).
+public protocol ChannelLayerCapacities: ChannelLayer {
+    /// The capacity a send to `channel` is held to.
+    func capacity(for channel: String) -> Int
+}
+
+extension ChannelLayer {
+    /// The capacity of `channel` in this layer (or the layer it wraps); nil when it cannot say.
+    public func configuredCapacity(for channel: String) -> Int? {
+        if let layer = self as? any ChannelLayerCapacities { return layer.capacity(for: channel) }
+        if let wrapper = self as? any ForwardingChannelLayer { return wrapper.base.configuredCapacity(for: channel) }
+        return nil
+    }
+}
+
 /// What an operator's tools (`stats`, the operations page) may ask a layer beyond ASGI: which
 /// channels hold messages and which groups exist. Layers that can answer adopt it; tools ask
 /// with `layer as? any ChannelLayerInspection` and show less when a layer cannot.

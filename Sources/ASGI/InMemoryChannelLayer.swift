@@ -8,7 +8,7 @@ import Synchronization
 /// channels, statistics) so that an application can run with no services at all, and so
 /// the upper layers can be tested without a server. A blocking ``receive(channels:timeout:)``
 /// parks a continuation that a ``send(_:to:)`` resumes directly; nothing polls.
-public final class InMemoryChannelLayer: ChannelLayerInspection {
+public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCapacities {
     /// Expiry, capacity and size limits.
     public struct Configuration: Sendable {
         /// How long a message waits before it is dropped.
@@ -121,6 +121,9 @@ public final class InMemoryChannelLayer: ChannelLayerInspection {
     /// Its expiry, capacity and size limits.
     public let configuration: Configuration
     private let capacities: CapacityTable
+
+    /// The capacity a send to `channel` is held to.
+    public func capacity(for channel: String) -> Int { capacities.capacity(for: channel) }
     let state = Mutex(State())
     /// Group histories (see ``ChannelLayerHistory``), apart from the queues' lock.
     let histories = Mutex(InMemoryHistories())

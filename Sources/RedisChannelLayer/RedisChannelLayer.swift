@@ -14,12 +14,15 @@ import Synchronization
 /// loops, with hiredis parsing the replies: every ordinary command and script of every task
 /// goes through a pipelined connection per server and event loop (the caller's), and only
 /// receives that wait in `BLPOP` hold a connection of their own.
-public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundling {
+public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundling, ChannelLayerCapacities {
     /// The URLs, prefix, expiry and limits it runs with.
     public let configuration: RedisChannelLayerConfiguration
     let logger: Logger
     let shards: [RedisConnectionPool]
     let capacities: CapacityTable
+
+    /// The capacity a send to `channel` is held to.
+    public func capacity(for channel: String) -> Int { capacities.capacity(for: channel) }
     /// The channel-capacity patterns as the group-send script takes them (count, then pattern, capacity pairs).
     let luaCapacityArgs: [RedisArgument]
     let sendCursor = Atomic<Int>(0)

@@ -88,6 +88,47 @@ struct OrderingTests {
         #expect(replies == [["accept": true], ["text": "1"], ["text": "2"], ["text": "3"]])
     }
 
+    /// An early message waits once, on its own order's channel, and is taken only when its
+    /// turn comes: a turn that ends while later messages still wait for an earlier one leaves
+    /// them where they are (the shared wait channel took them all and put them back each time:
+    /// with two workers on a burst, most of the layer's traffic).
+    @Test func anEarlyMessageIsParkedOnceAndTakenOnItsTurn() async throws {
+        let log = Log()
+        let harness = try TestHarness(Self.routing(log: log))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        try await harness.send(message(reply, order: 4), to: "websocket.receive")
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        #expect(await log.entries == ["0", "1"], "3 and 4 wait for 2")
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        #expect(await log.entries == ["0", "1", "2", "3", "4"])
+        let parks = harness.layer.sent.filter {
+            if case .channel(let name) = $0.to { return name.hasPrefix(CapacityTable.waitChannelPrefix) }
+            return false
+        }
+        #expect(parks.count == 2, "3 and 4 parked once each, never taken and put back: \(parks.count) sends to wait channels")
+    }
+
+    /// A message that never arrives (order 1 lost): once the order has stood still for the gap
+    /// timeout, the messages waiting after it run, in order, and the skip is counted.
+    @Test func aLostMessageIsSkippedAfterTheGapTimeout() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        #expect(await log.entries == ["0"])
+        let deadline = ContinuousClock.now + .seconds(20)
+        while await log.entries.count < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(await log.entries == ["0", "2", "3"], "2 and 3 ran in order after the gap timeout")
+        #expect(harness.environment.orderingGaps.skipped == 1)
+        try await harness.send(message(reply, order: 4), to: "websocket.receive")
+        #expect(await log.entries == ["0", "2", "3", "4"])
+    }
+
     @Test func slightOnlyWaitsForTheConnect() async throws {
         let log = Log()
         let harness = try TestHarness(Self.routing(log: log, slight: true))

@@ -25,6 +25,21 @@ struct OrderingGate {
         CapacityTable.waitChannelPrefix + Session.storageKey("wait:" + (session.key ?? "")).prefix(40)
     }
 
+    /// Where a message of `order` waits: a channel of its own per order (`<wait channel>.<order>`),
+    /// so the turn that comes takes exactly the message that is due and never takes, and puts
+    /// back, the ones still early (with two workers taking a burst of one socket's messages,
+    /// that churn cost more than the messages themselves). `slight` ordering waits only for
+    /// the connect, and every message then runs at once: one channel for all of them.
+    private func parkingChannel(for order: Int64) -> String {
+        slight ? waitChannel : waitChannel + "." + String(order)
+    }
+
+    /// How far ahead of its turn a message may be and still wait: the wait channels' capacity
+    /// (a socket cannot have more messages waiting than that).
+    private var parkingLimit: Int64 {
+        Int64(context.layer.configuredCapacity(for: waitChannel) ?? CapacityTable.waitChannelCapacity(defaultCapacity: 100))
+    }
+
     private func isDue(next: Int64) -> Bool { slight ? (order == 0 || next >= 1) : order == next }
 
     /// - Parameter waitFull: what to do when the message cannot be parked (the wait channel stayed full).
@@ -35,6 +50,10 @@ struct OrderingGate {
                 context.logger.warning(
                     "dropped a message older than the next order",
                     metadata: ["channel": "\(context.channel)", "order": "\(order)", "next": "\(next)"])
+                return
+            }
+            if !slight && order - next >= parkingLimit {
+                try await waitFull()
                 return
             }
             do {
@@ -85,7 +104,7 @@ struct OrderingGate {
 
     private func park() async throws {
         let parked = ParkedMessage(channel: context.channel, content: context.message, order: order)
-        try await context.send(parked.message, to: waitChannel, immediately: true)
+        try await context.send(parked.message, to: parkingChannel(for: order), immediately: true)
     }
 
     private var gaps: OrderingGaps { context.environment.orderingGaps }
@@ -102,7 +121,11 @@ struct OrderingGate {
             } else {
                 await drain()
             }
-            guard let pending = try? await context.layer.channelStatistics(waitChannel).messagesPending, pending > 0 else { return }
+            // Still waiting messages (taken to look, and put back): watch on.
+            guard let now = try? await storedNext() else { return }
+            let waiting = await takeWaiting(after: now)
+            if waiting.isEmpty { return }
+            await parkAgain(waiting)
         }
     }
 
@@ -141,78 +164,108 @@ struct OrderingGate {
         }
     }
 
-    /// Takes every parked message and runs, in order, those whose turn has come; puts the
-    /// others back. Repeats while that made progress or the order moved meanwhile.
+    /// Runs the parked messages whose turn has come, in order: the one of the next order, then
+    /// the one after it, while each is there. With `skippingGapFrom`, when the order is still
+    /// there and its message never came, moves past the gap to the first message waiting.
     private func drain(skippingGapFrom gap: Int64? = nil) async {
-        var gap = gap
         guard Self.draining != waitChannel else { return }
         await Self.$draining.withValue(waitChannel) {
-            while true {
-                let parked: [ReceivedMessage]
-                do {
-                    parked = try await context.layer.receiveBatch(channels: [waitChannel], max: 1024, timeout: .zero)
-                } catch {
-                    context.logger.error("could not read the wait channel", metadata: ["error": "\(error)"])
-                    return
-                }
-                if parked.isEmpty { return }
-                var entries: [ParkedMessage] = []
-                for received in parked {
-                    guard let entry = ParkedMessage(received.message) else {
-                        ChannelsMetrics.dropped[.malformed]?.increment()
-                        context.logger.warning(
-                            "dropped a malformed parked message (counted in channels_dropped_total{reason=\"malformed\"})",
-                            metadata: ["wait_channel": "\(waitChannel)", "keys": "\(received.message.fieldNames)"])
-                        continue
-                    }
-                    entries.append(entry)
-                }
-                entries.sort { $0.order < $1.order }
-                var progressed = false
-                var next: Int64
-                do { next = try await storedNext() } catch { next = -1 }
-                var index = 0
-                while index < entries.count, next >= 0,
-                    slight ? (entries[index].order == 0 || next >= 1) : entries[index].order <= next
-                {
-                    let entry = entries[index]
-                    index += 1
-                    await run(entry.content, on: entry.channel)
-                    progressed = true
-                    do { next = try await storedNext() } catch { next = -1 }
-                }
-                if !progressed, let from = gap, index < entries.count, from == next, entries[index].order > next {
-                    gap = nil
-                    if await skipGap(from: from, to: entries[index].order) {
-                        next = entries[index].order
-                        while index < entries.count, entries[index].order <= next {
-                            let entry = entries[index]
-                            index += 1
-                            await run(entry.content, on: entry.channel)
-                            progressed = true
-                            do { next = try await storedNext() } catch { next = -1 }
-                        }
-                    }
-                }
-                let before = next
-                for entry in entries[index...] {
-                    do {
-                        try await retrying(for: context.environment.sendRetry) {
-                            try await context.layer.send(entry.message, to: waitChannel)
-                        }
-                    } catch {
-                        context.logger.error(
-                            "could not park a message again; it is lost",
-                            metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
-                    }
-                }
-                if index == entries.count && !progressed { return }
-                if !progressed {
-                    // Put back before this read: a turn that ends after it drains them itself.
-                    let now = (try? await storedNext()) ?? before
-                    if now == before { return }
-                }
+            if slight {
+                await drainAll()
+                return
             }
+            var gap = gap
+            guard var next = try? await storedNext() else { return }
+            while true {
+                var entries = await take([parkingChannel(for: next)])
+                if entries.isEmpty, let from = gap, from == next {
+                    // The due message never came: the first one waiting after it, if any, runs now.
+                    gap = nil
+                    let waiting = await takeWaiting(after: next)
+                    guard let first = waiting.first else { return }
+                    if await skipGap(from: from, to: first.order) {
+                        entries = waiting.filter { $0.order == first.order }
+                        await parkAgain(waiting.filter { $0.order != first.order })
+                    } else {
+                        await parkAgain(waiting)
+                    }
+                }
+                if entries.isEmpty {
+                    // Nothing waits for this order. The order may have moved meanwhile (a turn
+                    // that ended after this look drains itself, but not if it saw us draining).
+                    guard let now = try? await storedNext(), now != next else { return }
+                    next = now
+                    continue
+                }
+                for entry in entries { await run(entry.content, on: entry.channel) }
+                guard let now = try? await storedNext() else { return }
+                next = now
+            }
+        }
+    }
+
+    /// Takes what waits on `channels` (nothing when the layer fails: logged), in order.
+    private func take(_ channels: [String]) async -> [ParkedMessage] {
+        let taken: [ReceivedMessage]
+        do {
+            taken = try await context.layer.receiveBatch(channels: channels, max: 1024, timeout: .zero)
+        } catch {
+            context.logger.error("could not read the wait channel", metadata: ["error": "\(error)"])
+            return []
+        }
+        var entries: [ParkedMessage] = []
+        for received in taken {
+            guard let entry = ParkedMessage(received.message) else {
+                ChannelsMetrics.dropped[.malformed]?.increment()
+                context.logger.warning(
+                    "dropped a malformed parked message (counted in channels_dropped_total{reason=\"malformed\"})",
+                    metadata: ["wait_channel": "\(received.channel)", "keys": "\(received.message.fieldNames)"])
+                continue
+            }
+            entries.append(entry)
+        }
+        return entries.sorted { $0.order < $1.order }
+    }
+
+    /// Takes the messages waiting after `next`: those of the first orders past it that have any
+    /// (looked for 128 orders at a time, as far as a message may wait ahead), and any on the
+    /// socket's one shared wait channel (where earlier versions parked every message).
+    private func takeWaiting(after next: Int64) async -> [ParkedMessage] {
+        var start = next + 1
+        var shared: [String] = [waitChannel]
+        while start <= next + parkingLimit {
+            let end = min(start + 128, next + parkingLimit + 1)
+            let found = await take(shared + (start..<end).map(parkingChannel(for:)))
+            if !found.isEmpty { return found }
+            shared = []
+            start = end
+        }
+        return []
+    }
+
+    /// Parks taken messages again, each on its order's channel.
+    private func parkAgain(_ entries: [ParkedMessage]) async {
+        for entry in entries {
+            do {
+                try await retrying(for: context.environment.sendRetry) {
+                    try await context.layer.send(entry.message, to: parkingChannel(for: entry.order))
+                }
+            } catch {
+                context.logger.error(
+                    "could not park a message again; it is lost",
+                    metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
+            }
+        }
+    }
+
+    /// `slight` ordering: every parked message is due once the connect ran; takes them all and
+    /// runs them, while more come.
+    private func drainAll() async {
+        while true {
+            guard let next = try? await storedNext(), next >= 1 else { return }
+            let entries = await take([waitChannel])
+            if entries.isEmpty { return }
+            for entry in entries { await run(entry.content, on: entry.channel) }
         }
     }
 
