@@ -69,9 +69,9 @@ struct OrderingGate {
             // due message is lost: skip it.
             let (stored, _) = try await storedState()
             if isDue(next: stored) {
-                await drain()
+                await drain(from: stored)
             } else if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
-                await drain(skippingGapFrom: stored)
+                await drain(from: stored, skippingGapFrom: stored)
             } else if context.environment.orderingGaps.watch(waitChannel) {
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
                 let gate = self
@@ -94,12 +94,12 @@ struct OrderingGate {
 
     /// Records that `order` was handled, saves, then runs what became due.
     private func advance() async throws {
-        let next = session[Self.nextOrderKey]?.intValue ?? 0
-        if order + 1 > next { session[Self.nextOrderKey] = .int(order + 1) }
+        let next = max(session[Self.nextOrderKey]?.intValue ?? 0, order + 1)
+        session[Self.nextOrderKey] = .int(next)
         session[Self.movedAtKey] = .int(Self.nowMillis())
         // Saved before the wait channel is drained, so what runs next sees the new order.
         try await session.save()
-        await drain()
+        await drain(from: session[Self.nextOrderKey]?.intValue ?? next)
     }
 
     private func park() async throws {
@@ -117,9 +117,9 @@ struct OrderingGate {
             try? await Task.sleep(for: context.environment.orderingGapTimeout + .milliseconds(100))
             guard let (stored, _) = try? await storedState() else { return }
             if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
-                await drain(skippingGapFrom: stored)
+                await drain(from: stored, skippingGapFrom: stored)
             } else {
-                await drain()
+                await drain(from: stored)
             }
             // Still waiting messages (taken to look, and put back): watch on.
             guard let now = try? await storedNext() else { return }
@@ -167,7 +167,9 @@ struct OrderingGate {
     /// Runs the parked messages whose turn has come, in order: the one of the next order, then
     /// the one after it, while each is there. With `skippingGapFrom`, when the order is still
     /// there and its message never came, moves past the gap to the first message waiting.
-    private func drain(skippingGapFrom gap: Int64? = nil) async {
+    ///
+    /// - Parameter known: the next order, when the caller just read or saved it.
+    private func drain(from known: Int64? = nil, skippingGapFrom gap: Int64? = nil) async {
         guard Self.draining != waitChannel else { return }
         await Self.$draining.withValue(waitChannel) {
             if slight {
@@ -175,7 +177,13 @@ struct OrderingGate {
                 return
             }
             var gap = gap
-            guard var next = try? await storedNext() else { return }
+            var next: Int64
+            if let known {
+                next = known
+            } else {
+                guard let stored = try? await storedNext() else { return }
+                next = stored
+            }
             while true {
                 var entries = await take([parkingChannel(for: next)])
                 if entries.isEmpty, let from = gap, from == next {
@@ -190,16 +198,13 @@ struct OrderingGate {
                         await parkAgain(waiting)
                     }
                 }
-                if entries.isEmpty {
-                    // Nothing waits for this order. The order may have moved meanwhile (a turn
-                    // that ended after this look drains itself, but not if it saw us draining).
-                    guard let now = try? await storedNext(), now != next else { return }
-                    next = now
-                    continue
-                }
+                // Nothing waits for this order: its message is still on its way (whoever parks
+                // it looks at the order afterwards and runs it if its turn has come), running
+                // elsewhere, or lost (the gap watch skips it).
+                guard let last = entries.last else { return }
                 for entry in entries { await run(entry.content, on: entry.channel) }
-                guard let now = try? await storedNext() else { return }
-                next = now
+                // Each run saved the order after it (its own drain was left to this loop).
+                next = last.order + 1
             }
         }
     }
