@@ -115,6 +115,16 @@ public struct CapacityTable: Sendable {
 
     /// Prefix of the wait channels where ordering parks a socket's early messages.
     public static let waitChannelPrefix = "__wait__."
+    /// The name a wait channel's statistics are counted under: ordering parks each message on
+    /// `<wait channel>.<order>`, and one socket's counters stay one pair of keys, not a pair
+    /// per order it ever parked.
+    public static func statisticsName(_ name: String) -> String {
+        guard name.hasPrefix(waitChannelPrefix),
+            let dot = name.utf8.dropFirst(waitChannelPrefix.utf8.count).firstIndex(of: UInt8(ascii: "."))
+        else { return name }
+        return String(name[..<dot])
+    }
+
     /// The pattern of the wait channels' entry every table ends with.
     public static let waitChannelPattern = waitChannelPrefix + "*"
 

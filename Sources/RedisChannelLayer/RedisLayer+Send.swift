@@ -25,10 +25,11 @@ extension RedisChannelLayer {
             }
             let shard = sendShard(for: channel)
             let prefix = configuration.prefix, stats = configuration.statsPrefix
+            let statsName = CapacityTable.statisticsName(listName)
             let keys: [RedisArgument] = [
                 .uuidKey(prefix: prefix), .key(prefix, listName),
-                .key(stats, listName, ":messages_count"), .key(stats, "#global#", ":messages_count"),
-                .key(stats, listName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
+                .key(stats, statsName, ":messages_count"), .key(stats, "#global#", ":messages_count"),
+                .key(stats, statsName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
             ]
             let args: [RedisArgument] = [
                 .bytes(body), .integer(configuration.expirySeconds), .integer(capacities.capacity(for: channel)),

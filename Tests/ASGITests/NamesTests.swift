@@ -83,6 +83,10 @@ struct NamesTests {
         #expect(CapacityTable(defaultCapacity: 500).capacity(for: "__wait__.abc") == 5000)
         #expect(CapacityTable(defaultCapacity: 100, patterns: [("__wait__.*", 20)]).capacity(for: "__wait__.abc") == 20)
         #expect(table.capacity(for: "__wait__.abc") == 50, "the catch-all '*' comes first")
+        // A socket's per-order wait channels count their statistics under its one wait channel.
+        #expect(CapacityTable.statisticsName("__wait__.abc.17") == "__wait__.abc")
+        #expect(CapacityTable.statisticsName("__wait__.abc") == "__wait__.abc")
+        #expect(CapacityTable.statisticsName("chat.messages") == "chat.messages")
     }
 
     @Test func typedAccessors() throws {

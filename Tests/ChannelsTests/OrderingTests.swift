@@ -176,6 +176,27 @@ struct OrderingTests {
         #expect(await log.entries == ["0"])
     }
 
+    /// A socket that floods past the wait channels' capacity is closed (1013), but its
+    /// disconnect is never refused: it waits (on the shared channel, where the gap watch looks
+    /// first) and runs once the gap timeout passed, so the socket's cleanup (its groups, its
+    /// session) is not lost with the refused frames.
+    @Test func aFloodingSocketsDisconnectStillRuns() async throws {
+        let log = Log()
+        let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("__wait__.*", 2)]))
+        let harness = try TestHarness(
+            Self.routing(log: log), layer: layer, environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let socket = WebSocketTestClient(harness, path: "/")
+        #expect(try await socket.connect())
+        try await socket.enqueue(text: "x", order: 5)
+        try await harness.runPending()
+        #expect(try await socket.receive() == ["close": 1013])
+        try await harness.send(
+            ["reply_channel": .string(socket.replyChannel ?? ""), "path": "/", "order": 6, "code": 1013], to: "websocket.disconnect")
+        let deadline = ContinuousClock.now + .seconds(20)
+        while await log.entries.count < 2, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(await log.entries == ["0", "disconnect 6"], "the disconnect ran after the gap timeout")
+    }
+
     @Test func twoWorkersOnRedisProcessMessagesInOrder() async throws {
         let prefix = "t" + ChannelNames.randomLetters(8) + ":"
         let sessionPrefix = String(prefix.dropLast()) + "-session:"

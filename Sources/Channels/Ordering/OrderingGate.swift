@@ -34,6 +34,13 @@ struct OrderingGate {
         slight ? waitChannel : waitChannel + "." + String(order)
     }
 
+    /// Where a message of `order` parks while the order stands at `next`: its order's channel,
+    /// or, further ahead than a message may wait (only a disconnect is let through that far),
+    /// the shared channel, where the gap watch's first look finds it.
+    private func parkingChannel(for order: Int64, next: Int64) -> String {
+        !slight && order - next >= parkingLimit ? waitChannel : parkingChannel(for: order)
+    }
+
     /// How far ahead of its turn a message may be and still wait: the wait channels' capacity
     /// (a socket cannot have more messages waiting than that).
     private var parkingLimit: Int64 {
@@ -52,12 +59,14 @@ struct OrderingGate {
                     metadata: ["channel": "\(context.channel)", "order": "\(order)", "next": "\(next)"])
                 return
             }
-            if !slight && order - next >= parkingLimit {
+            // A disconnect always waits: refused, the socket's cleanup (its groups, its
+            // session) would never run.
+            if !slight && order - next >= parkingLimit && context.channel != ASGIChannel.websocketDisconnect {
                 try await waitFull()
                 return
             }
             do {
-                try await park()
+                try await park(next: next)
                 context.extras.withLock { $0.parked = true }
             } catch let error as ChannelLayerError where error.code == .channelFull {
                 try await waitFull()
@@ -74,8 +83,9 @@ struct OrderingGate {
                 await drain(from: stored, skippingGapFrom: stored)
             } else if context.environment.orderingGaps.watch(waitChannel) {
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
+                // Detached: a watch started inside a drain must not inherit its `draining` mark.
                 let gate = self
-                Task { await gate.watchGap() }
+                Task.detached { await gate.watchGap() }
             }
             return
         }
@@ -102,9 +112,9 @@ struct OrderingGate {
         await drain(from: session[Self.nextOrderKey]?.intValue ?? next)
     }
 
-    private func park() async throws {
+    private func park(next: Int64) async throws {
         let parked = ParkedMessage(channel: context.channel, content: context.message, order: order)
-        try await context.send(parked.message, to: parkingChannel(for: order), immediately: true)
+        try await context.send(parked.message, to: parkingChannel(for: order, next: next), immediately: true)
     }
 
     private var gaps: OrderingGaps { context.environment.orderingGaps }
@@ -121,11 +131,20 @@ struct OrderingGate {
             } else {
                 await drain(from: stored)
             }
-            // Still waiting messages (taken to look, and put back): watch on.
+            if slight {
+                guard let pending = try? await context.layer.channelStatistics(waitChannel).messagesPending, pending > 0 else {
+                    return
+                }
+                continue
+            }
+            // Still waiting messages (taken to look, and put back): watch on. A turn that ended
+            // while they were out found nothing to run: look at the order again once they are
+            // back, as a parker does, and run what is due.
             guard let now = try? await storedNext() else { return }
             let waiting = await takeWaiting(after: now)
             if waiting.isEmpty { return }
             await parkAgain(waiting)
+            if let after = try? await storedNext() { await drain(from: after) }
         }
     }
 
@@ -149,7 +168,9 @@ struct OrderingGate {
             let stored = try await Session.load(
                 key: key, store: context.environment.sessionStore,
                 settings: context.environment.sessionConfiguration, ttl: session.ttl, log: .consumer(context))
-            guard (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
+            // No session may mean its connect was lost: the skip starts one, so what waits
+            // (the socket's disconnect, with its cleanup, among it) still runs.
+            guard to > from, (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())
             try await stored.save()
@@ -173,7 +194,7 @@ struct OrderingGate {
         guard Self.draining != waitChannel else { return }
         await Self.$draining.withValue(waitChannel) {
             if slight {
-                await drainAll()
+                await drainAll(skippingGapFrom: gap)
                 return
             }
             var gap = gap
@@ -193,9 +214,14 @@ struct OrderingGate {
                     guard let first = waiting.first else { return }
                     if await skipGap(from: from, to: first.order) {
                         entries = waiting.filter { $0.order == first.order }
-                        await parkAgain(waiting.filter { $0.order != first.order })
+                        await parkAgain(waiting.filter { $0.order != first.order }, next: first.order)
                     } else {
-                        await parkAgain(waiting)
+                        // Another turn moved the order meanwhile (and may have found these out):
+                        // put them back and go on from the order as it stands.
+                        await parkAgain(waiting, next: next)
+                        guard let now = try? await storedNext() else { return }
+                        next = now
+                        continue
                     }
                 }
                 // Nothing waits for this order: its message is still on its way (whoever parks
@@ -204,6 +230,7 @@ struct OrderingGate {
                 guard let last = entries.last else { return }
                 for entry in entries { await run(entry.content, on: entry.channel) }
                 // Each run saved the order after it (its own drain was left to this loop).
+                guard last.order < Int64.max else { return }
                 next = last.order + 1
             }
         }
@@ -236,24 +263,43 @@ struct OrderingGate {
     /// (looked for 128 orders at a time, as far as a message may wait ahead), and any on the
     /// socket's one shared wait channel (where earlier versions parked every message).
     private func takeWaiting(after next: Int64) async -> [ParkedMessage] {
+        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
+        let last = overflow ? Int64.max - 1 : limit
         var start = next + 1
         var shared: [String] = [waitChannel]
-        while start <= next + parkingLimit {
-            let end = min(start + 128, next + parkingLimit + 1)
+        while start <= last {
+            let end = min(start + 128, last + 1)
             let found = await take(shared + (start..<end).map(parkingChannel(for:)))
-            if !found.isEmpty { return found }
+            // What waited on the shared channel may be older than the order (a message parked
+            // by an earlier version and run since); those are dropped as the gate drops them.
+            let after = found.filter { $0.order > next }
+            dropOlder(found.filter { $0.order <= next }, next: next)
+            if !after.isEmpty { return after }
             shared = []
             start = end
         }
         return []
     }
 
-    /// Parks taken messages again, each on its order's channel.
-    private func parkAgain(_ entries: [ParkedMessage]) async {
+    /// Drops, with a log line each, taken messages whose turn has passed (another turn skipped
+    /// past them while they were out).
+    private func dropOlder(_ entries: [ParkedMessage], next: Int64) {
         for entry in entries {
+            context.logger.warning(
+                "dropped a message older than the next order",
+                metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "next": "\(next)"])
+        }
+    }
+
+    /// Parks taken messages again, each on its order's channel; those whose turn has passed
+    /// (older than `next`) are dropped with a log line instead of waiting until they expire.
+    private func parkAgain(_ entries: [ParkedMessage], next: Int64? = nil) async {
+        let current: Int64? = if let next { next } else { try? await storedNext() }
+        if let current { dropOlder(entries.filter { $0.order < current }, next: current) }
+        for entry in entries where current.map({ entry.order >= $0 }) ?? true {
             do {
                 try await retrying(for: context.environment.sendRetry) {
-                    try await context.layer.send(entry.message, to: parkingChannel(for: entry.order))
+                    try await context.layer.send(entry.message, to: parkingChannel(for: entry.order, next: current ?? entry.order))
                 }
             } catch {
                 context.logger.error(
@@ -265,7 +311,11 @@ struct OrderingGate {
 
     /// `slight` ordering: every parked message is due once the connect ran; takes them all and
     /// runs them, while more come.
-    private func drainAll() async {
+    private func drainAll(skippingGapFrom gap: Int64?) async {
+        // A connect that never came: once the gap timeout passed, the receives run without it.
+        if gap == 0, (try? await storedNext()) == 0 {
+            _ = await skipGap(from: 0, to: 1)
+        }
         while true {
             guard let next = try? await storedNext(), next >= 1 else { return }
             let entries = await take([waitChannel])
