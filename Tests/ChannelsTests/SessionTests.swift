@@ -326,6 +326,41 @@ struct SessionTests {
         #expect(read["list"] == .array(["a"]))
     }
 
+    /// Logout's read-and-delete: an append that lands before it is in what it returns; one that
+    /// comes after (or finds the deletion mark) is dropped and its save says so (false), so the
+    /// socket knows it is not signed in.
+    @Test(arguments: StoreKind.allCases)
+    func deleteReturningDataSeesEveryAppendBeforeIt(_ kind: StoreKind) async throws {
+        let store = try store(kind)
+        let key = "logout" + ChannelNames.randomLetters(8)
+        let owner = Session(key: key, store: store, settings: .init())
+        owner["user"] = "alice"
+        owner.append("a", to: "sockets")
+        try await owner.save()
+        let before = try await Session.load(key: key, store: store, settings: .init())
+        let after = try await Session.load(key: key, store: store, settings: .init())
+        let logout = try await Session.load(key: key, store: store, settings: .init())
+        before.append("b", to: "sockets")
+        #expect(try await before.save(), "an append before the logout lands")
+        let final = try await logout.deleteReturningData()
+        #expect(final["sockets"] == .array(["a", "b"]), "the logout reads the list as it was deleted: \(final)")
+        after.append("c", to: "sockets")
+        #expect(try await after.save() == false, "an append after the logout is dropped, and says so")
+        #expect(try await store.load(Session.storageKey(key)) == nil, "nothing brought the session back")
+        // A save that finds the deletion mark (the moment between the read and the delete).
+        let marked = "marked" + ChannelNames.randomLetters(8)
+        let plain = Session(key: marked, store: store, settings: .init())
+        plain["user"] = "bob"
+        try await plain.save()
+        let late = try await Session.load(key: marked, store: store, settings: .init())
+        let mark = Session.encode([Session.deletedMark: true])
+        let raw = try #require(try await store.load(Session.storageKey(marked)))
+        #expect(try await store.store(Session.storageKey(marked), data: mark, expected: raw, ttl: .seconds(60)))
+        late.append("d", to: "sockets")
+        #expect(try await late.save() == false, "the mark reads as deleted")
+        #expect(try await store.load(Session.storageKey(marked)) == mark, "the append did not write over the mark")
+    }
+
     @Test func redisSessionsLiveAsLongAsTheSessionAge() async throws {
         let client = try TestRedis.client()
         let prefix = "t" + ChannelNames.randomLetters(8) + ":session:"

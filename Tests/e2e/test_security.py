@@ -678,6 +678,67 @@ def logout_closes_every_socket_opened_at_the_same_moment():
 
 @test
 @counted
+def a_logout_while_sockets_are_opening_leaves_none_signed_in():
+    """Sockets opening while the logout runs (12 over 0.4 s, the logout at 0.2 s, 6 rounds, a user
+    of its own each, under the login rate limit): each one is either closed by the logout (1008)
+    or was never its user: no socket that connected as the user stays open. (Before: a connect that listed itself just after the logout read the list,
+    or found the session deleted and went on as alice, survived, 5 in 25 rounds.)"""
+    import concurrent.futures
+    import random
+    prefix, layer = layer_for("logoutopening")
+    srv, port, workers = deployment(layer, 2)
+    try:
+        as_alice = survivors = 0
+        for round_ in range(6):
+            user = "opener%d" % round_
+            session, _ = sign_in(port, user, "pw-%s-%d" % (user, PID))
+            token = csrf_token(port, session)
+
+            def opener(_):
+                time.sleep(random.random() * 0.4)
+                try:
+                    ws = ws_open(port, "/chat/opening/", session)
+                except Exception:
+                    return None  # refused: never alice
+                try:
+                    while True:
+                        frame = ws_json(ws)
+                        if frame.get("type") == "history":
+                            return ws, frame.get("user")
+                except (ConnectionClosed, TimeoutError):
+                    return ws, None
+
+            with concurrent.futures.ThreadPoolExecutor(12) as pool:
+                futures = [pool.submit(opener, i) for i in range(12)]
+                time.sleep(0.2)
+                r = post(port, "/api/logout/", "", session=session, token=token, origin=own_origin(port))
+                assert r.status == 200, r
+                opened = [f.result() for f in futures]
+            alice = [ws for ws, name in (o for o in opened if o) if name == user]
+            as_alice += len(alice)
+            for ws in alice:
+                try:
+                    code = wait_closed_by_server(ws, timeout=5)
+                except AssertionError:
+                    code = "open"
+                if code != 1008:
+                    survivors += 1
+            for o in opened:
+                if o:
+                    try:
+                        close_drained(o[0])
+                    except ConnectionClosed:
+                        pass
+        print("   6 rounds x 12 sockets opening across a logout: %d connected as the user, %d of them not closed" % (
+            as_alice, survivors), flush=True)
+        assert as_alice > 0, "no socket connected as its user: the race was not exercised"
+        assert survivors == 0, "%d sockets connected as their user outlived the logout" % survivors
+    finally:
+        stop_all(srv, *workers)
+
+
+@test
+@counted
 def logout_ends_every_socket_however_many_and_however_opened():
     """Sockets opened at once (their connects race on the HTTP session) and more sockets than the
     closing list remembers: after logout none of them is alice any more."""

@@ -91,23 +91,35 @@ extension ConsumerContext {
     /// user at once and the sockets are closed (1008), so a stolen socket does not outlive the logout.
     public func logout() async throws {
         let session = try httpSession
-        let sockets = session[AuthSessionKey.sockets]?.arrayValue?.compactMap(\.stringValue) ?? []
-        try await session.delete()
+        let loaded = session[AuthSessionKey.sockets]?.arrayValue?.compactMap(\.stringValue) ?? []
+        // The list as it stood when the session was deleted: a socket that listed itself while
+        // this request ran is on it; one that tries after finds the session gone.
+        let final = try await session.deleteReturningData()
+        var sockets = final[AuthSessionKey.sockets]?.arrayValue?.compactMap(\.stringValue) ?? []
+        for reply in loaded where !sockets.contains(reply) { sockets.append(reply) }
         setUser(.anonymous)
         let settings = environment.sessionConfiguration
         setCookie(
             cookieHeader(name: settings.cookieName, value: "", maxAge: 0, httpOnly: settings.cookieHTTPOnly),
             name: settings.cookieName)
+        // Each socket on its own: one that fails does not leave the others signed in.
+        var failure: (any Error)?
         for reply in sockets {
-            let socket = try await Session.load(
-                key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
-                store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge)
-            if socket.isStored, socket[AuthSessionKey.userID] != nil {
-                socket[AuthSessionKey.userID] = nil
-                try await socket.save()
+            do {
+                let socket = try await Session.load(
+                    key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
+                    store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge)
+                if socket.isStored, socket[AuthSessionKey.userID] != nil {
+                    socket[AuthSessionKey.userID] = nil
+                    // A socket whose disconnect deleted its session meanwhile stays deleted.
+                    try await socket.save(recreate: false)
+                }
+                try await send(WebSocketSendMessage.close(code: 1008).message, to: reply)
+            } catch {
+                failure = failure ?? error
             }
-            try await send(WebSocketSendMessage.close(code: 1008).message, to: reply)
         }
+        if let failure { throw failure }
     }
 }
 
@@ -166,7 +178,12 @@ public func channelSessionUserFromHTTP(_ consumer: @escaping Consumer) -> Consum
                 // Saved before the consumer can accept: a socket whose handshake completed is
                 // on the list a logout closes, however soon the logout follows.
                 http.append(.string(reply), to: AuthSessionKey.sockets, keepingLast: AuthSessionKey.maxSockets)
-                try await http.save()
+                if try await !http.save() {
+                    // The HTTP session was deleted meanwhile (a logout): the socket is not the user's.
+                    context.setUser(.anonymous)
+                    session[AuthSessionKey.userID] = nil
+                    session[AuthSessionKey.httpSession] = nil
+                }
             }
             try await consumer(context)
         })

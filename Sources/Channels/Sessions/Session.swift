@@ -104,6 +104,8 @@ public final class Session: Sendable {
         var key: String?
         var base: [String: ASGIValue] = [:]
         var snapshot: [UInt8]?
+        /// The stored value is a deletion mark (a delete in progress): the session is gone.
+        var deleted = false
         var changes: OrderedDictionary<String, ASGIValue?> = [:]
         /// Items appended to list values: re-applied on top of whatever a lost race brings.
         var appends: [Append] = []
@@ -164,11 +166,17 @@ public final class Session: Sendable {
                     metadata: ["session": "\(Self.storageKey(key).prefix(12))", "bytes": "\(raw.count)", "error": "\(error)"])
             }
         }
+        let deleted = decoded?[Self.deletedMark] != nil
         state.withLock {
             $0.snapshot = raw
-            $0.base = decoded ?? [:]
+            $0.deleted = deleted
+            $0.base = deleted ? [:] : decoded ?? [:]
         }
     }
+
+    /// What ``deleteReturningData()`` stores for the moment between reading the session and
+    /// deleting it: a save that finds it knows the session is gone.
+    static let deletedMark = "__channels_deleted"
 
     /// The session key, or nil for an HTTP session that has not been created yet.
     public var key: String? { state.withLock { $0.key } }
@@ -182,7 +190,7 @@ public final class Session: Sendable {
     public var isEmpty: Bool { data.isEmpty }
 
     /// True when the store held this session when it was loaded or last saved.
-    public var isStored: Bool { state.withLock { $0.snapshot != nil } }
+    public var isStored: Bool { state.withLock { $0.snapshot != nil && !$0.deleted } }
 
     /// The session's data as it stands, stored data plus unsaved changes.
     public var data: [String: ASGIValue] { state.withLock { Self.view($0) } }
@@ -266,10 +274,14 @@ public final class Session: Sendable {
     /// Saves if modified. On a lost race it re-reads and re-applies its own changes. With
     /// `recreate: false` a session someone deleted meanwhile stays deleted (a renewal must not
     /// bring back the session of a socket that just closed).
-    public func save(recreate: Bool = true) async throws {
-        guard isModified else { return }
+    ///
+    /// - Returns: false when the changes were dropped because the session was deleted meanwhile
+    ///   (with `recreate: false`, or when the only changes were appends); true otherwise.
+    @discardableResult
+    public func save(recreate: Bool = true) async throws -> Bool {
+        guard isModified else { return true }
         let (key, retired) = state.withLock { ($0.key, $0.retiredKeys) }
-        guard let key else { return }
+        guard let key else { return true }
         // Every lost race is another writer's win, so a save whose only changes are appends
         // (a socket listing itself; many may race at once) tries until it lands, within bounds.
         let onlyAppends = state.withLock { $0.changes.isEmpty && !$0.cleared && $0.retiredKeys.isEmpty }
@@ -289,14 +301,14 @@ public final class Session: Sendable {
                     state.retiredKeys = []
                 }
                 for old in retired where old != key { try await store.delete(Self.storageKey(old)) }
-                return
+                return true
             }
             if attempt < attempts {
                 try await reload(from: key)
                 // Appending to a list of a session someone deleted meanwhile does not bring it back.
                 if (!recreate || onlyAppends) && !isStored {
                     state.withLock { $0.appends = [] }
-                    return
+                    return false
                 }
             }
         }
@@ -307,6 +319,32 @@ public final class Session: Sendable {
 
     /// Tries of a save that only appends (``append(_:to:keepingLast:)``).
     static let appendSaveAttempts = 256
+
+    /// Deletes the stored session and returns its data as it stood at that moment: a save that
+    /// lands before the deletion is in what is returned, one that comes after finds the session
+    /// gone (an append is then dropped: ``save(recreate:)`` returns false). Logout reads the
+    /// sockets to close this way, so a socket that listed itself while the logout ran is closed
+    /// too, or learns that it is not signed in.
+    public func deleteReturningData() async throws -> [String: ASGIValue] {
+        guard let key = state.withLock({ $0.key }) else { return [:] }
+        let storageKey = Self.storageKey(key)
+        let plain = Self.encode([Self.deletedMark: .bool(true)])
+        let mark = settings.cipher?.seal(plain) ?? plain
+        for _ in 1...Self.appendSaveAttempts {
+            guard let raw = try await store.load(storageKey) else {
+                state.withLock { $0 = State(key: nil) }
+                return [:]
+            }
+            let decoded = (try? Self.decodeStored(raw, settings: settings)) ?? [:]
+            if try await store.store(storageKey, data: mark, expected: raw, ttl: .seconds(60)) {
+                try await store.delete(storageKey)
+                state.withLock { $0 = State(key: nil) }
+                return decoded[Self.deletedMark] != nil ? [:] : decoded
+            }
+        }
+        throw SessionError(
+            .saveConflict, "session \(storageKey.prefix(12)) could not be deleted: concurrent writers won every race")
+    }
 
     /// Deletes the stored session and forgets its data.
     public func delete() async throws {
