@@ -473,6 +473,17 @@ def alice_on_sockets(port, session):
     return lobby, private
 
 
+def alice_at_once(port, session, path, count):
+    """`count` sockets opened at once with alice's session (their connects race on it); each has
+    said it is alice."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        sockets = list(pool.map(lambda _: ws_open(port, path, session), range(count)))
+    for ws in sockets:
+        assert ws_json(ws)["user"] == ALICE
+    return sockets
+
+
 def positive_controls(port, session):
     """alice's real key does open her session, every way the attacks tried (so they could succeed)."""
     assert me(port, session=session) == ALICE, "alice's own cookie is not alice: the attacks prove nothing"
@@ -657,11 +668,7 @@ def logout_closes_every_socket_opened_at_the_same_moment():
     srv, port, workers = deployment(layer, 2)
     try:
         session, _ = sign_in(port, ALICE, ALICE_PW)
-        import concurrent.futures
-        with concurrent.futures.ThreadPoolExecutor(24) as pool:
-            sockets = list(pool.map(lambda _: ws_open(port, "/chat/together/", session), range(24)))
-        for ws in sockets:
-            assert ws_json(ws)["user"] == ALICE
+        sockets = alice_at_once(port, session, "/chat/together/", 24)
         r = page_post(port, "/api/logout/", "", session=session)
         assert r.status == 200, r
         codes = []
@@ -746,11 +753,7 @@ def logout_ends_every_socket_however_many_and_however_opened():
     srv, port, workers = deployment(layer, 2)
     try:
         session, _ = sign_in(port, ALICE, ALICE_PW)
-        import concurrent.futures
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            sockets = list(pool.map(lambda _: ws_open(port, "/chat/race/", session), range(8)))
-        for ws in sockets:
-            assert ws_json(ws)["user"] == ALICE
+        sockets = alice_at_once(port, session, "/chat/race/", 8)
         # More sockets than the list keeps: 70 opened and closed after the first eight.
         for _ in range(70):
             extra = ws_open(port, "/chat/race/", session)
