@@ -197,6 +197,29 @@ struct OrderingTests {
         #expect(await log.entries == ["0", "disconnect 6"], "the disconnect ran after the gap timeout")
     }
 
+    /// Senders that share one hand-off key at the same moment (consumers of different sockets
+    /// posting to one room's sequence) each get a number of their own: a lost race re-reads
+    /// the counter instead of writing the same number again, so none is dropped as a duplicate.
+    @Test func concurrentOrderedSendsWithOneKeyAreAllNumbered() async throws {
+        let log = Log()
+        let layer = InMemoryChannelLayer()
+        let worker = Worker(
+            router: try Router([
+                route("post") { context in
+                    try await Channel("stage").send(["text": context.message["text"] ?? .null], orderedBy: "room-1")
+                },
+                route("stage", inSendOrder { context in await log.add(try context.message.string("text")) }),
+            ]), layer: layer, concurrency: 8, environment: ConsumerEnvironment())
+        let task = Task { await worker.run() }
+        for index in 0..<40 { try await layer.send(["text": .string("m\(index)")], to: "post") }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while await log.entries.count < 40, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        let entries = await log.entries
+        #expect(entries.count == 40 && Set(entries).count == 40, "every post ran once: \(entries.count) of 40")
+        worker.stop()
+        await task.value
+    }
+
     @Test func twoWorkersOnRedisProcessMessagesInOrder() async throws {
         let prefix = "t" + ChannelNames.randomLetters(8) + ":"
         let sessionPrefix = String(prefix.dropLast()) + "-session:"

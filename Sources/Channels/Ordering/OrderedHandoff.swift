@@ -90,21 +90,38 @@ extension ConsumerContext {
     private func sendNumbered(_ message: Message, to channel: String, orderedBy key: String, immediately: Bool, end: Bool)
         async throws
     {
-        let settings = environment.sessionConfiguration
-        let counter = try await Session.load(
-            key: OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: settings.secret),
-            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
-            log: .consumer(self))
-        let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
-        let epoch = counter[OrderedHandoff.epochField]?.stringValue ?? ChannelNames.randomLetters(12)
-        if end {
-            // Nothing stored means the sequence never started (or already ended).
-            guard counter.isStored else { return }
-            try await counter.delete()
-        } else {
+        // A save that loses its race must not write the number it read again (two senders
+        // would then share it, and the receiver drop the second as a duplicate): one try per
+        // read, and a lost race reads the counter anew.
+        var settings = environment.sessionConfiguration
+        settings.saveAttempts = 1
+        let counterKey = OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: settings.secret)
+        var numbered: (sequence: Int64, epoch: String)?
+        for _ in 0..<Session.appendSaveAttempts {
+            let counter = try await Session.load(
+                key: counterKey, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
+                log: .consumer(self))
+            let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
+            let epoch = counter[OrderedHandoff.epochField]?.stringValue ?? ChannelNames.randomLetters(12)
+            if end {
+                // Nothing stored means the sequence never started (or already ended).
+                guard counter.isStored else { return }
+                try await counter.delete()
+                numbered = (sequence, epoch)
+                break
+            }
             counter[OrderedHandoff.sentField] = .int(sequence + 1)
             counter[OrderedHandoff.epochField] = .string(epoch)
-            try await counter.save()
+            do {
+                try await counter.save()
+            } catch let error as SessionError where error.code == .saveConflict {
+                continue
+            }
+            numbered = (sequence, epoch)
+            break
+        }
+        guard let (sequence, epoch) = numbered else {
+            throw SessionError(.saveConflict, "the ordered hand-off counter of '\(channel)' lost every race to other senders")
         }
         let stamp = OrderStamp(key: key, order: sequence, epoch: epoch, end: end)
         try await send(stamp.stamped(message), to: channel, immediately: immediately)
