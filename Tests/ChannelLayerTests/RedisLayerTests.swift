@@ -60,6 +60,27 @@ struct RedisLayerTests {
         #expect(count.text == "1")
     }
 
+    @Test("a socket's per-order wait channels count under its one wait channel: one pair of statistics keys, not one per order")
+    func waitChannelStatisticsStayOnePair() async throws {
+        let url = try TestRedis.requireURL()
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(prefix: prefix)
+        defer {
+            Task {
+                try? await layer.flush(); await layer.close()
+            }
+        }
+        let wait = CapacityTable.waitChannelPrefix + "0123456789abcdef0123456789abcdef01234567"
+        for order in 1...20 { try await layer.send(["order": .int(Int64(order))], to: wait + ".\(order)") }
+        let redis = try raw(url)
+        let meta = String(prefix.dropLast()) + "-meta:"
+        #expect(try redis.command(["GET", meta + wait + ":messages_count"]).text == "20")
+        let perOrder = try redis.command(["KEYS", meta + wait + ".*"]).array ?? []
+        #expect(perOrder.isEmpty, "statistics keys per order: \(perOrder.count)")
+        // Each order's message is where it was parked.
+        #expect(try await layer.receive(channels: [wait + ".7"])?.message["order"] == 7)
+    }
+
     @Test("received bodies are deleted: DBSIZE does not grow")
     func bodiesDeleted() async throws {
         // A database of its own, so parallel tests do not move DBSIZE.
