@@ -197,6 +197,89 @@ struct OrderingTests {
         #expect(await log.entries == ["0", "disconnect 6"], "the disconnect ran after the gap timeout")
     }
 
+    /// The socket's one shared wait channel (where a disconnect too far ahead waits, and where
+    /// earlier versions parked every message).
+    static func sharedWaitChannel(_ harness: TestHarness, reply: String) -> String {
+        let key = Session.channelSessionKey(replyChannel: reply, secret: harness.environment.sessionConfiguration.secret)
+        return CapacityTable.waitChannelPrefix + Session.storageKey("wait:" + key).prefix(40)
+    }
+
+    /// Waits (bounded) until `log` holds `count` entries.
+    static func waitFor(_ log: Log, count: Int) async throws {
+        let deadline = ContinuousClock.now + .seconds(20)
+        while await log.entries.count < count, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+    }
+
+    /// An order no socket reaches (`Int64.max`, from a broken or forged message) is dropped and
+    /// counted: a receive is not refused with 1013, and a disconnect, which waits on the shared
+    /// channel, is not skipped to by the gap watch, which would move the order past every later
+    /// message (and overflowed computing the one after it: the worker trapped).
+    @Test func anOrderPastEveryOtherIsDroppedAndTheSocketGoesOn() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        try await harness.send(message(reply, order: .max), to: "websocket.receive")
+        try await harness.send(
+            ["reply_channel": .string(reply), "path": "/", "order": .int(.max), "code": 1000], to: "websocket.disconnect")
+        // Parked before this change (as a disconnect too far ahead): the gap watch finds it there.
+        let parked = ParkedMessage(
+            channel: "websocket.disconnect", content: ["reply_channel": .string(reply), "path": "/", "order": .int(.max)], order: .max)
+        try await harness.layer.send(parked.message, to: Self.sharedWaitChannel(harness, reply: reply))
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        // Three gap timeouts: time for the watch to look twice and skip, if it would.
+        try await Task.sleep(for: .milliseconds(1200))
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        #expect(await log.entries == ["0", "1", "2", "3"])
+        var replies: [Message] = []
+        while let next = try await harness.receive(from: reply) { replies.append(next) }
+        #expect(replies == [["accept": true], ["text": "1"], ["text": "2"], ["text": "3"]], "no 1013")
+        #expect(harness.environment.orderingGaps.skipped == 0)
+    }
+
+    /// A parked message whose turn has passed (on the shared channel, left by an earlier version,
+    /// or taken back after another worker skipped past it) is dropped when the gap skip takes it:
+    /// neither run a second time nor put back to wait until it expires.
+    @Test func aParkedMessageWhoseTurnPassedIsDroppedByTheSkip() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        let stale = ParkedMessage(channel: "websocket.receive", content: message(reply, order: 1), order: 1)
+        try await harness.layer.send(stale.message, to: shared)
+        // 2 and 3 lost: 4 waits, then runs after the gap timeout; the stale 1 goes with the skip.
+        try await harness.send(message(reply, order: 4), to: "websocket.receive")
+        try await Self.waitFor(log, count: 3)
+        #expect(await log.entries == ["0", "1", "4"], "4 ran after the gap, 1 not again")
+        #expect(harness.environment.orderingGaps.skipped == 2)
+        let left = try await harness.layer.receive(channels: [shared, shared + ".1"], timeout: .zero)
+        #expect(left == nil, "the stale message is not put back: \(left?.channel ?? "")")
+    }
+
+    /// `slight` ordering whose connect was lost (a worker killed while holding it): the
+    /// receives wait one gap timeout, then run; the skip is counted.
+    @Test func slightOrderingSkipsALostConnect() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            Self.routing(log: log, slight: true), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        #expect(await log.entries.isEmpty, "the connect first")
+        try await Self.waitFor(log, count: 2)
+        #expect(Set(await log.entries) == ["1", "2"], "both ran after the gap timeout")
+        #expect(harness.environment.orderingGaps.skipped == 1)
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        #expect(await log.entries.last == "3", "later messages run as they come")
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        #expect(try await harness.layer.receive(channels: [shared], timeout: .zero) == nil, "nothing left waiting")
+    }
+
     /// Senders that share one hand-off key at the same moment (consumers of different sockets
     /// posting to one room's sequence) each get a number of their own: a lost race re-reads
     /// the counter instead of writing the same number again, so none is dropped as a duplicate.

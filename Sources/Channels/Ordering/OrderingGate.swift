@@ -51,6 +51,17 @@ struct OrderingGate {
 
     /// - Parameter waitFull: what to do when the message cannot be parked (the wait channel stayed full).
     func run(_ consumer: Consumer, waitFull: () async throws -> Void) async throws {
+        // No socket sends that many messages: an order that would leave nothing after it is
+        // malformed (counted), not a turn that could move the order past every later message.
+        guard order < Int64.max else {
+            // Not the socket's end either: its session stays for the messages that are.
+            context.extras.withLock { $0.parked = true }
+            ChannelsMetrics.dropped[.malformed]?.increment()
+            context.logger.warning(
+                "dropped a message whose order is past any a socket reaches (counted in channels_dropped_total{reason=\"malformed\"})",
+                metadata: ["channel": "\(context.channel)", "order": "\(order)"])
+            return
+        }
         let next = session[Self.nextOrderKey]?.intValue ?? 0
         if !isDue(next: next) {
             if order < next && !slight {
@@ -247,7 +258,7 @@ struct OrderingGate {
         }
         var entries: [ParkedMessage] = []
         for received in taken {
-            guard let entry = ParkedMessage(received.message) else {
+            guard let entry = ParkedMessage(received.message), entry.order < Int64.max else {
                 ChannelsMetrics.dropped[.malformed]?.increment()
                 context.logger.warning(
                     "dropped a malformed parked message (counted in channels_dropped_total{reason=\"malformed\"})",
