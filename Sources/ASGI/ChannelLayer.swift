@@ -288,6 +288,24 @@ extension ChannelLayer {
     }
 }
 
+/// A layer that can count the messages waiting on many channels in one look, without taking them.
+public protocol ChannelLayerPendingCounts: ChannelLayer {
+    /// How many messages wait on each of `channels` (in their order).
+    func pendingCounts(_ channels: [String]) async throws(ChannelLayerError) -> [Int]
+}
+
+extension ChannelLayer {
+    /// How many messages wait on each of `channels`, without taking any: in one look when this
+    /// layer (or the layer it wraps) can count many at once, one channel at a time otherwise.
+    public func messagesPending(in channels: [String]) async throws(ChannelLayerError) -> [Int] {
+        if let layer = self as? any ChannelLayerPendingCounts { return try await layer.pendingCounts(channels) }
+        if let wrapper = self as? any ForwardingChannelLayer { return try await wrapper.base.messagesPending(in: channels) }
+        var counts: [Int] = []
+        for channel in channels { counts.append(try await channelStatistics(channel).messagesPending) }
+        return counts
+    }
+}
+
 /// What an operator's tools (`stats`, the operations page) may ask a layer beyond ASGI: which
 /// channels hold messages and which groups exist. Layers that can answer adopt it; tools ask
 /// with `layer as? any ChannelLayerInspection` and show less when a layer cannot.

@@ -25,6 +25,19 @@ extension InMemoryChannelLayer {
         }
     }
 
+    /// How many messages wait on each of `channels`.
+    public func pendingCounts(_ channels: [String]) async throws(ChannelLayerError) -> [Int] {
+        for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            channels.map { channel in
+                let key = ChannelNames.nonLocalName(channel)
+                state.purge(key, now: now)
+                return state.queues[key]?.count ?? 0
+            }
+        }
+    }
+
     /// Names of the channels that hold messages now (for `stats`).
     public func pendingChannels() async throws(ChannelLayerError) -> [String] {
         let now = ContinuousClock.now

@@ -8,7 +8,7 @@ import Synchronization
 /// channels, statistics) so that an application can run with no services at all, and so
 /// the upper layers can be tested without a server. A blocking ``receive(channels:timeout:)``
 /// parks a continuation that a ``send(_:to:)`` resumes directly; nothing polls.
-public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCapacities {
+public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCapacities, ChannelLayerPendingCounts {
     /// Expiry, capacity and size limits.
     public struct Configuration: Sendable {
         /// How long a message waits before it is dropped.

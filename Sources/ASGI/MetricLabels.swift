@@ -44,6 +44,9 @@ public enum DropReason: String, Sendable, CaseIterable {
     case slowClient = "slow_client"
     /// A send that still failed after its retries (the layer unreachable, a full channel).
     case retriesExhausted = "retries_exhausted"
+    /// A message of an ordered sequence that came after its turn had passed (its gap was
+    /// skipped as lost: a worker that held it longer than the gap timeout).
+    case late
 }
 
 extension ChannelKind {

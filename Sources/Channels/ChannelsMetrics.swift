@@ -11,6 +11,9 @@ enum ChannelsMetrics {
     static let sent = ChannelKind.counters("channels_messages_sent_total")
     static let groupSends = Counter(label: "channels_group_sends_total")
     static let dropped = DropReason.counters()
+    /// `channels_ordering_skipped_total`: messages of ordered sequences given up as lost (a
+    /// gap skipped after the gap timeout, or proven lost by the gap before it).
+    static let orderingSkipped = Counter(label: "channels_ordering_skipped_total")
     static let delayScheduled = Counter(label: "channels_delay_scheduled_total")
     static let delayDelivered = Counter(label: "channels_delay_delivered_total")
     static let delayRetried = Counter(label: "channels_delay_retried_total")

@@ -14,7 +14,9 @@ import Synchronization
 /// loops, with hiredis parsing the replies: every ordinary command and script of every task
 /// goes through a pipelined connection per server and event loop (the caller's), and only
 /// receives that wait in `BLPOP` hold a connection of their own.
-public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundling, ChannelLayerCapacities {
+public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundling, ChannelLayerCapacities,
+    ChannelLayerPendingCounts
+{
     /// The URLs, prefix, expiry and limits it runs with.
     public let configuration: RedisChannelLayerConfiguration
     let logger: Logger

@@ -67,6 +67,28 @@ extension RedisChannelLayer {
         }
     }
 
+    /// How many messages wait on each of `channels`: one pipelined `LLEN` per channel on each
+    /// shard that may hold it, a round trip per shard.
+    public func pendingCounts(_ channels: [String]) async throws(ChannelLayerError) -> [Int] {
+        return try await withLayerErrors {
+            var byShard: [Int: [(position: Int, key: [UInt8])]] = [:]
+            for (position, channel) in channels.enumerated() {
+                try ChannelNames.validateChannel(channel, for: .receive)
+                let name = ChannelNames.nonLocalName(channel)
+                let indices =
+                    ChannelNames.isProcessSpecific(channel) || ChannelNames.isSingleReader(channel)
+                    ? [shardIndex(for: name)] : Array(shards.indices)
+                for index in indices { byShard[index, default: []].append((position, key(name))) }
+            }
+            var counts = Array(repeating: 0, count: channels.count)
+            for (index, keys) in byShard.sorted(by: { $0.key < $1.key }) where !keys.isEmpty {
+                let replies = try await shared(index).pipeline(keys.map { ["LLEN", .bytes($0.key)] })
+                for (entry, reply) in zip(keys, replies) { counts[entry.position] += reply.countValue }
+            }
+            return counts
+        }
+    }
+
     /// One channel's figures: sent, full refusals, pending, the oldest message's age.
     public func channelStatistics(_ channel: String) async throws(ChannelLayerError) -> ChannelStatistics {
         return try await withLayerErrors {

@@ -25,6 +25,22 @@ struct BatchReceiveTests {
         }
     }
 
+    /// The ordering gate's look at many wait channels: counts in one call, nothing taken.
+    @Test(arguments: LayerKind.allCases)
+    func pendingCountsCountWithoutTaking(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 100) { layer in
+            for i in 0..<2 { try await layer.send(["n": .int(Int64(i))], to: "pending.a") }
+            try await layer.send(["n": 9], to: "pending.c")
+            try await layer.send(["n": 7], to: "pending.reply!x")
+            let counts = try await layer.messagesPending(in: ["pending.a", "pending.b", "pending.c", "pending.reply!"])
+            #expect(counts == [2, 0, 1, 1])
+            #expect(try await layer.messagesPending(in: []) == [])
+            let batch = try await layer.receiveBatch(channels: ["pending.a", "pending.c"], max: 10, timeout: .zero)
+            #expect(batch.count == 3, "nothing was taken by the count")
+            #expect(try await layer.messagesPending(in: ["pending.a", "pending.c"]) == [0, 0])
+        }
+    }
+
     @Test(arguments: LayerKind.allCases)
     func anIdleBatchReceiveWaitsThenTakesWhatQueued(_ kind: LayerKind) async throws {
         try await withLayer(kind, capacity: 100) { layer in

@@ -280,6 +280,49 @@ struct OrderingTests {
         #expect(try await harness.layer.receive(channels: [shared], timeout: .zero) == nil, "nothing left waiting")
     }
 
+    /// A worker that dies holding several of a socket's messages leaves several gaps. The
+    /// first waits its gap timeout; a later one whose following message was parked before that
+    /// stand began is lost on the same evidence and skipped at once (one gap timeout each made
+    /// a burst wait a minute and more after a worker was killed).
+    @Test func aGapProvenLostByTheOneBeforeItIsSkippedAtOnce() async throws {
+        let log = Log()
+        let timeout = Duration.seconds(2)
+        let harness = try TestHarness(Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: timeout))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        // 1 and 3 lost; 4 parks first (the stand at 1 begins when it is seen), then 2.
+        try await harness.send(message(reply, order: 4), to: "websocket.receive")
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        #expect(await log.entries == ["0"])
+        try await Self.waitFor(log, count: 2)
+        let afterFirstSkip = ContinuousClock.now
+        while await log.entries.count < 3, ContinuousClock.now - afterFirstSkip < timeout / 2 {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(await log.entries == ["0", "2", "4"], "4 ran right after 2, not a gap timeout later")
+        #expect(harness.environment.orderingGaps.skipped == 2)
+        try await harness.send(message(reply, order: 5), to: "websocket.receive")
+        #expect(await log.entries == ["0", "2", "4", "5"])
+    }
+
+    /// Evidence never outlives its sequence: a gap whose following message was parked after
+    /// the lost stand began waits its own gap timeout (its message may still be on its way).
+    @Test func aGapWithoutEvidenceWaitsItsOwnTimeout() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(500)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        // 1 lost; 2 parks (the stand at 1 begins); 4 parks after it; 3 comes late.
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await harness.send(message(reply, order: 4), to: "websocket.receive")
+        try await Self.waitFor(log, count: 2)
+        #expect(await log.entries == ["0", "2"], "3 is waited for")
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        #expect(await log.entries == ["0", "2", "3", "4"], "3 arrived within its own timeout and ran, in order")
+        #expect(harness.environment.orderingGaps.skipped == 1)
+    }
+
     /// Senders that share one hand-off key at the same moment (consumers of different sockets
     /// posting to one room's sequence) each get a number of their own: a lost race re-reads
     /// the counter instead of writing the same number again, so none is dropped as a duplicate.

@@ -278,6 +278,35 @@ struct SessionTests {
     /// The socket list logout closes: sockets opened at once with one HTTP session each append
     /// their reply channel; every one must stay listed whoever saves first (a whole-list set
     /// re-applied after a lost race kept only the last writer's, and logout left the others open).
+    /// A raise (the ordering gate's next order) survives a concurrent writer: the larger value
+    /// wins whichever save comes last; a plain set re-applied on a lost race would move it back.
+    @Test(arguments: StoreKind.allCases)
+    func aRaiseKeepsTheLargerValueAcrossARace(_ kind: StoreKind) async throws {
+        let store = try store(kind)
+        let key = "raise" + ChannelNames.randomLetters(8)
+        let first = Session(key: key, store: store, settings: .init())
+        first["next"] = 3
+        try await first.save()
+        let slow = try await Session.load(key: key, store: store, settings: .init())
+        let fast = try await Session.load(key: key, store: store, settings: .init())
+        fast["next"] = 9
+        fast["other"] = "kept"
+        try await fast.save()
+        slow.raise("next", to: 5)
+        slow["moved"] = 1
+        try await slow.save()
+        var stored = try Session.decode(try #require(try await store.load(Session.storageKey(key))))
+        #expect(stored["next"] == 9, "the larger value stays: \(stored["next"] ?? .null)")
+        #expect(stored["other"] == "kept" && stored["moved"] == 1)
+        slow.raise("next", to: 12)
+        try await slow.save()
+        stored = try Session.decode(try #require(try await store.load(Session.storageKey(key))))
+        #expect(stored["next"] == 12)
+        let fresh = Session(key: "raise" + ChannelNames.randomLetters(8), store: store, settings: .init())
+        fresh.raise("next", to: 4)
+        #expect(fresh["next"] == 4, "a missing key takes the value")
+    }
+
     @Test(arguments: StoreKind.allCases)
     func concurrentAppendsKeepEveryItem(_ kind: StoreKind) async throws {
         let store = try store(kind)

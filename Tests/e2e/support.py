@@ -331,7 +331,7 @@ def summary():
         print("SKIPPED (E2E_ONLY=%s): %s" % (os.environ.get("E2E_ONLY"), ", ".join(skipped)))
     if not results:
         print("FAIL: no test ran")
-    if failed or not results:
+    if failed or not results or os.environ.get("E2E_KEEP_LOGS"):
         print("the processes' logs: %s" % DB_DIR)
     else:
         shutil.rmtree(DB_DIR, ignore_errors=True)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import websockets
 
@@ -293,6 +294,92 @@ def an_ordered_burst_of_200_on_the_embedded_default():
         asyncio.run(ordered_burst(port))
     finally:
         assert proc.stop() == 0
+
+
+@test
+def a_worker_sigkilled_in_an_ordered_burst_loses_a_bounded_few_and_keeps_order():
+    """One socket sends 300 messages back to back through two workers (both ordered stages park
+    early messages on Redis) and one worker is SIGKILLed mid-burst: parked messages are in
+    Redis, not in the dead worker, so the survivor runs them; what the dead worker held is lost
+    (at most once), each gap is skipped after --ordering-gap-timeout, and every member still
+    gets what arrives in send order, none twice; 20 messages sent afterwards all arrive."""
+    gap = ("--ordering-gap-timeout", "2")
+    (layer, procs, workers) = redis_stack("e2eburstkill%d:" % os.getpid(), workers=1, extra_worker=gap)
+    port = procs[0][1]
+    mport = free_port()
+    survivor = Proc("runworker", "--layer", layer, "--threads", "32", *gap, "--metrics-port", str(mport))
+    workers.append(survivor)
+
+    def counted(name):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport, timeout=10) as r:
+            return sum(float(line.rpartition(" ")[2]) for line in r.read().decode().splitlines()
+                       if line.startswith(name + " ") or line.startswith(name + "{"))
+    try:
+        survivor.wait_line("worker ready")
+        async def run():
+            room = "burstkill-%d" % os.getpid()
+            members = await open_members([port], room, 3)
+            texts = ["burst %03d" % i for i in range(300)]
+            for t in texts:
+                await members[0].ws.send(t)
+            # Killed once the burst is flowing: some delivered, most still in the pipeline.
+            deadline = time.time() + 60
+            while len(members[1].texts) < 40 and time.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert len(members[1].texts) >= 40, "the burst never started: %d delivered" % len(members[1].texts)
+            in_flight = len(texts) - len(members[1].texts)
+            await asyncio.to_thread(workers[0].stop, signal.SIGKILL)
+            killed_at = time.time()
+            # Until the last message arrives or nothing has moved for 3 gap timeouts.
+            last_change, seen = time.time(), -1
+            while time.time() - last_change < 6 and time.time() < killed_at + 120:
+                now = sum(len(m.texts) for m in members)
+                if now != seen:
+                    seen, last_change = now, time.time()
+                if all(m.texts and m.texts[-1] == texts[-1] for m in members):
+                    break
+                await asyncio.sleep(0.1)
+            settled = last_change - killed_at
+            after = ["after %02d" % i for i in range(20)]
+            for t in after:
+                await members[0].ws.send(t)
+            deadline = time.time() + 30
+            while time.time() < deadline and not all(m.texts[-20:] == after for m in members):
+                await asyncio.sleep(0.1)
+            for m in members:
+                got = [t for t in m.texts if t.startswith("burst")]
+                assert len(got) == len(set(got)), "%s got a message twice" % m.name
+                assert got == sorted(got), "%s: out of order: %r" % (m.name, [t for a, t in zip(got, sorted(got)) if a != t][:5])
+                assert m.texts[-20:] == after, "%s: messages sent after the kill missing: %r" % (m.name, m.texts[-20:])
+            lost = [t for t in texts if not any(t in m.texts for m in members)]
+            partial = [t for t in texts if t not in lost and not all(t in m.texts for m in members)]
+            print("  %d in flight at the kill; %d of 300 lost with the killed worker, %d reached only some members;"
+                  " the burst settled %.1f s after the kill" % (in_flight, len(lost), len(partial), settled), flush=True)
+            # A liveness bound, not a speed figure: the dead worker leaves up to dozens of gaps
+            # (every other message, with two workers); skipped one gap timeout (2 s) each, the
+            # burst took 74-122 s to settle in 3 of 9 runs. The first gap waits its timeout; the
+            # ones it proves lost (a later message parked before its stand began) go at once.
+            assert settled < 10 * 2, "the burst took %.1f s to settle after the kill: gaps skipped one by one" % settled
+            # The bound: what the killed worker held. Its slots (--threads 32, plus one reserved per
+            # other channel it listens on, at most 32 / 4 = 8) hold one message each; behind the
+            # running frame of this socket, its mailbox holds up to 64 more without slots
+            # (Mailboxes.freeWaiting). Parked messages are on Redis and survive. A room's send is
+            # one script: a message reaches all three members or none.
+            assert len(lost) <= 32 + 8 + 64, "%d messages lost: more than the killed worker could hold" % len(lost)
+            assert not partial, partial[:5]
+            assert all(m.closed_code is None for m in members), [m.closed_code for m in members]
+            # Nothing lost silently: every lost message is a skipped order in one of the two
+            # stages (more when the dead worker had done a message's work but not recorded it),
+            # and no message was given up too early and then dropped when it came.
+            skipped = counted("channels_ordering_skipped_total")
+            late = counted('channels_dropped_total{reason="late"}')
+            print("  the survivor counted %d skipped orders, %d late messages" % (skipped, late), flush=True)
+            assert skipped >= len(lost), "%d lost, only %d counted as skipped" % (len(lost), skipped)
+            assert late == 0, "%d messages came after their gap was skipped" % late
+            await close_all(members)
+        asyncio.run(run())
+    finally:
+        stop_all(procs, workers)
 
 
 async def chat_through_a_fault(port, fault, seconds=8.0, rooms=4, per_room=10):

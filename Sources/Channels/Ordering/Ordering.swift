@@ -1,4 +1,5 @@
 import ASGI
+import CoreMetrics
 import Foundation
 import Logging
 import Synchronization
@@ -19,21 +20,105 @@ public final class OrderingGaps: Sendable {
     /// Messages skipped so far.
     public var skipped: Int { skippedCount.load(ordering: .relaxed) }
 
-    func countSkipped(_ count: Int) { skippedCount.add(count, ordering: .relaxed) }
+    func countSkipped(_ count: Int) {
+        skippedCount.add(count, ordering: .relaxed)
+        ChannelsMetrics.orderingSkipped.increment(by: count)
+    }
     /// True when the caller should start watching `waitChannel` (nobody here does yet).
     func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
     func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
+
+    /// What this process parked on one wait channel.
+    private struct Parks {
+        /// The highest order it parked (what its gap watch waits for).
+        var highest = Int64.min
+        /// When it parked each order whose message came on the channel the others come on (its
+        /// own monotonic clock): the evidence ``provenLost(_:waitChannel:next:)`` reads.
+        var times: [Int64: ContinuousClock.Instant] = [:]
+        /// When the stand of the last gap found lost by its age began.
+        var lostSince: ContinuousClock.Instant?
+        /// The order last judged (a lower one later means the sequence began again).
+        var lastNext = Int64.min
+    }
+    private let parkedHere = Mutex<[String: Parks]>([:])
+
+    /// Records that this process parked a message of `order` on `waitChannel`; `sameChannel`
+    /// when the message came on the channel the sequence's other messages come on (a socket's
+    /// frames on `websocket.receive`, not its connect or disconnect).
+    func parked(_ waitChannel: String, order: Int64, sameChannel: Bool) {
+        let now = ContinuousClock.now
+        parkedHere.withLock { parked in
+            if parked.count > 100_000 { parked = [:] }
+            var parks = parked[waitChannel] ?? Parks()
+            parks.highest = max(parks.highest, order)
+            if sameChannel, parks.times.count < 4096, parks.times[order] == nil { parks.times[order] = now }
+            parked[waitChannel] = parks
+        }
+    }
+
+    /// Whether a message this process parked on `waitChannel` may still wait (its order is not
+    /// behind `next`); forgets the channel when none may.
+    func parkedAhead(of next: Int64, on waitChannel: String) -> Bool {
+        parkedHere.withLock { parked in
+            guard let parks = parked[waitChannel] else { return false }
+            if parks.highest >= next { return true }
+            parked[waitChannel] = nil
+            return false
+        }
+    }
+
+    /// Forgets what this process parked on `waitChannel` (nothing of it waits any more).
+    func forgetParked(_ waitChannel: String) { _ = parkedHere.withLock { $0.removeValue(forKey: waitChannel) } }
+
+    /// Whether the message of `next` is lost, judged from the last gap this process found lost
+    /// by its age on `waitChannel` (the order stood still for the gap timeout from `lostSince`):
+    /// if this process parked a later message of the same channel before that stand began, the
+    /// message of `next` was taken before it (one channel's messages are taken in the order
+    /// they were sent); nothing of the socket ran during the stand, and no turn takes a message
+    /// before its order comes (a skip looks at what waits without taking it), so the message
+    /// of `next` sat all that time in the hands of a worker that never parked or ran it: dead,
+    /// or stuck as long as the first gap's. Lost on the same evidence, it is skipped at once,
+    /// not after a gap timeout of its own (a dead worker leaves every other message of a burst
+    /// missing, with two workers). Order 0 (a connect, on a channel of its own) is never judged
+    /// this way; a park older than ten timeouts is forgotten; a sequence that began again (its
+    /// sender's counter lost: the order went back) starts with no evidence.
+    func provenLost(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
+        guard next > 0 else { return false }
+        let now = ContinuousClock.now
+        return parkedHere.withLock { parked in
+            guard var parks = parked[waitChannel], let lostSince = parks.lostSince else { return false }
+            if next < parks.lastNext {
+                parks.times = [:]
+                parks.lostSince = nil
+            }
+            parks.lastNext = next
+            parks.times = parks.times.filter { $0.key > next && now - $0.value < timeout * 10 }
+            parked[waitChannel] = parks
+            return parks.lostSince != nil && parks.times.values.contains { $0 < lostSince }
+        }
+    }
+
+    /// Records that the order of `waitChannel` stood still from `since` for the gap timeout.
+    private func foundLost(_ waitChannel: String, since: ContinuousClock.Instant) {
+        parkedHere.withLock { parked in
+            guard parked[waitChannel] != nil else { return }
+            parked[waitChannel]?.lostSince = since
+        }
+    }
 
     /// Whether the order of `waitChannel` has stood at `next` for longer than `timeout` as this
     /// process saw it: the first sighting starts the clock, a different `next` restarts it.
     func stuckLongerThan(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
         let now = ContinuousClock.now
-        return stuck.withLock { stuck in
-            if let seen = stuck[waitChannel], seen.next == next { return now - seen.since > timeout }
+        let since: ContinuousClock.Instant? = stuck.withLock { stuck in
+            if let seen = stuck[waitChannel], seen.next == next { return now - seen.since > timeout ? seen.since : nil }
             if stuck.count > 10_000 { stuck = stuck.filter { now - $0.value.since < timeout * 10 } }
             stuck[waitChannel] = (next, now)
-            return false
+            return nil
         }
+        guard let since else { return false }
+        foundLost(waitChannel, since: since)
+        return true
     }
 }
 

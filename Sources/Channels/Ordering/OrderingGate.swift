@@ -65,8 +65,9 @@ struct OrderingGate {
         let next = session[Self.nextOrderKey]?.intValue ?? 0
         if !isDue(next: next) {
             if order < next && !slight {
+                ChannelsMetrics.dropped[.late]?.increment()
                 context.logger.warning(
-                    "dropped a message older than the next order",
+                    "dropped a message older than the next order (counted in channels_dropped_total{reason=\"late\"})",
                     metadata: ["channel": "\(context.channel)", "order": "\(order)", "next": "\(next)"])
                 return
             }
@@ -115,30 +116,43 @@ struct OrderingGate {
 
     /// Records that `order` was handled, saves, then runs what became due.
     private func advance() async throws {
-        let next = max(session[Self.nextOrderKey]?.intValue ?? 0, order + 1)
-        session[Self.nextOrderKey] = .int(next)
+        // A raise: a gap skip that moved the order further meanwhile (this consumer ran longer
+        // than the gap timeout) is not undone when this save loses its race to it.
+        session.raise(Self.nextOrderKey, to: order + 1)
         session[Self.movedAtKey] = .int(Self.nowMillis())
         // Saved before the wait channel is drained, so what runs next sees the new order.
         try await session.save()
-        await drain(from: session[Self.nextOrderKey]?.intValue ?? next)
+        await drain(from: session[Self.nextOrderKey]?.intValue ?? order + 1)
     }
 
     private func park(next: Int64) async throws {
         let parked = ParkedMessage(channel: context.channel, content: context.message, order: order)
         try await context.send(parked.message, to: parkingChannel(for: order, next: next), immediately: true)
+        // A connect and a disconnect come on channels of their own.
+        let sameChannel =
+            !slight && context.channel != ASGIChannel.websocketConnect && context.channel != ASGIChannel.websocketDisconnect
+        gaps.parked(waitChannel, order: order, sameChannel: sameChannel)
     }
 
     private var gaps: OrderingGaps { context.environment.orderingGaps }
 
-    /// Runs (once per wait channel and process at a time) while messages stay parked: after
-    /// each gap timeout, runs what became due, or skips a gap that is now old enough.
+    /// Runs (once per wait channel and process at a time) while messages this process parked
+    /// may wait: after each gap timeout, runs what became due, or skips a gap that is now old
+    /// enough. It never takes messages to look whether any wait: taken, they would be missing
+    /// for a turn that ends meanwhile (which then stops, and the socket stalls), and lost with
+    /// this process if it died holding them.
     private func watchGap() async {
         defer { context.environment.orderingGaps.unwatch(waitChannel) }
         while !Task.isCancelled {
             try? await Task.sleep(for: context.environment.orderingGapTimeout + .milliseconds(100))
             guard let (stored, _) = try? await storedState() else { return }
             if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
-                await drain(from: stored, skippingGapFrom: stored)
+                // Skipped, or nothing waits past the gap: either way what this process parked
+                // was run, skipped or lost (expired) by now, unless the skip lost its race.
+                guard await drain(from: stored, skippingGapFrom: stored) else {
+                    gaps.forgetParked(waitChannel)
+                    return
+                }
             } else {
                 await drain(from: stored)
             }
@@ -148,14 +162,10 @@ struct OrderingGate {
                 }
                 continue
             }
-            // Still waiting messages (taken to look, and put back): watch on. A turn that ended
-            // while they were out found nothing to run: look at the order again once they are
-            // back, as a parker does, and run what is due.
-            guard let now = try? await storedNext() else { return }
-            let waiting = await takeWaiting(after: now)
-            if waiting.isEmpty { return }
-            await parkAgain(waiting)
-            if let after = try? await storedNext() { await drain(from: after) }
+            guard let now = try? await storedNext(), gaps.parkedAhead(of: now, on: waitChannel) else { return }
+            // Still waiting behind another gap: its clock starts now (the next look skips it
+            // if it still stands), not at that look (one gap timeout per gap, not two).
+            _ = gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: now)
         }
     }
 
@@ -175,16 +185,24 @@ struct OrderingGate {
     /// Moves the stored order from `from` past a gap to `to` (unless another worker moved it).
     private func skipGap(from: Int64, to: Int64) async -> Bool {
         guard let key = session.key else { return false }
+        // One try: a save that lost its race lost it to a turn or a skip that moved the order,
+        // and must not move it again on top (re-applied, a second skip jumped past messages
+        // the first one had let run, and they were dropped as older).
+        var settings = context.environment.sessionConfiguration
+        settings.saveAttempts = 1
         do {
             let stored = try await Session.load(
-                key: key, store: context.environment.sessionStore,
-                settings: context.environment.sessionConfiguration, ttl: session.ttl, log: .consumer(context))
+                key: key, store: context.environment.sessionStore, settings: settings, ttl: session.ttl, log: .consumer(context))
             // No session may mean its connect was lost: the skip starts one, so what waits
             // (the socket's disconnect, with its cleanup, among it) still runs.
             guard to > from, (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
             stored[Self.nextOrderKey] = .int(to)
             stored[Self.movedAtKey] = .int(Self.nowMillis())
-            try await stored.save()
+            do {
+                try await stored.save()
+            } catch let error as SessionError where error.code == .saveConflict {
+                return false
+            }
             context.environment.orderingGaps.countSkipped(Int(to - from))
             context.logger.warning(
                 "skipped messages that never arrived; running the ones after them",
@@ -201,28 +219,54 @@ struct OrderingGate {
     /// there and its message never came, moves past the gap to the first message waiting.
     ///
     /// - Parameter known: the next order, when the caller just read or saved it.
-    private func drain(from known: Int64? = nil, skippingGapFrom gap: Int64? = nil) async {
-        guard Self.draining != waitChannel else { return }
-        await Self.$draining.withValue(waitChannel) {
+    /// - Returns: false when a gap was to be skipped and nothing waited after it.
+    @discardableResult
+    private func drain(from known: Int64? = nil, skippingGapFrom gap: Int64? = nil) async -> Bool {
+        guard Self.draining != waitChannel else { return true }
+        return await Self.$draining.withValue(waitChannel) {
             if slight {
                 await drainAll(skippingGapFrom: gap)
-                return
+                return true
             }
             var gap = gap
             var next: Int64
             if let known {
                 next = known
             } else {
-                guard let stored = try? await storedNext() else { return }
+                guard let stored = try? await storedNext() else { return true }
                 next = stored
             }
             while true {
                 var entries = await take([parkingChannel(for: next)])
+                // Lost on the evidence of the gap found lost before it: skipped now.
+                if entries.isEmpty, gap == nil,
+                    gaps.provenLost(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: next)
+                {
+                    gap = next
+                }
                 if entries.isEmpty, let from = gap, from == next {
                     // The due message never came: the first one waiting after it, if any, runs now.
                     gap = nil
+                    switch await firstWaiting(after: next) {
+                    case .nothing:
+                        return false
+                    case .unknown:
+                        return true
+                    case .order(let first):
+                        // Looked at, not taken: a turn never finds a message missing because a
+                        // skip holds it.
+                        if await skipGap(from: from, to: first) {
+                            next = first
+                        } else {
+                            guard let now = try? await storedNext() else { return true }
+                            next = now
+                        }
+                        continue
+                    case .onSharedChannel:
+                        break
+                    }
                     let waiting = await takeWaiting(after: next)
-                    guard let first = waiting.first else { return }
+                    guard let first = waiting.first else { return false }
                     if await skipGap(from: from, to: first.order) {
                         entries = waiting.filter { $0.order == first.order }
                         await parkAgain(waiting.filter { $0.order != first.order }, next: first.order)
@@ -230,7 +274,7 @@ struct OrderingGate {
                         // Another turn moved the order meanwhile (and may have found these out):
                         // put them back and go on from the order as it stands.
                         await parkAgain(waiting, next: next)
-                        guard let now = try? await storedNext() else { return }
+                        guard let now = try? await storedNext() else { return true }
                         next = now
                         continue
                     }
@@ -238,10 +282,10 @@ struct OrderingGate {
                 // Nothing waits for this order: its message is still on its way (whoever parks
                 // it looks at the order afterwards and runs it if its turn has come), running
                 // elsewhere, or lost (the gap watch skips it).
-                guard let last = entries.last else { return }
+                guard let last = entries.last else { return true }
                 for entry in entries { await run(entry.content, on: entry.channel) }
                 // Each run saved the order after it (its own drain was left to this loop).
-                guard last.order < Int64.max else { return }
+                guard last.order < Int64.max else { return true }
                 next = last.order + 1
             }
         }
@@ -270,6 +314,38 @@ struct OrderingGate {
         return entries.sorted { $0.order < $1.order }
     }
 
+    enum Waiting { case nothing, order(Int64), onSharedChannel, unknown }
+
+    /// The first order after `next` with a message waiting (looked for 128 orders at a time, as
+    /// far as a message may wait ahead), counted without taking anything; `onSharedChannel`
+    /// when something waits on the socket's one shared channel (a disconnect too far ahead, or
+    /// what an earlier version parked), which only taking can sort; `unknown` when the layer
+    /// could not be read (logged; the watch looks again).
+    private func firstWaiting(after next: Int64) async -> Waiting {
+        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
+        let last = overflow ? Int64.max - 1 : limit
+        var start = next + 1
+        var shared: [String] = [waitChannel]
+        while start <= last {
+            let end = min(start + 128, last + 1)
+            let orders = Array(start..<end)
+            let counts: [Int]
+            do {
+                counts = try await context.layer.messagesPending(in: shared + orders.map(parkingChannel(for:)))
+            } catch {
+                context.logger.error("could not look at the wait channels", metadata: ["error": "\(error)"])
+                return .unknown
+            }
+            if !shared.isEmpty, counts.first ?? 0 > 0 { return .onSharedChannel }
+            if let index = counts.dropFirst(shared.count).firstIndex(where: { $0 > 0 }) {
+                return .order(orders[index - shared.count])
+            }
+            shared = []
+            start = end
+        }
+        return .nothing
+    }
+
     /// Takes the messages waiting after `next`: those of the first orders past it that have any
     /// (looked for 128 orders at a time, as far as a message may wait ahead), and any on the
     /// socket's one shared wait channel (where earlier versions parked every message).
@@ -296,8 +372,9 @@ struct OrderingGate {
     /// past them while they were out).
     private func dropOlder(_ entries: [ParkedMessage], next: Int64) {
         for entry in entries {
+            ChannelsMetrics.dropped[.late]?.increment()
             context.logger.warning(
-                "dropped a message older than the next order",
+                "dropped a message older than the next order (counted in channels_dropped_total{reason=\"late\"})",
                 metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "next": "\(next)"])
         }
     }

@@ -117,6 +117,8 @@ public final class Session: Sendable {
         var key: String
         var item: ASGIValue
         var keepingLast: Int
+        /// A maximum, not a list item: the key becomes the larger of its integer and `item`.
+        var isMaximum = false
     }
 
     /// Where this session is loaded from and saved to.
@@ -199,6 +201,11 @@ public final class Session: Sendable {
         var result = state.cleared ? [:] : state.base
         for (key, value) in state.changes { result[key] = value }
         for append in state.appends {
+            if append.isMaximum {
+                if let current = result[append.key]?.intValue, let value = append.item.intValue, current >= value { continue }
+                result[append.key] = append.item
+                continue
+            }
             var list = result[append.key]?.arrayValue ?? []
             list.append(append.item)
             result[append.key] = .array(Array(list.suffix(append.keepingLast)))
@@ -226,6 +233,18 @@ public final class Session: Sendable {
     public func append(_ item: ASGIValue, to key: String, keepingLast: Int = .max) {
         let created = state.withLock { state -> String? in
             state.appends.append(Append(key: key, item: item, keepingLast: max(1, keepingLast)))
+            return Self.ensureKey(&state)
+        }
+        if let created { onNewKey?(created) }
+    }
+
+    /// Sets `key` to `value` unless it holds a larger integer. Unlike setting it, a raise
+    /// survives a concurrent writer: when the save loses a race it is applied again on top of
+    /// what the other one stored, so the larger value wins whichever writer came last (an
+    /// order that only moves forward).
+    public func raise(_ key: String, to value: Int64) {
+        let created = state.withLock { state -> String? in
+            state.appends.append(Append(key: key, item: .int(value), keepingLast: 1, isMaximum: true))
             return Self.ensureKey(&state)
         }
         if let created { onNewKey?(created) }

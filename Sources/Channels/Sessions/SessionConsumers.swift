@@ -87,7 +87,7 @@ private func withSession(
         do {
             try await consumer(context)
         } catch {
-            try? await session.save()
+            _ = try? await session.save()
             throw error
         }
         try await session.save()
