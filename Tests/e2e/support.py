@@ -62,9 +62,11 @@ os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
 
 
 class Proc:
-    def __init__(self, *args):
+    def __init__(self, *args, wrapper=()):
+        """`chat *args`, its output in a log of its own; `wrapper`: a command it runs under
+        (`("faketime", "-f", "+30s")`)."""
         self.log = open(os.path.join(DB_DIR, "%s-%d.log" % (args[0], time.time_ns())), "w+")
-        self.p = subprocess.Popen([CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT)
+        self.p = subprocess.Popen([*wrapper, CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_line(self, text, timeout=20):
         deadline = time.time() + timeout

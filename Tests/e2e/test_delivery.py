@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -378,6 +379,37 @@ def a_worker_sigkilled_in_an_ordered_burst_loses_a_bounded_few_and_keeps_order()
             assert late == 0, "%d messages came after their gap was skipped" % late
             await close_all(members)
         asyncio.run(run())
+    finally:
+        stop_all(procs, workers)
+
+
+@test
+def an_ordered_burst_through_workers_30_s_ahead_and_30_s_behind():
+    """Clocks: two workers whose wall clocks are a minute apart (one 30 s ahead under
+    `faketime`, one 30 s behind) share a socket's ordered burst of 200, both stages parking
+    early messages for each other: every message arrives, in order, none skipped as a gap or
+    dropped as late (a gap's age is the seeing worker's own monotonic clock, never another
+    worker's wall-clock stamp)."""
+    assert shutil.which("faketime"), "this test needs faketime (Debian package faketime; scripts/test.sh installs it)"
+    (layer, procs, workers) = redis_stack("e2eclock%d:" % os.getpid(), workers=0)
+    for offset in ("+30s", "-30s"):
+        workers.append(Proc("runworker", "--layer", layer, "--threads", "32", "--ordering-gap-timeout", "5",
+                            wrapper=("faketime", "-f", offset)))
+    try:
+        for w in workers:
+            w.wait_line("worker ready")
+        # The clocks really are a minute apart: each log line carries its process's time.
+        stamps = []
+        for w in workers:
+            w.log.seek(0)
+            line = next(l for l in w.log.read().splitlines() if "worker ready" in l)
+            stamps.append(time.mktime(time.strptime(line.split("+")[0], "%Y-%m-%dT%H:%M:%S")))
+        assert 50 <= stamps[0] - stamps[1] <= 70, "the workers' clocks are not a minute apart: %r" % stamps
+        asyncio.run(ordered_burst(procs[0][1]))
+        for w in workers:
+            w.log.seek(0)
+            log = w.log.read()
+            assert "skipped messages" not in log and "older than the next order" not in log, log[-2000:]
     finally:
         stop_all(procs, workers)
 
