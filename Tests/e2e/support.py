@@ -64,9 +64,12 @@ os.environ["CHAT_DATABASE"] = os.path.join(DB_DIR, "chat.sqlite3")
 class Proc:
     def __init__(self, *args, wrapper=()):
         """`chat *args`, its output in a log of its own; `wrapper`: a command it runs under
-        (`("faketime", "-f", "+30s")`)."""
+        (`("faketime", "-f", "+30s")`, which runs it as a child): then the two get a process
+        group of their own, and signals go to the group."""
         self.log = open(os.path.join(DB_DIR, "%s-%d.log" % (args[0], time.time_ns())), "w+")
-        self.p = subprocess.Popen([*wrapper, CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT)
+        self.group = bool(wrapper)
+        self.p = subprocess.Popen([*wrapper, CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT,
+                                  start_new_session=self.group)
 
     def wait_line(self, text, timeout=20):
         deadline = time.time() + timeout
@@ -82,7 +85,10 @@ class Proc:
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
         if self.p.poll() is None:
-            self.p.send_signal(sig)
+            if self.group:
+                os.killpg(self.p.pid, sig)
+            else:
+                self.p.send_signal(sig)
         return self.p.wait(timeout)
 
 
