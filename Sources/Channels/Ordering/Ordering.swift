@@ -30,12 +30,10 @@ public final class OrderingGaps: Sendable {
 
     /// What this process parked on one wait channel.
     private struct Parks {
-        /// The highest order it parked (what its gap watch waits for).
-        var highest = Int64.min
         /// When it parked each order whose message came on the channel the others come on (its
         /// own monotonic clock): the evidence ``provenLost(_:waitChannel:next:)`` reads.
         var times: [Int64: ContinuousClock.Instant] = [:]
-        /// When the stand of the last gap found lost by its age began.
+        /// When the last gap found lost by its age was found so (``foundLost(_:waiting:)``).
         var lostSince: ContinuousClock.Instant?
         /// The order last judged (a lower one later means the sequence began again).
         var lastNext = Int64.min
@@ -50,20 +48,8 @@ public final class OrderingGaps: Sendable {
         parkedHere.withLock { parked in
             if parked.count > 100_000 { parked = [:] }
             var parks = parked[waitChannel] ?? Parks()
-            parks.highest = max(parks.highest, order)
             if sameChannel, parks.times.count < 4096, parks.times[order] == nil { parks.times[order] = now }
             parked[waitChannel] = parks
-        }
-    }
-
-    /// Whether a message this process parked on `waitChannel` may still wait (its order is not
-    /// behind `next`); forgets the channel when none may.
-    func parkedAhead(of next: Int64, on waitChannel: String) -> Bool {
-        parkedHere.withLock { parked in
-            guard let parks = parked[waitChannel] else { return false }
-            if parks.highest >= next { return true }
-            parked[waitChannel] = nil
-            return false
         }
     }
 
@@ -77,12 +63,41 @@ public final class OrderingGaps: Sendable {
     /// they were sent); nothing of the socket ran during the stand, and no turn takes a message
     /// before its order comes (a skip looks at what waits without taking it), so the message
     /// of `next` sat all that time in the hands of a worker that never parked or ran it: dead,
-    /// or stuck as long as the first gap's. Lost on the same evidence, it is skipped at once,
-    /// not after a gap timeout of its own (a dead worker leaves every other message of a burst
+    /// or stuck as long as the first gap's. Lost on the same evidence, it is skipped after a
+    /// short grace, not after a gap timeout of its own (a dead worker leaves every other message of a burst
     /// missing, with two workers). Order 0 (a connect, on a channel of its own) is never judged
     /// this way; a park older than ten timeouts is forgotten; a sequence that began again (its
     /// sender's counter lost: the order went back) starts with no evidence.
+    ///
+    /// The evidence alone is not enough: the message of `next` may have been parked and taken
+    /// by a turn an instant ago (a drain takes an order's message when its turn comes, and the
+    /// order moves only when it ran). So the order must also have stood at `next` for
+    /// ``provenGrace(_:)`` as this process saw it, far longer than a turn takes from taking
+    /// its message to its gate; ``evidencePending(_:waitChannel:next:)`` tells the gap watch
+    /// to look again then.
     func provenLost(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
+        guard hasEvidence(timeout, waitChannel: waitChannel, next: next) else { return false }
+        let now = ContinuousClock.now
+        return stuck.withLock { stuck in
+            if let seen = stuck[waitChannel], seen.next == next { return now - seen.since >= Self.provenGrace(timeout) }
+            stuck[waitChannel] = (next, now)
+            return false
+        }
+    }
+
+    /// How long the order must stand at a gap the one before it proves lost: an eighth of the
+    /// gap timeout (1.25 s at the default 10 s), far more than a turn takes from taking its
+    /// message to its gate, and short enough that the dozens of gaps a dead worker can leave
+    /// in a burst go in seconds.
+    static func provenGrace(_ timeout: Duration) -> Duration { timeout / 8 }
+
+    /// Whether a gap at `next` has the evidence of the one before it and waits only for its
+    /// grace (the gap watch then looks again after the grace, not after a whole gap timeout).
+    func evidencePending(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
+        hasEvidence(timeout, waitChannel: waitChannel, next: next)
+    }
+
+    private func hasEvidence(_ timeout: Duration, waitChannel: String, next: Int64) -> Bool {
         guard next > 0 else { return false }
         let now = ContinuousClock.now
         return parkedHere.withLock { parked in
@@ -98,11 +113,20 @@ public final class OrderingGaps: Sendable {
         }
     }
 
-    /// Records that the order of `waitChannel` stood still from `since` for the gap timeout.
-    private func foundLost(_ waitChannel: String, since: ContinuousClock.Instant) {
+    /// Records that the order of `waitChannel` stood still for the gap timeout (its gap is
+    /// lost), after `waiting` (the orders seen waiting after it, counted without taking) were
+    /// noted as seen: each was taken from its channel before this moment. The highest of them
+    /// is left out: it may be the socket's disconnect, which comes on a channel of its own.
+    func foundLost(_ waitChannel: String, waiting: [Int64]) {
+        let now = ContinuousClock.now
         parkedHere.withLock { parked in
-            guard parked[waitChannel] != nil else { return }
-            parked[waitChannel]?.lostSince = since
+            if parked.count > 100_000 { parked = [:] }
+            var parks = parked[waitChannel] ?? Parks()
+            for order in waiting.sorted().dropLast() where parks.times.count < 4096 && parks.times[order] == nil {
+                parks.times[order] = now
+            }
+            parks.lostSince = ContinuousClock.now
+            parked[waitChannel] = parks
         }
     }
 
@@ -116,9 +140,7 @@ public final class OrderingGaps: Sendable {
             stuck[waitChannel] = (next, now)
             return nil
         }
-        guard let since else { return false }
-        foundLost(waitChannel, since: since)
-        return true
+        return since != nil
     }
 }
 

@@ -89,9 +89,16 @@ struct OrderingGate {
             // If the order has not moved for the gap timeout (by this process's own clock), the
             // due message is lost: skip it.
             let (stored, _) = try await storedState()
+            if !slight && stored > order && parkingChannel(for: order, next: next) != waitChannel {
+                // A skip moved the order past this message while it parked: nobody would take
+                // it again. Taken back and dropped as late (counted), not left to expire.
+                dropOlder(await take([parkingChannel(for: order, next: next)]).filter { $0.order < stored }, next: stored)
+                return
+            }
             if isDue(next: stored) {
                 await drain(from: stored)
             } else if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
+                await foundLost()
                 await drain(from: stored, skippingGapFrom: stored)
             } else if context.environment.orderingGaps.watch(waitChannel) {
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
@@ -136,23 +143,23 @@ struct OrderingGate {
 
     private var gaps: OrderingGaps { context.environment.orderingGaps }
 
-    /// Runs (once per wait channel and process at a time) while messages this process parked
-    /// may wait: after each gap timeout, runs what became due, or skips a gap that is now old
-    /// enough. It never takes messages to look whether any wait: taken, they would be missing
-    /// for a turn that ends meanwhile (which then stops, and the socket stalls), and lost with
-    /// this process if it died holding them.
+    /// Runs (once per wait channel and process at a time) while messages wait: after each gap
+    /// timeout (or, for a gap the one before it proves lost, after its grace), runs what
+    /// became due, or skips a gap that is now old enough. It looks whether anything waits by
+    /// counting, never by taking: a message taken to look would be missing for a turn that
+    /// ends meanwhile (which then stops, and the socket stalls), and lost with this process if
+    /// it died holding it. It watches on while anything waits, parked here or by a process
+    /// that died since.
     private func watchGap() async {
         defer { context.environment.orderingGaps.unwatch(waitChannel) }
+        let timeout = context.environment.orderingGapTimeout
+        var pause = timeout + .milliseconds(100)
         while !Task.isCancelled {
-            try? await Task.sleep(for: context.environment.orderingGapTimeout + .milliseconds(100))
+            try? await Task.sleep(for: pause)
             guard let (stored, _) = try? await storedState() else { return }
-            if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
-                // Skipped, or nothing waits past the gap: either way what this process parked
-                // was run, skipped or lost (expired) by now, unless the skip lost its race.
-                guard await drain(from: stored, skippingGapFrom: stored) else {
-                    gaps.forgetParked(waitChannel)
-                    return
-                }
+            if gaps.stuckLongerThan(timeout, waitChannel: waitChannel, next: stored) {
+                await foundLost()
+                await drain(from: stored, skippingGapFrom: stored)
             } else {
                 await drain(from: stored)
             }
@@ -162,10 +169,21 @@ struct OrderingGate {
                 }
                 continue
             }
-            guard let now = try? await storedNext(), gaps.parkedAhead(of: now, on: waitChannel) else { return }
+            guard let now = try? await storedNext() else { return }
+            switch await firstWaiting(after: now) {
+            case .nothing:
+                gaps.forgetParked(waitChannel)
+                return
+            case .order, .onSharedChannel, .unknown:
+                break
+            }
             // Still waiting behind another gap: its clock starts now (the next look skips it
-            // if it still stands), not at that look (one gap timeout per gap, not two).
-            _ = gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: now)
+            // if it still stands), not at that look (one gap timeout per gap, not two); one
+            // the gap before it proves lost is looked at again after its grace.
+            _ = gaps.stuckLongerThan(timeout, waitChannel: waitChannel, next: now)
+            pause =
+                gaps.evidencePending(timeout, waitChannel: waitChannel, next: now)
+                ? OrderingGaps.provenGrace(timeout) + .milliseconds(10) : timeout + .milliseconds(100)
         }
     }
 
@@ -265,9 +283,14 @@ struct OrderingGate {
                     case .onSharedChannel:
                         break
                     }
-                    let waiting = await takeWaiting(after: next)
+                    let waiting = await takeWaiting(from: next)
                     guard let first = waiting.first else { return false }
-                    if await skipGap(from: from, to: first.order) {
+                    if first.order == next {
+                        // Its message waited on the shared channel (a disconnect that came
+                        // too far ahead): no gap, its turn.
+                        entries = waiting.filter { $0.order == next }
+                        await parkAgain(waiting.filter { $0.order != next }, next: next)
+                    } else if await skipGap(from: from, to: first.order) {
                         entries = waiting.filter { $0.order == first.order }
                         await parkAgain(waiting.filter { $0.order != first.order }, next: first.order)
                     } else {
@@ -314,6 +337,26 @@ struct OrderingGate {
         return entries.sorted { $0.order < $1.order }
     }
 
+    /// The order stood still for the gap timeout: notes, for the gaps after it, which orders
+    /// wait now (see ``OrderingGaps/provenLost(_:waitChannel:next:)``), counted without taking.
+    private func foundLost() async {
+        guard !slight, let next = try? await storedNext() else { return }
+        var waiting: [Int64] = []
+        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
+        let last = overflow ? Int64.max - 1 : limit
+        var start = next + 1
+        while start <= last {
+            let end = min(start + 128, last + 1)
+            let orders = Array(start..<end)
+            guard let counts = try? await context.layer.messagesPending(in: orders.map(parkingChannel(for:))) else { break }
+            waiting += zip(orders, counts).filter { $0.1 > 0 }.map(\.0)
+            // A window with nothing waiting: the burst behind this gap ends before it.
+            if counts.allSatisfy({ $0 == 0 }) { break }
+            start = end
+        }
+        gaps.foundLost(waitChannel, waiting: waiting)
+    }
+
     enum Waiting { case nothing, order(Int64), onSharedChannel, unknown }
 
     /// The first order after `next` with a message waiting (looked for 128 orders at a time, as
@@ -346,10 +389,11 @@ struct OrderingGate {
         return .nothing
     }
 
-    /// Takes the messages waiting after `next`: those of the first orders past it that have any
+    /// Takes the messages waiting from `next` on: those of the first orders that have any
     /// (looked for 128 orders at a time, as far as a message may wait ahead), and any on the
-    /// socket's one shared wait channel (where earlier versions parked every message).
-    private func takeWaiting(after next: Int64) async -> [ParkedMessage] {
+    /// socket's one shared wait channel (a disconnect that came too far ahead, or what earlier
+    /// versions parked), where the message of `next` itself may wait.
+    private func takeWaiting(from next: Int64) async -> [ParkedMessage] {
         let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
         let last = overflow ? Int64.max - 1 : limit
         var start = next + 1
@@ -359,8 +403,8 @@ struct OrderingGate {
             let found = await take(shared + (start..<end).map(parkingChannel(for:)))
             // What waited on the shared channel may be older than the order (a message parked
             // by an earlier version and run since); those are dropped as the gate drops them.
-            let after = found.filter { $0.order > next }
-            dropOlder(found.filter { $0.order <= next }, next: next)
+            let after = found.filter { $0.order >= next }
+            dropOlder(found.filter { $0.order < next }, next: next)
             if !after.isEmpty { return after }
             shared = []
             start = end
