@@ -342,17 +342,11 @@ struct OrderingGate {
     private func foundLost() async {
         guard !slight, let next = try? await storedNext() else { return }
         var waiting: [Int64] = []
-        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
-        let last = overflow ? Int64.max - 1 : limit
-        var start = next + 1
-        while start <= last {
-            let end = min(start + 128, last + 1)
-            let orders = Array(start..<end)
+        for orders in windows(after: next) {
             guard let counts = try? await context.layer.messagesPending(in: orders.map(parkingChannel(for:))) else { break }
             waiting += zip(orders, counts).filter { $0.1 > 0 }.map(\.0)
             // A window with nothing waiting: the burst behind this gap ends before it.
             if counts.allSatisfy({ $0 == 0 }) { break }
-            start = end
         }
         gaps.foundLost(waitChannel, waiting: waiting)
     }
@@ -365,13 +359,8 @@ struct OrderingGate {
     /// what an earlier version parked), which only taking can sort; `unknown` when the layer
     /// could not be read (logged; the watch looks again).
     private func firstWaiting(after next: Int64) async -> Waiting {
-        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
-        let last = overflow ? Int64.max - 1 : limit
-        var start = next + 1
         var shared: [String] = [waitChannel]
-        while start <= last {
-            let end = min(start + 128, last + 1)
-            let orders = Array(start..<end)
+        for orders in windows(after: next) {
             let counts: [Int]
             do {
                 counts = try await context.layer.messagesPending(in: shared + orders.map(parkingChannel(for:)))
@@ -384,9 +373,17 @@ struct OrderingGate {
                 return .order(orders[index - shared.count])
             }
             shared = []
-            start = end
         }
         return .nothing
+    }
+
+    /// The orders after `next` a message may wait on, as far ahead as one may wait, in looks
+    /// of 128 (one round trip each).
+    private func windows(after next: Int64) -> [[Int64]] {
+        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
+        let last = overflow ? Int64.max - 1 : limit
+        guard next < last else { return [] }
+        return stride(from: next + 1, through: last, by: 128).map { start in Array(start...min(last, start + 127)) }
     }
 
     /// Takes the messages waiting from `next` on: those of the first orders that have any
@@ -394,20 +391,15 @@ struct OrderingGate {
     /// socket's one shared wait channel (a disconnect that came too far ahead, or what earlier
     /// versions parked), where the message of `next` itself may wait.
     private func takeWaiting(from next: Int64) async -> [ParkedMessage] {
-        let (limit, overflow) = next.addingReportingOverflow(parkingLimit)
-        let last = overflow ? Int64.max - 1 : limit
-        var start = next + 1
         var shared: [String] = [waitChannel]
-        while start <= last {
-            let end = min(start + 128, last + 1)
-            let found = await take(shared + (start..<end).map(parkingChannel(for:)))
+        for orders in windows(after: next) {
+            let found = await take(shared + orders.map(parkingChannel(for:)))
             // What waited on the shared channel may be older than the order (a message parked
             // by an earlier version and run since); those are dropped as the gate drops them.
             let after = found.filter { $0.order >= next }
             dropOlder(found.filter { $0.order < next }, next: next)
             if !after.isEmpty { return after }
             shared = []
-            start = end
         }
         return []
     }
