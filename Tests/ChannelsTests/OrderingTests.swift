@@ -325,6 +325,28 @@ struct OrderingTests {
         #expect(harness.environment.orderingGaps.skipped == 1)
     }
 
+    /// A gap found lost by its age is skipped alone: the orders between it and the first one
+    /// waiting may still be on their way (sent an instant before it), and get their grace. The
+    /// skip jumped to the first one waiting, and a message that came just after was dropped as
+    /// late (the second red team, with a killed worker and a paused one).
+    @Test func aGapFoundLostByItsAgeIsSkippedAlone() async throws {
+        let log = Log()
+        let timeout = Duration.milliseconds(1600)
+        let harness = try TestHarness(Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: timeout))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        // 1 lost; 3 waits; 2 comes just after 1 is given up.
+        try await harness.send(message(reply, order: 3), to: "websocket.receive")
+        let deadline = ContinuousClock.now + .seconds(20)
+        while harness.environment.orderingGaps.skipped == 0, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await Self.waitFor(log, count: 3)
+        #expect(await log.entries == ["0", "2", "3"], "2 came within its grace and ran before 3")
+        #expect(harness.environment.orderingGaps.skipped == 1)
+    }
+
     /// Messages parked by a worker that died since (nothing of them recorded here) still run:
     /// the gap watch goes on while anything waits, not only while this process's own parks do
     /// (it stopped once its own had run, and the dead worker's waited for the socket's next

@@ -54,7 +54,10 @@ public final class OrderingGaps: Sendable {
     }
 
     /// Forgets what this process parked on `waitChannel` (nothing of it waits any more).
-    func forgetParked(_ waitChannel: String) { _ = parkedHere.withLock { $0.removeValue(forKey: waitChannel) } }
+    func forgetParked(_ waitChannel: String) {
+        _ = parkedHere.withLock { $0.removeValue(forKey: waitChannel) }
+        _ = stuck.withLock { $0.removeValue(forKey: waitChannel) }
+    }
 
     /// Whether the message of `next` is lost, judged from the last gap this process found lost
     /// by its age on `waitChannel` (the order stood still for the gap timeout from `lostSince`):
@@ -115,14 +118,16 @@ public final class OrderingGaps: Sendable {
 
     /// Records that the order of `waitChannel` stood still for the gap timeout (its gap is
     /// lost), after `waiting` (the orders seen waiting after it, counted without taking) were
-    /// noted as seen: each was taken from its channel before this moment. The highest of them
-    /// is left out: it may be the socket's disconnect, which comes on a channel of its own.
+    /// noted as seen: each was taken from its channel before this moment. (One may be the
+    /// socket's disconnect, which comes on a channel of its own: with its receives more than
+    /// a gap timeout behind in `websocket.receive`, those are taken for lost, as the first gap
+    /// itself is.)
     func foundLost(_ waitChannel: String, waiting: [Int64]) {
         let now = ContinuousClock.now
         parkedHere.withLock { parked in
             if parked.count > 100_000 { parked = [:] }
             var parks = parked[waitChannel] ?? Parks()
-            for order in waiting.sorted().dropLast() where parks.times.count < 4096 && parks.times[order] == nil {
+            for order in waiting where parks.times.count < 4096 && parks.times[order] == nil {
                 parks.times[order] = now
             }
             parks.lostSince = ContinuousClock.now

@@ -156,7 +156,10 @@ struct OrderingGate {
         var pause = timeout + .milliseconds(100)
         while !Task.isCancelled {
             try? await Task.sleep(for: pause)
-            guard let (stored, _) = try? await storedState() else { return }
+            // A store that fails (this process was frozen, Redis is failing over) is looked at
+            // again after the pause: the watch ends only when nothing waits.
+            pause = timeout + .milliseconds(100)
+            guard let (stored, _) = try? await storedState() else { continue }
             if gaps.stuckLongerThan(timeout, waitChannel: waitChannel, next: stored) {
                 await foundLost()
                 await drain(from: stored, skippingGapFrom: stored)
@@ -169,9 +172,11 @@ struct OrderingGate {
                 }
                 continue
             }
-            guard let now = try? await storedNext() else { return }
+            guard let now = try? await storedNext() else { continue }
             switch await firstWaiting(after: now) {
             case .nothing:
+                // Forgotten too: how long the order stood (an idle socket's order would
+                // otherwise seem to have stood since this look when its next burst comes).
                 gaps.forgetParked(waitChannel)
                 return
             case .order, .onSharedChannel, .unknown:
@@ -257,10 +262,15 @@ struct OrderingGate {
             while true {
                 var entries = await take([parkingChannel(for: next)])
                 // Lost on the evidence of the gap found lost before it: skipped now.
+                // Proven, the whole stretch of missing orders up to the first one waiting goes
+                // (the evidence covers each of them); found lost by its age, only this order
+                // (the ones after it may be on their way: they get their grace, as proven gaps).
+                var proven = false
                 if entries.isEmpty, gap == nil,
                     gaps.provenLost(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: next)
                 {
                     gap = next
+                    proven = true
                 }
                 if entries.isEmpty, let from = gap, from == next {
                     // The due message never came: the first one waiting after it, if any, runs now.
@@ -270,9 +280,10 @@ struct OrderingGate {
                         return false
                     case .unknown:
                         return true
-                    case .order(let first):
+                    case .order(let waiting):
                         // Looked at, not taken: a turn never finds a message missing because a
                         // skip holds it.
+                        let first = proven ? waiting : min(waiting, from + 1)
                         if await skipGap(from: from, to: first) {
                             next = first
                         } else {
@@ -290,6 +301,13 @@ struct OrderingGate {
                         // too far ahead): no gap, its turn.
                         entries = waiting.filter { $0.order == next }
                         await parkAgain(waiting.filter { $0.order != next }, next: next)
+                    } else if !proven && first.order > from + 1 {
+                        // Found lost by its age: this order alone.
+                        let skipped = await skipGap(from: from, to: from + 1)
+                        await parkAgain(waiting, next: skipped ? from + 1 : next)
+                        guard let now = try? await storedNext() else { return true }
+                        next = now
+                        continue
                     } else if await skipGap(from: from, to: first.order) {
                         entries = waiting.filter { $0.order == first.order }
                         await parkAgain(waiting.filter { $0.order != first.order }, next: first.order)
