@@ -17,68 +17,73 @@ struct RedisLayerTests {
         return try RedisChannelLayer(configuration: configuration)
     }
 
+    /// A layer under a prefix of its own on the test Redis, flushed and closed after `body`
+    /// (which gets the layer, the Redis URL and the prefix).
+    func withPrefixedLayer(_ body: (RedisChannelLayer, String, String) async throws -> Void) async throws {
+        let url = try TestRedis.requireURL()
+        let prefix = TestRedis.uniquePrefix()
+        let layer = try layer(prefix: prefix)
+        do {
+            try await body(layer, url, prefix)
+        } catch {
+            try? await layer.flush()
+            await layer.close()
+            throw error
+        }
+        try? await layer.flush()
+        await layer.close()
+    }
+
     func raw(_ url: String) throws -> HiredisConnection {
         try HiredisConnection(endpoint: RedisEndpoint(url: url), connectTimeout: .seconds(1), commandTimeout: .seconds(2))
     }
 
     @Test("the stored layout is asgi_redis's: body string with TTL, list of body keys, group zset")
     func layout() async throws {
-        let url = try TestRedis.requireURL()
-        let prefix = TestRedis.uniquePrefix()
-        let layer = try layer(prefix: prefix)
-        defer {
-            Task {
-                try? await layer.flush(); await layer.close()
-            }
-        }
-        try await layer.send(Cases.response, to: "daphne.response.AbCdEfGhIj!KlMnOpQrSt")
-        let redis = try raw(url)
-        let list = try redis.command(["LRANGE", prefix + "daphne.response.AbCdEfGhIj!", "0", "-1"])
-        let bodyKey = try #require(list.array?.first?.text)
-        #expect(bodyKey.hasPrefix(prefix))
-        let hexPart = bodyKey.dropFirst(prefix.count)
-        #expect(hexPart.count == 32 && hexPart.allSatisfy { "0123456789abcdef".contains($0) })
-        let body = try #require(try redis.command(["GET", bodyKey]).bytes)
-        // The SPEC's example: the message, then __asgi_channel__ with the full name.
-        let expected = "84a6737461747573ccc8a76865616465727390a7636f6e74656e74c4026869ac6d6f72655f636f6e74656e74c2"
-        #expect(hex(body).hasPrefix("85" + expected.dropFirst(2)))
-        #expect(
-            hex(body).hasSuffix(
-                "b0" + hex(Array("__asgi_channel__".utf8)) + "d925" + hex(Array("daphne.response.AbCdEfGhIj!KlMnOpQrSt".utf8))))
-        let ttl = try redis.command(["TTL", bodyKey]).integer ?? -1
-        #expect(ttl > 30 && ttl <= 60)
-        let listTTL = try redis.command(["TTL", prefix + "daphne.response.AbCdEfGhIj!"]).integer ?? -1
-        #expect(listTTL > 31 && listTTL <= 61)
+        try await withPrefixedLayer { layer, url, prefix in
+            try await layer.send(Cases.response, to: "daphne.response.AbCdEfGhIj!KlMnOpQrSt")
+            let redis = try raw(url)
+            let list = try redis.command(["LRANGE", prefix + "daphne.response.AbCdEfGhIj!", "0", "-1"])
+            let bodyKey = try #require(list.array?.first?.text)
+            #expect(bodyKey.hasPrefix(prefix))
+            let hexPart = bodyKey.dropFirst(prefix.count)
+            #expect(hexPart.count == 32 && hexPart.allSatisfy { "0123456789abcdef".contains($0) })
+            let body = try #require(try redis.command(["GET", bodyKey]).bytes)
+            // The SPEC's example: the message, then __asgi_channel__ with the full name.
+            let expected = "84a6737461747573ccc8a76865616465727390a7636f6e74656e74c4026869ac6d6f72655f636f6e74656e74c2"
+            #expect(hex(body).hasPrefix("85" + expected.dropFirst(2)))
+            #expect(
+                hex(body).hasSuffix(
+                    "b0" + hex(Array("__asgi_channel__".utf8)) + "d925" + hex(Array("daphne.response.AbCdEfGhIj!KlMnOpQrSt".utf8))))
+            let ttl = try redis.command(["TTL", bodyKey]).integer ?? -1
+            #expect(ttl > 30 && ttl <= 60)
+            let listTTL = try redis.command(["TTL", prefix + "daphne.response.AbCdEfGhIj!"]).integer ?? -1
+            #expect(listTTL > 31 && listTTL <= 61)
 
-        try await layer.groupAdd("chat-lobby", channel: "daphne.response.X!y")
-        let members = try redis.command(["ZRANGE", prefix + ":group:chat-lobby", "0", "-1", "WITHSCORES"])
-        let pair = try #require(members.array)
-        #expect(pair.first?.text == "daphne.response.X!y")
-        let score = Double(pair.last?.text ?? "") ?? 0
-        #expect(abs(score - Date().timeIntervalSince1970) < 5)
-        let count = try redis.command(["GET", String(prefix.dropLast()) + "-meta:daphne.response.AbCdEfGhIj!:messages_count"])
-        #expect(count.text == "1")
+            try await layer.groupAdd("chat-lobby", channel: "daphne.response.X!y")
+            let members = try redis.command(["ZRANGE", prefix + ":group:chat-lobby", "0", "-1", "WITHSCORES"])
+            let pair = try #require(members.array)
+            #expect(pair.first?.text == "daphne.response.X!y")
+            let score = Double(pair.last?.text ?? "") ?? 0
+            #expect(abs(score - Date().timeIntervalSince1970) < 5)
+            let count = try redis.command(["GET", String(prefix.dropLast()) + "-meta:daphne.response.AbCdEfGhIj!:messages_count"])
+            #expect(count.text == "1")
+        }
     }
 
     @Test("a socket's per-order wait channels count under its one wait channel: one pair of statistics keys, not one per order")
     func waitChannelStatisticsStayOnePair() async throws {
-        let url = try TestRedis.requireURL()
-        let prefix = TestRedis.uniquePrefix()
-        let layer = try layer(prefix: prefix)
-        defer {
-            Task {
-                try? await layer.flush(); await layer.close()
-            }
+        try await withPrefixedLayer { layer, url, prefix in
+            let wait = CapacityTable.waitChannelPrefix + "0123456789abcdef0123456789abcdef01234567"
+            for order in 1...20 { try await layer.send(["order": .int(Int64(order))], to: wait + ".\(order)") }
+            let redis = try raw(url)
+            let meta = String(prefix.dropLast()) + "-meta:"
+            #expect(try redis.command(["GET", meta + wait + ":messages_count"]).text == "20")
+            let perOrder = try redis.command(["KEYS", meta + wait + ".*"]).array ?? []
+            #expect(perOrder.isEmpty, "statistics keys per order: \(perOrder.count)")
+            // Each order's message is where it was parked.
+            #expect(try await layer.receive(channels: [wait + ".7"])?.message["order"] == 7)
         }
-        let wait = CapacityTable.waitChannelPrefix + "0123456789abcdef0123456789abcdef01234567"
-        for order in 1...20 { try await layer.send(["order": .int(Int64(order))], to: wait + ".\(order)") }
-        let redis = try raw(url)
-        let meta = String(prefix.dropLast()) + "-meta:"
-        #expect(try redis.command(["GET", meta + wait + ":messages_count"]).text == "20")
-        let perOrder = try redis.command(["KEYS", meta + wait + ".*"]).array ?? []
-        #expect(perOrder.isEmpty, "statistics keys per order: \(perOrder.count)")
-        // Each order's message is where it was parked.
-        #expect(try await layer.receive(channels: [wait + ".7"])?.message["order"] == 7)
     }
 
     @Test("received bodies are deleted: DBSIZE does not grow")
