@@ -22,16 +22,7 @@ struct RedisLayerTests {
     func withPrefixedLayer(_ body: (RedisChannelLayer, String, String) async throws -> Void) async throws {
         let url = try TestRedis.requireURL()
         let prefix = TestRedis.uniquePrefix()
-        let layer = try layer(prefix: prefix)
-        do {
-            try await body(layer, url, prefix)
-        } catch {
-            try? await layer.flush()
-            await layer.close()
-            throw error
-        }
-        try? await layer.flush()
-        await layer.close()
+        try await flushingAfter(try layer(prefix: prefix)) { try await body($0, url, prefix) }
     }
 
     func raw(_ url: String) throws -> HiredisConnection {

@@ -46,6 +46,11 @@ func withLayer(
     let layer = try makeLayer(
         kind, capacity: capacity, expiry: expiry, groupExpiry: groupExpiry, channelCapacities: channelCapacities,
         maxMessageSize: maxMessageSize)
+    try await flushingAfter(layer) { try await body($0) }
+}
+
+/// Runs `body` with `layer`, then flushes and closes it, also when `body` throws.
+func flushingAfter<Layer: ChannelLayer>(_ layer: Layer, _ body: (Layer) async throws -> Void) async throws {
     do {
         try await body(layer)
     } catch {
