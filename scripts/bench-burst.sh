@@ -9,6 +9,9 @@
 #   APP=PeerChat scripts/bench-burst.sh         the relay-only twin
 #   BINARY=/dir/chat scripts/bench-burst.sh     an earlier release build instead
 #   MESSAGES=50 MEMBERS=5000 WORKERS=1 RUNS=3 ...
+#   RATE=500 ...                                 at 500 messages/s instead of back to back
+#   GAP=0.05 ...                                 one at a time, 50 ms apart (latency mode)
+#   PERF=/tmp/server.data ...                    `perf record -g` the first server during the burst
 #
 # The first run sets the peers2 kit up (../shared/peers2/setup.sh: apt packages, two Go programs).
 set -uo pipefail
@@ -22,6 +25,7 @@ if [ -z "${BINARY:-}" ]; then
   swift build -c release --package-path Examples --product "$APP" >/dev/null || exit 1
   BINARY="$(swift build -c release --package-path Examples --show-bin-path)/$APP"
 fi
+BINARY=$(realpath "$BINARY") || exit 1   # the processes start in a scratch directory
 case "$(basename "$BINARY")" in PeerChat) ROOM_PATH='/{room}/' ;; *) ROOM_PATH='/chat/{room}/' ;; esac
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 RUN=$(mktemp -d); PIDS=()
@@ -43,16 +47,21 @@ done
 for p in "${PORTS[@]}"; do for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$p/" && break; sleep 0.1; done; done
 sleep 1
 ticks() { local t=0 f; for p in "$@"; do f=$(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null) || continue; set -- $f; t=$((t + $1 + $2)); done; echo "$t"; }
-echo "$(basename "$BINARY") ($BINARY): $MEMBERS members, $MESSAGES messages back to back, 2 servers, $WORKERS workers"
+if [ -n "${GAP:-}" ]; then PACE=(--gap "$GAP"); HOW="one at a time, ${GAP} s apart"
+elif [ -n "${RATE:-}" ]; then PACE=(--burst --rate "$RATE"); HOW="at $RATE/s"
+else PACE=(--burst); HOW="back to back"; fi
+echo "$(basename "$BINARY") ($BINARY): $MEMBERS members, $MESSAGES messages $HOW, 2 servers, $WORKERS workers"
 for run in $(seq "$RUNS"); do
   "$FANOUT" --proto chat --urls "http://127.0.0.1:${PORTS[0]},http://127.0.0.1:${PORTS[1]}" --path "$ROOM_PATH" \
-    --members "$MEMBERS" --messages "$MESSAGES" --burst >"$RUN/out" 2>"$RUN/err" &
+    --members "$MEMBERS" --messages "$MESSAGES" "${PACE[@]}" >"$RUN/out" 2>"$RUN/err" &
   CLIENT=$!
   # The burst starts once every member joined and the room settled.
   while ! grep -q settled "$RUN/err" 2>/dev/null && kill -0 "$CLIENT" 2>/dev/null; do sleep 0.02; done
   s0=$(ticks "${SERVERS[@]}"); w0=$(ticks "${WORKER_PIDS[@]}"); r0=$(ticks "$REDIS"); c0=$(ticks "$CLIENT"); c1=$c0
   redis-cli -p "$R" config resetstat >/dev/null
+  PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F 2000 -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
   while kill -0 "$CLIENT" 2>/dev/null; do c=$(ticks "$CLIENT") && [ -n "$c" ] && c1=$c; sleep 0.05; done
+  [ -n "$PERF_PID" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID"; }
   s1=$(ticks "${SERVERS[@]}"); w1=$(ticks "${WORKER_PIDS[@]}"); r1=$(ticks "$REDIS")
   result=$(tail -1 "$RUN/out" | python3 -c 'import json,sys
 d = json.loads(sys.stdin.read() or "{}")

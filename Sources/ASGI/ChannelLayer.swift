@@ -306,6 +306,43 @@ extension ChannelLayer {
     }
 }
 
+/// A lease: a named claim on some work, with a note for whoever takes the work over.
+public struct ChannelLayerLease: Sendable, Hashable {
+    /// What the lease is on (unique in its pool).
+    public var name: String
+    /// What its holder left for a successor (free text, short).
+    public var note: String
+
+    /// A lease on `name` with `note`.
+    public init(name: String, note: String) {
+        self.name = name
+        self.note = note
+    }
+}
+
+/// A layer that keeps leases every process on it sees: claims on work that lapse unless their
+/// holder renews them, so that when a process dies (SIGKILL, OOM, a lost host) another one
+/// finds what it was looking after and takes it over. Whether a lease lapsed is judged on one
+/// clock, the layer's (Redis `TIME`), never by comparing two hosts' clocks.
+public protocol ChannelLayerLeases: ChannelLayer {
+    /// Takes or renews the lease on `name` in `pool` for `duration`, with `note`.
+    func holdLease(_ name: String, in pool: String, note: String, for duration: Duration) async throws(ChannelLayerError)
+    /// Leases of `pool` that lapsed (their holder stopped renewing them), at most `max`, each
+    /// claimed for `duration` as it is handed out: a concurrent claim never gets the same one.
+    func claimLapsedLeases(in pool: String, max: Int, for duration: Duration) async throws(ChannelLayerError) -> [ChannelLayerLease]
+    /// Gives up the lease on `name` in `pool` (the work is done).
+    func releaseLease(_ name: String, in pool: String) async throws(ChannelLayerError)
+}
+
+extension ChannelLayer {
+    /// This layer's leases, or those of the layer it wraps; nil when neither keeps any.
+    public var leases: (any ChannelLayerLeases)? {
+        if let layer = self as? any ChannelLayerLeases { return layer }
+        if let wrapper = self as? any ForwardingChannelLayer { return wrapper.base.leases }
+        return nil
+    }
+}
+
 /// What an operator's tools (`stats`, the operations page) may ask a layer beyond ASGI: which
 /// channels hold messages and which groups exist. Layers that can answer adopt it; tools ask
 /// with `layer as? any ChannelLayerInspection` and show less when a layer cannot.

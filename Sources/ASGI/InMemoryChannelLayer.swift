@@ -125,6 +125,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCap
     /// The capacity a send to `channel` is held to.
     public func capacity(for channel: String) -> Int { capacities.capacity(for: channel) }
     let state = Mutex(State())
+    /// Per pool, the leases held: until when, and the holder's note (``ChannelLayerLeases``).
+    let leaseState = Mutex<[String: [String: (until: ContinuousClock.Instant, note: String)]]>([:])
     /// Group histories (see ``ChannelLayerHistory``), apart from the queues' lock.
     let histories = Mutex(InMemoryHistories())
     /// Group presence (see ``ChannelLayerPresence``).

@@ -14,6 +14,9 @@ enum ChannelsMetrics {
     /// `channels_ordering_skipped_total`: messages of ordered sequences given up as lost (a
     /// gap skipped after the gap timeout, or proven lost by the gap before it).
     static let orderingSkipped = Counter(label: "channels_ordering_skipped_total")
+    /// `channels_ordering_resumed_total`: ordered sockets whose every watching worker stopped
+    /// (killed) while messages waited, taken over by this worker (see `OrderingSweeper`).
+    static let orderingResumed = Counter(label: "channels_ordering_resumed_total")
     static let delayScheduled = Counter(label: "channels_delay_scheduled_total")
     static let delayDelivered = Counter(label: "channels_delay_delivered_total")
     static let delayRetried = Counter(label: "channels_delay_retried_total")

@@ -153,6 +153,12 @@ public final class Worker: Service, Sendable {
 
     /// The receive loop and the consumers it starts, until stopped.
     private func serve() async {
+        // Ordered sockets whose every watching worker died are taken over (it stops with the
+        // receive loop: a stopping worker takes nothing more over).
+        let sweeper = Task { [layer, environment, logger] in
+            await OrderingSweeper(layer: layer, environment: environment, logger: logger).run()
+        }
+        defer { sweeper.cancel() }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 if let deadlines { group.addTask { await deadlines.watch() } }

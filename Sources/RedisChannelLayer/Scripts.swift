@@ -456,6 +456,50 @@ enum Scripts {
             """)
 }
 
+extension Scripts {
+    /// Redis's clock in milliseconds, for the lease scripts.
+    private static let leaseNow = """
+        local clock = redis.call('TIME')
+        local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+        """
+
+    /// Takes or renews a lease. KEYS: the pool's set, its notes. ARGV: name, note, milliseconds.
+    /// Both keys live a day past the last hold: a pool nobody uses any more goes.
+    static let holdLease = LuaScript(
+        name: "holdLease",
+        source: leaseNow + """
+            redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+            redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+            redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 86400000)
+            redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + 86400000)
+            return 1
+            """)
+
+    /// Claims up to ARGV[1] lapsed leases for ARGV[2] milliseconds each. KEYS: the pool's set,
+    /// its notes. Returns name, note, name, note, ...
+    static let claimLapsedLeases = LuaScript(
+        name: "claimLapsedLeases",
+        source: leaseNow + """
+            local names = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+            local result = {}
+            for _, name in ipairs(names) do
+                redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), name)
+                result[#result + 1] = name
+                result[#result + 1] = redis.call('HGET', KEYS[2], name) or ''
+            end
+            return result
+            """)
+
+    /// Gives up a lease. KEYS: the pool's set, its notes. ARGV: name.
+    static let releaseLease = LuaScript(
+        name: "releaseLease",
+        source: """
+            redis.call('ZREM', KEYS[1], ARGV[1])
+            redis.call('HDEL', KEYS[2], ARGV[1])
+            return 1
+            """)
+}
+
 /// Converts a shell glob to an anchored Lua pattern for the group-send script.
 enum GlobPatternLua {
     static func luaPattern(_ glob: String) -> String {

@@ -1,6 +1,7 @@
 import ASGI
 import ChannelsTesting
 import Foundation
+import Logging
 import RedisChannelLayer
 import TestSupport
 import Testing
@@ -367,6 +368,44 @@ struct OrderingTests {
         try await Self.waitFor(log, count: 4)
         #expect(await log.entries == ["0", "2", "4", "5"])
         #expect(harness.environment.orderingGaps.skipped == 2)
+    }
+
+    /// Every worker that saw this socket died at once: 1 was lost with them, 2 and 3 wait
+    /// parked, and nothing of the socket comes again to bring a gate back. The dead watch's
+    /// lease lapses; a sweeper claims it and sends 2 back on `websocket.receive`; the gate that
+    /// meets it parks it, watches the gap, skips 1 and runs 2 and 3, and the watch gives its
+    /// lease up once nothing waits. Before, 2 and 3 waited for the socket's next frame.
+    @Test func aSocketWhoseWatchersAllDiedIsResumedByASweeper() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        for order: Int64 in [2, 3] {
+            let parked = ParkedMessage(channel: "websocket.receive", content: message(reply, order: order), order: order)
+            try await harness.layer.send(parked.message, to: shared + ".\(order)")
+        }
+        let leases = try #require(harness.layer.leases)
+        try await leases.holdLease(shared, in: OrderingSweeper.pool, note: "1", for: .milliseconds(1))
+        // Another lapsed lease whose messages all ran: released, nothing sent.
+        try await leases.holdLease(shared + "0", in: OrderingSweeper.pool, note: "4", for: .milliseconds(1))
+        try await Task.sleep(for: .milliseconds(20))
+        let sweeper = OrderingSweeper(layer: harness.layer, environment: harness.environment, logger: Logger(label: "test"))
+        #expect(await sweeper.sweep() == 1, "one socket resumed")
+        #expect(await log.entries == ["0"], "the sweeper runs nothing itself")
+        #expect(try await harness.runPending() == 1, "the message sent back")
+        try await Self.waitFor(log, count: 3)
+        #expect(await log.entries == ["0", "2", "3"])
+        #expect(harness.environment.orderingGaps.skipped == 1)
+        // The watch released the lease when nothing waited: a claim long after finds none.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while harness.environment.orderingGaps.isWatched(shared), ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        try await leases.holdLease("__wait__.probe", in: OrderingSweeper.pool, note: "", for: .milliseconds(1))
+        try await Task.sleep(for: .seconds(3))
+        #expect(try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(1)).map(\.name) == ["__wait__.probe"])
     }
 
     /// A disconnect that came too far ahead waits on the shared channel; when its turn comes

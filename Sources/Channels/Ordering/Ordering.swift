@@ -27,6 +27,8 @@ public final class OrderingGaps: Sendable {
     /// True when the caller should start watching `waitChannel` (nobody here does yet).
     func watch(_ waitChannel: String) -> Bool { watched.withLock { $0.insert(waitChannel).inserted } }
     func unwatch(_ waitChannel: String) { _ = watched.withLock { $0.remove(waitChannel) } }
+    /// Whether a gap watch of this process covers `waitChannel` now.
+    func isWatched(_ waitChannel: String) -> Bool { watched.withLock { $0.contains(waitChannel) } }
 
     /// What this process parked on one wait channel.
     private struct Parks {

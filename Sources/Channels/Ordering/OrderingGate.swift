@@ -104,7 +104,7 @@ struct OrderingGate {
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
                 // Detached: a watch started inside a drain must not inherit its `draining` mark.
                 let gate = self
-                Task.detached { await gate.watchGap() }
+                Task.detached { await gate.watchGap(from: stored) }
             }
             return
         }
@@ -150,9 +150,14 @@ struct OrderingGate {
     /// ends meanwhile (which then stops, and the socket stalls), and lost with this process if
     /// it died holding it. It watches on while anything waits, parked here or by a process
     /// that died since.
-    private func watchGap() async {
+    ///
+    /// While it watches it holds a lease on the wait channel in the layer, renewed at every look
+    /// with the order it saw due: if this process dies, another worker's ``OrderingSweeper``
+    /// finds the lease lapsed and resumes the socket.
+    private func watchGap(from known: Int64) async {
         defer { context.environment.orderingGaps.unwatch(waitChannel) }
         let timeout = context.environment.orderingGapTimeout
+        await holdLease(next: known)
         var pause = timeout + .milliseconds(100)
         while !Task.isCancelled {
             try? await Task.sleep(for: pause)
@@ -160,6 +165,7 @@ struct OrderingGate {
             // again after the pause: the watch ends only when nothing waits.
             pause = timeout + .milliseconds(100)
             guard let (stored, _) = try? await storedState() else { continue }
+            await holdLease(next: stored)
             if gaps.stuckLongerThan(timeout, waitChannel: waitChannel, next: stored) {
                 await foundLost()
                 await drain(from: stored, skippingGapFrom: stored)
@@ -168,6 +174,7 @@ struct OrderingGate {
             }
             if slight {
                 guard let pending = try? await context.layer.channelStatistics(waitChannel).messagesPending, pending > 0 else {
+                    await releaseLease()
                     return
                 }
                 continue
@@ -178,6 +185,7 @@ struct OrderingGate {
                 // Forgotten too: how long the order stood (an idle socket's order would
                 // otherwise seem to have stood since this look when its next burst comes).
                 gaps.forgetParked(waitChannel)
+                await releaseLease()
                 return
             case .order, .onSharedChannel, .unknown:
                 break
@@ -190,6 +198,23 @@ struct OrderingGate {
                 gaps.evidencePending(timeout, waitChannel: waitChannel, next: now)
                 ? OrderingGaps.provenGrace(timeout) + .milliseconds(10) : timeout + .milliseconds(100)
         }
+    }
+
+    /// Takes or renews this watch's lease (see ``OrderingSweeper``); a layer that fails is
+    /// logged: the watch goes on, only its takeover is at stake.
+    private func holdLease(next: Int64) async {
+        guard let leases = context.layer.leases else { return }
+        do {
+            try await leases.holdLease(
+                waitChannel, in: OrderingSweeper.pool, note: slight ? "slight" : String(next),
+                for: OrderingSweeper.leaseDuration(context.environment.orderingGapTimeout))
+        } catch {
+            context.logger.warning("could not renew an ordering watch's lease", metadata: ["error": "\(error)"])
+        }
+    }
+
+    private func releaseLease() async {
+        try? await context.layer.leases?.releaseLease(waitChannel, in: OrderingSweeper.pool)
     }
 
     /// The next order as stored now (another worker may have moved it).

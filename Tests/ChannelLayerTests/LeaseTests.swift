@@ -1,0 +1,52 @@
+import ASGI
+import Testing
+
+/// Leases (``ChannelLayerLeases``): what the ordering sweeper finds when every worker watching
+/// a socket died. A lease lapses only when its holder stops renewing it, is claimed by one
+/// claimer at a time, and is gone once released.
+@Suite struct LeaseTests {
+    @Test(arguments: LayerKind.allCases)
+    func aLeaseLapsesOnlyWhenItsHolderStopsRenewingIt(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let leases = try #require(layer.leases, "the layer keeps leases")
+            try await leases.holdLease("__wait__.a", in: "ordering", note: "5", for: .seconds(1))
+            #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "held")
+            try await Task.sleep(for: .milliseconds(600))
+            try await leases.holdLease("__wait__.a", in: "ordering", note: "7", for: .seconds(1))
+            try await Task.sleep(for: .milliseconds(600))
+            #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "renewed")
+            try await Task.sleep(for: .milliseconds(1000))
+            // Lapsed: claimed once, with the holder's last note; a second claim does not get it.
+            #expect(
+                try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10))
+                    == [ChannelLayerLease(name: "__wait__.a", note: "7")])
+            #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "claimed already")
+        }
+    }
+
+    @Test(arguments: LayerKind.allCases)
+    func claimsTakeAtMostTheirCountFromTheirPoolAndReleasedLeasesAreGone(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let leases = try #require(layer.leases)
+            for name in ["x", "y", "z"] { try await leases.holdLease(name, in: "ordering", note: name, for: .milliseconds(1)) }
+            try await leases.holdLease("other", in: "elsewhere", note: "", for: .milliseconds(1))
+            try await leases.releaseLease("z", in: "ordering")
+            try await Task.sleep(for: .milliseconds(50))
+            let first = try await leases.claimLapsedLeases(in: "ordering", max: 1, for: .milliseconds(1))
+            #expect(first.count == 1)
+            try await Task.sleep(for: .milliseconds(50))
+            // The first claim lapsed too (1 ms): both left are handed out, never the released one
+            // nor another pool's.
+            let all = try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10))
+            #expect(Set(all.map(\.name)) == ["x", "y"])
+            #expect(all.allSatisfy { $0.note == $0.name }, "each with its note")
+            #expect(try await leases.claimLapsedLeases(in: "elsewhere", max: 10, for: .seconds(10)).map(\.name) == ["other"])
+        }
+    }
+
+    /// A wrapper (the metered layer every command wraps its layer in) hands its layer's leases on.
+    @Test func leasesAreReachedThroughAWrapper() async throws {
+        let layer = MeteredChannelLayer(InMemoryChannelLayer())
+        #expect(layer.leases != nil)
+    }
+}
