@@ -5,21 +5,25 @@ import Testing
 /// a socket died. A lease lapses only when its holder stops renewing it, is claimed by one
 /// claimer at a time, and is gone once released.
 @Suite struct LeaseTests {
+    /// Durations far apart (a minute held, a millisecond lapsed), so a slow machine cannot
+    /// turn one into the other.
     @Test(arguments: LayerKind.allCases)
     func aLeaseLapsesOnlyWhenItsHolderStopsRenewingIt(_ kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
             let leases = try #require(layer.leases, "the layer keeps leases")
-            try await leases.holdLease("__wait__.a", in: "ordering", note: "5", for: .seconds(1))
-            #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "held")
-            try await Task.sleep(for: .milliseconds(600))
-            try await leases.holdLease("__wait__.a", in: "ordering", note: "7", for: .seconds(1))
-            try await Task.sleep(for: .milliseconds(600))
-            #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "renewed")
-            try await Task.sleep(for: .milliseconds(1000))
-            // Lapsed: claimed once, with the holder's last note; a second claim does not get it.
+            try await leases.holdLease("__wait__.held", in: "ordering", note: "1", for: .seconds(60))
+            // Renewed after it lapsed, before anyone claimed it: held again.
+            try await leases.holdLease("__wait__.renewed", in: "ordering", note: "2", for: .milliseconds(1))
+            try await Task.sleep(for: .milliseconds(20))
+            try await leases.holdLease("__wait__.renewed", in: "ordering", note: "3", for: .seconds(60))
+            #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "both held")
+            // Its holder's last renewal was short and was the last: lapsed, with that renewal's note.
+            try await leases.holdLease("__wait__.renewed", in: "ordering", note: "7", for: .milliseconds(1))
+            try await Task.sleep(for: .milliseconds(20))
             #expect(
-                try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10))
-                    == [ChannelLayerLease(name: "__wait__.a", note: "7")])
+                try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(60))
+                    == [ChannelLayerLease(name: "__wait__.renewed", note: "7")])
+            // Claimed once: a second claim does not get it.
             #expect(try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(10)).isEmpty, "claimed already")
         }
     }
