@@ -21,9 +21,18 @@
         var delayKey: String?
         @Option(name: .long, help: "Seconds past its due time after which a delivery counts as late (channels_delay_late_total).")
         var lateAfter = 0.5
+        @Option(
+            name: .long,
+            help:
+                "Seconds a taken message is held for its delivery: if this process dies between taking and sending it, any rundelay sends it after that (the one being sent at the death may arrive twice)."
+        )
+        var deliveryLease = 30.0
 
         func validate() throws {
             guard lateAfter.isFinite, lateAfter >= 0 else { throw ValidationError("--late-after must be a number of seconds >= 0") }
+            guard deliveryLease.isFinite, deliveryLease >= 1 else {
+                throw ValidationError("--delivery-lease must be a number of seconds >= 1")
+            }
         }
 
         func run(_ app: ChannelsApplication) async throws {
@@ -37,7 +46,9 @@
             let client = RedisClient(endpoint: first)
             let delayKey = self.delayKey ?? redis.prefix + "delay"
             let server = DelayServer(
-                layer: layer, store: RedisDelayStore(client: client, key: delayKey, encryption: redis.encryption),
+                layer: layer,
+                store: RedisDelayStore(
+                    client: client, key: delayKey, encryption: redis.encryption, deliveryLease: Duration(secondsValue: deliveryLease)),
                 lateAfter: Duration(secondsValue: lateAfter),
                 logger: logger)
             say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")

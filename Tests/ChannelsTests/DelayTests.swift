@@ -140,6 +140,27 @@ struct DelayTests {
         #expect(try await store.nextDue() == nil)
     }
 
+    /// A delay server killed between its take and its sends: what it took and never finished
+    /// is held until its lease lapses, then any take hands it out again (on the store's clock,
+    /// here given as `now`); what it finished is gone. Before, a take removed the entries, and a
+    /// kill lost up to a whole take of them.
+    @Test func theRedisStoreHandsOutAgainWhatADeadTakerNeverFinished() async throws {
+        let store = RedisDelayStore(
+            client: try TestRedis.client(), key: "t" + ChannelNames.randomLetters(8) + "-delay", deliveryLease: .seconds(1))
+        try await store.schedule([1], due: 1_000)
+        try await store.schedule([2], due: 1_000)
+        let taken = try await store.takeDue(now: 2_000, limit: 10)
+        #expect(Set(taken.map(\.entry)) == [[1], [2]])
+        try await store.finished(try #require(taken.first { $0.entry == [1] }))
+        #expect(try await store.takeDue(now: 2_999, limit: 10).isEmpty, "held while its lease runs")
+        let again = try await store.takeDue(now: 3_000, limit: 10)
+        #expect(again.map(\.entry) == [[2]], "the unfinished one only")
+        #expect(store.reclaimed == 1)
+        try await store.finished(try #require(again.first))
+        #expect(try await store.takeDue(now: 100_000, limit: 10).isEmpty, "nothing held or due")
+        #expect(try await store.nextDue() == nil)
+    }
+
     @Test func twoServersOnRedisSendEachMessageOnce() async throws {
         let prefix = "t" + ChannelNames.randomLetters(8) + ":"
         let key = String(prefix.dropLast()) + "-delay"

@@ -171,6 +171,7 @@ public final class DelayServer: Service, Sendable {
         guard let entry = DelayEntry(stored: taken.entry) else {
             counters.withLock { $0.malformed += 1 }
             logger.warning("dropped an unreadable stored delay entry")
+            await finish(taken)
             return
         }
         let channel = entry.channel
@@ -178,6 +179,7 @@ public final class DelayServer: Service, Sendable {
         let due = entry.firstDue ?? taken.due
         do {
             try await layer.send(entry.content, to: channel)
+            await finish(taken)
             let lateness = await storeNow() - due
             let late = lateness > lateAfter.nanoseconds / 1_000_000
             counters.withLock {
@@ -194,27 +196,49 @@ public final class DelayServer: Service, Sendable {
             counters.withLock { $0.retriedFull += 1 }
             ChannelsMetrics.delayRetried.increment()
             logger.info("channel full at delivery; retrying in 1 s", metadata: ["channel": "\(channel)"])
-            await reschedule(entry, firstDue: due)
+            if await reschedule(entry, firstDue: due, taken: taken) { await finish(taken) }
         } catch {
             counters.withLock { $0.failed += 1 }
             logger.error("could not deliver a delayed message; retrying in 1 s", metadata: ["channel": "\(channel)", "error": "\(error)"])
-            await reschedule(entry, firstDue: due)
+            if await reschedule(entry, firstDue: due, taken: taken) { await finish(taken) }
+        }
+    }
+
+    /// Lets the store go of a handled entry. If that fails the store hands it out again after
+    /// its lease: delivered twice rather than lost.
+    private func finish(_ taken: DueEntry) async {
+        do {
+            try await store.finished(taken)
+        } catch {
+            logger.warning(
+                "could not mark a delayed message delivered; it may be delivered again", metadata: ["error": "\(error)"])
         }
     }
 
     /// Stores the envelope again for a try in a second, with the time it was first due (its
     /// lateness counts from then).
-    private func reschedule(_ entry: DelayEntry, firstDue: Int64) async {
+    ///
+    /// - Returns: whether it was stored again. When it was not, a store that keeps what it handed
+    ///   out (`taken` has a receipt) hands it out again after its lease; otherwise it is lost.
+    private func reschedule(_ entry: DelayEntry, firstDue: Int64, taken: DueEntry) async -> Bool {
         var entry = entry
         entry.firstDue = firstDue
         let channel = entry.channel
         do {
             try await store.schedule(entry.stored, due: await storeNow() + 1000)
+            return true
         } catch {
+            if !taken.receipt.isEmpty {
+                logger.error(
+                    "a delayed message could not be delivered nor stored again; it is taken again when its lease lapses",
+                    metadata: ["channel": "\(channel)", "error": "\(error)"])
+                return false
+            }
             counters.withLock { $0.lost += 1 }
             logger.error(
                 "a delayed message is lost: it could not be delivered nor stored again",
                 metadata: ["channel": "\(channel)", "error": "\(error)"])
+            return false
         }
     }
 }

@@ -8,12 +8,19 @@ public struct DueEntry: Sendable, Equatable {
     public var entry: [UInt8]
     /// When it was due (milliseconds since 1970).
     public var due: Int64
+    /// The store's handle on the taken entry (``DelayStore/finished(_:)`` lets go of it); not
+    /// part of what the entry is.
+    public var receipt: [UInt8]
 
-    /// An entry due at `due`.
-    public init(entry: [UInt8], due: Int64) {
+    /// An entry due at `due`; `receipt` is what the store needs to let go of it once handled.
+    public init(entry: [UInt8], due: Int64, receipt: [UInt8] = []) {
         self.entry = entry
         self.due = due
+        self.receipt = receipt
     }
+
+    /// The same message due at the same time (whatever the receipt).
+    public static func == (lhs: DueEntry, rhs: DueEntry) -> Bool { lhs.entry == rhs.entry && lhs.due == rhs.due }
 }
 
 /// Where the delay server keeps messages until they are due.
@@ -23,6 +30,11 @@ public protocol DelayStore: Sendable {
     /// Removes and returns up to `limit` entries due at `now`, atomically: two servers taking
     /// at once never get the same entry.
     func takeDue(now: Int64, limit: Int) async throws -> [DueEntry]
+    /// Lets go of an entry handed out by ``takeDue(now:limit:)`` once it was delivered (or
+    /// stored again for another try). A store shared by processes keeps what it handed out until
+    /// then, and hands it out again if its taker never finishes it (it died between the take and
+    /// the send).
+    func finished(_ taken: DueEntry) async throws
     /// When the earliest entry is due, if there is one.
     func nextDue() async throws -> Int64?
     /// The store's own clock (milliseconds since 1970), shared by every delay server that uses
@@ -34,6 +46,8 @@ public protocol DelayStore: Sendable {
 extension DelayStore {
     /// This process's clock (a store in the process).
     public func now() async throws -> Int64? { nil }
+    /// Nothing to let go of (a store in the process dies with its taker).
+    public func finished(_ taken: DueEntry) async throws {}
 }
 
 /// Delayed messages in this process (the in-memory layer's companion).
