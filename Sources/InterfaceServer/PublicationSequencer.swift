@@ -53,6 +53,41 @@ struct PublicationSequencer {
         return (out, gap)
     }
 
+    /// What ``step(_:offset:epoch:message:)`` found.
+    enum Step: Equatable {
+        /// The group is not followed: the publication is not the sequencer's.
+        case notFollowed
+        /// The publication is the one due and nothing waits behind it: write it alone.
+        case next
+        /// Anything else: what ``live(_:offset:epoch:message:)`` says.
+        case other(Action)
+    }
+
+    /// A live publication of a group the socket may follow, with the common case (the one
+    /// due, nothing held) answered in one look-up of the group, without an array: a hand-over
+    /// of one publication to 500 members does this 500 times.
+    mutating func step(_ group: String, offset: UInt64, epoch: String, message: Message) -> Step {
+        guard let index = groups.index(forKey: group) else { return .notFollowed }
+        if case .following(let current, let next, let held) = groups.values[index], offset == next, held.isEmpty, epoch == current {
+            groups.values[index] = .following(epoch: current, next: next + 1, held: held)
+            return .next
+        }
+        return .other(live(group, offset: offset, epoch: epoch, message: message))
+    }
+
+    /// Where a followed group's publications stand: it changes with every publication
+    /// delivered or held (a tail check compares it with the last one's to tell a quiet group);
+    /// nil while recovering or not followed.
+    func progress(_ group: String) -> Progress? {
+        guard case .following(_, let next, let held)? = groups[group] else { return nil }
+        return Progress(next: next, held: held.count)
+    }
+
+    struct Progress: Equatable {
+        var next: UInt64
+        var held: Int
+    }
+
     /// A live publication.
     mutating func live(_ group: String, offset: UInt64, epoch: String, message: Message) -> Action {
         switch groups[group] {

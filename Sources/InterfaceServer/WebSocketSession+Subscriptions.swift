@@ -10,9 +10,10 @@ struct SessionSubscriptions {
     var sequencer = PublicationSequencer()
     var retention: [String: HistoryRetention] = [:]
     var gapTimers: [String: Scheduled<Void>] = [:]
-    /// Each followed group's next tail check, and the groups with publications since it was armed.
+    /// Each followed group's next tail check, and where its publications stood at the last
+    /// one (``PublicationSequencer/progress(_:)``: moved since means not quiet yet).
     var tailTimers: [String: Scheduled<Void>] = [:]
-    var activeSinceCheck: Set<String> = []
+    var checkedProgress: [String: PublicationSequencer.Progress] = [:]
     /// Groups where this socket is tracked as present, and as whom.
     var presence: [String: PresenceConnection] = [:]
     /// Each group's latest presence call: the next waits for it (a join and a leave in order).
@@ -46,23 +47,36 @@ extension WebSocketSession {
         guard let publication = reply["publication"]?.mapValue else { return false }
         var plain = reply
         plain.removeValue(forKey: "publication")
-        guard let group = publication["group"]?.stringValue, subscriptions.sequencer.follows(group),
-            let offset = publication["offset"]?.intValue, offset > 0, let epoch = publication["epoch"]?.stringValue
+        guard let group = publication["group"]?.stringValue, let offset = publication["offset"]?.intValue, offset > 0,
+            let epoch = publication["epoch"]?.stringValue,
+            livePublication(.init(group: group, offset: UInt64(offset), epoch: epoch, plain: plain, send: nil))
         else {
             deliverReply(plain)
             return true
         }
-        livePublication(.init(group: group, offset: UInt64(offset), epoch: epoch, plain: plain, send: nil))
         return true
     }
 
     /// A live publication of a followed group, in offset order through the socket's sequencer;
     /// taken apart once for a hand-over's members (``ReplyPayloads/publication(_:)``, with the
     /// parsed send) or by ``subscriptionReply(_:)`` (without: each message is parsed).
-    func livePublication(_ publication: ReplyPayloads.Publication) {
+    ///
+    /// - Returns: false when the group is not followed (nothing was done).
+    @discardableResult
+    func livePublication(_ publication: ReplyPayloads.Publication) -> Bool {
         let group = publication.group
-        switch subscriptions.sequencer.live(group, offset: publication.offset, epoch: publication.epoch, message: publication.plain) {
-        case .deliver(let messages):
+        // Per member and publication: no note of activity here (a tail check sees the
+        // sequencer's progress), one look-up of the group.
+        switch subscriptions.sequencer.step(group, offset: publication.offset, epoch: publication.epoch, message: publication.plain) {
+        case .notFollowed:
+            return false
+        case .next:
+            if let send = publication.send {
+                deliverParsed(publication.plain, send)
+            } else {
+                deliverReply(publication.plain)
+            }
+        case .other(.deliver(let messages)):
             for message in messages {
                 if let send = publication.send, message == publication.plain {
                     deliverParsed(message, send)
@@ -70,13 +84,12 @@ extension WebSocketSession {
                     deliverReply(message)
                 }
             }
-            noteActivity(group)
-        case .hold(let startTimer):
+        case .other(.hold(let startTimer)):
             if startTimer { armGapTimer(group) }
-            noteActivity(group)
-        case .duplicate:
+        case .other(.duplicate):
             ServerMetrics.publicationsDeduplicated.increment()
         }
+        return true
     }
 
     private func follow(_ control: OrderedDictionary<String, ASGIValue>) {
@@ -140,6 +153,7 @@ extension WebSocketSession {
         case .failure(let error):
             server.logger.warning("a recovery failed", metadata: ["group": "\(group)", "error": "\(error)"])
             subscriptions.sequencer.stop(group)
+            subscriptions.checkedProgress[group] = nil
             deliverText("{\"type\":\"recovered\",\"complete\":false}")
         case .success(let slice):
             // Published since the position (for a socket that just joined: since it joined).
@@ -168,8 +182,8 @@ extension WebSocketSession {
     static let tailQuiet = TimeAmount.seconds(1)
     static let tailIdle = TimeAmount.seconds(30)
 
+    /// Arms the group's first tail check (later ones re-arm themselves).
     private func noteActivity(_ group: String) {
-        subscriptions.activeSinceCheck.insert(group)
         if subscriptions.tailTimers[group] == nil { armTailCheck(group, in: Self.tailQuiet) }
     }
 
@@ -182,8 +196,10 @@ extension WebSocketSession {
     private func tailCheck(_ group: String) {
         subscriptions.tailTimers[group] = nil
         guard subscriptions.sequencer.follows(group), let history = server.layer as? any ChannelLayerHistory else { return }
-        if subscriptions.activeSinceCheck.remove(group) != nil {
-            // Still flowing: a loss now shows as a gap; look once it is quiet.
+        let progress = subscriptions.sequencer.progress(group)
+        if progress == nil || progress != subscriptions.checkedProgress[group] {
+            // Still flowing (or recovering): a loss now shows as a gap; look once it is quiet.
+            subscriptions.checkedProgress[group] = progress
             armTailCheck(group, in: Self.tailQuiet)
             return
         }

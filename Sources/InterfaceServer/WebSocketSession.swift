@@ -312,9 +312,8 @@ final class WebSocketSession: ReplyReceiver {
         if let send = payloads.plainSend(reply) {
             perform(machine.reply(send), reply: (reply, send))
         } else if case .open(attached: true) = machine.state, let publication = payloads.publication(reply),
-            subscriptions.sequencer.follows(publication.group)
-        {
             livePublication(publication)
+        {
         } else {
             receiveReply(reply)
         }
