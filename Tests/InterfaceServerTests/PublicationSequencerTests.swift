@@ -13,6 +13,32 @@ struct PublicationSequencerTests {
         return []
     }
 
+    /// The per-member fast path: the one due with nothing held is `.next` (written alone), and
+    /// moves the sequence as `live` would; anything else is `live`'s answer. The progress a tail
+    /// check compares moves with every publication delivered or held, not with a duplicate.
+    @Test("step: the one due alone, the rest as live says; progress moves with each")
+    func stepAndProgress() {
+        var sequencer = PublicationSequencer()
+        #expect(sequencer.step("g", offset: 1, epoch: "e", message: message(1)) == .notFollowed)
+        #expect(sequencer.progress("g") == nil)
+        sequencer.startRecovery("g")
+        #expect(sequencer.step("g", offset: 6, epoch: "e", message: message(6)) == .other(.hold(startTimer: false)))
+        #expect(sequencer.progress("g") == nil, "recovering")
+        _ = sequencer.recovered("g", top: StreamPosition(offset: 5, epoch: "e"))
+        let afterRecovery = sequencer.progress("g")
+        #expect(sequencer.step("g", offset: 7, epoch: "e", message: message(7)) == .next)
+        #expect(sequencer.progress("g") != afterRecovery)
+        let before = sequencer.progress("g")
+        #expect(sequencer.step("g", offset: 7, epoch: "e", message: message(7)) == .other(.duplicate))
+        #expect(sequencer.progress("g") == before, "a duplicate is not progress")
+        #expect(sequencer.step("g", offset: 9, epoch: "e", message: message(9)) == .other(.hold(startTimer: true)))
+        #expect(sequencer.progress("g") != before, "a held one is")
+        #expect(sequencer.step("g", offset: 8, epoch: "e", message: message(8)) == .other(.deliver([message(8), message(9)])))
+        #expect(sequencer.step("g", offset: 10, epoch: "e", message: message(10)) == .next)
+        #expect(sequencer.step("g", offset: 1, epoch: "new", message: message(1)) == .other(.deliver([message(1)])), "a new epoch")
+        #expect(sequencer.step("g", offset: 2, epoch: "new", message: message(2)) == .next)
+    }
+
     @Test("a group not followed passes through")
     func notFollowed() {
         var sequencer = PublicationSequencer()
