@@ -330,8 +330,16 @@ public protocol ChannelLayerLeases: ChannelLayer {
     /// Leases of `pool` that lapsed (their holder stopped renewing them), at most `max`, each
     /// claimed for `duration` as it is handed out: a concurrent claim never gets the same one.
     func claimLapsedLeases(in pool: String, max: Int, for duration: Duration) async throws(ChannelLayerError) -> [ChannelLayerLease]
-    /// Gives up the lease on `name` in `pool` (the work is done).
-    func releaseLease(_ name: String, in pool: String) async throws(ChannelLayerError)
+    /// Gives up the lease on `name` in `pool` (the work is done); with `note`, only if its note
+    /// is still that one (nobody else took it since: every holder writes a note of its own).
+    func releaseLease(_ name: String, in pool: String, ifNote note: String?) async throws(ChannelLayerError)
+}
+
+extension ChannelLayerLeases {
+    /// Gives up the lease on `name` in `pool`, whoever holds it.
+    public func releaseLease(_ name: String, in pool: String) async throws(ChannelLayerError) {
+        try await releaseLease(name, in: pool, ifNote: nil)
+    }
 }
 
 extension ChannelLayer {

@@ -24,9 +24,10 @@ extension InMemoryChannelLayer: ChannelLayerLeases {
         }
     }
 
-    /// Gives up the lease on `name` in `pool`.
-    public func releaseLease(_ name: String, in pool: String) async throws(ChannelLayerError) {
+    /// Gives up the lease on `name` in `pool` (with `note`: only while its note is that one).
+    public func releaseLease(_ name: String, in pool: String, ifNote note: String?) async throws(ChannelLayerError) {
         leaseState.withLock { pools in
+            guard let lease = pools[pool]?[name], note == nil || lease.note == note else { return }
             pools[pool]?[name] = nil
             if pools[pool]?.isEmpty == true { pools[pool] = nil }
         }

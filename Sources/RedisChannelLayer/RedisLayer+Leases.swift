@@ -35,10 +35,12 @@ extension RedisChannelLayer: ChannelLayerLeases {
         }
     }
 
-    /// Gives up the lease on `name` in `pool`.
-    public func releaseLease(_ name: String, in pool: String) async throws(ChannelLayerError) {
+    /// Gives up the lease on `name` in `pool` (with `note`: only while its note is that one).
+    public func releaseLease(_ name: String, in pool: String, ifNote note: String?) async throws(ChannelLayerError) {
         try await withLayerErrors {
-            let reply = try await pipelined(shardIndex(for: pool), Scripts.releaseLease, keys: leaseKeys(pool), args: [.text(name)])
+            let reply = try await pipelined(
+                shardIndex(for: pool), Scripts.releaseLease, keys: leaseKeys(pool),
+                args: [.text(name), note.map { .text("=" + $0) } ?? .text("")])
             if case .error = reply { throw unexpected(reply, doing: "release a lease") }
         }
     }

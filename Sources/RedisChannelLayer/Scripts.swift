@@ -490,10 +490,12 @@ extension Scripts {
             return result
             """)
 
-    /// Gives up a lease. KEYS: the pool's set, its notes. ARGV: name.
+    /// Gives up a lease. KEYS: the pool's set, its notes. ARGV: name, and "" (whoever holds
+    /// it) or "=" and the note it must still have. Returns 1 when released.
     static let releaseLease = LuaScript(
-        name: "releaseLease",
+        name: "releaseLeaseIfNote",
         source: """
+            if ARGV[2] ~= '' and ('=' .. (redis.call('HGET', KEYS[2], ARGV[1]) or '')) ~= ARGV[2] then return 0 end
             redis.call('ZREM', KEYS[1], ARGV[1])
             redis.call('HDEL', KEYS[2], ARGV[1])
             return 1

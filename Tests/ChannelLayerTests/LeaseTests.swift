@@ -35,6 +35,9 @@ import Testing
             for name in ["x", "y", "z"] { try await leases.holdLease(name, in: "ordering", note: name, for: .milliseconds(1)) }
             try await leases.holdLease("other", in: "elsewhere", note: "", for: .milliseconds(1))
             try await leases.releaseLease("z", in: "ordering")
+            // Released only while the note is the releaser's: "y" was taken by another holder.
+            try await leases.releaseLease("y", in: "ordering", ifNote: "not y's")
+            try await leases.releaseLease("zz", in: "ordering", ifNote: "gone")
             try await Task.sleep(for: .milliseconds(50))
             let first = try await leases.claimLapsedLeases(in: "ordering", max: 1, for: .milliseconds(1))
             #expect(first.count == 1)

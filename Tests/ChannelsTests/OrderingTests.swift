@@ -408,6 +408,36 @@ struct OrderingTests {
         #expect(try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(1)).map(\.name) == ["__wait__.probe"])
     }
 
+    /// A watch whose look runs a long consumer (drains run them inline) keeps its lease: it is
+    /// renewed on a beat of its own, not only at each look, so no sweeper takes the socket over
+    /// (and a message out from under the live watch) while it runs.
+    @Test func aWatchBusyWithALongConsumerKeepsItsLease() async throws {
+        let log = Log()
+        let harness = try TestHarness(
+            [
+                route(
+                    "websocket.receive",
+                    enforceOrdering { context in
+                        let order = try context.message.int("order")
+                        if order == 2 { try await Task.sleep(for: .milliseconds(3_500)) }
+                        await log.add("\(order)")
+                    })
+            ], environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        let leases = try #require(harness.layer.leases)
+        // 0 and 1 lost: 2 parks, its watch skips the gap after 300 ms and runs it (3.5 s).
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        let start = ContinuousClock.now
+        // Past the lease's 2.6 s from the look that began the long run.
+        try await Task.sleep(until: start + .milliseconds(3_100))
+        #expect(await log.entries.isEmpty, "still running")
+        let lapsed = try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(60))
+        #expect(!lapsed.contains { $0.name == shared }, "the live watch's lease lapsed")
+        try await Self.waitFor(log, count: 1)
+        #expect(await log.entries == ["2"])
+    }
+
     /// A disconnect that came too far ahead waits on the shared channel; when its turn comes
     /// (the frames before it arrived and ran) it runs, with the socket's cleanup: it was taken
     /// with the others and dropped as "older than the next order", being equal to it.

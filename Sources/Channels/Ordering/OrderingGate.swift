@@ -152,12 +152,40 @@ struct OrderingGate {
     /// that died since.
     ///
     /// While it watches it holds a lease on the wait channel in the layer, renewed at every look
-    /// with the order it saw due: if this process dies, another worker's ``OrderingSweeper``
-    /// finds the lease lapsed and resumes the socket.
+    /// and on a beat of its own (a look whose drain runs consumers for long must not let it
+    /// lapse), with the order it last saw due: if this process dies, another worker's
+    /// ``OrderingSweeper`` finds the lease lapsed and resumes the socket.
     private func watchGap(from known: Int64) async {
-        defer { context.environment.orderingGaps.unwatch(waitChannel) }
         let timeout = context.environment.orderingGapTimeout
-        await holdLease(next: known)
+        let lease = WatchLease(next: known)
+        let gate = self
+        let beat = Task {
+            while !Task.isCancelled {
+                await gate.holdLease(lease)
+                try? await Task.sleep(for: OrderingSweeper.renewal(timeout))
+            }
+        }
+        var watching = true
+        defer {
+            beat.cancel()
+            if watching { gaps.unwatch(waitChannel) }
+        }
+        /// Ends the watch once nothing waits: unwatched first (a message parked from then on
+        /// starts a watch of its own), then one more look (one parked just before saw this
+        /// watch and started none): if something waits and no other watch took over, the watch
+        /// goes on. The lease goes only if it is still this watch's.
+        func end() async -> Bool {
+            gaps.unwatch(waitChannel)
+            watching = false
+            if await somethingWaits(), gaps.watch(waitChannel) {
+                watching = true
+                return false
+            }
+            beat.cancel()
+            await beat.value
+            await releaseLease(lease)
+            return true
+        }
         var pause = timeout + .milliseconds(100)
         while !Task.isCancelled {
             try? await Task.sleep(for: pause)
@@ -165,7 +193,8 @@ struct OrderingGate {
             // again after the pause: the watch ends only when nothing waits.
             pause = timeout + .milliseconds(100)
             guard let (stored, _) = try? await storedState() else { continue }
-            await holdLease(next: stored)
+            lease.next = stored
+            await holdLease(lease)
             if gaps.stuckLongerThan(timeout, waitChannel: waitChannel, next: stored) {
                 await foundLost()
                 await drain(from: stored, skippingGapFrom: stored)
@@ -174,19 +203,20 @@ struct OrderingGate {
             }
             if slight {
                 guard let pending = try? await context.layer.channelStatistics(waitChannel).messagesPending, pending > 0 else {
-                    await releaseLease()
-                    return
+                    if await end() { return }
+                    continue
                 }
                 continue
             }
             guard let now = try? await storedNext() else { continue }
+            lease.next = now
             switch await firstWaiting(after: now) {
             case .nothing:
                 // Forgotten too: how long the order stood (an idle socket's order would
                 // otherwise seem to have stood since this look when its next burst comes).
                 gaps.forgetParked(waitChannel)
-                await releaseLease()
-                return
+                if await end() { return }
+                continue
             case .order, .onSharedChannel, .unknown:
                 break
             }
@@ -200,21 +230,34 @@ struct OrderingGate {
         }
     }
 
-    /// Takes or renews this watch's lease (see ``OrderingSweeper``); a layer that fails is
-    /// logged: the watch goes on, only its takeover is at stake.
-    private func holdLease(next: Int64) async {
+    /// Whether anything of the socket waits parked (a layer that cannot be read counts as yes).
+    private func somethingWaits() async -> Bool {
+        if slight { return (try? await context.layer.channelStatistics(waitChannel).messagesPending).map { $0 > 0 } ?? true }
+        guard let now = try? await storedNext() else { return true }
+        if case .nothing = await firstWaiting(after: now) { return false }
+        return true
+    }
+
+    /// Takes or renews this watch's lease (see ``OrderingSweeper``), noted with the order it
+    /// saw due and this process's holder mark; a layer that fails is logged: the watch goes on,
+    /// only its takeover is at stake.
+    private func holdLease(_ lease: WatchLease) async {
         guard let leases = context.layer.leases else { return }
+        let note = OrderingSweeper.note(next: slight ? nil : lease.next, holder: gaps.holder)
         do {
             try await leases.holdLease(
-                waitChannel, in: OrderingSweeper.pool, note: slight ? "slight" : String(next),
+                waitChannel, in: OrderingSweeper.pool, note: note,
                 for: OrderingSweeper.leaseDuration(context.environment.orderingGapTimeout))
+            lease.written = note
         } catch {
             context.logger.warning("could not renew an ordering watch's lease", metadata: ["error": "\(error)"])
         }
     }
 
-    private func releaseLease() async {
-        try? await context.layer.leases?.releaseLease(waitChannel, in: OrderingSweeper.pool)
+    /// Gives the lease up, unless another watch (in another process) holds it now.
+    private func releaseLease(_ lease: WatchLease) async {
+        guard let note = lease.written else { return }
+        try? await context.layer.leases?.releaseLease(waitChannel, in: OrderingSweeper.pool, ifNote: note)
     }
 
     /// The next order as stored now (another worker may have moved it).
@@ -502,5 +545,23 @@ struct OrderingGate {
                 context.logger.error("could not re-queue a parked message", metadata: ["channel": "\(channel)", "error": "\(error)"])
             }
         }
+    }
+}
+
+/// A gap watch's lease: the order it last saw due, and the note it last wrote (what its
+/// release must still find).
+final class WatchLease: Sendable {
+    private let state: Mutex<(next: Int64, written: String?)>
+
+    init(next: Int64) { state = Mutex((next, nil)) }
+
+    var next: Int64 {
+        get { state.withLock { $0.next } }
+        set { state.withLock { $0.next = newValue } }
+    }
+
+    var written: String? {
+        get { state.withLock { $0.written } }
+        set { state.withLock { $0.written = newValue } }
     }
 }

@@ -24,8 +24,18 @@ struct OrderingSweeper {
     static let pool = "ordering"
 
     /// How long a watch's lease lasts unless renewed: two gap timeouts and two seconds (a watch
-    /// renews it at every look, at least once per gap timeout and a tenth of a second).
+    /// renews it at every look and every half gap timeout).
     static func leaseDuration(_ timeout: Duration) -> Duration { timeout * 2 + .seconds(2) }
+
+    /// How often a watch renews its lease besides its looks.
+    static func renewal(_ timeout: Duration) -> Duration { timeout / 2 }
+
+    /// A watch's note: the order it last saw due (none for `slight` ordering) and its process's
+    /// holder mark.
+    static func note(next: Int64?, holder: String) -> String { (next.map(String.init) ?? "slight") + " " + holder }
+
+    /// The order a note says was due; nil for `slight` ordering (or a note of another form).
+    static func next(in note: String) -> Int64? { note.split(separator: " ").first.flatMap { Int64($0) } }
 
     let layer: any ChannelLayer
     let environment: ConsumerEnvironment
@@ -43,21 +53,44 @@ struct OrderingSweeper {
         }
     }
 
-    /// One look: claims the lapsed leases and resumes their sockets; returns how many it resumed.
+    /// One look: claims the lapsed leases and resumes their sockets (several at once, and more
+    /// claims while they come full, for up to a second), returns how many it resumed.
     func sweep() async -> Int {
         guard let leases = layer.leases else { return 0 }
-        let claimed: [ChannelLayerLease]
-        do {
-            claimed = try await leases.claimLapsedLeases(
-                in: Self.pool, max: 64, for: Self.leaseDuration(environment.orderingGapTimeout))
-        } catch {
-            logger.warning("could not look for ordered sockets left without a watch", metadata: ["error": "\(error)"])
-            return 0
-        }
+        let started = ContinuousClock.now
         var resumed = 0
-        for lease in claimed where await resume(lease, leases: leases) { resumed += 1 }
-        return resumed
+        while true {
+            let claimed: [ChannelLayerLease]
+            do {
+                claimed = try await leases.claimLapsedLeases(
+                    in: Self.pool, max: Self.claimBatch, for: Self.leaseDuration(environment.orderingGapTimeout))
+            } catch {
+                logger.warning("could not look for ordered sockets left without a watch", metadata: ["error": "\(error)"])
+                return resumed
+            }
+            resumed += await withTaskGroup(of: Bool.self) { group in
+                var running = 0
+                var count = 0
+                for lease in claimed {
+                    // A socket a watch of this process covers is not left without one: its
+                    // lease lapsed while the watch was held up (its beat renews it).
+                    if environment.orderingGaps.isWatched(lease.name) { continue }
+                    if running == 16, let done = await group.next() {
+                        running -= 1
+                        if done { count += 1 }
+                    }
+                    group.addTask { await resume(lease, leases: leases) }
+                    running += 1
+                }
+                for await done in group where done { count += 1 }
+                return count
+            }
+            if claimed.count < Self.claimBatch || ContinuousClock.now - started > .seconds(1) { return resumed }
+        }
     }
+
+    /// Leases claimed at a time.
+    static let claimBatch = 64
 
     /// Sends the first message waiting on the lease's wait channel back on its channel; releases
     /// the lease when nothing waits. Left claimed (looked at again when it lapses) when the
@@ -68,7 +101,7 @@ struct OrderingSweeper {
             (try? ChannelNames.validateChannel(waitChannel, for: .receive)) != nil
         else {
             logger.warning("released a watch lease that names no wait channel", metadata: ["lease": "\(waitChannel)"])
-            try? await leases.releaseLease(waitChannel, in: Self.pool)
+            try? await leases.releaseLease(waitChannel, in: Self.pool, ifNote: lease.note)
             return false
         }
         for channels in looks(waitChannel, note: lease.note) {
@@ -89,8 +122,9 @@ struct OrderingSweeper {
                 }
             }
         }
-        // Nothing waits: what was parked ran, or expired.
-        try? await leases.releaseLease(waitChannel, in: Self.pool)
+        // Nothing waits: what was parked ran, or expired. Released only if nobody took the
+        // lease since this claim (a watch that just started writes a note of its own).
+        try? await leases.releaseLease(waitChannel, in: Self.pool, ifNote: lease.note)
         return false
     }
 
@@ -99,7 +133,7 @@ struct OrderingSweeper {
     /// orders from the one the watch last saw due, as far ahead as a message may wait (twice
     /// that: the order may have moved after the watch's last look).
     private func looks(_ waitChannel: String, note: String) -> [[String]] {
-        guard let next = Int64(note), next >= 0 else { return [[waitChannel]] }
+        guard let next = Self.next(in: note), next >= 0 else { return [[waitChannel]] }
         let limit = Int64(layer.configuredCapacity(for: waitChannel) ?? CapacityTable.waitChannelCapacity(defaultCapacity: 100))
         let (end, overflow) = next.addingReportingOverflow(limit * 2)
         let last = overflow ? Int64.max - 1 : end
@@ -126,6 +160,16 @@ struct OrderingSweeper {
             logger.warning(
                 "dropped a malformed parked message (counted in channels_dropped_total{reason=\"malformed\"})",
                 metadata: ["wait_channel": "\(channel)", "keys": "\(received.message.fieldNames)"])
+            return nil
+        }
+        // Sent back only on a channel any worker reads: a process channel's (`!`) process may be
+        // the one that died, and one of a live process would hand a parked message to it
+        // outside the routing it came through.
+        guard !ChannelNames.isProcessSpecific(entry.channel) else {
+            logger.warning(
+                "left a parked message of a process channel where it waits (not sent back)",
+                metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)"])
+            try? await layer.send(received.message, to: channel)
             return nil
         }
         do {
