@@ -18,10 +18,10 @@ public final class RedisDelayStore: DelayStore {
     /// Seals members when set.
     public let encryption: StorageEncryption?
 
-    /// Takes up to ARGV[2] entries due at ARGV[1] into the taken set (KEYS[2]), each held there
-    /// until ARGV[1] + ARGV[3] ms; first, entries held past their lease (a delay server died
-    /// between its take and its sends) are due again. Returns {member, due, ...}, and how many
-    /// came back.
+    /// Takes up to ARGV[2] entries due at ARGV[1] into the taken set (KEYS[2], no expiry: what
+    /// it holds leaves by a finish or a reclaim), each held there until ARGV[1] + ARGV[3] ms;
+    /// first, entries held past their lease (a delay server died between its take and its
+    /// sends) are due again. Returns {member, due, ...}, and how many came back.
     private static let take = LuaScript(
         name: "delay-take-held",
         source: """
@@ -36,7 +36,6 @@ public final class RedisDelayStore: DelayStore {
                 redis.call('ZREM', KEYS[1], due[i])
                 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), due[i])
             end
-            if #due > 0 then redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + 86400000) end
             return {due, #lapsed}
             """)
 
@@ -45,7 +44,7 @@ public final class RedisDelayStore: DelayStore {
     public var takenKey: String { key + ":taken" }
     /// How long a taken entry is held for its delivery: if its delay server dies first, the
     /// next take (by any delay server on this Redis) makes it due again.
-    public let deliveryLease: Duration
+    public let deliveryLease: Duration?
     /// Entries whose delay server died between the take and the send, due again so far (by this store's takes).
     public var reclaimed: Int { reclaimedCount.load(ordering: .relaxed) }
     private let reclaimedCount = Atomic<Int>(0)
@@ -75,7 +74,7 @@ public final class RedisDelayStore: DelayStore {
     /// so two delay servers never deliver one twice; ``finished(_:)`` lets go of each once
     /// delivered. Entries left there by a delay server that died are due again first.
     public func takeDue(now: Int64, limit: Int) async throws -> [DueEntry] {
-        let lease = Int(max(1, deliveryLease.nanoseconds / 1_000_000))
+        let lease = Int(max(1, (deliveryLease ?? .seconds(30)).nanoseconds / 1_000_000))
         let reply = try await client.run(
             Self.take, keys: [.text(key), .text(takenKey)], args: [.integer(Int(now)), .integer(limit), .integer(lease)])
         guard let parts = reply.array, parts.count == 2 else { return [] }

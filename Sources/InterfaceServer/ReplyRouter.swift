@@ -60,7 +60,9 @@ final class ReplyPayloads {
             plain.removeValue(forKey: "publication")
             var send: WebSocketSendMessage?
             if plain.keys.allSatisfy({ WebSocketSendMessage.keys.contains($0) }) { send = try? WebSocketSendMessage(plain) }
-            parts = Publication(group: group, offset: UInt64(offset), epoch: epoch, plain: plain, send: send)
+            parts = Publication(
+                group: StringInterner.names.intern(group), offset: UInt64(offset), epoch: StringInterner.names.intern(epoch),
+                plain: plain, send: send)
         }
         publication = (reply, parts)
         return parts
@@ -465,6 +467,26 @@ final class ReplyRouter: Service, Sendable {
                     logger.error("reply channel receive failed", metadata: ["error": "\(error)", "failures": "\(count)"])
                 }
             }
+        }
+    }
+}
+
+/// One `String` instance per group name and history epoch in this process. Every socket that
+/// follows a group keeps its name (a dictionary key) and epoch, and compares them with each
+/// publication's: with one shared instance (the publication's taken apart once per hand-over
+/// and interned) the comparison is an identity check, where a copy of its own per socket cost a
+/// cache miss and a `memcmp` per member. Bounded: past 10,000 names it starts again (a name
+/// kept from before only compares by its bytes again).
+final class StringInterner: Sendable {
+    static let names = StringInterner()
+    private let table = Mutex<[String: String]>([:])
+
+    func intern(_ string: String) -> String {
+        table.withLock { table in
+            if let found = table[string] { return found }
+            if table.count >= 10_000 { table.removeAll(keepingCapacity: true) }
+            table[string] = string
+            return string
         }
     }
 }

@@ -49,7 +49,10 @@ extension WebSocketSession {
         plain.removeValue(forKey: "publication")
         guard let group = publication["group"]?.stringValue, let offset = publication["offset"]?.intValue, offset > 0,
             let epoch = publication["epoch"]?.stringValue,
-            livePublication(.init(group: group, offset: UInt64(offset), epoch: epoch, plain: plain, send: nil))
+            livePublication(
+                .init(
+                    group: StringInterner.names.intern(group), offset: UInt64(offset), epoch: StringInterner.names.intern(epoch),
+                    plain: plain, send: nil))
         else {
             deliverReply(plain)
             return true
@@ -93,10 +96,11 @@ extension WebSocketSession {
     }
 
     private func follow(_ control: OrderedDictionary<String, ASGIValue>) {
-        guard let group = control["group"]?.stringValue, (try? ChannelNames.validateGroup(group)) != nil else {
+        guard let name = control["group"]?.stringValue, (try? ChannelNames.validateGroup(name)) != nil else {
             server.counters.count(.malformedReplies)
             return
         }
+        let group = StringInterner.names.intern(name)
         let retention = HistoryRetention(
             size: Int(control["size"]?.intValue ?? 1000), ttl: .seconds(control["ttl"]?.intValue ?? 300))
         let after: StreamPosition? =
@@ -167,7 +171,8 @@ extension WebSocketSession {
                 ServerMetrics.publicationsRecovered.increment(by: slice.entries.count)
                 deliverText("{\"type\":\"recovered\",\"complete\":\(slice.complete)," + top + "}")
             }
-            let (live, gap) = subscriptions.sequencer.recovered(group, top: slice.top)
+            let (live, gap) = subscriptions.sequencer.recovered(
+                group, top: StreamPosition(offset: slice.top.offset, epoch: StringInterner.names.intern(slice.top.epoch)))
             for message in live { deliverReply(message) }
             if gap { armGapTimer(group) }
             noteActivity(group)

@@ -62,24 +62,31 @@ public final class DelayServer: Service, Sendable {
 
     static func nowMillis() -> Int64 { WallClock.milliseconds }
 
-    /// The store's clock minus this process's, read again every 10 s: due times are set and
-    /// compared on the store's clock (Redis `TIME`), so delay servers whose machines' clocks
-    /// differ agree. Nil until read (or for a store on this process's clock).
-    private let clockOffset = Mutex<(millis: Int64, readAt: ContinuousClock.Instant)?>(nil)
+    /// The store's clock as last read (Redis `TIME`, every 10 s) and when, on this process's
+    /// monotonic clock: due times are set and compared on the store's clock, carried forward
+    /// between reads by the monotonic one, so delay servers whose machines' clocks differ agree,
+    /// and a step of this machine's wall clock moves nothing. Nil until read (or for a store on
+    /// this process's clock, which uses the wall clock).
+    private let storeClock = Mutex<(millis: Int64, at: ContinuousClock.Instant)?>(nil)
 
     /// Now, on the store's clock.
     func storeNow() async -> Int64 {
-        let local = Self.nowMillis()
-        if let known = clockOffset.withLock({ $0 }), ContinuousClock.now - known.readAt < .seconds(10) {
-            return local + known.millis
+        if let known = storeClock.withLock({ $0 }), ContinuousClock.now - known.at < .seconds(10) {
+            return known.millis + Self.milliseconds(ContinuousClock.now - known.at)
         }
-        let before = Self.nowMillis()
-        guard let remote = try? await store.now() else { return local + (clockOffset.withLock { $0?.millis } ?? 0) }
-        let after = Self.nowMillis()
-        let offset = remote - (before + after) / 2
-        clockOffset.withLock { $0 = (offset, ContinuousClock.now) }
-        return after + offset
+        let start = ContinuousClock.now
+        guard let remote = try? await store.now() else {
+            // Not readable now: the last reading, carried on.
+            if let known = storeClock.withLock({ $0 }) { return known.millis + Self.milliseconds(ContinuousClock.now - known.at) }
+            return Self.nowMillis()
+        }
+        let end = ContinuousClock.now
+        let middle = start + (end - start) / 2
+        storeClock.withLock { $0 = (remote, middle) }
+        return remote + Self.milliseconds(end - middle)
     }
+
+    private static func milliseconds(_ duration: Duration) -> Int64 { duration.nanoseconds / 1_000_000 }
 
     /// Runs until `stop()`, a graceful shutdown of its service group, or cancellation.
     public func run() async {
@@ -147,9 +154,24 @@ public final class DelayServer: Service, Sendable {
             var wait = Duration.seconds(1)
             do {
                 while true {
+                    let takenAt = ContinuousClock.now
                     let due = try await store.takeDue(now: await storeNow(), limit: 100)
-                    for entry in due { await deliver(entry) }
-                    if due.count < 100 { break }
+                    var sent = 0
+                    for entry in due {
+                        // Past half its lease (this process was frozen, or its sends are slow),
+                        // what is left of the take is no longer surely this server's: another
+                        // may take it over at the lease's end. Left held, it goes out once,
+                        // from there.
+                        if let lease = store.deliveryLease, ContinuousClock.now - takenAt > lease / 2 {
+                            logger.warning(
+                                "half a delivery lease went by during a take; leaving the rest to the next take after the lease",
+                                metadata: ["left": "\(due.count - sent)"])
+                            break
+                        }
+                        await deliver(entry)
+                        sent += 1
+                    }
+                    if due.count < 100 || sent < due.count { break }
                 }
                 if let next = try await store.nextDue() {
                     let millis = max(0, min(1000, next - (await storeNow())))

@@ -35,6 +35,9 @@ public protocol DelayStore: Sendable {
     /// then, and hands it out again if its taker never finishes it (it died between the take and
     /// the send).
     func finished(_ taken: DueEntry) async throws
+    /// How long a taken entry stays this taker's before another may take it over (nil: as long
+    /// as the process lives, a store in the process).
+    var deliveryLease: Duration? { get }
     /// When the earliest entry is due, if there is one.
     func nextDue() async throws -> Int64?
     /// The store's own clock (milliseconds since 1970), shared by every delay server that uses
@@ -48,6 +51,8 @@ extension DelayStore {
     public func now() async throws -> Int64? { nil }
     /// Nothing to let go of (a store in the process dies with its taker).
     public func finished(_ taken: DueEntry) async throws {}
+    /// No lease: a store in the process dies with its taker.
+    public var deliveryLease: Duration? { nil }
 }
 
 /// Delayed messages in this process (the in-memory layer's companion).
