@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import RedisChannelLayer
 import TestSupport
+import Synchronization
 import Testing
 
 @testable import Channels
@@ -438,6 +439,28 @@ struct OrderingTests {
         #expect(await log.entries == ["2"])
     }
 
+    /// The gap watch's look fails (the session store is unreachable: a Redis failing over, this
+    /// process frozen): it looks again after the pause instead of ending, so the message parked
+    /// behind the gap still runs once the store answers. When the watch ended on a failed read,
+    /// the parked message waited for the socket's next frame.
+    @Test func aGapWatchWhoseLookFailsLooksAgain() async throws {
+        let log = Log()
+        let store = RefusingSessionStore()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(sessionStore: store, orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        // 1 lost; 2 parks and its watch looks after 400 ms, while the store refuses.
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        store.refusing.store(true, ordering: .relaxed)
+        try await Task.sleep(for: .milliseconds(600))
+        #expect(store.refused.load(ordering: .relaxed) > 0, "the watch looked while the store refused")
+        store.refusing.store(false, ordering: .relaxed)
+        try await Self.waitFor(log, count: 2)
+        #expect(await log.entries == ["0", "2"])
+        #expect(harness.environment.orderingGaps.skipped == 1)
+    }
+
     /// A disconnect that came too far ahead waits on the shared channel; when its turn comes
     /// (the frames before it arrived and ran) it runs, with the socket's cleanup: it was taken
     /// with the others and dropped as "older than the next order", being equal to it.
@@ -540,4 +563,25 @@ struct ConsumeLaterTests {
         #expect(await log.entries.count == 4 + 11, "the first try and ten retries")
         #expect(harness.worker.messagesDroppedAfterRetries == 1)
     }
+}
+
+/// A session store that refuses loads while `refusing` is set (counted).
+final class RefusingSessionStore: SessionStore {
+    let base = InMemorySessionStore()
+    let refusing = Atomic<Bool>(false)
+    let refused = Atomic<Int>(0)
+
+    func load(_ key: String) async throws -> [UInt8]? {
+        if refusing.load(ordering: .relaxed) {
+            refused.add(1, ordering: .relaxed)
+            throw ChannelLayerError(.connectionLost, "the store is unreachable (test)")
+        }
+        return try await base.load(key)
+    }
+
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
+        try await base.store(key, data: data, expected: expected, ttl: ttl)
+    }
+
+    func delete(_ key: String) async throws { try await base.delete(key) }
 }
