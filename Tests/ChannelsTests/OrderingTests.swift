@@ -3,8 +3,8 @@ import ChannelsTesting
 import Foundation
 import Logging
 import RedisChannelLayer
-import TestSupport
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import Channels
@@ -461,6 +461,31 @@ struct OrderingTests {
         #expect(harness.environment.orderingGaps.skipped == 1)
     }
 
+    /// A message that parks while a skip (or a turn) moves the order past it: its gate read
+    /// the order before the move (here: a load that answers with the state as it was), parks,
+    /// then reads it again, finds it passed, and takes the message back, dropped as late and
+    /// counted, instead of leaving it parked where nobody takes it until it expires.
+    @Test func aMessageParkedAsTheOrderPassesItIsTakenBack() async throws {
+        let log = Log()
+        let store = RefusingSessionStore()
+        let harness = try TestHarness(
+            Self.routing(log: log), environment: ConsumerEnvironment(sessionStore: store, orderingGapTimeout: .seconds(30)))
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let key = Session.storageKey(
+            Session.channelSessionKey(replyChannel: reply, secret: harness.environment.sessionConfiguration.secret))
+        let asAtOne = try #require(try await store.base.load(key))
+        try await harness.send(message(reply, order: 1), to: "websocket.receive")
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        #expect(await log.entries == ["0", "1", "2"])
+        // A copy of 2 whose gate reads the order as it was before 1 and 2 ran (next 1).
+        store.staleOnce.withLock { $0 = (key, asAtOne) }
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        #expect(try await harness.layer.messagesPending(in: [shared + ".2", shared]) == [0, 0], "taken back, not left parked")
+        #expect(await log.entries == ["0", "1", "2"], "and not run twice")
+    }
+
     /// A disconnect that came too far ahead waits on the shared channel; when its turn comes
     /// (the frames before it arrived and ran) it runs, with the socket's cleanup: it was taken
     /// with the others and dropped as "older than the next order", being equal to it.
@@ -565,13 +590,22 @@ struct ConsumeLaterTests {
     }
 }
 
-/// A session store that refuses loads while `refusing` is set (counted).
+/// A session store that refuses loads while `refusing` is set (counted), or answers one
+/// load with bytes from before.
 final class RefusingSessionStore: SessionStore {
     let base = InMemorySessionStore()
     let refusing = Atomic<Bool>(false)
     let refused = Atomic<Int>(0)
+    /// The next load of this key answers with these bytes (a read from before a change).
+    let staleOnce = Mutex<(key: String, data: [UInt8])?>(nil)
 
     func load(_ key: String) async throws -> [UInt8]? {
+        let stale: [UInt8]? = staleOnce.withLock { stale in
+            guard let pending = stale, pending.key == key else { return nil }
+            stale = nil
+            return pending.data
+        }
+        if let stale { return stale }
         if refusing.load(ordering: .relaxed) {
             refused.add(1, ordering: .relaxed)
             throw ChannelLayerError(.connectionLost, "the store is unreachable (test)")
