@@ -38,6 +38,18 @@ struct OrderingTests {
         ["reply_channel": .string(reply), "path": "/", "order": .int(order), "text": .string("\(order)")]
     }
 
+    /// Parks receives of `orders` on the socket's wait channels, as a worker that died since
+    /// did; returns the socket's shared wait channel.
+    @discardableResult
+    func parkAsADeadWorker(_ harness: TestHarness, reply: String, orders: [Int64]) async throws -> String {
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        for order in orders {
+            let parked = ParkedMessage(channel: "websocket.receive", content: message(reply, order: order), order: order)
+            try await harness.layer.send(parked.message, to: shared + ".\(order)")
+        }
+        return shared
+    }
+
     /// Under maxmemory eviction (or expiry) a sender's counter can vanish while its receiver's
     /// state stays: the next send is numbered 0 again. Before the epoch, the receiver dropped it
     /// and everything after as "older than the next order" (the e2e eviction test caught it).
@@ -360,11 +372,7 @@ struct OrderingTests {
         let reply = try await harness.newReplyChannel()
         try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
         // Parked by a worker that died (1 and 3 lost with it).
-        let shared = Self.sharedWaitChannel(harness, reply: reply)
-        for order: Int64 in [4, 5] {
-            let parked = ParkedMessage(channel: "websocket.receive", content: message(reply, order: order), order: order)
-            try await harness.layer.send(parked.message, to: shared + ".\(order)")
-        }
+        try await parkAsADeadWorker(harness, reply: reply, orders: [4, 5])
         try await harness.send(message(reply, order: 2), to: "websocket.receive")
         try await Self.waitFor(log, count: 4)
         #expect(await log.entries == ["0", "2", "4", "5"])
@@ -382,11 +390,7 @@ struct OrderingTests {
             Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
         let reply = try await harness.newReplyChannel()
         try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
-        let shared = Self.sharedWaitChannel(harness, reply: reply)
-        for order: Int64 in [2, 3] {
-            let parked = ParkedMessage(channel: "websocket.receive", content: message(reply, order: order), order: order)
-            try await harness.layer.send(parked.message, to: shared + ".\(order)")
-        }
+        let shared = try await parkAsADeadWorker(harness, reply: reply, orders: [2, 3])
         let leases = try #require(harness.layer.leases)
         try await leases.holdLease(shared, in: OrderingSweeper.pool, note: "1", for: .milliseconds(1))
         // Another lapsed lease whose messages all ran: released, nothing sent.
