@@ -45,12 +45,22 @@ public final class OrderingGaps: Sendable {
         var lastNext = Int64.min
     }
     private let parkedHere = Mutex<[String: Parks]>([:])
+    /// How many times this process parked on each wait channel (a watch that ends tells from it
+    /// whether one parked here since its last look).
+    private let parkCounts = Mutex<[String: Int]>([:])
+
+    /// The count of this process's parks on `waitChannel` so far.
+    func parkCount(_ waitChannel: String) -> Int { parkCounts.withLock { $0[waitChannel] ?? 0 } }
 
     /// Records that this process parked a message of `order` on `waitChannel`; `sameChannel`
     /// when the message came on the channel the sequence's other messages come on (a socket's
     /// frames on `websocket.receive`, not its connect or disconnect).
     func parked(_ waitChannel: String, order: Int64, sameChannel: Bool) {
         let now = ContinuousClock.now
+        parkCounts.withLock { counts in
+            if counts.count > 100_000 { counts = [:] }
+            counts[waitChannel, default: 0] &+= 1
+        }
         parkedHere.withLock { parked in
             if parked.count > 100_000 { parked = [:] }
             var parks = parked[waitChannel] ?? Parks()

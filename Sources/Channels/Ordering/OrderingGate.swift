@@ -170,14 +170,16 @@ struct OrderingGate {
             beat.cancel()
             if watching { gaps.unwatch(waitChannel) }
         }
-        /// Ends the watch once nothing waits: unwatched first (a message parked from then on
-        /// starts a watch of its own), then one more look (one parked just before saw this
-        /// watch and started none): if something waits and no other watch took over, the watch
-        /// goes on. The lease goes only if it is still this watch's.
-        func end() async -> Bool {
+        /// Ends the watch once nothing waits (as of the look that began with this process's
+        /// park count at `parks`): unwatched first (a message parked from then on starts a watch
+        /// of its own), then, if this process parked since that look began (that message saw
+        /// this watch and started none), one more look: if something waits and no other watch
+        /// took over, the watch goes on. Parks of other processes have watches of their own.
+        /// The lease goes only if it is still this watch's.
+        func end(parks: Int) async -> Bool {
             gaps.unwatch(waitChannel)
             watching = false
-            if await somethingWaits(), gaps.watch(waitChannel) {
+            if gaps.parkCount(waitChannel) != parks, await somethingWaits(), gaps.watch(waitChannel) {
                 watching = true
                 return false
             }
@@ -201,9 +203,10 @@ struct OrderingGate {
             } else {
                 await drain(from: stored)
             }
+            let parks = gaps.parkCount(waitChannel)
             if slight {
                 guard let pending = try? await context.layer.channelStatistics(waitChannel).messagesPending, pending > 0 else {
-                    if await end() { return }
+                    if await end(parks: parks) { return }
                     continue
                 }
                 continue
@@ -215,7 +218,7 @@ struct OrderingGate {
                 // Forgotten too: how long the order stood (an idle socket's order would
                 // otherwise seem to have stood since this look when its next burst comes).
                 gaps.forgetParked(waitChannel)
-                if await end() { return }
+                if await end(parks: parks) { return }
                 continue
             case .order, .onSharedChannel, .unknown:
                 break
