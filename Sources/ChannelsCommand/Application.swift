@@ -125,6 +125,12 @@ struct LayerOptions: ParsableArguments {
     @Option(name: .long, help: "Log lines as text or json (one object per line). Default: $LOG_FORMAT or text.")
     var logFormat: String?
 
+    func validate() throws {
+        guard orderingGapTimeout.isFinite, orderingGapTimeout > 0 else {
+            throw ValidationError("--ordering-gap-timeout must be a number of seconds > 0")
+        }
+    }
+
     /// The layer URL and where it came from (for the start-up line), or nil for the embedded layer.
     func layerURL() throws -> (url: String, source: String)? {
         let environment = ProcessInfo.processInfo.environment

@@ -54,6 +54,15 @@ struct RunServerOptionsTests {
         #expect(try RunServer.parse(["--bind", "0.0.0.0", "--allowed-hosts", "*"]).serverConfiguration().allowedHosts == ["*"])
     }
 
+    /// A gap timeout of zero would make every gap watch renew its lease as fast as Redis answers.
+    @Test("an ordering gap timeout of zero or less is refused at start-up")
+    func orderingGapTimeoutMustBePositive() throws {
+        for value in ["0", "-1", "nan"] {
+            #expect(throws: (any Error).self) { try RunWorker.parse(["--ordering-gap-timeout", value]) }
+        }
+        #expect(try RunWorker.parse(["--ordering-gap-timeout", "0.5"]).options.orderingGapTimeout == 0.5)
+    }
+
     @Test("--concurrency sets how many consumers run at once; --threads (Channels 1.x's name) still does")
     func concurrencyAndItsOldName() throws {
         #expect(try RunServer.parse([]).concurrency == 32 && RunWorker.parse([]).concurrency == 32)

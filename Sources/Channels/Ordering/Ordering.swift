@@ -14,10 +14,6 @@ public final class OrderingGaps: Sendable {
     /// monotonic clock): a gap's age never compares two machines' wall clocks.
     private let stuck = Mutex<[String: (next: Int64, since: ContinuousClock.Instant)]>([:])
 
-    /// This process's mark in the notes of the gap watches' leases (a release removes only a
-    /// lease this process still holds).
-    let holder = ChannelNames.randomLetters(12)
-
     /// No gaps skipped yet.
     public init() {}
 

@@ -179,13 +179,15 @@ struct OrderingGate {
         func end(parks: Int) async -> Bool {
             gaps.unwatch(waitChannel)
             watching = false
-            if gaps.parkCount(waitChannel) != parks, await somethingWaits(), gaps.watch(waitChannel) {
+            let waits = gaps.parkCount(waitChannel) != parks ? await somethingWaits() : false
+            if waits, gaps.watch(waitChannel) {
                 watching = true
                 return false
             }
             beat.cancel()
             await beat.value
-            await releaseLease(lease)
+            // Something waits and another watch of this process took over: the lease is its.
+            if !waits { await releaseLease(lease) }
             return true
         }
         var pause = timeout + .milliseconds(100)
@@ -242,11 +244,11 @@ struct OrderingGate {
     }
 
     /// Takes or renews this watch's lease (see ``OrderingSweeper``), noted with the order it
-    /// saw due and this process's holder mark; a layer that fails is logged: the watch goes on,
+    /// saw due and the watch's own mark; a layer that fails is logged: the watch goes on,
     /// only its takeover is at stake.
     private func holdLease(_ lease: WatchLease) async {
         guard let leases = context.layer.leases else { return }
-        let note = OrderingSweeper.note(next: slight ? nil : lease.next, holder: gaps.holder)
+        let note = OrderingSweeper.note(next: slight ? nil : lease.next, holder: lease.token)
         do {
             try await leases.holdLease(
                 waitChannel, in: OrderingSweeper.pool, note: note,
@@ -551,10 +553,12 @@ struct OrderingGate {
     }
 }
 
-/// A gap watch's lease: the order it last saw due, and the note it last wrote (what its
-/// release must still find).
+/// A gap watch's lease: the order it last saw due, the watch's own mark, and the note it last
+/// wrote (what its release must still find: a newer watch of the socket, in this process or
+/// another, writes another mark).
 final class WatchLease: Sendable {
     private let state: Mutex<(next: Int64, written: String?)>
+    let token = ChannelNames.randomLetters(12)
 
     init(next: Int64) { state = Mutex((next, nil)) }
 

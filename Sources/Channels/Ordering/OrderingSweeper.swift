@@ -27,11 +27,11 @@ struct OrderingSweeper {
     /// renews it at every look and every half gap timeout).
     static func leaseDuration(_ timeout: Duration) -> Duration { timeout * 2 + .seconds(2) }
 
-    /// How often a watch renews its lease besides its looks.
-    static func renewal(_ timeout: Duration) -> Duration { timeout / 2 }
+    /// How often a watch renews its lease besides its looks (a tenth of a second at least).
+    static func renewal(_ timeout: Duration) -> Duration { max(timeout / 2, .milliseconds(100)) }
 
-    /// A watch's note: the order it last saw due (none for `slight` ordering) and its process's
-    /// holder mark.
+    /// A watch's note: the order it last saw due (none for `slight` ordering) and the watch's
+    /// own mark (a release removes the lease only while it is still that watch's).
     static func note(next: Int64?, holder: String) -> String { (next.map(String.init) ?? "slight") + " " + holder }
 
     /// The order a note says was due; nil for `slight` ordering (or a note of another form).
@@ -113,12 +113,18 @@ struct OrderingSweeper {
                 return false
             }
             for (channel, count) in zip(channels, counts) where count > 0 {
-                if let order = await sendBack(from: channel) {
+                switch await sendBack(from: channel) {
+                case .sent(let order):
                     ChannelsMetrics.orderingResumed.increment()
                     logger.warning(
                         "resumed an ordered socket whose watching workers stopped: sent its first waiting message back (counted in channels_ordering_resumed_total)",
                         metadata: ["wait_channel": "\(waitChannel)", "order": "\(order)"])
                     return true
+                case .leftWaiting:
+                    // Kept claimed: looked at again when the claim lapses, until it expires.
+                    return false
+                case .nothing:
+                    continue
                 }
             }
         }
@@ -144,23 +150,25 @@ struct OrderingSweeper {
         return [[waitChannel]] + windows
     }
 
-    /// Takes one message from `channel` and sends it back on the channel it first came on;
-    /// returns its order. One that cannot be sent is put back where it waited.
-    private func sendBack(from channel: String) async -> Int64? {
+    enum SendBack { case sent(Int64), nothing, leftWaiting }
+
+    /// Takes one message from `channel` and sends it back on the channel it first came on. One
+    /// that cannot be sent (or came on a process channel) is put back where it waited.
+    private func sendBack(from channel: String) async -> SendBack {
         let taken: [ReceivedMessage]
         do {
             taken = try await layer.receiveBatch(channels: [channel], max: 1, timeout: .zero)
         } catch {
             logger.warning("could not take a message left without a watch", metadata: ["error": "\(error)"])
-            return nil
+            return .leftWaiting
         }
-        guard let received = taken.first else { return nil }
+        guard let received = taken.first else { return .nothing }
         guard let entry = ParkedMessage(received.message), entry.order < Int64.max else {
             ChannelsMetrics.dropped[.malformed]?.increment()
             logger.warning(
                 "dropped a malformed parked message (counted in channels_dropped_total{reason=\"malformed\"})",
                 metadata: ["wait_channel": "\(channel)", "keys": "\(received.message.fieldNames)"])
-            return nil
+            return .nothing
         }
         // Sent back only on a channel any worker reads: a process channel's (`!`) process may be
         // the one that died, and one of a live process would hand a parked message to it
@@ -169,24 +177,29 @@ struct OrderingSweeper {
             logger.warning(
                 "left a parked message of a process channel where it waits (not sent back)",
                 metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)"])
-            try? await layer.send(received.message, to: channel)
-            return nil
+            await putBack(received.message, on: channel, entry: entry)
+            return .leftWaiting
         }
         do {
             try await retrying(for: environment.sendRetry) { try await layer.send(entry.content, to: entry.channel) }
-            return entry.order
+            return .sent(entry.order)
         } catch {
-            do {
-                try await layer.send(received.message, to: channel)
-                logger.warning(
-                    "could not send a waiting message back; it waits on", metadata: ["channel": "\(entry.channel)", "error": "\(error)"])
-            } catch {
-                ChannelsMetrics.dropped[.retriesExhausted]?.increment()
-                logger.error(
-                    "could not send a waiting message back nor park it again; it is lost (counted in channels_dropped_total{reason=\"retries_exhausted\"})",
-                    metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
-            }
-            return nil
+            logger.warning(
+                "could not send a waiting message back; it waits on", metadata: ["channel": "\(entry.channel)", "error": "\(error)"])
+            await putBack(received.message, on: channel, entry: entry)
+            return .leftWaiting
+        }
+    }
+
+    /// Parks a taken message again where it waited (counted and logged if even that fails).
+    private func putBack(_ message: Message, on channel: String, entry: ParkedMessage) async {
+        do {
+            try await retrying(for: environment.sendRetry) { try await layer.send(message, to: channel) }
+        } catch {
+            ChannelsMetrics.dropped[.retriesExhausted]?.increment()
+            logger.error(
+                "could not park a waiting message again; it is lost (counted in channels_dropped_total{reason=\"retries_exhausted\"})",
+                metadata: ["channel": "\(entry.channel)", "order": "\(entry.order)", "error": "\(error)"])
         }
     }
 }
