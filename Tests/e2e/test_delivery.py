@@ -261,12 +261,18 @@ def forty_sockets_in_four_busy_rooms_on_the_embedded_default():
         assert proc.stop() == 0
 
 
-async def ordered_burst(port, count=200):
-    room = "burst-%d-%d" % (port, os.getpid())
+async def send_burst(port, room, count):
+    """Three members of `room`; the first sends `count` texts ("burst 000", ...) back to back.
+    Returns the members and the texts, in send order."""
     members = await open_members([port], room, 3)
     texts = ["burst %03d" % i for i in range(count)]
     for t in texts:
         await members[0].ws.send(t)
+    return members, texts
+
+
+async def ordered_burst(port, count=200):
+    members, texts = await send_burst(port, "burst-%d-%d" % (port, os.getpid()), count)
     missing = await wait_all(members, count, 60)
     assert missing == 0, "%d deliveries missing" % missing
     for m in members:
@@ -323,11 +329,7 @@ def a_worker_sigkilled_in_an_ordered_burst_loses_a_bounded_few_and_keeps_order()
         for w in workers[1:]:
             w.wait_line("worker ready")
         async def run():
-            room = "burstkill-%d" % os.getpid()
-            members = await open_members([port], room, 3)
-            texts = ["burst %03d" % i for i in range(300)]
-            for t in texts:
-                await members[0].ws.send(t)
+            members, texts = await send_burst(port, "burstkill-%d" % os.getpid(), 300)
             # Killed once the burst is flowing: some delivered, most still in the pipeline.
             deadline = time.time() + 60
             while len(members[1].texts) < 40 and time.time() < deadline:
@@ -404,11 +406,7 @@ def every_worker_sigkilled_in_an_ordered_burst_and_a_new_one_resumes_it_unprompt
     mport = free_port()
     try:
         async def run():
-            room = "orphan-%d" % os.getpid()
-            members = await open_members([port], room, 3)
-            texts = ["burst %03d" % i for i in range(300)]
-            for t in texts:
-                await members[0].ws.send(t)
+            members, texts = await send_burst(port, "orphan-%d" % os.getpid(), 300)
             # Killed once nothing of the socket is queued where a new worker would take it
             # (`websocket.receive`, and `chat-messages` between the two ordered stages): the
             # workers are frozen (SIGSTOP), the queues looked at, and killed if empty, let go on
