@@ -14,6 +14,7 @@
 #   ROOMS=10 MEMBERS=1000 scripts/bench-rooms.sh     other shapes
 #   APP=chat SYSTEMS="swift nchan" ...               the full example; fewer systems
 #   KEEP=1 ...                                       keep the processes' and clients' logs
+#   BINARY=/dir/PeerChat ...                         an earlier release build instead (APP names its kind)
 #
 # Needs the peers2 kit set up (../shared/peers2/setup.sh: nginx + nchan, Centrifuge, Go).
 set -euo pipefail
@@ -34,9 +35,13 @@ source "$KIT/lib.sh"
 MESSAGES=$(python3 -c "print(max(1, int($RATE * $DURATION)))")
 if [ "$APP" = PeerChat ]; then ROOM_PATH="/{room}/"; else ROOM_PATH="/chat/{room}/"; fi
 
-log "release build of $APP"
-swift build -c release --package-path Examples --product "$APP" >/dev/null
-APP_BIN="$(swift build -c release --package-path Examples --show-bin-path)/$APP"
+if [ -n "${BINARY:-}" ]; then
+  APP_BIN=$(realpath "$BINARY") || exit 1
+else
+  log "release build of $APP"
+  swift build -c release --package-path Examples --product "$APP" >/dev/null
+  APP_BIN="$(swift build -c release --package-path Examples --show-bin-path)/$APP"
+fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 RUN=$(mktemp -d)
