@@ -457,7 +457,11 @@ struct OrderingTests {
         // 1 lost; 2 parks and its watch looks after 400 ms, while the store refuses.
         try await harness.send(message(reply, order: 2), to: "websocket.receive")
         store.refusing.store(true, ordering: .relaxed)
-        try await Task.sleep(for: .milliseconds(600))
+        // Until the watch has looked (and been refused); bounded, as a loaded machine runs late.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while store.refused.load(ordering: .relaxed) == 0, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
         #expect(store.refused.load(ordering: .relaxed) > 0, "the watch looked while the store refused")
         store.refusing.store(false, ordering: .relaxed)
         try await Self.waitFor(log, count: 2)
