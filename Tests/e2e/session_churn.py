@@ -223,7 +223,7 @@ class Process:
     def __init__(self, chat, logdir, *args, env=None):
         self.name = args[0]
         self.path = os.path.join(logdir, "%s-%d.log" % (args[0], time.time_ns()))
-        self.log = open(self.path, "w+")
+        self.log = open(self.path, "a+")  # appending: see support.Proc
         self.p = subprocess.Popen([chat, *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_line(self, text, timeout=60):

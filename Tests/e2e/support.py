@@ -66,7 +66,9 @@ class Proc:
         """`chat *args`, its output in a log of its own; `wrapper`: a command it runs under
         (`("faketime", "-f", "+30s")`, which runs it as a child): then the two get a process
         group of their own, and signals go to the group."""
-        self.log = open(os.path.join(DB_DIR, "%s-%d.log" % (args[0], time.time_ns())), "w+")
+        # Appending: the child writes at the end whatever offset the reads here seek to (the
+        # file offset is shared; a write in "w+" landed where a read had just sought, over the start).
+        self.log = open(os.path.join(DB_DIR, "%s-%d.log" % (args[0], time.time_ns())), "a+")
         self.group = bool(wrapper)
         self.p = subprocess.Popen([*wrapper, CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT,
                                   start_new_session=self.group)

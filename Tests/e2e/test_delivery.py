@@ -445,10 +445,15 @@ def every_worker_sigkilled_in_an_ordered_burst_and_a_new_one_resumes_it_unprompt
                 return
             workers.append(Proc("runworker", "--layer", layer, "--threads", "32", *gap, "--metrics-port", str(mport)))
             workers[-1].wait_line("worker ready")
-            # Until nothing has moved for 15 s (the burst's last messages may have died with the
-            # workers that held them: the end is not a given message).
+            # The dead workers' leases lapse (2 x 2 s + 2 s), a sweep claims them, the new watch
+            # waits a gap timeout, then what was parked runs: until it all has (bounded).
+            deadline = killed_at + 60
+            while min(len(m.texts) for m in members) < at_kill + parked and time.time() < deadline:
+                await asyncio.sleep(0.1)
+            # Then until nothing has moved for 10 s (the burst's last messages may have died with
+            # the workers that held them: the end is not a given message).
             last_change, seen = time.time(), -1
-            while time.time() - last_change < 15 and time.time() < killed_at + 120:
+            while time.time() - last_change < 10 and time.time() < killed_at + 120:
                 now = sum(len(m.texts) for m in members)
                 if now != seen:
                     seen, last_change = now, time.time()

@@ -63,7 +63,7 @@ class EProc(Proc):
     """A chat process with its own environment (None: ours), logging into `logdir`."""
 
     def __init__(self, logdir, *args, env=None):
-        self.log = open(os.path.join(logdir, "%s-%d.log" % (args[0], time.time_ns())), "w+")
+        self.log = open(os.path.join(logdir, "%s-%d.log" % (args[0], time.time_ns())), "a+")  # see support.Proc
         self.p = subprocess.Popen([CHAT, *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.args = args
 
