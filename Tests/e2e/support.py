@@ -97,7 +97,13 @@ class Proc:
 def server(*extra):
     port = free_port()
     proc = Proc("runserver", "--port", str(port), *extra)
-    proc.wait_line("interface server listening")
+    try:
+        proc.wait_line("interface server listening")
+    except BaseException:
+        # Not left running when the test fails here: everything started is stopped.
+        if proc.p.poll() is None:
+            proc.stop(signal.SIGKILL)
+        raise
     return proc, port
 
 
