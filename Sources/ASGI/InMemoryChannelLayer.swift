@@ -258,12 +258,37 @@ public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCap
         }
     }
 
-    /// One wait like ``receive(channels:timeout:)``, then whatever else is queued, up to `max`.
+    /// One wait like ``receive(channels:timeout:)``, then whatever else is queued, up to `max`,
+    /// fairly: each channel first up to an equal share of the batch (from a channel chosen at
+    /// random), then whatever room is left. A flood on one channel does not take every batch from
+    /// the others. The batch keeps the channels' order, each channel's messages in queue order.
     public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
         guard let first = try await receive(channels: channels, timeout: timeout) else { return [] }
-        var batch = [first]
-        while batch.count < max, let next = try await receive(channels: channels, timeout: .zero) { batch.append(next) }
-        return batch
+        guard max > 1 else { return [first] }
+        let firstIndex =
+            channels.firstIndex { $0 == first.channel || ($0.hasSuffix("!") && first.channel.hasPrefix($0)) } ?? 0
+        return state.withLock { state -> [ReceivedMessage] in
+            var taken = Array(repeating: [ReceivedMessage](), count: channels.count)
+            taken[firstIndex] = [first]
+            if state.closed { return [first] }
+            let now = ContinuousClock.now
+            let share = (max + channels.count - 1) / channels.count
+            let start = Int.random(in: 0..<channels.count)
+            var count = 1
+            for pass in 0..<2 {
+                for step in 0..<channels.count where count < max {
+                    let index = (start + step) % channels.count
+                    let want = pass == 0 ? Swift.min(share - taken[index].count, max - count) : max - count
+                    var got = 0
+                    while got < want, let entry = state.popLive(channels[index], now: now) {
+                        taken[index].append(ReceivedMessage(channel: entry.channel, message: entry.message))
+                        got += 1
+                    }
+                    count += got
+                }
+            }
+            return taken.flatMap { $0 }
+        }
     }
 
     /// Ends a wait with no message (timeout, cancellation or close).

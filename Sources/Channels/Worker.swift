@@ -94,7 +94,9 @@ public final class Worker: Service, Sendable {
         }
         let excluded = exclude.map(GlobPattern.init)
         listen = listen.filter { name in !excluded.contains { $0.matches(name) } }
-        self.channels = listen.sorted()
+        // A connection's last message after its others when one batch takes both (a batch takes
+        // its lists' messages in this order): the disconnects last.
+        self.channels = listen.sorted { ($0.hasSuffix(".disconnect") ? 1 : 0, $0) < ($1.hasSuffix(".disconnect") ? 1 : 0, $1) }
         self.wakeChannel = "worker." + ChannelNames.randomLetters(10) + "!"
         self.receivingChannels = self.channels + [wakeChannel]
         // A slot more for each other channel (up to a quarter of `concurrency`), kept for channels

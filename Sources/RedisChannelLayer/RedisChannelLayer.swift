@@ -29,6 +29,8 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
     let luaCapacityArgs: [RedisArgument]
     let sendCursor = Atomic<Int>(0)
     let receiveCursor = Atomic<Int>(0)
+    /// Which list a batch receive takes its share from first (turns with every batch).
+    let fairCursor = Atomic<Int>(0)
     /// Whether the last receive found a message waiting (see `receive`).
     let flowing = Atomic<Bool>(false)
     /// Set when a shard refused `CLIENT ID`: blocking waits then rotate over the shards instead

@@ -103,7 +103,8 @@ extension RedisChannelLayer {
                             try await takeWithoutWaiting(shard: shard, list: lists[0], max: max - batch.count).0, max: max - batch.count)
                         continue
                     }
-                    let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count)])
+                    let reply = try await pipelined(
+                        shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count), .integer(nextFirstList())])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
                 }
@@ -120,7 +121,8 @@ extension RedisChannelLayer {
                 if lists.count == 1 {
                     batch = handOut(try await takeWithoutWaiting(shard: shard, list: lists[0], max: max).0, max: max)
                 } else {
-                    let reply = try await pipelined(shard, Scripts.receiveMany, keys: lists, args: [.integer(max)])
+                    let reply = try await pipelined(
+                        shard, Scripts.receiveMany, keys: lists, args: [.integer(max), .integer(nextFirstList())])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
                 }
@@ -153,6 +155,9 @@ extension RedisChannelLayer {
             }
         }
     }
+
+    /// The list a fair batch receive starts its shares from (see `Scripts.receiveMany`).
+    func nextFirstList() -> Int { fairCursor.wrappingAdd(1, ordering: .relaxed).oldValue & 0xFFFF }
 
     /// Lists to read per shard: `!`/`?` channels on their shard, plain ones on the next
     /// shard in rotation (they are sent round-robin, so any shard may hold them).

@@ -68,14 +68,46 @@ enum Scripts {
 
         """
 
-    /// Pops up to ARGV[1] messages from the lists in KEYS, in order: {list, body, list, body, ...}.
+    /// Pops up to ARGV[1] messages from the lists in KEYS, fairly: first each list up to an
+    /// equal share (lists taken in turn from the ARGV[2]-th, so a batch smaller than the number
+    /// of busy lists does not always go to the first), then whatever room is left, in the same
+    /// turn. A flood on one list (a storm of connects or disconnects) cannot take every batch
+    /// from the others. The result keeps the lists' order, each list's messages in queue order:
+    /// {list, body, list, body, ...}.
     static let receiveMany = LuaScript(
         name: "receiveMany",
         source: takeFromLua + """
-            local out = {}
-            local limit = 2 * tonumber(ARGV[1])
-            for i = 1, #KEYS do takeFrom(KEYS[i], KEYS[i], out, limit) end
-            return out
+            local max = tonumber(ARGV[1])
+            local n = #KEYS
+            local first = tonumber(ARGV[2] or '0') % n
+            local share = math.ceil(max / n)
+            local per, dry, taken = {}, {}, 0
+            for j = 0, n - 1 do
+                local i = (first + j) % n + 1
+                local out = {}
+                local want = math.min(share, max - taken)
+                if want > 0 then
+                    takeFrom(KEYS[i], KEYS[i], out, 2 * want)
+                    dry[i] = #out < 2 * want
+                end
+                per[i] = out
+                taken = taken + #out / 2
+            end
+            for j = 0, n - 1 do
+                if taken >= max then break end
+                local i = (first + j) % n + 1
+                if not dry[i] then
+                    local out = per[i]
+                    local before = #out
+                    takeFrom(KEYS[i], KEYS[i], out, before + 2 * (max - taken))
+                    taken = taken + (#out - before) / 2
+                end
+            end
+            local result = {}
+            for i = 1, n do
+                for _, v in ipairs(per[i]) do result[#result + 1] = v end
+            end
+            return result
             """)
 
     /// After BLPOP: takes the popped body (KEYS[1]) and up to ARGV[1] more messages of its list

@@ -25,6 +25,26 @@ struct BatchReceiveTests {
         }
     }
 
+    /// A flood on one channel (a storm of disconnects) does not take every batch: each channel
+    /// with messages waiting gets its share, and a batch keeps the channels' order.
+    @Test(arguments: LayerKind.allCases)
+    func aFloodOnOneChannelDoesNotTakeEveryBatch(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 500) { layer in
+            for i in 0..<200 { try await layer.send(["n": .int(Int64(i))], to: "fair.flood") }
+            for i in 0..<5 { try await layer.send(["n": .int(Int64(1000 + i))], to: "fair.trickle") }
+            let channels = ["fair.flood", "fair.trickle"]
+            let batch = try await layer.receiveBatch(channels: channels, max: 10, timeout: .zero)
+            #expect(batch.count == 10)
+            #expect(batch.filter { $0.channel == "fair.trickle" }.count == 5, "the trickle got its half of the batch")
+            let flood = batch.filter { $0.channel == "fair.flood" }.compactMap { $0.message["n"]?.intValue }
+            #expect(flood == flood.sorted() && flood.count == 5, "each channel's messages in queue order")
+            #expect(batch.map(\.channel) == Array(repeating: "fair.flood", count: 5) + Array(repeating: "fair.trickle", count: 5))
+            // The trickle is dry: the flood fills the batch.
+            let next = try await layer.receiveBatch(channels: channels, max: 10, timeout: .zero)
+            #expect(next.map(\.channel) == Array(repeating: "fair.flood", count: 10))
+        }
+    }
+
     /// The ordering gate's look at many wait channels: counts in one call, nothing taken.
     @Test(arguments: LayerKind.allCases)
     func pendingCountsCountWithoutTaking(_ kind: LayerKind) async throws {

@@ -155,7 +155,7 @@ struct WorkerTests {
         let layer = InMemoryChannelLayer()
         let entries = [route("chat-messages", { _ in }), route("websocket.receive", { _ in })]
         // The WebSocket channels are always drained (Channels 1.x), routed or not.
-        let socketChannels = ["websocket.connect", "websocket.disconnect", "websocket.receive"]
+        let socketChannels = ["websocket.connect", "websocket.receive", "websocket.disconnect"]
         #expect(try worker(entries, layer: layer).channels == ["chat-messages", "http.request"] + socketChannels)
         #expect(try worker(entries, layer: layer, only: ["websocket.*"]).channels == socketChannels)
         #expect(try worker(entries, layer: layer, exclude: ["http.*", "chat-*"]).channels == socketChannels)

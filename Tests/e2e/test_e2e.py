@@ -575,6 +575,92 @@ def a_rundelay_sigkilled_between_its_take_and_its_sends_loses_nothing():
 
 
 @test
+def a_rundelay_whose_wall_clock_jumps_a_minute_leaves_a_live_take_alone():
+    """Two rundelays share a schedule; one is caught holding a take it has partly sent (frozen
+    a few seconds, well inside its 30 s lease). The other's wall clock then jumps a minute ahead
+    (libfaketime, changed while it runs: an NTP step, a VM resumed). It must not take the live
+    hold for a lapsed one: a lease is judged on Redis's clock, carried between readings by the
+    monotonic clock, never by a host's wall clock. Before, it reclaimed and re-sent what the
+    other still held (24 twice in a red-team run)."""
+    import glob
+    import redis
+    import threading
+    from asgi_redis import RedisChannelLayer
+    libraries = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    assert libraries, "this test needs libfaketime (Debian package faketime; scripts/test.sh installs it)"
+    prefix = "e2edelayclock%d:" % os.getpid()
+    url = REDIS_URL.split("?")[0]
+    r = redis.Redis.from_url(url)
+    key = "e2edelayclock%d-scheduled" % os.getpid()
+    args = ("rundelay", "--layer", redis_url(prefix), "--delay-key", key)
+    clock = os.path.join(DB_DIR, "faketime-%d" % os.getpid())
+    with open(clock, "w") as f:
+        f.write("+0\n")
+    fake = ("env", "LD_PRELOAD=" + libraries[0], "FAKETIME_TIMESTAMP_FILE=" + clock, "FAKETIME_NO_CACHE=1",
+            "DONT_FAKE_MONOTONIC=1")
+    count = 300
+    got = collections.Counter()
+    done = threading.Event()
+
+    def consume():
+        reader = RedisChannelLayer(hosts=[url], prefix=prefix, capacity=1000)
+        while not done.is_set():
+            channel, message = reader.receive(["delayed-clock"], block=True)
+            if channel:
+                got[message["n"]] += 1
+    reader = threading.Thread(target=consume, daemon=True)
+    delays = []
+    try:
+        reader.start()
+        schedule_due_now(r, key, "delayed-clock", count)
+        delays.append(Proc(*args))
+        deadline = time.time() + 30
+        frozen = False
+        while time.time() < deadline and not frozen and sum(got.values()) < count:
+            if not r.zcard(key + ":taken") or not sum(got.values()):
+                continue
+            delays[0].p.send_signal(signal.SIGSTOP)
+            time.sleep(0.05)
+            held, sent = r.zcard(key + ":taken"), sum(got.values())
+            if held and 0 < sent < count:
+                frozen = True
+            else:
+                delays[0].p.send_signal(signal.SIGCONT)
+        assert frozen, "never caught the rundelay holding a take it had not sent"
+        delays.append(Proc(*args, wrapper=fake))
+        delays[-1].wait_line("delay server ready")
+        time.sleep(1.5)
+        with open(clock, "w") as f:
+            f.write("+60s\n")
+        time.sleep(4)  # several of the second one's takes, on its jumped clock
+        taken_by_second = sum(got.values()) - sent
+        delays[0].p.send_signal(signal.SIGCONT)
+        deadline = time.time() + 20
+        while (r.zcard(key + ":taken") or r.zcard(key) or len(got) < count) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        done.set()
+        missing = sorted(set(range(count)) - set(got))
+        twice = sorted(n for n, c in got.items() if c > 1)
+        print("   frozen holding %d with %d sent; the other sent %d meanwhile on a clock a minute ahead; "
+              "after the thaw: %d of %d arrived, %d twice" % (held, sent, taken_by_second, len(got), count, len(twice)),
+              flush=True)
+        assert not missing, "%d lost: %r" % (len(missing), missing[:10])
+        assert len(twice) <= 1 and max(got.values()) <= 2, (
+            "%d arrived twice: the rundelay whose clock jumped took a live hold for a lapsed one" % len(twice))
+        assert r.zcard(key + ":taken") == 0 and r.zcard(key) == 0, "left held or scheduled"
+    finally:
+        done.set()
+        for d in delays:
+            if d.p.poll() is None:
+                d.p.send_signal(signal.SIGCONT)
+                d.stop()
+        r.delete(key, key + ":taken")
+        for k in r.keys(prefix + "*"):
+            r.delete(k)
+
+
+@test
 def a_rundelay_frozen_past_its_lease_does_not_send_its_take_again():
     """A rundelay frozen (SIGSTOP) in the middle of a take, past its --delivery-lease (2 s):
     another rundelay takes over what it held and sends it; when the frozen one thaws it must
