@@ -413,6 +413,76 @@ struct OrderingTests {
         #expect(try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(1)).map(\.name) == ["__wait__.probe"])
     }
 
+    /// A mass orphaning (every worker of many sockets gone at once: a lost host under load), on
+    /// Redis: one sweep claims the lapsed leases in batches of 64 while they come full and resumes
+    /// every socket, 16 at a time; each socket's parked messages then run, in order.
+    @Test func manySocketsOrphanedAtOnceOnRedisAreAllResumed() async throws {
+        let log = Log()
+        let layer = try TestRedis.layer(capacity: 1000)
+        let harness = try TestHarness(
+            [
+                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
+                route(
+                    "websocket.receive",
+                    enforceOrdering { context in
+                        await log.add(try context.message.string("reply_channel") + " " + String(try context.message.int("order")))
+                    }),
+            ], layer: layer, environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let leases = try #require(harness.layer.leases)
+        let count = 200
+        var replies: [String] = []
+        for _ in 0..<count {
+            let reply = try await harness.newReplyChannel()
+            replies.append(reply)
+            try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+            // 1 died with the workers; 2 and 3 wait parked under the dead watch's lease.
+            let shared = try await parkAsADeadWorker(harness, reply: reply, orders: [2, 3])
+            try await leases.holdLease(
+                shared, in: OrderingSweeper.pool, note: OrderingSweeper.note(next: 1, holder: "dead"), for: .milliseconds(1))
+        }
+        try await Task.sleep(for: .milliseconds(20))
+        let sweeper = OrderingSweeper(layer: harness.layer, environment: harness.environment, logger: Logger(label: "test"))
+        let first = await sweeper.sweep()
+        #expect(first > OrderingSweeper.claimBatch, "one sweep claims again while its batches come full: \(first)")
+        var resumed = first
+        for _ in 0..<10 where resumed < count { resumed += await sweeper.sweep() }
+        #expect(resumed == count, "every orphaned socket resumed once: \(resumed) of \(count)")
+        #expect(try await harness.runPending() == count, "one message sent back per socket")
+        let deadline = ContinuousClock.now + .seconds(30)
+        while await log.entries.count < 2 * count, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        var bySocket: [String: [String]] = [:]
+        for entry in await log.entries {
+            let parts = entry.split(separator: " ")
+            bySocket[String(parts[0]), default: []].append(String(parts[1]))
+        }
+        #expect(bySocket.count == count, "every socket's parked messages ran: \(bySocket.count) of \(count)")
+        #expect(bySocket.values.allSatisfy { $0 == ["2", "3"] }, "in order, once each")
+        #expect(harness.environment.orderingGaps.skipped == count, "the lost 1 of each socket skipped, counted")
+        await layer.close()
+    }
+
+    /// A parked message of a process channel (`!`) is not sent back: that process may be the
+    /// one that died, and a live one would get it outside the routing it came through. It waits
+    /// where it was parked, and the sweeper keeps the lease claimed (looked at again later).
+    @Test func aParkedMessageOfAProcessChannelIsNotSentBack() async throws {
+        let harness = try TestHarness(
+            Self.routing(log: Log()), environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        let parked = ParkedMessage(channel: "worker.proc!abc", content: message(reply, order: 2), order: 2)
+        try await harness.layer.send(parked.message, to: shared + ".2")
+        let leases = try #require(harness.layer.leases)
+        try await leases.holdLease(
+            shared, in: OrderingSweeper.pool, note: OrderingSweeper.note(next: 1, holder: "dead"), for: .milliseconds(1))
+        try await Task.sleep(for: .milliseconds(20))
+        let sweeper = OrderingSweeper(layer: harness.layer, environment: harness.environment, logger: Logger(label: "test"))
+        #expect(await sweeper.sweep() == 0, "nothing resumed")
+        #expect(try await harness.layer.messagesPending(in: [shared + ".2"]) == [1], "it waits where it was parked")
+        #expect(try await harness.layer.receive(channels: ["worker.proc!"], timeout: .zero) == nil, "nothing sent to the process channel")
+        #expect(
+            try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(1)).isEmpty, "the sweeper holds the claim")
+    }
+
     /// A watch whose look runs a long consumer (drains run them inline) keeps its lease: it is
     /// renewed on a beat of its own, not only at each look, so no sweeper takes the socket over
     /// (and a message out from under the live watch) while it runs.
