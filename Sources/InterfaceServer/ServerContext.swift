@@ -43,6 +43,8 @@ final class ServerContext: Sendable {
     /// Followed groups' history tops, shared by the sockets' tail checks.
     let historyTops = HistoryTops()
     let presenceDiffs: PresenceDiffBatcher
+    /// The presence lists sent to joining sockets, one read for many (see ``PresenceLists``).
+    let presenceLists = PresenceLists()
 
     /// Tells `group` (in a moment, with the other changes of the moment) that `user` joined or
     /// left, with that change's presence version.

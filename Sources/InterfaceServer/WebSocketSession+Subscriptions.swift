@@ -319,7 +319,7 @@ extension WebSocketSession {
                     })
             else { return }
             if change.changed { server.tellPresence(group, user: user, joined: true, version: change.version) }
-            if let snapshot = try? await presence.presenceSnapshot(group) {
+            if let snapshot = await server.presenceLists.list(group, from: presence) {
                 loop.execute { bound.value.deliverText(PresenceText.list(snapshot.members, version: snapshot.version)) }
             }
         }

@@ -1,0 +1,60 @@
+import ASGI
+import Synchronization
+import Testing
+
+@testable import InterfaceServer
+
+/// A layer whose presence list is read at once and answered 50 ms later: a socket that joins
+/// meanwhile is not in it.
+final class SlowPresenceLayer: ForwardingChannelLayer, ChannelLayerPresence {
+    let memory = InMemoryChannelLayer()
+    var base: any ChannelLayer { memory }
+    let reads = Atomic<Int>(0)
+
+    func presenceSnapshot(_ group: String) async throws(ChannelLayerError) -> PresenceSnapshot {
+        reads.add(1, ordering: .relaxed)
+        let snapshot = try await memory.presenceSnapshot(group)
+        try? await Task.sleep(for: .milliseconds(50))
+        return snapshot
+    }
+}
+
+@Suite("presence lists for joining sockets", .timeLimit(.minutes(1)))
+struct PresenceListsTests {
+    /// 100 sockets join one group over a few hundred milliseconds and each asks for its list:
+    /// every list it gets was read after its own join (it is in it), and the reads are shared
+    /// (one at a time, each answering every socket that asked before it began).
+    @Test func eachJoinerGetsAListReadAfterItsJoinAndReadsAreShared() async throws {
+        let layer = SlowPresenceLayer()
+        let lists = PresenceLists()
+        let count = 100
+        let missing = await withTaskGroup(of: Bool.self) { group in
+            for index in 0..<count {
+                group.addTask {
+                    try? await Task.sleep(for: .milliseconds(3 * index))
+                    let user = "user-\(index)"
+                    _ = try? await layer.presenceJoin("room", connection: "c\(index)", user: user, meta: "{}", ttl: .seconds(60))
+                    guard let list = await lists.list("room", from: layer) else { return true }
+                    return !list.members.contains { $0.user == user }
+                }
+            }
+            var missing = 0
+            for await absent in group where absent { missing += 1 }
+            return missing
+        }
+        #expect(missing == 0, "\(missing) sockets got a list read before their own join")
+        let reads = layer.reads.load(ordering: .relaxed)
+        #expect(reads == lists.reads.load(ordering: .relaxed))
+        #expect(reads <= count / 2, "reads shared: \(reads) reads for \(count) sockets")
+    }
+
+    /// A list is not kept: a socket that asks after a read ended gets a read of its own.
+    @Test func aListIsNotKeptForLaterJoiners() async throws {
+        let lists = PresenceLists()
+        let layer = SlowPresenceLayer()
+        _ = try await layer.presenceJoin("room", connection: "c1", user: "ann", meta: "{}", ttl: .seconds(60))
+        #expect(await lists.list("room", from: layer)?.members.map(\.user) == ["ann"])
+        _ = try await layer.presenceJoin("room", connection: "c2", user: "bob", meta: "{}", ttl: .seconds(60))
+        #expect(await lists.list("room", from: layer)?.members.map(\.user) == ["ann", "bob"], "read again, not kept")
+    }
+}
