@@ -17,6 +17,9 @@ import NIOCore
 /// `channelFullTimeout`; an unreachable layer (Redis down) for `outageTimeout`. Only then does
 /// the connection give up (1013 / 1011 / 503, the owner decides), and whatever was still held
 /// is counted as dropped. Reading also stops while more than `heldLimit` messages wait.
+///
+/// A message for a channel another connection of this server found full waits in line for it
+/// (``FullChannels``) instead of trying: one sender probes a full channel, not all of them.
 final class LayerSender {
     enum GiveUp {
         /// The channel stayed full for the whole `channelFullTimeout`.
@@ -45,6 +48,12 @@ final class LayerSender {
     private var parked: CheckedContinuation<Void, Never>?
     /// Where the send loop runs: the connection's task (nil: a task of the sender's own).
     private let owner: ConnectionSenders?
+    /// The full channel this sender probes (its head was refused as full), if any.
+    private var probing: String?
+    /// Refused as full while another sender probes: back in line, at its head.
+    private var backInLine = false
+    /// The full channel whose line let this sender go, until its send there is through or refused.
+    private var hasTurn: String?
 
     /// Called once, on the loop, when the sender gives up; later messages are dropped and counted.
     var onGiveUp: ((GiveUp) -> Void)?
@@ -116,15 +125,42 @@ final class LayerSender {
                 await park(on: actor)
                 continue
             }
+            if probing == nil, server.fullChannels.isHeld(head.channel) {
+                let atHead = backInLine
+                backInLine = false
+                guard await waitInLine(for: head.channel, atHead: atHead, on: actor) else { continue }
+                hasTurn = head.channel
+            }
             do {
                 try await server.layer.send(head.message, to: head.channel)
+                hasTurn = nil
+                if let channel = probing {
+                    probing = nil
+                    server.fullChannels.stopProbing(channel, accepted: true)
+                } else {
+                    server.fullChannels.accepted(head.channel)
+                }
                 sent()
             } catch {
-                guard let wait = failed(error) else { continue }
+                guard let wait = failed(error), wait > .zero else { continue }
                 try? await Task.sleep(for: .nanoseconds(wait.nanoseconds))
             }
         }
         dropHeld()
+    }
+
+    /// Waits in line for a channel another sender found full (held, as a failed send is: the
+    /// client's reading paused, the same bound); false when it gave up or was cancelled.
+    private func waitInLine(for channel: String, atHead: Bool, on actor: isolated EventLoopActor) async -> Bool {
+        if failingSince == nil {
+            failingSince = .now()
+            server.counters.count(.sendFullRetried)
+            updateReading()
+        }
+        let deadline = failingSince! + TimeAmount(server.configuration.channelFullTimeout)
+        if await server.fullChannels.waitTurn(channel, until: deadline, on: loop, atHead: atHead) { return true }
+        if !Task.isCancelled, NIODeadline.now() >= deadline { giveUp(full: true) }
+        return false
     }
 
     private func park(on actor: isolated EventLoopActor) async {
@@ -163,6 +199,7 @@ final class LayerSender {
             return retry(full: code == .channelFull, error: error)
         default:
             // Not worth another try (too large, invalid, the layer closed): this one is lost.
+            stopProbing()
             let dropped = queue.removeFirst()
             onDropped?(dropped.channel)
             server.router.workInHand.finish()
@@ -183,26 +220,61 @@ final class LayerSender {
         if failingSince == nil {
             failingSince = now
             server.counters.count(full ? .sendFullRetried : .sendHeldForOutage)
-            server.logger.warning(
-                full ? "channel full; holding and retrying" : "channel layer unavailable; holding and retrying",
-                metadata: ["channel": "\(queue.first?.channel ?? "")", "error": "\(error)"])
         }
         let limit = full ? server.configuration.channelFullTimeout : outageTimeout
         if now - failingSince! >= TimeAmount(limit) {
-            gaveUp = true
-            ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: queue.count)
-            dropHeld()
-            onGiveUp?(full ? .full : .unavailable)
+            giveUp(full: full)
             return nil
+        }
+        if full, probing == nil, let channel = queue.first?.channel {
+            hasTurn = nil
+            guard server.fullChannels.startProbing(channel) else {
+                // Another sender of this server probes the channel: back in line, at its head.
+                backInLine = true
+                updateReading()
+                return .zero
+            }
+            // This sender probes the channel, often (one prober per channel and server); the
+            // server's other senders for it wait in line.
+            probing = channel
+            pause = .milliseconds(10)
+            server.logger.warning(
+                "channel full; holding and retrying (other connections' messages for it wait in line)",
+                metadata: ["channel": "\(channel)", "error": "\(error)"])
+        } else if !full, now == failingSince {
+            server.logger.warning(
+                "channel layer unavailable; holding and retrying",
+                metadata: ["channel": "\(queue.first?.channel ?? "")", "error": "\(error)"])
         }
         updateReading()
         let wait = pause
-        pause = min(pause * 2, .seconds(1))
+        pause = min(pause * 2, probing != nil ? .milliseconds(100) : .seconds(1))
         return wait
+    }
+
+    /// Gives up on what is held (a full channel or an unreachable layer for its whole bound).
+    private func giveUp(full: Bool) {
+        gaveUp = true
+        ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: queue.count)
+        dropHeld()
+        onGiveUp?(full ? .full : .unavailable)
+    }
+
+    /// Stops probing a full channel without a send through it (or gives up a turn the line
+    /// gave this sender): the next sender in line goes.
+    private func stopProbing() {
+        if let channel = hasTurn {
+            hasTurn = nil
+            server.fullChannels.passTurn(channel)
+        }
+        guard let channel = probing else { return }
+        probing = nil
+        server.fullChannels.stopProbing(channel, accepted: false)
     }
 
     /// Counts everything held as dropped and lets it go.
     private func dropHeld() {
+        stopProbing()
         guard !queue.isEmpty else { return }
         server.counters.count(.heldDropped, by: queue.count)
         server.router.workInHand.finish(queue.count)

@@ -43,6 +43,8 @@ final class ServerContext: Sendable {
     /// Followed groups' history tops, shared by the sockets' tail checks.
     let historyTops = HistoryTops()
     let presenceDiffs: PresenceDiffBatcher
+    /// The channels this server found full, and the sends waiting in line for them.
+    let fullChannels = FullChannels()
     /// The presence lists sent to joining sockets, one read for many (see ``PresenceLists``).
     let presenceLists = PresenceLists()
 

@@ -1,0 +1,116 @@
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+
+@testable import InterfaceServer
+
+/// The line for a full channel: one sender probes it, the others wait; every send that gets
+/// through lets the next two go, a prober that stops lets the next one go, first come first
+/// served; a sender in line gives up at its deadline or when cancelled.
+@Suite("full channels: one prober, the rest in line", .timeLimit(.minutes(1)))
+struct FullChannelsTests {
+    final class Turns: Sendable {
+        let order = Mutex<[Int]>([])
+        var all: [Int] { order.withLock { $0 } }
+        func add(_ n: Int) { order.withLock { $0.append(n) } }
+    }
+
+    /// Starts `count` senders in line for `channel`, one at a time (each in line before the
+    /// next starts); each notes its number when its turn comes (or -n when it gave up).
+    func line(
+        _ channels: FullChannels, _ channel: String, count: Int, deadline: NIODeadline, loop: any EventLoop, turns: Turns
+    ) async -> [Task<Void, Never>] {
+        var tasks: [Task<Void, Never>] = []
+        let base = channels.waiting(channel)
+        for n in 1...count {
+            tasks.append(
+                Task {
+                    let turn = await channels.waitTurn(channel, until: deadline, on: loop)
+                    turns.add(turn ? n : -n)
+                })
+            // In line before the next one starts (bounded).
+            for _ in 0..<500 where channels.waiting(channel) < base + n { try? await Task.sleep(for: .milliseconds(2)) }
+        }
+        return tasks
+    }
+
+    func waitFor(_ turns: Turns, count: Int) async {
+        for _ in 0..<200 where turns.all.count < count { try? await Task.sleep(for: .milliseconds(10)) }
+    }
+
+    @Test func eachSendThatGetsThroughLetsTheNextTwoGo() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let channels = FullChannels()
+        #expect(!channels.isHeld("websocket.connect"))
+        #expect(channels.startProbing("websocket.connect"))
+        #expect(channels.isHeld("websocket.connect") && !channels.isHeld("websocket.receive"))
+        let turns = Turns()
+        let tasks = await line(channels, "websocket.connect", count: 5, deadline: .now() + .seconds(30), loop: group.next(), turns: turns)
+        try await Task.sleep(for: .milliseconds(100))
+        #expect(turns.all.isEmpty, "nobody in line goes while the channel is refused")
+        channels.stopProbing("websocket.connect", accepted: true)
+        await waitFor(turns, count: 2)
+        // Two let go at once run in either order.
+        #expect(Set(turns.all) == [1, 2], "the prober got through: the first two in line go")
+        channels.accepted("websocket.connect")
+        await waitFor(turns, count: 4)
+        #expect(Set(turns.all) == [1, 2, 3, 4])
+        channels.accepted("websocket.connect")
+        await waitFor(turns, count: 5)
+        #expect(Set(turns.all) == [1, 2, 3, 4, 5])
+        #expect(!channels.isHeld("websocket.connect"), "nobody probes or waits: the channel is no longer held")
+        for task in tasks { await task.value }
+    }
+
+    /// One prober at a time; a prober that stops without a send through lets the next one go;
+    /// a sender refused while another probes goes back to the head of the line; a sender let
+    /// go that will not send passes its turn on.
+    @Test func oneProberAtATimeAndTurnsAreNeverLost() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let channels = FullChannels()
+        #expect(channels.startProbing("c"))
+        #expect(!channels.startProbing("c"), "another sender probes it")
+        let turns = Turns()
+        let tasks = await line(channels, "c", count: 3, deadline: .now() + .seconds(30), loop: group.next(), turns: turns)
+        let refused = Task {
+            let turn = await channels.waitTurn("c", until: .now() + .seconds(30), on: group.next(), atHead: true)
+            turns.add(turn ? 10 : -10)
+        }
+        for _ in 0..<500 where channels.waiting("c") < 4 { try await Task.sleep(for: .milliseconds(2)) }
+        channels.stopProbing("c", accepted: false)
+        await waitFor(turns, count: 1)
+        #expect(turns.all == [10], "the prober gave up: the head of the line (the refused one) goes")
+        channels.passTurn("c")
+        await waitFor(turns, count: 2)
+        #expect(turns.all == [10, 1], "it will not send after all: the next one goes")
+        #expect(channels.startProbing("c"))
+        channels.passTurn("c")
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(turns.all == [10, 1], "a turn passed while a prober is at it goes to nobody")
+        channels.stopProbing("c", accepted: true)
+        await waitFor(turns, count: 4)
+        #expect(Set(turns.all) == [10, 1, 2, 3])
+        for task in tasks + [refused] { await task.value }
+        #expect(!channels.isHeld("c"))
+    }
+
+    @Test func aSenderInLineGivesUpAtItsDeadlineOrWhenCancelled() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let channels = FullChannels()
+        #expect(channels.startProbing("c"))
+        let turns = Turns()
+        let early = await line(channels, "c", count: 1, deadline: .now() + .milliseconds(200), loop: group.next(), turns: turns)
+        let late = await line(channels, "c", count: 2, deadline: .now() + .seconds(30), loop: group.next(), turns: turns)
+        await waitFor(turns, count: 1)
+        #expect(turns.all == [-1], "the first in line gave up at its deadline")
+        late[0].cancel()
+        await waitFor(turns, count: 2)
+        #expect(turns.all == [-1, -1], "a cancelled sender leaves the line")
+        channels.stopProbing("c", accepted: true)
+        await waitFor(turns, count: 3)
+        #expect(turns.all == [-1, -1, 2], "those who left take no turn")
+        for task in early + late { await task.value }
+        #expect(!channels.isHeld("c"))
+    }
+}
