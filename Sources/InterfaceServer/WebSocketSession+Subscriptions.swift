@@ -319,8 +319,8 @@ extension WebSocketSession {
                     })
             else { return }
             if change.changed { server.tellPresence(group, user: user, joined: true, version: change.version) }
-            if let snapshot = await server.presenceLists.list(group, from: presence) {
-                loop.execute { bound.value.deliverText(PresenceText.list(snapshot.members, version: snapshot.version)) }
+            if let read = await server.presenceLists.list(group, from: presence) {
+                loop.execute { bound.value.deliverText(read.text) }
             }
         }
     }

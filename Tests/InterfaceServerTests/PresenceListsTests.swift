@@ -35,7 +35,7 @@ struct PresenceListsTests {
                     let user = "user-\(index)"
                     _ = try? await layer.presenceJoin("room", connection: "c\(index)", user: user, meta: "{}", ttl: .seconds(60))
                     guard let list = await lists.list("room", from: layer) else { return true }
-                    return !list.members.contains { $0.user == user }
+                    return !list.snapshot.members.contains { $0.user == user }
                 }
             }
             var missing = 0
@@ -53,8 +53,10 @@ struct PresenceListsTests {
         let lists = PresenceLists()
         let layer = SlowPresenceLayer()
         _ = try await layer.presenceJoin("room", connection: "c1", user: "ann", meta: "{}", ttl: .seconds(60))
-        #expect(await lists.list("room", from: layer)?.members.map(\.user) == ["ann"])
+        #expect(await lists.list("room", from: layer)?.snapshot.members.map(\.user) == ["ann"])
         _ = try await layer.presenceJoin("room", connection: "c2", user: "bob", meta: "{}", ttl: .seconds(60))
-        #expect(await lists.list("room", from: layer)?.members.map(\.user) == ["ann", "bob"], "read again, not kept")
+        let second = await lists.list("room", from: layer)
+        #expect(second?.snapshot.members.map(\.user) == ["ann", "bob"], "read again, not kept")
+        #expect(second?.text == PresenceText.list(second?.snapshot.members ?? [], version: second?.snapshot.version ?? -1))
     }
 }
