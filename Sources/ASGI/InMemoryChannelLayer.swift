@@ -206,7 +206,8 @@ public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCap
     public func receive(channels: [String], timeout: Duration) async throws(ChannelLayerError) -> ReceivedMessage? {
         for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
         guard !channels.isEmpty else { return nil }
-        let keys = channels.shuffled()
+        // In random order (no channel starves another), a connection's last message last.
+        let keys = channels.filter { !ChannelNames.isDeferredInBatches($0) }.shuffled() + channels.filter(ChannelNames.isDeferredInBatches)
 
         let (closed, immediate): (Bool, ReceivedMessage?) = state.withLock { state in
             if state.closed { return (true, nil) }
@@ -261,23 +262,29 @@ public final class InMemoryChannelLayer: ChannelLayerInspection, ChannelLayerCap
     /// One wait like ``receive(channels:timeout:)``, then whatever else is queued, up to `max`,
     /// fairly: each channel first up to an equal share of the batch (from a channel chosen at
     /// random), then whatever room is left. A flood on one channel does not take every batch from
-    /// the others. The batch keeps the channels' order, each channel's messages in queue order.
+    /// the others. A connection's last message (`*.disconnect`) gets no share: it fills what room
+    /// the others leave. The batch keeps the channels' order, each channel's messages in queue
+    /// order.
     public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
         guard let first = try await receive(channels: channels, timeout: timeout) else { return [] }
         guard max > 1 else { return [first] }
         let firstIndex =
             channels.firstIndex { $0 == first.channel || ($0.hasSuffix("!") && first.channel.hasPrefix($0)) } ?? 0
+        let deferred = channels.map(ChannelNames.isDeferredInBatches)
+        let sharing = deferred.allSatisfy { $0 } ? channels.indices.map { _ in true } : deferred.map { !$0 }
         return state.withLock { state -> [ReceivedMessage] in
             var taken = Array(repeating: [ReceivedMessage](), count: channels.count)
             taken[firstIndex] = [first]
             if state.closed { return [first] }
             let now = ContinuousClock.now
-            let share = (max + channels.count - 1) / channels.count
+            let share = (max + sharing.count { $0 } - 1) / sharing.count { $0 }
             let start = Int.random(in: 0..<channels.count)
             var count = 1
-            for pass in 0..<2 {
+            for pass in 0..<3 {
                 for step in 0..<channels.count where count < max {
                     let index = (start + step) % channels.count
+                    // Shares, then the room left to the sharing channels, then to the others.
+                    guard pass == 2 ? !sharing[index] : sharing[index] else { continue }
                     let want = pass == 0 ? Swift.min(share - taken[index].count, max - count) : max - count
                     var got = 0
                     while got < want, let entry = state.popLive(channels[index], now: now) {

@@ -106,6 +106,11 @@ public enum ChannelNames {
     public static func isProcessSpecific(_ name: String) -> Bool { name.utf8.contains(0x21) }
     /// True for a single-reader name (it contains `?`).
     public static func isSingleReader(_ name: String) -> Bool { name.utf8.contains(0x3f) }
+    /// True for the channel of a connection's last message (`websocket.disconnect`,
+    /// `http.disconnect`, any `*.disconnect`): a fair batch receive takes it only into the room
+    /// the other channels leave, so a connection's disconnect is not taken while the connects
+    /// queued before it wait.
+    public static func isDeferredInBatches(_ name: String) -> Bool { name.hasSuffix(".disconnect") }
 
     private static func invalid(_ name: String, _ reason: String) -> ChannelLayerError {
         ChannelLayerError(.invalidName, "invalid channel name '\(name)': \(reason)")

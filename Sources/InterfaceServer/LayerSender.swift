@@ -54,6 +54,9 @@ final class LayerSender {
     private var backInLine = false
     /// The full channel whose line let this sender go, until its send there is through or refused.
     private var hasTurn: String?
+    /// The head's last send failed for want of the layer (not a full channel): retried on the
+    /// outage's pauses and bound, never in a full channel's line.
+    private var inOutage = false
 
     /// Called once, on the loop, when the sender gives up; later messages are dropped and counted.
     var onGiveUp: ((GiveUp) -> Void)?
@@ -125,9 +128,9 @@ final class LayerSender {
                 await park(on: actor)
                 continue
             }
-            if probing == nil, server.fullChannels.isHeld(head.channel) {
-                let atHead = backInLine
-                backInLine = false
+            let atHead = backInLine
+            backInLine = false
+            if probing == nil, !inOutage, server.fullChannels.isHeld(head.channel) {
                 guard await waitInLine(for: head.channel, atHead: atHead, on: actor) else { continue }
                 hasTurn = head.channel
             }
@@ -182,6 +185,7 @@ final class LayerSender {
     private func sent() {
         if failingSince != nil { server.counters.count(.sendRecovered) }
         failingSince = nil
+        inOutage = false
         pause = .milliseconds(25)
         let sent = queue.removeFirst()
         server.router.workInHand.finish()
@@ -200,6 +204,7 @@ final class LayerSender {
         default:
             // Not worth another try (too large, invalid, the layer closed): this one is lost.
             stopProbing()
+            inOutage = false
             let dropped = queue.removeFirst()
             onDropped?(dropped.channel)
             server.router.workInHand.finish()
@@ -221,6 +226,17 @@ final class LayerSender {
             failingSince = now
             server.counters.count(full ? .sendFullRetried : .sendHeldForOutage)
         }
+        if !full, let channel = hasTurn {
+            // The line let this sender go, and the layer failed it: the next one in line goes.
+            hasTurn = nil
+            server.fullChannels.passTurn(channel)
+        }
+        if !full, !inOutage {
+            server.logger.warning(
+                "channel layer unavailable; holding and retrying",
+                metadata: ["channel": "\(queue.first?.channel ?? "")", "error": "\(error)"])
+        }
+        inOutage = !full
         let limit = full ? server.configuration.channelFullTimeout : outageTimeout
         if now - failingSince! >= TimeAmount(limit) {
             giveUp(full: full)
@@ -241,10 +257,6 @@ final class LayerSender {
             server.logger.warning(
                 "channel full; holding and retrying (other connections' messages for it wait in line)",
                 metadata: ["channel": "\(channel)", "error": "\(error)"])
-        } else if !full, now == failingSince {
-            server.logger.warning(
-                "channel layer unavailable; holding and retrying",
-                metadata: ["channel": "\(queue.first?.channel ?? "")", "error": "\(error)"])
         }
         updateReading()
         let wait = pause
@@ -275,6 +287,8 @@ final class LayerSender {
     /// Counts everything held as dropped and lets it go.
     private func dropHeld() {
         stopProbing()
+        inOutage = false
+        backInLine = false
         guard !queue.isEmpty else { return }
         server.counters.count(.heldDropped, by: queue.count)
         server.router.workInHand.finish(queue.count)

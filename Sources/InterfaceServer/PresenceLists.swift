@@ -34,7 +34,7 @@ final class PresenceLists: Sendable {
     /// Reads made (for tests and the metrics of a run).
     let reads = Atomic<Int>(0)
 
-    /// `group`'s list, read after this call began (nil: the read failed).
+    /// `group`'s list, read after this call began (nil: the read failed, and failed again).
     func list(_ group: String, from presence: any ChannelLayerPresence) async -> Read? {
         await withCheckedContinuation { continuation in
             let start = reading.withLock { all -> Bool in
@@ -56,7 +56,15 @@ final class PresenceLists: Sendable {
                 return waiting
             }
             reads.add(1, ordering: .relaxed)
-            let read = (try? await presence.presenceSnapshot(group)).map { snapshot in
+            // A read that fails is tried again (a few times, for about 3 s): it answers every
+            // socket that waited for it, not one.
+            var snapshot = try? await presence.presenceSnapshot(group)
+            var backoff = Backoff(first: .milliseconds(200), cap: .seconds(2))
+            for _ in 0..<3 where snapshot == nil {
+                try? await Task.sleep(for: backoff.next())
+                snapshot = try? await presence.presenceSnapshot(group)
+            }
+            let read = snapshot.map { snapshot in
                 Read(snapshot: snapshot, text: PresenceText.list(snapshot.members, version: snapshot.version))
             }
             for continuation in answered { continuation.resume(returning: read) }

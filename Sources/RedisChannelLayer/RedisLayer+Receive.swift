@@ -104,7 +104,8 @@ extension RedisChannelLayer {
                         continue
                     }
                     let reply = try await pipelined(
-                        shard, Scripts.receiveMany, keys: lists, args: [.integer(max - batch.count), .integer(nextFirstList())])
+                        shard, Scripts.receiveMany, keys: lists,
+                        args: [.integer(max - batch.count), .integer(nextFirstList()), .integer(Self.deferredLists(lists))])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
                 }
@@ -122,7 +123,8 @@ extension RedisChannelLayer {
                     batch = handOut(try await takeWithoutWaiting(shard: shard, list: lists[0], max: max).0, max: max)
                 } else {
                     let reply = try await pipelined(
-                        shard, Scripts.receiveMany, keys: lists, args: [.integer(max), .integer(nextFirstList())])
+                        shard, Scripts.receiveMany, keys: lists,
+                        args: [.integer(max), .integer(nextFirstList()), .integer(Self.deferredLists(lists))])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
                 }
@@ -154,6 +156,17 @@ extension RedisChannelLayer {
                 }
             }
         }
+    }
+
+    /// How many of `lists`, at their end, are a connection's last message (`*.disconnect`):
+    /// a fair batch receive takes them only into the room the others leave.
+    static func deferredLists(_ lists: [RedisArgument]) -> Int {
+        var count = 0
+        for list in lists.reversed() {
+            guard case .key(_, let name, _) = list, ChannelNames.isDeferredInBatches(name) else { break }
+            count += 1
+        }
+        return count
     }
 
     /// The list a fair batch receive starts its shares from (see `Scripts.receiveMany`).

@@ -71,31 +71,35 @@ enum Scripts {
     /// Pops up to ARGV[1] messages from the lists in KEYS, fairly: first each list up to an
     /// equal share (lists taken in turn from the ARGV[2]-th, so a batch smaller than the number
     /// of busy lists does not always go to the first), then whatever room is left, in the same
-    /// turn. A flood on one list (a storm of connects or disconnects) cannot take every batch
-    /// from the others. The result keeps the lists' order, each list's messages in queue order:
-    /// {list, body, list, body, ...}.
+    /// turn. A flood on one list (a storm of connects) cannot take every batch from the others.
+    /// The last ARGV[3] lists (a connection's last message: `*.disconnect`) get no share: they
+    /// fill what room the others leave, so a socket's disconnect is not taken while connects
+    /// queued before it wait (with every list deferred, all share). The result keeps the lists'
+    /// order, each list's messages in queue order: {list, body, list, body, ...}.
     static let receiveMany = LuaScript(
         name: "receiveMany",
         source: takeFromLua + """
             local max = tonumber(ARGV[1])
             local n = #KEYS
-            local first = tonumber(ARGV[2] or '0') % n
-            local share = math.ceil(max / n)
+            local deferred = tonumber(ARGV[3] or '0')
+            if deferred >= n then deferred = 0 end
+            local shared = n - deferred
+            local first = tonumber(ARGV[2] or '0') % shared
+            local share = math.ceil(max / shared)
             local per, dry, taken = {}, {}, 0
-            for j = 0, n - 1 do
-                local i = (first + j) % n + 1
-                local out = {}
+            for i = 1, n do per[i] = {} end
+            for j = 0, shared - 1 do
+                local i = (first + j) % shared + 1
                 local want = math.min(share, max - taken)
                 if want > 0 then
-                    takeFrom(KEYS[i], KEYS[i], out, 2 * want)
-                    dry[i] = #out < 2 * want
+                    takeFrom(KEYS[i], KEYS[i], per[i], 2 * want)
+                    dry[i] = #per[i] < 2 * want
+                    taken = taken + #per[i] / 2
                 end
-                per[i] = out
-                taken = taken + #out / 2
             end
             for j = 0, n - 1 do
                 if taken >= max then break end
-                local i = (first + j) % n + 1
+                local i = j < shared and (first + j) % shared + 1 or j + 1
                 if not dry[i] then
                     local out = per[i]
                     local before = #out

@@ -45,6 +45,31 @@ struct BatchReceiveTests {
         }
     }
 
+    /// A connection's last message (`*.disconnect`) gets no share of a batch: a disconnect is
+    /// not taken while connects queued before it wait (a storm's connects, then one socket's
+    /// disconnect: taken before its connect, it would leave a ghost group member), only into
+    /// the room the other channels leave.
+    @Test(arguments: LayerKind.allCases)
+    func disconnectsFillOnlyTheRoomTheOthersLeave(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 500) { layer in
+            for i in 0..<20 { try await layer.send(["n": .int(Int64(i))], to: "fair.connect") }
+            for i in 0..<3 { try await layer.send(["n": .int(Int64(i))], to: "fair.receive") }
+            for i in 0..<5 { try await layer.send(["n": .int(Int64(i))], to: "fair.disconnect") }
+            let channels = ["fair.connect", "fair.receive", "fair.disconnect"]
+            var batches: [[String: Int]] = []
+            for _ in 0..<3 {
+                let batch = try await layer.receiveBatch(channels: channels, max: 10, timeout: .zero)
+                batches.append(Dictionary(grouping: batch, by: \.channel).mapValues(\.count))
+            }
+            #expect(batches[0] == ["fair.connect": 7, "fair.receive": 3], "no disconnect while connects wait")
+            #expect(batches[1] == ["fair.connect": 10])
+            #expect(batches[2] == ["fair.connect": 3, "fair.disconnect": 5], "the room the connects leave")
+            // Only disconnects: they share as any channel does.
+            for i in 0..<4 { try await layer.send(["n": .int(Int64(i))], to: "fair.disconnect") }
+            #expect(try await layer.receiveBatch(channels: ["fair.disconnect"], max: 10, timeout: .zero).count == 4)
+        }
+    }
+
     /// The ordering gate's look at many wait channels: counts in one call, nothing taken.
     @Test(arguments: LayerKind.allCases)
     func pendingCountsCountWithoutTaking(_ kind: LayerKind) async throws {

@@ -418,7 +418,8 @@ struct OrderingTests {
     /// every socket, 16 at a time; each socket's parked messages then run, in order.
     @Test func manySocketsOrphanedAtOnceOnRedisAreAllResumed() async throws {
         let log = Log()
-        let layer = try TestRedis.layer(capacity: 1000)
+        // Room for every socket's sent-back message; the wait channels at their usual size.
+        let layer = try TestRedis.layer(channelCapacities: [("websocket.receive", 1000)])
         let harness = try TestHarness(
             [
                 route("websocket.connect", enforceOrdering { context in try await context.accept() }),
@@ -458,6 +459,13 @@ struct OrderingTests {
         #expect(bySocket.count == count, "every socket's parked messages ran: \(bySocket.count) of \(count)")
         #expect(bySocket.values.allSatisfy { $0 == ["2", "3"] }, "in order, once each")
         #expect(harness.environment.orderingGaps.skipped == count, "the lost 1 of each socket skipped, counted")
+        // The watches end once nothing waits (bounded); then the layer closes.
+        let watched = replies.map { Self.sharedWaitChannel(harness, reply: $0) }
+        let quiet = ContinuousClock.now + .seconds(30)
+        while watched.contains(where: harness.environment.orderingGaps.isWatched), ContinuousClock.now < quiet {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(!watched.contains(where: harness.environment.orderingGaps.isWatched), "every watch ended once nothing waited")
         await layer.close()
     }
 

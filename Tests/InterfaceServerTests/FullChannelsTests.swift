@@ -1,3 +1,5 @@
+import ASGI
+import Logging
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -112,5 +114,72 @@ struct FullChannelsTests {
         #expect(turns.all == [-1, -1, 2], "those who left take no turn")
         for task in early + late { await task.value }
         #expect(!channels.isHeld("c"))
+    }
+}
+
+/// A layer whose sends of the messages named in `failing` (by their "who") each fail once as
+/// a lost connection; everything else goes to an in-memory layer of capacity 1.
+final class FlakySendLayer: ForwardingChannelLayer {
+    let memory = InMemoryChannelLayer(configuration: .init(capacity: 1))
+    var base: any ChannelLayer { memory }
+    let failing = Mutex<Set<String>>([])
+
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        let who = message["who"]?.stringValue ?? ""
+        if failing.withLock({ $0.remove(who) != nil }) {
+            throw ChannelLayerError(.connectionLost, "the test's layer lost its connection")
+        }
+        try await memory.send(message, to: channel)
+    }
+}
+
+@Suite("senders in a full channel's line", .timeLimit(.minutes(1)))
+struct FullChannelSendersTests {
+    /// Senders let go from a full channel's line whose sends then fail for want of the layer
+    /// (a Redis connection killed) pass their turn on and retry on their own, outside the line.
+    /// Found by a red-team run: they kept the turn and queued again behind the others, nobody
+    /// probed the channel, and it sat empty until every sender in line gave up (1013 "stayed
+    /// full" for 147 of 150 sockets).
+    @Test func aTurnThatMeetsALostConnectionIsPassedOn() async throws {
+        let layer = FlakySendLayer()
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.channelFullTimeout = .seconds(3)
+        let logger = Logger(label: "test")
+        let server = ServerContext(
+            layer: layer, router: ReplyRouter(layer: layer, prefix: "linetest", logger: logger),
+            configuration: configuration, logger: logger, accessLog: nil)
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let senders = try await loop.submit {
+            NIOLoopBound(
+                (0..<4).map { _ in LayerSender(server: server, loop: loop, outageTimeout: .seconds(30), heldLimit: 64, owner: nil) },
+                eventLoop: loop)
+        }.get()
+        func send(_ index: Int, _ who: String) async throws {
+            try await loop.submit { senders.value[index].send(["who": .string(who)], to: "line.test") }.get()
+        }
+        try await send(0, "a1")  // fills the channel
+        try await send(0, "a2")  // refused: sender 0 probes
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !server.fullChannels.isHeld("line.test"), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        for (index, who) in [(1, "b"), (2, "d"), (3, "e")] {
+            try await send(index, who)
+            while server.fullChannels.waiting("line.test") < index, ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(5))
+            }
+        }
+        #expect(server.fullChannels.waiting("line.test") == 3, "b, d and e wait in line")
+        // The two let go when the prober gets through lose their connection once.
+        layer.failing.withLock { $0 = ["b", "d"] }
+        var received: [String] = []
+        let end = ContinuousClock.now + .milliseconds(2_500)
+        while received.count < 5, ContinuousClock.now < end {
+            if let message = try await layer.memory.receive(channels: ["line.test"], timeout: .milliseconds(100)) {
+                received.append(message.message["who"]?.stringValue ?? "?")
+            }
+        }
+        #expect(received.sorted() == ["a1", "a2", "b", "d", "e"], "every message through, before anyone's bound: \(received)")
+        #expect(server.counters[.heldDropped] == 0)
+        #expect(layer.failing.withLock { $0.isEmpty }, "both failures were met")
+        try await loop.submit { for sender in senders.value { sender.close() } }.get()
     }
 }

@@ -10,9 +10,15 @@ final class SlowPresenceLayer: ForwardingChannelLayer, ChannelLayerPresence {
     let memory = InMemoryChannelLayer()
     var base: any ChannelLayer { memory }
     let reads = Atomic<Int>(0)
+    /// Reads still to refuse.
+    let refusing = Atomic<Int>(0)
 
     func presenceSnapshot(_ group: String) async throws(ChannelLayerError) -> PresenceSnapshot {
         reads.add(1, ordering: .relaxed)
+        if refusing.load(ordering: .relaxed) > 0 {
+            refusing.subtract(1, ordering: .relaxed)
+            throw ChannelLayerError(.connectionLost, "refused (test)")
+        }
         let snapshot = try await memory.presenceSnapshot(group)
         try? await Task.sleep(for: .milliseconds(50))
         return snapshot
@@ -46,6 +52,19 @@ struct PresenceListsTests {
         let reads = layer.reads.load(ordering: .relaxed)
         #expect(reads == lists.reads.load(ordering: .relaxed))
         #expect(reads <= count / 2, "reads shared: \(reads) reads for \(count) sockets")
+    }
+
+    /// A read that fails is tried again before the sockets waiting for it are answered: one
+    /// failure does not leave every socket of a storm without its list.
+    @Test func aFailedReadIsTriedAgain() async throws {
+        let lists = PresenceLists()
+        let layer = SlowPresenceLayer()
+        _ = try await layer.presenceJoin("room", connection: "c1", user: "ann", meta: "{}", ttl: .seconds(60))
+        layer.refusing.store(2, ordering: .relaxed)
+        #expect(await lists.list("room", from: layer)?.snapshot.members.map(\.user) == ["ann"])
+        #expect(layer.reads.load(ordering: .relaxed) == 3, "two refused, the third answered")
+        layer.refusing.store(10, ordering: .relaxed)
+        #expect(await lists.list("room", from: layer) == nil, "refused every time: nil, after a few tries")
     }
 
     /// A list is not kept: a socket that asks after a read ended gets a read of its own.

@@ -160,7 +160,7 @@ struct OrderingGate {
         let lease = WatchLease(next: known)
         let gate = self
         let beat = Task {
-            while !Task.isCancelled {
+            while !Task.isCancelled, !lease.layerClosed.load(ordering: .relaxed) {
                 await gate.holdLease(lease)
                 try? await Task.sleep(for: OrderingSweeper.renewal(timeout))
             }
@@ -191,7 +191,9 @@ struct OrderingGate {
             return true
         }
         var pause = timeout + .milliseconds(100)
-        while !Task.isCancelled {
+        // Until nothing waits, or the layer is closed (its process is stopping: what waits is
+        // taken over by a sweeper elsewhere once this lease lapses).
+        while !Task.isCancelled, !lease.layerClosed.load(ordering: .relaxed) {
             try? await Task.sleep(for: pause)
             // A store that fails (this process was frozen, Redis is failing over) is looked at
             // again after the pause: the watch ends only when nothing waits.
@@ -255,6 +257,10 @@ struct OrderingGate {
                 for: OrderingSweeper.leaseDuration(context.environment.orderingGapTimeout))
             lease.written = note
         } catch {
+            if error.code == .closed {
+                lease.layerClosed.store(true, ordering: .relaxed)
+                return
+            }
             context.logger.warning("could not renew an ordering watch's lease", metadata: ["error": "\(error)"])
         }
     }
@@ -559,6 +565,8 @@ struct OrderingGate {
 final class WatchLease: Sendable {
     private let state: Mutex<(next: Int64, written: String?)>
     let token = ChannelNames.randomLetters(12)
+    /// The layer said it is closed (its process is stopping): the watch ends.
+    let layerClosed = Atomic<Bool>(false)
 
     init(next: Int64) { state = Mutex((next, nil)) }
 
