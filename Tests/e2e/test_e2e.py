@@ -574,6 +574,50 @@ def a_rundelay_sigkilled_between_its_take_and_its_sends_loses_nothing():
         r.delete(key, key + ":taken")
 
 
+def read_delayed(url, prefix, channel, got, done):
+    """Starts a thread that counts, in `got`, each `{"n": i}` arriving on `channel` (through
+    asgi_redis) until `done` is set."""
+    import threading
+    from asgi_redis import RedisChannelLayer
+
+    def consume():
+        reader = RedisChannelLayer(hosts=[url], prefix=prefix, capacity=1000)
+        while not done.is_set():
+            name, message = reader.receive([channel], block=True)
+            if name:
+                got[message["n"]] += 1
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_delays_and_clean(delays, r, key, prefix):
+    """Thaws and stops the test's rundelays; removes its schedule and its keys."""
+    for d in delays:
+        if d.p.poll() is None:
+            d.p.send_signal(signal.SIGCONT)
+            d.stop()
+    r.delete(key, key + ":taken")
+    for k in r.keys(prefix + "*"):
+        r.delete(k)
+
+
+def freeze_holding_a_take(proc, r, key, got, count):
+    """Freezes (SIGSTOP) the rundelay `proc` at a moment it holds a take of which some, not all,
+    was sent; returns (held, sent). Fails the test when no such moment came within 30 s."""
+    deadline = time.time() + 30
+    while time.time() < deadline and sum(got.values()) < count:
+        if not r.zcard(key + ":taken") or not sum(got.values()):
+            continue
+        proc.p.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)
+        held, sent = r.zcard(key + ":taken"), sum(got.values())
+        if held and 0 < sent < count:
+            return held, sent
+        proc.p.send_signal(signal.SIGCONT)
+    raise AssertionError("never caught the rundelay holding a take it had not sent")
+
+
 @test
 def a_rundelay_whose_wall_clock_jumps_a_minute_leaves_a_live_take_alone():
     """Two rundelays share a schedule; one is caught holding a take it has partly sent (frozen
@@ -585,7 +629,6 @@ def a_rundelay_whose_wall_clock_jumps_a_minute_leaves_a_live_take_alone():
     import glob
     import redis
     import threading
-    from asgi_redis import RedisChannelLayer
     libraries = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
     assert libraries, "this test needs libfaketime (Debian package faketime; scripts/test.sh installs it)"
     prefix = "e2edelayclock%d:" % os.getpid()
@@ -603,32 +646,12 @@ def a_rundelay_whose_wall_clock_jumps_a_minute_leaves_a_live_take_alone():
     count = 300
     got = collections.Counter()
     done = threading.Event()
-
-    def consume():
-        reader = RedisChannelLayer(hosts=[url], prefix=prefix, capacity=1000)
-        while not done.is_set():
-            channel, message = reader.receive(["delayed-clock"], block=True)
-            if channel:
-                got[message["n"]] += 1
-    reader = threading.Thread(target=consume, daemon=True)
     delays = []
     try:
-        reader.start()
+        read_delayed(url, prefix, "delayed-clock", got, done)
         schedule_due_now(r, key, "delayed-clock", count)
         delays.append(Proc(*args))
-        deadline = time.time() + 30
-        frozen = False
-        while time.time() < deadline and not frozen and sum(got.values()) < count:
-            if not r.zcard(key + ":taken") or not sum(got.values()):
-                continue
-            delays[0].p.send_signal(signal.SIGSTOP)
-            time.sleep(0.05)
-            held, sent = r.zcard(key + ":taken"), sum(got.values())
-            if held and 0 < sent < count:
-                frozen = True
-            else:
-                delays[0].p.send_signal(signal.SIGCONT)
-        assert frozen, "never caught the rundelay holding a take it had not sent"
+        held, sent = freeze_holding_a_take(delays[0], r, key, got, count)
         delays.append(Proc(*args, wrapper=fake))
         delays[-1].wait_line("delay server ready")
         time.sleep(1.5)
@@ -653,13 +676,7 @@ def a_rundelay_whose_wall_clock_jumps_a_minute_leaves_a_live_take_alone():
         assert r.zcard(key + ":taken") == 0 and r.zcard(key) == 0, "left held or scheduled"
     finally:
         done.set()
-        for d in delays:
-            if d.p.poll() is None:
-                d.p.send_signal(signal.SIGCONT)
-                d.stop()
-        r.delete(key, key + ":taken")
-        for k in r.keys(prefix + "*"):
-            r.delete(k)
+        stop_delays_and_clean(delays, r, key, prefix)
 
 
 @test
@@ -671,7 +688,6 @@ def a_rundelay_frozen_past_its_lease_does_not_send_its_take_again():
     arrived twice (20 of 20 in a red-team run)."""
     import redis
     import threading
-    from asgi_redis import RedisChannelLayer
     prefix = "e2edelayfreeze%d:" % os.getpid()
     url = REDIS_URL.split("?")[0]
     r = redis.Redis.from_url(url)
@@ -680,32 +696,12 @@ def a_rundelay_frozen_past_its_lease_does_not_send_its_take_again():
     count = 300
     got = collections.Counter()
     done = threading.Event()
-
-    def consume():
-        reader = RedisChannelLayer(hosts=[url], prefix=prefix, capacity=1000)
-        while not done.is_set():
-            channel, message = reader.receive(["delayed-freeze"], block=True)
-            if channel:
-                got[message["n"]] += 1
-    reader = threading.Thread(target=consume, daemon=True)
     delays = []
     try:
-        reader.start()
+        read_delayed(url, prefix, "delayed-freeze", got, done)
         schedule_due_now(r, key, "delayed-freeze", count)
         delays.append(Proc(*args))
-        deadline = time.time() + 30
-        frozen = False
-        while time.time() < deadline and not frozen and sum(got.values()) < count:
-            if not r.zcard(key + ":taken") or not sum(got.values()):
-                continue
-            delays[0].p.send_signal(signal.SIGSTOP)
-            time.sleep(0.05)
-            held, sent = r.zcard(key + ":taken"), sum(got.values())
-            if held and 0 < sent < count:
-                frozen = True
-            else:
-                delays[0].p.send_signal(signal.SIGCONT)
-        assert frozen, "never caught the rundelay holding a take it had not sent"
+        held, sent = freeze_holding_a_take(delays[0], r, key, got, count)
         delays.append(Proc(*args))
         delays[-1].wait_line("delay server ready")
         deadline = time.time() + 20
@@ -729,13 +725,7 @@ def a_rundelay_frozen_past_its_lease_does_not_send_its_take_again():
         assert r.zcard(key + ":taken") == 0 and r.zcard(key) == 0, "left held or scheduled"
     finally:
         done.set()
-        for d in delays:
-            if d.p.poll() is None:
-                d.p.send_signal(signal.SIGCONT)
-                d.stop()
-        r.delete(key, key + ":taken")
-        for k in r.keys(prefix + "*"):
-            r.delete(k)
+        stop_delays_and_clean(delays, r, key, prefix)
 
 
 @test
