@@ -226,10 +226,13 @@ final class LayerSender {
             failingSince = now
             server.counters.count(full ? .sendFullRetried : .sendHeldForOutage)
         }
-        if !full, let channel = hasTurn {
-            // The line let this sender go, and the layer failed it: the next one in line goes.
-            hasTurn = nil
-            server.fullChannels.passTurn(channel)
+        if !full {
+            // The layer failed this sender's send: a turn the line gave it, or the probing it did,
+            // goes to the next one in line (held for an outage, it is not held for a full channel).
+            stopProbing()
+        } else if inOutage {
+            // Full now, after an outage: the full channel's bound counts from here.
+            failingSince = now
         }
         if !full, !inOutage {
             server.logger.warning(

@@ -56,13 +56,18 @@ final class PresenceLists: Sendable {
                 return waiting
             }
             reads.add(1, ordering: .relaxed)
-            // A read that fails is tried again (a few times, for about 3 s): it answers every
-            // socket that waited for it, not one.
-            var snapshot = try? await presence.presenceSnapshot(group)
+            // A read that fails is tried again (3 times more, after pauses of 0.2, 0.4 and
+            // 0.8 s): it answers every socket that waited for it, not one. Not on a closed layer.
+            var snapshot: PresenceSnapshot?
             var backoff = Backoff(first: .milliseconds(200), cap: .seconds(2))
-            for _ in 0..<3 where snapshot == nil {
-                try? await Task.sleep(for: backoff.next())
-                snapshot = try? await presence.presenceSnapshot(group)
+            for attempt in 0..<4 {
+                if attempt > 0 { try? await Task.sleep(for: backoff.next()) }
+                do {
+                    snapshot = try await presence.presenceSnapshot(group)
+                    break
+                } catch {
+                    if error.code == .closed || error.code == .invalidName { break }
+                }
             }
             let read = snapshot.map { snapshot in
                 Read(snapshot: snapshot, text: PresenceText.list(snapshot.members, version: snapshot.version))

@@ -103,9 +103,10 @@ extension RedisChannelLayer {
                             try await takeWithoutWaiting(shard: shard, list: lists[0], max: max - batch.count).0, max: max - batch.count)
                         continue
                     }
+                    let (keys, deferred) = Self.deferredLast(lists)
                     let reply = try await pipelined(
-                        shard, Scripts.receiveMany, keys: lists,
-                        args: [.integer(max - batch.count), .integer(nextFirstList()), .integer(Self.deferredLists(lists))])
+                        shard, Scripts.receiveMany, keys: keys,
+                        args: [.integer(max - batch.count), .integer(nextFirstList()), .integer(deferred)])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
                 }
@@ -122,9 +123,9 @@ extension RedisChannelLayer {
                 if lists.count == 1 {
                     batch = handOut(try await takeWithoutWaiting(shard: shard, list: lists[0], max: max).0, max: max)
                 } else {
+                    let (keys, deferred) = Self.deferredLast(lists)
                     let reply = try await pipelined(
-                        shard, Scripts.receiveMany, keys: lists,
-                        args: [.integer(max), .integer(nextFirstList()), .integer(Self.deferredLists(lists))])
+                        shard, Scripts.receiveMany, keys: keys, args: [.integer(max), .integer(nextFirstList()), .integer(deferred)])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
                     batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
                 }
@@ -158,15 +159,17 @@ extension RedisChannelLayer {
         }
     }
 
-    /// How many of `lists`, at their end, are a connection's last message (`*.disconnect`):
-    /// a fair batch receive takes them only into the room the others leave.
-    static func deferredLists(_ lists: [RedisArgument]) -> Int {
-        var count = 0
-        for list in lists.reversed() {
-            guard case .key(_, let name, _) = list, ChannelNames.isDeferredInBatches(name) else { break }
-            count += 1
+    /// `lists` with those of a connection's last message (`*.disconnect`) moved to the end, and
+    /// how many they are: a fair batch receive takes them only into the room the others leave
+    /// (wherever they were: a worker lists its wake channel after them).
+    static func deferredLast(_ lists: [RedisArgument]) -> (lists: [RedisArgument], deferred: Int) {
+        func isDeferred(_ list: RedisArgument) -> Bool {
+            if case .key(_, let name, _) = list { return ChannelNames.isDeferredInBatches(name) }
+            return false
         }
-        return count
+        let deferred = lists.filter(isDeferred)
+        guard !deferred.isEmpty else { return (lists, 0) }
+        return (lists.filter { !isDeferred($0) } + deferred, deferred.count)
     }
 
     /// The list a fair batch receive starts its shares from (see `Scripts.receiveMany`).

@@ -55,7 +55,8 @@ struct BatchReceiveTests {
             for i in 0..<20 { try await layer.send(["n": .int(Int64(i))], to: "fair.connect") }
             for i in 0..<3 { try await layer.send(["n": .int(Int64(i))], to: "fair.receive") }
             for i in 0..<5 { try await layer.send(["n": .int(Int64(i))], to: "fair.disconnect") }
-            let channels = ["fair.connect", "fair.receive", "fair.disconnect"]
+            // As a worker lists them: its own wake channel after the disconnects.
+            let channels = ["fair.connect", "fair.receive", "fair.disconnect", "fair.wake!"]
             var batches: [[String: Int]] = []
             for _ in 0..<3 {
                 let batch = try await layer.receiveBatch(channels: channels, max: 10, timeout: .zero)
