@@ -513,13 +513,14 @@ struct HistoryPresenceTests {
         try await withLayer(kind) { layer in
             let presence = try presence(layer)
             _ = try await presence.presenceSweep()
-            _ = try await presence.presenceJoin("x", connection: "dead!1", user: "carol", meta: "{}", ttl: .milliseconds(800))
-            _ = try await presence.presenceJoin("x", connection: "live!1", user: "dave", meta: "{}", ttl: .milliseconds(800))
-            _ = try await presence.presenceJoin("y", connection: "dead!2", user: "carol", meta: "{}", ttl: .milliseconds(800))
-            try await Task.sleep(for: .milliseconds(400))
+            _ = try await presence.presenceJoin("x", connection: "dead!1", user: "carol", meta: "{}", ttl: .seconds(2))
+            _ = try await presence.presenceJoin("x", connection: "live!1", user: "dave", meta: "{}", ttl: .seconds(2))
+            _ = try await presence.presenceJoin("y", connection: "dead!2", user: "carol", meta: "{}", ttl: .seconds(2))
+            // dave is renewed 1.7 s before he would expire: a loaded CI machine has room.
+            try await Task.sleep(for: .milliseconds(300))
             _ = try await presence.presenceRefresh(
                 "x", connections: [PresenceConnection(connection: "live!1", user: "dave", meta: "{}")], ttl: .seconds(30))
-            try await Task.sleep(for: .milliseconds(700))
+            try await Task.sleep(for: .milliseconds(2000))
             // Expired but not swept: still listed (the list is the state at its version; the
             // sweep's leave comes with a later one).
             let before = try await presence.presenceSnapshot("x")
