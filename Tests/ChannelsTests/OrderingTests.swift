@@ -469,6 +469,45 @@ struct OrderingTests {
         await layer.close()
     }
 
+    /// A worker that dies between its park and its watch's first renewal (here: frozen for good
+    /// right after the park) leaves a lease behind: once it lapses, another worker's sweeper
+    /// resumes the socket, and what waits runs. Before, the lease was first taken by the watch,
+    /// so that parked message waited for the socket's next frame (or expired unseen).
+    @Test func aWorkerThatDiesRightAfterItsParkLeavesALeaseForTheSweepers() async throws {
+        let log = Log()
+        let timeout = Duration.milliseconds(300)
+        let memory = InMemoryChannelLayer()
+        let (store, settings) = (InMemorySessionStore(), SessionConfiguration())
+        func environment() -> ConsumerEnvironment {
+            ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings, orderingGapTimeout: timeout)
+        }
+        let live = try TestHarness(Self.routing(log: log), layer: memory, environment: environment())
+        let freezing = FreezeAfterParkLayer(base: memory)
+        let dying = try TestHarness(Self.routing(log: log), layer: freezing, environment: environment())
+        let reply = try await live.newReplyChannel()
+        let shared = Self.sharedWaitChannel(live, reply: reply)
+        try await live.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        // 1 is lost; 2 comes to the dying worker, which parks it and is gone.
+        let frozen = Task { try await dying.send(message(reply, order: 2), to: "websocket.receive", runPending: false) }
+        defer { frozen.cancel() }
+        let parkedBy = ContinuousClock.now + .seconds(10)
+        while !freezing.froze.withLock({ $0 }), ContinuousClock.now < parkedBy { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(try await memory.messagesPending(in: [shared + ".2"]) == [1], "2 waits parked")
+        // The lease lapses (2.6 s for this gap timeout); the live worker's sweeper takes it.
+        let sweeper = OrderingSweeper(layer: live.layer, environment: live.environment, logger: Logger(label: "test"))
+        var resumed = 0
+        let lapsedBy = ContinuousClock.now + .seconds(10)
+        while resumed == 0, ContinuousClock.now < lapsedBy {
+            try await Task.sleep(for: .milliseconds(200))
+            resumed = await sweeper.sweep()
+        }
+        #expect(resumed == 1, "the socket the dead worker parked for was resumed")
+        #expect(try await live.runPending() == 1, "2 sent back")
+        try await Self.waitFor(log, count: 2)
+        #expect(await log.entries == ["0", "2"])
+        #expect(live.environment.orderingGaps.skipped == 1)
+    }
+
     /// A parked message of a process channel (`!`) is not sent back: that process may be the
     /// one that died, and a live one would get it outside the routing it came through. It waits
     /// where it was parked, and the sweeper keeps the lease claimed (looked at again later).
@@ -704,4 +743,20 @@ final class RefusingSessionStore: SessionStore {
     }
 
     func delete(_ key: String) async throws { try await base.delete(key) }
+}
+
+/// Freezes, for good (until cancelled), the task that parks a message on a wait channel, right
+/// after the park: a worker that died there.
+final class FreezeAfterParkLayer: ForwardingChannelLayer {
+    let base: any ChannelLayer
+    let froze = Mutex(false)
+
+    init(base: any ChannelLayer) { self.base = base }
+
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        try await base.send(message, to: channel)
+        guard channel.hasPrefix(CapacityTable.waitChannelPrefix) else { return }
+        froze.withLock { $0 = true }
+        try? await Task.sleep(for: .seconds(3600))
+    }
 }

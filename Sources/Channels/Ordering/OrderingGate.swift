@@ -77,34 +77,61 @@ struct OrderingGate {
                 try await waitFull()
                 return
             }
+            // A lease before the park, when no watch of this process holds one: a process that
+            // died between its park and its watch's first renewal left its parked message to
+            // nobody (no lease for a sweeper to find lapsed) until the socket sent again.
+            let lease = gaps.isWatched(waitChannel) ? nil : WatchLease(next: next)
+            if let lease { await holdLease(lease) }
             do {
                 try await park(next: next)
                 context.extras.withLock { $0.parked = true }
             } catch let error as ChannelLayerError where error.code == .channelFull {
+                if let lease { await releaseLease(lease) }
                 try await waitFull()
                 return
             }
             // The message that was due may have finished between our read of the session and
             // our park, and found the wait channel empty: if our turn has come, drain ourselves.
             // If the order has not moved for the gap timeout (by this process's own clock), the
-            // due message is lost: skip it.
+            // due message is lost: skip it. (A read that fails leaves the lease to lapse: a
+            // sweeper then looks at what waits.)
             let (stored, _) = try await storedState()
-            if !slight && stored > order && parkingChannel(for: order, next: next) != waitChannel {
+            enum Then { case dropAsLate, drain, skipLostAndDrain, watch, nothing }
+            let then: Then =
+                if !slight && stored > order && parkingChannel(for: order, next: next) != waitChannel {
+                    .dropAsLate
+                } else if isDue(next: stored) {
+                    .drain
+                } else if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
+                    .skipLostAndDrain
+                } else if gaps.watch(waitChannel) {
+                    .watch
+                } else {
+                    // A watch of this process covers the socket.
+                    .nothing
+                }
+            // The lease is taken on by the watch this turn starts; else given up before anything
+            // runs (a drain of long consumers must not keep a lease it does not renew; a watch
+            // started since wrote a note of its own, which the release leaves).
+            if then != .watch, let lease { await releaseLease(lease) }
+            switch then {
+            case .dropAsLate:
                 // A skip moved the order past this message while it parked: nobody would take
                 // it again. Taken back and dropped as late (counted), not left to expire.
                 dropOlder(await take([parkingChannel(for: order, next: next)]).filter { $0.order < stored }, next: stored)
-                return
-            }
-            if isDue(next: stored) {
+            case .drain:
                 await drain(from: stored)
-            } else if gaps.stuckLongerThan(context.environment.orderingGapTimeout, waitChannel: waitChannel, next: stored) {
+            case .skipLostAndDrain:
                 await foundLost()
                 await drain(from: stored, skippingGapFrom: stored)
-            } else if context.environment.orderingGaps.watch(waitChannel) {
+            case .watch:
                 // Nothing may arrive to trigger that check again: look after the gap timeout.
                 // Detached: a watch started inside a drain must not inherit its `draining` mark.
                 let gate = self
-                Task.detached { await gate.watchGap(from: stored) }
+                let watchLease = lease ?? WatchLease(next: stored)
+                Task.detached { await gate.watchGap(from: stored, lease: watchLease) }
+            case .nothing:
+                break
             }
             return
         }
@@ -155,9 +182,9 @@ struct OrderingGate {
     /// and on a beat of its own (a look whose drain runs consumers for long must not let it
     /// lapse), with the order it last saw due: if this process dies, another worker's
     /// ``OrderingSweeper`` finds the lease lapsed and resumes the socket.
-    private func watchGap(from known: Int64) async {
+    private func watchGap(from known: Int64, lease: WatchLease) async {
         let timeout = context.environment.orderingGapTimeout
-        let lease = WatchLease(next: known)
+        lease.next = known
         let gate = self
         let beat = Task {
             while !Task.isCancelled, !lease.layerClosed.load(ordering: .relaxed) {
