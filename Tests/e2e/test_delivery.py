@@ -655,6 +655,19 @@ def a_worker_sigkilled_while_40_sockets_chat():
             closed = [m.closed_code for ms in by_room.values() for m in ms if m.closed_code is not None]
             print("  %d of %d deliveries lost with the killed worker (%d messages nobody got); %d sockets closed"
                   % (lost, total, lost_messages, len(closed)), flush=True)
+            if lost > lost_messages * 10:
+                # Seen once in a full run (5 of 8,000 for messages others got) and not since:
+                # what a failure needs to be explained, printed before the assertion below.
+                for room, ms in by_room.items():
+                    for t in sent[room]:
+                        missed = [m.name for m in ms if t not in m.texts]
+                        if missed and len(missed) < len(ms):
+                            print("  %r: missed by %s of %d" % (t, missed, len(ms)), flush=True)
+                for p, _ in procs:
+                    p.log.seek(0)
+                    for line in p.log.read().splitlines():
+                        if "warning" in line or "error" in line:
+                            print("  server: " + line[:300], flush=True)
             assert not closed, closed
             # The bound: the killed worker held at most --threads (32) running consumers plus its
             # reserved slots (one per other channel it listens on, at most 32 / 4 = 8), and what it
