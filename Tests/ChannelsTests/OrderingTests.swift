@@ -508,6 +508,66 @@ struct OrderingTests {
         #expect(live.environment.orderingGaps.skipped == 1)
     }
 
+    /// A watch that found nothing waiting ends, unless this process parked since that look
+    /// began: a message parked meanwhile saw the watch and started none, so the watch looks
+    /// once more and goes on. Here 4 parks (3 lost) inside the watch's last look, after the
+    /// layer counted nothing: it still runs once 3 is skipped. Without the second look, 4 waited
+    /// with no watch and no lease until the socket sent again.
+    @Test func aParkDuringAWatchsLastLookKeepsTheWatchGoing() async throws {
+        let log = Log()
+        let layer = LookHookLayer()
+        let harness = try TestHarness(
+            Self.routing(log: log), layer: layer, environment: ConsumerEnvironment(orderingGapTimeout: .milliseconds(300)))
+        let reply = try await harness.newReplyChannel()
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let parked = Mutex(false)
+        layer.arm(shared) {
+            // Inside the look that found nothing: the message parks, and the watch, still on,
+            // is the one that must see it.
+            _ = try? await harness.send(self.message(reply, order: 4), to: "websocket.receive", runPending: false)
+            parked.withLock { $0 = true }
+        }
+        // 1 lost: 2 parks, the watch skips 1 and runs 2, then looks at what waits after 3.
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await Self.waitFor(log, count: 3)
+        #expect(parked.withLock { $0 }, "the hook ran inside the watch's look")
+        #expect(await log.entries == ["0", "2", "4"], "4, parked during the watch's last look, ran")
+        #expect(harness.environment.orderingGaps.skipped == 2)
+    }
+
+    /// A watch that ends releases its lease only if the note is still its own: another watch
+    /// of the socket (in another process) that took the lease just before leaves with it, so
+    /// a sweeper still finds it if that process dies. Without the mark, the ending watch
+    /// removed the other's lease.
+    @Test func anEndingWatchLeavesALeaseAnotherWatchTook() async throws {
+        let log = Log()
+        let layer = LookHookLayer()
+        let timeout = Duration.seconds(2)
+        let harness = try TestHarness(Self.routing(log: log), layer: layer, environment: ConsumerEnvironment(orderingGapTimeout: timeout))
+        let leases = try #require(harness.layer.leases)
+        let reply = try await harness.newReplyChannel()
+        let shared = Self.sharedWaitChannel(harness, reply: reply)
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let other = OrderingSweeper.note(next: 3, holder: "another-process")
+        layer.arm(shared) {
+            // Another process's watch takes the lease as this one finds nothing waiting.
+            try? await leases.holdLease(shared, in: OrderingSweeper.pool, note: other, for: .milliseconds(1500))
+        }
+        try await harness.send(message(reply, order: 2), to: "websocket.receive")
+        try await Self.waitFor(log, count: 2)
+        #expect(await log.entries == ["0", "2"])
+        // The watch ends (bounded), then the other's lease lapses and a sweep finds it.
+        let ended = ContinuousClock.now + .seconds(20)
+        while harness.environment.orderingGaps.isWatched(shared), ContinuousClock.now < ended {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(!harness.environment.orderingGaps.isWatched(shared))
+        try await Task.sleep(for: .milliseconds(1700))
+        let lapsed = try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(1))
+        #expect(lapsed.map(\.name) == [shared] && lapsed.first?.note == other, "the other watch's lease was left: \(lapsed)")
+    }
+
     /// A parked message of a process channel (`!`) is not sent back: that process may be the
     /// one that died, and a live one would get it outside the routing it came through. It waits
     /// where it was parked, and the sweeper keeps the lease claimed (looked at again later).
@@ -758,5 +818,28 @@ final class FreezeAfterParkLayer: ForwardingChannelLayer {
         guard channel.hasPrefix(CapacityTable.waitChannelPrefix) else { return }
         froze.withLock { $0 = true }
         try? await Task.sleep(for: .seconds(3600))
+    }
+}
+
+/// An in-memory layer that runs a hook (once) inside the first look at a socket's wait
+/// channels that finds nothing waiting: after the count, before the looker sees it.
+final class LookHookLayer: ForwardingChannelLayer, ChannelLayerPendingCounts {
+    let base: any ChannelLayer = InMemoryChannelLayer()
+    private let hook = Mutex<(channel: String, run: @Sendable () async -> Void)?>(nil)
+
+    func arm(_ sharedWaitChannel: String, _ run: @escaping @Sendable () async -> Void) {
+        hook.withLock { $0 = (sharedWaitChannel, run) }
+    }
+
+    func pendingCounts(_ channels: [String]) async throws(ChannelLayerError) -> [Int] {
+        let counts = try await base.messagesPending(in: channels)
+        guard counts.allSatisfy({ $0 == 0 }), let first = channels.first else { return counts }
+        let run = hook.withLock { armed -> (@Sendable () async -> Void)? in
+            guard let current = armed, current.channel == first else { return nil }
+            armed = nil
+            return current.run
+        }
+        if let run { await run() }
+        return counts
     }
 }
