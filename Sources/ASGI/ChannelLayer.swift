@@ -327,6 +327,9 @@ public struct ChannelLayerLease: Sendable, Hashable {
 public protocol ChannelLayerLeases: ChannelLayer {
     /// Takes or renews the lease on `name` in `pool` for `duration`, with `note`.
     func holdLease(_ name: String, in pool: String, note: String, for duration: Duration) async throws(ChannelLayerError)
+    /// Takes the lease on `name` in `pool` for `duration`, with `note`, only when there is none
+    /// (a lease held, or lapsed and not yet claimed, is left as it is); returns whether it took it.
+    func takeFreeLease(_ name: String, in pool: String, note: String, for duration: Duration) async throws(ChannelLayerError) -> Bool
     /// Leases of `pool` that lapsed (their holder stopped renewing them), at most `max`, each
     /// claimed for `duration` as it is handed out: a concurrent claim never gets the same one.
     func claimLapsedLeases(in pool: String, max: Int, for duration: Duration) async throws(ChannelLayerError) -> [ChannelLayerLease]

@@ -10,6 +10,18 @@ extension InMemoryChannelLayer: ChannelLayerLeases {
         leaseState.withLock { $0[pool, default: [:]][name] = (until, note) }
     }
 
+    /// Takes the lease on `name` in `pool` only when there is none; returns whether it took it.
+    public func takeFreeLease(_ name: String, in pool: String, note: String, for duration: Duration) async throws(ChannelLayerError)
+        -> Bool
+    {
+        let until = ContinuousClock.now + duration
+        return leaseState.withLock { pools in
+            guard pools[pool]?[name] == nil else { return false }
+            pools[pool, default: [:]][name] = (until, note)
+            return true
+        }
+    }
+
     /// Claims up to `max` lapsed leases of `pool` for `duration` each, in one step.
     public func claimLapsedLeases(in pool: String, max: Int, for duration: Duration) async throws(ChannelLayerError)
         -> [ChannelLayerLease]

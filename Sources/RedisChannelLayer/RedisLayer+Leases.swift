@@ -19,6 +19,19 @@ extension RedisChannelLayer: ChannelLayerLeases {
         }
     }
 
+    /// Takes the lease on `name` in `pool` only when there is none; returns whether it took it.
+    public func takeFreeLease(_ name: String, in pool: String, note: String, for duration: Duration) async throws(ChannelLayerError)
+        -> Bool
+    {
+        try await withLayerErrors {
+            let reply = try await pipelined(
+                shardIndex(for: pool), Scripts.takeFreeLease, keys: leaseKeys(pool),
+                args: [.text(name), .text(note), .integer(Self.milliseconds(duration))])
+            guard let taken = reply.integer else { throw unexpected(reply, doing: "take a free lease") }
+            return taken == 1
+        }
+    }
+
     /// Claims up to `max` lapsed leases of `pool` for `duration` each, in one step.
     public func claimLapsedLeases(in pool: String, max: Int, for duration: Duration) async throws(ChannelLayerError)
         -> [ChannelLayerLease]

@@ -511,6 +511,19 @@ extension Scripts {
             return 1
             """)
 
+    /// Takes a lease only when there is none (held or lapsed): KEYS and ARGV as `holdLease`.
+    /// Returns 1 when taken, 0 when a lease was there.
+    static let takeFreeLease = LuaScript(
+        name: "takeFreeLease",
+        source: leaseNow + """
+            if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+            redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+            redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+            redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 86400000)
+            redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + 86400000)
+            return 1
+            """)
+
     /// Claims up to ARGV[1] lapsed leases for ARGV[2] milliseconds each. KEYS: the pool's set,
     /// its notes. Returns name, note, name, note, ...
     static let claimLapsedLeases = LuaScript(

@@ -51,6 +51,28 @@ import Testing
         }
     }
 
+    /// A free lease is taken only where there is none: a held one and a lapsed one not yet
+    /// claimed are left as they are (note and expiry); once released, it can be taken.
+    @Test(arguments: LayerKind.allCases)
+    func aFreeLeaseIsTakenOnlyWhereThereIsNone(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let leases = try #require(layer.leases)
+            try await leases.holdLease("held", in: "ordering", note: "watch", for: .seconds(60))
+            try await leases.holdLease("lapsed", in: "ordering", note: "dead watch", for: .milliseconds(1))
+            try await Task.sleep(for: .milliseconds(20))
+            #expect(try await !leases.takeFreeLease("held", in: "ordering", note: "park", for: .milliseconds(1)))
+            #expect(try await !leases.takeFreeLease("lapsed", in: "ordering", note: "park", for: .seconds(60)))
+            #expect(try await leases.takeFreeLease("free", in: "ordering", note: "park", for: .milliseconds(1)))
+            #expect(try await !leases.takeFreeLease("free", in: "ordering", note: "another park", for: .seconds(60)))
+            try await Task.sleep(for: .milliseconds(20))
+            // "held" kept its minute; "lapsed" and "free" lapsed with their first holders' notes.
+            let lapsed = try await leases.claimLapsedLeases(in: "ordering", max: 10, for: .seconds(60))
+            #expect(Set(lapsed) == [ChannelLayerLease(name: "lapsed", note: "dead watch"), ChannelLayerLease(name: "free", note: "park")])
+            try await leases.releaseLease("free", in: "ordering", ifNote: "park")
+            #expect(try await leases.takeFreeLease("free", in: "ordering", note: "next park", for: .seconds(60)))
+        }
+    }
+
     /// A wrapper (the metered layer every command wraps its layer in) hands its layer's leases on.
     @Test func leasesAreReachedThroughAWrapper() async throws {
         let layer = MeteredChannelLayer(InMemoryChannelLayer())

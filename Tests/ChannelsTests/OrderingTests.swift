@@ -508,6 +508,49 @@ struct OrderingTests {
         #expect(live.environment.orderingGaps.skipped == 1)
     }
 
+    /// The lease a park takes is one nobody holds, and it goes once the park's turn is done
+    /// (here the order moved past the parked message while it parked: another worker ran the
+    /// gap and then the message itself). With another process's watch holding the socket's
+    /// lease, the park leaves that lease as it is (taken over and released, that watch was left
+    /// without one until its next renewal: the first red team of this change); with none, the
+    /// park's own lease is not left behind for a sweeper to find.
+    @Test(arguments: [true, false])
+    func aParksLeaseIsOnlyAFreeOneAndGoesWithItsTurn(anotherWatchHoldsIt: Bool) async throws {
+        let log = Log()
+        let timeout = Duration.milliseconds(300)
+        let memory = InMemoryChannelLayer()
+        let (store, settings) = (InMemorySessionStore(), SessionConfiguration())
+        func environment() -> ConsumerEnvironment {
+            ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings, orderingGapTimeout: timeout)
+        }
+        let other = try TestHarness(Self.routing(log: log), layer: memory, environment: environment())
+        let reply = try await other.newReplyChannel()
+        let shared = Self.sharedWaitChannel(other, reply: reply)
+        // Right after this worker parks 2, the other worker runs 1 (and then 2, which it finds parked).
+        let parking = FreezeAfterParkLayer(base: memory) {
+            _ = try? await other.send(self.message(reply, order: 1), to: "websocket.receive", runPending: false)
+        }
+        let worker = try TestHarness(Self.routing(log: log), layer: parking, environment: environment())
+        let leases = try #require(memory.leases)
+        try await other.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let elsewhere = OrderingSweeper.note(next: 1, holder: "a-watch-elsewhere")
+        if anotherWatchHoldsIt {
+            try await leases.holdLease(shared, in: OrderingSweeper.pool, note: elsewhere, for: .milliseconds(1500))
+        }
+        try await worker.send(message(reply, order: 2), to: "websocket.receive", runPending: false)
+        try await Self.waitFor(log, count: 3)
+        #expect(await log.entries == ["0", "1", "2"])
+        #expect(!worker.environment.orderingGaps.isWatched(shared), "no watch: nothing waited")
+        // Past the park's lease (2.6 s for this gap timeout) and the other's (1.5 s).
+        try await Task.sleep(for: .milliseconds(2900))
+        let lapsed = try await leases.claimLapsedLeases(in: OrderingSweeper.pool, max: 10, for: .seconds(1))
+        if anotherWatchHoldsIt {
+            #expect(lapsed.map(\.name) == [shared] && lapsed.first?.note == elsewhere, "the other watch's lease is left: \(lapsed)")
+        } else {
+            #expect(lapsed.isEmpty, "the park's lease went with its turn: \(lapsed)")
+        }
+    }
+
     /// A watch that found nothing waiting ends, unless this process parked since that look
     /// began: a message parked meanwhile saw the watch and started none, so the watch looks
     /// once more and goes on. Here 4 parks (3 lost) inside the watch's last look, after the
@@ -805,19 +848,23 @@ final class RefusingSessionStore: SessionStore {
     func delete(_ key: String) async throws { try await base.delete(key) }
 }
 
-/// Freezes, for good (until cancelled), the task that parks a message on a wait channel, right
-/// after the park: a worker that died there.
+/// Runs `afterPark` in the task that parks a message on a wait channel, right after the park
+/// (by default it freezes that task for good, until cancelled: a worker that died there).
 final class FreezeAfterParkLayer: ForwardingChannelLayer {
     let base: any ChannelLayer
     let froze = Mutex(false)
+    let afterPark: @Sendable () async -> Void
 
-    init(base: any ChannelLayer) { self.base = base }
+    init(base: any ChannelLayer, afterPark: @escaping @Sendable () async -> Void = { try? await Task.sleep(for: .seconds(3600)) }) {
+        self.base = base
+        self.afterPark = afterPark
+    }
 
     func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
         try await base.send(message, to: channel)
         guard channel.hasPrefix(CapacityTable.waitChannelPrefix) else { return }
         froze.withLock { $0 = true }
-        try? await Task.sleep(for: .seconds(3600))
+        await afterPark()
     }
 }
 

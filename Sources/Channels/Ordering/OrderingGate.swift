@@ -77,11 +77,13 @@ struct OrderingGate {
                 try await waitFull()
                 return
             }
-            // A lease before the park, when no watch of this process holds one: a process that
-            // died between its park and its watch's first renewal left its parked message to
-            // nobody (no lease for a sweeper to find lapsed) until the socket sent again.
-            let lease = gaps.isWatched(waitChannel) ? nil : WatchLease(next: next)
-            if let lease { await holdLease(lease) }
+            // A lease before the park, when there is none (no watch, here or elsewhere, holds
+            // one): a process that died between its park and its watch's first renewal left its
+            // parked message to nobody (no lease for a sweeper to find lapsed) until the socket
+            // sent again. Only a free one: taken over, a live watch's lease would go with this
+            // gate's release below. (A watch of this process that ends between this look and
+            // the park leaves the few milliseconds until the next watch's first hold, as before.)
+            let lease = gaps.isWatched(waitChannel) ? nil : await takeFreeLease(next: next)
             do {
                 try await park(next: next)
                 context.extras.withLock { $0.parked = true }
@@ -89,6 +91,9 @@ struct OrderingGate {
                 if let lease { await releaseLease(lease) }
                 try await waitFull()
                 return
+            } catch {
+                if let lease { await releaseLease(lease) }
+                throw error
             }
             // The message that was due may have finished between our read of the session and
             // our park, and found the wait channel empty: if our turn has come, drain ourselves.
@@ -110,10 +115,13 @@ struct OrderingGate {
                     // A watch of this process covers the socket.
                     .nothing
                 }
-            // The lease is taken on by the watch this turn starts; else given up before anything
+            // The lease is taken on by the watch this turn starts; else given up, alongside what
             // runs (a drain of long consumers must not keep a lease it does not renew; a watch
             // started since wrote a note of its own, which the release leaves).
-            if then != .watch, let lease { await releaseLease(lease) }
+            if then != .watch, let lease {
+                let gate = self
+                Task { await gate.releaseLease(lease) }
+            }
             switch then {
             case .dropAsLate:
                 // A skip moved the order past this message while it parked: nobody would take
@@ -187,8 +195,11 @@ struct OrderingGate {
         lease.next = known
         let gate = self
         let beat = Task {
+            // A lease the park took is fresh: its first renewal waits for the beat.
+            var renew = lease.written == nil
             while !Task.isCancelled, !lease.layerClosed.load(ordering: .relaxed) {
-                await gate.holdLease(lease)
+                if renew { await gate.holdLease(lease) }
+                renew = true
                 try? await Task.sleep(for: OrderingSweeper.renewal(timeout))
             }
         }
@@ -289,6 +300,26 @@ struct OrderingGate {
                 return
             }
             context.logger.warning("could not renew an ordering watch's lease", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Takes the socket's lease when nobody holds it (see ``run(_:waitFull:)``); nil when
+    /// someone does, or the layer keeps no leases or failed (logged).
+    private func takeFreeLease(next: Int64) async -> WatchLease? {
+        guard let leases = context.layer.leases else { return nil }
+        let lease = WatchLease(next: next)
+        let note = OrderingSweeper.note(next: slight ? nil : next, holder: lease.token)
+        do {
+            guard
+                try await leases.takeFreeLease(
+                    waitChannel, in: OrderingSweeper.pool, note: note,
+                    for: OrderingSweeper.leaseDuration(context.environment.orderingGapTimeout))
+            else { return nil }
+            lease.written = note
+            return lease
+        } catch {
+            if error.code != .closed { context.logger.warning("could not take an ordering watch's lease", metadata: ["error": "\(error)"]) }
+            return nil
         }
     }
 
