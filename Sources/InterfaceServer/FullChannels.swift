@@ -130,18 +130,19 @@ final class FullChannels: Sendable {
         for turn in left { turn.resume(returning: false) }
     }
 
-    /// Changes `channel`'s entry (if held), drops it once nobody probes or waits.
+    /// Changes `channel`'s entry (if held) in place, drops it once nobody probes or waits.
+    /// In place: a copy of the entry, changed and stored back, copied its line and its turns
+    /// (each still shared with the table while changed) at every change: O(line) a change,
+    /// O(line²) a storm, and in a 9,500-socket close storm a third of the server's CPU.
     private func update(
         _ channel: String, _ change: (inout Held) -> [CheckedContinuation<Bool, Never>]
     ) -> [CheckedContinuation<Bool, Never>] {
         state.withLock { state in
-            guard var held = state.held[channel] else { return [] }
-            let out = change(&held)
-            if held.isEmpty {
+            guard state.held[channel] != nil else { return [] }
+            let out = change(&state.held[channel]!)
+            if state.held[channel]!.isEmpty {
                 state.held[channel] = nil
                 heldCount.add(-1, ordering: .relaxed)
-            } else {
-                state.held[channel] = held
             }
             return out
         }

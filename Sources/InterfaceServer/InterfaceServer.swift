@@ -150,11 +150,28 @@ public final class InterfaceServer: Service, Sendable {
             group.addTask { await context.router.run() }
             group.addTask { await PresenceKeeper(server: context).run() }
             group.addTask { await GroupKeeper(server: context).run() }
+            // Connections' tasks go to lanes, each a task group of its own: a task group's child
+            // that ends is unlinked by a walk of the group's children (the Swift runtime keeps
+            // them in a singly linked list), so in one group of N connections every close cost
+            // O(N), and a reconnect storm O(N²) (20,000 connections closed in random order:
+            // 1.85 s in the unlinking alone, against 0.11 s in opening order).
+            let lanes = (0..<Self.connectionLanes).map { _ in AsyncStream.makeStream(of: AcceptedConnection.self) }
+            for lane in lanes {
+                group.addTask {
+                    await withDiscardingTaskGroup { connections in
+                        for await connection in lane.stream {
+                            connections.addTask { await Self.own(connection) }
+                        }
+                    }
+                }
+            }
             await withGracefulShutdownHandler {
                 do {
                     try await listener.executeThenClose { connections in
+                        var next = 0
                         for try await connection in connections {
-                            group.addTask { await Self.own(connection) }
+                            lanes[next].continuation.yield(connection)
+                            next = (next + 1) % lanes.count
                         }
                     }
                 } catch {
@@ -163,6 +180,7 @@ public final class InterfaceServer: Service, Sendable {
             } onGracefulShutdown: {
                 self.stopAccepting()
             }
+            for lane in lanes { lane.continuation.finish() }
             await finishWorkInHand()
             // What is left (connections, the reply reader) ends now.
             group.cancelAll()
@@ -170,6 +188,9 @@ public final class InterfaceServer: Service, Sendable {
         context.accessLog?.flush()
         context.logger.info("interface server stopped")
     }
+
+    /// Task groups the connections' tasks are spread over (see ``run()``).
+    static let connectionLanes = 64
 
     /// One connection's task: runs its senders' loops until the connection has closed and
     /// they sent what they held; cancelled, closes the connection and stops them.
