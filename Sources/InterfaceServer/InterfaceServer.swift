@@ -13,8 +13,9 @@ import Synchronization
 /// ASGI 1.0 messages to the channel layer. It runs no application code.
 ///
 /// A swift-service-lifecycle `Service`: `run()` serves until the service group's graceful
-/// shutdown (or ``shutdown()``), in one task group that holds the reply reader and one task per
-/// client connection, which owns that connection (cancelling the task closes it). Outside a
+/// shutdown (or ``shutdown()``), in one task group that holds the reply reader and, spread over
+/// 64 task groups of its own, one task per client connection, which owns that connection
+/// (cancelling the task closes it). Outside a
 /// service group, ``start()`` runs it in a task of its own and ``shutdown()`` stops it.
 public final class InterfaceServer: Service, Sendable {
     /// The settings it runs with.
@@ -170,7 +171,11 @@ public final class InterfaceServer: Service, Sendable {
                     try await listener.executeThenClose { connections in
                         var next = 0
                         for try await connection in connections {
-                            lanes[next].continuation.yield(connection)
+                            // A lane ends early only when the server is cancelled: the
+                            // connection it can no longer take is closed, not left open unserved.
+                            if case .terminated = lanes[next].continuation.yield(connection) {
+                                connection.channel.close(promise: nil)
+                            }
                             next = (next + 1) % lanes.count
                         }
                     }
