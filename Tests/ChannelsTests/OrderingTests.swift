@@ -218,6 +218,21 @@ struct OrderingTests {
         return CapacityTable.waitChannelPrefix + Session.storageKey("wait:" + key).prefix(40)
     }
 
+    /// Two workers of one deployment (one session store and secret, a 300 ms gap timeout): the
+    /// first on `layer` itself, the second through `parkingThrough` (a wrapper of it).
+    static func twoWorkers(log: Log, on layer: any ChannelLayer, parkingThrough wrapper: any ChannelLayer) throws -> (
+        TestHarness, TestHarness
+    ) {
+        let (store, settings) = (InMemorySessionStore(), SessionConfiguration())
+        func environment() -> ConsumerEnvironment {
+            ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings, orderingGapTimeout: .milliseconds(300))
+        }
+        return (
+            try TestHarness(routing(log: log), layer: layer, environment: environment()),
+            try TestHarness(routing(log: log), layer: wrapper, environment: environment())
+        )
+    }
+
     /// Waits (bounded) until `log` holds `count` entries.
     static func waitFor(_ log: Log, count: Int) async throws {
         let deadline = ContinuousClock.now + .seconds(20)
@@ -475,15 +490,9 @@ struct OrderingTests {
     /// so that parked message waited for the socket's next frame (or expired unseen).
     @Test func aWorkerThatDiesRightAfterItsParkLeavesALeaseForTheSweepers() async throws {
         let log = Log()
-        let timeout = Duration.milliseconds(300)
         let memory = InMemoryChannelLayer()
-        let (store, settings) = (InMemorySessionStore(), SessionConfiguration())
-        func environment() -> ConsumerEnvironment {
-            ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings, orderingGapTimeout: timeout)
-        }
-        let live = try TestHarness(Self.routing(log: log), layer: memory, environment: environment())
         let freezing = FreezeAfterParkLayer(base: memory)
-        let dying = try TestHarness(Self.routing(log: log), layer: freezing, environment: environment())
+        let (live, dying) = try Self.twoWorkers(log: log, on: memory, parkingThrough: freezing)
         let reply = try await live.newReplyChannel()
         let shared = Self.sharedWaitChannel(live, reply: reply)
         try await live.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
@@ -517,20 +526,19 @@ struct OrderingTests {
     @Test(arguments: [true, false])
     func aParksLeaseIsOnlyAFreeOneAndGoesWithItsTurn(anotherWatchHoldsIt: Bool) async throws {
         let log = Log()
-        let timeout = Duration.milliseconds(300)
         let memory = InMemoryChannelLayer()
-        let (store, settings) = (InMemorySessionStore(), SessionConfiguration())
-        func environment() -> ConsumerEnvironment {
-            ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings, orderingGapTimeout: timeout)
-        }
-        let other = try TestHarness(Self.routing(log: log), layer: memory, environment: environment())
-        let reply = try await other.newReplyChannel()
-        let shared = Self.sharedWaitChannel(other, reply: reply)
+        let otherHarness = Mutex<TestHarness?>(nil)
+        let replyChannel = Mutex("")
         // Right after this worker parks 2, the other worker runs 1 (and then 2, which it finds parked).
         let parking = FreezeAfterParkLayer(base: memory) {
-            _ = try? await other.send(self.message(reply, order: 1), to: "websocket.receive", runPending: false)
+            guard let other = otherHarness.withLock({ $0 }) else { return }
+            _ = try? await other.send(self.message(replyChannel.withLock { $0 }, order: 1), to: "websocket.receive", runPending: false)
         }
-        let worker = try TestHarness(Self.routing(log: log), layer: parking, environment: environment())
+        let (other, worker) = try Self.twoWorkers(log: log, on: memory, parkingThrough: parking)
+        otherHarness.withLock { $0 = other }
+        let reply = try await other.newReplyChannel()
+        replyChannel.withLock { $0 = reply }
+        let shared = Self.sharedWaitChannel(other, reply: reply)
         let leases = try #require(memory.leases)
         try await other.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
         let elsewhere = OrderingSweeper.note(next: 1, holder: "a-watch-elsewhere")

@@ -29,3 +29,19 @@ release_bins_of_this_tree() {
   cp "$(swift build -c release --package-path Benchmarks --show-bin-path)/ChannelsBench" "$dir/"
   echo "$dir"
 }
+
+# bench_workspace: RUN_DIR (a new temporary folder), `pids` (add what you start: killed at exit)
+# and a throwaway Redis (start_redis), all stopped and removed when the script exits.
+bench_workspace() {
+  RUN_DIR=$(mktemp -d)
+  pids=()
+  trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; stop_redis "$RUN_DIR"; rm -rf "$RUN_DIR"' EXIT
+  start_redis "$RUN_DIR"
+}
+
+# interop_python: the interop venv's python (it has `websockets`), or exits with a hint.
+interop_python() {
+  local py="$PWD/.venv-interop/bin/python"
+  "$py" -c 'import websockets' 2>/dev/null || { log "no .venv-interop: run scripts/test.sh once (it builds it)"; exit 2; }
+  echo "$py"
+}
