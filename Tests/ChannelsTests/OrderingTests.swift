@@ -488,11 +488,12 @@ struct OrderingTests {
     /// right after the park) leaves a lease behind: once it lapses, another worker's sweeper
     /// resumes the socket, and what waits runs. Before, the lease was first taken by the watch,
     /// so that parked message waited for the socket's next frame (or expired unseen).
-    @Test func aWorkerThatDiesRightAfterItsParkLeavesALeaseForTheSweepers() async throws {
+    @Test(arguments: [false, true])
+    func aWorkerThatDiesRightAfterItsParkLeavesALeaseForTheSweepers(onRedis: Bool) async throws {
         let log = Log()
-        let memory = InMemoryChannelLayer()
-        let freezing = FreezeAfterParkLayer(base: memory)
-        let (live, dying) = try Self.twoWorkers(log: log, on: memory, parkingThrough: freezing)
+        let layer: any ChannelLayer = onRedis ? try TestRedis.layer() : InMemoryChannelLayer()
+        let freezing = FreezeAfterParkLayer(base: layer)
+        let (live, dying) = try Self.twoWorkers(log: log, on: layer, parkingThrough: freezing)
         let reply = try await live.newReplyChannel()
         let shared = Self.sharedWaitChannel(live, reply: reply)
         try await live.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
@@ -501,7 +502,7 @@ struct OrderingTests {
         defer { frozen.cancel() }
         let parkedBy = ContinuousClock.now + .seconds(10)
         while !freezing.froze.withLock({ $0 }), ContinuousClock.now < parkedBy { try await Task.sleep(for: .milliseconds(10)) }
-        #expect(try await memory.messagesPending(in: [shared + ".2"]) == [1], "2 waits parked")
+        #expect(try await layer.messagesPending(in: [shared + ".2"]) == [1], "2 waits parked")
         // The lease lapses (2.6 s for this gap timeout); the live worker's sweeper takes it.
         let sweeper = OrderingSweeper(layer: live.layer, environment: live.environment, logger: Logger(label: "test"))
         var resumed = 0
@@ -515,6 +516,8 @@ struct OrderingTests {
         try await Self.waitFor(log, count: 2)
         #expect(await log.entries == ["0", "2"])
         #expect(live.environment.orderingGaps.skipped == 1)
+        frozen.cancel()
+        await layer.close()
     }
 
     /// The lease a park takes is one nobody holds, and it goes once the park's turn is done
@@ -523,23 +526,23 @@ struct OrderingTests {
     /// lease, the park leaves that lease as it is (taken over and released, that watch was left
     /// without one until its next renewal: the first red team of this change); with none, the
     /// park's own lease is not left behind for a sweeper to find.
-    @Test(arguments: [true, false])
-    func aParksLeaseIsOnlyAFreeOneAndGoesWithItsTurn(anotherWatchHoldsIt: Bool) async throws {
+    @Test(arguments: [false, true], [true, false])
+    func aParksLeaseIsOnlyAFreeOneAndGoesWithItsTurn(onRedis: Bool, anotherWatchHoldsIt: Bool) async throws {
         let log = Log()
-        let memory = InMemoryChannelLayer()
+        let layer: any ChannelLayer = onRedis ? try TestRedis.layer() : InMemoryChannelLayer()
         let otherHarness = Mutex<TestHarness?>(nil)
         let replyChannel = Mutex("")
         // Right after this worker parks 2, the other worker runs 1 (and then 2, which it finds parked).
-        let parking = FreezeAfterParkLayer(base: memory) {
+        let parking = FreezeAfterParkLayer(base: layer) {
             guard let other = otherHarness.withLock({ $0 }) else { return }
             _ = try? await other.send(self.message(replyChannel.withLock { $0 }, order: 1), to: "websocket.receive", runPending: false)
         }
-        let (other, worker) = try Self.twoWorkers(log: log, on: memory, parkingThrough: parking)
+        let (other, worker) = try Self.twoWorkers(log: log, on: layer, parkingThrough: parking)
         otherHarness.withLock { $0 = other }
         let reply = try await other.newReplyChannel()
         replyChannel.withLock { $0 = reply }
         let shared = Self.sharedWaitChannel(other, reply: reply)
-        let leases = try #require(memory.leases)
+        let leases = try #require(layer.leases)
         try await other.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
         let elsewhere = OrderingSweeper.note(next: 1, holder: "a-watch-elsewhere")
         if anotherWatchHoldsIt {
@@ -557,6 +560,7 @@ struct OrderingTests {
         } else {
             #expect(lapsed.isEmpty, "the park's lease went with its turn: \(lapsed)")
         }
+        await layer.close()
     }
 
     /// A watch that found nothing waiting ends, unless this process parked since that look
