@@ -13,8 +13,10 @@ final class Counter: Sendable {
 }
 
 /// Workers and the delay server stop at once, in the middle of a blocking receive,
-/// and lose nothing a stop interrupts. A bound of 5 s: without the wake-up, a stop would wait for
-/// the receive's 30 s (Redis: `BLPOP` slices of 60 s here).
+/// and lose nothing a stop interrupts. A bound of 15 s: without the wake-up, a stop would wait for
+/// the receive's 30 s (Redis: `BLPOP` slices of 60 s here). Not less: CI runs this beside the
+/// whole suite, where timers fire seconds late, and a 5 s bound once ran out on a stop that
+/// worked.
 @Suite("stopping workers and the delay server", .timeLimit(.minutes(2)))
 struct StoppingTests {
     enum Layer: String, CaseIterable, CustomTestStringConvertible {
@@ -29,6 +31,9 @@ struct StoppingTests {
             }
         }
     }
+
+    /// Half the receive's 30 s: a stop that is not woken fails it.
+    static let stopBound = Duration.seconds(15)
 
     /// Whether `body` returned within `bound`; it is left running (and reported) when not.
     func returns(within bound: Duration, _ body: @escaping @Sendable () async -> Void) async -> Bool {
@@ -66,7 +71,7 @@ struct StoppingTests {
         while processed.value < 1 { try await Task.sleep(for: .milliseconds(10)) }
         try await Task.sleep(for: .milliseconds(200))
         worker.stop()
-        let stopped = await returns(within: .seconds(5)) { await running.value }
+        let stopped = await returns(within: Self.stopBound) { await running.value }
         #expect(stopped, "stop() did not reach the blocking receive: run() still waits")
         // The layer is still usable after the wake-up (Redis: the blocking connection was unblocked, not cut).
         try await layer.send(["n": 1], to: "work")
@@ -87,7 +92,7 @@ struct StoppingTests {
             if n == total / 2 { worker.stop() }
             if n % 20 == 0 { try await Task.sleep(for: .milliseconds(2)) }
         }
-        let stopped = await returns(within: .seconds(5)) { await running.value }
+        let stopped = await returns(within: Self.stopBound) { await running.value }
         #expect(stopped)
         var left = 0
         while try await layer.receive(channels: ["work"], timeout: .zero) != nil { left += 1 }
@@ -108,7 +113,7 @@ struct StoppingTests {
         let running = Task { try await group.run() }
         try await Task.sleep(for: .milliseconds(300))
         await group.triggerGracefulShutdown()
-        let stopped = await returns(within: .seconds(5)) { _ = try? await running.value }
+        let stopped = await returns(within: Self.stopBound) { _ = try? await running.value }
         #expect(stopped, "the services did not stop on a graceful shutdown")
         #expect(processed.value == 0)
     }
@@ -122,7 +127,7 @@ struct StoppingTests {
         #expect(try await layer.receive(channels: ["out"], timeout: .seconds(10))?.message["n"] == 1)
         try await Task.sleep(for: .milliseconds(200))
         delay.stop()
-        let stopped = await returns(within: .seconds(5)) { await running.value }
+        let stopped = await returns(within: Self.stopBound) { await running.value }
         #expect(stopped, "stop() did not reach the delay server's blocking receive")
     }
 }
