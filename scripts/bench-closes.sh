@@ -9,6 +9,8 @@
 #   scripts/bench-closes.sh                         this tree only
 #   BEFORE_BIN=/dir/with/PeerChat scripts/bench-closes.sh
 #   N=5000 RUNS=3 AFTER_BIN=/dir ...                another size; an already built "after"
+#   SERVER_ARGS="" ...                              the server's default access lines (in its log) instead of
+#                                                   --access-log /dev/null
 #
 # Needs the interop venv (scripts/test.sh makes it: websockets for the client).
 set -euo pipefail
@@ -23,7 +25,7 @@ one() { # one LABEL DIR: a JSON line with the label
   local port layer s w
   port=$(free_port)
   layer="$REDIS?prefix=closes$RANDOM:"
-  "$2/PeerChat" runserver --noworker --bind 127.0.0.1 --port "$port" --layer "$layer" --access-log /dev/null > "$RUN_DIR/s.log" 2>&1 & s=$!
+  "$2/PeerChat" runserver --noworker --bind 127.0.0.1 --port "$port" --layer "$layer" ${SERVER_ARGS---access-log /dev/null} > "$RUN_DIR/s.log" 2>&1 & s=$!
   "$2/PeerChat" runworker --layer "$layer" > "$RUN_DIR/w.log" 2>&1 & w=$!
   pids+=($s $w)
   for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/hello" && break; sleep 0.1; done

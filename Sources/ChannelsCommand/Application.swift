@@ -60,6 +60,7 @@ public struct ChannelsApplication: Sendable {
                 try command.run()
             }
         } catch {
+            LogOutput.flush()  // the lines before the failure, before its message
             ApplicationCommand.exit(withError: error)
         }
     }

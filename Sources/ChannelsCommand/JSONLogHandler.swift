@@ -1,14 +1,74 @@
 import Foundation
+import InterfaceServer
 import Logging
 import Synchronization
 
-/// One JSON object per line on standard error: `ts`, `level`, `logger`, `msg`, then the
-/// metadata keys. For log shippers (`--log-format json` or `LOG_FORMAT=json`).
-struct JSONLogHandler: LogHandler {
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
+/// One line of the process's log, as it was logged; made into text on the writer's queue.
+struct LogRecord: Sendable {
+    enum Format: Sendable { case text, json }
+    let format: Format
+    let time: Date
+    let level: Logger.Level
+    let label: String
+    let metadata: Logger.Metadata
+    let source: String
+    let message: Logger.Message
+}
+
+/// Where the commands' log lines go: standard error, written on a queue of its own. An event
+/// loop that logs (an access line per WebSocket event, by default) neither formats the line nor
+/// waits for the write, and a standard error that stops taking lines (a pipe nobody reads, a
+/// stalled log collector) costs dropped lines, counted in a line of their own, not a stalled
+/// server. Lines that come together leave in one write. `critical` lines are waited for.
+/// `CHANNELS_LOG_BACKLOG` sets how many lines may wait (default 50,000).
+enum LogOutput {
+    static let standardError = BackgroundWriter<LogRecord>(
+        label: "channels.log",
+        limit: ProcessInfo.processInfo.environment["CHANNELS_LOG_BACKLOG"].flatMap(Int.init).map { max(1, $0) } ?? 50_000,
+        gapLine: { dropped in
+            LogRecord(
+                format: LogSetup.format, time: Date(), level: .warning, label: "channels.log",
+                metadata: ["dropped": "\(dropped)"], source: "ChannelsCommand",
+                message: "log lines dropped: standard error did not take them in time")
+        },
+        sink: { records in
+            var text = ""
+            for record in records {
+                switch record.format {
+                case .text: TextLogHandler.format(record, into: &text)
+                case .json: JSONLogHandler.format(record, into: &text)
+                }
+            }
+            StandardStream.write(text, to: 2)
+        })
+
+    /// Waits (up to 2 s: the output may be a pipe nobody reads) for the lines logged so far.
+    static func flush() { standardError.flush(timeout: .seconds(2)) }
+}
+
+/// The metadata a record carries: the handler's, the event's over it, and the error's.
+private func merged(_ base: Logger.Metadata, _ event: LogEvent) -> Logger.Metadata {
+    var metadata = base
+    if let explicit = event.metadata, !explicit.isEmpty { metadata.merge(explicit) { $1 } }
+    if let error = event.error {
+        metadata["error.message"] = "\(error)"
+        metadata["error.type"] = "\(String(reflecting: type(of: error)))"
+    }
+    return metadata
+}
+
+/// swift-log's `StreamLogHandler` line (`2026-12-06T12:29:46+0000 info channels.server: k=v
+/// [Source] message`), through ``LogOutput``: the default `--log-format text`.
+struct TextLogHandler: LogHandler {
     let label: String
     var logLevel: Logger.Level = .info
     var metadata: Logger.Metadata = [:]
-    private static let output = Mutex(())
 
     init(label: String) { self.label = label }
 
@@ -18,22 +78,78 @@ struct JSONLogHandler: LogHandler {
     }
 
     func log(event: LogEvent) {
-        write(level: event.level, message: event.message, metadata: event.metadata, error: event.error)
+        LogOutput.standardError.submit(
+            LogRecord(
+                format: .text, time: Date(), level: event.level, label: label, metadata: merged(metadata, event),
+                source: event.source, message: event.message))
+        if event.level == .critical { LogOutput.flush() }
     }
 
-    private func write(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?, error: (any Error)?) {
+    /// Only on the writer's queue: the local time of the second last formatted.
+    nonisolated(unsafe) private static var lastSecond: (second: Int, text: String)?
+
+    static func format(_ record: LogRecord, into text: inout String) {
+        text += timestamp(Int(record.time.timeIntervalSince1970.rounded(.down)))
+        text += " \(record.level)"
+        if !record.label.isEmpty { text += " " }
+        text += record.label + ":"
+        if !record.metadata.isEmpty {
+            for (key, value) in record.metadata.sorted(by: { $0.key < $1.key }) { text += " \(key)=\(value)" }
+        }
+        text += " [\(record.source)] \(record.message)\n"
+    }
+
+    /// `%Y-%m-%dT%H:%M:%S%z` in local time, as `StreamLogHandler` writes it; made once a second
+    /// (`localtime` looks at the zone file every time it is called).
+    private static func timestamp(_ second: Int) -> String {
+        if let lastSecond, lastSecond.second == second { return lastSecond.text }
+        var time = time_t(second)
+        var local = tm()
+        var buffer = [Int8](repeating: 0, count: 64)
+        guard localtime_r(&time, &local) != nil else { return "<unknown>" }
+        let count = strftime(&buffer, buffer.count, "%Y-%m-%dT%H:%M:%S%z", &local)
+        let text = String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        lastSecond = (second, text)
+        return text
+    }
+}
+
+/// One JSON object per line on standard error: `ts`, `level`, `logger`, `msg`, then the
+/// metadata keys. For log shippers (`--log-format json` or `LOG_FORMAT=json`). Through
+/// ``LogOutput``, like the text lines.
+struct JSONLogHandler: LogHandler {
+    let label: String
+    var logLevel: Logger.Level = .info
+    var metadata: Logger.Metadata = [:]
+
+    init(label: String) { self.label = label }
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        var metadata = self.metadata
+        if let explicit = event.metadata, !explicit.isEmpty { metadata.merge(explicit) { $1 } }
+        if let error = event.error { metadata["error"] = "\(error)" }
+        LogOutput.standardError.submit(
+            LogRecord(
+                format: .json, time: Date(), level: event.level, label: label, metadata: metadata, source: event.source,
+                message: event.message))
+        if event.level == .critical { LogOutput.flush() }
+    }
+
+    static func format(_ record: LogRecord, into text: inout String) {
         var object: [String: Any] = [
             "ts": ISO8601DateFormatter.string(
-                from: Date(), timeZone: .gmt,
+                from: record.time, timeZone: .gmt,
                 formatOptions: [.withInternetDateTime, .withFractionalSeconds]),
-            "level": level.rawValue, "logger": label, "msg": message.description,
+            "level": record.level.rawValue, "logger": record.label, "msg": record.message.description,
         ]
-        for (key, value) in metadata.merging(explicit ?? [:], uniquingKeysWith: { $1 }) {
-            object[key] = Self.plain(value)
-        }
-        if let error { object["error"] = "\(error)" }
+        for (key, value) in record.metadata { object[key] = plain(value) }
         guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
-        Self.output.withLock { _ in FileHandle.standardError.write(data + Data("\n".utf8)) }
+        text += String(decoding: data, as: UTF8.self) + "\n"
     }
 
     private static func plain(_ value: Logger.Metadata.Value) -> Any {
@@ -49,6 +165,7 @@ struct JSONLogHandler: LogHandler {
 /// Chooses the log format once per process.
 enum LogSetup {
     private static let done = Mutex(false)
+    nonisolated(unsafe) private(set) static var format = LogRecord.Format.text
 
     static func bootstrap(format: String) {
         let first = done.withLock { done -> Bool in
@@ -57,7 +174,12 @@ enum LogSetup {
         }
         guard first else { return }
         if format == "json" {
+            Self.format = .json
             LoggingSystem.bootstrap { JSONLogHandler(label: $0) }
+        } else {
+            LoggingSystem.bootstrap { TextLogHandler(label: $0) }
         }
+        // What is still queued when the process exits is written first (bounded).
+        atexit { LogOutput.flush() }
     }
 }

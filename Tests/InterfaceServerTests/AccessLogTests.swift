@@ -11,9 +11,9 @@ struct AccessLogTests {
     func boundedBackgroundWriter() async throws {
         let gate = DispatchSemaphore(value: 0)
         let written = Mutex<[String]>([])
-        let writer = BackgroundWriter(logger: Logger(label: "test"), limit: 3) { line in
-            if line == "0" { gate.wait() }  // the disk stalls on the first line
-            written.withLock { $0.append(line) }
+        let writer = BackgroundWriter<String>(label: "test", limit: 3) { lines in
+            if lines.contains("0") { gate.wait() }  // the disk stalls on the first line
+            written.withLock { $0 += lines }
         }
         // The caller never waits on the stalled sink: ten submits return at once.
         for i in 0..<10 { writer.submit(String(i)) }
@@ -26,5 +26,30 @@ struct AccessLogTests {
         writer.submit("later")
         writer.flush()
         #expect(written.withLock { $0.last } == "later" && writer.droppedLines == 7)
+    }
+
+    @Test("lines that came while the sink was busy reach it in one call; a gap line stands where lines were dropped")
+    func batchesAndGapLines() async throws {
+        let gate = DispatchSemaphore(value: 0)
+        let entered = DispatchSemaphore(value: 0)
+        let calls = Mutex<[[String]]>([])
+        let writer = BackgroundWriter<String>(label: "test", limit: 4, gapLine: { "dropped \($0)" }) { lines in
+            if lines.contains("a") {
+                entered.signal()
+                gate.wait()
+            }
+            calls.withLock { $0.append(lines) }
+        }
+        writer.submit("a")
+        entered.wait()
+        // "a" is in the sink (stalled); three more wait, then the limit drops two.
+        for line in ["b", "c", "d", "e", "f"] { writer.submit(line) }
+        #expect(writer.droppedLines == 2)
+        gate.signal()
+        writer.flush()
+        writer.submit("g")
+        writer.flush()
+        // One call for the three that waited; the gap line after them, before what came later.
+        #expect(calls.withLock { $0 } == [["a"], ["b", "c", "d"], ["dropped 2"], ["g"]])
     }
 }

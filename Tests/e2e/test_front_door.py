@@ -1230,6 +1230,83 @@ def edges_found_by_attacking_the_limits():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@test
+def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
+    """The server's standard error is a pipe nobody reads (a stalled log collector): once its
+    64 KiB are full, a log line written from the event loop would stop the server there. Every
+    request must still be answered; the lines past the backlog (CHANNELS_LOG_BACKLOG=2000 here)
+    are dropped and counted in a line of their own once the pipe is read again, so the access
+    lines seen plus the count dropped are exactly the requests made."""
+    requests, threads = 6000, 4
+    port = free_port()
+    readable, writable = os.pipe()
+    proc = subprocess.Popen([CHAT, "runserver", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=writable,
+                            env=dict(os.environ, CHANNELS_LOG_BACKLOG="2000"))
+    os.close(writable)
+    try:
+        def answers():
+            try:
+                return http_get(port, "/hello/", timeout=2)[0] == 200
+            except OSError:
+                return False
+        until(answers, "the server answers", timeout=60)
+        failures, slowest = [], [0.0]
+
+        def client(count):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                for _ in range(count):
+                    started = time.perf_counter()
+                    conn.request("GET", "/hello/", headers={"Host": "localhost"})
+                    resp = conn.getresponse()
+                    resp.read()
+                    slowest[0] = max(slowest[0], time.perf_counter() - started)
+                    if resp.status != 200:
+                        failures.append(resp.status)
+            except Exception as error:  # noqa: BLE001 (a hung or refused request is the failure)
+                failures.append("%s: %s" % (type(error).__name__, error))
+            finally:
+                conn.close()
+        workers = [threading.Thread(target=client, args=(requests // threads,), daemon=True) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+        assert not any(w.is_alive() for w in workers), "requests hung behind a full standard error"
+        print("  %d requests with standard error unread: slowest %.0f ms, %d failures"
+              % (requests, 1e3 * slowest[0], len(failures)), flush=True)
+        assert not failures, failures[:5]
+        # Now read the pipe: what waited comes out, then the count of what did not fit.
+        os.set_blocking(readable, False)
+        text, seen, dropped = b"", 0, 0
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                chunk = os.read(readable, 1 << 16)
+            except BlockingIOError:
+                chunk = None
+                time.sleep(0.05)
+            if chunk:
+                text += chunk
+            lines = text.decode(errors="replace").splitlines()
+            seen = sum(1 for line in lines if "component=access" in line and "path=/hello/" in line)
+            dropped = sum(int(line.split("dropped=")[1].split()[0]) for line in lines if "log lines dropped" in line)
+            if seen + dropped >= requests + 1 and chunk is None:
+                break
+        # `answers` made at least one request before the flood whose line may count as well.
+        print("  access lines seen %d, dropped and counted %d" % (seen, dropped), flush=True)
+        assert dropped > 0, "the backlog of 2000 should have overflowed"
+        assert requests <= seen + dropped <= requests + 60, (seen, dropped)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        os.close(readable)
+
+
 for _prefix in PREFIXES:
     for _key in R.scan_iter(match=_prefix + "*", count=1000):
         R.delete(_key)
