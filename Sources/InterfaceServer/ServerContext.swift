@@ -21,6 +21,7 @@ final class ServerContext: Sendable {
     let logger: Logger
     let accessLog: AccessLog?
     private let openSockets = Mutex<[ObjectIdentifier: @Sendable (UInt16) -> Void]>([:])
+    private let pingWheels = Mutex<[ObjectIdentifier: PingWheel<WebSocketSession>]>([:])
     let shuttingDown = Atomic<Bool>(false)
     /// The hosts requests may name and the origins WebSockets may come from.
     let allowedHosts: AllowedHosts
@@ -91,6 +92,19 @@ final class ServerContext: Sendable {
     func trackSocket(_ id: ObjectIdentifier, closer: @escaping @Sendable (UInt16) -> Void) {
         openSockets.withLock { $0[id] = closer }
         ServerMetrics.websocketsOpen.increment()
+    }
+
+    /// Each event loop's ping wheel (made the first time a socket of that loop needs it); nil
+    /// without pings (`pingInterval` nil).
+    func pingWheel(on loop: any EventLoop) -> PingWheel<WebSocketSession>? {
+        guard let interval = configuration.pingInterval else { return nil }
+        return pingWheels.withLock { wheels in
+            let key = ObjectIdentifier(loop)
+            if let wheel = wheels[key] { return wheel }
+            let wheel = PingWheel<WebSocketSession>(loop: loop, interval: interval)
+            wheels[key] = wheel
+            return wheel
+        }
     }
 
     func untrackSocket(_ id: ObjectIdentifier) {

@@ -97,7 +97,8 @@ extension WebSocketSession {
         pacingTimer?.cancel()
         pacingTimer = nil
         while let next = paced.popFirst() { sender.send(next, to: ASGIChannel.websocketReceive) }
-        pingTask?.cancel()
+        pingWheel?.remove(self)
+        pingWheel = nil
         lifetime?.cancel()
         server.untrackSocket(ObjectIdentifier(self))
         server.router.unregister(replyChannel)

@@ -11,7 +11,7 @@ import NIOWebSocket
 ///
 /// What happens is decided by a ``WebSocketConnectionStateMachine``; this class does it (timers,
 /// writes, the layer, the access log).
-final class WebSocketSession: ReplyReceiver {
+final class WebSocketSession: ReplyReceiver, PingedSocket {
     let server: ServerContext
     let replyChannel: String
     let path: String
@@ -26,7 +26,10 @@ final class WebSocketSession: ReplyReceiver {
     var closeFrameSent: Bool { machine.closeFrameSent }
     private var connectTimeout: Scheduled<Void>?
     var lifetime: Scheduled<Void>?
-    var pingTask: RepeatedTask?
+    /// Where this socket sits on its event loop's ``PingWheel`` (bucket, index), while it does.
+    var pingPlace: (bucket: Int, index: Int)?
+    /// That wheel, while the socket is on it.
+    var pingWheel: PingWheel<WebSocketSession>?
     /// This socket's messages to the layer, in order, held and retried when the layer is full or down.
     let sender: LayerSender
     /// Closed as a client that does not read (once).
@@ -243,17 +246,15 @@ final class WebSocketSession: ReplyReceiver {
                 bound.value.close(code: 1000)
             }
         }
-        if let interval = server.configuration.pingInterval {
-            pingTask = context.eventLoop.scheduleRepeatedTask(initialDelay: TimeAmount(interval), delay: TimeAmount(interval)) { _ in
-                bound.value.ping()
-            }
-        }
+        pingWheel = server.pingWheel(on: context.eventLoop)
+        pingWheel?.add(self)
         let queued = pending
         pending = []
         for reply in queued { receiveReply(reply) }
     }
 
-    private func ping() {
+    /// Called by the loop's ``PingWheel`` about once per ping interval.
+    func ping() {
         guard let context else { return }
         if !senderReading {
             // Reading is paused while frames are held for the layer (Redis slow or gone, up to
