@@ -195,7 +195,7 @@ public final class InterfaceServer: Service, Sendable {
     }
 
     /// Task groups the connections' tasks are spread over (see ``run()``).
-    static let connectionLanes = 64
+    static let connectionLanes = 256
 
     /// One connection's task: runs its senders' loops until the connection has closed and
     /// they sent what they held; cancelled, closes the connection and stops them.
