@@ -1,3 +1,4 @@
+import CoreMetrics
 import Foundation
 import InterfaceServer
 import Logging
@@ -25,14 +26,17 @@ struct LogRecord: Sendable {
 /// loop that logs (an access line per WebSocket event, by default) neither formats the line nor
 /// waits for the write, and a standard error that stops taking lines (a pipe nobody reads, a
 /// stalled log collector) costs dropped lines, counted in a line of their own, not a stalled
-/// server. Lines that come together leave in one write. `critical` lines are waited for.
+/// server (`channels_log_lines_dropped_total` counts them too). Lines that come together leave
+/// in one write. `critical` lines are waited for.
 /// `CHANNELS_LOG_BACKLOG` sets how many lines may wait (default 50,000).
 enum LogOutput {
     static let standardError = BackgroundWriter<LogRecord>(
         label: "channels.log",
         limit: ProcessInfo.processInfo.environment["CHANNELS_LOG_BACKLOG"].flatMap(Int.init).map { max(1, $0) } ?? 50_000,
         gapLine: { dropped in
-            LogRecord(
+            // Made here, not once: a counter made before the metrics backend is set counts nowhere.
+            Counter(label: "channels_log_lines_dropped_total").increment(by: dropped)
+            return LogRecord(
                 format: LogSetup.format, time: Date(), level: .warning, label: "channels.log",
                 metadata: ["dropped": "\(dropped)"], source: "ChannelsCommand",
                 message: "log lines dropped: standard error did not take them in time")

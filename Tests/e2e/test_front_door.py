@@ -1238,9 +1238,10 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
     are dropped and counted in a line of their own once the pipe is read again, so the access
     lines seen plus the count dropped are exactly the requests made."""
     requests, threads = 6000, 4
-    port = free_port()
+    port, mport = free_port(), free_port()
     readable, writable = os.pipe()
-    proc = subprocess.Popen([CHAT, "runserver", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=writable,
+    proc = subprocess.Popen([CHAT, "runserver", "--port", str(port), "--metrics-port", str(mport)],
+                            stdout=subprocess.DEVNULL, stderr=writable,
                             env=dict(os.environ, CHANNELS_LOG_BACKLOG="2000"))
     os.close(writable)
     try:
@@ -1297,6 +1298,7 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
         print("  access lines seen %d, dropped and counted %d" % (seen, dropped), flush=True)
         assert dropped > 0, "the backlog of 2000 should have overflowed"
         assert requests <= seen + dropped <= requests + 60, (seen, dropped)
+        assert metric(mport, "channels_log_lines_dropped_total") == dropped, metric(mport, "channels_log_lines_dropped_total")
         assert proc.poll() is None
     finally:
         proc.terminate()
