@@ -45,8 +45,8 @@ enum LogOutput {
             var text = ""
             for record in records {
                 switch record.format {
-                case .text: TextLogHandler.format(record, into: &text)
-                case .json: JSONLogHandler.format(record, into: &text)
+                case .text: TextLogLine.format(record, into: &text)
+                case .json: JSONLogLine.format(record, into: &text)
                 }
             }
             StandardStream.write(text, to: 2)
@@ -56,25 +56,18 @@ enum LogOutput {
     static func flush() { standardError.flush(timeout: .seconds(2)) }
 }
 
-/// The metadata a record carries: the handler's, the event's over it, and the error's.
-private func merged(_ base: Logger.Metadata, _ event: LogEvent) -> Logger.Metadata {
-    var metadata = base
-    if let explicit = event.metadata, !explicit.isEmpty { metadata.merge(explicit) { $1 } }
-    if let error = event.error {
-        metadata["error.message"] = "\(error)"
-        metadata["error.type"] = "\(String(reflecting: type(of: error)))"
-    }
-    return metadata
-}
-
-/// swift-log's `StreamLogHandler` line (`2026-12-06T12:29:46+0000 info channels.server: k=v
-/// [Source] message`), through ``LogOutput``: the default `--log-format text`.
-struct TextLogHandler: LogHandler {
+/// The commands' log handler: each event becomes a ``LogRecord`` for ``LogOutput``, made into a
+/// line there, in the process's format (``LogSetup``).
+struct LineLogHandler: LogHandler {
     let label: String
+    let format: LogRecord.Format
     var logLevel: Logger.Level = .info
     var metadata: Logger.Metadata = [:]
 
-    init(label: String) { self.label = label }
+    init(label: String, format: LogRecord.Format) {
+        self.label = label
+        self.format = format
+    }
 
     subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
@@ -82,13 +75,29 @@ struct TextLogHandler: LogHandler {
     }
 
     func log(event: LogEvent) {
+        // The handler's metadata, the event's over it, and the error's (as each format names it).
+        var metadata = self.metadata
+        if let explicit = event.metadata, !explicit.isEmpty { metadata.merge(explicit) { $1 } }
+        if let error = event.error {
+            switch format {
+            case .text:
+                metadata["error.message"] = "\(error)"
+                metadata["error.type"] = "\(String(reflecting: type(of: error)))"
+            case .json:
+                metadata["error"] = "\(error)"
+            }
+        }
         LogOutput.standardError.submit(
             LogRecord(
-                format: .text, time: Date(), level: event.level, label: label, metadata: merged(metadata, event),
-                source: event.source, message: event.message))
+                format: format, time: Date(), level: event.level, label: label, metadata: metadata, source: event.source,
+                message: event.message))
         if event.level == .critical { LogOutput.flush() }
     }
+}
 
+/// swift-log's `StreamLogHandler` line (`2026-12-06T12:29:46+0000 info channels.server: k=v
+/// [Source] message`): the default `--log-format text`.
+enum TextLogLine {
     /// Only on the writer's queue: the local time of the second last formatted.
     nonisolated(unsafe) private static var lastSecond: (second: Int, text: String)?
 
@@ -118,32 +127,9 @@ struct TextLogHandler: LogHandler {
     }
 }
 
-/// One JSON object per line on standard error: `ts`, `level`, `logger`, `msg`, then the
-/// metadata keys. For log shippers (`--log-format json` or `LOG_FORMAT=json`). Through
-/// ``LogOutput``, like the text lines.
-struct JSONLogHandler: LogHandler {
-    let label: String
-    var logLevel: Logger.Level = .info
-    var metadata: Logger.Metadata = [:]
-
-    init(label: String) { self.label = label }
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        var metadata = self.metadata
-        if let explicit = event.metadata, !explicit.isEmpty { metadata.merge(explicit) { $1 } }
-        if let error = event.error { metadata["error"] = "\(error)" }
-        LogOutput.standardError.submit(
-            LogRecord(
-                format: .json, time: Date(), level: event.level, label: label, metadata: metadata, source: event.source,
-                message: event.message))
-        if event.level == .critical { LogOutput.flush() }
-    }
-
+/// One JSON object per line: `ts`, `level`, `logger`, `msg`, then the metadata keys. For log
+/// shippers (`--log-format json` or `LOG_FORMAT=json`).
+enum JSONLogLine {
     static func format(_ record: LogRecord, into text: inout String) {
         var object: [String: Any] = [
             "ts": ISO8601DateFormatter.string(
@@ -179,9 +165,9 @@ enum LogSetup {
         guard first else { return }
         if format == "json" {
             Self.format = .json
-            LoggingSystem.bootstrap { JSONLogHandler(label: $0) }
+            LoggingSystem.bootstrap { LineLogHandler(label: $0, format: .json) }
         } else {
-            LoggingSystem.bootstrap { TextLogHandler(label: $0) }
+            LoggingSystem.bootstrap { LineLogHandler(label: $0, format: .text) }
         }
         // What is still queued when the process exits is written first (bounded).
         atexit { LogOutput.flush() }
