@@ -26,21 +26,23 @@ struct LogRecord: Sendable {
 /// loop that logs (an access line per WebSocket event, by default) neither formats the line nor
 /// waits for the write, and a standard error that stops taking lines (a pipe nobody reads, a
 /// stalled log collector) costs dropped lines, counted in a line of their own, not a stalled
-/// server (`channels_log_lines_dropped_total` counts them too). Lines that come together leave
-/// in one write. `critical` lines are waited for.
+/// server (`channels_log_lines_dropped_total` counts them too, as they are dropped, and lines a
+/// closed standard error refused). Lines that come together leave in one write; `error` and
+/// `critical` lines at once, and `critical` ones are waited for (not again once a wait ran out).
 /// `CHANNELS_LOG_BACKLOG` sets how many lines may wait (default 50,000).
 enum LogOutput {
     static let standardError = BackgroundWriter<LogRecord>(
         label: "channels.log",
         limit: ProcessInfo.processInfo.environment["CHANNELS_LOG_BACKLOG"].flatMap(Int.init).map { max(1, $0) } ?? 50_000,
         gapLine: { dropped in
-            // Made here, not once: a counter made before the metrics backend is set counts nowhere.
-            Counter(label: "channels_log_lines_dropped_total").increment(by: dropped)
-            return LogRecord(
+            LogRecord(
                 format: LogSetup.format, time: Date(), level: .warning, label: "channels.log",
                 metadata: ["dropped": "\(dropped)"], source: "ChannelsCommand",
                 message: "log lines dropped: standard error did not take them in time")
         },
+        // Counted as it happens, not when the gap line goes out: the count moves while standard
+        // error is stuck, which is when it is looked at.
+        onDrop: { countDropped(1) },
         sink: { records in
             var text = ""
             for record in records {
@@ -49,11 +51,45 @@ enum LogOutput {
                 case .json: JSONLogLine.format(record, into: &text)
                 }
             }
-            StandardStream.write(text, to: 2)
+            if StandardStream.write(text, to: 2) {
+                stalled.store(false, ordering: .relaxed)
+            } else {
+                countDropped(records.count)  // standard error is closed: lost, and counted
+            }
         })
 
+    /// A flush ran out of time (standard error stuck) and nothing was written since: a
+    /// `critical` line does not wait again.
+    private static let stalled = Atomic<Bool>(false)
+
+    /// `channels_log_lines_dropped_total`: made again by ``registerMetrics()`` once the metrics
+    /// backend is set (a counter made before counts nowhere), so it reads 0 from the start.
+    private static let droppedCounter = Mutex<Counter?>(nil)
+
+    static func registerMetrics() {
+        droppedCounter.withLock { $0 = Counter(label: "channels_log_lines_dropped_total") }
+    }
+
+    private static func countDropped(_ lines: Int) {
+        let counter = droppedCounter.withLock { counter -> Counter in
+            if let counter { return counter }
+            let made = Counter(label: "channels_log_lines_dropped_total")
+            counter = made
+            return made
+        }
+        counter.increment(by: lines)
+    }
+
     /// Waits (up to 2 s: the output may be a pipe nobody reads) for the lines logged so far.
-    static func flush() { standardError.flush(timeout: .seconds(2)) }
+    static func flush() {
+        if !standardError.flush(timeout: .seconds(2)) { stalled.store(true, ordering: .relaxed) }
+    }
+
+    /// ``flush()`` for a `critical` line, unless the last flush found standard error stuck.
+    static func flushForCritical() {
+        guard !stalled.load(ordering: .relaxed) else { return }
+        flush()
+    }
 }
 
 /// The commands' log handler: each event becomes a ``LogRecord`` for ``LogOutput``, made into a
@@ -90,8 +126,9 @@ struct LineLogHandler: LogHandler {
         LogOutput.standardError.submit(
             LogRecord(
                 format: format, time: Date(), level: event.level, label: label, metadata: metadata, source: event.source,
-                message: event.message))
-        if event.level == .critical { LogOutput.flush() }
+                message: event.message),
+            urgent: event.level >= .error)
+        if event.level == .critical { LogOutput.flushForCritical() }
     }
 }
 

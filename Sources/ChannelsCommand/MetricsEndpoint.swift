@@ -27,6 +27,7 @@ struct MetricsOptions: ParsableArguments {
         ]
         let tallies = MetricTallies()
         MetricsSystem.bootstrap(TallyingMetricsFactory(factory: factory, tallies: tallies))
+        LogOutput.registerMetrics()
         let endpoint = try await MetricsEndpoint.start(registry: registry, tallies: tallies, host: metricsBind, port: metricsPort)
         logger.info("metrics listening", metadata: ["address": "\(metricsBind):\(endpoint.port)"])
         say("metrics: http://\(metricsBind):\(endpoint.port)/metrics (/healthz, /readyz)")

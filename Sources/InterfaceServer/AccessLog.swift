@@ -55,8 +55,9 @@ final class AccessLog: Sendable {
         return true
     }
 
-    /// Waits until every line given so far is written (at shutdown).
-    func flush() { writer?.flush() }
+    /// Waits until every line given so far is written (at shutdown), at most 2 s: the output
+    /// may be a pipe nobody reads. The wait is not on the caller's thread.
+    func flush() async { await writer?.flushed(within: .seconds(2)) }
 
     func http(client: String, method: String, path: String, status: Int, size: Int, seconds: Double) {
         // A session key or token in a query string is a credential: the log gets `***`.

@@ -22,6 +22,7 @@ package final class BackgroundWriter<Line: Sendable>: Sendable {
     private let limit: Int
     private let gapLine: (@Sendable (_ dropped: Int) -> Line)?
     private let report: (@Sendable (_ droppedTotal: Int) -> Void)?
+    private let onDrop: (@Sendable () -> Void)?
     private let dropped = Atomic<Int>(0)
     private let lastReport = Mutex<ContinuousClock.Instant?>(nil)
 
@@ -40,22 +41,29 @@ package final class BackgroundWriter<Line: Sendable>: Sendable {
 
     package init(
         label: String, limit: Int = 10_000, gapLine: (@Sendable (_ dropped: Int) -> Line)? = nil,
-        report: (@Sendable (_ droppedTotal: Int) -> Void)? = nil, sink: @escaping @Sendable ([Line]) -> Void
+        report: (@Sendable (_ droppedTotal: Int) -> Void)? = nil, onDrop: (@Sendable () -> Void)? = nil,
+        sink: @escaping @Sendable ([Line]) -> Void
     ) {
         self.queue = DispatchQueue(label: label)
         self.limit = limit
         self.gapLine = gapLine
         self.report = report
+        self.onDrop = onDrop
         self.sink = sink
     }
 
     /// Lines dropped because the writer fell `limit` lines behind.
     package var droppedLines: Int { dropped.load(ordering: .relaxed) }
 
-    /// Queues `line`; never waits.
-    package func submit(_ line: Line) {
+    /// Queues `line`; never waits. An `urgent` line (an error) is written at once, not after
+    /// the gathering pause: a crash right after it does not take it along.
+    package func submit(_ line: Line, urgent: Bool = false) {
+        // A drop is counted under the lock: a drain that ends in between sees it.
         let outcome = backlog.withLock { backlog -> Outcome in
-            guard backlog.lines.count + backlog.writing < limit else { return .full }
+            guard backlog.lines.count + backlog.writing < limit else {
+                dropped.add(1, ordering: .relaxed)
+                return .full
+            }
             backlog.lines.append(line)
             if backlog.draining { return .queued }
             backlog.draining = true
@@ -63,14 +71,20 @@ package final class BackgroundWriter<Line: Sendable>: Sendable {
         }
         switch outcome {
         case .queued:
-            return
+            if urgent { queue.async { self.drain() } }
         case .wake:
-            // Lines that come in the next few milliseconds go in the same write: one wake-up
-            // of the writer per gathering, not one per line (which cost more than the line).
-            queue.asyncAfter(deadline: .now() + .milliseconds(Self.gathering)) { self.drain() }
+            if urgent {
+                queue.async { self.drain() }
+            } else {
+                // Lines that come in the next few milliseconds go in the same write: one
+                // wake-up of the writer per gathering, not one per line (which cost more than
+                // the line).
+                queue.asyncAfter(deadline: .now() + .milliseconds(Self.gathering)) { self.drain() }
+            }
         case .full:
-            let total = dropped.add(1, ordering: .relaxed).newValue
+            onDrop?()
             guard let report else { return }
+            let total = dropped.load(ordering: .relaxed)
             let now = ContinuousClock.now
             let due = lastReport.withLock { last -> Bool in
                 guard last.map({ now - $0 >= .seconds(60) }) ?? true else { return false }
@@ -124,16 +138,27 @@ package final class BackgroundWriter<Line: Sendable>: Sendable {
         let nanoseconds = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
         return done.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .success
     }
+
+    /// ``flush(timeout:)`` from async code: the wait blocks a thread of Dispatch's, never the
+    /// caller's (an event loop).
+    @discardableResult
+    package func flushed(within timeout: Duration) async -> Bool {
+        await withCheckedContinuation { continuation in
+            DispatchQueue.global().async { continuation.resume(returning: self.flush(timeout: timeout)) }
+        }
+    }
 }
 
 /// Whole writes to a file descriptor (standard output or error) from a writer's queue.
 package enum StandardStream {
     /// Writes all of `text` to `fd`: again after a signal, after waiting for room when the
-    /// descriptor is non-blocking and full; stops at any other error (nothing to tell it to).
-    package static func write(_ text: String, to fd: Int32) {
+    /// descriptor is non-blocking and full; stops at any other error (a closed pipe). Whether
+    /// all of it was written.
+    @discardableResult
+    package static func write(_ text: String, to fd: Int32) -> Bool {
         var text = text
-        text.withUTF8 { bytes in
-            guard var next = bytes.baseAddress else { return }
+        return text.withUTF8 { bytes -> Bool in
+            guard var next = bytes.baseAddress else { return true }
             var left = bytes.count
             while left > 0 {
                 let written = systemWrite(fd, next, left)
@@ -146,9 +171,10 @@ package enum StandardStream {
                     var room = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
                     _ = poll(&room, 1, 1000)
                 } else {
-                    return
+                    return false
                 }
             }
+            return true
         }
     }
 

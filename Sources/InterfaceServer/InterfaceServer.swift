@@ -190,7 +190,7 @@ public final class InterfaceServer: Service, Sendable {
             // What is left (connections, the reply reader) ends now.
             group.cancelAll()
         }
-        context.accessLog?.flush()
+        await context.accessLog?.flush()
         context.logger.info("interface server stopped")
     }
 

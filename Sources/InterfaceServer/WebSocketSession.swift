@@ -237,6 +237,13 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         frameAllocator = context.channel.allocator
         boundUnwrittenBytes(context.channel)
         machine.attached()
+        guard case .open(attached: true) = machine.state else {
+            // Closed between the accept and the upgrade's end (the layer gave up on its sender,
+            // the client left): the application already has its disconnect. Nothing to track,
+            // to ping or to keep open.
+            context.channel.close(promise: nil)
+            return
+        }
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         server.trackSocket(ObjectIdentifier(self)) { code in
             bound.eventLoop.execute { bound.value.close(code: code) }

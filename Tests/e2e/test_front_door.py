@@ -1251,6 +1251,7 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
             except OSError:
                 return False
         until(answers, "the server answers", timeout=60)
+        assert metric(mport, "channels_log_lines_dropped_total") == 0, "the count is there from the start"
         failures, slowest = [], [0.0]
 
         def client(count):
@@ -1277,6 +1278,10 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
         print("  %d requests with standard error unread: slowest %.0f ms, %d failures"
               % (requests, 1e3 * slowest[0], len(failures)), flush=True)
         assert not failures, failures[:5]
+        # Counted as they are dropped: the count moves while standard error is still stuck.
+        stuck_count = metric(mport, "channels_log_lines_dropped_total")
+        print("  dropped while standard error is stuck: %s" % stuck_count, flush=True)
+        assert stuck_count and stuck_count > 0, stuck_count
         # Now read the pipe: what waited comes out, then the count of what did not fit.
         os.set_blocking(readable, False)
         text, seen, dropped = b"", 0, 0
@@ -1306,6 +1311,45 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        os.close(readable)
+
+
+@test
+def an_access_log_to_a_standard_output_nobody_reads_does_not_hold_the_shutdown():
+    """`--access-log -` with standard output a pipe nobody reads: the access lines wait, the
+    requests are answered, and SIGTERM still ends the process in bounded time (its last flush
+    gives up after 2 s). The build before this change served the requests but never exited."""
+    port = free_port()
+    readable, writable = os.pipe()
+    proc = subprocess.Popen([CHAT, "runserver", "--port", str(port), "--access-log", "-"],
+                            stdout=writable, stderr=subprocess.DEVNULL)
+    os.close(writable)
+    try:
+        def answers():
+            try:
+                return http_get(port, "/hello/", timeout=2)[0] == 200
+            except OSError:
+                return False
+        until(answers, "the server answers", timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(2000):  # about 90 KB of access lines: past the pipe's 64 KiB
+            conn.request("GET", "/hello/", headers={"Host": "localhost"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200, resp.status
+        conn.close()
+        started = time.time()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("SIGTERM did not end the server within 20 s: its shutdown waits on the unread access log")
+        print("  exited %d, %.1f s after SIGTERM" % (code, time.time() - started), flush=True)
+        assert code == 0, code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         os.close(readable)
 
 
