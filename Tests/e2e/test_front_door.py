@@ -1230,6 +1230,14 @@ def edges_found_by_attacking_the_limits():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def answers_hello(port):
+    """Whether GET /hello/ answers 200 now (a server started without the Proc helper)."""
+    try:
+        return http_get(port, "/hello/", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
 @test
 def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
     """The server's standard error is a pipe nobody reads (a stalled log collector): once its
@@ -1245,12 +1253,7 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
                             env=dict(os.environ, CHANNELS_LOG_BACKLOG="2000"))
     os.close(writable)
     try:
-        def answers():
-            try:
-                return http_get(port, "/hello/", timeout=2)[0] == 200
-            except OSError:
-                return False
-        until(answers, "the server answers", timeout=60)
+        until(lambda: answers_hello(port), "the server answers", timeout=60)
         assert metric(mport, "channels_log_lines_dropped_total") == 0, "the count is there from the start"
         failures, slowest = [], [0.0]
 
@@ -1299,7 +1302,7 @@ def a_standard_error_nobody_reads_costs_log_lines_not_the_server():
             dropped = sum(int(line.split("dropped=")[1].split()[0]) for line in lines if "log lines dropped" in line)
             if seen + dropped >= requests + 1 and chunk is None:
                 break
-        # `answers` made at least one request before the flood whose line may count as well.
+        # `answers_hello` made at least one request before the flood whose line may count as well.
         print("  access lines seen %d, dropped and counted %d" % (seen, dropped), flush=True)
         assert dropped > 0, "the backlog of 2000 should have overflowed"
         assert requests <= seen + dropped <= requests + 60, (seen, dropped)
@@ -1325,12 +1328,7 @@ def an_access_log_to_a_standard_output_nobody_reads_does_not_hold_the_shutdown()
                             stdout=writable, stderr=subprocess.DEVNULL)
     os.close(writable)
     try:
-        def answers():
-            try:
-                return http_get(port, "/hello/", timeout=2)[0] == 200
-            except OSError:
-                return False
-        until(answers, "the server answers", timeout=60)
+        until(lambda: answers_hello(port), "the server answers", timeout=60)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         for _ in range(2000):  # about 90 KB of access lines: past the pipe's 64 KiB
             conn.request("GET", "/hello/", headers={"Host": "localhost"})
