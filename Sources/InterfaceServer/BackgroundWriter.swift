@@ -78,8 +78,13 @@ package final class BackgroundWriter<Line: Sendable>: Sendable {
             } else {
                 // Lines that come in the next few milliseconds go in the same write: one
                 // wake-up of the writer per gathering, not one per line (which cost more than
-                // the line).
-                queue.asyncAfter(deadline: .now() + .milliseconds(Self.gathering)) { self.drain() }
+                // the line). A relative pause on the writer's own thread, not a Dispatch timer:
+                // those take an absolute deadline, which a process whose clock is shifted
+                // (`faketime`, 30 s ahead) set 30 s into the real future.
+                queue.async {
+                    Self.gather()
+                    self.drain()
+                }
             }
         case .full:
             onDrop?()
@@ -120,8 +125,12 @@ package final class BackgroundWriter<Line: Sendable>: Sendable {
         }
     }
 
-    /// How long the first line of a quiet spell waits for others to go out with it, in ms.
-    static var gathering: Int { 5 }
+    /// The first line of a quiet spell waits this long (5 ms) for others to go out with it.
+    private static func gather() {
+        var pause = timespec(tv_sec: 0, tv_nsec: 5_000_000)
+        var left = timespec()
+        while nanosleep(&pause, &left) != 0 && errno == EINTR { pause = left }
+    }
 
     /// Waits until every line given so far is written (at shutdown).
     package func flush() { queue.sync { drain() } }
