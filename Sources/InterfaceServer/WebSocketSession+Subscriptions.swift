@@ -10,6 +10,8 @@ struct SessionSubscriptions {
     var sequencer = PublicationSequencer()
     var retention: [String: HistoryRetention] = [:]
     var gapTimers: [String: Scheduled<Void>] = [:]
+    /// History reads for a group's gap that failed in a row (the layer busy or away).
+    var gapReadFailures: [String: Int] = [:]
     /// Each followed group's next tail check, and where its publications stood at the last
     /// one (``PublicationSequencer/progress(_:)``: moved since means not quiet yet).
     var tailTimers: [String: Scheduled<Void>] = [:]
@@ -246,6 +248,23 @@ extension WebSocketSession {
         PublicationText.make(data: entry["data"]?.stringValue ?? "{}", position: position)
     }
 
+    /// History reads a gap gets before what it misses is skipped (one per gap timeout, 500 ms).
+    static let gapReadAttempts = 5
+
+    /// A read that failed is not a history without the entries: the gap timer is armed again
+    /// (true), a few times, before what is missing is skipped (false, logged).
+    private func readGapAgain(_ group: String) -> Bool {
+        let failures = subscriptions.gapReadFailures[group, default: 0] + 1
+        subscriptions.gapReadFailures[group] = failures
+        if failures < Self.gapReadAttempts {
+            armGapTimer(group)
+            return true
+        }
+        server.logger.warning(
+            "the history read for a gap kept failing (the layer busy or away)", metadata: ["group": "\(group)", "attempts": "\(failures)"])
+        return false
+    }
+
     private func armGapTimer(_ group: String) {
         guard subscriptions.gapTimers[group] == nil else { return }
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
@@ -256,14 +275,21 @@ extension WebSocketSession {
 
     private func fillGap(_ group: String) {
         subscriptions.gapTimers[group] = nil
-        guard let start = subscriptions.sequencer.gapStart(group), let history = server.layer as? any ChannelLayerHistory else { return }
+        guard let start = subscriptions.sequencer.gapStart(group), let history = server.layer as? any ChannelLayerHistory else {
+            subscriptions.gapReadFailures[group] = nil  // the gap filled itself meanwhile
+            return
+        }
         let retention = subscriptions.retention[group] ?? HistoryRetention(size: 1000, ttl: .seconds(300))
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
         let loop = channel.eventLoop
         Task {
-            let found = (try? await history.historyRead(group, after: start, retention: retention))?.entries ?? []
+            // nil: the read failed (not a history without the entries).
+            let read = (try? await history.historyRead(group, after: start, retention: retention))?.entries
             loop.execute {
                 let session = bound.value
+                if read == nil, session.readGapAgain(group) { return }
+                session.subscriptions.gapReadFailures[group] = nil
+                let found = read ?? []
                 let messages = found.map { entry -> Message in
                     [
                         "text": .string(
