@@ -46,6 +46,10 @@ struct RunServer: ApplicationSubcommand {
     var tlsCert: String?
     @Option(name: .long, help: "TLS private key (PEM) for --tls-cert.") var tlsKey: String?
     @Flag(name: .long, help: "Do not offer HTTP/2 over TLS (HTTP/1.1 only).") var noHttp2 = false
+    @Flag(
+        name: .long,
+        help: "Write group messages' frames through each socket's channel only, never with the server's own send(2).")
+    var noDirectWrites = false
     @Option(name: .long, help: "Concurrent HTTP/2 streams per connection.") var http2MaxStreams = 100
     @Option(
         name: .long, help: "Frames a second one WebSocket may send (bursts of a tenth of it); past it reading from it pauses. 0: no limit.")
@@ -191,6 +195,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.tlsCertificatePath = tlsCert
         configuration.tlsKeyPath = tlsKey
         configuration.http2 = !noHttp2
+        configuration.directWrites = !noDirectWrites
         configuration.http2MaxConcurrentStreams = http2MaxStreams
         configuration.maxFramesPerSecond = maxFramesPerSecond
         return configuration

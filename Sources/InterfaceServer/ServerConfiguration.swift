@@ -66,6 +66,10 @@ public struct ServerConfiguration: Sendable {
     /// How often this server checks that the sockets following a group are in its member set,
     /// and adds back those missing (an eviction under `maxmemory`; `.zero`: never).
     public var groupCheckInterval: Duration = .seconds(10)
+    /// A group message's frames go to a plain TCP socket with one system call of the server's
+    /// own when the channel has nothing unwritten (``DirectSocket``); false: always through the
+    /// channel (`runserver --no-direct-writes`).
+    public var directWrites = true
     /// Largest request body; past it the answer is 413.
     public var maxBodySize: Int
     /// Bodies larger than this are sent in chunks of this size on a `body_channel`, as they

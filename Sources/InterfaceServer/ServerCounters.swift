@@ -56,6 +56,11 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var httpAborted = 0
     /// HTTP requests in flight closed because the layer lost its data (their replies with it).
     public var httpStoreLost = 0
+    /// Group messages' frames sent to a socket with the server's own system call (one per
+    /// socket per hand-over; see `ServerConfiguration.directWrites`).
+    public var directSends = 0
+    /// Of those, the ones the kernel did not take whole: the rest went through the channel.
+    public var directRemainders = 0
 
     /// All counters at zero.
     public init() {}
@@ -72,6 +77,9 @@ final class ServerCounters: Sendable {
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
+    /// Direct sends (``ServerStatistics/directSends``): counted on the delivery path, so atomics.
+    let directSends = Atomic<Int>(0)
+    let directRemainders = Atomic<Int>(0)
 
     func count(_ counter: Counter, by amount: Int = 1) {
         guard amount > 0 else { return }
@@ -106,6 +114,8 @@ final class ServerCounters: Sendable {
         stats.framesPaced = self[.framesPaced]
         stats.httpAborted = self[.httpAborted]
         stats.httpStoreLost = self[.httpStoreLost]
+        stats.directSends = directSends.load(ordering: .relaxed)
+        stats.directRemainders = directRemainders.load(ordering: .relaxed)
         stats.unroutableReplies = unroutable
         return stats
     }

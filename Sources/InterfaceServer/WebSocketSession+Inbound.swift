@@ -66,6 +66,7 @@ extension WebSocketSession {
         // channelInactive must not report 1006 first.
         sendDisconnect(code: Int64(code), order: disconnectOrder)
         if let context {
+            sendHeldFrames()
             var data = context.channel.allocator.buffer(capacity: 2)
             data.writeInteger(code)
             let frame = WebSocketFrame(fin: true, opcode: .connectionClose, data: data)

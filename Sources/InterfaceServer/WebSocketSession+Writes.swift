@@ -3,6 +3,7 @@ import CoreMetrics
 import Logging
 import NIOCore
 import NIOWebSocket
+import Synchronization
 
 /// Frames to the client: written one by one, or inside a reply batch past the frame encoder
 /// (encoded once for every member), with the socket's unwritten bytes bounded: a client that
@@ -10,6 +11,7 @@ import NIOWebSocket
 extension WebSocketSession {
     /// One frame to the client, unless the socket's unwritten bytes are past their bound.
     func write(_ data: ByteBuffer, opcode: WebSocketOpcode, context: ChannelHandlerContext) {
+        sendHeldFrames()
         guard context.channel.isWritable else { return slowClient() }
         context.writeAndFlush(NIOAny(WebSocketFrame(fin: true, opcode: opcode, data: data)), promise: nil)
     }
@@ -18,7 +20,11 @@ extension WebSocketSession {
     /// bound: written past the encoder, flushed at the batch's end (``endReplyBatch()``).
     func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
         guard (frameChannel ?? encodedFrames.channel).isWritable else { return slowClient() }
-        encodedFrames.write(NIOAny(frame), promise: nil)
+        if direct != nil {
+            directHeld.append(frame)
+        } else {
+            encodedFrames.write(NIOAny(frame), promise: nil)
+        }
         heldBytes += frame.readableBytes
         guard heldBytes >= Self.flushWithinBatch else {
             flushHeld = true
@@ -26,7 +32,52 @@ extension WebSocketSession {
         }
         flushHeld = false
         heldBytes = 0
-        encodedFrames.flush()
+        flushBatch(at: encodedFrames)
+    }
+
+    /// The batch's frames leave: held ones through the socket's own system call when the
+    /// channel has nothing unwritten (see ``DirectSocket``), and what the kernel did not take, or
+    /// everything when the channel still has bytes to write, through the channel.
+    func flushBatch(at encodedFrames: ChannelHandlerContext) {
+        guard !directHeld.isEmpty else { return encodedFrames.flush() }
+        var sent = 0
+        if let direct, let channel = frameChannel,
+            let unwritten = try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes), unwritten == 0
+        {
+            sent = direct.send(directHeld)
+            server.counters.directSends.wrappingAdd(1, ordering: .relaxed)
+            if sent < heldBytesOf(directHeld) { server.counters.directRemainders.wrappingAdd(1, ordering: .relaxed) }
+        }
+        var rest = false
+        for var frame in directHeld {
+            if sent >= frame.readableBytes {
+                sent -= frame.readableBytes
+                continue
+            }
+            if sent > 0 {
+                frame.moveReaderIndex(forwardBy: sent)
+                sent = 0
+            }
+            encodedFrames.write(NIOAny(frame), promise: nil)
+            rest = true
+        }
+        directHeld.removeAll(keepingCapacity: true)
+        if rest { encodedFrames.flush() }
+    }
+
+    private func heldBytesOf(_ frames: [ByteBuffer]) -> Int {
+        var total = 0
+        for frame in frames { total += frame.readableBytes }
+        return total
+    }
+
+    /// Frames of a batch held for one system call go out before any other write of the socket
+    /// (a close frame, a frame written one by one), in the order they were written.
+    func sendHeldFrames() {
+        guard !directHeld.isEmpty, let encodedFrames = encodedFramesContext else { return }
+        flushHeld = false
+        heldBytes = 0
+        flushBatch(at: encodedFrames)
     }
 
     /// The socket's bound of bytes written and not yet taken by the kernel, kept by the channel

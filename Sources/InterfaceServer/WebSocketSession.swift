@@ -4,6 +4,7 @@ import DequeModule
 import Logging
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 import NIOWebSocket
 
 /// One WebSocket, from the held-open upgrade to the disconnect. Lives on its channel's
@@ -47,6 +48,11 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
     /// The frame encoder's place in the pipeline: frames encoded once per batch are written
     /// there, past the encoder.
     private var encodedFrames: ChannelHandlerContext?
+    var encodedFramesContext: ChannelHandlerContext? { encodedFrames }
+    /// The socket written directly by a batch's end (nil: through the channel only), and the
+    /// batch's frames held for it.
+    var direct: DirectSocket?
+    var directHeld: [ByteBuffer] = []
     /// The channel the frames are written to and its allocator, kept at attach: a group
     /// message's hand-over to hundreds of sockets does not walk each pipeline to find them.
     private(set) var frameChannel: (any Channel)?
@@ -234,6 +240,11 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         self.context = context
         encodedFrames = try? context.pipeline.syncOperations.context(handlerType: WebSocketFrameEncoder.self)
         frameChannel = context.channel
+        if server.configuration.directWrites, encodedFrames != nil,
+            (try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)) == nil
+        {
+            direct = DirectSocket.find(for: context.channel)
+        }
         frameAllocator = context.channel.allocator
         boundUnwrittenBytes(context.channel)
         machine.attached()
@@ -276,6 +287,7 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         case .closeUnresponsive:
             close(code: 1011)
         case .sendPing:
+            sendHeldFrames()
             let frame = WebSocketFrame(fin: true, opcode: .ping, data: context.channel.allocator.buffer(capacity: 0))
             context.writeAndFlush(NIOAny(frame), promise: nil)
         }
@@ -334,7 +346,7 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         heldBytes = 0
         // From where the batch wrote (past the encoder), not from this handler: no walk
         // through the handlers in between.
-        (encodedFrames ?? context)?.flush()
+        if let target = encodedFrames ?? context { flushBatch(at: target) }
     }
 
     /// A text frame the server writes itself (history, presence), when the socket is open.
