@@ -21,18 +21,58 @@ import NIOCore
 /// - The descriptor is the channel's own, found once at attach and checked: its local and peer
 ///   addresses (`getsockname`, `getpeername`) must be the channel's, or there is no direct path.
 /// - Only on the channel's event loop, where NIO itself closes the descriptor: a channel that is
-///   still open there still owns it.
-/// - Only when the channel holds no unwritten bytes (`bufferedWritableBytes` is 0): what NIO
-///   still has to write goes first, so the direct path never overtakes it.
+///   still open there still owns it. This object sits next to the pipeline's head and sees
+///   `channelInactive`, which NIO sends as it closes the descriptor: from then on, no send.
+/// - Only when the channel holds no unwritten bytes: what NIO still has to write goes first, so
+///   the direct path never overtakes it. Every write that enters the channel passes this object
+///   (next to the head, nothing can write past it), which notes it; after one, the channel is
+///   asked (`bufferedWritableBytes`) until it says 0. Between, no question is needed: nothing
+///   entered, so nothing waits (and the channel is below its high-water mark: writable).
 /// - Whatever the kernel does not take at once (a full socket buffer, an error) is handed to the
 ///   channel, which writes it when it can, bounds it and reports the error: the direct path only
 ///   ever shortens the way of what the kernel takes now.
 /// - Never over TLS or HTTP/2 (the bytes on the socket are not the frames).
-struct DirectSocket {
+final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = Any
+    typealias OutboundIn = Any
+
     let descriptor: CInt
+    /// False once the channel closed (its descriptor may then be another socket's).
+    private(set) var open = true
+    /// A write entered the channel since it last had nothing unwritten.
+    private var entered = true
+
+    init(descriptor: CInt) { self.descriptor = descriptor }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        entered = true
+        context.write(data, promise: promise)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        open = false
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { open = false }
+
+    /// Whether a send now cannot overtake bytes the channel still holds, and the channel is
+    /// open: on the channel's event loop only.
+    func clear(_ channel: any Channel) -> Bool {
+        guard open else { return false }
+        guard entered else { return true }
+        guard let unwritten = try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes), unwritten == 0
+        else { return false }
+        entered = false
+        return true
+    }
+
+    /// Nothing entered the channel since it last held nothing: it is below its high-water mark.
+    var surelyWritable: Bool { open && !entered }
 
     /// The socket of `channel` when it is a plain TCP connection whose descriptor can be found
-    /// and checked; nil otherwise (the channel's own writes are used).
+    /// and checked; nil otherwise (the channel's own writes are used). To be added first in the
+    /// pipeline (next to the head) before it is used.
     static func find(for channel: any Channel) -> DirectSocket? {
         #if os(Linux)
             findLinux(channel)

@@ -19,7 +19,9 @@ extension WebSocketSession {
     /// An encoded frame of the router's batch, unless the socket's unwritten bytes are past their
     /// bound: written past the encoder, flushed at the batch's end (``endReplyBatch()``).
     func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
-        guard (frameChannel ?? encodedFrames.channel).isWritable else { return slowClient() }
+        guard direct?.surelyWritable == true || (frameChannel ?? encodedFrames.channel).isWritable else {
+            return slowClient()
+        }
         if direct != nil {
             directHeld.append(frame)
         } else {
@@ -41,9 +43,7 @@ extension WebSocketSession {
     func flushBatch(at encodedFrames: ChannelHandlerContext) {
         guard !directHeld.isEmpty else { return encodedFrames.flush() }
         var sent = 0
-        if let direct, let channel = frameChannel,
-            let unwritten = try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes), unwritten == 0
-        {
+        if let direct, let channel = frameChannel, direct.clear(channel) {
             sent = direct.send(directHeld)
             server.counters.directSends.wrappingAdd(1, ordering: .relaxed)
             if sent < heldBytesOf(directHeld) { server.counters.directRemainders.wrappingAdd(1, ordering: .relaxed) }

@@ -243,7 +243,11 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         if server.configuration.directWrites, encodedFrames != nil,
             (try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)) == nil
         {
-            direct = DirectSocket.find(for: context.channel)
+            if let socket = DirectSocket.find(for: context.channel),
+                (try? context.pipeline.syncOperations.addHandler(socket, position: .first)) != nil
+            {
+                direct = socket
+            }
         }
         frameAllocator = context.channel.allocator
         boundUnwrittenBytes(context.channel)
