@@ -12,6 +12,7 @@
 #   RATE=500 ...                                 at 500 messages/s instead of back to back
 #   GAP=0.05 ...                                 one at a time, 50 ms apart (latency mode)
 #   PERF=/tmp/server.data ...                    `perf record -g` the first server during the burst
+#   PERF_WORKER=/tmp/worker.data ...             the same for the first worker
 #
 # The first run sets the peers2 kit up (../shared/peers2/setup.sh: apt packages, two Go programs).
 set -uo pipefail
@@ -60,8 +61,13 @@ for run in $(seq "$RUNS"); do
   s0=$(ticks "${SERVERS[@]}"); w0=$(ticks "${WORKER_PIDS[@]}"); r0=$(ticks "$REDIS"); c0=$(ticks "$CLIENT"); c1=$c0
   redis-cli -p "$R" config resetstat >/dev/null
   PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F 2000 -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
+  PERF_WORKER_PID=; [ -n "${PERF_WORKER:-}" ] && {
+    perf record -F 4000 -g -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
+    PERF_WORKER_PID=$!
+  }
   while kill -0 "$CLIENT" 2>/dev/null; do c=$(ticks "$CLIENT") && [ -n "$c" ] && c1=$c; sleep 0.05; done
   [ -n "$PERF_PID" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID"; }
+  [ -n "$PERF_WORKER_PID" ] && { kill -INT "$PERF_WORKER_PID"; wait "$PERF_WORKER_PID"; }
   s1=$(ticks "${SERVERS[@]}"); w1=$(ticks "${WORKER_PIDS[@]}"); r1=$(ticks "$REDIS")
   result=$(tail -1 "$RUN/out" | python3 -c 'import json,sys
 d = json.loads(sys.stdin.read() or "{}")
