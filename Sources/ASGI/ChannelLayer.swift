@@ -128,6 +128,11 @@ public protocol ChannelLayerBundling: ChannelLayer {
     /// Call it when the reader starts and then periodically. Returns false when a registration
     /// made earlier by this layer is gone: the store lost its data (a Redis restarted empty),
     /// and with it every group membership of this process's channels.
+    ///
+    /// Once registered, a batch receive on `processChannel` alone gets every bundle a layer
+    /// stored (the Redis layer: one per process per group send) whole: its
+    /// `max` bounds the bodies a round trip takes, and a batch may hold more messages than that
+    /// (a bundle's members, in order), never a bundle cut in two.
     func registerBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool
 }
 

@@ -49,6 +49,33 @@ struct BundledGroupTests {
         }
     }
 
+    /// A registered reader's batch receive gets each bundle whole (the server hands a group
+    /// message to all its members at once, not 64 at a time through the layer's backlog); a
+    /// bundle is never cut, and what was sent after it comes after it.
+    /// (Redis only: the in-memory layer stores a group message per member, so it has no bundle
+    /// to keep whole.)
+    @Test("a registered reader's batch receive gets each bundle whole, in order")
+    func aRegisteredReaderGetsWholeBundles() async throws {
+        try await withLayer(.redis) { layer in
+            let process = "bundle.whole\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registeredAsBundleReader(process))
+            let members = (0..<500).map { process + "w\($0)" }
+            for member in members { try await layer.groupAdd("whole", channel: member) }
+            for i in 0..<2 { try await layer.sendGroup("whole", message: ["n": .int(Int64(i))]) }
+            try await layer.send(["n": 9], to: members[0])
+            let first = try await layer.receiveBatch(channels: [process], max: 2, timeout: .seconds(2))
+            var all = first
+            while true {
+                let more = try await layer.receiveBatch(channels: [process], max: 2, timeout: .zero)
+                if more.isEmpty { break }
+                all += more
+            }
+            #expect(first.count >= 500 && first.count % 500 == 0, "a bundle was cut: \(first.count) in the first batch")
+            #expect(all.map { $0.message["n"]?.intValue ?? -1 } == Array(repeating: 0, count: 500) + Array(repeating: 1, count: 500) + [9])
+            #expect(Set(all.prefix(500).map(\.channel)) == Set(members))
+        }
+    }
+
     @Test(
         "single receives hand out a bundle's members one at a time, before anything sent later",
         arguments: LayerKind.allCases)
