@@ -22,9 +22,12 @@ extension WebSocketSession {
         guard direct?.surelyWritable == true || (frameChannel ?? encodedFrames.channel).isWritable else {
             return slowClient()
         }
-        if direct != nil {
+        if let direct, let channel = frameChannel, direct.clear(channel) {
             directHeld.append(frame)
         } else {
+            // The channel holds bytes (a slow reader): frames go into it as they come, so its
+            // bound sees each one (not a batch's worth held outside it).
+            if !directHeld.isEmpty { moveHeldFrames(to: encodedFrames) }
             encodedFrames.write(NIOAny(frame), promise: nil)
         }
         heldBytes += frame.readableBytes
@@ -63,6 +66,12 @@ extension WebSocketSession {
         }
         directHeld.removeAll(keepingCapacity: true)
         if rest { encodedFrames.flush() }
+    }
+
+    /// Held frames written into the channel, in order, unflushed.
+    private func moveHeldFrames(to encodedFrames: ChannelHandlerContext) {
+        for frame in directHeld { encodedFrames.write(NIOAny(frame), promise: nil) }
+        directHeld.removeAll(keepingCapacity: true)
     }
 
     private func heldBytesOf(_ frames: [ByteBuffer]) -> Int {
