@@ -56,6 +56,8 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
     let stalledProcessChannels = Mutex<[String: ContinuousClock.Instant]>([:])
     let isClosed = Atomic<Bool>(false)
     let decoder = MsgPackDecoder()
+    /// Bundles' member lists decoded before (a group's next message names the same members).
+    let bundleMembers = BundleMembers()
     /// Members of bundled group messages not yet handed out, by list (non-local) name: a
     /// bundle is popped once from Redis and given out one member at a time, in order, before
     /// anything popped after it. Only the one reader of a process channel ever holds these.

@@ -83,6 +83,20 @@ extension RedisChannelLayer {
             }
         }
         do {
+            let layout = BundleMembers.layout(of: body)
+            if let layout, let names = bundleMembers.names(in: body, at: layout, listName: listName) {
+                // A member list decoded and checked before: only the message is decoded (the
+                // map's other entries).
+                var rest: [UInt8] = []
+                rest.reserveCapacity(body.count - layout.list.upperBound + 5)
+                MsgPackEncoder.writeMapHeader(count: layout.mapCount - 1, into: &rest)
+                rest += body[layout.list.upperBound...]
+                let message = try decoder.decodeMessage(rest)
+                // (A second member list in the same map: the whole decoder decides, below.)
+                if message[asgiChannelKey] == nil {
+                    return names.map { ReceivedMessage(channel: $0, message: message) }
+                }
+            }
             var message = try decoder.decodeMessage(body)
             switch message.removeValue(forKey: asgiChannelKey) {
             case nil:
@@ -99,6 +113,7 @@ extension RedisChannelLayer {
                     }
                     out.append(ReceivedMessage(channel: member, message: message))
                 }
+                if let layout { bundleMembers.keep(out.map(\.channel), of: body, at: layout, listName: listName) }
                 return out
             case let other?:
                 throw BundleError(.notANameOrList, "'\(asgiChannelKey)' is \(other.typeName), not a channel name or a bundle's list")

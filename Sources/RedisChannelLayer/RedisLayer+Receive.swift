@@ -91,7 +91,13 @@ extension RedisChannelLayer {
     public func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
         return try await withLayerErrors {
             for channel in channels { try ChannelNames.validateChannel(channel, for: .receive) }
-            let waiting = fromBacklog(channels, max: max)
+            // A registered bundle reader gets each bundle whole, not `max` members at a time
+            // (the rest kept for its next receives): `max` counts bodies for it.
+            let whole = readsWholeBundles(channels)
+            func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
+                self.handOut(popped, max: whole ? .max : max)
+            }
+            let waiting = fromBacklog(channels, max: whole ? .max : max)
             if !waiting.isEmpty { return waiting }
             if timeout <= .zero, shards.count > 1, max > 1 {
                 // Without waiting: everything waiting on every shard a channel may be on (the
@@ -157,6 +163,12 @@ extension RedisChannelLayer {
                 }
             }
         }
+    }
+
+    /// Whether `channels` is one process channel this layer registered a bundle reader for
+    /// (see ``receiveBatch(channels:max:timeout:)``).
+    func readsWholeBundles(_ channels: [String]) -> Bool {
+        channels.count == 1 && registeredReaders.withLock { $0.contains(channels[0]) }
     }
 
     /// `lists` with those of a connection's last message (`*.disconnect`) moved to the end, and

@@ -117,6 +117,39 @@ struct BundledGroupTests {
         }
     }
 
+    /// A bundle's member list is decoded once: the next bundle with the same list bytes on the
+    /// same process channel takes the names decoded then (and its own message); the same bytes
+    /// on another process channel are not its members, and the bundle is dropped as before.
+    @Test("a member list seen before is matched by its bytes, and only on its own process channel")
+    func aMemberListSeenBeforeIsMatchedOnlyOnItsOwnChannel() async throws {
+        try await withLayer(.redis) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let own = "bundle.mem\(ChannelNames.randomLetters(6))!", other = "bundle.oth\(ChannelNames.randomLetters(6))!"
+            let members: ASGIValue = .array([.string(own + "m1"), .string(own + "m2"), .string(own + "m3")])
+            func store(_ text: String, on process: String) async throws {
+                let connection = try await redis.shared(redis.shardIndex(for: process))
+                let body = MsgPackEncoder.encode(.map(["__asgi_channel__": members, "text": .string(text), "n": 7]))
+                let bodyKey = redis.key("handmade" + ChannelNames.randomLetters(8))
+                _ = try await connection.command(["SET", .bytes(bodyKey), .bytes(body), "EX", 60])
+                _ = try await connection.command(["RPUSH", .bytes(redis.key(process)), .bytes(bodyKey)])
+            }
+            let hits = redis.bundleMembers.hits.load(ordering: .relaxed)
+            for text in ["one", "two", "three"] {
+                try await store(text, on: own)
+                let got = try await layer.receiveBatch(channels: [own], max: 10, timeout: .seconds(2))
+                #expect(got.map(\.channel) == [own + "m1", own + "m2", own + "m3"])
+                #expect(got.allSatisfy { $0.message == ["text": .string(text), "n": 7] }, "\(got)")
+            }
+            #expect(redis.bundleMembers.hits.load(ordering: .relaxed) == hits + 2, "the list was decoded again")
+            let before = try await layer.globalStatistics().malformedMessagesDropped
+            try await store("stolen", on: other)
+            try await layer.send(["text": "after"], to: other + "x")
+            let got = try await layer.receiveBatch(channels: [other], max: 10, timeout: .seconds(2))
+            #expect(got.map(\.channel) == [other + "x"], "another process's members were delivered: \(got)")
+            #expect(try await layer.globalStatistics().malformedMessagesDropped == before + 1)
+        }
+    }
+
     /// A group send reads the group's cached split of its members while the group is
     /// unchanged; every change, by this layer or by another process writing the sorted set as
     /// asgi_redis does, reaches the next send.

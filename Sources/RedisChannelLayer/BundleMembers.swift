@@ -1,0 +1,123 @@
+import ASGI
+import Synchronization
+
+/// The member lists of bundles this layer decoded, by their bytes: a group's next message to the
+/// same members carries the same list (the send script copies it from the group's cached split),
+/// so its 500 names are compared with the ones decoded before (one `memcmp`) instead of being
+/// decoded, checked and allocated again.
+///
+/// Only the layout the send script writes is recognised: a map whose first key is
+/// `__asgi_channel__` and whose value is an array of strings. Anything else takes the whole
+/// decoder, and so does a list seen for the first time; what goes into the table was decoded and
+/// checked there (every name one of the process channel's own).
+final class BundleMembers: Sendable {
+    struct Entry: Sendable {
+        let listName: String
+        let bytes: [UInt8]
+        let names: [String]
+    }
+
+    /// Where a bundle's member list lies in its body, and what follows it.
+    struct Layout {
+        /// The member list (its array header included).
+        let list: Range<Int>
+        /// Entries in the map, the member list included.
+        let mapCount: Int
+    }
+
+    private let entries = Mutex<[Int: Entry]>([:])
+    /// Lists answered from the table (for tests and profiles).
+    let hits = Atomic<Int>(0)
+    /// Lists kept at most (one per group of this process with a recent message); past it the
+    /// table starts again.
+    static let limit = 256
+
+    private static let key: [UInt8] = [0xb0] + Array("__asgi_channel__".utf8)
+
+    /// The member list's place in `body`, when the body has the send script's layout.
+    static func layout(of body: [UInt8]) -> Layout? {
+        body.withUnsafeBytes { bytes -> Layout? in
+            var offset = 0
+            func take(_ count: Int) -> Int? {
+                guard count >= 0, offset + count <= bytes.count else { return nil }
+                defer { offset += count }
+                return offset
+            }
+            func integer(_ width: Int) -> Int? {
+                guard let at = take(width) else { return nil }
+                var value = 0
+                for index in at..<(at + width) { value = value << 8 | Int(bytes[index]) }
+                return value
+            }
+            guard let first = take(1) else { return nil }
+            let mapCount: Int
+            switch bytes[first] {
+            case 0x80...0x8f: mapCount = Int(bytes[first] & 0x0f)
+            case 0xde: guard let n = integer(2) else { return nil }; mapCount = n
+            case 0xdf: guard let n = integer(4) else { return nil }; mapCount = n
+            default: return nil
+            }
+            guard mapCount >= 1, let keyAt = take(key.count),
+                bytes[keyAt..<(keyAt + key.count)].elementsEqual(key)
+            else { return nil }
+            let start = offset
+            guard let header = take(1) else { return nil }
+            let count: Int
+            switch bytes[header] {
+            case 0x90...0x9f: count = Int(bytes[header] & 0x0f)
+            case 0xdc: guard let n = integer(2) else { return nil }; count = n
+            case 0xdd: guard let n = integer(4) else { return nil }; count = n
+            default: return nil
+            }
+            for _ in 0..<count {
+                guard let marker = take(1) else { return nil }
+                let length: Int
+                switch bytes[marker] {
+                case 0xa0...0xbf: length = Int(bytes[marker] & 0x1f)
+                case 0xd9: guard let n = integer(1) else { return nil }; length = n
+                case 0xda: guard let n = integer(2) else { return nil }; length = n
+                case 0xdb: guard let n = integer(4) else { return nil }; length = n
+                default: return nil
+                }
+                guard take(length) != nil else { return nil }
+            }
+            return Layout(list: start..<offset, mapCount: mapCount)
+        }
+    }
+
+    /// The names of a list decoded before for `listName`, when `body[layout.list]` is its bytes.
+    func names(in body: [UInt8], at layout: Layout, listName: String) -> [String]? {
+        let entry = entries.withLock { $0[Self.hash(body, layout.list)] }
+        guard let entry, entry.listName == listName, entry.bytes.count == layout.list.count else { return nil }
+        let same = entry.bytes.withUnsafeBytes { kept in
+            body.withUnsafeBytes { given in
+                kept.elementsEqual(UnsafeRawBufferPointer(rebasing: given[layout.list]))
+            }
+        }
+        guard same else { return nil }
+        hits.wrappingAdd(1, ordering: .relaxed)
+        return entry.names
+    }
+
+    /// Keeps `names`, decoded and checked from `body[layout.list]`.
+    func keep(_ names: [String], of body: [UInt8], at layout: Layout, listName: String) {
+        let entry = Entry(listName: listName, bytes: Array(body[layout.list]), names: names)
+        entries.withLock { entries in
+            if entries.count >= Self.limit { entries.removeAll(keepingCapacity: true) }
+            entries[Self.hash(body, layout.list)] = entry
+        }
+    }
+
+    /// A cheap key for a list: its length and its first and last 64 bytes (the table compares
+    /// the whole list before it answers).
+    private static func hash(_ body: [UInt8], _ range: Range<Int>) -> Int {
+        var hasher = Hasher()
+        hasher.combine(range.count)
+        body.withUnsafeBytes { bytes in
+            let list = UnsafeRawBufferPointer(rebasing: bytes[range])
+            hasher.combine(bytes: UnsafeRawBufferPointer(rebasing: list.prefix(64)))
+            hasher.combine(bytes: UnsafeRawBufferPointer(rebasing: list.suffix(64)))
+        }
+        return hasher.finalize()
+    }
+}
