@@ -48,6 +48,8 @@ done
 for p in "${PORTS[@]}"; do for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$p/" && break; sleep 0.1; done; done
 sleep 1
 ticks() { local t=0 f; for p in "$@"; do f=$(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null) || continue; set -- $f; t=$((t + $1 + $2)); done; echo "$t"; }
+# The kernel's part (system time) alone.
+sticks() { local t=0 f; for p in "$@"; do f=$(cut -d' ' -f15 "/proc/$p/stat" 2>/dev/null) || continue; t=$((t + f)); done; echo "$t"; }
 if [ -n "${GAP:-}" ]; then PACE=(--gap "$GAP"); HOW="one at a time, ${GAP} s apart"
 elif [ -n "${RATE:-}" ]; then PACE=(--burst --rate "$RATE"); HOW="at $RATE/s"
 else PACE=(--burst); HOW="back to back"; fi
@@ -58,7 +60,7 @@ for run in $(seq "$RUNS"); do
   CLIENT=$!
   # The burst starts once every member joined and the room settled.
   while ! grep -q settled "$RUN/err" 2>/dev/null && kill -0 "$CLIENT" 2>/dev/null; do sleep 0.02; done
-  s0=$(ticks "${SERVERS[@]}"); w0=$(ticks "${WORKER_PIDS[@]}"); r0=$(ticks "$REDIS"); c0=$(ticks "$CLIENT"); c1=$c0
+  k0=$(sticks "${SERVERS[@]}"); s0=$(ticks "${SERVERS[@]}"); w0=$(ticks "${WORKER_PIDS[@]}"); r0=$(ticks "$REDIS"); c0=$(ticks "$CLIENT"); c1=$c0
   redis-cli -p "$R" config resetstat >/dev/null
   PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F 2000 -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
   PERF_WORKER_PID=; [ -n "${PERF_WORKER:-}" ] && {
@@ -68,11 +70,11 @@ for run in $(seq "$RUNS"); do
   while kill -0 "$CLIENT" 2>/dev/null; do c=$(ticks "$CLIENT") && [ -n "$c" ] && c1=$c; sleep 0.05; done
   [ -n "$PERF_PID" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID"; }
   [ -n "$PERF_WORKER_PID" ] && { kill -INT "$PERF_WORKER_PID"; wait "$PERF_WORKER_PID"; }
-  s1=$(ticks "${SERVERS[@]}"); w1=$(ticks "${WORKER_PIDS[@]}"); r1=$(ticks "$REDIS")
+  k1=$(sticks "${SERVERS[@]}"); s1=$(ticks "${SERVERS[@]}"); w1=$(ticks "${WORKER_PIDS[@]}"); r1=$(ticks "$REDIS")
   result=$(tail -1 "$RUN/out" | python3 -c 'import json,sys
 d = json.loads(sys.stdin.read() or "{}")
 print("%s deliveries/s, p50 %s ms to the last member, least share of a message delivered %s" % (d.get("deliveries_per_s"), d.get("ms_to_all_p50"), d.get("min_ratio")))' 2>/dev/null)
   echo "run $run: $result"
-  echo "  CPU ticks during the burst: servers $((s1 - s0)), workers $((w1 - w0)), redis $((r1 - r0)), client $((c1 - c0))"
+  echo "  CPU ticks during the burst: servers $((s1 - s0)) (in the kernel $((k1 - k0))), workers $((w1 - w0)), redis $((r1 - r0)), client $((c1 - c0))"
   echo "  Redis commands: $(redis-cli -p "$R" info commandstats | grep '^cmdstat' | sed 's/^cmdstat_\([a-z|]*\):calls=\([0-9]*\).*/\2 \1/' | sort -rn | head -8 | awk '{printf "%s %s, ", $2, $1}' | sed 's/, $//')"
 done
