@@ -38,7 +38,7 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
 
     let descriptor: CInt
     /// False once the channel closed (its descriptor may then be another socket's).
-    private(set) var open = true
+    private(set) var channelOpen = true
     /// A write entered the channel since it last had nothing unwritten.
     private var entered = true
 
@@ -50,16 +50,16 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        open = false
+        channelOpen = false
         context.fireChannelInactive()
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) { open = false }
+    func handlerRemoved(context: ChannelHandlerContext) { channelOpen = false }
 
     /// Whether a send now cannot overtake bytes the channel still holds, and the channel is
     /// open: on the channel's event loop only.
     func clear(_ channel: any Channel) -> Bool {
-        guard open else { return false }
+        guard channelOpen else { return false }
         guard entered else { return true }
         guard let unwritten = try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes), unwritten == 0
         else { return false }
@@ -68,7 +68,7 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// Nothing entered the channel since it last held nothing: it is below its high-water mark.
-    var surelyWritable: Bool { open && !entered }
+    var surelyWritable: Bool { channelOpen && !entered }
 
     /// The socket of `channel` when it is a plain TCP connection whose descriptor can be found
     /// and checked; nil otherwise (the channel's own writes are used). To be added first in the
