@@ -67,7 +67,7 @@ public struct ServerConfiguration: Sendable {
     /// and adds back those missing (an eviction under `maxmemory`; `.zero`: never).
     public var groupCheckInterval: Duration = .seconds(10)
     /// A group message's frames go to a plain TCP socket with one system call of the server's
-    /// own when the channel has nothing unwritten (``DirectSocket``); false: always through the
+    /// own when the channel has nothing unwritten (`DirectSocket.swift`); false: always through the
     /// channel (`runserver --no-direct-writes`).
     public var directWrites = true
     /// Largest request body; past it the answer is 413.

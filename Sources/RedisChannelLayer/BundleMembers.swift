@@ -25,12 +25,14 @@ final class BundleMembers: Sendable {
         let mapCount: Int
     }
 
-    private let entries = Mutex<[Int: Entry]>([:])
+    private let entries = Mutex<(table: [Int: Entry], bytes: Int)>(([:], 0))
     /// Lists answered from the table (for tests and profiles).
     let hits = Atomic<Int>(0)
-    /// Lists kept at most (one per group of this process with a recent message); past it the
-    /// table starts again.
+    /// Lists kept at most (one per group of this process with a recent message), and their
+    /// bytes at most (a room of 10,000 is a 400 KB list per server, and one that changes at every
+    /// send, a join storm's, makes a new one each time); past either the table starts again.
     static let limit = 256
+    static let byteBudget = 8 << 20
 
     private static let key: [UInt8] = [0xb0] + Array("__asgi_channel__".utf8)
 
@@ -87,7 +89,7 @@ final class BundleMembers: Sendable {
 
     /// The names of a list decoded before for `listName`, when `body[layout.list]` is its bytes.
     func names(in body: [UInt8], at layout: Layout, listName: String) -> [String]? {
-        let entry = entries.withLock { $0[Self.hash(body, layout.list)] }
+        let entry = entries.withLock { $0.table[Self.hash(body, layout.list)] }
         guard let entry, entry.listName == listName, entry.bytes.count == layout.list.count else { return nil }
         let same = entry.bytes.withUnsafeBytes { kept in
             body.withUnsafeBytes { given in
@@ -101,10 +103,18 @@ final class BundleMembers: Sendable {
 
     /// Keeps `names`, decoded and checked from `body[layout.list]`.
     func keep(_ names: [String], of body: [UInt8], at layout: Layout, listName: String) {
+        // The names cost about their bytes again.
+        let size = 2 * layout.list.count
+        guard size <= Self.byteBudget / 4 else { return }
         let entry = Entry(listName: listName, bytes: Array(body[layout.list]), names: names)
         entries.withLock { entries in
-            if entries.count >= Self.limit { entries.removeAll(keepingCapacity: true) }
-            entries[Self.hash(body, layout.list)] = entry
+            if entries.table.count >= Self.limit || entries.bytes + size > Self.byteBudget {
+                entries = ([:], 0)
+            }
+            if let old = entries.table.updateValue(entry, forKey: Self.hash(body, layout.list)) {
+                entries.bytes -= 2 * old.bytes.count
+            }
+            entries.bytes += size
         }
     }
 
