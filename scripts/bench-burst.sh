@@ -62,7 +62,7 @@ for run in $(seq "$RUNS"); do
   while ! grep -q settled "$RUN/err" 2>/dev/null && kill -0 "$CLIENT" 2>/dev/null; do sleep 0.02; done
   k0=$(sticks "${SERVERS[@]}"); s0=$(ticks "${SERVERS[@]}"); w0=$(ticks "${WORKER_PIDS[@]}"); r0=$(ticks "$REDIS"); c0=$(ticks "$CLIENT"); c1=$c0
   redis-cli -p "$R" config resetstat >/dev/null
-  PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F 2000 -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
+  PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F ${PERF_HZ:-2000} -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
   PERF_WORKER_PID=; [ -n "${PERF_WORKER:-}" ] && {
     perf record -F 4000 -g -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
     PERF_WORKER_PID=$!

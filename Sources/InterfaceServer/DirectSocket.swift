@@ -32,48 +32,35 @@ import NIOCore
 ///   channel, which writes it when it can, bounds it and reports the error: the direct path only
 ///   ever shortens the way of what the kernel takes now.
 /// - Never over TLS or HTTP/2 (the bytes on the socket are not the frames).
+///
+/// The state a hand-over reads per socket (the descriptor, whether a write entered the channel,
+/// the frames held) lives in the ``WebSocketSession`` itself: a delivery touches that one object,
+/// not this handler, the channel or its contexts (each a cache miss on a cold socket).
 final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = Any
     typealias OutboundIn = Any
 
-    let descriptor: CInt
-    /// False once the channel closed (its descriptor may then be another socket's).
-    private(set) var channelOpen = true
-    /// A write entered the channel since it last had nothing unwritten.
-    private var entered = true
+    /// The session told of writes and of the close.
+    private weak var session: WebSocketSession?
 
-    init(descriptor: CInt) { self.descriptor = descriptor }
+    init(session: WebSocketSession) { self.session = session }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        entered = true
+        session?.channelEntered = true
         context.write(data, promise: promise)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        channelOpen = false
+        session?.directDescriptor = -1
         context.fireChannelInactive()
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) { channelOpen = false }
+    func handlerRemoved(context: ChannelHandlerContext) { session?.directDescriptor = -1 }
 
-    /// Whether a send now cannot overtake bytes the channel still holds, and the channel is
-    /// open: on the channel's event loop only.
-    func clear(_ channel: any Channel) -> Bool {
-        guard channelOpen else { return false }
-        guard entered else { return true }
-        guard let unwritten = try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes), unwritten == 0
-        else { return false }
-        entered = false
-        return true
-    }
-
-    /// Nothing entered the channel since it last held nothing: it is below its high-water mark.
-    var surelyWritable: Bool { channelOpen && !entered }
-
-    /// The socket of `channel` when it is a plain TCP connection whose descriptor can be found
-    /// and checked; nil otherwise (the channel's own writes are used). To be added first in the
-    /// pipeline (next to the head) before it is used.
-    static func find(for channel: any Channel) -> DirectSocket? {
+    /// The descriptor of `channel` when it is a plain TCP connection whose descriptor can be
+    /// found and checked; nil otherwise (the channel's own writes are used). A handler must then
+    /// be added first in the pipeline (next to the head) before it is used.
+    static func descriptor(of channel: any Channel) -> CInt? {
         #if os(Linux)
             findLinux(channel)
         #else
@@ -84,7 +71,7 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
 
 #if os(Linux)
     extension DirectSocket {
-        private static func findLinux(_ channel: any Channel) -> DirectSocket? {
+        private static func findLinux(_ channel: any Channel) -> CInt? {
             // NIO does not hand out a channel's descriptor; its description names it
             // ("SocketChannel { BaseSocket { fd=12 }, ... }"), and the addresses check it.
             let description = String(describing: channel)
@@ -95,7 +82,7 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
                 Self.address(of: number, peer: false, matches: local),
                 Self.address(of: number, peer: true, matches: remote)
             else { return nil }
-            return DirectSocket(descriptor: number)
+            return number
         }
 
         /// Whether the descriptor's own (or its peer's) address is `expected`, byte for byte.
@@ -125,22 +112,23 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
             }
         }
 
-        /// Sends `frames` as far as the kernel takes them now, without blocking: how many bytes it
-        /// took (0 when the socket's buffer is full or on an error, which the channel then meets
-        /// and reports when it writes the rest).
-        func send(_ frames: [ByteBuffer]) -> Int {
-            if frames.count == 1 {
-                return frames[0].withUnsafeReadableBytes { bytes in
+        /// Sends `first` and then `more` on `descriptor` as far as the kernel takes them now,
+        /// without blocking: how many bytes it took (0 when the socket's buffer is full or on an
+        /// error, which the channel then meets and reports when it writes the rest).
+        static func send(_ first: ByteBuffer, _ more: [ByteBuffer], on descriptor: CInt) -> Int {
+            if more.isEmpty {
+                return first.withUnsafeReadableBytes { bytes in
                     Self.taken(systemSend(descriptor, bytes.baseAddress, bytes.count, Self.flags))
                 }
             }
-            // Several frames: one `sendmsg(2)` with a vector of them (at most `Self.vectorLimit`
-            // per call, as many calls as the kernel keeps taking everything).
+            // Several frames: one `sendmsg(2)` with a vector of them (at most `vectorLimit` per
+            // call, as many calls as the kernel keeps taking everything).
+            let frames = [first] + more
             var total = 0
             var start = 0
             while start < frames.count {
                 let end = min(frames.count, start + Self.vectorLimit)
-                let (sent, wanted) = sendVector(frames[start..<end])
+                let (sent, wanted) = sendVector(frames[start..<end], on: descriptor)
                 total += sent
                 guard sent == wanted else { break }
                 start = end
@@ -148,7 +136,7 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
             return total
         }
 
-        private func sendVector(_ frames: ArraySlice<ByteBuffer>) -> (sent: Int, wanted: Int) {
+        private static func sendVector(_ frames: ArraySlice<ByteBuffer>, on descriptor: CInt) -> (sent: Int, wanted: Int) {
             var vectors: [iovec] = []
             vectors.reserveCapacity(frames.count)
             var wanted = 0
@@ -176,6 +164,6 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
     }
 #else
     extension DirectSocket {
-        func send(_ frames: [ByteBuffer]) -> Int { 0 }
+        static func send(_ first: ByteBuffer, _ more: [ByteBuffer], on descriptor: CInt) -> Int { 0 }
     }
 #endif

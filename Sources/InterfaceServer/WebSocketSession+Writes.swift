@@ -17,17 +17,17 @@ extension WebSocketSession {
     }
 
     /// An encoded frame of the router's batch, unless the socket's unwritten bytes are past their
-    /// bound: written past the encoder, flushed at the batch's end (``endReplyBatch()``).
-    func writeInBatch(_ frame: ByteBuffer, at encodedFrames: ChannelHandlerContext) {
-        guard direct?.surelyWritable == true || (frameChannel ?? encodedFrames.channel).isWritable else {
-            return slowClient()
-        }
-        if let direct, let channel = frameChannel, direct.clear(channel) {
-            directHeld.append(frame)
+    /// bound: held for the batch's end (``endReplyBatch()``) and its direct send, or written
+    /// past the encoder when the channel still holds bytes.
+    func writeInBatch(_ frame: ByteBuffer) {
+        guard surelyWritable || (frameChannel?.isWritable ?? true) else { return slowClient() }
+        if directClear() {
+            if directFirst == nil { directFirst = frame } else { directMore.append(frame) }
         } else {
             // The channel holds bytes (a slow reader): frames go into it as they come, so its
             // bound sees each one (not a batch's worth held outside it).
-            if !directHeld.isEmpty { moveHeldFrames(to: encodedFrames) }
+            guard let encodedFrames = encodedFramesContext else { return }
+            if directFirst != nil { moveHeldFrames(to: encodedFrames) }
             encodedFrames.write(NIOAny(frame), promise: nil)
         }
         heldBytes += frame.readableBytes
@@ -37,22 +37,52 @@ extension WebSocketSession {
         }
         flushHeld = false
         heldBytes = 0
-        flushBatch(at: encodedFrames)
+        flushBatch()
+    }
+
+    /// Nothing entered the channel since it last held nothing: it is below its high-water mark.
+    private var surelyWritable: Bool { directDescriptor >= 0 && !channelEntered }
+
+    /// Whether a direct send now cannot overtake bytes the channel still holds (and the channel
+    /// is open): after a write entered it, the channel is asked until it holds nothing.
+    private func directClear() -> Bool {
+        guard directDescriptor >= 0 else { return false }
+        guard channelEntered else { return true }
+        guard let channel = frameChannel,
+            let unwritten = try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes), unwritten == 0
+        else { return false }
+        channelEntered = false
+        return true
     }
 
     /// The batch's frames leave: held ones through the socket's own system call when the
-    /// channel has nothing unwritten (see ``DirectSocket``), and what the kernel did not take, or
-    /// everything when the channel still has bytes to write, through the channel.
-    func flushBatch(at encodedFrames: ChannelHandlerContext) {
-        guard !directHeld.isEmpty else { return encodedFrames.flush() }
+    /// channel has nothing unwritten (see `DirectSocket.swift`), and what the kernel did not
+    /// take, or everything when the channel still has bytes to write, through the channel.
+    func flushBatch() {
+        guard let first = directFirst else {
+            // From where the batch wrote (past the encoder): no walk through the handlers between.
+            encodedFramesContext?.flush()
+            return
+        }
+        directFirst = nil
+        var wanted = first.readableBytes
+        for frame in directMore { wanted += frame.readableBytes }
         var sent = 0
-        if let direct, let channel = frameChannel, direct.clear(channel) {
-            sent = direct.send(directHeld)
+        if directClear() {
+            sent = DirectSocket.send(first, directMore, on: directDescriptor)
             server.counters.directSends.wrappingAdd(1, ordering: .relaxed)
-            if sent < heldBytesOf(directHeld) { server.counters.directRemainders.wrappingAdd(1, ordering: .relaxed) }
+            if sent == wanted {
+                if !directMore.isEmpty { directMore.removeAll(keepingCapacity: true) }
+                return
+            }
+            server.counters.directRemainders.wrappingAdd(1, ordering: .relaxed)
+        }
+        guard let encodedFrames = encodedFramesContext else {
+            directMore.removeAll(keepingCapacity: true)
+            return
         }
         var rest = false
-        for var frame in directHeld {
+        for var frame in CollectionOfOne(first) + directMore {
             if sent >= frame.readableBytes {
                 sent -= frame.readableBytes
                 continue
@@ -64,29 +94,25 @@ extension WebSocketSession {
             encodedFrames.write(NIOAny(frame), promise: nil)
             rest = true
         }
-        directHeld.removeAll(keepingCapacity: true)
+        directMore.removeAll(keepingCapacity: true)
         if rest { encodedFrames.flush() }
     }
 
     /// Held frames written into the channel, in order, unflushed.
     private func moveHeldFrames(to encodedFrames: ChannelHandlerContext) {
-        for frame in directHeld { encodedFrames.write(NIOAny(frame), promise: nil) }
-        directHeld.removeAll(keepingCapacity: true)
-    }
-
-    private func heldBytesOf(_ frames: [ByteBuffer]) -> Int {
-        var total = 0
-        for frame in frames { total += frame.readableBytes }
-        return total
+        if let first = directFirst { encodedFrames.write(NIOAny(first), promise: nil) }
+        for frame in directMore { encodedFrames.write(NIOAny(frame), promise: nil) }
+        directFirst = nil
+        directMore.removeAll(keepingCapacity: true)
     }
 
     /// Frames of a batch held for one system call go out before any other write of the socket
     /// (a close frame, a frame written one by one), in the order they were written.
     func sendHeldFrames() {
-        guard !directHeld.isEmpty, let encodedFrames = encodedFramesContext else { return }
+        guard directFirst != nil else { return }
         flushHeld = false
         heldBytes = 0
-        flushBatch(at: encodedFrames)
+        flushBatch()
     }
 
     /// The socket's bound of bytes written and not yet taken by the kernel, kept by the channel

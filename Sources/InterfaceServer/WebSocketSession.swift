@@ -49,10 +49,14 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
     /// there, past the encoder.
     private var encodedFrames: ChannelHandlerContext?
     var encodedFramesContext: ChannelHandlerContext? { encodedFrames }
-    /// The socket written directly by a batch's end (nil: through the channel only), and the
-    /// batch's frames held for it.
-    var direct: DirectSocket?
-    var directHeld: [ByteBuffer] = []
+    /// The socket's descriptor for a batch's direct send (-1: through the channel only; set to
+    /// -1 by its ``DirectSocket`` handler when the channel closes), whether a write entered the
+    /// channel since it last held nothing (set by that handler), and the batch's frames held for
+    /// the send: the first here, any others in `directMore`.
+    var directDescriptor: CInt = -1
+    var channelEntered = true
+    var directFirst: ByteBuffer?
+    var directMore: [ByteBuffer] = []
     /// The channel the frames are written to and its allocator, kept at attach: a group
     /// message's hand-over to hundreds of sockets does not walk each pipeline to find them.
     private(set) var frameChannel: (any Channel)?
@@ -243,10 +247,10 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         if server.configuration.directWrites, encodedFrames != nil,
             (try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self)) == nil
         {
-            if let socket = DirectSocket.find(for: context.channel),
-                (try? context.pipeline.syncOperations.addHandler(socket, position: .first)) != nil
+            if let descriptor = DirectSocket.descriptor(of: context.channel),
+                (try? context.pipeline.syncOperations.addHandler(DirectSocket(session: self), position: .first)) != nil
             {
-                direct = socket
+                directDescriptor = descriptor
             }
         }
         frameAllocator = context.channel.allocator
@@ -348,9 +352,7 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         guard flushHeld else { return }
         flushHeld = false
         heldBytes = 0
-        // From where the batch wrote (past the encoder), not from this handler: no walk
-        // through the handlers in between.
-        if let target = encodedFrames ?? context { flushBatch(at: target) }
+        flushBatch()
     }
 
     /// A text frame the server writes itself (history, presence), when the socket is open.
@@ -401,15 +403,18 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
         case .hold:
             if let reply { pending.append(reply.message) }
         case .deliver(let code):
-            guard let context, let send = reply?.send else { return }
+            // A batch's text touches this object only (no context, channel or handler: each a
+            // cache miss on one of hundreds of cold sockets).
+            guard context != nil, let send = reply?.send else { return }
             switch send.data {
             case .text(let text)?:
-                if let batchPayloads, let encodedFrames {
-                    writeInBatch(batchPayloads.textFrame(text, allocator: frameAllocator), at: encodedFrames)
-                } else {
+                if let batchPayloads, encodedFrames != nil {
+                    writeInBatch(batchPayloads.textFrame(text, allocator: frameAllocator))
+                } else if let context {
                     write(context.channel.allocator.buffer(string: text), opcode: .text, context: context)
                 }
-            case .bytes(let bytes)?: write(context.channel.allocator.buffer(bytes: bytes), opcode: .binary, context: context)
+            case .bytes(let bytes)?:
+                if let context { write(context.channel.allocator.buffer(bytes: bytes), opcode: .binary, context: context) }
             case nil: break
             }
             if let code { close(code: code) }
