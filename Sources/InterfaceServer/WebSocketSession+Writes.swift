@@ -31,7 +31,9 @@ extension WebSocketSession {
             encodedFrames.write(NIOAny(frame), promise: nil)
         }
         heldBytes += frame.readableBytes
-        guard heldBytes >= Self.flushWithinBatch else {
+        // Held frames are not in the channel yet, so its bound does not see them: they leave
+        // before they could pass it (a bound under 256 KiB included).
+        guard heldBytes >= min(Self.flushWithinBatch, server.configuration.maxQueuedBytesPerSocket) else {
             flushHeld = true
             return
         }
