@@ -35,6 +35,10 @@ final class BundleMembers: Sendable {
     static let byteBudget = 8 << 20
 
     private static let key: [UInt8] = [0xb0] + Array("__asgi_channel__".utf8)
+    /// msgpack's map16/32, array16/32 and str8/16/32 markers, and the bytes of their counts.
+    private static let mapWidths: [UInt8: Int] = [0xde: 2, 0xdf: 4]
+    private static let arrayWidths: [UInt8: Int] = [0xdc: 2, 0xdd: 4]
+    private static let stringWidths: [UInt8: Int] = [0xd9: 1, 0xda: 2, 0xdb: 4]
 
     /// The member list's place in `body`, when the body has the send script's layout.
     static func layout(of body: [UInt8]) -> Layout? {
@@ -51,37 +55,24 @@ final class BundleMembers: Sendable {
                 for index in at..<(at + width) { value = value << 8 | Int(bytes[index]) }
                 return value
             }
-            guard let first = take(1) else { return nil }
-            let mapCount: Int
-            switch bytes[first] {
-            case 0x80...0x8f: mapCount = Int(bytes[first] & 0x0f)
-            case 0xde: guard let n = integer(2) else { return nil }; mapCount = n
-            case 0xdf: guard let n = integer(4) else { return nil }; mapCount = n
-            default: return nil
+            // A msgpack header: a count in the marker (`fixed`, under `mask`) or in the next
+            // 1, 2 or 4 bytes (`wide`: marker to width).
+            func header(fixed: ClosedRange<UInt8>, mask: UInt8, wide: [UInt8: Int]) -> Int? {
+                guard let at = take(1) else { return nil }
+                let marker = bytes[at]
+                if fixed.contains(marker) { return Int(marker & mask) }
+                return wide[marker].flatMap(integer)
             }
-            guard mapCount >= 1, let keyAt = take(key.count),
+            guard let mapCount = header(fixed: 0x80...0x8f, mask: 0x0f, wide: Self.mapWidths),
+                mapCount >= 1, let keyAt = take(key.count),
                 bytes[keyAt..<(keyAt + key.count)].elementsEqual(key)
             else { return nil }
             let start = offset
-            guard let header = take(1) else { return nil }
-            let count: Int
-            switch bytes[header] {
-            case 0x90...0x9f: count = Int(bytes[header] & 0x0f)
-            case 0xdc: guard let n = integer(2) else { return nil }; count = n
-            case 0xdd: guard let n = integer(4) else { return nil }; count = n
-            default: return nil
-            }
+            guard let count = header(fixed: 0x90...0x9f, mask: 0x0f, wide: Self.arrayWidths) else { return nil }
             for _ in 0..<count {
-                guard let marker = take(1) else { return nil }
-                let length: Int
-                switch bytes[marker] {
-                case 0xa0...0xbf: length = Int(bytes[marker] & 0x1f)
-                case 0xd9: guard let n = integer(1) else { return nil }; length = n
-                case 0xda: guard let n = integer(2) else { return nil }; length = n
-                case 0xdb: guard let n = integer(4) else { return nil }; length = n
-                default: return nil
-                }
-                guard take(length) != nil else { return nil }
+                guard let length = header(fixed: 0xa0...0xbf, mask: 0x1f, wide: Self.stringWidths),
+                    take(length) != nil
+                else { return nil }
             }
             return Layout(list: start..<offset, mapCount: mapCount)
         }
