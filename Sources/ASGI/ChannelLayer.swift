@@ -12,6 +12,65 @@ public struct ReceivedMessage: Sendable, Hashable {
     }
 }
 
+/// The member list of a bundled group message: the channels of one process it was stored for,
+/// in the order the group send listed them.
+///
+/// A layer that decoded the same list before (a group's next message to the same members) may
+/// hand out the same instance again, so a reader can keep what it worked out for a list (the
+/// sockets its names belong to) by the instance's identity, for as long as it holds it.
+public final class BundleMemberList: Sendable {
+    /// The member channels (full `prefix!suffix` names).
+    public let names: [String]
+
+    /// A list of `names`.
+    public init(_ names: [String]) { self.names = names }
+}
+
+/// What one stored body held when it was taken: a message for one channel, or a group message
+/// bundled for several channels of one process (see ``ChannelLayerBundling``).
+public struct ReceivedBundle: Sendable {
+    /// Whom the message is for.
+    public enum Channels: Sendable {
+        /// One channel (the full name for `!` channels).
+        case one(String)
+        /// The members of a bundle, each of which is sent the message.
+        case members(BundleMemberList)
+    }
+
+    /// The message (one for every member of a bundle).
+    public var message: Message
+    /// Whom it is for.
+    public var channels: Channels
+
+    /// A message for one channel.
+    public init(channel: String, message: Message) {
+        self.message = message
+        self.channels = .one(channel)
+    }
+
+    /// A message for every member of `members`.
+    public init(members: BundleMemberList, message: Message) {
+        self.message = message
+        self.channels = .members(members)
+    }
+
+    /// How many channels it is for.
+    public var count: Int {
+        switch channels {
+        case .one: 1
+        case .members(let list): list.names.count
+        }
+    }
+
+    /// One received message per channel, in order.
+    public var messages: [ReceivedMessage] {
+        switch channels {
+        case .one(let channel): [ReceivedMessage(channel: channel, message: message)]
+        case .members(let list): list.names.map { ReceivedMessage(channel: $0, message: message) }
+        }
+    }
+}
+
 /// Counters for one channel.
 public struct ChannelStatistics: Sendable, Hashable, Codable {
     /// Messages sent to the channel (within the counter's lifetime).
@@ -134,6 +193,25 @@ public protocol ChannelLayerBundling: ChannelLayer {
     /// `max` bounds the bodies a round trip takes, and a batch may hold more messages than that
     /// (a bundle's members, in order), never a bundle cut in two.
     func registerBundleReader(_ processChannel: String) async throws(ChannelLayerError) -> Bool
+
+    /// Waits like ``ChannelLayer/receiveBatch(channels:max:timeout:)`` on `processChannel`
+    /// alone, and returns what it took one entry per stored body: a bundle is one entry with its
+    /// member list, not one message per member, so a reader that sends each bundle to its
+    /// members (an interface server) neither builds nor walks 500 entries for it. The default
+    /// takes a batch and makes each of its messages an entry of its own.
+    func receiveBundles(from processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [ReceivedBundle]
+}
+
+extension ChannelLayerBundling {
+    /// A batch receive, one entry per message.
+    public func receiveBundles(from processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [ReceivedBundle]
+    {
+        try await receiveBatch(channels: [processChannel], max: max, timeout: timeout).map {
+            ReceivedBundle(channel: $0.channel, message: $0.message)
+        }
+    }
 }
 
 /// A layer that wraps another and forwards every call it does not change to ``base``: counting,

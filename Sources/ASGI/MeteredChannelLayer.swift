@@ -62,6 +62,22 @@ public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspectio
         do { return try await base.receiveBatch(channels: channels, max: max, timeout: timeout) } catch { throw counted(error) }
     }
 
+    /// Bundles from the wrapped layer when it bundles, else its batch one message per entry.
+    public func receiveBundles(from processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [ReceivedBundle]
+    {
+        do {
+            if let bundling = base as? any ChannelLayerBundling {
+                return try await bundling.receiveBundles(from: processChannel, max: max, timeout: timeout)
+            }
+            return try await base.receiveBatch(channels: [processChannel], max: max, timeout: timeout).map {
+                ReceivedBundle(channel: $0.channel, message: $0.message)
+            }
+        } catch {
+            throw counted(error)
+        }
+    }
+
     /// A fresh channel name from the wrapped layer.
     public func newChannel(_ pattern: String) async throws(ChannelLayerError) -> String {
         do { return try await base.newChannel(pattern) } catch { throw counted(error) }

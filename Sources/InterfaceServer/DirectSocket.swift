@@ -40,8 +40,11 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = Any
     typealias OutboundIn = Any
 
-    /// The session told of writes and of the close.
-    private weak var session: WebSocketSession?
+    /// The session told of writes and of the close. Held strongly and let go when the handler
+    /// is removed (the pipeline removes every handler when the channel closes): a weak
+    /// reference would move the session's reference count to a side table, and every retain
+    /// of it (one per delivery) would take the slow path.
+    private var session: WebSocketSession?
 
     init(session: WebSocketSession) { self.session = session }
 
@@ -55,7 +58,10 @@ final class DirectSocket: ChannelDuplexHandler, RemovableChannelHandler {
         context.fireChannelInactive()
     }
 
-    func handlerRemoved(context: ChannelHandlerContext) { session?.directDescriptor = -1 }
+    func handlerRemoved(context: ChannelHandlerContext) {
+        session?.directDescriptor = -1
+        session = nil
+    }
 
     /// The descriptor of `channel` when it is a plain TCP connection whose descriptor can be
     /// found and checked; nil otherwise (the channel's own writes are used). A handler must then

@@ -116,13 +116,47 @@ final class ReplyPayloads {
 /// count its own thread keeps changing: a cache line fought over by two cores).
 final class ReplyTarget: Sendable {
     let receiver: NIOLoopBound<any ReplyReceiver>
+    /// The receiver unchecked, to be called on `loop` only: a resolved member list keeps its
+    /// receivers in an array per event loop, which that loop walks without touching this object.
+    nonisolated(unsafe) let uncheckedReceiver: any ReplyReceiver
     /// The event loop's identity, compared without retaining it.
     let loopID: ObjectIdentifier
     var loop: any EventLoop { receiver.eventLoop }
 
     init(_ receiver: any ReplyReceiver, on loop: any EventLoop) {
         self.receiver = NIOLoopBound(receiver, eventLoop: loop)
+        self.uncheckedReceiver = receiver
         self.loopID = ObjectIdentifier(loop)
+    }
+}
+
+/// The connections a bundle's member list names, every one of them held here: per event loop,
+/// that loop's receivers in the list's order (called on that loop only). nil runs: a name of
+/// the list is held by no connection here (such a list takes the look-up path, which counts it).
+final class ListResolution: Sendable {
+    struct Run: @unchecked Sendable {
+        let loop: any EventLoop
+        let receivers: [any ReplyReceiver]
+    }
+    /// Held, so that its identity (the cache's key) is not reused while this is kept.
+    let list: BundleMemberList
+    /// The router's `moves` when it was resolved: right while no name has moved since.
+    let moves: Int
+    /// The router's `registrations` then: a list with a name nobody held is looked up again
+    /// once a name was registered since.
+    let registrations: Int
+    let runs: [Run]?
+
+    init(list: BundleMemberList, moves: Int, registrations: Int, runs: [Run]?) {
+        self.list = list
+        self.moves = moves
+        self.registrations = registrations
+        self.runs = runs
+    }
+
+    /// Whether it still holds, given the router's counters now.
+    func holds(moves: Int, registrations: Int) -> Bool {
+        self.moves == moves && (runs != nil || self.registrations == registrations)
     }
 }
 
@@ -147,6 +181,18 @@ final class ReplyRouter: Service, Sendable {
     /// Swift keeps inline, so a look-up hashes and compares no heap memory; a group message
     /// for 500 members here is 500 look-ups).
     private let targets = Mutex<[String: ReplyTarget]>([:])
+    /// Bumped (under the `targets` lock) when a name is let go or taken over by another
+    /// connection: a member list resolved before (every name held) stays right until then.
+    /// A name registered anew does not move any: it was in no complete list.
+    private let moves = Atomic<Int>(0)
+    /// Bumped (under the `targets` lock) at every registration.
+    private let registrations = Atomic<Int>(0)
+    /// What recent bundles' member lists resolved to, by list (see `resolution(of:)`).
+    private let resolutions = Mutex<[ObjectIdentifier: ListResolution]>([:])
+    /// Lists kept at most.
+    static let resolutionsKept = 64
+    /// Hand-overs that went by a resolved list (for tests and profiles).
+    let listHandOvers = Atomic<Int>(0)
     private let unroutable = Atomic<Int>(0)
     /// This server's sockets' groups, from the layer's membership notices.
     let memberships = MembershipView()
@@ -207,7 +253,13 @@ final class ReplyRouter: Service, Sendable {
     func register(_ channel: String, _ receiver: any ReplyReceiver, on loop: any EventLoop) {
         let target = ReplyTarget(receiver, on: loop)
         let key = targetKey(channel)
-        if targets.withLock({ $0.updateValue(target, forKey: key) }) == nil { workInHand.begin() }
+        let replaced = targets.withLock { targets in
+            let old = targets.updateValue(target, forKey: key)
+            if old != nil { moves.wrappingAdd(1, ordering: .releasing) }
+            registrations.wrappingAdd(1, ordering: .releasing)
+            return old != nil
+        }
+        if replaced { forgetResolutions() } else { workInHand.begin() }
     }
 
     /// True while a connection holds `channel`.
@@ -218,7 +270,15 @@ final class ReplyRouter: Service, Sendable {
 
     func unregister(_ channel: String) {
         let key = targetKey(channel)
-        if targets.withLock({ $0.removeValue(forKey: key) }) != nil { workInHand.finish() }
+        let removed = targets.withLock { targets in
+            let old = targets.removeValue(forKey: key)
+            if old != nil { moves.wrappingAdd(1, ordering: .releasing) }
+            return old != nil
+        }
+        if removed {
+            workInHand.finish()
+            forgetResolutions()
+        }
         memberships.forget(channel)
     }
 
@@ -296,6 +356,96 @@ final class ReplyRouter: Service, Sendable {
         }
     }
 
+    /// Lets go of every resolved list (a name moved: they may name a connection that is gone,
+    /// and they hold it).
+    private func forgetResolutions() {
+        resolutions.withLock { if !$0.isEmpty { $0.removeAll() } }
+    }
+
+    /// What `list` resolves to now: kept from its last bundle when no name moved since, else
+    /// looked up (every name at once, under the lock) and kept.
+    private func resolution(of list: BundleMemberList) -> ListResolution {
+        let key = ObjectIdentifier(list)
+        if let known = resolutions.withLock({ $0[key] }),
+            known.holds(moves: moves.load(ordering: .acquiring), registrations: registrations.load(ordering: .acquiring))
+        {
+            return known
+        }
+        let keys = list.names.map(targetKey)
+        var loops: [ObjectIdentifier] = []
+        var runs: [(loop: any EventLoop, receivers: [any ReplyReceiver])] = []
+        var complete = true
+        let counters = targets.withLock { targets -> (moves: Int, registrations: Int) in
+            for key in keys {
+                guard let target = targets[key] else {
+                    complete = false
+                    runs = []
+                    return (moves.load(ordering: .relaxed), registrations.load(ordering: .relaxed))
+                }
+                if let index = loops.firstIndex(of: target.loopID) {
+                    runs[index].receivers.append(target.uncheckedReceiver)
+                } else {
+                    loops.append(target.loopID)
+                    runs.append((target.loop, [target.uncheckedReceiver]))
+                }
+            }
+            return (moves.load(ordering: .relaxed), registrations.load(ordering: .relaxed))
+        }
+        let resolution = ListResolution(
+            list: list, moves: counters.moves, registrations: counters.registrations,
+            runs: complete ? runs.map { ListResolution.Run(loop: $0.loop, receivers: $0.receivers) } : nil)
+        resolutions.withLock { kept in
+            // Kept only while nothing moved since the look-up (a name let go meanwhile has
+            // already emptied the table, and this must not come back into it).
+            guard resolution.moves == moves.load(ordering: .acquiring) else { return }
+            if kept.count >= Self.resolutionsKept { kept.removeAll() }
+            kept[key] = resolution
+        }
+        return resolution
+    }
+
+    /// Hands what a take brought to the connections it names. A hand-over of bundles that all
+    /// name one member list (one room's messages) whose names are all held here goes to each
+    /// event loop as its receivers in a kept array and the messages: no look-up, no entry per
+    /// member, and each connection takes all its messages in order, then writes once.
+    /// Anything else is one message per member through ``deliver(_:)-([ReceivedMessage])``.
+    func deliver(_ taken: [ReceivedBundle]) {
+        guard let first = taken.first else { return }
+        if case .members(let list) = first.channels,
+            taken.allSatisfy({ if case .members(let other) = $0.channels { other === list } else { false } }),
+            let runs = resolution(of: list).runs
+        {
+            ServerMetrics.received[.process]?.increment(by: list.names.count * taken.count)
+            listHandOvers.wrappingAdd(1, ordering: .relaxed)
+            let messages = taken.map(\.message)
+            for run in runs {
+                run.loop.execute { Self.handOver(run.receivers, messages) }
+            }
+            return
+        }
+        deliver(taken.count == 1 ? taken[0].messages : taken.flatMap(\.messages))
+    }
+
+    /// One event loop's part of a hand-over of a resolved list's messages, on that loop: each
+    /// receiver takes every message in order, then writes (one flush per connection).
+    static func handOver(_ receivers: [any ReplyReceiver], _ messages: [Message]) {
+        if messages.count == 1 {
+            let payloads = ReplyPayloads()
+            let message = messages[0]
+            for receiver in receivers {
+                receiver.receiveBatchedReply(message, payloads: payloads)
+                receiver.endReplyBatch()
+            }
+            return
+        }
+        // One shared encoding per message (each remembers the last message it encoded).
+        let payloads = messages.map { _ in ReplyPayloads() }
+        for receiver in receivers {
+            for index in messages.indices { receiver.receiveBatchedReply(messages[index], payloads: payloads[index]) }
+            receiver.endReplyBatch()
+        }
+    }
+
     /// Hands one reply to the connection that holds `channel`.
     func deliver(_ message: Message, to channel: String) {
         deliver([ReceivedMessage(channel: channel, message: message)])
@@ -357,6 +507,8 @@ final class ReplyRouter: Service, Sendable {
     }
 
     var activeCount: Int { targets.withLock { $0.count } }
+    /// Member lists kept resolved (for tests).
+    var keptListCount: Int { resolutions.withLock { $0.count } }
 
     /// The most replies handed over at once (a few messages to each member of a room of thousands).
     static let largestHandOver = 16_384
@@ -432,26 +584,39 @@ final class ReplyRouter: Service, Sendable {
         }
     }
 
+    /// Up to 64 bodies from the process channel: bundles whole when the layer bundles.
+    private func take(timeout: Duration) async throws(ChannelLayerError) -> [ReceivedBundle] {
+        if let bundling = layer as? any ChannelLayerBundling {
+            return try await bundling.receiveBundles(from: processChannel, max: 64, timeout: timeout)
+        }
+        return try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: timeout).map {
+            ReceivedBundle(channel: $0.channel, message: $0.message)
+        }
+    }
+
     /// Reads until cancelled. A failing layer (Redis down) is retried after a pause, so the
     /// server keeps answering (with 503s) and resumes when the layer is back.
     private func read() async {
         var failures = FailureStreak()
         while !Task.isCancelled {
             do {
-                // Up to 64 replies per round trip under load, dispatched in the order they were sent.
-                var batch = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .seconds(5))
-                // Under load, what else is already here (the rest of a bundle's members, more
-                // bundles) goes in the same hand-over, so a connection sent several messages
-                // gets them in one write: up to `largestHandOver` replies, for at most
-                // `longestCollection`. What was taken is delivered even when a later take fails.
+                // Up to 64 bodies per round trip under load (a bundle is one, with its member
+                // list), dispatched in the order they were sent.
+                var batch = try await take(timeout: .seconds(5))
+                // Under load, what else is already here (more bundles) goes in the same
+                // hand-over, so a connection sent several messages gets them in one write: up to
+                // `largestHandOver` replies, for at most `longestCollection`. What was taken is
+                // delivered even when a later take fails.
                 var last = batch.count
+                var replies = batch.reduce(0) { $0 + $1.count }
                 let collectedBy = ContinuousClock.now + Self.longestCollection
                 var failed: (any Error)?
-                while last == 64, batch.count < Self.largestHandOver, ContinuousClock.now < collectedBy {
+                while last == 64, replies < Self.largestHandOver, ContinuousClock.now < collectedBy {
                     do {
-                        let more = try await layer.receiveBatch(channels: [processChannel], max: 64, timeout: .zero)
+                        let more = try await take(timeout: .zero)
                         batch += more
                         last = more.count
+                        replies += more.reduce(0) { $0 + $1.count }
                     } catch {
                         failed = error
                         break

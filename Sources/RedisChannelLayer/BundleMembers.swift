@@ -14,7 +14,7 @@ final class BundleMembers: Sendable {
     struct Entry: Sendable {
         let listName: String
         let bytes: [UInt8]
-        let names: [String]
+        let members: BundleMemberList
     }
 
     /// Where a bundle's member list lies in its body, and what follows it.
@@ -78,8 +78,9 @@ final class BundleMembers: Sendable {
         }
     }
 
-    /// The names of a list decoded before for `listName`, when `body[layout.list]` is its bytes.
-    func names(in body: [UInt8], at layout: Layout, listName: String) -> [String]? {
+    /// The list decoded before for `listName` (the same instance), when `body[layout.list]` is
+    /// its bytes.
+    func members(in body: [UInt8], at layout: Layout, listName: String) -> BundleMemberList? {
         let entry = entries.withLock { $0.table[Self.hash(body, layout.list)] }
         guard let entry, entry.listName == listName, entry.bytes.count == layout.list.count else { return nil }
         let same = entry.bytes.withUnsafeBytes { kept in
@@ -89,15 +90,15 @@ final class BundleMembers: Sendable {
         }
         guard same else { return nil }
         hits.wrappingAdd(1, ordering: .relaxed)
-        return entry.names
+        return entry.members
     }
 
-    /// Keeps `names`, decoded and checked from `body[layout.list]`.
-    func keep(_ names: [String], of body: [UInt8], at layout: Layout, listName: String) {
+    /// Keeps `members`, decoded and checked from `body[layout.list]`.
+    func keep(_ members: BundleMemberList, of body: [UInt8], at layout: Layout, listName: String) {
         // The names cost about their bytes again.
         let size = 2 * layout.list.count
         guard size <= Self.byteBudget / 4 else { return }
-        let entry = Entry(listName: listName, bytes: Array(body[layout.list]), names: names)
+        let entry = Entry(listName: listName, bytes: Array(body[layout.list]), members: members)
         entries.withLock { entries in
             if entries.table.count >= Self.limit || entries.bytes + size > Self.byteBudget {
                 entries = ([:], 0)

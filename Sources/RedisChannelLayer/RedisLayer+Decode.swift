@@ -12,21 +12,23 @@ import Synchronization
 /// before anything popped later.
 extension RedisChannelLayer {
     /// Decodes `{list, body, list, body, ...}` from `start`, dropping (and counting) bad bodies.
-    func decodePairs(_ items: [RedisReply], from start: Int) -> [ReceivedMessage] {
-        var out: [ReceivedMessage] = []
+    func decodePairs(_ items: [RedisReply], from start: Int) -> [ReceivedBundle] {
+        var out: [ReceivedBundle] = []
+        out.reserveCapacity((items.count - start) / 2)
         var index = start
         while index + 1 < items.count {
-            if let list = items[index].bytes, let body = items[index + 1].bytes {
-                out += decodeReceived(list: list, body: body)
+            if let list = items[index].bytes, let body = items[index + 1].bytes, let taken = decodeReceived(list: list, body: body) {
+                out.append(taken)
             }
             index += 2
         }
         return out
     }
 
-    /// Returns the first `max` of `popped` and keeps the rest (members of a bundle) for the
-    /// next receives of their channel.
-    func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
+    /// Returns the first `max` messages of `taken` (a bundle counts one per member) and keeps
+    /// the rest (members of a bundle) for the next receives of their channel.
+    func handOut(_ taken: [ReceivedBundle], max: Int) -> [ReceivedMessage] {
+        let popped = taken.count == 1 ? taken[0].messages : taken.flatMap(\.messages)
         guard popped.count > max else { return popped }
         // A bundle's members share their process channel: one name and one append per run of
         // them, not one per member.
@@ -64,10 +66,10 @@ extension RedisChannelLayer {
         }
     }
 
-    /// Decodes a popped body: one message, or one per member for a bundled group message
+    /// Decodes a popped body: one message, or a bundled group message with its member list
     /// (`__asgi_channel__` holding a list of names). A body that is not a valid message is
-    /// logged, counted and dropped.
-    func decodeReceived(list: [UInt8], body: [UInt8]) -> [ReceivedMessage] {
+    /// logged, counted and dropped (nil), and so is a bundle for no member.
+    func decodeReceived(list: [UInt8], body: [UInt8]) -> ReceivedBundle? {
         let listName = String(decoding: list.dropFirst(configuration.prefix.utf8.count), as: UTF8.self)
         var body = body
         if let crypter {
@@ -79,12 +81,12 @@ extension RedisChannelLayer {
                 logger.warning(
                     "dropped a message that does not decrypt with any of the layer's keys",
                     metadata: ["channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)"])
-                return []
+                return nil
             }
         }
         do {
             let layout = BundleMembers.layout(of: body)
-            if let layout, let names = bundleMembers.names(in: body, at: layout, listName: listName) {
+            if let layout, let members = bundleMembers.members(in: body, at: layout, listName: listName) {
                 // A member list decoded and checked before: only the message is decoded (the
                 // map's other entries).
                 var rest: [UInt8] = []
@@ -93,28 +95,28 @@ extension RedisChannelLayer {
                 rest += body[layout.list.upperBound...]
                 let message = try decoder.decodeMessage(rest)
                 // (A second member list in the same map: the whole decoder decides, below.)
-                if message[asgiChannelKey] == nil {
-                    return names.map { ReceivedMessage(channel: $0, message: message) }
-                }
+                if message[asgiChannelKey] == nil { return ReceivedBundle(members: members, message: message) }
             }
             var message = try decoder.decodeMessage(body)
             switch message.removeValue(forKey: asgiChannelKey) {
             case nil:
-                return [ReceivedMessage(channel: listName, message: message)]
+                return ReceivedBundle(channel: listName, message: message)
             case .string(let name)?:
-                return [ReceivedMessage(channel: name, message: message)]
+                return ReceivedBundle(channel: name, message: message)
             case .array(let names)?:
-                var out: [ReceivedMessage] = []
+                var out: [String] = []
                 out.reserveCapacity(names.count)
                 for name in names {
                     guard case .string(let member) = name, ChannelNames.hasBytePrefix(member, listName) else {
                         throw BundleError(
                             .foreignMember, "a bundle on '\(listName)' names '\(name.stringValue ?? "\(name)")', not one of its channels")
                     }
-                    out.append(ReceivedMessage(channel: member, message: message))
+                    out.append(member)
                 }
-                if let layout { bundleMembers.keep(out.map(\.channel), of: body, at: layout, listName: listName) }
-                return out
+                guard !out.isEmpty else { return nil }
+                let members = BundleMemberList(out)
+                if let layout { bundleMembers.keep(members, of: body, at: layout, listName: listName) }
+                return ReceivedBundle(members: members, message: message)
             case let other?:
                 throw BundleError(.notANameOrList, "'\(asgiChannelKey)' is \(other.typeName), not a channel name or a bundle's list")
             }
@@ -126,7 +128,7 @@ extension RedisChannelLayer {
                 metadata: [
                     "channel": "\(listName)", "bytes": "\(body.count)", "error": "\(error)",
                 ])
-            return []
+            return nil
         }
     }
 }

@@ -45,7 +45,7 @@ extension RedisChannelLayer {
                             if case .error = reply { throw unexpected(reply, doing: "receive") }
                             continue
                         }
-                        if let received = handOut(decodeReceived(list: list, body: body), max: 1).first {
+                        if let received = handOut(decodeReceived(list: list, body: body).map { [$0] } ?? [], max: 1).first {
                             flowing.store(true, ordering: .relaxed)
                             return received
                         }
@@ -94,7 +94,7 @@ extension RedisChannelLayer {
             // A registered bundle reader gets each bundle whole, not `max` members at a time
             // (the rest kept for its next receives): `max` counts bodies for it.
             let whole = readsWholeBundles(channels)
-            func handOut(_ popped: [ReceivedMessage], max: Int) -> [ReceivedMessage] {
+            func handOut(_ popped: [ReceivedBundle], max: Int) -> [ReceivedMessage] {
                 self.handOut(popped, max: whole ? .max : max)
             }
             let waiting = fromBacklog(channels, max: whole ? .max : max)
@@ -161,6 +161,46 @@ extension RedisChannelLayer {
                     flowing.store(true, ordering: .relaxed)
                     return batch
                 }
+            }
+        }
+    }
+
+    /// One entry per body taken: a bundle with its member list (the same instance for a list
+    /// decoded before), for the registered reader of `processChannel`; anything else (a process
+    /// channel not registered here) gets ``receiveBatch(channels:max:timeout:)``, one message
+    /// per entry. Waits like it: a look without waiting while messages flow, then `BLMOVE`.
+    public func receiveBundles(from processChannel: String, max: Int, timeout: Duration) async throws(ChannelLayerError)
+        -> [ReceivedBundle]
+    {
+        guard max > 1, readsWholeBundles([processChannel]) else {
+            return try await receiveBatch(channels: [processChannel], max: max, timeout: timeout).map {
+                ReceivedBundle(channel: $0.channel, message: $0.message)
+            }
+        }
+        return try await withLayerErrors {
+            try ChannelNames.validateChannel(processChannel, for: .receive)
+            let waiting = fromBacklog([processChannel], max: .max)
+            if !waiting.isEmpty { return waiting.map { ReceivedBundle(channel: $0.channel, message: $0.message) } }
+            let (shard, lists) = receivePlan([processChannel])[0]
+            if timeout <= .zero || flowing.load(ordering: .relaxed) {
+                let batch = try await takeWithoutWaiting(shard: shard, list: lists[0], max: max).0
+                if !batch.isEmpty {
+                    flowing.store(true, ordering: .relaxed)
+                    return batch
+                }
+                flowing.store(false, ordering: .relaxed)
+                if timeout <= .zero { return [] }
+            }
+            let clock = ContinuousClock()
+            let deadline = clock.now + timeout
+            while true {
+                let remaining = deadline - clock.now
+                if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
+                let slice = min(remaining, configuration.blockingSlice)
+                guard let batch = try await blockingTake(shard: shard, lists: lists, wait: slice, max: max), !batch.isEmpty
+                else { continue }
+                flowing.store(true, ordering: .relaxed)
+                return batch
             }
         }
     }
@@ -254,7 +294,7 @@ extension RedisChannelLayer {
     /// malformed bodies). An error is thrown only when nothing was popped.
     func blockingPopRace(plan: [(shard: Int, lists: [RedisArgument])], wait: Duration, max: Int) async throws -> [ReceivedMessage]? {
         let race = BlockingRace()
-        let outcomes = await withTaskGroup(of: Result<[ReceivedMessage]?, any Error>?.self) { group in
+        let outcomes = await withTaskGroup(of: Result<[ReceivedBundle]?, any Error>?.self) { group in
             for entry in plan {
                 group.addTask {
                     do {
@@ -265,7 +305,7 @@ extension RedisChannelLayer {
                     }
                 }
             }
-            var outcomes: [Result<[ReceivedMessage]?, any Error>] = []
+            var outcomes: [Result<[ReceivedBundle]?, any Error>] = []
             var waking = false
             for await outcome in group {
                 guard let outcome else { continue }  // the waker
@@ -281,7 +321,7 @@ extension RedisChannelLayer {
             }
             return outcomes
         }
-        var popped: [ReceivedMessage] = []
+        var popped: [ReceivedBundle] = []
         var unusable = false
         var failure: (any Error)?
         for outcome in outcomes {
@@ -304,12 +344,12 @@ extension RedisChannelLayer {
     /// (or the race ended before this racer began to wait); empty: what was popped was unusable.
     func blockingTake(
         shard: Int, lists: [RedisArgument], wait: Duration, max: Int, race: BlockingRace? = nil
-    ) async throws -> [ReceivedMessage]? {
+    ) async throws -> [ReceivedBundle]? {
         // A receive on its own is a race of one: cancelling the caller's task wakes its `BLPOP`
         // with `CLIENT UNBLOCK` (the connection stays usable, and a message popped just before
         // is still taken and returned), so a stopping worker or server does not wait out the slice.
         let waking = race ?? BlockingRace()
-        return try await onDedicated(shard) { connection -> [ReceivedMessage]? in
+        return try await onDedicated(shard) { connection -> [ReceivedBundle]? in
             let clientID = try await connection.clientID()
             if let clientID {
                 guard waking.enter(shard: shard, clientID: clientID) else { return nil }
@@ -355,7 +395,7 @@ extension RedisChannelLayer {
 
     enum MoveOutcome {
         /// What was taken; nil: the slice passed.
-        case taken([ReceivedMessage]?)
+        case taken([ReceivedBundle]?)
         /// The server does not know `BLMOVE`: wait with `BLPOP` instead.
         case refused
     }
@@ -377,7 +417,7 @@ extension RedisChannelLayer {
         let expiry = RedisArgument.integer(configuration.expirySeconds + 1)
         if inHandMayHold.withLock({ $0.contains(list) }) || Scripts.takeInHand.knownSHA == nil {
             // What a failed take may have left in hand (and the script loaded), without waiting.
-            let first: [ReceivedMessage]
+            let first: [ReceivedBundle]
             do {
                 first = try decodeInHand(
                     await Scripts.takeInHand.run(on: connection, keys: keys, args: [.integer(max), "1", expiry]))
@@ -418,7 +458,7 @@ extension RedisChannelLayer {
             taken = try await Scripts.takeInHand.run(on: connection, keys: keys, args: [.integer(max), "0", expiry])
             _ = inHandMayHold.withLock { $0.remove(list) }
         }
-        let messages: [ReceivedMessage]
+        let messages: [ReceivedBundle]
         do {
             messages = try decodeInHand(taken)
         } catch {
@@ -446,7 +486,7 @@ extension RedisChannelLayer {
     /// A look without waiting at one list: what a failed blocking take left in its hand first,
     /// then the list; and whether anything was popped (bodies that turn out expired or
     /// malformed are counted and skipped).
-    func takeWithoutWaiting(shard: Int, list: RedisArgument, max: Int) async throws -> ([ReceivedMessage], Bool) {
+    func takeWithoutWaiting(shard: Int, list: RedisArgument, max: Int) async throws -> ([ReceivedBundle], Bool) {
         let reply = try await pipelined(
             shard, Scripts.takeInHand, keys: [Self.inHandKey(list), list],
             args: [.integer(max), "1", .integer(configuration.expirySeconds + 1)])
@@ -466,7 +506,7 @@ extension RedisChannelLayer {
     }
 
     /// The in-hand script's reply: expired bodies counted, the messages decoded.
-    private func decodeInHand(_ reply: RedisReply) throws(ChannelLayerError) -> [ReceivedMessage] {
+    private func decodeInHand(_ reply: RedisReply) throws(ChannelLayerError) -> [ReceivedBundle] {
         guard case .array(let items) = reply, let expired = items.first else { throw unexpected(reply, doing: "receive") }
         if expired.countValue > 0 { LayerMetrics.expired.increment(by: expired.countValue) }
         return decodePairs(items, from: 1)
@@ -476,22 +516,22 @@ extension RedisChannelLayer {
     /// it), taken through the same connection; an expired body is counted and skipped.
     private func takePopped(
         list: [UInt8], bodyKey: [UInt8], on connection: RedisConnection, shard: Int, max: Int
-    ) async throws -> [ReceivedMessage] {
+    ) async throws -> [ReceivedBundle] {
         if max <= 1 {
             let body = try await take(Scripts.takeBody, on: connection, shard: shard, keys: [.bytes(bodyKey)], args: [])
             guard let bytes = body.bytes else {
                 LayerMetrics.expired.increment()  // the list named a body that had expired
                 return []
             }
-            return decodeReceived(list: list, body: bytes)
+            return decodeReceived(list: list, body: bytes).map { [$0] } ?? []
         }
         let taken = try await take(
             Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
             args: [.integer(max - 1)])
         let items = taken.array ?? []
-        var popped: [ReceivedMessage] = []
+        var popped: [ReceivedBundle] = []
         if let body = items.first?.bytes {
-            popped = decodeReceived(list: list, body: body)
+            if let taken = decodeReceived(list: list, body: body) { popped = [taken] }
         } else {
             LayerMetrics.expired.increment()
         }

@@ -433,7 +433,13 @@ enum Scripts {
                     k = k + 2
                 end
                 local part = table.concat(parts)
-                store(listName, localHead .. part, #list)
+                -- The member list first, as a cached bundle has it (so the reader's table of
+                -- lists knows it from this first message on); the message's fields after it.
+                if messageParts() then
+                    store(listName, bundleHead .. string.char(176) .. '__asgi_channel__' .. part .. fields, #list)
+                else
+                    store(listName, localHead .. part, #list)
+                end
                 if fingerprint then
                     cache[#cache + 1] = 'L' .. index
                     cache[#cache + 1] = listName

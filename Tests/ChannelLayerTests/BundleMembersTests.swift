@@ -49,6 +49,10 @@ struct BundleMembersTests {
         table.keep(names, of: body, at: layout, listName: Self.process)
         let next = Self.body(names, text: "another message")
         #expect(table.names(in: next, at: try #require(BundleMembers.layout(of: next)), listName: Self.process) == names)
+        // The same instance each time: a server keeps what a list resolved to by its identity.
+        let once = table.members(in: next, at: try #require(BundleMembers.layout(of: next)), listName: Self.process)
+        let twice = table.members(in: body, at: layout, listName: Self.process)
+        #expect(once != nil && once === twice)
         #expect(table.names(in: body, at: layout, listName: "bundle.other!") == nil)
         // Same length, same first and last 64 bytes, one name changed in the middle.
         var changed = names
@@ -99,5 +103,17 @@ struct BundleMembersTests {
         let huge = try kept(2000, members: 80_000)
         big.keep(huge.names, of: huge.body, at: huge.layout, listName: Self.process)
         #expect(big.names(in: huge.body, at: huge.layout, listName: Self.process) == nil, "a list over a quarter of the budget was kept")
+    }
+}
+
+extension BundleMembers {
+    /// The names of a list kept before (see ``members(in:at:listName:)``).
+    fileprivate func names(in body: [UInt8], at layout: Layout, listName: String) -> [String]? {
+        members(in: body, at: layout, listName: listName)?.names
+    }
+
+    /// Keeps `names` as a list.
+    fileprivate func keep(_ names: [String], of body: [UInt8], at layout: Layout, listName: String) {
+        keep(BundleMemberList(names), of: body, at: layout, listName: listName)
     }
 }

@@ -76,6 +76,60 @@ struct BundledGroupTests {
         }
     }
 
+    /// A server's reader takes bodies, not members: a bundle is one entry with its member list,
+    /// the same instance for the group's next message to the same members (a server keeps what
+    /// a list resolved to by its identity), a new one once the group changed. A process channel
+    /// not registered here gets one message per entry; so does the in-memory layer.
+    @Test("bundles are taken one entry per body, with one list instance per member list", arguments: LayerKind.allCases)
+    func bundlesComeWithTheirMemberList(kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let bundling = try #require(MeteredChannelLayer(layer) as (any ChannelLayerBundling))
+            let process = "bundle.lists\(ChannelNames.randomLetters(6))!"
+            #expect(try await layer.registeredAsBundleReader(process))
+            let members = (0..<300).map { process + "l\($0)" }
+            for member in members { try await layer.groupAdd("lists", channel: member) }
+            for i in 0..<3 { try await layer.sendGroup("lists", message: ["n": .int(Int64(i))]) }
+            try await layer.groupAdd("lists", channel: process + "late")
+            try await layer.sendGroup("lists", message: ["n": 3])
+            try await layer.send(["n": 9], to: members[0])
+            var taken: [ReceivedBundle] = []
+            while taken.count < (kind == .redis ? 5 : 1_205) {
+                let more = try await bundling.receiveBundles(from: process, max: 64, timeout: .seconds(2))
+                if more.isEmpty { break }
+                taken += more
+            }
+            let flat = taken.flatMap(\.messages)
+            var expected: [Int64] = []
+            for i in 0..<3 { expected += Array(repeating: Int64(i), count: 300) }
+            expected += Array(repeating: 3, count: 301) + [9]
+            let got: [Int64] = flat.map { $0.message["n"]?.intValue ?? -1 }
+            #expect(got == expected)
+            #expect(Set(flat.prefix(300).map(\.channel)) == Set(members))
+            guard kind == .redis else {
+                #expect(taken.allSatisfy { $0.count == 1 })
+                return
+            }
+            let lists = taken.prefix(4).compactMap { bundle -> BundleMemberList? in
+                if case .members(let list) = bundle.channels { list } else { nil }
+            }
+            #expect(lists.count == 4 && taken[4].count == 1, "\(taken.map(\.count))")
+            #expect(lists[0] === lists[1] && lists[1] === lists[2], "the same member list decoded into new instances")
+            #expect(lists[3] !== lists[0] && lists[3].names.count == 301)
+
+            // Not registered here: one message per entry, members still all there.
+            let other = "bundle.unreg\(ChannelNames.randomLetters(6))!"
+            for i in 0..<3 { try await layer.groupAdd("unreg", channel: other + "u\(i)") }
+            try await layer.sendGroup("unreg", message: ["n": 1])
+            var singles: [ReceivedBundle] = []
+            while singles.count < 3 {
+                let more = try await bundling.receiveBundles(from: other, max: 64, timeout: .seconds(2))
+                if more.isEmpty { break }
+                singles += more
+            }
+            #expect(singles.count == 3 && singles.allSatisfy { $0.count == 1 })
+        }
+    }
+
     @Test(
         "single receives hand out a bundle's members one at a time, before anything sent later",
         arguments: LayerKind.allCases)

@@ -29,8 +29,92 @@ final class KeptReplies: ReplyReceiver, Sendable {
     func replyStoreLost() {}
 }
 
+/// Takes batched replies and keeps what they said, with a "|" where a batch ended (a write).
+final class KeptBatches: ReplyReceiver, Sendable {
+    let seen = Mutex<[String]>([])
+    func receiveReply(_ reply: Message) { seen.withLock { $0.append(reply["text"]?.stringValue ?? "?") } }
+    func receiveBatchedReply(_ reply: Message, payloads: ReplyPayloads) { receiveReply(reply) }
+    func endReplyBatch() { seen.withLock { $0.append("|") } }
+    func replyStoreLost() {}
+    func take() -> [String] {
+        seen.withLock { seen in
+            defer { seen = [] }; return seen
+        }
+    }
+}
+
 @Suite("reply router", .timeLimit(.minutes(1)))
 struct ReplyRouterTests {
+    /// A bundle's member list resolves once to its connections and is kept by identity; what is
+    /// kept must follow every change: a connection gone, a name taken over by another, a name
+    /// nobody held that is registered later. Each member gets every message of a hand-over, in
+    /// order, and writes once (the "|").
+    @Test func aKeptMemberListFollowsEveryChange() async throws {
+        let router = ReplyRouter(layer: InMemoryChannelLayer(), prefix: "routertest", logger: Logger(label: "test"))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let loops = [group.next(), group.next()]
+        let names = (0..<10).map { _ in router.newReplyChannel() }
+        var receivers = names.map { _ in KeptBatches() }
+        func register(_ index: Int, _ receiver: KeptBatches) async throws {
+            let loop = loops[index % 2]
+            try await loop.submit { router.register(names[index], receiver, on: loop) }.get()
+        }
+        for index in names.indices { try await register(index, receivers[index]) }
+        let list = BundleMemberList(names)
+        func send(_ texts: [String], to list: BundleMemberList) async throws {
+            router.deliver(texts.map { ReceivedBundle(members: list, message: ["text": .string($0)]) })
+            // Both loops have run what was handed to them.
+            for loop in loops { try await loop.submit {}.get() }
+        }
+
+        try await send(["a", "b"], to: list)
+        for receiver in receivers { #expect(receiver.take() == ["a", "b", "|"]) }
+        try await send(["c"], to: list)
+        for receiver in receivers { #expect(receiver.take() == ["c", "|"]) }
+        #expect(router.keptListCount == 1, "the list was not kept")
+        #expect(router.listHandOvers.load(ordering: .relaxed) == 2)
+
+        // Taken over: the new connection gets it, the old one nothing.
+        let takenOver = receivers[3]
+        receivers[3] = KeptBatches()
+        try await register(3, receivers[3])
+        try await send(["d"], to: list)
+        #expect(takenOver.take().isEmpty, "a connection that lost its name still got the message")
+        for receiver in receivers { #expect(receiver.take() == ["d", "|"]) }
+
+        // Gone: the others get it, the message for it is counted as unroutable.
+        try await loops[1].submit { router.unregister(names[5]) }.get()
+        try await send(["e"], to: list)
+        #expect(receivers[5].take().isEmpty, "a connection that is gone still got the message")
+        for (index, receiver) in receivers.enumerated() where index != 5 { #expect(receiver.take() == ["e", "|"]) }
+        #expect(router.unroutableCount == 1)
+        try await send(["f"], to: list)
+        #expect(router.unroutableCount == 2)
+        #expect(receivers[5].take().isEmpty)
+        for (index, receiver) in receivers.enumerated() where index != 5 { #expect(receiver.take() == ["f", "|"]) }
+
+        // Registered again (a name nobody held): the list reaches it again.
+        receivers[5] = KeptBatches()
+        try await register(5, receivers[5])
+        let before = router.listHandOvers.load(ordering: .relaxed)
+        try await send(["g"], to: list)
+        for receiver in receivers { #expect(receiver.take() == ["g", "|"]) }
+        #expect(router.unroutableCount == 2)
+        #expect(router.listHandOvers.load(ordering: .relaxed) == before + 1, "the list was not resolved again")
+
+        // Two lists in one hand-over: each connection still takes its messages in order.
+        let other = BundleMemberList(Array(names.prefix(4)))
+        router.deliver([
+            ReceivedBundle(members: list, message: ["text": "h"]), ReceivedBundle(members: other, message: ["text": "i"]),
+            ReceivedBundle(members: list, message: ["text": "j"]),
+        ])
+        for loop in loops { try await loop.submit {}.get() }
+        for (index, receiver) in receivers.enumerated() {
+            #expect(receiver.take() == (index < 4 ? ["h", "i", "j", "|"] : ["h", "j", "|"]))
+        }
+        try await group.shutdownGracefully()
+    }
+
     /// Swift compares strings as characters: a name with a Kelvin sign where a socket's has a
     /// K is the same key to a dictionary of strings. Only the exact bytes of a registered name
     /// reach its connection (an asgi_redis sender allows Unicode letters in names).
