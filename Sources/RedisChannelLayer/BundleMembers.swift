@@ -1,6 +1,12 @@
 import ASGI
 import Synchronization
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// The member lists of bundles this layer decoded, by their bytes: a group's next message to the
 /// same members carries the same list (the send script copies it from the group's cached split),
 /// so its 500 names are compared with the ones decoded before (one `memcmp`) instead of being
@@ -35,11 +41,6 @@ final class BundleMembers: Sendable {
     static let byteBudget = 8 << 20
 
     private static let key: [UInt8] = [0xb0] + Array("__asgi_channel__".utf8)
-    /// msgpack's map16/32, array16/32 and str8/16/32 markers, and the bytes of their counts.
-    private static let mapWidths: [UInt8: Int] = [0xde: 2, 0xdf: 4]
-    private static let arrayWidths: [UInt8: Int] = [0xdc: 2, 0xdd: 4]
-    private static let stringWidths: [UInt8: Int] = [0xd9: 1, 0xda: 2, 0xdb: 4]
-
     /// The member list's place in `body`, when the body has the send script's layout.
     static func layout(of body: [UInt8]) -> Layout? {
         body.withUnsafeBytes { bytes -> Layout? in
@@ -49,28 +50,28 @@ final class BundleMembers: Sendable {
                 defer { offset += count }
                 return offset
             }
-            func integer(_ width: Int) -> Int? {
-                guard let at = take(width) else { return nil }
-                var value = 0
-                for index in at..<(at + width) { value = value << 8 | Int(bytes[index]) }
-                return value
-            }
             // A msgpack header: a count in the marker (`fixed`, under `mask`) or in the next
-            // 1, 2 or 4 bytes (`wide`: marker to width).
-            func header(fixed: ClosedRange<UInt8>, mask: UInt8, wide: [UInt8: Int]) -> Int? {
+            // bytes. The wide markers follow one another from `wide`, their counts 1, 2 and 4
+            // bytes wide (str8/16/32) or 2 and 4 (map16/32, array16/32: `shift` 1).
+            func header(fixed: ClosedRange<UInt8>, mask: UInt8, wide: UInt8, kinds: UInt8, shift: Int) -> Int? {
                 guard let at = take(1) else { return nil }
                 let marker = bytes[at]
                 if fixed.contains(marker) { return Int(marker & mask) }
-                return wide[marker].flatMap(integer)
+                guard marker >= wide, marker - wide < kinds else { return nil }
+                let width = 1 << (Int(marker - wide) + shift)
+                guard let from = take(width) else { return nil }
+                var value = 0
+                for index in from..<(from + width) { value = value << 8 | Int(bytes[index]) }
+                return value
             }
-            guard let mapCount = header(fixed: 0x80...0x8f, mask: 0x0f, wide: Self.mapWidths),
+            guard let mapCount = header(fixed: 0x80...0x8f, mask: 0x0f, wide: 0xde, kinds: 2, shift: 1),
                 mapCount >= 1, let keyAt = take(key.count),
                 bytes[keyAt..<(keyAt + key.count)].elementsEqual(key)
             else { return nil }
             let start = offset
-            guard let count = header(fixed: 0x90...0x9f, mask: 0x0f, wide: Self.arrayWidths) else { return nil }
+            guard let count = header(fixed: 0x90...0x9f, mask: 0x0f, wide: 0xdc, kinds: 2, shift: 1) else { return nil }
             for _ in 0..<count {
-                guard let length = header(fixed: 0xa0...0xbf, mask: 0x1f, wide: Self.stringWidths),
+                guard let length = header(fixed: 0xa0...0xbf, mask: 0x1f, wide: 0xd9, kinds: 3, shift: 0),
                     take(length) != nil
                 else { return nil }
             }
@@ -85,7 +86,7 @@ final class BundleMembers: Sendable {
         guard let entry, entry.listName == listName, entry.bytes.count == layout.list.count else { return nil }
         let same = entry.bytes.withUnsafeBytes { kept in
             body.withUnsafeBytes { given in
-                kept.elementsEqual(UnsafeRawBufferPointer(rebasing: given[layout.list]))
+                kept.isEmpty || memcmp(kept.baseAddress!, given.baseAddress! + layout.list.lowerBound, kept.count) == 0
             }
         }
         guard same else { return nil }
