@@ -52,6 +52,27 @@ struct SecurityTests {
         #expect(try await browser.get("/whoami/").text == "alice")
     }
 
+    /// A secret remembers the keys it made (a worker makes a socket's channel-session key for
+    /// each of its messages); what it remembers must be exactly what it computes: its own (not
+    /// another secret's), per purpose, at every length, and still right past the bound.
+    @Test func aSecretsRememberedKeysAreTheKeysItComputes() {
+        let one = DeploymentSecret(Array("one".utf8))
+        let other = DeploymentSecret(Array("other".utf8))
+        for index in 0..<20_000 {
+            let reply = "swift.response.abc!" + String(index)
+            let key = one.hex("channel-session", reply)
+            #expect(key == Hex.encode(one.mac("channel-session", reply)))
+            if index % 997 == 0 {
+                #expect(one.hex("channel-session", reply) == key, "asked again")
+                #expect(one.hex("channel-session", reply, length: 12) == String(key.prefix(12)))
+                #expect(one.hex("socket-tag", reply) != key, "another purpose gave the same key")
+                #expect(other.hex("channel-session", reply) == Hex.encode(other.mac("channel-session", reply)))
+                #expect(other.hex("channel-session", reply) != key, "another secret gave the same key")
+            }
+        }
+        #expect(one.socketTag("x!y") == String(Hex.encode(one.mac("socket-tag", "x!y")).prefix(12)))
+    }
+
     /// Channels 1.x's key: "chn" and the first 29 hex digits of the reply channel's SHA-1.
     func legacyChannelsKey(_ reply: String) -> String {
         var hasher = Insecure.SHA1()

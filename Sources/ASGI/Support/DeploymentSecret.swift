@@ -1,4 +1,5 @@
 import Crypto
+import Synchronization
 
 /// The secret one deployment's processes share (Django's `SECRET_KEY`): channel-session keys,
 /// CSRF tokens and the tags that stand for reply channels in logs are keyed hashes made with it,
@@ -12,6 +13,12 @@ public struct DeploymentSecret: Sendable {
     /// between threads is reading it (`HMAC` is not marked `Sendable` in swift-crypto 3).
     private final class Keyed: @unchecked Sendable {
         let hmac: HMAC<SHA256>
+        /// ``hex(_:_:length:)``'s answers by purpose and value: a worker makes a socket's
+        /// channel-session key for each of its messages, and the MAC (through swift-crypto's
+        /// generic updates) had been a twentieth of a relaying worker's CPU. Bounded: past
+        /// `remembered` values it starts again.
+        let hexes = Mutex<[String: String]>([:])
+        static let remembered = 16_384
         init(_ key: [UInt8]) { hmac = HMAC<SHA256>(key: SymmetricKey(data: key)) }
     }
 
@@ -37,7 +44,14 @@ public struct DeploymentSecret: Sendable {
 
     /// The first `length` lowercase hex digits of ``mac(_:_:)``.
     public func hex(_ purpose: StaticString, _ value: String, length: Int = 64) -> String {
-        String(Hex.encode(mac(purpose, value)).prefix(length))
+        let key = "\(purpose)\u{0}\(value)"
+        if let known = keyed.hexes.withLock({ $0[key] }) { return String(known.prefix(length)) }
+        let made = Hex.encode(mac(purpose, value))
+        keyed.hexes.withLock { hexes in
+            if hexes.count >= Keyed.remembered { hexes.removeAll(keepingCapacity: true) }
+            hexes[key] = made
+        }
+        return String(made.prefix(length))
     }
 
     /// A short tag that stands for a reply channel in logs: the same in every process of the
