@@ -135,6 +135,7 @@ final class ReplyTarget: Sendable {
 /// the list is held by no connection here (such a list takes the look-up path, which counts it).
 final class ListResolution: Sendable {
     struct Run: @unchecked Sendable {
+        let loopID: ObjectIdentifier
         let loop: any EventLoop
         let receivers: [any ReplyReceiver]
     }
@@ -373,7 +374,7 @@ final class ReplyRouter: Service, Sendable {
         }
         let keys = list.names.map(targetKey)
         var loops: [ObjectIdentifier] = []
-        var runs: [(loop: any EventLoop, receivers: [any ReplyReceiver])] = []
+        var runs: [(loopID: ObjectIdentifier, loop: any EventLoop, receivers: [any ReplyReceiver])] = []
         var complete = true
         let counters = targets.withLock { targets -> (moves: Int, registrations: Int) in
             for key in keys {
@@ -386,14 +387,14 @@ final class ReplyRouter: Service, Sendable {
                     runs[index].receivers.append(target.uncheckedReceiver)
                 } else {
                     loops.append(target.loopID)
-                    runs.append((target.loop, [target.uncheckedReceiver]))
+                    runs.append((target.loopID, target.loop, [target.uncheckedReceiver]))
                 }
             }
             return (moves.load(ordering: .relaxed), registrations.load(ordering: .relaxed))
         }
         let resolution = ListResolution(
             list: list, moves: counters.moves, registrations: counters.registrations,
-            runs: complete ? runs.map { ListResolution.Run(loop: $0.loop, receivers: $0.receivers) } : nil)
+            runs: complete ? runs.map { ListResolution.Run(loopID: $0.loopID, loop: $0.loop, receivers: $0.receivers) } : nil)
         resolutions.withLock { kept in
             // Kept only while nothing moved since the look-up (a name let go meanwhile has
             // already emptied the table, and this must not come back into it).
@@ -404,11 +405,13 @@ final class ReplyRouter: Service, Sendable {
         return resolution
     }
 
-    /// Hands what a take brought to the connections it names. A hand-over of bundles that all
-    /// name one member list (one room's messages) whose names are all held here goes to each
-    /// event loop as its receivers in a kept array and the messages: no look-up, no entry per
-    /// member, and each connection takes all its messages in order, then writes once.
-    /// Anything else is one message per member through ``deliver(_:)-([ReceivedMessage])``.
+    /// Hands what a take brought to the connections it names. A run of bundles that name one
+    /// member list (one room's messages) whose names are all held here goes to each event loop
+    /// as its receivers in a kept array and the messages: no look-up, no entry per member, and
+    /// each connection takes the run's messages in order, then writes once. Everything else
+    /// (single replies, lists with a name not held here) is looked up one message per member,
+    /// between them in the order taken; each event loop gets its part of the hand-over in one
+    /// hop, in that order.
     func deliver(_ taken: [ReceivedBundle]) {
         guard let first = taken.first else { return }
         if case .members(let list) = first.channels,
@@ -423,7 +426,65 @@ final class ReplyRouter: Service, Sendable {
             }
             return
         }
-        deliver(taken.count == 1 ? taken[0].messages : taken.flatMap(\.messages))
+        // Runs of one resolved list, and what lies between them.
+        var segments: [(range: Range<Int>, runs: [ListResolution.Run]?)] = []
+        var index = 0
+        while index < taken.count {
+            var end = index + 1
+            if case .members(let list) = taken[index].channels, let runs = resolution(of: list).runs {
+                while end < taken.count, case .members(let other) = taken[end].channels, other === list { end += 1 }
+                segments.append((index..<end, runs))
+            } else {
+                while end < taken.count {
+                    if case .members(let list) = taken[end].channels, resolution(of: list).runs != nil { break }
+                    end += 1
+                }
+                segments.append((index..<end, nil))
+            }
+            index = end
+        }
+        guard segments.contains(where: { $0.runs != nil }) else {
+            deliver(taken.count == 1 ? taken[0].messages : taken.flatMap(\.messages))
+            return
+        }
+        var work: [(loopID: ObjectIdentifier, loop: any EventLoop, items: [LoopWork])] = []
+        func add(_ item: LoopWork, loopID: ObjectIdentifier, loop: any EventLoop) {
+            if let at = work.firstIndex(where: { $0.loopID == loopID }) {
+                work[at].items.append(item)
+            } else {
+                work.append((loopID, loop, [item]))
+            }
+        }
+        for segment in segments {
+            let part = taken[segment.range]
+            if let runs = segment.runs {
+                let messages = part.map(\.message)
+                ServerMetrics.received[.process]?.increment(by: (runs.reduce(0) { $0 + $1.receivers.count }) * messages.count)
+                listHandOvers.wrappingAdd(1, ordering: .relaxed)
+                for run in runs { add(.list(run.receivers, messages), loopID: run.loopID, loop: run.loop) }
+            } else {
+                for run in lookUp(part.flatMap(\.messages)) { add(.looked(run.items), loopID: run.loopID, loop: run.loop) }
+            }
+        }
+        for entry in work {
+            let items = entry.items
+            entry.loop.execute {
+                for item in items {
+                    switch item {
+                    case .list(let receivers, let messages): Self.handOver(receivers, messages)
+                    case .looked(let replies): Self.handOver(replies)
+                    }
+                }
+            }
+        }
+    }
+
+    /// One part of an event loop's hand-over.
+    enum LoopWork: @unchecked Sendable {
+        /// A resolved list's receivers (this loop's) and the messages for each of them.
+        case list([any ReplyReceiver], [Message])
+        /// Replies looked up one by one.
+        case looked([(ReplyTarget, Message)])
     }
 
     /// One event loop's part of a hand-over of a resolved list's messages, on that loop: each
@@ -453,6 +514,22 @@ final class ReplyRouter: Service, Sendable {
 
     /// Hands each reply of `batch` to the connection that holds its channel; counts those none does.
     func deliver(_ batch: [ReceivedMessage]) {
+        let runs = lookUp(batch)
+        if runs.count == 1, runs[0].items.count == 1 {
+            let (target, message) = runs[0].items[0]
+            target.loop.execute { target.receiver.value.receiveReply(message) }
+            return
+        }
+        // One hop per event loop, each taking its replies in the order they came.
+        for run in runs {
+            let items = run.items
+            run.loop.execute { Self.handOver(items) }
+        }
+    }
+
+    /// The connections of `batch`'s replies, by event loop (each loop's in the order they
+    /// came); the replies for connections that are gone are counted as unroutable.
+    private func lookUp(_ batch: [ReceivedMessage]) -> [(loopID: ObjectIdentifier, loop: any EventLoop, items: [(ReplyTarget, Message)])] {
         ServerMetrics.received[.process]?.increment(by: batch.count)
         var found: [(target: ReplyTarget, message: Message)] = []
         found.reserveCapacity(batch.count)
@@ -470,11 +547,6 @@ final class ReplyRouter: Service, Sendable {
             logger.debug("reply for a connection that is gone (counted in unroutable replies)")
             tellStreamsTheirClientLeft(batch)
         }
-        guard found.count > 1 else {
-            if let (target, message) = found.first { target.loop.execute { target.receiver.value.receiveReply(message) } }
-            return
-        }
-        // One hop per event loop, each taking its replies in the order they came.
         var runs: [(loopID: ObjectIdentifier, loop: any EventLoop, items: [(ReplyTarget, Message)])] = []
         for (target, message) in found {
             if let index = runs.firstIndex(where: { $0.loopID == target.loopID }) {
@@ -483,10 +555,7 @@ final class ReplyRouter: Service, Sendable {
                 runs.append((target.loopID, target.loop, [(target, message)]))
             }
         }
-        for run in runs {
-            let items = run.items
-            run.loop.execute { Self.handOver(items) }
-        }
+        return runs
     }
 
     /// One event loop's part of a hand-over, on that loop: each connection takes its replies in
