@@ -373,11 +373,14 @@ final class ReplyRouter: Service, Sendable {
             return known
         }
         let keys = list.names.map(targetKey)
+        // A name listed twice (no group set holds one twice; a crafted body might) would get
+        // each message of a run twice in a row, out of order: such a list is looked up per
+        // message, which keeps each reply in its place.
+        var complete = Set(keys).count == keys.count
         var loops: [ObjectIdentifier] = []
         var runs: [(loopID: ObjectIdentifier, loop: any EventLoop, receivers: [any ReplyReceiver])] = []
-        var complete = true
         let counters = targets.withLock { targets -> (moves: Int, registrations: Int) in
-            for key in keys {
+            for key in keys where complete {
                 guard let target = targets[key] else {
                     complete = false
                     runs = []

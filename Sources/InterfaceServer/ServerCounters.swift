@@ -61,6 +61,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var directSends = 0
     /// Of those, the ones the kernel did not take whole: the rest went through the channel.
     public var directRemainders = 0
+    /// WebSocket sessions in memory: the open sockets' and those of sockets that closed a
+    /// moment ago. A figure that stays above the open sockets' count is a leak.
+    public var webSocketSessionsAlive = 0
 
     /// All counters at zero.
     public init() {}
@@ -80,6 +83,8 @@ final class ServerCounters: Sendable {
     /// Direct sends (``ServerStatistics/directSends``): counted on the delivery path, so atomics.
     let directSends = Atomic<Int>(0)
     let directRemainders = Atomic<Int>(0)
+    /// WebSocket sessions alive (made, not yet freed).
+    let sessionsAlive = Atomic<Int>(0)
 
     func count(_ counter: Counter, by amount: Int = 1) {
         guard amount > 0 else { return }
@@ -116,6 +121,7 @@ final class ServerCounters: Sendable {
         stats.httpStoreLost = self[.httpStoreLost]
         stats.directSends = directSends.load(ordering: .relaxed)
         stats.directRemainders = directRemainders.load(ordering: .relaxed)
+        stats.webSocketSessionsAlive = sessionsAlive.load(ordering: .relaxed)
         stats.unroutableReplies = unroutable
         return stats
     }

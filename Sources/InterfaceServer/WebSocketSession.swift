@@ -6,6 +6,7 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import NIOWebSocket
+import Synchronization
 
 /// One WebSocket, from the held-open upgrade to the disconnect. Lives on its channel's
 /// event loop. Replies that arrive before the upgrade completes are kept and written after.
@@ -87,12 +88,27 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
             bound.value.senderReading = reading
             bound.value.updateReading()
         }
+        // The sender's callbacks and the pipeline's contexts hold this session, which holds
+        // them: they are let go when the connection closes (the sender finishes what it holds,
+        // the disconnect included, without them), or every session would outlive its socket.
+        channel.closeFuture.whenComplete { _ in
+            let session = bound.value
+            session.sender.onGiveUp = nil
+            session.sender.setReading = nil
+            // The frame handler's context holds the frame handler, which holds this session.
+            session.context = nil
+            session.encodedFrames = nil
+            session.frameChannel = nil
+        }
+        server.counters.sessionsAlive.wrappingAdd(1, ordering: .relaxed)
         if server.configuration.maxFramesPerSecond > 0 {
             limiter = FrameRateLimiter(
                 perSecond: server.configuration.maxFramesPerSecond, burst: max(10, server.configuration.maxFramesPerSecond / 10),
                 now: .now())
         }
     }
+
+    deinit { server.counters.sessionsAlive.wrappingSubtract(1, ordering: .relaxed) }
 
     /// This socket's share of the layer: frames a second (nil: no limit).
     var limiter: FrameRateLimiter?

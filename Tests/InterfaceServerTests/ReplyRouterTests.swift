@@ -124,6 +124,13 @@ struct ReplyRouterTests {
         }
         #expect(router.listHandOvers.load(ordering: .relaxed) == handOvers + 3, "the resolved runs were looked up member by member")
         #expect(router.unroutableCount == 3)
+
+        // A name listed twice (a crafted body): its copies stay in order, message by message.
+        let twice = BundleMemberList([names[0], names[0], names[1]])
+        router.deliver([ReceivedBundle(members: twice, message: ["text": "n"]), ReceivedBundle(members: twice, message: ["text": "o"])])
+        for loop in loops { try await loop.submit {}.get() }
+        #expect(receivers[0].take() == ["n", "n", "o", "o", "|"])
+        #expect(receivers[1].take() == ["n", "o", "|"])
         try await group.shutdownGracefully()
     }
 
