@@ -22,9 +22,9 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
         let frame = unwrapInboundIn(data)
         switch frame.opcode {
         case .text:
-            var payload = frame.unmaskedData
-            let text = payload.readString(length: payload.readableBytes) ?? ""
-            guard String(validating: Array(frame.unmaskedData.readableBytesView), as: UTF8.self) != nil else {
+            // Unmasked once (each `unmaskedData` is a copy) and checked as it is made into text.
+            let payload = frame.unmaskedData
+            guard let text = String(validating: payload.readableBytesView, as: UTF8.self) else {
                 session.close(code: 1007)
                 return
             }
