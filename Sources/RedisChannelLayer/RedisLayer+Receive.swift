@@ -158,7 +158,11 @@ extension RedisChannelLayer {
                 else { continue }
                 let batch = handOut(popped, max: max)
                 if !batch.isEmpty {
-                    flowing.store(true, ordering: .relaxed)
+                    // A take that did not fill the batch left its list empty: the next receive
+                    // waits in BLPOP (which answers at once if anything came meanwhile) instead
+                    // of a look that would find nothing, a script Redis would run ahead of the
+                    // reader's next command (a worker's session read, say).
+                    flowing.store(batch.count >= max, ordering: .relaxed)
                     return batch
                 }
             }
@@ -199,7 +203,7 @@ extension RedisChannelLayer {
                 let slice = min(remaining, configuration.blockingSlice)
                 guard let batch = try await blockingTake(shard: shard, lists: lists, wait: slice, max: max), !batch.isEmpty
                 else { continue }
-                flowing.store(true, ordering: .relaxed)
+                flowing.store(batch.count >= max, ordering: .relaxed)
                 return batch
             }
         }
