@@ -142,30 +142,36 @@ extension RedisChannelLayer {
                 flowing.store(false, ordering: .relaxed)
                 if timeout <= .zero { return [] }
             }
-            let clock = ContinuousClock()
-            let deadline = clock.now + timeout
-            while true {
-                let remaining = deadline - clock.now
-                if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
-                let slice = min(remaining, configuration.blockingSlice)
+            return try await inSlices(of: timeout) { slice in
                 let waitPlan = blockingPlan(channels)
                 if waitPlan.count > 1 {
-                    guard let batch = try await blockingPopRace(plan: waitPlan, wait: slice, max: max), !batch.isEmpty else { continue }
+                    guard let batch = try await blockingPopRace(plan: waitPlan, wait: slice, max: max), !batch.isEmpty else { return nil }
                     flowing.store(true, ordering: .relaxed)
                     return batch
                 }
                 guard let popped = try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: max)
-                else { continue }
+                else { return nil }
                 let batch = handOut(popped, max: max)
-                if !batch.isEmpty {
-                    // A take that did not fill the batch left its list empty: the next receive
-                    // waits in BLPOP (which answers at once if anything came meanwhile) instead
-                    // of a look that would find nothing, a script Redis would run ahead of the
-                    // reader's next command (a worker's session read, say).
-                    flowing.store(batch.count >= max, ordering: .relaxed)
-                    return batch
-                }
+                // A take that did not fill the batch left its list empty: the next receive
+                // waits in BLPOP (which answers at once if anything came meanwhile) instead of a
+                // look that would find nothing, a script Redis would run ahead of the reader's
+                // next command (a worker's session read, say).
+                if !batch.isEmpty { flowing.store(batch.count >= max, ordering: .relaxed) }
+                return batch
             }
+        }
+    }
+
+    /// Calls `take` with slices of `timeout` (each at most the blocking slice) until it takes
+    /// something; empty once the time is up or the task is cancelled. `take` answers nil or
+    /// empty for a slice that passed with nothing usable.
+    func inSlices<Entry>(of timeout: Duration, _ take: (Duration) async throws -> [Entry]?) async throws -> [Entry] {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while true {
+            let remaining = deadline - clock.now
+            if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
+            if let taken = try await take(min(remaining, configuration.blockingSlice)), !taken.isEmpty { return taken }
         }
     }
 
@@ -195,15 +201,9 @@ extension RedisChannelLayer {
                 flowing.store(false, ordering: .relaxed)
                 if timeout <= .zero { return [] }
             }
-            let clock = ContinuousClock()
-            let deadline = clock.now + timeout
-            while true {
-                let remaining = deadline - clock.now
-                if remaining <= .milliseconds(1) || Task.isCancelled { return [] }
-                let slice = min(remaining, configuration.blockingSlice)
-                guard let batch = try await blockingTake(shard: shard, lists: lists, wait: slice, max: max), !batch.isEmpty
-                else { continue }
-                flowing.store(batch.count >= max, ordering: .relaxed)
+            return try await inSlices(of: timeout) { slice in
+                let batch = try await blockingTake(shard: shard, lists: lists, wait: slice, max: max)
+                if let batch, !batch.isEmpty { flowing.store(batch.count >= max, ordering: .relaxed) }
                 return batch
             }
         }
