@@ -152,11 +152,12 @@ extension RedisChannelLayer {
                 guard let popped = try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: max)
                 else { return nil }
                 let batch = handOut(popped, max: max)
-                // A take that did not fill the batch left its list empty: the next receive
-                // waits in BLPOP (which answers at once if anything came meanwhile) instead of a
-                // look that would find nothing, a script Redis would run ahead of the reader's
-                // next command (a worker's session read, say).
-                if !batch.isEmpty { flowing.store(batch.count >= max, ordering: .relaxed) }
+                // A take of one list that did not fill the batch left that list empty: the next
+                // receive waits in BLMOVE (which answers at once if anything came meanwhile)
+                // instead of a look that would find nothing, a script Redis would run ahead of
+                // the reader's next command. A wait on several lists emptied only the one it
+                // popped: the next receive looks at all of them, fairly (disconnects last).
+                if !batch.isEmpty { flowing.store(waitPlan[0].lists.count > 1 || batch.count >= max, ordering: .relaxed) }
                 return batch
             }
         }

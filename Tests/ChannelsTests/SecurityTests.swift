@@ -71,6 +71,12 @@ struct SecurityTests {
             }
         }
         #expect(one.socketTag("x!y") == String(Hex.encode(one.mac("socket-tag", "x!y")).prefix(12)))
+        // Equal as Swift strings, different bytes: each its own key.
+        let composed = one.hex("csrf", "caf\u{e9}")
+        let decomposed = one.hex("csrf", "cafe\u{301}")
+        #expect(composed == Hex.encode(one.mac("csrf", "caf\u{e9}")))
+        #expect(decomposed == Hex.encode(one.mac("csrf", "cafe\u{301}")))
+        #expect(composed != decomposed)
     }
 
     /// Channels 1.x's key: "chn" and the first 29 hex digits of the reply channel's SHA-1.

@@ -17,7 +17,7 @@ public struct DeploymentSecret: Sendable {
         /// channel-session key for each of its messages, and the MAC (through swift-crypto's
         /// generic updates) had been a twentieth of a relaying worker's CPU. Bounded: past
         /// `remembered` values it starts again.
-        let hexes = Mutex<[String: String]>([:])
+        let hexes = Mutex<[[UInt8]: String]>([:])
         static let remembered = 16_384
         init(_ key: [UInt8]) { hmac = HMAC<SHA256>(key: SymmetricKey(data: key)) }
     }
@@ -44,7 +44,13 @@ public struct DeploymentSecret: Sendable {
 
     /// The first `length` lowercase hex digits of ``mac(_:_:)``.
     public func hex(_ purpose: StaticString, _ value: String, length: Int = 64) -> String {
-        let key = "\(purpose)\u{0}\(value)"
+        // Keyed by the bytes the MAC is made of: Swift's strings compare as characters, and
+        // two values that look the same ("é" as one scalar or two) must not share an answer.
+        var key: [UInt8] = []
+        key.reserveCapacity(purpose.utf8CodeUnitCount + 1 + value.utf8.count)
+        purpose.withUTF8Buffer { key += $0 }
+        key.append(0)
+        key += value.utf8
         if let known = keyed.hexes.withLock({ $0[key] }) { return String(known.prefix(length)) }
         let made = Hex.encode(mac(purpose, value))
         keyed.hexes.withLock { hexes in
