@@ -47,6 +47,9 @@ public enum DropReason: String, Sendable, CaseIterable {
     /// A message of an ordered sequence that came after its turn had passed (its gap was
     /// skipped as lost: a worker that held it longer than the gap timeout).
     case late
+    /// Frames a WebSocket client sent past its share (`--max-frames-per-second`), more at once
+    /// than the server holds for it: the socket is closed (1008) and they are dropped.
+    case rateExceeded = "rate_exceeded"
 }
 
 extension ChannelKind {

@@ -18,6 +18,11 @@ import NIOCore
 /// the connection give up (1013 / 1011 / 503, the owner decides), and whatever was still held
 /// is counted as dropped. Reading also stops while more than `heldLimit` messages wait.
 ///
+/// A message sent with `outlivesGiveUp` (a socket's disconnect) is not given up with the rest:
+/// it stays, and later ones go on, each with a bound of its own. The application that was told
+/// a socket connected hears that it went, even when the socket went because its frames could
+/// not be sent (a group would otherwise keep the dead socket as a member until its expiry).
+///
 /// A message for a channel another connection of this server found full waits in line for it
 /// (``FullChannels``) instead of trying: one sender probes a full channel, not all of them.
 final class LayerSender {
@@ -35,7 +40,7 @@ final class LayerSender {
     var heldLimit: Int {
         didSet { heldLimit = max(1, heldLimit) }
     }
-    private var queue = Deque<(message: Message, channel: String)>()
+    private var queue = Deque<(message: Message, channel: String, outlivesGiveUp: Bool)>()
     private var failingSince: NIODeadline?
     private var pause = TimeAmount.milliseconds(25)
     private var readingPaused = false
@@ -81,13 +86,13 @@ final class LayerSender {
     /// Messages accepted by `send` and not yet taken by the layer.
     var held: Int { queue.count }
 
-    func send(_ message: Message, to channel: String) {
-        guard !gaveUp else {
+    func send(_ message: Message, to channel: String, outlivesGiveUp: Bool = false) {
+        guard !gaveUp || outlivesGiveUp else {
             server.counters.count(.heldDropped)
             ServerMetrics.dropped[.retriesExhausted]?.increment()
             return
         }
-        queue.append((message, channel))
+        queue.append((message, channel, outlivesGiveUp))
         server.router.workInHand.begin()
         updateReading()
         if let parked {
@@ -267,11 +272,12 @@ final class LayerSender {
         return wait
     }
 
-    /// Gives up on what is held (a full channel or an unreachable layer for its whole bound).
+    /// Gives up on what is held (a full channel or an unreachable layer for its whole bound),
+    /// but for the messages that outlive a give-up: they are tried next, on a bound of their own.
     private func giveUp(full: Bool) {
         gaveUp = true
-        ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: queue.count)
-        dropHeld()
+        let dropped = dropHeld(keepingSurvivors: true)
+        ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: dropped)
         onGiveUp?(full ? .full : .unavailable)
     }
 
@@ -287,17 +293,28 @@ final class LayerSender {
         server.fullChannels.stopProbing(channel, accepted: false)
     }
 
-    /// Counts everything held as dropped and lets it go.
-    private func dropHeld() {
+    /// Counts what is held as dropped and lets it go (all of it, or all but the messages that
+    /// outlive a give-up); returns how many were dropped.
+    @discardableResult
+    private func dropHeld(keepingSurvivors: Bool = false) -> Int {
         stopProbing()
         inOutage = false
         backInLine = false
-        guard !queue.isEmpty else { return }
-        server.counters.count(.heldDropped, by: queue.count)
-        server.router.workInHand.finish(queue.count)
-        queue.removeAll()
         failingSince = nil
+        pause = .milliseconds(25)
+        let before = queue.count
+        if keepingSurvivors {
+            queue.removeAll { !$0.outlivesGiveUp }
+        } else {
+            queue.removeAll()
+        }
+        let dropped = before - queue.count
+        if dropped > 0 {
+            server.counters.count(.heldDropped, by: dropped)
+            server.router.workInHand.finish(dropped)
+        }
         updateReading()
+        return dropped
     }
 
     private func updateReading() {

@@ -52,6 +52,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     /// Times a WebSocket sent past `maxFramesPerSecond` and reading from it paused (nothing
     /// is dropped: the client waits).
     public var framesPaced = 0
+    /// WebSockets closed with 1008 because they sent more frames at once, past their share, than
+    /// ten seconds' share (`maxFramesPerSecond`, at least 1,000): more than the server holds.
+    public var closedFrameFlood = 0
     /// HTTP responses cut because the application failed while sending them (`abort`).
     public var httpAborted = 0
     /// HTTP requests in flight closed because the layer lost its data (their replies with it).
@@ -76,7 +79,7 @@ final class ServerCounters: Sendable {
             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
             refusedHost, refusedOrigin, timedOutHeader, timedOutBody, timedOutResponse, closedIdle,
             closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress, framesPaced,
-            httpAborted, httpStoreLost
+            httpAborted, httpStoreLost, closedFrameFlood
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -117,6 +120,7 @@ final class ServerCounters: Sendable {
         stats.refusedMaxConnections = self[.refusedMaxConnections]
         stats.refusedPerAddress = self[.refusedPerAddress]
         stats.framesPaced = self[.framesPaced]
+        stats.closedFrameFlood = self[.closedFrameFlood]
         stats.httpAborted = self[.httpAborted]
         stats.httpStoreLost = self[.httpStoreLost]
         stats.directSends = directSends.load(ordering: .relaxed)

@@ -91,6 +91,11 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
                 session.close(code: 1009)
             default: session.close(code: 1002)
             }
+        } else if error is IOError {
+            // The socket itself failed (a reset, a broken pipe): the client is gone, as when
+            // the connection drops (1006), not a fault of this server's (1011).
+            session.clientClosed(code: 1006)
+            context.close(promise: nil)
         } else {
             session.close(code: 1011)
         }

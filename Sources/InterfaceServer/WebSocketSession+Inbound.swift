@@ -18,8 +18,37 @@ extension WebSocketSession {
             sender.send(message.message, to: ASGIChannel.websocketReceive)
             return
         }
-        paced.append(message.message)
+        guard paced.count < pacedLimit else {
+            frameFlood()
+            return
+        }
+        paced.append(message)
         sendPaced()
+    }
+
+    /// Frames past the socket's share the server holds for it: ten seconds' share (at least
+    /// 1,000), kept as typed messages (about 64 bytes a small frame, the layer's message is made
+    /// when the frame's turn comes). Reading pauses at the share, so only what a read brings can
+    /// pile up; a client that packs more than ten seconds' share into one write is not pacing
+    /// itself at all.
+    private var pacedLimit: Int { max(10 * server.configuration.maxFramesPerSecond, 1_000) }
+
+    /// More frames past the share than the server holds: closed with 1008 (policy), and the
+    /// frames waiting for their share are dropped (counted). Dropping only the excess would
+    /// lose a client's messages without its knowing; a close tells it.
+    private func frameFlood() {
+        guard !machine.closeFrameSent else { return }
+        server.counters.count(.closedFrameFlood)
+        server.counters.count(.heldDropped, by: paced.count + 1)
+        ServerMetrics.dropped[.rateExceeded]?.increment(by: paced.count + 1)
+        server.logger.warning(
+            "closing a WebSocket that sent more frames at once than its share allows (1008)",
+            metadata: [
+                "socket": "\(server.configuration.secret.socketTag(replyChannel))",
+                "limit": "\(server.configuration.maxFramesPerSecond)",
+            ])
+        paced.removeAll()
+        close(code: 1008, force: true)
     }
 
     /// Sends the frames waiting for this socket's share, as tokens allow; when they run out,
@@ -41,7 +70,7 @@ extension WebSocketSession {
                 return
             }
             paced.removeFirst()
-            sender.send(next, to: ASGIChannel.websocketReceive)
+            sender.send(next.message, to: ASGIChannel.websocketReceive)
         }
         if ratePaused {
             ratePaused = false
@@ -97,7 +126,7 @@ extension WebSocketSession {
         // Frames still waiting for their share go first, in order, before the disconnect.
         pacingTimer?.cancel()
         pacingTimer = nil
-        while let next = paced.popFirst() { sender.send(next, to: ASGIChannel.websocketReceive) }
+        while let next = paced.popFirst() { sender.send(next.message, to: ASGIChannel.websocketReceive) }
         pingWheel?.remove(self)
         pingWheel = nil
         lifetime?.cancel()
@@ -108,6 +137,6 @@ extension WebSocketSession {
         sender.send(
             WebSocketDisconnectMessage(replyChannel: ReplyChannelName(trusted: replyChannel), code: Int(code), path: path, order: order)
                 .message,
-            to: ASGIChannel.websocketDisconnect)
+            to: ASGIChannel.websocketDisconnect, outlivesGiveUp: true)
     }
 }

@@ -118,7 +118,7 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
     var ratePaused = false
     /// Frames read past the socket's share, waiting for tokens (bounded by what one read
     /// brings, since reading pauses).
-    var paced = Deque<Message>()
+    var paced = Deque<WebSocketReceiveMessage>()
     var pacingTimer: Scheduled<Void>?
     private var reading = true
 
@@ -240,7 +240,7 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
                 WebSocketDisconnectMessage(
                     replyChannel: ReplyChannelName(trusted: replyChannel), code: 1006, path: path, order: disconnectOrder
                 ).message,
-                to: ASGIChannel.websocketDisconnect)
+                to: ASGIChannel.websocketDisconnect, outlivesGiveUp: true)
         }
     }
 

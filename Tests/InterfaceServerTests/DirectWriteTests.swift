@@ -193,6 +193,39 @@ final class RawWebSocket: @unchecked Sendable {
         return texts
     }
 
+    /// The next frame, whatever it is: its first byte and payload.
+    func readFrame(within bound: Duration) throws -> (UInt8, [UInt8]) {
+        let deadline = ContinuousClock.now + bound
+        while true {
+            if let (opcode, payload, used) = Self.frame(in: pending) {
+                pending.removeFirst(used)
+                return (opcode, Array(payload))
+            }
+            try fill(until: deadline)
+        }
+    }
+
+    /// Writes `texts` as masked text frames, all in one write.
+    func sendTexts(_ texts: [String]) throws {
+        var bytes: [UInt8] = []
+        let mask: [UInt8] = [0x37, 0xFA, 0x21, 0x3D]
+        for text in texts {
+            let payload = Array(text.utf8)
+            precondition(payload.count < 126)
+            bytes += [0x81, 0x80 | UInt8(payload.count)] + mask
+            bytes += payload.enumerated().map { $0.element ^ mask[$0.offset % 4] }
+        }
+        let sent = bytes.withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, 0) }
+        guard sent == bytes.count else { throw POSIXFailure("send") }
+    }
+
+    /// Closes with a reset (no close frame, no FIN).
+    func reset() {
+        var linger = linger(l_onoff: 1, l_linger: 0)
+        setsockopt(descriptor, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
+        close()
+    }
+
     /// One frame from the start of `bytes` (first byte, payload, bytes used), or nil if incomplete.
     static func frame(in bytes: [UInt8]) -> (UInt8, ArraySlice<UInt8>, Int)? {
         guard bytes.count >= 2 else { return nil }

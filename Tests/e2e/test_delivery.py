@@ -921,6 +921,15 @@ def a_websocket_receive_that_stays_full_closes_with_1013_only_after_the_bound():
                 closed_after = time.time() - full_at
                 assert e.code == 1013, e.code
             assert 1.3 <= closed_after < 10, "closed %.2f s after the channel filled" % closed_after
+            # The application that accepted the socket hears it went (a group would otherwise
+            # keep it): its frames were given up, its disconnect was not.
+            channel, disconnect = None, None
+            for _ in range(10):
+                channel, disconnect = await asyncio.to_thread(app.receive, ["websocket.disconnect"], True)
+                if channel:
+                    break
+            assert disconnect and disconnect["reply_channel"] == connect["reply_channel"], disconnect
+            assert disconnect["code"] == 1013, disconnect
         asyncio.run(run())
         proc.wait_line("holding and retrying")
         proc.wait_line("stayed full; closing with 1013")
