@@ -19,9 +19,15 @@ import NIOCore
 /// is counted as dropped. Reading also stops while more than `heldLimit` messages wait.
 ///
 /// A message sent with `outlivesGiveUp` (a socket's disconnect) is not given up with the rest:
-/// it stays, and later ones go on, each with a bound of its own. The application that was told
-/// a socket connected hears that it went, even when the socket went because its frames could
-/// not be sent (a group would otherwise keep the dead socket as a member until its expiry).
+/// it stays, on one bound of its own (a second give-up drops it, counted). The application that
+/// was told a socket connected hears that it went, even when the socket went because its frames
+/// could not be sent (a group would otherwise keep the dead socket as a member until its
+/// expiry); one that was never told (the layer took nothing of this sender's) is not told either.
+///
+/// Messages with an `order` (a WebSocket's) are numbered on past the ones dropped: a message
+/// after a drop carries the order that follows the last one the layer took, so an application
+/// that orders a socket's messages has no gap to wait out (its disconnect would otherwise expire
+/// behind the dropped frames).
 ///
 /// A message for a channel another connection of this server found full waits in line for it
 /// (``FullChannels``) instead of trying: one sender probes a full channel, not all of them.
@@ -62,6 +68,10 @@ final class LayerSender {
     /// The head's last send failed for want of the layer (not a full channel): retried on the
     /// outage's pauses and bound, never in a full channel's line.
     private var inOutage = false
+    /// Ordered messages dropped so far: later ones are numbered down by as many.
+    private var orderShift: Int64 = 0
+    /// The layer took a message of this sender's (a give-up's survivors follow something).
+    private var acceptedAny = false
 
     /// Called once, on the loop, when the sender gives up; later messages are dropped and counted.
     var onGiveUp: ((GiveUp) -> Void)?
@@ -86,10 +96,24 @@ final class LayerSender {
     /// Messages accepted by `send` and not yet taken by the layer.
     var held: Int { queue.count }
 
+    /// `count` ordered messages were dropped before they reached this sender (frames past a
+    /// socket's share): later ones are numbered down by as many.
+    func skipOrders(_ count: Int) { orderShift += Int64(count) }
+
+    /// `message` with its `order` (if it has one) lowered by `shift`.
+    private static func numbered(_ message: Message, down shift: Int64) -> Message {
+        guard shift > 0, let order = message["order"]?.intValue else { return message }
+        var message = message
+        message["order"] = .int(order - shift)
+        return message
+    }
+
     func send(_ message: Message, to channel: String, outlivesGiveUp: Bool = false) {
-        guard !gaveUp || outlivesGiveUp else {
+        let message = Self.numbered(message, down: orderShift)
+        guard !gaveUp || (outlivesGiveUp && acceptedAny) else {
             server.counters.count(.heldDropped)
             ServerMetrics.dropped[.retriesExhausted]?.increment()
+            if message["order"] != nil { orderShift += 1 }
             return
         }
         queue.append((message, channel, outlivesGiveUp))
@@ -192,6 +216,7 @@ final class LayerSender {
         failingSince = nil
         inOutage = false
         pause = .milliseconds(25)
+        acceptedAny = true
         let sent = queue.removeFirst()
         server.router.workInHand.finish()
         ServerMetrics.sent[ChannelKind(channel: sent.channel)]?.increment()
@@ -211,6 +236,10 @@ final class LayerSender {
             stopProbing()
             inOutage = false
             let dropped = queue.removeFirst()
+            if dropped.message["order"] != nil {
+                orderShift += 1
+                for index in queue.indices { queue[index].message = Self.numbered(queue[index].message, down: 1) }
+            }
             onDropped?(dropped.channel)
             server.router.workInHand.finish()
             server.counters.count(.heldDropped)
@@ -273,10 +302,13 @@ final class LayerSender {
     }
 
     /// Gives up on what is held (a full channel or an unreachable layer for its whole bound),
-    /// but for the messages that outlive a give-up: they are tried next, on a bound of their own.
+    /// but for the messages that outlive a give-up: they are tried next, on one bound of their
+    /// own, when the layer took something of this sender's before. One that is itself what the
+    /// layer refused for the whole bound (at the head), or already had its bound, is dropped.
     private func giveUp(full: Bool) {
+        let keep = !gaveUp && acceptedAny && queue.first?.outlivesGiveUp == false
         gaveUp = true
-        let dropped = dropHeld(keepingSurvivors: true)
+        let dropped = dropHeld(keepingSurvivors: keep)
         ServerMetrics.dropped[full ? .channelFull : .retriesExhausted]?.increment(by: dropped)
         onGiveUp?(full ? .full : .unavailable)
     }
@@ -304,7 +336,18 @@ final class LayerSender {
         pause = .milliseconds(25)
         let before = queue.count
         if keepingSurvivors {
-            queue.removeAll { !$0.outlivesGiveUp }
+            // A survivor is numbered down by the ordered messages dropped before it.
+            var kept = Deque<(message: Message, channel: String, outlivesGiveUp: Bool)>()
+            var shift: Int64 = 0
+            for entry in queue {
+                if entry.outlivesGiveUp {
+                    kept.append((Self.numbered(entry.message, down: shift), entry.channel, true))
+                } else if entry.message["order"] != nil {
+                    shift += 1
+                }
+            }
+            orderShift += shift
+            queue = kept
         } else {
             queue.removeAll()
         }

@@ -55,6 +55,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     /// WebSockets closed with 1008 because they sent more frames at once, past their share, than
     /// ten seconds' share (`maxFramesPerSecond`, at least 1,000): more than the server holds.
     public var closedFrameFlood = 0
+    /// Data frames a client sent after this server's close frame (before it saw it): dropped,
+    /// as RFC 6455 allows (a socket closed for a flood or a full channel has many).
+    public var framesAfterClose = 0
     /// HTTP responses cut because the application failed while sending them (`abort`).
     public var httpAborted = 0
     /// HTTP requests in flight closed because the layer lost its data (their replies with it).
@@ -79,7 +82,7 @@ final class ServerCounters: Sendable {
             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
             refusedHost, refusedOrigin, timedOutHeader, timedOutBody, timedOutResponse, closedIdle,
             closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress, framesPaced,
-            httpAborted, httpStoreLost, closedFrameFlood
+            httpAborted, httpStoreLost, closedFrameFlood, framesAfterClose
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -121,6 +124,7 @@ final class ServerCounters: Sendable {
         stats.refusedPerAddress = self[.refusedPerAddress]
         stats.framesPaced = self[.framesPaced]
         stats.closedFrameFlood = self[.closedFrameFlood]
+        stats.framesAfterClose = self[.framesAfterClose]
         stats.httpAborted = self[.httpAborted]
         stats.httpStoreLost = self[.httpStoreLost]
         stats.directSends = directSends.load(ordering: .relaxed)

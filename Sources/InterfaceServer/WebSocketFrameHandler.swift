@@ -1,6 +1,7 @@
 import ASGI
 import CoreMetrics
 import NIOCore
+import NIOSSL
 import NIOWebSocket
 
 /// Frames of an upgraded connection, after the aggregator has joined fragments.
@@ -91,9 +92,9 @@ final class WebSocketFrameHandler: ChannelInboundHandler {
                 session.close(code: 1009)
             default: session.close(code: 1002)
             }
-        } else if error is IOError {
-            // The socket itself failed (a reset, a broken pipe): the client is gone, as when
-            // the connection drops (1006), not a fault of this server's (1011).
+        } else if error is IOError || error as? NIOSSLError == .uncleanShutdown {
+            // The socket itself failed (a reset, a broken pipe, TLS cut without its close): the
+            // client is gone, as when the connection drops (1006), not a fault of this server's (1011).
             session.clientClosed(code: 1006)
             context.close(promise: nil)
         } else {

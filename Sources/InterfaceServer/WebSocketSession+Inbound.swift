@@ -10,7 +10,14 @@ import NIOWebSocket
 extension WebSocketSession {
     /// A message frame from the client.
     func received(text: String?, bytes: [UInt8]?) {
-        guard let order = machine.frameReceived() else { return }
+        guard let order = machine.frameReceived() else {
+            // After our close frame: dropped, counted (with the close's reason, if it was one).
+            if machine.closeFrameSent {
+                server.counters.count(.framesAfterClose)
+                if let closeDropReason { ServerMetrics.dropped[closeDropReason]?.increment() }
+            }
+            return
+        }
         let message = WebSocketReceiveMessage(
             replyChannel: ReplyChannelName(trusted: replyChannel), path: path, order: order,
             data: text.map { .text($0) } ?? .bytes(bytes ?? []))
@@ -47,7 +54,10 @@ extension WebSocketSession {
                 "socket": "\(server.configuration.secret.socketTag(replyChannel))",
                 "limit": "\(server.configuration.maxFramesPerSecond)",
             ])
+        // Their orders (and this frame's) are not the application's to wait for.
+        sender.skipOrders(paced.count + 1)
         paced.removeAll()
+        closeDropReason = .rateExceeded
         close(code: 1008, force: true)
     }
 

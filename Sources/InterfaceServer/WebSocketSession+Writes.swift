@@ -132,6 +132,7 @@ extension WebSocketSession {
         closedAsSlow = true
         let queued = (try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? nil
         server.counters.count(.closedSlowClient)
+        closeDropReason = .slowClient
         // The frame that did not fit is not written: a drop, counted as such.
         ServerMetrics.dropped[.slowClient]?.increment()
         server.logger.warning(

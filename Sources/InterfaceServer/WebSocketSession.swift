@@ -120,6 +120,8 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
     /// brings, since reading pauses).
     var paced = Deque<WebSocketReceiveMessage>()
     var pacingTimer: Scheduled<Void>?
+    /// Why this server closed the socket, when the close drops what the client still sends.
+    var closeDropReason: DropReason?
     private var reading = true
 
     func updateReading() {
@@ -144,6 +146,7 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
             refuseHandshake(.unavailable)
         case .open:
             server.counters.count(reason == .full ? .closedChannelFull : .closedLayerUnavailable)
+            closeDropReason = reason == .full ? .channelFull : .retriesExhausted
             server.logger.warning(
                 reason == .full
                     ? "websocket.receive stayed full; closing with 1013"

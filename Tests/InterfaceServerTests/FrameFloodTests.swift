@@ -53,15 +53,20 @@ struct FrameFloodTests {
         let (opcode, payload) = try await offThePool { try flood.readFrame(within: .seconds(15)) }
         #expect(opcode == 0x88 && payload.prefix(2) == [0x03, 0xF0], "closed with 1008, got \(opcode) \(payload)")
         flood.close()
-        var disconnects: [Int64] = []
+        var disconnects: [(code: Int64, order: Int64)] = []
         while disconnects.isEmpty, ContinuousClock.now < deadline {
             if let message = try await layer.receive(channels: [ASGIChannel.websocketDisconnect], timeout: .milliseconds(200)) {
-                disconnects.append(message.message["code"]?.intValue ?? 0)
+                disconnects.append((message.message["code"]?.intValue ?? 0, message.message["order"]?.intValue ?? -1))
             }
         }
-        #expect(disconnects == [1008], "the application hears the flooder went")
+        #expect(disconnects.map(\.code) == [1008], "the application hears the flooder went")
         var through = 0
-        while try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .zero) != nil { through += 1 }
+        while let frame = try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .zero) {
+            through += 1
+            #expect(frame.message["order"]?.intValue == Int64(through), "the frames that went through, in order")
+        }
+        // The dropped frames' orders are not the application's to wait for.
+        #expect(disconnects.map(\.order) == [Int64(through) + 1], "the disconnect follows the last frame that went through")
         let statistics = server.statistics
         #expect(statistics.closedFrameFlood == 1)
         #expect(through <= 60, "little more than its burst went to the layer: \(through)")

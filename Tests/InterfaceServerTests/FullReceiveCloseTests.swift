@@ -65,21 +65,122 @@ struct FullReceiveCloseTests {
         // Every socket's disconnect reaches the application: 1013 for each the give-up closed
         // (the other two may be closed so before their reset or close frame is read: reading
         // from them paused while their frames were held), 1006 or 1000 for the others.
-        var codes: [String: Int64] = [:]
-        while codes.count < 3, ContinuousClock.now < deadline + .seconds(10) {
+        var disconnects: [String: (code: Int64, order: Int64)] = [:]
+        while disconnects.count < 3, ContinuousClock.now < deadline + .seconds(10) {
             guard let disconnect = try await layer.receive(channels: [ASGIChannel.websocketDisconnect], timeout: .milliseconds(200)) else {
                 continue
             }
-            codes[disconnect.message["reply_channel"]?.stringValue ?? "?"] = disconnect.message["code"]?.intValue
+            disconnects[disconnect.message["reply_channel"]?.stringValue ?? "?"] =
+                (disconnect.message["code"]?.intValue ?? 0, disconnect.message["order"]?.intValue ?? -1)
         }
-        #expect(codes.count == 3, "one disconnect per socket: \(codes)")
-        #expect(codes.values.allSatisfy { [1000, 1006, 1013].contains($0) } && codes.values.contains(1013), "\(codes)")
-        var frames = 0
-        while try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .zero) != nil { frames += 1 }
+        #expect(disconnects.count == 3, "one disconnect per socket: \(disconnects)")
+        let codes = disconnects.values.map(\.code)
+        #expect(codes.allSatisfy { [1000, 1006, 1013].contains($0) } && codes.contains(1013), "\(disconnects)")
+        // Each disconnect follows the last frame of its socket the layer took: no gap for an
+        // application that orders a socket's messages to wait out (the dropped frames had
+        // orders too).
+        var lastOrders: [String: Int64] = [:]
+        while let frame = try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .zero) {
+            let reply = frame.message["reply_channel"]?.stringValue ?? "?"
+            lastOrders[reply] = max(lastOrders[reply] ?? 0, frame.message["order"]?.intValue ?? 0)
+        }
+        for (reply, disconnect) in disconnects {
+            #expect(disconnect.order == (lastOrders[reply] ?? 0) + 1, "\(reply): disconnect \(disconnect), frames to \(lastOrders)")
+        }
+        let frames = Int(lastOrders.values.reduce(0, +))
         let statistics = server.statistics
         #expect(frames == 3, "the channel's capacity")
         #expect(statistics.heldDropped == 13 - frames, "every frame not sent is counted: \(statistics)")
         #expect((1...2).contains(statistics.closedChannelFull), "the waiting socket, and the leaving one if its close was not read")
         await server.shutdown()
+    }
+
+    /// A socket whose `websocket.connect` was given up (the channel full for the whole bound)
+    /// was never heard of by the application: its disconnect is dropped with it (a red-team run
+    /// found 19 disconnects for 1 connect when 20 clients left during a full connect channel).
+    @Test func aSocketWhoseConnectWasGivenUpSendsNoDisconnect() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.connect", 1)]))
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.channelFullTimeout = .seconds(1)
+        configuration.websocketConnectTimeout = .seconds(30)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let port = try #require(server.localAddress?.port)
+        // Three upgrades nobody answers: the first connect fits, the other two wait for room.
+        let descriptors = try await offThePool { try (0..<3).map { _ in try Self.upgradeRequest(port: port) } }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while server.statistics.sendFullRetried < 2, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(server.statistics.sendFullRetried == 2, "two connects wait for room")
+        for descriptor in descriptors {
+            var linger = linger(l_onoff: 1, l_linger: 0)
+            setsockopt(descriptor, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<linger>.size))
+            Glibc.close(descriptor)
+        }
+        // Past the bound: the two waiting connects and what followed them are given up.
+        while server.statistics.heldDropped < 4, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(300))
+        var connects: [String] = []
+        while let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .zero) {
+            connects.append(connect.message["reply_channel"]?.stringValue ?? "?")
+        }
+        var disconnects: [String] = []
+        while let disconnect = try await layer.receive(channels: [ASGIChannel.websocketDisconnect], timeout: .zero) {
+            disconnects.append(disconnect.message["reply_channel"]?.stringValue ?? "?")
+        }
+        #expect(connects.count == 1)
+        #expect(disconnects == connects, "a disconnect only for the connect the application got")
+        #expect(server.statistics.heldDropped == 4, "two connects and their disconnects")
+        await server.shutdown()
+    }
+
+    /// A disconnect refused as full for the whole bound is dropped and counted like any message:
+    /// it does not wait forever (a red-team run: retried until the shutdown's 30 s ran out).
+    @Test func aDisconnectGetsOneBoundNotForever() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.disconnect", 1)]))
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.channelFullTimeout = .seconds(1)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let port = try #require(server.localAddress?.port)
+        let application = Task {
+            while !Task.isCancelled {
+                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
+                    let reply = connect.message["reply_channel"]?.stringValue
+                else { continue }
+                try await layer.send(["accept": true], to: reply)
+            }
+        }
+        defer { application.cancel() }
+        let sockets = try await offThePool { try (0..<4).map { _ in try RawWebSocket(port: port, path: "/d/", receiveBuffer: 65536) } }
+        for socket in sockets { socket.reset() }
+        let deadline = ContinuousClock.now + .seconds(15)
+        while server.statistics.heldDropped < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(server.statistics.heldDropped == 3, "the three disconnects that found no room, counted")
+        let started = ContinuousClock.now
+        await server.shutdown()
+        #expect(ContinuousClock.now - started < .seconds(5), "nothing held keeps the shutdown waiting")
+        var disconnects = 0
+        while try await layer.receive(channels: [ASGIChannel.websocketDisconnect], timeout: .zero) != nil { disconnects += 1 }
+        #expect(disconnects == 1)
+    }
+
+    /// A WebSocket upgrade request on a plain socket, not waiting for the answer.
+    static func upgradeRequest(port: Int) throws -> CInt {
+        let descriptor = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard connected == 0 else { throw POSIXFailure("connect") }
+        let request =
+            "GET /c/ HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        _ = Array(request.utf8).withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, 0) }
+        return descriptor
     }
 }
