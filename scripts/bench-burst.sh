@@ -64,7 +64,7 @@ for run in $(seq "$RUNS"); do
   redis-cli -p "$R" config resetstat >/dev/null
   PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F ${PERF_HZ:-2000} -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
   PERF_WORKER_PID=; [ -n "${PERF_WORKER:-}" ] && {
-    perf record -F 4000 -g -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
+    perf record -F ${PERF_HZ:-4000} -g -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
     PERF_WORKER_PID=$!
   }
   while kill -0 "$CLIENT" 2>/dev/null; do c=$(ticks "$CLIENT") && [ -n "$c" ] && c1=$c; sleep 0.05; done
