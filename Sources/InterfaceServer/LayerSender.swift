@@ -233,16 +233,28 @@ final class LayerSender {
             return retry(full: code == .channelFull, error: error)
         default:
             // Not worth another try (too large, invalid, the layer closed): this one is lost.
+            // The next one has not failed yet (it may have waited in a full channel's line: its
+            // wait is over), so reading resumes unless it fails in turn.
             stopProbing()
             inOutage = false
+            failingSince = nil
+            pause = .milliseconds(25)
             let dropped = queue.removeFirst()
+            var lost = 1
             if dropped.message["order"] != nil {
                 orderShift += 1
                 for index in queue.indices { queue[index].message = Self.numbered(queue[index].message, down: 1) }
             }
+            if !acceptedAny {
+                // Nothing of this sender's reached the application (a connect too large): what
+                // would follow it there (a disconnect) has nothing to follow.
+                let before = queue.count
+                queue.removeAll { $0.outlivesGiveUp }
+                lost += before - queue.count
+            }
             onDropped?(dropped.channel)
-            server.router.workInHand.finish()
-            server.counters.count(.heldDropped)
+            server.router.workInHand.finish(lost)
+            server.counters.count(.heldDropped, by: lost)
             ServerMetrics.dropped[code == .messageTooLarge ? .tooLarge : .malformed]?.increment()
             server.logger.warning(
                 "dropped a message the layer refused",

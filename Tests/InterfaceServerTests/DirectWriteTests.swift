@@ -211,8 +211,12 @@ final class RawWebSocket: @unchecked Sendable {
         let mask: [UInt8] = [0x37, 0xFA, 0x21, 0x3D]
         for text in texts {
             let payload = Array(text.utf8)
-            precondition(payload.count < 126)
-            bytes += [0x81, 0x80 | UInt8(payload.count)] + mask
+            precondition(payload.count < 65536)
+            if payload.count < 126 {
+                bytes += [0x81, 0x80 | UInt8(payload.count)] + mask
+            } else {
+                bytes += [0x81, 0x80 | 126, UInt8(payload.count >> 8), UInt8(payload.count & 0xFF)] + mask
+            }
             bytes += payload.enumerated().map { $0.element ^ mask[$0.offset % 4] }
         }
         let sent = bytes.withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, 0) }

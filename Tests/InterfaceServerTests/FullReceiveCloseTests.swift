@@ -166,8 +166,105 @@ struct FullReceiveCloseTests {
         #expect(disconnects == 1)
     }
 
+    /// A frame too large for the layer that waited in a full channel's line is dropped when its
+    /// turn comes (counted), and the socket reads on: its next frame arrives. Found by a red-team
+    /// run: the drop left the sender's wait on, so reading from the socket stayed paused for good.
+    @Test func aFrameTooLargeThatWaitedInLineDoesNotStallItsSocket() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.receive", 1)], maxMessageSize: 2048))
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.maxFramesPerSecond = 0
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let port = try #require(server.localAddress?.port)
+        let application = Task {
+            while !Task.isCancelled {
+                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
+                    let reply = connect.message["reply_channel"]?.stringValue
+                else { continue }
+                try await layer.send(["accept": true], to: reply)
+            }
+        }
+        defer { application.cancel() }
+        // A long path: every message of the socket carries it, so a frame under the server's own
+        // limit (1 KB here) can still make a message over the layer's.
+        let path = "/" + String(repeating: "p", count: 1100) + "/"
+        let sockets = try await offThePool { try (0..<2).map { _ in try RawWebSocket(port: port, path: path, receiveBuffer: 65536) } }
+        // The first socket fills the channel and probes it; the second one's large frame waits in line.
+        try await offThePool { try sockets[0].sendTexts(["a1", "a2"]) }
+        let deadline = ContinuousClock.now + .seconds(15)
+        while server.statistics.sendFullRetried < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        try await offThePool { try sockets[1].sendTexts([String(repeating: "x", count: 1000)]) }
+        while server.statistics.sendFullRetried < 2, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(server.statistics.sendFullRetried == 2, "the large frame waits in line")
+        // Room again: the first socket's frames go, the large one gets its turn and is dropped.
+        var texts: [String] = []
+        while texts.count < 2, ContinuousClock.now < deadline {
+            if let frame = try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .milliseconds(100)) {
+                texts.append(frame.message["text"]?.stringValue ?? "?")
+            }
+        }
+        #expect(texts == ["a1", "a2"])
+        while server.statistics.heldDropped < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(server.statistics.heldDropped == 1, "the large frame, counted")
+        // The second socket reads on.
+        try await offThePool { try sockets[1].sendTexts(["after"]) }
+        var after: Message?
+        while after == nil, ContinuousClock.now < deadline {
+            after = try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .milliseconds(100))?.message
+        }
+        #expect(after?["text"]?.stringValue == "after", "the socket's next frame arrives")
+        #expect(after?["order"]?.intValue == 1, "numbered on past the dropped frame")
+        for socket in sockets { socket.close() }
+        await server.shutdown()
+    }
+
+    /// A connect too large for the layer never reaches the application, so neither does the
+    /// disconnect of a client that left while it waited (a red-team run: a disconnect of order 0
+    /// with no connect).
+    @Test func aConnectTooLargeSendsNoDisconnect() async throws {
+        let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.connect", 1)], maxMessageSize: 8192))
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.websocketConnectTimeout = .seconds(30)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let port = try #require(server.localAddress?.port)
+        // The first connect fills the channel, the second probes it, the third (a 12 KB header,
+        // too large for the layer) waits in line without trying; then every client leaves.
+        let deadline = ContinuousClock.now + .seconds(15)
+        let first = try await offThePool { try Self.upgradeRequest(port: port) }
+        try await Task.sleep(for: .milliseconds(300))
+        let second = try await offThePool { try Self.upgradeRequest(port: port) }
+        while server.statistics.sendFullRetried < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        let big = try await offThePool { try Self.upgradeRequest(port: port, header: String(repeating: "y", count: 12_000)) }
+        while server.statistics.sendFullRetried < 2, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(server.statistics.sendFullRetried == 2, "one connect probes, the large one waits in line")
+        for descriptor in [first, second, big] { Glibc.close(descriptor) }
+        try await Task.sleep(for: .milliseconds(300))
+        // Room again: the waiting connects go in turn, the large one is dropped.
+        var connects: [String] = []
+        while ContinuousClock.now < deadline, server.statistics.heldDropped < 2 {
+            if let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(100)) {
+                connects.append(connect.message["reply_channel"]?.stringValue ?? "?")
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        while let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .zero) {
+            connects.append(connect.message["reply_channel"]?.stringValue ?? "?")
+        }
+        var disconnects: [String] = []
+        while let disconnect = try await layer.receive(channels: [ASGIChannel.websocketDisconnect], timeout: .zero) {
+            disconnects.append(disconnect.message["reply_channel"]?.stringValue ?? "?")
+        }
+        #expect(connects.count == 2, "every connect but the large one")
+        #expect(disconnects.sorted() == connects.sorted(), "a disconnect for each connect the application got, and no other")
+        #expect(server.statistics.heldDropped == 2, "the large connect and its disconnect, counted")
+        await server.shutdown()
+    }
+
     /// A WebSocket upgrade request on a plain socket, not waiting for the answer.
-    static func upgradeRequest(port: Int) throws -> CInt {
+    static func upgradeRequest(port: Int, header: String? = nil) throws -> CInt {
         let descriptor = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
@@ -179,7 +276,8 @@ struct FullReceiveCloseTests {
         guard connected == 0 else { throw POSIXFailure("connect") }
         let request =
             "GET /c/ HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + (header.map { "X-Large: \($0)\r\n" } ?? "") + "\r\n"
         _ = Array(request.utf8).withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, 0) }
         return descriptor
     }
