@@ -238,6 +238,7 @@ extension HTTPHandler {
     /// Forgets the request in flight and writes its access-log line.
     func finishRequest() {
         leaveFlight()
+        requestBodyChannel = nil
         if let replyChannel { server.router.unregister(replyChannel) }
         replyChannel = nil
         replyContext = nil
@@ -298,6 +299,15 @@ extension HTTPHandler {
     }
 
     func sendFailed(full: Bool, context: ChannelHandlerContext) {
+        if let bodyChannel = requestBodyChannel {
+            // The rest of a body sent in chunks is given up (what the client still sends of it
+            // is read and dropped, counted): a consumer reading it hears the client is gone (a
+            // closed chunk, sent past the give-up on a bound of its own) instead of waiting for
+            // chunks that will not come.
+            requestBodyChannel = nil
+            connectionSender(context: context).send(
+                HTTPBodyChunk(content: [], closed: true, moreContent: false).message, to: bodyChannel, outlivesGiveUp: true)
+        }
         guard !responseStarted, replyChannel != nil else { return }
         server.counters.count(.httpUnavailable)
         server.logger.warning(full ? "http.request stayed full; answering 503" : "cannot send http.request; answering 503")

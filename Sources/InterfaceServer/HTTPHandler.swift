@@ -21,6 +21,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     var bodyBytesReceived = 0
     /// The body channel of a request dispatched before its body ended (a large body, streamed).
     var streamingBodyChannel: String?
+    /// The body channel of the request in flight, if its body goes in chunks (until it is answered).
+    var requestBodyChannel: String?
     /// The request is refused; its body is read and dropped.
     var discardingBody = false
     var earlyRefusal: (HTTPResponseStatus, String)?
@@ -278,6 +280,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
         let sender = connectionSender(context: context)
         sender.resume()
         sender.send(request.message, to: ASGIChannel.httpRequest)
+        requestBodyChannel = request.bodyChannel
         if let bodyChannel = request.bodyChannel {
             for chunk in chunks { sender.send(chunk.message, to: bodyChannel) }
         }
