@@ -17,20 +17,10 @@ import Testing
 struct FrameFloodTests {
     @Test func aClientThatPacksMoreThanASecondsShareIntoOneWriteIsClosed() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.maxFramesPerSecond = 100
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
-        let application = Task {
-            while !Task.isCancelled {
-                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
-                    let reply = connect.message["reply_channel"]?.stringValue
-                else { continue }
-                try await layer.send(["accept": true], to: reply)
-            }
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.maxFramesPerSecond = 100
         }
+        let application = GiveUpFixtures.acceptEverySocket(on: layer)
         defer { application.cancel() }
 
         // One socket sends 600 frames at once, six seconds' share: all arrive, paced, in order.

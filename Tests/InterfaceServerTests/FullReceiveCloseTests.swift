@@ -17,21 +17,11 @@ import Testing
 struct FullReceiveCloseTests {
     @Test func everyGivenUpSocketsDisconnectReachesTheApplication() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.receive", 3)]))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.channelFullTimeout = .seconds(1)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
-        // The application: accepts every socket, never reads websocket.receive.
-        let application = Task {
-            while !Task.isCancelled {
-                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
-                    let reply = connect.message["reply_channel"]?.stringValue
-                else { continue }
-                try await layer.send(["accept": true], to: reply)
-            }
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.channelFullTimeout = .seconds(1)
         }
+        // The application: accepts every socket, never reads websocket.receive.
+        let application = GiveUpFixtures.acceptEverySocket(on: layer)
         defer { application.cancel() }
 
         // Three sockets: one fills the channel and waits, one resets while its frames are held,
@@ -101,13 +91,10 @@ struct FullReceiveCloseTests {
     /// found 19 disconnects for 1 connect when 20 clients left during a full connect channel).
     @Test func aSocketWhoseConnectWasGivenUpSendsNoDisconnect() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.connect", 1)]))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.channelFullTimeout = .seconds(1)
-        configuration.websocketConnectTimeout = .seconds(30)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.channelFullTimeout = .seconds(1)
+            $0.websocketConnectTimeout = .seconds(30)
+        }
         // Three upgrades nobody answers: the first connect fits, the other two wait for room.
         let descriptors = try await offThePool { try (0..<3).map { _ in try Self.upgradeRequest(port: port) } }
         let deadline = ContinuousClock.now + .seconds(40)
@@ -140,20 +127,10 @@ struct FullReceiveCloseTests {
     /// it does not wait forever (a red-team run: retried until the shutdown's 30 s ran out).
     @Test func aDisconnectGetsOneBoundNotForever() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.disconnect", 1)]))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.channelFullTimeout = .seconds(1)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
-        let application = Task {
-            while !Task.isCancelled {
-                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
-                    let reply = connect.message["reply_channel"]?.stringValue
-                else { continue }
-                try await layer.send(["accept": true], to: reply)
-            }
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.channelFullTimeout = .seconds(1)
         }
+        let application = GiveUpFixtures.acceptEverySocket(on: layer)
         defer { application.cancel() }
         let sockets = try await offThePool { try (0..<4).map { _ in try RawWebSocket(port: port, path: "/d/", receiveBuffer: 65536) } }
         for socket in sockets { socket.reset() }
@@ -174,20 +151,10 @@ struct FullReceiveCloseTests {
     /// run: the drop left the sender's wait on, so reading from the socket stayed paused for good.
     @Test func aFrameTooLargeThatWaitedInLineDoesNotStallItsSocket() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.receive", 1)], maxMessageSize: 2048))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.maxFramesPerSecond = 0
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
-        let application = Task {
-            while !Task.isCancelled {
-                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
-                    let reply = connect.message["reply_channel"]?.stringValue
-                else { continue }
-                try await layer.send(["accept": true], to: reply)
-            }
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.maxFramesPerSecond = 0
         }
+        let application = GiveUpFixtures.acceptEverySocket(on: layer)
         defer { application.cancel() }
         // A long path: every message of the socket carries it, so a frame under the server's own
         // limit (1 KB here) can still make a message over the layer's.
@@ -227,12 +194,9 @@ struct FullReceiveCloseTests {
     /// with no connect).
     @Test func aConnectTooLargeSendsNoDisconnect() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("websocket.connect", 1)], maxMessageSize: 8192))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.websocketConnectTimeout = .seconds(30)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.websocketConnectTimeout = .seconds(30)
+        }
         // The first connect fills the channel, the second probes it, the third (a 12 KB header,
         // too large for the layer) waits in line without trying; then every client leaves.
         let deadline = ContinuousClock.now + .seconds(40)
@@ -268,15 +232,7 @@ struct FullReceiveCloseTests {
 
     /// A WebSocket upgrade request on a plain socket, not waiting for the answer.
     static func upgradeRequest(port: Int, header: String? = nil) throws -> CInt {
-        let descriptor = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard connected == 0 else { throw POSIXFailure("connect") }
+        let descriptor = try GiveUpFixtures.loopbackSocket(port: port)
         let request =
             "GET /c/ HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"

@@ -17,17 +17,15 @@ import Testing
 struct StreamedBodyGiveUpTests {
     @Test func theConsumerReadingTheBodyHearsItWasGivenUp() async throws {
         let layer = InMemoryChannelLayer(configuration: .init(channelCapacities: [("http.request.body?*", 1)]))
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.channelFullTimeout = .seconds(1)
-        configuration.bodyChunkSize = 4096
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
+        let (server, port) = try await GiveUpFixtures.server(on: layer) {
+            $0.channelFullTimeout = .seconds(1)
+            $0.bodyChunkSize = 4096
+        }
 
         // A 64 KB upload, written whole; the application takes the request, not the body.
         let response = Task {
             try await offThePool { () -> String in
-                let descriptor = try StreamedBodyGiveUpTests.connect(port: port)
+                let descriptor = try GiveUpFixtures.loopbackSocket(port: port)
                 defer { Glibc.close(descriptor) }
                 let body = [UInt8](repeating: 0x61, count: 65536)
                 let head = "POST /upload/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \(body.count)\r\n\r\n"
@@ -66,20 +64,5 @@ struct StreamedBodyGiveUpTests {
         #expect(chunks.dropLast().allSatisfy { $0["more_content"]?.boolValue == true && $0["closed"]?.boolValue != true })
         #expect(server.statistics.httpUnavailable == 1)
         await server.shutdown()
-    }
-
-    static func connect(port: Int) throws -> CInt {
-        let descriptor = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        guard connected == 0 else { throw POSIXFailure("connect") }
-        return descriptor
     }
 }
