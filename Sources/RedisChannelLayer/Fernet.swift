@@ -56,12 +56,12 @@ struct Fernet: @unchecked Sendable {
 
     /// The token (urlsafe base64, with padding) of `plaintext`, stamped `now` (seconds since 1970).
     func encrypt(_ plaintext: [UInt8], now: Int64 = Fernet.now(), iv: [UInt8]? = nil) -> [UInt8] {
-        // A random IV from two 64-bit draws (a draw per byte would be 16 system calls and cost
-        // more than the encryption). The IV is 16 bytes and the key 16: neither call can fail.
+        // A random IV from two 64-bit draws of the secure generator's pool. The IV is 16 bytes
+        // and the key 16: neither call can fail.
         let ivBytes =
             iv
             ?? {
-                var generator = SystemRandomNumberGenerator()
+                var generator = SecureRandomPool()
                 let (a, b): (UInt64, UInt64) = (generator.next(), generator.next())
                 return (0..<8).map { UInt8(truncatingIfNeeded: a >> ($0 * 8)) } + (0..<8).map { UInt8(truncatingIfNeeded: b >> ($0 * 8)) }
             }()

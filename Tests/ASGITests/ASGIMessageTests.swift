@@ -104,4 +104,35 @@ struct ASGIMessageTests {
         #expect(uuid.count == 32 && uuid[12] == UInt8(ascii: "4") && [UInt8]("89ab".utf8).contains(uuid[16]))
         #expect(RandomToken.bytes(13).count == 13)
     }
+
+    @Test("the pooled secure generator hands out every word once, across pool refills and threads")
+    func securePool() async {
+        // 8 tasks x 2,000 draws: 250 refills of the 64-word pool, drawn concurrently. A word
+        // handed out twice (the index not advanced, a refill that repeats the pool) or a cleared
+        // word handed out (read after its clearing) shows as a duplicate or a zero.
+        let draws = await withTaskGroup(of: [UInt64].self) { group in
+            for _ in 0..<8 {
+                group.addTask {
+                    var generator = SecureRandomPool()
+                    return (0..<2_000).map { _ in generator.next() }
+                }
+            }
+            return await group.reduce(into: [UInt64]()) { $0 += $1 }
+        }
+        #expect(draws.count == 16_000)
+        #expect(Set(draws).count == draws.count, "a 64-bit word drawn twice")
+        #expect(!draws.contains(0))
+        // Every bit is set in about half the draws (a stuck bit or a short read's zeros fail).
+        for bit in 0..<64 {
+            let ones = draws.reduce(0) { $0 + Int(($1 >> UInt64(bit)) & 1) }
+            #expect((7_000...9_000).contains(ones), "bit \(bit) set in \(ones) of 16,000 draws")
+        }
+        var keys = Set<[UInt8]>()
+        for _ in 0..<1_000 {
+            var uuid: [UInt8] = []
+            RandomToken.uuid4Hex(into: &uuid)
+            keys.insert(uuid)
+        }
+        #expect(keys.count == 1_000)
+    }
 }

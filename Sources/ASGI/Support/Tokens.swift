@@ -36,8 +36,8 @@ public enum Hex {
     }
 }
 
-/// Random names and keys, all from the system's secure generator: the one place the package
-/// makes them.
+/// Random names and keys, all from the system's secure generator (read in blocks,
+/// ``SecureRandomPool``): the one place the package makes them.
 public enum RandomToken {
     /// ASCII letters, as asgi_redis uses for new channel names.
     public static let letters: [UInt8] = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ".utf8)
@@ -58,7 +58,7 @@ public enum RandomToken {
             capacity *= base
             perDraw += 1
         }
-        var generator = SystemRandomNumberGenerator()
+        var generator = SecureRandomPool()
         var out = [UInt8]()
         out.reserveCapacity(count)
         while out.count < count {
@@ -73,7 +73,7 @@ public enum RandomToken {
 
     /// `count` random bytes.
     public static func bytes(_ count: Int) -> [UInt8] {
-        var generator = SystemRandomNumberGenerator()
+        var generator = SecureRandomPool()
         var out = [UInt8]()
         out.reserveCapacity(count + 8)
         while out.count < count {
@@ -94,7 +94,7 @@ public enum RandomToken {
 
     /// The 128 bits of a random version-4 UUID (version and variant bits set), high word first.
     public static func uuid4() -> (UInt64, UInt64) {
-        var generator = SystemRandomNumberGenerator()
+        var generator = SecureRandomPool()
         let high = generator.next() as UInt64
         let low = generator.next() as UInt64
         return ((high & ~0xF000) | 0x4000, (low & ~(0xC000_0000_0000_0000 as UInt64)) | 0x8000_0000_0000_0000)
