@@ -13,8 +13,10 @@ import Synchronization
 /// bytes; a message key took two, a channel name one or two). A word is cleared as it is
 /// handed out, so the pool holds only what has not been drawn yet.
 public struct SecureRandomPool: RandomNumberGenerator, Sendable {
+    /// A handle on the process's pool (it holds no state of its own).
     public init() {}
 
+    /// The next 64 random bits of the pool (refilled from the kernel when drawn empty).
     public mutating func next() -> UInt64 { Self.shared.next() }
 
     private static let shared = Pool()
