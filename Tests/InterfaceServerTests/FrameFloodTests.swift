@@ -64,4 +64,33 @@ struct FrameFloodTests {
         paced.close()
         await server.shutdown()
     }
+
+    /// Frames a client sends after the server's close frame (before its own close reply) go
+    /// nowhere: each is counted (`framesAfterClose`), none reaches the application.
+    @Test func framesAfterOurCloseAreDroppedAndCountedEach() async throws {
+        let layer = InMemoryChannelLayer()
+        let (server, port) = try await GiveUpFixtures.server(on: layer) { _ in }
+        // An application that accepts every socket and closes it at once with 4000.
+        let application = Task {
+            while !Task.isCancelled {
+                guard let connect = try await layer.receive(channels: [ASGIChannel.websocketConnect], timeout: .milliseconds(200)),
+                    let reply = connect.message["reply_channel"]?.stringValue
+                else { continue }
+                try await layer.send(["accept": true], to: reply)
+                try await layer.send(["close": 4000], to: reply)
+            }
+        }
+        defer { application.cancel() }
+        let socket = try await offThePool { try RawWebSocket(port: port, path: "/late/", receiveBuffer: 65536) }
+        let (opcode, payload) = try await offThePool { try socket.readFrame(within: .seconds(40)) }
+        #expect(opcode == 0x88 && payload.prefix(2) == [0x0F, 0xA0], "closed with 4000")
+        try await offThePool { try socket.sendTexts(["late 1", "late 2", "late 3"]) }
+        let deadline = ContinuousClock.now + .seconds(40)
+        while server.statistics.framesAfterClose < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(server.statistics.framesAfterClose == 3)
+        #expect(try await layer.receive(channels: [ASGIChannel.websocketReceive], timeout: .zero) == nil, "no late frame reached the layer")
+        socket.close()
+        await server.shutdown()
+    }
 }

@@ -3,6 +3,7 @@ import Channels
 import Foundation
 import InterfaceServer
 import NIOCore
+import Synchronization
 import Testing
 
 #if canImport(Glibc)
@@ -146,6 +147,44 @@ struct FullReceiveCloseTests {
         #expect(disconnects == 1)
     }
 
+    /// The same with the layer unreachable (every send failing as a lost connection, as with
+    /// Redis down): a socket's frame is given up after the outage bound (the socket closed with
+    /// 1011), its disconnect is tried on one bound of its own and then dropped, counted, and a
+    /// shutdown is not held by it (a red-team run with Redis stopped: SIGTERM waited the whole
+    /// 30 s before the one bound).
+    @Test func aDisconnectGetsOneBoundWhenTheLayerIsUnreachable() async throws {
+        let layer = UnreachableSendLayer()
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.layerOutageTimeout = .seconds(1)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let port = try #require(server.localAddress?.port)
+        let application = GiveUpFixtures.acceptEverySocket(on: layer.memory)
+        defer { application.cancel() }
+        let sockets = try await offThePool { try (0..<4).map { _ in try RawWebSocket(port: port, path: "/u/", receiveBuffer: 65536) } }
+        layer.dead.store(true, ordering: .relaxed)
+        let closes = try await offThePool {
+            for socket in sockets { try socket.sendTexts(["lost with the layer"]) }
+            return try sockets.map { socket -> [UInt8] in
+                let (opcode, payload) = try socket.readFrame(within: .seconds(40))
+                return [opcode] + payload.prefix(2)
+            }
+        }
+        #expect(closes.allSatisfy { $0 == [0x88, 0x03, 0xF3] }, "each socket closed with 1011: \(closes)")
+        let deadline = ContinuousClock.now + .seconds(40)
+        while server.statistics.heldDropped < 8, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(server.statistics.heldDropped == 8, "four frames given up, then four disconnects after their own bound")
+        let started = ContinuousClock.now
+        await server.shutdown()
+        #expect(ContinuousClock.now - started < .seconds(5), "nothing held keeps the shutdown waiting")
+        for socket in sockets { socket.close() }
+        #expect(
+            try await layer.memory.receive(channels: [ASGIChannel.websocketDisconnect, ASGIChannel.websocketReceive], timeout: .zero) == nil
+        )
+    }
+
     /// A frame too large for the layer that waited in a full channel's line is dropped when its
     /// turn comes (counted), and the socket reads on: its next frame arrives. Found by a red-team
     /// run: the drop left the sender's wait on, so reading from the socket stayed paused for good.
@@ -239,5 +278,18 @@ struct FullReceiveCloseTests {
             + (header.map { "X-Large: \($0)\r\n" } ?? "") + "\r\n"
         _ = Array(request.utf8).withUnsafeBytes { Glibc.send(descriptor, $0.baseAddress, $0.count, 0) }
         return descriptor
+    }
+}
+
+/// A layer whose sends all fail as a lost connection while `dead` (Redis unreachable for the
+/// server's pushes); receives and everything else go to an in-memory layer.
+final class UnreachableSendLayer: ForwardingChannelLayer {
+    let memory = InMemoryChannelLayer()
+    var base: any ChannelLayer { memory }
+    let dead = Atomic<Bool>(false)
+
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        if dead.load(ordering: .relaxed) { throw ChannelLayerError(.connectionLost, "the test's layer is unreachable") }
+        try await memory.send(message, to: channel)
     }
 }
