@@ -13,6 +13,7 @@
 #   GAP=0.05 ...                                 one at a time, 50 ms apart (latency mode)
 #   PERF=/tmp/server.data ...                    `perf record -g` the first server during the burst
 #   PERF_WORKER=/tmp/worker.data ...             the same for the first worker
+#   PERF_CALLGRAPH="--call-graph dwarf,16384"    the worker's stacks unwound with DWARF (whole Swift stacks)
 #
 # The first run sets the peers2 kit up (../shared/peers2/setup.sh: apt packages, two Go programs).
 set -uo pipefail
@@ -64,7 +65,7 @@ for run in $(seq "$RUNS"); do
   redis-cli -p "$R" config resetstat >/dev/null
   PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F ${PERF_HZ:-2000} -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
   PERF_WORKER_PID=; [ -n "${PERF_WORKER:-}" ] && {
-    perf record -F ${PERF_HZ:-4000} -g -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
+    perf record -F ${PERF_HZ:-4000} ${PERF_CALLGRAPH:--g} -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
     PERF_WORKER_PID=$!
   }
   while kill -0 "$CLIENT" 2>/dev/null; do c=$(ticks "$CLIENT") && [ -n "$c" ] && c1=$c; sleep 0.05; done
