@@ -152,12 +152,12 @@ extension RedisChannelLayer {
                 guard let popped = try await blockingTake(shard: waitPlan[0].shard, lists: waitPlan[0].lists, wait: slice, max: max)
                 else { return nil }
                 let batch = handOut(popped, max: max)
-                // A take of one list that did not fill the batch left that list empty: the next
-                // receive waits in BLMOVE (which answers at once if anything came meanwhile)
-                // instead of a look that would find nothing, a script Redis would run ahead of
-                // the reader's next command. A wait on several lists emptied only the one it
-                // popped: the next receive looks at all of them, fairly (disconnects last).
-                if !batch.isEmpty { flowing.store(waitPlan[0].lists.count > 1 || batch.count >= max, ordering: .relaxed) }
+                // A take that did not fill the batch left its lists empty (after a wait on
+                // several, the take looked at all of them, fairly, disconnects last): the next
+                // receive waits in BLMOVE or BLPOP (which answer at once if anything came
+                // meanwhile) instead of a look that would find nothing, a script Redis would run
+                // ahead of the reader's next command.
+                if !batch.isEmpty { flowing.store(batch.count >= max, ordering: .relaxed) }
                 return batch
             }
         }
@@ -383,7 +383,13 @@ extension RedisChannelLayer {
             switch reply {
             case .array(let pair) where pair.count == 2:
                 guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return [] }
-                guard let race else { return try await takePopped(list: list, bodyKey: bodyKey, on: connection, shard: shard, max: max) }
+                guard let race else {
+                    if lists.count > 1 && max > 1 {
+                        return try await takePoppedAndMany(
+                            list: list, bodyKey: bodyKey, lists: lists, on: connection, shard: shard, max: max)
+                    }
+                    return try await takePopped(list: list, bodyKey: bodyKey, on: connection, shard: shard, max: max)
+                }
                 // This racer popped: the others are woken now, while the body is taken, so
                 // their replies come back in the same round trip as the body.
                 async let woken: Void = wakeRacers(race)
@@ -533,6 +539,26 @@ extension RedisChannelLayer {
         let taken = try await take(
             Scripts.takeBodyAndMore, on: connection, shard: shard, keys: [.bytes(bodyKey), .bytes(list)],
             args: [.integer(max - 1)])
+        let items = taken.array ?? []
+        var popped: [ReceivedBundle] = []
+        if let body = items.first?.bytes {
+            if let taken = decodeReceived(list: list, body: body) { popped = [taken] }
+        } else {
+            LayerMetrics.expired.increment()
+        }
+        return popped + decodePairs(items, from: 1)
+    }
+
+    /// After a `BLPOP` on several `lists` (no race): the popped body and up to `max - 1` more
+    /// messages of every list, fairly, in the same round trip. Fewer than `max` means every list
+    /// was found empty.
+    private func takePoppedAndMany(
+        list: [UInt8], bodyKey: [UInt8], lists: [RedisArgument], on connection: RedisConnection, shard: Int, max: Int
+    ) async throws -> [ReceivedBundle] {
+        let (keys, deferred) = Self.deferredLast(lists)
+        let taken = try await take(
+            Scripts.takeBodyAndMany, on: connection, shard: shard, keys: [.bytes(bodyKey)] + keys,
+            args: [.integer(max - 1), .integer(nextFirstList()), .integer(deferred)])
         let items = taken.array ?? []
         var popped: [ReceivedBundle] = []
         if let body = items.first?.bytes {

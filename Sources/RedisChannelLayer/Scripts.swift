@@ -78,13 +78,21 @@ enum Scripts {
     /// order, each list's messages in queue order: {list, body, list, body, ...}.
     static let receiveMany = LuaScript(
         name: "receiveMany",
-        source: takeFromLua + """
-            local max = tonumber(ARGV[1])
-            local n = #KEYS
-            local deferred = tonumber(ARGV[3] or '0')
+        source: takeFromLua + receiveManyLua + """
+            local result = {}
+            receiveMany(KEYS, tonumber(ARGV[1]), tonumber(ARGV[2] or '0'), tonumber(ARGV[3] or '0'), result)
+            return result
+            """)
+
+    /// `receiveMany(lists, max, first, deferred, result)`: the fair take of ``receiveMany``
+    /// over the list names in `lists`, appended to `result` as {list, body, ...}.
+    static let receiveManyLua = """
+        local function receiveMany(lists, max, first, deferred, result)
+            local n = #lists
+            if max <= 0 or n == 0 then return end
             if deferred >= n then deferred = 0 end
             local shared = n - deferred
-            local first = tonumber(ARGV[2] or '0') % shared
+            first = first % shared
             local share = math.ceil(max / shared)
             local per, dry, taken = {}, {}, 0
             for i = 1, n do per[i] = {} end
@@ -92,7 +100,7 @@ enum Scripts {
                 local i = (first + j) % shared + 1
                 local want = math.min(share, max - taken)
                 if want > 0 then
-                    takeFrom(KEYS[i], KEYS[i], per[i], 2 * want)
+                    takeFrom(lists[i], lists[i], per[i], 2 * want)
                     dry[i] = #per[i] < 2 * want
                     taken = taken + #per[i] / 2
                 end
@@ -103,15 +111,35 @@ enum Scripts {
                 if not dry[i] then
                     local out = per[i]
                     local before = #out
-                    takeFrom(KEYS[i], KEYS[i], out, before + 2 * (max - taken))
+                    takeFrom(lists[i], lists[i], out, before + 2 * (max - taken))
                     taken = taken + (#out - before) / 2
                 end
             end
-            local result = {}
             for i = 1, n do
                 for _, v in ipairs(per[i]) do result[#result + 1] = v end
             end
-            return result
+        end
+
+        """
+
+    /// After a `BLPOP` on several lists: takes the popped body (KEYS[1]) and up to ARGV[1] more
+    /// messages of all the lists (KEYS[2...], fairly, as ``receiveMany`` with ARGV[2] and
+    /// ARGV[3]): {body or false, list, body, list, body, ...}. Fewer than asked means every list
+    /// was empty, so the next receive waits in `BLPOP` instead of looking first (a round trip
+    /// that found nothing, and ran ahead of the consumer's first command when one message came).
+    static let takeBodyAndMany = LuaScript(
+        name: "takeBodyAndMany",
+        source: takeFromLua + receiveManyLua + """
+            local out = {false}
+            local body = redis.call('GET', KEYS[1])
+            if body then
+                redis.call('DEL', KEYS[1])
+                out[1] = body
+            end
+            local lists = {}
+            for i = 2, #KEYS do lists[i - 1] = KEYS[i] end
+            receiveMany(lists, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), out)
+            return out
             """)
 
     /// After BLPOP: takes the popped body (KEYS[1]) and up to ARGV[1] more messages of its list

@@ -108,4 +108,40 @@ struct BatchReceiveTests {
             #expect(ContinuousClock.now - start >= .milliseconds(250), "it waited for the timeout")
         }
     }
+
+    /// A batch receive that waits (nothing was flowing) and is woken on one channel takes what
+    /// waits on the others in the same call: the take behind the `BLPOP` looks at every channel,
+    /// so a worker woken by one message runs it without a look that finds nothing first.
+    @Test(arguments: LayerKind.allCases)
+    func aWaitWokenOnOneChannelTakesTheOthersToo(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 100) { layer in
+            let channels = ["woke.a", "woke.b", "woke.c"]
+            for (i, channel) in channels.enumerated() {
+                for j in 0..<2 { try await layer.send(["n": .int(Int64(10 * i + j))], to: channel) }
+            }
+            let batch = try await layer.receiveBatch(channels: channels, max: 10, timeout: .seconds(2))
+            #expect(batch.count == 6, "every channel's messages in the first batch: \(batch.map(\.channel))")
+            for (i, channel) in channels.enumerated() {
+                let numbers: [Int64] = batch.filter { $0.channel == channel }.compactMap { $0.message["n"]?.intValue }
+                let expected: [Int64] = [Int64(10 * i), Int64(10 * i + 1)]
+                #expect(numbers == expected)
+            }
+            #expect(try await layer.receiveBatch(channels: channels, max: 10, timeout: .zero).isEmpty)
+            // A smaller batch takes its share of each, the popped message first among them.
+            for (i, channel) in channels.enumerated() {
+                for j in 0..<3 { try await layer.send(["n": .int(Int64(10 * i + j))], to: channel) }
+            }
+            var seen: [ReceivedMessage] = []
+            while seen.count < 9 {
+                let next = try await layer.receiveBatch(channels: channels, max: 4, timeout: .seconds(2))
+                #expect(!next.isEmpty && next.count <= 4)
+                seen += next
+            }
+            for (i, channel) in channels.enumerated() {
+                let numbers: [Int64] = seen.filter { $0.channel == channel }.compactMap { $0.message["n"]?.intValue }
+                let expected: [Int64] = (0..<3).map { Int64(10 * i + $0) }
+                #expect(numbers == expected)
+            }
+        }
+    }
 }
