@@ -558,15 +558,10 @@ extension RedisChannelLayer {
         let (keys, deferred) = Self.deferredLast(lists)
         let taken = try await take(
             Scripts.takeBodyAndMany, on: connection, shard: shard, keys: [.bytes(bodyKey)] + keys,
-            args: [.integer(max - 1), .integer(nextFirstList()), .integer(deferred)])
+            args: [.integer(max - 1), .integer(nextFirstList()), .integer(deferred), .bytes(list)])
         let items = taken.array ?? []
-        var popped: [ReceivedBundle] = []
-        if let body = items.first?.bytes {
-            if let taken = decodeReceived(list: list, body: body) { popped = [taken] }
-        } else {
-            LayerMetrics.expired.increment()
-        }
-        return popped + decodePairs(items, from: 1)
+        if items.first?.integer == 1 { LayerMetrics.expired.increment() }  // the list named a body that had expired
+        return decodePairs(items, from: 1)
     }
 
     /// Ends `race` and wakes the racers still in `BLPOP`. An `UNBLOCK` can overtake the

@@ -84,12 +84,20 @@ enum Scripts {
             return result
             """)
 
-    /// `receiveMany(lists, max, first, deferred, result)`: the fair take of ``receiveMany``
-    /// over the list names in `lists`, appended to `result` as {list, body, ...}.
+    /// `receiveMany(lists, max, first, deferred, result, headList, headBody)`: the fair take of
+    /// ``receiveMany`` over the list names in `lists`, appended to `result` as {list, body, ...};
+    /// a message already popped from `headList` (its body `headBody`) goes in first among its
+    /// list's, where that list comes in the order.
     static let receiveManyLua = """
-        local function receiveMany(lists, max, first, deferred, result)
+        local function receiveMany(lists, max, first, deferred, result, headList, headBody)
             local n = #lists
-            if max <= 0 or n == 0 then return end
+            if max <= 0 or n == 0 then
+                if headBody then
+                    result[#result + 1] = headList
+                    result[#result + 1] = headBody
+                end
+                return
+            end
             if deferred >= n then deferred = 0 end
             local shared = n - deferred
             first = first % shared
@@ -116,29 +124,38 @@ enum Scripts {
                 end
             end
             for i = 1, n do
+                if headBody and lists[i] == headList then
+                    result[#result + 1] = headList
+                    result[#result + 1] = headBody
+                    headBody = nil
+                end
                 for _, v in ipairs(per[i]) do result[#result + 1] = v end
+            end
+            if headBody then
+                result[#result + 1] = headList
+                result[#result + 1] = headBody
             end
         end
 
         """
 
-    /// After a `BLPOP` on several lists: takes the popped body (KEYS[1]) and up to ARGV[1] more
-    /// messages of all the lists (KEYS[2...], fairly, as ``receiveMany`` with ARGV[2] and
-    /// ARGV[3]): {body or false, list, body, list, body, ...}. Fewer than asked means every list
-    /// was empty, so the next receive waits in `BLPOP` instead of looking first (a round trip
-    /// that found nothing, and ran ahead of the consumer's first command when one message came).
+    /// After a `BLPOP` on several lists: takes the body it popped (KEYS[1], from the list
+    /// ARGV[4]) and up to ARGV[1] more messages of all the lists (KEYS[2...], fairly, as
+    /// ``receiveMany`` with ARGV[2] and ARGV[3]), the popped one first among its list's and that
+    /// list in its place (a socket's disconnect popped by the wait still comes after its frames
+    /// taken with it): {1 if the popped body had expired else 0, list, body, list, body, ...}.
+    /// Fewer than asked means every list was empty, so the next receive waits in `BLPOP`
+    /// instead of looking first (a round trip that found nothing, and ran ahead of the
+    /// consumer's first command when one message came).
     static let takeBodyAndMany = LuaScript(
         name: "takeBodyAndMany",
         source: takeFromLua + receiveManyLua + """
-            local out = {false}
+            local out = {0}
             local body = redis.call('GET', KEYS[1])
-            if body then
-                redis.call('DEL', KEYS[1])
-                out[1] = body
-            end
+            if body then redis.call('DEL', KEYS[1]) else out[1] = 1 end
             local lists = {}
             for i = 2, #KEYS do lists[i - 1] = KEYS[i] end
-            receiveMany(lists, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), out)
+            receiveMany(lists, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), out, ARGV[4], body)
             return out
             """)
 

@@ -144,4 +144,19 @@ struct BatchReceiveTests {
             }
         }
     }
+
+    /// The wait pops from its lists in a random order: a disconnect it popped still comes after
+    /// the frames taken with it (in its list's place, disconnects last), as in a look's batch.
+    @Test(arguments: LayerKind.allCases)
+    func aDisconnectTheWaitPoppedComesAfterTheFramesTakenWithIt(_ kind: LayerKind) async throws {
+        try await withLayer(kind, capacity: 100) { layer in
+            let channels = ["woke2.receive", "woke2.disconnect"]
+            for round in 0..<16 {
+                try await layer.send(["n": .int(Int64(round))], to: "woke2.disconnect")
+                try await layer.send(["n": .int(Int64(round))], to: "woke2.receive")
+                let batch = try await layer.receiveBatch(channels: channels, max: 10, timeout: .seconds(2))
+                #expect(batch.map(\.channel) == channels, "round \(round): \(batch.map(\.channel))")
+            }
+        }
+    }
 }
