@@ -383,17 +383,19 @@ extension RedisChannelLayer {
             switch reply {
             case .array(let pair) where pair.count == 2:
                 guard let list = pair[0].bytes, let bodyKey = pair[1].bytes else { return [] }
-                guard let race else {
+                // A wait on several lists takes what waits on all of them with the popped body.
+                func takeThem() async throws -> [ReceivedBundle] {
                     if lists.count > 1 && max > 1 {
                         return try await takePoppedAndMany(
                             list: list, bodyKey: bodyKey, lists: lists, on: connection, shard: shard, max: max)
                     }
                     return try await takePopped(list: list, bodyKey: bodyKey, on: connection, shard: shard, max: max)
                 }
+                guard let race else { return try await takeThem() }
                 // This racer popped: the others are woken now, while the body is taken, so
                 // their replies come back in the same round trip as the body.
                 async let woken: Void = wakeRacers(race)
-                let popped = try await takePopped(list: list, bodyKey: bodyKey, on: connection, shard: shard, max: max)
+                let popped = try await takeThem()
                 await woken
                 return popped
             case .error(let e):
