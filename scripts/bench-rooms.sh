@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-KIT="${PEERS2_DIR:-$ROOT/../shared/peers2}"
+. scripts/bench/common.sh   # log, peers2_kit, app_binary
 ROOMS=${ROOMS:-100}
 MEMBERS=${MEMBERS:-100}
 RATE=${RATE:-100}
@@ -28,20 +28,10 @@ DURATION=${DURATION:-5}
 SYSTEMS=${SYSTEMS:-swift nchan centrifuge}
 APP=${APP:-PeerChat}
 WORKERS=${WORKERS:-2}
-log() { printf '==> %s\n' "$*" >&2; }
-[ -x "$KIT/compare.sh" ] || { log "no peers2 kit at $KIT (set PEERS2_DIR)"; exit 2; }
-source "$KIT/lib.sh"
-[ -x "$BIN/fanout" ] || bash "$KIT/setup.sh" >&2
+peers2_kit
 MESSAGES=$(python3 -c "print(max(1, int($RATE * $DURATION)))")
-if [ "$APP" = PeerChat ]; then ROOM_PATH="/{room}/"; else ROOM_PATH="/chat/{room}/"; fi
 
-if [ -n "${BINARY:-}" ]; then
-  APP_BIN=$(realpath "$BINARY") || exit 1
-else
-  log "release build of $APP"
-  swift build -c release --package-path Examples --product "$APP" >/dev/null
-  APP_BIN="$(swift build -c release --package-path Examples --show-bin-path)/$APP"
-fi
+app_binary "$APP"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 RUN=$(mktemp -d)

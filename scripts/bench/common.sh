@@ -45,3 +45,27 @@ interop_python() {
   "$py" -c 'import websockets' 2>/dev/null || { log "no .venv-interop: run scripts/test.sh once (it builds it)"; exit 2; }
   echo "$py"
 }
+
+# peers2_kit: the ../shared/peers2 kit (nginx + nchan, Centrifuge, the Go fan-out client), or
+# $PEERS2_DIR; sources its lib.sh (BIN, STATE, wait_http...) and sets it up when its programs
+# are missing. Sets KIT. Run from the repository's root.
+peers2_kit() {
+  KIT="${PEERS2_DIR:-$PWD/../shared/peers2}"
+  [ -x "$KIT/compare.sh" ] || { log "no peers2 kit at $KIT (set PEERS2_DIR)"; exit 2; }
+  # shellcheck disable=SC1091
+  source "$KIT/lib.sh"
+  [ -x "$BIN/fanout" ] || bash "$KIT/setup.sh" >&2
+}
+
+# app_binary APP: sets APP_BIN to $BINARY (an earlier build, made absolute) or to a fresh
+# release build of this tree's APP (PeerChat or chat), and ROOM_PATH to the app's room path.
+app_binary() {
+  if [ -n "${BINARY:-}" ]; then
+    APP_BIN=$(realpath "$BINARY") || exit 1
+  else
+    log "release build of $1"
+    swift build -c release --package-path Examples --product "$1" >/dev/null
+    APP_BIN="$(swift build -c release --package-path Examples --show-bin-path)/$1"
+  fi
+  if [ "$1" = PeerChat ]; then ROOM_PATH="/{room}/"; else ROOM_PATH="/chat/{room}/"; fi
+}
