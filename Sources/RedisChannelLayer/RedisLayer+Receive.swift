@@ -114,7 +114,7 @@ extension RedisChannelLayer {
                         shard, Scripts.receiveMany, keys: keys,
                         args: [.integer(max - batch.count), .integer(nextFirstList()), .integer(deferred)])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
-                    batch += handOut(decodePairs(reply.array ?? [], from: 0), max: max - batch.count)
+                    batch += handOut(try decodeInHand(reply), max: max - batch.count)
                 }
                 return batch
             }
@@ -133,7 +133,7 @@ extension RedisChannelLayer {
                     let reply = try await pipelined(
                         shard, Scripts.receiveMany, keys: keys, args: [.integer(max), .integer(nextFirstList()), .integer(deferred)])
                     if case .error = reply { throw unexpected(reply, doing: "receive") }
-                    batch = handOut(decodePairs(reply.array ?? [], from: 0), max: max)
+                    batch = handOut(try decodeInHand(reply), max: max)
                 }
                 if !batch.isEmpty {
                     flowing.store(true, ordering: .relaxed)
@@ -518,7 +518,8 @@ extension RedisChannelLayer {
         }
     }
 
-    /// The in-hand script's reply: expired bodies counted, the messages decoded.
+    /// A take script's reply, {expired bodies, list, body, ...} (the in-hand take, the fair
+    /// take of several lists): the expired bodies counted, the messages decoded.
     private func decodeInHand(_ reply: RedisReply) throws(ChannelLayerError) -> [ReceivedBundle] {
         guard case .array(let items) = reply, let expired = items.first else { throw unexpected(reply, doing: "receive") }
         if expired.countValue > 0 { LayerMetrics.expired.increment(by: expired.countValue) }
@@ -561,9 +562,7 @@ extension RedisChannelLayer {
         let taken = try await take(
             Scripts.takeBodyAndMany, on: connection, shard: shard, keys: [.bytes(bodyKey)] + keys,
             args: [.integer(max - 1), .integer(nextFirstList()), .integer(deferred), .bytes(list)])
-        let items = taken.array ?? []
-        if items.first?.integer == 1 { LayerMetrics.expired.increment() }  // the list named a body that had expired
-        return decodePairs(items, from: 1)
+        return try decodeInHand(taken)
     }
 
     /// Ends `race` and wakes the racers still in `BLPOP`. An `UNBLOCK` can overtake the

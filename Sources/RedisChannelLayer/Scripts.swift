@@ -75,12 +75,12 @@ enum Scripts {
     /// The last ARGV[3] lists (a connection's last message: `*.disconnect`) get no share: they
     /// fill what room the others leave, so a socket's disconnect is not taken while connects
     /// queued before it wait (with every list deferred, all share). The result keeps the lists'
-    /// order, each list's messages in queue order: {list, body, list, body, ...}.
+    /// order, each list's messages in queue order: {bodies found expired, list, body, list, body, ...}.
     static let receiveMany = LuaScript(
         name: "receiveMany",
         source: takeFromLua + receiveManyLua + """
-            local result = {}
-            receiveMany(KEYS, tonumber(ARGV[1]), tonumber(ARGV[2] or '0'), tonumber(ARGV[3] or '0'), result)
+            local result = {0}
+            result[1] = receiveMany(KEYS, tonumber(ARGV[1]), tonumber(ARGV[2] or '0'), tonumber(ARGV[3] or '0'), result)
             return result
             """)
 
@@ -96,19 +96,20 @@ enum Scripts {
                     result[#result + 1] = headList
                     result[#result + 1] = headBody
                 end
-                return
+                return 0
             end
             if deferred >= n then deferred = 0 end
             local shared = n - deferred
             first = first % shared
             local share = math.ceil(max / shared)
-            local per, dry, taken = {}, {}, 0
+            local per, dry, taken, expired = {}, {}, 0, 0
             for i = 1, n do per[i] = {} end
             for j = 0, shared - 1 do
                 local i = (first + j) % shared + 1
                 local want = math.min(share, max - taken)
                 if want > 0 then
-                    takeFrom(lists[i], lists[i], per[i], 2 * want)
+                    local _, gone = takeFrom(lists[i], lists[i], per[i], 2 * want)
+                    expired = expired + gone
                     dry[i] = #per[i] < 2 * want
                     taken = taken + #per[i] / 2
                 end
@@ -119,7 +120,8 @@ enum Scripts {
                 if not dry[i] then
                     local out = per[i]
                     local before = #out
-                    takeFrom(lists[i], lists[i], out, before + 2 * (max - taken))
+                    local _, gone = takeFrom(lists[i], lists[i], out, before + 2 * (max - taken))
+                    expired = expired + gone
                     taken = taken + (#out - before) / 2
                 end
             end
@@ -135,6 +137,7 @@ enum Scripts {
                 result[#result + 1] = headList
                 result[#result + 1] = headBody
             end
+            return expired
         end
 
         """
@@ -143,7 +146,7 @@ enum Scripts {
     /// ARGV[4]) and up to ARGV[1] more messages of all the lists (KEYS[2...], fairly, as
     /// ``receiveMany`` with ARGV[2] and ARGV[3]), the popped one first among its list's and that
     /// list in its place (a socket's disconnect popped by the wait still comes after its frames
-    /// taken with it): {1 if the popped body had expired else 0, list, body, list, body, ...}.
+    /// taken with it): {bodies found expired (the popped one included), list, body, ...}.
     /// Fewer than asked means every list was empty, so the next receive waits in `BLPOP`
     /// instead of looking first (a round trip that found nothing, and ran ahead of the
     /// consumer's first command when one message came).
@@ -152,10 +155,11 @@ enum Scripts {
         source: takeFromLua + receiveManyLua + """
             local out = {0}
             local body = redis.call('GET', KEYS[1])
-            if body then redis.call('DEL', KEYS[1]) else out[1] = 1 end
+            if body then redis.call('DEL', KEYS[1]) end
             local lists = {}
             for i = 2, #KEYS do lists[i - 1] = KEYS[i] end
-            receiveMany(lists, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), out, ARGV[4], body)
+            local expired = receiveMany(lists, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), out, ARGV[4], body)
+            out[1] = expired + (body and 0 or 1)
             return out
             """)
 

@@ -1062,6 +1062,15 @@ def every_drop_reason_it_can_provoke_is_counted():
             r.rpush(prefix + "http.request", prefix + "expiredbody")
             until(lambda: delta(w0, scrape(wport), 'channels_dropped_total{reason="expired"}') == 1,
                   "the expired body to be counted")
+            # Several in one transaction while the worker waits: its wait pops the first and the
+            # take behind it skips the others (once uncounted), each counted.
+            time.sleep(0.5)
+            pipe = r.pipeline(transaction=True)
+            for i in range(3):
+                pipe.rpush(prefix + "http.request", prefix + "expiredbody%d" % i)
+            pipe.execute()
+            until(lambda: delta(w0, scrape(wport), 'channels_dropped_total{reason="expired"}') == 4,
+                  "each of three expired bodies taken together to be counted")
             assert get(port, "/hello/after")[0] == 200, "the worker serves on after both"
             # A consumer that throws: a chat-messages message without its fields.
             app.send("chat-messages", {"room": "nouser"})
