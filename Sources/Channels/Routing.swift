@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import Synchronization
 
 /// A consumer: the code that handles one message.
 public typealias Consumer = @Sendable (ConsumerContext) async throws -> Void
@@ -100,6 +101,14 @@ public struct Router: Sendable {
     /// Every channel some route listens on.
     public let channels: Set<String>
 
+    /// Per channel (as routes name it), the message keys its routes' filters read, sorted: a
+    /// match depends on the channel and these values only.
+    private let filterKeys: [String: [String]]
+
+    /// Matches already made, by channel and filter values (a room's messages all carry the same
+    /// path: its regular expressions run once, not per message).
+    let matches = MatchCache()
+
     /// Compiles the routing entries; throws ``RoutingError`` naming the route with a bad channel
     /// name or pattern.
     public init(_ entries: [RoutingEntry]) throws {
@@ -127,6 +136,12 @@ public struct Router: Sendable {
         try walk(entries, levels: [])
         self.routes = routes
         self.channels = routes.reduce(into: Set()) { $0.formUnion($1.channels) }
+        var keys: [String: Set<String>] = [:]
+        for route in routes {
+            let used = Set(route.levels.joined().map(\.key))
+            for channel in route.channels { keys[channel, default: []].formUnion(used) }
+        }
+        self.filterKeys = keys.mapValues { $0.sorted() }
     }
 
     static func compile(_ filter: (key: String, pattern: String), route: String) throws -> Filter {
@@ -156,7 +171,34 @@ public struct Router: Sendable {
     /// The first route whose channel and filters match, with the captured arguments.
     public func match(channel: String, message: Message) -> (consumer: Consumer, parameters: [String: String], name: String)? {
         let listenName = ChannelNames.nonLocalName(channel)
-        routeLoop: for route in routes where route.channels.contains(channel) || route.channels.contains(listenName) {
+        // The values the routes of this channel (and of its non-local name) can look at.
+        var keys = filterKeys[channel] ?? []
+        if listenName != channel, let more = filterKeys[listenName] { keys = Array(Set(keys).union(more)).sorted() }
+        var values: [String?] = []
+        values.reserveCapacity(keys.count)
+        for key in keys {
+            switch message[key] {
+            case .string(let s)?: values.append(s)
+            case .bytes(let b)?: values.append(String(decoding: b, as: UTF8.self))
+            default: values.append(nil)
+            }
+        }
+        let key = MatchCache.Key(channel: channel, values: values)
+        let found: (index: Int, parameters: [String: String])?
+        if let cached = matches[key] {
+            found = cached.match
+        } else {
+            found = firstMatch(channel: channel, listenName: listenName, message: message)
+            matches[key] = MatchCache.Entry(match: found)
+        }
+        guard let found else { return nil }
+        let route = routes[found.index]
+        return (route.consumer, found.parameters, route.name)
+    }
+
+    /// The index of the first route whose channel and filters match, and the arguments captured.
+    func firstMatch(channel: String, listenName: String, message: Message) -> (index: Int, parameters: [String: String])? {
+        routeLoop: for (index, route) in routes.enumerated() where route.channels.contains(channel) || route.channels.contains(listenName) {
             var remaining: [String: String] = [:]
             var parameters: [String: String] = [:]
             for level in route.levels {
@@ -187,8 +229,36 @@ public struct Router: Sendable {
                     }
                 }
             }
-            return (route.consumer, parameters, route.name)
+            return (index, parameters)
         }
         return nil
     }
+}
+
+/// Routing results by channel and filter values, at most ``limit`` of them (emptied when full:
+/// a process that sees more distinct paths than that matches them afresh).
+final class MatchCache: Sendable {
+    struct Key: Hashable, Sendable {
+        let channel: String
+        let values: [String?]
+    }
+
+    struct Entry: Sendable {
+        let match: (index: Int, parameters: [String: String])?
+    }
+
+    static let limit = 4096
+    private let entries = Mutex<[Key: Entry]>([:])
+
+    subscript(key: Key) -> Entry? {
+        get { entries.withLock { $0[key] } }
+        set {
+            entries.withLock { entries in
+                if entries.count >= Self.limit { entries.removeAll(keepingCapacity: true) }
+                entries[key] = newValue
+            }
+        }
+    }
+
+    var count: Int { entries.withLock { $0.count } }
 }

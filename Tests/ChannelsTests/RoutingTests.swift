@@ -54,6 +54,49 @@ struct RoutingTests {
         #expect(log[4].1 == ["section": "games"])
     }
 
+    /// A match is remembered by channel and the values the channel's routes read: the same
+    /// answer as matching afresh, whatever the values (missing, bytes, not a string), a repeat
+    /// adds nothing, and more distinct values than the cache holds only start it over.
+    @Test func rememberedMatchesGiveTheSameAnswers() throws {
+        let router = try Router([
+            route("http.request", path: "^/hello/(?P<who>[a-z]+)/$", { _ in }),
+            route("http.request", path: "^/poll/$", method: "^POST$", { _ in }),
+            include([route("websocket.receive", path: "^(?P<room>[a-z0-9]+)/$", { _ in })], path: "^/chat/"),
+            route("websocket.receive", { _ in }),
+            route("http.request", { _ in }),
+        ])
+        var messages: [(String, Message)] = [
+            ("http.request", ["path": "/hello/bob/", "method": "GET"]),
+            ("http.request", ["path": .bytes(Array("/hello/ann/".utf8)), "method": "GET"]),
+            ("http.request", ["path": "/poll/", "method": "POST"]),
+            ("http.request", ["path": "/poll/", "method": "GET"]),
+            ("http.request", ["path": "/poll/"]),
+            ("http.request", ["path": .int(7)]),
+            ("http.request", [:]),
+            ("websocket.receive", ["path": "/chat/lobby/"]),
+            ("websocket.receive", ["path": "/chat/Lobby/"]),
+            ("websocket.receive", [:]),
+            ("websocket.connect", ["path": "/chat/lobby/"]),
+        ]
+        for i in 0..<(MatchCache.limit + 904) { messages.append(("websocket.receive", ["path": .string("/chat/r\(i)/")])) }
+        func answer(_ m: (consumer: Consumer, parameters: [String: String], name: String)?) -> String? {
+            m.map { "\($0.name) \($0.parameters.sorted { $0.key < $1.key })" }
+        }
+        for round in 0..<2 {
+            for (channel, message) in messages {
+                let fresh = router.firstMatch(channel: channel, listenName: channel, message: message)
+                let expected = fresh.map { "\(router.routes[$0.index].name) \($0.parameters.sorted { $0.key < $1.key })" }
+                #expect(answer(router.match(channel: channel, message: message)) == expected, "round \(round): \(channel) \(message)")
+            }
+            #expect(router.matches.count <= MatchCache.limit)
+        }
+        _ = router.match(channel: "websocket.receive", message: ["path": "/chat/r5000/"])
+        let before = router.matches.count
+        _ = router.match(channel: "websocket.receive", message: ["path": "/chat/r5000/"])
+        #expect(router.matches.count == before, "a repeat is remembered, not added")
+        #expect(answer(router.match(channel: "websocket.receive", message: ["path": "/chat/r5000/"])) != nil)
+    }
+
     @Test func missingKeyMeansNoMatch() throws {
         let router = try Router([route("http.request", path: "^/x", { _ in })])
         #expect(router.match(channel: "http.request", message: ["method": "GET"]) == nil)
