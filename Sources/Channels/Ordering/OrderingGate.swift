@@ -20,9 +20,16 @@ struct OrderingGate {
     let order: Int64
     let slight: Bool
 
-    /// A hash of the session key: the wait channel's name (seen in `stats`) does not give the key away.
-    private var waitChannel: String {
-        CapacityTable.waitChannelPrefix + Session.storageKey("wait:" + (session.key ?? "")).prefix(40)
+    /// A hash of the session key: the wait channel's name (seen in `stats`) does not give the key
+    /// away. Made once per gate (a turn reads it a dozen times; each was a SHA-256).
+    private let waitChannel: String
+
+    init(context: ConsumerContext, session: Session, order: Int64, slight: Bool) {
+        self.context = context
+        self.session = session
+        self.order = order
+        self.slight = slight
+        self.waitChannel = CapacityTable.waitChannelPrefix + Session.storageKey("wait:" + (session.key ?? "")).prefix(40)
     }
 
     /// Where a message of `order` waits: a channel of its own per order (`<wait channel>.<order>`),
