@@ -122,7 +122,9 @@ for line in open(path):
     rows.setdefault(sys_, []).append((int(f), int(b), int(r), float(join_s), int(delivered), int(expected)))
 us = lambda t: 1e6 * t / tck / members
 print()
-print("%d visits (join, one message, leave) per round, medians of %d rounds; swift = %s" % (members, len(next(iter(rows.values()))), app))
+rounds = len(next(iter(rows.values())))
+print("%d visits (join, one message, leave) per round, %s; swift = %s" % (
+    members, "medians of %d rounds" % rounds if rounds > 1 else "one round", app))
 print("%-11s %14s %14s %14s %14s %12s %10s" % ("system", "front us", "workers us", "redis us", "total us", "join s", "vs nchan"))
 med = {}
 for s, rs in rows.items():
