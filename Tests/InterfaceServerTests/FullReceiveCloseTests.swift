@@ -135,13 +135,7 @@ struct FullReceiveCloseTests {
         defer { application.cancel() }
         let sockets = try await offThePool { try (0..<4).map { _ in try RawWebSocket(port: port, path: "/d/", receiveBuffer: 65536) } }
         for socket in sockets { socket.reset() }
-        let deadline = ContinuousClock.now + .seconds(40)
-        while server.statistics.heldDropped < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
-        try await Task.sleep(for: .milliseconds(300))
-        #expect(server.statistics.heldDropped == 3, "the three disconnects that found no room, counted")
-        let started = ContinuousClock.now
-        await server.shutdown()
-        #expect(ContinuousClock.now - started < .seconds(5), "nothing held keeps the shutdown waiting")
+        try await GiveUpFixtures.expectDroppedThenPromptShutdown(server, dropped: 3, "the three disconnects that found no room, counted")
         var disconnects = 0
         while try await layer.receive(channels: [ASGIChannel.websocketDisconnect], timeout: .zero) != nil { disconnects += 1 }
         #expect(disconnects == 1)
@@ -154,12 +148,7 @@ struct FullReceiveCloseTests {
     /// 30 s before the one bound).
     @Test func aDisconnectGetsOneBoundWhenTheLayerIsUnreachable() async throws {
         let layer = UnreachableSendLayer()
-        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
-        configuration.pingInterval = nil
-        configuration.layerOutageTimeout = .seconds(1)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let port = try #require(server.localAddress?.port)
+        let (server, port) = try await GiveUpFixtures.server(on: layer) { $0.layerOutageTimeout = .seconds(1) }
         let application = GiveUpFixtures.acceptEverySocket(on: layer.memory)
         defer { application.cancel() }
         let sockets = try await offThePool { try (0..<4).map { _ in try RawWebSocket(port: port, path: "/u/", receiveBuffer: 65536) } }
@@ -172,13 +161,8 @@ struct FullReceiveCloseTests {
             }
         }
         #expect(closes.allSatisfy { $0 == [0x88, 0x03, 0xF3] }, "each socket closed with 1011: \(closes)")
-        let deadline = ContinuousClock.now + .seconds(40)
-        while server.statistics.heldDropped < 8, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
-        try await Task.sleep(for: .milliseconds(300))
-        #expect(server.statistics.heldDropped == 8, "four frames given up, then four disconnects after their own bound")
-        let started = ContinuousClock.now
-        await server.shutdown()
-        #expect(ContinuousClock.now - started < .seconds(5), "nothing held keeps the shutdown waiting")
+        try await GiveUpFixtures.expectDroppedThenPromptShutdown(
+            server, dropped: 8, "four frames given up, then four disconnects after their own bound")
         for socket in sockets { socket.close() }
         #expect(
             try await layer.memory.receive(channels: [ASGIChannel.websocketDisconnect, ASGIChannel.websocketReceive], timeout: .zero) == nil

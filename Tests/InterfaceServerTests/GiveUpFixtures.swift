@@ -2,6 +2,7 @@ import ASGI
 import Foundation
 import InterfaceServer
 import NIOCore
+import Testing
 
 #if canImport(Glibc)
     import Glibc
@@ -12,7 +13,7 @@ import NIOCore
 enum GiveUpFixtures {
     /// A started server on `layer` (pings off), with `configure`'s settings, and its port.
     static func server(
-        on layer: InMemoryChannelLayer, _ configure: (inout ServerConfiguration) -> Void
+        on layer: any ChannelLayer, _ configure: (inout ServerConfiguration) -> Void
     ) async throws -> (InterfaceServer, Int) {
         var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
         configuration.pingInterval = nil
@@ -21,6 +22,20 @@ enum GiveUpFixtures {
         try await server.start()
         guard let port = server.localAddress?.port else { throw POSIXFailure("the server has no port") }
         return (server, port)
+    }
+
+    /// Waits (at most 40 s) until `server` counted `dropped` held messages, checks no more come,
+    /// then that its shutdown is not held by anything (under 5 s).
+    static func expectDroppedThenPromptShutdown(
+        _ server: InterfaceServer, dropped: Int, _ comment: Comment, sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws {
+        let deadline = ContinuousClock.now + .seconds(40)
+        while server.statistics.heldDropped < dropped, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(server.statistics.heldDropped == dropped, comment, sourceLocation: sourceLocation)
+        let started = ContinuousClock.now
+        await server.shutdown()
+        #expect(ContinuousClock.now - started < .seconds(5), "nothing held keeps the shutdown waiting", sourceLocation: sourceLocation)
     }
 
     /// Plays an application that accepts every socket and reads nothing else, until cancelled.
