@@ -95,6 +95,11 @@ struct RoutingTests {
         _ = router.match(channel: "websocket.receive", message: ["path": "/chat/r5000/"])
         #expect(router.matches.count == before, "a repeat is remembered, not added")
         #expect(answer(router.match(channel: "websocket.receive", message: ["path": "/chat/r5000/"])) != nil)
+        // A long value is matched afresh and not kept.
+        let long: Message = ["path": .string("/chat/" + String(repeating: "a", count: 300) + "/")]
+        let kept = router.matches.count
+        #expect(router.match(channel: "websocket.receive", message: long)?.parameters == ["room": String(repeating: "a", count: 300)])
+        #expect(router.matches.count == kept, "a long value is not kept")
     }
 
     @Test func missingKeyMeansNoMatch() throws {
