@@ -247,13 +247,21 @@ struct RedisConnectionFormTests {
 @Suite("Sentinel: masters found and followed through a failover", .timeLimit(.minutes(3)))
 struct RedisSentinelTests {
     /// Waits for `condition`, asking again every 100 ms, for at most `seconds`.
-    func eventually(_ what: String, seconds: Double, _ condition: () async throws -> Bool) async throws {
+    /// With `tally`, a time-out says how far the traffic got (sent, failed, received).
+    func eventually(
+        _ what: String, seconds: Double, tally: Tally? = nil, _ condition: () async throws -> Bool
+    ) async throws {
         let deadline = ContinuousClock.now + .seconds(seconds)
         while ContinuousClock.now < deadline {
             if (try? await condition()) == true { return }
             try await Task.sleep(for: .milliseconds(100))
         }
-        Issue.record("timed out after \(seconds) s waiting for \(what)")
+        var progress = ""
+        if let tally {
+            progress = " (\(await tally.acknowledged.count) sends acknowledged, \(await tally.failed) failed"
+            progress += " (last: \(await tally.lastError ?? "none")), \(await tally.received.count) received)"
+        }
+        Issue.record("timed out after \(seconds) s waiting for \(what)\(progress)")
         throw ChannelLayerError(.connectionLost, "timed out waiting for \(what)")
     }
 
@@ -306,7 +314,7 @@ struct RedisSentinelTests {
 
             let traffic = NumberedTraffic(layer: layer, sendTo: listName + "x", receiveFrom: listName)
             let tally = traffic.tally
-            try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
+            try await eventually("messages to flow", seconds: 30, tally: tally) { await tally.received.count >= 20 }
             let beforeKill = await tally.acknowledged.count
             await master.kill9()
             try await eventually("the sentinels to promote the replica", seconds: 45) {
@@ -344,8 +352,10 @@ struct RedisSentinelPlannedFailoverTests {
         return connection
     }
 
-    func eventually(_ what: String, seconds: Double, _ condition: () async throws -> Bool) async throws {
-        try await RedisSentinelTests().eventually(what, seconds: seconds, condition)
+    func eventually(
+        _ what: String, seconds: Double, tally: Tally? = nil, _ condition: () async throws -> Bool
+    ) async throws {
+        try await RedisSentinelTests().eventually(what, seconds: seconds, tally: tally, condition)
     }
 
     /// `SENTINEL FAILOVER` promotes the replica while the old master lives on as a replica (a
@@ -362,9 +372,11 @@ struct RedisSentinelPlannedFailoverTests {
             requirepass spw
             sentinel monitor svc 127.0.0.1 \(master.port) 2
             sentinel auth-pass svc pw
-            sentinel down-after-milliseconds svc 1000
+            sentinel down-after-milliseconds svc 5000
             sentinel failover-timeout svc 6000
             """
+        // The failover here is asked for: a master slow to answer on a loaded machine (the whole
+        // suite starts at once) must not be taken for dead first, so 5 s, not the other test's 1 s.
         var sentinels: [RedisServer] = []
         for _ in 0..<3 { sentinels.append(try await RedisServer.launchSentinel(directory: directory, config: config)) }
         try await withServers([master, replica] + sentinels) {
@@ -387,7 +399,7 @@ struct RedisSentinelPlannedFailoverTests {
                 urls: ["redis+sentinel://:pw@\(hosts)/svc?sentinel_password=spw&socket_connect_timeout=1&socket_timeout=2"])
             let traffic = NumberedTraffic(layer: layer, sendTo: "planned", receiveFrom: "planned")
             let tally = traffic.tally
-            try await eventually("messages to flow", seconds: 10) { await tally.received.count >= 20 }
+            try await eventually("messages to flow", seconds: 30, tally: tally) { await tally.received.count >= 20 }
             let before = await tally.acknowledged.count
             _ = try raw(sentinels[0].port, password: "spw").command(["SENTINEL", "FAILOVER", "svc"])
             try await eventually("the sentinels to promote the replica", seconds: 45) {
@@ -487,8 +499,14 @@ actor Tally {
     var acknowledged: [Int] = []
     var failed = 0
     var received: Set<Int> = []
+    /// The last send's or receive's error, for a time-out's message.
+    var lastError: String?
     func ok(_ n: Int) { acknowledged.append(n) }
-    func fail() { failed += 1 }
+    func fail(_ error: any Error) {
+        failed += 1
+        lastError = "send: \(error)"
+    }
+    func receiveFailed(_ error: any Error) { lastError = "receive: \(error)" }
     func got(_ n: Int) { received.insert(n) }
 }
 
@@ -512,7 +530,7 @@ struct NumberedTraffic {
                     try await layer.send(["n": .int(Int64(n))], to: sendTo)
                     await tally.ok(n)
                 } catch {
-                    await tally.fail()
+                    await tally.fail(error)
                     try? await Task.sleep(for: .milliseconds(100))  // back-off after a failure
                 }
                 try? await Task.sleep(for: .milliseconds(10))
@@ -527,6 +545,7 @@ struct NumberedTraffic {
                         await tally.got(Int(n))
                     }
                 } catch {
+                    await tally.receiveFailed(error)
                     try? await Task.sleep(for: .milliseconds(100))
                 }
             }
