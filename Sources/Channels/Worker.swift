@@ -332,8 +332,12 @@ public final class Worker: Service, Sendable {
     private func runSocket(_ socket: String, first: ReceivedMessage?, slotChannel: String) async {
         var next: (message: ReceivedMessage, holdsSlot: Bool)? = first.map { ($0, false) } ?? mailboxes.next(for: socket)
         let lease = SlotLease(channel: slotChannel, slots: slots)
+        // Each message starts from the sessions the one before it saved (``SessionHandOn``).
+        let handOn = SessionHandOn(maxAge: SessionHandOn.maxAge(gapTimeout: environment.orderingGapTimeout))
         while let (message, holdsSlot) = next {
-            let timedOut = await dispatchTimed(message, lease: lease)
+            let timedOut = await RunningSocket.$current.withValue(RunningSocket(key: socket, mailboxes: mailboxes)) {
+                await SessionHandOn.$current.withValue(handOn) { await dispatchTimed(message, lease: lease) }
+            }
             if holdsSlot { release(message.channel) }
             if timedOut {
                 // A consumer that ignored its cancellation had its slot given back meanwhile:

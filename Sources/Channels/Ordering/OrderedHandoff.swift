@@ -100,7 +100,7 @@ extension ConsumerContext {
         for _ in 0..<Session.appendSaveAttempts {
             let counter = try await Session.load(
                 key: counterKey, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
-                log: .consumer(self))
+                log: .consumer(self), handedOn: true)
             let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
             let epoch = counter[OrderedHandoff.epochField]?.stringValue ?? ChannelNames.randomLetters(12)
             if end {
@@ -117,6 +117,8 @@ extension ConsumerContext {
             } catch let error as SessionError where error.code == .saveConflict {
                 continue
             }
+            // The socket's next ordered send, run next in this worker, starts from it.
+            SessionHandOn.current?.record(counter)
             numbered = (sequence, epoch)
             break
         }

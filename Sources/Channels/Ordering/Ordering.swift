@@ -233,7 +233,7 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
         let session = try await Session.load(
             key: OrderedHandoff.sessionKey("next", channel: context.channel, key: stamp.key, secret: settings.secret),
             store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
-            log: .consumer(context))
+            log: .consumer(context), handedOn: true)
         let isEnd = stamp.end
         if let epoch = stamp.epoch {
             switch try await followEpoch(epoch, session: session, context: context) {

@@ -170,8 +170,11 @@ struct OrderingGate {
         session.raise(Self.nextOrderKey, to: order + 1)
         session[Self.movedAtKey] = .int(Self.nowMillis())
         // Saved before the wait channel is drained, so what runs next sees the new order.
-        try await session.save()
-        await drain(from: session[Self.nextOrderKey]?.intValue ?? order + 1)
+        let saved = try await session.save()
+        // What runs next (drained here, or next in this worker's run of the socket) starts
+        // from the session as saved here, not read back.
+        if saved { SessionHandOn.current?.record(session) }
+        await drain(from: session[Self.nextOrderKey]?.intValue ?? order + 1, handingOn: saved ? session : nil)
     }
 
     private func park(next: Int64) async throws {
@@ -387,10 +390,22 @@ struct OrderingGate {
     ///
     /// - Parameter known: the next order, when the caller just read or saved it.
     /// - Returns: false when a gap was to be skipped and nothing waited after it.
+    ///   - handingOn: the session this turn just saved: the first message drained starts from it.
+    ///     Each one drained then hands its own saves on to the next (``SessionHandOn``, the
+    ///     scope the caller runs in, if any: a worker's run of one socket's messages).
     @discardableResult
-    private func drain(from known: Int64? = nil, skippingGapFrom gap: Int64? = nil) async -> Bool {
+    private func drain(from known: Int64? = nil, skippingGapFrom gap: Int64? = nil, handingOn saved: Session? = nil) async -> Bool {
         guard Self.draining != waitChannel else { return true }
-        return await Self.$draining.withValue(waitChannel) {
+        let scope =
+            SessionHandOn.current ?? SessionHandOn(maxAge: SessionHandOn.maxAge(gapTimeout: context.environment.orderingGapTimeout))
+        if let saved { scope.record(saved) }
+        return await SessionHandOn.$current.withValue(scope) {
+            await drainTurns(from: known, skippingGapFrom: gap)
+        }
+    }
+
+    private func drainTurns(from known: Int64?, skippingGapFrom gap: Int64?) async -> Bool {
+        await Self.$draining.withValue(waitChannel) {
             if slight {
                 await drainAll(skippingGapFrom: gap)
                 return true
@@ -404,6 +419,9 @@ struct OrderingGate {
                 next = stored
             }
             while true {
+                // The message due runs next in this task (this worker took it behind this one):
+                // not parked, and it drains after itself.
+                if gap == nil, RunningSocket.runsNext(order: next, after: context.message, on: context.channel) { return true }
                 var entries = await take([parkingChannel(for: next)])
                 // Lost on the evidence of the gap found lost before it: skipped now.
                 // Proven, the whole stretch of missing orders up to the first one waiting goes

@@ -145,12 +145,26 @@ public final class Session: Sendable {
     }
 
     /// Loads the session stored under `key` (an empty session if there is none).
+    ///
+    /// With `handedOn`, inside a ``SessionHandOn`` scope (a drain of ordered messages), a
+    /// session this task saved there last is taken as it was saved instead of being read back:
+    /// the store held exactly that after the save, and a writer since is caught by the next
+    /// save's compare (which re-reads and re-applies, as after any lost race).
     static func load(
         key: String?, store: any SessionStore, settings: SessionConfiguration, ttl: Duration? = nil, log: SessionLog = .none,
-        onNewKey: (@Sendable (String) -> Void)? = nil
+        handedOn: Bool = false, onNewKey: (@Sendable (String) -> Void)? = nil
     ) async throws -> Session {
         let session = Session(key: key, store: store, settings: settings, ttl: ttl, log: log, onNewKey: onNewKey)
-        if let key { try await session.reload(from: key) }
+        if let key {
+            if handedOn, let saved = SessionHandOn.current?.saved(storageKey(key)) {
+                session.state.withLock {
+                    $0.base = saved.base
+                    $0.snapshot = saved.snapshot
+                }
+            } else {
+                try await session.reload(from: key)
+            }
+        }
         return session
     }
 
@@ -193,6 +207,14 @@ public final class Session: Sendable {
 
     /// True when the store held this session when it was loaded or last saved.
     public var isStored: Bool { state.withLock { $0.snapshot != nil && !$0.deleted } }
+
+    /// What the store held when this session was loaded or last saved (nil when it held nothing).
+    var savedState: SessionHandOn.Saved? {
+        state.withLock { state in
+            guard let snapshot = state.snapshot, !state.deleted else { return nil }
+            return SessionHandOn.Saved(base: state.base, snapshot: snapshot)
+        }
+    }
 
     /// The session's data as it stands, stored data plus unsaved changes.
     public var data: [String: ASGIValue] { state.withLock { Self.view($0) } }
@@ -311,17 +333,24 @@ public final class Session: Sendable {
                 return (settings.cipher?.seal(plain) ?? plain, state.snapshot)
             }
             if try await store.store(Self.storageKey(key), data: data, expected: expected, ttl: ttl) {
-                state.withLock { state in
+                let base = state.withLock { state in
                     state.base = Self.view(state)
                     state.snapshot = data
                     state.changes = [:]
                     state.appends = []
                     state.cleared = false
                     state.retiredKeys = []
+                    return state.base
                 }
-                for old in retired where old != key { try await store.delete(Self.storageKey(old)) }
+                SessionHandOn.current?.refresh(Self.storageKey(key), base: base, snapshot: data)
+                for old in retired where old != key {
+                    SessionHandOn.current?.forget(Self.storageKey(old))
+                    try await store.delete(Self.storageKey(old))
+                }
                 return true
             }
+            // Someone else wrote it: what this task saved there is no longer what is stored.
+            SessionHandOn.current?.forget(Self.storageKey(key))
             if attempt < attempts {
                 try await reload(from: key)
                 // Appending to a list of a session someone deleted meanwhile does not bring it back.
@@ -347,6 +376,7 @@ public final class Session: Sendable {
     public func deleteReturningData() async throws -> [String: ASGIValue] {
         guard let key = state.withLock({ $0.key }) else { return [:] }
         let storageKey = Self.storageKey(key)
+        SessionHandOn.current?.forget(storageKey)
         let plain = Self.encode([Self.deletedMark: .bool(true)])
         let mark = settings.cipher?.seal(plain) ?? plain
         for _ in 1...Self.appendSaveAttempts {
@@ -371,7 +401,10 @@ public final class Session: Sendable {
             defer { state = State(key: nil) }
             return state.key
         }
-        if let key { try await store.delete(Self.storageKey(key)) }
+        if let key {
+            SessionHandOn.current?.forget(Self.storageKey(key))
+            try await store.delete(Self.storageKey(key))
+        }
     }
 
     static func encode(_ data: [String: ASGIValue]) -> [UInt8] {
@@ -424,4 +457,74 @@ struct SessionLog: Sendable {
     static func consumer(_ context: ConsumerContext) -> SessionLog { SessionLog(context: context) }
 
     var logger: Logger? { context?.logger }
+}
+
+/// The sessions a task saved in a scope, as saved, by storage key: one socket's messages run
+/// one after another in a worker (its mailbox, or a drain of its parked messages), each right
+/// after the one before it saved the socket's session (and its ordered hand-off's counter);
+/// the next one starts from those instead of reading them back (a round trip each on the
+/// socket's critical path). Only the ordering machinery puts sessions in (the gate's session
+/// after its turn, an ordered hand-off's counter after its send), and only loads that ask for
+/// it (`Session.load(handedOn: true)`) use it; any later save of such a session in the scope
+/// updates it, and a save that loses its race, or a delete, forgets it.
+///
+/// An entry is used for at most `maxAge` after its save: the ordering gate's gap skip, the one
+/// writer of a socket's order besides its own turns, moves an order only after it stood for a
+/// fraction of the gap timeout (``OrderingGaps/provenGrace(_:)``), and `maxAge` is half that
+/// (a turn never starts from an order a skip moved meanwhile). Any other writer since is
+/// caught by the next save's compare.
+final class SessionHandOn: Sendable {
+    struct Saved: Sendable {
+        let base: [String: ASGIValue]
+        let snapshot: [UInt8]
+        var at = ContinuousClock.now
+    }
+
+    /// The scope the current task runs in, if any.
+    @TaskLocal static var current: SessionHandOn?
+
+    private let sessions = Mutex<[String: Saved]>([:])
+    private let maxAge: Duration
+
+    /// A scope whose entries are used for `maxAge` after their save (see the type's notes).
+    init(maxAge: Duration) { self.maxAge = maxAge }
+
+    /// How long a scope of the ordering gate keeps an entry, for a gap timeout of `timeout`.
+    static func maxAge(gapTimeout timeout: Duration) -> Duration { OrderingGaps.provenGrace(timeout) / 2 }
+
+    /// Records `session` as saved (when it is stored and unmodified).
+    func record(_ session: Session) {
+        guard let key = session.key, !session.isModified, let saved = session.savedState else { return }
+        record(Session.storageKey(key), base: saved.base, snapshot: saved.snapshot)
+    }
+
+    func saved(_ storageKey: String) -> Saved? {
+        let now = ContinuousClock.now
+        return sessions.withLock { sessions in
+            guard let saved = sessions[storageKey] else { return nil }
+            guard now - saved.at < maxAge else {
+                sessions[storageKey] = nil
+                return nil
+            }
+            return saved
+        }
+    }
+
+    private func record(_ storageKey: String, base: [String: ASGIValue], snapshot: [UInt8]) {
+        sessions.withLock { sessions in
+            // A handful per socket; bounded all the same.
+            if sessions.count >= 64 { sessions.removeAll() }
+            sessions[storageKey] = Saved(base: base, snapshot: snapshot)
+        }
+    }
+
+    /// A save of a session this scope holds: it now holds what was saved.
+    func refresh(_ storageKey: String, base: [String: ASGIValue], snapshot: [UInt8]) {
+        sessions.withLock { sessions in
+            guard sessions[storageKey] != nil else { return }
+            sessions[storageKey] = Saved(base: base, snapshot: snapshot)
+        }
+    }
+
+    func forget(_ storageKey: String) { _ = sessions.withLock { $0.removeValue(forKey: storageKey) } }
 }

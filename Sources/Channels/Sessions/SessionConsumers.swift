@@ -110,7 +110,8 @@ extension ConsumerContext {
         let settings = environment.sessionConfiguration
         let session = try await Session.load(
             key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
-            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge, log: .consumer(self))
+            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge, log: .consumer(self),
+            handedOn: true)
         extras.withLock { $0.channelSession = session }
         return session
     }
