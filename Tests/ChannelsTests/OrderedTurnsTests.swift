@@ -1,0 +1,180 @@
+import ASGI
+import ChannelsTesting
+import Foundation
+import Synchronization
+import Testing
+
+@testable import Channels
+
+/// A session store that counts the loads of each key.
+final class LoadCountingStore: SessionStore {
+    let base = InMemorySessionStore()
+    private let loads = Mutex<[String: Int]>([:])
+
+    func loadCount(_ key: String) -> Int { loads.withLock { $0[key] ?? 0 } }
+
+    func load(_ key: String) async throws -> [UInt8]? {
+        loads.withLock { $0[key, default: 0] += 1 }
+        return try await base.load(key)
+    }
+
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
+        try await base.store(key, data: data, expected: expected, ttl: ttl)
+    }
+
+    func delete(_ key: String) async throws { try await base.delete(key) }
+}
+
+/// An in-memory layer that counts what is parked on, and taken from, wait channels.
+final class WaitCountingLayer: ForwardingChannelLayer, @unchecked Sendable {
+    let base: any ChannelLayer = InMemoryChannelLayer()
+    private let counts = Mutex((parks: 0, takes: 0))
+
+    var parks: Int { counts.withLock { $0.parks } }
+    var takes: Int { counts.withLock { $0.takes } }
+
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        if channel.hasPrefix(CapacityTable.waitChannelPrefix) { counts.withLock { $0.parks += 1 } }
+        try await base.send(message, to: channel)
+    }
+
+    func receiveBatch(channels: [String], max: Int, timeout: Duration) async throws(ChannelLayerError) -> [ReceivedMessage] {
+        if channels.contains(where: { $0.hasPrefix(CapacityTable.waitChannelPrefix) }) { counts.withLock { $0.takes += 1 } }
+        return try await base.receiveBatch(channels: channels, max: max, timeout: timeout)
+    }
+}
+
+/// One socket's (or one ordered hand-off's) messages taken together by a worker run one after
+/// another, each turn starting from what the turn before it saved: not read back from the
+/// store, not parked, not looked for among the parked ones.
+@Suite("ordered turns in one worker", .timeLimit(.minutes(2)))
+struct OrderedTurnsTests {
+    /// Waits (bounded) until `log` holds `count` entries.
+    func waitFor(_ log: Log, count: Int) async throws {
+        let deadline = ContinuousClock.now + .seconds(20)
+        while await log.entries.count < count, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+    }
+
+    /// 90 receives of one socket (within a channel's capacity), queued before the worker starts: each turn sees what the one
+    /// before it wrote to the channel session, the order holds, and the session is read from the
+    /// store once (it was read once per message before), nothing is parked or looked for.
+    @Test func aBurstOfOneSocketReadsItsSessionOnce() async throws {
+        let store = LoadCountingStore()
+        let layer = WaitCountingLayer()
+        let log = Log()
+        let stale = Log()
+        let settings = SessionConfiguration()
+        let worker = Worker(
+            router: try Router([
+                route(
+                    "websocket.connect",
+                    enforceOrdering { context in
+                        try context.channelSession["last"] = .int(0)
+                        try await context.accept()
+                    }),
+                route(
+                    "websocket.receive",
+                    enforceOrdering { context in
+                        let order = try context.message.int("order")
+                        let last = try context.channelSession["last"]?.intValue
+                        if last != order - 1 { await stale.add("\(order) saw \(last.map(String.init) ?? "nothing")") }
+                        try context.channelSession["last"] = .int(order)
+                        await log.add("\(order)")
+                    }),
+            ]), layer: layer, concurrency: 8,
+            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        let reply = "test.reply?turns" + ChannelNames.randomLetters(6)
+        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        for order in 1...90 {
+            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        let task = Task { await worker.run() }
+        try await waitFor(log, count: 90)
+        worker.stop()
+        await task.value
+        #expect(await log.entries == (1...90).map(String.init), "in order, each once")
+        let staleTurns = await stale.entries
+        #expect(staleTurns.isEmpty, "each turn saw the one before it: \(staleTurns.prefix(5))")
+        let key = Session.storageKey(Session.channelSessionKey(replyChannel: reply, secret: settings.secret))
+        // The connect and the receives come in (at most) two takes; each take's first message
+        // reads the session, the rest start from what was saved. Before: 91 reads.
+        #expect(store.loadCount(key) <= 4, "session reads: \(store.loadCount(key))")
+        #expect(layer.parks == 0, "parked: \(layer.parks)")
+        #expect(layer.takes <= 4, "wait-channel takes: \(layer.takes)")
+        let stored = try await Session.load(
+            key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret), store: store, settings: settings)
+        #expect(stored["last"]?.intValue == 90 && stored[OrderingGate.nextOrderKey]?.intValue == 91)
+    }
+
+    /// Another process writes the socket's session between two turns (after the turn before
+    /// saved, before the next one reads): the turn that saves next loses its race, re-reads and
+    /// keeps both writes, and the turns after it see the other writer's key.
+    @Test func aWriteFromElsewhereBetweenTurnsIsKeptAndSeen() async throws {
+        let store = LoadCountingStore()
+        let layer = InMemoryChannelLayer()
+        let log = Log()
+        let settings = SessionConfiguration()
+        let reply = "test.reply?other" + ChannelNames.randomLetters(6)
+        let socketKey = Session.channelSessionKey(replyChannel: reply, secret: settings.secret)
+        let worker = Worker(
+            router: try Router([
+                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
+                route(
+                    "websocket.receive",
+                    enforceOrdering { context in
+                        let order = try context.message.int("order")
+                        if order == 50 {
+                            // Another process's consumer writes the session now.
+                            let other = try await Session.load(key: socketKey, store: store, settings: settings)
+                            other["elsewhere"] = .string("kept")
+                            try await other.save()
+                        }
+                        let seen = try context.channelSession["elsewhere"]?.stringValue
+                        await log.add("\(order) \(seen ?? "-")")
+                        try context.channelSession["count"] = .int(order)
+                    }),
+            ]), layer: layer, concurrency: 8,
+            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        for order in 1...100 {
+            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        let task = Task { await worker.run() }
+        try await waitFor(log, count: 100)
+        worker.stop()
+        await task.value
+        let entries = await log.entries
+        #expect(entries.map { $0.split(separator: " ")[0] } == (1...100).map { Substring(String($0)) })
+        // Turn 50 read its session before the write; every turn after it sees the write.
+        #expect(entries.dropFirst(50).allSatisfy { $0.hasSuffix(" kept") }, "\(entries.dropFirst(48).prefix(6))")
+        let stored = try await Session.load(key: socketKey, store: store, settings: settings)
+        #expect(stored["elsewhere"]?.stringValue == "kept" && stored["count"]?.intValue == 100)
+        #expect(stored[OrderingGate.nextOrderKey]?.intValue == 101)
+    }
+
+    /// 100 messages of one ordered hand-off, taken by one worker of concurrency 8: they run one
+    /// after another (before, each ran at once and all but the due one were parked and taken
+    /// back), in order, numbered once each.
+    @Test func oneHandOffsMessagesRunInOrderWithoutParking() async throws {
+        let layer = WaitCountingLayer()
+        let log = Log()
+        let worker = Worker(
+            router: try Router([
+                route("post") { context in
+                    try await Channel("stage").send(["text": context.message["text"] ?? .null], orderedBy: "room-9")
+                },
+                route(
+                    "stage",
+                    inSendOrder { context in
+                        await log.add("\(context.message[OrderedHandoff.orderField]?.intValue ?? -1)")
+                    }),
+            ]), layer: layer, concurrency: 8, environment: ConsumerEnvironment())
+        let task = Task { await worker.run() }
+        for index in 0..<100 { try await layer.send(["text": .string("m\(index)")], to: "post") }
+        try await waitFor(log, count: 100)
+        worker.stop()
+        await task.value
+        #expect(await log.entries == (0..<100).map(String.init), "each number once, in order")
+        #expect(layer.parks < 10, "parked: \(layer.parks) of 100")
+    }
+}
