@@ -177,4 +177,32 @@ struct OrderedTurnsTests {
         #expect(await log.entries == (0..<100).map(String.init), "each number once, in order")
         #expect(layer.parks < 10, "parked: \(layer.parks) of 100")
     }
+
+    /// A worker's copy of a socket's session, handed on from its last turn, that another
+    /// worker's turns have passed since: the socket's next message here is judged early on it
+    /// and parked, the store says it is due, so it drains itself; the messages that drain runs
+    /// inline are judged on the store, not on the copy (on the copy, each was parked again and
+    /// left behind by the drain until the gap watch's look, 10 s later: seen in 2 of 25 chat
+    /// bursts through two workers).
+    @Test func aCopyOtherWorkersPassedDoesNotStrandADrain() async throws {
+        let log = Log()
+        let harness = try TestHarness(OrderingTests.routing(log: log))
+        let reply = try await harness.newReplyChannel()
+        let ordering = OrderingTests()
+        let scope = SessionHandOn(maxAge: .seconds(5))
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        // This worker's turn 1: its save is handed on.
+        try await SessionHandOn.$current.withValue(scope) {
+            try await harness.send(ordering.message(reply, order: 1), to: "websocket.receive")
+        }
+        // Another worker's turns 2 and 3, and 5 parked there (it came early).
+        try await harness.send(ordering.message(reply, order: 2), to: "websocket.receive")
+        try await harness.send(ordering.message(reply, order: 3), to: "websocket.receive")
+        try await ordering.parkAsADeadWorker(harness, reply: reply, orders: [5])
+        // This worker's next message, 4, first judged on its copy (the order at 2).
+        try await SessionHandOn.$current.withValue(scope) {
+            try await harness.send(ordering.message(reply, order: 4), to: "websocket.receive", runPending: false)
+        }
+        #expect(await log.entries == ["0", "1", "2", "3", "4", "5"])
+    }
 }

@@ -71,6 +71,11 @@ struct OrderingGate {
         }
         let next = session[Self.nextOrderKey]?.intValue ?? 0
         if !isDue(next: next) {
+            // The session may be a turn's copy handed on (``SessionHandOn``) that another worker's
+            // turns have passed since: what follows reads the store, and so does every turn of
+            // this task after it (a drain this park starts runs its messages inline: each judged
+            // on that copy would be parked again, and left behind by the drain).
+            if let key = session.key { SessionHandOn.current?.forget(Session.storageKey(key)) }
             if order < next && !slight {
                 ChannelsMetrics.dropped[.late]?.increment()
                 context.logger.warning(
