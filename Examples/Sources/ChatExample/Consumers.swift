@@ -299,11 +299,10 @@ enum ChatConsumers {
         let history = try await ChatDatabase.shared.history(room: room)
         // The first frame; the server's position and presence frames follow it.
         try await context.accept(
-            text: json([
-                "type": "history", "room": room,
-                "user": context.user.isAuthenticated
-                    ? context.user.username : NSNull(), "messages": history.map(\.json),
-            ]))
+            text: ChatEvent.text(
+                HistoryFrame(
+                    messages: history.map { $0.event() }, room: room,
+                    user: context.user.isAuthenticated ? context.user.username : nil)))
         context.logger.info("joined", metadata: ["room": "\(room)", "user": "\(context.user)"])
     }
 
@@ -391,19 +390,15 @@ enum ChatConsumers {
             }
             return
         }
-        var event = saved.json
-        event["type"] = "message"
         // With the room history's offset and epoch: a page that reconnects gets what it missed.
-        try await roomGroup(saved.room).publish(json(event))
+        try await roomGroup(saved.room).publish(ChatEvent.text(saved.event("message")))
         let text = saved.text
         var mentioned = Set<String>()
         for match in mentionPattern.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
             if let range = Range(match.range(at: 1), in: text) { mentioned.insert(String(text[range])) }
         }
         for name in mentioned.sorted() where name != saved.username {
-            var mention = event
-            mention["type"] = "mention"
-            try await Group("user-" + name).send(WebSocketSendMessage.text(json(mention)))
+            try await Group("user-" + name).send(WebSocketSendMessage.text(ChatEvent.text(saved.event("mention"))))
         }
     }
 }
