@@ -157,8 +157,10 @@ final class ChatDatabase: Sendable {
         }
     }
 
+    /// One `INSERT` on its own (SQLite commits a single statement by itself): no `BEGIN` and
+    /// `COMMIT` around it, a fifth of a save's time in a worker's profile.
     func save(_ message: ChatMessage) async throws -> ChatMessage {
-        try await pool.write { db in
+        try await pool.writeWithoutTransaction { db in
             var message = message
             try message.insert(db)
             return message
