@@ -205,4 +205,33 @@ struct OrderedTurnsTests {
         }
         #expect(await log.entries == ["0", "1", "2", "3", "4", "5"])
     }
+
+    /// An ordered hand-off's end, sent from a task that holds a copy of the hand-off's counter
+    /// from an earlier send that other workers' sends have passed since: the end takes the
+    /// number after the last one stored (it deletes the counter without a compare, so a number
+    /// read from the copy went out twice, and the receiver dropped one of the two as late).
+    @Test func anEndAfterOtherWorkersSendsTakesTheNextNumber() async throws {
+        let harness = try TestHarness([
+            route("post") { context in
+                try await Channel("stage").send(["text": context.message["text"] ?? .null], orderedBy: "room-3")
+            },
+            route("end") { context in try await context.endOrderedSequence(to: "stage", orderedBy: "room-3") },
+        ])
+        let scope = SessionHandOn(maxAge: .seconds(5))
+        // This worker's send (its counter's copy handed on), then two of another worker.
+        try await SessionHandOn.$current.withValue(scope) {
+            try await harness.send(["text": "a"], to: "post", runPending: false)
+        }
+        try await harness.send(["text": "b"], to: "post", runPending: false)
+        try await harness.send(["text": "c"], to: "post", runPending: false)
+        try await SessionHandOn.$current.withValue(scope) {
+            try await harness.send([:], to: "end", runPending: false)
+        }
+        var numbers: [String] = []
+        while let message = try await harness.receive(from: "stage") {
+            let stamp = try #require(OrderStamp(message))
+            numbers.append(stamp.end ? "end \(stamp.order)" : "\(stamp.order)")
+        }
+        #expect(numbers == ["0", "1", "2", "end 3"])
+    }
 }

@@ -100,7 +100,8 @@ extension ConsumerContext {
         for _ in 0..<Session.appendSaveAttempts {
             let counter = try await Session.load(
                 key: counterKey, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
-                log: .consumer(self), handedOn: true)
+                // The end deletes the counter without a compare: its number is read from the store.
+                log: .consumer(self), handedOn: !end)
             let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
             let epoch = counter[OrderedHandoff.epochField]?.stringValue ?? ChannelNames.randomLetters(12)
             if end {

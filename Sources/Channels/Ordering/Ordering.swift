@@ -235,6 +235,10 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
             store: context.environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
             log: .consumer(context), handedOn: true)
         let isEnd = stamp.end
+        // A new epoch resets the order: decided on what is stored, not on a copy handed on.
+        if let epoch = stamp.epoch, session[OrderedHandoff.currentEpochKey]?.stringValue != epoch {
+            _ = try await session.reloadIfHandedOn()
+        }
         if let epoch = stamp.epoch {
             switch try await followEpoch(epoch, session: session, context: context) {
             case .follow: break

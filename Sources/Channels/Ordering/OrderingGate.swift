@@ -69,13 +69,15 @@ struct OrderingGate {
                 metadata: ["channel": "\(context.channel)", "order": "\(order)"])
             return
         }
-        let next = session[Self.nextOrderKey]?.intValue ?? 0
+        var next = session[Self.nextOrderKey]?.intValue ?? 0
+        // A copy handed on from this task's last turn (``SessionHandOn``) that another worker's
+        // turns may have passed since: not due on it, the store decides (and every later turn of
+        // this task reads the store too: a drain of this socket runs its messages inline, and
+        // each judged on that copy was parked again and left behind by the drain).
+        if !isDue(next: next), try await session.reloadIfHandedOn() {
+            next = session[Self.nextOrderKey]?.intValue ?? 0
+        }
         if !isDue(next: next) {
-            // The session may be a turn's copy handed on (``SessionHandOn``) that another worker's
-            // turns have passed since: what follows reads the store, and so does every turn of
-            // this task after it (a drain this park starts runs its messages inline: each judged
-            // on that copy would be parked again, and left behind by the drain).
-            if let key = session.key { SessionHandOn.current?.forget(Session.storageKey(key)) }
             if order < next && !slight {
                 ChannelsMetrics.dropped[.late]?.increment()
                 context.logger.warning(
@@ -177,9 +179,11 @@ struct OrderingGate {
         // Saved before the wait channel is drained, so what runs next sees the new order.
         let saved = try await session.save()
         // What runs next (drained here, or next in this worker's run of the socket) starts
-        // from the session as saved here, not read back.
-        if saved { SessionHandOn.current?.record(session) }
-        await drain(from: session[Self.nextOrderKey]?.intValue ?? order + 1, handingOn: saved ? session : nil)
+        // from the session as saved here, not read back. Not with `slight` ordering, whose
+        // turns run at once across workers: each reads the store.
+        let handOn = saved && !slight
+        if handOn { SessionHandOn.current?.record(session) }
+        await drain(from: session[Self.nextOrderKey]?.intValue ?? order + 1, handingOn: handOn ? session : nil)
     }
 
     private func park(next: Int64) async throws {

@@ -111,6 +111,8 @@ public final class Session: Sendable {
         var appends: [Append] = []
         var cleared = false
         var retiredKeys: [String] = []
+        /// Loaded from a ``SessionHandOn`` copy, not from the store (until a reload or a save).
+        var handedOn = false
     }
 
     private struct Append {
@@ -160,6 +162,7 @@ public final class Session: Sendable {
                 session.state.withLock {
                     $0.base = saved.base
                     $0.snapshot = saved.snapshot
+                    $0.handedOn = true
                 }
             } else {
                 try await session.reload(from: key)
@@ -187,7 +190,20 @@ public final class Session: Sendable {
             $0.snapshot = raw
             $0.deleted = deleted
             $0.base = deleted ? [:] : decoded ?? [:]
+            $0.handedOn = false
         }
+    }
+
+    /// For a session loaded from a ``SessionHandOn`` copy: reads it from the store (keeping
+    /// changes made since, as a lost race does) and drops every copy of the scope (another
+    /// worker may have run turns since: its saves are not in them). True when it was such a
+    /// copy. A decision that must see what is stored (the ordering gate's, that a message is
+    /// not due) asks for this first.
+    func reloadIfHandedOn() async throws -> Bool {
+        guard let key = state.withLock({ $0.handedOn ? $0.key : nil }) else { return false }
+        SessionHandOn.current?.forgetAll()
+        try await reload(from: key)
+        return true
     }
 
     /// What ``deleteReturningData()`` stores for the moment between reading the session and
@@ -336,6 +352,7 @@ public final class Session: Sendable {
                 let base = state.withLock { state in
                     state.base = Self.view(state)
                     state.snapshot = data
+                    state.handedOn = false
                     state.changes = [:]
                     state.appends = []
                     state.cleared = false
@@ -527,4 +544,7 @@ final class SessionHandOn: Sendable {
     }
 
     func forget(_ storageKey: String) { _ = sessions.withLock { $0.removeValue(forKey: storageKey) } }
+
+    /// Drops every copy (one of them proved stale: the others may be too).
+    func forgetAll() { sessions.withLock { $0.removeAll() } }
 }
