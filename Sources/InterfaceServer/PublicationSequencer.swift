@@ -131,9 +131,15 @@ struct PublicationSequencer {
     }
 
     /// The gap timer fired and the history was read: `found` fills what it can; what it cannot
-    /// is skipped (counted). Returns everything now deliverable, in order.
-    mutating func fillGap(_ group: String, found: [(offset: UInt64, message: Message)]) -> [Message] {
-        guard case .following(let epoch, var next, var held)? = groups[group], let last = held.keys.max() else { return [] }
+    /// is skipped (counted), up to `through`, the history's last offset when it was read (nil:
+    /// any, the history began again). An offset past `through` was not in the history yet when
+    /// the read ran (the read may be older than the gap: held publications came meanwhile) and
+    /// is not skipped: it stays a gap, and `gapLeft` asks for the timer again. Returns
+    /// everything now deliverable, in order.
+    mutating func fillGap(
+        _ group: String, found: [(offset: UInt64, message: Message)], through top: UInt64? = nil
+    ) -> (messages: [Message], gapLeft: Bool) {
+        guard case .following(let epoch, var next, var held)? = groups[group], let last = held.keys.max() else { return ([], false) }
         for entry in found where entry.offset >= next && entry.offset <= last && held[entry.offset] == nil {
             held[entry.offset] = entry.message
         }
@@ -141,13 +147,15 @@ struct PublicationSequencer {
         while next <= last {
             if let message = held.removeValue(forKey: next) {
                 out.append(message)
+            } else if let top, next > top {
+                break
             } else {
                 skipped += 1
             }
             next += 1
         }
         groups[group] = .following(epoch: epoch, next: next, held: held)
-        return out
+        return (out, !held.isEmpty)
     }
 
     /// Where a tail read should start when the history's `top` is past what was delivered

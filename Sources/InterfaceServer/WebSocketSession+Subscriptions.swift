@@ -284,7 +284,10 @@ extension WebSocketSession {
         let loop = channel.eventLoop
         Task {
             // nil: the read failed (not a history without the entries).
-            let read = (try? await history.historyRead(group, after: start, retention: retention))?.entries
+            let slice = try? await history.historyRead(group, after: start, retention: retention)
+            let read = slice?.entries
+            // What the read could see: the history's top then (a gap past it came after the read).
+            let through = slice.flatMap { $0.top.epoch == start.epoch ? $0.top.offset : nil }
             loop.execute {
                 let session = bound.value
                 if read == nil, session.readGapAgain(group) { return }
@@ -297,9 +300,10 @@ extension WebSocketSession {
                     ]
                 }
                 let skippedBefore = session.subscriptions.sequencer.skipped
-                for message in session.subscriptions.sequencer.fillGap(group, found: zip(found, messages).map { ($0.0.offset, $0.1) }) {
-                    session.deliverReply(message)
-                }
+                let (filled, gapLeft) = session.subscriptions.sequencer.fillGap(
+                    group, found: zip(found, messages).map { ($0.0.offset, $0.1) }, through: through)
+                for message in filled { session.deliverReply(message) }
+                if gapLeft { session.armGapTimer(group) }
                 let skipped = session.subscriptions.sequencer.skipped - skippedBefore
                 if skipped > 0 {
                     ServerMetrics.publicationsSkipped.increment(by: skipped)
