@@ -9,6 +9,8 @@ struct PublicationSequencer {
     enum Action: Equatable {
         /// Write these, in order.
         case deliver([Message])
+        /// Write these, in order; a gap is held after them (arm the gap timer).
+        case deliverThenHold([Message])
         /// Held: a gap before it. `startTimer` when the session should arm the gap timer.
         case hold(startTimer: Bool)
         /// Already delivered (or older than where the socket started): not written again.
@@ -23,6 +25,25 @@ struct PublicationSequencer {
     }
 
     private var groups: [String: Follow] = [:]
+    /// Per group, the epochs it followed before the current one (its history was lost and began
+    /// again), the last few: their late publications pass through and never switch it back.
+    private var leftEpochs: [String: [String]] = [:]
+    /// Per group, the last offsets given up on (skipped: not in the history when it was read,
+    /// or the history began again), 64 at most: one that comes live after all is written,
+    /// late, not dropped as a duplicate.
+    private var givenUp: [String: Set<UInt64>] = [:]
+
+    /// Skips (counts) the offsets of `range`, remembering the last of them.
+    private mutating func giveUp(_ group: String, _ range: Range<UInt64>) {
+        guard !range.isEmpty else { return }
+        skipped += range.count
+        var offsets = givenUp[group] ?? []
+        for offset in max(range.lowerBound, range.upperBound > 64 ? range.upperBound - 64 : 0)..<range.upperBound {
+            if offsets.count >= 64, let oldest = offsets.min() { offsets.remove(oldest) }
+            offsets.insert(offset)
+        }
+        givenUp[group] = offsets
+    }
     /// Publications written as duplicates were not; gaps skipped after the history could not fill them.
     private(set) var duplicates = 0
     private(set) var skipped = 0
@@ -46,6 +67,9 @@ struct PublicationSequencer {
         for item in buffer.sorted(by: { $0.offset < $1.offset }) {
             switch live(group, offset: item.offset, epoch: item.epoch, message: item.message) {
             case .deliver(let messages): out += messages
+            case .deliverThenHold(let messages):
+                out += messages
+                gap = true
             case .hold: gap = true
             case .duplicate: break
             }
@@ -99,11 +123,30 @@ struct PublicationSequencer {
             return .hold(startTimer: false)
         case .following(let current, var next, var held)?:
             if epoch != current {
-                // The history was lost and started again: follow the new one from here.
-                groups[group] = .following(epoch: epoch, next: offset + 1, held: [:])
-                return .deliver([message])
+                // A late publication of a history this socket already left (published before the
+                // loss, overtaken by ones of the new history): written, and nothing switches back
+                // (switching on every straggler, the two epochs' offsets took turns as `next`, and
+                // the new history's publications below it were dropped as duplicates).
+                if leftEpochs[group]?.contains(epoch) == true { return .deliver([message]) }
+                // The history was lost and began again, at offset 1: follow the new one from its
+                // start (the first of it to come may have overtaken the ones before it, which
+                // would otherwise be dropped as duplicates when they come); what was held for a
+                // gap of the old one goes out first (that gap is never filled now).
+                leftEpochs[group, default: []].append(current)
+                if leftEpochs[group]!.count > 4 { leftEpochs[group]!.removeFirst() }
+                let before = held.sorted { $0.key < $1.key }.map(\.value)
+                if offset <= 1 {
+                    groups[group] = .following(epoch: epoch, next: offset + 1, held: [:])
+                    return .deliver(before + [message])
+                }
+                groups[group] = .following(epoch: epoch, next: 1, held: [offset: message])
+                return before.isEmpty ? .hold(startTimer: true) : .deliverThenHold(before)
             }
             if offset < next || held[offset] != nil {
+                if offset < next, givenUp[group]?.remove(offset) != nil {
+                    // Skipped by a gap fill that could not find it (the history lost, say): late, not lost.
+                    return .deliver([message])
+                }
                 duplicates += 1
                 return .duplicate
             }
@@ -150,7 +193,7 @@ struct PublicationSequencer {
             } else if let top, next > top {
                 break
             } else {
-                skipped += 1
+                giveUp(group, next..<(next + 1))
             }
             next += 1
         }
@@ -173,7 +216,7 @@ struct PublicationSequencer {
             held[entry.offset] = entry.message
         }
         if let first = found.map(\.offset).min(), first > next {
-            skipped += Int(first - next)
+            giveUp(group, next..<first)
             next = first
         }
         var out: [Message] = []
@@ -188,5 +231,7 @@ struct PublicationSequencer {
     /// Stops following `group` (what was held is dropped).
     mutating func stop(_ group: String) {
         groups.removeValue(forKey: group)
+        leftEpochs.removeValue(forKey: group)
+        givenUp.removeValue(forKey: group)
     }
 }

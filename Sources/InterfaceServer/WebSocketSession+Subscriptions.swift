@@ -89,6 +89,9 @@ extension WebSocketSession {
                     deliverReply(message)
                 }
             }
+        case .other(.deliverThenHold(let messages)):
+            for message in messages { deliverReply(message) }
+            armGapTimer(group)
         case .other(.hold(let startTimer)):
             if startTimer { armGapTimer(group) }
         case .other(.duplicate):

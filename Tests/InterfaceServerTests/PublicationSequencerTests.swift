@@ -104,6 +104,9 @@ struct PublicationSequencerTests {
         #expect(sequencer.live("g", offset: 9, epoch: "e", message: message(9)) == .hold(startTimer: true))
         let (last, _) = sequencer.fillGap("g", found: [(8, message(8))], through: 9)
         #expect(texts(last) == ["m8", "m9"] && sequencer.skipped == 1)
+        // 7 comes live after all (its group send was slow, the history lost it): late, not lost.
+        #expect(delivered(sequencer.live("g", offset: 7, epoch: "e", message: message(7))) == ["m7"])
+        #expect(sequencer.live("g", offset: 7, epoch: "e", message: message(7)) == .duplicate)
     }
 
     @Test("a publication of a new epoch (the history was lost) is followed from there")
@@ -114,6 +117,36 @@ struct PublicationSequencerTests {
         #expect(delivered(sequencer.live("g", offset: 1, epoch: "new", message: message(1))) == ["m1"])
         #expect(delivered(sequencer.live("g", offset: 2, epoch: "new", message: message(2))) == ["m2"])
         #expect(sequencer.live("g", offset: 2, epoch: "new", message: message(2)) == .duplicate)
+    }
+
+    /// The red team deleted a room's history in the middle of a churn: publications of the old
+    /// history and the new one came interleaved, the socket switched epochs at each, and the new
+    /// history's publications that came after a later one were dropped as duplicates (8-10
+    /// texts lost a run, counted nowhere).
+    @Test("a late publication of a history left behind passes through; the new one is not switched away from")
+    func stragglersOfALostHistory() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        _ = sequencer.recovered("g", top: StreamPosition(offset: 4, epoch: "old"))
+        #expect(delivered(sequencer.live("g", offset: 5, epoch: "old", message: message(5))) == ["m5"])
+        // 7 came before 6: held when the history is lost.
+        #expect(sequencer.live("g", offset: 7, epoch: "old", message: message(7)) == .hold(startTimer: true))
+        // The new history's first: what was held goes out first.
+        #expect(delivered(sequencer.live("g", offset: 1, epoch: "new", message: message(1))) == ["m7", "m1"])
+        // (A new history whose first to come is not its first: held for the gap before it.)
+        var other = PublicationSequencer()
+        other.startRecovery("h")
+        _ = other.recovered("h", top: StreamPosition(offset: 4, epoch: "old"))
+        #expect(other.live("h", offset: 3, epoch: "new", message: message(3)) == .hold(startTimer: true))
+        #expect(delivered(other.live("h", offset: 1, epoch: "new", message: message(1))) == ["m1"])
+        #expect(delivered(other.live("h", offset: 2, epoch: "new", message: message(2))) == ["m2", "m3"])
+        // 6, late, of the old one: written, no switch back.
+        #expect(delivered(sequencer.live("g", offset: 6, epoch: "old", message: message(6))) == ["m6"])
+        // The new one goes on: 3 overtakes 2, which is not taken for a duplicate.
+        #expect(sequencer.live("g", offset: 3, epoch: "new", message: message(3)) == .hold(startTimer: true))
+        #expect(delivered(sequencer.live("g", offset: 2, epoch: "new", message: message(2))) == ["m2", "m3"])
+        #expect(sequencer.live("g", offset: 3, epoch: "new", message: message(3)) == .duplicate)
+        #expect(sequencer.duplicates == 1 && sequencer.skipped == 0)
     }
 
     @Test("a gap left after a recovery asks for the timer")
