@@ -33,6 +33,19 @@ struct DirectWriteTests {
     /// the moment a direct send would overtake them if it did not wait for the channel.
     @Test(arguments: [(true, false), (true, true), (false, false)])
     func everyMemberGetsEveryFrameWholeAndInOrder(direct: Bool, trickle: Bool) async throws {
+        // The slow member's buffer must fill in the middle of a direct send for the case to be
+        // tested; on a loaded machine (the whole suite at once) the frames can all go through
+        // the channel instead. Up to three tries for that; every try checks every frame.
+        for attempt in 1...3 {
+            let remainders = try await deliverToSlowAndFastMembers(direct: direct, trickle: trickle)
+            if !direct || trickle || remainders > 0 { return }
+            if attempt == 3 { Issue.record("the slow member's buffer never filled mid-frame in 3 tries: not tested") }
+        }
+    }
+
+    /// One run: 400 frames of 16 KiB to five reading members and a slow one, each checked whole
+    /// and in order; returns the server's count of direct sends left half-written.
+    func deliverToSlowAndFastMembers(direct: Bool, trickle: Bool) async throws -> Int {
         let layer = InMemoryChannelLayer(configuration: .init(capacity: 10_000))
         let group = "direct-\(UInt32.random(in: 0...UInt32.max))"
         let routes = [
@@ -62,7 +75,7 @@ struct DirectWriteTests {
         for _ in 0..<5 {
             guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/room/") else {
                 Issue.record("a member was not accepted")
-                return
+                return 0
             }
             readers.append(Task { try await Self.readAll(channel) })
         }
@@ -82,7 +95,6 @@ struct DirectWriteTests {
         let statistics = server.statistics
         if direct {
             #expect(statistics.directSends > 0, "no frame went through the server's own send")
-            #expect(statistics.directRemainders > 0 || trickle, "the slow member's buffer never filled mid-frame: not tested")
         } else {
             #expect(statistics.directSends == 0)
         }
@@ -90,6 +102,7 @@ struct DirectWriteTests {
         worker.stop()
         await server.shutdown()
         await workerTask.value
+        return statistics.directRemainders
     }
 
     static func number(_ text: String) -> Int {
