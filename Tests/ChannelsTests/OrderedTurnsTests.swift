@@ -1,7 +1,9 @@
 import ASGI
 import ChannelsTesting
 import Foundation
+import RedisChannelLayer
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import Channels
@@ -55,6 +57,19 @@ struct OrderedTurnsTests {
         while await log.entries.count < count, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
     }
 
+    /// Queues a socket's connect and `count` receives on `layer` (one take's worth for the
+    /// worker), then runs `worker` until `log` holds `count` entries (bounded) and stops it.
+    func runBurst(_ worker: Worker, on layer: any ChannelLayer, reply: String, count: Int, log: Log) async throws {
+        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        for order in 1...count {
+            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        let task = Task { await worker.run() }
+        try await waitFor(log, count: count)
+        worker.stop()
+        await task.value
+    }
+
     /// 90 receives of one socket (within a channel's capacity), queued before the worker starts: each turn sees what the one
     /// before it wrote to the channel session, the order holds, and the session is read from the
     /// store once (it was read once per message before), nothing is parked or looked for.
@@ -84,14 +99,7 @@ struct OrderedTurnsTests {
             ]), layer: layer, concurrency: 8,
             environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
         let reply = "test.reply?turns" + ChannelNames.randomLetters(6)
-        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
-        for order in 1...90 {
-            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
-        }
-        let task = Task { await worker.run() }
-        try await waitFor(log, count: 90)
-        worker.stop()
-        await task.value
+        try await runBurst(worker, on: layer, reply: reply, count: 90, log: log)
         #expect(await log.entries == (1...90).map(String.init), "in order, each once")
         let staleTurns = await stale.entries
         #expect(staleTurns.isEmpty, "each turn saw the one before it: \(staleTurns.prefix(5))")
@@ -108,10 +116,13 @@ struct OrderedTurnsTests {
 
     /// Another process writes the socket's session between two turns (after the turn before
     /// saved, before the next one reads): the turn that saves next loses its race, re-reads and
-    /// keeps both writes, and the turns after it see the other writer's key.
-    @Test func aWriteFromElsewhereBetweenTurnsIsKeptAndSeen() async throws {
-        let store = LoadCountingStore()
-        let layer = InMemoryChannelLayer()
+    /// keeps both writes, and the turns after it see the other writer's key. In memory, and on
+    /// a real Redis (its layer and its session store's compare-and-set).
+    @Test(arguments: [false, true])
+    func aWriteFromElsewhereBetweenTurnsIsKeptAndSeen(onRedis: Bool) async throws {
+        let prefix = "t" + ChannelNames.randomLetters(8)
+        let store: any SessionStore = onRedis ? try TestRedis.sessionStore(prefix: prefix + "-session:") : LoadCountingStore()
+        let layer: any ChannelLayer = onRedis ? try TestRedis.layer(prefix: prefix + ":") : InMemoryChannelLayer()
         let log = Log()
         let settings = SessionConfiguration()
         let reply = "test.reply?other" + ChannelNames.randomLetters(6)
@@ -135,21 +146,15 @@ struct OrderedTurnsTests {
                     }),
             ]), layer: layer, concurrency: 8,
             environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
-        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
-        for order in 1...100 {
-            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
-        }
-        let task = Task { await worker.run() }
-        try await waitFor(log, count: 100)
-        worker.stop()
-        await task.value
+        try await runBurst(worker, on: layer, reply: reply, count: 99, log: log)
         let entries = await log.entries
-        #expect(entries.map { $0.split(separator: " ")[0] } == (1...100).map { Substring(String($0)) })
+        #expect(entries.map { $0.split(separator: " ")[0] } == (1...99).map { Substring(String($0)) })
         // Turn 50 read its session before the write; every turn after it sees the write.
         #expect(entries.dropFirst(50).allSatisfy { $0.hasSuffix(" kept") }, "\(entries.dropFirst(48).prefix(6))")
         let stored = try await Session.load(key: socketKey, store: store, settings: settings)
-        #expect(stored["elsewhere"]?.stringValue == "kept" && stored["count"]?.intValue == 100)
-        #expect(stored[OrderingGate.nextOrderKey]?.intValue == 101)
+        #expect(stored["elsewhere"]?.stringValue == "kept" && stored["count"]?.intValue == 99)
+        #expect(stored[OrderingGate.nextOrderKey]?.intValue == 100)
+        if let redis = layer as? RedisChannelLayer { await redis.close() }
     }
 
     /// 100 messages of one ordered hand-off, taken by one worker of concurrency 8: they run one
