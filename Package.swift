@@ -161,7 +161,7 @@ let package = Package(
         .testTarget(
             name: "InterfaceServerTests",
             dependencies: [
-                "ASGI", "Channels", "InterfaceServer",
+                "ASGI", "Channels", "InterfaceServer", "TestSupport",
                 .product(name: "Logging", package: "swift-log"), .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOWebSocket", package: "swift-nio"),

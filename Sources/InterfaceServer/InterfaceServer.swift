@@ -108,7 +108,8 @@ public final class InterfaceServer: Service, Sendable {
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // At the TCP level: `.socketOption(.tcp_nodelay)` is SOL_SOCKET's option 1, `SO_DEBUG`.
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.maxMessagesPerRead, value: 16)
         let initialize: @Sendable (any Channel) -> EventLoopFuture<AcceptedConnection> = { channel in
             let senders = ConnectionSenders(loop: channel.eventLoop)

@@ -99,7 +99,8 @@ final class RedisConnection: Sendable {
                 }
             switch endpoint.address {
             case .tcp(let host, let port):
-                bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
+                // At the TCP level (`.socketOption(.tcp_nodelay)` would set `SO_DEBUG`).
+                bootstrap = bootstrap.channelOption(.tcpOption(.tcp_nodelay), value: 1)
                     .channelOption(.socketOption(.so_keepalive), value: endpoint.keepalive ? 1 : 0)
                 if endpoint.keepalive, let idle = endpoint.keepaliveIdle {
                     bootstrap = bootstrap.channelOption(

@@ -29,6 +29,22 @@ struct RedisLayerTests {
         try HiredisConnection(endpoint: RedisEndpoint(url: url), connectTimeout: .seconds(1), commandTimeout: .seconds(2))
     }
 
+    /// The layer's connections have Nagle's algorithm off, given at the TCP level: at the socket
+    /// level the option's number is `SO_DEBUG`, which every connection had been put in instead.
+    /// (Other tests' raw hiredis connections to the same Redis never set `SO_DEBUG` either.)
+    @Test("the layer's connections to Redis are no-delay, not debug")
+    func connectionsAreNoDelay() async throws {
+        try await withPrefixedLayer { layer, url, _ in
+            try await layer.send(Cases.response, to: "daphne.response.AbCdEfGhIj!KlMnOpQrSt")
+            let redisPort = try RedisEndpoint(url: url).port
+            let toRedis = OwnSockets.all().filter { $0.peerPort == redisPort }
+            #expect(!toRedis.isEmpty, "no connection to Redis found")
+            let debug = toRedis.filter { OwnSockets.debugFlag($0.descriptor) == true }
+            #expect(debug.isEmpty, "\(debug.count) of \(toRedis.count) connections to Redis have SO_DEBUG set")
+            #expect(toRedis.contains { OwnSockets.noDelay($0.descriptor) == true })
+        }
+    }
+
     @Test("the stored layout is asgi_redis's: body string with TTL, list of body keys, group zset")
     func layout() async throws {
         try await withPrefixedLayer { layer, url, prefix in

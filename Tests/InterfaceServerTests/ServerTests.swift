@@ -7,6 +7,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOWebSocket
 import Synchronization
+import TestSupport
 import Testing
 
 #if canImport(FoundationNetworking)
@@ -107,6 +108,27 @@ struct ServerTests {
         worker.stop()
         await server.shutdown()
         await task.value
+    }
+
+    /// The server's end of an accepted connection has Nagle's algorithm off (small WebSocket
+    /// frames leave at once) and nothing else: the option had been given at the socket level,
+    /// where its number is `SO_DEBUG`, so every accepted socket was put in debug mode instead.
+    @Test func anAcceptedConnectionHasNoDelayAtTheTCPLevel() async throws {
+        try await withServer { port, _ in
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: "127.0.0.1", port: port)
+                .get()
+            defer { channel.close(promise: nil) }
+            let clientPort = try #require(channel.localAddress?.port)
+            // The server's end: this process's socket whose peer is the client (accepted a moment later).
+            var accepted: OwnSockets.Socket?
+            for _ in 0..<200 where accepted == nil {
+                accepted = OwnSockets.all().first { $0.localPort == port && $0.peerPort == clientPort }
+                if accepted == nil { try await Task.sleep(for: .milliseconds(10)) }
+            }
+            let socket = try #require(accepted, "the server's end of the connection was not found")
+            #expect(OwnSockets.noDelay(socket.descriptor) == true)
+            #expect(OwnSockets.debugFlag(socket.descriptor) == false, "SO_DEBUG set: the no-delay option went to the socket level")
+        }
     }
 
     @Test func httpRoundTripAndUpload() async throws {

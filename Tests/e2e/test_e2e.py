@@ -339,6 +339,49 @@ def redis_server_and_two_workers():
 
 
 @test
+def a_server_and_a_worker_run_by_an_unprivileged_user_serve_http_websockets_and_redis():
+    """As production runs them: by a user without privileges (here, when the tests run as root,
+    the processes drop to `nobody` through setpriv). The no-delay option had been given at the
+    socket level, where its number is SO_DEBUG, which only a privileged process may set: run
+    that way, the server reset every connection it accepted and the layer never got a
+    connection to Redis; run as root (as this suite had been), nothing showed."""
+    home = tempfile.mkdtemp(prefix="chat-unprivileged-")
+    os.chmod(home, 0o777)
+    env = ("env", "CHAT_DATABASE=" + os.path.join(home, "chat.sqlite3"))
+    if os.geteuid() == 0:
+        wrapper = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *env)
+    else:
+        wrapper = env  # already unprivileged
+    started = []
+
+    def start(*args):
+        proc = Proc(*args, wrapper=wrapper)
+        started.append(proc)
+        return proc
+    try:
+        # The in-memory default (the README's first command).
+        port = free_port()
+        start("runserver", "--port", str(port)).wait_line("interface server listening")
+        assert get(port, "/hello/unprivileged") == (200, b"Hello world! You asked for /hello/unprivileged")
+        asyncio.run(echo_checks(port))
+        asyncio.run(chat_checks(port))
+        # On Redis: a server without workers and a worker, each with its own connections to Redis.
+        layer = redis_url("e2eunpriv%d:" % os.getpid())
+        rport = free_port()
+        start("runserver", "--noworker", "--port", str(rport), "--layer", layer).wait_line("interface server listening")
+        start("runworker", "--layer", layer, "--threads", "2").wait_line("worker ready")
+        for i in range(5):
+            assert get(rport, "/hello/%d" % i) == (200, ("Hello world! You asked for /hello/%d" % i).encode())
+        asyncio.run(echo_checks(rport))
+        asyncio.run(chat_checks(rport))
+    finally:
+        for proc in started:
+            if proc.p.poll() is None:
+                proc.stop(signal.SIGKILL)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@test
 def redis_timeouts_and_full_channel_give_503():
     layer = redis_url("e2efull%d:" % os.getpid(), "capacity.http.request=1&stats_prefix=e2efull%d-meta:" % os.getpid())
     proc, port = server("--noworker", "--layer", layer, "--http-timeout", "2", "--websocket-connect-timeout", "1",
