@@ -29,6 +29,16 @@ public final class Worker: Service, Sendable {
     public static let retryKey = "__retries__"
 
     private let mailboxes = Mailboxes()
+    /// See `init`'s `consumerExecutors`; `nextExecutor` counts the turns.
+    private let consumerExecutors: [any TaskExecutor]
+    private let nextExecutor = Atomic<Int>(0)
+
+    /// The executor the next consumer task prefers (nil: the global one).
+    private func consumerExecutor() -> (any TaskExecutor)? {
+        guard !consumerExecutors.isEmpty else { return nil }
+        let turn = nextExecutor.add(1, ordering: .relaxed).oldValue
+        return consumerExecutors[turn % consumerExecutors.count]
+    }
     /// Multi-message HTTP responses in progress, stopped when their client leaves.
     public let streams = ResponseStreams()
     /// Whether it runs, and how it stops.
@@ -69,13 +79,19 @@ public final class Worker: Service, Sendable {
     ///   - logger: where the worker logs.
     ///   - abandonAfter: how long a cancelled consumer may ignore its cancellation before its
     ///     slot is given back (counted as abandoned).
+    ///   - consumerExecutors: executors the consumers' tasks prefer, taken in turn (none: the
+    ///     global concurrent executor). `runworker` gives the event loops its Redis connections
+    ///     live on: a consumer's layer calls then go out and come back on its own thread, with
+    ///     no hand-over between threads on either side of each round trip.
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
         finishQueuedOnShutdown: Bool = false, consumerTimeout: Duration? = .seconds(60),
         middleware: [ConsumerMiddleware] = [], hooks: WorkerHooks = WorkerHooks(),
-        logger: Logger = Logger(label: "channels.worker"), abandonAfter: Duration = .seconds(5)
+        logger: Logger = Logger(label: "channels.worker"), abandonAfter: Duration = .seconds(5),
+        consumerExecutors: [any TaskExecutor] = []
     ) {
+        self.consumerExecutors = consumerExecutors
         self.middleware = middleware
         self.hooks = hooks
         self.finishQueuedOnShutdown = finishQueuedOnShutdown
@@ -302,7 +318,7 @@ public final class Worker: Service, Sendable {
                 continue
             }
             guard let socket = Self.socketKey(received) else {
-                group.addTask {
+                group.addTask(executorPreference: consumerExecutor()) {
                     let lease = SlotLease(channel: received.channel, slots: self.slots)
                     await self.dispatchTimed(received, lease: lease)
                     lease.giveBack()
@@ -323,7 +339,9 @@ public final class Worker: Service, Sendable {
             case .run:
                 break
             }
-            group.addTask { await self.runSocket(socket, first: received, slotChannel: received.channel) }
+            group.addTask(executorPreference: consumerExecutor()) {
+                await self.runSocket(socket, first: received, slotChannel: received.channel)
+            }
         }
     }
 

@@ -2,7 +2,9 @@ import ASGI
 import ArgumentParser
 import Channels
 import Foundation
+import InterfaceServer
 import Logging
+import NIOPosix
 import ServiceLifecycle
 import Synchronization
 
@@ -20,6 +22,13 @@ struct RunWorker: ApplicationSubcommand {
     @Option(
         name: .long, help: "Seconds a consumer may run before it is cancelled and counted (0: no limit; streamed responses are exempt).")
     var consumerTimeout = 60.0
+    @Flag(
+        name: .long,
+        help: """
+            Run consumers on Swift's global executor instead of the event loops the Redis connections \
+            live on (for consumers that block their thread: synchronous I/O, long computations).
+            """)
+    var globalExecutor = false
     @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
     @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
@@ -37,7 +46,11 @@ struct RunWorker: ApplicationSubcommand {
             router: router, layer: layer, concurrency: concurrency, only: onlyChannels,
             exclude: excludeChannels, environment: try await options.makeEnvironment(backend: backend, app: app, logger: logger),
             consumerTimeout: consumerTimeout > 0 ? Duration(secondsValue: consumerTimeout) : nil,
-            middleware: app.middleware, hooks: app.hooks, logger: logger)
+            middleware: app.middleware, hooks: app.hooks, logger: logger,
+            // On the loops the layer's connections live on (NIO's shared group): a consumer's
+            // round trips to Redis start and end on its own thread. 0.5-0.52 against 0.59-0.66 ms
+            // from a relayed message's take to its group send (`scripts/trace-hops.sh`, session 37).
+            consumerExecutors: globalExecutor ? [] : MultiThreadedEventLoopGroup.singleton.makeIterator().map(EventLoopTaskExecutor.init))
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(

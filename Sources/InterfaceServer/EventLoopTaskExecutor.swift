@@ -5,12 +5,15 @@ import NIOCore
 /// instead of first waking a thread of the global executor. The reply router reads on one.
 /// The loop must outlive the task: NIO drops a job for a loop that has shut down, and the task
 /// would never resume (the server's group belongs to its caller, who shuts it down last).
-final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
-    let loop: any EventLoop
+public final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    /// The loop the jobs run on.
+    public let loop: any EventLoop
 
-    init(_ loop: any EventLoop) { self.loop = loop }
+    /// An executor for `loop`'s thread.
+    public init(_ loop: any EventLoop) { self.loop = loop }
 
-    func enqueue(_ job: consuming ExecutorJob) {
+    /// Runs `job` on the loop.
+    public func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
         loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
