@@ -51,6 +51,8 @@
                     client: client, key: delayKey, encryption: redis.encryption, deliveryLease: Duration(secondsValue: deliveryLease)),
                 lateAfter: Duration(secondsValue: lateAfter),
                 logger: logger)
+            // SIGHUP (a log rotation, `systemctl reload`) must not stop it: nothing to reload here.
+            ProcessLimits.onHangup { logger.info("SIGHUP: nothing to reload; running on") }
             say("rundelay: waiting for messages on \(DelayServer.channel), scheduled in \(delayKey) on \(first)")
             metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
             await runServices(

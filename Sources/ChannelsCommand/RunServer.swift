@@ -19,6 +19,12 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Address to bind.") var bind = "127.0.0.1"
     @Option(name: .long, help: "Port to listen on.") var port = 8000
     @Option(name: .long, help: "Listen on a Unix socket instead.") var unixSocket: String?
+    @Option(
+        name: .long,
+        help:
+            "The Unix socket's permission bits, in octal (666, as Daphne: a proxy running as another user can connect; 660 or 600 narrow it)."
+    )
+    var unixSocketMode = "666"
     @Flag(name: .long, help: "Serve the protocol only; workers run elsewhere (runworker).") var noworker = false
     @Option(
         name: [.customLong("concurrency"), .customLong("threads")],
@@ -121,6 +127,9 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Read the operations page's token from this file.") var adminTokenFile: String?
 
     func validate() throws {
+        guard let mode = UInt16(unixSocketMode, radix: 8), mode <= 0o777 else {
+            throw ValidationError("--unix-socket-mode \(unixSocketMode): permission bits in octal, such as 666, 660 or 600")
+        }
         if resolvedAllowedHosts.isEmpty {
             throw ValidationError(
                 "--bind \(bind) answers any address: give the host names clients use with --allowed-hosts (or ALLOWED_HOSTS; '*' for any)")
@@ -164,6 +173,7 @@ struct RunServer: ApplicationSubcommand {
     func serverConfiguration() -> ServerConfiguration {
         var configuration = ServerConfiguration(host: bind, port: port)
         configuration.unixSocketPath = unixSocket
+        configuration.unixSocketMode = UInt16(unixSocketMode, radix: 8) ?? 0o666
         configuration.httpTimeout = Duration(secondsValue: httpTimeout)
         configuration.websocketConnectTimeout = Duration(secondsValue: websocketConnectTimeout)
         configuration.websocketTimeout = websocketTimeout.map { Duration(secondsValue: $0) }
@@ -220,9 +230,13 @@ struct RunServer: ApplicationSubcommand {
             throw ValidationError("\(error)")
         }
         try await server.bind()
-        if let tls = server.tls {
-            // SIGHUP: read the certificate and key again; new connections get them, open ones keep theirs.
-            ProcessLimits.onHangup {
+        // SIGHUP (a log rotation's `postrotate`, `systemctl reload`): the access log's file is
+        // opened again, and the certificate and key read again (new connections get them, open
+        // ones keep theirs). The process goes on serving either way.
+        ProcessLimits.onHangup {
+            var reloaded = false
+            if let tls = server.tls {
+                reloaded = true
                 do {
                     try tls.reload()
                     logger.info("TLS certificate reloaded", metadata: ["certificate": "\(tls.certificatePath)"])
@@ -230,6 +244,16 @@ struct RunServer: ApplicationSubcommand {
                     logger.error("TLS certificate reload failed; serving the previous one", metadata: ["error": "\(error)"])
                 }
             }
+            do {
+                if try server.reopenAccessLog() {
+                    reloaded = true
+                    logger.info("access log reopened", metadata: ["path": "\(accessLog ?? "")"])
+                }
+            } catch {
+                reloaded = true
+                logger.error("access log reopen failed; writing to the previous file", metadata: ["error": "\(error)"])
+            }
+            if !reloaded { logger.info("SIGHUP: nothing to reload (no TLS certificate, no access log file); serving on") }
         }
         let worker =
             noworker

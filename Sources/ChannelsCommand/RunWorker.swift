@@ -51,6 +51,8 @@ struct RunWorker: ApplicationSubcommand {
             // round trips to Redis start and end on its own thread. 0.5-0.52 against 0.59-0.66 ms
             // from a relayed message's take to its group send (`scripts/trace-hops.sh`, session 37).
             consumerExecutors: globalExecutor ? [] : MultiThreadedEventLoopGroup.singleton.makeIterator().map(EventLoopTaskExecutor.init))
+        // SIGHUP (a log rotation, `systemctl reload`) must not stop it: nothing to reload here.
+        ProcessLimits.onHangup { logger.info("SIGHUP: nothing to reload; running on") }
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")
         metricsEndpoint?.setReadiness { await MetricsEndpoint.layerAnswers(layer) }
         await runServices(

@@ -18,27 +18,36 @@ import Synchronization
 final class AccessLog: Sendable {
     private let writer: BackgroundWriter<String>?
     private let logger: Logger
+    /// The log's file, when it goes to one.
+    private let file: AccessLogFile?
 
-    /// - Parameter path: a file, `-` for standard output, or nil for the logger.
-    init(path: String?, logger: Logger) {
+    /// - Parameter path: a file, `-` for standard output, or nil for the logger. A file that
+    ///   cannot be opened for appending is an error (said at start-up, not found out later).
+    init(path: String?, logger: Logger) throws(AccessLogError) {
         var accessLogger = logger
         accessLogger[metadataKey: "component"] = "access"
         self.logger = accessLogger
         switch path {
         case nil:
             writer = nil
+            file = nil
         case "-":
             writer = Self.writer(logger: logger) { lines in StandardStream.write(lines.joined(separator: "\n") + "\n", to: 1) }
+            file = nil
         case let path?:
-            // Used only on the writer's serial queue.
-            nonisolated(unsafe) let file = fopen(path, "a")
-            if file == nil { logger.error("cannot open the access log", metadata: ["path": "\(path)"]) }
-            writer = Self.writer(logger: logger) { lines in
-                guard let file else { return }
-                for line in lines { fputs(line + "\n", file) }
-                fflush(file)
-            }
+            let opened = try AccessLogFile(path: path)
+            file = opened
+            writer = Self.writer(logger: logger) { lines in opened.write(lines) }
         }
+    }
+
+    /// Opens the log's file again (after a log rotation moved it: SIGHUP); lines go to the new
+    /// one from then on. False when the log goes to no file; throws when the file cannot be
+    /// opened (lines keep going to the previous one).
+    func reopen() throws(AccessLogError) -> Bool {
+        guard let file else { return false }
+        try file.reopen()
+        return true
     }
 
     /// A writer whose drops are reported in the server's log, once a minute at most.
@@ -89,4 +98,54 @@ final class AccessLog: Sendable {
             logger.info("websocket", metadata: metadata)
         }
     }
+}
+
+/// An access log file that cannot be opened for appending.
+public struct AccessLogError: Error, CustomStringConvertible {
+    /// The file.
+    public let path: String
+    /// Why (the system's word for the error).
+    public let reason: String
+
+    /// What went wrong, with the path.
+    public var description: String { "cannot open the access log \(path) for appending: \(reason)" }
+}
+
+/// The access log's file: appended to by the writer's queue, swapped for a new one on a reopen.
+final class AccessLogFile: @unchecked Sendable {
+    let path: String
+    private let lock = NSLock()
+    /// Guarded by `lock`.
+    private var handle: UnsafeMutablePointer<FILE>
+
+    init(path: String) throws(AccessLogError) {
+        self.path = path
+        handle = try Self.open(path)
+    }
+
+    private static func open(_ path: String) throws(AccessLogError) -> UnsafeMutablePointer<FILE> {
+        guard let handle = fopen(path, "a") else {
+            throw AccessLogError(path: path, reason: String(cString: strerror(errno)))
+        }
+        return handle
+    }
+
+    func write(_ lines: [String]) {
+        lock.withLock {
+            for line in lines { fputs(line + "\n", handle) }
+            fflush(handle)
+        }
+    }
+
+    func reopen() throws(AccessLogError) {
+        let fresh = try Self.open(path)
+        let old = lock.withLock {
+            let old = handle
+            handle = fresh
+            return old
+        }
+        fclose(old)
+    }
+
+    deinit { fclose(handle) }
 }

@@ -9,6 +9,12 @@ import NIOWebSocket
 import ServiceLifecycle
 import Synchronization
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// The interface server (the Daphne role): speaks HTTP/1.1, HTTP/2 and WebSocket to clients and
 /// ASGI 1.0 messages to the channel layer. It runs no application code.
 ///
@@ -31,12 +37,14 @@ public final class InterfaceServer: Service, Sendable {
     /// The certificate and key `https://` and `wss://` are served with; nil without TLS.
     public let tls: TLSCertificateStore?
 
-    /// A server speaking to `layer`; `start()` binds and begins serving.
+    /// A server speaking to `layer`; `start()` binds and begins serving. Throws a
+    /// `TLSConfigurationError` for a certificate or key it cannot use, an ``AccessLogError`` for an
+    /// access log file it cannot append to.
     public init(
         layer: any ChannelLayer, configuration: ServerConfiguration = .init(),
         logger: Logger = Logger(label: "channels.server"), accessLogPath: String? = nil,
         eventLoopGroup: (any EventLoopGroup)? = nil
-    ) throws(TLSConfigurationError) {
+    ) throws {
         // Frames and body chunks the layer would refuse are refused at the door instead (1009,
         // chunks that fit): a client never has a frame dropped behind an open socket.
         let configuration = configuration.fitted(toLayerLimit: layer.maxMessageSize)
@@ -68,7 +76,7 @@ public final class InterfaceServer: Service, Sendable {
             readLoop: group.next())
         let context = ServerContext(
             layer: layer, router: router, configuration: configuration, logger: logger,
-            accessLog: AccessLog(path: accessLogPath, logger: logger))
+            accessLog: try AccessLog(path: accessLogPath, logger: logger))
         router.whenCutOff { [weak context] _ in
             guard let context else { return }
             context.counters.count(.closedLayerUnavailable, by: context.openSocketCount)
@@ -121,8 +129,20 @@ public final class InterfaceServer: Service, Sendable {
         }
         let listener: NIOAsyncChannel<AcceptedConnection, Never>
         if let path = configuration.unixSocketPath {
-            listener = try await bootstrap.bind(
-                unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initialize)
+            do {
+                listener = try await bootstrap.bind(
+                    unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initialize)
+            } catch {
+                // NIO's error names the call, not the file (a stale socket another user left, a
+                // folder this user cannot write).
+                throw ListenError(address: path, reason: "\(error)")
+            }
+            guard chmod(path, mode_t(configuration.unixSocketMode)) == 0 else {
+                let reason = String(cString: strerror(errno))
+                try? await listener.channel.close()
+                throw ListenError(
+                    address: path, reason: "cannot set its mode to \(String(configuration.unixSocketMode, radix: 8)): \(reason)")
+            }
         } else {
             listener = try await bootstrap.bind(
                 host: configuration.host, port: configuration.port, childChannelInitializer: initialize)
@@ -193,6 +213,14 @@ public final class InterfaceServer: Service, Sendable {
         }
         await context.accessLog?.flush()
         context.logger.info("interface server stopped")
+    }
+
+    /// Opens the access log's file again, after a log rotation moved it (`runserver` does this
+    /// on SIGHUP): lines go to the new file from then on. False when the access log goes to no
+    /// file; throws ``AccessLogError`` when the file cannot be opened (lines keep going to the
+    /// previous one).
+    public func reopenAccessLog() throws(AccessLogError) -> Bool {
+        try context.accessLog?.reopen() ?? false
     }
 
     /// Task groups the connections' tasks are spread over (see ``run()``).
@@ -404,4 +432,15 @@ public final class InterfaceServer: Service, Sendable {
 struct AcceptedConnection: Sendable {
     let channel: any Channel
     let senders: ConnectionSenders
+}
+
+/// The server could not listen where it was told to.
+public struct ListenError: Error, CustomStringConvertible {
+    /// The Unix socket's path (or the host and port).
+    public let address: String
+    /// What went wrong.
+    public let reason: String
+
+    /// What went wrong, with the address.
+    public var description: String { "cannot listen on \(address): \(reason)" }
 }

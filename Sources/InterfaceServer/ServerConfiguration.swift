@@ -8,6 +8,9 @@ public struct ServerConfiguration: Sendable {
     public var port: Int
     /// Listen on a Unix domain socket instead of host and port.
     public var unixSocketPath: String?
+    /// The Unix socket's permission bits, set once it is bound: 0o666 (Daphne's), so a proxy
+    /// running as another user can connect; 0o660 or 0o600 narrow it to a group or the owner.
+    public var unixSocketMode: UInt16 = 0o666
     /// Prefix of this process's reply channel: `<prefix>.<10 letters>!`.
     public var replyChannelPrefix: String
     /// No response started for an HTTP request within this time: 503. A time to first byte: a

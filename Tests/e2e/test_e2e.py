@@ -1245,6 +1245,129 @@ def a_database_that_cannot_be_opened_is_a_clear_start_up_error():
         assert "cannot open the chat database at /nonexistent-" in p.stderr, p.stderr[-500:]
 
 
+def unprivileged(*command):
+    """`command` run as `nobody` when the tests run as root (permissions mean nothing to root), or
+    as is when they do not."""
+    if os.geteuid() == 0:
+        return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    return list(command)
+
+
+@test
+def a_database_the_user_may_read_but_not_write_is_a_clear_start_up_error():
+    """A database file made by root (a first try as root) and served by a service user: it opens
+    for reading and its migrations are applied, so the servers had started, and every posted
+    message then failed ('attempt to write a readonly database'). Now a write at start-up finds it."""
+    folder = tempfile.mkdtemp(prefix="chat-readonly-")
+    try:
+        path = os.path.join(folder, "chat.sqlite3")
+        env = dict(os.environ, CHAT_DATABASE=path)
+        made = subprocess.run([CHAT, "runworker"], env=env, capture_output=True, text=True, timeout=60)
+        assert os.path.exists(path), made.stderr[-500:]  # created (it fails for want of a layer)
+        os.chmod(folder, 0o755)
+        for name in os.listdir(folder):
+            os.chmod(os.path.join(folder, name), 0o444)
+        for args in (["runserver", "--port", str(free_port())], ["runworker"]):
+            p = subprocess.run(unprivileged("env", "CHAT_DATABASE=" + path, CHAT, *args), capture_output=True, text=True, timeout=60)
+            assert p.returncode == 1, (args, p.returncode, p.stderr[-500:])
+            assert "readonly database" in p.stderr and path in p.stderr, p.stderr[-500:]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@test
+def sighup_reopens_the_access_log_and_stops_no_process():
+    """What a log rotation does (move the file, `kill -HUP`; `systemctl reload` sends it too): the
+    server writes its access lines to a new file from then on, and no process stops. runworker,
+    rundelay and runserver without TLS had died of it at once (exit 129, no graceful stop), and
+    the server kept writing to the moved file."""
+    folder = tempfile.mkdtemp(prefix="chat-rotate-")
+    access = os.path.join(folder, "access.log")
+    layer = redis_url("e2ehup%d:" % os.getpid())
+    proc, port = server("--noworker", "--layer", layer, "--access-log", access)
+    worker = Proc("runworker", "--layer", layer, "--threads", "2")
+    delay = Proc("rundelay", "--layer", layer)
+    try:
+        worker.wait_line("worker ready")
+        delay.wait_line("rundelay")
+        assert get(port, "/hello/before")[0] == 200
+        until(lambda: os.path.exists(access) and "/hello/before" in open(access).read(), "the first access line", timeout=10)
+        os.rename(access, access + ".1")
+        for p in (proc, worker, delay):
+            p.p.send_signal(signal.SIGHUP)
+        proc.wait_line("access log reopened")
+        worker.wait_line("SIGHUP: nothing to reload")
+        delay.wait_line("SIGHUP: nothing to reload")
+        assert get(port, "/hello/after")[0] == 200
+        asyncio.run(echo_checks(port))
+        until(lambda: os.path.exists(access) and "/hello/after" in open(access).read(), "the line after the rotation", timeout=10)
+        assert "/hello/after" not in open(access + ".1").read(), "written to the moved file"
+        for p in (proc, worker, delay):
+            assert p.p.poll() is None, "%s stopped on SIGHUP (%r)" % (p.p.args[1], p.p.returncode)
+        assert worker.stop() == 0 and delay.stop() == 0
+    finally:
+        for p in (worker, delay):
+            if p.p.poll() is None:
+                p.stop(signal.SIGKILL)
+        assert proc.stop() == 0
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@test
+def an_access_log_that_cannot_be_written_is_a_clear_start_up_error():
+    """The access lines had gone nowhere, with one log line and no reason (a folder that is not
+    there, one the user may not write): now runserver stops at start-up and says why."""
+    path = "/nonexistent-%d/access.log" % os.getpid()
+    p = subprocess.run([CHAT, "runserver", "--port", str(free_port()), "--access-log", path],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 64, (p.returncode, p.stderr[-500:])
+    assert "cannot open the access log " + path in p.stderr and "No such file" in p.stderr, p.stderr[-500:]
+
+
+@test
+def a_unix_socket_is_open_to_a_proxy_of_another_user_and_its_mode_can_be_narrowed():
+    """The socket's mode came from the umask (srwxr-xr-x): a proxy running as another user could
+    not connect. It is 666 now (Daphne's), `--unix-socket-mode` narrows it; a socket that cannot be
+    made (a stale one another user left) is an error that names it."""
+    folder = tempfile.mkdtemp(prefix="chat-unix-")
+    os.chmod(folder, 0o755)
+    try:
+        for mode, expected in ((None, 0o666), ("600", 0o600)):
+            path = os.path.join(folder, "chat-%s.sock" % (mode or "default"))
+            extra = ("--unix-socket-mode", mode) if mode else ()
+            p = Proc("runserver", "--unix-socket", path, *extra)
+            try:
+                p.wait_line("interface server listening")
+                got = os.stat(path).st_mode & 0o777
+                assert got == expected, "mode %o, expected %o" % (got, expected)
+                if mode is None and os.geteuid() == 0:
+                    # Another user (here `nobody`) gets an answer through it.
+                    out = subprocess.run(unprivileged("curl", "-s", "--unix-socket", path, "http://127.0.0.1/hello/proxy"),
+                                         capture_output=True, text=True, timeout=30)
+                    assert out.stdout == "Hello world! You asked for /hello/proxy", (out.returncode, out.stdout, out.stderr)
+            finally:
+                assert p.stop() == 0
+        bad = subprocess.run([CHAT, "runserver", "--unix-socket", os.path.join(folder, "x.sock"), "--unix-socket-mode", "999"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 64 and "--unix-socket-mode" in bad.stderr, (bad.returncode, bad.stderr[-300:])
+        if os.geteuid() == 0:
+            # A stale socket root left in a folder the service user may not write.
+            stale = os.path.join(folder, "stale.sock")
+            holder = socket.socket(socket.AF_UNIX)
+            holder.bind(stale)
+            holder.close()
+            home = tempfile.mkdtemp(prefix="chat-unix-db-")
+            os.chmod(home, 0o777)
+            try:
+                p = subprocess.run(unprivileged("env", "CHAT_DATABASE=" + os.path.join(home, "chat.sqlite3"), CHAT, "runserver",
+                                                "--unix-socket", stale), capture_output=True, text=True, timeout=60)
+                assert p.returncode != 0 and "cannot listen on " + stale in p.stderr, (p.returncode, p.stderr[-500:])
+            finally:
+                shutil.rmtree(home, ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @test
 def a_failed_write_is_told_to_its_sender_and_counted():
     """The database refuses one message (a trigger raises, as a full disk or a broken file

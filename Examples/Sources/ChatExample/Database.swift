@@ -148,12 +148,20 @@ final class ChatDatabase: Sendable {
         while true {
             do {
                 try migrator.migrate(pool)
-                return
+                break
             } catch {
                 guard attempt < 5 else { throw error }
                 attempt += 1
                 Thread.sleep(forTimeInterval: 0.05 * Double(attempt))
             }
+        }
+        // A file this user may read but not write (made by root, say, and served by a service
+        // user) opens, and its migrations are already applied: without a write here, the server
+        // would start and every posted message fail. Rewriting the header's user version is a
+        // write that changes nothing.
+        try pool.write { db in
+            let version = try Int.fetchOne(db, sql: "PRAGMA user_version") ?? 0
+            try db.execute(sql: "PRAGMA user_version = \(version)")
         }
     }
 
