@@ -137,11 +137,9 @@ public final class InterfaceServer: Service, Sendable {
                 // folder this user cannot write).
                 throw ListenError(address: path, reason: "\(error)")
             }
-            guard chmod(path, mode_t(configuration.unixSocketMode)) == 0 else {
-                let reason = String(cString: strerror(errno))
+            if let reason = Self.setMode(configuration.unixSocketMode, ofSocketAt: path) {
                 try? await listener.channel.close()
-                throw ListenError(
-                    address: path, reason: "cannot set its mode to \(String(configuration.unixSocketMode, radix: 8)): \(reason)")
+                throw ListenError(address: path, reason: reason)
             }
         } else {
             listener = try await bootstrap.bind(
@@ -213,6 +211,22 @@ public final class InterfaceServer: Service, Sendable {
         }
         await context.accessLog?.flush()
         context.logger.info("interface server stopped")
+    }
+
+    /// Sets the permission bits of the socket file this server just bound at `path`; nil when
+    /// done, else why not. Only that socket's: the path must still be a socket owned by this
+    /// user, and a symbolic link is never followed (someone who can write the folder may have
+    /// swapped the file since the bind; as root, a chmod through a link would open any file).
+    static func setMode(_ mode: UInt16, ofSocketAt path: String) -> String? {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return "it vanished after the bind: \(String(cString: strerror(errno)))" }
+        guard info.st_mode & S_IFMT == S_IFSOCK, info.st_uid == geteuid() else {
+            return "it is no longer the socket this server made (replaced after the bind); its mode was not set"
+        }
+        guard fchmodat(AT_FDCWD, path, mode_t(mode), AT_SYMLINK_NOFOLLOW) == 0 else {
+            return "cannot set its mode to \(String(mode, radix: 8)): \(String(cString: strerror(errno)))"
+        }
+        return nil
     }
 
     /// Opens the access log's file again, after a log rotation moved it (`runserver` does this
