@@ -127,7 +127,8 @@ struct RunServer: ApplicationSubcommand {
     @Option(name: .long, help: "Read the operations page's token from this file.") var adminTokenFile: String?
 
     func validate() throws {
-        guard let mode = UInt16(unixSocketMode, radix: 8), mode <= 0o777 else {
+        guard unixSocketMode.allSatisfy({ ("0"..."7").contains($0) }), let mode = UInt16(unixSocketMode, radix: 8), mode <= 0o777
+        else {
             throw ValidationError("--unix-socket-mode \(unixSocketMode): permission bits in octal, such as 666, 660 or 600")
         }
         if resolvedAllowedHosts.isEmpty {

@@ -124,8 +124,18 @@ final class AccessLogFile: @unchecked Sendable {
     }
 
     private static func open(_ path: String) throws(AccessLogError) -> UnsafeMutablePointer<FILE> {
-        guard let handle = fopen(path, "a") else {
-            throw AccessLogError(path: path, reason: String(cString: strerror(errno)))
+        // Opened without waiting (a FIFO nobody reads would hold the start-up forever: ENXIO
+        // now), then written to as usual.
+        let descriptor = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0o666)
+        guard descriptor >= 0 else {
+            let reason = String(cString: strerror(errno))
+            throw AccessLogError(path: path, reason: errno == ENXIO ? reason + " (a FIFO nobody reads)" : reason)
+        }
+        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) & ~O_NONBLOCK)
+        guard let handle = fdopen(descriptor, "a") else {
+            let reason = String(cString: strerror(errno))
+            close(descriptor)
+            throw AccessLogError(path: path, reason: reason)
         }
         return handle
     }

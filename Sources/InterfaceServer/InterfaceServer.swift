@@ -129,6 +129,17 @@ public final class InterfaceServer: Service, Sendable {
         }
         let listener: NIOAsyncChannel<AcceptedConnection, Never>
         if let path = configuration.unixSocketPath {
+            // A socket file left by a server that ended is replaced; one a running server listens
+            // on is not (the second server had unlinked it, and the first, still running, could
+            // no longer be reached).
+            if Self.someoneListens(onUnixSocket: path) {
+                throw ListenError(address: path, reason: "another server listens on it (stop it first, or give another path)")
+            }
+            // Made with no access for others (owner read and write), and widened to its mode
+            // below: made with the umask's mode, it could be reached in between by those the
+            // mode is meant to keep out.
+            let umaskBefore = umask(0o177)
+            defer { umask(umaskBefore) }
             do {
                 listener = try await bootstrap.bind(
                     unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initialize)
@@ -211,6 +222,30 @@ public final class InterfaceServer: Service, Sendable {
         }
         await context.accessLog?.flush()
         context.logger.info("interface server stopped")
+    }
+
+    /// Whether a server accepts connections on the Unix socket at `path` now (a connection
+    /// attempt that does not wait: one refused, or no socket there, is a no).
+    static func someoneListens(onUnixSocket path: String) -> Bool {
+        var address = sockaddr_un()
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in bytes.enumerated() { raw[index] = byte }
+        }
+        #if os(Linux)
+            let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        #else
+            let descriptor = socket(AF_UNIX, SOCK_STREAM, 0)
+        #endif
+        guard descriptor >= 0 else { return false }
+        defer { close(descriptor) }
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        // EAGAIN: it listens, its backlog full.
+        return result == 0 || errno == EAGAIN || errno == EINPROGRESS
     }
 
     /// Sets the permission bits of the socket file this server just bound at `path`; nil when

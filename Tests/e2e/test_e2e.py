@@ -1313,6 +1313,46 @@ def sighup_reopens_the_access_log_and_stops_no_process():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+KNOCK = """
+import socket, sys, time
+path, end = sys.argv[1], time.time() + float(sys.argv[2])
+while time.time() < end:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        print("CONNECTED")
+        break
+    except PermissionError:
+        print("refused: EACCES")
+        break
+    except OSError:
+        pass
+    finally:
+        s.close()
+"""
+
+
+@test
+def a_hangup_while_a_command_starts_does_not_kill_it():
+    """A log rotation's SIGHUP that comes while a command still starts (here: connecting to a Redis
+    that is not up, which it retries for seconds) had killed runworker and runserver on the spot
+    (exit 129): it is ignored until the command says what it does with one."""
+    dead = "redis://127.0.0.1:%d/0?prefix=e2ehupstart:" % free_port()
+    for args in (["runworker", "--layer", dead], ["runserver", "--noworker", "--port", str(free_port()), "--layer", dead]):
+        p = Proc(*args)
+        try:
+            time.sleep(1.5)
+            if p.p.poll() is not None:
+                p.log.seek(0)
+                raise AssertionError("%s ended before the hangup: %s" % (args[0], p.log.read()[-500:]))
+            p.p.send_signal(signal.SIGHUP)
+            time.sleep(1)
+            assert p.p.poll() is None, "%s died of SIGHUP while starting (exit %r)" % (args[0], p.p.returncode)
+        finally:
+            if p.p.poll() is None:
+                p.stop(signal.SIGKILL)
+
+
 @test
 def an_access_log_that_cannot_be_written_is_a_clear_start_up_error():
     """The access lines had gone nowhere, with one log line and no reason (a folder that is not
@@ -1322,6 +1362,16 @@ def an_access_log_that_cannot_be_written_is_a_clear_start_up_error():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 64, (p.returncode, p.stderr[-500:])
     assert "cannot open the access log " + path in p.stderr and "No such file" in p.stderr, p.stderr[-500:]
+    # A FIFO nobody reads: the open had waited for a reader forever (SIGTERM ignored).
+    folder = tempfile.mkdtemp(prefix="chat-fifo-")
+    try:
+        fifo = os.path.join(folder, "access.fifo")
+        os.mkfifo(fifo)
+        p = subprocess.run([CHAT, "runserver", "--port", str(free_port()), "--access-log", fifo],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 64 and "a FIFO nobody reads" in p.stderr, (p.returncode, p.stderr[-500:])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @test
@@ -1347,9 +1397,41 @@ def a_unix_socket_is_open_to_a_proxy_of_another_user_and_its_mode_can_be_narrowe
                     assert out.stdout == "Hello world! You asked for /hello/proxy", (out.returncode, out.stdout, out.stderr)
             finally:
                 assert p.stop() == 0
-        bad = subprocess.run([CHAT, "runserver", "--unix-socket", os.path.join(folder, "x.sock"), "--unix-socket-mode", "999"],
-                             capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 64 and "--unix-socket-mode" in bad.stderr, (bad.returncode, bad.stderr[-300:])
+        for wrong in ("999", "+600", "0o660", "abc"):
+            bad = subprocess.run([CHAT, "runserver", "--unix-socket", os.path.join(folder, "x.sock"), "--unix-socket-mode", wrong],
+                                 capture_output=True, text=True, timeout=60)
+            assert bad.returncode == 64 and "--unix-socket-mode" in bad.stderr, (wrong, bad.returncode, bad.stderr[-300:])
+        # A second server on a socket a running one listens on is refused (it had taken the path
+        # over, and the first server, still running, could no longer be reached).
+        live = os.path.join(folder, "live.sock")
+        first = Proc("runserver", "--unix-socket", live)
+        try:
+            first.wait_line("interface server listening")
+            second = subprocess.run([CHAT, "runserver", "--unix-socket", live], capture_output=True, text=True, timeout=60)
+            assert second.returncode != 0 and "another server listens on it" in second.stderr, (second.returncode, second.stderr[-300:])
+            out = subprocess.run(["curl", "-s", "--unix-socket", live, "http://127.0.0.1/hello/first"], capture_output=True, text=True, timeout=30)
+            assert out.stdout == "Hello world! You asked for /hello/first", out
+        finally:
+            assert first.stop() == 0
+        if os.geteuid() == 0:
+            # Made with the umask's mode and narrowed after, a socket was reachable in between by
+            # those its mode keeps out (a red team connected 5 times of 5 with umask 000 and mode
+            # 600): another user knocks in a tight loop while it starts, three times.
+            for attempt in range(3):
+                narrow = os.path.join(folder, "narrow%d.sock" % attempt)
+                knocker = subprocess.Popen(unprivileged(sys.executable, "-c", KNOCK, narrow, "15"), stdout=subprocess.PIPE, text=True)
+                time.sleep(0.3)
+                p = Proc("runserver", "--unix-socket", narrow, "--unix-socket-mode", "600",
+                         wrapper=("sh", "-c", 'umask 000; exec "$@"', "sh"))
+                try:
+                    p.wait_line("interface server listening")
+                    assert os.stat(narrow).st_mode & 0o777 == 0o600
+                    knocked = knocker.communicate(timeout=30)[0]
+                    assert "CONNECTED" not in knocked, "another user got in before the mode was set: %s" % knocked
+                finally:
+                    if knocker.poll() is None:
+                        knocker.kill()
+                    p.stop()
         if os.geteuid() == 0:
             # A stale socket root left in a folder the service user may not write.
             stale = os.path.join(folder, "stale.sock")
