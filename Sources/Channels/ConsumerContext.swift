@@ -93,6 +93,9 @@ public final class ConsumerContext: Sendable {
 
     /// A multi-message response started by the helpers and not ended yet.
     let responseOpen = Atomic<Bool>(false)
+    /// Whether anything was sent (or buffered) to the reply channel: an HTTP consumer that fails
+    /// before it did gets an error response from the worker (not a client left waiting).
+    let replied = Atomic<Bool>(false)
 
     /// The consumer failed with its response half sent: the server is told to cut it (the
     /// client sees an incomplete response, not one that never ends). Best effort.
@@ -208,6 +211,7 @@ public final class ConsumerContext: Sendable {
     /// Sends `message` to `channel`: buffered until the consumer returns, or sent now with `immediately`.
     public func send(_ message: Message, to channel: String, immediately: Bool = false) async throws {
         try ChannelNames.validateChannel(channel)
+        if channel == self.message.replyChannel { replied.store(true, ordering: .relaxed) }
         try await deliver(message, to: .channel(channel), immediately: immediately)
     }
 

@@ -88,12 +88,39 @@ extension Worker {
             await context.abortOpenResponse()
         }
         let timedOut = deadline.map { deadlines?.end($0) ?? false } ?? false
+        // Not for one put back for later (its retry answers), nor one cancelled for another
+        // reason than its timeout (its client left, or the worker's shutdown grace ran out).
+        if let failure, received.channel == ASGIChannel.httpRequest, !context.replied.load(ordering: .relaxed),
+            timedOut || !(failure is CancellationError), !Self.isConsumeLater(failure)
+        {
+            // Failed (or cancelled at its timeout) before it answered: the client gets 500 (503
+            // for the timeout) now, as Django answers an exception, instead of waiting for the
+            // server's own timeout and its 503.
+            await Self.answerFailedRequest(context, timedOut: timedOut, logger: logger)
+        }
         await context.flush()
         await hooks.consumerFinished?(context, failure)
         let dropped = context.droppedSends.load(ordering: .relaxed)
         sendsDropped.add(dropped, ordering: .relaxed)
         if dropped > 0 { ChannelsMetrics.dropped[.retriesExhausted]?.increment(by: dropped) }
         return timedOut
+    }
+
+    private static func isConsumeLater(_ error: any Error) -> Bool {
+        if case .consumeLater? = error as? ConsumerError { return true }
+        return false
+    }
+
+    /// The error response of an HTTP consumer that failed before it answered.
+    private static func answerFailedRequest(_ context: ConsumerContext, timedOut: Bool, logger: Logger) async {
+        let answer = HTTPResponseStart(
+            status: timedOut ? 503 : 500, headers: [("content-type", "text/plain; charset=utf-8")],
+            content: Array((timedOut ? "Service Unavailable: the application took too long\n" : "Internal Server Error\n").utf8))
+        do {
+            try await context.reply(answer, immediately: true)
+        } catch {
+            logger.warning("could not answer a failed request", metadata: ["error": "\(error)"])
+        }
     }
 
     /// Buffered sends of consumers that were dropped after their retries.
