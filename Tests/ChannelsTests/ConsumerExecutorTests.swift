@@ -2,6 +2,7 @@ import ASGI
 import Channels
 import Dispatch
 import Synchronization
+import TestSupport
 import Testing
 
 /// A task executor on a serial dispatch queue of its own, which tells whether the code asking
@@ -33,8 +34,22 @@ final class Notes: Sendable {
 /// trip then starts and ends on the consumer's own thread): the worker's `consumerExecutors`.
 @Suite("consumer executors", .timeLimit(.minutes(1)))
 struct ConsumerExecutorTests {
-    @Test func consumersRunOnTheGivenExecutorsInTurnBeforeAndAfterEachAwait() async throws {
-        let layer = InMemoryChannelLayer(configuration: .init(capacity: 1_000))
+    enum Layer: String, CaseIterable, CustomTestStringConvertible {
+        case memory, redis
+        var testDescription: String { rawValue }
+        func make() throws -> any ChannelLayer {
+            switch self {
+            case .memory: InMemoryChannelLayer(configuration: .init(capacity: 1_000))
+            case .redis: try TestRedis.layer(capacity: 1_000)
+            }
+        }
+    }
+
+    /// On a real Redis too: the consumer's round trips (its send, the socket ordering's reads)
+    /// come back to its executor.
+    @Test(arguments: Layer.allCases)
+    func consumersRunOnTheGivenExecutorsInTurnBeforeAndAfterEachAwait(_ kind: Layer) async throws {
+        let layer = try kind.make()
         let executors = [QueueExecutor("first"), QueueExecutor("second")]
         let seen = Notes()
         let note: @Sendable () -> Void = {

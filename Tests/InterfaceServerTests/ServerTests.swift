@@ -69,6 +69,10 @@ struct ServerTests {
                 }
             },
             route("websocket.connect", path: "^/closed/$") { _ in throw ConsumerError.denyConnection },
+            route("http.request", path: "^/fails-early/$") { _ in
+                struct Broken: Error {}
+                throw Broken()
+            },
             route("http.request", path: "^/fails-midway/$") { context in
                 try await context.respondStart(firstChunk: Array("first part\n".utf8))
                 try await context.respondChunk(Array("second part\n".utf8))
@@ -147,6 +151,21 @@ struct ServerTests {
             let (answer, uploadResponse) = try await URLSession.shared.upload(for: request, from: Data(upload))
             #expect((uploadResponse as? HTTPURLResponse)?.statusCode == 200)
             #expect(String(decoding: answer, as: UTF8.self) == "got \(upload.count) bytes, sum \(upload.reduce(0) { $0 &+ Int($1) })")
+        }
+    }
+
+    /// A consumer that fails before it answers: the client gets the worker's 500 at once, over a
+    /// real socket, on the in-memory layer and on a real Redis (it had waited for the server's
+    /// own timeout, 60 s, and its 503: past this request's 30 s).
+    @Test func aConsumerThatFailsBeforeAnsweringIsAnswered500() async throws {
+        for layer: any ChannelLayer in [InMemoryChannelLayer(), try TestRedis.layer()] {
+            try await withServer(layer: layer) { port, _ in
+                var request = URLRequest(url: URL(string: "http://127.0.0.1:\(port)/fails-early/")!)
+                request.timeoutInterval = 30
+                let (data, response) = try await URLSession.shared.data(for: request)
+                #expect((response as? HTTPURLResponse)?.statusCode == 500)
+                #expect(String(decoding: data, as: UTF8.self) == "Internal Server Error\n")
+            }
         }
     }
 
