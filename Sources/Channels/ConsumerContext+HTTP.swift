@@ -21,7 +21,7 @@ extension ConsumerContext {
         if !list.contains("content-length") { list.add(name: "content-length", value: String(body.count)) }
         // Sent as they go, each within the server's credit: a client that reads slowly holds
         // this consumer, not megabytes in the layer and the server.
-        let disconnectChannel = disconnectChannelForStream()
+        let disconnectChannel = await disconnectChannelForStream()
         try await reserveResponseBytes(chunkSize)
         try await reply(
             HTTPResponseStart(
@@ -113,7 +113,7 @@ extension ConsumerContext {
         status: Int = 200, contentType: String = "text/plain; charset=utf-8", headers: [(String, String)] = [],
         firstChunk: [UInt8] = []
     ) async throws {
-        let disconnectChannel = disconnectChannelForStream()
+        let disconnectChannel = await disconnectChannelForStream()
         try await reserveResponseBytes(firstChunk.count)
         var list = responseHeaders(contentType: contentType)
         for (name, value) in headers { list.add(name: name, value: value) }

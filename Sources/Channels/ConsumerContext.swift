@@ -73,16 +73,20 @@ public final class ConsumerContext: Sendable {
     let slot = Mutex<SlotLease?>(nil)
 
     /// The `disconnect_channel` for a response of several messages (registered once, with the
-    /// request's `response_credit`).
-    func disconnectChannelForStream() -> String? {
+    /// request's `response_credit`; the first time, its lease is taken before it returns: see
+    /// ``ResponseStreamLeases``).
+    func disconnectChannelForStream() async -> String? {
         guard let (streams, handle) = streaming.withLock({ $0 }) else { return nil }
-        return streamChannel.withLock { current in
-            if let current { return current }
+        let replyChannel = self.replyChannel?.name
+        let (channel, registered) = streamChannel.withLock { current -> (String, Bool) in
+            if let current { return (current, false) }
             let window = message["response_credit"]?.intValue.map { Int($0) }.flatMap { $0 > 0 ? $0 : nil }
-            let channel = streams.register(handle, window: window)
+            let channel = streams.register(handle, window: window, replyChannel: replyChannel)
             current = channel
-            return channel
+            return (channel, true)
         }
+        if registered { await streams.holdFirstLease(channel, on: layer) }
+        return channel
     }
 
     /// Whether this context's multi-message response waits for the server's credit (the request

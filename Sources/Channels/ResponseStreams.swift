@@ -20,6 +20,8 @@ public final class ResponseStreams: Sendable {
     /// The worker's inbox (a process channel).
     public let inbox: String
     private let streams = Mutex<[String: Stream]>([:])
+    /// The leases of the streams running (until their consumers end), by disconnect channel.
+    private let leases = Mutex<[String: Lease]>([:])
     private let stopped = Atomic<Int>(0)
     private let malformedCredits = Atomic<Int>(0)
 
@@ -27,8 +29,20 @@ public final class ResponseStreams: Sendable {
     /// client that reads nothing long before: this covers a lost acknowledgement).
     let creditTimeout: Duration
 
+    /// How long a stream's lease (``ResponseStreamLeases``) lasts unless renewed; renewed every
+    /// quarter of it. The server serving a stream cuts it this long (and up to its sweep
+    /// interval) after this worker stopped.
+    public let leaseDuration: Duration
+
     static let abandoned = Counter(label: "channels_http_streams_abandoned_total")
     static let creditWaits = Counter(label: "channels_http_stream_credit_waits_total")
+    static let leaseFailures = Counter(label: "channels_http_stream_lease_failures_total")
+
+    /// A stream's lease: the server's pool, and the reply channel as its note.
+    struct Lease: Sendable {
+        let pool: String
+        let replyChannel: String
+    }
 
     private struct Stream {
         let handle: TaskHandle
@@ -39,23 +53,78 @@ public final class ResponseStreams: Sendable {
         var waiter: (needed: Int, continuation: CheckedContinuation<Void, any Error>)?
     }
 
-    /// A registry whose inbox is `<prefix>.<10 letters>!`.
-    public init(prefix: String = "worker", creditTimeout: Duration = .seconds(120)) {
+    /// A registry whose inbox is `<prefix>.<10 letters>!`; `leaseDuration`: see the property
+    /// (two seconds at least).
+    public init(prefix: String = "worker", creditTimeout: Duration = .seconds(120), leaseDuration: Duration = .seconds(20)) {
         inbox = prefix + "." + ChannelNames.randomLetters(10) + "!"
         self.creditTimeout = creditTimeout
+        self.leaseDuration = max(leaseDuration, .seconds(2))
     }
 
     /// A disconnect channel for the response `handle`'s task is sending; `finished` forgets it.
-    /// `window`: the request's `response_credit`.
-    func register(_ handle: TaskHandle, window: Int?) -> String {
+    /// `window`: the request's `response_credit`; with it (a server of ours, which watches
+    /// leases) and a process-specific `replyChannel`, the stream gets a lease
+    /// (``ResponseStreamLeases``), taken by ``holdFirstLease(_:on:)`` before the response starts.
+    func register(_ handle: TaskHandle, window: Int?, replyChannel: String? = nil) -> String {
         let channel = inbox + ChannelNames.randomLetters(12)
+        let lease: Lease? =
+            if window != nil, let replyChannel, let pool = ResponseStreamLeases.pool(replyChannel: replyChannel) {
+                Lease(pool: pool, replyChannel: replyChannel)
+            } else {
+                nil
+            }
         streams.withLock { $0[channel] = Stream(handle: handle, window: window) }
+        if let lease { leases.withLock { $0[channel] = lease } }
         return channel
     }
 
-    func finished(_ channel: String) {
+    /// The response at `channel` ended (or its consumer did): forgotten, its lease given up.
+    func finished(_ channel: String, layer: any ChannelLayer) {
         let waiter = streams.withLock { $0.removeValue(forKey: channel)?.waiter }
         waiter?.continuation.resume(throwing: CancellationError())
+        if let lease = leases.withLock({ $0.removeValue(forKey: channel) }) { release(lease, of: channel, on: layer) }
+    }
+
+    /// Takes the lease of the stream at `channel` (if it has one) before its response starts: a
+    /// worker killed from then on leaves a lease that lapses. Not fatal when the layer fails
+    /// (the response's own send fails too, or the stream runs unwatched; counted).
+    func holdFirstLease(_ channel: String, on layer: any ChannelLayer) async {
+        guard let lease = leases.withLock({ $0[channel] }) else { return }
+        await hold(lease, of: channel, on: layer)
+    }
+
+    private func hold(_ lease: Lease, of channel: String, on layer: any ChannelLayer) async {
+        guard let leases = layer.leases else { return }
+        do {
+            try await leases.holdLease(channel, in: lease.pool, note: lease.replyChannel, for: leaseDuration)
+        } catch {
+            Self.leaseFailures.increment()
+        }
+    }
+
+    private func release(_ lease: Lease, of channel: String, on layer: any ChannelLayer) {
+        guard let leases = layer.leases else { return }
+        Task {
+            do {
+                try await leases.releaseLease(channel, in: lease.pool, ifNote: lease.replyChannel)
+            } catch {
+                // It lapses: the server then sends its cut to a reply channel nobody reads.
+                Self.leaseFailures.increment()
+            }
+        }
+    }
+
+    /// Renews the leases of the streams running, every quarter of `leaseDuration`, until
+    /// cancelled (the worker runs it beside its inbox).
+    func keepLeases(on layer: any ChannelLayer) async {
+        guard layer.leases != nil else { return }
+        while !Task.isCancelled {
+            guard (try? await Task.sleep(for: leaseDuration / 4)) != nil else { return }
+            let held = leases.withLock { Array($0) }
+            for (channel, lease) in held where !Task.isCancelled {
+                await hold(lease, of: channel, on: layer)
+            }
+        }
     }
 
     /// A message on the inbox: a credit, or the client of the response at `channel` left.
@@ -73,7 +142,8 @@ public final class ResponseStreams: Sendable {
         }
     }
 
-    /// The server said the client of the response at `channel` left: stop its consumer.
+    /// The server said the client of the response at `channel` left: stop its consumer (its
+    /// lease goes when the consumer ends, ``finished(_:layer:)``).
     func clientLeft(_ channel: String) {
         guard let stream = streams.withLock({ $0.removeValue(forKey: channel) }) else { return }
         stopped.add(1, ordering: .relaxed)

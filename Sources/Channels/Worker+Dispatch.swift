@@ -59,7 +59,7 @@ extension Worker {
             if received.channel == ASGIChannel.httpRequest {
                 context.streaming.withLock { $0 = (streams, handle) }
                 context.slot.withLock { $0 = lease }
-                defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel) } }
+                defer { if let channel = context.streamChannel.withLock({ $0 }) { streams.finished(channel, layer: layer) } }
                 try await handle.running {
                     try await ConsumerContext.$current.withValue(context) { try await consumer(context) }
                 }

@@ -40,7 +40,7 @@ public final class Worker: Service, Sendable {
         return consumerExecutors[turn % consumerExecutors.count]
     }
     /// Multi-message HTTP responses in progress, stopped when their client leaves.
-    public let streams = ResponseStreams()
+    public let streams: ResponseStreams
     /// Whether it runs, and how it stops.
     /// Where a shutdown stands: running, taking nothing more, or taking what is queued first.
     private enum Stop: Int, AtomicRepresentable {
@@ -83,14 +83,18 @@ public final class Worker: Service, Sendable {
     ///     global concurrent executor). `runworker` gives the event loops its Redis connections
     ///     live on: a consumer's layer calls then go out and come back on its own thread, with
     ///     no hand-over between threads on either side of each round trip.
+    ///   - streamLeaseDuration: how long a streamed response's lease lasts unless renewed
+    ///     (``ResponseStreamLeases``): the server cuts the response this long after the worker
+    ///     died (two seconds at least).
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],
         exclude: [String] = [], environment: ConsumerEnvironment = ConsumerEnvironment(),
         finishQueuedOnShutdown: Bool = false, consumerTimeout: Duration? = .seconds(60),
         middleware: [ConsumerMiddleware] = [], hooks: WorkerHooks = WorkerHooks(),
         logger: Logger = Logger(label: "channels.worker"), abandonAfter: Duration = .seconds(5),
-        consumerExecutors: [any TaskExecutor] = []
+        consumerExecutors: [any TaskExecutor] = [], streamLeaseDuration: Duration = .seconds(20)
     ) {
+        self.streams = ResponseStreams(leaseDuration: streamLeaseDuration)
         self.consumerExecutors = consumerExecutors
         self.middleware = middleware
         self.hooks = hooks
@@ -159,6 +163,7 @@ public final class Worker: Service, Sendable {
             // get their credit and finish.
             await withDiscardingTaskGroup { group in
                 group.addTask { await self.readInbox() }
+                group.addTask { await self.streams.keepLeases(on: self.layer) }
                 await serve()
                 group.cancelAll()
             }

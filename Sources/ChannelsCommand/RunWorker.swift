@@ -32,8 +32,20 @@ struct RunWorker: ApplicationSubcommand {
     @Option(name: .long, parsing: .upToNextOption, help: "Only these channels (globs).") var onlyChannels: [String] = []
     @Option(name: .long, parsing: .upToNextOption, help: "Not these channels (globs).") var excludeChannels: [String] = []
     @Option(name: .long, help: "Seconds to let consumers in flight finish after SIGTERM.") var shutdownTimeout = 30.0
+    @Option(
+        name: .long,
+        help: """
+            Seconds a streamed response's lease lasts unless this worker renews it: the server cuts             the response that long after the worker died (at least 2).
+            """)
+    var streamLease = 20.0
 
     @OptionGroup var metrics: MetricsOptions
+
+    func validate() throws {
+        guard streamLease.isFinite, streamLease >= 2, streamLease <= 86_400 else {
+            throw ValidationError("--stream-lease must be a number of seconds from 2 to 86400")
+        }
+    }
 
     func run(_ app: ChannelsApplication) async throws {
         await ShutdownSignals.trap()
@@ -50,7 +62,8 @@ struct RunWorker: ApplicationSubcommand {
             // On the loops the layer's connections live on (NIO's shared group): a consumer's
             // round trips to Redis start and end on its own thread. 0.5-0.52 against 0.59-0.66 ms
             // from a relayed message's take to its group send (`scripts/trace-hops.sh`, session 37).
-            consumerExecutors: globalExecutor ? [] : MultiThreadedEventLoopGroup.singleton.makeIterator().map(EventLoopTaskExecutor.init))
+            consumerExecutors: globalExecutor ? [] : MultiThreadedEventLoopGroup.singleton.makeIterator().map(EventLoopTaskExecutor.init),
+            streamLeaseDuration: Duration(secondsValue: streamLease))
         // SIGHUP (a log rotation, `systemctl reload`) must not stop it: nothing to reload here.
         ProcessLimits.onHangup { logger.info("SIGHUP: nothing to reload; running on") }
         say("runworker: listening on \(worker.channels.joined(separator: ", "))")

@@ -65,6 +65,17 @@ extension HTTPHandler {
         case .start(let start):
             server.logger.warning("a second response start on one request; its content is sent as a chunk")
             (content, more) = (start.content, start.moreContent)
+        case .chunk(let chunk) where chunk.workerLost:
+            // This server's own message (``StreamLeaseKeeper``): the worker died mid-response.
+            if responseStarted {
+                abortResponse(context: context, counter: .httpWorkerLost, why: "the worker sending it stopped (its lease lapsed)")
+            } else {
+                server.counters.count(.httpWorkerLost)
+                server.logger.warning("the worker answering a request stopped (its lease lapsed); answering 503")
+                finishRequest()
+                respondPlain(context: context, status: .serviceUnavailable, text: "Service unavailable\n", close: true)
+            }
+            return
         case .chunk(let chunk) where responseStarted && chunk.abort:
             abortResponse(context: context, counter: .httpAborted, why: "the application failed mid-response")
             return

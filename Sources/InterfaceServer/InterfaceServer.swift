@@ -181,6 +181,7 @@ public final class InterfaceServer: Service, Sendable {
             group.addTask { await context.router.run() }
             group.addTask { await PresenceKeeper(server: context).run() }
             group.addTask { await GroupKeeper(server: context).run() }
+            group.addTask { await StreamLeaseKeeper(server: context).run() }
             // Connections' tasks go to lanes, each a task group of its own: a task group's child
             // that ends is unlinked by a walk of the group's children (the Swift runtime keeps
             // them in a singly linked list), so in one group of N connections every close cost

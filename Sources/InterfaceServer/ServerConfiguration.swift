@@ -69,6 +69,10 @@ public struct ServerConfiguration: Sendable {
     /// How often this server checks that the sockets following a group are in its member set,
     /// and adds back those missing (an eviction under `maxmemory`; `.zero`: never).
     public var groupCheckInterval: Duration = .seconds(10)
+    /// How often the server looks for streamed responses whose worker stopped renewing their
+    /// lease (``ResponseStreamLeases``; the worker's lease lasts 20 s by default) and cuts them
+    /// (`.zero`: never).
+    public var streamLeaseSweep: Duration = .seconds(2)
     /// A group message's frames go to a plain TCP socket with one system call of the server's
     /// own when the channel has nothing unwritten (`DirectSocket.swift`); false: always through the
     /// channel (`runserver --no-direct-writes`).

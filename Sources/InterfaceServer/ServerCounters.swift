@@ -62,6 +62,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var httpAborted = 0
     /// HTTP requests in flight closed because the layer lost its data (their replies with it).
     public var httpStoreLost = 0
+    /// Streamed HTTP responses cut (503 if not started) because the worker sending them stopped
+    /// renewing their lease (``ResponseStreamLeases``): it died, or lost the layer for that long.
+    public var httpWorkerLost = 0
     /// Group messages' frames sent to a socket with the server's own system call (one per
     /// socket per hand-over; see `ServerConfiguration.directWrites`).
     public var directSends = 0
@@ -82,7 +85,7 @@ final class ServerCounters: Sendable {
             closedLayerUnavailable, closedSlowClient, closedStoreLost, httpUnavailable, malformedReplies,
             refusedHost, refusedOrigin, timedOutHeader, timedOutBody, timedOutResponse, closedIdle,
             closedSlowHTTPClient, closedUpgradeOverflow, refusedMaxConnections, refusedPerAddress, framesPaced,
-            httpAborted, httpStoreLost, closedFrameFlood, framesAfterClose
+            httpAborted, httpStoreLost, closedFrameFlood, framesAfterClose, httpWorkerLost
     }
 
     private let values = Mutex([Int](repeating: 0, count: Counter.allCases.count))
@@ -127,6 +130,7 @@ final class ServerCounters: Sendable {
         stats.framesAfterClose = self[.framesAfterClose]
         stats.httpAborted = self[.httpAborted]
         stats.httpStoreLost = self[.httpStoreLost]
+        stats.httpWorkerLost = self[.httpWorkerLost]
         stats.directSends = directSends.load(ordering: .relaxed)
         stats.directRemainders = directRemainders.load(ordering: .relaxed)
         stats.webSocketSessionsAlive = sessionsAlive.load(ordering: .relaxed)

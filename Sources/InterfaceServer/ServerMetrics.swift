@@ -26,7 +26,7 @@ enum ServerMetrics {
             (.closedIdle, "idle"), (.closedSlowHTTPClient, "slow_http_client"), (.closedUpgradeOverflow, "upgrade_overflow"),
             (.refusedMaxConnections, "max_connections"), (.refusedPerAddress, "per_address"),
             (.framesPaced, "frames_paced"), (.httpAborted, "response_aborted"), (.httpStoreLost, "store_lost"),
-            (.closedFrameFlood, "frame_flood"),
+            (.closedFrameFlood, "frame_flood"), (.httpWorkerLost, "worker_lost"),
         ]
         return Dictionary(
             uniqueKeysWithValues: names.map { ($0.0, Counter(label: "channels_connection_limits_total", dimensions: [("limit", $0.1)])) })

@@ -833,6 +833,50 @@ def streams_in_flight_when_redis_restarts_empty_are_cut_not_left_hanging():
             stop_all(proc, worker)
 
 
+@test
+def a_stream_whose_worker_is_sigkilled_is_cut_and_a_live_workers_stream_runs_on():
+    """A worker SIGKILLed under 5 open SSE streams (runserver --noworker + runworker
+    --stream-lease 2 on Redis): before, nothing ended them and their clients waited forever.
+    The worker holds a lease per stream and the server cuts the streams whose lease lapsed
+    (the client sees an incomplete response and reconnects). A live worker's stream three lease
+    durations long runs whole, and a new worker serves new streams."""
+    proc, port, mport, worker, wport = redis_pair("fd-lease:", worker_extra=("--stream-lease", "2"))
+    replacement = None
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.send(b"GET /events/?n=6 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        whole = closed_within(s, 30)
+        s.close()
+        assert whole is not None and b"event 6" in whole and whole.endswith(b"0\r\n\r\n"), whole
+        assert limits(mport).get("worker_lost", 0) == 0, limits(mport)
+        streams = []
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.send(b"GET /events/?n=600 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert b"event 0" in s.recv(4096)
+            streams.append(s)
+        worker.stop(signal.SIGKILL)
+        killed = time.time()
+        ends = []
+        for s in streams:
+            got = closed_within(s, 30)
+            assert got is not None, "a stream was still open 30 s after its worker was SIGKILLed"
+            assert not got.endswith(b"0\r\n\r\n"), "cut, not ended as if whole: %r" % got[-40:]
+            ends.append(time.time() - killed)
+            s.close()
+        lost = limits(mport).get("worker_lost", 0)
+        print("  5 SSE streams whose worker was SIGKILLed: all cut within %.1f s (lease 2 s); worker_lost %d; "
+              "a 6 s stream on a live worker ran whole" % (max(ends), lost))
+        assert lost == 5, lost
+        replacement = Proc("runworker", "--layer", redis_url("fd-lease:"), "--stream-lease", "2")
+        replacement.wait_line("worker ready")
+        status, body = http_get(port, "/events/?n=1")
+        assert status == 200 and b"event 1" in body, (status, body)
+        assert proc.p.poll() is None, "the server kept serving"
+    finally:
+        stop_all(*[p for p in (proc, worker, replacement) if p is not None])
+
+
 def h2_exchange(port, cafile, method, path, timeout=10):
     """One request on a fresh HTTP/2 connection; returns the h2 events of its stream, up to its
     end or reset (bounded by `timeout`)."""

@@ -195,12 +195,17 @@ public struct HTTPResponseChunk: ASGIMessage, Hashable {
     /// server cuts the connection (HTTP/2: resets the stream) so the client sees an incomplete
     /// response instead of a short one that looks whole, or one that never ends.
     public var abort: Bool
+    /// An extension (`worker_lost`), sent by an interface server to its own reply channel: the
+    /// worker streaming this response stopped renewing its lease (``ResponseStreamLeases``), so
+    /// the response is cut (503 when it had not started). Ordered after the chunks already sent.
+    public var workerLost: Bool
 
     /// Makes the message from its parts; optional keys default as ASGI 1.0 says.
-    public init(content: [UInt8], moreContent: Bool, abort: Bool = false) {
+    public init(content: [UInt8], moreContent: Bool, abort: Bool = false, workerLost: Bool = false) {
         self.content = content
         self.moreContent = moreContent
         self.abort = abort
+        self.workerLost = workerLost
     }
 
     /// Reads the typed form of `message`; throws ``MessageError`` naming a missing or mistyped key.
@@ -208,13 +213,40 @@ public struct HTTPResponseChunk: ASGIMessage, Hashable {
         content = try message.optionalBytes("content") ?? []
         moreContent = try message.bool("more_content", default: false)
         abort = try message.bool("abort", default: false)
+        workerLost = try message.bool("worker_lost", default: false)
     }
 
     /// The message to send.
     public var message: Message {
         var message: Message = ["content": .bytes(content), "more_content": .bool(moreContent)]
         if abort { message["abort"] = .bool(true) }
+        if workerLost { message["worker_lost"] = .bool(true) }
         return message
+    }
+}
+
+/// Where a worker streaming a response tells the server serving it that it is alive.
+///
+/// A response of several messages runs as long as its consumer sends (a stream of server-sent
+/// events may run for hours), so nothing about the response tells its server that the worker
+/// sending it died (`SIGKILL`, an OOM kill, a lost host): the client would wait forever. A worker
+/// of ours therefore holds a lease (``ChannelLayerLeases``) for each response it streams to a
+/// request that carried `response_credit` (sent by our servers, which watch the leases), named
+/// after the response's `disconnect_channel`, noted with its reply channel, in the pool of the
+/// server's process channel, and renews it while the response runs. The server claims the
+/// leases of its pool that lapsed and sends ``HTTPResponseChunk`` with `worker_lost` to each
+/// one's reply channel: the client sees the response cut, as when a worker fails mid-response.
+public enum ResponseStreamLeases {
+    /// The lease pool of the server whose process channel is `processChannel` (ends with `!`).
+    public static func pool(processChannel: String) -> String { "streams:" + processChannel }
+
+    /// The pool of the server that reads `replyChannel` (a process-specific name); nil for a
+    /// reply channel of another form, which no server of ours watches.
+    public static func pool(replyChannel: String) -> String? {
+        guard let bang = replyChannel.firstIndex(of: "!"), replyChannel.index(after: bang) != replyChannel.endIndex else {
+            return nil
+        }
+        return pool(processChannel: String(replyChannel[...bang]))
     }
 }
 
