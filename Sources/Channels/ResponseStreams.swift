@@ -121,8 +121,13 @@ public final class ResponseStreams: Sendable {
         while !Task.isCancelled {
             guard (try? await Task.sleep(for: leaseDuration / 4)) != nil else { return }
             let held = leases.withLock { Array($0) }
-            for (channel, lease) in held where !Task.isCancelled {
-                await hold(lease, of: channel, on: layer)
+            // Several at a time on the pipelined connections (thousands of streams renew in a
+            // few round trips' time, far inside the lease), at most 64 in flight.
+            await withTaskGroup(of: Void.self) { group in
+                for (index, (channel, lease)) in held.enumerated() where !Task.isCancelled {
+                    if index >= 64 { await group.next() }
+                    group.addTask { await self.hold(lease, of: channel, on: layer) }
+                }
             }
         }
     }
