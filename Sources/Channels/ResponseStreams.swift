@@ -21,7 +21,17 @@ public final class ResponseStreams: Sendable {
     public let inbox: String
     private let streams = Mutex<[String: Stream]>([:])
     /// The leases of the streams running (until their consumers end), by disconnect channel.
-    private let leases = Mutex<[String: Lease]>([:])
+    private let leases = Mutex<[String: LeaseState]>([:])
+
+    /// A lease and its renewal: one at a time per lease (a renewal stuck on a stalled Redis
+    /// holds up no other), and its release after any renewal in flight (sent before it, a
+    /// renewal would bring a released lease back, and the server would later cut a response
+    /// that ended).
+    private struct LeaseState {
+        let lease: Lease
+        var renewing = false
+        var ended = false
+    }
     private let stopped = Atomic<Int>(0)
     private let malformedCredits = Atomic<Int>(0)
 
@@ -74,22 +84,39 @@ public final class ResponseStreams: Sendable {
                 nil
             }
         streams.withLock { $0[channel] = Stream(handle: handle, window: window) }
-        if let lease { leases.withLock { $0[channel] = lease } }
+        if let lease { leases.withLock { $0[channel] = LeaseState(lease: lease) } }
         return channel
     }
 
-    /// The response at `channel` ended (or its consumer did): forgotten, its lease given up.
+    /// The response at `channel` ended (or its consumer did): forgotten, its lease given up
+    /// (after the renewal in flight, if one is).
     func finished(_ channel: String, layer: any ChannelLayer) {
         let waiter = streams.withLock { $0.removeValue(forKey: channel)?.waiter }
         waiter?.continuation.resume(throwing: CancellationError())
-        if let lease = leases.withLock({ $0.removeValue(forKey: channel) }) { release(lease, of: channel, on: layer) }
+        if let lease = leaseToRelease(channel, ending: true) { release(lease, of: channel, on: layer) }
+    }
+
+    /// The lease to give up now for `channel`: on its end (`ending`) when no renewal is in
+    /// flight, or when the renewal in flight comes back after its end.
+    private func leaseToRelease(_ channel: String, ending: Bool) -> Lease? {
+        leases.withLock { all -> Lease? in
+            guard var state = all[channel] else { return nil }
+            if ending { state.ended = true }
+            state.renewing = ending && state.renewing
+            guard state.ended, !state.renewing else {
+                all[channel] = state
+                return nil
+            }
+            all[channel] = nil
+            return state.lease
+        }
     }
 
     /// Takes the lease of the stream at `channel` (if it has one) before its response starts: a
     /// worker killed from then on leaves a lease that lapses. Not fatal when the layer fails
     /// (the response's own send fails too, or the stream runs unwatched; counted).
     func holdFirstLease(_ channel: String, on layer: any ChannelLayer) async {
-        guard let lease = leases.withLock({ $0[channel] }) else { return }
+        guard let lease = leases.withLock({ $0[channel]?.lease }) else { return }
         await hold(lease, of: channel, on: layer)
     }
 
@@ -115,20 +142,30 @@ public final class ResponseStreams: Sendable {
     }
 
     /// Renews the leases of the streams running, every quarter of `leaseDuration`, until
-    /// cancelled (the worker runs it beside its inbox).
+    /// cancelled (the worker runs it beside its inbox). Each renewal runs on its own: one that
+    /// waits on a stalled Redis shard holds up neither the others nor the next rounds (its
+    /// lease is not renewed again until it is back), and a round never waits for the last.
     func keepLeases(on layer: any ChannelLayer) async {
         guard layer.leases != nil else { return }
-        while !Task.isCancelled {
-            guard (try? await Task.sleep(for: leaseDuration / 4)) != nil else { return }
-            let held = leases.withLock { Array($0) }
-            // Several at a time on the pipelined connections (thousands of streams renew in a
-            // few round trips' time, far inside the lease), at most 64 in flight.
-            await withTaskGroup(of: Void.self) { group in
-                for (index, (channel, lease)) in held.enumerated() where !Task.isCancelled {
-                    if index >= 64 { await group.next() }
-                    group.addTask { await self.hold(lease, of: channel, on: layer) }
+        await withDiscardingTaskGroup { group in
+            while !Task.isCancelled {
+                guard (try? await Task.sleep(for: leaseDuration / 4)) != nil else { break }
+                let due = leases.withLock { all -> [(String, Lease)] in
+                    var due: [(String, Lease)] = []
+                    for (channel, state) in all where !state.renewing && !state.ended {
+                        all[channel]?.renewing = true
+                        due.append((channel, state.lease))
+                    }
+                    return due
+                }
+                for (channel, lease) in due {
+                    group.addTask {
+                        await self.hold(lease, of: channel, on: layer)
+                        if let ended = self.leaseToRelease(channel, ending: false) { self.release(ended, of: channel, on: layer) }
+                    }
                 }
             }
+            group.cancelAll()
         }
     }
 

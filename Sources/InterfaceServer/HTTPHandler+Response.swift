@@ -66,7 +66,11 @@ extension HTTPHandler {
             server.logger.warning("a second response start on one request; its content is sent as a chunk")
             (content, more) = (start.content, start.moreContent)
         case .chunk(let chunk) where chunk.workerLost:
-            // This server's own message (``StreamLeaseKeeper``): the worker died mid-response.
+            // This server's own message (``StreamLeaseKeeper``): the worker died mid-response,
+            // or only stopped renewing for a lease's length (a pause, a stalled Redis): a live
+            // one is told the client is gone, so its consumer stops instead of streaming on to
+            // nobody.
+            tellApplicationClientLeft(context: context)
             if responseStarted {
                 abortResponse(context: context, counter: .httpWorkerLost, why: "the worker sending it stopped (its lease lapsed)")
             } else {
