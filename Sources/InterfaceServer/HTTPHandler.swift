@@ -329,8 +329,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
         let message = HTTPDisconnectMessage(replyChannel: ReplyChannelName(trusted: replyChannel), path: path).message
         let sender = connectionSender(context: context)
         sender.resume()
-        sender.send(message, to: ASGIChannel.httpDisconnect)
+        // The streaming worker's inbox first: `http.disconnect` fills up when nothing consumes it
+        // (a worker drains it only when a route takes it), and a send held on a full channel
+        // held this one behind it until both were given up (a red team's 150 clients leaving at
+        // once: 50 of their consumers streamed on to nobody).
         if let disconnectChannel { sender.send(message, to: disconnectChannel) }
+        sender.send(message, to: ASGIChannel.httpDisconnect)
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -190,6 +190,38 @@ struct StreamLeaseTests {
             await task.value
         }
     }
+
+    /// A streaming consumer hears its client left even when `http.disconnect` is full (nothing
+    /// consumes it here): the notice to the worker's inbox had waited behind the send to the
+    /// full channel, and both were given up.
+    @Test func aClientThatLeavesStopsItsStreamEvenWithHTTPDisconnectFull() async throws {
+        let routes = [
+            route("http.request", path: "^/forever/$") { context in
+                try await context.respondStart(contentType: "text/event-stream", firstChunk: Array("data: 0\n\n".utf8))
+                while true {
+                    try await Task.sleep(for: .milliseconds(100))
+                    try await context.respondChunk(Array("data: more\n\n".utf8))
+                }
+            }
+        ]
+        for layer in try Self.layers() {
+            try await withServer(layer: layer) { port, _ in
+                for i in 0..<100 { try await layer.send(["filler": .int(Int64(i))], to: ASGIChannel.httpDisconnect) }
+                let worker = Worker(router: try Router(routes), layer: layer, concurrency: 4)
+                let task = Task { await worker.run() }
+                defer { worker.stop() }
+                // The client reads the first event, then leaves.
+                #expect(try await Self.rawGet(port: port, path: "/forever/", within: 2) == nil)
+                let deadline = ContinuousClock.now + .seconds(8)
+                while worker.streams.abandonedCount < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+                #expect(worker.streams.abandonedCount == 1, "the consumer was not told its client left (\(type(of: layer)))")
+                // Room for the server's own held send, so it stops at once.
+                _ = try await layer.receiveBatch(channels: [ASGIChannel.httpDisconnect], max: 200, timeout: .zero)
+                worker.stop()
+                await task.value
+            }
+        }
+    }
 }
 
 /// The in-memory layer, except that every renewal of the first lease taken never comes back
