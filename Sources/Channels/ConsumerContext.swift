@@ -74,7 +74,7 @@ public final class ConsumerContext: Sendable {
 
     /// The `disconnect_channel` for a response of several messages (registered once, with the
     /// request's `response_credit`; the first time, its lease is taken before it returns: see
-    /// ``ResponseStreamLeases``).
+    /// `ResponseStreamLeases`).
     func disconnectChannelForStream() async -> String? {
         guard let (streams, handle) = streaming.withLock({ $0 }) else { return nil }
         let replyChannel = self.replyChannel?.name

@@ -39,7 +39,7 @@ public final class ResponseStreams: Sendable {
     /// client that reads nothing long before: this covers a lost acknowledgement).
     let creditTimeout: Duration
 
-    /// How long a stream's lease (``ResponseStreamLeases``) lasts unless renewed; renewed every
+    /// How long a stream's lease (`ResponseStreamLeases`) lasts unless renewed; renewed every
     /// quarter of it. The server serving a stream cuts it this long (and up to its sweep
     /// interval) after this worker stopped.
     public let leaseDuration: Duration
@@ -74,7 +74,7 @@ public final class ResponseStreams: Sendable {
     /// A disconnect channel for the response `handle`'s task is sending; `finished` forgets it.
     /// `window`: the request's `response_credit`; with it (a server of ours, which watches
     /// leases) and a process-specific `replyChannel`, the stream gets a lease
-    /// (``ResponseStreamLeases``), taken by ``holdFirstLease(_:on:)`` before the response starts.
+    /// (`ResponseStreamLeases`), taken by ``holdFirstLease(_:on:)`` before the response starts.
     func register(_ handle: TaskHandle, window: Int?, replyChannel: String? = nil) -> String {
         let channel = inbox + ChannelNames.randomLetters(12)
         let lease: Lease? =

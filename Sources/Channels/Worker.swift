@@ -84,7 +84,7 @@ public final class Worker: Service, Sendable {
     ///     live on: a consumer's layer calls then go out and come back on its own thread, with
     ///     no hand-over between threads on either side of each round trip.
     ///   - streamLeaseDuration: how long a streamed response's lease lasts unless renewed
-    ///     (``ResponseStreamLeases``): the server cuts the response this long after the worker
+    ///     (`ResponseStreamLeases`): the server cuts the response this long after the worker
     ///     died (two seconds at least).
     public init(
         router: Router, layer: any ChannelLayer, concurrency: Int = 4, only: [String] = [],

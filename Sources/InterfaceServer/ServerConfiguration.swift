@@ -70,7 +70,7 @@ public struct ServerConfiguration: Sendable {
     /// and adds back those missing (an eviction under `maxmemory`; `.zero`: never).
     public var groupCheckInterval: Duration = .seconds(10)
     /// How often the server looks for streamed responses whose worker stopped renewing their
-    /// lease (``ResponseStreamLeases``; the worker's lease lasts 20 s by default) and cuts them
+    /// lease (`ResponseStreamLeases`; the worker's lease lasts 20 s by default) and cuts them
     /// (`.zero`: never).
     public var streamLeaseSweep: Duration = .seconds(2)
     /// A group message's frames go to a plain TCP socket with one system call of the server's

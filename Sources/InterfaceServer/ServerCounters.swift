@@ -63,7 +63,7 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     /// HTTP requests in flight closed because the layer lost its data (their replies with it).
     public var httpStoreLost = 0
     /// Streamed HTTP responses cut (503 if not started) because the worker sending them stopped
-    /// renewing their lease (``ResponseStreamLeases``): it died, or lost the layer for that long.
+    /// renewing their lease (`ResponseStreamLeases`): it died, or lost the layer for that long.
     public var httpWorkerLost = 0
     /// Group messages' frames sent to a socket with the server's own system call (one per
     /// socket per hand-over; see `ServerConfiguration.directWrites`).

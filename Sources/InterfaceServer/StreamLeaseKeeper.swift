@@ -1,7 +1,7 @@
 import ASGI
 import Logging
 
-/// Cuts the streamed responses whose worker died (``ResponseStreamLeases``): a worker holds a
+/// Cuts the streamed responses whose worker died (`ResponseStreamLeases`): a worker holds a
 /// lease for each response it streams, in this server's pool, and renews it while the response
 /// runs. Every `streamLeaseSweep` the keeper claims the leases of the pool that lapsed and sends
 /// each one's reply channel an `HTTPResponseChunk` with `worker_lost`, through the layer, so it
