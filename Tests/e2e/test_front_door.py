@@ -199,6 +199,17 @@ def open_many(port, count):
     return socks
 
 
+def open_event_streams(port, count):
+    """`count` SSE streams of ten minutes (`/events/?n=600`), each past its first event."""
+    streams = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.send(b"GET /events/?n=600 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert b"event 0" in s.recv(4096)
+        streams.append(s)
+    return streams
+
+
 def closed_within(sock, seconds):
     """What the server sent before closing `sock` (b'' for a plain close), or None if it was
     still open after `seconds`."""
@@ -799,12 +810,7 @@ def streams_in_flight_when_redis_restarts_empty_are_cut_not_left_hanging():
         worker = Proc("runworker", "--layer", layer, "--threads", "8", "--metrics-port", str(wport))
         try:
             worker.wait_line("worker ready")
-            streams = []
-            for _ in range(5):
-                s = socket.create_connection(("127.0.0.1", port), timeout=30)
-                s.send(b"GET /events/?n=600 HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                assert b"event 0" in s.recv(4096)
-                streams.append(s)
+            streams = open_event_streams(port, 5)
             kill_redis(workdir)
             killed = time.time()
             time.sleep(1.0)
@@ -849,12 +855,7 @@ def a_stream_whose_worker_is_sigkilled_is_cut_and_a_live_workers_stream_runs_on(
         s.close()
         assert whole is not None and b"event 6" in whole and whole.endswith(b"0\r\n\r\n"), whole
         assert limits(mport).get("worker_lost", 0) == 0, limits(mport)
-        streams = []
-        for _ in range(5):
-            s = socket.create_connection(("127.0.0.1", port), timeout=30)
-            s.send(b"GET /events/?n=600 HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            assert b"event 0" in s.recv(4096)
-            streams.append(s)
+        streams = open_event_streams(port, 5)
         worker.stop(signal.SIGKILL)
         killed = time.time()
         ends = []
