@@ -56,6 +56,10 @@ struct RunServer: ApplicationSubcommand {
         name: .long,
         help: "Write group messages' frames through each socket's channel only, never with the server's own send(2).")
     var noDirectWrites = false
+    @Flag(
+        name: .long,
+        help: "Upgrade every WebSocket through NIO's HTTP/1 pipeline, never the server's own handshake handler.")
+    var noFastUpgrade = false
     @Option(name: .long, help: "Concurrent HTTP/2 streams per connection.") var http2MaxStreams = 100
     @Option(
         name: .long, help: "Frames a second one WebSocket may send (bursts of a tenth of it); past it reading from it pauses. 0: no limit.")
@@ -207,6 +211,7 @@ struct RunServer: ApplicationSubcommand {
         configuration.tlsKeyPath = tlsKey
         configuration.http2 = !noHttp2
         configuration.directWrites = !noDirectWrites
+        configuration.fastWebSocketUpgrade = !noFastUpgrade
         configuration.http2MaxConcurrentStreams = http2MaxStreams
         configuration.maxFramesPerSecond = maxFramesPerSecond
         return configuration

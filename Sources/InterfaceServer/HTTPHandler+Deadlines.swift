@@ -15,7 +15,16 @@ extension HTTPHandler {
             activity.onBytes = { handler.value.apply(handler.value.machine.bytesArrived(), context: boundContext.value) }
             activity.watching = true
         }
-        apply(machine.opened(), context: context)
+        let action = machine.opened()
+        if let openedAt, case .arm(let kind, let after) = action {
+            // Bytes came before this handler did: the deadline runs from the connection's opening.
+            apply(.none, context: context)
+            let at = openedAt + TimeAmount(after)
+            armed = (kind, at)
+            startTimer(at: at, context: context)
+        } else {
+            apply(action, context: context)
+        }
     }
 
     /// Does what the state machine answered.

@@ -90,10 +90,15 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     /// The connection's task, where the sender's loop runs.
     let senders: ConnectionSenders?
 
+    /// When the connection opened, if before this handler was added (the fast upgrade path
+    /// read its first bytes): the first header deadline runs from then.
+    let openedAt: NIODeadline?
+
     init(
         server: ServerContext, upgrade: UpgradeState, activity: ConnectionActivity?, budget: ResponseBudget? = nil,
-        senders: ConnectionSenders? = nil
+        senders: ConnectionSenders? = nil, openedAt: NIODeadline? = nil
     ) {
+        self.openedAt = openedAt
         self.server = server
         self.senders = senders
         self.upgrade = upgrade

@@ -412,17 +412,39 @@ public final class InterfaceServer: Service, Sendable {
         }
     }
 
-    /// Sets up one client connection's pipeline: HTTP/1.1 with the WebSocket upgrade, then the
-    /// ASGI handlers. Internal so tests can run it on a testing channel.
+    /// Sets up one client connection's pipeline: the fast WebSocket upgrade for its first
+    /// request (see ``WebSocketFastUpgradeHandler``), which hands anything else to HTTP/1.1 with
+    /// the WebSocket upgrade and the ASGI handlers. Internal so tests can run it on a testing channel.
     static func configure(
         channel: any Channel, context: ServerContext, configuration: ServerConfiguration, senders: ConnectionSenders? = nil
     ) -> EventLoopFuture<Void> {
-        let upgrade = UpgradeState()
+        channel.eventLoop.makeCompletedFuture {
+            let sync = channel.pipeline.syncOperations
+            if configuration.fastWebSocketUpgrade {
+                try sync.addHandler(WebSocketFastUpgradeHandler(server: context, configuration: configuration, senders: senders))
+            } else {
+                try addHTTP1Handlers(
+                    sync, context: context, configuration: configuration, senders: senders, upgrade: UpgradeState(),
+                    firstUpgradeRefused: false, openedAt: nil)
+            }
+        }
+    }
+
+    /// The HTTP/1.1 pipeline with the WebSocket upgrade, then the ASGI handlers, added at the
+    /// end of the pipeline. `firstUpgradeRefused`: the connection's first request is a
+    /// handshake the application already refused (through the fast path), which its upgrader
+    /// declines without asking again; `openedAt`: when the connection opened, where its first
+    /// header deadline runs from.
+    static func addHTTP1Handlers(
+        _ sync: ChannelPipeline.SynchronousOperations, context: ServerContext, configuration: ServerConfiguration,
+        senders: ConnectionSenders?, upgrade: UpgradeState, firstUpgradeRefused: Bool, openedAt: NIODeadline?
+    ) throws {
         let activity = ConnectionActivity(upgrade: upgrade)
-        let boundActivity = NIOLoopBound(activity, eventLoop: channel.eventLoop)
-        let loop = channel.eventLoop
+        let loop = sync.eventLoop
+        let boundActivity = NIOLoopBound(activity, eventLoop: loop)
         let boundUpgrade = NIOLoopBound(upgrade, eventLoop: loop)
         let sessionBox = NIOLoopBoundBox<WebSocketSession?>(nil, eventLoop: loop)
+        let refusedBox = NIOLoopBoundBox(firstUpgradeRefused, eventLoop: loop)
         let upgrader = NIOWebSocketServerUpgrader(
             maxFrameSize: configuration.maxWebSocketMessageSize,
             // Our frame handler answers decoder errors itself, so the application is told
@@ -430,6 +452,12 @@ public final class InterfaceServer: Service, Sendable {
             automaticErrorHandling: false,
             shouldUpgrade: { channel, head in
                 let promise = channel.eventLoop.makePromise(of: HTTPHeaders?.self)
+                if refusedBox.value {
+                    // Refused already (the upgrade state says how): answered by the HTTP handler.
+                    refusedBox.value = false
+                    promise.succeed(nil)
+                    return promise.futureResult
+                }
                 if context.shuttingDown.load(ordering: .relaxed) {
                     promise.succeed(nil)
                     boundUpgrade.value.rejected = true
@@ -451,30 +479,35 @@ public final class InterfaceServer: Service, Sendable {
                 _ = channel.setOption(ChannelOptions.autoRead, value: true)
                 guard let session = sessionBox.value else { return channel.close() }
                 return channel.eventLoop.makeCompletedFuture {
-                    let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(
-                        NIOWebSocketFrameAggregator(
-                            minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1024,
-                            maxAccumulatedFrameSize: configuration.maxWebSocketMessageSize))
-                    try sync.addHandler(WebSocketFrameHandler(session: session))
+                    try addWebSocketHandlers(channel.pipeline.syncOperations, session: session, configuration: configuration)
                 }
             })
-        return channel.eventLoop.makeCompletedFuture {
-            let sync = channel.pipeline.syncOperations
-            try sync.addHandler(ConnectionActivityHandler(activity: activity, server: context), name: "asgi-activity")
-            try sync.configureHTTPServerPipeline(
-                withPipeliningAssistance: true,
-                withServerUpgrade: (
-                    upgraders: [upgrader],
-                    completionHandler: { upgraded in
-                        // The WebSocket handlers take over; the HTTP side must not see frames.
-                        upgraded.pipeline.removeHandler(name: "asgi-http", promise: nil)
-                        upgraded.pipeline.removeHandler(name: "asgi-activity", promise: nil)
-                    }
-                ),
-                withErrorHandling: true)
-            try sync.addHandler(HTTPHandler(server: context, upgrade: upgrade, activity: activity, senders: senders), name: "asgi-http")
-        }
+        try sync.addHandler(ConnectionActivityHandler(activity: activity, server: context), name: "asgi-activity")
+        try sync.configureHTTPServerPipeline(
+            withPipeliningAssistance: true,
+            withServerUpgrade: (
+                upgraders: [upgrader],
+                completionHandler: { upgraded in
+                    // The WebSocket handlers take over; the HTTP side must not see frames.
+                    upgraded.pipeline.removeHandler(name: "asgi-http", promise: nil)
+                    upgraded.pipeline.removeHandler(name: "asgi-activity", promise: nil)
+                }
+            ),
+            withErrorHandling: true)
+        try sync.addHandler(
+            HTTPHandler(server: context, upgrade: upgrade, activity: activity, senders: senders, openedAt: openedAt), name: "asgi-http")
+    }
+
+    /// What a socket's frames go through once the upgrade is done (behind NIO's frame encoder
+    /// and decoder): whole messages from fragments, then the session's frame handler.
+    static func addWebSocketHandlers(
+        _ sync: ChannelPipeline.SynchronousOperations, session: WebSocketSession, configuration: ServerConfiguration
+    ) throws {
+        try sync.addHandler(
+            NIOWebSocketFrameAggregator(
+                minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 1024,
+                maxAccumulatedFrameSize: configuration.maxWebSocketMessageSize))
+        try sync.addHandler(WebSocketFrameHandler(session: session))
     }
 }
 

@@ -77,6 +77,12 @@ public struct ServerConfiguration: Sendable {
     /// own when the channel has nothing unwritten (`DirectSocket.swift`); false: always through the
     /// channel (`runserver --no-direct-writes`).
     public var directWrites = true
+    /// A connection's first request, when it is a plain WebSocket upgrade that arrived whole,
+    /// is upgraded by the server's own handler (the head parsed in place, the 101 written as
+    /// bytes) instead of NIO's HTTP/1 pipeline being built for it and torn down; anything else
+    /// goes to that pipeline as before. False: every connection gets the pipeline
+    /// (`runserver --no-fast-upgrade`).
+    public var fastWebSocketUpgrade = true
     /// Largest request body; past it the answer is 413.
     public var maxBodySize: Int
     /// Bodies larger than this are sent in chunks of this size on a `body_channel`, as they

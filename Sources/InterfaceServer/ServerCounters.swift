@@ -70,6 +70,9 @@ public struct ServerStatistics: Sendable, Hashable, Codable {
     public var directSends = 0
     /// Of those, the ones the kernel did not take whole: the rest went through the channel.
     public var directRemainders = 0
+    /// WebSocket handshakes accepted through the server's own upgrade handler (see
+    /// `ServerConfiguration.fastWebSocketUpgrade`); the others went through NIO's HTTP/1 pipeline.
+    public var fastUpgrades = 0
     /// WebSocket sessions in memory: the open sockets' and those of sockets that closed a
     /// moment ago. A figure that stays above the open sockets' count is a leak.
     public var webSocketSessionsAlive = 0
@@ -92,6 +95,8 @@ final class ServerCounters: Sendable {
     /// Direct sends (``ServerStatistics/directSends``): counted on the delivery path, so atomics.
     let directSends = Atomic<Int>(0)
     let directRemainders = Atomic<Int>(0)
+    /// Handshakes accepted by the fast upgrade handler.
+    let fastUpgrades = Atomic<Int>(0)
     /// WebSocket sessions alive (made, not yet freed).
     let sessionsAlive = Atomic<Int>(0)
 
@@ -134,6 +139,7 @@ final class ServerCounters: Sendable {
         stats.directSends = directSends.load(ordering: .relaxed)
         stats.directRemainders = directRemainders.load(ordering: .relaxed)
         stats.webSocketSessionsAlive = sessionsAlive.load(ordering: .relaxed)
+        stats.fastUpgrades = fastUpgrades.load(ordering: .relaxed)
         stats.unroutableReplies = unroutable
         return stats
     }

@@ -1,0 +1,326 @@
+import ASGI
+import Channels
+import Foundation
+import InterfaceServer
+import NIOCore
+import NIOHTTP1
+import TestSupport
+import Testing
+
+@testable import InterfaceServer
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A client socket of plain system calls, on its own thread: bytes written as given (in one
+/// write or in pieces), replies read with a bound.
+final class RawSocket: @unchecked Sendable {
+    let descriptor: CInt
+    private(set) var received: [UInt8] = []
+    private(set) var closed = false
+
+    init(port: Int) throws {
+        descriptor = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard result == 0 else {
+            close(descriptor)
+            throw POSIXError(.ECONNREFUSED)
+        }
+        // Each read waits 100 ms at most, so a bounded read loop never hangs.
+        var timeout = timeval(tv_sec: 0, tv_usec: 100_000)
+        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { close(descriptor) }
+
+    func write(_ bytes: [UInt8]) {
+        var offset = 0
+        while offset < bytes.count {
+            let sent = bytes[offset...].withUnsafeBytes { send(descriptor, $0.baseAddress, $0.count, CInt(MSG_NOSIGNAL)) }
+            if sent <= 0 { return }
+            offset += sent
+        }
+    }
+
+    func write(_ text: String) { write(Array(text.utf8)) }
+
+    /// Reads until `done` holds for what came so far, the server closes, or `seconds` pass.
+    func read(within seconds: Double, until done: @escaping @Sendable ([UInt8]) -> Bool) async throws {
+        let deadline = Date().addingTimeInterval(seconds)
+        try await onOwnThread { [self] in
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while !closed, !done(received), Date() < deadline {
+                let count = recv(descriptor, &buffer, buffer.count, 0)
+                if count > 0 {
+                    received += buffer[0..<count]
+                } else if count == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                    closed = true
+                }
+            }
+        }
+    }
+
+    /// What came as text.
+    var text: String { String(decoding: received, as: UTF8.self) }
+
+    /// The response head (through its blank line), once it came.
+    var head: String? { text.range(of: "\r\n\r\n").map { String(text[..<$0.upperBound]) } }
+
+    func forget(_ count: Int) { received.removeFirst(min(count, received.count)) }
+
+    /// A masked client frame (RFC 6455: clients mask), short payloads only.
+    static func frame(_ text: String, opcode: UInt8 = 0x1) -> [UInt8] {
+        let payload = Array(text.utf8)
+        precondition(payload.count < 126)
+        let mask: [UInt8] = [0x11, 0x22, 0x33, 0x44]
+        return [0x80 | opcode, 0x80 | UInt8(payload.count)] + mask + payload.enumerated().map { $0.element ^ mask[$0.offset % 4] }
+    }
+
+    /// The text of every unmasked server frame in what came (stops at an incomplete one).
+    var frames: [String] {
+        var texts: [String] = []
+        var index = received.startIndex
+        if let head = head { index += head.utf8.count }
+        while index + 2 <= received.count {
+            let length = Int(received[index + 1] & 0x7F)
+            guard length < 126, index + 2 + length <= received.count else { break }
+            texts.append(String(decoding: received[(index + 2)..<(index + 2 + length)], as: UTF8.self))
+            index += 2 + length
+        }
+        return texts
+    }
+}
+
+/// The server's own WebSocket handshake for a connection's first request
+/// (`ServerConfiguration.fastWebSocketUpgrade`), over real sockets: the same 101 to the byte as
+/// NIO's upgrader, frames sent with the head delivered in order, refusals answered by the
+/// usual pipeline (which then serves the connection on), and everything the usual path
+/// guards (idle and slow heads, bytes while held) guarded the same.
+@Suite("the fast WebSocket upgrade", .timeLimit(.minutes(3)))
+struct WebSocketFastUpgradeTests {
+    static let routes: [RoutingEntry] = [
+        route("http.request", path: "^/hello/") { context in try await context.respond("hello") },
+        route("websocket.receive", path: "^/echo/$") { context in
+            try await context.reply(["text": .string("\(try context.message.int("order")):\(context.message["text"]?.stringValue ?? "")")])
+        },
+        // Held until the test says: the connect waits for the application.
+        route("websocket.connect", path: "^/slow/$") { _ in try await Task.sleep(for: .seconds(3)) },
+    ]
+
+    func withServer(
+        fast: Bool = true, _ configure: (inout ServerConfiguration) -> Void = { _ in },
+        _ body: (Int, InterfaceServer) async throws -> Void
+    ) async throws {
+        let layer = InMemoryChannelLayer()
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.websocketConnectTimeout = .seconds(30)
+        configuration.websocketProtocols = ["chat"]
+        configuration.fastWebSocketUpgrade = fast
+        configure(&configuration)
+        let server = try InterfaceServer(layer: layer, configuration: configuration)
+        try await server.start()
+        let worker = Worker(router: try Router(Self.routes), layer: layer, concurrency: 4)
+        let task = Task { await worker.run() }
+        let port = try #require(server.localAddress?.port)
+        do {
+            try await body(port, server)
+        } catch {
+            worker.stop()
+            await server.shutdown()
+            await task.value
+            throw error
+        }
+        worker.stop()
+        await server.shutdown()
+        await task.value
+    }
+
+    static func handshake(path: String = "/echo/", extra: String = "") -> String {
+        "GET \(path) HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\(extra)\r\n"
+    }
+
+    /// The 101 and a frame's echo through a server with the fast path on or off.
+    func upgradeAndEcho(fast: Bool, request: String) async throws -> (head: String, frames: [String], fastUpgrades: Int) {
+        var outcome: (String, [String], Int) = ("", [], 0)
+        try await withServer(fast: fast) { port, server in
+            let socket = try RawSocket(port: port)
+            // The head and two frames in one write: a client may send frames before the 101.
+            socket.write(Array(request.utf8) + RawSocket.frame("one") + RawSocket.frame("two"))
+            try await socket.read(within: 60) { _ in socket.frames.count >= 2 }
+            outcome = (socket.head ?? "", socket.frames, server.statistics.fastUpgrades)
+        }
+        return outcome
+    }
+
+    @Test func theSame101AsNIOsUpgraderAndEarlyFramesInOrder() async throws {
+        for request in [Self.handshake(), Self.handshake(extra: "Sec-WebSocket-Protocol: x, chat\r\nOrigin: http://localhost\r\n")] {
+            let fast = try await upgradeAndEcho(fast: true, request: request)
+            let usual = try await upgradeAndEcho(fast: false, request: request)
+            #expect(fast.head.hasPrefix("HTTP/1.1 101 Switching Protocols\r\n"), "\(fast.head)")
+            #expect(fast.head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "RFC 6455's example key")
+            #expect(fast.head == usual.head, "the fast 101 differs from NIO's: \(fast.head) vs \(usual.head)")
+            #expect(fast.frames == ["1:one", "2:two"], "frames sent with the head, echoed in order: \(fast.frames)")
+            #expect(usual.frames == fast.frames)
+            #expect(fast.fastUpgrades == 1, "the fast path took the handshake")
+            #expect(usual.fastUpgrades == 0)
+        }
+    }
+
+    /// What a server answers `request` (written in one go, or in two writes 300 ms apart when
+    /// `split`) until it closes or 12 s pass, and its fast upgrades.
+    func answer(fast: Bool, to request: String, split: Bool = false) async throws -> (
+        text: String, closed: Bool, statistics: ServerStatistics
+    ) {
+        var outcome = ("", false, ServerStatistics())
+        try await withServer(fast: fast) { port, server in
+            let socket = try RawSocket(port: port)
+            if split {
+                let bytes = Array(request.utf8)
+                socket.write(Array(bytes[..<20]))
+                try await Task.sleep(for: .milliseconds(300))
+                socket.write(Array(bytes[20...]))
+            } else {
+                socket.write(request)
+            }
+            // A 101 leaves the connection open; anything else here is answered and closed.
+            try await socket.read(within: 12) { received in
+                String(decoding: received, as: UTF8.self).hasSuffix("Connection: upgrade\r\n\r\n")
+            }
+            outcome = (socket.text, socket.closed, server.statistics)
+        }
+        return outcome
+    }
+
+    @Test func aRefusedHandshakeIsAnsweredAsBefore() async throws {
+        // A foreign page's socket (cross-site WebSocket hijacking): 403 and closed, the same
+        // bytes on both paths (the fast path hands the refused request to the usual pipeline).
+        let request = Self.handshake(extra: "Origin: https://evil.example\r\n")
+        let fast = try await answer(fast: true, to: request)
+        let usual = try await answer(fast: false, to: request)
+        #expect(fast.text.hasPrefix("HTTP/1.1 403"), "\(fast.text)")
+        #expect(fast.text.hasSuffix("WebSocket connection refused\n") && fast.closed)
+        #expect(fast.text == usual.text && fast.closed == usual.closed, "\(fast) vs \(usual)")
+        #expect(fast.statistics.fastUpgrades == 0)
+        // Refused once: the usual pipeline, handed the refused head, does not start it again.
+        #expect(fast.statistics.refusedOrigin == 1 && usual.statistics.refusedOrigin == 1)
+    }
+
+    @Test func whatTheFastPathDoesNotTakeTheUsualPipelineAnswersAsBefore() async throws {
+        // Each: a request, and the start of what both paths answer it ("" for a close without
+        // an answer).
+        let cases: [(String, String)] = [
+            // A head in two writes (the first read is not the whole head): upgraded all the same.
+            (Self.handshake(), "HTTP/1.1 101"),
+            // Version 8: NIO's upgrader fails it and the connection closes unanswered.
+            (Self.handshake().replacingOccurrences(of: "Version: 13", with: "Version: 8"), ""),
+            // A body on a handshake: the pipeline decides.
+            (Self.handshake(extra: "Content-Length: 0\r\n"), "HTTP/1.1 101"),
+            // A folded header line (obs-fold): the pipeline's parser refuses it.
+            (Self.handshake(extra: "X-Folded: a\r\n b\r\n"), "HTTP/1.1 400"),
+            // A byte outside ASCII in a header value.
+            (Self.handshake(extra: "X-Name: caf\u{E9}\r\n"), "HTTP/1.1 101"),
+        ]
+        for (index, (request, expected)) in cases.enumerated() {
+            let fast = try await answer(fast: true, to: request, split: index == 0)
+            let usual = try await answer(fast: false, to: request, split: index == 0)
+            #expect(fast.text.hasPrefix(expected) && (!expected.isEmpty || fast.text.isEmpty), "case \(index): \(fast.text.prefix(200))")
+            #expect(fast.text == usual.text, "case \(index): \(fast.text.prefix(200)) vs \(usual.text.prefix(200))")
+            #expect(fast.statistics.fastUpgrades == 0, "case \(index): not the fast path's to take")
+        }
+    }
+
+    @Test func anIdleConnectionAndASlowHeadAreTimedOutFromTheOpening() async throws {
+        try await withServer({ $0.headerTimeout = .seconds(2) }) { port, server in
+            // Nothing sent: closed without an answer, counted idle.
+            let idle = try RawSocket(port: port)
+            let opened = Date()
+            try await idle.read(within: 60) { _ in false }
+            #expect(idle.closed && idle.received.isEmpty, "an idle connection is closed without an answer")
+            #expect(server.statistics.closedIdle == 1)
+            // A head started 1.5 s in and never finished: 408 at 2 s from the opening, not 2 s
+            // from its first byte (a late first byte buys no time on either path).
+            let slow = try RawSocket(port: port)
+            let slowOpened = Date()
+            try await Task.sleep(for: .milliseconds(1500))
+            slow.write("GET /echo/ HTTP/1.1\r\nHost: local")
+            try await slow.read(within: 60) { _ in false }
+            let took = Date().timeIntervalSince(slowOpened)
+            #expect(slow.text.hasPrefix("HTTP/1.1 408"), "\(slow.text)")
+            #expect(server.statistics.timedOutHeader == 1)
+            // 2 s after the opening; 3.5 s would be the head's first byte plus the timeout.
+            #expect(took < 3.3, "the slow head was timed out \(took) s after its connection opened")
+            _ = opened
+        }
+    }
+
+    @Test func bytesPastTheBoundWhileTheHandshakeIsHeldClose() async throws {
+        for fast in [true, false] {
+            try await withServer(fast: fast, { $0.maxBytesWhileUpgrading = 100 }) { port, server in
+                let socket = try RawSocket(port: port)
+                // The head and 5 KB of frames at once: what is read while the application has
+                // the handshake is bounded (reading pauses, but a read in flight may bring more).
+                let frames = (0..<40).flatMap { _ in RawSocket.frame(String(repeating: "x", count: 120)) }
+                socket.write(Array(Self.handshake(path: "/slow/").utf8) + frames)
+                try await socket.read(within: 20) { _ in false }
+                #expect(socket.closed, "the connection stayed open past the bound (fast: \(fast))")
+                #expect(server.statistics.closedUpgradeOverflow == 1, "fast: \(fast)")
+            }
+        }
+    }
+
+    @Test func theParserTakesOnlyTheOneShape() {
+        func parse(_ text: String, limit: Int = 65536) -> WebSocketUpgradeHead? {
+            WebSocketUpgradeHead.parse(ByteBuffer(string: text), limit: limit)
+        }
+        let plain = Self.handshake()
+        let taken = parse(plain + "\u{81}\u{80}")
+        #expect(taken?.length == plain.utf8.count, "the head's length, frames after it left alone")
+        #expect(taken?.key == "dGhlIHNhbXBsZSBub25jZQ==")
+        #expect(taken?.head.uri == "/echo/")
+        #expect(taken?.head.headers["host"] == ["localhost"])
+        #expect(parse(Self.handshake(extra: "X-Empty:\r\nX-Tab:\tv\r\n"))?.head.headers["x-tab"] == ["v"])
+        let refused: [String] = [
+            plain.replacingOccurrences(of: "GET", with: "POST"),
+            plain.replacingOccurrences(of: "HTTP/1.1", with: "HTTP/1.0"),
+            plain.replacingOccurrences(of: "GET /echo/", with: "GET http://localhost/echo/"),
+            plain.replacingOccurrences(of: "/echo/", with: "/echo/<script>"),
+            plain.replacingOccurrences(of: "/echo/", with: "/echo/\"x\""),
+            plain.replacingOccurrences(of: "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", with: ""),
+            plain.replacingOccurrences(of: "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", with: "Sec-WebSocket-Key: a,b"),
+            plain.replacingOccurrences(of: "Version: 13", with: "Version: 8"),
+            plain.replacingOccurrences(of: "Upgrade: websocket", with: "Upgrade: websocket, h2c"),
+            plain.replacingOccurrences(of: "Connection: Upgrade", with: "Connection: keep-alive"),
+            plain.replacingOccurrences(of: "Host: localhost\r\n", with: ""),
+            Self.handshake(extra: "Host: other\r\n"),
+            Self.handshake(extra: "Upgrade: websocket\r\n"),
+            Self.handshake(extra: "Sec-WebSocket-Version: 13\r\n"),
+            Self.handshake(extra: "Content-Length: 5\r\n"),
+            Self.handshake(extra: "Transfer-Encoding: chunked\r\n"),
+            Self.handshake(extra: "X-Folded: a\r\n b\r\n"),
+            Self.handshake(extra: "X-Trailing: a \r\n"),
+            Self.handshake(extra: "X-Space : a\r\n"),
+            Self.handshake(extra: "X-Byte: caf\u{E9}\r\n"),
+            Self.handshake(extra: "X-Nul: a\u{0}b\r\n"),
+            Self.handshake(extra: "X-Bare: a\nX-Next: b\r\n"),
+            plain.replacingOccurrences(of: "\r\n\r\n", with: "\r\n\n"),
+            String(plain.dropLast(2)),
+            String(plain.dropLast(1)),
+            Self.handshake(extra: String(repeating: "X-Many: 1\r\n", count: 100)),
+        ]
+        for (index, text) in refused.enumerated() {
+            #expect(parse(text) == nil, "case \(index) was taken: \(text.debugDescription.prefix(160))")
+        }
+        #expect(parse(plain, limit: plain.utf8.count - 1) == nil, "a head past the limit")
+        #expect(parse(plain, limit: plain.utf8.count) != nil)
+        #expect(WebSocketUpgradeHead.acceptValue(for: "dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    }
+}
