@@ -463,6 +463,17 @@ public final class InterfaceServer: Service, Sendable {
                     boundUpgrade.value.rejected = true
                     return promise.futureResult
                 }
+                // The parser must see the upgrade too, or what follows the head would reach
+                // the frame decoder as parsed HTTP and crash the process.
+                guard WebSocketUpgradeHead.parserSeesUpgrade(head) else {
+                    context.logger.info(
+                        "WebSocket handshake refused: its Connection header does not name upgrade",
+                        metadata: ["connection": "\(head.headers["connection"].joined(separator: ", ").prefix(200))"])
+                    boundUpgrade.value.rejected = true
+                    boundUpgrade.value.rejectionStatus = .badRequest
+                    promise.succeed(nil)
+                    return promise.futureResult
+                }
                 // The application has the handshake: read nothing more meanwhile (what was already
                 // read is bounded by `maxBytesWhileUpgrading`).
                 boundActivity.value.upgradeHeld = true

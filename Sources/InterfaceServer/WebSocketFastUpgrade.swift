@@ -39,6 +39,7 @@ final class WebSocketFastUpgradeHandler: ChannelInboundHandler, RemovableChannel
     private var received = ByteBuffer()
     /// The head's length in `received`: what follows it is the client's first frames.
     private var headLength = 0
+    private var bytesWhileHeld = 0
     private var key = ""
     private var session: WebSocketSession?
     private let upgrade = UpgradeState()
@@ -85,12 +86,14 @@ final class WebSocketFastUpgradeHandler: ChannelInboundHandler, RemovableChannel
             context.fireChannelRead(data)
         case .held:
             // Bounded as on the usual path: reading is paused, so this is what was in flight.
+            // Counted from the reads after the head's, as on the usual path.
+            bytesWhileHeld += bytes.readableBytes
             received.writeBuffer(&bytes)
-            if received.readableBytes - headLength > configuration.maxBytesWhileUpgrading {
+            if bytesWhileHeld > configuration.maxBytesWhileUpgrading {
                 server.counters.count(.closedUpgradeOverflow)
                 server.logger.info(
                     "client sent too much while its WebSocket upgrade was held; closing",
-                    metadata: ["bytes": "\(received.readableBytes - headLength)"])
+                    metadata: ["bytes": "\(bytesWhileHeld)"])
                 state = .done
                 context.close(promise: nil)
             }
@@ -292,7 +295,7 @@ struct WebSocketUpgradeHead {
             case "host": hosts += 1
             case "upgrade": upgrades.append(value)
             case "connection":
-                if value.split(separator: ",").contains(where: { $0.trimmingSpaces.lowercased() == "upgrade" }) { connectionUpgrade = true }
+                if namesUpgrade(connection: value) { connectionUpgrade = true }
             case "sec-websocket-key": keys.append(value)
             case "sec-websocket-version": versions.append(value)
             // A body, or a framing header the usual parser rules on.
@@ -307,6 +310,30 @@ struct WebSocketUpgradeHead {
         return WebSocketUpgradeHead(
             head: HTTPRequestHead(version: .http1_1, method: .GET, uri: target, headers: HTTPHeaders(headers)),
             key: key, length: index)
+    }
+
+    /// Whether a `Connection` header value (as NIO hands it: leading spaces gone, trailing ones
+    /// kept) names `upgrade` the way NIO's HTTP/1 parser (llhttp) reads it: an element of the
+    /// comma-separated list that is `upgrade` in any case after spaces or tabs, followed by
+    /// spaces only. NIO's upgrader trims tabs too, so `upgrade<TAB>,` was an upgrade to it and
+    /// not to the parser, which then parsed the bytes after the head as HTTP and handed them,
+    /// once upgraded, to the frame decoder: the process died (a crash reachable by any client).
+    /// A handshake whose `Connection` fails this is refused (400) on every path.
+    static func namesUpgrade(connection value: String) -> Bool {
+        value.utf8.split(separator: UInt8(ascii: ","), omittingEmptySubsequences: false).contains { element in
+            let token = element.drop { $0 == 0x20 || $0 == 0x09 }
+            let name = Array("upgrade".utf8)
+            guard token.count >= name.count else { return false }
+            let head = token.prefix(name.count)
+            guard zip(head, name).allSatisfy({ ($0 | 0x20) == $1 }) else { return false }
+            return token.dropFirst(name.count).allSatisfy { $0 == 0x20 }
+        }
+    }
+
+    /// Whether the usual pipeline's parser treats a request head that NIO's upgrader would
+    /// upgrade as an upgrade too (see ``namesUpgrade(connection:)``; a `CONNECT` always is).
+    static func parserSeesUpgrade(_ head: HTTPRequestHead) -> Bool {
+        head.method == .CONNECT || head.headers["connection"].contains { namesUpgrade(connection: $0) }
     }
 
     /// `Sec-WebSocket-Accept` for a client's key (RFC 6455, 4.2.2).
@@ -331,14 +358,5 @@ struct WebSocketUpgradeHead {
             index += 3
         }
         return String(decoding: out, as: UTF8.self)
-    }
-}
-
-extension Substring {
-    fileprivate var trimmingSpaces: Substring {
-        var slice = self
-        while let first = slice.first, first == " " || first == "\t" { slice = slice.dropFirst() }
-        while let last = slice.last, last == " " || last == "\t" { slice = slice.dropLast() }
-        return slice
     }
 }

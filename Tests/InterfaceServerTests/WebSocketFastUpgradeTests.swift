@@ -175,43 +175,52 @@ struct WebSocketFastUpgradeTests {
         }
     }
 
-    /// What a server answers `request` (written in one go, or in two writes 300 ms apart when
-    /// `split`) until it closes or 12 s pass, and its fast upgrades.
-    func answer(fast: Bool, to request: String, split: Bool = false) async throws -> (
-        text: String, closed: Bool, statistics: ServerStatistics
-    ) {
-        var outcome = ("", false, ServerStatistics())
-        try await withServer(fast: fast) { port, server in
-            let socket = try RawSocket(port: port)
-            if split {
-                let bytes = Array(request.utf8)
-                socket.write(Array(bytes[..<20]))
-                try await Task.sleep(for: .milliseconds(300))
-                socket.write(Array(bytes[20...]))
-            } else {
-                socket.write(request)
+    /// A server with the fast path and one without, for `body`.
+    func withBoth(_ body: (_ fast: (Int, InterfaceServer), _ usual: (Int, InterfaceServer)) async throws -> Void) async throws {
+        try await withServer(fast: true) { fastPort, fastServer in
+            try await withServer(fast: false) { usualPort, usualServer in
+                try await body((fastPort, fastServer), (usualPort, usualServer))
             }
-            // A 101 leaves the connection open; anything else here is answered and closed.
-            try await socket.read(within: 12) { received in
-                String(decoding: received, as: UTF8.self).hasSuffix("Connection: upgrade\r\n\r\n")
-            }
-            outcome = (socket.text, socket.closed, server.statistics)
         }
-        return outcome
+    }
+
+    /// What the server on `port` answers `request` (written in one go, or in two writes 300 ms
+    /// apart when `split`) until it closes or 12 s pass, and whether the server's fast path
+    /// took it.
+    func answer(_ server: (Int, InterfaceServer), to request: String, split: Bool = false) async throws -> (
+        text: String, closed: Bool, fast: Bool
+    ) {
+        let before = server.1.statistics.fastUpgrades
+        let socket = try RawSocket(port: server.0)
+        if split {
+            let bytes = Array(request.utf8)
+            socket.write(Array(bytes[..<20]))
+            try await Task.sleep(for: .milliseconds(300))
+            socket.write(Array(bytes[20...]))
+        } else {
+            socket.write(request)
+        }
+        // A 101 leaves the connection open; anything else here is answered and closed.
+        try await socket.read(within: 12) { received in
+            String(decoding: received, as: UTF8.self).hasSuffix("Connection: upgrade\r\n\r\n")
+        }
+        return (socket.text, socket.closed, server.1.statistics.fastUpgrades > before)
     }
 
     @Test func aRefusedHandshakeIsAnsweredAsBefore() async throws {
         // A foreign page's socket (cross-site WebSocket hijacking): 403 and closed, the same
         // bytes on both paths (the fast path hands the refused request to the usual pipeline).
-        let request = Self.handshake(extra: "Origin: https://evil.example\r\n")
-        let fast = try await answer(fast: true, to: request)
-        let usual = try await answer(fast: false, to: request)
-        #expect(fast.text.hasPrefix("HTTP/1.1 403"), "\(fast.text)")
-        #expect(fast.text.hasSuffix("WebSocket connection refused\n") && fast.closed)
-        #expect(fast.text == usual.text && fast.closed == usual.closed, "\(fast) vs \(usual)")
-        #expect(fast.statistics.fastUpgrades == 0)
-        // Refused once: the usual pipeline, handed the refused head, does not start it again.
-        #expect(fast.statistics.refusedOrigin == 1 && usual.statistics.refusedOrigin == 1)
+        try await withBoth { fastServer, usualServer in
+            let request = Self.handshake(extra: "Origin: https://evil.example\r\n")
+            let fast = try await answer(fastServer, to: request)
+            let usual = try await answer(usualServer, to: request)
+            #expect(fast.text.hasPrefix("HTTP/1.1 403"), "\(fast.text)")
+            #expect(fast.text.hasSuffix("WebSocket connection refused\n") && fast.closed)
+            #expect(fast.text == usual.text && fast.closed == usual.closed, "\(fast) vs \(usual)")
+            #expect(!fast.fast)
+            // Refused once: the usual pipeline, handed the refused head, does not start it again.
+            #expect(fastServer.1.statistics.refusedOrigin == 1 && usualServer.1.statistics.refusedOrigin == 1)
+        }
     }
 
     @Test func whatTheFastPathDoesNotTakeTheUsualPipelineAnswersAsBefore() async throws {
@@ -229,12 +238,56 @@ struct WebSocketFastUpgradeTests {
             // A byte outside ASCII in a header value.
             (Self.handshake(extra: "X-Name: caf\u{E9}\r\n"), "HTTP/1.1 101"),
         ]
-        for (index, (request, expected)) in cases.enumerated() {
-            let fast = try await answer(fast: true, to: request, split: index == 0)
-            let usual = try await answer(fast: false, to: request, split: index == 0)
-            #expect(fast.text.hasPrefix(expected) && (!expected.isEmpty || fast.text.isEmpty), "case \(index): \(fast.text.prefix(200))")
-            #expect(fast.text == usual.text, "case \(index): \(fast.text.prefix(200)) vs \(usual.text.prefix(200))")
-            #expect(fast.statistics.fastUpgrades == 0, "case \(index): not the fast path's to take")
+        try await withBoth { fastServer, usualServer in
+            for (index, (request, expected)) in cases.enumerated() {
+                let fast = try await answer(fastServer, to: request, split: index == 0)
+                let usual = try await answer(usualServer, to: request, split: index == 0)
+                #expect(
+                    fast.text.hasPrefix(expected) && (!expected.isEmpty || fast.text.isEmpty), "case \(index): \(fast.text.prefix(200))")
+                #expect(fast.text == usual.text, "case \(index): \(fast.text.prefix(200)) vs \(usual.text.prefix(200))")
+                #expect(!fast.fast, "case \(index): not the fast path's to take")
+            }
+        }
+    }
+
+    /// A `Connection` that names `upgrade` to NIO's upgrader (which trims tabs) but not to its
+    /// parser (llhttp: a tab after the token makes it another token) with a request pipelined
+    /// behind the head: the parser read that request as HTTP, the upgrade went ahead, and the
+    /// parsed request reached the frame decoder, which stopped the process (a fatal error, from
+    /// any client, before the fast path existed). Now refused with 400 on both paths, and the
+    /// server serves on. The shapes NIO's parser does read as an upgrade still upgrade.
+    @Test func aConnectionTheParserDoesNotReadAsUpgradeIsRefusedNotACrash() async throws {
+        let pipelined = "GET /hello/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        func request(_ connection: String) -> String {
+            Self.handshake().replacingOccurrences(of: "Connection: Upgrade", with: "Connection: \(connection)")
+        }
+        try await withBoth { fastServer, usualServer in
+            for connection in ["upgrade\t, x", "keep-alive, Upgrade\t,x", "Upgrade \t, close", "upgrade\t", "keep-alive"] {
+                for split in [false, true] {
+                    for server in [fastServer, usualServer] {
+                        let outcome = try await answer(server, to: request(connection) + pipelined, split: split)
+                        #expect(
+                            outcome.text.hasPrefix("HTTP/1.1 400"),
+                            "\(connection.debugDescription) (port \(server.0), split: \(split)): \(outcome.text.prefix(120))")
+                        #expect(!outcome.fast)
+                    }
+                }
+            }
+            for connection in ["keep-alive, Upgrade", "Upgrade  , x", "x,\tupgrade", "UPGRADE "] {
+                for server in [fastServer, usualServer] {
+                    let outcome = try await answer(server, to: request(connection))
+                    #expect(
+                        outcome.text.hasPrefix("HTTP/1.1 101"),
+                        "\(connection.debugDescription) (port \(server.0)): \(outcome.text.prefix(120))")
+                }
+            }
+            // Both still serve.
+            for server in [fastServer, usualServer] {
+                let socket = try RawSocket(port: server.0)
+                socket.write(pipelined)
+                try await socket.read(within: 30) { String(decoding: $0, as: UTF8.self).hasSuffix("hello") }
+                #expect(socket.text.hasPrefix("HTTP/1.1 200"), "\(socket.text)")
+            }
         }
     }
 
@@ -299,6 +352,7 @@ struct WebSocketFastUpgradeTests {
             plain.replacingOccurrences(of: "Version: 13", with: "Version: 8"),
             plain.replacingOccurrences(of: "Upgrade: websocket", with: "Upgrade: websocket, h2c"),
             plain.replacingOccurrences(of: "Connection: Upgrade", with: "Connection: keep-alive"),
+            plain.replacingOccurrences(of: "Connection: Upgrade", with: "Connection: Upgrade\t, x"),
             plain.replacingOccurrences(of: "Host: localhost\r\n", with: ""),
             Self.handshake(extra: "Host: other\r\n"),
             Self.handshake(extra: "Upgrade: websocket\r\n"),
@@ -321,6 +375,12 @@ struct WebSocketFastUpgradeTests {
         }
         #expect(parse(plain, limit: plain.utf8.count - 1) == nil, "a head past the limit")
         #expect(parse(plain, limit: plain.utf8.count) != nil)
+        #expect(WebSocketUpgradeHead.namesUpgrade(connection: "keep-alive, Upgrade"))
+        #expect(WebSocketUpgradeHead.namesUpgrade(connection: "upgrade   "))
+        #expect(WebSocketUpgradeHead.namesUpgrade(connection: "a,\tuPgRaDe ,b"))
+        for value in ["upgrade\t", "upgrade\t, x", "upgradex", "x upgrade", "keep-alive", "", "upgrad", "upgrade x"] {
+            #expect(!WebSocketUpgradeHead.namesUpgrade(connection: value), "\(value.debugDescription)")
+        }
         #expect(WebSocketUpgradeHead.acceptValue(for: "dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
     }
 }
