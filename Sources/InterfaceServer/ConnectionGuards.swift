@@ -18,6 +18,11 @@ final class ConnectionActivity {
         set { upgrade.held = newValue }
     }
 
+    /// The HTTP parser stopped at the request in progress (an upgrade that was not taken, a
+    /// `CONNECT`): it reads nothing after it, so what the client sends from here is bounded,
+    /// and the connection closes after the response.
+    var parserStopped = false
+
     init(upgrade: UpgradeState) { self.upgrade = upgrade }
 
     /// Writes bytes straight to the socket (under the HTTP codec) and closes: set by the
@@ -41,6 +46,7 @@ final class ConnectionActivityHandler: ChannelInboundHandler, RemovableChannelHa
     private let activity: ConnectionActivity
     private let server: ServerContext
     private var bytesWhileHeld = 0
+    private var bytesAfterStop = 0
 
     init(activity: ConnectionActivity, server: ServerContext) {
         self.activity = activity
@@ -66,6 +72,17 @@ final class ConnectionActivityHandler: ChannelInboundHandler, RemovableChannelHa
         if activity.watching {
             activity.watching = false
             activity.onBytes?()
+        }
+        if activity.parserStopped {
+            bytesAfterStop += unwrapInboundIn(data).readableBytes
+            if bytesAfterStop > server.configuration.maxBytesWhileUpgrading {
+                server.counters.count(.closedUpgradeOverflow)
+                server.logger.info(
+                    "client sent too much after a request the HTTP parser stops at (an upgrade not taken); closing",
+                    metadata: ["bytes": "\(bytesAfterStop)"])
+                context.close(promise: nil)
+                return
+            }
         }
         if activity.upgradeHeld {
             bytesWhileHeld += unwrapInboundIn(data).readableBytes

@@ -142,6 +142,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
             started = context.eventLoop.now
             notReading = (since: nil, total: .zero)
             keepAlive = head.isKeepAlive
+            if let activity, WebSocketUpgradeHead.parserStops(at: head) {
+                // Nothing after this request will be parsed: answered, then closed.
+                activity.parserStopped = true
+                keepAlive = false
+            }
             clientAddress = RequestTranslation.clientDescription(
                 head: head, remote: context.channel.remoteAddress,
                 proxyHeaders: server.configuration.proxyHeaders)

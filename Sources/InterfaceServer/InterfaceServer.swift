@@ -464,11 +464,18 @@ public final class InterfaceServer: Service, Sendable {
                     return promise.futureResult
                 }
                 // The parser must see the upgrade too, or what follows the head would reach
-                // the frame decoder as parsed HTTP and crash the process.
-                guard WebSocketUpgradeHead.parserSeesUpgrade(head) else {
+                // the frame decoder as parsed HTTP and crash the process. A handshake is a GET
+                // without a body (RFC 6455): one that announces a body would wait for it with
+                // reading paused, and no deadline, for ever.
+                guard head.method == .GET, WebSocketUpgradeHead.parserSeesUpgrade(head),
+                    head.headers["transfer-encoding"].isEmpty, head.headers["content-length"].allSatisfy({ $0 == "0" })
+                else {
                     context.logger.info(
-                        "WebSocket handshake refused: its Connection header does not name upgrade",
-                        metadata: ["connection": "\(head.headers["connection"].joined(separator: ", ").prefix(200))"])
+                        "WebSocket handshake refused: not a GET without a body whose Connection names upgrade",
+                        metadata: [
+                            "method": "\(head.method)",
+                            "connection": "\(head.headers["connection"].joined(separator: ", ").prefix(200))",
+                        ])
                     boundUpgrade.value.rejected = true
                     boundUpgrade.value.rejectionStatus = .badRequest
                     promise.succeed(nil)

@@ -336,6 +336,14 @@ struct WebSocketUpgradeHead {
         head.method == .CONNECT || head.headers["connection"].contains { namesUpgrade(connection: $0) }
     }
 
+    /// Whether NIO's HTTP/1 parser stops at this request head (a `CONNECT`, or an upgrade it
+    /// reads as one): it hands on nothing after the request, so the bytes a client sends next
+    /// pile up unparsed. Such a request that is not upgraded is answered, then the connection
+    /// closes, and what the client sends meanwhile is bounded (see `ConnectionActivity`).
+    static func parserStops(at head: HTTPRequestHead) -> Bool {
+        head.method == .CONNECT || (head.headers.contains(name: "upgrade") && parserSeesUpgrade(head))
+    }
+
     /// `Sec-WebSocket-Accept` for a client's key (RFC 6455, 4.2.2).
     static func acceptValue(for key: String) -> String {
         let digest = Insecure.SHA1.hash(data: Array((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").utf8))
