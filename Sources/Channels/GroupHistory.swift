@@ -66,7 +66,11 @@ extension Group {
             "text": .string(PublicationText.make(data: data, position: position)),
             "publication": .map(["group": .string(name), "offset": .int(Int64(position.offset)), "epoch": .string(position.epoch)]),
         ]
-        try await layer.sendGroup(name, message: message)
+        // Tried again while the layer is away (a Redis restart): a second copy of a publication
+        // is dropped by the servers (the same offset), a lost one would be skipped.
+        try await retrying(for: ConsumerContext.current?.environment.sendRetry ?? .seconds(10)) {
+            try await layer.sendGroup(name, message: message)
+        }
         ChannelsMetrics.groupSends.increment()
         return position
     }

@@ -10,8 +10,9 @@ struct SessionSubscriptions {
     var sequencer = PublicationSequencer()
     var retention: [String: HistoryRetention] = [:]
     var gapTimers: [String: Scheduled<Void>] = [:]
-    /// History reads for a group's gap that failed in a row (the layer busy or away).
-    var gapReadFailures: [String: Int] = [:]
+    /// When the history reads for a group's gap began failing in a row (the layer busy or
+    /// away), and how many failed.
+    var gapReadFailures: [String: (since: NIODeadline, count: Int)] = [:]
     /// Each followed group's next tail check, and where its publications stood at the last
     /// one (``PublicationSequencer/progress(_:)``: moved since means not quiet yet).
     var tailTimers: [String: Scheduled<Void>] = [:]
@@ -251,20 +252,27 @@ extension WebSocketSession {
         PublicationText.make(data: entry["data"]?.stringValue ?? "{}", position: position)
     }
 
-    /// History reads a gap gets before what it misses is skipped (one per gap timeout, 500 ms).
-    static let gapReadAttempts = 5
+    /// How long a gap's history reads may keep failing before what it misses is skipped: as
+    /// long as the server keeps its sockets through a cut-off from the layer (`cutOffTimeout`,
+    /// 30 s), so a Redis restart (a second or two of refused connections) skips nothing. Five
+    /// failures in a row (2.5 s) had skipped publications a restart with AOF kept.
+    var gapReadPatience: Duration { server.configuration.cutOffTimeout ?? .seconds(30) }
 
     /// A read that failed is not a history without the entries: the gap timer is armed again
-    /// (true), a few times, before what is missing is skipped (false, logged).
+    /// (true), every gap timeout (500 ms), for ``gapReadPatience``, before what is missing is
+    /// skipped (false, logged).
     private func readGapAgain(_ group: String) -> Bool {
-        let failures = subscriptions.gapReadFailures[group, default: 0] + 1
+        let now = NIODeadline.now()
+        var failures = subscriptions.gapReadFailures[group] ?? (now, 0)
+        failures.count += 1
         subscriptions.gapReadFailures[group] = failures
-        if failures < Self.gapReadAttempts {
+        if now - failures.since < TimeAmount(gapReadPatience) {
             armGapTimer(group)
             return true
         }
         server.logger.warning(
-            "the history read for a gap kept failing (the layer busy or away)", metadata: ["group": "\(group)", "attempts": "\(failures)"])
+            "the history read for a gap kept failing (the layer busy or away)",
+            metadata: ["group": "\(group)", "attempts": "\(failures.count)"])
         return false
     }
 

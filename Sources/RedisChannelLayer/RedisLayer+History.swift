@@ -23,14 +23,23 @@ extension RedisChannelLayer: ChannelLayerHistory {
             guard body.count + 64 <= configuration.maxMessageSize else {
                 throw ChannelLayerError.messageTooLarge("history:" + group, size: body.count, limit: configuration.maxMessageSize)
             }
-            let reply = try await pipelined(
-                shardIndex(for: group), Scripts.historyAppend,
-                keys: [.text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group)],
-                args: [
-                    .text(PublicationText.newEpoch()), .bytes(body), .integer(retention.size),
-                    .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpirySeconds),
-                    .text(String(Self.unixTime())),
-                ])
+            // Tried again while Redis is unreachable (a restart), under one id: an append that
+            // ran before its reply was lost returns the position it took instead of a second one.
+            let id = ChannelNames.randomLetters(16)
+            let candidate = PublicationText.newEpoch()
+            let reply = try await retrying(for: Self.appendRetry, when: { $0.code == .connectionLost }) {
+                try await pipelined(
+                    shardIndex(for: group), Scripts.historyAppend,
+                    keys: [
+                        .text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group),
+                        .text(configuration.prefix + "history-ids:" + group),
+                    ],
+                    args: [
+                        .text(candidate), .bytes(body), .integer(retention.size),
+                        .integer(max(1, Int(retention.ttl.components.seconds))), .integer(configuration.groupExpirySeconds),
+                        .text(String(Self.unixTime())), .text(id),
+                    ])
+            }
             if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "history append") }
             guard let items = reply.array, items.count == 2, let epoch = items[1].text else {
                 throw ChannelLayerError(.backendError, "history append: an unexpected reply")
@@ -38,6 +47,9 @@ extension RedisChannelLayer: ChannelLayerHistory {
             return StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
         }
     }
+
+    /// How long an append is tried again while Redis is unreachable.
+    static let appendRetry = Duration.seconds(10)
 
     /// Reads the group's history after a position; see `ChannelLayerHistory/historyRead(_:after:retention:)`.
     public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws(ChannelLayerError)
@@ -158,15 +170,23 @@ extension Scripts {
         end
         """
 
-    /// KEYS: meta, stream. ARGV: candidate epoch, body, size, ttl, meta expiry, now.
+    /// KEYS: meta, stream, ids. ARGV: candidate epoch, body, size, ttl, meta expiry, now, the
+    /// append's id. An id already appended in this epoch (its reply was lost) returns the offset
+    /// it took; the newest 256 ids are kept.
     static let historyAppend = LuaScript(
         name: "historyAppend",
         source: """
             \(historyEpoch)
+            local id = epoch .. ':' .. ARGV[7]
+            local known = redis.call('ZSCORE', KEYS[3], id)
+            if known then return {tonumber(known), epoch} end
             local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
             redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1', 'b', ARGV[2], 't', ARGV[6])
             redis.call('EXPIRE', KEYS[2], ARGV[4])
             redis.call('EXPIRE', KEYS[1], ARGV[5])
+            redis.call('ZADD', KEYS[3], offset, id)
+            redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -257)
+            redis.call('EXPIRE', KEYS[3], ARGV[4])
             return {offset, epoch}
             """)
 

@@ -124,6 +124,46 @@ struct HistoryPresenceTests {
         #expect(slice.entries.map { $0.message["data"]?.stringValue } == [secret] && slice.complete)
     }
 
+    /// An append whose reply was lost (Redis restarted after running it) is tried again under
+    /// the same id: the script answers the offset it took, and the history holds it once. Run
+    /// here as the retry runs it, the script twice with one id.
+    @Test("Redis: an append tried again under its id takes one offset; another id, or a new epoch, appends")
+    func anAppendTriedAgainTakesOneOffset() async throws {
+        var configuration = try RedisChannelLayerConfiguration(urls: [try TestRedis.requireURL()])
+        configuration.prefix = TestRedis.uniquePrefix()
+        let layer = try RedisChannelLayer(configuration: configuration)
+        defer {
+            Task {
+                try? await layer.flush(); await layer.close()
+            }
+        }
+        let keep = HistoryRetention(size: 10, ttl: .seconds(60))
+        func append(id: String, epoch: String = "e1") async throws -> [RedisReply] {
+            let reply = try await layer.pipelined(
+                0, Scripts.historyAppend,
+                keys: [
+                    .text(configuration.prefix + "history-meta:g"), .text(configuration.prefix + "history:g"),
+                    .text(configuration.prefix + "history-ids:g"),
+                ],
+                args: [
+                    .text(epoch), .bytes(layer.seal(["data": "{}"])), .integer(10), .integer(60), .integer(86400),
+                    .text(String(Int(Date().timeIntervalSince1970))), .text(id),
+                ])
+            return try #require(reply.array)
+        }
+        #expect(try await append(id: "a").first?.countValue == 1)
+        #expect(try await append(id: "a").first?.countValue == 1, "the same id took a second offset")
+        #expect(try await append(id: "b").first?.countValue == 2)
+        let slice = try await layer.historyRead("g", after: StreamPosition(offset: 0, epoch: "e1"), retention: keep)
+        #expect(slice.entries.map(\.offset) == [1, 2], "the history holds each append once")
+        // The history lost (a Redis that restarted empty): the same id appends in the new epoch.
+        let raw = try HiredisConnection(endpoint: configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+        _ = try raw.command(["DEL", configuration.prefix + "history-meta:g"])
+        let again = try await append(id: "a", epoch: "e2")
+        #expect(again.first?.countValue == 1 && again.last?.text == "e2", "\(again)")
+        #expect(try await layer.historyAppend("g", message: ["data": "{}"], retention: keep).offset == 2)
+    }
+
     @Test("followers missing from a group's member set are added back, once; a removal undoes it", arguments: LayerKind.allCases)
     func groupRestore(_ kind: LayerKind) async throws {
         try await withLayer(kind) { layer in

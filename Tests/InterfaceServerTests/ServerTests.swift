@@ -326,15 +326,17 @@ struct ServerTests {
     /// it), and the gap's history reads fail twice (the layer busy): the socket still gets the
     /// missing one, in order, from the read that succeeds, instead of skipping it at the first
     /// failure (which the suite once did under load: "publications missing from the history").
-    @Test func aGapWhoseHistoryReadFailsIsReadAgainNotSkipped() async throws {
+    /// Eight failures (4 s of a layer away, as a Redis restart with AOF is) skip nothing either:
+    /// five had skipped the publication, which the restarted Redis still had.
+    @Test(arguments: [2, 8]) func aGapWhoseHistoryReadFailsIsReadAgainNotSkipped(failures: Int) async throws {
         let group = "gap-\(UInt32.random(in: 0...UInt32.max))"
         GroupHistory.keep(group)
-        let layer = FailingHistoryReadLayer(failures: 2)
+        let layer = FailingHistoryReadLayer(failures: failures)
         let routes = [route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }]
         try await withServer(layer: layer, routes: routes) { port, _ in
             try await self.followAcrossAFailingRead(of: group, layer: layer, port: port)
         }
-        #expect(layer.reads.load(ordering: .relaxed) >= 3, "the failed reads were not tried again")
+        #expect(layer.reads.load(ordering: .relaxed) >= failures + 1, "the failed reads were not tried again")
     }
 
     private func followAcrossAFailingRead(of group: String, layer: FailingHistoryReadLayer, port: Int) async throws {

@@ -717,6 +717,85 @@ def redis_sigkilled_and_restarted_with_aof_while_40_sockets_chat():
 
 
 @test
+def redis_sigkilled_and_restarted_with_aof_during_30_ordered_bursts():
+    """30 sockets in three rooms each send 100 texts back to back (each socket's texts pass the
+    chat's two ordered stages: its frames, then the room's hand-off) while Redis (AOF, fsync
+    always) is SIGKILLed 0.3 s into the bursts and restarted a second later. No consumer fails
+    on the restart (a room's publication is tried again under one id, so it is stored once) and
+    no server skips a publication the restarted Redis kept (its history reads wait the restart
+    out): before, both lost texts (5-10 of 3,000 in a red team's runs, 26 in this test's first).
+    What is still lost is bounded: a pop that Redis ran and whose reply died with it (at most
+    once, as documented), each skipped and counted by the ordering gates. Every member of a
+    room gets the same texts, each once, in its socket's order."""
+    aof = ("--appendonly", "yes", "--appendfsync", "always")
+    with own_redis(*aof) as (redis_port, workdir, layer):
+        (_, procs, workers) = redis_stack(None, layer=layer)
+        port = procs[0][1]
+        marks = [(proc, os.path.getsize(proc.log.name)) for proc in [p for p, _ in procs] + workers]
+        try:
+            async def run():
+                rooms = {}
+                for r in range(3):
+                    rooms[r] = await open_members([port], "aofburst%d-%d" % (r, os.getpid()), 10)
+                members = [m for ms in rooms.values() for m in ms]
+                sent = {m.name: ["%s #%03d" % (m.name, i) for i in range(100)] for m in members}
+
+                async def burst(m):
+                    for t in sent[m.name]:
+                        await m.ws.send(t)
+
+                def fault():
+                    time.sleep(0.3)
+                    kill_redis(workdir)
+                    time.sleep(1.0)
+                    start_redis(redis_port, workdir, *aof)
+
+                await asyncio.gather(asyncio.to_thread(fault), *(burst(m) for m in members))
+                # Until every member has everything, or nothing moved for 20 s (two gap timeouts:
+                # a lost text's gap is skipped after one), within 150 s.
+                deadline, last, still = time.time() + 150, None, time.time()
+                while time.time() < deadline:
+                    counts = [len(m.texts) for m in members]
+                    if all(c >= 1000 for c in counts):
+                        break
+                    if counts != last:
+                        last, still = counts, time.time()
+                    elif time.time() - still > 20:
+                        break
+                    await asyncio.sleep(0.2)
+                lost = dups = disorder = unequal = 0
+                for ms in rooms.values():
+                    if len({tuple(m.texts) for m in ms}) != 1:
+                        unequal += 1
+                    for m in ms:
+                        dups += len(m.texts) - len(set(m.texts))
+                        for sender in ms:
+                            got = [t for t in m.texts if t.startswith(sender.name + " #")]
+                            if got != sorted(got):
+                                disorder += 1
+                    got = set(ms[0].texts)
+                    lost += sum(1 for sender in ms for t in sent[sender.name] if t not in got)
+                closed = [m.closed_code for m in members if m.closed_code is not None]
+                print("  %d of 3000 texts lost, %d duplicates, %d sender/member pairs out of order, %d rooms whose "
+                      "members differ, %d sockets closed" % (lost, dups, disorder, unequal, len(closed)), flush=True)
+                assert not closed, "sockets closed: %r" % closed
+                assert dups == 0 and disorder == 0, "%d duplicates, %d pairs out of order" % (dups, disorder)
+                assert unequal == 0, "members of a room got different texts"
+                assert lost <= 60, "%d of 3000 texts lost" % lost
+                await close_all(members)
+            asyncio.run(run())
+            assert all(p.p.poll() is None for p, _ in procs) and all(w.p.poll() is None for w in workers), "a crash"
+            for proc, mark in marks:
+                with open(proc.log.name) as f:
+                    f.seek(mark)
+                    log = f.read()
+                assert "consumer failed" not in log, "a consumer failed on the restart: " + log[log.index("consumer failed") - 300:][:600]
+                assert "publications missing from the history were skipped" not in log, "a server skipped publications"
+        finally:
+            stop_all(procs, workers)
+
+
+@test
 def a_redis_that_comes_back_empty_closes_sockets_with_1012_and_clients_can_rejoin():
     with own_redis("--appendonly", "no") as (redis_port, workdir, layer):
         (_, procs, workers) = redis_stack(None, layer=layer, workers=1)
