@@ -73,29 +73,26 @@ final class ConnectionActivityHandler: ChannelInboundHandler, RemovableChannelHa
             activity.watching = false
             activity.onBytes?()
         }
-        if activity.parserStopped {
-            bytesAfterStop += unwrapInboundIn(data).readableBytes
-            if bytesAfterStop > server.configuration.maxBytesWhileUpgrading {
-                server.counters.count(.closedUpgradeOverflow)
-                server.logger.info(
-                    "client sent too much after a request the HTTP parser stops at (an upgrade not taken); closing",
-                    metadata: ["bytes": "\(bytesAfterStop)"])
-                context.close(promise: nil)
-                return
-            }
+        let count = unwrapInboundIn(data).readableBytes
+        if activity.parserStopped, overBound(&bytesAfterStop, count, "after a request the HTTP parser stops at (an upgrade not taken)") {
+            context.close(promise: nil)
+            return
         }
-        if activity.upgradeHeld {
-            bytesWhileHeld += unwrapInboundIn(data).readableBytes
-            if bytesWhileHeld > server.configuration.maxBytesWhileUpgrading {
-                server.counters.count(.closedUpgradeOverflow)
-                server.logger.info(
-                    "client sent too much while its WebSocket upgrade was held; closing",
-                    metadata: ["bytes": "\(bytesWhileHeld)"])
-                context.close(promise: nil)
-                return
-            }
+        if activity.upgradeHeld, overBound(&bytesWhileHeld, count, "while its WebSocket upgrade was held") {
+            context.close(promise: nil)
+            return
         }
         context.fireChannelRead(data)
+    }
+
+    /// Adds `count` bytes to `total`; past `maxBytesWhileUpgrading`, counts and logs it (the
+    /// connection is to close) and returns true.
+    private func overBound(_ total: inout Int, _ count: Int, _ when: String) -> Bool {
+        total += count
+        guard total > server.configuration.maxBytesWhileUpgrading else { return false }
+        server.counters.count(.closedUpgradeOverflow)
+        server.logger.info("client sent too much \(when); closing", metadata: ["bytes": "\(total)"])
+        return true
     }
 }
 

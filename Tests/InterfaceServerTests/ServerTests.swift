@@ -96,9 +96,18 @@ struct ServerTests {
         configuration.pingInterval = nil
         // A loaded machine (the whole suite runs in parallel) may take seconds to run a consumer.
         configuration.websocketConnectTimeout = .seconds(30)
+        try await Self.withLiveServer(layer: layer, routes: routes, configuration: configuration, concurrency: 2, body)
+    }
+
+    /// A server with `configuration` and a worker of `concurrency` running `routes` on `layer`,
+    /// for `body` (the server's port, the server); both stopped after it, also when it throws.
+    static func withLiveServer(
+        layer: any ChannelLayer, routes: [RoutingEntry], configuration: ServerConfiguration, concurrency: Int,
+        _ body: (Int, InterfaceServer) async throws -> Void
+    ) async throws {
         let server = try InterfaceServer(layer: layer, configuration: configuration)
         try await server.start()
-        let worker = Worker(router: try Router(routes), layer: layer, concurrency: 2)
+        let worker = Worker(router: try Router(routes), layer: layer, concurrency: concurrency)
         let task = Task { await worker.run() }
         let port = try #require(server.localAddress?.port)
         do {

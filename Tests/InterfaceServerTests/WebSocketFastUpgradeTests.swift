@@ -21,18 +21,7 @@ final class RawSocket: @unchecked Sendable {
     private(set) var closed = false
 
     init(port: Int) throws {
-        descriptor = socket(AF_INET, CInt(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard result == 0 else {
-            close(descriptor)
-            throw POSIXError(.ECONNREFUSED)
-        }
+        descriptor = try GiveUpFixtures.loopbackSocket(port: port)
         // Each read waits 100 ms at most, so a bounded read loop never hangs.
         var timeout = timeval(tv_sec: 0, tv_usec: 100_000)
         setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
@@ -129,22 +118,7 @@ struct WebSocketFastUpgradeTests {
         configuration.websocketProtocols = ["chat"]
         configuration.fastWebSocketUpgrade = fast
         configure(&configuration)
-        let server = try InterfaceServer(layer: layer, configuration: configuration)
-        try await server.start()
-        let worker = Worker(router: try Router(Self.routes), layer: layer, concurrency: 4)
-        let task = Task { await worker.run() }
-        let port = try #require(server.localAddress?.port)
-        do {
-            try await body(port, server)
-        } catch {
-            worker.stop()
-            await server.shutdown()
-            await task.value
-            throw error
-        }
-        worker.stop()
-        await server.shutdown()
-        await task.value
+        try await ServerTests.withLiveServer(layer: layer, routes: Self.routes, configuration: configuration, concurrency: 4, body)
     }
 
     static func handshake(path: String = "/echo/", extra: String = "") -> String {
