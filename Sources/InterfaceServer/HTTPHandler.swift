@@ -90,6 +90,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
     /// The connection's task, where the sender's loop runs.
     let senders: ConnectionSenders?
 
+    /// The parser stops after the request in progress (see `WebSocketUpgradeHead.parserStops(at:)`).
+    var parserStopsAfterRequest = false
+
     /// When the connection opened, if before this handler was added (the fast upgrade path
     /// read its first bytes): the first header deadline runs from then.
     let openedAt: NIODeadline?
@@ -142,11 +145,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
             started = context.eventLoop.now
             notReading = (since: nil, total: .zero)
             keepAlive = head.isKeepAlive
-            if let activity, WebSocketUpgradeHead.parserStops(at: head) {
-                // Nothing after this request will be parsed: answered, then closed.
-                activity.parserStopped = true
-                keepAlive = false
-            }
+            // Nothing after this request will be parsed: answered, then closed, and what comes
+            // after its end is bounded (its body is not).
+            parserStopsAfterRequest = activity != nil && WebSocketUpgradeHead.parserStops(at: head)
+            if parserStopsAfterRequest { keepAlive = false }
             clientAddress = RequestTranslation.clientDescription(
                 head: head, remote: context.channel.remoteAddress,
                 proxyHeaders: server.configuration.proxyHeaders)
@@ -206,6 +208,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
                 }
             }
         case .end:
+            if parserStopsAfterRequest { activity?.parserStopped = true }
             if lingering {
                 lingering = false
                 context.close(promise: nil)

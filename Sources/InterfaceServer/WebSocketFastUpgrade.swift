@@ -332,16 +332,19 @@ struct WebSocketUpgradeHead {
 
     /// Whether the usual pipeline's parser treats a request head that NIO's upgrader would
     /// upgrade as an upgrade too (see ``namesUpgrade(connection:)``; a `CONNECT` always is).
+    /// llhttp reads `Proxy-Connection` as it reads `Connection`.
     static func parserSeesUpgrade(_ head: HTTPRequestHead) -> Bool {
-        head.method == .CONNECT || head.headers["connection"].contains { namesUpgrade(connection: $0) }
+        head.method == .CONNECT
+            || (head.headers["connection"] + head.headers["proxy-connection"]).contains { namesUpgrade(connection: $0) }
     }
 
     /// Whether NIO's HTTP/1 parser stops at this request head (a `CONNECT`, or an upgrade it
     /// reads as one): it hands on nothing after the request, so the bytes a client sends next
     /// pile up unparsed. Such a request that is not upgraded is answered, then the connection
-    /// closes, and what the client sends meanwhile is bounded (see `ConnectionActivity`).
+    /// closes, and what the client sends after the request's end is bounded (see
+    /// `ConnectionActivity`).
     static func parserStops(at head: HTTPRequestHead) -> Bool {
-        head.method == .CONNECT || (head.headers.contains(name: "upgrade") && parserSeesUpgrade(head))
+        head.method == .CONNECT || (head.headers["upgrade"].contains { !$0.isEmpty } && parserSeesUpgrade(head))
     }
 
     /// `Sec-WebSocket-Accept` for a client's key (RFC 6455, 4.2.2).

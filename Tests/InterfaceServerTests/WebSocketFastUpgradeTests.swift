@@ -101,6 +101,9 @@ struct WebSocketFastUpgradeTests {
         },
         // Held until the test says: the connect waits for the application.
         route("websocket.connect", path: "^/slow/$") { _ in try await Task.sleep(for: .seconds(3)) },
+        route("http.request", path: "^/upload/$", method: "^POST$") { context in
+            try await context.respond("received \(try await context.requestBody().count)")
+        },
         route("http.request", path: "^/slowly/$") { context in
             try await Task.sleep(for: .seconds(5))
             try await context.respond("slowly done")
@@ -282,6 +285,8 @@ struct WebSocketFastUpgradeTests {
             for server in [fastServer, usualServer] {
                 for head in [
                     "GET /hello/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n",
+                    // llhttp reads Proxy-Connection as Connection (a third red team).
+                    "GET /hello/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\nProxy-Connection: upgrade\r\n\r\n",
                     "CONNECT localhost:80 HTTP/1.1\r\nHost: localhost\r\n\r\n",
                 ] {
                     let socket = try RawSocket(port: server.0)
@@ -299,14 +304,25 @@ struct WebSocketFastUpgradeTests {
                 try await kept.read(within: 30) { _ in false }
                 #expect(kept.closed, "the connection stayed open after a handshake as its second request")
                 // The application takes its time; the client streams 1 MiB behind the head.
-                let before = server.1.statistics.closedUpgradeOverflow
-                let flood = try RawSocket(port: server.0)
-                flood.write("GET /slowly/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n")
-                let junk = [UInt8](repeating: 0x41, count: 16384)
-                for _ in 0..<64 { flood.write(junk) }
-                try await flood.read(within: 30) { _ in false }
-                #expect(flood.closed && !flood.text.contains("slowly done"), "\(flood.text.prefix(200))")
-                #expect(server.1.statistics.closedUpgradeOverflow == before + 1)
+                for connection in ["Connection: upgrade", "Proxy-Connection: upgrade"] {
+                    let before = server.1.statistics.closedUpgradeOverflow
+                    let flood = try RawSocket(port: server.0)
+                    flood.write("GET /slowly/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: foo\r\n\(connection)\r\n\r\n")
+                    let junk = [UInt8](repeating: 0x41, count: 16384)
+                    for _ in 0..<64 { flood.write(junk) }
+                    try await flood.read(within: 30) { _ in false }
+                    #expect(flood.closed && !flood.text.contains("slowly done"), "\(connection): \(flood.text.prefix(200))")
+                    #expect(server.1.statistics.closedUpgradeOverflow == before + 1, "\(connection)")
+                }
+                // Such a request's own body is not bounded: `curl --http2` on plain HTTP sends
+                // an upload as a POST with `Upgrade: h2c` (a third red team found 70 KB cut).
+                let upload = try RawSocket(port: server.0)
+                upload.write(
+                    "POST /upload/ HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                        + "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 200000\r\n\r\n")
+                upload.write([UInt8](repeating: 0x42, count: 200_000))
+                try await upload.read(within: 30) { _ in false }
+                #expect(upload.text.hasPrefix("HTTP/1.1 200") && upload.text.hasSuffix("200000"), "\(upload.text.prefix(200))")
             }
         }
     }
