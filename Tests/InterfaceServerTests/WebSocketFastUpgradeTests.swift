@@ -2,7 +2,9 @@ import ASGI
 import Channels
 import Foundation
 import InterfaceServer
+import Logging
 import NIOCore
+import NIOEmbedded
 import NIOHTTP1
 import TestSupport
 import Testing
@@ -311,8 +313,11 @@ struct WebSocketFastUpgradeTests {
                     let junk = [UInt8](repeating: 0x41, count: 16384)
                     for _ in 0..<64 { flood.write(junk) }
                     try await flood.read(within: 30) { _ in false }
-                    #expect(flood.closed && !flood.text.contains("slowly done"), "\(connection): \(flood.text.prefix(200))")
-                    #expect(server.1.statistics.closedUpgradeOverflow == before + 1, "\(connection)")
+                    // Closed for the bound, or (reading paused before 64 KiB came in) answered
+                    // and closed: never held open reading on.
+                    let overflowed = server.1.statistics.closedUpgradeOverflow == before + 1
+                    #expect(flood.closed, "\(connection): held open")
+                    #expect(overflowed != flood.text.contains("slowly done"), "\(connection): \(flood.text.prefix(200))")
                 }
                 // Such a request's own body is not bounded: `curl --http2` on plain HTTP sends
                 // an upload as a POST with `Upgrade: h2c` (a third red team found 70 KB cut).
@@ -349,42 +354,73 @@ struct WebSocketFastUpgradeTests {
         }
     }
 
+    /// The two bounds at the pipeline's level, where every read arrives (a testing channel
+    /// delivers what it is given whatever `autoRead` says; over real sockets, reading pauses
+    /// and only a read in flight counts, which a loaded machine may not have): what is read while
+    /// a handshake is held, and what is read after the end of a request the parser stops at,
+    /// its own body not counted.
+    @Test(arguments: [true, false]) func theBoundsCountWhatIsReadWhileHeldAndAfterAStoppedRequest(fast: Bool) async throws {
+        let layer = InMemoryChannelLayer()
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.maxBytesWhileUpgrading = 1000
+        configuration.fastWebSocketUpgrade = fast
+        let logger = Logger(label: "test")
+        func connection() async throws -> (NIOAsyncTestingChannel, ServerContext) {
+            let server = ServerContext(
+                layer: layer, router: ReplyRouter(layer: layer, prefix: "test", logger: logger),
+                configuration: configuration, logger: logger, accessLog: nil)
+            let channel = NIOAsyncTestingChannel()
+            try await channel.eventLoop.flatSubmit {
+                InterfaceServer.configure(channel: channel, context: server, configuration: configuration)
+            }.get()
+            try await channel.connect(to: SocketAddress(ipAddress: "10.0.0.9", port: 5555))
+            return (channel, server)
+        }
+        let junk = ByteBuffer(repeating: 0x41, count: 600)
+        // A handshake nobody answers yet (held), then 600 bytes, then 600 more.
+        let (held, heldServer) = try await connection()
+        try await held.writeInbound(ByteBuffer(string: Self.handshake()))
+        try await held.writeInbound(junk)
+        #expect(held.isActive, "closed within the bound (fast: \(fast))")
+        try? await held.writeInbound(junk)
+        #expect(!held.isActive, "still open past the bound (fast: \(fast))")
+        #expect(heldServer.counters[.closedUpgradeOverflow] == 1)
+        // A request the parser stops at, with a 1,500-byte body (not counted), then the same.
+        let (stopped, stoppedServer) = try await connection()
+        try await stopped.writeInbound(
+            ByteBuffer(
+                string: "POST /x/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: foo\r\nConnection: upgrade\r\nContent-Length: 1500\r\n\r\n"))
+        for _ in 0..<3 { try await stopped.writeInbound(ByteBuffer(repeating: 0x42, count: 500)) }
+        try await stopped.writeInbound(junk)
+        #expect(stopped.isActive, "its body or the first 600 bytes closed it (fast: \(fast))")
+        try? await stopped.writeInbound(junk)
+        #expect(!stopped.isActive, "still open past the bound (fast: \(fast))")
+        #expect(stoppedServer.counters[.closedUpgradeOverflow] == 1)
+    }
+
     @Test func anIdleConnectionAndASlowHeadAreTimedOutFromTheOpening() async throws {
-        try await withServer({ $0.headerTimeout = .seconds(2) }) { port, server in
+        try await withServer({ $0.headerTimeout = .seconds(4) }) { port, server in
             // Nothing sent: closed without an answer, counted idle.
             let idle = try RawSocket(port: port)
             let opened = Date()
             try await idle.read(within: 60) { _ in false }
             #expect(idle.closed && idle.received.isEmpty, "an idle connection is closed without an answer")
             #expect(server.statistics.closedIdle == 1)
-            // A head started 1.5 s in and never finished: 408 at 2 s from the opening, not 2 s
+            // A head started 3 s in and never finished: 408 at 4 s from the opening, not 4 s
             // from its first byte (a late first byte buys no time on either path).
             let slow = try RawSocket(port: port)
             let slowOpened = Date()
-            try await Task.sleep(for: .milliseconds(1500))
+            try await Task.sleep(for: .milliseconds(3000))
             slow.write("GET /echo/ HTTP/1.1\r\nHost: local")
             try await slow.read(within: 60) { _ in false }
             let took = Date().timeIntervalSince(slowOpened)
             #expect(slow.text.hasPrefix("HTTP/1.1 408"), "\(slow.text)")
             #expect(server.statistics.timedOutHeader == 1)
-            // 2 s after the opening; 3.5 s would be the head's first byte plus the timeout.
-            #expect(took < 3.3, "the slow head was timed out \(took) s after its connection opened")
+            // 4 s after the opening; 7 s would be the head's first byte plus the timeout (the
+            // margin is for a loaded machine).
+            #expect(took < 6, "the slow head was timed out \(took) s after its connection opened")
             _ = opened
-        }
-    }
-
-    @Test func bytesPastTheBoundWhileTheHandshakeIsHeldClose() async throws {
-        for fast in [true, false] {
-            try await withServer(fast: fast, { $0.maxBytesWhileUpgrading = 100 }) { port, server in
-                let socket = try RawSocket(port: port)
-                // The head and 5 KB of frames at once: what is read while the application has
-                // the handshake is bounded (reading pauses, but a read in flight may bring more).
-                let frames = (0..<40).flatMap { _ in RawSocket.frame(String(repeating: "x", count: 120)) }
-                socket.write(Array(Self.handshake(path: "/slow/").utf8) + frames)
-                try await socket.read(within: 20) { _ in false }
-                #expect(socket.closed, "the connection stayed open past the bound (fast: \(fast))")
-                #expect(server.statistics.closedUpgradeOverflow == 1, "fast: \(fast)")
-            }
         }
     }
 
