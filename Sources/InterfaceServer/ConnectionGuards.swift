@@ -30,6 +30,16 @@ final class ConnectionActivity {
     /// pipeline has no request to attach to.
     var answerRawAndClose: (([UInt8]) -> Void)?
 
+    /// Adds `count` bytes to `total`; past `maxBytesWhileUpgrading`, counts and logs it (the
+    /// connection is to close) and returns true.
+    static func overBound(_ total: inout Int, _ count: Int, _ when: String, server: ServerContext) -> Bool {
+        total += count
+        guard total > server.configuration.maxBytesWhileUpgrading else { return false }
+        server.counters.count(.closedUpgradeOverflow)
+        server.logger.info("client sent too much \(when); closing", metadata: ["bytes": "\(total)"])
+        return true
+    }
+
     /// A 408 for a head that did not finish in time.
     static let requestTimeout = Array(
         "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nRequest timed out\n"
@@ -85,14 +95,8 @@ final class ConnectionActivityHandler: ChannelInboundHandler, RemovableChannelHa
         context.fireChannelRead(data)
     }
 
-    /// Adds `count` bytes to `total`; past `maxBytesWhileUpgrading`, counts and logs it (the
-    /// connection is to close) and returns true.
     private func overBound(_ total: inout Int, _ count: Int, _ when: String) -> Bool {
-        total += count
-        guard total > server.configuration.maxBytesWhileUpgrading else { return false }
-        server.counters.count(.closedUpgradeOverflow)
-        server.logger.info("client sent too much \(when); closing", metadata: ["bytes": "\(total)"])
-        return true
+        ConnectionActivity.overBound(&total, count, when, server: server)
     }
 }
 
@@ -169,10 +173,27 @@ final class ResponseBudget {
     var closing = false
 }
 
+/// A handler whose work starts once its channel is active: at once when it is added to an
+/// active channel, otherwise at `channelActive` (which it passes on).
+protocol StartsWhenActive: ChannelInboundHandler {
+    func channelStarted(context: ChannelHandlerContext)
+}
+
+extension StartsWhenActive {
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { channelStarted(context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        channelStarted(context: context)
+        context.fireChannelActive()
+    }
+}
+
 /// The first handler of a TLS connection: the handshake must complete within `timeout` (the
 /// header timeout), or the connection is closed; after it, the HTTP/1.1 or HTTP/2 handlers
 /// keep their own deadlines.
-final class HandshakeDeadlineHandler: ChannelInboundHandler, RemovableChannelHandler {
+final class HandshakeDeadlineHandler: StartsWhenActive, RemovableChannelHandler {
     typealias InboundIn = NIOAny
 
     private let timeout: TimeAmount
@@ -184,16 +205,7 @@ final class HandshakeDeadlineHandler: ChannelInboundHandler, RemovableChannelHan
         self.server = server
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive { arm(context: context) }
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
-        arm(context: context)
-        context.fireChannelActive()
-    }
-
-    private func arm(context: ChannelHandlerContext) {
+    func channelStarted(context: ChannelHandlerContext) {
         guard deadline == nil else { return }
         let channel = context.channel
         let server = self.server

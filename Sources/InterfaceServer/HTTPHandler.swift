@@ -8,7 +8,7 @@ import Synchronization
 /// One HTTP connection: each request becomes an `http.request` message; the replies on its
 /// reply channel become the response. NIO's pipelining handler feeds requests one at a time,
 /// so pipelined requests are answered in order.
-final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyReceiver {
+final class HTTPHandler: StartsWhenActive, RemovableChannelHandler, ReplyReceiver {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
@@ -110,14 +110,7 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler, ReplyRe
         self.machine = HTTPConnectionStateMachine(timeouts: server.configuration.connectionTimeouts)
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive { open(context: context) }
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
-        open(context: context)
-        context.fireChannelActive()
-    }
+    func channelStarted(context: ChannelHandlerContext) { open(context: context) }
 
     func handlerRemoved(context: ChannelHandlerContext) {
         stopTimer()

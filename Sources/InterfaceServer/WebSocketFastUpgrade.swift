@@ -15,7 +15,7 @@ import Synchronization
 ///
 /// The checks of the handshake itself (host, origin, the application's accept) are the
 /// session's, as on the usual path.
-final class WebSocketFastUpgradeHandler: ChannelInboundHandler, RemovableChannelHandler {
+final class WebSocketFastUpgradeHandler: StartsWhenActive, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
 
@@ -50,15 +50,6 @@ final class WebSocketFastUpgradeHandler: ChannelInboundHandler, RemovableChannel
         self.senders = senders
     }
 
-    func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive { opened(context: context) }
-    }
-
-    func channelActive(context: ChannelHandlerContext) {
-        opened(context: context)
-        context.fireChannelActive()
-    }
-
     func handlerRemoved(context: ChannelHandlerContext) {
         idleTimer?.cancel()
         idleTimer = nil
@@ -66,7 +57,7 @@ final class WebSocketFastUpgradeHandler: ChannelInboundHandler, RemovableChannel
 
     /// A connection that sends nothing within the header timeout is closed without an answer,
     /// as the usual pipeline closes it.
-    private func opened(context: ChannelHandlerContext) {
+    func channelStarted(context: ChannelHandlerContext) {
         guard openedAt == nil, case .waiting = state else { return }
         openedAt = context.eventLoop.now
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -87,13 +78,9 @@ final class WebSocketFastUpgradeHandler: ChannelInboundHandler, RemovableChannel
         case .held:
             // Bounded as on the usual path: reading is paused, so this is what was in flight.
             // Counted from the reads after the head's, as on the usual path.
-            bytesWhileHeld += bytes.readableBytes
+            let count = bytes.readableBytes
             received.writeBuffer(&bytes)
-            if bytesWhileHeld > configuration.maxBytesWhileUpgrading {
-                server.counters.count(.closedUpgradeOverflow)
-                server.logger.info(
-                    "client sent too much while its WebSocket upgrade was held; closing",
-                    metadata: ["bytes": "\(bytesWhileHeld)"])
+            if ConnectionActivity.overBound(&bytesWhileHeld, count, "while its WebSocket upgrade was held", server: server) {
                 state = .done
                 context.close(promise: nil)
             }
