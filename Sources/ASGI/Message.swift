@@ -159,3 +159,24 @@ public struct MessageError: Error, Sendable, Hashable, CustomStringConvertible {
         }
     }
 }
+
+extension Message {
+    /// The field that marks a message sent again after the layer's connection was lost with an
+    /// earlier send of it in flight (`true`). That send may have been stored before its reply was
+    /// lost (a Redis SIGKILLed between writing its append-only file and answering, a proxy that
+    /// cut the connection), so the layer may hold the message twice: the first copy without the
+    /// mark, this one with it. An ordering gate (`enforceOrdering`, `inSendOrder`) gives the
+    /// first copy time to finish its turn before this one runs, and then drops this one as late.
+    public static let resentField = "__resent"
+
+    /// Whether this message carries ``resentField``.
+    public var isResent: Bool { fields[Self.resentField]?.boolValue == true }
+
+    /// This message with ``resentField`` set: what a sender sends when it tries again after
+    /// its connection to the layer was lost with the send in flight.
+    public func markedResent() -> Message {
+        var marked = self
+        marked.fields[Self.resentField] = .bool(true)
+        return marked
+    }
+}

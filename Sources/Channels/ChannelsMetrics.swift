@@ -17,6 +17,9 @@ enum ChannelsMetrics {
     /// `channels_ordering_resumed_total`: ordered sockets whose every watching worker stopped
     /// (killed) while messages waited, taken over by this worker (see `OrderingSweeper`).
     static let orderingResumed = Counter(label: "channels_ordering_resumed_total")
+    /// `channels_ordering_resent_held_total`: ordered messages marked as sent again after a lost
+    /// connection, held back for `resentGrace` when their turn came (see `OrderingGate`).
+    static let resentHeldBack = Counter(label: "channels_ordering_resent_held_total")
     static let delayScheduled = Counter(label: "channels_delay_scheduled_total")
     static let delayDelivered = Counter(label: "channels_delay_delivered_total")
     static let delayRetried = Counter(label: "channels_delay_retried_total")

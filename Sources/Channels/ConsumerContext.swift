@@ -246,11 +246,19 @@ public final class ConsumerContext: Sendable {
     }
 
     /// One send; a full channel or an unreachable layer is retried for `environment.sendRetry`.
+    /// A channel send tried again after a lost connection is marked (`Message.resentField`):
+    /// the try before may have been stored.
     private func send(_ message: Message, to destination: Destination) async throws {
+        var outgoing = message
         try await retrying(for: environment.sendRetry) {
             switch destination {
             case .channel(let name):
-                try await layer.send(message, to: name)
+                do {
+                    try await layer.send(outgoing, to: name)
+                } catch let error as ChannelLayerError where error.code == .connectionLost && !outgoing.isResent {
+                    outgoing = outgoing.markedResent()
+                    throw error
+                }
                 ChannelsMetrics.sent[ChannelKind(channel: name)]?.increment()
             case .group(let name):
                 try await layer.sendGroup(name, message: message)

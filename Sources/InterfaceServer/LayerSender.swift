@@ -230,6 +230,11 @@ final class LayerSender {
         let code = (error as? ChannelLayerError)?.code
         switch code {
         case .channelFull?, .connectionLost?, .backendError?, .outOfMemory?:
+            // A lost connection may have taken the reply of a send that was stored: the next try
+            // is marked, so an ordering gate that meets both copies runs the message once.
+            if code == .connectionLost, let head = queue.first, !head.message.isResent {
+                queue[queue.startIndex].message = head.message.markedResent()
+            }
             return retry(full: code == .channelFull, error: error)
         default:
             // Not worth another try (too large, invalid, the layer closed): this one is lost.

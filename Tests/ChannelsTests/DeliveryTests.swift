@@ -1,5 +1,6 @@
 import ASGI
 import Channels
+import Synchronization
 import Testing
 
 /// What the framework does when a message does not fit or cannot go out at once.
@@ -53,6 +54,28 @@ struct DeliveryTests {
         #expect(parts.flatMap { $0["content"]?.bytesValue ?? [] } == body)
     }
 
+    /// A send whose reply was lost with the connection may have been stored: the consumer's
+    /// next try carries `__resent`, so an ordering gate meeting both copies runs one.
+    @Test func aSendTriedAgainAfterALostConnectionIsMarked() async throws {
+        let layer = StoredThenLostLayer(losing: ["lost"])
+        let worker = Worker(
+            router: try Router([
+                route(
+                    "work",
+                    { context in
+                        try await context.send(["n": 1], to: "lost")
+                        try await context.send(["n": 2], to: "fine", immediately: true)
+                    })
+            ]), layer: layer)
+        await worker.dispatch(ReceivedMessage(channel: "work", message: [:]))
+        let first = try await layer.memory.receive(channels: ["lost"])?.message
+        let second = try await layer.memory.receive(channels: ["lost"])?.message
+        #expect(first == ["n": 1] && first?.isResent == false, "the first try, stored before its reply was lost")
+        #expect(second == ["n": 1, Message.resentField: true] && second?.isResent == true, "the next try, marked")
+        #expect(try await layer.memory.receive(channels: ["fine"])?.message == ["n": 2], "an unhindered send is not marked")
+        #expect(worker.messagesDroppedOnSend == 0)
+    }
+
     @Test func aBufferedSendToAFullChannelWaitsForRoomThenIsDroppedAndCounted() async throws {
         let layer = layer(capacities: [("out", 1)])
         try await layer.send(["n": 0], to: "out")
@@ -77,5 +100,22 @@ struct DeliveryTests {
             layer: layer, environment: environment)
         await impatient.dispatch(ReceivedMessage(channel: "work", message: [:]))
         #expect(impatient.messagesDroppedOnSend == 1)
+    }
+}
+
+/// Stores every send; a send to a channel in `losing` then fails once as a lost connection, as
+/// a Redis that ran the command and died before its reply.
+final class StoredThenLostLayer: ForwardingChannelLayer {
+    let memory = InMemoryChannelLayer()
+    var base: any ChannelLayer { memory }
+    let losing: Mutex<Set<String>>
+
+    init(losing: Set<String>) { self.losing = Mutex(losing) }
+
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        try await memory.send(message, to: channel)
+        if losing.withLock({ $0.remove(channel) != nil }) {
+            throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing")
+        }
     }
 }

@@ -805,6 +805,62 @@ struct OrderingTests {
         for task in tasks { await task.value }
         for layer in layers { await layer.close() }
     }
+
+    /// A send tried again after its connection to the layer was lost may have been stored by
+    /// its first try too (Redis SIGKILLed between its append-only file and its reply; a proxy
+    /// that cuts the connection): two copies of one order, the second marked `__resent`. Taken
+    /// by two workers at once, both copies read the same stored order (it moves only when a
+    /// turn ends) and both ran the consumer: one text delivered twice to a whole room in the
+    /// Redis-restart e2e. Now the marked copy waits `resentGrace` and is dropped as late; when
+    /// it is the only copy (the first try was not stored) it runs after the grace; two marked
+    /// copies (the second try lost its reply too) come back together and one takes the turn.
+    /// Both ordering wrappers: a socket's frames and an ordered hand-off's messages.
+    @Test(arguments: [(true, 1), (false, 1), (false, 2), (true, 2)], [false, true])
+    func aMessageStoredTwiceByARetriedSendRunsOnce(copies: (firstCopyStored: Bool, resent: Int), handOff: Bool) async throws {
+        let log = Log()
+        var environment = ConsumerEnvironment(orderingGapTimeout: .seconds(20))
+        environment.resentGrace = .milliseconds(600)
+        // Slow enough that the two copies' turns overlap.
+        let consumer: Consumer = { context in
+            try await Task.sleep(for: .milliseconds(300))
+            await log.add(try context.message.string("text"))
+        }
+        let routing: [RoutingEntry] = [
+            route("websocket.connect", enforceOrdering { try await $0.accept() }),
+            route("websocket.receive", enforceOrdering(consumer)),
+            route("handoff", inSendOrder(consumer)),
+        ]
+        let layer = InMemoryChannelLayer()
+        let (one, two) = (
+            try TestHarness(routing, layer: layer, environment: environment),
+            try TestHarness(routing, layer: layer, environment: environment)
+        )
+        let reply = try await one.newReplyChannel()
+        try await one.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        func copy(_ order: Int64) -> ReceivedMessage {
+            if handOff {
+                let stamp = OrderStamp(key: "k", order: order - 1, epoch: "e")
+                return ReceivedMessage(channel: "handoff", message: stamp.stamped(["text": .string("\(order)")]))
+            }
+            return ReceivedMessage(channel: "websocket.receive", message: message(reply, order: order))
+        }
+        let first = copy(1)
+        let resent = ReceivedMessage(channel: first.channel, message: first.message.markedResent())
+        let three = try TestHarness(routing, layer: layer, environment: environment)
+        async let a: Void = copies.firstCopyStored ? one.worker.dispatch(first) : ()
+        async let b: Void = two.worker.dispatch(resent)
+        async let c: Void = copies.resent > 1 ? three.worker.dispatch(resent) : ()
+        _ = await (a, b, c)
+        // The held-back copy comes back after its grace and is dropped or run: a margin past it.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while await log.entries.isEmpty, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .milliseconds(1_500))
+        #expect(await log.entries == ["1"], "the message ran once")
+        // The sequence goes on.
+        await one.worker.dispatch(copy(2))
+        #expect(await log.entries == ["1", "2"])
+        #expect(environment.orderingGaps.skipped == 0, "nothing skipped as lost")
+    }
 }
 
 @Suite("consume later", .timeLimit(.minutes(2)))

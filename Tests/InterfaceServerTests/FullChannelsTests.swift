@@ -118,11 +118,16 @@ struct FullChannelsTests {
 }
 
 /// A layer whose sends of the messages named in `failing` (by their "who") each fail once as
-/// a lost connection; everything else goes to an in-memory layer of capacity 1.
+/// a lost connection, and of those named in `storedThenLost` each are stored and then fail once
+/// so (a Redis that ran the send and died before its reply); everything goes to an in-memory
+/// layer of capacity `capacity`.
 final class FlakySendLayer: ForwardingChannelLayer {
-    let memory = InMemoryChannelLayer(configuration: .init(capacity: 1))
+    let memory: InMemoryChannelLayer
     var base: any ChannelLayer { memory }
     let failing = Mutex<Set<String>>([])
+    let storedThenLost = Mutex<Set<String>>([])
+
+    init(capacity: Int = 1) { memory = InMemoryChannelLayer(configuration: .init(capacity: capacity)) }
 
     func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
         let who = message["who"]?.stringValue ?? ""
@@ -130,6 +135,9 @@ final class FlakySendLayer: ForwardingChannelLayer {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection")
         }
         try await memory.send(message, to: channel)
+        if storedThenLost.withLock({ $0.remove(who) != nil }) {
+            throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing")
+        }
     }
 }
 
@@ -140,6 +148,40 @@ struct FullChannelSendersTests {
     /// Found by a red-team run: they kept the turn and queued again behind the others, nobody
     /// probed the channel, and it sat empty until every sender in line gave up (1013 "stayed
     /// full" for 147 of 150 sockets).
+    /// A socket's frame whose send lost its connection may have been stored: the server's next
+    /// try is marked `__resent` (an ordering gate then runs the frame once if both copies are
+    /// there); one that failed before storing is marked too (nothing tells them apart), and the
+    /// frames behind it, never tried, are not.
+    @Test func aSendTriedAgainAfterALostConnectionIsMarked() async throws {
+        let layer = FlakySendLayer(capacity: 100)
+        layer.storedThenLost.withLock { $0 = ["a"] }
+        layer.failing.withLock { $0 = ["b"] }
+        let logger = Logger(label: "test")
+        let server = ServerContext(
+            layer: layer, router: ReplyRouter(layer: layer, prefix: "resenttest", logger: logger),
+            configuration: ServerConfiguration(host: "127.0.0.1", port: 0), logger: logger, accessLog: nil)
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let sender = try await loop.submit {
+            NIOLoopBound(LayerSender(server: server, loop: loop, outageTimeout: .seconds(30), heldLimit: 64, owner: nil), eventLoop: loop)
+        }.get()
+        try await loop.submit {
+            for (who, order) in [("a", 1), ("b", 2), ("c", 3)] {
+                sender.value.send(["who": .string(who), "order": .int(Int64(order))], to: "websocket.receive")
+            }
+        }.get()
+        var received: [Message] = []
+        let end = ContinuousClock.now + .seconds(10)
+        while received.count < 4, ContinuousClock.now < end {
+            if let message = try await layer.memory.receive(channels: ["websocket.receive"], timeout: .milliseconds(100)) {
+                received.append(message.message)
+            }
+        }
+        #expect(received.map { $0["who"]?.stringValue ?? "?" } == ["a", "a", "b", "c"])
+        #expect(received.map(\.isResent) == [false, true, true, false])
+        #expect(received.map { $0["order"]?.intValue ?? -1 } == [1, 1, 2, 3], "the same order in both copies")
+        try await loop.submit { sender.value.close() }.get()
+    }
+
     @Test func aTurnThatMeetsALostConnectionIsPassedOn() async throws {
         let layer = FlakySendLayer()
         var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)

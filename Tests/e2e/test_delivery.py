@@ -14,9 +14,11 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -781,7 +783,7 @@ def redis_sigkilled_and_restarted_with_aof_during_30_ordered_bursts():
                 assert not closed, "sockets closed: %r" % closed
                 # A text twice (10 deliveries: one text to a room's 10 members, in one of four
                 # full runs) is not yet explained; bounded and reported until it is.
-                assert dups <= 30 and disorder == 0, "%d duplicates, %d pairs out of order" % (dups, disorder)
+                assert dups == 0 and disorder == 0, "%d duplicates, %d pairs out of order" % (dups, disorder)
                 assert unequal == 0, "members of a room got different texts"
                 assert lost <= 60, "%d of 3000 texts lost" % lost
                 await close_all(members)
@@ -795,6 +797,180 @@ def redis_sigkilled_and_restarted_with_aof_during_30_ordered_bursts():
                 assert "publications missing from the history were skipped" not in log, "a server skipped publications"
         finally:
             stop_all(procs, workers)
+
+
+class ReplyCuttingProxy:
+    """A TCP proxy to Redis for one process. After arm(n), each of the next n writes a client
+    makes is forwarded to Redis and then, before Redis's replies go back, the connection is
+    reset: the commands ran and their replies are lost, as when Redis is SIGKILLed between
+    writing its append-only file and answering, or a load balancer drops a connection."""
+
+    def __init__(self, target_port):
+        self.target = target_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.armed = self.cuts = 0
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def arm(self, writes):
+        with self.lock:
+            self.armed += writes
+
+    def close(self):
+        self.listener.close()
+
+    def accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            state = {"cut": False}
+            threading.Thread(target=self.up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self.down, args=(upstream, client, state), daemon=True).start()
+
+    def up(self, client, upstream, state):
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    cut = self.armed > 0
+                    if cut:
+                        self.armed -= 1
+                        self.cuts += 1
+                if cut:
+                    state["cut"] = True
+                upstream.sendall(data)
+                if cut:
+                    time.sleep(0.05)  # Redis runs them; the down pump drops their replies
+                    break
+        except OSError:
+            pass
+        for s in (upstream, client):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        upstream.close()
+
+    def down(self, upstream, client, state):
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data or state["cut"]:
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        if not state["cut"]:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@test
+def a_servers_redis_connection_cut_after_its_sends_ran_during_30_ordered_bursts():
+    """The interface server reaches Redis through a proxy that, 16 times during the bursts,
+    forwards a write and resets the connection before the replies come back: the sends ran
+    and the server, which cannot tell, sends them again (marked `__resent`). Both copies of a
+    frame reach the workers, which could run them at once in two workers on the same stored
+    order: a text twice to the whole room (seen once in the Redis-restart test). Now the
+    marked copy waits for the first copy's turn and is dropped as late: every member of a room
+    gets every text once, in its socket's order; nothing is lost (no pop lost a reply here)."""
+    with own_redis("--appendonly", "no") as (redis_port, workdir, layer):
+        proxy = ReplyCuttingProxy(redis_port)
+        proc, port = server("--noworker", "--layer", "redis://127.0.0.1:%d/0" % proxy.port,
+                            "--websocket-connect-timeout", "30")
+        workers = [Proc("runworker", "--layer", layer, "--threads", "32") for _ in range(2)]
+        for w in workers:
+            w.wait_line("worker ready")
+        marks = [(p, os.path.getsize(p.log.name)) for p in [proc] + workers]
+        try:
+            async def run():
+                rooms = {}
+                for r in range(3):
+                    rooms[r] = await open_members([port], "cutburst%d-%d" % (r, os.getpid()), 10)
+                members = [m for ms in rooms.values() for m in ms]
+                sent = {m.name: ["%s #%03d" % (m.name, i) for i in range(100)] for m in members}
+
+                async def burst(m):
+                    for t in sent[m.name]:
+                        await m.ws.send(t)
+
+                # Each of 8 rounds: the workers paused (so both copies of a frame wait for them
+                # together, as behind a Redis restart), two of the server's writes cut, the
+                # workers resumed.
+                def fault():
+                    for _ in range(8):
+                        time.sleep(0.1)
+                        for w in workers:
+                            w.p.send_signal(signal.SIGSTOP)
+                        proxy.arm(2)
+                        time.sleep(0.3)
+                        for w in workers:
+                            w.p.send_signal(signal.SIGCONT)
+
+                await asyncio.gather(asyncio.to_thread(fault), *(burst(m) for m in members))
+                deadline, last, still = time.time() + 120, None, time.time()
+                while time.time() < deadline:
+                    counts = [len(m.texts) for m in members]
+                    if all(c >= 1000 for c in counts):
+                        break
+                    if counts != last:
+                        last, still = counts, time.time()
+                    elif time.time() - still > 20:
+                        break
+                    await asyncio.sleep(0.2)
+                lost = dups = disorder = unequal = 0
+                for ms in rooms.values():
+                    if len({tuple(m.texts) for m in ms}) != 1:
+                        unequal += 1
+                    for m in ms:
+                        dups += len(m.texts) - len(set(m.texts))
+                        for sender in ms:
+                            got = [t for t in m.texts if t.startswith(sender.name + " #")]
+                            if got != sorted(got):
+                                disorder += 1
+                    got = set(ms[0].texts)
+                    lost += sum(1 for sender in ms for t in sent[sender.name] if t not in got)
+                closed = [m.closed_code for m in members if m.closed_code is not None]
+                with open(proc.log.name) as f:
+                    f.seek(marks[0][1])
+                    retried = f.read().count("holding and retrying")
+                print("  %d connections cut after their writes ran (%d sends held and retried); %d of 3000 texts "
+                      "lost, %d duplicates, %d sender/member pairs out of order, %d rooms whose members differ, "
+                      "%d sockets closed" % (proxy.cuts, retried, lost, dups, disorder, unequal, len(closed)), flush=True)
+                assert proxy.cuts >= 10, "the proxy cut %d connections" % proxy.cuts
+                assert not closed, "sockets closed: %r" % closed
+                assert dups == 0 and disorder == 0, "%d duplicates, %d pairs out of order" % (dups, disorder)
+                assert unequal == 0, "members of a room got different texts"
+                assert lost == 0, "%d of 3000 texts lost" % lost
+                await close_all(members)
+            asyncio.run(run())
+            assert proc.p.poll() is None and all(w.p.poll() is None for w in workers), "a crash"
+            for p, mark in marks:
+                with open(p.log.name) as f:
+                    f.seek(mark)
+                    log = f.read()
+                assert "consumer failed" not in log, "a consumer failed: " + log[log.index("consumer failed") - 300:][:600]
+        finally:
+            stop_all([(proc, port)], workers)
+            proxy.close()
 
 
 @test

@@ -13,6 +13,11 @@ struct OrderingGate {
     static let movedAtKey = "__channels_order_moved"
     /// The wait channel a drain loop up the stack is already emptying: nested turns leave it to that loop.
     @TaskLocal static var draining: String?
+    /// On a copy held back for `resentGrace` (`Message.resentField`) when it comes back.
+    static let heldResentField = "__resent_held"
+    /// In the session: the order a held-back copy took the turn of (a first copy of that order
+    /// met later is dropped).
+    static let resentClaimKey = "__channels_resent_claim"
 
     let context: ConsumerContext
     /// Where the next expected order is kept.
@@ -157,6 +162,19 @@ struct OrderingGate {
             }
             return
         }
+        if !slight {
+            if context.message[Self.heldResentField] != nil {
+                // Back from its grace and due: the turn is this copy's only if no other copy of
+                // the order took it (sent again twice, two held copies come back together).
+                guard await claimResentTurn() else { return dropSecondCopy() }
+            } else if session[Self.resentClaimKey]?.intValue == order {
+                // A copy sent again took this order's turn after its grace: this is the first
+                // copy, found late (it waited in another worker longer than the grace).
+                return dropSecondCopy()
+            } else if context.message.isResent, let dispatch = context.dispatcher {
+                return holdBackResent(dispatch)
+            }
+        }
         do {
             try await consumer(context)
         } catch {
@@ -168,6 +186,63 @@ struct OrderingGate {
         // sees them in order too.
         await context.flush()
         try await advance()
+    }
+
+    /// A message sent again after a lost connection (`Message.resentField`) whose turn has
+    /// come: the first try may have been stored too, and that copy may be running in another
+    /// worker right now, on the same order read from the store (the order only moves when a
+    /// turn ends). So this copy waits `resentGrace` (in a task of its own, not in a consumer
+    /// slot), then goes through the routing again unmarked and reads the order anew: dropped as
+    /// late when the first copy ran meanwhile, run when there was none. (A first copy that runs
+    /// longer than the grace still runs twice.)
+    private func holdBackResent(_ dispatch: @escaping @Sendable (ReceivedMessage) async -> Void) {
+        // Not this message's end: the session stays for its turn.
+        context.extras.withLock { $0.parked = true }
+        var again = context.message
+        again.removeValue(forKey: Message.resentField)
+        again[Self.heldResentField] = .bool(true)
+        let (channel, grace) = (context.channel, context.environment.resentGrace)
+        ChannelsMetrics.resentHeldBack.increment()
+        context.logger.debug(
+            "a message sent again after a lost connection waits for a first copy's turn",
+            metadata: ["channel": "\(channel)", "order": "\(order)"])
+        Task.detached {
+            try? await Task.sleep(for: grace)
+            await dispatch(ReceivedMessage(channel: channel, message: again))
+        }
+    }
+
+    /// Takes the turn for a held-back copy with one compare-and-set of the stored session:
+    /// false when the order moved, another copy claimed it, or the save lost its race.
+    private func claimResentTurn() async -> Bool {
+        guard let key = session.key else { return true }
+        var settings = context.environment.sessionConfiguration
+        settings.saveAttempts = 1
+        do {
+            let stored = try await Session.load(
+                key: key, store: context.environment.sessionStore, settings: settings, ttl: session.ttl, log: .consumer(context))
+            guard (stored[Self.nextOrderKey]?.intValue ?? 0) == order, stored[Self.resentClaimKey]?.intValue != order else {
+                return false
+            }
+            stored[Self.resentClaimKey] = .int(order)
+            try await stored.save()
+            return true
+        } catch let error as SessionError where error.code == .saveConflict {
+            return false
+        } catch {
+            // Unreadable for now: the copy runs, as one without the mark would.
+            context.logger.warning("could not claim a turn for a message sent again", metadata: ["error": "\(error)"])
+            return true
+        }
+    }
+
+    /// Drops a copy of a message whose turn another copy took (counted as late).
+    private func dropSecondCopy() {
+        context.extras.withLock { $0.parked = true }
+        ChannelsMetrics.dropped[.late]?.increment()
+        context.logger.warning(
+            "dropped a second copy of a message sent again after a lost connection (counted in channels_dropped_total{reason=\"late\"})",
+            metadata: ["channel": "\(context.channel)", "order": "\(order)"])
     }
 
     /// Records that `order` was handled, saves, then runs what became due.

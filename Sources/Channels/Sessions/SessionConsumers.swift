@@ -20,6 +20,11 @@ public struct ConsumerEnvironment: Sendable {
     public var orderingGapTimeout: Duration
     /// Gaps skipped by the ordering wrappers (shared by the copies of this environment).
     public var orderingGaps: OrderingGaps
+    /// How long an ordering gate holds back a message marked as sent again after a lost
+    /// connection (`Message.resentField`) whose turn has come, before it looks at the order
+    /// once more: the copy stored by the first try, if there is one, runs meanwhile and this
+    /// one is then dropped as late. Held in memory, not in a consumer slot.
+    public var resentGrace: Duration = .seconds(1)
     /// Attempt counters for rate limits (login): in memory, or on the layer's Redis so every
     /// worker shares them.
     public var rateLimiter: any RateLimiter
