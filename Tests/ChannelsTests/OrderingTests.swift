@@ -818,7 +818,7 @@ struct OrderingTests {
     @Test(arguments: [(true, 1), (false, 1), (false, 2), (true, 2)], [false, true])
     func aMessageStoredTwiceByARetriedSendRunsOnce(copies: (firstCopyStored: Bool, resent: Int), handOff: Bool) async throws {
         let log = Log()
-        var environment = ConsumerEnvironment(orderingGapTimeout: .seconds(20))
+        var environment = ConsumerEnvironment(orderingGapTimeout: .seconds(4))
         environment.resentGrace = .milliseconds(600)
         // Slow enough that the two copies' turns overlap.
         let consumer: Consumer = { context in

@@ -201,7 +201,11 @@ struct OrderingGate {
         var again = context.message
         again.removeValue(forKey: Message.resentField)
         again[Self.heldResentField] = .bool(true)
-        let (channel, grace) = (context.channel, context.environment.resentGrace)
+        // Longer than a copy of the session handed on between one worker's turns is used
+        // without reading the store (`SessionHandOn`): a first copy that starts after the
+        // claim below reads the store, and finds the claim.
+        let handOnAge = SessionHandOn.maxAge(gapTimeout: context.environment.orderingGapTimeout)
+        let (channel, grace) = (context.channel, max(context.environment.resentGrace, handOnAge + .milliseconds(100)))
         ChannelsMetrics.resentHeldBack.increment()
         context.logger.debug(
             "a message sent again after a lost connection waits for a first copy's turn",

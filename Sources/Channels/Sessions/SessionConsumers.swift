@@ -23,7 +23,9 @@ public struct ConsumerEnvironment: Sendable {
     /// How long an ordering gate holds back a message marked as sent again after a lost
     /// connection (`Message.resentField`) whose turn has come, before it looks at the order
     /// once more: the copy stored by the first try, if there is one, runs meanwhile and this
-    /// one is then dropped as late. Held in memory, not in a consumer slot.
+    /// one is then dropped as late. Held in memory, not in a consumer slot; at least a
+    /// sixteenth of `orderingGapTimeout` and 0.1 s (how long a worker's turns go on from a
+    /// session they saved without reading it again).
     public var resentGrace: Duration = .seconds(1)
     /// Attempt counters for rate limits (login): in memory, or on the layer's Redis so every
     /// worker shares them.
