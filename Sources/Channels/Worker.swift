@@ -165,6 +165,9 @@ public final class Worker: Service, Sendable {
                 group.addTask { await self.readInbox() }
                 group.addTask { await self.streams.keepLeases(on: self.layer) }
                 await serve()
+                // Copies an ordering gate held back for their grace run before the worker
+                // stops (a grace each at most, then their consumers).
+                await environment.orderingGaps.heldBack.finished()
                 group.cancelAll()
             }
         } onCancel: {

@@ -806,6 +806,31 @@ struct OrderingTests {
         for layer in layers { await layer.close() }
     }
 
+    /// A worker told to stop while it holds a copy back for its grace runs that copy before it
+    /// returns (before, the process exited with it in memory: the socket waited a gap timeout
+    /// and the message was skipped as lost).
+    @Test func aStoppingWorkerRunsTheCopyItHoldsBackFirst() async throws {
+        let log = Log()
+        var environment = ConsumerEnvironment(orderingGapTimeout: .seconds(4))
+        environment.resentGrace = .milliseconds(800)
+        let layer = InMemoryChannelLayer()
+        let worker = Worker(router: try Router(Self.routing(log: log)), layer: layer, environment: environment)
+        let running = Task { await worker.run() }
+        let reply = try await layer.newChannel("test.reply?")
+        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        #expect(try await layer.receive(channels: [reply], timeout: .seconds(10))?.message == ["accept": true])
+        try await layer.send(message(reply, order: 1).markedResent(), to: "websocket.receive")
+        let deadline = ContinuousClock.now + .seconds(10)
+        while environment.orderingGaps.heldBack.count == 0, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(environment.orderingGaps.heldBack.count == 1, "the copy is held back")
+        worker.stop()
+        await running.value
+        #expect(await log.entries == ["0", "1"], "it ran before the worker stopped")
+        #expect(try await layer.receive(channels: [reply], timeout: .seconds(1))?.message == ["text": "1"])
+    }
+
     /// A send tried again after its connection to the layer was lost may have been stored by
     /// its first try too (Redis SIGKILLed between its append-only file and its reply; a proxy
     /// that cuts the connection): two copies of one order, the second marked `__resent`. Taken

@@ -14,6 +14,9 @@ public final class OrderingGaps: Sendable {
     /// monotonic clock): a gap's age never compares two machines' wall clocks.
     private let stuck = Mutex<[String: (next: Int64, since: ContinuousClock.Instant)]>([:])
 
+    /// Copies held back for their grace (a worker's shutdown waits for them).
+    let heldBack = HeldBack()
+
     /// No gaps skipped yet.
     public init() {}
 
@@ -253,5 +256,56 @@ public func inSendOrder(_ consumer: @escaping Consumer) -> Consumer {
             throw ChannelLayerError.channelFull("the wait channel of a sequence on '\(context.channel)'")
         }
         if isEnd && !context.extras.withLock({ $0.parked }) { try await session.delete() }
+    }
+}
+
+/// Messages an ordering gate holds back for a grace before they run (a copy sent again after a
+/// lost connection: `Message.resentField`), so a worker's shutdown waits for them instead of
+/// exiting with them in memory.
+final class HeldBack: Sendable {
+    private struct State {
+        var count = 0
+        var nextWaiter = 0
+        var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    }
+    private let state = Mutex(State())
+
+    /// How many wait for their grace to end, or run after it.
+    var count: Int { state.withLock { $0.count } }
+
+    /// Runs `then` after `grace` in a task of its own (not a consumer slot).
+    func hold(for grace: Duration, then run: @escaping @Sendable () async -> Void) {
+        state.withLock { $0.count += 1 }
+        Task.detached {
+            try? await Task.sleep(for: grace)
+            await run()
+            let waiters = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
+                state.count -= 1
+                guard state.count == 0 else { return [] }
+                defer { state.waiters = [:] }
+                return Array(state.waiters.values)
+            }
+            for waiter in waiters { waiter.resume() }
+        }
+    }
+
+    /// Returns once nothing is held back (at once when nothing is), or when the caller is cancelled.
+    func finished() async {
+        let id = state.withLock { state -> Int in
+            state.nextWaiter += 1
+            return state.nextWaiter
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let resumeNow = state.withLock { state -> Bool in
+                    if state.count == 0 || Task.isCancelled { return true }
+                    state.waiters[id] = continuation
+                    return false
+                }
+                if resumeNow { continuation.resume() }
+            }
+        } onCancel: {
+            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume()
+        }
     }
 }

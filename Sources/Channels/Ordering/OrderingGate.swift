@@ -210,10 +210,8 @@ struct OrderingGate {
         context.logger.debug(
             "a message sent again after a lost connection waits for a first copy's turn",
             metadata: ["channel": "\(channel)", "order": "\(order)"])
-        Task.detached {
-            try? await Task.sleep(for: grace)
-            await dispatch(ReceivedMessage(channel: channel, message: again))
-        }
+        let held = ReceivedMessage(channel: channel, message: again)
+        gaps.heldBack.hold(for: grace) { await dispatch(held) }
     }
 
     /// Takes the turn for a held-back copy with one compare-and-set of the stored session:
