@@ -85,3 +85,24 @@ public func withLayerErrors<T>(_ body: () async throws -> T) async throws(Channe
         throw ChannelLayerError(wrapping: error)
     }
 }
+
+extension ChannelLayerError {
+    /// What ``notReady(_:)`` carries as `underlying`.
+    public struct NotReady: Error, Sendable {
+        /// The marker.
+        public init() {}
+    }
+
+    /// The backing store refused the call without running it, for a moment (Redis loading its
+    /// data set after a restart, busy with a script, a replica cut off from its master): a
+    /// ``Code/connectionLost``, so every caller that tries again after a lost connection tries
+    /// this again too, but one that certainly did not run (``mayHaveRun`` is false).
+    public static func notReady(_ message: String) -> ChannelLayerError {
+        ChannelLayerError(.connectionLost, message, underlying: NotReady())
+    }
+
+    /// Whether the failed call may have run in the backing store before it failed: false only
+    /// for a refusal that ran nothing (``notReady(_:)``). A send tried again after one that may
+    /// have run may be stored twice.
+    public var mayHaveRun: Bool { !(underlying is NotReady) }
+}

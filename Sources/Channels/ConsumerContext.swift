@@ -255,7 +255,7 @@ public final class ConsumerContext: Sendable {
             case .channel(let name):
                 do {
                     try await layer.send(outgoing, to: name)
-                } catch let error as ChannelLayerError where error.code == .connectionLost && !outgoing.isResent {
+                } catch let error as ChannelLayerError where error.code == .connectionLost && error.mayHaveRun && !outgoing.isResent {
                     outgoing = outgoing.markedResent()
                     throw error
                 }

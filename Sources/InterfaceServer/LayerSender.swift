@@ -232,7 +232,9 @@ final class LayerSender {
         case .channelFull?, .connectionLost?, .backendError?, .outOfMemory?:
             // A lost connection may have taken the reply of a send that was stored: the next try
             // is marked, so an ordering gate that meets both copies runs the message once.
-            if code == .connectionLost, let head = queue.first, !head.message.isResent {
+            if code == .connectionLost, (error as? ChannelLayerError)?.mayHaveRun == true, let head = queue.first,
+                !head.message.isResent
+            {
                 queue[queue.startIndex].message = head.message.markedResent()
             }
             return retry(full: code == .channelFull, error: error)

@@ -150,7 +150,13 @@ public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundli
     func pipelined(
         _ shard: Int, _ script: LuaScript, keys: [RedisArgument], args: [RedisArgument], bulk: Bool = false
     ) async throws -> RedisReply {
-        try await script.run(on: shared(shard, bulk: bulk), keys: keys, args: args)
+        let reply = try await script.run(on: shared(shard, bulk: bulk), keys: keys, args: args)
+        // A Redis that refused it for a moment (loading its data set after a restart): thrown
+        // as the `connectionLost` that callers already try again after.
+        if let message = reply.errorMessage, RedisRefusal.isNotReady(message) {
+            throw ChannelLayerError.redisRefused(message, "Redis script \(script.name)")
+        }
+        return reply
     }
 
     /// A blocking command (and what follows it) on a connection of its own.

@@ -44,7 +44,7 @@ public final class RedisClient: Sendable {
     @discardableResult
     public func command(_ args: [RedisArgument]) async throws -> RedisReply {
         let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
-            try await connection().command(args)
+            try Self.failingIfNotReady(try await connection().command(args), "Redis")
         }
         if case .error(let message) = reply { throw ChannelLayerError.redisRefused(message, "Redis") }
         return reply
@@ -59,9 +59,19 @@ public final class RedisClient: Sendable {
     /// Runs a Lua script (EVALSHA, falling back to EVAL) in one round trip.
     public func run(_ script: LuaScript, keys: [RedisArgument], args: [RedisArgument]) async throws -> RedisReply {
         let reply = try await retrying(for: outageRetry, when: { $0.code == .connectionLost }) {
-            try await script.run(on: connection(), keys: keys, args: args)
+            try Self.failingIfNotReady(try await script.run(on: connection(), keys: keys, args: args), "Redis script \(script.name)")
         }
         if case .error(let message) = reply { throw ChannelLayerError.redisRefused(message, "Redis script \(script.name)") }
+        return reply
+    }
+
+    /// `reply`, or the error of a Redis that refused it for a moment (loading its data set
+    /// after a restart, say), which the retry above waits out like an outage.
+    private static func failingIfNotReady(_ reply: RedisReply, _ what: String) throws(ChannelLayerError) -> RedisReply {
+        if case .error(let message) = reply {
+            let error = ChannelLayerError.redisRefused(message, what)
+            if !error.mayHaveRun { throw error }
+        }
         return reply
     }
 

@@ -121,8 +121,10 @@ final class RedisServer: @unchecked Sendable {
         throw lastError!
     }
 
-    func restart() async throws {
-        try await offPool { try self.start() }
+    /// Starts the server again; with `whileLoading`, returns once it answers at all, which may be
+    /// `-LOADING` while it reads its data set back.
+    func restart(whileLoading: Bool = false) async throws {
+        try await offPool { try self.start(whileLoading: whileLoading) }
     }
 
     func shutdown() async {
@@ -142,7 +144,7 @@ final class RedisServer: @unchecked Sendable {
 
     var url: String { "redis://127.0.0.1:\(port)/0" }
 
-    private func start() throws {
+    private func start(whileLoading: Bool = false) throws {
         // A restart starts empty, as a server without persistence does: no replica's sync file.
         try? FileManager.default.removeItem(atPath: directory + "/dump.rdb")
         var arguments =
@@ -158,7 +160,7 @@ final class RedisServer: @unchecked Sendable {
             throw ChannelLayerError(.invalidConfiguration, "cannot start redis-server: error \(status)")
         }
         pid = child
-        try waitUntilReady()
+        try waitUntilReady(whileLoading: whileLoading)
     }
 
     private func stop(signal: Int32 = SIGTERM) {
@@ -174,7 +176,7 @@ final class RedisServer: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    private func waitUntilReady() throws {
+    private func waitUntilReady(whileLoading: Bool = false) throws {
         // Waiting for a child process to listen: each try is a connect, not a poll of state.
         for _ in 0..<500 {
             if let pid {
@@ -189,6 +191,7 @@ final class RedisServer: @unchecked Sendable {
                 connectTimeout: .seconds(1), commandTimeout: .seconds(1)),
                 let pong = try? connection.command(["PING"]),
                 pong == .status("PONG") || pong.errorMessage?.hasPrefix("NOAUTH") == true  // up, with a password
+                    || (whileLoading && pong.errorMessage?.hasPrefix("LOADING") == true)
             {
                 return
             }

@@ -186,8 +186,10 @@ struct WebSocketFastUpgradeTests {
         } else {
             socket.write(request)
         }
-        // A 101 leaves the connection open; anything else here is answered and closed.
-        try await socket.read(within: 12) { received in
+        // A 101 leaves the connection open; anything else here is answered and closed. (Under
+        // the whole suite's load a close has come 12 s after its answer: a wide bound, which a
+        // connection held for ever still fails.)
+        try await socket.read(within: 30) { received in
             String(decoding: received, as: UTF8.self).hasSuffix("Connection: upgrade\r\n\r\n")
         }
         return (socket.text, socket.closed, server.1.statistics.fastUpgrades > before)

@@ -718,6 +718,49 @@ def redis_sigkilled_and_restarted_with_aof_while_40_sockets_chat():
             stop_all(procs, workers)
 
 
+async def thirty_ordered_bursts(port, tag, fault):
+    """30 sockets in three rooms of 10 (on `port`) each send 100 texts back to back while
+    `fault` runs in a thread; waits until every member has everything, or nothing moved for
+    20 s (two gap timeouts: a lost text's gap is skipped after one), within 150 s. Returns the
+    counts (lost texts, duplicate deliveries, sender/member pairs out of order, rooms whose
+    members differ, close codes) and the members."""
+    rooms = {}
+    for r in range(3):
+        rooms[r] = await open_members([port], "%s%d-%d" % (tag, r, os.getpid()), 10)
+    members = [m for ms in rooms.values() for m in ms]
+    sent = {m.name: ["%s #%03d" % (m.name, i) for i in range(100)] for m in members}
+
+    async def burst(m):
+        for t in sent[m.name]:
+            await m.ws.send(t)
+
+    await asyncio.gather(asyncio.to_thread(fault), *(burst(m) for m in members))
+    deadline, last, still = time.time() + 150, None, time.time()
+    while time.time() < deadline:
+        counts = [len(m.texts) for m in members]
+        if all(c >= 1000 for c in counts):
+            break
+        if counts != last:
+            last, still = counts, time.time()
+        elif time.time() - still > 20:
+            break
+        await asyncio.sleep(0.2)
+    lost = dups = disorder = unequal = 0
+    for ms in rooms.values():
+        if len({tuple(m.texts) for m in ms}) != 1:
+            unequal += 1
+        for m in ms:
+            dups += len(m.texts) - len(set(m.texts))
+            for sender in ms:
+                got = [t for t in m.texts if t.startswith(sender.name + " #")]
+                if got != sorted(got):
+                    disorder += 1
+        got = set(ms[0].texts)
+        lost += sum(1 for sender in ms for t in sent[sender.name] if t not in got)
+    closed = [m.closed_code for m in members if m.closed_code is not None]
+    return (lost, dups, disorder, unequal, closed), members
+
+
 @test
 def redis_sigkilled_and_restarted_with_aof_during_30_ordered_bursts():
     """30 sockets in three rooms each send 100 texts back to back (each socket's texts pass the
@@ -728,7 +771,8 @@ def redis_sigkilled_and_restarted_with_aof_during_30_ordered_bursts():
     out): before, both lost texts (5-10 of 3,000 in a red team's runs, 26 in this test's first).
     What is still lost is bounded: a pop that Redis ran and whose reply died with it (at most
     once, as documented), each skipped and counted by the ordering gates. Every member of a
-    room gets the same texts in its socket's order (a text twice is bounded, see below)."""
+    room gets the same texts in its socket's order, each once (a send whose reply died with
+    Redis is tried again, marked `__resent`, and the ordering gates run it once)."""
     aof = ("--appendonly", "yes", "--appendfsync", "always")
     with own_redis(*aof) as (redis_port, workdir, layer):
         (_, procs, workers) = redis_stack(None, layer=layer)
@@ -736,53 +780,17 @@ def redis_sigkilled_and_restarted_with_aof_during_30_ordered_bursts():
         marks = [(proc, os.path.getsize(proc.log.name)) for proc in [p for p, _ in procs] + workers]
         try:
             async def run():
-                rooms = {}
-                for r in range(3):
-                    rooms[r] = await open_members([port], "aofburst%d-%d" % (r, os.getpid()), 10)
-                members = [m for ms in rooms.values() for m in ms]
-                sent = {m.name: ["%s #%03d" % (m.name, i) for i in range(100)] for m in members}
-
-                async def burst(m):
-                    for t in sent[m.name]:
-                        await m.ws.send(t)
-
                 def fault():
                     time.sleep(0.3)
                     kill_redis(workdir)
                     time.sleep(1.0)
                     start_redis(redis_port, workdir, *aof)
 
-                await asyncio.gather(asyncio.to_thread(fault), *(burst(m) for m in members))
-                # Until every member has everything, or nothing moved for 20 s (two gap timeouts:
-                # a lost text's gap is skipped after one), within 150 s.
-                deadline, last, still = time.time() + 150, None, time.time()
-                while time.time() < deadline:
-                    counts = [len(m.texts) for m in members]
-                    if all(c >= 1000 for c in counts):
-                        break
-                    if counts != last:
-                        last, still = counts, time.time()
-                    elif time.time() - still > 20:
-                        break
-                    await asyncio.sleep(0.2)
-                lost = dups = disorder = unequal = 0
-                for ms in rooms.values():
-                    if len({tuple(m.texts) for m in ms}) != 1:
-                        unequal += 1
-                    for m in ms:
-                        dups += len(m.texts) - len(set(m.texts))
-                        for sender in ms:
-                            got = [t for t in m.texts if t.startswith(sender.name + " #")]
-                            if got != sorted(got):
-                                disorder += 1
-                    got = set(ms[0].texts)
-                    lost += sum(1 for sender in ms for t in sent[sender.name] if t not in got)
-                closed = [m.closed_code for m in members if m.closed_code is not None]
+                (lost, dups, disorder, unequal, closed), members = await thirty_ordered_bursts(port, "aofburst", fault)
                 print("  %d of 3000 texts lost, %d duplicates, %d sender/member pairs out of order, %d rooms whose "
                       "members differ, %d sockets closed" % (lost, dups, disorder, unequal, len(closed)), flush=True)
                 assert not closed, "sockets closed: %r" % closed
-                # A text twice (10 deliveries: one text to a room's 10 members, in one of four
-                # full runs) is not yet explained; bounded and reported until it is.
+                # A send whose reply died with Redis is tried again, marked, and run once.
                 assert dups == 0 and disorder == 0, "%d duplicates, %d pairs out of order" % (dups, disorder)
                 assert unequal == 0, "members of a room got different texts"
                 assert lost <= 60, "%d of 3000 texts lost" % lost
@@ -902,16 +910,6 @@ def a_servers_redis_connection_cut_after_its_sends_ran_during_30_ordered_bursts(
         marks = [(p, os.path.getsize(p.log.name)) for p in [proc] + workers]
         try:
             async def run():
-                rooms = {}
-                for r in range(3):
-                    rooms[r] = await open_members([port], "cutburst%d-%d" % (r, os.getpid()), 10)
-                members = [m for ms in rooms.values() for m in ms]
-                sent = {m.name: ["%s #%03d" % (m.name, i) for i in range(100)] for m in members}
-
-                async def burst(m):
-                    for t in sent[m.name]:
-                        await m.ws.send(t)
-
                 # Each of 8 rounds: the workers paused (so both copies of a frame wait for them
                 # together, as behind a Redis restart), two of the server's writes cut, the
                 # workers resumed.
@@ -925,30 +923,7 @@ def a_servers_redis_connection_cut_after_its_sends_ran_during_30_ordered_bursts(
                         for w in workers:
                             w.p.send_signal(signal.SIGCONT)
 
-                await asyncio.gather(asyncio.to_thread(fault), *(burst(m) for m in members))
-                deadline, last, still = time.time() + 120, None, time.time()
-                while time.time() < deadline:
-                    counts = [len(m.texts) for m in members]
-                    if all(c >= 1000 for c in counts):
-                        break
-                    if counts != last:
-                        last, still = counts, time.time()
-                    elif time.time() - still > 20:
-                        break
-                    await asyncio.sleep(0.2)
-                lost = dups = disorder = unequal = 0
-                for ms in rooms.values():
-                    if len({tuple(m.texts) for m in ms}) != 1:
-                        unequal += 1
-                    for m in ms:
-                        dups += len(m.texts) - len(set(m.texts))
-                        for sender in ms:
-                            got = [t for t in m.texts if t.startswith(sender.name + " #")]
-                            if got != sorted(got):
-                                disorder += 1
-                    got = set(ms[0].texts)
-                    lost += sum(1 for sender in ms for t in sent[sender.name] if t not in got)
-                closed = [m.closed_code for m in members if m.closed_code is not None]
+                (lost, dups, disorder, unequal, closed), members = await thirty_ordered_bursts(port, "cutburst", fault)
                 with open(proc.log.name) as f:
                     f.seek(marks[0][1])
                     retried = f.read().count("holding and retrying")

@@ -218,11 +218,8 @@ struct OrderingGate {
     /// false when the order moved, another copy claimed it, or the save lost its race.
     private func claimResentTurn() async -> Bool {
         guard let key = session.key else { return true }
-        var settings = context.environment.sessionConfiguration
-        settings.saveAttempts = 1
         do {
-            let stored = try await Session.load(
-                key: key, store: context.environment.sessionStore, settings: settings, ttl: session.ttl, log: .consumer(context))
+            let stored = try await loadForOneSave(key)
             guard (stored[Self.nextOrderKey]?.intValue ?? 0) == order, stored[Self.resentClaimKey]?.intValue != order else {
                 return false
             }
@@ -463,17 +460,23 @@ struct OrderingGate {
 
     static func nowMillis() -> Int64 { WallClock.milliseconds }
 
+    /// The session as stored now, whose save makes one try: one that loses its race throws
+    /// `saveConflict` instead of re-reading and applying its changes again.
+    private func loadForOneSave(_ key: String) async throws -> Session {
+        var settings = context.environment.sessionConfiguration
+        settings.saveAttempts = 1
+        return try await Session.load(
+            key: key, store: context.environment.sessionStore, settings: settings, ttl: session.ttl, log: .consumer(context))
+    }
+
     /// Moves the stored order from `from` past a gap to `to` (unless another worker moved it).
     private func skipGap(from: Int64, to: Int64) async -> Bool {
         guard let key = session.key else { return false }
         // One try: a save that lost its race lost it to a turn or a skip that moved the order,
         // and must not move it again on top (re-applied, a second skip jumped past messages
         // the first one had let run, and they were dropped as older).
-        var settings = context.environment.sessionConfiguration
-        settings.saveAttempts = 1
         do {
-            let stored = try await Session.load(
-                key: key, store: context.environment.sessionStore, settings: settings, ttl: session.ttl, log: .consumer(context))
+            let stored = try await loadForOneSave(key)
             // No session may mean its connect was lost: the skip starts one, so what waits
             // (the socket's disconnect, with its cleanup, among it) still runs.
             guard to > from, (stored[Self.nextOrderKey]?.intValue ?? 0) == from else { return false }
