@@ -394,37 +394,6 @@ struct OrderingTests {
         #expect(harness.environment.orderingGaps.skipped == 2)
     }
 
-    /// Two workers taking one socket's burst in turn: the next order's message is parked by
-    /// the other one before this turn ends. The turn after a drain that found it parked takes
-    /// the next one while its save is on the way and runs it once the save is through: in
-    /// order, once, nothing skipped.
-    @Test func aParkedNextMessageTakenDuringTheSaveRunsInOrderOnce() async throws {
-        let log = Log()
-        let harness = try TestHarness(Self.routing(log: log), environment: ConsumerEnvironment(orderingGapTimeout: .seconds(20)))
-        let gaps = harness.environment.orderingGaps
-        let reply = try await harness.newReplyChannel()
-        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
-        // The first drain finds 2 and 3 parked by the other worker.
-        try await parkAsADeadWorker(harness, reply: reply, orders: [2, 3])
-        try await harness.send(message(reply, order: 1), to: "websocket.receive")
-        #expect(await log.entries == ["0", "1", "2", "3"])
-        #expect(gaps.prefetchedTurns == 0)
-        // Then 5 is parked before 4's turn ends: 4's turn takes it during its save.
-        try await parkAsADeadWorker(harness, reply: reply, orders: [5])
-        try await harness.send(message(reply, order: 4), to: "websocket.receive")
-        #expect(await log.entries == ["0", "1", "2", "3", "4", "5"])
-        #expect(gaps.prefetchedTurns == 1, "5 was taken while 4's save was on its way")
-        // 6's turn looks during its save (found last time) and finds nothing; 7 then comes as
-        // usual.
-        try await harness.send(message(reply, order: 6), to: "websocket.receive")
-        try await harness.send(message(reply, order: 7), to: "websocket.receive")
-        #expect(await log.entries == ["0", "1", "2", "3", "4", "5", "6", "7"])
-        #expect(gaps.prefetchedTurns == 1 && gaps.skipped == 0)
-        var replies: [String] = []
-        while let next = try await harness.receive(from: reply) { replies.append(next["text"]?.stringValue ?? "accept") }
-        #expect(replies == ["accept", "1", "2", "3", "4", "5", "6", "7"], "each reply once, in order")
-    }
-
     /// Every worker that saw this socket died at once: 1 was lost with them, 2 and 3 wait
     /// parked, and nothing of the socket comes again to bring a gate back. The dead watch's
     /// lease lapses; a sweeper claims it and sends 2 back on `websocket.receive`; the gate that

@@ -16,28 +16,6 @@ public final class OrderingGaps: Sendable {
 
     /// Copies held back for their grace (a worker's shutdown waits for them).
     let heldBack = HeldBack()
-    /// Wait channels whose last drain here found the next order's message parked (another
-    /// worker takes this socket's messages in turn with this one): their next turn takes it
-    /// while its save is on the way.
-    private let foundParked = Mutex<Set<String>>([])
-
-    func drainFound(_ waitChannel: String, _ found: Bool) {
-        foundParked.withLock { set in
-            if found {
-                if set.count >= 10_000 { set.removeAll() }
-                set.insert(waitChannel)
-            } else {
-                set.remove(waitChannel)
-            }
-        }
-    }
-
-    func lastDrainFound(_ waitChannel: String) -> Bool { foundParked.withLock { $0.contains(waitChannel) } }
-
-    private let prefetchedCount = Atomic<Int>(0)
-    /// Turns whose next order's parked message was taken while their save was on the way.
-    var prefetchedTurns: Int { prefetchedCount.load(ordering: .relaxed) }
-    func countPrefetched() { prefetchedCount.add(1, ordering: .relaxed) }
 
     /// No gaps skipped yet.
     public init() {}

@@ -250,39 +250,14 @@ struct OrderingGate {
         // than the gap timeout) is not undone when this save loses its race to it.
         session.raise(Self.nextOrderKey, to: order + 1)
         session[Self.movedAtKey] = .int(Self.nowMillis())
-        // Saved before the wait channel is drained, so what runs next sees the new order. When
-        // the next order's message was parked by another worker before (its turns alternate
-        // with this one's: two workers taking one socket's burst), it is taken while the save
-        // is on its way, two round trips at once; it runs only once the save is through. A
-        // look that finds nothing looks again after the save, as without it: a park that
-        // comes between the two must meet either that look or, in its parker, the saved order.
-        let prefetching =
-            !slight && Self.draining != waitChannel && gaps.lastDrainFound(waitChannel)
-            && !RunningSocket.runsNext(order: order + 1, after: context.message, on: context.channel)
-        let saved: Bool
-        var prefetched: [ParkedMessage] = []
-        if prefetching {
-            async let taken = take([parkingChannel(for: order + 1)])
-            do {
-                saved = try await session.save()
-            } catch {
-                // Not this turn's to run: back where they waited.
-                let entries = await taken
-                if !entries.isEmpty { await parkAgain(entries) }
-                throw error
-            }
-            prefetched = await taken
-        } else {
-            saved = try await session.save()
-        }
+        // Saved before the wait channel is drained, so what runs next sees the new order.
+        let saved = try await session.save()
         // What runs next (drained here, or next in this worker's run of the socket) starts
         // from the session as saved here, not read back. Not with `slight` ordering, whose
         // turns run at once across workers: each reads the store.
         let handOn = saved && !slight
         if handOn { SessionHandOn.current?.record(session) }
-        await drain(
-            from: session[Self.nextOrderKey]?.intValue ?? order + 1, handingOn: handOn ? session : nil,
-            prefetched: prefetched.isEmpty ? nil : (order + 1, prefetched))
+        await drain(from: session[Self.nextOrderKey]?.intValue ?? order + 1, handingOn: handOn ? session : nil)
     }
 
     private func park(next: Int64) async throws {
@@ -507,30 +482,19 @@ struct OrderingGate {
     ///   - handingOn: the session this turn just saved: the first message drained starts from it.
     ///     Each one drained then hands its own saves on to the next (``SessionHandOn``, the
     ///     scope the caller runs in, if any: a worker's run of one socket's messages).
-    ///   - prefetched: messages the caller took from an order's parking channel already (run
-    ///     in place of the first look when that order is the next one, else parked again).
     @discardableResult
-    private func drain(
-        from known: Int64? = nil, skippingGapFrom gap: Int64? = nil, handingOn saved: Session? = nil,
-        prefetched: (order: Int64, entries: [ParkedMessage])? = nil
-    ) async -> Bool {
-        guard Self.draining != waitChannel else {
-            if let prefetched { await parkAgain(prefetched.entries) }
-            return true
-        }
+    private func drain(from known: Int64? = nil, skippingGapFrom gap: Int64? = nil, handingOn saved: Session? = nil) async -> Bool {
+        guard Self.draining != waitChannel else { return true }
         let scope =
             SessionHandOn.current ?? SessionHandOn(maxAge: SessionHandOn.maxAge(gapTimeout: context.environment.orderingGapTimeout))
         if let saved { scope.record(saved) }
         return await SessionHandOn.$current.withValue(scope) {
-            await drainTurns(from: known, skippingGapFrom: gap, prefetched: prefetched)
+            await drainTurns(from: known, skippingGapFrom: gap)
         }
     }
 
-    private func drainTurns(
-        from known: Int64?, skippingGapFrom gap: Int64?, prefetched: (order: Int64, entries: [ParkedMessage])? = nil
-    ) async -> Bool {
+    private func drainTurns(from known: Int64?, skippingGapFrom gap: Int64?) async -> Bool {
         await Self.$draining.withValue(waitChannel) {
-            var prefetched = prefetched
             if slight {
                 await drainAll(skippingGapFrom: gap)
                 return true
@@ -540,38 +504,14 @@ struct OrderingGate {
             if let known {
                 next = known
             } else {
-                guard let stored = try? await storedNext() else {
-                    if let prefetched { await parkAgain(prefetched.entries) }
-                    return true
-                }
+                guard let stored = try? await storedNext() else { return true }
                 next = stored
             }
-            if let early = prefetched,
-                early.order != next || gap != nil
-                    || RunningSocket.runsNext(order: next, after: context.message, on: context.channel)
-            {
-                // The order moved past them (a skip), or what is due runs next here: parked
-                // again (or dropped, when their turn passed) for the usual looks.
-                await parkAgain(early.entries)
-                prefetched = nil
-            }
-            // Whether the first look finds the next order parked (the next turn then takes it
-            // while its save is on the way: see `advance`).
-            var firstLook = true
             while true {
                 // The message due runs next in this task (this worker took it behind this one):
                 // not parked, and it drains after itself.
                 if gap == nil, RunningSocket.runsNext(order: next, after: context.message, on: context.channel) { return true }
-                var entries: [ParkedMessage]
-                if let early = prefetched {
-                    entries = early.entries
-                    prefetched = nil
-                    gaps.countPrefetched()
-                } else {
-                    entries = await take([parkingChannel(for: next)])
-                    if firstLook, gap == nil { gaps.drainFound(waitChannel, !entries.isEmpty) }
-                }
-                firstLook = false
+                var entries = await take([parkingChannel(for: next)])
                 // Lost on the evidence of the gap found lost before it: skipped now.
                 // Proven, the whole stretch of missing orders up to the first one waiting goes
                 // (the evidence covers each of them); found lost by its age, only this order
