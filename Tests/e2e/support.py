@@ -231,19 +231,21 @@ def test(fn):
         return fn
     signal.signal(signal.SIGALRM, _timed_out)
     signal.alarm(TEST_TIMEOUT)
+    started = time.time()
     try:
         result = fn()
         if asyncio.iscoroutine(result):
             asyncio.run(result)
         signal.alarm(0)
         results.append((name, None))
-        print("PASS", name, flush=True)
+        # The time too, so the suite's slow tests can be found from a CI log.
+        print("PASS", name, "(%.1f s)" % (time.time() - started), flush=True)
     except BaseException as error:
         signal.alarm(0)
         if isinstance(error, KeyboardInterrupt):
             raise
         results.append((name, traceback.format_exc()))
-        print("FAIL", name, "\n" + traceback.format_exc(), flush=True)
+        print("FAIL", name, "(%.1f s)" % (time.time() - started), "\n" + traceback.format_exc(), flush=True)
     return fn
 
 
