@@ -18,7 +18,7 @@ if [ -n "${E2E_ONLY:-}" ]; then
   exit 2
 fi
 
-log() { printf '==> %s\n' "$*"; }
+log() { printf '==> [%s] %s\n' "$(date +%T)" "$*"; }
 
 # --- 1. System packages -------------------------------------------------------------------
 SUDO=""
