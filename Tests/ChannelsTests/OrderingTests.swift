@@ -806,6 +806,33 @@ struct OrderingTests {
         for layer in layers { await layer.close() }
     }
 
+    /// A held copy's claim that loses its race to another write of the socket's session (not a
+    /// copy of its order: a renewal, say) reads the session again and runs: before, it was
+    /// dropped as a second copy, and the only copy of the message was lost.
+    @Test func aHeldCopysClaimThatLosesARaceToAnotherWriteStillRuns() async throws {
+        let log = Log()
+        let store = StaleLoadSessionStore()
+        var environment = ConsumerEnvironment(sessionStore: store, orderingGapTimeout: .seconds(4))
+        environment.resentGrace = .milliseconds(300)
+        let harness = try TestHarness(Self.routing(log: log), environment: environment)
+        let reply = try await harness.newReplyChannel()
+        try await harness.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let sessionKey = Session.channelSessionKey(replyChannel: reply, secret: environment.sessionConfiguration.secret)
+        let storageKey = Session.storageKey(sessionKey)
+        let before = try #require(try await store.base.load(storageKey))
+        // Another write of the session; the claim's read (the third read of the session: the
+        // marked copy's wrapper's, the held copy's wrapper's, the claim's) gets the bytes from
+        // before it, and its save loses the race.
+        let other = try await Session.load(key: sessionKey, store: store.base, settings: environment.sessionConfiguration)
+        other["renewed"] = .int(1)
+        try await other.save()
+        store.stale.withLock { $0 = (storageKey, before, 3) }
+        try await harness.send(message(reply, order: 1).markedResent(), to: "websocket.receive")
+        try await Self.waitFor(log, count: 2)
+        #expect(await log.entries == ["0", "1"], "the only copy ran")
+        #expect(store.stale.withLock { $0 == nil }, "the claim read the bytes from before")
+    }
+
     /// A worker told to stop while it holds a copy back for its grace runs that copy before it
     /// returns (before, the process exited with it in memory: the socket waited a gap timeout
     /// and the message was skipped as lost).
@@ -982,4 +1009,32 @@ final class LookHookLayer: ForwardingChannelLayer, ChannelLayerPendingCounts {
         if let run { await run() }
         return counts
     }
+}
+
+/// A session store whose `n`th load of one key (armed in `stale`) answers with bytes from
+/// before a change: the save that follows loses its race.
+final class StaleLoadSessionStore: SessionStore {
+    let base = InMemorySessionStore()
+    let stale = Mutex<(key: String, data: [UInt8], countdown: Int)?>(nil)
+
+    func load(_ key: String) async throws -> [UInt8]? {
+        let answer: [UInt8]? = stale.withLock { stale in
+            guard var pending = stale, pending.key == key else { return nil }
+            pending.countdown -= 1
+            guard pending.countdown == 0 else {
+                stale = pending
+                return nil
+            }
+            stale = nil
+            return pending.data
+        }
+        if let answer { return answer }
+        return try await base.load(key)
+    }
+
+    func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
+        try await base.store(key, data: data, expected: expected, ttl: ttl)
+    }
+
+    func delete(_ key: String) async throws { try await base.delete(key) }
 }
