@@ -55,7 +55,8 @@ struct DeliveryTests {
     }
 
     /// A send whose reply was lost with the connection may have been stored: the consumer's
-    /// next try carries `__resent`, so an ordering gate meeting both copies runs one.
+    /// next try carries `__resent`, so an ordering gate meeting both copies runs one; a refusal
+    /// that ran nothing (`-LOADING`) is tried again unmarked.
     @Test func aSendTriedAgainAfterALostConnectionIsMarked() async throws {
         let layer = StoredThenLostLayer(losing: ["lost"])
         let worker = Worker(
@@ -65,6 +66,7 @@ struct DeliveryTests {
                     { context in
                         try await context.send(["n": 1], to: "lost")
                         try await context.send(["n": 2], to: "fine", immediately: true)
+                        try await context.send(["n": 3], to: "loading", immediately: true)
                     })
             ]), layer: layer)
         await worker.dispatch(ReceivedMessage(channel: "work", message: [:]))
@@ -73,6 +75,9 @@ struct DeliveryTests {
         #expect(first == ["n": 1] && first?.isResent == false, "the first try, stored before its reply was lost")
         #expect(second == ["n": 1, Message.resentField: true] && second?.isResent == true, "the next try, marked")
         #expect(try await layer.memory.receive(channels: ["fine"])?.message == ["n": 2], "an unhindered send is not marked")
+        #expect(
+            try await layer.memory.receive(channels: ["loading"])?.message == ["n": 3],
+            "a send Redis refused without running it (-LOADING) is tried again unmarked")
         #expect(worker.messagesDroppedOnSend == 0)
     }
 
@@ -109,10 +114,13 @@ final class StoredThenLostLayer: ForwardingChannelLayer {
     let memory = InMemoryChannelLayer()
     var base: any ChannelLayer { memory }
     let losing: Mutex<Set<String>>
+    /// Channels whose first send is refused as by a Redis loading its data set (nothing stored).
+    let loading = Mutex<Set<String>>(["loading"])
 
     init(losing: Set<String>) { self.losing = Mutex(losing) }
 
     func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        if loading.withLock({ $0.remove(channel) != nil }) { throw ChannelLayerError.notReady("LOADING (test)") }
         try await memory.send(message, to: channel)
         if losing.withLock({ $0.remove(channel) != nil }) {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing")

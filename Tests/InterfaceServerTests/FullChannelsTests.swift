@@ -126,6 +126,8 @@ final class FlakySendLayer: ForwardingChannelLayer {
     var base: any ChannelLayer { memory }
     let failing = Mutex<Set<String>>([])
     let storedThenLost = Mutex<Set<String>>([])
+    /// Refused once as by a Redis loading its data set: nothing stored, and it says so.
+    let notReady = Mutex<Set<String>>([])
 
     init(capacity: Int = 1) { memory = InMemoryChannelLayer(configuration: .init(capacity: capacity)) }
 
@@ -134,6 +136,7 @@ final class FlakySendLayer: ForwardingChannelLayer {
         if failing.withLock({ $0.remove(who) != nil }) {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection")
         }
+        if notReady.withLock({ $0.remove(who) != nil }) { throw ChannelLayerError.notReady("LOADING (test)") }
         try await memory.send(message, to: channel)
         if storedThenLost.withLock({ $0.remove(who) != nil }) {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing")
@@ -150,12 +153,14 @@ struct FullChannelSendersTests {
     /// full" for 147 of 150 sockets).
     /// A socket's frame whose send lost its connection may have been stored: the server's next
     /// try is marked `__resent` (an ordering gate then runs the frame once if both copies are
-    /// there); one that failed before storing is marked too (nothing tells them apart), and the
-    /// frames behind it, never tried, are not.
+    /// there); one that failed before storing is marked too (nothing tells them apart), one a
+    /// Redis refused without running it (`-LOADING`) is not, and the frames behind them, never
+    /// tried, are not.
     @Test func aSendTriedAgainAfterALostConnectionIsMarked() async throws {
         let layer = FlakySendLayer(capacity: 100)
         layer.storedThenLost.withLock { $0 = ["a"] }
         layer.failing.withLock { $0 = ["b"] }
+        layer.notReady.withLock { $0 = ["c"] }
         let logger = Logger(label: "test")
         let server = ServerContext(
             layer: layer, router: ReplyRouter(layer: layer, prefix: "resenttest", logger: logger),
@@ -165,20 +170,20 @@ struct FullChannelSendersTests {
             NIOLoopBound(LayerSender(server: server, loop: loop, outageTimeout: .seconds(30), heldLimit: 64, owner: nil), eventLoop: loop)
         }.get()
         try await loop.submit {
-            for (who, order) in [("a", 1), ("b", 2), ("c", 3)] {
+            for (who, order) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
                 sender.value.send(["who": .string(who), "order": .int(Int64(order))], to: "websocket.receive")
             }
         }.get()
         var received: [Message] = []
         let end = ContinuousClock.now + .seconds(10)
-        while received.count < 4, ContinuousClock.now < end {
+        while received.count < 5, ContinuousClock.now < end {
             if let message = try await layer.memory.receive(channels: ["websocket.receive"], timeout: .milliseconds(100)) {
                 received.append(message.message)
             }
         }
-        #expect(received.map { $0["who"]?.stringValue ?? "?" } == ["a", "a", "b", "c"])
-        #expect(received.map(\.isResent) == [false, true, true, false])
-        #expect(received.map { $0["order"]?.intValue ?? -1 } == [1, 1, 2, 3], "the same order in both copies")
+        #expect(received.map { $0["who"]?.stringValue ?? "?" } == ["a", "a", "b", "c", "d"])
+        #expect(received.map(\.isResent) == [false, true, true, false, false])
+        #expect(received.map { $0["order"]?.intValue ?? -1 } == [1, 1, 2, 3, 4], "the same order in both copies")
         try await loop.submit { sender.value.close() }.get()
     }
 
