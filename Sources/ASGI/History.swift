@@ -1,4 +1,5 @@
 import Foundation
+import OrderedCollections
 
 /// Where a message sits in a group's history: its offset (1, 2, 3, … per group) and the
 /// history's epoch, which changes when the history is lost (a Redis restarted empty, a process
@@ -65,6 +66,13 @@ public protocol ChannelLayerHistory: ChannelLayer {
     /// trims the history to `retention`; returns the message's position.
     func historyAppend(_ group: String, message: Message, retention: HistoryRetention) async throws(ChannelLayerError) -> StreamPosition
 
+    /// Appends `["data": data]` to `group`'s history and sends the publication
+    /// (``PublicationText/message(group:data:position:)``) to every member, as one step; nil when
+    /// this layer cannot here (the caller then appends and sends). A layer that answers tries its
+    /// step again itself while its backend is unreachable, under one identity: the history holds
+    /// the publication once, and the servers drop a second copy of it (the same offset).
+    func historyPublish(_ group: String, data: String, retention: HistoryRetention) async throws(ChannelLayerError) -> StreamPosition?
+
     /// The messages of `group`'s history after `position` (up to `retention.size`, none older
     /// than `retention.ttl`), and its top; with a nil position only the top (a history that did
     /// not exist is started, so the top always has an epoch).
@@ -103,6 +111,11 @@ public protocol ChannelLayerHistory: ChannelLayer {
 }
 
 extension ChannelLayerHistory {
+    /// Not in one step: the caller appends, then sends.
+    public func historyPublish(_ group: String, data: String, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> StreamPosition?
+    { nil }
+
     /// The membership notices sent to `processChannel`'s server (a group add or discard of one
     /// of its sockets, made through a layer that tells servers: ``ChannelNames/membershipNoticeList(forProcess:)``),
     /// each `{group, channel, joined}`: up to `max`, waiting up to `timeout` for the first. A
@@ -187,13 +200,28 @@ public enum PublicationText {
     /// `data` (a JSON object's text) with `"offset":…,"epoch":"…"` as its first members;
     /// data that is not an object is wrapped as `{"offset":…,"epoch":"…","data":<data>}`.
     public static func make(data: String, position: StreamPosition) -> String {
-        let head = "{\"offset\":\(position.offset),\"epoch\":\"\(position.epoch)\""
+        "{\"offset\":\(position.offset),\"epoch\":\"\(position.epoch)\"" + tail(data: data)
+    }
+
+    /// What follows `"epoch":"…"` in the text of a publication of `data`: the same for every
+    /// position, so a layer that numbers the publication itself (one round trip for the append
+    /// and the send) only puts the head in front of it.
+    public static func tail(data: String) -> String {
         var rest = data[...]
         while let first = rest.first, first.isWhitespace { rest = rest.dropFirst() }
-        guard rest.first == "{" else { return head + ",\"data\":" + data + "}" }
+        guard rest.first == "{" else { return ",\"data\":" + data + "}" }
         rest = rest.dropFirst()
         while let first = rest.first, first.isWhitespace { rest = rest.dropFirst() }
-        return rest.first == "}" ? head + "}" : head + "," + rest
+        return rest.first == "}" ? "}" : "," + rest
+    }
+
+    /// The message a publication of `data` at `position` sends to `group`'s members: the text
+    /// they write, and the `publication` the servers order and deduplicate by.
+    public static func message(group: String, data: String, position: StreamPosition) -> Message {
+        [
+            "text": .string(make(data: data, position: position)),
+            "publication": .map(["group": .string(group), "offset": .int(Int64(position.offset)), "epoch": .string(position.epoch)]),
+        ]
     }
 
     /// A fresh epoch: 16 random letters and digits.

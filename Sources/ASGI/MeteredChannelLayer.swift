@@ -41,7 +41,7 @@ public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspectio
 
     /// `error`, counted. Every layer call of the process passes here, each as a plain `do`/`catch`
     /// (no closure per call).
-    private func counted(_ error: ChannelLayerError) -> ChannelLayerError {
+    fileprivate func counted(_ error: ChannelLayerError) -> ChannelLayerError {
         // A cancelled call is the caller's choice, not a failure of the layer.
         if error.code != .cancelled { Self.counters[Self.label(of: error)]?.increment() }
         return error
@@ -139,5 +139,14 @@ public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspectio
     public var location: String { (base as? any ChannelLayerInspection)?.location ?? String(describing: type(of: base)) }
 }
 
-/// History and presence go to the wrapped layer uncounted (`ForwardingChannelLayer`'s defaults).
-extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {}
+/// History and presence go to the wrapped layer uncounted (`ForwardingChannelLayer`'s defaults),
+/// but for a publication in one step, which sends to a group and is counted like a group send.
+extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
+    /// Publishes through the wrapped layer in one step, when it can.
+    public func historyPublish(_ group: String, data: String, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> StreamPosition?
+    {
+        guard let history = base as? any ChannelLayerHistory else { return nil }
+        do { return try await history.historyPublish(group, data: data, retention: retention) } catch { throw counted(error) }
+    }
+}

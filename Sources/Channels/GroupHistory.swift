@@ -61,11 +61,13 @@ extension Group {
         }
         // What came before from this consumer goes first.
         await ConsumerContext.current?.flush()
+        // One round trip where the layer can (Redis: one script appends and sends).
+        if let position = try await history.historyPublish(name, data: data, retention: retention) {
+            ChannelsMetrics.groupSends.increment()
+            return position
+        }
         let position = try await history.historyAppend(name, message: ["data": .string(data)], retention: retention)
-        let message: Message = [
-            "text": .string(PublicationText.make(data: data, position: position)),
-            "publication": .map(["group": .string(name), "offset": .int(Int64(position.offset)), "epoch": .string(position.epoch)]),
-        ]
+        let message = PublicationText.message(group: name, data: data, position: position)
         // Tried again while the layer is away (a Redis restart): a second copy of a publication
         // is dropped by the servers (the same offset), a lost one would be skipped.
         try await retrying(for: ConsumerContext.current?.environment.sendRetry ?? .seconds(10)) {

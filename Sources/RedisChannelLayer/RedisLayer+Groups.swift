@@ -88,29 +88,10 @@ extension RedisChannelLayer {
             }
             MsgPackEncoder.writeString(asgiChannelKey, into: &localHead)
 
-            let cutoff = String(Self.unixTime() - Double(configuration.groupExpirySeconds))
             func args(mode: String, members: [String]) -> [RedisArgument] {
-                // 24 random hex digits: the script numbers the bodies it stores after them.
-                var keyBase: [UInt8] = []
-                keyBase.reserveCapacity(32)
-                RandomToken.uuid4Hex(into: &keyBase)
-                keyBase.removeLast(8)
-                var out: [RedisArgument] = [
-                    .text(mode), .text(cutoff), .text(configuration.prefix), .text(configuration.statsPrefix),
-                    .integer(configuration.expirySeconds), .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
-                    .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
-                    .bytes(plainBody), .bytes(localHead), .bytes(keyBase), .integer(configuration.capacity),
-                ]
-                out.reserveCapacity(out.count + luaCapacityArgs.count + members.count)
-                out += luaCapacityArgs
-                if mode == "group" { out.append(.integer(Self.groupCacheLongestLife)) }
-                for member in members { out.append(.text(member)) }
-                return out
+                groupSendArgs(mode: mode, plainBody: plainBody, localHead: localHead, members: members)
             }
-            let stats = configuration.statsPrefix
-            let globalKeys: [RedisArgument] = [
-                .key(stats, "#global#", ":messages_count"), .key(stats, "#global#", ":channel_full_count"),
-            ]
+            let globalKeys = groupSendGlobalKeys
             if let crypter {
                 try await sendGroupSealed(group, message: message, crypter: crypter, globalKeys: globalKeys) {
                     args(mode: "bodies", members: [])
@@ -142,6 +123,34 @@ extension RedisChannelLayer {
                 try await tasks.waitForAll()
             }
         }
+    }
+
+    /// The arguments of `Scripts.sendMany` (see there) for `mode`, the message's bodies and, in
+    /// mode "list", the members.
+    func groupSendArgs(mode: String, plainBody: [UInt8], localHead: [UInt8], members: [String]) -> [RedisArgument] {
+        // 24 random hex digits: the script numbers the bodies it stores after them.
+        var keyBase: [UInt8] = []
+        keyBase.reserveCapacity(32)
+        RandomToken.uuid4Hex(into: &keyBase)
+        keyBase.removeLast(8)
+        var out: [RedisArgument] = [
+            .text(mode), .text(String(Self.unixTime() - Double(configuration.groupExpirySeconds))), .text(configuration.prefix),
+            .text(configuration.statsPrefix), .integer(configuration.expirySeconds),
+            .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+            .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry), .bytes(plainBody), .bytes(localHead), .bytes(keyBase),
+            .integer(configuration.capacity),
+        ]
+        out.reserveCapacity(out.count + luaCapacityArgs.count + members.count + 1)
+        out += luaCapacityArgs
+        if mode == "group" { out.append(.integer(Self.groupCacheLongestLife)) }
+        for member in members { out.append(.text(member)) }
+        return out
+    }
+
+    /// The global counters a group send adds to: messages stored, sends refused as full.
+    var groupSendGlobalKeys: [RedisArgument] {
+        let stats = configuration.statsPrefix
+        return [.key(stats, "#global#", ":messages_count"), .key(stats, "#global#", ":channel_full_count")]
     }
 
     /// A group send on an encrypted layer: Redis cannot build the members' bodies, so they are

@@ -51,6 +51,59 @@ extension RedisChannelLayer: ChannelLayerHistory {
     /// How long an append is tried again while Redis is unreachable.
     static let appendRetry = Duration.seconds(10)
 
+    /// Appends a publication and sends it to the group's members in one script
+    /// (`Scripts.publishMany`); see `ChannelLayerHistory/historyPublish(_:data:retention:)`. Nil
+    /// on a sharded layer (the history and the members' channels may live on other servers)
+    /// and an encrypted one (Redis cannot make the members' sealed bodies).
+    public func historyPublish(_ group: String, data: String, retention: HistoryRetention) async throws(ChannelLayerError)
+        -> StreamPosition?
+    {
+        guard shards.count == 1, crypter == nil else { return nil }
+        return try await withLayerErrors {
+            try ChannelNames.validateGroup(group)
+            let entry = seal(["data": .string(data)])
+            guard entry.count + 64 <= configuration.maxMessageSize else {
+                throw ChannelLayerError.messageTooLarge("history:" + group, size: entry.count, limit: configuration.maxMessageSize)
+            }
+            let tail = PublicationText.tail(data: data)
+            // The message the script makes: the text (its head is under 80 bytes) and the
+            // publication's group, offset and epoch, in under 60 bytes of msgpack around them.
+            let size = tail.utf8.count + group.utf8.count + 140
+            guard size + 140 <= configuration.maxMessageSize else {
+                throw ChannelLayerError.messageTooLarge("group:" + group, size: size, limit: configuration.maxMessageSize)
+            }
+            return try await publish(group, entry: entry, tail: tail, retention: retention, id: ChannelNames.randomLetters(16))
+        }
+    }
+
+    /// One publication under `id` (a retry of the same publication uses the same id), tried
+    /// again while Redis is unreachable.
+    func publish(_ group: String, entry: [UInt8], tail: String, retention: HistoryRetention, id: String) async throws -> StreamPosition {
+        let globalKeys = groupSendGlobalKeys
+        let keys: [RedisArgument] = [
+            .bytes(groupKey(group)), globalKeys[0], globalKeys[1], .bytes(groupCacheKey(group)),
+            .text(configuration.prefix + "history-meta:" + group), .text(configuration.prefix + "history:" + group),
+            .text(configuration.prefix + "history-ids:" + group),
+        ]
+        let candidate = PublicationText.newEpoch()
+        let reply = try await retrying(for: Self.appendRetry, when: { $0.code == .connectionLost }) {
+            // Made for each try: a fresh key base for the bodies, the time now.
+            var args = groupSendArgs(mode: "group", plainBody: [], localHead: [], members: [])
+            args += [
+                .text(candidate), .bytes(entry), .integer(retention.size), .integer(max(1, Int(retention.ttl.components.seconds))),
+                .integer(configuration.groupExpirySeconds), .text(String(Self.unixTime())), .text(id), .text(tail), .text(group),
+            ]
+            return try await pipelined(0, Scripts.publishMany, keys: keys, args: args)
+        }
+        if let error = reply.errorMessage { throw ChannelLayerError.redisRefused(error, "group publish") }
+        guard let items = reply.array, items.count >= 6, let epoch = items[1].text else {
+            throw ChannelLayerError(.backendError, "group publish: an unexpected reply")
+        }
+        let position = StreamPosition(offset: UInt64(max(0, items[0].countValue)), epoch: epoch)
+        try await settleGroupSend(.array(Array(items.dropFirst(2))), shard: 0, group: group, globalKeys: globalKeys)
+        return position
+    }
+
     /// Reads the group's history after a position; see `ChannelLayerHistory/historyRead(_:after:retention:)`.
     public func historyRead(_ group: String, after position: StreamPosition?, retention: HistoryRetention) async throws(ChannelLayerError)
         -> HistorySlice

@@ -251,286 +251,356 @@ enum Scripts {
     /// Returns {messages stored, sends refused as full, members reached, members missed}, then
     /// (list, body, member count) for each message refused on a process channel (`…!`), so
     /// the sender can offer it again in mode "bodies" (backpressure instead of a drop).
-    static let sendMany = LuaScript(
-        name: "sendMany",
-        source: """
-            local mode = ARGV[1]
-            local prefix, statsPrefix = ARGV[3], ARGV[4]
-            local expiry = tonumber(ARGV[5])
-            local channelStatsExpiry, globalStatsExpiry = ARGV[6], ARGV[7]
-            local plainBody, localHead, keyBase = ARGV[8], ARGV[9], ARGV[10]
-            local defaultCapacity = tonumber(ARGV[11])
-            local patternCount = tonumber(ARGV[12])
-            local patterns = {}
-            for i = 1, patternCount do
-                patterns[i] = {ARGV[12 + 2 * i - 1], tonumber(ARGV[12 + 2 * i])}
-            end
-            local function strHeader(n)
-                if n <= 31 then return string.char(160 + n) end
-                if n <= 255 then return string.char(217, n) end
-                return string.char(218, math.floor(n / 256), n % 256)
-            end
-            local function arrayHeader(n)
-                if n <= 15 then return string.char(144 + n) end
-                if n <= 65535 then return string.char(220, math.floor(n / 256), n % 256) end
-                return string.char(221, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    static let sendMany = LuaScript(name: "sendMany", source: sendManySource)
+
+    /// `sendMany` in mode "group" that first appends a publication to the group's history and
+    /// makes the message it sends from it: one round trip for `Group.publish` instead of two.
+    /// KEYS: as `sendMany` in mode "group", then the history's meta, stream and ids (see
+    /// `historyAppend`). ARGV: as `sendMany` in mode "group" (the two bodies empty), then the
+    /// candidate epoch, the entry's body, the history's size, ttl, meta expiry, now, the append's
+    /// id (an id already appended in this epoch takes the offset it took, as `historyAppend`),
+    /// the text's tail (`PublicationText.tail`) and the group's name. The message is
+    /// `{"text": <head><tail>, "publication": {"group", "offset", "epoch"}}`, the head being
+    /// `{"offset":<offset>,"epoch":"<epoch>"`. Returns the offset and the epoch, then what
+    /// `sendMany` returns.
+    static let publishMany = LuaScript(
+        name: "publishMany",
+        source:
+            sendManySource
+            .replacing("-- (publish: the history append)", with: publishAppend)
+            .replacing(
+                "-- (publish: the position first)", with: "table.insert(result, 1, published[2]); table.insert(result, 1, published[1])"))
+
+    private static let publishAppend = """
+        local q = 14 + 2 * patternCount
+        local epoch = redis.call('HGET', KEYS[5], 'epoch')
+        if not epoch then
+            epoch = ARGV[q]
+            redis.call('DEL', KEYS[6])
+            redis.call('HSET', KEYS[5], 'epoch', epoch, 'offset', 0)
+        end
+        local id = epoch .. ':' .. ARGV[q + 6]
+        local offset = tonumber(redis.call('ZSCORE', KEYS[7], id))
+        if not offset then
+            offset = redis.call('HINCRBY', KEYS[5], 'offset', 1)
+            redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[q + 2], string.format('%d', offset) .. '-1', 'b', ARGV[q + 1], 't', ARGV[q + 5])
+            redis.call('EXPIRE', KEYS[6], ARGV[q + 3])
+            redis.call('EXPIRE', KEYS[5], ARGV[q + 4])
+            redis.call('ZADD', KEYS[7], offset, id)
+            redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -257)
+            redis.call('EXPIRE', KEYS[7], ARGV[q + 3])
+        end
+        published = {offset, epoch}
+        local function str(s)
+            local n = string.len(s)
+            if n <= 31 then return string.char(160 + n) .. s end
+            if n <= 255 then return string.char(217, n) .. s end
+            if n <= 65535 then return string.char(218, math.floor(n / 256), n % 256) .. s end
+            return string.char(219, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                               math.floor(n / 256) % 256, n % 256) .. s
+        end
+        local function uint(n)
+            if n < 128 then return string.char(n) end
+            if n < 256 then return string.char(204, n) end
+            if n < 65536 then return string.char(205, math.floor(n / 256), n % 256) end
+            if n < 4294967296 then
+                return string.char(206, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
                                    math.floor(n / 256) % 256, n % 256)
             end
-            local sent, full, reached, missed = 0, 0, 0, 0
-            local refused = {}
-            local serial = 0
-            -- The message's fields without their map header, and the header of a map with one
-            -- more entry (a bundle's member list first, then the fields): for cached bundles.
-            local fields, bundleHead
-            local function messageParts()
-                if fields then return true end
-                local first = string.byte(plainBody, 1)
-                local count, from
-                if first >= 128 and first <= 143 then
-                    count, from = first - 128, 2
-                elseif first == 222 then
-                    count, from = string.byte(plainBody, 2) * 256 + string.byte(plainBody, 3), 4
+            local high, low = math.floor(n / 4294967296), n % 4294967296
+            return string.char(207, math.floor(high / 16777216) % 256, math.floor(high / 65536) % 256,
+                               math.floor(high / 256) % 256, high % 256, math.floor(low / 16777216) % 256,
+                               math.floor(low / 65536) % 256, math.floor(low / 256) % 256, low % 256)
+        end
+        local fieldBytes = str('text') .. str('{"offset":' .. string.format('%d', offset) .. ',"epoch":"' .. epoch .. '"' .. ARGV[q + 7])
+            .. str('publication') .. string.char(131) .. str('group') .. str(ARGV[q + 8]) .. str('offset') .. uint(offset)
+            .. str('epoch') .. str(epoch)
+        plainBody = string.char(130) .. fieldBytes
+        localHead = string.char(131) .. fieldBytes .. str('__asgi_channel__')
+        """
+
+    /// The source of `sendMany`, with two hooks `publishMany` fills.
+    private static let sendManySource = """
+        local mode = ARGV[1]
+        local prefix, statsPrefix = ARGV[3], ARGV[4]
+        local expiry = tonumber(ARGV[5])
+        local channelStatsExpiry, globalStatsExpiry = ARGV[6], ARGV[7]
+        local plainBody, localHead, keyBase = ARGV[8], ARGV[9], ARGV[10]
+        local defaultCapacity = tonumber(ARGV[11])
+        local patternCount = tonumber(ARGV[12])
+        local patterns = {}
+        for i = 1, patternCount do
+            patterns[i] = {ARGV[12 + 2 * i - 1], tonumber(ARGV[12 + 2 * i])}
+        end
+        local function strHeader(n)
+            if n <= 31 then return string.char(160 + n) end
+            if n <= 255 then return string.char(217, n) end
+            return string.char(218, math.floor(n / 256), n % 256)
+        end
+        local function arrayHeader(n)
+            if n <= 15 then return string.char(144 + n) end
+            if n <= 65535 then return string.char(220, math.floor(n / 256), n % 256) end
+            return string.char(221, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                               math.floor(n / 256) % 256, n % 256)
+        end
+        local published
+        -- (publish: the history append)
+        local sent, full, reached, missed = 0, 0, 0, 0
+        local refused = {}
+        local serial = 0
+        -- The message's fields without their map header, and the header of a map with one
+        -- more entry (a bundle's member list first, then the fields): for cached bundles.
+        local fields, bundleHead
+        local function messageParts()
+            if fields then return true end
+            local first = string.byte(plainBody, 1)
+            local count, from
+            if first >= 128 and first <= 143 then
+                count, from = first - 128, 2
+            elseif first == 222 then
+                count, from = string.byte(plainBody, 2) * 256 + string.byte(plainBody, 3), 4
+            else
+                return false
+            end
+            -- A map of 65,535 fields has no room for one more in a map16 header.
+            if count >= 65535 then return false end
+            fields = string.sub(plainBody, from)
+            bundleHead = string.char(222, math.floor((count + 1) / 256), (count + 1) % 256)
+            return true
+        end
+        -- A cached bundle's body as bytes (a refused send is handed back whole).
+        local function cachedBody(partKey)
+            return bundleHead .. string.sub(redis.call('GET', partKey), 4) .. fields
+        end
+        local function store(listName, body, count)
+            local capacity = defaultCapacity
+            for _, p in ipairs(patterns) do
+                if string.find(listName, p[1]) then capacity = p[2]; break end
+            end
+            local listKey = prefix .. listName
+            if redis.call('LLEN', listKey) >= capacity then
+                full = full + 1
+                missed = missed + count
+                local fullKey = statsPrefix .. listName .. ':channel_full_count'
+                redis.call('INCR', fullKey)
+                redis.call('EXPIRE', fullKey, channelStatsExpiry)
+                if string.sub(listName, -1) == '!' then
+                    if type(body) == 'table' then body = cachedBody(body[1]) end
+                    refused[#refused + 1] = listName
+                    refused[#refused + 1] = body
+                    refused[#refused + 1] = count
+                end
+                return
+            end
+            serial = serial + 1
+            local bodyKey = prefix .. keyBase .. string.format('%08x', serial)
+            if type(body) == 'table' then
+                -- A cached member list, copied inside Redis (Redis 6.2+); the message after it.
+                local copied = redis.pcall('COPY', body[1], bodyKey)
+                if copied == 1 then
+                    redis.call('SETRANGE', bodyKey, 0, bundleHead)
+                    redis.call('APPEND', bodyKey, fields)
+                    redis.call('EXPIRE', bodyKey, expiry)
                 else
-                    return false
+                    redis.call('SET', bodyKey, cachedBody(body[1]), 'EX', expiry)
                 end
-                -- A map of 65,535 fields has no room for one more in a map16 header.
-                if count >= 65535 then return false end
-                fields = string.sub(plainBody, from)
-                bundleHead = string.char(222, math.floor((count + 1) / 256), (count + 1) % 256)
-                return true
+            else
+                redis.call('SET', bodyKey, body, 'EX', expiry)
             end
-            -- A cached bundle's body as bytes (a refused send is handed back whole).
-            local function cachedBody(partKey)
-                return bundleHead .. string.sub(redis.call('GET', partKey), 4) .. fields
+            redis.call('RPUSH', listKey, bodyKey)
+            redis.call('EXPIRE', listKey, expiry + 1)
+            local countKey = statsPrefix .. listName .. ':messages_count'
+            redis.call('INCR', countKey)
+            redis.call('EXPIRE', countKey, channelStatsExpiry)
+            sent = sent + 1
+            reached = reached + count
+        end
+        local readers = {}
+        local function readerForm(listName)
+            local form = readers[listName]
+            if form == nil then
+                form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
+                readers[listName] = form
             end
-            local function store(listName, body, count)
-                local capacity = defaultCapacity
-                for _, p in ipairs(patterns) do
-                    if string.find(listName, p[1]) then capacity = p[2]; break end
-                end
-                local listKey = prefix .. listName
-                if redis.call('LLEN', listKey) >= capacity then
-                    full = full + 1
-                    missed = missed + count
-                    local fullKey = statsPrefix .. listName .. ':channel_full_count'
-                    redis.call('INCR', fullKey)
-                    redis.call('EXPIRE', fullKey, channelStatsExpiry)
-                    if string.sub(listName, -1) == '!' then
-                        if type(body) == 'table' then body = cachedBody(body[1]) end
-                        refused[#refused + 1] = listName
-                        refused[#refused + 1] = body
-                        refused[#refused + 1] = count
-                    end
-                    return
-                end
-                serial = serial + 1
-                local bodyKey = prefix .. keyBase .. string.format('%08x', serial)
-                if type(body) == 'table' then
-                    -- A cached member list, copied inside Redis (Redis 6.2+); the message after it.
-                    local copied = redis.pcall('COPY', body[1], bodyKey)
-                    if copied == 1 then
-                        redis.call('SETRANGE', bodyKey, 0, bundleHead)
-                        redis.call('APPEND', bodyKey, fields)
-                        redis.call('EXPIRE', bodyKey, expiry)
-                    else
-                        redis.call('SET', bodyKey, cachedBody(body[1]), 'EX', expiry)
-                    end
-                else
-                    redis.call('SET', bodyKey, body, 'EX', expiry)
-                end
-                redis.call('RPUSH', listKey, bodyKey)
-                redis.call('EXPIRE', listKey, expiry + 1)
-                local countKey = statsPrefix .. listName .. ':messages_count'
-                redis.call('INCR', countKey)
-                redis.call('EXPIRE', countKey, channelStatsExpiry)
-                sent = sent + 1
-                reached = reached + count
+            return form
+        end
+        -- A member that gets a message of its own.
+        local function storeOne(member)
+            local bang = string.find(member, '!', 1, true)
+            if bang then
+                store(string.sub(member, 1, bang), localHead .. strHeader(string.len(member)) .. member, 1)
+            else
+                store(member, plainBody, 1)
             end
-            local readers = {}
-            local function readerForm(listName)
-                local form = readers[listName]
-                if form == nil then
-                    form = redis.call('GET', statsPrefix .. listName .. ':reader') or ''
-                    readers[listName] = form
+        end
+        -- Deletes the cache: its hash and its member lists (as many as the hash says, or as the
+        -- last rebuild wrote: `:n`, which the writers that delete only the hash leave).
+        local function dropCache()
+            local n = tonumber(redis.call('HGET', KEYS[4], 'n') or '0') or 0
+            local written = tonumber(redis.call('GET', KEYS[4] .. ':n') or '0') or 0
+            if written > n then n = written end
+            redis.call('DEL', KEYS[4], KEYS[4] .. ':n')
+            for i = 1, n do redis.call('DEL', KEYS[4] .. ':' .. i) end
+        end
+        -- The cached split, when it is still the group's: {lists, encoded members, counts},
+        -- the other members, and nothing stored yet; nil when the group changed.
+        local function cachedSplit(fingerprint, now, longest)
+            local head = redis.call('HMGET', KEYS[4], 'fp', 'n', 'o', 'at')
+            if head[1] ~= fingerprint or not head[2] or not head[3] or not head[4] then return nil end
+            local age = now - tonumber(head[4])
+            if age < 0 or age >= longest then return nil end
+            local k = tonumber(head[2])
+            local lists, parts, counts = {}, {}, {}
+            if k > 0 then
+                if not messageParts() then return nil end
+                local names, partKeys = {}, {}
+                for i = 1, k do
+                    names[#names + 1] = 'L' .. i
+                    names[#names + 1] = 'C' .. i
+                    partKeys[i] = KEYS[4] .. ':' .. i
                 end
-                return form
-            end
-            -- A member that gets a message of its own.
-            local function storeOne(member)
-                local bang = string.find(member, '!', 1, true)
-                if bang then
-                    store(string.sub(member, 1, bang), localHead .. strHeader(string.len(member)) .. member, 1)
-                else
-                    store(member, plainBody, 1)
+                local values = redis.call('HMGET', KEYS[4], unpack(names))
+                if redis.call('EXISTS', unpack(partKeys)) ~= k then return nil end
+                for i = 1, k do
+                    local listName, count = values[2 * i - 1], values[2 * i]
+                    if not listName or not count or readerForm(listName) ~= 'bundles' then return nil end
+                    lists[i], parts[i], counts[i] = listName, {partKeys[i]}, tonumber(count)
                 end
             end
-            -- Deletes the cache: its hash and its member lists (as many as the hash says, or as the
-            -- last rebuild wrote: `:n`, which the writers that delete only the hash leave).
-            local function dropCache()
-                local n = tonumber(redis.call('HGET', KEYS[4], 'n') or '0') or 0
-                local written = tonumber(redis.call('GET', KEYS[4] .. ':n') or '0') or 0
-                if written > n then n = written end
-                redis.call('DEL', KEYS[4], KEYS[4] .. ':n')
-                for i = 1, n do redis.call('DEL', KEYS[4] .. ':' .. i) end
-            end
-            -- The cached split, when it is still the group's: {lists, encoded members, counts},
-            -- the other members, and nothing stored yet; nil when the group changed.
-            local function cachedSplit(fingerprint, now, longest)
-                local head = redis.call('HMGET', KEYS[4], 'fp', 'n', 'o', 'at')
-                if head[1] ~= fingerprint or not head[2] or not head[3] or not head[4] then return nil end
-                local age = now - tonumber(head[4])
-                if age < 0 or age >= longest then return nil end
-                local k = tonumber(head[2])
-                local lists, parts, counts = {}, {}, {}
-                if k > 0 then
-                    if not messageParts() then return nil end
-                    local names, partKeys = {}, {}
-                    for i = 1, k do
-                        names[#names + 1] = 'L' .. i
-                        names[#names + 1] = 'C' .. i
-                        partKeys[i] = KEYS[4] .. ':' .. i
-                    end
-                    local values = redis.call('HMGET', KEYS[4], unpack(names))
-                    if redis.call('EXISTS', unpack(partKeys)) ~= k then return nil end
-                    for i = 1, k do
-                        local listName, count = values[2 * i - 1], values[2 * i]
-                        if not listName or not count or readerForm(listName) ~= 'bundles' then return nil end
-                        lists[i], parts[i], counts[i] = listName, {partKeys[i]}, tonumber(count)
+            return lists, parts, counts, head[3]
+        end
+        local members
+        local fingerprint, now, longest
+        if mode == 'group' then
+            local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
+            local card = redis.call('ZCARD', KEYS[1])
+            if card > 0 and card < 32 then
+                -- A small group costs less read whole than through its cache; a cache from
+                -- when it was larger goes (it must not match again when the group grows back).
+                members = redis.call('ZRANGE', KEYS[1], 0, -1)
+                dropCache()
+            elseif card > 0 then
+                local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+                local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+                -- When the set's expiry was last set, to the millisecond (Redis 7): asgi_redis
+                -- and this layer set it with every add.
+                local stamp = redis.pcall('PEXPIRETIME', KEYS[1])
+                if type(stamp) ~= 'number' then stamp = '' end
+                fingerprint = card .. '\\n' .. stamp .. '\\n' .. newest[1] .. '\\n' .. newest[2] .. '\\n' .. oldest[1] .. '\\n' .. oldest[2]
+                local time = redis.call('TIME')
+                now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+                longest = tonumber(ARGV[13 + 2 * patternCount]) * 1000
+                if removed == 0 then
+                    local lists, parts, counts, others = cachedSplit(fingerprint, now, longest)
+                    if lists then
+                        for i = 1, #lists do store(lists[i], parts[i], counts[i]) end
+                        for member in string.gmatch(others, '[^\\n]+') do storeOne(member) end
+                        fingerprint = nil
+                        members = {}
                     end
                 end
-                return lists, parts, counts, head[3]
-            end
-            local members
-            local fingerprint, now, longest
-            if mode == 'group' then
-                local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[2])
-                local card = redis.call('ZCARD', KEYS[1])
-                if card > 0 and card < 32 then
-                    -- A small group costs less read whole than through its cache; a cache from
-                    -- when it was larger goes (it must not match again when the group grows back).
-                    members = redis.call('ZRANGE', KEYS[1], 0, -1)
-                    dropCache()
-                elseif card > 0 then
-                    local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-                    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-                    -- When the set's expiry was last set, to the millisecond (Redis 7): asgi_redis
-                    -- and this layer set it with every add.
-                    local stamp = redis.pcall('PEXPIRETIME', KEYS[1])
-                    if type(stamp) ~= 'number' then stamp = '' end
-                    fingerprint = card .. '\\n' .. stamp .. '\\n' .. newest[1] .. '\\n' .. newest[2] .. '\\n' .. oldest[1] .. '\\n' .. oldest[2]
-                    local time = redis.call('TIME')
-                    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-                    longest = tonumber(ARGV[13 + 2 * patternCount]) * 1000
-                    if removed == 0 then
-                        local lists, parts, counts, others = cachedSplit(fingerprint, now, longest)
-                        if lists then
-                            for i = 1, #lists do store(lists[i], parts[i], counts[i]) end
-                            for member in string.gmatch(others, '[^\\n]+') do storeOne(member) end
-                            fingerprint = nil
-                            members = {}
-                        end
-                    end
-                    if fingerprint then members = redis.call('ZRANGE', KEYS[1], 0, -1) end
-                else
-                    members = {}
-                end
-            elseif mode == 'bodies' then
-                members = {}
+                if fingerprint then members = redis.call('ZRANGE', KEYS[1], 0, -1) end
             else
                 members = {}
-                for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
             end
-            local bundles, bundleOrder = {}, {}
-            local others = {}
-            for _, member in ipairs(members) do
-                local bang = string.find(member, '!', 1, true)
-                if bang then
-                    local listName = string.sub(member, 1, bang)
-                    if readerForm(listName) == 'bundles' then
-                        if not bundles[listName] then
-                            bundles[listName] = {}
-                            bundleOrder[#bundleOrder + 1] = listName
-                        end
-                        local list = bundles[listName]
-                        list[#list + 1] = member
-                    else
-                        others[#others + 1] = member
-                        storeOne(member)
+        elseif mode == 'bodies' then
+            members = {}
+        else
+            members = {}
+            for i = 13 + 2 * patternCount, #ARGV do members[#members + 1] = ARGV[i] end
+        end
+        local bundles, bundleOrder = {}, {}
+        local others = {}
+        for _, member in ipairs(members) do
+            local bang = string.find(member, '!', 1, true)
+            if bang then
+                local listName = string.sub(member, 1, bang)
+                if readerForm(listName) == 'bundles' then
+                    if not bundles[listName] then
+                        bundles[listName] = {}
+                        bundleOrder[#bundleOrder + 1] = listName
                     end
+                    local list = bundles[listName]
+                    list[#list + 1] = member
                 else
                     others[#others + 1] = member
                     storeOne(member)
                 end
+            else
+                others[#others + 1] = member
+                storeOne(member)
             end
-            -- One header string per member length (a process's members mostly share one).
-            local headers = {}
-            local cache, partsToCache = {}, {}
-            for index, listName in ipairs(bundleOrder) do
-                local list = bundles[listName]
-                local parts = {arrayHeader(#list)}
-                local k = 1
-                for i = 1, #list do
-                    local member = list[i]
-                    local length = #member
-                    local header = headers[length]
-                    if not header then
-                        header = strHeader(length)
-                        headers[length] = header
-                    end
-                    parts[k + 1] = header
-                    parts[k + 2] = member
-                    k = k + 2
+        end
+        -- One header string per member length (a process's members mostly share one).
+        local headers = {}
+        local cache, partsToCache = {}, {}
+        for index, listName in ipairs(bundleOrder) do
+            local list = bundles[listName]
+            local parts = {arrayHeader(#list)}
+            local k = 1
+            for i = 1, #list do
+                local member = list[i]
+                local length = #member
+                local header = headers[length]
+                if not header then
+                    header = strHeader(length)
+                    headers[length] = header
                 end
-                local part = table.concat(parts)
-                -- The member list first, as a cached bundle has it (so the reader's table of
-                -- lists knows it from this first message on); the message's fields after it.
-                if messageParts() then
-                    store(listName, bundleHead .. string.char(176) .. '__asgi_channel__' .. part .. fields, #list)
-                else
-                    store(listName, localHead .. part, #list)
-                end
-                if fingerprint then
-                    cache[#cache + 1] = 'L' .. index
-                    cache[#cache + 1] = listName
-                    cache[#cache + 1] = 'C' .. index
-                    cache[#cache + 1] = #list
-                    -- The member list first (a map header the send overwrites, the key, the list).
-                    partsToCache[#partsToCache + 1] = string.char(222, 0, 0, 176) .. '__asgi_channel__' .. part
-                end
+                parts[k + 1] = header
+                parts[k + 2] = member
+                k = k + 2
             end
-            -- Past a thousand server processes in one group the split is not cached (Lua's
-            -- unpack limit): every send reads the set, as without the cache.
-            if fingerprint and #bundleOrder > 1000 then
-                fingerprint = nil
-                dropCache()
+            local part = table.concat(parts)
+            -- The member list first, as a cached bundle has it (so the reader's table of
+            -- lists knows it from this first message on); the message's fields after it.
+            if messageParts() then
+                store(listName, bundleHead .. string.char(176) .. '__asgi_channel__' .. part .. fields, #list)
+            else
+                store(listName, localHead .. part, #list)
             end
             if fingerprint then
-                dropCache()
-                redis.call('HSET', KEYS[4], 'fp', fingerprint, 'n', #bundleOrder, 'o', table.concat(others, '\\n'), 'at', now)
-                if #cache > 0 then redis.call('HSET', KEYS[4], unpack(cache)) end
-                local ttl = redis.call('TTL', KEYS[1])
-                if ttl <= 0 then ttl = 86400 end
-                redis.call('EXPIRE', KEYS[4], ttl)
-                for i, part in ipairs(partsToCache) do redis.call('SET', KEYS[4] .. ':' .. i, part, 'EX', ttl) end
-                redis.call('SET', KEYS[4] .. ':n', #partsToCache, 'EX', ttl)
+                cache[#cache + 1] = 'L' .. index
+                cache[#cache + 1] = listName
+                cache[#cache + 1] = 'C' .. index
+                cache[#cache + 1] = #list
+                -- The member list first (a map header the send overwrites, the key, the list).
+                partsToCache[#partsToCache + 1] = string.char(222, 0, 0, 176) .. '__asgi_channel__' .. part
             end
-            if mode == 'bodies' then
-                for i = 13 + 2 * patternCount, #ARGV, 3 do
-                    store(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
-                end
+        end
+        -- Past a thousand server processes in one group the split is not cached (Lua's
+        -- unpack limit): every send reads the set, as without the cache.
+        if fingerprint and #bundleOrder > 1000 then
+            fingerprint = nil
+            dropCache()
+        end
+        if fingerprint then
+            dropCache()
+            redis.call('HSET', KEYS[4], 'fp', fingerprint, 'n', #bundleOrder, 'o', table.concat(others, '\\n'), 'at', now)
+            if #cache > 0 then redis.call('HSET', KEYS[4], unpack(cache)) end
+            local ttl = redis.call('TTL', KEYS[1])
+            if ttl <= 0 then ttl = 86400 end
+            redis.call('EXPIRE', KEYS[4], ttl)
+            for i, part in ipairs(partsToCache) do redis.call('SET', KEYS[4] .. ':' .. i, part, 'EX', ttl) end
+            redis.call('SET', KEYS[4] .. ':n', #partsToCache, 'EX', ttl)
+        end
+        if mode == 'bodies' then
+            for i = 13 + 2 * patternCount, #ARGV, 3 do
+                store(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
             end
-            if sent > 0 then
-                redis.call('INCRBY', KEYS[2], sent)
-                redis.call('EXPIRE', KEYS[2], globalStatsExpiry)
-            end
-            if full > 0 then
-                redis.call('INCRBY', KEYS[3], full)
-                redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
-            end
-            local result = {sent, full, reached, missed}
-            for _, item in ipairs(refused) do result[#result + 1] = item end
-            return result
-            """)
+        end
+        if sent > 0 then
+            redis.call('INCRBY', KEYS[2], sent)
+            redis.call('EXPIRE', KEYS[2], globalStatsExpiry)
+        end
+        if full > 0 then
+            redis.call('INCRBY', KEYS[3], full)
+            redis.call('EXPIRE', KEYS[3], globalStatsExpiry)
+        end
+        local result = {sent, full, reached, missed}
+        for _, item in ipairs(refused) do result[#result + 1] = item end
+        -- (publish: the position first)
+        return result
+        """
 
     /// Registers (or renews) the reader of a process channel as one that reads bundles.
     /// KEYS: the reader key. ARGV: form, seconds to live.

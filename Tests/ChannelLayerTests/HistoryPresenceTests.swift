@@ -1,5 +1,6 @@
 import ASGI
 import Foundation
+import OrderedCollections
 import Synchronization
 import TestSupport
 import Testing
@@ -162,6 +163,112 @@ struct HistoryPresenceTests {
         let again = try await append(id: "a", epoch: "e2")
         #expect(again.first?.countValue == 1 && again.last?.text == "e2", "\(again)")
         #expect(try await layer.historyAppend("g", message: ["data": "{}"], retention: keep).offset == 2)
+    }
+
+    /// A publication on Redis is one script (the history append and the group send): the
+    /// members get exactly the message the two steps send (`PublicationText.message`), for
+    /// every shape of data and every way a member is reached (its own channel, a process
+    /// channel per member, a bundle of a registered reader, from the group's cache too).
+    @Test("Redis: a publication in one script sends what the two steps send, and counts one round trip")
+    func aPublicationInOneScript() async throws {
+        try await withLayer(.redis, capacity: 100, maxMessageSize: 1 << 20) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let keep = HistoryRetention(size: 100, ttl: .seconds(60))
+            let bundled = "pub.bundle\(ChannelNames.randomLetters(6))!"
+            _ = try await layer.registeredAsBundleReader(bundled)
+            // 40 members: the group's split is cached after the first send and read after.
+            for i in 0..<37 { try await layer.groupAdd("pubs", channel: bundled + "m\(i)") }
+            for name in ["plain1", "pub.single!a", "pub.single!b"] { try await layer.groupAdd("pubs", channel: name) }
+            let shapes = [
+                "{\"a\":1}", "  { \"a\" : 1 }", "{}", "{ }", "\"a string\"", "[1,2]", "{\"t\":\"ünïcødé ✓ \\u0000\"}",
+                "{\"pad\":\"" + String(repeating: "x", count: 300) + "\"}",
+                "{\"pad\":\"" + String(repeating: "y", count: 70_000) + "\"}",
+            ]
+            var offsets: [UInt64] = []
+            for data in shapes {
+                let position = try #require(try await redis.historyPublish("pubs", data: data, retention: keep))
+                offsets.append(position.offset)
+                let expected = PublicationText.message(group: "pubs", data: data, position: position)
+                let plain = try #require(try await layer.receive(channels: ["plain1"], timeout: .seconds(2)))
+                #expect(plain.message == expected, "\(data.prefix(40))")
+                var singles: [String] = []
+                while let one = try await layer.receive(channels: ["pub.single!"], timeout: .zero) {
+                    #expect(one.message == expected)
+                    singles.append(one.channel)
+                }
+                #expect(singles.sorted() == ["pub.single!a", "pub.single!b"])
+                var members = 0
+                while let one = try await layer.receive(channels: [bundled], timeout: .zero) {
+                    #expect(one.message == expected)
+                    members += 1
+                }
+                #expect(members == 37, "\(data.prefix(40))")
+            }
+            #expect(offsets == Array(1...UInt64(shapes.count)))
+            let slice = try await redis.historyRead("pubs", after: StreamPosition(offset: 0, epoch: "none"), retention: keep)
+            let all = try await redis.historyRead("pubs", after: StreamPosition(offset: 0, epoch: slice.top.epoch), retention: keep)
+            #expect(all.entries.map { $0.message } == shapes.map { ["data": .string($0)] })
+            // One script a publication, where the two steps made two.
+            let raw = try HiredisConnection(
+                endpoint: redis.configuration.hosts[0], connectTimeout: .seconds(1), commandTimeout: .seconds(2))
+            func scriptCalls() throws -> Int {
+                let info = try raw.command(["INFO", "commandstats"]).text ?? ""
+                return info.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("cmdstat_evalsha:") || $0.hasPrefix("cmdstat_eval:") }
+                    .compactMap { line in line.split(separator: "=").dropFirst().first?.split(separator: ",").first.flatMap { Int($0) } }
+                    .reduce(0, +)
+            }
+            let before = try scriptCalls()
+            _ = try #require(try await redis.historyPublish("pubs", data: "{}", retention: keep))
+            #expect(try scriptCalls() - before == 1)
+            _ = try #require(try await layer.receive(channels: ["plain1"], timeout: .seconds(2)))
+            // Offsets of every msgpack width (one byte, 8, 16, 32 and 64 bits) in the message made by Lua.
+            for next: UInt64 in [200, 300, 70_000, 5_000_000_000] {
+                _ = try raw.command(["HSET", redis.configuration.prefix + "history-meta:pubs", "offset", String(next - 1)])
+                let position = try #require(try await redis.historyPublish("pubs", data: "{\"w\":1}", retention: keep))
+                #expect(position.offset == next)
+                let plain = try #require(try await layer.receive(channels: ["plain1"], timeout: .seconds(2)))
+                #expect(plain.message == PublicationText.message(group: "pubs", data: "{\"w\":1}", position: position))
+            }
+        }
+    }
+
+    /// A publication tried again after its reply was lost runs the script again under the same
+    /// id: the history holds it once, at one offset, and the members get a second copy at that
+    /// offset (which their servers drop as seen).
+    @Test("Redis: a publication tried again under its id takes one offset and sends it again")
+    func aPublicationTriedAgainTakesOneOffset() async throws {
+        try await withLayer(.redis) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let keep = HistoryRetention(size: 10, ttl: .seconds(60))
+            try await layer.groupAdd("again", channel: "member")
+            let entry = redis.seal(["data": "{\"n\":1}"])
+            let tail = PublicationText.tail(data: "{\"n\":1}")
+            let first = try await redis.publish("again", entry: entry, tail: tail, retention: keep, id: "same")
+            let second = try await redis.publish("again", entry: entry, tail: tail, retention: keep, id: "same")
+            #expect(first == second && first.offset == 1)
+            let third = try await redis.publish("again", entry: entry, tail: tail, retention: keep, id: "other")
+            #expect(third.offset == 2 && third.epoch == first.epoch)
+            var got: [ASGIValue?] = []
+            while let one = try await layer.receive(channels: ["member"], timeout: .zero) {
+                got.append(one.message["publication"]?.mapValue?["offset"])
+            }
+            #expect(got == [.int(1), .int(1), .int(2)])
+            let slice = try await redis.historyRead("again", after: StreamPosition(offset: 0, epoch: first.epoch), retention: keep)
+            #expect(slice.entries.map(\.offset) == [1, 2])
+        }
+    }
+
+    @Test("a layer that cannot publish in one step says so, and Group.publish appends and sends", arguments: LayerKind.allCases)
+    func publishFallsBackToTwoSteps(_ kind: LayerKind) async throws {
+        try await withLayer(kind) { layer in
+            let history = try history(layer)
+            let keep = HistoryRetention(size: 10, ttl: .seconds(60))
+            let oneStep = try await history.historyPublish("fallback", data: "{}", retention: keep)
+            #expect((oneStep != nil) == (kind == .redis))
+            let metered = MeteredChannelLayer(layer)
+            let throughMeter = try await metered.historyPublish("fallback", data: "{}", retention: keep)
+            #expect((throughMeter != nil) == (kind == .redis))
+        }
     }
 
     @Test("followers missing from a group's member set are added back, once; a removal undoes it", arguments: LayerKind.allCases)
