@@ -42,6 +42,16 @@ public final class RedisSessionStore: SessionStore {
         try await client.command("GET", redisKey(key)).bytes
     }
 
+    /// The stored bytes of several sessions, in one `MGET`.
+    public func load(many keys: [String]) async throws -> [[UInt8]?] {
+        if keys.count < 2 { return keys.isEmpty ? [] : [try await load(keys[0])] }
+        let reply = try await client.command(["MGET"] + keys.map(redisKey))
+        guard let values = reply.array, values.count == keys.count else {
+            throw ChannelLayerError(.backendError, "session store: an unexpected MGET reply")
+        }
+        return values.map(\.bytes)
+    }
+
     /// Writes only if the stored value is still `expected` (a compare-and-set script); false when
     /// someone else wrote first.
     public func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {

@@ -8,16 +8,27 @@ import Testing
 
 @testable import Channels
 
-/// A session store that counts the loads of each key.
+/// A session store that counts the loads of each key (alone, and with others in one call),
+/// over another store (in memory by default).
 final class LoadCountingStore: SessionStore {
-    let base = InMemorySessionStore()
+    let base: any SessionStore
     private let loads = Mutex<[String: Int]>([:])
+    private let manyLoads = Mutex<[String: Int]>([:])
+
+    init(base: any SessionStore = InMemorySessionStore()) { self.base = base }
 
     func loadCount(_ key: String) -> Int { loads.withLock { $0[key] ?? 0 } }
+    /// Loads of `key` together with other keys, in one call.
+    func manyLoadCount(_ key: String) -> Int { manyLoads.withLock { $0[key] ?? 0 } }
 
     func load(_ key: String) async throws -> [UInt8]? {
         loads.withLock { $0[key, default: 0] += 1 }
         return try await base.load(key)
+    }
+
+    func load(many keys: [String]) async throws -> [[UInt8]?] {
+        manyLoads.withLock { for key in keys { $0[key, default: 0] += 1 } }
+        return try await base.load(many: keys)
     }
 
     func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
@@ -154,6 +165,74 @@ struct OrderedTurnsTests {
         let stored = try await Session.load(key: socketKey, store: store, settings: settings)
         #expect(stored["elsewhere"]?.stringValue == "kept" && stored["count"]?.intValue == 99)
         #expect(stored[OrderingGate.nextOrderKey]?.intValue == 100)
+        if let redis = layer as? RedisChannelLayer { await redis.close() }
+    }
+
+    /// A socket's messages one at a time (each its own turn, nothing handed on), each handing
+    /// one message on in order: from the second on, the channel session and the hand-off's
+    /// counter are read together in one call (one `MGET` on Redis), the counter never alone;
+    /// the numbers stay consecutive and unique, also when another sender takes a number between
+    /// the read ahead and the send (the save's compare catches it, and the number is read anew).
+    @Test(arguments: [false, true])
+    func aSocketsHandOffCounterIsReadWithItsSession(onRedis: Bool) async throws {
+        let prefix = "t" + ChannelNames.randomLetters(8)
+        let store = LoadCountingStore(base: onRedis ? try TestRedis.sessionStore(prefix: prefix + "-session:") : InMemorySessionStore())
+        let layer: any ChannelLayer = onRedis ? try TestRedis.layer(prefix: prefix + ":") : InMemoryChannelLayer()
+        let log = Log()
+        let settings = SessionConfiguration()
+        let reply = "test.reply?ahead" + ChannelNames.randomLetters(6)
+        let counterKey = OrderedHandoff.sessionKey("sent", channel: "stage", key: reply, secret: settings.secret)
+        let worker = Worker(
+            router: try Router([
+                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
+                route(
+                    "websocket.receive",
+                    enforceOrdering { context in
+                        let order = try context.message.int("order")
+                        if order == 5 {
+                            // Another sender takes a number after this turn read the counter ahead.
+                            let other = try await Session.load(key: counterKey, store: store, settings: settings)
+                            other[OrderedHandoff.sentField] = .int((other[OrderedHandoff.sentField]?.intValue ?? 0) + 1)
+                            try await other.save()
+                        }
+                        try await Channel("stage").send(["n": .int(order)], orderedBy: reply)
+                        await log.add("\(order)")
+                    }),
+            ]), layer: layer, concurrency: 8,
+            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        let task = Task { await worker.run() }
+        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        let socketKey = Session.channelSessionKey(replyChannel: reply, secret: settings.secret)
+        for order in 1...8 {
+            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+            try await waitFor(log, count: order)
+            // Until the turn saved the socket's order: the next message is a turn of its own,
+            // not one run after it with the sessions handed on.
+            let deadline = ContinuousClock.now + .seconds(20)
+            while ContinuousClock.now < deadline {
+                let stored = try await Session.load(key: socketKey, store: store.base, settings: settings)
+                if stored[OrderingGate.nextOrderKey]?.intValue == Int64(order + 1) { break }
+                try await Task.sleep(for: .milliseconds(5))
+            }
+        }
+        worker.stop()
+        await task.value
+        var numbers: [Int64] = []
+        while let one = try await layer.receive(channels: ["stage"], timeout: .zero) {
+            numbers.append(try #require(one.message[OrderedHandoff.orderField]?.intValue))
+        }
+        // Eight sends, and the other sender's number (5) between the fourth and the fifth.
+        #expect(numbers == [0, 1, 2, 3, 5, 6, 7, 8], "\(numbers)")
+        let counter = Session.storageKey(counterKey)
+        let socket = Session.storageKey(socketKey)
+        // Turn 1 read the counter alone (nothing was known of it); turns 2 to 8 read it with the
+        // session (on a loaded machine a turn may still start right behind the one before and
+        // take both as that one saved them: no read at all), and turn 5 once more alone, after
+        // its save lost to the other sender (whose own read is the third alone).
+        #expect(
+            store.manyLoadCount(counter) >= 5 && store.manyLoadCount(socket) == store.manyLoadCount(counter),
+            "\(store.manyLoadCount(counter))")
+        #expect(store.loadCount(counter) == 3, "counter read alone: \(store.loadCount(counter))")
         if let redis = layer as? RedisChannelLayer { await redis.close() }
     }
 

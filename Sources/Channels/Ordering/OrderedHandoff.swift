@@ -77,6 +77,11 @@ extension ConsumerContext {
                 handoffs.append(pair)
                 socket[ChannelSessionKey.handoffs] = .array(handoffs)
             }
+            // The socket's reply channel (the message handed on is another).
+            if let reply = self.message.replyChannel {
+                let counter = OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: environment.sessionConfiguration.secret)
+                HandoffCounters.remember(Session.storageKey(counter), for: reply)
+            }
         }
         try await sendNumbered(message, to: channel, orderedBy: key, immediately: immediately, end: false)
     }
@@ -129,6 +134,29 @@ extension ConsumerContext {
         let stamp = OrderStamp(key: key, order: sequence, epoch: epoch, end: end)
         try await send(stamp.stamped(message), to: channel, immediately: immediately)
     }
+}
+
+/// The ordered hand-off counters each socket's consumers used in this process (their storage
+/// keys, by reply channel): the socket's next message reads them with its channel session, in
+/// one round trip (a socket's messages alternate between workers, so the counter a turn saved
+/// is rarely handed on to the next in the same worker). A hint only: a counter read ahead is
+/// taken like any read (a writer since is caught by the save's compare). Bounded: forgotten
+/// whole past 8,192 sockets.
+enum HandoffCounters {
+    private static let known = Mutex<[String: [String]]>([:])
+
+    static func remember(_ storageKey: String, for reply: String) {
+        known.withLock { known in
+            if known[reply]?.contains(storageKey) == true { return }
+            if known.count >= 8192 { known.removeAll() }
+            known[reply, default: []].append(storageKey)
+        }
+    }
+
+    static func known(for reply: String) -> [String] { known.withLock { $0[reply] ?? [] } }
+
+    /// Forgets a socket's counters (its sequences ended).
+    static func forget(_ reply: String) { _ = known.withLock { $0.removeValue(forKey: reply) } }
 }
 
 extension Channel {

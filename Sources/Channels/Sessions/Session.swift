@@ -164,6 +164,8 @@ public final class Session: Sendable {
                     $0.snapshot = saved.snapshot
                     $0.handedOn = true
                 }
+            } else if handedOn, let read = SessionHandOn.current?.takePrefetched(storageKey(key)) {
+                session.apply(read, key: key)
             } else {
                 try await session.reload(from: key)
             }
@@ -174,7 +176,11 @@ public final class Session: Sendable {
     /// Stored data that cannot be decoded (another program wrote it) is logged and read as an
     /// empty session; the next save replaces it.
     private func reload(from key: String) async throws {
-        let raw = try await store.load(Self.storageKey(key))
+        apply(try await store.load(Self.storageKey(key)), key: key)
+    }
+
+    /// Takes `raw` (what the store held under `key`, nil for nothing) as read now.
+    private func apply(_ raw: [UInt8]?, key: String) {
         var decoded: [String: ASGIValue]?
         if let raw {
             do {
@@ -544,6 +550,25 @@ final class SessionHandOn: Sendable {
     }
 
     func forget(_ storageKey: String) { _ = sessions.withLock { $0.removeValue(forKey: storageKey) } }
+
+    /// Sessions read ahead of their load, in one round trip with another (a socket's ordered
+    /// hand-off counters, read with its channel session): each is taken once, by the first load
+    /// that asks for it (as if that load had read it then; a writer since is caught by the next
+    /// save's compare, as for any read).
+    private let prefetched = Mutex<[String: [UInt8]?]>([:])
+
+    /// Keeps `raw`, read from the store under `storageKey`, for the next load of it.
+    func prefetch(_ storageKey: String, _ raw: [UInt8]?) {
+        prefetched.withLock { prefetched in
+            if prefetched.count >= 64 { prefetched.removeAll() }
+            prefetched[storageKey] = raw
+        }
+    }
+
+    /// What was read ahead under `storageKey` (`.some(nil)`: nothing was stored), once.
+    func takePrefetched(_ storageKey: String) -> [UInt8]?? {
+        prefetched.withLock { $0.removeValue(forKey: storageKey) }
+    }
 
     /// Drops every copy (one of them proved stale: the others may be too).
     func forgetAll() { sessions.withLock { $0.removeAll() } }

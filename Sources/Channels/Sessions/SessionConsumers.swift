@@ -115,12 +115,29 @@ extension ConsumerContext {
             throw SessionError(.notLoaded, "channel_session needs a message with a reply_channel; '\(channel)' has none")
         }
         let settings = environment.sessionConfiguration
+        let key = Session.channelSessionKey(replyChannel: reply, secret: settings.secret)
+        await prefetchHandoffCounters(reply: reply, with: key)
         let session = try await Session.load(
-            key: Session.channelSessionKey(replyChannel: reply, secret: settings.secret),
-            store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge, log: .consumer(self),
+            key: key, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge, log: .consumer(self),
             handedOn: true)
         extras.withLock { $0.channelSession = session }
         return session
+    }
+
+    /// Reads the channel session under `key` and the ordered hand-off counters this socket's
+    /// consumers used in this worker before (``HandoffCounters``) in one round trip, for the
+    /// loads that follow; nothing when fewer than two of them must be read (the others were
+    /// handed on from the socket's turn before).
+    private func prefetchHandoffCounters(reply: String, with key: String) async {
+        guard let handOn = SessionHandOn.current else { return }
+        let counters = HandoffCounters.known(for: reply)
+        guard !counters.isEmpty else { return }
+        // What the scope holds from the socket's turn before is not read at all.
+        let keys = ([Session.storageKey(key)] + counters).filter { handOn.saved($0) == nil }
+        guard keys.count > 1, let values = try? await environment.sessionStore.load(many: keys), values.count == keys.count else {
+            return
+        }
+        for (key, value) in zip(keys, values) { handOn.prefetch(key, value) }
     }
 
     /// After the consumer: the socket's last message deletes its session and ends its ordered
@@ -136,6 +153,7 @@ extension ConsumerContext {
                 else { continue }
                 try await endOrderedSequence(to: target, orderedBy: key)
             }
+            if let reply = message.replyChannel { HandoffCounters.forget(reply) }
             try await session.delete()
             return
         }

@@ -13,6 +13,19 @@ public protocol SessionStore: Sendable {
     /// not exist, i.e. create-only). Returns false when someone else wrote first.
     func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool
     func delete(_ key: String) async throws
+    /// The stored bytes of several sessions, in the order asked (nil for one that does not
+    /// exist): one round trip where the store can (Redis: `MGET`).
+    func load(many keys: [String]) async throws -> [[UInt8]?]
+}
+
+extension SessionStore {
+    /// One load after another.
+    public func load(many keys: [String]) async throws -> [[UInt8]?] {
+        var out: [[UInt8]?] = []
+        out.reserveCapacity(keys.count)
+        for key in keys { out.append(try await load(key)) }
+        return out
+    }
 }
 
 /// The embedded default: sessions in this process's memory. Expired sessions are swept out
