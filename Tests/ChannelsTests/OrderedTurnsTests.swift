@@ -236,6 +236,80 @@ struct OrderedTurnsTests {
         if let redis = layer as? RedisChannelLayer { await redis.close() }
     }
 
+    /// A session store whose answer to one save of `key` is lost after the save ran: the
+    /// client tries the same compare-and-set again, which the store refuses (the value is no
+    /// longer the expected one: it is this save's), as a Redis SIGKILLed between its AOF write
+    /// and its reply does to `RedisClient`'s retry.
+    final class LostReplyStore: SessionStore {
+        let base: any SessionStore
+        let key: String
+        private let saves = Mutex(0)
+        let losing: Int
+
+        init(base: any SessionStore, key: String, losing: Int) {
+            self.base = base
+            self.key = key
+            self.losing = losing
+        }
+
+        func load(_ key: String) async throws -> [UInt8]? { try await base.load(key) }
+        func load(many keys: [String]) async throws -> [[UInt8]?] { try await base.load(many: keys) }
+        func delete(_ key: String) async throws { try await base.delete(key) }
+        func store(_ key: String, data: [UInt8], expected: [UInt8]?, ttl: Duration) async throws -> Bool {
+            let stored = try await base.store(key, data: data, expected: expected, ttl: ttl)
+            guard key == self.key, stored else { return stored }
+            let count = saves.withLock { count in
+                count += 1
+                return count
+            }
+            guard count == losing else { return true }
+            // The reply was lost; the retry of the same command is refused.
+            return try await base.store(key, data: data, expected: expected, ttl: ttl)
+        }
+    }
+
+    /// An ordered hand-off's counter save that ran but whose reply was lost (the store's retry
+    /// then refused as a conflict with that very write) keeps its number: the numbers the
+    /// receiver gets stay consecutive (before, the send numbered anew and skipped one, and the
+    /// receiver waited out the gap timeout, 10 s, for it). In memory and on a real Redis.
+    @Test(arguments: [false, true])
+    func aCounterSaveWhoseReplyWasLostKeepsItsNumber(onRedis: Bool) async throws {
+        let prefix = "t" + ChannelNames.randomLetters(8)
+        let settings = SessionConfiguration()
+        let reply = "test.reply?lost" + ChannelNames.randomLetters(6)
+        let counterKey = Session.storageKey(OrderedHandoff.sessionKey("sent", channel: "stage", key: reply, secret: settings.secret))
+        let store = LostReplyStore(
+            base: onRedis ? try TestRedis.sessionStore(prefix: prefix + "-session:") : InMemorySessionStore(), key: counterKey, losing: 3)
+        let layer: any ChannelLayer = onRedis ? try TestRedis.layer(prefix: prefix + ":") : InMemoryChannelLayer()
+        let log = Log()
+        let worker = Worker(
+            router: try Router([
+                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
+                route(
+                    "websocket.receive",
+                    enforceOrdering { context in
+                        let order = try context.message.int("order")
+                        try await Channel("stage").send(["n": .int(order)], orderedBy: reply)
+                        await log.add("\(order)")
+                    }),
+            ]), layer: layer, concurrency: 8,
+            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        let task = Task { await worker.run() }
+        try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
+        for order in 1...5 {
+            try await layer.send(["reply_channel": .string(reply), "path": "/", "order": .int(Int64(order))], to: "websocket.receive")
+        }
+        try await waitFor(log, count: 5)
+        worker.stop()
+        await task.value
+        var numbers: [Int64] = []
+        while let one = try await layer.receive(channels: ["stage"], timeout: .zero) {
+            numbers.append(try #require(one.message[OrderedHandoff.orderField]?.intValue))
+        }
+        #expect(numbers == [0, 1, 2, 3, 4], "\(numbers)")
+        if let redis = layer as? RedisChannelLayer { await redis.close() }
+    }
+
     /// 100 messages of one ordered hand-off, taken by one worker of concurrency 8: they run one
     /// after another (before, each ran at once and all but the due one were parked and taken
     /// back), in order, numbered once each.

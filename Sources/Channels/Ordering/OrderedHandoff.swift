@@ -9,6 +9,10 @@ enum OrderedHandoff {
     static let orderField = "__order"
     static let endField = "__order_end"
     static let sentField = "__sent"
+    /// In the sender's counter: a random token of the save that wrote it, so a save whose
+    /// reply was lost (and whose retry the store answered with a conflict against that very
+    /// write) knows its number was taken by itself, not by another sender.
+    static let writerField = "__writer"
     /// The sequence's epoch: a random name the sender's counter is born with. A counter that
     /// was lost (evicted under maxmemory, expired) starts again at 0 under a new epoch, and the
     /// receiver follows the new sequence instead of dropping its messages as old.
@@ -102,11 +106,19 @@ extension ConsumerContext {
         settings.saveAttempts = 1
         let counterKey = OrderedHandoff.sessionKey("sent", channel: channel, key: key, secret: settings.secret)
         var numbered: (sequence: Int64, epoch: String)?
+        // The counter as read after a lost race (to number anew from).
+        var reread: Session?
         for _ in 0..<Session.appendSaveAttempts {
-            let counter = try await Session.load(
-                key: counterKey, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
-                // The end deletes the counter without a compare: its number is read from the store.
-                log: .consumer(self), handedOn: !end)
+            let counter: Session
+            if let reread {
+                counter = reread
+            } else {
+                counter = try await Session.load(
+                    key: counterKey, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
+                    // The end deletes the counter without a compare: its number is read from the store.
+                    log: .consumer(self), handedOn: !end)
+            }
+            reread = nil
             let sequence = counter[OrderedHandoff.sentField]?.intValue ?? 0
             let epoch = counter[OrderedHandoff.epochField]?.stringValue ?? ChannelNames.randomLetters(12)
             if end {
@@ -116,12 +128,29 @@ extension ConsumerContext {
                 numbered = (sequence, epoch)
                 break
             }
+            let writer = ChannelNames.randomLetters(12)
             counter[OrderedHandoff.sentField] = .int(sequence + 1)
             counter[OrderedHandoff.epochField] = .string(epoch)
+            counter[OrderedHandoff.writerField] = .string(writer)
             do {
                 try await counter.save()
             } catch let error as SessionError where error.code == .saveConflict {
-                continue
+                // A save that ran and whose reply died with Redis (SIGKILLed, restarted) is tried
+                // again by the store's client, and the store then answers "someone else wrote
+                // first": it was this save. Its number is taken: use it (numbering anew skipped
+                // it, and the receiver waited out the gap timeout for a message that never came).
+                let stored = try await Session.load(
+                    key: counterKey, store: environment.sessionStore, settings: settings, ttl: settings.channelSessionAge,
+                    log: .consumer(self))
+                guard stored[OrderedHandoff.writerField]?.stringValue == writer,
+                    stored[OrderedHandoff.sentField]?.intValue == sequence + 1
+                else {
+                    reread = stored
+                    continue
+                }
+                SessionHandOn.current?.record(stored)
+                numbered = (sequence, epoch)
+                break
             }
             // The socket's next ordered send, run next in this worker, starts from it.
             SessionHandOn.current?.record(counter)
