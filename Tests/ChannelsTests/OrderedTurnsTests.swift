@@ -138,25 +138,17 @@ struct OrderedTurnsTests {
         let settings = SessionConfiguration()
         let reply = "test.reply?other" + ChannelNames.randomLetters(6)
         let socketKey = Session.channelSessionKey(replyChannel: reply, secret: settings.secret)
-        let worker = Worker(
-            router: try Router([
-                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
-                route(
-                    "websocket.receive",
-                    enforceOrdering { context in
-                        let order = try context.message.int("order")
-                        if order == 50 {
-                            // Another process's consumer writes the session now.
-                            let other = try await Session.load(key: socketKey, store: store, settings: settings)
-                            other["elsewhere"] = .string("kept")
-                            try await other.save()
-                        }
-                        let seen = try context.channelSession["elsewhere"]?.stringValue
-                        await log.add("\(order) \(seen ?? "-")")
-                        try context.channelSession["count"] = .int(order)
-                    }),
-            ]), layer: layer, concurrency: 8,
-            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        let worker = try socketWorker(store: store, layer: layer, settings: settings) { context, order in
+            if order == 50 {
+                // Another process's consumer writes the session now.
+                let other = try await Session.load(key: socketKey, store: store, settings: settings)
+                other["elsewhere"] = .string("kept")
+                try await other.save()
+            }
+            let seen = try context.channelSession["elsewhere"]?.stringValue
+            await log.add("\(order) \(seen ?? "-")")
+            try context.channelSession["count"] = .int(order)
+        }
         try await runBurst(worker, on: layer, reply: reply, count: 99, log: log)
         let entries = await log.entries
         #expect(entries.map { $0.split(separator: " ")[0] } == (1...99).map { Substring(String($0)) })
@@ -166,6 +158,42 @@ struct OrderedTurnsTests {
         #expect(stored["elsewhere"]?.stringValue == "kept" && stored["count"]?.intValue == 99)
         #expect(stored[OrderingGate.nextOrderKey]?.intValue == 100)
         if let redis = layer as? RedisChannelLayer { await redis.close() }
+    }
+
+    /// A worker whose socket consumers (ordered) hand each frame on to `stage`, numbered by
+    /// `reply`, after `before(order)`; it logs each order handed on.
+    func handOffWorker(
+        store: any SessionStore, layer: any ChannelLayer, settings: SessionConfiguration, reply: String, log: Log,
+        before: @escaping @Sendable (Int64) async throws -> Void = { _ in }
+    ) throws -> Worker {
+        try socketWorker(store: store, layer: layer, settings: settings) { _, order in
+            try await before(order)
+            try await Channel("stage").send(["n": .int(order)], orderedBy: reply)
+            await log.add("\(order)")
+        }
+    }
+
+    /// A worker whose sockets' connects are accepted and whose frames (ordered) run `receive`
+    /// with their order.
+    func socketWorker(
+        store: any SessionStore, layer: any ChannelLayer, settings: SessionConfiguration,
+        receive: @escaping @Sendable (ConsumerContext, Int64) async throws -> Void
+    ) throws -> Worker {
+        Worker(
+            router: try Router([
+                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
+                route("websocket.receive", enforceOrdering { context in try await receive(context, try context.message.int("order")) }),
+            ]), layer: layer, concurrency: 8,
+            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+    }
+
+    /// The order numbers of what waits on `stage`, taken.
+    func handedOnNumbers(_ layer: any ChannelLayer) async throws -> [Int64] {
+        var numbers: [Int64] = []
+        while let one = try await layer.receive(channels: ["stage"], timeout: .zero) {
+            numbers.append(try #require(one.message[OrderedHandoff.orderField]?.intValue))
+        }
+        return numbers
     }
 
     /// A socket's messages one at a time (each its own turn, nothing handed on), each handing
@@ -182,24 +210,13 @@ struct OrderedTurnsTests {
         let settings = SessionConfiguration()
         let reply = "test.reply?ahead" + ChannelNames.randomLetters(6)
         let counterKey = OrderedHandoff.sessionKey("sent", channel: "stage", key: reply, secret: settings.secret)
-        let worker = Worker(
-            router: try Router([
-                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
-                route(
-                    "websocket.receive",
-                    enforceOrdering { context in
-                        let order = try context.message.int("order")
-                        if order == 5 {
-                            // Another sender takes a number after this turn read the counter ahead.
-                            let other = try await Session.load(key: counterKey, store: store, settings: settings)
-                            other[OrderedHandoff.sentField] = .int((other[OrderedHandoff.sentField]?.intValue ?? 0) + 1)
-                            try await other.save()
-                        }
-                        try await Channel("stage").send(["n": .int(order)], orderedBy: reply)
-                        await log.add("\(order)")
-                    }),
-            ]), layer: layer, concurrency: 8,
-            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        let worker = try handOffWorker(store: store, layer: layer, settings: settings, reply: reply, log: log) { order in
+            guard order == 5 else { return }
+            // Another sender takes a number after this turn read the counter ahead.
+            let other = try await Session.load(key: counterKey, store: store, settings: settings)
+            other[OrderedHandoff.sentField] = .int((other[OrderedHandoff.sentField]?.intValue ?? 0) + 1)
+            try await other.save()
+        }
         let task = Task { await worker.run() }
         try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
         let socketKey = Session.channelSessionKey(replyChannel: reply, secret: settings.secret)
@@ -217,10 +234,7 @@ struct OrderedTurnsTests {
         }
         worker.stop()
         await task.value
-        var numbers: [Int64] = []
-        while let one = try await layer.receive(channels: ["stage"], timeout: .zero) {
-            numbers.append(try #require(one.message[OrderedHandoff.orderField]?.intValue))
-        }
+        let numbers = try await handedOnNumbers(layer)
         // Eight sends, and the other sender's number (5) between the fourth and the fifth.
         #expect(numbers == [0, 1, 2, 3, 5, 6, 7, 8], "\(numbers)")
         let counter = Session.storageKey(counterKey)
@@ -282,18 +296,7 @@ struct OrderedTurnsTests {
             base: onRedis ? try TestRedis.sessionStore(prefix: prefix + "-session:") : InMemorySessionStore(), key: counterKey, losing: 3)
         let layer: any ChannelLayer = onRedis ? try TestRedis.layer(prefix: prefix + ":") : InMemoryChannelLayer()
         let log = Log()
-        let worker = Worker(
-            router: try Router([
-                route("websocket.connect", enforceOrdering { context in try await context.accept() }),
-                route(
-                    "websocket.receive",
-                    enforceOrdering { context in
-                        let order = try context.message.int("order")
-                        try await Channel("stage").send(["n": .int(order)], orderedBy: reply)
-                        await log.add("\(order)")
-                    }),
-            ]), layer: layer, concurrency: 8,
-            environment: ConsumerEnvironment(sessionStore: store, sessionConfiguration: settings))
+        let worker = try handOffWorker(store: store, layer: layer, settings: settings, reply: reply, log: log)
         let task = Task { await worker.run() }
         try await layer.send(["reply_channel": .string(reply), "path": "/", "order": 0], to: "websocket.connect")
         for order in 1...5 {
@@ -302,10 +305,7 @@ struct OrderedTurnsTests {
         try await waitFor(log, count: 5)
         worker.stop()
         await task.value
-        var numbers: [Int64] = []
-        while let one = try await layer.receive(channels: ["stage"], timeout: .zero) {
-            numbers.append(try #require(one.message[OrderedHandoff.orderField]?.intValue))
-        }
+        let numbers = try await handedOnNumbers(layer)
         #expect(numbers == [0, 1, 2, 3, 4], "\(numbers)")
         if let redis = layer as? RedisChannelLayer { await redis.close() }
     }
