@@ -416,7 +416,13 @@ struct RedisSentinelPlannedFailoverTests {
             print(
                 "planned failover: \(acknowledged.count) sends acknowledged (\(before) before it), \(outcome.failed) failed and "
                     + "reported, \(received.count) received, \(lost.count) acknowledged and lost")
-            #expect(acknowledged[afterFailover...].allSatisfy { received.contains($0) }, "every message sent after the failover arrives")
+            // The first acknowledgement counted after that point may be of the one send that was
+            // on its way then (sends go one at a time): written to the old master just before it
+            // turned replica, it is lost in the switch like those before it (under the whole
+            // suite's load its acknowledgement was seen counted after the point). Every send
+            // begun after the point arrives.
+            let sentAfter = acknowledged[afterFailover...].dropFirst()
+            #expect(sentAfter.allSatisfy { received.contains($0) }, "every message sent after the failover arrives: lost \(lost)")
             #expect(lost.allSatisfy { $0 > before - 50 }, "lost only in the switch: \(lost)")
             #expect(try raw(replica.port, password: "pw").command(["ROLE"]).array?.first?.bytes == Array("master".utf8))
             try await layer.flush()
