@@ -140,7 +140,7 @@ public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspectio
 }
 
 /// History and presence go to the wrapped layer uncounted (`ForwardingChannelLayer`'s defaults),
-/// but for a publication in one step, which sends to a group and is counted like a group send.
+/// but for a publication in one step, a group send whose errors are counted as a group send's.
 extension MeteredChannelLayer: ChannelLayerHistory, ChannelLayerPresence {
     /// Publishes through the wrapped layer in one step, when it can.
     public func historyPublish(_ group: String, data: String, retention: HistoryRetention) async throws(ChannelLayerError)

@@ -258,6 +258,30 @@ struct HistoryPresenceTests {
         }
     }
 
+    /// A publication too large for the layer is refused with `messageTooLarge` before anything
+    /// is stored: no history entry, nothing sent, the offset not taken; the next one is 1.
+    @Test("Redis: a publication past the message size limit is refused whole, and the next takes offset 1")
+    func aPublicationTooLargeIsRefusedWhole() async throws {
+        try await withLayer(.redis, maxMessageSize: 4096) { layer in
+            let redis = try #require(layer as? RedisChannelLayer)
+            let keep = HistoryRetention(size: 10, ttl: .seconds(60))
+            try await layer.groupAdd("big", channel: "member")
+            for size in [4_000, 5_000, 100_000] {
+                await #expect {
+                    _ = try await redis.historyPublish(
+                        "big", data: "{\"pad\":\"" + String(repeating: "z", count: size) + "\"}", retention: keep)
+                } throws: { error in
+                    (error as? ChannelLayerError)?.code == .messageTooLarge
+                }
+            }
+            #expect(try await layer.receive(channels: ["member"], timeout: .zero) == nil, "a refused publication reached a member")
+            let position = try #require(try await redis.historyPublish("big", data: "{}", retention: keep))
+            #expect(position.offset == 1)
+            let slice = try await redis.historyRead("big", after: StreamPosition(offset: 0, epoch: position.epoch), retention: keep)
+            #expect(slice.entries.map(\.offset) == [1])
+        }
+    }
+
     @Test("a layer that cannot publish in one step says so, and Group.publish appends and sends", arguments: LayerKind.allCases)
     func publishFallsBackToTwoSteps(_ kind: LayerKind) async throws {
         try await withLayer(kind) { layer in
