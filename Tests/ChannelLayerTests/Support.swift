@@ -273,7 +273,15 @@ func runProgram(_ arguments: [String]) async throws -> (status: Int32, output: S
 /// Starts a program with posix_spawn (Foundation's Process.waitUntilExit hangs off the main
 /// thread on Linux). The child gets an empty signal mask: it must not inherit the signals this
 /// thread blocks, or SIGTERM never reaches it. Returns posix_spawn's status.
-func spawn(_ arguments: [String], pid: inout pid_t, actions: UnsafePointer<posix_spawn_file_actions_t>?) -> Int32 {
+///
+/// The child keeps only its standard descriptors (and what `actions` puts there): NIO accepts
+/// connections without close-on-exec, so a Redis started while another test's server held a
+/// connection kept that connection open in the Redis process after the server closed it (the
+/// client saw no end until that Redis stopped: a front-door test waited 30 s for a close in CI).
+func spawn(_ arguments: [String], pid: inout pid_t, actions: UnsafeMutablePointer<posix_spawn_file_actions_t>?) -> Int32 {
+    var ownActions = posix_spawn_file_actions_t()
+    if actions == nil { posix_spawn_file_actions_init(&ownActions) }
+    defer { if actions == nil { posix_spawn_file_actions_destroy(&ownActions) } }
     var attributes = posix_spawnattr_t()
     posix_spawnattr_init(&attributes)
     defer { posix_spawnattr_destroy(&attributes) }
@@ -283,5 +291,21 @@ func spawn(_ arguments: [String], pid: inout pid_t, actions: UnsafePointer<posix
     posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
     var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
     defer { for pointer in argv { free(pointer) } }
-    return posix_spawn(&pid, arguments[0], actions, &attributes, &argv, environ)
+    return withUnsafeMutablePointer(to: &ownActions) { own in
+        let chosen = actions ?? own
+        closeFromThree(chosen)
+        return posix_spawn(&pid, arguments[0], chosen, &attributes, &argv, environ)
+    }
+}
+
+/// `posix_spawn_file_actions_addclosefrom_np(actions, 3)` (glibc 2.34; not in Swift's Glibc
+/// module, so found at run time). Without it no test can trust a close it waits for.
+private func closeFromThree(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>) {
+    typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, CInt) -> CInt
+    // nil: RTLD_DEFAULT on glibc.
+    guard let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") else {
+        fatalError("posix_spawn_file_actions_addclosefrom_np is missing (glibc older than 2.34)")
+    }
+    let status = unsafeBitCast(symbol, to: AddCloseFrom.self)(actions, 3)
+    precondition(status == 0, "posix_spawn_file_actions_addclosefrom_np failed: \(status)")
 }
