@@ -94,6 +94,9 @@ public final class InterfaceServer: Service, Sendable {
     }
 
     /// What the server counted: held and retried sends, what it gave up on and why.
+    /// The sockets with a tail check due, on the event loops' tail wheels (for tests).
+    func socketsOnTailWheels() async -> Int { await context.socketsOnTailWheels() }
+
     public var statistics: ServerStatistics { context.counters.snapshot(unroutable: context.router.unroutableCount) }
 
     /// WebSockets open now.

@@ -22,6 +22,7 @@ final class ServerContext: Sendable {
     let accessLog: AccessLog?
     private let openSockets = Mutex<[ObjectIdentifier: @Sendable (UInt16) -> Void]>([:])
     private let pingWheels = Mutex<[ObjectIdentifier: PingWheel<WebSocketSession>]>([:])
+    private let tailWheels = Mutex<[ObjectIdentifier: LoopWheel<WebSocketSession>]>([:])
     let shuttingDown = Atomic<Bool>(false)
     /// The hosts requests may name and the origins WebSockets may come from.
     let allowedHosts: AllowedHosts
@@ -105,6 +106,29 @@ final class ServerContext: Sendable {
             wheels[key] = wheel
             return wheel
         }
+    }
+
+    /// Each event loop's tail-check wheel (``WebSocketSession/tailTick()``): every following
+    /// socket with a check due is looked at once per ``WebSocketSession/tailQuiet``.
+    func tailWheel(on loop: any EventLoop) -> LoopWheel<WebSocketSession> {
+        tailWheels.withLock { wheels in
+            let key = ObjectIdentifier(loop)
+            if let wheel = wheels[key] { return wheel }
+            let wheel = LoopWheel<WebSocketSession>(
+                loop: loop, interval: .nanoseconds(WebSocketSession.tailQuiet.nanoseconds), slots: 1, place: \.tailPlace
+            ) { $0.tailTick() }
+            wheels[key] = wheel
+            return wheel
+        }
+    }
+
+    /// The sockets on the event loops' tail wheels (each counted on its loop).
+    func socketsOnTailWheels() async -> Int {
+        var total = 0
+        for wheel in tailWheels.withLock({ Array($0.values) }) {
+            total += (try? await wheel.loop.submit { wheel.sockets }.get()) ?? 0
+        }
+        return total
     }
 
     func untrackSocket(_ id: ObjectIdentifier) {

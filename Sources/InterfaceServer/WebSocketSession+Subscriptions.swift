@@ -13,9 +13,10 @@ struct SessionSubscriptions {
     /// When the history reads for a group's gap began failing in a row (the layer busy or
     /// away), and how many failed.
     var gapReadFailures: [String: (since: NIODeadline, count: Int)] = [:]
-    /// Each followed group's next tail check, and where its publications stood at the last
-    /// one (``PublicationSequencer/progress(_:)``: moved since means not quiet yet).
-    var tailTimers: [String: Scheduled<Void>] = [:]
+    /// When each followed group's next tail check is due (looked at by the event loop's tail
+    /// wheel), and where its publications stood at the last one
+    /// (``PublicationSequencer/progress(_:)``: moved since means not quiet yet).
+    var tailDue: [String: NIODeadline] = [:]
     var checkedProgress: [String: PublicationSequencer.Progress] = [:]
     /// Groups where this socket is tracked as present, and as whom.
     var presence: [String: PresenceConnection] = [:]
@@ -190,22 +191,35 @@ extension WebSocketSession {
     /// end of a burst would not. So once a followed group has been quiet for
     /// ``tailQuiet``, and every ``tailIdle`` after, the socket compares what it has with the
     /// history's top (one read per group and server, ``HistoryTops``) and reads what it lacks.
+    /// The checks are due times looked at by the event loop's tail wheel each ``tailQuiet``
+    /// (``ServerContext/tailWheel(on:)``), not a timer per socket.
     static let tailQuiet = TimeAmount.seconds(1)
     static let tailIdle = TimeAmount.seconds(30)
 
     /// Arms the group's first tail check (later ones re-arm themselves).
     private func noteActivity(_ group: String) {
-        if subscriptions.tailTimers[group] == nil { armTailCheck(group, in: Self.tailQuiet) }
+        if subscriptions.tailDue[group] == nil { armTailCheck(group, in: Self.tailQuiet) }
     }
 
     private func armTailCheck(_ group: String, in delay: TimeAmount) {
-        subscriptions.tailTimers[group]?.cancel()
-        let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
-        subscriptions.tailTimers[group] = channel.eventLoop.scheduleTask(in: delay) { bound.value.tailCheck(group) }
+        subscriptions.tailDue[group] = .now() + delay
+        if tailPlace == nil { server.tailWheel(on: channel.eventLoop).add(self) }
+    }
+
+    /// The wheel's turn (each ``tailQuiet``): the checks due within half a turn run now (a check
+    /// is at most half a turn early, never a turn late); a socket with none left leaves the wheel.
+    func tailTick() {
+        let soon = NIODeadline.now() + .nanoseconds(Self.tailQuiet.nanoseconds / 2)
+        var due: [String] = []
+        for (group, at) in subscriptions.tailDue where at <= soon { due.append(group) }
+        for group in due {
+            subscriptions.tailDue[group] = nil
+            tailCheck(group)
+        }
+        if subscriptions.tailDue.isEmpty || !channel.isActive { server.tailWheel(on: channel.eventLoop).remove(self) }
     }
 
     private func tailCheck(_ group: String) {
-        subscriptions.tailTimers[group] = nil
         guard subscriptions.sequencer.follows(group), let history = server.layer as? any ChannelLayerHistory else { return }
         let progress = subscriptions.sequencer.progress(group)
         if progress == nil || progress != subscriptions.checkedProgress[group] {
@@ -410,8 +424,8 @@ extension WebSocketSession {
         for group in subscriptions.retention.keys { server.followers.remove(replyChannel, from: group) }
         for timer in subscriptions.gapTimers.values { timer.cancel() }
         subscriptions.gapTimers = [:]
-        for timer in subscriptions.tailTimers.values { timer.cancel() }
-        subscriptions.tailTimers = [:]
+        subscriptions.tailDue = [:]
+        if tailPlace != nil { server.tailWheel(on: channel.eventLoop).remove(self) }
         guard !subscriptions.presence.isEmpty, let presence = server.layer as? any ChannelLayerPresence else { return }
         for group in subscriptions.presence.keys.sorted() { leavePresence(group, presence: presence) }
     }

@@ -32,6 +32,8 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
     var pingPlace: (bucket: Int, index: Int)?
     /// That wheel, while the socket is on it.
     var pingWheel: PingWheel<WebSocketSession>?
+    /// Its place on its event loop's tail-check wheel, while a followed group's check is due.
+    var tailPlace: (bucket: Int, index: Int)?
     /// This socket's messages to the layer, in order, held and retried when the layer is full or down.
     let sender: LayerSender
     /// Closed as a client that does not read (once).

@@ -1,7 +1,6 @@
 import ASGI
 import Channels
 import Foundation
-import InterfaceServer
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -9,6 +8,8 @@ import NIOWebSocket
 import Synchronization
 import TestSupport
 import Testing
+
+@testable import InterfaceServer
 
 #if canImport(FoundationNetworking)
     import FoundationNetworking
@@ -270,8 +271,15 @@ struct ServerTests {
         // the accept can be lost by this test's NIO client (its upgrade handoff); the Python and
         // browser tests cover following on the accept.
         let routes = [route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }]
-        try await withServer(layer: layer, routes: routes) { port, _ in
+        try await withServer(layer: layer, routes: routes) { port, server in
             try await self.followTheTail(of: group, layer: layer, port: port)
+            // The checks run on the event loop's tail wheel; the closed socket leaves it.
+            var left = await server.socketsOnTailWheels()
+            for _ in 0..<100 where left > 0 {
+                try await Task.sleep(for: .milliseconds(50))
+                left = await server.socketsOnTailWheels()
+            }
+            #expect(left == 0, "a closed socket is still on a tail wheel")
         }
     }
 
