@@ -14,6 +14,11 @@
 #   MEMBERS=3000 ROUNDS=5 scripts/bench-churn.sh
 #   SYSTEMS="swift nchan" APP=chat ...             the full example (path /chat/{room}/)
 #   BINARY=/dir/PeerChat ...                       an earlier release build instead
+#   MESSAGES=150 ...                               also the CPU per delivery: each round runs
+#                                                  a second visit with 150 messages, 50 ms apart
+#                                                  (GAP), and the difference from the one-message
+#                                                  visit, per delivery, is printed in a second table
+#                                                  (the fan-out's cost with the joins taken out)
 #
 # Needs the peers2 kit (../shared/peers2/setup.sh: nginx + nchan, Centrifuge, Go).
 set -euo pipefail
@@ -25,6 +30,8 @@ ROUNDS=${ROUNDS:-3}
 SYSTEMS=${SYSTEMS:-swift nchan centrifuge}
 APP=${APP:-PeerChat}
 WORKERS=${WORKERS:-1}
+MESSAGES=${MESSAGES:-1}
+GAP=${GAP:-0.05}
 peers2_kit
 app_binary "$APP"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -54,10 +61,10 @@ ticks() { # PIDS...: CPU clock ticks (user + system) used so far
   echo "$total"
 }
 
-visit() { # SYSTEM PROTO URL [PATH] -> one fanout run; its join seconds on stdout
+visit() { # SYSTEM PROTO URL PATH [MESSAGES] -> one fanout run; its join seconds on stdout
   local out="$RUN/$1-$RANDOM.json"
-  "$BIN/fanout" --proto "$2" --urls "$3" ${4:+--path "$4"} --room "churn$RANDOM" --members "$MEMBERS" --messages 1 \
-    --concurrency 50 --join-timeout 30 --settle 10 --timeout 10 --label "$1" 2>"$out.err" | tail -1 >"$out"
+  "$BIN/fanout" --proto "$2" --urls "$3" ${4:+--path "$4"} --room "churn$RANDOM" --members "$MEMBERS" --messages "${5:-1}" \
+    --gap "$GAP" --concurrency 50 --join-timeout 30 --settle 10 --timeout 10 --label "$1" 2>"$out.err" | tail -1 >"$out"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r.get("join_s", "nan"), r.get("delivered", 0), r.get("expected", 0))' "$out"
 }
 
@@ -70,6 +77,12 @@ measure() { # SYSTEM PROTO URL PATH "FRONT PIDS" "BACK PIDS": ROUNDS measured ro
     sleep 1  # the leaves' work (disconnects through the workers) finishes
     f1=$(ticks $front); b1=$(ticks $back); r1=$(ticks "$REDIS_PID")
     echo "$sys $round $((f1 - f0)) $((b1 - b0)) $((r1 - r0)) $line" >>"$RUN/results"
+    [ "$MESSAGES" -gt 1 ] || continue
+    f0=$(ticks $front); b0=$(ticks $back); r0=$(ticks "$REDIS_PID")
+    line=$(visit "$sys" "$proto" "$url" "$path" "$MESSAGES")
+    sleep 1
+    f1=$(ticks $front); b1=$(ticks $back); r1=$(ticks "$REDIS_PID")
+    echo "$sys $round $((f1 - f0)) $((b1 - b0)) $((r1 - r0)) $line" >>"$RUN/results-many"
   done
 }
 
@@ -113,9 +126,9 @@ for sys in $SYSTEMS; do
   esac
 done
 
-python3 - "$RUN/results" "$MEMBERS" "$(getconf CLK_TCK)" "$APP" <<'PY'
-import statistics, sys
-path, members, tck, app = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+python3 - "$RUN/results" "$MEMBERS" "$(getconf CLK_TCK)" "$APP" "$MESSAGES" "$GAP" <<'PY'
+import os, statistics, sys
+path, members, tck, app, messages, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]
 rows = {}
 for line in open(path):
     sys_, rnd, f, b, r, join_s, delivered, expected = line.split()
@@ -140,4 +153,25 @@ print("us: CPU microseconds per visit (user + system, from /proc; a clock tick i
 print("front: the process the clients connect to; workers: ours, which run every connect and disconnect.")
 if short:
     print("NOT EVERY MEMBER GOT THE MESSAGE in: " + ", ".join(short))
+if messages > 1 and os.path.exists(path + "-many"):
+    # The same visit with `messages` messages: what the extra ones cost, per delivery.
+    many = {}
+    for line in open(path + "-many"):
+        sys_, rnd, f, b, r, join_s, delivered, expected = line.split()
+        many.setdefault(sys_, []).append((int(f), int(b), int(r), int(delivered), int(expected)))
+    per = lambda t: 1e6 * t / tck / ((messages - 1) * members)
+    print()
+    print("the same visits with %d messages %s s apart: CPU per delivery of the %d extra ones (us)" % (messages, gap, messages - 1))
+    print("%-11s %14s %14s %14s %14s %10s" % ("system", "front us", "workers us", "redis us", "total us", "vs nchan"))
+    dmed = {}
+    for s, rs in many.items():
+        base = rows[s]
+        d = [tuple(per(m[i] - o[i]) for i in range(3)) for m, o in zip(rs, base)]
+        dmed[s] = tuple(statistics.median(x[i] for x in d) for i in range(3)) + (statistics.median(sum(x) for x in d),)
+    for s, (f, b, r, t) in dmed.items():
+        ratio = "%.2fx" % (t / dmed["nchan"][3]) if "nchan" in dmed and dmed["nchan"][3] > 0 else "-"
+        print("%-11s %14.2f %14.2f %14.2f %14.2f %10s" % (s, f, b, r, t, ratio))
+    lost = [s for s, rs in many.items() if any(x[3] < x[4] for x in rs)]
+    if lost:
+        print("NOT EVERY MEMBER GOT EVERY MESSAGE in: " + ", ".join(lost))
 PY

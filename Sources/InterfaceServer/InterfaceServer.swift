@@ -93,10 +93,10 @@ public final class InterfaceServer: Service, Sendable {
         self.group = group
     }
 
-    /// What the server counted: held and retried sends, what it gave up on and why.
     /// The sockets with a tail check due, on the event loops' tail wheels (for tests).
     func socketsOnTailWheels() async -> Int { await context.socketsOnTailWheels() }
 
+    /// What the server counted: held and retried sends, what it gave up on and why.
     public var statistics: ServerStatistics { context.counters.snapshot(unroutable: context.router.unroutableCount) }
 
     /// WebSockets open now.

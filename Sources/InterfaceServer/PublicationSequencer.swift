@@ -234,17 +234,35 @@ struct PublicationSequencer {
     }
 
     /// Where a tail read should start when the history's `top` is past what was delivered
-    /// (publications sent to the group that never reached this socket), else nil.
+    /// (publications sent to the group that never reached this socket), else nil. A top of
+    /// another epoch (the history began again, and none of the new one reached this socket: a
+    /// quiet group would never show it) is read from its start; one of an epoch this socket
+    /// already left is an old top, not a new history.
     func behind(_ group: String, top: StreamPosition) -> StreamPosition? {
-        guard case .following(let epoch, let next, _)? = state(group), top.epoch == epoch, top.offset >= next else { return nil }
+        guard case .following(let epoch, let next, _)? = state(group) else { return nil }
+        if top.epoch != epoch {
+            guard leftEpochs[group]?.contains(top.epoch) != true, top.offset > 0 else { return nil }
+            return StreamPosition(offset: 0, epoch: top.epoch)
+        }
+        guard top.offset >= next else { return nil }
         return StreamPosition(offset: next - 1, epoch: epoch)
     }
 
-    /// A tail read found `found` (history entries after what was delivered): returns them, with
-    /// what was held behind them, in order. Entries the history no longer has are skipped (counted).
-    mutating func fillTail(_ group: String, found: [(offset: UInt64, message: Message)]) -> [Message] {
+    /// A tail read from `start` (``behind(_:top:)``) found `found` (history entries after it):
+    /// returns them, with what was held behind them, in order. Entries the history no longer
+    /// has are skipped (counted). A read of a new epoch switches to it, as a live publication of
+    /// it would (what was held of the old one goes out first).
+    mutating func fillTail(_ group: String, from start: StreamPosition, found: [(offset: UInt64, message: Message)]) -> [Message] {
         settle()
-        guard case .following(let epoch, var next, var held)? = groups[group] else { return [] }
+        guard case .following(var epoch, var next, var held)? = groups[group] else { return [] }
+        var out: [Message] = []
+        if start.epoch != epoch {
+            guard leftEpochs[group]?.contains(start.epoch) != true else { return [] }
+            leftEpochs[group, default: []].append(epoch)
+            if leftEpochs[group]!.count > 4 { leftEpochs[group]!.removeFirst() }
+            out = held.sorted { $0.key < $1.key }.map(\.value)
+            (epoch, next, held) = (start.epoch, 1, [:])
+        }
         for entry in found where entry.offset >= next && held[entry.offset] == nil {
             held[entry.offset] = entry.message
         }
@@ -252,7 +270,6 @@ struct PublicationSequencer {
             giveUp(group, next..<first)
             next = first
         }
-        var out: [Message] = []
         while let message = held.removeValue(forKey: next) {
             out.append(message)
             next += 1

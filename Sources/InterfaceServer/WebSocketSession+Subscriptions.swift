@@ -208,10 +208,20 @@ extension WebSocketSession {
 
     /// The wheel's turn (each ``tailQuiet``): the checks due within half a turn run now (a check
     /// is at most half a turn early, never a turn late); a socket with none left leaves the wheel.
+    /// A group waiting for its idle check (``tailIdle``) that was published to since its last
+    /// check is looked at now too, so a publication lost at the end of its next burst is caught
+    /// up once that burst is quiet, not up to 30 s later (a live publication does not re-arm the
+    /// check itself: that was a dictionary write per member and publication).
     func tailTick() {
-        let soon = NIODeadline.now() + .nanoseconds(Self.tailQuiet.nanoseconds / 2)
+        let now = NIODeadline.now()
+        let soon = now + .nanoseconds(Self.tailQuiet.nanoseconds / 2)
         var due: [String] = []
-        for (group, at) in subscriptions.tailDue where at <= soon { due.append(group) }
+        for (group, at) in subscriptions.tailDue
+        where at <= soon
+            || (at > now + Self.tailQuiet && subscriptions.sequencer.progress(group) != subscriptions.checkedProgress[group])
+        {
+            due.append(group)
+        }
         for group in due {
             subscriptions.tailDue[group] = nil
             tailCheck(group)
@@ -232,13 +242,19 @@ extension WebSocketSession {
         let tops = server.historyTops
         let bound = NIOLoopBound(self, eventLoop: channel.eventLoop)
         let loop = channel.eventLoop
-        // Armed now: the check below is in flight, and a publication meanwhile re-arms it sooner.
+        // Armed now: the check below is in flight, and a publication meanwhile brings it
+        // forward (``tailTick()``).
         armTailCheck(group, in: Self.tailIdle)
         Task {
             guard let top = await tops.top(group, retention: retention, history: history) else { return }
             let start: StreamPosition? = try? await loop.submit { bound.value.subscriptions.sequencer.behind(group, top: top) }.get()
             guard let start else { return }
-            let found = (try? await history.historyRead(group, after: start, retention: retention))?.entries ?? []
+            // A read that failed, or found the history begun again since (another epoch: its
+            // entries are not of `start`'s), is left to the next check.
+            guard let slice = try? await history.historyRead(group, after: start, retention: retention),
+                slice.top.epoch == start.epoch
+            else { return }
+            let found = slice.entries
             loop.execute {
                 let session = bound.value
                 // Built as the live frames are: the publication's text (with offset and epoch).
@@ -252,7 +268,7 @@ extension WebSocketSession {
                     )
                 }
                 let skippedBefore = session.subscriptions.sequencer.skipped
-                let messages = session.subscriptions.sequencer.fillTail(group, found: entries)
+                let messages = session.subscriptions.sequencer.fillTail(group, from: start, found: entries)
                 for message in messages { session.deliverReply(message) }
                 if !messages.isEmpty { ServerMetrics.publicationsCaughtUp.increment(by: messages.count) }
                 let skipped = session.subscriptions.sequencer.skipped - skippedBefore

@@ -81,7 +81,8 @@ struct PublicationSequencerTests {
                 #expect(a.messages == b.messages && a.gapLeft == b.gapLeft, "\(what)")
             case 6:
                 let found = (0..<UInt64(next(3))).map { (base + 1 + $0, message(base + 1 + $0)) }
-                #expect(fast.fillTail(group, found: found) == plain.fillTail(group, found: found), "\(what)")
+                let start = StreamPosition(offset: base, epoch: epoch)
+                #expect(fast.fillTail(group, from: start, found: found) == plain.fillTail(group, from: start, found: found), "\(what)")
             case 7:
                 fast.stop(group)
                 plain.stop(group)
@@ -245,17 +246,44 @@ struct PublicationSequencerTests {
         sequencer.startRecovery("g")
         _ = sequencer.recovered("g", top: StreamPosition(offset: 4, epoch: "e"))
         #expect(sequencer.behind("g", top: StreamPosition(offset: 4, epoch: "e")) == nil, "nothing missing")
-        #expect(sequencer.behind("g", top: StreamPosition(offset: 9, epoch: "other")) == nil, "a new epoch is the next live one's business")
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 0, epoch: "other")) == nil, "a new history with nothing in it")
         #expect(sequencer.behind("h", top: StreamPosition(offset: 9, epoch: "e")) == nil, "not followed")
         #expect(sequencer.behind("g", top: StreamPosition(offset: 7, epoch: "e")) == StreamPosition(offset: 4, epoch: "e"))
         // 7 came live meanwhile (held behind the gap); the tail read has 5 and 6 (and 7 again).
         #expect(sequencer.live("g", offset: 7, epoch: "e", message: message(7)) == .hold(startTimer: true))
-        #expect(texts(sequencer.fillTail("g", found: [(5, message(5)), (6, message(6)), (7, message(7))])) == ["m5", "m6", "m7"])
+        let start = StreamPosition(offset: 4, epoch: "e")
+        #expect(
+            texts(sequencer.fillTail("g", from: start, found: [(5, message(5)), (6, message(6)), (7, message(7))])) == ["m5", "m6", "m7"])
         #expect(sequencer.live("g", offset: 7, epoch: "e", message: message(7)) == .duplicate)
         #expect(delivered(sequencer.live("g", offset: 8, epoch: "e", message: message(8))) == ["m8"])
         // A history trimmed past what the socket has: the lost ones are skipped and counted.
-        #expect(texts(sequencer.fillTail("g", found: [(12, message(12)), (13, message(13))])) == ["m12", "m13"])
+        #expect(texts(sequencer.fillTail("g", from: start, found: [(12, message(12)), (13, message(13))])) == ["m12", "m13"])
         #expect(sequencer.skipped == 3)
         #expect(sequencer.behind("g", top: StreamPosition(offset: 13, epoch: "e")) == nil)
+    }
+
+    /// The history began again (another epoch) and none of the new one reached the socket: in a
+    /// quiet group no live publication shows it, so the tail check reads the new epoch from its
+    /// start (it waited for a live one before, for ever in a quiet group: found by a red team).
+    @Test("a tail check of a new epoch reads it from its start and switches to it; an old epoch's top or read is ignored")
+    func tailCheckOfANewEpoch() {
+        var sequencer = PublicationSequencer()
+        sequencer.startRecovery("g")
+        _ = sequencer.recovered("g", top: StreamPosition(offset: 4, epoch: "e"))
+        #expect(sequencer.step("g", offset: 5, epoch: "e", message: message(5)) == .next)
+        // 7 of the old epoch came (6 lost), then the history began again.
+        #expect(sequencer.live("g", offset: 7, epoch: "e", message: message(7)) == .hold(startTimer: true))
+        let start = sequencer.behind("g", top: StreamPosition(offset: 3, epoch: "new"))
+        #expect(start == StreamPosition(offset: 0, epoch: "new"))
+        let found: [(offset: UInt64, message: Message)] = [(1, message(101)), (2, message(102)), (3, message(103))]
+        #expect(texts(sequencer.fillTail("g", from: start!, found: found)) == ["m7", "m101", "m102", "m103"], "the old one held first")
+        #expect(sequencer.progress("g") == .init(next: 4, held: 0))
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 3, epoch: "new")) == nil, "caught up")
+        // A top read before the switch, or a read of the old epoch finishing late: ignored.
+        #expect(sequencer.behind("g", top: StreamPosition(offset: 9, epoch: "e")) == nil)
+        #expect(sequencer.fillTail("g", from: StreamPosition(offset: 5, epoch: "e"), found: [(6, message(6))]).isEmpty)
+        #expect(sequencer.progress("g") == .init(next: 4, held: 0))
+        // The new epoch goes on live.
+        #expect(sequencer.step("g", offset: 4, epoch: "new", message: message(104)) == .next)
     }
 }
