@@ -264,14 +264,7 @@ struct ServerTests {
     /// socket's server notices once the group is quiet, reads the history and writes it, once,
     /// in order, before what is published next.
     @Test func aLostPublicationAtTheEndOfABurstReachesTheSocket() async throws {
-        let group = "tail-\(UInt32.random(in: 0...UInt32.max))"
-        GroupHistory.keep(group)
-        let layer = InMemoryChannelLayer()
-        // Followed on the client's first frame: a frame the server writes at the very moment of
-        // the accept can be lost by this test's NIO client (its upgrade handoff); the Python and
-        // browser tests cover following on the accept.
-        let routes = [route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }]
-        try await withServer(layer: layer, routes: routes) { port, server in
+        try await withFollowServer { group, layer, port, server in
             try await self.followTheTail(of: group, layer: layer, port: port)
             // The checks run on the event loop's tail wheel; the closed socket leaves it.
             var left = await server.socketsOnTailWheels()
@@ -288,11 +281,7 @@ struct ServerTests {
     /// can find them. It reads the new epoch from its start and writes it in order (before, it
     /// waited for a live publication of the new epoch: for ever in a quiet group).
     @Test func aNewHistoryNoneOfWhichReachedTheSocketIsCaughtUp() async throws {
-        let group = "tail-epoch-\(UInt32.random(in: 0...UInt32.max))"
-        GroupHistory.keep(group)
-        let layer = InMemoryChannelLayer()
-        let routes = [route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }]
-        try await withServer(layer: layer, routes: routes) { port, _ in
+        try await withFollowServer { group, layer, port, _ in
             var seen: [(offset: Int, epoch: String)] = []
             try await following(port: port) { nextObject in
                 let history = try #require(layer as (any ChannelLayerHistory)?)
@@ -311,6 +300,20 @@ struct ServerTests {
             #expect(seen.map(\.offset) == [1, 1, 2, 3], "\(seen)")
             #expect(seen.count == 4 && Set(seen.dropFirst().map(\.epoch)).count == 1 && seen[1].epoch != seen[0].epoch, "\(seen)")
         }
+    }
+
+    /// A server on an in-memory layer whose `/follow/` sockets follow `group` (new, with a
+    /// history). Followed on the client's first frame: a frame the server writes at the very
+    /// moment of the accept can be lost by this test's NIO client (its upgrade handoff); the
+    /// Python and browser tests cover following on the accept.
+    private func withFollowServer(
+        _ body: (_ group: String, _ layer: InMemoryChannelLayer, _ port: Int, _ server: InterfaceServer) async throws -> Void
+    ) async throws {
+        let group = "tail-\(UInt32.random(in: 0...UInt32.max))"
+        GroupHistory.keep(group)
+        let layer = InMemoryChannelLayer()
+        let routes = [route("websocket.receive", path: "^/follow/$") { context in try await context.follow(Group(group)) }]
+        try await withServer(layer: layer, routes: routes) { port, server in try await body(group, layer, port, server) }
     }
 
     /// A socket on `/follow/` that sent "follow" and was told its position: `body` gets the
