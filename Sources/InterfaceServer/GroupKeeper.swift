@@ -82,7 +82,8 @@ final class MembershipView: Sendable {
 /// the layer's group journal recorded (a worker's plain `Group.add`, say). A socket that closed
 /// while that call was on its way is taken out again (its disconnect may already have discarded
 /// it: re-added, it would be a dead member for a day). Messages sent while followers were
-/// missing are in the group's history, and the sockets' tail check writes them.
+/// missing are in the group's history: each follower put back is told to check its tail at
+/// once (a group that went quiet meanwhile shows it nothing else), and writes them.
 struct GroupKeeper {
     let server: ServerContext
 
@@ -151,6 +152,7 @@ struct GroupKeeper {
         guard !check.restored.isEmpty else { return }
         var gone: [String: [String]] = [:]
         var back: [String: Int] = [:]
+        var lookAgain: [(channel: String, group: String)] = []
         for member in check.restored {
             let stays =
                 member.followed
@@ -160,11 +162,15 @@ struct GroupKeeper {
                     : server.router.isOpen(member.channel)
             if stays {
                 back[member.group, default: 0] += 1
+                if member.followed { lookAgain.append((member.channel, member.group)) }
             } else {
                 gone[member.group, default: []].append(member.channel)
             }
         }
         for (group, channels) in gone { try await history.groupRemove(group, channels: channels) }
+        for (channel, group) in lookAgain {
+            server.router.deliver([WebSocketSession.tailCheckControl: .string(group)], to: channel)
+        }
         let added = back.values.reduce(0, +)
         guard added > 0 else { return }
         Self.restored.increment(by: added)

@@ -196,6 +196,18 @@ extension WebSocketSession {
     static let tailQuiet = TimeAmount.seconds(1)
     static let tailIdle = TimeAmount.seconds(30)
 
+    /// The server's own word to a socket (``GroupKeeper``): it was put back into `group`'s
+    /// member set, so what was published meanwhile reached it nowhere; its tail check runs once
+    /// the group has been quiet for ``tailQuiet``.
+    static let tailCheckControl = "__tail_check"
+
+    func checkTailSoon(_ group: String) {
+        guard case .open(attached: true) = machine.state, subscriptions.sequencer.follows(group) else { return }
+        let soon = NIODeadline.now() + Self.tailQuiet
+        if let due = subscriptions.tailDue[group], due <= soon { return }
+        armTailCheck(group, in: Self.tailQuiet)
+    }
+
     /// Arms the group's first tail check (later ones re-arm themselves).
     private func noteActivity(_ group: String) {
         if subscriptions.tailDue[group] == nil { armTailCheck(group, in: Self.tailQuiet) }

@@ -330,6 +330,10 @@ final class WebSocketSession: ReplyReceiver, PingedSocket {
     func replyStoreLost() {}
 
     func receiveReply(_ reply: Message) {
+        if reply.count == 1, let group = reply[Self.tailCheckControl]?.stringValue {
+            // The server's own word (``GroupKeeper``), never written to the client.
+            return checkTailSoon(StringInterner.names.intern(group))
+        }
         guard reply["follow"] != nil || reply["presence"] != nil || reply["publication"] != nil else {
             return deliverReply(reply)
         }

@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOWebSocket
+import RedisChannelLayer
 import Synchronization
 import TestSupport
 import Testing
@@ -300,6 +301,46 @@ struct ServerTests {
             #expect(seen.map(\.offset) == [1, 1, 2, 3], "\(seen)")
             #expect(seen.count == 4 && Set(seen.dropFirst().map(\.epoch)).count == 1 && seen[1].epoch != seen[0].epoch, "\(seen)")
         }
+    }
+
+    /// A follower taken out of its group's member set (evicted, say) after its group's idle
+    /// check, and a burst none of which reaches it, then quiet: nothing moves on the socket, so
+    /// only its next idle check (30 s) would look. The group keeper puts it back and tells it to
+    /// check its tail, which writes what it missed (the socket's watchdog is 15 s; found by a
+    /// red team: 26 s).
+    @Test func aFollowerPutBackIntoItsGroupGetsWhatWasPublishedMeanwhile() async throws {
+        let group = "tail-kept-\(UInt32.random(in: 0...UInt32.max))"
+        GroupHistory.keep(group)
+        let layer = try TestRedis.layer()
+        let reply = Mutex<String?>(nil)
+        let routes = [
+            route("websocket.receive", path: "^/follow/$") { context in
+                reply.withLock { $0 = context.replyChannel?.name }
+                try await context.follow(Group(group))
+            }
+        ]
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.websocketConnectTimeout = .seconds(30)
+        configuration.groupCheckInterval = .seconds(1)
+        var offsets: [Int] = []
+        try await Self.withLiveServer(layer: layer, routes: routes, configuration: configuration, concurrency: 2) { port, server in
+            try await following(port: port) { nextObject in
+                let channel = try #require(reply.withLock { $0 })
+                try await Group(group).publish("{\"n\":1}", on: layer)
+                if let object = try await nextObject() { offsets.append(object["offset"] as? Int ?? -1) }
+                // The idle check after it (a second of quiet) comes and goes.
+                try await Task.sleep(for: .seconds(3))
+                try await layer.groupDiscard(group, channel: channel)
+                try await Group(group).publish("{\"n\":2}", on: layer)
+                try await Group(group).publish("{\"n\":3}", on: layer)
+                for _ in 0..<2 {
+                    guard let object = try await nextObject() else { break }
+                    offsets.append(object["offset"] as? Int ?? -1)
+                }
+            }
+        }
+        #expect(offsets == [1, 2, 3], "what was published while the socket was out of its group: \(offsets)")
     }
 
     /// A server on an in-memory layer whose `/follow/` sockets follow `group` (new, with a
