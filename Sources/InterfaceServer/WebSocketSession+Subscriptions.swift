@@ -148,7 +148,17 @@ extension WebSocketSession {
         while true {
             do {
                 try await layer.groupAdd(group, channel: channel)
-                return .success(try await history.historyRead(group, after: after, retention: retention))
+                let slice = try await history.historyRead(group, after: after, retention: retention)
+                guard let after, slice.entries.isEmpty, slice.top.epoch != after.epoch, slice.top.offset > 0 else {
+                    return .success(slice)
+                }
+                // The history began again since the socket's position: what it missed of the old
+                // one is gone (the recovery stays incomplete); the new one is written from its
+                // start, as a socket that stayed connected gets it (its tail check).
+                let fresh = try await history.historyRead(
+                    group, after: StreamPosition(offset: 0, epoch: slice.top.epoch), retention: retention)
+                guard fresh.top.epoch == slice.top.epoch else { return .success(slice) }
+                return .success(HistorySlice(entries: fresh.entries, top: fresh.top, complete: false))
             } catch  where ChannelLayerError.isTransient(error) {
                 failures += 1
                 let pause = Retry.backoff(after: failures)

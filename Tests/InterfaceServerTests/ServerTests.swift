@@ -343,6 +343,64 @@ struct ServerTests {
         #expect(offsets == [1, 2, 3], "what was published while the socket was out of its group: \(offsets)")
     }
 
+    /// A socket that comes back with a position in a history that began again since (another
+    /// epoch): what it missed of the old one is gone, and it is told so (`complete: false`); the
+    /// new one's entries are written first, from its start, as a socket that stayed connected
+    /// gets them (before: none of them, only the new top).
+    @Test func aSocketBackFromAnOldHistoryGetsTheNewOneFromItsStart() async throws {
+        let group = "tail-back-\(UInt32.random(in: 0...UInt32.max))"
+        GroupHistory.keep(group)
+        let layer = InMemoryChannelLayer()
+        let routes = [
+            // The frame is the position ("offset epoch"), as a page would put it in the URL.
+            route("websocket.receive", path: "^/back/$") { context in
+                let words = (context.message["text"]?.stringValue ?? "").split(separator: " ")
+                let position = StreamPosition(offset: UInt64(words.first ?? "") ?? 0, epoch: String(words.last ?? ""))
+                try await context.follow(Group(group), after: position)
+            }
+        ]
+        // The old history, then a new one (the layer flushed, before the server starts: a flush
+        // takes the server's own queues too).
+        let history = try #require(layer as (any ChannelLayerHistory)?)
+        let retention = try #require(GroupHistory.retention(for: group))
+        let old = try await history.historyAppend(group, message: ["data": "{\"n\":1}"], retention: retention)
+        try await layer.flush()
+        let new = try await history.historyAppend(group, message: ["data": "{\"n\":1}"], retention: retention)
+        _ = try await history.historyAppend(group, message: ["data": "{\"n\":2}"], retention: retention)
+        #expect(new.epoch != old.epoch)
+        try await withServer(layer: layer, routes: routes) { port, _ in
+            guard
+                case .websocket(let channel) = try await NIOWebSocketClient.connect(
+                    port: port, path: "/back/")
+            else {
+                Issue.record("the socket was not accepted")
+                return
+            }
+            var objects: [[String: Any]] = []
+            try await channel.executeThenClose { inbound, outbound in
+                var frames = inbound.makeAsyncIterator()
+                let socket = channel.channel
+                let watchdog = Task {
+                    try await Task.sleep(for: .seconds(15))
+                    socket.close(promise: nil)
+                }
+                defer { watchdog.cancel() }
+                try await outbound.write(NIOWebSocketClient.frame(.text, Array("\(old.offset) \(old.epoch)".utf8)))
+                while let frame = try await frames.next() {
+                    guard frame.opcode == .text,
+                        let object = try JSONSerialization.jsonObject(with: Data(String(buffer: frame.unmaskedData).utf8)) as? [String: Any]
+                    else { continue }
+                    objects.append(object)
+                    if object["type"] as? String == "recovered" { break }
+                }
+                try? await outbound.write(NIOWebSocketClient.frame(.connectionClose, [0x03, 0xE8]))
+            }
+            #expect(objects.dropLast().map { $0["offset"] as? Int ?? -1 } == [1, 2], "\(objects)")
+            #expect(objects.dropLast().allSatisfy { $0["epoch"] as? String == new.epoch }, "\(objects)")
+            #expect(objects.last?["complete"] as? Bool == false && objects.last?["epoch"] as? String == new.epoch, "\(objects)")
+        }
+    }
+
     /// A server on an in-memory layer whose `/follow/` sockets follow `group` (new, with a
     /// history). Followed on the client's first frame: a frame the server writes at the very
     /// moment of the accept can be lost by this test's NIO client (its upgrade handoff); the
