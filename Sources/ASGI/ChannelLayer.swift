@@ -371,6 +371,42 @@ extension ChannelLayer {
     }
 }
 
+/// A layer that can send several messages to one channel in one step (for Redis, one round
+/// trip): a connection that sends faster than a round trip per message (a burst of frames)
+/// is not held to one message per round trip.
+public protocol ChannelLayerSendMany: ChannelLayer {
+    /// Sends `messages` to `channel` in their order, in one step, and returns how many were
+    /// sent, as the `send` of an array of messages describes (callers use that one).
+    func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int
+    /// Whether ``sendMany(_:to:)`` really sends them in one step (a wrapper says what the layer
+    /// it wraps does): then a lost connection may have lost the reply of a send that stored
+    /// every one of them, not only the first.
+    var sendsManyAtOnce: Bool { get }
+}
+
+extension ChannelLayer {
+    /// Sends `messages` to `channel` in their order and returns how many were sent: always the
+    /// first ones, all of them unless the channel filled up (or the layer refused one, too large
+    /// or invalid, or failed) after the first. Whatever stopped the first message is thrown, as
+    /// a send of that message alone throws it. In one step when this layer can
+    /// (``ChannelLayerSendMany``), one message at a time otherwise (a wrapper that does not say
+    /// it can is never bypassed).
+    public func send(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
+        if let layer = self as? any ChannelLayerSendMany { return try await layer.sendMany(messages, to: channel) }
+        var sent = 0
+        for message in messages {
+            do {
+                try await send(message, to: channel)
+            } catch {
+                if sent == 0 { throw error }
+                return sent
+            }
+            sent += 1
+        }
+        return sent
+    }
+}
+
 /// A layer that can count the messages waiting on many channels in one look, without taking them.
 public protocol ChannelLayerPendingCounts: ChannelLayer {
     /// How many messages wait on each of `channels` (in their order).

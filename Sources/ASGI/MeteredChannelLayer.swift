@@ -6,7 +6,7 @@ import CoreMetrics
 /// `other`), and forwards everything else to the layer it wraps. The commands wrap the layer
 /// they make in one, so the worker, the interface server, the consumers and the delay server are
 /// all counted at the one place their calls pass. Free when no metrics backend is bootstrapped.
-public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspection {
+public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspection, ChannelLayerSendMany {
     /// The layer that does the work.
     public let base: any ChannelLayer
 
@@ -50,6 +50,14 @@ public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspectio
     /// Sends through the wrapped layer.
     public func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
         do { return try await base.send(message, to: channel) } catch { throw counted(error) }
+    }
+
+    /// Whether the wrapped layer sends several messages in one step.
+    public var sendsManyAtOnce: Bool { (base as? any ChannelLayerSendMany)?.sendsManyAtOnce ?? false }
+
+    /// Sends several through the wrapped layer (in one step when it can).
+    public func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
+        do { return try await base.send(messages, to: channel) } catch { throw counted(error) }
     }
 
     /// Receives through the wrapped layer.

@@ -163,7 +163,14 @@ final class LayerSender {
                 guard await waitInLine(for: head.channel, atHead: atHead, on: actor) else { continue }
                 hasTurn = head.channel
             }
+            let run = runAtHead()
             do {
+                if run > 1 {
+                    let taken = try await server.layer.send(queue.prefix(run).map(\.message), to: head.channel)
+                    server.fullChannels.accepted(head.channel)
+                    for _ in 0..<taken { sent() }
+                    continue
+                }
                 try await server.layer.send(head.message, to: head.channel)
                 hasTurn = nil
                 if let channel = probing {
@@ -174,12 +181,42 @@ final class LayerSender {
                 }
                 sent()
             } catch {
+                if run > 1, error.code == .connectionLost, error.mayHaveRun {
+                    // One script stored all of them or none: each is marked, as a lone send's is.
+                    for index in queue.indices.prefix(run) where !queue[index].message.isResent {
+                        queue[index].message = queue[index].message.markedResent()
+                    }
+                }
                 guard let wait = failed(error), wait > .zero else { continue }
                 try? await Task.sleep(for: .nanoseconds(wait.nanoseconds))
             }
         }
         dropHeld()
     }
+
+    /// How many messages from the head go to the layer in one send: the head's run of messages
+    /// for its channel (a socket's burst of frames, up to 64) while sends go through, so a burst
+    /// takes a round trip per 64 frames, not one per frame, however busy this connection's
+    /// event loop is between round trips (a loop writing a group message to its members had a
+    /// socket's burst go out a frame per pass, and everything after it wait). 1 while the
+    /// channel is full, the layer fails, or for a message that outlives a give-up.
+    private func runAtHead() -> Int {
+        guard queue.count > 1, sendsRuns, probing == nil, hasTurn == nil, !inOutage, failingSince == nil, let head = queue.first,
+            !head.outlivesGiveUp
+        else { return 1 }
+        var run = 1
+        for entry in queue.dropFirst() {
+            guard run < Self.largestRun, entry.channel == head.channel, !entry.outlivesGiveUp else { break }
+            run += 1
+        }
+        return run
+    }
+
+    /// The most messages one send takes.
+    static let largestRun = 64
+    /// Whether the layer stores a run in one step (one at a time, a run would only cost more:
+    /// and a lost connection would leave it unknown which of them were stored).
+    private lazy var sendsRuns = (server.layer as? any ChannelLayerSendMany)?.sendsManyAtOnce ?? false
 
     /// Waits in line for a channel another sender found full (held, as a failed send is: the
     /// client's reading paused, the same bound); false when it gave up or was cancelled.

@@ -15,7 +15,7 @@ import Synchronization
 /// goes through a pipelined connection per server and event loop (the caller's), and only
 /// receives that wait in `BLPOP` hold a connection of their own.
 public final class RedisChannelLayer: ChannelLayerInspection, ChannelLayerBundling, ChannelLayerCapacities,
-    ChannelLayerPendingCounts
+    ChannelLayerPendingCounts, ChannelLayerSendMany
 {
     /// The URLs, prefix, expiry and limits it runs with.
     public let configuration: RedisChannelLayerConfiguration

@@ -46,6 +46,76 @@ extension RedisChannelLayer {
         }
     }
 
+    /// One script stores a run of messages.
+    public var sendsManyAtOnce: Bool { true }
+
+    /// Queues `messages` on `channel` in their order with one script (one round trip): as many
+    /// as the channel has room for, the first ones. A message the layer refuses (too large,
+    /// with the reserved key) ends the run before it: thrown when it is the first.
+    public func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
+        guard messages.count > 1 else {
+            guard let message = messages.first else { return 0 }
+            try await send(message, to: channel)
+            return 1
+        }
+        return try await withLayerErrors {
+            try ChannelNames.validateChannel(channel)
+            let listName = ChannelNames.nonLocalName(channel)
+            var bodies: [[UInt8]] = []
+            bodies.reserveCapacity(messages.count)
+            for message in messages {
+                do {
+                    guard message[asgiChannelKey] == nil else {
+                        throw ChannelLayerError(.invalidMessage, "messages must not contain the reserved key '\(asgiChannelKey)'")
+                    }
+                    var stored = message
+                    if listName != channel { stored[asgiChannelKey] = .string(channel) }
+                    let body = seal(stored)
+                    guard body.count <= configuration.maxMessageSize else {
+                        throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
+                    }
+                    bodies.append(body)
+                } catch {
+                    // The ones before it go; it is refused when its turn comes first.
+                    if bodies.isEmpty { throw error }
+                    break
+                }
+            }
+            if bodies.count == 1 {
+                try await send(messages[0], to: channel)
+                return 1
+            }
+            let shard = sendShard(for: channel)
+            let prefix = configuration.prefix, stats = configuration.statsPrefix
+            let statsName = CapacityTable.statisticsName(listName)
+            var keys: [RedisArgument] = [
+                .key(prefix, listName),
+                .key(stats, statsName, ":messages_count"), .key(stats, "#global#", ":messages_count"),
+                .key(stats, statsName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
+            ]
+            var args: [RedisArgument] = [
+                .integer(configuration.expirySeconds), .integer(capacities.capacity(for: channel)),
+                .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
+                .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
+            ]
+            keys.reserveCapacity(keys.count + bodies.count)
+            args.reserveCapacity(args.count + bodies.count)
+            var total = 0
+            for body in bodies {
+                keys.append(.uuidKey(prefix: prefix))
+                args.append(.bytes(body))
+                total += body.count
+            }
+            let bulk = total >= RedisChannelLayerConfiguration.bulkMessageSize
+            let reply = try await pipelined(shard, Scripts.sendRun, keys: keys, args: args, bulk: bulk)
+            switch reply {
+            case .integer(let stored) where stored > 0 && stored <= bodies.count: return Int(stored)
+            case .integer(0): throw ChannelLayerError.channelFull(channel)
+            default: throw unexpected(reply, doing: "send \(bodies.count) messages to '\(channel)'")
+            }
+        }
+    }
+
     func unexpected(_ reply: RedisReply, doing what: String) -> ChannelLayerError {
         if case .error(let e) = reply {
             return ChannelLayerError.redisRefused(e, "Redis refused \(what)")

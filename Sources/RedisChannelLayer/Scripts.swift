@@ -25,6 +25,38 @@ enum Scripts {
             return 1
             """)
 
+    /// Several messages to one channel at once, in their order: as `send` for each, as long as
+    /// the list has room (the same keys, bodies and counters as that many sends; a Python
+    /// reader cannot tell). KEYS: the list, its and the global sent counters, its and the global
+    /// full counters, then one body key per message; ARGV: expiry, capacity, the two counters'
+    /// expiries, then the bodies. Returns how many were stored (the first ones); a message
+    /// left out for want of room counts once as the channel being full.
+    static let sendRun = LuaScript(
+        name: "sendRun",
+        source: """
+            local count = #KEYS - 5
+            local room = tonumber(ARGV[2]) - redis.call('LLEN', KEYS[1])
+            local stored = math.max(0, math.min(count, room))
+            for i = 1, stored do
+                redis.call('SET', KEYS[5 + i], ARGV[4 + i], 'EX', ARGV[1])
+                redis.call('RPUSH', KEYS[1], KEYS[5 + i])
+            end
+            if stored > 0 then
+                redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]) + 1)
+                redis.call('INCRBY', KEYS[2], stored)
+                redis.call('EXPIRE', KEYS[2], ARGV[3])
+                redis.call('INCRBY', KEYS[3], stored)
+                redis.call('EXPIRE', KEYS[3], ARGV[4])
+            end
+            if stored < count then
+                redis.call('INCR', KEYS[4])
+                redis.call('EXPIRE', KEYS[4], ARGV[3])
+                redis.call('INCR', KEYS[5])
+                redis.call('EXPIRE', KEYS[5], ARGV[4])
+            end
+            return stored
+            """)
+
     /// Non-blocking receive: pop from the lists in the given order, read and delete the body,
     /// skipping bodies that have already expired. Returns {list, body} or nil.
     static let receive = LuaScript(

@@ -14,6 +14,21 @@ struct MeteredLayerTests {
         #expect(MeteredChannelLayer.label(of: Elsewhere()) == "other")
     }
 
+    /// A run to a layer that cannot send it in one step goes one message at a time, as far as
+    /// the channel takes it; the first refusal is thrown. A metered layer says what the layer
+    /// it wraps does (the in-memory one: not in one step).
+    @Test func aRunToALayerWithoutOneStepSendsGoesOneAtATimeUntilTheChannelFills() async throws {
+        let base = InMemoryChannelLayer(configuration: .init(capacity: 3))
+        let layer = MeteredChannelLayer(base)
+        #expect(!layer.sendsManyAtOnce)
+        let run: [Message] = (0..<5).map { ["n": .int(Int64($0))] }
+        #expect(try await layer.send(run, to: "runs") == 3)
+        await #expect(throws: ChannelLayerError.self) { _ = try await layer.send(run, to: "runs") }
+        #expect(try await base.send(run, to: "other") == 3)
+        let taken = try await base.receiveBatch(channels: ["runs"], max: 10, timeout: .seconds(1))
+        #expect(taken.map { $0.message["n"]?.intValue ?? -1 } == [0, 1, 2])
+    }
+
     @Test func itForwardsEveryCallAndRethrowsTheLayersErrors() async throws {
         let base = InMemoryChannelLayer(configuration: .init(capacity: 1))
         let layer = MeteredChannelLayer(MeteredChannelLayer(base))

@@ -212,6 +212,48 @@ struct InteropTests {
         await layer.close()
     }
 
+    /// A run sent in one script (a socket's burst, `sendMany`) is stored as that many sends:
+    /// the Python reader takes them one by one, in order, under their full names on a `!`
+    /// channel; the channel's capacity (shared with Python) cuts the run where it filled, and
+    /// the counters both sides read say what single sends would have said.
+    @Test("a run sent in one step: a Python reader gets it in order; capacity cuts it; the same counters")
+    func runsSentInOneStep() async throws {
+        let peer = try peer(capacity: 4)
+        let layer = try peer.layer()
+        let run: [Message] = (0..<3).map { ["n": .int(Int64($0)), "text": .string("frame \($0)")] }
+        #expect(try await layer.send(run, to: "interop.run") == 3)
+        for expected in run {
+            let (channel, message) = try await pythonReceive(peer, "interop.run")
+            #expect(channel == "interop.run")
+            #expect(message == normalized(expected))
+        }
+        #expect(try await layer.send(run, to: "interop.runs!abc") == 3)
+        for expected in run {
+            let (channel, message) = try await pythonReceive(peer, "interop.runs!")
+            #expect(channel == "interop.runs!abc" && message == normalized(expected))
+        }
+
+        // One waiting (sent by Python), room for 3 more of a run of 5.
+        #expect(try await peer.run("send", "small", "interop.runfull") as? String == "ok")
+        let five: [Message] = (0..<5).map { ["n": .int(Int64($0))] }
+        #expect(try await layer.send(five, to: "interop.runfull") == 3, "the first three, where the channel filled")
+        await #expect { _ = try await layer.send(five, to: "interop.runfull") } throws: { isChannelFull($0) }
+        #expect(try await peer.run("send", "small", "interop.runfull") as? String == "full", "full for Python too")
+        let stats = try #require(try await peer.run("stats", "interop.runfull") as? [String: Any])
+        let channel = try #require(stats["channel"] as? [String: Any])
+        #expect(channel["messages_count"] as? Int == 4, "1 + 3 stored")
+        #expect(channel["channel_full_count"] as? Int == 3, "the cut run once, the refused one, Python's")
+        #expect(channel["messages_pending"] as? Int == 4)
+        let (_, first) = try await pythonReceive(peer, "interop.runfull")
+        #expect(first == normalized(Cases.small), "Python's own first")
+        for n in 0..<3 {
+            let (_, message) = try await pythonReceive(peer, "interop.runfull")
+            #expect(message == normalized(five[n]))
+        }
+        try await layer.flush()
+        await layer.close()
+    }
+
     @Test("? channels made on one side work from the other")
     func singleReaderChannels() async throws {
         let peer = try peer()

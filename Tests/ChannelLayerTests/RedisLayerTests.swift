@@ -29,6 +29,24 @@ struct RedisLayerTests {
         try HiredisConnection(endpoint: RedisEndpoint(url: url), connectTimeout: .seconds(1), commandTimeout: .seconds(2))
     }
 
+    /// A run ends before a message the layer refuses (too large, or with the reserved key): the
+    /// ones before it are stored, it is thrown when it comes first; a run of one is a send.
+    @Test("a run stops before a message the layer refuses, which is thrown when it comes first")
+    func aRunStopsBeforeARefusedMessage() async throws {
+        try await withPrefixedLayer { layer, _, _ in
+            let large: Message = ["blob": .bytes([UInt8](repeating: 7, count: layer.maxMessageSize + 1))]
+            let run: [Message] = [["n": 0], ["n": 1], large, ["n": 3]]
+            #expect(try await layer.send(run, to: "runs.refused") == 2)
+            await #expect(throws: ChannelLayerError.self) { _ = try await layer.send(Array(run[2...]), to: "runs.refused") }
+            #expect(try await layer.send(Array(run[3...]), to: "runs.refused") == 1)
+            let reserved: [Message] = [["n": 4], [asgiChannelKey: "x"]]
+            #expect(try await layer.send(reserved, to: "runs.refused") == 1)
+            let taken = try await layer.receiveBatch(channels: ["runs.refused"], max: 10, timeout: .seconds(1))
+            #expect(taken.map { $0.message["n"]?.intValue ?? -1 } == [0, 1, 3, 4])
+            #expect(try await layer.send([], to: "runs.refused") == 0)
+        }
+    }
+
     /// The layer's connections have Nagle's algorithm off, given at the TCP level: at the socket
     /// level the option's number is `SO_DEBUG`, which every connection had been put in instead.
     /// (Other tests' raw hiredis connections to the same Redis never set `SO_DEBUG` either.)

@@ -1,0 +1,146 @@
+import ASGI
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+
+@testable import InterfaceServer
+
+/// A layer that stores runs in one step, as the Redis layer's script does (into an in-memory
+/// layer, as far as its capacity goes), and notes the size of every send it is asked for. The
+/// runs named in `storedThenLost` (by the "who" of their first message) are stored and then
+/// fail once as a lost connection (a Redis that ran the script and died before its reply).
+final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
+    let memory: InMemoryChannelLayer
+    var base: any ChannelLayer { memory }
+    let sizes = Mutex<[Int]>([])
+    let storedThenLost = Mutex<Set<String>>([])
+    var sendsManyAtOnce: Bool { true }
+
+    init(capacity: Int) { memory = InMemoryChannelLayer(configuration: .init(capacity: capacity)) }
+
+    func send(_ message: Message, to channel: String) async throws(ChannelLayerError) {
+        sizes.withLock { $0.append(1) }
+        try await memory.send(message, to: channel)
+    }
+
+    func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
+        sizes.withLock { $0.append(messages.count) }
+        var stored = 0
+        for message in messages {
+            do {
+                try await memory.send(message, to: channel)
+            } catch {
+                if stored == 0 { throw error }
+                break
+            }
+            stored += 1
+        }
+        let who = messages.first?["who"]?.stringValue ?? ""
+        if storedThenLost.withLock({ $0.remove(who) != nil }) {
+            throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing a run")
+        }
+        return stored
+    }
+}
+
+@Suite("a connection's burst goes to the layer in runs", .timeLimit(.minutes(1)))
+struct LayerSenderRunTests {
+    func sender(_ layer: any ChannelLayer, prefix: String, heldLimit: Int = 64) async throws -> (
+        NIOLoopBound<LayerSender>, ServerContext, any EventLoop
+    ) {
+        let logger = Logger(label: "test")
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.channelFullTimeout = .seconds(20)
+        let server = ServerContext(
+            layer: layer, router: ReplyRouter(layer: layer, prefix: prefix, logger: logger),
+            configuration: configuration, logger: logger, accessLog: nil)
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let sender = try await loop.submit {
+            NIOLoopBound(
+                LayerSender(server: server, loop: loop, outageTimeout: .seconds(30), heldLimit: heldLimit, owner: nil),
+                eventLoop: loop)
+        }.get()
+        return (sender, server, loop)
+    }
+
+    func receiveAll(_ layer: InMemoryChannelLayer, _ channel: String, count: Int) async throws -> [Message] {
+        var received: [Message] = []
+        let end = ContinuousClock.now + .seconds(20)
+        while received.count < count, ContinuousClock.now < end {
+            received += try await layer.receiveBatch(channels: [channel], max: 100, timeout: .milliseconds(100)).map(\.message)
+        }
+        return received
+    }
+
+    /// 600 frames handed to one sender at once (a client's burst, read in one go) reach the
+    /// layer in order, every one once, in runs: far fewer sends than frames, none larger
+    /// than 64. A channel that fills (capacity 50, drained slowly) stops a run where it
+    /// filled; the rest waits and goes on, nothing dropped. Before, it was a send per frame.
+    @Test func aBurstGoesInOrderInRunsAndAFullChannelStopsARunWhereItFilled() async throws {
+        let layer = RunCountingLayer(capacity: 50)
+        let (sender, server, loop) = try await sender(layer, prefix: "runtest")
+        try await loop.submit {
+            for n in 0..<600 { sender.value.send(["n": .int(Int64(n)), "order": .int(Int64(n + 1))], to: "websocket.receive") }
+        }.get()
+        var received: [Message] = []
+        let end = ContinuousClock.now + .seconds(30)
+        while received.count < 600, ContinuousClock.now < end {
+            received += try await layer.memory.receiveBatch(channels: ["websocket.receive"], max: 30, timeout: .milliseconds(100))
+                .map(\.message)
+            // Slower than the sender: the channel fills again and again.
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        #expect(received.map { $0["n"]?.intValue ?? -1 } == (0..<600).map(Int64.init), "in order, each once")
+        #expect(received.allSatisfy { !$0.isResent })
+        let sizes = layer.sizes.withLock { $0 }
+        #expect(sizes.count < 150, "\(sizes.count) sends for 600 frames")
+        #expect(sizes.max() ?? 0 <= LayerSender.largestRun && sizes.contains { $0 > 1 })
+        #expect(server.counters[.heldDropped] == 0)
+        try await loop.submit { sender.value.close() }.get()
+    }
+
+    /// A run whose script ran and whose reply died with the connection is sent again with every
+    /// message of it marked `__resent` (an ordering gate then runs each once); what came after
+    /// the run, never tried, is not marked.
+    @Test func aRunTriedAgainAfterALostConnectionIsMarkedWhole() async throws {
+        let layer = RunCountingLayer(capacity: 1000)
+        layer.storedThenLost.withLock { $0 = ["a"] }
+        let (sender, _, loop) = try await sender(layer, prefix: "runlost")
+        try await loop.submit {
+            for (who, order) in [("a", 1), ("b", 2), ("c", 3)] {
+                sender.value.send(["who": .string(who), "order": .int(Int64(order))], to: "websocket.receive")
+            }
+        }.get()
+        let received = try await receiveAll(layer.memory, "websocket.receive", count: 6)
+        #expect(received.map { $0["who"]?.stringValue ?? "?" } == ["a", "b", "c", "a", "b", "c"])
+        #expect(received.map(\.isResent) == [false, false, false, true, true, true])
+        // After the run (now sent): one more frame, alone, not marked.
+        try await loop.submit { sender.value.send(["who": "d", "order": 4], to: "websocket.receive") }.get()
+        let after = try await receiveAll(layer.memory, "websocket.receive", count: 1)
+        #expect(after.map { $0["who"]?.stringValue ?? "?" } == ["d"] && after.allSatisfy { !$0.isResent })
+        #expect(layer.sizes.withLock { $0 }.first == 3, "the three went as one run")
+        try await loop.submit { sender.value.close() }.get()
+    }
+
+    /// A disconnect (which outlives a give-up) and messages for another channel end a run.
+    @Test func aRunIsOneChannelsAndNeverTakesTheDisconnect() async throws {
+        let layer = RunCountingLayer(capacity: 1000)
+        let (sender, _, loop) = try await sender(layer, prefix: "runends")
+        try await loop.submit {
+            sender.value.send(["n": 0], to: "websocket.connect")
+            for n in 1...4 { sender.value.send(["n": .int(Int64(n))], to: "websocket.receive") }
+            sender.value.send(["n": 5], to: "websocket.disconnect", outlivesGiveUp: true)
+        }.get()
+        let connect = try await receiveAll(layer.memory, "websocket.connect", count: 1)
+        let frames = try await receiveAll(layer.memory, "websocket.receive", count: 4)
+        let disconnect = try await receiveAll(layer.memory, "websocket.disconnect", count: 1)
+        #expect(connect.count == 1 && disconnect.count == 1)
+        #expect(frames.map { $0["n"]?.intValue ?? -1 } == [1, 2, 3, 4])
+        // The connect may go alone before the frames are queued, or as a run of one: never with them.
+        let sizes = layer.sizes.withLock { $0 }
+        #expect(sizes.reduce(0, +) == 6 && sizes.last == 1, "\(sizes)")
+        try await loop.submit { sender.value.close() }.get()
+    }
+}
