@@ -15,6 +15,9 @@
 #   PERF_WORKER=/tmp/worker.data ...             the same for the first worker
 #   PERF_CALLGRAPH="--call-graph dwarf,16384"    the worker's stacks unwound with DWARF (whole Swift stacks)
 #
+# With `perf` installed it also counts the servers' sends (`send`/`sendto` of one frame, `sendmsg`
+# of several, `write`/`writev`) per delivery: how many frames each system call carried.
+#
 # The first run sets the peers2 kit up (../shared/peers2/setup.sh: apt packages, two Go programs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +66,12 @@ for run in $(seq "$RUNS"); do
   while ! grep -q settled "$RUN/err" 2>/dev/null && kill -0 "$CLIENT" 2>/dev/null; do sleep 0.02; done
   k0=$(sticks "${SERVERS[@]}"); s0=$(ticks "${SERVERS[@]}"); w0=$(ticks "${WORKER_PIDS[@]}"); r0=$(ticks "$REDIS"); c0=$(ticks "$CLIENT"); c1=$c0
   redis-cli -p "$R" config resetstat >/dev/null
+  SENDS_PID=
+  if command -v perf >/dev/null; then
+    perf stat -x, -e 'syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_write,syscalls:sys_enter_writev' \
+      -p "$(IFS=,; echo "${SERVERS[*]}")" -o "$RUN/sends" >/dev/null 2>&1 &
+    SENDS_PID=$!
+  fi
   PERF_PID=; [ -n "${PERF:-}" ] && { perf record -F ${PERF_HZ:-2000} -g -p "${SERVERS[0]}" -o "$PERF" >/dev/null 2>&1 & PERF_PID=$!; }
   PERF_WORKER_PID=; [ -n "${PERF_WORKER:-}" ] && {
     perf record -F ${PERF_HZ:-4000} ${PERF_CALLGRAPH:--g} -p "${WORKER_PIDS[0]}" -o "$PERF_WORKER" >/dev/null 2>&1 &
@@ -77,5 +86,10 @@ d = json.loads(sys.stdin.read() or "{}")
 print("%s deliveries/s, p50 %s ms to the last member, least share of a message delivered %s" % (d.get("deliveries_per_s"), d.get("ms_to_all_p50"), d.get("min_ratio")))' 2>/dev/null)
   echo "run $run: $result"
   echo "  CPU ticks during the burst: servers $((s1 - s0)) (in the kernel $((k1 - k0))), workers $((w1 - w0)), redis $((r1 - r0)), client $((c1 - c0))"
+  if [ -n "$SENDS_PID" ]; then
+    kill -INT "$SENDS_PID" 2>/dev/null; wait "$SENDS_PID" 2>/dev/null
+    awk -F, -v d=$((MESSAGES * MEMBERS)) '/syscalls/ {split($3, e, ":"); n[e[2]] = $1; t += $1}
+      END {if (d > 0 && t > 0) printf "  servers'"'"' sends: %.3f per delivery (sendto %d, sendmsg %d, write %d, writev %d)\n", t / d, n["sys_enter_sendto"], n["sys_enter_sendmsg"], n["sys_enter_write"], n["sys_enter_writev"]}' "$RUN/sends"
+  fi
   echo "  Redis commands: $(redis-cli -p "$R" info commandstats | grep '^cmdstat' | sed 's/^cmdstat_\([a-z|]*\):calls=\([0-9]*\).*/\2 \1/' | sort -rn | head -8 | awk '{printf "%s %s, ", $2, $1}' | sed 's/, $//')"
 done

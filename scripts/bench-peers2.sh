@@ -4,11 +4,14 @@
 # 2 front processes per system; ours: 2 `runserver --noworker` + 2 `runworker`) once per size,
 # then one table with the ratios and the time per delivery at saturation (the growth curve).
 #
-#   scripts/bench-peers2.sh                    SIZES="1000 5000 10000" (about 4 minutes)
+#   scripts/bench-peers2.sh                    SIZES="1000 5000 10000" (about 6 minutes)
 #   APP=chat scripts/bench-peers2.sh           the full chat example instead of PeerChat
 #   BEFORE_BIN=/dir scripts/bench-peers2.sh    also /dir/PeerChat (a release build of an earlier
 #                                              commit), run right before ours at each size
 #   SYSTEMS="swift nchan" SIZES=1000 ...       fewer systems or sizes
+#   SAT_DELIVERIES=400000 LAT_MESSAGES=30      the saturation burst's size in deliveries (400
+#                                              messages to 1,000 members; 20 to 400 messages)
+#                                              and the latency run's messages (0.3 s apart)
 #
 # The first run sets the kit up (apt packages and two Go programs; see ../shared/peers2/README.md).
 set -euo pipefail
@@ -18,6 +21,8 @@ KIT="${PEERS2_DIR:-$ROOT/../shared/peers2}"
 SIZES=${SIZES:-1000 5000 10000}
 SYSTEMS=${SYSTEMS:-swift nchan centrifuge}
 APP=${APP:-PeerChat}
+SAT_DELIVERIES=${SAT_DELIVERIES:-400000}
+LAT_MESSAGES=${LAT_MESSAGES:-30}
 log() { printf '==> %s\n' "$*" >&2; }
 [ -x "$KIT/compare.sh" ] || { log "no peers2 kit at $KIT (set PEERS2_DIR)"; exit 2; }
 
@@ -34,10 +39,12 @@ RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 run() { # LABEL BINARY SYSTEMS MEMBERS
   local label=$1 binary=$2 systems=$3 members=$4 sat out raw
-  # Saturation bursts shrink as rooms grow, so every size takes about the same time.
-  sat=$((50000 / members)); [ "$sat" -lt 10 ] && sat=10; [ "$sat" -gt 50 ] && sat=50
+  # Saturation bursts shrink as rooms grow, so every size takes about the same time: SAT_DELIVERIES
+  # deliveries (20 to 400 messages). The kit's 50 messages to 1,000 members last a tenth of a
+  # second here, and one pause of the client or a server halves that figure.
+  sat=$((SAT_DELIVERIES / members)); [ "$sat" -lt 20 ] && sat=20; [ "$sat" -gt 400 ] && sat=400
   log "$label: $systems, $members members, saturation $sat messages"
-  out=$(MEMBERS=$members SAT_MESSAGES=$sat SYSTEMS="$systems" "$KIT/compare.sh" "$binary" 2>&1) || {
+  out=$(MEMBERS=$members SAT_MESSAGES=$sat LAT_MESSAGES=$LAT_MESSAGES SYSTEMS="$systems" "$KIT/compare.sh" "$binary" 2>&1) || {
     printf '%s\n' "$out" | tail -20 >&2; log "compare.sh failed"; exit 1; }
   printf '%s\n' "$out" | sed -n '/^system/,/^$/p' >&2
   raw=$(printf '%s\n' "$out" | sed -n 's/^raw: //p' | tail -1)

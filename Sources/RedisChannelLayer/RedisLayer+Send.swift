@@ -49,9 +49,14 @@ extension RedisChannelLayer {
     /// One script stores a run of messages.
     public var sendsManyAtOnce: Bool { true }
 
+    /// The most body bytes one run's script carries (more waits for the next run): a run of
+    /// large messages does not hold Redis on one script for long.
+    static let largestRunBytes = 256 * 1024
+
     /// Queues `messages` on `channel` in their order with one script (one round trip): as many
-    /// as the channel has room for, the first ones. A message the layer refuses (too large,
-    /// with the reserved key) ends the run before it: thrown when it is the first.
+    /// as the channel has room for, the first ones, up to ``largestRunBytes`` of bodies. A
+    /// message the layer refuses (too large, with the reserved key) ends the run before it:
+    /// thrown when it is the first.
     public func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
         guard messages.count > 1 else {
             guard let message = messages.first else { return 0 }
@@ -63,6 +68,7 @@ extension RedisChannelLayer {
             let listName = ChannelNames.nonLocalName(channel)
             var bodies: [[UInt8]] = []
             bodies.reserveCapacity(messages.count)
+            var total = 0
             for message in messages {
                 do {
                     guard message[asgiChannelKey] == nil else {
@@ -74,7 +80,9 @@ extension RedisChannelLayer {
                     guard body.count <= configuration.maxMessageSize else {
                         throw ChannelLayerError.messageTooLarge(channel, size: body.count, limit: configuration.maxMessageSize)
                     }
+                    if !bodies.isEmpty, total + body.count > Self.largestRunBytes { break }
                     bodies.append(body)
+                    total += body.count
                 } catch {
                     // The ones before it go; it is refused when its turn comes first.
                     if bodies.isEmpty { throw error }
@@ -100,11 +108,9 @@ extension RedisChannelLayer {
             ]
             keys.reserveCapacity(keys.count + bodies.count)
             args.reserveCapacity(args.count + bodies.count)
-            var total = 0
             for body in bodies {
                 keys.append(.uuidKey(prefix: prefix))
                 args.append(.bytes(body))
-                total += body.count
             }
             let bulk = total >= RedisChannelLayerConfiguration.bulkMessageSize
             let reply = try await pipelined(shard, Scripts.sendRun, keys: keys, args: args, bulk: bulk)

@@ -44,6 +44,12 @@ struct RedisLayerTests {
             let taken = try await layer.receiveBatch(channels: ["runs.refused"], max: 10, timeout: .seconds(1))
             #expect(taken.map { $0.message["n"]?.intValue ?? -1 } == [0, 1, 3, 4])
             #expect(try await layer.send([], to: "runs.refused") == 0)
+            // Large bodies: a run carries up to 256 KiB of them (the first always goes).
+            let big: [Message] = (0..<6).map { ["n": .int(Int64($0)), "blob": .bytes([UInt8](repeating: 1, count: 100_000))] }
+            #expect(try await layer.send(big, to: "runs.large") == 2)
+            #expect(try await layer.send(Array(big[2...]), to: "runs.large") == 2)
+            let inOrder = try await layer.receiveBatch(channels: ["runs.large"], max: 10, timeout: .seconds(1))
+            #expect(inOrder.map { $0.message["n"]?.intValue ?? -1 } == [0, 1, 2, 3])
         }
     }
 
