@@ -377,10 +377,9 @@ extension ChannelLayer {
 public protocol ChannelLayerSendMany: ChannelLayer {
     /// Sends `messages` to `channel` in their order, in one step, and returns how many were
     /// sent, as the `send` of an array of messages describes (callers use that one).
-    func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int
-    /// Whether ``sendMany(_:to:)`` really sends them in one step (a wrapper says what the layer
-    /// it wraps does): then a lost connection may have lost the reply of a send that stored
-    /// every one of them, not only the first.
+    func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int
+    /// Whether ``sendMany(_:to:receipt:)`` really sends them in one step and keeps its receipts
+    /// (a wrapper says what the layer it wraps does).
     var sendsManyAtOnce: Bool { get }
 }
 
@@ -391,8 +390,14 @@ extension ChannelLayer {
     /// a send of that message alone throws it. In one step when this layer can
     /// (``ChannelLayerSendMany``), one message at a time otherwise (a wrapper that does not say
     /// it can is never bypassed).
-    public func send(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
-        if let layer = self as? any ChannelLayerSendMany { return try await layer.sendMany(messages, to: channel) }
+    ///
+    /// `receipt`, a name unique to this run, makes a second call for the same run (its first
+    /// call's reply lost with a connection, so whether it was stored is unknown) store nothing
+    /// again and return what the first one stored: a run tried again is never stored twice.
+    /// Kept by layers that send in one step (``ChannelLayerSendMany/sendsManyAtOnce``) for
+    /// ten minutes; ignored one message at a time.
+    public func send(_ messages: [Message], to channel: String, receipt: String? = nil) async throws(ChannelLayerError) -> Int {
+        if let layer = self as? any ChannelLayerSendMany { return try await layer.sendMany(messages, to: channel, receipt: receipt) }
         var sent = 0
         for message in messages {
             do {

@@ -166,7 +166,10 @@ final class LayerSender {
             let run = runAtHead()
             do {
                 if run > 1 {
-                    let taken = try await server.layer.send(queue.prefix(run).map(\.message), to: head.channel)
+                    let receipt = pendingRun?.receipt ?? ChannelNames.randomLetters(20)
+                    pendingRun = (receipt, run)
+                    let taken = try await server.layer.send(queue.prefix(run).map(\.message), to: head.channel, receipt: receipt)
+                    pendingRun = nil
                     server.fullChannels.accepted(head.channel)
                     for _ in 0..<taken { sent() }
                     continue
@@ -181,12 +184,9 @@ final class LayerSender {
                 }
                 sent()
             } catch {
-                if run > 1, error.code == .connectionLost, error.mayHaveRun {
-                    // One script stored all of them or none: each is marked, as a lone send's is.
-                    for index in queue.indices.prefix(run) where !queue[index].message.isResent {
-                        queue[index].message = queue[index].message.markedResent()
-                    }
-                }
+                // A run whose script may have run is tried again as it was, under its receipt (the
+                // layer then stores it at most once); any other failure stored nothing of it.
+                if pendingRun != nil, !(error.code == .connectionLost && error.mayHaveRun) { pendingRun = nil }
                 guard let wait = failed(error), wait > .zero else { continue }
                 try? await Task.sleep(for: .nanoseconds(wait.nanoseconds))
             }
@@ -199,8 +199,10 @@ final class LayerSender {
     /// takes a round trip per 64 frames, not one per frame, however busy this connection's
     /// event loop is between round trips (a loop writing a group message to its members had a
     /// socket's burst go out a frame per pass, and everything after it wait). 1 while the
-    /// channel is full, the layer fails, or for a message that outlives a give-up.
+    /// channel is full, the layer fails, or for a message that outlives a give-up; the same run
+    /// again after a failure that may have stored it (``pendingRun``).
     private func runAtHead() -> Int {
+        if let pendingRun { return pendingRun.count }
         guard queue.count > 1, sendsRuns, probing == nil, hasTurn == nil, !inOutage, failingSince == nil, let head = queue.first,
             !head.outlivesGiveUp
         else { return 1 }
@@ -214,6 +216,10 @@ final class LayerSender {
 
     /// The most messages one send takes.
     static let largestRun = 64
+    /// A run whose send failed with its connection after it may have been stored: the next try
+    /// sends the same messages under the same receipt (not marked as sent again: the layer
+    /// stores them once).
+    private var pendingRun: (receipt: String, count: Int)?
     /// Whether the layer stores a run in one step (one at a time, a run would only cost more:
     /// and a lost connection would leave it unknown which of them were stored).
     private lazy var sendsRuns = (server.layer as? any ChannelLayerSendMany)?.sendsManyAtOnce ?? false
@@ -269,7 +275,7 @@ final class LayerSender {
         case .channelFull?, .connectionLost?, .backendError?, .outOfMemory?:
             // A lost connection may have taken the reply of a send that was stored: the next try
             // is marked, so an ordering gate that meets both copies runs the message once.
-            if code == .connectionLost, (error as? ChannelLayerError)?.mayHaveRun == true, let head = queue.first,
+            if code == .connectionLost, (error as? ChannelLayerError)?.mayHaveRun == true, pendingRun == nil, let head = queue.first,
                 !head.message.isResent
             {
                 queue[queue.startIndex].message = head.message.markedResent()
@@ -385,6 +391,7 @@ final class LayerSender {
     /// outlive a give-up); returns how many were dropped.
     @discardableResult
     private func dropHeld(keepingSurvivors: Bool = false) -> Int {
+        pendingRun = nil
         stopProbing()
         inOutage = false
         backInLine = false

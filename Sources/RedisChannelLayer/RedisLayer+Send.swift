@@ -49,6 +49,10 @@ extension RedisChannelLayer {
     /// One script stores a run of messages.
     public var sendsManyAtOnce: Bool { true }
 
+    /// How long a run's receipt is kept (seconds): longer than a server holds a message while
+    /// Redis is unreachable (`--layer-outage-timeout`, 120 s by default).
+    static let receiptExpiry = 600
+
     /// The most body bytes one run's script carries (more waits for the next run): a run of
     /// large messages does not hold Redis on one script for long.
     static let largestRunBytes = 256 * 1024
@@ -56,13 +60,16 @@ extension RedisChannelLayer {
     /// Queues `messages` on `channel` in their order with one script (one round trip): as many
     /// as the channel has room for, the first ones, up to ``largestRunBytes`` of bodies. A
     /// message the layer refuses (too large, with the reserved key) ends the run before it:
-    /// thrown when it is the first.
-    public func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
-        guard messages.count > 1 else {
+    /// thrown when it is the first. With a `receipt`, a second call for the same run stores
+    /// nothing again and returns what the first stored (kept ``receiptExpiry`` seconds, under
+    /// the prefix, `run:` and the receipt).
+    public func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int {
+        guard messages.count > 1 || receipt != nil else {
             guard let message = messages.first else { return 0 }
             try await send(message, to: channel)
             return 1
         }
+        guard !messages.isEmpty else { return 0 }
         return try await withLayerErrors {
             try ChannelNames.validateChannel(channel)
             let listName = ChannelNames.nonLocalName(channel)
@@ -89,7 +96,7 @@ extension RedisChannelLayer {
                     break
                 }
             }
-            if bodies.count == 1 {
+            if bodies.count == 1, receipt == nil {
                 try await send(messages[0], to: channel)
                 return 1
             }
@@ -100,11 +107,13 @@ extension RedisChannelLayer {
                 .key(prefix, listName),
                 .key(stats, statsName, ":messages_count"), .key(stats, "#global#", ":messages_count"),
                 .key(stats, statsName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
+                .key(prefix, "run:", receipt ?? "-"),
             ]
             var args: [RedisArgument] = [
                 .integer(configuration.expirySeconds), .integer(capacities.capacity(for: channel)),
                 .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
                 .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
+                .integer(receipt == nil ? 0 : Self.receiptExpiry),
             ]
             keys.reserveCapacity(keys.count + bodies.count)
             args.reserveCapacity(args.count + bodies.count)

@@ -31,7 +31,7 @@ struct RedisLayerTests {
 
     /// A run ends before a message the layer refuses (too large, or with the reserved key): the
     /// ones before it are stored, it is thrown when it comes first; a run of one is a send.
-    @Test("a run stops before a message the layer refuses, which is thrown when it comes first")
+    @Test("a run stops before a message the layer refuses (thrown when it comes first); a receipt stores a run once")
     func aRunStopsBeforeARefusedMessage() async throws {
         try await withPrefixedLayer { layer, _, _ in
             let large: Message = ["blob": .bytes([UInt8](repeating: 7, count: layer.maxMessageSize + 1))]
@@ -44,6 +44,17 @@ struct RedisLayerTests {
             let taken = try await layer.receiveBatch(channels: ["runs.refused"], max: 10, timeout: .seconds(1))
             #expect(taken.map { $0.message["n"]?.intValue ?? -1 } == [0, 1, 3, 4])
             #expect(try await layer.send([], to: "runs.refused") == 0)
+            // A receipt: the same run again (its first reply lost) stores nothing, and answers
+            // what the first stored, also once the messages were taken.
+            let again: [Message] = [["n": 10], ["n": 11], ["n": 12]]
+            #expect(try await layer.send(again, to: "runs.receipt", receipt: "r1") == 3)
+            #expect(try await layer.send(again, to: "runs.receipt", receipt: "r1") == 3)
+            #expect(try await layer.receiveBatch(channels: ["runs.receipt"], max: 10, timeout: .seconds(1)).count == 3)
+            #expect(try await layer.send(again, to: "runs.receipt", receipt: "r1") == 3)
+            #expect(try await layer.send(Array(again.prefix(1)), to: "runs.receipt", receipt: "r2") == 1, "a run of one with a receipt")
+            #expect(try await layer.send(Array(again.prefix(1)), to: "runs.receipt", receipt: "r2") == 1)
+            let once = try await layer.receiveBatch(channels: ["runs.receipt"], max: 10, timeout: .milliseconds(200))
+            #expect(once.map { $0.message["n"]?.intValue ?? -1 } == [10], "stored once")
             // Large bodies: a run carries up to 256 KiB of them (the first always goes).
             let big: [Message] = (0..<6).map { ["n": .int(Int64($0)), "blob": .bytes([UInt8](repeating: 1, count: 100_000))] }
             #expect(try await layer.send(big, to: "runs.large") == 2)

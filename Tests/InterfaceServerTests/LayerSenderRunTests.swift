@@ -8,14 +8,17 @@ import Testing
 @testable import InterfaceServer
 
 /// A layer that stores runs in one step, as the Redis layer's script does (into an in-memory
-/// layer, as far as its capacity goes), and notes the size of every send it is asked for. The
-/// runs named in `storedThenLost` (by the "who" of their first message) are stored and then
-/// fail once as a lost connection (a Redis that ran the script and died before its reply).
+/// layer, as far as its capacity goes), keeps their receipts as it does, and notes the size
+/// of every send it is asked for. The runs named in `storedThenLost` (by the "who" of their
+/// first message) are stored and then fail once as a lost connection (a Redis that ran the
+/// script and died before its reply); those in `lostBefore` fail once before storing.
 final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
     let memory: InMemoryChannelLayer
     var base: any ChannelLayer { memory }
     let sizes = Mutex<[Int]>([])
     let storedThenLost = Mutex<Set<String>>([])
+    let lostBefore = Mutex<Set<String>>([])
+    let receipts = Mutex<[String: Int]>([:])
     var sendsManyAtOnce: Bool { true }
 
     init(capacity: Int) { memory = InMemoryChannelLayer(configuration: .init(capacity: capacity)) }
@@ -25,8 +28,13 @@ final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
         try await memory.send(message, to: channel)
     }
 
-    func sendMany(_ messages: [Message], to channel: String) async throws(ChannelLayerError) -> Int {
+    func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int {
         sizes.withLock { $0.append(messages.count) }
+        let who = messages.first?["who"]?.stringValue ?? ""
+        if lostBefore.withLock({ $0.remove(who) != nil }) {
+            throw ChannelLayerError(.connectionLost, "the test's layer lost its connection before storing a run")
+        }
+        if let receipt, let done = receipts.withLock({ $0[receipt] }) { return done }
         var stored = 0
         for message in messages {
             do {
@@ -37,7 +45,7 @@ final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
             }
             stored += 1
         }
-        let who = messages.first?["who"]?.stringValue ?? ""
+        if let receipt, stored > 0 { receipts.withLock { $0[receipt] = stored } }
         if storedThenLost.withLock({ $0.remove(who) != nil }) {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing a run")
         }
@@ -101,26 +109,37 @@ struct LayerSenderRunTests {
         try await loop.submit { sender.value.close() }.get()
     }
 
-    /// A run whose script ran and whose reply died with the connection is sent again with every
-    /// message of it marked `__resent` (an ordering gate then runs each once); what came after
-    /// the run, never tried, is not marked.
-    @Test func aRunTriedAgainAfterALostConnectionIsMarkedWhole() async throws {
+    /// A run whose script ran and whose reply died with the connection is tried again as it was,
+    /// under its receipt: stored once, nothing marked `__resent` (marked, each message of a run
+    /// waited out the ordering gate's grace in turn: a run of 64 held its socket for a minute).
+    /// A run lost before its script ran is tried again too (the layer stores it then); a frame
+    /// that came meanwhile is not added to the run tried again.
+    @Test func aRunTriedAgainAfterALostConnectionIsStoredOnce() async throws {
         let layer = RunCountingLayer(capacity: 1000)
         layer.storedThenLost.withLock { $0 = ["a"] }
+        layer.lostBefore.withLock { $0 = ["e"] }
         let (sender, _, loop) = try await sender(layer, prefix: "runlost")
         try await loop.submit {
             for (who, order) in [("a", 1), ("b", 2), ("c", 3)] {
                 sender.value.send(["who": .string(who), "order": .int(Int64(order))], to: "websocket.receive")
             }
         }.get()
-        let received = try await receiveAll(layer.memory, "websocket.receive", count: 6)
-        #expect(received.map { $0["who"]?.stringValue ?? "?" } == ["a", "b", "c", "a", "b", "c"])
-        #expect(received.map(\.isResent) == [false, false, false, true, true, true])
-        // After the run (now sent): one more frame, alone, not marked.
-        try await loop.submit { sender.value.send(["who": "d", "order": 4], to: "websocket.receive") }.get()
-        let after = try await receiveAll(layer.memory, "websocket.receive", count: 1)
-        #expect(after.map { $0["who"]?.stringValue ?? "?" } == ["d"] && after.allSatisfy { !$0.isResent })
-        #expect(layer.sizes.withLock { $0 }.first == 3, "the three went as one run")
+        let received = try await receiveAll(layer.memory, "websocket.receive", count: 3)
+        try await Task.sleep(for: .milliseconds(300))
+        let extra = try await layer.memory.receiveBatch(channels: ["websocket.receive"], max: 10, timeout: .zero)
+        #expect(received.map { $0["who"]?.stringValue ?? "?" } == ["a", "b", "c"] && extra.isEmpty, "each once: \(extra.count) more")
+        #expect(received.allSatisfy { !$0.isResent })
+        #expect(layer.sizes.withLock { $0 }.prefix(2) == [3, 3], "the same run tried again")
+        // A run lost before it was stored (its connection failed as the script was sent).
+        try await loop.submit {
+            for (who, order) in [("e", 4), ("f", 5)] {
+                sender.value.send(["who": .string(who), "order": .int(Int64(order))], to: "websocket.receive")
+            }
+        }.get()
+        try await Task.sleep(for: .milliseconds(5))
+        try await loop.submit { sender.value.send(["who": "g", "order": 6], to: "websocket.receive") }.get()
+        let after = try await receiveAll(layer.memory, "websocket.receive", count: 3)
+        #expect(after.map { $0["who"]?.stringValue ?? "?" } == ["e", "f", "g"] && after.allSatisfy { !$0.isResent })
         try await loop.submit { sender.value.close() }.get()
     }
 
