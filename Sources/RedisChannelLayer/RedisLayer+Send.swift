@@ -58,10 +58,10 @@ extension RedisChannelLayer {
     static let largestRunBytes = 256 * 1024
 
     /// Queues `messages` on `channel` in their order with one script (one round trip): as many
-    /// as the channel has room for, the first ones, up to ``largestRunBytes`` of bodies. A
+    /// as the channel has room for, the first ones, up to `largestRunBytes` of bodies. A
     /// message the layer refuses (too large, with the reserved key) ends the run before it:
     /// thrown when it is the first. With a `receipt`, a second call for the same run stores
-    /// nothing again and returns what the first stored (kept ``receiptExpiry`` seconds, under
+    /// nothing again and returns what the first stored (kept `receiptExpiry` seconds, under
     /// the prefix, `run:` and the receipt).
     public func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int {
         guard messages.count > 1 || receipt != nil else {
