@@ -14,6 +14,7 @@
 #   MEMBERS=3000 ROUNDS=5 scripts/bench-churn.sh
 #   SYSTEMS="swift nchan" APP=chat ...             the full example (path /chat/{room}/)
 #   BINARY=/dir/PeerChat ...                       an earlier release build instead
+#   (it also prints the Redis commands per visit, a Lua script's own calls included)
 #   MESSAGES=150 ...                               also the CPU per delivery: each round runs
 #                                                  a second visit with 150 messages, 50 ms apart
 #                                                  (GAP), and the difference from the one-message
@@ -73,10 +74,15 @@ measure() { # SYSTEM PROTO URL PATH "FRONT PIDS" "BACK PIDS": ROUNDS measured ro
   visit "$sys" "$proto" "$url" "$path" >/dev/null
   for round in $(seq "$ROUNDS"); do
     f0=$(ticks $front); b0=$(ticks $back); r0=$(ticks "$REDIS_PID")
+    redis-cli -p "$R" config resetstat >/dev/null
     line=$(visit "$sys" "$proto" "$url" "$path")
     sleep 1  # the leaves' work (disconnects through the workers) finishes
     f1=$(ticks $front); b1=$(ticks $back); r1=$(ticks "$REDIS_PID")
     echo "$sys $round $((f1 - f0)) $((b1 - b0)) $((r1 - r0)) $line" >>"$RUN/results"
+    # Redis commands per visit (those a script runs included), the most frequent first.
+    redis-cli -p "$R" info commandstats | awk -F'[_:=,]' -v sys="$sys" -v n="$MEMBERS" \
+      '/^cmdstat_/ && $2 != "config|resetstat" && $2 != "info" {t += $4; c[$2] = $4}
+       END {printf "%s %.1f", sys, t / n; for (k in c) printf " %s=%.2f", k, c[k] / n; printf "\n"}' >>"$RUN/commands"
     [ "$MESSAGES" -gt 1 ] || continue
     f0=$(ticks $front); b0=$(ticks $back); r0=$(ticks "$REDIS_PID")
     line=$(visit "$sys" "$proto" "$url" "$path" "$MESSAGES")
@@ -153,6 +159,17 @@ print("us: CPU microseconds per visit (user + system, from /proc; a clock tick i
 print("front: the process the clients connect to; workers: ours, which run every connect and disconnect.")
 if short:
     print("NOT EVERY MEMBER GOT THE MESSAGE in: " + ", ".join(short))
+commands = {}
+if os.path.exists(path.replace("results", "commands")):
+    for line in open(path.replace("results", "commands")):
+        parts = line.split()
+        commands[parts[0]] = parts[1:]  # the last round's
+if commands:
+    print()
+    print("Redis commands per visit (the last round; those a Lua script runs included), the most frequent:")
+    for s, parts in commands.items():
+        top = sorted((p.split("=") for p in parts[1:]), key=lambda kv: -float(kv[1]))[:8]
+        print("%-11s %6s  %s" % (s, parts[0], ", ".join("%s %s" % (k, v) for k, v in top)))
 if messages > 1 and os.path.exists(path + "-many"):
     # The same visit with `messages` messages: what the extra ones cost, per delivery.
     many = {}
