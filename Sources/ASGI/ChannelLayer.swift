@@ -371,13 +371,30 @@ extension ChannelLayer {
     }
 }
 
+/// The receipt of a run of messages sent in one step: which sender (`holder`, a name of its
+/// own) and which of its runs (`number`, counting up). A layer keeps one receipt per holder,
+/// its last run's: a sender whose runs go one at a time (a connection's) never needs an
+/// older one, and a busy server leaves one small key per sender, not one per run.
+public struct RunReceipt: Sendable, Hashable {
+    /// The sender's name (unique to it: random).
+    public var holder: String
+    /// The run's number in the sender's sequence.
+    public var number: Int
+
+    /// The receipt of run `number` of `holder`.
+    public init(holder: String, number: Int) {
+        self.holder = holder
+        self.number = number
+    }
+}
+
 /// A layer that can send several messages to one channel in one step (for Redis, one round
 /// trip): a connection that sends faster than a round trip per message (a burst of frames)
 /// is not held to one message per round trip.
 public protocol ChannelLayerSendMany: ChannelLayer {
     /// Sends `messages` to `channel` in their order, in one step, and returns how many were
     /// sent, as the `send` of an array of messages describes (callers use that one).
-    func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int
+    func sendMany(_ messages: [Message], to channel: String, receipt: RunReceipt?) async throws(ChannelLayerError) -> Int
     /// Whether ``sendMany(_:to:receipt:)`` really sends them in one step and keeps its receipts
     /// (a wrapper says what the layer it wraps does).
     var sendsManyAtOnce: Bool { get }
@@ -391,12 +408,13 @@ extension ChannelLayer {
     /// (``ChannelLayerSendMany``), one message at a time otherwise (a wrapper that does not say
     /// it can is never bypassed).
     ///
-    /// `receipt`, a name unique to this run, makes a second call for the same run (its first
-    /// call's reply lost with a connection, so whether it was stored is unknown) store nothing
-    /// again and return what the first one stored: a run tried again is never stored twice.
-    /// Kept by layers that send in one step (``ChannelLayerSendMany/sendsManyAtOnce``) for
-    /// ten minutes; ignored one message at a time.
-    public func send(_ messages: [Message], to channel: String, receipt: String? = nil) async throws(ChannelLayerError) -> Int {
+    /// A `receipt` makes a second call for the same run (its first call's reply lost with a
+    /// connection, so whether it was stored is unknown) store nothing again and return what the
+    /// first one stored: a run tried again is never stored twice. Its holder's runs must go
+    /// one at a time (the layer keeps the last run's receipt of each holder, for ten minutes,
+    /// on layers that send in one step: ``ChannelLayerSendMany/sendsManyAtOnce``); ignored one
+    /// message at a time.
+    public func send(_ messages: [Message], to channel: String, receipt: RunReceipt? = nil) async throws(ChannelLayerError) -> Int {
         if let layer = self as? any ChannelLayerSendMany { return try await layer.sendMany(messages, to: channel, receipt: receipt) }
         var sent = 0
         for message in messages {

@@ -56,7 +56,7 @@ public struct MeteredChannelLayer: ForwardingChannelLayer, ChannelLayerInspectio
     public var sendsManyAtOnce: Bool { (base as? any ChannelLayerSendMany)?.sendsManyAtOnce ?? false }
 
     /// Sends several through the wrapped layer (in one step when it can).
-    public func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int {
+    public func sendMany(_ messages: [Message], to channel: String, receipt: RunReceipt?) async throws(ChannelLayerError) -> Int {
         do { return try await base.send(messages, to: channel, receipt: receipt) } catch { throw counted(error) }
     }
 

@@ -166,7 +166,7 @@ final class LayerSender {
             let run = runAtHead()
             do {
                 if run > 1 {
-                    let receipt = pendingRun?.receipt ?? ChannelNames.randomLetters(20)
+                    let receipt = pendingRun?.receipt ?? nextReceipt()
                     pendingRun = (receipt, run)
                     let taken = try await server.layer.send(queue.prefix(run).map(\.message), to: head.channel, receipt: receipt)
                     pendingRun = nil
@@ -219,7 +219,16 @@ final class LayerSender {
     /// A run whose send failed with its connection after it may have been stored: the next try
     /// sends the same messages under the same receipt (not marked as sent again: the layer
     /// stores them once).
-    private var pendingRun: (receipt: String, count: Int)?
+    private var pendingRun: (receipt: RunReceipt, count: Int)?
+    /// This sender's name for its runs' receipts (one key in the layer per sender) and the
+    /// number of its last run.
+    private lazy var receiptHolder = ChannelNames.randomLetters(20)
+    private var runsSent = 0
+
+    private func nextReceipt() -> RunReceipt {
+        runsSent += 1
+        return RunReceipt(holder: receiptHolder, number: runsSent)
+    }
     /// Whether the layer stores a run in one step (one at a time, a run would only cost more:
     /// and a lost connection would leave it unknown which of them were stored).
     private lazy var sendsRuns = (server.layer as? any ChannelLayerSendMany)?.sendsManyAtOnce ?? false

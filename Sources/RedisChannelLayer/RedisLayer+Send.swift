@@ -61,9 +61,9 @@ extension RedisChannelLayer {
     /// as the channel has room for, the first ones, up to `largestRunBytes` of bodies. A
     /// message the layer refuses (too large, with the reserved key) ends the run before it:
     /// thrown when it is the first. With a `receipt`, a second call for the same run stores
-    /// nothing again and returns what the first stored (kept `receiptExpiry` seconds, under
-    /// the prefix, `run:` and the receipt).
-    public func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int {
+    /// nothing again and returns what the first stored (the holder's last run is kept
+    /// `receiptExpiry` seconds, under the prefix, `run:` and the holder).
+    public func sendMany(_ messages: [Message], to channel: String, receipt: RunReceipt?) async throws(ChannelLayerError) -> Int {
         guard messages.count > 1 || receipt != nil else {
             guard let message = messages.first else { return 0 }
             try await send(message, to: channel)
@@ -107,13 +107,13 @@ extension RedisChannelLayer {
                 .key(prefix, listName),
                 .key(stats, statsName, ":messages_count"), .key(stats, "#global#", ":messages_count"),
                 .key(stats, statsName, ":channel_full_count"), .key(stats, "#global#", ":channel_full_count"),
-                .key(prefix, "run:", receipt ?? "-"),
+                .key(prefix, "run:", receipt?.holder ?? "-"),
             ]
             var args: [RedisArgument] = [
                 .integer(configuration.expirySeconds), .integer(capacities.capacity(for: channel)),
                 .integer(RedisChannelLayerConfiguration.channelStatisticsExpiry),
                 .integer(RedisChannelLayerConfiguration.globalStatisticsExpiry),
-                .integer(receipt == nil ? 0 : Self.receiptExpiry),
+                .integer(receipt == nil ? 0 : Self.receiptExpiry), .integer(receipt?.number ?? 0),
             ]
             keys.reserveCapacity(keys.count + bodies.count)
             args.reserveCapacity(args.count + bodies.count)

@@ -28,27 +28,31 @@ enum Scripts {
     /// Several messages to one channel at once, in their order: as `send` for each, as long as
     /// the list has room (the same keys, bodies and counters as that many sends; a Python
     /// reader cannot tell). KEYS: the list, its and the global sent counters, its and the global
-    /// full counters, the run's receipt, then one body key per message; ARGV: expiry, capacity,
-    /// the two counters' expiries, the receipt's expiry (0: none), then the bodies. Returns how
-    /// many were stored (the first ones); a message left out for want of room counts once as
-    /// the channel being full. A receipt already there (the run's first try was stored and its
-    /// reply lost) answers with what that try stored, and nothing is stored again.
+    /// full counters, the sender's receipt, then one body key per message; ARGV: expiry,
+    /// capacity, the two counters' expiries, the receipt's expiry (0: none), the run's number,
+    /// then the bodies. Returns how many were stored (the first ones); a message left out for
+    /// want of room counts once as the channel being full. The receipt holds `<run>:<stored>`
+    /// for the sender's last stored run: the same run again (its first try stored, its reply
+    /// lost) answers with what that try stored, and nothing is stored again.
     static let sendRun = LuaScript(
         name: "sendRun",
         source: """
             local keep = tonumber(ARGV[5])
             if keep > 0 then
                 local done = redis.call('GET', KEYS[6])
-                if done then return tonumber(done) end
+                if done then
+                    local run, stored = string.match(done, '^(%d+):(%d+)$')
+                    if run == ARGV[6] then return tonumber(stored) end
+                end
             end
             local count = #KEYS - 6
             local room = tonumber(ARGV[2]) - redis.call('LLEN', KEYS[1])
             local stored = math.max(0, math.min(count, room))
             for i = 1, stored do
-                redis.call('SET', KEYS[6 + i], ARGV[5 + i], 'EX', ARGV[1])
+                redis.call('SET', KEYS[6 + i], ARGV[6 + i], 'EX', ARGV[1])
                 redis.call('RPUSH', KEYS[1], KEYS[6 + i])
             end
-            if keep > 0 and stored > 0 then redis.call('SET', KEYS[6], stored, 'EX', keep) end
+            if keep > 0 and stored > 0 then redis.call('SET', KEYS[6], ARGV[6] .. ':' .. stored, 'EX', keep) end
             if stored > 0 then
                 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]) + 1)
                 redis.call('INCRBY', KEYS[2], stored)

@@ -33,7 +33,7 @@ struct RedisLayerTests {
     /// ones before it are stored, it is thrown when it comes first; a run of one is a send.
     @Test("a run stops before a message the layer refuses (thrown when it comes first); a receipt stores a run once")
     func aRunStopsBeforeARefusedMessage() async throws {
-        try await withPrefixedLayer { layer, _, _ in
+        try await withPrefixedLayer { layer, url, prefix in
             let large: Message = ["blob": .bytes([UInt8](repeating: 7, count: layer.maxMessageSize + 1))]
             let run: [Message] = [["n": 0], ["n": 1], large, ["n": 3]]
             #expect(try await layer.send(run, to: "runs.refused") == 2)
@@ -45,16 +45,22 @@ struct RedisLayerTests {
             #expect(taken.map { $0.message["n"]?.intValue ?? -1 } == [0, 1, 3, 4])
             #expect(try await layer.send([], to: "runs.refused") == 0)
             // A receipt: the same run again (its first reply lost) stores nothing, and answers
-            // what the first stored, also once the messages were taken.
+            // what the first stored, also once the messages were taken; the holder's next run
+            // is stored (one receipt key per holder: its last run's).
             let again: [Message] = [["n": 10], ["n": 11], ["n": 12]]
-            #expect(try await layer.send(again, to: "runs.receipt", receipt: "r1") == 3)
-            #expect(try await layer.send(again, to: "runs.receipt", receipt: "r1") == 3)
+            let first = RunReceipt(holder: "h1", number: 1)
+            #expect(try await layer.send(again, to: "runs.receipt", receipt: first) == 3)
+            #expect(try await layer.send(again, to: "runs.receipt", receipt: first) == 3)
             #expect(try await layer.receiveBatch(channels: ["runs.receipt"], max: 10, timeout: .seconds(1)).count == 3)
-            #expect(try await layer.send(again, to: "runs.receipt", receipt: "r1") == 3)
-            #expect(try await layer.send(Array(again.prefix(1)), to: "runs.receipt", receipt: "r2") == 1, "a run of one with a receipt")
-            #expect(try await layer.send(Array(again.prefix(1)), to: "runs.receipt", receipt: "r2") == 1)
+            #expect(try await layer.send(again, to: "runs.receipt", receipt: first) == 3)
+            let second = RunReceipt(holder: "h1", number: 2)
+            #expect(try await layer.send(Array(again.prefix(1)), to: "runs.receipt", receipt: second) == 1, "a run of one with a receipt")
+            #expect(try await layer.send(Array(again.prefix(1)), to: "runs.receipt", receipt: second) == 1)
+            #expect(try await layer.send(Array(again.suffix(2)), to: "runs.receipt", receipt: RunReceipt(holder: "h2", number: 2)) == 2)
             let once = try await layer.receiveBatch(channels: ["runs.receipt"], max: 10, timeout: .milliseconds(200))
-            #expect(once.map { $0.message["n"]?.intValue ?? -1 } == [10], "stored once")
+            #expect(once.map { $0.message["n"]?.intValue ?? -1 } == [10, 11, 12], "each run stored once")
+            let receipts = try raw(url).command(["KEYS", prefix + "run:*"])
+            #expect(receipts.array?.count == 2, "one receipt key per holder: \(receipts)")
             // Large bodies: a run carries up to 256 KiB of them (the first always goes).
             let big: [Message] = (0..<6).map { ["n": .int(Int64($0)), "blob": .bytes([UInt8](repeating: 1, count: 100_000))] }
             #expect(try await layer.send(big, to: "runs.large") == 2)

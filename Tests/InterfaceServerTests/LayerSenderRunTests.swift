@@ -18,7 +18,7 @@ final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
     let sizes = Mutex<[Int]>([])
     let storedThenLost = Mutex<Set<String>>([])
     let lostBefore = Mutex<Set<String>>([])
-    let receipts = Mutex<[String: Int]>([:])
+    let receipts = Mutex<[String: (number: Int, stored: Int)]>([:])
     var sendsManyAtOnce: Bool { true }
 
     init(capacity: Int) { memory = InMemoryChannelLayer(configuration: .init(capacity: capacity)) }
@@ -28,13 +28,13 @@ final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
         try await memory.send(message, to: channel)
     }
 
-    func sendMany(_ messages: [Message], to channel: String, receipt: String?) async throws(ChannelLayerError) -> Int {
+    func sendMany(_ messages: [Message], to channel: String, receipt: RunReceipt?) async throws(ChannelLayerError) -> Int {
         sizes.withLock { $0.append(messages.count) }
         let who = messages.first?["who"]?.stringValue ?? ""
         if lostBefore.withLock({ $0.remove(who) != nil }) {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection before storing a run")
         }
-        if let receipt, let done = receipts.withLock({ $0[receipt] }) { return done }
+        if let receipt, let done = receipts.withLock({ $0[receipt.holder] }), done.number == receipt.number { return done.stored }
         var stored = 0
         for message in messages {
             do {
@@ -45,7 +45,7 @@ final class RunCountingLayer: ForwardingChannelLayer, ChannelLayerSendMany {
             }
             stored += 1
         }
-        if let receipt, stored > 0 { receipts.withLock { $0[receipt] = stored } }
+        if let receipt, stored > 0 { receipts.withLock { $0[receipt.holder] = (receipt.number, stored) } }
         if storedThenLost.withLock({ $0.remove(who) != nil }) {
             throw ChannelLayerError(.connectionLost, "the test's layer lost its connection after storing a run")
         }
