@@ -174,7 +174,17 @@ final class LayerSender {
                     for _ in 0..<taken { sent() }
                     continue
                 }
-                try await server.layer.send(head.message, to: head.channel)
+                if sendsRuns {
+                    // A run of one, under a receipt too: tried again after a lost reply, it is
+                    // stored once (marked as sent again instead, a copy could run twice when
+                    // its first copy's turn took longer than the ordering gate's grace).
+                    let receipt = pendingRun?.receipt ?? nextReceipt()
+                    pendingRun = (receipt, 1)
+                    _ = try await server.layer.send([head.message], to: head.channel, receipt: receipt)
+                    pendingRun = nil
+                } else {
+                    try await server.layer.send(head.message, to: head.channel)
+                }
                 hasTurn = nil
                 if let channel = probing {
                     probing = nil
@@ -184,8 +194,9 @@ final class LayerSender {
                 }
                 sent()
             } catch {
-                // A run whose script may have run is tried again as it was, under its receipt (the
-                // layer then stores it at most once); any other failure stored nothing of it.
+                // A run (or a run of one) whose script may have run is tried again as it was, under
+                // its receipt (the layer then stores it at most once); any other failure stored
+                // nothing of it.
                 if pendingRun != nil, !(error.code == .connectionLost && error.mayHaveRun) { pendingRun = nil }
                 guard let wait = failed(error), wait > .zero else { continue }
                 try? await Task.sleep(for: .nanoseconds(wait.nanoseconds))

@@ -113,7 +113,8 @@ struct LayerSenderRunTests {
     /// under its receipt: stored once, nothing marked `__resent` (marked, each message of a run
     /// waited out the ordering gate's grace in turn: a run of 64 held its socket for a minute).
     /// A run lost before its script ran is tried again too (the layer stores it then); a frame
-    /// that came meanwhile is not added to the run tried again.
+    /// that came meanwhile is not added to the run tried again. A lone frame goes as a run of
+    /// one under a receipt, and is stored once the same way.
     @Test func aRunTriedAgainAfterALostConnectionIsStoredOnce() async throws {
         let layer = RunCountingLayer(capacity: 1000)
         layer.storedThenLost.withLock { $0 = ["a"] }
@@ -140,6 +141,13 @@ struct LayerSenderRunTests {
         try await loop.submit { sender.value.send(["who": "g", "order": 6], to: "websocket.receive") }.get()
         let after = try await receiveAll(layer.memory, "websocket.receive", count: 3)
         #expect(after.map { $0["who"]?.stringValue ?? "?" } == ["e", "f", "g"] && after.allSatisfy { !$0.isResent })
+        // A lone frame (a run of one) stored and then lost with its connection: stored once too.
+        layer.storedThenLost.withLock { $0 = ["h"] }
+        try await loop.submit { sender.value.send(["who": "h", "order": 7], to: "websocket.receive") }.get()
+        let lone = try await receiveAll(layer.memory, "websocket.receive", count: 1)
+        try await Task.sleep(for: .milliseconds(300))
+        let again = try await layer.memory.receiveBatch(channels: ["websocket.receive"], max: 10, timeout: .zero)
+        #expect(lone.map { $0["who"]?.stringValue ?? "?" } == ["h"] && again.isEmpty && !lone[0].isResent, "\(again.count) more")
         try await loop.submit { sender.value.close() }.get()
     }
 
