@@ -1,11 +1,15 @@
 import ASGI
+import Channels
 import Logging
 import NIOCore
 import NIOPosix
+import NIOWebSocket
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import InterfaceServer
+@testable import RedisChannelLayer
 
 /// A layer that stores runs in one step, as the Redis layer's script does (into an in-memory
 /// layer, as far as its capacity goes), keeps their receipts as it does, and notes the size
@@ -169,5 +173,48 @@ struct LayerSenderRunTests {
         let sizes = layer.sizes.withLock { $0 }
         #expect(sizes.reduce(0, +) == 6 && sizes.last == 1, "\(sizes)")
         try await loop.submit { sender.value.close() }.get()
+    }
+}
+
+/// The same through a real socket and a real Redis: a client writes 300 frames back to back;
+/// the worker gets each once, and the server's sender made far fewer sends than frames (its
+/// receipt in Redis holds the number of its last one).
+@Suite("a socket's burst reaches Redis in runs", .timeLimit(.minutes(2)))
+struct RedisBurstRunTests {
+    @Test func aClientsBurstReachesTheWorkerOnceEachInFewSends() async throws {
+        let layer = try TestRedis.layer()
+        let orders = Mutex<[Int64]>([])
+        let routes = [
+            route("websocket.connect", path: "^/burst/$") { context in try await context.accept() },
+            route("websocket.receive", path: "^/burst/$") { context in
+                if let order = context.message["order"]?.intValue { orders.withLock { $0.append(order) } }
+            },
+        ]
+        var configuration = ServerConfiguration(host: "127.0.0.1", port: 0)
+        configuration.pingInterval = nil
+        configuration.websocketConnectTimeout = .seconds(30)
+        configuration.maxFramesPerSecond = 0
+        try await ServerTests.withLiveServer(layer: layer, routes: routes, configuration: configuration, concurrency: 4) { port, _ in
+            guard case .websocket(let channel) = try await NIOWebSocketClient.connect(port: port, path: "/burst/") else {
+                Issue.record("the socket was not accepted")
+                return
+            }
+            try await channel.executeThenClose { _, outbound in
+                for n in 0..<300 { try await outbound.write(NIOWebSocketClient.frame(.text, Array("frame \(n)".utf8))) }
+                let end = ContinuousClock.now + .seconds(30)
+                while orders.withLock({ $0.count }) < 300, ContinuousClock.now < end { try await Task.sleep(for: .milliseconds(20)) }
+                // The sender's receipt: `<its last send's number>:<stored>`, read before the close sends one more.
+                let keys = try await layer.shared(0).command(["KEYS", .text(layer.configuration.prefix + "run:*")]).array ?? []
+                #expect(keys.count == 1, "one receipt key for the one sending connection")
+                if let key = keys.first?.bytes {
+                    let value = String(decoding: try await layer.shared(0).command(["GET", .bytes(key)]).bytes ?? [], as: UTF8.self)
+                    let sends = Int(value.split(separator: ":").first ?? "") ?? .max
+                    #expect(sends < 100, "the connect and 300 frames took \(value) sends (number:stored of the last)")
+                }
+                try? await outbound.write(NIOWebSocketClient.frame(.connectionClose, [0x03, 0xE8]))
+            }
+        }
+        let got = orders.withLock { $0 }.sorted()
+        #expect(got == (1...300).map(Int64.init), "every frame once: \(got.count) taken")
     }
 }
